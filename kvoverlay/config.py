@@ -1,0 +1,229 @@
+"""OverlayConfig: every hardware parameter of the overlay, declared once.
+
+The compiler, the golden model, the Amaranth hardware and the board flow all
+take the same frozen :class:`OverlayConfig`; none of them restates a parameter.
+Presets are named here, and a config round-trips through TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ConfigError", "OverlayConfig", "PRESETS", "WEIGHT_FORMATS", "load_config"]
+
+#: Weight formats the ISA can express, with their bit widths.
+WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16}
+
+
+class ConfigError(ValueError):
+    """An unknown, missing or out-of-range configuration value."""
+
+
+def _param(lo, hi, doc, *, pow2=False, multiple=None):
+    return field(metadata={"range": (lo, hi), "doc": doc, "pow2": pow2, "multiple": multiple})
+
+
+@dataclass(frozen=True)
+class OverlayConfig:
+    """Hardware parameters of one overlay instance.
+
+    Parameters
+    ----------
+    name : str
+        Preset or user name; recorded in program bundles.
+    port_bits : int
+        Width of the external-memory port in bits (one beat per cycle).
+    mac_lanes : int
+        Multipliers in the GEMV engine, counted as int8 x int16 products per
+        cycle. An int4 weight costs half a lane and a 16-bit weight two.
+    vector_lanes : int
+        Elements per cycle of the vector unit and of the attention engine.
+    weight_formats : tuple of str
+        Weight formats the GEMV engine is built with (subset of ``int4``,
+        ``int8``, ``w16``).
+    group_size : int
+        Default number of weights that share one scale.
+    act_buffer_words : int
+        On-chip activation buffer, in 16-bit mantissas.
+    acc_buffer_words : int
+        On-chip accumulator buffer, in 64-bit words.
+    kv_capacity : int
+        KV buffer capacity in tokens, per layer and KV head.
+    max_layers : int
+        Layers the KV buffer is partitioned into.
+    max_kv_heads : int
+        KV heads per layer the KV buffer holds.
+    max_head_dim : int
+        Largest head dimension the attention engine accepts.
+    attn_tile : int
+        KV positions per online-softmax tile of the attention engine.
+    clock_mhz : float
+        Target clock frequency.
+    dram_bytes : int
+        Size of the external memory the program image may use.
+    """
+
+    name: str = "custom"
+    port_bits: int = _param(32, 16384, "external-memory port width in bits", pow2=True)
+    mac_lanes: int = _param(1, 4096, "int8-equivalent multipliers of the GEMV engine", pow2=True)
+    vector_lanes: int = _param(1, 1024, "elements per cycle of the vector and attention units", pow2=True)
+    weight_formats: tuple = ("int4", "int8", "w16")
+    act_format: str = "bfp16"
+    group_size: int = _param(8, 1024, "default weights per group scale", pow2=True)
+    act_buffer_words: int = _param(256, 65536, "activation buffer size in 16-bit words", pow2=True)
+    acc_buffer_words: int = _param(64, 65536, "accumulator buffer size in 64-bit words", pow2=True)
+    kv_capacity: int = _param(1, 65536, "KV capacity in tokens per layer and KV head")
+    max_layers: int = _param(1, 64, "layers held in the KV buffer")
+    max_kv_heads: int = _param(1, 256, "KV heads per layer")
+    max_head_dim: int = _param(2, 1024, "largest head dimension", multiple=2)
+    attn_tile: int = _param(1, 1024, "KV positions per online-softmax tile", pow2=True)
+    clock_mhz: float = _param(1.0, 2000.0, "target clock in MHz")
+    dram_bytes: int = _param(1 << 16, 1 << 32, "external memory size in bytes", pow2=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if "range" in meta:
+                lo, hi = meta["range"]
+                kind = float if isinstance(lo, float) else int
+                if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ConfigError(f"{f.name} must be an integer in [{lo}, {hi}], got {value!r}")
+                if kind is float and not isinstance(value, (int, float)):
+                    raise ConfigError(f"{f.name} must be a number in [{lo}, {hi}], got {value!r}")
+                if not lo <= value <= hi:
+                    raise ConfigError(f"{f.name}={value!r} is out of range: allowed [{lo}, {hi}] ({meta['doc']})")
+                if meta["pow2"] and value & (value - 1):
+                    raise ConfigError(f"{f.name}={value!r} must be a power of two in [{lo}, {hi}]")
+                if meta["multiple"] and value % meta["multiple"]:
+                    raise ConfigError(f"{f.name}={value!r} must be a multiple of {meta['multiple']}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
+        fmts = tuple(self.weight_formats)
+        if not fmts or any(f not in WEIGHT_FORMATS for f in fmts) or len(set(fmts)) != len(fmts):
+            raise ConfigError(f"weight_formats={list(fmts)!r}: allowed a non-empty subset of {sorted(WEIGHT_FORMATS)}")
+        object.__setattr__(self, "weight_formats", fmts)
+        if self.act_format != "bfp16":
+            raise ConfigError(f"act_format={self.act_format!r}: allowed ['bfp16']")
+        kv_words = self.kv_buffer_words
+        if kv_words > 1 << 26:
+            raise ConfigError(f"KV buffer of {kv_words} words exceeds 2^26; lower kv_capacity, max_layers, max_kv_heads or max_head_dim")
+
+    # ---- derived quantities: computed here so that nobody recomputes them ----
+    @property
+    def port_bytes(self) -> int:
+        """Bytes per beat of the memory port."""
+        return self.port_bits // 8
+
+    @property
+    def kv_buffer_words(self) -> int:
+        """16-bit words of K and V mantissas held on chip."""
+        return 2 * self.max_layers * self.max_kv_heads * self.kv_capacity * self.max_head_dim
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        """Peak external-memory bandwidth in GB/s at the target clock."""
+        return self.port_bytes * self.clock_mhz * 1e6 / 1e9
+
+    def weights_per_cycle(self, fmt: str) -> int:
+        """Weights of format *fmt* the MAC array consumes per cycle."""
+        return max(1, self.mac_lanes * 8 // WEIGHT_FORMATS[fmt])
+
+    # ---- serialization ----
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["weight_formats"] = list(self.weight_formats)
+        return d
+
+    def to_toml(self) -> str:
+        lines = []
+        for key, value in self.to_dict().items():
+            if isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, list):
+                lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
+            else:
+                lines.append(f"{key} = {value!r}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, *, base: OverlayConfig | None = None) -> OverlayConfig:
+        """Build a config from *data*, over the values of *base* if given."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a table of keys, got {type(data).__name__}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(names)}")
+        values = base.to_dict() if base is not None else {}
+        values.update(data)
+        if "weight_formats" in values:
+            values["weight_formats"] = tuple(values["weight_formats"])
+        if "clock_mhz" in values and isinstance(values["clock_mhz"], int) and not isinstance(values["clock_mhz"], bool):
+            values["clock_mhz"] = float(values["clock_mhz"])
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, text: str) -> OverlayConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}") from None
+        base = None
+        if "preset" in data:
+            base = preset(data.pop("preset"))
+        return cls.from_dict(data, base=base)
+
+    def replace(self, **changes) -> OverlayConfig:
+        return self.from_dict(changes, base=self)
+
+
+PRESETS = {
+    # Small enough that every Verilator test builds and runs in seconds.
+    "tiny": OverlayConfig(
+        name="tiny", port_bits=64, mac_lanes=8, vector_lanes=4, group_size=32,
+        act_buffer_words=8192, acc_buffer_words=2048, kv_capacity=64, max_layers=4,
+        max_kv_heads=4, max_head_dim=64, attn_tile=8, clock_mhz=100.0, dram_bytes=1 << 24,
+    ),
+    # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port.
+    "ulx3s": OverlayConfig(
+        name="ulx3s", port_bits=256, mac_lanes=32, vector_lanes=8, group_size=32,
+        act_buffer_words=16384, acc_buffer_words=4096, kv_capacity=128, max_layers=4,
+        max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
+    ),
+    # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s.
+    "u280": OverlayConfig(
+        name="u280", port_bits=8192, mac_lanes=1024, vector_lanes=64, group_size=32,
+        act_buffer_words=65536, acc_buffer_words=65536, kv_capacity=256, max_layers=32,
+        max_kv_heads=8, max_head_dim=128, attn_tile=64, clock_mhz=450.0, dram_bytes=1 << 32,
+    ),
+}
+
+
+def preset(name: str) -> OverlayConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+def load_config(spec: str | Path | OverlayConfig | None) -> OverlayConfig:
+    """Resolve a preset name, a TOML file path or a config object."""
+    if spec is None:
+        return PRESETS["tiny"]
+    if isinstance(spec, OverlayConfig):
+        return spec
+    spec = str(spec)
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {spec}: {exc.strerror}") from None
+        return OverlayConfig.from_toml(text)
+    raise ConfigError(f"unknown config {spec!r}: not a preset ({', '.join(PRESETS)}) nor a TOML file")
