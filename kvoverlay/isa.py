@@ -218,7 +218,7 @@ class Instr:
     @property
     def queue(self) -> str:
         q = self.fmt.queue
-        return ENUMS["queue"][self.fields["queue"]] if q == "any" else q
+        return ENUMS["queue"][self.fields.get("queue", 0)] if q == "any" else q
 
     def __str__(self):
         return format_instr(self)
@@ -361,7 +361,7 @@ def assemble(text: str) -> list:
             if key in fields:
                 raise IsaError(f"field {key!r} given twice", line=lineno)
             fields[key] = _parse_value(f, value, lineno)
-        ins = Instr(op.name, fields, frozenset(deps))
+        ins = Instr(op.name, {f.name: fields.get(f.name, 0) for f in op.fields}, frozenset(deps))
         try:
             encode(ins)
         except IsaError as exc:

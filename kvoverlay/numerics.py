@@ -1,0 +1,435 @@
+"""Bit-exact reference arithmetic of the overlay.
+
+Formats
+-------
+* **Activations (bfp16)**: a vector is int16 mantissas sharing one exponent,
+  value = m * 2**e. Every result is renormalized so that its largest mantissa
+  uses 15 magnitude bits (:func:`normalize`). Exponents live in [EXP_MIN, EXP_MAX];
+  an all-zero vector carries EXP_MIN.
+* **Weights**: int4, int8 or int16 integers; each group of ``group`` weights
+  of a row shares an unsigned 16-bit scale mantissa, and a whole matrix shares
+  one scale exponent ``sexp``: w = q * s_g * 2**sexp.
+* **Accumulators**: int64, exact products and sums (GEMV never rounds).
+* **Lookup tables**: activation gates and 2**-x are piecewise-linear tables
+  over fixed-point inputs, with integer interpolation.
+
+Rounding everywhere is *round half up* on two's complement (add half, then an
+arithmetic shift right), which is one adder in hardware.
+
+Everything here works on numpy int64 arrays and Python ints; floats appear
+only where the host converts to and from the overlay's formats, and when the
+lookup tables are built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import WEIGHT_FORMATS
+
+__all__ = [
+    "MANT_BITS", "MANT_MAX", "EXP_MIN", "EXP_MAX", "NumericsError", "round_shift", "normalize", "to_float",
+    "from_float", "align_sum", "vadd", "vmul", "vscale", "norm", "act", "rope", "argmax", "exp2_neg_q15",
+    "quantize_matrix", "dequantize_matrix", "pack_rows", "unpack_row", "row_stride", "gemv_acc", "GATE_TABLES",
+]
+
+#: Mantissa magnitude bits of a bfp16 vector (plus sign).
+MANT_BITS = 15
+MANT_MAX = (1 << MANT_BITS) - 1
+EXP_MIN, EXP_MAX = -512, 511
+#: Guard bits kept when operands with different exponents are aligned.
+ALIGN_GUARD = 16
+#: Fixed-point fraction bits of activation-table inputs, and table geometry.
+ACT_FRAC = 12
+ACT_RANGE = 16  # tables cover [-ACT_RANGE, ACT_RANGE)
+ACT_SEGMENTS = 1024
+GATE_ONE = 1 << 15  # gate and probability values are Q1.15
+#: Fraction bits of attention scores, and the 2**-x table size.
+SCORE_FRAC = 16
+EXP2_SEGMENTS = 256
+LOG2E_Q16 = round(math.log2(math.e) * (1 << 16))
+#: Bits of the scalar mantissa used for norm and softmax reciprocals.
+SCALAR_BITS = 24
+
+
+class NumericsError(ArithmeticError):
+    """A value outside what the formats can represent."""
+
+
+def _i64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int64)
+
+
+def round_shift(x, s):
+    """x * 2**-s, rounded half up; a negative *s* shifts left exactly.
+
+    *s* may be an array (per element) or a scalar.
+    """
+    x = _i64(x)
+    s = np.asarray(s, dtype=np.int64)
+    if not s.shape and int(s) <= 0:
+        return x << -int(s)
+    sr = np.clip(s, 1, 63)
+    right = (x + (np.int64(1) << (sr - 1))) >> sr
+    if s.shape:
+        left = x << np.clip(-s, 0, 62)
+        return np.where(s > 0, right, left)
+    return right
+
+
+def bitlen(v: int) -> int:
+    return int(v).bit_length()
+
+
+def normalize(acc, e: int):
+    """Renormalize wide integers with exponent *e* into (int16 mantissas, exponent)."""
+    acc = _i64(acc)
+    peak = int(np.max(np.abs(acc))) if acc.size else 0
+    if peak == 0:
+        return np.zeros(acc.shape, np.int64), EXP_MIN
+    s = bitlen(peak) - MANT_BITS
+    m = np.clip(round_shift(acc, s), -MANT_MAX, MANT_MAX)
+    e = int(e) + s
+    if e > EXP_MAX:
+        raise NumericsError(f"exponent {e} overflows the bfp16 range [{EXP_MIN}, {EXP_MAX}]")
+    if e < EXP_MIN:  # underflow: shift the mantissas down into range
+        m, e = round_shift(m, EXP_MIN - e), EXP_MIN
+    return m, e
+
+
+def to_float(m, e) -> np.ndarray:
+    return _i64(m).astype(np.float64) * (2.0 ** int(e))
+
+
+def from_float(x):
+    """Quantize a float vector to bfp16 (host side: round half to even)."""
+    x = np.asarray(x, dtype=np.float64)
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak == 0.0 or not np.isfinite(peak):
+        if not np.isfinite(peak):
+            raise NumericsError("cannot quantize a vector holding inf or nan")
+        return np.zeros(x.shape, np.int64), EXP_MIN
+    e = math.frexp(peak)[1] - MANT_BITS
+    m = np.rint(x * 2.0 ** -e)
+    if np.max(np.abs(m)) > MANT_MAX:
+        e += 1
+        m = np.rint(x * 2.0 ** -e)
+    if not EXP_MIN <= e <= EXP_MAX:
+        raise NumericsError(f"exponent {e} outside [{EXP_MIN}, {EXP_MAX}]")
+    return m.astype(np.int64), e
+
+
+def align_sum(terms):
+    """Sum of (int array, exponent) terms, aligned to the largest exponent less
+    ALIGN_GUARD bits; returns (wide int array, exponent) before normalization."""
+    top = max(e for _, e in terms) - ALIGN_GUARD
+    total = 0
+    for v, e in terms:
+        total = total + round_shift(v, top - e)
+    return _i64(total), top
+
+
+# ---------------------------------------------------------------- vector ops
+def vadd(a, ea, b, eb):
+    return normalize(*align_sum([(a, ea), (b, eb)]))
+
+
+def vmul(a, ea, b, eb):
+    return normalize(_i64(a) * _i64(b), ea + eb)
+
+
+def vscale(a, ea, imm_m, imm_e):
+    return normalize(_i64(a) * int(imm_m), ea + imm_e)
+
+
+def scalar(v: int, e: int):
+    """Round a non-negative integer v * 2**e to a SCALAR_BITS-bit mantissa."""
+    v = int(v)
+    if v <= 0:
+        raise NumericsError(f"expected a positive scalar, got {v}")
+    s = bitlen(v) - SCALAR_BITS
+    return int(round_shift(v, s)), e + s
+
+
+def rsqrt(v: int, e: int):
+    """1/sqrt(v * 2**e) for v > 0 as (mantissa, exponent), by integer square root and division.
+
+    The hardware runs the same digit-by-digit square root and restoring divider.
+    """
+    m, e = scalar(v, e)
+    if e % 2:
+        m, e = m << 1, e - 1
+    root = math.isqrt(m << 24)  # sqrt(m) * 2**12, 24..25 bits
+    r = (1 << 48) // root  # 2**48 / root
+    return r, -e // 2 + 12 - 48
+
+
+def norm(x, ex, g, eg, eps_m, eps_e, kind="rms"):
+    """RMSNorm or LayerNorm (no bias) with gain g: x * rsqrt(mean(x^2) + eps) * g."""
+    x = _i64(x)
+    n = x.size
+    if kind == "rms":
+        c, ec, scale_n = x, ex, 1
+        ss = int(np.sum(x * x))  # value * 2**-2ex
+    elif kind == "layer":
+        c = x * n - int(np.sum(x))  # n * (x - mean)
+        ec, scale_n = ex, n
+        ss = int(np.sum(c * c)) // (n * n)  # sum of squared deviations, truncated
+    else:
+        raise ValueError(f"unknown norm kind {kind!r}")
+    # mean square as an integer with exponent 2*ex - 32, eps aligned to the same exponent
+    base = 2 * ex - 32
+    ms = (ss << 32) // n
+    eps = int(round_shift(int(eps_m), base - eps_e)) if eps_m else 0
+    total = ms + eps
+    if total <= 0:
+        total = 1
+    r, er = rsqrt(total, base)  # 1/sqrt(var + eps)
+    # c * r; for LayerNorm c carries a factor n, removed by a floor division
+    z = round_shift((c * r) // scale_n, 24)
+    ez = ec + er + 24
+    return normalize(z * _i64(g), ez + eg)
+
+
+def _table(fn, lo, hi, segments, scale):
+    xs = [lo + (hi - lo) * i / segments for i in range(segments + 1)]
+    return np.array([round(fn(v) * scale) for v in xs], dtype=np.int64)
+
+
+def _gelu_tanh_gate(v):
+    return 0.5 * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+
+
+#: Gate tables g(x) in Q1.15 over [-ACT_RANGE, ACT_RANGE]; the activation is x * g(x).
+GATE_TABLES = {
+    "silu": _table(lambda v: 1.0 / (1.0 + math.exp(-v)), -ACT_RANGE, ACT_RANGE, ACT_SEGMENTS, GATE_ONE),
+    "gelu_erf": _table(lambda v: 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))), -ACT_RANGE, ACT_RANGE, ACT_SEGMENTS, GATE_ONE),
+    "gelu_tanh": _table(_gelu_tanh_gate, -ACT_RANGE, ACT_RANGE, ACT_SEGMENTS, GATE_ONE),
+}
+_ACT_SHIFT = ACT_FRAC - int(math.log2(ACT_SEGMENTS // (2 * ACT_RANGE)))  # fraction bits below a segment
+
+
+def lut_interp(table, idx, frac, frac_bits):
+    t0 = table[idx]
+    t1 = table[idx + 1]
+    return t0 + round_shift((t1 - t0) * frac, frac_bits)
+
+
+def act(x, ex, func):
+    """x * gate(x), the gate read from a piecewise-linear Q1.15 table."""
+    table = GATE_TABLES[func]
+    x = _i64(x)
+    xf = round_shift(x, -(ex + ACT_FRAC))  # x in Q.ACT_FRAC
+    pos = np.clip(xf + (ACT_RANGE << ACT_FRAC), 0, (2 * ACT_RANGE << ACT_FRAC) - 1)
+    gate = lut_interp(table, pos >> _ACT_SHIFT, pos & ((1 << _ACT_SHIFT) - 1), _ACT_SHIFT)
+    gate = np.where(xf >= ACT_RANGE << ACT_FRAC, GATE_ONE, gate)
+    return normalize(x * gate, ex - 15)
+
+
+#: 2**-f for f in [0, 1] in Q1.15.
+EXP2_TABLE = _table(lambda v: 2.0 ** -v, 0.0, 1.0, EXP2_SEGMENTS, GATE_ONE)
+_EXP2_SHIFT = SCORE_FRAC - int(math.log2(EXP2_SEGMENTS))
+
+
+def exp2_neg_q15(d):
+    """exp(d) in Q1.15 for scores d <= 0 in Q.SCORE_FRAC (natural-log units)."""
+    t = (-_i64(d) * LOG2E_Q16) >> 16  # -d * log2(e) in Q.16, truncated
+    n = t >> SCORE_FRAC
+    f = t & ((1 << SCORE_FRAC) - 1)
+    p = lut_interp(EXP2_TABLE, f >> _EXP2_SHIFT, f & ((1 << _EXP2_SHIFT) - 1), _EXP2_SHIFT)
+    return np.where(n >= 16, 0, round_shift(p, np.minimum(n, 16)))
+
+
+def rope(x, ex, c, ec, s, es, heads, head_dim, mode):
+    """Rotate each head's pairs: (a, b) -> (a*cos - b*sin, b*cos + a*sin)."""
+    x = _i64(x).reshape(heads, head_dim)
+    c, s = _i64(c), _i64(s)
+    half = head_dim // 2
+    if mode == "half":
+        a, b = x[:, :half], x[:, half:]
+    else:
+        a, b = x[:, 0::2], x[:, 1::2]
+    ya, ey = align_sum([(a * c, ex + ec), (-(b * s), ex + es)])
+    yb, _ = align_sum([(b * c, ex + ec), (a * s, ex + es)])
+    out = np.empty_like(x)
+    if mode == "half":
+        out[:, :half], out[:, half:] = ya, yb
+    else:
+        out[:, 0::2], out[:, 1::2] = ya, yb
+    return normalize(out.reshape(-1), ey)
+
+
+def argmax(x) -> int:
+    return int(np.argmax(_i64(x)))
+
+
+# ---------------------------------------------------------------- weights
+def _qrange(fmt):
+    bits = WEIGHT_FORMATS[fmt]
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def quantize_matrix(w, fmt, group, method="rtn"):
+    """Quantize a float matrix [rows, cols] to (q, scale mantissas [rows, groups], sexp).
+
+    ``rtn`` takes each group's scale from its largest magnitude. ``mse`` searches
+    clipping ratios per group and keeps the one with the least squared error
+    after quantization with the rounded scale.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    rows, cols = w.shape
+    if cols % group:
+        raise NumericsError(f"{cols} columns are not a multiple of the group size {group}")
+    lo, hi = _qrange(fmt)
+    wg = w.reshape(rows, cols // group, group)
+    peak = np.max(np.abs(wg), axis=-1)
+    ideal = peak / hi
+    top = float(np.max(ideal)) if ideal.size else 0.0
+    sexp = (math.frexp(top)[1] - 16) if top > 0 else -64
+    sexp = max(-64, min(63, sexp))
+
+    def quant(scale_f):
+        sm = np.clip(np.rint(scale_f * 2.0 ** -sexp), 1, 65535)
+        s = sm * 2.0 ** sexp
+        q = np.clip(np.rint(wg / s[..., None]), lo, hi)
+        return q, sm, s
+
+    q, sm, s = quant(ideal)
+    if method == "mse":
+        best_err = np.sum((q * s[..., None] - wg) ** 2, axis=-1)
+        for ratio in np.linspace(0.5, 0.98, 25):
+            q2, sm2, s2 = quant(ideal * ratio)
+            err = np.sum((q2 * s2[..., None] - wg) ** 2, axis=-1)
+            better = err < best_err
+            q[better], sm[better], best_err[better] = q2[better], sm2[better], err[better]
+    elif method != "rtn":
+        raise ValueError(f"unknown quantization method {method!r}")
+    return q.reshape(rows, cols).astype(np.int64), sm.astype(np.int64), sexp
+
+
+def dequantize_matrix(q, sm, sexp, group):
+    q = _i64(q)
+    return (q.reshape(q.shape[0], -1, group) * sm[..., None]).reshape(q.shape).astype(np.float64) * 2.0 ** sexp
+
+
+def row_stride(cols, fmt, group, align):
+    """Bytes per row record: group scales (uint16) then packed weights, padded to *align*."""
+    raw = (cols // group) * 2 + cols * WEIGHT_FORMATS[fmt] // 8
+    return -(-raw // align) * align
+
+
+def pack_rows(q, sm, fmt, group, align) -> bytes:
+    """Lay a quantized matrix out as row records (see :func:`row_stride`)."""
+    q = _i64(q)
+    rows, cols = q.shape
+    stride = row_stride(cols, fmt, group, align)
+    out = np.zeros((rows, stride), np.uint8)
+    scales = sm.astype("<u2").view(np.uint8).reshape(rows, -1)
+    out[:, : scales.shape[1]] = scales
+    off = scales.shape[1]
+    if fmt == "int4":
+        nib = (q & 0xF).astype(np.uint8)
+        packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    elif fmt == "int8":
+        packed = q.astype(np.int8).view(np.uint8)
+    else:
+        packed = q.astype("<i2").view(np.uint8).reshape(rows, -1)
+    out[:, off: off + packed.shape[1]] = packed
+    return out.tobytes()
+
+
+def unpack_rows(blob, rows, cols, fmt, group):
+    """Inverse of :func:`pack_rows` for *rows* consecutive records: (q, sm)."""
+    ng = cols // group
+    wbytes = cols * WEIGHT_FORMATS[fmt] // 8
+    stride = len(blob) // rows
+    raw = np.frombuffer(blob, np.uint8).reshape(rows, stride)
+    sm = raw[:, : 2 * ng].copy().view("<u2").astype(np.int64)
+    data = raw[:, 2 * ng: 2 * ng + wbytes]
+    if fmt == "int4":
+        lo = (data & 0xF).astype(np.int64)
+        hi = (data >> 4).astype(np.int64)
+        q = np.empty((rows, cols), np.int64)
+        q[:, 0::2], q[:, 1::2] = lo, hi
+        q = np.where(q >= 8, q - 16, q)
+    elif fmt == "int8":
+        q = data.copy().view(np.int8).astype(np.int64)
+    else:
+        q = data.copy().view("<i2").astype(np.int64)
+    return q, sm
+
+
+def unpack_row(blob, cols, fmt, group):
+    q, sm = unpack_rows(blob, 1, cols, fmt, group)
+    return q[0], sm[0]
+
+
+def gemv_acc(q, sm, x, group):
+    """Exact int64 accumulators sum_g s_g * sum_{k in g} q[r, k] x[k].
+
+    Group partial sums stay below 2**53, so a float64 matrix product computes
+    them exactly; the scale products are taken in int64.
+    """
+    rows, cols = q.shape
+    ng = cols // group
+    qf = q.reshape(rows, ng, group).astype(np.float64)
+    xf = _i64(x).reshape(ng, group).astype(np.float64)
+    partial = np.einsum("rgk,gk->rg", qf, xf).astype(np.int64)
+    return np.sum(partial * sm, axis=1)
+
+
+# ---------------------------------------------------------------- attention
+def attention_head(q, eq, k, ek, v, ev, tile):
+    """One query head over keys k [L, d] and values v [L, d] with per-token exponents.
+
+    Scores are exact dot products rounded to Q.SCORE_FRAC. Softmax runs online,
+    *tile* positions at a time: a running max m (Q.SCORE_FRAC), a running sum l
+    (Q1.15 units) and a running accumulator rescaled by exp(m_old - m_new)
+    whenever the max grows. Returns (wide output, exponent, m, l).
+    """
+    q, k, v = _i64(q), _i64(k), _i64(v)
+    ek, ev = _i64(ek), _i64(ev)
+    L = k.shape[0]
+    if L < 1:
+        raise NumericsError("attention over zero KV positions")
+    scores = round_shift(k @ q, -(eq + ek + SCORE_FRAC))
+    m = l = None
+    acc, ea = np.zeros(q.shape, np.int64), None
+    for lo in range(0, L, tile):
+        s, vt, evt = scores[lo: lo + tile], v[lo: lo + tile], ev[lo: lo + tile]
+        m_new = int(s.max()) if m is None else max(m, int(s.max()))
+        p = exp2_neg_q15(s - m_new)
+        e_new = int(evt.max()) if ea is None else max(ea, int(evt.max()))
+        if m is None:
+            l = 0
+        else:
+            alpha = int(exp2_neg_q15(np.int64(m - m_new)))
+            l = int(round_shift(l * alpha, 15))
+            acc = round_shift(round_shift(acc * alpha, 15), e_new - ea)
+        l += int(p.sum())
+        acc = acc + np.sum(round_shift(p[:, None] * vt, (e_new - evt)[:, None]), axis=0)
+        m, ea = m_new, e_new
+    s = max(0, bitlen(int(np.max(np.abs(acc)))) - 31)
+    acc = round_shift(acc, s)
+    recip = (1 << 40) // l
+    return acc * recip, ea + s - 40, m, l
+
+
+def attention(q, eq, kv_k, kv_ek, kv_v, kv_ev, q_heads, kv_heads, head_dim, tile):
+    """All query heads (grouped-query mapping) into one bfp16 vector, plus (m, l) per head."""
+    if q_heads % kv_heads:
+        raise NumericsError(f"{q_heads} query heads do not divide into {kv_heads} KV heads")
+    group = q_heads // kv_heads
+    q = _i64(q).reshape(q_heads, head_dim)
+    outs, stats = [], []
+    for h in range(q_heads):
+        kvh = h // group
+        o, eo, m, l = attention_head(q[h], eq, kv_k[kvh], kv_ek[kvh], kv_v[kvh], kv_ev[kvh], tile)
+        outs.append((o, eo))
+        stats += [m, l]
+    top = max(e for _, e in outs)
+    wide = np.concatenate([round_shift(o, top - e) for o, e in outs])
+    mm, e = normalize(wide, top)
+    return mm, e, stats

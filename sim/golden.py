@@ -1,0 +1,346 @@
+"""Golden model: executes instruction streams bit-exactly with :mod:`kvoverlay.numerics`.
+
+Instructions execute in program order, which equals the hardware's result
+whenever the dependency tokens order every hazard. Alongside, a timing model
+replays the three queues (load, compute, store) with their token FIFOs and a
+per-instruction cycle cost taken from the :class:`OverlayConfig`, so it predicts
+cycles and finds token deadlocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvoverlay import isa
+from kvoverlay import numerics as nx
+from kvoverlay.config import OverlayConfig
+
+__all__ = ["ExecError", "GoldenModel", "Counters", "instr_cycles"]
+
+#: Fixed latencies of the timing model, in cycles.
+MEM_LATENCY = 8
+PIPE_LATENCY = 4
+SCALAR_LATENCY = 50  # square root and division of the scalar unit
+
+
+class ExecError(RuntimeError):
+    """A run-time fault; the message names the program counter and the instruction."""
+
+    def __init__(self, pc, ins, reason):
+        self.pc, self.ins, self.reason = pc, ins, reason
+        super().__init__(f"pc {pc}: {ins.op if ins is not None else '?'}: {reason}")
+
+
+@dataclass
+class Counters:
+    cycles: int = 0
+    instructions: int = 0
+    bytes_read: dict = field(default_factory=dict)
+    bytes_written: dict = field(default_factory=dict)
+    busy: dict = field(default_factory=lambda: {q: 0 for q in isa.QUEUES})
+
+    @property
+    def total_read(self) -> int:
+        return sum(self.bytes_read.values())
+
+    def to_dict(self) -> dict:
+        return {"cycles": self.cycles, "instructions": self.instructions, "bytes_read": dict(self.bytes_read),
+                "bytes_written": dict(self.bytes_written), "busy": dict(self.busy)}
+
+
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def instr_cycles(ins: isa.Instr, cfg: OverlayConfig, kv_len: int = 0) -> int:
+    """Cycles one instruction occupies its queue (the timing model)."""
+    P, V, f = cfg.port_bytes, cfg.vector_lanes, ins.fields
+    op = ins.op
+    if op == "LOAD":
+        return _ceil(2 * f["len"] + 4, P) + MEM_LATENCY
+    if op == "STORE":
+        return _ceil(2 * f["len"] + 4, P) + MEM_LATENCY
+    if op == "STACC":
+        return _ceil(8 * f["len"], P) + MEM_LATENCY
+    if op == "LDROW":
+        group = 8 << f["lg_group"]
+        fmt = isa.ENUMS["fmt"][f["fmt"]]
+        return _ceil(nx.row_stride(f["cols"], fmt, group, P), P) + MEM_LATENCY + _ceil(f["cols"], V)
+    if op == "GEMV":
+        group = 8 << f["lg_group"]
+        fmt = isa.ENUMS["fmt"][f["fmt"]]
+        stream = f["rows"] * _ceil(nx.row_stride(f["cols"], fmt, group, P), P)
+        mac = f["rows"] * _ceil(f["cols"], cfg.weights_per_cycle(fmt))
+        return max(stream, mac) + MEM_LATENCY + PIPE_LATENCY
+    if op in ("REQ", "VADD", "VMUL", "VSCALE", "ACT"):
+        return 2 * _ceil(f["len"], V) + PIPE_LATENCY  # a pass to find the peak, a pass to round
+    if op == "NORM":
+        return 3 * _ceil(f["len"], V) + SCALAR_LATENCY + PIPE_LATENCY
+    if op == "ROPE":
+        return 2 * _ceil(f["heads"] * f["head_dim"], V) + PIPE_LATENCY
+    if op == "ARGMAX":
+        return _ceil(f["len"], V) + PIPE_LATENCY
+    if op == "KVAPPEND":
+        return 2 * _ceil(f["heads"] * f["head_dim"], V) + PIPE_LATENCY
+    if op == "ATTN":
+        per_pos = 2 * _ceil(f["head_dim"], V)
+        tiles = _ceil(max(kv_len, 1), cfg.attn_tile)
+        per_head = kv_len * per_pos + tiles * PIPE_LATENCY + SCALAR_LATENCY + _ceil(f["head_dim"], V)
+        return f["q_heads"] * per_head + 2 * _ceil(f["q_heads"] * f["head_dim"], V)
+    return 1  # NOP, END
+
+
+class GoldenModel:
+    """The machine state and an interpreter for it.
+
+    Parameters
+    ----------
+    config : OverlayConfig
+        The overlay instance being modelled.
+    image : bytes
+        Initial external-memory contents (the program's memory image).
+    regions : list of (name, start, end), optional
+        Named external-memory regions for the byte counters.
+    """
+
+    def __init__(self, config: OverlayConfig, image: bytes = b"", regions=None):
+        self.config = config
+        if len(image) > config.dram_bytes:
+            raise ValueError(f"memory image of {len(image)} bytes exceeds dram_bytes={config.dram_bytes}")
+        self.dram = np.zeros(config.dram_bytes, np.uint8)
+        self.dram[: len(image)] = np.frombuffer(image, np.uint8)
+        self.regions = list(regions or [("dram", 0, config.dram_bytes)])
+        self.abuf = np.zeros(config.act_buffer_words, np.int64)
+        self.acc = np.zeros(config.acc_buffer_words, np.int64)
+        self.eregs = [nx.EXP_MIN] * isa.NUM_EREGS
+        self.regs = [0] * isa.NUM_REGS
+        shape = (config.max_layers, config.max_kv_heads, config.kv_capacity, config.max_head_dim)
+        self.kv_k = np.zeros(shape, np.int64)
+        self.kv_v = np.zeros(shape, np.int64)
+        self.kv_ek = np.full(shape[:3], nx.EXP_MIN, np.int64)
+        self.kv_ev = np.full(shape[:3], nx.EXP_MIN, np.int64)
+        self.counters = Counters()
+
+    # ------------------------------------------------------------ helpers
+    def _region(self, addr):
+        for name, lo, hi in self.regions:
+            if lo <= addr < hi:
+                return name
+        return "dram"
+
+    def _count(self, table, addr, n):
+        name = self._region(addr)
+        table[name] = table.get(name, 0) + n
+
+    def _dram(self, addr, n, write=False):
+        if addr + n > self.config.dram_bytes:
+            raise IndexError(f"external-memory access [{addr:#x}, {addr + n:#x}) beyond dram_bytes={self.config.dram_bytes:#x}")
+        self._count(self.counters.bytes_written if write else self.counters.bytes_read, addr, n)
+        return self.dram[addr: addr + n]
+
+    def _span(self, buf, base, n, what):
+        if n < 0 or base + n > buf.size:
+            raise IndexError(f"{what} [{base}, {base + n}) beyond its size {buf.size}")
+        return slice(base, base + n)
+
+    def vec(self, base, ereg, n):
+        return self.abuf[self._span(self.abuf, base, n, "activation buffer")], self.eregs[ereg]
+
+    def put(self, base, ereg, m, e):
+        self.abuf[self._span(self.abuf, base, len(m), "activation buffer")] = m
+        self.eregs[ereg] = int(e)
+
+    def read_vector_record(self, addr, n):
+        m = self._dram(addr, 2 * n).copy().view("<i2").astype(np.int64)
+        off = addr + ((2 * n + 3) & ~3)
+        e = int(self._dram(off, 4).copy().view("<i4")[0])
+        return m, e
+
+    def write_vector_record(self, addr, m, e):
+        self._dram(addr, 2 * len(m), write=True)[:] = np.asarray(m, "<i2").view(np.uint8)
+        off = addr + ((2 * len(m) + 3) & ~3)
+        self._dram(off, 4, write=True)[:] = np.array([e], "<i4").view(np.uint8)
+
+    def _kv_check(self, layer, heads, head_dim, pos):
+        c = self.config
+        if layer >= c.max_layers or heads > c.max_kv_heads or head_dim > c.max_head_dim or heads < 1:
+            raise IndexError(f"layer {layer}, {heads} heads of {head_dim} exceed the KV buffer "
+                             f"({c.max_layers} layers, {c.max_kv_heads} heads of {c.max_head_dim})")
+        if not 0 <= pos < c.kv_capacity:
+            raise IndexError(f"KV position {pos} outside capacity {c.kv_capacity} (KV full)")
+
+    # ------------------------------------------------------------ execution
+    def step(self, ins: isa.Instr):
+        f, op = ins.fields, ins.op
+        fmt = isa.ENUMS["fmt"][f["fmt"]] if "fmt" in f else None
+        if fmt is not None and fmt not in self.config.weight_formats:
+            raise ValueError(f"weight format {fmt} is not built into this overlay ({self.config.weight_formats})")
+        if op == "LOAD":
+            m, e = self.read_vector_record(f["addr"], f["len"])
+            self.put(f["dst"], f["dst_e"], m, e)
+        elif op == "STORE":
+            m, e = self.vec(f["src"], f["src_e"], f["len"])
+            self.write_vector_record(f["addr"], m, e)
+        elif op == "STACC":
+            words = self.acc[self._span(self.acc, f["acc"], f["len"], "accumulator buffer")]
+            self._dram(f["addr"], 8 * f["len"], write=True)[:] = words.astype("<i8").view(np.uint8)
+        elif op == "LDROW":
+            group = 8 << f["lg_group"]
+            if f["cols"] % group or f["cols"] == 0:
+                raise ValueError(f"cols={f['cols']} is not a positive multiple of the group size {group}")
+            stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)
+            row = self.regs[f["row_reg"]] + f["row_imm"]
+            if row < 0:
+                raise IndexError(f"row index {row} is negative")
+            q, sm = nx.unpack_row(self._dram(f["addr"] + row * stride, stride).tobytes(), f["cols"], fmt, group)
+            vals = (q.reshape(-1, group) * sm[:, None]).reshape(-1)
+            self.put(f["dst"], f["dst_e"], *nx.normalize(vals, f["sexp"]))
+        elif op == "GEMV":
+            group = 8 << f["lg_group"]
+            if f["cols"] % group or f["cols"] == 0 or f["rows"] == 0:
+                raise ValueError(f"a {f['rows']}x{f['cols']} tile does not split into groups of {group}")
+            stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)
+            blob = self._dram(f["addr"], f["rows"] * stride).tobytes()
+            q, sm = nx.unpack_rows(blob, f["rows"], f["cols"], fmt, group)
+            x, ex = self.vec(f["x"], f["x_e"], f["cols"])
+            out = nx.gemv_acc(q, sm, x, group)
+            span = self._span(self.acc, f["acc"], f["rows"], "accumulator buffer")
+            e = ex + f["sexp"]
+            if f["accumulate"]:
+                if self.eregs[f["acc_e"]] != e:
+                    raise ValueError(f"accumulate with exponent {e} onto accumulators of exponent {self.eregs[f['acc_e']]}")
+                self.acc[span] += out
+            else:
+                self.acc[span] = out
+            self.eregs[f["acc_e"]] = e
+        elif op == "REQ":
+            words = self.acc[self._span(self.acc, f["acc"], f["len"], "accumulator buffer")]
+            self.put(f["dst"], f["dst_e"], *nx.normalize(words, self.eregs[f["acc_e"]]))
+        elif op in ("VADD", "VMUL"):
+            a, ea = self.vec(f["a"], f["a_e"], f["len"])
+            b, eb = self.vec(f["b"], f["b_e"], f["len"])
+            fn = nx.vadd if op == "VADD" else nx.vmul
+            self.put(f["dst"], f["dst_e"], *fn(a, ea, b, eb))
+        elif op == "VSCALE":
+            a, ea = self.vec(f["a"], f["a_e"], f["len"])
+            self.put(f["dst"], f["dst_e"], *nx.vscale(a, ea, f["imm_m"], f["imm_e"]))
+        elif op == "NORM":
+            x, ex = self.vec(f["x"], f["x_e"], f["len"])
+            g, eg = self.vec(f["g"], f["g_e"], f["len"])
+            if f["len"] == 0:
+                raise ValueError("normalization of an empty vector")
+            self.put(f["dst"], f["dst_e"], *nx.norm(x, ex, g, eg, f["eps_m"], f["eps_e"], isa.ENUMS["norm"][f["kind"]]))
+        elif op == "ACT":
+            x, ex = self.vec(f["x"], f["x_e"], f["len"])
+            self.put(f["dst"], f["dst_e"], *nx.act(x, ex, isa.ENUMS["func"][f["func"]]))
+        elif op == "ROPE":
+            h, d = f["heads"], f["head_dim"]
+            if d % 2 or d == 0 or h == 0:
+                raise ValueError(f"ROPE needs heads >= 1 and an even head_dim, got {h} x {d}")
+            x, ex = self.vec(f["x"], f["x_e"], h * d)
+            c, ec = self.vec(f["cos"], f["cos_e"], d // 2)
+            s, es = self.vec(f["sin"], f["sin_e"], d // 2)
+            self.put(f["dst"], f["dst_e"], *nx.rope(x, ex, c, ec, s, es, h, d, isa.ENUMS["rope"][f["mode"]]))
+        elif op == "ARGMAX":
+            if f["len"] == 0:
+                raise ValueError("argmax of an empty vector")
+            x, _ = self.vec(f["x"], 0, f["len"])
+            self.regs[f["rd"]] = nx.argmax(x)
+        elif op == "KVAPPEND":
+            h, d, layer = f["heads"], f["head_dim"], f["layer"]
+            pos = self.regs[f["pos_reg"]] + f["pos_imm"]
+            self._kv_check(layer, h, d, pos)
+            k, ek = self.vec(f["k"], f["k_e"], h * d)
+            v, ev = self.vec(f["v"], f["v_e"], h * d)
+            self.kv_k[layer, :h, pos, :d] = k.reshape(h, d)
+            self.kv_v[layer, :h, pos, :d] = v.reshape(h, d)
+            self.kv_ek[layer, :h, pos] = ek
+            self.kv_ev[layer, :h, pos] = ev
+        elif op == "ATTN":
+            qh, kvh, d, layer = f["q_heads"], f["kv_heads"], f["head_dim"], f["layer"]
+            L = self.regs[f["len_reg"]] + f["len_imm"]
+            if qh == 0 or kvh == 0 or qh % kvh:
+                raise ValueError(f"{qh} query heads do not map onto {kvh} KV heads")
+            self._kv_check(layer, kvh, d, max(L - 1, 0))
+            if L < 1:
+                raise ValueError(f"attention over KV length {L}")
+            q, eq = self.vec(f["q"], f["q_e"], qh * d)
+            m, e, stats = nx.attention(
+                q, eq, self.kv_k[layer, :kvh, :L, :d], self.kv_ek[layer, :kvh, :L],
+                self.kv_v[layer, :kvh, :L, :d], self.kv_ev[layer, :kvh, :L], qh, kvh, d, self.config.attn_tile)
+            self.put(f["dst"], f["dst_e"], m, e)
+            self.acc[self._span(self.acc, f["stats"], 2 * qh, "accumulator buffer")] = stats
+            return L
+        return None
+
+    def run(self, program, args=None, max_instructions=1_000_000):
+        """Execute *program* (a list of :class:`isa.Instr` or encoded bytes) until END.
+
+        *args* sets scalar registers R0.. before the run. Returns the counters
+        of this run; ``self.regs`` then holds ARGMAX results.
+        """
+        if isinstance(program, (bytes, bytearray)):
+            program = isa.decode_program(bytes(program))
+        for i, value in enumerate(args or []):
+            self.regs[i] = int(value)
+        self.counters = Counters()
+        timing = _Timing(self.config)
+        for pc, ins in enumerate(program):
+            if pc >= max_instructions:
+                raise ExecError(pc, ins, f"more than {max_instructions} instructions")
+            try:
+                kv_len = self.step(ins)
+                timing.issue(pc, ins, kv_len or 0)
+            except ExecError:
+                raise
+            except (ValueError, IndexError, ArithmeticError, KeyError) as exc:
+                raise ExecError(pc, ins, str(exc)) from None
+            self.counters.instructions += 1
+            if ins.op == "END":
+                break
+        else:
+            raise ExecError(len(program), None, "program ended without END")
+        self.counters.cycles = timing.finish()
+        self.counters.busy = timing.busy
+        return self.counters
+
+
+class _Timing:
+    """Replays the load, compute and store queues with their token FIFOs."""
+
+    _LINKS = {("load", "next"): "compute", ("compute", "prev"): "load",
+              ("compute", "next"): "store", ("store", "prev"): "compute"}
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.free = {q: 0 for q in isa.QUEUES}
+        self.busy = {q: 0 for q in isa.QUEUES}
+        self.tokens = {}  # (from, to) -> list of ready times
+
+    def issue(self, pc, ins, kv_len):
+        if ins.op == "END":
+            return
+        q = ins.queue
+        start = self.free[q]
+        for d in ("prev", "next"):
+            if f"pop_{d}" in ins.deps:
+                src = self._LINKS[(q, d)]
+                fifo = self.tokens.get((src, q), [])
+                if not fifo:
+                    raise ExecError(pc, ins, f"pop_{d} waits for a token from the {src} queue that no earlier "
+                                             "instruction pushed (deadlock)")
+                start = max(start, fifo.pop(0))
+        cycles = instr_cycles(ins, self.cfg, kv_len)
+        end = start + cycles
+        self.free[q] = end
+        self.busy[q] += cycles
+        for d in ("prev", "next"):
+            if f"push_{d}" in ins.deps:
+                self.tokens.setdefault((q, self._LINKS[(q, d)]), []).append(end)
+
+    def finish(self):
+        return max(self.free.values())
+
+
