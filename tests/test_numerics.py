@@ -1,0 +1,148 @@
+"""Numerics against float64: each bound here is the one stated in docs/numerics.md."""
+
+import math
+
+import numpy as np
+import pytest
+
+from kvoverlay import numerics as nx
+
+RNG = np.random.default_rng(1234)
+
+
+def vec(n=256, scale=1.0):
+    return nx.from_float(RNG.normal(0, scale, n))
+
+
+def rel(got, ref):
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def test_round_shift_is_round_half_up():
+    assert nx.round_shift(np.array([3, 5, -3, -5, 4]), 1).tolist() == [2, 3, -1, -2, 2]
+    assert nx.round_shift(np.array([3]), -2).tolist() == [12]
+
+
+def test_normalize_uses_fifteen_bits():
+    m, e = nx.normalize(np.array([1 << 40, -(1 << 39), 7]), 0)
+    assert int(np.max(np.abs(m))) == nx.MANT_MAX or int(np.max(np.abs(m))) == 1 << 14
+    assert nx.to_float(m, e)[0] == 2.0 ** 40
+    z, ez = nx.normalize(np.zeros(4, np.int64), 3)
+    assert not z.any() and ez == nx.EXP_MIN
+
+
+def test_from_float_bound():
+    x = RNG.normal(0, 3.0, 1000)
+    m, e = nx.from_float(x)
+    assert rel(nx.to_float(m, e), x) <= 2.0 ** -15
+
+
+@pytest.mark.parametrize("op", ["vadd", "vmul"])
+def test_binary_ops_bound(op):
+    (a, ea), (b, eb) = vec(scale=2.0), vec(scale=0.01)
+    fa, fb = nx.to_float(a, ea), nx.to_float(b, eb)
+    got = nx.to_float(*getattr(nx, op)(a, ea, b, eb))
+    ref = fa + fb if op == "vadd" else fa * fb
+    assert rel(got, ref) <= 2.0 ** -14
+
+
+def test_vscale_bound():
+    a, ea = vec()
+    got = nx.to_float(*nx.vscale(a, ea, 23170, -15))
+    assert rel(got, nx.to_float(a, ea) * 23170 * 2.0 ** -15) <= 2.0 ** -14
+
+
+def test_rsqrt_bound():
+    for v in [1, 2, 3, 12345, 1 << 40, 987654321987]:
+        for e in [-40, -3, 0, 7]:
+            r, er = nx.rsqrt(v, e)
+            assert abs(r * 2.0 ** er * math.sqrt(v * 2.0 ** e) - 1) <= 2.0 ** -22
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_norm_bound(kind):
+    (x, ex), (g, eg) = vec(768, 5.0), nx.from_float(1 + 0.1 * RNG.normal(size=768))
+    fx, fg = nx.to_float(x, ex), nx.to_float(g, eg)
+    eps = 41943 * 2.0 ** -32
+    if kind == "rms":
+        ref = fx / np.sqrt(np.mean(fx * fx) + eps) * fg
+    else:
+        ref = (fx - fx.mean()) / np.sqrt(np.var(fx) + eps) * fg
+    got = nx.to_float(*nx.norm(x, ex, g, eg, 41943, -32, kind))
+    assert rel(got, ref) <= 2.0 ** -13
+
+
+@pytest.mark.parametrize("func", ["silu", "gelu_erf", "gelu_tanh"])
+def test_activation_bound(func):
+    x, ex = nx.from_float(np.linspace(-20, 20, 4001))
+    fx = nx.to_float(x, ex)
+    gate = {"silu": lambda v: 1 / (1 + np.exp(-v)),
+            "gelu_erf": lambda v: 0.5 * (1 + np.vectorize(math.erf)(v / math.sqrt(2))),
+            "gelu_tanh": lambda v: 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))}[func]
+    ref = fx * gate(fx)
+    got = nx.to_float(*nx.act(x, ex, func))
+    # absolute error relative to the input's peak: table interpolation plus 15-bit gate quantization
+    assert float(np.max(np.abs(got - ref))) / 20 <= 2.0 ** -14
+
+
+def test_exp_bound():
+    d = -np.arange(0, 20 << 16, 997, dtype=np.int64)
+    got = nx.exp2_neg_q15(d) / 32768
+    assert float(np.max(np.abs(got - np.exp(d / 65536.0)))) <= 2.0 ** -14
+
+
+def test_rope_bound():
+    heads, hd = 4, 32
+    x, ex = vec(heads * hd)
+    ang = RNG.uniform(0, 6.28, hd // 2)
+    (c, ec), (s, es) = nx.from_float(np.cos(ang)), nx.from_float(np.sin(ang))
+    fx = nx.to_float(x, ex).reshape(heads, hd)
+    fc, fs = nx.to_float(c, ec), nx.to_float(s, es)
+    a, b = fx[:, : hd // 2], fx[:, hd // 2:]
+    ref = np.concatenate([a * fc - b * fs, b * fc + a * fs], 1).reshape(-1)
+    assert rel(nx.to_float(*nx.rope(x, ex, c, ec, s, es, heads, hd, "half")), ref) <= 2.0 ** -14
+
+
+@pytest.mark.parametrize("length,tile", [(1, 8), (37, 8), (64, 64), (200, 16)])
+def test_attention_bound(length, tile):
+    hd = 32
+    q, eq = vec(hd, 0.5)
+    k = [nx.from_float(RNG.normal(0, 1.0, hd)) for _ in range(length)]
+    v = [nx.from_float(RNG.normal(0, 1.0 + (j % 3), hd)) for j in range(length)]
+    K, EK = np.stack([m for m, _ in k]), np.array([e for _, e in k])
+    V, EV = np.stack([m for m, _ in v]), np.array([e for _, e in v])
+    o, eo, m, l = nx.attention_head(q, eq, K, EK, V, EV, tile)
+    fq = nx.to_float(q, eq)
+    fk = K * 2.0 ** EK[:, None]
+    fv = V * 2.0 ** EV[:, None]
+    s = fk @ fq
+    p = np.exp(s - s.max())
+    ref = p @ fv / p.sum()
+    got = o * 2.0 ** eo
+    assert float(np.max(np.abs(got - ref)) / np.max(np.abs(fv))) <= 2.0 ** -12
+    assert abs(m / 65536.0 - s.max()) <= 2.0 ** -15
+    assert abs(l / 32768.0 - p.sum()) / p.sum() <= 2.0 ** -11
+
+
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.01), ("int4", 0.16), ("w16", 5e-5)])
+def test_weight_quantization_and_gemv_exact(fmt, bound):
+    w = RNG.normal(0, 0.05, (64, 128))
+    q, sm, sexp = nx.quantize_matrix(w, fmt, 32)
+    deq = nx.dequantize_matrix(q, sm, sexp, 32)
+    assert rel(deq, w) <= bound
+    blob = nx.pack_rows(q, sm, fmt, 32, 32)
+    q2, sm2 = nx.unpack_rows(blob, 64, 128, fmt, 32)
+    assert (q2 == q).all() and (sm2 == sm).all()
+    x, ex = vec(128)
+    acc = nx.gemv_acc(q, sm, x, 32)
+    # the accumulators are exact: equal to the float64 product of the quantized operands
+    assert np.array_equal(acc * 2.0 ** (ex + sexp), deq @ nx.to_float(x, ex))
+
+
+def test_mse_scales_beat_round_to_nearest_int4():
+    w = RNG.standard_t(4, (128, 256)) * 0.02
+    errs = {}
+    for method in ("rtn", "mse"):
+        q, sm, sexp = nx.quantize_matrix(w, "int4", 32, method)
+        errs[method] = float(np.sum((nx.dequantize_matrix(q, sm, sexp, 32) - w) ** 2))
+    assert errs["mse"] < errs["rtn"]
