@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ConfigError", "OverlayConfig", "PRESETS", "WEIGHT_FORMATS", "load_config"]
+__all__ = ["PRESETS", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
 
 #: Weight formats the ISA can express, with their bit widths.
 WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16}
@@ -26,7 +26,7 @@ def _param(lo, hi, doc, *, pow2=False, multiple=None):
     return field(metadata={"range": (lo, hi), "doc": doc, "pow2": pow2, "multiple": multiple})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OverlayConfig:
     """Hardware parameters of one overlay instance.
 

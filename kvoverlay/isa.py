@@ -22,9 +22,27 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = [
-    "INSN_BITS", "INSN_BYTES", "NUM_REGS", "NUM_EREGS", "DRAM_UNIT", "QUEUES", "DEP_FLAGS",
-    "Field", "OpFormat", "OPCODES", "BY_NAME", "BY_CODE", "ENUMS", "Instr", "IsaError",
-    "encode", "decode", "encode_program", "decode_program", "assemble", "disassemble",
+    "BY_CODE",
+    "BY_NAME",
+    "DEP_FLAGS",
+    "DRAM_UNIT",
+    "ENUMS",
+    "INSN_BITS",
+    "INSN_BYTES",
+    "NUM_EREGS",
+    "NUM_REGS",
+    "OPCODES",
+    "QUEUES",
+    "Field",
+    "Instr",
+    "IsaError",
+    "OpFormat",
+    "assemble",
+    "decode",
+    "decode_program",
+    "disassemble",
+    "encode",
+    "encode_program",
     "render_markdown",
 ]
 
@@ -239,7 +257,7 @@ def encode(ins: Instr) -> int:
         raise IsaError(f"unknown opcode {ins.op!r}")
     unknown = set(ins.fields) - {f.name for f in op.fields}
     if unknown:
-        raise IsaError(f"{op.name} has no field {sorted(unknown)[0]!r}")
+        raise IsaError(f"{op.name} has no field {min(unknown)!r}")
     word = op.code
     for i, flag in enumerate(DEP_FLAGS):
         if flag in ins.deps:
@@ -383,8 +401,8 @@ def render_markdown() -> str:
         "Generated from `kvoverlay/isa.py` by `kvoverlay isa-doc`; do not edit by hand.",
         "",
         f"Every instruction is one {INSN_BITS}-bit little-endian word. Bits [0:{OPCODE_BITS}) hold the opcode,",
-        f"bits [{OPCODE_BITS}:{OPCODE_BITS + len(DEP_FLAGS)}) the dependency-token flags "
-        f"({', '.join(f'`{d}`' for d in DEP_FLAGS)}, in that bit order),",
+        (f"bits [{OPCODE_BITS}:{OPCODE_BITS + len(DEP_FLAGS)}) the dependency-token flags "
+         f"({', '.join(f'`{d}`' for d in DEP_FLAGS)}, in that bit order),"),
         "and the fields follow from there in the order listed. Bits above the last field are reserved and zero.",
         f"External-memory addresses are stored in units of {DRAM_UNIT} bytes. There are {NUM_REGS} scalar registers",
         f"(R0..R{NUM_REGS - 1}, written by the host before a run and by ARGMAX) and {NUM_EREGS} exponent registers",

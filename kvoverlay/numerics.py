@@ -30,9 +30,31 @@ import numpy as np
 from .config import WEIGHT_FORMATS
 
 __all__ = [
-    "MANT_BITS", "MANT_MAX", "EXP_MIN", "EXP_MAX", "NumericsError", "round_shift", "normalize", "to_float",
-    "from_float", "align_sum", "vadd", "vmul", "vscale", "norm", "act", "rope", "argmax", "exp2_neg_q15",
-    "quantize_matrix", "dequantize_matrix", "pack_rows", "unpack_row", "row_stride", "gemv_acc", "GATE_TABLES",
+    "EXP_MAX",
+    "EXP_MIN",
+    "GATE_TABLES",
+    "MANT_BITS",
+    "MANT_MAX",
+    "NumericsError",
+    "act",
+    "align_sum",
+    "argmax",
+    "dequantize_matrix",
+    "exp2_neg_q15",
+    "from_float",
+    "gemv_acc",
+    "norm",
+    "normalize",
+    "pack_rows",
+    "quantize_matrix",
+    "rope",
+    "round_shift",
+    "row_stride",
+    "to_float",
+    "unpack_row",
+    "vadd",
+    "vmul",
+    "vscale",
 ]
 
 #: Mantissa magnitude bits of a bfp16 vector (plus sign).

@@ -142,12 +142,14 @@ def reference_step(params, state, token, pos):
 
 def demo_main(args=None) -> int:
     cfg = load_config(getattr(args, "config", None) or "tiny")
-    steps = getattr(args, "steps", None) or 8
-    instrs, image, params, sym, _ = build(cfg)
+    steps = getattr(args, "tokens", None) or 8
+    if not 1 <= steps <= cfg.kv_capacity:
+        raise ValueError(f"--tokens {steps} must be in [1, {cfg.kv_capacity}] (the KV capacity of config {cfg.name})")
+    instrs, image, params, sym, _ = build(cfg, seed=getattr(args, "seed", 0) or 0)
     model = GoldenModel(cfg, image, regions=[("weights", 0, sym["out"]), ("io", sym["out"], len(image))])
     print(f"kvoverlay demo: hand-assembled decoder block ({len(instrs)} instructions, {len(image)} bytes of image) "
           f"on the golden model, config {cfg.name}", file=sys.stderr)
-    print(f"{'step':>4} {'token':>5} {'ref':>5} {'cosine':>8} {'cycles':>7} {'bytes read':>10}")
+    print(f"{'step':>4} {'token':>5} {'ref':>5} {'cosine':>9} {'cycles':>7} {'bytes read':>10}")
     token, state, worst, agree = 1, {}, 1.0, 0
     t0 = time.perf_counter()
     for pos in range(steps):
@@ -158,8 +160,33 @@ def demo_main(args=None) -> int:
         cos = float(logits @ ref / (np.linalg.norm(logits) * np.linalg.norm(ref)))
         nxt, ref_tok = model.regs[2], int(np.argmax(ref))
         worst, agree = min(worst, cos), agree + (nxt == ref_tok)
-        print(f"{pos:>4} {nxt:>5} {ref_tok:>5} {cos:>8.5f} {counters.cycles:>7} {counters.total_read:>10}")
+        print(f"{pos:>4} {nxt:>5} {ref_tok:>5} {cos:>9.6f} {counters.cycles:>7} {counters.total_read:>10}")
         token = nxt
-    print(f"tokens matching the float64 reference: {agree}/{steps}; minimum logits cosine {worst:.5f}; "
+    print(f"tokens matching the float64 reference: {agree}/{steps}; minimum logits cosine {worst:.6f}; "
           f"wall {time.perf_counter() - t0:.2f} s")
     return 0 if worst > 0.99 else 1
+
+
+def run_main(args) -> int:
+    """``kvoverlay run FILE.bin``: execute an assembled stream, print registers and counters."""
+    import json
+
+    cfg = load_config(args.config)
+    program = isa.decode_program(args.program.read_bytes())
+    image = args.image.read_bytes() if args.image else b""
+    try:
+        regs = [int(v, 0) for v in args.args.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--args {args.args!r}: expected comma-separated integers") from None
+    if len(regs) > isa.NUM_REGS:
+        raise ValueError(f"--args sets {len(regs)} registers; there are {isa.NUM_REGS}")
+    model = GoldenModel(cfg, image)
+    counters = model.run(program, args=regs)
+    result = {"registers": model.regs, **counters.to_dict()}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"registers: {' '.join(f'R{i}={v}' for i, v in enumerate(model.regs))}")
+        print(f"cycles: {counters.cycles}  instructions: {counters.instructions}  "
+              f"bytes read: {counters.total_read}  busy: {counters.busy}")
+    return 0

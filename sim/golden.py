@@ -10,6 +10,7 @@ cycles and finds token deadlocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import OverlayConfig
 
-__all__ = ["ExecError", "GoldenModel", "Counters", "instr_cycles"]
+__all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles"]
 
 #: Fixed latencies of the timing model, in cycles.
 MEM_LATENCY = 8
@@ -310,7 +311,7 @@ class GoldenModel:
 class _Timing:
     """Replays the load, compute and store queues with their token FIFOs."""
 
-    _LINKS = {("load", "next"): "compute", ("compute", "prev"): "load",
+    _LINKS: ClassVar[dict] = {("load", "next"): "compute", ("compute", "prev"): "load",
               ("compute", "next"): "store", ("store", "prev"): "compute"}
 
     def __init__(self, cfg):

@@ -2,8 +2,12 @@
 
 Run: ``python -m kvoverlay.sim.numerics_report``
 """
-import math, numpy as np
+import math
+
+import numpy as np
+
 from kvoverlay import numerics as nx
+
 R=np.random.default_rng(0)
 def rel(g,r): return float(np.max(np.abs(g-r))/np.max(np.abs(r)))
 x=R.normal(0,3,4096); m,e=nx.from_float(x); print("from_float", rel(nx.to_float(m,e),x))

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kvoverlay.sim import demo
+from kvoverlay.sim.golden import ExecError, GoldenModel
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS, OverlayConfig
-from kvoverlay.sim import demo
-from kvoverlay.sim.golden import ExecError, GoldenModel
 
 CFG = PRESETS["tiny"]
 RNG = np.random.default_rng(7)
@@ -129,7 +129,7 @@ def test_demo_block_tracks_float64_token_for_token():
 
 def test_timing_overlaps_queues_and_honours_tokens():
     from kvoverlay.sim.golden import instr_cycles
-    q, sm, sexp = nx.quantize_matrix(RNG.normal(size=(64, 64)), "int8", 32)
+    q, sm, _ = nx.quantize_matrix(RNG.normal(size=(64, 64)), "int8", 32)
     model = GoldenModel(CFG, nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes))
     gemv = "GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2"
     load = "LOAD addr=0 len=64 dst=256 dst_e=E3"

@@ -1,9 +1,9 @@
 """The Amaranth layouts agree with the Python encoder, field by field."""
 
 import pytest
+from kvoverlay.hw.isa_layout import LAYOUTS
 
 from kvoverlay import isa
-from kvoverlay.hw.isa_layout import LAYOUTS
 
 
 @pytest.mark.parametrize("op", isa.OPCODES, ids=lambda o: o.name)

@@ -1,0 +1,1 @@
+"""Placeholder: board definitions and bitstream flow (in progress)."""

@@ -1,0 +1,1 @@
+"""Placeholder: ONNX decoder -> overlay program compiler (in progress)."""

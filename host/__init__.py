@@ -1,0 +1,1 @@
+"""Placeholder: host runtime that loads programs and drives the overlay (in progress)."""

@@ -1,0 +1,198 @@
+"""The ``kvoverlay`` command line.
+
+Subcommands live in a registry: decorate a ``configure(parser)`` function with
+:func:`command` (or call :func:`register`) and give the parser a handler via
+``parser.set_defaults(func=handler)``; a handler takes the parsed namespace and
+returns an exit code. Expected errors (:class:`ConfigError`, :class:`IsaError`,
+:class:`OSError`, :class:`ValueError`, :class:`CliError`) print one line
+``kvoverlay: error: <msg>`` to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvoverlay import isa
+from kvoverlay.config import ConfigError, load_config
+from kvoverlay.fileio import write_atomic
+from kvoverlay.isa import IsaError
+
+__all__ = ["COMMANDS", "CliError", "build_parser", "command", "main", "register"]
+
+PROG = "kvoverlay"
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """An expected, user-facing error."""
+
+
+#: name -> (help, configure(parser)); order is the order of ``kvoverlay --help``.
+COMMANDS: dict = {}
+
+
+def register(name: str, help: str, configure) -> None:
+    """Add subcommand *name*; ``configure(parser)`` adds arguments and ``set_defaults(func=...)``."""
+    COMMANDS[name] = (help, configure)
+
+
+def command(name: str, help: str):
+    def deco(configure):
+        register(name, help, configure)
+        return configure
+    return deco
+
+
+def _with_context(exc: IsaError, where: str) -> IsaError:
+    return IsaError(f"{where}: {exc}")
+
+
+# --------------------------------------------------------------------------- asm / disasm
+@command("asm", "assemble a .s file into a binary instruction stream")
+def _configure_asm(p):
+    p.add_argument("source", type=Path, help="assembly text (.s)")
+    p.add_argument("-o", "--output", type=Path, help="binary output (default: SOURCE with .bin suffix)")
+    p.set_defaults(func=_cmd_asm)
+
+
+def _cmd_asm(args) -> int:
+    text = args.source.read_text()
+    try:
+        program = isa.assemble(text)
+    except IsaError as exc:
+        raise _with_context(exc, str(args.source)) from None
+    out = args.output or args.source.with_suffix(".bin")
+    write_atomic(out, isa.encode_program(program))
+    print(f"{out}: {len(program)} instructions", file=sys.stderr)
+    return 0
+
+
+@command("disasm", "print the assembly text of a binary instruction stream")
+def _configure_disasm(p):
+    p.add_argument("binary", type=Path, help="instruction stream (.bin)")
+    p.set_defaults(func=_cmd_disasm)
+
+
+def _cmd_disasm(args) -> int:
+    blob = args.binary.read_bytes()
+    try:
+        program = isa.decode_program(blob)
+    except IsaError as exc:
+        raise _with_context(exc, str(args.binary)) from None
+    sys.stdout.write(isa.disassemble(program))
+    return 0
+
+
+# --------------------------------------------------------------------------- doctor
+@command("doctor", "report the versions and locations of the tools the flow uses")
+def _configure_doctor(p):
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args) -> int:
+    from kvoverlay.toolchain import doctor_report, format_report
+
+    rows = doctor_report()
+    sys.stdout.write(format_report(rows))
+    missing = [r[0] for r in rows if r[1] == "missing"]
+    if missing:
+        print(f"required tools missing: {', '.join(missing)}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- config
+@command("config", "inspect overlay configurations")
+def _configure_config(p):
+    sub = p.add_subparsers(dest="config_cmd", metavar="ACTION", required=True)
+    show = sub.add_parser("show", help="print a configuration as TOML")
+    show.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="preset name or TOML file (default: tiny)")
+    show.set_defaults(func=_cmd_config_show)
+
+
+def _cmd_config_show(args) -> int:
+    sys.stdout.write(load_config(args.config).to_toml())
+    return 0
+
+
+# --------------------------------------------------------------------------- isa-doc
+@command("isa-doc", "write the ISA reference page (docs/isa.md)")
+def _configure_isa_doc(p):
+    p.add_argument("-o", "--output", default="docs/isa.md", help="output path, or - for stdout (default: docs/isa.md)")
+    p.set_defaults(func=_cmd_isa_doc)
+
+
+def _cmd_isa_doc(args) -> int:
+    text = isa.render_markdown()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        write_atomic(args.output, text.encode())
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- demo / run (golden model)
+def _lazy(module: str, func: str):
+    """Handler that imports ``module.func`` only when the subcommand runs."""
+    def handler(args) -> int:
+        import importlib
+
+        try:
+            target = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as exc:
+            raise CliError(f"{args.command} is not available: {exc}") from None
+        return target(args)
+    return handler
+
+
+@command("demo", "compile and run a tiny decoder on the golden model")
+def _configure_demo(p):
+    p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the demo weights")
+    p.add_argument("--tokens", type=int, default=8, help="decode steps to run")
+    p.set_defaults(func=_lazy("kvoverlay.sim.demo", "demo_main"))
+
+
+@command("run", "run an assembled instruction stream on the golden model")
+def _configure_run(p):
+    p.add_argument("program", type=Path, help="instruction stream (.bin from kvoverlay asm)")
+    p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
+    p.add_argument("--image", type=Path, help="external-memory image loaded at address 0")
+    p.add_argument("--args", default="", metavar="R0,R1,...", help="scalar registers set before the run")
+    p.add_argument("--json", action="store_true", help="print one JSON object with registers and counters")
+    p.set_defaults(func=_lazy("kvoverlay.sim.demo", "run_main"))
+
+
+# --------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="FPGA transformer-overlay flow")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, configure) in COMMANDS.items():
+        configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        msg = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        msg = str(exc) or type(exc).__name__
+    return " ".join(msg.split())
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, IsaError, CliError, OSError, ValueError, ArithmeticError, RuntimeError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

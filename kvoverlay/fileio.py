@@ -1,0 +1,34 @@
+"""Small file helpers shared by the CLI and the tools."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_atomic"]
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write *data* to *path* atomically: a temp file in the same folder, then :func:`os.replace`.
+
+    A reader sees either the old file or the complete new one, never a partial write.
+    """
+    if isinstance(data, str):
+        data = data.encode()
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,1 @@
+"""Golden model of the overlay: executes ISA programs bit-exactly."""

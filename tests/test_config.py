@@ -1,0 +1,55 @@
+"""OverlayConfig: presets, TOML round trip, error messages."""
+
+import pytest
+
+from kvoverlay.config import PRESETS, ConfigError, OverlayConfig, load_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_valid_and_round_trips(name):
+    cfg = PRESETS[name]
+    assert cfg.name == name
+    assert load_config(name) is cfg
+    again = OverlayConfig.from_toml(cfg.to_toml())
+    assert again == cfg
+    assert again.to_toml() == cfg.to_toml()
+
+
+def test_default_is_tiny():
+    assert load_config(None) is PRESETS["tiny"]
+
+
+def test_ulx3s_has_32_macs():
+    assert PRESETS["ulx3s"].mac_lanes >= 32
+
+
+def test_unknown_key_names_key():
+    with pytest.raises(ConfigError, match="unknown config key 'mac_lane'"):
+        OverlayConfig.from_toml('preset = "tiny"\nmac_lane = 8\n')
+
+
+def test_out_of_range_names_key_and_range():
+    with pytest.raises(ConfigError) as ei:
+        PRESETS["tiny"].replace(max_layers=65)
+    assert "max_layers" in str(ei.value) and "[1, 64]" in str(ei.value)
+    with pytest.raises(ConfigError, match=r"mac_lanes.*power of two"):
+        PRESETS["tiny"].replace(mac_lanes=12)
+    with pytest.raises(ConfigError, match="weight_formats"):
+        PRESETS["tiny"].replace(weight_formats=["int3"])
+
+
+def test_preset_override(tmp_path):
+    path = tmp_path / "my.toml"
+    path.write_text('preset = "tiny"\nname = "mine"\nmac_lanes = 16\nclock_mhz = 125\n')
+    cfg = load_config(path)
+    assert cfg.name == "mine" and cfg.mac_lanes == 16 and cfg.clock_mhz == 125.0
+    assert cfg.replace(mac_lanes=8, name="tiny") == PRESETS["tiny"].replace(clock_mhz=125.0)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        OverlayConfig.from_toml('preset = "huge"\n')
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        OverlayConfig.from_toml("this is = = not toml")
