@@ -308,6 +308,67 @@ class GoldenModel:
         return self.counters
 
 
+def accesses(ins: isa.Instr):
+    """On-chip state an instruction reads and writes: (space, lo, hi, is_write) tuples.
+
+    The spaces are ``abuf`` and ``acc`` (word ranges), ``ereg`` and ``reg``
+    (register indices). The timing replay uses them to find hazards between
+    queues that no dependency token orders.
+    """
+    f, op, out = ins.fields, ins.op, []
+
+    def vec(name, n, write=False):
+        out.append(("abuf", f[name], f[name] + n, write))
+        if name + "_e" in f:
+            out.append(("ereg", f[name + "_e"], f[name + "_e"] + 1, write))
+
+    def acc(name, n, write=False, ereg=None):
+        out.append(("acc", f[name], f[name] + n, write))
+        if ereg is not None:
+            out.append(("ereg", f[ereg], f[ereg] + 1, write))
+
+    if op == "LOAD":
+        vec("dst", f["len"], True)
+    elif op == "LDROW":
+        out.append(("reg", f["row_reg"], f["row_reg"] + 1, False))
+        vec("dst", f["cols"], True)
+    elif op == "STORE":
+        vec("src", f["len"])
+    elif op == "STACC":
+        acc("acc", f["len"])
+    elif op == "GEMV":
+        vec("x", f["cols"])
+        if f["accumulate"]:
+            acc("acc", f["rows"], False, "acc_e")
+        acc("acc", f["rows"], True, "acc_e")
+    elif op == "REQ":
+        acc("acc", f["len"], False, "acc_e")
+        vec("dst", f["len"], True)
+    elif op in ("VADD", "VMUL"):
+        vec("a", f["len"]), vec("b", f["len"]), vec("dst", f["len"], True)
+    elif op == "VSCALE":
+        vec("a", f["len"]), vec("dst", f["len"], True)
+    elif op == "NORM":
+        vec("x", f["len"]), vec("g", f["len"]), vec("dst", f["len"], True)
+    elif op == "ACT":
+        vec("x", f["len"]), vec("dst", f["len"], True)
+    elif op == "ROPE":
+        n, half = f["heads"] * f["head_dim"], f["head_dim"] // 2
+        vec("x", n), vec("cos", half), vec("sin", half), vec("dst", n, True)
+    elif op == "ARGMAX":
+        vec("x", f["len"])
+        out.append(("reg", f["rd"], f["rd"] + 1, True))
+    elif op == "KVAPPEND":
+        n = f["heads"] * f["head_dim"]
+        vec("k", n), vec("v", n)
+        out.append(("reg", f["pos_reg"], f["pos_reg"] + 1, False))
+    elif op == "ATTN":
+        vec("q", f["q_heads"] * f["head_dim"]), vec("dst", f["q_heads"] * f["head_dim"], True)
+        acc("stats", 2 * f["q_heads"], True)
+        out.append(("reg", f["len_reg"], f["len_reg"] + 1, False))
+    return out
+
+
 class _Timing:
     """Replays the load, compute and store queues with their token FIFOs."""
 
@@ -319,6 +380,7 @@ class _Timing:
         self.free = {q: 0 for q in isa.QUEUES}
         self.busy = {q: 0 for q in isa.QUEUES}
         self.tokens = {}  # (from, to) -> list of ready times
+        self.history = []  # on-chip accesses still in flight: (space, lo, hi, write, end, queue, pc, op)
 
     def issue(self, pc, ins, kv_len):
         if ins.op == "END":
@@ -335,11 +397,24 @@ class _Timing:
                 start = max(start, fifo.pop(0))
         cycles = instr_cycles(ins, self.cfg, kv_len)
         end = start + cycles
+        self._check_hazards(pc, ins, q, start, end)
         self.free[q] = end
         self.busy[q] += cycles
         for d in ("prev", "next"):
             if f"push_{d}" in ins.deps:
                 self.tokens.setdefault((q, self._LINKS[(q, d)]), []).append(end)
+
+    def _check_hazards(self, pc, ins, q, start, end):
+        horizon = min(self.free.values())
+        self.history = [h for h in self.history if h[4] > horizon]
+        mine = accesses(ins)
+        for space, lo, hi, write in mine:
+            for (s2, lo2, hi2, write2, end2, q2, pc2, op2) in self.history:
+                if s2 == space and q2 != q and lo < hi2 and lo2 < hi and (write or write2) and end2 > start:
+                    kind = "writes" if write else "reads"
+                    raise ExecError(pc, ins, f"{kind} {space}[{max(lo, lo2)}] while {op2} at pc {pc2} in the {q2} "
+                                             "queue may still use it: no dependency token orders them (race)")
+        self.history += [(space, lo, hi, write, end, q, pc, ins.op) for space, lo, hi, write in mine]
 
     def finish(self):
         return max(self.free.values())

@@ -166,3 +166,12 @@ def test_random_streams_run_or_fail_with_exec_error(prog, image, args):
         model.run(blob, args=args)
     except ExecError as exc:
         assert str(exc).startswith("pc ")
+
+
+def test_unordered_cross_queue_hazard_is_a_race():
+    model = GoldenModel(CFG)
+    load = "LOAD addr=0 len=16 dst=0 dst_e=E1"
+    with pytest.raises(ExecError, match=r"pc 1: VADD: reads abuf\[0\] while LOAD at pc 0 in the load queue .*race"):
+        run(model, load + "\nVADD a=0 a_e=E1 b=0 b_e=E1 dst=32 dst_e=E2 len=16")
+    run(model, load + " push_next\nVADD a=0 a_e=E1 b=0 b_e=E1 dst=32 dst_e=E2 len=16 pop_prev")
+    run(model, load + "\nVADD a=64 a_e=E3 b=64 b_e=E3 dst=32 dst_e=E2 len=16")  # disjoint: no race
