@@ -1,1 +1,2 @@
-"""Amaranth hardware of the overlay. So far: the ISA layouts (``isa_layout``); the units are in progress."""
+"""Amaranth hardware of the overlay: ISA layouts generated from the ISA (``isa_layout``) and the
+int8 GEMV engine (``gemv``); the other units are in progress."""

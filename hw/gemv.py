@@ -1,0 +1,257 @@
+"""GEMV engine: streams packed weight rows at the port rate, bit-exact with :func:`kvoverlay.numerics.gemv_acc`.
+
+So far only the ``int8`` weight format is implemented.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["PIPELINE_LATENCY", "GemvEngine", "gemv_cycles"]
+
+#: Busy cycles beyond one per streamed port word (memory read, products, adder tree, group scale, row accumulate).
+PIPELINE_LATENCY = 4
+
+
+def gemv_cycles(rows: int, words_per_row: int) -> int:
+    """Cycles that ``busy`` stays high (the value of ``cycles`` at ``done``): one per port word plus the pipeline."""
+    return rows * words_per_row + PIPELINE_LATENCY
+
+
+def _log2(n: int) -> int:
+    assert n > 0 and n & (n - 1) == 0, n
+    return n.bit_length() - 1
+
+
+class GemvEngine(wiring.Component):
+    """One GEMV tile over int8 row records, one port word per cycle.
+
+    Computes ``acc[r] = sum_g scale[r, g] * sum_{k in g} q[r, k] * x[k]`` in 64-bit
+    two's complement, exactly as :func:`kvoverlay.numerics.gemv_acc`. Weights are the
+    row records of :func:`kvoverlay.numerics.pack_rows` with ``align=config.port_bytes``
+    (group scales as uint16 LE, then the weights, padded to the port width), read
+    from a weight memory one port word per address with a read latency of one cycle.
+
+    Pipeline: S0 issues the weight address and the matching activation-bank address;
+    S1 re-aligns the weight bytes (the weights start ``2 * groups`` bytes into a row,
+    which need not be a port boundary), stores scale words and multiplies
+    ``port_bytes`` int8 x int16 lanes; S2 sums them; S3 accumulates the group and
+    multiplies by its scale at the group end; S4 adds into the row accumulator and
+    writes it out at the row end. Busy lasts :func:`gemv_cycles` cycles.
+
+    Parameters
+    ----------
+    config : OverlayConfig
+        Overlay parameters; uses ``port_bits``, ``act_buffer_words``,
+        ``acc_buffer_words`` and ``dram_bytes``.
+
+    Attributes
+    ----------
+    start : In(1)
+        Pulse while idle to start; ``rows``, ``cols``, ``group_log2`` and ``w_base``
+        are sampled in that cycle.
+    rows, cols : In
+        Tile shape; ``cols`` must be a multiple of the group size.
+    group_log2 : In(4)
+        log2 of the group size; the group must hold at least ``port_bytes`` weights.
+    w_base : In
+        Word address of the first row record.
+    busy, done : Out(1)
+        ``busy`` from the cycle after ``start`` until the last write; ``done`` pulses once.
+    cycles : Out(32)
+        Cycles ``busy`` was high in the current or last run.
+    w_addr, w_data : Out, In
+        Weight memory read port (latency 1).
+    x_addr, x_data : Out, In
+        Activation memory read port, ``port_bytes`` int16 lanes per word (latency 1).
+    acc_addr, acc_data, acc_en : Out
+        Accumulator memory write port (64-bit words).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.pb = config.port_bytes
+        self.pbits = config.port_bits
+        self.max_cols = config.act_buffer_words
+        self.max_rows = config.acc_buffer_words
+        self.w_depth = config.dram_bytes // self.pb
+        self.x_depth = self.max_cols // self.pb
+        # scale words of one row: at most max_cols / 8 groups of 2 bytes
+        self.scale_words = max(1, (self.max_cols // 8) * 2 // self.pb)
+        rows_w = self.max_rows.bit_length()
+        cols_w = self.max_cols.bit_length()
+        super().__init__({
+            "start": In(1),
+            "rows": In(rows_w),
+            "cols": In(cols_w),
+            "group_log2": In(4),
+            "w_base": In(range(self.w_depth)),
+            "busy": Out(1),
+            "done": Out(1),
+            "cycles": Out(32),
+            "w_addr": Out(range(self.w_depth)),
+            "w_data": In(self.pbits),
+            "x_addr": Out(range(self.x_depth)),
+            "x_data": In(16 * self.pb),
+            "acc_addr": Out(range(self.max_rows)),
+            "acc_data": Out(64),
+            "acc_en": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        pb, lpb = self.pb, _log2(self.pb)
+        cols_w = self.max_cols.bit_length()
+        rows_w = self.max_rows.bit_length()
+
+        # ---- parameters latched at start
+        rows = Signal(rows_w)
+        cols = Signal(cols_w)
+        gl = Signal(4)
+        # derived (combinational from the latched values)
+        ngroups = Signal(cols_w)
+        m.d.comb += ngroups.eq(cols >> gl)
+        row_bytes = Signal(cols_w + 2)
+        m.d.comb += row_bytes.eq(ngroups * 2 + cols)
+        wpr = Signal(cols_w + 2)  # words per row record
+        m.d.comb += wpr.eq((row_bytes + pb - 1) >> lpb)
+        off = Signal(lpb)  # byte offset of weight 0 inside its word
+        m.d.comb += off.eq((ngroups * 2)[:lpb])
+        nsw = Signal(cols_w + 2)  # scale words
+        m.d.comb += nsw.eq((ngroups * 2 + pb - 1) >> lpb)
+        fww = Signal(cols_w + 2)  # first word that completes a weight window
+        m.d.comb += fww.eq(((ngroups * 2) >> lpb) + (off != 0))
+        nwin = Signal(cols_w)  # windows (of pb weights) per row
+        m.d.comb += nwin.eq(cols >> lpb)
+        gwl = Signal(4)  # log2 of windows per group
+        m.d.comb += gwl.eq(gl - lpb)
+        wpg_mask = Signal(cols_w)  # windows per group - 1
+        m.d.comb += wpg_mask.eq((Const(1, cols_w + 1) << gwl) - 1)
+        shift = Signal(range(pb + 1))  # byte shift into Cat(prev, cur)
+        m.d.comb += shift.eq(Mux(off == 0, pb, off))
+
+        running = Signal()
+        r_cnt = Signal(rows_w)
+        w_cnt = Signal(cols_w + 2)
+        addr = Signal(range(self.w_depth))
+        cycles = Signal(32)
+        m.d.comb += self.cycles.eq(cycles)
+        busy = Signal()
+        m.d.comb += self.busy.eq(busy)
+        with m.If(busy):
+            m.d.sync += cycles.eq(cycles + 1)
+
+        # ---- S0: issue
+        s0_valid = Signal()
+        s0_last = Signal()
+        j = Signal(signed(cols_w + 4))
+        m.d.comb += j.eq(w_cnt - fww)
+        s0_win = Signal()
+        m.d.comb += s0_win.eq((j >= 0) & (j < nwin))
+        m.d.comb += [
+            s0_valid.eq(running),
+            s0_last.eq((r_cnt == rows - 1) & (w_cnt == wpr - 1)),
+            self.w_addr.eq(addr),
+            self.x_addr.eq(j[:len(self.x_addr)]),
+        ]
+        m.d.sync += self.done.eq(0)
+        with m.If(~busy & self.start):
+            m.d.sync += [
+                rows.eq(self.rows), cols.eq(self.cols), gl.eq(self.group_log2),
+                addr.eq(self.w_base), r_cnt.eq(0), w_cnt.eq(0), cycles.eq(0),
+                busy.eq(1), running.eq(self.rows != 0),
+            ]
+            with m.If(self.rows == 0):
+                m.d.sync += [busy.eq(0), self.done.eq(1)]
+        with m.If(running):
+            m.d.sync += addr.eq(addr + 1)
+            with m.If(w_cnt == wpr - 1):
+                m.d.sync += [w_cnt.eq(0), r_cnt.eq(r_cnt + 1)]
+                with m.If(r_cnt == rows - 1):
+                    m.d.sync += running.eq(0)
+            with m.Else():
+                m.d.sync += w_cnt.eq(w_cnt + 1)
+
+        # tags S0 -> S1
+        s1_valid, s1_last, s1_win, s1_gend, s1_rend = (Signal(name=f"s1_{n}") for n in ("valid", "last", "win", "gend", "rend"))
+        s1_w = Signal.like(w_cnt)
+        s1_row = Signal(rows_w)
+        s1_g = Signal(cols_w)
+        m.d.sync += [
+            s1_valid.eq(s0_valid), s1_last.eq(s0_valid & s0_last), s1_win.eq(s0_valid & s0_win),
+            s1_gend.eq(((j + 1)[:cols_w] & wpg_mask) == 0), s1_rend.eq(j == nwin - 1),
+            s1_w.eq(w_cnt), s1_row.eq(r_cnt), s1_g.eq((j >> gwl)[:cols_w]),
+        ]
+
+        # ---- S1: realign, store scales, multiply
+        prev = Signal(self.pbits)
+        with m.If(s1_valid):
+            m.d.sync += prev.eq(self.w_data)
+        window = Signal(self.pbits)
+        m.d.comb += window.eq(Cat(prev, self.w_data).bit_select(shift * 8, self.pbits))
+
+        m.submodules.scales = scales = Memory(shape=unsigned(self.pbits), depth=self.scale_words, init=[])
+        sw = scales.write_port()
+        sr = scales.read_port()
+        m.d.comb += [
+            sw.addr.eq(s1_w), sw.data.eq(self.w_data), sw.en.eq(s1_valid & (s1_w < nsw)),
+            sr.addr.eq(s1_g >> (lpb - 1)),
+        ]
+        prods = [Signal(signed(24), name=f"prod{i}") for i in range(pb)]
+        for i in range(pb):
+            wv = window.word_select(i, 8).as_signed()
+            xv = self.x_data.word_select(i, 16).as_signed()
+            m.d.sync += prods[i].eq(wv * xv)
+        s2_last, s2_win, s2_gend, s2_rend = (Signal(name=f"s2_{n}") for n in ("last", "win", "gend", "rend"))
+        s2_row = Signal(rows_w)
+        s2_lane = Signal(max(1, lpb - 1))
+        m.d.sync += [
+            s2_last.eq(s1_last), s2_win.eq(s1_win), s2_gend.eq(s1_gend), s2_rend.eq(s1_rend),
+            s2_row.eq(s1_row), s2_lane.eq(s1_g[:lpb - 1]),
+        ]
+
+        # ---- S2: adder tree, scale select
+        psum = Signal(signed(24 + lpb))
+        scale = Signal(16)
+        s3_last, s3_win, s3_gend, s3_rend = (Signal(name=f"s3_{n}") for n in ("last", "win", "gend", "rend"))
+        s3_row = Signal(rows_w)
+        total = prods[0]
+        for p in prods[1:]:
+            total = total + p
+        m.d.sync += [
+            psum.eq(total), scale.eq(sr.data.word_select(s2_lane, 16)),
+            s3_last.eq(s2_last), s3_win.eq(s2_win), s3_gend.eq(s2_gend), s3_rend.eq(s2_rend), s3_row.eq(s2_row),
+        ]
+
+        # ---- S3: group accumulate, scale
+        gacc = Signal(signed(48))
+        gsum = Signal(signed(48))
+        m.d.comb += gsum.eq(gacc + psum)
+        gprod = Signal(signed(64))
+        s4_last, s4_gv, s4_rend = (Signal(name=f"s4_{n}") for n in ("last", "gv", "rend"))
+        s4_row = Signal(rows_w)
+        m.d.sync += [
+            s4_last.eq(s3_last), s4_gv.eq(s3_win & s3_gend), s4_rend.eq(s3_rend), s4_row.eq(s3_row),
+        ]
+        with m.If(s3_win):
+            with m.If(s3_gend):
+                m.d.sync += [gprod.eq(gsum * scale), gacc.eq(0)]
+            with m.Else():
+                m.d.sync += gacc.eq(gsum)
+
+        # ---- S4: row accumulate, write out
+        acc = Signal(signed(64))
+        accn = Signal(signed(64))
+        m.d.comb += [accn.eq(acc + gprod), self.acc_addr.eq(s4_row), self.acc_data.eq(accn)]
+        with m.If(s4_gv):
+            with m.If(s4_rend):
+                m.d.comb += self.acc_en.eq(1)
+                m.d.sync += acc.eq(0)
+            with m.Else():
+                m.d.sync += acc.eq(accn)
+        with m.If(s4_last):
+            m.d.sync += [busy.eq(0), self.done.eq(1)]
+        return m
