@@ -1,0 +1,170 @@
+"""Program bundle (``.kvo``): one file holding a compiled program for the overlay.
+
+Layout (all integers little-endian)::
+
+    8 bytes   magic b"KVOPROG\\0"
+    uint32    format version (1)
+    uint64    manifest length in bytes
+    manifest  UTF-8 JSON, keys sorted, compact separators
+    sections  back to back, each padded with zeros to a multiple of 16 bytes
+
+Section offsets in the manifest are absolute file offsets. The manifest holds
+``format_version``, ``config`` (:meth:`OverlayConfig.to_dict`), ``sections``
+(name, offset, length, sha256) and ``meta``: the free-form metadata of the
+:class:`Bundle` (io bindings, KV layout, placement ...). Identical inputs give
+identical bytes; nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+from . import isa
+from .config import ConfigError, OverlayConfig
+from .fileio import write_atomic
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "BundleError", "from_bytes", "load", "save", "to_bytes"]
+
+MAGIC = b"KVOPROG\0"
+FORMAT_VERSION = 1
+ALIGN = 16
+_HEADER = struct.Struct("<8sIQ")
+_SECTIONS = ("instructions", "image")
+
+
+class BundleError(ValueError):
+    """A program bundle that cannot be read: bad magic, truncation, checksum, version or manifest."""
+
+
+@dataclass
+class Bundle:
+    """A compiled program: its overlay config, instruction stream, memory image and metadata."""
+
+    config: OverlayConfig
+    instructions: list
+    image: bytes
+    manifest: dict = field(default_factory=dict)
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGN
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def to_bytes(bundle: Bundle) -> bytes:
+    """Serialize *bundle* to the ``.kvo`` byte layout."""
+    if not isinstance(bundle.config, OverlayConfig):
+        raise BundleError(f"bundle config must be an OverlayConfig, got {type(bundle.config).__name__}")
+    if not isinstance(bundle.manifest, dict):
+        raise BundleError(f"bundle manifest must be a dict, got {type(bundle.manifest).__name__}")
+    payloads = {"instructions": isa.encode_program(bundle.instructions), "image": bytes(bundle.image)}
+    sections = [{"name": n, "length": len(payloads[n]), "sha256": hashlib.sha256(payloads[n]).hexdigest()} for n in _SECTIONS]
+
+    def manifest_bytes():
+        try:
+            return _dumps({"format_version": FORMAT_VERSION, "config": bundle.config.to_dict(),
+                           "meta": bundle.manifest, "sections": sections})
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"bundle manifest is not JSON-serializable: {exc}") from None
+
+    # Offsets depend on the manifest length, which depends on the offsets' digits: iterate to a fixed point.
+    for s in sections:
+        s["offset"] = 0
+    for _ in range(8):
+        mlen = len(manifest_bytes())
+        pos = _HEADER.size + mlen + _pad(_HEADER.size + mlen)
+        changed = False
+        for s in sections:
+            if s["offset"] != pos:
+                s["offset"], changed = pos, True
+            pos += s["length"] + _pad(s["length"])
+        if not changed:
+            break
+    manifest = manifest_bytes()
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest)) + manifest
+    out = bytearray(head + bytes(_pad(len(head))))
+    for s in sections:
+        assert len(out) == s["offset"]
+        data = payloads[s["name"]]
+        out += data + bytes(_pad(len(data)))
+    return bytes(out)
+
+
+def from_bytes(blob: bytes) -> Bundle:
+    """Parse ``.kvo`` bytes; any defect raises :class:`BundleError`."""
+    blob = bytes(blob)
+    if len(blob) < len(MAGIC) or blob[:len(MAGIC)] != MAGIC:
+        if len(blob) < len(MAGIC) and MAGIC.startswith(blob) and blob:
+            raise BundleError(f"truncated kvoverlay program: {len(blob)} bytes, header needs {_HEADER.size}")
+        raise BundleError("not a kvoverlay program (bad magic)")
+    if len(blob) < _HEADER.size:
+        raise BundleError(f"truncated kvoverlay program: {len(blob)} bytes, header needs {_HEADER.size}")
+    _, version, mlen = _HEADER.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise BundleError(f"unsupported format version {version} (this build reads {FORMAT_VERSION})")
+    if len(blob) < _HEADER.size + mlen:
+        raise BundleError(f"truncated kvoverlay program: manifest needs {_HEADER.size + mlen} bytes, file has {len(blob)}")
+    try:
+        manifest = json.loads(blob[_HEADER.size:_HEADER.size + mlen].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"corrupt manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError("corrupt manifest: not a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"corrupt manifest: format_version {manifest.get('format_version')!r} "
+                          f"disagrees with header version {FORMAT_VERSION}")
+    sections = manifest.get("sections")
+    if not isinstance(sections, list) or not all(isinstance(s, dict) for s in sections):
+        raise BundleError("corrupt manifest: 'sections' must be a list of objects")
+    payloads = {}
+    for s in sections:
+        name, off, length, digest = s.get("name"), s.get("offset"), s.get("length"), s.get("sha256")
+        if (not isinstance(name, str) or not isinstance(digest, str)
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (off, length))):
+            raise BundleError(f"corrupt manifest: bad section entry {s!r}")
+        if name in payloads:
+            raise BundleError(f"corrupt manifest: duplicate section {name!r}")
+        if off < _HEADER.size + mlen:
+            raise BundleError(f"corrupt manifest: section {name!r} overlaps the header")
+        if off + length > len(blob):
+            raise BundleError(f"truncated kvoverlay program: section {name!r} needs {off + length} bytes, file has {len(blob)}")
+        data = blob[off:off + length]
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BundleError(f"checksum mismatch in section {name!r}")
+        payloads[name] = data
+    end = max((s["offset"] + s["length"] + _pad(s["length"]) for s in sections), default=_HEADER.size + mlen)
+    if len(blob) < end:
+        raise BundleError(f"truncated kvoverlay program: {end} bytes expected, file has {len(blob)}")
+    for name in _SECTIONS:
+        if name not in payloads:
+            raise BundleError(f"corrupt manifest: missing section {name!r}")
+    meta = manifest.get("meta", {})
+    if not isinstance(meta, dict):
+        raise BundleError("corrupt manifest: 'meta' must be an object")
+    try:
+        config = OverlayConfig.from_dict(manifest.get("config"))
+    except ConfigError as exc:
+        raise ConfigError(f"bundle config is invalid: {exc}") from exc
+    try:
+        instructions = isa.decode_program(payloads["instructions"])
+    except isa.IsaError as exc:
+        raise BundleError(f"bundle instruction stream is invalid: {exc}") from exc
+    return Bundle(config=config, instructions=instructions, image=payloads["image"], manifest=meta)
+
+
+def save(bundle: Bundle, path: str | os.PathLike) -> None:
+    """Write *bundle* to *path* atomically."""
+    write_atomic(path, to_bytes(bundle))
+
+
+def load(path: str | os.PathLike) -> Bundle:
+    """Read a bundle from *path*."""
+    with open(path, "rb") as fh:
+        return from_bytes(fh.read())
