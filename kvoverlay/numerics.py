@@ -143,6 +143,23 @@ def from_float(x):
     return m.astype(np.int64), e
 
 
+def vector_record_size(n: int) -> int:
+    """Bytes of a vector record in external memory: n int16 LE mantissas, padding to 4, int32 LE exponent."""
+    return ((2 * n + 3) & ~3) + 4
+
+
+def pack_vector_record(m, e: int) -> bytes:
+    """The external-memory form of a bfp16 vector, read by LOAD and written by STORE."""
+    body = np.asarray(m, "<i2").tobytes()
+    return body + b"\0" * (vector_record_size(len(m)) - 4 - len(body)) + np.array([e], "<i4").tobytes()
+
+
+def unpack_vector_record(blob, n: int):
+    m = np.frombuffer(blob, "<i2", count=n).astype(np.int64)
+    e = int(np.frombuffer(blob, "<i4", count=1, offset=vector_record_size(n) - 4)[0])
+    return m, e
+
+
 def align_sum(terms):
     """Sum of (int array, exponent) terms, aligned to the largest exponent less
     ALIGN_GUARD bits; returns (wide int array, exponent) before normalization."""

@@ -83,7 +83,7 @@ def build(cfg, seed=0):
     def record(name, v):
         m, e = nx.from_float(v)
         params[name] = nx.to_float(m, e)
-        place(name, np.asarray(m, "<i2").tobytes() + b"\0" * ((-2 * len(m)) % 4) + np.array([e], "<i4").tobytes())
+        place(name, nx.pack_vector_record(m, e))
 
     kvd = KV_HEADS * HD
     matrix("emb", rng.normal(0, 1.0, (VOCAB, D)), "int8")
@@ -98,7 +98,7 @@ def build(cfg, seed=0):
                              ("lm", (VOCAB, D), "w16")]:
         matrix(name, rng.normal(0, 1.0 / np.sqrt(shape[1]), shape), fmt)
     sym["out"] = len(image)
-    image.extend(b"\0" * _align(2 * VOCAB + 4))
+    image.extend(b"\0" * _align(nx.vector_record_size(VOCAB)))
     sym["stats_out"] = len(image)
     image.extend(b"\0" * _align(16 * HEADS))
     qs_m, qs_e = nx.from_float(np.array([1.0 / np.sqrt(HD)]))

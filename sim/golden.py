@@ -59,10 +59,8 @@ def instr_cycles(ins: isa.Instr, cfg: OverlayConfig, kv_len: int = 0) -> int:
     """Cycles one instruction occupies its queue (the timing model)."""
     P, V, f = cfg.port_bytes, cfg.vector_lanes, ins.fields
     op = ins.op
-    if op == "LOAD":
-        return _ceil(2 * f["len"] + 4, P) + MEM_LATENCY
-    if op == "STORE":
-        return _ceil(2 * f["len"] + 4, P) + MEM_LATENCY
+    if op in ("LOAD", "STORE"):
+        return _ceil(nx.vector_record_size(f["len"]), P) + MEM_LATENCY
     if op == "STACC":
         return _ceil(8 * f["len"], P) + MEM_LATENCY
     if op == "LDROW":
@@ -154,15 +152,11 @@ class GoldenModel:
         self.eregs[ereg] = int(e)
 
     def read_vector_record(self, addr, n):
-        m = self._dram(addr, 2 * n).copy().view("<i2").astype(np.int64)
-        off = addr + ((2 * n + 3) & ~3)
-        e = int(self._dram(off, 4).copy().view("<i4")[0])
-        return m, e
+        return nx.unpack_vector_record(self._dram(addr, nx.vector_record_size(n)).tobytes(), n)
 
     def write_vector_record(self, addr, m, e):
-        self._dram(addr, 2 * len(m), write=True)[:] = np.asarray(m, "<i2").view(np.uint8)
-        off = addr + ((2 * len(m) + 3) & ~3)
-        self._dram(off, 4, write=True)[:] = np.array([e], "<i4").view(np.uint8)
+        blob = nx.pack_vector_record(m, e)
+        self._dram(addr, len(blob), write=True)[:] = np.frombuffer(blob, np.uint8)
 
     def _kv_check(self, layer, heads, head_dim, pos):
         c = self.config
