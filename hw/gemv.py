@@ -1,6 +1,7 @@
 """GEMV engine: streams packed weight rows at the port rate, bit-exact with :func:`kvoverlay.numerics.gemv_acc`.
 
-So far only the ``int8`` weight format is implemented.
+Weight formats ``int4``, ``int8`` and ``w16`` are selected at run time by the ``fmt``
+input (codes of ``kvoverlay.isa.ENUMS["fmt"]``: 0 = int4, 1 = int8, 2 = w16).
 """
 
 from __future__ import annotations
@@ -10,14 +11,22 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["PIPELINE_LATENCY", "GemvEngine", "gemv_cycles"]
+__all__ = ["FMT_CODES", "PIPELINE_LATENCY", "GemvEngine", "gemv_cycles"]
+
+#: ``fmt`` input codes, as in ``kvoverlay.isa.ENUMS["fmt"]``.
+FMT_CODES = {"int4": 0, "int8": 1, "w16": 2}
 
 #: Busy cycles beyond one per streamed port word (memory read, products, adder tree, group scale, row accumulate).
 PIPELINE_LATENCY = 4
 
 
 def gemv_cycles(rows: int, words_per_row: int) -> int:
-    """Cycles that ``busy`` stays high (the value of ``cycles`` at ``done``): one per port word plus the pipeline."""
+    """Cycles that ``busy`` stays high (the value of ``cycles`` at ``done``): one per port word plus the pipeline.
+
+    Exact for every weight format: *words_per_row* is
+    ``numerics.row_stride(cols, fmt, group, port_bytes) // port_bytes``, so the format
+    only enters through the row-record length (int4 rows are shorter, w16 rows longer).
+    """
     return rows * words_per_row + PIPELINE_LATENCY
 
 
@@ -27,7 +36,7 @@ def _log2(n: int) -> int:
 
 
 class GemvEngine(wiring.Component):
-    """One GEMV tile over int8 row records, one port word per cycle.
+    """One GEMV tile over int4, int8 or w16 row records, one port word per cycle.
 
     Computes ``acc[r] = sum_g scale[r, g] * sum_{k in g} q[r, k] * x[k]`` in 64-bit
     two's complement, exactly as :func:`kvoverlay.numerics.gemv_acc`. Weights are the
@@ -37,8 +46,10 @@ class GemvEngine(wiring.Component):
 
     Pipeline: S0 issues the weight address and the matching activation-bank address;
     S1 re-aligns the weight bytes (the weights start ``2 * groups`` bytes into a row,
-    which need not be a port boundary), stores scale words and multiplies
-    ``port_bytes`` int8 x int16 lanes; S2 sums them; S3 accumulates the group and
+    which need not be a port boundary) into one window of ``port_bytes`` weight bytes,
+    stores scale words and multiplies ``2 * port_bytes`` lanes of weight x int16
+    (int4: all ``2 * port_bytes`` nibbles; int8: ``port_bytes`` bytes; w16:
+    ``port_bytes / 2`` halfwords; unused lanes multiply by 0); S2 sums them; S3 accumulates the group and
     multiplies by its scale at the group end; S4 adds into the row accumulator and
     writes it out at the row end. Busy lasts :func:`gemv_cycles` cycles.
 
@@ -51,12 +62,15 @@ class GemvEngine(wiring.Component):
     Attributes
     ----------
     start : In(1)
-        Pulse while idle to start; ``rows``, ``cols``, ``group_log2`` and ``w_base``
-        are sampled in that cycle.
+        Pulse while idle to start; ``rows``, ``cols``, ``group_log2``, ``fmt`` and
+        ``w_base`` are sampled in that cycle.
     rows, cols : In
         Tile shape; ``cols`` must be a multiple of the group size.
     group_log2 : In(4)
-        log2 of the group size; the group must hold at least ``port_bytes`` weights.
+        log2 of the group size; the group must hold at least one window of weights
+        (int4: ``2 * port_bytes``, int8: ``port_bytes``, w16: ``port_bytes / 2``).
+    fmt : In(2)
+        Weight format code (:data:`FMT_CODES`); 3 is reserved.
     w_base : In
         Word address of the first row record.
     busy, done : Out(1)
@@ -66,7 +80,7 @@ class GemvEngine(wiring.Component):
     w_addr, w_data : Out, In
         Weight memory read port (latency 1).
     x_addr, x_data : Out, In
-        Activation memory read port, ``port_bytes`` int16 lanes per word (latency 1).
+        Activation memory read port, ``2 * port_bytes`` int16 lanes per word (latency 1).
     acc_addr, acc_data, acc_en : Out
         Accumulator memory write port (64-bit words).
     """
@@ -78,7 +92,7 @@ class GemvEngine(wiring.Component):
         self.max_cols = config.act_buffer_words
         self.max_rows = config.acc_buffer_words
         self.w_depth = config.dram_bytes // self.pb
-        self.x_depth = self.max_cols // self.pb
+        self.x_depth = max(1, self.max_cols // (2 * self.pb))
         # scale words of one row: at most max_cols / 8 groups of 2 bytes
         self.scale_words = max(1, (self.max_cols // 8) * 2 // self.pb)
         rows_w = self.max_rows.bit_length()
@@ -88,6 +102,7 @@ class GemvEngine(wiring.Component):
             "rows": In(rows_w),
             "cols": In(cols_w),
             "group_log2": In(4),
+            "fmt": In(2),
             "w_base": In(range(self.w_depth)),
             "busy": Out(1),
             "done": Out(1),
@@ -95,7 +110,7 @@ class GemvEngine(wiring.Component):
             "w_addr": Out(range(self.w_depth)),
             "w_data": In(self.pbits),
             "x_addr": Out(range(self.x_depth)),
-            "x_data": In(16 * self.pb),
+            "x_data": In(32 * self.pb),
             "acc_addr": Out(range(self.max_rows)),
             "acc_data": Out(64),
             "acc_en": Out(1),
@@ -111,11 +126,20 @@ class GemvEngine(wiring.Component):
         rows = Signal(rows_w)
         cols = Signal(cols_w)
         gl = Signal(4)
+        fmt = Signal(2)
         # derived (combinational from the latched values)
         ngroups = Signal(cols_w)
         m.d.comb += ngroups.eq(cols >> gl)
+        wbytes = Signal(cols_w + 1)  # weight bytes per row
+        with m.Switch(fmt):
+            with m.Case(0):
+                m.d.comb += wbytes.eq(cols >> 1)
+            with m.Case(2):
+                m.d.comb += wbytes.eq(cols << 1)
+            with m.Default():
+                m.d.comb += wbytes.eq(cols)
         row_bytes = Signal(cols_w + 2)
-        m.d.comb += row_bytes.eq(ngroups * 2 + cols)
+        m.d.comb += row_bytes.eq(ngroups * 2 + wbytes)
         wpr = Signal(cols_w + 2)  # words per row record
         m.d.comb += wpr.eq((row_bytes + pb - 1) >> lpb)
         off = Signal(lpb)  # byte offset of weight 0 inside its word
@@ -124,10 +148,10 @@ class GemvEngine(wiring.Component):
         m.d.comb += nsw.eq((ngroups * 2 + pb - 1) >> lpb)
         fww = Signal(cols_w + 2)  # first word that completes a weight window
         m.d.comb += fww.eq(((ngroups * 2) >> lpb) + (off != 0))
-        nwin = Signal(cols_w)  # windows (of pb weights) per row
-        m.d.comb += nwin.eq(cols >> lpb)
-        gwl = Signal(4)  # log2 of windows per group
-        m.d.comb += gwl.eq(gl - lpb)
+        nwin = Signal(cols_w + 1)  # windows (of pb weight bytes) per row
+        m.d.comb += nwin.eq(wbytes >> lpb)
+        gwl = Signal(4)  # log2 of windows per group (weights per window: 2pb, pb, pb/2)
+        m.d.comb += gwl.eq(gl + fmt - (lpb + 1))
         wpg_mask = Signal(cols_w)  # windows per group - 1
         m.d.comb += wpg_mask.eq((Const(1, cols_w + 1) << gwl) - 1)
         shift = Signal(range(pb + 1))  # byte shift into Cat(prev, cur)
@@ -155,12 +179,20 @@ class GemvEngine(wiring.Component):
             s0_valid.eq(running),
             s0_last.eq((r_cnt == rows - 1) & (w_cnt == wpr - 1)),
             self.w_addr.eq(addr),
-            self.x_addr.eq(j[:len(self.x_addr)]),
         ]
+        # x word of window j: 2pb x values per word, so int4 uses one word per window,
+        # int8 half a word, w16 a quarter; the low bits of j pick the part (in S1)
+        with m.Switch(fmt):
+            with m.Case(0):
+                m.d.comb += self.x_addr.eq(j[:len(self.x_addr)])
+            with m.Case(2):
+                m.d.comb += self.x_addr.eq(j[2:2 + len(self.x_addr)])
+            with m.Default():
+                m.d.comb += self.x_addr.eq(j[1:1 + len(self.x_addr)])
         m.d.sync += self.done.eq(0)
         with m.If(~busy & self.start):
             m.d.sync += [
-                rows.eq(self.rows), cols.eq(self.cols), gl.eq(self.group_log2),
+                rows.eq(self.rows), cols.eq(self.cols), gl.eq(self.group_log2), fmt.eq(self.fmt),
                 addr.eq(self.w_base), r_cnt.eq(0), w_cnt.eq(0), cycles.eq(0),
                 busy.eq(1), running.eq(self.rows != 0),
             ]
@@ -180,7 +212,9 @@ class GemvEngine(wiring.Component):
         s1_w = Signal.like(w_cnt)
         s1_row = Signal(rows_w)
         s1_g = Signal(cols_w)
+        s1_xsel = Signal(2)
         m.d.sync += [
+            s1_xsel.eq(j[:2]),
             s1_valid.eq(s0_valid), s1_last.eq(s0_valid & s0_last), s1_win.eq(s0_valid & s0_win),
             s1_gend.eq(((j + 1)[:cols_w] & wpg_mask) == 0), s1_rend.eq(j == nwin - 1),
             s1_w.eq(w_cnt), s1_row.eq(r_cnt), s1_g.eq((j >> gwl)[:cols_w]),
@@ -200,10 +234,26 @@ class GemvEngine(wiring.Component):
             sw.addr.eq(s1_w), sw.data.eq(self.w_data), sw.en.eq(s1_valid & (s1_w < nsw)),
             sr.addr.eq(s1_g >> (lpb - 1)),
         ]
-        prods = [Signal(signed(24), name=f"prod{i}") for i in range(pb)]
-        for i in range(pb):
-            wv = window.word_select(i, 8).as_signed()
-            xv = self.x_data.word_select(i, 16).as_signed()
+        nl = 2 * pb  # multiplier lanes
+        prods = [Signal(signed(32), name=f"prod{i}") for i in range(nl)]
+        for i in range(nl):
+            wv = Signal(signed(16), name=f"wv{i}")
+            xv = Signal(signed(16), name=f"xv{i}")
+            with m.Switch(fmt):
+                with m.Case(0):
+                    m.d.comb += [wv.eq(window.word_select(i, 4).as_signed()),
+                                 xv.eq(self.x_data.word_select(i, 16).as_signed())]
+                with m.Case(2):
+                    if i < pb // 2:
+                        lanes = [self.x_data.word_select(q * (pb // 2) + i, 16).as_signed() for q in range(4)]
+                        m.d.comb += [wv.eq(window.word_select(i, 16).as_signed()),
+                                     xv.eq(Mux(s1_xsel[1], Mux(s1_xsel[0], lanes[3], lanes[2]),
+                                               Mux(s1_xsel[0], lanes[1], lanes[0])))]
+                with m.Default():
+                    if i < pb:
+                        m.d.comb += [wv.eq(window.word_select(i, 8).as_signed()),
+                                     xv.eq(Mux(s1_xsel[0], self.x_data.word_select(pb + i, 16).as_signed(),
+                                               self.x_data.word_select(i, 16).as_signed()))]
             m.d.sync += prods[i].eq(wv * xv)
         s2_last, s2_win, s2_gend, s2_rend = (Signal(name=f"s2_{n}") for n in ("last", "win", "gend", "rend"))
         s2_row = Signal(rows_w)
@@ -214,7 +264,7 @@ class GemvEngine(wiring.Component):
         ]
 
         # ---- S2: adder tree, scale select
-        psum = Signal(signed(24 + lpb))
+        psum = Signal(signed(33 + lpb))
         scale = Signal(16)
         s3_last, s3_win, s3_gend, s3_rend = (Signal(name=f"s3_{n}") for n in ("last", "win", "gend", "rend"))
         s3_row = Signal(rows_w)

@@ -42,7 +42,8 @@ class GemvSimTop(wiring.Component):
     config : OverlayConfig
         Overlay parameters.
     weights : bytes
-        Packed row records (:func:`kvoverlay.numerics.pack_rows` with ``align=config.port_bytes``).
+        Packed row records (:func:`kvoverlay.numerics.pack_rows` with ``align=config.port_bytes``);
+        may hold several matrices (e.g. one per weight format) at word offsets chosen by ``w_base``.
     x : array of int
         Input vector (int16 values).
     acc_depth : int
@@ -50,8 +51,8 @@ class GemvSimTop(wiring.Component):
 
     Attributes
     ----------
-    start, rows, cols, group_log2 : In
-        Passed to the engine (``w_base`` is 0).
+    start, rows, cols, group_log2, fmt, w_base : In
+        Passed to the engine.
     busy, done, cycles : Out
         From the engine.
     rd_addr, rd_data : In, Out
@@ -70,6 +71,8 @@ class GemvSimTop(wiring.Component):
             "rows": In(eng["rows"].shape),
             "cols": In(eng["cols"].shape),
             "group_log2": In(4),
+            "fmt": In(2),
+            "w_base": In(eng["w_base"].shape),
             "busy": Out(1),
             "done": Out(1),
             "cycles": Out(32),
@@ -84,8 +87,8 @@ class GemvSimTop(wiring.Component):
         m.submodules.engine = eng = self.engine
         wwords = [int.from_bytes(self.weights[i:i + pb], "little") for i in range(0, len(self.weights), pb)] or [0]
         m.submodules.wmem = wmem = Memory(shape=unsigned(cfg.port_bits), depth=len(wwords), init=wwords)
-        xwords = pack_words(self.x, 16, pb) or [0]
-        m.submodules.xmem = xmem = Memory(shape=unsigned(16 * pb), depth=len(xwords), init=xwords)
+        xwords = pack_words(self.x, 16, 2 * pb) or [0]
+        m.submodules.xmem = xmem = Memory(shape=unsigned(32 * pb), depth=len(xwords), init=xwords)
         m.submodules.accmem = accmem = Memory(shape=unsigned(64), depth=self.acc_depth, init=[])
         wr = wmem.read_port()
         xr = xmem.read_port()
@@ -93,7 +96,7 @@ class GemvSimTop(wiring.Component):
         ar = accmem.read_port()
         m.d.comb += [
             eng.start.eq(self.start), eng.rows.eq(self.rows), eng.cols.eq(self.cols),
-            eng.group_log2.eq(self.group_log2), eng.w_base.eq(0),
+            eng.group_log2.eq(self.group_log2), eng.fmt.eq(self.fmt), eng.w_base.eq(self.w_base),
             self.busy.eq(eng.busy), self.done.eq(eng.done), self.cycles.eq(eng.cycles),
             wr.addr.eq(eng.w_addr), eng.w_data.eq(wr.data),
             xr.addr.eq(eng.x_addr), eng.x_data.eq(xr.data),

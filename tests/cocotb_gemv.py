@@ -30,6 +30,8 @@ async def gemv_tile(dut):
     dut.rows.value = case["rows"]
     dut.cols.value = case["cols"]
     dut.group_log2.value = case["group_log2"]
+    dut.fmt.value = case["fmt"]
+    dut.w_base.value = case["w_base"]
     dut.rd_addr.value = 0
     for _ in range(2):
         await RisingEdge(dut.clk)
