@@ -1,0 +1,113 @@
+"""Frontend: load and check an ONNX decoder, pin its dynamic dims for one decode step.
+
+Dims are pinned by name: batch -> 1, sequence -> 1 (a decode step). The past length
+stays the symbol ``P`` (and ``past + sequence`` becomes ``P+1``) unless ``kv_len`` is
+given, in which case it is pinned to ``kv_len`` (and the total to ``kv_len + 1``).
+This first stage compiles for a concrete KV length so that the shape subgraphs
+exporters emit fold away completely; a symbolic-P build keeps those nodes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+from onnx import external_data_helper
+
+__all__ = ["BATCH_DIMS", "PAST_DIMS", "SEQ_DIMS", "TOTAL_DIMS", "CompileError", "load_model"]
+
+BATCH_DIMS = {"batch_size", "batch"}
+SEQ_DIMS = {"sequence_length", "seq_len", "seq_length"}
+PAST_DIMS = {"past_sequence_length", "past_seq_len", "past_length"}
+TOTAL_DIMS = {"past_sequence_length + sequence_length", "total_sequence_length", "past_seq_len + seq_len"}
+
+
+class CompileError(ValueError):
+    """A model the compiler cannot handle; the message is one line."""
+
+    def __init__(self, msg: str):
+        super().__init__(" ".join(str(msg).split()))
+
+
+def _tensors_with_external_data(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+    for t in model.graph.sparse_initializer:
+        yield t.values
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: str | None) -> None:
+    for t in _tensors_with_external_data(model):
+        if not external_data_helper.uses_external_data(t):
+            continue
+        loc = {e.key: e.value for e in t.external_data}.get("location", "")
+        if base_dir is None:
+            raise CompileError(f"initializer {t.name!r}: external data {loc!r} needs the model loaded from a path")
+        root = os.path.realpath(base_dir)
+        target = os.path.realpath(os.path.join(root, loc))
+        if os.path.isabs(loc) or os.path.commonpath([root, target]) != root:
+            raise CompileError(f"initializer {t.name!r}: external data location {loc!r} escapes the model folder")
+
+
+def _pin_inputs(model: onnx.ModelProto, kv_len: int | None) -> None:
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value"):
+                continue
+            name = d.dim_param
+            if name in BATCH_DIMS or name in SEQ_DIMS:
+                d.dim_value = 1
+            elif name in PAST_DIMS:
+                if kv_len is None:
+                    d.dim_param = "P"
+                else:
+                    d.dim_value = kv_len
+            elif name in TOTAL_DIMS:
+                if kv_len is None:
+                    d.dim_param = "P+1"
+                else:
+                    d.dim_value = kv_len + 1
+            else:
+                raise CompileError(f"input {vi.name!r}: dimension {i} ({name or 'unnamed'!r}) cannot be pinned;"
+                                   " known dims are batch, sequence and past length")
+
+
+def load_model(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None = None,
+               kv_len: int | None = None) -> onnx.ModelProto:
+    """Load, check, pin and shape-infer *src* (a path or a ModelProto; a proto is copied).
+
+    *max_seq* bounds the total length (``kv_len + 1``) when both are given.
+    """
+    if kv_len is not None:
+        if kv_len < 0:
+            raise CompileError(f"kv_len={kv_len} must be >= 0")
+        if max_seq is not None and kv_len + 1 > max_seq:
+            raise CompileError(f"kv_len={kv_len} + 1 exceeds max_seq={max_seq}")
+    if isinstance(src, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+        _check_external_data(model, None)
+    else:
+        path = os.fspath(src)
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+            raise CompileError(f"cannot load {path!r}: {e}") from None
+        base = os.path.dirname(os.path.abspath(path))
+        _check_external_data(model, base)
+        external_data_helper.load_external_data_for_model(model, base)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise CompileError(f"invalid model: {str(e).splitlines()[0]}") from None
+    _pin_inputs(model, kv_len)
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types here
+        raise CompileError(f"shape inference failed: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,92 @@
+"""The compiler pipeline as a readable list of passes; each may be dumped as text for debugging.
+
+Passes: frontend (load/check/pin/infer) -> lower (ONNX -> IR) -> specialize_mask
+(batch=1 decode has no padding: ``attention_mask`` becomes all ones, needs a concrete
+``kv_len``) -> fold_constants (numpy-evaluate nodes whose inputs are all constant, and
+``Shape`` of concretely shaped values) -> dead_code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx.printer
+
+from .frontend import load_model
+from .ir import Graph, Value
+from .lower import evaluate, lower
+
+__all__ = ["PASSES", "dead_code", "fold_constants", "run_passes", "specialize_mask"]
+
+
+def specialize_mask(graph: Graph, name: str = "attention_mask") -> Graph:
+    v = graph.values.get(name)
+    if name in graph.inputs and v is not None and v.shape is not None and all(isinstance(d, int) for d in v.shape):
+        v.const = np.ones(v.shape, np.dtype(v.dtype))
+        graph.inputs.remove(name)
+    return graph
+
+
+def fold_constants(graph: Graph) -> Graph:
+    kept = []
+    for node in graph.nodes:
+        args = [graph.values[i].const if i else None for i in node.inputs]
+        foldable = all(a is not None for i, a in zip(node.inputs, args, strict=True) if i)
+        if node.op == "Shape" and not foldable:
+            shp = graph.values[node.inputs[0]].shape
+            if shp is not None and all(isinstance(d, int) for d in shp):
+                args, foldable = [np.zeros(shp, np.int8)], True
+        if not foldable:
+            kept.append(node)
+            continue
+        for o, r in zip(node.outputs, evaluate(node, graph.opset, args), strict=False):
+            graph.values[o] = Value(o, tuple(r.shape), str(r.dtype), r)
+    graph.nodes = kept
+    return graph
+
+
+def dead_code(graph: Graph) -> Graph:
+    live = set(graph.outputs)
+    kept = []
+    for node in reversed(graph.nodes):
+        if any(o in live for o in node.outputs):
+            kept.append(node)
+            live.update(i for i in node.inputs if i)
+    graph.nodes = kept[::-1]
+    graph.values = {n: v for n, v in graph.values.items() if n in live or n in graph.inputs
+                    or any(n in nd.outputs for nd in graph.nodes)}
+    return graph
+
+
+PASSES = [
+    ("frontend", lambda model, opts: load_model(model, **opts)),
+    ("lower", lambda model, opts: lower(model)),
+    ("specialize_mask", lambda g, opts: specialize_mask(g)),
+    ("fold_constants", lambda g, opts: fold_constants(g)),
+    ("dead_code", lambda g, opts: dead_code(g)),
+]
+
+
+def _dump(state) -> str:
+    if isinstance(state, onnx.ModelProto):
+        return onnx.printer.to_text(state.graph) + "\n"
+    return state.dump()
+
+
+def run_passes(model, dump_dir: str | os.PathLike | None = None, *, kv_len: int | None = None,
+               max_seq: int | None = None) -> Graph:
+    """Run every pass on *model* (path or ModelProto); write ``NN_pass.txt`` dumps into *dump_dir*."""
+    opts = {"kv_len": kv_len, "max_seq": max_seq}
+    state = model
+    if dump_dir is not None:
+        os.makedirs(dump_dir, exist_ok=True)
+    for i, (name, fn) in enumerate(PASSES):
+        state = fn(state, opts)
+        if isinstance(state, Graph):
+            state.verify()
+        if dump_dir is not None:
+            with open(os.path.join(dump_dir, f"{i:02d}_{name}.txt"), "w") as f:
+                f.write(_dump(state))
+    return state
