@@ -45,7 +45,7 @@ def command(name: str, help: str):
     return deco
 
 
-def _with_context(exc: IsaError, where: str) -> IsaError:
+def _with_context(exc: ValueError, where: str) -> IsaError:
     return IsaError(f"{where}: {exc}")
 
 
@@ -71,15 +71,20 @@ def _cmd_asm(args) -> int:
 
 @command("disasm", "print the assembly text of a binary instruction stream")
 def _configure_disasm(p):
-    p.add_argument("binary", type=Path, help="instruction stream (.bin)")
+    p.add_argument("binary", type=Path, help="instruction stream (.bin) or program bundle (.kvo)")
     p.set_defaults(func=_cmd_disasm)
 
 
 def _cmd_disasm(args) -> int:
+    from kvoverlay import bundle
+
     blob = args.binary.read_bytes()
     try:
-        program = isa.decode_program(blob)
-    except IsaError as exc:
+        if blob.startswith(bundle.MAGIC):
+            program = bundle.from_bytes(blob).instructions
+        else:
+            program = isa.decode_program(blob)
+    except (IsaError, bundle.BundleError) as exc:
         raise _with_context(exc, str(args.binary)) from None
     sys.stdout.write(isa.disassemble(program))
     return 0

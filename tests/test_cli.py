@@ -90,3 +90,19 @@ def test_isa_doc(tmp_path):
     out = tmp_path / "isa.md"
     assert kvo("isa-doc", "-o", out).returncode == 0
     assert out.read_text() == (ROOT / "docs" / "isa.md").read_text()
+
+
+def test_disasm_reads_program_bundles(tmp_path):
+    from kvoverlay import bundle, isa
+    from kvoverlay.config import PRESETS
+
+    program = isa.assemble(PROGRAM)
+    path = tmp_path / "prog.kvo"
+    bundle.save(bundle.Bundle(PRESETS["tiny"], program, b"\1" * 64), path)
+    res = kvo("disasm", path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == isa.disassemble(program)
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    assert_one_line_error(kvo("disasm", path), "prog.kvo", "checksum")
