@@ -44,6 +44,7 @@ __all__ = [
     "encode",
     "encode_program",
     "render_markdown",
+    "weight_layout",
 ]
 
 INSN_BITS = 128
@@ -55,6 +56,8 @@ NUM_REGS = 16
 NUM_EREGS = 32
 #: External-memory addresses are encoded in units of this many bytes.
 DRAM_UNIT = 16
+#: A weight group holds GROUP_BASE << lg_group weights.
+GROUP_BASE = 8
 QUEUES = ("load", "compute", "store")
 DEP_FLAGS = ("pop_prev", "pop_next", "push_prev", "push_next")
 
@@ -142,7 +145,7 @@ def _v(prefix, doc):
 _ADDR = Field("addr", 28, "dram", doc="external-memory byte address (multiple of 16)")
 _LEN = Field("len", 16, doc="vector length in elements")
 _FMT = Field("fmt", 2, "enum:fmt", doc="weight format")
-_GROUP = Field("lg_group", 3, doc="group size is 8 << lg_group weights per scale")
+_GROUP = Field("lg_group", 3, doc=f"group size is {GROUP_BASE} << lg_group weights per scale")
 _SEXP = Field("sexp", 7, signed=True, doc="exponent of the matrix's scale mantissas")
 _LAYER = Field("layer", 6, doc="KV-buffer layer")
 _HDIM = Field("head_dim", 11, doc="elements per head")
@@ -240,6 +243,11 @@ class Instr:
 
     def __str__(self):
         return format_instr(self)
+
+
+def weight_layout(ins: Instr) -> tuple:
+    """(format name, group size) of a GEMV or LDROW instruction."""
+    return ENUMS["fmt"][ins.fields["fmt"]], GROUP_BASE << ins.fields["lg_group"]
 
 
 def _check_deps(op: OpFormat, deps, queue, pc=None, line=None):

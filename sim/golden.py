@@ -64,12 +64,10 @@ def instr_cycles(ins: isa.Instr, cfg: OverlayConfig, kv_len: int = 0) -> int:
     if op == "STACC":
         return _ceil(8 * f["len"], P) + MEM_LATENCY
     if op == "LDROW":
-        group = 8 << f["lg_group"]
-        fmt = isa.ENUMS["fmt"][f["fmt"]]
+        fmt, group = isa.weight_layout(ins)
         return _ceil(nx.row_stride(f["cols"], fmt, group, P), P) + MEM_LATENCY + _ceil(f["cols"], V)
     if op == "GEMV":
-        group = 8 << f["lg_group"]
-        fmt = isa.ENUMS["fmt"][f["fmt"]]
+        fmt, group = isa.weight_layout(ins)
         stream = f["rows"] * _ceil(nx.row_stride(f["cols"], fmt, group, P), P)
         mac = f["rows"] * _ceil(f["cols"], cfg.weights_per_cycle(fmt))
         return max(stream, mac) + MEM_LATENCY + PIPE_LATENCY
@@ -169,7 +167,7 @@ class GoldenModel:
     # ------------------------------------------------------------ execution
     def step(self, ins: isa.Instr):
         f, op = ins.fields, ins.op
-        fmt = isa.ENUMS["fmt"][f["fmt"]] if "fmt" in f else None
+        fmt, group = isa.weight_layout(ins) if "fmt" in f else (None, None)
         if fmt is not None and fmt not in self.config.weight_formats:
             raise ValueError(f"weight format {fmt} is not built into this overlay ({self.config.weight_formats})")
         if op == "LOAD":
@@ -182,7 +180,6 @@ class GoldenModel:
             words = self.acc[self._span(self.acc, f["acc"], f["len"], "accumulator buffer")]
             self._dram(f["addr"], 8 * f["len"], write=True)[:] = words.astype("<i8").view(np.uint8)
         elif op == "LDROW":
-            group = 8 << f["lg_group"]
             if f["cols"] % group or f["cols"] == 0:
                 raise ValueError(f"cols={f['cols']} is not a positive multiple of the group size {group}")
             stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)
@@ -193,7 +190,6 @@ class GoldenModel:
             vals = (q.reshape(-1, group) * sm[:, None]).reshape(-1)
             self.put(f["dst"], f["dst_e"], *nx.normalize(vals, f["sexp"]))
         elif op == "GEMV":
-            group = 8 << f["lg_group"]
             if f["cols"] % group or f["cols"] == 0 or f["rows"] == 0:
                 raise ValueError(f"a {f['rows']}x{f['cols']} tile does not split into groups of {group}")
             stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)
