@@ -119,6 +119,12 @@ class OverlayConfig:
         return self.port_bits // 8
 
     @property
+    def abuf_lanes(self) -> int:
+        """int16 lanes of one activation-buffer word: what the GEMV engine reads per cycle at int4.
+        Vectors start on a word boundary."""
+        return 2 * self.port_bytes
+
+    @property
     def kv_buffer_words(self) -> int:
         """16-bit words of K and V mantissas held on chip."""
         return 2 * self.max_layers * self.max_kv_heads * self.kv_capacity * self.max_head_dim

@@ -1,0 +1,77 @@
+"""``compile_model``: the whole pipeline, ONNX file to program bundle, as one readable list of passes.
+
+frontend -> lower -> specialize_mask -> fold_constants -> dead_code -> concrete_shapes (``passes.PASSES``)
+-> fuse (overlay operations) -> quantize + plan_memory + emit + insert_tokens (``codegen.generate``) -> bundle.
+
+The graph is compiled for one decode step at a fixed past length (:data:`TRACE_KV_LEN`) so that the shape
+subgraphs exporters emit fold away; the program itself is position-independent (the position comes in R1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+from kvoverlay import bundle as kvbundle
+from kvoverlay.config import OverlayConfig, load_config
+
+from .codegen import generate
+from .frontend import CompileError
+from .fuse import fuse
+from .passes import run_passes
+
+__all__ = ["TRACE_KV_LEN", "compile_model"]
+
+#: Past length the graph is traced at; any value >= 1 works, one that no model dim equals reads best in dumps.
+TRACE_KV_LEN = 5
+
+
+def compile_model(model, config: str | OverlayConfig | None = None, *, weights: str = "w16",
+                  group_size: int | None = None, max_seq: int | None = None, kv_capacity: int | None = None,
+                  method: str = "mse", dump_dir: str | os.PathLike | None = None):
+    """Compile *model* (a path or ModelProto) for *config*; return ``(Bundle, report dict)``."""
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    if kv_capacity is not None:
+        cfg = cfg.replace(kv_capacity=kv_capacity)
+    max_seq = cfg.kv_capacity if max_seq is None else max_seq
+    if max_seq < 1:
+        raise CompileError(f"--max-seq {max_seq} must be at least 1")
+    graph = run_passes(model, dump_dir, kv_len=TRACE_KV_LEN)
+    og = fuse(graph, max_seq=max_seq)
+    if dump_dir is not None:
+        with open(os.path.join(dump_dir, "10_fuse.txt"), "w") as f:
+            f.write(og.dump())
+    prog = generate(og, cfg, weights=weights, group_size=group_size, method=method, max_seq=max_seq)
+    if dump_dir is not None:
+        from kvoverlay import isa
+
+        with open(os.path.join(dump_dir, "11_codegen.s"), "w") as f:
+            f.write(isa.disassemble(prog.instructions))
+    src = model if isinstance(model, (str, os.PathLike)) else None
+    digest = None
+    if src:
+        with open(src, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+    placement = {"overlay": sorted({op.kind for op in og.ops}), "host": []}
+    meta = dict(prog.meta)
+    meta.update({
+        "max_seq": max_seq,
+        "kv": {"layers": {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"]} for k, v in sorted(og.kv.items())},
+               "capacity": cfg.kv_capacity},
+        "io": {"inputs": {"input_ids": "R0", "position_ids": "R1"}, "outputs": {"logits": "logits record",
+                                                                               "next_token": "R2"}},
+        "placement": placement,
+        "source": {"sha256": digest, "name": os.path.basename(src) if src else None},
+    })
+    b = kvbundle.Bundle(config=cfg, instructions=prog.instructions, image=prog.image, manifest=meta)
+    report = {
+        "instructions": len(prog.instructions),
+        "program_bytes": len(kvbundle.to_bytes(b)),
+        "weight_bytes": meta["weight_bytes"],
+        "kv_capacity_tokens": cfg.kv_capacity,
+        "placement": placement,
+        "compile_s": round(time.perf_counter() - t0, 3),
+    }
+    return b, report

@@ -1,0 +1,143 @@
+"""``Session``: load a program bundle onto a backend, prefill a prompt and decode greedily.
+
+A backend executes one decode step of the program: it sets the token and
+position registers, runs to END, and returns the next token, the logits and
+the counters of that step. The KV cache stays in the backend between steps; the
+host never reads it back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from kvoverlay.sim.golden import GoldenModel
+
+from kvoverlay import bundle as kvbundle
+from kvoverlay import numerics as nx
+
+__all__ = ["BACKENDS", "GenerateResult", "GoldenBackend", "Session", "SessionError"]
+
+
+class SessionError(ValueError):
+    """A request the program cannot serve (too long a prompt, a token outside the vocabulary, ...)."""
+
+
+class GoldenBackend:
+    """The bit-exact golden model (``--backend isa``)."""
+
+    name = "isa"
+
+    def __init__(self, program: kvbundle.Bundle):
+        self.program = program
+        regions = [tuple(r) for r in program.manifest.get("regions", [])]
+        self.model = GoldenModel(program.config, program.image, regions=regions)
+
+    def step(self, token: int, position: int):
+        regs = self.program.manifest["registers"]
+        args = [0] * (max(regs.values()) + 1)
+        args[regs["token"]], args[regs["position"]] = token, position
+        counters = self.model.run(self.program.instructions, args=args)
+        out = self.program.manifest["logits"]
+        m, e = self.model.read_vector_record(out["addr"], out["len"])
+        return self.model.regs[regs["next_token"]], nx.to_float(m, e), counters
+
+
+BACKENDS = {"isa": GoldenBackend}
+
+
+@dataclass
+class GenerateResult:
+    prompt: list
+    tokens: list
+    logits: list  # one float64 vector per generated token: the last-position logits that chose it
+    step_cycles: list = field(default_factory=list)
+    step_bytes_read: list = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class Session:
+    """A program on a backend.
+
+    Parameters
+    ----------
+    program : Bundle or path
+        A compiled program (``.kvo``).
+    backend : str
+        ``isa`` (golden model); more backends register in :data:`BACKENDS`.
+    """
+
+    def __init__(self, program, backend: str = "isa"):
+        if isinstance(program, (str, os.PathLike)):
+            program = kvbundle.load(program)
+        if backend not in BACKENDS:
+            raise SessionError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+        for key in ("registers", "logits", "max_seq"):
+            if key not in program.manifest:
+                raise SessionError(f"program has no {key!r} in its manifest: not a compiled model")
+        self.program = program
+        self.backend_name = backend
+        self.backend = BACKENDS[backend](program)
+        self.position = 0
+
+    @property
+    def max_seq(self) -> int:
+        return int(self.program.manifest["max_seq"])
+
+    @property
+    def vocab(self) -> int:
+        return int(self.program.manifest["logits"]["len"])
+
+    def step(self, token: int):
+        if not 0 <= token < self.vocab:
+            raise SessionError(f"token {token} is outside the vocabulary [0, {self.vocab})")
+        if self.position >= self.max_seq:
+            raise SessionError(f"position {self.position} reaches max_seq={self.max_seq}")
+        got = self.backend.step(int(token), self.position)
+        self.position += 1
+        return got
+
+    def generate(self, prompt, max_new_tokens: int) -> GenerateResult:
+        """Prefill *prompt* one token at a time, then decode *max_new_tokens* greedily."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise SessionError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise SessionError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+        need = self.position + len(prompt) + max_new_tokens - 1
+        if need > self.max_seq:
+            raise SessionError(f"prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens needs {need} positions; "
+                               f"the program was compiled with --max-seq {self.max_seq}")
+        res = GenerateResult(prompt, [], [])
+        t0 = time.perf_counter()
+        feed = list(prompt)
+        while len(res.tokens) < max_new_tokens:
+            tok = feed.pop(0)
+            nxt, logits, counters = self.step(tok)
+            res.step_cycles.append(counters.cycles)
+            res.step_bytes_read.append(counters.total_read)
+            if not feed:
+                res.tokens.append(int(nxt))
+                res.logits.append(logits)
+                feed.append(int(nxt))
+        res.wall_s = time.perf_counter() - t0
+        return res
+
+
+def decode_stats(session: Session, res: GenerateResult) -> dict:
+    """Cycles and bandwidth figures of the decode steps (the steps fed a generated token)."""
+    n_prompt = len(res.prompt)
+    cyc = res.step_cycles[n_prompt:] or res.step_cycles[-1:]
+    rd = res.step_bytes_read[n_prompt:] or res.step_bytes_read[-1:]
+    cycles_per_token = float(np.mean(cyc))
+    bytes_per_token = float(np.mean(rd))
+    roofline = bytes_per_token / session.program.config.port_bytes
+    return {
+        "cycles": int(sum(res.step_cycles)),
+        "cycles_per_token": round(cycles_per_token, 1),
+        "bytes_read_per_token": round(bytes_per_token, 1),
+        "roofline_cycles_per_token": round(roofline, 1),
+        "bandwidth_efficiency": round(roofline / cycles_per_token, 4),
+    }
