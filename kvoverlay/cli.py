@@ -152,22 +152,43 @@ def _lazy(module: str, func: str):
     return handler
 
 
-@command("demo", "compile and run a tiny decoder on the golden model")
+@command("compile", "compile an ONNX decoder into an overlay program (.kvo)")
+def _configure_compile(p):
+    p.add_argument("model", type=Path, help="ONNX decoder with past/present KV I/O (optimum-style export)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="program bundle to write (.kvo)")
+    p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
+    p.add_argument("--weights", default="w16", choices=["w16", "int8", "int4"], help="weight format (default: w16)")
+    p.add_argument("--group-size", type=int, default=None, metavar="N", help="weights per scale (default: the config's)")
+    p.add_argument("--quant", default="mse", choices=["rtn", "mse"],
+                   help="int4 scales: round-to-nearest or MSE-optimal clipping (default: mse)")
+    p.add_argument("--max-seq", type=int, default=None, metavar="N", help="longest prompt + generation (default: KV capacity)")
+    p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="override the config's KV capacity")
+    p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR", help="write each pass's output into DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the compile report")
+    p.set_defaults(func=_lazy("kvoverlay.host.commands", "compile_main"))
+
+
+@command("run", "run a program: a .kvo bundle (prefill + greedy decode) or a raw instruction stream")
+def _configure_run(p):
+    p.add_argument("program", type=Path, help="program bundle (.kvo) or instruction stream (.bin from kvoverlay asm)")
+    p.add_argument("--backend", default="isa", choices=["isa"], help="isa: the bit-exact golden model (default)")
+    p.add_argument("--prompt", default="5,17,42", help="comma-separated prompt token ids (default: 5,17,42)")
+    p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default: 16)")
+    p.add_argument("--check", type=Path, default=None, metavar="MODEL.onnx", help="compare with onnxruntime on this model")
+    p.add_argument("--dump", type=Path, default=None, metavar="OUT.npz", help="write tokens and logits to an npz file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="raw streams only: overlay configuration")
+    p.add_argument("--image", type=Path, help="raw streams only: external-memory image loaded at address 0")
+    p.add_argument("--args", default="", metavar="R0,R1,...", help="raw streams only: scalar registers set before the run")
+    p.set_defaults(func=_lazy("kvoverlay.host.commands", "run_main"))
+
+
+@command("demo", "build a small Llama-style ONNX decoder, compile it, run it and check it against onnxruntime")
 def _configure_demo(p):
     p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the demo weights")
-    p.add_argument("--tokens", type=int, default=8, help="decode steps to run")
-    p.set_defaults(func=_lazy("kvoverlay.sim.demo", "demo_main"))
-
-
-@command("run", "run an assembled instruction stream on the golden model")
-def _configure_run(p):
-    p.add_argument("program", type=Path, help="instruction stream (.bin from kvoverlay asm)")
-    p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
-    p.add_argument("--image", type=Path, help="external-memory image loaded at address 0")
-    p.add_argument("--args", default="", metavar="R0,R1,...", help="scalar registers set before the run")
-    p.add_argument("--json", action="store_true", help="print one JSON object with registers and counters")
-    p.set_defaults(func=_lazy("kvoverlay.sim.demo", "run_main"))
+    p.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    p.set_defaults(func=_lazy("kvoverlay.host.commands", "demo_main"))
 
 
 # --------------------------------------------------------------------------- entry point
