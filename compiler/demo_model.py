@@ -238,6 +238,8 @@ def greedy_decode_ort(model, prompt, new_tokens: int):
 
     sess = model if isinstance(model, ort.InferenceSession) else _session(model)
     specs = _past_specs(sess)
+    # Exports differ in which of the three token-level inputs they declare (GPT-2 may lack position_ids).
+    declared = {i.name for i in sess.get_inputs()}
     out_names = ["logits"] + [n.replace("past_key_values.", "present.") for n, _, _ in specs]
     past = {n: np.zeros((1, kvh, 0, hd), np.float32) for n, kvh, hd in specs}
     ids = np.asarray(prompt, np.int64).reshape(1, -1)
@@ -247,7 +249,7 @@ def greedy_decode_ort(model, prompt, new_tokens: int):
         seq = ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((1, pos0 + seq), np.int64),
                 "position_ids": np.arange(pos0, pos0 + seq, dtype=np.int64).reshape(1, -1), **past}
-        res = sess.run(out_names, feed)
+        res = sess.run(out_names, {k: v for k, v in feed.items() if k in declared})
         last = res[0][0, -1]
         tok = int(np.argmax(last))
         tokens.append(tok)

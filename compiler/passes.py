@@ -29,6 +29,31 @@ def specialize_mask(graph: Graph, name: str = "attention_mask") -> Graph:
     return graph
 
 
+def _concrete(v: Value | None) -> bool:
+    return v is None or v.const is not None or (
+        v.shape is not None and all(isinstance(d, int) for d in v.shape) and v.dtype != "?")
+
+
+def _propagate_shapes(graph: Graph, node) -> None:
+    """Give *node*'s outputs concrete shapes by running it on zeros of its inputs' shapes.
+
+    ONNX shape inference loses dims through the Reshape/Expand chains that exporters emit
+    (``unk__N``), which would keep their ``Shape`` consumers from folding. Once every input
+    has a concrete shape, running the op on placeholders gives exact output shapes; the
+    placeholder values only matter for data-dependent shapes, which no registered op has.
+    """
+    ins = [graph.values[i] if i else None for i in node.inputs]
+    outs = [graph.values[o] for o in node.outputs if o]
+    if all(_concrete(v) for v in outs) or not all(_concrete(v) for v in ins):
+        return
+    args = [None if v is None else v.const if v.const is not None else np.zeros(v.shape, v.dtype) for v in ins]
+    with np.errstate(all="ignore"):  # placeholders may divide by zero; only shapes are kept
+        res = evaluate(node, graph.opset, args)
+    for o, r in zip(node.outputs, res, strict=False):
+        if o:
+            graph.values[o].shape, graph.values[o].dtype = tuple(r.shape), str(r.dtype)
+
+
 def fold_constants(graph: Graph) -> Graph:
     kept = []
     for node in graph.nodes:
@@ -40,6 +65,7 @@ def fold_constants(graph: Graph) -> Graph:
                 args, foldable = [np.zeros(shp, np.int8)], True
         if not foldable:
             kept.append(node)
+            _propagate_shapes(graph, node)
             continue
         for o, r in zip(node.outputs, evaluate(node, graph.opset, args), strict=False):
             graph.values[o] = Value(o, tuple(r.shape), str(r.dtype), r)
