@@ -90,6 +90,10 @@ class GraphIndex:
         if op == "Expand" and self.numel(name) == self.numel(ins[0]):
             return ins[0]
         if op == "Where":
+            # sdpa exports guard softmax with Where(IsNaN(p), 0, p); the overlay's softmax is never NaN
+            guard = self.producer.get(ins[0])
+            if guard is not None and guard.op == "IsNaN" and guard.inputs[0] == ins[2]:
+                return ins[2]
             c = self.const(ins[0])
             if c is not None and c.all() and self.numel(name) == self.numel(ins[1]):
                 return ins[1]
