@@ -82,7 +82,8 @@ class _Image:
         self.regions.append([name, start, len(self.data)])
 
 
-def quantize(og: OverlayGraph, cfg: OverlayConfig, weights: str, group_size: int, method: str, image: _Image):
+def quantize(og: OverlayGraph, cfg: OverlayConfig, weights: str, group_size: int, method: str, image: _Image,
+             samples=None):
     """Place every matrix, table and constant of *og* into *image*; returns their descriptors."""
     if weights not in cfg.weight_formats:
         raise CompileError(f"--weights {weights}: this overlay ({cfg.name}) is built with {', '.join(cfg.weight_formats)}")
@@ -91,16 +92,18 @@ def quantize(og: OverlayGraph, cfg: OverlayConfig, weights: str, group_size: int
     table_fmt = weights if WEIGHT_FORMATS[weights] >= 8 else "int8"
     placed = {}
 
-    def matrix(w, fmt, m):
+    samples = samples or {}
+
+    def matrix(w, fmt, m, x=None):
         rows, cols = w.shape
         group = _group_for(cols, group_size)
-        q, sm, sexp = nx.quantize_matrix(w, fmt, group, method=m if fmt == "int4" else "rtn")
+        q, sm, sexp = nx.quantize_matrix(w, fmt, group, method=m if fmt == "int4" else "rtn", samples=x)
         addr = image.place(nx.pack_rows(q, sm, fmt, group, cfg.port_bytes))
         return _Matrix(addr, rows, cols, fmt, group, sexp)
 
     start = len(image.data)
     for name, w in og.matrices.items():
-        placed[name] = matrix(w, weights, method)
+        placed[name] = matrix(w, weights, method, samples.get(name))
     image.region("weights", start)
     start = len(image.data)
     for name, (kind, t) in og.tables.items():
@@ -176,8 +179,11 @@ def _eps_imm(eps: float):
 
 
 def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", group_size: int | None = None,
-             method: str = "mse", max_seq: int) -> Program:
-    """Quantize, plan memory and emit one decode step of *og* for *cfg*."""
+             method: str = "mse", max_seq: int, samples=None) -> Program:
+    """Quantize, plan memory and emit one decode step of *og* for *cfg*.
+
+    *samples* maps a matrix name to calibration inputs [n, cols] for the int4 scale search (see
+    :func:`kvoverlay.numerics.quantize_matrix`)."""
     group_size = group_size or cfg.group_size
     if group_size < isa.GROUP_BASE or group_size & (group_size - 1) or group_size > isa.GROUP_BASE << 7:
         raise CompileError(f"--group-size {group_size}: must be a power of two in [{isa.GROUP_BASE}, {isa.GROUP_BASE << 7}]")
@@ -189,7 +195,7 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
         raise CompileError(f"max_seq={max_seq} exceeds the KV capacity of {cfg.kv_capacity} tokens "
                            f"(raise --kv-capacity or lower --max-seq)")
     image = _Image(max(isa.DRAM_UNIT, cfg.port_bytes))
-    placed, table_fmt = quantize(og, cfg, weights, group_size, method, image)
+    placed, table_fmt = quantize(og, cfg, weights, group_size, method, image, samples)
     vocab = og.lengths[og.logits]
     out_addr = image.place(bytes(nx.vector_record_size(vocab)))
     image.region("io", out_addr)

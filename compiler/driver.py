@@ -13,18 +13,41 @@ import hashlib
 import os
 import time
 
+import numpy as np
+
 from kvoverlay import bundle as kvbundle
 from kvoverlay.config import OverlayConfig, load_config
 
 from .codegen import generate
 from .frontend import CompileError
-from .fuse import fuse
+from .fuse import fuse, run_float
 from .passes import run_passes
 
 __all__ = ["TRACE_KV_LEN", "compile_model"]
 
 #: Past length the graph is traced at; any value >= 1 works, one that no model dim equals reads best in dumps.
 TRACE_KV_LEN = 5
+
+
+#: Tokens of the calibration sequence whose GEMV inputs steer the int4 scale search.
+CALIBRATION_TOKENS = 16
+
+
+def calibrate(og, max_seq: int) -> dict:
+    """The input vectors of every GEMV over a fixed pseudo-random token sequence, per matrix: [n, cols].
+
+    The fused graph runs in float64 (``fuse.run_float``); no data beyond the model itself is needed.
+    """
+    vocab = next(t.shape[0] for kind, t in og.tables.values() if kind == "token")
+    tokens = np.random.default_rng(0).integers(0, vocab, size=min(CALIBRATION_TOKENS, max_seq))
+    seen = {}
+
+    def observe(op, ins):
+        if op.kind == "linear":
+            seen.setdefault(op.attrs["matrix"], []).append(ins[0])
+
+    run_float(og, tokens, observe=observe)
+    return {n: np.stack(xs) for n, xs in seen.items()}
 
 
 def compile_model(model, config: str | OverlayConfig | None = None, *, weights: str = "w16",
@@ -43,7 +66,9 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     if dump_dir is not None:
         with open(os.path.join(dump_dir, "10_fuse.txt"), "w") as f:
             f.write(og.dump())
-    prog = generate(og, cfg, weights=weights, group_size=group_size, method=method, max_seq=max_seq)
+    samples = calibrate(og, max_seq) if weights == "int4" and method == "mse" else None
+    prog = generate(og, cfg, weights=weights, group_size=group_size, method=method, max_seq=max_seq,
+                    samples=samples)
     if dump_dir is not None:
         from kvoverlay import isa
 

@@ -736,3 +736,69 @@ def fuse(graph: Graph, *, max_seq: int) -> OverlayGraph:
     """Fuse a folded decode-step graph into overlay operations (see the module docstring)."""
     return Fuser(graph, max_seq=max_seq).run()
 
+
+
+def run_float(og: OverlayGraph, tokens, *, observe=None) -> list:
+    """Evaluate *og* in float64 on a token sequence (one step per token); return the logits of every step.
+
+    This is the fused program before quantization: it separates fusion errors from numerics. *observe*,
+    if given, is called as ``observe(op, inputs)`` before every op (calibration statistics).
+    """
+    kv = {layer: ([], []) for layer in og.kv}
+    out = []
+    for pos, tok in enumerate(tokens):
+        env = {}
+        for op in og.ops:
+            ins = [env[v] for v in op.ins]
+            if observe is not None:
+                observe(op, ins)
+            a = op.attrs
+            if op.kind == "table":
+                kind, t = og.tables[a["table"]]
+                y = t[tok if kind == "token" else pos]
+            elif op.kind == "linear":
+                y = og.matrices[a["matrix"]] @ ins[0]
+            elif op.kind == "norm":
+                x = ins[0]
+                if a["kind"] == "layer":
+                    x = x - x.mean()
+                y = x / np.sqrt(np.mean(x * x) + a["eps"]) * og.consts[a["gain"]]
+            elif op.kind == "act":
+                y = _GATES[a["func"]](ins[0])
+            elif op.kind in ("add", "mul"):
+                y = ins[0] + ins[1] if op.kind == "add" else ins[0] * ins[1]
+            elif op.kind in ("addc", "mulc"):
+                c = og.consts[a["const"]]
+                y = ins[0] + c if op.kind == "addc" else ins[0] * c
+            elif op.kind == "scale":
+                y = ins[0] * a["factor"]
+            elif op.kind == "rope":
+                h, d = a["heads"], a["head_dim"]
+                x = ins[0].reshape(h, d)
+                c, s = ins[1], ins[2]
+                if a["mode"] == "half":
+                    x1, x2 = x[:, : d // 2], x[:, d // 2:]
+                    y = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=1).reshape(-1)
+                else:
+                    y = np.empty_like(x)
+                    y[:, 0::2] = x[:, 0::2] * c - x[:, 1::2] * s
+                    y[:, 1::2] = x[:, 1::2] * c + x[:, 0::2] * s
+                    y = y.reshape(-1)
+            elif op.kind == "attn":
+                qh, kvh, d = a["q_heads"], a["kv_heads"], a["head_dim"]
+                ks, vs = kv[a["layer"]]
+                ks.append(ins[1].reshape(kvh, d))
+                vs.append(ins[2].reshape(kvh, d))
+                K, V = np.stack(ks, 1), np.stack(vs, 1)
+                q = ins[0].reshape(qh, d) * a["scale"]
+                heads = []
+                for h in range(qh):
+                    s = K[h // (qh // kvh)] @ q[h]
+                    p = np.exp(s - s.max())
+                    heads.append(p @ V[h // (qh // kvh)] / p.sum())
+                y = np.concatenate(heads)
+            else:
+                raise CompileError(f"run_float: unknown overlay op {op.kind!r}")
+            env[op.out] = np.asarray(y, np.float64).reshape(-1)
+        out.append(env[og.logits])
+    return out

@@ -125,6 +125,22 @@ class Session:
         res.wall_s = time.perf_counter() - t0
         return res
 
+    def teacher_forced(self, prompt, tokens) -> list:
+        """Logits that would choose each of *tokens* when the sequence so far is fed regardless of the choices.
+
+        Feeding two programs the same sequence (onnxruntime's own greedy tokens, say) compares their logits
+        step for step even where their greedy choices differ.
+        """
+        feed = [int(t) for t in prompt] + [int(t) for t in tokens[:-1]]
+        if self.position + len(feed) > self.max_seq:
+            raise SessionError(f"{len(feed)} tokens exceed max_seq={self.max_seq}")
+        out = []
+        for i, tok in enumerate(feed):
+            _, logits, _ = self.step(tok)
+            if i >= len(prompt) - 1:
+                out.append(logits)
+        return out
+
 
 def decode_stats(session: Session, res: GenerateResult) -> dict:
     """Cycles and bandwidth figures of the decode steps (the steps fed a generated token)."""

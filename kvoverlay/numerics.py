@@ -310,12 +310,16 @@ def _qrange(fmt):
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def quantize_matrix(w, fmt, group, method="rtn"):
+def quantize_matrix(w, fmt, group, method="rtn", samples=None):
     """Quantize a float matrix [rows, cols] to (q, scale mantissas [rows, groups], sexp).
 
     ``rtn`` takes each group's scale from its largest magnitude. ``mse`` searches
     clipping ratios per group and keeps the one with the least squared error
-    after quantization with the rounded scale.
+    after quantization with the rounded scale. With *samples* (input vectors
+    [n, cols] the matrix will multiply, from calibration), the error of each
+    weight is weighted by the mean square of its input, and each row then keeps
+    whichever of the searched and the round-to-nearest scales gives the smaller
+    output error on the samples, so ``mse`` never does worse than ``rtn`` there.
     """
     w = np.asarray(w, dtype=np.float64)
     rows, cols = w.shape
@@ -336,13 +340,25 @@ def quantize_matrix(w, fmt, group, method="rtn"):
         return q, sm, s
 
     q, sm, s = quant(ideal)
+    if samples is None:
+        h = np.ones((cols // group, group))
+    else:
+        samples = np.asarray(samples, dtype=np.float64).reshape(-1, cols)
+        h = (np.mean(samples ** 2, axis=0) + 1e-30).reshape(cols // group, group)
+    rtn = (q.copy(), sm.copy())
     if method == "mse":
-        best_err = np.sum((q * s[..., None] - wg) ** 2, axis=-1)
+        best_err = np.sum(h * (q * s[..., None] - wg) ** 2, axis=-1)
         for ratio in np.linspace(0.5, 0.98, 25):
             q2, sm2, s2 = quant(ideal * ratio)
-            err = np.sum((q2 * s2[..., None] - wg) ** 2, axis=-1)
+            err = np.sum(h * (q2 * s2[..., None] - wg) ** 2, axis=-1)
             better = err < best_err
             q[better], sm[better], best_err[better] = q2[better], sm2[better], err[better]
+        if samples is not None:
+            def out_err(qq, ss):
+                deq = (qq * ss[..., None]).reshape(rows, cols) * 2.0 ** sexp
+                return np.sum(((deq - w) @ samples.T) ** 2, axis=1)
+            worse = out_err(q, sm) > out_err(*rtn)
+            q[worse], sm[worse] = rtn[0][worse], rtn[1][worse]
     elif method != "rtn":
         raise ValueError(f"unknown quantization method {method!r}")
     return q.reshape(rows, cols).astype(np.int64), sm.astype(np.int64), sexp
