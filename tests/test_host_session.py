@@ -9,13 +9,10 @@ top-1/top-2 logit margin must exceed the largest logit error the 16-bit program 
 
 import numpy as np
 import pytest
-
 from kvoverlay.compiler.driver import compile_model
+from kvoverlay.compiler.exported import export_model
 from kvoverlay.host.reference import compare, ort_decode
 from kvoverlay.host.session import Session, SessionError
-
-pytest.importorskip("optimum.exporters.onnx")
-from kvoverlay.compiler.exported import export_model  # noqa: E402
 
 PROMPT = [5, 17, 42]
 NEW = 16
