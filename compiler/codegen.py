@@ -310,7 +310,7 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
             raise CompileError(f"{who}: no code generator for overlay op {op.kind!r}")
         for t in temps:
             drop(t)
-        for v in set(op.ins):
+        for v in dict.fromkeys(op.ins):
             if last_use.get(v) == i:
                 drop(v)
     logits = where[og.logits]
