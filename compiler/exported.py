@@ -13,7 +13,9 @@ let a broken KV path pass a decoding test by accident. So the weight matrices
 (every parameter of rank >= 2) are multiplied by the first factor of
 ``WEIGHT_SCALES`` for which greedy decoding of ``CHECK_TOKENS`` tokens after
 ``CHECK_PROMPT`` with onnxruntime yields at least ``MIN_DISTINCT`` distinct
-tokens; the factor and the decoding statistics are stored next to the model in
+tokens. Norm weights and biases (HF sets them to exactly 1 and 0) get
+``VECTOR_JITTER`` noise so that dropping one of them changes the outputs.
+The factor and the decoding statistics are stored next to the model in
 ``export.json``.
 
 Exports are cached under ``<repo>/.cache/models/`` (or ``$KVOVERLAY_CACHE``),
@@ -24,13 +26,16 @@ and optimum are imported only when an export is actually needed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +51,7 @@ ONNX_OPS_OPSET = 23  # first opset with Attention, RMSNormalization and RotaryEm
 CHECK_PROMPT = (5, 17, 42)
 CHECK_TOKENS = 16
 MIN_DISTINCT = 8
+VECTOR_JITTER = 0.1  # std of the noise added to norm weights and biases
 WEIGHT_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 _EXPORT_DEPS = ("torch", "transformers", "optimum-onnx")
 _INSTALL_HINT = 'pip install -e ".[export]"'
@@ -119,18 +125,30 @@ def _config(family: str, overrides: dict):
 
 def _export_once(family: str, seed: int, overrides: dict, workdir: Path, scale: float) -> Path:
     import torch
+    import transformers
     from optimum.exporters.onnx import main_export
     from transformers import AutoModelForCausalLM
+
+    # The tracer's warnings are expected for these models (and fatal under ``python -W error``).
+    warnings.simplefilter("ignore")
+    transformers.logging.set_verbosity_error()
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(family, overrides), attn_implementation="sdpa")
     with torch.no_grad():
-        # Tied embeddings share one tensor: scale each storage once.
+        # HF initializes norm weights to 1 and biases to 0, which would leave a compiler that drops
+        # them (or Qwen2's QKV bias) untested: perturb every vector parameter. Tied embeddings share
+        # one tensor: scale each storage once.
+        gen = torch.Generator().manual_seed(seed)
         seen = set()
         for p in model.parameters():
-            if p.dim() >= 2 and p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            if p.dim() >= 2:
                 p.mul_(scale)
+            else:
+                p.add_(VECTOR_JITTER * torch.randn(p.shape, generator=gen))
     src, out = workdir / f"hf_{scale:g}", workdir / f"onnx_{scale:g}"
     model.save_pretrained(src)
     main_export(str(src), output=str(out), task="text-generation-with-past", opset=EXPORT_OPSET, device="cpu",
@@ -150,9 +168,11 @@ def export_model(family: str, cache_dir: str | os.PathLike | None = None, *, see
     if (final / "model.onnx").is_file():
         return final / "model.onnx"
     try:
-        import optimum.exporters.onnx  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # import-time deprecation notices of the exporter stack
+            import optimum.exporters.onnx  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
     except ImportError as e:
         raise ImportError(f"exporting models needs torch, transformers and optimum-onnx ({e.name} is missing):"
                           f" {_INSTALL_HINT}") from None
@@ -162,7 +182,8 @@ def export_model(family: str, cache_dir: str | os.PathLike | None = None, *, see
         work = Path(tmp)
         t0 = time.perf_counter()
         for scale in WEIGHT_SCALES:
-            onnx_path = _export_once(family, seed, overrides, work, scale)
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                onnx_path = _export_once(family, seed, overrides, work, scale)
             dec = greedy_decode_ort(onnx_path, CHECK_PROMPT, CHECK_TOKENS)
             if dec.distinct >= MIN_DISTINCT:
                 break
