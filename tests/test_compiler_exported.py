@@ -82,24 +82,38 @@ def test_folded_interp_matches_ort(exported_models, folded, family, capsys):
     if family == "onnx_ops":
         assert {"Attention", "RMSNormalization", "RotaryEmbedding"} <= set(hist)
 
-    sess = _session(exported_models[family])
-    # Past KV from a real prefill of KV tokens, then one decode step at position KV.
+    _check_against_ort(g, exported_models[family], family, KV)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_symbolic_past_interp_matches_ort(exported_models, family):
+    """Without kv_len the past length stays the symbol P; the unfolded graph still runs at any length."""
+    g = run_passes(exported_models[family])
+    assert g.values["present.0.key"].shape[2] == "P+1"
+    assert g.values["logits"].shape == (1, 1, g.values["logits"].shape[2])
+    _check_against_ort(g, exported_models[family], family, 9)
+
+
+def _check_against_ort(g, path, family, kv_len):
+    sess = _session(path)
+    # Past KV from a real prefill of kv_len tokens, then one decode step at position kv_len.
     names = [o.name for o in sess.get_outputs()]
     kv = _kv_inputs(sess)
-    prompt = np.array([[5, 17, 42, 9, 100][:KV]], np.int64)
+    prompt = np.arange(3, 3 + 7 * kv_len, 7, dtype=np.int64)[None] % 256
     pre = dict(zip(names, sess.run(names, {
-        "input_ids": prompt, "attention_mask": np.ones((1, KV), np.int64),
-        "position_ids": np.arange(KV, dtype=np.int64)[None],
+        "input_ids": prompt, "attention_mask": np.ones((1, kv_len), np.int64),
+        "position_ids": np.arange(kv_len, dtype=np.int64)[None],
         **{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in kv}}), strict=True))
     rng = np.random.default_rng(3)
     for past in ("prefill", "random"):
-        feeds = {"input_ids": np.array([[77]], np.int64), "position_ids": np.array([[KV]], np.int64)}
+        feeds = {"input_ids": np.array([[77]], np.int64), "position_ids": np.array([[kv_len]], np.int64)}
         for i in kv:
             feeds[i.name] = (pre[i.name.replace("past_key_values.", "present.")] if past == "prefill"
-                             else rng.standard_normal((1, i.shape[1], KV, i.shape[3])).astype(np.float32))
-        want = dict(zip(names, sess.run(names, {**feeds, "attention_mask": np.ones((1, KV + 1), np.int64)}),
+                             else rng.standard_normal((1, i.shape[1], kv_len, i.shape[3])).astype(np.float32))
+        want = dict(zip(names, sess.run(names, {**feeds, "attention_mask": np.ones((1, kv_len + 1), np.int64)}),
                         strict=True))
-        got = run_graph(g, feeds)
+        got = run_graph(g, {**feeds, **({"attention_mask": np.ones((1, kv_len + 1), np.int64)}
+                                        if "attention_mask" in g.inputs else {})})
         for n in names:
             assert got[n].shape == want[n].shape, n
             np.testing.assert_allclose(got[n], want[n], rtol=1e-4, atol=1e-4, err_msg=f"{family} {past} {n}")
