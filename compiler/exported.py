@@ -13,7 +13,9 @@ let a broken KV path pass a decoding test by accident. So the weight matrices
 (every parameter of rank >= 2) are multiplied by the first factor of
 ``WEIGHT_SCALES`` for which greedy decoding of ``CHECK_TOKENS`` tokens after
 ``CHECK_PROMPT`` with onnxruntime yields at least ``MIN_DISTINCT`` distinct
-tokens; the factor and the decoding statistics are stored next to the model in
+tokens. Norm weights and biases (HF sets them to exactly 1 and 0) get
+``VECTOR_JITTER`` noise so that dropping one of them changes the outputs.
+The factor and the decoding statistics are stored next to the model in
 ``export.json``.
 
 Exports are cached under ``<repo>/.cache/models/`` (or ``$KVOVERLAY_CACHE``),
@@ -24,13 +26,16 @@ and optimum are imported only when an export is actually needed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +43,15 @@ import numpy as np
 
 from .demo_model import greedy_decode_ort as _greedy_tokens
 
-__all__ = ["CHECK_PROMPT", "CHECK_TOKENS", "FAMILIES", "MIN_DISTINCT", "WEIGHT_SCALES", "Decode", "cache_root",
+__all__ = ["CHECK_PROMPT", "CHECK_TOKENS", "FAMILIES", "MIN_DISTINCT", "WEIGHT_SCALES", "Decode", "build_onnx_ops_decoder", "cache_root",
            "export_info", "export_model", "greedy_decode_ort"]
 
 EXPORT_OPSET = 18
+ONNX_OPS_OPSET = 23  # first opset with Attention, RMSNormalization and RotaryEmbedding
 CHECK_PROMPT = (5, 17, 42)
 CHECK_TOKENS = 16
 MIN_DISTINCT = 8
+VECTOR_JITTER = 0.1  # std of the noise added to norm weights and biases
 WEIGHT_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 _EXPORT_DEPS = ("torch", "transformers", "optimum-onnx")
 _INSTALL_HINT = 'pip install -e ".[export]"'
@@ -118,18 +125,30 @@ def _config(family: str, overrides: dict):
 
 def _export_once(family: str, seed: int, overrides: dict, workdir: Path, scale: float) -> Path:
     import torch
+    import transformers
     from optimum.exporters.onnx import main_export
     from transformers import AutoModelForCausalLM
+
+    # The tracer's warnings are expected for these models (and fatal under ``python -W error``).
+    warnings.simplefilter("ignore")
+    transformers.logging.set_verbosity_error()
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(family, overrides), attn_implementation="sdpa")
     with torch.no_grad():
-        # Tied embeddings share one tensor: scale each storage once.
+        # HF initializes norm weights to 1 and biases to 0, which would leave a compiler that drops
+        # them (or Qwen2's QKV bias) untested: perturb every vector parameter. Tied embeddings share
+        # one tensor: scale each storage once.
+        gen = torch.Generator().manual_seed(seed)
         seen = set()
         for p in model.parameters():
-            if p.dim() >= 2 and p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            if p.dim() >= 2:
                 p.mul_(scale)
+            else:
+                p.add_(VECTOR_JITTER * torch.randn(p.shape, generator=gen))
     src, out = workdir / f"hf_{scale:g}", workdir / f"onnx_{scale:g}"
     model.save_pretrained(src)
     main_export(str(src), output=str(out), task="text-generation-with-past", opset=EXPORT_OPSET, device="cpu",
@@ -149,9 +168,11 @@ def export_model(family: str, cache_dir: str | os.PathLike | None = None, *, see
     if (final / "model.onnx").is_file():
         return final / "model.onnx"
     try:
-        import optimum.exporters.onnx  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # import-time deprecation notices of the exporter stack
+            import optimum.exporters.onnx  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
     except ImportError as e:
         raise ImportError(f"exporting models needs torch, transformers and optimum-onnx ({e.name} is missing):"
                           f" {_INSTALL_HINT}") from None
@@ -161,7 +182,8 @@ def export_model(family: str, cache_dir: str | os.PathLike | None = None, *, see
         work = Path(tmp)
         t0 = time.perf_counter()
         for scale in WEIGHT_SCALES:
-            onnx_path = _export_once(family, seed, overrides, work, scale)
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                onnx_path = _export_once(family, seed, overrides, work, scale)
             dec = greedy_decode_ort(onnx_path, CHECK_PROMPT, CHECK_TOKENS)
             if dec.distinct >= MIN_DISTINCT:
                 break
@@ -188,3 +210,144 @@ def export_model(family: str, cache_dir: str | os.PathLike | None = None, *, see
 def export_info(model_path: str | os.PathLike) -> dict:
     """The ``export.json`` written next to an exported model."""
     return json.loads((Path(model_path).parent / "export.json").read_text())
+
+
+def _onnx_ops_graph(vocab, hidden, layers, heads, kv_heads, head_dim, ffn, max_positions, seed, scale, rope_theta, eps):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name, arr, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(arr, dtype), name))
+        return name
+
+    def op(op_type, inputs, outputs, **attrs):
+        outs = [outputs] if isinstance(outputs, str) else outputs
+        nodes.append(helper.make_node(op_type, inputs, outs, name=f"/{outs[0]}/{op_type}", **attrs))
+        return outputs
+
+    def linear(x, name, n_in, n_out):
+        w = const(f"{name}.weight", rng.standard_normal((n_in, n_out)) * (scale / np.sqrt(n_in)))
+        return op("MatMul", [x, w], f"{name}/out")
+
+    def norm(x, name):
+        w = const(f"{name}.weight", 1.0 + 0.1 * rng.standard_normal(hidden))
+        return op("RMSNormalization", [x, w], f"{name}/out", axis=-1, epsilon=eps)
+
+    inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)  # [positions, head_dim / 2]
+    cos, sin = const("rotary.cos_cache", np.cos(angles)), const("rotary.sin_cache", np.sin(angles))
+    h = op("Gather", [const("model.embed_tokens.weight", rng.standard_normal((vocab, hidden)) * scale), "input_ids"],
+           "model/embed_tokens", axis=0)
+    # [B, T] padding mask -> boolean [B, 1, S, T] (onnxruntime wants the query length spelled out);
+    # Attention adds the causal part itself (is_causal).
+    mask = op("Unsqueeze", [op("Cast", ["attention_mask"], "model/mask_bool", to=TensorProto.BOOL),
+                            const("model.mask_axes", [1, 2], np.int64)], "model/mask_b11t")
+    one_one = const("model.mask_shape_head", [1, 1], np.int64)
+    one = const("model.mask_shape_tail", [1], np.int64)
+    q_len = op("Shape", ["input_ids"], "model/query_len", start=1, end=2)
+    mask = op("Expand", [mask, op("Concat", [one_one, q_len, one], "model/mask_shape", axis=0)], "model/attn_mask")
+    for i in range(layers):
+        pre = f"model.layers.{i}"
+        x = norm(h, f"{pre}.input_layernorm")
+        q = linear(x, f"{pre}.self_attn.q_proj", hidden, heads * head_dim)
+        k = linear(x, f"{pre}.self_attn.k_proj", hidden, kv_heads * head_dim)
+        v = linear(x, f"{pre}.self_attn.v_proj", hidden, kv_heads * head_dim)
+        q = op("RotaryEmbedding", [q, cos, sin, "position_ids"], f"{pre}.self_attn/rope_q", num_heads=heads)
+        k = op("RotaryEmbedding", [k, cos, sin, "position_ids"], f"{pre}.self_attn/rope_k", num_heads=kv_heads)
+        a, _, _ = op("Attention", [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
+                     [f"{pre}.self_attn/attention", f"present.{i}.key", f"present.{i}.value"],
+                     q_num_heads=heads, kv_num_heads=kv_heads, is_causal=1)
+        h = op("Add", [h, linear(a, f"{pre}.self_attn.o_proj", heads * head_dim, hidden)], f"{pre}/attn_residual")
+        x = norm(h, f"{pre}.post_attention_layernorm")
+        gate = linear(x, f"{pre}.mlp.gate_proj", hidden, ffn)
+        silu = op("Mul", [gate, op("Sigmoid", [gate], f"{pre}.mlp/sigmoid")], f"{pre}.mlp/silu")
+        m = op("Mul", [silu, linear(x, f"{pre}.mlp.up_proj", hidden, ffn)], f"{pre}.mlp/gated")
+        h = op("Add", [h, linear(m, f"{pre}.mlp.down_proj", ffn, hidden)], f"{pre}/mlp_residual")
+    op("MatMul", [norm(h, "model.norm"), const("lm_head.weight", rng.standard_normal((hidden, vocab))
+                                                * (scale / np.sqrt(hidden)))], "logits")
+
+    b, s, p, t = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [helper.make_tensor_value_info("input_ids", i64, [b, s]),
+              helper.make_tensor_value_info("attention_mask", i64, [b, t]),
+              helper.make_tensor_value_info("position_ids", i64, [b, s])]
+    outputs = [helper.make_tensor_value_info("logits", f32, [b, s, vocab])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, [b, kv_heads, p, head_dim]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, [b, kv_heads, t, head_dim]))
+    graph = helper.make_graph(nodes, "onnx_ops_decoder", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPS_OPSET)],
+                              producer_name="kvoverlay.compiler.exported")
+    model.ir_version = 10  # opset 23 needs IR >= 10; onnxruntime reads it
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_onnx_ops_decoder(path: str | os.PathLike | None = None, *, vocab: int = 256, hidden: int = 64,
+                           layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, ffn: int = 128,
+                           max_positions: int = 128, seed: int = 0, weight_scale: float | None = None,
+                           rope_theta: float = 10000.0, eps: float = 1e-5):
+    """A small Llama-style decoder made of ONNX's own opset-23 ``Attention`` (GQA, past/present KV),
+    ``RMSNormalization`` and ``RotaryEmbedding`` ops, with the optimum export's graph I/O.
+
+    Projections have std ``weight_scale / sqrt(in)``; with ``weight_scale=None`` the first of
+    ``WEIGHT_SCALES`` passing the same varied-greedy-tokens rule as :func:`export_model` is used.
+    Returns the ``ModelProto`` (saved to *path* if given).
+    """
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be even")
+    shape = (vocab, hidden, layers, heads, kv_heads, head_dim, ffn, max_positions, seed)
+    if weight_scale is not None:
+        model = _onnx_ops_graph(*shape, weight_scale, rope_theta, eps)
+    else:
+        for scale in WEIGHT_SCALES:
+            model = _onnx_ops_graph(*shape, scale, rope_theta, eps)
+            if greedy_decode_ort(model, CHECK_PROMPT, CHECK_TOKENS).distinct >= MIN_DISTINCT:
+                break
+        else:
+            raise RuntimeError(f"onnx_ops decoder: no weight scale in {WEIGHT_SCALES} gives {MIN_DISTINCT} distinct"
+                               " greedy tokens")
+    if path is not None:
+        import onnx
+
+        onnx.save(model, os.fspath(path))
+    return model
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import collections
+
+    from .passes import run_passes
+
+    ap = argparse.ArgumentParser(prog="python -m kvoverlay.compiler.exported",
+                                 description="Export (or reuse cached) small decoders; report decoding statistics and the"
+                                             " op histogram of the folded graph.")
+    ap.add_argument("families", nargs="*", default=[*FAMILIES, "onnx_ops"])
+    ap.add_argument("--dump-dir", help="write run_passes dumps of each model into DIR/<family>/")
+    ap.add_argument("--kv-len", type=int, default=5)
+    args = ap.parse_args(argv)
+    for fam in args.families:
+        path = build_onnx_ops_decoder() if fam == "onnx_ops" else export_model(fam)
+        dump = None if args.dump_dir is None else os.path.join(args.dump_dir, fam)
+        graph = run_passes(path, dump, kv_len=args.kv_len)
+        dec = greedy_decode_ort(path, CHECK_PROMPT, CHECK_TOKENS)
+        hist = collections.Counter(n.op for n in graph.nodes).most_common()
+        extra = "" if fam == "onnx_ops" else f" weight_scale={export_info(path)['weight_scale']:g}" \
+            f" export_s={export_info(path)['export_seconds']}"
+        size = path.ByteSize() if fam == "onnx_ops" else Path(path).stat().st_size
+        print(f"{fam}: {'(in memory)' if fam == 'onnx_ops' else path} bytes={size}{extra} distinct={dec.distinct}/{CHECK_TOKENS}"
+              f" min_margin={dec.min_margin:.4g} tokens={dec.tokens}")
+        print(f"  folded ops at kv_len={args.kv_len} ({len(graph.nodes)} nodes): "
+              + ", ".join(f"{op} {n}" for op, n in hist))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -53,8 +53,10 @@ def _check_external_data(model: onnx.ModelProto, base_dir: str | None) -> None:
 
 
 def _pin_inputs(model: onnx.ModelProto, kv_len: int | None) -> None:
+    """Pin the graph inputs' dims (an unknown name is an error) and the outputs' (unknown names stay)."""
     inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
+    for vi in [*model.graph.input, *model.graph.output]:
+        is_output = vi not in model.graph.input
         if vi.name in inits or not vi.type.HasField("tensor_type"):
             continue
         for i, d in enumerate(vi.type.tensor_type.shape.dim):
@@ -73,7 +75,7 @@ def _pin_inputs(model: onnx.ModelProto, kv_len: int | None) -> None:
                     d.dim_param = "P+1"
                 else:
                     d.dim_value = kv_len + 1
-            else:
+            elif not is_output:
                 raise CompileError(f"input {vi.name!r}: dimension {i} ({name or 'unnamed'!r}) cannot be pinned;"
                                    " known dims are batch, sequence and past length")
 

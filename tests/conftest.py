@@ -1,0 +1,15 @@
+"""Session-wide fixtures: the exported models are built (or taken from the cache) once per test session."""
+
+import pytest
+
+FAMILIES = ("llama", "qwen2", "gpt2", "onnx_ops")
+
+
+@pytest.fixture(scope="session")
+def exported_models(tmp_path_factory):
+    """Family name -> path of its ``model.onnx`` (optimum exports are cached under ``.cache/models``)."""
+    exported = pytest.importorskip("kvoverlay.compiler.exported")
+    paths = {fam: exported.export_model(fam) for fam in FAMILIES if fam != "onnx_ops"}
+    paths["onnx_ops"] = tmp_path_factory.mktemp("onnx_ops") / "model.onnx"
+    exported.build_onnx_ops_decoder(paths["onnx_ops"])
+    return paths
