@@ -33,7 +33,7 @@ def test_compile_json(demo):
 
 
 def test_compile_is_deterministic(demo, tmp_path):
-    d, model, prog, _ = demo
+    _, model, prog, _ = demo
     again = tmp_path / "again.kvo"
     assert kvo("compile", model, "-o", again, "--weights", "int8", "--max-seq", "24").returncode == 0
     assert again.read_bytes() == prog.read_bytes()
