@@ -64,11 +64,12 @@ def test_int8_cosine(family):
 def test_int4_mse_clipping_beats_round_to_nearest(family):
     """Both int4 programs see onnxruntime's own token sequences, so their logits compare step for step.
 
-    One prompt is a noisy measurement on a random-init model; four prompts of 16 steps each are not.
+    One prompt is a noisy measurement on a random-init model (four still flip the llama result); eight prompts
+    of 16 steps each settle it.
     """
     name, model = family
     rng = np.random.default_rng(5)
-    prompts = [PROMPT] + [list(rng.integers(3, 250, size=3)) for _ in range(3)]
+    prompts = [PROMPT] + [list(rng.integers(3, 250, size=3)) for _ in range(7)]
     progs = {m: compile_model(model, "tiny", weights="int4", max_seq=MAX_SEQ, method=m)[0] for m in ("rtn", "mse")}
     err = {m: [] for m in progs}
     cos = {m: [] for m in progs}
