@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.compiler.exported import build_onnx_ops_decoder, export_model
 from kvoverlay.host.commands import run_program

@@ -35,6 +35,8 @@ __all__ = ["REG_NEXT", "REG_POSITION", "REG_TOKEN", "Program", "generate"]
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
 _INDEX_REG = {"token": REG_TOKEN, "position": REG_POSITION}
 _WEIGHT_METHODS = ("rtn", "mse")
+#: Weights quantized per block of rows: bounds the compiler's float64 temporaries to a few tens of MB.
+_BLOCK_WEIGHTS = 1 << 20
 
 
 @dataclass
@@ -75,8 +77,11 @@ class _Image:
     def place(self, blob: bytes) -> int:
         addr = len(self.data)
         self.data += blob
-        self.data += bytes(-len(self.data) % self.align)
+        self.pad()
         return addr
+
+    def pad(self):
+        self.data += bytes(-len(self.data) % self.align)
 
     def region(self, name, start):
         self.regions.append([name, start, len(self.data)])
@@ -97,8 +102,15 @@ def quantize(og: OverlayGraph, cfg: OverlayConfig, weights: str, group_size: int
     def matrix(w, fmt, m, x=None):
         rows, cols = w.shape
         group = _group_for(cols, group_size)
-        q, sm, sexp = nx.quantize_matrix(w, fmt, group, method=m if fmt == "int4" else "rtn", samples=x)
-        addr = image.place(nx.pack_rows(q, sm, fmt, group, cfg.port_bytes))
+        step = max(1, _BLOCK_WEIGHTS // cols)
+        peak = max(float(np.max(np.abs(w[r:r + step]))) for r in range(0, rows, step))
+        sexp = nx.scale_exponent(peak, fmt)
+        addr = len(image.data)
+        for r in range(0, rows, step):
+            q, sm, _ = nx.quantize_matrix(np.ascontiguousarray(w[r:r + step], np.float64), fmt, group,
+                                          method=m if fmt == "int4" else "rtn", samples=x, sexp=sexp)
+            image.data += nx.pack_rows(q, sm, fmt, group, cfg.port_bytes)
+        image.pad()
         return _Matrix(addr, rows, cols, fmt, group, sexp)
 
     start = len(image.data)

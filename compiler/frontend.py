@@ -10,11 +10,12 @@ exporters emit fold away completely; a symbolic-P build keeps those nodes.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, helper, numpy_helper
 
-__all__ = ["BATCH_DIMS", "PAST_DIMS", "SEQ_DIMS", "TOTAL_DIMS", "CompileError", "load_model"]
+__all__ = ["BATCH_DIMS", "PAST_DIMS", "SEQ_DIMS", "TOTAL_DIMS", "CompileError", "Loaded", "load_model", "load_split"]
 
 BATCH_DIMS = {"batch_size", "batch"}
 SEQ_DIMS = {"sequence_length", "seq_len", "seq_length"}
@@ -52,9 +53,9 @@ def _check_external_data(model: onnx.ModelProto, base_dir: str | None) -> None:
             raise CompileError(f"initializer {t.name!r}: external data location {loc!r} escapes the model folder")
 
 
-def _pin_inputs(model: onnx.ModelProto, kv_len: int | None) -> None:
+def _pin_inputs(model: onnx.ModelProto, kv_len: int | None, skip=frozenset()) -> None:
     """Pin the graph inputs' dims (an unknown name is an error) and the outputs' (unknown names stay)."""
-    inits = {t.name for t in model.graph.initializer}
+    inits = {t.name for t in model.graph.initializer} | set(skip)
     for vi in [*model.graph.input, *model.graph.output]:
         is_output = vi not in model.graph.input
         if vi.name in inits or not vi.type.HasField("tensor_type"):
@@ -80,11 +81,30 @@ def _pin_inputs(model: onnx.ModelProto, kv_len: int | None) -> None:
                                    " known dims are batch, sequence and past length")
 
 
-def load_model(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None = None,
-               kv_len: int | None = None) -> onnx.ModelProto:
+#: Initializers at least this large are taken out of the proto before checking and shape inference, which
+#: serialize the whole model (a GPT-2-small export would otherwise be held three times over).
+SPLIT_BYTES = 1 << 16
+
+
+@dataclass
+class Loaded:
+    """A checked, pinned, shape-inferred model whose large initializers live in *weights* as arrays."""
+
+    model: onnx.ModelProto
+    weights: dict = field(default_factory=dict)
+
+    @property
+    def graph(self):
+        return self.model.graph
+
+
+def load_split(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None = None,
+               kv_len: int | None = None) -> Loaded:
     """Load, check, pin and shape-infer *src* (a path or a ModelProto; a proto is copied).
 
-    *max_seq* bounds the total length (``kv_len + 1``) when both are given.
+    *max_seq* bounds the total length (``kv_len + 1``) when both are given. Large initializers are
+    converted to arrays once and removed from the proto; checking and shape inference see them as
+    typed graph inputs, which is all they need.
     """
     if kv_len is not None:
         if kv_len < 0:
@@ -99,17 +119,43 @@ def load_model(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None 
         path = os.fspath(src)
         try:
             model = onnx.load(path, load_external_data=False)
-        except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-            raise CompileError(f"cannot load {path!r}: {e}") from None
+        except OSError as e:
+            raise CompileError(f"cannot load {path!r}: {e.strerror or e}") from None
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and onnx's ValidationError
+            raise CompileError(f"cannot load {path!r}: not an ONNX model ({type(e).__name__})") from None
         base = os.path.dirname(os.path.abspath(path))
         _check_external_data(model, base)
-        external_data_helper.load_external_data_for_model(model, base)
+        try:
+            external_data_helper.load_external_data_for_model(model, base)
+        except OSError as e:
+            raise CompileError(f"cannot load the external data of {path!r}: {e.strerror or e}") from None
+    weights = {}
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):
+        t = inits[i]
+        if t.ByteSize() >= SPLIT_BYTES:
+            weights[t.name] = numpy_helper.to_array(t)
+            model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            del inits[i]
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise CompileError(f"invalid model: {str(e).splitlines()[0]}") from None
-    _pin_inputs(model, kv_len)
+    _pin_inputs(model, kv_len, skip=set(weights))
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several types here
         raise CompileError(f"shape inference failed: {str(e).splitlines()[0]}") from None
+    inputs = [vi for vi in model.graph.input if vi.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return Loaded(model, weights)
+
+
+def load_model(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None = None,
+               kv_len: int | None = None) -> onnx.ModelProto:
+    """:func:`load_split`, with the large initializers put back: a self-contained ModelProto."""
+    loaded = load_split(src, max_seq=max_seq, kv_len=kv_len)
+    for name, arr in loaded.weights.items():
+        loaded.model.graph.initializer.append(numpy_helper.from_array(arr, name))
+    return loaded.model

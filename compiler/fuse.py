@@ -24,6 +24,7 @@ node, its op type and opset.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -47,6 +48,18 @@ _GATES = {
     "gelu_tanh": lambda t: 0.5 * t * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t ** 3))),
 }
 _PROBE = np.linspace(-6.0, 6.0, 97)
+
+
+def _digest(arr: np.ndarray) -> str:
+    """Content hash of an array, by rows so that a transposed view is never copied whole."""
+    h = hashlib.sha1(str(arr.dtype).encode())
+    if arr.ndim < 2:
+        h.update(np.ascontiguousarray(arr).tobytes())
+    else:
+        step = max(1, (1 << 22) // max(1, arr[0].nbytes))
+        for i in range(0, arr.shape[0], step):
+            h.update(np.ascontiguousarray(arr[i:i + step]).tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -122,9 +135,13 @@ class Fuser:
         return name
 
     def _store(self, table: dict, prefix: str, array, key=None):
-        """Add *array* to a tensor table, sharing identical tensors (tied embeddings, repeated constants)."""
-        arr = np.ascontiguousarray(array, dtype=np.float64)
-        digest = (prefix, arr.shape, arr.tobytes()) if key is None else key
+        """Add *array* to a tensor table, sharing identical tensors (tied embeddings, repeated constants).
+
+        Matrices keep their dtype (float32 from the model): a float64 copy of every weight would double the
+        compiler's memory for nothing, since quantization works a block of rows at a time.
+        """
+        arr = np.asarray(array)
+        digest = (prefix, arr.shape, _digest(arr)) if key is None else key
         if digest in self._dedupe:
             return self._dedupe[digest]
         name = f"{prefix}{len(table)}"
@@ -221,8 +238,8 @@ class Fuser:
         return self.emit("table", v, [], node.name, table=name)
 
     def _store_table(self, kind, table):
-        arr = np.ascontiguousarray(table, dtype=np.float64)
-        key = ("t", kind, arr.shape, arr.tobytes())
+        arr = np.asarray(table)
+        key = ("t", kind, arr.shape, _digest(arr))
         if key in self._dedupe:
             return self._dedupe[key]
         name = f"t{len(self.out.tables)}"
@@ -249,7 +266,7 @@ class Fuser:
         x = self.vector(a)
         if self.out.lengths[x] != k:
             self.fail(v, f"multiplies a vector of {self.out.lengths[x]} by a {k}x{n} matrix")
-        mat = self._store(self.out.matrices, "w", w.T.astype(np.float64))
+        mat = self._store(self.out.matrices, "w", w.T)
         y = self.emit("linear", v, [x], node.name, matrix=mat)
         if bias is not None:
             c = self.ix.const(bias[0])
@@ -281,7 +298,7 @@ class Fuser:
                 bias = np.broadcast_to(self.ix.const(lnode.inputs[2]).reshape(-1) * float(lnode.attrs.get("beta", 1.0)),
                                        (w.shape[1],))
         x = self.vector(a)
-        mat = self._store(self.out.matrices, "w", w.T[lo:lo + sizes[k]].astype(np.float64))
+        mat = self._store(self.out.matrices, "w", w.T[lo:lo + sizes[k]])
         y = self.emit("linear", v, [x], lnode.name, matrix=mat)
         if bias is not None:
             cname = self._store(self.out.consts, "c", np.asarray(bias, np.float64)[lo:lo + sizes[k]].copy())

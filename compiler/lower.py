@@ -463,14 +463,21 @@ def _opset(model: onnx.ModelProto) -> int:
     raise CompileError("model imports no default-domain opset")
 
 
-def lower(model: onnx.ModelProto) -> Graph:
-    """Lower a (pinned, shape-inferred) ModelProto into the IR; raise CompileError on unsupported ops."""
+def lower(model, weights=None) -> Graph:
+    """Lower a (pinned, shape-inferred) ModelProto, or a :class:`~.frontend.Loaded` one, into the IR.
+
+    *weights* (or the ``Loaded``'s) are initializers kept outside the proto, as arrays.
+    Raises CompileError on unsupported ops."""
+    if hasattr(model, "weights"):
+        model, weights = model.model, model.weights
     opset = _opset(model)
     g = model.graph
     values: dict[str, Value] = {}
     for t in g.initializer:
         arr = numpy_helper.to_array(t)
         values[t.name] = Value(t.name, tuple(arr.shape), str(arr.dtype), arr)
+    for name, arr in (weights or {}).items():
+        values[name] = Value(name, tuple(arr.shape), str(arr.dtype), arr)
     for vi in [*g.input, *g.value_info, *g.output]:
         if vi.name not in values:
             values[vi.name] = _value_from_info(vi)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx.printer
 
-from .frontend import load_model
+from .frontend import Loaded, load_split
 from .ir import Graph, Value
 from .lower import evaluate, lower
 
@@ -118,7 +118,7 @@ def concrete_shapes(graph: Graph) -> Graph:
 
 
 PASSES = [
-    ("frontend", lambda model, opts: load_model(model, **opts)),
+    ("frontend", lambda model, opts: load_split(model, **opts)),
     ("lower", lambda model, opts: lower(model)),
     ("specialize_mask", lambda g, opts: specialize_mask(g)),
     ("fold_constants", lambda g, opts: fold_constants(g)),
@@ -128,8 +128,9 @@ PASSES = [
 
 
 def _dump(state) -> str:
-    if isinstance(state, onnx.ModelProto):
-        return onnx.printer.to_text(state.graph) + "\n"
+    if isinstance(state, Loaded):
+        return onnx.printer.to_text(state.model.graph) + "\n" + "".join(
+            f"weight {n}: {a.dtype}{list(a.shape)}\n" for n, a in state.weights.items())
     return state.dump()
 
 

@@ -310,7 +310,14 @@ def _qrange(fmt):
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def quantize_matrix(w, fmt, group, method="rtn", samples=None):
+def scale_exponent(peak: float, fmt) -> int:
+    """The matrix-wide scale exponent for weights whose largest magnitude is *peak*."""
+    top = peak / _qrange(fmt)[1]
+    sexp = (math.frexp(top)[1] - 16) if top > 0 else -64
+    return max(-64, min(63, sexp))
+
+
+def quantize_matrix(w, fmt, group, method="rtn", samples=None, sexp=None):
     """Quantize a float matrix [rows, cols] to (q, scale mantissas [rows, groups], sexp).
 
     ``rtn`` takes each group's scale from its largest magnitude. ``mse`` searches
@@ -320,6 +327,8 @@ def quantize_matrix(w, fmt, group, method="rtn", samples=None):
     weight is weighted by the mean square of its input, and each row then keeps
     whichever of the searched and the round-to-nearest scales gives the smaller
     output error on the samples, so ``mse`` never does worse than ``rtn`` there.
+    *sexp* fixes the scale exponent (:func:`scale_exponent` of the whole matrix), so that a large matrix
+    can be quantized a block of rows at a time with the same result.
     """
     w = np.asarray(w, dtype=np.float64)
     rows, cols = w.shape
@@ -329,9 +338,8 @@ def quantize_matrix(w, fmt, group, method="rtn", samples=None):
     wg = w.reshape(rows, cols // group, group)
     peak = np.max(np.abs(wg), axis=-1)
     ideal = peak / hi
-    top = float(np.max(ideal)) if ideal.size else 0.0
-    sexp = (math.frexp(top)[1] - 16) if top > 0 else -64
-    sexp = max(-64, min(63, sexp))
+    if sexp is None:
+        sexp = scale_exponent(float(np.max(peak)) if peak.size else 0.0, fmt)
 
     def quant(scale_f):
         sm = np.clip(np.rint(scale_f * 2.0 ** -sexp), 1, 65535)
@@ -381,7 +389,7 @@ def pack_rows(q, sm, fmt, group, align) -> bytes:
     rows, cols = q.shape
     stride = row_stride(cols, fmt, group, align)
     out = np.zeros((rows, stride), np.uint8)
-    scales = sm.astype("<u2").view(np.uint8).reshape(rows, -1)
+    scales = np.ascontiguousarray(sm, dtype="<u2").view(np.uint8).reshape(rows, -1)
     out[:, : scales.shape[1]] = scales
     off = scales.shape[1]
     if fmt == "int4":
