@@ -339,7 +339,7 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
                     "table_format": table_fmt},
         "weight_bytes": image.regions[0][2] - image.regions[0][1],
     }
-    return Program(code, bytes(image.data), meta)
+    return Program(code, image.data, meta)
 
 
 def insert_tokens(code: list) -> None:

@@ -78,13 +78,14 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     digest = None
     if src:
         with open(src, "rb") as fh:
-            digest = hashlib.sha256(fh.read()).hexdigest()
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
     placement = {"overlay": sorted({op.kind for op in og.ops}), "host": []}
+    kv_layers = {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"]} for k, v in sorted(og.kv.items())}
+    del graph, og, samples  # the float weights are in the image now; free them before the bundle is written
     meta = dict(prog.meta)
     meta.update({
         "max_seq": max_seq,
-        "kv": {"layers": {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"]} for k, v in sorted(og.kv.items())},
-               "capacity": cfg.kv_capacity},
+        "kv": {"layers": kv_layers, "capacity": cfg.kv_capacity},
         "io": {"inputs": {"input_ids": "R0", "position_ids": "R1"}, "outputs": {"logits": "logits record",
                                                                                "next_token": "R2"}},
         "placement": placement,
@@ -93,7 +94,7 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     b = kvbundle.Bundle(config=cfg, instructions=prog.instructions, image=prog.image, manifest=meta)
     report = {
         "instructions": len(prog.instructions),
-        "program_bytes": len(kvbundle.to_bytes(b)),
+        "program_bytes": kvbundle.encoded_size(b),
         "weight_bytes": meta["weight_bytes"],
         "kv_capacity_tokens": cfg.kv_capacity,
         "placement": placement,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
+from .onnx_mmap import load_mapped
+
 __all__ = ["BATCH_DIMS", "PAST_DIMS", "SEQ_DIMS", "TOTAL_DIMS", "CompileError", "Loaded", "load_model", "load_split"]
 
 BATCH_DIMS = {"batch_size", "batch"}
@@ -111,6 +113,7 @@ def load_split(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None 
             raise CompileError(f"kv_len={kv_len} must be >= 0")
         if max_seq is not None and kv_len + 1 > max_seq:
             raise CompileError(f"kv_len={kv_len} + 1 exceeds max_seq={max_seq}")
+    weights = {}
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(src)
@@ -118,10 +121,10 @@ def load_split(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None 
     else:
         path = os.fspath(src)
         try:
-            model = onnx.load(path, load_external_data=False)
+            model, mapped = load_mapped(path, SPLIT_BYTES)
         except OSError as e:
             raise CompileError(f"cannot load {path!r}: {e.strerror or e}") from None
-        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and onnx's ValidationError
+        except Exception as e:  # noqa: BLE001 - a malformed wire format, protobuf's DecodeError
             raise CompileError(f"cannot load {path!r}: not an ONNX model ({type(e).__name__})") from None
         base = os.path.dirname(os.path.abspath(path))
         _check_external_data(model, base)
@@ -129,7 +132,10 @@ def load_split(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None 
             external_data_helper.load_external_data_for_model(model, base)
         except OSError as e:
             raise CompileError(f"cannot load the external data of {path!r}: {e.strerror or e}") from None
-    weights = {}
+        weights = dict(mapped)
+    for name, arr in weights.items():
+        model.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                                               list(arr.shape)))
     inits = model.graph.initializer
     for i in reversed(range(len(inits))):
         t = inits[i]

@@ -259,7 +259,8 @@ class Fuser:
             if node.attrs.get("transA", 0):
                 self.fail(v, "with transA=1 is not supported")
             w = w.T if node.attrs.get("transB", 0) else w
-            w = w * float(node.attrs.get("alpha", 1.0))
+            if float(node.attrs.get("alpha", 1.0)) != 1.0:  # no copy of the weights for the common alpha = 1
+                w = w * float(node.attrs.get("alpha", 1.0))
             if len(node.inputs) > 2 and node.inputs[2]:
                 bias = (node.inputs[2], float(node.attrs.get("beta", 1.0)))
         k, n = w.shape
@@ -293,7 +294,9 @@ class Fuser:
         a, b = lnode.inputs[0], lnode.inputs[1]
         w = self.ix.const(b)
         if lnode.op == "Gemm":
-            w = (w.T if lnode.attrs.get("transB", 0) else w) * float(lnode.attrs.get("alpha", 1.0))
+            w = w.T if lnode.attrs.get("transB", 0) else w
+            if float(lnode.attrs.get("alpha", 1.0)) != 1.0:
+                w = w * float(lnode.attrs.get("alpha", 1.0))
             if len(lnode.inputs) > 2 and lnode.inputs[2]:
                 bias = np.broadcast_to(self.ix.const(lnode.inputs[2]).reshape(-1) * float(lnode.attrs.get("beta", 1.0)),
                                        (w.shape[1],))

@@ -27,7 +27,7 @@ from . import isa
 from .config import ConfigError, OverlayConfig
 from .fileio import write_atomic
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "BundleError", "from_bytes", "load", "save", "to_bytes"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "BundleError", "encoded_size", "from_bytes", "load", "save", "to_bytes"]
 
 MAGIC = b"KVOPROG\0"
 FORMAT_VERSION = 1
@@ -60,11 +60,22 @@ def _dumps(obj) -> bytes:
 
 def to_bytes(bundle: Bundle) -> bytes:
     """Serialize *bundle* to the ``.kvo`` byte layout."""
+    return b"".join(_pieces(bundle))
+
+
+def encoded_size(bundle: Bundle) -> int:
+    """Length of :func:`to_bytes` without building it."""
+    return sum(len(p) for p in _pieces(bundle))
+
+
+def _pieces(bundle: Bundle) -> list:
+    """The ``.kvo`` layout as a list of byte strings (the payloads are not copied)."""
     if not isinstance(bundle.config, OverlayConfig):
         raise BundleError(f"bundle config must be an OverlayConfig, got {type(bundle.config).__name__}")
     if not isinstance(bundle.manifest, dict):
         raise BundleError(f"bundle manifest must be a dict, got {type(bundle.manifest).__name__}")
-    payloads = {"instructions": isa.encode_program(bundle.instructions), "image": bytes(bundle.image)}
+    image = bundle.image if isinstance(bundle.image, (bytes, bytearray)) else bytes(bundle.image)
+    payloads = {"instructions": isa.encode_program(bundle.instructions), "image": image}
     sections = [{"name": n, "length": len(payloads[n]), "sha256": hashlib.sha256(payloads[n]).hexdigest()} for n in _SECTIONS]
 
     def manifest_bytes():
@@ -89,12 +100,14 @@ def to_bytes(bundle: Bundle) -> bytes:
             break
     manifest = manifest_bytes()
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest)) + manifest
-    out = bytearray(head + bytes(_pad(len(head))))
+    out = [head + bytes(_pad(len(head)))]
+    pos = len(out[0])
     for s in sections:
-        assert len(out) == s["offset"]
+        assert pos == s["offset"]
         data = payloads[s["name"]]
-        out += data + bytes(_pad(len(data)))
-    return bytes(out)
+        out += [data, bytes(_pad(len(data)))]
+        pos += len(data) + _pad(len(data))
+    return out
 
 
 def from_bytes(blob: bytes) -> Bundle:
@@ -161,7 +174,7 @@ def from_bytes(blob: bytes) -> Bundle:
 
 def save(bundle: Bundle, path: str | os.PathLike) -> None:
     """Write *bundle* to *path* atomically."""
-    write_atomic(path, to_bytes(bundle))
+    write_atomic(path, _pieces(bundle))
 
 
 def load(path: str | os.PathLike) -> Bundle:

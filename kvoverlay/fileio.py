@@ -9,19 +9,22 @@ from pathlib import Path
 __all__ = ["write_atomic"]
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+def write_atomic(path: str | os.PathLike, data) -> None:
     """Write *data* to *path* atomically: a temp file in the same folder, then :func:`os.replace`.
 
-    A reader sees either the old file or the complete new one, never a partial write.
+    *data* is bytes, a str (UTF-8) or a list of bytes-like pieces written in order (large files need not be
+    joined in memory first). A reader sees either the old file or the complete new one, never a partial write.
     """
     if isinstance(data, str):
         data = data.encode()
+    pieces = data if isinstance(data, list) else [data]
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for piece in pieces:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
