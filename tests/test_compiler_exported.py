@@ -174,5 +174,7 @@ def test_cache_env(tmp_path, monkeypatch):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="family='bert'"):
         export_model("bert")
+    with pytest.raises(ValueError, match="num_layers=1"):
+        export_model("llama", num_layers=1)
     with pytest.raises(ValueError, match="kv_heads=3"):
         build_onnx_ops_decoder(kv_heads=3)
