@@ -43,8 +43,8 @@ import numpy as np
 
 from .demo_model import greedy_decode_ort as _greedy_tokens
 
-__all__ = ["CHECK_PROMPT", "CHECK_TOKENS", "FAMILIES", "MIN_DISTINCT", "WEIGHT_SCALES", "Decode", "build_onnx_ops_decoder", "cache_root",
-           "export_info", "export_model", "greedy_decode_ort"]
+__all__ = ["CHECK_PROMPT", "CHECK_TOKENS", "FAMILIES", "MIN_DISTINCT", "WEIGHT_SCALES", "Decode",
+           "build_onnx_ops_decoder", "cache_root", "export_info", "export_model", "greedy_decode_ort"]
 
 EXPORT_OPSET = 18
 ONNX_OPS_OPSET = 23  # first opset with Attention, RMSNormalization and RotaryEmbedding
@@ -120,7 +120,12 @@ def _config(family: str, overrides: dict):
     import transformers
 
     cls_name, kwargs = FAMILIES[family]
-    return getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    cls = getattr(transformers, cls_name)
+    default = cls()
+    for key, value in overrides.items():  # configs swallow unknown keywords silently
+        if not hasattr(default, key):
+            raise ValueError(f"override {key}={value!r} is not a {cls_name} field")
+    return cls(**{**kwargs, **overrides})
 
 
 def _export_once(family: str, seed: int, overrides: dict, workdir: Path, scale: float) -> Path:
@@ -131,10 +136,17 @@ def _export_once(family: str, seed: int, overrides: dict, workdir: Path, scale: 
 
     # The tracer's warnings are expected for these models (and fatal under ``python -W error``).
     warnings.simplefilter("ignore")
+    verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    try:
+        return _export_scaled(family, seed, overrides, workdir, scale, torch, main_export, AutoModelForCausalLM)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
+
+def _export_scaled(family, seed, overrides, workdir, scale, torch, main_export, auto_model) -> Path:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(family, overrides), attn_implementation="sdpa")
+    model = auto_model.from_config(_config(family, overrides), attn_implementation="sdpa")
     with torch.no_grad():
         # HF initializes norm weights to 1 and biases to 0, which would leave a compiler that drops
         # them (or Qwen2's QKV bias) untested: perturb every vector parameter. Tied embeddings share

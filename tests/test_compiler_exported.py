@@ -145,6 +145,10 @@ def test_family_configs(exported_models):
     bias_names = lambda p: [t.name for t in onnx.load(str(p)).graph.initializer if "proj.bias" in t.name]
     assert len(bias_names(exported_models["qwen2"])) == 3 * cfg["qwen2"]["num_hidden_layers"]
     assert bias_names(exported_models["llama"]) == []
+    # Norm weights are perturbed away from HF's all-ones init, so dropping one changes the outputs.
+    for fam, name in (("llama", "model.norm.weight"), ("gpt2", "transformer.ln_f.weight")):
+        w = {t.name: t for t in onnx.load(str(exported_models[fam])).graph.initializer}[name]
+        assert not np.allclose(onnx.numpy_helper.to_array(w), 1.0), fam
 
 
 def test_cache_hit_and_key(exported_models, monkeypatch):
@@ -174,5 +178,7 @@ def test_cache_env(tmp_path, monkeypatch):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="family='bert'"):
         export_model("bert")
+    with pytest.raises(ValueError, match="num_layers=1"):
+        export_model("llama", num_layers=1)
     with pytest.raises(ValueError, match="kv_heads=3"):
         build_onnx_ops_decoder(kv_heads=3)
