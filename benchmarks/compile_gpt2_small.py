@@ -1,6 +1,6 @@
 """Compile speed and peak memory of a GPT-2-small-shaped export (124M parameters, 12 layers).
 
-Usage: python benchmarks/compile_gpt2_small.py [--weights w16|int8|int4]
+Usage: python benchmarks/compile_gpt2_small.py [--weights w16|int8|int4] [--quant rtn|mse]
 
 Exports a random-init GPT-2 (n_embd 768, 12 layers, 12 heads, vocab 50257, 1024 positions) with optimum-onnx
 (cached like the test models), then runs ``kvoverlay compile`` in a fresh process and reports its wall time and
@@ -28,6 +28,7 @@ CONFIG = 'preset = "u280"\nmax_layers = 12\nmax_kv_heads = 12\nmax_head_dim = 64
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default="int8", choices=["w16", "int8", "int4"])
+    ap.add_argument("--quant", default="mse", choices=["rtn", "mse"])
     args = ap.parse_args()
     t0 = time.perf_counter()
     model = export_model("gpt2", **GPT2_SMALL)
@@ -38,7 +39,7 @@ def main() -> int:
         cfg.write_text(CONFIG)
         t1 = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "kvoverlay.cli", "compile", str(model), "-o", str(Path(tmp) / "g.kvo"),
-                              "--config", str(cfg), "--weights", args.weights, "--json"],
+                              "--config", str(cfg), "--weights", args.weights, "--quant", args.quant, "--json"],
                              capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t1
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -47,7 +48,7 @@ def main() -> int:
         return res.returncode
     report = json.loads(res.stdout)
     size = model.stat().st_size
-    out = {"model_bytes": size, "weights": args.weights, "wall_s": round(wall, 2), "compile_s": report["compile_s"],
+    out = {"model_bytes": size, "weights": args.weights, "quant": args.quant, "wall_s": round(wall, 2), "compile_s": report["compile_s"],
            "peak_rss_bytes": peak, "peak_over_model": round(peak / size, 2), "program_bytes": report["program_bytes"],
            "weight_bytes": report["weight_bytes"], "instructions": report["instructions"]}
     print(json.dumps(out))
