@@ -41,7 +41,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ops = Path(tmp) / "onnx_ops.onnx"
         build_onnx_ops_decoder(ops)
-        models = {f: str(export_model(f)) for f in ("llama", "qwen2", "gpt2")}
+        models = {f: str(export_model(f)) for f in ("llama", "mistral", "qwen2", "gpt2")}
         models["onnx_ops"] = str(ops)
         print("| model | weights | tokens = ORT | min cosine | max abs err | cycles/token | bytes/token | bw efficiency |")
         print("|---|---|---|---|---|---|---|---|")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ from pathlib import Path
 from kvoverlay.compiler.exported import export_model
 
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": 3072, "vocab_size": 50257, "n_positions": 1024}
+#: The compile, reporting its own peak resident memory (KiB on Linux) as the last line of stderr.
+_CHILD = ("import resource, sys; from kvoverlay.cli import main; rc = main(sys.argv[1:]); "
+          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
 CONFIG = 'preset = "u280"\nmax_layers = 12\nmax_kv_heads = 12\nmax_head_dim = 64\nkv_capacity = 128\n'
 
 
@@ -38,15 +40,16 @@ def main() -> int:
         cfg = Path(tmp) / "gpt2_small.toml"
         cfg.write_text(CONFIG)
         t1 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "kvoverlay.cli", "compile", str(model), "-o", str(Path(tmp) / "g.kvo"),
+        res = subprocess.run([sys.executable, "-c", _CHILD, "compile", str(model), "-o", str(Path(tmp) / "g.kvo"),
                               "--config", str(cfg), "--weights", args.weights, "--quant", args.quant, "--json"],
                              capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t1
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     if res.returncode:
         print(res.stderr, file=sys.stderr)
         return res.returncode
-    report = json.loads(res.stdout)
+    peak = int(res.stderr.strip().splitlines()[-1]) * 1024
+    stdout = res.stdout
+    report = json.loads(stdout)
     size = model.stat().st_size
     out = {"model_bytes": size, "weights": args.weights, "quant": args.quant, "wall_s": round(wall, 2), "compile_s": report["compile_s"],
            "peak_rss_bytes": peak, "peak_over_model": round(peak / size, 2), "program_bytes": report["program_bytes"],

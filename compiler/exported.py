@@ -63,6 +63,8 @@ _SMALL = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_att
           "pad_token_id": 0}
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": False}),
+    "mistral": ("MistralConfig", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": None,
+                                  "tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", {**_SMALL, "num_key_value_heads": 1, "tie_word_embeddings": True,
                               "use_sliding_window": False}),
     "gpt2": ("GPT2Config", {"vocab_size": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128,

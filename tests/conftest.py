@@ -2,13 +2,15 @@
 
 import pytest
 
-FAMILIES = ("llama", "qwen2", "gpt2", "onnx_ops")
+#: optimum exports, and a decoder of ONNX's own Attention / RMSNormalization / RotaryEmbedding ops (opset 23)
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "onnx_ops")
 
 
 @pytest.fixture(scope="session")
 def exported_models(tmp_path_factory):
     """Family name -> path of its ``model.onnx`` (optimum exports are cached under ``.cache/models``)."""
-    exported = pytest.importorskip("kvoverlay.compiler.exported")
+    from kvoverlay.compiler import exported
+
     paths = {fam: exported.export_model(fam) for fam in FAMILIES if fam != "onnx_ops"}
     paths["onnx_ops"] = tmp_path_factory.mktemp("onnx_ops") / "model.onnx"
     exported.build_onnx_ops_decoder(paths["onnx_ops"])

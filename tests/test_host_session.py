@@ -9,25 +9,19 @@ top-1/top-2 logit margin must exceed the largest logit error the 16-bit program 
 
 import numpy as np
 import pytest
+from conftest import FAMILIES
 from kvoverlay.compiler.driver import compile_model
-from kvoverlay.compiler.exported import build_onnx_ops_decoder, export_model
 from kvoverlay.host.reference import compare, ort_decode
 from kvoverlay.host.session import Session, SessionError
 
 PROMPT = [5, 17, 42]
 NEW = 16
 MAX_SEQ = len(PROMPT) + NEW
-#: optimum exports, and a decoder of ONNX's own Attention / RMSNormalization / RotaryEmbedding ops (opset 23)
-FAMILIES = ["llama", "qwen2", "gpt2", "onnx_ops"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
-    if request.param == "onnx_ops":
-        path = tmp_path_factory.mktemp("onnx_ops") / "model.onnx"
-        build_onnx_ops_decoder(path)
-        return request.param, str(path)
-    return request.param, str(export_model(request.param))
+def family(request, exported_models):
+    return request.param, str(exported_models[request.param])
 
 
 def _decode(model, weights, method="mse"):
