@@ -347,29 +347,30 @@ def insert_tokens(code: list) -> None:
 
     An instruction that touches on-chip state another queue used earlier (read after write, write after
     read or write) must start after that use ends. Each queue keeps a vector clock of the latest instruction
-    of every other queue it is already ordered after, directly or through a third queue; only a hazard the
-    clock does not cover costs a token, pushed by the conflicting instruction and popped by this one. Only
-    adjacent queues exchange tokens (load <-> compute <-> store); a load/store hazard the compute queue
+    of every other queue it is already ordered after, directly or through the third queue; only a hazard the
+    clock does not cover costs a token, pushed by the conflicting instruction and popped by this one. Pushes
+    of one queue to another are added in program order, so the token FIFOs pair them with the right pops.
+    Only adjacent queues exchange tokens (load <-> compute <-> store); a load/store hazard the compute queue
     does not already cover goes through a NOP in the compute queue.
     """
     order = {q: i for i, q in enumerate(isa.QUEUES)}
     out: list = []
-    clocks: list = []  # per emitted instruction: its queue's clock after it issued
+    clocks: list = []  # per emitted instruction: its queue's clock when it issued
     history = []  # (index, queue, accesses)
     known = {q: {} for q in isa.QUEUES}  # queue -> {other queue: latest index it is ordered after}
 
     def wait(q, q2, idx, deps):
-        """Make queue q (issuing now, flags in *deps*) wait for instruction idx of adjacent queue q2."""
+        """Make the instruction queue q is issuing (flags in *deps*) wait for instruction idx of adjacent queue q2."""
+        pop = "pop_prev" if order[q2] < order[q] else "pop_next"
+        if pop in deps:
+            raise CompileError(f"internal: an instruction of the {q} queue needs two tokens from the {q2} queue")
         old = out[idx]
         out[idx] = isa.Instr(old.op, old.fields, old.deps | {"push_next" if order[q] > order[q2] else "push_prev"})
-        deps.add("pop_prev" if order[q2] < order[q] else "pop_next")
+        deps.add(pop)
         for k, v in clocks[idx].items():
             known[q][k] = max(known[q].get(k, -1), v)
-        known[q][q2] = max(known[q].get(q2, -1), idx)
 
     def issue(ins, q, mine, deps):
-        for k, v in known[q].items():
-            known[q][k] = v
         out.append(isa.Instr(ins.op, ins.fields, frozenset(deps)))
         clocks.append({**known[q], q: len(out) - 1})
         history.append((len(out) - 1, q, mine))
@@ -390,12 +391,11 @@ def insert_tokens(code: list) -> None:
                     need[q2] = max(need.get(q2, -1), idx)
                     break
         deps = set(ins.deps)
-        for q2, idx in sorted(need.items(), key=lambda kv: abs(order[kv[0]] - order[q])):
+        # the far queue first: waiting for the relay also covers a hazard with the compute queue itself
+        for q2, idx in sorted(need.items(), key=lambda kv: -abs(order[kv[0]] - order[q])):
             if known[q].get(q2, -1) >= idx:
                 continue
             if abs(order[q2] - order[q]) == 1:
-                if ("pop_prev" if order[q2] < order[q] else "pop_next") in deps:
-                    raise CompileError(f"{ins.op}: needs two tokens from the {q2} queue")
                 wait(q, q2, idx, deps)
                 continue
             mid = "compute"
@@ -403,7 +403,6 @@ def insert_tokens(code: list) -> None:
                 relay_deps = set()
                 wait(mid, q2, idx, relay_deps)
                 issue(isa.Instr("NOP", {"queue": isa.QUEUES.index(mid)}), mid, [], relay_deps)
-            wait(q, mid, len(out) - 1 if out[-1].op == "NOP" and known[mid].get(q2, -1) >= idx else
-                 max(i for i, qq, _ in history if qq == mid), deps)
+            wait(q, mid, max(i for i, qq, _ in history if qq == mid), deps)
         issue(ins, q, mine, deps)
     code[:] = out
