@@ -211,50 +211,12 @@ def build_llama_onnx(path: str | os.PathLike | None = None, *, vocab: int = 64, 
     return model
 
 
-def _session(model):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
-def _past_specs(sess):
-    """(name, kv_heads, head_dim) of every past_key_values input."""
-    return [(i.name, i.shape[1], i.shape[3]) for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-
-
 def greedy_decode_ort(model, prompt, new_tokens: int):
-    """Greedy decoding with onnxruntime, feeding the KV cache back.
+    """Greedy decoding with fp32 onnxruntime, feeding the KV cache back (:func:`kvoverlay.host.reference.ort_decode`).
 
-    The prompt is prefilled in one call, then one token per call. *model* is a
-    ``ModelProto``, a path or an ``InferenceSession``. Returns ``(tokens,
-    logits)``: the *new_tokens* generated token ids and, for each, the
-    last-position logits (a float32 vector) it was chosen from.
+    *model* is a ``ModelProto``, a path or an ``InferenceSession``. Returns ``(tokens, logits)``: the
+    *new_tokens* generated token ids and, for each, the last-position logits (float32) it was chosen from.
     """
-    import onnxruntime as ort
+    from kvoverlay.host.reference import ort_decode
 
-    sess = model if isinstance(model, ort.InferenceSession) else _session(model)
-    specs = _past_specs(sess)
-    # Exports differ in which of the three token-level inputs they declare (GPT-2 may lack position_ids).
-    declared = {i.name for i in sess.get_inputs()}
-    out_names = ["logits"] + [n.replace("past_key_values.", "present.") for n, _, _ in specs]
-    past = {n: np.zeros((1, kvh, 0, hd), np.float32) for n, kvh, hd in specs}
-    ids = np.asarray(prompt, np.int64).reshape(1, -1)
-    pos0 = 0
-    tokens, all_logits = [], []
-    for _ in range(new_tokens):
-        seq = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, pos0 + seq), np.int64),
-                "position_ids": np.arange(pos0, pos0 + seq, dtype=np.int64).reshape(1, -1), **past}
-        res = sess.run(out_names, {k: v for k, v in feed.items() if k in declared})
-        last = res[0][0, -1]
-        tok = int(np.argmax(last))
-        tokens.append(tok)
-        all_logits.append(last)
-        past = {n: r for (n, _, _), r in zip(specs, res[1:], strict=True)}
-        pos0 += seq
-        ids = np.array([[tok]], np.int64)
-    return tokens, all_logits
+    return ort_decode(model, prompt, new_tokens)

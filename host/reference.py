@@ -13,6 +13,8 @@ def _session(model):
     import onnx
     import onnxruntime as ort
 
+    if isinstance(model, ort.InferenceSession):
+        return model
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
@@ -23,7 +25,9 @@ def _session(model):
 def ort_decode(model, prompt, new_tokens: int, forced=None):
     """Greedy decoding with fp32 onnxruntime, feeding the KV cache back.
 
-    The prompt is prefilled in one call, then one token per call. With *forced*
+    *model* is a ``ModelProto``, a path or an ``InferenceSession``. The prompt is prefilled in one call,
+    then one token per call; only the inputs the model declares are fed (GPT-2 exports may lack
+    ``position_ids``). With *forced*
     (a list of *new_tokens* tokens), each step feeds the forced token instead of
     its own choice, so the logits are those of that exact sequence. Returns
     ``(tokens, logits)``: the argmax tokens and the last-position logits (float32) per step.
