@@ -1,15 +1,13 @@
-"""``kvoverlay demo``: a decoder block written in assembly, run on the golden model.
+"""A decoder block written in assembly, and ``kvoverlay run`` of raw instruction streams.
 
-Until the compiler lands, the demo assembles a hand-written program: one
-pre-norm attention block with an MLP and an LM head, on deterministic weights,
-decoding greedily for a few steps with the KV cache on chip. Each step is
-checked against a float64 reference of the same quantized weights.
+The hand-written program (one pre-norm attention block with an MLP and an LM
+head, on deterministic weights, the KV cache on chip) predates the compiler; it
+stays as the golden model's regression against a float64 reference of the same
+quantized weights (``tests/test_golden.py``). ``kvoverlay demo`` now compiles an
+ONNX model (:mod:`kvoverlay.host.commands`).
 """
 
 from __future__ import annotations
-
-import sys
-import time
 
 import numpy as np
 
@@ -138,33 +136,6 @@ def reference_step(params, state, token, pos):
     u = params["w1"] @ h
     x = x + params["w2"] @ (u / (1 + np.exp(-u)))
     return params["lm"] @ x
-
-
-def demo_main(args=None) -> int:
-    cfg = load_config(getattr(args, "config", None) or "tiny")
-    steps = getattr(args, "tokens", None) or 8
-    if not 1 <= steps <= cfg.kv_capacity:
-        raise ValueError(f"--tokens {steps} must be in [1, {cfg.kv_capacity}] (the KV capacity of config {cfg.name})")
-    instrs, image, params, sym, _ = build(cfg, seed=getattr(args, "seed", 0) or 0)
-    model = GoldenModel(cfg, image, regions=[("weights", 0, sym["out"]), ("io", sym["out"], len(image))])
-    print(f"kvoverlay demo: hand-assembled decoder block ({len(instrs)} instructions, {len(image)} bytes of image) "
-          f"on the golden model, config {cfg.name}", file=sys.stderr)
-    print(f"{'step':>4} {'token':>5} {'ref':>5} {'cosine':>9} {'cycles':>7} {'bytes read':>10}")
-    token, state, worst, agree = 1, {}, 1.0, 0
-    t0 = time.perf_counter()
-    for pos in range(steps):
-        counters = model.run(instrs, args=[token, pos])
-        m, e = model.read_vector_record(sym["out"], VOCAB)
-        logits = nx.to_float(m, e)
-        ref = reference_step(params, state, token, pos)
-        cos = float(logits @ ref / (np.linalg.norm(logits) * np.linalg.norm(ref)))
-        nxt, ref_tok = model.regs[2], int(np.argmax(ref))
-        worst, agree = min(worst, cos), agree + (nxt == ref_tok)
-        print(f"{pos:>4} {nxt:>5} {ref_tok:>5} {cos:>9.6f} {counters.cycles:>7} {counters.total_read:>10}")
-        token = nxt
-    print(f"tokens matching the float64 reference: {agree}/{steps}; minimum logits cosine {worst:.6f}; "
-          f"wall {time.perf_counter() - t0:.2f} s")
-    return 0 if worst > 0.99 else 1
 
 
 def run_main(args) -> int:
