@@ -383,11 +383,13 @@ class AttentionEngine(wiring.Component):
             t_int.eq(t_fix >> numerics.SCORE_FRAC),
             rom_lo.addr.eq(t_frac[exp2_shift:]), rom_hi.addr.eq(t_frac[exp2_shift:] + 1),
         ]
+        t_lo = Signal(signed(18))  # table entries are unsigned Q1.15 (up to 1 << 15)
+        t_hi = Signal(signed(18))
         interp = Signal(signed(32))
-        m.d.comb += interp.eq(((rom_hi.data.as_signed() - rom_lo.data.as_signed()) * t_frac[:exp2_shift]
-                               + (1 << (exp2_shift - 1))) >> exp2_shift)
+        m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
+                     interp.eq(((t_hi - t_lo) * t_frac[:exp2_shift] + (1 << (exp2_shift - 1))) >> exp2_shift)]
         p_tab = Signal(signed(W))
-        m.d.comb += p_tab.eq(rom_lo.data + interp)
+        m.d.comb += p_tab.eq(t_lo + interp)
         p_shifted = _round_shift(m, p_tab, Mux(t_int > EXP2_ZERO_SHIFT, EXP2_ZERO_SHIFT, t_int), "exp2_shifted")
         exp_out = Signal(signed(W))
         m.d.comb += exp_out.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, p_shifted))

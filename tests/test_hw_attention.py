@@ -169,6 +169,8 @@ class Scenario:
                 assert r["code"] == AttnError.NONE.value
                 length = self.regs[f["len_reg"]] + f["len_imm"]
                 assert r["cycles"] == attn_cycles(CFG, f["q_heads"], f["head_dim"], length)
+        assert len(res["abuf"]) == len(self.read_abuf) and len(res["acc"]) == len(self.read_acc)
+        assert len(res["kv"]) == len(self.read_kv) and len(res["instrs"]) == len(self.program)
         assert res["eregs"] == [int(e) for e in g.eregs]
         for w, word in zip(sorted(self.read_abuf), res["abuf"]):
             assert _unpack(word, AL) == [int(v) for v in g.abuf[w * AL:(w + 1) * AL]], f"abuf word {w}"
