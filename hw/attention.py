@@ -62,13 +62,14 @@ def kvappend_cycles(config, heads: int, head_dim: int) -> int:
     return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1
 
 
-def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int) -> int:
+def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
     """Busy cycles of a legal ATTN.
 
     Per head: 1 (clear) + per tile ``2 * positions * chunks + 4`` (score pass, 2 drain, max/rescale
     step, value pass, 1 drain) + 1 (finish) + DIVIDER_CYCLES + the output words the head touches.
     Then a peak pass and a write pass over the ``ceil(q_heads * head_dim / lanes)`` output words
-    (one drain each) and a normalization step; plus the decode cycle.
+    (one drain each) and a normalization step; plus the decode cycle. With *overflow* (the output
+    exponent exceeds EXP_MAX, an OVERFLOW fault found at the normalization step) the write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
     nch = _ceil(head_dim, V)
@@ -79,7 +80,7 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int) -> int:
         out_words = (off + head_dim - 1) // V + 1
         total += 1 + 2 * kv_len * nch + 4 * tiles + 1 + DIVIDER_CYCLES + out_words
     nw = _ceil(q_heads * head_dim, V)
-    return total + (nw + 1) + 1 + (nw + 1)
+    return total + (nw + 1) + 1 + (0 if overflow else nw + 1)
 
 
 def _bits(n: int) -> int:

@@ -77,22 +77,34 @@ class Scenario:
         self.read_acc = []
         self.read_kv = []
 
-    def append_tokens(self, layer, heads, head_dim, length, *, offset=0, base=TOKENS_ADDR):
-        """KVAPPENDs of *length* random tokens at positions 0.. (through R[POS_REG] + pos_imm)."""
+    def append_tokens(self, layer, heads, head_dim, length, *, offset=0, base=TOKENS_ADDR, v_exp=None, v_top=None,
+                      same=False):
+        """KVAPPENDs of *length* random tokens at positions 0.. (through R[POS_REG] + pos_imm).
+
+        *v_exp* fixes every value exponent, *v_top* bounds the value mantissas (0: all zero), *same*
+        repeats the first token with values -2**15 (equal scores: the softmax sum grows with the length).
+        """
         rng = self.rng
         n = heads * head_dim
         stride = -(-(2 * n + offset + 1) // AL) * AL
         self.regs[POS_REG] = int(rng.integers(0, 4))
         for i in range(NE):
             self.eregs[K_E0 + i] = int(rng.integers(-17, -11))
-            self.eregs[V_E0 + i] = int(rng.integers(-20, -7))
+            self.eregs[V_E0 + i] = int(rng.integers(-20, -7)) if v_exp is None else v_exp
         for t in range(length):
             k_addr = base + t * stride + offset
             v_addr = k_addr + n
-            # varied magnitudes: some tokens use only a few mantissa bits
-            top = int(rng.choice([1 << 15, 1 << 12, 1 << 6]))
-            self.abuf[k_addr:k_addr + n] = rng.integers(-top + 1, top, n)
-            self.abuf[v_addr:v_addr + n] = rng.integers(-top + 1, top, n)
+            if same and t:
+                self.abuf[k_addr:k_addr + 2 * n] = self.abuf[base + offset:base + offset + 2 * n]
+                self.eregs[K_E0 + t % NE] = self.eregs[K_E0]
+            else:
+                # varied magnitudes: some tokens use only a few mantissa bits
+                top = int(rng.choice([1 << 15, 1 << 12, 1 << 6]))
+                self.abuf[k_addr:k_addr + n] = rng.integers(-top + 1, top, n)
+                vtop = top if v_top is None else v_top
+                self.abuf[v_addr:v_addr + n] = rng.integers(-vtop + 1, vtop, n) if vtop else 0
+                if same:  # int16's most negative value: the output's peak is an exact power of two
+                    self.abuf[v_addr:v_addr + n] = -numerics.MANT_MAX - 1
             self.program.append(isa.Instr("KVAPPEND", {
                 "k": k_addr, "k_e": K_E0 + t % NE, "v": v_addr, "v_e": V_E0 + t % NE, "layer": layer,
                 "heads": heads, "head_dim": head_dim, "pos_reg": POS_REG, "pos_imm": t - self.regs[POS_REG]}))
@@ -160,7 +172,10 @@ class Scenario:
         assert [bool(r["error"]) for r in res["instrs"]] == errors
         for ins, r, err in zip(self.program, res["instrs"], errors):
             f = ins.fields
-            if err:
+            if err and r["code"] == AttnError.OVERFLOW.value:
+                length = self.regs[f["len_reg"]] + f["len_imm"]
+                assert r["cycles"] == attn_cycles(CFG, f["q_heads"], f["head_dim"], length, overflow=True)
+            elif err:
                 assert r["cycles"] == 1, "a rejected instruction costs its decode cycle only"
             elif ins.op == "KVAPPEND":
                 assert r["code"] == AttnError.NONE.value
@@ -259,3 +274,34 @@ def test_attn_errors(build):
     _, res = s.check(build)
     codes = [r["code"] for r in res["instrs"][3:-1]]
     assert codes == [AttnError.KV_RANGE.value] * 2 + [AttnError.GEOMETRY.value, AttnError.SPAN.value]
+
+
+@pytest.mark.parametrize("kind", ["underflow", "zero_values", "overflow"])
+def test_attn_exponent_extremes(build, kind):
+    """Output exponent below EXP_MIN (mantissas shifted down), an all-zero output (EXP_MIN), and above EXP_MAX (error)."""
+    s = Scenario(7)
+    if kind == "underflow":
+        s.append_tokens(1, 2, 8, 11, v_exp=numerics.EXP_MIN)
+    elif kind == "zero_values":
+        s.append_tokens(1, 2, 8, 11, v_top=0)
+    else:
+        s.append_tokens(1, 2, 8, 4, v_exp=numerics.EXP_MAX, same=True)
+    length = 4 if kind == "overflow" else 11
+    s.attend(1, 2, 2, 8, length)
+    if kind == "overflow":
+        s.read_acc = []  # a fault found after the heads ran leaves their statistics written
+    g, res = s.check(build)
+    code = res["instrs"][-1]["code"]
+    if kind == "overflow":
+        assert code == AttnError.OVERFLOW.value
+    else:
+        assert code == AttnError.NONE.value
+        assert g.eregs[DST_E] == numerics.EXP_MIN
+        out = g.abuf[DST_ADDR:DST_ADDR + 16]
+        assert (np.max(np.abs(out)) == 0) == (kind == "zero_values")
+
+
+def test_lanes_wider_than_abuf_word_rejected():
+    cfg = CFG.replace(vector_lanes=4 * AL)
+    with pytest.raises(ValueError, match=f"vector_lanes={4 * AL}"):
+        AttentionSimTop(cfg)
