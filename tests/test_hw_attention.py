@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """AttentionEngine + KvBuffer under Verilator via cocotb, with sim/golden.py GoldenModel as the scoreboard.
 
 One Verilator build of the ``tiny`` preset serves every case: each case loads its activation
@@ -18,7 +19,7 @@ pytest.importorskip("cocotb_tools")
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
 
-from hw.attention import AttnError, attn_cycles, kvappend_cycles
+from hw.attention import AttentionEngine, AttnError, attn_cycles, kvappend_cycles
 from hw.kv_buffer import kv_geometry
 from hw.sim_attention import TOP_NAME, AttentionSimTop
 from kvoverlay import isa, numerics, toolchain
@@ -304,4 +305,4 @@ def test_attn_exponent_extremes(build, kind):
 def test_lanes_wider_than_abuf_word_rejected():
     cfg = CFG.replace(vector_lanes=4 * AL)
     with pytest.raises(ValueError, match=f"vector_lanes={4 * AL}"):
-        AttentionSimTop(cfg)
+        AttentionEngine(cfg)
