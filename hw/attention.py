@@ -65,20 +65,28 @@ def kvappend_cycles(config, heads: int, head_dim: int) -> int:
 def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
     """Busy cycles of a legal ATTN.
 
-    Per head: 1 (clear) + per tile ``2 * positions * chunks + 4`` (score pass, 2 drain, max/rescale
-    step, value pass, 1 drain) + 1 (finish) + DIVIDER_CYCLES + the output words the head touches.
-    Then a peak pass and a write pass over the ``ceil(q_heads * head_dim / lanes)`` output words
-    (one drain each) and a normalization step; plus the decode cycle. With *overflow* (the output
-    exponent exceeds EXP_MAX, an OVERFLOW fault found at the normalization step) the write pass is skipped.
+    Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks:
+    1 (clear), the first tile's score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale
+    step (1) and a run of ``n_i * c`` cycles in which the values of tile i and the scores of
+    tile i+1 stream side by side, + 1 drain (2 when tile i+1 is as long as tile i, its last
+    score then still in flight); then 1 (finish) + DIVIDER_CYCLES + the output words the head
+    touches. After the heads, a peak pass and a write pass over the
+    ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a normalization step;
+    plus the decode cycle. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault
+    found at the normalization step) the write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
     nch = _ceil(head_dim, V)
-    tiles = _ceil(kv_len, T)
+    sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
+    per_tile = 0
+    for i, n in enumerate(sizes):
+        following = sizes[i + 1] if i + 1 < len(sizes) else 0
+        per_tile += 1 + n * nch + (2 if following == n else 1)
     total = 1
     for h in range(q_heads):
         off = (h * head_dim) % V
         out_words = (off + head_dim - 1) // V + 1
-        total += 1 + 2 * kv_len * nch + 4 * tiles + 1 + DIVIDER_CYCLES + out_words
+        total += 1 + sizes[0] * nch + 2 + per_tile + 1 + DIVIDER_CYCLES + out_words
     nw = _ceil(q_heads * head_dim, V)
     return total + (nw + 1) + 1 + (0 if overflow else nw + 1)
 
@@ -292,6 +300,21 @@ class AttentionEngine(wiring.Component):
         m.d.comb += last_chunk.eq(chunk == Mux(n_chunks == 0, 0, n_chunks - 1))
         lane_mask = Signal(V)
         m.d.comb += lane_mask.eq(Cat(((chunk << lgV) + i < head_dim) for i in range(V)))
+        # the value pass runs one tile behind the score pass, with its own counters
+        pv_tile_start = Signal(17)
+        pv_pos_in_tile = Signal(range(T))
+        pv_chunk = Signal(12)
+        pv_tile_end = Signal(17)
+        m.d.comb += pv_tile_end.eq(Mux(pv_tile_start + T < kv_len, pv_tile_start + T, kv_len))
+        pv_cur_pos = Signal(17)
+        m.d.comb += pv_cur_pos.eq(pv_tile_start + pv_pos_in_tile)
+        pv_last_chunk = Signal()
+        m.d.comb += pv_last_chunk.eq(pv_chunk == n_chunks - 1)
+        pv_lane_mask = Signal(V)
+        m.d.comb += pv_lane_mask.eq(Cat(((pv_chunk << lgV) + i < head_dim) for i in range(V)))
+        score_bank = Signal()  # tile parity of the score pass: scores are double-buffered
+        pv_bank = Signal()
+        score_active = Signal()
 
         # activation-buffer reads: the word holding `elem` and the next one
         m.d.comb += [self.abuf_raddr0.eq(elem >> lgAL), self.abuf_raddr1.eq((elem >> lgAL) + 1)]
@@ -316,11 +339,13 @@ class AttentionEngine(wiring.Component):
         ]
 
         # ---------------------------------------------------------------- ATTN: KV read address
-        m.d.comb += [kv.rd_layer.eq(layer), kv.rd_head.eq(kv_head), kv.rd_pos.eq(cur_pos), kv.rd_chunk.eq(chunk)]
+        m.d.comb += [kv.rd_layer.eq(layer), kv.rd_head.eq(kv_head), kv.rd_k_pos.eq(cur_pos), kv.rd_k_chunk.eq(chunk),
+                     kv.rd_v_pos.eq(pv_cur_pos), kv.rd_v_chunk.eq(pv_chunk)]
 
         # score pipeline: stage 1 multiplies and accumulates the dot product, stage 2 rounds and stores
         sc1_valid, sc1_first, sc1_last = Signal(), Signal(), Signal()
         sc1_pos = Signal(range(T))
+        sc1_bank = Signal()
         sc1_off = Signal(lgAL or 1)
         sc1_mask = Signal(V)
         m.d.sync += sc1_valid.eq(0)
@@ -341,17 +366,19 @@ class AttentionEngine(wiring.Component):
         sc2_ek = Signal(EXP_SHAPE)
         sc2_ev = Signal(EXP_SHAPE)
         sc2_pos = Signal(range(T))
+        sc2_bank = Signal()
         m.d.sync += sc2_valid.eq(sc1_valid & sc1_last)
         with m.If(sc1_valid):
-            m.d.sync += [dot.eq(dot_next), sc2_dot.eq(dot_next), sc2_ek.eq(kv.rd_ek), sc2_ev.eq(kv.rd_ev), sc2_pos.eq(sc1_pos)]
+            m.d.sync += [dot.eq(dot_next), sc2_dot.eq(dot_next), sc2_ek.eq(kv.rd_ek), sc2_ev.eq(kv.rd_ev), sc2_pos.eq(sc1_pos),
+                         sc2_bank.eq(sc1_bank)]
         score_shift = Signal(signed(16))
         m.d.comb += score_shift.eq(-(e_a + sc2_ek + numerics.SCORE_FRAC))
         score = _round_shift(m, sc2_dot, score_shift, "score")
-        scores = Array(Signal(signed(W), name=f"score{i}") for i in range(T))
+        scores = Array(Signal(signed(W), name=f"score{i // T}_{i % T}") for i in range(2 * T))
         tile_max = Signal(signed(W))
         tile_ev_max = Signal(EXP_SHAPE)
         with m.If(sc2_valid):
-            m.d.sync += scores[sc2_pos].eq(score)
+            m.d.sync += scores[sc2_bank * T + sc2_pos].eq(score)
             with m.If((sc2_pos == 0) | (score > tile_max)):
                 m.d.sync += tile_max.eq(score)
             with m.If((sc2_pos == 0) | (sc2_ev > tile_ev_max)):
@@ -369,8 +396,9 @@ class AttentionEngine(wiring.Component):
 
         # shared 2^-x unit (numerics.exp2_neg_q15); its ROM is numerics.EXP2_TABLE
         pv1_pos = Signal(range(T))
+        pv1_bank = Signal()
         exp_in = Signal(signed(W))
-        m.d.comb += exp_in.eq(Mux(in_mstep, _wrap(m_run - m_new), _wrap(scores[pv1_pos] - m_run)))
+        m.d.comb += exp_in.eq(Mux(in_mstep, _wrap(m_run - m_new), _wrap(scores[pv1_bank * T + pv1_pos] - m_run)))
         table = [int(v) for v in numerics.EXP2_TABLE]
         m.submodules.exp2_rom = rom = Memory(shape=unsigned(16), depth=len(table), init=table)
         rom_lo, rom_hi = rom.read_port(domain="comb"), rom.read_port(domain="comb")
@@ -516,7 +544,21 @@ class AttentionEngine(wiring.Component):
             m.next = "IDLE"
 
         def next_head_setup():
-            m.d.sync += [elem.eq(elem_head), chunk.eq(0), pos_in_tile.eq(0), tile_start.eq(0), first_tile.eq(1)]
+            m.d.sync += [elem.eq(elem_head), chunk.eq(0), pos_in_tile.eq(0), tile_start.eq(0), first_tile.eq(1),
+                         pv_tile_start.eq(0), pv_pos_in_tile.eq(0), pv_chunk.eq(0), score_bank.eq(0), pv_bank.eq(0)]
+
+        def issue_score():
+            """One chunk of the score pass; at the tile's end, move the score counters to the next tile."""
+            m.d.sync += [sc1_valid.eq(1), sc1_first.eq(chunk == 0), sc1_last.eq(last_chunk), sc1_pos.eq(pos_in_tile),
+                         sc1_bank.eq(score_bank), sc1_off.eq(elem[:lgAL] if lgAL else 0), sc1_mask.eq(lane_mask)]
+            tile_done = last_chunk & (cur_pos == tile_end - 1)
+            with m.If(last_chunk):
+                m.d.sync += [chunk.eq(0), elem.eq(elem_head), pos_in_tile.eq(pos_in_tile + 1)]
+                with m.If(tile_done):
+                    m.d.sync += [pos_in_tile.eq(0), tile_start.eq(tile_end), score_bank.eq(~score_bank)]
+            with m.Else():
+                m.d.sync += [chunk.eq(chunk + 1), elem.eq(elem + V)]
+            return tile_done
 
         with m.FSM(name="attn_fsm"):
             with m.State("IDLE"):  # noqa: SIM117 - Amaranth control blocks
@@ -576,16 +618,9 @@ class AttentionEngine(wiring.Component):
                 m.d.sync += [w.eq(0) for w in acc_words]
                 next_head_setup()
                 m.next = "A_SCORE"
-            with m.State("A_SCORE"):
-                m.d.sync += [sc1_valid.eq(1), sc1_first.eq(chunk == 0), sc1_last.eq(last_chunk), sc1_pos.eq(pos_in_tile),
-                             sc1_off.eq(elem[:lgAL] if lgAL else 0), sc1_mask.eq(lane_mask)]
-                with m.If(last_chunk):
-                    m.d.sync += [chunk.eq(0), elem.eq(elem_head), pos_in_tile.eq(pos_in_tile + 1)]
-                    with m.If(cur_pos == tile_end - 1):
-                        m.d.sync += pos_in_tile.eq(0)
-                        m.next = "A_SDRAIN"
-                with m.Else():
-                    m.d.sync += [chunk.eq(chunk + 1), elem.eq(elem + V)]
+            with m.State("A_SCORE"):  # noqa: SIM117 - the first tile's scores, alone
+                with m.If(issue_score()):
+                    m.next = "A_SDRAIN"
             with m.State("A_SDRAIN"):  # noqa: SIM117 - Amaranth control blocks
                 with m.If(~sc1_valid):
                     m.next = "A_MSTEP"
@@ -593,24 +628,29 @@ class AttentionEngine(wiring.Component):
                 m.d.comb += in_mstep.eq(1)
                 m.d.sync += [alpha.eq(exp_out), m_run.eq(m_new), e_acc_old.eq(e_acc),
                              e_acc.eq(Mux(first_tile | (tile_ev_max > e_acc), tile_ev_max, e_acc)),
-                             l_run.eq(Mux(first_tile, 0, l_rescaled))]
-                m.next = "A_PV"
-            with m.State("A_PV"):
-                m.d.sync += [pv1_valid.eq(1), pv1_first_pos.eq(pos_in_tile == 0), pv1_chunk0.eq(chunk == 0),
-                             pv1_chunk.eq(chunk), pv1_pos.eq(pos_in_tile), pv1_mask.eq(lane_mask)]
-                with m.If(last_chunk):
-                    m.d.sync += [chunk.eq(0), pos_in_tile.eq(pos_in_tile + 1)]
-                    with m.If(cur_pos == tile_end - 1):
-                        m.d.sync += pos_in_tile.eq(0)
-                        m.next = "A_PDRAIN"
+                             l_run.eq(Mux(first_tile, 0, l_rescaled)), score_active.eq(tile_start < kv_len)]
+                m.next = "A_RUN"
+            with m.State("A_RUN"):  # values of this tile and scores of the next one, side by side
+                with m.If(score_active):  # noqa: SIM117 - Amaranth control blocks
+                    with m.If(issue_score()):
+                        m.d.sync += score_active.eq(0)
+                m.d.sync += [pv1_valid.eq(1), pv1_first_pos.eq(pv_pos_in_tile == 0), pv1_chunk0.eq(pv_chunk == 0),
+                             pv1_chunk.eq(pv_chunk), pv1_pos.eq(pv_pos_in_tile), pv1_bank.eq(pv_bank),
+                             pv1_mask.eq(pv_lane_mask)]
+                with m.If(pv_last_chunk):
+                    m.d.sync += [pv_chunk.eq(0), pv_pos_in_tile.eq(pv_pos_in_tile + 1)]
+                    with m.If(pv_cur_pos == pv_tile_end - 1):
+                        m.d.sync += pv_pos_in_tile.eq(0)
+                        m.next = "A_RDRAIN"
                 with m.Else():
-                    m.d.sync += chunk.eq(chunk + 1)
-            with m.State("A_PDRAIN"):
-                with m.If(tile_end == kv_len):
-                    m.next = "A_FIN"
-                with m.Else():
-                    m.d.sync += [tile_start.eq(tile_end), first_tile.eq(0), elem.eq(elem_head)]
-                    m.next = "A_SCORE"
+                    m.d.sync += pv_chunk.eq(pv_chunk + 1)
+            with m.State("A_RDRAIN"):  # noqa: SIM117 - Amaranth control blocks
+                with m.If(~sc1_valid):
+                    with m.If(pv_tile_end == kv_len):
+                        m.next = "A_FIN"
+                    with m.Else():
+                        m.d.sync += [pv_tile_start.eq(pv_tile_end), pv_bank.eq(~pv_bank), first_tile.eq(0)]
+                        m.next = "A_MSTEP"
             with m.State("A_FIN"):
                 m.d.sync += [head_shift.eq(Mux(acc_bits > ACC_KEEP_BITS, acc_bits - ACC_KEEP_BITS, 0)),
                              remainder.eq(0), quotient.eq(0), div_cnt.eq(RECIP_BITS)]

@@ -7,7 +7,7 @@ raw memory address.
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Shape, unsigned
+from amaranth.hdl import Module, Shape, Signal, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -51,14 +51,16 @@ def kv_port_signature(config) -> wiring.Signature:
     """The engine's port to the KV buffer (directions as seen by the engine).
 
     One write port (K or V mantissas of one chunk with a per-lane mask, and the token's
-    two exponents) and one read port (K and V chunk plus both exponents, latency 1).
+    two exponents) and one read port of latency 1 for a layer and head, with its own position
+    and chunk for K (``rd_k_data``, ``rd_ek``) and for V (``rd_v_data``, ``rd_ev``), so that
+    the scores of one tile and the values of another stream at the same time.
     """
     g = kv_geometry(config)
     c = _coords(config)
-    members = {}
-    for side in ("wr", "rd"):
-        for name, shape in c.items():
-            members[f"{side}_{name}"] = Out(shape)
+    members = {f"wr_{name}": Out(shape) for name, shape in c.items()}
+    members.update({"rd_layer": Out(c["layer"]), "rd_head": Out(c["head"])})
+    for side in ("k", "v"):
+        members.update({f"rd_{side}_pos": Out(c["pos"]), f"rd_{side}_chunk": Out(c["chunk"])})
     members.update({
         "wr_data": Out(16 * g["lanes"]),
         "wr_mask": Out(g["lanes"]),
@@ -136,16 +138,23 @@ class KvBuffer(wiring.Component):
         m.d.comb += [ew_port.addr.eq(wr_row), ew_port.data.eq(p.wr_ev.as_unsigned() << ew | p.wr_ek.as_unsigned()),
                      ew_port.en.eq(p.wr_e_en)]
 
-        for side, out_k, out_v, out_ek, out_ev in (
-                ((p.rd_layer, p.rd_head, p.rd_pos, p.rd_chunk), p.rd_k_data, p.rd_v_data, p.rd_ek, p.rd_ev),
-                ((h.layer, h.head, h.pos, h.chunk), h.k_data, h.v_data, h.ek, h.ev)):
-            layer, head, pos, chunk = side
-            row = self.row_index(layer, head, pos)
-            kr, vr, er = k_mem.read_port(), v_mem.read_port(), exp_mem.read_port()
-            m.d.comb += [
-                kr.addr.eq(row * chunks + chunk), vr.addr.eq(row * chunks + chunk), er.addr.eq(row),
-                out_k.eq(kr.data), out_v.eq(vr.data),
-                out_ek.eq(er.data[:ew].as_signed()), out_ev.eq(er.data[ew:].as_signed()),
-            ]
+        def read(mem, row, chunk, data):
+            port = mem.read_port()
+            m.d.comb += [port.addr.eq(row * chunks + chunk), data.eq(port.data)]
+
+        def read_exp(row, ek, ev):
+            port = exp_mem.read_port()
+            m.d.comb += [port.addr.eq(row), ek.eq(port.data[:ew].as_signed()), ev.eq(port.data[ew:].as_signed())]
+
+        k_row = self.row_index(p.rd_layer, p.rd_head, p.rd_k_pos)
+        v_row = self.row_index(p.rd_layer, p.rd_head, p.rd_v_pos)
+        read(k_mem, k_row, p.rd_k_chunk, p.rd_k_data)
+        read(v_mem, v_row, p.rd_v_chunk, p.rd_v_data)
+        read_exp(k_row, p.rd_ek, Signal(EXP_SHAPE))
+        read_exp(v_row, Signal(EXP_SHAPE), p.rd_ev)
+        host_row = self.row_index(h.layer, h.head, h.pos)
+        read(k_mem, host_row, h.chunk, h.k_data)
+        read(v_mem, host_row, h.chunk, h.v_data)
+        read_exp(host_row, h.ek, h.ev)
         return m
 

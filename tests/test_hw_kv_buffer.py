@@ -75,9 +75,13 @@ def test_kv_buffer_words_and_masks():
         await ctx.tick()
         ctx.set(p.wr_k_en, 0)
         for c in coords:
-            for port, names in ((p, ("rd_layer", "rd_head", "rd_pos", "rd_chunk")), (host, ("layer", "head", "pos", "chunk"))):
-                for name, val in zip(names, c):
-                    ctx.set(getattr(port, name), val)
+            # the engine port reads K and V of two different positions at once
+            other = coords[(coords.index(c) + 7) % len(coords)]
+            for port, names, val in ((p, ("rd_layer", "rd_head", "rd_k_pos", "rd_k_chunk"), c),
+                                     (p, ("rd_v_pos", "rd_v_chunk"), other[2:]),
+                                     (host, ("layer", "head", "pos", "chunk"), c)):
+                for name, v in zip(names, val):
+                    ctx.set(getattr(port, name), v)
             await ctx.tick()
             seen[c] = (ctx.get(p.rd_k_data), ctx.get(p.rd_v_data), ctx.get(p.rd_ek), ctx.get(p.rd_ev),
                        ctx.get(host.k_data), ctx.get(host.v_data), ctx.get(host.ek), ctx.get(host.ev))
@@ -90,7 +94,9 @@ def test_kv_buffer_words_and_masks():
         k = list(k_words[c])
         if c == masked:
             k[1], k[3] = patch[1], patch[3]
+        other = (*c[:2], *coords[(coords.index(c) + 7) % len(coords)][2:])
         rk, rv, ek, ev, hk, hv, hek, hev = seen[c]
-        assert _lanes(rk, lanes) == k and _lanes(rv, lanes) == v_words[c], c
-        assert (ek, ev) == exps[c[:3]], c
-        assert (hk, hv, hek, hev) == (rk, rv, ek, ev), c
+        assert _lanes(hk, lanes) == k and _lanes(hv, lanes) == v_words[c], c
+        assert (hek, hev) == exps[c[:3]], c
+        assert rk == hk and ek == hek, c
+        assert _lanes(rv, lanes) == v_words[other] and ev == exps[other[:3]][1], (c, other)
