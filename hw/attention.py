@@ -66,14 +66,15 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     """Busy cycles of a legal ATTN.
 
     Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks:
-    1 (clear), the first tile's score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale
-    step (1) and a run of ``n_i * c`` cycles in which the values of tile i and the scores of
-    tile i+1 stream side by side, + 1 drain (2 when tile i+1 is as long as tile i, its last
-    score then still in flight); then 1 (finish) + DIVIDER_CYCLES + the output words the head
-    touches. After the heads, a peak pass and a write pass over the
-    ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a normalization step;
-    plus the decode cycle. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault
-    found at the normalization step) the write pass is skipped.
+    the first tile's score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale step (1) and
+    a run of ``n_i * c`` cycles in which the values of tile i and the scores of tile i+1 stream
+    side by side, + 1 drain (2 when tile i+1 is as long as tile i, its last score then still in
+    flight). A head's finish (1 + DIVIDER_CYCLES + the output words it touches) runs beside the
+    next head's first score pass, whose max step waits for it: that phase takes
+    ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write
+    pass over the ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a
+    normalization step; plus the decode cycle. With *overflow* (output exponent above EXP_MAX,
+    an OVERFLOW fault found at the normalization step) the write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
     nch = _ceil(head_dim, V)
@@ -82,13 +83,14 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     for i, n in enumerate(sizes):
         following = sizes[i + 1] if i + 1 < len(sizes) else 0
         per_tile += 1 + n * nch + (2 if following == n else 1)
-    total = 1
+    total, finish = 1, 0
     for h in range(q_heads):
-        off = (h * head_dim) % V
-        out_words = (off + head_dim - 1) // V + 1
-        total += 1 + sizes[0] * nch + 2 + per_tile + 1 + DIVIDER_CYCLES + out_words
+        first_scores = sizes[0] * nch + 2
+        total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
+        out_words = ((h * head_dim) % V + head_dim - 1) // V + 1
+        finish = 1 + DIVIDER_CYCLES + out_words
     nw = _ceil(q_heads * head_dim, V)
-    return total + (nw + 1) + 1 + (0 if overflow else nw + 1)
+    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1)
 
 
 def _bits(n: int) -> int:
@@ -469,7 +471,9 @@ class AttentionEngine(wiring.Component):
         rem_shifted = Signal(W + 2)
         m.d.comb += rem_shifted.eq(Cat(div_cnt == RECIP_BITS, remainder))
         out_k = Signal(12)  # output word of this head
-        out_off = out_head[:lgV] if lgV else Const(0, 1)
+        fin_head = Signal(8)  # the head being finished (the main control may be on the next one)
+        fin_out_head = Signal(20)  # its first output element
+        out_off = fin_out_head[:lgV] if lgV else Const(0, 1)
         out_last = Signal(12)
         m.d.comb += out_last.eq((out_off + head_dim - 1) >> lgV)
         word_lo = acc_words[(out_k - 1)[:len(out_k)]]
@@ -488,7 +492,7 @@ class AttentionEngine(wiring.Component):
             m.d.comb += o.eq(_wrap(_round_shift(m, x, head_shift, f"head_acc{i}") * quotient))
             scr_lanes.append(Cat(o, head_exp))
         m.d.comb += [
-            scr_w.addr.eq((out_head >> lgV) + out_k),
+            scr_w.addr.eq((fin_out_head >> lgV) + out_k),
             scr_w.data.eq(Cat(scr_lanes)),
         ]
         out_en = Signal(V)
@@ -560,6 +564,44 @@ class AttentionEngine(wiring.Component):
                 m.d.sync += [chunk.eq(chunk + 1), elem.eq(elem + V)]
             return tile_done
 
+        # finish control: reciprocal and scaled outputs of one head, while the main control streams the next
+        fin_start = Signal()
+        fin_fault = Signal()
+        with m.FSM(name="attn_finish_fsm") as fin_fsm:
+            with m.State("F_IDLE"):  # noqa: SIM117 - Amaranth control blocks
+                with m.If(fin_start):
+                    m.d.sync += [fin_head.eq(head), fin_out_head.eq(out_head)]
+                    m.next = "F_FIN"
+            with m.State("F_FIN"):
+                m.d.sync += [head_shift.eq(Mux(acc_bits > ACC_KEEP_BITS, acc_bits - ACC_KEEP_BITS, 0)),
+                             remainder.eq(0), quotient.eq(0), div_cnt.eq(RECIP_BITS)]
+                m.d.comb += [self.acc_waddr.eq(att.stats + 2 * fin_head), self.acc_wdata.eq(m_run), self.acc_we.eq(1)]
+                with m.If(l_run <= 0):
+                    m.d.sync += fin_fault.eq(1)
+                    m.next = "F_IDLE"
+                with m.Else():
+                    m.next = "F_DIV"
+            with m.State("F_DIV"):
+                with m.If(div_cnt == RECIP_BITS):
+                    m.d.comb += [self.acc_waddr.eq(att.stats + 2 * fin_head + 1), self.acc_wdata.eq(l_run), self.acc_we.eq(1)]
+                with m.If(rem_shifted >= l_run.as_unsigned()):
+                    m.d.sync += [remainder.eq(rem_shifted - l_run.as_unsigned()), quotient.eq(Cat(1, quotient))]
+                with m.Else():
+                    m.d.sync += [remainder.eq(rem_shifted), quotient.eq(Cat(0, quotient))]
+                m.d.sync += div_cnt.eq(div_cnt - 1)
+                with m.If(div_cnt == 0):
+                    m.d.sync += [out_k.eq(0), top_exp.eq(Mux((fin_head == 0) | (head_exp > top_exp), head_exp, top_exp))]
+                    m.next = "F_OUT"
+            with m.State("F_OUT"):
+                m.d.comb += scr_w.en.eq(out_en)
+                m.d.sync += out_k.eq(out_k + 1)
+                with m.If(out_k == out_last):
+                    m.next = "F_IDLE"
+        fin_idle = Signal()
+        m.d.comb += fin_idle.eq(fin_fsm.ongoing("F_IDLE"))
+        with m.If(self.start & ~busy):
+            m.d.sync += fin_fault.eq(0)
+
         with m.FSM(name="attn_fsm"):
             with m.State("IDLE"):  # noqa: SIM117 - Amaranth control blocks
                 with m.If(self.start):
@@ -590,10 +632,13 @@ class AttentionEngine(wiring.Component):
                                        Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
                                            | (att.stats + 2 * q_heads > cfg.acc_buffer_words), AttnError.SPAN,
                                        Mux(att.dst[:lgAL] != 0 if lgAL else 0, AttnError.ALIGN, AttnError.NONE)))))
+                    # lanes past head_dim stay zero for the whole instruction (the head peak ORs every lane)
+                    m.d.sync += [w.eq(0) for w in acc_words]
+                    m.d.sync += [pv_tile_start.eq(0), pv_pos_in_tile.eq(0), pv_chunk.eq(0), score_bank.eq(0), pv_bank.eq(0)]
                     with m.If(err != AttnError.NONE):
                         finish(err)
                     with m.Else():
-                        m.next = "A_HEAD"
+                        m.next = "A_SCORE"
                 with m.Else():
                     finish(AttnError.OPCODE)
 
@@ -614,15 +659,13 @@ class AttentionEngine(wiring.Component):
                 finish()
 
             # ---- ATTN, per query head
-            with m.State("A_HEAD"):
-                m.d.sync += [w.eq(0) for w in acc_words]
-                next_head_setup()
-                m.next = "A_SCORE"
             with m.State("A_SCORE"):  # noqa: SIM117 - the first tile's scores, alone
                 with m.If(issue_score()):
                     m.next = "A_SDRAIN"
-            with m.State("A_SDRAIN"):  # noqa: SIM117 - Amaranth control blocks
-                with m.If(~sc1_valid):
+            with m.State("A_SDRAIN"):  # the step after it needs the previous head's finish to be over
+                with m.If(fin_fault):
+                    finish(AttnError.DIVIDE)
+                with m.Elif(~sc1_valid & fin_idle):
                     m.next = "A_MSTEP"
             with m.State("A_MSTEP"):
                 m.d.comb += in_mstep.eq(1)
@@ -646,44 +689,28 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += pv_chunk.eq(pv_chunk + 1)
             with m.State("A_RDRAIN"):  # noqa: SIM117 - Amaranth control blocks
                 with m.If(~sc1_valid):
-                    with m.If(pv_tile_end == kv_len):
-                        m.next = "A_FIN"
+                    with m.If(pv_tile_end == kv_len):  # hand the head to the finish control, start the next one
+                        m.d.comb += fin_start.eq(1)
+                        m.d.sync += [head.eq(head + 1), elem_head.eq(elem_head + head_dim), out_head.eq(out_head + head_dim)]
+                        with m.If(group_cnt == group - 1):
+                            m.d.sync += [group_cnt.eq(0), kv_head.eq(kv_head + 1)]
+                        with m.Else():
+                            m.d.sync += group_cnt.eq(group_cnt + 1)
+                        with m.If(head == q_heads - 1):
+                            m.next = "A_WAITFIN"
+                        with m.Else():
+                            next_head_setup()
+                            m.d.sync += elem.eq(elem_head + head_dim)
+                            m.next = "A_SCORE"
                     with m.Else():
                         m.d.sync += [pv_tile_start.eq(pv_tile_end), pv_bank.eq(~pv_bank), first_tile.eq(0)]
                         m.next = "A_MSTEP"
-            with m.State("A_FIN"):
-                m.d.sync += [head_shift.eq(Mux(acc_bits > ACC_KEEP_BITS, acc_bits - ACC_KEEP_BITS, 0)),
-                             remainder.eq(0), quotient.eq(0), div_cnt.eq(RECIP_BITS)]
-                m.d.comb += [self.acc_waddr.eq(att.stats + 2 * head), self.acc_wdata.eq(m_run), self.acc_we.eq(1)]
-                with m.If(l_run <= 0):
+            with m.State("A_WAITFIN"):
+                with m.If(fin_fault):
                     finish(AttnError.DIVIDE)
-                with m.Else():
-                    m.next = "A_DIV"
-            with m.State("A_DIV"):
-                with m.If(div_cnt == RECIP_BITS):
-                    m.d.comb += [self.acc_waddr.eq(att.stats + 2 * head + 1), self.acc_wdata.eq(l_run), self.acc_we.eq(1)]
-                with m.If(rem_shifted >= l_run.as_unsigned()):
-                    m.d.sync += [remainder.eq(rem_shifted - l_run.as_unsigned()), quotient.eq(Cat(1, quotient))]
-                with m.Else():
-                    m.d.sync += [remainder.eq(rem_shifted), quotient.eq(Cat(0, quotient))]
-                m.d.sync += div_cnt.eq(div_cnt - 1)
-                with m.If(div_cnt == 0):
-                    m.d.sync += [out_k.eq(0), top_exp.eq(Mux((head == 0) | (head_exp > top_exp), head_exp, top_exp))]
-                    m.next = "A_OUT"
-            with m.State("A_OUT"):
-                m.d.comb += scr_w.en.eq(out_en)
-                m.d.sync += out_k.eq(out_k + 1)
-                with m.If(out_k == out_last):
-                    m.d.sync += [head.eq(head + 1), elem_head.eq(elem_head + head_dim), out_head.eq(out_head + head_dim)]
-                    with m.If(group_cnt == group - 1):
-                        m.d.sync += [group_cnt.eq(0), kv_head.eq(kv_head + 1)]
-                    with m.Else():
-                        m.d.sync += group_cnt.eq(group_cnt + 1)
-                    with m.If(head == q_heads - 1):
-                        m.d.sync += [word.eq(0), peak_or.eq(0)]
-                        m.next = "A_NPEAK"
-                    with m.Else():
-                        m.next = "A_HEAD"
+                with m.Elif(fin_idle):
+                    m.d.sync += [word.eq(0), peak_or.eq(0)]
+                    m.next = "A_NPEAK"
             with m.State("A_NPEAK"):
                 m.d.sync += [nr_valid.eq(1), nr_write.eq(0), nr_word.eq(word), word.eq(word + 1)]
                 with m.If(word == n_words - 1):
