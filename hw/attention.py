@@ -142,17 +142,21 @@ def _bitlen(m, x, name):
 class AttentionEngine(wiring.Component):
     """Executes KVAPPEND and ATTN against the activation buffer, registers, accumulator buffer and KV buffer.
 
-    Datapath: ``vector_lanes`` (V) elements per cycle. Operand slices may start at any
-    element: two activation-buffer read ports fetch the word holding the first element and
-    the next one, and a rotator picks V lanes. ATTN, per query head and per tile of
+    Datapath: ``vector_lanes`` (V) elements per cycle in each of two passes. Operand slices may
+    start at any element: two activation-buffer read ports fetch the word holding the first
+    element and the next one, and a rotator picks V lanes. ATTN, per query head and per tile of
     ``attn_tile`` positions: a score pass (V products of q and K per cycle, dot product per
-    position, rounding shift to Q.SCORE_FRAC, scores kept in a tile register file), one step
-    that updates the running max and sum and computes alpha through the shared 2^-x unit
-    (the EXP2_TABLE ROM, interpolated), and a value pass (p per position from the same unit,
-    ``round_shift(p * v, e_max - e_v)`` added to a register-file accumulator, rescaled by alpha
-    on the tile's first position). Then a restoring divider forms ``(1 << 40) // l`` and the
-    head's scaled outputs (with their exponent) go to a scratch memory; after the last head a
-    peak pass and a write pass normalize all heads into the destination vector.
+    position, rounding shift to Q.SCORE_FRAC, scores kept in a double-buffered register file),
+    one step that updates the running max and sum and computes alpha through the shared 2^-x
+    unit (the EXP2_TABLE ROM, interpolated), and a value pass (p per position from the same
+    unit, ``round_shift(p * v, e_max - e_v)`` added to a register-file accumulator, rescaled by
+    alpha on the tile's first position). The value pass of tile i and the score pass of tile
+    i+1 run side by side (the KV buffer reads K and V at different positions). A second control
+    finishes each head (restoring divider for ``(1 << 40) // l``, statistics, scaled outputs
+    with their exponent into a scratch memory) while the main control streams the next head's
+    first scores. After the last head a peak pass and a write pass normalize all heads into the
+    destination vector. Faults found before any state changes (``AttnError``) cost the decode
+    cycle; an OVERFLOW or DIVIDE fault is found late and leaves the statistics words written.
 
     Parameters
     ----------
