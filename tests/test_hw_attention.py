@@ -1,0 +1,310 @@
+# amaranth: UnusedElaboratable=no
+"""AttentionEngine + KvBuffer under Verilator via cocotb, with sim/golden.py GoldenModel as the scoreboard.
+
+One Verilator build of the ``tiny`` preset serves every case: each case loads its activation
+buffer and registers through host ports, runs KVAPPENDs then ATTN, and reads back the output
+vector, the exponent registers, the statistics words and the KV rows, which must equal the
+golden model's state bit for bit; busy cycles must equal the formulas of hw.attention.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("amaranth")
+pytest.importorskip("cocotb_tools")
+
+from amaranth.back import verilog
+from cocotb_tools.runner import get_results, get_runner
+
+from hw.attention import AttentionEngine, AttnError, attn_cycles, kvappend_cycles
+from hw.kv_buffer import kv_geometry
+from hw.sim_attention import TOP_NAME, AttentionSimTop
+from kvoverlay import isa, numerics, toolchain
+from kvoverlay.config import PRESETS
+from sim.golden import GoldenModel
+
+TESTS = Path(__file__).parent
+CFG = PRESETS["tiny"]
+AL = 2 * CFG.port_bytes  # activation-buffer lanes per word
+LANES = CFG.vector_lanes
+Q_ADDR, DST_ADDR, TOKENS_ADDR = 0, 8 * AL, 16 * AL
+POS_REG, LEN_REG = 1, 2
+Q_E, DST_E = 0, 31
+#: Token t uses exponent registers K_E0 + t % NE (keys) and V_E0 + t % NE (values).
+K_E0, V_E0, NE = 1, 13, 12
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    toolchain.ensure_verilator()
+    work = tmp_path_factory.mktemp("attention")
+    src = work / f"{TOP_NAME}.v"
+    src.write_text(verilog.convert(AttentionSimTop(CFG), name=TOP_NAME))
+    runner = get_runner("verilator")
+    runner.build(sources=[src], hdl_toplevel=TOP_NAME, build_dir=work / "build",
+                 build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
+    return {"runner": runner, "work": work, "n": 0}
+
+
+def _pack(values, lanes):
+    mask = 0xFFFF
+    word = 0
+    for i, v in enumerate(values):
+        word |= (int(v) & mask) << (16 * i)
+    return word
+
+
+def _unpack(word, lanes):
+    out = []
+    for i in range(lanes):
+        v = (word >> (16 * i)) & 0xFFFF
+        out.append(v - 0x10000 if v & 0x8000 else v)
+    return out
+
+
+class Scenario:
+    """Initial state plus a program; runs on the golden model and on the RTL."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.abuf = np.zeros(CFG.act_buffer_words, np.int64)
+        self.eregs = {}
+        self.regs = {}
+        self.program = []
+        self.read_abuf = set()
+        self.read_acc = []
+        self.read_kv = []
+
+    def append_tokens(self, layer, heads, head_dim, length, *, offset=0, base=TOKENS_ADDR, v_exp=None, v_top=None,
+                      same=False):
+        """KVAPPENDs of *length* random tokens at positions 0.. (through R[POS_REG] + pos_imm).
+
+        *v_exp* fixes every value exponent, *v_top* bounds the value mantissas (0: all zero), *same*
+        repeats the first token with values -2**15 (equal scores: the softmax sum grows with the length).
+        """
+        rng = self.rng
+        n = heads * head_dim
+        stride = -(-(2 * n + offset + 1) // AL) * AL
+        self.regs[POS_REG] = int(rng.integers(0, 4))
+        for i in range(NE):
+            self.eregs[K_E0 + i] = int(rng.integers(-17, -11))
+            self.eregs[V_E0 + i] = int(rng.integers(-20, -7)) if v_exp is None else v_exp
+        for t in range(length):
+            k_addr = base + t * stride + offset
+            v_addr = k_addr + n
+            if same and t:
+                self.abuf[k_addr:k_addr + 2 * n] = self.abuf[base + offset:base + offset + 2 * n]
+                self.eregs[K_E0 + t % NE] = self.eregs[K_E0]
+            else:
+                # varied magnitudes: some tokens use only a few mantissa bits
+                top = int(rng.choice([1 << 15, 1 << 12, 1 << 6]))
+                self.abuf[k_addr:k_addr + n] = rng.integers(-top + 1, top, n)
+                vtop = top if v_top is None else v_top
+                self.abuf[v_addr:v_addr + n] = rng.integers(-vtop + 1, vtop, n) if vtop else 0
+                if same:  # int16's most negative value: the output's peak is an exact power of two
+                    self.abuf[v_addr:v_addr + n] = -numerics.MANT_MAX - 1
+            self.program.append(isa.Instr("KVAPPEND", {
+                "k": k_addr, "k_e": K_E0 + t % NE, "v": v_addr, "v_e": V_E0 + t % NE, "layer": layer,
+                "heads": heads, "head_dim": head_dim, "pos_reg": POS_REG, "pos_imm": t - self.regs[POS_REG]}))
+        nch = -(-head_dim // LANES)
+        chunks = min(kv_geometry(CFG)["row_chunks"], nch + 1)
+        self.read_kv += [(layer, h, p, c) for h in range(heads) for p in range(length) for c in range(chunks)]
+        return base + length * stride
+
+    def attend(self, layer, q_heads, kv_heads, head_dim, length, *, stats=5):
+        rng = self.rng
+        n = q_heads * head_dim
+        self.abuf[Q_ADDR:Q_ADDR + n] = rng.integers(-32767, 32768, n)
+        self.eregs[Q_E] = int(rng.integers(-16, -13))
+        self.regs[LEN_REG] = int(rng.integers(0, 3))
+        self.program.append(isa.Instr("ATTN", {
+            "q": Q_ADDR, "q_e": Q_E, "dst": DST_ADDR, "dst_e": DST_E, "layer": layer, "q_heads": q_heads,
+            "kv_heads": kv_heads, "head_dim": head_dim, "len_reg": LEN_REG, "len_imm": length - self.regs[LEN_REG],
+            "stats": stats}))
+        self.read_abuf |= set(range(DST_ADDR // AL, (DST_ADDR + n + AL - 1) // AL))
+        self.read_acc = list(range(stats, stats + 2 * q_heads))
+
+    def golden(self):
+        g = GoldenModel(CFG)
+        g.abuf[:] = self.abuf
+        for i, v in self.eregs.items():
+            g.eregs[i] = v
+        for i, v in self.regs.items():
+            g.regs[i] = v
+        errors, lengths = [], []
+        for ins in self.program:
+            try:
+                lengths.append(g.step(ins))
+                errors.append(False)
+            except (ValueError, IndexError, ArithmeticError):
+                lengths.append(None)
+                errors.append(True)
+        return g, errors
+
+    def run_rtl(self, build):
+        build["n"] += 1
+        work = build["work"]
+        tag = f"case{build['n']}"
+        used = np.flatnonzero(self.abuf)
+        last_word = int(used[-1]) // AL + 1 if used.size else 0
+        case = {
+            "abuf": [[w, _pack(self.abuf[w * AL:(w + 1) * AL], AL)] for w in range(last_word)],
+            "eregs": sorted(self.eregs.items()), "regs": sorted(self.regs.items()),
+            "program": [isa.encode(i) for i in self.program],
+            "read_abuf": sorted(self.read_abuf), "read_acc": self.read_acc, "read_kv": self.read_kv,
+            "num_eregs": isa.NUM_EREGS, "result": str(work / f"result_{tag}.json"),
+        }
+        case_file = work / f"{tag}.json"
+        case_file.write_text(json.dumps(case))
+        xml = build["runner"].test(hdl_toplevel=TOP_NAME, test_module="cocotb_attention", test_dir=TESTS,
+                                   build_dir=work / "build", extra_env={"ATTN_CASE": str(case_file)},
+                                   results_xml=str(work / f"results_{tag}.xml"))
+        _, failed = get_results(xml)
+        assert failed == 0
+        return json.loads(Path(case["result"]).read_text())
+
+    def check(self, build):
+        """Run both models and compare every piece of state the program touched."""
+        g, errors = self.golden()
+        res = self.run_rtl(build)
+        assert [bool(r["error"]) for r in res["instrs"]] == errors
+        for ins, r, err in zip(self.program, res["instrs"], errors):
+            f = ins.fields
+            if err and r["code"] == AttnError.OVERFLOW.value:
+                length = self.regs[f["len_reg"]] + f["len_imm"]
+                assert r["cycles"] == attn_cycles(CFG, f["q_heads"], f["head_dim"], length, overflow=True)
+            elif err:
+                assert r["cycles"] == 1, "a rejected instruction costs its decode cycle only"
+            elif ins.op == "KVAPPEND":
+                assert r["code"] == AttnError.NONE.value
+                assert r["cycles"] == kvappend_cycles(CFG, f["heads"], f["head_dim"])
+            else:
+                assert r["code"] == AttnError.NONE.value
+                length = self.regs[f["len_reg"]] + f["len_imm"]
+                assert r["cycles"] == attn_cycles(CFG, f["q_heads"], f["head_dim"], length)
+        assert len(res["abuf"]) == len(self.read_abuf) and len(res["acc"]) == len(self.read_acc)
+        assert len(res["kv"]) == len(self.read_kv) and len(res["instrs"]) == len(self.program)
+        assert res["eregs"] == [int(e) for e in g.eregs]
+        for w, word in zip(sorted(self.read_abuf), res["abuf"]):
+            assert _unpack(word, AL) == [int(v) for v in g.abuf[w * AL:(w + 1) * AL]], f"abuf word {w}"
+        acc = [v - (1 << 64) if v >> 63 else v for v in res["acc"]]
+        assert acc == [int(g.acc[a]) for a in self.read_acc]
+        for (layer, h, p, c), (k, v, ek, ev) in zip(self.read_kv, res["kv"]):
+            lo, hi = c * LANES, min((c + 1) * LANES, CFG.max_head_dim)
+            assert _unpack(k, LANES)[:hi - lo] == [int(x) for x in g.kv_k[layer, h, p, lo:hi]], (layer, h, p, c)
+            assert _unpack(v, LANES)[:hi - lo] == [int(x) for x in g.kv_v[layer, h, p, lo:hi]], (layer, h, p, c)
+            assert (ek, ev) == (int(g.kv_ek[layer, h, p]), int(g.kv_ev[layer, h, p]))
+        return g, res
+
+
+def test_kvappend_bit_exact(build):
+    """Two heads of an odd head_dim (head 1 starts mid-word) from unaligned slices, then overwrite a position."""
+    s = Scenario(1)
+    end = s.append_tokens(2, 2, 10, 6, offset=3)
+    # the same position again (a token rewritten) and a single-head token of another layer
+    s.abuf[end:end + 20] = s.rng.integers(-32767, 32768, 20)
+    s.program.append(isa.Instr("KVAPPEND", {"k": end, "k_e": 5, "v": end + 10, "v_e": 6, "layer": 2, "heads": 1,
+                                            "head_dim": 10, "pos_reg": POS_REG, "pos_imm": 4 - s.regs[POS_REG]}))
+    s.check(build)
+
+
+def test_kvappend_errors(build):
+    """KV full (position = capacity, negative), bad geometry and buffer overrun are errors with no side effect."""
+    s = Scenario(2)
+    s.append_tokens(0, 1, 8, 2)
+    base = {"k": TOKENS_ADDR, "k_e": 1, "v": TOKENS_ADDR + 8, "v_e": 2, "layer": 0, "heads": 1, "head_dim": 8,
+            "pos_reg": POS_REG}
+    bad = [
+        {"pos_imm": CFG.kv_capacity - s.regs[POS_REG]},
+        {"pos_imm": -1 - s.regs[POS_REG]},
+        {"pos_imm": 0, "layer": CFG.max_layers},
+        {"pos_imm": 0, "heads": CFG.max_kv_heads + 1},
+        {"pos_imm": 0, "head_dim": CFG.max_head_dim + 2},
+        {"pos_imm": 0, "v": CFG.act_buffer_words - 4},
+    ]
+    s.program += [isa.Instr("KVAPPEND", {**base, **b}) for b in bad]
+    s.program.append(isa.Instr("KVAPPEND", {**base, "pos_imm": CFG.kv_capacity - 1 - s.regs[POS_REG]}))
+    _, res = s.check(build)
+    codes = [r["code"] for r in res["instrs"][2:-1]]
+    assert codes == [AttnError.KV_RANGE.value] * 2 + [AttnError.GEOMETRY.value] * 3 + [AttnError.SPAN.value]
+
+
+#: (q_heads, kv_heads, head_dim, kv_len)
+ATTN_CASES = {
+    "len1": (1, 1, 16, 1),
+    "partial_tile": (2, 2, 16, 5),
+    "one_tile": (1, 1, 16, CFG.attn_tile),
+    "tiles": (2, 2, 12, 3 * CFG.attn_tile + 3),
+    "full_capacity": (1, 1, 16, CFG.kv_capacity),
+    "gqa_4on2": (4, 2, 16, 19),
+    "gqa_4on1": (4, 1, 10, 13),
+    "odd_head_dim": (2, 1, 7, 2 * CFG.attn_tile),
+    "max_kv_heads": (CFG.max_kv_heads, CFG.max_kv_heads, 8, 10),
+    "max_head_dim": (1, 1, CFG.max_head_dim, CFG.attn_tile + 1),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_attn_bit_exact(build, name):
+    qh, kvh, d, length = ATTN_CASES[name]
+    s = Scenario(100 + list(ATTN_CASES).index(name))
+    layer = 1 + list(ATTN_CASES).index(name) % (CFG.max_layers - 1)
+    s.append_tokens(layer, kvh, d, length)
+    s.attend(layer, qh, kvh, d, length)
+    g, res = s.check(build)
+    # the output is a real softmax: nonzero and normalized
+    out = g.abuf[DST_ADDR:DST_ADDR + qh * d]
+    assert np.max(np.abs(out)) >= 1 << (numerics.MANT_BITS - 1)
+    print(f"ATTN {name}: {res['instrs'][-1]['cycles']} cycles")
+
+
+def test_attn_errors(build):
+    """Length 0, length beyond capacity, q_heads not a multiple of kv_heads, stats beyond the accumulator buffer."""
+    s = Scenario(3)
+    s.append_tokens(0, 2, 8, 3)
+    s.attend(0, 2, 2, 8, 3)
+    good = s.program[-1].fields
+    bad = [
+        {"len_imm": -s.regs[LEN_REG]},
+        {"len_imm": CFG.kv_capacity + 1 - s.regs[LEN_REG]},
+        {"q_heads": 3},
+        {"stats": CFG.acc_buffer_words - 2},
+    ]
+    s.program = s.program[:-1] + [isa.Instr("ATTN", {**good, **b}) for b in bad] + [s.program[-1]]
+    _, res = s.check(build)
+    codes = [r["code"] for r in res["instrs"][3:-1]]
+    assert codes == [AttnError.KV_RANGE.value] * 2 + [AttnError.GEOMETRY.value, AttnError.SPAN.value]
+
+
+@pytest.mark.parametrize("kind", ["underflow", "zero_values", "overflow"])
+def test_attn_exponent_extremes(build, kind):
+    """Output exponent below EXP_MIN (mantissas shifted down), an all-zero output (EXP_MIN), and above EXP_MAX (error)."""
+    s = Scenario(7)
+    if kind == "underflow":
+        s.append_tokens(1, 2, 8, 11, v_exp=numerics.EXP_MIN)
+    elif kind == "zero_values":
+        s.append_tokens(1, 2, 8, 11, v_top=0)
+    else:
+        s.append_tokens(1, 2, 8, 4, v_exp=numerics.EXP_MAX, same=True)
+    length = 4 if kind == "overflow" else 11
+    s.attend(1, 2, 2, 8, length)
+    if kind == "overflow":
+        s.read_acc = []  # a fault found after the heads ran leaves their statistics written
+    g, res = s.check(build)
+    code = res["instrs"][-1]["code"]
+    if kind == "overflow":
+        assert code == AttnError.OVERFLOW.value
+    else:
+        assert code == AttnError.NONE.value
+        assert g.eregs[DST_E] == numerics.EXP_MIN
+        out = g.abuf[DST_ADDR:DST_ADDR + 16]
+        assert (np.max(np.abs(out)) == 0) == (kind == "zero_values")
+
+
+def test_lanes_wider_than_abuf_word_rejected():
+    cfg = CFG.replace(vector_lanes=4 * AL)
+    with pytest.raises(ValueError, match=f"vector_lanes={4 * AL}"):
+        AttentionEngine(cfg)
