@@ -1,6 +1,7 @@
 """Small decoders exported by the real exporter (optimum-onnx), built reproducibly and cached.
 
 ``export_model(family)`` builds a random-init transformers model (``llama``: GQA,
+``mistral``: full multi-head KV,
 ``qwen2``: MQA with QKV bias and tied embeddings, ``gpt2``: LayerNorm, learned
 positions, tanh GELU, fused ``c_attn``) under a fixed torch seed, saves it with
 ``save_pretrained`` and exports it with optimum-onnx (task
@@ -63,7 +64,7 @@ _SMALL = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_att
           "pad_token_id": 0}
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": False}),
-    "mistral": ("MistralConfig", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": None,
+    "mistral": ("MistralConfig", {**_SMALL, "num_key_value_heads": 4, "head_dim": 16, "sliding_window": None,
                                   "tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", {**_SMALL, "num_key_value_heads": 1, "tie_word_embeddings": True,
                               "use_sliding_window": False}),

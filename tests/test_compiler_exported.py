@@ -64,7 +64,7 @@ def test_io_convention_and_tiny_fit(exported_models, family):
     assert outs == ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     sess = _session(exported_models[family])
     kv_heads, head_dim = _kv_inputs(sess)[0].shape[1], _kv_inputs(sess)[0].shape[3]
-    assert kv_heads == {"llama": 2, "mistral": 2, "qwen2": 1, "gpt2": 4, "onnx_ops": 2}[family]
+    assert kv_heads == {"llama": 2, "mistral": 4, "qwen2": 1, "gpt2": 4, "onnx_ops": 2}[family]
     assert layers <= tiny.max_layers and kv_heads <= tiny.max_kv_heads and head_dim <= tiny.max_head_dim
 
 
