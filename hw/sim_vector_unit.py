@@ -1,4 +1,4 @@
-"""Simulation top of the vector unit: activation buffer, exponent and scalar registers, host access ports.
+"""Simulation top of the vector unit: activation and accumulator buffers, registers, host access ports.
 
 A test loads a case's operands through the host ports (a few dozen words), starts one
 instruction and waits for ``done``; the unit then runs with no Python on the per-cycle path.
@@ -6,7 +6,7 @@ instruction and waits for ``done``; the unit then runs with no Python on the per
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Signal, unsigned
+from amaranth.hdl import Array, Module, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -37,6 +37,8 @@ class VectorUnitSimTop(wiring.Component):
         Cycles ``busy`` was high during the current or last instruction.
     host_wr_addr, host_wr_data, host_wr_en : In
         Activation-buffer word writes (whole words) while the unit is idle.
+    host_acc_addr, host_acc_data, host_acc_we : In
+        Accumulator-buffer writes.
     host_rd_addr, host_rd_data : In, Out
         Activation-buffer read port (latency 1).
     host_ereg_addr, host_ereg_wdata, host_ereg_we, host_ereg_rdata : In/Out
@@ -60,6 +62,9 @@ class VectorUnitSimTop(wiring.Component):
             "host_wr_addr": In(range(self.depth)),
             "host_wr_data": In(16 * self.lanes),
             "host_wr_en": In(1),
+            "host_acc_addr": In(range(config.acc_buffer_words)),
+            "host_acc_data": In(64),
+            "host_acc_we": In(1),
             "host_rd_addr": In(range(self.depth)),
             "host_rd_data": Out(16 * self.lanes),
             "host_ereg_addr": In(range(isa.NUM_EREGS)),
@@ -80,6 +85,12 @@ class VectorUnitSimTop(wiring.Component):
         rd_a, rd_b, rd_host = abuf.read_port(), abuf.read_port(), abuf.read_port()
         wr_unit = abuf.write_port(granularity=16)
         wr_host = abuf.write_port()
+        m.submodules.accbuf = accbuf = Memory(shape=signed(64), depth=self.config.acc_buffer_words, init=[])
+        acc_rd, acc_wr = accbuf.read_port(), accbuf.write_port()
+        m.d.comb += [
+            acc_rd.addr.eq(vu.acc_rd_addr), vu.acc_rd_data.eq(acc_rd.data),
+            acc_wr.addr.eq(self.host_acc_addr), acc_wr.data.eq(self.host_acc_data), acc_wr.en.eq(self.host_acc_we),
+        ]
         eregs = Array(Signal(EXP_SHAPE, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
         regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
         m.d.comb += [

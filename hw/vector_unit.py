@@ -1,4 +1,4 @@
-"""Vector unit: VADD, VMUL, VSCALE, ACT, NORM, ROPE and ARGMAX, bit-exact with :mod:`kvoverlay.numerics`.
+"""Vector unit: VADD, VMUL, VSCALE, ACT, NORM, ROPE, ARGMAX and REQ, bit-exact with :mod:`kvoverlay.numerics`.
 
 Dataflow
 --------
@@ -26,6 +26,10 @@ then the two passes above. LayerNorm's ``(c * r) // n`` with ``c = n * x - sum(x
 ROPE pairs elements at arbitrary offsets (per-head slices, halves), so it runs one pair
 per two cycles (x pair on ports A/B, then cos/sin) and emits one element per cycle into
 S3, in both passes.
+
+REQ reads one int64 accumulator per cycle (the accumulator buffer holds one per word) and
+writes each mantissa through the same single-lane path as ROPE, so its destination may
+start anywhere.
 
 ARGMAX keeps the first largest element per chunk (ties go to the lower lane) and across
 chunks (only a strictly larger value replaces the best).
@@ -55,7 +59,7 @@ from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_
 __all__ = ["OPS", "VecError", "VectorUnit", "abuf_lanes", "vector_cycles"]
 
 #: Opcodes this unit executes.
-OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX")
+OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX", "REQ")
 
 #: Pipeline stages between issuing a chunk's reads and its result leaving S3.
 PIPE_DEPTH = 3
@@ -111,12 +115,15 @@ def _norm_widths(config):
 def vector_cycles(op: str, fields: dict, config) -> int:
     """Cycles ``busy`` stays high for one instruction (error-free run).
 
+    REQ: as the chunk ops, with one accumulator per cycle instead of a chunk.
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write
     passes back to back), :data:`PIPE_DEPTH` drain cycles and one finishing cycle.
     NORM adds a statistics pass (``ceil(len / V) + 2``) and the scalar sequence.
     ROPE issues one pair per two cycles per pass. ARGMAX is one pass.
     """
     V = config.vector_lanes
+    if op == "REQ":
+        return 1 + 2 * fields["len"] + PIPE_DEPTH + 1
     if op in ("VADD", "VMUL", "VSCALE", "ACT"):
         return 1 + 2 * _ceil(fields["len"], V) + PIPE_DEPTH + 1
     if op == "ARGMAX":
@@ -159,6 +166,8 @@ class VectorUnit(wiring.Component):
         Two activation-buffer read ports (word address, latency 1).
     abuf_wr_addr, abuf_wr_data, abuf_wr_en : Out
         Activation-buffer write port; ``abuf_wr_en`` is the per-lane write mask.
+    acc_rd_addr, acc_rd_data : Out, In
+        Accumulator-buffer read port (int64 words, latency 1), for REQ.
     ereg_rd_a_addr .. ereg_rd_c_data : Out, In
         Three combinational exponent-register read ports.
     ereg_wr_addr, ereg_wr_data, ereg_wr_en : Out
@@ -177,7 +186,9 @@ class VectorUnit(wiring.Component):
         self.lanes = L
         self.vlanes = V
         self.depth = config.act_buffer_words // L
-        self.wide_width = 2 * 16 + _GUARD + 1  # ROPE: two aligned products; the widest op
+        self.acc_depth = config.acc_buffer_words
+        # REQ's int64 accumulators are the widest input (ROPE's two aligned products need 2 * 16 + GUARD + 1)
+        self.wide_width = max(64, 2 * 16 + _GUARD + 1)
         super().__init__({
             "insn": In(isa.INSN_BITS),
             "start": In(1),
@@ -192,6 +203,8 @@ class VectorUnit(wiring.Component):
             "abuf_wr_addr": Out(range(self.depth)),
             "abuf_wr_data": Out(16 * L),
             "abuf_wr_en": Out(L),
+            "acc_rd_addr": Out(range(self.acc_depth)),
+            "acc_rd_data": In(signed(64)),
             "ereg_rd_a_addr": Out(range(isa.NUM_EREGS)),
             "ereg_rd_a_data": In(EXP_SHAPE),
             "ereg_rd_b_addr": Out(range(isa.NUM_EREGS)),
@@ -262,6 +275,9 @@ class VectorUnit(wiring.Component):
             with m.Case(_code("ARGMAX")):
                 v = f["ARGMAX"]
                 m.d.comb += [src_a.eq(v.x), src_b.eq(v.x), length.eq(v.len)]
+            with m.Case(_code("REQ")):
+                v = f["REQ"]
+                m.d.comb += [dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len), self.ereg_rd_a_addr.eq(v.acc_e)]
             with m.Case(_code("ROPE")):
                 v = f["ROPE"]
                 m.d.comb += [src_a.eq(v.x), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.heads * v.head_dim),
@@ -298,7 +314,8 @@ class VectorUnit(wiring.Component):
         s1_valid = Signal(name="s1_valid")
         s1_kind = Signal(2, name="s1_kind")
         s1_idx = Signal(16, name="s1_idx")
-        m.d.sync += [s1_valid.eq(issue & chunk_op | issue & is_op["ARGMAX"]), s1_kind.eq(issue_kind),
+        m.d.comb += self.acc_rd_addr.eq(f["REQ"].acc + issue_idx)
+        m.d.sync += [s1_valid.eq(issue & (chunk_op | is_op["ARGMAX"] | is_op["REQ"])), s1_kind.eq(issue_kind),
                      s1_idx.eq(issue_idx)]
         lane_layout = data.ArrayLayout(signed(16), V)
         s1_a = Signal(lane_layout, name="s1_a")
@@ -320,8 +337,10 @@ class VectorUnit(wiring.Component):
         s2_mask = Signal(V, name="s2_mask")
         s2_a = Signal(lane_layout, name="s2_a")
         s2_b = Signal(lane_layout, name="s2_b")
+        s2_acc = Signal(signed(64), name="s2_acc")
+        s2_acc_dst = Signal(addr_w, name="s2_acc_dst")
         m.d.sync += [s2_valid.eq(s1_valid), s2_kind.eq(s1_kind), s2_idx.eq(s1_idx), s2_mask.eq(s1_mask),
-                     s2_a.eq(s1_a), s2_b.eq(s1_b)]
+                     s2_a.eq(s1_a), s2_b.eq(s1_b), s2_acc.eq(self.acc_rd_data), s2_acc_dst.eq(dst + s1_idx)]
         # VADD alignment (numerics.align_sum): each operand moves left by its exponent above top
         add_top = Signal(EXP_WIDE, name="add_top")
         add_ka = Signal(EXP_WIDE, name="add_shift_a")
@@ -473,6 +492,9 @@ class VectorUnit(wiring.Component):
                              s3_word.eq(held_out >> lg_l), s3_lane.eq(held_out[:lg_l] if lg_l else 0), s3_single.eq(1)]
             with m.Else():
                 m.d.sync += s3_valid.eq(0)
+        with m.Elif(is_op["REQ"]):
+            m.d.sync += [s3_valid.eq(s2_valid & s2_kind[1]), s3_kind.eq(s2_kind), s3_wide[0].eq(s2_acc), s3_mask.eq(1),
+                         s3_word.eq(s2_acc_dst >> lg_l), s3_lane.eq(s2_acc_dst[:lg_l] if lg_l else 0), s3_single.eq(1)]
         with m.Else():
             m.d.sync += [s3_valid.eq(s2_valid & s2_kind[1]), s3_kind.eq(s2_kind), s3_wide.eq(s2_wide),
                          s3_mask.eq(s2_mask), s3_word.eq(d_word + (s2_idx >> lg_g)), s3_single.eq(0),
@@ -535,8 +557,10 @@ class VectorUnit(wiring.Component):
 
         err_code = Signal(VecError, name="setup_error")
         with m.If(~(is_op["VADD"] | is_op["VMUL"] | is_op["VSCALE"] | is_op["ACT"] | is_op["NORM"] | is_op["ROPE"]
-                    | is_op["ARGMAX"])):
+                    | is_op["ARGMAX"] | is_op["REQ"])):
             m.d.comb += err_code.eq(VecError.OPCODE)
+        with m.Elif(is_op["REQ"]), m.If(bad_bounds(dst, length) | (f["REQ"].acc + length > self.acc_depth)):
+            m.d.comb += err_code.eq(VecError.BOUNDS)
         with m.Elif(is_op["ROPE"]):
             with m.If((rope.head_dim == 0) | rope.head_dim[0] | (rope.heads == 0)):
                 m.d.comb += err_code.eq(VecError.SHAPE)
@@ -563,7 +587,7 @@ class VectorUnit(wiring.Component):
                 m.d.sync += [
                     ea.eq(self.ereg_rd_a_data), eb.eq(self.ereg_rd_b_data), ec.eq(self.ereg_rd_c_data),
                     a_word.eq(src_a >> lg_l), b_word.eq(src_b >> lg_l), d_word.eq(dst >> lg_l),
-                    nchunks.eq((length + V - 1) >> (V.bit_length() - 1)),
+                    nchunks.eq(Mux(is_op["REQ"], length, (length + V - 1) >> (V.bit_length() - 1))),
                     issue_idx.eq(0), stat_sum.eq(0), stat_sq.eq(0), best_any.eq(0),
                     r_head.eq(0), r_pair.eq(0), r_phase.eq(0), r_xbase.eq(rope.x), r_dbase.eq(rope.dst),
                     norm_r.eq(0), norm_d.eq(0),
@@ -587,6 +611,8 @@ class VectorUnit(wiring.Component):
                         m.d.sync += norm_exp_in.eq(ra - _GATE_BITS)
                     with m.Case(_code("ROPE")):
                         m.d.sync += norm_exp_in.eq(rtop)
+                    with m.Case(_code("REQ")):
+                        m.d.sync += norm_exp_in.eq(ra)
                 with m.If(err_code != VecError.NONE):
                     m.d.sync += [self.error_code.eq(err_code), self.error.eq(1), self.done.eq(1), busy.eq(0)]
                     m.next = "IDLE"

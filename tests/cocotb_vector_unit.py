@@ -33,7 +33,7 @@ async def vector_cases(dut):
     exp_bits = spec["exp_bits"]
     Clock(dut.clk, 10, unit="ns").start()
     dut.rst.value = 1
-    for name in ("start", "host_wr_en", "host_ereg_we", "host_reg_we"):
+    for name in ("start", "host_wr_en", "host_acc_we", "host_ereg_we", "host_reg_we"):
         getattr(dut, name).value = 0
     dut.insn.value = 0
     for _ in range(2):
@@ -47,6 +47,12 @@ async def vector_cases(dut):
             dut.host_wr_data.value = word
             await RisingEdge(dut.clk)
         dut.host_wr_en.value = 0
+        dut.host_acc_we.value = 1
+        for addr, word in case.get("acc", []):
+            dut.host_acc_addr.value = addr
+            dut.host_acc_data.value = word & ((1 << 64) - 1)
+            await RisingEdge(dut.clk)
+        dut.host_acc_we.value = 0
         dut.host_ereg_we.value = 1
         for i, e in enumerate(case["eregs"]):
             dut.host_ereg_addr.value = i

@@ -6,6 +6,7 @@ state back; every case is compared with ``GoldenModel.step`` on the same state.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def _unpack(word: int):
 class Case:
     """One instruction on a prepared state, with the golden model's verdict."""
 
-    def __init__(self, rng, op, fields, vectors, eregs, label, expect_code=None):
+    def __init__(self, rng, op, fields, vectors, eregs, label, expect_code=None, accs=()):
         self.op, self.fields, self.label = op, dict(fields), label
         self.ins = isa.Instr(op, {f.name: fields.get(f.name, 0) for f in isa.BY_NAME[op].fields})
         spans = [(addr, len(v)) for addr, v in vectors]
@@ -70,6 +71,10 @@ class Case:
         gm.abuf[lo * L: hi * L] = abuf
         gm.eregs = list(self.eregs)
         gm.regs = list(self.regs)
+        self.acc = []
+        for addr, v in accs:
+            gm.acc[addr: addr + len(v)] = v
+            self.acc += [[addr + k, int(x)] for k, x in enumerate(v)]
         self.words = [_pack(abuf[i * L:(i + 1) * L]) for i in range(self.nw)]
         self.expect_code = expect_code
         try:
@@ -90,7 +95,8 @@ class Case:
 
     def spec(self):
         return {"words": [[self.w0 + i, w] for i, w in enumerate(self.words)], "eregs": self.eregs,
-                "regs": self.regs, "insn": isa.encode(self.ins)}
+                "regs": self.regs, "insn": isa.encode(self.ins),
+                "acc": self.acc}
 
 
 def _vec(rng, n, kind="random"):
@@ -227,6 +233,23 @@ def _norm_cases(rng):
     return out
 
 
+def _req_cases(rng):
+    out = []
+    for i in range(14):
+        n = LENS[i % len(LENS)] if i < len(LENS) else int(rng.integers(1, 70))
+        bits = [62, 40, 20, 15, 14, 3, 0][i % 7]
+        v = rng.integers(-(1 << bits), (1 << bits) + 1, size=n)
+        acc = int(rng.integers(0, CFG.acc_buffer_words - n))
+        dst = _addr(rng, 300) + (int(rng.integers(0, L)) if i % 2 else 0)  # any start
+        e = [int(rng.integers(-40, 0)), nx.EXP_MIN, nx.EXP_MIN + 30, nx.EXP_MAX - 40, nx.EXP_MAX - 10][i % 5]
+        out.append(Case(rng, "REQ", {"acc": acc, "acc_e": 13, "dst": dst, "dst_e": 14, "len": n}, [], {13: e},
+                        f"REQ-{i}-b{bits}-n{n}", accs=[(acc, v)]))
+    out.append(Case(rng, "REQ", {"acc": 5, "acc_e": 13, "dst": 3 * L, "dst_e": 14, "len": 0}, [], {13: 7}, "REQ-empty"))
+    out.append(Case(rng, "REQ", {"acc": CFG.acc_buffer_words - 2, "acc_e": 13, "dst": 0, "dst_e": 14, "len": 4}, [],
+                    {}, "REQ-bounds", accs=[(CFG.acc_buffer_words - 2, [1, 2])]))
+    return out
+
+
 def _error_cases(rng):
     top = CFG.act_buffer_words
     return [
@@ -250,7 +273,7 @@ def _error_cases(rng):
 def _all_cases():
     rng = np.random.default_rng(2026)
     return (_binary_cases(rng) + _act_cases(rng) + _argmax_cases(rng) + _rope_cases(rng) + _norm_cases(rng)
-            + _error_cases(rng))
+            + _req_cases(rng) + _error_cases(rng))
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +285,14 @@ def run(tmp_path_factory):
     src = work / f"{TOP_NAME}.v"
     src.write_text(verilog.convert(VectorUnitSimTop(CFG), name=TOP_NAME))
     runner = get_runner("verilator")
-    runner.build(sources=[src], hdl_toplevel=TOP_NAME, build_dir=work / "build",
-                 build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
+    # the cases run a few thousand cycles each: C++ optimisation costs more build time than it saves
+    makeflags = os.environ["MAKEFLAGS"]
+    os.environ["MAKEFLAGS"] = f"{makeflags} OPT_FAST=-O0 OPT_SLOW=-O0 OPT_GLOBAL=-O0"
+    try:
+        runner.build(sources=[src], hdl_toplevel=TOP_NAME, build_dir=work / "build",
+                     build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
+    finally:
+        os.environ["MAKEFLAGS"] = makeflags
     spec = {"exp_bits": EXP_SHAPE.width, "result": str(work / "results.json"), "cases": [c.spec() for c in cases]}
     (work / "cases.json").write_text(json.dumps(spec))
     xml = runner.test(hdl_toplevel=TOP_NAME, test_module="cocotb_vector_unit", test_dir=TESTS,
@@ -289,7 +318,7 @@ def _check(case, res):
         assert res["cycles"] == vector_cycles(case.op, case.fields, CFG), (case.label, res["cycles"])
 
 
-CASE_GROUPS = ["VADD", "VMUL", "VSCALE", "ACT", "ARGMAX", "ROPE", "NORM", "err"]
+CASE_GROUPS = ["VADD", "VMUL", "VSCALE", "ACT", "ARGMAX", "ROPE", "NORM", "REQ", "err"]
 
 
 @pytest.mark.parametrize("group", CASE_GROUPS)
