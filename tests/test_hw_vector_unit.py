@@ -230,6 +230,16 @@ def _norm_cases(rng):
                       "eps_m": eps_m, "eps_e": eps_e, "kind": kind}
             out.append(Case(rng, "NORM", fields, [(x, vx), (g, _vec(rng, n))], {10: ex, 11: eg},
                             f"NORM-{isa.ENUMS['norm'][kind]}-{i}-n{n}"))
+        # exponent extremes (eps 0: numerics aligns eps in int64, exact only near the data's exponent)
+        for j, (ex, eg) in enumerate([(nx.EXP_MIN, nx.EXP_MIN), (nx.EXP_MAX, nx.EXP_MAX), (nx.EXP_MAX, -300),
+                                      (nx.EXP_MIN, 200), (-3, nx.EXP_MIN + 2)]):
+            n = [5, 17, 33, 8, 64][j]
+            x = _addr(rng, 300)
+            g = x + (-(-n // L) + 1) * L
+            fields = {"x": x, "x_e": 10, "g": g, "g_e": 11, "dst": x, "dst_e": 12, "len": n,
+                      "eps_m": 0, "eps_e": 0, "kind": kind}
+            out.append(Case(rng, "NORM", fields, [(x, _vec(rng, n, KINDS[j])), (g, _vec(rng, n))], {10: ex, 11: eg},
+                            f"NORM-{isa.ENUMS['norm'][kind]}-extreme{j}-n{n}"))
     return out
 
 
