@@ -386,12 +386,25 @@ class VectorUnit(wiring.Component):
         best_val = Signal(signed(16), name="argmax_val")
         best_idx = Signal(32, name="argmax_idx")
         best_any = Signal(name="argmax_any")
-        cand_val, cand_lane, cand_ok = s2_a[0], Const(0, range(V)), s2_mask[0]
-        for j in range(1, V):
-            take = s2_mask[j] & (~cand_ok | (s2_a[j] > cand_val))
-            cand_val = Mux(take, s2_a[j], cand_val)
-            cand_lane = Mux(take, j, cand_lane)
-            cand_ok = cand_ok | s2_mask[j]
+        # a balanced tree of named nodes: the left (lower-lane) candidate wins ties
+        level = [(s2_a[j], Const(j, range(V)), s2_mask[j]) for j in range(V)]
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for k in range(0, len(level), 2):
+                if k + 1 == len(level):
+                    nxt.append(level[k])
+                    continue
+                (lv, li, lo), (rv, ri, ro) = level[k], level[k + 1]
+                take = Signal(name=f"argmax_t{depth}_{k // 2}_right")
+                val = Signal(signed(16), name=f"argmax_t{depth}_{k // 2}_val")
+                idx = Signal(range(V), name=f"argmax_t{depth}_{k // 2}_lane")
+                ok = Signal(name=f"argmax_t{depth}_{k // 2}_ok")
+                m.d.comb += [take.eq(ro & (~lo | (rv > lv))), val.eq(Mux(take, rv, lv)), idx.eq(Mux(take, ri, li)),
+                             ok.eq(lo | ro)]
+                nxt.append((val, idx, ok))
+            level, depth = nxt, depth + 1
+        cand_val, cand_lane, cand_ok = level[0]
         with m.If(s2_valid & (s2_kind == KIND_ARGMAX) & cand_ok & (~best_any | (cand_val > best_val))):
             m.d.sync += [best_val.eq(cand_val), best_idx.eq(s2_idx * V + cand_lane), best_any.eq(1)]
 
@@ -512,7 +525,7 @@ class VectorUnit(wiring.Component):
             with m.If(s3_single):
                 m.d.comb += self.abuf_wr_en.eq(Const(1, L) << s3_lane)
             with m.Else():
-                m.d.comb += self.abuf_wr_en.eq(s3_mask << (s3_lane * V) if lg_g else s3_mask)
+                m.d.comb += self.abuf_wr_en.eq(s3_mask << (s3_lane[:lg_g] * V) if lg_g else s3_mask)
 
         # ------------------------------------------------------------ NORM scalar sequence
         n_len = Signal(nw["n"], name="norm_n")
