@@ -41,16 +41,18 @@ def _pack(vals) -> int:
     return word
 
 
-def _unpack(word: int):
-    vals = [(word >> (16 * k)) & 0xFFFF for k in range(L)]
+def _unpack(word: int, lanes: int = L):
+    vals = [(word >> (16 * k)) & 0xFFFF for k in range(lanes)]
     return [v - (1 << 16) if v >> 15 else v for v in vals]
 
 
 class Case:
     """One instruction on a prepared state, with the golden model's verdict."""
 
-    def __init__(self, rng, op, fields, vectors, eregs, label, expect_code=None, accs=()):
+    def __init__(self, rng, op, fields, vectors, eregs, label, expect_code=None, accs=(), cfg=CFG):
         self.op, self.fields, self.label = op, dict(fields), label
+        L = self.lanes = abuf_lanes(cfg)
+        DEPTH = cfg.act_buffer_words // L
         self.ins = isa.Instr(op, {f.name: fields.get(f.name, 0) for f in isa.BY_NAME[op].fields})
         spans = [(addr, len(v)) for addr, v in vectors]
         for name in ("dst",):
@@ -67,7 +69,7 @@ class Case:
         for i, e in eregs.items():
             self.eregs[i] = int(e)
         self.regs = [int(r) for r in rng.integers(0, 1 << 20, size=isa.NUM_REGS)]
-        gm = GoldenModel(CFG)
+        gm = GoldenModel(cfg)
         gm.abuf[lo * L: hi * L] = abuf
         gm.eregs = list(self.eregs)
         gm.regs = list(self.regs)
@@ -90,7 +92,7 @@ class Case:
             self.exp_words = [[int(v) for v in gm.abuf[(lo + i) * L:(lo + i + 1) * L]] for i in range(self.nw)]
             self.exp_eregs, self.exp_regs = [int(e) for e in gm.eregs], [int(r) for r in gm.regs]
         else:
-            self.exp_words = [_unpack(w) for w in self.words]
+            self.exp_words = [_unpack(w, L) for w in self.words]
             self.exp_eregs, self.exp_regs = self.eregs, self.regs
 
     def spec(self):
@@ -313,19 +315,19 @@ def run(tmp_path_factory):
     return cases, json.loads((work / "results.json").read_text())
 
 
-def _check(case, res):
+def _check(case, res, cfg=CFG):
     if case.expect_code is not None:
         assert res["error"] == 1 and res["error_code"] == case.expect_code, (case.label, res["error_code"])
     else:
         assert res["error"] == 0, (case.label, VecError(res["error_code"]).name)
-    got = [_unpack(w) for w in res["words"]]
+    got = [_unpack(w, case.lanes) for w in res["words"]]
     assert got == case.exp_words, f"{case.label}: activation buffer differs"
     assert res["eregs"] == case.exp_eregs, f"{case.label}: exponent registers differ"
     assert res["regs"] == case.exp_regs, f"{case.label}: scalar registers differ"
     if case.expect_code in (VecError.ALIGN, VecError.BOUNDS, VecError.SHAPE, VecError.OPCODE):
         assert res["cycles"] == 1, case.label
     else:
-        assert res["cycles"] == vector_cycles(case.op, case.fields, CFG), (case.label, res["cycles"])
+        assert res["cycles"] == vector_cycles(case.op, case.fields, cfg), (case.label, res["cycles"])
 
 
 CASE_GROUPS = ["VADD", "VMUL", "VSCALE", "ACT", "ARGMAX", "ROPE", "NORM", "REQ", "err"]
@@ -361,3 +363,101 @@ def test_vector_cycles_rejects_other_opcodes():
 def test_vector_unit_rejects_too_many_lanes():
     with pytest.raises(ValueError, match="vector_lanes=32"):
         VectorUnit(CFG.replace(vector_lanes=32))
+
+
+def _amaranth_sim(cfg, cases):
+    """Run *cases* on the sim top in Amaranth's simulator (no Verilator build); returns results like the cocotb run."""
+    from amaranth.sim import Simulator
+
+    dut = VectorUnitSimTop(cfg)
+    results = []
+
+    async def tb(ctx):
+        for case in cases:
+            spec = case.spec()
+            for addr, word in spec["words"]:
+                ctx.set(dut.host_wr_addr, addr)
+                ctx.set(dut.host_wr_data, word)
+                ctx.set(dut.host_wr_en, 1)
+                await ctx.tick()
+            ctx.set(dut.host_wr_en, 0)
+            for addr, value in spec["acc"]:
+                ctx.set(dut.host_acc_addr, addr)
+                ctx.set(dut.host_acc_data, value & ((1 << 64) - 1))
+                ctx.set(dut.host_acc_we, 1)
+                await ctx.tick()
+            ctx.set(dut.host_acc_we, 0)
+            for i, e in enumerate(spec["eregs"]):
+                ctx.set(dut.host_ereg_addr, i)
+                ctx.set(dut.host_ereg_wdata, e)
+                ctx.set(dut.host_ereg_we, 1)
+                await ctx.tick()
+            ctx.set(dut.host_ereg_we, 0)
+            for i, r in enumerate(spec["regs"]):
+                ctx.set(dut.host_reg_addr, i)
+                ctx.set(dut.host_reg_wdata, r)
+                ctx.set(dut.host_reg_we, 1)
+                await ctx.tick()
+            ctx.set(dut.host_reg_we, 0)
+            ctx.set(dut.insn, spec["insn"])
+            ctx.set(dut.start, 1)
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            while not ctx.get(dut.done):
+                await ctx.tick()
+            out = {"cycles": ctx.get(dut.cycles), "error": ctx.get(dut.error), "error_code": int(ctx.get(dut.error_code))}
+            await ctx.tick()
+            words = []
+            for addr, _ in spec["words"]:
+                ctx.set(dut.host_rd_addr, addr)
+                await ctx.tick()
+                words.append(ctx.get(dut.host_rd_data))
+            out["words"] = words
+            eregs, regs = [], []
+            for i in range(len(spec["eregs"])):
+                ctx.set(dut.host_ereg_addr, i)
+                eregs.append(ctx.get(dut.host_ereg_rdata))
+            for i in range(len(spec["regs"])):
+                ctx.set(dut.host_reg_addr, i)
+                regs.append(ctx.get(dut.host_reg_rdata))
+            out["eregs"], out["regs"] = eregs, regs
+            results.append(out)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    return results
+
+
+def _small_config_cases(rng, cfg):
+    lanes = abuf_lanes(cfg)
+    w = 2 * lanes  # vector slots, two buffer words apart
+    return [
+        Case(rng, "VADD", {"a": 0, "a_e": 1, "b": 4 * w, "b_e": 2, "dst": 8 * w, "dst_e": 3, "len": 7},
+             [(0, _vec(rng, 7)), (4 * w, _vec(rng, 7))], {1: -5, 2: -9}, "cfg-VADD", cfg=cfg),
+        Case(rng, "ACT", {"x": 4 * w, "x_e": 1, "dst": 4 * w, "dst_e": 3, "len": 9, "func": 2},
+             [(4 * w, _vec(rng, 9))], {1: -12}, "cfg-ACT", cfg=cfg),
+        Case(rng, "ARGMAX", {"x": 8 * w, "len": 6, "rd": 5}, [(8 * w, np.array([3, 9, -2, 9, 9, 1]))], {},
+             "cfg-ARGMAX", cfg=cfg),
+        Case(rng, "ROPE", {"x": 0, "x_e": 1, "cos": 5 * w + 1, "cos_e": 2, "sin": 5 * w + 4, "sin_e": 4, "dst": 2 * w + 3,
+                           "dst_e": 3, "heads": 2, "head_dim": 6, "mode": 0},
+             [(0, _vec(rng, 12)), (5 * w + 1, _vec(rng, 3)), (5 * w + 4, _vec(rng, 3))], {1: -3, 2: -15, 4: -14},
+             "cfg-ROPE", cfg=cfg),
+        Case(rng, "NORM", {"x": 0, "x_e": 1, "g": 4 * w, "g_e": 2, "dst": 0, "dst_e": 3, "len": 5, "eps_m": 5000,
+                           "eps_e": -40, "kind": 1},
+             [(0, _vec(rng, 5)), (4 * w, _vec(rng, 5))], {1: -8, 2: -14}, "cfg-NORM", cfg=cfg),
+        Case(rng, "REQ", {"acc": 3, "acc_e": 1, "dst": w + 1, "dst_e": 3, "len": 5}, [], {1: -20}, "cfg-REQ",
+             accs=[(3, rng.integers(-(1 << 40), 1 << 40, size=5))], cfg=cfg),
+    ]
+
+
+@pytest.mark.parametrize("changes", [{"port_bits": 32}, {"vector_lanes": 1}, {"vector_lanes": 16}],
+                         ids=["8-lane-words", "1-lane", "lanes-eq-word"])
+def test_other_lane_geometries_in_amaranth_sim(changes):
+    """Word and lane ratios other than tiny's (one chunk per word, one lane per chunk), without a Verilator build."""
+    cfg = CFG.replace(**changes)
+    rng = np.random.default_rng(7)
+    cases = _small_config_cases(rng, cfg)
+    for case, res in zip(cases, _amaranth_sim(cfg, cases)):
+        _check(case, res, cfg)
