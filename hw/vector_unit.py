@@ -37,6 +37,25 @@ chunks (only a strictly larger value replaces the best).
 Aliasing: the destination may equal a source (in place) or not overlap it; a destination
 that overlaps a source at a different start is not supported (the write pass could
 overwrite inputs it has yet to read).
+
+Results: the destination exponent register (or ARGMAX's scalar register) is written in
+the cycle ``done`` pulses. A fault (:class:`VecError`) changes no state; set-up faults end
+after one busy cycle, an exponent overflow after the full run (it is known only once the
+peak pass is over, before the first write).
+
+Where numerics computes in int64 and the hardware keeps the exact value
+-----------------------------------------------------------------------
+Bit-exact with :mod:`kvoverlay.numerics` wherever numerics' int64 arithmetic is exact.
+Outside that range numerics wraps and the hardware does not:
+
+* ACT: ``round_shift(x, -(ex + ACT_FRAC))`` shifts int64 left by up to 523 bits; it wraps for
+  ``ex > 35``. The hardware saturates to the table ends (the mathematical result).
+* NORM: eps is aligned with an int64 shift by ``eps_e - (2 * ex - 32)`` bits, which wraps from
+  48 bits and gives 0 from 64, and :func:`~kvoverlay.numerics.scalar` fails on totals of 2**63
+  and more. The hardware adds eps exactly (folding shifts above :data:`_EPS_SHIFT_CAP` into the
+  exponent, which provably changes no bit that ``scalar`` keeps).
+* REQ: the rounding add of :func:`~kvoverlay.numerics.round_shift` overflows int64 for
+  accumulators within 2**(s-1) of 2**63; the hardware rounds in 66 bits.
 """
 
 from __future__ import annotations
@@ -287,7 +306,6 @@ class VectorUnit(wiring.Component):
         # ------------------------------------------------------------ latched operands
         ea = Signal(EXP_SHAPE, name="exp_a")
         eb = Signal(EXP_SHAPE, name="exp_b")
-        ec = Signal(EXP_SHAPE, name="exp_c")
         a_word = Signal(range(self.depth), name="a_word")
         b_word = Signal(range(self.depth), name="b_word")
         d_word = Signal(range(self.depth), name="dst_word")
@@ -342,7 +360,6 @@ class VectorUnit(wiring.Component):
         m.d.sync += [s2_valid.eq(s1_valid), s2_kind.eq(s1_kind), s2_idx.eq(s1_idx), s2_mask.eq(s1_mask),
                      s2_a.eq(s1_a), s2_b.eq(s1_b), s2_acc.eq(self.acc_rd_data), s2_acc_dst.eq(dst + s1_idx)]
         # VADD alignment (numerics.align_sum): each operand moves left by its exponent above top
-        add_top = Signal(EXP_WIDE, name="add_top")
         add_ka = Signal(EXP_WIDE, name="add_shift_a")
         add_kb = Signal(EXP_WIDE, name="add_shift_b")
         norm_r = Signal(26, name="norm_recip")  # rsqrt mantissa
@@ -598,7 +615,7 @@ class VectorUnit(wiring.Component):
             with m.State("SETUP"):
                 m.d.comb += norm.clear.eq(1)
                 m.d.sync += [
-                    ea.eq(self.ereg_rd_a_data), eb.eq(self.ereg_rd_b_data), ec.eq(self.ereg_rd_c_data),
+                    ea.eq(self.ereg_rd_a_data), eb.eq(self.ereg_rd_b_data),
                     a_word.eq(src_a >> lg_l), b_word.eq(src_b >> lg_l), d_word.eq(dst >> lg_l),
                     nchunks.eq(Mux(is_op["REQ"], length, (length + V - 1) >> (V.bit_length() - 1))),
                     issue_idx.eq(0), stat_sum.eq(0), stat_sq.eq(0), best_any.eq(0),
@@ -609,7 +626,7 @@ class VectorUnit(wiring.Component):
                 ra, rb, rc = self.ereg_rd_a_data, self.ereg_rd_b_data, self.ereg_rd_c_data
                 top = Signal(EXP_WIDE, name="setup_top")
                 m.d.comb += top.eq(Mux(ra > rb, ra, rb) - _GUARD)
-                m.d.sync += [add_top.eq(top), add_ka.eq(ra - top), add_kb.eq(rb - top)]
+                m.d.sync += [add_ka.eq(ra - top), add_kb.eq(rb - top)]
                 rtop = Signal(EXP_WIDE, name="setup_rope_top")
                 m.d.comb += rtop.eq(ra + Mux(rb > rc, rb, rc) - _GUARD)
                 m.d.sync += [rope_kc.eq(ra + rb - rtop), rope_ks.eq(ra + rc - rtop)]
