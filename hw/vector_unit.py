@@ -69,9 +69,9 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-from .divider import Divider
+from .divider import Divider, divider_cycles
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
-from .isqrt import Isqrt
+from .isqrt import Isqrt, isqrt_cycles
 from .lut import GateLut
 from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr
 
@@ -82,6 +82,8 @@ OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX", "REQ")
 
 #: Pipeline stages between issuing a chunk's reads and its result leaving S3.
 PIPE_DEPTH = 3
+#: Quotient (and root) bits per cycle of NORM's divider and square root.
+SCALAR_BITS_PER_CYCLE = 2
 #: numerics.norm rounds c * r by this many bits (a literal there).
 NORM_Z_SHIFT = 24
 #: numerics.rsqrt: isqrt(m << RSQRT_FRAC) and 2**RSQRT_NUM // root (literals there).
@@ -154,8 +156,10 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
         nch = _ceil(fields["len"], V)
         # each divider/isqrt step: a start cycle, its iterations, a cycle that sees done
-        steps = [w["ms_div"], w["root"], w["recip_div"]] + ([w["ss_div"], w["mean_div"]] if layer else [])
-        scalar = sum(bits + 2 for bits in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
+        k = SCALAR_BITS_PER_CYCLE
+        steps = [isqrt_cycles(w["root"], k)] + [divider_cycles(w[name], k) for name in
+                                                 ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
+        scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
         return 1 + nch + 2 + scalar + 2 * nch + PIPE_DEPTH + 1
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(OPS)}")
 
@@ -253,8 +257,8 @@ class VectorUnit(wiring.Component):
         m.submodules.normalizer = norm = Normalizer(W, V)
         m.submodules.gate_lut = lut = GateLut(V)
         m.submodules.divider = div = Divider(max(nw["ss_div"], nw["ms_div"], nw["recip_div"], nw["mean_div"]),
-                                             max(nw["n"], nw["root"] + 1))
-        m.submodules.isqrt = sq = Isqrt(nw["root"])
+                                             max(nw["n"], nw["root"] + 1), SCALAR_BITS_PER_CYCLE)
+        m.submodules.isqrt = sq = Isqrt(nw["root"], SCALAR_BITS_PER_CYCLE)
 
         # ------------------------------------------------------------ instruction
         insn = Signal(isa.INSN_BITS, name="insn_reg")

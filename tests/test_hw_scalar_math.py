@@ -3,14 +3,16 @@
 import math
 
 import numpy as np
+import pytest
 from amaranth.sim import Simulator
 
-from hw.divider import Divider
-from hw.isqrt import Isqrt
+from hw.divider import Divider, divider_cycles
+from hw.isqrt import Isqrt, isqrt_cycles
 
 
-def test_divider_matches_floor_division():
-    dut = Divider(76, 14)
+@pytest.mark.parametrize("per_cycle", [1, 2, 4])
+def test_divider_matches_floor_division(per_cycle):
+    dut = Divider(76, 14, per_cycle)
     rng = np.random.default_rng(5)
     cases = [(0, 1, 8), (1, 1, 1), ((1 << 76) - 1, 8191, 76), ((1 << 75) + 12345, 3, 76), (1000, 7, 10), (99, 100, 7)]
     cases += [(int(rng.integers(0, 1 << 62)) << 10 | int(rng.integers(0, 1024)), int(rng.integers(1, 1 << 14)), 76)
@@ -37,11 +39,17 @@ def test_divider_matches_floor_division():
     sim.run()
     for (num, den, bits), (q, r, cycles) in zip(cases, seen):
         assert (q, r) == divmod(num, den), (num, den)
-        assert cycles == bits
+        assert cycles == divider_cycles(bits, per_cycle)
 
 
-def test_isqrt_matches_math_isqrt():
-    dut = Isqrt(25)
+def test_divider_rejects_odd_radix():
+    with pytest.raises(ValueError, match="bits_per_cycle=3"):
+        Divider(8, 8, 3)
+
+
+@pytest.mark.parametrize("per_cycle", [1, 2, 3])
+def test_isqrt_matches_math_isqrt(per_cycle):
+    dut = Isqrt(25, per_cycle)
     rng = np.random.default_rng(6)
     cases = [0, 1, 2, 3, 4, (1 << 50) - 1, 1 << 48, (1 << 47) + 1, 24 ** 2, 24 ** 2 - 1]
     cases += [int(rng.integers(1 << 47, 1 << 50)) for _ in range(20)]
@@ -65,4 +73,4 @@ def test_isqrt_matches_math_isqrt():
     sim.run()
     for v, (root, cycles) in zip(cases, seen):
         assert root == math.isqrt(v), v
-        assert cycles == 25
+        assert cycles == isqrt_cycles(25, per_cycle)
