@@ -189,7 +189,12 @@ def scalar(v: int, e: int):
     if v <= 0:
         raise NumericsError(f"expected a positive scalar, got {v}")
     s = bitlen(v) - SCALAR_BITS
-    return int(round_shift(v, s)), e + s
+    return _round_shift_int(v, s), e + s
+
+
+def _round_shift_int(v: int, s: int) -> int:
+    """:func:`round_shift` on an unbounded Python int: the scalar path's sums may exceed 64 bits."""
+    return (v + (1 << (s - 1))) >> s if s > 0 else v << -s
 
 
 def rsqrt(v: int, e: int):
@@ -221,7 +226,7 @@ def norm(x, ex, g, eg, eps_m, eps_e, kind="rms"):
     # mean square as an integer with exponent 2*ex - 32, eps aligned to the same exponent
     base = 2 * ex - 32
     ms = (ss << 32) // n
-    eps = int(round_shift(int(eps_m), base - eps_e)) if eps_m else 0
+    eps = _round_shift_int(int(eps_m), base - eps_e) if eps_m else 0  # exact: the hardware adds eps exactly
     total = ms + eps
     if total <= 0:
         total = 1
