@@ -18,7 +18,7 @@ from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes, abuf_read, acc_read, acc
 __all__ = ["GemvUnit", "gemv_unit_cycles"]
 
 #: Busy cycles besides one per weight word and the engine pipeline: check, start, memory latency, accumulate, done.
-GEMV_OVERHEAD = 7
+GEMV_OVERHEAD = 9
 #: Depth of the weight FIFO between the port and the engine.
 WEIGHT_FIFO_DEPTH = 4
 
@@ -124,6 +124,7 @@ class GemvUnit(wiring.Component):
             engine.rows.eq(rows), engine.cols.eq(cols), engine.group_log2.eq(gl), engine.fmt.eq(ins.fmt),
             engine.w_base.eq(0),
             self.abuf_r.addr.eq((ins.x >> llanes) + engine.x_addr), self.abuf_r.en.eq(enable),
+            engine.x_data.eq(self.abuf_r.data),
             self.dram.req_write.eq(0), self.dram.req_addr.eq(byte_addr >> lpb), self.dram.req_len.eq(tile_words),
         ]
 
