@@ -88,10 +88,20 @@ class RtlRun:
     sim_cycles_per_s: float = 0.0
 
 
+def _try_decode(word: bytes):
+    """The instruction, or None for an illegal word (the hardware reports those itself)."""
+    try:
+        return isa.decode(int.from_bytes(word, "little"))
+    except isa.IsaError:
+        return None
+
+
 def _write_extent(program) -> int:
     """One past the last external-memory byte the program can write."""
     end = 0
     for ins in program:
+        if ins is None:
+            continue
         if ins.op == "STORE":
             end = max(end, ins.fields["addr"] + nx.vector_record_size(ins.fields["len"]))
         elif ins.op == "STACC":
@@ -143,7 +153,9 @@ class RtlModel:
 
         cfg = self.config
         blob = bytes(program) if isinstance(program, (bytes, bytearray)) else isa.encode_program(program)
-        instrs = isa.decode_program(blob)
+        if len(blob) % isa.INSN_BYTES:
+            raise ValueError(f"instruction stream of {len(blob)} bytes is not a multiple of {isa.INSN_BYTES}")
+        instrs = [_try_decode(blob[i:i + isa.INSN_BYTES]) for i in range(0, len(blob), isa.INSN_BYTES)]
         args = [int(a) for a in (args or [])]
         if len(args) > isa.NUM_REGS:
             raise ValueError(f"{len(args)} register arguments; the overlay has {isa.NUM_REGS} registers")
