@@ -107,10 +107,9 @@ class Frontend(wiring.Component):
         for i, q in enumerate(queues):
             m.d.comb += q.w_data.eq(word | (self.pc << isa.INSN_BITS))
         with m.FSM(name="frontend_fsm"):
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.d.sync += [self.pc.eq(0), self.end_seen.eq(0), self.error.eq(0), self.error_reason.eq(0)]
-                    m.next = "FETCH"
+            with m.State("IDLE"), m.If(self.start):
+                m.d.sync += [self.pc.eq(0), self.end_seen.eq(0), self.error.eq(0), self.error_reason.eq(0)]
+                m.next = "FETCH"
             with m.State("FETCH"):
                 m.d.comb += [self.busy.eq(1), self.fetch.eq(~self.halt)]
                 m.next = "DISPATCH"
@@ -126,12 +125,11 @@ class Frontend(wiring.Component):
                 with m.Elif(target == front):
                     m.d.sync += self.end_seen.eq(1)
                     m.next = "IDLE"
-                with m.Else():
-                    with m.Switch(target):
-                        for i, q in enumerate(queues):
-                            with m.Case(i):
-                                m.d.comb += q.w_en.eq(1)
-                                with m.If(q.w_rdy):
-                                    m.d.sync += self.pc.eq(self.pc + 1)
-                                    m.next = "FETCH"
+                with m.Else(), m.Switch(target):
+                    for i, q in enumerate(queues):
+                        with m.Case(i):
+                            m.d.comb += q.w_en.eq(1)
+                            with m.If(q.w_rdy):
+                                m.d.sync += self.pc.eq(self.pc + 1)
+                                m.next = "FETCH"
         return m

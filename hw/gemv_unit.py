@@ -143,9 +143,8 @@ class GemvUnit(wiring.Component):
         requested = Signal(name="gemv_requested")
 
         with m.FSM(name="gemv_fsm"):
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.next = "CHECK"
+            with m.State("IDLE"), m.If(self.start):
+                m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [err.eq(0), requested.eq(0)]

@@ -107,9 +107,8 @@ class LoadUnit(wiring.Component):
                      self.error_code.eq(err)]
 
         with m.FSM(name="load_fsm"):
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.next = "CHECK"
+            with m.State("IDLE"), m.If(self.start):
+                m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [beat.eq(0), exp_bad.eq(0), err.eq(0)]

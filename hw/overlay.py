@@ -242,28 +242,27 @@ class Overlay(wiring.Component):
             stall_token_q[q] = Signal(name=f"{q}_waiting_token")
             waiting_token[q] = stall_token_q[q]
             with m.FSM(name=f"{q}_executor"):
-                with m.State("IDLE"):
-                    with m.If(fifo.r_rdy & ~halt):
-                        with m.If(tok_ok):
-                            m.d.comb += [fifo.r_en.eq(1), exec_start.eq(1)]
-                            m.d.sync += [cur.eq(head), pc.eq(head_pc[q])]
-                            if prev:
-                                m.d.comb += token_dec[(prev, q)].eq(hdr.pop_prev)
-                            if nxt:
-                                m.d.comb += token_dec[(nxt, q)].eq(hdr.pop_next)
-                            with m.Switch(hdr.opcode):
-                                with m.Case(isa.BY_NAME["NOP"].code):
-                                    m.next = "NOP"
-                                for i, n in enumerate(names):
-                                    codes = [isa.BY_NAME[o].code for o in UNITS[q][n]]
-                                    with m.Case(*codes):
-                                        m.d.comb += starts[n].eq(1)
-                                        m.d.sync += sel.eq(i)
-                                        m.next = "BUSY"
-                                with m.Default():
-                                    m.d.comb += unimpl.eq(1)
-                        with m.Else():
-                            m.d.comb += stall_token_q[q].eq(1)
+                with m.State("IDLE"), m.If(fifo.r_rdy & ~halt):
+                    with m.If(tok_ok):
+                        m.d.comb += [fifo.r_en.eq(1), exec_start.eq(1)]
+                        m.d.sync += [cur.eq(head), pc.eq(head_pc[q])]
+                        if prev:
+                            m.d.comb += token_dec[(prev, q)].eq(hdr.pop_prev)
+                        if nxt:
+                            m.d.comb += token_dec[(nxt, q)].eq(hdr.pop_next)
+                        with m.Switch(hdr.opcode):
+                            with m.Case(isa.BY_NAME["NOP"].code):
+                                m.next = "NOP"
+                            for i, n in enumerate(names):
+                                codes = [isa.BY_NAME[o].code for o in UNITS[q][n]]
+                                with m.Case(*codes):
+                                    m.d.comb += starts[n].eq(1)
+                                    m.d.sync += sel.eq(i)
+                                    m.next = "BUSY"
+                            with m.Default():
+                                m.d.comb += unimpl.eq(1)
+                    with m.Else():
+                        m.d.comb += stall_token_q[q].eq(1)
                 with m.State("NOP"):
                     m.d.comb += [busy.eq(1), completing.eq(1)]
                     m.next = "IDLE"

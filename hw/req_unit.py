@@ -118,9 +118,8 @@ class ReqUnit(wiring.Component):
                      self.abuf_w.en.eq(Mux(wr_pending, out_mask, 0))]
 
         with m.FSM(name="req_fsm"):
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.next = "CHECK"
+            with m.State("IDLE"), m.If(self.start):
+                m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [idx.eq(0), rd_valid.eq(0), peak_or.eq(0), err.eq(0), e_in.eq(self.ereg_r.data)]

@@ -139,9 +139,8 @@ class StoreUnit(wiring.Component):
         ]
 
         with m.FSM(name="store_fsm"):
-            with m.State("IDLE"):
-                with m.If(self.start):
-                    m.next = "CHECK"
+            with m.State("IDLE"), m.If(self.start):
+                m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [beat.eq(0), word.eq(0), slot.eq(0), err.eq(0), beat_buf.eq(0),

@@ -31,7 +31,7 @@ HW_DIR = Path(__file__).resolve().parent.parent / "hw"
 SIM_DIR = Path(__file__).resolve().parent
 #: Default watchdog: cycles without progress before a run is declared stalled.
 WATCHDOG_CYCLES = 4096
-VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT"]
+VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "--no-public-flat-rw", "--public-depth", "1"]
 
 
 class RtlError(RuntimeError):
@@ -48,7 +48,7 @@ def cache_root() -> Path:
 
 
 def _sources_hash(config: OverlayConfig) -> str:
-    h = hashlib.sha256(config.to_toml().encode())
+    h = hashlib.sha256(config.to_toml().encode() + repr(VERILATOR_ARGS).encode())
     for path in sorted(HW_DIR.glob("*.py")) + sorted(HW_DIR.glob("*.v")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
@@ -59,10 +59,10 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     """Build (or reuse) the Verilated simulation top for *config*; returns its directory."""
     from amaranth.back import verilog
     from cocotb_tools.runner import get_runner
-
-    from kvoverlay import toolchain
     from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
     from kvoverlay.hw.sim_overlay import TOP_NAME, OverlaySimTop
+
+    from kvoverlay import toolchain
 
     toolchain.ensure_verilator()
     work = cache_root() / (_sources_hash(config) + ("-waves" if waves else ""))
@@ -74,7 +74,7 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     src.write_text(verilog.convert(OverlaySimTop(config), name=TOP_NAME))
     runner = get_runner("verilator")
     runner.build(sources=[src, DRAM_MODEL_SOURCE], hdl_toplevel=TOP_NAME, build_dir=work / "build",
-                 build_args=VERILATOR_ARGS, waves=waves)
+                 build_args=VERILATOR_ARGS, waves=waves, log_file=work / "build.log")
     (work / "config.toml").write_text(config.to_toml())
     return work
 
@@ -146,7 +146,6 @@ class RtlModel:
             readback: bool = True):
         """Run *program* (list of :class:`isa.Instr` or encoded bytes) until END; returns golden-style Counters."""
         from cocotb_tools.runner import get_results, get_runner
-
         from kvoverlay.hw.overlay import COUNTERS, ERRORS, STALL_UNITS
         from kvoverlay.hw.sim_overlay import TOP_NAME
         from kvoverlay.sim.golden import Counters
@@ -257,7 +256,7 @@ def _write_hex(path: Path, chunks, pb: int) -> None:
 def _read_hex(path: Path, words: int, pb: int) -> bytes:
     out = bytearray()
     for line in path.read_text().split():
-        if line.startswith("//") or line.startswith("@"):
+        if line.startswith(("//", "@")):
             continue
         out += bytes.fromhex(line.rjust(2 * pb, "0"))[::-1]
         if len(out) >= words * pb:

@@ -23,10 +23,19 @@ async def _comb(dut, name, addr_signal, addr):
     return int(getattr(dut, name).value)
 
 
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
 @cocotb.test()
 async def overlay_run(dut):
-    with open(os.environ["KVO_RTL_JOB"]) as f:
-        job = json.load(f)
+    job = _load(os.environ["KVO_RTL_JOB"])
     Clock(dut.clk, CLOCK_NS, unit="ns").start()
     dut.rst.value = 1
     for sig in ("start", "host_reg_we", "dram_dump", "dbg_abuf_addr", "dbg_acc_addr", "dbg_ereg_addr",
@@ -70,5 +79,4 @@ async def overlay_run(dut):
     dut.dram_dump.value = 1
     for _ in range(3):
         await RisingEdge(dut.clk)
-    with open(job["result"], "w") as f:
-        json.dump(result, f)
+    _save(job["result"], result)

@@ -14,15 +14,16 @@ import pytest
 pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
-from kvoverlay import isa
-from kvoverlay import numerics as nx
-from kvoverlay.config import PRESETS
 from kvoverlay.hw.gemv_unit import gemv_unit_cycles
 from kvoverlay.hw.load_unit import load_cycles
 from kvoverlay.hw.req_unit import req_cycles
 from kvoverlay.hw.store_unit import stacc_cycles, store_cycles
 from kvoverlay.sim.golden import GoldenModel
 from kvoverlay.sim.rtl import RtlError, RtlModel, build_model
+
+from kvoverlay import isa
+from kvoverlay import numerics as nx
+from kvoverlay.config import PRESETS
 
 CFG = PRESETS["tiny"]
 QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768)}
