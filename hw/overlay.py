@@ -41,16 +41,43 @@ COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes
             *(f"busy_{q}" for q in isa.QUEUES), *(f"stall_token_{q}" for q in isa.QUEUES),
             *(f"stall_port_{q}" for q in isa.QUEUES))
 #: Execution units per queue and the opcodes they take. Opcodes of a queue that no unit takes (the vector unit's
-#: and the attention engine's, for now) stop the run with the ``unimplemented`` error naming the opcode;
-#: plugging a unit in means adding it here and to ``Overlay._units``.
+#: and the attention engine's, for now) stop the run with the ``unimplemented`` error naming the opcode.
+#: Plugging a unit in: instantiate it in ``Overlay.elaborate`` (``units``), list its opcodes here and its memory
+#: ports in PORT_MAP; register ports named ``ereg_r*``, ``ereg_w*``, ``reg_r*`` connect by name.
 UNITS = {
     "load": {"load": ("LOAD",), "ldrow": ("LDROW",)},
     "compute": {"gemv": ("GEMV",), "req": ("REQ",)},
     "store": {"store": ("STORE", "STACC")},
 }
+#: The memory ports each queue's units share, and the unit ports that drive them; a unit not listed for a port
+#: leaves it idle while it runs.
+PORT_MAP = {
+    "load": {"abuf_w": [("load", "abuf_w"), ("ldrow", "abuf_w")]},
+    "compute": {"abuf_r": [("gemv", "abuf_r")], "abuf_w": [("req", "abuf_w")],
+                "acc_r": [("gemv", "acc_r"), ("req", "acc_r")], "acc_w": [("gemv", "acc_w")]},
+    "store": {"abuf_r": [("store", "abuf_r")], "acc_r": [("store", "acc_r")]},
+}
 #: Entries of each command queue.
 QUEUE_DEPTH = 4
 TOKEN_BITS = 8
+
+
+def _share(m, sel, target, sources):
+    """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)].
+
+    The unit port's Out members (address, enables, write data) are multiplexed; its In members (read data)
+    fan out to every source.
+    """
+    for name, member in sources[0][1].signature.members.items():
+        value = getattr(target, name)
+        if member.flow == Out:
+            with m.Switch(sel):
+                for index, port in sources:
+                    with m.Case(index):
+                        m.d.comb += value.eq(getattr(port, name))
+        else:
+            for _, port in sources:
+                m.d.comb += getattr(port, name).eq(value)
 
 
 class Overlay(wiring.Component):
@@ -149,41 +176,31 @@ class Overlay(wiring.Component):
         wiring.connect(m, arb.gemv, gemv.dram)
         m.d.comb += [self.insn_addr.eq(fe.insn_addr), fe.insn_data.eq(self.insn_data), fe.prog_base.eq(self.prog_base)]
 
-        # load unit: its own buffer write port and exponent write
-        load_sel = Signal(range(max(2, len(UNITS["load"]))), name="load_unit_sel")
-        with m.If(load_sel == list(UNITS["load"]).index("ldrow")):
-            m.d.comb += [abuf_w_load.addr.eq(ldrow.abuf_w.addr), abuf_w_load.data.eq(ldrow.abuf_w.data),
-                         abuf_w_load.en.eq(ldrow.abuf_w.en)]
-        with m.Else():
-            m.d.comb += [abuf_w_load.addr.eq(load.abuf_w.addr), abuf_w_load.data.eq(load.abuf_w.data),
-                         abuf_w_load.en.eq(load.abuf_w.en)]
-        m.d.comb += ldrow.reg_r.data.eq(regs[ldrow.reg_r.addr])
-        # store unit
-        m.d.comb += [abuf_r_store.addr.eq(store.abuf_r.addr), abuf_r_store.en.eq(store.abuf_r.en),
-                     store.abuf_r.data.eq(abuf_r_store.data),
-                     acc_r_store.addr.eq(store.acc_r.addr), acc_r_store.en.eq(store.acc_r.en),
-                     store.acc_r.data.eq(acc_r_store.data), store.ereg_r.data.eq(eregs[store.ereg_r.addr])]
-        # compute units share the compute ports, selected by the unit that runs
-        compute_names = list(UNITS["compute"])
-        compute_sel = Signal(range(max(2, len(compute_names))), name="compute_unit")
-        m.d.comb += [
-            abuf_r_compute.addr.eq(gemv.abuf_r.addr), abuf_r_compute.en.eq(gemv.abuf_r.en),
-            gemv.abuf_r.data.eq(abuf_r_compute.data),
-            abuf_w_compute.addr.eq(req.abuf_w.addr), abuf_w_compute.data.eq(req.abuf_w.data),
-            abuf_w_compute.en.eq(req.abuf_w.en),
-            acc_w_compute.addr.eq(gemv.acc_w.addr), acc_w_compute.data.eq(gemv.acc_w.data),
-            acc_w_compute.en.eq(gemv.acc_w.en),
-            gemv.acc_r.data.eq(acc_r_compute.data), req.acc_r.data.eq(acc_r_compute.data),
-            gemv.ereg_rx.data.eq(eregs[gemv.ereg_rx.addr]), gemv.ereg_ra.data.eq(eregs[gemv.ereg_ra.addr]),
-            req.ereg_r.data.eq(eregs[req.ereg_r.addr]),
-        ]
-        with m.If(compute_sel == compute_names.index("req")):
-            m.d.comb += [acc_r_compute.addr.eq(req.acc_r.addr), acc_r_compute.en.eq(req.acc_r.en)]
-        with m.Else():
-            m.d.comb += [acc_r_compute.addr.eq(gemv.acc_r.addr), acc_r_compute.en.eq(gemv.acc_r.en)]
-        # exponent writes: the load queue and the compute queue (never the same register at once: a race the
-        # golden model reports)
-        for w in (load.ereg_w, ldrow.ereg_w, gemv.ereg_w, req.ereg_w):
+        # each queue's memory ports are shared by its units, driven by the unit that runs (see PORT_MAP)
+        queue_ports = {
+            "load": {"abuf_w": abuf_w_load},
+            "compute": {"abuf_r": abuf_r_compute, "abuf_w": abuf_w_compute, "acc_r": acc_r_compute, "acc_w": acc_w_compute},
+            "store": {"abuf_r": abuf_r_store, "acc_r": acc_r_store},
+        }
+        unit_sel = {q: Signal(range(max(2, len(UNITS[q]))), name=f"{q}_unit") for q in isa.QUEUES}
+        for q, ports in PORT_MAP.items():
+            names = list(UNITS[q])
+            for target, sources in ports.items():
+                _share(m, unit_sel[q], queue_ports[q][target],
+                       [(names.index(unit), getattr(units[unit], port)) for unit, port in sources])
+        # register ports by name: ereg_r* / reg_r* read combinationally, ereg_w* write at the clock edge (the load
+        # and compute queues never write one register at once: that is a race the golden model reports)
+        ereg_writers = []
+        for unit in units.values():
+            for name in unit.signature.members:
+                port = getattr(unit, name)
+                if name.startswith("ereg_r"):
+                    m.d.comb += port.data.eq(eregs[port.addr])
+                elif name.startswith("reg_r"):
+                    m.d.comb += port.data.eq(regs[port.addr])
+                elif name.startswith("ereg_w"):
+                    ereg_writers.append(port)
+        for w in ereg_writers:
             with m.If(w.en):
                 m.d.sync += eregs[w.addr].eq(w.data)
 
@@ -229,11 +246,7 @@ class Overlay(wiring.Component):
             pc = Signal(32, name=f"{q}_current_pc")
             head_pc[q], cur_pc[q] = fifo.r_data[isa.INSN_BITS:], pc
             names = list(UNITS[q])
-            sel = Signal(range(max(2, len(names))), name=f"{q}_unit")
-            if q == "compute":
-                m.d.comb += compute_sel.eq(sel)
-            if q == "load":
-                m.d.comb += load_sel.eq(sel)
+            sel = unit_sel[q]
             starts = {n: Signal(name=f"{q}_start_{n}") for n in names}
             for n in names:
                 m.d.comb += [units[n].insn.eq(head), units[n].start.eq(starts[n])]
