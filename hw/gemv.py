@@ -79,6 +79,10 @@ class GemvEngine(wiring.Component):
         Cycles ``busy`` was high in the current or last run.
     w_addr, w_data : Out, In
         Weight memory read port (latency 1).
+    w_take : Out(1)
+        High in the cycles that consume ``w_data`` (the word addressed one cycle earlier); a streaming
+        source that cannot always deliver stalls the whole engine (an ``EnableInserter``) while
+        ``w_take`` is high and no word is ready.
     x_addr, x_data : Out, In
         Activation memory read port, ``2 * port_bytes`` int16 lanes per word (latency 1).
     acc_addr, acc_data, acc_en : Out
@@ -107,6 +111,7 @@ class GemvEngine(wiring.Component):
             "busy": Out(1),
             "done": Out(1),
             "cycles": Out(32),
+            "w_take": Out(1),
             "w_addr": Out(range(self.w_depth)),
             "w_data": In(self.pbits),
             "x_addr": Out(range(self.x_depth)),
@@ -221,6 +226,7 @@ class GemvEngine(wiring.Component):
         ]
 
         # ---- S1: realign, store scales, multiply
+        m.d.comb += self.w_take.eq(s1_valid)
         prev = Signal(self.pbits)
         with m.If(s1_valid):
             m.d.sync += prev.eq(self.w_data)

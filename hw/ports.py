@@ -1,0 +1,75 @@
+"""Signatures of the on-chip state ports every execution unit uses, and the unit command interface.
+
+The activation buffer (abuf), accumulator buffer (acc), exponent registers and scalar registers live in the
+overlay top (:mod:`hw.overlay`); a unit reaches them through these ports, all seen from the unit's side.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from kvoverlay import isa
+from kvoverlay import numerics as nx
+
+__all__ = ["EREG_SHAPE", "EXEC_ERRORS", "abuf_lanes", "abuf_read", "abuf_write", "acc_read", "acc_write",
+           "command", "ereg_read", "ereg_write", "reg_read", "reg_write"]
+
+#: Exponent registers hold more than [EXP_MIN, EXP_MAX]: a GEMV's accumulator exponent is x_e + sexp, which may
+#: lie outside the bfp16 range until REQ renormalizes it; two extra bits cover every sum of a bfp16 exponent and sexp.
+EREG_SHAPE = signed((nx.EXP_MAX - nx.EXP_MIN).bit_length() + 2)
+
+#: Run-time fault codes a unit reports on ``error_code`` with ``error`` (index = code).
+EXEC_ERRORS = ("none", "unaligned", "out_of_range", "format", "group", "exponent", "overflow")
+
+
+def abuf_lanes(config) -> int:
+    """int16 lanes per activation-buffer word (what the GEMV engine's x port reads)."""
+    return 2 * config.port_bytes
+
+
+def _abuf_depth(config) -> int:
+    return config.act_buffer_words // abuf_lanes(config)
+
+
+def abuf_read(config) -> wiring.Signature:
+    """Activation-buffer read port: word address, enable, data one cycle later (lane 0 in the low bits)."""
+    return wiring.Signature({"addr": Out(range(_abuf_depth(config))), "en": Out(1), "data": In(16 * abuf_lanes(config))})
+
+
+def abuf_write(config) -> wiring.Signature:
+    """Activation-buffer write port with one enable per int16 lane."""
+    return wiring.Signature({"addr": Out(range(_abuf_depth(config))), "data": Out(16 * abuf_lanes(config)),
+                             "en": Out(abuf_lanes(config))})
+
+
+def acc_read(config) -> wiring.Signature:
+    return wiring.Signature({"addr": Out(range(config.acc_buffer_words)), "en": Out(1), "data": In(64)})
+
+
+def acc_write(config) -> wiring.Signature:
+    return wiring.Signature({"addr": Out(range(config.acc_buffer_words)), "data": Out(64), "en": Out(1)})
+
+
+def ereg_read() -> wiring.Signature:
+    """Combinational exponent-register read."""
+    return wiring.Signature({"addr": Out(range(isa.NUM_EREGS)), "data": In(EREG_SHAPE)})
+
+
+def ereg_write() -> wiring.Signature:
+    return wiring.Signature({"addr": Out(range(isa.NUM_EREGS)), "data": Out(EREG_SHAPE), "en": Out(1)})
+
+
+def reg_read() -> wiring.Signature:
+    return wiring.Signature({"addr": Out(range(isa.NUM_REGS)), "data": In(32)})
+
+
+def reg_write() -> wiring.Signature:
+    return wiring.Signature({"addr": Out(range(isa.NUM_REGS)), "data": Out(32), "en": Out(1)})
+
+
+def command() -> dict:
+    """Members of the command interface shared by every execution unit (see briefs: rtl-shared)."""
+    return {"insn": In(isa.INSN_BITS), "start": In(1), "busy": Out(1), "done": Out(1),
+            "error": Out(1), "error_code": Out(range(len(EXEC_ERRORS)))}

