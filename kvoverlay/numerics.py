@@ -315,6 +315,10 @@ def _qrange(fmt):
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+#: Clipping ratios the ``mse`` scale search tries (1.0 is round-to-nearest, always a candidate).
+CLIP_RATIOS = np.linspace(0.5, 0.98, 13, dtype=np.float32)
+
+
 def scale_exponent(peak: float, fmt) -> int:
     """The matrix-wide scale exponent for weights whose largest magnitude is *peak*."""
     top = peak / _qrange(fmt)[1]
@@ -360,12 +364,21 @@ def quantize_matrix(w, fmt, group, method="rtn", samples=None, sexp=None):
         h = (np.mean(samples ** 2, axis=0) + 1e-30).reshape(cols // group, group)
     rtn = (q.copy(), sm.copy())
     if method == "mse":
-        best_err = np.sum(h * (q * s[..., None] - wg) ** 2, axis=-1)
-        for ratio in np.linspace(0.5, 0.98, 25):
-            q2, sm2, s2 = quant(ideal * ratio)
-            err = np.sum(h * (q2 * s2[..., None] - wg) ** 2, axis=-1)
+        # The search only picks scale mantissas. For int4, whose rounding errors dwarf float32's, float32
+        # halves its memory traffic; the weights are then rounded once more in float64 with the chosen scales.
+        ft = np.float32 if fmt == "int4" else np.float64
+        unit = 2.0 ** -sexp
+        wgs, hs = (wg * unit).astype(ft), h.astype(ft)
+        ideal_s = (ideal * unit).astype(ft)
+        best_sm = sm.astype(ft)
+        best_err = np.sum(hs * (np.clip(np.rint(wgs / best_sm[..., None]), lo, hi) * best_sm[..., None] - wgs) ** 2, axis=-1)
+        for ratio in CLIP_RATIOS.astype(ft):
+            sm2 = np.clip(np.rint(ideal_s * ratio), 1, 65535)
+            err = np.sum(hs * (np.clip(np.rint(wgs / sm2[..., None]), lo, hi) * sm2[..., None] - wgs) ** 2, axis=-1)
             better = err < best_err
-            q[better], sm[better], best_err[better] = q2[better], sm2[better], err[better]
+            best_sm[better], best_err[better] = sm2[better], err[better]
+        sm = best_sm.astype(np.float64)
+        q = np.clip(np.rint(wg / (sm * 2.0 ** sexp)[..., None]), lo, hi)
         if samples is not None:
             def out_err(qq, ss):
                 deq = (qq * ss[..., None]).reshape(rows, cols) * 2.0 ** sexp
