@@ -21,9 +21,10 @@ from pathlib import Path
 from kvoverlay.compiler.exported import export_model
 
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": 3072, "vocab_size": 50257, "n_positions": 1024}
-#: The compile, reporting its own peak resident memory (KiB on Linux) as the last line of stderr.
-_CHILD = ("import resource, sys; from kvoverlay.cli import main; rc = main(sys.argv[1:]); "
-          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+#: The compile, reporting its own peak resident memory (VmHWM, KiB) as the last line of stderr. VmHWM belongs to
+#: the process's own address space; ru_maxrss can carry a forked parent's high-water mark across exec.
+_CHILD = ("import re, sys; from kvoverlay.cli import main; rc = main(sys.argv[1:]); "
+          "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr); sys.exit(rc)")
 CONFIG = 'preset = "u280"\nmax_layers = 12\nmax_kv_heads = 12\nmax_head_dim = 64\nkv_capacity = 128\n'
 
 
