@@ -208,9 +208,13 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
                            f"(raise --kv-capacity or lower --max-seq)")
     image = _Image(max(isa.DRAM_UNIT, cfg.port_bytes))
     placed, table_fmt = quantize(og, cfg, weights, group_size, method, image, samples)
-    vocab = og.lengths[og.logits]
-    out_addr = image.place(bytes(nx.vector_record_size(vocab)))
-    image.region("io", out_addr)
+    io_start = len(image.data)
+    io = {"inputs": {}, "outputs": {}}
+    for kind, table in (("inputs", og.inputs), ("outputs", og.outputs)):
+        for name, (vec, shape) in table.items():
+            n = og.lengths[vec]
+            io[kind][name] = {"addr": image.place(bytes(nx.vector_record_size(n))), "len": n, "shape": shape}
+    image.region("io", io_start)
     if len(image.data) > cfg.dram_bytes:
         raise CompileError(f"the program image needs {len(image.data)} bytes; {cfg.name} has dram_bytes={cfg.dram_bytes}")
 
@@ -219,7 +223,8 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
     for i, op in enumerate(og.ops):
         for v in op.ins:
             last_use[v] = i
-    last_use[og.logits] = len(og.ops)
+    for vec, _ in og.outputs.values():
+        last_use[vec] = len(og.ops)
     stats_words = 2 * max([op.attrs["q_heads"] for op in og.ops if op.kind == "attn"] or [1])
     acc_rows = cfg.acc_buffer_words - stats_words
     abuf = _Allocator(cfg.act_buffer_words, cfg.abuf_lanes, "activation buffer")
@@ -258,7 +263,10 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
         who = f"op {op.out} ({op.kind} from {op.source})"
         src = [where[v] for v in op.ins]
         temps = []
-        if op.kind == "table":
+        if op.kind == "input":
+            dst = new_vec(op.out, who)
+            ins("LOAD", addr=io["inputs"][op.attrs["name"]]["addr"], len=og.lengths[op.out], dst=dst[0], dst_e=dst[1])
+        elif op.kind == "table":
             dst = new_vec(op.out, who)
             gather(op.attrs["table"], who, dst)
         elif op.kind == "linear":
@@ -325,20 +333,23 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
         for v in dict.fromkeys(op.ins):
             if last_use.get(v) == i:
                 drop(v)
-    logits = where[og.logits]
-    ins("ARGMAX", x=logits[0], len=vocab, rd=REG_NEXT)
-    ins("STORE", src=logits[0], src_e=logits[1], len=vocab, addr=out_addr)
+    if og.logits:
+        ins("ARGMAX", x=where[og.logits][0], len=og.lengths[og.logits], rd=REG_NEXT)
+    for name, (vec, _) in og.outputs.items():
+        ins("STORE", src=where[vec][0], src_e=where[vec][1], len=og.lengths[vec], addr=io["outputs"][name]["addr"])
     ins("END")
     insert_tokens(code)
     meta = {
         "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT},
-        "logits": {"addr": out_addr, "len": vocab},
+        "io": io,
         "regions": image.regions,
         "abuf_peak_words": abuf.peak,
         "weights": {"format": weights, "group_size": group_size, "method": method if weights == "int4" else "rtn",
                     "table_format": table_fmt},
         "weight_bytes": image.regions[0][2] - image.regions[0][1],
     }
+    if og.logits:
+        meta["logits"] = {"addr": io["outputs"]["logits"]["addr"], "len": io["outputs"]["logits"]["len"]}
     return Program(code, image.data, meta)
 
 

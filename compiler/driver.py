@@ -66,7 +66,8 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     if dump_dir is not None:
         with open(os.path.join(dump_dir, "10_fuse.txt"), "w") as f:
             f.write(og.dump())
-    samples = calibrate(og, max_seq) if weights == "int4" and method == "mse" else None
+    decoder = any(kind == "token" for kind, _ in og.tables.values())
+    samples = calibrate(og, max_seq) if weights == "int4" and method == "mse" and decoder else None
     prog = generate(og, cfg, weights=weights, group_size=group_size, method=method, max_seq=max_seq,
                     samples=samples)
     if dump_dir is not None:
@@ -80,14 +81,14 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
         with open(src, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
     placement = {"overlay": sorted({op.kind for op in og.ops}), "host": []}
+    og_logits = bool(og.logits)
     kv_layers = {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"]} for k, v in sorted(og.kv.items())}
     del graph, og, samples  # the float weights are in the image now; free them before the bundle is written
     meta = dict(prog.meta)
     meta.update({
         "max_seq": max_seq,
         "kv": {"layers": kv_layers, "capacity": cfg.kv_capacity},
-        "io": {"inputs": {"input_ids": "R0", "position_ids": "R1"}, "outputs": {"logits": "logits record",
-                                                                               "next_token": "R2"}},
+        "registers_in": {"input_ids": "R0", "position_ids": "R1"} if og_logits else {},
         "placement": placement,
         "source": {"sha256": digest, "name": os.path.basename(src) if src else None},
     })

@@ -101,6 +101,8 @@ class OverlayGraph:
     consts: dict = field(default_factory=dict)  # name -> float [n] (gains, biases)
     logits: str = ""
     kv: dict = field(default_factory=dict)  # layer -> {"kv_heads", "head_dim", "present": (key, value)}
+    inputs: dict = field(default_factory=dict)  # ONNX input -> (vector, shape): vectors the host writes each run
+    outputs: dict = field(default_factory=dict)  # ONNX output -> (vector, shape): vectors stored after each run
 
     def dump(self) -> str:
         lines = [(f"overlay graph: {len(self.ops)} ops, {len(self.matrices)} matrices, {len(self.tables)} tables, "
@@ -166,17 +168,19 @@ class Fuser:
 
     # ------------------------------------------------------------ entry
     def run(self) -> OverlayGraph:
-        outputs = self.g.outputs
-        if self.logits_name not in outputs:
-            raise CompileError(f"model has no {self.logits_name!r} output; outputs: {', '.join(outputs)}")
-        self.out.logits = self.vector(self.logits_name)
-        for o in outputs:
-            m = _PRESENT.match(o)
-            if m and o not in self.present_done:
+        """Fuse every graph output: ``logits`` (a decoder), ``present.N.*`` (satisfied by the on-chip KV
+        cache) and any other computed output (a small graph of supported ops)."""
+        for o in self.g.outputs:
+            if _PRESENT.match(o):
+                continue
+            vec = self.vector(o)
+            self.out.outputs[o] = (vec, list(self.ix.shape(o)))
+            if o == self.logits_name:
+                self.out.logits = vec
+        for o in self.g.outputs:
+            if _PRESENT.match(o) and o not in self.present_done:
                 raise CompileError(f"output {o!r} is not produced by an attention the compiler recognised "
                                    "(the KV cache must stay on chip)")
-            if not m and o != self.logits_name:
-                raise CompileError(f"output {o!r} is not supported: only logits and present.N.key/value")
         return self.out
 
     def vector(self, name: str) -> str:
@@ -194,7 +198,7 @@ class Fuser:
     def _match(self, v: str) -> str:
         deps = self.ix.deps.get(v, frozenset())
         if v in self.g.inputs:
-            self.fail(v, f"graph input {v!r} cannot be read by the overlay directly")
+            return self._input(v)
         if len(deps) == 1 and next(iter(deps)) in INDEX_INPUTS:
             got = self._table(v, next(iter(deps)))
             if got is not None:
@@ -214,6 +218,15 @@ class Fuser:
         if op == "Split":
             return self._split(v, node)
         self.fail(v, f"is not supported on the overlay; supported: {SUPPORTED}")
+
+    def _input(self, v: str) -> str:
+        """A float graph input (not a token, position or KV input): the host writes it as a vector record."""
+        val = self.g.values[v]
+        if v in INDEX_INPUTS or _PAST.match(v) or not val.dtype.startswith("float"):
+            raise CompileError(f"graph input {v!r} ({val.describe()}) cannot be read by the overlay as a vector")
+        name = self.emit("input", v, [], v, name=v)
+        self.out.inputs[v] = (name, list(self.ix.shape(v)))
+        return name
 
     def _plain_gather(self, v: str, index: str):
         """The constant table of ``Gather(table, index)`` if that is what *v* is."""
@@ -764,7 +777,7 @@ def fuse(graph: Graph, *, max_seq: int) -> OverlayGraph:
 
 
 
-def run_float(og: OverlayGraph, tokens, *, observe=None) -> list:
+def run_float(og: OverlayGraph, tokens, *, observe=None, feeds=None) -> list:
     """Evaluate *og* in float64 on a token sequence (one step per token); return the logits of every step.
 
     This is the fused program before quantization: it separates fusion errors from numerics. *observe*,
@@ -779,7 +792,9 @@ def run_float(og: OverlayGraph, tokens, *, observe=None) -> list:
             if observe is not None:
                 observe(op, ins)
             a = op.attrs
-            if op.kind == "table":
+            if op.kind == "input":
+                y = np.asarray(feeds[a["name"]], np.float64)
+            elif op.kind == "table":
                 kind, t = og.tables[a["table"]]
                 y = t[tok if kind == "token" else pos]
             elif op.kind == "linear":
@@ -826,5 +841,5 @@ def run_float(og: OverlayGraph, tokens, *, observe=None) -> list:
             else:
                 raise CompileError(f"run_float: unknown overlay op {op.kind!r}")
             env[op.out] = np.asarray(y, np.float64).reshape(-1)
-        out.append(env[og.logits])
+        out.append(env[og.logits] if og.logits else {o: env[v] for o, (v, _) in og.outputs.items()})
     return out

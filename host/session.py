@@ -18,7 +18,7 @@ from kvoverlay.sim.golden import GoldenModel
 from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
-__all__ = ["BACKENDS", "GenerateResult", "GoldenBackend", "Session", "SessionError"]
+__all__ = ["BACKENDS", "GenerateResult", "GoldenBackend", "Session", "SessionError", "run_graph"]
 
 
 class SessionError(ValueError):
@@ -76,7 +76,8 @@ class Session:
             raise SessionError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
         for key in ("registers", "logits", "max_seq"):
             if key not in program.manifest:
-                raise SessionError(f"program has no {key!r} in its manifest: not a compiled model")
+                raise SessionError(f"program has no {key!r} in its manifest: not a compiled decoder "
+                                   "(a graph without logits runs with kvoverlay.host.session.run_graph)")
         self.program = program
         self.backend_name = backend
         self.backend = BACKENDS[backend](program)
@@ -140,6 +141,33 @@ class Session:
             if i >= len(prompt) - 1:
                 out.append(logits)
         return out
+
+
+def run_graph(program, feeds: dict, backend: str = "isa") -> dict:
+    """Run a compiled graph once: write each input as a vector record, run to END, read every output.
+
+    *feeds* maps input names to float arrays of the compiled shapes; returns output name -> float64 array.
+    Decoders (programs with logits and a KV cache) run through :class:`Session` instead.
+    """
+    if isinstance(program, (str, os.PathLike)):
+        program = kvbundle.load(program)
+    if backend != "isa":
+        raise SessionError(f"run_graph supports the isa backend, not {backend!r}")
+    io = program.manifest.get("io")
+    if not io:
+        raise SessionError("program has no I/O table in its manifest: not a compiled model")
+    missing = sorted(set(io["inputs"]) - set(feeds))
+    if missing:
+        raise SessionError(f"missing inputs: {', '.join(missing)}")
+    model = GoldenBackend(program).model
+    for name, spec in io["inputs"].items():
+        x = np.asarray(feeds[name], np.float64)
+        if list(x.shape) != spec["shape"]:
+            raise SessionError(f"input {name!r} has shape {list(x.shape)}; the program was compiled for {spec['shape']}")
+        model.write_vector_record(spec["addr"], *nx.from_float(x.reshape(-1)))
+    model.run(program.instructions)
+    return {name: nx.to_float(*model.read_vector_record(spec["addr"], spec["len"])).reshape(spec["shape"])
+            for name, spec in io["outputs"].items()}
 
 
 def decode_stats(session: Session, res: GenerateResult) -> dict:
