@@ -356,7 +356,7 @@ def quantize_matrix(w, fmt, group, method="rtn", samples=None, sexp=None):
         q = np.clip(np.rint(wg / s[..., None]), lo, hi)
         return q, sm, s
 
-    q, sm, s = quant(ideal)
+    q, sm, _ = quant(ideal)
     if samples is None:
         h = np.ones((cols // group, group))
     else:
