@@ -62,6 +62,8 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None) -> dict:
     out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
            **decode_stats(session, res), "wall_s": round(res.wall_s, 3),
            "placement": session.program.manifest.get("placement", {})}
+    if hasattr(session.backend, "sim_cycles_per_s"):
+        out["sim_cycles_per_s"] = round(session.backend.sim_cycles_per_s)
     if check is not None:
         from .reference import compare
 
