@@ -253,17 +253,7 @@ class RtlModel:
         self.last_run = RtlRun(hw_counters=hw, wall_s=total_wall,
                                sim_cycles_per_s=hw["cycles"] / res["wall_s"] if res["wall_s"] > 0 else 0.0,
                                sim_cycles_per_cpu_s=hw["cycles"] / res["cpu_s"] if res["cpu_s"] > 0 else 0.0)
-        from kvoverlay.hw.ports import EREG_SHAPE
-
-        ew = EREG_SHAPE.width
-        self.eregs = [v - (1 << ew) if v >> (ew - 1) else v for v in res["eregs"]]
-        self.regs = [v - (1 << 32) if v >> 31 else v for v in res["regs"]]
-        if readback:
-            lanes = 2 * pb
-            words = [int(w) for w in res["abuf"]]
-            raw = np.array([(w >> (16 * k)) & 0xFFFF for w in words for k in range(lanes)], np.int64)
-            self.abuf = np.where(raw >= 1 << 15, raw - (1 << 16), raw)
-            self.acc = np.array([int(w) - (1 << 64) if int(w) >> 63 else int(w) for w in res["acc"]], np.int64)
+        self._take_state(res, readback)
         self.dram = np.frombuffer(dumped, np.uint8)[:extent].copy()
         if res["error"]:
             raise _error(res, instrs, watchdog)
@@ -271,8 +261,21 @@ class RtlModel:
         self.counters = counters
         return counters
 
+    def _take_state(self, res, readback):
+        from kvoverlay.hw.ports import EREG_SHAPE
+
+        ew = EREG_SHAPE.width
+        self.eregs = [v - (1 << ew) if v >> (ew - 1) else v for v in res["eregs"]]
+        self.regs = [v - (1 << 32) if v >> 31 else v for v in res["regs"]]
+        if readback:
+            lanes = 2 * self.config.port_bytes
+            words = [int(w) for w in res["abuf"]]
+            raw = np.array([(w >> (16 * k)) & 0xFFFF for w in words for k in range(lanes)], np.int64)
+            self.abuf = np.where(raw >= 1 << 15, raw - (1 << 16), raw)
+            self.acc = np.array([int(w) - (1 << 64) if int(w) >> 63 else int(w) for w in res["acc"]], np.int64)
+
     def run_session(self, program, registers: dict, logits: dict, feed, generate: int = 0, position: int = 0, *,
-                    watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000):
+                    watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000, readback: bool = False):
         """Run *program* once per step in ONE simulator process, state (the KV buffer) persisting between steps.
 
         Step k writes ``registers["token"]`` (the k-th of *feed*, then the previous step's
@@ -281,6 +284,7 @@ class RtlModel:
         token. Python exchanges whole steps with the simulator, never cycles.
 
         Returns a list of :class:`RtlStep`; raises :class:`RtlError` for a step that stopped on an error.
+        Afterwards ``eregs`` and ``regs`` (and with *readback* ``abuf`` and ``acc``) hold the final state.
         """
         from kvoverlay.hw.overlay import COUNTERS
 
@@ -296,11 +300,14 @@ class RtlModel:
         blob, instrs, prog_at, _ = self._prepare(program)
         first = addr // pb
         words = -(-(addr + size) // pb) - first
-        job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles, "abuf_words": 0, "acc_words": 0,
+        job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles,
+               "abuf_words": cfg.act_buffer_words // (2 * pb) if readback else 0,
+               "acc_words": cfg.acc_buffer_words if readback else 0,
                "session": {"registers": {k: int(registers[k]) for k in ("token", "position", "next_token")},
                            "feed": feed, "generate": int(generate), "position": int(position),
                            "logits_word": first, "logits_words": words}}
         res, _, total_wall = self._simulate(blob, prog_at, job)
+        self._take_state(res, readback)
         steps = []
         for k, st in enumerate(res["steps"]):
             hw = dict(zip(COUNTERS, st["counters"]))

@@ -17,7 +17,7 @@ import os
 import time
 
 import cocotb
-from cocotb.triggers import ReadOnly, RisingEdge, Timer, with_timeout
+from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge, Timer, with_timeout
 
 CLOCK_NS = 10  # the clock runs in HDL (hw/sim_overlay.py clocked_wrapper)
 
@@ -39,12 +39,21 @@ def _save(path: str, result: dict) -> None:
 
 
 async def _write_regs(dut, values: dict):
+    """Host register writes, then a one-cycle ``start``.
+
+    Inputs change at falling edges: after the combinational reads (``_comb``, 1 ns steps) the simulation time
+    may sit on a rising edge, where a write could race the edge and be lost.
+    """
     for i, value in values.items():
+        await FallingEdge(dut.clk)
         dut.host_reg_we.value = 1
         dut.host_reg_addr.value = int(i)
         dut.host_reg_data.value = int(value) & 0xFFFFFFFF
-        await RisingEdge(dut.clk)
+    await FallingEdge(dut.clk)
     dut.host_reg_we.value = 0
+    dut.start.value = 1
+    await FallingEdge(dut.clk)
+    dut.start.value = 0
 
 
 async def _status(dut, job):
@@ -53,6 +62,22 @@ async def _status(dut, job):
               "error_info": int(dut.error_info.value), "error_pc": int(dut.error_pc.value)}
     await RisingEdge(dut.clk)
     result["counters"] = [await _comb(dut, "ctr_data", "ctr_addr", i) for i in range(job["n_counters"])]
+    return result
+
+
+async def _state(dut, job) -> dict:
+    """Registers, and the buffers as far as the job asks."""
+    result = {"eregs": [await _comb(dut, "dbg_ereg_data", "dbg_ereg_addr", i) for i in range(job["n_eregs"])],
+              "regs": [await _comb(dut, "dbg_reg_data", "dbg_reg_addr", i) for i in range(job["n_regs"])]}
+    for name, count in (("abuf", job["abuf_words"]), ("acc", job["acc_words"])):
+        words = []
+        for i in range(count):
+            getattr(dut, f"dbg_{name}_addr").value = i
+            await RisingEdge(dut.clk)
+            await ReadOnly()
+            words.append(int(getattr(dut, f"dbg_{name}_data").value))
+            await RisingEdge(dut.clk)
+        result[name] = [str(w) for w in words]
     return result
 
 
@@ -68,9 +93,6 @@ async def _session(dut, job):
     for k in range(steps):
         token = feed[k] if k < len(feed) else token
         await _write_regs(dut, {regs["token"]: token, regs["position"]: sess["position"] + k})
-        dut.start.value = 1
-        await RisingEdge(dut.clk)
-        dut.start.value = 0
         t0, c0 = time.perf_counter(), time.process_time()
         await with_timeout(RisingEdge(dut.done), job["max_cycles"] * CLOCK_NS, "ns")
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -81,7 +103,7 @@ async def _session(dut, job):
         step["next_token"] = await _comb(dut, "dbg_reg_data", "dbg_reg_addr", regs["next_token"])
         step["logits"] = [str(await _comb(dut, "dram_host_data", "dram_host_addr", first + i)) for i in range(words)]
         token = step["next_token"]
-    _save(job["result"], {"steps": out})
+    _save(job["result"], {"steps": out, **await _state(dut, job)})
 
 
 @cocotb.test()
@@ -117,17 +139,7 @@ async def overlay_run(dut):
               "error_info": int(dut.error_info.value), "error_pc": int(dut.error_pc.value)}
     await RisingEdge(dut.clk)
     result["counters"] = [await _comb(dut, "ctr_data", "ctr_addr", i) for i in range(job["n_counters"])]
-    result["eregs"] = [await _comb(dut, "dbg_ereg_data", "dbg_ereg_addr", i) for i in range(job["n_eregs"])]
-    result["regs"] = [await _comb(dut, "dbg_reg_data", "dbg_reg_addr", i) for i in range(job["n_regs"])]
-    for name, count in (("abuf", job["abuf_words"]), ("acc", job["acc_words"])):
-        words = []
-        for i in range(count):
-            getattr(dut, f"dbg_{name}_addr").value = i
-            await RisingEdge(dut.clk)
-            await ReadOnly()
-            words.append(int(getattr(dut, f"dbg_{name}_data").value))
-            await RisingEdge(dut.clk)
-        result[name] = [str(w) for w in words]
+    result.update(await _state(dut, job))
     await RisingEdge(dut.clk)
     dut.dram_dump.value = 1
     for _ in range(3):
