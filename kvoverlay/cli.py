@@ -189,6 +189,8 @@ def _configure_demo(p):
     p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the demo weights")
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    p.add_argument("--no-rtl", action="store_true",
+                   help="skip the int8 run on the Verilated overlay (its first run builds the model, ~2 min)")
     p.set_defaults(func=_lazy("kvoverlay.host.commands", "demo_main"))
 
 
