@@ -457,3 +457,36 @@ def test_random_programs_over_every_opcode_match_golden(model_dir, seed):
     assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
     assert counters.instructions == gold_counters.instructions == len(program)
     print(f"seed {seed}: rtl {counters.cycles} cycles, golden model predicts {gold_counters.cycles}")
+
+
+@pytest.mark.parametrize("qh, kvh, d, length, holes", [(4, 4, 16, 2, [0]), (1, 1, 4, 3, [0]), (2, 1, 8, 19, [0, 9, 17])],
+                         ids=["mha-first", "one-head", "tiles"])
+def test_attention_over_unwritten_positions(model_dir, qh, kvh, d, length, holes):
+    """Positions never appended keep exponent EXP_MIN: the tile's largest value exponent must come from the
+    positions of the score pass (a first position at EXP_MIN once left the output at exponent ~EXP_MIN)."""
+    rng = np.random.default_rng(len(holes) + d)
+    img = _Image(1 << 16)
+    lines = []
+
+    def load(n, dst, e, exp, extra=""):
+        rec = nx.pack_vector_record(rng.integers(-30000, 30000, n), exp)
+        lines.append(f"LOAD addr={img.put(rec):#x} len={n} dst={dst} dst_e=E{e}{extra}")
+
+    load(qh * d, 0, 1, -13)
+    first = True
+    for t in range(length):
+        if t in holes:
+            continue
+        load(kvh * d, 320, 2, int(rng.integers(-14, -9)), "" if first else " pop_next")
+        load(kvh * d, 192, 3, int(rng.integers(-16, -8)), " push_next")
+        lines.append(f"KVAPPEND k=320 k_e=E2 v=192 v_e=E3 layer=1 heads={kvh} head_dim={d} pos_reg=R1 pos_imm={t} "
+                     "pop_prev push_prev")
+        first = False
+    lines += [(f"ATTN q=0 q_e=E1 dst=64 dst_e=E4 layer=1 q_heads={qh} kv_heads={kvh} head_dim={d} len_reg=R1 "
+              f"len_imm={length} stats=100"), "NOP queue=load pop_next", "END"]
+    program = isa.assemble("\n".join(lines))
+    gold, _, rtl, _ = run_both(program, bytes(img.data), [0, 0])
+    assert gold.eregs[4] > nx.EXP_MIN + 100
+    assert np.array_equal(rtl.abuf, gold.abuf)
+    assert np.array_equal(rtl.acc, gold.acc)
+    assert rtl.eregs == gold.eregs
