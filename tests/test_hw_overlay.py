@@ -14,11 +14,7 @@ import pytest
 pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
-from kvoverlay.hw.gemv_unit import gemv_unit_cycles
-from kvoverlay.hw.ldrow_unit import ldrow_cycles
-from kvoverlay.hw.load_unit import load_cycles
-from kvoverlay.hw.req_unit import req_cycles
-from kvoverlay.hw.store_unit import stacc_cycles, store_cycles
+from kvoverlay.hw.cycles import unit_cycles as hw_unit_cycles
 from kvoverlay.sim.golden import ExecError, GoldenModel
 from kvoverlay.sim.rtl import RtlError, RtlModel, build_model
 
@@ -36,16 +32,7 @@ def model_dir():
 
 
 def unit_cycles(ins):
-    f = ins.fields
-    return {
-        "LOAD": lambda: load_cycles(CFG, f["len"]),
-        "LDROW": lambda: ldrow_cycles(CFG, ins),
-        "STORE": lambda: store_cycles(CFG, f["len"]),
-        "STACC": lambda: stacc_cycles(CFG, f["len"]),
-        "GEMV": lambda: gemv_unit_cycles(CFG, ins),
-        "REQ": lambda: req_cycles(CFG, f["len"]),
-        "NOP": lambda: 1,
-    }[ins.op]()
+    return hw_unit_cycles(CFG, ins)
 
 
 def make_case(fmt, seed, rows=24, cols=64, lg_group=2):
@@ -456,6 +443,11 @@ def test_random_programs_over_every_opcode_match_golden(model_dir, seed):
     assert rtl.regs == gold.regs
     assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
     assert counters.instructions == gold_counters.instructions == len(program)
+    kv_len = {pc: ins.fields["len_imm"] + args[ins.fields["len_reg"]] for pc, ins in enumerate(program) if ins.op == "ATTN"}
+    for q in isa.QUEUES:  # each unit's busy-cycle formula, ATTN and KVAPPEND and the vector ops included
+        expected = sum(hw_unit_cycles(CFG, ins, kv_len.get(pc, 0)) for pc, ins in enumerate(program)
+                       if ins.op != "END" and ins.queue == q)
+        assert counters.busy[q] == expected, q
     print(f"seed {seed}: rtl {counters.cycles} cycles, golden model predicts {gold_counters.cycles}")
 
 
