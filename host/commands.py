@@ -62,6 +62,8 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None) -> dict:
     out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
            **decode_stats(session, res), "wall_s": round(res.wall_s, 3),
            "placement": session.program.manifest.get("placement", {})}
+    if hasattr(session.backend, "sim_cycles_per_s"):
+        out["sim_cycles_per_s"] = round(session.backend.sim_cycles_per_s)
     if check is not None:
         from .reference import compare
 
@@ -96,6 +98,22 @@ def run_main(args) -> int:
     return 0
 
 
+def _demo_rtl_row(program, isa_out, isa_res) -> bool:
+    """Run the int8 program on the Verilated overlay; print its row: tokens, match against isa, cycles per token."""
+    _log("kvoverlay demo: int8 program on the RTL (--backend rtl: Verilated overlay, built once per config and cached)")
+    out, res = run_program(program, list(DEMO_PROMPT), len(isa_res.tokens), backend="rtl")
+    same_tokens = res.tokens == isa_res.tokens
+    identical = same_tokens and all(np.array_equal(a, b) for a, b in zip(res.logits, isa_res.logits))
+    match = f"{sum(a == b for a, b in zip(res.tokens, isa_res.tokens))}/{len(res.tokens)}"
+    toks = ",".join(map(str, res.tokens))
+    print(f"{'rtl-int8':<8} {toks[:48]:<48} {match:>6} {'bit-exact' if identical else 'DIFFERS':>9} "
+          f"{out['cycles_per_token']:>10.0f} {out['bandwidth_efficiency']:>7.1%}")
+    _log(f"rtl: tokens and logits {'bit-identical to' if identical else 'DIFFER from'} --backend isa; cycles per token "
+         f"{out['cycles_per_token']:.0f} from the hardware counters (golden model predicts {isa_out['cycles_per_token']:.0f}); "
+         f"{out['sim_cycles_per_s']} simulated cycles/s")
+    return identical
+
+
 def demo_main(args) -> int:
     """Build the demo decoder (onnx.helper, deterministic weights), compile it per weight format, run, check."""
     from kvoverlay.compiler.demo_model import build_llama_onnx
@@ -110,15 +128,20 @@ def demo_main(args) -> int:
         _log(f"kvoverlay demo: Llama-style decoder (2 layers, GQA 4/2 heads, SwiGLU, RoPE) built with onnx.helper; "
              f"prompt {list(DEMO_PROMPT)}, {new_tokens} new tokens, config {config}, golden model (--backend isa)")
         print(f"{'weights':<8} {'tokens':<48} {'match':>6} {'cosine':>9} {'cycles/tok':>10} {'bw eff':>7}")
+        # the rtl row's match column compares with the isa row of the same program, its cosine column says bit-exact
         ok = True
+        results = {}
         for weights in ("w16", "int8", "int4"):
             b, _ = compile_model(str(model), config, weights=weights, max_seq=len(DEMO_PROMPT) + new_tokens)
             out, res = run_program(b, list(DEMO_PROMPT), new_tokens, check=str(model))
+            results[weights] = (b, out, res)
             r = out["reference"]
             toks = ",".join(map(str, res.tokens))
             print(f"{weights:<8} {toks[:48]:<48} {r['tokens_matching']:>3}/{len(res.tokens):<2} "
                   f"{r['logits_cosine_min']:>9.5f} {out['cycles_per_token']:>10.0f} {out['bandwidth_efficiency']:>7.1%}")
             ok &= r["logits_cosine_min"] >= {"w16": 0.999, "int8": 0.99, "int4": 0.0}[weights]
             ok &= weights != "w16" or r["token_match"]
+        if not getattr(args, "no_rtl", False):
+            ok &= _demo_rtl_row(*results["int8"])
     _log(f"reference: onnxruntime fp32 on the same ONNX file; wall {time.perf_counter() - t0:.1f} s")
     return 0 if ok else 1

@@ -4,6 +4,12 @@ A backend executes one decode step of the program: it sets the token and
 position registers, runs to END, and returns the next token, the logits and
 the counters of that step. The KV cache stays in the backend between steps; the
 host never reads it back.
+
+A backend may also offer ``run_steps(feed, generate, position)``: a whole token
+sequence at once (the *feed* tokens, then *generate* greedy steps that feed back
+the next-token register), as a list of ``(next_token, logits, counters)``. The
+session uses it when present, so that the RTL backend runs a whole generation in
+one simulator process.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from kvoverlay.sim.golden import GoldenModel
 from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
-__all__ = ["BACKENDS", "GenerateResult", "GoldenBackend", "Session", "SessionError", "run_graph"]
+__all__ = ["BACKENDS", "GenerateResult", "GoldenBackend", "RtlBackend", "Session", "SessionError", "run_graph"]
 
 
 class SessionError(ValueError):
@@ -45,7 +51,47 @@ class GoldenBackend:
         return self.model.regs[regs["next_token"]], nx.to_float(m, e), counters
 
 
-BACKENDS = {"isa": GoldenBackend}
+class RtlBackend:
+    """The Verilated overlay (``--backend rtl``), through :meth:`kvoverlay.sim.rtl.RtlModel.run_session`.
+
+    A simulator process holds the KV buffer only while it runs, so every call runs the program over the whole
+    token history of this backend in one process: :meth:`run_steps` (what :class:`Session` calls) replays the
+    tokens fed before (none in a fresh session) and then runs the new ones; :meth:`step` does the same for one
+    token (correct, but quadratic when called token by token). The counters are the hardware counters of each
+    step.
+    """
+
+    name = "rtl"
+
+    def __init__(self, program: kvbundle.Bundle):
+        from kvoverlay.sim.rtl import RtlModel
+
+        self.program = program
+        self.model = RtlModel(program.config, program.image)
+        self.history = []  # tokens fed so far, at positions 0..
+        self.steps = []  # RtlStep of every position, from the last run
+
+    @property
+    def sim_cycles_per_s(self) -> float:
+        """Simulated cycles per second of wall time over the steps of the last run."""
+        return self.model.last_run.sim_cycles_per_s
+
+    def run_steps(self, feed, generate: int, position: int):
+        if position != len(self.history):
+            raise SessionError(f"position {position} does not follow the {len(self.history)} tokens fed to the RTL")
+        m = self.program.manifest
+        steps = self.model.run_session(self.program.instructions, m["registers"], m["logits"],
+                                       self.history + [int(t) for t in feed], generate)
+        new = steps[len(self.history):]
+        self.history += [s.token for s in new]
+        self.steps = steps
+        return [(s.next_token, s.logits, s.counters) for s in new]
+
+    def step(self, token: int, position: int):
+        return self.run_steps([token], 0, position)[0]
+
+
+BACKENDS = {"isa": GoldenBackend, "rtl": RtlBackend}
 
 
 @dataclass
@@ -66,7 +112,7 @@ class Session:
     program : Bundle or path
         A compiled program (``.kvo``).
     backend : str
-        ``isa`` (golden model); more backends register in :data:`BACKENDS`.
+        ``isa`` (golden model) or ``rtl`` (Verilated overlay); backends register in :data:`BACKENDS`.
     """
 
     def __init__(self, program, backend: str = "isa"):
@@ -91,6 +137,11 @@ class Session:
     def vocab(self) -> int:
         return int(self.program.manifest["logits"]["len"])
 
+    def _check_tokens(self, tokens):
+        for token in tokens:
+            if not 0 <= token < self.vocab:
+                raise SessionError(f"token {token} is outside the vocabulary [0, {self.vocab})")
+
     def step(self, token: int):
         if not 0 <= token < self.vocab:
             raise SessionError(f"token {token} is outside the vocabulary [0, {self.vocab})")
@@ -113,6 +164,18 @@ class Session:
                                f"the program was compiled with --max-seq {self.max_seq}")
         res = GenerateResult(prompt, [], [])
         t0 = time.perf_counter()
+        if hasattr(self.backend, "run_steps"):
+            self._check_tokens(prompt)
+            steps = self.backend.run_steps(prompt, max_new_tokens - 1, self.position)
+            self.position += len(steps)
+            for i, (nxt, logits, counters) in enumerate(steps):
+                res.step_cycles.append(counters.cycles)
+                res.step_bytes_read.append(counters.total_read)
+                if i >= len(prompt) - 1:
+                    res.tokens.append(int(nxt))
+                    res.logits.append(logits)
+            res.wall_s = time.perf_counter() - t0
+            return res
         feed = list(prompt)
         while len(res.tokens) < max_new_tokens:
             tok = feed.pop(0)
@@ -135,6 +198,11 @@ class Session:
         feed = [int(t) for t in prompt] + [int(t) for t in tokens[:-1]]
         if self.position + len(feed) > self.max_seq:
             raise SessionError(f"{len(feed)} tokens exceed max_seq={self.max_seq}")
+        if hasattr(self.backend, "run_steps"):
+            self._check_tokens(feed)
+            steps = self.backend.run_steps(feed, 0, self.position)
+            self.position += len(steps)
+            return [logits for _, logits, _ in steps[len(prompt) - 1:]]
         out = []
         for i, tok in enumerate(feed):
             _, logits, _ = self.step(tok)

@@ -375,7 +375,7 @@ class AttentionEngine(wiring.Component):
         sc2_bank = Signal()
         m.d.sync += sc2_valid.eq(sc1_valid & sc1_last)
         with m.If(sc1_valid):
-            m.d.sync += [dot.eq(dot_next), sc2_dot.eq(dot_next), sc2_ek.eq(kv.rd_ek), sc2_ev.eq(kv.rd_ev), sc2_pos.eq(sc1_pos),
+            m.d.sync += [dot.eq(dot_next), sc2_dot.eq(dot_next), sc2_ek.eq(kv.rd_ek), sc2_ev.eq(kv.rd_k_ev), sc2_pos.eq(sc1_pos),
                          sc2_bank.eq(sc1_bank)]
         score_shift = Signal(signed(16))
         m.d.comb += score_shift.eq(-(e_a + sc2_ek + numerics.SCORE_FRAC))

@@ -115,6 +115,8 @@ class DramModel(wiring.Component):
         Instruction fetch port: instruction index (byte address / 16), data one cycle later.
     dump, dump_words : In
         A rising ``dump`` writes words ``[0, dump_words)`` to the file named by ``+DRAM_DUMP=``.
+    host_rd_addr, host_rd_data : In, Out
+        Combinational read of one memory word, for the host between runs.
     """
 
     def __init__(self, config):
@@ -126,6 +128,8 @@ class DramModel(wiring.Component):
             "insn_data": Out(128),
             "dump": In(1),
             "dump_words": In(aw + 1),
+            "host_rd_addr": In(aw),
+            "host_rd_data": Out(config.port_bits),
         })
 
     def elaborate(self, platform):
@@ -143,6 +147,7 @@ class DramModel(wiring.Component):
             i_wr_valid=p.wr_valid, o_wr_ready=p.wr_ready, i_wr_data=p.wr_data, i_wr_strb=p.wr_strb,
             i_insn_addr=self.insn_addr, o_insn_data=self.insn_data,
             i_dump=self.dump, i_dump_words=self.dump_words,
+            i_host_rd_addr=self.host_rd_addr, o_host_rd_data=self.host_rd_data,
         )
         return m
 

@@ -7,6 +7,8 @@
 //
 // The image is loaded with $readmemh from the file named by the plusarg +DRAM_IMAGE=path (one word per line,
 // `@addr` lines allowed); on a rising `dump` the words [0, dump_words) are written with $writememh to +DRAM_DUMP=path.
+// A third port, combinational and read-only, lets the host read single words between runs (a decode session reads
+// each step's logits record through it without dumping the memory).
 module kvo_dram_model #(
     parameter WORD_BITS = 64,
     parameter ADDR_BITS = 21,
@@ -30,7 +32,9 @@ module kvo_dram_model #(
     input  wire [INSN_ADDR_BITS-1:0] insn_addr,
     output reg  [127:0]              insn_data,
     input  wire                      dump,
-    input  wire [ADDR_BITS:0]        dump_words
+    input  wire [ADDR_BITS:0]        dump_words,
+    input  wire [ADDR_BITS-1:0]      host_rd_addr,
+    output wire [WORD_BITS-1:0]      host_rd_data
 );
     localparam WORD_BYTES = WORD_BITS / 8;
     reg [WORD_BITS-1:0] mem [0:(1 << ADDR_BITS) - 1];
@@ -49,6 +53,7 @@ module kvo_dram_model #(
     end
 
     assign req_ready = !burst_busy;
+    assign host_rd_data = mem[host_rd_addr];
     assign wr_ready = burst_busy && burst_write;
 
     always @(posedge clk) begin

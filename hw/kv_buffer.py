@@ -73,6 +73,9 @@ def kv_port_signature(config) -> wiring.Signature:
         "rd_v_data": In(16 * g["lanes"]),
         "rd_ek": In(EXP_SHAPE),
         "rd_ev": In(EXP_SHAPE),
+        # the value exponent of the K-side position: the score pass tracks the tile's largest value exponent
+        # while the value pass reads another tile
+        "rd_k_ev": In(EXP_SHAPE),
     })
     return wiring.Signature(members)
 
@@ -150,7 +153,7 @@ class KvBuffer(wiring.Component):
         v_row = self.row_index(p.rd_layer, p.rd_head, p.rd_v_pos)
         read(k_mem, k_row, p.rd_k_chunk, p.rd_k_data)
         read(v_mem, v_row, p.rd_v_chunk, p.rd_v_data)
-        read_exp(k_row, p.rd_ek, Signal(EXP_SHAPE))
+        read_exp(k_row, p.rd_ek, p.rd_k_ev)
         read_exp(v_row, Signal(EXP_SHAPE), p.rd_ev)
         host_row = self.row_index(h.layer, h.head, h.pos)
         read(k_mem, host_row, h.chunk, h.k_data)

@@ -18,15 +18,18 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
+from .attention import AttentionEngine, AttnError
 from .dram import DramArbiter, dram_port
 from .frontend import QUEUE_ENTRY_BITS, Frontend
 from .gemv_unit import GemvUnit
 from .isa_layout import HEADER_LAYOUT
+from .kv_buffer import KvBuffer
 from .ldrow_unit import LdrowUnit
 from .load_unit import LoadUnit
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes
 from .req_unit import ReqUnit
 from .store_unit import StoreUnit
+from .vector_unit import VecError, VectorUnit
 
 __all__ = ["COUNTERS", "ERRORS", "QUEUE_DEPTH", "STALL_UNITS", "UNITS", "Overlay"]
 
@@ -40,44 +43,113 @@ STALL_UNITS = (*isa.QUEUES, "frontend")
 COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes_read",
             *(f"busy_{q}" for q in isa.QUEUES), *(f"stall_token_{q}" for q in isa.QUEUES),
             *(f"stall_port_{q}" for q in isa.QUEUES))
-#: Execution units per queue and the opcodes they take. Opcodes of a queue that no unit takes (the vector unit's
-#: and the attention engine's, for now) stop the run with the ``unimplemented`` error naming the opcode.
+#: Execution units per queue and the opcodes they take. An opcode of a queue that no unit takes stops the run
+#: with the ``unimplemented`` error naming the opcode (none is left in this build; the path stays for
+#: reduced builds). REQ runs on the dedicated REQ unit, not on the vector unit's copy of it.
 #: Plugging a unit in: instantiate it in ``Overlay.elaborate`` (``units``), list its opcodes here and its memory
-#: ports in PORT_MAP; register ports named ``ereg_r*``, ``ereg_w*``, ``reg_r*`` connect by name.
+#: ports in PORT_MAP; register ports named ``ereg_r*``, ``ereg_w*``, ``reg_r*``, ``reg_w*`` connect by name.
 UNITS = {
     "load": {"load": ("LOAD",), "ldrow": ("LDROW",)},
-    "compute": {"gemv": ("GEMV",), "req": ("REQ",)},
+    "compute": {"gemv": ("GEMV",), "req": ("REQ",),
+                "vector": ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX"),
+                "attention": ("KVAPPEND", "ATTN")},
     "store": {"store": ("STORE", "STACC")},
 }
 #: The memory ports each queue's units share, and the unit ports that drive them; a unit not listed for a port
-#: leaves it idle while it runs.
+#: leaves it idle while it runs. The compute queue has two activation-buffer read ports (the vector unit's
+#: two operands, the attention engine's word pair).
 PORT_MAP = {
     "load": {"abuf_w": [("load", "abuf_w"), ("ldrow", "abuf_w")]},
-    "compute": {"abuf_r": [("gemv", "abuf_r")], "abuf_w": [("req", "abuf_w")],
-                "acc_r": [("gemv", "acc_r"), ("req", "acc_r")], "acc_w": [("gemv", "acc_w")]},
+    "compute": {"abuf_r": [("gemv", "abuf_r"), ("vector", "abuf_r_a"), ("attention", "abuf_r_0")],
+                "abuf_r2": [("vector", "abuf_r_b"), ("attention", "abuf_r_1")],
+                "abuf_w": [("req", "abuf_w"), ("vector", "abuf_w"), ("attention", "abuf_w")],
+                "acc_r": [("gemv", "acc_r"), ("req", "acc_r")],
+                "acc_w": [("gemv", "acc_w"), ("attention", "acc_w")]},
     "store": {"abuf_r": [("store", "abuf_r")], "acc_r": [("store", "acc_r")]},
+}
+#: Where the vector unit's and the attention engine's own fault codes land in :data:`hw.ports.EXEC_ERRORS`.
+FAULT_MAP = {
+    "vector": {VecError.OPCODE: "opcode", VecError.ALIGN: "unaligned", VecError.BOUNDS: "out_of_range",
+               VecError.SHAPE: "shape", VecError.EXP_OVERFLOW: "overflow"},
+    "attention": {AttnError.OPCODE: "opcode", AttnError.GEOMETRY: "shape", AttnError.KV_RANGE: "kv_range",
+                  AttnError.SPAN: "out_of_range", AttnError.ALIGN: "unaligned", AttnError.OVERFLOW: "overflow",
+                  AttnError.DIVIDE: "divide"},
 }
 #: Entries of each command queue.
 QUEUE_DEPTH = 4
 TOKEN_BITS = 8
 
 
+class _PortView:
+    """A unit's memory or register port given as loose signals, for units whose ports are flat members.
+
+    Quacks like a port of :mod:`hw.ports` for :func:`_share` and the by-name register wiring: attributes per
+    member and a ``members`` dict of flows (Out: driven by the unit, In: driven by the top).
+    """
+
+    def __init__(self, **members):
+        self.members = {}
+        for name, (signal, flow) in members.items():
+            setattr(self, name, signal)
+            self.members[name] = flow
+
+
+def _members(port):
+    if isinstance(port, _PortView):
+        return port.members
+    return {name: member.flow for name, member in port.signature.members.items()}
+
+
 def _share(m, sel, target, sources):
     """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)].
 
     The unit port's Out members (address, enables, write data) are multiplexed; its In members (read data)
-    fan out to every source.
+    fan out to every source. A member only some sources have (a read enable) keeps the target's default
+    (enabled) for the others.
     """
-    for name, member in sources[0][1].signature.members.items():
+    names = {}
+    for _, port in sources:
+        for name, flow in _members(port).items():
+            names.setdefault(name, flow)
+    for name, flow in names.items():
         value = getattr(target, name)
-        if member.flow == Out:
+        have = [(index, port) for index, port in sources if name in _members(port)]
+        if flow == Out:
             with m.Switch(sel):
-                for index, port in sources:
+                for index, port in have:
                     with m.Case(index):
                         m.d.comb += value.eq(getattr(port, name))
         else:
-            for _, port in sources:
+            for _, port in have:
                 m.d.comb += getattr(port, name).eq(value)
+
+
+def _vector_ports(v):
+    """The vector unit's flat members as ports (its acc read is REQ's, which the REQ unit runs instead)."""
+    return {
+        "abuf_r_a": _PortView(addr=(v.abuf_rd_a_addr, Out), data=(v.abuf_rd_a_data, In)),
+        "abuf_r_b": _PortView(addr=(v.abuf_rd_b_addr, Out), data=(v.abuf_rd_b_data, In)),
+        "abuf_w": _PortView(addr=(v.abuf_wr_addr, Out), data=(v.abuf_wr_data, Out), en=(v.abuf_wr_en, Out)),
+        "ereg_ra": _PortView(addr=(v.ereg_rd_a_addr, Out), data=(v.ereg_rd_a_data, In)),
+        "ereg_rb": _PortView(addr=(v.ereg_rd_b_addr, Out), data=(v.ereg_rd_b_data, In)),
+        "ereg_rc": _PortView(addr=(v.ereg_rd_c_addr, Out), data=(v.ereg_rd_c_data, In)),
+        "ereg_w": _PortView(addr=(v.ereg_wr_addr, Out), data=(v.ereg_wr_data, Out), en=(v.ereg_wr_en, Out)),
+        "reg_w": _PortView(addr=(v.reg_wr_addr, Out), data=(v.reg_wr_data, Out), en=(v.reg_wr_en, Out)),
+    }
+
+
+def _attention_ports(a):
+    """The attention engine's flat members as ports."""
+    return {
+        "abuf_r_0": _PortView(addr=(a.abuf_raddr0, Out), data=(a.abuf_rdata0, In)),
+        "abuf_r_1": _PortView(addr=(a.abuf_raddr1, Out), data=(a.abuf_rdata1, In)),
+        "abuf_w": _PortView(addr=(a.abuf_waddr, Out), data=(a.abuf_wdata, Out), en=(a.abuf_wmask, Out)),
+        "acc_w": _PortView(addr=(a.acc_waddr, Out), data=(a.acc_wdata, Out), en=(a.acc_we, Out)),
+        "ereg_r0": _PortView(addr=(a.ereg_raddr0, Out), data=(a.ereg_rdata0, In)),
+        "ereg_r1": _PortView(addr=(a.ereg_raddr1, Out), data=(a.ereg_rdata1, In)),
+        "ereg_w": _PortView(addr=(a.ereg_waddr, Out), data=(a.ereg_wdata, Out), en=(a.ereg_we, Out)),
+        "reg_r": _PortView(addr=(a.reg_raddr, Out), data=(a.reg_rdata, In)),
+    }
 
 
 class Overlay(wiring.Component):
@@ -144,6 +216,7 @@ class Overlay(wiring.Component):
         abuf_w_load = abuf.write_port(granularity=16)
         abuf_w_compute = abuf.write_port(granularity=16)
         abuf_r_compute = abuf.read_port()
+        abuf_r2_compute = abuf.read_port()
         abuf_r_store = abuf.read_port()
         abuf_r_dbg = abuf.read_port()
         acc_w_compute = accbuf.write_port()
@@ -167,7 +240,17 @@ class Overlay(wiring.Component):
         m.submodules.gemv_unit = gemv = GemvUnit(cfg)
         m.submodules.req_unit = req = ReqUnit(cfg)
         m.submodules.store_unit = store = StoreUnit(cfg)
-        units = {"load": load, "ldrow": ldrow, "gemv": gemv, "req": req, "store": store}
+        m.submodules.vector_unit = vec = VectorUnit(cfg)
+        m.submodules.attention_engine = attn = AttentionEngine(cfg)
+        # the KV buffer persists across runs: a decode session appends one token per run
+        m.submodules.kv_buffer = kvbuf = KvBuffer(cfg)
+        wiring.connect(m, attn.kv, kvbuf.port)
+        units = {"load": load, "ldrow": ldrow, "gemv": gemv, "req": req, "store": store, "vector": vec,
+                 "attention": attn}
+        # every unit's ports by name: component members, or the flat members of the vector and attention units
+        unit_ports = {n: {name: getattr(u, name) for name in u.signature.members} for n, u in units.items()}
+        unit_ports["vector"] = _vector_ports(vec)
+        unit_ports["attention"] = _attention_ports(attn)
         m.submodules.dram_arbiter = arb = DramArbiter(cfg, ("store", "load", "ldrow", "gemv"))
         wiring.connect(m, wiring.flipped(self.dram), arb.mem)
         wiring.connect(m, arb.store, store.dram)
@@ -179,7 +262,8 @@ class Overlay(wiring.Component):
         # each queue's memory ports are shared by its units, driven by the unit that runs (see PORT_MAP)
         queue_ports = {
             "load": {"abuf_w": abuf_w_load},
-            "compute": {"abuf_r": abuf_r_compute, "abuf_w": abuf_w_compute, "acc_r": acc_r_compute, "acc_w": acc_w_compute},
+            "compute": {"abuf_r": abuf_r_compute, "abuf_r2": abuf_r2_compute, "abuf_w": abuf_w_compute,
+                        "acc_r": acc_r_compute, "acc_w": acc_w_compute},
             "store": {"abuf_r": abuf_r_store, "acc_r": acc_r_store},
         }
         unit_sel = {q: Signal(range(max(2, len(UNITS[q]))), name=f"{q}_unit") for q in isa.QUEUES}
@@ -187,22 +271,26 @@ class Overlay(wiring.Component):
             names = list(UNITS[q])
             for target, sources in ports.items():
                 _share(m, unit_sel[q], queue_ports[q][target],
-                       [(names.index(unit), getattr(units[unit], port)) for unit, port in sources])
-        # register ports by name: ereg_r* / reg_r* read combinationally, ereg_w* write at the clock edge (the load
-        # and compute queues never write one register at once: that is a race the golden model reports)
-        ereg_writers = []
-        for unit in units.values():
-            for name in unit.signature.members:
-                port = getattr(unit, name)
+                       [(names.index(unit), unit_ports[unit][port]) for unit, port in sources])
+        # register ports by name: ereg_r* / reg_r* read combinationally, ereg_w* / reg_w* write at the clock edge
+        # (two queues never write one register at once: that is a race the golden model reports)
+        ereg_writers, reg_writers = [], []
+        for ports in unit_ports.values():
+            for name, port in ports.items():
                 if name.startswith("ereg_r"):
                     m.d.comb += port.data.eq(eregs[port.addr])
                 elif name.startswith("reg_r"):
                     m.d.comb += port.data.eq(regs[port.addr])
                 elif name.startswith("ereg_w"):
                     ereg_writers.append(port)
+                elif name.startswith("reg_w"):
+                    reg_writers.append(port)
         for w in ereg_writers:
             with m.If(w.en):
                 m.d.sync += eregs[w.addr].eq(w.data)
+        for w in reg_writers:
+            with m.If(w.en):
+                m.d.sync += regs[w.addr].eq(w.data)
 
         # ------------------------------------------------------------ queues, tokens, executors
         error = Signal(name="error_flag")
@@ -256,8 +344,14 @@ class Overlay(wiring.Component):
             with m.Switch(sel):
                 for i, n in enumerate(names):
                     with m.Case(i):
-                        m.d.comb += [unit_done.eq(units[n].done), unit_error.eq(units[n].error),
-                                     unit_code.eq(units[n].error_code)]
+                        m.d.comb += [unit_done.eq(units[n].done), unit_error.eq(units[n].error)]
+                        if n in FAULT_MAP:
+                            with m.Switch(units[n].error_code):
+                                for own, common in FAULT_MAP[n].items():
+                                    with m.Case(own):
+                                        m.d.comb += unit_code.eq(EXEC_ERRORS.index(common))
+                        else:
+                            m.d.comb += unit_code.eq(units[n].error_code)
             completing = Signal(name=f"{q}_completing")
             unimpl = Signal(name=f"{q}_unimplemented")
             exec_fault = Signal(name=f"{q}_fault")

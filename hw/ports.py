@@ -21,7 +21,8 @@ __all__ = ["EREG_SHAPE", "EXEC_ERRORS", "abuf_lanes", "abuf_read", "abuf_write",
 EREG_SHAPE = signed((nx.EXP_MAX - nx.EXP_MIN).bit_length() + 2)
 
 #: Run-time fault codes a unit reports on ``error_code`` with ``error`` (index = code).
-EXEC_ERRORS = ("none", "unaligned", "out_of_range", "format", "group", "exponent", "overflow")
+EXEC_ERRORS = ("none", "unaligned", "out_of_range", "format", "group", "exponent", "overflow",
+               "opcode", "shape", "kv_range", "divide")
 
 
 def abuf_lanes(config) -> int:

@@ -22,7 +22,8 @@ class OverlaySimTop(wiring.Component):
     """Overlay plus ``kvo_dram_model`` (hw/dram_model.v), with the overlay's host ports brought out.
 
     The memory image comes from ``+DRAM_IMAGE=`` at time zero; a rising ``dram_dump`` writes words
-    ``[0, dram_dump_words)`` to ``+DRAM_DUMP=``.
+    ``[0, dram_dump_words)`` to ``+DRAM_DUMP=``; ``dram_host_addr``/``dram_host_data`` read one memory word
+    combinationally (between runs).
 
     Parameters
     ----------
@@ -35,6 +36,7 @@ class OverlaySimTop(wiring.Component):
         host = {name: member for name, member in self.overlay.signature.members.items()
                 if name not in ("dram", "insn_addr", "insn_data")}
         super().__init__({**host, "dram_dump": In(1), "dram_dump_words": In(dram_addr_bits(config) + 1),
+                          "dram_host_addr": In(dram_addr_bits(config)), "dram_host_data": Out(config.port_bits),
                           "port_busy": Out(1)})
 
     def elaborate(self, platform):
@@ -44,9 +46,10 @@ class OverlaySimTop(wiring.Component):
         wiring.connect(m, ov.dram, mem.port)
         m.d.comb += [mem.insn_addr.eq(ov.insn_addr), ov.insn_data.eq(mem.insn_data),
                      mem.dump.eq(self.dram_dump), mem.dump_words.eq(self.dram_dump_words),
+                     mem.host_rd_addr.eq(self.dram_host_addr), self.dram_host_data.eq(mem.host_rd_data),
                      self.port_busy.eq(~mem.port.req_ready)]
         for name, member in self.signature.members.items():
-            if name in ("dram_dump", "dram_dump_words", "port_busy"):
+            if name in ("dram_dump", "dram_dump_words", "dram_host_addr", "dram_host_data", "port_busy"):
                 continue
             ours, theirs = getattr(self, name), getattr(ov, name)
             if member.flow == In:

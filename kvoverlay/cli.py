@@ -171,7 +171,8 @@ def _configure_compile(p):
 @command("run", "run a program: a .kvo bundle (prefill + greedy decode) or a raw instruction stream")
 def _configure_run(p):
     p.add_argument("program", type=Path, help="program bundle (.kvo) or instruction stream (.bin from kvoverlay asm)")
-    p.add_argument("--backend", default="isa", choices=["isa"], help="isa: the bit-exact golden model (default)")
+    p.add_argument("--backend", default="isa", choices=["isa", "rtl"],
+                   help="isa: the bit-exact golden model (default); rtl: the Verilated overlay (cycles from its counters)")
     p.add_argument("--prompt", default="5,17,42", help="comma-separated prompt token ids (default: 5,17,42)")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default: 16)")
     p.add_argument("--check", type=Path, default=None, metavar="MODEL.onnx", help="compare with onnxruntime on this model")
@@ -188,6 +189,8 @@ def _configure_demo(p):
     p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the demo weights")
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    p.add_argument("--no-rtl", action="store_true",
+                   help="skip the int8 run on the Verilated overlay (its first run builds the model, ~2 min)")
     p.set_defaults(func=_lazy("kvoverlay.host.commands", "demo_main"))
 
 

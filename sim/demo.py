@@ -151,7 +151,12 @@ def run_main(args) -> int:
         raise ValueError(f"--args {args.args!r}: expected comma-separated integers") from None
     if len(regs) > isa.NUM_REGS:
         raise ValueError(f"--args sets {len(regs)} registers; there are {isa.NUM_REGS}")
-    model = GoldenModel(cfg, image)
+    if getattr(args, "backend", "isa") == "rtl":
+        from kvoverlay.sim.rtl import RtlModel
+
+        model = RtlModel(cfg, image)
+    else:
+        model = GoldenModel(cfg, image)
     counters = model.run(program, args=regs)
     result = {"registers": model.regs, **counters.to_dict()}
     if args.json:

@@ -20,11 +20,6 @@ from kvoverlay.config import OverlayConfig
 
 __all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles"]
 
-#: Fixed latencies of the timing model, in cycles.
-MEM_LATENCY = 8
-PIPE_LATENCY = 4
-SCALAR_LATENCY = 50  # square root and division of the scalar unit
-
 
 class ExecError(RuntimeError):
     """A run-time fault; the message names the program counter and the instruction."""
@@ -56,37 +51,16 @@ def _ceil(a, b):
 
 
 def instr_cycles(ins: isa.Instr, cfg: OverlayConfig, kv_len: int = 0) -> int:
-    """Cycles one instruction occupies its queue (the timing model)."""
-    P, V, f = cfg.port_bytes, cfg.vector_lanes, ins.fields
-    op = ins.op
-    if op in ("LOAD", "STORE"):
-        return _ceil(nx.vector_record_size(f["len"]), P) + MEM_LATENCY
-    if op == "STACC":
-        return _ceil(8 * f["len"], P) + MEM_LATENCY
-    if op == "LDROW":
-        fmt, group = isa.weight_layout(ins)
-        return _ceil(nx.row_stride(f["cols"], fmt, group, P), P) + MEM_LATENCY + _ceil(f["cols"], V)
-    if op == "GEMV":
-        fmt, group = isa.weight_layout(ins)
-        stream = f["rows"] * _ceil(nx.row_stride(f["cols"], fmt, group, P), P)
-        mac = f["rows"] * _ceil(f["cols"], cfg.weights_per_cycle(fmt))
-        return max(stream, mac) + MEM_LATENCY + PIPE_LATENCY
-    if op in ("REQ", "VADD", "VMUL", "VSCALE", "ACT"):
-        return 2 * _ceil(f["len"], V) + PIPE_LATENCY  # a pass to find the peak, a pass to round
-    if op == "NORM":
-        return 3 * _ceil(f["len"], V) + SCALAR_LATENCY + PIPE_LATENCY
-    if op == "ROPE":
-        return 2 * _ceil(f["heads"] * f["head_dim"], V) + PIPE_LATENCY
-    if op == "ARGMAX":
-        return _ceil(f["len"], V) + PIPE_LATENCY
-    if op == "KVAPPEND":
-        return 2 * _ceil(f["heads"] * f["head_dim"], V) + PIPE_LATENCY
-    if op == "ATTN":
-        per_pos = 2 * _ceil(f["head_dim"], V)
-        tiles = _ceil(max(kv_len, 1), cfg.attn_tile)
-        per_head = kv_len * per_pos + tiles * PIPE_LATENCY + SCALAR_LATENCY + _ceil(f["head_dim"], V)
-        return f["q_heads"] * per_head + 2 * _ceil(f["q_heads"] * f["head_dim"], V)
-    return 1  # NOP, END
+    """Cycles one instruction occupies its queue (the timing model).
+
+    Fitted to the RTL: the executing unit's busy-cycle formula (``hw/cycles.py``, each unit's own) plus the
+    queue's dispatch cycle. END takes one cycle.
+    """
+    if ins.op == "END":
+        return 1
+    from kvoverlay.hw.cycles import DISPATCH_CYCLES, unit_cycles
+
+    return unit_cycles(cfg, ins, kv_len) + DISPATCH_CYCLES
 
 
 class GoldenModel:

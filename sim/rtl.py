@@ -25,7 +25,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import OverlayConfig
 
-__all__ = ["RtlError", "RtlModel", "RtlRun", "build_model", "cache_root"]
+__all__ = ["RtlError", "RtlModel", "RtlRun", "RtlStep", "build_model", "cache_root"]
 
 HW_DIR = Path(__file__).resolve().parent.parent / "hw"
 SIM_DIR = Path(__file__).resolve().parent
@@ -105,6 +105,25 @@ class RtlRun:
     sim_cycles_per_cpu_s: float = 0.0
 
 
+@dataclass
+class RtlStep:
+    """One step of :meth:`RtlModel.run_session`: the token fed, the logits record and the next-token register."""
+
+    token: int
+    position: int
+    next_token: int
+    logits_m: np.ndarray
+    logits_e: int
+    counters: object  # golden-style Counters of this step
+    hw_counters: dict
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+    @property
+    def logits(self) -> np.ndarray:
+        return nx.to_float(self.logits_m, self.logits_e)
+
+
 def _try_decode(word: bytes):
     """The instruction, or None for an illegal word (the hardware reports those itself)."""
     try:
@@ -159,39 +178,38 @@ class RtlModel:
         self.dram = np.zeros(0, np.uint8)
         self.last_run = RtlRun()
 
-    def run(self, program, args=None, *, watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000,
-            readback: bool = True):
-        """Run *program* (list of :class:`isa.Instr` or encoded bytes) until END; returns golden-style Counters."""
-        from cocotb_tools.runner import get_results, get_runner
-        from kvoverlay.hw.overlay import COUNTERS, ERRORS, STALL_UNITS
-        from kvoverlay.hw.sim_overlay import TB_NAME
-        from kvoverlay.sim.golden import Counters
-
+    def _prepare(self, program, extent_min=0):
+        """Encoded program, its decoded instructions, where it goes in external memory and the write extent."""
         cfg = self.config
         blob = bytes(program) if isinstance(program, (bytes, bytearray)) else isa.encode_program(program)
         if len(blob) % isa.INSN_BYTES:
             raise ValueError(f"instruction stream of {len(blob)} bytes is not a multiple of {isa.INSN_BYTES}")
         instrs = [_try_decode(blob[i:i + isa.INSN_BYTES]) for i in range(0, len(blob), isa.INSN_BYTES)]
-        args = [int(a) for a in (args or [])]
-        if len(args) > isa.NUM_REGS:
-            raise ValueError(f"{len(args)} register arguments; the overlay has {isa.NUM_REGS} registers")
-        pb = cfg.port_bytes
-        align = max(pb, isa.INSN_BYTES)
+        align = max(cfg.port_bytes, isa.INSN_BYTES)
         prog_at = (cfg.dram_bytes - len(blob)) // align * align
-        extent = max(len(self.image), _write_extent(instrs))
+        extent = max(len(self.image), _write_extent(instrs), extent_min)
         if extent > prog_at:
             raise ValueError(f"memory image and outputs ({extent} bytes) overlap the program at {prog_at:#x}")
+        return blob, instrs, prog_at, extent
+
+    def _simulate(self, blob, prog_at, job, dump_words=0):
+        """One simulator process: load the image and program, run the cocotb side with *job*.
+
+        Returns (result dict, the first *dump_words* words of external memory, wall seconds).
+        """
+        from cocotb_tools.runner import get_results, get_runner
+        from kvoverlay.hw.overlay import COUNTERS
+        from kvoverlay.hw.sim_overlay import TB_NAME
+
+        cfg = self.config
+        pb = cfg.port_bytes
         work = build_model(cfg, waves=bool(self.waves))
         tmp = Path(tempfile.mkdtemp(prefix="kvo-rtl-"))
         try:
-            tmp = Path(tmp)
             image_file, dump_file, job_file, result_file = (tmp / n for n in ("image.hex", "dump.hex", "job.json", "result.json"))
             _write_hex(image_file, [(0, self.image), (prog_at, blob)], pb)
-            dump_words = -(-extent // pb)
-            job = {"args": args, "prog_base": prog_at // isa.INSN_BYTES, "watchdog": watchdog, "max_cycles": max_cycles,
-                   "dump_words": dump_words, "n_counters": len(COUNTERS), "n_eregs": isa.NUM_EREGS, "n_regs": isa.NUM_REGS,
-                   "abuf_words": cfg.act_buffer_words // (2 * pb) if readback else 0,
-                   "acc_words": cfg.acc_buffer_words if readback else 0, "result": str(result_file)}
+            job = {**job, "prog_base": prog_at // isa.INSN_BYTES, "dump_words": dump_words, "n_counters": len(COUNTERS),
+                   "n_eregs": isa.NUM_EREGS, "n_regs": isa.NUM_REGS, "result": str(result_file)}
             job_file.write_text(json.dumps(job))
             runner = get_runner("verilator")
             t0 = time.perf_counter()
@@ -205,7 +223,7 @@ class RtlModel:
             _, failed = get_results(xml)
             if failed or not result_file.is_file():
                 log = (tmp / "sim.log").read_text(errors="replace")[-2000:] if (tmp / "sim.log").exists() else ""
-                raise RuntimeError(f"RTL simulation failed (timeout after {max_cycles} cycles or crash): {log}")
+                raise RuntimeError(f"RTL simulation failed (timeout after {job['max_cycles']} cycles or crash): {log}")
             res = json.loads(result_file.read_text())
             dumped = _read_hex(dump_file, dump_words, pb) if dump_words else b""
             if self.waves and (tmp / "dump.vcd").is_file():
@@ -213,46 +231,102 @@ class RtlModel:
         finally:
             if not os.environ.get("KVOVERLAY_RTL_KEEP"):
                 shutil.rmtree(tmp, ignore_errors=True)
+        return res, dumped, total_wall
+
+    def run(self, program, args=None, *, watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000,
+            readback: bool = True):
+        """Run *program* (list of :class:`isa.Instr` or encoded bytes) until END; returns golden-style Counters."""
+        from kvoverlay.hw.overlay import COUNTERS
+
+        cfg = self.config
+        args = [int(a) for a in (args or [])]
+        if len(args) > isa.NUM_REGS:
+            raise ValueError(f"{len(args)} register arguments; the overlay has {isa.NUM_REGS} registers")
+        blob, instrs, prog_at, extent = self._prepare(program)
+        pb = cfg.port_bytes
+        dump_words = -(-extent // pb)
+        job = {"args": args, "watchdog": watchdog, "max_cycles": max_cycles,
+               "abuf_words": cfg.act_buffer_words // (2 * pb) if readback else 0,
+               "acc_words": cfg.acc_buffer_words if readback else 0}
+        res, dumped, total_wall = self._simulate(blob, prog_at, job, dump_words)
         hw = dict(zip(COUNTERS, res["counters"]))
         self.last_run = RtlRun(hw_counters=hw, wall_s=total_wall,
                                sim_cycles_per_s=hw["cycles"] / res["wall_s"] if res["wall_s"] > 0 else 0.0,
                                sim_cycles_per_cpu_s=hw["cycles"] / res["cpu_s"] if res["cpu_s"] > 0 else 0.0)
+        self._take_state(res, readback)
+        self.dram = np.frombuffer(dumped, np.uint8)[:extent].copy()
+        if res["error"]:
+            raise _error(res, instrs, watchdog)
+        counters = _counters(hw)
+        self.counters = counters
+        return counters
+
+    def _take_state(self, res, readback):
         from kvoverlay.hw.ports import EREG_SHAPE
 
         ew = EREG_SHAPE.width
         self.eregs = [v - (1 << ew) if v >> (ew - 1) else v for v in res["eregs"]]
         self.regs = [v - (1 << 32) if v >> 31 else v for v in res["regs"]]
         if readback:
-            lanes = 2 * pb
+            lanes = 2 * self.config.port_bytes
             words = [int(w) for w in res["abuf"]]
             raw = np.array([(w >> (16 * k)) & 0xFFFF for w in words for k in range(lanes)], np.int64)
             self.abuf = np.where(raw >= 1 << 15, raw - (1 << 16), raw)
             self.acc = np.array([int(w) - (1 << 64) if int(w) >> 63 else int(w) for w in res["acc"]], np.int64)
-        self.dram = np.frombuffer(dumped, np.uint8)[:extent].copy()
-        if res["error"]:
-            code = ERRORS[res["error_code"]]
-            info = res["error_info"]
-            if code == "illegal":
-                from kvoverlay.hw.frontend import ILLEGAL_REASONS
 
-                reason = f"illegal instruction ({ILLEGAL_REASONS[info].replace('_', ' ')})"
-            elif code == "unimplemented":
-                name = isa.BY_CODE[info].name if info in isa.BY_CODE else str(info)
-                reason = f"{name}: unimplemented unit for opcode {info} in this overlay build"
-            elif code == "exec":
-                from kvoverlay.hw.ports import EXEC_ERRORS
+    def run_session(self, program, registers: dict, logits: dict, feed, generate: int = 0, position: int = 0, *,
+                    watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000, readback: bool = False):
+        """Run *program* once per step in ONE simulator process, state (the KV buffer) persisting between steps.
 
-                reason = f"{instrs[res['error_pc']].op}: execution fault: {EXEC_ERRORS[info].replace('_', ' ')}"
-            else:
-                reason = f"watchdog: the {STALL_UNITS[info]} unit made no progress for {watchdog} cycles (stalled)"
-            err = RtlError(res["error_pc"], reason)
-            err.code, err.unit = code, (STALL_UNITS[info] if code == "watchdog" else None)
-            raise err
-        counters = Counters(cycles=hw["cycles"], instructions=hw["instructions"],
-                            bytes_read={"dram": hw["bytes_read"]}, bytes_written={"dram": hw["bytes_written"]},
-                            busy={q: hw[f"busy_{q}"] for q in isa.QUEUES})
-        self.counters = counters
-        return counters
+        Step k writes ``registers["token"]`` (the k-th of *feed*, then the previous step's
+        ``registers["next_token"]``: greedy generation for *generate* more steps) and ``registers["position"]``
+        (``position + k``), runs to END and reads the ``logits`` vector record (``{"addr", "len"}``) and the next
+        token. Python exchanges whole steps with the simulator, never cycles.
+
+        Returns a list of :class:`RtlStep`; raises :class:`RtlError` for a step that stopped on an error.
+        Afterwards ``eregs`` and ``regs`` (and with *readback* ``abuf`` and ``acc``) hold the final state.
+        """
+        from kvoverlay.hw.overlay import COUNTERS
+
+        cfg = self.config
+        pb = cfg.port_bytes
+        feed = [int(t) for t in feed]
+        if not feed:
+            raise ValueError("a session needs at least one token to feed")
+        if generate < 0:
+            raise ValueError(f"generate={generate} must not be negative")
+        size = nx.vector_record_size(int(logits["len"]))
+        addr = int(logits["addr"])
+        blob, instrs, prog_at, _ = self._prepare(program)
+        first = addr // pb
+        words = -(-(addr + size) // pb) - first
+        job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles,
+               "abuf_words": cfg.act_buffer_words // (2 * pb) if readback else 0,
+               "acc_words": cfg.acc_buffer_words if readback else 0,
+               "session": {"registers": {k: int(registers[k]) for k in ("token", "position", "next_token")},
+                           "feed": feed, "generate": int(generate), "position": int(position),
+                           "logits_word": first, "logits_words": words}}
+        res, _, total_wall = self._simulate(blob, prog_at, job)
+        self._take_state(res, readback)
+        steps = []
+        for k, st in enumerate(res["steps"]):
+            hw = dict(zip(COUNTERS, st["counters"]))
+            if st["error"]:
+                raise _error(st, instrs, watchdog, step=k)
+            raw = b"".join(int(w).to_bytes(pb, "little") for w in st["logits"])
+            off = addr - first * pb
+            m, e = nx.unpack_vector_record(raw[off:off + size], int(logits["len"]))
+            nxt = st["next_token"]
+            steps.append(RtlStep(token=st["token"], position=position + k, next_token=nxt - (1 << 32) if nxt >> 31 else nxt,
+                                 logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw,
+                                 wall_s=st["wall_s"], cpu_s=st["cpu_s"]))
+        cycles = sum(s.hw_counters["cycles"] for s in steps)
+        wall = sum(s.wall_s for s in steps)
+        cpu = sum(s.cpu_s for s in steps)
+        self.last_run = RtlRun(hw_counters={k: sum(s.hw_counters[k] for s in steps) for k in COUNTERS}, wall_s=total_wall,
+                               sim_cycles_per_s=cycles / wall if wall > 0 else 0.0,
+                               sim_cycles_per_cpu_s=cycles / cpu if cpu > 0 else 0.0)
+        return steps
 
     def dram_bytes(self, addr: int, n: int) -> bytes:
         """Bytes of external memory after the last run (image bytes where the run wrote nothing)."""
@@ -260,6 +334,43 @@ class RtlModel:
         have = self.dram[addr: addr + n].tobytes()
         out[: len(have)] = have
         return bytes(out)
+
+
+def _counters(hw: dict):
+    """Golden-style Counters from the hardware counters of one run."""
+    from kvoverlay.sim.golden import Counters
+
+    return Counters(cycles=hw["cycles"], instructions=hw["instructions"],
+                    bytes_read={"dram": hw["bytes_read"]}, bytes_written={"dram": hw["bytes_written"]},
+                    busy={q: hw[f"busy_{q}"] for q in isa.QUEUES})
+
+
+def _error(res: dict, instrs, watchdog: int, step=None) -> RtlError:
+    """The RtlError for a run that ended with the error status in *res*."""
+    from kvoverlay.hw.overlay import ERRORS, STALL_UNITS
+
+    code = ERRORS[res["error_code"]]
+    info = res["error_info"]
+    pc = res["error_pc"]
+    if code == "illegal":
+        from kvoverlay.hw.frontend import ILLEGAL_REASONS
+
+        reason = f"illegal instruction ({ILLEGAL_REASONS[info].replace('_', ' ')})"
+    elif code == "unimplemented":
+        name = isa.BY_CODE[info].name if info in isa.BY_CODE else str(info)
+        reason = f"{name}: unimplemented unit for opcode {info} in this overlay build"
+    elif code == "exec":
+        from kvoverlay.hw.ports import EXEC_ERRORS
+
+        op = instrs[pc].op if 0 <= pc < len(instrs) and instrs[pc] is not None else "?"
+        reason = f"{op}: execution fault: {EXEC_ERRORS[info].replace('_', ' ')}"
+    else:
+        reason = f"watchdog: the {STALL_UNITS[info]} unit made no progress for {watchdog} cycles (stalled)"
+    if step is not None:
+        reason += f" (session step {step})"
+    err = RtlError(pc, reason)
+    err.code, err.unit = code, (STALL_UNITS[info] if code == "watchdog" else None)
+    return err
 
 
 def _write_hex(path: Path, chunks, pb: int) -> None:

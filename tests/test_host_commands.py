@@ -141,5 +141,14 @@ def test_demo_runs():
     res = kvo("demo", "--tokens", "8")
     assert res.returncode == 0, res.stderr
     rows = [line.split() for line in res.stdout.splitlines()[1:]]
-    assert [r[0] for r in rows] == ["w16", "int8", "int4"]
+    assert [r[0] for r in rows] == ["w16", "int8", "int4", "rtl-int8"]
     assert rows[0][2] == "8/8", res.stdout
+    # the int8 program on the Verilated overlay: same tokens as its isa row, logits bit-exact
+    assert rows[3][1] == rows[1][1] and rows[3][2:4] == ["8/8", "bit-exact"], res.stdout
+    assert float(rows[3][4]) > 0
+
+
+def test_demo_without_rtl():
+    res = kvo("demo", "--tokens", "2", "--no-rtl")
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in res.stdout.splitlines()[1:]] == ["w16", "int8", "int4"]
