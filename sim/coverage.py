@@ -53,12 +53,18 @@ class Coverage:
         out += [("outcome", o) for o in ("ok", *sorted(set(_OUTCOMES.values())))]
         return out
 
-    def record(self, program, config, outcome: str = "ok", kv_lengths=()) -> None:
-        """Count one run of *program* (list of :class:`isa.Instr`); *outcome* is "ok" or the error message."""
+    def record(self, program, config, outcome: str = "ok", kv_lengths=(), args=()) -> None:
+        """Count one run of *program* (list of :class:`isa.Instr`); *outcome* is "ok" or the error message.
+
+        *kv_lengths* are the attention lengths a session ran at; for a single run they follow from the register
+        arguments *args* (ATTN attends over ``R[len_reg] + len_imm`` positions)."""
         self.runs += 1
+        kv_lengths = list(kv_lengths)
         lanes = config.abuf_lanes
         prev = None
         for ins in program:
+            if ins is None:  # a word that does not decode: the run's outcome says what the hardware did
+                continue
             f = ins.fields
             fname, variants = _variants(ins.fmt)
             variant = variants[f[fname]] if fname else "-"
@@ -74,6 +80,8 @@ class Coverage:
                 self.hits[("edge", "vector at the top of the buffer")] += 1
             if ins.op == "ATTN" and f["q_heads"] > f["kv_heads"]:
                 self.hits[("edge", "ATTN GQA (q_heads > kv_heads)")] += 1
+            if ins.op == "ATTN" and not kv_lengths and f["len_reg"] < len(args):
+                kv_lengths.append(int(args[f["len_reg"]]) + f["len_imm"])
             if prev is not None and any(d.startswith("pop") for d in ins.deps) and any(
                     d.startswith("push") for d in prev.deps):
                 self.hits[("edge", "back-to-back dependency (pop right after the push)")] += 1

@@ -25,6 +25,8 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import OverlayConfig
 
+from . import coverage
+
 __all__ = ["RtlError", "RtlModel", "RtlRun", "RtlStep", "build_model", "cache_root"]
 
 HW_DIR = Path(__file__).resolve().parent.parent / "hw"
@@ -255,8 +257,11 @@ class RtlModel:
                                sim_cycles_per_cpu_s=hw["cycles"] / res["cpu_s"] if res["cpu_s"] > 0 else 0.0)
         self._take_state(res, readback)
         self.dram = np.frombuffer(dumped, np.uint8)[:extent].copy()
-        if res["error"]:
-            raise _error(res, instrs, watchdog)
+        err = _error(res, instrs, watchdog) if res["error"] else None
+        if coverage.active() is not None:
+            coverage.active().record(instrs, cfg, "ok" if err is None else str(err), args=args)
+        if err is not None:
+            raise err
         counters = _counters(hw)
         self.counters = counters
         return counters
@@ -308,6 +313,9 @@ class RtlModel:
                            "logits_word": first, "logits_words": words}}
         res, _, total_wall = self._simulate(blob, prog_at, job)
         self._take_state(res, readback)
+        if coverage.active() is not None:
+            failed = next((str(_error(st, instrs, watchdog, step=k)) for k, st in enumerate(res["steps"]) if st["error"]), "ok")
+            coverage.active().record(instrs, cfg, failed, kv_lengths=[position + k + 1 for k in range(len(res["steps"]))])
         steps = []
         for k, st in enumerate(res["steps"]):
             hw = dict(zip(COUNTERS, st["counters"]))

@@ -15,3 +15,23 @@ def exported_models(tmp_path_factory):
     paths["onnx_ops"] = tmp_path_factory.mktemp("onnx_ops") / "model.onnx"
     exported.build_onnx_ops_decoder(paths["onnx_ops"])
     return paths
+
+
+_COVERAGE = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rtl_coverage():
+    """Every RTL run of the session is binned (``sim/coverage.py``); the report closes the test run."""
+    global _COVERAGE
+    from kvoverlay.sim.coverage import Coverage, collecting
+
+    _COVERAGE = Coverage()
+    with collecting(_COVERAGE) as cov:
+        yield cov
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _COVERAGE is not None and _COVERAGE.runs:
+        terminalreporter.write_sep("-", "RTL functional coverage")
+        terminalreporter.write(_COVERAGE.report())
