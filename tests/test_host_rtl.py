@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("cocotb_tools")
 
+from conftest import FAMILIES
 from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.host.session import RtlBackend, Session, SessionError
@@ -109,7 +110,10 @@ def test_cli_run_rtl_dump_identical_to_isa(rtl_model, programs, tmp_path):
           f"{rtl_out['sim_cycles_per_s']} simulated cycles/s")
 
 
-def test_exported_gpt2_int8_bit_identical(rtl_model, exported_models):
-    """GPT-2 (optimum export): LayerNorm, tanh GELU, learned positions, full multi-head attention."""
-    program, _ = compile_model(str(exported_models["gpt2"]), "tiny", weights="int8", max_seq=8)
-    assert_same_generation(program, [3, 11], 4)
+@pytest.mark.parametrize("weights", ["w16", "int8", "int4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_families_bit_identical(rtl_model, exported_models, family, weights):
+    """Every exported family (GQA, MHA, MQA with biases and tied embeddings, GPT-2's LayerNorm/tanh GELU/learned
+    positions, ONNX's Attention ops) in every weight format: the RTL decodes exactly what the golden model does."""
+    program, _ = compile_model(str(exported_models[family]), "tiny", weights=weights, max_seq=8)
+    assert_same_generation(program, [3, 11], 3)
