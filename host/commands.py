@@ -55,9 +55,9 @@ def parse_prompt(text: str) -> list:
     return toks
 
 
-def run_program(program, prompt, new_tokens, backend="isa", check=None) -> dict:
+def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=None) -> dict:
     """Run *program* on *backend*; with *check* (an ONNX model) compare against onnxruntime."""
-    session = Session(program, backend=backend)
+    session = Session(program, backend=backend, waves=waves)
     res = session.generate(prompt, new_tokens)
     out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
            **decode_stats(session, res), "wall_s": round(res.wall_s, 3),
@@ -80,7 +80,7 @@ def run_main(args) -> int:
     program = kvbundle.from_bytes(blob)
     prompt = parse_prompt(args.prompt)
     out, res = run_program(program, prompt, args.max_new_tokens, args.backend,
-                           str(args.check) if args.check else None)
+                           str(args.check) if args.check else None, waves=args.waves)
     if args.dump:
         buf = io.BytesIO()
         np.savez(buf, tokens=np.asarray(res.tokens, np.int64), logits=np.stack(res.logits).astype(np.float64))

@@ -63,11 +63,11 @@ class RtlBackend:
 
     name = "rtl"
 
-    def __init__(self, program: kvbundle.Bundle):
+    def __init__(self, program: kvbundle.Bundle, waves=None):
         from kvoverlay.sim.rtl import RtlModel
 
         self.program = program
-        self.model = RtlModel(program.config, program.image)
+        self.model = RtlModel(program.config, program.image, waves=waves)
         self.history = []  # tokens fed so far, at positions 0..
         self.steps = []  # RtlStep of every position, from the last run
 
@@ -115,7 +115,7 @@ class Session:
         ``isa`` (golden model) or ``rtl`` (Verilated overlay); backends register in :data:`BACKENDS`.
     """
 
-    def __init__(self, program, backend: str = "isa"):
+    def __init__(self, program, backend: str = "isa", *, waves=None):
         if isinstance(program, (str, os.PathLike)):
             program = kvbundle.load(program)
         if backend not in BACKENDS:
@@ -126,7 +126,9 @@ class Session:
                                    "(a graph without logits runs with kvoverlay.host.session.run_graph)")
         self.program = program
         self.backend_name = backend
-        self.backend = BACKENDS[backend](program)
+        if waves is not None and backend != "rtl":
+            raise SessionError("--waves needs --backend rtl (waveforms come from the Verilated overlay)")
+        self.backend = BACKENDS[backend](program) if waves is None else BACKENDS[backend](program, waves=waves)
         self.position = 0
 
     @property

@@ -177,6 +177,8 @@ def _configure_run(p):
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default: 16)")
     p.add_argument("--check", type=Path, default=None, metavar="MODEL.onnx", help="compare with onnxruntime on this model")
     p.add_argument("--dump", type=Path, default=None, metavar="OUT.npz", help="write tokens and logits to an npz file")
+    p.add_argument("--waves", type=Path, default=None, metavar="FILE.vcd",
+                   help="--backend rtl: write the simulation's waveforms (a separate, traced Verilator build)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="raw streams only: overlay configuration")
     p.add_argument("--image", type=Path, help="raw streams only: external-memory image loaded at address 0")

@@ -152,3 +152,8 @@ def test_demo_without_rtl():
     res = kvo("demo", "--tokens", "2", "--no-rtl")
     assert res.returncode == 0, res.stderr
     assert [line.split()[0] for line in res.stdout.splitlines()[1:]] == ["w16", "int8", "int4"]
+
+
+def test_waves_need_the_rtl_backend(demo, tmp_path):
+    _, _, prog, _ = demo
+    assert_one_line_error(kvo("run", prog, "--waves", tmp_path / "w.vcd", "--max-new-tokens", "2"), "--backend rtl")
