@@ -246,14 +246,18 @@ class Fuser:
         if table is None:
             if index != "position_ids":
                 return None
-            shape = self.g.values[index].shape
-            dtype = np.dtype(self.g.values[index].dtype)
-            table = np.stack([self.ix.evaluate(v, {index: np.full(shape, p, dtype)}).reshape(-1)
-                              for p in range(self.max_seq)])
+            table = self._over_positions(v)
         if table.shape[1] != n:
             self.fail(v, f"tabulates to rows of {table.shape[1]} where the vector has {n} elements")
         name = self._store_table(INDEX_INPUTS[index], table)
         return self.emit("table", v, [], node.name, table=name)
+
+    def _over_positions(self, value) -> np.ndarray:
+        """[max_seq, numel] table of a value of position_ids alone, evaluated at every position."""
+        shape = self.g.values["position_ids"].shape
+        dtype = np.dtype(self.g.values["position_ids"].dtype)
+        return np.stack([self.ix.evaluate(value, {"position_ids": np.full(shape, p, dtype)}).reshape(-1)
+                         for p in range(self.max_seq)])
 
     def _store_table(self, kind, table):
         arr = np.asarray(table)
@@ -272,15 +276,7 @@ class Fuser:
             self.fail(v, "multiplies two computed tensors outside a recognised attention")
         if w.ndim != 2:
             self.fail(v, f"has a weight of rank {w.ndim}; the overlay's GEMV takes 2-D weights")
-        bias = None
-        if node.op == "Gemm":
-            if node.attrs.get("transA", 0):
-                self.fail(v, "with transA=1 is not supported")
-            w = w.T if node.attrs.get("transB", 0) else w
-            if float(node.attrs.get("alpha", 1.0)) != 1.0:  # no copy of the weights for the common alpha = 1
-                w = w * float(node.attrs.get("alpha", 1.0))
-            if len(node.inputs) > 2 and node.inputs[2]:
-                bias = (node.inputs[2], float(node.attrs.get("beta", 1.0)))
+        w, bias = self._weight(v, node)
         k, n = w.shape
         x = self.vector(a)
         if self.out.lengths[x] != k:
@@ -288,12 +284,24 @@ class Fuser:
         mat = self._store(self.out.matrices, "w", w.T)
         y = self.emit("linear", v, [x], node.name, matrix=mat)
         if bias is not None:
-            c = self.ix.const(bias[0])
-            if c is None:
-                self.fail(v, "has a computed bias")
-            cname = self._store(self.out.consts, "c", np.broadcast_to(c.reshape(-1) * bias[1], (n,)).copy())
-            y = self.emit("addc", v, [y], node.name, const=cname)
+            y = self.emit("addc", v, [y], node.name, const=self._store(self.out.consts, "c", bias.copy()))
         return y
+
+    def _weight(self, v, node):
+        """([K, N] weight, [N] bias or None) of a MatMul or Gemm by a constant matrix."""
+        w, bias = self.ix.const(node.inputs[1]), None
+        if node.op == "Gemm":
+            if node.attrs.get("transA", 0):
+                self.fail(v, "with transA=1 is not supported")
+            w = w.T if node.attrs.get("transB", 0) else w
+            if float(node.attrs.get("alpha", 1.0)) != 1.0:  # no copy of the weights for the common alpha = 1
+                w = w * float(node.attrs.get("alpha", 1.0))
+            if len(node.inputs) > 2 and node.inputs[2]:
+                c = self.ix.const(node.inputs[2])
+                if c is None:
+                    self.fail(v, "has a computed bias")
+                bias = np.broadcast_to(c.reshape(-1) * float(node.attrs.get("beta", 1.0)), (w.shape[1],))
+        return w, bias
 
     def _split(self, v, node) -> str:
         """Split of a GEMV output along its features: the GEMV is split by rows instead."""
@@ -309,16 +317,9 @@ class Fuser:
         if linear is None:
             self.fail(v, "splits a vector that is not the output of a constant-matrix product")
         lnode = self.ix.producer[linear]
-        a, b = lnode.inputs[0], lnode.inputs[1]
-        w = self.ix.const(b)
-        if lnode.op == "Gemm":
-            w = w.T if lnode.attrs.get("transB", 0) else w
-            if float(lnode.attrs.get("alpha", 1.0)) != 1.0:
-                w = w * float(lnode.attrs.get("alpha", 1.0))
-            if len(lnode.inputs) > 2 and lnode.inputs[2]:
-                bias = np.broadcast_to(self.ix.const(lnode.inputs[2]).reshape(-1) * float(lnode.attrs.get("beta", 1.0)),
-                                       (w.shape[1],))
-        x = self.vector(a)
+        w, gemm_bias = self._weight(v, lnode)
+        bias = gemm_bias if gemm_bias is not None else bias
+        x = self.vector(lnode.inputs[0])
         mat = self._store(self.out.matrices, "w", w.T[lo:lo + sizes[k]])
         y = self.emit("linear", v, [x], lnode.name, matrix=mat)
         if bias is not None:
@@ -544,10 +545,7 @@ class Fuser:
             return self._store_table("position", np.tile(c[: d // 2], (self.max_seq, 1)))
         if deps != {"position_ids"}:
             return None
-        shape = self.g.values["position_ids"].shape
-        dtype = np.dtype(self.g.values["position_ids"].dtype)
-        rows = np.stack([self.ix.evaluate(value, {"position_ids": np.full(shape, p, dtype)}).reshape(-1)
-                         for p in range(self.max_seq)])
+        rows = self._over_positions(value)
         if rows.shape[1] != d or not np.array_equal(rows[:, : d // 2], rows[:, d // 2:]):
             return None
         return self._store_table("position", rows[:, : d // 2])
