@@ -12,6 +12,7 @@ from kvoverlay import numerics as nx
 
 from .dram import dram_port
 from .isa_layout import LAYOUTS
+from .normalize import scalar_mantissa
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes, abuf_write, command, ereg_write, reg_read
 
 __all__ = ["LdrowUnit", "ldrow_cycles"]
@@ -139,25 +140,7 @@ class LdrowUnit(wiring.Component):
         e_out = Signal(signed(EREG_SHAPE.width + 2), name="ldrow_exp_out")
         under = Signal(signed(EREG_SHAPE.width + 2), name="ldrow_underflow")
         zero = Signal(name="ldrow_all_zero")
-        rsh = Signal(range(64), name="ldrow_right_shift")
-        m.d.comb += rsh.eq(Mux(shift > 0, shift, 1))
-        biased = Signal(signed(64), name="ldrow_biased")
-        m.d.comb += biased.eq(value + ((Const(1, 65) << rsh) >> 1))
-        scaled = Signal(signed(64), name="ldrow_scaled")
-        m.d.comb += scaled.eq(Mux(shift > 0, biased >> rsh, value << (-shift)[:5]))
-        clipped = Signal(signed(17), name="ldrow_clipped")
-        with m.If(scaled > nx.MANT_MAX):
-            m.d.comb += clipped.eq(nx.MANT_MAX)
-        with m.Elif(scaled < -nx.MANT_MAX):
-            m.d.comb += clipped.eq(-nx.MANT_MAX)
-        with m.Else():
-            m.d.comb += clipped.eq(scaled)
-        us = Signal(range(18), name="ldrow_underflow_shift")
-        m.d.comb += us.eq(Mux(under > 17, 17, under[:5]))
-        under_biased = Signal(signed(19), name="ldrow_underflow_biased")
-        mant = Signal(signed(17), name="ldrow_mantissa")
-        m.d.comb += [under_biased.eq(clipped + ((Const(1, 18) << us) >> 1)),
-                     mant.eq(Mux(under > 0, under_biased >> us, clipped))]
+        mant = scalar_mantissa(m, value, shift, under, "ldrow")
 
         rd_valid = Signal(name="ldrow_read_valid")
         rd_last = Signal(name="ldrow_read_last")

@@ -152,3 +152,33 @@ class Normalizer(wiring.Component):
             m.d.comb += under.eq((clipped + ((Const(1, 18) << underflow) >> 1)) >> underflow)
             m.d.comb += self.mant[i].eq(Mux(is_zero, 0, Mux(underflow > 0, under, clipped)))
         return m
+
+
+def scalar_mantissa(m: Module, value, shift, under, prefix: str) -> Signal:
+    """One lane of ``numerics.normalize`` for units that normalize one element per cycle (REQ, LDROW).
+
+    *value* is round-shifted by *shift* (half up; a non-positive shift is exact, left), wrapping at 64 bits as
+    numpy's int64 does, clipped to +-``MANT_MAX``, then round-shifted again by *under* when the exponent
+    underflowed. A shift of 17 or more rounds every 16-bit mantissa to 0, so 17 stands for all of them.
+    Returns the signed 17-bit mantissa; signal names start with *prefix*.
+    """
+    rs = Signal(range(64), name=f"{prefix}_right_shift")
+    m.d.comb += rs.eq(Mux(shift > 0, shift, 1))
+    biased = Signal(signed(64), name=f"{prefix}_biased")
+    m.d.comb += biased.eq(value + ((Const(1, 65) << rs) >> 1))
+    scaled = Signal(signed(64), name=f"{prefix}_scaled")
+    m.d.comb += scaled.eq(Mux(shift > 0, biased >> rs, value << (-shift)[:5]))
+    clipped = Signal(signed(17), name=f"{prefix}_clipped")
+    with m.If(scaled > nx.MANT_MAX):
+        m.d.comb += clipped.eq(nx.MANT_MAX)
+    with m.Elif(scaled < -nx.MANT_MAX):
+        m.d.comb += clipped.eq(-nx.MANT_MAX)
+    with m.Else():
+        m.d.comb += clipped.eq(scaled)
+    us = Signal(range(18), name=f"{prefix}_underflow_shift")
+    m.d.comb += us.eq(Mux(under > 17, 17, under[:5]))
+    under_biased = Signal(signed(19), name=f"{prefix}_underflow_biased")
+    mant = Signal(signed(17), name=f"{prefix}_mantissa")
+    m.d.comb += [under_biased.eq(clipped + ((Const(1, 18) << us) >> 1)),
+                 mant.eq(Mux(under > 0, under_biased >> us, clipped))]
+    return mant

@@ -9,6 +9,7 @@ from amaranth.lib.wiring import Out
 from kvoverlay import numerics as nx
 
 from .isa_layout import LAYOUTS
+from .normalize import scalar_mantissa
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes, abuf_write, acc_read, command, ereg_read, ereg_write
 
 __all__ = ["ReqUnit", "req_cycles"]
@@ -86,27 +87,7 @@ class ReqUnit(wiring.Component):
         m.d.comb += self.error_code.eq(err)
 
         # pass 2 datapath, on the word read last cycle
-        right = Signal(signed(64), name="req_rounded")
-        rs = Signal(range(64), name="req_right_shift")
-        m.d.comb += rs.eq(Mux(shift > 0, shift, 1))
-        biased = Signal(signed(64), name="req_biased")  # wraps at 64 bits, as numpy's int64 does
-        m.d.comb += [biased.eq(word + ((Const(1, 65) << rs) >> 1)), right.eq(biased >> rs)]
-        scaled = Signal(signed(64), name="req_scaled")
-        m.d.comb += scaled.eq(Mux(shift > 0, right, word << (-shift)[:5]))
-        clipped = Signal(signed(17), name="req_clipped")
-        with m.If(scaled > nx.MANT_MAX):
-            m.d.comb += clipped.eq(nx.MANT_MAX)
-        with m.Elif(scaled < -nx.MANT_MAX):
-            m.d.comb += clipped.eq(-nx.MANT_MAX)
-        with m.Else():
-            m.d.comb += clipped.eq(scaled)
-        # underflow rounding: a shift of 17 or more rounds every 16-bit mantissa to 0, so 17 stands for all of them
-        us = Signal(range(18), name="req_underflow_shift")
-        m.d.comb += us.eq(Mux(under > 17, 17, under[:5]))
-        mant = Signal(signed(17), name="req_mantissa")
-        under_biased = Signal(signed(19), name="req_underflow_biased")
-        m.d.comb += [under_biased.eq(clipped + ((Const(1, 18) << us) >> 1)),
-                     mant.eq(Mux(under > 0, under_biased >> us, clipped))]
+        mant = scalar_mantissa(m, word, shift, under, "req")
 
         out_lane = Signal(range(lanes), name="req_lane")
         out_word = Signal(17, name="req_word")
