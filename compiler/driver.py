@@ -1,6 +1,6 @@
 """``compile_model``: the whole pipeline, ONNX file to program bundle, as one readable list of passes.
 
-frontend -> lower -> specialize_mask -> fold_constants -> dead_code -> concrete_shapes (``passes.PASSES``)
+frontend -> lower -> specialize_mask -> fold_constants -> dead_code (``passes.PASSES``)
 -> fuse (overlay operations) -> quantize + plan_memory + emit + insert_tokens (``codegen.generate``) -> bundle.
 
 The graph is compiled for one decode step at a fixed past length (:data:`TRACE_KV_LEN`) so that the shape

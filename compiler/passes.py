@@ -95,35 +95,12 @@ def dead_code(graph: Graph) -> Graph:
     return graph
 
 
-def concrete_shapes(graph: Graph) -> Graph:
-    """Give every value a concrete shape by running the graph once on zeros.
-
-    Shape inference leaves some dims symbolic (``unk__N``) even when every input
-    is pinned; a decode step is small, so evaluating it settles them all.
-    """
-    env = {n: v.const for n, v in graph.values.items() if v.const is not None}
-    for n in graph.inputs:
-        v = graph.values[n]
-        if v.shape is None or not all(isinstance(d, int) for d in v.shape):
-            return graph  # a symbolic build keeps its symbols
-        env[n] = np.zeros(v.shape, np.dtype(v.dtype))
-    for node in graph.nodes:
-        args = [env[i] if i else None for i in node.inputs]
-        for o, r in zip(node.outputs, evaluate(node, graph.opset, args), strict=False):
-            env[o] = r
-            v = graph.values.get(o) or Value(o, None, str(r.dtype))
-            v.shape, v.dtype = tuple(int(d) for d in r.shape), str(r.dtype)
-            graph.values[o] = v
-    return graph
-
-
 PASSES = [
     ("frontend", lambda model, opts: load_split(model, **opts)),
     ("lower", lambda model, opts: lower(model)),
     ("specialize_mask", lambda g, opts: specialize_mask(g)),
     ("fold_constants", lambda g, opts: fold_constants(g)),
     ("dead_code", lambda g, opts: dead_code(g)),
-    ("concrete_shapes", lambda g, opts: concrete_shapes(g)),
 ]
 
 
