@@ -7,13 +7,13 @@ overlay top (:mod:`hw.overlay`); a unit reaches them through these ports, all se
 from __future__ import annotations
 
 from amaranth.hdl import signed
-from amaranth.lib import wiring
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["EREG_SHAPE", "EXEC_ERRORS", "abuf_lanes", "abuf_read", "abuf_write", "acc_read", "acc_write",
+__all__ = ["EREG_SHAPE", "EXEC_ERRORS", "Fault", "QUEUE_ENTRY", "unit_signature", "abuf_lanes", "abuf_read", "abuf_write", "acc_read", "acc_write",
            "command", "ereg_read", "ereg_write", "reg_read", "reg_write"]
 
 #: Exponent registers hold more than [EXP_MIN, EXP_MAX]: a GEMV's accumulator exponent is x_e + sexp, which may
@@ -74,3 +74,41 @@ def command() -> dict:
     """Members of the command interface shared by every execution unit (see briefs: rtl-shared)."""
     return {"insn": In(isa.INSN_BITS), "start": In(1), "busy": Out(1), "done": Out(1),
             "error": Out(1), "error_code": Out(range(len(EXEC_ERRORS)))}
+
+
+class Fault(enum.Enum, shape=4):
+    """Run-time fault of an execution unit, reported with its completion (``NONE``: the instruction retired).
+
+    The one fault enum of the overlay: every unit reports these codes, the overlay forwards them in
+    ``error_info`` and the RTL runner names them (``Fault(code).name``).
+    """
+
+    NONE = 0
+    UNALIGNED = 1
+    OUT_OF_RANGE = 2
+    FORMAT = 3
+    GROUP = 4
+    EXPONENT = 5
+    OVERFLOW = 6
+    OPCODE = 7
+    SHAPE = 8
+    KV_RANGE = 9
+    DIVIDE = 10
+
+
+#: A command-queue entry: the instruction word and its program counter.
+QUEUE_ENTRY = data.StructLayout({"insn": isa.INSN_BITS, "pc": 32})
+
+
+def unit_signature(insn_layout, **members) -> wiring.Signature:
+    """The signature of an execution unit, seen from the unit: the one command and completion protocol.
+
+    ``cmd`` is a stream of instructions viewed through *insn_layout* (a ``StructLayout`` of one opcode from
+    :data:`hw.isa_layout.LAYOUTS`, or a union of several); the unit holds ``cmd.ready`` high while idle and starts
+    on the cycle a transfer happens. ``busy`` is high from the cycle after that transfer up to and including the
+    cycle ``done.valid`` pulses; ``done`` carries the :class:`Fault` (``Fault.NONE`` on success) and is always
+    ready. A faulting instruction changes no architectural state. *members* add the unit's memory and register
+    ports.
+    """
+    return wiring.Signature({"cmd": In(stream.Signature(insn_layout)), "busy": Out(1),
+                             "done": Out(stream.Signature(Fault, always_ready=True)), **members})
