@@ -21,10 +21,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from kvoverlay.sim.golden import accesses
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
+from kvoverlay.access import accesses
 from kvoverlay.config import WEIGHT_FORMATS, OverlayConfig
 
 from .frontend import CompileError
