@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from kvoverlay.compiler.driver import compile_model
-from kvoverlay.compiler.exported import build_onnx_ops_decoder, export_model
 from kvoverlay.host.commands import run_program
 from kvoverlay.host.reference import ort_decode
 from kvoverlay.host.session import Session
+from kvoverlay.models.exported import build_onnx_ops_decoder, export_model
 
 PROMPT, NEW = [5, 17, 42], 16
 

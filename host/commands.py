@@ -116,8 +116,8 @@ def _demo_rtl_row(program, isa_out, isa_res) -> bool:
 
 def demo_main(args) -> int:
     """Build the demo decoder (onnx.helper, deterministic weights), compile it per weight format, run, check."""
-    from kvoverlay.compiler.demo_model import build_llama_onnx
     from kvoverlay.compiler.driver import compile_model
+    from kvoverlay.models.demo import build_llama_onnx
 
     config = getattr(args, "config", None) or "tiny"
     new_tokens = getattr(args, "tokens", None) or DEMO_NEW_TOKENS

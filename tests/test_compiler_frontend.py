@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.frontend import CompileError, load_model
 from kvoverlay.compiler.interp import run_graph
 from kvoverlay.compiler.lower import lower
 from kvoverlay.compiler.passes import PASSES, run_passes
+from kvoverlay.models.demo import build_llama_onnx
 from onnx import TensorProto, helper
 
 KV = 5

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from kvoverlay.compiler.demo_model import build_llama_onnx
+from kvoverlay.models.demo import build_llama_onnx
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, kvo
 

@@ -17,14 +17,14 @@ pytest.importorskip("cocotb_tools")
 
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
+from kvoverlay.hw.normalize import EXP_SHAPE
+from kvoverlay.hw.sim_vector_unit import TOP_NAME, VectorUnitSimTop
+from kvoverlay.hw.vector_unit import OPS, VecError, VectorUnit, abuf_lanes, vector_cycles
+from kvoverlay.sim.golden import GoldenModel
 
-from hw.normalize import EXP_SHAPE
-from hw.sim_vector_unit import TOP_NAME, VectorUnitSimTop
-from hw.vector_unit import OPS, VecError, VectorUnit, abuf_lanes, vector_cycles
 from kvoverlay import isa, toolchain
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
-from sim.golden import GoldenModel
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]
