@@ -200,6 +200,8 @@ def _configure_demo(p):
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
     p.add_argument("--no-rtl", action="store_true",
                    help="skip the int8 run on the Verilated overlay (its first run builds the model, ~2 min)")
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="write the demo's ONNX file and its programs (demo-w16/int8/int4.kvo) into DIR")
     p.set_defaults(func=_cmd_demo)
 
 
