@@ -18,6 +18,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.access import accesses
 from kvoverlay.config import OverlayConfig
+from kvoverlay.timing import instr_cycles
 
 __all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles"]
 
@@ -49,19 +50,6 @@ class Counters:
 
 def _ceil(a, b):
     return -(-a // b)
-
-
-def instr_cycles(ins: isa.Instr, cfg: OverlayConfig, kv_len: int = 0) -> int:
-    """Cycles one instruction occupies its queue (the timing model).
-
-    Fitted to the RTL: the executing unit's busy-cycle formula (``hw/cycles.py``, each unit's own) plus the
-    queue's dispatch cycle. END takes one cycle.
-    """
-    if ins.op == "END":
-        return 1
-    from kvoverlay.hw.cycles import DISPATCH_CYCLES, unit_cycles
-
-    return unit_cycles(cfg, ins, kv_len) + DISPATCH_CYCLES
 
 
 class GoldenModel:
