@@ -146,8 +146,11 @@ def _int4_note(ref: dict, n: int) -> str:
             f"exported test models.")
 
 
-def _keep(folder: Path, model: Path, programs: dict) -> None:
-    """Copy the demo's ONNX file and write its programs into *folder*, for the README's other commands."""
+def _keep(folder: Path, model: Path, programs: dict, new_tokens: int) -> None:
+    """Copy the demo's ONNX file and write its programs into *folder*, for the README's other commands.
+
+    The programs hold the prompt and *new_tokens* (their ``--max-seq``), which the hint passes on.
+    """
     import shutil
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,7 @@ def _keep(folder: Path, model: Path, programs: dict) -> None:
     for weights, program in programs.items():
         kvbundle.save(program, folder / f"demo-{weights}.kvo")
     _log(f"kept in {folder}: {model.name} and " + ", ".join(f"demo-{w}.kvo" for w in programs)
-         + f"; try: kvoverlay run {folder / 'demo-int8.kvo'} --check {folder / model.name}")
+         + f"; try: kvoverlay run {folder / 'demo-int8.kvo'} --max-new-tokens {new_tokens} --check {folder / model.name}")
 
 
 def demo_main(args) -> int:
@@ -194,6 +197,6 @@ def demo_main(args) -> int:
         if int4["matching_prefix"] < new_tokens:
             print(_int4_note(int4, new_tokens))
         if keep is not None:
-            _keep(keep, model, {w: results[w][0] for w in DEMO_WEIGHTS})
+            _keep(keep, model, {w: results[w][0] for w in DEMO_WEIGHTS}, new_tokens)
     _log(f"reference: onnxruntime fp32 on the same ONNX file; wall {time.perf_counter() - t0:.1f} s")
     return 0 if ok else 1

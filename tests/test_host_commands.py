@@ -172,6 +172,7 @@ def test_demo_explains_its_columns_and_keeps_its_files(tmp_path):
     assert "onnxruntime" in legend and "roofline" in legend
     assert max(map(len, res.stdout.splitlines())) <= 100
     assert sorted(p.name for p in keep.iterdir()) == ["demo-int4.kvo", "demo-int8.kvo", "demo-w16.kvo", "demo.onnx"]
+    assert f"kvoverlay run {keep / 'demo-int8.kvo'} --max-new-tokens 8 --check {keep / 'demo.onnx'}" in res.stderr
     for row in demo_rows(res.stdout):
         run = kvo("run", keep / f"demo-{row[0]}.kvo", "--max-new-tokens", "8", "--check", keep / "demo.onnx", "--json")
         assert run.returncode == 0, run.stderr
