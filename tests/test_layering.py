@@ -116,6 +116,8 @@ BLOCKED_RUN = textwrap.dedent("""\
     assert main(["run", program, "--backend", "isa", "--prompt", "5,17,42", "--max-new-tokens", "4", "--json"]) == 0
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m.startswith("kvoverlay.hw"))
     assert not loaded, loaded
+    # a command that needs the HDL says so in one line
+    assert main(["export-verilog", "-o", "verilog"]) == 2
 """)
 
 
@@ -128,3 +130,5 @@ def test_compile_and_decode_without_amaranth_and_cocotb(tmp_path):
                          check=False, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert '"tokens"' in res.stdout and (tmp_path / "model.kvo").stat().st_size > 0
+    assert res.stderr.strip().splitlines()[-1] == ("kvoverlay: error: export-verilog is not available: amaranth is "
+                                                   "blocked: this process stands for a machine without it")
