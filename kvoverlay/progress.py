@@ -7,6 +7,7 @@ starts and one when it ends. tqdm is imported only when a terminal shows the bar
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -53,8 +54,10 @@ class Stages:
             return
         from tqdm import tqdm
 
-        bar = tqdm(desc=desc, total=None, file=self.file, leave=True, dynamic_ncols=True,
-                   bar_format="{desc} [{elapsed}]")
+        # a pseudo-terminal may report 0 columns and 0 rows, which tqdm takes literally (and then draws nothing)
+        size = shutil.get_terminal_size()
+        bar = tqdm(desc=desc, total=None, file=self.file, leave=True, ncols=min(size.columns or 80, 100),
+                   nrows=size.lines or 24, bar_format="{desc} [{elapsed}]")
         stop = threading.Event()
 
         def watch():

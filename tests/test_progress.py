@@ -80,3 +80,28 @@ def test_verilated_build_counts_its_objects_and_the_link(tmp_path):
     assert _compile_progress(tmp_path, "tb") == (5, 5)
     (tmp_path / "Vtop_classes.mk").write_text(CLASSES_MK.replace("BUILDS = 0", "BUILDS = 1"))
     assert _compile_progress(tmp_path, "tb") == (4, 7)  # the model's three classes compile one by one
+
+
+def test_a_terminal_that_reports_no_size_still_shows_the_stage():
+    """A fresh pseudo-terminal says 0 columns and 0 rows (as under ``script`` or some CI runners)."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    assert os.get_terminal_size(slave) == (0, 0)
+    with os.fdopen(slave, "w") as term:
+        stages = Stages("RTL model (tiny)", file=term)
+        assert stages.live
+        with stages.stage("verilate"):
+            pass
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the other side is closed and drained
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert b"RTL model (tiny): verilate [00:00]" in shown
