@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ import numpy as np
 from kvoverlay import bundle as kvbundle
 from kvoverlay.fileio import check_writable, write_atomic
 
+from .reference import matching_prefix
 from .session import Session, SessionError, decode_stats
 
 __all__ = ["compile_main", "demo_main", "run_main"]
@@ -127,8 +129,6 @@ def _demo_rtl_row(program, isa_out, isa_res) -> bool:
     out, res = run_program(program, list(DEMO_PROMPT), len(isa_res.tokens), backend="rtl")
     same_tokens = res.tokens == isa_res.tokens
     identical = same_tokens and all(np.array_equal(a, b) for a, b in zip(res.logits, isa_res.logits))
-    from .reference import matching_prefix
-
     match = f"{matching_prefix(res.tokens, isa_res.tokens)}/{len(res.tokens)}"
     print(_demo_row("rtl-int8", res.tokens, match, "bit-exact" if identical else "DIFFERS", out))
     _log(f"rtl: tokens and logits {'bit-identical to' if identical else 'DIFFER from'} --backend isa; cycles per token "
@@ -151,8 +151,6 @@ def _keep(folder: Path, model: Path, programs: dict, new_tokens: int) -> None:
 
     The programs hold the prompt and *new_tokens* (their ``--max-seq``), which the hint passes on.
     """
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, folder / model.name)
     for weights, program in programs.items():
