@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ir import Graph, Node
-from .lower import evaluate
+from .onnx_ops import evaluate
 
 __all__ = ["GraphIndex"]
 

@@ -16,7 +16,8 @@ import onnx.printer
 
 from .frontend import Loaded, load_split
 from .ir import Graph, Value
-from .lower import evaluate, lower
+from .lower import lower
+from .onnx_ops import evaluate
 
 __all__ = ["PASSES", "dead_code", "fold_constants", "run_passes", "specialize_mask"]
 
