@@ -1,1 +1,1 @@
-"""Placeholder: ONNX decoder -> overlay program compiler (in progress)."""
+"""ONNX decoder -> overlay program compiler: ``driver.compile_model`` runs the pass list ``passes.PIPELINE``."""

@@ -1,8 +1,10 @@
 """From a quantized :class:`~.overlay_graph.OverlayGraph` to instructions: the ``plan_memory``, ``emit``
 and ``insert_tokens`` passes.
 
-* :func:`plan_memory` checks the fused graph fits the overlay, lays out the I/O vector records in the
-  image, and computes each vector's last use and the accumulator budget: the :class:`Codegen` state;
+* :func:`check_fits` (run before quantization) checks the group size, the KV layout and ``max_seq``
+  fit the overlay config;
+* :func:`plan_memory` lays out the I/O vector records in the image, checks it fits DRAM, and computes
+  each vector's last use and the accumulator budget: the :class:`Codegen` state;
 * :func:`emit` writes one decode step, each op through its own ``VOp.emit``, allocating the activation
   buffer and exponent registers in op order and freeing each vector after its last use;
 * :func:`insert_tokens` adds the dependency tokens that order every cross-queue hazard, found with the
@@ -14,6 +16,8 @@ ARGMAX leaves the greedy next token in R2. Logits are stored as a vector record.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from kvoverlay.sim.golden import accesses
 
@@ -23,7 +27,9 @@ from kvoverlay.config import OverlayConfig
 
 from .frontend import CompileError
 from .overlay_graph import OverlayGraph
-from .quantize import Image
+
+if TYPE_CHECKING:  # quantize's calibration runs the fused kinds, whose code generation imports this module
+    from .quantize import Image
 
 __all__ = ["INDEX_REGISTERS", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen", "check_fits", "emit",
            "insert_tokens", "plan_memory", "scale_imm"]
@@ -166,7 +172,7 @@ def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image) -> Codegen:
             last_use[v] = i
     for vec, _ in og.outputs.values():
         last_use[vec] = len(og.ops)
-    stats_words = 2 * max([op.attrs["q_heads"] for op in og.ops if op.kind == "attn"] or [1])
+    stats_words = max([2, *(op.stats_words for op in og.ops)])  # one head's worth even without attention
     return Codegen(og, cfg, image.records, io, last_use, cfg.acc_buffer_words - stats_words)
 
 

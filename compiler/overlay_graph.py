@@ -22,7 +22,8 @@ INDEX_INPUTS = {"input_ids": "token", "position_ids": "position"}
 class VOp:
     """One overlay-level operation: writes vector *out* from vectors *ins*.
 
-    Subclasses set :attr:`kind` and implement :meth:`reference` and :meth:`emit`.
+    Subclasses set :attr:`kind` and implement :meth:`reference` and :meth:`emit`; the fusion rule that
+    produces a kind, if it has one of its own, is its :meth:`match`.
     """
 
     kind: ClassVar[str]
@@ -30,12 +31,20 @@ class VOp:
     ins: list
     attrs: dict = field(default_factory=dict)
     source: str = ""  # ONNX node the op came from
+    #: Words at the top of the accumulator buffer the op keeps statistics in (attention's softmax max and sum).
+    stats_words: ClassVar[int] = 0
 
     def describe(self) -> str:
         attrs = " ".join(f"{k}={_short(v)}" for k, v in sorted(self.attrs.items()))
         return f"{self.out} = {self.kind}({', '.join(self.ins)}) {attrs}  # {self.source}"
 
-    def reference(self, ins: list, run) -> np.ndarray:
+    @staticmethod
+    def match(fz, v: str, node) -> str | None:
+        """If ONNX value *v* (made by *node*, None for a graph input) is this kind's pattern: add the ops that
+        compute it to *fz* (a ``fuse.Fuser``) and return the vector holding it; else None."""
+        return None
+
+    def reference(self, ins: list, step) -> np.ndarray:
         """The op's output in float64, from its input vectors *ins*, at the step *run* (a ``reference.Step``)."""
         raise NotImplementedError(f"{type(self).__name__}.reference")
 

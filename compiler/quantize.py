@@ -17,6 +17,7 @@ from kvoverlay import numerics as nx
 from kvoverlay.config import WEIGHT_FORMATS, OverlayConfig
 
 from .frontend import CompileError
+from .fused.linear import Linear
 from .overlay_graph import OverlayGraph
 from .reference import run_float
 
@@ -40,7 +41,7 @@ def calibrate(og: OverlayGraph, max_seq: int) -> dict:
     seen = {}
 
     def observe(op, ins):
-        if op.kind == "linear":
+        if isinstance(op, Linear):
             seen.setdefault(op.attrs["matrix"], []).append(ins[0])
 
     run_float(og, tokens, observe=observe)

@@ -18,6 +18,10 @@ __all__ = ["Attention"]
 class Attention(VOp):
     kind = "attn"
 
+    @property
+    def stats_words(self) -> int:
+        return 2 * self.attrs["q_heads"]  # a running max and sum per query head
+
     @staticmethod
     def match(fz, v, node):
         if node.op == "Attention":
@@ -50,7 +54,7 @@ class Attention(VOp):
         if mask is not None:
             _check_mask(fz, v, mask)
         scale = _attention_scale(fz, v, q, kcat, vcat, qh, kvh, hd, mask)
-        return _attention_emit(fz, v, node.name, q, kcat, vcat, layer, qh, kvh, hd, scale)
+        return _add_attention(fz, v, node.name, q, kcat, vcat, layer, qh, kvh, hd, scale)
 
     def reference(self, ins, step):
         a = self.attrs
@@ -190,7 +194,7 @@ def _scale_candidates(fz, v, hd):
     return [post * qf * kf, *out]
 
 
-def _attention_emit(fz, v, source, q, kcat, vcat, layer, qh, kvh, hd, scale):
+def _add_attention(fz, v, source, q, kcat, vcat, layer, qh, kvh, hd, scale):
     if layer in fz.out.kv:
         fz.fail(v, f"is a second attention over the KV cache of layer {layer}")
     qv = fz.vector(q)
@@ -230,4 +234,4 @@ def _attention_op(fz, v, node):
     outs = list(node.outputs) + ["", ""]
     kcat = (layer, "key", pk, k, outs[1])
     vcat = (layer, "value", pv, val, outs[2])
-    return _attention_emit(fz, v, node.name, q, kcat, vcat, layer, qh, kvh, hd, scale)
+    return _add_attention(fz, v, node.name, q, kcat, vcat, layer, qh, kvh, hd, scale)

@@ -28,7 +28,7 @@ class Norm(VOp):
             return _norm_op(fz, v, node, x, scale, bias, "layer", float(node.attrs.get("epsilon", 1e-5)))
         if node.op == "RMSNormalization":
             return _norm_op(fz, v, node, node.inputs[0], node.inputs[1], None, "rms",
-                                 float(node.attrs.get("epsilon", 1e-5)))
+                            float(node.attrs.get("epsilon", 1e-5)))
         core = norm_core(fz, v)
         if core is None:
             return _gained(fz, v, node)
@@ -72,7 +72,8 @@ def _gained(fz, v, node):
     return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
 
 
-def _eps_imm(eps: float):
+def _eps_imm(eps: float) -> tuple[int, int]:
+    """NORM's (eps_m, eps_e): eps as a 16-bit mantissa times a power of two."""
     e = math.frexp(eps)[1] - 16
     return round(eps * 2.0 ** -e), e
 

@@ -33,7 +33,7 @@ class Rope(VOp):
                     got = _rotate_half(fz, rot, x)
                     if got is None:
                         continue
-                    return _rope_emit(fz, v, node, x, cos, sin, got)
+                    return _add_rope(fz, v, node, x, cos, sin, got)
         return None
 
     def reference(self, ins, step):
@@ -107,7 +107,7 @@ def _half_table_uncached(fz, value, d):
     return fz.store_table("position", rows[:, : d // 2])
 
 
-def _rope_emit(fz, v, node, x, cos, sin, d):
+def _add_rope(fz, v, node, x, cos, sin, d):
     ct, st = _half_table(fz, cos, d), _half_table(fz, sin, d)
     if ct is None or st is None:
         fz.fail(v, "looks like a rotary embedding, but its cos/sin are not tables of the position")
