@@ -9,8 +9,6 @@ import pytest
 from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.compiler.fuse import fuse
-from kvoverlay.compiler.fused import KINDS
-from kvoverlay.compiler.overlay_graph import VOp
 from kvoverlay.compiler.passes import PIPELINE, Compilation, run_passes, run_pipeline
 
 from kvoverlay import bundle as kvbundle
@@ -66,10 +64,3 @@ def test_run_pipeline_times_each_pass_and_stops_where_asked(model):
     assert c.graph is not None and c.og is None
     with pytest.raises(ValueError, match="no such pass"):
         run_pipeline(Compilation(model), until="codegen")
-
-
-def test_every_fused_kind_has_a_reference_and_a_code_generator():
-    for name, kind in KINDS.items():
-        assert kind.kind == name
-        assert kind.reference is not VOp.reference, name
-        assert kind.emit is not VOp.emit, name
