@@ -20,10 +20,11 @@ from .frontend import CompileError
 from .fused import RULES
 from .graph_tools import PRESENT_KV, GraphIndex
 from .ir import Graph
-from .overlay_graph import INDEX_INPUTS, OverlayGraph, VOp
+from .overlay_graph import OverlayGraph, VOp
 from .reference import run_float
 
-__all__ = ["INDEX_INPUTS", "OverlayGraph", "VOp", "fuse", "run_float"]
+# OverlayGraph and run_float stay importable from here: fuse's product and its float64 evaluation
+__all__ = ["Fuser", "OverlayGraph", "fuse", "run_float"]
 
 #: What fusion turns into overlay instructions, for error messages.
 SUPPORTED = ("embedding/position Gather and any function of position_ids (tables), MatMul/Gemm by a constant, Split of "

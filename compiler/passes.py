@@ -47,19 +47,21 @@ class Compilation:
     weights: str = "w16"
     group_size: int | None = None
     method: str = "mse"
-    loaded: Loaded | None = None
-    graph: Graph | None = None
-    og: OverlayGraph | None = None
-    samples: dict | None = None
-    image: Image | None = None
-    codegen: Codegen | None = None
-    code: list = field(default_factory=list)
-    bundle: kvbundle.Bundle | None = None
+    loaded: Loaded | None = None  # frontend (consumed by lower)
+    graph: Graph | None = None  # lower, then rewritten by specialize_mask, fold_constants, dead_code
+    og: OverlayGraph | None = None  # fuse
+    samples: dict | None = None  # calibrate: matrix -> GEMV inputs [n, cols], or None
+    image: Image | None = None  # quantize (plan_memory adds the I/O records)
+    codegen: Codegen | None = None  # plan_memory (emit allocates through it)
+    code: list = field(default_factory=list)  # emit (insert_tokens adds the tokens)
+    bundle: kvbundle.Bundle | None = None  # bundle
     seconds: dict = field(default_factory=dict)  # pass name -> wall time
 
 
 @dataclass(frozen=True)
 class Pass:
+    """A named step of the pipeline: *run* updates the Compilation, *dump* shows what it made."""
+
     name: str
     run: Callable[[Compilation], None]
     dump: Callable[[Compilation], str]
