@@ -169,7 +169,7 @@ class Session:
 
     def _clear(self):
         self.position = 0  # tokens fed, the length of the KV cache
-        self.tokens = []  # the sequence: every token fed, then the pending one
+        self._fed = []  # every token fed
         self._pending = None  # the last generated token, chosen but not yet fed
         self._last = None  # the Step of the last token fed
         self._broken = None
@@ -191,6 +191,11 @@ class Session:
         """Forget the sequence: empty KV cache, position 0. Recovers a session whose step failed."""
         self.backend.reset()
         self._clear()
+
+    @property
+    def tokens(self) -> list:
+        """The sequence so far: every token fed, then the last generated one (chosen, fed by the next call)."""
+        return self._fed + ([self._pending] if self._pending is not None else [])
 
     @property
     def max_seq(self) -> int:
@@ -232,7 +237,7 @@ class Session:
             self._broken = f"at position {start + len(steps)}: {type(exc).__name__}: {exc}"
             raise
         self.position += len(steps)
-        self.tokens += [int(t) for t in tokens]
+        self._fed += [int(t) for t in tokens]
         self._last = Step(*steps[-1])
         return [Step(*st) for st in steps]
 
