@@ -102,11 +102,12 @@ class Generation:
 
     def __iter__(self):
         yield from self.steps
-        while True:
+        while self._run is not None:
             if self._serial != self.session._serial:
                 raise SessionError("this generation was superseded by a later call on its session")
             step = next(self._run, None)
             if step is None:
+                self._run = None
                 return
             self.steps.append(step)
             yield step

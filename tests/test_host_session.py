@@ -230,8 +230,11 @@ def test_a_failed_step_needs_reset(demo_program):
 
 def test_a_superseded_generation_refuses_to_continue(demo_program):
     s = Session(demo_program)
-    gen = iter(s.generate(PROMPT, 6))
+    done = s.generate(PROMPT, 2)
+    tokens = done.tokens
+    gen = iter(s.generate(max_new_tokens=6))
     next(gen)
     s.generate(max_new_tokens=1).result()
     with pytest.raises(SessionError, match="superseded"):
         next(gen)
+    assert done.tokens == tokens and [st.token for st in done] == tokens  # a finished one stays readable
