@@ -5,7 +5,9 @@ configuration and a hash of the hardware sources (``hw/*.py``, ``hw/*.v``); ``KV
 cache. A run writes the memory image (and the program, placed at the top of external memory) as a ``$readmemh``
 file, lets cocotb (``sim/rtl_cocotb.py``) write the register arguments, start and await ``done``, and reads the
 final state back: activation buffer, accumulators, exponent and scalar registers, counters and the external
-memory up to the last byte the program can write.
+memory up to the last byte the program can write. A decode session (:meth:`RtlModel.open`, an
+:class:`RtlProcess`) instead keeps one simulator process alive and sends it whole steps over a socket on
+127.0.0.1, so each call continues from the state the last one left.
 """
 
 from __future__ import annotations
