@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,20 +354,22 @@ class RtlProcess:
         self.pid = None
         self._fault = None
         listener = socket.create_server(("127.0.0.1", 0))
-        nonce = secrets.token_hex(16)
-        job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles, "abuf_words": 0, "acc_words": 0,
-               "serve": {"port": listener.getsockname()[1], "nonce": nonce}}
-        self._tmp, runner, kwargs = model._launch(blob, prog_at, job)
-        self._thread = threading.Thread(target=self._run, args=(runner, kwargs), daemon=True,
-                                        name="kvoverlay-rtl-sim")
-        self._thread.start()
-        try:
-            self._sock, self._stream = self._accept(listener, nonce)
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            listener.close()
+        with listener:
+            nonce = secrets.token_hex(16)
+            job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles, "abuf_words": 0, "acc_words": 0,
+                   "serve": {"port": listener.getsockname()[1], "nonce": nonce}}
+            self._tmp, runner, kwargs = model._launch(blob, prog_at, job)
+            self._thread = threading.Thread(target=self._run, args=(runner, kwargs), daemon=True,
+                                            name="kvoverlay-rtl-sim")
+            self._held = []  # the stream, the socket and the pid, for _shutdown
+            # a process nobody closed is shut down when its RtlProcess is collected, or when the host exits
+            self._cleanup = weakref.finalize(self, _shutdown, self._held, self._thread, model._finish, self._tmp)
+            self._thread.start()
+            try:
+                self._sock, self._stream = self._accept(listener, nonce)
+            except BaseException:
+                self.close()
+                raise
 
     @staticmethod
     def _run(runner, kwargs):
@@ -393,6 +396,7 @@ class RtlProcess:
             sock.close()
             raise RtlProcessError("an unexpected client connected to the RTL session socket")
         self.pid = hello["pid"]
+        self._held += [stream, sock, self.pid]
         return sock, stream
 
     def __enter__(self):
@@ -515,25 +519,27 @@ class RtlProcess:
 
     def close(self) -> None:
         """Ask the simulator to quit, wait for it, and remove the scratch folder."""
-        if getattr(self, "_stream", None) is not None:
-            if self._fault is None:
-                try:
-                    self._stream.write(b'{"op": "quit"}\n')
-                    self._stream.flush()
-                    self._stream.readline()
-                except OSError:
-                    pass
-            self._stream.close()
-            self._sock.close()
-            self._stream = None
-            self._fault = self._fault or "closed"
-        self._thread.join(timeout=30)
-        if self.pid is not None and self._thread.is_alive():
-            import signal
+        if getattr(self, "_stream", None) is not None and self._fault is None:
+            with contextlib.suppress(OSError):
+                self._stream.write(b'{"op": "quit"}\n')
+                self._stream.flush()
+                self._stream.readline()
+        self._fault = self._fault or "closed"
+        self._cleanup()
 
-            os.kill(self.pid, signal.SIGKILL)
-            self._thread.join(timeout=10)
-        self.model._finish(self._tmp)
+
+def _shutdown(held: list, thread, finish, tmp: Path) -> None:
+    """Close the session's socket (the simulator ends on end of file), wait for the process, drop its folder."""
+    import signal
+
+    for item in held[:2]:
+        item.close()
+    thread.join(timeout=30)
+    if thread.is_alive() and len(held) > 2:
+        os.kill(held[2], signal.SIGKILL)
+        thread.join(timeout=10)
+    held.clear()
+    finish(tmp)
 
 
 def _signed(value: int, bits: int) -> int:
