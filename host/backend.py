@@ -139,7 +139,7 @@ class RtlBackend:
         if self.process is None:
             self.process = self.model.open(self.program.instructions)
         elif not self.process.alive:
-            raise SimulatorDied(f"the RTL simulator process (pid {self.process.pid}) has exited"
+            raise SimulatorDied(f"the RTL simulator process (pid {self.process.pid}) no longer serves"
                                 f"{self.process.exit_note()}; call reset() to start a new one")
         return self.process, RtlProcessError
 

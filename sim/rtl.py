@@ -353,6 +353,7 @@ class RtlProcess:
         self.runs = 0  # program runs the simulator reports since it started
         self.pid = None
         self._fault = None
+        self._inflight = False  # a request whose reply was never read (an interrupt): the replies are out of step
         listener = socket.create_server(("127.0.0.1", 0))
         with listener:
             nonce = secrets.token_hex(16)
@@ -407,15 +408,21 @@ class RtlProcess:
 
     @property
     def alive(self) -> bool:
-        """Whether the process is still serving (not closed, not faulted, not killed)."""
-        return self._fault is None and self._thread.is_alive()
+        """Whether the process is still serving (not closed, not faulted, not killed, not interrupted mid-request)."""
+        return self._fault is None and not self._inflight and self._thread.is_alive()
 
     def exit_note(self) -> str:
-        return f" ({self._fault})" if self._fault else ""
+        """Why the process no longer serves, in parentheses ("" while it does)."""
+        if self._fault:
+            return f" ({self._fault})"
+        return " (interrupted mid-request)" if self._inflight else " (exited)" if not self._thread.is_alive() else ""
 
     def _request(self, op: str, **fields) -> dict:
         if self._fault is not None:
             raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) has exited ({self._fault})")
+        if self._inflight:
+            raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) was interrupted mid-request")
+        self._inflight = True
         try:
             self._stream.write(json.dumps({"op": op, **fields}).encode() + b"\n")
             self._stream.flush()
@@ -430,6 +437,7 @@ class RtlProcess:
             tail = _log_tail(self._tmp)
             raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) exited mid-session"
                                   + (f": {tail}" if tail else ""))
+        self._inflight = False
         reply = json.loads(line)
         self.runs = reply.get("runs", self.runs)
         if "fault" in reply:
@@ -519,7 +527,7 @@ class RtlProcess:
 
     def close(self) -> None:
         """Ask the simulator to quit, wait for it, and remove the scratch folder."""
-        if getattr(self, "_stream", None) is not None and self._fault is None:
+        if getattr(self, "_stream", None) is not None and self._fault is None and not self._inflight:
             with contextlib.suppress(OSError):
                 self._stream.write(b'{"op": "quit"}\n')
                 self._stream.flush()

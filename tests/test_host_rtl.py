@@ -229,3 +229,34 @@ def test_run_session_is_a_one_shot_process(rtl_model, programs):
         np.testing.assert_array_equal(a.logits, b.logits)
     np.testing.assert_array_equal(model.abuf, gold.backend.model.abuf)
     assert model.regs == gold.backend.model.regs
+
+
+def test_interrupted_request_is_recovered_by_reset(rtl_model, programs):
+    """An interrupt while the simulator works on a step (Ctrl-C) leaves its reply unread: the session asks for
+    reset(), which starts a new process rather than reading replies out of step."""
+    program = programs["int8"]
+    want = Session(program, "isa").generate(PROMPT, 3)
+
+    class Interrupted:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def readline(self):
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    with Session(program, "rtl") as sess:
+        sess.prefill(PROMPT)
+        proc = sess.backend.process
+        proc._stream = Interrupted(proc._stream)
+        with pytest.raises(KeyboardInterrupt):
+            sess.generate(max_new_tokens=2).result()
+        assert not proc.alive
+        with pytest.raises(SessionError, match="call reset"):
+            sess.step(3)
+        sess.reset()
+        assert sess.backend.process is not proc
+        got = sess.generate(PROMPT, 3).result()
+    assert got.tokens == want.tokens
