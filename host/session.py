@@ -225,15 +225,15 @@ class Session:
     def _feed(self, tokens) -> list:
         """Run one step per token at the next positions; a failure (or an interrupt) marks the session for reset."""
         self._pending = None
-        extra = self.extra_registers or None
+        # registers beyond token and position go only to backends that are given any (the argument is optional)
+        extra = {"registers": self.extra_registers} if self.extra_registers else {}
         start, steps = self.position, []
         try:
             if len(tokens) > 1 and hasattr(self.backend, "run_steps"):
-                args = {"registers": extra} if extra else {}
-                steps = self.backend.run_steps(tokens, 0, start, **args)
+                steps = self.backend.run_steps(tokens, 0, start, **extra)
             else:
                 for k, token in enumerate(tokens):
-                    steps.append(self.backend.step(int(token), start + k, extra))
+                    steps.append(self.backend.step(int(token), start + k, **extra))
         except BaseException as exc:
             self._broken = f"at position {start + len(steps)}: {type(exc).__name__}: {exc}"
             raise

@@ -238,3 +238,12 @@ def test_a_superseded_generation_refuses_to_continue(demo_program):
     with pytest.raises(SessionError, match="superseded"):
         next(gen)
     assert done.tokens == tokens and [st.token for st in done] == tokens  # a finished one stays readable
+
+
+def test_extra_registers_reach_the_program(demo_program):
+    """Registers beyond token and position (for runtime extensions) are written before every step."""
+    s = Session(demo_program)
+    s.extra_registers = {7: 1234}
+    got = s.generate(PROMPT, 2).tokens
+    assert s.backend.read_register(7) == 1234
+    assert got == Session(demo_program).generate(PROMPT, 2).tokens  # R7 is unused by the program
