@@ -48,30 +48,48 @@ def compile_main(args) -> int:
     return 0
 
 
-def parse_prompt(text: str) -> list:
+def parse_prompt(text: str, what: str = "--prompt") -> list:
     try:
         toks = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise SessionError(f"--prompt {text!r}: expected comma-separated token ids") from None
-    if not toks:
+        raise SessionError(f"{what} {text!r}: expected comma-separated token ids") from None
+    if not toks and what == "--prompt":
         raise SessionError("--prompt is empty")
     return toks
 
 
-def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=None) -> dict:
-    """Run *program* on *backend*; with *check* (an ONNX model) compare against onnxruntime."""
-    session = Session(program, backend=backend, waves=waves)
-    res = session.generate(prompt, new_tokens)
-    out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
-           **decode_stats(session, res), "wall_s": round(res.wall_s, 3),
-           "placement": session.program.manifest.get("placement", {})}
-    if hasattr(session.backend, "sim_cycles_per_s"):
-        out["sim_cycles_per_s"] = round(session.backend.sim_cycles_per_s)
-    if check is not None:
+def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=None, *, sampling=None, stop=(),
+                **options) -> tuple:
+    """Run *program* on *backend*; with *check* (an ONNX model) compare against onnxruntime.
+
+    *sampling* holds ``temperature``, ``top_k``, ``top_p`` and ``seed`` (greedy without it); *options* go to the
+    backend. Everything is checked (the prompt, the sampling parameters, the stop tokens, the backend's
+    dependencies and the reference model) before the first step runs.
+    """
+    sampling = dict(sampling or {})
+    with Session(program, backend=backend, waves=waves, **options) as session:
+        gen = session.generate(prompt, new_tokens, stop=stop, **sampling)
+        reference = None
+        if check is not None:
+            from .reference import open_reference
+
+            reference = open_reference(check, session.vocab)
+        res = gen.result()
+        out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
+               **decode_stats(session, res), "wall_s": round(res.wall_s, 3), "finish_reason": res.finish_reason,
+               "placement": session.program.manifest.get("placement", {})}
+        if sampling.get("temperature"):
+            out["sampling"] = sampling
+        if hasattr(session.backend, "sim_cycles_per_s"):
+            out["sim_cycles_per_s"] = round(session.backend.sim_cycles_per_s)
+    if reference is not None:
         from .reference import compare
 
-        out["reference"] = compare(check, prompt, res.tokens, res.logits)
+        out["reference"] = compare(reference, prompt, res.tokens, res.logits)
     return out, res
+
+
+RAW_ONLY = ("config", "image", "args")
 
 
 def run_main(args) -> int:
@@ -79,11 +97,22 @@ def run_main(args) -> int:
     if not blob.startswith(kvbundle.MAGIC):
         from kvoverlay.sim.demo import run_main as run_raw
 
+        if args.backend not in ("isa", "rtl"):
+            raise SessionError(f"--backend {args.backend}: raw instruction streams run on isa or rtl")
+        args.config = args.config or "tiny"
+        args.args = args.args or ""
         return run_raw(args)
+    given = [f"--{name}" for name in RAW_ONLY if getattr(args, name) is not None]
+    if given:
+        raise SessionError(f"{', '.join(given)}: for raw instruction streams only; {args.program} is a program "
+                           "bundle, which carries its own configuration, memory image and registers")
     program = kvbundle.from_bytes(blob)
     prompt = parse_prompt(args.prompt)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    options = {"offload_device": args.offload_device} if args.offload_device is not None else {}
     out, res = run_program(program, prompt, args.max_new_tokens, args.backend,
-                           str(args.check) if args.check else None, waves=args.waves)
+                           str(args.check) if args.check else None, waves=args.waves, sampling=sampling,
+                           stop=parse_prompt(args.stop, "--stop"), **options)
     if args.dump:
         buf = io.BytesIO()
         np.savez(buf, tokens=np.asarray(res.tokens, np.int64), logits=np.stack(res.logits).astype(np.float64))

@@ -6,7 +6,39 @@ import os
 
 import numpy as np
 
-__all__ = ["compare", "matching_prefix", "ort_decode"]
+__all__ = ["CheckModelError", "compare", "matching_prefix", "open_reference", "ort_decode"]
+
+
+class CheckModelError(ValueError):
+    """A ``--check`` model that cannot serve as the reference of a program."""
+
+
+def open_reference(path, vocab: int):
+    """Load the ONNX decoder at *path* for ``--check``, before any decoding: it must exist, be ONNX that
+    onnxruntime loads, have ``input_ids`` and ``logits``, and produce *vocab* logits (the program's vocabulary).
+
+    Returns the ``InferenceSession``; raises :class:`CheckModelError` naming what is wrong.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckModelError(f"--check {path}: no such file")
+    try:
+        sess = _session(path)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for unreadable models
+        msg = " ".join(str(exc).split())[:200]
+        raise CheckModelError(f"--check {path}: not an ONNX model onnxruntime can load ({msg})") from None
+    inputs = {i.name for i in sess.get_inputs()}
+    outputs = {o.name: o for o in sess.get_outputs()}
+    if "input_ids" not in inputs or "logits" not in outputs:
+        raise CheckModelError(f"--check {path}: not a decoder with input_ids and logits "
+                             f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})")
+    width = outputs["logits"].shape[-1] if outputs["logits"].shape else None
+    if not isinstance(width, int):  # a symbolic vocabulary: one step tells
+        _, logits = ort_decode(sess, [0], 1)
+        width = int(logits[0].shape[-1])
+    if width != vocab:
+        raise CheckModelError(f"--check {path}: the model's vocabulary has {width} tokens, the program's {vocab}")
+    return sess
 
 
 def _session(model):

@@ -175,21 +175,32 @@ def _configure_compile(p):
     p.set_defaults(func=_cmd_compile)
 
 
-@command("run", "run a program: a .kvo bundle (prefill + greedy decode) or a raw instruction stream")
+@command("run", "run a program: a .kvo bundle (prefill, then greedy or sampled decoding) or a raw instruction stream")
 def _configure_run(p):
+    from kvoverlay.host.backend import BACKENDS
+
     p.add_argument("program", type=Path, help="program bundle (.kvo) or instruction stream (.bin from kvoverlay asm)")
-    p.add_argument("--backend", default="isa", choices=["isa", "rtl"],
-                   help="isa: the bit-exact golden model (default); rtl: the Verilated overlay (cycles from its counters)")
+    p.add_argument("--backend", default="isa", choices=list(BACKENDS),
+                   help="; ".join(f"{name}: {spec.help}" for name, spec in BACKENDS.items()) + " (default: isa)")
+    p.add_argument("--offload-device", default=None, choices=["auto", "cuda", "cpu", "none"],
+                   help="where what the overlay cannot hold runs (default: auto, CUDA when present)")
     p.add_argument("--prompt", default="5,17,42", help="comma-separated prompt token ids (default: 5,17,42)")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default: 16)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy (default); >0: sample")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of "
+                   "tokens whose probability reaches P, in (0, 1] (default: 1)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed: the same tokens on every backend")
+    p.add_argument("--stop", default="", metavar="IDS", help="comma-separated token ids that end the generation")
     p.add_argument("--check", type=Path, default=None, metavar="MODEL.onnx", help="compare with onnxruntime on this model")
     p.add_argument("--dump", type=Path, default=None, metavar="OUT.npz", help="write tokens and logits to an npz file")
     p.add_argument("--waves", type=Path, default=None, metavar="FILE.vcd",
                    help="--backend rtl: write the simulation's waveforms (a separate, traced Verilator build)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="raw streams only: overlay configuration")
+    p.add_argument("--config", default=None, metavar="PRESET|FILE", help="raw streams only: overlay configuration "
+                   "(default: tiny)")
     p.add_argument("--image", type=Path, help="raw streams only: external-memory image loaded at address 0")
-    p.add_argument("--args", default="", metavar="R0,R1,...", help="raw streams only: scalar registers set before the run")
+    p.add_argument("--args", default=None, metavar="R0,R1,...", help="raw streams only: scalar registers set before the run")
     p.set_defaults(func=_cmd_run)
 
 

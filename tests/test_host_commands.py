@@ -1,6 +1,9 @@
 """The compile / run / demo contract, run as subprocesses: JSON keys, npz dumps, determinism, one-line errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -200,3 +203,60 @@ def test_compile_into_a_missing_folder_names_the_folder(demo, tmp_path):
 def test_waves_need_the_rtl_backend(demo, tmp_path):
     _, _, prog, _ = demo
     assert_one_line_error(kvo("run", prog, "--waves", tmp_path / "w.vcd", "--max-new-tokens", "2"), "--backend rtl")
+
+
+def test_run_sampled_with_stop_tokens(demo):
+    _, _, prog, _ = demo
+    args = ("run", prog, "--max-new-tokens", "10", "--temperature", "1.3", "--top-k", "20", "--top-p", "0.9",
+            "--seed", "5", "--json")
+    first = json.loads(kvo(*args).stdout)
+    again = json.loads(kvo(*args).stdout)
+    assert first["tokens"] == again["tokens"] and first["finish_reason"] == "length"
+    assert first["sampling"] == {"temperature": 1.3, "top_k": 20, "top_p": 0.9, "seed": 5}
+    stop = first["tokens"][3]
+    cut = first["tokens"].index(stop)
+    res = kvo(*args, "--stop", f"{stop}")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["tokens"] == first["tokens"][: cut + 1] and out["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("option,needle", [
+    (("--temperature", "-0.5"), "temperature -0.5"), (("--top-p", "0"), "top-p 0.0"),
+    (("--top-p", "1.5"), "top-p 1.5"), (("--top-k", "-1"), "top-k -1"), (("--prompt", "5,64"), "token 64"),
+    (("--stop", "3,100"), "stop token 100"), (("--prompt", "5,x"), "--prompt"),
+    (("--config", "nonsense"), "--config"), (("--args", "1"), "--args"),
+])
+def test_run_bad_request_is_one_line(demo, tmp_path, option, needle):
+    _, _, prog, _ = demo
+    dump = tmp_path / "out.npz"
+    assert_one_line_error(kvo("run", prog, *option, "--dump", dump), needle)
+    assert not dump.exists()
+
+
+def test_run_check_model_refused_before_decoding(demo, tmp_path):
+    _, _, prog, _ = demo
+    dump = tmp_path / "out.npz"
+    assert_one_line_error(kvo("run", prog, "--check", tmp_path / "missing.onnx", "--dump", dump), "no such file")
+    assert_one_line_error(kvo("run", prog, "--check", prog, "--dump", dump), "not an ONNX model")
+    other = tmp_path / "vocab80.onnx"
+    build_llama_onnx(other, vocab=80)
+    assert_one_line_error(kvo("run", prog, "--check", other, "--dump", dump), "80 tokens", "64")
+    assert not dump.exists()
+
+
+def test_run_backend_without_its_dependency(demo, tmp_path):
+    """A backend whose package is missing names what to install (torch hidden from the subprocess)."""
+    _, _, prog, _ = demo
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "sitecustomize.py").write_text(
+        "import importlib.util, sys\n"
+        "_find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a, **k: None if name.split('.')[0] in ('torch', 'cocotb_tools') "
+        "else _find(name, *a, **k)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    for backend, needle in (("gpu", "kvoverlay[torch]"), ("rtl", "cocotb_tools")):
+        res = subprocess.run([sys.executable, "-m", "kvoverlay.cli", "run", str(prog), "--backend", backend],
+                             capture_output=True, text=True, env=env, check=False)
+        assert_one_line_error(res, f"--backend {backend} needs", needle)
