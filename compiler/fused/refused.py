@@ -1,0 +1,34 @@
+"""The last rule: ops the overlay cannot compute, refused with the reason (what the instruction set lacks)
+instead of the generic "not supported". It runs only after every other rule declined the value."""
+
+from __future__ import annotations
+
+__all__ = ["REASONS", "refused"]
+
+_GATE = ("the vector unit's ACT computes only x * gate(x) for its three gates (SiLU, GELU erf, GELU tanh); "
+         "the gate alone would need a fourth ACT function (the 2-bit func field has room, the unit's table does not)")
+_NO_DIVIDE = "the overlay has no elementwise divide, reciprocal, square root or power of a computed vector"
+
+#: op type -> why the overlay cannot run it standalone.
+REASONS = {
+    "Sigmoid": _GATE,
+    "Tanh": _GATE + " (tanh(x) = 2*sigmoid(2x) - 1 needs the sigmoid gate)",
+    "Erf": _GATE + " (erf(x) = 2*Phi(x*sqrt(2)) - 1 needs the GELU gate alone)",
+    "Softmax": ("the exponential exists only inside ATTN (softmax of q.K over the on-chip KV buffer); a softmax of an "
+                "arbitrary vector would need an elementwise exp and a divide, which the vector unit lacks"),
+    "ReduceMax": "ARGMAX returns the index of the maximum into a register, not its value; no max-reduction writes a vector",
+    "ReduceMin": "the overlay has no min-reduction (ARGMAX returns an index only)",
+    "Pow": _NO_DIVIDE,
+    "Sqrt": _NO_DIVIDE + " (NORM's reciprocal square root is applied to the normalized vector only)",
+    "Reciprocal": _NO_DIVIDE,
+    "Div": _NO_DIVIDE,
+    "Where": "a Where on a computed condition selects per element; the overlay has no compare or select",
+    "LayerNormalization": ("its Mean output is computed, but InvStdDev (1/sqrt(var + eps)) is not: NORM yields only "
+                           "the normalized vector, never the reciprocal standard deviation itself"),
+}
+
+
+def refused(fz, v, node):
+    """Fail with the reason *node*'s op cannot run on the overlay, if it is one of :data:`REASONS`."""
+    if node is not None and node.op in REASONS:
+        fz.fail(v, f"cannot run on the overlay: {REASONS[node.op]}")
