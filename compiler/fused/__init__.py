@@ -9,6 +9,7 @@ from __future__ import annotations
 from .act import Act
 from .affine import Place, affine
 from .attention import Attention
+from .attention_rows import AttentionRows, attention_rows
 from .elementwise import Add, AddC, Elementwise, Mul, MulC, Scale
 from .linear import Linear
 from .norm import Norm
@@ -19,9 +20,10 @@ from .table import Input, Table
 __all__ = ["KINDS", "RULES"]
 
 #: The fused-op kinds by name.
-KINDS = {k.kind: k for k in (Input, Table, Linear, Norm, Act, Rope, Attention, Add, Mul, AddC, MulC, Scale, Place)}
+KINDS = {k.kind: k for k in (Input, Table, Linear, Norm, Act, Rope, Attention, Add, Mul, AddC, MulC, Scale, Place,
+                             AttentionRows)}
 
 #: The fusion rules, tried in this order at every value: each returns the vector holding the value, having
 #: added the ops that compute it, or None if the value is not its pattern. The largest patterns go first.
-RULES = (Input.match, Table.match, Attention.match, Rope.match, Norm.match, Act.match, affine, Linear.match,
-         Elementwise.match, refused)
+RULES = (Input.match, Table.match, attention_rows, Attention.match, Rope.match, Norm.match, Act.match, affine,
+         Linear.match, Elementwise.match, refused)
