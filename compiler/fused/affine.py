@@ -69,9 +69,10 @@ def affine(fz, v, node):
 
 
 def select(fz, v, node, x: str, rows) -> str:
-    """A new vector of the elements *rows* (indices into vector *x*), by a 0/1 GEMV."""
+    """A new vector of the elements *rows* (indices into vector *x*; -1 gives a zero), by a 0/1 GEMV."""
+    rows = np.asarray(rows)
     m = np.zeros((len(rows), fz.out.lengths[x]))
-    m[np.arange(len(rows)), rows] = 1.0
+    m[np.flatnonzero(rows >= 0), rows[rows >= 0]] = 1.0
     return _gemv(fz, v, node, m, x)
 
 

@@ -88,8 +88,7 @@ def attention_rows(fz, v, node):
     else:
         used = 0
     lengths = _prefix_lengths(fz, v, node, q, k, val, layout)
-    scale = node.attrs.get("scale")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = _scale(node, layout)
     qv, kv_, vv = fz.vector(q), fz.vector(k), fz.vector(val)
     parts = []
     for bi in range(b):
@@ -104,7 +103,8 @@ def attention_rows(fz, v, node):
                        length=int(lengths[bi][i]), scale=scale, append=i == 0)
             fz.out.lengths[y] = qh * d
             place = np.zeros((fz.ix.numel(v), qh * d))
-            place[layout["y"](bi, i), np.arange(qh * d)] = 1.0
+            at = layout["y"](bi, i)
+            place[at[at >= 0], np.flatnonzero(at >= 0)] = 1.0
             parts.append((place, y))
     return assemble(fz, v, node, parts)
 
@@ -124,21 +124,28 @@ def _layout(fz, v, node, q, k, val):
         skv, dk, dv = ks[1], ks[2] // kvh, vs[2] // kvh
     else:
         fz.fail(v, f"has queries of rank {len(qs)}")
-    if dk != d or dv != d:
-        fz.fail(v, f"has head sizes q/k {d}/{dk} and v {dv}: ATTN takes one head_dim for queries, keys and values")
+    if dk != d:
+        fz.fail(v, f"has head sizes {d} for queries and {dk} for keys")
     if qh % kvh:
         fz.fail(v, f"has {qh} query heads, not a multiple of {kvh} KV heads")
+    # ATTN has one head_dim: the narrower of q/k and v is padded with zeros (zero q.k terms, zero output lanes)
+    hd = max(d, dv)
     idx = {name: np.arange(int(np.prod(s))).reshape(s) for name, s in (("q", qs), ("k", ks), ("v", vs), ("y", ys))}
 
     def rows(name, heads):
         t = idx[name]
-        if t.ndim == 4:  # [B, heads, S, D]
-            return lambda bi, s: t[bi, :, s, :].reshape(-1)
-        t = t.reshape(t.shape[0], t.shape[1], heads, -1)  # [B, S, heads, D]
-        return lambda bi, s: t[bi, s].reshape(-1)
+        if t.ndim == 3:
+            t = t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(0, 2, 1, 3)  # [B, heads, S, D]
+        t = np.pad(t, ((0, 0), (0, 0), (0, 0), (0, hd - t.shape[3])), constant_values=-1)
+        return lambda bi, s: t[bi, :, s, :].reshape(-1)
 
-    return {"dims": (b, qh, kvh, sq, skv, d), "q": rows("q", qh), "k": rows("k", kvh), "v": rows("v", kvh),
-            "y": rows("y", qh)}
+    return {"dims": (b, qh, kvh, sq, skv, hd), "head_sizes": (d, dv), "q": rows("q", qh), "k": rows("k", kvh),
+            "v": rows("v", kvh), "y": rows("y", qh)}
+
+
+def _scale(node, layout) -> float:
+    scale = node.attrs.get("scale")
+    return 1.0 / math.sqrt(layout["head_sizes"][0]) if scale is None else float(scale)
 
 
 def _prefix_lengths(fz, v, node, q, k, val, layout):
@@ -147,9 +154,8 @@ def _prefix_lengths(fz, v, node, q, k, val, layout):
     rng = np.random.default_rng(0)
     feeds = {x: rng.standard_normal(fz.ix.shape(x)).astype(np.float32) for x in (q, k, val)}
     got = np.asarray(fz.ix.evaluate(v, feeds), np.float64).reshape(-1)
-    scale = node.attrs.get("scale")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    flat = {x: feeds[x].reshape(-1).astype(np.float64) for x in feeds}
+    scale = _scale(node, layout)
+    flat = {x: np.append(feeds[x].reshape(-1).astype(np.float64), 0.0) for x in feeds}  # index -1: padding
     out = []
     for bi in range(b):
         K = np.stack([flat[k][layout["k"](bi, j)].reshape(kvh, d) for j in range(skv)], 1)
@@ -157,7 +163,8 @@ def _prefix_lengths(fz, v, node, q, k, val, layout):
         row = []
         for i in range(sq):
             qi = flat[q][layout["q"](bi, i)].reshape(qh, d) * scale
-            want = got[layout["y"](bi, i)]
+            at = layout["y"](bi, i)
+            want = np.where(at >= 0, got[at], 0.0)
             for n in range(skv, 0, -1):
                 ref = []
                 for h in range(qh):
