@@ -18,6 +18,8 @@ from kvoverlay.compiler.frontend import CompileError
 from onnx import numpy_helper
 from onnx.backend.base import Backend, BackendRep
 
+from kvoverlay import numerics as nx
+
 from .session import run_graph
 
 __all__ = ["DEVICES", "OverlayBackend", "OverlayRep", "prepare", "run_graph_rtl", "run_model", "supports_device"]
@@ -51,9 +53,7 @@ def _bind(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
 def run_graph_rtl(program, feeds: dict) -> dict:
     """:func:`~.session.run_graph` on the Verilated overlay: the input vector records are written into the memory
     image before the run, the output records read from the memory after it."""
-    from kvoverlay.sim.rtl import RtlModel
-
-    from kvoverlay import numerics as nx
+    from kvoverlay.sim.rtl import RtlModel  # Verilator only when the RTL device is asked for
 
     io = program.manifest["io"]
     image = bytearray(program.image)
