@@ -18,6 +18,7 @@ import numpy as np
 
 from .frontend import CompileError
 from .fused import RULES
+from .fused.refused import REASONS
 from .graph_tools import PRESENT_KV, GraphIndex
 from .ir import Graph
 from .overlay_graph import OverlayGraph, VOp
@@ -144,6 +145,8 @@ class Fuser:
             got = rule(self, v, node)
             if got is not None:
                 return got
+        if node is not None and node.op in REASONS:
+            self.fail(v, f"cannot run on the overlay: {REASONS[node.op]}")
         self.fail(v, f"is not supported on the overlay; supported: {SUPPORTED}")
 
 

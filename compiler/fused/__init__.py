@@ -7,13 +7,12 @@ A new fused op is one class in this package and one entry in :data:`KINDS`.
 from __future__ import annotations
 
 from .act import Act
-from .affine import Place, affine
+from .affine import Place
 from .attention import Attention
-from .attention_rows import AttentionRows, attention_rows
+from .attention_rows import AttentionRows
 from .elementwise import Add, AddC, Elementwise, Mul, MulC, Scale
 from .linear import Linear
 from .norm import Norm
-from .refused import refused
 from .rope import Rope
 from .table import Input, Table
 
@@ -25,5 +24,5 @@ KINDS = {k.kind: k for k in (Input, Table, Linear, Norm, Act, Rope, Attention, A
 
 #: The fusion rules, tried in this order at every value: each returns the vector holding the value, having
 #: added the ops that compute it, or None if the value is not its pattern. The largest patterns go first.
-RULES = (Input.match, Table.match, attention_rows, Attention.match, Rope.match, Norm.match, Act.match, affine,
-         Linear.match, Elementwise.match, refused)
+RULES = (Input.match, Table.match, AttentionRows.match, Attention.match, Rope.match, Norm.match, Act.match,
+         Place.match, Linear.match, Elementwise.match)

@@ -39,6 +39,10 @@ class Place(Linear):
 
     kind = "place"
 
+    @staticmethod
+    def match(fz, v, node):
+        return affine(fz, v, node)
+
     def reference(self, ins, step):
         m = step.og.matrices[self.attrs["matrix"]]
         return m[:, :ins[0].size] @ ins[0]

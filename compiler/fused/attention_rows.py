@@ -17,6 +17,7 @@ import numpy as np
 from ..codegen import REG_POSITION, scale_imm
 from ..overlay_graph import VOp
 from .affine import assemble, select
+from .attention import gqa
 
 __all__ = ["AttentionRows", "attention_rows"]
 
@@ -27,6 +28,10 @@ class AttentionRows(VOp):
 
     kind = "attn_rows"
 
+    @staticmethod
+    def match(fz, v, node):
+        return attention_rows(fz, v, node)
+
     @property
     def stats_words(self) -> int:
         return 2 * self.attrs["q_heads"]
@@ -36,13 +41,7 @@ class AttentionRows(VOp):
         qh, kvh, d, n = a["q_heads"], a["kv_heads"], a["head_dim"], a["length"]
         K = np.stack([k.reshape(kvh, d) for k in ins[1::2]], 1)[:, :n]
         V = np.stack([v.reshape(kvh, d) for v in ins[2::2]], 1)[:, :n]
-        q = ins[0].reshape(qh, d) * a["scale"]
-        out = []
-        for h in range(qh):
-            s = K[h // (qh // kvh)] @ q[h]
-            p = np.exp(s - s.max())
-            out.append(p @ V[h // (qh // kvh)] / p.sum())
-        return np.concatenate(out)
+        return gqa(ins[0].reshape(qh, d) * a["scale"], K, V)
 
     def emit(self, cg, src):
         a = self.attrs
@@ -166,12 +165,7 @@ def _prefix_lengths(fz, v, node, q, k, val, layout):
             at = layout["y"](bi, i)
             want = np.where(at >= 0, got[at], 0.0)
             for n in range(skv, 0, -1):
-                ref = []
-                for h in range(qh):
-                    s = K[h // (qh // kvh), :n] @ qi[h]
-                    p = np.exp(s - s.max())
-                    ref.append(p @ V[h // (qh // kvh), :n] / p.sum())
-                if np.allclose(np.concatenate(ref), want, rtol=1e-3, atol=1e-4):
+                if np.allclose(gqa(qi, K[:, :n], V[:, :n]), want, rtol=1e-3, atol=1e-4):
                     row.append(n)
                     break
             else:

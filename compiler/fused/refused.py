@@ -1,9 +1,9 @@
-"""The last rule: ops the overlay cannot compute, refused with the reason (what the instruction set lacks)
-instead of the generic "not supported". It runs only after every other rule declined the value."""
+"""Why an op cannot run on the overlay (what the instruction set lacks): the fuser's error when no rule took a
+value of one of these ops, instead of the generic "not supported"."""
 
 from __future__ import annotations
 
-__all__ = ["REASONS", "refused"]
+__all__ = ["REASONS"]
 
 _GATE = ("the vector unit's ACT computes only x * gate(x) for its three gates (SiLU, GELU erf, GELU tanh); "
          "the gate alone would need a fourth ACT function (the 2-bit func field has room, the unit's table does not)")
@@ -27,8 +27,3 @@ REASONS = {
                            "the normalized vector, never the reciprocal standard deviation itself"),
 }
 
-
-def refused(fz, v, node):
-    """Fail with the reason *node*'s op cannot run on the overlay, if it is one of :data:`REASONS`."""
-    if node is not None and node.op in REASONS:
-        fz.fail(v, f"cannot run on the overlay: {REASONS[node.op]}")
