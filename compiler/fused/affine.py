@@ -29,7 +29,7 @@ AFFINE_OPS = frozenset({"Concat", "Split", "Slice", "Gather", "Transpose", "Expa
                         "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "CastLike", "Einsum", "Sum", "Mean",
                         "DepthToSpace", "SpaceToDepth", "GatherElements", "Compress", "ReduceSumSquare"})
 #: Largest measured matrix (outputs x inputs), so that a big tensor is an error, not a slow compile.
-MAX_WEIGHTS = 1 << 18
+MAX_WEIGHTS = 1 << 20
 
 
 class Place(Linear):
@@ -56,8 +56,15 @@ def affine(fz, v, node):
     if not ins or any(not fz.g.values[i].dtype.startswith("float") for i in ins):
         return None
     n = fz.ix.numel(v)
+    empty_in = any(fz.ix.numel(i) == 0 for i in ins)
+    if n == 0 and not empty_in:
+        fz.fail(v, "has an empty result: an overlay vector computed from data holds at least one element")
+    if n and empty_in:
+        fz.fail(v, "reads an empty tensor: its result is a constant, and no overlay instruction writes a constant "
+                   "vector as a result")
     if n * sum(fz.ix.numel(i) for i in ins) > MAX_WEIGHTS:
-        return None
+        fz.fail(v, f"would be a {n} x {sum(fz.ix.numel(i) for i in ins)} layout GEMV, more than the "
+                   f"{MAX_WEIGHTS} weights the compiler measures")
     mats, offset = _measure(fz, v, ins)
     if mats is None:
         return None
