@@ -52,3 +52,4 @@ def test_attention_runs_on_the_overlay(name):
 def test_what_attn_cannot_attend_is_refused(attrs, why):
     with pytest.raises(CompileError, match=why):
         compile_model(_attention([1, 2, 3, 8], [1, 2, 3, 8], [1, 2, 3, 8], **attrs), "tiny")
+

@@ -14,15 +14,16 @@ from .elementwise import Add, AddC, Elementwise, Mul, MulC, Scale
 from .linear import Linear
 from .norm import Norm
 from .rope import Rope
+from .softmax import Softmax
 from .table import Input, Table
 
 __all__ = ["KINDS", "RULES"]
 
 #: The fused-op kinds by name.
 KINDS = {k.kind: k for k in (Input, Table, Linear, Norm, Act, Rope, Attention, Add, Mul, AddC, MulC, Scale, Place,
-                             AttentionRows)}
+                             AttentionRows, Softmax)}
 
 #: The fusion rules, tried in this order at every value: each returns the vector holding the value, having
 #: added the ops that compute it, or None if the value is not its pattern. The largest patterns go first.
 RULES = (Input.match, Table.match, AttentionRows.match, Attention.match, Rope.match, Norm.match, Act.match,
-         Place.match, Linear.match, Elementwise.match)
+         Softmax.match, Place.match, Linear.match, Elementwise.match)

@@ -14,8 +14,6 @@ REASONS = {
     "Sigmoid": _GATE,
     "Tanh": _GATE + " (tanh(x) = 2*sigmoid(2x) - 1 needs the sigmoid gate)",
     "Erf": _GATE + " (erf(x) = 2*Phi(x*sqrt(2)) - 1 needs the GELU gate alone)",
-    "Softmax": ("the exponential exists only inside ATTN (softmax of q.K over the on-chip KV buffer); a softmax of an "
-                "arbitrary vector would need an elementwise exp and a divide, which the vector unit lacks"),
     "ReduceMax": "ARGMAX returns the index of the maximum into a register, not its value; no max-reduction writes a vector",
     "ReduceMin": "the overlay has no min-reduction (ARGMAX returns an index only)",
     "Pow": _NO_DIVIDE,
