@@ -1,4 +1,4 @@
-"""ONNX Softmax on the attention unit (``compiler/fused/softmax.py``), against onnxruntime."""
+"""ONNX Softmax, Sigmoid and Tanh on the attention unit (``compiler/fused/softmax.py``), against onnxruntime."""
 
 import numpy as np
 import onnxruntime as ort
@@ -23,3 +23,16 @@ def test_softmax_runs_on_the_attention_unit(axis):
     x = (3 * RNG.standard_normal((3, 4, 5))).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(run_graph(b, {"x": x})["y"], want, atol=2e-3 * float(np.max(want)), rtol=0)
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Tanh"])
+def test_sigmoid_and_tanh_are_two_element_softmaxes(op):
+    g = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 20])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 20])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    b, _ = compile_model(model, "tiny", weights="w16")
+    assert [i.op for i in b.instructions].count("ATTN") == 40
+    x = (2 * RNG.standard_normal((2, 20))).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run_graph(b, {"x": x})["y"], want, atol=2e-3, rtol=0)

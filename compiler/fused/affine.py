@@ -21,7 +21,7 @@ from kvoverlay import isa
 from .elementwise import Add, AddC, MulC, Scale
 from .linear import Linear, _split_source
 
-__all__ = ["MAX_WEIGHTS", "Place", "affine", "assemble", "select"]
+__all__ = ["MAX_WEIGHTS", "Place", "affine", "assemble", "place_add", "select"]
 
 #: Ops whose output can be affine in their computed inputs (the rest are never measured).
 AFFINE_OPS = frozenset({"Concat", "Split", "Slice", "Gather", "Transpose", "Expand", "Tile", "Pad", "ReduceSum",
@@ -79,11 +79,11 @@ def affine(fz, v, node):
     return y
 
 
-def select(fz, v, node, x: str, rows) -> str:
-    """A new vector of the elements *rows* (indices into vector *x*; -1 gives a zero), by a 0/1 GEMV."""
+def select(fz, v, node, x: str, rows, weight: float = 1.0) -> str:
+    """A new vector of the elements *rows* (indices into vector *x*; -1 gives a zero) times *weight*, by a GEMV."""
     rows = np.asarray(rows)
     m = np.zeros((len(rows), fz.out.lengths[x]))
-    m[np.flatnonzero(rows >= 0), rows[rows >= 0]] = 1.0
+    m[np.flatnonzero(rows >= 0), rows[rows >= 0]] = weight
     return _gemv(fz, v, node, m, x)
 
 
@@ -91,9 +91,15 @@ def assemble(fz, v, node, parts) -> str | None:
     """Vector of ONNX value *v* as ``sum(matrix @ vector for matrix, vector in parts)`` (GEMVs and ``add``)."""
     y = None
     for m, x in parts:
-        p = _gemv(fz, v, node, m, x)
-        y = p if y is None else fz.add(Add, v, [y, p], node.name)
+        y = place_add(fz, v, node, y, m, x)
     return y
+
+
+def place_add(fz, v, node, acc: str | None, m, x) -> str:
+    """``acc + m @ x`` (or ``m @ x`` for no *acc*): put a part in place as soon as it is made, so that the parts of
+    a value never all live at once (the exponent registers are few)."""
+    p = _gemv(fz, v, node, m, x)
+    return p if acc is None else fz.add(Add, v, [acc, p], node.name)
 
 
 def _gemv(fz, v, node, m, x) -> str:

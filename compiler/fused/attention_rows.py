@@ -16,7 +16,7 @@ import numpy as np
 
 from ..codegen import REG_POSITION, scale_imm
 from ..overlay_graph import VOp
-from .affine import assemble, select
+from .affine import place_add, select
 from .attention import gqa
 
 __all__ = ["AttentionRows", "attention_rows"]
@@ -89,7 +89,7 @@ def attention_rows(fz, v, node):
     lengths = _prefix_lengths(fz, v, node, q, k, val, layout)
     scale = _scale(node, layout)
     qv, kv_, vv = fz.vector(q), fz.vector(k), fz.vector(val)
-    parts = []
+    out = None
     for bi in range(b):
         layer = used + bi
         fz.out.kv[layer] = {"kv_heads": kvh, "head_dim": d, "present": []}
@@ -104,8 +104,8 @@ def attention_rows(fz, v, node):
             place = np.zeros((fz.ix.numel(v), qh * d))
             at = layout["y"](bi, i)
             place[at[at >= 0], np.flatnonzero(at >= 0)] = 1.0
-            parts.append((place, y))
-    return assemble(fz, v, node, parts)
+            out = place_add(fz, v, node, out, place, y)
+    return out
 
 
 def _layout(fz, v, node, q, k, val):

@@ -12,7 +12,7 @@ from kvoverlay import isa
 
 from ..overlay_graph import VOp
 from .act import PROBE
-from .affine import assemble, select
+from .affine import place_add, select
 from .elementwise import AddC
 
 __all__ = ["Norm", "norm_core"]
@@ -105,18 +105,17 @@ def norm_rows(fz, v, node, x, scale, bias, kind, eps, axis):
     gain = np.broadcast_to(fz.ix.const(scale).astype(np.float64), shp[axis:]).reshape(-1)
     g = fz.store(fz.out.consts, "c", gain.copy())
     xv = fz.vector(x)
-    parts = []
-    for r in range(rows):
-        xr = xv if rows == 1 else select(fz, v, node, xv, np.arange(r * m, (r + 1) * m))
-        y = fz.add(Norm, v, [xr], node.name, gain=g, eps=eps, kind=kind)
-        fz.out.lengths[y] = m
-        if rows == 1:
-            parts = y
-            break
-        place = np.zeros((rows * m, m))
-        place[np.arange(r * m, (r + 1) * m), np.arange(m)] = 1.0
-        parts.append((place, y))
-    y = parts if rows == 1 else assemble(fz, v, node, parts)
+    if rows == 1:  # the whole tensor is one vector
+        y = fz.add(Norm, v, [xv], node.name, gain=g, eps=eps, kind=kind)
+    else:
+        y = None
+        for r in range(rows):
+            at = np.arange(r * m, (r + 1) * m)
+            yr = fz.add(Norm, v, [select(fz, v, node, xv, at)], node.name, gain=g, eps=eps, kind=kind)
+            fz.out.lengths[yr] = m
+            place = np.zeros((rows * m, m))
+            place[at, np.arange(m)] = 1.0
+            y = place_add(fz, v, node, y, place, yr)
     if bias is not None:
         b = np.broadcast_to(fz.ix.const(bias).astype(np.float64), shp[axis:]).reshape(-1)
         y = fz.add(AddC, v, [y], node.name, const=fz.store(fz.out.consts, "c", np.tile(b, rows)))

@@ -11,9 +11,8 @@ _NO_DIVIDE = "the overlay has no elementwise divide, reciprocal, square root or 
 
 #: op type -> why the overlay cannot run it standalone.
 REASONS = {
-    "Sigmoid": _GATE,
-    "Tanh": _GATE + " (tanh(x) = 2*sigmoid(2x) - 1 needs the sigmoid gate)",
-    "Erf": _GATE + " (erf(x) = 2*Phi(x*sqrt(2)) - 1 needs the GELU gate alone)",
+    "Erf": _GATE + " (erf(x) = 2*Phi(x*sqrt(2)) - 1 needs the GELU gate alone; sigmoid and tanh run as softmaxes on "
+                   "the attention unit, but no softmax gives Phi)",
     "ReduceMax": "ARGMAX returns the index of the maximum into a register, not its value; no max-reduction writes a vector",
     "ReduceMin": "the overlay has no min-reduction (ARGMAX returns an index only)",
     "Pow": _NO_DIVIDE,

@@ -1,4 +1,5 @@
-"""``softmax``: ONNX ``Softmax`` of a small tensor, on the attention unit (the only place the overlay has an exp).
+"""``softmax``: ONNX ``Softmax`` (and Sigmoid, Tanh) of a small tensor, on the attention unit (the only place the
+overlay has an exp).
 
 For each group of N elements the softmax runs over, the keys are ``k_j = [x_j, 0, ..., 0]`` (a 0/1 GEMV cuts them
 out of x), the values the one-hot ``e_j`` and the query ``e_0``, all of head_dim N: then ``q.k_j = x_j`` and ATTN's
@@ -14,7 +15,7 @@ import numpy as np
 
 from ..codegen import REG_POSITION
 from ..overlay_graph import VOp
-from .affine import assemble, select
+from .affine import place_add, select
 
 __all__ = ["Softmax"]
 
@@ -27,9 +28,9 @@ class Softmax(VOp):
 
     @staticmethod
     def match(fz, v, node):
-        if node is None or node.op != "Softmax":
+        if node is None or node.op not in ("Softmax", "Sigmoid", "Tanh"):
             return None
-        return _softmax(fz, v, node)
+        return _softmax(fz, v, node) if node.op == "Softmax" else _gate(fz, v, node)
 
     def reference(self, ins, step):
         x = np.array([k[0] for k in ins])
@@ -59,6 +60,32 @@ def _groups(fz, node, shape):
     return idx.reshape(int(np.prod(shape[:axis])), -1)
 
 
+def _gate(fz, v, node):
+    """Sigmoid and Tanh as two-element softmaxes: softmax([a x, 0]) = [sigmoid(a x), 1 - sigmoid(a x)], so
+    sigmoid(x) is its first element (a = 1) and tanh(x) = sigmoid(2x) - sigmoid(-2x) the difference (a = 2)."""
+    x = node.inputs[0]
+    a, signs = (1.0, (1.0, 0.0)) if node.op == "Sigmoid" else (2.0, (1.0, -1.0))
+    layer, onehot = _layer(fz, 2)
+    xv = fz.vector(x)
+    zero = select(fz, v, node, xv, [-1, -1])
+    y = None
+    for i in range(fz.ix.numel(x)):
+        key = select(fz, v, node, xv, [i, -1], weight=a)
+        p = fz.add(Softmax, v, [key, zero], node.name, layer=layer, n=2, onehot=onehot)
+        fz.out.lengths[p] = 2
+        place = np.zeros((fz.ix.numel(v), 2))
+        place[i] = signs
+        y = place_add(fz, v, node, y, place, p)
+    return y
+
+
+def _layer(fz, n):
+    """A KV-buffer layer of one head of *n* for the groups to take turns on, and the one-hot constants e_j."""
+    layer = max(fz.out.kv) + 1 if fz.out.kv else 0
+    fz.out.kv[layer] = {"kv_heads": 1, "head_dim": n, "present": []}
+    return layer, [fz.store(fz.out.consts, "c", np.eye(1, n, j).reshape(-1)) for j in range(n)]
+
+
 def _softmax(fz, v, node):
     x = node.inputs[0]
     shape = fz.ix.shape(x)
@@ -71,16 +98,14 @@ def _softmax(fz, v, node):
         p = np.exp(flat[g] - flat[g].max())
         if not np.allclose(got[g], p / p.sum(), rtol=1e-4, atol=1e-6):
             fz.fail(v, "does not normalize over the groups its axis gives")
-    layer = max(fz.out.kv) + 1 if fz.out.kv else 0
-    fz.out.kv[layer] = {"kv_heads": 1, "head_dim": n, "present": []}
-    onehot = [fz.store(fz.out.consts, "c", np.eye(1, n, j).reshape(-1)) for j in range(n)]
+    layer, onehot = _layer(fz, n)
     xv = fz.vector(x)
-    parts = []
+    y = None
     for g in groups:
         keys = [select(fz, v, node, xv, [i] + [-1] * (n - 1)) for i in g]
-        y = fz.add(Softmax, v, keys, node.name, layer=layer, n=n, onehot=onehot)
-        fz.out.lengths[y] = n
+        p = fz.add(Softmax, v, keys, node.name, layer=layer, n=n, onehot=onehot)
+        fz.out.lengths[p] = n
         place = np.zeros((fz.ix.numel(v), n))
         place[g, np.arange(n)] = 1.0
-        parts.append((place, y))
-    return assemble(fz, v, node, parts)
+        y = place_add(fz, v, node, y, place, p)
+    return y
