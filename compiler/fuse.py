@@ -31,7 +31,9 @@ __all__ = ["Fuser", "OverlayGraph", "fuse", "run_float"]
 SUPPORTED = ("embedding/position Gather and any function of position_ids (tables), MatMul/Gemm by a constant, Split of "
              "their outputs, LayerNormalization, RMSNormalization or RMSNorm spelled out, elementwise regions equal to "
              "SiLU/GELU, rotary embedding (rotate_half or RotaryEmbedding), attention over past_key_values (or "
-             "Attention), Add/Sub/Mul/Div/Neg of vectors and constants")
+             "Attention, also without past KV), Add/Sub/Mul/Div/Neg of vectors and constants, Softmax/Sigmoid/Tanh (on "
+             "the attention unit), and layout or linear ops of small tensors (Concat, Slice, Gather, Transpose, "
+             "Expand, reductions, ... as 0/1 GEMVs)")
 
 
 def _digest(arr: np.ndarray) -> str:
