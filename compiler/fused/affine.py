@@ -27,7 +27,7 @@ __all__ = ["MAX_WEIGHTS", "Place", "affine", "assemble", "place_add", "select"]
 AFFINE_OPS = frozenset({"Concat", "Split", "Slice", "Gather", "Transpose", "Expand", "Tile", "Pad", "ReduceSum",
                         "ReduceMean", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg", "Where", "Identity",
                         "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "CastLike", "Einsum", "Sum", "Mean",
-                        "DepthToSpace", "SpaceToDepth", "GatherElements", "Compress", "ReduceSumSquare"})
+                        "DepthToSpace", "SpaceToDepth", "GatherElements", "Compress", "RotaryEmbedding"})
 #: Largest measured matrix (outputs x inputs), so that a big tensor is an error, not a slow compile.
 MAX_WEIGHTS = 1 << 20
 
@@ -56,8 +56,8 @@ def affine(fz, v, node):
     if not ins or any(not fz.g.values[i].dtype.startswith("float") for i in ins):
         return None
     n = fz.ix.numel(v)
-    empty_in = any(fz.ix.numel(i) == 0 for i in ins)
-    if n == 0 and not empty_in:
+    empty_in = all(fz.ix.numel(i) == 0 for i in ins)  # empty pieces of a Concat add nothing
+    if n == 0 and not any(fz.ix.numel(i) == 0 for i in ins):
         fz.fail(v, "has an empty result: an overlay vector computed from data holds at least one element")
     if n and empty_in:
         fz.fail(v, "reads an empty tensor: its result is a constant, and no overlay instruction writes a constant "
@@ -120,6 +120,8 @@ def _refused_by_specific_rules(fz, v, node) -> bool:
                 or fz.ix.numel(ins[0]) != (w.shape[1] if node.attrs.get("transB", 0) else w.shape[0]))
     if op == "Split":
         return _split_source(fz, ins[0])[0] is None
+    if op == "RotaryEmbedding":  # at constant positions (or none: the sequence's), x*cos + rotate(x)*sin is linear
+        return len(ins) < 4 or not ins[3] or fz.ix.is_const(ins[3])
     if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
         consts = [fz.ix.const(i) for i in ins]
         if (consts[0] is None) == (consts[1] is None):
