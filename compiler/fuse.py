@@ -18,6 +18,7 @@ import numpy as np
 
 from .frontend import CompileError
 from .fused import RULES
+from .fused.refused import REASONS
 from .graph_tools import PRESENT_KV, GraphIndex
 from .ir import Graph
 from .overlay_graph import OverlayGraph, VOp
@@ -30,7 +31,9 @@ __all__ = ["Fuser", "OverlayGraph", "fuse", "run_float"]
 SUPPORTED = ("embedding/position Gather and any function of position_ids (tables), MatMul/Gemm by a constant, Split of "
              "their outputs, LayerNormalization, RMSNormalization or RMSNorm spelled out, elementwise regions equal to "
              "SiLU/GELU, rotary embedding (rotate_half or RotaryEmbedding), attention over past_key_values (or "
-             "Attention), Add/Sub/Mul/Div/Neg of vectors and constants")
+             "Attention, also without past KV), Add/Sub/Mul/Div/Neg of vectors and constants, Softmax/Sigmoid/Tanh (on "
+             "the attention unit), and layout or linear ops of small tensors (Concat, Slice, Gather, Transpose, "
+             "Expand, reductions, ... as 0/1 GEMVs)")
 
 
 def _digest(arr: np.ndarray) -> str:
@@ -144,6 +147,8 @@ class Fuser:
             got = rule(self, v, node)
             if got is not None:
                 return got
+        if node is not None and node.op in REASONS:
+            self.fail(v, f"cannot run on the overlay: {REASONS[node.op]}")
         self.fail(v, f"is not supported on the overlay; supported: {SUPPORTED}")
 
 

@@ -24,7 +24,7 @@ PRESENT_KV = re.compile(r"^present[._](\d+)[._](key|value)$")
 
 #: Elementwise ops of one data input whose other inputs are scalar constants: the ops an activation region is made of.
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Tanh", "Sigmoid", "Erf", "Neg", "Exp", "Reciprocal",
-               "Gelu", "Relu", "Softplus", "Cast", "Identity", "Abs"}
+               "Gelu", "Relu", "Softplus", "Cast", "Identity", "Abs", "Sum"}
 #: Ops that only relabel the shape of their first input.
 _RESHAPING = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 

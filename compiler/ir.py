@@ -71,6 +71,8 @@ class Graph:
                 if i and i not in defined:
                     raise ValueError(f"node {node.name}: input {i!r} is not defined before use")
             for o in node.outputs:
+                if not o:  # an optional output left out
+                    continue
                 if o in defined:
                     raise ValueError(f"node {node.name}: output {o!r} is defined twice")
                 if o not in self.values:

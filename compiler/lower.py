@@ -6,6 +6,7 @@ opset. ``lower`` does not fold; ``passes.fold_constants`` does.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -43,6 +44,12 @@ def _opset(model: onnx.ModelProto) -> int:
     raise CompileError("model imports no default-domain opset")
 
 
+def _cast_like_as_cast(n: onnx.NodeProto, like: Value) -> onnx.NodeProto:
+    """CastLike(x, like) as Cast(x, to=like's type): the type is static, and a Cast of a constant folds."""
+    to = helper.np_dtype_to_tensor_dtype(np.dtype(like.dtype))
+    return helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name, to=to)
+
+
 def lower(model, weights=None) -> Graph:
     """Lower a (pinned, shape-inferred) ModelProto, or a :class:`~.frontend.Loaded` one, into the IR.
 
@@ -64,6 +71,8 @@ def lower(model, weights=None) -> Graph:
     nodes = []
     for i, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{i}"
+        if n.op_type == "CastLike" and n.domain in ("", "ai.onnx") and values.get(n.input[1]) is not None:
+            n = _cast_like_as_cast(n, values[n.input[1]])
         if n.domain not in ("", "ai.onnx") or lookup(n.op_type, opset) is None:
             dom = f"{n.domain}." if n.domain not in ("", "ai.onnx") else ""
             raise CompileError(f"node {name}: op {dom}{n.op_type} (opset {opset}) is not supported;"

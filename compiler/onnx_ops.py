@@ -114,8 +114,10 @@ def _softmax(attrs, x):
 
 
 def _reduce_mean(x, axes, attrs):
-    if axes is None and attrs.get("noop_with_empty_axes", 0):
-        return x
+    if not axes:  # absent or empty: every axis, unless noop_with_empty_axes
+        if attrs.get("noop_with_empty_axes", 0):
+            return x
+        axes = None
     return np.mean(x, axis=axes, keepdims=bool(attrs.get("keepdims", 1))).astype(x.dtype)
 
 
@@ -306,8 +308,10 @@ def _gemm(attrs, a, b, c=None):
 
 def _reduce_with(f):
     def run(x, axes, attrs):
-        if axes is None and attrs.get("noop_with_empty_axes", 0):
-            return x
+        if not axes:  # absent or empty: every axis, unless noop_with_empty_axes
+            if attrs.get("noop_with_empty_axes", 0):
+                return x
+            axes = None
         return np.asarray(f(x, axis=axes, keepdims=bool(attrs.get("keepdims", 1)))).astype(x.dtype)
     return run
 
@@ -434,3 +438,8 @@ def _attention(attrs, q, k, v, mask=None, past_k=None, past_v=None, nonpad_kv_se
     if rank3:
         y = y.transpose(0, 2, 1, 3).reshape(y.shape[0], n_s, -1)
     return y.astype(q.dtype), present_k, present_v
+
+
+@register("Size", since=1)
+def _size(attrs, x):
+    return np.asarray(np.asarray(x).size, np.int64)

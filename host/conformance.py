@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["OPS", "CaseResult", "block_bound", "collect", "markdown", "run", "summarize"]
+__all__ = ["OPS", "CaseResult", "block_bound", "collect", "conformance_main", "markdown", "run", "summarize", "table"]
 
 #: The transformer op set: the ops whose node cases are run (issue 13), in the table's order.
 OPS = ("Attention", "RMSNormalization", "RotaryEmbedding", "LayerNormalization", "Gelu", "Softmax", "Sigmoid", "Tanh",
@@ -185,3 +185,43 @@ def markdown(summary: dict, device: str = "CPU") -> str:
         lines.append(f"| {op} | {d['cases']} | {d['overlay']} | {d['host']} | {d['onnx_tolerance']} | "
                      f"{d['block_bound_only']} | {d['failed']} | {d['n/a']} | {first.get(op, '')} |")
     return "\n".join(lines) + "\n"
+
+
+def table(summary: dict) -> str:
+    """The per-op table for a terminal, with the legend of its columns."""
+    cols = ("cases", "overlay", "host", "onnx_tolerance", "block_bound_only", "failed", "n/a")
+    heads = ("op", "cases", "overlay", "host", "onnx-tol", "block-only", "failed", "n/a")
+    rows = [(op, *(str(d[k]) for k in cols)) for op, d in summary["ops"].items()]
+    t = summary["total"]
+    rows.append(("total", *(str(t[k]) for k in cols)))
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*heads), *(fmt.format(*r) for r in rows), ""]
+    applicable = t["cases"] - t["n/a"]
+    lines.append(f"{t['overlay'] + t['host']} of {applicable} applicable cases pass "
+                 f"({100 * (t['pass_rate'] or 0):.1f}%).")
+    lines.append("overlay/host: passed with the work there; onnx-tol: of those, within the case's own rtol/atol; "
+                 "block-only: only within the block-floating-point bound 2**-10*max|ref| + 1e-3*|ref|; "
+                 "n/a: outputs outside the overlay's formats. Failure reasons: --json or --markdown.")
+    return "\n".join(lines)
+
+
+def conformance_main(args) -> int:
+    """``kvoverlay conformance``: run the cases of ``--ops`` on ``--device`` and print the table, JSON or markdown."""
+    import json
+
+    ops = OPS
+    if args.ops:
+        ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+        unknown = [o for o in ops if o not in OPS]
+        if unknown or not ops:
+            raise ValueError(f"--ops: {', '.join(unknown) or repr(args.ops)} not in the op set ({', '.join(OPS)})")
+    device = {"isa": "CPU", "rtl": "RTL"}[args.device]
+    summary = summarize(run(ops, device))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    elif args.markdown:
+        print(markdown(summary, device), end="")
+    else:
+        print(table(summary))
+    return 0

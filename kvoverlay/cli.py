@@ -216,6 +216,24 @@ def _configure_demo(p):
     p.set_defaults(func=_cmd_demo)
 
 
+# --------------------------------------------------------------------------- conformance
+@command("conformance", "run ONNX's node cases of the transformer op set on the overlay and print the per-op table")
+def _configure_conformance(p):
+    p.add_argument("--ops", default=None, metavar="OP,...", help="only these op types (default: the whole op set)")
+    p.add_argument("--device", default="isa", choices=["isa", "rtl"],
+                   help="isa: the bit-exact golden model (default); rtl: the Verilated overlay")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON object (counts per op, every case)")
+    out.add_argument("--markdown", action="store_true", help="print the table as docs/conformance.md holds it")
+    p.set_defaults(func=_cmd_conformance)
+
+
+def _cmd_conformance(args) -> int:
+    from kvoverlay.host.conformance import conformance_main
+
+    return conformance_main(args)
+
+
 # --------------------------------------------------------------------------- hardware: export, bench
 @command("export-verilog", "write the overlay's Verilog for a configuration and lint it with Verilator")
 def _configure_export_verilog(p):

@@ -28,3 +28,26 @@ def test_every_case_of_the_op_set_runs_and_the_table_is_fresh():
     t = summary["total"]
     assert t["onnx_tolerance"] + t["block_bound_only"] == t["overlay"] + t["host"]
     assert DOC.read_text() == conformance.markdown(summary), "docs/conformance.md is stale: kvoverlay conformance --markdown"
+
+
+def test_cli_prints_the_table_json_and_markdown(capsys):
+    import json
+
+    from kvoverlay.cli import main
+
+    assert main(["conformance", "--ops", "Neg,Concat"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["op", "cases", "overlay"] and "applicable cases pass" in out
+    assert main(["conformance", "--ops", "Concat", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["ops"]) == {"Concat"} and summary["total"]["cases"] == len(summary["cases"]) > 0
+    assert main(["conformance", "--ops", "Neg", "--markdown"]) == 0
+    assert capsys.readouterr().out.startswith("# ONNX backend conformance")
+
+
+def test_cli_refuses_an_op_outside_the_set(capsys):
+    from kvoverlay.cli import main
+
+    assert main(["conformance", "--ops", "Neg,NoSuchOp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvoverlay: error: --ops: NoSuchOp")

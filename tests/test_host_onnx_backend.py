@@ -62,3 +62,28 @@ def test_devices():
     assert not onnx_backend.supports_device("CUDA")
     with pytest.raises(ValueError, match="CUDA"):
         onnx_backend.prepare(_add_model(), "CUDA")
+
+
+def _one_passing_case_per_op():
+    from kvoverlay.host import conformance
+
+    picked = {}
+    for op, case in conformance.collect():
+        if (op not in picked and not conformance._not_applicable(case)
+                and conformance.run_case(op, case).outcome == "overlay"):
+            picked[op] = case
+    return picked
+
+
+def test_rtl_device_is_bit_exact_with_the_golden_model_on_one_case_per_op():
+    from kvoverlay.host.onnx_backend import prepare
+
+    picked = _one_passing_case_per_op()
+    assert {"Attention", "MatMul", "Concat", "RMSNormalization", "Gelu"} <= set(picked)
+    for op, case in picked.items():
+        inputs = list(case.data_sets[0][0])
+        isa_rep, rtl_rep = prepare(case.model, "CPU"), prepare(case.model, "RTL")
+        golden = isa_rep.run(inputs)
+        rtl = rtl_rep.run(inputs)
+        for g, r in zip(golden, rtl, strict=True):
+            np.testing.assert_array_equal(r, g, err_msg=f"{op}: {case.name}")

@@ -12,7 +12,7 @@ from ..codegen import REG_POSITION, scale_imm
 from ..graph_tools import PAST_KV
 from ..overlay_graph import VOp
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "gqa"]
 
 
 class Attention(VOp):
@@ -62,14 +62,7 @@ class Attention(VOp):
         ks, vs = step.kv[a["layer"]]
         ks.append(ins[1].reshape(kvh, d))
         vs.append(ins[2].reshape(kvh, d))
-        K, V = np.stack(ks, 1), np.stack(vs, 1)
-        q = ins[0].reshape(qh, d) * a["scale"]
-        heads = []
-        for h in range(qh):
-            s = K[h // (qh // kvh)] @ q[h]
-            p = np.exp(s - s.max())
-            heads.append(p @ V[h // (qh // kvh)] / p.sum())
-        return np.concatenate(heads)
+        return gqa(ins[0].reshape(qh, d) * a["scale"], np.stack(ks, 1), np.stack(vs, 1))
 
     def emit(self, cg, src):
         a = self.attrs
@@ -83,6 +76,17 @@ class Attention(VOp):
         cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], layer=a["layer"], q_heads=a["q_heads"],
                  kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=REG_POSITION, len_imm=1,
                  stats=cg.stats_addr)
+
+
+def gqa(q, K, V) -> np.ndarray:
+    """Softmax attention of pre-scaled queries [q_heads, d] over K, V [kv_heads, positions, d], heads grouped."""
+    group = q.shape[0] // K.shape[0]
+    heads = []
+    for h in range(q.shape[0]):
+        s = K[h // group] @ q[h]
+        p = np.exp(s - s.max())
+        heads.append(p @ V[h // group] / p.sum())
+    return np.concatenate(heads)
 
 
 def _kv_concat(fz, value):

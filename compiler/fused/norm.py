@@ -12,6 +12,7 @@ from kvoverlay import isa
 
 from ..overlay_graph import VOp
 from .act import PROBE
+from .affine import place_add, select
 from .elementwise import AddC
 
 __all__ = ["Norm", "norm_core"]
@@ -22,6 +23,8 @@ class Norm(VOp):
 
     @staticmethod
     def match(fz, v, node):
+        if node.op in ("LayerNormalization", "RMSNormalization") and v != node.outputs[0]:
+            return None  # LayerNormalization's Mean (affine) and InvStdDev outputs
         if node.op == "LayerNormalization":
             x, scale = node.inputs[0], node.inputs[1]
             bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
@@ -81,15 +84,41 @@ def _eps_imm(eps: float) -> tuple[int, int]:
 def _norm_op(fz, v, node, x, scale, bias, kind, eps):
     shp = fz.ix.shape(x)
     axis = node.attrs.get("axis", -1) % len(shp)
-    if any(d != 1 for d in shp[:axis]) or axis != len(shp) - 1:
-        fz.fail(v, "normalizes over more than the last axis")
-    n = fz.ix.numel(v)
     if not fz.ix.is_const(scale):
         fz.fail(v, "has a computed scale")
+    if any(d != 1 for d in shp[:axis]) or axis != len(shp) - 1:
+        return norm_rows(fz, v, node, x, scale, bias, kind, eps, axis)
+    n = fz.ix.numel(v)
     g = fz.const_vector(scale, n)
     y = fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
     if bias is not None:
         y = fz.add(AddC, v, [y], node.name, const=fz.const_vector(bias, n))
+    return y
+
+
+def norm_rows(fz, v, node, x, scale, bias, kind, eps, axis):
+    """A norm over the axes from *axis* on, of each row (the leading axes): every row is selected into a
+    vector of its own, normalized, and the rows are put back in place by 0/1 GEMVs (``affine``)."""
+    shp = fz.ix.shape(x)
+    m = int(np.prod(shp[axis:]))
+    rows = fz.ix.numel(x) // m
+    gain = np.broadcast_to(fz.ix.const(scale).astype(np.float64), shp[axis:]).reshape(-1)
+    g = fz.store(fz.out.consts, "c", gain.copy())
+    xv = fz.vector(x)
+    if rows == 1:  # the whole tensor is one vector
+        y = fz.add(Norm, v, [xv], node.name, gain=g, eps=eps, kind=kind)
+    else:
+        y = None
+        for r in range(rows):
+            at = np.arange(r * m, (r + 1) * m)
+            yr = fz.add(Norm, v, [select(fz, v, node, xv, at)], node.name, gain=g, eps=eps, kind=kind)
+            fz.out.lengths[yr] = m
+            place = np.zeros((rows * m, m))
+            place[at, np.arange(m)] = 1.0
+            y = place_add(fz, v, node, y, place, yr)
+    if bias is not None:
+        b = np.broadcast_to(fz.ix.const(bias).astype(np.float64), shp[axis:]).reshape(-1)
+        y = fz.add(AddC, v, [y], node.name, const=fz.store(fz.out.consts, "c", np.tile(b, rows)))
     return y
 
 
