@@ -27,10 +27,10 @@ from .reference import run_float
 __all__ = ["Fuser", "OverlayGraph", "fuse", "run_float"]
 
 #: What fusion turns into overlay instructions, for error messages.
-SUPPORTED = ("embedding/position Gather and any function of position_ids (tables), MatMul/Gemm by a constant, Split of "
-             "their outputs, LayerNormalization, RMSNormalization or RMSNorm spelled out, elementwise regions equal to "
-             "SiLU/GELU, rotary embedding (rotate_half or RotaryEmbedding), attention over past_key_values (or "
-             "Attention), Add/Sub/Mul/Div/Neg of vectors and constants")
+SUPPORTED = ("embedding/position Gather and any function of position_ids (tables), MatMul/Gemm by a constant, Split or "
+             "Slice of their outputs, LayerNormalization, RMSNormalization or RMSNorm spelled out, elementwise regions "
+             "equal to SiLU/GELU/ReLU, rotary embedding (rotate_half, also on part of each head, or RotaryEmbedding), "
+             "attention over past_key_values (or Attention), Add/Sub/Mul/Div/Neg of vectors and constants")
 
 
 def _digest(arr: np.ndarray) -> str:
@@ -58,6 +58,7 @@ class Fuser:
         self.logits_name = logits
         self.present_done: set = set()  # present.N.* outputs an attention satisfied
         self.memo: dict = {}  # the rules' own caches, by name
+        self.checks: list = []  # what rules ask to verify of the finished graph: fn(fuser), raising CompileError
         self._dedupe: dict = {}
 
     def fail(self, name: str, why: str):
@@ -127,6 +128,8 @@ class Fuser:
             if PRESENT_KV.match(o) and o not in self.present_done:
                 raise CompileError(f"output {o!r} is not produced by an attention the compiler recognised "
                                    "(the KV cache must stay on chip)")
+        for check in self.checks:
+            check(self)
         return self.out
 
     def vector(self, name: str) -> str:

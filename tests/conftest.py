@@ -4,6 +4,9 @@ import pytest
 
 #: optimum exports, and a decoder of ONNX's own Attention / RMSNormalization / RotaryEmbedding ops (opset 23)
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "onnx_ops")
+#: optimum exports whose graphs need the general rules of issue 12: gains with an offset and scaled embeddings
+#: (gemma), Slice of GEMV outputs and rotary on part of each head (phi3), ReLU (opt)
+MORE_FAMILIES = ("gemma", "phi3", "opt")
 
 
 @pytest.fixture(scope="session")
@@ -11,7 +14,7 @@ def exported_models(tmp_path_factory):
     """Family name -> path of its ``model.onnx`` (optimum exports are cached under ``.cache/models``)."""
     from kvoverlay.models import exported
 
-    paths = {fam: exported.export_model(fam) for fam in FAMILIES if fam != "onnx_ops"}
+    paths = {fam: exported.export_model(fam) for fam in FAMILIES + MORE_FAMILIES if fam != "onnx_ops"}
     paths["onnx_ops"] = tmp_path_factory.mktemp("onnx_ops") / "model.onnx"
     exported.build_onnx_ops_decoder(paths["onnx_ops"])
     return paths

@@ -1,5 +1,5 @@
-"""``linear``: a GEMV, MatMul/Gemm by a constant matrix (out x in), or one part of a Split of a GEMV's
-output (the GEMV split by rows instead); a bias becomes an ``addc``."""
+"""``linear``: a GEMV, MatMul/Gemm by a constant matrix (out x in), or one part of a Split or Slice of a
+GEMV's output (the GEMV split by rows instead); a bias becomes an ``addc``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ..frontend import CompileError
 from ..overlay_graph import VOp
 from .elementwise import AddC
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "feature_range", "gemv_rows"]
 
 
 class Linear(VOp):
@@ -19,8 +19,9 @@ class Linear(VOp):
     def match(fz, v, node):
         if node.op in ("MatMul", "Gemm"):
             return _linear(fz, v, node)
-        if node.op == "Split":
-            return _split(fz, v, node)
+        if node.op in ("Split", "Slice"):
+            src, lo = feature_range(fz, v, node)
+            return gemv_rows(fz, v, src, slice(lo, lo + fz.ix.numel(v)), node.name)
         return None
 
     def reference(self, ins, step):
@@ -75,28 +76,45 @@ def _weight(fz, v, node):
     return w, bias
 
 
-def _split(fz, v, node) -> str:
-    """Split of a GEMV output along its features: the GEMV is split by rows instead."""
+def feature_range(fz, v, node) -> tuple[str, int]:
+    """(source, first element) of a Split output or Slice (step 1) along the features of a flat vector."""
     src = node.inputs[0]
     shp = fz.ix.shape(src)
-    axis = node.attrs.get("axis", 0) % len(shp)
+    if node.op == "Split":
+        axis = node.attrs.get("axis", 0) % len(shp)
+        sizes = [fz.ix.numel(o) for o in node.outputs]
+        lo = sum(sizes[:node.outputs.index(v)])
+    else:
+        starts, ends = fz.ix.const(node.inputs[1]), fz.ix.const(node.inputs[2])
+        axes = fz.ix.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else np.arange(len(shp))
+        steps = fz.ix.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else np.ones(1)
+        if starts is None or ends is None or axes is None or steps is None or starts.size != 1 or steps.size != 1:
+            fz.fail(v, "slices with computed or multi-axis bounds")
+        if int(steps.reshape(-1)[0]) != 1:
+            fz.fail(v, f"slices with step {int(steps.reshape(-1)[0])}")
+        axis = int(axes.reshape(-1)[0]) % len(shp)
+        start = int(starts.reshape(-1)[0])
+        lo = min(max(start + shp[axis] if start < 0 else start, 0), shp[axis])
     if any(d != 1 for i, d in enumerate(shp) if i != axis):
-        fz.fail(v, "splits along a unit axis pattern the overlay does not support")
-    sizes = [fz.ix.numel(o) for o in node.outputs]
-    k = node.outputs.index(v)
-    lo = sum(sizes[:k])
+        fz.fail(v, f"takes part of a {list(shp)} tensor along axis {axis}; the overlay splits flat vectors only")
+    return src, lo
+
+
+def gemv_rows(fz, v, src, rows, source: str) -> str:
+    """Rows *rows* (a slice or an index array) of GEMV output *src* (with its bias, if any) as their own GEMV,
+    computing value *v*."""
     linear, bias = _split_source(fz, src)
     if linear is None:
-        fz.fail(v, "splits a vector that is not the output of a constant-matrix product")
+        fz.fail(v, "takes part of a vector that is not the output of a constant-matrix product")
     lnode = fz.ix.producer[linear]
     w, gemm_bias = _weight(fz, v, lnode)
     bias = gemm_bias if gemm_bias is not None else bias
     x = fz.vector(lnode.inputs[0])
-    mat = fz.store(fz.out.matrices, "w", w.T[lo:lo + sizes[k]])
+    mat = fz.store(fz.out.matrices, "w", w.T[rows])
     y = fz.add(Linear, v, [x], lnode.name, matrix=mat)
     if bias is not None:
-        cname = fz.store(fz.out.consts, "c", np.asarray(bias, np.float64)[lo:lo + sizes[k]].copy())
-        y = fz.add(AddC, v, [y], node.name, const=cname)
+        cname = fz.store(fz.out.consts, "c", np.asarray(bias, np.float64)[rows].copy())
+        y = fz.add(AddC, v, [y], source, const=cname)
     return y
 
 
