@@ -108,7 +108,10 @@ class Fuser:
         return self.store(self.out.consts, "c", flat)
 
     def over_positions(self, value) -> np.ndarray:
-        """[max_seq, numel] table of a value of position_ids alone, evaluated at every position."""
+        """[max_seq, numel] table of a value of position_ids alone (or of a constant folded from the past
+        length, which is the position in a batch-1 decode step), evaluated at every position."""
+        if self.ix.past_derived(value):
+            return np.stack([self.ix.at_past_length(value, p).reshape(-1) for p in range(self.max_seq)])
         shape = self.g.values["position_ids"].shape
         dtype = np.dtype(self.g.values["position_ids"].dtype)
         return np.stack([self.ix.evaluate(value, {"position_ids": np.full(shape, p, dtype)}).reshape(-1)

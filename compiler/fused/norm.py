@@ -109,8 +109,14 @@ def norm_core(fz, v):
             continue
         sq = mnode.inputs[0]
         leaf = fz.ix.unary_leaf(sq)
-        if leaf is None or fz.ix.resolve(leaf) != fz.ix.resolve(x):
+        if leaf is None:
             continue
+        if fz.ix.resolve(leaf) != fz.ix.resolve(x):
+            # the region may reach past x (Gemma's first norm reads the embedding times sqrt(hidden)):
+            # x must then cut every path back from the square
+            if not fz.ix.elementwise_of(sq, x):
+                continue
+            leaf = x
         if not np.allclose(fz.ix.probe(sq, leaf, PROBE), PROBE ** 2, rtol=1e-5, atol=1e-6):
             continue
         if fz.ix.numel(mean) != 1:

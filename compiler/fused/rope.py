@@ -129,12 +129,12 @@ def _half_table(fz, value, d, pad=0, fill=0.0):
 
 def _half_rows(fz, value, d):
     deps = fz.ix.deps.get(value, frozenset())
-    if fz.ix.is_const(value):
+    if fz.ix.is_const(value) and not fz.ix.past_derived(value):
         c = fz.ix.const(value).reshape(-1)
         if c.size != d or not np.array_equal(c[: d // 2], c[d // 2:]):
             return None
         return np.tile(c[: d // 2], (fz.max_seq, 1))
-    if deps != {"position_ids"}:
+    if deps != {"position_ids"} and not fz.ix.past_derived(value):
         return None
     rows = fz.over_positions(value)
     if rows.shape[1] != d or not np.array_equal(rows[:, : d // 2], rows[:, d // 2:]):
