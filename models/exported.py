@@ -82,6 +82,15 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "opt": ("OPTConfig", {"vocab_size": 256, "hidden_size": 64, "word_embed_proj_dim": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "ffn_dim": 128, "max_position_embeddings": 128,
                           "activation_function": "relu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}),
+    # LayerNorm with bias, rotary on a quarter of each head, QKV bias
+    "stablelm": ("StableLmConfig", {**_SMALL, "num_key_value_heads": 2, "partial_rotary_factor": 0.25,
+                                    "use_qkv_bias": True, "tie_word_embeddings": False}),
+    # fused QKV interleaved per head, rotary on half of each head, parallel attention and MLP, erf GELU
+    "gpt_neox": ("GPTNeoXConfig", {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128,
+                                   "rotary_pct": 0.5, "use_parallel_residual": True, "hidden_act": "gelu",
+                                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                   "tie_word_embeddings": False}),
 }
 
 

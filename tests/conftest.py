@@ -5,8 +5,9 @@ import pytest
 #: optimum exports, and a decoder of ONNX's own Attention / RMSNormalization / RotaryEmbedding ops (opset 23)
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "onnx_ops")
 #: optimum exports whose graphs need the general rules of issue 12: gains with an offset and scaled embeddings
-#: (gemma), Slice of GEMV outputs and rotary on part of each head (phi3), ReLU (opt)
-MORE_FAMILIES = ("gemma", "phi3", "opt")
+#: (gemma), Slice of GEMV outputs and rotary on part of each head (phi3, stablelm, gpt_neox: its QKV is
+#: interleaved per head), ReLU (opt)
+MORE_FAMILIES = ("gemma", "phi3", "opt", "stablelm", "gpt_neox")
 
 
 @pytest.fixture(scope="session")

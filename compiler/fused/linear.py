@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..frontend import CompileError
+from ..onnx_ops import evaluate
 from ..overlay_graph import VOp
 from .elementwise import AddC
 
-__all__ = ["Linear", "feature_range", "gemv_rows"]
+__all__ = ["Linear", "gemv_rows", "selected_rows"]
 
 
 class Linear(VOp):
@@ -20,8 +21,7 @@ class Linear(VOp):
         if node.op in ("MatMul", "Gemm"):
             return _linear(fz, v, node)
         if node.op in ("Split", "Slice"):
-            src, lo = feature_range(fz, v, node)
-            return gemv_rows(fz, v, src, slice(lo, lo + fz.ix.numel(v)), node.name)
+            return gemv_rows(fz, v, *selected_rows(fz, v, node), node.name)
         return None
 
     def reference(self, ins, step):
@@ -76,28 +76,19 @@ def _weight(fz, v, node):
     return w, bias
 
 
-def feature_range(fz, v, node) -> tuple[str, int]:
-    """(source, first element) of a Split output or Slice (step 1) along the features of a flat vector."""
+def selected_rows(fz, v, node):
+    """(source, elements) of output *v* of a Split or Slice: which elements of the flat source vector it holds,
+    in order, found by running the node on the element indices (a slice where they are contiguous)."""
     src = node.inputs[0]
-    shp = fz.ix.shape(src)
-    if node.op == "Split":
-        axis = node.attrs.get("axis", 0) % len(shp)
-        sizes = [fz.ix.numel(o) for o in node.outputs]
-        lo = sum(sizes[:node.outputs.index(v)])
-    else:
-        starts, ends = fz.ix.const(node.inputs[1]), fz.ix.const(node.inputs[2])
-        axes = fz.ix.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else np.arange(len(shp))
-        steps = fz.ix.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else np.ones(1)
-        if starts is None or ends is None or axes is None or steps is None or starts.size != 1 or steps.size != 1:
-            fz.fail(v, "slices with computed or multi-axis bounds")
-        if int(steps.reshape(-1)[0]) != 1:
-            fz.fail(v, f"slices with step {int(steps.reshape(-1)[0])}")
-        axis = int(axes.reshape(-1)[0]) % len(shp)
-        start = int(starts.reshape(-1)[0])
-        lo = min(max(start + shp[axis] if start < 0 else start, 0), shp[axis])
-    if any(d != 1 for i, d in enumerate(shp) if i != axis):
-        fz.fail(v, f"takes part of a {list(shp)} tensor along axis {axis}; the overlay splits flat vectors only")
-    return src, lo
+    consts = [fz.ix.const(i) if i else None for i in node.inputs[1:]]
+    if any(i and c is None for i, c in zip(node.inputs[1:], consts, strict=True)):
+        fz.fail(v, "splits or slices with computed bounds")
+    index = np.arange(fz.ix.numel(src)).reshape(fz.ix.shape(src))
+    outs = evaluate(node, fz.g.opset, [index, *consts])
+    rows = outs[node.outputs.index(v)].reshape(-1)
+    if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
+        return src, slice(int(rows[0]), int(rows[0]) + rows.size)
+    return src, rows
 
 
 def gemv_rows(fz, v, src, rows, source: str) -> str:

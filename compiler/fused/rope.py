@@ -10,7 +10,7 @@ from kvoverlay import isa
 
 from ..frontend import CompileError
 from ..overlay_graph import VOp
-from .linear import feature_range, gemv_rows
+from .linear import gemv_rows, selected_rows
 from .table import table_row
 
 __all__ = ["Rope"]
@@ -181,8 +181,9 @@ def _partial_rope(fz, v, node):
     perm = np.concatenate([np.arange(half), r + np.arange(keep), half + np.arange(half), r + keep + np.arange(keep)])
     heads = fz.ix.numel(v) // d
     xn = fz.ix.node_of(x)
-    src, base = feature_range(fz, x, xn) if xn is not None and xn.op in ("Split", "Slice") else (x, 0)
-    xv = gemv_rows(fz, x, src, base + (d * np.arange(heads)[:, None] + perm).reshape(-1), node.name)
+    src, rows = selected_rows(fz, x, xn) if xn is not None and xn.op in ("Split", "Slice") else (x, slice(None))
+    rows = np.arange(fz.ix.numel(src))[rows]
+    xv = gemv_rows(fz, x, src, rows[(d * np.arange(heads)[:, None] + perm).reshape(-1)], node.name)
     c, s = table_row(fz, ct, node.name), table_row(fz, st, node.name)
     y = fz.add(Rope, v, [xv, c, s], node.name, heads=heads, head_dim=d, mode="half")
     if not fz.memo.get("head_permuted"):
