@@ -31,8 +31,8 @@ from .overlay_graph import OverlayGraph
 if TYPE_CHECKING:  # quantize's calibration runs the fused kinds, whose code generation imports this module
     from .quantize import Image
 
-__all__ = ["INDEX_REGISTERS", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen", "check_fits", "emit", "kv_layout",
-           "insert_tokens", "plan_memory", "scale_imm"]
+__all__ = ["INDEX_REGISTERS", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen", "check_fits", "emit", "insert_tokens",
+           "kv_layout", "plan_memory", "scale_imm"]
 
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
 #: The register LDROW indexes a table of each index kind by.
