@@ -18,6 +18,7 @@ import numpy as np
 
 from .frontend import CompileError
 from .fused import RULES
+from .fused.table import Table
 from .graph_tools import PRESENT_KV, GraphIndex
 from .ir import Graph
 from .overlay_graph import OverlayGraph, VOp
@@ -138,10 +139,25 @@ class Fuser:
     def vector(self, name: str) -> str:
         """The overlay vector holding ONNX value *name*, adding the ops that produce it."""
         if self.ix.is_const(name):
+            if self.position_const(name):
+                return self._position_table(name)
             self.fail(name, "is a constant where the overlay needs a computed vector")
         r = self.ix.resolve(name)
         if r not in self.done:
             self.done[r] = self._match(r)
+        return self.done[r]
+
+    def position_const(self, name: str) -> bool:
+        """Whether *name* is a float constant folded from the past length: a function of the position, which
+        the overlay reads as a table row (positions of a graph without ``position_ids``)."""
+        c = self.ix.const(name)
+        return c is not None and c.dtype.kind == "f" and self.ix.past_derived(name)
+
+    def _position_table(self, name: str) -> str:
+        r = self.ix.resolve(name)
+        if r not in self.done:
+            table = self.store_table("position", self.over_positions(r))
+            self.done[r] = self.add(Table, r, [], r, table=table)
         return self.done[r]
 
     def _match(self, v: str) -> str:

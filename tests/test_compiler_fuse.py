@@ -54,6 +54,28 @@ def test_gemma_folds_gain_offsets_and_embedding_scale(exported_models):
     assert {op.attrs["func"] for op in og.ops if op.kind == "act"} == {"gelu_tanh"}
 
 
+def test_constants_folded_from_the_past_length_are_position_tables(exported_models):
+    """Gemma's export has no position_ids: its rotary angles come from the past KV's length, which folding
+    pins to the trace length. Such constants are recomputed at every past length (= position)."""
+    from kvoverlay.compiler.fuse import Fuser
+
+    graph = run_passes(str(exported_models["gemma"]), kv_len=5)
+    assert "position_ids" not in graph.inputs
+    fz = Fuser(graph, max_seq=12)
+    angles = [v for v, val in graph.values.items() if fz.position_const(v) and val.const.size == 16]
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    theta = np.outer(np.arange(12), np.concatenate([inv_freq, inv_freq]))
+    got = {}
+    for v in angles:
+        name = fz.vector(v)
+        kind, rows = fz.out.tables[next(op for op in fz.out.ops if op.out == name).attrs["table"]]
+        assert kind == "position" and np.allclose(fz.ix.const(v).reshape(-1), rows[5])  # folded at position 5
+        for label, fn in (("cos", np.cos), ("sin", np.sin)):
+            if np.allclose(rows, fn(theta), atol=1e-6):
+                got[label] = v
+    assert sorted(got) == ["cos", "sin"]
+
+
 def test_phi3_slices_gemvs_and_rotates_part_of_each_head(exported_models):
     og = fuse(run_passes(str(exported_models["phi3"]), kv_len=5), max_seq=32)
     layers = len(og.kv)
