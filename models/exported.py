@@ -82,6 +82,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "opt": ("OPTConfig", {"vocab_size": 256, "hidden_size": 64, "word_embed_proj_dim": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "ffn_dim": 128, "max_position_embeddings": 128,
                           "activation_function": "relu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}),
+    # RMSNorm over each head of q and k
+    "qwen3": ("Qwen3Config", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "use_sliding_window": False,
+                              "tie_word_embeddings": False}),
     # LayerNorm with bias, rotary on a quarter of each head, QKV bias
     "stablelm": ("StableLmConfig", {**_SMALL, "num_key_value_heads": 2, "partial_rotary_factor": 0.25,
                                     "use_qkv_bias": True, "tie_word_embeddings": False}),

@@ -205,7 +205,10 @@ class GoldenModel:
             g, eg = self.vec(f["g"], f["g_e"], f["len"])
             if f["len"] == 0:
                 raise ValueError("normalization of an empty vector")
-            self.put(f["dst"], f["dst_e"], *nx.norm(x, ex, g, eg, f["eps_m"], f["eps_e"], isa.ENUMS["norm"][f["kind"]]))
+            if f["head_dim"] and f["len"] % f["head_dim"]:
+                raise ValueError(f"head_dim={f['head_dim']} does not divide len={f['len']}")
+            self.put(f["dst"], f["dst_e"], *nx.norm(x, ex, g, eg, f["eps_m"], f["eps_e"], isa.ENUMS["norm"][f["kind"]],
+                                                    f["head_dim"]))
         elif op == "ACT":
             x, ex = self.vec(f["x"], f["x_e"], f["len"])
             self.put(f["dst"], f["dst_e"], *nx.act(x, ex, isa.ENUMS["func"][f["func"]]))

@@ -6,8 +6,8 @@ import pytest
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "onnx_ops")
 #: optimum exports whose graphs need the general rules of issue 12: gains with an offset and scaled embeddings
 #: (gemma), Slice of GEMV outputs and rotary on part of each head (phi3, stablelm, gpt_neox: its QKV is
-#: interleaved per head), ReLU (opt)
-MORE_FAMILIES = ("gemma", "phi3", "opt", "stablelm", "gpt_neox")
+#: interleaved per head), ReLU (opt), RMSNorm over each head of q and k (qwen3)
+MORE_FAMILIES = ("gemma", "phi3", "opt", "stablelm", "gpt_neox", "qwen3")
 
 
 @pytest.fixture(scope="session")

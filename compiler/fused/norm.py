@@ -1,6 +1,7 @@
 """``norm``: RMSNorm (spelled out, or ``RMSNormalization``) and ``LayerNormalization``, with their gain
 (a spelled-out RMSNorm's gain is the constant vector it is multiplied by); a LayerNormalization bias
-becomes an ``addc``."""
+becomes an ``addc``. A spelled-out RMSNorm over each head (Qwen3's and Gemma 3's q/k norms) is one NORM
+with ``head_dim`` set, its gain repeated for every head."""
 
 from __future__ import annotations
 
@@ -32,16 +33,17 @@ class Norm(VOp):
         core = norm_core(fz, v)
         if core is None:
             return _gained(fz, v, node)
-        x, eps, kind = core
+        x, eps, kind, head_dim = core
         n = fz.ix.numel(v)
         g = fz.store(fz.out.consts, "c", np.ones(n))
-        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
+        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind, **_heads(head_dim))
 
     def reference(self, ins, step):
-        x = ins[0]
+        x = ins[0].reshape(-1, self.attrs.get("head_dim", ins[0].size))
         if self.attrs["kind"] == "layer":
-            x = x - x.mean()
-        return x / np.sqrt(np.mean(x * x) + self.attrs["eps"]) * step.og.consts[self.attrs["gain"]]
+            x = x - x.mean(axis=1, keepdims=True)
+        y = x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + self.attrs["eps"])
+        return y.reshape(-1) * step.og.consts[self.attrs["gain"]]
 
     def emit(self, cg, src):
         n = cg.lengths[self.out]
@@ -49,7 +51,13 @@ class Norm(VOp):
         eps_m, eps_e = _eps_imm(self.attrs["eps"])
         dst = cg.vector(self.out)
         cg.instr("NORM", x=src[0][0], x_e=src[0][1], g=g[0], g_e=g[1], dst=dst[0], dst_e=dst[1], len=n,
-                 eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(self.attrs["kind"]))
+                 eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(self.attrs["kind"]),
+                 head_dim=self.attrs.get("head_dim", 0))
+
+
+def _heads(head_dim):
+    """Norm attributes for a norm over each head of *head_dim* (None: over the whole vector)."""
+    return {} if head_dim is None else {"head_dim": head_dim}
 
 
 def _gained(fz, v, node):
@@ -67,9 +75,15 @@ def _gained(fz, v, node):
     core = norm_core(fz, var) if fz.ix.numel(var) == n else None
     if core is None or len(fz.ix.consumers.get(fz.ix.resolve(var), [])) > 1:
         return None
-    x, eps, kind = core
-    g = fz.const_vector(gain, n)
-    return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
+    x, eps, kind, head_dim = core
+    if head_dim is None:
+        g = fz.const_vector(gain, n)
+    else:  # one gain of head_dim, repeated for every head
+        c = fz.ix.const(gain).astype(np.float64).reshape(-1)
+        if c.size not in (1, head_dim, n):
+            fz.fail(v, f"has a gain of {c.size} elements for heads of {head_dim}")
+        g = fz.store(fz.out.consts, "c", np.resize(c, n) if c.size > 1 else np.full(n, c[0]))
+    return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind, **_heads(head_dim))
 
 
 def _eps_imm(eps: float) -> tuple[int, int]:
@@ -94,7 +108,8 @@ def _norm_op(fz, v, node, x, scale, bias, kind, eps):
 
 
 def norm_core(fz, v):
-    """RMSNorm without gain spelled out: x * rsqrt(mean(x^2) + eps) or x / sqrt(mean(x^2) + eps)."""
+    """RMSNorm without gain spelled out: x * rsqrt(mean(x^2) + eps) or x / sqrt(mean(x^2) + eps), over the whole
+    vector or over each head (a mean over the last axis of several heads): (x, eps, "rms", head_dim or None)."""
     node = fz.ix.producer.get(fz.ix.resolve(v))
     if node is None or node.op not in ("Mul", "Div") or len(node.inputs) != 2:
         return None
@@ -119,8 +134,14 @@ def norm_core(fz, v):
             leaf = x
         if not np.allclose(fz.ix.probe(sq, leaf, PROBE), PROBE ** 2, rtol=1e-5, atol=1e-6):
             continue
-        if fz.ix.numel(mean) != 1:
-            continue
+        heads, head_dim = fz.ix.numel(mean), None
+        if heads != 1:  # a mean per head: over the last axis, which the other axes index
+            shp = fz.ix.shape(sq)
+            axes = fz.ix.const(mnode.inputs[1]) if len(mnode.inputs) > 1 and mnode.inputs[1] else None
+            axes = mnode.attrs.get("axes") if axes is None else axes.reshape(-1).tolist()
+            if axes is None or [a % len(shp) for a in axes] != [len(shp) - 1] or heads * shp[-1] != fz.ix.numel(x):
+                continue
+            head_dim = shp[-1]
         ts = np.array([0.0, 0.01, 0.5, 2.0, 37.0])
         f = fz.ix.probe(r, mean, ts)
         if node.op == "Mul":
@@ -130,5 +151,5 @@ def norm_core(fz, v):
             eps = f[0] ** 2
             want = np.sqrt(ts + eps)
         if eps > 0 and np.allclose(f, want, rtol=1e-4):
-            return x, float(np.float32(eps)), "rms"
+            return x, float(np.float32(eps)), "rms", head_dim
     return None
