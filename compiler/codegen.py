@@ -31,8 +31,8 @@ from .overlay_graph import OverlayGraph
 if TYPE_CHECKING:  # quantize's calibration runs the fused kinds, whose code generation imports this module
     from .quantize import Image
 
-__all__ = ["INDEX_REGISTERS", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen", "check_fits", "emit", "insert_tokens",
-           "kv_layout", "plan_memory", "scale_imm"]
+__all__ = ["INDEX_REGISTERS", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen", "check_fits", "emit",
+           "insert_tokens", "plan_memory", "scale_imm"]
 
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
 #: The register LDROW indexes a table of each index kind by.
@@ -113,7 +113,6 @@ class Codegen:
         self.code: list = []
         self.who = ""  # the op being emitted, for error messages
         self.scratch_vectors: list = []  # the current op's temporaries, freed once it is emitted
-        self.kv_bases = kv_layout(og, cfg)  # layer -> first KV-pool column
 
     def instr(self, op: str, **fields) -> None:
         self.code.append(isa.Instr(op, fields, frozenset()))
@@ -142,30 +141,14 @@ class Codegen:
         self.eregs.release(e)
 
 
-def kv_layout(og: OverlayGraph, cfg: OverlayConfig) -> dict:
-    """The KV pool carved for this model: layer -> its first column (``kv_base``), the layers' heads packed
-    in layer order, each head taking ``cfg.kv_head_columns(head_dim)`` columns; a CompileError unless the
-    heads fit the pool's ``cfg.kv_columns``."""
-    bases, used = {}, 0
-    for layer, kv in sorted(og.kv.items()):
-        if kv["head_dim"] > cfg.max_head_dim:
-            raise CompileError(f"layer {layer}: KV heads of {kv['head_dim']} exceed the {cfg.name} attention engine's "
-                               f"head dimension of at most {cfg.max_head_dim}")
-        bases[layer] = used
-        used += kv["kv_heads"] * cfg.kv_head_columns(kv["head_dim"])
-    if used > cfg.kv_columns:
-        need = ", ".join(f"{kv['kv_heads']}x{kv['head_dim']}" for _, kv in sorted(og.kv.items()))
-        raise CompileError(f"KV of {len(og.kv)} layers (heads x head_dim: {need}) needs {used} columns of the {cfg.name} "
-                           f"KV pool, which has {cfg.kv_columns} ({cfg.vector_lanes} mantissas x {cfg.kv_capacity} "
-                           "tokens each)")
-    return bases
-
-
 def check_fits(og: OverlayGraph, cfg: OverlayConfig, group_size: int, max_seq: int) -> None:
     """Raise CompileError unless the group size, every layer's KV and *max_seq* fit *cfg*."""
     if group_size < isa.GROUP_BASE or group_size & (group_size - 1) or group_size > isa.GROUP_BASE << 7:
         raise CompileError(f"--group-size {group_size}: must be a power of two in [{isa.GROUP_BASE}, {isa.GROUP_BASE << 7}]")
-    kv_layout(og, cfg)
+    for layer, kv in og.kv.items():
+        if layer >= cfg.max_layers or kv["kv_heads"] > cfg.max_kv_heads or kv["head_dim"] > cfg.max_head_dim:
+            raise CompileError(f"layer {layer}: KV of {kv['kv_heads']} heads x {kv['head_dim']} does not fit the "
+                               f"{cfg.name} KV buffer ({cfg.max_layers} layers, {cfg.max_kv_heads} heads of {cfg.max_head_dim})")
     if max_seq > cfg.kv_capacity:
         raise CompileError(f"max_seq={max_seq} exceeds the KV capacity of {cfg.kv_capacity} tokens "
                            f"(raise --kv-capacity or lower --max-seq)")

@@ -218,35 +218,9 @@ def rsqrt(v: int, e: int):
     return r, -e // 2 + RSQRT_FRAC // 2 - RSQRT_NUM
 
 
-def norm(x, ex, g, eg, eps_m, eps_e, kind="rms", head_dim=0):
-    """RMSNorm or LayerNorm (no bias) with gain g: x * rsqrt(mean(x^2) + eps) * g, over the whole vector
-    (*head_dim* 0) or over each head of *head_dim* elements.
-
-    Over heads, each head's mantissas are first shifted to full scale (exactly); its normalized values are
-    wide integers with their own exponent, aligned to the largest of those exponents (rounding the others)
-    before the gain and the one output exponent.
-    """
+def norm(x, ex, g, eg, eps_m, eps_e, kind="rms"):
+    """RMSNorm or LayerNorm (no bias) with gain g: x * rsqrt(mean(x^2) + eps) * g."""
     x = _i64(x)
-    n = x.size
-    if head_dim and (head_dim < 0 or n % head_dim):
-        raise ValueError(f"head_dim={head_dim} does not divide a vector of {n}")
-    heads = [_norm_core(h, ex, eps_m, eps_e, kind) for h in x.reshape(-1, head_dim or n)] if not head_dim or \
-        head_dim == n else [_norm_core(*_full_scale(h, ex), eps_m, eps_e, kind) for h in x.reshape(-1, head_dim)]
-    ez = max(e for _, e in heads)
-    z = np.concatenate([round_shift(h, ez - e) for h, e in heads])
-    return normalize(z * _i64(g), ez + eg)
-
-
-def _full_scale(x, ex):
-    """A head's mantissas shifted left (exactly) until its peak takes MANT_BITS bits: a head far below the
-    vector's peak would otherwise keep only a few bits through the norm's fixed-point product."""
-    peak = int(np.max(np.abs(x)))
-    s = MANT_BITS - bitlen(peak) if peak else 0
-    return x << s, ex - s
-
-
-def _norm_core(x, ex, eps_m, eps_e, kind):
-    """(x - mean if LayerNorm) * rsqrt(mean square + eps) as wide integers and their exponent."""
     n = x.size
     if kind == "rms":
         c, ec, scale_n = x, ex, 1
@@ -266,7 +240,9 @@ def _norm_core(x, ex, eps_m, eps_e, kind):
         total = 1
     r, er = rsqrt(total, base)  # 1/sqrt(var + eps)
     # c * r; for LayerNorm c carries a factor n, removed by a floor division
-    return round_shift((c * r) // scale_n, NORM_Z_SHIFT), ec + er + NORM_Z_SHIFT
+    z = round_shift((c * r) // scale_n, NORM_Z_SHIFT)
+    ez = ec + er + NORM_Z_SHIFT
+    return normalize(z * _i64(g), ez + eg)
 
 
 def _table(fn, lo, hi, segments, scale):

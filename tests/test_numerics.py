@@ -85,24 +85,6 @@ def test_activation_bound(func):
     assert float(np.max(np.abs(got - ref))) / 20 <= 2.0 ** -14
 
 
-def test_norm_over_each_head():
-    """head_dim splits the norm: each head normalized alone (one output exponent for all), and a single head is
-    the whole-vector norm bit for bit."""
-    heads, hd = 4, 16
-    x, ex = nx.from_float(RNG.normal(size=heads * hd) * np.repeat([0.01, 1, 30, 0.5], hd))
-    g, eg = nx.from_float(1 + 0.1 * RNG.normal(size=heads * hd))
-    fx, fg = nx.to_float(x, ex).reshape(heads, hd), nx.to_float(g, eg)
-    eps = 41943 * 2.0 ** -32
-    ref = (fx / np.sqrt(np.mean(fx * fx, axis=1, keepdims=True) + eps)).reshape(-1) * fg
-    got = nx.to_float(*nx.norm(x, ex, g, eg, 41943, -32, "rms", hd))
-    assert np.max(np.abs(got - ref)) <= 2.0 ** -13 * np.max(np.abs(ref))
-    whole = nx.norm(x, ex, g, eg, 41943, -32, "rms")
-    for same in (nx.norm(x, ex, g, eg, 41943, -32, "rms", heads * hd), whole):
-        assert np.array_equal(same[0], whole[0]) and same[1] == whole[1]
-    with pytest.raises(ValueError, match="does not divide"):
-        nx.norm(x, ex, g, eg, 41943, -32, "rms", 24)
-
-
 def test_relu_gate_is_exact_from_one_segment_on():
     """ReLU's step table is exact for inputs of at least one table segment (2**-5) in magnitude, and zero;
     the compiler scales ACT's input up (fused/act.py) so that every nonzero input is that large."""

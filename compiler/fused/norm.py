@@ -1,7 +1,7 @@
 """``norm``: RMSNorm (spelled out, or ``RMSNormalization``) and ``LayerNormalization``, with their gain
 (a spelled-out RMSNorm's gain is the constant vector it is multiplied by); a LayerNormalization bias
-becomes an ``addc``. A spelled-out RMSNorm over each head (Qwen3's and Gemma 3's q/k norms) is one NORM
-with ``head_dim`` set, its gain repeated for every head."""
+becomes an ``addc``. A spelled-out RMSNorm over each head (Qwen3's and Gemma 3's q/k norms) is recognised
+and refused: NORM normalizes its whole vector (the ``kvpool-isa`` branch has a NORM over each head)."""
 
 from __future__ import annotations
 
@@ -33,17 +33,16 @@ class Norm(VOp):
         core = norm_core(fz, v)
         if core is None:
             return _gained(fz, v, node)
-        x, eps, kind, head_dim = core
+        x, eps, kind = _whole(fz, v, core)
         n = fz.ix.numel(v)
         g = fz.store(fz.out.consts, "c", np.ones(n))
-        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind, **_heads(head_dim))
+        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
 
     def reference(self, ins, step):
-        x = ins[0].reshape(-1, self.attrs.get("head_dim", ins[0].size))
+        x = ins[0]
         if self.attrs["kind"] == "layer":
-            x = x - x.mean(axis=1, keepdims=True)
-        y = x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + self.attrs["eps"])
-        return y.reshape(-1) * step.og.consts[self.attrs["gain"]]
+            x = x - x.mean()
+        return x / np.sqrt(np.mean(x * x) + self.attrs["eps"]) * step.og.consts[self.attrs["gain"]]
 
     def emit(self, cg, src):
         n = cg.lengths[self.out]
@@ -51,13 +50,16 @@ class Norm(VOp):
         eps_m, eps_e = _eps_imm(self.attrs["eps"])
         dst = cg.vector(self.out)
         cg.instr("NORM", x=src[0][0], x_e=src[0][1], g=g[0], g_e=g[1], dst=dst[0], dst_e=dst[1], len=n,
-                 eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(self.attrs["kind"]),
-                 head_dim=self.attrs.get("head_dim", 0))
+                 eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(self.attrs["kind"]))
 
 
-def _heads(head_dim):
-    """Norm attributes for a norm over each head of *head_dim* (None: over the whole vector)."""
-    return {} if head_dim is None else {"head_dim": head_dim}
+def _whole(fz, v, core):
+    """*core*'s (x, eps, kind) if it normalizes the whole vector; a CompileError naming the node if over each head."""
+    x, eps, kind, head_dim = core
+    if head_dim is not None:
+        fz.fail(v, f"is an RMSNorm over each head of {head_dim} (a q/k norm): norms over each head are not "
+                   "supported on the overlay yet")
+    return x, eps, kind
 
 
 def _gained(fz, v, node):
@@ -75,15 +77,9 @@ def _gained(fz, v, node):
     core = norm_core(fz, var) if fz.ix.numel(var) == n else None
     if core is None or len(fz.ix.consumers.get(fz.ix.resolve(var), [])) > 1:
         return None
-    x, eps, kind, head_dim = core
-    if head_dim is None:
-        g = fz.const_vector(gain, n)
-    else:  # one gain of head_dim, repeated for every head
-        c = fz.ix.const(gain).astype(np.float64).reshape(-1)
-        if c.size not in (1, head_dim, n):
-            fz.fail(v, f"has a gain of {c.size} elements for heads of {head_dim}")
-        g = fz.store(fz.out.consts, "c", np.resize(c, n) if c.size > 1 else np.full(n, c[0]))
-    return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind, **_heads(head_dim))
+    x, eps, kind = _whole(fz, v, core)
+    g = fz.const_vector(gain, n)
+    return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
 
 
 def _eps_imm(eps: float) -> tuple[int, int]:
