@@ -19,6 +19,7 @@ import numpy as np
 from .frontend import CompileError
 from .fused import RULES
 from .fused.refused import REASONS
+from .fused.table import Table
 from .graph_tools import PRESENT_KV, GraphIndex
 from .ir import Graph
 from .overlay_graph import OverlayGraph, VOp
@@ -28,12 +29,12 @@ from .reference import run_float
 __all__ = ["Fuser", "OverlayGraph", "fuse", "run_float"]
 
 #: What fusion turns into overlay instructions, for error messages.
-SUPPORTED = ("embedding/position Gather and any function of position_ids (tables), MatMul/Gemm by a constant, Split of "
-             "their outputs, LayerNormalization, RMSNormalization or RMSNorm spelled out, elementwise regions equal to "
-             "SiLU/GELU, rotary embedding (rotate_half or RotaryEmbedding), attention over past_key_values (or "
-             "Attention, also without past KV), Add/Sub/Mul/Div/Neg of vectors and constants, Softmax/Sigmoid/Tanh (on "
-             "the attention unit), and layout or linear ops of small tensors (Concat, Slice, Gather, Transpose, "
-             "Expand, reductions, ... as 0/1 GEMVs)")
+SUPPORTED = ("embedding/position Gather and any function of position_ids (tables), MatMul/Gemm by a constant, Split or "
+             "Slice of their outputs, LayerNormalization, RMSNormalization or RMSNorm spelled out, elementwise regions "
+             "equal to SiLU/GELU/ReLU, rotary embedding (rotate_half, also on part of each head, or RotaryEmbedding), "
+             "attention over past_key_values (or Attention, also without past KV), Add/Sub/Mul/Div/Neg of vectors and "
+             "constants, Softmax/Sigmoid/Tanh (on the attention unit), and layout or linear ops of small tensors "
+             "(Concat, Slice, Gather, Transpose, Expand, reductions, ... as 0/1 GEMVs)")
 
 
 def _digest(arr: np.ndarray) -> str:
@@ -61,6 +62,7 @@ class Fuser:
         self.logits_name = logits
         self.present_done: set = set()  # present.N.* outputs an attention satisfied
         self.memo: dict = {}  # the rules' own caches, by name
+        self.checks: list = []  # what rules ask to verify of the finished graph: fn(fuser), raising CompileError
         self._dedupe: dict = {}
 
     def fail(self, name: str, why: str):
@@ -110,7 +112,10 @@ class Fuser:
         return self.store(self.out.consts, "c", flat)
 
     def over_positions(self, value) -> np.ndarray:
-        """[max_seq, numel] table of a value of position_ids alone, evaluated at every position."""
+        """[max_seq, numel] table of a value of position_ids alone (or of a constant folded from the past
+        length, which is the position in a batch-1 decode step), evaluated at every position."""
+        if self.ix.past_derived(value):
+            return np.stack([self.ix.at_past_length(value, p).reshape(-1) for p in range(self.max_seq)])
         shape = self.g.values["position_ids"].shape
         dtype = np.dtype(self.g.values["position_ids"].dtype)
         return np.stack([self.ix.evaluate(value, {"position_ids": np.full(shape, p, dtype)}).reshape(-1)
@@ -130,15 +135,32 @@ class Fuser:
             if PRESENT_KV.match(o) and o not in self.present_done:
                 raise CompileError(f"output {o!r} is not produced by an attention the compiler recognised "
                                    "(the KV cache must stay on chip)")
+        for check in self.checks:
+            check(self)
         return self.out
 
     def vector(self, name: str) -> str:
         """The overlay vector holding ONNX value *name*, adding the ops that produce it."""
         if self.ix.is_const(name):
+            if self.position_const(name):
+                return self._position_table(name)
             self.fail(name, "is a constant where the overlay needs a computed vector")
         r = self.ix.resolve(name)
         if r not in self.done:
             self.done[r] = self._match(r)
+        return self.done[r]
+
+    def position_const(self, name: str) -> bool:
+        """Whether *name* is a float constant folded from the past length: a function of the position, which
+        the overlay reads as a table row (positions of a graph without ``position_ids``)."""
+        c = self.ix.const(name)
+        return c is not None and c.dtype.kind == "f" and self.ix.past_derived(name)
+
+    def _position_table(self, name: str) -> str:
+        r = self.ix.resolve(name)
+        if r not in self.done:
+            table = self.store_table("position", self.over_positions(r))
+            self.done[r] = self.add(Table, r, [], r, table=table)
         return self.done[r]
 
     def _match(self, v: str) -> str:

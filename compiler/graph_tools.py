@@ -16,7 +16,10 @@ import numpy as np
 from .ir import Graph, Node
 from .onnx_ops import evaluate
 
-__all__ = ["PAST_KV", "PRESENT_KV", "GraphIndex"]
+__all__ = ["MASK", "PAST_KV", "PRESENT_KV", "GraphIndex"]
+
+#: The padding mask, which a batch-1 decode step specializes to ones over past + 1 positions.
+MASK = "attention_mask"
 
 #: The KV cache's graph inputs and outputs, as exporters name them: (layer, "key" | "value").
 PAST_KV = re.compile(r"^past_key_values[._](\d+)[._](key|value)$")
@@ -149,6 +152,34 @@ class GraphIndex:
             else:
                 return name, factor
 
+    def past_derived(self, name: str) -> bool:
+        """Whether constant *name* was folded from the past length (positions computed from the cache's length
+        when the graph has no ``position_ids``: Gemma's export)."""
+        name = self.resolve(name)
+        return any(name in node.outputs for node, _ in self.graph.past_folds)
+
+    def at_past_length(self, name: str, past: int) -> np.ndarray:
+        """Constant *name* recomputed for a past length of *past* (its folded value is for the traced one)."""
+        name = self.resolve(name)
+        env = {}
+        for node, args in self.graph.past_folds:
+            full = []
+            for i, a in zip(node.inputs, args, strict=True):
+                if not i or i in env:
+                    full.append(env.get(i))
+                elif PAST_KV.match(i):  # only its shape is read (Shape): [batch, heads, past, head_dim]
+                    shp = list(self.graph.values[i].shape)
+                    full.append(np.zeros(shp[:2] + [past] + shp[3:], np.int8))
+                elif i == MASK:
+                    full.append(np.ones((1, past + 1), a.dtype))
+                else:
+                    full.append(a)
+            for o, r in zip(node.outputs, evaluate(node, self.graph.opset, full), strict=False):
+                env[o] = r
+            if name in env:
+                return env[name]
+        raise KeyError(f"{name!r} is not derived from the past length")
+
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, target: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Value of *target* given *feeds* for some values (constants come from the graph).
@@ -203,6 +234,11 @@ class GraphIndex:
                 return False
             stack.extend(data)
         return True
+
+    def elementwise_of(self, name: str, leaf: str) -> bool:
+        """Whether *name* is an elementwise function of *leaf* alone (every path back through
+        :data:`ELEMENTWISE` ops ends at *leaf*)."""
+        return self._elementwise_data(name) is not None and self._closes(name, leaf)
 
     def unary_leaf(self, name: str) -> str | None:
         """If *name* is an elementwise function of exactly one non-constant value, return the farthest such value.

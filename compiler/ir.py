@@ -39,6 +39,10 @@ class Graph:
     nodes: list[Node]
     values: dict[str, Value]
     opset: int = 0
+    #: The folded nodes that read the past length (``Shape`` of a past KV input, the specialized
+    #: ``attention_mask``), and what depends on them, in order, each with the constant arguments it had:
+    #: enough to recompute those constants at another past length (``GraphIndex.at_past_length``).
+    past_folds: list = field(default_factory=list)
 
     def consts(self) -> dict[str, Value]:
         return {n: v for n, v in self.values.items() if v.const is not None}

@@ -96,6 +96,11 @@ for _op, _f in {"Neg": np.negative, "Sqrt": np.sqrt, "Not": np.logical_not, "Exp
     register(_op, since=1)(lambda attrs, x, _f=_f: _f(x))
 
 
+@register("Relu", since=6)
+def _relu(attrs, x):
+    return np.maximum(x, np.zeros((), x.dtype))
+
+
 @register("Identity", since=1)
 def _identity(attrs, x):
     return x

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .graph_tools import MASK, PAST_KV
 from .ir import Graph, Value
 from .onnx_ops import evaluate
 
 __all__ = ["dead_code", "fold_constants", "specialize_mask"]
 
 
-def specialize_mask(graph: Graph, name: str = "attention_mask") -> Graph:
+def specialize_mask(graph: Graph, name: str = MASK) -> Graph:
     v = graph.values.get(name)
     if name in graph.inputs and v is not None and v.shape is not None and all(isinstance(d, int) for d in v.shape):
         v.const = np.ones(v.shape, np.dtype(v.dtype))
@@ -61,6 +62,7 @@ def _propagate_shapes(graph: Graph, node) -> None:
 
 def fold_constants(graph: Graph) -> Graph:
     kept = []
+    past = {MASK} | {i for i in graph.values if PAST_KV.match(i)}  # values that carry the past length
     for node in graph.nodes:
         args = [graph.values[i].const if i else None for i in node.inputs]
         foldable = all(a is not None for i, a in zip(node.inputs, args, strict=True) if i)
@@ -72,6 +74,10 @@ def fold_constants(graph: Graph) -> Graph:
             kept.append(node)
             _propagate_shapes(graph, node)
             continue
+        if any(i in past for i in node.inputs):
+            graph.past_folds.append((node, [None if i in past and i != MASK else a
+                                            for i, a in zip(node.inputs, args, strict=True)]))
+            past.update(o for o in node.outputs if o)
         for o, r in zip(node.outputs, evaluate(node, graph.opset, args), strict=False):
             graph.values[o] = Value(o, tuple(r.shape), str(r.dtype), r)
     graph.nodes = kept

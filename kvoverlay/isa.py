@@ -64,7 +64,7 @@ DEP_FLAGS = ("pop_prev", "pop_next", "push_prev", "push_next")
 #: Enumerated field values, by enum name. Codes not listed are reserved.
 ENUMS = {
     "fmt": ("int4", "int8", "w16"),
-    "func": ("silu", "gelu_erf", "gelu_tanh"),
+    "func": ("silu", "gelu_erf", "gelu_tanh", "relu"),
     "norm": ("rms", "layer"),
     "rope": ("half", "interleaved"),
     "queue": QUEUES,
@@ -188,7 +188,7 @@ OPCODES = (
              "RMSNorm or LayerNorm (bias is a following VADD) with gain g and epsilon eps_m * 2^eps_e."),
     OpFormat("ACT", 14, "compute", (*_v("x", "input"), *_v("dst", "destination"), _LEN,
                                      Field("func", 2, "enum:func", doc="activation")),
-             "Elementwise x * gate(x): SiLU, GELU (erf) or GELU (tanh)."),
+             "Elementwise x * gate(x): SiLU, GELU (erf), GELU (tanh) or ReLU's step."),
     OpFormat("ROPE", 15, "compute", (
         *_v("x", "input"), *_v("cos", "cosines (head_dim/2)"), *_v("sin", "sines (head_dim/2)"), *_v("dst", "destination"),
         Field("heads", 8, doc="heads in x"), _HDIM, Field("mode", 1, "enum:rope", doc="pairing of rotated elements")),

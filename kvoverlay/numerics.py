@@ -259,6 +259,9 @@ GATE_TABLES = {
     "silu": _table(lambda v: 1.0 / (1.0 + math.exp(-v)), -ACT_RANGE, ACT_RANGE, ACT_SEGMENTS, GATE_ONE),
     "gelu_erf": _table(lambda v: 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))), -ACT_RANGE, ACT_RANGE, ACT_SEGMENTS, GATE_ONE),
     "gelu_tanh": _table(_gelu_tanh_gate, -ACT_RANGE, ACT_RANGE, ACT_SEGMENTS, GATE_ONE),
+    # ReLU's step: 0 up to x = 0, 1 from the next table point on. Exact for x <= 0 and x >= one segment
+    # (2 * ACT_RANGE / ACT_SEGMENTS); between 0 and one segment the interpolation ramps.
+    "relu": _table(lambda v: float(v > 0), -ACT_RANGE, ACT_RANGE, ACT_SEGMENTS, GATE_ONE),
 }
 _ACT_SHIFT = ACT_FRAC - int(math.log2(ACT_SEGMENTS // (2 * ACT_RANGE)))  # fraction bits below a segment
 

@@ -3,7 +3,8 @@
 ``export_model(family)`` builds a random-init transformers model (``llama``: GQA,
 ``mistral``: full multi-head KV,
 ``qwen2``: MQA with QKV bias and tied embeddings, ``gpt2``: LayerNorm, learned
-positions, tanh GELU, fused ``c_attn``) under a fixed torch seed, saves it with
+positions, tanh GELU, fused ``c_attn``; ``gemma``: RMSNorm gains with an offset, scaled
+embeddings; ``phi3``: fused projections split by Slice, partial rotary; ``opt``: ReLU) under a fixed torch seed, saves it with
 ``save_pretrained`` and exports it with optimum-onnx (task
 ``text-generation-with-past``, opset 18, fp32) to one ``model.onnx`` with
 past/present KV inputs and outputs. Shapes are small enough for the ``tiny``
@@ -71,6 +72,28 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", {"vocab_size": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128,
                             "n_positions": 128, "activation_function": "gelu_new", "bos_token_id": 1,
                             "eos_token_id": 2, "pad_token_id": 0}),
+    # RMSNorm scaled by (1 + w), embeddings scaled by sqrt(hidden), tanh GELU gate, tied embeddings
+    "gemma": ("GemmaConfig", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16,
+                              "hidden_activation": "gelu_pytorch_tanh"}),
+    # fused QKV and gate/up projections split by Slice; rotary on half of each head
+    "phi3": ("Phi3Config", {**_SMALL, "num_key_value_heads": 2, "partial_rotary_factor": 0.5,
+                            "sliding_window": None, "tie_word_embeddings": False}),
+    # ReLU, LayerNorm with bias, learned positions with an offset of 2
+    "opt": ("OPTConfig", {"vocab_size": 256, "hidden_size": 64, "word_embed_proj_dim": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "ffn_dim": 128, "max_position_embeddings": 128,
+                          "activation_function": "relu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}),
+    # RMSNorm over each head of q and k
+    "qwen3": ("Qwen3Config", {**_SMALL, "num_key_value_heads": 2, "head_dim": 16, "use_sliding_window": False,
+                              "tie_word_embeddings": False}),
+    # LayerNorm with bias, rotary on a quarter of each head, QKV bias
+    "stablelm": ("StableLmConfig", {**_SMALL, "num_key_value_heads": 2, "partial_rotary_factor": 0.25,
+                                    "use_qkv_bias": True, "tie_word_embeddings": False}),
+    # fused QKV interleaved per head, rotary on half of each head, parallel attention and MLP, erf GELU
+    "gpt_neox": ("GPTNeoXConfig", {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128,
+                                   "rotary_pct": 0.5, "use_parallel_residual": True, "hidden_act": "gelu",
+                                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                   "tie_word_embeddings": False}),
 }
 
 

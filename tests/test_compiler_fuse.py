@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import FAMILIES
+from conftest import FAMILIES, MORE_FAMILIES
 from kvoverlay.compiler.frontend import CompileError
 from kvoverlay.compiler.fuse import fuse, run_float
 from kvoverlay.compiler.passes import run_passes
@@ -26,7 +26,7 @@ def test_demo_model_fuses_to_one_op_per_layer_piece():
     assert all(op.attrs["scale"] == pytest.approx(0.25) for op in og.ops if op.kind == "attn")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_fused_program_in_float64_matches_onnxruntime(exported_models, family):
     """Fusion is exact: only quantization and the overlay's numerics separate the program from the model."""
     model = str(exported_models[family])
@@ -43,6 +43,70 @@ def test_gpt2_uses_layernorm_gelu_tanh_and_split_qkv(exported_models):
     assert {op.attrs["func"] for op in og.ops if op.kind == "act"} == {"gelu_tanh"}
     assert sum(kind == "position" for kind, _ in og.tables.values()) == 1  # learned positions are a table
     assert not any(op.kind == "rope" for op in og.ops)
+
+
+def test_gemma_folds_gain_offsets_and_embedding_scale(exported_models):
+    og = fuse(run_passes(str(exported_models["gemma"]), kv_len=5), max_seq=32)
+    assert {op.attrs["kind"] for op in og.ops if op.kind == "norm"} == {"rms"}
+    assert not any(op.kind in ("scale", "mulc") for op in og.ops)  # sqrt(hidden) is in the table
+    gains = [og.consts[op.attrs["gain"]] for op in og.ops if op.kind == "norm"]
+    assert all(np.mean(g) > 0.5 for g in gains)  # 1 + w with w ~ 0, not w
+    assert {op.attrs["func"] for op in og.ops if op.kind == "act"} == {"gelu_tanh"}
+
+
+def test_constants_folded_from_the_past_length_are_position_tables(exported_models):
+    """Gemma's export has no position_ids: its rotary angles come from the past KV's length, which folding
+    pins to the trace length. Such constants are recomputed at every past length (= position)."""
+    from kvoverlay.compiler.fuse import Fuser
+
+    graph = run_passes(str(exported_models["gemma"]), kv_len=5)
+    assert "position_ids" not in graph.inputs
+    fz = Fuser(graph, max_seq=12)
+    angles = [v for v, val in graph.values.items() if fz.position_const(v) and val.const.size == 16]
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    theta = np.outer(np.arange(12), np.concatenate([inv_freq, inv_freq]))
+    got = {}
+    for v in angles:
+        name = fz.vector(v)
+        kind, rows = fz.out.tables[next(op for op in fz.out.ops if op.out == name).attrs["table"]]
+        assert kind == "position" and np.allclose(fz.ix.const(v).reshape(-1), rows[5])  # folded at position 5
+        for label, fn in (("cos", np.cos), ("sin", np.sin)):
+            if np.allclose(rows, fn(theta), atol=1e-6):
+                got[label] = v
+    assert sorted(got) == ["cos", "sin"]
+
+
+def test_phi3_slices_gemvs_and_rotates_part_of_each_head(exported_models):
+    og = fuse(run_passes(str(exported_models["phi3"]), kv_len=5), max_seq=32)
+    layers = len(og.kv)
+    # q, k, v sliced from qkv_proj; gate, up sliced from gate_up_proj; o and down; then the LM head
+    assert sum(op.kind == "linear" for op in og.ops) == 7 * layers + 1
+    ropes = [op for op in og.ops if op.kind == "rope"]
+    assert len(ropes) == 2 * layers and all(op.attrs["head_dim"] == 16 for op in ropes)
+    # half a head per row: 4 rotated pairs, then 4 kept pairs (cos 1, sin 0)
+    rows = [t for kind, t in og.tables.values() if kind == "position"]
+    assert len(rows) == 2 and all(t.shape[1] == 8 for t in rows)
+    assert any(np.array_equal(t[:, 4:], np.ones((32, 4))) for t in rows)
+    assert any(np.array_equal(t[:, 4:], np.zeros((32, 4))) for t in rows)
+
+
+def test_qwen3_norm_over_each_head_is_refused(exported_models):
+    """Qwen3's q/k RMSNorms normalize each head alone; NORM normalizes its whole vector, so the compile stops at
+    the first of them with one line naming it."""
+    with pytest.raises(CompileError) as e:
+        fuse(run_passes(str(exported_models["qwen3"]), kv_len=5), max_seq=32)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("node ") and "q_norm" in msg.split(":")[0]
+    assert "RMSNorm over each head of 16" in msg and "norms over each head are not supported on the overlay yet" in msg
+
+
+def test_opt_relu_is_exact_act(exported_models):
+    og = fuse(run_passes(str(exported_models["opt"]), kv_len=5), max_seq=32)
+    acts = [i for i, op in enumerate(og.ops) if op.kind == "act"]
+    assert acts and all(og.ops[i].attrs["func"] == "relu" for i in acts)
+    # scaled up by 2**20 before the step table and back after: both exact
+    assert all(og.ops[i - 1].kind == og.ops[i + 1].kind == "scale" for i in acts)
+    assert all(og.ops[i - 1].attrs["factor"] * og.ops[i + 1].attrs["factor"] == 1.0 for i in acts)
 
 
 def test_qwen2_biases_and_mqa(exported_models):

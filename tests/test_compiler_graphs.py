@@ -48,6 +48,11 @@ GRAPHS = {
     "rmsnorm_op_residual": (lambda: _model(
         [helper.make_node("RMSNormalization", ["x", "g"], ["n"], epsilon=1e-6), helper.make_node("Sub", ["n", "x"], ["z"])],
         [("x", [1, N])], ["z"], [("g", 1 + _w(N))], opset=23)),
+    # ReLU around 0 and with small inputs (x / 64): the compiler's 2**20 pre-scale keeps ACT's step exact
+    "linear_relu_small": (lambda: _model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Mul", ["r", "c"], ["z"])],
+        [("x", [1, N])], ["z"], [("w", _w(N, N, scale=1 / 64)), ("c", 3.0)])),
     "scalar_ops": (lambda: _model(
         [helper.make_node("Div", ["x", "c"], ["d"]), helper.make_node("Neg", ["d"], ["e"]),
          helper.make_node("Sub", ["k", "e"], ["z"])],

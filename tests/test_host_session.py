@@ -9,7 +9,7 @@ top-1/top-2 logit margin must exceed the largest logit error the 16-bit program 
 
 import numpy as np
 import pytest
-from conftest import FAMILIES
+from conftest import FAMILIES, MORE_FAMILIES
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.host.reference import compare, ort_decode
 from kvoverlay.host.sampling import Sampler
@@ -34,7 +34,15 @@ def _decode(model, weights, method="mse"):
 
 
 def test_w16_token_exact_with_stated_margin(family):
-    name, model = family
+    _check_w16(*family)
+
+
+@pytest.mark.parametrize("name", MORE_FAMILIES)
+def test_w16_token_exact_more_families(exported_models, name):
+    _check_w16(name, str(exported_models[name]))
+
+
+def _check_w16(name, model):
     _, _, res = _decode(model, "w16")
     ref = compare(model, PROMPT, res.tokens, res.logits)
     _, ort_logits = ort_decode(model, PROMPT, NEW, forced=res.tokens)

@@ -85,6 +85,19 @@ def test_activation_bound(func):
     assert float(np.max(np.abs(got - ref))) / 20 <= 2.0 ** -14
 
 
+def test_relu_gate_is_exact_from_one_segment_on():
+    """ReLU's step table is exact for inputs of at least one table segment (2**-5) in magnitude, and zero;
+    the compiler scales ACT's input up (fused/act.py) so that every nonzero input is that large."""
+    segment = 2 * nx.ACT_RANGE / nx.ACT_SEGMENTS
+    for e in (-5, -2, 3, 10):  # the vector's exponent: its smallest nonzero magnitude is 2**e
+        x = RNG.integers(-nx.MANT_MAX, nx.MANT_MAX + 1, 512)
+        x[:3] = (0, 1, -1)
+        assert 2.0 ** e >= segment
+        assert np.array_equal(nx.to_float(*nx.act(x, e, "relu")), np.maximum(nx.to_float(x, e), 0))
+    # below a segment the interpolation ramps: the reason for the compiler's scaling
+    assert nx.to_float(*nx.act(np.array([1 << 14]), -21, "relu"))[0] < 2.0 ** -7
+
+
 def test_exp_bound():
     d = -np.arange(0, 20 << 16, 997, dtype=np.int64)
     got = nx.exp2_neg_q15(d) / 32768

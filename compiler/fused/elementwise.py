@@ -27,7 +27,8 @@ class Elementwise(VOp):
             return None
         op = node.op
         a, b = node.inputs
-        ca, cb = fz.ix.const(a), fz.ix.const(b)
+        # constants folded from the past length are functions of the position: vectors (table rows)
+        ca, cb = (None if fz.position_const(x) else fz.ix.const(x) for x in (a, b))
         n = fz.ix.numel(v)
         if ca is not None and cb is not None:
             fz.fail(v, "has only constant inputs (constant folding should have removed it)")

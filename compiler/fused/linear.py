@@ -1,15 +1,16 @@
-"""``linear``: a GEMV, MatMul/Gemm by a constant matrix (out x in), or one part of a Split of a GEMV's
-output (the GEMV split by rows instead); a bias becomes an ``addc``."""
+"""``linear``: a GEMV, MatMul/Gemm by a constant matrix (out x in), or one part of a Split or Slice of a
+GEMV's output (the GEMV split by rows instead); a bias becomes an ``addc``."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..frontend import CompileError
+from ..onnx_ops import evaluate
 from ..overlay_graph import VOp
 from .elementwise import AddC
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "gemv_rows", "selected_rows"]
 
 
 class Linear(VOp):
@@ -19,8 +20,8 @@ class Linear(VOp):
     def match(fz, v, node):
         if node.op in ("MatMul", "Gemm"):
             return _linear(fz, v, node)
-        if node.op == "Split":
-            return _split(fz, v, node)
+        if node.op in ("Split", "Slice"):
+            return gemv_rows(fz, v, *selected_rows(fz, v, node), node.name)
         return None
 
     def reference(self, ins, step):
@@ -75,28 +76,36 @@ def _weight(fz, v, node):
     return w, bias
 
 
-def _split(fz, v, node) -> str:
-    """Split of a GEMV output along its features: the GEMV is split by rows instead."""
+def selected_rows(fz, v, node):
+    """(source, elements) of output *v* of a Split or Slice: which elements of the flat source vector it holds,
+    in order, found by running the node on the element indices (a slice where they are contiguous)."""
     src = node.inputs[0]
-    shp = fz.ix.shape(src)
-    axis = node.attrs.get("axis", 0) % len(shp)
-    if any(d != 1 for i, d in enumerate(shp) if i != axis):
-        fz.fail(v, "splits along a unit axis pattern the overlay does not support")
-    sizes = [fz.ix.numel(o) for o in node.outputs]
-    k = node.outputs.index(v)
-    lo = sum(sizes[:k])
+    consts = [fz.ix.const(i) if i else None for i in node.inputs[1:]]
+    if any(i and c is None for i, c in zip(node.inputs[1:], consts, strict=True)):
+        fz.fail(v, "splits or slices with computed bounds")
+    index = np.arange(fz.ix.numel(src)).reshape(fz.ix.shape(src))
+    outs = evaluate(node, fz.g.opset, [index, *consts])
+    rows = outs[node.outputs.index(v)].reshape(-1)
+    if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
+        return src, slice(int(rows[0]), int(rows[0]) + rows.size)
+    return src, rows
+
+
+def gemv_rows(fz, v, src, rows, source: str) -> str:
+    """Rows *rows* (a slice or an index array) of GEMV output *src* (with its bias, if any) as their own GEMV,
+    computing value *v*."""
     linear, bias = _split_source(fz, src)
     if linear is None:
-        fz.fail(v, "splits a vector that is not the output of a constant-matrix product")
+        fz.fail(v, "takes part of a vector that is not the output of a constant-matrix product")
     lnode = fz.ix.producer[linear]
     w, gemm_bias = _weight(fz, v, lnode)
     bias = gemm_bias if gemm_bias is not None else bias
     x = fz.vector(lnode.inputs[0])
-    mat = fz.store(fz.out.matrices, "w", w.T[lo:lo + sizes[k]])
+    mat = fz.store(fz.out.matrices, "w", w.T[rows])
     y = fz.add(Linear, v, [x], lnode.name, matrix=mat)
     if bias is not None:
-        cname = fz.store(fz.out.consts, "c", np.asarray(bias, np.float64)[lo:lo + sizes[k]].copy())
-        y = fz.add(AddC, v, [y], node.name, const=cname)
+        cname = fz.store(fz.out.consts, "c", np.asarray(bias, np.float64)[rows].copy())
+        y = fz.add(AddC, v, [y], source, const=cname)
     return y
 
 

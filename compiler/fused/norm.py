@@ -1,6 +1,7 @@
 """``norm``: RMSNorm (spelled out, or ``RMSNormalization``) and ``LayerNormalization``, with their gain
 (a spelled-out RMSNorm's gain is the constant vector it is multiplied by); a LayerNormalization bias
-becomes an ``addc``."""
+becomes an ``addc``. A spelled-out RMSNorm over each head (Qwen3's and Gemma 3's q/k norms) is recognised
+and refused: NORM normalizes its whole vector (the ``kvpool-isa`` branch has a NORM over each head)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Norm(VOp):
         core = norm_core(fz, v)
         if core is None:
             return _gained(fz, v, node)
-        x, eps, kind = core
+        x, eps, kind = _whole(fz, v, core)
         n = fz.ix.numel(v)
         g = fz.store(fz.out.consts, "c", np.ones(n))
         return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
@@ -55,6 +56,15 @@ class Norm(VOp):
                  eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(self.attrs["kind"]))
 
 
+def _whole(fz, v, core):
+    """*core*'s (x, eps, kind) if it normalizes the whole vector; a CompileError naming the node if over each head."""
+    x, eps, kind, head_dim = core
+    if head_dim is not None:
+        fz.fail(v, f"is an RMSNorm over each head of {head_dim} (a q/k norm): norms over each head are not "
+                   "supported on the overlay yet")
+    return x, eps, kind
+
+
 def _gained(fz, v, node):
     """Mul(spelled-out RMSNorm, constant gain vector), the norm's only use: the norm with that gain."""
     if node.op != "Mul" or len(node.inputs) != 2:
@@ -70,7 +80,7 @@ def _gained(fz, v, node):
     core = norm_core(fz, var) if fz.ix.numel(var) == n else None
     if core is None or len(fz.ix.consumers.get(fz.ix.resolve(var), [])) > 1:
         return None
-    x, eps, kind = core
+    x, eps, kind = _whole(fz, v, core)
     g = fz.const_vector(gain, n)
     return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
 
@@ -123,7 +133,8 @@ def norm_rows(fz, v, node, x, scale, bias, kind, eps, axis):
 
 
 def norm_core(fz, v):
-    """RMSNorm without gain spelled out: x * rsqrt(mean(x^2) + eps) or x / sqrt(mean(x^2) + eps)."""
+    """RMSNorm without gain spelled out: x * rsqrt(mean(x^2) + eps) or x / sqrt(mean(x^2) + eps), over the whole
+    vector or over each head (a mean over the last axis of several heads): (x, eps, "rms", head_dim or None)."""
     node = fz.ix.producer.get(fz.ix.resolve(v))
     if node is None or node.op not in ("Mul", "Div") or len(node.inputs) != 2:
         return None
@@ -138,12 +149,24 @@ def norm_core(fz, v):
             continue
         sq = mnode.inputs[0]
         leaf = fz.ix.unary_leaf(sq)
-        if leaf is None or fz.ix.resolve(leaf) != fz.ix.resolve(x):
+        if leaf is None:
             continue
+        if fz.ix.resolve(leaf) != fz.ix.resolve(x):
+            # the region may reach past x (Gemma's first norm reads the embedding times sqrt(hidden)):
+            # x must then cut every path back from the square
+            if not fz.ix.elementwise_of(sq, x):
+                continue
+            leaf = x
         if not np.allclose(fz.ix.probe(sq, leaf, PROBE), PROBE ** 2, rtol=1e-5, atol=1e-6):
             continue
-        if fz.ix.numel(mean) != 1:
-            continue
+        heads, head_dim = fz.ix.numel(mean), None
+        if heads != 1:  # a mean per head: over the last axis, which the other axes index
+            shp = fz.ix.shape(sq)
+            axes = fz.ix.const(mnode.inputs[1]) if len(mnode.inputs) > 1 and mnode.inputs[1] else None
+            axes = mnode.attrs.get("axes") if axes is None else axes.reshape(-1).tolist()
+            if axes is None or [a % len(shp) for a in axes] != [len(shp) - 1] or heads * shp[-1] != fz.ix.numel(x):
+                continue
+            head_dim = shp[-1]
         ts = np.array([0.0, 0.01, 0.5, 2.0, 37.0])
         f = fz.ix.probe(r, mean, ts)
         if node.op == "Mul":
@@ -153,5 +176,5 @@ def norm_core(fz, v):
             eps = f[0] ** 2
             want = np.sqrt(ts + eps)
         if eps > 0 and np.allclose(f, want, rtol=1e-4):
-            return x, float(np.float32(eps)), "rms"
+            return x, float(np.float32(eps)), "rms", head_dim
     return None

@@ -85,10 +85,13 @@ def table_row(fz, table, source):
 
 
 def _plain_gather(fz, v: str, index: str):
-    """The constant table of ``Gather(table, index)`` if that is what *v* is."""
-    pnode = fz.ix.producer.get(fz.ix.resolve(v))
+    """The constant table of ``Gather(table, index)``, times any scalar constants (Gemma scales its embeddings
+    by sqrt(hidden)), if that is what *v* is."""
+    base, factor = fz.ix.strip_scalar_muls(v)
+    pnode = fz.ix.producer.get(base)
     if (pnode is not None and pnode.op == "Gather" and pnode.attrs.get("axis", 0) == 0
             and fz.ix.is_const(pnode.inputs[0]) and fz.ix.resolve(pnode.inputs[1]) == index):
         data = fz.ix.const(pnode.inputs[0])
-        return data.reshape(data.shape[0], -1)
+        data = data.reshape(data.shape[0], -1)
+        return data if factor == 1.0 else data * np.asarray(factor, data.dtype)
     return None
