@@ -13,6 +13,8 @@ Four passes, each small:
 
 Registers: R0 holds the token, R1 its position (the KV length before it);
 ARGMAX leaves the greedy next token in R2. Logits are stored as a vector record.
+A program compiled for more positions than the KV buffer holds takes the KV slot
+from R3 and the attended KV length from R4, which the host sets (hybrid attention).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from kvoverlay.config import WEIGHT_FORMATS, OverlayConfig
 from .frontend import CompileError
 from .fuse import OverlayGraph
 
-__all__ = ["REG_NEXT", "REG_POSITION", "REG_TOKEN", "Program", "generate"]
+__all__ = ["REG_KV_LEN", "REG_KV_SLOT", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Program", "generate"]
 
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
+#: With --max-seq above the KV capacity: the KV buffer slot KVAPPEND writes and the KV length ATTN reads.
+REG_KV_SLOT, REG_KV_LEN = 3, 4
 _INDEX_REG = {"token": REG_TOKEN, "position": REG_POSITION}
 _WEIGHT_METHODS = ("rtn", "mse")
 #: Weights quantized per block of rows: bounds the compiler's float64 temporaries to a few tens of MB.
@@ -203,9 +207,10 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
         if layer >= cfg.max_layers or kv["kv_heads"] > cfg.max_kv_heads or kv["head_dim"] > cfg.max_head_dim:
             raise CompileError(f"layer {layer}: KV of {kv['kv_heads']} heads x {kv['head_dim']} does not fit the "
                                f"{cfg.name} KV buffer ({cfg.max_layers} layers, {cfg.max_kv_heads} heads of {cfg.max_head_dim})")
-    if max_seq > cfg.kv_capacity:
-        raise CompileError(f"max_seq={max_seq} exceeds the KV capacity of {cfg.kv_capacity} tokens "
-                           f"(raise --kv-capacity or lower --max-seq)")
+    # Beyond the KV capacity the host offloads KV (hybrid attention): it then picks each token's buffer slot and
+    # the resident length, so KVAPPEND and ATTN take them from registers of their own instead of the position.
+    offload = max_seq > cfg.kv_capacity
+    kv_slot, kv_len, len_imm = (REG_KV_SLOT, REG_KV_LEN, 0) if offload else (REG_POSITION, REG_POSITION, 1)
     image = _Image(max(isa.DRAM_UNIT, cfg.port_bytes))
     placed, table_fmt = quantize(og, cfg, weights, group_size, method, image, samples)
     io_start = len(image.data)
@@ -322,10 +327,10 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
             imm_m, imm_e = _scale_imm(a["scale"], who)
             ins("VSCALE", a=src[0][0], a_e=src[0][1], dst=q[0], dst_e=q[1], len=n, imm_m=imm_m, imm_e=imm_e)
             ins("KVAPPEND", k=src[1][0], k_e=src[1][1], v=src[2][0], v_e=src[2][1], layer=a["layer"],
-                heads=a["kv_heads"], head_dim=a["head_dim"], pos_reg=REG_POSITION, pos_imm=0)
+                heads=a["kv_heads"], head_dim=a["head_dim"], pos_reg=kv_slot, pos_imm=0)
             dst = new_vec(op.out, who)
             ins("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], layer=a["layer"], q_heads=a["q_heads"],
-                kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=REG_POSITION, len_imm=1, stats=stats_addr)
+                kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=kv_len, len_imm=len_imm, stats=stats_addr)
         else:
             raise CompileError(f"{who}: no code generator for overlay op {op.kind!r}")
         for t in temps:
@@ -340,7 +345,8 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
     ins("END")
     insert_tokens(code)
     meta = {
-        "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT},
+        "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT,
+                      **({"kv_slot": REG_KV_SLOT, "kv_len": REG_KV_LEN} if offload else {})},
         "io": io,
         "regions": image.regions,
         "abuf_peak_words": abuf.peak,

@@ -24,6 +24,9 @@ from kvoverlay.sim.golden import GoldenModel
 from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
+from .gpu import GpuBackend
+from .offload import HybridGoldenBackend
+
 __all__ = ["BACKENDS", "GenerateResult", "GoldenBackend", "RtlBackend", "Session", "SessionError", "run_graph"]
 
 
@@ -91,7 +94,7 @@ class RtlBackend:
         return self.run_steps([token], 0, position)[0]
 
 
-BACKENDS = {"isa": GoldenBackend, "rtl": RtlBackend}
+BACKENDS = {"isa": HybridGoldenBackend, "rtl": RtlBackend, "gpu": GpuBackend}
 
 
 @dataclass

@@ -1,0 +1,404 @@
+"""Offload: what the overlay cannot hold goes to an offload device (CUDA when present, else the CPU).
+
+* **Hybrid attention.** KV beyond the overlay's ``kv_capacity`` tokens stays on the offload device. The overlay
+  attends over its resident KV and leaves per-head (max, sum) partials in the accumulators (ATTN's ``stats``); the
+  offload device attends over the rest; :func:`lse_merge` combines the two exactly, by log-sum-exp. Which tokens
+  stay resident is a :class:`Residency` policy: attention sinks plus the most recent window by default.
+* **Placement** is decided per step by a small cost model and reported as a dict (:func:`placement`).
+* **Phase split.** :func:`choose_prefill` picks where a prompt is prefilled; :func:`write_kv_program` builds the
+  LOAD + KVAPPEND program that moves a prefilled KV cache into the overlay's buffer.
+
+The golden model runs the decode program in one pass with a hook after each instruction
+(:class:`HybridGoldenBackend`): after a KVAPPEND the host keeps that token's keys and values, after an ATTN whose
+layer has offloaded tokens it merges the overlay's partial with the offload device's and writes the result back
+into the ATTN's destination vector, so every later instruction sees the merged output.
+
+Only numpy at import; torch is imported when an offload device is first used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvoverlay import isa
+from kvoverlay import numerics as nx
+
+__all__ = ["DEVICES", "PREFILL_MODES", "HybridGoldenBackend", "OffloadError", "Residency", "attend_partial",
+           "choose_prefill", "lse_merge", "offload_regs", "placement", "resolve_device", "write_kv_program"]
+
+DEVICES = ("auto", "cuda", "cpu", "none")
+PREFILL_MODES = ("auto", "gpu", "overlay")
+#: Default attention sinks kept resident (StreamingLLM's four first tokens).
+DEFAULT_SINKS = 4
+
+
+class OffloadError(ValueError):
+    """Something the overlay cannot hold and no offload device to put it on, or a bad offload option."""
+
+
+# ---------------------------------------------------------------- log-sum-exp merge
+def attend_partial(q, k, v):
+    """Float64 attention of one head over a partition of its KV: ``(out, max, sum)``.
+
+    *q* [d], *k* and *v* [n, d]. ``out`` is normalized by ``sum`` (as the overlay's ATTN writes it), ``max`` is the
+    largest score and ``sum`` = Σ exp(score − max). An empty partition gives ``(0, -inf, 0)``, which
+    :func:`lse_merge` ignores.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    if k.shape[0] == 0:
+        return np.zeros(q.shape[-1]), -math.inf, 0.0
+    s = k @ q
+    m = float(np.max(s))
+    p = np.exp(s - m)
+    total = float(np.sum(p))
+    return (p @ v) / total, m, total
+
+
+def lse_merge(parts):
+    """Merge attention partials ``(out, max, sum)`` of disjoint KV partitions into the full attention output.
+
+    Each ``out`` is already normalized by its own ``sum``. The result is Σ wᵢ·outᵢ / Σ wᵢ with
+    wᵢ = sumᵢ·exp(maxᵢ − M) and M the largest max, so no exponent overflows however large or negative the scores.
+    Works on scalars per head or on arrays of heads (``out`` [..., d], ``max``/``sum`` [...]).
+    """
+    parts = [(np.asarray(o, np.float64), np.asarray(m, np.float64), np.asarray(s, np.float64)) for o, m, s in parts]
+    if not parts:
+        raise OffloadError("nothing to merge")
+    big = np.max(np.stack([m for _, m, _ in parts]), axis=0)
+    if np.any(np.isneginf(big)):
+        raise OffloadError("every partition is empty: attention over zero KV positions")
+    num = den = 0.0
+    for o, m, s in parts:
+        w = np.where(s > 0, s * np.exp(np.where(s > 0, m - big, 0.0)), 0.0)
+        num = num + w[..., None] * o
+        den = den + w
+    return num / den[..., None]
+
+
+# ---------------------------------------------------------------- residency
+@dataclass(frozen=True)
+class Residency:
+    """Which KV positions stay in the overlay's buffer once a layer holds more tokens than it has slots.
+
+    Slots ``[0, sinks)`` keep the first tokens for good (attention sinks); the other slots form a ring buffer over
+    the most recent ``capacity - sinks`` tokens. Below ``capacity`` tokens everything is resident, in order.
+    """
+
+    capacity: int
+    sinks: int = DEFAULT_SINKS
+
+    def __post_init__(self):
+        if self.capacity < 1:
+            raise OffloadError(f"KV capacity {self.capacity} must be at least 1")
+        if not 0 <= self.sinks < self.capacity:
+            raise OffloadError(f"--kv-sinks {self.sinks} must be in [0, {self.capacity - 1}] "
+                               f"(the overlay holds {self.capacity} tokens and needs one recent slot)")
+
+    @property
+    def window(self) -> int:
+        return self.capacity - self.sinks
+
+    def slot(self, position: int) -> int:
+        """The buffer slot the token at *position* is appended to."""
+        if position < self.capacity:
+            return position
+        return self.sinks + (position - self.sinks) % self.window
+
+    def resident_length(self, position: int) -> int:
+        """Valid slots while the token at *position* is attended (the ATTN length)."""
+        return min(position + 1, self.capacity)
+
+    def offloaded(self, position: int) -> range:
+        """Positions not in the buffer while the token at *position* is attended."""
+        if position < self.capacity:
+            return range(0)
+        return range(self.sinks, position - self.window + 1)
+
+    def resident(self, position: int) -> list:
+        """Resident positions in slot order, for a cache holding positions ``[0, position]``."""
+        slots = [0] * self.resident_length(position)
+        off = self.offloaded(position)
+        for p in range(position + 1):
+            if p not in off:
+                slots[self.slot(p)] = p
+        return slots
+
+
+def offload_regs(manifest: dict, token: int, position: int, residency: Residency | None) -> list:
+    """Scalar register arguments of one decode step: token, position, and the KV slot and length when the program
+    takes them from registers (compiled with ``--max-seq`` above the KV capacity)."""
+    regs = manifest["registers"]
+    args = [0] * (max(regs.values()) + 1)
+    args[regs["token"]], args[regs["position"]] = token, position
+    if "kv_slot" in regs:
+        slot, length = (residency.slot(position), residency.resident_length(position)) if residency else (position, position + 1)
+        args[regs["kv_slot"]], args[regs["kv_len"]] = slot, length
+    return args
+
+
+def resolve_device(name: str = "auto") -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``none`` stays ``none``."""
+    if name not in DEVICES:
+        raise OffloadError(f"--offload-device {name!r}: expected one of {', '.join(DEVICES)}")
+    if name in ("cpu", "none"):
+        return name
+    try:
+        import torch
+    except ImportError:
+        if name == "cuda":
+            raise OffloadError("--offload-device cuda needs torch (pip install torch)") from None
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if name == "cuda":
+        raise OffloadError("--offload-device cuda: torch sees no CUDA device")
+    return "cpu"
+
+
+# ---------------------------------------------------------------- placement and cost model
+def placement(manifest: dict, position: int, residency: Residency | None, device: str, *, prefill: str | None = None) -> dict:
+    """What runs where for the step at *position* (the token being attended), as reported per step."""
+    layers = manifest.get("kv", {}).get("layers", {})
+    total = position + 1
+    off = len(residency.offloaded(position)) if residency else 0
+    out = {
+        "kv_on_chip_tokens": total - off,
+        "kv_offloaded_tokens": off,
+        "layers_offloaded": sorted(int(k) for k in layers) if off else [],
+        "heads_offloaded": sum(int(v["kv_heads"]) for v in layers.values()) if off else 0,
+        "ops_off_overlay": (["attention partial", "log-sum-exp merge"] if off else []) + list(manifest.get("placement", {}).get("host", [])),
+        "device": device if off or prefill == "gpu" else "overlay",
+    }
+    if prefill is not None:
+        out["prefill"] = prefill
+    return out
+
+
+#: Cost-model constants: sustained dense FLOP/s and fixed per-pass overhead of a batched torch prefill.
+_TORCH_FLOPS = {"cuda": 50e12, "cpu": 20e9}
+_TORCH_OVERHEAD_S = {"cuda": 2e-3, "cpu": 5e-3}
+
+
+def overlay_step_seconds(program) -> float:
+    """Lower bound of one overlay decode step: every weight byte over the memory port once, at the config clock."""
+    cfg = program.config
+    return program.manifest.get("weight_bytes", 0) / cfg.port_bytes / (cfg.clock_mhz * 1e6)
+
+
+def choose_prefill(program, prompt_len: int, mode: str = "auto", device: str = "auto") -> str:
+    """``gpu`` or ``overlay``: where a prompt of *prompt_len* tokens is prefilled.
+
+    ``auto`` asks the cost model: the overlay prefills token by token at its decode rate (weight streaming bound),
+    the offload device in one batched pass (2 FLOP per weight per token at a sustained rate, plus a fixed overhead).
+    """
+    if mode not in PREFILL_MODES:
+        raise OffloadError(f"--prefill {mode!r}: expected one of {', '.join(PREFILL_MODES)}")
+    dev = resolve_device(device)
+    if mode == "gpu" and dev == "none":
+        raise OffloadError("--prefill gpu needs an offload device; --offload-device is none")
+    if mode != "auto":
+        return mode
+    if dev == "none" or prompt_len < 2:
+        return "overlay"
+    fmt_bits = {"w16": 16, "int8": 8, "int4": 4}[program.manifest.get("weights", {}).get("format", "w16")]
+    params = program.manifest.get("weight_bytes", 0) * 8 / fmt_bits
+    torch_s = 2 * params * prompt_len / _TORCH_FLOPS[dev] + _TORCH_OVERHEAD_S[dev]
+    return "gpu" if torch_s < prompt_len * overlay_step_seconds(program) else "overlay"
+
+
+# ---------------------------------------------------------------- KV into the overlay's buffer
+def write_kv_program(program, entries, scratch: int):
+    """The LOAD + KVAPPEND program that writes prefilled KV into the overlay's buffer.
+
+    *entries* is a list of ``(layer, slot, k, v)`` with *k* and *v* float arrays [kv_heads, head_dim]. Returns
+    ``(instructions, records)``: records are ``(address, mantissas, exponent)`` vector records to write into external
+    memory from *scratch* upwards before the run. KVAPPEND takes its slot as an immediate over R0, which the run
+    sets to zero.
+    """
+    from kvoverlay.compiler.codegen import insert_tokens
+
+    cfg = program.config
+    align = max(isa.DRAM_UNIT, cfg.port_bytes)
+    code, records, addr = [], [], -(-scratch // align) * align
+    for layer, slot, k, v in entries:
+        k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+        heads, d = k.shape
+        n = heads * d
+        base = []
+        for vec in (k, v):
+            m, e = nx.from_float(vec.reshape(-1))
+            records.append((addr, m, e))
+            base.append(addr)
+            addr += -(-nx.vector_record_size(n) // align) * align
+        kv_words = -(-n // cfg.abuf_lanes) * cfg.abuf_lanes
+        code.append(isa.Instr("LOAD", {"addr": base[0], "len": n, "dst": 0, "dst_e": 0}))
+        code.append(isa.Instr("LOAD", {"addr": base[1], "len": n, "dst": kv_words, "dst_e": 1}))
+        code.append(isa.Instr("KVAPPEND", {"k": 0, "k_e": 0, "v": kv_words, "v_e": 1, "layer": int(layer),
+                                           "heads": heads, "head_dim": d, "pos_reg": 0, "pos_imm": int(slot)}))
+    code.append(isa.Instr("END"))
+    insert_tokens(code)
+    if addr > cfg.dram_bytes:
+        raise OffloadError(f"the prefilled KV needs external memory up to {addr} bytes; the overlay has {cfg.dram_bytes}")
+    return code, records
+
+
+# ---------------------------------------------------------------- the golden model with hybrid attention
+class _KvStore:
+    """Every token's keys and values per layer on the offload device (float), and the partial attention there."""
+
+    def __init__(self, device: str, max_seq: int):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.dtype = torch.float64 if device == "cpu" else torch.float32
+        self.max_seq = max_seq
+        self.k, self.v = {}, {}
+
+    def put(self, layer, position, k, v):
+        """*k*, *v* float arrays [kv_heads, head_dim] (or [T, kv_heads, head_dim] from *position* on)."""
+        t = self.torch
+        k = t.as_tensor(np.asarray(k), dtype=self.dtype, device=self.device)
+        v = t.as_tensor(np.asarray(v), dtype=self.dtype, device=self.device)
+        if k.dim() == 2:
+            k, v = k[None], v[None]
+        if layer not in self.k:
+            shape = (k.shape[1], self.max_seq, k.shape[2])
+            self.k[layer] = t.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v[layer] = t.zeros(shape, dtype=self.dtype, device=self.device)
+        n = k.shape[0]
+        self.k[layer][:, position:position + n] = k.transpose(0, 1)
+        self.v[layer][:, position:position + n] = v.transpose(0, 1)
+
+    def partial(self, layer, q, span: range):
+        """Attention of *q* [q_heads, head_dim] over positions *span*: (out [qh, d], max [qh], sum [qh]) in numpy."""
+        t = self.torch
+        k, v = self.k[layer][:, span.start:span.stop], self.v[layer][:, span.start:span.stop]
+        q = t.as_tensor(q, dtype=self.dtype, device=self.device)
+        group = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        s = t.einsum("hd,hnd->hn", q, k)
+        m = s.amax(dim=1)
+        p = t.exp(s - m[:, None])
+        total = p.sum(dim=1)
+        out = t.einsum("hn,hnd->hd", p, v) / total[:, None]
+        return out.double().cpu().numpy(), m.double().cpu().numpy(), total.double().cpu().numpy()
+
+
+class HybridGoldenBackend:
+    """The golden model (``--backend isa``) with KV beyond the overlay's buffer attended on an offload device.
+
+    Parameters
+    ----------
+    program : Bundle
+        A compiled decoder. When its manifest's registers name ``kv_slot`` and ``kv_len`` (compiled with
+        ``--max-seq`` above ``--kv-capacity``), tokens beyond the capacity are offloaded; otherwise this is the plain
+        golden model.
+    offload_device : str
+        ``auto``, ``cuda``, ``cpu`` or ``none``; with ``none`` a step that needs offload fails, naming what did not
+        fit and by how much.
+    sinks : int
+        Attention sinks kept resident (see :class:`Residency`).
+    """
+
+    name = "isa"
+
+    def __init__(self, program, *, offload_device: str = "auto", sinks: int = DEFAULT_SINKS):
+        from kvoverlay.sim.golden import GoldenModel
+
+        self.program = program
+        regs = program.manifest["registers"]
+        self.hybrid = "kv_slot" in regs
+        cap = program.config.kv_capacity
+        self.residency = Residency(cap, min(sinks, cap - 1)) if self.hybrid else None
+        self.device = resolve_device(offload_device) if self.hybrid else "none"
+        self.requested_device = offload_device
+        self.model = GoldenModel(program.config, program.image,
+                                 regions=[tuple(r) for r in program.manifest.get("regions", [])])
+        self.store = None
+        self.placement = None
+        self.prefilled = None  # prefill placement of the last prefill_gpu
+
+    def reset(self):
+        self.__init__(self.program, offload_device=self.requested_device,
+                      sinks=self.residency.sinks if self.residency else DEFAULT_SINKS)
+
+    def _store(self):
+        if self.store is None:
+            self.store = _KvStore("cpu" if self.device == "none" else self.device, int(self.program.manifest["max_seq"]))
+        return self.store
+
+    def _check_fits(self, position):
+        off = self.residency.offloaded(position) if self.residency else range(0)
+        if len(off) and self.device == "none":
+            cap = self.program.config.kv_capacity
+            raise OffloadError(f"KV of {position + 1} tokens per layer does not fit the overlay's {cap}-token buffer "
+                               f"({position + 1 - cap} over, {len(off)} to offload) and --offload-device is none")
+        return off
+
+    def step(self, token: int, position: int):
+        off = self._check_fits(position)
+        args = offload_regs(self.program.manifest, token, position, self.residency)
+        hook = self._hook(position, off) if self.hybrid else None
+        counters = self.model.run(self.program.instructions, args=args, hook=hook)
+        self.placement = placement(self.program.manifest, position, self.residency, self.device)
+        counters.placement = self.placement
+        out = self.program.manifest["logits"]
+        m, e = self.model.read_vector_record(out["addr"], out["len"])
+        return self.model.regs[self.program.manifest["registers"]["next_token"]], nx.to_float(m, e), counters
+
+    def _hook(self, position, off):
+        model = self.model
+
+        def vec(base, ereg, n):
+            m, e = model.vec(base, ereg, n)
+            return nx.to_float(m, e)
+
+        def hook(pc, ins):
+            f = ins.fields
+            if ins.op == "KVAPPEND":
+                h, d = f["heads"], f["head_dim"]
+                k = vec(f["k"], f["k_e"], h * d).reshape(h, d)
+                v = vec(f["v"], f["v_e"], h * d).reshape(h, d)
+                self._store().put(f["layer"], position, k, v)
+            elif ins.op == "ATTN" and len(off):
+                qh, d = f["q_heads"], f["head_dim"]
+                q = vec(f["q"], f["q_e"], qh * d).reshape(qh, d)
+                stats = model.acc[f["stats"]: f["stats"] + 2 * qh].astype(np.float64)
+                # the overlay's partial: max in Q.SCORE_FRAC natural-log units, sum in Q1.15 units of exp(s - max)
+                m_r, l_r = stats[0::2] / (1 << nx.SCORE_FRAC), stats[1::2] / (1 << 15)
+                o_r = vec(f["dst"], f["dst_e"], qh * d).reshape(qh, d)
+                o_o, m_o, l_o = self._store().partial(f["layer"], q, off)
+                merged = lse_merge([(o_r, m_r, l_r), (o_o, m_o, l_o)])
+                model.put(f["dst"], f["dst_e"], *nx.from_float(merged.reshape(-1)))
+        return hook
+
+    # ------------------------------------------------------------ phase split
+    def load_prefill(self, kv: dict, length: int):
+        """Write a prefilled KV cache into the overlay's buffer (resident positions) and the offload store (all).
+
+        *kv* maps a layer to ``(k, v)`` float arrays [kv_heads, length, head_dim] (the GPU backend's prefill).
+        Returns the counters of the LOAD + KVAPPEND program.
+        """
+        last = length - 1
+        if self.hybrid:
+            self._check_fits(last)
+            resident = self.residency.resident(last)
+        else:
+            if length > self.program.config.kv_capacity:
+                raise OffloadError(f"a prompt of {length} tokens does not fit the overlay's "
+                                   f"{self.program.config.kv_capacity}-token KV buffer")
+            resident = list(range(length))
+        entries = []
+        for layer, (k, v) in sorted(kv.items()):
+            k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+            if self.hybrid:
+                self._store().put(int(layer), 0, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+            entries += [(int(layer), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
+        code, records = write_kv_program(self.program, entries, len(self.program.image))
+        for addr, m, e in records:
+            self.model.write_vector_record(addr, m, e)
+        return self.model.run(code, args=[0])
