@@ -284,11 +284,15 @@ class GpuBackend:
         Weights and activations: ``float32`` (default) or ``float16`` / ``bfloat16``.
     cuda_graph : bool
         Capture one decode step as a CUDA graph (CUDA only).
+    compile : bool
+        Run the decode step through ``torch.compile`` first, which fuses the elementwise operations between
+        matmuls (the graph then replays the fused kernels).
     """
 
     name = "gpu"
 
-    def __init__(self, program, *, device: str = "auto", dtype: str = "float32", cuda_graph: bool = True, **_):
+    def __init__(self, program, *, device: str = "auto", dtype: str = "float32", cuda_graph: bool = True,
+                 compile: bool = False, **_):
         from .offload import resolve_device
 
         torch = _torch()
@@ -319,6 +323,7 @@ class GpuBackend:
         self.logits_hist = torch.zeros(self.max_seq, self.vocab, dtype=torch.float32, device=self.device)
         self.graph = None
         self.use_graph = cuda_graph and self.device.type == "cuda"
+        self._body = torch.compile(self._step_body, dynamic=False) if compile else self._step_body
 
     # ------------------------------------------------------------ one step, all on the device
     def _regs(self, token, position):
@@ -346,12 +351,12 @@ class GpuBackend:
         with t.cuda.stream(stream):
             for _ in range(2):  # warm up (cuBLAS handles, SDPA kernel choice) outside the graph
                 self.pos.zero_()
-                self._step_body()
+                self._body()
         t.cuda.current_stream().wait_stream(stream)
         self.graph = t.cuda.CUDAGraph()
         self.pos.zero_()
         with t.cuda.graph(self.graph):
-            self._step_body()
+            self._body()
         for x, y in zip((self.pos, self.last_next, self.logits_hist, self.next_hist), saved, strict=True):
             x.copy_(y)
         for k, (a, b) in kv.items():
@@ -365,7 +370,7 @@ class GpuBackend:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._step_body()
+                self._body()
 
     def run_steps(self, feed, generate: int, position: int):
         """Feed *feed* from *position* on, then *generate* greedy steps; one host synchronization in all."""
