@@ -98,7 +98,7 @@ def transformers_generate(torch, dtype, device):
 
 
 def hybrid_cost(torch, device):
-    from kvoverlay.host.offload import _KvStore, lse_merge
+    from kvoverlay.host.offload import _KvStore
 
     layers, heads, d = GPT2_SMALL["n_layer"], GPT2_SMALL["n_head"], GPT2_SMALL["n_embd"] // GPT2_SMALL["n_head"]
     out = {}
@@ -112,7 +112,7 @@ def hybrid_cost(torch, device):
 
         def step(store=store, q=q, overlay_part=overlay_part, n=n):
             for layer in range(layers):
-                lse_merge([overlay_part, store.partial(layer, q, range(n))])
+                store.merge(layer, q, range(n), overlay_part)
 
         out[f"{n}_offloaded_ms_per_step"] = round(1e3 * _timed(torch, step), 3)
     return out

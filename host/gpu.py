@@ -224,11 +224,13 @@ class _Machine:
             elif k == "VSCALE":
                 abuf.write(f["dst"], rd("a", f, f["len"]) * (f["imm_m"] * 2.0 ** f["imm_e"]))
             elif k == "NORM":
-                x, g = rd("x", f, f["len"]), rd("g", f, f["len"])
+                n = f["len"]
+                x, g = rd("x", f, n), rd("g", f, n)
                 eps = f["eps_m"] * 2.0 ** f["eps_e"]
-                if isa.ENUMS["norm"][f["kind"]] == "layer":
-                    x = x - x.mean(dim=-1, keepdim=True)
-                abuf.write(f["dst"], x * t.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * g)
+                norm = F.layer_norm if isa.ENUMS["norm"][f["kind"]] == "layer" else F.rms_norm
+                # a gain shared by every token (a LOADed constant) fuses into the norm kernel
+                y = norm(x, (n,), weight=g[0], eps=eps) if g.shape[0] == 1 else norm(x, (n,), eps=eps) * g
+                abuf.write(f["dst"], y)
             elif k == "ACT":
                 x = rd("x", f, f["len"])
                 func = isa.ENUMS["func"][f["func"]]

@@ -63,19 +63,33 @@ def lse_merge(parts):
     Each ``out`` is already normalized by its own ``sum``. The result is Σ wᵢ·outᵢ / Σ wᵢ with
     wᵢ = sumᵢ·exp(maxᵢ − M) and M the largest max, so no exponent overflows however large or negative the scores.
     Works on scalars per head or on arrays of heads (``out`` [..., d], ``max``/``sum`` [...]).
+    Torch tensors merge on their own device (the offload device), numpy arrays in float64.
     """
-    parts = [(np.asarray(o, np.float64), np.asarray(m, np.float64), np.asarray(s, np.float64)) for o, m, s in parts]
     if not parts:
         raise OffloadError("nothing to merge")
-    big = np.max(np.stack([m for _, m, _ in parts]), axis=0)
-    if np.any(np.isneginf(big)):
+    xp = _namespace(parts[0][0])
+    if xp is np:
+        parts = [(np.asarray(o, np.float64), np.asarray(m, np.float64), np.asarray(s, np.float64)) for o, m, s in parts]
+    big = parts[0][1]
+    for _, m, _ in parts[1:]:
+        big = xp.maximum(big, m)
+    if xp.any(xp.isneginf(big)):
         raise OffloadError("every partition is empty: attention over zero KV positions")
     num = den = 0.0
     for o, m, s in parts:
-        w = np.where(s > 0, s * np.exp(np.where(s > 0, m - big, 0.0)), 0.0)
+        w = xp.where(s > 0, s * xp.exp(xp.where(s > 0, m - big, 0.0)), 0.0)
         num = num + w[..., None] * o
         den = den + w
     return num / den[..., None]
+
+
+def _namespace(x):
+    """torch for a torch tensor, else numpy: the merge is written once for both."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch
+    return np
 
 
 # ---------------------------------------------------------------- residency
@@ -274,18 +288,30 @@ class _KvStore:
         self.v[layer][:, position:position + n] = v.transpose(0, 1)
 
     def partial(self, layer, q, span: range):
-        """Attention of *q* [q_heads, head_dim] over positions *span*: (out [qh, d], max [qh], sum [qh]) in numpy."""
+        """Attention of *q* [q_heads, head_dim] (a tensor on the device) over positions *span*:
+        (out [qh, d], max [qh], sum [qh]) as tensors on the device."""
         t = self.torch
         k, v = self.k[layer][:, span.start:span.stop], self.v[layer][:, span.start:span.stop]
-        q = t.as_tensor(q, dtype=self.dtype, device=self.device)
         group = q.shape[0] // k.shape[0]
-        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-        s = t.einsum("hd,hnd->hn", q, k)
-        m = s.amax(dim=1)
-        p = t.exp(s - m[:, None])
-        total = p.sum(dim=1)
-        out = t.einsum("hn,hnd->hd", p, v) / total[:, None]
-        return out.double().cpu().numpy(), m.double().cpu().numpy(), total.double().cpu().numpy()
+        q = q.unflatten(0, (k.shape[0], group))  # query heads grouped by their KV head
+        s = t.einsum("hgd,hnd->hgn", q, k)
+        m = s.amax(dim=-1)
+        p = t.exp(s - m[..., None])
+        total = p.sum(dim=-1)
+        out = t.einsum("hgn,hnd->hgd", p, v) / total[..., None]
+        return out.flatten(0, 1), m.flatten(), total.flatten()
+
+    def merge(self, layer, q, span: range, overlay_part):
+        """The overlay's partial (numpy out [qh, d], max [qh], sum [qh]) merged with this store's over *span*, on the
+        device: one transfer there (q and the partial together) and one back (the merged output, numpy float64)."""
+        t = self.torch
+        qh, d = q.shape
+        packed = np.concatenate([q.reshape(-1), overlay_part[0].reshape(-1), overlay_part[1], overlay_part[2]])
+        x = t.as_tensor(packed, dtype=self.dtype).to(self.device, non_blocking=True)
+        q_t, o_r = x[: qh * d].view(qh, d), x[qh * d: 2 * qh * d].view(qh, d)
+        m_r, l_r = x[2 * qh * d: 2 * qh * d + qh], x[2 * qh * d + qh:]
+        merged = lse_merge([(o_r, m_r, l_r), self.partial(layer, q_t, span)])
+        return merged.double().cpu().numpy()
 
 
 class HybridGoldenBackend:
@@ -371,8 +397,7 @@ class HybridGoldenBackend:
                 # the overlay's partial: max in Q.SCORE_FRAC natural-log units, sum in Q1.15 units of exp(s - max)
                 m_r, l_r = stats[0::2] / (1 << nx.SCORE_FRAC), stats[1::2] / (1 << 15)
                 o_r = vec(f["dst"], f["dst_e"], qh * d).reshape(qh, d)
-                o_o, m_o, l_o = self._store().partial(f["layer"], q, off)
-                merged = lse_merge([(o_r, m_r, l_r), (o_o, m_o, l_o)])
+                merged = self._store().merge(f["layer"], q, off, (o_r, m_r, l_r))
                 model.put(f["dst"], f["dst_e"], *nx.from_float(merged.reshape(-1)))
         return hook
 

@@ -82,6 +82,24 @@ def test_merge_of_heads_and_empty_partitions():
         lse_merge([empty])
 
 
+def test_offload_store_merges_on_its_device_like_full_attention():
+    """The offload store (torch, float64 on the CPU) attends a grouped-query layer and merges the overlay's partial."""
+    pytest.importorskip("torch")
+    from kvoverlay.host.offload import _KvStore
+
+    rng = np.random.default_rng(9)
+    kvh, group, d, n = 2, 3, 8, 30
+    k, v, q = rng.normal(size=(n, kvh, d)), rng.normal(size=(n, kvh, d)), rng.normal(size=(kvh * group, d))
+    store = _KvStore("cpu", n)
+    store.put(0, 0, k, v)
+    resident = list(range(20, n))  # the overlay holds the last 10 tokens, the store attends to the first 20
+    outs = [attend_partial(q[h], k[resident, h // group], v[resident, h // group]) for h in range(kvh * group)]
+    overlay = (np.stack([o for o, _, _ in outs]), np.array([m for _, m, _ in outs]), np.array([s for _, _, s in outs]))
+    got = store.merge(0, q, range(20), overlay)
+    want = np.stack([_full(q[h], k[:, h // group], v[:, h // group]) for h in range(kvh * group)])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
 def test_residency_keeps_sinks_and_the_recent_window():
     r = Residency(8, sinks=2)
     assert [r.slot(p) for p in range(8)] == list(range(8))
