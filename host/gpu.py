@@ -4,7 +4,8 @@ The program bundle is the deployable artefact, so this backend is built from it 
 lowered once (:func:`lower`) into a list of torch operations on float tensors, with every weight matrix and table
 dequantized from the memory image (``kvoverlay.numerics`` decodes the row and vector records). Vectors live by
 activation-buffer address in a small map (:class:`_Words`), so a read of a sub-range is a view and nothing is copied
-into a flat buffer. GEMV row tiles and split-K tiles of one matrix fuse into one matmul.
+into a flat buffer. GEMV row tiles and split-K tiles of one matrix fuse into one matmul, and a bias added right
+after a GEMV folds into it.
 
 Every value carries a leading token dimension T: a decode step is T = 1, a batched prefill runs the same lowered
 program over T prompt tokens at once (KVAPPEND writes T slots, ATTN masks causally by each row's KV length).
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from kvoverlay.sim.golden import accesses
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
@@ -106,6 +108,64 @@ class _Op:
     f: dict
     w: object = None  # weight matrix [rows, cols] (GEMV, LDROW table) or constant vector (LOAD)
     x_len: int = 0  # GEMV: input elements (all split-K tiles)
+    bias: object = None  # LINEAR: the constant vector added to the product
+
+    def accesses(self):
+        """(space, lo, hi, is_write) of on-chip state, as the ISA's access table gives them for one instruction."""
+        f = self.f
+        if self.op == "GEMV":
+            return [("abuf", f["x"], f["x"] + self.x_len, False), ("acc", f["acc"], f["acc"] + self.w.shape[0], True)]
+        if self.op == "LINEAR":
+            return [("abuf", f["x"], f["x"] + self.x_len, False), ("abuf", f["dst"], f["dst"] + self.w.shape[0], True)]
+        return [a for a in accesses(isa.Instr(self.op, f)) if a[0] in ("abuf", "acc")]
+
+
+def _dead(ops, start, space, lo, hi):
+    """Whether no op from *start* on reads words [lo, hi) of *space* before they are all overwritten."""
+    live = [(lo, hi)]
+    for op in ops[start:]:
+        acc = op.accesses()
+        if any(s == space and not w and any(a < h2 and l2 < b for l2, h2 in live) for s, a, b, w in acc):
+            return False
+        for s, a, b, w in acc:
+            if s == space and w:
+                live = [piece for l2, h2 in live for piece in ((l2, min(h2, a)), (max(l2, b), h2)) if piece[0] < piece[1]]
+        if not live:
+            return True
+    return True
+
+
+def _fold_biases(ops):
+    """A constant added right after a GEMV (GEMV, REQ, LOAD, VADD) or a LayerNorm (NORM, LOAD, VADD) becomes that
+    kernel's bias (one kernel, not two), when nothing reads the intermediate vector, the loaded constant or the
+    accumulators afterwards."""
+    stored = {op.f["addr"] for op in ops if op.op in ("STORE", "STACC")}
+
+    def bias_add(c, v, src, n, end):
+        return (c.op == "LOAD" and v.op == "VADD" and c.f["len"] == v.f["len"] == n and c.f["addr"] not in stored
+                and {v.f["a"], v.f["b"]} == {src, c.f["dst"]} and src != c.f["dst"]
+                and all(_dead(ops, end, "abuf", a, a + n) for a in (src, c.f["dst"]) if a != v.f["dst"]))
+
+    out, i = [], 0
+    while i < len(ops):
+        g = ops[i]
+        if g.op == "GEMV" and len(ops) > i + 3 and ops[i + 1].op == "REQ":
+            r, c, v = ops[i + 1: i + 4]
+            n = g.w.shape[0]
+            if (r.f["acc"] == g.f["acc"] and r.f["len"] == n and bias_add(c, v, r.f["dst"], n, i + 4)
+                    and _dead(ops, i + 4, "acc", g.f["acc"], g.f["acc"] + n)):
+                out.append(_Op("LINEAR", {"x": g.f["x"], "dst": v.f["dst"]}, g.w, g.x_len, c.w[0]))
+                i += 4
+                continue
+        if (g.op == "NORM" and isa.ENUMS["norm"][g.f["kind"]] == "layer" and len(ops) > i + 2
+                and bias_add(*ops[i + 1: i + 3], g.f["dst"], g.f["len"], i + 3)):
+            c, v = ops[i + 1: i + 3]
+            out.append(_Op("NORM", {**g.f, "dst": v.f["dst"]}, bias=c.w[0]))
+            i += 3
+            continue
+        out.append(g)
+        i += 1
+    return out
 
 
 def _fuse_gemvs(code, align):
@@ -182,7 +242,7 @@ def lower(program, torch, device, dtype):
             ops.append(_Op("LOAD", f, tensor(nx.to_float(m, e))[None]))
         else:
             ops.append(_Op(item.op, f))
-    return ops
+    return _fold_biases(ops)
 
 
 class _Machine:
@@ -211,6 +271,8 @@ class _Machine:
             k = op.op
             if k == "GEMV":
                 acc.write(f["acc"], F.linear(abuf.read(f["x"], op.x_len), op.w))
+            elif k == "LINEAR":
+                abuf.write(f["dst"], F.linear(abuf.read(f["x"], op.x_len), op.w, op.bias))
             elif k == "REQ":
                 abuf.write(f["dst"], acc.read(f["acc"], f["len"]))
             elif k == "LOAD":
@@ -228,8 +290,11 @@ class _Machine:
                 x, g = rd("x", f, n), rd("g", f, n)
                 eps = f["eps_m"] * 2.0 ** f["eps_e"]
                 norm = F.layer_norm if isa.ENUMS["norm"][f["kind"]] == "layer" else F.rms_norm
-                # a gain shared by every token (a LOADed constant) fuses into the norm kernel
-                y = norm(x, (n,), weight=g[0], eps=eps) if g.shape[0] == 1 else norm(x, (n,), eps=eps) * g
+                # a gain shared by every token (a LOADed constant) and a folded bias fuse into the norm kernel
+                if g.shape[0] == 1:
+                    y = norm(x, (n,), g[0], op.bias, eps=eps) if op.bias is not None else norm(x, (n,), g[0], eps=eps)
+                else:
+                    y = norm(x, (n,), eps=eps) * g + (0.0 if op.bias is None else op.bias)
                 abuf.write(f["dst"], y)
             elif k == "ACT":
                 x = rd("x", f, f["len"])

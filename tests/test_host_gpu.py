@@ -67,3 +67,22 @@ def test_step_by_step_equals_one_run(program):
 def test_importing_the_gpu_backend_imports_no_torch():
     code = "import sys, kvoverlay.host.gpu, kvoverlay.host.offload; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("reread, folds", [("", True), ("VADD a=16 b=16 dst=48 len=4", False)])
+def test_bias_folds_into_the_matmul_only_when_nothing_rereads_the_product(reread, folds):
+    from kvoverlay.host.gpu import _fold_biases, _Op
+
+    from kvoverlay import isa
+
+    code = isa.assemble(f"""
+        GEMV addr=0 rows=4 cols=4 x=0 acc=0 acc_e=E1
+        REQ acc=0 acc_e=E1 len=4 dst=16 dst_e=E2
+        LOAD addr=0x100 len=4 dst=32 dst_e=E3
+        VADD a=16 a_e=E2 b=32 b_e=E3 dst=0 dst_e=E4 len=4
+        {reread}
+    """)
+    w = {"GEMV": np.ones((4, 4)), "LOAD": np.ones((1, 4))}
+    ops = [_Op(i.op, i.fields, w.get(i.op), 4 if i.op == "GEMV" else 0) for i in code]
+    got = [op.op for op in _fold_biases(ops)]
+    assert (got[0] == "LINEAR") == folds, got
