@@ -1,7 +1,7 @@
 """The gpu backend on a GPT-2-small-shaped program beside transformers' own ``generate()``, hybrid attention's cost
 per step and a batched prefill, in one run (the device machine's budget allows one).
 
-Usage: python benchmarks/gpu_decode.py SKELETON.onnx OUT.json [--quick]
+Usage: python benchmarks/gpu_decode.py SKELETON.onnx OUT.json [--quick | --overlay-cycles]
 
 SKELETON is ``benchmarks/gpt2_skeleton.py export``'s weightless GPT-2 small; its weights are put back (seeded) and
 the model is compiled here with the compiler (onnx and numpy only). Measured, for fp32 and fp16:
@@ -13,6 +13,9 @@ the model is compiled here with the compiler (onnx and numpy only). Measured, fo
 * hybrid attention: the offload device's partial attention and the log-sum-exp merge over 1k and 8k offloaded tokens
   for all 12 layers (what one decode step adds to the overlay's own work);
 * prefill: one batched pass over a 512-token prompt.
+
+``--overlay-cycles`` instead reports the overlay's own step cycles for the same program (the golden model's timing
+model; it needs Amaranth, which the device machine lacks), the other side of the hybrid and prefill comparisons.
 """
 
 from __future__ import annotations
@@ -131,6 +134,9 @@ def main(argv=None) -> int:
     if len(argv) < 2:
         raise SystemExit(__doc__)
     skeleton, out_path, quick = argv[0], argv[1], "--quick" in argv
+    if "--overlay-cycles" in argv:
+        Path(out_path).write_text(json.dumps(overlay_cycles(skeleton), indent=1) + "\n")
+        return 0
     import torch
     from kvoverlay.compiler.driver import compile_model
 
@@ -172,6 +178,36 @@ def main(argv=None) -> int:
                     got = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
                 emit(f"gpu_backend_{dtype}_compiled", got)
     return 0
+
+
+
+def overlay_cycles(skeleton: str) -> dict:
+    """Cycles of one overlay decode step of the same program (the golden model's timing model, which needs the hw
+    package's cycle formulas, so this runs where Amaranth is installed): per KV length, and a 512-token prefill."""
+    from kvoverlay.compiler.driver import compile_model
+    from kvoverlay.sim.golden import _Timing
+
+    from kvoverlay.config import load_config
+
+    cfg = load_config("u280").replace(**CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "gpt2_small.onnx")
+        inflate(skeleton, path)
+        prog, _ = compile_model(path, cfg, weights="w16", max_seq=PROMPT_LEN + NEW)
+
+    def step(kv_len):
+        timing = _Timing(cfg)
+        for pc, ins in enumerate(prog.instructions):
+            timing.issue(pc, ins, kv_len if ins.op == "ATTN" else 0)
+        return timing.finish()
+
+    lens = {n: step(n) for n in (1, 128, 256)}
+    # ATTN's cycles grow linearly in the KV length: the prefill sums the steps at lengths 1..512
+    slope = (lens[256] - lens[128]) / 128
+    prefill = sum(lens[1] + slope * (n - 1) for n in range(1, 513))
+    return {"config": cfg.to_dict(), "clock_mhz": cfg.clock_mhz, "step_cycles_by_kv_len": lens,
+            "step_us_at_256": round(lens[256] / cfg.clock_mhz, 2), "prefill_512_ms": round(prefill / cfg.clock_mhz / 1e3, 2),
+            "weight_bytes": prog.manifest["weight_bytes"]}
 
 
 if __name__ == "__main__":

@@ -359,12 +359,14 @@ class GpuBackend:
     name = "gpu"
 
     def __init__(self, program, *, device: str = "auto", dtype: str = "float32", cuda_graph: bool = True,
-                 compile: bool = False, **_):
+                 compile: bool = False, offload_device: str | None = None, **_):
         from .offload import resolve_device
 
         torch = _torch()
         self.t = torch
         self.program = program
+        if device in ("auto", None) and offload_device not in (None, "none"):
+            device = offload_device  # the session's --offload-device names where the whole model runs
         dev = resolve_device("auto" if device in ("auto", None) else device)
         if dev == "none":
             raise ValueError("--backend gpu needs a device: cuda or cpu")

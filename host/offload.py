@@ -26,8 +26,9 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["DEVICES", "PREFILL_MODES", "HybridGoldenBackend", "OffloadError", "Residency", "attend_partial",
-           "choose_prefill", "lse_merge", "offload_regs", "placement", "resolve_device", "write_kv_program"]
+__all__ = ["DEVICES", "PREFILL_MODES", "HybridGoldenBackend", "OffloadError", "Residency", "add_arguments",
+           "attend_partial", "choose_prefill", "lse_merge", "offload_regs", "placement", "prefill", "resolve_device",
+           "write_kv_program"]
 
 DEVICES = ("auto", "cuda", "cpu", "none")
 PREFILL_MODES = ("auto", "gpu", "overlay")
@@ -427,3 +428,43 @@ class HybridGoldenBackend:
         for addr, m, e in records:
             self.model.write_vector_record(addr, m, e)
         return self.model.run(code, args=[0])
+
+
+# ---------------------------------------------------------------- what the session and the CLI call
+def add_arguments(parser) -> None:
+    """``kvoverlay run``'s offload options: --offload-device, --prefill and --kv-sinks."""
+    parser.add_argument("--offload-device", default="auto", choices=DEVICES,
+                        help="where KV beyond the overlay's buffer (and a GPU prefill) goes: auto = cuda when torch sees "
+                             "one, else cpu; none = fail when something does not fit")
+    parser.add_argument("--prefill", default="auto", choices=PREFILL_MODES,
+                        help="prefill the prompt in one batched torch pass (gpu) or token by token on the overlay; "
+                             "auto asks the cost model")
+    parser.add_argument("--kv-sinks", type=int, default=DEFAULT_SINKS, metavar="N",
+                        help="first tokens kept in the overlay's KV buffer once it overflows (attention sinks)")
+
+
+def prefill(backend, prompt, mode: str = "auto", offload_device: str = "auto"):
+    """Phase split: prefill *prompt* (from position 0) in one batched torch pass when *mode* or the cost model says so.
+
+    On the ``gpu`` backend that is its own batched prefill; on ``isa`` the KV then goes into the overlay's buffer (and
+    the offload store) and decoding continues on the overlay from ``len(prompt)``. Returns ``(next_token, logits,
+    placement)`` of the prompt's last position, or ``None`` when the prompt is to be fed to the overlay token by token.
+    """
+    prompt = [int(t) for t in prompt]
+    program = backend.program
+    if backend.name == "gpu":
+        nxt, logits, _ = backend.prefill(prompt)
+        return nxt, logits, {"prefill": "gpu", "device": backend.device.type}
+    where = choose_prefill(program, len(prompt), mode, offload_device)
+    if where == "overlay":
+        return None
+    if not hasattr(backend, "load_prefill"):
+        raise OffloadError(f"--prefill gpu: the {backend.name} backend cannot take a prefilled KV cache yet; use --backend isa")
+    from .gpu import GpuBackend
+
+    device = resolve_device(offload_device)
+    gpu = GpuBackend(program, device=device, cuda_graph=False)
+    nxt, logits, kv = gpu.prefill(prompt)
+    backend.load_prefill(kv, len(prompt))
+    residency = getattr(backend, "residency", None)
+    return nxt, logits, placement(program.manifest, len(prompt) - 1, residency, device, prefill="gpu")

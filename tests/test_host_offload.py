@@ -19,6 +19,7 @@ from kvoverlay.host.offload import (
     choose_prefill,
     lse_merge,
     placement,
+    prefill,
 )
 from kvoverlay.host.reference import compare
 from kvoverlay.host.session import Session
@@ -171,14 +172,12 @@ def test_offload_device_none_says_what_did_not_fit(hybrid_program):
 def test_phase_split_prefill_on_torch_then_decode_on_the_overlay(hybrid_program):
     """The prompt runs as one batched torch pass; its KV goes into the overlay's buffer (resident tokens, through a
     LOAD + KVAPPEND program) and to the offload store (the rest); decoding continues on the golden model."""
-    from kvoverlay.host.gpu import GpuBackend
-
     path, b = hybrid_program
-    gpu = GpuBackend(b, device="cpu")
-    first, logits, kv = gpu.prefill(PROMPT)
     overlay = HybridGoldenBackend(b, offload_device="cpu")
-    counters = overlay.load_prefill(kv, len(PROMPT))
-    assert counters.instructions == 3 * 64 * len(kv) + 1
+    first, logits, where = prefill(overlay, PROMPT, "gpu", "cpu")
+    assert where["prefill"] == "gpu" and (where["kv_on_chip_tokens"], where["kv_offloaded_tokens"]) == (64, 36)
+    resident = Residency(64, 4).resident(len(PROMPT) - 1)
+    assert np.count_nonzero(overlay.model.kv_k[0, :, :64].any(axis=-1)) == 2 * len(resident)  # 2 KV heads, every slot
     tokens, got = [first], [logits]
     for i in range(NEW - 1):
         nxt, lg, _ = overlay.step(tokens[-1], len(PROMPT) + i)
