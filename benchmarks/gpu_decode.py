@@ -1,7 +1,7 @@
 """The gpu backend on a GPT-2-small-shaped program beside transformers' own ``generate()``, hybrid attention's cost
 per step and a batched prefill, in one run (the device machine's budget allows one).
 
-Usage: python benchmarks/gpu_decode.py SKELETON.onnx OUT.json [--quick | --overlay-cycles]
+Usage: python benchmarks/gpu_decode.py SKELETON.onnx OUT.json [--quick | --hybrid-only | --overlay-cycles]
 
 SKELETON is ``benchmarks/gpt2_skeleton.py export``'s weightless GPT-2 small; its weights are put back (seeded) and
 the model is compiled here with the compiler (onnx and numpy only). Measured, for fp32 and fp16:
@@ -152,6 +152,9 @@ def main(argv=None) -> int:
         Path(out_path).write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps({key: value}), flush=True)
 
+    if "--hybrid-only" in argv:
+        emit("hybrid_attention", {dev: hybrid_cost(torch, dev) for dev in dict.fromkeys((device, "cpu"))})
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "gpt2_small.onnx")
         t0 = time.perf_counter()
