@@ -459,7 +459,14 @@ class GpuBackend:
         nxt = self.next_hist[position: position + n].cpu().numpy()
         logits = self.logits_hist[position: position + n].double().cpu().numpy()
         wall = (time.perf_counter() - t0) / max(n, 1)
-        return [(int(nxt[i]), logits[i], GpuCounters(instructions=self.n_instructions, wall_s=wall)) for i in range(n)]
+        return [(int(nxt[i]), logits[i], GpuCounters(instructions=self.n_instructions, wall_s=wall,
+                                                     placement=self._placement(position + i))) for i in range(n)]
+
+    def _placement(self, position):
+        """The whole step runs here: no KV on the overlay, every op off it."""
+        return {"kv_on_chip_tokens": 0, "kv_offloaded_tokens": position + 1,
+                "layers_offloaded": sorted(self.machine.kv), "heads_offloaded": sum(k.shape[0] for k, _ in self.machine.kv.values()),
+                "ops_off_overlay": ["all"], "device": self.device.type}
 
     def step(self, token: int, position: int):
         return self.run_steps([token], 0, position)[0]

@@ -32,6 +32,9 @@ def test_w16_matches_onnxruntime(program):
     assert ref["logits_cosine_min"] >= 0.999
     assert ref["token_match"], (res.tokens, ref["tokens"])
     assert len(set(res.tokens)) >= 8
+    _, _, counters = s.backend.step(res.tokens[-1], s.position)
+    p = counters.placement
+    assert (p["kv_on_chip_tokens"], p["kv_offloaded_tokens"], p["device"]) == (0, s.position + 1, "cpu")
 
 
 def test_batched_prefill_equals_step_by_step(program):
