@@ -266,7 +266,11 @@ class _KvStore:
     """Every token's keys and values per layer on the offload device (float), and the partial attention there."""
 
     def __init__(self, device: str, max_seq: int):
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise OffloadError("offloading KV needs torch (pip install torch, any CUDA or CPU build); "
+                               "without it, --offload-device none keeps every token on the overlay") from None
 
         self.torch = torch
         self.device = device
@@ -356,7 +360,7 @@ class HybridGoldenBackend:
 
     def _store(self):
         if self.store is None:
-            self.store = _KvStore("cpu" if self.device == "none" else self.device, int(self.program.manifest["max_seq"]))
+            self.store = _KvStore(self.device, int(self.program.manifest["max_seq"]))
         return self.store
 
     def _check_fits(self, position):
@@ -387,7 +391,7 @@ class HybridGoldenBackend:
 
         def hook(pc, ins):
             f = ins.fields
-            if ins.op == "KVAPPEND":
+            if ins.op == "KVAPPEND" and self.device != "none":  # every token's KV, for when it is evicted
                 h, d = f["heads"], f["head_dim"]
                 k = vec(f["k"], f["k_e"], h * d).reshape(h, d)
                 v = vec(f["v"], f["v_e"], h * d).reshape(h, d)
@@ -422,7 +426,7 @@ class HybridGoldenBackend:
         entries = []
         for layer, (k, v) in sorted(kv.items()):
             k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
-            if self.hybrid:
+            if self.hybrid and self.device != "none":
                 self._store().put(int(layer), 0, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
             entries += [(int(layer), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
         code, records = write_kv_program(self.program, entries, len(self.program.image))
