@@ -175,18 +175,27 @@ def resolve_device(name: str = "auto") -> str:
 
 
 # ---------------------------------------------------------------- placement and cost model
-def placement(manifest: dict, position: int, residency: Residency | None, device: str, *, prefill: str | None = None) -> dict:
-    """What runs where for the step at *position* (the token being attended), as reported per step."""
+def placement(manifest: dict, position: int, residency: Residency | None, device: str, *, prefill: str | None = None,
+              device_layers=()) -> dict:
+    """What runs where for the step at *position* (the token being attended), as reported per step.
+
+    ``kv_*_tokens`` count the tokens of a layer the overlay's buffer holds; *device_layers* are layers whose whole KV
+    (and attention) is on the offload device because the buffer has no room for them.
+    """
     layers = manifest.get("kv", {}).get("layers", {})
     total = position + 1
     off = len(residency.offloaded(position)) if residency else 0
+    partial = sorted(int(k) for k in layers if int(k) not in device_layers) if off else []
+    whole = sorted(device_layers)
+    ops = (["attention partial", "log-sum-exp merge"] if partial else []) + (["attention"] if whole else [])
     out = {
         "kv_on_chip_tokens": total - off,
         "kv_offloaded_tokens": off,
-        "layers_offloaded": sorted(int(k) for k in layers) if off else [],
-        "heads_offloaded": sum(int(v["kv_heads"]) for v in layers.values()) if off else 0,
-        "ops_off_overlay": (["attention partial", "log-sum-exp merge"] if off else []) + list(manifest.get("placement", {}).get("host", [])),
-        "device": device if off or prefill == "gpu" else "overlay",
+        "layers_offloaded": sorted(partial + whole),
+        "layers_on_device": whole,
+        "heads_offloaded": sum(int(layers[str(k)]["kv_heads"]) for k in partial + whole if str(k) in layers),
+        "ops_off_overlay": ops + list(manifest.get("placement", {}).get("host", [])),
+        "device": device if ops or prefill == "gpu" else "overlay",
     }
     if prefill is not None:
         out["prefill"] = prefill
@@ -350,6 +359,25 @@ class HybridGoldenBackend:
         self.requested_device = offload_device
         self.model = GoldenModel(program.config, program.image,
                                  regions=[tuple(r) for r in program.manifest.get("regions", [])])
+        # KVAPPEND and ATTN of layers the buffer cannot hold become NOPs (keeping their dependency tokens) on the
+        # overlay; the hook runs them on the offload device instead.
+        cfg = program.config
+        self.host_pcs = {pc: ins for pc, ins in enumerate(program.instructions) if ins.op in ("KVAPPEND", "ATTN") and (
+            ins.fields["layer"] >= cfg.max_layers or ins.fields["head_dim"] > cfg.max_head_dim
+            or ins.fields["heads" if ins.op == "KVAPPEND" else "kv_heads"] > cfg.max_kv_heads)}
+        self.device_layers = sorted({ins.fields["layer"] for ins in self.host_pcs.values()})
+        nop = isa.Instr("NOP", {"queue": isa.QUEUES.index("compute")})
+        self.instructions = [isa.Instr(nop.op, nop.fields, ins.deps) if pc in self.host_pcs else ins
+                             for pc, ins in enumerate(program.instructions)]
+        if self.device_layers:
+            self.device = resolve_device(offload_device)
+            if self.device == "none":
+                kv = program.manifest.get("kv", {}).get("layers", {})
+                shapes = sorted({(kv[str(la)]["kv_heads"], kv[str(la)]["head_dim"]) for la in self.device_layers if str(la) in kv})
+                raise OffloadError(f"the KV of layers {self.device_layers} ({', '.join(f'{h} heads of {d}' for h, d in shapes)}) "
+                                   f"does not fit the overlay's KV buffer of {cfg.max_layers} layers x {cfg.max_kv_heads} "
+                                   f"heads of {cfg.max_head_dim} ({len(self.device_layers)} layers over) and "
+                                   "--offload-device is none")
         self.store = None
         self.placement = None
         self.prefilled = None  # prefill placement of the last prefill_gpu
@@ -374,9 +402,10 @@ class HybridGoldenBackend:
     def step(self, token: int, position: int):
         off = self._check_fits(position)
         args = offload_regs(self.program.manifest, token, position, self.residency)
-        hook = self._hook(position, off) if self.hybrid else None
-        counters = self.model.run(self.program.instructions, args=args, hook=hook)
-        self.placement = placement(self.program.manifest, position, self.residency, self.device)
+        hook = self._hook(position, off) if self.hybrid or self.host_pcs else None
+        counters = self.model.run(self.instructions, args=args, hook=hook)
+        self.placement = placement(self.program.manifest, position, self.residency, self.device,
+                                   device_layers=self.device_layers)
         counters.placement = self.placement
         out = self.program.manifest["logits"]
         m, e = self.model.read_vector_record(out["addr"], out["len"])
@@ -389,7 +418,22 @@ class HybridGoldenBackend:
             m, e = model.vec(base, ereg, n)
             return nx.to_float(m, e)
 
+        def attend_on_device(f):
+            qh, d = f["q_heads"], f["head_dim"]
+            store = self._store()
+            q = store.torch.as_tensor(vec(f["q"], f["q_e"], qh * d).reshape(qh, d), dtype=store.dtype).to(store.device)
+            out, m, total = store.partial(f["layer"], q, range(position + 1))
+            model.put(f["dst"], f["dst_e"], *nx.from_float(out.double().cpu().numpy().reshape(-1)))
+            # the (max, sum) partials in the overlay's units, as its ATTN leaves them for a STACC
+            stats = np.stack([np.rint(m.double().cpu().numpy() * (1 << nx.SCORE_FRAC)),
+                              np.rint(total.double().cpu().numpy() * (1 << 15))], axis=1).reshape(-1)
+            model.acc[f["stats"]: f["stats"] + 2 * qh] = stats.astype(np.int64)
+
         def hook(pc, ins):
+            if pc in self.host_pcs:
+                ins = self.host_pcs[pc]
+                if ins.op == "ATTN":  # a layer wholly on the offload device: its whole attention runs there
+                    return attend_on_device(ins.fields)
             f = ins.fields
             if ins.op == "KVAPPEND" and self.device != "none":  # every token's KV, for when it is evicted
                 h, d = f["heads"], f["head_dim"]
@@ -426,9 +470,10 @@ class HybridGoldenBackend:
         entries = []
         for layer, (k, v) in sorted(kv.items()):
             k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
-            if self.hybrid and self.device != "none":
+            if (self.hybrid or self.device_layers) and self.device != "none":
                 self._store().put(int(layer), 0, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
-            entries += [(int(layer), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
+            if int(layer) not in self.device_layers:
+                entries += [(int(layer), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
         code, records = write_kv_program(self.program, entries, len(self.program.image))
         for addr, m, e in records:
             self.model.write_vector_record(addr, m, e)

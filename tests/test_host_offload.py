@@ -26,6 +26,8 @@ from kvoverlay.host.offload import (
 from kvoverlay.host.reference import compare
 from kvoverlay.host.session import Session
 
+from kvoverlay.config import PRESETS
+
 PROMPT = [int(t) for t in np.random.default_rng(1).integers(3, 256, size=100)]
 NEW = 16
 
@@ -194,6 +196,25 @@ def test_phase_split_prefill_on_torch_then_decode_on_the_overlay(hybrid_program)
     print(f"phase split llama w16: cosine {ref['logits_cosine_min']}, tokens {ref['tokens_matching']}/{NEW}")
     assert ref["logits_cosine_min"] >= 0.999
     assert ref["token_match"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layers_beyond_the_buffer_run_on_the_offload_device(family, exported_models):
+    """A KV buffer of one layer: layer 1's KV and attention go to the offload device, layer 0 stays on the overlay
+    and, past 64 tokens, attends hybrid. Tokens and logits still follow onnxruntime."""
+    path = str(exported_models[family])
+    b = compile_model(path, PRESETS["tiny"].replace(max_layers=1), weights="w16", max_seq=256, kv_capacity=64)[0]
+    s = Session(b, backend="isa")
+    assert s.backend.device_layers == [1]
+    res = s.generate(PROMPT, NEW)
+    ref = compare(path, PROMPT, res.tokens, res.logits)
+    p = s.backend.placement
+    print(f"{family} with 1 layer of KV buffer: cosine {ref['logits_cosine_min']}, tokens {ref['tokens_matching']}/{NEW}, {p}")
+    assert p["layers_on_device"] == [1] and p["layers_offloaded"] == [0, 1] and "attention" in p["ops_off_overlay"]
+    assert ref["logits_cosine_min"] >= 0.999
+    assert ref["token_match"], (res.tokens, ref["tokens"])
+    with pytest.raises(OffloadError, match=r"layers \[1\] .* does not fit the overlay's KV buffer of 1 layers .*1 layers over"):
+        HybridGoldenBackend(b, offload_device="none")
 
 
 def test_placement_and_prefill_choice(hybrid_program):
