@@ -24,19 +24,21 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from kvoverlay.sim.golden import accesses
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
+from kvoverlay.access import accesses
+
+from .backend import SessionError, Step
 
 __all__ = ["GpuBackend", "GpuCounters", "lower"]
 
 
 @dataclass
 class GpuCounters:
-    """What one step on the gpu backend reports: no cycles, the instructions lowered and the wall time."""
+    """What one step on the gpu backend reports: no cycles (None), the instructions lowered and the wall time."""
 
-    cycles: int = 0
+    cycles: int | None = None
     instructions: int = 0
     wall_s: float = 0.0
     bytes_read: dict = field(default_factory=dict)
@@ -392,6 +394,7 @@ class GpuBackend:
         self.logits_hist = torch.zeros(self.max_seq, self.vocab, dtype=torch.float32, device=self.device)
         self.graph = None
         self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.last_position = None  # the last step run, for read_vector / read_register
         self._body = torch.compile(self._step_body, dynamic=False) if compile else self._step_body
 
     # ------------------------------------------------------------ one step, all on the device
@@ -441,8 +444,9 @@ class GpuBackend:
             else:
                 self._body()
 
-    def run_steps(self, feed, generate: int, position: int):
+    def run_steps(self, feed, generate: int, position: int, registers: dict | None = None) -> list:
         """Feed *feed* from *position* on, then *generate* greedy steps; one host synchronization in all."""
+        self._no_registers(registers)
         feed = [int(x) for x in feed]
         n = len(feed) + generate
         if position + n > self.max_seq:
@@ -456,10 +460,11 @@ class GpuBackend:
         if position and not feed:
             self.last_next.fill_(int(self.next_hist[position - 1]))
         self._advance(n)
+        self.last_position = position + n - 1
         nxt = self.next_hist[position: position + n].cpu().numpy()
         logits = self.logits_hist[position: position + n].double().cpu().numpy()
         wall = (time.perf_counter() - t0) / max(n, 1)
-        return [(int(nxt[i]), logits[i], GpuCounters(instructions=self.n_instructions, wall_s=wall,
+        return [Step(int(nxt[i]), logits[i], GpuCounters(instructions=self.n_instructions, wall_s=wall,
                                                      placement=self._placement(position + i))) for i in range(n)]
 
     def _placement(self, position):
@@ -468,13 +473,39 @@ class GpuBackend:
                 "layers_offloaded": sorted(self.machine.kv), "heads_offloaded": sum(k.shape[0] for k, _ in self.machine.kv.values()),
                 "ops_off_overlay": ["all"], "device": self.device.type}
 
-    def step(self, token: int, position: int):
-        return self.run_steps([token], 0, position)[0]
+    def step(self, token: int, position: int, registers: dict | None = None) -> Step:
+        return self.run_steps([token], 0, position, registers)[0]
 
-    def reset(self):
+    def reset(self) -> None:
         # positions at or beyond the next write are masked out of attention, so stale KV needs no clearing
         self.pos.zero_()
         self.feed_end.zero_()
+        self.last_position = None
+
+    @staticmethod
+    def _no_registers(registers):
+        if registers:
+            raise SessionError(f"the gpu backend sets only the token and position registers, not {sorted(registers)}: "
+                               "its lowering has no general register file")
+
+    # ------------------------------------------------------------ the contract's memory and register access
+    # The lowering keeps only the logits and the next token of each step; other records and registers live in
+    # tensors that are not addressable as external memory.
+    def read_vector(self, addr: int, length: int) -> tuple:
+        if addr != self.logits_addr or length != self.vocab or self.last_position is None:
+            raise SessionError(f"the gpu backend reads back only the last step's logits (address {self.logits_addr}, "
+                               f"{self.vocab} elements), not {length} elements at {addr}")
+        return nx.from_float(self.logits_hist[self.last_position].double().cpu().numpy())
+
+    def write_vector(self, addr: int, mantissas, exponent: int) -> None:
+        raise NotImplementedError("the gpu backend cannot write external memory: the program's records are lowered "
+                                  "to tensors, not kept as a memory image")
+
+    def read_register(self, index: int) -> int:
+        if index != self.regs_map["next_token"] or self.last_position is None:
+            raise SessionError(f"the gpu backend reads back only the next-token register "
+                               f"R{self.regs_map['next_token']} after a step, not R{index}")
+        return int(self.next_hist[self.last_position])
 
     # ------------------------------------------------------------ batched prefill (phase split)
     def prefill(self, tokens):
@@ -497,6 +528,7 @@ class GpuBackend:
         self.next_hist[:n] = nxt
         self.last_next.copy_(nxt[-1:])
         self.pos.fill_(n)
+        self.last_position = n - 1
         kv = {layer: (k[:, :n].double().cpu().numpy(), v[:, :n].double().cpu().numpy())
               for layer, (k, v) in self.machine.kv.items()}
         return int(nxt[-1]), logits[-1].double().cpu().numpy(), kv

@@ -18,6 +18,7 @@ Only numpy at import; torch is imported when an offload device is first used.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -26,8 +27,10 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
+from .backend import GoldenBackend, Step, outside_kv_buffer, register_args
+
 __all__ = ["DEVICES", "PREFILL_MODES", "HybridGoldenBackend", "OffloadError", "Residency", "add_arguments",
-           "attend_partial", "choose_prefill", "lse_merge", "offload_regs", "placement", "prefill", "resolve_device",
+           "attend_partial", "choose_prefill", "kv_registers", "lse_merge", "placement", "prefill", "resolve_device",
            "write_kv_program"]
 
 DEVICES = ("auto", "cuda", "cpu", "none")
@@ -143,16 +146,15 @@ class Residency:
         return slots
 
 
-def offload_regs(manifest: dict, token: int, position: int, residency: Residency | None) -> list:
-    """Scalar register arguments of one decode step: token, position, and the KV slot and length when the program
-    takes them from registers (compiled with ``--max-seq`` above the KV capacity)."""
+def kv_registers(manifest: dict, position: int, residency: Residency | None) -> dict:
+    """Register index -> value of the KV slot and length for the step at *position*, when the program takes them
+    from registers (compiled with ``--max-seq`` above the KV capacity); empty otherwise. Without a *residency*
+    (nothing offloaded) the slot is the position."""
     regs = manifest["registers"]
-    args = [0] * (max(regs.values()) + 1)
-    args[regs["token"]], args[regs["position"]] = token, position
-    if "kv_slot" in regs:
-        slot, length = (residency.slot(position), residency.resident_length(position)) if residency else (position, position + 1)
-        args[regs["kv_slot"]], args[regs["kv_len"]] = slot, length
-    return args
+    if "kv_slot" not in regs:
+        return {}
+    slot, length = (residency.slot(position), residency.resident_length(position)) if residency else (position, position + 1)
+    return {int(regs["kv_slot"]): slot, int(regs["kv_len"]): length}
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -226,7 +228,7 @@ def choose_prefill(program, prompt_len: int, mode: str = "auto", device: str = "
         raise OffloadError("--prefill gpu needs an offload device; --offload-device is none")
     if mode != "auto":
         return mode
-    if dev == "none" or prompt_len < 2:
+    if dev == "none" or prompt_len < 2 or importlib.util.find_spec("torch") is None:
         return "overlay"
     fmt_bits = {"w16": 16, "int8": 8, "int4": 4}[program.manifest.get("weights", {}).get("format", "w16")]
     params = program.manifest.get("weight_bytes", 0) * 8 / fmt_bits
@@ -329,8 +331,11 @@ class _KvStore:
         return merged.double().cpu().numpy()
 
 
-class HybridGoldenBackend:
+class HybridGoldenBackend(GoldenBackend):
     """The golden model (``--backend isa``) with KV beyond the overlay's buffer attended on an offload device.
+
+    When nothing is offloaded (a program that fits the KV buffer, or positions within it) it runs exactly as
+    :class:`~kvoverlay.host.backend.GoldenBackend`, with no hook.
 
     Parameters
     ----------
@@ -341,30 +346,24 @@ class HybridGoldenBackend:
     offload_device : str
         ``auto``, ``cuda``, ``cpu`` or ``none``; with ``none`` a step that needs offload fails, naming what did not
         fit and by how much.
-    sinks : int
+    kv_sinks : int
         Attention sinks kept resident (see :class:`Residency`).
     """
 
     name = "isa"
 
-    def __init__(self, program, *, offload_device: str = "auto", sinks: int = DEFAULT_SINKS):
-        from kvoverlay.sim.golden import GoldenModel
-
-        self.program = program
+    def __init__(self, program, *, offload_device: str = "auto", kv_sinks: int = DEFAULT_SINKS, **options):
+        self.requested_device = offload_device
+        self.kv_sinks = kv_sinks
         regs = program.manifest["registers"]
         self.hybrid = "kv_slot" in regs
         cap = program.config.kv_capacity
-        self.residency = Residency(cap, min(sinks, cap - 1)) if self.hybrid else None
+        self.residency = Residency(cap, min(kv_sinks, cap - 1)) if self.hybrid else None
         self.device = resolve_device(offload_device) if self.hybrid else "none"
-        self.requested_device = offload_device
-        self.model = GoldenModel(program.config, program.image,
-                                 regions=[tuple(r) for r in program.manifest.get("regions", [])])
         # KVAPPEND and ATTN of layers the buffer cannot hold become NOPs (keeping their dependency tokens) on the
         # overlay; the hook runs them on the offload device instead.
         cfg = program.config
-        self.host_pcs = {pc: ins for pc, ins in enumerate(program.instructions) if ins.op in ("KVAPPEND", "ATTN") and (
-            ins.fields["layer"] >= cfg.max_layers or ins.fields["head_dim"] > cfg.max_head_dim
-            or ins.fields["heads" if ins.op == "KVAPPEND" else "kv_heads"] > cfg.max_kv_heads)}
+        self.host_pcs = outside_kv_buffer(program)
         self.device_layers = sorted({ins.fields["layer"] for ins in self.host_pcs.values()})
         nop = isa.Instr("NOP", {"queue": isa.QUEUES.index("compute")})
         self.instructions = [isa.Instr(nop.op, nop.fields, ins.deps) if pc in self.host_pcs else ins
@@ -378,20 +377,21 @@ class HybridGoldenBackend:
                                    f"does not fit the overlay's KV buffer of {cfg.max_layers} layers x {cfg.max_kv_heads} "
                                    f"heads of {cfg.max_head_dim} ({len(self.device_layers)} layers over) and "
                                    "--offload-device is none")
+        super().__init__(program, **options)
+
+    def reset(self) -> None:
+        super().reset()
         self.store = None
         self.placement = None
-        self.prefilled = None  # prefill placement of the last prefill_gpu
-
-    def reset(self):
-        self.__init__(self.program, offload_device=self.requested_device,
-                      sinks=self.residency.sinks if self.residency else DEFAULT_SINKS)
 
     def _store(self):
         if self.store is None:
             self.store = _KvStore(self.device, int(self.program.manifest["max_seq"]))
         return self.store
 
-    def _check_fits(self, position):
+    def check_fits(self, position: int) -> range:
+        """The positions offloaded while the token at *position* is attended; OffloadError when there are some and
+        no offload device."""
         off = self.residency.offloaded(position) if self.residency else range(0)
         if len(off) and self.device == "none":
             cap = self.program.config.kv_capacity
@@ -399,9 +399,13 @@ class HybridGoldenBackend:
                                f"({position + 1 - cap} over, {len(off)} to offload) and --offload-device is none")
         return off
 
-    def step(self, token: int, position: int):
-        off = self._check_fits(position)
-        args = offload_regs(self.program.manifest, token, position, self.residency)
+    def step(self, token: int, position: int, registers: dict | None = None) -> Step:
+        off = self.check_fits(position)
+        values = register_args(self.program, token, position, {**kv_registers(self.program.manifest, position,
+                                                                              self.residency), **(registers or {})})
+        args = list(self.model.regs)
+        for i, v in values.items():
+            args[i] = v
         hook = self._hook(position, off) if self.hybrid or self.host_pcs else None
         counters = self.model.run(self.instructions, args=args, hook=hook)
         self.placement = placement(self.program.manifest, position, self.residency, self.device,
@@ -409,7 +413,7 @@ class HybridGoldenBackend:
         counters.placement = self.placement
         out = self.program.manifest["logits"]
         m, e = self.model.read_vector_record(out["addr"], out["len"])
-        return self.model.regs[self.program.manifest["registers"]["next_token"]], nx.to_float(m, e), counters
+        return Step(self.model.regs[self.program.manifest["registers"]["next_token"]], nx.to_float(m, e), counters)
 
     def _hook(self, position, off):
         model = self.model
@@ -460,7 +464,7 @@ class HybridGoldenBackend:
         """
         last = length - 1
         if self.hybrid:
-            self._check_fits(last)
+            self.check_fits(last)
             resident = self.residency.resident(last)
         else:
             if length > self.program.config.kv_capacity:
@@ -486,35 +490,42 @@ def add_arguments(parser) -> None:
     parser.add_argument("--offload-device", default="auto", choices=DEVICES,
                         help="where KV beyond the overlay's buffer (and a GPU prefill) goes: auto = cuda when torch sees "
                              "one, else cpu; none = fail when something does not fit")
-    parser.add_argument("--prefill", default="auto", choices=PREFILL_MODES,
-                        help="prefill the prompt in one batched torch pass (gpu) or token by token on the overlay; "
-                             "auto asks the cost model")
+    parser.add_argument("--prefill", default="overlay", choices=PREFILL_MODES,
+                        help="prefill the prompt token by token on the backend (overlay, the default: bit-exact) or in "
+                             "one batched torch pass on the offload device (gpu); auto asks the cost model")
     parser.add_argument("--kv-sinks", type=int, default=DEFAULT_SINKS, metavar="N",
                         help="first tokens kept in the overlay's KV buffer once it overflows (attention sinks)")
 
 
-def prefill(backend, prompt, mode: str = "auto", offload_device: str = "auto"):
+def prefill(backend, prompt, mode: str = "auto", offload_device: str = "auto") -> Step | None:
     """Phase split: prefill *prompt* (from position 0) in one batched torch pass when *mode* or the cost model says so.
 
     On the ``gpu`` backend that is its own batched prefill; on ``isa`` the KV then goes into the overlay's buffer (and
-    the offload store) and decoding continues on the overlay from ``len(prompt)``. Returns ``(next_token, logits,
-    placement)`` of the prompt's last position, or ``None`` when the prompt is to be fed to the overlay token by token.
+    the offload store) and decoding continues on the overlay from ``len(prompt)``. Returns the :class:`Step` of the
+    prompt's last position (its counters: the KV-writing program's on ``isa``, with ``placement``), or ``None`` when
+    the prompt is to be fed to the overlay token by token.
     """
     prompt = [int(t) for t in prompt]
     program = backend.program
     if backend.name == "gpu":
+        from .gpu import GpuCounters
+
         nxt, logits, _ = backend.prefill(prompt)
-        return nxt, logits, {"prefill": "gpu", "device": backend.device.type}
+        where = {**backend._placement(len(prompt) - 1), "prefill": "gpu"}
+        return Step(nxt, logits, GpuCounters(instructions=backend.n_instructions, placement=where))
     where = choose_prefill(program, len(prompt), mode, offload_device)
     if where == "overlay":
         return None
     if not hasattr(backend, "load_prefill"):
-        raise OffloadError(f"--prefill gpu: the {backend.name} backend cannot take a prefilled KV cache yet; use --backend isa")
+        if mode == "auto":
+            return None
+        raise OffloadError(f"--prefill gpu: the {backend.name} backend cannot take a prefilled KV cache; use --backend isa")
     from .gpu import GpuBackend
 
     device = resolve_device(offload_device)
     gpu = GpuBackend(program, device=device, cuda_graph=False)
     nxt, logits, kv = gpu.prefill(prompt)
-    backend.load_prefill(kv, len(prompt))
-    residency = getattr(backend, "residency", None)
-    return nxt, logits, placement(program.manifest, len(prompt) - 1, residency, device, prefill="gpu")
+    counters = backend.load_prefill(kv, len(prompt))
+    counters.placement = placement(program.manifest, len(prompt) - 1, getattr(backend, "residency", None), device,
+                                   prefill="gpu")
+    return Step(nxt, logits, counters)

@@ -15,26 +15,23 @@ from amaranth.lib import enum, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa, numerics
+from kvoverlay import isa, numerics, timing
 
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
 
-__all__ = ["AttentionEngine", "AttnError", "attn_cycles", "kvappend_cycles"]
+__all__ = ["AttentionEngine", "AttnError"]
 
 # Constants that numerics.attention_head / exp2_neg_q15 write as bare literals; named here once.
-#: ``(1 << RECIP_BITS) // l`` is the softmax reciprocal, and the head exponent drops by RECIP_BITS.
-RECIP_BITS = 40
-#: The head accumulator is rounded to at most this many magnitude bits before the reciprocal multiply.
-ACC_KEEP_BITS = 31
+RECIP_BITS = numerics.ATTN_RECIP_BITS
+ACC_KEEP_BITS = numerics.ATTN_ACC_BITS
 #: Fraction bits of numerics.LOG2E_Q16 (the product ``-d * LOG2E_Q16`` is shifted right by this).
 LOG2E_FRAC = 16
 #: exp2_neg_q15 returns 0 once the integer part of the exponent reaches this.
 EXP2_ZERO_SHIFT = 16
 #: Q1.15 rescale of the running sum and accumulator by alpha.
 ALPHA_FRAC = 15
-#: Cycles of the restoring divider (one quotient bit per cycle).
-DIVIDER_CYCLES = RECIP_BITS + 1
+DIVIDER_CYCLES = timing.ATTN_DIVIDER_CYCLES
 #: Word of a 64-bit two's-complement value (numpy int64 arithmetic wraps at this width).
 W = 64
 
@@ -54,43 +51,6 @@ class AttnError(enum.Enum, shape=4):
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def kvappend_cycles(config, heads: int, head_dim: int) -> int:
-    """Busy cycles of a legal KVAPPEND: decode, a K pass and a V pass of ``ceil(head_dim / lanes)``
-    chunks per head (at least one, which writes the exponents), one drain cycle."""
-    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1
-
-
-def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
-    """Busy cycles of a legal ATTN.
-
-    Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks:
-    the first tile's score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale step (1) and
-    a run of ``n_i * c`` cycles in which the values of tile i and the scores of tile i+1 stream
-    side by side, + 1 drain (2 when tile i+1 is as long as tile i, its last score then still in
-    flight). A head's finish (1 + DIVIDER_CYCLES + the output words it touches) runs beside the
-    next head's first score pass, whose max step waits for it: that phase takes
-    ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write
-    pass over the ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a
-    normalization step; plus the decode cycle. With *overflow* (output exponent above EXP_MAX,
-    an OVERFLOW fault found at the normalization step) the write pass is skipped.
-    """
-    V, T = config.vector_lanes, config.attn_tile
-    nch = _ceil(head_dim, V)
-    sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
-    per_tile = 0
-    for i, n in enumerate(sizes):
-        following = sizes[i + 1] if i + 1 < len(sizes) else 0
-        per_tile += 1 + n * nch + (2 if following == n else 1)
-    total, finish = 1, 0
-    for h in range(q_heads):
-        first_scores = sizes[0] * nch + 2
-        total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
-        out_words = ((h * head_dim) % V + head_dim - 1) // V + 1
-        finish = 1 + DIVIDER_CYCLES + out_words
-    nw = _ceil(q_heads * head_dim, V)
-    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1)
 
 
 def _bits(n: int) -> int:

@@ -6,12 +6,7 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["Divider", "divider_cycles"]
-
-
-def divider_cycles(bits: int, bits_per_cycle: int) -> int:
-    """Busy cycles of one division of a *bits*-bit numerator."""
-    return -(-bits // bits_per_cycle)
+__all__ = ["Divider"]
 
 
 class Divider(wiring.Component):
@@ -19,7 +14,7 @@ class Divider(wiring.Component):
 
     The numerator's low ``bits`` bits are divided, ``bits_per_cycle`` quotient bits per
     cycle (restoring steps chained in one cycle), so a division takes exactly
-    :func:`divider_cycles` busy cycles after ``start``, whatever the operands. A zero
+    :func:`kvoverlay.timing.divider_cycles` busy cycles after ``start``, whatever the operands. A zero
     denominator gives an all-ones quotient; callers never divide by zero.
 
     Parameters

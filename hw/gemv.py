@@ -11,24 +11,10 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["FMT_CODES", "PIPELINE_LATENCY", "GemvEngine", "gemv_cycles"]
+__all__ = ["FMT_CODES", "GemvEngine"]
 
 #: ``fmt`` input codes, as in ``kvoverlay.isa.ENUMS["fmt"]``.
 FMT_CODES = {"int4": 0, "int8": 1, "w16": 2}
-
-#: Busy cycles beyond one per streamed port word (memory read, products, adder tree, group scale, row accumulate).
-PIPELINE_LATENCY = 4
-
-
-def gemv_cycles(rows: int, words_per_row: int) -> int:
-    """Cycles that ``busy`` stays high (the value of ``cycles`` at ``done``): one per port word plus the pipeline.
-
-    Exact for every weight format: *words_per_row* is
-    ``numerics.row_stride(cols, fmt, group, port_bytes) // port_bytes``, so the format
-    only enters through the row-record length (int4 rows are shorter, w16 rows longer).
-    """
-    return rows * words_per_row + PIPELINE_LATENCY
-
 
 def _log2(n: int) -> int:
     assert n > 0 and n & (n - 1) == 0, n
@@ -51,7 +37,7 @@ class GemvEngine(wiring.Component):
     (int4: all ``2 * port_bytes`` nibbles; int8: ``port_bytes`` bytes; w16:
     ``port_bytes / 2`` halfwords; unused lanes multiply by 0); S2 sums them; S3 accumulates the group and
     multiplies by its scale at the group end; S4 adds into the row accumulator and
-    writes it out at the row end. Busy lasts :func:`gemv_cycles` cycles.
+    writes it out at the row end. Busy lasts :func:`kvoverlay.timing.gemv_engine_cycles` cycles.
 
     Parameters
     ----------

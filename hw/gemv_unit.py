@@ -11,23 +11,14 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 
 from .dram import dram_port
-from .gemv import PIPELINE_LATENCY, GemvEngine
+from .gemv import GemvEngine
 from .isa_layout import LAYOUTS
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes, abuf_read, acc_read, acc_write, command, ereg_read, ereg_write
 
-__all__ = ["GemvUnit", "gemv_unit_cycles"]
+__all__ = ["GemvUnit"]
 
-#: Busy cycles besides one per weight word and the engine pipeline: check, start, memory latency, accumulate, done.
-GEMV_OVERHEAD = 9
 #: Depth of the weight FIFO between the port and the engine.
 WEIGHT_FIFO_DEPTH = 4
-
-
-def gemv_unit_cycles(config, ins: isa.Instr) -> int:
-    """Busy cycles of one uncontended GEMV instruction."""
-    fmt, group = isa.weight_layout(ins)
-    words = ins.fields["rows"] * nx.row_stride(ins.fields["cols"], fmt, group, config.port_bytes) // config.port_bytes
-    return words + PIPELINE_LATENCY + GEMV_OVERHEAD
 
 
 def _log2(n):

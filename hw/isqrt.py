@@ -6,19 +6,14 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["Isqrt", "isqrt_cycles"]
-
-
-def isqrt_cycles(root_width: int, bits_per_cycle: int) -> int:
-    """Busy cycles of one square root."""
-    return -(-root_width // bits_per_cycle)
+__all__ = ["Isqrt"]
 
 
 class Isqrt(wiring.Component):
     """``root = isqrt(radicand)`` for an unsigned radicand of ``2 * root_width`` bits.
 
     Each step consumes two radicand bits and yields one root bit; ``bits_per_cycle`` steps
-    are chained per cycle, so a root takes exactly :func:`isqrt_cycles` busy cycles.
+    are chained per cycle, so a root takes exactly :func:`kvoverlay.timing.isqrt_cycles` busy cycles.
 
     Parameters
     ----------

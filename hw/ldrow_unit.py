@@ -15,17 +15,7 @@ from .isa_layout import LAYOUTS
 from .normalize import scalar_mantissa
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes, abuf_write, command, ereg_write, reg_read
 
-__all__ = ["LdrowUnit", "ldrow_cycles"]
-
-#: Busy cycles besides the row's beats and two per element: check, address, request, latency, passes, exponent.
-LDROW_OVERHEAD = 11
-
-
-def ldrow_cycles(config, ins: isa.Instr) -> int:
-    """Busy cycles of one uncontended LDROW."""
-    fmt, group = isa.weight_layout(ins)
-    words = nx.row_stride(ins.fields["cols"], fmt, group, config.port_bytes) // config.port_bytes
-    return words + 2 * ins.fields["cols"] + LDROW_OVERHEAD
+__all__ = ["LdrowUnit"]
 
 
 def _log2(n):

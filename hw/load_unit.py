@@ -12,17 +12,7 @@ from .dram import dram_port
 from .isa_layout import LAYOUTS
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes, abuf_write, command, ereg_write
 
-__all__ = ["LoadUnit", "load_cycles"]
-
-#: Busy cycles besides one per beat: check, request, memory latency (see hw/dram_model.v), final write.
-LOAD_OVERHEAD = 6
-
-
-def load_cycles(config, length: int) -> int:
-    """Busy cycles of one uncontended LOAD of *length* elements (``vector_record_size`` bytes, in port beats)."""
-    from kvoverlay.numerics import vector_record_size
-
-    return -(-vector_record_size(length) // config.port_bytes) + LOAD_OVERHEAD
+__all__ = ["LoadUnit"]
 
 
 def _log2(n):

@@ -13,8 +13,23 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["EREG_SHAPE", "EXEC_ERRORS", "Fault", "QUEUE_ENTRY", "unit_signature", "abuf_lanes", "abuf_read", "abuf_write", "acc_read", "acc_write",
-           "command", "ereg_read", "ereg_write", "reg_read", "reg_write"]
+__all__ = [
+    "EREG_SHAPE",
+    "EXEC_ERRORS",
+    "QUEUE_ENTRY",
+    "Fault",
+    "abuf_lanes",
+    "abuf_read",
+    "abuf_write",
+    "acc_read",
+    "acc_write",
+    "command",
+    "ereg_read",
+    "ereg_write",
+    "reg_read",
+    "reg_write",
+    "unit_signature",
+]
 
 #: Exponent registers hold more than [EXP_MIN, EXP_MAX]: a GEMV's accumulator exponent is x_e + sexp, which may
 #: lie outside the bfp16 range until REQ renormalizes it; two extra bits cover every sum of a bfp16 exponent and sexp.

@@ -12,15 +12,7 @@ from .isa_layout import LAYOUTS
 from .normalize import scalar_mantissa
 from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes, abuf_write, acc_read, command, ereg_read, ereg_write
 
-__all__ = ["ReqUnit", "req_cycles"]
-
-#: Busy cycles besides two per element: check, shift computation, pipeline drain, done.
-REQ_OVERHEAD = 5
-
-
-def req_cycles(config, length: int) -> int:
-    """Busy cycles of one REQ of *length* accumulator words: a pass for the peak, a pass to round."""
-    return 2 * length + REQ_OVERHEAD if length else 3
+__all__ = ["ReqUnit"]
 
 
 def _log2(n):

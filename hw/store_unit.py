@@ -7,33 +7,12 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 
 from kvoverlay import isa
-from kvoverlay import numerics as nx
 
 from .dram import dram_port
 from .isa_layout import LAYOUTS
 from .ports import EXEC_ERRORS, abuf_lanes, abuf_read, acc_read, command, ereg_read
 
-__all__ = ["StoreUnit", "stacc_cycles", "store_cycles"]
-
-#: Busy cycles of STORE besides the beats: check, request, one buffer read per four beats, done.
-STORE_OVERHEAD = 3
-#: Busy cycles of STACC besides two per accumulator word: check, request, one per beat sent, done.
-STACC_OVERHEAD = 3
-
-
-def _ceil(a, b):
-    return -(-a // b)
-
-
-def store_cycles(config, length: int) -> int:
-    """Busy cycles of one uncontended STORE of *length* elements."""
-    beats = _ceil(nx.vector_record_size(length), config.port_bytes)
-    return beats + _ceil(beats, 4) + STORE_OVERHEAD
-
-
-def stacc_cycles(config, length: int) -> int:
-    """Busy cycles of one uncontended STACC of *length* accumulator words."""
-    return 2 * length + _ceil(8 * length, config.port_bytes) + STACC_OVERHEAD
+__all__ = ["StoreUnit"]
 
 
 def _log2(n):

@@ -66,31 +66,23 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
-from .divider import Divider, divider_cycles
+from .divider import Divider
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
-from .isqrt import Isqrt, isqrt_cycles
+from .isqrt import Isqrt
 from .lut import GateLut
 from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr
 
-__all__ = ["OPS", "VecError", "VectorUnit", "abuf_lanes", "vector_cycles"]
+__all__ = ["OPS", "VecError", "VectorUnit", "abuf_lanes"]
 
 #: Opcodes this unit executes.
 OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX", "REQ")
 
-#: Pipeline stages between issuing a chunk's reads and its result leaving S3.
-PIPE_DEPTH = 3
-#: Quotient (and root) bits per cycle of NORM's divider and square root.
-SCALAR_BITS_PER_CYCLE = 2
-#: numerics.norm rounds c * r by this many bits (a literal there).
-NORM_Z_SHIFT = 24
-#: numerics.rsqrt: isqrt(m << RSQRT_FRAC) and 2**RSQRT_NUM // root (literals there).
-RSQRT_FRAC = 24
-RSQRT_NUM = 48
-#: numerics.norm aligns the mean square to exponent 2 * ex - NORM_MS_FRAC (a literal there).
-NORM_MS_FRAC = 32
+PIPE_DEPTH = timing.VECTOR_PIPE_DEPTH
+SCALAR_BITS_PER_CYCLE = timing.SCALAR_BITS_PER_CYCLE
+NORM_Z_SHIFT, RSQRT_FRAC, RSQRT_NUM, NORM_MS_FRAC = nx.NORM_Z_SHIFT, nx.RSQRT_FRAC, nx.RSQRT_NUM, nx.NORM_MS_FRAC
 #: Left shifts of eps beyond this are folded into the exponent: the mean square (< 2**63)
 #: then only touches bits that numerics.scalar rounds away.
 _EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
@@ -117,51 +109,6 @@ def abuf_lanes(config) -> int:
 
 def _ceil(a, b):
     return -(-a // b)
-
-
-def _norm_widths(config):
-    nb = config.act_buffer_words.bit_length()
-    sum_w = 16 + nb  # |sum x| <= n * 2**15
-    sq_w = 31 + nb  # sum x*x <= n * 2**30
-    return {
-        "n": nb, "sum": sum_w, "sq": sq_w,
-        "ss_div": nb + sq_w,  # n * Q - S * S
-        "ms_div": sq_w + NORM_MS_FRAC,  # ss << 32
-        "recip_div": RSQRT_NUM + 1,  # 2**48
-        "mean_div": sum_w + 26,  # |S * r|
-        "root": (RSQRT_FRAC + nx.SCALAR_BITS + 2) // 2,  # isqrt of (m << 24), m < 2**25
-    }
-
-
-def vector_cycles(op: str, fields: dict, config) -> int:
-    """Cycles ``busy`` stays high for one instruction (error-free run).
-
-    REQ: as the chunk ops, with one accumulator per cycle instead of a chunk.
-    Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write
-    passes back to back), :data:`PIPE_DEPTH` drain cycles and one finishing cycle.
-    NORM adds a statistics pass (``ceil(len / V) + 2``) and the scalar sequence.
-    ROPE issues one pair per two cycles per pass. ARGMAX is one pass.
-    """
-    V = config.vector_lanes
-    if op == "REQ":
-        return 1 + 2 * fields["len"] + PIPE_DEPTH + 1
-    if op in ("VADD", "VMUL", "VSCALE", "ACT"):
-        return 1 + 2 * _ceil(fields["len"], V) + PIPE_DEPTH + 1
-    if op == "ARGMAX":
-        return 1 + _ceil(fields["len"], V) + 2 + 1
-    if op == "ROPE":
-        return 1 + 2 * fields["heads"] * fields["head_dim"] + PIPE_DEPTH + 1 + 1
-    if op == "NORM":
-        w = _norm_widths(config)
-        layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
-        nch = _ceil(fields["len"], V)
-        # each divider/isqrt step: a start cycle, its iterations, a cycle that sees done
-        k = SCALAR_BITS_PER_CYCLE
-        steps = [isqrt_cycles(w["root"], k)] + [divider_cycles(w[name], k) for name in
-                                                 ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
-        scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
-        return 1 + nch + 2 + scalar + 2 * nch + PIPE_DEPTH + 1
-    raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(OPS)}")
 
 
 def _code(name):
@@ -252,7 +199,7 @@ class VectorUnit(wiring.Component):
         n_words = cfg.act_buffer_words
         addr_w = 17  # element address + length, before the bounds check
         W = self.wide_width
-        nw = _norm_widths(cfg)
+        nw = timing.norm_widths(cfg)
 
         m.submodules.normalizer = norm = Normalizer(W, V)
         m.submodules.gate_lut = lut = GateLut(V)

@@ -197,6 +197,14 @@ def _round_shift_int(v: int, s: int) -> int:
     return (v + (1 << (s - 1))) >> s if s > 0 else v << -s
 
 
+#: rsqrt takes ``isqrt(m << RSQRT_FRAC)`` and divides ``2**RSQRT_NUM`` by the root.
+RSQRT_FRAC = 24
+RSQRT_NUM = 48
+#: norm aligns the mean square to exponent ``2 * ex - NORM_MS_FRAC`` and rounds ``c * r`` by NORM_Z_SHIFT bits.
+NORM_MS_FRAC = 32
+NORM_Z_SHIFT = 24
+
+
 def rsqrt(v: int, e: int):
     """1/sqrt(v * 2**e) for v > 0 as (mantissa, exponent), by integer square root and division.
 
@@ -205,9 +213,9 @@ def rsqrt(v: int, e: int):
     m, e = scalar(v, e)
     if e % 2:
         m, e = m << 1, e - 1
-    root = math.isqrt(m << 24)  # sqrt(m) * 2**12, 24..25 bits
-    r = (1 << 48) // root  # 2**48 / root
-    return r, -e // 2 + 12 - 48
+    root = math.isqrt(m << RSQRT_FRAC)  # sqrt(m) * 2**12, 24..25 bits
+    r = (1 << RSQRT_NUM) // root
+    return r, -e // 2 + RSQRT_FRAC // 2 - RSQRT_NUM
 
 
 def norm(x, ex, g, eg, eps_m, eps_e, kind="rms"):
@@ -224,16 +232,16 @@ def norm(x, ex, g, eg, eps_m, eps_e, kind="rms"):
     else:
         raise ValueError(f"unknown norm kind {kind!r}")
     # mean square as an integer with exponent 2*ex - 32, eps aligned to the same exponent
-    base = 2 * ex - 32
-    ms = (ss << 32) // n
+    base = 2 * ex - NORM_MS_FRAC
+    ms = (ss << NORM_MS_FRAC) // n
     eps = _round_shift_int(int(eps_m), base - eps_e) if eps_m else 0  # exact: the hardware adds eps exactly
     total = ms + eps
     if total <= 0:
         total = 1
     r, er = rsqrt(total, base)  # 1/sqrt(var + eps)
     # c * r; for LayerNorm c carries a factor n, removed by a floor division
-    z = round_shift((c * r) // scale_n, 24)
-    ez = ec + er + 24
+    z = round_shift((c * r) // scale_n, NORM_Z_SHIFT)
+    ez = ec + er + NORM_Z_SHIFT
     return normalize(z * _i64(g), ez + eg)
 
 
@@ -462,6 +470,12 @@ def gemv_acc(q, sm, x, group):
 
 
 # ---------------------------------------------------------------- attention
+#: The head accumulator is rounded to at most ATTN_ACC_BITS magnitude bits before it is multiplied by the softmax
+#: reciprocal ``(1 << ATTN_RECIP_BITS) // l``.
+ATTN_ACC_BITS = 31
+ATTN_RECIP_BITS = 40
+
+
 def attention_head(q, eq, k, ek, v, ev, tile):
     """One query head over keys k [L, d] and values v [L, d] with per-token exponents.
 
@@ -492,10 +506,10 @@ def attention_head(q, eq, k, ek, v, ev, tile):
         l += int(p.sum())
         acc = acc + np.sum(round_shift(p[:, None] * vt, (e_new - evt)[:, None]), axis=0)
         m, ea = m_new, e_new
-    s = max(0, bitlen(int(np.max(np.abs(acc)))) - 31)
+    s = max(0, bitlen(int(np.max(np.abs(acc)))) - ATTN_ACC_BITS)
     acc = round_shift(acc, s)
-    recip = (1 << 40) // l
-    return acc * recip, ea + s - 40, m, l
+    recip = (1 << ATTN_RECIP_BITS) // l
+    return acc * recip, ea + s - ATTN_RECIP_BITS, m, l
 
 
 def attention(q, eq, kv_k, kv_ek, kv_v, kv_ev, q_heads, kv_heads, head_dim, tile):

@@ -28,7 +28,7 @@ def test_w16_matches_onnxruntime(program):
     s = Session(b, backend="gpu")
     res = s.generate(PROMPT, NEW)
     ref = compare(path, PROMPT, res.tokens, res.logits)
-    print(f"{name} gpu/cpu w16: cosine {ref['logits_cosine_min']}, tokens {ref['tokens_matching']}/{NEW}")
+    print(f"{name} gpu/cpu w16: cosine {ref['logits_cosine_min']}, tokens {ref['matching_prefix']}/{NEW}")
     assert ref["logits_cosine_min"] >= 0.999
     assert ref["token_match"], (res.tokens, ref["tokens"])
     assert len(set(res.tokens)) >= 8

@@ -148,7 +148,7 @@ def test_hybrid_decode_matches_onnxruntime(family, exported_models):
     res = s.generate(PROMPT, NEW)
     ref = compare(path, PROMPT, res.tokens, res.logits)
     p = s.backend.placement
-    print(f"hybrid {family} w16: cosine {ref['logits_cosine_min']}, tokens {ref['tokens_matching']}/{NEW}, placement {p}")
+    print(f"hybrid {family} w16: cosine {ref['logits_cosine_min']}, tokens {ref['matching_prefix']}/{NEW}, placement {p}")
     assert p["kv_on_chip_tokens"] == 64 and p["kv_offloaded_tokens"] == len(PROMPT) + NEW - 1 - 64
     assert p["layers_offloaded"] == [0, 1] and p["device"] == resolve_device("auto")
     assert ref["logits_cosine_min"] >= 0.999
@@ -183,7 +183,8 @@ def test_phase_split_prefill_on_torch_then_decode_on_the_overlay(hybrid_program)
     LOAD + KVAPPEND program) and to the offload store (the rest); decoding continues on the golden model."""
     path, b = hybrid_program
     overlay = HybridGoldenBackend(b, offload_device="cpu")
-    first, logits, where = prefill(overlay, PROMPT, "gpu", "cpu")
+    first, logits, counters = prefill(overlay, PROMPT, "gpu", "cpu")
+    where = counters.placement
     assert where["prefill"] == "gpu" and (where["kv_on_chip_tokens"], where["kv_offloaded_tokens"]) == (64, 36)
     resident = Residency(64, 4).resident(len(PROMPT) - 1)
     assert np.count_nonzero(overlay.model.kv_k[0, :, :64].any(axis=-1)) == 2 * len(resident)  # 2 KV heads, every slot
@@ -193,7 +194,7 @@ def test_phase_split_prefill_on_torch_then_decode_on_the_overlay(hybrid_program)
         tokens.append(nxt)
         got.append(lg)
     ref = compare(path, PROMPT, tokens, got)
-    print(f"phase split llama w16: cosine {ref['logits_cosine_min']}, tokens {ref['tokens_matching']}/{NEW}")
+    print(f"phase split llama w16: cosine {ref['logits_cosine_min']}, tokens {ref['matching_prefix']}/{NEW}")
     assert ref["logits_cosine_min"] >= 0.999
     assert ref["token_match"]
 
@@ -209,7 +210,7 @@ def test_layers_beyond_the_buffer_run_on_the_offload_device(family, exported_mod
     res = s.generate(PROMPT, NEW)
     ref = compare(path, PROMPT, res.tokens, res.logits)
     p = s.backend.placement
-    print(f"{family} with 1 layer of KV buffer: cosine {ref['logits_cosine_min']}, tokens {ref['tokens_matching']}/{NEW}, {p}")
+    print(f"{family} with 1 layer of KV buffer: cosine {ref['logits_cosine_min']}, tokens {ref['matching_prefix']}/{NEW}, {p}")
     assert p["layers_on_device"] == [1] and p["layers_offloaded"] == [0, 1] and "attention" in p["ops_off_overlay"]
     assert ref["logits_cosine_min"] >= 0.999
     assert ref["token_match"], (res.tokens, ref["tokens"])
@@ -230,3 +231,21 @@ def test_placement_and_prefill_choice(hybrid_program):
         choose_prefill(b, 100, "fast", "cpu")
     with pytest.raises(OffloadError, match="offload-device is none"):
         choose_prefill(b, 100, "gpu", "none")
+
+
+def test_hybrid_backend_is_the_plain_golden_model_when_nothing_is_offloaded(hybrid_program):
+    """A program that fits the buffer runs as on GoldenBackend (same logits, tokens and cycles, no hook); the
+    registers program (R3/R4) within the buffer gives the same logits and tokens as the program that fits."""
+    from kvoverlay.host.backend import GoldenBackend
+
+    path, hybrid = hybrid_program
+    fits = _offload_program(path, 64)
+    assert "kv_slot" not in fits.manifest["registers"]
+    plain, wrapped, regs = GoldenBackend(fits), HybridGoldenBackend(fits, offload_device="none"), HybridGoldenBackend(hybrid)
+    for p, token in enumerate(PROMPT[:6]):
+        a, b, c = plain.step(token, p), wrapped.step(token, p), regs.step(token, p)
+        assert a.next_token == b.next_token == c.next_token
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_array_equal(a.logits, c.logits)
+        assert a.counters.cycles == b.counters.cycles
+        assert b.counters.placement["kv_offloaded_tokens"] == 0 and b.counters.placement["device"] == "overlay"

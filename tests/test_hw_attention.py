@@ -18,13 +18,14 @@ pytest.importorskip("cocotb_tools")
 
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
+from kvoverlay.hw.attention import AttentionEngine, AttnError
+from kvoverlay.hw.kv_buffer import kv_geometry
+from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
+from kvoverlay.sim.golden import GoldenModel
 
-from hw.attention import AttentionEngine, AttnError, attn_cycles, kvappend_cycles
-from hw.kv_buffer import kv_geometry
-from hw.sim_attention import TOP_NAME, AttentionSimTop
 from kvoverlay import isa, numerics, toolchain
 from kvoverlay.config import PRESETS
-from sim.golden import GoldenModel
+from kvoverlay.timing import attn_cycles, kvappend_cycles
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]

@@ -15,12 +15,13 @@ pytest.importorskip("cocotb_tools")
 
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
+from kvoverlay.hw.gemv import FMT_CODES
+from kvoverlay.hw.sim_top import TOP_NAME, GemvSimTop
 
-from hw.gemv import FMT_CODES, gemv_cycles
-from hw.sim_top import TOP_NAME, GemvSimTop
 from kvoverlay import numerics, toolchain
 from kvoverlay.config import PRESETS
 from kvoverlay.isa import ENUMS
+from kvoverlay.timing import gemv_engine_cycles
 
 TESTS = Path(__file__).parent
 #: (rows, cols, group): the brief's 64x64 g32 tile (weights start mid-word), 256 cols g8
@@ -83,7 +84,7 @@ def test_gemv_bit_exact(builds, shape, fmt):
     case = {
         "rows": ROWS, "cols": COLS, "group_log2": GROUP.bit_length() - 1,
         "fmt": FMT_CODES[fmt], "w_base": mat["w_base"],
-        "expected": [int(v) for v in expected], "cycles": gemv_cycles(ROWS, words_per_row),
+        "expected": [int(v) for v in expected], "cycles": gemv_engine_cycles(ROWS, words_per_row),
         "result": str(work / f"result_{fmt}.json"),
     }
     case_file = work / f"case_{fmt}.json"

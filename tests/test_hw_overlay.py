@@ -14,13 +14,13 @@ import pytest
 pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
-from kvoverlay.hw.cycles import unit_cycles as hw_unit_cycles
 from kvoverlay.sim.golden import ExecError, GoldenModel
 from kvoverlay.sim.rtl import RtlError, RtlModel, build_model
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
+from kvoverlay.timing import unit_cycles as hw_unit_cycles
 
 CFG = PRESETS["tiny"]
 QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768)}

@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
+from kvoverlay.hw.divider import Divider
+from kvoverlay.hw.isqrt import Isqrt
 
-from hw.divider import Divider, divider_cycles
-from hw.isqrt import Isqrt, isqrt_cycles
+from kvoverlay.timing import divider_cycles, isqrt_cycles
 
 
 @pytest.mark.parametrize("per_cycle", [1, 2, 4])

@@ -17,14 +17,15 @@ pytest.importorskip("cocotb_tools")
 
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
+from kvoverlay.hw.normalize import EXP_SHAPE
+from kvoverlay.hw.sim_vector_unit import TOP_NAME, VectorUnitSimTop
+from kvoverlay.hw.vector_unit import VecError, VectorUnit, abuf_lanes
+from kvoverlay.sim.golden import GoldenModel
 
-from hw.normalize import EXP_SHAPE
-from hw.sim_vector_unit import TOP_NAME, VectorUnitSimTop
-from hw.vector_unit import OPS, VecError, VectorUnit, abuf_lanes, vector_cycles
 from kvoverlay import isa, toolchain
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
-from sim.golden import GoldenModel
+from kvoverlay.timing import VECTOR_OPS, vector_cycles
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]
@@ -245,23 +246,6 @@ def _norm_cases(rng):
     return out
 
 
-def _req_cases(rng):
-    out = []
-    for i in range(14):
-        n = LENS[i % len(LENS)] if i < len(LENS) else int(rng.integers(1, 70))
-        bits = [62, 40, 20, 15, 14, 3, 0][i % 7]
-        v = rng.integers(-(1 << bits), (1 << bits) + 1, size=n)
-        acc = int(rng.integers(0, CFG.acc_buffer_words - n))
-        dst = _addr(rng, 300) + (int(rng.integers(0, L)) if i % 2 else 0)  # any start
-        e = [int(rng.integers(-40, 0)), nx.EXP_MIN, nx.EXP_MIN + 30, nx.EXP_MAX - 40, nx.EXP_MAX - 10][i % 5]
-        out.append(Case(rng, "REQ", {"acc": acc, "acc_e": 13, "dst": dst, "dst_e": 14, "len": n}, [], {13: e},
-                        f"REQ-{i}-b{bits}-n{n}", accs=[(acc, v)]))
-    out.append(Case(rng, "REQ", {"acc": 5, "acc_e": 13, "dst": 3 * L, "dst_e": 14, "len": 0}, [], {13: 7}, "REQ-empty"))
-    out.append(Case(rng, "REQ", {"acc": CFG.acc_buffer_words - 2, "acc_e": 13, "dst": 0, "dst_e": 14, "len": 4}, [],
-                    {}, "REQ-bounds", accs=[(CFG.acc_buffer_words - 2, [1, 2])]))
-    return out
-
-
 def _error_cases(rng):
     top = CFG.act_buffer_words
     return [
@@ -285,7 +269,7 @@ def _error_cases(rng):
 def _all_cases():
     rng = np.random.default_rng(2026)
     return (_binary_cases(rng) + _act_cases(rng) + _argmax_cases(rng) + _rope_cases(rng) + _norm_cases(rng)
-            + _req_cases(rng) + _error_cases(rng))
+            + _error_cases(rng))
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +314,7 @@ def _check(case, res, cfg=CFG):
         assert res["cycles"] == vector_cycles(case.op, case.fields, cfg), (case.label, res["cycles"])
 
 
-CASE_GROUPS = ["VADD", "VMUL", "VSCALE", "ACT", "ARGMAX", "ROPE", "NORM", "REQ", "err"]
+CASE_GROUPS = ["VADD", "VMUL", "VSCALE", "ACT", "ARGMAX", "ROPE", "NORM", "err"]
 
 
 @pytest.mark.parametrize("group", CASE_GROUPS)
@@ -345,7 +329,7 @@ def test_vector_unit_matches_golden(run, group):
 def test_cases_cover_every_variant_and_edge():
     cases = _all_cases()
     labels = {c.label for c in cases}
-    for op in OPS:
+    for op in VECTOR_OPS:
         assert any(lbl.startswith(op) for lbl in labels), op
     for enum, op in (("func", "ACT"), ("rope", "ROPE"), ("norm", "NORM")):
         for name in isa.ENUMS[enum]:
@@ -447,8 +431,6 @@ def _small_config_cases(rng, cfg):
         Case(rng, "NORM", {"x": 0, "x_e": 1, "g": 4 * w, "g_e": 2, "dst": 0, "dst_e": 3, "len": 5, "eps_m": 5000,
                            "eps_e": -40, "kind": 1},
              [(0, _vec(rng, 5)), (4 * w, _vec(rng, 5))], {1: -8, 2: -14}, "cfg-NORM", cfg=cfg),
-        Case(rng, "REQ", {"acc": 3, "acc_e": 1, "dst": w + 1, "dst_e": 3, "len": 5}, [], {1: -20}, "cfg-REQ",
-             accs=[(3, rng.integers(-(1 << 40), 1 << 40, size=5))], cfg=cfg),
     ]
 
 

@@ -1,0 +1,227 @@
+"""Cycles of each instruction on its execution unit: every unit's busy-cycle formula, as plain integer arithmetic.
+
+This is the timing half of the ISA declaration. The RTL is built to these formulas (each unit imports the
+constants it is built around from here) and the overlay tests assert them exactly against the hardware's busy
+counters; the golden model's timing replay (:func:`instr_cycles`) is these formulas plus a dispatch cycle, so its
+cycle predictions follow the RTL without importing it.
+"""
+
+from __future__ import annotations
+
+from kvoverlay import isa
+from kvoverlay import numerics as nx
+
+__all__ = ["DISPATCH_CYCLES", "DONE_LATENCY", "instr_cycles", "unit_cycles"]
+
+#: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
+#: the unit in its idle state; the unit is busy from the next cycle).
+DISPATCH_CYCLES = 1
+#: The vector unit and the attention engine pulse ``done`` in the cycle after their last busy cycle (their
+#: formulas count ``busy``); the queue stays busy until it sees ``done``.
+DONE_LATENCY = 1
+
+# ---------------------------------------------------------------- memory units
+#: LOAD: busy cycles besides one per beat: check, request, memory latency (hw/dram_model.v), final write.
+LOAD_OVERHEAD = 6
+#: LDROW: besides the row's beats and two per element: check, address, request, latency, passes, exponent.
+LDROW_OVERHEAD = 11
+#: STORE: besides the beats: check, request, one buffer read per four beats, done.
+STORE_OVERHEAD = 3
+#: STACC: besides two per accumulator word: check, request, one per beat sent, done.
+STACC_OVERHEAD = 3
+#: REQ: besides two per element: check, shift computation, pipeline drain, done.
+REQ_OVERHEAD = 5
+#: GEMV engine: busy cycles beyond one per streamed port word (memory read, products, adder tree, group scale,
+#: row accumulate).
+GEMV_PIPELINE_LATENCY = 4
+#: GEMV unit: besides one per weight word and the engine pipeline: check, start, memory latency, accumulate, done.
+GEMV_OVERHEAD = 9
+
+# ---------------------------------------------------------------- vector unit
+#: Pipeline stages between issuing a chunk's reads and its result leaving the last stage.
+VECTOR_PIPE_DEPTH = 3
+#: Quotient (and root) bits per cycle of NORM's divider and square root.
+SCALAR_BITS_PER_CYCLE = 2
+
+# ---------------------------------------------------------------- attention engine
+#: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle).
+ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS + 1
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def load_cycles(config, length: int) -> int:
+    """One uncontended LOAD of *length* elements (``vector_record_size`` bytes, in port beats)."""
+    return _ceil(nx.vector_record_size(length), config.port_bytes) + LOAD_OVERHEAD
+
+
+def _row_words(config, ins: isa.Instr) -> int:
+    fmt, group = isa.weight_layout(ins)
+    return nx.row_stride(ins.fields["cols"], fmt, group, config.port_bytes) // config.port_bytes
+
+
+def ldrow_cycles(config, ins: isa.Instr) -> int:
+    """One uncontended LDROW."""
+    return _row_words(config, ins) + 2 * ins.fields["cols"] + LDROW_OVERHEAD
+
+
+def store_cycles(config, length: int) -> int:
+    """One uncontended STORE of *length* elements."""
+    beats = _ceil(nx.vector_record_size(length), config.port_bytes)
+    return beats + _ceil(beats, 4) + STORE_OVERHEAD
+
+
+def stacc_cycles(config, length: int) -> int:
+    """One uncontended STACC of *length* accumulator words."""
+    return 2 * length + _ceil(8 * length, config.port_bytes) + STACC_OVERHEAD
+
+
+def req_cycles(config, length: int) -> int:
+    """One REQ of *length* accumulator words: a pass for the peak, a pass to round."""
+    return 2 * length + REQ_OVERHEAD if length else 3
+
+
+def gemv_engine_cycles(rows: int, words_per_row: int) -> int:
+    """Cycles the GEMV engine's ``busy`` stays high: one per port word plus the pipeline.
+
+    Exact for every weight format: *words_per_row* is ``numerics.row_stride(cols, fmt, group, port_bytes) //
+    port_bytes``, so the format only enters through the row-record length.
+    """
+    return rows * words_per_row + GEMV_PIPELINE_LATENCY
+
+
+def gemv_cycles(config, ins: isa.Instr) -> int:
+    """One uncontended GEMV instruction on the GEMV unit."""
+    return gemv_engine_cycles(ins.fields["rows"], _row_words(config, ins)) + GEMV_OVERHEAD
+
+
+def divider_cycles(bits: int, bits_per_cycle: int) -> int:
+    """One restoring division of a *bits*-bit numerator."""
+    return _ceil(bits, bits_per_cycle)
+
+
+def isqrt_cycles(root_width: int, bits_per_cycle: int) -> int:
+    """One digit-by-digit square root yielding *root_width* bits."""
+    return _ceil(root_width, bits_per_cycle)
+
+
+def norm_widths(config) -> dict:
+    """Operand widths of NORM's scalar sequence (they size the divider and square root, hence its cycles)."""
+    nb = config.act_buffer_words.bit_length()
+    sum_w = 16 + nb  # |sum x| <= n * 2**15
+    sq_w = 31 + nb  # sum x*x <= n * 2**30
+    return {
+        "n": nb, "sum": sum_w, "sq": sq_w,
+        "ss_div": nb + sq_w,  # n * Q - S * S
+        "ms_div": sq_w + nx.NORM_MS_FRAC,  # ss << NORM_MS_FRAC
+        "recip_div": nx.RSQRT_NUM + 1,  # 2**RSQRT_NUM
+        "mean_div": sum_w + 26,  # |S * r|
+        "root": (nx.RSQRT_FRAC + nx.SCALAR_BITS + 2) // 2,  # isqrt of (m << RSQRT_FRAC), m < 2**25
+    }
+
+
+#: Opcodes of the vector unit.
+VECTOR_OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX")
+
+
+def vector_cycles(op: str, fields: dict, config) -> int:
+    """Cycles the vector unit's ``busy`` stays high for one instruction (error-free run).
+
+    Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
+    :data:`VECTOR_PIPE_DEPTH` drain cycles and one finishing cycle. NORM adds a statistics pass
+    (``ceil(len / V) + 2``) and the scalar sequence. ROPE issues one pair per two cycles per pass. ARGMAX is one
+    pass.
+    """
+    V = config.vector_lanes
+    if op in ("VADD", "VMUL", "VSCALE", "ACT"):
+        return 1 + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1
+    if op == "ARGMAX":
+        return 1 + _ceil(fields["len"], V) + 2 + 1
+    if op == "ROPE":
+        return 1 + 2 * fields["heads"] * fields["head_dim"] + VECTOR_PIPE_DEPTH + 1 + 1
+    if op == "NORM":
+        w = norm_widths(config)
+        layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
+        nch = _ceil(fields["len"], V)
+        # each divider/isqrt step: a start cycle, its iterations, a cycle that sees done
+        k = SCALAR_BITS_PER_CYCLE
+        steps = [isqrt_cycles(w["root"], k)] + [divider_cycles(w[name], k) for name in
+                                                 ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
+        scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
+        return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1
+    raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
+
+
+def kvappend_cycles(config, heads: int, head_dim: int) -> int:
+    """Busy cycles of a legal KVAPPEND: decode, a K pass and a V pass of ``ceil(head_dim / lanes)`` chunks per head
+    (at least one, which writes the exponents), one drain cycle."""
+    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1
+
+
+def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
+    """Busy cycles of a legal ATTN.
+
+    Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks: the first tile's
+    score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale step (1) and a run of ``n_i * c`` cycles in which
+    the values of tile i and the scores of tile i+1 stream side by side, + 1 drain (2 when tile i+1 is as long as
+    tile i, its last score then still in flight). A head's finish (1 + ATTN_DIVIDER_CYCLES + the output words it
+    touches) runs beside the next head's first score pass, whose max step waits for it: that phase takes
+    ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
+    ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a normalization step; plus the decode
+    cycle. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
+    write pass is skipped.
+    """
+    V, T = config.vector_lanes, config.attn_tile
+    nch = _ceil(head_dim, V)
+    sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
+    per_tile = 0
+    for i, n in enumerate(sizes):
+        following = sizes[i + 1] if i + 1 < len(sizes) else 0
+        per_tile += 1 + n * nch + (2 if following == n else 1)
+    total, finish = 1, 0
+    for h in range(q_heads):
+        first_scores = sizes[0] * nch + 2
+        total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
+        out_words = ((h * head_dim) % V + head_dim - 1) // V + 1
+        finish = 1 + ATTN_DIVIDER_CYCLES + out_words
+    nw = _ceil(q_heads * head_dim, V)
+    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1)
+
+
+def unit_cycles(config, ins: isa.Instr, kv_len: int = 0) -> int:
+    """Cycles the queue is busy with *ins* on its unit, uncontended (no port or token stalls): what the overlay's
+    ``busy_<queue>`` counter adds. ATTN needs the KV length."""
+    f, op = ins.fields, ins.op
+    if op == "LOAD":
+        return load_cycles(config, f["len"])
+    if op == "LDROW":
+        return ldrow_cycles(config, ins)
+    if op == "STORE":
+        return store_cycles(config, f["len"])
+    if op == "STACC":
+        return stacc_cycles(config, f["len"])
+    if op == "GEMV":
+        return gemv_cycles(config, ins)
+    if op == "REQ":
+        return req_cycles(config, f["len"])
+    if op == "KVAPPEND":
+        return kvappend_cycles(config, f["heads"], f["head_dim"]) + DONE_LATENCY
+    if op == "ATTN":
+        return attn_cycles(config, f["q_heads"], f["head_dim"], kv_len) + DONE_LATENCY
+    if op in VECTOR_OPS:
+        return vector_cycles(op, f, config) + DONE_LATENCY
+    if op == "NOP":
+        return 1
+    if op == "END":
+        return 0
+    raise ValueError(f"{op!r} has no execution unit")
+
+
+def instr_cycles(ins: isa.Instr, config, kv_len: int = 0) -> int:
+    """Cycles one instruction occupies its queue in the golden model's timing replay: the unit's busy cycles plus
+    the queue's dispatch cycle; END takes one cycle."""
+    if ins.op == "END":
+        return 1
+    return unit_cycles(config, ins, kv_len) + DISPATCH_CYCLES
