@@ -30,6 +30,7 @@ import numpy as np
 from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
+from . import offload
 from .backend import BACKENDS, GoldenBackend, RtlBackend, SessionError, SimulatorDied, Step, create_backend
 from .sampling import Sampler
 
@@ -165,10 +166,8 @@ class Session:
             if backend != "rtl":
                 raise SessionError("--waves needs --backend rtl (waveforms come from the Verilated overlay)")
             options["waves"] = waves
-        from .offload import PREFILL_MODES
-
-        if prefill not in PREFILL_MODES:
-            raise SessionError(f"--prefill {prefill!r}: expected one of {', '.join(PREFILL_MODES)}")
+        if prefill not in offload.PREFILL_MODES:
+            raise SessionError(f"--prefill {prefill!r}: expected one of {', '.join(offload.PREFILL_MODES)}")
         self.prefill_mode = prefill
         self.offload_device = options.get("offload_device", "auto")
         self.program = program
@@ -245,9 +244,7 @@ class Session:
         try:
             split = None
             if phase_split and self.prefill_mode != "overlay" and start == 0 and len(tokens) > 1:
-                from .offload import prefill
-
-                split = prefill(self.backend, tokens, self.prefill_mode, self.offload_device)
+                split = offload.prefill(self.backend, tokens, self.prefill_mode, self.offload_device)
             if split is not None:
                 steps = [split]
             elif len(tokens) > 1 and hasattr(self.backend, "run_steps"):

@@ -24,7 +24,7 @@ from kvoverlay.host.offload import (
     resolve_device,
 )
 from kvoverlay.host.reference import compare
-from kvoverlay.host.session import Session
+from kvoverlay.host.session import Session, SessionError
 
 from kvoverlay.config import PRESETS
 
@@ -249,3 +249,19 @@ def test_hybrid_backend_is_the_plain_golden_model_when_nothing_is_offloaded(hybr
         np.testing.assert_array_equal(a.logits, c.logits)
         assert a.counters.cycles == b.counters.cycles
         assert b.counters.placement["kv_offloaded_tokens"] == 0 and b.counters.placement["device"] == "overlay"
+
+
+def test_session_phase_split_prefill(hybrid_program):
+    """Session(prefill="gpu"): the prompt is one batched torch pass (one step stands for it), decoding continues on
+    the overlay from len(prompt) and follows onnxruntime; "overlay" feeds it token by token."""
+    pytest.importorskip("torch")
+    path, b = hybrid_program
+    s = Session(b, backend="isa", prefill="gpu", offload_device="cpu")
+    gen = s.generate(PROMPT, 4)
+    res = gen.result()
+    assert len(res.step_cycles) == 1 + 3 and s.position == len(PROMPT) + 3
+    assert gen.steps[0].counters.placement["prefill"] == "gpu"
+    assert gen.steps[-1].counters.placement["kv_offloaded_tokens"] == len(PROMPT) + 3 - 64
+    assert compare(path, PROMPT, res.tokens, res.logits)["logits_cosine_min"] >= 0.999
+    with pytest.raises(SessionError, match="--prefill 'fast'"):
+        Session(b, backend="isa", prefill="fast")
