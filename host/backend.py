@@ -169,12 +169,7 @@ class RtlBackend:
             return self._run(feed, generate, position, registers)
         # A program compiled beyond the KV capacity takes each step's KV slot and length from R3/R4; within the
         # buffer they follow the position, so each step runs with its own (greedy steps fed back by the host).
-        cap = self.program.config.kv_capacity
-        last = position + len(feed) + generate - 1
-        if last >= cap:
-            raise SessionError(f"--backend rtl: position {last} is beyond the overlay's {cap}-token KV buffer; hybrid "
-                               "attention needs host writes into the activation buffer after each ATTN, which the RTL "
-                               "simulator process lacks (it runs whole steps)")
+        self.check_fits(position + len(feed) + generate - 1)
         out, tokens = [], [int(t) for t in feed]
         for k in range(len(feed) + generate):
             p = position + k
@@ -182,6 +177,15 @@ class RtlBackend:
             kv = {int(m["registers"]["kv_slot"]): p, int(m["registers"]["kv_len"]): p + 1}
             out += self._run([token], 0, p, {**kv, **(registers or {})})
         return out
+
+    def check_fits(self, position: int) -> None:
+        """Refuse a step at *position* beyond the KV buffer of a program that would offload it (checked before the
+        simulator is built or started); a program without KV registers faults in the hardware instead."""
+        cap = self.program.config.kv_capacity
+        if position >= cap and "kv_slot" in self.program.manifest["registers"]:
+            raise SessionError(f"--backend rtl: position {position} is beyond the overlay's {cap}-token KV buffer; "
+                               "hybrid attention needs host writes into the activation buffer after each ATTN, which "
+                               "the RTL simulator process lacks (it runs whole steps)")
 
     def _run(self, feed, generate, position, registers) -> list:
         proc, died = self._live()
