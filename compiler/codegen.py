@@ -1,8 +1,8 @@
 """From a quantized :class:`~.overlay_graph.OverlayGraph` to instructions: the ``plan_memory``, ``emit``
 and ``insert_tokens`` passes.
 
-* :func:`check_fits` (run before quantization) checks the group size, the KV layout and ``max_seq``
-  fit the overlay config;
+* :func:`check_fits` (run before quantization) checks the group size fits the overlay config (KV that does
+  not fit the buffer is the host's to offload);
 * :func:`plan_memory` lays out the I/O vector records in the image, checks it fits DRAM, and computes
   each vector's last use and the accumulator budget: the :class:`Codegen` state;
 * :func:`emit` writes one decode step, each op through its own ``VOp.emit``, allocating the activation
@@ -12,6 +12,8 @@ and ``insert_tokens`` passes.
 
 Registers: R0 holds the token, R1 its position (the KV length before it);
 ARGMAX leaves the greedy next token in R2. Logits are stored as a vector record.
+A program compiled for more positions than the KV buffer holds takes the KV slot
+from R3 and the attended KV length from R4, which the host sets (hybrid attention).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from .overlay_graph import OverlayGraph
 if TYPE_CHECKING:  # quantize's calibration runs the fused kinds, whose code generation imports this module
     from .quantize import Image
 
-__all__ = ["INDEX_REGISTERS", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen", "check_fits", "emit",
-           "insert_tokens", "plan_memory", "scale_imm"]
+__all__ = ["INDEX_REGISTERS", "REG_KV_LEN", "REG_KV_SLOT", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen",
+           "check_fits", "emit", "insert_tokens", "kv_registers", "plan_memory", "scale_imm"]
 
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
+#: With --max-seq above the KV capacity: the KV buffer slot KVAPPEND writes and the KV length ATTN reads.
+REG_KV_SLOT, REG_KV_LEN = 3, 4
 #: The register LDROW indexes a table of each index kind by.
 INDEX_REGISTERS = {"token": REG_TOKEN, "position": REG_POSITION}
 
@@ -102,8 +106,12 @@ class Codegen:
     """The state emission works on: the plan (image records, I/O records, liveness, accumulator budget),
     the activation-buffer and exponent-register allocators, and the code written so far."""
 
-    def __init__(self, og: OverlayGraph, cfg: OverlayConfig, records: dict, io: dict, last_use: dict, acc_rows: int):
+    def __init__(self, og: OverlayGraph, cfg: OverlayConfig, records: dict, io: dict, last_use: dict, acc_rows: int,
+                 max_seq: int):
         self.og, self.cfg, self.records, self.io, self.last_use = og, cfg, records, io, last_use
+        #: (KVAPPEND's slot register, ATTN's length register, ATTN's length immediate): see :func:`kv_registers`
+        self.kv_slot_reg, self.kv_len_reg, self.kv_len_imm = ((REG_KV_SLOT, REG_KV_LEN, 0) if kv_registers(cfg, max_seq)
+                                                               else (REG_POSITION, REG_POSITION, 1))
         #: GEMV output rows the accumulator buffer holds; attention's softmax statistics live above them.
         self.acc_rows = self.stats_addr = acc_rows
         self.lengths = dict(og.lengths)  # plus this step's scratch vectors
@@ -141,20 +149,27 @@ class Codegen:
         self.eregs.release(e)
 
 
-def check_fits(og: OverlayGraph, cfg: OverlayConfig, group_size: int, max_seq: int) -> None:
-    """Raise CompileError unless the group size, every layer's KV and *max_seq* fit *cfg*."""
+def kv_registers(cfg: OverlayConfig, max_seq: int | None) -> bool:
+    """Whether a program for *max_seq* positions takes its KV slot and length from R3/R4.
+
+    Beyond the KV capacity the host offloads KV (hybrid attention, host/offload.py): it then picks each token's
+    buffer slot and the resident length, so KVAPPEND and ATTN cannot derive them from the position.
+    """
+    return max_seq is not None and max_seq > cfg.kv_capacity
+
+
+def check_fits(og: OverlayGraph, cfg: OverlayConfig, group_size: int) -> None:
+    """Raise CompileError unless the group size fits *cfg*.
+
+    KV that does not fit is no error: a layer the buffer cannot hold (too many layers, heads or too wide a head)
+    keeps its KVAPPEND and ATTN, which the host runs on the offload device, and tokens beyond ``kv_capacity``
+    take the KV registers (:func:`kv_registers`).
+    """
     if group_size < isa.GROUP_BASE or group_size & (group_size - 1) or group_size > isa.GROUP_BASE << 7:
         raise CompileError(f"--group-size {group_size}: must be a power of two in [{isa.GROUP_BASE}, {isa.GROUP_BASE << 7}]")
-    for layer, kv in og.kv.items():
-        if layer >= cfg.max_layers or kv["kv_heads"] > cfg.max_kv_heads or kv["head_dim"] > cfg.max_head_dim:
-            raise CompileError(f"layer {layer}: KV of {kv['kv_heads']} heads x {kv['head_dim']} does not fit the "
-                               f"{cfg.name} KV buffer ({cfg.max_layers} layers, {cfg.max_kv_heads} heads of {cfg.max_head_dim})")
-    if max_seq > cfg.kv_capacity:
-        raise CompileError(f"max_seq={max_seq} exceeds the KV capacity of {cfg.kv_capacity} tokens "
-                           f"(raise --kv-capacity or lower --max-seq)")
 
 
-def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image) -> Codegen:
+def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int | None = None) -> Codegen:
     """Place the I/O vector records in *image* (region io), check it fits DRAM, and plan liveness and the
     accumulator budget for :func:`emit`."""
     io_start = len(image.data)
@@ -173,7 +188,7 @@ def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image) -> Codegen:
     for vec, _ in og.outputs.values():
         last_use[vec] = len(og.ops)
     stats_words = max([2, *(op.stats_words for op in og.ops)])  # one head's worth even without attention
-    return Codegen(og, cfg, image.records, io, last_use, cfg.acc_buffer_words - stats_words)
+    return Codegen(og, cfg, image.records, io, last_use, cfg.acc_buffer_words - stats_words, max_seq)
 
 
 def emit(cg: Codegen) -> list:

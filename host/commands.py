@@ -69,6 +69,9 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=No
     sampling = dict(sampling or {})
     with Session(program, backend=backend, waves=waves, **options) as session:
         gen = session.generate(prompt, new_tokens, stop=stop, **sampling)
+        check_fits = getattr(session.backend, "check_fits", None)
+        if check_fits is not None:  # refuse before the first step, not at the first position that overflows
+            check_fits(session.position + len(prompt) + new_tokens - 2)
         reference = None
         if check is not None:
             from .reference import open_reference
@@ -77,7 +80,8 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=No
         res = gen.result()
         out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
                **decode_stats(session, res), "wall_s": round(res.wall_s, 3), "finish_reason": res.finish_reason,
-               "placement": session.program.manifest.get("placement", {})}
+               "placement": session.program.manifest.get("placement", {}),
+               "step_placement": [step_placement(session, st) for st in gen.steps]}
         if sampling.get("temperature"):
             out["sampling"] = sampling
         if hasattr(session.backend, "sim_cycles_per_s"):
@@ -87,6 +91,14 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=No
 
         out["reference"] = compare(reference, prompt, res.tokens, res.logits)
     return out, res
+
+
+def step_placement(session: Session, st) -> dict:
+    """Where the step that chose generated token *st* ran: its backend's report, or all on the overlay."""
+    from .offload import placement
+
+    where = getattr(st.counters, "placement", None)
+    return where or placement(session.program.manifest, st.position - 1, None, "overlay")
 
 
 RAW_ONLY = ("config", "image", "args")
@@ -109,7 +121,7 @@ def run_main(args) -> int:
     program = kvbundle.from_bytes(blob)
     prompt = parse_prompt(args.prompt)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    options = {"offload_device": args.offload_device} if args.offload_device is not None else {}
+    options = {"offload_device": args.offload_device, "kv_sinks": args.kv_sinks, "prefill": args.prefill}
     out, res = run_program(program, prompt, args.max_new_tokens, args.backend,
                            str(args.check) if args.check else None, waves=args.waves, sampling=sampling,
                            stop=parse_prompt(args.stop, "--stop"), **options)
@@ -121,8 +133,11 @@ def run_main(args) -> int:
         print(json.dumps(out))
     else:
         print(f"tokens: {','.join(map(str, res.tokens))}")
-        print(f"cycles/token {out['cycles_per_token']:.0f}, roofline {out['roofline_cycles_per_token']:.0f}, "
-              f"bandwidth efficiency {out['bandwidth_efficiency']:.1%}, wall {out['wall_s']:.2f} s")
+        if out["cycles_per_token"] is None:
+            print(f"no cycle counters on --backend {out['backend']}; wall {out['wall_s']:.2f} s")
+        else:
+            print(f"cycles/token {out['cycles_per_token']:.0f}, roofline {out['roofline_cycles_per_token']:.0f}, "
+                  f"bandwidth efficiency {out['bandwidth_efficiency']:.1%}, wall {out['wall_s']:.2f} s")
         if "reference" in out:
             r = out["reference"]
             print(f"onnxruntime: first {r['matching_prefix']}/{len(res.tokens)} tokens agree, min logits cosine "

@@ -30,6 +30,7 @@ import numpy as np
 from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
+from . import offload
 from .backend import BACKENDS, GoldenBackend, RtlBackend, SessionError, SimulatorDied, Step, create_backend
 from .sampling import Sampler
 
@@ -79,7 +80,7 @@ class Generation:
     def _decode(self, feed, max_new_tokens, sampler, stop, output_logits):
         s, res = self.session, self._result
         t0 = time.perf_counter()
-        steps = s._feed(feed) if feed else []
+        steps = s._feed(feed, phase_split=True) if feed else []
         last = steps[-1] if steps else s._last
         for i in range(max_new_tokens):
             if i:
@@ -144,11 +145,15 @@ class Session:
         one simulator process for the session) or ``gpu``.
     waves : path, optional
         ``rtl`` only: write the simulation's waveform there.
+    prefill : str
+        Where a prompt fed from position 0 is prefilled: ``overlay`` (token by token on the backend, the default),
+        ``gpu`` (one batched torch pass, the KV then written into the backend's cache: the phase split of
+        :func:`kvoverlay.host.offload.prefill`) or ``auto`` (its cost model decides).
     **options
-        Passed to the backend (``offload_device`` for ``gpu``).
+        Passed to the backend (``offload_device``, ``kv_sinks``).
     """
 
-    def __init__(self, program, backend: str = "isa", *, waves=None, **options):
+    def __init__(self, program, backend: str = "isa", *, waves=None, prefill: str = "overlay", **options):
         if isinstance(program, (str, os.PathLike)):
             program = kvbundle.load(program)
         if backend not in BACKENDS:
@@ -161,6 +166,10 @@ class Session:
             if backend != "rtl":
                 raise SessionError("--waves needs --backend rtl (waveforms come from the Verilated overlay)")
             options["waves"] = waves
+        if prefill not in offload.PREFILL_MODES:
+            raise SessionError(f"--prefill {prefill!r}: expected one of {', '.join(offload.PREFILL_MODES)}")
+        self.prefill_mode = prefill
+        self.offload_device = options.get("offload_device", "auto")
         self.program = program
         self.backend_name = backend
         self.backend = create_backend(backend, program, **options)
@@ -222,14 +231,23 @@ class Session:
                                f"--max-seq {self.max_seq}")
 
     # ------------------------------------------------------------ running steps
-    def _feed(self, tokens) -> list:
-        """Run one step per token at the next positions; a failure (or an interrupt) marks the session for reset."""
+    def _feed(self, tokens, phase_split: bool = False) -> list:
+        """Run one step per token at the next positions; a failure (or an interrupt) marks the session for reset.
+
+        With *phase_split*, a prompt fed from position 0 may be prefilled in one batched pass (see ``prefill`` of
+        the constructor): then one step, the last token's, stands for them all.
+        """
         self._pending = None
         # registers beyond token and position go only to backends that are given any (the argument is optional)
         extra = {"registers": self.extra_registers} if self.extra_registers else {}
         start, steps = self.position, []
         try:
-            if len(tokens) > 1 and hasattr(self.backend, "run_steps"):
+            split = None
+            if phase_split and self.prefill_mode != "overlay" and start == 0 and len(tokens) > 1:
+                split = offload.prefill(self.backend, tokens, self.prefill_mode, self.offload_device)
+            if split is not None:
+                steps = [split]
+            elif len(tokens) > 1 and hasattr(self.backend, "run_steps"):
                 steps = self.backend.run_steps(tokens, 0, start, **extra)
             else:
                 for k, token in enumerate(tokens):
@@ -237,7 +255,7 @@ class Session:
         except BaseException as exc:
             self._broken = f"at position {start + len(steps)}: {type(exc).__name__}: {exc}"
             raise
-        self.position += len(steps)
+        self.position += len(tokens)
         self._fed += [int(t) for t in tokens]
         self._last = Step(*steps[-1])
         return [Step(*st) for st in steps]
@@ -253,7 +271,7 @@ class Session:
         feed = ([self._pending] if self._pending is not None else []) + ids
         self._check_room(len(feed), f"a prompt of {len(ids)} tokens after {self.position} positions")
         self._serial += 1
-        return self._feed(feed)[-1]
+        return self._feed(feed, phase_split=True)[-1]
 
     def generate(self, prompt=None, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop=(), output_logits: bool = True) -> Generation:
@@ -338,6 +356,9 @@ def run_graph(program, feeds: dict, backend: str = "isa") -> dict:
 def decode_stats(session: Session, res: GenerateResult) -> dict:
     """Cycles and bandwidth figures of the decode steps (the steps fed a generated token)."""
     n_prompt = len(res.prompt)
+    if any(c is None for c in res.step_cycles):  # a backend without cycle counters (gpu): nothing to divide by
+        return dict.fromkeys(("cycles", "cycles_per_token", "bytes_read_per_token", "roofline_cycles_per_token",
+                              "bandwidth_efficiency"))
     cyc = res.step_cycles[n_prompt:] or res.step_cycles[-1:]
     rd = res.step_bytes_read[n_prompt:] or res.step_bytes_read[-1:]
     cycles_per_token = float(np.mean(cyc))

@@ -177,13 +177,13 @@ def _configure_compile(p):
 
 @command("run", "run a program: a .kvo bundle (prefill, then greedy or sampled decoding) or a raw instruction stream")
 def _configure_run(p):
+    from kvoverlay.host import offload
     from kvoverlay.host.backend import BACKENDS
 
     p.add_argument("program", type=Path, help="program bundle (.kvo) or instruction stream (.bin from kvoverlay asm)")
     p.add_argument("--backend", default="isa", choices=list(BACKENDS),
                    help="; ".join(f"{name}: {spec.help}" for name, spec in BACKENDS.items()) + " (default: isa)")
-    p.add_argument("--offload-device", default=None, choices=["auto", "cuda", "cpu", "none"],
-                   help="where what the overlay cannot hold runs (default: auto, CUDA when present)")
+    offload.add_arguments(p)
     p.add_argument("--prompt", default="5,17,42", help="comma-separated prompt token ids (default: 5,17,42)")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default: 16)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy (default); >0: sample")

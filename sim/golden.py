@@ -229,11 +229,13 @@ class GoldenModel:
             return L
         return None
 
-    def run(self, program, args=None, max_instructions=1_000_000):
+    def run(self, program, args=None, max_instructions=1_000_000, hook=None):
         """Execute *program* (a list of :class:`isa.Instr` or encoded bytes) until END.
 
         *args* sets scalar registers R0.. before the run. Returns the counters
-        of this run; ``self.regs`` then holds ARGMAX results.
+        of this run; ``self.regs`` then holds ARGMAX results. *hook(pc, ins)*, if
+        given, runs after each instruction: the host's hybrid attention uses it to
+        merge offloaded partials into an ATTN's output before the program goes on.
         """
         if isinstance(program, (bytes, bytearray)):
             program = isa.decode_program(bytes(program))
@@ -247,6 +249,8 @@ class GoldenModel:
             try:
                 kv_len = self.step(ins)
                 timing.issue(pc, ins, kv_len or 0)
+                if hook is not None:
+                    hook(pc, ins)
             except ExecError:
                 raise
             except (ValueError, IndexError, ArithmeticError, KeyError) as exc:

@@ -49,3 +49,25 @@ def test_golden_step_reset_and_vector_access(program):
 def test_rtl_has_no_host_write_port(program):
     with pytest.raises(NotImplementedError, match="host write port"):
         RtlBackend(program).write_vector(0, [1], 0)
+
+
+def test_isa_is_the_hybrid_golden_model_and_gpu_follows_the_contract(program):
+    from kvoverlay.host.offload import HybridGoldenBackend
+
+    isa = create_backend("isa", program, offload_device="none", kv_sinks=2)
+    assert type(isa) is HybridGoldenBackend and isinstance(isa, GoldenBackend) and not isa.hybrid
+    pytest.importorskip("torch")
+    gpu = create_backend("gpu", program, offload_device="cpu")
+    assert isinstance(gpu, Backend)
+    step = gpu.step(5, 0)
+    out, nxt = program.manifest["logits"], program.manifest["registers"]["next_token"]
+    assert gpu.read_register(nxt) == step.next_token == int(np.argmax(step.logits))
+    m, e = gpu.read_vector(out["addr"], out["len"])  # the step's logits as a vector record
+    want_m, want_e = nx.from_float(step.logits)
+    assert e == want_e and np.array_equal(m, want_m)
+    with pytest.raises(SessionError, match="only the next-token register"):
+        gpu.read_register(0)
+    with pytest.raises(SessionError, match="only the token and position registers"):
+        gpu.step(5, 1, registers={3: 1})
+    with pytest.raises(NotImplementedError, match="cannot write external memory"):
+        gpu.write_vector(out["addr"], [1], 0)

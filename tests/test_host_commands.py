@@ -134,10 +134,16 @@ def test_weights_format_not_in_config(tmp_path, demo):
 
 
 def test_model_larger_than_kv_buffer(tmp_path, demo):
+    """More layers than the KV buffer holds is no compile error: the runtime runs layer 1's attention on the
+    offload device (tests/test_host_offload.py holds its numbers against onnxruntime)."""
     _, model, _, _ = demo
     cfg = tmp_path / "c.toml"
     cfg.write_text('preset = "tiny"\nmax_layers = 1\n')
-    assert_one_line_error(kvo("compile", model, "-o", tmp_path / "m.kvo", "--config", cfg), "layer 1", "KV")
+    res = kvo("compile", model, "-o", tmp_path / "m.kvo", "--config", cfg, "--max-seq", "8")
+    assert res.returncode == 0, res.stderr
+    res = kvo("run", tmp_path / "m.kvo", "--prompt", "5,17,42", "--max-new-tokens", "2", "--check", model, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["reference"]["logits_cosine_min"] >= 0.99
 
 
 def demo_rows(stdout):
@@ -260,3 +266,46 @@ def test_run_backend_without_its_dependency(demo, tmp_path):
         res = subprocess.run([sys.executable, "-m", "kvoverlay.cli", "run", str(prog), "--backend", backend],
                              capture_output=True, text=True, env=env, check=False)
         assert_one_line_error(res, f"--backend {backend} needs", needle)
+
+
+def test_run_gpu_backend_json(demo):
+    """--backend gpu: the same JSON object, its cycle and bandwidth figures null (no cycle counters), every step's
+    placement off the overlay, and logits that follow onnxruntime."""
+    pytest.importorskip("torch")
+    _, model, prog, _ = demo
+    runs = {}
+    for backend in ("isa", "gpu"):
+        res = kvo("run", prog, "--prompt", "5,17,42", "--max-new-tokens", "4", "--backend", backend,
+                  "--offload-device", "cpu", "--check", model, "--json")
+        assert res.returncode == 0, res.stderr
+        runs[backend] = json.loads(res.stdout)
+    out = runs["gpu"]
+    assert RUN_KEYS <= set(out) and out["backend"] == "gpu"
+    for key in ("cycles", "cycles_per_token", "roofline_cycles_per_token", "bandwidth_efficiency"):
+        assert out[key] is None, key
+    assert len(out["step_placement"]) == 4
+    for i, p in enumerate(out["step_placement"]):
+        assert p["device"] == "cpu" and p["kv_on_chip_tokens"] == 0 and p["kv_offloaded_tokens"] == 3 + i
+        assert p["layers_offloaded"] == [0, 1] and p["ops_off_overlay"] == ["all"]
+    assert all(p["device"] == "overlay" and p["kv_offloaded_tokens"] == 0 for p in runs["isa"]["step_placement"])
+    assert out["reference"]["logits_cosine_min"] >= 0.99
+
+
+def test_run_offload_device_none_refuses_what_needs_offload(demo, tmp_path):
+    """A program compiled beyond the KV buffer runs with an offload device; with none it is refused in one line
+    before any step, naming what did not fit."""
+    _, model, _, _ = demo
+    prog = tmp_path / "long.kvo"
+    assert kvo("compile", model, "-o", prog, "--max-seq", "80", "--kv-capacity", "8").returncode == 0
+    args = ("run", prog, "--prompt", "5,17,42,7,9", "--max-new-tokens", "6", "--json")
+    dump = tmp_path / "out.npz"
+    assert_one_line_error(kvo(*args, "--offload-device", "none", "--dump", dump), "10 tokens per layer", "8-token",
+                          "--offload-device is none")
+    assert not dump.exists()
+    assert kvo(*args[:-3], "--max-new-tokens", "4", "--offload-device", "none").returncode == 0  # 8 positions fit
+    pytest.importorskip("torch")
+    res = kvo(*args, "--offload-device", "cpu")
+    assert res.returncode == 0, res.stderr
+    p = json.loads(res.stdout)["step_placement"]
+    assert [s["kv_offloaded_tokens"] for s in p] == [0, 0, 0, 0, 1, 2]  # chose tokens at positions 5..10
+    assert p[-1]["kv_on_chip_tokens"] == 8 and p[-1]["device"] == "cpu" and p[-1]["layers_offloaded"] == [0, 1]

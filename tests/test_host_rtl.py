@@ -260,3 +260,16 @@ def test_interrupted_request_is_recovered_by_reset(rtl_model, programs):
         assert sess.backend.process is not proc
         got = sess.generate(PROMPT, 3).result()
     assert got.tokens == want.tokens
+
+
+def test_kv_registers_within_the_buffer_and_refused_beyond(rtl_model, demo_onnx):
+    """A program compiled beyond the KV capacity takes its KV slot and length from R3/R4: the RTL backend sets them
+    per step (bit-identical to the golden model within the buffer) and refuses, before any step, a position the
+    buffer cannot hold (hybrid attention needs host writes the simulator process lacks)."""
+    program = compile_model(str(demo_onnx), "tiny", weights="int8", max_seq=80)[0]
+    assert {"kv_slot", "kv_len"} <= set(program.manifest["registers"])
+    assert_same_generation(program, PROMPT, NEW_TOKENS)
+    with Session(program, "rtl") as sess:
+        with pytest.raises(SessionError, match=r"position 69 is beyond the overlay's 64-token KV buffer.*host writes"):
+            sess.prefill([5] * 70)
+        assert sess.backend.steps == []

@@ -1,0 +1,91 @@
+"""The gpu backend (PyTorch, here on the CPU) against onnxruntime, and its batched prefill against its own steps."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import FAMILIES
+from kvoverlay.compiler.driver import compile_model
+from kvoverlay.host.reference import compare
+from kvoverlay.host.session import Session
+
+PROMPT = [5, 17, 42]
+NEW = 16
+
+pytest.importorskip("torch", reason="the gpu backend needs torch (the export extra installs it)")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def program(request, exported_models):
+    path = str(exported_models[request.param])
+    b, _ = compile_model(path, "tiny", weights="w16", max_seq=32)
+    return request.param, path, b
+
+
+def test_w16_matches_onnxruntime(program):
+    name, path, b = program
+    s = Session(b, backend="gpu")
+    res = s.generate(PROMPT, NEW)
+    ref = compare(path, PROMPT, res.tokens, res.logits)
+    print(f"{name} gpu/cpu w16: cosine {ref['logits_cosine_min']}, tokens {ref['matching_prefix']}/{NEW}")
+    assert ref["logits_cosine_min"] >= 0.999
+    assert ref["token_match"], (res.tokens, ref["tokens"])
+    assert len(set(res.tokens)) >= 8
+    _, _, counters = s.backend.step(res.tokens[-1], s.position)
+    p = counters.placement
+    assert (p["kv_on_chip_tokens"], p["kv_offloaded_tokens"], p["device"]) == (0, s.position + 1, "cpu")
+
+
+def test_batched_prefill_equals_step_by_step(program):
+    from kvoverlay.host.gpu import GpuBackend
+
+    _, _, b = program
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 200, size=20)]
+    steps = GpuBackend(b, device="cpu").run_steps(prompt, 0, 0)
+    nxt, logits, kv = GpuBackend(b, device="cpu").prefill(prompt)
+    assert nxt == steps[-1][0]
+    np.testing.assert_allclose(logits, steps[-1][1], rtol=1e-4, atol=1e-4)
+    layers = b.manifest["kv"]["layers"]
+    assert sorted(kv) == sorted(int(k) for k in layers)
+    for layer, (k, v) in kv.items():
+        assert k.shape == v.shape == (layers[str(layer)]["kv_heads"], len(prompt), layers[str(layer)]["head_dim"])
+
+
+def test_step_by_step_equals_one_run(program):
+    """Session.step (one host round trip per token) and run_steps (one sync for the whole run) agree."""
+    from kvoverlay.host.gpu import GpuBackend
+
+    _, _, b = program
+    one = GpuBackend(b, device="cpu").run_steps(PROMPT, 5, 0)
+    g = GpuBackend(b, device="cpu")
+    tok = PROMPT[0]
+    for i, (want_next, want_logits, _) in enumerate(one):
+        got_next, got_logits, _ = g.step(tok, i)
+        assert got_next == want_next
+        np.testing.assert_array_equal(got_logits, want_logits)
+        tok = PROMPT[i + 1] if i + 1 < len(PROMPT) else got_next
+
+
+def test_importing_the_gpu_backend_imports_no_torch():
+    code = "import sys, kvoverlay.host.gpu, kvoverlay.host.offload; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("reread, folds", [("", True), ("VADD a=16 b=16 dst=48 len=4", False)])
+def test_bias_folds_into_the_matmul_only_when_nothing_rereads_the_product(reread, folds):
+    from kvoverlay.host.gpu import _fold_biases, _Op
+
+    from kvoverlay import isa
+
+    code = isa.assemble(f"""
+        GEMV addr=0 rows=4 cols=4 x=0 acc=0 acc_e=E1
+        REQ acc=0 acc_e=E1 len=4 dst=16 dst_e=E2
+        LOAD addr=0x100 len=4 dst=32 dst_e=E3
+        VADD a=16 a_e=E2 b=32 b_e=E3 dst=0 dst_e=E4 len=4
+        {reread}
+    """)
+    w = {"GEMV": np.ones((4, 4)), "LOAD": np.ones((1, 4))}
+    ops = [_Op(i.op, i.fields, w.get(i.op), 4 if i.op == "GEMV" else 0) for i in code]
+    got = [op.op for op in _fold_biases(ops)]
+    assert (got[0] == "LINEAR") == folds, got
