@@ -25,5 +25,5 @@ KINDS = {k.kind: k for k in (Input, Table, Linear, Norm, Act, Rope, Attention, A
 
 #: The fusion rules, tried in this order at every value: each returns the vector holding the value, having
 #: added the ops that compute it, or None if the value is not its pattern. The largest patterns go first.
-RULES = (Input.match, Table.match, AttentionRows.match, Attention.match, Place.match, Rope.match, Norm.match,
+RULES = (Input.match, Table.match, AttentionRows.match, Attention.match, Rope.match, Place.match, Norm.match,
          Act.match, Softmax.match, Linear.match, Elementwise.match)

@@ -20,6 +20,7 @@ from kvoverlay import isa
 
 from .elementwise import Add, AddC, MulC, Scale
 from .linear import Linear, _split_source
+from .rope import constant_positions
 
 __all__ = ["MAX_WEIGHTS", "Place", "affine", "assemble", "place_add", "select"]
 
@@ -118,10 +119,10 @@ def _refused_by_specific_rules(fz, v, node) -> bool:
             return fz.ix.is_const(ins[0]) and w is None  # a constant times a computed tensor
         return (w.ndim != 2 or bool(node.attrs.get("transA", 0))
                 or fz.ix.numel(ins[0]) != (w.shape[1] if node.attrs.get("transB", 0) else w.shape[0]))
-    if op == "Split":
+    if op in ("Split", "Slice"):  # a part of a GEMV output is that GEMV's rows (Linear)
         return _split_source(fz, ins[0])[0] is None
     if op == "RotaryEmbedding":  # at constant positions (or none: the sequence's), x*cos + rotate(x)*sin is linear
-        return len(ins) < 4 or not ins[3] or fz.ix.is_const(ins[3])
+        return constant_positions(fz, node)
     if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
         consts = [fz.ix.const(i) for i in ins]
         if (consts[0] is None) == (consts[1] is None):

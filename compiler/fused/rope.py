@@ -22,7 +22,8 @@ class Rope(VOp):
     @staticmethod
     def match(fz, v, node):
         if node.op == "RotaryEmbedding":
-            return _rope_op(fz, v, node)
+            # at constant positions it is a fixed linear map of x, which the affine rule (Place) measures
+            return None if constant_positions(fz, node) else _rope_op(fz, v, node)
         if node.op == "Concat":
             return _partial_rope(fz, v, node)
         parts = _rope_parts(fz, node)
@@ -226,3 +227,9 @@ def _rope_op(fz, v, node):
     c, s = table_row(fz, ct, node.name), table_row(fz, st, node.name)
     mode = "interleaved" if node.attrs.get("interleaved", 0) else "half"
     return fz.add(Rope, v, [xv, c, s], node.name, heads=n // d, head_dim=d, mode=mode)
+
+
+def constant_positions(fz, node) -> bool:
+    """Whether a RotaryEmbedding node rotates by constant positions (none given: the sequence's own)."""
+    ins = node.inputs
+    return len(ins) < 4 or not ins[3] or fz.ix.is_const(ins[3])
