@@ -36,6 +36,7 @@ from . import coverage
 __all__ = ["RtlError", "RtlModel", "RtlProcess", "RtlProcessError", "RtlRun", "RtlStep", "build_model", "cache_root"]
 
 HW_DIR = Path(__file__).resolve().parent.parent / "hw"
+CORE_DIR = Path(__file__).resolve().parent.parent / "kvoverlay"
 SIM_DIR = Path(__file__).resolve().parent
 #: Default watchdog: cycles without progress before a run is declared stalled.
 WATCHDOG_CYCLES = 4096
@@ -59,9 +60,14 @@ def cache_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / ".cache" / "rtl"
 
 
+#: Core modules the hardware is elaborated from (field layouts, legal enum codes, tables, cycle constants): a change
+#: to any of them changes the Verilog even when hw/ does not.
+CORE_SOURCES = [CORE_DIR / f"{name}.py" for name in ("config", "isa", "numerics", "timing")]
+
+
 def _sources_hash(config: OverlayConfig) -> str:
     h = hashlib.sha256(config.to_toml().encode() + repr((VERILATOR_ARGS, TIMING_MAKEFLAGS)).encode())
-    for path in sorted(HW_DIR.glob("*.py")) + sorted(HW_DIR.glob("*.v")):
+    for path in sorted(HW_DIR.glob("*.py")) + sorted(HW_DIR.glob("*.v")) + CORE_SOURCES:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
