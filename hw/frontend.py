@@ -30,6 +30,7 @@ class Frontend(wiring.Component):
     Parameters
     ----------
     config : OverlayConfig
+        Its ``dram_bytes`` sizes the instruction address.
 
     Attributes
     ----------

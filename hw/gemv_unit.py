@@ -43,12 +43,13 @@ class GemvUnit(wiring.Component):
     cmd, busy, done :
         :func:`hw.ports.unit_signature` of ``LAYOUTS["GEMV"]``.
     dram : Out(dram_port(config))
+        Burst port: the weight tile.
     abuf_r : Out(abuf_read(config))
-    acc_r : Out(acc_read(config))
-    acc_w : Out(acc_write(config))
-    ereg_rx, ereg_ra : Out(ereg_read())
-        Exponents of x and of the accumulators.
-    ereg_w : Out(ereg_write())
+        The input vector x.
+    acc_r, acc_w : Out(acc_read(config)), Out(acc_write(config))
+        The accumulators (read for split-K).
+    ereg_rx, ereg_ra, ereg_w : Out(ereg_read()), Out(ereg_read()), Out(ereg_write())
+        Exponents of x and of the accumulators; the accumulators' new exponent.
     port_wait : Out(1)
         High while the request waits for the memory, or the engine waits for a weight word.
     """
@@ -62,10 +63,9 @@ class GemvUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
-        pb, lpb, lanes, llanes = word_sizes(cfg)
         seq = Sequencer(m, self, "gemv")
-        ins = seq.insn
+        ins, cfg = seq.insn, self.config
+        pb, lpb, lanes, llanes = word_sizes(cfg)
         m.d.comb += [self.ereg_rx.addr.eq(ins.x_e), self.ereg_ra.addr.eq(ins.acc_e)]
 
         # ---- tile geometry, as numerics.row_stride

@@ -13,7 +13,7 @@ from kvoverlay import numerics as nx
 from .dram import dram_port, request_burst
 from .isa_layout import LAYOUTS
 from .ports import Fault, abuf_write, ereg_write, reg_read, unit_signature
-from .requantizer import Requantizer
+from .requantizer import add_requantizer, complete_requantization
 from .unit import Sequencer, row_geometry, word_sizes
 from .widths import ceil_div, log2_exact
 
@@ -39,10 +39,13 @@ class LdrowUnit(wiring.Component):
     cmd, busy, done :
         :func:`hw.ports.unit_signature` of ``LAYOUTS["LDROW"]``.
     dram : Out(dram_port(config))
-    abuf_w : Out(abuf_write(config))
-    ereg_w : Out(ereg_write())
+        Burst port: the row record.
+    abuf_w, ereg_w : Out(abuf_write(config)), Out(ereg_write())
+        The dequantized row and its exponent.
     reg_r : Out(reg_read())
+        The row register.
     port_wait : Out(1)
+        High while the request waits for the memory.
     """
 
     def __init__(self, config):
@@ -55,10 +58,9 @@ class LdrowUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
-        pb, lpb, lanes, llanes = word_sizes(cfg)
         seq = Sequencer(m, self, "ldrow")
-        ins = seq.insn
+        ins, cfg = seq.insn, self.config
+        pb, lpb, lanes, llanes = word_sizes(cfg)
         m.d.comb += self.reg_r.addr.eq(ins.row_reg)
 
         n = ins.cols
@@ -99,10 +101,8 @@ class LdrowUnit(wiring.Component):
         m.d.comb += scale.eq(rs.data.bit_select(ssel, 16))
         value = Signal(signed(len(q) + len(scale) + 2), name="ldrow_value")
         m.d.comb += value.eq(q * scale)
-        m.submodules.requantizer = rq = Requantizer(cfg, len(value))
-        wiring.connect(m, rq.abuf_w, wiring.flipped(self.abuf_w))
-        m.d.comb += [k.eq(rq.index), rq.value.eq(value), rq.cmd.payload.len.eq(n), rq.cmd.payload.exp.eq(ins.sexp),
-                     rq.cmd.payload.dst.eq(ins.dst >> llanes)]
+        rq = add_requantizer(m, self, len(value), length=n, exp=ins.sexp, dst=ins.dst >> llanes)
+        m.d.comb += [k.eq(rq.index), rq.value.eq(value)]
 
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
@@ -127,8 +127,6 @@ class LdrowUnit(wiring.Component):
                     with m.If(beat == stride_words - 1):
                         m.d.comb += rq.cmd.valid.eq(1)
                         m.next = "REQUANTIZE"
-            with m.State("REQUANTIZE"), m.If(rq.done.valid):
-                m.d.comb += [self.ereg_w.addr.eq(ins.dst_e), self.ereg_w.data.eq(rq.exp),
-                             self.ereg_w.en.eq(rq.done.payload == Fault.NONE)]
-                seq.complete(rq.done.payload)
+            with m.State("REQUANTIZE"):
+                complete_requantization(m, seq, rq, self.ereg_w, ins.dst_e)
         return m

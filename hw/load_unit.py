@@ -38,7 +38,9 @@ class LoadUnit(wiring.Component):
     dram : Out(dram_port(config))
         Burst port (reads only).
     abuf_w : Out(abuf_write(config))
+        The mantissas, a buffer word per four beats.
     ereg_w : Out(ereg_write())
+        The record's exponent, written last.
     port_wait : Out(1)
         High while the unit waits for the memory to take its request.
     """
@@ -50,10 +52,9 @@ class LoadUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
-        pb, lpb, lanes, llanes = word_sizes(cfg)
         seq = Sequencer(m, self, "load")
-        ins = seq.insn
+        ins, cfg = seq.insn, self.config
+        pb, lpb, lanes, llanes = word_sizes(cfg)
         n = ins.len
         rec = record_geometry(m, n, pb, "load_record")
         mant_beats = Signal.like(rec.beats, name="load_mantissa_beats")

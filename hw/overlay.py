@@ -9,14 +9,12 @@ until every queue has drained, then pulses ``done``.
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
-from kvoverlay import numerics as nx
 
 from .attention import AttentionEngine, AttnError
 from .dram import DramArbiter, dram_port
@@ -33,7 +31,6 @@ from .ports import (
     abuf_lanes,
     abuf_read,
     abuf_write,
-    acc_read,
     acc_write,
     ereg_read,
     ereg_write,
@@ -42,6 +39,7 @@ from .ports import (
     unit_signature,
 )
 from .req_unit import ReqUnit
+from .state import OnChipState, host_signature, ports_of
 from .store_unit import StoreUnit
 from .vector_unit import VecError, VectorUnit
 
@@ -75,32 +73,6 @@ DRAM_PRIORITY = ("store", "load", "compute")
 #: Entries of each command queue.
 QUEUE_DEPTH = 4
 TOKEN_BITS = 8
-
-
-def _port_kinds(config) -> dict:
-    """The on-chip memory ports a unit may declare, by kind."""
-    return {"abuf_r": abuf_read(config), "abuf_w": abuf_write(config), "acc_r": acc_read(config),
-            "acc_w": acc_write(config)}
-
-
-def _ports_of(unit, signature) -> list:
-    """The unit's port members of *signature*, in declaration order."""
-    return [getattr(unit, name) for name, member in unit.signature.members.items()
-            if member.is_signature and member.flow == Out and member.signature == signature]
-
-
-def _share(m, sel, target, sources):
-    """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)]:
-    the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit."""
-    for name, member in sources[0][1].signature.members.items():
-        if member.flow == Out:
-            with m.Switch(sel):
-                for index, port in sources:
-                    with m.Case(index):
-                        m.d.comb += getattr(target, name).eq(getattr(port, name))
-        else:
-            for _, port in sources:
-                m.d.comb += getattr(port, name).eq(getattr(target, name))
 
 
 class _FlatUnit(wiring.Component):
@@ -175,6 +147,7 @@ class Overlay(wiring.Component):
     Parameters
     ----------
     config : OverlayConfig
+        Every unit and buffer is sized from it; ``port_bits`` must be at least 64.
 
     Attributes
     ----------
@@ -225,7 +198,6 @@ class Overlay(wiring.Component):
         m = Module()
         cfg = self.config
         pb = cfg.port_bytes
-        lanes = self.lanes
 
         # ------------------------------------------------------------ units
         m.submodules.frontend = fe = Frontend(cfg)
@@ -240,40 +212,24 @@ class Overlay(wiring.Component):
         m.d.comb += [self.insn_addr.eq(fe.insn_addr), fe.insn_data.eq(self.insn_data), fe.prog_base.eq(self.prog_base)]
 
         # ------------------------------------------------------------ on-chip state
-        m.submodules.abuf = abuf = Memory(shape=unsigned(16 * lanes), depth=self.abuf_depth, init=[])
-        m.submodules.accbuf = accbuf = Memory(shape=unsigned(64), depth=cfg.acc_buffer_words, init=[])
-        eregs = Array(Signal(EREG_SHAPE, init=nx.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
-        regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
-        with m.If(self.host_reg_we & ~self.running):
-            m.d.sync += regs[self.host_reg_addr].eq(self.host_reg_data)
-
-        # each queue's memory ports are shared by its units, driven by the unit that runs: a queue has as many
-        # ports of a kind as its unit with the most of them declares
-        memory = {"abuf_r": abuf.read_port, "abuf_w": lambda: abuf.write_port(granularity=16),
-                  "acc_r": accbuf.read_port, "acc_w": accbuf.write_port}
+        # each queue's units share its memory ports, driven by the unit that runs; the host reads the buffers and
+        # registers, and writes the scalar registers (program arguments) while not running
+        state = OnChipState(m, cfg)
         unit_sel = {q: Signal(range(max(2, len(UNITS[q]))), name=f"{q}_unit") for q in isa.QUEUES}
-        for kind, sig in _port_kinds(cfg).items():
-            for q in isa.QUEUES:
-                ports = {i: _ports_of(units[n], sig) for i, n in enumerate(UNITS[q])}
-                for j in range(max(len(p) for p in ports.values())):
-                    _share(m, unit_sel[q], memory[kind](), [(i, p[j]) for i, p in ports.items() if len(p) > j])
-        abuf_r_dbg, acc_r_dbg = abuf.read_port(), accbuf.read_port()
+        for q in isa.QUEUES:
+            state.attach([units[n] for n in UNITS[q]], unit_sel[q])
+        host = host_signature(cfg, "abuf_r", "acc_r", "ereg_r", "reg_r", "reg_w").create(path=("host",))
+        state.attach([host])
         m.d.comb += [
-            abuf_r_dbg.addr.eq(self.dbg_abuf_addr), self.dbg_abuf_data.eq(abuf_r_dbg.data),
-            acc_r_dbg.addr.eq(self.dbg_acc_addr), self.dbg_acc_data.eq(acc_r_dbg.data),
-            self.dbg_ereg_data.eq(eregs[self.dbg_ereg_addr]), self.dbg_reg_data.eq(regs[self.dbg_reg_addr]),
+            host.abuf_r.addr.eq(self.dbg_abuf_addr), host.abuf_r.en.eq(1), self.dbg_abuf_data.eq(host.abuf_r.data),
+            host.acc_r.addr.eq(self.dbg_acc_addr), host.acc_r.en.eq(1), self.dbg_acc_data.eq(host.acc_r.data),
+            host.ereg_r.addr.eq(self.dbg_ereg_addr), self.dbg_ereg_data.eq(host.ereg_r.data),
+            host.reg_r.addr.eq(self.dbg_reg_addr), self.dbg_reg_data.eq(host.reg_r.data),
+            host.reg_w.addr.eq(self.host_reg_addr), host.reg_w.data.eq(self.host_reg_data),
+            host.reg_w.en.eq(self.host_reg_we & ~self.running),
         ]
-        # register ports: reads are combinational, writes land at the clock edge (two queues never write one
-        # register at once: that is a race the golden model reports)
-        for file, read, write in ((eregs, ereg_read(), ereg_write()), (regs, reg_read(), reg_write())):
-            for unit in units.values():
-                for port in _ports_of(unit, read):
-                    m.d.comb += port.data.eq(file[port.addr])
-                for port in _ports_of(unit, write):
-                    with m.If(port.en):
-                        m.d.sync += file[port.addr].eq(port.data)
         # the burst ports, through the arbiter
-        masters = {n: units[n] for q in DRAM_PRIORITY for n in UNITS[q] if _ports_of(units[n], dram_port(cfg))}
+        masters = {n: units[n] for q in DRAM_PRIORITY for n in UNITS[q] if ports_of(units[n], dram_port(cfg))}
         m.submodules.dram_arbiter = arb = DramArbiter(cfg, tuple(masters))
         wiring.connect(m, wiring.flipped(self.dram), arb.mem)
         for n, unit in masters.items():

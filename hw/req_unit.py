@@ -8,7 +8,7 @@ from amaranth.lib.wiring import Out
 
 from .isa_layout import LAYOUTS
 from .ports import Fault, abuf_write, acc_read, ereg_read, ereg_write, unit_signature
-from .requantizer import Requantizer
+from .requantizer import add_requantizer, complete_requantization
 from .unit import Sequencer, word_sizes
 
 __all__ = ["ReqUnit"]
@@ -28,10 +28,10 @@ class ReqUnit(wiring.Component):
     ----------
     cmd, busy, done :
         :func:`hw.ports.unit_signature` of ``LAYOUTS["REQ"]``.
-    acc_r : Out(acc_read(config))
-    abuf_w : Out(abuf_write(config))
-    ereg_r : Out(ereg_read())
-    ereg_w : Out(ereg_write())
+    acc_r, ereg_r : Out(acc_read(config)), Out(ereg_read())
+        The accumulator words and their exponent.
+    abuf_w, ereg_w : Out(abuf_write(config)), Out(ereg_write())
+        The bfp16 result.
     """
 
     def __init__(self, config):
@@ -41,27 +41,21 @@ class ReqUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg = self.config
-        _, _, lanes, llanes = word_sizes(cfg)
         seq = Sequencer(m, self, "req")
-        ins = seq.insn
-        n = ins.len
+        ins, cfg = seq.insn, self.config
+        _, _, lanes, llanes = word_sizes(cfg)
+        # the accumulator words stream from acc_r (latency 1) into the requantizer, at the exponent of acc_e
+        rq = add_requantizer(m, self, len(self.acc_r.data), length=ins.len, exp=self.ereg_r.data,
+                             dst=ins.dst >> llanes)
         m.d.comb += self.ereg_r.addr.eq(ins.acc_e)
-
-        m.submodules.requantizer = rq = Requantizer(cfg, len(self.acc_r.data))
-        wiring.connect(m, rq.abuf_w, wiring.flipped(self.abuf_w))
-        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(self.acc_r.data),
-                     rq.cmd.payload.len.eq(n), rq.cmd.payload.exp.eq(self.ereg_r.data),
-                     rq.cmd.payload.dst.eq(ins.dst >> llanes)]
+        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(self.acc_r.data)]
 
         with seq.fsm("CHECK"):
             with m.State("CHECK"), seq.check((ins.dst & (lanes - 1), Fault.UNALIGNED),
-                           ((ins.dst + n > cfg.act_buffer_words) | (ins.acc + n > cfg.acc_buffer_words),
+                           ((ins.dst + ins.len > cfg.act_buffer_words) | (ins.acc + ins.len > cfg.acc_buffer_words),
                             Fault.OUT_OF_RANGE)):
                 m.d.comb += rq.cmd.valid.eq(1)
                 m.next = "REQUANTIZE"
-            with m.State("REQUANTIZE"), m.If(rq.done.valid):
-                m.d.comb += [self.ereg_w.addr.eq(ins.dst_e), self.ereg_w.data.eq(rq.exp),
-                             self.ereg_w.en.eq(rq.done.payload == Fault.NONE)]
-                seq.complete(rq.done.payload)
+            with m.State("REQUANTIZE"):
+                complete_requantization(m, seq, rq, self.ereg_w, ins.dst_e)
         return m

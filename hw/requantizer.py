@@ -15,7 +15,7 @@ from .normalize import bit_length, scalar_mantissa
 from .ports import EREG_SHAPE, Fault, abuf_write
 from .unit import WordPacker
 
-__all__ = ["Requantizer", "requant_command"]
+__all__ = ["Requantizer", "add_requantizer", "complete_requantization", "requant_command"]
 
 
 def requant_command(config) -> data.StructLayout:
@@ -124,3 +124,21 @@ class Requantizer(wiring.Component):
                 m.d.comb += [self.done.valid.eq(1), self.done.payload.eq(Fault.OVERFLOW)]
                 m.next = "IDLE"
         return m
+
+
+def add_requantizer(m: Module, unit, width: int, *, length, exp, dst) -> Requantizer:
+    """A :class:`Requantizer` of *width*-bit values inside *unit*, writing its ``abuf_w``; its command takes
+    *length* values at exponent *exp* to buffer word *dst* (the caller raises ``cmd.valid``, reads ``index`` and
+    ``read`` and drives ``value``)."""
+    m.submodules.requantizer = rq = Requantizer(unit.config, width)
+    wiring.connect(m, rq.abuf_w, wiring.flipped(unit.abuf_w))
+    m.d.comb += [rq.cmd.payload.len.eq(length), rq.cmd.payload.exp.eq(exp), rq.cmd.payload.dst.eq(dst)]
+    return rq
+
+
+def complete_requantization(m: Module, seq, rq: Requantizer, ereg_w, addr):
+    """The unit's state that waits for *rq*: when it is done, write the exponent to register *addr* (unless it
+    failed) and complete the instruction with its fault."""
+    with m.If(rq.done.valid):
+        m.d.comb += [ereg_w.addr.eq(addr), ereg_w.data.eq(rq.exp), ereg_w.en.eq(rq.done.payload == Fault.NONE)]
+        seq.complete(rq.done.payload)

@@ -38,9 +38,11 @@ class StoreUnit(wiring.Component):
     cmd, busy, done :
         :func:`hw.ports.unit_signature` of :data:`STORE_INSN`.
     dram : Out(dram_port(config))
-    abuf_r : Out(abuf_read(config))
+        Burst port (writes only).
+    abuf_r, ereg_r : Out(abuf_read(config)), Out(ereg_read())
+        A STORE's vector and exponent.
     acc_r : Out(acc_read(config))
-    ereg_r : Out(ereg_read())
+        A STACC's accumulator words.
     port_wait : Out(1)
         High while waiting for the memory to take the request or a beat.
     """
