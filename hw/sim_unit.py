@@ -11,8 +11,6 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
-
 from .ports import Fault
 from .state import OnChipState, host_signature
 
@@ -32,23 +30,22 @@ class UnitSimTop(wiring.Component):
 
     Attributes
     ----------
-    insn, start : In
-        The instruction, taken on ``start`` while the unit is idle.
-    busy, done : Out(1)
-        The unit's; ``done`` pulses in its last busy cycle.
-    error, error_code : Out
-        With ``done``: whether it faulted, and the :class:`~hw.ports.Fault`.
+    cmd, busy :
+        The unit's command stream and busy flag, passed through.
+    done, fault : Out(1), Out(Fault)
+        The unit's ``done`` stream as plain signals (a top-level port cannot be an always-ready stream, whose
+        ``ready`` is a constant).
     cycles : Out(32)
-        Cycles ``busy`` was high during the current or last instruction.
+        Busy cycles of the current or last instruction, the current cycle included: in the ``done`` cycle,
+        the instruction's whole busy window.
     host : In(host_signature(config))
         Every kind of port on the buffers and registers (``host__abuf_w__addr``, ... in Verilog).
     """
 
     def __init__(self, config, unit, **members):
         self.config, self.unit = config, unit
-        super().__init__({"insn": In(isa.INSN_BITS), "start": In(1), "busy": Out(1), "done": Out(1),
-                          "error": Out(1), "error_code": Out(Fault), "cycles": Out(32),
-                          "host": In(host_signature(config)), **members})
+        super().__init__({"cmd": unit.signature.members["cmd"], "busy": Out(1), "done": Out(1), "fault": Out(Fault),
+                          "cycles": Out(32), "host": In(host_signature(config)), **members})
 
     def elaborate(self, platform):
         m = Module()
@@ -56,13 +53,12 @@ class UnitSimTop(wiring.Component):
         state = OnChipState(m, self.config)
         state.attach([unit])
         state.attach([wiring.flipped(self.host)])
-        m.d.comb += [unit.cmd.payload.eq(self.insn), unit.cmd.valid.eq(self.start), self.busy.eq(unit.busy),
-                     self.done.eq(unit.done.valid), self.error_code.eq(unit.done.payload),
-                     self.error.eq(unit.done.valid & (unit.done.payload != Fault.NONE))]
-        cycles = Signal(32, name="busy_cycles")
-        m.d.comb += self.cycles.eq(cycles)
+        wiring.connect(m, wiring.flipped(self.cmd), unit.cmd)
+        m.d.comb += [self.busy.eq(unit.busy), self.done.eq(unit.done.valid), self.fault.eq(unit.done.payload)]
+        before = Signal(32, name="busy_cycles_before")
         with m.If(unit.cmd.valid & unit.cmd.ready):
-            m.d.sync += cycles.eq(0)
+            m.d.sync += before.eq(0)
         with m.Elif(unit.busy):
-            m.d.sync += cycles.eq(cycles + 1)
+            m.d.sync += before.eq(before + 1)
+        m.d.comb += self.cycles.eq(before + unit.busy)
         return m
