@@ -111,10 +111,8 @@ class GemvEngine(wiring.Component):
         rows_w = self.max_rows.bit_length()
 
         # ---- the tile, latched from the command
-        rows = Signal(rows_w)
-        cols = Signal(cols_w)
-        gl = Signal(4)
-        fmt = Signal(2)
+        latched = Signal.like(self.cmd.payload, name="tile")
+        rows, cols, gl, fmt = latched.rows, latched.cols, latched.group_log2, latched.fmt
         # derived (combinational from the latched values)
         ngroups = Signal(cols_w)
         m.d.comb += ngroups.eq(cols >> gl)
@@ -182,8 +180,7 @@ class GemvEngine(wiring.Component):
         m.d.comb += self.cmd.ready.eq(~busy)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
-                rows.eq(tile.rows), cols.eq(tile.cols), gl.eq(tile.group_log2), fmt.eq(tile.fmt),
-                addr.eq(tile.w_base), r_cnt.eq(0), w_cnt.eq(0), cycles.eq(0),
+                latched.eq(tile), addr.eq(tile.w_base), r_cnt.eq(0), w_cnt.eq(0), cycles.eq(0),
                 busy.eq(1), running.eq(tile.rows != 0),
             ]
             with m.If(tile.rows == 0):

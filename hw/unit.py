@@ -118,7 +118,8 @@ def row_geometry(m: Module, insn, config, name: str) -> SimpleNamespace:
     """
     pb = config.port_bytes
     cols = insn.cols
-    g = SimpleNamespace(group_log2=Signal(4, name=f"{name}_group_log2"),
+    largest_group = (1 << len(insn.lg_group)) - 1 + log2_exact(isa.GROUP_BASE)
+    g = SimpleNamespace(group_log2=Signal(range(largest_group + 1), name=f"{name}_group_log2"),
                         groups=Signal(len(cols), name=f"{name}_groups"),
                         bits_log2=Signal(range(log2_exact(max(nx.WEIGHT_FORMATS.values())) + 1),
                                          name=f"{name}_weight_bits_log2"),
