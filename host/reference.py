@@ -6,7 +6,39 @@ import os
 
 import numpy as np
 
-__all__ = ["compare", "ort_decode"]
+__all__ = ["CheckModelError", "compare", "matching_prefix", "open_reference", "ort_decode"]
+
+
+class CheckModelError(ValueError):
+    """A ``--check`` model that cannot serve as the reference of a program."""
+
+
+def open_reference(path, vocab: int):
+    """Load the ONNX decoder at *path* for ``--check``, before any decoding: it must exist, be ONNX that
+    onnxruntime loads, have ``input_ids`` and ``logits``, and produce *vocab* logits (the program's vocabulary).
+
+    Returns the ``InferenceSession``; raises :class:`CheckModelError` naming what is wrong.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckModelError(f"--check {path}: no such file")
+    try:
+        sess = _session(path)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for unreadable models
+        msg = " ".join(str(exc).split())[:200]
+        raise CheckModelError(f"--check {path}: not an ONNX model onnxruntime can load ({msg})") from None
+    inputs = {i.name for i in sess.get_inputs()}
+    outputs = {o.name: o for o in sess.get_outputs()}
+    if "input_ids" not in inputs or "logits" not in outputs:
+        raise CheckModelError(f"--check {path}: not a decoder with input_ids and logits "
+                             f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})")
+    width = outputs["logits"].shape[-1] if outputs["logits"].shape else None
+    if not isinstance(width, int):  # a symbolic vocabulary: one step tells
+        _, logits = ort_decode(sess, [0], 1)
+        width = int(logits[0].shape[-1])
+    if width != vocab:
+        raise CheckModelError(f"--check {path}: the model's vocabulary has {width} tokens, the program's {vocab}")
+    return sess
 
 
 def _session(model):
@@ -58,12 +90,28 @@ def ort_decode(model, prompt, new_tokens: int, forced=None):
     return tokens, logits
 
 
+def matching_prefix(got, want) -> int:
+    """How many leading tokens of *got* and *want* agree.
+
+    Greedy decoding feeds each token back, so after the first difference the two runs continue different
+    sequences and a later equal token is a coincidence, not agreement.
+    """
+    n = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def compare(model, prompt, tokens, logits) -> dict:
     """Check overlay *tokens*/*logits* against onnxruntime on *model* for the same prompt.
 
-    ``tokens`` of the reference is its own greedy decoding; cosine and error are
-    taken on teacher-forced logits (onnxruntime fed the overlay's tokens), so a
-    single flipped token does not make every later step incomparable.
+    ``tokens`` of the reference is its own greedy decoding and ``matching_prefix`` the number of leading
+    tokens on which both agree; cosine and error are taken on teacher-forced logits (onnxruntime fed the
+    overlay's tokens), so a single flipped token does not make every later step incomparable.
+    ``top2_margin_min`` is the smallest gap between the reference's two largest logits: where it is below
+    the logits error, greedy tokens may flip.
     """
     n = len(tokens)
     ref_tokens, _ = ort_decode(model, prompt, n)
@@ -79,7 +127,7 @@ def compare(model, prompt, tokens, logits) -> dict:
     return {
         "tokens": ref_tokens,
         "token_match": ref_tokens == list(tokens),
-        "tokens_matching": int(sum(a == b for a, b in zip(ref_tokens, tokens, strict=True))),
+        "matching_prefix": matching_prefix(tokens, ref_tokens),
         "logits_cosine_min": round(min(cos), 6),
         "logits_max_abs_err": round(max(err), 6),
         "top2_margin_min": round(min(margins), 6),

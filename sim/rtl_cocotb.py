@@ -1,19 +1,28 @@
-"""cocotb side of :mod:`kvoverlay.sim.rtl`: one run of the Verilated overlay, driven at transaction level.
+"""cocotb side of :mod:`kvoverlay.sim.rtl`: the Verilated overlay, driven at transaction level.
 
-The job (JSON file named by ``KVO_RTL_JOB``) gives the register arguments, the program's base, the watchdog
-and what to read back. The clock and the memory model run in HDL; Python only writes the arguments, pulses
-``start``, awaits ``done`` and reads the state back. The memory image comes in and out through the memory
-model's ``$readmemh``/``$writememh`` (plusargs set by the runner).
+The job (JSON file named by ``KVO_RTL_JOB``) gives the program's base, the watchdog and either one run (register
+arguments, what to read back) or a ``serve`` entry: the port and nonce of the host's socket on 127.0.0.1. The
+clock and the memory model run in HDL; Python only writes registers, pulses ``start``, awaits ``done`` and reads
+results. The memory image comes in through the memory model's ``$readmemh`` and a single run's memory goes out
+through ``$writememh`` (plusargs set by the runner).
 
-A job with a ``session`` entry runs a decode session instead: the image is loaded once and the program runs
-once per step, the KV buffer and all other state persisting between steps. Per step, Python writes the token
-and position registers, starts, awaits ``done`` and reads the step's counters, the next-token register and the
-logits record (through the memory model's host read port); the next step's token is either the next forced
-token or the register just read (greedy generation, fed back without leaving the simulator).
+Served, the test is a command loop that lives as long as the host's session: one JSON object per line in, one
+per line out (:class:`kvoverlay.sim.rtl.RtlProcess` is the other end). The simulator stands still while Python
+waits for the next command, so the overlay's state (the KV buffer above all) persists from one command to the
+next. Commands:
+
+- ``steps``: per step, write the token and position registers (and any others), start, await ``done``, read
+  the counters, the next-token register and the logits record (through the memory model's host read port).
+  The token is the next of ``feed``, then for ``generate`` more steps the register just read (greedy
+  generation, fed back without leaving the simulator);
+- ``read_words`` / ``registers`` / ``state``: memory words, the scalar and exponent registers, the buffers;
+- ``reset``: pulse ``rst`` (the next step starts a sequence at position 0);
+- ``quit``: end the test, and with it the process.
 """
 
 import json
 import os
+import socket
 import time
 
 import cocotb
@@ -38,8 +47,8 @@ def _save(path: str, result: dict) -> None:
         json.dump(result, f)
 
 
-async def _write_regs(dut, values: dict):
-    """Host register writes, then a one-cycle ``start``.
+async def _write_regs(dut, values: dict, start: bool = True):
+    """Host register writes, then (with *start*) a one-cycle ``start``.
 
     Inputs change at falling edges: after the combinational reads (``_comb``, 1 ns steps) the simulation time
     may sit on a rising edge, where a write could race the edge and be lost.
@@ -51,9 +60,10 @@ async def _write_regs(dut, values: dict):
         dut.host_reg_data.value = int(value) & 0xFFFFFFFF
     await FallingEdge(dut.clk)
     dut.host_reg_we.value = 0
-    dut.start.value = 1
-    await FallingEdge(dut.clk)
-    dut.start.value = 0
+    if start:
+        dut.start.value = 1
+        await FallingEdge(dut.clk)
+        dut.start.value = 0
 
 
 async def _status(dut, job):
@@ -65,11 +75,15 @@ async def _status(dut, job):
     return result
 
 
-async def _state(dut, job) -> dict:
-    """Registers, and the buffers as far as the job asks."""
-    result = {"eregs": [await _comb(dut, "dbg_ereg_data", "dbg_ereg_addr", i) for i in range(job["n_eregs"])],
-              "regs": [await _comb(dut, "dbg_reg_data", "dbg_reg_addr", i) for i in range(job["n_regs"])]}
-    for name, count in (("abuf", job["abuf_words"]), ("acc", job["acc_words"])):
+async def _registers(dut, job) -> dict:
+    return {"eregs": [await _comb(dut, "dbg_ereg_data", "dbg_ereg_addr", i) for i in range(job["n_eregs"])],
+            "regs": [await _comb(dut, "dbg_reg_data", "dbg_reg_addr", i) for i in range(job["n_regs"])]}
+
+
+async def _state(dut, job, abuf_words, acc_words) -> dict:
+    """Registers, and as many words of the buffers as asked for."""
+    result = await _registers(dut, job)
+    for name, count in (("abuf", abuf_words), ("acc", acc_words)):
         words = []
         for i in range(count):
             getattr(dut, f"dbg_{name}_addr").value = i
@@ -81,18 +95,16 @@ async def _state(dut, job) -> dict:
     return result
 
 
-async def _session(dut, job):
-    """One decode session: a run of the program per step, tokens fed back in the simulator."""
-    sess = job["session"]
-    regs = sess["registers"]
-    feed = list(sess["feed"])
-    steps = len(feed) + sess["generate"]
-    first, words = sess["logits_word"], sess["logits_words"]
+async def _steps(dut, job, cmd) -> dict:
+    """Runs of the program, one per step, the next token fed back in the simulator after the *feed* tokens."""
+    regs = cmd["registers"]
+    feed = list(cmd["feed"])
     out = []
     token = None
-    for k in range(steps):
+    for k in range(len(feed) + cmd["generate"]):
         token = feed[k] if k < len(feed) else token
-        await _write_regs(dut, {regs["token"]: token, regs["position"]: sess["position"] + k})
+        values = {**cmd.get("extra", {}), regs["token"]: token, regs["position"]: cmd["position"] + k}
+        await _write_regs(dut, values)
         t0, c0 = time.perf_counter(), time.process_time()
         await with_timeout(RisingEdge(dut.done), job["max_cycles"] * CLOCK_NS, "ns")
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -101,9 +113,70 @@ async def _session(dut, job):
         if step["error"]:
             break
         step["next_token"] = await _comb(dut, "dbg_reg_data", "dbg_reg_addr", regs["next_token"])
-        step["logits"] = [str(await _comb(dut, "dram_host_data", "dram_host_addr", first + i)) for i in range(words)]
+        step["logits"] = [await _comb(dut, "dram_host_data", "dram_host_addr", cmd["logits_word"] + i)
+                          for i in range(cmd["logits_words"])]
         token = step["next_token"]
-    _save(job["result"], {"steps": out, **await _state(dut, job)})
+    return {"steps": out}
+
+
+async def _reset(dut):
+    await FallingEdge(dut.clk)
+    dut.rst.value = 1
+    for _ in range(2):
+        await RisingEdge(dut.clk)
+    await FallingEdge(dut.clk)
+    dut.rst.value = 0
+
+
+async def _serve(dut, job):
+    """The command loop: one JSON line in, one out, until ``quit`` or the host closes the socket."""
+    sock = socket.create_connection(("127.0.0.1", job["serve"]["port"]))
+    stream = sock.makefile("rwb")
+
+    def send(obj):
+        stream.write(json.dumps(obj).encode() + b"\n")
+        stream.flush()
+
+    send({"hello": job["serve"]["nonce"], "pid": os.getpid()})
+    runs = 0  # program runs since the process started: a replay would show here
+    while True:
+        line = stream.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            reply = await _command(dut, job, cmd)
+        except (TimeoutError, ValueError, KeyError, TypeError, OSError) as exc:
+            # a timeout, a bad command: say so, then end the process (the overlay's state is unknown)
+            send({"fault": f"{type(exc).__name__}: {exc}", "runs": runs})
+            break
+        if op == "quit":
+            send({"runs": runs})
+            break
+        runs += len(reply.get("steps", ()))
+        send({**reply, "runs": runs})
+    stream.close()
+    sock.close()
+
+
+async def _command(dut, job, cmd) -> dict:
+    op = cmd["op"]
+    if op == "steps":
+        return await _steps(dut, job, cmd)
+    if op == "read_words":
+        return {"words": [await _comb(dut, "dram_host_data", "dram_host_addr", cmd["first"] + i)
+                          for i in range(cmd["count"])]}
+    if op == "registers":
+        return await _registers(dut, job)
+    if op == "state":
+        return await _state(dut, job, cmd["abuf_words"], cmd["acc_words"])
+    if op == "reset":
+        await _reset(dut)
+        return {}
+    if op == "quit":
+        return {}
+    raise ValueError(f"unknown command {op!r}")
 
 
 @cocotb.test()
@@ -119,8 +192,8 @@ async def overlay_run(dut):
     for _ in range(2):
         await RisingEdge(dut.clk)
     dut.rst.value = 0
-    if "session" in job:
-        await _session(dut, job)
+    if "serve" in job:
+        await _serve(dut, job)
         return
     for i, value in enumerate(job["args"]):
         dut.host_reg_we.value = 1
@@ -139,7 +212,7 @@ async def overlay_run(dut):
               "error_info": int(dut.error_info.value), "error_pc": int(dut.error_pc.value)}
     await RisingEdge(dut.clk)
     result["counters"] = [await _comb(dut, "ctr_data", "ctr_addr", i) for i in range(job["n_counters"])]
-    result.update(await _state(dut, job))
+    result.update(await _state(dut, job, job["abuf_words"], job["acc_words"]))
     await RisingEdge(dut.clk)
     dut.dram_dump.value = 1
     for _ in range(3):

@@ -1,12 +1,15 @@
 """Compiled models on the Verilated overlay (``--backend rtl``) against the golden model (``--backend isa``).
 
-The same program and prompt must give bit-identical logits and the same tokens on both backends; the RTL runs
-each generation in one simulator process (the KV buffer persists between steps, R2 is fed back inside the
-simulator), and its cycles come from the hardware counters. One Verilator build of ``tiny`` (cached under
-.cache/rtl) serves every case.
+The same program and prompt must give bit-identical logits and the same tokens on both backends; the RTL keeps
+one simulator process for the session (the KV buffer persists between calls, which continue where the last one
+stopped: each position runs once), and its cycles come from the hardware counters. One Verilator build of
+``tiny`` (cached under .cache/rtl) serves every case.
 """
 
+import copy
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -14,11 +17,11 @@ import pytest
 pytest.importorskip("cocotb_tools")
 
 from conftest import FAMILIES
-from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.driver import compile_model
-from kvoverlay.host.session import RtlBackend, Session, SessionError
+from kvoverlay.host.session import RtlBackend, Session, SessionError, SimulatorDied
+from kvoverlay.models.demo import build_llama_onnx
 from kvoverlay.sim.coverage import Coverage, collecting
-from kvoverlay.sim.rtl import build_model
+from kvoverlay.sim.rtl import RtlError, RtlModel, build_model
 from test_cli import kvo
 
 from kvoverlay import bundle as kvbundle
@@ -48,15 +51,16 @@ def programs(demo_onnx):
 
 def assert_same_generation(program, prompt, new_tokens):
     gold = Session(program, "isa").generate(prompt, new_tokens)
-    sess = Session(program, "rtl")
-    rtl = sess.generate(prompt, new_tokens)
+    with Session(program, "rtl") as sess:
+        rtl = sess.generate(prompt, new_tokens).result()
+        runs = sess.backend.process.runs
     assert rtl.tokens == gold.tokens
     assert len(rtl.logits) == len(gold.logits) == new_tokens
     for a, b in zip(rtl.logits, gold.logits):
         assert np.array_equal(a, b)
     # one step per position, each from the hardware counters of that run
     steps = sess.backend.steps
-    assert [s.position for s in steps] == list(range(len(prompt) + new_tokens - 1))
+    assert [s.position for s in steps] == list(range(len(prompt) + new_tokens - 1)) and runs == len(steps)
     assert [s.token for s in steps] == prompt + rtl.tokens[:-1]
     assert rtl.step_cycles == [s.hw_counters["cycles"] for s in steps]
     assert all(c > 0 for c in rtl.step_cycles)
@@ -78,7 +82,7 @@ def test_teacher_forced_and_single_steps(rtl_model, programs):
     gold, rtl = Session(program, "isa"), Session(program, "rtl")
     for a, b in zip(rtl.teacher_forced(PROMPT, forced), gold.teacher_forced(PROMPT, forced), strict=True):
         assert np.array_equal(a, b)
-    for tok in (7, 9):  # the RTL backend replays its history in one process, so the KV state carries on
+    for tok in (7, 9):  # the RTL backend's simulator process keeps the KV state between calls
         ga, gb = gold.step(tok), rtl.step(tok)
         assert ga[0] == gb[0]
         assert np.array_equal(ga[1], gb[1])
@@ -86,6 +90,8 @@ def test_teacher_forced_and_single_steps(rtl_model, programs):
     with pytest.raises(SessionError, match="outside the vocabulary"):
         Session(program, "rtl").generate([5, 1000], 2)
     assert isinstance(rtl.backend, RtlBackend)
+    assert rtl.backend.process.runs == rtl.position  # each position ran once: no replay
+    rtl.close()
 
 
 def test_cli_run_rtl_dump_identical_to_isa(rtl_model, programs, tmp_path):
@@ -129,3 +135,140 @@ def test_exported_families_bit_identical(rtl_model, exported_models, family, wei
     positions, ONNX's Attention ops) in every weight format: the RTL decodes exactly what the golden model does."""
     program, _ = compile_model(str(exported_models[family]), "tiny", weights=weights, max_seq=8)
     assert_same_generation(program, [3, 11], 3)
+
+
+def test_streamed_session_runs_each_position_once(rtl_model, programs):
+    """Prefill, then token-by-token streaming on one simulator process: bit-identical to isa, no replay."""
+    program = programs["int8"]
+    gold = Session(program, "isa")
+    gold_last = gold.prefill(PROMPT)
+    gold_steps = list(gold.generate(max_new_tokens=6))
+    with Session(program, "rtl") as sess:
+        last = sess.prefill(PROMPT)
+        proc = sess.backend.process
+        assert proc.runs == len(PROMPT)
+        np.testing.assert_array_equal(last.logits, gold_last.logits)
+        for k, (st, want) in enumerate(zip(sess.generate(max_new_tokens=6), gold_steps, strict=True)):
+            assert (st.token, st.position) == (want.token, want.position)
+            np.testing.assert_array_equal(st.logits, want.logits)
+            # the simulator has run exactly the positions fed so far, each once, and no more
+            assert proc.runs == len(PROMPT) + k
+        assert sess.backend.process is proc and proc.alive
+        positions = [s.position for s in sess.backend.steps]
+        assert positions == list(range(len(PROMPT) + 5)) == list(range(proc.runs))
+        # the greedy fast path: tokens fed back inside the simulator, continuing the same KV state
+        more = sess.backend.run_steps([gold_steps[-1].token], 1, sess.position)
+        ref = [gold.step(gold_steps[-1].token)]
+        ref.append(gold.step(ref[-1].next_token))
+        for a, b in zip(more, ref, strict=True):
+            assert a.next_token == b.next_token
+            np.testing.assert_array_equal(a.logits, b.logits)
+        assert proc.runs == len(PROMPT) + 5 + 2
+        assert sess.backend.sim_cycles_per_s > 0
+
+
+def test_sampling_with_a_seed_is_the_same_on_isa_and_rtl(rtl_model, programs):
+    kw = {"temperature": 1.2, "top_k": 20, "top_p": 0.9, "seed": 77}
+    gold = Session(programs["int4"], "isa").generate(PROMPT, 6, **kw)
+    with Session(programs["int4"], "rtl") as sess:
+        rtl = sess.generate(PROMPT, 6, **kw).result()
+    assert rtl.tokens == gold.tokens
+    assert rtl.tokens != Session(programs["int4"], "isa").generate(PROMPT, 6).tokens, "sampling changed nothing"
+    for a, b in zip(rtl.logits, gold.logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reset_pulse_starts_a_fresh_sequence(rtl_model, programs):
+    program = programs["w16"]
+    fresh = Session(program, "isa").generate([9, 8], 3)
+    with Session(program, "rtl") as sess:
+        sess.generate(PROMPT, 4).result()
+        proc = sess.backend.process
+        sess.reset()
+        again = sess.generate([9, 8], 3).result()
+        assert sess.backend.process is proc, "a live simulator is reset, not restarted"
+    assert again.tokens == fresh.tokens
+    for a, b in zip(again.logits, fresh.logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_killed_simulator_is_reported_and_reset_recovers(rtl_model, programs):
+    program = programs["int8"]
+    want = Session(program, "isa").generate(PROMPT, 4)
+    with Session(program, "rtl") as sess:
+        sess.prefill(PROMPT)
+        pid = sess.backend.process.pid
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(SimulatorDied, match=f"pid {pid}.*exited mid-session.*reset"):
+            sess.generate(max_new_tokens=3).result()
+        with pytest.raises(SessionError, match="call reset"):
+            sess.step(3)
+        sess.reset()
+        got = sess.generate(PROMPT, 4).result()
+        assert sess.backend.process.pid != pid and sess.backend.process.runs == len(PROMPT) + 3
+    assert got.tokens == want.tokens
+    for a, b in zip(got.logits, want.logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_faulted_step_is_reported_and_reset_recovers(rtl_model, programs):
+    """A step beyond the KV buffer faults in the hardware too; the session refuses steps until reset()."""
+    program = copy.copy(programs["int8"])
+    program.manifest = {**programs["int8"].manifest, "max_seq": 80}  # claims more than the 64-token KV buffer
+    with Session(program, "rtl") as sess:
+        sess.prefill([1] * 64)
+        with pytest.raises(RtlError, match="KVAPPEND"):
+            sess.step(3)
+        with pytest.raises(SessionError, match="call reset"):
+            sess.generate([3], 2)
+        sess.reset()
+        assert sess.generate(PROMPT, 3).tokens == Session(programs["int8"], "isa").generate(PROMPT, 3).tokens
+
+
+def test_run_session_is_a_one_shot_process(rtl_model, programs):
+    """``RtlModel.run_session`` (one process for a fixed token sequence, then closed) matches the golden model."""
+    program = programs["int4"]
+    m = program.manifest
+    model = RtlModel(program.config, program.image)
+    steps = model.run_session(program.instructions, m["registers"], m["logits"], PROMPT, generate=2, readback=True)
+    gold = Session(program, "isa")
+    want = [gold.step(t) for t in PROMPT]
+    want += [gold.step(want[-1].next_token)]
+    want += [gold.step(want[-1].next_token)]
+    assert [s.position for s in steps] == list(range(5))
+    for a, b in zip(steps, want, strict=True):
+        assert a.next_token == b.next_token
+        np.testing.assert_array_equal(a.logits, b.logits)
+    np.testing.assert_array_equal(model.abuf, gold.backend.model.abuf)
+    assert model.regs == gold.backend.model.regs
+
+
+def test_interrupted_request_is_recovered_by_reset(rtl_model, programs):
+    """An interrupt while the simulator works on a step (Ctrl-C) leaves its reply unread: the session asks for
+    reset(), which starts a new process rather than reading replies out of step."""
+    program = programs["int8"]
+    want = Session(program, "isa").generate(PROMPT, 3)
+
+    class Interrupted:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def readline(self):
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    with Session(program, "rtl") as sess:
+        sess.prefill(PROMPT)
+        proc = sess.backend.process
+        proc._stream = Interrupted(proc._stream)
+        with pytest.raises(KeyboardInterrupt):
+            sess.generate(max_new_tokens=2).result()
+        assert not proc.alive
+        with pytest.raises(SessionError, match="call reset"):
+            sess.step(3)
+        sess.reset()
+        assert sess.backend.process is not proc
+        got = sess.generate(PROMPT, 3).result()
+    assert got.tokens == want.tokens

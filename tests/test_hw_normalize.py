@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
+from kvoverlay.hw.normalize import Normalizer
 
-from hw.normalize import Normalizer
 from kvoverlay import numerics as nx
 
 
