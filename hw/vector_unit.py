@@ -1,4 +1,4 @@
-"""Vector unit: VADD, VMUL, VSCALE, ACT, NORM, ROPE, ARGMAX and REQ, bit-exact with :mod:`kvoverlay.numerics`.
+"""Vector unit: VADD, VMUL, VSCALE, ACT, NORM, ROPE and ARGMAX, bit-exact with :mod:`kvoverlay.numerics`.
 
 Dataflow
 --------
@@ -27,10 +27,6 @@ ROPE pairs elements at arbitrary offsets (per-head slices, halves), so it runs o
 per two cycles (x pair on ports A/B, then cos/sin) and emits one element per cycle into
 S3, in both passes.
 
-REQ reads one int64 accumulator per cycle (the accumulator buffer holds one per word) and
-writes each mantissa through the same single-lane path as ROPE, so its destination may
-start anywhere.
-
 ARGMAX keeps the first largest element per chunk (ties go to the lower lane) and across
 chunks (only a strictly larger value replaces the best).
 
@@ -39,9 +35,9 @@ that overlaps a source at a different start is not supported (the write pass cou
 overwrite inputs it has yet to read).
 
 Results: the destination exponent register (or ARGMAX's scalar register) is written in
-the cycle ``done`` pulses. A fault (:class:`VecError`) changes no state; set-up faults end
-after one busy cycle, an exponent overflow after the full run (it is known only once the
-peak pass is over, before the first write).
+the cycle ``done`` pulses. A fault (:class:`~hw.ports.Fault`) changes no state; set-up faults
+end after one busy cycle and the ``done`` cycle, an exponent overflow after the full run (it is
+known only once the peak pass is over, before the first write).
 
 Where numerics computes in int64 and the hardware keeps the exact value
 -----------------------------------------------------------------------
@@ -54,17 +50,13 @@ Outside that range numerics wraps and the hardware does not:
   48 bits and gives 0 from 64, and :func:`~kvoverlay.numerics.scalar` fails on totals of 2**63
   and more. The hardware adds eps exactly (folding shifts above :data:`_EPS_SHIFT_CAP` into the
   exponent, which provably changes no bit that ``scalar`` keeps).
-* REQ: the rounding add of :func:`~kvoverlay.numerics.round_shift` overflows int64 for
-  accumulators within 2**(s-1) of 2**63; the hardware rounds in 66 bits.
 """
 
 from __future__ import annotations
 
-import enum
-
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
-from amaranth.lib.wiring import In, Out
+from amaranth.lib.wiring import Out
 
 from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
@@ -73,12 +65,15 @@ from .divider import Divider
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .isqrt import Isqrt
 from .lut import GateLut
-from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr
+from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr
+from .ports import EREG_SHAPE, Fault, abuf_lanes, abuf_read, abuf_write, ereg_read, ereg_write, reg_write, unit_signature
 
-__all__ = ["OPS", "VecError", "VectorUnit", "abuf_lanes"]
+__all__ = ["CMD_LAYOUT", "OPS", "VectorUnit", "abuf_lanes"]
 
-#: Opcodes this unit executes.
-OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX", "REQ")
+#: Opcodes this unit executes (REQ runs on the REQ unit).
+OPS = timing.VECTOR_OPS
+#: The instruction the unit takes: every vector opcode's fields over one word.
+CMD_LAYOUT = data.UnionLayout({name: LAYOUTS[name] for name in OPS})
 
 PIPE_DEPTH = timing.VECTOR_PIPE_DEPTH
 SCALAR_BITS_PER_CYCLE = timing.SCALAR_BITS_PER_CYCLE
@@ -89,22 +84,6 @@ _EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
 #: Bits of the alignment guard (numerics.align_sum).
 _GUARD = nx.ALIGN_GUARD
 _GATE_BITS = nx.GATE_ONE.bit_length() - 1
-
-
-class VecError(enum.IntEnum):
-    """``error_code`` values."""
-
-    NONE = 0
-    OPCODE = 1  # not a vector-unit opcode
-    ALIGN = 2  # a vector start that is not a multiple of the buffer word
-    BOUNDS = 3  # a vector beyond the activation buffer
-    SHAPE = 4  # empty NORM/ARGMAX, ROPE with an odd or zero head_dim or zero heads
-    EXP_OVERFLOW = 5  # result exponent above EXP_MAX; nothing written
-
-
-def abuf_lanes(config) -> int:
-    """int16 lanes per activation-buffer word (what the GEMV engine's x port reads)."""
-    return 2 * config.port_bytes
 
 
 def _ceil(a, b):
@@ -125,24 +104,18 @@ class VectorUnit(wiring.Component):
 
     Attributes
     ----------
-    insn : In(INSN_BITS)
-        Instruction word, sampled with ``start``.
-    start : In(1)
-        One-cycle pulse while idle.
-    busy, done, error : Out(1)
-        ``done`` pulses once at the end, together with ``error`` if the instruction faulted
-        (no state is changed then); ``error_code`` holds a :class:`VecError` until the next start.
-    abuf_rd_a_addr, abuf_rd_a_data, abuf_rd_b_addr, abuf_rd_b_data : Out, In
+    cmd, busy, done :
+        The unit protocol (:func:`hw.ports.unit_signature`) over :data:`CMD_LAYOUT`; ``done`` carries
+        the :class:`~hw.ports.Fault` (no state is changed on a fault).
+    abuf_r_a, abuf_r_b : Out(abuf_read(config))
         Two activation-buffer read ports (word address, latency 1).
-    abuf_wr_addr, abuf_wr_data, abuf_wr_en : Out
-        Activation-buffer write port; ``abuf_wr_en`` is the per-lane write mask.
-    acc_rd_addr, acc_rd_data : Out, In
-        Accumulator-buffer read port (int64 words, latency 1), for REQ.
-    ereg_rd_a_addr .. ereg_rd_c_data : Out, In
+    abuf_w : Out(abuf_write(config))
+        Activation-buffer write port with a per-lane enable.
+    ereg_ra, ereg_rb, ereg_rc : Out(ereg_read())
         Three combinational exponent-register read ports.
-    ereg_wr_addr, ereg_wr_data, ereg_wr_en : Out
+    ereg_w : Out(ereg_write())
         Exponent-register write port.
-    reg_wr_addr, reg_wr_data, reg_wr_en : Out
+    reg_w : Out(reg_write())
         Scalar-register write port (ARGMAX).
     """
 
@@ -156,38 +129,15 @@ class VectorUnit(wiring.Component):
         self.lanes = L
         self.vlanes = V
         self.depth = config.act_buffer_words // L
-        self.acc_depth = config.acc_buffer_words
-        # REQ's int64 accumulators are the widest input (ROPE's two aligned products need 2 * 16 + GUARD + 1)
-        self.wide_width = max(64, 2 * 16 + _GUARD + 1)
-        super().__init__({
-            "insn": In(isa.INSN_BITS),
-            "start": In(1),
-            "busy": Out(1),
-            "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(VecError),
-            "abuf_rd_a_addr": Out(range(self.depth)),
-            "abuf_rd_a_data": In(16 * L),
-            "abuf_rd_b_addr": Out(range(self.depth)),
-            "abuf_rd_b_data": In(16 * L),
-            "abuf_wr_addr": Out(range(self.depth)),
-            "abuf_wr_data": Out(16 * L),
-            "abuf_wr_en": Out(L),
-            "acc_rd_addr": Out(range(self.acc_depth)),
-            "acc_rd_data": In(signed(64)),
-            "ereg_rd_a_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_rd_a_data": In(EXP_SHAPE),
-            "ereg_rd_b_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_rd_b_data": In(EXP_SHAPE),
-            "ereg_rd_c_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_rd_c_data": In(EXP_SHAPE),
-            "ereg_wr_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_wr_data": Out(EXP_SHAPE),
-            "ereg_wr_en": Out(1),
-            "reg_wr_addr": Out(range(isa.NUM_REGS)),
-            "reg_wr_data": Out(32),
-            "reg_wr_en": Out(1),
-        })
+        # the widest wide value is ROPE's sum of two products aligned by up to GUARD bits; NORM's z * g stays
+        # below 2**34 (|z| < 2**18: |x - mean| < 2**16 times r < 2**25, over 2**NORM_Z_SHIFT)
+        self.wide_width = 2 * 16 + _GUARD + 1
+        super().__init__(unit_signature(
+            CMD_LAYOUT,
+            abuf_r_a=Out(abuf_read(config)), abuf_r_b=Out(abuf_read(config)), abuf_w=Out(abuf_write(config)),
+            ereg_ra=Out(ereg_read()), ereg_rb=Out(ereg_read()), ereg_rc=Out(ereg_read()), ereg_w=Out(ereg_write()),
+            reg_w=Out(reg_write()),
+        ))
 
     def elaborate(self, platform):
         m = Module()
@@ -208,10 +158,9 @@ class VectorUnit(wiring.Component):
         m.submodules.isqrt = sq = Isqrt(nw["root"], SCALAR_BITS_PER_CYCLE)
 
         # ------------------------------------------------------------ instruction
-        insn = Signal(isa.INSN_BITS, name="insn_reg")
-        hdr = data.View(HEADER_LAYOUT, insn[:HEADER_LAYOUT.size])
-        f = {name: data.View(LAYOUTS[name], insn) for name in OPS}
-        opcode = hdr.opcode
+        insn = Signal(CMD_LAYOUT, name="insn_reg")
+        f = {name: insn[name] for name in OPS}
+        opcode = HEADER_LAYOUT(insn.as_value()[:HEADER_LAYOUT.size]).opcode
         is_op = {name: Signal(name=f"is_{name.lower()}") for name in OPS}
         for name in OPS:
             m.d.comb += is_op[name].eq(opcode == _code(name))
@@ -229,34 +178,31 @@ class VectorUnit(wiring.Component):
                 with m.Case(_code(name)):
                     m.d.comb += [src_a.eq(f[name].a), src_b.eq(f[name].b), dst.eq(f[name].dst),
                                  dst_e.eq(f[name].dst_e), length.eq(f[name].len),
-                                 self.ereg_rd_a_addr.eq(f[name].a_e), self.ereg_rd_b_addr.eq(f[name].b_e)]
+                                 self.ereg_ra.addr.eq(f[name].a_e), self.ereg_rb.addr.eq(f[name].b_e)]
             with m.Case(_code("VSCALE")):
                 v = f["VSCALE"]
                 m.d.comb += [src_a.eq(v.a), src_b.eq(v.a), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len),
-                             self.ereg_rd_a_addr.eq(v.a_e)]
+                             self.ereg_ra.addr.eq(v.a_e)]
             with m.Case(_code("ACT")):
                 v = f["ACT"]
                 m.d.comb += [src_a.eq(v.x), src_b.eq(v.x), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len),
-                             self.ereg_rd_a_addr.eq(v.x_e)]
+                             self.ereg_ra.addr.eq(v.x_e)]
             with m.Case(_code("NORM")):
                 v = f["NORM"]
                 m.d.comb += [src_a.eq(v.x), src_b.eq(v.g), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len),
-                             self.ereg_rd_a_addr.eq(v.x_e), self.ereg_rd_b_addr.eq(v.g_e)]
+                             self.ereg_ra.addr.eq(v.x_e), self.ereg_rb.addr.eq(v.g_e)]
             with m.Case(_code("ARGMAX")):
                 v = f["ARGMAX"]
                 m.d.comb += [src_a.eq(v.x), src_b.eq(v.x), length.eq(v.len)]
-            with m.Case(_code("REQ")):
-                v = f["REQ"]
-                m.d.comb += [dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len), self.ereg_rd_a_addr.eq(v.acc_e)]
             with m.Case(_code("ROPE")):
                 v = f["ROPE"]
                 m.d.comb += [src_a.eq(v.x), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.heads * v.head_dim),
-                             self.ereg_rd_a_addr.eq(v.x_e), self.ereg_rd_b_addr.eq(v.cos_e),
-                             self.ereg_rd_c_addr.eq(v.sin_e)]
+                             self.ereg_ra.addr.eq(v.x_e), self.ereg_rb.addr.eq(v.cos_e),
+                             self.ereg_rc.addr.eq(v.sin_e)]
 
         # ------------------------------------------------------------ latched operands
-        ea = Signal(EXP_SHAPE, name="exp_a")
-        eb = Signal(EXP_SHAPE, name="exp_b")
+        ea = Signal(EREG_SHAPE, name="exp_a")
+        eb = Signal(EREG_SHAPE, name="exp_b")
         a_word = Signal(range(self.depth), name="a_word")
         b_word = Signal(range(self.depth), name="b_word")
         d_word = Signal(range(self.depth), name="dst_word")
@@ -264,9 +210,11 @@ class VectorUnit(wiring.Component):
         norm_exp_in = Signal(EXP_WIDE, name="result_exp_in")  # exponent of the wide values
 
         # ------------------------------------------------------------ control state
+        # busy runs to the done cycle inclusive; the unit takes a command only while idle
         busy = Signal()
-        m.d.comb += self.busy.eq(busy)
-        m.d.sync += [self.done.eq(0), self.error.eq(0), self.ereg_wr_en.eq(0), self.reg_wr_en.eq(0)]
+        m.d.comb += [self.busy.eq(busy | self.done.valid), self.cmd.ready.eq(~self.busy),
+                     self.abuf_r_a.en.eq(1), self.abuf_r_b.en.eq(1)]
+        m.d.sync += [self.done.valid.eq(0), self.ereg_w.en.eq(0), self.reg_w.en.eq(0)]
         issue = Signal(name="issue")  # S0 valid
         issue_idx = Signal(16, name="issue_idx")
         issue_kind = Signal(2, name="issue_kind")
@@ -275,24 +223,23 @@ class VectorUnit(wiring.Component):
 
         # ------------------------------------------------------------ S0: issue (chunk ops)
         m.d.comb += [
-            self.abuf_rd_a_addr.eq(a_word + (issue_idx >> lg_g)),
-            self.abuf_rd_b_addr.eq(b_word + (issue_idx >> lg_g)),
+            self.abuf_r_a.addr.eq(a_word + (issue_idx >> lg_g)),
+            self.abuf_r_b.addr.eq(b_word + (issue_idx >> lg_g)),
         ]
 
         # ------------------------------------------------------------ S1: lane select, gate lookup
         s1_valid = Signal(name="s1_valid")
         s1_kind = Signal(2, name="s1_kind")
         s1_idx = Signal(16, name="s1_idx")
-        m.d.comb += self.acc_rd_addr.eq(f["REQ"].acc + issue_idx)
-        m.d.sync += [s1_valid.eq(issue & (chunk_op | is_op["ARGMAX"] | is_op["REQ"])), s1_kind.eq(issue_kind),
+        m.d.sync += [s1_valid.eq(issue & (chunk_op | is_op["ARGMAX"])), s1_kind.eq(issue_kind),
                      s1_idx.eq(issue_idx)]
         lane_layout = data.ArrayLayout(signed(16), V)
         s1_a = Signal(lane_layout, name="s1_a")
         s1_b = Signal(lane_layout, name="s1_b")
         sel = s1_idx[:lg_g] if lg_g else Const(0, 1)
         m.d.comb += [
-            s1_a.eq(self.abuf_rd_a_data.word_select(sel, 16 * V)),
-            s1_b.eq(self.abuf_rd_b_data.word_select(sel, 16 * V)),
+            s1_a.eq(self.abuf_r_a.data.word_select(sel, 16 * V)),
+            s1_b.eq(self.abuf_r_b.data.word_select(sel, 16 * V)),
         ]
         s1_mask = Signal(V, name="s1_mask")
         for j in range(V):
@@ -306,10 +253,8 @@ class VectorUnit(wiring.Component):
         s2_mask = Signal(V, name="s2_mask")
         s2_a = Signal(lane_layout, name="s2_a")
         s2_b = Signal(lane_layout, name="s2_b")
-        s2_acc = Signal(signed(64), name="s2_acc")
-        s2_acc_dst = Signal(addr_w, name="s2_acc_dst")
         m.d.sync += [s2_valid.eq(s1_valid), s2_kind.eq(s1_kind), s2_idx.eq(s1_idx), s2_mask.eq(s1_mask),
-                     s2_a.eq(s1_a), s2_b.eq(s1_b), s2_acc.eq(self.acc_rd_data), s2_acc_dst.eq(dst + s1_idx)]
+                     s2_a.eq(s1_a), s2_b.eq(s1_b)]
         # VADD alignment (numerics.align_sum): each operand moves left by its exponent above top
         add_ka = Signal(EXP_WIDE, name="add_shift_a")
         add_kb = Signal(EXP_WIDE, name="add_shift_b")
@@ -404,8 +349,8 @@ class VectorUnit(wiring.Component):
         ]
         with m.If(is_op["ROPE"]):
             m.d.comb += [
-                self.abuf_rd_a_addr.eq(Mux(r_phase, cs_c_addr, xa_addr) >> lg_l),
-                self.abuf_rd_b_addr.eq(Mux(r_phase, cs_s_addr, xb_addr) >> lg_l),
+                self.abuf_r_a.addr.eq(Mux(r_phase, cs_c_addr, xa_addr) >> lg_l),
+                self.abuf_r_b.addr.eq(Mux(r_phase, cs_s_addr, xb_addr) >> lg_l),
             ]
         r1_valid = Signal(name="rope1_valid")
         r1_phase = Signal(name="rope1_phase")
@@ -423,8 +368,8 @@ class VectorUnit(wiring.Component):
         r1_va = Signal(signed(16), name="rope1_va")
         r1_vb = Signal(signed(16), name="rope1_vb")
         m.d.comb += [
-            r1_va.eq(self.abuf_rd_a_data.word_select(r1_lane_a, 16)),
-            r1_vb.eq(self.abuf_rd_b_data.word_select(r1_lane_b, 16)),
+            r1_va.eq(self.abuf_r_a.data.word_select(r1_lane_a, 16)),
+            r1_vb.eq(self.abuf_r_b.data.word_select(r1_lane_b, 16)),
         ]
         rx_a = Signal(signed(16), name="rope_xa")
         rx_b = Signal(signed(16), name="rope_xb")
@@ -473,9 +418,6 @@ class VectorUnit(wiring.Component):
                              s3_word.eq(held_out >> lg_l), s3_lane.eq(held_out[:lg_l] if lg_l else 0), s3_single.eq(1)]
             with m.Else():
                 m.d.sync += s3_valid.eq(0)
-        with m.Elif(is_op["REQ"]):
-            m.d.sync += [s3_valid.eq(s2_valid & s2_kind[1]), s3_kind.eq(s2_kind), s3_wide[0].eq(s2_acc), s3_mask.eq(1),
-                         s3_word.eq(s2_acc_dst >> lg_l), s3_lane.eq(s2_acc_dst[:lg_l] if lg_l else 0), s3_single.eq(1)]
         with m.Else():
             m.d.sync += [s3_valid.eq(s2_valid & s2_kind[1]), s3_kind.eq(s2_kind), s3_wide.eq(s2_wide),
                          s3_mask.eq(s2_mask), s3_word.eq(d_word + (s2_idx >> lg_g)), s3_single.eq(0),
@@ -486,14 +428,14 @@ class VectorUnit(wiring.Component):
         ]
         lane_data = Cat(norm.mant[j] for j in range(V))
         m.d.comb += [
-            self.abuf_wr_addr.eq(s3_word),
-            self.abuf_wr_data.eq(Mux(s3_single, Cat(norm.mant[0] for _ in range(L)), Cat(lane_data for _ in range(G)))),
+            self.abuf_w.addr.eq(s3_word),
+            self.abuf_w.data.eq(Mux(s3_single, Cat(norm.mant[0] for _ in range(L)), Cat(lane_data for _ in range(G)))),
         ]
         with m.If(s3_valid & (s3_kind == KIND_WRITE) & ~norm.overflow):
             with m.If(s3_single):
-                m.d.comb += self.abuf_wr_en.eq(Const(1, L) << s3_lane)
+                m.d.comb += self.abuf_w.en.eq(Const(1, L) << s3_lane)
             with m.Else():
-                m.d.comb += self.abuf_wr_en.eq(s3_mask << (s3_lane[:lg_g] * V) if lg_g else s3_mask)
+                m.d.comb += self.abuf_w.en.eq(s3_mask << (s3_lane[:lg_g] * V) if lg_g else s3_mask)
 
         # ------------------------------------------------------------ NORM scalar sequence
         n_len = Signal(nw["n"], name="norm_n")
@@ -536,45 +478,43 @@ class VectorUnit(wiring.Component):
         def unaligned(addr):
             return addr[:lg_l] != 0 if lg_l else Const(0)
 
-        err_code = Signal(VecError, name="setup_error")
+        err_code = Signal(Fault, name="setup_error")
         with m.If(~(is_op["VADD"] | is_op["VMUL"] | is_op["VSCALE"] | is_op["ACT"] | is_op["NORM"] | is_op["ROPE"]
-                    | is_op["ARGMAX"] | is_op["REQ"])):
-            m.d.comb += err_code.eq(VecError.OPCODE)
-        with m.Elif(is_op["REQ"]), m.If(bad_bounds(dst, length) | (f["REQ"].acc + length > self.acc_depth)):
-            m.d.comb += err_code.eq(VecError.BOUNDS)
+                    | is_op["ARGMAX"])):
+            m.d.comb += err_code.eq(Fault.OPCODE)
         with m.Elif(is_op["ROPE"]):
             with m.If((rope.head_dim == 0) | rope.head_dim[0] | (rope.heads == 0)):
-                m.d.comb += err_code.eq(VecError.SHAPE)
+                m.d.comb += err_code.eq(Fault.SHAPE)
             with m.Elif(bad_bounds(rope.x, length) | bad_bounds(rope.dst, length) | bad_bounds(rope.cos, half)
                         | bad_bounds(rope.sin, half)):
-                m.d.comb += err_code.eq(VecError.BOUNDS)
+                m.d.comb += err_code.eq(Fault.OUT_OF_RANGE)
         with m.Else():
             with m.If(bad_bounds(src_a, length) | bad_bounds(src_b, length)
                       | (~is_op["ARGMAX"] & bad_bounds(dst, length))):
-                m.d.comb += err_code.eq(VecError.BOUNDS)
+                m.d.comb += err_code.eq(Fault.OUT_OF_RANGE)
             with m.Elif((is_op["NORM"] | is_op["ARGMAX"]) & (length == 0)):
-                m.d.comb += err_code.eq(VecError.SHAPE)
+                m.d.comb += err_code.eq(Fault.SHAPE)
             with m.Elif(unaligned(src_a) | unaligned(src_b) | (~is_op["ARGMAX"] & unaligned(dst))):
-                m.d.comb += err_code.eq(VecError.ALIGN)
+                m.d.comb += err_code.eq(Fault.UNALIGNED)
 
         # ------------------------------------------------------------ FSM
         m.d.comb += [div.start.eq(0), sq.start.eq(0), norm.clear.eq(0)]
         with m.FSM(name="vec_state"):
-            with m.State("IDLE"), m.If(self.start):
-                m.d.sync += [insn.eq(self.insn), busy.eq(1), self.error_code.eq(VecError.NONE)]
+            with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
+                m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1)]
                 m.next = "SETUP"
             with m.State("SETUP"):
                 m.d.comb += norm.clear.eq(1)
                 m.d.sync += [
-                    ea.eq(self.ereg_rd_a_data), eb.eq(self.ereg_rd_b_data),
+                    ea.eq(self.ereg_ra.data), eb.eq(self.ereg_rb.data),
                     a_word.eq(src_a >> lg_l), b_word.eq(src_b >> lg_l), d_word.eq(dst >> lg_l),
-                    nchunks.eq(Mux(is_op["REQ"], length, (length + V - 1) >> (V.bit_length() - 1))),
+                    nchunks.eq((length + V - 1) >> (V.bit_length() - 1)),
                     issue_idx.eq(0), stat_sum.eq(0), stat_sq.eq(0), best_any.eq(0),
                     r_head.eq(0), r_pair.eq(0), r_phase.eq(0), r_xbase.eq(rope.x), r_dbase.eq(rope.dst),
                     norm_r.eq(0), norm_d.eq(0),
                 ]
                 # exponent of the wide values, and per-op alignment shifts
-                ra, rb, rc = self.ereg_rd_a_data, self.ereg_rd_b_data, self.ereg_rd_c_data
+                ra, rb, rc = self.ereg_ra.data, self.ereg_rb.data, self.ereg_rc.data
                 top = Signal(EXP_WIDE, name="setup_top")
                 m.d.comb += top.eq(Mux(ra > rb, ra, rb) - _GUARD)
                 m.d.sync += [add_ka.eq(ra - top), add_kb.eq(rb - top)]
@@ -592,10 +532,8 @@ class VectorUnit(wiring.Component):
                         m.d.sync += norm_exp_in.eq(ra - _GATE_BITS)
                     with m.Case(_code("ROPE")):
                         m.d.sync += norm_exp_in.eq(rtop)
-                    with m.Case(_code("REQ")):
-                        m.d.sync += norm_exp_in.eq(ra)
-                with m.If(err_code != VecError.NONE):
-                    m.d.sync += [self.error_code.eq(err_code), self.error.eq(1), self.done.eq(1), busy.eq(0)]
+                with m.If(err_code != Fault.NONE):
+                    m.d.sync += [self.done.payload.eq(err_code), self.done.valid.eq(1), busy.eq(0)]
                     m.next = "IDLE"
                 with m.Elif(is_op["ROPE"]):
                     m.d.sync += [r_kind.eq(KIND_PEAK), r_issue.eq(1)]
@@ -630,12 +568,10 @@ class VectorUnit(wiring.Component):
                     m.next = "FINISH"
 
             with m.State("FINISH"):
-                with m.If(norm.overflow):
-                    m.d.sync += [self.error.eq(1), self.error_code.eq(VecError.EXP_OVERFLOW)]
-                with m.Else():
-                    m.d.sync += [self.ereg_wr_en.eq(1)]
-                m.d.sync += [self.ereg_wr_addr.eq(dst_e), self.ereg_wr_data.eq(norm.exp_out),
-                             self.done.eq(1), busy.eq(0)]
+                m.d.sync += [self.ereg_w.en.eq(~norm.overflow), self.ereg_w.addr.eq(dst_e),
+                             self.ereg_w.data.eq(norm.exp_out),
+                             self.done.payload.eq(Mux(norm.overflow, Fault.OVERFLOW, Fault.NONE)),
+                             self.done.valid.eq(1), busy.eq(0)]
                 m.next = "IDLE"
 
             with m.State("ARGMAX"):
@@ -649,8 +585,8 @@ class VectorUnit(wiring.Component):
                 with m.If(drain == 1):
                     m.next = "ARGMAX_WRITE"
             with m.State("ARGMAX_WRITE"):
-                m.d.sync += [self.reg_wr_en.eq(1), self.reg_wr_addr.eq(f["ARGMAX"].rd), self.reg_wr_data.eq(best_idx),
-                             self.done.eq(1), busy.eq(0)]
+                m.d.sync += [self.reg_w.en.eq(1), self.reg_w.addr.eq(f["ARGMAX"].rd), self.reg_w.data.eq(best_idx),
+                             self.done.payload.eq(Fault.NONE), self.done.valid.eq(1), busy.eq(0)]
                 m.next = "IDLE"
 
             with m.State("ROPE"):  # one pair per two cycles, peak pass then write pass

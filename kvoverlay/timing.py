@@ -16,8 +16,8 @@ __all__ = ["DISPATCH_CYCLES", "DONE_LATENCY", "instr_cycles", "unit_cycles"]
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
 DISPATCH_CYCLES = 1
-#: The vector unit and the attention engine pulse ``done`` in the cycle after their last busy cycle (their
-#: formulas count ``busy``); the queue stays busy until it sees ``done``.
+#: The attention engine pulses ``done`` in the cycle after its last busy cycle (its formulas count ``busy``); the
+#: queue stays busy until it sees ``done``. Units on the one protocol (hw.ports.unit_signature) count that cycle.
 DONE_LATENCY = 1
 
 # ---------------------------------------------------------------- memory units
@@ -127,20 +127,21 @@ VECTOR_OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX")
 
 
 def vector_cycles(op: str, fields: dict, config) -> int:
-    """Cycles the vector unit's ``busy`` stays high for one instruction (error-free run).
+    """Cycles the vector unit's ``busy`` stays high for one instruction (error-free run), its ``done`` cycle included.
 
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
-    :data:`VECTOR_PIPE_DEPTH` drain cycles and one finishing cycle. NORM adds a statistics pass
+    :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
     (``ceil(len / V) + 2``) and the scalar sequence. ROPE issues one pair per two cycles per pass. ARGMAX is one
     pass.
     """
     V = config.vector_lanes
+    done = 1
     if op in ("VADD", "VMUL", "VSCALE", "ACT"):
-        return 1 + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1
+        return 1 + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1 + done
     if op == "ARGMAX":
-        return 1 + _ceil(fields["len"], V) + 2 + 1
+        return 1 + _ceil(fields["len"], V) + 2 + 1 + done
     if op == "ROPE":
-        return 1 + 2 * fields["heads"] * fields["head_dim"] + VECTOR_PIPE_DEPTH + 1 + 1
+        return 1 + 2 * fields["heads"] * fields["head_dim"] + VECTOR_PIPE_DEPTH + 1 + 1 + done
     if op == "NORM":
         w = norm_widths(config)
         layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
@@ -150,7 +151,7 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         steps = [isqrt_cycles(w["root"], k)] + [divider_cycles(w[name], k) for name in
                                                  ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
         scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
-        return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1
+        return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 
 
@@ -211,7 +212,7 @@ def unit_cycles(config, ins: isa.Instr, kv_len: int = 0) -> int:
     if op == "ATTN":
         return attn_cycles(config, f["q_heads"], f["head_dim"], kv_len) + DONE_LATENCY
     if op in VECTOR_OPS:
-        return vector_cycles(op, f, config) + DONE_LATENCY
+        return vector_cycles(op, f, config)
     if op == "NOP":
         return 1
     if op == "END":

@@ -1,8 +1,8 @@
 """cocotb side of tests/test_hw_vector_unit.py: run a list of vector-unit cases on one simulator.
 
 For each case from the JSON file named by VEC_CASES: write the buffer words, exponent and
-scalar registers through the host ports, start one instruction, await ``done``, read back
-the cycle count, the error status, the buffer window and every register.
+scalar registers through the host ports, send one instruction on ``cmd``, await ``done``, read back
+its fault, the cycle count, the buffer window and every register.
 """
 
 import json
@@ -33,9 +33,9 @@ async def vector_cases(dut):
     exp_bits = spec["exp_bits"]
     Clock(dut.clk, 10, unit="ns").start()
     dut.rst.value = 1
-    for name in ("start", "host_wr_en", "host_acc_we", "host_ereg_we", "host_reg_we"):
+    for name in ("cmd__valid", "host_wr_en", "host_ereg_we", "host_reg_we"):
         getattr(dut, name).value = 0
-    dut.insn.value = 0
+    dut.cmd__payload.value = 0
     for _ in range(2):
         await RisingEdge(dut.clk)
     dut.rst.value = 0
@@ -47,12 +47,6 @@ async def vector_cases(dut):
             dut.host_wr_data.value = word
             await RisingEdge(dut.clk)
         dut.host_wr_en.value = 0
-        dut.host_acc_we.value = 1
-        for addr, word in case.get("acc", []):
-            dut.host_acc_addr.value = addr
-            dut.host_acc_data.value = word & ((1 << 64) - 1)
-            await RisingEdge(dut.clk)
-        dut.host_acc_we.value = 0
         dut.host_ereg_we.value = 1
         for i, e in enumerate(case["eregs"]):
             dut.host_ereg_addr.value = i
@@ -65,14 +59,17 @@ async def vector_cases(dut):
             dut.host_reg_wdata.value = r & 0xFFFFFFFF
             await RisingEdge(dut.clk)
         dut.host_reg_we.value = 0
-        dut.insn.value = case["insn"]
-        dut.start.value = 1
+        dut.cmd__payload.value = case["insn"]
+        dut.cmd__valid.value = 1  # ready while idle: taken at this edge
         await RisingEdge(dut.clk)
-        dut.start.value = 0
+        dut.cmd__valid.value = 0
         await RisingEdge(dut.done)
         await ReadOnly()
-        out = {"cycles": int(dut.cycles.value), "error": int(dut.error.value), "error_code": int(dut.error_code.value)}
-        await RisingEdge(dut.clk)  # register writes land in the done cycle
+        out = {"fault": int(dut.fault.value)}
+        await RisingEdge(dut.clk)  # register writes land in the done cycle, which the counter now includes
+        await ReadOnly()
+        out["cycles"] = int(dut.cycles.value)
+        await RisingEdge(dut.clk)
         words = []
         for addr, _ in case["words"]:
             dut.host_rd_addr.value = addr
