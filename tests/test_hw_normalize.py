@@ -1,10 +1,14 @@
-"""Normalizer in Amaranth's simulator against numerics.normalize, including wide (REQ) mode."""
+"""The normalizer pieces in Amaranth's simulator against numerics: Normalizer against numerics.normalize (vector and
+wide widths), scalar_mantissa (REQ/LDROW's int64 lane) against numerics' int64 rounding, wraparound included."""
 
 import numpy as np
 import pytest
+from amaranth.hdl import Module, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
+from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, scalar_mantissa
 
-from hw.normalize import Normalizer
 from kvoverlay import numerics as nx
 
 
@@ -85,3 +89,51 @@ def test_normalizer_matches_numerics(width, lanes):
 def test_normalizer_rejects_narrow_width():
     with pytest.raises(ValueError, match="width"):
         Normalizer(8, 4)
+
+
+class _ScalarLane(wiring.Component):
+    """scalar_mantissa as a component, with REQ's operand widths."""
+
+    value: In(signed(64))
+    shift: In(signed(9))
+    under: In(signed(14))
+    mant: Out(MANT_SHAPE)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.mant.eq(scalar_mantissa(m, self.value, self.shift, self.under, "lane"))
+        return m
+
+
+def _scalar_reference(value, shift, under):
+    """numerics.normalize's lane on an int64: round, clip, round again on underflow (numpy wraps near 2**63)."""
+    mant = np.clip(nx.round_shift(np.array([value], np.int64), shift), -nx.MANT_MAX, nx.MANT_MAX)
+    return int((nx.round_shift(mant, under) if under > 0 else mant)[0])
+
+
+def test_scalar_mantissa_matches_int64_numerics():
+    rng = np.random.default_rng(11)
+    top = (1 << 63) - 1
+    cases = [(0, -15, 0), (12345, -2, 0), (-(1 << 40) - (1 << 24), 26, 0), ((1 << 40) + (1 << 25), 26, 3),
+             (top, 49, 0), (top - 5, 48, 0), (-top - 1, 49, 0), (-(1 << 62), 48, 20), (32767, 0, 16), (-32767, 0, 17),
+             (1 << 20, 6, -4)]
+    for _ in range(60):
+        bits = int(rng.integers(1, 64))
+        value = int(rng.integers(-(1 << (bits - 1)), 1 << (bits - 1))) if bits > 1 else 0
+        shift = max(-nx.MANT_BITS, bits - nx.MANT_BITS + int(rng.integers(-1, 2)))
+        cases.append((value, shift, int(rng.integers(-3, 20))))
+    dut = _ScalarLane()
+    got = []
+
+    async def tb(ctx):
+        for value, shift, under in cases:
+            ctx.set(dut.value, value)
+            ctx.set(dut.shift, shift)
+            ctx.set(dut.under, under)
+            got.append(ctx.get(dut.mant))
+
+    sim = Simulator(dut)
+    sim.add_testbench(tb)
+    sim.run()
+    for (value, shift, under), mant in zip(cases, got):
+        assert mant == _scalar_reference(value, shift, under), (value, shift, under)
