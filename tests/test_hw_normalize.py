@@ -1,5 +1,6 @@
 """The normalizer pieces in Amaranth's simulator against numerics: Normalizer against numerics.normalize (vector and
-wide widths), scalar_mantissa (REQ/LDROW's int64 lane) against numerics' int64 rounding, wraparound included."""
+wide widths), scalar_mantissa (REQ/LDROW's int64 lane) and round_shift_expr's int64 form (the attention engine's)
+against numerics' int64 rounding, wraparound included."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from amaranth.hdl import Module, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
-from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, scalar_mantissa
+from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, round_shift_expr, scalar_mantissa
 
 from kvoverlay import numerics as nx
 
@@ -137,3 +138,39 @@ def test_scalar_mantissa_matches_int64_numerics():
     sim.run()
     for (value, shift, under), mant in zip(cases, got):
         assert mant == _scalar_reference(value, shift, under), (value, shift, under)
+
+
+class _Int64RoundShift(wiring.Component):
+    """round_shift_expr as numpy's int64 round_shift: shifts clamped to 63 right, 62 left, wrapping at 64 bits."""
+
+    value: In(signed(64))
+    shift: In(signed(16))
+    out: Out(signed(64))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.out.eq(round_shift_expr(m, self.value, self.shift, 63, 62, "x", wrap=64))
+        return m
+
+
+def test_round_shift_expr_wraps_as_int64():
+    rng = np.random.default_rng(12)
+    top = (1 << 63) - 1
+    cases = [(top, 1), (top, 63), (top, 70), (-top - 1, 1), (-top - 1, -1), (1 << 62, -1), (3, -62), (-3, -62),
+             (5, 0), (-5, 1), (-6, 2), (7, -70)]
+    cases += [(int(rng.integers(-top - 1, top, dtype=np.int64)), int(rng.integers(-64, 72))) for _ in range(80)]
+    dut = _Int64RoundShift()
+    got = []
+
+    async def tb(ctx):
+        for value, shift in cases:
+            ctx.set(dut.value, value)
+            ctx.set(dut.shift, shift)
+            got.append(ctx.get(dut.out))
+
+    sim = Simulator(dut)
+    sim.add_testbench(tb)
+    sim.run()
+    for (value, shift), out in zip(cases, got):
+        want = int(nx.round_shift(np.array([value], np.int64), np.array([shift]))[0])
+        assert out == want, (value, shift)
