@@ -146,6 +146,9 @@ class Normalizer(wiring.Component):
         Bits of each signed wide lane.
     lanes : int
         Lanes sampled and rounded per cycle.
+    lane_widths : sequence of int, optional
+        Bits that each lane's values actually need (at most ``width``; the rest is sign extension), so that
+        a lane that only ever carries narrow values gets a narrow datapath. Defaults to ``width`` for every lane.
 
     Attributes
     ----------
@@ -167,12 +170,16 @@ class Normalizer(wiring.Component):
         The result exponent exceeds ``EXP_MAX``; the vector must not be written.
     """
 
-    def __init__(self, width: int, lanes: int):
-        if width < nx.MANT_BITS + 1 or lanes < 1:
+    def __init__(self, width: int, lanes: int, *, lane_widths=None):
+        lane_widths = [width] * lanes if lane_widths is None else list(lane_widths)
+        if (width < nx.MANT_BITS + 1 or lanes < 1 or len(lane_widths) != lanes
+                or not all(nx.MANT_BITS + 1 <= w <= width for w in lane_widths)):
             self._MustUse__silence = True  # a rejected component is not an unused one
-            raise ValueError(f"normalizer needs width >= {nx.MANT_BITS + 1} and lanes >= 1, got {width}, {lanes}")
+            raise ValueError(f"normalizer needs width >= {nx.MANT_BITS + 1}, lanes >= 1 and a lane width in "
+                             f"[{nx.MANT_BITS + 1}, width] for each lane; got {width}, {lanes}, {lane_widths}")
         self.width = width
         self.lanes = lanes
+        self.lane_widths = lane_widths
         super().__init__({
             "clear": In(1),
             "sample": In(1),
@@ -188,10 +195,12 @@ class Normalizer(wiring.Component):
         m = Module()
         peak = Signal(self.width, name="peak_or")  # OR of magnitudes so far
         sampled = peak
-        for i in range(self.lanes):
-            x = self.wide[i]
-            mag = Signal(self.width, name=f"mag{i}")
-            m.d.comb += mag.eq(Mux(self.valid[i], Mux(x < 0, -x, x), 0))
+        lanes = []
+        for i, w in enumerate(self.lane_widths):
+            x = Signal(signed(w), name=f"wide{i}")
+            mag = Signal(w, name=f"mag{i}")
+            m.d.comb += [x.eq(self.wide[i]), mag.eq(Mux(self.valid[i], Mux(x < 0, -x, x), 0))]
+            lanes.append(x)
             sampled = sampled | mag
         with m.If(self.clear):
             m.d.sync += peak.eq(0)
@@ -199,6 +208,6 @@ class Normalizer(wiring.Component):
             m.d.sync += peak.eq(sampled)
         result = peak_exponent(m, peak, self.exp_in, "result")
         m.d.comb += [self.exp_out.eq(result.exp_out), self.overflow.eq(result.overflow)]
-        for i in range(self.lanes):
-            m.d.comb += self.mant[i].eq(mantissa(m, self.wide[i], result.shift, result.underflow, f"lane{i}"))
+        for i, x in enumerate(lanes):
+            m.d.comb += self.mant[i].eq(mantissa(m, x, result.shift, result.underflow, f"lane{i}"))
         return m

@@ -75,7 +75,7 @@ from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_
 from .ports import EREG_SHAPE, Fault, abuf_lanes, abuf_read, abuf_write, ereg_read, ereg_write, reg_write, unit_signature
 from .widths import log2_exact
 
-__all__ = ["CMD_LAYOUT", "OPS", "WIDE_BITS", "Argmax", "ChunkIssue", "Elementwise", "NormScalar", "Pass", "Rope",
+__all__ = ["CHUNK_WIDE_BITS", "CMD_LAYOUT", "OPS", "WIDE_BITS", "Argmax", "ChunkIssue", "Elementwise", "NormScalar", "Pass", "Rope",
            "VectorDecoder", "VectorUnit", "WriteBack", "abuf_lanes", "chunk_layout", "wide_layout"]
 
 #: Opcodes this unit executes (REQ runs on the REQ unit).
@@ -92,9 +92,12 @@ _GUARD = nx.ALIGN_GUARD
 _GATE_BITS = nx.GATE_ONE.bit_length() - 1
 #: NORM's reciprocal square root 2**RSQRT_NUM // isqrt(m << RSQRT_FRAC) is below 2**25 (m >= 2**(SCALAR_BITS - 1)).
 _RECIP_BITS = 26
-#: Bits of a wide value. ROPE's sum of two products aligned by up to GUARD bits is the widest; NORM's z * g stays
-#: below 2**34 (|z| < 2**18: |x - mean| < 2**16 times r < 2**25, over 2**NORM_Z_SHIFT), VADD's aligned sum below 2**33.
+#: Bits of a wide value: ROPE's sum of two products aligned by up to GUARD bits (2**47 at most).
 WIDE_BITS = 2 * 16 + _GUARD + 1
+#: Bits of the chunk ops' wide values, which never reach lanes beyond the first in ROPE: VADD's aligned sum is below
+#: 2**32 + 1 (two int16 moved left by at most GUARD bits); NORM's z * g below 2**33 (|z| <= 2**17 + 1: |x - mean| <
+#: 2**16 times r < 2**25, over 2**NORM_Z_SHIFT); the products below 2**31.
+CHUNK_WIDE_BITS = 34
 LANE = signed(16)
 
 #: Operand fields by opcode: (first source, second source, and the exponent registers read: operands' or ROPE's
@@ -720,7 +723,7 @@ class WriteBack(wiring.Component):
         V = self.config.vector_lanes
         L = abuf_lanes(self.config)
         lg_l = log2_exact(L)
-        m.submodules.normalizer = norm = Normalizer(WIDE_BITS, V)
+        m.submodules.normalizer = norm = Normalizer(WIDE_BITS, V, lane_widths=[WIDE_BITS] + [CHUNK_WIDE_BITS] * (V - 1))
         s3 = Signal(wide_layout(self.config), name="s3")
         s3_valid = Signal(name="s3_valid")
         m.d.sync += [s3_valid.eq(self.wide.valid), s3.eq(self.wide.payload)]

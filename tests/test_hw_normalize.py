@@ -13,9 +13,9 @@ from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, round_shift_expr, sca
 from kvoverlay import numerics as nx
 
 
-def _run(width, lanes, vectors):
+def _run(width, lanes, vectors, lane_widths=None):
     """Normalize each (values, exponent) through the hardware; returns [(mantissas, exponent, overflow)]."""
-    dut = Normalizer(width, lanes)
+    dut = Normalizer(width, lanes, lane_widths=lane_widths)
     results = []
 
     async def tb(ctx):
@@ -68,11 +68,12 @@ def _cases(rng, width, n_random):
     return cases
 
 
-@pytest.mark.parametrize("width,lanes", [(34, 4), (64, 1)], ids=["vector-34x4", "wide-64x1"])
-def test_normalizer_matches_numerics(width, lanes):
+@pytest.mark.parametrize("width,lanes,lane_widths", [(34, 4, None), (64, 1, None), (49, 4, (49, 34, 34, 34))],
+                         ids=["vector-34x4", "wide-64x1", "narrow-lanes"])
+def test_normalizer_matches_numerics(width, lanes, lane_widths):
     rng = np.random.default_rng(width)
-    cases = _cases(rng, width, 60)
-    got = _run(width, lanes, cases)
+    cases = _cases(rng, min(lane_widths or [width]), 60)  # values every lane can carry
+    got = _run(width, lanes, cases, lane_widths)
     checked_overflow = 0
     for (vals, e), (mant, eo, ovf) in zip(cases, got):
         try:
@@ -90,6 +91,8 @@ def test_normalizer_matches_numerics(width, lanes):
 def test_normalizer_rejects_narrow_width():
     with pytest.raises(ValueError, match="width"):
         Normalizer(8, 4)
+    with pytest.raises(ValueError, match=r"\[49, 50\]"):
+        Normalizer(49, 2, lane_widths=[49, 50])
 
 
 class _ScalarLane(wiring.Component):
