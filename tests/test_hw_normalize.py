@@ -95,6 +95,22 @@ def test_normalizer_rejects_narrow_width():
         Normalizer(49, 2, lane_widths=[49, 50])
 
 
+def _evaluate(dut, cases, out):
+    """Drive each case's inputs ({member: value}) into the combinational *dut* and read its member *out*."""
+    got = []
+
+    async def tb(ctx):
+        for case in cases:
+            for name, value in case.items():
+                ctx.set(getattr(dut, name), value)
+            got.append(ctx.get(getattr(dut, out)))
+
+    sim = Simulator(dut)
+    sim.add_testbench(tb)
+    sim.run()
+    return got
+
+
 class _ScalarLane(wiring.Component):
     """scalar_mantissa as a component, with REQ's operand widths."""
 
@@ -126,19 +142,7 @@ def test_scalar_mantissa_matches_int64_numerics():
         value = int(rng.integers(-(1 << (bits - 1)), 1 << (bits - 1))) if bits > 1 else 0
         shift = max(-nx.MANT_BITS, bits - nx.MANT_BITS + int(rng.integers(-1, 2)))
         cases.append((value, shift, int(rng.integers(-3, 20))))
-    dut = _ScalarLane()
-    got = []
-
-    async def tb(ctx):
-        for value, shift, under in cases:
-            ctx.set(dut.value, value)
-            ctx.set(dut.shift, shift)
-            ctx.set(dut.under, under)
-            got.append(ctx.get(dut.mant))
-
-    sim = Simulator(dut)
-    sim.add_testbench(tb)
-    sim.run()
+    got = _evaluate(_ScalarLane(), [{"value": v, "shift": s, "under": u} for v, s, u in cases], "mant")
     for (value, shift, under), mant in zip(cases, got):
         assert mant == _scalar_reference(value, shift, under), (value, shift, under)
 
@@ -162,18 +166,7 @@ def test_round_shift_expr_wraps_as_int64():
     cases = [(top, 1), (top, 63), (top, 70), (-top - 1, 1), (-top - 1, -1), (1 << 62, -1), (3, -62), (-3, -62),
              (5, 0), (-5, 1), (-6, 2), (7, -70)]
     cases += [(int(rng.integers(-top - 1, top, dtype=np.int64)), int(rng.integers(-64, 72))) for _ in range(80)]
-    dut = _Int64RoundShift()
-    got = []
-
-    async def tb(ctx):
-        for value, shift in cases:
-            ctx.set(dut.value, value)
-            ctx.set(dut.shift, shift)
-            got.append(ctx.get(dut.out))
-
-    sim = Simulator(dut)
-    sim.add_testbench(tb)
-    sim.run()
+    got = _evaluate(_Int64RoundShift(), [{"value": v, "shift": s} for v, s in cases], "out")
     for (value, shift), out in zip(cases, got):
         want = int(nx.round_shift(np.array([value], np.int64), np.array([shift]))[0])
         assert out == want, (value, shift)
