@@ -75,8 +75,8 @@ from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_
 from .ports import EREG_SHAPE, Fault, abuf_lanes, abuf_read, abuf_write, ereg_read, ereg_write, reg_write, unit_signature
 from .widths import log2_exact
 
-__all__ = ["CHUNK_WIDE_BITS", "CMD_LAYOUT", "OPS", "WIDE_BITS", "Argmax", "ChunkIssue", "Elementwise", "NormScalar", "Pass", "Rope",
-           "VectorDecoder", "VectorUnit", "WriteBack", "abuf_lanes", "chunk_layout", "wide_layout"]
+__all__ = ["CHUNK_WIDE_BITS", "CMD_LAYOUT", "OPS", "WIDE_BITS", "Argmax", "ChunkIssue", "Elementwise", "NormScalar",
+           "Pass", "Rope", "VectorDecoder", "VectorUnit", "WriteBack", "abuf_lanes", "chunk_layout", "wide_layout"]
 
 #: Opcodes this unit executes (REQ runs on the REQ unit).
 OPS = timing.VECTOR_OPS
@@ -90,8 +90,9 @@ _EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
 #: Bits of the alignment guard (numerics.align_sum).
 _GUARD = nx.ALIGN_GUARD
 _GATE_BITS = nx.GATE_ONE.bit_length() - 1
-#: NORM's reciprocal square root 2**RSQRT_NUM // isqrt(m << RSQRT_FRAC) is below 2**25 (m >= 2**(SCALAR_BITS - 1)).
-_RECIP_BITS = 26
+#: Bits of NORM's r = 2**RSQRT_NUM // isqrt(m << RSQRT_FRAC): m >= 2**(SCALAR_BITS - 1), so the root is at least
+#: 2**23 and r at most 2**25.
+_RECIP_BITS = nx.RSQRT_NUM - (nx.RSQRT_FRAC + nx.SCALAR_BITS - 1) // 2 + 1
 #: Bits of a wide value: ROPE's sum of two products aligned by up to GUARD bits (2**47 at most).
 WIDE_BITS = 2 * 16 + _GUARD + 1
 #: Bits of the chunk ops' wide values, which never reach lanes beyond the first in ROPE: VADD's aligned sum is below
