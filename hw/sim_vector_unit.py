@@ -37,8 +37,7 @@ class VectorUnitSimTop(wiring.Component):
         The unit's ``done`` stream as plain signals (a top-level port cannot be an always-ready stream, whose
         ``ready`` is a constant).
     cycles : Out(32)
-        Busy cycles of the current or last instruction, up to the cycle before (while ``done`` is valid)
-        or including (afterwards) the ``done`` cycle.
+        Busy cycles of the current or last instruction; the ``done`` cycle counts from the cycle after it.
     host_wr_addr, host_wr_data, host_wr_en : In
         Activation-buffer word writes (whole words) while the unit is idle.
     host_rd_addr, host_rd_data : In, Out

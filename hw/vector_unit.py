@@ -855,9 +855,9 @@ class VectorUnit(wiring.Component):
                     m.next = "PASSES_DRAIN"
                 with m.Else():
                     start_chunks(Pass.PEAK, "PASSES")
-            # each issuing state waits for its last issue, then for the pipeline: the write-back (PIPE_DEPTH, ROPE
-            # one more for its held element) or the statistics and the argmax (2 cycles; the scalar sequence
-            # starts in the second)
+            # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
+            # one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
+            # (the scalar sequence starts in the second, SCALAR, and reads the sums in the cycle after)
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
                                              ("ROPE", rope.last, PIPE_DEPTH + 1, "FINISH"),
                                              ("STATS", issue.last, 1, "SCALAR"),
