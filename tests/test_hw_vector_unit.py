@@ -431,3 +431,39 @@ def test_other_lane_geometries_in_amaranth_sim(changes):
     cases = _small_config_cases(rng, cfg)
     for case, res in zip(cases, _amaranth_sim(cfg, cases)):
         _check(case, res, cfg)
+
+
+@pytest.mark.parametrize("op,fields", [("VADD", {"a": 0, "b": 4 * L, "dst": 8 * L, "len": 9}),
+                                       ("ARGMAX", {"x": 0, "len": 9, "rd": 1}),
+                                       ("VMUL", {"a": 3, "b": 0, "dst": 0, "len": 4})],
+                         ids=["VADD", "ARGMAX", "set-up-fault"])
+def test_unit_protocol(op, fields):
+    """The one unit protocol: ``cmd.ready`` exactly while not busy; ``busy`` from the cycle after the transfer up to
+    and including the one ``done`` cycle; the busy window is the instruction's cycle count (2 for a set-up fault)."""
+    from amaranth.sim import Simulator
+
+    dut = VectorUnitSimTop(CFG)
+    ins = isa.Instr(op, {f.name: fields.get(f.name, 0) for f in isa.BY_NAME[op].fields})
+    trace = []
+
+    async def tb(ctx):
+        ctx.set(dut.cmd.payload.as_value(), isa.encode(ins))
+        ctx.set(dut.cmd.valid, 1)
+        while not ctx.get(dut.cmd.ready):
+            await ctx.tick()
+        await ctx.tick()  # the transfer
+        ctx.set(dut.cmd.valid, 0)
+        for _ in range(vector_cycles(op, fields, CFG) + 3):
+            trace.append((ctx.get(dut.busy), ctx.get(dut.cmd.ready), ctx.get(dut.done)))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    assert all(ready == (not busy) for busy, ready, _ in trace)
+    busy = [b for b, _, _ in trace]
+    window = busy.index(0)
+    assert busy[0] == 1 and not any(busy[window:]), busy
+    assert [d for _, _, d in trace] == [0] * (window - 1) + [1] + [0] * (len(trace) - window)
+    assert window == (2 if op == "VMUL" else vector_cycles(op, fields, CFG))
