@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from kvoverlay.compiler.driver import compile_model
-from kvoverlay.compiler.exported import build_onnx_ops_decoder, export_model
 from kvoverlay.host.commands import run_program
 from kvoverlay.host.reference import ort_decode
 from kvoverlay.host.session import Session
+from kvoverlay.models.exported import build_onnx_ops_decoder, export_model
 
 PROMPT, NEW = [5, 17, 42], 16
 
@@ -43,7 +43,7 @@ def main() -> int:
         build_onnx_ops_decoder(ops)
         models = {f: str(export_model(f)) for f in ("llama", "mistral", "qwen2", "gpt2")}
         models["onnx_ops"] = str(ops)
-        print("| model | weights | tokens = ORT | min cosine | max abs err | cycles/token | bytes/token | bw efficiency |")
+        print("| model | weights | prefix = ORT | min cosine | max abs err | cycles/token | bytes/token | bw efficiency |")
         print("|---|---|---|---|---|---|---|---|")
         int4 = {}
         for name, model in models.items():
@@ -51,7 +51,7 @@ def main() -> int:
                 b, _ = compile_model(model, "tiny", weights=w, max_seq=len(PROMPT) + NEW)
                 out, _ = run_program(b, PROMPT, NEW, check=model)
                 r = out["reference"]
-                print(f"| {name} | {w} | {r['tokens_matching']}/{NEW} | {r['logits_cosine_min']:.5f} | "
+                print(f"| {name} | {w} | {r['matching_prefix']}/{NEW} | {r['logits_cosine_min']:.5f} | "
                       f"{r['logits_max_abs_err']:.3g} | {out['cycles_per_token']:.0f} | {out['bytes_read_per_token']:.0f} | "
                       f"{out['bandwidth_efficiency']:.1%} |")
             int4[name] = int4_errors(model)

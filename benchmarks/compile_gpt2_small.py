@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvoverlay.compiler.exported import export_model
+from kvoverlay.models.exported import export_model
 
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": 3072, "vocab_size": 50257, "n_positions": 1024}
 #: The compile, reporting its own peak resident memory (VmHWM, KiB) as the last line of stderr. VmHWM belongs to

@@ -1,1 +1,1 @@
-"""Placeholder: board definitions and bitstream flow (in progress)."""
+"""Board tops and the bitstream flow (ULX3S first); not written yet."""

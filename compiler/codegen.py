@@ -1,15 +1,14 @@
-"""From an :class:`~.fuse.OverlayGraph` to instructions and a memory image.
+"""From a quantized :class:`~.overlay_graph.OverlayGraph` to instructions: the ``plan_memory``, ``emit``
+and ``insert_tokens`` passes.
 
-Four passes, each small:
-
-* :func:`quantize` turns matrices, tables and constant vectors into their
-  external-memory records (numerics' row records and vector records);
-* :func:`plan_memory` lays out the image and allocates the activation buffer,
-  exponent registers and the accumulator buffer by liveness;
-* :func:`emit` writes one decode step as instructions, each in its queue;
-* :func:`insert_tokens` adds the dependency tokens that order every
-  cross-queue hazard, found with the golden model's own access table, so the
-  decoupled queues overlap wherever nothing orders them.
+* :func:`check_fits` (run before quantization) checks the group size, the KV layout and ``max_seq``
+  fit the overlay config;
+* :func:`plan_memory` lays out the I/O vector records in the image, checks it fits DRAM, and computes
+  each vector's last use and the accumulator budget: the :class:`Codegen` state;
+* :func:`emit` writes one decode step, each op through its own ``VOp.emit``, allocating the activation
+  buffer and exponent registers in op order and freeing each vector after its last use;
+* :func:`insert_tokens` adds the dependency tokens that order every cross-queue hazard, found with the
+  golden model's own access table, so the decoupled queues overlap wherever nothing orders them.
 
 Registers: R0 holds the token, R1 its position (the KV length before it);
 ARGMAX leaves the greedy next token in R2. Logits are stored as a vector record.
@@ -17,119 +16,30 @@ ARGMAX leaves the greedy next token in R2. Logits are stored as a vector record.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from kvoverlay.sim.golden import accesses
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
-from kvoverlay.config import WEIGHT_FORMATS, OverlayConfig
+from kvoverlay.access import accesses
+from kvoverlay.config import OverlayConfig
 
 from .frontend import CompileError
-from .fuse import OverlayGraph
+from .overlay_graph import OverlayGraph
 
-__all__ = ["REG_NEXT", "REG_POSITION", "REG_TOKEN", "Program", "generate"]
+if TYPE_CHECKING:  # quantize's calibration runs the fused kinds, whose code generation imports this module
+    from .quantize import Image
+
+__all__ = ["INDEX_REGISTERS", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen", "check_fits", "emit",
+           "insert_tokens", "plan_memory", "scale_imm"]
 
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
-_INDEX_REG = {"token": REG_TOKEN, "position": REG_POSITION}
-_WEIGHT_METHODS = ("rtn", "mse")
-#: Weights quantized per block of rows: bounds the compiler's float64 temporaries to a few tens of MB.
-_BLOCK_WEIGHTS = 1 << 20
+#: The register LDROW indexes a table of each index kind by.
+INDEX_REGISTERS = {"token": REG_TOKEN, "position": REG_POSITION}
 
 
-@dataclass
-class Program:
-    """One decode step: instructions, memory image and what the host needs to drive it."""
-
-    instructions: list
-    image: bytes
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class _Matrix:
-    addr: int
-    rows: int
-    cols: int
-    fmt: str
-    group: int
-    sexp: int
-
-
-def _group_for(cols: int, want: int) -> int:
-    """The largest group of at most *want* weights, a power-of-two multiple of isa.GROUP_BASE, dividing *cols*."""
-    g = want
-    while g >= isa.GROUP_BASE:
-        if cols % g == 0 and g & (g - 1) == 0:
-            return g
-        g //= 2
-    raise CompileError(f"a row of {cols} weights does not split into groups of {isa.GROUP_BASE} or more")
-
-
-class _Image:
-    def __init__(self, align: int):
-        self.data = bytearray()
-        self.align = align
-        self.regions = []
-
-    def place(self, blob: bytes) -> int:
-        addr = len(self.data)
-        self.data += blob
-        self.pad()
-        return addr
-
-    def pad(self):
-        self.data += bytes(-len(self.data) % self.align)
-
-    def region(self, name, start):
-        self.regions.append([name, start, len(self.data)])
-
-
-def quantize(og: OverlayGraph, cfg: OverlayConfig, weights: str, group_size: int, method: str, image: _Image,
-             samples=None):
-    """Place every matrix, table and constant of *og* into *image*; returns their descriptors."""
-    if weights not in cfg.weight_formats:
-        raise CompileError(f"--weights {weights}: this overlay ({cfg.name}) is built with {', '.join(cfg.weight_formats)}")
-    if method not in _WEIGHT_METHODS:
-        raise CompileError(f"unknown quantization method {method!r}; methods: {', '.join(_WEIGHT_METHODS)}")
-    table_fmt = weights if WEIGHT_FORMATS[weights] >= 8 else "int8"
-    placed = {}
-
-    samples = samples or {}
-
-    def matrix(w, fmt, m, x=None):
-        rows, cols = w.shape
-        group = _group_for(cols, group_size)
-        step = max(1, _BLOCK_WEIGHTS // cols)
-        peak = max(float(np.max(np.abs(w[r:r + step]))) for r in range(0, rows, step))
-        sexp = nx.scale_exponent(peak, fmt)
-        addr = len(image.data)
-        for r in range(0, rows, step):
-            q, sm, _ = nx.quantize_matrix(np.ascontiguousarray(w[r:r + step], np.float64), fmt, group,
-                                          method=m if fmt == "int4" else "rtn", samples=x, sexp=sexp)
-            image.data += nx.pack_rows(q, sm, fmt, group, cfg.port_bytes)
-        image.pad()
-        return _Matrix(addr, rows, cols, fmt, group, sexp)
-
-    start = len(image.data)
-    for name, w in og.matrices.items():
-        placed[name] = matrix(w, weights, method, samples.get(name))
-    image.region("weights", start)
-    start = len(image.data)
-    for name, (kind, t) in og.tables.items():
-        placed[name] = matrix(t, "w16" if kind == "position" else table_fmt, "rtn")
-    image.region("tables", start)
-    start = len(image.data)
-    for name, c in og.consts.items():
-        m, e = nx.from_float(c)
-        placed[name] = image.place(nx.pack_vector_record(m, e))
-    image.region("constants", start)
-    return placed, table_fmt
-
-
-class _Allocator:
+class Allocator:
     """First-fit allocation of word ranges, aligned, with frees."""
 
     def __init__(self, size: int, align: int, what: str):
@@ -162,7 +72,9 @@ class _Allocator:
         self.free = merged
 
 
-class _Regs:
+class Registers:
+    """Exponent registers, handed out least recently freed first."""
+
     def __init__(self, n, reserved=()):
         self.free = [r for r in range(n) if r not in reserved]
 
@@ -176,7 +88,8 @@ class _Regs:
         self.free.append(r)
 
 
-def _scale_imm(factor: float, who: str):
+def scale_imm(factor: float, who: str) -> tuple[int, int]:
+    """VSCALE's (imm_m, imm_e) for *factor*; a CompileError naming *who* if it does not encode."""
     m, e = nx.from_float(np.array([factor]))
     f = isa.BY_NAME["VSCALE"].fields
     lo_e = next(x for x in f if x.name == "imm_e")
@@ -185,18 +98,51 @@ def _scale_imm(factor: float, who: str):
     return int(m[0]), int(e)
 
 
-def _eps_imm(eps: float):
-    e = math.frexp(eps)[1] - 16
-    return round(eps * 2.0 ** -e), e
+class Codegen:
+    """The state emission works on: the plan (image records, I/O records, liveness, accumulator budget),
+    the activation-buffer and exponent-register allocators, and the code written so far."""
+
+    def __init__(self, og: OverlayGraph, cfg: OverlayConfig, records: dict, io: dict, last_use: dict, acc_rows: int):
+        self.og, self.cfg, self.records, self.io, self.last_use = og, cfg, records, io, last_use
+        #: GEMV output rows the accumulator buffer holds; attention's softmax statistics live above them.
+        self.acc_rows = self.stats_addr = acc_rows
+        self.lengths = dict(og.lengths)  # plus this step's scratch vectors
+        self.abuf = Allocator(cfg.act_buffer_words, cfg.abuf_lanes, "activation buffer")
+        self.eregs = Registers(isa.NUM_EREGS)
+        self.where: dict = {}  # live vector -> (abuf address, ereg)
+        self.code: list = []
+        self.who = ""  # the op being emitted, for error messages
+        self.scratch_vectors: list = []  # the current op's temporaries, freed once it is emitted
+
+    def instr(self, op: str, **fields) -> None:
+        self.code.append(isa.Instr(op, fields, frozenset()))
+
+    def vector(self, name: str, n: int | None = None) -> tuple[int, int]:
+        """Allocate vector *name* (of *n* elements, or its length in the graph): its (abuf address, ereg)."""
+        if n is not None:
+            self.lengths[name] = n
+        self.where[name] = (self.abuf.alloc(self.lengths[name], self.who), self.eregs.alloc(self.who))
+        return self.where[name]
+
+    def scratch(self, name: str, n: int) -> tuple[int, int]:
+        """A vector the current op alone uses."""
+        self.scratch_vectors.append(name)
+        return self.vector(name, n)
+
+    def load_const(self, cname: str, n: int) -> tuple[int, int]:
+        """A scratch copy of constant vector *cname* (n elements), loaded from the image."""
+        dst = self.scratch(f"const:{cname}:{len(self.code)}", n)
+        self.instr("LOAD", addr=self.records[cname], len=n, dst=dst[0], dst_e=dst[1])
+        return dst
+
+    def drop(self, name: str) -> None:
+        addr, e = self.where.pop(name)
+        self.abuf.release(addr, self.lengths[name])
+        self.eregs.release(e)
 
 
-def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", group_size: int | None = None,
-             method: str = "mse", max_seq: int, samples=None) -> Program:
-    """Quantize, plan memory and emit one decode step of *og* for *cfg*.
-
-    *samples* maps a matrix name to calibration inputs [n, cols] for the int4 scale search (see
-    :func:`kvoverlay.numerics.quantize_matrix`)."""
-    group_size = group_size or cfg.group_size
+def check_fits(og: OverlayGraph, cfg: OverlayConfig, group_size: int, max_seq: int) -> None:
+    """Raise CompileError unless the group size, every layer's KV and *max_seq* fit *cfg*."""
     if group_size < isa.GROUP_BASE or group_size & (group_size - 1) or group_size > isa.GROUP_BASE << 7:
         raise CompileError(f"--group-size {group_size}: must be a power of two in [{isa.GROUP_BASE}, {isa.GROUP_BASE << 7}]")
     for layer, kv in og.kv.items():
@@ -206,8 +152,11 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
     if max_seq > cfg.kv_capacity:
         raise CompileError(f"max_seq={max_seq} exceeds the KV capacity of {cfg.kv_capacity} tokens "
                            f"(raise --kv-capacity or lower --max-seq)")
-    image = _Image(max(isa.DRAM_UNIT, cfg.port_bytes))
-    placed, table_fmt = quantize(og, cfg, weights, group_size, method, image, samples)
+
+
+def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image) -> Codegen:
+    """Place the I/O vector records in *image* (region io), check it fits DRAM, and plan liveness and the
+    accumulator budget for :func:`emit`."""
     io_start = len(image.data)
     io = {"inputs": {}, "outputs": {}}
     for kind, table in (("inputs", og.inputs), ("outputs", og.outputs)):
@@ -217,140 +166,35 @@ def generate(og: OverlayGraph, cfg: OverlayConfig, *, weights: str = "w16", grou
     image.region("io", io_start)
     if len(image.data) > cfg.dram_bytes:
         raise CompileError(f"the program image needs {len(image.data)} bytes; {cfg.name} has dram_bytes={cfg.dram_bytes}")
-
-    # ---- liveness over the op list
     last_use = {}
     for i, op in enumerate(og.ops):
         for v in op.ins:
             last_use[v] = i
     for vec, _ in og.outputs.values():
         last_use[vec] = len(og.ops)
-    stats_words = 2 * max([op.attrs["q_heads"] for op in og.ops if op.kind == "attn"] or [1])
-    acc_rows = cfg.acc_buffer_words - stats_words
-    abuf = _Allocator(cfg.act_buffer_words, cfg.abuf_lanes, "activation buffer")
-    eregs = _Regs(isa.NUM_EREGS)
-    where: dict = {}  # vector -> (abuf address, ereg)
-    code: list = []
+    stats_words = max([2, *(op.stats_words for op in og.ops)])  # one head's worth even without attention
+    return Codegen(og, cfg, image.records, io, last_use, cfg.acc_buffer_words - stats_words)
 
-    def ins(op, deps=(), **fields):
-        code.append(isa.Instr(op, fields, frozenset(deps)))
 
-    def new_vec(name, who):
-        n = og.lengths[name]
-        where[name] = (abuf.alloc(n, who), eregs.alloc(who))
-        return where[name]
-
-    def drop(name):
-        addr, e = where.pop(name)
-        abuf.release(addr, og.lengths[name])
-        eregs.release(e)
-
-    def load_const(cname, n, who):
-        tmp = f"const:{cname}:{len(code)}"
-        og.lengths[tmp] = n
-        addr, e = new_vec(tmp, who)
-        ins("LOAD", addr=placed[cname], len=n, dst=addr, dst_e=e)
-        return tmp
-
-    def gather(table, who, dst):
-        m = placed[table]
-        kind = og.tables[table][0]
-        ins("LDROW", addr=m.addr, row_reg=_INDEX_REG[kind], row_imm=0, cols=m.cols, fmt=isa.ENUMS["fmt"].index(m.fmt),
-            lg_group=int(math.log2(m.group // isa.GROUP_BASE)), sexp=m.sexp, dst=dst[0], dst_e=dst[1])
-
-    stats_addr = acc_rows
+def emit(cg: Codegen) -> list:
+    """One decode step of ``cg.og`` as instructions, each in its queue, without dependency tokens."""
+    og = cg.og
     for i, op in enumerate(og.ops):
-        who = f"op {op.out} ({op.kind} from {op.source})"
-        src = [where[v] for v in op.ins]
-        temps = []
-        if op.kind == "input":
-            dst = new_vec(op.out, who)
-            ins("LOAD", addr=io["inputs"][op.attrs["name"]]["addr"], len=og.lengths[op.out], dst=dst[0], dst_e=dst[1])
-        elif op.kind == "table":
-            dst = new_vec(op.out, who)
-            gather(op.attrs["table"], who, dst)
-        elif op.kind == "linear":
-            m = placed[op.attrs["matrix"]]
-            if m.rows > acc_rows:
-                raise CompileError(f"{who}: {m.rows} output rows exceed the accumulator buffer "
-                                   f"({acc_rows} words free on {cfg.name})")
-            acc_e = eregs.alloc(who)
-            ins("GEMV", addr=m.addr, rows=m.rows, cols=m.cols, fmt=isa.ENUMS["fmt"].index(m.fmt),
-                lg_group=int(math.log2(m.group // isa.GROUP_BASE)), sexp=m.sexp, x=src[0][0], x_e=src[0][1],
-                acc=0, acc_e=acc_e, accumulate=0)
-            dst = new_vec(op.out, who)
-            ins("REQ", acc=0, acc_e=acc_e, len=m.rows, dst=dst[0], dst_e=dst[1])
-            eregs.release(acc_e)
-        elif op.kind in ("norm",):
-            n = og.lengths[op.out]
-            g = load_const(op.attrs["gain"], n, who)
-            temps.append(g)
-            eps_m, eps_e = _eps_imm(op.attrs["eps"])
-            dst = new_vec(op.out, who)
-            ins("NORM", x=src[0][0], x_e=src[0][1], g=where[g][0], g_e=where[g][1], dst=dst[0], dst_e=dst[1], len=n,
-                eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(op.attrs["kind"]))
-        elif op.kind == "act":
-            dst = new_vec(op.out, who)
-            ins("ACT", x=src[0][0], x_e=src[0][1], dst=dst[0], dst_e=dst[1], len=og.lengths[op.out],
-                func=isa.ENUMS["func"].index(op.attrs["func"]))
-        elif op.kind in ("add", "mul", "addc", "mulc"):
-            b = src[1] if len(src) > 1 else None
-            if b is None:
-                c = load_const(op.attrs["const"], og.lengths[op.out], who)
-                temps.append(c)
-                b = where[c]
-            dst = new_vec(op.out, who)
-            ins("VADD" if op.kind in ("add", "addc") else "VMUL", a=src[0][0], a_e=src[0][1], b=b[0], b_e=b[1],
-                dst=dst[0], dst_e=dst[1], len=og.lengths[op.out])
-        elif op.kind == "scale":
-            imm_m, imm_e = _scale_imm(op.attrs["factor"], who)
-            dst = new_vec(op.out, who)
-            ins("VSCALE", a=src[0][0], a_e=src[0][1], dst=dst[0], dst_e=dst[1], len=og.lengths[op.out],
-                imm_m=imm_m, imm_e=imm_e)
-        elif op.kind == "rope":
-            dst = new_vec(op.out, who)
-            ins("ROPE", x=src[0][0], x_e=src[0][1], cos=src[1][0], cos_e=src[1][1], sin=src[2][0], sin_e=src[2][1],
-                dst=dst[0], dst_e=dst[1], heads=op.attrs["heads"], head_dim=op.attrs["head_dim"],
-                mode=isa.ENUMS["rope"].index(op.attrs["mode"]))
-        elif op.kind == "attn":
-            a = op.attrs
-            n = a["q_heads"] * a["head_dim"]
-            qs = f"qscaled:{op.out}"
-            og.lengths[qs] = n
-            temps.append(qs)
-            q = new_vec(qs, who)
-            imm_m, imm_e = _scale_imm(a["scale"], who)
-            ins("VSCALE", a=src[0][0], a_e=src[0][1], dst=q[0], dst_e=q[1], len=n, imm_m=imm_m, imm_e=imm_e)
-            ins("KVAPPEND", k=src[1][0], k_e=src[1][1], v=src[2][0], v_e=src[2][1], layer=a["layer"],
-                heads=a["kv_heads"], head_dim=a["head_dim"], pos_reg=REG_POSITION, pos_imm=0)
-            dst = new_vec(op.out, who)
-            ins("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], layer=a["layer"], q_heads=a["q_heads"],
-                kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=REG_POSITION, len_imm=1, stats=stats_addr)
-        else:
-            raise CompileError(f"{who}: no code generator for overlay op {op.kind!r}")
-        for t in temps:
-            drop(t)
+        cg.who = f"op {op.out} ({op.kind} from {op.source})"
+        cg.scratch_vectors = []
+        op.emit(cg, [cg.where[v] for v in op.ins])
+        for t in cg.scratch_vectors:
+            cg.drop(t)
         for v in dict.fromkeys(op.ins):
-            if last_use.get(v) == i:
-                drop(v)
+            if cg.last_use.get(v) == i:
+                cg.drop(v)
     if og.logits:
-        ins("ARGMAX", x=where[og.logits][0], len=og.lengths[og.logits], rd=REG_NEXT)
+        cg.instr("ARGMAX", x=cg.where[og.logits][0], len=og.lengths[og.logits], rd=REG_NEXT)
     for name, (vec, _) in og.outputs.items():
-        ins("STORE", src=where[vec][0], src_e=where[vec][1], len=og.lengths[vec], addr=io["outputs"][name]["addr"])
-    ins("END")
-    insert_tokens(code)
-    meta = {
-        "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT},
-        "io": io,
-        "regions": image.regions,
-        "abuf_peak_words": abuf.peak,
-        "weights": {"format": weights, "group_size": group_size, "method": method if weights == "int4" else "rtn",
-                    "table_format": table_fmt},
-        "weight_bytes": image.regions[0][2] - image.regions[0][1],
-    }
-    if og.logits:
-        meta["logits"] = {"addr": io["outputs"]["logits"]["addr"], "len": io["outputs"]["logits"]["len"]}
-    return Program(code, image.data, meta)
+        cg.instr("STORE", src=cg.where[vec][0], src_e=cg.where[vec][1], len=og.lengths[vec],
+                 addr=cg.io["outputs"][name]["addr"])
+    cg.instr("END")
+    return cg.code
 
 
 def insert_tokens(code: list) -> None:

@@ -9,12 +9,18 @@ the same numpy semantics that constant folding uses.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .ir import Graph, Node
-from .lower import evaluate
+from .onnx_ops import evaluate
 
-__all__ = ["GraphIndex"]
+__all__ = ["PAST_KV", "PRESENT_KV", "GraphIndex"]
+
+#: The KV cache's graph inputs and outputs, as exporters name them: (layer, "key" | "value").
+PAST_KV = re.compile(r"^past_key_values[._](\d+)[._](key|value)$")
+PRESENT_KV = re.compile(r"^present[._](\d+)[._](key|value)$")
 
 #: Elementwise ops of one data input whose other inputs are scalar constants: the ops an activation region is made of.
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Tanh", "Sigmoid", "Erf", "Neg", "Exp", "Reciprocal",

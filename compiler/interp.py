@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ir import Graph
-from .lower import evaluate
+from .onnx_ops import evaluate
 
 __all__ = ["run_graph"]
 

@@ -1,128 +1,224 @@
-"""The compiler pipeline as a readable list of passes; each may be dumped as text for debugging.
+"""The compiler as one list of passes, ONNX model to program bundle.
 
-Passes: frontend (load/check/pin/infer) -> lower (ONNX -> IR) -> specialize_mask
-(batch=1 decode has no padding: ``attention_mask`` becomes all ones, needs a concrete
-``kv_len``) -> fold_constants (numpy-evaluate nodes whose inputs are all constant, and
-``Shape`` of concretely shaped values) -> dead_code.
+:data:`PIPELINE` reads top to bottom. :func:`run_pipeline` runs it over one :class:`Compilation`
+(the options, then what each pass made), times every pass and, given a dump folder, writes each
+pass's output as ``NN_<name>.txt`` (``.s`` for instruction listings).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import onnx.printer
 
+from kvoverlay import bundle as kvbundle
+from kvoverlay import isa
+from kvoverlay.config import OverlayConfig
+
+from .codegen import REG_NEXT, REG_POSITION, REG_TOKEN, Codegen, check_fits, emit, insert_tokens, plan_memory
 from .frontend import Loaded, load_split
-from .ir import Graph, Value
-from .lower import evaluate, lower
+from .fuse import fuse
+from .ir import Graph
+from .lower import lower
+from .overlay_graph import OverlayGraph
+from .quantize import Image, calibrate, quantize
+from .simplify import dead_code, fold_constants, specialize_mask
 
-__all__ = ["PASSES", "dead_code", "fold_constants", "run_passes", "specialize_mask"]
+__all__ = ["PIPELINE", "Compilation", "Pass", "run_passes", "run_pipeline"]
 
-
-def specialize_mask(graph: Graph, name: str = "attention_mask") -> Graph:
-    v = graph.values.get(name)
-    if name in graph.inputs and v is not None and v.shape is not None and all(isinstance(d, int) for d in v.shape):
-        v.const = np.ones(v.shape, np.dtype(v.dtype))
-        graph.inputs.remove(name)
-    return graph
+log = logging.getLogger(__name__)
 
 
-def _concrete(v: Value | None) -> bool:
-    return v is None or v.const is not None or (
-        v.shape is not None and all(isinstance(d, int) for d in v.shape) and v.dtype != "?")
+@dataclass
+class Compilation:
+    """What the passes share: the options of the compile, then each stage's product."""
+
+    model: str | os.PathLike | onnx.ModelProto
+    cfg: OverlayConfig | None = None
+    kv_len: int | None = None  # the past length the graph is traced at
+    max_seq: int | None = None
+    weights: str = "w16"
+    group_size: int | None = None
+    method: str = "mse"
+    loaded: Loaded | None = None  # frontend (consumed by lower)
+    graph: Graph | None = None  # lower, then rewritten by specialize_mask, fold_constants, dead_code
+    og: OverlayGraph | None = None  # fuse
+    samples: dict | None = None  # calibrate: matrix -> GEMV inputs [n, cols], or None
+    image: Image | None = None  # quantize (plan_memory adds the I/O records)
+    codegen: Codegen | None = None  # plan_memory (emit allocates through it)
+    code: list = field(default_factory=list)  # emit (insert_tokens adds the tokens)
+    bundle: kvbundle.Bundle | None = None  # bundle
+    seconds: dict = field(default_factory=dict)  # pass name -> wall time
 
 
-#: Input positions whose values (not just shapes) determine the output shape, for every registered
-#: op that has such inputs. Placeholders cannot stand in for them.
-SHAPE_OPERANDS = {"Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Unsqueeze": {1}, "Squeeze": {1},
-                  "Tile": {1}, "Split": {1}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1},
-                  "ReduceMin": {1}, "Range": {0, 1, 2}, "ConstantOfShape": {0}}
+@dataclass(frozen=True)
+class Pass:
+    """A named step of the pipeline: *run* updates the Compilation, *dump* shows what it made."""
+
+    name: str
+    run: Callable[[Compilation], None]
+    dump: Callable[[Compilation], str]
+    suffix: str = ".txt"
 
 
-def _propagate_shapes(graph: Graph, node) -> None:
-    """Give *node*'s outputs concrete shapes by running it on zeros of its inputs' shapes.
-
-    ONNX shape inference loses dims through the Reshape/Expand chains that exporters emit
-    (``unk__N``), which would keep their ``Shape`` consumers from folding. Once every input
-    has a concrete shape and every shape operand (``SHAPE_OPERANDS``) is a constant, running
-    the op on placeholders gives exact output shapes.
-    """
-    ins = [graph.values[i] if i else None for i in node.inputs]
-    outs = [graph.values[o] for o in node.outputs if o]
-    if all(_concrete(v) for v in outs) or not all(_concrete(v) for v in ins):
-        return
-    if any(ins[k] is not None and ins[k].const is None for k in SHAPE_OPERANDS.get(node.op, ()) if k < len(ins)):
-        return
-    args = [None if v is None else v.const if v.const is not None else np.zeros(v.shape, v.dtype) for v in ins]
-    with np.errstate(all="ignore"):  # placeholders may divide by zero; only shapes are kept
-        res = evaluate(node, graph.opset, args)
-    for o, r in zip(node.outputs, res, strict=False):
-        if o:
-            graph.values[o].shape, graph.values[o].dtype = tuple(r.shape), str(r.dtype)
+# ---------------------------------------------------------------- the passes, as steps over a Compilation
+def _frontend(c: Compilation) -> None:
+    c.loaded = load_split(c.model, kv_len=c.kv_len)
 
 
-def fold_constants(graph: Graph) -> Graph:
-    kept = []
-    for node in graph.nodes:
-        args = [graph.values[i].const if i else None for i in node.inputs]
-        foldable = all(a is not None for i, a in zip(node.inputs, args, strict=True) if i)
-        if node.op == "Shape" and not foldable:
-            shp = graph.values[node.inputs[0]].shape
-            if shp is not None and all(isinstance(d, int) for d in shp):
-                args, foldable = [np.zeros(shp, np.int8)], True
-        if not foldable:
-            kept.append(node)
-            _propagate_shapes(graph, node)
-            continue
-        for o, r in zip(node.outputs, evaluate(node, graph.opset, args), strict=False):
-            graph.values[o] = Value(o, tuple(r.shape), str(r.dtype), r)
-    graph.nodes = kept
-    return graph
+def _lower(c: Compilation) -> None:
+    c.graph, c.loaded = lower(c.loaded), None  # the graph holds the weights now
 
 
-def dead_code(graph: Graph) -> Graph:
-    live = set(graph.outputs)
-    kept = []
-    for node in reversed(graph.nodes):
-        if any(o in live for o in node.outputs):
-            kept.append(node)
-            live.update(i for i in node.inputs if i)
-    graph.nodes = kept[::-1]
-    graph.values = {n: v for n, v in graph.values.items() if n in live or n in graph.inputs
-                    or any(n in nd.outputs for nd in graph.nodes)}
-    return graph
+def _on_graph(transform: Callable[[Graph], Graph]) -> Callable[[Compilation], None]:
+    """A pass rewriting the IR graph, checked after (SSA form, topological order)."""
+    def run(c: Compilation) -> None:
+        c.graph = transform(c.graph)
+        c.graph.verify()
+    return run
 
 
-PASSES = [
-    ("frontend", lambda model, opts: load_split(model, **opts)),
-    ("lower", lambda model, opts: lower(model)),
-    ("specialize_mask", lambda g, opts: specialize_mask(g)),
-    ("fold_constants", lambda g, opts: fold_constants(g)),
-    ("dead_code", lambda g, opts: dead_code(g)),
+def _fuse(c: Compilation) -> None:
+    c.og = fuse(c.graph, max_seq=c.max_seq)
+
+
+def _calibrate(c: Compilation) -> None:
+    """Only int4 with the mse scale search uses calibration inputs, and only a decoder (token table) has any."""
+    decoder = any(kind == "token" for kind, _ in c.og.tables.values())
+    c.samples = calibrate(c.og, c.max_seq) if c.weights == "int4" and c.method == "mse" and decoder else None
+
+
+def _quantize(c: Compilation) -> None:
+    check_fits(c.og, c.cfg, c.group_size, c.max_seq)
+    c.image = quantize(c.og, c.cfg, weights=c.weights, group_size=c.group_size, method=c.method, samples=c.samples)
+
+
+def _plan_memory(c: Compilation) -> None:
+    c.codegen = plan_memory(c.og, c.cfg, c.image)
+
+
+def _emit(c: Compilation) -> None:
+    c.code = emit(c.codegen)
+
+
+def _insert_tokens(c: Compilation) -> None:
+    insert_tokens(c.code)
+
+
+def _bundle(c: Compilation) -> None:
+    og, io, image = c.og, c.codegen.io, c.image
+    digest = None
+    if isinstance(c.model, (str, os.PathLike)):
+        with open(c.model, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    meta = {
+        "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT},
+        "io": io,
+        "regions": image.regions,
+        "abuf_peak_words": c.codegen.abuf.peak,
+        "weights": {"format": c.weights, "group_size": c.group_size,
+                    "method": c.method if c.weights == "int4" else "rtn", "table_format": image.table_fmt},
+        "weight_bytes": image.regions[0][2] - image.regions[0][1],
+        "max_seq": c.max_seq,
+        "kv": {"layers": {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"]} for k, v in sorted(og.kv.items())},
+               "capacity": c.cfg.kv_capacity},
+        "registers_in": {"input_ids": "R0", "position_ids": "R1"} if og.logits else {},
+        "placement": {"overlay": sorted({op.kind for op in og.ops}), "host": []},
+        "source": {"sha256": digest, "name": os.path.basename(c.model) if digest else None},
+    }
+    if og.logits:
+        meta["logits"] = {"addr": io["outputs"]["logits"]["addr"], "len": io["outputs"]["logits"]["len"]}
+    c.bundle = kvbundle.Bundle(config=c.cfg, instructions=c.code, image=image.data, manifest=meta)
+
+
+# ---------------------------------------------------------------- what each pass made, as text
+def _dump_loaded(c: Compilation) -> str:
+    return onnx.printer.to_text(c.loaded.model.graph) + "\n" + "".join(
+        f"weight {n}: {a.dtype}{list(a.shape)}\n" for n, a in c.loaded.weights.items())
+
+
+def _dump_samples(c: Compilation) -> str:
+    if c.samples is None:
+        return "no calibration (only int4 --quant mse of a decoder calibrates)\n"
+    return "".join(f"matrix {n}: {x.shape[0]} input vectors of {x.shape[1]}\n" for n, x in c.samples.items())
+
+
+def _dump_image(c: Compilation) -> str:
+    lines = [f"image: {len(c.image.data)} bytes, tables in {c.image.table_fmt}"]
+    lines += [f"region {name}: [{lo:#x}, {hi:#x})" for name, lo, hi in c.image.regions]
+    for name, r in c.image.records.items():
+        lines.append(f"const  {name} @ {r:#x}" if isinstance(r, int) else
+                     f"matrix {name} @ {r.addr:#x}: {r.rows}x{r.cols} {r.fmt} group {r.group} sexp {r.sexp}")
+    return "\n".join(lines) + "\n"
+
+
+def _dump_plan(c: Compilation) -> str:
+    cg = c.codegen
+    lines = [f"accumulator rows {cg.acc_rows}, attention statistics at {cg.stats_addr}"]
+    lines += [f"{kind[:-1]} {name} @ {r['addr']:#x}: [{r['len']}]" for kind, recs in cg.io.items()
+              for name, r in recs.items()]
+    lines += [f"last use of {v}: op {i}" for v, i in cg.last_use.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _dump_code(c: Compilation) -> str:
+    return isa.disassemble(c.code)
+
+
+def _dump_manifest(c: Compilation) -> str:
+    return json.dumps(c.bundle.manifest, indent=1, sort_keys=True) + "\n"
+
+
+def _dump_graph(c: Compilation) -> str:
+    return c.graph.dump()
+
+
+def _dump_overlay(c: Compilation) -> str:
+    return c.og.dump()
+
+
+PIPELINE = [
+    Pass("frontend", _frontend, _dump_loaded),  # load, check, pin batch/sequence/past length, infer shapes
+    Pass("lower", _lower, _dump_graph),  # ONNX -> IR
+    Pass("specialize_mask", _on_graph(specialize_mask), _dump_graph),
+    Pass("fold_constants", _on_graph(fold_constants), _dump_graph),
+    Pass("dead_code", _on_graph(dead_code), _dump_graph),
+    Pass("fuse", _fuse, _dump_overlay),  # IR -> overlay operations
+    Pass("calibrate", _calibrate, _dump_samples),
+    Pass("quantize", _quantize, _dump_image),  # matrices, tables, constants -> memory image
+    Pass("plan_memory", _plan_memory, _dump_plan),
+    Pass("emit", _emit, _dump_code, ".s"),  # overlay operations -> instructions
+    Pass("insert_tokens", _insert_tokens, _dump_code, ".s"),
+    Pass("bundle", _bundle, _dump_manifest),
 ]
 
 
-def _dump(state) -> str:
-    if isinstance(state, Loaded):
-        return onnx.printer.to_text(state.model.graph) + "\n" + "".join(
-            f"weight {n}: {a.dtype}{list(a.shape)}\n" for n, a in state.weights.items())
-    return state.dump()
-
-
-def run_passes(model, dump_dir: str | os.PathLike | None = None, *, kv_len: int | None = None,
-               max_seq: int | None = None) -> Graph:
-    """Run every pass on *model* (path or ModelProto); write ``NN_pass.txt`` dumps into *dump_dir*."""
-    opts = {"kv_len": kv_len, "max_seq": max_seq}
-    state = model
+def run_pipeline(c: Compilation, dump_dir: str | os.PathLike | None = None, *, until: str | None = None) -> Compilation:
+    """Run :data:`PIPELINE` on *c* (through the pass named *until*, if given); dump each pass into *dump_dir*."""
+    if until is not None and until not in {p.name for p in PIPELINE}:
+        raise ValueError(f"until={until!r}: no such pass; passes: {', '.join(p.name for p in PIPELINE)}")
     if dump_dir is not None:
         os.makedirs(dump_dir, exist_ok=True)
-    for i, (name, fn) in enumerate(PASSES):
-        state = fn(state, opts)
-        if isinstance(state, Graph):
-            state.verify()
+    for i, p in enumerate(PIPELINE):
+        t0 = time.perf_counter()
+        p.run(c)
+        c.seconds[p.name] = time.perf_counter() - t0
+        log.debug("%-16s %8.3f s", p.name, c.seconds[p.name])
         if dump_dir is not None:
-            with open(os.path.join(dump_dir, f"{i:02d}_{name}.txt"), "w") as f:
-                f.write(_dump(state))
-    return state
+            with open(os.path.join(dump_dir, f"{i:02d}_{p.name}{p.suffix}"), "w") as f:
+                f.write(p.dump(c))
+        if p.name == until:
+            break
+    return c
+
+
+def run_passes(model, dump_dir: str | os.PathLike | None = None, *, kv_len: int | None = None) -> Graph:
+    """The passes up to the folded IR graph (frontend to dead_code) on *model* (a path or ModelProto)."""
+    return run_pipeline(Compilation(model, kv_len=kv_len), dump_dir, until="dead_code").graph

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["compare", "ort_decode"]
+__all__ = ["compare", "matching_prefix", "ort_decode"]
 
 
 def _session(model):
@@ -58,12 +58,28 @@ def ort_decode(model, prompt, new_tokens: int, forced=None):
     return tokens, logits
 
 
+def matching_prefix(got, want) -> int:
+    """How many leading tokens of *got* and *want* agree.
+
+    Greedy decoding feeds each token back, so after the first difference the two runs continue different
+    sequences and a later equal token is a coincidence, not agreement.
+    """
+    n = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def compare(model, prompt, tokens, logits) -> dict:
     """Check overlay *tokens*/*logits* against onnxruntime on *model* for the same prompt.
 
-    ``tokens`` of the reference is its own greedy decoding; cosine and error are
-    taken on teacher-forced logits (onnxruntime fed the overlay's tokens), so a
-    single flipped token does not make every later step incomparable.
+    ``tokens`` of the reference is its own greedy decoding and ``matching_prefix`` the number of leading
+    tokens on which both agree; cosine and error are taken on teacher-forced logits (onnxruntime fed the
+    overlay's tokens), so a single flipped token does not make every later step incomparable.
+    ``top2_margin_min`` is the smallest gap between the reference's two largest logits: where it is below
+    the logits error, greedy tokens may flip.
     """
     n = len(tokens)
     ref_tokens, _ = ort_decode(model, prompt, n)
@@ -79,7 +95,7 @@ def compare(model, prompt, tokens, logits) -> dict:
     return {
         "tokens": ref_tokens,
         "token_match": ref_tokens == list(tokens),
-        "tokens_matching": int(sum(a == b for a, b in zip(ref_tokens, tokens, strict=True))),
+        "matching_prefix": matching_prefix(tokens, ref_tokens),
         "logits_cosine_min": round(min(cos), 6),
         "logits_max_abs_err": round(max(err), 6),
         "top2_margin_min": round(min(margins), 6),

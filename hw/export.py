@@ -43,10 +43,14 @@ def lint(path: Path) -> Counter:
 
 def export_verilog_main(args) -> int:
     from kvoverlay.config import load_config
+    from kvoverlay.progress import Stages
 
     config = load_config(args.config)
-    path = export_verilog(config, Path(args.output))
-    counts = lint(path)
+    stages = Stages(f"export-verilog (config {config.name})")
+    with stages.stage("Verilog export (Amaranth)"):
+        path = export_verilog(config, Path(args.output))
+    with stages.stage("lint (Verilator)"):
+        counts = lint(path)
     other = {k: v for k, v in counts.items() if k not in AMARANTH_IDIOMS}
     idioms = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k in AMARANTH_IDIOMS) or "none"
     print(f"wrote {path} (config {config.name}, top {EXPORT_TOP}, {path.stat().st_size} bytes)")

@@ -139,17 +139,24 @@ def _cmd_isa_doc(args) -> int:
 
 
 # --------------------------------------------------------------------------- demo / run (golden model)
-def _lazy(module: str, func: str):
-    """Handler that imports ``module.func`` only when the subcommand runs."""
-    def handler(args) -> int:
-        import importlib
+# Handlers import their module when the subcommand runs, so that ``kvoverlay --help`` and the core commands
+# start without ONNX, Amaranth or cocotb.
+def _cmd_compile(args) -> int:
+    from kvoverlay.host.commands import compile_main
 
-        try:
-            target = getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as exc:
-            raise CliError(f"{args.command} is not available: {exc}") from None
-        return target(args)
-    return handler
+    return compile_main(args)
+
+
+def _cmd_run(args) -> int:
+    from kvoverlay.host.commands import run_main
+
+    return run_main(args)
+
+
+def _cmd_demo(args) -> int:
+    from kvoverlay.host.commands import demo_main
+
+    return demo_main(args)
 
 
 @command("compile", "compile an ONNX decoder into an overlay program (.kvo)")
@@ -165,7 +172,7 @@ def _configure_compile(p):
     p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="override the config's KV capacity")
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR", help="write each pass's output into DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object with the compile report")
-    p.set_defaults(func=_lazy("kvoverlay.host.commands", "compile_main"))
+    p.set_defaults(func=_cmd_compile)
 
 
 @command("run", "run a program: a .kvo bundle (prefill + greedy decode) or a raw instruction stream")
@@ -183,7 +190,7 @@ def _configure_run(p):
     p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="raw streams only: overlay configuration")
     p.add_argument("--image", type=Path, help="raw streams only: external-memory image loaded at address 0")
     p.add_argument("--args", default="", metavar="R0,R1,...", help="raw streams only: scalar registers set before the run")
-    p.set_defaults(func=_lazy("kvoverlay.host.commands", "run_main"))
+    p.set_defaults(func=_cmd_run)
 
 
 @command("demo", "build a small Llama-style ONNX decoder, compile it, run it and check it against onnxruntime")
@@ -193,7 +200,9 @@ def _configure_demo(p):
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
     p.add_argument("--no-rtl", action="store_true",
                    help="skip the int8 run on the Verilated overlay (its first run builds the model, ~2 min)")
-    p.set_defaults(func=_lazy("kvoverlay.host.commands", "demo_main"))
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="write the demo's ONNX file and its programs (demo-w16/int8/int4.kvo) into DIR")
+    p.set_defaults(func=_cmd_demo)
 
 
 # --------------------------------------------------------------------------- hardware: export, bench
@@ -201,7 +210,13 @@ def _configure_demo(p):
 def _configure_export_verilog(p):
     p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
-    p.set_defaults(func=_lazy("kvoverlay.hw.export", "export_verilog_main"))
+    p.set_defaults(func=_cmd_export_verilog)
+
+
+def _cmd_export_verilog(args) -> int:
+    from kvoverlay.hw.export import export_verilog_main
+
+    return export_verilog_main(args)
 
 
 @command("bench", "measure the overlay against the memory-port roofline")
@@ -215,7 +230,13 @@ def _configure_bench(p):
     g.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     g.add_argument("--json", action="store_true", help="print one JSON object")
-    g.set_defaults(func=_lazy("kvoverlay.sim.bench", "bench_gemv_main"))
+    g.set_defaults(func=_cmd_bench_gemv)
+
+
+def _cmd_bench_gemv(args) -> int:
+    from kvoverlay.sim.bench import bench_gemv_main
+
+    return bench_gemv_main(args)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -241,6 +262,9 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except (ConfigError, IsaError, CliError, OSError, ValueError, ArithmeticError, RuntimeError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except ImportError as exc:  # an optional dependency of this subcommand is not installed
+        print(f"{PROG}: error: {args.command} is not available: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["check_writable", "write_atomic"]
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """The folder *path* will be written into; an :class:`OSError` naming *path* if that folder does not exist.
+
+    Commands call it before long work, so that a mistyped ``-o`` fails at once rather than after the work.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {folder} is not a directory")
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: directory {folder} does not exist")
+    return folder
 
 
 def write_atomic(path: str | os.PathLike, data) -> None:
@@ -19,7 +34,7 @@ def write_atomic(path: str | os.PathLike, data) -> None:
         data = data.encode()
     pieces = data if isinstance(data, list) else [data]
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:

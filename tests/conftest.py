@@ -9,7 +9,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "onnx_ops")
 @pytest.fixture(scope="session")
 def exported_models(tmp_path_factory):
     """Family name -> path of its ``model.onnx`` (optimum exports are cached under ``.cache/models``)."""
-    from kvoverlay.compiler import exported
+    from kvoverlay.models import exported
 
     paths = {fam: exported.export_model(fam) for fam in FAMILIES if fam != "onnx_ops"}
     paths["onnx_ops"] = tmp_path_factory.mktemp("onnx_ops") / "model.onnx"

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 from kvoverlay.compiler.codegen import insert_tokens
-from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.compiler.frontend import CompileError
+from kvoverlay.models.demo import build_llama_onnx
 from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import isa

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 from conftest import FAMILIES
-from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.frontend import CompileError
 from kvoverlay.compiler.fuse import fuse, run_float
 from kvoverlay.compiler.passes import run_passes
 from kvoverlay.host.reference import ort_decode
+from kvoverlay.models.demo import build_llama_onnx
 
 PROMPT = [5, 17, 42]
 

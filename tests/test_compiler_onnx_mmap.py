@@ -3,8 +3,8 @@
 import numpy as np
 import onnx
 import pytest
-from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.onnx_mmap import load_mapped
+from kvoverlay.models.demo import build_llama_onnx
 from onnx import numpy_helper
 from test_cli import assert_one_line_error, kvo
 

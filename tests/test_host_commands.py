@@ -5,7 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from kvoverlay.compiler.demo_model import build_llama_onnx
+from kvoverlay.models.demo import build_llama_onnx
 from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, kvo
 
@@ -137,10 +137,17 @@ def test_model_larger_than_kv_buffer(tmp_path, demo):
     assert_one_line_error(kvo("compile", model, "-o", tmp_path / "m.kvo", "--config", cfg), "layer 1", "KV")
 
 
+def demo_rows(stdout):
+    """The demo's table rows (split on whitespace), up to the blank line before its legend."""
+    table = stdout.split("\n\n")[0].splitlines()
+    assert table[0].split() == ["weights", "tokens", "match", "cosine", "cycles/tok", "bw", "eff"]
+    return [line.split() for line in table[1:]]
+
+
 def test_demo_runs():
     res = kvo("demo", "--tokens", "8")
     assert res.returncode == 0, res.stderr
-    rows = [line.split() for line in res.stdout.splitlines()[1:]]
+    rows = demo_rows(res.stdout)
     assert [r[0] for r in rows] == ["w16", "int8", "int4", "rtl-int8"]
     assert rows[0][2] == "8/8", res.stdout
     # the int8 program on the Verilated overlay: same tokens as its isa row, logits bit-exact
@@ -151,7 +158,43 @@ def test_demo_runs():
 def test_demo_without_rtl():
     res = kvo("demo", "--tokens", "2", "--no-rtl")
     assert res.returncode == 0, res.stderr
-    assert [line.split()[0] for line in res.stdout.splitlines()[1:]] == ["w16", "int8", "int4"]
+    assert [r[0] for r in demo_rows(res.stdout)] == ["w16", "int8", "int4"]
+
+
+def test_demo_explains_its_columns_and_keeps_its_files(tmp_path):
+    """--keep writes what the README's other commands take; the match column is the agreeing prefix."""
+    keep = tmp_path / "kept"
+    res = kvo("demo", "--tokens", "8", "--no-rtl", "--keep", keep)
+    assert res.returncode == 0, res.stderr
+    legend = res.stdout.split("\n\n", 1)[1]
+    for column in ("match", "cosine", "cycles/tok", "bw eff"):
+        assert any(line.startswith(column + " ") for line in legend.splitlines()), column
+    assert "onnxruntime" in legend and "roofline" in legend
+    assert max(map(len, res.stdout.splitlines())) <= 100
+    assert sorted(p.name for p in keep.iterdir()) == ["demo-int4.kvo", "demo-int8.kvo", "demo-w16.kvo", "demo.onnx"]
+    assert f"kvoverlay run {keep / 'demo-int8.kvo'} --max-new-tokens 8 --check {keep / 'demo.onnx'}" in res.stderr
+    for row in demo_rows(res.stdout):
+        run = kvo("run", keep / f"demo-{row[0]}.kvo", "--max-new-tokens", "8", "--check", keep / "demo.onnx", "--json")
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert ",".join(map(str, out["tokens"])) == row[1]
+        agree = next((i for i, (a, b) in enumerate(zip(out["tokens"], out["reference"]["tokens"])) if a != b), 8)
+        assert row[2] == f"{agree}/8" == f"{out['reference']['matching_prefix']}/8"
+    int4 = demo_rows(res.stdout)[2]
+    if int4[2] != "8/8":  # the row that parts from onnxruntime says why
+        assert "int4:" in legend and "random" in legend and "apart" in legend
+
+
+def test_demo_keep_into_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    assert_one_line_error(kvo("demo", "--tokens", "2", "--no-rtl", "--keep", tmp_path / "f"), "not a directory")
+
+
+def test_compile_into_a_missing_folder_names_the_folder(demo, tmp_path):
+    _, model, _, _ = demo
+    res = kvo("compile", model, "-o", tmp_path / "nope" / "m.kvo")
+    assert_one_line_error(res, f"directory {tmp_path / 'nope'} does not exist")
+    assert ".tmp" not in res.stderr and not (tmp_path / "nope").exists()
 
 
 def test_waves_need_the_rtl_backend(demo, tmp_path):

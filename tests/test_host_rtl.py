@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("cocotb_tools")
 
 from conftest import FAMILIES
-from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.host.session import RtlBackend, Session, SessionError
+from kvoverlay.models.demo import build_llama_onnx
 from kvoverlay.sim.rtl import build_model
 from test_cli import kvo
 

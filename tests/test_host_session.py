@@ -51,7 +51,7 @@ def test_int8_cosine(family):
     name, model = family
     _, _, res = _decode(model, "int8")
     ref = compare(model, PROMPT, res.tokens, res.logits)
-    print(f"{name} int8: cosine {ref['logits_cosine_min']}, tokens matching {ref['tokens_matching']}/{NEW}")
+    print(f"{name} int8: cosine {ref['logits_cosine_min']}, matching prefix {ref['matching_prefix']}/{NEW}")
     assert ref["logits_cosine_min"] >= 0.99
 
 

@@ -19,13 +19,13 @@ pytest.importorskip("cocotb_tools")
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
 from kvoverlay.hw.attention import AttentionEngine, AttnError
+from kvoverlay.hw.kv_buffer import kv_geometry
+from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
+from kvoverlay.sim.golden import GoldenModel
 
-from hw.kv_buffer import kv_geometry
-from hw.sim_attention import TOP_NAME, AttentionSimTop
 from kvoverlay import isa, numerics, toolchain
 from kvoverlay.config import PRESETS
 from kvoverlay.timing import attn_cycles, kvappend_cycles
-from sim.golden import GoldenModel
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]

@@ -16,8 +16,8 @@ pytest.importorskip("cocotb_tools")
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
 from kvoverlay.hw.gemv import FMT_CODES
+from kvoverlay.hw.sim_top import TOP_NAME, GemvSimTop
 
-from hw.sim_top import TOP_NAME, GemvSimTop
 from kvoverlay import numerics, toolchain
 from kvoverlay.config import PRESETS
 from kvoverlay.isa import ENUMS

@@ -19,13 +19,13 @@ from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
 from kvoverlay.hw.ports import EREG_SHAPE, Fault
 from kvoverlay.hw.sim_vector_unit import TOP_NAME, VectorUnitSimTop
-from kvoverlay.hw.vector_unit import OPS, VectorUnit, abuf_lanes
+from kvoverlay.hw.vector_unit import VectorUnit, abuf_lanes
 from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import isa, toolchain
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
-from kvoverlay.timing import vector_cycles
+from kvoverlay.timing import VECTOR_OPS, vector_cycles
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]
@@ -322,7 +322,7 @@ def test_vector_unit_matches_golden(run, group):
 def test_cases_cover_every_variant_and_edge():
     cases = _all_cases()
     labels = {c.label for c in cases}
-    for op in OPS:
+    for op in VECTOR_OPS:
         assert any(lbl.startswith(op) for lbl in labels), op
     for enum, op in (("func", "ACT"), ("rope", "ROPE"), ("norm", "NORM")):
         for name in isa.ENUMS[enum]:

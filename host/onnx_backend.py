@@ -1,0 +1,134 @@
+"""kvoverlay as an ``onnx.backend``: ONNX graphs compiled for the overlay and run on the golden model or the RTL.
+
+``prepare(model, device)`` checks the model and returns a :class:`OverlayRep`; ``rep.run(inputs)`` compiles the graph
+for the overlay with the inputs it was given and runs it once. The overlay's program takes its float inputs as vector
+records that the host writes each run; an input the overlay needs as a constant (a MatMul's weight operand, an index,
+a shape) is bound into the graph at run time instead, and the rep says which ones it bound (:attr:`OverlayRep.bound`).
+
+The devices are ``"CPU"`` (ONNX's default name, the golden model), ``"ISA"`` (the same) and ``"RTL"`` (the Verilated
+overlay). Works with :class:`onnx.backend.test.BackendTest` unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from kvoverlay.compiler.driver import compile_model
+from kvoverlay.compiler.frontend import CompileError
+from onnx import numpy_helper
+from onnx.backend.base import Backend, BackendRep
+
+from .session import run_graph
+
+__all__ = ["DEVICES", "OverlayBackend", "OverlayRep", "prepare", "run_model", "supports_device"]
+
+#: ONNX device names and the backend each runs on.
+DEVICES = {"CPU": "isa", "ISA": "isa", "RTL": "rtl"}
+#: The configuration the backend compiles for: the smallest preset, whose buffers hold every node case of the op set.
+CONFIG = "tiny"
+
+
+def _device(device) -> str:
+    name = str(device).upper().split(":")[0]
+    if name not in DEVICES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    return DEVICES[name]
+
+
+def _bind(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
+    """A copy of *model* whose inputs named in *values* are initializers holding those values."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    graph = bound.graph
+    keep = [vi for vi in graph.input if vi.name not in values]
+    del graph.input[:]
+    graph.input.extend(keep)
+    for name, value in values.items():
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return bound
+
+
+class OverlayRep(BackendRep):
+    """A prepared model: compiled at each :meth:`run` for the shapes and constant operands it is given.
+
+    Attributes
+    ----------
+    bound : list of str
+        Inputs of the last run that were bound into the graph as constants (empty when every float input ran as a
+        vector record the host wrote).
+    program : kvoverlay.bundle.Bundle
+        The program of the last run.
+    """
+
+    def __init__(self, model: onnx.ModelProto, backend: str):
+        self.model = model
+        self.backend = backend
+        self.bound: list[str] = []
+        self.program = None
+        self._initializers = {i.name for i in model.graph.initializer}
+
+    def _inputs(self):
+        return [vi for vi in self.model.graph.input if vi.name not in self._initializers]
+
+    def _compile(self, values: dict):
+        """Compile with every float input as a runtime vector; bind more inputs only when the compiler asks."""
+        inputs = self._inputs()
+        floats = [vi.name for vi in inputs if np.asarray(values[vi.name]).dtype == np.float32]
+        others = {vi.name: values[vi.name] for vi in inputs if vi.name not in floats}
+        # try: all float inputs at run time; then only the first (the rest are weights, gains, masks)
+        tries = [others, {**others, **{n: values[n] for n in floats[1:]}}]
+        error = None
+        for bind in tries if floats else tries[:1]:
+            try:
+                program, _ = compile_model(_bind(self.model, bind), CONFIG, weights="w16")
+            except CompileError as exc:
+                error = exc
+                continue
+            return program, sorted(bind)
+        raise error
+
+    def run(self, inputs, **kwargs):
+        names = [vi.name for vi in self._inputs()]
+        if isinstance(inputs, dict):
+            values = dict(inputs)
+        else:
+            values = dict(zip(names, inputs))
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"missing inputs: {', '.join(missing)}")
+        program, self.bound = self._compile(values)
+        self.program = program
+        feeds = {n: values[n] for n in program.manifest["io"]["inputs"]}
+        out = run_graph(program, feeds, backend=self.backend)
+        return tuple(np.asarray(out[o.name], np.float32) for o in self.model.graph.output)
+
+
+class OverlayBackend(Backend):
+    """The :class:`onnx.backend.base.Backend` of kvoverlay."""
+
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        try:
+            _device(device)
+        except ValueError:
+            return False
+        return True
+
+    @classmethod
+    def prepare(cls, model, device: str = "CPU", **kwargs) -> OverlayRep:
+        super().prepare(model, device, **kwargs)
+        onnx.checker.check_model(model)
+        return OverlayRep(model, _device(device))
+
+    @classmethod
+    def run_model(cls, model, inputs, device: str = "CPU", **kwargs):
+        return cls.prepare(model, device, **kwargs).run(inputs)
+
+    @classmethod
+    def run_node(cls, node, inputs, device: str = "CPU", outputs_info=None, **kwargs):
+        raise NotImplementedError("kvoverlay compiles whole graphs; run_node is not offered (use run_model)")
+
+
+prepare = OverlayBackend.prepare
+run_model = OverlayBackend.run_model
+supports_device = OverlayBackend.supports_device
