@@ -11,16 +11,21 @@ normalized into one bfp16 vector; the per-head (max, sum) go to the accumulator 
 from __future__ import annotations
 
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
-from amaranth.lib import enum, wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
-from amaranth.lib.wiring import In, Out
+from amaranth.lib.wiring import Out
 
 from kvoverlay import isa, numerics, timing
 
-from .isa_layout import HEADER_LAYOUT, LAYOUTS
+from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
+from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_read, ereg_write, reg_read, unit_signature
+from .widths import ceil_div, log2_exact
 
-__all__ = ["AttentionEngine", "AttnError"]
+__all__ = ["ATTN_COMMAND", "AttentionEngine"]
+
+#: The engine's instruction word, read through the layout of KVAPPEND or of ATTN (both begin with the header).
+ATTN_COMMAND = data.UnionLayout({"kvappend": LAYOUTS["KVAPPEND"], "attn": LAYOUTS["ATTN"]})
 
 # Constants that numerics.attention_head / exp2_neg_q15 write as bare literals; named here once.
 RECIP_BITS = numerics.ATTN_RECIP_BITS
@@ -34,32 +39,6 @@ ALPHA_FRAC = 15
 DIVIDER_CYCLES = timing.ATTN_DIVIDER_CYCLES
 #: Word of a 64-bit two's-complement value (numpy int64 arithmetic wraps at this width).
 W = 64
-
-
-class AttnError(enum.Enum, shape=4):
-    """``error_code`` values; ``NONE`` after a successful instruction."""
-
-    NONE = 0
-    OPCODE = 1  #: neither KVAPPEND nor ATTN
-    GEOMETRY = 2  #: layer, heads or head_dim outside the KV buffer, or q_heads not a multiple of kv_heads
-    KV_RANGE = 3  #: KVAPPEND position outside [0, kv_capacity) (KV full); ATTN length < 1 or > kv_capacity
-    SPAN = 4  #: an operand runs past the activation or accumulator buffer
-    ALIGN = 5  #: ATTN dst not aligned to an activation-buffer word
-    OVERFLOW = 6  #: output exponent above numerics.EXP_MAX
-    DIVIDE = 7  #: softmax sum is zero
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _bits(n: int) -> int:
-    return max(1, (n - 1).bit_length())
-
-
-def _log2(n: int) -> int:
-    assert n > 0 and n & (n - 1) == 0, n
-    return n.bit_length() - 1
 
 
 def _round_shift(m, x, s, name):
@@ -115,8 +94,8 @@ class AttentionEngine(wiring.Component):
     finishes each head (restoring divider for ``(1 << 40) // l``, statistics, scaled outputs
     with their exponent into a scratch memory) while the main control streams the next head's
     first scores. After the last head a peak pass and a write pass normalize all heads into the
-    destination vector. Faults found before any state changes (``AttnError``) cost the decode
-    cycle; an OVERFLOW or DIVIDE fault is found late and leaves the statistics words written.
+    destination vector. Faults found before any state changes cost the decode cycle; an OVERFLOW
+    or DIVIDE fault is found late and leaves the statistics words written.
 
     Parameters
     ----------
@@ -126,27 +105,18 @@ class AttentionEngine(wiring.Component):
 
     Attributes
     ----------
-    insn : In(isa.INSN_BITS)
-        Instruction word, sampled with ``start``.
-    start : In(1)
-        Pulse while idle.
-    busy, done, error : Out(1)
-        ``busy`` from the cycle after ``start`` to the last cycle; ``done`` pulses in the next cycle,
-        ``error`` pulses with it when the instruction faulted.
-    error_code : Out(AttnError)
-        Why the last instruction faulted (held until the next ``start``).
-    cycles : Out(32)
-        Busy cycles of the current or last instruction.
-    abuf_raddr0, abuf_rdata0, abuf_raddr1, abuf_rdata1 : Out, In
-        Two activation-buffer read ports (latency 1).
-    abuf_waddr, abuf_wdata, abuf_wmask : Out
-        Activation-buffer write port with a per-lane mask.
-    ereg_raddr0, ereg_rdata0, ereg_raddr1, ereg_rdata1, ereg_waddr, ereg_wdata, ereg_we
-        Exponent registers (combinational reads).
-    reg_raddr, reg_rdata
-        Scalar register read (combinational).
-    acc_waddr, acc_wdata, acc_we
-        Accumulator-buffer write port (statistics).
+    cmd, busy, done
+        The unit protocol of :func:`hw.ports.unit_signature`; ``cmd`` carries :data:`ATTN_COMMAND`.
+    abuf_r0, abuf_r1 : Out(abuf_read(config))
+        The activation-buffer word holding the operand's element and the word after it.
+    abuf_w : Out(abuf_write(config))
+        The output vector, one word per cycle with a per-lane enable.
+    acc_w : Out(acc_write(config))
+        The per-head statistics.
+    ereg_r0, ereg_r1, ereg_w : Out(ereg_read()), Out(ereg_read()), Out(ereg_write())
+        Exponent registers: q (ATTN) or k (KVAPPEND), v (KVAPPEND), and the output exponent.
+    reg_r : Out(reg_read())
+        The length (ATTN) or position (KVAPPEND) register.
     kv : Out(kv_port_signature(config))
         Port to the :class:`~hw.kv_buffer.KvBuffer`.
     """
@@ -154,69 +124,35 @@ class AttentionEngine(wiring.Component):
     def __init__(self, config):
         self.config = config
         self.lanes = config.vector_lanes
-        self.abuf_lanes = 2 * config.port_bytes
+        self.abuf_lanes = abuf_lanes(config)
         if self.lanes > self.abuf_lanes:
             raise ValueError(f"vector_lanes={self.lanes} exceeds the activation-buffer word of {self.abuf_lanes} lanes")
         if config.act_buffer_words < self.abuf_lanes:
             raise ValueError(f"act_buffer_words={config.act_buffer_words} is smaller than one word of {self.abuf_lanes} lanes")
         self.abuf_depth = config.act_buffer_words // self.abuf_lanes
-        self.scratch_depth = _ceil(config.act_buffer_words, self.lanes)
+        self.scratch_depth = ceil_div(config.act_buffer_words, self.lanes)
         self.geometry = kv_geometry(config)
-        ab = _bits(self.abuf_depth)
-        super().__init__({
-            "insn": In(isa.INSN_BITS),
-            "start": In(1),
-            "busy": Out(1),
-            "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(AttnError),
-            "cycles": Out(32),
-            "abuf_raddr0": Out(ab),
-            "abuf_rdata0": In(16 * self.abuf_lanes),
-            "abuf_raddr1": Out(ab),
-            "abuf_rdata1": In(16 * self.abuf_lanes),
-            "abuf_waddr": Out(ab),
-            "abuf_wdata": Out(16 * self.abuf_lanes),
-            "abuf_wmask": Out(self.abuf_lanes),
-            "ereg_raddr0": Out(range(isa.NUM_EREGS)),
-            "ereg_rdata0": In(EXP_SHAPE),
-            "ereg_raddr1": Out(range(isa.NUM_EREGS)),
-            "ereg_rdata1": In(EXP_SHAPE),
-            "ereg_waddr": Out(range(isa.NUM_EREGS)),
-            "ereg_wdata": Out(EXP_SHAPE),
-            "ereg_we": Out(1),
-            "reg_raddr": Out(range(isa.NUM_REGS)),
-            "reg_rdata": In(32),
-            "acc_waddr": Out(_bits(config.acc_buffer_words)),
-            "acc_wdata": Out(64),
-            "acc_we": Out(1),
-            "kv": Out(kv_port_signature(config)),
-        })
+        super().__init__(unit_signature(
+            ATTN_COMMAND,
+            abuf_r0=Out(abuf_read(config)), abuf_r1=Out(abuf_read(config)), abuf_w=Out(abuf_write(config)),
+            acc_w=Out(acc_write(config)), ereg_r0=Out(ereg_read()), ereg_r1=Out(ereg_read()), ereg_w=Out(ereg_write()),
+            reg_r=Out(reg_read()), kv=Out(kv_port_signature(config))))
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        V, lgV = self.lanes, _log2(self.lanes)
-        lgAL = _log2(self.abuf_lanes)
+        V, lgV = self.lanes, log2_exact(self.lanes)
+        lgAL = log2_exact(self.abuf_lanes)
         T = cfg.attn_tile
         chunks_max = self.geometry["row_chunks"]
         kv = self.kv
 
         # ---------------------------------------------------------------- instruction
-        insn = Signal(isa.INSN_BITS)
-        hdr = HEADER_LAYOUT(insn[:HEADER_LAYOUT.size])
-        kva = LAYOUTS["KVAPPEND"](insn)
-        att = LAYOUTS["ATTN"](insn)
+        insn = Signal(ATTN_COMMAND)
+        kva, att = insn.kvappend, insn.attn
         is_attn = Signal()
         is_kva = Signal()
-        m.d.comb += [is_attn.eq(hdr.opcode == isa.BY_NAME["ATTN"].code), is_kva.eq(hdr.opcode == isa.BY_NAME["KVAPPEND"].code)]
-
-        busy = Signal()
-        cycles = Signal(32)
-        m.d.comb += [self.busy.eq(busy), self.cycles.eq(cycles)]
-        with m.If(busy):
-            m.d.sync += cycles.eq(cycles + 1)
-        m.d.sync += [self.done.eq(0), self.error.eq(0)]
+        m.d.comb += [is_attn.eq(att.opcode == isa.BY_NAME["ATTN"].code), is_kva.eq(att.opcode == isa.BY_NAME["KVAPPEND"].code)]
 
         # operand fields, whichever instruction is latched
         layer = Signal(6)
@@ -226,9 +162,9 @@ class AttentionEngine(wiring.Component):
             layer.eq(Mux(is_attn, att.layer, kva.layer)),
             head_dim.eq(Mux(is_attn, att.head_dim, kva.head_dim)),
             kv_heads.eq(Mux(is_attn, att.kv_heads, kva.heads)),
-            self.reg_raddr.eq(Mux(is_attn, att.len_reg, kva.pos_reg)),
-            self.ereg_raddr0.eq(Mux(is_attn, att.q_e, kva.k_e)),
-            self.ereg_raddr1.eq(kva.v_e),
+            self.reg_r.addr.eq(Mux(is_attn, att.len_reg, kva.pos_reg)),
+            self.ereg_r0.addr.eq(Mux(is_attn, att.q_e, kva.k_e)),
+            self.ereg_r1.addr.eq(kva.v_e),
         ]
         q_heads = att.q_heads
         n_chunks = Signal(12)  # chunks of V lanes per head
@@ -236,7 +172,7 @@ class AttentionEngine(wiring.Component):
 
         # decode-time values
         reg_plus_imm = Signal(signed(34))  # KVAPPEND position / ATTN length
-        m.d.comb += reg_plus_imm.eq(self.reg_rdata.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm))
+        m.d.comb += reg_plus_imm.eq(self.reg_r.data.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm))
         pos_or_len = Signal(signed(34))
         e_a = Signal(EXP_SHAPE)  # q exponent (ATTN) or k exponent (KVAPPEND)
         e_b = Signal(EXP_SHAPE)  # v exponent (KVAPPEND)
@@ -283,10 +219,11 @@ class AttentionEngine(wiring.Component):
         score_active = Signal()
 
         # activation-buffer reads: the word holding `elem` and the next one
-        m.d.comb += [self.abuf_raddr0.eq(elem >> lgAL), self.abuf_raddr1.eq((elem >> lgAL) + 1)]
+        m.d.comb += [self.abuf_r0.addr.eq(elem >> lgAL), self.abuf_r1.addr.eq((elem >> lgAL) + 1),
+                     self.abuf_r0.en.eq(1), self.abuf_r1.en.eq(1)]
 
         def rotate_abuf(offset):
-            return Cat(self.abuf_rdata0, self.abuf_rdata1).bit_select(offset * 16, 16 * V)
+            return Cat(self.abuf_r0.data, self.abuf_r1.data).bit_select(offset * 16, 16 * V)
 
         # ---------------------------------------------------------------- KVAPPEND datapath (1 stage)
         ka_valid = Signal()
@@ -500,16 +437,18 @@ class AttentionEngine(wiring.Component):
         m.d.comb += out_elem.eq(att.dst + (nr_word << lgV))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
         m.d.comb += [
-            self.abuf_waddr.eq(out_elem >> lgAL),
-            self.abuf_wdata.eq(Cat(mant_lanes) << (out_lane * 16)),
+            self.abuf_w.addr.eq(out_elem >> lgAL),
+            self.abuf_w.data.eq(Cat(mant_lanes) << (out_lane * 16)),
         ]
 
         # ---------------------------------------------------------------- control
-        err = Signal(AttnError)
+        err = Signal(Fault)
 
-        def finish(code=AttnError.NONE):
-            m.d.sync += [busy.eq(0), self.done.eq(1), self.error_code.eq(code), self.error.eq(code != AttnError.NONE)]
-            m.next = "IDLE"
+        fault = Signal(Fault)
+
+        def finish(code=Fault.NONE):
+            m.d.sync += fault.eq(code)
+            m.next = "DONE"
 
         def next_head_setup():
             m.d.sync += [elem.eq(elem_head), chunk.eq(0), pos_in_tile.eq(0), tile_start.eq(0), first_tile.eq(1),
@@ -539,7 +478,7 @@ class AttentionEngine(wiring.Component):
             with m.State("F_FIN"):
                 m.d.sync += [head_shift.eq(Mux(acc_bits > ACC_KEEP_BITS, acc_bits - ACC_KEEP_BITS, 0)),
                              remainder.eq(0), quotient.eq(0), div_cnt.eq(RECIP_BITS)]
-                m.d.comb += [self.acc_waddr.eq(att.stats + 2 * fin_head), self.acc_wdata.eq(m_run), self.acc_we.eq(1)]
+                m.d.comb += [self.acc_w.addr.eq(att.stats + 2 * fin_head), self.acc_w.data.eq(m_run), self.acc_w.en.eq(1)]
                 with m.If(l_run <= 0):
                     m.d.sync += fin_fault.eq(1)
                     m.next = "F_IDLE"
@@ -547,7 +486,7 @@ class AttentionEngine(wiring.Component):
                     m.next = "F_DIV"
             with m.State("F_DIV"):
                 with m.If(div_cnt == RECIP_BITS):
-                    m.d.comb += [self.acc_waddr.eq(att.stats + 2 * fin_head + 1), self.acc_wdata.eq(l_run), self.acc_we.eq(1)]
+                    m.d.comb += [self.acc_w.addr.eq(att.stats + 2 * fin_head + 1), self.acc_w.data.eq(l_run), self.acc_w.en.eq(1)]
                 with m.If(rem_shifted >= l_run.as_unsigned()):
                     m.d.sync += [remainder.eq(rem_shifted - l_run.as_unsigned()), quotient.eq(Cat(1, quotient))]
                 with m.Else():
@@ -563,48 +502,47 @@ class AttentionEngine(wiring.Component):
                     m.next = "F_IDLE"
         fin_idle = Signal()
         m.d.comb += fin_idle.eq(fin_fsm.ongoing("F_IDLE"))
-        with m.If(self.start & ~busy):
-            m.d.sync += fin_fault.eq(0)
 
-        with m.FSM(name="attn_fsm"):
-            with m.State("IDLE"):  # noqa: SIM117 - Amaranth control blocks
-                with m.If(self.start):
-                    m.d.sync += [insn.eq(self.insn), busy.eq(1), cycles.eq(0), self.error_code.eq(AttnError.NONE)]
+        with m.FSM(name="attn_fsm") as fsm:
+            with m.State("IDLE"):
+                m.d.comb += self.cmd.ready.eq(1)
+                with m.If(self.cmd.valid):
+                    m.d.sync += [insn.eq(self.cmd.payload), fin_fault.eq(0)]
                     m.next = "DECODE"
 
             with m.State("DECODE"):
-                m.d.sync += [pos_or_len.eq(reg_plus_imm), e_a.eq(self.ereg_rdata0), e_b.eq(self.ereg_rdata1),
+                m.d.sync += [pos_or_len.eq(reg_plus_imm), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
                              head.eq(0), kv_head.eq(0), group_cnt.eq(0), chunk.eq(0), v_pass.eq(0),
                              pos_in_tile.eq(0), tile_start.eq(0), first_tile.eq(1), out_head.eq(0)]
                 geometry_bad = ((layer >= cfg.max_layers) | (kv_heads == 0) | (kv_heads > cfg.max_kv_heads)
                                 | (head_dim > cfg.max_head_dim))
                 with m.If(is_kva):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
-                    m.d.comb += err.eq(Mux(geometry_bad, AttnError.GEOMETRY,
-                                       Mux((reg_plus_imm < 0) | (reg_plus_imm >= cfg.kv_capacity), AttnError.KV_RANGE,
+                    m.d.comb += err.eq(Mux(geometry_bad, Fault.SHAPE,
+                                       Mux((reg_plus_imm < 0) | (reg_plus_imm >= cfg.kv_capacity), Fault.KV_RANGE,
                                        Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
-                                           AttnError.SPAN, AttnError.NONE))))
-                    with m.If(err != AttnError.NONE):
+                                           Fault.OUT_OF_RANGE, Fault.NONE))))
+                    with m.If(err != Fault.NONE):
                         finish(err)
                     with m.Else():
                         m.next = "KVA_RUN"
                 with m.Elif(is_attn):
                     m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), group.eq(q_heads // kv_heads)]
                     bad = geometry_bad | (q_heads == 0) | (head_dim == 0) | ((q_heads % kv_heads) != 0)
-                    m.d.comb += err.eq(Mux(bad, AttnError.GEOMETRY,
-                                       Mux((reg_plus_imm < 1) | (reg_plus_imm > cfg.kv_capacity), AttnError.KV_RANGE,
+                    m.d.comb += err.eq(Mux(bad, Fault.SHAPE,
+                                       Mux((reg_plus_imm < 1) | (reg_plus_imm > cfg.kv_capacity), Fault.KV_RANGE,
                                        Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
-                                           | (att.stats + 2 * q_heads > cfg.acc_buffer_words), AttnError.SPAN,
-                                       Mux(att.dst[:lgAL] != 0 if lgAL else 0, AttnError.ALIGN, AttnError.NONE)))))
+                                           | (att.stats + 2 * q_heads > cfg.acc_buffer_words), Fault.OUT_OF_RANGE,
+                                       Mux(att.dst[:lgAL] != 0 if lgAL else 0, Fault.UNALIGNED, Fault.NONE)))))
                     # lanes past head_dim stay zero for the whole instruction (the head peak ORs every lane)
                     m.d.sync += [w.eq(0) for w in acc_words]
                     m.d.sync += [pv_tile_start.eq(0), pv_pos_in_tile.eq(0), pv_chunk.eq(0), score_bank.eq(0), pv_bank.eq(0)]
-                    with m.If(err != AttnError.NONE):
+                    with m.If(err != Fault.NONE):
                         finish(err)
                     with m.Else():
                         m.next = "A_SCORE"
                 with m.Else():
-                    finish(AttnError.OPCODE)
+                    finish(Fault.OPCODE)
 
             # ---- KVAPPEND: K pass then V pass, one chunk of V lanes per cycle
             with m.State("KVA_RUN"):
@@ -628,7 +566,7 @@ class AttentionEngine(wiring.Component):
                     m.next = "A_SDRAIN"
             with m.State("A_SDRAIN"):  # the step after it needs the previous head's finish to be over
                 with m.If(fin_fault):
-                    finish(AttnError.DIVIDE)
+                    finish(Fault.DIVIDE)
                 with m.Elif(~sc1_valid & fin_idle):
                     m.next = "A_MSTEP"
             with m.State("A_MSTEP"):
@@ -671,7 +609,7 @@ class AttentionEngine(wiring.Component):
                         m.next = "A_MSTEP"
             with m.State("A_WAITFIN"):
                 with m.If(fin_fault):
-                    finish(AttnError.DIVIDE)
+                    finish(Fault.DIVIDE)
                 with m.Elif(fin_idle):
                     m.d.sync += [word.eq(0), peak_or.eq(0)]
                     m.next = "A_NPEAK"
@@ -689,10 +627,10 @@ class AttentionEngine(wiring.Component):
                              under_shift.eq(Mux(~zero & (e_raw < numerics.EXP_MIN), numerics.EXP_MIN - e_raw, 0)),
                              word.eq(0)]
                 with m.If(~zero & (e_raw > numerics.EXP_MAX)):
-                    finish(AttnError.OVERFLOW)
+                    finish(Fault.OVERFLOW)
                 with m.Else():
-                    m.d.comb += [self.ereg_waddr.eq(att.dst_e), self.ereg_we.eq(1),
-                                 self.ereg_wdata.eq(Mux(zero | (e_raw < numerics.EXP_MIN), numerics.EXP_MIN, e_raw))]
+                    m.d.comb += [self.ereg_w.addr.eq(att.dst_e), self.ereg_w.en.eq(1),
+                                 self.ereg_w.data.eq(Mux(zero | (e_raw < numerics.EXP_MIN), numerics.EXP_MIN, e_raw))]
                     m.next = "A_NWRITE"
             with m.State("A_NWRITE"):
                 m.d.sync += [nr_valid.eq(1), nr_write.eq(1), nr_word.eq(word), word.eq(word + 1)]
@@ -701,8 +639,13 @@ class AttentionEngine(wiring.Component):
             with m.State("A_NWDRAIN"):
                 finish()
 
+            with m.State("DONE"):
+                m.d.comb += [self.done.valid.eq(1), self.done.payload.eq(fault)]
+                m.next = "IDLE"
+        m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
+
         # normalization read stage: the peak pass ORs magnitudes, the write pass stores mantissas
         with m.If(nr_valid & ~nr_write):
             m.d.sync += peak_or.eq(peak_or | wide_or)
-        m.d.comb += self.abuf_wmask.eq(Mux(nr_valid & nr_write, Cat(nr_mask) << out_lane, 0))
+        m.d.comb += self.abuf_w.en.eq(Mux(nr_valid & nr_write, Cat(nr_mask) << out_lane, 0))
         return m

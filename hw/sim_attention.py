@@ -14,8 +14,9 @@ from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa, numerics
 
-from .attention import AttentionEngine, AttnError
-from .kv_buffer import EXP_SHAPE, KvBuffer, kv_host_read_signature
+from .attention import AttentionEngine
+from .kv_buffer import KvBuffer, kv_host_read_signature
+from .ports import EREG_SHAPE, Fault
 
 __all__ = ["TOP_NAME", "AttentionSimTop"]
 
@@ -33,8 +34,12 @@ class AttentionSimTop(wiring.Component):
 
     Attributes
     ----------
-    insn, start, busy, done, error, error_code, cycles
-        The engine's command interface.
+    cmd, busy
+        The engine's command stream and busy flag.
+    done, fault : Out(1), Out(Fault)
+        The engine's ``done`` stream as loose signals (its constant ``ready`` cannot be a top-level port).
+    cycles : Out(32)
+        Busy cycles of the current or last instruction, counting the current cycle (at ``done``: all of them).
     host_abuf_waddr, host_abuf_wdata, host_abuf_we : In
         Whole-word write port of the activation buffer.
     host_abuf_raddr, host_abuf_rdata : In, Out
@@ -54,27 +59,26 @@ class AttentionSimTop(wiring.Component):
         self.engine = AttentionEngine(config)
         self.kv_buffer = KvBuffer(config)
         eng = self.engine.signature.members
+        abuf = eng["abuf_w"].signature.members
         super().__init__({
-            "insn": In(isa.INSN_BITS),
-            "start": In(1),
+            "cmd": eng["cmd"],
             "busy": Out(1),
             "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(AttnError),
+            "fault": Out(Fault),
             "cycles": Out(32),
-            "host_abuf_waddr": In(eng["abuf_waddr"].shape),
-            "host_abuf_wdata": In(eng["abuf_wdata"].shape),
+            "host_abuf_waddr": In(abuf["addr"].shape),
+            "host_abuf_wdata": In(abuf["data"].shape),
             "host_abuf_we": In(1),
-            "host_abuf_raddr": In(eng["abuf_raddr0"].shape),
-            "host_abuf_rdata": Out(eng["abuf_rdata0"].shape),
+            "host_abuf_raddr": In(abuf["addr"].shape),
+            "host_abuf_rdata": Out(abuf["data"].shape),
             "host_ereg_addr": In(range(isa.NUM_EREGS)),
-            "host_ereg_wdata": In(EXP_SHAPE),
+            "host_ereg_wdata": In(EREG_SHAPE),
             "host_ereg_we": In(1),
-            "host_ereg_rdata": Out(EXP_SHAPE),
+            "host_ereg_rdata": Out(EREG_SHAPE),
             "host_reg_addr": In(range(isa.NUM_REGS)),
             "host_reg_wdata": In(32),
             "host_reg_we": In(1),
-            "host_acc_raddr": In(eng["acc_waddr"].shape),
+            "host_acc_raddr": In(eng["acc_w"].signature.members["addr"].shape),
             "host_acc_rdata": Out(64),
             "host_kv": In(kv_host_read_signature(config)),
         })
@@ -87,22 +91,26 @@ class AttentionSimTop(wiring.Component):
         m.submodules.kv_buffer = kvb = self.kv_buffer
         wiring.connect(m, eng.kv, kvb.port)
         wiring.connect(m, wiring.flipped(self.host_kv), kvb.host)
-        m.d.comb += [
-            eng.insn.eq(self.insn), eng.start.eq(self.start),
-            self.busy.eq(eng.busy), self.done.eq(eng.done), self.error.eq(eng.error),
-            self.error_code.eq(eng.error_code), self.cycles.eq(eng.cycles),
-        ]
+        wiring.connect(m, wiring.flipped(self.cmd), eng.cmd)
+        m.d.comb += [self.busy.eq(eng.busy), self.done.eq(eng.done.valid), self.fault.eq(eng.done.payload)]
+        busy_before = Signal(32)
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += busy_before.eq(0)
+        with m.Elif(eng.busy):
+            m.d.sync += busy_before.eq(busy_before + 1)
+        m.d.comb += self.cycles.eq(busy_before + eng.busy)
 
         lanes = eng.abuf_lanes
         m.submodules.abuf = abuf = Memory(shape=unsigned(16 * lanes), depth=eng.abuf_depth, init=[])
-        r0, r1, rh = abuf.read_port(), abuf.read_port(), abuf.read_port()
-        w_eng = abuf.write_port(granularity=16)
         w_host = abuf.write_port(granularity=16)
+        for port in (eng.abuf_r0, eng.abuf_r1):
+            r = abuf.read_port()
+            m.d.comb += [r.addr.eq(port.addr), r.en.eq(port.en), port.data.eq(r.data)]
+        rh = abuf.read_port()
+        w_eng = abuf.write_port(granularity=16)
         m.d.comb += [
-            r0.addr.eq(eng.abuf_raddr0), eng.abuf_rdata0.eq(r0.data),
-            r1.addr.eq(eng.abuf_raddr1), eng.abuf_rdata1.eq(r1.data),
             rh.addr.eq(self.host_abuf_raddr), self.host_abuf_rdata.eq(rh.data),
-            w_eng.addr.eq(eng.abuf_waddr), w_eng.data.eq(eng.abuf_wdata), w_eng.en.eq(eng.abuf_wmask),
+            w_eng.addr.eq(eng.abuf_w.addr), w_eng.data.eq(eng.abuf_w.data), w_eng.en.eq(eng.abuf_w.en),
             w_host.addr.eq(self.host_abuf_waddr), w_host.data.eq(self.host_abuf_wdata),
             w_host.en.eq(self.host_abuf_we.replicate(lanes)),
         ]
@@ -110,19 +118,19 @@ class AttentionSimTop(wiring.Component):
         m.submodules.accbuf = accbuf = Memory(shape=unsigned(64), depth=cfg.acc_buffer_words, init=[])
         aw, ar = accbuf.write_port(), accbuf.read_port()
         m.d.comb += [
-            aw.addr.eq(eng.acc_waddr), aw.data.eq(eng.acc_wdata), aw.en.eq(eng.acc_we),
+            aw.addr.eq(eng.acc_w.addr), aw.data.eq(eng.acc_w.data), aw.en.eq(eng.acc_w.en),
             ar.addr.eq(self.host_acc_raddr), self.host_acc_rdata.eq(ar.data),
         ]
 
-        eregs = Array(Signal(EXP_SHAPE, init=numerics.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
+        eregs = Array(Signal(EREG_SHAPE, init=numerics.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
         regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
         m.d.comb += [
-            eng.ereg_rdata0.eq(eregs[eng.ereg_raddr0]), eng.ereg_rdata1.eq(eregs[eng.ereg_raddr1]),
+            eng.ereg_r0.data.eq(eregs[eng.ereg_r0.addr]), eng.ereg_r1.data.eq(eregs[eng.ereg_r1.addr]),
             self.host_ereg_rdata.eq(eregs[self.host_ereg_addr]),
-            eng.reg_rdata.eq(regs[eng.reg_raddr]),
+            eng.reg_r.data.eq(regs[eng.reg_r.addr]),
         ]
-        with m.If(eng.ereg_we):
-            m.d.sync += eregs[eng.ereg_waddr].eq(eng.ereg_wdata)
+        with m.If(eng.ereg_w.en):
+            m.d.sync += eregs[eng.ereg_w.addr].eq(eng.ereg_w.data)
         with m.Elif(self.host_ereg_we):
             m.d.sync += eregs[self.host_ereg_addr].eq(self.host_ereg_wdata)
         with m.If(self.host_reg_we):

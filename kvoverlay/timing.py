@@ -16,8 +16,8 @@ __all__ = ["DISPATCH_CYCLES", "DONE_LATENCY", "instr_cycles", "unit_cycles"]
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
 DISPATCH_CYCLES = 1
-#: The vector unit and the attention engine pulse ``done`` in the cycle after their last busy cycle (their
-#: formulas count ``busy``); the queue stays busy until it sees ``done``.
+#: The vector unit pulses ``done`` in the cycle after its last busy cycle (its
+#: formula counts ``busy``); the queue stays busy until it sees ``done``.
 DONE_LATENCY = 1
 
 # ---------------------------------------------------------------- memory units
@@ -156,8 +156,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
 
 def kvappend_cycles(config, heads: int, head_dim: int) -> int:
     """Busy cycles of a legal KVAPPEND: decode, a K pass and a V pass of ``ceil(head_dim / lanes)`` chunks per head
-    (at least one, which writes the exponents), one drain cycle."""
-    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1
+    (at least one, which writes the exponents), one drain cycle, the done cycle."""
+    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
 
 
 def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
@@ -170,7 +170,7 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     touches) runs beside the next head's first score pass, whose max step waits for it: that phase takes
     ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
     ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a normalization step; plus the decode
-    cycle. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
+    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
     write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
@@ -187,7 +187,7 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
         out_words = ((h * head_dim) % V + head_dim - 1) // V + 1
         finish = 1 + ATTN_DIVIDER_CYCLES + out_words
     nw = _ceil(q_heads * head_dim, V)
-    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1)
+    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1) + 1
 
 
 def unit_cycles(config, ins: isa.Instr, kv_len: int = 0) -> int:
@@ -207,9 +207,9 @@ def unit_cycles(config, ins: isa.Instr, kv_len: int = 0) -> int:
     if op == "REQ":
         return req_cycles(config, f["len"])
     if op == "KVAPPEND":
-        return kvappend_cycles(config, f["heads"], f["head_dim"]) + DONE_LATENCY
+        return kvappend_cycles(config, f["heads"], f["head_dim"])
     if op == "ATTN":
-        return attn_cycles(config, f["q_heads"], f["head_dim"], kv_len) + DONE_LATENCY
+        return attn_cycles(config, f["q_heads"], f["head_dim"], kv_len)
     if op in VECTOR_OPS:
         return vector_cycles(op, f, config) + DONE_LATENCY
     if op == "NOP":

@@ -47,7 +47,7 @@ async def attention_case(dut):
     case = _load_case()
     Clock(dut.clk, 10, unit="ns").start()
     ew = len(dut.host_ereg_wdata)
-    for sig in (dut.start, dut.host_abuf_we, dut.host_ereg_we, dut.host_reg_we):
+    for sig in (dut.cmd__valid, dut.host_abuf_we, dut.host_ereg_we, dut.host_reg_we):
         sig.value = 0
     dut.rst.value = 1
     for _ in range(2):
@@ -74,17 +74,18 @@ async def attention_case(dut):
         await RisingEdge(dut.clk)
     dut.host_reg_we.value = 0
 
-    # each instruction: one start pulse, then the whole run in HDL until done
+    # each instruction: one command transfer, then the whole run in HDL until done
     instrs = []
     for word in case["program"]:
-        dut.insn.value = word
-        dut.start.value = 1
+        dut.cmd__payload.value = word
+        dut.cmd__valid.value = 1
         await RisingEdge(dut.clk)
-        dut.start.value = 0
+        while not dut.cmd__ready.value:
+            await RisingEdge(dut.clk)
+        dut.cmd__valid.value = 0
         await with_timeout(RisingEdge(dut.done), 2, "ms")
         await ReadOnly()
-        instrs.append({"cycles": int(dut.cycles.value), "error": int(dut.error.value),
-                       "code": int(dut.error_code.value)})
+        instrs.append({"cycles": int(dut.cycles.value), "fault": int(dut.fault.value)})
         await RisingEdge(dut.clk)
 
     def set_abuf(a):

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("amaranth")
 
 from amaranth.sim import Simulator
+from kvoverlay.hw.kv_buffer import KvBuffer, kv_geometry
 
-from hw.kv_buffer import KvBuffer, kv_geometry
 from kvoverlay import numerics
 from kvoverlay.config import PRESETS
 
