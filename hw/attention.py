@@ -10,7 +10,7 @@ normalized into one bfp16 vector; the per-head (max, sum) go to the accumulator 
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
@@ -19,6 +19,7 @@ from kvoverlay import isa, numerics, timing
 
 from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
+from .normalize import Normalizer, bit_length, round_shift_expr
 from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_read, ereg_write, reg_read, unit_signature
 from .widths import ceil_div, log2_exact
 
@@ -41,22 +42,6 @@ DIVIDER_CYCLES = timing.ATTN_DIVIDER_CYCLES
 W = 64
 
 
-def _round_shift(m, x, s, name):
-    """numerics.round_shift of one int64: s > 0 rounds half up by min(s, 63), else shifts left by min(-s, 62)."""
-    s = Value.cast(s)
-    sr = Signal(range(1, 64), name=f"{name}_sr")
-    sl = Signal(range(63), name=f"{name}_sl")
-    half = Signal(W, name=f"{name}_half")
-    out = Signal(signed(W), name=name)
-    m.d.comb += [
-        sr.eq(Mux(s > 63, 63, Mux(s < 1, 1, s))),
-        sl.eq(Mux(s > 0, 0, Mux(s < -62, 62, -s))),
-        half.eq(Const(1, W) << (sr - 1).as_unsigned()[:6]),
-        out.eq(Mux(s > 0, (x + half)[:W].as_signed() >> sr, (x << sl)[:W].as_signed())),
-    ]
-    return out
-
-
 def _wrap(v):
     """Truncate to 64-bit two's complement, as numpy int64 arithmetic does."""
     return v[:W].as_signed()
@@ -69,13 +54,10 @@ def _or_all(values):
     return out
 
 
-def _bitlen(m, x, name):
-    """int.bit_length of a non-negative value."""
-    out = Signal(range(len(x) + 1), name=name)
-    for i in range(len(x)):
-        with m.If(x[i]):
-            m.d.comb += out.eq(i + 1)
-    return out
+def _round_shift(m, x, s, name, *, left=True):
+    """numerics.round_shift of an int64: right shifts clamped at 63 and left shifts at 62 as numerics clips them,
+    the result wrapped to 64 bits. *left* False: the caller proves ``s >= 0``."""
+    return _wrap(round_shift_expr(m, x, s, W - 1, W - 2 if left else 0, name))
 
 
 class AttentionEngine(wiring.Component):
@@ -322,7 +304,7 @@ class AttentionEngine(wiring.Component):
                      interp.eq(((t_hi - t_lo) * t_frac[:exp2_shift] + (1 << (exp2_shift - 1))) >> exp2_shift)]
         p_tab = Signal(signed(W))
         m.d.comb += p_tab.eq(t_lo + interp)
-        p_shifted = _round_shift(m, p_tab, Mux(t_int > EXP2_ZERO_SHIFT, EXP2_ZERO_SHIFT, t_int), "exp2_shifted")
+        p_shifted = _wrap(round_shift_expr(m, p_tab, t_int, EXP2_ZERO_SHIFT, W - 2, "exp2_shifted"))
         exp_out = Signal(signed(W))
         m.d.comb += exp_out.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, p_shifted))
 
@@ -339,10 +321,10 @@ class AttentionEngine(wiring.Component):
         acc_new_lanes = []
         for i in range(V):
             vv = kv.rd_v_data.word_select(i, 16).as_signed()
-            term = _round_shift(m, _wrap(exp_out * vv), v_shift, f"pv_term{i}")
+            term = _round_shift(m, _wrap(exp_out * vv), v_shift, f"pv_term{i}", left=False)
             old = acc_old.word_select(i, W).as_signed()
-            resc = _round_shift(m, _round_shift(m, _wrap(old * alpha), ALPHA_FRAC, f"acc_alpha{i}"), resc_shift,
-                                f"acc_rescaled{i}")
+            resc = _round_shift(m, _round_shift(m, _wrap(old * alpha), ALPHA_FRAC, f"acc_alpha{i}", left=False),
+                                resc_shift, f"acc_rescaled{i}", left=False)
             base = Mux(pv1_first_pos, Mux(first_tile, 0, resc), old)
             new = Signal(signed(W), name=f"acc_new{i}")
             m.d.comb += new.eq(_wrap(base + Mux(pv1_mask[i], term, 0)))
@@ -351,7 +333,7 @@ class AttentionEngine(wiring.Component):
             m.d.sync += acc_words[pv1_chunk].eq(Cat(acc_new_lanes))
             with m.If(pv1_chunk0):
                 m.d.sync += l_run.eq(_wrap(l_run + exp_out))
-        l_rescaled = _round_shift(m, _wrap(l_run * exp_out), ALPHA_FRAC, "l_rescaled")
+        l_rescaled = _round_shift(m, _wrap(l_run * exp_out), ALPHA_FRAC, "l_rescaled", left=False)
 
         # head finish: peak of |acc|, reciprocal, scaled outputs into the scratch memory
         acc_or = Signal(W)
@@ -361,7 +343,7 @@ class AttentionEngine(wiring.Component):
                 x = word.word_select(i, W).as_signed()
                 magnitudes.append(Mux(x < 0, -x, x)[:W])
         m.d.comb += acc_or.eq(_or_all(magnitudes))
-        acc_bits = _bitlen(m, acc_or, "acc_bits")
+        acc_bits = bit_length(m, acc_or, "acc_bits")
         head_shift = Signal(range(W + 1))
         head_exp = Signal(signed(16))
         top_exp = Signal(signed(16))
@@ -390,7 +372,7 @@ class AttentionEngine(wiring.Component):
         for i in range(V):
             x = rotated.word_select(i, W).as_signed()
             o = Signal(signed(W), name=f"head_out{i}")
-            m.d.comb += o.eq(_wrap(_round_shift(m, x, head_shift, f"head_acc{i}") * quotient))
+            m.d.comb += o.eq(_wrap(_round_shift(m, x, head_shift, f"head_acc{i}", left=False) * quotient))
             scr_lanes.append(Cat(o, head_exp))
         m.d.comb += [
             scr_w.addr.eq((fin_out_head >> lgV) + out_k),
@@ -411,34 +393,19 @@ class AttentionEngine(wiring.Component):
         nr_write = Signal()
         nr_word = Signal(20)
         m.d.sync += nr_valid.eq(0)
-        peak_or = Signal(W)
-        norm_shift = Signal(signed(16))
-        under_shift = Signal(16)
-        mant_lanes, nr_mask = [], []
-        wide_or = Signal(W)
-        wide_mags = []
+        m.submodules.normalizer = norm = Normalizer(W, V)
         for i in range(V):
             lane = scr_r.data.word_select(i, lane_bits)
-            o = lane[:W].as_signed()
-            e = lane[W:].as_signed()
-            wide = _round_shift(m, o, top_exp - e, f"wide{i}")
-            valid = Signal(name=f"out_valid{i}")
-            m.d.comb += valid.eq(((nr_word << lgV) + i) < n_out)
-            wide_mags.append(Mux(valid, Mux(wide < 0, -wide, wide)[:W], 0))
-            mm = _round_shift(m, wide, norm_shift, f"mant_rounded{i}")
-            clipped = Signal(signed(W), name=f"mant_clipped{i}")
-            m.d.comb += clipped.eq(Mux(mm > numerics.MANT_MAX, numerics.MANT_MAX, Mux(mm < -numerics.MANT_MAX, -numerics.MANT_MAX, mm)))
-            under = _round_shift(m, clipped, under_shift, f"mant_underflow{i}")
-            mant_lanes.append(Mux(under_shift != 0, under, clipped)[:16])
-            nr_mask.append(valid)
-        m.d.comb += wide_or.eq(_or_all(wide_mags))
-        peak_bits = _bitlen(m, peak_or, "peak_bits")
+            m.d.comb += [norm.wide[i].eq(_round_shift(m, lane[:W].as_signed(), top_exp - lane[W:].as_signed(),
+                                                      f"wide{i}", left=False)),
+                         norm.valid[i].eq(((nr_word << lgV) + i) < n_out)]
+        m.d.comb += [norm.exp_in.eq(top_exp), norm.sample.eq(nr_valid & ~nr_write)]
         out_elem = Signal(20)
         m.d.comb += out_elem.eq(att.dst + (nr_word << lgV))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
         m.d.comb += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
-            self.abuf_w.data.eq(Cat(mant_lanes) << (out_lane * 16)),
+            self.abuf_w.data.eq(norm.mant.as_value() << (out_lane * 16)),
         ]
 
         # ---------------------------------------------------------------- control
@@ -611,7 +578,8 @@ class AttentionEngine(wiring.Component):
                 with m.If(fin_fault):
                     finish(Fault.DIVIDE)
                 with m.Elif(fin_idle):
-                    m.d.sync += [word.eq(0), peak_or.eq(0)]
+                    m.d.sync += word.eq(0)
+                    m.d.comb += norm.clear.eq(1)
                     m.next = "A_NPEAK"
             with m.State("A_NPEAK"):
                 m.d.sync += [nr_valid.eq(1), nr_write.eq(0), nr_word.eq(word), word.eq(word + 1)]
@@ -620,17 +588,11 @@ class AttentionEngine(wiring.Component):
             with m.State("A_NPDRAIN"):
                 m.next = "A_NSTEP"
             with m.State("A_NSTEP"):
-                zero = peak_or == 0
-                e_raw = Signal(signed(16))
-                m.d.comb += e_raw.eq(top_exp + peak_bits - numerics.MANT_BITS)
-                m.d.sync += [norm_shift.eq(Mux(zero, 0, peak_bits - numerics.MANT_BITS)),
-                             under_shift.eq(Mux(~zero & (e_raw < numerics.EXP_MIN), numerics.EXP_MIN - e_raw, 0)),
-                             word.eq(0)]
-                with m.If(~zero & (e_raw > numerics.EXP_MAX)):
+                m.d.sync += word.eq(0)
+                with m.If(norm.overflow):
                     finish(Fault.OVERFLOW)
                 with m.Else():
-                    m.d.comb += [self.ereg_w.addr.eq(att.dst_e), self.ereg_w.en.eq(1),
-                                 self.ereg_w.data.eq(Mux(zero | (e_raw < numerics.EXP_MIN), numerics.EXP_MIN, e_raw))]
+                    m.d.comb += [self.ereg_w.addr.eq(att.dst_e), self.ereg_w.en.eq(1), self.ereg_w.data.eq(norm.exp_out)]
                     m.next = "A_NWRITE"
             with m.State("A_NWRITE"):
                 m.d.sync += [nr_valid.eq(1), nr_write.eq(1), nr_word.eq(word), word.eq(word + 1)]
@@ -644,8 +606,6 @@ class AttentionEngine(wiring.Component):
                 m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
 
-        # normalization read stage: the peak pass ORs magnitudes, the write pass stores mantissas
-        with m.If(nr_valid & ~nr_write):
-            m.d.sync += peak_or.eq(peak_or | wide_or)
-        m.d.comb += self.abuf_w.en.eq(Mux(nr_valid & nr_write, Cat(nr_mask) << out_lane, 0))
+        # normalization read stage: the peak pass samples magnitudes, the write pass stores mantissas
+        m.d.comb += self.abuf_w.en.eq(Mux(nr_valid & nr_write, norm.valid << out_lane, 0))
         return m
