@@ -17,8 +17,9 @@ pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
 from amaranth.back import verilog
+from amaranth.sim import Simulator
 from cocotb_tools.runner import get_results, get_runner
-from kvoverlay.hw.attention import AttentionEngine
+from kvoverlay.hw.attention import AttentionEngine, Exp2Neg
 from kvoverlay.hw.kv_buffer import kv_geometry
 from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
@@ -308,3 +309,29 @@ def test_lanes_wider_than_abuf_word_rejected():
     cfg = CFG.replace(vector_lanes=4 * AL)
     with pytest.raises(ValueError, match=f"vector_lanes={4 * AL}"):
         AttentionEngine(cfg)
+
+
+def test_exp2_neg_matches_numerics():
+    """The softmax stage's 2^-x against numerics.exp2_neg_q15: every table segment, the cut-off at 2^-16, and
+    differences so large that int64 wraps (a score shifted far left)."""
+    rng = np.random.default_rng(11)
+    one = 1 << numerics.SCORE_FRAC
+    ds = np.concatenate([
+        [0, -1, -one, -11 * one, -12 * one, -(1 << 62), -(1 << 63) + 1],
+        -rng.integers(0, 12 * one, 300),
+        -rng.integers(0, 1 << 62, 100),
+    ]).astype(np.int64)
+    dut = Exp2Neg()
+    got = []
+
+    async def tb(ctx):
+        for d in ds:
+            ctx.set(dut.d, int(d))
+            got.append(ctx.get(dut.p))
+
+    sim = Simulator(dut)
+    sim.add_testbench(tb)
+    sim.run()
+    expected = [int(p) for p in numerics.exp2_neg_q15(ds)]
+    assert got == expected
+    assert expected[0] == numerics.GATE_ONE and expected[4] == 0  # exp(0) is one; 2^-16 and below are zero
