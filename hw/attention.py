@@ -9,9 +9,10 @@ normalized into one bfp16 vector; the per-head (max, sum) go to the accumulator 
 
 Stages
 ------
-:class:`AttentionEngine` is the sequencer: it decodes, checks, counts heads, tiles, positions
-and chunks, and issues chunks to the stages, each a component of its own:
+:class:`AttentionEngine` is the sequencer: it counts heads, tiles, positions and chunks and
+issues chunks to the stages, each a component of its own:
 
+* :class:`AttnDecoder`: the instruction's fields and its set-up fault;
 * :class:`ScoreStage`: q.K dot products, rounded scores in a double-buffered register file,
   the tile's largest score and value exponent;
 * :class:`SoftmaxStage`: running max and sum, alpha, and p = 2^-x of each score
@@ -48,7 +49,7 @@ from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr
 from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_read, ereg_write, reg_read, unit_signature
 from .widths import address_bits, ceil_div, log2_exact
 
-__all__ = ["ATTN_COMMAND", "AttentionEngine", "Exp2Neg", "HeadFinish", "OutputStage", "ScoreStage", "SoftmaxStage",
+__all__ = ["ATTN_COMMAND", "AttentionEngine", "AttnDecoder", "Exp2Neg", "HeadFinish", "OutputStage", "ScoreStage", "SoftmaxStage",
            "ValueStage"]
 
 #: The engine's instruction word, read through the layout of KVAPPEND or of ATTN (both begin with the header).
@@ -587,6 +588,83 @@ class OutputStage(wiring.Component):
         return m
 
 
+class AttnDecoder(wiring.Component):
+    """The operand fields of the latched KVAPPEND or ATTN, and its set-up fault (combinational).
+
+    Parameters
+    ----------
+    config : OverlayConfig
+        Uses the KV-buffer geometry, ``kv_capacity``, ``act_buffer_words``, ``acc_buffer_words`` and ``port_bytes``.
+
+    Attributes
+    ----------
+    insn : In(ATTN_COMMAND)
+    reg : In(32)
+        The value of the register ``reg_addr`` names.
+    is_attn, is_kvappend : Out(1)
+    layer, head_dim, kv_heads : Out
+        Fields both instructions have (``kv_heads``: KVAPPEND's ``heads``).
+    reg_addr : Out(range(isa.NUM_REGS))
+        ATTN's length register or KVAPPEND's position register ...
+    pos_or_len : Out(signed(34))
+        ... plus the immediate.
+    ereg_addr0, ereg_addr1 : Out(range(isa.NUM_EREGS))
+        q (ATTN) or k (KVAPPEND) exponent, and v (KVAPPEND) exponent.
+    fault : Out(Fault)
+        Why the instruction cannot run (``NONE``: it runs); a fault here changes no state.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({
+            "insn": In(ATTN_COMMAND), "reg": In(32),
+            "is_attn": Out(1), "is_kvappend": Out(1),
+            "layer": Out(6), "head_dim": Out(11), "kv_heads": Out(HEAD_BITS),
+            "reg_addr": Out(range(isa.NUM_REGS)), "pos_or_len": Out(signed(34)),
+            "ereg_addr0": Out(range(isa.NUM_EREGS)), "ereg_addr1": Out(range(isa.NUM_EREGS)),
+            "fault": Out(Fault),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.config
+        lgAL = log2_exact(abuf_lanes(cfg))
+        kva, att = self.insn.kvappend, self.insn.attn
+        is_attn, layer, head_dim, kv_heads, pos_or_len = (self.is_attn, self.layer, self.head_dim, self.kv_heads,
+                                                          self.pos_or_len)
+        q_heads = att.q_heads
+        m.d.comb += [
+            is_attn.eq(att.opcode == isa.BY_NAME["ATTN"].code),
+            self.is_kvappend.eq(att.opcode == isa.BY_NAME["KVAPPEND"].code),
+            layer.eq(Mux(is_attn, att.layer, kva.layer)),
+            head_dim.eq(Mux(is_attn, att.head_dim, kva.head_dim)),
+            kv_heads.eq(Mux(is_attn, att.kv_heads, kva.heads)),
+            self.reg_addr.eq(Mux(is_attn, att.len_reg, kva.pos_reg)),
+            pos_or_len.eq(self.reg.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm)),
+            self.ereg_addr0.eq(Mux(is_attn, att.q_e, kva.k_e)),
+            self.ereg_addr1.eq(kva.v_e),
+        ]
+        span = Signal(ELEM_BITS)  # heads * head_dim
+        m.d.comb += span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim)
+        geometry_bad = ((layer >= cfg.max_layers) | (kv_heads == 0) | (kv_heads > cfg.max_kv_heads)
+                        | (head_dim > cfg.max_head_dim))
+        with m.If(self.is_kvappend):
+            m.d.comb += self.fault.eq(Mux(geometry_bad, Fault.SHAPE,
+                                      Mux((pos_or_len < 0) | (pos_or_len >= cfg.kv_capacity), Fault.KV_RANGE,
+                                      Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
+                                          Fault.OUT_OF_RANGE, Fault.NONE))))
+        with m.Elif(is_attn):
+            bad = geometry_bad | (q_heads == 0) | (head_dim == 0) | ((q_heads % kv_heads) != 0)
+            m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE,
+                                      Mux((pos_or_len < 1) | (pos_or_len > cfg.kv_capacity), Fault.KV_RANGE,
+                                      Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
+                                          | (att.stats + 2 * q_heads > cfg.acc_buffer_words), Fault.OUT_OF_RANGE,
+                                      Mux(att.dst[:lgAL] != 0 if lgAL else 0, Fault.UNALIGNED, Fault.NONE)))))
+        with m.Else():
+            m.d.comb += self.fault.eq(Fault.OPCODE)
+        return m
+
+
 class _Cursor:
     """Tile, position and chunk counters of one pass (scores, or values one tile behind)."""
 
@@ -684,35 +762,16 @@ class AttentionEngine(wiring.Component):
         # ---------------------------------------------------------------- instruction
         insn = Signal(ATTN_COMMAND)
         kva, att = insn.kvappend, insn.attn
-        is_attn = Signal()
-        is_kva = Signal()
-        m.d.comb += [is_attn.eq(att.opcode == isa.BY_NAME["ATTN"].code), is_kva.eq(att.opcode == isa.BY_NAME["KVAPPEND"].code)]
-
-        # operand fields, whichever instruction is latched
-        layer = Signal(6)
-        head_dim = Signal(11)
-        kv_heads = Signal(HEAD_BITS)
-        m.d.comb += [
-            layer.eq(Mux(is_attn, att.layer, kva.layer)),
-            head_dim.eq(Mux(is_attn, att.head_dim, kva.head_dim)),
-            kv_heads.eq(Mux(is_attn, att.kv_heads, kva.heads)),
-            self.reg_r.addr.eq(Mux(is_attn, att.len_reg, kva.pos_reg)),
-            self.ereg_r0.addr.eq(Mux(is_attn, att.q_e, kva.k_e)),
-            self.ereg_r1.addr.eq(kva.v_e),
-        ]
-        q_heads = att.q_heads
+        m.submodules.decoder = dec = AttnDecoder(cfg)
+        m.d.comb += [dec.insn.eq(insn), dec.reg.eq(self.reg_r.data), self.reg_r.addr.eq(dec.reg_addr),
+                     self.ereg_r0.addr.eq(dec.ereg_addr0), self.ereg_r1.addr.eq(dec.ereg_addr1)]
+        layer, head_dim, kv_heads, q_heads = dec.layer, dec.head_dim, dec.kv_heads, att.q_heads
         n_chunks = Signal(CHUNK_BITS)  # chunks of V lanes per head
         m.d.comb += n_chunks.eq((head_dim + V - 1) >> lgV)
-
-        # decode-time values
-        reg_plus_imm = Signal(signed(34))  # KVAPPEND position / ATTN length
-        m.d.comb += reg_plus_imm.eq(self.reg_r.data.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm))
-        pos_or_len = Signal(signed(34))
+        pos_or_len = Signal(signed(34))  # KVAPPEND position / ATTN length
         e_a = Signal(EXP_SHAPE)  # q exponent (ATTN) or k exponent (KVAPPEND)
         e_b = Signal(EXP_SHAPE)  # v exponent (KVAPPEND)
         group = Signal(HEAD_BITS)  # query heads per KV head
-        span = Signal(ELEM_BITS)  # heads * head_dim
-        m.d.comb += span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim)
 
         # loop state
         head = Signal(HEAD_BITS)  # query head (ATTN) or KV head (KVAPPEND)
@@ -772,7 +831,6 @@ class AttentionEngine(wiring.Component):
         m.d.comb += [n_words.eq((q_heads * head_dim + V - 1) >> lgV), out.read.payload.word.eq(word)]
 
         # ---------------------------------------------------------------- control
-        err = Signal(Fault)
         fault = Signal(Fault)
 
         def finish(code=Fault.NONE):
@@ -812,37 +870,21 @@ class AttentionEngine(wiring.Component):
                     m.next = "DECODE"
 
             with m.State("DECODE"):
-                m.d.sync += [pos_or_len.eq(reg_plus_imm), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
+                m.d.sync += [pos_or_len.eq(dec.pos_or_len), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
                              head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
                              sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0)]
-                geometry_bad = ((layer >= cfg.max_layers) | (kv_heads == 0) | (kv_heads > cfg.max_kv_heads)
-                                | (head_dim > cfg.max_head_dim))
-                with m.If(is_kva):
+                with m.If(dec.is_kvappend):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
-                    m.d.comb += err.eq(Mux(geometry_bad, Fault.SHAPE,
-                                       Mux((reg_plus_imm < 0) | (reg_plus_imm >= cfg.kv_capacity), Fault.KV_RANGE,
-                                       Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
-                                           Fault.OUT_OF_RANGE, Fault.NONE))))
-                    with m.If(err != Fault.NONE):
-                        finish(err)
-                    with m.Else():
-                        m.next = "KVA_RUN"
-                with m.Elif(is_attn):
-                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), group.eq(q_heads // kv_heads)]
-                    bad = geometry_bad | (q_heads == 0) | (head_dim == 0) | ((q_heads % kv_heads) != 0)
-                    m.d.comb += err.eq(Mux(bad, Fault.SHAPE,
-                                       Mux((reg_plus_imm < 1) | (reg_plus_imm > cfg.kv_capacity), Fault.KV_RANGE,
-                                       Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
-                                           | (att.stats + 2 * q_heads > cfg.acc_buffer_words), Fault.OUT_OF_RANGE,
-                                       Mux(att.dst[:lgAL] != 0 if lgAL else 0, Fault.UNALIGNED, Fault.NONE)))))
+                with m.Elif(dec.is_attn):
+                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), group.eq(q_heads // kv_heads),
+                                 *pv.reset(), sc.bank.eq(0)]
                     m.d.comb += value.clear.eq(1)
-                    m.d.sync += pv.reset() + [sc.bank.eq(0)]
-                    with m.If(err != Fault.NONE):
-                        finish(err)
-                    with m.Else():
-                        m.next = "A_SCORE"
+                with m.If(dec.fault != Fault.NONE):
+                    finish(dec.fault)
+                with m.Elif(dec.is_kvappend):
+                    m.next = "KVA_RUN"
                 with m.Else():
-                    finish(Fault.OPCODE)
+                    m.next = "A_SCORE"
 
             # ---- KVAPPEND: K pass then V pass, one chunk of V lanes per cycle
             with m.State("KVA_RUN"):
