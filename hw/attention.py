@@ -582,7 +582,8 @@ class OutputStage(wiring.Component):
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
         m.d.comb += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
-            self.abuf_w.data.eq(norm.mant.as_value() << (out_lane * 16)),
+            # every word slot carries the mantissas and the lane enables pick the slot: no shifter
+            self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // V)),
             self.abuf_w.en.eq(Mux(valid1 & r1.write, norm.valid << out_lane, 0)),
         ]
         return m

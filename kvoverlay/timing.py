@@ -16,8 +16,8 @@ __all__ = ["DISPATCH_CYCLES", "DONE_LATENCY", "instr_cycles", "unit_cycles"]
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
 DISPATCH_CYCLES = 1
-#: The vector unit pulses ``done`` in the cycle after its last busy cycle (its
-#: formula counts ``busy``); the queue stays busy until it sees ``done``.
+#: The vector unit and the attention engine pulse ``done`` in the cycle after their last busy cycle (their
+#: formulas count ``busy``); the queue stays busy until it sees ``done``.
 DONE_LATENCY = 1
 
 # ---------------------------------------------------------------- memory units
