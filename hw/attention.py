@@ -36,6 +36,9 @@ accumulator, product or output that int64 has already wrapped.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
@@ -50,7 +53,7 @@ from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_rea
 from .widths import address_bits, ceil_div, log2_exact
 
 __all__ = ["ATTN_COMMAND", "AttentionEngine", "AttnDecoder", "Exp2Neg", "HeadFinish", "OutputStage", "ScoreStage", "SoftmaxStage",
-           "ValueStage"]
+           "ValueStage", "scratch_write"]
 
 #: The engine's instruction word, read through the layout of KVAPPEND or of ATTN (both begin with the header).
 ATTN_COMMAND = data.UnionLayout({"kvappend": LAYOUTS["KVAPPEND"], "attn": LAYOUTS["ATTN"]})
@@ -80,20 +83,14 @@ def _wrap(v):
 
 def _round_shift(m, x, s, name, *, left=True):
     """numerics.round_shift of an int64: right shifts clamped at 63 and left shifts at 62 as numerics clips them,
-    the result wrapped to 64 bits. *left* False: the caller proves ``s >= 0``."""
+    the result wrapped to 64 bits (the rounding add itself does not wrap; see the module docstring). *left* False:
+    the caller proves ``s >= 0``."""
     return _wrap(round_shift_expr(m, x, s, W - 1, W - 2 if left else 0, name))
 
 
 def _first_or_max(first, new, old):
     """The running maximum: *new* on the first sample or when larger, else *old*."""
     return Mux(first | (new > old), new, old)
-
-
-def _or_all(values):
-    out = values[0]
-    for v in values[1:]:
-        out = out | v
-    return out
 
 
 def _lanes(config):
@@ -443,7 +440,7 @@ class HeadFinish(wiring.Component):
         for i in range(chunks * V):
             x = self.acc[i]
             magnitudes.append(Mux(x < 0, -x, x)[:W])
-        m.d.comb += acc_or.eq(_or_all(magnitudes))
+        m.d.comb += acc_or.eq(functools.reduce(operator.or_, magnitudes))
         acc_bits = bit_length(m, acc_or, "acc_bits")
         head_shift = Signal(range(W + 1))
         head_exp = Signal(EXP_WIDE)
