@@ -93,6 +93,17 @@ def _first_or_max(first, new, old):
     return Mux(first | (new > old), new, old)
 
 
+def _issued(m, chunk):
+    """The first register stage of a stage: whether *chunk* (an always-ready stream) transferred in the last cycle,
+    and its payload, held until the next transfer."""
+    valid = Signal(name="issued")
+    payload = Signal(chunk.payload.shape(), name="issued_payload")
+    m.d.sync += valid.eq(chunk.valid)
+    with m.If(chunk.valid):
+        m.d.sync += payload.eq(chunk.payload)
+    return valid, payload
+
+
 def _lanes(config):
     return data.ArrayLayout(signed(16), config.vector_lanes)
 
@@ -201,11 +212,7 @@ class ScoreStage(wiring.Component):
         m = Module()
         V, T = self.config.vector_lanes, self.config.attn_tile
         # stage 1: products and the running dot product
-        valid1 = Signal()
-        c1 = Signal(self.chunk_layout(self.config))
-        m.d.sync += valid1.eq(self.chunk.valid)
-        with m.If(self.chunk.valid):
-            m.d.sync += c1.eq(self.chunk.payload)
+        valid1, c1 = _issued(m, self.chunk)
         m.d.comb += self.pending.eq(valid1)
         products = []
         for i in range(V):
@@ -353,11 +360,7 @@ class ValueStage(wiring.Component):
         m = Module()
         V = self.config.vector_lanes
         chunks = kv_geometry(self.config)["row_chunks"]
-        valid1 = Signal()
-        c1 = Signal(self.chunk_layout(self.config))
-        m.d.sync += valid1.eq(self.chunk.valid)
-        with m.If(self.chunk.valid):
-            m.d.sync += c1.eq(self.chunk.payload)
+        valid1, c1 = _issued(m, self.chunk)
         m.d.comb += [self.score_pos.eq(c1.pos), self.score_bank.eq(c1.bank), self.add_p.eq(valid1 & c1.first)]
         words = Array(Signal(W * V, name=f"acc_word{i}") for i in range(chunks))
         m.d.comb += self.acc.eq(Cat(words))
@@ -561,11 +564,7 @@ class OutputStage(wiring.Component):
         scr_r = scratch.read_port()
         m.d.comb += [scr_w.addr.eq(self.scratch.addr), scr_w.data.eq(self.scratch.data), scr_w.en.eq(self.scratch.en),
                      scr_r.addr.eq(self.read.payload.word)]
-        valid1 = Signal()
-        r1 = Signal(self.READ_LAYOUT)
-        m.d.sync += valid1.eq(self.read.valid)
-        with m.If(self.read.valid):
-            m.d.sync += r1.eq(self.read.payload)
+        valid1, r1 = _issued(m, self.read)
         m.submodules.normalizer = norm = Normalizer(W, V)
         lanes = data.ArrayLayout(SCRATCH_LANE, V)(scr_r.data)
         for i in range(V):
