@@ -9,14 +9,14 @@ until every queue has drained, then pulses ``done``.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 
-from .attention import AttentionEngine, AttnError
+from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
 from .frontend import Frontend
 from .gemv_unit import GemvUnit
@@ -29,19 +29,11 @@ from .ports import (
     QUEUE_ENTRY,
     Fault,
     abuf_lanes,
-    abuf_read,
-    abuf_write,
-    acc_write,
-    ereg_read,
-    ereg_write,
-    reg_read,
-    reg_write,
-    unit_signature,
 )
 from .req_unit import ReqUnit
 from .state import OnChipState, host_signature, ports_of
 from .store_unit import StoreUnit
-from .vector_unit import VecError, VectorUnit
+from .vector_unit import VectorUnit
 
 __all__ = ["COUNTERS", "DRAM_PRIORITY", "ERRORS", "QUEUE_DEPTH", "STALL_UNITS", "UNITS", "Overlay"]
 
@@ -73,72 +65,6 @@ DRAM_PRIORITY = ("store", "load", "compute")
 #: Entries of each command queue.
 QUEUE_DEPTH = 4
 TOKEN_BITS = 8
-
-
-class _FlatUnit(wiring.Component):
-    """Adapter for a unit whose command and ports are still flat members (start/insn/busy/done/error/error_code
-    and loose address/data signals): presents it with :func:`hw.ports.unit_signature`.
-
-    *ports* maps a member name to its signature and the flat signals of each of its members; *faults* maps the
-    unit's own error codes to :class:`Fault`. Its ``done`` pulses after its busy window, so the adapter's
-    ``busy`` includes that cycle.
-    """
-
-    def __init__(self, unit, faults, ports):
-        self.unit, self.faults, self.flat = unit, faults, ports
-        super().__init__(unit_signature(unsigned(isa.INSN_BITS), **{n: Out(sig) for n, (sig, _) in ports.items()}))
-
-    def elaborate(self, platform):
-        m = Module()
-        u = self.unit
-        m.submodules.unit = u
-        m.d.comb += [u.insn.eq(self.cmd.payload), u.start.eq(self.cmd.valid & self.cmd.ready),
-                     self.cmd.ready.eq(~u.busy), self.busy.eq(u.busy | u.done), self.done.valid.eq(u.done)]
-        with m.Switch(u.error_code):
-            for own, fault in self.faults.items():
-                with m.Case(own):
-                    m.d.comb += self.done.payload.eq(Mux(u.error, fault, Fault.NONE))
-        for name, (sig, signals) in self.flat.items():
-            port = getattr(self, name)
-            for member, flow in ((k, v.flow) for k, v in sig.members.items()):
-                if member not in signals:  # a read enable the unit does not have: always reading
-                    m.d.comb += getattr(port, member).eq(1)
-                elif flow == Out:
-                    m.d.comb += getattr(port, member).eq(signals[member])
-                else:
-                    m.d.comb += signals[member].eq(getattr(port, member))
-        return m
-
-
-def _vector_adapter(cfg, v):
-    return _FlatUnit(v, {VecError.OPCODE: Fault.OPCODE, VecError.ALIGN: Fault.UNALIGNED,
-                         VecError.BOUNDS: Fault.OUT_OF_RANGE, VecError.SHAPE: Fault.SHAPE,
-                         VecError.EXP_OVERFLOW: Fault.OVERFLOW}, {
-        "abuf_r_a": (abuf_read(cfg), {"addr": v.abuf_rd_a_addr, "data": v.abuf_rd_a_data}),
-        "abuf_r_b": (abuf_read(cfg), {"addr": v.abuf_rd_b_addr, "data": v.abuf_rd_b_data}),
-        "abuf_w": (abuf_write(cfg), {"addr": v.abuf_wr_addr, "data": v.abuf_wr_data, "en": v.abuf_wr_en}),
-        "ereg_ra": (ereg_read(), {"addr": v.ereg_rd_a_addr, "data": v.ereg_rd_a_data}),
-        "ereg_rb": (ereg_read(), {"addr": v.ereg_rd_b_addr, "data": v.ereg_rd_b_data}),
-        "ereg_rc": (ereg_read(), {"addr": v.ereg_rd_c_addr, "data": v.ereg_rd_c_data}),
-        "ereg_w": (ereg_write(), {"addr": v.ereg_wr_addr, "data": v.ereg_wr_data, "en": v.ereg_wr_en}),
-        "reg_w": (reg_write(), {"addr": v.reg_wr_addr, "data": v.reg_wr_data, "en": v.reg_wr_en}),
-    })
-
-
-def _attention_adapter(cfg, a):
-    return _FlatUnit(a, {AttnError.OPCODE: Fault.OPCODE, AttnError.GEOMETRY: Fault.SHAPE,
-                         AttnError.KV_RANGE: Fault.KV_RANGE, AttnError.SPAN: Fault.OUT_OF_RANGE,
-                         AttnError.ALIGN: Fault.UNALIGNED, AttnError.OVERFLOW: Fault.OVERFLOW,
-                         AttnError.DIVIDE: Fault.DIVIDE}, {
-        "abuf_r_0": (abuf_read(cfg), {"addr": a.abuf_raddr0, "data": a.abuf_rdata0}),
-        "abuf_r_1": (abuf_read(cfg), {"addr": a.abuf_raddr1, "data": a.abuf_rdata1}),
-        "abuf_w": (abuf_write(cfg), {"addr": a.abuf_waddr, "data": a.abuf_wdata, "en": a.abuf_wmask}),
-        "acc_w": (acc_write(cfg), {"addr": a.acc_waddr, "data": a.acc_wdata, "en": a.acc_we}),
-        "ereg_r0": (ereg_read(), {"addr": a.ereg_raddr0, "data": a.ereg_rdata0}),
-        "ereg_r1": (ereg_read(), {"addr": a.ereg_raddr1, "data": a.ereg_rdata1}),
-        "ereg_w": (ereg_write(), {"addr": a.ereg_waddr, "data": a.ereg_wdata, "en": a.ereg_we}),
-        "reg_r": (reg_read(), {"addr": a.reg_raddr, "data": a.reg_rdata}),
-    })
 
 
 class Overlay(wiring.Component):
@@ -201,14 +127,13 @@ class Overlay(wiring.Component):
 
         # ------------------------------------------------------------ units
         m.submodules.frontend = fe = Frontend(cfg)
-        vec, attn = VectorUnit(cfg), AttentionEngine(cfg)
         units = {"load": LoadUnit(cfg), "ldrow": LdrowUnit(cfg), "gemv": GemvUnit(cfg), "req": ReqUnit(cfg),
-                 "store": StoreUnit(cfg), "vector": _vector_adapter(cfg, vec), "attention": _attention_adapter(cfg, attn)}
+                 "store": StoreUnit(cfg), "vector": VectorUnit(cfg), "attention": AttentionEngine(cfg)}
         for name, unit in units.items():
             m.submodules[f"{name}_unit"] = unit
         # the KV buffer persists across runs: a decode session appends one token per run
         m.submodules.kv_buffer = kvbuf = KvBuffer(cfg)
-        wiring.connect(m, attn.kv, kvbuf.port)
+        wiring.connect(m, units["attention"].kv, kvbuf.port)
         m.d.comb += [self.insn_addr.eq(fe.insn_addr), fe.insn_data.eq(self.insn_data), fe.prog_base.eq(self.prog_base)]
 
         # ------------------------------------------------------------ on-chip state
