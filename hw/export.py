@@ -13,8 +13,9 @@ __all__ = ["AMARANTH_IDIOMS", "EXPORT_TOP", "export_verilog", "export_verilog_ma
 #: Verilog module name of the exported overlay (differs from every port name).
 EXPORT_TOP = "kvo_overlay"
 #: Warning classes that Amaranth's Verilog back end produces by construction (implicit width changes, casez
-#: priority chains for If/Elif); everything else counts against "clean".
-AMARANTH_IDIOMS = ("WIDTHEXPAND", "WIDTHTRUNC", "CASEINCOMPLETE", "CASEOVERLAP")
+#: priority chains for If/Elif, ``always @*`` blocks that only assign a constant to part of a signal);
+#: everything else counts against "clean".
+AMARANTH_IDIOMS = ("WIDTHEXPAND", "WIDTHTRUNC", "CASEINCOMPLETE", "CASEOVERLAP", "ALWNEVER")
 
 
 def top_ports(component) -> dict:

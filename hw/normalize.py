@@ -59,11 +59,11 @@ def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str, *
     vw = len(value)
     out = Signal(signed(vw + lcap if wrap is None else wrap), name=name)
     rs = Signal(range(rcap + 1), name=f"{name}_rs")
-    ls = Signal(range(lcap + 1), name=f"{name}_ls")
-    m.d.comb += [
-        rs.eq(Mux(shift > rcap, rcap, Mux(shift > 0, shift, 0))),
-        ls.eq(Mux(shift < -lcap, lcap, Mux(shift < 0, -shift, 0))),
-    ]
+    m.d.comb += rs.eq(Mux(shift > rcap, rcap, Mux(shift > 0, shift, 0)))
+    ls = 0  # lcap == 0: no left shift, and no zero-width signal or always-false compare in the Verilog
+    if lcap:
+        ls = Signal(range(lcap + 1), name=f"{name}_ls")
+        m.d.comb += ls.eq(Mux(shift < -lcap, lcap, Mux(shift < 0, -shift, 0)))
     biased = Signal(signed(max(vw, rcap) + 2 if wrap is None else wrap), name=f"{name}_biased")
     # 2**(rs-1) for rs >= 1, 0 for rs == 0, without a signed shift amount
     m.d.comb += biased.eq(value + ((Const(1, unsigned(rcap + 1)) << rs) >> 1))
