@@ -1,4 +1,9 @@
-"""Restoring divider, ``bits_per_cycle`` quotient bits per cycle, as :func:`kvoverlay.numerics.rsqrt` and NORM require."""
+"""Restoring divider, ``bits_per_cycle`` quotient bits per cycle, as :func:`kvoverlay.numerics.rsqrt` and NORM require.
+
+The divider and the square root (:mod:`hw.isqrt`) are the same digit recurrence: each step shifts the next digits
+of the operand into a partial remainder, subtracts a trial value unless that goes negative, and appends the
+result bit. :func:`restoring_step` is one step and :func:`run_steps` the start/busy/done sequencing around them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,38 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["Divider"]
+__all__ = ["Divider", "restoring_step", "run_steps"]
+
+
+def restoring_step(m: Module, cand, subtrahend, rem_width: int, result, name: str):
+    """One restoring step: the remainder is ``cand - subtrahend`` unless that is negative (then ``cand``), and the
+    result gains a 1 bit where the subtraction was kept. Returns the next (remainder, result) signals."""
+    trial = Signal(len(cand) + 1, name=f"trial{name}")
+    m.d.comb += trial.eq(cand - subtrahend)
+    restore = trial[-1]
+    rem = Signal(rem_width, name=f"rem_step{name}")
+    res = Signal(len(result), name=f"result_step{name}")
+    m.d.comb += [rem.eq(Mux(restore, cand, trial)), res.eq(result << 1 | ~restore)]
+    return rem, res
+
+
+def run_steps(m: Module, unit, count, load, cycles, advance, *, empty=None):
+    """Sequencing of a multi-cycle recurrence on *unit*'s ``start``, ``busy`` and ``done``.
+
+    ``start`` runs the statements *load* and sets *count* to *cycles*; each following cycle runs *advance*, until
+    ``done`` pulses in the cycle after the last. With *empty* true at ``start`` there is nothing to do: ``done``
+    pulses in the next cycle.
+    """
+    m.d.sync += unit.done.eq(0)
+    with m.If(unit.start):
+        m.d.sync += [*load, count.eq(cycles), unit.busy.eq(1)]
+        if empty is not None:
+            with m.If(empty):
+                m.d.sync += [unit.busy.eq(0), unit.done.eq(1)]
+    with m.Elif(unit.busy):
+        m.d.sync += [*advance, count.eq(count - 1)]
+        with m.If(count == 1):
+            m.d.sync += [unit.busy.eq(0), unit.done.eq(1)]
 
 
 class Divider(wiring.Component):
@@ -79,23 +115,9 @@ class Divider(wiring.Component):
         r, q = rem, quo
         for i in range(k):
             cand = Signal(self.den_width + 2, name=f"cand{i}")
-            trial = Signal(self.den_width + 2, name=f"trial{i}")
-            m.d.comb += [cand.eq(r << 1 | dividend[width - 1 - i]), trial.eq(cand - den)]
-            keep = trial[-1]  # negative: restore
-            r_next = Signal(self.den_width + 1, name=f"rem_step{i}")
-            q_next = Signal(self.num_width, name=f"quo_step{i}")
-            m.d.comb += [r_next.eq(Mux(keep, cand, trial)), q_next.eq(q << 1 | ~keep)]
-            r, q = r_next, q_next
-        m.d.sync += self.done.eq(0)
-        with m.If(self.start):
-            m.d.sync += [
-                dividend.eq(self.numerator << align),
-                den.eq(self.denominator), rem.eq(0), quo.eq(0), count.eq(padded // k), self.busy.eq(1),
-            ]
-            with m.If(self.bits == 0):
-                m.d.sync += [self.busy.eq(0), self.done.eq(1)]
-        with m.Elif(self.busy):
-            m.d.sync += [dividend.eq(dividend << k), count.eq(count - 1), rem.eq(r), quo.eq(q)]
-            with m.If(count == 1):
-                m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+            m.d.comb += cand.eq(r << 1 | dividend[width - 1 - i])
+            r, q = restoring_step(m, cand, den, self.den_width + 1, q, str(i))
+        run_steps(m, self, count,
+                  [dividend.eq(self.numerator << align), den.eq(self.denominator), rem.eq(0), quo.eq(0)], padded // k,
+                  [dividend.eq(dividend << k), rem.eq(r), quo.eq(q)], empty=self.bits == 0)
         return m

@@ -1,11 +1,10 @@
 """External-memory burst port: its signature, the arbiter between the units that use it, the sim memory model.
 
-A port is ``config.port_bits`` wide, one beat per cycle. A master raises ``req_valid`` with a word address
-(``addr // port_bytes``), a burst length in beats and ``req_write``; the request is taken in a cycle where
-``req_ready`` is high. A read then delivers ``len`` beats on ``rd_valid``/``rd_data`` (no back-pressure: a reader
-must take one beat per cycle); a write hands over ``len`` beats on ``wr_valid``/``wr_data``/``wr_strb`` (byte
-strobes), each taken in a cycle where ``wr_ready`` is high. The memory serves one burst at a time, so the
-arbiter only has to remember which master owns the burst in flight.
+A port is ``config.port_bits`` wide, one beat per cycle, and made of three :mod:`amaranth.lib.stream` streams. A
+master sends a :data:`burst request <dram_request>` on ``req`` (a word address ``addr // port_bytes``, a length
+in beats and the direction). A read then delivers ``len`` beats on ``rd`` (always ready: a reader takes one beat
+per cycle); a write hands over ``len`` beats of data and byte strobes on ``wr``. The memory serves one burst at a
+time, so the arbiter only has to remember which master owns the burst in flight.
 """
 
 from __future__ import annotations
@@ -13,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from amaranth.hdl import ClockSignal, Instance, Module, ResetSignal, Signal
-from amaranth.lib import wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["DRAM_MODEL_SOURCE", "DRAM_READ_LATENCY", "DramArbiter", "DramModel", "dram_addr_bits", "dram_port"]
+__all__ = ["DRAM_MODEL_SOURCE", "DRAM_READ_LATENCY", "DramArbiter", "DramModel", "dram_addr_bits", "dram_port",
+           "dram_request", "request_burst"]
 
 #: The hand-written, simulation-only memory model (Verilog), instantiated by :class:`DramModel`.
 DRAM_MODEL_SOURCE = Path(__file__).with_name("dram_model.v")
@@ -29,22 +29,32 @@ def dram_addr_bits(config) -> int:
     return (config.dram_bytes // config.port_bytes - 1).bit_length()
 
 
+def dram_request(config) -> data.StructLayout:
+    """A burst request: first port word, length in beats, direction."""
+    aw = dram_addr_bits(config)
+    return data.StructLayout({"addr": aw, "len": aw + 1, "write": 1})
+
+
 def dram_port(config) -> wiring.Signature:
     """Signature of a burst port, as seen by a master (the unit that issues requests)."""
-    aw = dram_addr_bits(config)
     return wiring.Signature({
-        "req_valid": Out(1),
-        "req_ready": In(1),
-        "req_write": Out(1),
-        "req_addr": Out(aw),
-        "req_len": Out(aw + 1),
-        "rd_valid": In(1),
-        "rd_data": In(config.port_bits),
-        "wr_valid": Out(1),
-        "wr_ready": In(1),
-        "wr_data": Out(config.port_bits),
-        "wr_strb": Out(config.port_bytes),
+        "req": Out(stream.Signature(dram_request(config))),
+        "rd": In(stream.Signature(config.port_bits, always_ready=True)),
+        "wr": Out(stream.Signature(data.StructLayout({"data": config.port_bits, "strb": config.port_bytes}))),
     })
+
+
+def request_burst(m, port, word_addr, beats, *, write=False, wait=None):
+    """Offer a burst request on *port* (in the FSM state or condition the caller is in); returns whether the
+    memory takes it this cycle.
+
+    *wait*, where given, is driven high while the request waits for the memory (the queue's port-stall counter).
+    """
+    m.d.comb += [port.req.valid.eq(1), port.req.payload.write.eq(write), port.req.payload.len.eq(beats),
+                 port.req.payload.addr.eq(word_addr)]
+    if wait is not None:
+        m.d.comb += wait.eq(~port.req.ready)
+    return port.req.ready
 
 
 class DramArbiter(wiring.Component):
@@ -79,23 +89,22 @@ class DramArbiter(wiring.Component):
         # The memory accepts a request only while idle, so choosing among masters combinationally is enough.
         granted = Signal(range(len(masters)), name="grant_index")
         for i in reversed(range(len(masters))):
-            with m.If(masters[i].req_valid):
+            with m.If(masters[i].req.valid):
                 m.d.comb += granted.eq(i)
         with m.Switch(granted):
             for i, p in enumerate(masters):
                 with m.Case(i):
-                    m.d.comb += [mem.req_valid.eq(p.req_valid), mem.req_write.eq(p.req_write),
-                                 mem.req_addr.eq(p.req_addr), mem.req_len.eq(p.req_len),
-                                 p.req_ready.eq(mem.req_ready)]
-        with m.If(mem.req_valid & mem.req_ready):
+                    m.d.comb += [mem.req.valid.eq(p.req.valid), mem.req.payload.eq(p.req.payload),
+                                 p.req.ready.eq(mem.req.ready)]
+        with m.If(mem.req.valid & mem.req.ready):
             m.d.sync += self.owner.eq(granted)
         with m.Switch(self.owner):
             for i, p in enumerate(masters):
                 with m.Case(i):
-                    m.d.comb += [mem.wr_valid.eq(p.wr_valid), mem.wr_data.eq(p.wr_data), mem.wr_strb.eq(p.wr_strb),
-                                 p.wr_ready.eq(mem.wr_ready), p.rd_valid.eq(mem.rd_valid)]
+                    m.d.comb += [mem.wr.valid.eq(p.wr.valid), mem.wr.payload.eq(p.wr.payload),
+                                 p.wr.ready.eq(mem.wr.ready), p.rd.valid.eq(mem.rd.valid)]
         for p in masters:
-            m.d.comb += p.rd_data.eq(mem.rd_data)
+            m.d.comb += p.rd.payload.eq(mem.rd.payload)
         return m
 
 
@@ -141,10 +150,10 @@ class DramModel(wiring.Component):
             p_WORD_BITS=cfg.port_bits, p_ADDR_BITS=aw, p_LEN_BITS=aw + 1,
             p_INSN_ADDR_BITS=len(self.insn_addr), p_READ_LATENCY=DRAM_READ_LATENCY,
             i_clk=ClockSignal("sync"), i_rst=ResetSignal("sync"),
-            i_req_valid=p.req_valid, o_req_ready=p.req_ready, i_req_write=p.req_write,
-            i_req_addr=p.req_addr, i_req_len=p.req_len,
-            o_rd_valid=p.rd_valid, o_rd_data=p.rd_data,
-            i_wr_valid=p.wr_valid, o_wr_ready=p.wr_ready, i_wr_data=p.wr_data, i_wr_strb=p.wr_strb,
+            i_req_valid=p.req.valid, o_req_ready=p.req.ready, i_req_write=p.req.payload.write,
+            i_req_addr=p.req.payload.addr, i_req_len=p.req.payload.len,
+            o_rd_valid=p.rd.valid, o_rd_data=p.rd.payload,
+            i_wr_valid=p.wr.valid, o_wr_ready=p.wr.ready, i_wr_data=p.wr.payload.data, i_wr_strb=p.wr.payload.strb,
             i_insn_addr=self.insn_addr, o_insn_data=self.insn_data,
             i_dump=self.dump, i_dump_words=self.dump_words,
             i_host_rd_addr=self.host_rd_addr, o_host_rd_data=self.host_rd_data,

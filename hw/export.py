@@ -8,13 +8,30 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["AMARANTH_IDIOMS", "EXPORT_TOP", "export_verilog", "export_verilog_main", "lint"]
+__all__ = ["AMARANTH_IDIOMS", "EXPORT_TOP", "export_verilog", "export_verilog_main", "lint", "top_ports"]
 
 #: Verilog module name of the exported overlay (differs from every port name).
 EXPORT_TOP = "kvo_overlay"
 #: Warning classes that Amaranth's Verilog back end produces by construction (implicit width changes, casez
-#: priority chains for If/Elif); everything else counts against "clean".
-AMARANTH_IDIOMS = ("WIDTHEXPAND", "WIDTHTRUNC", "CASEINCOMPLETE", "CASEOVERLAP")
+#: priority chains for If/Elif, ``always @*`` blocks that only assign a constant to part of a signal);
+#: everything else counts against "clean".
+AMARANTH_IDIOMS = ("WIDTHEXPAND", "WIDTHTRUNC", "CASEINCOMPLETE", "CASEOVERLAP", "ALWNEVER")
+
+
+def top_ports(component) -> dict:
+    """The ports of *component* as a top-level module: its signature's members, named by path, less the
+    constants (the ``ready`` of an always-ready stream such as the memory port's read data) that Amaranth cannot
+    make ports of."""
+    from amaranth.hdl import Const, Value, ValueCastable
+    from amaranth.hdl._ir import PortDirection
+    from amaranth.lib.wiring import In
+
+    ports = {}
+    for path, member, value in component.signature.flatten(component):
+        value = value.as_value() if isinstance(value, ValueCastable) else Value.cast(value)
+        if not isinstance(value, Const):
+            ports["__".join(map(str, path))] = (value, PortDirection.Input if member.flow == In else PortDirection.Output)
+    return ports
 
 
 def export_verilog(config, out_dir: Path) -> Path:
@@ -25,7 +42,8 @@ def export_verilog(config, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{EXPORT_TOP}.v"
-    path.write_text(verilog.convert(Overlay(config), name=EXPORT_TOP))
+    overlay = Overlay(config)
+    path.write_text(verilog.convert(overlay, name=EXPORT_TOP, ports=top_ports(overlay)))
     return path
 
 

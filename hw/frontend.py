@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 from amaranth.hdl import Module, Signal
-from amaranth.lib import wiring
+from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
+from .ports import QUEUE_ENTRY
 
-__all__ = ["ILLEGAL_REASONS", "QUEUE_ENTRY_BITS", "Frontend"]
+__all__ = ["ILLEGAL_REASONS", "Frontend"]
 
 #: ``error_reason`` codes of an illegal instruction (index = code).
 ILLEGAL_REASONS = ("none", "reserved_opcode", "reserved_bits", "reserved_enum", "reserved_flag")
-#: A queue entry: the instruction word, then its program counter (32 bits).
-QUEUE_ENTRY_BITS = isa.INSN_BITS + 32
-
-
-def _queue_entry():
-    return wiring.Signature({"w_en": Out(1), "w_data": Out(QUEUE_ENTRY_BITS), "w_rdy": In(1)})
 
 
 class Frontend(wiring.Component):
@@ -35,6 +30,7 @@ class Frontend(wiring.Component):
     Parameters
     ----------
     config : OverlayConfig
+        Its ``dram_bytes`` sizes the instruction address.
 
     Attributes
     ----------
@@ -45,8 +41,8 @@ class Frontend(wiring.Component):
     prog_base : In
     insn_addr, insn_data : Out, In(128)
         Instruction port.
-    load, compute, store : Out(queue entry)
-        Write sides of the command queues.
+    load, compute, store : Out(stream.Signature(QUEUE_ENTRY))
+        Dispatch to the command queues: the instruction and its pc.
     pc : Out(32)
         The instruction being fetched or dispatched.
     busy, end_seen, error : Out(1)
@@ -61,8 +57,8 @@ class Frontend(wiring.Component):
         super().__init__({
             "start": In(1), "halt": In(1), "prog_base": In(iaw),
             "insn_addr": Out(iaw), "insn_data": In(isa.INSN_BITS),
-            **{q: Out(_queue_entry()) for q in isa.QUEUES},
-            "pc": Out(32), "busy": Out(1), "fetch": Out(1), "end_seen": Out(1), "error": Out(1),
+            **{q: Out(stream.Signature(QUEUE_ENTRY)) for q in isa.QUEUES},
+            "pc": Out(QUEUE_ENTRY.members["pc"]), "busy": Out(1), "fetch": Out(1), "end_seen": Out(1), "error": Out(1),
             "error_reason": Out(range(len(ILLEGAL_REASONS))),
         })
 
@@ -104,8 +100,8 @@ class Frontend(wiring.Component):
                 m.d.comb += reason.eq(ILLEGAL_REASONS.index("reserved_opcode"))
 
         queues = [getattr(self, q) for q in isa.QUEUES]
-        for i, q in enumerate(queues):
-            m.d.comb += q.w_data.eq(word | (self.pc << isa.INSN_BITS))
+        for q in queues:
+            m.d.comb += [q.payload.insn.eq(word), q.payload.pc.eq(self.pc)]
         with m.FSM(name="frontend_fsm"):
             with m.State("IDLE"), m.If(self.start):
                 m.d.sync += [self.pc.eq(0), self.end_seen.eq(0), self.error.eq(0), self.error_reason.eq(0)]
@@ -128,8 +124,8 @@ class Frontend(wiring.Component):
                 with m.Else(), m.Switch(target):
                     for i, q in enumerate(queues):
                         with m.Case(i):
-                            m.d.comb += q.w_en.eq(1)
-                            with m.If(q.w_rdy):
+                            m.d.comb += q.valid.eq(1)
+                            with m.If(q.ready):
                                 m.d.sync += self.pc.eq(self.pc + 1)
                                 m.next = "FETCH"
         return m

@@ -1,24 +1,35 @@
 """GEMV engine: streams packed weight rows at the port rate, bit-exact with :func:`kvoverlay.numerics.gemv_acc`.
 
-Weight formats ``int4``, ``int8`` and ``w16`` are selected at run time by the ``fmt``
-input (codes of ``kvoverlay.isa.ENUMS["fmt"]``: 0 = int4, 1 = int8, 2 = w16).
+Weight formats ``int4``, ``int8`` and ``w16`` are selected at run time by the tile's ``fmt``
+(codes of ``kvoverlay.isa.ENUMS["fmt"]``). The multiplier array is as wide as one port word of
+weights (``config.macs_per_cycle`` int8 lanes), so the engine keeps up with the port.
 """
 
 from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["FMT_CODES", "GemvEngine"]
+from kvoverlay import isa
+from kvoverlay import numerics as nx
 
-#: ``fmt`` input codes, as in ``kvoverlay.isa.ENUMS["fmt"]``.
-FMT_CODES = {"int4": 0, "int8": 1, "w16": 2}
+from .widths import log2_exact
 
-def _log2(n: int) -> int:
-    assert n > 0 and n & (n - 1) == 0, n
-    return n.bit_length() - 1
+__all__ = ["FMT_CODES", "GemvEngine", "gemv_tile"]
+
+#: ``fmt`` codes, as in ``kvoverlay.isa.ENUMS["fmt"]``; the engine relies on ``code = log2(bits) - 2``.
+FMT_CODES = {fmt: code for code, fmt in enumerate(isa.ENUMS["fmt"])}
+assert all(nx.WEIGHT_FORMATS[f] == 4 << c for f, c in FMT_CODES.items()), FMT_CODES
+
+
+def gemv_tile(config) -> data.StructLayout:
+    """The engine's command: one tile's shape, format and first weight word."""
+    return data.StructLayout({
+        "rows": config.acc_buffer_words.bit_length(), "cols": config.act_buffer_words.bit_length(),
+        "group_log2": 4, "fmt": 2, "w_base": range(config.dram_bytes // config.port_bytes),
+    })
 
 
 class GemvEngine(wiring.Component):
@@ -47,20 +58,13 @@ class GemvEngine(wiring.Component):
 
     Attributes
     ----------
-    start : In(1)
-        Pulse while idle to start; ``rows``, ``cols``, ``group_log2``, ``fmt`` and
-        ``w_base`` are sampled in that cycle.
-    rows, cols : In
-        Tile shape; ``cols`` must be a multiple of the group size.
-    group_log2 : In(4)
-        log2 of the group size; the group must hold at least one window of weights
-        (int4: ``2 * port_bytes``, int8: ``port_bytes``, w16: ``port_bytes / 2``).
-    fmt : In(2)
-        Weight format code (:data:`FMT_CODES`); 3 is reserved.
-    w_base : In
-        Word address of the first row record.
+    cmd : In(stream.Signature(gemv_tile(config)))
+        The tile, taken while idle: ``rows``, ``cols`` (a multiple of the group size),
+        ``group_log2`` (the group must hold at least one window of weights: int4
+        ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2``), ``fmt``
+        (:data:`FMT_CODES`; 3 is reserved) and ``w_base`` (word address of the first row record).
     busy, done : Out(1)
-        ``busy`` from the cycle after ``start`` until the last write; ``done`` pulses once.
+        ``busy`` from the cycle after the command until the last write; ``done`` pulses once.
     cycles : Out(32)
         Cycles ``busy`` was high in the current or last run.
     w_addr, w_data : Out, In
@@ -85,15 +89,8 @@ class GemvEngine(wiring.Component):
         self.x_depth = max(1, self.max_cols // (2 * self.pb))
         # scale words of one row: at most max_cols / 8 groups of 2 bytes
         self.scale_words = max(1, (self.max_cols // 8) * 2 // self.pb)
-        rows_w = self.max_rows.bit_length()
-        cols_w = self.max_cols.bit_length()
         super().__init__({
-            "start": In(1),
-            "rows": In(rows_w),
-            "cols": In(cols_w),
-            "group_log2": In(4),
-            "fmt": In(2),
-            "w_base": In(range(self.w_depth)),
+            "cmd": In(stream.Signature(gemv_tile(config))),
             "busy": Out(1),
             "done": Out(1),
             "cycles": Out(32),
@@ -109,23 +106,21 @@ class GemvEngine(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        pb, lpb = self.pb, _log2(self.pb)
+        pb, lpb = self.pb, log2_exact(self.pb)
         cols_w = self.max_cols.bit_length()
         rows_w = self.max_rows.bit_length()
 
-        # ---- parameters latched at start
-        rows = Signal(rows_w)
-        cols = Signal(cols_w)
-        gl = Signal(4)
-        fmt = Signal(2)
+        # ---- the tile, latched from the command
+        latched = Signal.like(self.cmd.payload, name="tile")
+        rows, cols, gl, fmt = latched.rows, latched.cols, latched.group_log2, latched.fmt
         # derived (combinational from the latched values)
         ngroups = Signal(cols_w)
         m.d.comb += ngroups.eq(cols >> gl)
         wbytes = Signal(cols_w + 1)  # weight bytes per row
         with m.Switch(fmt):
-            with m.Case(0):
+            with m.Case(FMT_CODES["int4"]):
                 m.d.comb += wbytes.eq(cols >> 1)
-            with m.Case(2):
+            with m.Case(FMT_CODES["w16"]):
                 m.d.comb += wbytes.eq(cols << 1)
             with m.Default():
                 m.d.comb += wbytes.eq(cols)
@@ -174,20 +169,21 @@ class GemvEngine(wiring.Component):
         # x word of window j: 2pb x values per word, so int4 uses one word per window,
         # int8 half a word, w16 a quarter; the low bits of j pick the part (in S1)
         with m.Switch(fmt):
-            with m.Case(0):
+            with m.Case(FMT_CODES["int4"]):
                 m.d.comb += self.x_addr.eq(j[:len(self.x_addr)])
-            with m.Case(2):
+            with m.Case(FMT_CODES["w16"]):
                 m.d.comb += self.x_addr.eq(j[2:2 + len(self.x_addr)])
             with m.Default():
                 m.d.comb += self.x_addr.eq(j[1:1 + len(self.x_addr)])
         m.d.sync += self.done.eq(0)
-        with m.If(~busy & self.start):
+        tile = self.cmd.payload
+        m.d.comb += self.cmd.ready.eq(~busy)
+        with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
-                rows.eq(self.rows), cols.eq(self.cols), gl.eq(self.group_log2), fmt.eq(self.fmt),
-                addr.eq(self.w_base), r_cnt.eq(0), w_cnt.eq(0), cycles.eq(0),
-                busy.eq(1), running.eq(self.rows != 0),
+                latched.eq(tile), addr.eq(tile.w_base), r_cnt.eq(0), w_cnt.eq(0), cycles.eq(0),
+                busy.eq(1), running.eq(tile.rows != 0),
             ]
-            with m.If(self.rows == 0):
+            with m.If(tile.rows == 0):
                 m.d.sync += [busy.eq(0), self.done.eq(1)]
         with m.If(running):
             m.d.sync += addr.eq(addr + 1)
@@ -232,10 +228,10 @@ class GemvEngine(wiring.Component):
             wv = Signal(signed(16), name=f"wv{i}")
             xv = Signal(signed(16), name=f"xv{i}")
             with m.Switch(fmt):
-                with m.Case(0):
+                with m.Case(FMT_CODES["int4"]):
                     m.d.comb += [wv.eq(window.word_select(i, 4).as_signed()),
                                  xv.eq(self.x_data.word_select(i, 16).as_signed())]
-                with m.Case(2):
+                with m.Case(FMT_CODES["w16"]):
                     if i < pb // 2:
                         lanes = [self.x_data.word_select(q * (pb // 2) + i, 16).as_signed() for q in range(4)]
                         m.d.comb += [wv.eq(window.word_select(i, 16).as_signed()),

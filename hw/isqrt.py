@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
+
+from .divider import restoring_step, run_steps
 
 __all__ = ["Isqrt"]
 
@@ -55,21 +57,8 @@ class Isqrt(wiring.Component):
         r, q = rem, res
         for i in range(k):
             cand = Signal(self.root_width + 3, name=f"cand{i}")
-            trial = Signal(self.root_width + 4, name=f"trial{i}")
-            m.d.comb += [
-                cand.eq(r << 2 | pending[2 * steps - 2 - 2 * i: 2 * steps - 2 * i]),
-                trial.eq(cand - (q << 2 | 1)),
-            ]
-            keep = trial[-1]
-            r_next = Signal(self.root_width + 2, name=f"rem_step{i}")
-            q_next = Signal(self.root_width, name=f"root_step{i}")
-            m.d.comb += [r_next.eq(Mux(keep, cand, trial)), q_next.eq(q << 1 | ~keep)]
-            r, q = r_next, q_next
-        m.d.sync += self.done.eq(0)
-        with m.If(self.start):
-            m.d.sync += [pending.eq(self.radicand), rem.eq(0), res.eq(0), count.eq(steps // k), self.busy.eq(1)]
-        with m.Elif(self.busy):
-            m.d.sync += [pending.eq(pending << 2 * k), count.eq(count - 1), rem.eq(r), res.eq(q)]
-            with m.If(count == 1):
-                m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+            m.d.comb += cand.eq(r << 2 | pending[2 * steps - 2 - 2 * i: 2 * steps - 2 * i])
+            r, q = restoring_step(m, cand, q << 2 | 1, self.root_width + 2, q, str(i))
+        run_steps(m, self, count, [pending.eq(self.radicand), rem.eq(0), res.eq(0)], steps // k,
+                  [pending.eq(pending << 2 * k), rem.eq(r), res.eq(q)])
         return m

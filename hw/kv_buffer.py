@@ -14,15 +14,12 @@ from amaranth.lib.wiring import In, Out
 
 from kvoverlay import numerics
 
+from .widths import address_bits, ceil_div
+
 __all__ = ["EXP_SHAPE", "KvBuffer", "kv_geometry", "kv_host_read_signature", "kv_port_signature"]
 
 #: Shape of one stored exponent: the bfp16 exponent range of :mod:`kvoverlay.numerics`.
 EXP_SHAPE = Shape.cast(range(numerics.EXP_MIN, numerics.EXP_MAX + 1))
-
-
-def _bits(n: int) -> int:
-    """Address bits for *n* entries (at least one, so that no port is zero-width)."""
-    return max(1, (n - 1).bit_length())
 
 
 def kv_geometry(config) -> dict:
@@ -32,7 +29,7 @@ def kv_geometry(config) -> dict:
     (layer, head, position) row (``ceil(max_head_dim / lanes)``), ``rows`` rows in all.
     """
     lanes = config.vector_lanes
-    row_chunks = -(-config.max_head_dim // lanes)
+    row_chunks = ceil_div(config.max_head_dim, lanes)
     rows = config.max_layers * config.max_kv_heads * config.kv_capacity
     return {"lanes": lanes, "row_chunks": row_chunks, "rows": rows}
 
@@ -40,10 +37,10 @@ def kv_geometry(config) -> dict:
 def _coords(config) -> dict:
     g = kv_geometry(config)
     return {
-        "layer": unsigned(_bits(config.max_layers)),
-        "head": unsigned(_bits(config.max_kv_heads)),
-        "pos": unsigned(_bits(config.kv_capacity)),
-        "chunk": unsigned(_bits(g["row_chunks"])),
+        "layer": unsigned(address_bits(config.max_layers)),
+        "head": unsigned(address_bits(config.max_kv_heads)),
+        "pos": unsigned(address_bits(config.kv_capacity)),
+        "chunk": unsigned(address_bits(g["row_chunks"])),
     }
 
 

@@ -17,7 +17,8 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-from .normalize import EXP_SHAPE, round_shift_expr
+from .normalize import round_shift_expr
+from .ports import EREG_SHAPE
 
 __all__ = ["GATE_SHAPE", "GateLut"]
 
@@ -58,7 +59,7 @@ class GateLut(wiring.Component):
     ----------
     x : In(ArrayLayout(signed(16), lanes))
         Mantissas.
-    exp : In(EXP_SHAPE)
+    exp : In(EREG_SHAPE)
         Their shared exponent.
     func : In(2)
         ``isa.ENUMS["func"]`` code.
@@ -71,7 +72,7 @@ class GateLut(wiring.Component):
         self.tables, self.rom_layout = _rom_layout()
         super().__init__({
             "x": In(data.ArrayLayout(signed(16), lanes)),
-            "exp": In(EXP_SHAPE),
+            "exp": In(EREG_SHAPE),
             "func": In(range(len(isa.ENUMS["func"]))),
             "gate": Out(data.ArrayLayout(GATE_SHAPE, lanes)),
         })

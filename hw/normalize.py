@@ -1,26 +1,38 @@
-"""Block-floating-point normalizer: bit-exact with :func:`kvoverlay.numerics.normalize`.
+"""Block-floating-point normalization, bit-exact with :func:`kvoverlay.numerics.normalize`: the one normalizer of hw/.
 
-Two phases, as in every vector op: ``sample`` ORs the magnitudes of wide lanes into a
-peak register (the OR of magnitudes has the same bit length as their maximum, so no
-comparator tree is needed), then the combinational ``mant`` outputs round-shift the
-same or recomputed wide lanes into 15-bit mantissas with the shared exponent.
-With ``lanes=1, width=64`` it serves accumulator requantization (REQ).
+Every unit that renormalizes wide values into 15-bit mantissas with a shared exponent runs the
+same two phases: a *peak* phase ORs the magnitudes together (the OR has the bit length of the
+largest magnitude, so no comparator tree is needed), then a *round* phase round-shifts each
+value by ``bitlen(peak) - MANT_BITS``, clips it, and rounds it again when the exponent fell below
+``EXP_MIN``. The pieces, from small to whole:
+
+* :func:`bit_length`, :func:`round_shift_expr`: a priority encoder and ``numerics.round_shift``
+  for run-time shifts, exact or wrapping at a width as numpy's int64 does;
+* :func:`peak_exponent`: the peak's shift, underflow shift, result exponent and overflow;
+* :func:`mantissa`: one lane of the round phase (:func:`scalar_mantissa` is its int64 form,
+  for the one-element-per-cycle units REQ and LDROW);
+* :class:`Normalizer`: the peak register and ``lanes`` mantissa lanes, as the vector unit uses them.
 """
 
 from __future__ import annotations
 
-from amaranth.hdl import Const, Module, Mux, Shape, Signal, signed, unsigned
+from typing import NamedTuple
+
+from amaranth.hdl import Const, Module, Mux, Shape, Signal, Value, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import numerics as nx
 
-__all__ = ["EXP_SHAPE", "EXP_WIDE", "Normalizer", "bit_length", "round_shift_expr"]
+__all__ = ["EXP_SHAPE", "EXP_WIDE", "MANT_SHAPE", "Normalizer", "PeakExponent", "bit_length", "mantissa",
+           "peak_exponent", "round_shift_expr", "scalar_mantissa"]
 
 #: Shape of an exponent register value, [EXP_MIN, EXP_MAX].
 EXP_SHAPE = Shape.cast(range(nx.EXP_MIN, nx.EXP_MAX + 1))
 #: Exponents before normalization (sums of several register exponents and shifts).
 EXP_WIDE = signed(16)
+#: A rounded, clipped mantissa, +-MANT_MAX.
+MANT_SHAPE = signed(16)
 #: An underflow shift of this many bits already rounds every 15-bit mantissa to zero.
 _UNDERFLOW_CAP = nx.MANT_BITS + 1
 
@@ -35,22 +47,24 @@ def bit_length(m: Module, value, name: str) -> Signal:
     return out
 
 
-def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str) -> Signal:
+def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str, *, wrap: int | None = None) -> Signal:
     """``numerics.round_shift(value, shift)`` for a signed *value* and a signed run-time *shift*.
 
     A positive shift rounds half up; right shifts above *rcap* and left shifts above *lcap*
-    are clamped (the caller proves that the clamp changes nothing it keeps). Returns a signed
-    signal wide enough for the largest left shift.
+    are clamped (the caller proves that the clamp changes nothing it keeps). Without *wrap*
+    the result is exact, a signed signal wide enough for the largest left shift; with *wrap*
+    the rounding add and the left shift wrap at ``wrap`` bits, as numpy's int64 does for ``wrap=64``.
     """
+    value = Value.cast(value)
     vw = len(value)
-    out = Signal(signed(vw + lcap), name=name)
+    out = Signal(signed(vw + lcap if wrap is None else wrap), name=name)
     rs = Signal(range(rcap + 1), name=f"{name}_rs")
-    ls = Signal(range(lcap + 1), name=f"{name}_ls")
-    m.d.comb += [
-        rs.eq(Mux(shift > rcap, rcap, Mux(shift > 0, shift, 0))),
-        ls.eq(Mux(shift < -lcap, lcap, Mux(shift < 0, -shift, 0))),
-    ]
-    biased = Signal(signed(max(vw, rcap) + 2), name=f"{name}_biased")
+    m.d.comb += rs.eq(Mux(shift > rcap, rcap, Mux(shift > 0, shift, 0)))
+    ls = 0  # lcap == 0: no left shift, and no zero-width signal or always-false compare in the Verilog
+    if lcap:
+        ls = Signal(range(lcap + 1), name=f"{name}_ls")
+        m.d.comb += ls.eq(Mux(shift < -lcap, lcap, Mux(shift < 0, -shift, 0)))
+    biased = Signal(signed(max(vw, rcap) + 2 if wrap is None else wrap), name=f"{name}_biased")
     # 2**(rs-1) for rs >= 1, 0 for rs == 0, without a signed shift amount
     m.d.comb += biased.eq(value + ((Const(1, unsigned(rcap + 1)) << rs) >> 1))
     with m.If(shift > 0):
@@ -60,8 +74,66 @@ def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str) -
     return out
 
 
+class PeakExponent(NamedTuple):
+    """What :func:`peak_exponent` derives from a peak (all combinational signals)."""
+
+    #: ``bitlen(peak) - MANT_BITS``: the right shift (left when negative) from wide values to mantissas.
+    shift: Signal
+    #: The further right shift of the mantissas when the exponent fell below ``EXP_MIN`` (0 otherwise), capped
+    #: where every mantissa already rounds to zero.
+    underflow: Signal
+    #: The result exponent: ``EXP_MIN`` for an all-zero peak or an underflow.
+    exp_out: Signal
+    #: The result exponent exceeds ``EXP_MAX``; nothing may be written.
+    overflow: Signal
+    #: Every magnitude was zero.
+    zero: Signal
+
+
+def peak_exponent(m: Module, peak, exp_in, name: str) -> PeakExponent:
+    """The exponent half of ``numerics.normalize`` from *peak*, the OR (or maximum) of the magnitudes of values
+    with exponent *exp_in*."""
+    peak_len = bit_length(m, peak, f"{name}_peak_bits")
+    shift = Signal(signed(len(peak_len) + 2), name=f"{name}_shift")
+    exp_raw = Signal(signed(max(len(Value.cast(exp_in)), len(shift)) + 2), name=f"{name}_exp_raw")
+    zero = Signal(name=f"{name}_zero")
+    underflow = Signal(range(_UNDERFLOW_CAP + 1), name=f"{name}_underflow")
+    exp_out = Signal(EXP_SHAPE, name=f"{name}_exp")
+    overflow = Signal(name=f"{name}_overflow")
+    m.d.comb += [
+        shift.eq(peak_len - nx.MANT_BITS),
+        exp_raw.eq(exp_in + shift),
+        zero.eq(peak == 0),
+        underflow.eq(Mux(exp_raw < nx.EXP_MIN,
+                         Mux(exp_raw < nx.EXP_MIN - _UNDERFLOW_CAP, _UNDERFLOW_CAP, nx.EXP_MIN - exp_raw), 0)),
+        exp_out.eq(Mux(zero | (exp_raw < nx.EXP_MIN), nx.EXP_MIN, exp_raw)),
+        overflow.eq(~zero & (exp_raw > nx.EXP_MAX)),
+    ]
+    return PeakExponent(shift, underflow, exp_out, overflow, zero)
+
+
+def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None = None) -> Signal:
+    """One lane of the round phase of ``numerics.normalize``: *value* round-shifted by *shift*, clipped to
+    +-``MANT_MAX``, then round-shifted by *underflow* where that is positive.
+
+    *shift* and *underflow* are :func:`peak_exponent`'s (a shift is at least ``-MANT_BITS``). With *wrap* the first
+    rounding wraps at that many bits (see :func:`round_shift_expr`). Returns a :data:`MANT_SHAPE` signal.
+    """
+    rcap = len(Value.cast(value)) if wrap is None else wrap - 1
+    scaled = round_shift_expr(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", wrap=wrap)
+    clipped = Signal(MANT_SHAPE, name=f"{name}_clipped")
+    m.d.comb += clipped.eq(Mux(scaled > nx.MANT_MAX, nx.MANT_MAX, Mux(scaled < -nx.MANT_MAX, -nx.MANT_MAX, scaled)))
+    return round_shift_expr(m, clipped, underflow, _UNDERFLOW_CAP, 0, name)
+
+
+def scalar_mantissa(m: Module, value, shift, under, prefix: str) -> Signal:
+    """:func:`mantissa` of one int64 value, wrapping as numpy's int64 does: the lane of the units that normalize
+    one element per cycle (REQ, LDROW). *under* may be negative (no underflow); signal names start with *prefix*."""
+    return mantissa(m, value, shift, under, f"{prefix}_mantissa", wrap=64)
+
+
 class Normalizer(wiring.Component):
-    """Peak finder and round-shifter for ``lanes`` wide signed values.
+    """Peak register and round-shifter for ``lanes`` wide signed values.
 
     Matches :func:`kvoverlay.numerics.normalize`: ``s = bitlen(max|x|) - MANT_BITS``,
     mantissas ``clip(round_shift(x, s), -MANT_MAX, MANT_MAX)``, exponent ``e + s``; if
@@ -74,6 +146,9 @@ class Normalizer(wiring.Component):
         Bits of each signed wide lane.
     lanes : int
         Lanes sampled and rounded per cycle.
+    lane_widths : sequence of int, optional
+        Bits that each lane's values actually need (at most ``width``; the rest is sign extension), so that
+        a lane that only ever carries narrow values gets a narrow datapath. Defaults to ``width`` for every lane.
 
     Attributes
     ----------
@@ -87,7 +162,7 @@ class Normalizer(wiring.Component):
         Lanes that take part in ``sample``.
     exp_in : In(EXP_WIDE)
         Exponent of the wide values.
-    mant : Out(ArrayLayout(signed(16), lanes))
+    mant : Out(ArrayLayout(MANT_SHAPE, lanes))
         Rounded mantissas of ``wide`` under the current peak (combinational).
     exp_out : Out(EXP_SHAPE)
         Shared exponent of the result (``EXP_MIN`` for an all-zero vector).
@@ -95,90 +170,44 @@ class Normalizer(wiring.Component):
         The result exponent exceeds ``EXP_MAX``; the vector must not be written.
     """
 
-    def __init__(self, width: int, lanes: int):
-        if width < nx.MANT_BITS + 1 or lanes < 1:
+    def __init__(self, width: int, lanes: int, *, lane_widths=None):
+        lane_widths = [width] * lanes if lane_widths is None else list(lane_widths)
+        if (width < nx.MANT_BITS + 1 or lanes < 1 or len(lane_widths) != lanes
+                or not all(nx.MANT_BITS + 1 <= w <= width for w in lane_widths)):
             self._MustUse__silence = True  # a rejected component is not an unused one
-            raise ValueError(f"normalizer needs width >= {nx.MANT_BITS + 1} and lanes >= 1, got {width}, {lanes}")
+            raise ValueError(f"normalizer needs width >= {nx.MANT_BITS + 1}, lanes >= 1 and a lane width in "
+                             f"[{nx.MANT_BITS + 1}, width] for each lane; got {width}, {lanes}, {lane_widths}")
         self.width = width
         self.lanes = lanes
+        self.lane_widths = lane_widths
         super().__init__({
             "clear": In(1),
             "sample": In(1),
             "wide": In(data.ArrayLayout(signed(width), lanes)),
             "valid": In(lanes),
             "exp_in": In(EXP_WIDE),
-            "mant": Out(data.ArrayLayout(signed(16), lanes)),
+            "mant": Out(data.ArrayLayout(MANT_SHAPE, lanes)),
             "exp_out": Out(EXP_SHAPE),
             "overflow": Out(1),
         })
 
     def elaborate(self, platform):
         m = Module()
-        w = self.width
-        peak_bits = Signal(w, name="peak_bits")  # OR of magnitudes so far
-        mags = []
-        for i in range(self.lanes):
-            x = self.wide[i]
+        peak = Signal(self.width, name="peak_or")  # OR of magnitudes so far
+        sampled = peak
+        lanes = []
+        for i, w in enumerate(self.lane_widths):
+            x = Signal(signed(w), name=f"wide{i}")
             mag = Signal(w, name=f"mag{i}")
-            m.d.comb += mag.eq(Mux(self.valid[i], Mux(x < 0, -x, x), 0))
-            mags.append(mag)
-        sampled = peak_bits
-        for mag in mags:
+            m.d.comb += [x.eq(self.wide[i]), mag.eq(Mux(self.valid[i], Mux(x < 0, -x, x), 0))]
+            lanes.append(x)
             sampled = sampled | mag
         with m.If(self.clear):
-            m.d.sync += peak_bits.eq(0)
+            m.d.sync += peak.eq(0)
         with m.Elif(self.sample):
-            m.d.sync += peak_bits.eq(sampled)
-
-        peak_len = bit_length(m, peak_bits, "peak_len")
-        shift = Signal(signed(len(peak_len) + 2), name="norm_shift")
-        m.d.comb += shift.eq(peak_len - nx.MANT_BITS)
-        exp_raw = Signal(signed(len(self.exp_in) + 1), name="exp_raw")
-        m.d.comb += exp_raw.eq(self.exp_in + shift)
-        is_zero = Signal(name="peak_zero")
-        m.d.comb += is_zero.eq(peak_bits == 0)
-        underflow = Signal(range(_UNDERFLOW_CAP + 1), name="underflow_shift")
-        m.d.comb += underflow.eq(Mux(exp_raw < nx.EXP_MIN,
-                                     Mux(exp_raw < nx.EXP_MIN - _UNDERFLOW_CAP, _UNDERFLOW_CAP, nx.EXP_MIN - exp_raw), 0))
-        m.d.comb += [
-            self.exp_out.eq(Mux(is_zero | (exp_raw < nx.EXP_MIN), nx.EXP_MIN, exp_raw)),
-            self.overflow.eq(~is_zero & (exp_raw > nx.EXP_MAX)),
-        ]
-        for i in range(self.lanes):
-            r = round_shift_expr(m, self.wide[i], shift, w, nx.MANT_BITS, f"rounded{i}")
-            clipped = Signal(signed(16), name=f"clipped{i}")
-            m.d.comb += clipped.eq(Mux(r > nx.MANT_MAX, nx.MANT_MAX, Mux(r < -nx.MANT_MAX, -nx.MANT_MAX, r)))
-            under = Signal(signed(17), name=f"under{i}")
-            m.d.comb += under.eq((clipped + ((Const(1, 18) << underflow) >> 1)) >> underflow)
-            m.d.comb += self.mant[i].eq(Mux(is_zero, 0, Mux(underflow > 0, under, clipped)))
+            m.d.sync += peak.eq(sampled)
+        result = peak_exponent(m, peak, self.exp_in, "result")
+        m.d.comb += [self.exp_out.eq(result.exp_out), self.overflow.eq(result.overflow)]
+        for i, x in enumerate(lanes):
+            m.d.comb += self.mant[i].eq(mantissa(m, x, result.shift, result.underflow, f"lane{i}"))
         return m
-
-
-def scalar_mantissa(m: Module, value, shift, under, prefix: str) -> Signal:
-    """One lane of ``numerics.normalize`` for units that normalize one element per cycle (REQ, LDROW).
-
-    *value* is round-shifted by *shift* (half up; a non-positive shift is exact, left), wrapping at 64 bits as
-    numpy's int64 does, clipped to +-``MANT_MAX``, then round-shifted again by *under* when the exponent
-    underflowed. A shift of 17 or more rounds every 16-bit mantissa to 0, so 17 stands for all of them.
-    Returns the signed 17-bit mantissa; signal names start with *prefix*.
-    """
-    rs = Signal(range(64), name=f"{prefix}_right_shift")
-    m.d.comb += rs.eq(Mux(shift > 0, shift, 1))
-    biased = Signal(signed(64), name=f"{prefix}_biased")
-    m.d.comb += biased.eq(value + ((Const(1, 65) << rs) >> 1))
-    scaled = Signal(signed(64), name=f"{prefix}_scaled")
-    m.d.comb += scaled.eq(Mux(shift > 0, biased >> rs, value << (-shift)[:5]))
-    clipped = Signal(signed(17), name=f"{prefix}_clipped")
-    with m.If(scaled > nx.MANT_MAX):
-        m.d.comb += clipped.eq(nx.MANT_MAX)
-    with m.Elif(scaled < -nx.MANT_MAX):
-        m.d.comb += clipped.eq(-nx.MANT_MAX)
-    with m.Else():
-        m.d.comb += clipped.eq(scaled)
-    us = Signal(range(18), name=f"{prefix}_underflow_shift")
-    m.d.comb += us.eq(Mux(under > 17, 17, under[:5]))
-    under_biased = Signal(signed(19), name=f"{prefix}_underflow_biased")
-    mant = Signal(signed(17), name=f"{prefix}_mantissa")
-    m.d.comb += [under_biased.eq(clipped + ((Const(1, 18) << us) >> 1)),
-                 mant.eq(Mux(under > 0, under_biased >> us, clipped))]
-    return mant

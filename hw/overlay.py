@@ -9,33 +9,37 @@ until every queue has drained, then pulses ``done``.
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
-from kvoverlay import numerics as nx
 
-from .attention import AttentionEngine, AttnError
+from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
-from .frontend import QUEUE_ENTRY_BITS, Frontend
+from .frontend import Frontend
 from .gemv_unit import GemvUnit
 from .isa_layout import HEADER_LAYOUT
 from .kv_buffer import KvBuffer
 from .ldrow_unit import LdrowUnit
 from .load_unit import LoadUnit
-from .ports import EREG_SHAPE, EXEC_ERRORS, abuf_lanes
+from .ports import (
+    EREG_SHAPE,
+    QUEUE_ENTRY,
+    Fault,
+    abuf_lanes,
+)
 from .req_unit import ReqUnit
+from .state import OnChipState, host_signature, ports_of
 from .store_unit import StoreUnit
-from .vector_unit import VecError, VectorUnit
+from .vector_unit import VectorUnit
 
-__all__ = ["COUNTERS", "ERRORS", "QUEUE_DEPTH", "STALL_UNITS", "UNITS", "Overlay"]
+__all__ = ["COUNTERS", "DRAM_PRIORITY", "ERRORS", "QUEUE_DEPTH", "STALL_UNITS", "UNITS", "Overlay"]
 
 #: ``error_code`` values of the overlay (index = code). ``error_info`` holds: for ``illegal`` the reason
-#: (hw.frontend.ILLEGAL_REASONS), for ``unimplemented`` the opcode, for ``exec`` the unit's fault
-#: (hw.ports.EXEC_ERRORS), for ``watchdog`` the stalled unit (STALL_UNITS).
+#: (hw.frontend.ILLEGAL_REASONS), for ``unimplemented`` the opcode, for ``exec`` the unit's
+#: :class:`~hw.ports.Fault`, for ``watchdog`` the stalled unit (STALL_UNITS).
 ERRORS = ("none", "illegal", "unimplemented", "exec", "watchdog")
 #: Units a watchdog error can name.
 STALL_UNITS = (*isa.QUEUES, "frontend")
@@ -45,9 +49,10 @@ COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes
             *(f"stall_port_{q}" for q in isa.QUEUES))
 #: Execution units per queue and the opcodes they take. An opcode of a queue that no unit takes stops the run
 #: with the ``unimplemented`` error naming the opcode (none is left in this build; the path stays for
-#: reduced builds). REQ runs on the dedicated REQ unit, not on the vector unit's copy of it.
-#: Plugging a unit in: instantiate it in ``Overlay.elaborate`` (``units``), list its opcodes here and its memory
-#: ports in PORT_MAP; register ports named ``ereg_r*``, ``ereg_w*``, ``reg_r*``, ``reg_w*`` connect by name.
+#: reduced builds). Plugging a unit in: instantiate it in ``Overlay.elaborate`` and list its opcodes here; the
+#: overlay wires it by its signature (:func:`hw.ports.unit_signature`): its ``cmd``/``done`` to the queue's
+#: executor, each memory port to the queue's port of that kind (the i-th of a kind to the i-th), each register
+#: port to the register file, a burst port to the memory arbiter and a ``port_wait`` to the stall counter.
 UNITS = {
     "load": {"load": ("LOAD",), "ldrow": ("LDROW",)},
     "compute": {"gemv": ("GEMV",), "req": ("REQ",),
@@ -55,101 +60,11 @@ UNITS = {
                 "attention": ("KVAPPEND", "ATTN")},
     "store": {"store": ("STORE", "STACC")},
 }
-#: The memory ports each queue's units share, and the unit ports that drive them; a unit not listed for a port
-#: leaves it idle while it runs. The compute queue has two activation-buffer read ports (the vector unit's
-#: two operands, the attention engine's word pair).
-PORT_MAP = {
-    "load": {"abuf_w": [("load", "abuf_w"), ("ldrow", "abuf_w")]},
-    "compute": {"abuf_r": [("gemv", "abuf_r"), ("vector", "abuf_r_a"), ("attention", "abuf_r_0")],
-                "abuf_r2": [("vector", "abuf_r_b"), ("attention", "abuf_r_1")],
-                "abuf_w": [("req", "abuf_w"), ("vector", "abuf_w"), ("attention", "abuf_w")],
-                "acc_r": [("gemv", "acc_r"), ("req", "acc_r")],
-                "acc_w": [("gemv", "acc_w"), ("attention", "acc_w")]},
-    "store": {"abuf_r": [("store", "abuf_r")], "acc_r": [("store", "acc_r")]},
-}
-#: Where the vector unit's and the attention engine's own fault codes land in :data:`hw.ports.EXEC_ERRORS`.
-FAULT_MAP = {
-    "vector": {VecError.OPCODE: "opcode", VecError.ALIGN: "unaligned", VecError.BOUNDS: "out_of_range",
-               VecError.SHAPE: "shape", VecError.EXP_OVERFLOW: "overflow"},
-    "attention": {AttnError.OPCODE: "opcode", AttnError.GEOMETRY: "shape", AttnError.KV_RANGE: "kv_range",
-                  AttnError.SPAN: "out_of_range", AttnError.ALIGN: "unaligned", AttnError.OVERFLOW: "overflow",
-                  AttnError.DIVIDE: "divide"},
-}
+#: Queues whose units the memory arbiter serves first, highest priority first.
+DRAM_PRIORITY = ("store", "load", "compute")
 #: Entries of each command queue.
 QUEUE_DEPTH = 4
 TOKEN_BITS = 8
-
-
-class _PortView:
-    """A unit's memory or register port given as loose signals, for units whose ports are flat members.
-
-    Quacks like a port of :mod:`hw.ports` for :func:`_share` and the by-name register wiring: attributes per
-    member and a ``members`` dict of flows (Out: driven by the unit, In: driven by the top).
-    """
-
-    def __init__(self, **members):
-        self.members = {}
-        for name, (signal, flow) in members.items():
-            setattr(self, name, signal)
-            self.members[name] = flow
-
-
-def _members(port):
-    if isinstance(port, _PortView):
-        return port.members
-    return {name: member.flow for name, member in port.signature.members.items()}
-
-
-def _share(m, sel, target, sources):
-    """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)].
-
-    The unit port's Out members (address, enables, write data) are multiplexed; its In members (read data)
-    fan out to every source. A member only some sources have (a read enable) keeps the target's default
-    (enabled) for the others.
-    """
-    names = {}
-    for _, port in sources:
-        for name, flow in _members(port).items():
-            names.setdefault(name, flow)
-    for name, flow in names.items():
-        value = getattr(target, name)
-        have = [(index, port) for index, port in sources if name in _members(port)]
-        if flow == Out:
-            with m.Switch(sel):
-                for index, port in have:
-                    with m.Case(index):
-                        m.d.comb += value.eq(getattr(port, name))
-        else:
-            for _, port in have:
-                m.d.comb += getattr(port, name).eq(value)
-
-
-def _vector_ports(v):
-    """The vector unit's flat members as ports (its acc read is REQ's, which the REQ unit runs instead)."""
-    return {
-        "abuf_r_a": _PortView(addr=(v.abuf_rd_a_addr, Out), data=(v.abuf_rd_a_data, In)),
-        "abuf_r_b": _PortView(addr=(v.abuf_rd_b_addr, Out), data=(v.abuf_rd_b_data, In)),
-        "abuf_w": _PortView(addr=(v.abuf_wr_addr, Out), data=(v.abuf_wr_data, Out), en=(v.abuf_wr_en, Out)),
-        "ereg_ra": _PortView(addr=(v.ereg_rd_a_addr, Out), data=(v.ereg_rd_a_data, In)),
-        "ereg_rb": _PortView(addr=(v.ereg_rd_b_addr, Out), data=(v.ereg_rd_b_data, In)),
-        "ereg_rc": _PortView(addr=(v.ereg_rd_c_addr, Out), data=(v.ereg_rd_c_data, In)),
-        "ereg_w": _PortView(addr=(v.ereg_wr_addr, Out), data=(v.ereg_wr_data, Out), en=(v.ereg_wr_en, Out)),
-        "reg_w": _PortView(addr=(v.reg_wr_addr, Out), data=(v.reg_wr_data, Out), en=(v.reg_wr_en, Out)),
-    }
-
-
-def _attention_ports(a):
-    """The attention engine's flat members as ports."""
-    return {
-        "abuf_r_0": _PortView(addr=(a.abuf_raddr0, Out), data=(a.abuf_rdata0, In)),
-        "abuf_r_1": _PortView(addr=(a.abuf_raddr1, Out), data=(a.abuf_rdata1, In)),
-        "abuf_w": _PortView(addr=(a.abuf_waddr, Out), data=(a.abuf_wdata, Out), en=(a.abuf_wmask, Out)),
-        "acc_w": _PortView(addr=(a.acc_waddr, Out), data=(a.acc_wdata, Out), en=(a.acc_we, Out)),
-        "ereg_r0": _PortView(addr=(a.ereg_raddr0, Out), data=(a.ereg_rdata0, In)),
-        "ereg_r1": _PortView(addr=(a.ereg_raddr1, Out), data=(a.ereg_rdata1, In)),
-        "ereg_w": _PortView(addr=(a.ereg_waddr, Out), data=(a.ereg_wdata, Out), en=(a.ereg_we, Out)),
-        "reg_r": _PortView(addr=(a.reg_raddr, Out), data=(a.reg_rdata, In)),
-    }
 
 
 class Overlay(wiring.Component):
@@ -158,6 +73,7 @@ class Overlay(wiring.Component):
     Parameters
     ----------
     config : OverlayConfig
+        Every unit and buffer is sized from it; ``port_bits`` must be at least 64.
 
     Attributes
     ----------
@@ -208,89 +124,41 @@ class Overlay(wiring.Component):
         m = Module()
         cfg = self.config
         pb = cfg.port_bytes
-        lanes = self.lanes
-
-        # ------------------------------------------------------------ on-chip state
-        m.submodules.abuf = abuf = Memory(shape=unsigned(16 * lanes), depth=self.abuf_depth, init=[])
-        m.submodules.accbuf = accbuf = Memory(shape=unsigned(64), depth=cfg.acc_buffer_words, init=[])
-        abuf_w_load = abuf.write_port(granularity=16)
-        abuf_w_compute = abuf.write_port(granularity=16)
-        abuf_r_compute = abuf.read_port()
-        abuf_r2_compute = abuf.read_port()
-        abuf_r_store = abuf.read_port()
-        abuf_r_dbg = abuf.read_port()
-        acc_w_compute = accbuf.write_port()
-        acc_r_compute = accbuf.read_port()
-        acc_r_store = accbuf.read_port()
-        acc_r_dbg = accbuf.read_port()
-        eregs = Array(Signal(EREG_SHAPE, init=nx.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
-        regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
-        m.d.comb += [
-            abuf_r_dbg.addr.eq(self.dbg_abuf_addr), self.dbg_abuf_data.eq(abuf_r_dbg.data),
-            acc_r_dbg.addr.eq(self.dbg_acc_addr), self.dbg_acc_data.eq(acc_r_dbg.data),
-            self.dbg_ereg_data.eq(eregs[self.dbg_ereg_addr]), self.dbg_reg_data.eq(regs[self.dbg_reg_addr]),
-        ]
-        with m.If(self.host_reg_we & ~self.running):
-            m.d.sync += regs[self.host_reg_addr].eq(self.host_reg_data)
 
         # ------------------------------------------------------------ units
         m.submodules.frontend = fe = Frontend(cfg)
-        m.submodules.load_unit = load = LoadUnit(cfg)
-        m.submodules.ldrow_unit = ldrow = LdrowUnit(cfg)
-        m.submodules.gemv_unit = gemv = GemvUnit(cfg)
-        m.submodules.req_unit = req = ReqUnit(cfg)
-        m.submodules.store_unit = store = StoreUnit(cfg)
-        m.submodules.vector_unit = vec = VectorUnit(cfg)
-        m.submodules.attention_engine = attn = AttentionEngine(cfg)
+        units = {"load": LoadUnit(cfg), "ldrow": LdrowUnit(cfg), "gemv": GemvUnit(cfg), "req": ReqUnit(cfg),
+                 "store": StoreUnit(cfg), "vector": VectorUnit(cfg), "attention": AttentionEngine(cfg)}
+        for name, unit in units.items():
+            m.submodules[f"{name}_unit"] = unit
         # the KV buffer persists across runs: a decode session appends one token per run
         m.submodules.kv_buffer = kvbuf = KvBuffer(cfg)
-        wiring.connect(m, attn.kv, kvbuf.port)
-        units = {"load": load, "ldrow": ldrow, "gemv": gemv, "req": req, "store": store, "vector": vec,
-                 "attention": attn}
-        # every unit's ports by name: component members, or the flat members of the vector and attention units
-        unit_ports = {n: {name: getattr(u, name) for name in u.signature.members} for n, u in units.items()}
-        unit_ports["vector"] = _vector_ports(vec)
-        unit_ports["attention"] = _attention_ports(attn)
-        m.submodules.dram_arbiter = arb = DramArbiter(cfg, ("store", "load", "ldrow", "gemv"))
-        wiring.connect(m, wiring.flipped(self.dram), arb.mem)
-        wiring.connect(m, arb.store, store.dram)
-        wiring.connect(m, arb.load, load.dram)
-        wiring.connect(m, arb.ldrow, ldrow.dram)
-        wiring.connect(m, arb.gemv, gemv.dram)
+        wiring.connect(m, units["attention"].kv, kvbuf.port)
         m.d.comb += [self.insn_addr.eq(fe.insn_addr), fe.insn_data.eq(self.insn_data), fe.prog_base.eq(self.prog_base)]
 
-        # each queue's memory ports are shared by its units, driven by the unit that runs (see PORT_MAP)
-        queue_ports = {
-            "load": {"abuf_w": abuf_w_load},
-            "compute": {"abuf_r": abuf_r_compute, "abuf_r2": abuf_r2_compute, "abuf_w": abuf_w_compute,
-                        "acc_r": acc_r_compute, "acc_w": acc_w_compute},
-            "store": {"abuf_r": abuf_r_store, "acc_r": acc_r_store},
-        }
+        # ------------------------------------------------------------ on-chip state
+        # each queue's units share its memory ports, driven by the unit that runs; the host reads the buffers and
+        # registers, and writes the scalar registers (program arguments) while not running
+        state = OnChipState(m, cfg)
         unit_sel = {q: Signal(range(max(2, len(UNITS[q]))), name=f"{q}_unit") for q in isa.QUEUES}
-        for q, ports in PORT_MAP.items():
-            names = list(UNITS[q])
-            for target, sources in ports.items():
-                _share(m, unit_sel[q], queue_ports[q][target],
-                       [(names.index(unit), unit_ports[unit][port]) for unit, port in sources])
-        # register ports by name: ereg_r* / reg_r* read combinationally, ereg_w* / reg_w* write at the clock edge
-        # (two queues never write one register at once: that is a race the golden model reports)
-        ereg_writers, reg_writers = [], []
-        for ports in unit_ports.values():
-            for name, port in ports.items():
-                if name.startswith("ereg_r"):
-                    m.d.comb += port.data.eq(eregs[port.addr])
-                elif name.startswith("reg_r"):
-                    m.d.comb += port.data.eq(regs[port.addr])
-                elif name.startswith("ereg_w"):
-                    ereg_writers.append(port)
-                elif name.startswith("reg_w"):
-                    reg_writers.append(port)
-        for w in ereg_writers:
-            with m.If(w.en):
-                m.d.sync += eregs[w.addr].eq(w.data)
-        for w in reg_writers:
-            with m.If(w.en):
-                m.d.sync += regs[w.addr].eq(w.data)
+        for q in isa.QUEUES:
+            state.attach([units[n] for n in UNITS[q]], unit_sel[q])
+        host = host_signature(cfg, "abuf_r", "acc_r", "ereg_r", "reg_r", "reg_w").create(path=("host",))
+        state.attach([host])
+        m.d.comb += [
+            host.abuf_r.addr.eq(self.dbg_abuf_addr), host.abuf_r.en.eq(1), self.dbg_abuf_data.eq(host.abuf_r.data),
+            host.acc_r.addr.eq(self.dbg_acc_addr), host.acc_r.en.eq(1), self.dbg_acc_data.eq(host.acc_r.data),
+            host.ereg_r.addr.eq(self.dbg_ereg_addr), self.dbg_ereg_data.eq(host.ereg_r.data),
+            host.reg_r.addr.eq(self.dbg_reg_addr), self.dbg_reg_data.eq(host.reg_r.data),
+            host.reg_w.addr.eq(self.host_reg_addr), host.reg_w.data.eq(self.host_reg_data),
+            host.reg_w.en.eq(self.host_reg_we & ~self.running),
+        ]
+        # the burst ports, through the arbiter
+        masters = {n: units[n] for q in DRAM_PRIORITY for n in UNITS[q] if ports_of(units[n], dram_port(cfg))}
+        m.submodules.dram_arbiter = arb = DramArbiter(cfg, tuple(masters))
+        wiring.connect(m, wiring.flipped(self.dram), arb.mem)
+        for n, unit in masters.items():
+            wiring.connect(m, getattr(arb, n), unit.dram)
 
         # ------------------------------------------------------------ queues, tokens, executors
         error = Signal(name="error_flag")
@@ -312,14 +180,13 @@ class Overlay(wiring.Component):
         busy_q, stall_token_q, stall_port_q, retire_q = {}, {}, {}, {}
         head_pc, cur_pc, waiting_token = {}, {}, {}
         fault = []  # (condition, code, info, pc)
-        port_wait = {"load": load.port_wait | ldrow.port_wait, "compute": gemv.port_wait, "store": store.port_wait}
         for qi, q in enumerate(isa.QUEUES):
-            fifo = SyncFIFO(width=QUEUE_ENTRY_BITS, depth=QUEUE_DEPTH)
+            fifo = SyncFIFO(width=QUEUE_ENTRY.size, depth=QUEUE_DEPTH)
             m.submodules[f"{q}_queue"] = fifo
-            fq = getattr(fe, q)
-            m.d.comb += [fifo.w_en.eq(fq.w_en), fifo.w_data.eq(fq.w_data), fq.w_rdy.eq(fifo.w_rdy)]
-            head = fifo.r_data[:isa.INSN_BITS]
-            hdr = HEADER_LAYOUT(head[:HEADER_LAYOUT.size])
+            wiring.connect(m, getattr(fe, q), fifo.w_stream)
+            queue = fifo.r_stream
+            entry = QUEUE_ENTRY(queue.payload)
+            hdr = HEADER_LAYOUT(entry.insn[:HEADER_LAYOUT.size])
             prev = isa.QUEUES[qi - 1] if qi > 0 else None
             nxt = isa.QUEUES[qi + 1] if qi + 1 < len(isa.QUEUES) else None
             ok = 1
@@ -329,74 +196,73 @@ class Overlay(wiring.Component):
                 ok = ok & (~hdr.pop_next | (tokens[(nxt, q)] != 0))
             tok_ok = Signal(name=f"{q}_tokens_ready")
             m.d.comb += tok_ok.eq(ok)
-            cur = Signal(isa.INSN_BITS, name=f"{q}_current_insn")
-            cur_hdr = HEADER_LAYOUT(cur[:HEADER_LAYOUT.size])
-            pc = Signal(32, name=f"{q}_current_pc")
-            head_pc[q], cur_pc[q] = fifo.r_data[isa.INSN_BITS:], pc
+            cur = Signal(HEADER_LAYOUT, name=f"{q}_current_header")
+            pc = Signal.like(entry.pc, name=f"{q}_current_pc")
+            head_pc[q], cur_pc[q] = entry.pc, pc
             names = list(UNITS[q])
             sel = unit_sel[q]
-            starts = {n: Signal(name=f"{q}_start_{n}") for n in names}
             for n in names:
-                m.d.comb += [units[n].insn.eq(head), units[n].start.eq(starts[n])]
-            unit_done = Signal(name=f"{q}_unit_done")
-            unit_error = Signal(name=f"{q}_unit_error")
-            unit_code = Signal(range(len(EXEC_ERRORS)), name=f"{q}_unit_fault")
+                m.d.comb += units[n].cmd.payload.eq(entry.insn)
+            # the one completion protocol: the running unit's done pulse and its fault
+            done = Signal(name=f"{q}_unit_done")
+            unit_fault = Signal(Fault, name=f"{q}_unit_fault")
             with m.Switch(sel):
                 for i, n in enumerate(names):
                     with m.Case(i):
-                        m.d.comb += [unit_done.eq(units[n].done), unit_error.eq(units[n].error)]
-                        if n in FAULT_MAP:
-                            with m.Switch(units[n].error_code):
-                                for own, common in FAULT_MAP[n].items():
-                                    with m.Case(own):
-                                        m.d.comb += unit_code.eq(EXEC_ERRORS.index(common))
-                        else:
-                            m.d.comb += unit_code.eq(units[n].error_code)
+                        m.d.comb += [done.eq(units[n].done.valid), unit_fault.eq(units[n].done.payload)]
             completing = Signal(name=f"{q}_completing")
             unimpl = Signal(name=f"{q}_unimplemented")
             exec_fault = Signal(name=f"{q}_fault")
             busy = Signal(name=f"{q}_busy")
-            busy_q[q], stall_port_q[q], retire_q[q] = busy, port_wait[q], completing
+            port_wait = [units[n].port_wait for n in names if "port_wait" in units[n].signature.members]
+            busy_q[q], retire_q[q] = busy, completing
+            stall_port_q[q] = Signal(name=f"{q}_waiting_port")
+            m.d.comb += stall_port_q[q].eq(Cat(*port_wait).any())
             stall_token_q[q] = Signal(name=f"{q}_waiting_token")
             waiting_token[q] = stall_token_q[q]
+
+            def take(to, q=q, queue=queue, entry=entry, hdr=hdr, cur=cur, pc=pc, prev=prev, nxt=nxt):
+                m.d.comb += [queue.ready.eq(1), exec_start.eq(1)]
+                m.d.sync += [cur.eq(hdr), pc.eq(entry.pc)]
+                if prev:
+                    m.d.comb += token_dec[(prev, q)].eq(hdr.pop_prev)
+                if nxt:
+                    m.d.comb += token_dec[(nxt, q)].eq(hdr.pop_next)
+                m.next = to
+
             with m.FSM(name=f"{q}_executor"):
-                with m.State("IDLE"), m.If(fifo.r_rdy & ~halt):
-                    with m.If(tok_ok):
-                        m.d.comb += [fifo.r_en.eq(1), exec_start.eq(1)]
-                        m.d.sync += [cur.eq(head), pc.eq(head_pc[q])]
-                        if prev:
-                            m.d.comb += token_dec[(prev, q)].eq(hdr.pop_prev)
-                        if nxt:
-                            m.d.comb += token_dec[(nxt, q)].eq(hdr.pop_next)
-                        with m.Switch(hdr.opcode):
-                            with m.Case(isa.BY_NAME["NOP"].code):
-                                m.next = "NOP"
-                            for i, n in enumerate(names):
-                                codes = [isa.BY_NAME[o].code for o in UNITS[q][n]]
-                                with m.Case(*codes):
-                                    m.d.comb += starts[n].eq(1)
-                                    m.d.sync += sel.eq(i)
-                                    m.next = "BUSY"
-                            with m.Default():
-                                m.d.comb += unimpl.eq(1)
-                    with m.Else():
+                with m.State("IDLE"), m.If(queue.valid & ~halt):
+                    with m.If(~tok_ok):
                         m.d.comb += stall_token_q[q].eq(1)
+                    with m.Else(), m.Switch(hdr.opcode):
+                        with m.Case(isa.BY_NAME["NOP"].code):
+                            take("NOP")
+                        for i, n in enumerate(names):
+                            with m.Case(*(isa.BY_NAME[o].code for o in UNITS[q][n])):
+                                m.d.comb += units[n].cmd.valid.eq(1)
+                                with m.If(units[n].cmd.ready):
+                                    m.d.sync += sel.eq(i)
+                                    take("BUSY")
+                        with m.Default():
+                            m.d.comb += unimpl.eq(1)
+                            take("IDLE")
                 with m.State("NOP"):
                     m.d.comb += [busy.eq(1), completing.eq(1)]
                     m.next = "IDLE"
                 with m.State("BUSY"):
                     m.d.comb += busy.eq(1)
-                    with m.If(unit_done):
-                        m.d.comb += [completing.eq(~unit_error), exec_fault.eq(unit_error)]
+                    with m.If(done):
+                        failed = unit_fault != Fault.NONE
+                        m.d.comb += [completing.eq(~failed), exec_fault.eq(failed)]
                         m.next = "IDLE"
             with m.If(completing):
                 if prev:
-                    m.d.comb += token_inc[(q, prev)].eq(cur_hdr.push_prev)
+                    m.d.comb += token_inc[(q, prev)].eq(cur.push_prev)
                 if nxt:
-                    m.d.comb += token_inc[(q, nxt)].eq(cur_hdr.push_next)
-            exec_idle.append(~busy & ~fifo.r_rdy)
-            fault.append((unimpl, ERRORS.index("unimplemented"), hdr.opcode, head_pc[q]))
-            fault.append((exec_fault, ERRORS.index("exec"), unit_code, pc))
+                    m.d.comb += token_inc[(q, nxt)].eq(cur.push_next)
+            exec_idle.append(~busy & ~queue.valid)
+            fault.append((unimpl, ERRORS.index("unimplemented"), hdr.opcode, entry.pc))
+            fault.append((exec_fault, ERRORS.index("exec"), unit_fault, pc))
 
         # ------------------------------------------------------------ run control, errors, watchdog
         watchdog = Signal(32, name="watchdog_count")
@@ -410,9 +276,10 @@ class Overlay(wiring.Component):
             with m.If(waiting_token[q]):
                 m.d.comb += [stalled_unit.eq(STALL_UNITS.index(q)), stalled_pc.eq(head_pc[q])]
         beat = Signal(name="port_beat")
-        m.d.comb += beat.eq(self.dram.rd_valid | (self.dram.wr_valid & self.dram.wr_ready))
+        wrote = Signal(name="port_write_beat")
+        m.d.comb += [wrote.eq(self.dram.wr.valid & self.dram.wr.ready), beat.eq(self.dram.rd.valid | wrote)]
         m.d.comb += progress.eq(exec_start | beat | retire_q["load"] | retire_q["compute"] | retire_q["store"]
-                                | fe.load.w_en | fe.compute.w_en | fe.store.w_en)
+                                | fe.load.valid | fe.compute.valid | fe.store.valid)
 
         m.d.sync += self.done.eq(0)
         m.d.comb += fe.start.eq(self.start & ~self.running)
@@ -447,13 +314,13 @@ class Overlay(wiring.Component):
             for c in ctr.values():
                 m.d.sync += c.eq(0)
         with m.Elif(self.running):
-            strb_bytes = sum(self.dram.wr_strb[i] for i in range(pb))
+            strb_bytes = sum(self.dram.wr.payload.strb[i] for i in range(pb))
             retired = sum(retire_q[q] for q in isa.QUEUES)
             m.d.sync += [
                 ctr["cycles"].eq(ctr["cycles"] + 1),
                 ctr["instructions"].eq(ctr["instructions"] + retired + ended),
-                ctr["bytes_read"].eq(ctr["bytes_read"] + Mux(self.dram.rd_valid, pb, 0)),
-                ctr["bytes_written"].eq(ctr["bytes_written"] + Mux(self.dram.wr_valid & self.dram.wr_ready, strb_bytes, 0)),
+                ctr["bytes_read"].eq(ctr["bytes_read"] + Mux(self.dram.rd.valid, pb, 0)),
+                ctr["bytes_written"].eq(ctr["bytes_written"] + Mux(wrote, strb_bytes, 0)),
                 ctr["insn_bytes_read"].eq(ctr["insn_bytes_read"] + Mux(fe.fetch, isa.INSN_BYTES, 0)),
             ]
             for q in isa.QUEUES:

@@ -15,7 +15,6 @@ from kvoverlay import numerics as nx
 
 __all__ = [
     "EREG_SHAPE",
-    "EXEC_ERRORS",
     "QUEUE_ENTRY",
     "Fault",
     "abuf_lanes",
@@ -23,7 +22,6 @@ __all__ = [
     "abuf_write",
     "acc_read",
     "acc_write",
-    "command",
     "ereg_read",
     "ereg_write",
     "reg_read",
@@ -34,11 +32,6 @@ __all__ = [
 #: Exponent registers hold more than [EXP_MIN, EXP_MAX]: a GEMV's accumulator exponent is x_e + sexp, which may
 #: lie outside the bfp16 range until REQ renormalizes it; two extra bits cover every sum of a bfp16 exponent and sexp.
 EREG_SHAPE = signed((nx.EXP_MAX - nx.EXP_MIN).bit_length() + 2)
-
-#: Run-time fault codes a unit reports on ``error_code`` with ``error`` (index = code).
-EXEC_ERRORS = ("none", "unaligned", "out_of_range", "format", "group", "exponent", "overflow",
-               "opcode", "shape", "kv_range", "divide")
-
 
 def abuf_lanes(config) -> int:
     """int16 lanes per activation-buffer word (what the GEMV engine's x port reads)."""
@@ -83,12 +76,6 @@ def reg_read() -> wiring.Signature:
 
 def reg_write() -> wiring.Signature:
     return wiring.Signature({"addr": Out(range(isa.NUM_REGS)), "data": Out(32), "en": Out(1)})
-
-
-def command() -> dict:
-    """Members of the command interface shared by every execution unit (see briefs: rtl-shared)."""
-    return {"insn": In(isa.INSN_BITS), "start": In(1), "busy": Out(1), "done": Out(1),
-            "error": Out(1), "error_code": Out(range(len(EXEC_ERRORS)))}
 
 
 class Fault(enum.Enum, shape=4):

@@ -47,7 +47,7 @@ class OverlaySimTop(wiring.Component):
         m.d.comb += [mem.insn_addr.eq(ov.insn_addr), ov.insn_data.eq(mem.insn_data),
                      mem.dump.eq(self.dram_dump), mem.dump_words.eq(self.dram_dump_words),
                      mem.host_rd_addr.eq(self.dram_host_addr), self.dram_host_data.eq(mem.host_rd_data),
-                     self.port_busy.eq(~mem.port.req_ready)]
+                     self.port_busy.eq(~mem.port.req.ready)]
         for name, member in self.signature.members.items():
             if name in ("dram_dump", "dram_dump_words", "dram_host_addr", "dram_host_data", "port_busy"):
                 continue

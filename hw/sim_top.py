@@ -12,7 +12,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .gemv import GemvEngine
+from .gemv import GemvEngine, gemv_tile
 
 __all__ = ["TOP_NAME", "GemvSimTop", "pack_words"]
 
@@ -52,7 +52,7 @@ class GemvSimTop(wiring.Component):
     Attributes
     ----------
     start, rows, cols, group_log2, fmt, w_base : In
-        Passed to the engine.
+        The engine's command (:func:`hw.gemv.gemv_tile`), flat for the testbench.
     busy, done, cycles : Out
         From the engine.
     rd_addr, rd_data : In, Out
@@ -65,14 +65,10 @@ class GemvSimTop(wiring.Component):
         self.x = np.asarray(x, dtype=np.int64)
         self.acc_depth = acc_depth
         self.engine = GemvEngine(config)
-        eng = self.engine.signature.members
+        tile = gemv_tile(config)
         super().__init__({
             "start": In(1),
-            "rows": In(eng["rows"].shape),
-            "cols": In(eng["cols"].shape),
-            "group_log2": In(4),
-            "fmt": In(2),
-            "w_base": In(eng["w_base"].shape),
+            **{name: In(tile.members[name]) for name in ("rows", "cols", "group_log2", "fmt", "w_base")},
             "busy": Out(1),
             "done": Out(1),
             "cycles": Out(32),
@@ -95,8 +91,9 @@ class GemvSimTop(wiring.Component):
         aw = accmem.write_port()
         ar = accmem.read_port()
         m.d.comb += [
-            eng.start.eq(self.start), eng.rows.eq(self.rows), eng.cols.eq(self.cols),
-            eng.group_log2.eq(self.group_log2), eng.fmt.eq(self.fmt), eng.w_base.eq(self.w_base),
+            eng.cmd.valid.eq(self.start), eng.cmd.payload.rows.eq(self.rows), eng.cmd.payload.cols.eq(self.cols),
+            eng.cmd.payload.group_log2.eq(self.group_log2), eng.cmd.payload.fmt.eq(self.fmt),
+            eng.cmd.payload.w_base.eq(self.w_base),
             self.busy.eq(eng.busy), self.done.eq(eng.done), self.cycles.eq(eng.cycles),
             wr.addr.eq(eng.w_addr), eng.w_data.eq(wr.data),
             xr.addr.eq(eng.x_addr), eng.x_data.eq(xr.data),

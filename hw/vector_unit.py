@@ -1,4 +1,4 @@
-"""Vector unit: VADD, VMUL, VSCALE, ACT, NORM, ROPE, ARGMAX and REQ, bit-exact with :mod:`kvoverlay.numerics`.
+"""Vector unit: VADD, VMUL, VSCALE, ACT, NORM, ROPE and ARGMAX, bit-exact with :mod:`kvoverlay.numerics`.
 
 Dataflow
 --------
@@ -10,6 +10,12 @@ Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) strea
 * S2 computes the wide, exact per-element results (sums aligned as
   :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs);
 * S3 feeds them to the :class:`~hw.normalize.Normalizer`.
+
+Each stage is a component with its own signature, and stages hand each other registered,
+never-stalled streams (the places where the bitstream build can add pipeline registers):
+:class:`ChunkIssue` (S0, S1), :class:`Elementwise`, :class:`NormScalar` and :class:`Argmax` (S2),
+:class:`Rope` (its own S0 to S2) and :class:`WriteBack` (S3). :class:`VectorDecoder` reads the
+operand fields and checks them; :class:`VectorUnit` only sequences the passes.
 
 Every result needs the peak of the whole vector before any element can be rounded, so
 each op runs two passes over its inputs: a *peak* pass (S3 ORs magnitudes) and a *write*
@@ -27,10 +33,6 @@ ROPE pairs elements at arbitrary offsets (per-head slices, halves), so it runs o
 per two cycles (x pair on ports A/B, then cos/sin) and emits one element per cycle into
 S3, in both passes.
 
-REQ reads one int64 accumulator per cycle (the accumulator buffer holds one per word) and
-writes each mantissa through the same single-lane path as ROPE, so its destination may
-start anywhere.
-
 ARGMAX keeps the first largest element per chunk (ties go to the lower lane) and across
 chunks (only a strictly larger value replaces the best).
 
@@ -39,9 +41,9 @@ that overlaps a source at a different start is not supported (the write pass cou
 overwrite inputs it has yet to read).
 
 Results: the destination exponent register (or ARGMAX's scalar register) is written in
-the cycle ``done`` pulses. A fault (:class:`VecError`) changes no state; set-up faults end
-after one busy cycle, an exponent overflow after the full run (it is known only once the
-peak pass is over, before the first write).
+the cycle ``done`` pulses. A fault (:class:`~hw.ports.Fault`) changes no state; set-up faults
+end after one busy cycle and the ``done`` cycle, an exponent overflow after the full run (it is
+known only once the peak pass is over, before the first write).
 
 Where numerics computes in int64 and the hardware keeps the exact value
 -----------------------------------------------------------------------
@@ -54,16 +56,12 @@ Outside that range numerics wraps and the hardware does not:
   48 bits and gives 0 from 64, and :func:`~kvoverlay.numerics.scalar` fails on totals of 2**63
   and more. The hardware adds eps exactly (folding shifts above :data:`_EPS_SHIFT_CAP` into the
   exponent, which provably changes no bit that ``scalar`` keeps).
-* REQ: the rounding add of :func:`~kvoverlay.numerics.round_shift` overflows int64 for
-  accumulators within 2**(s-1) of 2**63; the hardware rounds in 66 bits.
 """
 
 from __future__ import annotations
 
-import enum
-
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import data, wiring
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa, timing
@@ -72,51 +70,681 @@ from kvoverlay import numerics as nx
 from .divider import Divider
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .isqrt import Isqrt
-from .lut import GateLut
+from .lut import GATE_SHAPE, GateLut
 from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr
+from .ports import EREG_SHAPE, Fault, abuf_lanes, abuf_read, abuf_write, ereg_read, ereg_write, reg_write, unit_signature
+from .widths import log2_exact
 
-__all__ = ["OPS", "VecError", "VectorUnit", "abuf_lanes"]
+__all__ = ["CHUNK_WIDE_BITS", "CMD_LAYOUT", "OPS", "WIDE_BITS", "Argmax", "ChunkIssue", "Elementwise", "NormScalar",
+           "Pass", "Rope", "VectorDecoder", "VectorUnit", "WriteBack", "abuf_lanes", "chunk_layout", "wide_layout"]
 
-#: Opcodes this unit executes.
-OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX", "REQ")
+#: Opcodes this unit executes (REQ runs on the REQ unit).
+OPS = timing.VECTOR_OPS
+#: The instruction the unit takes: every vector opcode's fields over one word.
+CMD_LAYOUT = data.UnionLayout({name: LAYOUTS[name] for name in OPS})
 
 PIPE_DEPTH = timing.VECTOR_PIPE_DEPTH
-SCALAR_BITS_PER_CYCLE = timing.SCALAR_BITS_PER_CYCLE
-NORM_Z_SHIFT, RSQRT_FRAC, RSQRT_NUM, NORM_MS_FRAC = nx.NORM_Z_SHIFT, nx.RSQRT_FRAC, nx.RSQRT_NUM, nx.NORM_MS_FRAC
 #: Left shifts of eps beyond this are folded into the exponent: the mean square (< 2**63)
 #: then only touches bits that numerics.scalar rounds away.
 _EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
 #: Bits of the alignment guard (numerics.align_sum).
 _GUARD = nx.ALIGN_GUARD
 _GATE_BITS = nx.GATE_ONE.bit_length() - 1
+#: Bits of NORM's r = 2**RSQRT_NUM // isqrt(m << RSQRT_FRAC): m >= 2**(SCALAR_BITS - 1), so the root is at least
+#: 2**23 and r at most 2**25.
+_RECIP_BITS = nx.RSQRT_NUM - (nx.RSQRT_FRAC + nx.SCALAR_BITS - 1) // 2 + 1
+#: Bits of a wide value: ROPE's sum of two products aligned by up to GUARD bits (2**47 at most).
+WIDE_BITS = 2 * 16 + _GUARD + 1
+#: Bits of the chunk ops' wide values, which never reach lanes beyond the first in ROPE: VADD's aligned sum is below
+#: 2**32 + 1 (two int16 moved left by at most GUARD bits); NORM's z * g below 2**33 (|z| <= 2**17 + 1: |x - mean| <
+#: 2**16 times r < 2**25, over 2**NORM_Z_SHIFT); the products below 2**31.
+CHUNK_WIDE_BITS = 34
+LANE = signed(16)
 
-
-class VecError(enum.IntEnum):
-    """``error_code`` values."""
-
-    NONE = 0
-    OPCODE = 1  # not a vector-unit opcode
-    ALIGN = 2  # a vector start that is not a multiple of the buffer word
-    BOUNDS = 3  # a vector beyond the activation buffer
-    SHAPE = 4  # empty NORM/ARGMAX, ROPE with an odd or zero head_dim or zero heads
-    EXP_OVERFLOW = 5  # result exponent above EXP_MAX; nothing written
-
-
-def abuf_lanes(config) -> int:
-    """int16 lanes per activation-buffer word (what the GEMV engine's x port reads)."""
-    return 2 * config.port_bytes
-
-
-def _ceil(a, b):
-    return -(-a // b)
+#: Operand fields by opcode: (first source, second source, and the exponent registers read: operands' or ROPE's
+#: x, cos, sin). One-operand ops read their source on both ports.
+_OPERANDS = {
+    "VADD": ("a", "b", ("a_e", "b_e")),
+    "VMUL": ("a", "b", ("a_e", "b_e")),
+    "VSCALE": ("a", "a", ("a_e",)),
+    "ACT": ("x", "x", ("x_e",)),
+    "NORM": ("x", "g", ("x_e", "g_e")),
+    "ROPE": ("x", "x", ("x_e", "cos_e", "sin_e")),
+    "ARGMAX": ("x", "x", ()),
+}
 
 
 def _code(name):
     return isa.BY_NAME[name].code
 
 
+def _opcode(insn):
+    return HEADER_LAYOUT(insn.as_value()[:HEADER_LAYOUT.size]).opcode
+
+
+class Pass(enum.Enum, shape=2):
+    """What a pass over the operands does with each chunk."""
+
+    STATS = 0  # NORM: sum and sum of squares
+    ARGMAX = 1
+    PEAK = 2  # wide values into the normalizer's peak
+    WRITE = 3  # wide values rounded and written
+
+
+def chunk_layout(config) -> data.StructLayout:
+    """``vector_lanes`` operand pairs, chunk ``idx`` of a pass, as the issue stage hands them to the datapaths."""
+    V = config.vector_lanes
+    return data.StructLayout({"kind": Pass, "idx": 16, "mask": V, "a": data.ArrayLayout(LANE, V),
+                              "b": data.ArrayLayout(LANE, V)})
+
+
+def wide_layout(config) -> data.StructLayout:
+    """Wide values for the write-back: the ``mask`` lanes at element address ``addr`` (``single``: lane 0 alone, at
+    any element address)."""
+    V = config.vector_lanes
+    return data.StructLayout({"kind": Pass, "wide": data.ArrayLayout(signed(WIDE_BITS), V), "mask": V,
+                              "addr": range(config.act_buffer_words), "single": 1})
+
+
+def _pipe(layout) -> stream.Signature:
+    """The output of a pipeline stage: valid and payload, never stalled."""
+    return stream.Signature(layout, always_ready=True)
+
+
+class VectorDecoder(wiring.Component):
+    """Operand fields and set-up checks of a vector instruction (combinational).
+
+    Attributes
+    ----------
+    insn : In(CMD_LAYOUT)
+    src_a, src_b, dst, length : Out(16)
+        Element addresses of the operands and the destination, and the element count.
+    dst_e, ereg_a, ereg_b, ereg_c : Out(range(NUM_EREGS))
+        The destination exponent register and the exponent registers to read (:data:`_OPERANDS`).
+    fault : Out(Fault)
+        The set-up fault; ``Fault.NONE`` for an instruction the unit runs.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        reg = range(isa.NUM_EREGS)
+        super().__init__({"insn": In(CMD_LAYOUT), "src_a": Out(16), "src_b": Out(16), "dst": Out(16),
+                          "length": Out(16), "dst_e": Out(reg), "ereg_a": Out(reg), "ereg_b": Out(reg),
+                          "ereg_c": Out(reg), "fault": Out(Fault)})
+
+    def elaborate(self, platform):
+        m = Module()
+        opcode = _opcode(self.insn)
+        is_op = {name: opcode == _code(name) for name in OPS}
+        with m.Switch(opcode):
+            for name, (a, b, eregs) in _OPERANDS.items():
+                with m.Case(_code(name)):
+                    v = self.insn[name]
+                    m.d.comb += [self.src_a.eq(v[a]), self.src_b.eq(v[b])]
+                    m.d.comb += [port.eq(v[field]) for port, field in zip((self.ereg_a, self.ereg_b, self.ereg_c),
+                                                                          eregs)]
+                    if name != "ARGMAX":
+                        m.d.comb += [self.dst.eq(v.dst), self.dst_e.eq(v.dst_e)]
+                    m.d.comb += self.length.eq(v.heads * v.head_dim if name == "ROPE" else v.len)
+
+        n_words = self.config.act_buffer_words
+        lg_l = log2_exact(abuf_lanes(self.config))
+
+        def beyond(start, n):
+            return (start + n) > n_words
+
+        def unaligned(addr):
+            return addr[:lg_l] != 0 if lg_l else Const(0)
+
+        rope = self.insn.ROPE
+        half = rope.head_dim >> 1
+        writes = ~is_op["ARGMAX"]
+        with m.If(~Cat(*is_op.values()).any()):
+            m.d.comb += self.fault.eq(Fault.OPCODE)
+        with m.Elif(is_op["ROPE"]):
+            with m.If((rope.head_dim == 0) | rope.head_dim[0] | (rope.heads == 0)):
+                m.d.comb += self.fault.eq(Fault.SHAPE)
+            with m.Elif(beyond(rope.x, self.length) | beyond(rope.dst, self.length) | beyond(rope.cos, half)
+                        | beyond(rope.sin, half)):
+                m.d.comb += self.fault.eq(Fault.OUT_OF_RANGE)
+        with m.Elif(beyond(self.src_a, self.length) | beyond(self.src_b, self.length)
+                    | (writes & beyond(self.dst, self.length))):
+            m.d.comb += self.fault.eq(Fault.OUT_OF_RANGE)
+        with m.Elif((is_op["NORM"] | is_op["ARGMAX"]) & (self.length == 0)):
+            m.d.comb += self.fault.eq(Fault.SHAPE)
+        with m.Elif(unaligned(self.src_a) | unaligned(self.src_b) | (writes & unaligned(self.dst))):
+            m.d.comb += self.fault.eq(Fault.UNALIGNED)
+        return m
+
+
+class ChunkIssue(wiring.Component):
+    """Stages S0 and S1 of the chunk pipeline: one pass, or a peak pass and a write pass back to back, over
+    ``ceil(length / vector_lanes)`` chunks of the two source vectors.
+
+    S0 issues chunk ``i``'s buffer word addresses, S1 selects its lanes from the returned words; the chunk
+    leaves registered, at S2.
+
+    Attributes
+    ----------
+    start : In(1)
+        Starts a pass of ``kind`` (a ``PEAK`` pass is followed by a ``WRITE`` pass).
+    kind : In(Pass)
+    src_a, src_b, length : In(16)
+        Element addresses of the sources (buffer-word aligned) and the element count (at least 1).
+    rd_a, rd_b : Out(abuf_read(config))
+    early_a : Out(ArrayLayout(signed(16), vector_lanes))
+        Port A's lanes at S1, a cycle ahead of ``chunk``, for the gate table's synchronous ROM.
+    chunk : Out(stream.Signature(chunk_layout(config)))
+        The chunks, at S2.
+    last : Out(1)
+        The last chunk of the last pass issues in this cycle.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        V = config.vector_lanes
+        super().__init__({"start": In(1), "kind": In(Pass), "src_a": In(16), "src_b": In(16), "length": In(16),
+                          "rd_a": Out(abuf_read(config)), "rd_b": Out(abuf_read(config)),
+                          "early_a": Out(data.ArrayLayout(LANE, V)), "chunk": Out(_pipe(chunk_layout(config))),
+                          "last": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        V = self.config.vector_lanes
+        lg_v = log2_exact(V)
+        lg_l = log2_exact(abuf_lanes(self.config))
+        lg_g = lg_l - lg_v  # chunks per buffer word: 2**lg_g
+
+        # S0
+        issue = Signal(name="issue")
+        idx = Signal(16, name="issue_idx")
+        kind = Signal(Pass, name="issue_kind")
+        end = Signal(name="pass_end")
+        m.d.comb += [
+            end.eq(idx == ((self.length + V - 1) >> lg_v) - 1),
+            self.last.eq(issue & end & (kind != Pass.PEAK)),
+            self.rd_a.addr.eq((self.src_a >> lg_l) + (idx >> lg_g)), self.rd_a.en.eq(1),
+            self.rd_b.addr.eq((self.src_b >> lg_l) + (idx >> lg_g)), self.rd_b.en.eq(1),
+        ]
+        with m.If(self.start):
+            m.d.sync += [issue.eq(1), idx.eq(0), kind.eq(self.kind)]
+        with m.Elif(issue & end):
+            m.d.sync += [idx.eq(0), kind.eq(Pass.WRITE), issue.eq(kind == Pass.PEAK)]
+        with m.Elif(issue):
+            m.d.sync += idx.eq(idx + 1)
+
+        # S1
+        s1 = Signal(chunk_layout(self.config), name="s1")
+        s1_valid = Signal(name="s1_valid")
+        sel = s1.idx[:lg_g] if lg_g else Const(0, 1)
+        m.d.sync += [s1_valid.eq(issue), s1.kind.eq(kind), s1.idx.eq(idx)]
+        m.d.comb += [s1.a.eq(self.rd_a.data.word_select(sel, 16 * V)), s1.b.eq(self.rd_b.data.word_select(sel, 16 * V)),
+                     self.early_a.eq(s1.a)]
+        for j in range(V):
+            m.d.comb += s1.mask[j].eq((s1.idx * V + j) < self.length)
+
+        # S2
+        m.d.sync += [self.chunk.valid.eq(s1_valid), self.chunk.payload.eq(s1)]
+        return m
+
+
+class Elementwise(wiring.Component):
+    """Stage S2 of VADD, VMUL, VSCALE, ACT and NORM's passes: exact wide results of a chunk.
+
+    VADD aligns as :func:`~kvoverlay.numerics.align_sum`; ACT multiplies by the gate of
+    :class:`~hw.lut.GateLut`, read from the S1 lanes; NORM computes ``z * g`` with
+    ``z = round_shift(x * r + d, NORM_Z_SHIFT)`` from :class:`NormScalar`'s ``r`` and ``d``.
+
+    Attributes
+    ----------
+    insn : In(CMD_LAYOUT)
+    exp_a, exp_b : In(EREG_SHAPE)
+        The operands' exponents.
+    dst : In(16)
+        Element address of the destination.
+    recip, mean, recip_exp : In
+        NORM's ``r``, ``d`` and the exponent of ``r``.
+    early_a : In(ArrayLayout(signed(16), vector_lanes))
+    chunk : In(stream.Signature(chunk_layout(config)))
+    wide : Out(stream.Signature(wide_layout(config)))
+        The chunk's wide values, for peak and write passes (combinational).
+    exp : Out(EXP_WIDE)
+        Exponent of the wide values.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        V = config.vector_lanes
+        mean_bits = timing.norm_widths(config)["mean_div"] + 2
+        super().__init__({"insn": In(CMD_LAYOUT), "exp_a": In(EREG_SHAPE), "exp_b": In(EREG_SHAPE), "dst": In(16),
+                          "recip": In(_RECIP_BITS), "mean": In(signed(mean_bits)), "recip_exp": In(EXP_WIDE),
+                          "early_a": In(data.ArrayLayout(LANE, V)), "chunk": In(_pipe(chunk_layout(config))),
+                          "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE)})
+
+    def elaborate(self, platform):
+        m = Module()
+        V = self.config.vector_lanes
+        f, ea, eb = self.insn, self.exp_a, self.exp_b
+        opcode = _opcode(f)
+        m.submodules.gate_lut = lut = GateLut(V)
+        m.d.comb += [lut.x.eq(self.early_a), lut.exp.eq(ea), lut.func.eq(f.ACT.func)]
+
+        # VADD: each operand moves left by its exponent above top (numerics.align_sum)
+        top = Signal(EXP_WIDE, name="add_top")
+        shift_a = Signal(EXP_WIDE, name="add_shift_a")
+        shift_b = Signal(EXP_WIDE, name="add_shift_b")
+        m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), shift_a.eq(ea - top), shift_b.eq(eb - top)]
+        with m.Switch(opcode):
+            for name, exp in (("VADD", top), ("VMUL", ea + eb), ("VSCALE", ea + f.VSCALE.imm_e),
+                              ("ACT", ea - _GATE_BITS), ("NORM", ea + self.recip_exp + nx.NORM_Z_SHIFT + eb)):
+                with m.Case(_code(name)):
+                    m.d.comb += self.exp.eq(exp)
+
+        c = self.chunk.payload
+        out = self.wide.payload
+        m.d.comb += [self.wide.valid.eq(self.chunk.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
+                     out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
+        for j in range(V):
+            a, b = c.a[j], c.b[j]
+            al = round_shift_expr(m, a, -shift_a, 17, _GUARD, f"add_a{j}")
+            bl = round_shift_expr(m, b, -shift_b, 17, _GUARD, f"add_b{j}")
+            gated = Signal(signed(16 + GATE_SHAPE.width + 1), name=f"act_gated{j}")
+            m.d.comb += gated.eq(a * lut.gate[j])
+            zr = Signal(signed(len(self.mean) + 16 + 1), name=f"norm_xr{j}")
+            m.d.comb += zr.eq(a * self.recip + self.mean)
+            z = Signal(signed(len(zr) - nx.NORM_Z_SHIFT + 1), name=f"norm_z{j}")
+            m.d.comb += z.eq((zr + (1 << (nx.NORM_Z_SHIFT - 1))) >> nx.NORM_Z_SHIFT)
+            with m.Switch(opcode):
+                for name, value in (("VADD", al + bl), ("VMUL", a * b), ("VSCALE", a * f.VSCALE.imm_m),
+                                    ("ACT", gated), ("NORM", z * b)):
+                    with m.Case(_code(name)):
+                        m.d.comb += out.wide[j].eq(value)
+        return m
+
+
+class NormScalar(wiring.Component):
+    """NORM's statistics pass and scalar sequence: ``r = rsqrt(mean square + eps)`` and LayerNorm's mean term.
+
+    The statistics pass sums the valid lanes and their squares; the sequence then runs as
+    :func:`~kvoverlay.numerics.norm` and :func:`~kvoverlay.numerics.rsqrt` on a restoring
+    :class:`~hw.divider.Divider` and an :class:`~hw.isqrt.Isqrt`: LayerNorm's
+    ``ss = (n * Q - S * S) // n``, the mean square ``(ss << NORM_MS_FRAC) // n``, eps added, rounded
+    to ``SCALAR_BITS`` (exponent made even), the root, ``r = 2**RSQRT_NUM // root``, and for
+    LayerNorm ``d = floor(-S * r / n)``.
+
+    Attributes
+    ----------
+    insn : In(LAYOUTS["NORM"])
+    exp_x : In(EREG_SHAPE)
+    clear : In(1)
+        Zeroes the sums (before the statistics pass).
+    chunk : In(stream.Signature(chunk_layout(config)))
+        ``STATS`` chunks are summed.
+    start : In(1)
+        Starts the sequence (ignored while it runs).
+    done : Out(1)
+        The sequence's last cycle; ``recip``, ``mean`` and ``recip_exp`` hold from the next.
+    recip, mean, recip_exp : Out
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.widths = timing.norm_widths(config)
+        super().__init__({"insn": In(LAYOUTS["NORM"]), "exp_x": In(EREG_SHAPE), "clear": In(1),
+                          "chunk": In(_pipe(chunk_layout(config))), "start": In(1), "done": Out(1),
+                          "recip": Out(_RECIP_BITS), "mean": Out(signed(self.widths["mean_div"] + 2)),
+                          "recip_exp": Out(EXP_WIDE)})
+
+    def elaborate(self, platform):
+        m = Module()
+        nw = self.widths
+        k = timing.SCALAR_BITS_PER_CYCLE
+        V = self.config.vector_lanes
+        m.submodules.divider = div = Divider(max(nw["ss_div"], nw["ms_div"], nw["recip_div"], nw["mean_div"]),
+                                             max(nw["n"], nw["root"] + 1), k)
+        m.submodules.isqrt = sq = Isqrt(nw["root"], k)
+
+        # statistics: sum and sum of squares of the valid lanes
+        stat_sum = Signal(signed(nw["sum"]), name="stat_sum")
+        stat_sq = Signal(nw["sq"], name="stat_sumsq")
+        c = self.chunk.payload
+        chunk_sum = sum(Mux(c.mask[j], c.a[j], 0) for j in range(V))
+        chunk_sq = sum(Mux(c.mask[j], c.a[j] * c.a[j], 0) for j in range(V))
+        with m.If(self.clear):
+            m.d.sync += [stat_sum.eq(0), stat_sq.eq(0), self.recip.eq(0), self.mean.eq(0)]
+        with m.Elif(self.chunk.valid & (c.kind == Pass.STATS)):
+            m.d.sync += [stat_sum.eq(stat_sum + chunk_sum), stat_sq.eq(stat_sq + chunk_sq)]
+
+        f = self.insn
+        n = Signal(nw["n"], name="norm_n")
+        m.d.comb += n.eq(f.len)
+        layer = f.kind == isa.ENUMS["norm"].index("layer")
+        ss = Signal(nw["sq"], name="norm_ss")
+        ms = Signal(nw["ms_div"], name="norm_mean_sq")
+        total = Signal(16 + _EPS_SHIFT_CAP + 1, name="norm_total")
+        total_exp = Signal(EXP_WIDE, name="norm_total_exp")
+        sc_m = Signal(nx.SCALAR_BITS + 2, name="norm_scalar_m")
+        sc_e = Signal(EXP_WIDE, name="norm_scalar_e")
+        # eps aligned to the mean square's exponent base = 2 * ex - NORM_MS_FRAC
+        base = Signal(EXP_WIDE, name="norm_base")
+        eps_shift = Signal(EXP_WIDE, name="norm_eps_shift")  # left shift of eps_m
+        m.d.comb += [base.eq((self.exp_x << 1) - nx.NORM_MS_FRAC), eps_shift.eq(f.eps_e - base)]
+        eps_al = round_shift_expr(m, Cat(f.eps_m, Const(0, 1)).as_signed(), -eps_shift, 17, _EPS_SHIFT_CAP,
+                                  "norm_eps")
+        total_next = Signal.like(total, name="norm_total_next")
+        total_exp_next = Signal(EXP_WIDE, name="norm_total_exp_next")
+        with m.If((f.eps_m != 0) & (eps_shift > _EPS_SHIFT_CAP)):
+            m.d.comb += [total_next.eq(f.eps_m << _EPS_SHIFT_CAP),
+                         total_exp_next.eq(base + eps_shift - _EPS_SHIFT_CAP)]
+        with m.Else():
+            m.d.comb += [total_next.eq(ms + Mux(f.eps_m != 0, eps_al, 0)), total_exp_next.eq(base)]
+        tot_len = bit_length(m, total, "norm_total_bits")
+        sc_shift = Signal(signed(len(tot_len) + 2), name="norm_scalar_shift")
+        m.d.comb += sc_shift.eq(tot_len - nx.SCALAR_BITS)
+        sc_round = round_shift_expr(m, Cat(total, Const(0, 1)).as_signed(), sc_shift,
+                                    len(total), nx.SCALAR_BITS, "norm_scalar_round")
+        sc_exp = Signal(EXP_WIDE, name="norm_scalar_exp")
+        m.d.comb += sc_exp.eq(total_exp + sc_shift)
+        sum_r = Signal(signed(nw["sum"] + _RECIP_BITS + 1), name="norm_sum_r")
+        m.d.comb += sum_r.eq(stat_sum * self.recip)
+
+        def divide(state, numerator, denominator, bits, after):
+            """A state that starts a division and one that waits for it, then runs *after* in its last cycle."""
+            with m.State(state):
+                m.d.comb += [div.start.eq(1), div.numerator.eq(numerator), div.denominator.eq(denominator),
+                             div.bits.eq(bits)]
+                m.next = f"{state}_WAIT"
+            with m.State(f"{state}_WAIT"), m.If(div.done):
+                after()
+
+        def then(state, *statements):
+            def after():
+                m.d.sync += list(statements)
+                m.next = state
+            return after
+
+        def finish_recip():
+            m.d.sync += [self.recip.eq(div.quotient),
+                         self.recip_exp.eq(-(sc_e >> 1) + nx.RSQRT_FRAC // 2 - nx.RSQRT_NUM)]
+            with m.If(layer):
+                m.next = "MEAN"
+            with m.Else():
+                m.d.comb += self.done.eq(1)
+                m.next = "IDLE"
+
+        def finish_mean():  # floor(-S * r / n) from |S * r| // n
+            with m.If(sum_r < 0):
+                m.d.sync += self.mean.eq(div.quotient)
+            with m.Else():
+                m.d.sync += self.mean.eq(-(div.quotient + (div.remainder != 0)))
+            m.d.comb += self.done.eq(1)
+            m.next = "IDLE"
+
+        with m.FSM(name="norm_state"):
+            with m.State("IDLE"), m.If(self.start):
+                with m.If(layer):
+                    m.next = "SS"
+                with m.Else():
+                    m.next = "MS"
+            # LayerNorm: ss = (n * Q - S * S) // n
+            divide("SS", n * stat_sq - stat_sum * stat_sum, n, nw["ss_div"], then("MS", ss.eq(div.quotient)))
+            # ms = (ss << NORM_MS_FRAC) // n; RMSNorm's ss is the sum of squares itself
+            divide("MS", Mux(layer, ss, stat_sq) << nx.NORM_MS_FRAC, n, nw["ms_div"],
+                   then("EPS", ms.eq(div.quotient)))
+            with m.State("EPS"):
+                m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next)]
+                m.next = "SCALAR"
+            with m.State("SCALAR"):  # numerics.scalar, then make the exponent even
+                with m.If(sc_exp[0]):
+                    m.d.sync += [sc_m.eq(sc_round << 1), sc_e.eq(sc_exp - 1)]
+                with m.Else():
+                    m.d.sync += [sc_m.eq(sc_round), sc_e.eq(sc_exp)]
+                m.next = "SQRT"
+            with m.State("SQRT"):
+                m.d.comb += [sq.start.eq(1), sq.radicand.eq(sc_m << nx.RSQRT_FRAC)]
+                m.next = "SQRT_WAIT"
+            with m.State("SQRT_WAIT"), m.If(sq.done):
+                m.next = "RECIP"
+            divide("RECIP", 1 << nx.RSQRT_NUM, sq.root, nw["recip_div"], finish_recip)
+            divide("MEAN", Mux(sum_r < 0, -sum_r, sum_r), n, nw["mean_div"], finish_mean)
+        return m
+
+
+class Argmax(wiring.Component):
+    """ARGMAX over the chunks of one pass: the first largest element.
+
+    Within a chunk a balanced tree keeps the lower lane on ties; across chunks only a strictly
+    larger value replaces the best.
+
+    Attributes
+    ----------
+    clear : In(1)
+    chunk : In(stream.Signature(chunk_layout(config)))
+        ``ARGMAX`` chunks take part.
+    index : Out(32)
+        Element index of the best so far.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({"clear": In(1), "chunk": In(_pipe(chunk_layout(config))), "index": Out(32)})
+
+    def elaborate(self, platform):
+        m = Module()
+        V = self.config.vector_lanes
+        c = self.chunk.payload
+        best = Signal(LANE, name="best_value")
+        found = Signal(name="best_found")
+        level = [(c.a[j], Const(j, range(V)), c.mask[j]) for j in range(V)]
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for k in range(0, len(level), 2):
+                if k + 1 == len(level):
+                    nxt.append(level[k])
+                    continue
+                (lv, li, lo), (rv, ri, ro) = level[k], level[k + 1]
+                node = f"tree{depth}_{k // 2}"
+                take = Signal(name=f"{node}_right")
+                val = Signal(LANE, name=f"{node}_value")
+                idx = Signal(range(V), name=f"{node}_lane")
+                ok = Signal(name=f"{node}_ok")
+                m.d.comb += [take.eq(ro & (~lo | (rv > lv))), val.eq(Mux(take, rv, lv)), idx.eq(Mux(take, ri, li)),
+                             ok.eq(lo | ro)]
+                nxt.append((val, idx, ok))
+            level, depth = nxt, depth + 1
+        value, lane, ok = level[0]
+        with m.If(self.clear):
+            m.d.sync += found.eq(0)
+        with m.Elif(self.chunk.valid & (c.kind == Pass.ARGMAX) & ok & (~found | (value > best))):
+            m.d.sync += [best.eq(value), self.index.eq(c.idx * V + lane), found.eq(1)]
+        return m
+
+
+class Rope(wiring.Component):
+    """ROPE's stages S0 to S2: one pair per two cycles (the x pair on ports A and B, then cos and sin), a peak
+    pass then a write pass, one wide element per cycle out.
+
+    Attributes
+    ----------
+    insn : In(LAYOUTS["ROPE"])
+    exp_x, exp_cos, exp_sin : In(EREG_SHAPE)
+    start : In(1)
+    rd_a, rd_b : Out(abuf_read(config))
+    wide : Out(stream.Signature(wide_layout(config)))
+        Rotated elements (``single``), each at its destination address.
+    exp : Out(EXP_WIDE)
+        Exponent of the wide values (:func:`~kvoverlay.numerics.align_sum` of the two products).
+    last : Out(1)
+        The last pair of the write pass issues in this cycle.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({"insn": In(LAYOUTS["ROPE"]), "exp_x": In(EREG_SHAPE), "exp_cos": In(EREG_SHAPE),
+                          "exp_sin": In(EREG_SHAPE), "start": In(1), "rd_a": Out(abuf_read(config)),
+                          "rd_b": Out(abuf_read(config)), "wide": Out(_pipe(wide_layout(config))),
+                          "exp": Out(EXP_WIDE), "last": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        f = self.insn
+        lg_l = log2_exact(abuf_lanes(self.config))
+        addr = 16 + 4  # element addresses, before the bounds check
+        half = Signal(len(f.head_dim) - 1, name="half")
+        interleaved = f.mode == isa.ENUMS["rope"].index("interleaved")
+        m.d.comb += half.eq(f.head_dim >> 1)
+
+        # S0: walk the pairs of every head, twice
+        issue = Signal(name="issue")
+        kind = Signal(Pass, name="issue_kind")
+        head = Signal(len(f.heads), name="head")
+        pair = Signal(len(half), name="pair")
+        phase = Signal(name="phase")  # 0: read the x pair, 1: read cos and sin
+        x_head = Signal(addr, name="x_head")
+        dst_head = Signal(addr, name="dst_head")
+        first = Signal(addr, name="first")  # element offsets in the head of the pair
+        second = Signal(addr, name="second")
+        m.d.comb += [
+            first.eq(Mux(interleaved, pair << 1, pair)),
+            second.eq(Mux(interleaved, (pair << 1) + 1, pair + half)),
+        ]
+        pair_end = phase & (pair == half - 1)
+        m.d.comb += self.last.eq(issue & pair_end & (head == f.heads - 1) & (kind == Pass.WRITE))
+        with m.If(self.start):
+            m.d.sync += [issue.eq(1), kind.eq(Pass.PEAK), head.eq(0), pair.eq(0), phase.eq(0), x_head.eq(f.x),
+                         dst_head.eq(f.dst)]
+        with m.Elif(issue):
+            m.d.sync += phase.eq(~phase)
+            with m.If(pair_end):
+                m.d.sync += [pair.eq(0), head.eq(head + 1), x_head.eq(x_head + f.head_dim),
+                             dst_head.eq(dst_head + f.head_dim)]
+                with m.If(head == f.heads - 1):
+                    m.d.sync += [head.eq(0), x_head.eq(f.x), dst_head.eq(f.dst), kind.eq(Pass.WRITE),
+                                 issue.eq(kind == Pass.PEAK)]
+            with m.Elif(phase):
+                m.d.sync += pair.eq(pair + 1)
+        read_a = Signal(addr, name="read_a")
+        read_b = Signal(addr, name="read_b")
+        m.d.comb += [
+            read_a.eq(Mux(phase, f.cos + pair, x_head + first)),
+            read_b.eq(Mux(phase, f.sin + pair, x_head + second)),
+            self.rd_a.addr.eq(read_a >> lg_l), self.rd_a.en.eq(1),
+            self.rd_b.addr.eq(read_b >> lg_l), self.rd_b.en.eq(1),
+        ]
+
+        # S1: the x pair is held while cos and sin arrive
+        s1_valid = Signal(name="s1_valid")
+        s1_phase = Signal(name="s1_phase")
+        s1_kind = Signal(Pass, name="s1_kind")
+        s1_lane_a = Signal(max(1, lg_l), name="s1_lane_a")
+        s1_lane_b = Signal(max(1, lg_l), name="s1_lane_b")
+        s1_out_a = Signal(addr, name="s1_out_a")
+        s1_out_b = Signal(addr, name="s1_out_b")
+        m.d.sync += [
+            s1_valid.eq(issue), s1_phase.eq(phase), s1_kind.eq(kind),
+            s1_lane_a.eq(read_a[:lg_l] if lg_l else 0), s1_lane_b.eq(read_b[:lg_l] if lg_l else 0),
+            s1_out_a.eq(dst_head + first), s1_out_b.eq(dst_head + second),
+        ]
+        s1_va = Signal(LANE, name="s1_va")
+        s1_vb = Signal(LANE, name="s1_vb")
+        m.d.comb += [s1_va.eq(self.rd_a.data.word_select(s1_lane_a, 16)),
+                     s1_vb.eq(self.rd_b.data.word_select(s1_lane_b, 16))]
+        x_a = Signal(LANE, name="x_a")
+        x_b = Signal(LANE, name="x_b")
+        with m.If(s1_valid & ~s1_phase):
+            m.d.sync += [x_a.eq(s1_va), x_b.eq(s1_vb)]
+
+        # S2: four products aligned (numerics.align_sum), the second result held a cycle
+        s2_valid = Signal(name="s2_valid")
+        s2_kind = Signal(Pass, name="s2_kind")
+        s2_xa, s2_xb, s2_c, s2_s = (Signal(LANE, name=f"s2_{n}") for n in ("xa", "xb", "cos", "sin"))
+        s2_out_a = Signal(addr, name="s2_out_a")
+        s2_out_b = Signal(addr, name="s2_out_b")
+        m.d.sync += s2_valid.eq(s1_valid & s1_phase)
+        with m.If(s1_valid & s1_phase):
+            m.d.sync += [s2_kind.eq(s1_kind), s2_xa.eq(x_a), s2_xb.eq(x_b), s2_c.eq(s1_va), s2_s.eq(s1_vb),
+                         s2_out_a.eq(s1_out_a), s2_out_b.eq(s1_out_b)]
+        ex, ec, es = self.exp_x, self.exp_cos, self.exp_sin
+        shift_c = Signal(EXP_WIDE, name="shift_cos")
+        shift_s = Signal(EXP_WIDE, name="shift_sin")
+        m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD),
+                     shift_c.eq(ex + ec - self.exp), shift_s.eq(ex + es - self.exp)]
+        t_ac = round_shift_expr(m, s2_xa * s2_c, -shift_c, 32, _GUARD, "ac")
+        t_bs = round_shift_expr(m, -(s2_xb * s2_s), -shift_s, 32, _GUARD, "neg_bs")
+        t_bc = round_shift_expr(m, s2_xb * s2_c, -shift_c, 32, _GUARD, "bc")
+        t_as = round_shift_expr(m, s2_xa * s2_s, -shift_s, 32, _GUARD, "as")
+        y_a = Signal(signed(WIDE_BITS), name="y_a")
+        y_b = Signal(signed(WIDE_BITS), name="y_b")
+        m.d.comb += [y_a.eq(t_ac + t_bs), y_b.eq(t_bc + t_as)]
+        held_valid = Signal(name="held_valid")
+        held_kind = Signal(Pass, name="held_kind")
+        held_y = Signal(signed(WIDE_BITS), name="held_y")
+        held_out = Signal(addr, name="held_out")
+        m.d.sync += held_valid.eq(s2_valid)
+        with m.If(s2_valid):
+            m.d.sync += [held_kind.eq(s2_kind), held_y.eq(y_b), held_out.eq(s2_out_b)]
+        out = self.wide.payload
+        m.d.comb += self.wide.valid.eq(s2_valid | held_valid)
+        # (constant members are set under a condition: Verilator never runs an always block that reads nothing)
+        with m.If(s2_valid):
+            m.d.comb += [out.kind.eq(s2_kind), out.wide[0].eq(y_a), out.addr.eq(s2_out_a), out.mask.eq(1),
+                         out.single.eq(1)]
+        with m.Else():
+            m.d.comb += [out.kind.eq(held_kind), out.wide[0].eq(held_y), out.addr.eq(held_out), out.mask.eq(1),
+                         out.single.eq(1)]
+        return m
+
+
+class WriteBack(wiring.Component):
+    """Stage S3, the write-back every op but ARGMAX shares: peak, shift and round in a
+    :class:`~hw.normalize.Normalizer`, mantissas written into the activation buffer.
+
+    Attributes
+    ----------
+    clear : In(1)
+        Resets the peak (before the peak pass).
+    exp_in : In(EXP_WIDE)
+        Exponent of the wide values.
+    wide : In(stream.Signature(wide_layout(config)))
+        ``PEAK`` values feed the peak, ``WRITE`` values are rounded and written.
+    abuf_w : Out(abuf_write(config))
+        Writes nothing once the result exponent overflows.
+    exp_out : Out(EXP_SHAPE)
+    overflow : Out(1)
+    """
+
+    def __init__(self, config):
+        self.config = config
+        super().__init__({"clear": In(1), "exp_in": In(EXP_WIDE), "wide": In(_pipe(wide_layout(config))),
+                          "abuf_w": Out(abuf_write(config)), "exp_out": Out(EXP_SHAPE), "overflow": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        V = self.config.vector_lanes
+        L = abuf_lanes(self.config)
+        lg_l = log2_exact(L)
+        m.submodules.normalizer = norm = Normalizer(WIDE_BITS, V, lane_widths=[WIDE_BITS] + [CHUNK_WIDE_BITS] * (V - 1))
+        s3 = Signal(wide_layout(self.config), name="s3")
+        s3_valid = Signal(name="s3_valid")
+        m.d.sync += [s3_valid.eq(self.wide.valid), s3.eq(self.wide.payload)]
+        m.d.comb += [
+            norm.clear.eq(self.clear), norm.sample.eq(s3_valid & (s3.kind == Pass.PEAK)),
+            norm.wide.eq(s3.wide), norm.valid.eq(s3.mask), norm.exp_in.eq(self.exp_in),
+            self.exp_out.eq(norm.exp_out), self.overflow.eq(norm.overflow),
+        ]
+        chunk = Cat(norm.mant[j] for j in range(V))
+        m.d.comb += [
+            self.abuf_w.addr.eq(s3.addr >> lg_l),
+            self.abuf_w.data.eq(Mux(s3.single, Cat(norm.mant[0] for _ in range(L)), Cat(chunk for _ in range(L // V)))),
+        ]
+        with m.If(s3_valid & (s3.kind == Pass.WRITE) & ~norm.overflow):
+            m.d.comb += self.abuf_w.en.eq(s3.mask << (s3.addr[:lg_l] if lg_l else 0))
+        return m
+
+
 class VectorUnit(wiring.Component):
-    """The vector unit of the overlay.
+    """The vector unit of the overlay: a sequencer over the stages above.
 
     Parameters
     ----------
@@ -125,24 +753,18 @@ class VectorUnit(wiring.Component):
 
     Attributes
     ----------
-    insn : In(INSN_BITS)
-        Instruction word, sampled with ``start``.
-    start : In(1)
-        One-cycle pulse while idle.
-    busy, done, error : Out(1)
-        ``done`` pulses once at the end, together with ``error`` if the instruction faulted
-        (no state is changed then); ``error_code`` holds a :class:`VecError` until the next start.
-    abuf_rd_a_addr, abuf_rd_a_data, abuf_rd_b_addr, abuf_rd_b_data : Out, In
+    cmd, busy, done :
+        The unit protocol (:func:`hw.ports.unit_signature`) over :data:`CMD_LAYOUT`; ``done`` carries
+        the :class:`~hw.ports.Fault` (no state is changed on a fault).
+    abuf_r_a, abuf_r_b : Out(abuf_read(config))
         Two activation-buffer read ports (word address, latency 1).
-    abuf_wr_addr, abuf_wr_data, abuf_wr_en : Out
-        Activation-buffer write port; ``abuf_wr_en`` is the per-lane write mask.
-    acc_rd_addr, acc_rd_data : Out, In
-        Accumulator-buffer read port (int64 words, latency 1), for REQ.
-    ereg_rd_a_addr .. ereg_rd_c_data : Out, In
+    abuf_w : Out(abuf_write(config))
+        Activation-buffer write port with a per-lane enable.
+    ereg_ra, ereg_rb, ereg_rc : Out(ereg_read())
         Three combinational exponent-register read ports.
-    ereg_wr_addr, ereg_wr_data, ereg_wr_en : Out
+    ereg_w : Out(ereg_write())
         Exponent-register write port.
-    reg_wr_addr, reg_wr_data, reg_wr_en : Out
+    reg_w : Out(reg_write())
         Scalar-register write port (ARGMAX).
     """
 
@@ -153,586 +775,111 @@ class VectorUnit(wiring.Component):
             self._MustUse__silence = True
             raise ValueError(f"vector_lanes={V} exceeds the {L} lanes of an activation-buffer word")
         self.config = config
-        self.lanes = L
-        self.vlanes = V
-        self.depth = config.act_buffer_words // L
-        self.acc_depth = config.acc_buffer_words
-        # REQ's int64 accumulators are the widest input (ROPE's two aligned products need 2 * 16 + GUARD + 1)
-        self.wide_width = max(64, 2 * 16 + _GUARD + 1)
-        super().__init__({
-            "insn": In(isa.INSN_BITS),
-            "start": In(1),
-            "busy": Out(1),
-            "done": Out(1),
-            "error": Out(1),
-            "error_code": Out(VecError),
-            "abuf_rd_a_addr": Out(range(self.depth)),
-            "abuf_rd_a_data": In(16 * L),
-            "abuf_rd_b_addr": Out(range(self.depth)),
-            "abuf_rd_b_data": In(16 * L),
-            "abuf_wr_addr": Out(range(self.depth)),
-            "abuf_wr_data": Out(16 * L),
-            "abuf_wr_en": Out(L),
-            "acc_rd_addr": Out(range(self.acc_depth)),
-            "acc_rd_data": In(signed(64)),
-            "ereg_rd_a_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_rd_a_data": In(EXP_SHAPE),
-            "ereg_rd_b_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_rd_b_data": In(EXP_SHAPE),
-            "ereg_rd_c_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_rd_c_data": In(EXP_SHAPE),
-            "ereg_wr_addr": Out(range(isa.NUM_EREGS)),
-            "ereg_wr_data": Out(EXP_SHAPE),
-            "ereg_wr_en": Out(1),
-            "reg_wr_addr": Out(range(isa.NUM_REGS)),
-            "reg_wr_data": Out(32),
-            "reg_wr_en": Out(1),
-        })
+        super().__init__(unit_signature(
+            CMD_LAYOUT,
+            abuf_r_a=Out(abuf_read(config)), abuf_r_b=Out(abuf_read(config)), abuf_w=Out(abuf_write(config)),
+            ereg_ra=Out(ereg_read()), ereg_rb=Out(ereg_read()), ereg_rc=Out(ereg_read()), ereg_w=Out(ereg_write()),
+            reg_w=Out(reg_write()),
+        ))
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        L, V = self.lanes, self.vlanes
-        G = L // V  # chunks per buffer word
-        lg_l = L.bit_length() - 1
-        lg_g = G.bit_length() - 1
-        n_words = cfg.act_buffer_words
-        addr_w = 17  # element address + length, before the bounds check
-        W = self.wide_width
-        nw = timing.norm_widths(cfg)
+        insn = Signal(CMD_LAYOUT, name="insn")
+        opcode = _opcode(insn)
+        is_rope = opcode == _code("ROPE")
+        exps = [Signal(EREG_SHAPE, name=f"exp_{n}") for n in "abc"]  # latched at set-up
 
-        m.submodules.normalizer = norm = Normalizer(W, V)
-        m.submodules.gate_lut = lut = GateLut(V)
-        m.submodules.divider = div = Divider(max(nw["ss_div"], nw["ms_div"], nw["recip_div"], nw["mean_div"]),
-                                             max(nw["n"], nw["root"] + 1), SCALAR_BITS_PER_CYCLE)
-        m.submodules.isqrt = sq = Isqrt(nw["root"], SCALAR_BITS_PER_CYCLE)
+        m.submodules.decoder = dec = VectorDecoder(cfg)
+        m.submodules.issue = issue = ChunkIssue(cfg)
+        m.submodules.elementwise = elem = Elementwise(cfg)
+        m.submodules.norm_scalar = scalar = NormScalar(cfg)
+        m.submodules.argmax = argmax = Argmax(cfg)
+        m.submodules.rope = rope = Rope(cfg)
+        m.submodules.write_back = wb = WriteBack(cfg)
+        m.d.comb += [
+            dec.insn.eq(insn),
+            self.ereg_ra.addr.eq(dec.ereg_a), self.ereg_rb.addr.eq(dec.ereg_b), self.ereg_rc.addr.eq(dec.ereg_c),
+            issue.src_a.eq(dec.src_a), issue.src_b.eq(dec.src_b), issue.length.eq(dec.length),
+            elem.insn.eq(insn), elem.exp_a.eq(exps[0]), elem.exp_b.eq(exps[1]), elem.dst.eq(dec.dst),
+            elem.early_a.eq(issue.early_a),
+            elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
+            scalar.insn.eq(insn.NORM), scalar.exp_x.eq(exps[0]),
+            rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
+            wb.exp_in.eq(Mux(is_rope, rope.exp, elem.exp)),
+        ]
+        for sink in (elem, scalar, argmax):
+            wiring.connect(m, issue.chunk, sink.chunk)
+        wiring.connect(m, wb.abuf_w, wiring.flipped(self.abuf_w))
+        # ROPE reads single elements of its own; the chunk ops read whole chunks
+        for port, chunks, pairs in ((self.abuf_r_a, issue.rd_a, rope.rd_a), (self.abuf_r_b, issue.rd_b, rope.rd_b)):
+            m.d.comb += [port.addr.eq(Mux(is_rope, pairs.addr, chunks.addr)), port.en.eq(1),
+                         chunks.data.eq(port.data), pairs.data.eq(port.data)]
+        with m.If(is_rope):
+            m.d.comb += [wb.wide.valid.eq(rope.wide.valid), wb.wide.payload.eq(rope.wide.payload)]
+        with m.Else():
+            m.d.comb += [wb.wide.valid.eq(elem.wide.valid), wb.wide.payload.eq(elem.wide.payload)]
 
-        # ------------------------------------------------------------ instruction
-        insn = Signal(isa.INSN_BITS, name="insn_reg")
-        hdr = data.View(HEADER_LAYOUT, insn[:HEADER_LAYOUT.size])
-        f = {name: data.View(LAYOUTS[name], insn) for name in OPS}
-        opcode = hdr.opcode
-        is_op = {name: Signal(name=f"is_{name.lower()}") for name in OPS}
-        for name in OPS:
-            m.d.comb += is_op[name].eq(opcode == _code(name))
-        chunk_op = Signal(name="chunk_op")
-        m.d.comb += chunk_op.eq(is_op["VADD"] | is_op["VMUL"] | is_op["VSCALE"] | is_op["ACT"] | is_op["NORM"])
-
-        # operand fields, by op (element addresses)
-        src_a = Signal(16, name="src_a")
-        src_b = Signal(16, name="src_b")
-        dst = Signal(16, name="dst")
-        dst_e = Signal(5, name="dst_e")
-        length = Signal(16, name="vec_len")
-        with m.Switch(opcode):
-            for name in ("VADD", "VMUL"):
-                with m.Case(_code(name)):
-                    m.d.comb += [src_a.eq(f[name].a), src_b.eq(f[name].b), dst.eq(f[name].dst),
-                                 dst_e.eq(f[name].dst_e), length.eq(f[name].len),
-                                 self.ereg_rd_a_addr.eq(f[name].a_e), self.ereg_rd_b_addr.eq(f[name].b_e)]
-            with m.Case(_code("VSCALE")):
-                v = f["VSCALE"]
-                m.d.comb += [src_a.eq(v.a), src_b.eq(v.a), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len),
-                             self.ereg_rd_a_addr.eq(v.a_e)]
-            with m.Case(_code("ACT")):
-                v = f["ACT"]
-                m.d.comb += [src_a.eq(v.x), src_b.eq(v.x), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len),
-                             self.ereg_rd_a_addr.eq(v.x_e)]
-            with m.Case(_code("NORM")):
-                v = f["NORM"]
-                m.d.comb += [src_a.eq(v.x), src_b.eq(v.g), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len),
-                             self.ereg_rd_a_addr.eq(v.x_e), self.ereg_rd_b_addr.eq(v.g_e)]
-            with m.Case(_code("ARGMAX")):
-                v = f["ARGMAX"]
-                m.d.comb += [src_a.eq(v.x), src_b.eq(v.x), length.eq(v.len)]
-            with m.Case(_code("REQ")):
-                v = f["REQ"]
-                m.d.comb += [dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.len), self.ereg_rd_a_addr.eq(v.acc_e)]
-            with m.Case(_code("ROPE")):
-                v = f["ROPE"]
-                m.d.comb += [src_a.eq(v.x), dst.eq(v.dst), dst_e.eq(v.dst_e), length.eq(v.heads * v.head_dim),
-                             self.ereg_rd_a_addr.eq(v.x_e), self.ereg_rd_b_addr.eq(v.cos_e),
-                             self.ereg_rd_c_addr.eq(v.sin_e)]
-
-        # ------------------------------------------------------------ latched operands
-        ea = Signal(EXP_SHAPE, name="exp_a")
-        eb = Signal(EXP_SHAPE, name="exp_b")
-        a_word = Signal(range(self.depth), name="a_word")
-        b_word = Signal(range(self.depth), name="b_word")
-        d_word = Signal(range(self.depth), name="dst_word")
-        nchunks = Signal(16, name="nchunks")
-        norm_exp_in = Signal(EXP_WIDE, name="result_exp_in")  # exponent of the wide values
-
-        # ------------------------------------------------------------ control state
+        # busy runs to the done cycle inclusive; the unit takes a command only while idle
         busy = Signal()
-        m.d.comb += self.busy.eq(busy)
-        m.d.sync += [self.done.eq(0), self.error.eq(0), self.ereg_wr_en.eq(0), self.reg_wr_en.eq(0)]
-        issue = Signal(name="issue")  # S0 valid
-        issue_idx = Signal(16, name="issue_idx")
-        issue_kind = Signal(2, name="issue_kind")
-        KIND_STATS, KIND_ARGMAX, KIND_PEAK, KIND_WRITE = range(4)
-        drain = Signal(range(PIPE_DEPTH + 2), name="drain_count")
+        m.d.comb += [self.busy.eq(busy | self.done.valid), self.cmd.ready.eq(~self.busy)]
+        m.d.sync += [self.done.valid.eq(0), self.ereg_w.en.eq(0), self.reg_w.en.eq(0)]
 
-        # ------------------------------------------------------------ S0: issue (chunk ops)
-        m.d.comb += [
-            self.abuf_rd_a_addr.eq(a_word + (issue_idx >> lg_g)),
-            self.abuf_rd_b_addr.eq(b_word + (issue_idx >> lg_g)),
-        ]
+        def finish(fault):
+            m.d.sync += [self.done.valid.eq(1), self.done.payload.eq(fault), busy.eq(0)]
+            m.next = "IDLE"
 
-        # ------------------------------------------------------------ S1: lane select, gate lookup
-        s1_valid = Signal(name="s1_valid")
-        s1_kind = Signal(2, name="s1_kind")
-        s1_idx = Signal(16, name="s1_idx")
-        m.d.comb += self.acc_rd_addr.eq(f["REQ"].acc + issue_idx)
-        m.d.sync += [s1_valid.eq(issue & (chunk_op | is_op["ARGMAX"] | is_op["REQ"])), s1_kind.eq(issue_kind),
-                     s1_idx.eq(issue_idx)]
-        lane_layout = data.ArrayLayout(signed(16), V)
-        s1_a = Signal(lane_layout, name="s1_a")
-        s1_b = Signal(lane_layout, name="s1_b")
-        sel = s1_idx[:lg_g] if lg_g else Const(0, 1)
-        m.d.comb += [
-            s1_a.eq(self.abuf_rd_a_data.word_select(sel, 16 * V)),
-            s1_b.eq(self.abuf_rd_b_data.word_select(sel, 16 * V)),
-        ]
-        s1_mask = Signal(V, name="s1_mask")
-        for j in range(V):
-            m.d.comb += s1_mask[j].eq((s1_idx * V + j) < length)
-        m.d.comb += [lut.x.eq(s1_a), lut.exp.eq(ea), lut.func.eq(f["ACT"].func)]
+        def start_chunks(kind, state):
+            m.d.comb += [issue.start.eq(1), issue.kind.eq(kind)]
+            m.next = state
 
-        # ------------------------------------------------------------ S2: wide results
-        s2_valid = Signal(name="s2_valid")
-        s2_kind = Signal(2, name="s2_kind")
-        s2_idx = Signal(16, name="s2_idx")
-        s2_mask = Signal(V, name="s2_mask")
-        s2_a = Signal(lane_layout, name="s2_a")
-        s2_b = Signal(lane_layout, name="s2_b")
-        s2_acc = Signal(signed(64), name="s2_acc")
-        s2_acc_dst = Signal(addr_w, name="s2_acc_dst")
-        m.d.sync += [s2_valid.eq(s1_valid), s2_kind.eq(s1_kind), s2_idx.eq(s1_idx), s2_mask.eq(s1_mask),
-                     s2_a.eq(s1_a), s2_b.eq(s1_b), s2_acc.eq(self.acc_rd_data), s2_acc_dst.eq(dst + s1_idx)]
-        # VADD alignment (numerics.align_sum): each operand moves left by its exponent above top
-        add_ka = Signal(EXP_WIDE, name="add_shift_a")
-        add_kb = Signal(EXP_WIDE, name="add_shift_b")
-        norm_r = Signal(26, name="norm_recip")  # rsqrt mantissa
-        norm_d = Signal(signed(nw["mean_div"] + 2), name="norm_mean_term")  # floor(-sum(x) * r / n)
-        wide_layout = data.ArrayLayout(signed(W), V)
-        s2_wide = Signal(wide_layout, name="s2_wide")
-        for j in range(V):
-            a, b = s2_a[j], s2_b[j]
-            al = round_shift_expr(m, a, -add_ka, 17, _GUARD, f"add_a{j}")
-            bl = round_shift_expr(m, b, -add_kb, 17, _GUARD, f"add_b{j}")
-            gated = Signal(signed(16 + 17), name=f"act_gated{j}")
-            m.d.comb += gated.eq(a * lut.gate[j])
-            zr = Signal(signed(len(norm_d) + 16 + 1), name=f"norm_xr{j}")
-            m.d.comb += zr.eq(a * norm_r + norm_d)
-            z = Signal(signed(len(zr) - NORM_Z_SHIFT + 1), name=f"norm_z{j}")
-            m.d.comb += z.eq((zr + (1 << (NORM_Z_SHIFT - 1))) >> NORM_Z_SHIFT)
-            with m.Switch(opcode):
-                with m.Case(_code("VADD")):
-                    m.d.comb += s2_wide[j].eq(al + bl)
-                with m.Case(_code("VMUL")):
-                    m.d.comb += s2_wide[j].eq(a * b)
-                with m.Case(_code("VSCALE")):
-                    m.d.comb += s2_wide[j].eq(a * f["VSCALE"].imm_m)
-                with m.Case(_code("ACT")):
-                    m.d.comb += s2_wide[j].eq(gated)
-                with m.Case(_code("NORM")):
-                    m.d.comb += s2_wide[j].eq(z * b)
-
-        # NORM statistics: sum and sum of squares of the valid lanes
-        stat_sum = Signal(signed(nw["sum"]), name="stat_sum")
-        stat_sq = Signal(nw["sq"], name="stat_sumsq")
-        chunk_sum = 0
-        chunk_sq = 0
-        for j in range(V):
-            chunk_sum = chunk_sum + Mux(s2_mask[j], s2_a[j], 0)
-            chunk_sq = chunk_sq + Mux(s2_mask[j], s2_a[j] * s2_a[j], 0)
-        with m.If(s2_valid & (s2_kind == KIND_STATS)):
-            m.d.sync += [stat_sum.eq(stat_sum + chunk_sum), stat_sq.eq(stat_sq + chunk_sq)]
-
-        # ARGMAX: first largest of the chunk, then a strictly larger chunk replaces the best
-        best_val = Signal(signed(16), name="argmax_val")
-        best_idx = Signal(32, name="argmax_idx")
-        best_any = Signal(name="argmax_any")
-        # a balanced tree of named nodes: the left (lower-lane) candidate wins ties
-        level = [(s2_a[j], Const(j, range(V)), s2_mask[j]) for j in range(V)]
-        depth = 0
-        while len(level) > 1:
-            nxt = []
-            for k in range(0, len(level), 2):
-                if k + 1 == len(level):
-                    nxt.append(level[k])
-                    continue
-                (lv, li, lo), (rv, ri, ro) = level[k], level[k + 1]
-                take = Signal(name=f"argmax_t{depth}_{k // 2}_right")
-                val = Signal(signed(16), name=f"argmax_t{depth}_{k // 2}_val")
-                idx = Signal(range(V), name=f"argmax_t{depth}_{k // 2}_lane")
-                ok = Signal(name=f"argmax_t{depth}_{k // 2}_ok")
-                m.d.comb += [take.eq(ro & (~lo | (rv > lv))), val.eq(Mux(take, rv, lv)), idx.eq(Mux(take, ri, li)),
-                             ok.eq(lo | ro)]
-                nxt.append((val, idx, ok))
-            level, depth = nxt, depth + 1
-        cand_val, cand_lane, cand_ok = level[0]
-        with m.If(s2_valid & (s2_kind == KIND_ARGMAX) & cand_ok & (~best_any | (cand_val > best_val))):
-            m.d.sync += [best_val.eq(cand_val), best_idx.eq(s2_idx * V + cand_lane), best_any.eq(1)]
-
-        # ------------------------------------------------------------ ROPE sequencing (its own S0..S2)
-        rope = f["ROPE"]
-        half = Signal(10, name="rope_half")
-        m.d.comb += half.eq(rope.head_dim >> 1)
-        interleaved = rope.mode == isa.ENUMS["rope"].index("interleaved")
-        r_head = Signal(8, name="rope_head")
-        r_pair = Signal(10, name="rope_pair")
-        r_phase = Signal(name="rope_phase")  # 0: read the x pair, 1: read cos and sin
-        r_xbase = Signal(addr_w + 3, name="rope_x_head")
-        r_dbase = Signal(addr_w + 3, name="rope_dst_head")
-        r_kind = Signal(2, name="rope_kind")
-        r_issue = Signal(name="rope_issue")
-        r_first = Signal(addr_w + 3, name="rope_first")  # element offsets in the head of the pair
-        r_second = Signal(addr_w + 3, name="rope_second")
-        m.d.comb += [
-            r_first.eq(Mux(interleaved, r_pair << 1, r_pair)),
-            r_second.eq(Mux(interleaved, (r_pair << 1) + 1, r_pair + half)),
-        ]
-        xa_addr = Signal(addr_w + 3, name="rope_xa_addr")
-        xb_addr = Signal(addr_w + 3, name="rope_xb_addr")
-        cs_c_addr = Signal(addr_w + 3, name="rope_cos_addr")
-        cs_s_addr = Signal(addr_w + 3, name="rope_sin_addr")
-        m.d.comb += [
-            xa_addr.eq(r_xbase + r_first), xb_addr.eq(r_xbase + r_second),
-            cs_c_addr.eq(rope.cos + r_pair), cs_s_addr.eq(rope.sin + r_pair),
-        ]
-        with m.If(is_op["ROPE"]):
-            m.d.comb += [
-                self.abuf_rd_a_addr.eq(Mux(r_phase, cs_c_addr, xa_addr) >> lg_l),
-                self.abuf_rd_b_addr.eq(Mux(r_phase, cs_s_addr, xb_addr) >> lg_l),
-            ]
-        r1_valid = Signal(name="rope1_valid")
-        r1_phase = Signal(name="rope1_phase")
-        r1_kind = Signal(2, name="rope1_kind")
-        r1_lane_a = Signal(lg_l or 1, name="rope1_lane_a")
-        r1_lane_b = Signal(lg_l or 1, name="rope1_lane_b")
-        r1_out_a = Signal(addr_w + 3, name="rope1_out_a")
-        r1_out_b = Signal(addr_w + 3, name="rope1_out_b")
-        m.d.sync += [
-            r1_valid.eq(r_issue), r1_phase.eq(r_phase), r1_kind.eq(r_kind),
-            r1_lane_a.eq(Mux(r_phase, cs_c_addr, xa_addr)[:lg_l] if lg_l else 0),
-            r1_lane_b.eq(Mux(r_phase, cs_s_addr, xb_addr)[:lg_l] if lg_l else 0),
-            r1_out_a.eq(r_dbase + r_first), r1_out_b.eq(r_dbase + r_second),
-        ]
-        r1_va = Signal(signed(16), name="rope1_va")
-        r1_vb = Signal(signed(16), name="rope1_vb")
-        m.d.comb += [
-            r1_va.eq(self.abuf_rd_a_data.word_select(r1_lane_a, 16)),
-            r1_vb.eq(self.abuf_rd_b_data.word_select(r1_lane_b, 16)),
-        ]
-        rx_a = Signal(signed(16), name="rope_xa")
-        rx_b = Signal(signed(16), name="rope_xb")
-        with m.If(r1_valid & ~r1_phase):
-            m.d.sync += [rx_a.eq(r1_va), rx_b.eq(r1_vb)]
-        r2_valid = Signal(name="rope2_valid")
-        r2_kind = Signal(2, name="rope2_kind")
-        r2_xa, r2_xb, r2_c, r2_s = (Signal(signed(16), name=f"rope2_{n}") for n in ("xa", "xb", "cos", "sin"))
-        r2_out_a = Signal(addr_w + 3, name="rope2_out_a")
-        r2_out_b = Signal(addr_w + 3, name="rope2_out_b")
-        m.d.sync += r2_valid.eq(r1_valid & r1_phase)
-        with m.If(r1_valid & r1_phase):
-            m.d.sync += [r2_kind.eq(r1_kind), r2_xa.eq(rx_a), r2_xb.eq(rx_b), r2_c.eq(r1_va), r2_s.eq(r1_vb),
-                         r2_out_a.eq(r1_out_a), r2_out_b.eq(r1_out_b)]
-        rope_kc = Signal(EXP_WIDE, name="rope_shift_cos")
-        rope_ks = Signal(EXP_WIDE, name="rope_shift_sin")
-        ya = Signal(signed(W), name="rope_ya")
-        yb = Signal(signed(W), name="rope_yb")
-        t_ac = round_shift_expr(m, r2_xa * r2_c, -rope_kc, 32, _GUARD, "rope_ac")
-        t_bs = round_shift_expr(m, -(r2_xb * r2_s), -rope_ks, 32, _GUARD, "rope_nbs")
-        t_bc = round_shift_expr(m, r2_xb * r2_c, -rope_kc, 32, _GUARD, "rope_bc")
-        t_as = round_shift_expr(m, r2_xa * r2_s, -rope_ks, 32, _GUARD, "rope_as")
-        m.d.comb += [ya.eq(t_ac + t_bs), yb.eq(t_bc + t_as)]
-        held_valid = Signal(name="rope_yb_pending")
-        held_y = Signal(signed(W), name="rope_yb_held")
-        held_out = Signal(addr_w + 3, name="rope_yb_addr")
-        held_kind = Signal(2, name="rope_yb_kind")
-        m.d.sync += held_valid.eq(r2_valid)
-        with m.If(r2_valid):
-            m.d.sync += [held_y.eq(yb), held_out.eq(r2_out_b), held_kind.eq(r2_kind)]
-
-        # ------------------------------------------------------------ S3: normalize, write
-        s3_valid = Signal(name="s3_valid")
-        s3_kind = Signal(2, name="s3_kind")
-        s3_wide = Signal(wide_layout, name="s3_wide")
-        s3_mask = Signal(V, name="s3_mask")
-        s3_word = Signal(range(self.depth), name="s3_word")
-        s3_single = Signal(name="s3_single_lane")  # ROPE: lane 0 goes to buffer lane s3_lane
-        s3_lane = Signal(lg_l or 1, name="s3_lane")
-        with m.If(is_op["ROPE"]):
-            with m.If(r2_valid):
-                m.d.sync += [s3_valid.eq(1), s3_kind.eq(r2_kind), s3_wide[0].eq(ya), s3_mask.eq(1),
-                             s3_word.eq(r2_out_a >> lg_l), s3_lane.eq(r2_out_a[:lg_l] if lg_l else 0), s3_single.eq(1)]
-            with m.Elif(held_valid):
-                m.d.sync += [s3_valid.eq(1), s3_kind.eq(held_kind), s3_wide[0].eq(held_y), s3_mask.eq(1),
-                             s3_word.eq(held_out >> lg_l), s3_lane.eq(held_out[:lg_l] if lg_l else 0), s3_single.eq(1)]
-            with m.Else():
-                m.d.sync += s3_valid.eq(0)
-        with m.Elif(is_op["REQ"]):
-            m.d.sync += [s3_valid.eq(s2_valid & s2_kind[1]), s3_kind.eq(s2_kind), s3_wide[0].eq(s2_acc), s3_mask.eq(1),
-                         s3_word.eq(s2_acc_dst >> lg_l), s3_lane.eq(s2_acc_dst[:lg_l] if lg_l else 0), s3_single.eq(1)]
-        with m.Else():
-            m.d.sync += [s3_valid.eq(s2_valid & s2_kind[1]), s3_kind.eq(s2_kind), s3_wide.eq(s2_wide),
-                         s3_mask.eq(s2_mask), s3_word.eq(d_word + (s2_idx >> lg_g)), s3_single.eq(0),
-                         s3_lane.eq(s2_idx[:lg_g] if lg_g else 0)]
-        m.d.comb += [
-            norm.wide.eq(s3_wide), norm.valid.eq(s3_mask), norm.exp_in.eq(norm_exp_in),
-            norm.sample.eq(s3_valid & (s3_kind == KIND_PEAK)),
-        ]
-        lane_data = Cat(norm.mant[j] for j in range(V))
-        m.d.comb += [
-            self.abuf_wr_addr.eq(s3_word),
-            self.abuf_wr_data.eq(Mux(s3_single, Cat(norm.mant[0] for _ in range(L)), Cat(lane_data for _ in range(G)))),
-        ]
-        with m.If(s3_valid & (s3_kind == KIND_WRITE) & ~norm.overflow):
-            with m.If(s3_single):
-                m.d.comb += self.abuf_wr_en.eq(Const(1, L) << s3_lane)
-            with m.Else():
-                m.d.comb += self.abuf_wr_en.eq(s3_mask << (s3_lane[:lg_g] * V) if lg_g else s3_mask)
-
-        # ------------------------------------------------------------ NORM scalar sequence
-        n_len = Signal(nw["n"], name="norm_n")
-        m.d.comb += n_len.eq(length)
-        ss = Signal(nw["sq"], name="norm_ss")
-        ms = Signal(nw["ms_div"], name="norm_mean_sq")
-        total = Signal(16 + _EPS_SHIFT_CAP + 1, name="norm_total")
-        total_exp = Signal(EXP_WIDE, name="norm_total_exp")
-        sc_m = Signal(nx.SCALAR_BITS + 2, name="norm_scalar_m")
-        sc_e = Signal(EXP_WIDE, name="norm_scalar_e")
-        layer = f["NORM"].kind == isa.ENUMS["norm"].index("layer")
-        eps_m = f["NORM"].eps_m
-        # eps aligned to the mean square's exponent base = 2 * ex - 32
-        base = Signal(EXP_WIDE, name="norm_base")
-        m.d.comb += base.eq((ea << 1) - NORM_MS_FRAC)
-        eps_shift = Signal(EXP_WIDE, name="norm_eps_shift")  # left shift of eps_m
-        m.d.comb += eps_shift.eq(f["NORM"].eps_e - base)
-        eps_al = round_shift_expr(m, Cat(eps_m, Const(0, 1)).as_signed(), -eps_shift, 17, _EPS_SHIFT_CAP, "norm_eps")
-        total_next = Signal.like(total, name="norm_total_next")
-        total_exp_next = Signal(EXP_WIDE, name="norm_total_exp_next")
-        with m.If((eps_m != 0) & (eps_shift > _EPS_SHIFT_CAP)):
-            m.d.comb += [total_next.eq(eps_m << _EPS_SHIFT_CAP), total_exp_next.eq(base + eps_shift - _EPS_SHIFT_CAP)]
-        with m.Else():
-            m.d.comb += [total_next.eq(ms + Mux(eps_m != 0, eps_al, 0)), total_exp_next.eq(base)]
-        tot_len = bit_length(m, total, "norm_total_bits")
-        sc_shift = Signal(signed(len(tot_len) + 2), name="norm_scalar_shift")
-        m.d.comb += sc_shift.eq(tot_len - nx.SCALAR_BITS)
-        sc_round = round_shift_expr(m, Cat(total, Const(0, 1)).as_signed(), sc_shift,
-                                    len(total), nx.SCALAR_BITS, "norm_scalar_round")
-        sc_exp = Signal(EXP_WIDE, name="norm_scalar_exp")
-        m.d.comb += sc_exp.eq(total_exp + sc_shift)
-        sum_r = Signal(signed(nw["sum"] + 27), name="norm_sum_r")
-        m.d.comb += sum_r.eq(stat_sum * norm_r)
-        norm_er = Signal(EXP_WIDE, name="norm_recip_exp")
-
-        # ------------------------------------------------------------ set-up checks
-        def bad_bounds(start, n):
-            return (start + n) > n_words
-
-        def unaligned(addr):
-            return addr[:lg_l] != 0 if lg_l else Const(0)
-
-        err_code = Signal(VecError, name="setup_error")
-        with m.If(~(is_op["VADD"] | is_op["VMUL"] | is_op["VSCALE"] | is_op["ACT"] | is_op["NORM"] | is_op["ROPE"]
-                    | is_op["ARGMAX"] | is_op["REQ"])):
-            m.d.comb += err_code.eq(VecError.OPCODE)
-        with m.Elif(is_op["REQ"]), m.If(bad_bounds(dst, length) | (f["REQ"].acc + length > self.acc_depth)):
-            m.d.comb += err_code.eq(VecError.BOUNDS)
-        with m.Elif(is_op["ROPE"]):
-            with m.If((rope.head_dim == 0) | rope.head_dim[0] | (rope.heads == 0)):
-                m.d.comb += err_code.eq(VecError.SHAPE)
-            with m.Elif(bad_bounds(rope.x, length) | bad_bounds(rope.dst, length) | bad_bounds(rope.cos, half)
-                        | bad_bounds(rope.sin, half)):
-                m.d.comb += err_code.eq(VecError.BOUNDS)
-        with m.Else():
-            with m.If(bad_bounds(src_a, length) | bad_bounds(src_b, length)
-                      | (~is_op["ARGMAX"] & bad_bounds(dst, length))):
-                m.d.comb += err_code.eq(VecError.BOUNDS)
-            with m.Elif((is_op["NORM"] | is_op["ARGMAX"]) & (length == 0)):
-                m.d.comb += err_code.eq(VecError.SHAPE)
-            with m.Elif(unaligned(src_a) | unaligned(src_b) | (~is_op["ARGMAX"] & unaligned(dst))):
-                m.d.comb += err_code.eq(VecError.ALIGN)
-
-        # ------------------------------------------------------------ FSM
-        m.d.comb += [div.start.eq(0), sq.start.eq(0), norm.clear.eq(0)]
+        drain = Signal(range(PIPE_DEPTH + 2), name="drain")
         with m.FSM(name="vec_state"):
-            with m.State("IDLE"), m.If(self.start):
-                m.d.sync += [insn.eq(self.insn), busy.eq(1), self.error_code.eq(VecError.NONE)]
+            with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
+                m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1)]
                 m.next = "SETUP"
             with m.State("SETUP"):
-                m.d.comb += norm.clear.eq(1)
-                m.d.sync += [
-                    ea.eq(self.ereg_rd_a_data), eb.eq(self.ereg_rd_b_data),
-                    a_word.eq(src_a >> lg_l), b_word.eq(src_b >> lg_l), d_word.eq(dst >> lg_l),
-                    nchunks.eq(Mux(is_op["REQ"], length, (length + V - 1) >> (V.bit_length() - 1))),
-                    issue_idx.eq(0), stat_sum.eq(0), stat_sq.eq(0), best_any.eq(0),
-                    r_head.eq(0), r_pair.eq(0), r_phase.eq(0), r_xbase.eq(rope.x), r_dbase.eq(rope.dst),
-                    norm_r.eq(0), norm_d.eq(0),
-                ]
-                # exponent of the wide values, and per-op alignment shifts
-                ra, rb, rc = self.ereg_rd_a_data, self.ereg_rd_b_data, self.ereg_rd_c_data
-                top = Signal(EXP_WIDE, name="setup_top")
-                m.d.comb += top.eq(Mux(ra > rb, ra, rb) - _GUARD)
-                m.d.sync += [add_ka.eq(ra - top), add_kb.eq(rb - top)]
-                rtop = Signal(EXP_WIDE, name="setup_rope_top")
-                m.d.comb += rtop.eq(ra + Mux(rb > rc, rb, rc) - _GUARD)
-                m.d.sync += [rope_kc.eq(ra + rb - rtop), rope_ks.eq(ra + rc - rtop)]
-                with m.Switch(opcode):
-                    with m.Case(_code("VADD")):
-                        m.d.sync += norm_exp_in.eq(top)
-                    with m.Case(_code("VMUL")):
-                        m.d.sync += norm_exp_in.eq(ra + rb)
-                    with m.Case(_code("VSCALE")):
-                        m.d.sync += norm_exp_in.eq(ra + f["VSCALE"].imm_e)
-                    with m.Case(_code("ACT")):
-                        m.d.sync += norm_exp_in.eq(ra - _GATE_BITS)
-                    with m.Case(_code("ROPE")):
-                        m.d.sync += norm_exp_in.eq(rtop)
-                    with m.Case(_code("REQ")):
-                        m.d.sync += norm_exp_in.eq(ra)
-                with m.If(err_code != VecError.NONE):
-                    m.d.sync += [self.error_code.eq(err_code), self.error.eq(1), self.done.eq(1), busy.eq(0)]
-                    m.next = "IDLE"
-                with m.Elif(is_op["ROPE"]):
-                    m.d.sync += [r_kind.eq(KIND_PEAK), r_issue.eq(1)]
+                m.d.comb += [wb.clear.eq(1), scalar.clear.eq(1), argmax.clear.eq(1)]
+                m.d.sync += [e.eq(port.data) for e, port in zip(exps, (self.ereg_ra, self.ereg_rb, self.ereg_rc))]
+                with m.If(dec.fault != Fault.NONE):
+                    finish(dec.fault)
+                with m.Elif(is_rope):
+                    m.d.comb += rope.start.eq(1)
                     m.next = "ROPE"
-                with m.Elif(is_op["NORM"]):
-                    m.d.sync += [issue_kind.eq(KIND_STATS), issue.eq(1)]
-                    m.next = "STATS"
-                with m.Elif(is_op["ARGMAX"]):
-                    m.d.sync += [issue_kind.eq(KIND_ARGMAX), issue.eq(1)]
-                    m.next = "ARGMAX"
-                with m.Elif(length == 0):
+                with m.Elif(opcode == _code("NORM")):
+                    start_chunks(Pass.STATS, "STATS")
+                with m.Elif(opcode == _code("ARGMAX")):
+                    start_chunks(Pass.ARGMAX, "ARGMAX")
+                with m.Elif(dec.length == 0):
                     m.d.sync += drain.eq(PIPE_DEPTH)
-                    m.next = "DRAIN"
+                    m.next = "PASSES_DRAIN"
                 with m.Else():
-                    m.d.sync += [issue_kind.eq(KIND_PEAK), issue.eq(1)]
-                    m.next = "PASSES"
-
-            with m.State("PASSES"):  # peak pass then write pass, back to back
-                with m.If(issue_idx == nchunks - 1):
-                    m.d.sync += issue_idx.eq(0)
-                    with m.If(issue_kind == KIND_PEAK):
-                        m.d.sync += issue_kind.eq(KIND_WRITE)
-                    with m.Else():
-                        m.d.sync += [issue.eq(0), drain.eq(PIPE_DEPTH)]
-                        m.next = "DRAIN"
-                with m.Else():
-                    m.d.sync += issue_idx.eq(issue_idx + 1)
-
-            with m.State("DRAIN"):
-                m.d.sync += drain.eq(drain - 1)
-                with m.If(drain == 1):
-                    m.next = "FINISH"
-
+                    start_chunks(Pass.PEAK, "PASSES")
+            # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
+            # one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
+            # (the scalar sequence starts in the second, SCALAR, and reads the sums in the cycle after)
+            for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
+                                             ("ROPE", rope.last, PIPE_DEPTH + 1, "FINISH"),
+                                             ("STATS", issue.last, 1, "SCALAR"),
+                                             ("ARGMAX", issue.last, 2, "ARGMAX_WRITE")):
+                with m.State(state), m.If(last):
+                    m.d.sync += drain.eq(depth)
+                    m.next = f"{state}_DRAIN"
+                with m.State(f"{state}_DRAIN"):
+                    m.d.sync += drain.eq(drain - 1)
+                    with m.If(drain == 1):
+                        m.next = then
+            with m.State("SCALAR"):
+                m.d.comb += scalar.start.eq(1)
+                with m.If(scalar.done):
+                    m.next = "NORM_PASSES"
+            with m.State("NORM_PASSES"):
+                start_chunks(Pass.PEAK, "PASSES")
             with m.State("FINISH"):
-                with m.If(norm.overflow):
-                    m.d.sync += [self.error.eq(1), self.error_code.eq(VecError.EXP_OVERFLOW)]
-                with m.Else():
-                    m.d.sync += [self.ereg_wr_en.eq(1)]
-                m.d.sync += [self.ereg_wr_addr.eq(dst_e), self.ereg_wr_data.eq(norm.exp_out),
-                             self.done.eq(1), busy.eq(0)]
-                m.next = "IDLE"
-
-            with m.State("ARGMAX"):
-                with m.If(issue_idx == nchunks - 1):
-                    m.d.sync += [issue.eq(0), drain.eq(2)]
-                    m.next = "ARGMAX_DRAIN"
-                with m.Else():
-                    m.d.sync += issue_idx.eq(issue_idx + 1)
-            with m.State("ARGMAX_DRAIN"):
-                m.d.sync += drain.eq(drain - 1)
-                with m.If(drain == 1):
-                    m.next = "ARGMAX_WRITE"
+                m.d.sync += [self.ereg_w.en.eq(~wb.overflow), self.ereg_w.addr.eq(dec.dst_e),
+                             self.ereg_w.data.eq(wb.exp_out)]
+                finish(Mux(wb.overflow, Fault.OVERFLOW, Fault.NONE))
             with m.State("ARGMAX_WRITE"):
-                m.d.sync += [self.reg_wr_en.eq(1), self.reg_wr_addr.eq(f["ARGMAX"].rd), self.reg_wr_data.eq(best_idx),
-                             self.done.eq(1), busy.eq(0)]
-                m.next = "IDLE"
-
-            with m.State("ROPE"):  # one pair per two cycles, peak pass then write pass
-                m.d.sync += r_phase.eq(~r_phase)
-                with m.If(r_phase):
-                    with m.If(r_pair == half - 1):
-                        m.d.sync += [r_pair.eq(0), r_head.eq(r_head + 1), r_xbase.eq(r_xbase + rope.head_dim),
-                                     r_dbase.eq(r_dbase + rope.head_dim)]
-                        with m.If(r_head == rope.heads - 1):
-                            m.d.sync += [r_head.eq(0), r_xbase.eq(rope.x), r_dbase.eq(rope.dst)]
-                            with m.If(r_kind == KIND_PEAK):
-                                m.d.sync += r_kind.eq(KIND_WRITE)
-                            with m.Else():
-                                m.d.sync += [r_issue.eq(0), drain.eq(PIPE_DEPTH + 1)]
-                                m.next = "DRAIN"
-                    with m.Else():
-                        m.d.sync += r_pair.eq(r_pair + 1)
-
-            with m.State("STATS"):
-                with m.If(issue_idx == nchunks - 1):
-                    m.d.sync += [issue.eq(0), issue_idx.eq(0), drain.eq(2)]
-                    m.next = "STATS_DRAIN"
-                with m.Else():
-                    m.d.sync += issue_idx.eq(issue_idx + 1)
-            with m.State("STATS_DRAIN"):
-                m.d.sync += drain.eq(drain - 1)
-                with m.If(drain == 1):
-                    with m.If(layer):
-                        m.next = "N_SS"
-                    with m.Else():
-                        m.next = "N_MS"
-            with m.State("N_SS"):  # layer: ss = (n * Q - S * S) // n
-                m.d.comb += [div.start.eq(1), div.numerator.eq(n_len * stat_sq - stat_sum * stat_sum),
-                             div.denominator.eq(n_len), div.bits.eq(nw["ss_div"])]
-                m.next = "N_SS_WAIT"
-            with m.State("N_SS_WAIT"), m.If(div.done):
-                m.d.sync += ss.eq(div.quotient)
-                m.next = "N_MS"
-            with m.State("N_MS"):  # ms = (ss << 32) // n; RMSNorm's ss is the sum of squares itself
-                m.d.comb += [div.start.eq(1), div.numerator.eq(Mux(layer, ss, stat_sq) << NORM_MS_FRAC), div.denominator.eq(n_len),
-                             div.bits.eq(nw["ms_div"])]
-                m.next = "N_MS_WAIT"
-            with m.State("N_MS_WAIT"), m.If(div.done):
-                m.d.sync += ms.eq(div.quotient)
-                m.next = "N_EPS"
-            with m.State("N_EPS"):
-                m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next)]
-                m.next = "N_SCALAR"
-            with m.State("N_SCALAR"):  # numerics.scalar, then make the exponent even
-                with m.If(sc_exp[0]):
-                    m.d.sync += [sc_m.eq(sc_round << 1), sc_e.eq(sc_exp - 1)]
-                with m.Else():
-                    m.d.sync += [sc_m.eq(sc_round), sc_e.eq(sc_exp)]
-                m.next = "N_SQRT"
-            with m.State("N_SQRT"):
-                m.d.comb += [sq.start.eq(1), sq.radicand.eq(sc_m << RSQRT_FRAC)]
-                m.next = "N_SQRT_WAIT"
-            with m.State("N_SQRT_WAIT"), m.If(sq.done):
-                m.next = "N_RECIP"
-            with m.State("N_RECIP"):
-                m.d.comb += [div.start.eq(1), div.numerator.eq(1 << RSQRT_NUM), div.denominator.eq(sq.root),
-                             div.bits.eq(nw["recip_div"])]
-                m.next = "N_RECIP_WAIT"
-            with m.State("N_RECIP_WAIT"), m.If(div.done):
-                m.d.sync += [norm_r.eq(div.quotient),
-                             norm_er.eq(-(sc_e >> 1) + RSQRT_FRAC // 2 - RSQRT_NUM)]
-                with m.If(layer):
-                    m.next = "N_MEAN"
-                with m.Else():
-                    m.next = "N_PASSES"
-            with m.State("N_MEAN"):  # floor(-S * r / n) from |S * r| // n
-                m.d.comb += [div.start.eq(1), div.numerator.eq(Mux(sum_r < 0, -sum_r, sum_r)),
-                             div.denominator.eq(n_len), div.bits.eq(nw["mean_div"])]
-                m.next = "N_MEAN_WAIT"
-            with m.State("N_MEAN_WAIT"), m.If(div.done):
-                with m.If(sum_r < 0):
-                    m.d.sync += norm_d.eq(div.quotient)
-                with m.Else():
-                    m.d.sync += norm_d.eq(-(div.quotient + (div.remainder != 0)))
-                m.next = "N_PASSES"
-            with m.State("N_PASSES"):
-                m.d.sync += [norm_exp_in.eq(ea + norm_er + NORM_Z_SHIFT + eb), issue_kind.eq(KIND_PEAK),
-                             issue.eq(1), issue_idx.eq(0)]
-                m.next = "PASSES"
+                m.d.sync += [self.reg_w.en.eq(1), self.reg_w.addr.eq(insn.ARGMAX.rd), self.reg_w.data.eq(argmax.index)]
+                finish(Fault.NONE)
         return m

@@ -35,10 +35,9 @@ class OverlayConfig:
     name : str
         Preset or user name; recorded in program bundles.
     port_bits : int
-        Width of the external-memory port in bits (one beat per cycle).
-    mac_lanes : int
-        Multipliers in the GEMV engine, counted as int8 x int16 products per
-        cycle. An int4 weight costs half a lane and a 16-bit weight two.
+        Width of the external-memory port in bits (one beat per cycle). The
+        GEMV engine consumes one port word of weights per cycle, so it also
+        sets the MAC array: :attr:`macs_per_cycle`.
     vector_lanes : int
         Elements per cycle of the vector unit and of the attention engine.
     weight_formats : tuple of str
@@ -68,7 +67,6 @@ class OverlayConfig:
 
     name: str = "custom"
     port_bits: int = _param(32, 16384, "external-memory port width in bits", pow2=True)
-    mac_lanes: int = _param(1, 4096, "int8-equivalent multipliers of the GEMV engine", pow2=True)
     vector_lanes: int = _param(1, 1024, "elements per cycle of the vector and attention units", pow2=True)
     weight_formats: tuple = ("int4", "int8", "w16")
     act_format: str = "bfp16"
@@ -134,9 +132,15 @@ class OverlayConfig:
         """Peak external-memory bandwidth in GB/s at the target clock."""
         return self.port_bytes * self.clock_mhz * 1e6 / 1e9
 
+    @property
+    def macs_per_cycle(self) -> int:
+        """int8 multiply-accumulates per cycle of the GEMV engine: one port word of int8 weights (int4 packs
+        twice as many weights into the word, w16 half as many)."""
+        return self.port_bytes
+
     def weights_per_cycle(self, fmt: str) -> int:
-        """Weights of format *fmt* the MAC array consumes per cycle."""
-        return max(1, self.mac_lanes * 8 // WEIGHT_FORMATS[fmt])
+        """Weights of format *fmt* the GEMV engine consumes per cycle (one port word)."""
+        return max(1, self.port_bits // WEIGHT_FORMATS[fmt])
 
     # ---- serialization ----
     def to_dict(self) -> dict:
@@ -162,10 +166,11 @@ class OverlayConfig:
             raise ConfigError(f"config must be a table of keys, got {type(data).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         for key in data:
-            if key not in names:
+            if key not in names and key != "mac_lanes":
                 raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(names)}")
         values = base.to_dict() if base is not None else {}
         values.update(data)
+        _drop_legacy_mac_lanes(values)
         if "weight_formats" in values:
             values["weight_formats"] = tuple(values["weight_formats"])
         if "clock_mhz" in values and isinstance(values["clock_mhz"], int) and not isinstance(values["clock_mhz"], bool):
@@ -187,22 +192,34 @@ class OverlayConfig:
         return self.from_dict(changes, base=self)
 
 
+def _drop_legacy_mac_lanes(values: dict) -> None:
+    """Configs and bundles written before the GEMV engine's width followed the port carry a ``mac_lanes`` key;
+    it is accepted where it states what the port gives (every preset did) and refused otherwise."""
+    if "mac_lanes" not in values:
+        return
+    lanes = values.pop("mac_lanes")
+    port_bits = values.get("port_bits")
+    if isinstance(port_bits, int) and lanes != port_bits // 8:
+        raise ConfigError(f"mac_lanes={lanes!r} is not a parameter: the GEMV engine multiplies one port word per "
+                          f"cycle, port_bits // 8 = {port_bits // 8} int8 lanes; set port_bits instead")
+
+
 PRESETS = {
     # Small enough that every Verilator test builds and runs in seconds.
     "tiny": OverlayConfig(
-        name="tiny", port_bits=64, mac_lanes=8, vector_lanes=4, group_size=32,
+        name="tiny", port_bits=64, vector_lanes=4, group_size=32,
         act_buffer_words=8192, acc_buffer_words=2048, kv_capacity=64, max_layers=4,
         max_kv_heads=4, max_head_dim=64, attn_tile=8, clock_mhz=100.0, dram_bytes=1 << 24,
     ),
     # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port.
     "ulx3s": OverlayConfig(
-        name="ulx3s", port_bits=256, mac_lanes=32, vector_lanes=8, group_size=32,
+        name="ulx3s", port_bits=256, vector_lanes=8, group_size=32,
         act_buffer_words=16384, acc_buffer_words=4096, kv_capacity=128, max_layers=4,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
     ),
     # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s.
     "u280": OverlayConfig(
-        name="u280", port_bits=8192, mac_lanes=1024, vector_lanes=64, group_size=32,
+        name="u280", port_bits=8192, vector_lanes=64, group_size=32,
         act_buffer_words=65536, acc_buffer_words=65536, kv_capacity=256, max_layers=32,
         max_kv_heads=8, max_head_dim=128, attn_tile=64, clock_mhz=450.0, dram_bytes=1 << 32,
     ),

@@ -11,14 +11,11 @@ from __future__ import annotations
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["DISPATCH_CYCLES", "DONE_LATENCY", "instr_cycles", "unit_cycles"]
+__all__ = ["DISPATCH_CYCLES", "instr_cycles", "unit_cycles"]
 
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
 DISPATCH_CYCLES = 1
-#: The vector unit and the attention engine pulse ``done`` in the cycle after their last busy cycle (their
-#: formulas count ``busy``); the queue stays busy until it sees ``done``.
-DONE_LATENCY = 1
 
 # ---------------------------------------------------------------- memory units
 #: LOAD: busy cycles besides one per beat: check, request, memory latency (hw/dram_model.v), final write.
@@ -127,20 +124,21 @@ VECTOR_OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX")
 
 
 def vector_cycles(op: str, fields: dict, config) -> int:
-    """Cycles the vector unit's ``busy`` stays high for one instruction (error-free run).
+    """Cycles the vector unit's ``busy`` stays high for one instruction (error-free run), its ``done`` cycle included.
 
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
-    :data:`VECTOR_PIPE_DEPTH` drain cycles and one finishing cycle. NORM adds a statistics pass
+    :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
     (``ceil(len / V) + 2``) and the scalar sequence. ROPE issues one pair per two cycles per pass. ARGMAX is one
     pass.
     """
     V = config.vector_lanes
+    done = 1
     if op in ("VADD", "VMUL", "VSCALE", "ACT"):
-        return 1 + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1
+        return 1 + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1 + done
     if op == "ARGMAX":
-        return 1 + _ceil(fields["len"], V) + 2 + 1
+        return 1 + _ceil(fields["len"], V) + 2 + 1 + done
     if op == "ROPE":
-        return 1 + 2 * fields["heads"] * fields["head_dim"] + VECTOR_PIPE_DEPTH + 1 + 1
+        return 1 + 2 * fields["heads"] * fields["head_dim"] + VECTOR_PIPE_DEPTH + 1 + 1 + done
     if op == "NORM":
         w = norm_widths(config)
         layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
@@ -150,14 +148,14 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         steps = [isqrt_cycles(w["root"], k)] + [divider_cycles(w[name], k) for name in
                                                  ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
         scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
-        return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1
+        return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 
 
 def kvappend_cycles(config, heads: int, head_dim: int) -> int:
     """Busy cycles of a legal KVAPPEND: decode, a K pass and a V pass of ``ceil(head_dim / lanes)`` chunks per head
-    (at least one, which writes the exponents), one drain cycle."""
-    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1
+    (at least one, which writes the exponents), one drain cycle, the done cycle."""
+    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
 
 
 def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
@@ -170,7 +168,7 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     touches) runs beside the next head's first score pass, whose max step waits for it: that phase takes
     ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
     ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a normalization step; plus the decode
-    cycle. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
+    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
     write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
@@ -187,7 +185,7 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
         out_words = ((h * head_dim) % V + head_dim - 1) // V + 1
         finish = 1 + ATTN_DIVIDER_CYCLES + out_words
     nw = _ceil(q_heads * head_dim, V)
-    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1)
+    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1) + 1
 
 
 def unit_cycles(config, ins: isa.Instr, kv_len: int = 0) -> int:
@@ -207,11 +205,11 @@ def unit_cycles(config, ins: isa.Instr, kv_len: int = 0) -> int:
     if op == "REQ":
         return req_cycles(config, f["len"])
     if op == "KVAPPEND":
-        return kvappend_cycles(config, f["heads"], f["head_dim"]) + DONE_LATENCY
+        return kvappend_cycles(config, f["heads"], f["head_dim"])
     if op == "ATTN":
-        return attn_cycles(config, f["q_heads"], f["head_dim"], kv_len) + DONE_LATENCY
+        return attn_cycles(config, f["q_heads"], f["head_dim"], kv_len)
     if op in VECTOR_OPS:
-        return vector_cycles(op, f, config) + DONE_LATENCY
+        return vector_cycles(op, f, config)
     if op == "NOP":
         return 1
     if op == "END":

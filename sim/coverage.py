@@ -99,6 +99,11 @@ class Coverage:
             hit = next((b for k, b in _OUTCOMES.items() if k.lower() in outcome.lower()), "fault: other")
         self.hits[("outcome", hit)] += 1
 
+    def merge(self, other: Coverage) -> None:
+        """Count *other*'s runs here too."""
+        self.hits.update(other.hits)
+        self.runs += other.runs
+
     def report(self) -> str:
         rows = self.bins()
         extra = sorted(set(self.hits) - set(rows))
@@ -116,7 +121,8 @@ def active() -> Coverage | None:
 
 
 class collecting:
-    """Context manager: record every RTL run into *coverage* while active."""
+    """Context manager: record every RTL run into *coverage* while active. Nested in another, the runs count for
+    the enclosing collector too (a test's own collector does not hide its runs from the session's report)."""
 
     def __init__(self, coverage: Coverage):
         self.coverage = coverage
@@ -129,3 +135,5 @@ class collecting:
     def __exit__(self, *exc):
         global _active
         _active = self._prev
+        if self._prev is not None:
+            self._prev.merge(self.coverage)

@@ -633,10 +633,10 @@ def _error(res: dict, instrs, watchdog: int, step=None) -> RtlError:
         name = isa.BY_CODE[info].name if info in isa.BY_CODE else str(info)
         reason = f"{name}: unimplemented unit for opcode {info} in this overlay build"
     elif code == "exec":
-        from kvoverlay.hw.ports import EXEC_ERRORS
+        from kvoverlay.hw.ports import Fault
 
         op = instrs[pc].op if 0 <= pc < len(instrs) and instrs[pc] is not None else "?"
-        reason = f"{op}: execution fault: {EXEC_ERRORS[info].replace('_', ' ')}"
+        reason = f"{op}: execution fault: {Fault(info).name.lower().replace('_', ' ')}"
     else:
         reason = f"watchdog: the {STALL_UNITS[info]} unit made no progress for {watchdog} cycles (stalled)"
     if step is not None:

@@ -46,8 +46,9 @@ async def _read_seq(dut, set_addr, get_data, addrs):
 async def attention_case(dut):
     case = _load_case()
     Clock(dut.clk, 10, unit="ns").start()
-    ew = len(dut.host_ereg_wdata)
-    for sig in (dut.start, dut.host_abuf_we, dut.host_ereg_we, dut.host_reg_we):
+    ew = len(dut.host__ereg_w__data)
+    dut.host__abuf_r__en.value = dut.host__acc_r__en.value = 1
+    for sig in (dut.cmd__valid, dut.host__abuf_w__en, dut.host__ereg_w__en, dut.host__reg_w__en):
         sig.value = 0
     dut.rst.value = 1
     for _ in range(2):
@@ -55,57 +56,58 @@ async def attention_case(dut):
     dut.rst.value = 0
 
     # bulk state load, one word or register per cycle
-    dut.host_abuf_we.value = 1
+    dut.host__abuf_w__en.value = (1 << len(dut.host__abuf_w__en)) - 1
     for addr, word in case["abuf"]:
-        dut.host_abuf_waddr.value = addr
-        dut.host_abuf_wdata.value = word
+        dut.host__abuf_w__addr.value = addr
+        dut.host__abuf_w__data.value = word
         await RisingEdge(dut.clk)
-    dut.host_abuf_we.value = 0
-    dut.host_ereg_we.value = 1
+    dut.host__abuf_w__en.value = 0
+    dut.host__ereg_w__en.value = 1
     for idx, val in case["eregs"]:
-        dut.host_ereg_addr.value = idx
-        dut.host_ereg_wdata.value = _mask(val, ew)
+        dut.host__ereg_w__addr.value = idx
+        dut.host__ereg_w__data.value = _mask(val, ew)
         await RisingEdge(dut.clk)
-    dut.host_ereg_we.value = 0
-    dut.host_reg_we.value = 1
+    dut.host__ereg_w__en.value = 0
+    dut.host__reg_w__en.value = 1
     for idx, val in case["regs"]:
-        dut.host_reg_addr.value = idx
-        dut.host_reg_wdata.value = _mask(val, 32)
+        dut.host__reg_w__addr.value = idx
+        dut.host__reg_w__data.value = _mask(val, 32)
         await RisingEdge(dut.clk)
-    dut.host_reg_we.value = 0
+    dut.host__reg_w__en.value = 0
 
-    # each instruction: one start pulse, then the whole run in HDL until done
+    # each instruction: one command transfer, then the whole run in HDL until done
     instrs = []
     for word in case["program"]:
-        dut.insn.value = word
-        dut.start.value = 1
+        dut.cmd__payload.value = word
+        dut.cmd__valid.value = 1
         await RisingEdge(dut.clk)
-        dut.start.value = 0
+        while not dut.cmd__ready.value:
+            await RisingEdge(dut.clk)
+        dut.cmd__valid.value = 0
         await with_timeout(RisingEdge(dut.done), 2, "ms")
         await ReadOnly()
-        instrs.append({"cycles": int(dut.cycles.value), "error": int(dut.error.value),
-                       "code": int(dut.error_code.value)})
+        instrs.append({"cycles": int(dut.cycles.value), "fault": int(dut.fault.value)})
         await RisingEdge(dut.clk)
 
     def set_abuf(a):
-        dut.host_abuf_raddr.value = a
+        dut.host__abuf_r__addr.value = a
 
     def set_acc(a):
-        dut.host_acc_raddr.value = a
+        dut.host__acc_r__addr.value = a
 
     def set_kv(c):
         dut.host_kv__layer.value, dut.host_kv__head.value, dut.host_kv__pos.value, dut.host_kv__chunk.value = c
 
-    abuf = await _read_seq(dut, set_abuf, lambda: int(dut.host_abuf_rdata.value), case["read_abuf"])
-    acc = await _read_seq(dut, set_acc, lambda: int(dut.host_acc_rdata.value), case["read_acc"])
+    abuf = await _read_seq(dut, set_abuf, lambda: int(dut.host__abuf_r__data.value), case["read_abuf"])
+    acc = await _read_seq(dut, set_acc, lambda: int(dut.host__acc_r__data.value), case["read_acc"])
     kv = await _read_seq(dut, set_kv, lambda: [int(dut.host_kv__k_data.value), int(dut.host_kv__v_data.value),
                                                dut.host_kv__ek.value.to_signed(), dut.host_kv__ev.value.to_signed()],
                          case["read_kv"])
     eregs = []
     for idx in range(case["num_eregs"]):
-        dut.host_ereg_addr.value = idx
+        dut.host__ereg_r__addr.value = idx
         await RisingEdge(dut.clk)
         await ReadOnly()
-        eregs.append(dut.host_ereg_rdata.value.to_signed())
+        eregs.append(dut.host__ereg_r__data.value.to_signed())
         await RisingEdge(dut.clk)
     _save(case["result"], {"instrs": instrs, "abuf": abuf, "acc": acc, "kv": kv, "eregs": eregs})

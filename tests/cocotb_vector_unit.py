@@ -1,8 +1,8 @@
 """cocotb side of tests/test_hw_vector_unit.py: run a list of vector-unit cases on one simulator.
 
 For each case from the JSON file named by VEC_CASES: write the buffer words, exponent and
-scalar registers through the host ports, start one instruction, await ``done``, read back
-the cycle count, the error status, the buffer window and every register.
+scalar registers through the host ports, send one instruction on ``cmd``, await ``done``, read back
+its fault, the cycle count, the buffer window and every register.
 """
 
 import json
@@ -33,64 +33,62 @@ async def vector_cases(dut):
     exp_bits = spec["exp_bits"]
     Clock(dut.clk, 10, unit="ns").start()
     dut.rst.value = 1
-    for name in ("start", "host_wr_en", "host_acc_we", "host_ereg_we", "host_reg_we"):
+    for name in ("cmd__valid", "host__abuf_w__en", "host__ereg_w__en", "host__reg_w__en"):
         getattr(dut, name).value = 0
-    dut.insn.value = 0
+    dut.cmd__payload.value = 0
+    dut.host__abuf_r__en.value = 1
     for _ in range(2):
         await RisingEdge(dut.clk)
     dut.rst.value = 0
     results = []
     for case in spec["cases"]:
-        dut.host_wr_en.value = 1
+        dut.host__abuf_w__en.value = (1 << len(dut.host__abuf_w__en)) - 1
         for addr, word in case["words"]:
-            dut.host_wr_addr.value = addr
-            dut.host_wr_data.value = word
+            dut.host__abuf_w__addr.value = addr
+            dut.host__abuf_w__data.value = word
             await RisingEdge(dut.clk)
-        dut.host_wr_en.value = 0
-        dut.host_acc_we.value = 1
-        for addr, word in case.get("acc", []):
-            dut.host_acc_addr.value = addr
-            dut.host_acc_data.value = word & ((1 << 64) - 1)
-            await RisingEdge(dut.clk)
-        dut.host_acc_we.value = 0
-        dut.host_ereg_we.value = 1
+        dut.host__abuf_w__en.value = 0
+        dut.host__ereg_w__en.value = 1
         for i, e in enumerate(case["eregs"]):
-            dut.host_ereg_addr.value = i
-            dut.host_ereg_wdata.value = e & ((1 << exp_bits) - 1)
+            dut.host__ereg_w__addr.value = i
+            dut.host__ereg_w__data.value = e & ((1 << exp_bits) - 1)
             await RisingEdge(dut.clk)
-        dut.host_ereg_we.value = 0
-        dut.host_reg_we.value = 1
+        dut.host__ereg_w__en.value = 0
+        dut.host__reg_w__en.value = 1
         for i, r in enumerate(case["regs"]):
-            dut.host_reg_addr.value = i
-            dut.host_reg_wdata.value = r & 0xFFFFFFFF
+            dut.host__reg_w__addr.value = i
+            dut.host__reg_w__data.value = r & 0xFFFFFFFF
             await RisingEdge(dut.clk)
-        dut.host_reg_we.value = 0
-        dut.insn.value = case["insn"]
-        dut.start.value = 1
+        dut.host__reg_w__en.value = 0
+        dut.cmd__payload.value = case["insn"]
+        dut.cmd__valid.value = 1  # ready while idle: taken at this edge
         await RisingEdge(dut.clk)
-        dut.start.value = 0
+        dut.cmd__valid.value = 0
         await RisingEdge(dut.done)
         await ReadOnly()
-        out = {"cycles": int(dut.cycles.value), "error": int(dut.error.value), "error_code": int(dut.error_code.value)}
-        await RisingEdge(dut.clk)  # register writes land in the done cycle
+        out = {"fault": int(dut.fault.value)}
+        await RisingEdge(dut.clk)  # register writes land in the done cycle, which the counter now includes
+        await ReadOnly()
+        out["cycles"] = int(dut.cycles.value)
+        await RisingEdge(dut.clk)
         words = []
         for addr, _ in case["words"]:
-            dut.host_rd_addr.value = addr
+            dut.host__abuf_r__addr.value = addr
             await RisingEdge(dut.clk)
             await ReadOnly()
-            words.append(int(dut.host_rd_data.value))
+            words.append(int(dut.host__abuf_r__data.value))
             await RisingEdge(dut.clk)
         out["words"] = words
         eregs, regs = [], []
         for i in range(len(case["eregs"])):
-            dut.host_ereg_addr.value = i
+            dut.host__ereg_r__addr.value = i
             await ReadOnly()
-            eregs.append(_signed(int(dut.host_ereg_rdata.value), exp_bits))
+            eregs.append(_signed(int(dut.host__ereg_r__data.value), exp_bits))
             await RisingEdge(dut.clk)
         for i in range(len(case["regs"])):
-            dut.host_reg_addr.value = i
+            dut.host__reg_r__addr.value = i
             await ReadOnly()
-            regs.append(int(dut.host_reg_rdata.value))
+            regs.append(int(dut.host__reg_r__data.value))
             await RisingEdge(dut.clk)
         out["eregs"], out["regs"] = eregs, regs
         results.append(out)

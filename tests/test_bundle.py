@@ -156,10 +156,10 @@ def test_bad_config_is_config_error():
     blob = kvo.to_bytes(b)
     mlen = struct.unpack_from("<Q", blob, 12)[0]
     manifest = json.loads(blob[20:20 + mlen])
-    manifest["config"]["mac_lanes"] = 3
+    manifest["config"]["vector_lanes"] = 3
     new = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     assert len(new) == mlen
-    with pytest.raises(ConfigError, match="bundle config is invalid: mac_lanes=3 must be a power of two"):
+    with pytest.raises(ConfigError, match="bundle config is invalid: vector_lanes=3 must be a power of two"):
         kvo.from_bytes(blob[:20] + new + blob[20 + mlen:])
 
 

@@ -70,7 +70,7 @@ def test_reserved_opcode_names_pc(tmp_path):
 
 def test_config_show():
     res = kvo("config", "show", "--config", "ulx3s")
-    assert res.returncode == 0 and 'name = "ulx3s"' in res.stdout and "mac_lanes = 32" in res.stdout
+    assert res.returncode == 0 and 'name = "ulx3s"' in res.stdout and "port_bits = 256" in res.stdout
 
 
 def test_bad_config_key(tmp_path):

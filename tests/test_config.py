@@ -20,7 +20,16 @@ def test_default_is_tiny():
 
 
 def test_ulx3s_has_32_macs():
-    assert PRESETS["ulx3s"].mac_lanes >= 32
+    assert PRESETS["ulx3s"].macs_per_cycle >= 32
+
+
+def test_mac_lanes_follow_the_port():
+    """The GEMV engine multiplies one port word per cycle: a legacy mac_lanes key must say just that."""
+    cfg = OverlayConfig.from_toml('preset = "ulx3s"\nmac_lanes = 32\n')
+    assert cfg == PRESETS["ulx3s"] and cfg.macs_per_cycle == cfg.port_bytes
+    assert cfg.weights_per_cycle("int4") == 2 * cfg.weights_per_cycle("int8") == 4 * cfg.weights_per_cycle("w16")
+    with pytest.raises(ConfigError, match=r"mac_lanes=16 is not a parameter.*port_bits // 8 = 32"):
+        OverlayConfig.from_toml('preset = "ulx3s"\nmac_lanes = 16\n')
 
 
 def test_unknown_key_names_key():
@@ -32,18 +41,18 @@ def test_out_of_range_names_key_and_range():
     with pytest.raises(ConfigError) as ei:
         PRESETS["tiny"].replace(max_layers=65)
     assert "max_layers" in str(ei.value) and "[1, 64]" in str(ei.value)
-    with pytest.raises(ConfigError, match=r"mac_lanes.*power of two"):
-        PRESETS["tiny"].replace(mac_lanes=12)
+    with pytest.raises(ConfigError, match=r"vector_lanes.*power of two"):
+        PRESETS["tiny"].replace(vector_lanes=12)
     with pytest.raises(ConfigError, match="weight_formats"):
         PRESETS["tiny"].replace(weight_formats=["int3"])
 
 
 def test_preset_override(tmp_path):
     path = tmp_path / "my.toml"
-    path.write_text('preset = "tiny"\nname = "mine"\nmac_lanes = 16\nclock_mhz = 125\n')
+    path.write_text('preset = "tiny"\nname = "mine"\nvector_lanes = 16\nclock_mhz = 125\n')
     cfg = load_config(path)
-    assert cfg.name == "mine" and cfg.mac_lanes == 16 and cfg.clock_mhz == 125.0
-    assert cfg.replace(mac_lanes=8, name="tiny") == PRESETS["tiny"].replace(clock_mhz=125.0)
+    assert cfg.name == "mine" and cfg.vector_lanes == 16 and cfg.clock_mhz == 125.0
+    assert cfg.replace(vector_lanes=4, name="tiny") == PRESETS["tiny"].replace(clock_mhz=125.0)
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

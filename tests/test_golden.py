@@ -138,7 +138,7 @@ def test_timing_overlaps_queues_and_honours_tokens():
     assert run(model, gemv + " push_prev\n" + load + " pop_next").cycles == g + ld  # a token orders them
 
 
-SMALL = OverlayConfig(name="fuzz", port_bits=64, mac_lanes=8, vector_lanes=4, group_size=32, act_buffer_words=1024,
+SMALL = OverlayConfig(name="fuzz", port_bits=64, vector_lanes=4, group_size=32, act_buffer_words=1024,
                       acc_buffer_words=256, kv_capacity=8, max_layers=2, max_kv_heads=2, max_head_dim=16,
                       attn_tile=4, clock_mhz=100.0, dram_bytes=1 << 16)
 

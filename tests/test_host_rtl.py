@@ -20,6 +20,7 @@ from conftest import FAMILIES
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.host.session import RtlBackend, Session, SessionError, SimulatorDied
 from kvoverlay.models.demo import build_llama_onnx
+from kvoverlay.sim.coverage import Coverage, collecting
 from kvoverlay.sim.rtl import RtlError, RtlModel, build_model
 from test_cli import kvo
 
@@ -114,6 +115,17 @@ def test_cli_run_rtl_dump_identical_to_isa(rtl_model, programs, tmp_path):
     assert rtl_out["cycles"] > 0 and rtl_out["cycles_per_token"] > 0
     print(f"cycles/token rtl {rtl_out['cycles_per_token']}, golden model {isa_out['cycles_per_token']}; "
           f"{rtl_out['sim_cycles_per_s']} simulated cycles/s")
+
+
+def test_session_to_full_kv_capacity(rtl_model, demo_onnx):
+    """A session that fills the KV buffer: its last step appends at position kv_capacity - 1 and attends over every
+    position (the coverage bin "KV at full capacity"), still bit-identical to the golden model."""
+    capacity = PRESETS["tiny"].kv_capacity
+    program, _ = compile_model(str(demo_onnx), "tiny", weights="int4", max_seq=capacity)
+    cov = Coverage()
+    with collecting(cov):
+        assert_same_generation(program, PROMPT, capacity - len(PROMPT) + 1)
+    assert cov.hits[("edge", "KV at full capacity")] == 1
 
 
 @pytest.mark.parametrize("weights", ["w16", "int8", "int4"])

@@ -1,16 +1,21 @@
-"""Normalizer in Amaranth's simulator against numerics.normalize, including wide (REQ) mode."""
+"""The normalizer pieces in Amaranth's simulator against numerics: Normalizer against numerics.normalize (vector and
+wide widths), scalar_mantissa (REQ/LDROW's int64 lane) and round_shift_expr's int64 form (the attention engine's)
+against numerics' int64 rounding, wraparound included."""
 
 import numpy as np
 import pytest
+from amaranth.hdl import Module, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
-from kvoverlay.hw.normalize import Normalizer
+from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, round_shift_expr, scalar_mantissa
 
 from kvoverlay import numerics as nx
 
 
-def _run(width, lanes, vectors):
+def _run(width, lanes, vectors, lane_widths=None):
     """Normalize each (values, exponent) through the hardware; returns [(mantissas, exponent, overflow)]."""
-    dut = Normalizer(width, lanes)
+    dut = Normalizer(width, lanes, lane_widths=lane_widths)
     results = []
 
     async def tb(ctx):
@@ -63,11 +68,12 @@ def _cases(rng, width, n_random):
     return cases
 
 
-@pytest.mark.parametrize("width,lanes", [(34, 4), (64, 1)], ids=["vector-34x4", "wide-64x1"])
-def test_normalizer_matches_numerics(width, lanes):
+@pytest.mark.parametrize("width,lanes,lane_widths", [(34, 4, None), (64, 1, None), (49, 4, (49, 34, 34, 34))],
+                         ids=["vector-34x4", "wide-64x1", "narrow-lanes"])
+def test_normalizer_matches_numerics(width, lanes, lane_widths):
     rng = np.random.default_rng(width)
-    cases = _cases(rng, width, 60)
-    got = _run(width, lanes, cases)
+    cases = _cases(rng, min(lane_widths or [width]), 60)  # values every lane can carry
+    got = _run(width, lanes, cases, lane_widths)
     checked_overflow = 0
     for (vals, e), (mant, eo, ovf) in zip(cases, got):
         try:
@@ -85,3 +91,82 @@ def test_normalizer_matches_numerics(width, lanes):
 def test_normalizer_rejects_narrow_width():
     with pytest.raises(ValueError, match="width"):
         Normalizer(8, 4)
+    with pytest.raises(ValueError, match=r"\[49, 50\]"):
+        Normalizer(49, 2, lane_widths=[49, 50])
+
+
+def _evaluate(dut, cases, out):
+    """Drive each case's inputs ({member: value}) into the combinational *dut* and read its member *out*."""
+    got = []
+
+    async def tb(ctx):
+        for case in cases:
+            for name, value in case.items():
+                ctx.set(getattr(dut, name), value)
+            got.append(ctx.get(getattr(dut, out)))
+
+    sim = Simulator(dut)
+    sim.add_testbench(tb)
+    sim.run()
+    return got
+
+
+class _ScalarLane(wiring.Component):
+    """scalar_mantissa as a component, with REQ's operand widths."""
+
+    value: In(signed(64))
+    shift: In(signed(9))
+    under: In(signed(14))
+    mant: Out(MANT_SHAPE)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.mant.eq(scalar_mantissa(m, self.value, self.shift, self.under, "lane"))
+        return m
+
+
+def _scalar_reference(value, shift, under):
+    """numerics.normalize's lane on an int64: round, clip, round again on underflow (numpy wraps near 2**63)."""
+    mant = np.clip(nx.round_shift(np.array([value], np.int64), shift), -nx.MANT_MAX, nx.MANT_MAX)
+    return int((nx.round_shift(mant, under) if under > 0 else mant)[0])
+
+
+def test_scalar_mantissa_matches_int64_numerics():
+    rng = np.random.default_rng(11)
+    top = (1 << 63) - 1
+    cases = [(0, -15, 0), (12345, -2, 0), (-(1 << 40) - (1 << 24), 26, 0), ((1 << 40) + (1 << 25), 26, 3),
+             (top, 49, 0), (top - 5, 48, 0), (-top - 1, 49, 0), (-(1 << 62), 48, 20), (32767, 0, 16), (-32767, 0, 17),
+             (1 << 20, 6, -4)]
+    for _ in range(60):
+        bits = int(rng.integers(1, 64))
+        value = int(rng.integers(-(1 << (bits - 1)), 1 << (bits - 1))) if bits > 1 else 0
+        shift = max(-nx.MANT_BITS, bits - nx.MANT_BITS + int(rng.integers(-1, 2)))
+        cases.append((value, shift, int(rng.integers(-3, 20))))
+    got = _evaluate(_ScalarLane(), [{"value": v, "shift": s, "under": u} for v, s, u in cases], "mant")
+    for (value, shift, under), mant in zip(cases, got):
+        assert mant == _scalar_reference(value, shift, under), (value, shift, under)
+
+
+class _Int64RoundShift(wiring.Component):
+    """round_shift_expr as numpy's int64 round_shift: shifts clamped to 63 right, 62 left, wrapping at 64 bits."""
+
+    value: In(signed(64))
+    shift: In(signed(16))
+    out: Out(signed(64))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.out.eq(round_shift_expr(m, self.value, self.shift, 63, 62, "x", wrap=64))
+        return m
+
+
+def test_round_shift_expr_wraps_as_int64():
+    rng = np.random.default_rng(12)
+    top = (1 << 63) - 1
+    cases = [(top, 1), (top, 63), (top, 70), (-top - 1, 1), (-top - 1, -1), (1 << 62, -1), (3, -62), (-3, -62),
+             (5, 0), (-5, 1), (-6, 2), (7, -70)]
+    cases += [(int(rng.integers(-top - 1, top, dtype=np.int64)), int(rng.integers(-64, 72))) for _ in range(80)]
+    got = _evaluate(_Int64RoundShift(), [{"value": v, "shift": s} for v, s in cases], "out")
+    for (value, shift), out in zip(cases, got):
+        want = int(nx.round_shift(np.array([value], np.int64), np.array([shift]))[0])
+        assert out == want, (value, shift)

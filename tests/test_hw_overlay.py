@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
+from kvoverlay.sim.coverage import Coverage
 from kvoverlay.sim.golden import ExecError, GoldenModel
 from kvoverlay.sim.rtl import RtlError, RtlModel, build_model
 
@@ -281,6 +282,50 @@ def test_random_programs_match_golden(model_dir, seed):
     assert rtl.eregs == gold.eregs
     assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
     assert counters.instructions == gold_counters.instructions
+    for q in isa.QUEUES:
+        assert counters.busy[q] == sum(unit_cycles(i) for i in program if i.op != "END" and i.queue == q), q
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w16"])
+def test_gemv_edges_at_the_top_of_the_buffer(model_dir, fmt):
+    """The coverage bins no other overlay run hits: a GEMV whose last x word is partial (``cols`` not a multiple of
+    the buffer word), a one-row GEMV, and vectors that end at the top of the activation buffer (x, and the REQ
+    results that then overwrite part of it)."""
+    rng = np.random.default_rng({"int8": 5, "w16": 6}[fmt])
+    pb, lanes, top = CFG.port_bytes, CFG.abuf_lanes, CFG.act_buffer_words
+    cols, group = 40, 8  # the smallest group that holds one engine window of either format
+    assert cols % lanes and cols % group == 0
+    x_dst = top - 3 * lanes
+    image = bytearray(1 << 16)
+    rec = nx.pack_vector_record(rng.integers(-nx.MANT_MAX, nx.MANT_MAX + 1, cols), -9)
+    image[0x100:0x100 + len(rec)] = rec
+    lo, hi = QRANGE[fmt]
+    for base, rows in ((0x1000, 1), (0x3000, 7)):
+        blob = nx.pack_rows(rng.integers(lo, hi, (rows, cols)), rng.integers(1, 1 << 16, (rows, cols // group)),
+                            fmt, group, pb)
+        image[base:base + len(blob)] = blob
+    program = isa.assemble(f"""
+        LOAD addr=0x100 len={cols} dst={x_dst} dst_e=E1 push_next
+        GEMV addr=0x1000 rows=1 cols={cols} fmt={fmt} lg_group=0 sexp=-4 x={x_dst} x_e=E1 acc=0 acc_e=E2 pop_prev
+        GEMV addr=0x3000 rows=7 cols={cols} fmt={fmt} lg_group=0 sexp=-4 x={x_dst} x_e=E1 acc=1 acc_e=E3
+        REQ acc=0 acc_e=E2 len=1 dst={top - lanes} dst_e=E4
+        REQ acc=1 acc_e=E3 len=7 dst={top - 2 * lanes} dst_e=E5 push_next
+        STORE src={top - lanes} src_e=E4 len=1 addr=0x8000 pop_prev
+        STORE src={top - 2 * lanes} src_e=E5 len=7 addr=0x8100
+        STACC acc=0 len=8 addr=0x8200
+        END
+    """)
+    cov = Coverage()
+    cov.record(program, CFG)
+    assert cov.hits[("partial last word", "GEMV")] and cov.hits[("edge", "GEMV one row")]
+    assert cov.hits[("edge", "vector at the top of the buffer")]
+    gold, gold_counters, rtl, counters = run_both(program, bytes(image))
+    assert gold.eregs[4] != nx.EXP_MIN and gold.eregs[5] != nx.EXP_MIN
+    assert np.array_equal(rtl.abuf, gold.abuf)
+    assert np.array_equal(rtl.acc, gold.acc)
+    assert rtl.eregs == gold.eregs
+    assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
+    assert counters.instructions == gold_counters.instructions == len(program)
     for q in isa.QUEUES:
         assert counters.busy[q] == sum(unit_cycles(i) for i in program if i.op != "END" and i.queue == q), q
 

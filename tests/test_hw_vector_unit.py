@@ -17,9 +17,9 @@ pytest.importorskip("cocotb_tools")
 
 from amaranth.back import verilog
 from cocotb_tools.runner import get_results, get_runner
-from kvoverlay.hw.normalize import EXP_SHAPE
+from kvoverlay.hw.ports import EREG_SHAPE, Fault
 from kvoverlay.hw.sim_vector_unit import TOP_NAME, VectorUnitSimTop
-from kvoverlay.hw.vector_unit import VecError, VectorUnit, abuf_lanes
+from kvoverlay.hw.vector_unit import VectorUnit, abuf_lanes
 from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import isa, toolchain
@@ -50,7 +50,7 @@ def _unpack(word: int, lanes: int = L):
 class Case:
     """One instruction on a prepared state, with the golden model's verdict."""
 
-    def __init__(self, rng, op, fields, vectors, eregs, label, expect_code=None, accs=(), cfg=CFG):
+    def __init__(self, rng, op, fields, vectors, eregs, label, expect_code=None, cfg=CFG):
         self.op, self.fields, self.label = op, dict(fields), label
         L = self.lanes = abuf_lanes(cfg)
         DEPTH = cfg.act_buffer_words // L
@@ -74,10 +74,6 @@ class Case:
         gm.abuf[lo * L: hi * L] = abuf
         gm.eregs = list(self.eregs)
         gm.regs = list(self.regs)
-        self.acc = []
-        for addr, v in accs:
-            gm.acc[addr: addr + len(v)] = v
-            self.acc += [[addr + k, int(x)] for k, x in enumerate(v)]
         self.words = [_pack(abuf[i * L:(i + 1) * L]) for i in range(self.nw)]
         self.expect_code = expect_code
         try:
@@ -87,8 +83,8 @@ class Case:
             self.golden_error = True
             gm = None
             if self.expect_code is None:  # the golden model's fault, as the unit reports it
-                self.expect_code = (VecError.EXP_OVERFLOW if isinstance(exc, ArithmeticError)
-                                    else VecError.BOUNDS if isinstance(exc, IndexError) else VecError.SHAPE)
+                self.expect_code = (Fault.OVERFLOW if isinstance(exc, ArithmeticError)
+                                    else Fault.OUT_OF_RANGE if isinstance(exc, IndexError) else Fault.SHAPE)
         if gm is not None and expect_code is None:
             self.exp_words = [[int(v) for v in gm.abuf[(lo + i) * L:(lo + i + 1) * L]] for i in range(self.nw)]
             self.exp_eregs, self.exp_regs = [int(e) for e in gm.eregs], [int(r) for r in gm.regs]
@@ -98,8 +94,7 @@ class Case:
 
     def spec(self):
         return {"words": [[self.w0 + i, w] for i, w in enumerate(self.words)], "eregs": self.eregs,
-                "regs": self.regs, "insn": isa.encode(self.ins),
-                "acc": self.acc}
+                "regs": self.regs, "insn": isa.encode(self.ins)}
 
 
 def _vec(rng, n, kind="random"):
@@ -250,19 +245,19 @@ def _error_cases(rng):
     top = CFG.act_buffer_words
     return [
         Case(rng, "VADD", {"a": 3, "a_e": 1, "b": 4 * L, "b_e": 2, "dst": 8 * L, "dst_e": 3, "len": 8},
-             [(3, _vec(rng, 8)), (4 * L, _vec(rng, 8))], {}, "err-unaligned", expect_code=VecError.ALIGN),
+             [(3, _vec(rng, 8)), (4 * L, _vec(rng, 8))], {}, "err-unaligned", expect_code=Fault.UNALIGNED),
         Case(rng, "VMUL", {"a": top - L, "a_e": 1, "b": 0, "b_e": 2, "dst": L, "dst_e": 3, "len": 2 * L},
-             [(top - L, _vec(rng, L))], {}, "err-bounds", expect_code=VecError.BOUNDS),
+             [(top - L, _vec(rng, L))], {}, "err-bounds", expect_code=Fault.OUT_OF_RANGE),
         Case(rng, "NORM", {"x": 0, "x_e": 1, "g": L, "g_e": 2, "dst": 2 * L, "dst_e": 3, "len": 0},
-             [(0, _vec(rng, 4))], {}, "err-norm-empty", expect_code=VecError.SHAPE),
+             [(0, _vec(rng, 4))], {}, "err-norm-empty", expect_code=Fault.SHAPE),
         Case(rng, "ARGMAX", {"x": 0, "len": 0, "rd": 2}, [(0, _vec(rng, 4))], {}, "err-argmax-empty",
-             expect_code=VecError.SHAPE),
+             expect_code=Fault.SHAPE),
         Case(rng, "ROPE", {"x": 0, "x_e": 1, "cos": 2 * L, "sin": 3 * L, "dst": 0, "heads": 2, "head_dim": 5},
-             [(0, _vec(rng, 10))], {}, "err-rope-odd", expect_code=VecError.SHAPE),
+             [(0, _vec(rng, 10))], {}, "err-rope-odd", expect_code=Fault.SHAPE),
         Case(rng, "VMUL", {"a": 0, "a_e": 1, "b": L, "b_e": 2, "dst": 2 * L, "dst_e": 3, "len": 4},
              [(0, np.array([32767, 1, 2, 3])), (L, np.array([32767, 1, 2, 3]))], {1: 300, 2: 300}, "err-overflow",
-             expect_code=VecError.EXP_OVERFLOW),
-        Case(rng, "NOP", {}, [(0, _vec(rng, 4))], {}, "err-opcode", expect_code=VecError.OPCODE),
+             expect_code=Fault.OVERFLOW),
+        Case(rng, "NOP", {}, [(0, _vec(rng, 4))], {}, "err-opcode", expect_code=Fault.OPCODE),
     ]
 
 
@@ -289,7 +284,7 @@ def run(tmp_path_factory):
                      build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
     finally:
         os.environ["MAKEFLAGS"] = makeflags
-    spec = {"exp_bits": EXP_SHAPE.width, "result": str(work / "results.json"), "cases": [c.spec() for c in cases]}
+    spec = {"exp_bits": EREG_SHAPE.width, "result": str(work / "results.json"), "cases": [c.spec() for c in cases]}
     (work / "cases.json").write_text(json.dumps(spec))
     xml = runner.test(hdl_toplevel=TOP_NAME, test_module="cocotb_vector_unit", test_dir=TESTS,
                       build_dir=work / "build", extra_env={"VEC_CASES": str(work / "cases.json")},
@@ -300,16 +295,14 @@ def run(tmp_path_factory):
 
 
 def _check(case, res, cfg=CFG):
-    if case.expect_code is not None:
-        assert res["error"] == 1 and res["error_code"] == case.expect_code, (case.label, res["error_code"])
-    else:
-        assert res["error"] == 0, (case.label, VecError(res["error_code"]).name)
+    fault = Fault(res["fault"])
+    assert fault == (Fault.NONE if case.expect_code is None else case.expect_code), (case.label, fault.name)
     got = [_unpack(w, case.lanes) for w in res["words"]]
     assert got == case.exp_words, f"{case.label}: activation buffer differs"
     assert res["eregs"] == case.exp_eregs, f"{case.label}: exponent registers differ"
     assert res["regs"] == case.exp_regs, f"{case.label}: scalar registers differ"
-    if case.expect_code in (VecError.ALIGN, VecError.BOUNDS, VecError.SHAPE, VecError.OPCODE):
-        assert res["cycles"] == 1, case.label
+    if case.expect_code in (Fault.UNALIGNED, Fault.OUT_OF_RANGE, Fault.SHAPE, Fault.OPCODE):
+        assert res["cycles"] == 2, case.label  # the set-up cycle that finds the fault, then the done cycle
     else:
         assert res["cycles"] == vector_cycles(case.op, case.fields, cfg), (case.label, res["cycles"])
 
@@ -334,7 +327,7 @@ def test_cases_cover_every_variant_and_edge():
     for enum, op in (("func", "ACT"), ("rope", "ROPE"), ("norm", "NORM")):
         for name in isa.ENUMS[enum]:
             assert any(lbl.startswith(f"{op}-{name}") for lbl in labels), (op, name)
-    assert any(c.golden_error and c.expect_code == VecError.EXP_OVERFLOW for c in cases)
+    assert any(c.golden_error and c.expect_code == Fault.OVERFLOW for c in cases)
     # some error-free case underflows (result exponent clamped to EXP_MIN with nonzero input)
     assert any(not c.golden_error and c.op in ("VMUL", "VADD") and c.exp_eregs[3] == nx.EXP_MIN for c in cases)
 
@@ -357,53 +350,49 @@ def _amaranth_sim(cfg, cases):
     results = []
 
     async def tb(ctx):
+        ctx.set(dut.host.abuf_r.en, 1)
         for case in cases:
             spec = case.spec()
             for addr, word in spec["words"]:
-                ctx.set(dut.host_wr_addr, addr)
-                ctx.set(dut.host_wr_data, word)
-                ctx.set(dut.host_wr_en, 1)
+                ctx.set(dut.host.abuf_w.addr, addr)
+                ctx.set(dut.host.abuf_w.data, word)
+                ctx.set(dut.host.abuf_w.en, (1 << len(dut.host.abuf_w.en)) - 1)
                 await ctx.tick()
-            ctx.set(dut.host_wr_en, 0)
-            for addr, value in spec["acc"]:
-                ctx.set(dut.host_acc_addr, addr)
-                ctx.set(dut.host_acc_data, value & ((1 << 64) - 1))
-                ctx.set(dut.host_acc_we, 1)
-                await ctx.tick()
-            ctx.set(dut.host_acc_we, 0)
+            ctx.set(dut.host.abuf_w.en, 0)
             for i, e in enumerate(spec["eregs"]):
-                ctx.set(dut.host_ereg_addr, i)
-                ctx.set(dut.host_ereg_wdata, e)
-                ctx.set(dut.host_ereg_we, 1)
+                ctx.set(dut.host.ereg_w.addr, i)
+                ctx.set(dut.host.ereg_w.data, e)
+                ctx.set(dut.host.ereg_w.en, 1)
                 await ctx.tick()
-            ctx.set(dut.host_ereg_we, 0)
+            ctx.set(dut.host.ereg_w.en, 0)
             for i, r in enumerate(spec["regs"]):
-                ctx.set(dut.host_reg_addr, i)
-                ctx.set(dut.host_reg_wdata, r)
-                ctx.set(dut.host_reg_we, 1)
+                ctx.set(dut.host.reg_w.addr, i)
+                ctx.set(dut.host.reg_w.data, r)
+                ctx.set(dut.host.reg_w.en, 1)
                 await ctx.tick()
-            ctx.set(dut.host_reg_we, 0)
-            ctx.set(dut.insn, spec["insn"])
-            ctx.set(dut.start, 1)
+            ctx.set(dut.host.reg_w.en, 0)
+            ctx.set(dut.cmd.payload.as_value(), spec["insn"])
+            ctx.set(dut.cmd.valid, 1)
             await ctx.tick()
-            ctx.set(dut.start, 0)
+            ctx.set(dut.cmd.valid, 0)
             while not ctx.get(dut.done):
                 await ctx.tick()
-            out = {"cycles": ctx.get(dut.cycles), "error": ctx.get(dut.error), "error_code": int(ctx.get(dut.error_code))}
+            out = {"fault": ctx.get(dut.fault.as_value())}
             await ctx.tick()
+            out["cycles"] = ctx.get(dut.cycles)
             words = []
             for addr, _ in spec["words"]:
-                ctx.set(dut.host_rd_addr, addr)
+                ctx.set(dut.host.abuf_r.addr, addr)
                 await ctx.tick()
-                words.append(ctx.get(dut.host_rd_data))
+                words.append(ctx.get(dut.host.abuf_r.data))
             out["words"] = words
             eregs, regs = [], []
             for i in range(len(spec["eregs"])):
-                ctx.set(dut.host_ereg_addr, i)
-                eregs.append(ctx.get(dut.host_ereg_rdata))
+                ctx.set(dut.host.ereg_r.addr, i)
+                eregs.append(ctx.get(dut.host.ereg_r.data))
             for i in range(len(spec["regs"])):
-                ctx.set(dut.host_reg_addr, i)
-                regs.append(ctx.get(dut.host_reg_rdata))
+                ctx.set(dut.host.reg_r.addr, i)
+                regs.append(ctx.get(dut.host.reg_r.data))
             out["eregs"], out["regs"] = eregs, regs
             results.append(out)
 
@@ -443,3 +432,39 @@ def test_other_lane_geometries_in_amaranth_sim(changes):
     cases = _small_config_cases(rng, cfg)
     for case, res in zip(cases, _amaranth_sim(cfg, cases)):
         _check(case, res, cfg)
+
+
+@pytest.mark.parametrize("op,fields", [("VADD", {"a": 0, "b": 4 * L, "dst": 8 * L, "len": 9}),
+                                       ("ARGMAX", {"x": 0, "len": 9, "rd": 1}),
+                                       ("VMUL", {"a": 3, "b": 0, "dst": 0, "len": 4})],
+                         ids=["VADD", "ARGMAX", "set-up-fault"])
+def test_unit_protocol(op, fields):
+    """The one unit protocol: ``cmd.ready`` exactly while not busy; ``busy`` from the cycle after the transfer up to
+    and including the one ``done`` cycle; the busy window is the instruction's cycle count (2 for a set-up fault)."""
+    from amaranth.sim import Simulator
+
+    dut = VectorUnitSimTop(CFG)
+    ins = isa.Instr(op, {f.name: fields.get(f.name, 0) for f in isa.BY_NAME[op].fields})
+    trace = []
+
+    async def tb(ctx):
+        ctx.set(dut.cmd.payload.as_value(), isa.encode(ins))
+        ctx.set(dut.cmd.valid, 1)
+        while not ctx.get(dut.cmd.ready):
+            await ctx.tick()
+        await ctx.tick()  # the transfer
+        ctx.set(dut.cmd.valid, 0)
+        for _ in range(vector_cycles(op, fields, CFG) + 3):
+            trace.append((ctx.get(dut.busy), ctx.get(dut.cmd.ready), ctx.get(dut.done)))
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    assert all(ready == (not busy) for busy, ready, _ in trace)
+    busy = [b for b, _, _ in trace]
+    window = busy.index(0)
+    assert busy[0] == 1 and not any(busy[window:]), busy
+    assert [d for _, _, d in trace] == [0] * (window - 1) + [1] + [0] * (len(trace) - window)
+    assert window == (2 if op == "VMUL" else vector_cycles(op, fields, CFG))

@@ -2,6 +2,7 @@
 
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.models.demo import build_llama_onnx
+from kvoverlay.sim import coverage
 from kvoverlay.sim.coverage import Coverage, active, collecting
 
 from kvoverlay import isa
@@ -37,3 +38,14 @@ def test_collecting_is_scoped():
     with collecting(cov) as c:
         assert active() is c
     assert active() is before
+
+
+def test_nested_collector_counts_for_the_enclosing_one(monkeypatch):
+    monkeypatch.setattr(coverage, "_active", None)  # keep this synthetic run out of the session's report
+    outer, inner = Coverage(), Coverage()
+    program = isa.assemble("LOAD addr=0x100 len=3 dst=0 dst_e=E1\nEND")
+    with collecting(outer):
+        with collecting(inner):
+            active().record(program, PRESETS["tiny"])
+        assert inner.runs == outer.runs == 1
+        assert outer.hits[("partial last word", "LOAD")] == inner.hits[("partial last word", "LOAD")] == 1

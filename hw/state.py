@@ -1,0 +1,112 @@
+"""The on-chip state the execution units share, and its wiring to them by signature.
+
+The activation buffer, the accumulator buffer, the exponent registers and the scalar registers live here. A unit
+declares its ports with the signatures of :mod:`hw.ports`; :meth:`OnChipState.attach` gives every port of a
+unit a port on the state by that signature alone, so a top (the overlay, a unit's simulation top) names no
+unit's ports. A host (a testbench, the board's bridge) reaches the state through the same signatures.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Array, Signal, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import Out
+
+from kvoverlay import isa
+from kvoverlay import numerics as nx
+
+from .ports import (
+    EREG_SHAPE,
+    abuf_lanes,
+    abuf_read,
+    abuf_write,
+    acc_read,
+    acc_write,
+    ereg_read,
+    ereg_write,
+    reg_read,
+    reg_write,
+)
+
+__all__ = ["OnChipState", "host_signature", "ports_of"]
+
+
+def _kinds(config) -> dict:
+    return {"abuf_r": abuf_read(config), "abuf_w": abuf_write(config), "acc_r": acc_read(config),
+            "acc_w": acc_write(config), "ereg_r": ereg_read(), "ereg_w": ereg_write(), "reg_r": reg_read(),
+            "reg_w": reg_write()}
+
+
+def host_signature(config, *kinds) -> wiring.Signature:
+    """Host access to the state, seen from the host: one port of each of *kinds* (``abuf_r``, ``abuf_w``,
+    ``acc_r``, ``acc_w``, ``ereg_r``, ``ereg_w``, ``reg_r``, ``reg_w``; all of them if none is named)."""
+    every = _kinds(config)
+    return wiring.Signature({kind: Out(every[kind]) for kind in (kinds or every)})
+
+
+def ports_of(unit, signature) -> list:
+    """The port members of *unit* (a component, or an interface seen from its driver) of *signature*, in
+    declaration order."""
+    return [getattr(unit, name) for name, member in unit.signature.members.items()
+            if member.is_signature and member.flow == Out and member.signature == signature]
+
+
+def _share(m, sel, target, sources):
+    """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)]:
+    the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit."""
+    for name, member in sources[0][1].signature.members.items():
+        if member.flow == Out:
+            with m.Switch(sel):
+                for index, port in sources:
+                    with m.Case(index):
+                        m.d.comb += getattr(target, name).eq(getattr(port, name))
+        else:
+            for _, port in sources:
+                m.d.comb += getattr(port, name).eq(getattr(target, name))
+
+
+class OnChipState:
+    """The buffers and register files of one overlay (or of a unit's simulation top), built into module *m*.
+
+    Parameters
+    ----------
+    m : Module
+    config : OverlayConfig
+
+    Attributes
+    ----------
+    abuf, accbuf : Memory
+        Activation buffer (``abuf_lanes`` int16 lanes per word, one write enable per lane) and accumulator buffer.
+    eregs, regs : Array of Signal
+        Exponent registers (at ``EXP_MIN`` after reset) and scalar registers.
+    """
+
+    def __init__(self, m, config):
+        self.m, self.config = m, config
+        lanes = abuf_lanes(config)
+        m.submodules.abuf = self.abuf = Memory(shape=unsigned(16 * lanes), depth=config.act_buffer_words // lanes,
+                                               init=[])
+        m.submodules.accbuf = self.accbuf = Memory(shape=unsigned(64), depth=config.acc_buffer_words, init=[])
+        self.eregs = Array(Signal(EREG_SHAPE, init=nx.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
+        self.regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
+
+    def attach(self, units, sel=0):
+        """Wire *units* (a list) to the state. Their memory ports are shared, driven by ``units[sel]``: the
+        group gets as many ports of a kind as its unit with the most of them declares, and a unit's i-th port of a
+        kind drives the i-th. Register reads are combinational; register writes land at the clock edge (two
+        groups never write one register at once: the golden model reports that as a race)."""
+        m, kinds = self.m, _kinds(self.config)
+        new_port = {"abuf_r": self.abuf.read_port, "abuf_w": lambda: self.abuf.write_port(granularity=16),
+                    "acc_r": self.accbuf.read_port, "acc_w": self.accbuf.write_port}
+        for kind, make in new_port.items():
+            ports = [ports_of(unit, kinds[kind]) for unit in units]
+            for j in range(max(map(len, ports))):
+                _share(m, sel, make(), [(i, p[j]) for i, p in enumerate(ports) if len(p) > j])
+        for file, read, write in ((self.eregs, "ereg_r", "ereg_w"), (self.regs, "reg_r", "reg_w")):
+            for unit in units:
+                for port in ports_of(unit, kinds[read]):
+                    m.d.comb += port.data.eq(file[port.addr])
+                for port in ports_of(unit, kinds[write]):
+                    with m.If(port.en):
+                        m.d.sync += file[port.addr].eq(port.data)

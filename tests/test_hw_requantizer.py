@@ -1,0 +1,82 @@
+"""The requantizer that the REQ and LDROW units share, in Amaranth's simulator: bit-exact with
+numerics.normalize, packed into activation-buffer words with lane masks, busy for exactly 2 * len + 4 cycles (2 when empty)."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("amaranth")
+
+from amaranth.sim import Simulator
+from kvoverlay.hw.ports import Fault
+from kvoverlay.hw.requantizer import Requantizer
+
+from kvoverlay import numerics as nx
+from kvoverlay.config import PRESETS
+
+CFG = PRESETS["tiny"]
+LANES = CFG.abuf_lanes
+
+
+def run(values, exp, width, dst_word=3):
+    """Requantize *values* (one read per cycle, latency 1); returns (buffer words written, exponent, fault,
+    cycles from the command to done)."""
+    dut = Requantizer(CFG, width)
+    words, result = {}, {}
+
+    async def tb(ctx):
+        ctx.set(dut.cmd.payload.len, len(values))
+        ctx.set(dut.cmd.payload.exp, exp)
+        ctx.set(dut.cmd.payload.dst, dst_word)
+        ctx.set(dut.cmd.valid, 1)
+        await ctx.tick()
+        ctx.set(dut.cmd.valid, 0)
+        cycles, pending = 0, None
+        while True:
+            if pending is not None:  # the value read last cycle
+                ctx.set(dut.value, int(values[pending]))
+            cycles += 1
+            pending = ctx.get(dut.index) if ctx.get(dut.read) else None
+            en = ctx.get(dut.abuf_w.en)
+            if en:
+                data, addr = ctx.get(dut.abuf_w.data), ctx.get(dut.abuf_w.addr)
+                old = words.get(addr, [None] * LANES)
+                words[addr] = [(data >> (16 * i)) & 0xFFFF if en >> i & 1 else old[i] for i in range(LANES)]
+            if ctx.get(dut.done.valid):
+                result.update(exp=ctx.get(dut.exp), fault=Fault(ctx.get(dut.done.payload)), cycles=cycles)
+                return
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+    return words, result["exp"], result["fault"], result["cycles"]
+
+
+@pytest.mark.parametrize("n, width, lo, exp", [(37, 64, 1 << 50, -60), (16, 34, 1 << 32, 3), (5, 64, 1 << 10, -500),
+                                                (1, 34, 40, 0), (20, 64, 0, 7)],
+                         ids=["wide", "ldrow-width", "underflow", "one", "zeros"])
+def test_bit_exact_with_normalize(n, width, lo, exp):
+    rng = np.random.default_rng(n + width)
+    values = rng.integers(-lo, lo + 1, n) if lo else np.zeros(n, np.int64)
+    want_m, want_e = nx.normalize(values, exp)
+    words, got_e, fault, cycles = run(values, exp, width)
+    assert fault == Fault.NONE and got_e == want_e
+    got = [words[3 + i // LANES][i % LANES] for i in range(n)]
+    assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
+    assert all(v is None for v in words[3 + (n - 1) // LANES][(n - 1) % LANES + 1:])  # the lane mask
+    assert sorted(words) == list(range(3, 3 + -(-n // LANES)))
+    assert cycles == 2 * n + 4
+
+
+def test_overflow_writes_nothing():
+    values = np.full(4, 1 << 40)
+    with pytest.raises(nx.NumericsError):
+        nx.normalize(values, nx.EXP_MAX)
+    words, _, fault, cycles = run(values, nx.EXP_MAX, 64)
+    assert fault == Fault.OVERFLOW and not words and cycles == 4 + 3
+
+
+def test_empty_vector():
+    words, exp, fault, cycles = run([], 12, 64)
+    assert (fault, exp, words, cycles) == (Fault.NONE, nx.EXP_MIN, {}, 2)
