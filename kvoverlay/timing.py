@@ -188,33 +188,29 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1) + 1
 
 
+#: Each opcode's busy-cycle formula, as ``(config, instruction, kv_len) -> cycles``.
+_UNIT_CYCLES = {
+    "LOAD": lambda c, ins, kv: load_cycles(c, ins.fields["len"]),
+    "LDROW": lambda c, ins, kv: ldrow_cycles(c, ins),
+    "STORE": lambda c, ins, kv: store_cycles(c, ins.fields["len"]),
+    "STACC": lambda c, ins, kv: stacc_cycles(c, ins.fields["len"]),
+    "GEMV": lambda c, ins, kv: gemv_cycles(c, ins),
+    "REQ": lambda c, ins, kv: req_cycles(c, ins.fields["len"]),
+    "KVAPPEND": lambda c, ins, kv: kvappend_cycles(c, ins.fields["heads"], ins.fields["head_dim"]),
+    "ATTN": lambda c, ins, kv: attn_cycles(c, ins.fields["q_heads"], ins.fields["head_dim"], kv),
+    **{op: (lambda c, ins, kv: vector_cycles(ins.op, ins.fields, c)) for op in VECTOR_OPS},
+    "NOP": lambda c, ins, kv: 1,
+    "END": lambda c, ins, kv: 0,
+}
+
+
 def unit_cycles(config, ins: isa.Instr, kv_len: int = 0) -> int:
     """Cycles the queue is busy with *ins* on its unit, uncontended (no port or token stalls): what the overlay's
     ``busy_<queue>`` counter adds. ATTN needs the KV length."""
-    f, op = ins.fields, ins.op
-    if op == "LOAD":
-        return load_cycles(config, f["len"])
-    if op == "LDROW":
-        return ldrow_cycles(config, ins)
-    if op == "STORE":
-        return store_cycles(config, f["len"])
-    if op == "STACC":
-        return stacc_cycles(config, f["len"])
-    if op == "GEMV":
-        return gemv_cycles(config, ins)
-    if op == "REQ":
-        return req_cycles(config, f["len"])
-    if op == "KVAPPEND":
-        return kvappend_cycles(config, f["heads"], f["head_dim"])
-    if op == "ATTN":
-        return attn_cycles(config, f["q_heads"], f["head_dim"], kv_len)
-    if op in VECTOR_OPS:
-        return vector_cycles(op, f, config)
-    if op == "NOP":
-        return 1
-    if op == "END":
-        return 0
-    raise ValueError(f"{op!r} has no execution unit")
+    formula = _UNIT_CYCLES.get(ins.op)
+    if formula is None:
+        raise ValueError(f"{ins.op!r} has no execution unit")
+    return formula(config, ins, kv_len)
 
 
 def instr_cycles(ins: isa.Instr, config, kv_len: int = 0) -> int:
