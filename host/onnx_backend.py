@@ -18,11 +18,9 @@ from kvoverlay.compiler.frontend import CompileError
 from onnx import numpy_helper
 from onnx.backend.base import Backend, BackendRep
 
-from kvoverlay import numerics as nx
-
 from .session import run_graph
 
-__all__ = ["DEVICES", "OverlayBackend", "OverlayRep", "prepare", "run_graph_rtl", "run_model", "supports_device"]
+__all__ = ["DEVICES", "OverlayBackend", "OverlayRep", "prepare", "run_model", "supports_device"]
 
 #: ONNX device names and the backend each runs on.
 DEVICES = {"CPU": "isa", "ISA": "isa", "RTL": "rtl"}
@@ -48,28 +46,6 @@ def _bind(model: onnx.ModelProto, values: dict) -> onnx.ModelProto:
     for name, value in values.items():
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     return bound
-
-
-def run_graph_rtl(program, feeds: dict) -> dict:
-    """:func:`~.session.run_graph` on the Verilated overlay: the input vector records are written into the memory
-    image before the run, the output records read from the memory after it."""
-    from kvoverlay.sim.rtl import RtlModel  # Verilator only when the RTL device is asked for
-
-    io = program.manifest["io"]
-    image = bytearray(program.image)
-    for name, spec in io["inputs"].items():
-        x = np.asarray(feeds[name], np.float64)
-        if list(x.shape) != spec["shape"]:
-            raise ValueError(f"input {name!r} has shape {list(x.shape)}; the program was compiled for {spec['shape']}")
-        blob = nx.pack_vector_record(*nx.from_float(x.reshape(-1)))
-        image[spec["addr"]:spec["addr"] + len(blob)] = blob
-    model = RtlModel(program.config, bytes(image))
-    model.run(program.instructions, readback=False)
-    out = {}
-    for name, spec in io["outputs"].items():
-        blob = model.dram[spec["addr"]:spec["addr"] + nx.vector_record_size(spec["len"])].tobytes()
-        out[name] = nx.to_float(*nx.unpack_vector_record(blob, spec["len"])).reshape(spec["shape"])
-    return out
 
 
 class OverlayRep(BackendRep):
@@ -123,7 +99,7 @@ class OverlayRep(BackendRep):
         program, self.bound = self._compile(values)
         self.program = program
         feeds = {n: values[n] for n in program.manifest["io"]["inputs"]}
-        out = run_graph_rtl(program, feeds) if self.backend == "rtl" else run_graph(program, feeds, backend=self.backend)
+        out = run_graph(program, feeds, backend=self.backend)
         return tuple(np.asarray(out[o.name], np.float32) for o in self.model.graph.output)
 
 

@@ -329,27 +329,46 @@ class Session:
 def run_graph(program, feeds: dict, backend: str = "isa") -> dict:
     """Run a compiled graph once: write each input as a vector record, run to END, read every output.
 
-    *feeds* maps input names to float arrays of the compiled shapes; returns output name -> float64 array.
-    Decoders (programs with logits and a KV cache) run through :class:`Session` instead.
+    *feeds* maps input names to float arrays of the compiled shapes; returns output name -> float64 array. *backend*
+    is ``isa`` (the golden model) or ``rtl`` (the Verilated overlay: the records go into the memory image before the
+    run and come out of its memory after it). Decoders (programs with logits and a KV cache) run through
+    :class:`Session` instead.
     """
     if isinstance(program, (str, os.PathLike)):
         program = kvbundle.load(program)
-    if backend != "isa":
-        raise SessionError(f"run_graph supports the isa backend, not {backend!r}")
+    if backend not in ("isa", "rtl"):
+        raise SessionError(f"run_graph supports the isa and rtl backends, not {backend!r}")
     io = program.manifest.get("io")
     if not io:
         raise SessionError("program has no I/O table in its manifest: not a compiled model")
     missing = sorted(set(io["inputs"]) - set(feeds))
     if missing:
         raise SessionError(f"missing inputs: {', '.join(missing)}")
-    model = GoldenBackend(program).model
+    records = {}  # address -> (mantissas, exponent)
     for name, spec in io["inputs"].items():
         x = np.asarray(feeds[name], np.float64)
         if list(x.shape) != spec["shape"]:
             raise SessionError(f"input {name!r} has shape {list(x.shape)}; the program was compiled for {spec['shape']}")
-        model.write_vector_record(spec["addr"], *nx.from_float(x.reshape(-1)))
-    model.run(program.instructions)
-    return {name: nx.to_float(*model.read_vector_record(spec["addr"], spec["len"])).reshape(spec["shape"])
+        records[spec["addr"]] = nx.from_float(x.reshape(-1))
+    if backend == "rtl":
+        from kvoverlay.sim.rtl import RtlModel  # Verilator only when the RTL is asked for
+
+        image = bytearray(program.image)
+        for addr, record in records.items():
+            blob = nx.pack_vector_record(*record)
+            image[addr:addr + len(blob)] = blob
+        rtl = RtlModel(program.config, bytes(image))
+        rtl.run(program.instructions, readback=False)
+
+        def read(addr, n):
+            return nx.unpack_vector_record(rtl.dram[addr:addr + nx.vector_record_size(n)].tobytes(), n)
+    else:
+        model = GoldenBackend(program).model
+        for addr, record in records.items():
+            model.write_vector_record(addr, *record)
+        model.run(program.instructions)
+        read = model.read_vector_record
+    return {name: nx.to_float(*read(spec["addr"], spec["len"])).reshape(spec["shape"])
             for name, spec in io["outputs"].items()}
 
 
