@@ -62,7 +62,7 @@ def _cosine(a, b):
 
 def ours(torch, program, prompt, dtype, device, path, quick, compile=False):
     from kvoverlay.host.gpu import GpuBackend
-    from kvoverlay.host.reference import ort_decode
+    from kvoverlay.host.reference import matching_prefix, ort_decode
 
     t0 = time.perf_counter()
     g = GpuBackend(program, device=device, dtype=dtype, compile=compile)
@@ -73,7 +73,7 @@ def ours(torch, program, prompt, dtype, device, path, quick, compile=False):
     logits = [s[1] for s in steps[PROMPT_LEN - 1:]]
     ref_tokens, _ = ort_decode(path, prompt, len(toks))
     _, forced = ort_decode(path, prompt, len(toks), forced=toks)
-    out["onnxruntime"] = {"tokens_matching": int(sum(a == b for a, b in zip(toks, ref_tokens, strict=True))),
+    out["onnxruntime"] = {"matching_prefix": matching_prefix(toks, ref_tokens),
                           "of": len(toks), "logits_cosine_min": round(min(map(_cosine, logits, forced)), 6)}
     if quick:
         return out
