@@ -517,12 +517,11 @@ class RtlProcess:
         if generate < 0:
             raise ValueError(f"generate={generate} must not be negative")
         n, addr = int(logits["len"]), int(logits["addr"])
-        size = nx.vector_record_size(n)
-        first = addr // pb
+        first, count = _record_words(addr, n, pb)
         regs = {k: int(registers[k]) for k in ("token", "position", "next_token")}
         res = self._request("steps", registers=regs, feed=feed, generate=int(generate), position=int(position),
                             extra={str(int(k)): int(v) for k, v in (extra or {}).items()},
-                            logits_word=first, logits_words=-(-(addr + size) // pb) - first)
+                            logits_word=first, logits_words=count)
         if coverage.active() is not None:
             failed = next((str(_error(st, self.instrs, self.watchdog, step=k)) for k, st in enumerate(res["steps"])
                            if st["error"]), "ok")
@@ -534,9 +533,7 @@ class RtlProcess:
                 self._fault = f"step at position {position + k} stopped on an error"
                 raise _error(st, self.instrs, self.watchdog, step=k)
             hw = dict(zip(COUNTERS, st["counters"]))
-            raw = b"".join(int(w).to_bytes(pb, "little") for w in st["logits"])
-            off = addr - first * pb
-            m, e = nx.unpack_vector_record(raw[off:off + size], n)
+            m, e = _record_from_words(st["logits"], addr, n, pb)
             steps.append(RtlStep(token=st["token"], position=position + k, next_token=_signed(st["next_token"], 32),
                                  logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw,
                                  wall_s=st["wall_s"], cpu_s=st["cpu_s"]))
@@ -555,10 +552,7 @@ class RtlProcess:
     def read_vector(self, addr: int, n: int) -> tuple:
         """The vector record of *n* elements at byte address *addr*: (mantissas, exponent)."""
         pb = self.model.config.port_bytes
-        size = nx.vector_record_size(n)
-        first = addr // pb
-        raw = b"".join(w.to_bytes(pb, "little") for w in self.read_words(first, -(-(addr + size) // pb) - first))
-        return nx.unpack_vector_record(raw[addr - first * pb:][:size], n)
+        return _record_from_words(self.read_words(*_record_words(addr, n, pb)), addr, n, pb)
 
     def read_registers(self) -> list:
         """The scalar registers R0.. (signed)."""
@@ -598,6 +592,19 @@ def _shutdown(held: list, thread, finish, tmp: Path) -> None:
         thread.join(timeout=10)
     held.clear()
     finish(tmp)
+
+
+def _record_words(addr: int, n: int, pb: int) -> tuple[int, int]:
+    """(first port word, word count) holding the *n*-element vector record at byte address *addr*."""
+    first = addr // pb
+    return first, -(-(addr + nx.vector_record_size(n)) // pb) - first
+
+
+def _record_from_words(words, addr: int, n: int, pb: int) -> tuple:
+    """The vector record at byte address *addr* from the port words :func:`_record_words` names."""
+    raw = b"".join(int(w).to_bytes(pb, "little") for w in words)
+    off = addr % pb
+    return nx.unpack_vector_record(raw[off:off + nx.vector_record_size(n)], n)
 
 
 def _signed(value: int, bits: int) -> int:
