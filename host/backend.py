@@ -72,9 +72,8 @@ def outside_kv_buffer(program: kvbundle.Bundle) -> dict:
     """pc -> instruction of every KVAPPEND and ATTN whose layer the overlay's KV buffer cannot hold (a layer index,
     head count or head width beyond the config): the host runs those on the offload device."""
     cfg = program.config
-    return {pc: ins for pc, ins in enumerate(program.instructions) if ins.op in ("KVAPPEND", "ATTN") and (
-        ins.fields["layer"] >= cfg.max_layers or ins.fields["head_dim"] > cfg.max_head_dim
-        or ins.fields["heads" if ins.op == "KVAPPEND" else "kv_heads"] > cfg.max_kv_heads)}
+    return {pc: ins for pc, ins in enumerate(program.instructions) if ins.op in ("KVAPPEND", "ATTN") and not cfg.holds_kv(
+        ins.fields["layer"], ins.fields["heads" if ins.op == "KVAPPEND" else "kv_heads"], ins.fields["head_dim"])}
 
 
 def register_args(program: kvbundle.Bundle, token: int, position: int, extra: dict | None = None) -> dict:

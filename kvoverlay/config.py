@@ -138,6 +138,10 @@ class OverlayConfig:
         twice as many weights into the word, w16 half as many)."""
         return self.port_bytes
 
+    def holds_kv(self, layer: int, heads: int, head_dim: int) -> bool:
+        """Whether the KV buffer has room for *heads* KV heads of *head_dim* in *layer*."""
+        return layer < self.max_layers and heads <= self.max_kv_heads and head_dim <= self.max_head_dim
+
     def weights_per_cycle(self, fmt: str) -> int:
         """Weights of format *fmt* the GEMV engine consumes per cycle (one port word)."""
         return max(1, self.port_bits // WEIGHT_FORMATS[fmt])

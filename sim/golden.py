@@ -121,7 +121,7 @@ class GoldenModel:
 
     def _kv_check(self, layer, heads, head_dim, pos):
         c = self.config
-        if layer >= c.max_layers or heads > c.max_kv_heads or head_dim > c.max_head_dim or heads < 1:
+        if not c.holds_kv(layer, heads, head_dim) or heads < 1:
             raise IndexError(f"layer {layer}, {heads} heads of {head_dim} exceed the KV buffer "
                              f"({c.max_layers} layers, {c.max_kv_heads} heads of {c.max_head_dim})")
         if not 0 <= pos < c.kv_capacity:
