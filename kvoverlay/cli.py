@@ -262,6 +262,33 @@ def _configure_bench(p):
     g.set_defaults(func=_cmd_bench_gemv)
 
 
+    d = sub.add_parser("decode", help="decode steps of a synthetic Llama-style decoder: cycles per token against the "
+                       "roofline, the golden model's prediction and where the cycles go")
+    d.add_argument("--hidden", type=int, default=512, help="model width (default: 512)")
+    d.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
+    d.add_argument("--heads", type=int, default=8, help="query heads (default: 8)")
+    d.add_argument("--kv-heads", type=int, default=2, help="KV heads (default: 2)")
+    d.add_argument("--ffn", type=int, default=None, help="FFN width (default: 2 x hidden)")
+    d.add_argument("--vocab", type=int, default=1024, help="vocabulary (default: 1024)")
+    d.add_argument("--context", type=int, default=256, help="KV length the last timed step attends over (default: 256)")
+    d.add_argument("--steps", type=int, default=2, help="decode steps timed (default: 2)")
+    d.add_argument("--weights", default="int8", metavar="FMT[,FMT...]",
+                   help="weight formats, comma-separated: int8, int4, w16 (default: int8)")
+    d.add_argument("--backend", choices=["rtl", "isa"], default="isa", help="rtl: Verilated overlay; isa: golden model")
+    d.add_argument("--config", default=None, metavar="PRESET|FILE",
+                   help="overlay configuration (default: tiny with a 256-token KV buffer and 32 MiB of memory)")
+    d.add_argument("--seed", type=int, default=0, help="random seed of the weights and the KV")
+    d.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="write a roofline plot of the points")
+    d.add_argument("--json", action="store_true", help="print one JSON object (a list for several formats)")
+    d.set_defaults(func=_cmd_bench_decode)
+
+
+def _cmd_bench_decode(args) -> int:
+    from kvoverlay.host.bench import bench_decode_main
+
+    return bench_decode_main(args)
+
+
 def _cmd_bench_gemv(args) -> int:
     from kvoverlay.sim.bench import bench_gemv_main
 

@@ -10,6 +10,7 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import WEIGHT_FORMATS, load_config
+from kvoverlay.roofline import Roofline, bandwidth_efficiency, roofline_cycles
 
 __all__ = ["bench_gemv", "bench_gemv_main", "gemv_program"]
 
@@ -68,10 +69,11 @@ def bench_gemv(config, rows: int, cols: int, fmt: str, backend: str = "rtl", see
     program, image, wbytes = gemv_program(config, rows, cols, fmt, seed)
     gold = GoldenModel(config, image)
     golden_cycles = gold.run(program).cycles
-    roofline = wbytes / config.port_bytes
+    required = Roofline(config, program).required_bytes()
+    roofline = roofline_cycles(config, required)
     out = {"rows": rows, "cols": cols, "weights": fmt, "backend": backend, "config": config.name,
-           "group": _group(config, fmt), "weight_bytes": wbytes, "roofline_cycles": roofline,
-           "golden_cycles": golden_cycles}
+           "group": _group(config, fmt), "weight_bytes": wbytes, "bytes_required": required,
+           "roofline_cycles": roofline, "golden_cycles": golden_cycles}
     if backend == "isa":
         cycles = golden_cycles
     else:
@@ -86,7 +88,7 @@ def bench_gemv(config, rows: int, cols: int, fmt: str, backend: str = "rtl", see
                     "bit_exact": bool(np.array_equal(rtl.acc[:last], gold.acc[:last]) and rtl.eregs == gold.eregs),
                     "busy": counters.busy})
     out["cycles"] = cycles
-    out["bandwidth_efficiency"] = round(roofline / cycles, 4)
+    out["bandwidth_efficiency"] = round(bandwidth_efficiency(roofline, cycles), 4)
     return out
 
 

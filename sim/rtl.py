@@ -497,13 +497,14 @@ class RtlProcess:
         return reply
 
     def run_steps(self, registers: dict, logits: dict, feed, generate: int = 0, position: int = 0, *,
-                  extra: dict | None = None) -> list:
+                  extra: dict | None = None, entry: int = 0) -> list:
         """Run the program once per step, continuing the state the last call left.
 
         Step k writes ``registers["token"]`` (the k-th of *feed*, then the previous step's
         ``registers["next_token"]``: greedy generation for *generate* more steps), ``registers["position"]``
         (``position + k``) and the *extra* registers (index -> value), runs to END and reads the ``logits``
-        vector record (``{"addr", "len"}``) and the next token.
+        vector record (``{"addr", "len"}``) and the next token. The program runs from instruction *entry* of
+        the stream the process was opened with (a stream of several programs, each ending in END).
 
         Returns a list of :class:`RtlStep`; raises :class:`RtlError` for a step that stopped on an error and
         :class:`RtlProcessError` when the process is gone.
@@ -521,7 +522,7 @@ class RtlProcess:
         regs = {k: int(registers[k]) for k in ("token", "position", "next_token")}
         res = self._request("steps", registers=regs, feed=feed, generate=int(generate), position=int(position),
                             extra={str(int(k)): int(v) for k, v in (extra or {}).items()},
-                            logits_word=first, logits_words=count)
+                            logits_word=first, logits_words=count, entry=int(entry))
         if coverage.active() is not None:
             failed = next((str(_error(st, self.instrs, self.watchdog, step=k)) for k, st in enumerate(res["steps"])
                            if st["error"]), "ok")

@@ -11,7 +11,7 @@ per line out (:class:`kvoverlay.sim.rtl.RtlProcess` is the other end). The simul
 waits for the next command, so the overlay's state (the KV buffer above all) persists from one command to the
 next. Commands:
 
-- ``steps``: per step, write the token and position registers (and any others), start, await ``done``, read
+- ``steps``: from instruction ``entry`` of the loaded stream (0: its first), per step write the token and position registers (and any others), start, await ``done``, read
   the counters, the next-token register and the logits record (through the memory model's host read port).
   The token is the next of ``feed``, then for ``generate`` more steps the register just read (greedy
   generation, fed back without leaving the simulator);
@@ -99,6 +99,10 @@ async def _steps(dut, job, cmd) -> dict:
     """Runs of the program, one per step, the next token fed back in the simulator after the *feed* tokens."""
     regs = cmd["registers"]
     feed = list(cmd["feed"])
+    # the steps run the program at instruction *entry* of the loaded stream (a second program loaded behind
+    # the first, such as the KV-writing one of kvoverlay bench decode); fetch adds prog_base to the pc, so it
+    # must hold still while the overlay runs: it is set here, before the start pulse
+    dut.prog_base.value = job["prog_base"] + int(cmd.get("entry", 0))
     out = []
     token = None
     for k in range(len(feed) + cmd["generate"]):
