@@ -283,6 +283,27 @@ def _configure_bench(p):
     d.set_defaults(func=_cmd_bench_decode)
 
 
+    j = sub.add_parser("project", help="PROJECTED tokens/s at batch 1 of a full-size model, from the validated cycle "
+                       "model (no RTL, no weights), tensor-parallel over --devices cards")
+    j.add_argument("--model", default="llama2-7b", choices=["llama2-7b", "llama3-8b", "gpt2-xl"],
+                   help="model shape (default: llama2-7b)")
+    j.add_argument("--config", default="u280", metavar="PRESET|FILE", help="overlay configuration (default: u280)")
+    j.add_argument("--weights", choices=["int4", "int8", "w16"], default="int4", help="weight format (default: int4)")
+    j.add_argument("--devices", type=int, default=1, help="cards, tensor-parallel (default: 1)")
+    j.add_argument("--context", type=int, default=128, help="KV length attended over (default: 128)")
+    j.add_argument("--link-gbps", type=float, default=100.0, help="inter-card link, Gb/s per direction (default: 100)")
+    j.add_argument("--link-latency-us", type=float, default=1.0, help="inter-card latency per hop in us (default: 1)")
+    j.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="write a roofline plot of the point")
+    j.add_argument("--json", action="store_true", help="print one JSON object")
+    j.set_defaults(func=_cmd_bench_project)
+
+
+def _cmd_bench_project(args) -> int:
+    from kvoverlay.host.project import project_main
+
+    return project_main(args)
+
+
 def _cmd_bench_decode(args) -> int:
     from kvoverlay.host.bench import bench_decode_main
 

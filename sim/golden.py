@@ -20,7 +20,7 @@ from kvoverlay.access import accesses
 from kvoverlay.config import OverlayConfig
 from kvoverlay.timing import instr_cycles
 
-__all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles"]
+__all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles", "replay_cycles"]
 
 
 class ExecError(RuntimeError):
@@ -316,3 +316,19 @@ class _Timing:
         return max(self.free.values())
 
 
+
+
+def replay_cycles(config, program, kv_len: int = 0) -> tuple[int, dict]:
+    """The timing model alone: ``(cycles, busy cycles per queue)`` of one run of *program*, not executed.
+
+    Every ATTN attends over *kv_len* positions. The queue replay is :class:`GoldenModel`'s, token FIFOs included;
+    on-chip hazards are not checked (a program built for its timing alone, as the projections build it, carries
+    no buffer addresses).
+    """
+    timing = _Timing(config)
+    timing._check_hazards = lambda *args: None
+    for pc, ins in enumerate(program):
+        if ins.op == "END":
+            break
+        timing.issue(pc, ins, kv_len if ins.op == "ATTN" else 0)
+    return timing.finish(), dict(timing.busy)

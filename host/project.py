@@ -1,0 +1,273 @@
+"""``kvoverlay bench project``: tokens/s at batch 1 for full-size models, projected from the validated cycle model.
+
+No RTL and no weights: the decode step's instruction stream is built from the model's shapes the way the compiler
+lowers a Llama-style decoder (:func:`decode_instructions`; a test holds it to the compiler's own program, cycle for
+cycle, on the shapes ``bench decode`` compiles), and its cycles come from the golden model's queue replay of the
+units' formulas (:func:`kvoverlay.sim.golden.replay_cycles`, :mod:`kvoverlay.timing`), which the bench set holds
+to the RTL within 1%. With ``--devices N`` the layers are split tensor-parallel (heads and FFN rows across the
+cards, two all-reduces of the int64 accumulators per layer) and the inter-card link's time is added to each step.
+
+What is a projection here and not the built overlay: a model whose KV the config's buffer cannot hold reads its KV
+from external memory, modelled as streaming at the port's rate under the attention engine (the overlay as built
+sends such KV to the offload device instead); a vocabulary beyond the accumulator buffer is tiled, one GEMV, REQ
+and ARGMAX per tile (the compiler refuses such an LM head today). Both are said in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+from kvoverlay import isa, timing
+from kvoverlay import numerics as nx
+from kvoverlay.config import WEIGHT_FORMATS, load_config
+from kvoverlay.roofline import Roofline, bandwidth_efficiency, roofline_cycles, row_payload
+
+__all__ = ["FLIGHTLLM_TOKENS_PER_S", "MODELS", "ModelShape", "decode_instructions", "project", "project_main"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder's shapes: what the projection needs of a model."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    family: str = "llama"  # llama: RMSNorm, RoPE, SwiGLU; gpt2: LayerNorm, learned positions, GELU, biases
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def parameters(self) -> int:
+        llama = self.family == "llama"
+        per_layer = self.hidden * (2 * self.hidden + 2 * self.kv_heads * self.head_dim) + (3 if llama else 2) * self.hidden * self.ffn
+        return self.layers * per_layer + (2 if llama else 1) * self.vocab * self.hidden  # GPT-2 ties its LM head
+
+
+#: The models' published shapes (their config.json).
+MODELS = {
+    "llama2-7b": ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008, vocab=32000),
+    "llama3-8b": ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
+    "gpt2-xl": ModelShape(hidden=1600, layers=48, heads=25, kv_heads=25, ffn=6400, vocab=50257, family="gpt2"),
+}
+
+#: Published decode throughput at batch 1 on one Alveo U280: FlightLLM (FPGA '24), LLaMA2-7B.
+FLIGHTLLM_TOKENS_PER_S = {"llama2-7b": 55.0}
+
+#: Rows per GEMV tile of a vocabulary larger than the accumulator buffer (a power of two the 16-bit field holds).
+MAX_TILE_ROWS = 1 << 15
+
+
+def _group(cols: int, want: int) -> int:
+    from kvoverlay.compiler.quantize import group_for
+
+    return group_for(cols, want)
+
+
+class _Stream:
+    """Instruction builder: weight matrices laid out one after another, as the compiler's memory image does."""
+
+    def __init__(self, config, fmt):
+        self.cfg, self.fmt, self.code, self.addr = config, fmt, [], 0
+        self.lg = {}
+
+    def _layout(self, cols, fmt):
+        group = _group(cols, self.cfg.group_size)
+        return {"fmt": isa.ENUMS["fmt"].index(fmt), "lg_group": int(math.log2(group // isa.GROUP_BASE))}, group
+
+    def add(self, op, deps=(), **fields):
+        self.code.append(isa.Instr(op, fields, frozenset(deps)))
+
+    def matrix(self, rows, cols, fmt=None):
+        """Place a rows x cols matrix; returns (address, layout fields)."""
+        fmt = fmt or self.fmt
+        layout, group = self._layout(cols, fmt)
+        addr = self.addr
+        self.addr += rows * nx.row_stride(cols, fmt, group, self.cfg.port_bytes)
+        return addr, layout
+
+    def gemv(self, rows, cols, deps=()):
+        """GEMV tiles of at most the accumulator buffer's rows, each followed by its REQ."""
+        addr, layout = self.matrix(rows, cols)
+        tile = min(self.cfg.acc_buffer_words, MAX_TILE_ROWS)
+        stride = nx.row_stride(cols, self.fmt, isa.GROUP_BASE << layout["lg_group"], self.cfg.port_bytes)
+        for r0 in range(0, rows, tile):
+            n = min(tile, rows - r0)
+            self.add("GEMV", deps, addr=addr + r0 * stride, rows=n, cols=cols, **layout, accumulate=0)
+            self.add("REQ", len=n)
+
+    def ldrow(self, cols, fmt, row_reg, deps=()):
+        addr, layout = self.matrix(1, cols, fmt)
+        self.add("LDROW", deps, addr=addr, row_reg=row_reg, row_imm=0, cols=cols, **layout)
+
+    def load(self, length, deps=()):
+        addr = self.addr
+        self.addr += -(-nx.vector_record_size(length) // self.cfg.port_bytes) * self.cfg.port_bytes
+        self.add("LOAD", deps, addr=addr, len=length)
+
+
+def decode_instructions(shape: ModelShape, config, fmt: str, devices: int = 1) -> list:
+    """One decode step of *shape* on one of *devices* cards, as the compiler lowers it (timing fields only).
+
+    Tensor-parallel: each card holds ``ceil(heads / devices)`` query heads and as many KV heads' share, and
+    ``ceil(ffn / devices)`` FFN rows (the widest shard sets the step); norms and residual adds run on every card.
+    """
+    s = _Stream(config, fmt)
+    H, hd = shape.hidden, shape.head_dim
+    qh = -(-shape.heads // devices)
+    kvh = -(-shape.kv_heads // devices)
+    F = -(-shape.ffn // devices)
+    F = -(-F // isa.GROUP_BASE) * isa.GROUP_BASE
+    llama = shape.family == "llama"
+    norm = isa.ENUMS["norm"].index("rms" if llama else "layer")
+    act = isa.ENUMS["func"].index("silu" if llama else "gelu_tanh")
+    s.ldrow(H, fmt if WEIGHT_FORMATS[fmt] >= 8 else "int8", 0)  # the token's embedding row (tables: 8 bits or more)
+    if not llama:
+        s.ldrow(H, "w16", 1)  # its learned position
+        s.add("VADD", len=H)
+    for layer in range(shape.layers):
+        first = layer == 0
+        s.load(H, ("push_next",) if first else ("pop_next", "push_next"))  # the norm's gain
+        s.add("NORM", ("pop_prev",), len=H, kind=norm)
+        s.gemv(qh * hd, H)
+        if llama:
+            if first:  # the rotary tables' rows of this position, shared by every layer
+                s.ldrow(hd // 2, "w16", 1)
+                s.ldrow(hd // 2, "w16", 1, ("push_next",))
+            s.add("ROPE", ("pop_prev",) if first else (), heads=qh, head_dim=hd)
+        else:
+            s.add("VADD", len=qh * hd)  # bias
+        s.gemv(kvh * hd, H)
+        s.add("ROPE" if llama else "VADD", **({"heads": kvh, "head_dim": hd} if llama else {"len": kvh * hd}))
+        s.gemv(kvh * hd, H)
+        if not llama:
+            s.add("VADD", len=kvh * hd)
+        s.add("VSCALE", len=qh * hd)
+        s.add("KVAPPEND", heads=kvh, head_dim=hd)
+        s.add("ATTN", q_heads=qh, kv_heads=kvh, head_dim=hd)
+        s.gemv(H, qh * hd)
+        s.add("VADD", ("push_prev",), len=H)  # the residual (its gain LOAD may now overwrite the old one)
+        s.load(H, ("pop_next", "push_next"))
+        s.add("NORM", ("pop_prev",), len=H, kind=norm)
+        s.gemv(F, H)
+        s.add("ACT", len=F, func=act)
+        if llama:
+            s.gemv(F, H)
+            s.add("VMUL", len=F)
+        s.gemv(H, F, ("push_prev",))
+        s.add("VADD", len=H)
+    s.load(H, ("pop_next", "push_next"))
+    s.add("NORM", ("pop_prev",), len=H, kind=norm)
+    vocab = -(-shape.vocab // devices)
+    s.gemv(vocab, H)
+    s.add("ARGMAX", ("push_next",), len=min(vocab, config.acc_buffer_words, MAX_TILE_ROWS))
+    s.add("STORE", ("pop_prev",), addr=s.addr, len=min(vocab, config.act_buffer_words))
+    s.add("END")
+    return s.code
+
+
+def _kv_offchip_bytes(shape, config, context, devices) -> int:
+    """KV bytes a step reads from external memory per card: none when the config's KV buffer holds it."""
+    kvh = -(-shape.kv_heads // devices)
+    if config.holds_kv(shape.layers - 1, kvh, shape.head_dim) and context <= config.kv_capacity:
+        return 0
+    return shape.layers * 2 * kvh * context * nx.vector_record_size(shape.head_dim)
+
+
+def project(model: str, config, weights: str = "int4", devices: int = 1, context: int = 128,
+            link_gbps: float = 100.0, link_latency_us: float = 1.0) -> dict:
+    """Projected decode figures of *model* on *devices* cards of *config* at batch 1, KV length *context*."""
+    from kvoverlay.sim.golden import replay_cycles
+
+    from .bench import cycle_breakdown
+
+    if model not in MODELS:
+        raise ValueError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
+    if weights not in config.weight_formats:
+        raise ValueError(f"--weights {weights}: config {config.name} is built with {', '.join(config.weight_formats)}")
+    if devices < 1 or context < 1 or link_gbps <= 0 or link_latency_us < 0:
+        raise ValueError(f"--devices {devices}, --context {context}, --link-gbps {link_gbps}, --link-latency-us "
+                         f"{link_latency_us}: devices, context and link bandwidth must be positive")
+    shape = MODELS[model]
+    code = decode_instructions(shape, config, weights, devices)
+    cycles, busy = replay_cycles(config, code, context)
+    kv_bytes = _kv_offchip_bytes(shape, config, context, devices)
+    attn = [ins for ins in code if ins.op == "ATTN"]
+    attn_cycles = sum(timing.unit_cycles(config, ins, context) for ins in attn)
+    kv_extra = max(0, math.ceil(kv_bytes / config.port_bytes) - attn_cycles)  # KV streaming the engine cannot hide
+    compute_cycles = cycles + kv_extra
+    hz = config.clock_mhz * 1e6
+    # per layer two all-reduces of H int64 accumulators (ring: 2 (N-1) hops of 1/N of the vector), and a gather of
+    # the N cards' argmax candidates
+    link_s = 0.0
+    if devices > 1:
+        hop_bytes = 8 * shape.hidden / devices
+        allreduce = 2 * (devices - 1) * (link_latency_us * 1e-6 + hop_bytes * 8 / (link_gbps * 1e9))
+        link_s = shape.layers * 2 * allreduce + (devices - 1) * link_latency_us * 1e-6
+    step_s = compute_cycles / hz + link_s
+    regs = {0: 0, 1: context - 1}
+    required = Roofline(config, code).required_bytes(regs, kv_bytes)
+    roof = roofline_cycles(config, required)
+    gemvs = [ins for ins in code if ins.op == "GEMV"]
+    streamed = sum(ins.fields["rows"] * timing._row_words(config, ins) for ins in gemvs)
+    packed = sum(math.ceil(ins.fields["rows"] * row_payload(ins.fields["cols"], *isa.weight_layout(ins))
+                           / config.port_bytes) for ins in gemvs)
+    return {
+        "model": model, "shape": {**asdict(shape), "head_dim": shape.head_dim, "parameters": shape.parameters()},
+        "config": config.name, "port_bytes": config.port_bytes, "clock_mhz": config.clock_mhz,
+        "bandwidth_gbps_per_device": round(config.bandwidth_gbps, 1), "weights": weights, "backend": "projection",
+        "devices": devices, "context": context, "link_gbps": link_gbps, "link_latency_us": link_latency_us,
+        "kv_offchip": bool(kv_bytes), "kv_offchip_bytes_per_token": kv_bytes,
+        "lm_head_tiles": math.ceil(-(-shape.vocab // devices) / min(config.acc_buffer_words, MAX_TILE_ROWS)),
+        "macs_per_token": sum(ins.fields["rows"] * ins.fields["cols"] for ins in gemvs),
+        "cycles_per_token": compute_cycles,
+        "link_us_per_token": round(link_s * 1e6, 2),
+        "bytes_required_per_token": required,
+        "roofline_cycles_per_token": round(roof, 1),
+        "bandwidth_efficiency": round(bandwidth_efficiency(roof, compute_cycles + link_s * hz), 4),
+        "tokens_per_s": round(1 / step_s, 2),
+        "bandwidth_limit_tokens_per_s": round(hz / roof, 2),
+        "weight_streaming_cycles": streamed,
+        "packed_weight_streaming_cycles": packed,
+        "busy": busy,
+        "breakdown": {**cycle_breakdown(config, code, context), "kv_streaming_not_hidden": kv_extra},
+        "flightllm_tokens_per_s": FLIGHTLLM_TOKENS_PER_S.get(model) if config.name == "u280" and devices == 1 else None,
+    }
+
+
+def project_main(args) -> int:
+    config = load_config(args.config)
+    out = project(args.model, config, args.weights, args.devices, args.context, args.link_gbps, args.link_latency_us)
+    if args.plot is not None:
+        from .bench import plot_roofline
+
+        plot_roofline([out], args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"PROJECTION from the validated cycle model (no RTL run): {out['model']} ({out['shape']['parameters'] / 1e9:.2f}B "
+          f"parameters), {out['weights']}, {out['devices']} x {out['config']} ({out['bandwidth_gbps_per_device']} GB/s, "
+          f"{out['clock_mhz']:.0f} MHz), batch 1, KV length {out['context']}")
+    print(f"  tokens/s                {out['tokens_per_s']:>12}   (bandwidth limit {out['bandwidth_limit_tokens_per_s']})")
+    print(f"  cycles/token            {out['cycles_per_token']:>12}   (roofline {out['roofline_cycles_per_token']:.0f}, "
+          f"efficiency {out['bandwidth_efficiency']:.1%})")
+    print(f"  weight streaming        {out['weight_streaming_cycles']:>12}   (rows packed instead of padded to port beats: "
+          f"{out['packed_weight_streaming_cycles']})")
+    if out["devices"] > 1:
+        print(f"  inter-card link         {out['link_us_per_token']:>12} us/token ({out['link_gbps']} Gb/s, "
+              f"{out['link_latency_us']} us per hop)")
+    if out["kv_offchip"]:
+        print(f"  KV read from memory     {out['kv_offchip_bytes_per_token']:>12} bytes/token (modelled: the KV buffer "
+              "does not hold it)")
+    print("  where the cycles go     " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in out["breakdown"].items()))
+    if out["flightllm_tokens_per_s"]:
+        print(f"  FlightLLM, published    {out['flightllm_tokens_per_s']:>12}   (LLaMA2-7B on one U280)")
+    sys.stdout.flush()
+    return 0
