@@ -32,7 +32,10 @@ def test_bench_gemv_isa_json():
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     cfg = PRESETS["tiny"]
-    roofline = 64 * nx.row_stride(256, "int4", cfg.group_size, cfg.port_bytes) / cfg.port_bytes
+    # 64 rows of 8 scales and 128 bytes of weights, and the x record's 256 mantissas and exponent
+    assert nx.row_stride(256, "int4", cfg.group_size, cfg.port_bytes) == 144
+    roofline = (64 * 144 + 2 * 256 + 4) / cfg.port_bytes
+    assert out["bytes_required"] == 64 * 144 + 516
     assert out["roofline_cycles"] == roofline
     assert out["cycles"] == out["golden_cycles"]
     assert out["bandwidth_efficiency"] == round(roofline / out["cycles"], 4)

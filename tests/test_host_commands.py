@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, kvo
 
 RUN_KEYS = {"backend", "tokens", "prompt_tokens", "cycles", "cycles_per_token", "bytes_read_per_token",
-            "roofline_cycles_per_token", "bandwidth_efficiency", "wall_s", "placement"}
+            "bytes_required_per_token", "roofline_cycles_per_token", "bandwidth_efficiency", "wall_s", "placement"}
 COMPILE_KEYS = {"instructions", "program_bytes", "weight_bytes", "kv_capacity_tokens", "placement", "compile_s"}
 
 
@@ -54,6 +54,9 @@ def test_run_json_check_and_dump(demo, tmp_path):
     assert out["backend"] == "isa" and out["prompt_tokens"] == 3 and len(out["tokens"]) == 6
     assert 0 < out["bandwidth_efficiency"] <= 1
     assert out["roofline_cycles_per_token"] <= out["cycles_per_token"]
+    # the roofline's bytes (no padding, each byte once) never exceed what the port moved
+    assert 0 < out["bytes_required_per_token"] <= out["bytes_read_per_token"]
+    assert out["roofline_cycles_per_token"] == round(out["bytes_required_per_token"] / 8, 1)
     ref = out["reference"]
     assert {"tokens", "token_match", "logits_cosine_min", "logits_max_abs_err"} <= set(ref)
     assert ref["logits_cosine_min"] >= 0.99
