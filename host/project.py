@@ -44,17 +44,25 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    positions: int = 0  # learned position rows (gpt2)
+
     def parameters(self) -> int:
-        llama = self.family == "llama"
-        per_layer = self.hidden * (2 * self.hidden + 2 * self.kv_heads * self.head_dim) + (3 if llama else 2) * self.hidden * self.ffn
-        return self.layers * per_layer + (2 if llama else 1) * self.vocab * self.hidden  # GPT-2 ties its LM head
+        """Parameters of the model (every matrix, table, norm and bias), as its model card counts them."""
+        H, F = self.hidden, self.ffn
+        attn = H * (2 * H + 2 * self.kv_heads * self.head_dim)
+        if self.family == "llama":  # SwiGLU, RMSNorm gains, untied LM head
+            return self.layers * (attn + 3 * H * F + 2 * H) + H + 2 * self.vocab * H
+        # GELU MLP, LayerNorm gains and biases, biases on every projection, learned positions, tied LM head
+        per_layer = attn + 2 * H * F + 4 * H + (H + 2 * self.kv_heads * self.head_dim) + H + F + H
+        return self.layers * per_layer + 2 * H + (self.vocab + self.positions) * H
 
 
 #: The models' published shapes (their config.json).
 MODELS = {
     "llama2-7b": ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008, vocab=32000),
     "llama3-8b": ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
-    "gpt2-xl": ModelShape(hidden=1600, layers=48, heads=25, kv_heads=25, ffn=6400, vocab=50257, family="gpt2"),
+    "gpt2-xl": ModelShape(hidden=1600, layers=48, heads=25, kv_heads=25, ffn=6400, vocab=50257, family="gpt2",
+                          positions=1024),
 }
 
 #: Published decode throughput at batch 1 on one Alveo U280: FlightLLM (FPGA '24), LLaMA2-7B.

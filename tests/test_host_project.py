@@ -1,0 +1,61 @@
+"""``kvoverlay bench project``: the shape-built decode step is the compiler's, cycle for cycle; the projection's
+figures follow from it."""
+
+import json
+
+import pytest
+from kvoverlay.host.bench import BENCH_CONFIG, DecodeShape, compile_decoder
+from kvoverlay.host.project import MODELS, ModelShape, decode_instructions, project
+from kvoverlay.sim.golden import replay_cycles
+from test_cli import kvo
+
+from kvoverlay.config import PRESETS
+
+U280 = PRESETS["u280"]
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "w16"])
+@pytest.mark.parametrize("shape", [DecodeShape(), DecodeShape(hidden=256, layers=2, heads=4, kv_heads=1, vocab=512)])
+def test_shape_built_step_is_the_compilers_cycle_for_cycle(shape, weights):
+    compiled = compile_decoder(shape, BENCH_CONFIG, weights, 64).instructions
+    built = decode_instructions(ModelShape(shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.ffn, shape.vocab),
+                                BENCH_CONFIG, weights)
+    assert [i.op for i in built] == [i.op for i in compiled]
+    assert [i.deps for i in built] == [i.deps for i in compiled]
+    for kv_len in (1, 64):
+        assert replay_cycles(BENCH_CONFIG, built, kv_len) == replay_cycles(BENCH_CONFIG, compiled, kv_len)
+
+
+def test_llama2_7b_on_one_u280():
+    r = project("llama2-7b", U280, "int4", context=128)
+    assert r["shape"]["parameters"] == 6_738_415_616  # LLaMA2-7B's published count
+    assert r["tokens_per_s"] == round(U280.clock_mhz * 1e6 / r["cycles_per_token"], 2)
+    assert r["bandwidth_limit_tokens_per_s"] == round(U280.clock_mhz * 1e6 / r["roofline_cycles_per_token"], 2)
+    assert r["tokens_per_s"] < r["bandwidth_limit_tokens_per_s"]
+    assert r["flightllm_tokens_per_s"] == 55.0
+    # 32 KV heads per layer do not fit u280's buffer (8): the KV of 128 tokens is read from memory, 2 x 32 x 32 records
+    assert r["kv_offchip"] and r["kv_offchip_bytes_per_token"] == 32 * 2 * 32 * 128 * (2 * 128 + 4)
+    weights = r["bytes_required_per_token"] - r["kv_offchip_bytes_per_token"]
+    assert 0.5625 * r["shape"]["parameters"] * 0.98 < weights < 0.5625 * r["shape"]["parameters"]  # 4 bits + scales
+    assert r["packed_weight_streaming_cycles"] < r["weight_streaming_cycles"]  # rows padded to 1024-byte beats
+
+
+def test_kv_on_chip_and_tensor_parallel():
+    one = project("llama3-8b", U280, "int4", context=128)
+    assert not one["kv_offchip"] and one["lm_head_tiles"] == 4
+    four = project("llama3-8b", U280, "int4", devices=4, context=128)
+    assert four["link_us_per_token"] > 0 and four["flightllm_tokens_per_s"] is None
+    assert one["tokens_per_s"] < four["tokens_per_s"] < 4 * one["tokens_per_s"]
+    fast = project("llama3-8b", U280, "int4", devices=4, context=128, link_gbps=400, link_latency_us=0.1)
+    assert fast["cycles_per_token"] == four["cycles_per_token"] and fast["tokens_per_s"] > four["tokens_per_s"]
+
+
+def test_every_model_and_the_cli():
+    assert {k: m.parameters() for k, m in MODELS.items()} == {  # the model cards' counts
+        "llama2-7b": 6_738_415_616, "llama3-8b": 8_030_261_248, "gpt2-xl": 1_557_611_200}
+    res = kvo("bench", "project", "--config", "u280", "--model", "gpt2-xl", "--weights", "int4", "--devices", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["model"] == "gpt2-xl" and out["devices"] == 2 and out["backend"] == "projection"
+    res = kvo("bench", "project", "--model", "llama2-7b")
+    assert res.returncode == 0 and "PROJECTION" in res.stdout and "FlightLLM" in res.stdout
