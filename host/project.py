@@ -45,13 +45,14 @@ class ModelShape:
         return self.hidden // self.heads
 
     positions: int = 0  # learned position rows (gpt2)
+    tied: bool = False  # the LM head is the embedding table (counted once)
 
     def parameters(self) -> int:
         """Parameters of the model (every matrix, table, norm and bias), as its model card counts them."""
         H, F = self.hidden, self.ffn
         attn = H * (2 * H + 2 * self.kv_heads * self.head_dim)
         if self.family == "llama":  # SwiGLU, RMSNorm gains, untied LM head
-            return self.layers * (attn + 3 * H * F + 2 * H) + H + 2 * self.vocab * H
+            return self.layers * (attn + 3 * H * F + 2 * H) + H + (1 if self.tied else 2) * self.vocab * H
         # GELU MLP, LayerNorm gains and biases, biases on every projection, learned positions, tied LM head
         per_layer = attn + 2 * H * F + 4 * H + (H + 2 * self.kv_heads * self.head_dim) + H + F + H
         return self.layers * per_layer + 2 * H + (self.vocab + self.positions) * H
@@ -61,6 +62,8 @@ class ModelShape:
 MODELS = {
     "llama2-7b": ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008, vocab=32000),
     "llama3-8b": ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
+    # the issue's trained 135M Llama-family model: rows of 576 int8 weights + scales, 612 bytes, in u280's 1024-byte beat
+    "smollm-135m": ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, ffn=1536, vocab=49152, tied=True),
     "gpt2-xl": ModelShape(hidden=1600, layers=48, heads=25, kv_heads=25, ffn=6400, vocab=50257, family="gpt2",
                           positions=1024),
 }

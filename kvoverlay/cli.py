@@ -285,7 +285,7 @@ def _configure_bench(p):
 
     j = sub.add_parser("project", help="PROJECTED tokens/s at batch 1 of a full-size model, from the validated cycle "
                        "model (no RTL, no weights), tensor-parallel over --devices cards")
-    j.add_argument("--model", default="llama2-7b", choices=["llama2-7b", "llama3-8b", "gpt2-xl"],
+    j.add_argument("--model", default="llama2-7b", choices=["llama2-7b", "llama3-8b", "smollm-135m", "gpt2-xl"],
                    help="model shape (default: llama2-7b)")
     j.add_argument("--config", default="u280", metavar="PRESET|FILE", help="overlay configuration (default: u280)")
     j.add_argument("--weights", choices=["int4", "int8", "w16"], default="int4", help="weight format (default: int4)")

@@ -52,7 +52,9 @@ def test_kv_on_chip_and_tensor_parallel():
 
 def test_every_model_and_the_cli():
     assert {k: m.parameters() for k, m in MODELS.items()} == {  # the model cards' counts
-        "llama2-7b": 6_738_415_616, "llama3-8b": 8_030_261_248, "gpt2-xl": 1_557_611_200}
+        "llama2-7b": 6_738_415_616, "llama3-8b": 8_030_261_248, "smollm-135m": 134_515_008, "gpt2-xl": 1_557_611_200}
+    helped = kvo("bench", "project", "--help").stdout
+    assert "{" + ",".join(MODELS) + "}" in helped  # the command offers every model, in order
     res = kvo("bench", "project", "--config", "u280", "--model", "gpt2-xl", "--weights", "int4", "--devices", "2", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
