@@ -95,3 +95,16 @@ def test_golden_model_predicts_rtl_gemv_within_one_percent(rows, cols, weights):
     r = bench_gemv(TINY, rows, cols, weights, "rtl")
     assert r["bit_exact"]
     assert abs(r["golden_cycles"] - r["cycles"]) <= 0.01 * r["cycles"], r
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    png = tmp_path / "p.png"
+    code = "import sys; sys.modules['matplotlib'] = None; from kvoverlay.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", code, "bench", "project", "--plot", str(png)], capture_output=True,
+                         text=True, check=False)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and 'pip install "kvoverlay[plot]"' in res.stderr
+    assert not png.exists()
