@@ -273,7 +273,8 @@ def plot_roofline(points: list, path) -> None:
             ax.annotate(f"{fmt} compute ceiling ({wpc} weights/cycle)", (lo * 1.1, 2 * wpc * 1.08), fontsize=7)
     for p, x in zip(points, xs, strict=True):
         y = 2 * p["macs_per_token"] / p["cycles_per_token"]
-        label = f"{p.get('model') or p['shape']['hidden']} {p['weights']} {p['backend']}: {p['bandwidth_efficiency']:.1%}"
+        name = p.get("model") or f"hidden {p['shape']['hidden']}"
+        label = f"{name} {p['weights']} ({p['backend']}): {p['bandwidth_efficiency']:.1%} of the roofline"
         ax.plot([x], [y], "o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
@@ -306,7 +307,9 @@ vector             REQ, NORM, ROPE, ACT, VADD, VMUL, VSCALE, ARGMAX: exposed, as
 attention          ATTN and KVAPPEND over the context
 dispatch           one cycle per compute instruction to start its unit
 outside compute    cycles the compute queue sat idle (waiting on loads and tokens, end of step)
-stall_*            rtl only: the hardware's token and port stall counters per queue (inside the busy cycles)"""
+stall token Q      rtl only: cycles queue Q held an instruction waiting for a dependency token (the load and store
+                   queues wait on compute most of the step; only compute's wait is exposed, within outside compute)
+stall port Q       rtl only: cycles a unit of queue Q waited for the memory port (inside its busy cycles)"""
 
 
 def _format_decode(results: list) -> str:
