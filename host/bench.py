@@ -22,7 +22,7 @@ import numpy as np
 from kvoverlay import numerics as nx
 from kvoverlay import timing
 from kvoverlay.config import PRESETS, load_config
-from kvoverlay.roofline import Roofline, bandwidth_efficiency, roofline_cycles
+from kvoverlay.roofline import Roofline, bandwidth_efficiency, gemv_words, roofline_cycles
 
 from .backend import register_args
 
@@ -123,7 +123,7 @@ def cycle_breakdown(config, instructions, kv_len: int) -> dict:
         busy = timing.unit_cycles(config, ins, kv_len)
         out["dispatch"] += timing.DISPATCH_CYCLES
         if ins.op == "GEMV":
-            words = ins.fields["rows"] * timing._row_words(config, ins)
+            words = gemv_words(config, ins)
             out["weight_streaming"] += words
             out["gemv_overhead"] += busy - words
         elif ins.op in ("ATTN", "KVAPPEND"):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 from kvoverlay.config import WEIGHT_FORMATS, load_config
-from kvoverlay.roofline import Roofline, bandwidth_efficiency, roofline_cycles, row_payload
+from kvoverlay.roofline import Roofline, bandwidth_efficiency, gemv_words, roofline_cycles
 
 __all__ = ["FLIGHTLLM_TOKENS_PER_S", "MODELS", "ModelShape", "decode_instructions", "project", "project_main"]
 
@@ -226,9 +226,8 @@ def project(model: str, config, weights: str = "int4", devices: int = 1, context
     required = Roofline(config, code).required_bytes(regs, kv_bytes)
     roof = roofline_cycles(config, required)
     gemvs = [ins for ins in code if ins.op == "GEMV"]
-    streamed = sum(ins.fields["rows"] * timing._row_words(config, ins) for ins in gemvs)
-    packed = sum(math.ceil(ins.fields["rows"] * row_payload(ins.fields["cols"], *isa.weight_layout(ins))
-                           / config.port_bytes) for ins in gemvs)
+    streamed = sum(gemv_words(config, ins) for ins in gemvs)
+    packed = sum(gemv_words(config, ins, packed=True) for ins in gemvs)
     return {
         "model": model, "shape": {**asdict(shape), "head_dim": shape.head_dim, "parameters": shape.parameters()},
         "config": config.name, "port_bytes": config.port_bytes, "clock_mhz": config.clock_mhz,

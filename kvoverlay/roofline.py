@@ -23,12 +23,23 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import WEIGHT_FORMATS
 
-__all__ = ["Roofline", "bandwidth_efficiency", "read_spans", "roofline_cycles", "row_payload", "union_bytes"]
+__all__ = ["Roofline", "bandwidth_efficiency", "gemv_words", "read_spans", "roofline_cycles", "row_payload",
+           "union_bytes"]
 
 
 def row_payload(cols: int, fmt: str, group: int) -> int:
     """Bytes a weight row must read: its group scales (uint16) and its weights at *fmt*, no padding."""
     return (cols // group) * 2 + cols * WEIGHT_FORMATS[fmt] // 8
+
+
+def gemv_words(config, ins: isa.Instr, *, packed: bool = False) -> int:
+    """Port words a GEMV streams: its rows' records, each padded to a port beat (as laid out and built); with
+    *packed*, the rows' payloads back to back (what packing rows narrower than a beat would stream)."""
+    fmt, group = isa.weight_layout(ins)
+    rows, cols, pb = ins.fields["rows"], ins.fields["cols"], config.port_bytes
+    if packed:
+        return -(-rows * row_payload(cols, fmt, group) // pb)
+    return rows * (nx.row_stride(cols, fmt, group, pb) // pb)
 
 
 def read_spans(config, ins: isa.Instr, regs=None) -> tuple[np.ndarray, np.ndarray]:

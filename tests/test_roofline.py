@@ -6,7 +6,7 @@ import pytest
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
-from kvoverlay.roofline import Roofline, bandwidth_efficiency, read_spans, roofline_cycles, row_payload, union_bytes
+from kvoverlay.roofline import Roofline, bandwidth_efficiency, gemv_words, read_spans, roofline_cycles, row_payload, union_bytes
 
 U280 = PRESETS["u280"]
 TINY = PRESETS["tiny"]
@@ -24,6 +24,9 @@ def test_padding_to_the_port_beat_is_not_required():
     r = Roofline(U280, [_gemv(0, 10, 576)])
     assert r.required_bytes() == 10 * 612
     assert r.cycles() == roofline_cycles(U280, 6120) == 6120 / 1024
+    # the GEMV streams one beat per row as laid out; packed back to back, 6120 bytes would take 6 beats
+    assert gemv_words(U280, _gemv(0, 10, 576)) == 10
+    assert gemv_words(U280, _gemv(0, 10, 576), packed=True) == 6
 
 
 def test_int4_and_w16_rows_count_their_format_and_scales():
