@@ -128,59 +128,93 @@ def decode_instructions(shape: ModelShape, config, fmt: str, devices: int = 1) -
 
     Tensor-parallel: each card holds ``ceil(heads / devices)`` query heads and as many KV heads' share, and
     ``ceil(ffn / devices)`` FFN rows (the widest shard sets the step); norms and residual adds run on every card.
+    The dependency tokens are the ones the compiler's codegen places for these programs.
     """
     s = _Stream(config, fmt)
-    H, hd = shape.hidden, shape.head_dim
-    qh = -(-shape.heads // devices)
-    kvh = -(-shape.kv_heads // devices)
-    F = -(-shape.ffn // devices)
-    F = -(-F // isa.GROUP_BASE) * isa.GROUP_BASE
-    llama = shape.family == "llama"
-    norm = isa.ENUMS["norm"].index("rms" if llama else "layer")
-    act = isa.ENUMS["func"].index("silu" if llama else "gelu_tanh")
-    s.ldrow(H, fmt if WEIGHT_FORMATS[fmt] >= 8 else "int8", 0)  # the token's embedding row (tables: 8 bits or more)
-    if not llama:
-        s.ldrow(H, "w16", 1)  # its learned position
-        s.add("VADD", len=H)
-    for layer in range(shape.layers):
-        first = layer == 0
-        s.load(H, ("push_next",) if first else ("pop_next", "push_next"))  # the norm's gain
-        s.add("NORM", ("pop_prev",), len=H, kind=norm)
-        s.gemv(qh * hd, H)
-        if llama:
-            if first:  # the rotary tables' rows of this position, shared by every layer
-                s.ldrow(hd // 2, "w16", 1)
-                s.ldrow(hd // 2, "w16", 1, ("push_next",))
-            s.add("ROPE", ("pop_prev",) if first else (), heads=qh, head_dim=hd)
-        else:
-            s.add("VADD", len=qh * hd)  # bias
-        s.gemv(kvh * hd, H)
-        s.add("ROPE" if llama else "VADD", **({"heads": kvh, "head_dim": hd} if llama else {"len": kvh * hd}))
-        s.gemv(kvh * hd, H)
-        if not llama:
-            s.add("VADD", len=kvh * hd)
-        s.add("VSCALE", len=qh * hd)
-        s.add("KVAPPEND", heads=kvh, head_dim=hd)
-        s.add("ATTN", q_heads=qh, kv_heads=kvh, head_dim=hd)
-        s.gemv(H, qh * hd)
-        s.add("VADD", ("push_prev",), len=H)  # the residual (its gain LOAD may now overwrite the old one)
-        s.load(H, ("pop_next", "push_next"))
-        s.add("NORM", ("pop_prev",), len=H, kind=norm)
-        s.gemv(F, H)
-        s.add("ACT", len=F, func=act)
-        if llama:
-            s.gemv(F, H)
-            s.add("VMUL", len=F)
-        s.gemv(H, F, ("push_prev",))
-        s.add("VADD", len=H)
-    s.load(H, ("pop_next", "push_next"))
-    s.add("NORM", ("pop_prev",), len=H, kind=norm)
+    ffn_shard = math.ceil(shape.ffn / devices)
+    dims = {"H": shape.hidden, "hd": shape.head_dim, "qh": math.ceil(shape.heads / devices),
+            "kvh": math.ceil(shape.kv_heads / devices), "F": math.ceil(ffn_shard / isa.GROUP_BASE) * isa.GROUP_BASE}
+    s.ldrow(shape.hidden, fmt if WEIGHT_FORMATS[fmt] >= 8 else "int8", 0)  # the token's embedding row
+    (_llama_layers if shape.family == "llama" else _gpt2_layers)(s, shape, **dims)
     vocab = -(-shape.vocab // devices)
-    s.gemv(vocab, H)
+    s.gemv(vocab, shape.hidden)
     s.add("ARGMAX", ("push_next",), len=min(vocab, config.acc_buffer_words, MAX_TILE_ROWS))
     s.add("STORE", ("pop_prev",), addr=s.addr, len=min(vocab, config.act_buffer_words))
     s.add("END")
     return s.code
+
+
+_PUSH, _POP, _BOTH = ("push_next",), ("pop_prev",), ("pop_next", "push_next")
+
+
+def _llama_layers(s, shape, H, hd, qh, kvh, F):
+    """RMSNorm, q/k/v with RoPE (tables loaded once), GQA attention, SwiGLU; ends with the final norm."""
+    rms, silu = isa.ENUMS["norm"].index("rms"), isa.ENUMS["func"].index("silu")
+    for layer in range(shape.layers):
+        first = layer == 0
+        s.load(H, _PUSH if first else _BOTH)  # the norm's gain
+        s.add("NORM", _POP, len=H, kind=rms)
+        s.gemv(qh * hd, H)
+        if first:  # the rotary tables' rows of this position, shared by every layer
+            s.ldrow(hd // 2, "w16", 1)
+            s.ldrow(hd // 2, "w16", 1, _PUSH)
+        s.add("ROPE", _POP if first else (), heads=qh, head_dim=hd)
+        s.gemv(kvh * hd, H)
+        s.add("ROPE", heads=kvh, head_dim=hd)
+        s.gemv(kvh * hd, H)
+        s.add("VSCALE", len=qh * hd)
+        s.add("KVAPPEND", heads=kvh, head_dim=hd)
+        s.add("ATTN", q_heads=qh, kv_heads=kvh, head_dim=hd)
+        s.gemv(H, qh * hd)
+        s.add("VADD", ("push_prev",), len=H)  # the residual (the next gain's LOAD may reuse the old gain's words)
+        s.load(H, _BOTH)
+        s.add("NORM", _POP, len=H, kind=rms)
+        s.gemv(F, H)
+        s.add("ACT", len=F, func=silu)
+        s.gemv(F, H)
+        s.add("VMUL", len=F)
+        s.gemv(H, F, ("push_prev",))
+        s.add("VADD", len=H)
+    s.load(H, _BOTH)
+    s.add("NORM", _POP, len=H, kind=rms)
+
+
+def _gpt2_layers(s, shape, H, hd, qh, kvh, F):
+    """Learned positions, LayerNorm (gain, then bias), biased projections, tanh GELU; ends with the final norm.
+    Each bias and LayerNorm bias is a vector record the load queue brings in beside the compute queue."""
+    layer_norm, gelu = isa.ENUMS["norm"].index("layer"), isa.ENUMS["func"].index("gelu_tanh")
+    both_ways = ("pop_prev", "push_prev")
+
+    def norm(last_pushes=True):
+        s.load(H, _BOTH)
+        s.add("NORM", both_ways, len=H, kind=layer_norm)
+        s.load(H, _BOTH)  # its bias
+        s.add("VADD", both_ways if last_pushes else _POP, len=H)
+
+    def biased(rows, cols, gemv_deps=(), add_deps=both_ways):
+        s.gemv(rows, cols, gemv_deps)
+        s.load(rows, _BOTH)
+        s.add("VADD", add_deps, len=rows)
+
+    s.ldrow(H, "w16", 1, _PUSH)  # the position's learned embedding
+    s.add("VADD", both_ways, len=H)
+    for layer in range(shape.layers):
+        norm()
+        biased(qh * hd, H)
+        biased(kvh * hd, H)
+        biased(kvh * hd, H, add_deps=_POP)
+        s.add("VSCALE", len=qh * hd)
+        s.add("KVAPPEND", heads=kvh, head_dim=hd)
+        s.add("ATTN", q_heads=qh, kv_heads=kvh, head_dim=hd)
+        # the first layer's output bias frees the records' words already (the embedding sum is dead by then)
+        biased(H, qh * hd, ("push_prev",), both_ways if layer == 0 else _POP)
+        s.add("VADD", () if layer == 0 else ("push_prev",), len=H)  # the residual
+        norm(last_pushes=False)
+        biased(F, H, ("push_prev",), _POP)
+        s.add("ACT", len=F, func=gelu)
+        biased(H, F, ("push_prev",), _POP)
+        s.add("VADD", ("push_prev",), len=H)
+    norm(last_pushes=False)
 
 
 def _kv_offchip_bytes(shape, config, context, devices) -> int:

@@ -26,6 +26,18 @@ def test_shape_built_step_is_the_compilers_cycle_for_cycle(shape, weights):
         assert replay_cycles(BENCH_CONFIG, built, kv_len) == replay_cycles(BENCH_CONFIG, compiled, kv_len)
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_gpt2_step_is_the_compilers_for_an_optimum_export(weights):
+    from kvoverlay.compiler.driver import compile_model
+    from kvoverlay.models import exported
+
+    # models/exported.py's GPT-2: n_embd 64, 2 layers, 4 heads, n_inner 128, vocab 256, 128 positions
+    compiled = compile_model(str(exported.export_model("gpt2")), "tiny", weights=weights, max_seq=32)[0].instructions
+    built = decode_instructions(ModelShape(64, 2, 4, 4, 128, 256, family="gpt2", positions=128), PRESETS["tiny"], weights)
+    assert [(i.op, i.deps) for i in built] == [(i.op, i.deps) for i in compiled]
+    assert replay_cycles(PRESETS["tiny"], built, 16) == replay_cycles(PRESETS["tiny"], compiled, 16)
+
+
 def test_llama2_7b_on_one_u280():
     r = project("llama2-7b", U280, "int4", context=128)
     assert r["shape"]["parameters"] == 6_738_415_616  # LLaMA2-7B's published count
