@@ -523,16 +523,17 @@ class RtlProcess:
         res = self._request("steps", registers=regs, feed=feed, generate=int(generate), position=int(position),
                             extra={str(int(k)): int(v) for k, v in (extra or {}).items()},
                             logits_word=first, logits_words=count, entry=int(entry))
+        instrs = self._program_at(entry)
         if coverage.active() is not None:
-            failed = next((str(_error(st, self.instrs, self.watchdog, step=k)) for k, st in enumerate(res["steps"])
+            failed = next((str(_error(st, instrs, self.watchdog, step=k)) for k, st in enumerate(res["steps"])
                            if st["error"]), "ok")
-            coverage.active().record(self.instrs, self.model.config, failed,
+            coverage.active().record(instrs, self.model.config, failed,
                                      kv_lengths=[position + k + 1 for k in range(len(res["steps"]))])
         steps = []
         for k, st in enumerate(res["steps"]):
             if st["error"]:
                 self._fault = f"step at position {position + k} stopped on an error"
-                raise _error(st, self.instrs, self.watchdog, step=k)
+                raise _error(st, instrs, self.watchdog, step=k)
             hw = dict(zip(COUNTERS, st["counters"]))
             m, e = _record_from_words(st["logits"], addr, n, pb)
             steps.append(RtlStep(token=st["token"], position=position + k, next_token=_signed(st["next_token"], 32),
@@ -545,6 +546,13 @@ class RtlProcess:
                                      wall_s=wall, sim_cycles_per_s=cycles / wall if wall > 0 else 0.0,
                                      sim_cycles_per_cpu_s=cycles / cpu if cpu > 0 else 0.0)
         return steps
+
+    def _program_at(self, entry: int) -> list:
+        """The instructions of the program that starts at *entry* of the loaded stream, through its END (the
+        hardware's pc counts from there)."""
+        end = next((i for i in range(entry, len(self.instrs)) if self.instrs[i] is not None
+                    and self.instrs[i].op == "END"), len(self.instrs) - 1)
+        return self.instrs[entry: end + 1]
 
     def read_words(self, first: int, count: int) -> list:
         """*count* words of external memory from word *first* (through the memory model's host read port)."""
