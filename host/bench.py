@@ -22,6 +22,7 @@ import numpy as np
 from kvoverlay import numerics as nx
 from kvoverlay import timing
 from kvoverlay.config import PRESETS, load_config
+from kvoverlay.progress import Stages
 from kvoverlay.roofline import Roofline, bandwidth_efficiency, gemv_words, roofline_cycles
 
 from .backend import register_args
@@ -140,12 +141,12 @@ def _golden(program, image):
 
 
 def bench_decode(shape: DecodeShape, config, weights: str = "int8", context: int = 256, steps: int = 2,
-                 backend: str = "isa", seed: int = 0, log=None) -> dict:
+                 backend: str = "isa", seed: int = 0) -> dict:
     """Time *steps* decode steps of *shape* on *backend*, the last attending over *context* tokens.
 
-    Returns the figures ``kvoverlay bench decode --json`` prints (per token: the mean over the timed steps).
+    Returns the figures ``kvoverlay bench decode --json`` prints (per token: the mean over the timed steps). Its
+    stages (compile, golden model, simulator start, KV fill, steps) report on stderr as they go.
     """
-    log = log or (lambda msg: None)
     if backend not in ("rtl", "isa"):
         raise ValueError(f"--backend {backend!r}: expected rtl or isa")
     if weights not in config.weight_formats:
@@ -153,26 +154,27 @@ def bench_decode(shape: DecodeShape, config, weights: str = "int8", context: int
     if not 1 <= steps <= context:
         raise ValueError(f"--steps {steps} must be in [1, --context {context}]")
     shape.check_fits(config, context)
-    t0 = time.perf_counter()
-    program = compile_decoder(shape, config, weights, context, seed)
-    compile_s = time.perf_counter() - t0
     first = context - steps  # the KV positions written before the timed steps
+    stages = Stages(f"bench decode {weights} (hidden {shape.hidden}, layers {shape.layers}, KV {first} + {steps} steps)")
+    t0 = time.perf_counter()
+    with stages.stage("compile"):
+        program = compile_decoder(shape, config, weights, context, seed)
+    compile_s = time.perf_counter() - t0
     fill, image = kv_fill(program, shape, first, seed)
     regs = program.manifest["registers"]
     logits = program.manifest["logits"]
-    log(f"bench decode: {weights}, {len(program.instructions)} instructions, {len(program.image)} bytes of image; "
-        f"KV filled to {first} positions by {len(fill)} instructions, then {steps} steps on {backend}")
 
-    gold = _golden(program, image)
-    gold.run(fill, args=[0])
-    token, model_steps = 1, []
-    for k in range(steps):
-        values = register_args(program, token, first + k)
-        args = [values.get(i, v) for i, v in enumerate(gold.regs)]
-        counters = gold.run(program.instructions, args=args)
-        m, e = gold.read_vector_record(logits["addr"], logits["len"])
-        model_steps.append((counters, m, e, dict(values)))
-        token = gold.regs[regs["next_token"]]
+    with stages.stage(f"golden model: KV fill ({len(fill)} instructions) and {steps} steps"):
+        gold = _golden(program, image)
+        gold.run(fill, args=[0])
+        token, model_steps = 1, []
+        for k in range(steps):
+            values = register_args(program, token, first + k)
+            args = [values.get(i, v) for i, v in enumerate(gold.regs)]
+            counters = gold.run(program.instructions, args=args)
+            m, e = gold.read_vector_record(logits["addr"], logits["len"])
+            model_steps.append((counters, m, e, dict(values)))
+            token = gold.regs[regs["next_token"]]
     model_cycles = float(np.mean([c.cycles for c, *_ in model_steps]))
 
     out = {"shape": shape.to_dict(), "config": config.name, "weights": weights, "backend": backend,
@@ -186,12 +188,13 @@ def bench_decode(shape: DecodeShape, config, weights: str = "int8", context: int
         from kvoverlay.sim.rtl import RtlModel
 
         rtl = RtlModel(config, image)
-        t1 = time.perf_counter()
-        with rtl.open(list(program.instructions) + list(fill)) as proc:
-            log(f"bench decode: simulator up in {time.perf_counter() - t1:.1f} s; writing the KV")
-            fill_step = proc.run_steps(regs, logits, [0], 0, 0, entry=len(program.instructions))[0]
-            log(f"bench decode: KV written in {fill_step.hw_counters['cycles']} cycles; timing {steps} steps")
-            hw_steps = proc.run_steps(regs, logits, [1], steps - 1, first)
+        with stages.stage("RTL: simulator start (a first run of a config builds its model)"):
+            proc = rtl.open(list(program.instructions) + list(fill))
+        with proc:
+            with stages.stage("RTL: KV fill"):
+                fill_step = proc.run_steps(regs, logits, [0], 0, 0, entry=len(program.instructions))[0]
+            with stages.stage(f"RTL: {steps} decode steps ({model_cycles:.0f} cycles each, predicted)"):
+                hw_steps = proc.run_steps(regs, logits, [1], steps - 1, first)
         cycles = [s.hw_counters["cycles"] for s in hw_steps]
         read = [s.hw_counters["bytes_read"] for s in hw_steps]
         last = hw_steps[-1].hw_counters
@@ -359,13 +362,10 @@ def bench_decode_main(args) -> int:
         check_writable(args.plot)
         _pyplot()  # a missing matplotlib is reported before minutes of simulation
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    results = [bench_decode(shape, config, fmt, args.context, args.steps, args.backend, args.seed, log) for fmt in fmts]
+    results = [bench_decode(shape, config, fmt, args.context, args.steps, args.backend, args.seed) for fmt in fmts]
     if args.plot is not None:
         plot_roofline(results, args.plot)
-        log(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
     else:
