@@ -138,6 +138,23 @@ def test_timing_overlaps_queues_and_honours_tokens():
     assert run(model, gemv + " push_prev\n" + load + " pop_next").cycles == g + ld  # a token orders them
 
 
+def test_replay_cycles_is_the_run_without_executing():
+    from kvoverlay.sim.golden import replay_cycles
+    q, sm, _ = nx.quantize_matrix(RNG.normal(size=(64, 64)), "int8", 32)
+    image = bytearray(nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes)).ljust(8192, b"\0")
+    model = GoldenModel(CFG, bytes(image) + nx.pack_vector_record(*nx.from_float(RNG.normal(size=64))))
+    text = ("LOAD addr=8192 len=64 dst=256 dst_e=E1 push_next\n"
+            "GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=256 x_e=E1 acc=0 acc_e=E2 pop_prev\n"
+            "KVAPPEND k=256 k_e=E1 v=256 v_e=E1 layer=0 heads=1 head_dim=16 pos_reg=R0 pos_imm=0\n"
+            "ATTN q=256 q_e=E1 dst=512 dst_e=E3 layer=0 q_heads=1 kv_heads=1 head_dim=16 len_reg=R0 len_imm=1 stats=100\n"
+            "END")
+    program = isa.assemble(text)
+    for position in (0, 5):
+        counters = model.run(program, args=[position])
+        assert replay_cycles(CFG, program, position + 1) == (counters.cycles, counters.busy)
+    assert replay_cycles(CFG, program, 6)[0] < replay_cycles(CFG, program, 60)[0]  # ATTN at the asked KV length
+
+
 SMALL = OverlayConfig(name="fuzz", port_bits=64, vector_lanes=4, group_size=32, act_buffer_words=1024,
                       acc_buffer_words=256, kv_capacity=8, max_layers=2, max_kv_heads=2, max_head_dim=16,
                       attn_tile=4, clock_mhz=100.0, dram_bytes=1 << 16)
