@@ -240,6 +240,10 @@ def project(model: str, config, weights: str = "int4", devices: int = 1, context
         raise ValueError(f"--devices {devices}, --context {context}, --link-gbps {link_gbps}, --link-latency-us "
                          f"{link_latency_us}: devices, context and link bandwidth must be positive")
     shape = MODELS[model]
+    widest = max(shape.hidden, math.ceil(shape.ffn / devices))
+    if widest > config.act_buffer_words:
+        raise ValueError(f"{model}'s vectors of {widest} elements exceed config {config.name}'s activation buffer "
+                         f"({config.act_buffer_words} elements); try --config u280 or more --devices")
     code = decode_instructions(shape, config, weights, devices)
     cycles, busy = replay_cycles(config, code, context)
     kv_bytes = _kv_offchip_bytes(shape, config, context, devices)

@@ -7,7 +7,7 @@ import pytest
 from kvoverlay.host.bench import BENCH_CONFIG, DecodeShape, compile_decoder
 from kvoverlay.host.project import MODELS, ModelShape, decode_instructions, project
 from kvoverlay.sim.golden import replay_cycles
-from test_cli import kvo
+from test_cli import assert_one_line_error, kvo
 
 from kvoverlay.config import PRESETS
 
@@ -73,3 +73,5 @@ def test_every_model_and_the_cli():
     assert out["model"] == "gpt2-xl" and out["devices"] == 2 and out["backend"] == "projection"
     res = kvo("bench", "project", "--model", "llama2-7b")
     assert res.returncode == 0 and "PROJECTION" in res.stdout and "FlightLLM" in res.stdout
+    assert_one_line_error(kvo("bench", "project", "--model", "llama3-8b", "--config", "tiny"), "14336", "8192")
+    assert_one_line_error(kvo("bench", "project", "--devices", "0"), "--devices 0")
