@@ -274,7 +274,8 @@ def _configure_bench(p):
     d.add_argument("--steps", type=int, default=2, help="decode steps timed (default: 2)")
     d.add_argument("--weights", default="int8", metavar="FMT[,FMT...]",
                    help="weight formats, comma-separated: int8, int4, w16 (default: int8)")
-    d.add_argument("--backend", choices=["rtl", "isa"], default="isa", help="rtl: Verilated overlay; isa: golden model")
+    d.add_argument("--backend", choices=["rtl", "isa"], default="isa",
+                   help="rtl: Verilated overlay, with the golden model beside it; isa: golden model (default)")
     d.add_argument("--config", default=None, metavar="PRESET|FILE",
                    help="overlay configuration (default: tiny with a 256-token KV buffer and 32 MiB of memory)")
     d.add_argument("--seed", type=int, default=0, help="random seed of the weights and the KV")
