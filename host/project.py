@@ -266,7 +266,21 @@ def project(model: str, config, weights: str = "int4", devices: int = 1, context
     gemvs = [ins for ins in code if ins.op == "GEMV"]
     streamed = sum(gemv_words(config, ins) for ins in gemvs)
     packed = sum(gemv_words(config, ins, packed=True) for ins in gemvs)
+    assumptions = []
+    group_bits = min(_group(ins.fields["cols"], config.group_size) for ins in gemvs) * WEIGHT_FORMATS[weights]
+    if group_bits < config.port_bits:
+        assumptions.append(f"groups of {group_bits} bits, under one {config.port_bits}-bit port word: the GEMV engine "
+                           "as built refuses them (Fault.GROUP); the cycles assume it takes them at the port rate")
+    if kv_bytes:
+        assumptions.append("KV beyond the KV buffer streamed from memory under the attention engine (as built, it "
+                           "goes to the offload device)")
+    if any(ins.fields["rows"] > config.acc_buffer_words for ins in gemvs) or \
+            math.ceil(shape.vocab / devices) > min(config.acc_buffer_words, MAX_TILE_ROWS):
+        assumptions.append("the LM head tiled into GEMVs of at most 32768 rows (the compiler refuses it today)")
+    if devices > 1:
+        assumptions.append("two ring all-reduces of the int64 accumulators per layer, not overlapped with compute")
     return {
+        "assumptions": assumptions,
         "model": model, "shape": {**asdict(shape), "head_dim": shape.head_dim, "parameters": shape.parameters()},
         "config": config.name, "port_bytes": config.port_bytes, "clock_mhz": config.clock_mhz,
         "bandwidth_gbps_per_device": round(config.bandwidth_gbps, 1), "weights": weights, "backend": "projection",
@@ -315,6 +329,8 @@ def project_main(args) -> int:
         print(f"  KV read from memory     {out['kv_offchip_bytes_per_token']:>12} bytes/token (modelled: the KV buffer "
               "does not hold it)")
     print("  where the cycles go     " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in out["breakdown"].items()))
+    for line in out["assumptions"]:
+        print(f"  assumed: {line}")
     if out["flightllm_tokens_per_s"]:
         print(f"  FlightLLM, published    {out['flightllm_tokens_per_s']:>12}   (LLaMA2-7B on one U280)")
     sys.stdout.flush()
