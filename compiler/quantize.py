@@ -102,7 +102,7 @@ def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_
     rows, cols = w.shape
     group = group_for(cols, group_size)
     step = max(1, _BLOCK_WEIGHTS // cols)
-    peak = max(float(np.max(np.abs(w[r:r + step]))) for r in range(0, rows, step))
+    peak = max(nx.group_peak(w[r:r + step], group, fmt) for r in range(0, rows, step))
     sexp = nx.scale_exponent(peak, fmt)
     addr = len(image.data)
     for r in range(0, rows, step):

@@ -15,7 +15,7 @@ from pathlib import Path
 __all__ = ["PRESETS", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
 
 #: Weight formats the ISA can express, with their bit widths.
-WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16}
+WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16, "uint4": 4}
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,7 @@ class OverlayConfig:
         Elements per cycle of the vector unit and of the attention engine.
     weight_formats : tuple of str
         Weight formats the GEMV engine is built with (subset of ``int4``,
-        ``int8``, ``w16``).
+        ``int8``, ``w16``, ``uint4``: int4 with a zero point per group).
     group_size : int
         Default number of weights that share one scale.
     act_buffer_words : int
@@ -68,7 +68,7 @@ class OverlayConfig:
     name: str = "custom"
     port_bits: int = _param(32, 16384, "external-memory port width in bits", pow2=True)
     vector_lanes: int = _param(1, 1024, "elements per cycle of the vector and attention units", pow2=True)
-    weight_formats: tuple = ("int4", "int8", "w16")
+    weight_formats: tuple = ("int4", "int8", "w16", "uint4")
     act_format: str = "bfp16"
     group_size: int = _param(8, 1024, "default weights per group scale", pow2=True)
     act_buffer_words: int = _param(256, 65536, "activation buffer size in 16-bit words", pow2=True)
