@@ -113,6 +113,23 @@ def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_
     return PlacedMatrix(addr, rows, cols, fmt, group, sexp)
 
 
+def _place_prequantized(image: Image, name: str, pre, cfg: OverlayConfig) -> PlacedMatrix:
+    """A matrix imported pre-quantized (``matmul_nbits.Prequantized``), placed with its codes unchanged: uint4 with
+    its zero points, or int4 (q - 8) without; only the float scales are rounded, to the format's mantissa."""
+    fmt = pre.fmt
+    if fmt not in cfg.weight_formats:
+        raise CompileError(f"matrix {name}: its {fmt} weights (as given) need an overlay built with {fmt}; "
+                           f"{cfg.name} has {', '.join(cfg.weight_formats)}")
+    rows, cols = pre.q.shape
+    try:
+        sm, sexp = nx.import_scales(pre.scales, pre.zero_points, fmt)
+    except nx.NumericsError as e:
+        raise CompileError(f"matrix {name}: {e}") from None
+    q = pre.q.astype(np.int64) - (8 if fmt == "int4" else 0)
+    addr = image.place(nx.pack_rows(q, sm, fmt, pre.block, cfg.port_bytes))
+    return PlacedMatrix(addr, rows, cols, fmt, pre.block, sexp)
+
+
 def quantize(og: OverlayGraph, cfg: OverlayConfig, *, weights: str, group_size: int, method: str,
              samples: dict | None = None) -> Image:
     """Place every matrix, table and constant of *og*, quantized, into a new image (regions weights, tables,
@@ -127,7 +144,10 @@ def quantize(og: OverlayGraph, cfg: OverlayConfig, *, weights: str, group_size: 
     samples = samples or {}
     start = len(image.data)
     for name, w in og.matrices.items():
-        image.records[name] = _place_matrix(image, w, weights, group_size, method, cfg.port_bytes, samples.get(name))
+        if name in og.prequantized:
+            image.records[name] = _place_prequantized(image, name, og.prequantized[name], cfg)
+        else:
+            image.records[name] = _place_matrix(image, w, weights, group_size, method, cfg.port_bytes, samples.get(name))
     image.region("weights", start)
     start = len(image.data)
     for name, (kind, t) in og.tables.items():
