@@ -21,12 +21,14 @@ from .fused.linear import Linear
 from .overlay_graph import OverlayGraph
 from .reference import run_float
 
-__all__ = ["CALIBRATION_TOKENS", "METHODS", "Image", "PlacedMatrix", "calibrate", "quantize"]
+__all__ = ["CALIBRATION_TOKENS", "METHODS", "SEARCHED", "Image", "PlacedMatrix", "calibrate", "quantize"]
 
 #: Tokens of the calibration sequence whose GEMV inputs steer the int4 scale search.
 CALIBRATION_TOKENS = 16
-#: How int4 scales are chosen (int8 and w16 always round to nearest).
+#: How int4 and uint4 scales are chosen (int8 and w16 always round to nearest).
 METHODS = ("rtn", "mse")
+#: The formats whose scales METHODS choose (the 4-bit ones).
+SEARCHED = ("int4", "uint4")
 #: Weights quantized per block of rows: bounds the compiler's float64 temporaries to a few tens of MB.
 _BLOCK_WEIGHTS = 1 << 20
 
@@ -107,7 +109,7 @@ def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_
     addr = len(image.data)
     for r in range(0, rows, step):
         q, sm, _ = nx.quantize_matrix(np.ascontiguousarray(w[r:r + step], np.float64), fmt, group,
-                                      method=method if fmt == "int4" else "rtn", samples=x, sexp=sexp)
+                                      method=method if fmt in SEARCHED else "rtn", samples=x, sexp=sexp)
         image.data += nx.pack_rows(q, sm, fmt, group, port_bytes)
     image.pad()
     return PlacedMatrix(addr, rows, cols, fmt, group, sexp)
