@@ -12,10 +12,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PRESETS", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
+__all__ = ["PRESETS", "WEIGHT_CHOICES", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
 
 #: Weight formats the ISA can express, with their bit widths.
 WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16, "uint4": 4}
+#: What ``kvoverlay compile --weights`` takes, and the format each name compiles to: int4's two flavours by what
+#: they are (``int4-sym``: the int4 format; ``int4-asym``: uint4, a zero point per group), and plain ``int4`` as
+#: the flavour that measured better on trained weights (docs/numerics.md, benchmarks/int4_formats.py).
+WEIGHT_CHOICES = {"w16": "w16", "int8": "int8", "int4": "uint4", "int4-sym": "int4", "int4-asym": "uint4"}
 
 
 class ConfigError(ValueError):
