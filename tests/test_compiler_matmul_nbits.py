@@ -138,3 +138,13 @@ def _given_model(model):
     assert [n.op_type for n in m.graph.node] == ["MatMul"] and set(weights) == set(found)
     assert not {i.name for i in m.graph.initializer} & {"B", "scales", "zp"}
     return found
+
+
+def test_cli_names_the_unsupported_block_in_one_line(tmp_path):
+    from test_cli import assert_one_line_error, kvo
+
+    path = tmp_path / "nbits.onnx"
+    onnx.save(_nbits_model(block=256, k=512), str(path))
+    res = kvo("compile", path, "-o", tmp_path / "out.kvo")
+    assert_one_line_error(res, "node mm: MatMulNBits with block_size=256 is not supported")
+    assert not (tmp_path / "out.kvo").exists()
