@@ -148,3 +148,26 @@ def test_cli_names_the_unsupported_block_in_one_line(tmp_path):
     res = kvo("compile", path, "-o", tmp_path / "out.kvo")
     assert_one_line_error(res, "node mm: MatMulNBits with block_size=256 is not supported")
     assert not (tmp_path / "out.kvo").exists()
+
+
+@pytest.mark.parametrize("source", ["imported", "compiled"])
+def test_uint4_program_on_the_rtl_is_the_golden_models(quantized, exported_models, source):
+    """A decoder with uint4 weights, imported from MatMulNBits or quantized by the compiler, decodes on the Verilated
+    overlay exactly as on the golden model: tokens, and logits bit for bit."""
+    pytest.importorskip("amaranth")
+    pytest.importorskip("cocotb_tools")
+    from kvoverlay.sim.rtl import build_model
+
+    from kvoverlay.config import PRESETS
+
+    build_model(PRESETS["tiny"])
+    if source == "imported":
+        program, _ = compile_model(quantized[("llama", False, 32)], "tiny", max_seq=8)
+    else:
+        program, _ = compile_model(str(exported_models["qwen2"]), "tiny", weights="uint4", max_seq=8)
+    assert {isa.weight_layout(i)[0] for i in program.instructions if i.op == "GEMV"} == {"uint4"}
+    gold = Session(program, "isa").generate([3, 11], 3)
+    with Session(program, "rtl") as sess:
+        rtl = sess.generate([3, 11], 3).result()
+    assert rtl.tokens == gold.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(rtl.logits, gold.logits, strict=True))
