@@ -64,7 +64,7 @@ class GemvEngine(wiring.Component):
         The tile, taken while idle: ``rows``, ``cols`` (a multiple of the group size),
         ``group_log2`` (the group must hold at least one window of weights: int4
         ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2``), ``fmt``
-        (:data:`FMT_CODES`; 3 is reserved) and ``w_base`` (word address of the first row record).
+        (:data:`FMT_CODES`; uint4 as int4, less its group's zero point) and ``w_base`` (word address of the first row record).
     busy, done : Out(1)
         ``busy`` from the cycle after the command until the last write; ``done`` pulses once.
     cycles : Out(32)
