@@ -14,6 +14,7 @@ from kvoverlay.config import OverlayConfig, load_config
 
 from .frontend import CompileError
 from .passes import Compilation, run_pipeline
+from .quantize import SEARCHED
 
 __all__ = ["TRACE_KV_LEN", "compile_model"]
 
@@ -23,8 +24,11 @@ TRACE_KV_LEN = 5
 
 def compile_model(model, config: str | OverlayConfig | None = None, *, weights: str = "w16",
                   group_size: int | None = None, max_seq: int | None = None, kv_capacity: int | None = None,
-                  method: str = "mse", dump_dir: str | os.PathLike | None = None):
-    """Compile *model* (a path or ModelProto) for *config*; return ``(Bundle, report dict)``."""
+                  method: str | None = None, dump_dir: str | os.PathLike | None = None):
+    """Compile *model* (a path or ModelProto) for *config*; return ``(Bundle, report dict)``.
+
+    *method* picks how 4-bit scales are chosen (``rtn`` or ``mse``); None takes the format's default
+    (:data:`~kvoverlay.compiler.quantize.SEARCHED`)."""
     t0 = time.perf_counter()
     cfg = load_config(config)
     if kv_capacity is not None:
@@ -33,7 +37,7 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     if max_seq < 1:
         raise CompileError(f"--max-seq {max_seq} must be at least 1")
     c = Compilation(model, cfg=cfg, kv_len=TRACE_KV_LEN, max_seq=max_seq, weights=weights,
-                    group_size=group_size or cfg.group_size, method=method)
+                    group_size=group_size or cfg.group_size, method=method or SEARCHED.get(weights, "mse"))
     b = run_pipeline(c, dump_dir).bundle
     report = {
         "instructions": len(b.instructions),

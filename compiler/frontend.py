@@ -94,6 +94,8 @@ class Loaded:
 
     model: onnx.ModelProto
     weights: dict = field(default_factory=dict)
+    #: Weights imported from com.microsoft.MatMulNBits, by initializer name (``matmul_nbits.Prequantized``).
+    prequantized: dict = field(default_factory=dict)
 
     @property
     def graph(self):
@@ -133,6 +135,9 @@ def load_split(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None 
         except OSError as e:
             raise CompileError(f"cannot load the external data of {path!r}: {e.strerror or e}") from None
         weights = dict(mapped)
+    from .matmul_nbits import import_matmul_nbits  # it raises this module's CompileError
+
+    prequantized = import_matmul_nbits(model, weights)
     for name, arr in weights.items():
         model.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype),
                                                                list(arr.shape)))
@@ -155,7 +160,7 @@ def load_split(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None 
     inputs = [vi for vi in model.graph.input if vi.name not in weights]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    return Loaded(model, weights)
+    return Loaded(model, weights, prequantized)
 
 
 def load_model(src: str | os.PathLike | onnx.ModelProto, *, max_seq: int | None = None,

@@ -43,6 +43,8 @@ class Graph:
     #: ``attention_mask``), and what depends on them, in order, each with the constant arguments it had:
     #: enough to recompute those constants at another past length (``GraphIndex.at_past_length``).
     past_folds: list = field(default_factory=list)
+    #: Constant weights imported pre-quantized (MatMulNBits), by value name: ``matmul_nbits.Prequantized``.
+    prequantized: dict = field(default_factory=dict)
 
     def consts(self) -> dict[str, Value]:
         return {n: v for n, v in self.values.items() if v.const is not None}

@@ -55,8 +55,9 @@ def lower(model, weights=None) -> Graph:
 
     *weights* (or the ``Loaded``'s) are initializers kept outside the proto, as arrays.
     Raises CompileError on unsupported ops."""
+    prequantized = {}
     if hasattr(model, "weights"):
-        model, weights = model.model, model.weights
+        model, weights, prequantized = model.model, model.weights, model.prequantized
     opset = _opset(model)
     g = model.graph
     values: dict[str, Value] = {}
@@ -81,6 +82,6 @@ def lower(model, weights=None) -> Graph:
             values.setdefault(o, Value(o, None, "?"))
         nodes.append(Node(n.op_type, list(n.input), list(n.output), {a.name: _attr(a) for a in n.attribute}, name))
     inputs = [vi.name for vi in g.input if values[vi.name].const is None]
-    graph = Graph(inputs, [vi.name for vi in g.output], nodes, values, opset)
+    graph = Graph(inputs, [vi.name for vi in g.output], nodes, values, opset, prequantized=prequantized)
     graph.verify()
     return graph

@@ -68,6 +68,7 @@ class OverlayGraph:
     lengths: dict = field(default_factory=dict)  # vector name -> elements
     ops: list = field(default_factory=list)
     matrices: dict = field(default_factory=dict)  # name -> float [rows, cols] (GEMV weights, out x in)
+    prequantized: dict = field(default_factory=dict)  # matrix name -> its given quantized form (MatMulNBits)
     tables: dict = field(default_factory=dict)  # name -> (index kind, float [entries, cols])
     consts: dict = field(default_factory=dict)  # name -> float [n] (gains, biases)
     logits: str = ""

@@ -40,7 +40,7 @@ from .fuse import fuse
 from .ir import Graph
 from .lower import lower
 from .overlay_graph import OverlayGraph
-from .quantize import Image, calibrate, quantize
+from .quantize import SEARCHED, Image, calibrate, quantize
 from .simplify import dead_code, fold_constants, specialize_mask
 
 __all__ = ["PIPELINE", "Compilation", "Pass", "run_passes", "run_pipeline"]
@@ -104,7 +104,7 @@ def _fuse(c: Compilation) -> None:
 def _calibrate(c: Compilation) -> None:
     """Only int4 with the mse scale search uses calibration inputs, and only a decoder (token table) has any."""
     decoder = any(kind == "token" for kind, _ in c.og.tables.values())
-    c.samples = calibrate(c.og, c.max_seq) if c.weights == "int4" and c.method == "mse" and decoder else None
+    c.samples = calibrate(c.og, c.max_seq) if c.weights in SEARCHED and c.method == "mse" and decoder else None
 
 
 def _quantize(c: Compilation) -> None:
@@ -137,7 +137,7 @@ def _bundle(c: Compilation) -> None:
         "regions": image.regions,
         "abuf_peak_words": c.codegen.abuf.peak,
         "weights": {"format": c.weights, "group_size": c.group_size,
-                    "method": c.method if c.weights == "int4" else "rtn", "table_format": image.table_fmt},
+                    "method": c.method if c.weights in SEARCHED else "rtn", "table_format": image.table_fmt},
         "weight_bytes": image.regions[0][2] - image.regions[0][1],
         "max_seq": c.max_seq,
         "kv": {"layers": {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"]} for k, v in sorted(og.kv.items())},
@@ -159,7 +159,7 @@ def _dump_loaded(c: Compilation) -> str:
 
 def _dump_samples(c: Compilation) -> str:
     if c.samples is None:
-        return "no calibration (only int4 --quant mse of a decoder calibrates)\n"
+        return "no calibration (only int4 or uint4 --quant mse of a decoder calibrates)\n"
     return "".join(f"matrix {n}: {x.shape[0]} input vectors of {x.shape[1]}\n" for n, x in c.samples.items())
 
 

@@ -21,12 +21,15 @@ from .fused.linear import Linear
 from .overlay_graph import OverlayGraph
 from .reference import run_float
 
-__all__ = ["CALIBRATION_TOKENS", "METHODS", "Image", "PlacedMatrix", "calibrate", "quantize"]
+__all__ = ["CALIBRATION_TOKENS", "METHODS", "SEARCHED", "Image", "PlacedMatrix", "calibrate", "quantize"]
 
 #: Tokens of the calibration sequence whose GEMV inputs steer the int4 scale search.
 CALIBRATION_TOKENS = 16
-#: How int4 scales are chosen (int8 and w16 always round to nearest).
+#: How int4 and uint4 scales are chosen (int8 and w16 always round to nearest).
 METHODS = ("rtn", "mse")
+#: The formats whose scales METHODS choose (the 4-bit ones), each with the method it takes by default: the one
+#: of lower NLL on a trained model (docs/numerics.md; the clipping search helps int4 and hurts uint4 there).
+SEARCHED = {"int4": "mse", "uint4": "rtn"}
 #: Weights quantized per block of rows: bounds the compiler's float64 temporaries to a few tens of MB.
 _BLOCK_WEIGHTS = 1 << 20
 
@@ -107,10 +110,27 @@ def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_
     addr = len(image.data)
     for r in range(0, rows, step):
         q, sm, _ = nx.quantize_matrix(np.ascontiguousarray(w[r:r + step], np.float64), fmt, group,
-                                      method=method if fmt == "int4" else "rtn", samples=x, sexp=sexp)
+                                      method=method if fmt in SEARCHED else "rtn", samples=x, sexp=sexp)
         image.data += nx.pack_rows(q, sm, fmt, group, port_bytes)
     image.pad()
     return PlacedMatrix(addr, rows, cols, fmt, group, sexp)
+
+
+def _place_prequantized(image: Image, name: str, pre, cfg: OverlayConfig) -> PlacedMatrix:
+    """A matrix imported pre-quantized (``matmul_nbits.Prequantized``), placed with its codes unchanged: uint4 with
+    its zero points, or int4 (q - 8) without; only the float scales are rounded, to the format's mantissa."""
+    fmt = pre.fmt
+    if fmt not in cfg.weight_formats:
+        raise CompileError(f"matrix {name}: its {fmt} weights (as given) need an overlay built with {fmt}; "
+                           f"{cfg.name} has {', '.join(cfg.weight_formats)}")
+    rows, cols = pre.q.shape
+    try:
+        sm, sexp = nx.import_scales(pre.scales, pre.zero_points, fmt)
+    except nx.NumericsError as e:
+        raise CompileError(f"matrix {name}: {e}") from None
+    q = pre.q.astype(np.int64) - (8 if fmt == "int4" else 0)
+    addr = image.place(nx.pack_rows(q, sm, fmt, pre.block, cfg.port_bytes))
+    return PlacedMatrix(addr, rows, cols, fmt, pre.block, sexp)
 
 
 def quantize(og: OverlayGraph, cfg: OverlayConfig, *, weights: str, group_size: int, method: str,
@@ -127,7 +147,10 @@ def quantize(og: OverlayGraph, cfg: OverlayConfig, *, weights: str, group_size: 
     samples = samples or {}
     start = len(image.data)
     for name, w in og.matrices.items():
-        image.records[name] = _place_matrix(image, w, weights, group_size, method, cfg.port_bytes, samples.get(name))
+        if name in og.prequantized:
+            image.records[name] = _place_prequantized(image, name, og.prequantized[name], cfg)
+        else:
+            image.records[name] = _place_matrix(image, w, weights, group_size, method, cfg.port_bytes, samples.get(name))
     image.region("weights", start)
     start = len(image.data)
     for name, (kind, t) in og.tables.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kvoverlay import bundle as kvbundle
+from kvoverlay.config import WEIGHT_CHOICES
 from kvoverlay.fileio import check_writable, write_atomic
 
 from .reference import matching_prefix
@@ -35,7 +36,7 @@ def compile_main(args) -> int:
     from kvoverlay.compiler.driver import compile_model
 
     check_writable(args.output)
-    b, report = compile_model(str(args.model), args.config, weights=args.weights, group_size=args.group_size,
+    b, report = compile_model(str(args.model), args.config, weights=WEIGHT_CHOICES[args.weights], group_size=args.group_size,
                               max_seq=args.max_seq, kv_capacity=args.kv_capacity, method=args.quant,
                               dump_dir=args.dump_dir)
     kvbundle.save(b, args.output)

@@ -230,7 +230,7 @@ def choose_prefill(program, prompt_len: int, mode: str = "auto", device: str = "
         return mode
     if dev == "none" or prompt_len < 2 or importlib.util.find_spec("torch") is None:
         return "overlay"
-    fmt_bits = {"w16": 16, "int8": 8, "int4": 4}[program.manifest.get("weights", {}).get("format", "w16")]
+    fmt_bits = nx.WEIGHT_FORMATS[program.manifest.get("weights", {}).get("format", "w16")]
     params = program.manifest.get("weight_bytes", 0) * 8 / fmt_bits
     torch_s = 2 * params * prompt_len / _TORCH_FLOPS[dev] + _TORCH_OVERHEAD_S[dev]
     return "gpu" if torch_s < prompt_len * overlay_step_seconds(program) else "overlay"

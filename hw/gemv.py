@@ -1,8 +1,9 @@
 """GEMV engine: streams packed weight rows at the port rate, bit-exact with :func:`kvoverlay.numerics.gemv_acc`.
 
-Weight formats ``int4``, ``int8`` and ``w16`` are selected at run time by the tile's ``fmt``
+Weight formats ``int4``, ``int8``, ``w16`` and ``uint4`` are selected at run time by the tile's ``fmt``
 (codes of ``kvoverlay.isa.ENUMS["fmt"]``). The multiplier array is as wide as one port word of
-weights (``config.macs_per_cycle`` int8 lanes), so the engine keeps up with the port.
+weights (``config.macs_per_cycle`` int8 lanes), so the engine keeps up with the port. ``uint4`` streams
+exactly as ``int4``; only a nibble lane's decode (``q - z`` of its group) and the scale's 12 bits differ.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from .widths import log2_exact
 
 __all__ = ["FMT_CODES", "GemvEngine", "gemv_tile"]
 
-#: ``fmt`` codes, as in ``kvoverlay.isa.ENUMS["fmt"]``; the engine relies on ``code = log2(bits) - 2``.
+#: ``fmt`` codes, as in ``kvoverlay.isa.ENUMS["fmt"]``; the engine relies on ``code = log2(bits) - 2`` for the
+#: formats it streams by width (uint4 streams as int4).
 FMT_CODES = {fmt: code for code, fmt in enumerate(isa.ENUMS["fmt"])}
-assert all(nx.WEIGHT_FORMATS[f] == 4 << c for f, c in FMT_CODES.items()), FMT_CODES
+assert all(nx.WEIGHT_FORMATS[f] == 4 << c for f, c in FMT_CODES.items() if f != "uint4"), FMT_CODES
 
 
 def gemv_tile(config) -> data.StructLayout:
@@ -62,7 +64,7 @@ class GemvEngine(wiring.Component):
         The tile, taken while idle: ``rows``, ``cols`` (a multiple of the group size),
         ``group_log2`` (the group must hold at least one window of weights: int4
         ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2``), ``fmt``
-        (:data:`FMT_CODES`; 3 is reserved) and ``w_base`` (word address of the first row record).
+        (:data:`FMT_CODES`; uint4 as int4, less its group's zero point) and ``w_base`` (word address of the first row record).
     busy, done : Out(1)
         ``busy`` from the cycle after the command until the last write; ``done`` pulses once.
     cycles : Out(32)
@@ -112,7 +114,11 @@ class GemvEngine(wiring.Component):
 
         # ---- the tile, latched from the command
         latched = Signal.like(self.cmd.payload, name="tile")
-        rows, cols, gl, fmt = latched.rows, latched.cols, latched.group_log2, latched.fmt
+        rows, cols, gl = latched.rows, latched.cols, latched.group_log2
+        # fmt below is the width code: uint4 streams as int4 (asym: its lanes subtract the group's zero point)
+        fmt, asym = Signal(2, name="width_fmt"), Signal(name="asym")
+        m.d.comb += [asym.eq(latched.fmt == FMT_CODES["uint4"]),
+                     fmt.eq(Mux(asym, FMT_CODES["int4"], latched.fmt))]
         # derived (combinational from the latched values)
         ngroups = Signal(cols_w)
         m.d.comb += ngroups.eq(cols >> gl)
@@ -222,6 +228,7 @@ class GemvEngine(wiring.Component):
             sw.addr.eq(s1_w), sw.data.eq(self.w_data), sw.en.eq(s1_valid & (s1_w < nsw)),
             sr.addr.eq(s1_g >> (lpb - 1)),
         ]
+        zp = self._zero_points(m, s1_valid & (s1_w < nsw), s1_w, s1_g)
         nl = 2 * pb  # multiplier lanes
         prods = [Signal(signed(32), name=f"prod{i}") for i in range(nl)]
         for i in range(nl):
@@ -229,7 +236,10 @@ class GemvEngine(wiring.Component):
             xv = Signal(signed(16), name=f"xv{i}")
             with m.Switch(fmt):
                 with m.Case(FMT_CODES["int4"]):
-                    m.d.comb += [wv.eq(window.word_select(i, 4).as_signed()),
+                    nib = window.word_select(i, 4)
+                    m.d.comb += [wv.eq(nib.as_signed() if zp is None else
+                                       Mux(asym, Cat(nib, Const(0, 1)).as_signed() - Cat(zp, Const(0, 1)).as_signed(),
+                                           nib.as_signed())),
                                  xv.eq(self.x_data.word_select(i, 16).as_signed())]
                 with m.Case(FMT_CODES["w16"]):
                     if i < pb // 2:
@@ -259,8 +269,9 @@ class GemvEngine(wiring.Component):
         total = prods[0]
         for p in prods[1:]:
             total = total + p
+        header = sr.data.word_select(s2_lane, 16)
         m.d.sync += [
-            psum.eq(total), scale.eq(sr.data.word_select(s2_lane, 16)),
+            psum.eq(total), scale.eq(Mux(asym, header[:nx.UINT4_SCALE_BITS], header)),
             s3_last.eq(s2_last), s3_win.eq(s2_win), s3_gend.eq(s2_gend), s3_rend.eq(s2_rend), s3_row.eq(s2_row),
         ]
 
@@ -293,3 +304,22 @@ class GemvEngine(wiring.Component):
         with m.If(s4_last):
             m.d.sync += [busy.eq(0), self.done.eq(1)]
         return m
+
+    def _zero_points(self, m, we, w_word, group):
+        """uint4: the zero point of *group*, the top nibble of its header, for the lanes in S1 (None without uint4).
+
+        The header words of a row are written as they stream past (*we*, word *w_word*) into a memory read
+        without latency: every window of a row starts at or after the first word past its headers.
+        """
+        if "uint4" not in self.config.weight_formats:
+            return None
+        per_word = self.pb // 2  # 16-bit headers per port word
+        m.submodules.zero_points = zps = Memory(shape=unsigned(4 * per_word), depth=self.scale_words, init=[])
+        zw = zps.write_port()
+        zr = zps.read_port(domain="comb")
+        m.d.comb += [zw.addr.eq(w_word), zw.en.eq(we),
+                     zw.data.eq(Cat(self.w_data.word_select(h, 16)[nx.UINT4_SCALE_BITS:] for h in range(per_word))),
+                     zr.addr.eq(group >> log2_exact(per_word))]
+        zp = Signal(4, name="zero_point")
+        m.d.comb += zp.eq(zr.data.word_select(group[:log2_exact(per_word)], 4))
+        return zp

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kvoverlay import isa
-from kvoverlay.config import ConfigError, load_config
+from kvoverlay.config import WEIGHT_CHOICES, ConfigError, load_config
 from kvoverlay.fileio import write_atomic
 from kvoverlay.isa import IsaError
 
@@ -164,10 +164,13 @@ def _configure_compile(p):
     p.add_argument("model", type=Path, help="ONNX decoder with past/present KV I/O (optimum-style export)")
     p.add_argument("-o", "--output", type=Path, required=True, help="program bundle to write (.kvo)")
     p.add_argument("--config", default="tiny", metavar="PRESET|FILE", help="overlay configuration (default: tiny)")
-    p.add_argument("--weights", default="w16", choices=["w16", "int8", "int4"], help="weight format (default: w16)")
+    p.add_argument("--weights", default="w16", choices=list(WEIGHT_CHOICES),
+                   help="weight format (default: w16); int4-sym: int4, one scale per group; int4-asym: uint4, a scale "
+                        f"and a zero point per group; int4: int4-{'asym' if WEIGHT_CHOICES['int4'] == 'uint4' else 'sym'}")
     p.add_argument("--group-size", type=int, default=None, metavar="N", help="weights per scale (default: the config's)")
-    p.add_argument("--quant", default="mse", choices=["rtn", "mse"],
-                   help="int4 scales: round-to-nearest or MSE-optimal clipping (default: mse)")
+    p.add_argument("--quant", default=None, choices=["rtn", "mse"],
+                   help="4-bit scales: round-to-nearest or a calibrated clipping search (default: mse for int4-sym, "
+                        "rtn for int4-asym, the better on trained weights)")
     p.add_argument("--max-seq", type=int, default=None, metavar="N", help="longest prompt + generation (default: KV capacity)")
     p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="override the config's KV capacity")
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR", help="write each pass's output into DIR")

@@ -12,10 +12,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PRESETS", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
+__all__ = ["PRESETS", "WEIGHT_CHOICES", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
 
 #: Weight formats the ISA can express, with their bit widths.
-WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16}
+WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16, "uint4": 4}
+#: What ``kvoverlay compile --weights`` takes, and the format each name compiles to: int4's two flavours by what
+#: they are (``int4-sym``: the int4 format; ``int4-asym``: uint4, a zero point per group), and plain ``int4`` as
+#: the flavour that measured better on trained weights (docs/numerics.md, benchmarks/int4_formats.py).
+WEIGHT_CHOICES = {"w16": "w16", "int8": "int8", "int4": "uint4", "int4-sym": "int4", "int4-asym": "uint4"}
 
 
 class ConfigError(ValueError):
@@ -42,7 +46,7 @@ class OverlayConfig:
         Elements per cycle of the vector unit and of the attention engine.
     weight_formats : tuple of str
         Weight formats the GEMV engine is built with (subset of ``int4``,
-        ``int8``, ``w16``).
+        ``int8``, ``w16``, ``uint4``: int4 with a zero point per group).
     group_size : int
         Default number of weights that share one scale.
     act_buffer_words : int
@@ -68,7 +72,7 @@ class OverlayConfig:
     name: str = "custom"
     port_bits: int = _param(32, 16384, "external-memory port width in bits", pow2=True)
     vector_lanes: int = _param(1, 1024, "elements per cycle of the vector and attention units", pow2=True)
-    weight_formats: tuple = ("int4", "int8", "w16")
+    weight_formats: tuple = ("int4", "int8", "w16", "uint4")
     act_format: str = "bfp16"
     group_size: int = _param(8, 1024, "default weights per group scale", pow2=True)
     act_buffer_words: int = _param(256, 65536, "activation buffer size in 16-bit words", pow2=True)

@@ -63,7 +63,7 @@ DEP_FLAGS = ("pop_prev", "pop_next", "push_prev", "push_next")
 
 #: Enumerated field values, by enum name. Codes not listed are reserved.
 ENUMS = {
-    "fmt": ("int4", "int8", "w16"),
+    "fmt": ("int4", "int8", "w16", "uint4"),
     "func": ("silu", "gelu_erf", "gelu_tanh", "relu"),
     "norm": ("rms", "layer"),
     "rope": ("half", "interleaved"),

@@ -9,6 +9,11 @@ Formats
 * **Weights**: int4, int8 or int16 integers; each group of ``group`` weights
   of a row shares an unsigned 16-bit scale mantissa, and a whole matrix shares
   one scale exponent ``sexp``: w = q * s_g * 2**sexp.
+  ``uint4`` (asymmetric int4, as onnxruntime's MatMulNBits and GGUF's Q4_1
+  store it) holds unsigned q in [0, 15] and a zero point z_g in [0, 15] per
+  group: w = (q - z_g) * s_g * 2**sexp. Its group header is still one 16-bit
+  word, the scale mantissa in bits [0, 12) and z_g in bits [12, 16)
+  (:data:`UINT4_SCALE_BITS`), so a uint4 row record has the int4 geometry.
 * **Accumulators**: int64, exact products and sums (GEMV never rounds).
 * **Lookup tables**: activation gates and 2**-x are piecewise-linear tables
   over fixed-point inputs, with integer interpolation.
@@ -35,14 +40,17 @@ __all__ = [
     "GATE_TABLES",
     "MANT_BITS",
     "MANT_MAX",
+    "UINT4_SCALE_BITS",
     "NumericsError",
     "act",
     "align_sum",
     "argmax",
     "dequantize_matrix",
+    "effective_weights",
     "exp2_neg_q15",
     "from_float",
     "gemv_acc",
+    "import_scales",
     "norm",
     "normalize",
     "pack_rows",
@@ -321,9 +329,27 @@ def argmax(x) -> int:
 
 
 # ---------------------------------------------------------------- weights
+#: Scale-mantissa bits of a uint4 group header; the zero point takes the 4 bits above.
+UINT4_SCALE_BITS = 12
+_UINT4_SCALE_MAX = (1 << UINT4_SCALE_BITS) - 1
+
+
 def _qrange(fmt):
+    if fmt == "uint4":
+        return 0, 15
     bits = WEIGHT_FORMATS[fmt]
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def effective_weights(q, sm, fmt, group):
+    """The signed weights and scale mantissas that the GEMV engine multiplies: ``(q, sm)`` unchanged, except
+    uint4, whose stored nibbles and group headers become ``(q - z_g, s_g)``."""
+    q, sm = _i64(q), _i64(sm)
+    if fmt != "uint4":
+        return q, sm
+    z = sm >> UINT4_SCALE_BITS
+    rows = q.shape[0]
+    return (q.reshape(rows, -1, group) - z[..., None]).reshape(q.shape), sm & _UINT4_SCALE_MAX
 
 
 #: Clipping ratios the ``mse`` scale search tries (1.0 is round-to-nearest, always a candidate).
@@ -331,10 +357,66 @@ CLIP_RATIOS = np.linspace(0.5, 0.98, 13, dtype=np.float32)
 
 
 def scale_exponent(peak: float, fmt) -> int:
-    """The matrix-wide scale exponent for weights whose largest magnitude is *peak*."""
-    top = peak / _qrange(fmt)[1]
-    sexp = (math.frexp(top)[1] - 16) if top > 0 else -64
+    """The matrix-wide scale exponent for weights whose largest magnitude is *peak*.
+
+    uint4 puts each group's peak on level 8 (:func:`_quantize_uint4`), in a UINT4_SCALE_BITS-bit mantissa.
+    """
+    if fmt == "uint4":
+        top, bits = peak / 8, UINT4_SCALE_BITS
+    else:
+        top, bits = peak / _qrange(fmt)[1], 16
+    sexp = (math.frexp(top)[1] - bits) if top > 0 else -64
     return max(-64, min(63, sexp))
+
+
+def import_scales(scales, zero_points, fmt):
+    """Group headers and the scale exponent for given float *scales* [rows, groups] (a pre-quantized model's) and,
+    for uint4, integer *zero_points*: the exponent gives the largest scale a full mantissa, every scale is
+    rounded to nearest at it, and uint4 puts the zero point in the top 4 bits. Returns (headers, sexp)."""
+    scales = np.asarray(scales, np.float64)
+    bits = UINT4_SCALE_BITS if fmt == "uint4" else 16
+    top = float(np.max(scales)) if scales.size else 0.0
+    sexp = max(-64, min(63, (math.frexp(top)[1] - bits) if top > 0 else -64))
+    sm = np.rint(scales * 2.0 ** -sexp).astype(np.int64)
+    if np.any(sm < 0) or np.any(sm >= 1 << bits):
+        raise NumericsError(f"{fmt} scales must be non-negative and below 2**{bits + sexp}")
+    if fmt == "uint4":
+        sm |= _i64(zero_points) << UINT4_SCALE_BITS
+    return sm, sexp
+
+
+def _quantize_uint4(wg, sexp, method, h):
+    """uint4 (q, headers) of groups *wg* [rows, groups, group] on the signed grid: each group's largest magnitude
+    on level 8 of its own side (zero point 8 for a negative peak, 7 for a positive one) with the scale peak / 8,
+    as onnxruntime's symmetric MatMulNBits quantizer (whose negative scales the zero point replaces): a step
+    of 1/8 of the peak where int4 takes 1/7. ``mse`` also tries the peak shrunk by each of CLIP_RATIOS and keeps,
+    per group, the one of least *h*-weighted squared error.
+
+    The range grid of onnxruntime's asymmetric quantizer (min to max in 15 steps) and a per-group choice between
+    the two grids gave smaller weight errors but larger NLL on a trained model (docs/numerics.md), so neither is
+    a candidate.
+    """
+    hi = np.max(wg, axis=-1)
+    lo = np.min(wg, axis=-1)
+    peak_pos = hi >= -lo
+    peak = np.where(peak_pos, hi, -lo)
+    z = np.where(peak_pos, 7, 8)
+    unit = 2.0 ** -sexp
+
+    def quant(ratio):
+        sm = np.clip(np.rint(peak * ratio / 8 * unit), 1, _UINT4_SCALE_MAX)
+        s = sm / unit
+        q = np.clip(np.rint(wg / s[..., None]) + z[..., None], 0, 15)
+        err = np.sum(h * ((q - z[..., None]) * s[..., None] - wg) ** 2, axis=-1)
+        return q, sm.astype(np.int64) | (z.astype(np.int64) << UINT4_SCALE_BITS), err
+
+    q, hdr, err = quant(1.0)
+    if method == "mse":
+        for ratio in CLIP_RATIOS:
+            q2, hdr2, err2 = quant(float(ratio))
+            better = err2 < err
+            q[better], hdr[better], err[better] = q2[better], hdr2[better], err2[better]
+    return q, hdr
 
 
 def quantize_matrix(w, fmt, group, method="rtn", samples=None, sexp=None):
@@ -350,6 +432,8 @@ def quantize_matrix(w, fmt, group, method="rtn", samples=None, sexp=None):
     *sexp* fixes the scale exponent (:func:`scale_exponent` of the whole matrix), so that a large matrix
     can be quantized a block of rows at a time with the same result.
     """
+    if method not in ("rtn", "mse"):
+        raise ValueError(f"unknown quantization method {method!r}")
     w = np.asarray(w, dtype=np.float64)
     rows, cols = w.shape
     if cols % group:
@@ -367,12 +451,19 @@ def quantize_matrix(w, fmt, group, method="rtn", samples=None, sexp=None):
         q = np.clip(np.rint(wg / s[..., None]), lo, hi)
         return q, sm, s
 
-    q, sm, _ = quant(ideal)
     if samples is None:
         h = np.ones((cols // group, group))
     else:
         samples = np.asarray(samples, dtype=np.float64).reshape(-1, cols)
         h = (np.mean(samples ** 2, axis=0) + 1e-30).reshape(cols // group, group)
+    if fmt == "uint4":
+        q, sm = _quantize_uint4(wg, sexp, method, h)
+        if samples is not None and method == "mse":
+            rq, rsm = _quantize_uint4(wg, sexp, "rtn", h)
+            worse = _output_error(q, sm, fmt, sexp, w, samples) > _output_error(rq, rsm, fmt, sexp, w, samples)
+            q[worse], sm[worse] = rq[worse], rsm[worse]
+        return q.reshape(rows, cols).astype(np.int64), sm, sexp
+    q, sm, _ = quant(ideal)
     rtn = (q.copy(), sm.copy())
     if method == "mse":
         # The search only picks scale mantissas. For int4, whose rounding errors dwarf float32's, float32
@@ -391,18 +482,23 @@ def quantize_matrix(w, fmt, group, method="rtn", samples=None, sexp=None):
         sm = best_sm.astype(np.float64)
         q = np.clip(np.rint(wg / (sm * 2.0 ** sexp)[..., None]), lo, hi)
         if samples is not None:
-            def out_err(qq, ss):
-                deq = (qq * ss[..., None]).reshape(rows, cols) * 2.0 ** sexp
-                return np.sum(((deq - w) @ samples.T) ** 2, axis=1)
-            worse = out_err(q, sm) > out_err(*rtn)
+            worse = _output_error(q, sm, fmt, sexp, w, samples) > _output_error(*rtn, fmt, sexp, w, samples)
             q[worse], sm[worse] = rtn[0][worse], rtn[1][worse]
-    elif method != "rtn":
-        raise ValueError(f"unknown quantization method {method!r}")
     return q.reshape(rows, cols).astype(np.int64), sm.astype(np.int64), sexp
 
 
-def dequantize_matrix(q, sm, sexp, group):
-    q = _i64(q)
+def _output_error(q, sm, fmt, sexp, w, samples):
+    """Per row: the squared error, on the calibration *samples*, of quantized groups (q [rows, groups, group] and
+    scales, or uint4 nibbles and headers) against the float matrix *w*."""
+    rows, ng, group = q.shape
+    qe, se = effective_weights(q.reshape(rows, -1), sm, fmt, group)
+    deq = (qe.reshape(rows, ng, group) * se[..., None]).reshape(rows, -1) * 2.0 ** sexp
+    return np.sum(((deq - w) @ samples.T) ** 2, axis=1)
+
+
+def dequantize_matrix(q, sm, sexp, group, fmt="int4"):
+    """Float weights of a quantized matrix (*fmt* matters only for uint4, whose q and sm are nibbles and headers)."""
+    q, sm = effective_weights(q, sm, fmt, group)
     return (q.reshape(q.shape[0], -1, group) * sm[..., None]).reshape(q.shape).astype(np.float64) * 2.0 ** sexp
 
 
@@ -421,7 +517,7 @@ def pack_rows(q, sm, fmt, group, align) -> bytes:
     scales = np.ascontiguousarray(sm, dtype="<u2").view(np.uint8).reshape(rows, -1)
     out[:, : scales.shape[1]] = scales
     off = scales.shape[1]
-    if fmt == "int4":
+    if WEIGHT_FORMATS[fmt] == 4:
         nib = (q & 0xF).astype(np.uint8)
         packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
     elif fmt == "int8":
@@ -433,18 +529,21 @@ def pack_rows(q, sm, fmt, group, align) -> bytes:
 
 
 def unpack_rows(blob, rows, cols, fmt, group):
-    """Inverse of :func:`pack_rows` for *rows* consecutive records: (q, sm)."""
+    """Inverse of :func:`pack_rows` for *rows* consecutive records: (q, sm) as the engine multiplies them
+    (:func:`effective_weights`: for uint4, q - z and the scale mantissas)."""
     ng = cols // group
     wbytes = cols * WEIGHT_FORMATS[fmt] // 8
     stride = len(blob) // rows
     raw = np.frombuffer(blob, np.uint8).reshape(rows, stride)
     sm = raw[:, : 2 * ng].copy().view("<u2").astype(np.int64)
     data = raw[:, 2 * ng: 2 * ng + wbytes]
-    if fmt == "int4":
+    if WEIGHT_FORMATS[fmt] == 4:
         lo = (data & 0xF).astype(np.int64)
         hi = (data >> 4).astype(np.int64)
         q = np.empty((rows, cols), np.int64)
         q[:, 0::2], q[:, 1::2] = lo, hi
+        if fmt == "uint4":
+            return effective_weights(q, sm, fmt, group)
         q = np.where(q >= 8, q - 16, q)
     elif fmt == "int8":
         q = data.copy().view(np.int8).astype(np.int64)

@@ -143,6 +143,8 @@ class GoldenModel:
             words = self.acc[self._span(self.acc, f["acc"], f["len"], "accumulator buffer")]
             self._dram(f["addr"], 8 * f["len"], write=True)[:] = words.astype("<i8").view(np.uint8)
         elif op == "LDROW":
+            if fmt == "uint4":  # tables need no zero points, and LDROW's datapath has none (a FORMAT fault)
+                raise ValueError("LDROW does not take uint4 weights")
             if f["cols"] % group or f["cols"] == 0:
                 raise ValueError(f"cols={f['cols']} is not a positive multiple of the group size {group}")
             stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)

@@ -22,6 +22,6 @@ gates={"silu":lambda v:1/(1+np.exp(-v)),"gelu_erf":lambda v:0.5*(1+np.vectorize(
 for k,f in gates.items(): print(k, float(np.max(np.abs(nx.to_float(*nx.act(xs,ex,k))-fx*f(fx)))))
 d=-np.arange(0,20<<16,7,dtype=np.int64); print("exp", float(np.max(np.abs(nx.exp2_neg_q15(d)/32768-np.exp(d/65536)))))
 w=R.normal(0,.05,(256,1024))
-for fmt in ["int8","int4","w16"]:
+for fmt in ["int8","int4","w16","uint4"]:
   for meth in ["rtn","mse"]:
-    q,sm,se=nx.quantize_matrix(w,fmt,32,meth); print(fmt,meth,"rel rms err", float(np.sqrt(np.mean((nx.dequantize_matrix(q,sm,se,32)-w)**2))/np.sqrt(np.mean(w**2))))
+    q,sm,se=nx.quantize_matrix(w,fmt,32,meth); print(fmt,meth,"rel rms err", float(np.sqrt(np.mean((nx.dequantize_matrix(q,sm,se,32,fmt)-w)**2))/np.sqrt(np.mean(w**2))))

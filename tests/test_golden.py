@@ -25,12 +25,12 @@ def load_vec(model, base, ereg, x):
     return nx.to_float(m, e)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "w16"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "w16", "uint4"])
 def test_gemv_split_k_and_ldrow_exact(fmt):
     rows, cols, group = 24, 128, 32
-    w = RNG.normal(0, 0.1, (rows, cols))
+    w = RNG.normal(0.02, 0.1, (rows, cols))
     q, sm, sexp = nx.quantize_matrix(w, fmt, group)
-    deq = nx.dequantize_matrix(q, sm, sexp, group)
+    deq = nx.dequantize_matrix(q, sm, sexp, group, fmt)
     model = GoldenModel(CFG, nx.pack_rows(q, sm, fmt, group, CFG.port_bytes))
     x = load_vec(model, 0, 1, RNG.normal(size=cols))
     stride = nx.row_stride(cols, fmt, group, CFG.port_bytes)
@@ -40,12 +40,18 @@ def test_gemv_split_k_and_ldrow_exact(fmt):
                f"GEMV addr={rows // 2 * stride:#x} rows={rows - rows // 2} cols={cols} fmt={fmt} lg_group=2 sexp={sexp} "
                f"x=0 x_e=E1 acc={rows // 2} acc_e=E2\n"
                f"REQ acc=0 acc_e=E2 len={rows} dst=256 dst_e=E3\n"
-               f"LDROW addr=0 row_reg=R0 row_imm=5 cols={cols} fmt={fmt} lg_group=2 sexp={sexp} dst=512 dst_e=E4",
+               + (f"LDROW addr=0 row_reg=R0 row_imm=5 cols={cols} fmt={fmt} lg_group=2 sexp={sexp} dst=512 dst_e=E4"
+                  if fmt != "uint4" else ""),
         args=[3])
     acc = model.acc[:rows] * 2.0 ** model.eregs[2]
     assert np.array_equal(acc, deq @ x)  # accumulators are exact
     y = nx.to_float(model.abuf[256:256 + rows], model.eregs[3])
     assert np.max(np.abs(y - deq @ x)) <= 2.0 ** -15 * np.max(np.abs(deq @ x))
+    if fmt == "uint4":  # tables are never uint4, and LDROW has no zero-point datapath: refused by name
+        assert model.counters.bytes_read["dram"] == rows * stride
+        with pytest.raises(ExecError, match="LDROW: LDROW does not take uint4"):
+            run(model, f"LDROW addr=0 row_reg=R0 row_imm=5 cols={cols} fmt={fmt} lg_group=2 sexp={sexp} dst=512 dst_e=E4")
+        return
     row = nx.to_float(model.abuf[512:512 + cols], model.eregs[4])
     assert np.max(np.abs(row - deq[8])) <= 2.0 ** -15 * np.max(np.abs(deq[8]))
     assert half  # the tile split covers both halves of the rows

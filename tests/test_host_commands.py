@@ -312,3 +312,20 @@ def test_run_offload_device_none_refuses_what_needs_offload(demo, tmp_path):
     p = json.loads(res.stdout)["step_placement"]
     assert [s["kv_offloaded_tokens"] for s in p] == [0, 0, 0, 0, 1, 2]  # chose tokens at positions 5..10
     assert p[-1]["kv_on_chip_tokens"] == 8 and p[-1]["device"] == "cpu" and p[-1]["layers_offloaded"] == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-sym", "int4-asym"])
+def test_compile_int4_flavours(demo, tmp_path, name):
+    """``--weights int4-sym`` compiles to the int4 format, ``int4-asym`` to uint4, plain int4 to the measured default."""
+    from kvoverlay import bundle as kvbundle
+    from kvoverlay import isa
+    from kvoverlay.config import WEIGHT_CHOICES
+
+    _, model, _, _ = demo
+    out = tmp_path / f"{name}.kvo"
+    res = kvo("compile", model, "-o", out, "--weights", name, "--quant", "rtn", "--max-seq", "8")
+    assert res.returncode == 0, res.stderr
+    b = kvbundle.load(out)
+    fmt = {"int4": WEIGHT_CHOICES["int4"], "int4-sym": "int4", "int4-asym": "uint4"}[name]
+    assert {isa.weight_layout(i)[0] for i in b.instructions if i.op == "GEMV"} == {fmt}
+    assert b.manifest["weights"]["format"] == fmt

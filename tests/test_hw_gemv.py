@@ -28,9 +28,10 @@ TESTS = Path(__file__).parent
 #: (8 scale words, weights word-aligned) and 96 cols g32 (3 scales, 6-byte offset).
 SHAPES = [(64, 64, 32), (16, 256, 8), (8, 96, 32)]
 #: Weight formats run on each shape; int4 needs a group of at least 2 * port_bytes (16).
-FORMATS = {(64, 64, 32): ("int4", "int8", "w16"), (16, 256, 8): ("int8", "w16"), (8, 96, 32): ("int4", "int8", "w16")}
+FORMATS = {(64, 64, 32): ("int4", "int8", "w16", "uint4"), (16, 256, 8): ("int8", "w16"),
+           (8, 96, 32): ("int4", "int8", "w16", "uint4")}
 CASES = [(shape, fmt) for shape in SHAPES for fmt in FORMATS[shape]]
-QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768)}
+QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768), "uint4": (0, 16)}
 
 
 def test_fmt_codes_match_isa():
@@ -55,7 +56,7 @@ def builds(tmp_path_factory):
         for fmt in FORMATS[shape]:
             lo, hi = QRANGE[fmt]
             q = rng.integers(lo, hi, size=(ROWS, COLS), dtype=np.int64)
-            sm = rng.integers(1, 65536, size=(ROWS, COLS // GROUP), dtype=np.int64)
+            sm = rng.integers(1, 65536, size=(ROWS, COLS // GROUP), dtype=np.int64)  # uint4: 12-bit scale, zero point
             stride = numerics.row_stride(COLS, fmt, GROUP, cfg.port_bytes)
             mats[fmt] = {"q": q, "sm": sm, "stride": stride, "w_base": len(blob) // cfg.port_bytes}
             blob += numerics.pack_rows(q, sm, fmt, GROUP, align=cfg.port_bytes)
@@ -79,7 +80,7 @@ def test_gemv_bit_exact(builds, shape, fmt):
     cfg = c["cfg"]
     mat = c["mats"][fmt]
     words_per_row = mat["stride"] // cfg.port_bytes
-    expected = numerics.gemv_acc(mat["q"], mat["sm"], c["x"], GROUP)
+    expected = numerics.gemv_acc(*numerics.effective_weights(mat["q"], mat["sm"], fmt, GROUP), c["x"], GROUP)
     work = c["work"]
     case = {
         "rows": ROWS, "cols": COLS, "group_log2": GROUP.bit_length() - 1,

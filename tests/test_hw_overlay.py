@@ -24,7 +24,7 @@ from kvoverlay.config import PRESETS
 from kvoverlay.timing import unit_cycles as hw_unit_cycles
 
 CFG = PRESETS["tiny"]
-QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768)}
+QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768), "uint4": (0, 16)}
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def run_both(program, image, args=None):
     return gold, gold_counters, rtl, counters
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "w16"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "w16", "uint4"])
 def test_program_bit_exact(model_dir, fmt):
-    program, image = make_case(fmt, seed={"int4": 1, "int8": 2, "w16": 3}[fmt])
+    program, image = make_case(fmt, seed={"int4": 1, "int8": 2, "w16": 3, "uint4": 4}[fmt])
     gold, gold_counters, rtl, counters = run_both(program, image)
     assert np.array_equal(rtl.abuf, gold.abuf)
     assert np.array_equal(rtl.acc, gold.acc)
@@ -201,9 +201,10 @@ def test_token_deadlock_trips_watchdog_naming_unit(model_dir):
     ("ARGMAX x=0 len=0 rd=R1\nEND", 0, "shape"),
     ("ATTN q=0 dst=0 layer=0 q_heads=2 kv_heads=1 head_dim=8 len_reg=R0 len_imm=0 stats=0\nEND", 0, "kv range"),
     ("KVAPPEND k=0 v=64 layer=0 heads=1 head_dim=8 pos_reg=R0 pos_imm=-1\nEND", 0, "kv range"),
-], ids=["vector-unaligned", "argmax-empty", "attn-empty", "kvappend-negative"])
+    ("NOP queue=load\nLDROW addr=0 row_reg=R0 row_imm=0 cols=32 fmt=uint4 lg_group=2 sexp=0 dst=0 dst_e=E1\nEND", 1, "format"),
+], ids=["vector-unaligned", "argmax-empty", "attn-empty", "kvappend-negative", "ldrow-uint4"])
 def test_vector_and_attention_faults_report_pc(model_dir, text, pc, fault):
-    """The vector unit's and attention engine's faults reach the overlay's error status with the pc."""
+    """The vector unit's, attention engine's and LDROW's faults reach the overlay's error status with the pc."""
     program = isa.assemble(text)
     if fault != "unaligned":  # the ISA allows unaligned starts (the compiler never emits them); the RTL refuses
         with pytest.raises(ExecError):

@@ -137,13 +137,14 @@ def test_attention_bound(length, tile):
     assert abs(l / 32768.0 - p.sum()) / p.sum() <= 2.0 ** -11
 
 
-@pytest.mark.parametrize("fmt,bound", [("int8", 0.01), ("int4", 0.16), ("w16", 5e-5)])
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.01), ("int4", 0.16), ("w16", 5e-5), ("uint4", 0.16)])
 def test_weight_quantization_and_gemv_exact(fmt, bound):
     w = RNG.normal(0, 0.05, (64, 128))
     q, sm, sexp = nx.quantize_matrix(w, fmt, 32)
-    deq = nx.dequantize_matrix(q, sm, sexp, 32)
+    deq = nx.dequantize_matrix(q, sm, sexp, 32, fmt)
     assert rel(deq, w) <= bound
     blob = nx.pack_rows(q, sm, fmt, 32, 32)
+    q, sm = nx.effective_weights(q, sm, fmt, 32)
     q2, sm2 = nx.unpack_rows(blob, 64, 128, fmt, 32)
     assert (q2 == q).all() and (sm2 == sm).all()
     x, ex = vec(128)
@@ -159,3 +160,39 @@ def test_mse_scales_beat_round_to_nearest_int4():
         q, sm, sexp = nx.quantize_matrix(w, "int4", 32, method)
         errs[method] = float(np.sum((nx.dequantize_matrix(q, sm, sexp, 32) - w) ** 2))
     assert errs["mse"] < errs["rtn"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_uint4_layout_and_error_bound(method):
+    """uint4: nibbles in [0, 15], the zero point (8 below a negative peak, 7 below a positive one) in each header's
+    top 4 bits, each group's peak exact to a scale ulp (round to nearest), every weight within a step plus 8
+    scale ulps; a step of peak / 8 beats symmetric int4's peak / 7."""
+    w = RNG.normal(0.03, 0.05, (64, 256)) + np.linspace(-0.04, 0.04, 64)[:, None]
+    q, hdr, sexp = nx.quantize_matrix(w, "uint4", 32, method)
+    assert q.min() >= 0 and q.max() <= 15 and hdr.max() < 1 << 16
+    z, s = hdr >> nx.UINT4_SCALE_BITS, hdr & ((1 << nx.UINT4_SCALE_BITS) - 1)
+    wg = w.reshape(64, -1, 32)
+    assert set(np.unique(z)) == {7, 8} and np.array_equal(z == 7, wg.max(-1) >= -wg.min(-1))
+    assert s.max() >= 1 << (nx.UINT4_SCALE_BITS - 1)
+    deq = nx.dequantize_matrix(q, hdr, sexp, 32, "uint4")
+    err = np.abs(deq - w).reshape(64, -1, 32)
+    if method == "rtn":
+        assert np.all(err.max(axis=-1) <= (s + 8) * 2.0 ** sexp)
+        peak_at = np.abs(wg).argmax(axis=-1)[..., None]
+        assert np.all(np.take_along_axis(err, peak_at, -1)[..., 0] <= 8 * 2.0 ** sexp)
+    q4, sm4, sexp4 = nx.quantize_matrix(w, "int4", 32, method)
+    assert rel(deq, w) < rel(nx.dequantize_matrix(q4, sm4, sexp4, 32), w)
+
+
+def test_import_scales_round_given_scales():
+    rng = np.random.default_rng(1)
+    scales = rng.uniform(1e-3, 2e-2, (8, 4)).astype(np.float32)
+    zp = rng.integers(0, 16, (8, 4))
+    hdr, sexp = nx.import_scales(scales, zp, "uint4")
+    assert np.array_equal(hdr >> nx.UINT4_SCALE_BITS, zp)
+    s = (hdr & ((1 << nx.UINT4_SCALE_BITS) - 1)) * 2.0 ** sexp
+    assert np.all(np.abs(s - scales) <= 2.0 ** (sexp - 1)) and s.max() * 2.0 ** -sexp >= 1 << (nx.UINT4_SCALE_BITS - 1)
+    sm, sexp16 = nx.import_scales(scales, None, "int4")
+    assert sexp16 == sexp - 4 and np.all(np.abs(sm * 2.0 ** sexp16 - scales) <= 2.0 ** (sexp16 - 1))
+    with pytest.raises(nx.NumericsError, match="non-negative"):
+        nx.import_scales(-scales, None, "int4")

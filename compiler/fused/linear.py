@@ -53,10 +53,18 @@ def _linear(fz, v, node) -> str:
     if fz.out.lengths[x] != k:
         fz.fail(v, f"multiplies a vector of {fz.out.lengths[x]} by a {k}x{n} matrix")
     mat = fz.store(fz.out.matrices, "w", w.T)
+    _keep_prequantized(fz, node, mat, slice(None))
     y = fz.add(Linear, v, [x], node.name, matrix=mat)
     if bias is not None:
         y = fz.add(AddC, v, [y], node.name, const=fz.store(fz.out.consts, "c", bias.copy()))
     return y
+
+
+def _keep_prequantized(fz, node, mat, rows):
+    """Carry the given quantized form of a MatMul's weight (imported from MatMulNBits) to matrix *mat*."""
+    pre = fz.g.prequantized.get(node.inputs[1]) if node.op == "MatMul" else None
+    if pre is not None:
+        fz.out.prequantized[mat] = pre.rows(rows)
 
 
 def _weight(fz, v, node):
@@ -102,6 +110,7 @@ def gemv_rows(fz, v, src, rows, source: str) -> str:
     bias = gemm_bias if gemm_bias is not None else bias
     x = fz.vector(lnode.inputs[0])
     mat = fz.store(fz.out.matrices, "w", w.T[rows])
+    _keep_prequantized(fz, lnode, mat, rows)
     y = fz.add(Linear, v, [x], lnode.name, matrix=mat)
     if bias is not None:
         cname = fz.store(fz.out.consts, "c", np.asarray(bias, np.float64)[rows].copy())
