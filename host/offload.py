@@ -327,8 +327,16 @@ class _KvStore:
         x = t.as_tensor(packed, dtype=self.dtype).to(self.device, non_blocking=True)
         q_t, o_r = x[: qh * d].view(qh, d), x[qh * d: 2 * qh * d].view(qh, d)
         m_r, l_r = x[2 * qh * d: 2 * qh * d + qh], x[2 * qh * d + qh:]
-        merged = lse_merge([(o_r, m_r, l_r), self.partial(layer, q_t, span)])
-        return merged.double().cpu().numpy()
+        # The overlay's partial enters as one more key: score m_r + log(l_r), value o_r. Its softmax weight is
+        # l_r·exp(m_r − M) / Σ, the log-sum-exp merge's (lse_merge) in one softmax: 8 kernels per layer instead of
+        # the ~34 of partial + lse_merge, whose launches were the whole cost on a GPU (docs/benchmarks.md).
+        k, v = self.k[layer][:, span.start:span.stop], self.v[layer][:, span.start:span.stop]
+        kvh = k.shape[0]
+        qg = q_t.view(kvh, qh // kvh, d)
+        s = t.cat([t.matmul(qg, k.transpose(1, 2)), (m_r + t.log(l_r)).view(kvh, -1, 1)], dim=-1)
+        p = t.softmax(s, dim=-1)
+        merged = t.baddbmm(p[..., -1:] * o_r.view(kvh, -1, d), p[..., :-1], v)
+        return merged.view(qh, d).double().cpu().numpy()
 
 
 def _device_attention(store, f: dict, q, position: int):
@@ -363,6 +371,10 @@ class _Offload:
         regs = program.manifest["registers"]
         self.hybrid = "kv_slot" in regs
         cap = program.config.kv_capacity
+        if not isinstance(kv_sinks, int) or kv_sinks < 0 or (kv_sinks != DEFAULT_SINKS and kv_sinks >= cap):
+            raise OffloadError(f"--kv-sinks {kv_sinks} must be in [0, {cap - 1}] (the overlay holds {cap} tokens and "
+                               "needs one recent slot)")
+        # only the default shrinks to fit a buffer of fewer slots; a value asked for is kept or refused
         self.residency = Residency(cap, min(kv_sinks, cap - 1)) if self.hybrid else None
         self.device = resolve_device(offload_device) if self.hybrid else "none"
         cfg = program.config
