@@ -397,7 +397,7 @@ class RtlProcess:
     Parameters
     ----------
     model : RtlModel
-        Configuration and memory image.
+        Configuration, memory image and waveform path (a session with waves writes the VCD when it is closed).
     program : list of isa.Instr or bytes
         Placed at the top of external memory; a program made of segments (each ending in END) runs one segment at a
         time from its first instruction's index (:meth:`run`).
@@ -417,7 +417,7 @@ class RtlProcess:
         self.model, self.watchdog, self.max_cycles = model, watchdog, max_cycles
         blob, self.instrs, prog_at, _ = model._prepare(program)
         self.prog_base = prog_at // isa.INSN_BYTES
-        binary = build_harness(model.config)
+        binary = build_harness(model.config, trace=bool(model.waves))
         self.runs = 0  # program runs the simulator reports since it started
         self._fault = None
         self._inflight = False  # a request whose reply was never read (an interrupt): the replies are out of step
@@ -425,7 +425,8 @@ class RtlProcess:
         image = self._tmp / "image.hex"
         _write_hex(image, [(0, model.image), (prog_at, blob)], model.config.port_bytes)
         with open(self._tmp / "sim.log", "wb") as log:
-            self._proc = subprocess.Popen([str(binary), f"+DRAM_IMAGE={image}"], stdin=subprocess.PIPE,
+            waves = [f"+WAVES={self._tmp / 'dump.vcd'}"] if model.waves else []
+            self._proc = subprocess.Popen([str(binary), f"+DRAM_IMAGE={image}", *waves], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=log, cwd=self._tmp)
         self.pid = self._proc.pid
         self._stream = _Pipe(self._proc)

@@ -1,6 +1,6 @@
 // Self-contained Verilator harness of the overlay's run path (kvoverlay.sim.rtl_harness builds it, RtlProcess
 // drives it). The clock is a C++ loop around eval(): no VPI, no coroutine scheduler and no public signals but the
-// memory array, so Verilator optimises the whole design (cocotb's VPI access made the ports public and cost ~4x).
+// memory array, so Verilator optimises the whole design. Built with --trace, +WAVES=path writes a VCD.
 //
 // One command per line on stdin, one reply per line on stdout (numbers in decimal, memory and buffer words in hex):
 //   init PROG_BASE WATCHDOG N_COUNTERS    -> ok
@@ -23,7 +23,10 @@
 #include <vector>
 
 #include "verilated.h"
-#include "kvo_mem.h"  // generated: KVO_MEM(top), the memory model's word array
+#include "kvo_mem.h"
+#if VM_TRACE
+#include "verilated_vcd_c.h"
+#endif  // generated: KVO_MEM(top), the memory model's word array
 
 namespace {
 
@@ -75,11 +78,38 @@ int main(int argc, char** argv) {
     ctx->commandArgs(argc, argv);
     auto top = std::make_unique<KVO_TOP>(ctx.get());
     auto& mem = KVO_MEM(top);
+#if VM_TRACE
+    // waveforms (+WAVES=path): every edge evaluated and dumped
+    std::unique_ptr<VerilatedVcdC> vcd;
+    uint64_t vcd_time = 0;
+    const char* waves = ctx->commandArgsPlusMatch("WAVES=");
+    if (waves && *waves) {
+        ctx->traceEverOn(true);
+        vcd = std::make_unique<VerilatedVcdC>();
+        top->trace(vcd.get(), 99);
+        vcd->open(waves + std::string("+WAVES=").size());
+    }
+#endif
     auto tick = [&] {
         top->clk = 1;
         top->eval();
+#if VM_TRACE
+        if (vcd) {
+            vcd->dump(vcd_time += 5);
+            top->clk = 0;
+            top->eval();
+            vcd->dump(vcd_time += 5);
+            return;
+        }
+#endif
         top->clk = 0;
+#ifdef KVO_CLK_PREV
+        // The design has no negative-edge logic: rather than a second eval() (which settles every input-driven
+        // path again, ~30% of the run time), tell the model it has seen the clock low.
+        KVO_CLK_PREV(top) = 0;
+#else
         top->eval();
+#endif
     };
     top->clk = 0;
     top->rst = 1;
@@ -201,5 +231,8 @@ int main(int argc, char** argv) {
         std::cout << out.str() << std::endl;
     }
     top->final();
+#if VM_TRACE
+    if (vcd) vcd->close();
+#endif
     return 0;
 }

@@ -28,21 +28,21 @@ PREFIX = "Vkvo"
 #: no assertions, no timing scheduler (the harness is the clock).
 HARNESS_ARGS = ["--cc", "--exe", "-O3", "--x-assign", "fast", "--x-initial", "fast", "--noassert", "-Wno-fatal",
                 "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-lint", "-Wno-style", "--prefix", PREFIX]
-#: -O2 for the model's fast path (measured faster than -O3 on the overlay: smaller code), PCH fix (TOOLCHAIN.md)
-HARNESS_MAKEFLAGS = ["OPT_FAST=-O2", "OPT_SLOW=-O1", "OPT_GLOBAL=-O2", "CFG_CXXFLAGS_PCH_I=-include"]
+#: -O3 -march=native for the model (a cache is built on the machine that runs it), PCH fix (TOOLCHAIN.md)
+HARNESS_MAKEFLAGS = ["OPT_FAST=-O3 -march=native", "OPT_SLOW=-O1", "OPT_GLOBAL=-O2", "CFG_CXXFLAGS_PCH_I=-include"]
 #: Verilator configuration: only the memory model's array is public (the harness reads and writes it between runs).
 VLT = '`verilator_config\npublic_flat_rd -module "kvo_dram_model" -var "mem"\n'
 
 
-def _harness_dir(config: OverlayConfig) -> Path:
+def _harness_dir(config: OverlayConfig, trace: bool) -> Path:
     from .rtl import _sources_hash, cache_root
 
     h = hashlib.sha256(HARNESS_SOURCE.read_bytes() + repr((HARNESS_ARGS, HARNESS_MAKEFLAGS, VLT)).encode())
-    return cache_root() / _sources_hash(config) / f"harness-{h.hexdigest()[:12]}"
+    return cache_root() / _sources_hash(config) / f"harness-{h.hexdigest()[:12]}{'-trace' if trace else ''}"
 
 
-def build_harness(config: OverlayConfig) -> Path:
-    """Build (or reuse) the harness binary for *config*; returns its path."""
+def build_harness(config: OverlayConfig, *, trace: bool = False) -> Path:
+    """Build (or reuse) the harness binary for *config* (with *trace*, one that writes waveforms); returns its path."""
     from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
     from kvoverlay.hw.sim_overlay import TOP_NAME
 
@@ -50,7 +50,7 @@ def build_harness(config: OverlayConfig) -> Path:
 
     from .rtl import _compile_progress, export_verilog
 
-    work = _harness_dir(config)
+    work = _harness_dir(config, trace)
     binary = work / PREFIX
     if binary.is_file():
         return binary
@@ -62,16 +62,19 @@ def build_harness(config: OverlayConfig) -> Path:
     log = open(work / "build.log", "w")  # noqa: SIM115 (closed below, after both tools)
     try:
         with stages.stage("verilate (Verilator lints the design and writes C++)"):
-            subprocess.run([str(verilator), *HARNESS_ARGS, "--top-module", TOP_NAME, "-Mdir", str(work),
+            subprocess.run([str(verilator), *HARNESS_ARGS, *(["--trace"] if trace else []), "--top-module", TOP_NAME, "-Mdir", str(work),
                             str(work / "public.vlt"), str(src), str(DRAM_MODEL_SOURCE), str(HARNESS_SOURCE)],
                            check=True, stdout=log, stderr=subprocess.STDOUT, cwd=work)
-        _write_mem_header(work)
-        env = {**os.environ, "MAKEFLAGS": " ".join(HARNESS_MAKEFLAGS)}
+        _write_mem_header(work, trace)
+        # make variables as arguments (one word each, spaces included), not in MAKEFLAGS, which splits on spaces
+        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
         with ThreadPoolExecutor(max_workers=1) as pool:
-            job = pool.submit(subprocess.run, ["make", "-C", str(work), "-f", f"{PREFIX}.mk", PREFIX], check=True,
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+            job = pool.submit(subprocess.run, ["make", "-C", str(work), "-f", f"{PREFIX}.mk", *HARNESS_MAKEFLAGS, PREFIX],
+                              check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
             with stages.stage("C++ compile", count=lambda: _compile_progress(work, PREFIX, PREFIX)):
                 job.result()
+        if not binary.is_file():
+            raise subprocess.CalledProcessError(0, "make")
     except subprocess.CalledProcessError:
         log.close()
         tail = " ".join((work / "build.log").read_text(errors="replace")[-1500:].split())
@@ -80,12 +83,17 @@ def build_harness(config: OverlayConfig) -> Path:
     return binary
 
 
-def _write_mem_header(work: Path) -> None:
+def _write_mem_header(work: Path, trace: bool) -> None:
     """``kvo_mem.h``: the top class and the memory model's array, by the name Verilator gave it."""
     root = work / f"{PREFIX}___024root.h"
     names = [w.rstrip(";") for line in root.read_text().splitlines() if "__DOT__mem;" in line
              for w in line.split() if w.endswith("__DOT__mem;")]
     if len(names) != 1:
         raise RuntimeError(f"the memory model's array is not (uniquely) in {root}: {names}")
-    (work / "kvo_mem.h").write_text(f'#include "{PREFIX}.h"\n#include "{PREFIX}___024root.h"\n'
-                                    f"#define KVO_TOP {PREFIX}\n#define KVO_MEM(top) ((top)->rootp->{names[0]})\n")
+    text = (f'#include "{PREFIX}.h"\n#include "{PREFIX}___024root.h"\n'
+            f"#define KVO_TOP {PREFIX}\n#define KVO_MEM(top) ((top)->rootp->{names[0]})\n")
+    # the model's record of the clock's last value (its edge detector), if Verilator named it as expected
+    prev = "__Vtrigprevexpr___TOP__clk__0"
+    if f"{prev};" in root.read_text() and not trace:
+        text += f"#define KVO_CLK_PREV(top) ((top)->rootp->{prev})\n"
+    (work / "kvo_mem.h").write_text(text)
