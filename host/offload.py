@@ -687,6 +687,7 @@ class HybridRtlBackend(_Offload, RtlBackend):
                 proc.write_vector(where["out"], *nx.from_float(result))
                 statuses.append(proc.run({}, segment=seg.starts[i + 1]))
             self._check(proc, statuses[-1], position, _error)
+            proc._cover("ok", position, 1)
             self._harvest(proc, seg.captures[-1], position)
             total = {**statuses[-1], "wall_s": sum(s["wall_s"] for s in statuses),
                      "cpu_s": sum(s["cpu_s"] for s in statuses),
@@ -703,7 +704,9 @@ class HybridRtlBackend(_Offload, RtlBackend):
     def _check(self, proc, status, position, error):
         if status["error"]:
             proc._fault = f"step at position {position} stopped on an error"
-            raise error(status, proc.instrs, proc.watchdog)
+            err = error(status, proc.instrs, proc.watchdog)
+            proc._cover(str(err), position, 1)
+            raise err
 
     def _harvest(self, proc, captures, position):
         """This step's keys and values, stored by the segment just run, into the offload store."""
