@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,10 @@ def build_harness(config: OverlayConfig, *, trace: bool = False) -> Path:
     if binary.is_file():
         return binary
     verilator = toolchain.ensure_verilator()
+    for tool in ("make", "c++"):
+        if shutil.which(tool) is None:
+            raise toolchain.ToolchainError(f"the RTL harness needs {tool!r} on PATH to compile the Verilated overlay "
+                                           "(a C++ toolchain: e.g. apt-get install build-essential)")
     stages = Stages(f"building the run-path harness for config {config.name} (first run only; cached in {work})")
     src = export_verilog(config, work.parent, stages)
     work.mkdir(parents=True, exist_ok=True)
