@@ -95,10 +95,10 @@ int main(int argc, char** argv) {
         top->eval();
 #if VM_TRACE
         if (vcd) {
-            vcd->dump(vcd_time += 5);
+            vcd->dump(vcd_time += 5000);  // ps: the 10 ns clock of the cocotb wrapper (hw/sim_overlay.py)
             top->clk = 0;
             top->eval();
-            vcd->dump(vcd_time += 5);
+            vcd->dump(vcd_time += 5000);
             return;
         }
 #endif
