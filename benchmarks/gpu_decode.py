@@ -100,13 +100,15 @@ def transformers_generate(torch, dtype, device):
     return {"version": transformers.__version__, "tok_s": round(NEW / dt, 1)}
 
 
-def hybrid_cost(torch, device):
+def hybrid_cost(torch, device, sizes=(1024, 8192), profile=False):
+    """ms per decode step that the offload device adds (12 layers), per offloaded-token count; with *profile*, the
+    torch ops of one 1k step by self CPU time (where the host's time per layer goes)."""
     from kvoverlay.host.offload import _KvStore
 
     layers, heads, d = GPT2_SMALL["n_layer"], GPT2_SMALL["n_head"], GPT2_SMALL["n_embd"] // GPT2_SMALL["n_head"]
     out = {}
     rng = np.random.default_rng(0)
-    for n in (1024, 8192):
+    for n in sizes:
         store = _KvStore(device, n)
         for layer in range(layers):
             store.put(layer, 0, rng.standard_normal((n, heads, d)), rng.standard_normal((n, heads, d)))
@@ -118,7 +120,23 @@ def hybrid_cost(torch, device):
                 store.merge(layer, q, range(n), overlay_part)
 
         out[f"{n}_offloaded_ms_per_step"] = round(1e3 * _timed(torch, step), 3)
+        if profile and n == sizes[0]:
+            out["profile_1k"] = _profile(torch, step)
+        del store
     return out
+
+
+def _profile(torch, fn, top=10):
+    """The *top* torch ops of one call of *fn* by self CPU time: [name, calls, self CPU µs, self device µs]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(torch)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [[e.key, e.count, round(e.self_cpu_time_total, 1), round(getattr(e, "self_device_time_total", 0.0), 1)]
+            for e in rows]
 
 
 def prefill(torch, program, device, dtype, n=512):
@@ -152,8 +170,10 @@ def main(argv=None) -> int:
         Path(out_path).write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps({key: value}), flush=True)
 
+    # hybrid attention first, in a fresh process, then again after each phase: the step cost rose from 5.4 to 9.5 ms
+    # between a --hybrid-only run and a full one; measuring both in one process says which phase leaves it slower
+    emit("hybrid_attention_fresh", {dev: hybrid_cost(torch, dev, profile=True) for dev in dict.fromkeys((device, "cpu"))})
     if "--hybrid-only" in argv:
-        emit("hybrid_attention", {dev: hybrid_cost(torch, dev) for dev in dict.fromkeys((device, "cpu"))})
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "gpt2_small.onnx")
@@ -167,9 +187,11 @@ def main(argv=None) -> int:
         prompt = [int(t) for t in np.random.default_rng(1).integers(3, GPT2_SMALL["vocab_size"], size=PROMPT_LEN)]
         for dtype in ("float32",) if quick else ("float32", "float16"):
             emit(f"gpu_backend_{dtype}", ours(torch, prog, prompt, dtype, device, path, quick))
+            emit(f"hybrid_after_gpu_backend_{dtype}", hybrid_cost(torch, device, sizes=(1024,)))
             if not quick:
                 emit(f"transformers_{dtype}", transformers_generate(torch, dtype, device))
-        emit("hybrid_attention", {dev: hybrid_cost(torch, dev) for dev in dict.fromkeys((device, "cpu"))})
+                emit(f"hybrid_after_transformers_{dtype}", hybrid_cost(torch, device, sizes=(1024,)))
+        emit("hybrid_attention", {dev: hybrid_cost(torch, dev, profile=True) for dev in dict.fromkeys((device, "cpu"))})
         if not quick:
             prog512, _ = compile_model(path, cfg, weights="w16", max_seq=512)
             emit("prefill_512", {dt: prefill(torch, prog512, device, dt) for dt in ("float32", "float16")})

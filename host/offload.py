@@ -27,7 +27,7 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-from .backend import GoldenBackend, Step, outside_kv_buffer, register_args
+from .backend import GoldenBackend, RtlBackend, Step, outside_kv_buffer, register_args
 
 __all__ = ["DEVICES", "PREFILL_MODES", "HybridGoldenBackend", "OffloadError", "Residency", "add_arguments",
            "attend_partial", "choose_prefill", "kv_registers", "lse_merge", "placement", "prefill", "resolve_device",
@@ -327,11 +327,90 @@ class _KvStore:
         x = t.as_tensor(packed, dtype=self.dtype).to(self.device, non_blocking=True)
         q_t, o_r = x[: qh * d].view(qh, d), x[qh * d: 2 * qh * d].view(qh, d)
         m_r, l_r = x[2 * qh * d: 2 * qh * d + qh], x[2 * qh * d + qh:]
-        merged = lse_merge([(o_r, m_r, l_r), self.partial(layer, q_t, span)])
-        return merged.double().cpu().numpy()
+        # The overlay's partial enters as one more key: score m_r + log(l_r), value o_r. Its softmax weight is
+        # l_r·exp(m_r − M) / Σ, the log-sum-exp merge's (lse_merge) in one softmax: 8 kernels per layer instead of
+        # the ~34 of partial + lse_merge, whose launches were the whole cost on a GPU (docs/benchmarks.md).
+        k, v = self.k[layer][:, span.start:span.stop], self.v[layer][:, span.start:span.stop]
+        kvh = k.shape[0]
+        qg = q_t.view(kvh, qh // kvh, d)
+        s = t.cat([t.matmul(qg, k.transpose(1, 2)), (m_r + t.log(l_r)).view(kvh, -1, 1)], dim=-1)
+        p = t.softmax(s, dim=-1)
+        merged = t.baddbmm(p[..., -1:] * o_r.view(kvh, -1, d), p[..., :-1], v)
+        return merged.view(qh, d).double().cpu().numpy()
 
 
-class HybridGoldenBackend(GoldenBackend):
+def _device_attention(store, f: dict, q, position: int):
+    """A layer wholly on the offload device: the ATTN (fields *f*) of float query *q* over positions
+    ``[0, position]``. Returns the output (float64 [q_heads * head_dim]) and the (max, sum) partials in the
+    overlay's units, as its ATTN leaves them in the accumulators (int64 [2 * q_heads])."""
+    qh, d = f["q_heads"], f["head_dim"]
+    q = store.torch.as_tensor(np.asarray(q).reshape(qh, d), dtype=store.dtype).to(store.device)
+    out, m, total = store.partial(f["layer"], q, range(position + 1))
+    stats = np.stack([np.rint(m.double().cpu().numpy() * (1 << nx.SCORE_FRAC)),
+                      np.rint(total.double().cpu().numpy() * (1 << 15))], axis=1).reshape(-1)
+    return out.double().cpu().numpy().reshape(-1), stats.astype(np.int64)
+
+
+def _merged_attention(store, f: dict, q, out, stats, off: range):
+    """The overlay's ATTN output *out* over its resident KV (float [q_heads * head_dim]; *stats* its (max, sum)
+    accumulator words) merged with the offload device's partial over positions *off*: float64 [q_heads * head_dim]."""
+    qh, d = f["q_heads"], f["head_dim"]
+    stats = np.asarray(stats, np.float64)
+    # the overlay's partial: max in Q.SCORE_FRAC natural-log units, sum in Q1.15 units of exp(s - max)
+    m_r, l_r = stats[0::2] / (1 << nx.SCORE_FRAC), stats[1::2] / (1 << 15)
+    merged = store.merge(f["layer"], np.asarray(q).reshape(qh, d), off, (np.asarray(out).reshape(qh, d), m_r, l_r))
+    return merged.reshape(-1)
+
+
+class _Offload:
+    """What both hybrid backends (golden model, RTL) decide before they run: residency, device, layers on the device."""
+
+    def _init_offload(self, program, offload_device: str, kv_sinks: int) -> None:
+        self.requested_device = offload_device
+        self.kv_sinks = kv_sinks
+        regs = program.manifest["registers"]
+        self.hybrid = "kv_slot" in regs
+        cap = program.config.kv_capacity
+        if not isinstance(kv_sinks, int) or kv_sinks < 0 or (kv_sinks != DEFAULT_SINKS and kv_sinks >= cap):
+            raise OffloadError(f"--kv-sinks {kv_sinks} must be in [0, {cap - 1}] (the overlay holds {cap} tokens and "
+                               "needs one recent slot)")
+        # only the default shrinks to fit a buffer of fewer slots; a value asked for is kept or refused
+        self.residency = Residency(cap, min(kv_sinks, cap - 1)) if self.hybrid else None
+        self.device = resolve_device(offload_device) if self.hybrid else "none"
+        cfg = program.config
+        self.host_pcs = outside_kv_buffer(program)
+        self.device_layers = sorted({ins.fields["layer"] for ins in self.host_pcs.values()})
+        if self.device_layers:
+            self.device = resolve_device(offload_device)
+            if self.device == "none":
+                kv = program.manifest.get("kv", {}).get("layers", {})
+                shapes = sorted({(kv[str(la)]["kv_heads"], kv[str(la)]["head_dim"]) for la in self.device_layers if str(la) in kv})
+                raise OffloadError(f"the KV of layers {self.device_layers} ({', '.join(f'{h} heads of {d}' for h, d in shapes)}) "
+                                   f"does not fit the overlay's KV buffer of {cfg.max_layers} layers x {cfg.max_kv_heads} "
+                                   f"heads of {cfg.max_head_dim} ({len(self.device_layers)} layers over) and "
+                                   "--offload-device is none")
+
+    def _store(self):
+        if self.store is None:
+            self.store = _KvStore(self.device, int(self.program.manifest["max_seq"]))
+        return self.store
+
+    def check_fits(self, position: int) -> range:
+        """The positions offloaded while the token at *position* is attended; OffloadError when there are some and
+        no offload device."""
+        off = self.residency.offloaded(position) if self.residency else range(0)
+        if len(off) and self.device == "none":
+            cap = self.program.config.kv_capacity
+            raise OffloadError(f"KV of {position + 1} tokens per layer does not fit the overlay's {cap}-token buffer "
+                               f"({position + 1 - cap} over, {len(off)} to offload) and --offload-device is none")
+        return off
+
+    def _step_registers(self, token: int, position: int, registers: dict | None) -> dict:
+        return register_args(self.program, token, position, {**kv_registers(self.program.manifest, position,
+                                                                             self.residency), **(registers or {})})
+
+
+class HybridGoldenBackend(_Offload, GoldenBackend):
     """The golden model (``--backend isa``) with KV beyond the overlay's buffer attended on an offload device.
 
     When nothing is offloaded (a program that fits the KV buffer, or positions within it) it runs exactly as
@@ -353,30 +432,12 @@ class HybridGoldenBackend(GoldenBackend):
     name = "isa"
 
     def __init__(self, program, *, offload_device: str = "auto", kv_sinks: int = DEFAULT_SINKS, **options):
-        self.requested_device = offload_device
-        self.kv_sinks = kv_sinks
-        regs = program.manifest["registers"]
-        self.hybrid = "kv_slot" in regs
-        cap = program.config.kv_capacity
-        self.residency = Residency(cap, min(kv_sinks, cap - 1)) if self.hybrid else None
-        self.device = resolve_device(offload_device) if self.hybrid else "none"
+        self._init_offload(program, offload_device, kv_sinks)
         # KVAPPEND and ATTN of layers the buffer cannot hold become NOPs (keeping their dependency tokens) on the
         # overlay; the hook runs them on the offload device instead.
-        cfg = program.config
-        self.host_pcs = outside_kv_buffer(program)
-        self.device_layers = sorted({ins.fields["layer"] for ins in self.host_pcs.values()})
         nop = isa.Instr("NOP", {"queue": isa.QUEUES.index("compute")})
         self.instructions = [isa.Instr(nop.op, nop.fields, ins.deps) if pc in self.host_pcs else ins
                              for pc, ins in enumerate(program.instructions)]
-        if self.device_layers:
-            self.device = resolve_device(offload_device)
-            if self.device == "none":
-                kv = program.manifest.get("kv", {}).get("layers", {})
-                shapes = sorted({(kv[str(la)]["kv_heads"], kv[str(la)]["head_dim"]) for la in self.device_layers if str(la) in kv})
-                raise OffloadError(f"the KV of layers {self.device_layers} ({', '.join(f'{h} heads of {d}' for h, d in shapes)}) "
-                                   f"does not fit the overlay's KV buffer of {cfg.max_layers} layers x {cfg.max_kv_heads} "
-                                   f"heads of {cfg.max_head_dim} ({len(self.device_layers)} layers over) and "
-                                   "--offload-device is none")
         super().__init__(program, **options)
 
     def reset(self) -> None:
@@ -384,25 +445,9 @@ class HybridGoldenBackend(GoldenBackend):
         self.store = None
         self.placement = None
 
-    def _store(self):
-        if self.store is None:
-            self.store = _KvStore(self.device, int(self.program.manifest["max_seq"]))
-        return self.store
-
-    def check_fits(self, position: int) -> range:
-        """The positions offloaded while the token at *position* is attended; OffloadError when there are some and
-        no offload device."""
-        off = self.residency.offloaded(position) if self.residency else range(0)
-        if len(off) and self.device == "none":
-            cap = self.program.config.kv_capacity
-            raise OffloadError(f"KV of {position + 1} tokens per layer does not fit the overlay's {cap}-token buffer "
-                               f"({position + 1 - cap} over, {len(off)} to offload) and --offload-device is none")
-        return off
-
     def step(self, token: int, position: int, registers: dict | None = None) -> Step:
         off = self.check_fits(position)
-        values = register_args(self.program, token, position, {**kv_registers(self.program.manifest, position,
-                                                                              self.residency), **(registers or {})})
+        values = self._step_registers(token, position, registers)
         args = list(self.model.regs)
         for i, v in values.items():
             args[i] = v
@@ -422,22 +467,16 @@ class HybridGoldenBackend(GoldenBackend):
             m, e = model.vec(base, ereg, n)
             return nx.to_float(m, e)
 
-        def attend_on_device(f):
-            qh, d = f["q_heads"], f["head_dim"]
-            store = self._store()
-            q = store.torch.as_tensor(vec(f["q"], f["q_e"], qh * d).reshape(qh, d), dtype=store.dtype).to(store.device)
-            out, m, total = store.partial(f["layer"], q, range(position + 1))
-            model.put(f["dst"], f["dst_e"], *nx.from_float(out.double().cpu().numpy().reshape(-1)))
-            # the (max, sum) partials in the overlay's units, as its ATTN leaves them for a STACC
-            stats = np.stack([np.rint(m.double().cpu().numpy() * (1 << nx.SCORE_FRAC)),
-                              np.rint(total.double().cpu().numpy() * (1 << 15))], axis=1).reshape(-1)
-            model.acc[f["stats"]: f["stats"] + 2 * qh] = stats.astype(np.int64)
-
         def hook(pc, ins):
             if pc in self.host_pcs:
                 ins = self.host_pcs[pc]
                 if ins.op == "ATTN":  # a layer wholly on the offload device: its whole attention runs there
-                    return attend_on_device(ins.fields)
+                    f = ins.fields
+                    out, stats = _device_attention(self._store(), f, vec(f["q"], f["q_e"], f["q_heads"] * f["head_dim"]),
+                                                   position)
+                    model.put(f["dst"], f["dst_e"], *nx.from_float(out))
+                    model.acc[f["stats"]: f["stats"] + len(stats)] = stats
+                    return
             f = ins.fields
             if ins.op == "KVAPPEND" and self.device != "none":  # every token's KV, for when it is evicted
                 h, d = f["heads"], f["head_dim"]
@@ -445,14 +484,10 @@ class HybridGoldenBackend(GoldenBackend):
                 v = vec(f["v"], f["v_e"], h * d).reshape(h, d)
                 self._store().put(f["layer"], position, k, v)
             elif ins.op == "ATTN" and len(off):
-                qh, d = f["q_heads"], f["head_dim"]
-                q = vec(f["q"], f["q_e"], qh * d).reshape(qh, d)
-                stats = model.acc[f["stats"]: f["stats"] + 2 * qh].astype(np.float64)
-                # the overlay's partial: max in Q.SCORE_FRAC natural-log units, sum in Q1.15 units of exp(s - max)
-                m_r, l_r = stats[0::2] / (1 << nx.SCORE_FRAC), stats[1::2] / (1 << 15)
-                o_r = vec(f["dst"], f["dst_e"], qh * d).reshape(qh, d)
-                merged = self._store().merge(f["layer"], q, off, (o_r, m_r, l_r))
-                model.put(f["dst"], f["dst_e"], *nx.from_float(merged.reshape(-1)))
+                n = f["q_heads"] * f["head_dim"]
+                merged = _merged_attention(self._store(), f, vec(f["q"], f["q_e"], n), vec(f["dst"], f["dst_e"], n),
+                                           model.acc[f["stats"]: f["stats"] + 2 * f["q_heads"]], off)
+                model.put(f["dst"], f["dst_e"], *nx.from_float(merged))
         return hook
 
     # ------------------------------------------------------------ phase split
@@ -482,6 +517,203 @@ class HybridGoldenBackend(GoldenBackend):
         for addr, m, e in records:
             self.model.write_vector_record(addr, m, e)
         return self.model.run(code, args=[0])
+
+
+# ---------------------------------------------------------------- the RTL with hybrid attention
+@dataclass
+class Segmented:
+    """A decode program cut where the host works mid-step (:func:`segment_program`).
+
+    ``instructions`` holds every segment, each ending in END; segment *i* starts at ``starts[i]``. Between segments
+    *i* and *i + 1* the host serves ``pauses[i]``: ``(kind, attn_fields, addresses)`` with kind ``merge`` (an ATTN
+    over the resident KV whose output is merged with the offloaded part) or ``device`` (a layer's whole attention on
+    the offload device); ``captures[i]`` lists the ``(layer, k_addr, v_addr, heads, head_dim)`` records of this
+    step's keys and values that segment *i* stored (the offload store keeps every token's KV, as the golden hook
+    does).
+    """
+
+    instructions: list
+    starts: list
+    pauses: list
+    captures: list
+    end: int  # one past the last scratch byte
+
+
+def segment_program(program, scratch: int, *, split: bool, capture: bool, device_layers=()) -> Segmented:
+    """The decode program as segments the RTL runs one at a time, the host merging attention between them.
+
+    After each ATTN the host must see (with *split*: every ATTN; always: those of *device_layers*, which the
+    overlay's buffer cannot hold), the segment stores the query, the ATTN's output and its (max, sum) partials
+    (STORE, STORE, STACC) into scratch records from *scratch* upwards and ends; the next segment starts by LOADing
+    the merged output the host wrote into the ATTN's destination. A layer of *device_layers* has no KVAPPEND and no
+    ATTN on the overlay: its keys and values are stored for the host, and its output comes back the same way. With
+    *capture*, every KVAPPEND's keys and values are stored too. Dependency tokens are recomputed per segment.
+    """
+    from kvoverlay.compiler.codegen import insert_tokens
+
+    cfg = program.config
+    align = max(isa.DRAM_UNIT, cfg.port_bytes)
+    addr = -(-scratch // align) * align
+
+    def record(n, words=False):
+        nonlocal addr
+        at = addr
+        addr += -(-(8 * n if words else nx.vector_record_size(n)) // align) * align
+        return at
+
+    segments, pauses, captures = [[]], [], [[]]
+    for ins in program.instructions:
+        f, code = ins.fields, segments[-1]
+        if ins.op in ("NOP", "END"):  # NOPs only carried tokens, which are recomputed
+            continue
+        if ins.op == "KVAPPEND":
+            n = f["heads"] * f["head_dim"]
+            if f["layer"] not in device_layers:
+                code.append(isa.Instr(ins.op, f))
+            if capture or f["layer"] in device_layers:
+                k, v = record(n), record(n)
+                code += [isa.Instr("STORE", {"src": f["k"], "src_e": f["k_e"], "len": n, "addr": k}),
+                         isa.Instr("STORE", {"src": f["v"], "src_e": f["v_e"], "len": n, "addr": v})]
+                captures[-1].append((f["layer"], k, v, f["heads"], f["head_dim"]))
+            continue
+        device = ins.op == "ATTN" and f["layer"] in device_layers
+        if not (device or (split and ins.op == "ATTN")):
+            code.append(isa.Instr(ins.op, f))
+            continue
+        n = f["q_heads"] * f["head_dim"]
+        where = {"q": record(n), "out": record(n)}
+        code.append(isa.Instr("STORE", {"src": f["q"], "src_e": f["q_e"], "len": n, "addr": where["q"]}))
+        if not device:
+            where.update(o=record(n), stats=record(2 * f["q_heads"], words=True))
+            code += [isa.Instr(ins.op, f),
+                     isa.Instr("STORE", {"src": f["dst"], "src_e": f["dst_e"], "len": n, "addr": where["o"]}),
+                     isa.Instr("STACC", {"acc": f["stats"], "len": 2 * f["q_heads"], "addr": where["stats"]})]
+        pauses.append(("device" if device else "merge", f, where))
+        segments.append([isa.Instr("LOAD", {"addr": where["out"], "len": n, "dst": f["dst"], "dst_e": f["dst_e"]})])
+        captures.append([])
+    instructions, starts = [], []
+    for code in segments:
+        code.append(isa.Instr("END"))
+        insert_tokens(code)
+        starts.append(len(instructions))
+        instructions += code
+    return Segmented(instructions, starts, pauses, captures, addr)
+
+
+class HybridRtlBackend(_Offload, RtlBackend):
+    """The Verilated overlay (``--backend rtl``) with KV beyond its buffer attended on an offload device.
+
+    Where the golden model's hook works after an instruction, the RTL pauses: the step runs as segments
+    (:func:`segment_program`) in the one simulator process, and between two segments the host reads the ATTN's query,
+    output and partials from external memory, merges them with the offload device's partial (the same
+    :func:`lse_merge` in the same precision as ``--backend isa``) and writes the merged output back for the next
+    segment to LOAD. So the logits stay bit-identical to the golden model's; the step's cycles are those of its
+    segments (the STORE/LOAD round trips and each segment's pipeline drain included, which the golden model's hook
+    does not cost). Steps that need nothing from the host run the program as compiled.
+
+    Parameters are those of :class:`~kvoverlay.host.backend.RtlBackend` and of :class:`HybridGoldenBackend`.
+    """
+
+    name = "rtl"
+
+    def __init__(self, program, *, offload_device: str = "auto", kv_sinks: int = DEFAULT_SINKS, **options):
+        from kvoverlay.sim.rtl import _write_extent
+
+        self._init_offload(program, offload_device, kv_sinks)
+        self.store = None
+        self.placement = None
+        capture = self.device != "none"
+        #: whether any step needs the host mid-step (otherwise this is the plain RtlBackend, the program as compiled)
+        self.offloads = bool(self.device_layers) or (self.hybrid and capture)
+        scratch = max(len(program.image), _write_extent(program.instructions))
+        variants = [segment_program(program, scratch, split=False, capture=capture, device_layers=self.device_layers)]
+        if self.hybrid:
+            variants.append(segment_program(program, variants[0].end, split=True, capture=capture,
+                                            device_layers=self.device_layers))
+        # one program in external memory: as compiled, then each variant (a segment starts at its own index)
+        self.variants, at = [], len(program.instructions)
+        instructions = list(program.instructions)
+        for seg in variants if self.offloads else []:
+            seg.starts = [at + s for s in seg.starts]
+            at += len(seg.instructions)
+            instructions += seg.instructions
+            self.variants.append(seg)
+        super().__init__(program, **options)
+        self.instructions = instructions
+
+    def reset(self) -> None:
+        super().reset()
+        self.store = None
+        self.placement = None
+
+    def run_steps(self, feed, generate: int, position: int, registers: dict | None = None) -> list:
+        if not self.offloads:
+            return super().run_steps(feed, generate, position, registers)
+        self.check_fits(position + len(feed) + generate - 1)
+        out, tokens = [], [int(t) for t in feed]
+        for k in range(len(feed) + generate):
+            token = tokens[k] if k < len(tokens) else out[-1].next_token
+            out.append(self.step(token, position + k, registers))
+        return out
+
+    def step(self, token: int, position: int, registers: dict | None = None) -> Step:
+        from kvoverlay.sim.rtl import RtlProcessError, _error, _run_totals
+
+        from .backend import SimulatorDied
+
+        if not self.offloads:
+            return super().step(token, position, registers)
+        off = self.check_fits(position)
+        proc, _ = self._live()
+        m = self.program.manifest
+        values = self._step_registers(token, position, registers)
+        seg = self.variants[1] if len(off) else self.variants[0]
+        try:
+            statuses = [proc.run(values, segment=seg.starts[0])]
+            for i, (kind, f, where) in enumerate(seg.pauses):
+                self._check(proc, statuses[-1], position, _error)
+                self._harvest(proc, seg.captures[i], position)
+                n = f["q_heads"] * f["head_dim"]
+                q = nx.to_float(*proc.read_vector(where["q"], n))
+                if kind == "device":
+                    result, _ = _device_attention(self._store(), f, q, position)
+                else:
+                    o = nx.to_float(*proc.read_vector(where["o"], n))
+                    words = proc.read_words(where["stats"] // proc.model.config.port_bytes,
+                                            -(-16 * f["q_heads"] // proc.model.config.port_bytes))
+                    raw = b"".join(w.to_bytes(proc.model.config.port_bytes, "little") for w in words)
+                    stats = np.frombuffer(raw[: 16 * f["q_heads"]], "<i8")
+                    result = _merged_attention(self._store(), f, q, o, stats, off)
+                proc.write_vector(where["out"], *nx.from_float(result))
+                statuses.append(proc.run({}, segment=seg.starts[i + 1]))
+            self._check(proc, statuses[-1], position, _error)
+            proc._cover(proc.instrs, "ok", position, 1)
+            self._harvest(proc, seg.captures[-1], position)
+            total = {**statuses[-1], "wall_s": sum(s["wall_s"] for s in statuses),
+                     "cpu_s": sum(s["cpu_s"] for s in statuses),
+                     "counters": [sum(c) for c in zip(*(s["counters"] for s in statuses))]}
+            step = proc.step_result(total, token, position, m["registers"], m["logits"])
+        except RtlProcessError as exc:
+            raise SimulatorDied(f"{exc}; call reset() to start a new one") from None
+        self.steps.append(step)
+        proc.model.last_run = _run_totals([step])
+        self.placement = placement(m, position, self.residency, self.device, device_layers=self.device_layers)
+        step.counters.placement = self.placement
+        return Step(step.next_token, step.logits, step.counters)
+
+    def _check(self, proc, status, position, error):
+        if status["error"]:
+            proc._fault = f"step at position {position} stopped on an error"
+            err = error(status, proc.instrs, proc.watchdog)
+            proc._cover(proc.instrs, str(err), position, 1)
+            raise err
+
+    def _harvest(self, proc, captures, position):
+        """This step's keys and values, stored by the segment just run, into the offload store."""
+        for layer, k, v, heads, d in captures:
+            kf = nx.to_float(*proc.read_vector(k, heads * d)).reshape(heads, d)
+            vf = nx.to_float(*proc.read_vector(v, heads * d)).reshape(heads, d)
+            self._store().put(layer, position, kf, vf)
 
 
 # ---------------------------------------------------------------- what the session and the CLI call

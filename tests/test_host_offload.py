@@ -178,6 +178,19 @@ def test_offload_device_none_says_what_did_not_fit(hybrid_program):
         backend.step(PROMPT[64], 64)
 
 
+def test_kv_sinks_asked_for_are_kept_or_refused(hybrid_program):
+    """Only the default number of sinks shrinks to fit a small buffer: a value given is used or refused, never
+    changed quietly (and a negative one is refused even where nothing is offloaded)."""
+    _, b = hybrid_program
+    assert HybridGoldenBackend(b, kv_sinks=63).residency.sinks == 63
+    for bad in (64, 70, -1):
+        with pytest.raises(OffloadError, match=rf"--kv-sinks {bad} must be in \[0, 63\]"):
+            HybridGoldenBackend(b, kv_sinks=bad)
+    small = compile_model(str(hybrid_program[0]), "tiny", weights="w16", max_seq=32)[0]
+    with pytest.raises(OffloadError, match="--kv-sinks -1"):
+        HybridGoldenBackend(small, kv_sinks=-1)
+
+
 def test_phase_split_prefill_on_torch_then_decode_on_the_overlay(hybrid_program):
     """The prompt runs as one batched torch pass; its KV goes into the overlay's buffer (resident tokens, through a
     LOAD + KVAPPEND program) and to the offload store (the rest); decoding continues on the golden model."""

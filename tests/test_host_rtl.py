@@ -18,6 +18,8 @@ pytest.importorskip("cocotb_tools")
 
 from conftest import FAMILIES
 from kvoverlay.compiler.driver import compile_model
+from kvoverlay.host.offload import OffloadError
+from kvoverlay.host.reference import compare
 from kvoverlay.host.session import RtlBackend, Session, SessionError, SimulatorDied
 from kvoverlay.models.demo import build_llama_onnx
 from kvoverlay.sim.coverage import Coverage, collecting
@@ -274,14 +276,47 @@ def test_interrupted_request_is_recovered_by_reset(rtl_model, programs):
     assert got.tokens == want.tokens
 
 
-def test_kv_registers_within_the_buffer_and_refused_beyond(rtl_model, demo_onnx):
+def test_kv_registers_within_the_buffer_and_without_an_offload_device(rtl_model, demo_onnx):
     """A program compiled beyond the KV capacity takes its KV slot and length from R3/R4: the RTL backend sets them
-    per step (bit-identical to the golden model within the buffer) and refuses, before any step, a position the
-    buffer cannot hold (hybrid attention needs host writes the simulator process lacks)."""
+    per step (bit-identical to the golden model within the buffer); with --offload-device none a position the buffer
+    cannot hold is refused before any step, saying by how much it is over."""
     program = compile_model(str(demo_onnx), "tiny", weights="int8", max_seq=80)[0]
     assert {"kv_slot", "kv_len"} <= set(program.manifest["registers"])
     assert_same_generation(program, PROMPT, NEW_TOKENS)
-    with Session(program, "rtl") as sess:
-        with pytest.raises(SessionError, match=r"position 69 is beyond the overlay's 64-token KV buffer.*host writes"):
+    with Session(program, "rtl", offload_device="none") as sess:
+        with pytest.raises(OffloadError, match=r"70 tokens per layer does not fit the overlay's 64-token buffer \(6 over"):
             sess.prefill([5] * 70)
         assert sess.backend.steps == []
+
+
+HYBRID_PROMPT = [int(t) for t in np.random.default_rng(1).integers(3, 256, size=100)]
+HYBRID_NEW = 16
+
+
+@pytest.mark.parametrize("layers", [2, 5], ids=["llama", "llama-5-layers"])
+def test_hybrid_attention_on_rtl(rtl_model, layers):
+    """KV beyond the overlay's 64-token buffer (and, with 5 layers on tiny's 4, a whole layer) attended on the
+    offload device mid-step: the step runs as segments, the host merging between them. Tokens and logits are the
+    golden model's bit for bit, hence onnxruntime's tokens and a cosine of at least 0.999 in w16."""
+    from kvoverlay.models import exported
+
+    path = str(exported.export_model("llama", **({"num_hidden_layers": layers} if layers != 2 else {})))
+    program = compile_model(path, "tiny", weights="w16", max_seq=256, kv_capacity=64)[0]
+    gold = Session(program, "isa").generate(HYBRID_PROMPT, HYBRID_NEW)
+    with Session(program, "rtl", offload_device="cpu") as sess:
+        got = sess.generate(HYBRID_PROMPT, HYBRID_NEW).result()
+        backend = sess.backend
+        where = backend.placement
+        runs = backend.process.runs
+    assert got.tokens == gold.tokens
+    for a, b in zip(got.logits, gold.logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+    steps = len(HYBRID_PROMPT) + HYBRID_NEW - 1
+    assert [s.position for s in backend.steps] == list(range(steps))
+    # one run per step within the buffer; past it one per segment (one pause per layer, each ATTN merged)
+    pauses = len(backend.variants[1].pauses)
+    assert pauses == layers and runs == 64 * (1 + (layers - 4 if layers > 4 else 0)) + (steps - 64) * (1 + pauses)
+    assert where["kv_offloaded_tokens"] == steps - 64 and where["layers_on_device"] == list(range(4, layers))
+    ref = compare(path, HYBRID_PROMPT, got.tokens, got.logits)
+    assert ref["logits_cosine_min"] >= 0.999
+    assert ref["token_match"], (got.tokens, ref["tokens"])
