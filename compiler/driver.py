@@ -23,8 +23,12 @@ TRACE_KV_LEN = 5
 
 def compile_model(model, config: str | OverlayConfig | None = None, *, weights: str = "w16",
                   group_size: int | None = None, max_seq: int | None = None, kv_capacity: int | None = None,
-                  method: str = "mse", dump_dir: str | os.PathLike | None = None):
-    """Compile *model* (a path or ModelProto) for *config*; return ``(Bundle, report dict)``."""
+                  method: str = "mse", dump_dir: str | os.PathLike | None = None, host_ops: bool = True):
+    """Compile *model* (a path or ModelProto) for *config*; return ``(Bundle, report dict)``.
+
+    With *host_ops* (the default), nodes the overlay cannot run are placed on the host (``placement.host`` in the
+    manifest); without, the first of them is the :class:`CompileError`.
+    """
     t0 = time.perf_counter()
     cfg = load_config(config)
     if kv_capacity is not None:
@@ -33,7 +37,7 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     if max_seq < 1:
         raise CompileError(f"--max-seq {max_seq} must be at least 1")
     c = Compilation(model, cfg=cfg, kv_len=TRACE_KV_LEN, max_seq=max_seq, weights=weights,
-                    group_size=group_size or cfg.group_size, method=method)
+                    group_size=group_size or cfg.group_size, method=method, host_ops=host_ops)
     b = run_pipeline(c, dump_dir).bundle
     report = {
         "instructions": len(b.instructions),

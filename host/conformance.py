@@ -3,7 +3,7 @@
 Each case is one of:
 
 - ``overlay``: passed, with the work on the overlay;
-- ``host``: passed, with the op placed on the host (none yet: the runtime does not place ops off the overlay);
+- ``host``: passed, with some of the work (``host_nodes``) placed on the host (``host/placement.py``);
 - ``failed``: ran and missed the bound (the largest error is reported), or the compiler refused it (the message is
   reported);
 - ``n/a``: outside the overlay's formats (an output that is not float32: integer or boolean arithmetic).
@@ -54,6 +54,7 @@ class CaseResult:
     max_error: float | None = None  # largest |out - ref| over the outputs, relative to the output's peak
     reason: str = ""
     bound_inputs: list = field(default_factory=list)
+    host_nodes: list = field(default_factory=list)  # ops of the nodes placed on the host
     seconds: float = 0.0
 
 
@@ -112,8 +113,9 @@ def run_case(op: str, case, device: str = "CPU") -> CaseResult:
                 peak = float(np.abs(ref).max(initial=0.0))
                 worst = max(worst, float(err.max(initial=0.0)) / (peak or 1.0))
         res.onnx_tolerance, res.max_error, res.bound_inputs = onnx_ok, worst, list(rep.bound)
+        res.host_nodes = [op for _, op in rep.host]
         if onnx_ok or block_ok:
-            res.outcome = "overlay"
+            res.outcome = "host" if rep.host else "overlay"
         else:
             res.outcome, res.reason = "failed", f"largest error {worst:.3g} of the output's peak"
     except (CompileError, SessionError, ValueError, NotImplementedError, ArithmeticError) as exc:
