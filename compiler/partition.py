@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .frontend import CompileError
-from .ir import Graph
+from .ir import Graph, Node, Value
 from .onnx_ops import lookup
 
 __all__ = ["Segment", "host_model", "partition", "segment_graph"]
@@ -106,13 +106,51 @@ def host_model(graph: Graph, seg: Segment) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)], ir_version=onnx.IR_VERSION)
 
 
-def partition(graph: Graph, trial, *, host_ops: bool = True) -> list[Segment]:
-    """Segments of *graph*: one overlay segment when the overlay runs it all.
+#: Ops whose output is finite where their input holds -inf (a masked score): the end of a non-finite region.
+FINITE_OUT = frozenset({"Softmax", "Exp", "Sigmoid", "Tanh", "Erf", "IsInf", "IsNaN"})
 
-    *trial(segment_graph)* fuses one overlay segment and raises :class:`CompileError` (with ``node``, the
-    refused node's name, when the fuser knows it). With *host_ops* false, the first refusal is the error.
+
+def _non_finite_readers(graph: Graph) -> set:
+    """Nodes that read a value that can hold inf or nan (a constant that does, e.g. an additive mask of -inf, and
+    what is computed from it up to a :data:`FINITE_OUT` op): the overlay's block floating point holds neither."""
+    bad = {n for n, v in graph.consts().items() if v.const.dtype.kind == "f" and not np.isfinite(v.const).all()}
+    readers = set()
+    for n in graph.nodes:
+        if any(i in bad for i in n.inputs):
+            readers.add(n.name)
+            if n.op not in FINITE_OUT:
+                bad.update(o for o in n.outputs if o)
+    return readers
+
+
+def _constant_outputs(graph: Graph) -> set:
+    """Graph outputs that folded to constants (a present KV of bound inputs) become host Identity nodes of the
+    constant: the overlay computes vectors, a host segment can give a constant."""
+    made = set()
+    for k, o in enumerate(graph.outputs):
+        v = graph.values[o]
+        if v.const is None or o in graph.inputs:
+            continue
+        c = f"{o}:folded"
+        graph.values[c] = Value(c, v.shape, v.dtype, v.const)
+        graph.values[o] = Value(o, v.shape, v.dtype)
+        node = Node("Identity", [c], [o], name=f"Identity_{o}")
+        graph.nodes.append(node)
+        made.add(node.name)
+    return made
+
+
+def partition(graph: Graph, trial, *, host_ops: bool = True, host=frozenset()) -> tuple[list, list]:
+    """Segments of *graph* (one overlay segment when the overlay runs it all), and what *trial* made of each overlay
+    segment (None for a host segment).
+
+    *trial(segment_graph[, whole])* compiles one overlay segment (*whole*: the graph itself) and raises
+    :class:`CompileError` (with ``node``, the refused node's name, when known). With *host_ops* false, the first
+    refusal is the error. *host* names nodes placed on the host from the start.
     """
-    host = {n.name for n in graph.nodes if lookup(n.op, graph.opset) is None}
+    host = set(host) | {n.name for n in graph.nodes if lookup(n.op, graph.opset) is None}
+    if host_ops:
+        host |= _non_finite_readers(graph) | _constant_outputs(graph)
     if host and not host_ops:
         n = next(n for n in graph.nodes if n.name in host)
         raise CompileError(f"node {n.name}: op {n.op} (opset {graph.opset}) is not supported")
@@ -122,10 +160,9 @@ def partition(graph: Graph, trial, *, host_ops: bool = True) -> list[Segment]:
         else:
             segs = _phases(graph, host)
         try:
-            for s in segs:
-                if s.kind == "overlay":
-                    trial(segment_graph(graph, s) if host else graph)
-            return segs
+            made = [trial(segment_graph(graph, s) if host else graph, *(() if host else (True,)))
+                    if s.kind == "overlay" else None for s in segs]
+            return segs, made
         except CompileError as exc:
             node = getattr(exc, "node", None)
             if not host_ops or node is None or node in host:

@@ -35,7 +35,7 @@ from .codegen import (
     kv_registers,
     plan_memory,
 )
-from .frontend import Loaded, load_split
+from .frontend import CompileError, Loaded, load_split
 from .fuse import fuse
 from .ir import Graph
 from .lower import lower
@@ -61,6 +61,7 @@ class Compilation:
     group_size: int | None = None
     method: str = "mse"
     host_ops: bool = True  # place what the overlay refuses on the host (False: the refusal is the error)
+    host_nodes: frozenset = frozenset()  # nodes placed on the host from the start (a later pass refused them)
     loaded: Loaded | None = None  # frontend (consumed by lower)
     graph: Graph | None = None  # lower, then rewritten by specialize_mask, fold_constants, dead_code
     og: OverlayGraph | None = None  # partition (the whole graph fused) or fuse
@@ -101,24 +102,24 @@ def _on_graph(transform: Callable[[Graph], Graph]) -> Callable[[Compilation], No
 
 
 def _partition(c: Compilation) -> None:
-    """Fuse; what the overlay refuses goes to the host, and each overlay segment becomes a program of its own."""
-    fused = []
+    """Fuse; what the overlay refuses goes to the host, and each overlay segment becomes a program of its own.
 
-    def trial(g: Graph) -> None:
-        fused.append(fuse(g, max_seq=c.max_seq))
-
-    segs = partition(c.graph, trial, host_ops=c.host_ops)
-    if len(segs) == 1 and segs[0].kind == "overlay":
-        c.og = fused[-1]
-        return
-    c.segments = []
-    for s in segs:
-        if s.kind == "host":
-            c.segments.append((s, host_model(c.graph, s)))
-            continue
+    A graph the overlay runs whole goes on through the passes below as it always did (``partition`` keeps its fused
+    graph); each segment of a partitioned one is compiled by the passes from ``fuse`` on, whose refusals name the
+    node to place on the host as the fuser's do.
+    """
+    def trial(g: Graph, whole: bool = False):
+        if whole:
+            return fuse(g, max_seq=c.max_seq)
         sub = Compilation(None, cfg=c.cfg, kv_len=c.kv_len, max_seq=c.max_seq, weights=c.weights,
-                          group_size=c.group_size, method=c.method, host_ops=False, graph=segment_graph(c.graph, s))
-        c.segments.append((s, run_pipeline(sub, start="fuse").bundle))
+                          group_size=c.group_size, method=c.method, host_ops=False, graph=g)
+        return run_pipeline(sub, start="fuse").bundle
+
+    segs, made = partition(c.graph, trial, host_ops=c.host_ops, host=c.host_nodes)
+    if len(segs) == 1 and segs[0].kind == "overlay":
+        c.og = made[0]
+        return
+    c.segments = [(s, host_model(c.graph, s) if s.kind == "host" else made[k]) for k, s in enumerate(segs)]
 
 
 def _whole(run: Callable[[Compilation], None]) -> Callable[[Compilation], None]:
@@ -150,7 +151,13 @@ def _plan_memory(c: Compilation) -> None:
 
 
 def _emit(c: Compilation) -> None:
-    c.code = emit(c.codegen)
+    try:
+        c.code = emit(c.codegen)
+    except CompileError as exc:  # out of registers or buffer: the op being emitted is the one to place elsewhere
+        if exc.node is None:
+            exc.node = next((op.source for op in c.og.ops
+                             if c.codegen.who == f"op {op.out} ({op.kind} from {op.source})"), None)
+        raise
 
 
 def _insert_tokens(c: Compilation) -> None:
