@@ -40,7 +40,7 @@ from .fuse import fuse
 from .ir import Graph
 from .lower import lower
 from .overlay_graph import OverlayGraph
-from .partition import host_model, partition, segment_graph
+from .partition import host_model, partition
 from .quantize import Image, calibrate, quantize
 from .simplify import dead_code, fold_constants, specialize_mask
 

@@ -79,12 +79,16 @@ class OverlayRep(BackendRep):
         return [vi for vi in self.model.graph.input if vi.name not in self._initializers]
 
     def _compile(self, values: dict):
-        """Compile with every float input as a runtime vector, then with all but the first bound as constants (the
-        rest are weights, gains, masks); with nothing placed on the host, else with the fewest nodes placed there."""
+        """Compile with every float input as a runtime vector, then with attention masks bound as constants, then with
+        all but the first float input bound (the rest are weights, gains, masks); with nothing placed on the host,
+        else with the fewest nodes placed there."""
         inputs = self._inputs()
         floats = [vi.name for vi in inputs if np.asarray(values[vi.name]).dtype == np.float32]
         others = {vi.name: values[vi.name] for vi in inputs if vi.name not in floats}
+        masks = {n.input[3] for n in self.model.graph.node if n.op_type == "Attention" and len(n.input) > 3} & set(floats)
         tries = [others, {**others, **{n: values[n] for n in floats[1:]}}] if floats else [others]
+        if masks:  # an attention mask is program structure (which keys a row attends): bound, Q/K/V stay vectors
+            tries.insert(1, {**others, **{n: values[n] for n in masks}})
         error, best = None, None
         for host_ops in (False, True) if self.offload_device != "none" else (False,):
             for bind in tries:
