@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from kvoverlay import bundle as kvbundle
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.compiler.frontend import CompileError
 from onnx import TensorProto, helper
+
+from kvoverlay import bundle as kvbundle
 
 
 def _model(nodes, outputs=("z",), opset=17, out_shape=(2, 8)):
