@@ -29,8 +29,10 @@ __all__ = ["AttentionRows", "attention_rows"]
 
 
 class AttentionRows(VOp):
-    """One query row of one batch: ins are the row's queries, then the batch's keys and values per position
-    (k_0, v_0, k_1, v_1, ...). The batch's first row (``append``) writes them to its layer."""
+    """One query row (or some of its heads): ins are the queries, then keys and values (k_0, v_0, k_1, v_1, ...)
+    that it appends to its layer from position ``first``. With ``attend``, one ATTN over the layer's first
+    ``length`` keys gives the output; without, the op only appends and passes its queries on (a copy), so that a
+    row's keys are made and appended a few at a time: each key is a vector, and the exponent registers are few."""
 
     kind = "attn_rows"
 
@@ -45,18 +47,26 @@ class AttentionRows(VOp):
     def reference(self, ins, step):
         a = self.attrs
         qh, kvh, d, n = a["q_heads"], a["kv_heads"], a["head_dim"], a["length"]
-        K = np.stack([k.reshape(kvh, d) for k in ins[1::2]], 1)[:, :n]
-        V = np.stack([v.reshape(kvh, d) for v in ins[2::2]], 1)[:, :n]
-        return gqa(ins[0].reshape(qh, d) * a["scale"], K, V)
+        ks, vs = step.kv[a["layer"]]
+        del ks[a["first"]:], vs[a["first"]:]
+        ks += [k.reshape(kvh, d) for k in ins[1::2]]
+        vs += [v.reshape(kvh, d) for v in ins[2::2]]
+        if not a["attend"]:
+            return ins[0]
+        return gqa(ins[0].reshape(qh, d) * a["scale"], np.stack(ks[:n], 1), np.stack(vs[:n], 1))
 
     def emit(self, cg, src):
         a = self.attrs
-        if a["append"]:
-            for j in range(len(src) // 2):
-                k, v = src[1 + 2 * j], src[2 + 2 * j]
-                cg.instr("KVAPPEND", k=k[0], k_e=k[1], v=v[0], v_e=v[1], layer=a["layer"], heads=a["kv_heads"],
-                         head_dim=a["head_dim"], pos_reg=REG_POSITION, pos_imm=j)
+        for j in range(len(src) // 2):
+            k, v = src[1 + 2 * j], src[2 + 2 * j]
+            cg.instr("KVAPPEND", k=k[0], k_e=k[1], v=v[0], v_e=v[1], layer=a["layer"], heads=a["kv_heads"],
+                     head_dim=a["head_dim"], pos_reg=REG_POSITION, pos_imm=a["first"] + j)
         n = a["q_heads"] * a["head_dim"]
+        if not a["attend"]:
+            dst = cg.vector(self.out)
+            imm_m, imm_e = scale_imm(1.0, cg.who)
+            cg.instr("VSCALE", a=src[0][0], a_e=src[0][1], dst=dst[0], dst_e=dst[1], len=n, imm_m=imm_m, imm_e=imm_e)
+            return
         q = cg.scratch(f"qscaled:{self.out}", n)
         imm_m, imm_e = scale_imm(a["scale"], cg.who)
         cg.instr("VSCALE", a=src[0][0], a_e=src[0][1], dst=q[0], dst_e=q[1], len=n, imm_m=imm_m, imm_e=imm_e)
@@ -64,6 +74,10 @@ class AttentionRows(VOp):
         cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], layer=a["layer"], q_heads=a["q_heads"],
                  kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=REG_POSITION, len_imm=a["length"],
                  stats=cg.stats_addr)
+
+
+#: Keys a row makes and appends per op (two vectors each, live until the op).
+KEYS_PER_OP = 4
 
 
 def attention_rows(fz, v, node):
@@ -107,7 +121,7 @@ def attention_rows(fz, v, node):
     layer = max(fz.out.kv) + 1 if fz.out.kv else 0
     kv_in = {"k": fz.vector(k), "v": fz.vector(val)}
     past_in = {"k": fz.vector(pk), "v": fz.vector(pv)} if pk else {}
-    past_rows = _past_rows(fz, pk, hd) if pk else None
+    past_rows = {"k": _past_rows(fz, pk, hd), "v": _past_rows(fz, pv, hd)} if pk else None
     group = qh // kvh
     widest = (0, 0)
     out = None
@@ -124,21 +138,25 @@ def attention_rows(fz, v, node):
                     lane[:, hd] = 1.0
                     qi = fz.add(AddC, v, [qi], node.name, const=fz.store(fz.out.consts, "c", lane.reshape(-1)))
                     fz.out.lengths[qi] = lane.size
-                kvs = []
-                for j in keys:
-                    for side in ("k", "v"):
-                        src, rows = (kv_in[side], layout[side](bi, j - past)) if j >= past else \
-                            (past_in[side], past_rows(bi, j))
-                        x = select(fz, v, node, src, _lanes(rows.reshape(kvh, hd)[kv_heads], d).reshape(-1))
-                        if with_bias and side == "k":
-                            lane = np.zeros((len(kv_heads), d))
-                            lane[:, hd] = brow[j] / scale
-                            x = fz.add(AddC, v, [x], node.name, const=fz.store(fz.out.consts, "c", lane.reshape(-1)))
-                            fz.out.lengths[x] = lane.size
-                        kvs.append(x)
-                y = fz.add(AttentionRows, v, [qi, *kvs], node.name, layer=layer, q_heads=len(heads),
-                           kv_heads=len(kv_heads), head_dim=d, length=len(keys), scale=scale, append=True)
-                fz.out.lengths[y] = len(heads) * d
+                y = qi
+                for c0 in range(0, len(keys), KEYS_PER_OP):
+                    kvs = []
+                    for j in keys[c0:c0 + KEYS_PER_OP]:
+                        for side in ("k", "v"):
+                            src, rows = (kv_in[side], layout[side](bi, j - past)) if j >= past else \
+                                (past_in[side], past_rows[side](bi, j))
+                            x = select(fz, v, node, src, _lanes(rows.reshape(kvh, hd)[kv_heads], d).reshape(-1))
+                            if with_bias and side == "k":
+                                lane = np.zeros((len(kv_heads), d))
+                                lane[:, hd] = brow[j] / scale
+                                x = fz.add(AddC, v, [x], node.name,
+                                           const=fz.store(fz.out.consts, "c", lane.reshape(-1)))
+                                fz.out.lengths[x] = lane.size
+                            kvs.append(x)
+                    y = fz.add(AttentionRows, v, [y, *kvs], node.name, layer=layer, q_heads=len(heads),
+                               kv_heads=len(kv_heads), head_dim=d, length=len(keys), scale=scale, first=c0,
+                               attend=c0 + KEYS_PER_OP >= len(keys))
+                    fz.out.lengths[y] = len(heads) * d
                 widest = max(widest, (len(kv_heads), d))
                 at = _lanes(layout["y"](bi, i).reshape(qh, hd)[heads], d).reshape(-1)
                 place = np.zeros((fz.ix.numel(v), len(heads) * d))
