@@ -153,7 +153,8 @@ class HostSegment:
     def _run_torch(self, feeds: dict) -> dict:
         t = self._torch
         dev = "cuda" if self.device == "cuda" else "cpu"
-        env = {n: t.as_tensor(np.ascontiguousarray(a), device=dev) for n, a in {**self.consts, **feeds}.items()}
+        # a copy: torch warns of (and would alias) read-only arrays such as the initializers' views
+        env = {n: t.as_tensor(np.array(a), device=dev) for n, a in {**self.consts, **feeds}.items()}
         for node, attrs in zip(self.model.graph.node, self.attrs, strict=True):
             args = [env[i] if i else None for i in node.input]
             while args and args[-1] is None:
