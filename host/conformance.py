@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["OPS", "CaseResult", "block_bound", "collect", "conformance_main", "markdown", "run", "summarize", "table"]
+__all__ = ["ATTENTION_OUTSIDE", "OPS", "CaseResult", "block_bound", "collect", "conformance_main", "in_attention_scope",
+           "markdown", "row", "run", "scope_line", "summarize", "table", "total_line"]
 
 #: The transformer op set: the ops whose node cases are run (issue 13), in the table's order.
 OPS = ("Attention", "RMSNormalization", "RotaryEmbedding", "LayerNormalization", "Gelu", "Softmax", "Sigmoid", "Tanh",
@@ -174,7 +175,6 @@ def summarize(results) -> dict:
 
 def markdown(summary: dict, device: str = "CPU") -> str:
     """The conformance table (``docs/conformance.md``), from a :func:`summarize` object."""
-    t = summary["total"]
     lines = [
         "# ONNX backend conformance",
         "",
@@ -190,26 +190,38 @@ def markdown(summary: dict, device: str = "CPU") -> str:
         "- **failed**: missed both bounds or was refused by the compiler (first reason shown);",
         "- **n/a**: an output outside the overlay's formats (integer or boolean results).",
         "",
-        (f"Total: {t['cases']} cases, {t['n/a']} n/a; of the {t['cases'] - t['n/a']} applicable, "
-        f"{t['overlay'] + t['host']} pass ({100 * (t['pass_rate'] or 0):.1f}%): {t['onnx_tolerance']} at ONNX's "
-        f"tolerance, {t['block_bound_only']} at the block bound only; {t['failed']} fail."),
+        total_line(summary["total"]),
         "",
-        (f"Attention within its declared scope on the overlay (GQA, past/present KV, causal and boolean/float masks, "
-         f"scale; the op's own cases): {summary['attention_scope']['overlay']} of "
-         f"{summary['attention_scope']['cases']} pass on the overlay. Outside it ("
-         + ", ".join(ATTENTION_OUTSIDE.values()) + ") the op runs on the host."),
+        scope_line(summary["attention_scope"]),
         "",
         "| op | cases | overlay | host | ONNX tol. | block bound only | failed | n/a | first failure |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    first = {}
-    for c in summary["cases"]:
-        if c["outcome"] == "failed" and c["op"] not in first:
-            first[c["op"]] = f"`{c['name']}`: {c['reason']}".replace("|", "\\|")
-    for op, d in summary["ops"].items():
-        lines.append(f"| {op} | {d['cases']} | {d['overlay']} | {d['host']} | {d['onnx_tolerance']} | "
-                     f"{d['block_bound_only']} | {d['failed']} | {d['n/a']} | {first.get(op, '')} |")
+    lines += [row(summary, op) for op in summary["ops"]]
     return "\n".join(lines) + "\n"
+
+
+def total_line(t: dict) -> str:
+    """The totals sentence of :func:`markdown`, from ``summary["total"]``."""
+    return (f"Total: {t['cases']} cases, {t['n/a']} n/a; of the {t['cases'] - t['n/a']} applicable, "
+            f"{t['overlay'] + t['host']} pass ({100 * (t['pass_rate'] or 0):.1f}%): {t['onnx_tolerance']} at ONNX's "
+            f"tolerance, {t['block_bound_only']} at the block bound only; {t['failed']} fail.")
+
+
+def scope_line(scope: dict) -> str:
+    """The sentence of :func:`markdown` on Attention's declared scope, from ``summary["attention_scope"]``."""
+    return (f"Attention within its declared scope on the overlay (GQA, past/present KV, causal and boolean/float masks, "
+            f"scale; the op's own cases): {scope['overlay']} of {scope['cases']} pass on the overlay. Outside it ("
+            + ", ".join(ATTENTION_OUTSIDE.values()) + ") the op runs on the host.")
+
+
+def row(summary: dict, op: str) -> str:
+    """The table line of *op* in :func:`markdown` (with its first failure: the case and the reason)."""
+    d = summary["ops"][op]
+    first = next((f"`{c['name']}`: {c['reason']}".replace("|", "\\|") for c in summary["cases"]
+                  if c["op"] == op and c["outcome"] == "failed"), "")
+    return (f"| {op} | {d['cases']} | {d['overlay']} | {d['host']} | {d['onnx_tolerance']} | {d['block_bound_only']} "
+            f"| {d['failed']} | {d['n/a']} | {first} |")
 
 
 def table(summary: dict) -> str:
