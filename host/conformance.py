@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["ATTENTION_OUTSIDE", "OPS", "CaseResult", "block_bound", "collect", "conformance_main", "in_attention_scope",
+__all__ = ["ATTENTION_OUTSIDE", "OPS", "CaseResult", "attention_outside", "block_bound", "collect", "conformance_main",
            "markdown", "row", "run", "scope_line", "summarize", "table", "total_line"]
 
 #: The transformer op set: the ops whose node cases are run (issue 13), in the table's order.
@@ -32,16 +32,33 @@ OPS = ("Attention", "RMSNormalization", "RotaryEmbedding", "LayerNormalization",
        "Erf", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "ReduceMean",
        "ReduceSum", "ReduceMax", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather", "Squeeze", "Unsqueeze",
        "Expand", "Where", "Cast")
-#: Attention's declared scope on the overlay is GQA, past/present KV, causal and boolean/float masks and scale; a
-#: case of the op (not its ``_expanded`` body) whose name has one of these runs outside it, on the host.
+#: Attention's declared scope on the overlay is GQA, past/present KV, causal and boolean/float masks and scale, on
+#: the op's own cases (not its ``_expanded`` function body); outside it (these features) the op runs on the host.
 ATTENTION_OUTSIDE = {"softcap": "softcap (ATTN has no tanh on the scores)", "window": "a sliding window",
                      "nonpad": "nonpad_kv_seqlen (per-batch KV lengths)",
                      "qk_matmul": "the qk_matmul output (the scores stay on chip)"}
 
 
-def in_attention_scope(name: str) -> bool:
-    """Whether an Attention case is within the op's declared scope on the overlay (:data:`ATTENTION_OUTSIDE`)."""
-    return not name.endswith("_expanded") and not any(k in name for k in ATTENTION_OUTSIDE)
+def attention_outside(case) -> list:
+    """The :data:`ATTENTION_OUTSIDE` features an Attention case uses, read off its node; None for a case that is
+    not the op's own (an ``_expanded`` body)."""
+    from onnx import helper
+
+    nodes = case.model.graph.node
+    if len(nodes) != 1 or nodes[0].op_type != "Attention":
+        return None
+    node = nodes[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    used = []
+    if attrs.get("softcap", 0.0):
+        used.append("softcap")
+    if any(attrs.get(w, -1) >= 0 for w in ("left_window_size", "right_window_size")):
+        used.append("window")
+    if len(node.input) > 6 and node.input[6]:
+        used.append("nonpad")
+    if len(node.output) > 3 and node.output[3]:
+        used.append("qk_matmul")
+    return used
 
 
 #: The block-relative bound's terms: a fraction of the output's peak, and ONNX's own relative term.
@@ -68,6 +85,7 @@ class CaseResult:
     reason: str = ""
     bound_inputs: list = field(default_factory=list)
     host_nodes: list = field(default_factory=list)  # ops of the nodes placed on the host
+    in_scope: bool | None = None  # an Attention case within the op's declared scope on the overlay
     seconds: float = 0.0
 
 
@@ -106,6 +124,9 @@ def run_case(op: str, case, device: str = "CPU") -> CaseResult:
 
     t0 = time.perf_counter()
     res = CaseResult(case.name, op, "n/a")
+    if op == "Attention":
+        outside = attention_outside(case)
+        res.in_scope = outside == []
     why = _not_applicable(case)
     if why:
         res.reason = why
@@ -121,9 +142,9 @@ def run_case(op: str, case, device: str = "CPU") -> CaseResult:
                 if out.shape != ref.shape:
                     raise ValueError(f"output shape {out.shape}, expected {ref.shape}")
                 with np.errstate(invalid="ignore"):
-                    err = np.abs(out - ref)
+                    err = np.atleast_1d(np.abs(out - ref))
                 # as ONNX's own runner (assert_allclose): equal infinities and nan against nan are no error
-                err[(out == ref) | (np.isnan(out) & np.isnan(ref))] = 0.0
+                err[np.atleast_1d((out == ref) | (np.isnan(out) & np.isnan(ref)))] = 0.0
                 onnx_ok &= bool(np.all(err <= case.atol + case.rtol * np.abs(ref)))
                 block_ok &= bool(np.all(err <= block_bound(ref)))
                 peak = float(np.abs(ref).max(initial=0.0))
@@ -167,7 +188,7 @@ def summarize(results) -> dict:
              ("cases", "overlay", "host", "failed", "n/a", "onnx_tolerance", "block_bound_only")}
     applicable = total["cases"] - total["n/a"]
     total["pass_rate"] = round((total["overlay"] + total["host"]) / applicable, 4) if applicable else None
-    scoped = [r for r in results if r.op == "Attention" and r.outcome != "n/a" and in_attention_scope(r.name)]
+    scoped = [r for r in results if r.in_scope and r.outcome != "n/a"]
     scope = {"cases": len(scoped), "overlay": sum(r.outcome == "overlay" for r in scoped),
              "not_on_overlay": [r.name for r in scoped if r.outcome != "overlay"]}
     return {"ops": per_op, "total": total, "attention_scope": scope, "cases": [asdict(r) for r in results]}
