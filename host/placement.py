@@ -176,6 +176,14 @@ def run_segments(program: kvbundle.Bundle, feeds: dict, run_overlay: Callable, d
         ops = host_ops(program)
         raise ValueError(f"--offload-device none: the program places {len(ops)} op(s) on the host, which the overlay "
                          f"cannot run: {', '.join(f'{n} ({op})' for n, op in ops[:6])}{' ...' if len(ops) > 6 else ''}")
+    io = program.manifest["io"]["inputs"]
+    missing = sorted(set(io) - set(feeds))
+    if missing:
+        raise ValueError(f"missing inputs: {', '.join(missing)}")
+    for name, spec in io.items():
+        shape = list(np.shape(feeds[name]))
+        if shape != spec["shape"]:
+            raise ValueError(f"input {name!r} has shape {shape}; the program was compiled for {spec['shape']}")
     env = dict(feeds)
     for seg in program.manifest["segments"]:
         ins = {i: env[i] for i in seg["inputs"]}

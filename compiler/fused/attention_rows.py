@@ -126,10 +126,20 @@ def attention_rows(fz, v, node):
     widest = (0, 0)
     out = None
     for bi in range(b):
+        held = None  # (heads, number of keys) the layer holds in order from key 0, for rows that attend a prefix
         for i in range(sq):
             for heads, keys, brow in _groups(bias[bi, :, i, :]):
                 kv_heads = sorted({h // group for h in heads})
                 with_bias = bool(np.any(brow[keys] != 0.0))
+                prefix = not with_bias and np.array_equal(keys, np.arange(len(keys)))
+                attend = len(keys)
+                if prefix:  # append every key once; this row and the next ones attend a prefix of them
+                    if held == (tuple(heads), total):
+                        keys = keys[:0]
+                    else:
+                        keys, held = np.arange(total), (tuple(heads), total)
+                else:
+                    held = None
                 d = hd + (2 if with_bias else 0)  # a bias lane (and a zero lane: head_dim stays even)
                 qrows = layout["q"](bi, i).reshape(qh, hd)[heads]
                 qi = select(fz, v, node, fz.vector(q), _lanes(qrows, d).reshape(-1))
@@ -139,7 +149,7 @@ def attention_rows(fz, v, node):
                     qi = fz.add(AddC, v, [qi], node.name, const=fz.store(fz.out.consts, "c", lane.reshape(-1)))
                     fz.out.lengths[qi] = lane.size
                 y = qi
-                for c0 in range(0, len(keys), KEYS_PER_OP):
+                for c0 in range(0, max(len(keys), 1), KEYS_PER_OP):
                     kvs = []
                     for j in keys[c0:c0 + KEYS_PER_OP]:
                         for side in ("k", "v"):
@@ -154,8 +164,8 @@ def attention_rows(fz, v, node):
                                 fz.out.lengths[x] = lane.size
                             kvs.append(x)
                     y = fz.add(AttentionRows, v, [y, *kvs], node.name, layer=layer, q_heads=len(heads),
-                               kv_heads=len(kv_heads), head_dim=d, length=len(keys), scale=scale, first=c0,
-                               attend=c0 + KEYS_PER_OP >= len(keys))
+                               kv_heads=len(kv_heads), head_dim=d, length=attend, scale=scale,
+                               first=c0 if len(keys) else total, attend=c0 + KEYS_PER_OP >= len(keys))
                     fz.out.lengths[y] = len(heads) * d
                 widest = max(widest, (len(kv_heads), d))
                 at = _lanes(layout["y"](bi, i).reshape(qh, hd)[heads], d).reshape(-1)
