@@ -22,12 +22,19 @@ from kvoverlay import bundle as kvbundle
 
 from .offload import resolve_device
 
-__all__ = ["TORCH_OPS", "HostSegment", "host_ops", "run_segments"]
+__all__ = ["TORCH_OPS", "HostSegment", "describe", "host_ops", "run_segments"]
 
 
 def host_ops(program: kvbundle.Bundle) -> list:
     """``[node, op]`` of every node *program* places on the host (empty for a program the overlay runs whole)."""
     return list(program.manifest.get("placement", {}).get("host", []))
+
+
+def describe(program: kvbundle.Bundle) -> str:
+    """One line naming what *program* places on the host."""
+    ops = host_ops(program)
+    return (f"the program places {len(ops)} op(s) on the host, which the overlay cannot run: "
+            f"{', '.join(f'{n} ({op})' for n, op in ops[:6])}{' ...' if len(ops) > 6 else ''}")
 
 
 def _blob(program: kvbundle.Bundle, seg: dict) -> bytes:
@@ -173,9 +180,7 @@ def run_segments(program: kvbundle.Bundle, feeds: dict, run_overlay: Callable, d
     *device* (``--offload-device``; ``none`` refuses a program that needs the host, naming what did not fit).
     """
     if device == "none":
-        ops = host_ops(program)
-        raise ValueError(f"--offload-device none: the program places {len(ops)} op(s) on the host, which the overlay "
-                         f"cannot run: {', '.join(f'{n} ({op})' for n, op in ops[:6])}{' ...' if len(ops) > 6 else ''}")
+        raise ValueError(f"--offload-device none: {describe(program)}")
     io = program.manifest["io"]["inputs"]
     missing = sorted(set(io) - set(feeds))
     if missing:

@@ -159,10 +159,10 @@ class Session:
         if backend not in BACKENDS:
             raise SessionError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
         if program.manifest.get("segments"):
-            from .placement import host_ops
+            from .placement import describe
 
-            raise SessionError(f"program places {len(host_ops(program))} op(s) on the host (placement.host): a "
-                               "partitioned graph runs with kvoverlay.host.session.run_graph, not as a decoder session")
+            raise SessionError(f"{describe(program)}; a partitioned graph runs with kvoverlay.host.session.run_graph, "
+                               "not as a decoder session")
         for key in ("registers", "logits", "max_seq"):
             if key not in program.manifest:
                 raise SessionError(f"program has no {key!r} in its manifest: not a compiled decoder "
