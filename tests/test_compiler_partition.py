@@ -71,3 +71,14 @@ def test_a_mask_of_minus_infinity_keeps_its_region_on_the_host():
                 helper.make_node("Softmax", ["s"], ["z"])])
     b, _ = compile_model(m, "tiny")
     assert [op for _, op in b.manifest["placement"]["host"]] == ["Add", "Softmax"]
+
+
+def test_a_region_undefined_on_part_of_the_probe_is_no_activation_and_goes_to_the_host():
+    # sqrt(x) * x is nan for x < 0: the activation rule's probe must not take it for SiLU
+    m = _model([helper.make_node("Sqrt", ["x"], ["a"], name="s"), helper.make_node("Mul", ["a", "x"], ["z"], name="m")])
+    b, _ = compile_model(m, "tiny")
+    assert b.manifest["placement"]["host"] == [["s", "Sqrt"]]
+    from kvoverlay.host.session import run_graph
+
+    x = np.full((2, 8), 4.0, np.float32)
+    np.testing.assert_allclose(run_graph(b, {"x": x})["z"], 8.0, rtol=2.0 ** -10)
