@@ -24,11 +24,14 @@ TRACE_KV_LEN = 5
 
 def compile_model(model, config: str | OverlayConfig | None = None, *, weights: str = "w16",
                   group_size: int | None = None, max_seq: int | None = None, kv_capacity: int | None = None,
-                  method: str | None = None, dump_dir: str | os.PathLike | None = None):
+                  method: str | None = None, dump_dir: str | os.PathLike | None = None, host_ops: bool = True):
     """Compile *model* (a path or ModelProto) for *config*; return ``(Bundle, report dict)``.
 
     *method* picks how 4-bit scales are chosen (``rtn`` or ``mse``); None takes the format's default
-    (:data:`~kvoverlay.compiler.quantize.SEARCHED`)."""
+    (:data:`~kvoverlay.compiler.quantize.SEARCHED`). With *host_ops* (the default), nodes the overlay cannot run
+    are placed on the host (``placement.host`` in the manifest); without, the first of them is the
+    :class:`CompileError`.
+    """
     t0 = time.perf_counter()
     cfg = load_config(config)
     if kv_capacity is not None:
@@ -36,11 +39,23 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     max_seq = cfg.kv_capacity if max_seq is None else max_seq
     if max_seq < 1:
         raise CompileError(f"--max-seq {max_seq} must be at least 1")
-    c = Compilation(model, cfg=cfg, kv_len=TRACE_KV_LEN, max_seq=max_seq, weights=weights,
-                    group_size=group_size or cfg.group_size, method=method or SEARCHED.get(weights, "mse"))
-    b = run_pipeline(c, dump_dir).bundle
+    forced = set()
+    while True:
+        c = Compilation(model, cfg=cfg, kv_len=TRACE_KV_LEN, max_seq=max_seq, weights=weights,
+                        group_size=group_size or cfg.group_size, method=method or SEARCHED.get(weights, "mse"), host_ops=host_ops,
+                        host_nodes=frozenset(forced))
+        try:
+            b = run_pipeline(c, dump_dir).bundle
+            break
+        except CompileError as exc:
+            # a pass after partition refused a node of a graph fused whole (out of registers, ...): place it too
+            if not host_ops or c.segments is not None or exc.node is None or exc.node in forced:
+                raise
+            forced.add(exc.node)
+    segments = [kvbundle.from_bytes(b.image[s["blob"][0]:sum(s["blob"])]) for s in b.manifest.get("segments", [])
+                if s["kind"] == "overlay"]
     report = {
-        "instructions": len(b.instructions),
+        "instructions": len(b.instructions) + sum(len(s.instructions) for s in segments),
         "program_bytes": kvbundle.encoded_size(b),
         "weight_bytes": b.manifest["weight_bytes"],
         "kv_capacity_tokens": cfg.kv_capacity,

@@ -26,10 +26,14 @@ TOTAL_DIMS = {"past_sequence_length + sequence_length", "total_sequence_length",
 
 
 class CompileError(ValueError):
-    """A model the compiler cannot handle; the message is one line."""
+    """A model the compiler cannot handle; the message is one line.
 
-    def __init__(self, msg: str):
+    *node* names the node the overlay refused, when known (the partition pass places it on the host).
+    """
+
+    def __init__(self, msg: str, *, node: str | None = None):
         super().__init__(" ".join(str(msg).split()))
+        self.node = node
 
 
 def _tensors_with_external_data(model: onnx.ModelProto):

@@ -69,7 +69,7 @@ class Fuser:
         node = self.ix.producer.get(name)
         if node is None:
             raise CompileError(f"value {name!r}: {why}")
-        raise CompileError(f"node {node.name}: op {node.op} (opset {self.g.opset}) {why}")
+        raise CompileError(f"node {node.name}: op {node.op} (opset {self.g.opset}) {why}", node=node.name)
 
     def add(self, kind: type[VOp], out_value: str, ins, source: str, /, **attrs) -> str:
         """Append an op of *kind* computing ONNX value *out_value*; return its vector's name."""
@@ -147,7 +147,13 @@ class Fuser:
             self.fail(name, "is a constant where the overlay needs a computed vector")
         r = self.ix.resolve(name)
         if r not in self.done:
-            self.done[r] = self._match(r)
+            try:
+                self.done[r] = self._match(r)
+            except CompileError as exc:
+                # a rule's error without a node (a constant that does not broadcast, ...) is the matched node's
+                if exc.node is None and r in self.ix.producer:
+                    exc.node = self.ix.producer[r].name
+                raise
         return self.done[r]
 
     def position_const(self, name: str) -> bool:

@@ -14,7 +14,7 @@ from .frontend import CompileError
 from .ir import Graph, Node, Value
 from .onnx_ops import lookup, np_dtype, supported_ops
 
-__all__ = ["lower"]
+__all__ = ["check_op", "lower", "opset_of"]
 
 
 def _attr(a: onnx.AttributeProto):
@@ -37,7 +37,7 @@ def _value_from_info(vi: onnx.ValueInfoProto) -> Value:
     return Value(vi.name, shape, dtype)
 
 
-def _opset(model: onnx.ModelProto) -> int:
+def opset_of(model: onnx.ModelProto) -> int:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             return o.version
@@ -50,15 +50,26 @@ def _cast_like_as_cast(n: onnx.NodeProto, like: Value) -> onnx.NodeProto:
     return helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name, to=to)
 
 
-def lower(model, weights=None) -> Graph:
+def check_op(n: onnx.NodeProto, name: str, opset: int, *, host_ops: bool = False) -> None:
+    """Raise the one-line CompileError of a node whose op the compiler does not know (with *host_ops*: one outside
+    the default domain, which no host runs either)."""
+    default = n.domain in ("", "ai.onnx")
+    if not default or (lookup(n.op_type, opset) is None and not host_ops):
+        dom = "" if default else f"{n.domain}."
+        raise CompileError(f"node {name}: op {dom}{n.op_type} (opset {opset}) is not supported;"
+                           f" supported: {', '.join(supported_ops(opset))}", node=name)
+
+
+def lower(model, weights=None, *, host_ops: bool = False) -> Graph:
     """Lower a (pinned, shape-inferred) ModelProto, or a :class:`~.frontend.Loaded` one, into the IR.
 
     *weights* (or the ``Loaded``'s) are initializers kept outside the proto, as arrays.
-    Raises CompileError on unsupported ops."""
+    Raises CompileError on unsupported ops; with *host_ops*, a default-domain op the op library lacks is kept
+    (the partition pass places it on the host, which runs it through ONNX's own semantics)."""
     prequantized = {}
     if hasattr(model, "weights"):
         model, weights, prequantized = model.model, model.weights, model.prequantized
-    opset = _opset(model)
+    opset = opset_of(model)
     g = model.graph
     values: dict[str, Value] = {}
     for t in g.initializer:
@@ -74,10 +85,7 @@ def lower(model, weights=None) -> Graph:
         name = n.name or f"{n.op_type}_{i}"
         if n.op_type == "CastLike" and n.domain in ("", "ai.onnx") and values.get(n.input[1]) is not None:
             n = _cast_like_as_cast(n, values[n.input[1]])
-        if n.domain not in ("", "ai.onnx") or lookup(n.op_type, opset) is None:
-            dom = f"{n.domain}." if n.domain not in ("", "ai.onnx") else ""
-            raise CompileError(f"node {name}: op {dom}{n.op_type} (opset {opset}) is not supported;"
-                               f" supported: {', '.join(supported_ops(opset))}")
+        check_op(n, name, opset, host_ops=host_ops)
         for o in n.output:
             values.setdefault(o, Value(o, None, "?"))
         nodes.append(Node(n.op_type, list(n.input), list(n.output), {a.name: _attr(a) for a in n.attribute}, name))

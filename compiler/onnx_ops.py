@@ -17,7 +17,7 @@ from onnx import helper
 from .frontend import CompileError
 from .ir import Node
 
-__all__ = ["evaluate", "lookup", "np_dtype", "register", "supported_ops"]
+__all__ = ["attention_bias", "evaluate", "lookup", "np_dtype", "register", "supported_ops"]
 
 # op type -> list of (since, fn), sorted by since
 _REGISTRY: dict[str, list[tuple[int, Callable]]] = {}
@@ -400,6 +400,21 @@ def _rotary(attrs, x, cos, sin, position_ids=None):
     return y.transpose(0, 2, 1, 3) if len(shape) == 4 else y.reshape(shape)
 
 
+def attention_bias(attrs, mask, n_s: int, n_t: int, past_len: int) -> np.ndarray:
+    """Attention's additive score bias (0, a float mask's value, or -inf for a masked key), broadcastable to
+    [batch, q_heads, n_s, n_t]: the mask (a short one padded with "masked"), then ``is_causal``."""
+    bias = np.zeros((n_s, n_t), np.float32)
+    if mask is not None:
+        if mask.shape[-1] < n_t:  # a short mask is padded with "masked"
+            pad = [(0, 0)] * (mask.ndim - 1) + [(0, n_t - mask.shape[-1])]
+            mask = np.pad(mask, pad, constant_values=False if mask.dtype == np.bool_ else -np.inf)
+        bias = bias + (np.where(mask, 0.0, -np.inf).astype(np.float32) if mask.dtype == np.bool_ else mask)
+    if attrs.get("is_causal", 0):  # bottom-right aligned: query i sees keys j <= past_len + i
+        allowed = np.arange(n_t)[None, :] <= np.arange(n_s)[:, None] + past_len
+        bias = bias + np.where(allowed, 0.0, -np.inf).astype(np.float32)
+    return bias
+
+
 @register("Attention", since=23, n_outputs=True)
 def _attention(attrs, q, k, v, mask=None, past_k=None, past_v=None, nonpad_kv_seqlen=None, n_outputs=1):
     if n_outputs > 3:
@@ -419,15 +434,7 @@ def _attention(attrs, q, k, v, mask=None, past_k=None, past_v=None, nonpad_kv_se
         k, v = np.concatenate([past_k, k], axis=2), np.concatenate([past_v, v], axis=2)
     present_k, present_v = k, v
     n_q, n_kv, n_s, n_t = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    bias = np.zeros((n_s, n_t), np.float32)
-    if mask is not None:
-        if mask.shape[-1] < n_t:  # a short mask is padded with "masked"
-            pad = [(0, 0)] * (mask.ndim - 1) + [(0, n_t - mask.shape[-1])]
-            mask = np.pad(mask, pad, constant_values=False if mask.dtype == np.bool_ else -np.inf)
-        bias = bias + (np.where(mask, 0.0, -np.inf).astype(np.float32) if mask.dtype == np.bool_ else mask)
-    if attrs.get("is_causal", 0):  # bottom-right aligned: query i sees keys j <= past_len + i
-        allowed = np.arange(n_t)[None, :] <= np.arange(n_s)[:, None] + past_len
-        bias = bias + np.where(allowed, 0.0, -np.inf).astype(np.float32)
+    bias = attention_bias(attrs, mask, n_s, n_t, past_len)
     k = np.repeat(k, n_q // n_kv, axis=1)  # GQA: query head h reads KV head h // (n_q / n_kv)
     v = np.repeat(v, n_q // n_kv, axis=1)
     scale = attrs.get("scale", 1.0 / np.sqrt(q.shape[-1]))

@@ -35,11 +35,12 @@ from .codegen import (
     kv_registers,
     plan_memory,
 )
-from .frontend import Loaded, load_split
+from .frontend import CompileError, Loaded, load_split
 from .fuse import fuse
 from .ir import Graph
 from .lower import lower
 from .overlay_graph import OverlayGraph
+from .partition import host_model, partition
 from .quantize import SEARCHED, Image, calibrate, quantize
 from .simplify import dead_code, fold_constants, specialize_mask
 
@@ -59,9 +60,12 @@ class Compilation:
     weights: str = "w16"
     group_size: int | None = None
     method: str = "mse"
+    host_ops: bool = True  # place what the overlay refuses on the host (False: the refusal is the error)
+    host_nodes: frozenset = frozenset()  # nodes placed on the host from the start (a later pass refused them)
     loaded: Loaded | None = None  # frontend (consumed by lower)
     graph: Graph | None = None  # lower, then rewritten by specialize_mask, fold_constants, dead_code
-    og: OverlayGraph | None = None  # fuse
+    og: OverlayGraph | None = None  # partition (the whole graph fused) or fuse
+    segments: list | None = None  # partition, when some nodes go to the host: (Segment, Bundle or ONNX model)
     samples: dict | None = None  # calibrate: matrix -> GEMV inputs [n, cols], or None
     image: Image | None = None  # quantize (plan_memory adds the I/O records)
     codegen: Codegen | None = None  # plan_memory (emit allocates through it)
@@ -86,7 +90,7 @@ def _frontend(c: Compilation) -> None:
 
 
 def _lower(c: Compilation) -> None:
-    c.graph, c.loaded = lower(c.loaded), None  # the graph holds the weights now
+    c.graph, c.loaded = lower(c.loaded, host_ops=c.host_ops), None  # the graph holds the weights now
 
 
 def _on_graph(transform: Callable[[Graph], Graph]) -> Callable[[Compilation], None]:
@@ -97,8 +101,38 @@ def _on_graph(transform: Callable[[Graph], Graph]) -> Callable[[Compilation], No
     return run
 
 
+def _partition(c: Compilation) -> None:
+    """Fuse; what the overlay refuses goes to the host, and each overlay segment becomes a program of its own.
+
+    A graph the overlay runs whole goes on through the passes below as it always did (``partition`` keeps its fused
+    graph); each segment of a partitioned one is compiled by the passes from ``fuse`` on, whose refusals name the
+    node to place on the host as the fuser's do.
+    """
+    def trial(g: Graph, whole: bool = False):
+        if whole:
+            return fuse(g, max_seq=c.max_seq)
+        sub = Compilation(None, cfg=c.cfg, kv_len=c.kv_len, max_seq=c.max_seq, weights=c.weights,
+                          group_size=c.group_size, method=c.method, host_ops=False, graph=g)
+        return run_pipeline(sub, start="fuse").bundle
+
+    segs, made = partition(c.graph, trial, host_ops=c.host_ops, host=c.host_nodes)
+    if len(segs) == 1 and segs[0].kind == "overlay":
+        c.og = made[0]
+        return
+    c.segments = [(s, host_model(c.graph, s) if s.kind == "host" else made[k]) for k, s in enumerate(segs)]
+
+
+def _whole(run: Callable[[Compilation], None]) -> Callable[[Compilation], None]:
+    """A pass over the whole graph's program: a partitioned compile made its segments' programs in ``partition``."""
+    def step(c: Compilation) -> None:
+        if c.segments is None:
+            run(c)
+    return step
+
+
 def _fuse(c: Compilation) -> None:
-    c.og = fuse(c.graph, max_seq=c.max_seq)
+    if c.og is None:
+        c.og = fuse(c.graph, max_seq=c.max_seq)
 
 
 def _calibrate(c: Compilation) -> None:
@@ -117,19 +151,63 @@ def _plan_memory(c: Compilation) -> None:
 
 
 def _emit(c: Compilation) -> None:
-    c.code = emit(c.codegen)
+    try:
+        c.code = emit(c.codegen)
+    except CompileError as exc:  # out of registers or buffer: the op being emitted is the one to place elsewhere
+        if exc.node is None:
+            exc.node = next((op.source for op in c.og.ops
+                             if c.codegen.who == f"op {op.out} ({op.kind} from {op.source})"), None)
+        raise
 
 
 def _insert_tokens(c: Compilation) -> None:
     insert_tokens(c.code)
 
 
-def _bundle(c: Compilation) -> None:
-    og, io, image = c.og, c.codegen.io, c.image
+def _source(c: Compilation) -> dict:
     digest = None
     if isinstance(c.model, (str, os.PathLike)):
         with open(c.model, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return {"sha256": digest, "name": os.path.basename(c.model) if digest else None}
+
+
+def _segmented_bundle(c: Compilation) -> kvbundle.Bundle:
+    """A partitioned program: no instructions of its own; its image holds each segment's blob back to back (an
+    overlay segment's program bundle, a host segment's ONNX model), and ``segments`` says where and in what order."""
+    blobs, segments, overlay_kinds, host = bytearray(), [], set(), []
+    for s, made in c.segments:
+        blob = kvbundle.to_bytes(made) if s.kind == "overlay" else made.SerializeToString(deterministic=True)
+        entry = {"kind": s.kind, "blob": [len(blobs), len(blob)], "inputs": list(s.inputs), "outputs": list(s.outputs)}
+        if s.kind == "host":
+            entry["nodes"] = [[n.name, n.op] for n in s.nodes]
+            host += entry["nodes"]
+        else:
+            overlay_kinds.update(made.manifest["placement"]["overlay"])
+        segments.append(entry)
+        blobs += blob + bytes(-len(blob) % 16)
+
+    def shape(name):
+        return [d if isinstance(d, int) else None for d in c.graph.values[name].shape or ()]
+
+    meta = {
+        "io": {"inputs": {i: {"shape": shape(i), "dtype": c.graph.values[i].dtype} for i in c.graph.inputs},
+               "outputs": {o: {"shape": shape(o), "dtype": c.graph.values[o].dtype} for o in c.graph.outputs}},
+        "segments": segments,
+        "placement": {"overlay": sorted(overlay_kinds), "host": host},
+        "max_seq": c.max_seq,
+        "weights": {"format": c.weights, "group_size": c.group_size},
+        "weight_bytes": 0,
+        "source": _source(c),
+    }
+    return kvbundle.Bundle(config=c.cfg, instructions=[], image=bytes(blobs), manifest=meta)
+
+
+def _bundle(c: Compilation) -> None:
+    if c.segments is not None:
+        c.bundle = _segmented_bundle(c)
+        return
+    og, io, image = c.og, c.codegen.io, c.image
     meta = {
         "registers": {"token": REG_TOKEN, "position": REG_POSITION, "next_token": REG_NEXT,
                       **({"kv_slot": REG_KV_SLOT, "kv_len": REG_KV_LEN} if kv_registers(c.cfg, c.max_seq) else {})},
@@ -144,7 +222,7 @@ def _bundle(c: Compilation) -> None:
                "capacity": c.cfg.kv_capacity},
         "registers_in": {"input_ids": "R0", "position_ids": "R1"} if og.logits else {},
         "placement": {"overlay": sorted({op.kind for op in og.ops}), "host": []},
-        "source": {"sha256": digest, "name": os.path.basename(c.model) if digest else None},
+        "source": _source(c),
     }
     if og.logits:
         meta["logits"] = {"addr": io["outputs"]["logits"]["addr"], "len": io["outputs"]["logits"]["len"]}
@@ -155,6 +233,24 @@ def _bundle(c: Compilation) -> None:
 def _dump_loaded(c: Compilation) -> str:
     return onnx.printer.to_text(c.loaded.model.graph) + "\n" + "".join(
         f"weight {n}: {a.dtype}{list(a.shape)}\n" for n, a in c.loaded.weights.items())
+
+
+def _partitioned(dump: Callable[[Compilation], str]) -> Callable[[Compilation], str]:
+    def show(c: Compilation) -> str:
+        if c.segments is None:
+            return dump(c)
+        return "partitioned: each overlay segment is compiled on its own (see the partition dump)\n"
+    return show
+
+
+def _dump_partition(c: Compilation) -> str:
+    if c.segments is None:
+        return "one overlay segment: the overlay runs every node\n"
+    lines = []
+    for k, (s, _) in enumerate(c.segments):
+        lines.append(f"segment {k}: {s.kind}, reads {', '.join(s.inputs) or '-'}; gives {', '.join(s.outputs)}")
+        lines += [f"  {n.name}: {n.op}" for n in s.nodes]
+    return "\n".join(lines) + "\n"
 
 
 def _dump_samples(c: Compilation) -> str:
@@ -203,23 +299,31 @@ PIPELINE = [
     Pass("specialize_mask", _on_graph(specialize_mask), _dump_graph),
     Pass("fold_constants", _on_graph(fold_constants), _dump_graph),
     Pass("dead_code", _on_graph(dead_code), _dump_graph),
-    Pass("fuse", _fuse, _dump_overlay),  # IR -> overlay operations
-    Pass("calibrate", _calibrate, _dump_samples),
-    Pass("quantize", _quantize, _dump_image),  # matrices, tables, constants -> memory image
-    Pass("plan_memory", _plan_memory, _dump_plan),
-    Pass("emit", _emit, _dump_code, ".s"),  # overlay operations -> instructions
-    Pass("insert_tokens", _insert_tokens, _dump_code, ".s"),
+    Pass("partition", _partition, _dump_partition),  # what the overlay refuses -> host segments
+    Pass("fuse", _whole(_fuse), _partitioned(_dump_overlay)),  # IR -> overlay operations
+    Pass("calibrate", _whole(_calibrate), _partitioned(_dump_samples)),
+    Pass("quantize", _whole(_quantize), _partitioned(_dump_image)),  # matrices, tables, constants -> memory image
+    Pass("plan_memory", _whole(_plan_memory), _partitioned(_dump_plan)),
+    Pass("emit", _whole(_emit), _partitioned(_dump_code), ".s"),  # overlay operations -> instructions
+    Pass("insert_tokens", _whole(_insert_tokens), _partitioned(_dump_code), ".s"),
     Pass("bundle", _bundle, _dump_manifest),
 ]
 
 
-def run_pipeline(c: Compilation, dump_dir: str | os.PathLike | None = None, *, until: str | None = None) -> Compilation:
-    """Run :data:`PIPELINE` on *c* (through the pass named *until*, if given); dump each pass into *dump_dir*."""
-    if until is not None and until not in {p.name for p in PIPELINE}:
-        raise ValueError(f"until={until!r}: no such pass; passes: {', '.join(p.name for p in PIPELINE)}")
+def run_pipeline(c: Compilation, dump_dir: str | os.PathLike | None = None, *, start: str | None = None,
+                 until: str | None = None) -> Compilation:
+    """Run :data:`PIPELINE` on *c* (from the pass named *start*, through the one named *until*, if given); dump
+    each pass into *dump_dir*."""
+    names = [p.name for p in PIPELINE]
+    for what, name in (("start", start), ("until", until)):
+        if name is not None and name not in names:
+            raise ValueError(f"{what}={name!r}: no such pass; passes: {', '.join(names)}")
     if dump_dir is not None:
         os.makedirs(dump_dir, exist_ok=True)
+    first = names.index(start) if start is not None else 0
     for i, p in enumerate(PIPELINE):
+        if i < first:
+            continue
         t0 = time.perf_counter()
         p.run(c)
         c.seconds[p.name] = time.perf_counter() - t0

@@ -13,7 +13,7 @@ import numpy as np
 
 from .graph_tools import MASK, PAST_KV
 from .ir import Graph, Value
-from .onnx_ops import evaluate
+from .onnx_ops import evaluate, lookup
 
 __all__ = ["dead_code", "fold_constants", "specialize_mask"]
 
@@ -48,7 +48,7 @@ def _propagate_shapes(graph: Graph, node) -> None:
     """
     ins = [graph.values[i] if i else None for i in node.inputs]
     outs = [graph.values[o] for o in node.outputs if o]
-    if all(_concrete(v) for v in outs) or not all(_concrete(v) for v in ins):
+    if all(_concrete(v) for v in outs) or not all(_concrete(v) for v in ins) or lookup(node.op, graph.opset) is None:
         return
     if any(ins[k] is not None and ins[k].const is None for k in SHAPE_OPERANDS.get(node.op, ()) if k < len(ins)):
         return
@@ -70,7 +70,7 @@ def fold_constants(graph: Graph) -> Graph:
             shp = graph.values[node.inputs[0]].shape
             if shp is not None and all(isinstance(d, int) for d in shp):
                 args, foldable = [np.zeros(shp, np.int8)], True
-        if not foldable:
+        if not foldable or lookup(node.op, graph.opset) is None:  # an op for the host alone keeps its node
             kept.append(node)
             _propagate_shapes(graph, node)
             continue

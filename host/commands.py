@@ -38,7 +38,7 @@ def compile_main(args) -> int:
     check_writable(args.output)
     b, report = compile_model(str(args.model), args.config, weights=WEIGHT_CHOICES[args.weights], group_size=args.group_size,
                               max_seq=args.max_seq, kv_capacity=args.kv_capacity, method=args.quant,
-                              dump_dir=args.dump_dir)
+                              dump_dir=args.dump_dir, host_ops=getattr(args, "offload_device", "auto") != "none")
     kvbundle.save(b, args.output)
     if args.json:
         print(json.dumps(report))

@@ -4,6 +4,8 @@
 for the overlay with the inputs it was given and runs it once. The overlay's program takes its float inputs as vector
 records that the host writes each run; an input the overlay needs as a constant (a MatMul's weight operand, an index,
 a shape) is bound into the graph at run time instead, and the rep says which ones it bound (:attr:`OverlayRep.bound`).
+A node the overlay cannot run is placed on the host (``host/placement.py``; :attr:`OverlayRep.host` lists them),
+unless ``prepare(..., offload_device="none")``.
 
 The devices are ``"CPU"`` (ONNX's default name, the golden model), ``"ISA"`` (the same) and ``"RTL"`` (the Verilated
 overlay). Works with :class:`onnx.backend.test.BackendTest` unchanged.
@@ -15,9 +17,11 @@ import numpy as np
 import onnx
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.compiler.frontend import CompileError
+from kvoverlay.compiler.lower import check_op, opset_of
 from onnx import numpy_helper
 from onnx.backend.base import Backend, BackendRep
 
+from .placement import host_ops as host_ops_of
 from .session import run_graph
 
 __all__ = ["DEVICES", "OverlayBackend", "OverlayRep", "prepare", "run_model", "supports_device"]
@@ -58,12 +62,16 @@ class OverlayRep(BackendRep):
         vector record the host wrote).
     program : kvoverlay.bundle.Bundle
         The program of the last run.
+    host : list of [node, op]
+        The nodes the last run placed on the host (``placement.host``; empty when the overlay ran it all).
     """
 
-    def __init__(self, model: onnx.ModelProto, backend: str):
+    def __init__(self, model: onnx.ModelProto, backend: str, offload_device: str = "auto"):
         self.model = model
         self.backend = backend
+        self.offload_device = offload_device
         self.bound: list[str] = []
+        self.host: list = []
         self.program = None
         self._initializers = {i.name for i in model.graph.initializer}
 
@@ -71,20 +79,29 @@ class OverlayRep(BackendRep):
         return [vi for vi in self.model.graph.input if vi.name not in self._initializers]
 
     def _compile(self, values: dict):
-        """Compile with every float input as a runtime vector; bind more inputs only when the compiler asks."""
+        """Compile with every float input as a runtime vector, then with attention masks bound as constants, then with
+        all but the first float input bound (the rest are weights, gains, masks); with nothing placed on the host,
+        else with the fewest nodes placed there."""
         inputs = self._inputs()
         floats = [vi.name for vi in inputs if np.asarray(values[vi.name]).dtype == np.float32]
         others = {vi.name: values[vi.name] for vi in inputs if vi.name not in floats}
-        # try: all float inputs at run time; then only the first (the rest are weights, gains, masks)
-        tries = [others, {**others, **{n: values[n] for n in floats[1:]}}]
-        error = None
-        for bind in tries if floats else tries[:1]:
-            try:
-                program, _ = compile_model(_bind(self.model, bind), CONFIG, weights="w16")
-            except CompileError as exc:
-                error = exc
-                continue
-            return program, sorted(bind)
+        masks = {n.input[3] for n in self.model.graph.node if n.op_type == "Attention" and len(n.input) > 3} & set(floats)
+        tries = [others, {**others, **{n: values[n] for n in floats[1:]}}] if floats else [others]
+        if masks:  # an attention mask is program structure (which keys a row attends): bound, Q/K/V stay vectors
+            tries.insert(1, {**others, **{n: values[n] for n in masks}})
+        error, best = None, None
+        for host_ops in (False, True) if self.offload_device != "none" else (False,):
+            for bind in tries:
+                try:
+                    program, _ = compile_model(_bind(self.model, bind), CONFIG, weights="w16", host_ops=host_ops)
+                except CompileError as exc:
+                    error = error or exc  # the overlay's own refusal is the one to report
+                    continue
+                n_host = len(host_ops_of(program))
+                if best is None or n_host < best[0]:
+                    best = (n_host, program, sorted(bind))
+            if best is not None:
+                return best[1], best[2]
         raise error
 
     def run(self, inputs, **kwargs):
@@ -98,8 +115,9 @@ class OverlayRep(BackendRep):
             raise ValueError(f"missing inputs: {', '.join(missing)}")
         program, self.bound = self._compile(values)
         self.program = program
+        self.host = host_ops_of(program)
         feeds = {n: values[n] for n in program.manifest["io"]["inputs"]}
-        out = run_graph(program, feeds, backend=self.backend)
+        out = run_graph(program, feeds, backend=self.backend, offload_device=self.offload_device)
         return tuple(np.asarray(out[o.name], np.float32) for o in self.model.graph.output)
 
 
@@ -115,10 +133,15 @@ class OverlayBackend(Backend):
         return True
 
     @classmethod
-    def prepare(cls, model, device: str = "CPU", **kwargs) -> OverlayRep:
+    def prepare(cls, model, device: str = "CPU", offload_device: str = "auto", **kwargs) -> OverlayRep:
+        """Check *model* and its ops: one the compiler does not know fails here, with ``kvoverlay compile``'s error
+        (with ``offload_device="none"`` also one the host would run)."""
         super().prepare(model, device, **kwargs)
         onnx.checker.check_model(model)
-        return OverlayRep(model, _device(device))
+        opset = opset_of(model)
+        for i, n in enumerate(model.graph.node):
+            check_op(n, n.name or f"{n.op_type}_{i}", opset, host_ops=offload_device != "none")
+        return OverlayRep(model, _device(device), offload_device)
 
     @classmethod
     def run_model(cls, model, inputs, device: str = "CPU", **kwargs):

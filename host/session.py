@@ -159,6 +159,11 @@ class Session:
             program = kvbundle.load(program)
         if backend not in BACKENDS:
             raise SessionError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+        if program.manifest.get("segments"):
+            from .placement import describe
+
+            raise SessionError(f"{describe(program)}; a partitioned graph runs with kvoverlay.host.session.run_graph, "
+                               "not as a decoder session")
         for key in ("registers", "logits", "max_seq"):
             if key not in program.manifest:
                 raise SessionError(f"program has no {key!r} in its manifest: not a compiled decoder "
@@ -327,18 +332,26 @@ class Session:
         return [st.logits for st in self._feed(feed)[len(prompt) - 1:]]
 
 
-def run_graph(program, feeds: dict, backend: str = "isa") -> dict:
+def run_graph(program, feeds: dict, backend: str = "isa", offload_device: str = "auto") -> dict:
     """Run a compiled graph once: write each input as a vector record, run to END, read every output.
 
     *feeds* maps input names to float arrays of the compiled shapes; returns output name -> float64 array. *backend*
     is ``isa`` (the golden model) or ``rtl`` (the Verilated overlay: the records go into the memory image before the
-    run and come out of its memory after it). Decoders (programs with logits and a KV cache) run through
-    :class:`Session` instead.
+    run and come out of its memory after it). A program with ops placed on the host runs them on *offload_device*
+    (``host/placement.py``). Decoders (programs with logits and a KV
+    cache) run through :class:`Session` instead.
     """
     if isinstance(program, (str, os.PathLike)):
         program = kvbundle.load(program)
     if backend not in ("isa", "rtl"):
         raise SessionError(f"run_graph supports the isa and rtl backends, not {backend!r}")
+    if program.manifest.get("segments"):  # ops placed on the host: the same host code for every backend
+        from .placement import run_segments
+
+        try:
+            return run_segments(program, feeds, lambda seg, f: run_graph(seg, f, backend), offload_device)
+        except ValueError as exc:
+            raise SessionError(str(exc)) from None
     io = program.manifest.get("io")
     if not io:
         raise SessionError("program has no I/O table in its manifest: not a compiled model")

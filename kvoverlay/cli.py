@@ -174,6 +174,9 @@ def _configure_compile(p):
     p.add_argument("--max-seq", type=int, default=None, metavar="N", help="longest prompt + generation (default: KV capacity)")
     p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="override the config's KV capacity")
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR", help="write each pass's output into DIR")
+    p.add_argument("--offload-device", default="auto", choices=["auto", "none"],
+                   help="auto (default): ops the overlay cannot run are placed on the host's offload device; "
+                        "none: they are an error")
     p.add_argument("--json", action="store_true", help="print one JSON object with the compile report")
     p.set_defaults(func=_cmd_compile)
 

@@ -51,5 +51,27 @@ def test_attention_runs_on_the_overlay(name):
                                             ({"is_causal": 1, "left_window_size": 1, "opset": 25}, "sliding window")])
 def test_what_attn_cannot_attend_is_refused(attrs, why):
     with pytest.raises(CompileError, match=why):
-        compile_model(_attention([1, 2, 3, 8], [1, 2, 3, 8], [1, 2, 3, 8], **attrs), "tiny")
+        compile_model(_attention([1, 2, 3, 8], [1, 2, 3, 8], [1, 2, 3, 8], **attrs), "tiny", host_ops=False)
+
+
+def test_past_kv_present_outputs_and_a_float_mask_per_head_run_on_the_overlay():
+    """GQA with a past KV given as inputs, present outputs, a float mask that differs per head and masks some keys
+    (-inf), and is_causal bottom-right aligned with the past: all on the overlay, against onnxruntime."""
+    b_, qh, kvh, sq, past, d = 1, 4, 2, 3, 2, 8
+    mask = RNG.standard_normal((b_, qh, sq, past + sq)).astype(np.float32)
+    mask[0, 1, 0, 0] = -np.inf
+    node = helper.make_node("Attention", ["Q", "K", "V", "M", "PK", "PV"], ["Y", "PKo", "PVo"], is_causal=1)
+    shapes = {"Q": [b_, qh, sq, d], "K": [b_, kvh, sq, d], "V": [b_, kvh, sq, d], "PK": [b_, kvh, past, d],
+              "PV": [b_, kvh, past, d]}
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "PKo", "PVo")]
+    g = helper.make_graph([node], "g", ins, outs, [onnx.numpy_helper.from_array(mask, "M")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]))
+    b, _ = compile_model(model, "tiny", host_ops=False)
+    assert "ATTN" in [i.op for i in b.instructions]
+    feeds = {n: RNG.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    got = run_graph(b, feeds)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for name, want in zip(("Y", "PKo", "PVo"), sess.run(None, feeds), strict=True):
+        np.testing.assert_allclose(got[name], want, atol=2e-3 * float(np.max(np.abs(want))), rtol=0, err_msg=name)
 

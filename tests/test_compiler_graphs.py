@@ -86,10 +86,16 @@ def test_graph_program_is_not_a_decoder():
         run_graph(b, {"x": np.zeros((N,)), "y": np.zeros((1, N))})
 
 
-def test_integer_input_is_refused():
+def test_integer_input_is_refused_on_the_overlay_and_cast_on_the_host():
     m = helper.make_model(helper.make_graph(
         [helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT), helper.make_node("Mul", ["f", "f"], ["z"])], "g",
         [helper.make_tensor_value_info("i", TensorProto.INT32, [1, 8])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8])]), opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(CompileError, match="Cast"):
-        compile_model(m, "tiny")
+        compile_model(m, "tiny", host_ops=False)
+    b, _ = compile_model(m, "tiny")  # with an offload device the Cast of the integer input runs on the host
+    assert [op for _, op in b.manifest["placement"]["host"]] == ["Cast"]
+    i = np.arange(-4, 4, dtype=np.int32).reshape(1, 8)
+    np.testing.assert_array_equal(run_graph(b, {"i": i})["z"], (i * i).astype(np.float64))
+    with pytest.raises(SessionError, match="shape"):
+        run_graph(b, {"i": i.reshape(8)})

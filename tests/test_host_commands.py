@@ -99,9 +99,15 @@ def test_unsupported_op_names_node_op_and_opset(tmp_path):
              helper.make_node("Sin", ["h"], ["logits"], name="weird_sine")]
     path = tmp_path / "m.onnx"
     onnx.save(_graph(nodes, [emb]), path)
-    res = kvo("compile", path, "-o", tmp_path / "m.kvo")
+    res = kvo("compile", path, "-o", tmp_path / "m.kvo", "--offload-device", "none")
     assert_one_line_error(res, "weird_sine", "Sin", "opset 18")
     assert not (tmp_path / "m.kvo").exists()
+    # with an offload device (the default) the op is placed on the host, and the manifest says so
+    res = kvo("compile", path, "-o", tmp_path / "m.kvo", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["placement"]["host"] == [["weird_sine", "Sin"]]
+    # a decoder session takes programs the overlay runs whole: one line naming what did not fit
+    assert_one_line_error(kvo("run", tmp_path / "m.kvo", "--offload-device", "none"), "weird_sine (Sin)")
 
 
 def test_unpinnable_dim_names_input_and_dim(tmp_path):

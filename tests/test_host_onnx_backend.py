@@ -64,13 +64,40 @@ def test_devices():
         onnx_backend.prepare(_add_model(), "CUDA")
 
 
+def _erf_model(domain=""):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    node = helper.make_node("Erf", ["x"], ["y"], name="e", domain=domain)
+    ops = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=ops)
+
+
+def test_an_op_the_overlay_lacks_runs_on_the_host_and_the_rep_says_so():
+    rep = onnx_backend.prepare(_erf_model())
+    x = np.linspace(-2, 2, 16, dtype=np.float32).reshape(2, 8)
+    (y,) = rep.run([x])
+    assert rep.host == [["e", "Erf"]]
+    want = np.vectorize(__import__("math").erf)(x.astype(np.float64))
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-7)  # all of it on the host: float32 exact
+
+
+def test_prepare_refuses_an_op_no_one_runs_with_compiles_one_line_error():
+    from kvoverlay.compiler.frontend import CompileError
+
+    with pytest.raises(CompileError, match=r"^node e: op custom\.Erf \(opset 17\) is not supported; supported: "):
+        onnx_backend.prepare(_erf_model("custom"))
+    rep = onnx_backend.prepare(_erf_model(), offload_device="none")  # Erf has numpy semantics: compiles, then
+    with pytest.raises(CompileError, match="node e: op Erf .* cannot run on the overlay"):  # fuse refuses it
+        rep.run([np.zeros((2, 8), np.float32)])
+
+
 def _one_passing_case_per_op():
     from kvoverlay.host import conformance
 
     picked = {}
     for op, case in conformance.collect():
         if (op not in picked and not conformance._not_applicable(case)
-                and conformance.run_case(op, case).outcome == "overlay"):
+                and conformance.run_case(op, case).outcome in ("overlay", "host")):
             picked[op] = case
     return picked
 

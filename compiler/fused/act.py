@@ -44,7 +44,7 @@ class Act(VOp):
         # the closest gate, and close at float32 precision: GELU's erf and tanh forms differ by only ~3e-4
         err = {func: float(np.max(np.abs(got - ref(PROBE)))) for func, ref in GATES.items()}
         func = min(err, key=err.get)
-        if err[func] > 1e-5 * (1 + np.max(np.abs(PROBE))):
+        if not err[func] <= 1e-5 * (1 + np.max(np.abs(PROBE))):  # a nan (sqrt(x) * x at x < 0) matches nothing
             return None
         x = fz.vector(leaf)
         if func != "relu":

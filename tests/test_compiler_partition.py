@@ -1,0 +1,84 @@
+"""The partition pass: nodes the overlay refuses go to host segments, in phases, and the rest stays one program."""
+
+import numpy as np
+import pytest
+from kvoverlay.compiler.driver import compile_model
+from kvoverlay.compiler.frontend import CompileError
+from onnx import TensorProto, helper
+
+from kvoverlay import bundle as kvbundle
+
+
+def _model(nodes, outputs=("z",), opset=17, out_shape=(2, 8)):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(out_shape)) for o in outputs]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], outs), opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _erf_between():
+    return _model([helper.make_node("Mul", ["x", "x"], ["a"], name="sq"),
+                   helper.make_node("Erf", ["a"], ["b"], name="erf"),
+                   helper.make_node("Add", ["b", "x"], ["z"], name="res")])
+
+
+def test_an_op_the_overlay_lacks_is_placed_on_the_host_between_two_overlay_segments():
+    b, report = compile_model(_erf_between(), "tiny")
+    segs = b.manifest["segments"]
+    assert [s["kind"] for s in segs] == ["overlay", "host", "overlay"]
+    assert b.manifest["placement"]["host"] == [["erf", "Erf"]]
+    assert report["placement"]["host"] == [["erf", "Erf"]]
+    # tensors cross once per boundary: the host reads the overlay's a, the last overlay segment b and x
+    assert (segs[1]["inputs"], segs[1]["outputs"]) == (["a"], ["b"])
+    assert sorted(segs[2]["inputs"]) == ["b", "x"] and segs[2]["outputs"] == ["z"]
+    assert report["instructions"] > 0
+    again = kvbundle.from_bytes(kvbundle.to_bytes(b))  # loads without pickle, byte-stable
+    assert kvbundle.to_bytes(again) == kvbundle.to_bytes(b)
+
+
+def test_two_host_ops_in_a_row_form_one_host_segment():
+    m = _model([helper.make_node("Sqrt", ["x"], ["a"], name="s"), helper.make_node("Erf", ["a"], ["b"], name="e"),
+                helper.make_node("Neg", ["b"], ["z"], name="n")])
+    b, _ = compile_model(m, "tiny")
+    assert [s["kind"] for s in b.manifest["segments"]] == ["host", "overlay"]
+    assert b.manifest["placement"]["host"] == [["s", "Sqrt"], ["e", "Erf"]]
+
+
+def test_without_an_offload_device_the_refusal_stays_the_one_line_error():
+    with pytest.raises(CompileError, match=r"node erf: op Erf \(opset 17\) cannot run on the overlay"):
+        compile_model(_erf_between(), "tiny", host_ops=False)
+
+
+def test_a_graph_the_overlay_runs_whole_has_no_segments():
+    m = _model([helper.make_node("Mul", ["x", "x"], ["z"])])
+    b, _ = compile_model(m, "tiny")
+    assert "segments" not in b.manifest and b.manifest["placement"]["host"] == []
+    assert b.instructions
+
+
+def test_an_op_without_numpy_semantics_in_the_compiler_goes_to_the_host():
+    pads = helper.make_tensor("pads", TensorProto.INT64, [4], [0, 1, 0, 1])
+    m = _model([helper.make_node("Constant", [], ["p"], value=pads), helper.make_node("Pad", ["x", "p"], ["z"])],
+               out_shape=(2, 10))
+    b, _ = compile_model(m, "tiny")
+    assert [op for _, op in b.manifest["placement"]["host"]] == ["Pad"]
+    with pytest.raises(CompileError, match="op Pad .* is not supported"):
+        compile_model(m, "tiny", host_ops=False)
+
+
+def test_a_mask_of_minus_infinity_keeps_its_region_on_the_host():
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [8], [0.0, -np.inf] * 4)
+    m = _model([helper.make_node("Constant", [], ["c"], value=bias), helper.make_node("Add", ["x", "c"], ["s"]),
+                helper.make_node("Softmax", ["s"], ["z"])])
+    b, _ = compile_model(m, "tiny")
+    assert [op for _, op in b.manifest["placement"]["host"]] == ["Add", "Softmax"]
+
+
+def test_a_region_undefined_on_part_of_the_probe_is_no_activation_and_goes_to_the_host():
+    # sqrt(x) * x is nan for x < 0: the activation rule's probe must not take it for SiLU
+    m = _model([helper.make_node("Sqrt", ["x"], ["a"], name="s"), helper.make_node("Mul", ["a", "x"], ["z"], name="m")])
+    b, _ = compile_model(m, "tiny")
+    assert b.manifest["placement"]["host"] == [["s", "Sqrt"]]
+    from kvoverlay.host.session import run_graph
+
+    x = np.full((2, 8), 4.0, np.float32)
+    np.testing.assert_allclose(run_graph(b, {"x": x})["z"], 8.0, rtol=2.0 ** -10)
