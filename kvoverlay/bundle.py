@@ -11,8 +11,12 @@ Layout (all integers little-endian)::
 Section offsets in the manifest are absolute file offsets. The manifest holds
 ``format_version``, ``config`` (:meth:`OverlayConfig.to_dict`), ``sections``
 (name, offset, length, sha256) and ``meta``: the free-form metadata of the
-:class:`Bundle` (io bindings, KV layout, placement ...). Identical inputs give
-identical bytes; nothing is unpickled on load.
+:class:`Bundle` (io bindings, KV layout, placement ...). The sections are the
+instruction stream, the memory image and, when the program carries one, the
+``tokenizer`` (the ``tokenizer.json`` of the Hugging Face ``tokenizers`` format,
+as found beside the model); a program without it has the same bytes as before
+the section existed. Identical inputs give identical bytes; nothing is
+unpickled on load.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ FORMAT_VERSION = 1
 ALIGN = 16
 _HEADER = struct.Struct("<8sIQ")
 _SECTIONS = ("instructions", "image")
+_OPTIONAL_SECTIONS = ("tokenizer",)
 
 
 class BundleError(ValueError):
@@ -42,12 +47,14 @@ class BundleError(ValueError):
 
 @dataclass
 class Bundle:
-    """A compiled program: its overlay config, instruction stream, memory image and metadata."""
+    """A compiled program: its overlay config, instruction stream, memory image, metadata and, optionally, the
+    model's tokenizer (``tokenizer.json`` bytes)."""
 
     config: OverlayConfig
     instructions: list
     image: bytes
     manifest: dict = field(default_factory=dict)
+    tokenizer: bytes | None = None
 
 
 def _pad(n: int) -> int:
@@ -76,7 +83,12 @@ def _pieces(bundle: Bundle) -> list:
         raise BundleError(f"bundle manifest must be a dict, got {type(bundle.manifest).__name__}")
     image = bundle.image if isinstance(bundle.image, (bytes, bytearray)) else bytes(bundle.image)
     payloads = {"instructions": isa.encode_program(bundle.instructions), "image": image}
-    sections = [{"name": n, "length": len(payloads[n]), "sha256": hashlib.sha256(payloads[n]).hexdigest()} for n in _SECTIONS]
+    if bundle.tokenizer is not None:
+        if not isinstance(bundle.tokenizer, (bytes, bytearray)):
+            raise BundleError(f"bundle tokenizer must be bytes, got {type(bundle.tokenizer).__name__}")
+        payloads["tokenizer"] = bytes(bundle.tokenizer)
+    sections = [{"name": n, "length": len(payloads[n]), "sha256": hashlib.sha256(payloads[n]).hexdigest()}
+                for n in (*_SECTIONS, *_OPTIONAL_SECTIONS) if n in payloads]
 
     def manifest_bytes():
         try:
@@ -169,7 +181,8 @@ def from_bytes(blob: bytes) -> Bundle:
         instructions = isa.decode_program(payloads["instructions"])
     except isa.IsaError as exc:
         raise BundleError(f"bundle instruction stream is invalid: {exc}") from exc
-    return Bundle(config=config, instructions=instructions, image=payloads["image"], manifest=meta)
+    return Bundle(config=config, instructions=instructions, image=payloads["image"], manifest=meta,
+                  tokenizer=payloads.get("tokenizer"))
 
 
 def save(bundle: Bundle, path: str | os.PathLike) -> None:
