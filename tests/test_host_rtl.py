@@ -285,3 +285,15 @@ def test_kv_registers_within_the_buffer_and_refused_beyond(rtl_model, demo_onnx)
         with pytest.raises(SessionError, match=r"position 69 is beyond the overlay's 64-token KV buffer.*host writes"):
             sess.prefill([5] * 70)
         assert sess.backend.steps == []
+
+
+def test_gpt2_of_five_heads_fits_the_kv_pool(rtl_model):
+    """GPT-2 with 5 heads of 16 on tiny, whose KV pool is sized as 4 layers of 4 heads of 64: 5 x 4 columns per
+    layer fit, and the RTL decodes it exactly as the golden model does (the golden model follows onnxruntime:
+    tests/test_compiler_codegen.py)."""
+    from kvoverlay.models.exported import export_model
+
+    path = export_model("gpt2", n_head=5, n_embd=80)
+    program, _ = compile_model(str(path), "tiny", weights="int8", max_seq=8)
+    assert [v["kv_base"] for v in program.manifest["kv"]["layers"].values()] == [0, 20]
+    assert_same_generation(program, [3, 11], 3)
