@@ -130,14 +130,19 @@ def trained_model(layers: int | None = None, cache_dir: str | os.PathLike | None
         stage.mkdir()
         shutil.copy2(out / "model.onnx", stage / "model.onnx")
         shutil.copy2(work / "hf" / "tokenizer.json", stage / "tokenizer.json")
-        info = {"checkpoint": list(CHECKPOINT), "layers": layers, "versions": _versions(),
-                "config": json.loads((work / "hf" / "config.json").read_text()),
-                "export_seconds": round(time.perf_counter() - t0, 2),
-                "file_bytes": (stage / "model.onnx").stat().st_size}
-        (stage / "export.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        try:
-            os.rename(stage, final)  # atomic; a concurrent exporter may have won the race
-        except OSError:
-            if not (final / "model.onnx").is_file():
-                raise
+        _publish(stage, final, {"checkpoint": list(CHECKPOINT), "layers": layers, "versions": _versions(),
+                                "config": json.loads((work / "hf" / "config.json").read_text()),
+                                "export_seconds": round(time.perf_counter() - t0, 2)})
     return final / "model.onnx"
+
+
+def _publish(stage: Path, final: Path, info: dict) -> None:
+    """Write ``export.json`` beside the staged model and move the folder into the cache in one rename (a
+    concurrent exporter may have won the race: its copy serves)."""
+    info["file_bytes"] = (stage / "model.onnx").stat().st_size
+    (stage / "export.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    if not os.path.isdir(final):
+        with contextlib.suppress(OSError):
+            os.rename(stage, final)
+    if not (final / "model.onnx").is_file():
+        raise RuntimeError(f"export of {final.name} did not reach the cache")
