@@ -62,3 +62,52 @@ def test_perplexity_bad_input_is_one_line(demo, tmp_path):  # noqa: F811
     text.write_text("w1 w2 w3")
     assert_one_line_error(kvo("perplexity", d / "text.kvo", "--text-file", text, "--chunk", "1"), "--chunk 1")
     assert_one_line_error(kvo("perplexity", d / "text.kvo", "--text-file", tmp_path / "missing.txt"), "missing.txt")
+
+
+# ---------------------------------------------------------------- targets on trained weights (issue 12)
+TARGET_TOKENS = 12
+#: The paragraph's first tokens scored for the NLL target (the golden model runs the 30 layers in numpy).
+TARGET_TEXT_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def trained_programs(trained_full):
+    """The whole trained checkpoint compiled in w16 and int8 for u280 (its 49,152-row head needs u280's buffers)."""
+    from kvoverlay.compiler.driver import compile_model
+    from kvoverlay.host.tokenizer import Tokenizer
+
+    programs = {}
+    for weights in ("w16", "int8"):
+        program, _ = compile_model(str(trained_full), "u280", weights=weights, max_seq=96)
+        program.tokenizer = (trained_full.parent / "tokenizer.json").read_bytes()
+        programs[weights] = program
+    return programs, Tokenizer(programs["w16"].tokenizer, 49152)
+
+
+@pytest.mark.parametrize("weights", ["w16", "int8"])
+def test_trained_greedy_is_token_exact_with_onnxruntime(trained_full, trained_programs, weights):
+    from kvoverlay.host.reference import ort_decode
+    from kvoverlay.host.session import Session
+    from kvoverlay.models.trained import ENGLISH_PROMPT
+
+    programs, tok = trained_programs
+    prompt = tok.encode(ENGLISH_PROMPT)
+    want, _ = ort_decode(str(trained_full), prompt, TARGET_TOKENS)
+    with Session(programs[weights]) as s:
+        gen = s.generate(prompt, TARGET_TOKENS)
+        assert gen.tokens == want, (gen.text, tok.decode(want))
+        assert "Berlin" in gen.text
+
+
+def test_trained_int8_nll_within_one_percent(trained_full, trained_programs):
+    from kvoverlay.host.perplexity import ort_perplexity
+    from kvoverlay.models.trained import ENGLISH_TEXT
+
+    programs, tok = trained_programs
+    ids = tok.encode(ENGLISH_TEXT)[:TARGET_TEXT_TOKENS]
+    ref = ort_perplexity(str(trained_full), ids, 96)
+    got = perplexity(programs["int8"], ids)
+    print(f"int8 NLL {got['nll']:.5f}, fp32 onnxruntime {ref['nll']:.5f} over {got['tokens']} tokens")
+    assert got["tokens"] == ref["tokens"] == len(ids) - 1
+    assert ref["perplexity"] < 60  # a trained model on English, not a random one (49,152 tokens)
+    assert abs(got["nll"] / ref["nll"] - 1) < 0.01
