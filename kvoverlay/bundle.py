@@ -3,7 +3,7 @@
 Layout (all integers little-endian)::
 
     8 bytes   magic b"KVOPROG\\0"
-    uint32    format version (1)
+    uint32    format version (2)
     uint64    manifest length in bytes
     manifest  UTF-8 JSON, keys sorted, compact separators
     sections  back to back, each padded with zeros to a multiple of 16 bytes
@@ -34,7 +34,9 @@ from .fileio import write_atomic
 __all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "BundleError", "encoded_size", "from_bytes", "load", "save", "to_bytes"]
 
 MAGIC = b"KVOPROG\0"
-FORMAT_VERSION = 1
+#: 2: KVAPPEND and ATTN address the KV pool by ``kv_base`` (a program of version 1 named a layer slot there, and
+#: would decode to other columns), and the optional tokenizer section.
+FORMAT_VERSION = 2
 ALIGN = 16
 _HEADER = struct.Struct("<8sIQ")
 _SECTIONS = ("instructions", "image")
