@@ -174,18 +174,21 @@ def kv_layout(og: OverlayGraph, cfg: OverlayConfig) -> dict:
     """The KV pool carved for this model: layer -> its first column (``kv_base``), the layers' heads packed in
     layer order, each head taking ``cfg.kv_head_columns(head_dim)`` columns.
 
-    Layers past the pool's ``cfg.kv_columns`` (or with heads wider than the attention engine's) get bases past it
-    too: ``cfg.holds_kv`` is false for them, and the host runs their KVAPPEND and ATTN on the offload device. The
-    bases stay distinct, so that each names its layer; only a model whose bases overflow the ``kv_base`` field is
-    an error.
+    A layer the pool cannot hold (``cfg.holds_kv`` false: too few columns left, or heads wider than the attention
+    engine's) gets a base past the pool's ``cfg.kv_columns`` instead, one per such layer, so that each still names
+    its layer: the host runs its KVAPPEND and ATTN on the offload device. Only a model with more of those than the
+    ``kv_base`` field addresses past the pool is an error.
     """
-    bases, used = {}, 0
+    bases, used, off = {}, 0, cfg.kv_columns
     for layer, kv in sorted(og.kv.items()):
-        bases[layer] = used
-        used += kv["kv_heads"] * cfg.kv_head_columns(kv["head_dim"])
-    if bases and max(bases.values()) >= 1 << KV_BASE_BITS:
-        raise CompileError(f"KV of {len(og.kv)} layers needs {used} KV-pool columns, beyond the {1 << KV_BASE_BITS} "
-                           "the kv_base field addresses")
+        if cfg.holds_kv(used, kv["kv_heads"], kv["head_dim"]):
+            bases[layer] = used
+            used += kv["kv_heads"] * cfg.kv_head_columns(kv["head_dim"])
+        else:
+            bases[layer], off = off, off + 1
+    if off > 1 << KV_BASE_BITS:
+        raise CompileError(f"{off - cfg.kv_columns} layers of KV beyond the {cfg.name} KV pool of {cfg.kv_columns} "
+                           f"columns: more than the kv_base field addresses past it ({(1 << KV_BASE_BITS) - cfg.kv_columns})")
     return bases
 
 
