@@ -25,7 +25,7 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.access import accesses
-from kvoverlay.config import OverlayConfig
+from kvoverlay.config import KV_BASE_BITS, OverlayConfig
 
 from .frontend import CompileError
 from .overlay_graph import OverlayGraph
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # quantize's calibration runs the fused kinds, whose code gen
     from .quantize import Image
 
 __all__ = ["INDEX_REGISTERS", "REG_KV_LEN", "REG_KV_SLOT", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen",
-           "check_fits", "emit", "insert_tokens", "kv_registers", "plan_memory", "scale_imm"]
+           "check_fits", "emit", "insert_tokens", "kv_layout", "kv_registers", "plan_memory", "scale_imm"]
 
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
 #: With --max-seq above the KV capacity: the KV buffer slot KVAPPEND writes and the KV length ATTN reads.
@@ -121,6 +121,7 @@ class Codegen:
         self.code: list = []
         self.who = ""  # the op being emitted, for error messages
         self.scratch_vectors: list = []  # the current op's temporaries, freed once it is emitted
+        self.kv_bases = kv_layout(og, cfg)  # layer -> first KV-pool column
 
     def instr(self, op: str, **fields) -> None:
         self.code.append(isa.Instr(op, fields, frozenset()))
@@ -167,6 +168,28 @@ def check_fits(og: OverlayGraph, cfg: OverlayConfig, group_size: int) -> None:
     """
     if group_size < isa.GROUP_BASE or group_size & (group_size - 1) or group_size > isa.GROUP_BASE << 7:
         raise CompileError(f"--group-size {group_size}: must be a power of two in [{isa.GROUP_BASE}, {isa.GROUP_BASE << 7}]")
+
+
+def kv_layout(og: OverlayGraph, cfg: OverlayConfig) -> dict:
+    """The KV pool carved for this model: layer -> its first column (``kv_base``), the layers' heads packed in
+    layer order, each head taking ``cfg.kv_head_columns(head_dim)`` columns.
+
+    A layer the pool cannot hold (``cfg.holds_kv`` false: too few columns left, or heads wider than the attention
+    engine's) gets a base past the pool's ``cfg.kv_columns`` instead, one per such layer, so that each still names
+    its layer: the host runs its KVAPPEND and ATTN on the offload device. Only a model with more of those than the
+    ``kv_base`` field addresses past the pool is an error.
+    """
+    bases, used, off = {}, 0, cfg.kv_columns
+    for layer, kv in sorted(og.kv.items()):
+        if cfg.holds_kv(used, kv["kv_heads"], kv["head_dim"]):
+            bases[layer] = used
+            used += kv["kv_heads"] * cfg.kv_head_columns(kv["head_dim"])
+        else:
+            bases[layer], off = off, off + 1
+    if off > 1 << KV_BASE_BITS:
+        raise CompileError(f"{off - cfg.kv_columns} layers of KV beyond the {cfg.name} KV pool of {cfg.kv_columns} "
+                           f"columns: more than the kv_base field addresses past it ({(1 << KV_BASE_BITS) - cfg.kv_columns})")
+    return bases
 
 
 def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int | None = None) -> Codegen:

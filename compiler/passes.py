@@ -218,8 +218,10 @@ def _bundle(c: Compilation) -> None:
                     "method": c.method if c.weights in SEARCHED else "rtn", "table_format": image.table_fmt},
         "weight_bytes": image.regions[0][2] - image.regions[0][1],
         "max_seq": c.max_seq,
-        "kv": {"layers": {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"]} for k, v in sorted(og.kv.items())},
-               "capacity": c.cfg.kv_capacity},
+        "kv": {"layers": {str(k): {"kv_heads": v["kv_heads"], "head_dim": v["head_dim"],
+                                   "kv_base": c.codegen.kv_bases[k], "columns": v["kv_heads"] * c.cfg.kv_head_columns(v["head_dim"])}
+                          for k, v in sorted(og.kv.items())},
+               "capacity": c.cfg.kv_capacity, "pool_columns": c.cfg.kv_columns, "column_lanes": c.cfg.vector_lanes},
         "registers_in": {"input_ids": "R0", "position_ids": "R1"} if og.logits else {},
         "placement": {"overlay": sorted({op.kind for op in og.ops}), "host": []},
         "source": _source(c),

@@ -22,7 +22,7 @@ from kvoverlay import bundle as kvbundle
 from kvoverlay import numerics as nx
 
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "GoldenBackend", "RtlBackend", "SessionError", "SimulatorDied",
-           "Step", "create_backend", "outside_kv_buffer", "register_args"]
+           "Step", "create_backend", "kv_layers", "outside_kv_buffer", "register_args"]
 
 
 class SessionError(ValueError):
@@ -69,11 +69,20 @@ class Backend(Protocol):
 
 
 def outside_kv_buffer(program: kvbundle.Bundle) -> dict:
-    """pc -> instruction of every KVAPPEND and ATTN whose layer the overlay's KV buffer cannot hold (a layer index,
-    head count or head width beyond the config): the host runs those on the offload device."""
+    """pc -> instruction of every KVAPPEND and ATTN whose layer the overlay's KV pool cannot hold (its heads run
+    past the pool's last column, or are wider than the attention engine's): the host runs those on the offload
+    device. The host keys a layer's KV by its ``kv_base``, which the compiler makes distinct per layer."""
     cfg = program.config
     return {pc: ins for pc, ins in enumerate(program.instructions) if ins.op in ("KVAPPEND", "ATTN") and not cfg.holds_kv(
-        ins.fields["layer"], ins.fields["heads" if ins.op == "KVAPPEND" else "kv_heads"], ins.fields["head_dim"])}
+        ins.fields["kv_base"], ins.fields["heads" if ins.op == "KVAPPEND" else "kv_heads"], ins.fields["head_dim"])}
+
+
+def kv_layers(program: kvbundle.Bundle, bases) -> list:
+    """The model's layer numbers of the KV-pool *bases* (from the manifest's KV layout; a base it lacks stands
+    for itself)."""
+    by_base = {int(v["kv_base"]): int(k) for k, v in program.manifest.get("kv", {}).get("layers", {}).items()
+               if "kv_base" in v}
+    return sorted(by_base.get(int(b), int(b)) for b in bases)
 
 
 def register_args(program: kvbundle.Bundle, token: int, position: int, extra: dict | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Handlers of ``kvoverlay compile``, ``kvoverlay run PROGRAM.kvo`` and ``kvoverlay demo``.
+"""Handlers of ``kvoverlay compile``, ``kvoverlay run PROGRAM.kvo``, ``kvoverlay perplexity`` and ``kvoverlay demo``.
 
 With ``--json`` a command prints exactly one JSON object on stdout; progress goes to stderr.
 """
@@ -21,10 +21,12 @@ from kvoverlay.fileio import check_writable, write_atomic
 
 from .reference import matching_prefix
 from .session import Session, SessionError, decode_stats
+from .tokenizer import Tokenizer, find_tokenizer
 
-__all__ = ["compile_main", "demo_main", "run_main"]
+__all__ = ["compile_main", "demo_main", "perplexity_main", "run_main"]
 
 DEMO_PROMPT = (5, 17, 42)
+DEFAULT_PROMPT = "5,17,42"
 DEMO_NEW_TOKENS = 16
 
 
@@ -36,15 +38,24 @@ def compile_main(args) -> int:
     from kvoverlay.compiler.driver import compile_model
 
     check_writable(args.output)
+    tok_path = find_tokenizer(args.model, getattr(args, "tokenizer", None))
+    if tok_path is not None:  # an unreadable tokenizer is refused before the compile, a mismatched one after it
+        Tokenizer.from_file(tok_path, None)
     b, report = compile_model(str(args.model), args.config, weights=WEIGHT_CHOICES[args.weights], group_size=args.group_size,
                               max_seq=args.max_seq, kv_capacity=args.kv_capacity, method=args.quant,
                               dump_dir=args.dump_dir, host_ops=getattr(args, "offload_device", "auto") != "none")
+    if tok_path is not None:
+        b.tokenizer = tok_path.read_bytes()
+        Tokenizer(b.tokenizer, b.manifest["logits"]["len"], where=f"tokenizer {tok_path}")
+        report["program_bytes"] = kvbundle.encoded_size(b)
+    report["tokenizer"] = None if tok_path is None else str(tok_path)
     kvbundle.save(b, args.output)
     if args.json:
         print(json.dumps(report))
     else:
         _log(f"{args.output}: {report['instructions']} instructions, {report['program_bytes']} bytes "
              f"({report['weight_bytes']} of weights), KV capacity {report['kv_capacity_tokens']} tokens, "
+             f"{'tokenizer ' + report['tokenizer'] if report['tokenizer'] else 'no tokenizer'}, "
              f"compiled in {report['compile_s']:.2f} s")
     return 0
 
@@ -60,15 +71,20 @@ def parse_prompt(text: str, what: str = "--prompt") -> list:
 
 
 def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=None, *, sampling=None, stop=(),
-                **options) -> tuple:
+                text=None, on_text=None, **options) -> tuple:
     """Run *program* on *backend*; with *check* (an ONNX model) compare against onnxruntime.
 
     *sampling* holds ``temperature``, ``top_k``, ``top_p`` and ``seed`` (greedy without it); *options* go to the
-    backend. Everything is checked (the prompt, the sampling parameters, the stop tokens, the backend's
-    dependencies and the reference model) before the first step runs.
+    backend. With *text* the prompt is that text through the program's tokenizer (*prompt* is ignored), and
+    ``on_text(piece)`` receives the continuation as it decodes. Everything is checked (the prompt, the sampling
+    parameters, the stop tokens, the backend's dependencies and the reference model) before the first step runs.
     """
     sampling = dict(sampling or {})
     with Session(program, backend=backend, waves=waves, **options) as session:
+        if text is not None:
+            prompt = session.encode(text)
+        elif on_text is not None:
+            session.tokenizer  # noqa: B018 - refuse a program without one before decoding
         gen = session.generate(prompt, new_tokens, stop=stop, **sampling)
         check_fits = getattr(session.backend, "check_fits", None)
         if check_fits is not None:  # refuse before the first step, not at the first position that overflows
@@ -78,6 +94,9 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=No
             from .reference import open_reference
 
             reference = open_reference(check, session.vocab)
+        if on_text is not None:
+            for piece in gen.text_stream():
+                on_text(piece)
         res = gen.result()
         out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
                **decode_stats(session, res), "wall_s": round(res.wall_s, 3), "finish_reason": res.finish_reason,
@@ -87,6 +106,8 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=No
             out["sampling"] = sampling
         if hasattr(session.backend, "sim_cycles_per_s"):
             out["sim_cycles_per_s"] = round(session.backend.sim_cycles_per_s)
+        if text is not None or on_text is not None:
+            out["text"] = session.decode(res.tokens)
     if reference is not None:
         from .reference import compare
 
@@ -120,12 +141,19 @@ def run_main(args) -> int:
         raise SessionError(f"{', '.join(given)}: for raw instruction streams only; {args.program} is a program "
                            "bundle, which carries its own configuration, memory image and registers")
     program = kvbundle.from_bytes(blob)
-    prompt = parse_prompt(args.prompt)
+    text = getattr(args, "text", None)
+    if text is not None and args.prompt is not None:
+        raise SessionError("--text and --prompt: give one (text through the program's tokenizer, or token ids)")
+    prompt = parse_prompt(DEFAULT_PROMPT if args.prompt is None else args.prompt)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     options = {"offload_device": args.offload_device, "kv_sinks": args.kv_sinks, "prefill": args.prefill}
+    # the continuation streams to stdout as it decodes; with --json it comes once, in the JSON object
+    on_text = None if text is None or args.json else lambda piece: print(piece, end="", flush=True)
     out, res = run_program(program, prompt, args.max_new_tokens, args.backend,
                            str(args.check) if args.check else None, waves=args.waves, sampling=sampling,
-                           stop=parse_prompt(args.stop, "--stop"), **options)
+                           stop=parse_prompt(args.stop, "--stop"), text=text, on_text=on_text, **options)
+    if on_text is not None:
+        print()
     if args.dump:
         buf = io.BytesIO()
         np.savez(buf, tokens=np.asarray(res.tokens, np.int64), logits=np.stack(res.logits).astype(np.float64))
@@ -133,16 +161,52 @@ def run_main(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"tokens: {','.join(map(str, res.tokens))}")
+        # with --text, stdout holds the continuation alone and the figures go to stderr
+        report = _log if text is not None else print
+        report(f"tokens: {','.join(map(str, res.tokens))}")
         if out["cycles_per_token"] is None:
-            print(f"no cycle counters on --backend {out['backend']}; wall {out['wall_s']:.2f} s")
+            report(f"no cycle counters on --backend {out['backend']}; wall {out['wall_s']:.2f} s")
         else:
-            print(f"cycles/token {out['cycles_per_token']:.0f}, roofline {out['roofline_cycles_per_token']:.0f}, "
-                  f"bandwidth efficiency {out['bandwidth_efficiency']:.1%}, wall {out['wall_s']:.2f} s")
+            report(f"cycles/token {out['cycles_per_token']:.0f}, roofline {out['roofline_cycles_per_token']:.0f}, "
+                   f"bandwidth efficiency {out['bandwidth_efficiency']:.1%}, wall {out['wall_s']:.2f} s")
         if "reference" in out:
             r = out["reference"]
-            print(f"onnxruntime: first {r['matching_prefix']}/{len(res.tokens)} tokens agree, min logits cosine "
-                  f"{r['logits_cosine_min']:.6f}, max abs error {r['logits_max_abs_err']:.4g}")
+            report(f"onnxruntime: first {r['matching_prefix']}/{len(res.tokens)} tokens agree, min logits cosine "
+                   f"{r['logits_cosine_min']:.6f}, max abs error {r['logits_max_abs_err']:.4g}")
+    return 0
+
+
+def perplexity_main(args) -> int:
+    """``kvoverlay perplexity``: the tokens of the text file, scored on the backend (and by onnxruntime)."""
+    from .perplexity import ort_perplexity, perplexity
+
+    program = kvbundle.load(args.program)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise SessionError(f"--max-tokens {args.max_tokens} must be at least 2")
+    if args.chunk is not None and args.chunk < 2:
+        raise SessionError(f"--chunk {args.chunk} must be at least 2")
+    text = args.text_file.read_text(encoding="utf-8")
+    with Session(program) as session:  # the tokenizer and the reference are checked before any step
+        ids = session.encode(text)[:args.max_tokens]
+        vocab = session.vocab
+    reference = None
+    if args.check is not None:
+        from .reference import open_reference
+
+        reference = open_reference(str(args.check), vocab)
+    out = {"backend": args.backend, **perplexity(program, ids, args.backend, chunk=args.chunk)}
+    if reference is not None:
+        ref = ort_perplexity(reference, ids, out["chunk"])
+        out["reference"] = {"nll": ref["nll"], "perplexity": ref["perplexity"]}
+        out["nll_rel_diff"] = out["nll"] / ref["nll"] - 1
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {out['perplexity']:.4f}, mean NLL {out['nll']:.5f} nats over {out['tokens']} tokens "
+              f"(chunks of {out['chunk']}, --backend {args.backend})")
+        if reference is not None:
+            print(f"onnxruntime fp32: perplexity {out['reference']['perplexity']:.4f}, mean NLL "
+                  f"{out['reference']['nll']:.5f}; NLL {out['nll_rel_diff']:+.2%} against it")
     return 0
 
 

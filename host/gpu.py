@@ -29,7 +29,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.access import accesses
 
-from .backend import SessionError, Step
+from .backend import SessionError, Step, kv_layers
 
 __all__ = ["GpuBackend", "GpuCounters", "lower"]
 
@@ -256,7 +256,7 @@ class _Machine:
         for op in ops:
             if op.op == "KVAPPEND":
                 shape = (op.f["heads"], max_seq, op.f["head_dim"])
-                self.kv.setdefault(op.f["layer"], (torch.zeros(shape, dtype=dtype, device=device),
+                self.kv.setdefault(op.f["kv_base"], (torch.zeros(shape, dtype=dtype, device=device),
                                                    torch.zeros(shape, dtype=dtype, device=device)))
         self.slots = torch.arange(max_seq, device=device)
 
@@ -318,13 +318,13 @@ class _Machine:
                 regs[f["rd"]] = t.argmax(abuf.read(f["x"], f["len"]), dim=-1)
             elif k == "KVAPPEND":
                 h, d = f["heads"], f["head_dim"]
-                kc, vc = self.kv[f["layer"]]
+                kc, vc = self.kv[f["kv_base"]]
                 slot = regs[f["pos_reg"]] + f["pos_imm"]
                 kc.index_copy_(1, slot, rd("k", f, h * d).unflatten(-1, (h, d)).transpose(0, 1))
                 vc.index_copy_(1, slot, rd("v", f, h * d).unflatten(-1, (h, d)).transpose(0, 1))
             elif k == "ATTN":
                 qh, kvh, d = f["q_heads"], f["kv_heads"], f["head_dim"]
-                kc, vc = self.kv[f["layer"]]
+                kc, vc = self.kv[f["kv_base"]]
                 q = rd("q", f, qh * d).unflatten(-1, (qh, d)).transpose(0, 1)  # [qh, T, d]
                 length = regs[f["len_reg"]] + f["len_imm"]
                 mask = self.slots[None, :] < length[:, None]  # [T, S]
@@ -470,7 +470,8 @@ class GpuBackend:
     def _placement(self, position):
         """The whole step runs here: no KV on the overlay, every op off it."""
         return {"kv_on_chip_tokens": 0, "kv_offloaded_tokens": position + 1,
-                "layers_offloaded": sorted(self.machine.kv), "heads_offloaded": sum(k.shape[0] for k, _ in self.machine.kv.values()),
+                "layers_offloaded": kv_layers(self.program, self.machine.kv),
+                "heads_offloaded": sum(k.shape[0] for k, _ in self.machine.kv.values()),
                 "ops_off_overlay": ["all"], "device": self.device.type}
 
     def step(self, token: int, position: int, registers: dict | None = None) -> Step:
@@ -512,7 +513,8 @@ class GpuBackend:
         """Run the whole prompt as one batched pass (T = len(tokens)) from position 0.
 
         Returns ``(next_token, logits, kv)``: the last position's greedy token and logits (float64) and the KV cache
-        per layer as float64 arrays ``(k, v)`` of shape [kv_heads, len(tokens), head_dim].
+        per layer (keyed by its KV-pool base, as the hybrid backend keys it) as float64 arrays ``(k, v)`` of shape
+        [kv_heads, len(tokens), head_dim].
         """
         t = self.t
         n = len(tokens)

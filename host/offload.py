@@ -27,7 +27,7 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-from .backend import GoldenBackend, RtlBackend, Step, outside_kv_buffer, register_args
+from .backend import GoldenBackend, RtlBackend, Step, kv_layers, outside_kv_buffer, register_args
 
 __all__ = ["DEVICES", "PREFILL_MODES", "HybridGoldenBackend", "OffloadError", "Residency", "add_arguments",
            "attend_partial", "choose_prefill", "kv_registers", "lse_merge", "placement", "prefill", "resolve_device",
@@ -240,7 +240,7 @@ def choose_prefill(program, prompt_len: int, mode: str = "auto", device: str = "
 def write_kv_program(program, entries, scratch: int):
     """The LOAD + KVAPPEND program that writes prefilled KV into the overlay's buffer.
 
-    *entries* is a list of ``(layer, slot, k, v)`` with *k* and *v* float arrays [kv_heads, head_dim]. Returns
+    *entries* is a list of ``(kv_base, slot, k, v)`` with *k* and *v* float arrays [kv_heads, head_dim]. Returns
     ``(instructions, records)``: records are ``(address, mantissas, exponent)`` vector records to write into external
     memory from *scratch* upwards before the run. KVAPPEND takes its slot as an immediate over R0, which the run
     sets to zero.
@@ -250,7 +250,7 @@ def write_kv_program(program, entries, scratch: int):
     cfg = program.config
     align = max(isa.DRAM_UNIT, cfg.port_bytes)
     code, records, addr = [], [], -(-scratch // align) * align
-    for layer, slot, k, v in entries:
+    for kv_base, slot, k, v in entries:
         k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
         heads, d = k.shape
         n = heads * d
@@ -263,7 +263,7 @@ def write_kv_program(program, entries, scratch: int):
         kv_words = -(-n // cfg.abuf_lanes) * cfg.abuf_lanes
         code.append(isa.Instr("LOAD", {"addr": base[0], "len": n, "dst": 0, "dst_e": 0}))
         code.append(isa.Instr("LOAD", {"addr": base[1], "len": n, "dst": kv_words, "dst_e": 1}))
-        code.append(isa.Instr("KVAPPEND", {"k": 0, "k_e": 0, "v": kv_words, "v_e": 1, "layer": int(layer),
+        code.append(isa.Instr("KVAPPEND", {"k": 0, "k_e": 0, "v": kv_words, "v_e": 1, "kv_base": int(kv_base),
                                            "heads": heads, "head_dim": d, "pos_reg": 0, "pos_imm": int(slot)}))
     code.append(isa.Instr("END"))
     insert_tokens(code)
@@ -345,7 +345,7 @@ def _device_attention(store, f: dict, q, position: int):
     overlay's units, as its ATTN leaves them in the accumulators (int64 [2 * q_heads])."""
     qh, d = f["q_heads"], f["head_dim"]
     q = store.torch.as_tensor(np.asarray(q).reshape(qh, d), dtype=store.dtype).to(store.device)
-    out, m, total = store.partial(f["layer"], q, range(position + 1))
+    out, m, total = store.partial(f["kv_base"], q, range(position + 1))
     stats = np.stack([np.rint(m.double().cpu().numpy() * (1 << nx.SCORE_FRAC)),
                       np.rint(total.double().cpu().numpy() * (1 << 15))], axis=1).reshape(-1)
     return out.double().cpu().numpy().reshape(-1), stats.astype(np.int64)
@@ -358,7 +358,7 @@ def _merged_attention(store, f: dict, q, out, stats, off: range):
     stats = np.asarray(stats, np.float64)
     # the overlay's partial: max in Q.SCORE_FRAC natural-log units, sum in Q1.15 units of exp(s - max)
     m_r, l_r = stats[0::2] / (1 << nx.SCORE_FRAC), stats[1::2] / (1 << 15)
-    merged = store.merge(f["layer"], np.asarray(q).reshape(qh, d), off, (np.asarray(out).reshape(qh, d), m_r, l_r))
+    merged = store.merge(f["kv_base"], np.asarray(q).reshape(qh, d), off, (np.asarray(out).reshape(qh, d), m_r, l_r))
     return merged.reshape(-1)
 
 
@@ -379,16 +379,17 @@ class _Offload:
         self.device = resolve_device(offload_device) if self.hybrid else "none"
         cfg = program.config
         self.host_pcs = outside_kv_buffer(program)
-        self.device_layers = sorted({ins.fields["layer"] for ins in self.host_pcs.values()})
+        # the KV-pool bases of the layers on the offload device (the host's key of a layer's KV)
+        self.device_layers = sorted({ins.fields["kv_base"] for ins in self.host_pcs.values()})
         if self.device_layers:
             self.device = resolve_device(offload_device)
             if self.device == "none":
                 kv = program.manifest.get("kv", {}).get("layers", {})
-                shapes = sorted({(kv[str(la)]["kv_heads"], kv[str(la)]["head_dim"]) for la in self.device_layers if str(la) in kv})
-                raise OffloadError(f"the KV of layers {self.device_layers} ({', '.join(f'{h} heads of {d}' for h, d in shapes)}) "
-                                   f"does not fit the overlay's KV buffer of {cfg.max_layers} layers x {cfg.max_kv_heads} "
-                                   f"heads of {cfg.max_head_dim} ({len(self.device_layers)} layers over) and "
-                                   "--offload-device is none")
+                layers = kv_layers(program, self.device_layers)
+                shapes = sorted({(kv[str(la)]["kv_heads"], kv[str(la)]["head_dim"]) for la in layers if str(la) in kv})
+                raise OffloadError(f"the KV of layers {layers} ({', '.join(f'{h} heads of {d}' for h, d in shapes)}) "
+                                   f"does not fit the overlay's KV pool of {cfg.kv_columns} columns of "
+                                   f"{cfg.vector_lanes} ({len(layers)} layers over) and --offload-device is none")
 
     def _store(self):
         if self.store is None:
@@ -454,7 +455,7 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
         hook = self._hook(position, off) if self.hybrid or self.host_pcs else None
         counters = self.model.run(self.instructions, args=args, hook=hook)
         self.placement = placement(self.program.manifest, position, self.residency, self.device,
-                                   device_layers=self.device_layers)
+                                   device_layers=kv_layers(self.program, self.device_layers))
         counters.placement = self.placement
         out = self.program.manifest["logits"]
         m, e = self.model.read_vector_record(out["addr"], out["len"])
@@ -482,7 +483,7 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
                 h, d = f["heads"], f["head_dim"]
                 k = vec(f["k"], f["k_e"], h * d).reshape(h, d)
                 v = vec(f["v"], f["v_e"], h * d).reshape(h, d)
-                self._store().put(f["layer"], position, k, v)
+                self._store().put(f["kv_base"], position, k, v)
             elif ins.op == "ATTN" and len(off):
                 n = f["q_heads"] * f["head_dim"]
                 merged = _merged_attention(self._store(), f, vec(f["q"], f["q_e"], n), vec(f["dst"], f["dst_e"], n),
@@ -494,7 +495,8 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
     def load_prefill(self, kv: dict, length: int):
         """Write a prefilled KV cache into the overlay's buffer (resident positions) and the offload store (all).
 
-        *kv* maps a layer to ``(k, v)`` float arrays [kv_heads, length, head_dim] (the GPU backend's prefill).
+        *kv* maps a layer's KV-pool base to ``(k, v)`` float arrays [kv_heads, length, head_dim] (the GPU backend's
+        prefill).
         Returns the counters of the LOAD + KVAPPEND program.
         """
         last = length - 1
@@ -507,12 +509,12 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
                                    f"{self.program.config.kv_capacity}-token KV buffer")
             resident = list(range(length))
         entries = []
-        for layer, (k, v) in sorted(kv.items()):
+        for base, (k, v) in sorted(kv.items()):
             k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
             if (self.hybrid or self.device_layers) and self.device != "none":
-                self._store().put(int(layer), 0, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
-            if int(layer) not in self.device_layers:
-                entries += [(int(layer), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
+                self._store().put(int(base), 0, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+            if int(base) not in self.device_layers:
+                entries += [(int(base), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
         code, records = write_kv_program(self.program, entries, len(self.program.image))
         for addr, m, e in records:
             self.model.write_vector_record(addr, m, e)
@@ -568,15 +570,15 @@ def segment_program(program, scratch: int, *, split: bool, capture: bool, device
             continue
         if ins.op == "KVAPPEND":
             n = f["heads"] * f["head_dim"]
-            if f["layer"] not in device_layers:
+            if f["kv_base"] not in device_layers:
                 code.append(isa.Instr(ins.op, f))
-            if capture or f["layer"] in device_layers:
+            if capture or f["kv_base"] in device_layers:
                 k, v = record(n), record(n)
                 code += [isa.Instr("STORE", {"src": f["k"], "src_e": f["k_e"], "len": n, "addr": k}),
                          isa.Instr("STORE", {"src": f["v"], "src_e": f["v_e"], "len": n, "addr": v})]
-                captures[-1].append((f["layer"], k, v, f["heads"], f["head_dim"]))
+                captures[-1].append((f["kv_base"], k, v, f["heads"], f["head_dim"]))
             continue
-        device = ins.op == "ATTN" and f["layer"] in device_layers
+        device = ins.op == "ATTN" and f["kv_base"] in device_layers
         if not (device or (split and ins.op == "ATTN")):
             code.append(isa.Instr(ins.op, f))
             continue
@@ -697,7 +699,8 @@ class HybridRtlBackend(_Offload, RtlBackend):
             raise SimulatorDied(f"{exc}; call reset() to start a new one") from None
         self.steps.append(step)
         proc.model.last_run = _run_totals([step])
-        self.placement = placement(m, position, self.residency, self.device, device_layers=self.device_layers)
+        self.placement = placement(m, position, self.residency, self.device,
+                                   device_layers=kv_layers(self.program, self.device_layers))
         step.counters.placement = self.placement
         return Step(step.next_token, step.logits, step.counters)
 

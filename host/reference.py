@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["CheckModelError", "compare", "matching_prefix", "open_reference", "ort_decode"]
+__all__ = ["CheckModelError", "compare", "matching_prefix", "open_reference", "ort_decode", "ort_logits"]
 
 
 class CheckModelError(ValueError):
@@ -54,6 +54,32 @@ def _session(model):
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
+def _feed(names, ids, pos: int, cache: dict) -> dict:
+    """The inputs of one onnxruntime call: *ids* at positions from *pos* after *cache*, as the model declares
+    them (GPT-2 exports may lack ``position_ids``)."""
+    seq = ids.shape[1]
+    feed = {"input_ids": ids, **cache}
+    if "attention_mask" in names:
+        feed["attention_mask"] = np.ones((1, pos + seq), np.int64)
+    if "position_ids" in names:
+        feed["position_ids"] = np.arange(pos, pos + seq, dtype=np.int64).reshape(1, -1)
+    return feed
+
+
+def _empty_cache(names) -> dict:
+    return {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for n, i in names.items()
+            if n.startswith("past_key_values")}
+
+
+def ort_logits(model, ids) -> np.ndarray:
+    """fp32 onnxruntime logits at every position of *ids* from an empty cache (one call): row i predicts
+    token i + 1."""
+    sess = _session(model)
+    names = {i.name: i for i in sess.get_inputs()}
+    feed = _feed(names, np.asarray(ids, np.int64).reshape(1, -1), 0, _empty_cache(names))
+    return sess.run(["logits"], feed)[0][0]
+
+
 def ort_decode(model, prompt, new_tokens: int, forced=None):
     """Greedy decoding with fp32 onnxruntime, feeding the KV cache back.
 
@@ -66,20 +92,15 @@ def ort_decode(model, prompt, new_tokens: int, forced=None):
     """
     sess = _session(model)
     names = {i.name: i for i in sess.get_inputs()}
-    past = {n: i for n, i in names.items() if n.startswith("past_key_values")}
+    cache = _empty_cache(names)
+    past = list(cache)
     outs = ["logits"] + [n.replace("past_key_values", "present") for n in past]
-    cache = {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for n, i in past.items()}
     ids = np.asarray(prompt, np.int64).reshape(1, -1)
     pos = 0
     tokens, logits = [], []
     for step in range(new_tokens):
         seq = ids.shape[1]
-        feed = {"input_ids": ids, **cache}
-        if "attention_mask" in names:
-            feed["attention_mask"] = np.ones((1, pos + seq), np.int64)
-        if "position_ids" in names:
-            feed["position_ids"] = np.arange(pos, pos + seq, dtype=np.int64).reshape(1, -1)
-        res = sess.run(outs, feed)
+        res = sess.run(outs, _feed(names, ids, pos, cache))
         last = res[0][0, -1]
         tokens.append(int(np.argmax(last)))
         logits.append(last)

@@ -6,6 +6,9 @@
         s.prefill([5, 17, 42])
         for step in s.generate(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=0, stop=[2]):
             print(step.token, step.counters.cycles)
+        s.reset()
+        for piece in s.generate(s.encode("Once upon a time"), 16).text_stream():  # the bundle's tokenizer
+            print(piece, end="", flush=True)
 
 A session holds one token sequence: every prompt and every generated token, in order, its KV cache in the
 backend (the host never reads it back). :meth:`Session.generate` streams :class:`TokenStep` objects as it decodes
@@ -34,6 +37,7 @@ from kvoverlay.roofline import Roofline, bandwidth_efficiency, roofline_cycles
 from . import offload
 from .backend import BACKENDS, GoldenBackend, RtlBackend, SessionError, SimulatorDied, Step, create_backend, register_args
 from .sampling import Sampler
+from .tokenizer import Tokenizer
 
 __all__ = ["BACKENDS", "GenerateResult", "Generation", "GoldenBackend", "RtlBackend", "Session", "SessionError",
            "SimulatorDied", "Step", "TokenStep", "decode_stats", "run_graph"]
@@ -128,6 +132,22 @@ class Generation:
     def logits(self) -> list:
         return self.result().logits
 
+    @property
+    def text(self) -> str:
+        """The generated tokens as text, through the program's tokenizer."""
+        return self.session.decode(self.tokens)
+
+    def text_stream(self):
+        """Iterate the generation as text pieces, each as soon as its tokens form whole characters."""
+        stream = self.session.tokenizer.stream()
+        for step in self:
+            piece = stream.push(step.token)
+            if piece:
+                yield piece
+        rest = stream.flush()
+        if rest:
+            yield rest
+
     def __getattr__(self, name):  # prompt, step_cycles, step_bytes_read, wall_s, finish_reason
         if name.startswith("_") or name not in GenerateResult.__dataclass_fields__:
             raise AttributeError(name)
@@ -181,7 +201,25 @@ class Session:
         self.backend = create_backend(backend, program, **options)
         #: register index -> value written before every step besides token and position (for runtime extensions)
         self.extra_registers = {}
+        self._tokenizer = None
         self._clear()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the program carries, checked against its vocabulary (:class:`SessionError` without one)."""
+        if self._tokenizer is None:
+            if self.program.tokenizer is None:
+                raise SessionError("the program has no tokenizer: compile it with a tokenizer.json beside the model"
+                                   " or with --tokenizer PATH, or give token ids")
+            self._tokenizer = Tokenizer(self.program.tokenizer, self.vocab)
+        return self._tokenizer
+
+    def encode(self, text: str) -> list:
+        """The token ids of *text*, each checked against the program's vocabulary."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
 
     def _clear(self):
         self.position = 0  # tokens fed, the length of the KV cache

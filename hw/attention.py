@@ -45,6 +45,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa, numerics, timing
+from kvoverlay.config import KV_BASE_BITS
 
 from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
@@ -599,8 +600,10 @@ class AttnDecoder(wiring.Component):
     reg : In(32)
         The value of the register ``reg_addr`` names.
     is_attn, is_kvappend : Out(1)
-    layer, head_dim, kv_heads : Out
+    kv_base, head_dim, kv_heads : Out
         Fields both instructions have (``kv_heads``: KVAPPEND's ``heads``).
+    kv_cols : Out
+        KV-pool columns per head, ``ceil(head_dim / vector_lanes)``.
     reg_addr : Out(range(isa.NUM_REGS))
         ATTN's length register or KVAPPEND's position register ...
     pos_or_len : Out(signed(34))
@@ -616,7 +619,8 @@ class AttnDecoder(wiring.Component):
         super().__init__({
             "insn": In(ATTN_COMMAND), "reg": In(32),
             "is_attn": Out(1), "is_kvappend": Out(1),
-            "layer": Out(6), "head_dim": Out(11), "kv_heads": Out(HEAD_BITS),
+            "kv_base": Out(KV_BASE_BITS), "head_dim": Out(11), "kv_heads": Out(HEAD_BITS),
+            "kv_cols": Out(CHUNK_BITS),
             "reg_addr": Out(range(isa.NUM_REGS)), "pos_or_len": Out(signed(34)),
             "ereg_addr0": Out(range(isa.NUM_EREGS)), "ereg_addr1": Out(range(isa.NUM_EREGS)),
             "fault": Out(Fault),
@@ -627,13 +631,13 @@ class AttnDecoder(wiring.Component):
         cfg = self.config
         lgAL = log2_exact(abuf_lanes(cfg))
         kva, att = self.insn.kvappend, self.insn.attn
-        is_attn, layer, head_dim, kv_heads, pos_or_len = (self.is_attn, self.layer, self.head_dim, self.kv_heads,
+        is_attn, kv_base, head_dim, kv_heads, pos_or_len = (self.is_attn, self.kv_base, self.head_dim, self.kv_heads,
                                                           self.pos_or_len)
         q_heads = att.q_heads
         m.d.comb += [
             is_attn.eq(att.opcode == isa.BY_NAME["ATTN"].code),
             self.is_kvappend.eq(att.opcode == isa.BY_NAME["KVAPPEND"].code),
-            layer.eq(Mux(is_attn, att.layer, kva.layer)),
+            kv_base.eq(Mux(is_attn, att.kv_base, kva.kv_base)),
             head_dim.eq(Mux(is_attn, att.head_dim, kva.head_dim)),
             kv_heads.eq(Mux(is_attn, att.kv_heads, kva.heads)),
             self.reg_addr.eq(Mux(is_attn, att.len_reg, kva.pos_reg)),
@@ -643,8 +647,11 @@ class AttnDecoder(wiring.Component):
         ]
         span = Signal(ELEM_BITS)  # heads * head_dim
         m.d.comb += span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim)
-        geometry_bad = ((layer >= cfg.max_layers) | (kv_heads == 0) | (kv_heads > cfg.max_kv_heads)
-                        | (head_dim > cfg.max_head_dim))
+        # the KV pool's one fit predicate (OverlayConfig.holds_kv): the heads' columns end within the pool
+        lgKV = log2_exact(cfg.vector_lanes)
+        m.d.comb += self.kv_cols.eq((head_dim + cfg.vector_lanes - 1) >> lgKV)
+        geometry_bad = ((kv_heads == 0) | (head_dim == 0) | (head_dim > cfg.max_head_dim)
+                        | (kv_base + kv_heads * self.kv_cols > cfg.kv_columns))
         with m.If(self.is_kvappend):
             m.d.comb += self.fault.eq(Mux(geometry_bad, Fault.SHAPE,
                                       Mux((pos_or_len < 0) | (pos_or_len >= cfg.kv_capacity), Fault.KV_RANGE,
@@ -762,7 +769,7 @@ class AttentionEngine(wiring.Component):
         m.submodules.decoder = dec = AttnDecoder(cfg)
         m.d.comb += [dec.insn.eq(insn), dec.reg.eq(self.reg_r.data), self.reg_r.addr.eq(dec.reg_addr),
                      self.ereg_r0.addr.eq(dec.ereg_addr0), self.ereg_r1.addr.eq(dec.ereg_addr1)]
-        layer, head_dim, kv_heads, q_heads = dec.layer, dec.head_dim, dec.kv_heads, att.q_heads
+        kv_base, head_dim, kv_heads, q_heads = dec.kv_base, dec.head_dim, dec.kv_heads, att.q_heads
         n_chunks = Signal(CHUNK_BITS)  # chunks of V lanes per head
         m.d.comb += n_chunks.eq((head_dim + V - 1) >> lgV)
         pos_or_len = Signal(signed(34))  # KVAPPEND position / ATTN length
@@ -799,14 +806,14 @@ class AttentionEngine(wiring.Component):
         ka = Signal(data.StructLayout({"mask": V, "head": HEAD_BITS, "chunk": CHUNK_BITS, "v": 1, "first": 1}))
         m.d.sync += ka_valid.eq(0)
         m.d.comb += [
-            kv.wr_layer.eq(layer), kv.wr_head.eq(ka.head), kv.wr_pos.eq(pos_or_len), kv.wr_chunk.eq(ka.chunk),
+            kv.wr_base.eq(kv_base), kv.cols.eq(dec.kv_cols), kv.wr_head.eq(ka.head), kv.wr_pos.eq(pos_or_len), kv.wr_chunk.eq(ka.chunk),
             kv.wr_data.eq(operand), kv.wr_mask.eq(ka.mask),
             kv.wr_k_en.eq(ka_valid & ~ka.v), kv.wr_v_en.eq(ka_valid & ka.v),
             kv.wr_ek.eq(e_a), kv.wr_ev.eq(e_b), kv.wr_e_en.eq(ka_valid & ~ka.v & ka.first),
         ]
 
         # ---------------------------------------------------------------- ATTN: stages
-        m.d.comb += [kv.rd_layer.eq(layer), kv.rd_head.eq(kv_head), kv.rd_k_pos.eq(sc.pos), kv.rd_k_chunk.eq(sc.chunk),
+        m.d.comb += [kv.rd_base.eq(kv_base), kv.rd_head.eq(kv_head), kv.rd_k_pos.eq(sc.pos), kv.rd_k_chunk.eq(sc.chunk),
                      kv.rd_v_pos.eq(pv.pos), kv.rd_v_chunk.eq(pv.chunk)]
         m.d.comb += [
             score.q.eq(operand), score.k.eq(kv.rd_k_data), score.ek.eq(kv.rd_ek), score.ev.eq(kv.rd_k_ev),

@@ -3,7 +3,7 @@
 Layout (all integers little-endian)::
 
     8 bytes   magic b"KVOPROG\\0"
-    uint32    format version (1)
+    uint32    format version (2)
     uint64    manifest length in bytes
     manifest  UTF-8 JSON, keys sorted, compact separators
     sections  back to back, each padded with zeros to a multiple of 16 bytes
@@ -11,8 +11,12 @@ Layout (all integers little-endian)::
 Section offsets in the manifest are absolute file offsets. The manifest holds
 ``format_version``, ``config`` (:meth:`OverlayConfig.to_dict`), ``sections``
 (name, offset, length, sha256) and ``meta``: the free-form metadata of the
-:class:`Bundle` (io bindings, KV layout, placement ...). Identical inputs give
-identical bytes; nothing is unpickled on load.
+:class:`Bundle` (io bindings, KV layout, placement ...). The sections are the
+instruction stream, the memory image and, when the program carries one, the
+``tokenizer`` (the ``tokenizer.json`` of the Hugging Face ``tokenizers`` format,
+as found beside the model); a program without it has the same bytes as before
+the section existed. Identical inputs give identical bytes; nothing is
+unpickled on load.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ from .fileio import write_atomic
 __all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "BundleError", "encoded_size", "from_bytes", "load", "save", "to_bytes"]
 
 MAGIC = b"KVOPROG\0"
-FORMAT_VERSION = 1
+#: 2: KVAPPEND and ATTN address the KV pool by ``kv_base`` (a program of version 1 named a layer slot there, and
+#: would decode to other columns), and the optional tokenizer section.
+FORMAT_VERSION = 2
 ALIGN = 16
 _HEADER = struct.Struct("<8sIQ")
 _SECTIONS = ("instructions", "image")
+_OPTIONAL_SECTIONS = ("tokenizer",)
 
 
 class BundleError(ValueError):
@@ -42,12 +49,14 @@ class BundleError(ValueError):
 
 @dataclass
 class Bundle:
-    """A compiled program: its overlay config, instruction stream, memory image and metadata."""
+    """A compiled program: its overlay config, instruction stream, memory image, metadata and, optionally, the
+    model's tokenizer (``tokenizer.json`` bytes)."""
 
     config: OverlayConfig
     instructions: list
     image: bytes
     manifest: dict = field(default_factory=dict)
+    tokenizer: bytes | None = None
 
 
 def _pad(n: int) -> int:
@@ -76,7 +85,12 @@ def _pieces(bundle: Bundle) -> list:
         raise BundleError(f"bundle manifest must be a dict, got {type(bundle.manifest).__name__}")
     image = bundle.image if isinstance(bundle.image, (bytes, bytearray)) else bytes(bundle.image)
     payloads = {"instructions": isa.encode_program(bundle.instructions), "image": image}
-    sections = [{"name": n, "length": len(payloads[n]), "sha256": hashlib.sha256(payloads[n]).hexdigest()} for n in _SECTIONS]
+    if bundle.tokenizer is not None:
+        if not isinstance(bundle.tokenizer, (bytes, bytearray)):
+            raise BundleError(f"bundle tokenizer must be bytes, got {type(bundle.tokenizer).__name__}")
+        payloads["tokenizer"] = bytes(bundle.tokenizer)
+    sections = [{"name": n, "length": len(payloads[n]), "sha256": hashlib.sha256(payloads[n]).hexdigest()}
+                for n in (*_SECTIONS, *_OPTIONAL_SECTIONS) if n in payloads]
 
     def manifest_bytes():
         try:
@@ -169,7 +183,8 @@ def from_bytes(blob: bytes) -> Bundle:
         instructions = isa.decode_program(payloads["instructions"])
     except isa.IsaError as exc:
         raise BundleError(f"bundle instruction stream is invalid: {exc}") from exc
-    return Bundle(config=config, instructions=instructions, image=payloads["image"], manifest=meta)
+    return Bundle(config=config, instructions=instructions, image=payloads["image"], manifest=meta,
+                  tokenizer=payloads.get("tokenizer"))
 
 
 def save(bundle: Bundle, path: str | os.PathLike) -> None:

@@ -173,6 +173,8 @@ def _configure_compile(p):
                         "rtn for int4-asym, the better on trained weights)")
     p.add_argument("--max-seq", type=int, default=None, metavar="N", help="longest prompt + generation (default: KV capacity)")
     p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="override the config's KV capacity")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="PATH", help="tokenizer.json to store in the "
+                   "program, for --text and perplexity (default: the tokenizer.json beside the model, if any)")
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR", help="write each pass's output into DIR")
     p.add_argument("--offload-device", default="auto", choices=["auto", "none"],
                    help="auto (default): ops the overlay cannot run are placed on the host's offload device; "
@@ -190,7 +192,9 @@ def _configure_run(p):
     p.add_argument("--backend", default="isa", choices=list(BACKENDS),
                    help="; ".join(f"{name}: {spec.help}" for name, spec in BACKENDS.items()) + " (default: isa)")
     offload.add_arguments(p)
-    p.add_argument("--prompt", default="5,17,42", help="comma-separated prompt token ids (default: 5,17,42)")
+    p.add_argument("--prompt", default=None, help="comma-separated prompt token ids (default: 5,17,42)")
+    p.add_argument("--text", default=None, help="prompt text, through the tokenizer the program carries; the "
+                   "continuation is printed as text as it decodes")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default: 16)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy (default); >0: sample")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens (0: all)")
@@ -208,6 +212,28 @@ def _configure_run(p):
     p.add_argument("--image", type=Path, help="raw streams only: external-memory image loaded at address 0")
     p.add_argument("--args", default=None, metavar="R0,R1,...", help="raw streams only: scalar registers set before the run")
     p.set_defaults(func=_cmd_run)
+
+
+def _cmd_perplexity(args) -> int:
+    from kvoverlay.host.commands import perplexity_main
+
+    return perplexity_main(args)
+
+
+@command("perplexity", "teacher-forced mean NLL and perplexity of a text file under a program (llama.cpp's perplexity)")
+def _configure_perplexity(p):
+    from kvoverlay.host.backend import BACKENDS
+
+    p.add_argument("program", type=Path, help="program bundle (.kvo) that carries a tokenizer")
+    p.add_argument("--text-file", type=Path, required=True, metavar="F", help="UTF-8 text to score")
+    p.add_argument("--backend", default="isa", choices=list(BACKENDS), help="where the program runs (default: isa)")
+    p.add_argument("--chunk", type=int, default=None, metavar="N",
+                   help="tokens per chunk, each from an empty KV cache (default and most: the program's --max-seq)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score only the first N tokens of the file")
+    p.add_argument("--check", type=Path, default=None, metavar="MODEL.onnx",
+                   help="also report fp32 onnxruntime's figure on the same tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object (keys nll, perplexity, tokens, ...)")
+    p.set_defaults(func=_cmd_perplexity)
 
 
 @command("demo", "build a small Llama-style ONNX decoder, compile it, run it and check it against onnxruntime")

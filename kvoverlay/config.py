@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PRESETS", "WEIGHT_CHOICES", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
+__all__ = ["KV_BASE_BITS", "PRESETS", "WEIGHT_CHOICES", "WEIGHT_FORMATS", "ConfigError", "OverlayConfig", "load_config"]
 
 #: Weight formats the ISA can express, with their bit widths.
 WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16, "uint4": 4}
@@ -20,6 +20,8 @@ WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16, "uint4": 4}
 #: they are (``int4-sym``: the int4 format; ``int4-asym``: uint4, a zero point per group), and plain ``int4`` as
 #: the flavour that measured better on trained weights (docs/numerics.md, benchmarks/int4_formats.py).
 WEIGHT_CHOICES = {"w16": "w16", "int8": "int8", "int4": "uint4", "int4-sym": "int4", "int4-asym": "uint4"}
+#: Bits of KVAPPEND's and ATTN's ``kv_base`` (a column of the KV pool): the pool has at most 2**KV_BASE_BITS columns.
+KV_BASE_BITS = 13
 
 
 class ConfigError(ValueError):
@@ -56,9 +58,10 @@ class OverlayConfig:
     kv_capacity : int
         KV buffer capacity in tokens, per layer and KV head.
     max_layers : int
-        Layers the KV buffer is partitioned into.
+        Layers of ``max_kv_heads`` heads of ``max_head_dim`` the KV buffer holds: with those,
+        the size of the KV pool (:attr:`kv_columns`), which the compiler carves per model.
     max_kv_heads : int
-        KV heads per layer the KV buffer holds.
+        KV heads per layer of that sizing.
     max_head_dim : int
         Largest head dimension the attention engine accepts.
     attn_tile : int
@@ -113,6 +116,9 @@ class OverlayConfig:
         kv_words = self.kv_buffer_words
         if kv_words > 1 << 26:
             raise ConfigError(f"KV buffer of {kv_words} words exceeds 2^26; lower kv_capacity, max_layers, max_kv_heads or max_head_dim")
+        if self.kv_columns > 1 << KV_BASE_BITS:
+            raise ConfigError(f"KV pool of {self.kv_columns} columns exceeds 2^{KV_BASE_BITS}; lower max_layers, "
+                              "max_kv_heads or max_head_dim, or raise vector_lanes")
 
     # ---- derived quantities: computed here so that nobody recomputes them ----
     @property
@@ -132,6 +138,17 @@ class OverlayConfig:
         return 2 * self.max_layers * self.max_kv_heads * self.kv_capacity * self.max_head_dim
 
     @property
+    def kv_columns(self) -> int:
+        """The KV pool's size in columns (K and V alike): a column is ``kv_capacity`` words of ``vector_lanes``
+        mantissas. A KV head of dimension d takes :meth:`kv_head_columns` (d) columns, its tokens' words
+        adjacent; any mix of layers and heads whose columns add up to at most this fits."""
+        return self.max_layers * self.max_kv_heads * self.kv_head_columns(self.max_head_dim)
+
+    def kv_head_columns(self, head_dim: int) -> int:
+        """Columns of the KV pool one KV head of *head_dim* takes: ``ceil(head_dim / vector_lanes)``."""
+        return -(-head_dim // self.vector_lanes)
+
+    @property
     def bandwidth_gbps(self) -> float:
         """Peak external-memory bandwidth in GB/s at the target clock."""
         return self.port_bytes * self.clock_mhz * 1e6 / 1e9
@@ -142,9 +159,11 @@ class OverlayConfig:
         twice as many weights into the word, w16 half as many)."""
         return self.port_bytes
 
-    def holds_kv(self, layer: int, heads: int, head_dim: int) -> bool:
-        """Whether the KV buffer has room for *heads* KV heads of *head_dim* in *layer*."""
-        return layer < self.max_layers and heads <= self.max_kv_heads and head_dim <= self.max_head_dim
+    def holds_kv(self, kv_base: int, heads: int, head_dim: int) -> bool:
+        """Whether the KV pool holds *heads* KV heads of *head_dim* from column *kv_base* on (the one KV-fit
+        predicate: the compiler's layout, the golden model and the host's offload placement all ask it)."""
+        return (heads >= 1 and 1 <= head_dim <= self.max_head_dim
+                and kv_base + heads * self.kv_head_columns(head_dim) <= self.kv_columns)
 
     def weights_per_cycle(self, fmt: str) -> int:
         """Weights of format *fmt* the GEMV engine consumes per cycle (one port word)."""

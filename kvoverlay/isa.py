@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .config import KV_BASE_BITS
+
 __all__ = [
     "BY_CODE",
     "BY_NAME",
@@ -147,7 +149,8 @@ _LEN = Field("len", 16, doc="vector length in elements")
 _FMT = Field("fmt", 2, "enum:fmt", doc="weight format")
 _GROUP = Field("lg_group", 3, doc=f"group size is {GROUP_BASE} << lg_group weights per scale")
 _SEXP = Field("sexp", 7, signed=True, doc="exponent of the matrix's scale mantissas")
-_LAYER = Field("layer", 6, doc="KV-buffer layer")
+_KV_BASE = Field("kv_base", KV_BASE_BITS, doc="first KV-pool column of the layer's KV heads (head h starts at column "
+                 "kv_base + h * ceil(head_dim / vector_lanes))")
 _HDIM = Field("head_dim", 11, doc="elements per head")
 
 OPCODES = (
@@ -197,12 +200,12 @@ OPCODES = (
                                         Field("rd", 4, "reg", doc="destination register")),
              "Index of the first largest element into a register."),
     OpFormat("KVAPPEND", 17, "compute", (
-        *_v("k", "keys of all KV heads"), *_v("v", "values of all KV heads"), _LAYER,
+        *_v("k", "keys of all KV heads"), *_v("v", "values of all KV heads"), _KV_BASE,
         Field("heads", 8, doc="KV heads"), _HDIM, Field("pos_reg", 4, "reg", doc="register holding the position"),
         Field("pos_imm", 16, signed=True, doc="added to the position register")),
              "Append one token's keys and values to the on-chip KV buffer of a layer."),
     OpFormat("ATTN", 18, "compute", (
-        *_v("q", "queries of all heads (pre-scaled)"), *_v("dst", "output of all heads"), _LAYER,
+        *_v("q", "queries of all heads (pre-scaled)"), *_v("dst", "output of all heads"), _KV_BASE,
         Field("q_heads", 8, doc="query heads"), Field("kv_heads", 8, doc="KV heads (divides q_heads)"), _HDIM,
         Field("len_reg", 4, "reg", doc="register holding the KV length"),
         Field("len_imm", 16, signed=True, doc="added to the length register"),

@@ -37,8 +37,8 @@ REQ acc=128 acc_e=E22 len={kvd} dst=256 dst_e=E4
 ROPE x=128 x_e=E2 cos=1024 cos_e=E10 sin=1088 sin_e=E11 dst=128 dst_e=E2 heads={HEADS} head_dim={HD} mode=half
 ROPE x=192 x_e=E3 cos=1024 cos_e=E10 sin=1088 sin_e=E11 dst=192 dst_e=E3 heads={KV_HEADS} head_dim={HD} mode=half
 VSCALE a=128 a_e=E2 dst=128 dst_e=E2 len={D} imm_m={qs_m} imm_e={qs_e}
-KVAPPEND k=192 k_e=E3 v=256 v_e=E4 layer=0 heads={KV_HEADS} head_dim={HD} pos_reg=R1
-ATTN q=128 q_e=E2 dst=320 dst_e=E5 layer=0 q_heads={HEADS} kv_heads={KV_HEADS} head_dim={HD} len_reg=R1 len_imm=1 stats=512
+KVAPPEND k=192 k_e=E3 v=256 v_e=E4 kv_base=0 heads={KV_HEADS} head_dim={HD} pos_reg=R1
+ATTN q=128 q_e=E2 dst=320 dst_e=E5 kv_base=0 q_heads={HEADS} kv_heads={KV_HEADS} head_dim={HD} len_reg=R1 len_imm=1 stats=512
 GEMV addr={wo:#x} rows={D} cols={D} fmt=int8 lg_group=0 sexp={wo_sexp} x=320 x_e=E5 acc=0 acc_e=E20
 REQ acc=0 acc_e=E20 len={D} dst=384 dst_e=E6
 VADD a=0 a_e=E0 b=384 b_e=E6 dst=0 dst_e=E0 len={D}

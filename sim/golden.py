@@ -76,11 +76,13 @@ class GoldenModel:
         self.acc = np.zeros(config.acc_buffer_words, np.int64)
         self.eregs = [nx.EXP_MIN] * isa.NUM_EREGS
         self.regs = [0] * isa.NUM_REGS
-        shape = (config.max_layers, config.max_kv_heads, config.kv_capacity, config.max_head_dim)
-        self.kv_k = np.zeros(shape, np.int64)
-        self.kv_v = np.zeros(shape, np.int64)
-        self.kv_ek = np.full(shape[:3], nx.EXP_MIN, np.int64)
-        self.kv_ev = np.full(shape[:3], nx.EXP_MIN, np.int64)
+        # The KV pool, K and V alike: kv_columns * kv_capacity words of vector_lanes mantissas; a token's exponent
+        # sits at the index of its first word.
+        words = config.kv_columns * config.kv_capacity
+        self.kv_k = np.zeros((words, config.vector_lanes), np.int64)
+        self.kv_v = np.zeros((words, config.vector_lanes), np.int64)
+        self.kv_ek = np.full(words, nx.EXP_MIN, np.int64)
+        self.kv_ev = np.full(words, nx.EXP_MIN, np.int64)
         self.counters = Counters()
 
     # ------------------------------------------------------------ helpers
@@ -119,11 +121,28 @@ class GoldenModel:
         blob = nx.pack_vector_record(m, e)
         self._dram(addr, len(blob), write=True)[:] = np.frombuffer(blob, np.uint8)
 
-    def _kv_check(self, layer, heads, head_dim, pos):
+    def kv_words(self, kv_base, head, positions, head_dim):
+        """Word index of each position's first word of KV head *head* of the layer at column *kv_base*.
+
+        Head h of a layer starts at column ``kv_base + h * c`` (``c = kv_head_columns(head_dim)``); its token
+        at position p takes the c words from ``column * kv_capacity + p * c`` on.
+        """
+        c = self.config.kv_head_columns(head_dim)
+        return (kv_base + head * c) * self.config.kv_capacity + np.asarray(positions, np.int64) * c
+
+    def kv_read(self, kind, kv_base, head, positions, head_dim):
+        """(mantissas [len(positions), head_dim], exponents) of K (*kind* "k") or V ("v") tokens of one head."""
+        c = self.config.kv_head_columns(head_dim)
+        first = self.kv_words(kv_base, head, positions, head_dim)
+        mem, exps = (self.kv_k, self.kv_ek) if kind == "k" else (self.kv_v, self.kv_ev)
+        rows = mem[first[:, None] + np.arange(c)].reshape(len(first), -1)[:, :head_dim]
+        return rows, exps[first]
+
+    def _kv_check(self, kv_base, heads, head_dim, pos):
         c = self.config
-        if not c.holds_kv(layer, heads, head_dim) or heads < 1:
-            raise IndexError(f"layer {layer}, {heads} heads of {head_dim} exceed the KV buffer "
-                             f"({c.max_layers} layers, {c.max_kv_heads} heads of {c.max_head_dim})")
+        if not c.holds_kv(kv_base, heads, head_dim):
+            raise IndexError(f"{heads} heads of {head_dim} from KV column {kv_base} exceed the KV pool "
+                             f"({c.kv_columns} columns, heads of at most {c.max_head_dim})")
         if not 0 <= pos < c.kv_capacity:
             raise IndexError(f"KV position {pos} outside capacity {c.kv_capacity} (KV full)")
 
@@ -205,27 +224,32 @@ class GoldenModel:
             x, _ = self.vec(f["x"], 0, f["len"])
             self.regs[f["rd"]] = nx.argmax(x)
         elif op == "KVAPPEND":
-            h, d, layer = f["heads"], f["head_dim"], f["layer"]
+            h, d, base = f["heads"], f["head_dim"], f["kv_base"]
             pos = self.regs[f["pos_reg"]] + f["pos_imm"]
-            self._kv_check(layer, h, d, pos)
+            self._kv_check(base, h, d, pos)
             k, ek = self.vec(f["k"], f["k_e"], h * d)
             v, ev = self.vec(f["v"], f["v_e"], h * d)
-            self.kv_k[layer, :h, pos, :d] = k.reshape(h, d)
-            self.kv_v[layer, :h, pos, :d] = v.reshape(h, d)
-            self.kv_ek[layer, :h, pos] = ek
-            self.kv_ev[layer, :h, pos] = ev
+            c = self.config.kv_head_columns(d)
+            for head in range(h):
+                w = int(self.kv_words(base, head, pos, d))
+                for mem, exps, x, e in ((self.kv_k, self.kv_ek, k, ek), (self.kv_v, self.kv_ev, v, ev)):
+                    flat = mem[w:w + c].reshape(-1)  # lanes beyond head_dim keep their contents
+                    flat[:d] = x[head * d:(head + 1) * d]
+                    mem[w:w + c] = flat.reshape(c, -1)
+                    exps[w] = e
         elif op == "ATTN":
-            qh, kvh, d, layer = f["q_heads"], f["kv_heads"], f["head_dim"], f["layer"]
+            qh, kvh, d, base = f["q_heads"], f["kv_heads"], f["head_dim"], f["kv_base"]
             L = self.regs[f["len_reg"]] + f["len_imm"]
             if qh == 0 or kvh == 0 or qh % kvh:
                 raise ValueError(f"{qh} query heads do not map onto {kvh} KV heads")
-            self._kv_check(layer, kvh, d, max(L - 1, 0))
+            self._kv_check(base, kvh, d, max(L - 1, 0))
             if L < 1:
                 raise ValueError(f"attention over KV length {L}")
             q, eq = self.vec(f["q"], f["q_e"], qh * d)
+            ks, vs = ([self.kv_read(kind, base, h, np.arange(L), d) for h in range(kvh)] for kind in "kv")
             m, e, stats = nx.attention(
-                q, eq, self.kv_k[layer, :kvh, :L, :d], self.kv_ek[layer, :kvh, :L],
-                self.kv_v[layer, :kvh, :L, :d], self.kv_ev[layer, :kvh, :L], qh, kvh, d, self.config.attn_tile)
+                q, eq, np.stack([x for x, _ in ks]), np.stack([x for _, x in ks]),
+                np.stack([x for x, _ in vs]), np.stack([x for _, x in vs]), qh, kvh, d, self.config.attn_tile)
             self.put(f["dst"], f["dst_e"], m, e)
             self.acc[self._span(self.acc, f["stats"], 2 * qh, "accumulator buffer")] = stats
             return L

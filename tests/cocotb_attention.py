@@ -96,7 +96,8 @@ async def attention_case(dut):
         dut.host__acc_r__addr.value = a
 
     def set_kv(c):
-        dut.host_kv__layer.value, dut.host_kv__head.value, dut.host_kv__pos.value, dut.host_kv__chunk.value = c
+        (dut.host_kv__base.value, dut.host_kv__head.value, dut.host_kv__cols.value, dut.host_kv__pos.value,
+         dut.host_kv__chunk.value) = c
 
     abuf = await _read_seq(dut, set_abuf, lambda: int(dut.host__abuf_r__data.value), case["read_abuf"])
     acc = await _read_seq(dut, set_acc, lambda: int(dut.host__acc_r__data.value), case["read_acc"])

@@ -42,3 +42,20 @@ def pytest_terminal_summary(terminalreporter):
     if _COVERAGE is not None and _COVERAGE.runs:
         terminalreporter.write_sep("-", "RTL functional coverage")
         terminalreporter.write(_COVERAGE.report())
+
+
+@pytest.fixture(scope="session")
+def trained_small():
+    """The trained checkpoint (SmolLM2-135M, ``models/trained.py``) cut to its first 2 layers: real weights,
+    tokenizer and vocabulary, small enough for every test; the export is cached under ``.cache/models``."""
+    from kvoverlay.models.trained import trained_model
+
+    return trained_model(layers=2)
+
+
+@pytest.fixture(scope="session")
+def trained_full():
+    """The whole trained checkpoint (30 layers), for the targets that need a model that writes English."""
+    from kvoverlay.models.trained import trained_model
+
+    return trained_model()

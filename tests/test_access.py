@@ -43,7 +43,7 @@ def test_gemv_reads_its_accumulators_only_when_accumulating():
 
 
 def test_attention_lengths_follow_heads():
-    f = {"q": 0, "q_e": 3, "dst": 100, "dst_e": 4, "layer": 0, "q_heads": 4, "kv_heads": 2, "head_dim": 16,
+    f = {"q": 0, "q_e": 3, "dst": 100, "dst_e": 4, "kv_base": 0, "q_heads": 4, "kv_heads": 2, "head_dim": 16,
          "len_reg": 5, "len_imm": 0, "stats": 8}
     got = accesses(isa.Instr("ATTN", f))
     assert Access("abuf", 0, 64, False) in got and Access("abuf", 100, 164, True) in got

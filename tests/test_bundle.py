@@ -42,10 +42,10 @@ def test_round_trip(tmp_path):
 def test_layout():
     blob = kvo.to_bytes(make_bundle())
     magic, version, mlen = struct.unpack_from("<8sIQ", blob)
-    assert magic == b"KVOPROG\0" and version == 1
+    assert magic == b"KVOPROG\0" and version == 2
     manifest = json.loads(blob[20:20 + mlen])
     assert blob[20:20 + mlen] == json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["config"] == PRESETS["tiny"].to_dict()
     names = [s["name"] for s in manifest["sections"]]
     assert names == ["instructions", "image"]
@@ -120,10 +120,12 @@ def test_flipped_byte(name):
         kvo.from_bytes(bytes(blob))
 
 
-def test_wrong_version():
+@pytest.mark.parametrize("version", [7, 1])
+def test_wrong_version(version):
+    """A version 1 program (KVAPPEND and ATTN naming a layer slot, not a pool column) is refused, not misread."""
     blob = bytearray(kvo.to_bytes(make_bundle()))
-    struct.pack_into("<I", blob, 8, 7)
-    with pytest.raises(BundleError, match=r"unsupported format version 7 \(this build reads 1\)"):
+    struct.pack_into("<I", blob, 8, version)
+    with pytest.raises(BundleError, match=rf"unsupported format version {version} \(this build reads 2\)"):
         kvo.from_bytes(bytes(blob))
 
 
@@ -144,7 +146,7 @@ def test_corrupt_manifest():
 
 def test_errors_are_one_line():
     blob = kvo.to_bytes(make_bundle())
-    for bad in (blob[:30], b"nope" * 10, blob[:8] + b"\x02" + blob[9:]):
+    for bad in (blob[:30], b"nope" * 10, blob[:8] + b"\x09" + blob[9:]):
         with pytest.raises(BundleError) as info:
             kvo.from_bytes(bad)
         assert "\n" not in str(info.value)

@@ -5,6 +5,8 @@ import pytest
 from kvoverlay.compiler.codegen import insert_tokens
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.compiler.frontend import CompileError
+from kvoverlay.host.reference import ort_decode
+from kvoverlay.host.session import Session
 from kvoverlay.models.demo import build_llama_onnx
 from kvoverlay.sim.golden import GoldenModel
 
@@ -72,3 +74,55 @@ def test_abuf_too_small_is_a_clear_error():
 def test_group_size_is_validated():
     with pytest.raises(CompileError, match="group-size"):
         compile_model(build_llama_onnx(), "tiny", weights="int8", group_size=12, max_seq=8)
+
+
+def test_kv_pool_is_carved_by_columns():
+    """4 layers of 5 KV heads of 16 exceed tiny's grid of 4 heads per layer but not its pool: the layers are
+    packed side by side, recorded in the manifest, and the program follows its float64 reference."""
+    cfg = PRESETS["tiny"]
+    model = build_llama_onnx(layers=4, heads=5, kv_heads=5, head_dim=16, hidden=80)
+    b, _ = compile_model(model, "tiny", weights="w16", max_seq=8)
+    cols = 5 * cfg.kv_head_columns(16)
+    kv = b.manifest["kv"]
+    assert kv["pool_columns"] == cfg.kv_columns and kv["column_lanes"] == cfg.vector_lanes
+    assert [kv["layers"][str(i)]["kv_base"] for i in range(4)] == [0, cols, 2 * cols, 3 * cols]
+    assert all(kv["layers"][str(i)]["columns"] == cols for i in range(4))
+    bases = sorted({i.fields["kv_base"] for i in b.instructions if i.op in ("KVAPPEND", "ATTN")})
+    assert bases == [0, cols, 2 * cols, 3 * cols]
+    tokens, ref = ort_decode(model, [5, 17, 42], 5)
+    res = Session(b).generate([5, 17, 42], 5)
+    assert res.tokens == tokens
+    for g, r in zip(res.logits, ref, strict=True):
+        assert g @ r / (np.linalg.norm(g) * np.linalg.norm(r)) >= 0.999
+
+
+def test_layers_past_the_kv_pool_compile_for_the_offload_device():
+    """A pool of 64 columns (tiny with one layer of 4 heads of 64); 5 layers of one KV head of 64 need 80: the
+    first 4 are carved from the pool, the 5th gets a base past it, which the host runs on the offload device; the
+    decode still follows onnxruntime."""
+    from kvoverlay.host.backend import kv_layers, outside_kv_buffer
+
+    cfg = PRESETS["tiny"].replace(max_layers=1)
+    model = build_llama_onnx(layers=5, kv_heads=1, head_dim=64, heads=1, hidden=64)
+    b, _ = compile_model(model, cfg, max_seq=8)
+    bases = [b.manifest["kv"]["layers"][str(i)]["kv_base"] for i in range(5)]
+    assert bases == [0, 16, 32, 48, 64] and b.manifest["kv"]["pool_columns"] == 64
+    assert kv_layers(b, {i.fields["kv_base"] for i in outside_kv_buffer(b).values()}) == [4]
+    tokens, _ = ort_decode(model, [5, 17, 42], 4)
+    with Session(b, offload_device="cpu") as s:
+        res = s.generate([5, 17, 42], 4)
+        assert res.tokens == tokens
+        assert s.backend.device_layers == [64]
+
+
+def test_gpt2_of_five_heads_of_16_compiles_for_tiny():
+    """Issue 12: 5 KV heads of 16 do not fit tiny's grid of 4 head slots of 64, but their 5 x 16 words do fit the
+    pool; the program decodes onnxruntime's greedy tokens."""
+    from kvoverlay.models.exported import CHECK_PROMPT, export_model
+
+    path = export_model("gpt2", n_head=5, n_embd=80)
+    b, _ = compile_model(str(path), "tiny", weights="w16", max_seq=16)
+    assert {v["kv_heads"] for v in b.manifest["kv"]["layers"].values()} == {5}
+    tokens, _ = ort_decode(str(path), list(CHECK_PROMPT), 8)
+    with Session(b, offload_device="none") as s:
+        assert s.generate(list(CHECK_PROMPT), 8).tokens == tokens

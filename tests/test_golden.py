@@ -85,8 +85,8 @@ def test_gqa_attention_and_kv_append_against_float64():
         q = load_vec(model, 128, 2, RNG.normal(size=heads * hd) * 0.5)
         ks.append(k.reshape(kvh, hd))
         vs.append(v.reshape(kvh, hd))
-        run(model, f"KVAPPEND k=0 k_e=E0 v=64 v_e=E1 layer=1 heads={kvh} head_dim={hd} pos_reg=R1\n"
-                   f"ATTN q=128 q_e=E2 dst=256 dst_e=E3 layer=1 q_heads={heads} kv_heads={kvh} head_dim={hd} "
+        run(model, f"KVAPPEND k=0 k_e=E0 v=64 v_e=E1 kv_base=1 heads={kvh} head_dim={hd} pos_reg=R1\n"
+                   f"ATTN q=128 q_e=E2 dst=256 dst_e=E3 kv_base=1 q_heads={heads} kv_heads={kvh} head_dim={hd} "
                    "len_reg=R1 len_imm=1 stats=0", args=[0, pos])
         K, V = np.stack(ks, 1), np.stack(vs, 1)
         ref = []
@@ -100,10 +100,35 @@ def test_gqa_attention_and_kv_append_against_float64():
         assert np.max(np.abs(got - np.concatenate(ref))) <= 2.0 ** -12 * np.max(np.abs(V))
 
 
+def test_kv_pool_packs_heads_by_columns():
+    """Five KV heads of 16 take 5 * ceil(16 / lanes) columns of the pool; two layers placed side by side keep
+    their own tokens, and a layer that would run past the pool's last column is an error."""
+    kvh, hd = 5, 16
+    cols = CFG.kv_head_columns(hd)
+    assert kvh > CFG.max_kv_heads and 2 * kvh * cols <= CFG.kv_columns
+    model = GoldenModel(CFG)
+    written = {}
+    for pos in range(3):
+        for base in (0, kvh * cols):
+            k = load_vec(model, 0, 0, RNG.normal(size=kvh * hd))
+            v = load_vec(model, 128, 1, RNG.normal(size=kvh * hd))
+            run(model, f"KVAPPEND k=0 k_e=E0 v=128 v_e=E1 kv_base={base} heads={kvh} head_dim={hd} pos_reg=R1",
+                args=[0, pos])
+            written[base, pos] = (k.reshape(kvh, hd), v.reshape(kvh, hd))
+    for (base, pos), (k, v) in written.items():
+        for h in range(kvh):
+            for kind, want in (("k", k), ("v", v)):
+                m, e = model.kv_read(kind, base, h, [pos], hd)
+                assert np.array_equal(nx.to_float(m[0], e[0]), want[h])
+    last = CFG.kv_columns - kvh * cols + 1
+    with pytest.raises(ExecError, match="exceed the KV pool"):
+        run(model, f"KVAPPEND k=0 v=128 kv_base={last} heads={kvh} head_dim={hd} pos_reg=R0", args=[0])
+
+
 def test_kv_full_is_an_error_naming_the_pc():
     model = GoldenModel(CFG)
     with pytest.raises(ExecError, match=r"pc 1: KVAPPEND: .*KV full"):
-        run(model, "NOP queue=load\nKVAPPEND k=0 v=0 layer=0 heads=1 head_dim=8 pos_reg=R0", args=[CFG.kv_capacity])
+        run(model, "NOP queue=load\nKVAPPEND k=0 v=0 kv_base=0 heads=1 head_dim=8 pos_reg=R0", args=[CFG.kv_capacity])
 
 
 def test_deadlock_and_missing_end():
@@ -151,8 +176,8 @@ def test_replay_cycles_is_the_run_without_executing():
     model = GoldenModel(CFG, bytes(image) + nx.pack_vector_record(*nx.from_float(RNG.normal(size=64))))
     text = ("LOAD addr=8192 len=64 dst=256 dst_e=E1 push_next\n"
             "GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=256 x_e=E1 acc=0 acc_e=E2 pop_prev\n"
-            "KVAPPEND k=256 k_e=E1 v=256 v_e=E1 layer=0 heads=1 head_dim=16 pos_reg=R0 pos_imm=0\n"
-            "ATTN q=256 q_e=E1 dst=512 dst_e=E3 layer=0 q_heads=1 kv_heads=1 head_dim=16 len_reg=R0 len_imm=1 stats=100\n"
+            "KVAPPEND k=256 k_e=E1 v=256 v_e=E1 kv_base=0 heads=1 head_dim=16 pos_reg=R0 pos_imm=0\n"
+            "ATTN q=256 q_e=E1 dst=512 dst_e=E3 kv_base=0 q_heads=1 kv_heads=1 head_dim=16 len_reg=R0 len_imm=1 stats=100\n"
             "END")
     program = isa.assemble(text)
     for position in (0, 5):

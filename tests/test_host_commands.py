@@ -14,7 +14,8 @@ from test_cli import assert_one_line_error, kvo
 
 RUN_KEYS = {"backend", "tokens", "prompt_tokens", "cycles", "cycles_per_token", "bytes_read_per_token",
             "bytes_required_per_token", "roofline_cycles_per_token", "bandwidth_efficiency", "wall_s", "placement"}
-COMPILE_KEYS = {"instructions", "program_bytes", "weight_bytes", "kv_capacity_tokens", "placement", "compile_s"}
+COMPILE_KEYS = {"instructions", "program_bytes", "weight_bytes", "kv_capacity_tokens", "placement", "compile_s",
+                "tokenizer"}
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,10 @@ def test_batched_prefill_equals_step_by_step(program):
     nxt, logits, kv = GpuBackend(b, device="cpu").prefill(prompt)
     assert nxt == steps[-1][0]
     np.testing.assert_allclose(logits, steps[-1][1], rtol=1e-4, atol=1e-4)
-    layers = b.manifest["kv"]["layers"]
-    assert sorted(kv) == sorted(int(k) for k in layers)
-    for layer, (k, v) in kv.items():
-        assert k.shape == v.shape == (layers[str(layer)]["kv_heads"], len(prompt), layers[str(layer)]["head_dim"])
+    layers = {v["kv_base"]: v for v in b.manifest["kv"]["layers"].values()}  # the KV is keyed by its pool base
+    assert sorted(kv) == sorted(layers)
+    for base, (k, v) in kv.items():
+        assert k.shape == v.shape == (layers[base]["kv_heads"], len(prompt), layers[base]["head_dim"])
 
 
 def test_step_by_step_equals_one_run(program):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import FAMILIES
 from kvoverlay.compiler.driver import compile_model
+from kvoverlay.host.backend import kv_layers
 from kvoverlay.host.offload import (
     HybridGoldenBackend,
     OffloadError,
@@ -200,7 +201,10 @@ def test_phase_split_prefill_on_torch_then_decode_on_the_overlay(hybrid_program)
     where = counters.placement
     assert where["prefill"] == "gpu" and (where["kv_on_chip_tokens"], where["kv_offloaded_tokens"]) == (64, 36)
     resident = Residency(64, 4).resident(len(PROMPT) - 1)
-    assert np.count_nonzero(overlay.model.kv_k[0, :, :64].any(axis=-1)) == 2 * len(resident)  # 2 KV heads, every slot
+    layer0 = b.manifest["kv"]["layers"]["0"]
+    written = [overlay.model.kv_read("k", layer0["kv_base"], h, range(64), layer0["head_dim"])[0].any(axis=-1)
+               for h in range(layer0["kv_heads"])]
+    assert layer0["kv_heads"] == 2 and np.count_nonzero(written) == 2 * len(resident)  # 2 KV heads, every slot
     tokens, got = [first], [logits]
     for i in range(NEW - 1):
         nxt, lg, _ = overlay.step(tokens[-1], len(PROMPT) + i)
@@ -214,12 +218,14 @@ def test_phase_split_prefill_on_torch_then_decode_on_the_overlay(hybrid_program)
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_layers_beyond_the_buffer_run_on_the_offload_device(family, exported_models):
-    """A KV buffer of one layer: layer 1's KV and attention go to the offload device, layer 0 stays on the overlay
-    and, past 64 tokens, attends hybrid. Tokens and logits still follow onnxruntime."""
+    """A KV pool of one layer's columns: layer 1's KV and attention go to the offload device, layer 0 stays on the
+    overlay and, past 64 tokens, attends hybrid. Tokens and logits still follow onnxruntime."""
     path = str(exported_models[family])
-    b = compile_model(path, PRESETS["tiny"].replace(max_layers=1), weights="w16", max_seq=256, kv_capacity=64)[0]
+    kv_heads = {"llama": 2, "gpt2": 4}[family]  # both with KV heads of 16
+    cfg = PRESETS["tiny"].replace(max_layers=1, max_kv_heads=kv_heads, max_head_dim=16)
+    b = compile_model(path, cfg, weights="w16", max_seq=256, kv_capacity=64)[0]
     s = Session(b, backend="isa")
-    assert s.backend.device_layers == [1]
+    assert kv_layers(b, s.backend.device_layers) == [1]
     res = s.generate(PROMPT, NEW)
     ref = compare(path, PROMPT, res.tokens, res.logits)
     p = s.backend.placement
@@ -227,7 +233,7 @@ def test_layers_beyond_the_buffer_run_on_the_offload_device(family, exported_mod
     assert p["layers_on_device"] == [1] and p["layers_offloaded"] == [0, 1] and "attention" in p["ops_off_overlay"]
     assert ref["logits_cosine_min"] >= 0.999
     assert ref["token_match"], (res.tokens, ref["tokens"])
-    with pytest.raises(OffloadError, match=r"layers \[1\] .* does not fit the overlay's KV buffer of 1 layers .*1 layers over"):
+    with pytest.raises(OffloadError, match=r"layers \[1\] .* does not fit the overlay's KV pool of .*1 layers over"):
         HybridGoldenBackend(b, offload_device="none")
 
 

@@ -320,3 +320,15 @@ def test_hybrid_attention_on_rtl(rtl_model, layers):
     ref = compare(path, HYBRID_PROMPT, got.tokens, got.logits)
     assert ref["logits_cosine_min"] >= 0.999
     assert ref["token_match"], (got.tokens, ref["tokens"])
+
+
+def test_gpt2_of_five_heads_fits_the_kv_pool(rtl_model):
+    """GPT-2 with 5 heads of 16 on tiny, whose KV pool is sized as 4 layers of 4 heads of 64: 5 x 4 columns per
+    layer fit, and the RTL decodes it exactly as the golden model does (the golden model follows onnxruntime:
+    tests/test_compiler_codegen.py)."""
+    from kvoverlay.models.exported import export_model
+
+    path = export_model("gpt2", n_head=5, n_embd=80)
+    program, _ = compile_model(str(path), "tiny", weights="int8", max_seq=8)
+    assert [v["kv_base"] for v in program.manifest["kv"]["layers"].values()] == [0, 20]
+    assert_same_generation(program, [3, 11], 3)

@@ -20,7 +20,6 @@ from amaranth.back import verilog
 from amaranth.sim import Simulator
 from cocotb_tools.runner import get_results, get_runner
 from kvoverlay.hw.attention import AttentionEngine, Exp2Neg
-from kvoverlay.hw.kv_buffer import kv_geometry
 from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
 from kvoverlay.sim.golden import GoldenModel
@@ -81,9 +80,10 @@ class Scenario:
         self.read_acc = []
         self.read_kv = []
 
-    def append_tokens(self, layer, heads, head_dim, length, *, offset=0, base=TOKENS_ADDR, v_exp=None, v_top=None,
+    def append_tokens(self, kv_base, heads, head_dim, length, *, offset=0, base=TOKENS_ADDR, v_exp=None, v_top=None,
                       same=False):
-        """KVAPPENDs of *length* random tokens at positions 0.. (through R[POS_REG] + pos_imm).
+        """KVAPPENDs of *length* random tokens at positions 0.. (through R[POS_REG] + pos_imm) into the KV-pool
+        columns from *kv_base* on.
 
         *v_exp* fixes every value exponent, *v_top* bounds the value mantissas (0: all zero), *same*
         repeats the first token with values -2**15 (equal scores: the softmax sum grows with the length).
@@ -110,21 +110,21 @@ class Scenario:
                 if same:  # int16's most negative value: the output's peak is an exact power of two
                     self.abuf[v_addr:v_addr + n] = -numerics.MANT_MAX - 1
             self.program.append(isa.Instr("KVAPPEND", {
-                "k": k_addr, "k_e": K_E0 + t % NE, "v": v_addr, "v_e": V_E0 + t % NE, "layer": layer,
+                "k": k_addr, "k_e": K_E0 + t % NE, "v": v_addr, "v_e": V_E0 + t % NE, "kv_base": kv_base,
                 "heads": heads, "head_dim": head_dim, "pos_reg": POS_REG, "pos_imm": t - self.regs[POS_REG]}))
-        nch = -(-head_dim // LANES)
-        chunks = min(kv_geometry(CFG)["row_chunks"], nch + 1)
-        self.read_kv += [(layer, h, p, c) for h in range(heads) for p in range(length) for c in range(chunks)]
+        cols = CFG.kv_head_columns(head_dim)
+        self.read_kv += [(kv_base, h, cols, p, c, head_dim) for h in range(heads) for p in range(length)
+                         for c in range(cols)]
         return base + length * stride
 
-    def attend(self, layer, q_heads, kv_heads, head_dim, length, *, stats=5):
+    def attend(self, kv_base, q_heads, kv_heads, head_dim, length, *, stats=5):
         rng = self.rng
         n = q_heads * head_dim
         self.abuf[Q_ADDR:Q_ADDR + n] = rng.integers(-32767, 32768, n)
         self.eregs[Q_E] = int(rng.integers(-16, -13))
         self.regs[LEN_REG] = int(rng.integers(0, 3))
         self.program.append(isa.Instr("ATTN", {
-            "q": Q_ADDR, "q_e": Q_E, "dst": DST_ADDR, "dst_e": DST_E, "layer": layer, "q_heads": q_heads,
+            "q": Q_ADDR, "q_e": Q_E, "dst": DST_ADDR, "dst_e": DST_E, "kv_base": kv_base, "q_heads": q_heads,
             "kv_heads": kv_heads, "head_dim": head_dim, "len_reg": LEN_REG, "len_imm": length - self.regs[LEN_REG],
             "stats": stats}))
         self.read_abuf |= set(range(DST_ADDR // AL, (DST_ADDR + n + AL - 1) // AL))
@@ -157,7 +157,8 @@ class Scenario:
             "abuf": [[w, _pack(self.abuf[w * AL:(w + 1) * AL], AL)] for w in range(last_word)],
             "eregs": sorted(self.eregs.items()), "regs": sorted(self.regs.items()),
             "program": [isa.encode(i) for i in self.program],
-            "read_abuf": sorted(self.read_abuf), "read_acc": self.read_acc, "read_kv": self.read_kv,
+            "read_abuf": sorted(self.read_abuf), "read_acc": self.read_acc,
+            "read_kv": [c[:5] for c in self.read_kv],
             "num_eregs": isa.NUM_EREGS, "result": str(work / f"result_{tag}.json"),
         }
         case_file = work / f"{tag}.json"
@@ -193,21 +194,22 @@ class Scenario:
             assert _unpack(word, AL) == [int(v) for v in g.abuf[w * AL:(w + 1) * AL]], f"abuf word {w}"
         acc = [v - (1 << 64) if v >> 63 else v for v in res["acc"]]
         assert acc == [int(g.acc[a]) for a in self.read_acc]
-        for (layer, h, p, c), (k, v, ek, ev) in zip(self.read_kv, res["kv"]):
-            lo, hi = c * LANES, min((c + 1) * LANES, CFG.max_head_dim)
-            assert _unpack(k, LANES)[:hi - lo] == [int(x) for x in g.kv_k[layer, h, p, lo:hi]], (layer, h, p, c)
-            assert _unpack(v, LANES)[:hi - lo] == [int(x) for x in g.kv_v[layer, h, p, lo:hi]], (layer, h, p, c)
-            assert (ek, ev) == (int(g.kv_ek[layer, h, p]), int(g.kv_ev[layer, h, p]))
+        for (base, h, _, p, c, d), (k, v, ek, ev) in zip(self.read_kv, res["kv"]):
+            first = int(g.kv_words(base, h, p, d))  # whole words: the lanes a write masked keep their contents
+            assert _unpack(k, LANES) == [int(x) for x in g.kv_k[first + c]], (base, h, p, c)
+            assert _unpack(v, LANES) == [int(x) for x in g.kv_v[first + c]], (base, h, p, c)
+            assert (ek, ev) == (int(g.kv_ek[first]), int(g.kv_ev[first]))
         return g, res
 
 
 def test_kvappend_bit_exact(build):
-    """Two heads of an odd head_dim (head 1 starts mid-word) from unaligned slices, then overwrite a position."""
+    """Two heads of an odd head_dim (head 1 starts mid-word) from unaligned slices at an odd pool column, then
+    overwrite a position."""
     s = Scenario(1)
-    end = s.append_tokens(2, 2, 10, 6, offset=3)
+    end = s.append_tokens(37, 2, 10, 6, offset=3)
     # the same position again (a token rewritten) and a single-head token of another layer
     s.abuf[end:end + 20] = s.rng.integers(-32767, 32768, 20)
-    s.program.append(isa.Instr("KVAPPEND", {"k": end, "k_e": 5, "v": end + 10, "v_e": 6, "layer": 2, "heads": 1,
+    s.program.append(isa.Instr("KVAPPEND", {"k": end, "k_e": 5, "v": end + 10, "v_e": 6, "kv_base": 37, "heads": 1,
                                             "head_dim": 10, "pos_reg": POS_REG, "pos_imm": 4 - s.regs[POS_REG]}))
     s.check(build)
 
@@ -216,13 +218,13 @@ def test_kvappend_errors(build):
     """KV full (position = capacity, negative), bad geometry and buffer overrun are errors with no side effect."""
     s = Scenario(2)
     s.append_tokens(0, 1, 8, 2)
-    base = {"k": TOKENS_ADDR, "k_e": 1, "v": TOKENS_ADDR + 8, "v_e": 2, "layer": 0, "heads": 1, "head_dim": 8,
+    base = {"k": TOKENS_ADDR, "k_e": 1, "v": TOKENS_ADDR + 8, "v_e": 2, "kv_base": 0, "heads": 1, "head_dim": 8,
             "pos_reg": POS_REG}
     bad = [
         {"pos_imm": CFG.kv_capacity - s.regs[POS_REG]},
         {"pos_imm": -1 - s.regs[POS_REG]},
-        {"pos_imm": 0, "layer": CFG.max_layers},
-        {"pos_imm": 0, "heads": CFG.max_kv_heads + 1},
+        {"pos_imm": 0, "kv_base": CFG.kv_columns - 1},  # its 2 columns run past the pool
+        {"pos_imm": 0, "heads": 0},
         {"pos_imm": 0, "head_dim": CFG.max_head_dim + 2},
         {"pos_imm": 0, "v": CFG.act_buffer_words - 4},
     ]
@@ -252,9 +254,10 @@ ATTN_CASES = {
 def test_attn_bit_exact(build, name):
     qh, kvh, d, length = ATTN_CASES[name]
     s = Scenario(100 + list(ATTN_CASES).index(name))
-    layer = 1 + list(ATTN_CASES).index(name) % (CFG.max_layers - 1)
-    s.append_tokens(layer, kvh, d, length)
-    s.attend(layer, qh, kvh, d, length)
+    # layers at varied pool columns, the last case's heads ending at the pool's last column
+    kv_base = CFG.kv_columns - kvh * CFG.kv_head_columns(d) if name == "max_head_dim" else 5 * list(ATTN_CASES).index(name)
+    s.append_tokens(kv_base, kvh, d, length)
+    s.attend(kv_base, qh, kvh, d, length)
     g, res = s.check(build)
     # the output is a real softmax: nonzero and normalized
     out = g.abuf[DST_ADDR:DST_ADDR + qh * d]

@@ -1,5 +1,6 @@
-"""KvBuffer in Amaranth's simulator: every (layer, head, position, chunk) is its own word, lanes are masked,
-exponents start at EXP_MIN, and the engine and host read ports agree."""
+"""KvBuffer in Amaranth's simulator: a pool carved into two layers of different head counts and widths, every
+(base, head, position, chunk) its own word at the golden model's index, lanes masked, exponents starting at
+EXP_MIN, and the engine and host read ports agreeing."""
 
 import numpy as np
 import pytest
@@ -8,12 +9,15 @@ pytest.importorskip("amaranth")
 
 from amaranth.sim import Simulator
 from kvoverlay.hw.kv_buffer import KvBuffer, kv_geometry
+from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import numerics
 from kvoverlay.config import PRESETS
 
-#: Small enough to visit every word; head_dim 6 over 4 lanes leaves a partial last chunk.
+#: A pool of 8 columns of 3 tokens (24 words); head_dim 5 over 4 lanes leaves a partial last chunk.
 CFG = PRESETS["tiny"].replace(kv_capacity=3, max_layers=2, max_kv_heads=2, max_head_dim=6)
+#: (kv_base, KV heads, head_dim): 3 heads of 5 (2 columns each) from column 0, 2 heads of 3 (1 column) from 6
+LAYERS = ((0, 3, 5), (6, 2, 3))
 
 
 def _lanes(word, lanes):
@@ -22,44 +26,66 @@ def _lanes(word, lanes):
 
 def test_geometry():
     g = kv_geometry(CFG)
-    assert g == {"lanes": CFG.vector_lanes, "row_chunks": 2, "rows": 2 * 2 * 3}
-    assert 2 * g["rows"] * g["row_chunks"] * g["lanes"] >= CFG.kv_buffer_words
+    assert CFG.kv_columns == 8
+    assert g == {"lanes": CFG.vector_lanes, "row_chunks": 2, "words": 8 * 3}
+    assert 2 * g["words"] * g["lanes"] >= CFG.kv_buffer_words
+
+
+def _coords():
+    """(base, head, cols, pos, chunk) of every word of the carved pool."""
+    out = []
+    for base, heads, d in LAYERS:
+        cols = CFG.kv_head_columns(d)
+        out += [(base, h, cols, p, c) for h in range(heads) for p in range(CFG.kv_capacity) for c in range(cols)]
+    return out
+
+
+def test_word_index_is_the_golden_models():
+    dut, golden = KvBuffer(CFG), GoldenModel(CFG)
+    words = []
+    for base, heads, d in LAYERS:
+        cols = CFG.kv_head_columns(d)
+        for h in range(heads):
+            for p in range(CFG.kv_capacity):
+                assert dut.word_index(base, h, cols, p) == int(golden.kv_words(base, h, p, d))
+                words += [dut.word_index(base, h, cols, p) + c for c in range(cols)]
+    assert sorted(words) == list(range(kv_geometry(CFG)["words"]))  # the two layers fill the pool exactly
 
 
 def test_kv_buffer_words_and_masks():
     dut = KvBuffer(CFG)
-    g = dut.geometry
-    lanes = g["lanes"]
-    coords = [(la, h, p, c) for la in range(CFG.max_layers) for h in range(CFG.max_kv_heads)
-              for p in range(CFG.kv_capacity) for c in range(g["row_chunks"])]
+    lanes = dut.geometry["lanes"]
+    coords = _coords()
     rng = np.random.default_rng(5)
     k_words = {c: [int(x) for x in rng.integers(0, 1 << 16, lanes)] for c in coords}
     v_words = {c: [int(x) for x in rng.integers(0, 1 << 16, lanes)] for c in coords}
-    exps = {c[:3]: (int(rng.integers(numerics.EXP_MIN, numerics.EXP_MAX + 1)),
+    exps = {c[:4]: (int(rng.integers(numerics.EXP_MIN, numerics.EXP_MAX + 1)),
                     int(rng.integers(numerics.EXP_MIN, numerics.EXP_MAX + 1))) for c in coords}
     masked = coords[5]  # written again with only lanes 1 and 3 enabled
     patch = [0xAAAA + i for i in range(lanes)]
     p, host = dut.port, dut.host
     seen = {}
+    write_names = ("wr_base", "wr_head", "cols", "wr_pos", "wr_chunk")
 
     def pack(vals):
         return sum(v << (16 * i) for i, v in enumerate(vals))
+
+    def other_of(c):  # a V position of the same head, read beside K's
+        return (c[3] + 1) % CFG.kv_capacity, (c[4] + 1) % c[2]
 
     async def tb(ctx):
         # nothing written yet: exponents read EXP_MIN on both ports
         await ctx.tick()
         assert ctx.get(p.rd_ek) == ctx.get(host.ev) == numerics.EXP_MIN
         for c in coords:
-            ctx.set(p.wr_layer, c[0])
-            ctx.set(p.wr_head, c[1])
-            ctx.set(p.wr_pos, c[2])
-            ctx.set(p.wr_chunk, c[3])
+            for name, v in zip(write_names, c):
+                ctx.set(getattr(p, name), v)
             ctx.set(p.wr_mask, (1 << lanes) - 1)
             ctx.set(p.wr_data, pack(k_words[c]))
             ctx.set(p.wr_k_en, 1)
-            ctx.set(p.wr_e_en, c[3] == 0)
-            ctx.set(p.wr_ek, exps[c[:3]][0])
-            ctx.set(p.wr_ev, exps[c[:3]][1])
+            ctx.set(p.wr_e_en, c[4] == 0)
+            ctx.set(p.wr_ek, exps[c[:4]][0])
+            ctx.set(p.wr_ev, exps[c[:4]][1])
             await ctx.tick()
             ctx.set(p.wr_k_en, 0)
             ctx.set(p.wr_e_en, 0)
@@ -67,7 +93,7 @@ def test_kv_buffer_words_and_masks():
             ctx.set(p.wr_v_en, 1)
             await ctx.tick()
             ctx.set(p.wr_v_en, 0)
-        for name, val in zip(("wr_layer", "wr_head", "wr_pos", "wr_chunk"), masked):
+        for name, val in zip(write_names, masked):
             ctx.set(getattr(p, name), val)
         ctx.set(p.wr_mask, 0b1010)
         ctx.set(p.wr_data, pack(patch))
@@ -75,11 +101,10 @@ def test_kv_buffer_words_and_masks():
         await ctx.tick()
         ctx.set(p.wr_k_en, 0)
         for c in coords:
-            # the engine port reads K and V of two different positions at once
-            other = coords[(coords.index(c) + 7) % len(coords)]
-            for port, names, val in ((p, ("rd_layer", "rd_head", "rd_k_pos", "rd_k_chunk"), c),
-                                     (p, ("rd_v_pos", "rd_v_chunk"), other[2:]),
-                                     (host, ("layer", "head", "pos", "chunk"), c)):
+            # the engine port reads K and V of two different positions of one head at once
+            for port, names, val in ((p, ("rd_base", "rd_head", "cols", "rd_k_pos", "rd_k_chunk"), c),
+                                     (p, ("rd_v_pos", "rd_v_chunk"), other_of(c)),
+                                     (host, ("base", "head", "cols", "pos", "chunk"), c)):
                 for name, v in zip(names, val):
                     ctx.set(getattr(port, name), v)
             await ctx.tick()
@@ -94,9 +119,9 @@ def test_kv_buffer_words_and_masks():
         k = list(k_words[c])
         if c == masked:
             k[1], k[3] = patch[1], patch[3]
-        other = (*c[:2], *coords[(coords.index(c) + 7) % len(coords)][2:])
+        other = (*c[:3], *other_of(c))
         rk, rv, ek, ev, hk, hv, hek, hev = seen[c]
         assert _lanes(hk, lanes) == k and _lanes(hv, lanes) == v_words[c], c
-        assert (hek, hev) == exps[c[:3]], c
+        assert (hek, hev) == exps[c[:4]], c
         assert rk == hk and ek == hek, c
-        assert _lanes(rv, lanes) == v_words[other] and ev == exps[other[:3]][1], (c, other)
+        assert _lanes(rv, lanes) == v_words[other] and ev == exps[other[:4]][1], (c, other)

@@ -199,8 +199,8 @@ def test_token_deadlock_trips_watchdog_naming_unit(model_dir):
 @pytest.mark.parametrize("text, pc, fault", [
     ("NOP queue=compute\nVADD a=3 b=0 dst=0 len=4\nEND", 1, "unaligned"),
     ("ARGMAX x=0 len=0 rd=R1\nEND", 0, "shape"),
-    ("ATTN q=0 dst=0 layer=0 q_heads=2 kv_heads=1 head_dim=8 len_reg=R0 len_imm=0 stats=0\nEND", 0, "kv range"),
-    ("KVAPPEND k=0 v=64 layer=0 heads=1 head_dim=8 pos_reg=R0 pos_imm=-1\nEND", 0, "kv range"),
+    ("ATTN q=0 dst=0 kv_base=0 q_heads=2 kv_heads=1 head_dim=8 len_reg=R0 len_imm=0 stats=0\nEND", 0, "kv range"),
+    ("KVAPPEND k=0 v=64 kv_base=0 heads=1 head_dim=8 pos_reg=R0 pos_imm=-1\nEND", 0, "kv range"),
     ("NOP queue=load\nLDROW addr=0 row_reg=R0 row_imm=0 cols=32 fmt=uint4 lg_group=2 sexp=0 dst=0 dst_e=E1\nEND", 1, "format"),
 ], ids=["vector-unaligned", "argmax-empty", "attn-empty", "kvappend-negative", "ldrow-uint4"])
 def test_vector_and_attention_faults_report_pc(model_dir, text, pc, fault):
@@ -392,11 +392,11 @@ def random_full_program(rng, cfg):
     def out(n):
         return alloc(n), next(eregs)
 
-    # KV: layer, heads, tokens
-    layer = int(rng.integers(0, cfg.max_layers))
+    # KV: a layer at a random pool column, heads, tokens
     kvh = int(rng.choice([1, 2]))
     qh = kvh * int(rng.choice([1, 2]))
     d = int(rng.choice([8, 12, 16]))
+    kv_base = int(rng.integers(0, cfg.kv_columns - kvh * cfg.kv_head_columns(d) + 1))
     ntok = int(rng.integers(2, 2 * cfg.attn_tile + 3))
     pos_base = int(rng.integers(0, 3))
     # tokens cycle through three K and three V exponent registers (32 registers would not cover each token)
@@ -431,10 +431,10 @@ def random_full_program(rng, cfg):
         first = False
 
     for t, ((k, k_e), (v, v_e)) in enumerate(kv):
-        comp(f"KVAPPEND k={k} k_e=E{k_e} v={v} v_e=E{v_e} layer={layer} heads={kvh} head_dim={d} pos_reg=R1 "
+        comp(f"KVAPPEND k={k} k_e=E{k_e} v={v} v_e=E{v_e} kv_base={kv_base} heads={kvh} head_dim={d} pos_reg=R1 "
              f"pos_imm={t - pos_base}")
     att, att_e = out(qh * d)
-    comp(f"ATTN q={q} q_e=E{q_e} dst={att} dst_e=E{att_e} layer={layer} q_heads={qh} kv_heads={kvh} head_dim={d} "
+    comp(f"ATTN q={q} q_e=E{q_e} dst={att} dst_e=E{att_e} kv_base={kv_base} q_heads={qh} kv_heads={kvh} head_dim={d} "
          f"len_reg=R2 len_imm={ntok - 2 * pos_base} stats=100")
     comp(f"GEMV addr={waddr:#x} rows={rows} cols={cols} fmt=int8 lg_group=2 sexp=-20 x={gx} x_e=E{gx_e} acc=10 "
          f"acc_e=E{next(eregs)} accumulate=0")
@@ -517,10 +517,10 @@ def test_attention_over_unwritten_positions(model_dir, qh, kvh, d, length, holes
             continue
         load(kvh * d, 320, 2, int(rng.integers(-14, -9)), "" if first else " pop_next")
         load(kvh * d, 192, 3, int(rng.integers(-16, -8)), " push_next")
-        lines.append(f"KVAPPEND k=320 k_e=E2 v=192 v_e=E3 layer=1 heads={kvh} head_dim={d} pos_reg=R1 pos_imm={t} "
+        lines.append(f"KVAPPEND k=320 k_e=E2 v=192 v_e=E3 kv_base=7 heads={kvh} head_dim={d} pos_reg=R1 pos_imm={t} "
                      "pop_prev push_prev")
         first = False
-    lines += [(f"ATTN q=0 q_e=E1 dst=64 dst_e=E4 layer=1 q_heads={qh} kv_heads={kvh} head_dim={d} len_reg=R1 "
+    lines += [(f"ATTN q=0 q_e=E1 dst=64 dst_e=E4 kv_base=7 q_heads={qh} kv_heads={kvh} head_dim={d} len_reg=R1 "
               f"len_imm={length} stats=100"), "NOP queue=load pop_next", "END"]
     program = isa.assemble("\n".join(lines))
     gold, _, rtl, _ = run_both(program, bytes(img.data), [0, 0])

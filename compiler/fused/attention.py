@@ -70,10 +70,10 @@ class Attention(VOp):
         q = cg.scratch(f"qscaled:{self.out}", n)
         imm_m, imm_e = scale_imm(a["scale"], cg.who)
         cg.instr("VSCALE", a=src[0][0], a_e=src[0][1], dst=q[0], dst_e=q[1], len=n, imm_m=imm_m, imm_e=imm_e)
-        cg.instr("KVAPPEND", k=src[1][0], k_e=src[1][1], v=src[2][0], v_e=src[2][1], layer=a["layer"],
+        cg.instr("KVAPPEND", k=src[1][0], k_e=src[1][1], v=src[2][0], v_e=src[2][1], kv_base=cg.kv_bases[a["layer"]],
                  heads=a["kv_heads"], head_dim=a["head_dim"], pos_reg=cg.kv_slot_reg, pos_imm=0)
         dst = cg.vector(self.out)
-        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], layer=a["layer"], q_heads=a["q_heads"],
+        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], kv_base=cg.kv_bases[a["layer"]], q_heads=a["q_heads"],
                  kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=cg.kv_len_reg, len_imm=cg.kv_len_imm,
                  stats=cg.stats_addr)
 

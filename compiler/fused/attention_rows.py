@@ -59,7 +59,7 @@ class AttentionRows(VOp):
         a = self.attrs
         for j in range(len(src) // 2):
             k, v = src[1 + 2 * j], src[2 + 2 * j]
-            cg.instr("KVAPPEND", k=k[0], k_e=k[1], v=v[0], v_e=v[1], layer=a["layer"], heads=a["kv_heads"],
+            cg.instr("KVAPPEND", k=k[0], k_e=k[1], v=v[0], v_e=v[1], kv_base=cg.kv_bases[a["layer"]], heads=a["kv_heads"],
                      head_dim=a["head_dim"], pos_reg=REG_POSITION, pos_imm=a["first"] + j)
         n = a["q_heads"] * a["head_dim"]
         if not a["attend"]:
@@ -71,7 +71,7 @@ class AttentionRows(VOp):
         imm_m, imm_e = scale_imm(a["scale"], cg.who)
         cg.instr("VSCALE", a=src[0][0], a_e=src[0][1], dst=q[0], dst_e=q[1], len=n, imm_m=imm_m, imm_e=imm_e)
         dst = cg.vector(self.out)
-        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], layer=a["layer"], q_heads=a["q_heads"],
+        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], kv_base=cg.kv_bases[a["layer"]], q_heads=a["q_heads"],
                  kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=REG_POSITION, len_imm=a["length"],
                  stats=cg.stats_addr)
 

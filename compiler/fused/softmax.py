@@ -42,11 +42,11 @@ class Softmax(VOp):
         n = a["n"]
         for j, k in enumerate(src):
             e = cg.load_const(a["onehot"][j], n)
-            cg.instr("KVAPPEND", k=k[0], k_e=k[1], v=e[0], v_e=e[1], layer=a["layer"], heads=1, head_dim=n,
+            cg.instr("KVAPPEND", k=k[0], k_e=k[1], v=e[0], v_e=e[1], kv_base=cg.kv_bases[a["layer"]], heads=1, head_dim=n,
                      pos_reg=REG_POSITION, pos_imm=j)
         q = cg.load_const(a["onehot"][0], n)
         dst = cg.vector(self.out)
-        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], layer=a["layer"], q_heads=1, kv_heads=1,
+        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], kv_base=cg.kv_bases[a["layer"]], q_heads=1, kv_heads=1,
                  head_dim=n, len_reg=REG_POSITION, len_imm=n, stats=cg.stats_addr)
 
 
