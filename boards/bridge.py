@@ -13,8 +13,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
-from kvoverlay import link
+from kvoverlay import isa, link
 
 from .memory import host_memory_port
 
@@ -111,17 +110,16 @@ class SlipFramer(wiring.Component):
             with m.State("IDLE"), m.If(self.payload.valid):
                 m.d.sync += crc.eq(0xFFFF)
                 emit(link.END, "BYTE")
-            with m.State("BYTE"):
-                with m.If(self.payload.valid):
-                    value = self.payload.payload.data
-                    m.d.comb += self.payload.ready.eq(self.wire.ready)
-                    escape(value, "BYTE", "BYTE_ESC")
-                    with m.If(self.wire.ready):
-                        m.d.sync += [crc.eq(crc16_update(crc, value)), byte.eq(value),
-                                     is_last.eq(self.payload.payload.last)]
-                        with m.If(self.payload.payload.last & (value != link.END) & (value != link.ESC)):
-                            m.d.sync += tail.eq(2)
-                            m.next = "CRC"
+            with m.State("BYTE"), m.If(self.payload.valid):
+                value = self.payload.payload.data
+                m.d.comb += self.payload.ready.eq(self.wire.ready)
+                escape(value, "BYTE", "BYTE_ESC")
+                with m.If(self.wire.ready):
+                    m.d.sync += [crc.eq(crc16_update(crc, value)), byte.eq(value),
+                                 is_last.eq(self.payload.payload.last)]
+                    with m.If(self.payload.payload.last & (value != link.END) & (value != link.ESC)):
+                        m.d.sync += tail.eq(2)
+                        m.next = "CRC"
             with m.State("BYTE_ESC"):
                 emit(Mux(byte == link.END, link.ESC_END, link.ESC_ESC), "BYTE")
                 with m.If(self.wire.ready & is_last):
@@ -249,35 +247,34 @@ class HostBridge(wiring.Component):
             m.d.sync += [word.eq(value), nbytes.eq(n)]
 
         with m.FSM():
-            with m.State("RECV"):
-                with m.If(got):
-                    with m.If(byte == link.END):
-                        with m.If((length >= 4) & (crc == 0) & ~bad & ~esc):
-                            m.d.sync += flen.eq(length)
-                            m.next = "EXEC"
-                        with m.Elif(length != 0):
-                            m.d.sync += dropped.eq(dropped + (dropped != 0xFFFF))
-                        m.d.sync += [length.eq(0), crc.eq(0xFFFF), esc.eq(0), bad.eq(0)]
-                    with m.Elif(byte == link.ESC):
-                        m.d.sync += [esc.eq(1), bad.eq(bad | esc)]
-                    with m.Else():
-                        value = Signal(8)
-                        m.d.comb += value.eq(byte)
-                        with m.If(esc):
-                            with m.If(byte == link.ESC_END):
-                                m.d.comb += value.eq(link.END)
-                            with m.Elif(byte == link.ESC_ESC):
-                                m.d.comb += value.eq(link.ESC)
-                            with m.Else():
-                                m.d.sync += bad.eq(1)
-                        with m.If(length == buf.depth):
-                            m.d.sync += bad.eq(1)
+            with m.State("RECV"), m.If(got):
+                with m.If(byte == link.END):
+                    with m.If((length >= 4) & (crc == 0) & ~bad & ~esc):
+                        m.d.sync += flen.eq(length)
+                        m.next = "EXEC"
+                    with m.Elif(length != 0):
+                        m.d.sync += dropped.eq(dropped + (dropped != 0xFFFF))
+                    m.d.sync += [length.eq(0), crc.eq(0xFFFF), esc.eq(0), bad.eq(0)]
+                with m.Elif(byte == link.ESC):
+                    m.d.sync += [esc.eq(1), bad.eq(bad | esc)]
+                with m.Else():
+                    value = Signal(8)
+                    m.d.comb += value.eq(byte)
+                    with m.If(esc):
+                        with m.If(byte == link.ESC_END):
+                            m.d.comb += value.eq(link.END)
+                        with m.Elif(byte == link.ESC_ESC):
+                            m.d.comb += value.eq(link.ESC)
                         with m.Else():
-                            m.d.comb += [bw.addr.eq(length), bw.data.eq(value), bw.en.eq(1)]
-                            m.d.sync += length.eq(length + 1)
-                        with m.If(length < HEADER_BYTES):
-                            m.d.sync += hdr.word_select(length[:(HEADER_BYTES - 1).bit_length()], 8).eq(value)
-                        m.d.sync += [crc.eq(crc16_update(crc, value)), esc.eq(0)]
+                            m.d.sync += bad.eq(1)
+                    with m.If(length == buf.depth):
+                        m.d.sync += bad.eq(1)
+                    with m.Else():
+                        m.d.comb += [bw.addr.eq(length), bw.data.eq(value), bw.en.eq(1)]
+                        m.d.sync += length.eq(length + 1)
+                    with m.If(length < HEADER_BYTES):
+                        m.d.sync += hdr.word_select(length[:(HEADER_BYTES - 1).bit_length()], 8).eq(value)
+                    m.d.sync += [crc.eq(crc16_update(crc, value)), esc.eq(0)]
 
             with m.State("EXEC"):
                 nargs = flen - 4  # less seq, command and CRC

@@ -17,9 +17,9 @@ from amaranth.hdl import Const, Module, Signal, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+from kvoverlay.hw.dram import DRAM_READ_LATENCY, dram_port
 
 from kvoverlay import isa
-from kvoverlay.hw.dram import DRAM_READ_LATENCY, dram_port
 
 __all__ = ["BramMemory", "host_memory_port"]
 
@@ -86,10 +86,9 @@ class BramMemory(wiring.Component):
         # the burst state machine of hw/dram_model.v, line for line
         reading = Signal()
         m.d.sync += p.rd.valid.eq(0)
-        with m.If(~busy):
-            with m.If(p.req.valid):
-                m.d.sync += [busy.eq(1), write.eq(p.req.payload.write), addr.eq(p.req.payload.addr),
-                             left.eq(p.req.payload.len), wait.eq(DRAM_READ_LATENCY)]
+        with m.If(~busy), m.If(p.req.valid):
+            m.d.sync += [busy.eq(1), write.eq(p.req.payload.write), addr.eq(p.req.payload.addr),
+                         left.eq(p.req.payload.len), wait.eq(DRAM_READ_LATENCY)]
         with m.Elif(~write):
             with m.If(wait != 0):
                 m.d.sync += wait.eq(wait - 1)

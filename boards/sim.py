@@ -120,10 +120,10 @@ def build_board_model(config: OverlayConfig, *, mem_bytes: int, divisor: int = D
     """Build (or reuse) the Verilated board twin; returns its folder (the binary is ``build/<TB_NAME>``)."""
     from amaranth.back import verilog
     from cocotb_tools.runner import get_runner
+    from kvoverlay.sim import rtl
 
     from kvoverlay import toolchain
     from kvoverlay.progress import Stages
-    from kvoverlay.sim import rtl
 
     from .top import TOP_NAME, BoardTop
 

@@ -12,8 +12,7 @@ from amaranth.hdl import Cat, Module, ResetInserter, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
-from kvoverlay import link
+from kvoverlay import isa, link
 
 from .bridge import HostBridge
 from .memory import BramMemory

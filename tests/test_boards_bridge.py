@@ -5,10 +5,10 @@ import random
 
 import pytest
 from amaranth.sim import Simulator
-
-from kvoverlay import link
 from kvoverlay.boards.bridge import SlipFramer
 from kvoverlay.boards.top import BoardTop
+
+from kvoverlay import link
 from kvoverlay.config import PRESETS
 
 DIV = 4
