@@ -136,7 +136,7 @@ def build_board_model(config: OverlayConfig, *, mem_bytes: int, divisor: int = D
     with stages.stage("Verilog export (Amaranth)"):
         top = BoardTop(config, mem_bytes=mem_bytes, divisor=divisor, overlay=overlay)
         src = work / f"{TOP_NAME}.v"
-        src.write_text(verilog.convert(top, name=TOP_NAME, ports={"rx": top.rx, "tx": top.tx, "leds": top.leds}))
+        src.write_text(verilog.convert(top, name=TOP_NAME))
         tb = work / f"{TB_NAME}.v"
         tb.write_text(testbench(divisor))
     saved = os.environ.get("MAKEFLAGS", "")

@@ -122,6 +122,10 @@ def run_main(args) -> int:
     prompt = parse_prompt(args.prompt)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     options = {"offload_device": args.offload_device, "kv_sinks": args.kv_sinks, "prefill": args.prefill}
+    if args.backend == "board":
+        options.update(port=args.port, **({"baud": args.baud} if args.baud else {}))
+    elif args.port or args.baud:
+        raise SessionError(f"--port and --baud are for --backend board, not {args.backend}")
     out, res = run_program(program, prompt, args.max_new_tokens, args.backend,
                            str(args.check) if args.check else None, waves=args.waves, sampling=sampling,
                            stop=parse_prompt(args.stop, "--stop"), **options)
