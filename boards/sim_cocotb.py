@@ -16,7 +16,7 @@ import os
 import socket
 
 import cocotb
-from cocotb.triggers import First, FallingEdge, RisingEdge, Timer
+from cocotb.triggers import FallingEdge, First, RisingEdge, Timer
 from cocotb.utils import get_sim_time
 
 CHUNK = int(os.environ.get("KVO_BOARD_CHUNK", "4096"))

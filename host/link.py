@@ -134,7 +134,6 @@ class SimTransport(Transport):
 
     def __init__(self, config, *, mem_bytes: int, divisor: int | None = None, overlay: bool = True):
         from cocotb_tools.runner import get_runner
-
         from kvoverlay.boards import sim
 
         divisor = divisor or sim.DEFAULT_DIVISOR
