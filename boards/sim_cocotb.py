@@ -54,10 +54,14 @@ async def _xfer(dut, cmd) -> dict:
             "time_ns": get_sim_time(unit="ns")}
 
 
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 @cocotb.test()
 async def board_serve(dut):
-    with open(os.environ["KVO_BOARD_JOB"]) as f:
-        job = json.load(f)
+    job = _load(os.environ["KVO_BOARD_JOB"])
     dut.rst.value = 1
     dut.host_tx_go.value = 0
     dut.host_tx_len.value = 0
