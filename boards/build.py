@@ -231,7 +231,7 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
         "build_s": round(time.perf_counter() - t0, 1),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "config": config.name, "overlay": overlay, "mem_bytes": mem_bytes, "baud": baud,
-        "critical_path": _critical_path(out_dir / f"{TOP_NAME}.tim"),
+        "critical_path": _critical_path(report),
     }
     if program:
         with stages.stage("program (openFPGALoader)"):
@@ -269,16 +269,14 @@ def _nextpnr_failure(tim: Path, board_name: str, device: str) -> str:
             + (errors[-1].strip() if errors else "see the .tim log") + (f" (utilization over 100 %: {util})" if util else ""))
 
 
-def _critical_path(tim: Path) -> str:
-    """nextpnr's critical path of the sync clock: its source and sink, from the log."""
-    text = tim.read_text(errors="replace") if tim.is_file() else ""
-    m = re.findall(r"Critical path report for clock '([^']+)'.*?\n((?:Info: .*\n)+?)Info: \d+\.\d+ ns logic", text, re.DOTALL)
-    if not m:
-        return ""
-    lines = [line for line in m[-1][1].splitlines() if "Net " in line or "Source " in line or "Sink " in line]
-    src = lines[0].split("Source ")[-1].strip() if lines else ""
-    sink = lines[-1].split("Sink ")[-1].strip() if lines else ""
-    return f"{src} -> {sink}" if src or sink else ""
+def _critical_path(report: dict) -> str:
+    """The first and last cell of nextpnr's critical path of the clock (its ``--report``)."""
+    for path in report.get("critical_paths", []):
+        if path.get("from", "").startswith("posedge") and path.get("to", "").startswith("posedge") and path.get("path"):
+            steps = path["path"]
+            return (f"{steps[0].get('from', {}).get('cell', '?')} -> {steps[-1].get('to', {}).get('cell', '?')} "
+                    f"({sum(float(st.get('delay', 0)) for st in steps):.2f} ns)")
+    return ""
 
 
 def build_main(args) -> int:
