@@ -14,6 +14,7 @@ import abc
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -84,7 +85,8 @@ class SerialTransport(Transport):
         try:
             self.serial = serial.Serial(port, baud, timeout=0, exclusive=True)
         except (serial.SerialException, OSError) as exc:
-            why = getattr(exc, "strerror", None) or str(exc).split(":")[-1].strip() or type(exc).__name__
+            # pyserial nests the OS error's text in its own: keep the innermost part
+            why = re.sub(r"^.*\[Errno \d+\] ", "", str(exc)).split(": '")[0] or type(exc).__name__
             raise LinkError(f"cannot open {port}: {why} (is the board connected, and the port not in use?)") from None
         self.byte_s = 10 / baud
         self.latency_s = 0.05
