@@ -8,13 +8,13 @@ import pytest
 
 pytest.importorskip("cocotb_tools")
 
-from test_cli import kvo
-
-from kvoverlay import bundle as kvbundle
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.host.board import board_mem_bytes
 from kvoverlay.host.session import Session, SessionError
 from kvoverlay.models.demo import build_llama_onnx
+from test_cli import kvo
+
+from kvoverlay import bundle as kvbundle
 
 PROMPT = [5, 17, 42]
 NEW_TOKENS = 3
