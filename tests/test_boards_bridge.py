@@ -1,0 +1,142 @@
+"""The board top's UART host bridge in Amaranth's simulator: real UART waveforms on the pins, protocol frames from
+:mod:`kvoverlay.link`, the link-only build (bridge + block RAM, no overlay) so that each case runs in seconds."""
+
+import random
+
+import pytest
+from amaranth.sim import Simulator
+from kvoverlay.boards.bridge import SlipFramer
+from kvoverlay.boards.top import BoardTop
+
+from kvoverlay import link
+from kvoverlay.config import PRESETS
+
+DIV = 4
+CFG = PRESETS["tiny"]
+
+
+def uart_wave(data: bytes) -> list:
+    """The line level per clock cycle for *data*: start bit, 8 data bits least significant first, stop bit."""
+    return [bit for byte in data for bit in [0, *((byte >> i) & 1 for i in range(8)), 1] for _ in range(DIV)]
+
+
+def uart_decode(wave: list) -> bytes:
+    """The bytes on a line sampled once per clock cycle: each bit read in its middle, stop bit checked."""
+    out, t = bytearray(), 0
+    while t < len(wave):
+        if wave[t]:
+            t += 1
+            continue
+        mid = t + DIV // 2
+        bits = [wave[mid + DIV * (i + 1)] for i in range(9)]
+        assert bits[8] == 1, f"framing error at cycle {t}"
+        out.append(sum(b << i for i, b in enumerate(bits[:8])))
+        t = mid + DIV * 9
+    return bytes(out)
+
+
+def run_bridge(requests, *, overlay=False, mem_bytes=4096, quiet_bits=60):
+    """Drive each request's bytes on ``rx`` and sample ``tx`` every cycle, until ``tx`` has been quiet a while."""
+    top = BoardTop(CFG, mem_bytes=mem_bytes, divisor=DIV, overlay=overlay)
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sampled = []
+
+    async def host(ctx):
+        # half duplex, as the host client: each request after the last reply has ended
+        for data in [b"", *requests]:
+            wave = uart_wave(data)
+            quiet = 0
+            for t in range(10**7):
+                ctx.set(top.rx, wave[t] if t < len(wave) else 1)
+                _, _, tx = await ctx.tick().sample(top.tx)
+                sampled.append(tx)
+                quiet = quiet + 1 if tx and t >= len(wave) else 0
+                if t >= len(wave) and quiet > DIV * quiet_bits:
+                    break
+
+    sim.add_testbench(host)
+    sim.run()
+    return uart_decode(sampled)
+
+
+def replies(raw: bytes) -> list:
+    """The frames in *raw*, unescaped, CRC checked (a bad one is an assertion: the bridge never sends one)."""
+    out = []
+    for chunk in raw.split(bytes([link.END])):
+        if chunk:
+            body = link.slip_decode(chunk)
+            assert body is not None and link.crc16(body) == 0, chunk
+            out.append(body[:-2])
+    return out
+
+
+def request(seq, cmd, args=b""):
+    return link.frame(bytes([seq, cmd]) + args)
+
+
+def test_crc_matches_hardware_reply_and_info():
+    (info,) = replies(run_bridge([request(7, link.Cmd.INFO)]))
+    assert info[:2] == bytes([7, link.Status.OK])
+    version, flags, port_bits, words, fingerprint, dropped = __import__("struct").unpack("<BBHIIH", info[2:])
+    assert (version, flags, port_bits, words, fingerprint, dropped) == (link.LINK_VERSION, 0, CFG.port_bits,
+                                                                         4096 // CFG.port_bytes, 0, 0)
+
+
+def test_write_then_read_memory_with_escapes():
+    rng = random.Random(1)
+    pb = CFG.port_bytes
+    # words full of the two framing bytes, so both directions escape
+    data = bytes(rng.choice([link.END, link.ESC, 0, 0xFF, rng.randrange(256)]) for _ in range(6 * pb))
+    raw = run_bridge([request(1, link.Cmd.WRITE_MEM, link.pack("I", 3) + data),
+                      request(2, link.Cmd.READ_MEM, link.pack("IH", 3, 6)),
+                      request(3, link.Cmd.READ_MEM, link.pack("IH", 2, 1))])
+    r1, r2, r3 = replies(raw)
+    assert r1 == bytes([1, link.Status.OK])
+    assert r2 == bytes([2, link.Status.OK]) + data
+    assert r3 == bytes([3, link.Status.OK]) + bytes(pb)
+
+
+def test_corrupt_frame_dropped_and_counted_bad_requests_refused():
+    good = request(4, link.Cmd.READ_MEM, link.pack("IH", 0, 1))
+    bad = bytearray(good)
+    bad[4] ^= 0x10
+    raw = run_bridge([bytes(bad), request(5, link.Cmd.READ_MEM, link.pack("IH", 4096 // CFG.port_bytes, 1)),
+                      request(6, 0x7E), request(8, link.Cmd.INFO)])
+    r5, r6, info = replies(raw)  # nothing for the corrupted frame
+    assert r5 == bytes([5, link.Status.BAD_REQUEST])  # beyond the memory
+    assert r6 == bytes([6, link.Status.BAD_REQUEST])  # unknown command
+    assert int.from_bytes(info[-2:], "little") == 1  # the dropped frame, counted
+
+
+def test_framer_escapes_every_byte_value():
+    framer = SlipFramer()
+    sim = Simulator(framer)
+    sim.add_clock(1e-8)
+    body = bytes(range(256))
+    out = []
+
+    async def feed(ctx):
+        for i, byte in enumerate(body):
+            ctx.set(framer.payload.payload, {"data": byte, "last": i == len(body) - 1})
+            ctx.set(framer.payload.valid, 1)
+            await ctx.tick().until(framer.payload.ready)
+        ctx.set(framer.payload.valid, 0)
+
+    async def drain(ctx):
+        ctx.set(framer.wire.ready, 1)
+        while len(out) < 2 or out[-1] != link.END:
+            _, _, valid, byte = await ctx.tick().sample(framer.wire.valid, framer.wire.payload)
+            if valid:
+                out.append(byte)
+
+    sim.add_testbench(feed)
+    sim.add_testbench(drain)
+    sim.run()
+    assert bytes(out) == link.frame(body)
+
+
+@pytest.mark.parametrize("divisor", [0, 3, 4.5])
+def test_divisor_refused(divisor):
+    with pytest.raises(ValueError, match="divisor"):
+        BoardTop(CFG, mem_bytes=4096, divisor=divisor, overlay=False)
