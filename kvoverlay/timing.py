@@ -28,9 +28,11 @@ STORE_OVERHEAD = 3
 STACC_OVERHEAD = 3
 #: REQ: besides two per element: check, shift computation, pipeline drain, done.
 REQ_OVERHEAD = 5
-#: GEMV engine: busy cycles beyond one per streamed port word (memory read, products, adder tree, group scale,
-#: row accumulate).
-GEMV_PIPELINE_LATENCY = 4
+#: GEMV engine: products summed per adder-tree stage (one register stage per level of the tree).
+GEMV_TREE_FANIN = 4
+#: GEMV engine: pipeline stages besides the adder tree's (port word, window and operands, products, products
+#: registered, scale limbs, scaled sum), each one cycle beyond one per streamed port word.
+GEMV_PIPELINE_STAGES = 6
 #: GEMV unit: besides one per weight word and the engine pipeline: check, start, memory latency, accumulate, done.
 GEMV_OVERHEAD = 9
 
@@ -80,18 +82,26 @@ def req_cycles(config, length: int) -> int:
     return 2 * length + REQ_OVERHEAD if length else 3
 
 
-def gemv_engine_cycles(rows: int, words_per_row: int) -> int:
+def gemv_tree_stages(config) -> int:
+    """Register stages of the GEMV engine's adder tree over its ``2 * port_bytes`` products."""
+    terms, stages = 2 * config.port_bytes, 0
+    while terms > 1:
+        terms, stages = _ceil(terms, GEMV_TREE_FANIN), stages + 1
+    return stages
+
+
+def gemv_engine_cycles(config, rows: int, words_per_row: int) -> int:
     """Cycles the GEMV engine's ``busy`` stays high: one per port word plus the pipeline.
 
     Exact for every weight format: *words_per_row* is ``numerics.row_stride(cols, fmt, group, port_bytes) //
     port_bytes``, so the format only enters through the row-record length.
     """
-    return rows * words_per_row + GEMV_PIPELINE_LATENCY
+    return rows * words_per_row + GEMV_PIPELINE_STAGES + gemv_tree_stages(config)
 
 
 def gemv_cycles(config, ins: isa.Instr) -> int:
     """One uncontended GEMV instruction on the GEMV unit."""
-    return gemv_engine_cycles(ins.fields["rows"], _row_words(config, ins)) + GEMV_OVERHEAD
+    return gemv_engine_cycles(config, ins.fields["rows"], _row_words(config, ins)) + GEMV_OVERHEAD
 
 
 def divider_cycles(bits: int, bits_per_cycle: int) -> int:
