@@ -16,6 +16,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.timing import GEMV_TREE_FANIN, gemv_tree_stages
 
+from .arith import narrow_times
 from .widths import log2_exact
 
 __all__ = ["FMT_CODES", "GemvEngine", "gemv_tile"]
@@ -253,7 +254,7 @@ class GemvEngine(wiring.Component):
         prods = []
         for i, (wv, xv) in enumerate(ops):
             p = Signal(signed(32 if i < pb else 20), name=f"prod{i}")
-            m.d.sync += p.eq(wv * xv if i < pb else _narrow_times(wv, xv))
+            m.d.sync += p.eq(wv * xv if i < pb else narrow_times(wv, xv))
             prods.append(p)
         tree_tags = _stage(m, s3, "s4")
         scale_d = _delay(m, scale, "s4_scale")  # the scale rides along with the products
@@ -289,7 +290,7 @@ class GemvEngine(wiring.Component):
             chunk = psum[lo:lo + 17]
             chunk = chunk.as_signed() if top else chunk
             pp = Signal(signed(len(chunk) + 17), name=f"m1_pp{lo}")
-            m.d.sync += pp.eq(_narrow_times(chunk, scale_d) if len(chunk) <= 4 else chunk * scale_d)
+            m.d.sync += pp.eq(narrow_times(chunk, scale_d) if len(chunk) <= 4 else chunk * scale_d)
             limbs.append((lo, pp))
         m2 = _stage(m, m1, "m2")
         wprod = Signal(signed(64), name="m2_prod")
@@ -326,12 +327,3 @@ def _delay(m, value, name: str):
     m.d.sync += reg.eq(value)
     return reg
 
-
-def _narrow_times(a, b):
-    """``a * b`` for a signed *a* of a few bits as shift-and-add, so that Yosys leaves it in logic (its ECP5 DSP
-    mapping takes any product of 2 x 2 bits or more)."""
-    total = 0
-    for k in range(len(a)):
-        term = Mux(a[k], b << k, 0)
-        total = total - term if k == len(a) - 1 else total + term
-    return total

@@ -114,6 +114,16 @@ def isqrt_cycles(root_width: int, bits_per_cycle: int) -> int:
     return _ceil(root_width, bits_per_cycle)
 
 
+def multiplier_cycles(b_width: int, bits_per_cycle: int) -> int:
+    """One shift-and-add product over a *b_width*-bit multiplier."""
+    return _ceil(b_width, bits_per_cycle)
+
+
+#: Bits of NORM's ``r = 2**RSQRT_NUM // isqrt(m << RSQRT_FRAC)``: m >= 2**(SCALAR_BITS - 1), so the root is at
+#: least 2**23 and r at most 2**25.
+NORM_RECIP_BITS = nx.RSQRT_NUM - (nx.RSQRT_FRAC + nx.SCALAR_BITS - 1) // 2 + 1
+
+
 def norm_widths(config) -> dict:
     """Operand widths of NORM's scalar sequence (they size the divider and square root, hence its cycles)."""
     nb = config.act_buffer_words.bit_length()
@@ -126,6 +136,8 @@ def norm_widths(config) -> dict:
         "recip_div": nx.RSQRT_NUM + 1,  # 2**RSQRT_NUM
         "mean_div": sum_w + 26,  # |S * r|
         "root": (nx.RSQRT_FRAC + nx.SCALAR_BITS + 2) // 2,  # isqrt of (m << RSQRT_FRAC), m < 2**25
+        # LayerNorm's products n * Q, |S| * |S| and |S| * r on the shift-and-add multiplier
+        "mul_a": max(sq_w, sum_w), "mul_b": max(nb, sum_w, NORM_RECIP_BITS),
     }
 
 
@@ -138,8 +150,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
 
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
-    (``ceil(len / V) + 2``) and the scalar sequence. ROPE issues one pair per two cycles per pass. ARGMAX is one
-    pass.
+    (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier).
+    ROPE issues one pair per two cycles per pass. ARGMAX is one pass.
     """
     V = config.vector_lanes
     done = 1
@@ -157,6 +169,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         k = SCALAR_BITS_PER_CYCLE
         steps = [isqrt_cycles(w["root"], k)] + [divider_cycles(w[name], k) for name in
                                                  ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
+        if layer:  # n * Q, S * S and S * r
+            steps += [multiplier_cycles(w["mul_b"], k)] * 3
         scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
         return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")

@@ -1,14 +1,14 @@
-"""Divider and Isqrt in Amaranth's simulator against Python's // and math.isqrt, with exact cycle counts."""
+"""Divider, Multiplier and Isqrt in Amaranth's simulator against Python's // and math.isqrt, with exact cycle counts."""
 
 import math
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
-from kvoverlay.hw.divider import Divider
+from kvoverlay.hw.divider import Divider, Multiplier
 from kvoverlay.hw.isqrt import Isqrt
 
-from kvoverlay.timing import divider_cycles, isqrt_cycles
+from kvoverlay.timing import divider_cycles, isqrt_cycles, multiplier_cycles
 
 
 @pytest.mark.parametrize("per_cycle", [1, 2, 4])
@@ -75,3 +75,38 @@ def test_isqrt_matches_math_isqrt(per_cycle):
     for v, (root, cycles) in zip(cases, seen):
         assert root == math.isqrt(v), v
         assert cycles == isqrt_cycles(25, per_cycle)
+
+
+@pytest.mark.parametrize("per_cycle", [1, 2, 3])
+def test_multiplier_matches_product(per_cycle):
+    dut = Multiplier(46, 31, per_cycle)
+    rng = np.random.default_rng(7)
+    cases = [(0, 0), (1, 1), ((1 << 46) - 1, (1 << 31) - 1), ((1 << 46) - 1, 1), (1, (1 << 31) - 1), (12345, 0)]
+    cases += [(int(rng.integers(0, 1 << 46)), int(rng.integers(0, 1 << 31))) for _ in range(20)]
+    seen = []
+
+    async def tb(ctx):
+        for a, b in cases:
+            ctx.set(dut.a, a)
+            ctx.set(dut.b, b)
+            ctx.set(dut.start, 1)
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            cycles = 0
+            while not ctx.get(dut.done):
+                await ctx.tick()
+                cycles += 1
+            seen.append((ctx.get(dut.product), cycles))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+    for (a, b), (product, cycles) in zip(cases, seen):
+        assert product == a * b, (a, b)
+        assert cycles == multiplier_cycles(31, per_cycle)
+
+
+def test_multiplier_rejects_zero_radix():
+    with pytest.raises(ValueError, match="bits_per_cycle=0"):
+        Multiplier(8, 8, 0)
