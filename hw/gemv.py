@@ -217,13 +217,8 @@ class GemvEngine(wiring.Component):
 
         # ---- S2: realign the weight bytes into one window, pick each lane's operands
         s2 = _stage(m, {k: s1[k] for k in ("valid", "last", "win", "rend", "xsel", "g", "row")}, "s2")
-        # the scales take 2 bytes each, so the weights start on an even byte: a pb / 2-way select of halfword
-        # offsets rather than a byte shifter
         window = Signal(self.pbits)
-        window_sel = Signal(range(pb // 2), name="window_sel")
-        both = Cat(pq, wq)
-        m.d.comb += [window_sel.eq((shift >> 1) - 1),
-                     window.eq(Array(both[16 * k: 16 * k + self.pbits] for k in range(1, pb // 2 + 1))[window_sel])]
+        m.d.comb += window.eq(Cat(pq, wq).bit_select(shift * 8, self.pbits))
         scale = Signal(16, name="s3_scale")
         m.d.sync += scale.eq(sr.data.word_select(s2["g"][:lpb - 1], 16))
         nl = 2 * pb  # int4 lanes; int8 uses the first pb, w16 the first pb / 2
