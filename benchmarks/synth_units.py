@@ -40,6 +40,8 @@ UNITS = {
 #: synth_ecp5 (Yosys 0.70: a wrapper of synth_lattice) with its ``coarse`` step spelled out less the SAT-based
 #: ``share`` pass, which spends most of coarse synthesis on wide shifters and saves little, and with flattening off
 #: (each unit's sub-components keep their own counts). The DSP mapping is synth_lattice's own for the ECP5.
+#: ``splitnets`` before the LUT mapping works around ABC9 reintegration failing with "Assert `count_id(wire->name)
+#: == 0'" on Amaranth's net names (https://github.com/YosysHQ/yosys/issues/4349; it hit the vector unit).
 SYNTH_SCRIPT = (
     "synth_ecp5 -top {top} -noflatten -run begin:coarse; "
     "proc; check; tribuf -logic; deminout; opt_expr; check; opt_clean; opt -nodffe -nosdff; fsm; opt; wreduce; "
@@ -47,7 +49,8 @@ SYNTH_SCRIPT = (
     "techmap -map +/mul2dsp.v -D DSP_A_MAXWIDTH=18 -D DSP_B_MAXWIDTH=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 "
     "-D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 -D DSP_NAME=$__MUL18X18; techmap -map +/lattice/dsp_map_18x18.v; "
     "alumacc; opt; memory -nomap; opt_clean; "
-    "synth_ecp5 -top {top} -noflatten -run map_ram:; "
+    "synth_ecp5 -top {top} -noflatten -run map_ram:map_luts; splitnets; "
+    "synth_ecp5 -top {top} -noflatten -run map_luts:; "
     "tee -o {stat} stat -top {top}; write_json {json}")
 
 CELLS = ("LUT4", "CCU2C", "MULT18X18D", "DP16KD", "TRELLIS_FF", "TRELLIS_DPR16X4", "PFUMX", "L6MUX21")
