@@ -11,7 +11,7 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["Divider", "restoring_step", "run_steps"]
+__all__ = ["Divider", "Multiplier", "restoring_step", "run_steps"]
 
 
 def restoring_step(m: Module, cand, subtrahend, rem_width: int, result, name: str):
@@ -120,4 +120,58 @@ class Divider(wiring.Component):
         run_steps(m, self, count,
                   [dividend.eq(self.numerator << align), den.eq(self.denominator), rem.eq(0), quo.eq(0)], padded // k,
                   [dividend.eq(dividend << k), rem.eq(r), quo.eq(q)], empty=self.bits == 0)
+        return m
+
+
+class Multiplier(wiring.Component):
+    """Unsigned ``product = a * b`` by shift and add, ``bits_per_cycle`` bits of ``b`` per cycle (most significant
+    first), so a product takes exactly :func:`kvoverlay.timing.multiplier_cycles` busy cycles: NORM's scalar
+    products run here, time-multiplexed on one adder, instead of on wide multipliers that sit idle but for a few
+    cycles per instruction.
+
+    Parameters
+    ----------
+    a_width, b_width : int
+        Widest operands.
+    bits_per_cycle : int
+        Bits of ``b`` consumed per cycle.
+
+    Attributes
+    ----------
+    start : In(1)
+        Latches ``a`` and ``b``.
+    a, b : In
+    busy, done : Out(1)
+        ``done`` pulses after the last step; ``product`` then holds until the next ``start``.
+    product : Out(a_width + b_width)
+    """
+
+    def __init__(self, a_width: int, b_width: int, bits_per_cycle: int = 1):
+        if bits_per_cycle < 1:
+            self._MustUse__silence = True
+            raise ValueError(f"bits_per_cycle={bits_per_cycle} must be at least 1")
+        self.a_width = a_width
+        self.b_width = b_width
+        self.bits_per_cycle = bits_per_cycle
+        super().__init__({
+            "start": In(1),
+            "a": In(a_width),
+            "b": In(b_width),
+            "busy": Out(1),
+            "done": Out(1),
+            "product": Out(a_width + b_width),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        k = self.bits_per_cycle
+        width = -(-self.b_width // k) * k
+        count = Signal(range(width // k + 1), name="steps_left")
+        mcand = Signal(self.a_width, name="multiplicand")
+        mplier = Signal(width, name="multiplier_left")  # bits of b not yet consumed, top-aligned
+        acc = Signal(self.a_width + self.b_width, name="partial_product")
+        addend = sum(Mux(mplier[width - k + i], mcand << i, 0) for i in range(k))
+        m.d.comb += self.product.eq(acc)
+        run_steps(m, self, count, [mcand.eq(self.a), mplier.eq(self.b), acc.eq(0)], width // k,
+                  [acc.eq((acc << k) + addend), mplier.eq(mplier << k)])
         return m

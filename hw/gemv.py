@@ -8,14 +8,16 @@ exactly as ``int4``; only a nibble lane's decode (``q - z`` of its group) and th
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
+from kvoverlay.timing import GEMV_TREE_FANIN, gemv_tree_stages
 
+from .arith import narrow_times
 from .widths import log2_exact
 
 __all__ = ["FMT_CODES", "GemvEngine", "gemv_tile"]
@@ -43,14 +45,16 @@ class GemvEngine(wiring.Component):
     (group scales as uint16 LE, then the weights, padded to the port width), read
     from a weight memory one port word per address with a read latency of one cycle.
 
-    Pipeline: S0 issues the weight address and the matching activation-bank address;
-    S1 re-aligns the weight bytes (the weights start ``2 * groups`` bytes into a row,
-    which need not be a port boundary) into one window of ``port_bytes`` weight bytes,
-    stores scale words and multiplies ``2 * port_bytes`` lanes of weight x int16
-    (int4: all ``2 * port_bytes`` nibbles; int8: ``port_bytes`` bytes; w16:
-    ``port_bytes / 2`` halfwords; unused lanes multiply by 0); S2 sums them; S3 accumulates the group and
-    multiplies by its scale at the group end; S4 adds into the row accumulator and
-    writes it out at the row end. Busy lasts :func:`kvoverlay.timing.gemv_engine_cycles` cycles.
+    Pipeline (one port word per cycle, busy :func:`kvoverlay.timing.gemv_engine_cycles` cycles): S0 issues the
+    weight address and the matching activation-bank address; S1 registers the port word and the x word (nothing
+    else hangs on the FIFO or the BRAM) and stores scale words; S2 re-aligns the weight bytes (the weights start
+    ``2 * groups`` bytes into a row, which need not be a port boundary) into one window of ``port_bytes`` weight
+    bytes and registers each lane's operands; S3 multiplies ``2 * port_bytes`` lanes (int4: all nibbles; int8:
+    ``port_bytes`` bytes; w16: ``port_bytes / 2`` halfwords): the first ``port_bytes`` lanes are 16 x 16
+    products, one MULT18X18D each, the other int4-only lanes shift-and-add in logic; the adder tree sums
+    :data:`~kvoverlay.timing.GEMV_TREE_FANIN` products per registered stage; M1 multiplies the window's sum by its
+    group scale in 17-bit limbs and M2 adds the limbs; the last stage adds into the row accumulator and writes it
+    out at the row end.
 
     Parameters
     ----------
@@ -144,8 +148,6 @@ class GemvEngine(wiring.Component):
         m.d.comb += nwin.eq(wbytes >> lpb)
         gwl = Signal(4)  # log2 of windows per group (weights per window: 2pb, pb, pb/2)
         m.d.comb += gwl.eq(gl + fmt - (lpb + 1))
-        wpg_mask = Signal(cols_w)  # windows per group - 1
-        m.d.comb += wpg_mask.eq((Const(1, cols_w + 1) << gwl) - 1)
         shift = Signal(range(pb + 1))  # byte shift into Cat(prev, cur)
         m.d.comb += shift.eq(Mux(off == 0, pb, off))
 
@@ -200,108 +202,125 @@ class GemvEngine(wiring.Component):
             with m.Else():
                 m.d.sync += w_cnt.eq(w_cnt + 1)
 
-        # tags S0 -> S1
-        s1_valid, s1_last, s1_win, s1_gend, s1_rend = (Signal(name=f"s1_{n}") for n in ("valid", "last", "win", "gend", "rend"))
-        s1_w = Signal.like(w_cnt)
-        s1_row = Signal(rows_w)
-        s1_g = Signal(cols_w)
-        s1_xsel = Signal(2)
-        m.d.sync += [
-            s1_xsel.eq(j[:2]),
-            s1_valid.eq(s0_valid), s1_last.eq(s0_valid & s0_last), s1_win.eq(s0_valid & s0_win),
-            s1_gend.eq(((j + 1)[:cols_w] & wpg_mask) == 0), s1_rend.eq(j == nwin - 1),
-            s1_w.eq(w_cnt), s1_row.eq(r_cnt), s1_g.eq((j >> gwl)[:cols_w]),
-        ]
-
-        # ---- S1: realign, store scales, multiply
-        m.d.comb += self.w_take.eq(s1_valid)
-        prev = Signal(self.pbits)
-        with m.If(s1_valid):
-            m.d.sync += prev.eq(self.w_data)
-        window = Signal(self.pbits)
-        m.d.comb += window.eq(Cat(prev, self.w_data).bit_select(shift * 8, self.pbits))
-
+        # ---- S1: take the port word and the x word into registers (the FIFO and the activation BRAM drive nothing
+        # else), store scale words, read the window's group scale
+        tags = {"valid": s0_valid, "last": s0_valid & s0_last, "win": s0_valid & s0_win, "rend": j == nwin - 1,
+                "xsel": j[:2], "g": (j >> gwl)[:cols_w], "w": w_cnt, "row": r_cnt}
+        s1 = _stage(m, tags, "s1")
+        m.d.comb += self.w_take.eq(s1["valid"])
+        wq, pq = Signal(self.pbits, name="w_word"), Signal(self.pbits, name="w_prev")
+        xq = Signal(32 * self.pb, name="x_word")
+        with m.If(s1["valid"]):
+            m.d.sync += [wq.eq(self.w_data), pq.eq(wq)]
+        m.d.sync += xq.eq(self.x_data)
         m.submodules.scales = scales = Memory(shape=unsigned(self.pbits), depth=self.scale_words, init=[])
         sw = scales.write_port()
         sr = scales.read_port()
         m.d.comb += [
-            sw.addr.eq(s1_w), sw.data.eq(self.w_data), sw.en.eq(s1_valid & (s1_w < nsw)),
-            sr.addr.eq(s1_g >> (lpb - 1)),
+            sw.addr.eq(s1["w"]), sw.data.eq(self.w_data), sw.en.eq(s1["valid"] & (s1["w"] < nsw)),
+            sr.addr.eq(s1["g"] >> (lpb - 1)),
         ]
-        zp = self._zero_points(m, s1_valid & (s1_w < nsw), s1_w, s1_g)
-        nl = 2 * pb  # multiplier lanes
-        prods = [Signal(signed(32), name=f"prod{i}") for i in range(nl)]
+
+        # ---- S2: realign the weight bytes into one window, pick each lane's operands
+        s2 = _stage(m, {k: s1[k] for k in ("valid", "last", "win", "rend", "xsel", "g", "row")}, "s2")
+        zp = self._zero_points(m, s1["valid"] & (s1["w"] < nsw), s1["w"], s2["g"])
+        window = Signal(self.pbits)
+        m.d.comb += window.eq(Cat(pq, wq).bit_select(shift * 8, self.pbits))
+        scale = Signal(16, name="s3_scale")
+        header = sr.data.word_select(s2["g"][:lpb - 1], 16)
+        m.d.sync += scale.eq(Mux(asym, header[:nx.UINT4_SCALE_BITS], header))
+        nl = 2 * pb  # int4 lanes; int8 uses the first pb, w16 the first pb / 2
+        ops = []  # (weight, x) registered per lane
         for i in range(nl):
-            wv = Signal(signed(16), name=f"wv{i}")
+            dsp = i < pb  # lanes that multiply in a MULT18X18D; the others only ever see int4 weights
+            # uint4: nibble - zero point, in [-15, 15]: one more bit in the logic lanes
+            wv = Signal(signed(16 if dsp else 4 if zp is None else 5), name=f"wv{i}")
             xv = Signal(signed(16), name=f"xv{i}")
+            nib = window.word_select(i, 4)
+            w4 = nib.as_signed() if zp is None else Mux(
+                asym, Cat(nib, Const(0, 1)).as_signed() - Cat(zp, Const(0, 1)).as_signed(), nib.as_signed())
             with m.Switch(fmt):
                 with m.Case(FMT_CODES["int4"]):
-                    nib = window.word_select(i, 4)
-                    m.d.comb += [wv.eq(nib.as_signed() if zp is None else
-                                       Mux(asym, Cat(nib, Const(0, 1)).as_signed() - Cat(zp, Const(0, 1)).as_signed(),
-                                           nib.as_signed())),
-                                 xv.eq(self.x_data.word_select(i, 16).as_signed())]
-                with m.Case(FMT_CODES["w16"]):
-                    if i < pb // 2:
-                        lanes = [self.x_data.word_select(q * (pb // 2) + i, 16).as_signed() for q in range(4)]
-                        m.d.comb += [wv.eq(window.word_select(i, 16).as_signed()),
-                                     xv.eq(Mux(s1_xsel[1], Mux(s1_xsel[0], lanes[3], lanes[2]),
-                                               Mux(s1_xsel[0], lanes[1], lanes[0])))]
-                with m.Default():
-                    if i < pb:
-                        m.d.comb += [wv.eq(window.word_select(i, 8).as_signed()),
-                                     xv.eq(Mux(s1_xsel[0], self.x_data.word_select(pb + i, 16).as_signed(),
-                                               self.x_data.word_select(i, 16).as_signed()))]
-            m.d.sync += prods[i].eq(wv * xv)
-        s2_last, s2_win, s2_gend, s2_rend = (Signal(name=f"s2_{n}") for n in ("last", "win", "gend", "rend"))
-        s2_row = Signal(rows_w)
-        s2_lane = Signal(max(1, lpb - 1))
-        m.d.sync += [
-            s2_last.eq(s1_last), s2_win.eq(s1_win), s2_gend.eq(s1_gend), s2_rend.eq(s1_rend),
-            s2_row.eq(s1_row), s2_lane.eq(s1_g[:lpb - 1]),
-        ]
+                    m.d.sync += [wv.eq(w4), xv.eq(xq.word_select(i, 16).as_signed())]
+                if dsp:
+                    with m.Case(FMT_CODES["w16"]):
+                        if i < pb // 2:
+                            lanes = [xq.word_select(q * (pb // 2) + i, 16).as_signed() for q in range(4)]
+                            m.d.sync += [wv.eq(window.word_select(i, 16).as_signed()),
+                                         xv.eq(Array(lanes)[s2["xsel"]])]
+                        else:
+                            m.d.sync += wv.eq(0)
+                    with m.Default():
+                        m.d.sync += [wv.eq(window.word_select(i, 8).as_signed()),
+                                     xv.eq(Mux(s2["xsel"][0], xq.word_select(pb + i, 16).as_signed(),
+                                               xq.word_select(i, 16).as_signed()))]
+                else:
+                    with m.Default():
+                        m.d.sync += wv.eq(0)
+            ops.append((wv, xv))
 
-        # ---- S2: adder tree, scale select
-        psum = Signal(signed(33 + lpb))
-        scale = Signal(16)
-        s3_last, s3_win, s3_gend, s3_rend = (Signal(name=f"s3_{n}") for n in ("last", "win", "gend", "rend"))
-        s3_row = Signal(rows_w)
-        total = prods[0]
-        for p in prods[1:]:
-            total = total + p
-        header = sr.data.word_select(s2_lane, 16)
-        m.d.sync += [
-            psum.eq(total), scale.eq(Mux(asym, header[:nx.UINT4_SCALE_BITS], header)),
-            s3_last.eq(s2_last), s3_win.eq(s2_win), s3_gend.eq(s2_gend), s3_rend.eq(s2_rend), s3_row.eq(s2_row),
-        ]
+        # ---- S3: products; int8 and w16 weights (and half the int4 ones) in the DSP lanes, the other int4 lanes as
+        # shift-and-add in logic, so that the multiplier count is one per int8 lane
+        s3 = _stage(m, {k: s2[k] for k in ("valid", "last", "win", "rend", "row")}, "s3")
+        prods = []
+        for i, (wv, xv) in enumerate(ops):
+            p = Signal(signed(32 if i < pb else 20), name=f"prod{i}")
+            m.d.sync += p.eq(wv * xv if i < pb else narrow_times(wv, xv))
+            prods.append(p)
+        tree_tags = _stage(m, s3, "s4")
+        scale_d = _delay(m, scale, "s4_scale")  # the scale rides along with the products
 
-        # ---- S3: group accumulate, scale
-        gacc = Signal(signed(48))
-        gsum = Signal(signed(48))
-        m.d.comb += gsum.eq(gacc + psum)
-        gprod = Signal(signed(64))
-        s4_last, s4_gv, s4_rend = (Signal(name=f"s4_{n}") for n in ("last", "gv", "rend"))
-        s4_row = Signal(rows_w)
-        m.d.sync += [
-            s4_last.eq(s3_last), s4_gv.eq(s3_win & s3_gend), s4_rend.eq(s3_rend), s4_row.eq(s3_row),
-        ]
-        with m.If(s3_win):
-            with m.If(s3_gend):
-                m.d.sync += [gprod.eq(gsum * scale), gacc.eq(0)]
-            with m.Else():
-                m.d.sync += gacc.eq(gsum)
+        # ---- T1..: the adder tree, GEMV_TREE_FANIN terms per stage. |psum| <= (pb / 2) * 2**30 (w16; int8 and
+        # int4 stay below), so 31 + lpb bits hold it; narrower partial sums are exact modulo 2**psum_w.
+        psum_w = 31 + lpb
+        level = 0
+        while len(prods) > 1:
+            level += 1
+            nxt = []
+            for k in range(0, len(prods), GEMV_TREE_FANIN):
+                terms = prods[k:k + GEMV_TREE_FANIN]
+                total = terms[0]
+                for t in terms[1:]:
+                    total = total + t
+                r = Signal(signed(min(len(total), psum_w)), name=f"t{level}_{k // GEMV_TREE_FANIN}")
+                m.d.sync += r.eq(total)
+                nxt.append(r)
+            prods = nxt
+            tree_tags = _stage(m, tree_tags, f"t{level}")
+            scale_d = _delay(m, scale_d, f"t{level}_scale")
+        assert level == gemv_tree_stages(self.config), (level, gemv_tree_stages(self.config))
+        psum = prods[0]
 
-        # ---- S4: row accumulate, write out
+        # ---- M1, M2: scale the window's partial sum (split into 17-bit limbs, one MULT18X18D each), then sum
+        # the limbs. Scaling each window rather than each group sum is exact: the row accumulator is taken
+        # modulo 2**64, and (sum psum) * s == sum(psum * s) there.
+        m1 = _stage(m, tree_tags, "m1")
+        limbs = []
+        for lo in range(0, len(psum), 17):
+            top = lo + 17 >= len(psum)
+            chunk = psum[lo:lo + 17]
+            chunk = chunk.as_signed() if top else chunk
+            pp = Signal(signed(len(chunk) + 17), name=f"m1_pp{lo}")
+            m.d.sync += pp.eq(narrow_times(chunk, scale_d) if len(chunk) <= 4 else chunk * scale_d)
+            limbs.append((lo, pp))
+        m2 = _stage(m, m1, "m2")
+        wprod = Signal(signed(64), name="m2_prod")
+        total = 0
+        for lo, pp in limbs:
+            total = total + (pp << lo)
+        m.d.sync += wprod.eq(total)
+
+        # ---- A: row accumulate (64-bit, wrapping as numerics.gemv_acc's int64), write out at the row end
         acc = Signal(signed(64))
         accn = Signal(signed(64))
-        m.d.comb += [accn.eq(acc + gprod), self.acc_addr.eq(s4_row), self.acc_data.eq(accn)]
-        with m.If(s4_gv):
-            with m.If(s4_rend):
+        m.d.comb += [accn.eq(acc + wprod), self.acc_addr.eq(m2["row"]), self.acc_data.eq(accn)]
+        with m.If(m2["win"]):
+            with m.If(m2["rend"]):
                 m.d.comb += self.acc_en.eq(1)
                 m.d.sync += acc.eq(0)
             with m.Else():
                 m.d.sync += acc.eq(accn)
-        with m.If(s4_last):
+        with m.If(m2["last"]):
             m.d.sync += [busy.eq(0), self.done.eq(1)]
         return m
 
@@ -323,3 +342,17 @@ class GemvEngine(wiring.Component):
         zp = Signal(4, name="zero_point")
         m.d.comb += zp.eq(zr.data.word_select(group[:log2_exact(per_word)], 4))
         return zp
+
+def _stage(m, tags: dict, prefix: str) -> dict:
+    """Registered copies of the pipeline tags *tags* for the next stage."""
+    out = {}
+    for name, value in tags.items():
+        out[name] = _delay(m, value, f"{prefix}_{name}")
+    return out
+
+
+def _delay(m, value, name: str):
+    reg = Signal.like(value, name=name) if isinstance(value, Signal) else Signal(len(value), name=name)
+    m.d.sync += reg.eq(value)
+    return reg
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
@@ -91,14 +91,18 @@ class LdrowUnit(wiring.Component):
         wsel = Signal(lpb + 3, name="ldrow_weight_sel")
         ssel = Signal(lpb + 3, name="ldrow_scale_sel")
         m.d.sync += [wsel.eq(wbit[:lpb + 3]), ssel.eq(sbit[:lpb + 3])]
-        raw = rw.data.bit_select(wsel, 16)
+        # weights start on nibble boundaries and scales on halfword ones: a 64-way (and a 16-way) select of the
+        # word instead of 256-way bit shifters
+        nib = Cat(rw.data, Const(0, 12))
+        raw = Signal(16, name="ldrow_weight_raw")
+        m.d.comb += raw.eq(Array(nib[4 * i: 4 * i + 16] for i in range(cfg.port_bits // 4))[wsel[2:]])
         q = Signal(signed(16), name="ldrow_weight")
         with m.Switch(ins.fmt):
             for code, fmt in enumerate(isa.ENUMS["fmt"]):
                 with m.Case(code):
                     m.d.comb += q.eq(raw[:nx.WEIGHT_FORMATS[fmt]].as_signed())
         scale = Signal(16, name="ldrow_scale")
-        m.d.comb += scale.eq(rs.data.bit_select(ssel, 16))
+        m.d.comb += scale.eq(rs.data.word_select(ssel[4:], 16))
         value = Signal(signed(len(q) + len(scale) + 2), name="ldrow_value")
         m.d.comb += value.eq(q * scale)
         rq = add_requantizer(m, self, len(value), length=n, exp=ins.sexp, dst=ins.dst >> llanes)

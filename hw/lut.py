@@ -17,6 +17,7 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
+from .arith import narrow_times
 from .normalize import round_shift_expr
 from .ports import EREG_SHAPE
 
@@ -99,6 +100,7 @@ class GateLut(wiring.Component):
             top = Signal(name=f"gate_saturated{i}")
             m.d.sync += [frac.eq(pos[:_SEG_BITS]), top.eq(xf >= _LIMIT)]
             step = Signal(signed(self.rom_layout["slope"].shape.width + _SEG_BITS + 1), name=f"gate_step{i}")
-            m.d.comb += step.eq((port.data.slope * frac + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
+            # slope * frac in logic: a 7-bit factor is no use of a MULT18X18D
+            m.d.comb += step.eq((narrow_times(frac, port.data.slope) + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
             m.d.comb += self.gate[i].eq(Mux(top, nx.GATE_ONE, port.data.base + step))
         return m

@@ -35,6 +35,8 @@ EXP_WIDE = signed(16)
 MANT_SHAPE = signed(16)
 #: An underflow shift of this many bits already rounds every 15-bit mantissa to zero.
 _UNDERFLOW_CAP = nx.MANT_BITS + 1
+#: Bits of a value rounded under a peak it does not exceed: at most 2**MANT_BITS in magnitude, signed.
+_BOUNDED_BITS = nx.MANT_BITS + 2
 
 
 def bit_length(m: Module, value, name: str) -> Signal:
@@ -47,17 +49,20 @@ def bit_length(m: Module, value, name: str) -> Signal:
     return out
 
 
-def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str, *, wrap: int | None = None) -> Signal:
+def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str, *, wrap: int | None = None,
+                     out_bits: int | None = None) -> Signal:
     """``numerics.round_shift(value, shift)`` for a signed *value* and a signed run-time *shift*.
 
     A positive shift rounds half up; right shifts above *rcap* and left shifts above *lcap*
     are clamped (the caller proves that the clamp changes nothing it keeps). Without *wrap*
     the result is exact, a signed signal wide enough for the largest left shift; with *wrap*
     the rounding add and the left shift wrap at ``wrap`` bits, as numpy's int64 does for ``wrap=64``.
+    With *out_bits* the result has that many bits, for callers that prove it fits: the shifters then only build
+    the bits that are kept.
     """
     value = Value.cast(value)
     vw = len(value)
-    out = Signal(signed(vw + lcap if wrap is None else wrap), name=name)
+    out = Signal(signed(out_bits or (vw + lcap if wrap is None else wrap)), name=name)
     rs = Signal(range(rcap + 1), name=f"{name}_rs")
     m.d.comb += rs.eq(Mux(shift > rcap, rcap, Mux(shift > 0, shift, 0)))
     ls = 0  # lcap == 0: no left shift, and no zero-width signal or always-false compare in the Verilog
@@ -70,7 +75,7 @@ def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str, *
     with m.If(shift > 0):
         m.d.comb += out.eq(biased >> rs)
     with m.Else():
-        m.d.comb += out.eq(value << ls)
+        m.d.comb += out.eq((value if out_bits is None else value[:out_bits].as_signed()) << ls)
     return out
 
 
@@ -90,10 +95,11 @@ class PeakExponent(NamedTuple):
     zero: Signal
 
 
-def peak_exponent(m: Module, peak, exp_in, name: str) -> PeakExponent:
+def peak_exponent(m: Module, peak, exp_in, name: str, *, peak_len=None) -> PeakExponent:
     """The exponent half of ``numerics.normalize`` from *peak*, the OR (or maximum) of the magnitudes of values
-    with exponent *exp_in*."""
-    peak_len = bit_length(m, peak, f"{name}_peak_bits")
+    with exponent *exp_in*; *peak_len*, when given, is the peak's bit length, already computed."""
+    if peak_len is None:
+        peak_len = bit_length(m, peak, f"{name}_peak_bits")
     shift = Signal(signed(len(peak_len) + 2), name=f"{name}_shift")
     exp_raw = Signal(signed(max(len(Value.cast(exp_in)), len(shift)) + 2), name=f"{name}_exp_raw")
     zero = Signal(name=f"{name}_zero")
@@ -112,24 +118,31 @@ def peak_exponent(m: Module, peak, exp_in, name: str) -> PeakExponent:
     return PeakExponent(shift, underflow, exp_out, overflow, zero)
 
 
-def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None = None) -> Signal:
+def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None = None,
+             bounded: bool = False) -> Signal:
     """One lane of the round phase of ``numerics.normalize``: *value* round-shifted by *shift*, clipped to
     +-``MANT_MAX``, then round-shifted by *underflow* where that is positive.
 
     *shift* and *underflow* are :func:`peak_exponent`'s (a shift is at least ``-MANT_BITS``). With *wrap* the first
-    rounding wraps at that many bits (see :func:`round_shift_expr`). Returns a :data:`MANT_SHAPE` signal.
+    rounding wraps at that many bits (see :func:`round_shift_expr`). *bounded* promises ``|value| <= peak`` (the
+    value was one of those the peak was taken over): then ``|value| < 2**(shift + MANT_BITS)``, the rounded value
+    is at most ``2**MANT_BITS`` in magnitude, and the round-shift only builds :data:`_BOUNDED_BITS` result bits.
+    Returns a :data:`MANT_SHAPE` signal.
     """
     rcap = len(Value.cast(value)) if wrap is None else wrap - 1
-    scaled = round_shift_expr(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", wrap=wrap)
+    scaled = round_shift_expr(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", wrap=wrap,
+                              out_bits=_BOUNDED_BITS if bounded else None)
     clipped = Signal(MANT_SHAPE, name=f"{name}_clipped")
     m.d.comb += clipped.eq(Mux(scaled > nx.MANT_MAX, nx.MANT_MAX, Mux(scaled < -nx.MANT_MAX, -nx.MANT_MAX, scaled)))
     return round_shift_expr(m, clipped, underflow, _UNDERFLOW_CAP, 0, name)
 
 
-def scalar_mantissa(m: Module, value, shift, under, prefix: str) -> Signal:
+def scalar_mantissa(m: Module, value, shift, under, prefix: str, *, bounded: bool = False) -> Signal:
     """:func:`mantissa` of one int64 value, wrapping as numpy's int64 does: the lane of the units that normalize
-    one element per cycle (REQ, LDROW). *under* may be negative (no underflow); signal names start with *prefix*."""
-    return mantissa(m, value, shift, under, f"{prefix}_mantissa", wrap=64)
+    one element per cycle (REQ, LDROW). *under* may be negative (no underflow); signal names start with *prefix*.
+    *bounded* as for :func:`mantissa`; it holds under the wrap too (a rounding add wraps only for a 63-bit peak,
+    whose shift of 48 leaves at most 2**15)."""
+    return mantissa(m, value, shift, under, f"{prefix}_mantissa", wrap=64, bounded=bounded)
 
 
 class Normalizer(wiring.Component):
@@ -149,6 +162,9 @@ class Normalizer(wiring.Component):
     lane_widths : sequence of int, optional
         Bits that each lane's values actually need (at most ``width``; the rest is sign extension), so that
         a lane that only ever carries narrow values gets a narrow datapath. Defaults to ``width`` for every lane.
+    bounded : bool
+        The caller rounds only values that were sampled (or masked lanes, whose mantissas it ignores): the
+        round-shifters then build only the bits such a value can reach (:func:`mantissa`).
 
     Attributes
     ----------
@@ -170,7 +186,7 @@ class Normalizer(wiring.Component):
         The result exponent exceeds ``EXP_MAX``; the vector must not be written.
     """
 
-    def __init__(self, width: int, lanes: int, *, lane_widths=None):
+    def __init__(self, width: int, lanes: int, *, lane_widths=None, bounded: bool = False):
         lane_widths = [width] * lanes if lane_widths is None else list(lane_widths)
         if (width < nx.MANT_BITS + 1 or lanes < 1 or len(lane_widths) != lanes
                 or not all(nx.MANT_BITS + 1 <= w <= width for w in lane_widths)):
@@ -180,6 +196,7 @@ class Normalizer(wiring.Component):
         self.width = width
         self.lanes = lanes
         self.lane_widths = lane_widths
+        self.bounded = bounded
         super().__init__({
             "clear": In(1),
             "sample": In(1),
@@ -194,6 +211,9 @@ class Normalizer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         peak = Signal(self.width, name="peak_or")  # OR of magnitudes so far
+        # the peak's bit length is registered with it, so that the round phase starts from a register rather than
+        # from a priority encoder
+        peak_len = Signal(range(self.width + 1), name="peak_bits")
         sampled = peak
         lanes = []
         for i, w in enumerate(self.lane_widths):
@@ -203,11 +223,12 @@ class Normalizer(wiring.Component):
             lanes.append(x)
             sampled = sampled | mag
         with m.If(self.clear):
-            m.d.sync += peak.eq(0)
+            m.d.sync += [peak.eq(0), peak_len.eq(0)]
         with m.Elif(self.sample):
-            m.d.sync += peak.eq(sampled)
-        result = peak_exponent(m, peak, self.exp_in, "result")
+            m.d.sync += [peak.eq(sampled), peak_len.eq(bit_length(m, sampled, "sampled_bits"))]
+        result = peak_exponent(m, peak, self.exp_in, "result", peak_len=peak_len)
         m.d.comb += [self.exp_out.eq(result.exp_out), self.overflow.eq(result.overflow)]
         for i, x in enumerate(lanes):
-            m.d.comb += self.mant[i].eq(mantissa(m, x, result.shift, result.underflow, f"lane{i}"))
+            m.d.comb += self.mant[i].eq(mantissa(m, x, result.shift, result.underflow, f"lane{i}",
+                                                      bounded=self.bounded))
         return m

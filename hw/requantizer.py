@@ -74,7 +74,7 @@ class Requantizer(wiring.Component):
         e_out = Signal(signed(EREG_SHAPE.width + 2), name="exp_out")
         under = Signal(signed(EREG_SHAPE.width + 2), name="underflow")
         zero = Signal(name="all_zero")
-        mant = scalar_mantissa(m, self.value, shift, under, "requant")
+        mant = scalar_mantissa(m, self.value, shift, under, "requant", bounded=True)  # pass 2 rereads pass 1's
         m.submodules.packer = packer = WordPacker(self.config)
         wiring.connect(m, packer.abuf_w, wiring.flipped(self.abuf_w))
         m.d.comb += [packer.base.eq(job.dst), packer.lane.payload.value.eq(Mux(zero, 0, mant)),

@@ -3,12 +3,13 @@
 Dataflow
 --------
 Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) stream
-``vector_lanes`` elements per cycle through a four-stage pipeline:
+``vector_lanes`` elements per cycle through a five-stage pipeline:
 
 * S0 issues the activation-buffer word addresses of chunk ``i`` on read ports A and B;
 * S1 selects the chunk's lanes from the returned words (and looks up ACT gates);
-* S2 computes the wide, exact per-element results (sums aligned as
-  :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs);
+* S2a and S2b compute the wide, exact per-element results (sums aligned as
+  :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs; NORM's
+  ``z * g`` in S2b, so that no stage chains two multipliers);
 * S3 feeds them to the :class:`~hw.normalize.Normalizer`.
 
 Each stage is a component with its own signature, and stages hand each other registered,
@@ -60,14 +61,15 @@ Outside that range numerics wraps and the hardware does not:
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
-from .divider import Divider
+from .arith import narrow_times
+from .divider import Divider, Multiplier
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .isqrt import Isqrt
 from .lut import GATE_SHAPE, GateLut
@@ -90,9 +92,15 @@ _EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
 #: Bits of the alignment guard (numerics.align_sum).
 _GUARD = nx.ALIGN_GUARD
 _GATE_BITS = nx.GATE_ONE.bit_length() - 1
-#: Bits of NORM's r = 2**RSQRT_NUM // isqrt(m << RSQRT_FRAC): m >= 2**(SCALAR_BITS - 1), so the root is at least
-#: 2**23 and r at most 2**25.
-_RECIP_BITS = nx.RSQRT_NUM - (nx.RSQRT_FRAC + nx.SCALAR_BITS - 1) // 2 + 1
+_RECIP_BITS = timing.NORM_RECIP_BITS
+#: NORM's x * r splits r here: the low bits (unsigned, so they fit the lane multiplier's 17-bit signed factor) and
+#: the rest.
+_RECIP_SPLIT = 16
+#: Bits of NORM's x * r + d (signed): |x - mean| < 2**16 and r < 2**25 bound |x * r + d| by 2**41 + 1, d being
+#: floor(-S * r / n) = floor(-mean * r); RMSNorm's d is 0 and |x * r| <= 2**40.
+_NORM_XR_BITS = 16 + _RECIP_BITS + 1
+#: Bits of NORM's z = round(x * r + d, NORM_Z_SHIFT): |z| <= 2**17 + 1.
+_NORM_Z_BITS = _NORM_XR_BITS - nx.NORM_Z_SHIFT + 1
 #: Bits of a wide value: ROPE's sum of two products aligned by up to GUARD bits (2**47 at most).
 WIDE_BITS = 2 * 16 + _GUARD + 1
 #: Bits of the chunk ops' wide values, which never reach lanes beyond the first in ROPE: VADD's aligned sum is below
@@ -100,6 +108,8 @@ WIDE_BITS = 2 * 16 + _GUARD + 1
 #: 2**16 times r < 2**25, over 2**NORM_Z_SHIFT); the products below 2**31.
 CHUNK_WIDE_BITS = 34
 LANE = signed(16)
+#: A square of a lane: at most 2**30.
+SQUARE = unsigned(31)
 
 #: Operand fields by opcode: (first source, second source, and the exponent registers read: operands' or ROPE's
 #: x, cos, sin). One-operand ops read their source on both ports.
@@ -185,7 +195,7 @@ class VectorDecoder(wiring.Component):
                                                                           eregs)]
                     if name != "ARGMAX":
                         m.d.comb += [self.dst.eq(v.dst), self.dst_e.eq(v.dst_e)]
-                    m.d.comb += self.length.eq(v.heads * v.head_dim if name == "ROPE" else v.len)
+                    m.d.comb += self.length.eq(narrow_times(v.heads, v.head_dim) if name == "ROPE" else v.len)
 
         n_words = self.config.act_buffer_words
         lg_l = log2_exact(abuf_lanes(self.config))
@@ -307,9 +317,12 @@ class Elementwise(wiring.Component):
     early_a : In(ArrayLayout(signed(16), vector_lanes))
     chunk : In(stream.Signature(chunk_layout(config)))
     wide : Out(stream.Signature(wide_layout(config)))
-        The chunk's wide values, for peak and write passes (combinational).
+        The chunk's wide values, for peak and write passes, a cycle after the chunk (stages S2a and S2b).
     exp : Out(EXP_WIDE)
         Exponent of the wide values.
+    square : Out(ArrayLayout(SQUARE, vector_lanes))
+        NORM: the squares of the chunk's ``a`` lanes, from the lane multipliers, for :class:`NormScalar`'s
+        statistics pass (combinational).
     """
 
     def __init__(self, config):
@@ -319,7 +332,8 @@ class Elementwise(wiring.Component):
         super().__init__({"insn": In(CMD_LAYOUT), "exp_a": In(EREG_SHAPE), "exp_b": In(EREG_SHAPE), "dst": In(16),
                           "recip": In(_RECIP_BITS), "mean": In(signed(mean_bits)), "recip_exp": In(EXP_WIDE),
                           "early_a": In(data.ArrayLayout(LANE, V)), "chunk": In(_pipe(chunk_layout(config))),
-                          "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE)})
+                          "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE),
+                          "square": Out(data.ArrayLayout(SQUARE, V))})
 
     def elaborate(self, platform):
         m = Module()
@@ -329,36 +343,67 @@ class Elementwise(wiring.Component):
         m.submodules.gate_lut = lut = GateLut(V)
         m.d.comb += [lut.x.eq(self.early_a), lut.exp.eq(ea), lut.func.eq(f.ACT.func)]
 
-        # VADD: each operand moves left by its exponent above top (numerics.align_sum)
+        # VADD: each operand moves left by its exponent above top = max(ea, eb) - GUARD (numerics.align_sum), so the
+        # operand with the larger exponent always moves left by GUARD bits, a plain wiring, and only the other one
+        # needs a shifter: by GUARD - |ea - eb|, to the right when that is negative
         top = Signal(EXP_WIDE, name="add_top")
-        shift_a = Signal(EXP_WIDE, name="add_shift_a")
-        shift_b = Signal(EXP_WIDE, name="add_shift_b")
-        m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), shift_a.eq(ea - top), shift_b.eq(eb - top)]
+        b_big = Signal(name="add_b_big")
+        shift_small = Signal(EXP_WIDE, name="add_shift_small")
+        m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), b_big.eq(eb > ea),
+                     shift_small.eq(Mux(b_big, ea, eb) - top)]
         with m.Switch(opcode):
             for name, exp in (("VADD", top), ("VMUL", ea + eb), ("VSCALE", ea + f.VSCALE.imm_e),
                               ("ACT", ea - _GATE_BITS), ("NORM", ea + self.recip_exp + nx.NORM_Z_SHIFT + eb)):
                 with m.Case(_code(name)):
                     m.d.comb += self.exp.eq(exp)
 
+        # S2a computes each lane's value (NORM: z) and registers it; S2b multiplies NORM's z by g, so that neither
+        # half chains two multipliers
         c = self.chunk.payload
         out = self.wide.payload
-        m.d.comb += [self.wide.valid.eq(self.chunk.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
+        is_norm = Signal(name="is_norm")
+        m.d.comb += is_norm.eq(opcode == _code("NORM"))
+        m.d.sync += [self.wide.valid.eq(self.chunk.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
         for j in range(V):
             a, b = c.a[j], c.b[j]
-            al = round_shift_expr(m, a, -shift_a, 17, _GUARD, f"add_a{j}")
-            bl = round_shift_expr(m, b, -shift_b, 17, _GUARD, f"add_b{j}")
-            gated = Signal(signed(16 + GATE_SHAPE.width + 1), name=f"act_gated{j}")
-            m.d.comb += gated.eq(a * lut.gate[j])
-            zr = Signal(signed(len(self.mean) + 16 + 1), name=f"norm_xr{j}")
-            m.d.comb += zr.eq(a * self.recip + self.mean)
-            z = Signal(signed(len(zr) - nx.NORM_Z_SHIFT + 1), name=f"norm_z{j}")
-            m.d.comb += z.eq((zr + (1 << (nx.NORM_Z_SHIFT - 1))) >> nx.NORM_Z_SHIFT)
+            big = Signal(LANE, name=f"add_big{j}")
+            small = Signal(LANE, name=f"add_small{j}")
+            m.d.comb += [big.eq(Mux(b_big, b, a)), small.eq(Mux(b_big, a, b))]
+            aligned = round_shift_expr(m, small, -shift_small, 17, _GUARD, f"add_aligned{j}")
+            # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate: one lane multiplier (16 x 17 bits,
+            # one MULT18X18D) serves all three
+            factor = Signal(signed(GATE_SHAPE.width + 1), name=f"factor{j}")
             with m.Switch(opcode):
-                for name, value in (("VADD", al + bl), ("VMUL", a * b), ("VSCALE", a * f.VSCALE.imm_m),
-                                    ("ACT", gated), ("NORM", z * b)):
+                with m.Case(_code("VSCALE")):
+                    m.d.comb += factor.eq(f.VSCALE.imm_m)
+                with m.Case(_code("ACT")):
+                    m.d.comb += factor.eq(lut.gate[j])
+                with m.Case(_code("NORM")):  # the statistics pass's squares, then the low bits of x * r
+                    m.d.comb += factor.eq(Mux(c.kind == Pass.STATS, a, self.recip[:_RECIP_SPLIT]))
+                with m.Default():
+                    m.d.comb += factor.eq(b)
+            product = Signal(signed(16 + GATE_SHAPE.width + 1), name=f"product{j}")
+            m.d.comb += [product.eq(a * factor), self.square[j].eq(product)]
+            # NORM: x * r in two parts (the lane multiplier takes r's low bits), then z * g with z's top bits in
+            # logic: one more MULT18X18D each
+            xr_hi = Signal(signed(16 + _RECIP_BITS - _RECIP_SPLIT + 1), name=f"norm_xr_hi{j}")
+            m.d.comb += xr_hi.eq(a * self.recip[_RECIP_SPLIT:])
+            zr = Signal(signed(_NORM_XR_BITS), name=f"norm_xr{j}")
+            m.d.comb += zr.eq(product + (xr_hi << _RECIP_SPLIT) + self.mean)
+            z = Signal(signed(_NORM_Z_BITS), name=f"norm_z{j}")
+            m.d.comb += z.eq((zr + (1 << (nx.NORM_Z_SHIFT - 1))) >> nx.NORM_Z_SHIFT)
+            pre = Signal(signed(CHUNK_WIDE_BITS), name=f"s2b_value{j}")  # S2b: NORM's z, the others' result
+            g = Signal(LANE, name=f"s2b_g{j}")
+            m.d.sync += g.eq(b)
+            with m.Switch(opcode):
+                for name, value in (("VADD", (big << _GUARD) + aligned), ("VMUL", product), ("VSCALE", product),
+                                    ("ACT", product), ("NORM", z)):
                     with m.Case(_code(name)):
-                        m.d.comb += out.wide[j].eq(value)
+                        m.d.sync += pre.eq(value)
+            zg = Signal(signed(_NORM_Z_BITS + 16), name=f"norm_zg{j}")
+            m.d.comb += [zg.eq(pre[:17] * g + (narrow_times(pre[17:_NORM_Z_BITS].as_signed(), g) << 17)),
+                         out.wide[j].eq(Mux(is_norm, zg, pre))]
         return m
 
 
@@ -380,6 +425,8 @@ class NormScalar(wiring.Component):
         Zeroes the sums (before the statistics pass).
     chunk : In(stream.Signature(chunk_layout(config)))
         ``STATS`` chunks are summed.
+    square : In(ArrayLayout(SQUARE, vector_lanes))
+        The squares of the chunk's ``a`` lanes (:class:`Elementwise`'s lane multipliers).
     start : In(1)
         Starts the sequence (ignored while it runs).
     done : Out(1)
@@ -389,9 +436,11 @@ class NormScalar(wiring.Component):
 
     def __init__(self, config):
         self.config = config
+        V = config.vector_lanes
         self.widths = timing.norm_widths(config)
         super().__init__({"insn": In(LAYOUTS["NORM"]), "exp_x": In(EREG_SHAPE), "clear": In(1),
-                          "chunk": In(_pipe(chunk_layout(config))), "start": In(1), "done": Out(1),
+                          "chunk": In(_pipe(chunk_layout(config))), "square": In(data.ArrayLayout(SQUARE, V)),
+                          "start": In(1), "done": Out(1),
                           "recip": Out(_RECIP_BITS), "mean": Out(signed(self.widths["mean_div"] + 2)),
                           "recip_exp": Out(EXP_WIDE)})
 
@@ -403,13 +452,14 @@ class NormScalar(wiring.Component):
         m.submodules.divider = div = Divider(max(nw["ss_div"], nw["ms_div"], nw["recip_div"], nw["mean_div"]),
                                              max(nw["n"], nw["root"] + 1), k)
         m.submodules.isqrt = sq = Isqrt(nw["root"], k)
+        m.submodules.multiplier = mul = Multiplier(nw["mul_a"], nw["mul_b"], k)
 
         # statistics: sum and sum of squares of the valid lanes
         stat_sum = Signal(signed(nw["sum"]), name="stat_sum")
         stat_sq = Signal(nw["sq"], name="stat_sumsq")
         c = self.chunk.payload
         chunk_sum = sum(Mux(c.mask[j], c.a[j], 0) for j in range(V))
-        chunk_sq = sum(Mux(c.mask[j], c.a[j] * c.a[j], 0) for j in range(V))
+        chunk_sq = sum(Mux(c.mask[j], self.square[j], 0) for j in range(V))
         with m.If(self.clear):
             m.d.sync += [stat_sum.eq(0), stat_sq.eq(0), self.recip.eq(0), self.mean.eq(0)]
         with m.Elif(self.chunk.valid & (c.kind == Pass.STATS)):
@@ -445,8 +495,9 @@ class NormScalar(wiring.Component):
                                     len(total), nx.SCALAR_BITS, "norm_scalar_round")
         sc_exp = Signal(EXP_WIDE, name="norm_scalar_exp")
         m.d.comb += sc_exp.eq(total_exp + sc_shift)
-        sum_r = Signal(signed(nw["sum"] + _RECIP_BITS + 1), name="norm_sum_r")
-        m.d.comb += sum_r.eq(stat_sum * self.recip)
+        sum_mag = Signal(nw["sum"], name="norm_sum_mag")
+        m.d.comb += sum_mag.eq(Mux(stat_sum < 0, -stat_sum, stat_sum))
+        nq = Signal(nw["n"] + nw["sq"], name="norm_nq")
 
         def divide(state, numerator, denominator, bits, after):
             """A state that starts a division and one that waits for it, then runs *after* in its last cycle."""
@@ -455,6 +506,14 @@ class NormScalar(wiring.Component):
                              div.bits.eq(bits)]
                 m.next = f"{state}_WAIT"
             with m.State(f"{state}_WAIT"), m.If(div.done):
+                after()
+
+        def multiply(state, a, b, after):
+            """A state that starts a product on the multiplier and one that waits for it, then runs *after*."""
+            with m.State(state):
+                m.d.comb += [mul.start.eq(1), mul.a.eq(a), mul.b.eq(b)]
+                m.next = f"{state}_WAIT"
+            with m.State(f"{state}_WAIT"), m.If(mul.done):
                 after()
 
         def then(state, *statements):
@@ -467,13 +526,13 @@ class NormScalar(wiring.Component):
             m.d.sync += [self.recip.eq(div.quotient),
                          self.recip_exp.eq(-(sc_e >> 1) + nx.RSQRT_FRAC // 2 - nx.RSQRT_NUM)]
             with m.If(layer):
-                m.next = "MEAN"
+                m.next = "SUM_R"
             with m.Else():
                 m.d.comb += self.done.eq(1)
                 m.next = "IDLE"
 
-        def finish_mean():  # floor(-S * r / n) from |S * r| // n
-            with m.If(sum_r < 0):
+        def finish_mean():  # floor(-S * r / n) from |S * r| // n (r > 0)
+            with m.If(stat_sum < 0):
                 m.d.sync += self.mean.eq(div.quotient)
             with m.Else():
                 m.d.sync += self.mean.eq(-(div.quotient + (div.remainder != 0)))
@@ -483,11 +542,13 @@ class NormScalar(wiring.Component):
         with m.FSM(name="norm_state"):
             with m.State("IDLE"), m.If(self.start):
                 with m.If(layer):
-                    m.next = "SS"
+                    m.next = "NQ"
                 with m.Else():
                     m.next = "MS"
             # LayerNorm: ss = (n * Q - S * S) // n
-            divide("SS", n * stat_sq - stat_sum * stat_sum, n, nw["ss_div"], then("MS", ss.eq(div.quotient)))
+            multiply("NQ", stat_sq, n, then("SQUARE", nq.eq(mul.product)))
+            multiply("SQUARE", sum_mag, sum_mag, then("SS"))
+            divide("SS", nq - mul.product, n, nw["ss_div"], then("MS", ss.eq(div.quotient)))
             # ms = (ss << NORM_MS_FRAC) // n; RMSNorm's ss is the sum of squares itself
             divide("MS", Mux(layer, ss, stat_sq) << nx.NORM_MS_FRAC, n, nw["ms_div"],
                    then("EPS", ms.eq(div.quotient)))
@@ -506,7 +567,8 @@ class NormScalar(wiring.Component):
             with m.State("SQRT_WAIT"), m.If(sq.done):
                 m.next = "RECIP"
             divide("RECIP", 1 << nx.RSQRT_NUM, sq.root, nw["recip_div"], finish_recip)
-            divide("MEAN", Mux(sum_r < 0, -sum_r, sum_r), n, nw["mean_div"], finish_mean)
+            multiply("SUM_R", sum_mag, self.recip, then("MEAN"))
+            divide("MEAN", mul.product, n, nw["mean_div"], finish_mean)
         return m
 
 
@@ -655,7 +717,7 @@ class Rope(wiring.Component):
         with m.If(s1_valid & ~s1_phase):
             m.d.sync += [x_a.eq(s1_va), x_b.eq(s1_vb)]
 
-        # S2: four products aligned (numerics.align_sum), the second result held a cycle
+        # S2: the pair with its cos and sin, then two products aligned (numerics.align_sum) per cycle
         s2_valid = Signal(name="s2_valid")
         s2_kind = Signal(Pass, name="s2_kind")
         s2_xa, s2_xb, s2_c, s2_s = (Signal(LANE, name=f"s2_{n}") for n in ("xa", "xb", "cos", "sin"))
@@ -670,29 +732,26 @@ class Rope(wiring.Component):
         shift_s = Signal(EXP_WIDE, name="shift_sin")
         m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD),
                      shift_c.eq(ex + ec - self.exp), shift_s.eq(ex + es - self.exp)]
-        t_ac = round_shift_expr(m, s2_xa * s2_c, -shift_c, 32, _GUARD, "ac")
-        t_bs = round_shift_expr(m, -(s2_xb * s2_s), -shift_s, 32, _GUARD, "neg_bs")
-        t_bc = round_shift_expr(m, s2_xb * s2_c, -shift_c, 32, _GUARD, "bc")
-        t_as = round_shift_expr(m, s2_xa * s2_s, -shift_s, 32, _GUARD, "as")
-        y_a = Signal(signed(WIDE_BITS), name="y_a")
-        y_b = Signal(signed(WIDE_BITS), name="y_b")
-        m.d.comb += [y_a.eq(t_ac + t_bs), y_b.eq(t_bc + t_as)]
-        held_valid = Signal(name="held_valid")
-        held_kind = Signal(Pass, name="held_kind")
-        held_y = Signal(signed(WIDE_BITS), name="held_y")
-        held_out = Signal(addr, name="held_out")
-        m.d.sync += held_valid.eq(s2_valid)
-        with m.If(s2_valid):
-            m.d.sync += [held_kind.eq(s2_kind), held_y.eq(y_b), held_out.eq(s2_out_b)]
+        # a pair arrives every other cycle, so one pair of multipliers and shifters serves both results: y_a =
+        # xa * cos - xb * sin in the pair's first cycle, y_b = xb * cos + xa * sin in the next (the S2 registers
+        # still hold the pair then)
+        second = Signal(name="second")
+        m.d.sync += second.eq(s2_valid)
+        p = Signal(LANE, name="rope_p")
+        q = Signal(LANE, name="rope_q")
+        m.d.comb += [p.eq(Mux(second, s2_xb, s2_xa)), q.eq(Mux(second, s2_xa, s2_xb))]
+        q_sin = Signal(signed(32), name="rope_q_sin")
+        m.d.comb += q_sin.eq(q * s2_s)
+        t_cos = round_shift_expr(m, p * s2_c, -shift_c, 32, _GUARD, "p_cos")
+        t_sin = round_shift_expr(m, Mux(second, q_sin, -q_sin), -shift_s, 32, _GUARD, "q_sin")
+        y = Signal(signed(WIDE_BITS), name="rope_y")
+        m.d.comb += y.eq(t_cos + t_sin)
         out = self.wide.payload
-        m.d.comb += self.wide.valid.eq(s2_valid | held_valid)
+        m.d.comb += self.wide.valid.eq(s2_valid | second)
         # (constant members are set under a condition: Verilator never runs an always block that reads nothing)
-        with m.If(s2_valid):
-            m.d.comb += [out.kind.eq(s2_kind), out.wide[0].eq(y_a), out.addr.eq(s2_out_a), out.mask.eq(1),
-                         out.single.eq(1)]
-        with m.Else():
-            m.d.comb += [out.kind.eq(held_kind), out.wide[0].eq(held_y), out.addr.eq(held_out), out.mask.eq(1),
-                         out.single.eq(1)]
+        with m.If(s2_valid | second):
+            m.d.comb += [out.kind.eq(s2_kind), out.wide[0].eq(y), out.addr.eq(Mux(second, s2_out_b, s2_out_a)),
+                         out.mask.eq(1), out.single.eq(1)]
         return m
 
 
@@ -724,7 +783,8 @@ class WriteBack(wiring.Component):
         V = self.config.vector_lanes
         L = abuf_lanes(self.config)
         lg_l = log2_exact(L)
-        m.submodules.normalizer = norm = Normalizer(WIDE_BITS, V, lane_widths=[WIDE_BITS] + [CHUNK_WIDE_BITS] * (V - 1))
+        m.submodules.normalizer = norm = Normalizer(WIDE_BITS, V, lane_widths=[WIDE_BITS] + [CHUNK_WIDE_BITS] * (V - 1),
+                                                    bounded=True)  # the write pass recomputes the peak pass's values
         s3 = Signal(wide_layout(self.config), name="s3")
         s3_valid = Signal(name="s3_valid")
         m.d.sync += [s3_valid.eq(self.wide.valid), s3.eq(self.wide.payload)]
@@ -804,7 +864,7 @@ class VectorUnit(wiring.Component):
             elem.insn.eq(insn), elem.exp_a.eq(exps[0]), elem.exp_b.eq(exps[1]), elem.dst.eq(dec.dst),
             elem.early_a.eq(issue.early_a),
             elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
-            scalar.insn.eq(insn.NORM), scalar.exp_x.eq(exps[0]),
+            scalar.insn.eq(insn.NORM), scalar.exp_x.eq(exps[0]), scalar.square.eq(elem.square),
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
             wb.exp_in.eq(Mux(is_rope, rope.exp, elem.exp)),
         ]
@@ -833,7 +893,7 @@ class VectorUnit(wiring.Component):
             m.d.comb += [issue.start.eq(1), issue.kind.eq(kind)]
             m.next = state
 
-        drain = Signal(range(PIPE_DEPTH + 2), name="drain")
+        drain = Signal(range(max(PIPE_DEPTH, timing.ROPE_PIPE_DEPTH + 1) + 1), name="drain")
         with m.FSM(name="vec_state"):
             with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
                 m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1)]
@@ -856,10 +916,10 @@ class VectorUnit(wiring.Component):
                 with m.Else():
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
-            # one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
+            # ROPE_PIPE_DEPTH and one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
             # (the scalar sequence starts in the second, SCALAR, and reads the sums in the cycle after)
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
-                                             ("ROPE", rope.last, PIPE_DEPTH + 1, "FINISH"),
+                                             ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),
                                              ("STATS", issue.last, 1, "SCALAR"),
                                              ("ARGMAX", issue.last, 2, "ARGMAX_WRITE")):
                 with m.State(state), m.If(last):

@@ -28,15 +28,20 @@ STORE_OVERHEAD = 3
 STACC_OVERHEAD = 3
 #: REQ: besides two per element: check, shift computation, pipeline drain, done.
 REQ_OVERHEAD = 5
-#: GEMV engine: busy cycles beyond one per streamed port word (memory read, products, adder tree, group scale,
-#: row accumulate).
-GEMV_PIPELINE_LATENCY = 4
+#: GEMV engine: products summed per adder-tree stage (one register stage per level of the tree).
+GEMV_TREE_FANIN = 4
+#: GEMV engine: pipeline stages besides the adder tree's (port word, window and operands, products, products
+#: registered, scale limbs, scaled sum), each one cycle beyond one per streamed port word.
+GEMV_PIPELINE_STAGES = 6
 #: GEMV unit: besides one per weight word and the engine pipeline: check, start, memory latency, accumulate, done.
 GEMV_OVERHEAD = 9
 
 # ---------------------------------------------------------------- vector unit
-#: Pipeline stages between issuing a chunk's reads and its result leaving the last stage.
-VECTOR_PIPE_DEPTH = 3
+#: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select,
+#: two elementwise stages, write-back).
+VECTOR_PIPE_DEPTH = 4
+#: The same for ROPE's own issue and product stages.
+ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
 SCALAR_BITS_PER_CYCLE = 2
 
@@ -80,18 +85,26 @@ def req_cycles(config, length: int) -> int:
     return 2 * length + REQ_OVERHEAD if length else 3
 
 
-def gemv_engine_cycles(rows: int, words_per_row: int) -> int:
+def gemv_tree_stages(config) -> int:
+    """Register stages of the GEMV engine's adder tree over its ``2 * port_bytes`` products."""
+    terms, stages = 2 * config.port_bytes, 0
+    while terms > 1:
+        terms, stages = _ceil(terms, GEMV_TREE_FANIN), stages + 1
+    return stages
+
+
+def gemv_engine_cycles(config, rows: int, words_per_row: int) -> int:
     """Cycles the GEMV engine's ``busy`` stays high: one per port word plus the pipeline.
 
     Exact for every weight format: *words_per_row* is ``numerics.row_stride(cols, fmt, group, port_bytes) //
     port_bytes``, so the format only enters through the row-record length.
     """
-    return rows * words_per_row + GEMV_PIPELINE_LATENCY
+    return rows * words_per_row + GEMV_PIPELINE_STAGES + gemv_tree_stages(config)
 
 
 def gemv_cycles(config, ins: isa.Instr) -> int:
     """One uncontended GEMV instruction on the GEMV unit."""
-    return gemv_engine_cycles(ins.fields["rows"], _row_words(config, ins)) + GEMV_OVERHEAD
+    return gemv_engine_cycles(config, ins.fields["rows"], _row_words(config, ins)) + GEMV_OVERHEAD
 
 
 def divider_cycles(bits: int, bits_per_cycle: int) -> int:
@@ -102,6 +115,16 @@ def divider_cycles(bits: int, bits_per_cycle: int) -> int:
 def isqrt_cycles(root_width: int, bits_per_cycle: int) -> int:
     """One digit-by-digit square root yielding *root_width* bits."""
     return _ceil(root_width, bits_per_cycle)
+
+
+def multiplier_cycles(b_width: int, bits_per_cycle: int) -> int:
+    """One shift-and-add product over a *b_width*-bit multiplier."""
+    return _ceil(b_width, bits_per_cycle)
+
+
+#: Bits of NORM's ``r = 2**RSQRT_NUM // isqrt(m << RSQRT_FRAC)``: m >= 2**(SCALAR_BITS - 1), so the root is at
+#: least 2**23 and r at most 2**25.
+NORM_RECIP_BITS = nx.RSQRT_NUM - (nx.RSQRT_FRAC + nx.SCALAR_BITS - 1) // 2 + 1
 
 
 def norm_widths(config) -> dict:
@@ -116,6 +139,8 @@ def norm_widths(config) -> dict:
         "recip_div": nx.RSQRT_NUM + 1,  # 2**RSQRT_NUM
         "mean_div": sum_w + 26,  # |S * r|
         "root": (nx.RSQRT_FRAC + nx.SCALAR_BITS + 2) // 2,  # isqrt of (m << RSQRT_FRAC), m < 2**25
+        # LayerNorm's products n * Q, |S| * |S| and |S| * r on the shift-and-add multiplier
+        "mul_a": max(sq_w, sum_w), "mul_b": max(nb, sum_w, NORM_RECIP_BITS),
     }
 
 
@@ -128,8 +153,9 @@ def vector_cycles(op: str, fields: dict, config) -> int:
 
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
-    (``ceil(len / V) + 2``) and the scalar sequence. ROPE issues one pair per two cycles per pass. ARGMAX is one
-    pass.
+    (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier).
+    ROPE issues one pair per two cycles per pass
+    and drains :data:`ROPE_PIPE_DEPTH` + 1. ARGMAX is one pass.
     """
     V = config.vector_lanes
     done = 1
@@ -138,7 +164,7 @@ def vector_cycles(op: str, fields: dict, config) -> int:
     if op == "ARGMAX":
         return 1 + _ceil(fields["len"], V) + 2 + 1 + done
     if op == "ROPE":
-        return 1 + 2 * fields["heads"] * fields["head_dim"] + VECTOR_PIPE_DEPTH + 1 + 1 + done
+        return 1 + 2 * fields["heads"] * fields["head_dim"] + ROPE_PIPE_DEPTH + 1 + 1 + done
     if op == "NORM":
         w = norm_widths(config)
         layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
@@ -147,6 +173,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         k = SCALAR_BITS_PER_CYCLE
         steps = [isqrt_cycles(w["root"], k)] + [divider_cycles(w[name], k) for name in
                                                  ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
+        if layer:  # n * Q, S * S and S * r
+            steps += [multiplier_cycles(w["mul_b"], k)] * 3
         scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
         return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")

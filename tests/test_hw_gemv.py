@@ -85,7 +85,7 @@ def test_gemv_bit_exact(builds, shape, fmt):
     case = {
         "rows": ROWS, "cols": COLS, "group_log2": GROUP.bit_length() - 1,
         "fmt": FMT_CODES[fmt], "w_base": mat["w_base"],
-        "expected": [int(v) for v in expected], "cycles": gemv_engine_cycles(ROWS, words_per_row),
+        "expected": [int(v) for v in expected], "cycles": gemv_engine_cycles(cfg, ROWS, words_per_row),
         "result": str(work / f"result_{fmt}.json"),
     }
     case_file = work / f"case_{fmt}.json"

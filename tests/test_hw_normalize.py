@@ -13,9 +13,9 @@ from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, round_shift_expr, sca
 from kvoverlay import numerics as nx
 
 
-def _run(width, lanes, vectors, lane_widths=None):
+def _run(width, lanes, vectors, lane_widths=None, bounded=False):
     """Normalize each (values, exponent) through the hardware; returns [(mantissas, exponent, overflow)]."""
-    dut = Normalizer(width, lanes, lane_widths=lane_widths)
+    dut = Normalizer(width, lanes, lane_widths=lane_widths, bounded=bounded)
     results = []
 
     async def tb(ctx):
@@ -68,12 +68,14 @@ def _cases(rng, width, n_random):
     return cases
 
 
-@pytest.mark.parametrize("width,lanes,lane_widths", [(34, 4, None), (64, 1, None), (49, 4, (49, 34, 34, 34))],
-                         ids=["vector-34x4", "wide-64x1", "narrow-lanes"])
-def test_normalizer_matches_numerics(width, lanes, lane_widths):
+@pytest.mark.parametrize("width,lanes,lane_widths,bounded", [(34, 4, None, False), (64, 1, None, False),
+                                                               (49, 4, (49, 34, 34, 34), False),
+                                                               (49, 4, (49, 34, 34, 34), True)],
+                         ids=["vector-34x4", "wide-64x1", "narrow-lanes", "narrow-lanes-bounded"])
+def test_normalizer_matches_numerics(width, lanes, lane_widths, bounded):
     rng = np.random.default_rng(width)
     cases = _cases(rng, min(lane_widths or [width]), 60)  # values every lane can carry
-    got = _run(width, lanes, cases, lane_widths)
+    got = _run(width, lanes, cases, lane_widths, bounded)  # the round phase sees the sampled values
     checked_overflow = 0
     for (vals, e), (mant, eo, ovf) in zip(cases, got):
         try:
@@ -119,9 +121,13 @@ class _ScalarLane(wiring.Component):
     under: In(signed(14))
     mant: Out(MANT_SHAPE)
 
+    def __init__(self, bounded=False):
+        self.bounded = bounded
+        super().__init__()
+
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += self.mant.eq(scalar_mantissa(m, self.value, self.shift, self.under, "lane"))
+        m.d.comb += self.mant.eq(scalar_mantissa(m, self.value, self.shift, self.under, "lane", bounded=self.bounded))
         return m
 
 
@@ -145,6 +151,26 @@ def test_scalar_mantissa_matches_int64_numerics():
     got = _evaluate(_ScalarLane(), [{"value": v, "shift": s, "under": u} for v, s, u in cases], "mant")
     for (value, shift, under), mant in zip(cases, got):
         assert mant == _scalar_reference(value, shift, under), (value, shift, under)
+
+
+def test_bounded_scalar_mantissa_matches_int64_numerics():
+    """The bounded lane (REQ's and LDROW's) on values under their peak, shift = bitlen(peak) - MANT_BITS: the
+    extremes of int64 (where numpy's rounding add wraps) and values far below the peak."""
+    rng = np.random.default_rng(13)
+    top = (1 << 63) - 1
+    cases = []  # (value, peak bit length)
+    for value in (top, top - 5, -top - 1, -top, (1 << 62), -(1 << 62) - 1, 32767, -32768, 0, 1, -1):
+        cases.append((value, max(1, abs(value).bit_length())))
+    cases += [(top - (1 << 46), 63), (-(1 << 20), 64), (12345, 63), (-7, 15), (7, 3)]
+    for _ in range(80):
+        bits = int(rng.integers(1, 65))
+        value = int(rng.integers(-(1 << (bits - 1)), 1 << (bits - 1))) if bits > 1 else 0
+        cases.append((value, max(bits, abs(value).bit_length())))
+    inputs = [{"value": v, "shift": max(pb - nx.MANT_BITS, -nx.MANT_BITS), "under": int(rng.integers(-3, 20))}
+              for v, pb in cases]
+    got = _evaluate(_ScalarLane(bounded=True), inputs, "mant")
+    for case, mant in zip(inputs, got):
+        assert mant == _scalar_reference(case["value"], case["shift"], case["under"]), case
 
 
 class _Int64RoundShift(wiring.Component):

