@@ -19,10 +19,12 @@ import onnx
 from onnx import numpy_helper
 
 from kvoverlay import bundle as kvbundle
+from kvoverlay import numerics as nx
 
+from .backend import SessionError, Step, create_backend
 from .offload import resolve_device
 
-__all__ = ["TORCH_OPS", "HostSegment", "describe", "host_ops", "run_segments"]
+__all__ = ["TORCH_OPS", "HostSegment", "SegmentedBackend", "describe", "host_ops", "is_decoder", "run_segments"]
 
 
 def host_ops(program: kvbundle.Bundle) -> list:
@@ -198,3 +200,132 @@ def run_segments(program: kvbundle.Bundle, feeds: dict, run_overlay: Callable, d
             out = HostSegment(_blob(program, seg), device).run(ins)
         env.update({o: out[o] for o in seg["outputs"]})
     return {o: env[o] for o in program.manifest["io"]["outputs"]}
+
+
+def is_decoder(program: kvbundle.Bundle) -> bool:
+    """Whether partitioned *program* is a decoder: its graph gives ``logits`` from the token and position ids."""
+    io = program.manifest.get("io", {})
+    return "logits" in io.get("outputs", {}) and "input_ids" in io.get("inputs", {}) and "max_seq" in program.manifest
+
+
+def _overlay_part(blob: bytes) -> kvbundle.Bundle:
+    """An overlay segment as a program a backend steps: one without logits of its own gets its first output as
+    the record the backend reads after each step (the host reads every output record anyway)."""
+    sub = kvbundle.from_bytes(blob)
+    if "logits" not in sub.manifest:
+        name, spec = next(iter(sub.manifest["io"]["outputs"].items()))
+        sub = kvbundle.Bundle(config=sub.config, instructions=sub.instructions, image=sub.image,
+                              manifest={**sub.manifest, "logits": {"addr": spec["addr"], "len": spec["len"]}})
+    return sub
+
+
+def _sum_counters(parts: list):
+    from kvoverlay.sim.golden import Counters
+
+    total = Counters()
+    for c in parts:
+        total.cycles += c.cycles
+        total.instructions += c.instructions
+        for mine, theirs in ((total.bytes_read, c.bytes_read), (total.bytes_written, c.bytes_written),
+                             (total.busy, c.busy)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+    return total
+
+
+class SegmentedBackend:
+    """A partitioned decoder on a backend: each overlay segment on a backend of its own, the host segments between.
+
+    Each overlay segment is an ordinary program stepped by its own *backend* (``isa``, ``rtl``), so the KV cache
+    of the layers it holds stays in that backend across steps, as in an unpartitioned session. A step writes the
+    token and position registers of every overlay segment, runs the segments in order, and moves each tensor
+    across once per segment boundary: an overlay segment's float inputs are written as vector records before it
+    runs and its outputs read after; a host segment runs on the offload device (:class:`HostSegment`). The step's
+    counters add the overlay segments' and report the host ops (``placement``).
+    """
+
+    def __init__(self, program: kvbundle.Bundle, backend: str = "isa", *, offload_device: str = "auto", **options):
+        if offload_device == "none":
+            raise SessionError(f"--offload-device none: {describe(program)}")
+        self.program = program
+        self.name = backend
+        self.offload_device = offload_device
+        self.device = resolve_device(offload_device)
+        self.parts = []  # (segment entry, backend or HostSegment)
+        try:
+            for seg in program.manifest["segments"]:
+                blob = _blob(program, seg)
+                if seg["kind"] == "overlay":
+                    part = create_backend(backend, _overlay_part(blob), offload_device=offload_device, **options)
+                else:
+                    part = HostSegment(blob, offload_device)
+                self.parts.append((seg, part))
+        except BaseException:
+            self.close()
+            raise
+        self.overlays = [p for s, p in self.parts if s["kind"] == "overlay"]
+        self.placement = None
+
+    def reset(self) -> None:
+        for b in self.overlays:
+            b.reset()
+
+    def close(self) -> None:
+        for _, p in self.parts:
+            close = getattr(p, "close", None)
+            if close is not None:
+                close()
+
+    def check_fits(self, position: int):
+        for b in self.overlays:
+            check = getattr(b, "check_fits", None)
+            if check is not None:
+                check(position)
+
+    def step(self, token: int, position: int, registers: dict | None = None) -> Step:
+        env = {"input_ids": np.array([[token]], np.int64), "position_ids": np.array([[position]], np.int64)}
+        last, counters, ran_on, kv = None, [], set(), None
+        for seg, part in self.parts:
+            if seg["kind"] == "host":
+                missing = [i for i in seg["inputs"] if i not in env]
+                if missing:
+                    raise SessionError(f"a host segment reads {', '.join(missing)}, which a decode step does not give")
+                out = part.run({i: env[i] for i in seg["inputs"]})
+                ran_on.add(part.ran_on)
+                env.update({o: out[o] for o in seg["outputs"]})
+                continue
+            io = part.program.manifest["io"]
+            for name in seg["inputs"]:
+                spec = io["inputs"].get(name)
+                if spec is not None and "addr" in spec:  # a float vector; token and position go by register
+                    part.write_vector(spec["addr"], *nx.from_float(np.asarray(env[name], np.float64).reshape(-1)))
+            last = part.step(token, position, registers)
+            counters.append(last.counters)
+            kv = getattr(last.counters, "placement", None) or kv
+            for name in seg["outputs"]:
+                spec = io["outputs"][name]
+                m, e = part.read_vector(spec["addr"], spec["len"])
+                env[name] = nx.to_float(m, e).reshape(spec.get("shape") or [-1])
+        logits = np.asarray(env["logits"], np.float64).reshape(-1)
+        produced_by_overlay = self.parts[-1][0]["kind"] == "overlay" and "logits" in self.parts[-1][1].program.manifest["io"]["outputs"]
+        # the overlay's ARGMAX when the last segment gives the logits; the host's (first maximum, as ARGMAX) otherwise
+        next_token = int(last.next_token) if produced_by_overlay else int(np.argmax(logits))
+        total = _sum_counters(counters)
+        from .offload import placement
+
+        where = dict(kv or placement(self.program.manifest, position, None, "overlay"))
+        where["ops_off_overlay"] = [op for op in where.get("ops_off_overlay", []) if not isinstance(op, list)] + [
+            f"{n} ({op})" for n, op in host_ops(self.program)]
+        where["host_device"] = ", ".join(sorted(ran_on))
+        where["device"] = self.device if where.get("device", "overlay") == "overlay" else where["device"]
+        where["segments"] = [s["kind"] for s, _ in self.parts]
+        total.placement = self.placement = where
+        return Step(next_token, logits, total)
+
+    def read_vector(self, addr: int, length: int) -> tuple:
+        raise SessionError("a partitioned program has no memory of its own: its segments each have theirs")
+
+    write_vector = read_vector
+
+    def read_register(self, index: int) -> int:
+        return self.overlays[-1].read_register(index)
