@@ -303,7 +303,9 @@ class SegmentedBackend:
             counters.append(last.counters)
             kv = getattr(last.counters, "placement", None) or kv
             for name in seg["outputs"]:
-                spec = io["outputs"][name]
+                spec = io["outputs"].get(name)
+                if spec is None:  # a layer's present KV: it stays in the segment's backend
+                    continue
                 m, e = part.read_vector(spec["addr"], spec["len"])
                 env[name] = nx.to_float(m, e).reshape(spec.get("shape") or [-1])
         logits = np.asarray(env["logits"], np.float64).reshape(-1)

@@ -64,7 +64,7 @@ def _with_reduce_max(src, dst):
 
     m = onnx.load(str(src))
     g = m.graph
-    k, proj = next((k, n) for k, n in enumerate(g.node) if n.op_type == "MatMul" and "h.0/mlp/c_proj" in n.name)
+    k, proj = next((k, n) for k, n in enumerate(g.node) if n.op_type in ("MatMul", "Gemm") and "h.0/mlp/c_proj" in n.name)
     h = proj.input[0]
     added = [helper.make_node("ReduceMax", [h], ["host_max"], name="host_reduce_max", keepdims=1,
                               axes=[-1]) if m.opset_import[0].version < 18 else
