@@ -213,7 +213,7 @@ def _overlay_part(blob: bytes) -> kvbundle.Bundle:
     the record the backend reads after each step (the host reads every output record anyway)."""
     sub = kvbundle.from_bytes(blob)
     if "logits" not in sub.manifest:
-        name, spec = next(iter(sub.manifest["io"]["outputs"].items()))
+        spec = next(iter(sub.manifest["io"]["outputs"].values()))
         sub = kvbundle.Bundle(config=sub.config, instructions=sub.instructions, image=sub.image,
                               manifest={**sub.manifest, "logits": {"addr": spec["addr"], "len": spec["len"]}})
     return sub

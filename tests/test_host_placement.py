@@ -142,8 +142,9 @@ def test_offload_device_none_refuses_the_partitioned_decoder(host_op_decoder):
 
 
 def test_partitioned_decoder_on_rtl_is_bit_identical_to_the_golden_model(host_op_decoder):
-    from kvoverlay.config import PRESETS
     from kvoverlay.sim.rtl import build_model
+
+    from kvoverlay.config import PRESETS
 
     build_model(PRESETS["tiny"])  # the tiny Verilated overlay, cached under .cache/rtl
     _, b, _ = host_op_decoder
@@ -179,3 +180,23 @@ def test_cli_compiles_and_runs_the_partitioned_decoder(host_op_decoder, tmp_path
                           "host_reduce_max (ReduceMax)")
     assert_one_line_error(kvo("compile", path, "-o", tmp_path / "n.kvo", "--config", "tiny", "--offload-device",
                               "none"), "ReduceMax")
+
+
+def test_logits_from_a_host_segment_choose_the_token_on_the_host():
+    from onnx import numpy_helper
+
+    emb = RNG.standard_normal((16, 16)).astype(np.float32) * 2
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", 16])
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
+             helper.make_node("Sin", ["h"], ["logits"], name="sine")]
+    g = helper.make_graph(nodes, "g", [ids], [out], initializer=[numpy_helper.from_array(emb, "emb")])
+    b, _ = compile_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), "tiny", max_seq=8)
+    assert [s["kind"] for s in b.manifest["segments"]] == ["overlay", "host"]
+    res = Session(b).generate([3], 5)
+    token = 3
+    for got, logits in zip(res.tokens, res.logits, strict=True):
+        want = np.sin(emb[token].astype(np.float64))
+        assert np.abs(logits - want).max() <= 2.0 ** -10 * 4
+        assert got == int(np.argmax(logits))
+        token = got
