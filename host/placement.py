@@ -306,8 +306,11 @@ class SegmentedBackend:
                 spec = io["outputs"].get(name)
                 if spec is None:  # a layer's present KV: it stays in the segment's backend
                     continue
-                m, e = part.read_vector(spec["addr"], spec["len"])
-                env[name] = nx.to_float(m, e).reshape(spec.get("shape") or [-1])
+                if spec["addr"] == part.program.manifest["logits"]["addr"]:  # the record the step read already
+                    value = last.logits
+                else:
+                    value = nx.to_float(*part.read_vector(spec["addr"], spec["len"]))
+                env[name] = np.asarray(value).reshape(spec.get("shape") or [-1])
         logits = np.asarray(env["logits"], np.float64).reshape(-1)
         produced_by_overlay = self.parts[-1][0]["kind"] == "overlay" and "logits" in self.parts[-1][1].program.manifest["io"]["outputs"]
         # the overlay's ARGMAX when the last segment gives the logits; the host's (first maximum, as ARGMAX) otherwise

@@ -139,6 +139,28 @@ def test_offload_device_none_refuses_the_partitioned_decoder(host_op_decoder):
     _, b, _ = host_op_decoder
     with pytest.raises(SessionError, match=r"--offload-device none: .*host_reduce_max \(ReduceMax\)"):
         Session(b, offload_device="none")
+    with pytest.raises(SessionError, match=r"host_reduce_max \(ReduceMax\); --backend gpu cannot run its segments"):
+        Session(b, "gpu")
+
+
+def test_each_tensor_crosses_once_per_segment_boundary(host_op_decoder):
+    _, b, _ = host_op_decoder
+    s = Session(b)
+    moved = []
+    for part in s.backend.overlays:
+        for name in ("read_vector", "write_vector"):
+            def spy(addr, *args, _f=getattr(part, name), _name=name):
+                moved.append(_name)
+                return _f(addr, *args)
+            setattr(part, name, spy)
+    s.step(PROMPT[0])
+    segs = b.manifest["segments"]
+    # the first overlay segment gives the residual stream and the MLP activations; the host segment reads the
+    # activations and gives their maximum; the last overlay segment reads all three and gives the logits
+    crossing_out = [o for o in segs[0]["outputs"] if not o.startswith("present.")]
+    # and the logits; each segment's step reads one record itself (the logits, or the first output)
+    assert moved.count("read_vector") == len(crossing_out) + 1 - len(s.backend.overlays)
+    assert moved.count("write_vector") == len(segs[2]["inputs"]) - 2  # past_key_values.1.*: in the backend
 
 
 def test_partitioned_decoder_on_rtl_is_bit_identical_to_the_golden_model(host_op_decoder):
