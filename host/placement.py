@@ -12,6 +12,7 @@ CUDA when present, and otherwise (or where torch refuses the case) through ONNX'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -222,6 +223,9 @@ def _overlay_part(blob: bytes) -> kvbundle.Bundle:
 def _sum_counters(parts: list):
     from kvoverlay.sim.golden import Counters
 
+    if any(c.cycles is None for c in parts):  # the gpu backend counts instructions and wall time, not cycles
+        return dataclasses.replace(parts[-1], instructions=sum(c.instructions for c in parts),
+                                   wall_s=sum(c.wall_s for c in parts))
     total = Counters()
     for c in parts:
         total.cycles += c.cycles
@@ -231,6 +235,62 @@ def _sum_counters(parts: list):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
     return total
+
+
+def _gpu_segment(program: kvbundle.Bundle, **options):
+    """An overlay segment on the ``gpu`` backend: its input records, which its lowering reads as constants of the
+    image, are refilled before each step, and what its last step stored is kept for :meth:`read_vector`."""
+    from .gpu import GpuBackend
+
+    class GpuSegment(GpuBackend):
+        def __init__(self, program, **options):
+            # one step at a time, between host segments: no CUDA graph to replay a whole decode
+            super().__init__(program, **{**options, "cuda_graph": False})
+            addrs = {spec["addr"]: spec["len"] for spec in program.manifest["io"]["inputs"].values()}
+            self.inputs = {}  # record address -> the LOAD ops that read it
+            ops = self.machine.ops
+            for op in ops:
+                if op.op == "LOAD" and op.f["addr"] in addrs:
+                    self.inputs.setdefault(op.f["addr"], []).append(op)
+                    # a GEMV reads its input padded with zeros to whole columns (a broadcast scalar: 1 of 8), which
+                    # the overlay's LOAD leaves in the buffer; the lowering's LOAD writes only the record's elements
+                    width = max([g.x_len for g in ops if g.op in ("GEMV", "LINEAR") and g.f["x"] == op.f["dst"]],
+                                default=0)
+                    if width > op.w.shape[-1]:
+                        op.w = self.t.nn.functional.pad(op.w, (0, width - op.w.shape[-1]))
+            self.stores = {}
+            forward = self.machine.forward
+
+            def keep(regs):
+                regs, self.stores = forward(regs)
+                # a segment without logits has no ARGMAX: its next-token register stays 0, as on the overlay
+                regs.setdefault(self.regs_map["next_token"], self.t.zeros_like(self.pos))
+                return regs, self.stores
+            self.machine.forward = keep
+
+        def write_vector(self, addr, mantissas, exponent):
+            x = self.t.as_tensor(nx.to_float(np.asarray(mantissas, np.int64), int(exponent)), dtype=self.dtype)
+            for op in self.inputs.get(addr, []):
+                op.w.copy_(x.to(self.device)[None, : op.w.shape[-1]])
+
+        def read_vector(self, addr, length):
+            if addr not in self.stores:
+                return super().read_vector(addr, length)
+            return nx.from_float(self.stores[addr][-1, :length].double().cpu().numpy())
+
+    return GpuSegment(program, **options)
+
+
+def _merge_kv(a: dict | None, b: dict | None) -> dict | None:
+    """One step's KV placement over the overlay segments, each reporting the layers it holds."""
+    if not a or not b:
+        return a or b
+    out = dict(b)
+    for key in ("layers_offloaded", "layers_on_device"):
+        if key in a or key in b:
+            out[key] = sorted({*a.get(key, []), *b.get(key, [])})
+    out["heads_offloaded"] = a.get("heads_offloaded", 0) + b.get("heads_offloaded", 0)
+    return out
 
 
 class SegmentedBackend:
@@ -255,7 +315,9 @@ class SegmentedBackend:
         try:
             for seg in program.manifest["segments"]:
                 blob = _blob(program, seg)
-                if seg["kind"] == "overlay":
+                if seg["kind"] == "overlay" and backend == "gpu":
+                    part = _gpu_segment(_overlay_part(blob), offload_device=offload_device, **options)
+                elif seg["kind"] == "overlay":
                     part = create_backend(backend, _overlay_part(blob), offload_device=offload_device, **options)
                 else:
                     part = HostSegment(blob, offload_device)
@@ -301,7 +363,7 @@ class SegmentedBackend:
                     part.write_vector(spec["addr"], *nx.from_float(np.asarray(env[name], np.float64).reshape(-1)))
             last = part.step(token, position, registers)
             counters.append(last.counters)
-            kv = getattr(last.counters, "placement", None) or kv
+            kv = _merge_kv(kv, getattr(last.counters, "placement", None))
             for name in seg["outputs"]:
                 spec = io["outputs"].get(name)
                 if spec is None:  # a layer's present KV: it stays in the segment's backend

@@ -186,8 +186,9 @@ class Session:
             if not is_decoder(program):
                 raise SessionError(f"{describe(program)} and gives no logits: a partitioned graph that is not a "
                                    "decoder runs with kvoverlay.host.session.run_graph")
-            if backend not in ("isa", "rtl"):
-                raise SessionError(f"{describe(program)}; --backend {backend} cannot run its segments (isa, rtl can)")
+            if backend not in ("isa", "rtl", "gpu"):
+                raise SessionError(f"{describe(program)}; --backend {backend} cannot run its segments "
+                                   "(isa, rtl and gpu can)")
             if options.get("offload_device") == "none":
                 raise SessionError(f"--offload-device none: {describe(program)}")
         for key in () if segmented else ("registers", "logits", "max_seq"):

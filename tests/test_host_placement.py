@@ -120,6 +120,15 @@ def test_session_decodes_a_partitioned_decoder_token_exact_with_onnxruntime(host
         assert st.counters.cycles > 0
 
 
+def test_gpu_backend_on_the_cpu_decodes_the_partitioned_decoder_token_exact(host_op_decoder):
+    pytest.importorskip("torch")
+    path, b, _ = host_op_decoder
+    gen = Session(b, "gpu", offload_device="cpu").generate(PROMPT, NEW)
+    _check_against_ort(path, gen.result())
+    where = gen.steps[-1].counters.placement
+    assert "host_reduce_max (ReduceMax)" in where["ops_off_overlay"] and where["layers_offloaded"] == [0, 1]
+
+
 def test_partitioned_session_continues_and_resets(host_op_decoder):
     _, b, _ = host_op_decoder
     whole = Session(b).generate(PROMPT, 6)
@@ -139,20 +148,24 @@ def test_offload_device_none_refuses_the_partitioned_decoder(host_op_decoder):
     _, b, _ = host_op_decoder
     with pytest.raises(SessionError, match=r"--offload-device none: .*host_reduce_max \(ReduceMax\)"):
         Session(b, offload_device="none")
-    with pytest.raises(SessionError, match=r"host_reduce_max \(ReduceMax\); --backend gpu cannot run its segments"):
-        Session(b, "gpu")
+    with pytest.raises(SessionError, match=r"host_reduce_max \(ReduceMax\); --backend board cannot run its segments"):
+        Session(b, "board")
 
 
 def test_each_tensor_crosses_once_per_segment_boundary(host_op_decoder):
     _, b, _ = host_op_decoder
     s = Session(b)
     moved = []
+
+    def spy(name, method):
+        def run(addr, *args):
+            moved.append(name)
+            return method(addr, *args)
+        return run
+
     for part in s.backend.overlays:
         for name in ("read_vector", "write_vector"):
-            def spy(addr, *args, _f=getattr(part, name), _name=name):
-                moved.append(_name)
-                return _f(addr, *args)
-            setattr(part, name, spy)
+            setattr(part, name, spy(name, getattr(part, name)))
     s.step(PROMPT[0])
     segs = b.manifest["segments"]
     # the first overlay segment gives the residual stream and the MLP activations; the host segment reads the
