@@ -179,12 +179,19 @@ class Session:
             program = kvbundle.load(program)
         if backend not in BACKENDS:
             raise SessionError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
-        if program.manifest.get("segments"):
-            from .placement import describe
+        segmented = bool(program.manifest.get("segments"))
+        if segmented:
+            from .placement import describe, is_decoder
 
-            raise SessionError(f"{describe(program)}; a partitioned graph runs with kvoverlay.host.session.run_graph, "
-                               "not as a decoder session")
-        for key in ("registers", "logits", "max_seq"):
+            if not is_decoder(program):
+                raise SessionError(f"{describe(program)} and gives no logits: a partitioned graph that is not a "
+                                   "decoder runs with kvoverlay.host.session.run_graph")
+            if backend not in ("isa", "rtl", "gpu"):
+                raise SessionError(f"{describe(program)}; --backend {backend} cannot run its segments "
+                                   "(isa, rtl and gpu can)")
+            if options.get("offload_device") == "none":
+                raise SessionError(f"--offload-device none: {describe(program)}")
+        for key in () if segmented else ("registers", "logits", "max_seq"):
             if key not in program.manifest:
                 raise SessionError(f"program has no {key!r} in its manifest: not a compiled decoder "
                                    "(a graph without logits runs with kvoverlay.host.session.run_graph)")
@@ -194,11 +201,20 @@ class Session:
             options["waves"] = waves
         if prefill not in offload.PREFILL_MODES:
             raise SessionError(f"--prefill {prefill!r}: expected one of {', '.join(offload.PREFILL_MODES)}")
+        if segmented and prefill != "overlay":  # the batched torch prefill runs unpartitioned programs only
+            if prefill == "gpu":
+                raise SessionError("--prefill gpu: a program with ops placed on the host prefills on the overlay")
+            prefill = "overlay"
         self.prefill_mode = prefill
         self.offload_device = options.get("offload_device", "auto")
         self.program = program
         self.backend_name = backend
-        self.backend = create_backend(backend, program, **options)
+        if segmented:  # ops placed on the host: each overlay segment on a backend of its own
+            from .placement import SegmentedBackend
+
+            self.backend = SegmentedBackend(program, backend, **options)
+        else:
+            self.backend = create_backend(backend, program, **options)
         #: register index -> value written before every step besides token and position (for runtime extensions)
         self.extra_registers = {}
         self._tokenizer = None
@@ -257,7 +273,8 @@ class Session:
 
     @property
     def vocab(self) -> int:
-        return int(self.program.manifest["logits"]["len"])
+        m = self.program.manifest
+        return int(m["logits"]["len"] if "logits" in m else m["io"]["outputs"]["logits"]["shape"][-1])
 
     # ------------------------------------------------------------ checks, run before any step
     def _check_tokens(self, tokens, what="token"):
@@ -440,8 +457,10 @@ def decode_stats(session: Session, res: GenerateResult) -> dict:
     cycles_per_token = float(np.mean(cyc))
     program = session.program
     last = max(session.position - 1, 0)
-    regs = register_args(program, session._fed[last] if session._fed else 0, last)
-    required = Roofline(program.config, program.instructions).required_bytes(regs)
+    # a partitioned program: the overlay segments' programs, each with its registers (the host segments read none)
+    parts = [b.program for b in session.backend.overlays] if program.manifest.get("segments") else [program]
+    required = sum(Roofline(p.config, p.instructions).required_bytes(
+        register_args(p, session._fed[last] if session._fed else 0, last)) for p in parts)
     roofline = roofline_cycles(program.config, required)
     return {
         "cycles": int(sum(res.step_cycles)),
