@@ -19,7 +19,7 @@ pytest.importorskip("cocotb_tools")
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 from cocotb_tools.runner import get_results, get_runner
-from kvoverlay.hw.attention import AttentionEngine, Exp2Neg
+from kvoverlay.hw.attention import AttentionEngine, Exp2Neg, attention_widths
 from kvoverlay.hw.kv_buffer import kv_geometry
 from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
@@ -312,16 +312,19 @@ def test_lanes_wider_than_abuf_word_rejected():
 
 
 def test_exp2_neg_matches_numerics():
-    """The softmax stage's 2^-x against numerics.exp2_neg_q15: every table segment, the cut-off at 2^-16, and
-    differences so large that int64 wraps (a score shifted far left)."""
+    """The softmax stage's 2^-x against numerics.exp2_neg_q15: every table segment, the cut-off at 2^-16, and the
+    whole range a difference of two saturated scores can take (where -d * log2(e) is far past the cut)."""
     rng = np.random.default_rng(11)
     one = 1 << numerics.SCORE_FRAC
+    widths = attention_widths(CFG)
+    lowest = -2 * numerics.ATTN_SCORE_MAX
     ds = np.concatenate([
-        [0, -1, -one, -11 * one, -12 * one, -(1 << 62), -(1 << 63) + 1],
+        [0, -1, -one, -11 * one, -12 * one, lowest, lowest + 1, -(1 << 20), -(1 << 20) + 1],
         -rng.integers(0, 12 * one, 300),
-        -rng.integers(0, 1 << 62, 100),
+        -rng.integers(0, -lowest, 100),
     ]).astype(np.int64)
-    dut = Exp2Neg()
+    assert lowest >= -(1 << (widths.diff - 1))
+    dut = Exp2Neg(widths.diff)
     got = []
 
     async def tb(ctx):
