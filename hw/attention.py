@@ -434,6 +434,9 @@ class ValueStage(wiring.Component):
         Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
     acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
         The accumulator.
+    peak : Out(acc bits)
+        The OR of the magnitudes the last position wrote: every position writes every word once, so after a
+        head's last position it is the OR of all its accumulator lanes (V magnitudes a cycle, not all lanes at once).
     """
 
     @staticmethod
@@ -451,7 +454,7 @@ class ValueStage(wiring.Component):
             "p": In(P_SHAPE), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
             "alpha": In(P_SHAPE), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
             "clear": In(1),
-            "acc": Out(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)),
+            "acc": Out(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": Out(wd.acc),
         })
 
     def elaborate(self, platform):
@@ -478,10 +481,11 @@ class ValueStage(wiring.Component):
             new = Signal(signed(W), name=f"acc_new{i}")
             m.d.comb += new.eq(base + Mux(c1.mask[i], term, 0))
             new_lanes.append(new)
+        new_or = functools.reduce(operator.or_, (Mux(x < 0, -x, x)[:W] for x in new_lanes))
         with m.If(self.clear):
             m.d.sync += [w.eq(0) for w in words]
         with m.Elif(valid1):
-            m.d.sync += words[c1.index].eq(Cat(new_lanes))
+            m.d.sync += [words[c1.index].eq(Cat(new_lanes)), self.peak.eq(Mux(c1.first, 0, self.peak) | new_or)]
         return m
 
 
@@ -489,7 +493,8 @@ class HeadFinish(wiring.Component):
     """The end of one head, while the sequencer streams the next head's first scores.
 
     The statistics (m, l) go to the accumulator buffer; a restoring divider computes
-    ``(1 << RECIP_BITS) // l`` one quotient bit per cycle while the accumulator's peak gives the
+    ``(1 << RECIP_BITS) // l`` one quotient bit per cycle (only the ``recip`` bits of
+    :func:`attention_widths`: l >= GATE_ONE, the leading ones are zero) while the accumulator's peak gives the
     shift that keeps ``ACC_KEEP_BITS`` magnitude bits; then the head's outputs (its accumulator
     lanes rounded and multiplied by the reciprocal) go with the head exponent into the output
     scratch, one element per cycle through one multiplier (a lane select and rounding stage, a
@@ -511,6 +516,8 @@ class HeadFinish(wiring.Component):
     stats : In(acc-buffer address)
         Geometry of the instruction: statistics of head h go to ``stats + 2h`` and ``stats + 2h + 1``.
     acc : In(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
+    peak : In(acc bits)
+        The OR of the accumulator lanes' magnitudes (:class:`ValueStage`'s).
     m : In(signed(score bits))
     l : In(unsigned(sum bits))
     e_acc : In(EXP_WIDE)
@@ -531,7 +538,7 @@ class HeadFinish(wiring.Component):
         super().__init__({
             "start": In(1), "head": In(HEAD_BITS), "out_first": In(ELEM_BITS), "head_dim": In(11),
             "stats": In(range(config.acc_buffer_words)),
-            "acc": In(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)),
+            "acc": In(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": In(wd.acc),
             "m": In(signed(wd.score)), "l": In(unsigned(wd.sum)), "e_acc": In(EXP_WIDE),
             "busy": Out(1), "divide_fault": Out(1), "top_exp": Out(EXP_WIDE),
             "acc_w": Out(acc_write(config)), "scratch": Out(scratch_write(config)),
@@ -542,17 +549,16 @@ class HeadFinish(wiring.Component):
         V, lgV = self.config.vector_lanes, log2_exact(self.config.vector_lanes)
         wd = attention_widths(self.config)
         lanes = kv_geometry(self.config)["row_chunks"] * V
-        acc_or = Signal(wd.acc)
-        m.d.comb += acc_or.eq(functools.reduce(operator.or_, (Mux(x < 0, -x, x)[:wd.acc] for x in self.acc)))
-        acc_bits = bit_length(m, acc_or, "acc_bits")
+        acc_bits = bit_length(m, self.peak, "acc_bits")
         head_shift = Signal(range(max(wd.acc - ACC_KEEP_BITS, 0) + 1))
         head_exp = Signal(EXP_WIDE)
         m.d.comb += head_exp.eq(self.e_acc + head_shift - RECIP_BITS)
+        assert DIVIDER_CYCLES == wd.recip
         remainder = Signal(wd.sum)  # below l
-        quotient = Signal(wd.recip)  # the bits shifted out at the top are the quotient's leading zeros
+        quotient = Signal(wd.recip)
         div_cnt = Signal(range(DIVIDER_CYCLES))
         rem_shifted = Signal(wd.sum + 1)
-        m.d.comb += rem_shifted.eq(Cat(div_cnt == RECIP_BITS, remainder))  # the numerator 1 << RECIP_BITS, bit by bit
+        m.d.comb += rem_shifted.eq(remainder << 1)  # the numerator's bits below the quotient's are all zero
         head = Signal(HEAD_BITS)
         out_first = Signal(ELEM_BITS)
 
@@ -584,8 +590,10 @@ class HeadFinish(wiring.Component):
                     m.d.sync += [head.eq(self.head), out_first.eq(self.out_first)]
                     m.next = "STATS"
             with m.State("STATS"):
+                # the remainder after the numerator's leading bits, whose quotient bits are zero: 2**14 < l
                 m.d.sync += [head_shift.eq(Mux(acc_bits > ACC_KEEP_BITS, acc_bits - ACC_KEEP_BITS, 0)),
-                             remainder.eq(0), quotient.eq(0), div_cnt.eq(RECIP_BITS)]
+                             remainder.eq((1 << RECIP_BITS) >> wd.recip), quotient.eq(0),
+                             div_cnt.eq(DIVIDER_CYCLES - 1)]
                 write_stat(0, self.m)
                 with m.If(self.l == 0):
                     m.d.comb += self.divide_fault.eq(1)
@@ -593,7 +601,7 @@ class HeadFinish(wiring.Component):
                 with m.Else():
                     m.next = "DIVIDE"
             with m.State("DIVIDE"):
-                with m.If(div_cnt == RECIP_BITS):
+                with m.If(div_cnt == DIVIDER_CYCLES - 1):
                     write_stat(1, self.l)
                 with m.If(rem_shifted >= self.l):
                     m.d.sync += [remainder.eq(rem_shifted - self.l), quotient.eq(Cat(1, quotient))]
@@ -618,7 +626,8 @@ class HeadFinish(wiring.Component):
 
 class OutputStage(wiring.Component):
     """All heads into one bfp16 vector: each scratch lane aligned to the largest head exponent, then
-    the :class:`~hw.normalize.Normalizer`'s peak pass and write pass over the scratch words.
+    the :class:`~hw.normalize.Normalizer`'s peak pass and write pass over the scratch, R =
+    ``timing.attn_output_lanes(config)`` elements (a slot, a part of a scratch word) per cycle.
 
     Parameters
     ----------
@@ -630,7 +639,7 @@ class OutputStage(wiring.Component):
     scratch : In(scratch_write(config))
         The heads' outputs, from :class:`HeadFinish`.
     read : In(stream.Signature(OutputStage.READ_LAYOUT, always_ready=True))
-        One scratch ``word`` per cycle: in the peak pass (``write`` low) or the write pass.
+        One ``slot`` (elements ``R * slot ...``) per cycle: in the peak pass (``write`` low) or the write pass.
     clear : In(1)
         Before the peak pass.
     top_exp : In(EXP_WIDE)
@@ -644,7 +653,7 @@ class OutputStage(wiring.Component):
         The vector's exponent after the peak pass (valid until the next ``clear``).
     """
 
-    READ_LAYOUT = data.StructLayout({"word": ELEM_BITS, "write": 1})
+    READ_LAYOUT = data.StructLayout({"slot": ELEM_BITS, "write": 1})
 
     def __init__(self, config):
         self.config = config
@@ -658,7 +667,9 @@ class OutputStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        V, lgV = cfg.vector_lanes, log2_exact(cfg.vector_lanes)
+        V = cfg.vector_lanes
+        R = timing.attn_output_lanes(cfg)
+        lgR, lgS = log2_exact(R), log2_exact(V // R)  # slots per scratch word
         lgAL = log2_exact(abuf_lanes(cfg))
         lane_layout = scratch_lane(cfg)
         lane_bits = lane_layout.size
@@ -667,23 +678,24 @@ class OutputStage(wiring.Component):
         scr_w = scratch.write_port(granularity=lane_bits)
         scr_r = scratch.read_port()
         m.d.comb += [scr_w.addr.eq(self.scratch.addr), scr_w.data.eq(self.scratch.data), scr_w.en.eq(self.scratch.en),
-                     scr_r.addr.eq(self.read.payload.word)]
+                     scr_r.addr.eq(self.read.payload.slot >> lgS)]
         valid1, r1 = _issued(m, self.read)
-        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, V)
-        lanes = data.ArrayLayout(lane_layout, V)(scr_r.data)
-        for i in range(V):
+        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R)
+        slot_lanes = scr_r.data.word_select(r1.slot[:lgS], lane_bits * R) if lgS else scr_r.data
+        lanes = data.ArrayLayout(lane_layout, R)(slot_lanes)
+        for i in range(R):
             lane = lanes[i]
             m.d.comb += [norm.wide[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
-                         norm.valid[i].eq(((r1.word << lgV) + i) < self.n_out)]
+                         norm.valid[i].eq(((r1.slot << lgR) + i) < self.n_out)]
         m.d.comb += [norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid1 & ~r1.write),
                      self.exp.eq(norm.exp_out), self.overflow.eq(norm.overflow)]
         out_elem = Signal(ELEM_BITS)
-        m.d.comb += out_elem.eq(self.dst + (r1.word << lgV))
+        m.d.comb += out_elem.eq(self.dst + (r1.slot << lgR))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
         m.d.comb += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
-            # every word slot carries the mantissas and the lane enables pick the slot: no shifter
-            self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // V)),
+            # every slot of the word carries the mantissas and the lane enables pick the slot: no shifter
+            self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // R)),
             self.abuf_w.en.eq(Mux(valid1 & r1.write, norm.valid << out_lane, 0)),
         ]
         return m
@@ -819,7 +831,7 @@ class AttentionEngine(wiring.Component):
     abuf_r0, abuf_r1 : Out(abuf_read(config))
         The activation-buffer word holding the operand's element and the word after it.
     abuf_w : Out(abuf_write(config))
-        The output vector, one word per cycle with a per-lane enable.
+        The output vector, ``timing.attn_output_lanes(config)`` elements per cycle with per-lane enables.
     acc_w : Out(acc_write(config))
         The per-head statistics.
     ereg_r0, ereg_r1, ereg_w : Out(ereg_read()), Out(ereg_read()), Out(ereg_write())
@@ -921,15 +933,16 @@ class AttentionEngine(wiring.Component):
             value.e_acc.eq(softmax.e_acc), value.rescale_shift.eq(softmax.rescale_shift),
             value.first_tile.eq(first_tile),
             fin.head.eq(head), fin.out_first.eq(out_head), fin.head_dim.eq(head_dim), fin.stats.eq(att.stats),
-            fin.acc.eq(value.acc), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
+            fin.acc.eq(value.acc), fin.peak.eq(value.peak), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
             out.top_exp.eq(fin.top_exp), out.n_out.eq(q_heads * head_dim), out.dst.eq(att.dst),
         ]
         fin_fault = Signal()  # a head's sum was not positive
         with m.If(fin.divide_fault):
             m.d.sync += fin_fault.eq(1)
-        word = Signal(ELEM_BITS)  # scratch word of the output passes
-        n_words = Signal(ELEM_BITS)
-        m.d.comb += [n_words.eq((q_heads * head_dim + V - 1) >> lgV), out.read.payload.word.eq(word)]
+        slot = Signal(ELEM_BITS)  # scratch slot of the output passes
+        n_slots = Signal(ELEM_BITS)
+        lgR = log2_exact(timing.attn_output_lanes(cfg))
+        m.d.comb += [n_slots.eq((q_heads * head_dim + (1 << lgR) - 1) >> lgR), out.read.payload.slot.eq(slot)]
 
         # ---------------------------------------------------------------- control
         fault = Signal(Fault)
@@ -957,10 +970,10 @@ class AttentionEngine(wiring.Component):
             return tile_done
 
         def output_pass(write, then):
-            """One scratch word of the peak pass or the write pass per cycle."""
+            """One scratch slot of the peak pass or the write pass per cycle."""
             m.d.comb += [out.read.valid.eq(1), out.read.payload.write.eq(write)]
-            m.d.sync += word.eq(word + 1)
-            with m.If(word == n_words - 1):
+            m.d.sync += slot.eq(slot + 1)
+            with m.If(slot == n_slots - 1):
                 m.next = then
 
         with m.FSM(name="attn_fsm") as fsm:
@@ -1056,7 +1069,7 @@ class AttentionEngine(wiring.Component):
                 with m.If(fin_fault):
                     finish(Fault.DIVIDE)
                 with m.Elif(~fin.busy):
-                    m.d.sync += word.eq(0)
+                    m.d.sync += slot.eq(0)
                     m.d.comb += out.clear.eq(1)
                     m.next = "A_NPEAK"
             with m.State("A_NPEAK"):
@@ -1064,7 +1077,7 @@ class AttentionEngine(wiring.Component):
             with m.State("A_NPDRAIN"):
                 m.next = "A_NSTEP"
             with m.State("A_NSTEP"):
-                m.d.sync += word.eq(0)
+                m.d.sync += slot.eq(0)
                 with m.If(out.overflow):
                     finish(Fault.OVERFLOW)
                 with m.Else():
