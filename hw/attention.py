@@ -723,6 +723,8 @@ class AttnDecoder(wiring.Component):
         ... plus the immediate.
     ereg_addr0, ereg_addr1 : Out(range(isa.NUM_EREGS))
         q (ATTN) or k (KVAPPEND) exponent, and v (KVAPPEND) exponent.
+    span : Out(ELEM_BITS)
+        Elements of all heads: ``q_heads * head_dim`` (ATTN) or ``heads * head_dim`` (KVAPPEND).
     fault : Out(Fault)
         Why the instruction cannot run (``NONE``: it runs); a fault here changes no state.
     """
@@ -735,7 +737,7 @@ class AttnDecoder(wiring.Component):
             "layer": Out(6), "head_dim": Out(11), "kv_heads": Out(HEAD_BITS),
             "reg_addr": Out(range(isa.NUM_REGS)), "pos_or_len": Out(signed(34)),
             "ereg_addr0": Out(range(isa.NUM_EREGS)), "ereg_addr1": Out(range(isa.NUM_EREGS)),
-            "fault": Out(Fault),
+            "span": Out(ELEM_BITS), "fault": Out(Fault),
         })
 
     def elaborate(self, platform):
@@ -757,7 +759,7 @@ class AttnDecoder(wiring.Component):
             self.ereg_addr0.eq(Mux(is_attn, att.q_e, kva.k_e)),
             self.ereg_addr1.eq(kva.v_e),
         ]
-        span = Signal(ELEM_BITS)  # heads * head_dim
+        span = self.span
         m.d.comb += span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim)
         geometry_bad = ((layer >= cfg.max_layers) | (kv_heads == 0) | (kv_heads > cfg.max_kv_heads)
                         | (head_dim > cfg.max_head_dim))
@@ -882,6 +884,7 @@ class AttentionEngine(wiring.Component):
         n_chunks = Signal(CHUNK_BITS)  # chunks of V lanes per head
         m.d.comb += n_chunks.eq((head_dim + V - 1) >> lgV)
         pos_or_len = Signal(signed(34))  # KVAPPEND position / ATTN length
+        n_out = Signal(ELEM_BITS)  # ATTN's output elements: the decoder's span, latched (one multiplier for both)
         e_a = Signal(EXP_SHAPE)  # q exponent (ATTN) or k exponent (KVAPPEND)
         e_b = Signal(EXP_SHAPE)  # v exponent (KVAPPEND)
         group = Signal(HEAD_BITS)  # query heads per KV head
@@ -934,7 +937,7 @@ class AttentionEngine(wiring.Component):
             value.first_tile.eq(first_tile),
             fin.head.eq(head), fin.out_first.eq(out_head), fin.head_dim.eq(head_dim), fin.stats.eq(att.stats),
             fin.acc.eq(value.acc), fin.peak.eq(value.peak), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
-            out.top_exp.eq(fin.top_exp), out.n_out.eq(q_heads * head_dim), out.dst.eq(att.dst),
+            out.top_exp.eq(fin.top_exp), out.n_out.eq(n_out), out.dst.eq(att.dst),
         ]
         fin_fault = Signal()  # a head's sum was not positive
         with m.If(fin.divide_fault):
@@ -942,7 +945,7 @@ class AttentionEngine(wiring.Component):
         slot = Signal(ELEM_BITS)  # scratch slot of the output passes
         n_slots = Signal(ELEM_BITS)
         lgR = log2_exact(timing.attn_output_lanes(cfg))
-        m.d.comb += [n_slots.eq((q_heads * head_dim + (1 << lgR) - 1) >> lgR), out.read.payload.slot.eq(slot)]
+        m.d.comb += [n_slots.eq((n_out + (1 << lgR) - 1) >> lgR), out.read.payload.slot.eq(slot)]
 
         # ---------------------------------------------------------------- control
         fault = Signal(Fault)
@@ -984,7 +987,7 @@ class AttentionEngine(wiring.Component):
                     m.next = "DECODE"
 
             with m.State("DECODE"):
-                m.d.sync += [pos_or_len.eq(dec.pos_or_len), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
+                m.d.sync += [pos_or_len.eq(dec.pos_or_len), n_out.eq(dec.span), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
                              head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
                              sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0)]
                 with m.If(dec.is_kvappend):
