@@ -21,25 +21,25 @@ issues chunks to the stages, each a component of its own:
 * :class:`HeadFinish`: a head's statistics, the reciprocal of its sum and its scaled outputs;
 * :class:`OutputStage`: all heads aligned and normalized into the destination vector.
 
-The boundaries are where pipeline registers can go; today p leaves the softmax stage and
-enters the value stage's multipliers in the same cycle.
+The boundaries are where pipeline registers can go; p = 2^-x is computed in the cycle a value
+chunk is issued and registered before it enters the value stage's multipliers.
 
-Where numerics wraps at int64
------------------------------
-:mod:`kvoverlay.numerics` computes in numpy int64, and the datapath keeps its values 64 bits
-wide and wrapping (:func:`_wrap`) wherever numerics can wrap, so that scores shifted far left
-and the 2^-x of the differences they make match bit for bit. Rounding shifts use
-:func:`hw.normalize.round_shift_expr`, which adds the rounding half without wrapping:
-numerics differs only for a value within ``2**(s-1)`` of ``2**63``, which needs an
-accumulator, product or output that int64 has already wrapped.
+Widths from the numerics' ranges
+--------------------------------
+:mod:`kvoverlay.numerics` computes in numpy int64, but with scores saturated at
+``ATTN_SCORE_MAX`` no later quantity comes near int64: :func:`attention_widths` derives the
+bound of each one from the config (``max_head_dim``, ``kv_capacity``) and the numerics'
+constants, and the datapath is exactly that wide. Nothing wraps, so rounding shifts are exact
+(:func:`hw.normalize.round_shift_expr` without ``wrap``).
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+from typing import NamedTuple
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -53,8 +53,8 @@ from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr
 from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_read, ereg_write, reg_read, unit_signature
 from .widths import address_bits, ceil_div, log2_exact
 
-__all__ = ["ATTN_COMMAND", "AttentionEngine", "AttnDecoder", "Exp2Neg", "HeadFinish", "OutputStage", "ScoreStage", "SoftmaxStage",
-           "ValueStage", "scratch_write"]
+__all__ = ["ATTN_COMMAND", "AttentionEngine", "AttnDecoder", "AttnWidths", "Exp2Neg", "HeadFinish", "OutputStage",
+           "ScoreStage", "SoftmaxStage", "ValueStage", "attention_widths", "scratch_lane", "scratch_write"]
 
 #: The engine's instruction word, read through the layout of KVAPPEND or of ATTN (both begin with the header).
 ATTN_COMMAND = data.UnionLayout({"kvappend": LAYOUTS["KVAPPEND"], "attn": LAYOUTS["ATTN"]})
@@ -69,24 +69,84 @@ EXP2_ZERO_SHIFT = 16
 #: Q1.15 rescale of the running sum and accumulator by alpha.
 ALPHA_FRAC = 15
 DIVIDER_CYCLES = timing.ATTN_DIVIDER_CYCLES
-#: Word of a 64-bit two's-complement value (numpy int64 arithmetic wraps at this width).
-W = 64
 #: Bit widths of the sequencer's counters: element addresses, positions, chunk and head indices.
 ELEM_BITS, POS_BITS, CHUNK_BITS, HEAD_BITS = 20, 17, 12, 8
-#: One lane of a head's output in the scratch memory: the value and its head's exponent.
-SCRATCH_LANE = data.StructLayout({"value": signed(W), "exp": EXP_WIDE})
+#: p = 2^-x in Q1.15 lies in [0, GATE_ONE] (the table's largest entry is 2^-0 = GATE_ONE).
+P_SHAPE = unsigned(numerics.GATE_ONE.bit_length())
 
 
-def _wrap(v):
-    """Truncate to 64-bit two's complement, as numpy int64 arithmetic does."""
-    return v[:W].as_signed()
+def _signed_bits(bound: int) -> int:
+    """Bits of a signed value whose magnitude is at most *bound*."""
+    return bound.bit_length() + 1
 
 
-def _round_shift(m, x, s, name, *, left=True):
-    """numerics.round_shift of an int64: right shifts clamped at 63 and left shifts at 62 as numerics clips them,
-    the result wrapped to 64 bits (the rounding add itself does not wrap; see the module docstring). *left* False:
-    the caller proves ``s >= 0``."""
-    return _wrap(round_shift_expr(m, x, s, W - 1, W - 2 if left else 0, name))
+def _exp2_cut() -> int:
+    """The smallest power of two C with 2^-x of ``-C`` already 0: ``(C * LOG2E_Q16) >> 16`` reaches
+    ``EXP2_ZERO_SHIFT << SCORE_FRAC``, and exp2_neg_q15 is monotone, so every ``-d >= C`` gives 0 too."""
+    c = 1
+    while (c * numerics.LOG2E_Q16) >> LOG2E_FRAC < EXP2_ZERO_SHIFT << numerics.SCORE_FRAC:
+        c <<= 1
+    return c
+
+
+class AttnWidths(NamedTuple):
+    """Bits of each quantity of :func:`kvoverlay.numerics.attention_head` on a config (see :func:`attention_widths`)."""
+
+    dot: int  #: signed q.K dot product
+    score: int  #: signed score and running max
+    diff: int  #: signed score minus running max
+    sum: int  #: unsigned running sum l
+    acc: int  #: signed accumulator lane
+    head: int  #: signed accumulator lane rounded to ACC_KEEP_BITS magnitude bits
+    recip: int  #: unsigned reciprocal ``(1 << RECIP_BITS) // l``
+    out: int  #: signed output lane (rounded accumulator times reciprocal)
+
+
+@functools.cache
+def attention_widths(config) -> AttnWidths:
+    """Datapath widths of the attention engine, from the ranges numerics.attention_head's values take on *config*.
+
+    With D = ``max_head_dim`` and L = ``kv_capacity`` (every ATTN has head_dim <= D and length <= L):
+
+    * mantissas are int16, so a product q_i k_i or p v_i has magnitude <= 2**15 * 2**15 = 2**30, and a dot
+      product <= D * 2**30; it is exact (no rounding);
+    * a score is saturated at ``ATTN_SCORE_MAX``; a right-shifted score is no larger than its dot product;
+      the running max is a score; score - max lies in [-2 * ATTN_SCORE_MAX, 0], so ``-d * LOG2E_Q16`` stays
+      below 2**63 and 2^-x never wraps;
+    * p lies in [0, GATE_ONE = 2**15]; the rescale ``round_shift(l * alpha, 15)`` with alpha <= 2**15 never
+      grows l, so l <= L * 2**15 (at most one p per position);
+    * likewise a term ``round_shift(p * v, e_acc - e_v)`` (shift >= 0) has magnitude <= 2**30, the alpha and
+      exponent rescales of the accumulator never grow it, so |acc| <= L * 2**30;
+    * the position of the running max has p = 2^-0 = GATE_ONE in the tile that set it, and a tile that does not
+      raise the max has alpha = GATE_ONE (l unchanged), so l >= 2**15 at every step: the reciprocal is at most
+      ``2**(RECIP_BITS - 15)`` and the divide never faults;
+    * the accumulator rounded to ACC_KEEP_BITS has magnitude <= 2**ACC_KEEP_BITS (rounding up can reach it),
+      so an output lane has magnitude <= 2**(ACC_KEEP_BITS + RECIP_BITS - 15); aligning heads only shifts right.
+
+    tests/test_hw_attention.py checks the bounds at their extremes against numerics.
+    """
+    D, L = config.max_head_dim, config.kv_capacity
+    prod = 1 << 30
+    one = numerics.GATE_ONE
+    dot = D * prod
+    recip = (1 << RECIP_BITS) // one
+    head = 1 << ACC_KEEP_BITS
+    return AttnWidths(dot=_signed_bits(dot), score=_signed_bits(numerics.ATTN_SCORE_MAX),
+                      diff=_signed_bits(2 * numerics.ATTN_SCORE_MAX), sum=(L * one).bit_length(),
+                      acc=_signed_bits(L * prod), head=_signed_bits(head), recip=recip.bit_length(),
+                      out=_signed_bits(head * recip))
+
+
+def _round_shift(m, x, s, name, *, rcap=None, lcap=0):
+    """numerics.round_shift of a value that never wraps int64, exact: right shifts of at least the value's width
+    give what numerics gives (0), so they are clamped there; *lcap* bounds a left shift."""
+    x = Value.cast(x)
+    return round_shift_expr(m, x, s, len(x) if rcap is None else rcap, lcap, name)
+
+
+def _round_fixed(x, s):
+    """numerics.round_shift by a constant ``s > 0``: add half, shift right."""
+    return (x + (1 << (s - 1))) >> s
 
 
 def _first_or_max(first, new, old):
@@ -109,37 +169,53 @@ def _lanes(config):
     return data.ArrayLayout(signed(16), config.vector_lanes)
 
 
+def scratch_lane(config) -> data.StructLayout:
+    """One lane of a head's output in the output scratch memory: the value and its head's exponent."""
+    wd = attention_widths(config)
+    exp = range(numerics.EXP_MIN - RECIP_BITS, numerics.EXP_MAX + max(wd.acc - ACC_KEEP_BITS, 0) - RECIP_BITS + 1)
+    return data.StructLayout({"value": signed(wd.out), "exp": exp})
+
+
 def scratch_write(config) -> wiring.Signature:
-    """Write port of the output scratch memory: one word of ``vector_lanes`` :data:`SCRATCH_LANE` lanes."""
+    """Write port of the output scratch memory: one word of ``vector_lanes`` :func:`scratch_lane` lanes."""
     V = config.vector_lanes
     return wiring.Signature({"addr": Out(range(ceil_div(config.act_buffer_words, V))),
-                             "data": Out(data.ArrayLayout(SCRATCH_LANE, V)), "en": Out(V)})
+                             "data": Out(data.ArrayLayout(scratch_lane(config), V)), "en": Out(V)})
 
 
 class Exp2Neg(wiring.Component):
     """``numerics.exp2_neg_q15``: ``exp(d)`` in Q1.15 of a score difference ``d <= 0`` (combinational).
 
     ``-d * log2(e)`` splits into an integer part n and a fraction; the fraction interpolates
-    ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on.
+    ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on. Differences
+    at or beyond ``-C`` (:func:`_exp2_cut`) all give 0, so only ``-d`` capped at C is multiplied.
+
+    Parameters
+    ----------
+    width : int
+        Bits of the signed difference (``d >= -2**(width - 1)``; :func:`attention_widths`' ``diff``).
 
     Attributes
     ----------
-    d : In(signed(64))
-    p : Out(signed(64))
+    d : In(signed(width))
+    p : Out(P_SHAPE)
     """
 
-    def __init__(self):
-        super().__init__({"d": In(signed(W)), "p": Out(signed(W))})
+    def __init__(self, width: int):
+        self.width = width
+        super().__init__({"d": In(signed(width)), "p": Out(P_SHAPE)})
 
     def elaborate(self, platform):
         m = Module()
         table = [int(v) for v in numerics.EXP2_TABLE]
         m.submodules.rom = rom = Memory(shape=unsigned(16), depth=len(table), init=table)
         rom_lo, rom_hi = rom.read_port(domain="comb"), rom.read_port(domain="comb")
-        neg_d = Signal(signed(W))
-        t_fix = Signal(signed(W))
-        m.d.comb += [neg_d.eq(_wrap(-self.d)), t_fix.eq(_wrap(neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)]
-        t_int = Signal(signed(W - numerics.SCORE_FRAC))
+        cut = _exp2_cut()
+        neg_d = Signal(range(cut + 1))
+        m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
+        t_fix = Signal(((cut * numerics.LOG2E_Q16) >> LOG2E_FRAC).bit_length())
+        m.d.comb += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
+        t_int = Signal(len(t_fix) - numerics.SCORE_FRAC)
         t_frac = t_fix[:numerics.SCORE_FRAC]
         seg_shift = numerics._EXP2_SHIFT
         m.d.comb += [
@@ -151,9 +227,9 @@ class Exp2Neg(wiring.Component):
         interp = Signal(signed(32))
         m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
                      interp.eq(((t_hi - t_lo) * t_frac[:seg_shift] + (1 << (seg_shift - 1))) >> seg_shift)]
-        p_tab = Signal(signed(W))
+        p_tab = Signal(P_SHAPE)  # the table decreases: interpolation stays within [0, GATE_ONE]
         m.d.comb += p_tab.eq(t_lo + interp)
-        shifted = _wrap(round_shift_expr(m, p_tab, t_int, EXP2_ZERO_SHIFT, W - 2, "shifted"))
+        shifted = _round_shift(m, p_tab, t_int, "shifted", rcap=EXP2_ZERO_SHIFT)
         m.d.comb += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
         return m
 
@@ -184,11 +260,11 @@ class ScoreStage(wiring.Component):
         The q exponent.
     pending : Out(1)
         A chunk is in the dot-product stage.
-    tile_max : Out(signed(64))
+    tile_max : Out(signed(attention_widths(config).score))
     tile_ev_max : Out(EXP_SHAPE)
     read_bank, read_pos : In
         Score register read (combinational) ...
-    score : Out(signed(64))
+    score : Out(signed(attention_widths(config).score))
         ... its score.
     """
 
@@ -200,13 +276,14 @@ class ScoreStage(wiring.Component):
     def __init__(self, config):
         self.config = config
         T = config.attn_tile
+        wd = attention_widths(config)
         super().__init__({
             "chunk": In(stream.Signature(self.chunk_layout(config), always_ready=True)),
             "q": In(_lanes(config)), "k": In(_lanes(config)),
             "ek": In(EXP_SHAPE), "ev": In(EXP_SHAPE), "e_q": In(EXP_SHAPE),
             "pending": Out(1),
-            "tile_max": Out(signed(W)), "tile_ev_max": Out(EXP_SHAPE),
-            "read_bank": In(1), "read_pos": In(range(T)), "score": Out(signed(W)),
+            "tile_max": Out(signed(wd.score)), "tile_ev_max": Out(EXP_SHAPE),
+            "read_bank": In(1), "read_pos": In(range(T)), "score": Out(signed(wd.score)),
         })
 
     def elaborate(self, platform):
@@ -222,12 +299,13 @@ class ScoreStage(wiring.Component):
             products.append(prod)
         dot_sum = Signal(signed(32 + log2_exact(V) + 1))
         m.d.comb += dot_sum.eq(sum(products))
-        dot = Signal(signed(W))
-        dot_next = Signal(signed(W))
+        wd = attention_widths(self.config)
+        dot = Signal(signed(wd.dot))
+        dot_next = Signal(signed(wd.dot))
         m.d.comb += dot_next.eq(Mux(c1.first, 0, dot) + dot_sum)
         # stage 2: rounding into the register file
         valid2 = Signal()
-        dot2 = Signal(signed(W))
+        dot2 = Signal(signed(wd.dot))
         ek2 = Signal(EXP_SHAPE)
         ev2 = Signal(EXP_SHAPE)
         pos2 = Signal(range(T))
@@ -238,13 +316,21 @@ class ScoreStage(wiring.Component):
                          bank2.eq(c1.bank)]
         score_shift = Signal(signed(16))
         m.d.comb += score_shift.eq(-(self.e_q + ek2 + numerics.SCORE_FRAC))
-        score = _round_shift(m, dot2, score_shift, "score")
-        scores = Array(Signal(signed(W), name=f"score{i // T}_{i % T}") for i in range(2 * T))
+        # numerics.attention_scores: exact, then saturated; a left shift past ATTN_SCORE_BITS saturates any
+        # nonzero dot product, so the shift is clamped one beyond it
+        exact = _round_shift(m, dot2, score_shift, "score_exact", lcap=numerics.ATTN_SCORE_BITS + 1)
+        score = Signal(signed(wd.score))
+        top = numerics.ATTN_SCORE_MAX
+        m.d.comb += score.eq(Mux(exact > top, top, Mux(exact < -top, -top, exact)))
+        # the two banks of scores in LUT RAM: written once per position, read combinationally by the value pass
+        m.submodules.scores = scores = Memory(shape=signed(wd.score), depth=2 << len(pos2), init=[])
+        wr = scores.write_port()
+        rd = scores.read_port(domain="comb")
+        m.d.comb += [wr.addr.eq(Cat(pos2, bank2)), wr.data.eq(score), wr.en.eq(valid2),
+                     rd.addr.eq(Cat(self.read_pos, self.read_bank)), self.score.eq(rd.data)]
         with m.If(valid2):
-            m.d.sync += [scores[bank2 * T + pos2].eq(score),
-                         self.tile_max.eq(_first_or_max(pos2 == 0, score, self.tile_max)),
+            m.d.sync += [self.tile_max.eq(_first_or_max(pos2 == 0, score, self.tile_max)),
                          self.tile_ev_max.eq(_first_or_max(pos2 == 0, ev2, self.tile_ev_max))]
-        m.d.comb += self.score.eq(scores[self.read_bank * T + self.read_pos])
         return m
 
 
@@ -254,58 +340,69 @@ class SoftmaxStage(wiring.Component):
     In the ``step`` between a tile's scores and its values, the new max gives alpha =
     ``exp(m_old - m_new)``, the sum is rescaled by it and the accumulator exponent moves to
     the largest value exponent so far. In the value pass ``p = exp(score - m)`` of the position
-    whose values stream; ``add_p`` adds it to the sum once per position.
+    whose values stream, registered (it meets the values a cycle later); ``add_p`` adds it to the
+    sum once per position.
+
+    Parameters
+    ----------
+    config : OverlayConfig
+        Sizes the datapath (:func:`attention_widths`).
 
     Attributes
     ----------
     step, first_tile : In(1)
         The max/rescale step; it is the head's first tile (no old max, sum or accumulator).
-    tile_max : In(signed(64))
+    tile_max : In(signed(score bits))
     tile_ev_max : In(EXP_SHAPE)
         Of the tile the step is for.
-    score : In(signed(64))
-        Score of the position in the value pass.
+    score : In(signed(score bits))
+        Score of the position whose value chunk is issued.
     add_p : In(1)
         ``p`` joins the running sum.
-    p : Out(signed(64))
-        ``exp(score - m)`` in Q1.15 (combinational).
-    alpha : Out(signed(64))
+    p : Out(P_SHAPE)
+        ``exp(score - m)`` in Q1.15 of the score of the previous cycle.
+    alpha : Out(P_SHAPE)
         ``exp(m_old - m_new)`` of the last step.
-    m, l : Out(signed(64))
+    m : Out(signed(score bits))
+    l : Out(unsigned(sum bits))
         Running max (Q.SCORE_FRAC) and sum (Q1.15).
     e_acc, rescale_shift : Out(EXP_WIDE)
         Exponent of the accumulator, and by how much it grew in the last step.
     """
 
-    def __init__(self):
+    def __init__(self, config):
+        self.config = config
+        wd = attention_widths(config)
         super().__init__({
-            "step": In(1), "first_tile": In(1), "tile_max": In(signed(W)), "tile_ev_max": In(EXP_SHAPE),
-            "score": In(signed(W)), "add_p": In(1),
-            "p": Out(signed(W)), "alpha": Out(signed(W)), "m": Out(signed(W)), "l": Out(signed(W)),
+            "step": In(1), "first_tile": In(1), "tile_max": In(signed(wd.score)), "tile_ev_max": In(EXP_SHAPE),
+            "score": In(signed(wd.score)), "add_p": In(1),
+            "p": Out(P_SHAPE), "alpha": Out(P_SHAPE), "m": Out(signed(wd.score)), "l": Out(unsigned(wd.sum)),
             "e_acc": Out(EXP_WIDE), "rescale_shift": Out(EXP_WIDE),
         })
 
     def elaborate(self, platform):
         m = Module()
+        wd = attention_widths(self.config)
         m_run, l_run, e_acc = self.m, self.l, self.e_acc
         e_acc_old = Signal(EXP_WIDE)
-        m_new = Signal(signed(W))
+        m_new = Signal(signed(wd.score))
         m.d.comb += [m_new.eq(_first_or_max(self.first_tile, self.tile_max, m_run)),
                      self.rescale_shift.eq(e_acc - e_acc_old)]
-        m.submodules.exp2 = exp2 = Exp2Neg()
-        m.d.comb += [exp2.d.eq(Mux(self.step, _wrap(m_run - m_new), _wrap(self.score - m_run))), self.p.eq(exp2.p)]
-        l_rescaled = _round_shift(m, _wrap(l_run * exp2.p), ALPHA_FRAC, "l_rescaled", left=False)
+        m.submodules.exp2 = exp2 = Exp2Neg(wd.diff)
+        m.d.comb += exp2.d.eq(Mux(self.step, m_run - m_new, self.score - m_run))
+        m.d.sync += self.p.eq(exp2.p)
+        l_rescaled = _round_fixed(l_run * exp2.p, ALPHA_FRAC)  # alpha <= 1: never above l
         with m.If(self.step):
             m.d.sync += [self.alpha.eq(exp2.p), m_run.eq(m_new), e_acc_old.eq(e_acc),
                          e_acc.eq(_first_or_max(self.first_tile, self.tile_ev_max, e_acc)),
                          l_run.eq(Mux(self.first_tile, 0, l_rescaled))]
         with m.Elif(self.add_p):
-            m.d.sync += l_run.eq(_wrap(l_run + exp2.p))
+            m.d.sync += l_run.eq(l_run + self.p)
         return m
 
 
 class ValueStage(wiring.Component):
-    """The head accumulator: ``row_chunks`` words of ``vector_lanes`` int64 lanes in registers.
+    """The head accumulator: ``row_chunks`` words of ``vector_lanes`` lanes in registers.
 
     In the cycle after a chunk is issued (when its V lanes arrive) ``round_shift(p * v, e_acc - e_v)``
     is added to the chunk's word; on the tile's first position the word is first rescaled by
@@ -322,22 +419,25 @@ class ValueStage(wiring.Component):
         One chunk of one position: the tile's ``first_pos``, the position's ``first`` chunk, the
         chunk ``index``, the position's ``pos`` and ``bank`` (which score p comes from), ``mask``.
     score_pos, score_bank : Out
-        The score the chunk in flight needs p of.
+        The score the issued chunk needs p of (its p arrives with its values, a cycle later).
     add_p : Out(1)
-        That p is new to the running sum (the position's first chunk).
-    p : In(signed(64))
+        The p of the chunk in flight is new to the running sum (the position's first chunk).
+    p : In(P_SHAPE)
         Its p.
     v : In(ArrayLayout(signed(16), vector_lanes))
     ev : In(EXP_SHAPE)
         The chunk's V lanes and value exponent, the cycle after it is issued.
-    alpha : In(signed(64))
+    alpha : In(P_SHAPE)
     e_acc, rescale_shift : In(EXP_WIDE)
     first_tile : In(1)
         From the softmax stage.
     clear : In(1)
         Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
-    acc : Out(ArrayLayout(signed(64), row_chunks * vector_lanes))
+    acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
         The accumulator.
+    peak : Out(acc bits)
+        The OR of the magnitudes the last position wrote: every position writes every word once, so after a
+        head's last position it is the OR of all its accumulator lanes (V magnitudes a cycle, not all lanes at once).
     """
 
     @staticmethod
@@ -348,21 +448,24 @@ class ValueStage(wiring.Component):
     def __init__(self, config):
         self.config = config
         chunks = kv_geometry(config)["row_chunks"]
+        wd = attention_widths(config)
         super().__init__({
             "chunk": In(stream.Signature(self.chunk_layout(config), always_ready=True)),
             "score_pos": Out(range(config.attn_tile)), "score_bank": Out(1), "add_p": Out(1),
-            "p": In(signed(W)), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
-            "alpha": In(signed(W)), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
+            "p": In(P_SHAPE), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
+            "alpha": In(P_SHAPE), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
             "clear": In(1),
-            "acc": Out(data.ArrayLayout(signed(W), chunks * config.vector_lanes)),
+            "acc": Out(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": Out(wd.acc),
         })
 
     def elaborate(self, platform):
         m = Module()
         V = self.config.vector_lanes
+        W = attention_widths(self.config).acc
         chunks = kv_geometry(self.config)["row_chunks"]
         valid1, c1 = _issued(m, self.chunk)
-        m.d.comb += [self.score_pos.eq(c1.pos), self.score_bank.eq(c1.bank), self.add_p.eq(valid1 & c1.first)]
+        m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank),
+                     self.add_p.eq(valid1 & c1.first)]
         words = Array(Signal(W * V, name=f"acc_word{i}") for i in range(chunks))
         m.d.comb += self.acc.eq(Cat(words))
         old_word = words[c1.index]
@@ -370,18 +473,20 @@ class ValueStage(wiring.Component):
         m.d.comb += v_shift.eq(self.e_acc - self.ev)  # e_acc is the largest value exponent so far
         new_lanes = []
         for i in range(V):
-            term = _round_shift(m, _wrap(self.p * self.v[i]), v_shift, f"pv_term{i}", left=False)
+            term = _round_shift(m, self.p * self.v[i], v_shift, f"pv_term{i}")
             old = old_word.word_select(i, W).as_signed()
-            alpha_scaled = _round_shift(m, _wrap(old * self.alpha), ALPHA_FRAC, f"acc_alpha{i}", left=False)
-            rescaled = _round_shift(m, alpha_scaled, self.rescale_shift, f"acc_rescaled{i}", left=False)
+            alpha_scaled = Signal(signed(W), name=f"acc_alpha{i}")  # alpha <= 1: never above |old|
+            m.d.comb += alpha_scaled.eq(_round_fixed(old * self.alpha, ALPHA_FRAC))
+            rescaled = _round_shift(m, alpha_scaled, self.rescale_shift, f"acc_rescaled{i}")
             base = Mux(c1.first_pos, Mux(self.first_tile, 0, rescaled), old)
             new = Signal(signed(W), name=f"acc_new{i}")
-            m.d.comb += new.eq(_wrap(base + Mux(c1.mask[i], term, 0)))
+            m.d.comb += new.eq(base + Mux(c1.mask[i], term, 0))
             new_lanes.append(new)
+        new_or = functools.reduce(operator.or_, (Mux(x < 0, -x, x)[:W] for x in new_lanes))
         with m.If(self.clear):
             m.d.sync += [w.eq(0) for w in words]
         with m.Elif(valid1):
-            m.d.sync += words[c1.index].eq(Cat(new_lanes))
+            m.d.sync += [words[c1.index].eq(Cat(new_lanes)), self.peak.eq(Mux(c1.first, 0, self.peak) | new_or)]
         return m
 
 
@@ -389,10 +494,12 @@ class HeadFinish(wiring.Component):
     """The end of one head, while the sequencer streams the next head's first scores.
 
     The statistics (m, l) go to the accumulator buffer; a restoring divider computes
-    ``(1 << RECIP_BITS) // l`` one quotient bit per cycle while the accumulator's peak gives the
-    shift that keeps ``ACC_KEEP_BITS`` magnitude bits; then the head's output words (its
-    accumulator rounded and multiplied by the reciprocal, lanes rotated to the head's first
-    output element) go with the head exponent into the output scratch, one word per cycle.
+    ``(1 << RECIP_BITS) // l`` one quotient bit per cycle (only the ``recip`` bits of
+    :func:`attention_widths`: l >= GATE_ONE, the leading ones are zero) while the accumulator's peak gives the
+    shift that keeps ``ACC_KEEP_BITS`` magnitude bits; then the head's outputs (its accumulator
+    lanes rounded and multiplied by the reciprocal) go with the head exponent into the output
+    scratch, one element per cycle through one multiplier (a lane select and rounding stage, a
+    multiply stage, the write): ``timing.ATTN_FINISH_PIPELINE`` cycles after the last element.
 
     Parameters
     ----------
@@ -409,13 +516,16 @@ class HeadFinish(wiring.Component):
     head_dim : In(11)
     stats : In(acc-buffer address)
         Geometry of the instruction: statistics of head h go to ``stats + 2h`` and ``stats + 2h + 1``.
-    acc : In(ArrayLayout(signed(64), row_chunks * vector_lanes))
-    m, l : In(signed(64))
+    acc : In(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
+    peak : In(acc bits)
+        The OR of the accumulator lanes' magnitudes (:class:`ValueStage`'s).
+    m : In(signed(score bits))
+    l : In(unsigned(sum bits))
     e_acc : In(EXP_WIDE)
         The head's accumulator, running max and sum, accumulator exponent.
     busy : Out(1)
     divide_fault : Out(1)
-        Pulses when the sum is not positive (the head ends there).
+        Pulses when the sum is not positive (the head ends there; :func:`attention_widths` shows it cannot be).
     top_exp : Out(EXP_WIDE)
         The largest head exponent of the instruction so far.
     acc_w : Out(acc_write(config))
@@ -425,11 +535,12 @@ class HeadFinish(wiring.Component):
     def __init__(self, config):
         self.config = config
         chunks = kv_geometry(config)["row_chunks"]
+        wd = attention_widths(config)
         super().__init__({
             "start": In(1), "head": In(HEAD_BITS), "out_first": In(ELEM_BITS), "head_dim": In(11),
             "stats": In(range(config.acc_buffer_words)),
-            "acc": In(data.ArrayLayout(signed(W), chunks * config.vector_lanes)),
-            "m": In(signed(W)), "l": In(signed(W)), "e_acc": In(EXP_WIDE),
+            "acc": In(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": In(wd.acc),
+            "m": In(signed(wd.score)), "l": In(unsigned(wd.sum)), "e_acc": In(EXP_WIDE),
             "busy": Out(1), "divide_fault": Out(1), "top_exp": Out(EXP_WIDE),
             "acc_w": Out(acc_write(config)), "scratch": Out(scratch_write(config)),
         })
@@ -437,44 +548,38 @@ class HeadFinish(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         V, lgV = self.config.vector_lanes, log2_exact(self.config.vector_lanes)
-        chunks = kv_geometry(self.config)["row_chunks"]
-        words = Array(self.acc.as_value().word_select(i, W * V) for i in range(chunks))
-        acc_or = Signal(W)
-        magnitudes = []
-        for i in range(chunks * V):
-            x = self.acc[i]
-            magnitudes.append(Mux(x < 0, -x, x)[:W])
-        m.d.comb += acc_or.eq(functools.reduce(operator.or_, magnitudes))
-        acc_bits = bit_length(m, acc_or, "acc_bits")
-        head_shift = Signal(range(W + 1))
+        wd = attention_widths(self.config)
+        lanes = kv_geometry(self.config)["row_chunks"] * V
+        acc_bits = bit_length(m, self.peak, "acc_bits")
+        head_shift = Signal(range(max(wd.acc - ACC_KEEP_BITS, 0) + 1))
         head_exp = Signal(EXP_WIDE)
         m.d.comb += head_exp.eq(self.e_acc + head_shift - RECIP_BITS)
-        remainder = Signal(W + 1)
-        quotient = Signal(RECIP_BITS + 1)
+        assert DIVIDER_CYCLES == wd.recip
+        remainder = Signal(wd.sum)  # below l
+        quotient = Signal(wd.recip)
         div_cnt = Signal(range(DIVIDER_CYCLES))
-        rem_shifted = Signal(W + 2)
-        m.d.comb += rem_shifted.eq(Cat(div_cnt == RECIP_BITS, remainder))  # the numerator 1 << RECIP_BITS, bit by bit
-        out_k = Signal(CHUNK_BITS)  # output word of this head
+        rem_shifted = Signal(wd.sum + 1)
+        m.d.comb += rem_shifted.eq(remainder << 1)  # the numerator's bits below the quotient's are all zero
         head = Signal(HEAD_BITS)
         out_first = Signal(ELEM_BITS)
-        out_off = out_first[:lgV] if lgV else Const(0, 1)
-        out_last = Signal(CHUNK_BITS)
-        m.d.comb += out_last.eq((out_off + self.head_dim - 1) >> lgV)
-        # the head's lanes shifted up to its first output lane: word k of the output takes acc words k - 1 and k
-        word_lo = words[(out_k - 1)[:len(out_k)]]
-        word_hi = words[out_k]
-        rot_lanes = Signal(range(V + 1))
-        m.d.comb += rot_lanes.eq(V - out_off)
-        rotated = Cat(word_lo, word_hi).bit_select(rot_lanes * W, W * V)
+
+        # one element per cycle: select and round (stage 1), multiply (stage 2), write
+        elem = Signal(range(lanes + 1))
+        issue = Signal()
+        rounded = Signal(signed(wd.head))
+        at1 = Signal(ELEM_BITS)
+        valid1 = Signal()
+        product = Signal(signed(wd.out))
+        at2 = Signal(ELEM_BITS)
+        valid2 = Signal()
+        lane = Array(self.acc[i] for i in range(lanes))[elem[:address_bits(lanes)]]
+        m.d.sync += [valid1.eq(issue), valid2.eq(valid1), product.eq(rounded * quotient), at2.eq(at1)]
+        with m.If(issue):
+            m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc")), at1.eq(out_first + elem)]
         for i in range(V):
-            x = rotated.word_select(i, W).as_signed()
-            lane = self.scratch.data[i]
-            m.d.comb += [lane.value.eq(_wrap(_round_shift(m, x, head_shift, f"head_acc{i}", left=False) * quotient)),
-                         lane.exp.eq(head_exp)]
-        m.d.comb += self.scratch.addr.eq((out_first >> lgV) + out_k)
-        out_en = Signal(V)
-        m.d.comb += out_en.eq(Cat((((out_k << lgV) + i) >= out_off) & (((out_k << lgV) + i) < out_off + self.head_dim)
-                                  for i in range(V)))
+            m.d.comb += [self.scratch.data[i].value.eq(product), self.scratch.data[i].exp.eq(head_exp)]
+        m.d.comb += [self.scratch.addr.eq(at2 >> lgV),
+                     self.scratch.en.eq(Mux(valid2, 1 << (at2[:lgV] if lgV else 0), 0))]
 
         def write_stat(offset, value):
             m.d.comb += [self.acc_w.addr.eq(self.stats + 2 * head + offset), self.acc_w.data.eq(value),
@@ -486,37 +591,44 @@ class HeadFinish(wiring.Component):
                     m.d.sync += [head.eq(self.head), out_first.eq(self.out_first)]
                     m.next = "STATS"
             with m.State("STATS"):
+                # the remainder after the numerator's leading bits, whose quotient bits are zero: 2**14 < l
                 m.d.sync += [head_shift.eq(Mux(acc_bits > ACC_KEEP_BITS, acc_bits - ACC_KEEP_BITS, 0)),
-                             remainder.eq(0), quotient.eq(0), div_cnt.eq(RECIP_BITS)]
+                             remainder.eq((1 << RECIP_BITS) >> wd.recip), quotient.eq(0),
+                             div_cnt.eq(DIVIDER_CYCLES - 1)]
                 write_stat(0, self.m)
-                with m.If(self.l <= 0):
+                with m.If(self.l == 0):
                     m.d.comb += self.divide_fault.eq(1)
                     m.next = "IDLE"
                 with m.Else():
                     m.next = "DIVIDE"
             with m.State("DIVIDE"):
-                with m.If(div_cnt == RECIP_BITS):
+                with m.If(div_cnt == DIVIDER_CYCLES - 1):
                     write_stat(1, self.l)
-                with m.If(rem_shifted >= self.l.as_unsigned()):
-                    m.d.sync += [remainder.eq(rem_shifted - self.l.as_unsigned()), quotient.eq(Cat(1, quotient))]
+                with m.If(rem_shifted >= self.l):
+                    m.d.sync += [remainder.eq(rem_shifted - self.l), quotient.eq(Cat(1, quotient))]
                 with m.Else():
                     m.d.sync += [remainder.eq(rem_shifted), quotient.eq(Cat(0, quotient))]
                 m.d.sync += div_cnt.eq(div_cnt - 1)
                 with m.If(div_cnt == 0):
-                    m.d.sync += [out_k.eq(0), self.top_exp.eq(_first_or_max(head == 0, head_exp, self.top_exp))]
+                    m.d.sync += [elem.eq(0), self.top_exp.eq(_first_or_max(head == 0, head_exp, self.top_exp))]
                     m.next = "OUTPUT"
             with m.State("OUTPUT"):
-                m.d.comb += self.scratch.en.eq(out_en)
-                m.d.sync += out_k.eq(out_k + 1)
-                with m.If(out_k == out_last):
-                    m.next = "IDLE"
+                m.d.comb += issue.eq(1)
+                m.d.sync += elem.eq(elem + 1)
+                with m.If(elem == self.head_dim - 1):
+                    m.next = "MULTIPLY"
+            with m.State("MULTIPLY"):
+                m.next = "WRITE"
+            with m.State("WRITE"):
+                m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         return m
 
 
 class OutputStage(wiring.Component):
     """All heads into one bfp16 vector: each scratch lane aligned to the largest head exponent, then
-    the :class:`~hw.normalize.Normalizer`'s peak pass and write pass over the scratch words.
+    the :class:`~hw.normalize.Normalizer`'s peak pass and write pass over the scratch, R =
+    ``timing.attn_output_lanes(config)`` elements (a slot, a part of a scratch word) per cycle.
 
     Parameters
     ----------
@@ -528,7 +640,7 @@ class OutputStage(wiring.Component):
     scratch : In(scratch_write(config))
         The heads' outputs, from :class:`HeadFinish`.
     read : In(stream.Signature(OutputStage.READ_LAYOUT, always_ready=True))
-        One scratch ``word`` per cycle: in the peak pass (``write`` low) or the write pass.
+        One ``slot`` (elements ``R * slot ...``) per cycle: in the peak pass (``write`` low) or the write pass.
     clear : In(1)
         Before the peak pass.
     top_exp : In(EXP_WIDE)
@@ -542,7 +654,7 @@ class OutputStage(wiring.Component):
         The vector's exponent after the peak pass (valid until the next ``clear``).
     """
 
-    READ_LAYOUT = data.StructLayout({"word": ELEM_BITS, "write": 1})
+    READ_LAYOUT = data.StructLayout({"slot": ELEM_BITS, "write": 1})
 
     def __init__(self, config):
         self.config = config
@@ -556,31 +668,35 @@ class OutputStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        V, lgV = cfg.vector_lanes, log2_exact(cfg.vector_lanes)
+        V = cfg.vector_lanes
+        R = timing.attn_output_lanes(cfg)
+        lgR, lgS = log2_exact(R), log2_exact(V // R)  # slots per scratch word
         lgAL = log2_exact(abuf_lanes(cfg))
-        lane_bits = SCRATCH_LANE.size
+        lane_layout = scratch_lane(cfg)
+        lane_bits = lane_layout.size
         m.submodules.scratch = scratch = Memory(shape=unsigned(lane_bits * V), depth=ceil_div(cfg.act_buffer_words, V),
                                                 init=[])
         scr_w = scratch.write_port(granularity=lane_bits)
         scr_r = scratch.read_port()
         m.d.comb += [scr_w.addr.eq(self.scratch.addr), scr_w.data.eq(self.scratch.data), scr_w.en.eq(self.scratch.en),
-                     scr_r.addr.eq(self.read.payload.word)]
+                     scr_r.addr.eq(self.read.payload.slot >> lgS)]
         valid1, r1 = _issued(m, self.read)
-        m.submodules.normalizer = norm = Normalizer(W, V)
-        lanes = data.ArrayLayout(SCRATCH_LANE, V)(scr_r.data)
-        for i in range(V):
+        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R)
+        slot_lanes = scr_r.data.word_select(r1.slot[:lgS], lane_bits * R) if lgS else scr_r.data
+        lanes = data.ArrayLayout(lane_layout, R)(slot_lanes)
+        for i in range(R):
             lane = lanes[i]
-            m.d.comb += [norm.wide[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}", left=False)),
-                         norm.valid[i].eq(((r1.word << lgV) + i) < self.n_out)]
+            m.d.comb += [norm.wide[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
+                         norm.valid[i].eq(((r1.slot << lgR) + i) < self.n_out)]
         m.d.comb += [norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid1 & ~r1.write),
                      self.exp.eq(norm.exp_out), self.overflow.eq(norm.overflow)]
         out_elem = Signal(ELEM_BITS)
-        m.d.comb += out_elem.eq(self.dst + (r1.word << lgV))
+        m.d.comb += out_elem.eq(self.dst + (r1.slot << lgR))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
         m.d.comb += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
-            # every word slot carries the mantissas and the lane enables pick the slot: no shifter
-            self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // V)),
+            # every slot of the word carries the mantissas and the lane enables pick the slot: no shifter
+            self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // R)),
             self.abuf_w.en.eq(Mux(valid1 & r1.write, norm.valid << out_lane, 0)),
         ]
         return m
@@ -610,6 +726,8 @@ class AttnDecoder(wiring.Component):
         ... plus the immediate.
     ereg_addr0, ereg_addr1 : Out(range(isa.NUM_EREGS))
         q (ATTN) or k (KVAPPEND) exponent, and v (KVAPPEND) exponent.
+    span : Out(ELEM_BITS)
+        Elements of all heads: ``q_heads * head_dim`` (ATTN) or ``heads * head_dim`` (KVAPPEND).
     fault : Out(Fault)
         Why the instruction cannot run (``NONE``: it runs); a fault here changes no state.
     """
@@ -623,7 +741,7 @@ class AttnDecoder(wiring.Component):
             "kv_cols": Out(CHUNK_BITS),
             "reg_addr": Out(range(isa.NUM_REGS)), "pos_or_len": Out(signed(34)),
             "ereg_addr0": Out(range(isa.NUM_EREGS)), "ereg_addr1": Out(range(isa.NUM_EREGS)),
-            "fault": Out(Fault),
+            "span": Out(ELEM_BITS), "fault": Out(Fault),
         })
 
     def elaborate(self, platform):
@@ -645,7 +763,7 @@ class AttnDecoder(wiring.Component):
             self.ereg_addr0.eq(Mux(is_attn, att.q_e, kva.k_e)),
             self.ereg_addr1.eq(kva.v_e),
         ]
-        span = Signal(ELEM_BITS)  # heads * head_dim
+        span = self.span
         m.d.comb += span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim)
         # the KV pool's one fit predicate (OverlayConfig.holds_kv): the heads' columns end within the pool
         lgKV = log2_exact(cfg.vector_lanes)
@@ -722,7 +840,7 @@ class AttentionEngine(wiring.Component):
     abuf_r0, abuf_r1 : Out(abuf_read(config))
         The activation-buffer word holding the operand's element and the word after it.
     abuf_w : Out(abuf_write(config))
-        The output vector, one word per cycle with a per-lane enable.
+        The output vector, ``timing.attn_output_lanes(config)`` elements per cycle with per-lane enables.
     acc_w : Out(acc_write(config))
         The per-head statistics.
     ereg_r0, ereg_r1, ereg_w : Out(ereg_read()), Out(ereg_read()), Out(ereg_write())
@@ -755,7 +873,7 @@ class AttentionEngine(wiring.Component):
         lgAL = log2_exact(self.abuf_lanes)
         kv = self.kv
         m.submodules.score = score = ScoreStage(cfg)
-        m.submodules.softmax = softmax = SoftmaxStage()
+        m.submodules.softmax = softmax = SoftmaxStage(cfg)
         m.submodules.value = value = ValueStage(cfg)
         m.submodules.head_finish = fin = HeadFinish(cfg)
         m.submodules.output = out = OutputStage(cfg)
@@ -773,6 +891,7 @@ class AttentionEngine(wiring.Component):
         n_chunks = Signal(CHUNK_BITS)  # chunks of V lanes per head
         m.d.comb += n_chunks.eq((head_dim + V - 1) >> lgV)
         pos_or_len = Signal(signed(34))  # KVAPPEND position / ATTN length
+        n_out = Signal(ELEM_BITS)  # ATTN's output elements: the decoder's span, latched (one multiplier for both)
         e_a = Signal(EXP_SHAPE)  # q exponent (ATTN) or k exponent (KVAPPEND)
         e_b = Signal(EXP_SHAPE)  # v exponent (KVAPPEND)
         group = Signal(HEAD_BITS)  # query heads per KV head
@@ -824,15 +943,16 @@ class AttentionEngine(wiring.Component):
             value.e_acc.eq(softmax.e_acc), value.rescale_shift.eq(softmax.rescale_shift),
             value.first_tile.eq(first_tile),
             fin.head.eq(head), fin.out_first.eq(out_head), fin.head_dim.eq(head_dim), fin.stats.eq(att.stats),
-            fin.acc.eq(value.acc), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
-            out.top_exp.eq(fin.top_exp), out.n_out.eq(q_heads * head_dim), out.dst.eq(att.dst),
+            fin.acc.eq(value.acc), fin.peak.eq(value.peak), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
+            out.top_exp.eq(fin.top_exp), out.n_out.eq(n_out), out.dst.eq(att.dst),
         ]
         fin_fault = Signal()  # a head's sum was not positive
         with m.If(fin.divide_fault):
             m.d.sync += fin_fault.eq(1)
-        word = Signal(ELEM_BITS)  # scratch word of the output passes
-        n_words = Signal(ELEM_BITS)
-        m.d.comb += [n_words.eq((q_heads * head_dim + V - 1) >> lgV), out.read.payload.word.eq(word)]
+        slot = Signal(ELEM_BITS)  # scratch slot of the output passes
+        n_slots = Signal(ELEM_BITS)
+        lgR = log2_exact(timing.attn_output_lanes(cfg))
+        m.d.comb += [n_slots.eq((n_out + (1 << lgR) - 1) >> lgR), out.read.payload.slot.eq(slot)]
 
         # ---------------------------------------------------------------- control
         fault = Signal(Fault)
@@ -860,10 +980,10 @@ class AttentionEngine(wiring.Component):
             return tile_done
 
         def output_pass(write, then):
-            """One scratch word of the peak pass or the write pass per cycle."""
+            """One scratch slot of the peak pass or the write pass per cycle."""
             m.d.comb += [out.read.valid.eq(1), out.read.payload.write.eq(write)]
-            m.d.sync += word.eq(word + 1)
-            with m.If(word == n_words - 1):
+            m.d.sync += slot.eq(slot + 1)
+            with m.If(slot == n_slots - 1):
                 m.next = then
 
         with m.FSM(name="attn_fsm") as fsm:
@@ -874,7 +994,7 @@ class AttentionEngine(wiring.Component):
                     m.next = "DECODE"
 
             with m.State("DECODE"):
-                m.d.sync += [pos_or_len.eq(dec.pos_or_len), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
+                m.d.sync += [pos_or_len.eq(dec.pos_or_len), n_out.eq(dec.span), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
                              head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
                              sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0)]
                 with m.If(dec.is_kvappend):
@@ -959,7 +1079,7 @@ class AttentionEngine(wiring.Component):
                 with m.If(fin_fault):
                     finish(Fault.DIVIDE)
                 with m.Elif(~fin.busy):
-                    m.d.sync += word.eq(0)
+                    m.d.sync += slot.eq(0)
                     m.d.comb += out.clear.eq(1)
                     m.next = "A_NPEAK"
             with m.State("A_NPEAK"):
@@ -967,7 +1087,7 @@ class AttentionEngine(wiring.Component):
             with m.State("A_NPDRAIN"):
                 m.next = "A_NSTEP"
             with m.State("A_NSTEP"):
-                m.d.sync += word.eq(0)
+                m.d.sync += slot.eq(0)
                 with m.If(out.overflow):
                     finish(Fault.OVERFLOW)
                 with m.Else():

@@ -45,6 +45,7 @@ __all__ = [
     "act",
     "align_sum",
     "argmax",
+    "attention_scores",
     "dequantize_matrix",
     "effective_weights",
     "exp2_neg_q15",
@@ -576,12 +577,32 @@ def gemv_acc(q, sm, x, group):
 #: reciprocal ``(1 << ATTN_RECIP_BITS) // l``.
 ATTN_ACC_BITS = 31
 ATTN_RECIP_BITS = 40
+#: Scores saturate at +-(2**ATTN_SCORE_BITS - 1) in Q.SCORE_FRAC, i.e. +-2**24 natural-log units, far beyond any
+#: logit a float16 model can carry (65504). Left-shifted scores (q and k exponents summing above -SCORE_FRAC) could
+#: otherwise wrap int64, and everything after them (the differences to the max, 2**-x of those, the sum and the
+#: accumulator) would wrap with them; saturated, every later quantity has a bound that follows from the config
+#: alone (hw/attention.py derives its datapath widths from it).
+ATTN_SCORE_BITS = 40
+ATTN_SCORE_MAX = (1 << ATTN_SCORE_BITS) - 1
+
+
+def attention_scores(dot, s):
+    """Scores ``dot * 2**-s`` rounded half up (as :func:`round_shift`), computed without wrapping and saturated at
+    +-ATTN_SCORE_MAX. *dot* is the exact int64 dot product, *s* the per-position shift."""
+    dot = _i64(dot)
+    s = np.asarray(s, dtype=np.int64)
+    ls = np.clip(-s, 0, ATTN_SCORE_BITS + 1)
+    limit = np.int64(ATTN_SCORE_MAX) >> ls  # |dot| beyond this saturates once shifted left by ls
+    left = np.clip(dot, -limit, limit) << ls
+    left = np.where(dot > limit, ATTN_SCORE_MAX, np.where(dot < -limit, -ATTN_SCORE_MAX, left))
+    right = np.clip(round_shift(dot, np.maximum(s, 1)), -ATTN_SCORE_MAX, ATTN_SCORE_MAX)
+    return np.where(s > 0, right, left)
 
 
 def attention_head(q, eq, k, ek, v, ev, tile):
     """One query head over keys k [L, d] and values v [L, d] with per-token exponents.
 
-    Scores are exact dot products rounded to Q.SCORE_FRAC. Softmax runs online,
+    Scores are exact dot products rounded to Q.SCORE_FRAC and saturated (:func:`attention_scores`). Softmax runs online,
     *tile* positions at a time: a running max m (Q.SCORE_FRAC), a running sum l
     (Q1.15 units) and a running accumulator rescaled by exp(m_old - m_new)
     whenever the max grows. Returns (wide output, exponent, m, l).
@@ -591,7 +612,7 @@ def attention_head(q, eq, k, ek, v, ev, tile):
     L = k.shape[0]
     if L < 1:
         raise NumericsError("attention over zero KV positions")
-    scores = round_shift(k @ q, -(eq + ek + SCORE_FRAC))
+    scores = attention_scores(k @ q, -(eq + ek + SCORE_FRAC))
     m = l = None
     acc, ea = np.zeros(q.shape, np.int64), None
     for lo in range(0, L, tile):

@@ -46,8 +46,19 @@ ROPE_PIPE_DEPTH = 3
 SCALAR_BITS_PER_CYCLE = 2
 
 # ---------------------------------------------------------------- attention engine
-#: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle).
-ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS + 1
+#: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle): the sum l is at least
+#: GATE_ONE (the running max's own p), so ``(1 << ATTN_RECIP_BITS) // l`` has only this many bits and the
+#: divider skips the leading zeros (hw/attention.py, attention_widths).
+ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS - (nx.GATE_ONE.bit_length() - 1) + 1
+#: Cycles a head's finish spends after issuing its last output element (one element per cycle through a select and
+#: round stage and a multiply stage, then the scratch write).
+ATTN_FINISH_PIPELINE = 2
+
+
+def attn_output_lanes(config) -> int:
+    """Elements per cycle of ATTN's output passes (peak and write): half the vector lanes, which halves the
+    normalizer and alignment shifters for a pass of ``q_heads * head_dim / lanes`` cycles, twice per ATTN."""
+    return max(1, config.vector_lanes // 2)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -192,10 +203,10 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks: the first tile's
     score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale step (1) and a run of ``n_i * c`` cycles in which
     the values of tile i and the scores of tile i+1 stream side by side, + 1 drain (2 when tile i+1 is as long as
-    tile i, its last score then still in flight). A head's finish (1 + ATTN_DIVIDER_CYCLES + the output words it
-    touches) runs beside the next head's first score pass, whose max step waits for it: that phase takes
+    tile i, its last score then still in flight). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
+    elements, one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for it: that phase takes
     ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
-    ``ceil(q_heads * head_dim / lanes)`` output words (one drain each) and a normalization step; plus the decode
+    ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (one drain each) and a normalization step; plus the decode
     and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
     write pass is skipped.
     """
@@ -210,9 +221,8 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     for h in range(q_heads):
         first_scores = sizes[0] * nch + 2
         total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
-        out_words = ((h * head_dim) % V + head_dim - 1) // V + 1
-        finish = 1 + ATTN_DIVIDER_CYCLES + out_words
-    nw = _ceil(q_heads * head_dim, V)
+        finish = 1 + ATTN_DIVIDER_CYCLES + head_dim + ATTN_FINISH_PIPELINE
+    nw = _ceil(q_heads * head_dim, attn_output_lanes(config))
     return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1) + 1
 
 

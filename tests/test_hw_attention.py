@@ -19,7 +19,7 @@ pytest.importorskip("cocotb_tools")
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 from cocotb_tools.runner import get_results, get_runner
-from kvoverlay.hw.attention import AttentionEngine, Exp2Neg
+from kvoverlay.hw.attention import AttentionEngine, Exp2Neg, attention_widths
 from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
 from kvoverlay.sim.golden import GoldenModel
@@ -117,11 +117,12 @@ class Scenario:
                          for c in range(cols)]
         return base + length * stride
 
-    def attend(self, kv_base, q_heads, kv_heads, head_dim, length, *, stats=5):
+    def attend(self, kv_base, q_heads, kv_heads, head_dim, length, *, stats=5, q_exp=None):
+        """An ATTN of random q (exponent *q_exp*, else one that keeps every score a right shift of its dot)."""
         rng = self.rng
         n = q_heads * head_dim
         self.abuf[Q_ADDR:Q_ADDR + n] = rng.integers(-32767, 32768, n)
-        self.eregs[Q_E] = int(rng.integers(-16, -13))
+        self.eregs[Q_E] = int(rng.integers(-16, -13)) if q_exp is None else q_exp
         self.regs[LEN_REG] = int(rng.integers(0, 3))
         self.program.append(isa.Instr("ATTN", {
             "q": Q_ADDR, "q_e": Q_E, "dst": DST_ADDR, "dst_e": DST_E, "kv_base": kv_base, "q_heads": q_heads,
@@ -308,6 +309,50 @@ def test_attn_exponent_extremes(build, kind):
         assert (np.max(np.abs(out)) == 0) == (kind == "zero_values")
 
 
+def test_attn_saturated_scores(build):
+    """q and k exponents summing above -SCORE_FRAC shift scores left: the larger dot products saturate at
+    ATTN_SCORE_MAX (numerics.attention_scores), the smaller ones do not, and the differences between them reach
+    far past 2^-x's cut-off."""
+    s = Scenario(8)
+    s.append_tokens(1, 2, 16, 2 * CFG.attn_tile + 3)
+    s.attend(1, 2, 2, 16, 2 * CFG.attn_tile + 3, q_exp=9)
+    g, _ = s.check(build)
+    m = [int(g.acc[a]) for a in s.read_acc[0::2]]
+    assert numerics.ATTN_SCORE_MAX in m  # a head whose largest score saturated
+
+
+def test_attn_largest_sum_and_accumulator(build):
+    """The bounds attention_widths derives, reached: kv_capacity equal scores (p = 1 everywhere, l = L * 2**15) over
+    values of -2**15 at one exponent (every term -2**30, |acc| = L * 2**30)."""
+    s = Scenario(9)
+    d, length = 16, CFG.kv_capacity
+    s.append_tokens(0, 1, d, length, v_exp=-9, same=True)
+    s.attend(0, 1, 1, d, length)
+    g, _ = s.check(build)
+    widths = attention_widths(CFG)
+    l = int(g.acc[s.read_acc[1]])
+    assert l == length * numerics.GATE_ONE and l.bit_length() == widths.sum
+
+
+def test_attention_widths_hold():
+    """numerics.attention_head at the extremes of every preset stays inside attention_widths: the running max within
+    the score width, l in [2**15, 2**sum), the output within its width, and the dot product within its width."""
+    rng = np.random.default_rng(12)
+    for cfg in PRESETS.values():
+        w = attention_widths(cfg)
+        d, L = cfg.max_head_dim, cfg.kv_capacity
+        extremes = [(np.full(d, -1 << 15), np.full((L, d), -1 << 15), np.full((L, d), -1 << 15), 0, -9),
+                    (rng.integers(-1 << 15, 1 << 15, d), rng.integers(-1 << 15, 1 << 15, (L, d)),
+                     rng.integers(-1 << 15, 1 << 15, (L, d)), 40, -200)]
+        for q, k, v, eq, ev in extremes:
+            ek = rng.integers(numerics.EXP_MIN, numerics.EXP_MAX + 1, L) if eq else np.full(L, -9)
+            assert int(np.max(np.abs(k @ q))) < 1 << (w.dot - 1)
+            o, _, m, l = numerics.attention_head(q, eq, k, ek, v, np.full(L, ev), cfg.attn_tile)
+            assert abs(m) < 1 << (w.score - 1)
+            assert numerics.GATE_ONE <= l < 1 << w.sum
+            assert int(np.max(np.abs(o))) < 1 << (w.out - 1)
+
+
 def test_lanes_wider_than_abuf_word_rejected():
     cfg = CFG.replace(vector_lanes=4 * AL)
     with pytest.raises(ValueError, match=f"vector_lanes={4 * AL}"):
@@ -315,16 +360,19 @@ def test_lanes_wider_than_abuf_word_rejected():
 
 
 def test_exp2_neg_matches_numerics():
-    """The softmax stage's 2^-x against numerics.exp2_neg_q15: every table segment, the cut-off at 2^-16, and
-    differences so large that int64 wraps (a score shifted far left)."""
+    """The softmax stage's 2^-x against numerics.exp2_neg_q15: every table segment, the cut-off at 2^-16, and the
+    whole range a difference of two saturated scores can take (where -d * log2(e) is far past the cut)."""
     rng = np.random.default_rng(11)
     one = 1 << numerics.SCORE_FRAC
+    widths = attention_widths(CFG)
+    lowest = -2 * numerics.ATTN_SCORE_MAX
     ds = np.concatenate([
-        [0, -1, -one, -11 * one, -12 * one, -(1 << 62), -(1 << 63) + 1],
+        [0, -1, -one, -11 * one, -12 * one, lowest, lowest + 1, -(1 << 20), -(1 << 20) + 1],
         -rng.integers(0, 12 * one, 300),
-        -rng.integers(0, 1 << 62, 100),
+        -rng.integers(0, -lowest, 100),
     ]).astype(np.int64)
-    dut = Exp2Neg()
+    assert lowest >= -(1 << (widths.diff - 1))
+    dut = Exp2Neg(widths.diff)
     got = []
 
     async def tb(ctx):

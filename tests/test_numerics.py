@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvoverlay import numerics as nx
 
@@ -114,6 +116,18 @@ def test_rope_bound():
     a, b = fx[:, : hd // 2], fx[:, hd // 2:]
     ref = np.concatenate([a * fc - b * fs, b * fc + a * fs], 1).reshape(-1)
     assert rel(nx.to_float(*nx.rope(x, ex, c, ec, s, es, heads, hd, "half")), ref) <= 2.0 ** -14
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(-(1 << 41), 1 << 41), st.integers(-80, 80)), min_size=1, max_size=20))
+def test_attention_scores_are_exact_then_saturated(pairs):
+    """Scores: the exact dot * 2**-s rounded half up (Python ints, no wrap), clipped to +-ATTN_SCORE_MAX; equal to
+    round_shift wherever that neither wraps nor passes the clip."""
+    dot = np.array([d for d, _ in pairs], np.int64)
+    s = np.array([x for _, x in pairs], np.int64)
+    top = nx.ATTN_SCORE_MAX
+    exact = [d << -x if x <= 0 else (d + (1 << (x - 1))) >> x for d, x in pairs]
+    assert nx.attention_scores(dot, s).tolist() == [max(-top, min(top, v)) for v in exact]
 
 
 @pytest.mark.parametrize("length,tile", [(1, 8), (37, 8), (64, 64), (200, 16)])
