@@ -391,6 +391,28 @@ class _Offload:
                                    f"does not fit the overlay's KV pool of {cfg.kv_columns} columns of "
                                    f"{cfg.vector_lanes} ({len(layers)} layers over) and --offload-device is none")
 
+    def _prefill_entries(self, kv: dict, length: int) -> list:
+        """The (base, slot, k, v) entries of a prefilled KV cache the overlay's buffer holds; the whole cache goes to
+        the offload store. *kv* maps a layer's KV-pool base to ``(k, v)`` float arrays [kv_heads, length, head_dim]
+        (the GPU backend's prefill)."""
+        last = length - 1
+        if self.hybrid:
+            self.check_fits(last)
+            resident = self.residency.resident(last)
+        else:
+            if length > self.program.config.kv_capacity:
+                raise OffloadError(f"a prompt of {length} tokens does not fit the overlay's "
+                                   f"{self.program.config.kv_capacity}-token KV buffer")
+            resident = list(range(length))
+        entries = []
+        for base, (k, v) in sorted(kv.items()):
+            k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+            if (self.hybrid or self.device_layers) and self.device != "none":
+                self._store().put(int(base), 0, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+            if int(base) not in self.device_layers:
+                entries += [(int(base), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
+        return entries
+
     def _store(self):
         if self.store is None:
             self.store = _KvStore(self.device, int(self.program.manifest["max_seq"]))
@@ -499,22 +521,7 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
         prefill).
         Returns the counters of the LOAD + KVAPPEND program.
         """
-        last = length - 1
-        if self.hybrid:
-            self.check_fits(last)
-            resident = self.residency.resident(last)
-        else:
-            if length > self.program.config.kv_capacity:
-                raise OffloadError(f"a prompt of {length} tokens does not fit the overlay's "
-                                   f"{self.program.config.kv_capacity}-token KV buffer")
-            resident = list(range(length))
-        entries = []
-        for base, (k, v) in sorted(kv.items()):
-            k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
-            if (self.hybrid or self.device_layers) and self.device != "none":
-                self._store().put(int(base), 0, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
-            if int(base) not in self.device_layers:
-                entries += [(int(base), slot, k[:, p], v[:, p]) for slot, p in enumerate(resident)]
+        entries = self._prefill_entries(kv, length)
         code, records = write_kv_program(self.program, entries, len(self.program.image))
         for addr, m, e in records:
             self.model.write_vector_record(addr, m, e)
@@ -647,6 +654,34 @@ class HybridRtlBackend(_Offload, RtlBackend):
         super().reset()
         self.store = None
         self.placement = None
+
+    def load_prefill(self, kv: dict, length: int):
+        """Write a prefilled KV cache into the overlay's buffer (resident positions) and the offload store (all), as
+        :meth:`HybridGoldenBackend.load_prefill` does: the same LOAD + KVAPPEND program, placed behind the session's
+        program in a fresh simulator process (a prefill starts at position 0, so there is no state to keep), its
+        records written through the memory model's host port. Returns the hardware counters of that program."""
+        from kvoverlay.hw.overlay import COUNTERS
+        from kvoverlay.sim.rtl import RtlProcessError, _counters, _error, _write_extent
+
+        from .backend import SimulatorDied
+
+        self.close()  # a fresh process below, with the KV program behind the session's
+        self.steps, self.store, self.placement = [], None, None
+        entries = self._prefill_entries(kv, length)
+        # the records go past everything the session's program and its segments read or write
+        base = max(len(self.program.image), _write_extent(self.instructions))
+        base = -(-base // self.program.config.port_bytes) * self.program.config.port_bytes
+        code, records = write_kv_program(self.program, entries, base)
+        try:
+            self.process = proc = self.model.open(list(self.instructions) + list(code))
+            for addr, m, e in records:
+                proc.write_vector(addr, m, e)
+            status = proc.run({}, segment=len(self.instructions))
+        except RtlProcessError as exc:
+            raise SimulatorDied(f"{exc}; call reset() to start a new one") from None
+        if status["error"]:
+            raise _error(status, list(code), proc.watchdog)
+        return _counters(dict(zip(COUNTERS, status["counters"])))
 
     def run_steps(self, feed, generate: int, position: int, registers: dict | None = None) -> list:
         if not self.offloads:

@@ -322,6 +322,29 @@ def test_hybrid_attention_on_rtl(rtl_model, layers):
     assert ref["token_match"], (got.tokens, ref["tokens"])
 
 
+def test_phase_split_prefill_on_rtl(rtl_model):
+    """--prefill gpu on the RTL: the prompt's KV, from one batched torch pass on the CPU, goes into the Verilated
+    overlay's buffer through the LOAD + KVAPPEND program (and beyond the buffer to the offload store); decoding then
+    continues on the RTL, hybrid past 64 tokens, bit-identical to the golden model given the same prefill."""
+    pytest.importorskip("torch")
+    from kvoverlay.models import exported
+
+    path = str(exported.export_model("llama"))
+    program = compile_model(path, "tiny", weights="w16", max_seq=256, kv_capacity=64)[0]
+    gold = Session(program, "isa", prefill="gpu", offload_device="cpu").generate(HYBRID_PROMPT, 4)
+    gold_steps = list(gold)
+    with Session(program, "rtl", prefill="gpu", offload_device="cpu") as sess:
+        gen = sess.generate(HYBRID_PROMPT, 4)
+        steps = list(gen)
+        backend = sess.backend
+    assert [s.token for s in steps] == [s.token for s in gold_steps]
+    assert steps[0].counters.placement["prefill"] == "gpu" and steps[0].counters.cycles > 0
+    for a, b in zip(gen.result().logits, gold.result().logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the prompt was never fed token by token: the simulator ran the KV program, then one step per new token
+    assert [s.position for s in backend.steps] == list(range(len(HYBRID_PROMPT), len(HYBRID_PROMPT) + 3))
+
+
 def test_gpt2_of_five_heads_fits_the_kv_pool(rtl_model):
     """GPT-2 with 5 heads of 16 on tiny, whose KV pool is sized as 4 layers of 4 heads of 64: 5 x 4 columns per
     layer fit, and the RTL decodes it exactly as the golden model does (the golden model follows onnxruntime:
