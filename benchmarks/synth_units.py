@@ -29,6 +29,7 @@ UNITS = {
     "gemv": ("kvoverlay.hw.gemv_unit", "GemvUnit"),
     "gemv_engine": ("kvoverlay.hw.gemv", "GemvEngine"),
     "vector": ("kvoverlay.hw.vector_unit", "VectorUnit"),
+    "attention": ("kvoverlay.hw.attention", "AttentionEngine"),
     "req": ("kvoverlay.hw.req_unit", "ReqUnit"),
     "ldrow": ("kvoverlay.hw.ldrow_unit", "LdrowUnit"),
     "load": ("kvoverlay.hw.load_unit", "LoadUnit"),
