@@ -218,11 +218,14 @@ def _gpt2_layers(s, shape, H, hd, qh, kvh, F):
 
 
 def _kv_offchip_bytes(shape, config, context, devices) -> int:
-    """KV bytes a step reads from external memory per card: none when the config's KV buffer holds it."""
+    """KV bytes a step reads from external memory per card. The KV pool holds the layers whose columns fit, packed
+    as the compiler's layout packs them (``codegen.kv_layout``), their first ``kv_capacity`` tokens each; the other
+    layers' KV, and the tokens beyond the capacity, are read from memory."""
     kvh = -(-shape.kv_heads // devices)
-    if config.holds_kv(shape.layers - 1, kvh, shape.head_dim) and context <= config.kv_capacity:
-        return 0
-    return shape.layers * 2 * kvh * context * nx.vector_record_size(shape.head_dim)
+    per_layer = kvh * config.kv_head_columns(shape.head_dim)
+    held = min(shape.layers, config.kv_columns // per_layer) if config.holds_kv(0, kvh, shape.head_dim) else 0
+    record = 2 * kvh * nx.vector_record_size(shape.head_dim)
+    return ((shape.layers - held) * context + held * max(0, context - config.kv_capacity)) * record
 
 
 def project(model: str, config, weights: str = "int4", devices: int = 1, context: int = 128,

@@ -18,7 +18,7 @@ def program(tmp_path_factory):
 
 
 def test_table_names_every_backend_and_its_fix():
-    assert list(BACKENDS)[:3] == ["isa", "rtl", "gpu"]
+    assert list(BACKENDS) == ["isa", "rtl", "board", "gpu"]
     assert "kvoverlay[torch]" in BACKENDS["gpu"].install
     with pytest.raises(SessionError, match="unknown backend 'fpga'"):
         create_backend("fpga", None)
