@@ -93,9 +93,10 @@ def kv_fill(program, shape: DecodeShape, positions: int, seed: int = 0):
     from .offload import write_kv_program
 
     rng = np.random.default_rng(seed)
-    entries = [(layer, p, rng.normal(0, 1, (shape.kv_heads, shape.head_dim)),
+    bases = [program.manifest["kv"]["layers"][str(layer)]["kv_base"] for layer in range(shape.layers)]
+    entries = [(base, p, rng.normal(0, 1, (shape.kv_heads, shape.head_dim)),
                 rng.normal(0, 1, (shape.kv_heads, shape.head_dim)))
-               for layer in range(shape.layers) for p in range(positions)]
+               for base in bases for p in range(positions)]
     code, records = write_kv_program(program, entries, len(program.image))
     end = max([a + nx.vector_record_size(len(m)) for a, m, _ in records] or [len(program.image)])
     if end > program.config.dram_bytes:
