@@ -449,7 +449,7 @@ class RtlProcess:
             hello = self._stream.readline().split()
             if not hello or hello[0] != b"ready":
                 raise RtlProcessError(f"the RTL simulator did not start: {_log_tail(self._tmp)}")
-            self._request("init", self.prog_base, watchdog, len(COUNTERS))
+            self._request("init", self.prog_base, self.watchdog, len(COUNTERS))
         except BaseException:
             self.close()
             raise
