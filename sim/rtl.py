@@ -201,18 +201,6 @@ def _try_decode(word: bytes):
         return None
 
 
-def session_watchdog(config: OverlayConfig, instrs, watchdog: int = WATCHDOG_CYCLES) -> int:
-    """The watchdog of a session's process: at least *watchdog*, and above twice the longest ATTN of *instrs* at the
-    full KV capacity. An attention engine busy on one ATTN shows the watchdog no progress (no port beat, no
-    retirement), so a program whose ATTN is the only work in flight (a hybrid step's segment ends with it) would
-    trip a watchdog shorter than that ATTN (tiny, 4 heads of 64 over 64 tokens: 5,063 cycles)."""
-    from kvoverlay import timing
-
-    longest = max((timing.attn_cycles(config, ins.fields["q_heads"], ins.fields["head_dim"], config.kv_capacity)
-                   for ins in instrs if ins is not None and ins.op == "ATTN"), default=0)
-    return max(int(watchdog), 2 * longest) if watchdog else 0
-
-
 def _write_extent(program) -> int:
     """One past the last external-memory byte the program can write."""
     end = 0
@@ -426,9 +414,8 @@ class RtlProcess:
 
         from .rtl_harness import build_harness
 
-        self.model, self.max_cycles = model, max_cycles
+        self.model, self.watchdog, self.max_cycles = model, watchdog, max_cycles
         blob, self.instrs, prog_at, _ = model._prepare(program)
-        self.watchdog = session_watchdog(model.config, self.instrs, watchdog)
         self.prog_base = prog_at // isa.INSN_BYTES
         binary = build_harness(model.config, trace=bool(model.waves))
         self.runs = 0  # program runs the simulator reports since it started

@@ -14,9 +14,10 @@ import pytest
 pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
+from kvoverlay.hw.overlay import QUEUE_DEPTH
 from kvoverlay.sim.coverage import Coverage
 from kvoverlay.sim.golden import ExecError, GoldenModel
-from kvoverlay.sim.rtl import RtlError, RtlModel, build_model
+from kvoverlay.sim.rtl import WATCHDOG_CYCLES, RtlError, RtlModel, build_model
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
@@ -195,6 +196,40 @@ def test_token_deadlock_trips_watchdog_naming_unit(model_dir):
     assert info.value.pc == 1
     assert "compute" in str(info.value) and "stalled" in str(info.value)
 
+
+
+def test_token_deadlock_behind_a_full_queue_trips_watchdog(model_dir):
+    """More instructions behind the stalled one than its queue holds: the front end then waits to dispatch, which is no
+    progress (it once was, and such a deadlock ran to the host's cycle limit)."""
+    program = isa.assemble("\n".join(["LOAD addr=0x100 len=8 dst=0 dst_e=E1", "NOP queue=compute pop_prev",
+                                      *["NOP queue=compute"] * (QUEUE_DEPTH + 2), "END"]))
+    with pytest.raises(RtlError) as info:
+        RtlModel(CFG, bytes(1024)).run(program, watchdog=500, max_cycles=20_000)
+    assert (info.value.code, info.value.unit, info.value.pc) == ("watchdog", "compute", 1)
+
+
+def test_attention_alone_longer_than_the_watchdog(model_dir):
+    """An ATTN with nothing else in flight (a hybrid segment's last: the STORE of its output waits for it) computes
+    from the KV buffer for longer than the default watchdog without a port beat; that work is progress, not a stall
+    (issue 9: tiny's 4 heads of 64 over 64 tokens tripped the watchdog)."""
+    qh, kvh, d, length = 4, 2, 64, CFG.kv_capacity
+    attn = isa.Instr("ATTN", {"q": 0, "q_e": 1, "dst": 512, "dst_e": 4, "kv_base": 0, "q_heads": qh, "kv_heads": kvh,
+                              "head_dim": d, "len_reg": 0, "len_imm": length, "stats": 100})
+    assert hw_unit_cycles(CFG, attn, length) > WATCHDOG_CYCLES
+    rng = np.random.default_rng(9)
+    img = _Image(1 << 16)
+    lines = [f"LOAD addr={img.put(nx.pack_vector_record(rng.integers(-30000, 30000, n), exp)):#x} len={n} dst={dst} "
+             f"dst_e=E{e}" for n, dst, e, exp in ((qh * d, 0, 1, -13), (kvh * d, 256, 2, -12), (kvh * d, 384, 3, -11))]
+    lines[-1] += " push_next"
+    lines += [f"KVAPPEND k=256 k_e=E2 v=384 v_e=E3 kv_base=0 heads={kvh} head_dim={d} pos_reg=R0 pos_imm=0 pop_prev",
+              isa.format_instr(isa.Instr(attn.op, attn.fields, frozenset({"push_next"}))),
+              f"STORE src=512 src_e=E4 len={qh * d} addr=0x8000 pop_prev", f"STACC acc=100 len={2 * qh} addr=0x8400",
+              "END"]
+    program = isa.assemble("\n".join(lines))
+    gold, _, rtl, counters = run_both(program, bytes(img.data))
+    assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
+    assert rtl.eregs == gold.eregs
+    assert counters.busy["compute"] == sum(hw_unit_cycles(CFG, i, length) for i in program if i.queue == "compute")
 
 @pytest.mark.parametrize("text, pc, fault", [
     ("NOP queue=compute\nVADD a=3 b=0 dst=0 len=4\nEND", 1, "unaligned"),
