@@ -98,10 +98,13 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=No
             for piece in gen.text_stream():
                 on_text(piece)
         res = gen.result()
+        steps = [step_placement(session, st) for st in gen.steps]
         out = {"backend": session.backend_name, "tokens": res.tokens, "prompt_tokens": len(prompt),
                **decode_stats(session, res), "wall_s": round(res.wall_s, 3), "finish_reason": res.finish_reason,
-               "placement": session.program.manifest.get("placement", {}),
-               "step_placement": [step_placement(session, st) for st in gen.steps]}
+               # the compile's op placement (host, overlay) and where the last step ran: its KV on chip and
+               # offloaded, the layers and heads offloaded, the ops off the overlay, the device
+               "placement": {**session.program.manifest.get("placement", {}), **(steps[-1] if steps else {})},
+               "step_placement": steps}
         if sampling.get("temperature"):
             out["sampling"] = sampling
         if hasattr(session.backend, "sim_cycles_per_s"):

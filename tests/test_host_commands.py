@@ -319,6 +319,9 @@ def test_run_offload_device_none_refuses_what_needs_offload(demo, tmp_path):
     p = json.loads(res.stdout)["step_placement"]
     assert [s["kv_offloaded_tokens"] for s in p] == [0, 0, 0, 0, 1, 2]  # chose tokens at positions 5..10
     assert p[-1]["kv_on_chip_tokens"] == 8 and p[-1]["device"] == "cpu" and p[-1]["layers_offloaded"] == [0, 1]
+    # the run's placement: the compile's op placement and where its last step ran
+    placed = json.loads(res.stdout)["placement"]
+    assert placed["host"] == [] and placed["kv_offloaded_tokens"] == 2 and placed["heads_offloaded"] > 0
 
 
 @pytest.mark.parametrize("name", ["int4", "int4-sym", "int4-asym"])
