@@ -296,8 +296,8 @@ HYBRID_NEW = 16
 @pytest.mark.parametrize("layers, head_dim, on_device", [
     (2, 16, []),
     (33, 16, [32]),
-    # heads of 64: the split variant's first segment ends in an ATTN (5,064 cycles over 64 tokens) with nothing else
-    # in flight, longer than the 4,096-cycle watchdog
+    # heads of 64: past the buffer a segment ends in an ATTN of 5,063 cycles with nothing else in flight, longer than
+    # the default watchdog (test_hw_overlay.py::test_attention_alone_longer_than_the_watchdog)
     (2, 64, []),
 ], ids=["llama", "llama-beyond-the-pool", "llama-heads-of-64"])
 def test_hybrid_attention_on_rtl(rtl_model, layers, head_dim, on_device):
