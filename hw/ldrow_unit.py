@@ -7,7 +7,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
 from .dram import dram_port, request_burst
@@ -93,6 +93,8 @@ class LdrowUnit(wiring.Component):
         m.d.sync += [wsel.eq(wbit[:lpb + 3]), ssel.eq(sbit[:lpb + 3])]
         # weights start on nibble boundaries and scales on halfword ones: a 64-way (and a 16-way) select of the
         # word instead of 256-way bit shifters
+        # (timing.LDROW_READ_LATENCY: the selected weight and scale are registered, then the product, so that the
+        # block RAM's output, the multiplier and the requantizer each have a cycle of their own)
         nib = Cat(rw.data, Const(0, 12))
         raw = Signal(16, name="ldrow_weight_raw")
         m.d.comb += raw.eq(Array(nib[4 * i: 4 * i + 16] for i in range(cfg.port_bits // 4))[wsel[2:]])
@@ -100,12 +102,13 @@ class LdrowUnit(wiring.Component):
         with m.Switch(ins.fmt):
             for code, fmt in enumerate(isa.ENUMS["fmt"]):
                 with m.Case(code):
-                    m.d.comb += q.eq(raw[:nx.WEIGHT_FORMATS[fmt]].as_signed())
+                    m.d.sync += q.eq(raw[:nx.WEIGHT_FORMATS[fmt]].as_signed())
         scale = Signal(16, name="ldrow_scale")
-        m.d.comb += scale.eq(rs.data.word_select(ssel[4:], 16))
-        value = Signal(signed(len(q) + len(scale) + 2), name="ldrow_value")
-        m.d.comb += value.eq(q * scale)
-        rq = add_requantizer(m, self, len(value), length=n, exp=ins.sexp, dst=ins.dst >> llanes)
+        m.d.sync += scale.eq(rs.data.word_select(ssel[4:], 16))
+        value = Signal(signed(len(q) + len(scale) + 1), name="ldrow_value")
+        m.d.sync += value.eq(q * scale)
+        rq = add_requantizer(m, self, len(value), length=n, exp=ins.sexp, dst=ins.dst >> llanes,
+                             latency=timing.LDROW_READ_LATENCY, registered=True)
         m.d.comb += [k.eq(rq.index), rq.value.eq(value)]
 
         with seq.fsm("CHECK"):

@@ -20,8 +20,13 @@ DISPATCH_CYCLES = 1
 # ---------------------------------------------------------------- memory units
 #: LOAD: busy cycles besides one per beat: check, request, memory latency (hw/dram_model.v), final write.
 LOAD_OVERHEAD = 6
-#: LDROW: besides the row's beats and two per element: check, address, request, latency, passes, exponent.
-LDROW_OVERHEAD = 11
+#: LDROW: cycles from the requantizer's read of an element to its product: the row buffer's read, the selected
+#: weight and scale registered, the product registered (hw/ldrow_unit.py).
+LDROW_READ_LATENCY = 3
+#: LDROW: besides the row's beats and two per element: check, address, request, latency, passes, exponent; each
+#: pass waits ``LDROW_READ_LATENCY - 1`` cycles more for the last product, and the round pass one more for the
+#: register between its round-shift and its clip (11 with neither).
+LDROW_OVERHEAD = 11 + 2 * (LDROW_READ_LATENCY - 1) + 1
 #: STORE: besides the beats: check, request, one buffer read per four beats, done.
 STORE_OVERHEAD = 3
 #: STACC: besides two per accumulator word: check, request, one per beat sent, done.
