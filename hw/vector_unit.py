@@ -88,7 +88,7 @@ CMD_LAYOUT = data.UnionLayout({name: LAYOUTS[name] for name in OPS})
 PIPE_DEPTH = timing.VECTOR_PIPE_DEPTH
 #: Left shifts of eps beyond this are folded into the exponent: the mean square (< 2**63)
 #: then only touches bits that numerics.scalar rounds away.
-_EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
+_EPS_SHIFT_CAP = timing.NORM_EPS_SHIFT_CAP
 #: Bits of the alignment guard (numerics.align_sum).
 _GUARD = nx.ALIGN_GUARD
 _GATE_BITS = nx.GATE_ONE.bit_length() - 1
@@ -471,7 +471,7 @@ class NormScalar(wiring.Component):
         layer = f.kind == isa.ENUMS["norm"].index("layer")
         ss = Signal(nw["sq"], name="norm_ss")
         ms = Signal(nw["ms_div"], name="norm_mean_sq")
-        total = Signal(16 + _EPS_SHIFT_CAP + 1, name="norm_total")
+        total = Signal(timing.NORM_TOTAL_BITS, name="norm_total")
         total_exp = Signal(EXP_WIDE, name="norm_total_exp")
         sc_m = Signal(nx.SCALAR_BITS + 2, name="norm_scalar_m")
         sc_e = Signal(EXP_WIDE, name="norm_scalar_e")
@@ -488,11 +488,19 @@ class NormScalar(wiring.Component):
                          total_exp_next.eq(base + eps_shift - _EPS_SHIFT_CAP)]
         with m.Else():
             m.d.comb += [total_next.eq(ms + Mux(f.eps_m != 0, eps_al, 0)), total_exp_next.eq(base)]
-        tot_len = bit_length(m, total, "norm_total_bits")
+        # numerics.scalar, staged (timing.NORM_SCALAR_STEPS): while the total is wider than the window, it moves
+        # right by a step. The steps never pass bit s - 1 of the round-shift by s = bitlen - SCALAR_BITS (each is
+        # taken at a bit length of window + 1 or more, and leaves SCALAR_BITS + 1 or more), and a round half up only
+        # reads the bits from s - 1 up: round_shift(t >> a, s - a) == round_shift(t, s). The last round-shift then
+        # moves a window-wide value by at most one step
+        step = timing.NORM_SCALAR_STEP
+        window = nx.SCALAR_BITS + step
+        steps = Signal(range(timing.NORM_SCALAR_STEPS + 1), name="norm_scalar_steps")
+        tot_len = bit_length(m, total[:window], "norm_total_bits")
         sc_shift = Signal(signed(len(tot_len) + 2), name="norm_scalar_shift")
         m.d.comb += sc_shift.eq(tot_len - nx.SCALAR_BITS)
-        sc_round = round_shift_expr(m, Cat(total, Const(0, 1)).as_signed(), sc_shift,
-                                    len(total), nx.SCALAR_BITS, "norm_scalar_round")
+        sc_round = round_shift_expr(m, Cat(total[:window], Const(0, 1)).as_signed(), sc_shift,
+                                    step, nx.SCALAR_BITS, "norm_scalar_round", out_bits=len(sc_m))
         sc_exp = Signal(EXP_WIDE, name="norm_scalar_exp")
         m.d.comb += sc_exp.eq(total_exp + sc_shift)
         sum_mag = Signal(nw["sum"], name="norm_sum_mag")
@@ -553,9 +561,16 @@ class NormScalar(wiring.Component):
             divide("MS", Mux(layer, ss, stat_sq) << nx.NORM_MS_FRAC, n, nw["ms_div"],
                    then("EPS", ms.eq(div.quotient)))
             with m.State("EPS"):
-                m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next)]
-                m.next = "SCALAR"
-            with m.State("SCALAR"):  # numerics.scalar, then make the exponent even
+                m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next),
+                             steps.eq(0)]
+                m.next = "SCALAR_STEPS"
+            with m.State("SCALAR_STEPS"):
+                with m.If(total[window:].any()):
+                    m.d.sync += [total.eq(total >> step), total_exp.eq(total_exp + step)]
+                m.d.sync += steps.eq(steps + 1)
+                with m.If(steps == timing.NORM_SCALAR_STEPS - 1):
+                    m.next = "SCALAR"
+            with m.State("SCALAR"):  # the last round-shift of numerics.scalar, then make the exponent even
                 with m.If(sc_exp[0]):
                     m.d.sync += [sc_m.eq(sc_round << 1), sc_e.eq(sc_exp - 1)]
                 with m.Else():
@@ -728,10 +743,12 @@ class Rope(wiring.Component):
             m.d.sync += [s2_kind.eq(s1_kind), s2_xa.eq(x_a), s2_xb.eq(x_b), s2_c.eq(s1_va), s2_s.eq(s1_vb),
                          s2_out_a.eq(s1_out_a), s2_out_b.eq(s1_out_b)]
         ex, ec, es = self.exp_x, self.exp_cos, self.exp_sin
-        shift_c = Signal(EXP_WIDE, name="shift_cos")
-        shift_s = Signal(EXP_WIDE, name="shift_sin")
-        m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD),
-                     shift_c.eq(ex + ec - self.exp), shift_s.eq(ex + es - self.exp)]
+        # as VADD's alignment: the product with the larger exponent moves left by GUARD bits (wiring), the other one
+        # by GUARD - |ec - es| (right when that is negative), so one shifter serves both terms
+        cos_big = Signal(name="cos_big")
+        shift_small = Signal(EXP_WIDE, name="shift_small")
+        m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD), cos_big.eq(ec >= es),
+                     shift_small.eq(Mux(cos_big, ec - es, es - ec) - _GUARD)]
         # a pair arrives every other cycle, so one pair of multipliers and shifters serves both results: y_a =
         # xa * cos - xb * sin in the pair's first cycle, y_b = xb * cos + xa * sin in the next (the S2 registers
         # still hold the pair then)
@@ -741,11 +758,15 @@ class Rope(wiring.Component):
         q = Signal(LANE, name="rope_q")
         m.d.comb += [p.eq(Mux(second, s2_xb, s2_xa)), q.eq(Mux(second, s2_xa, s2_xb))]
         q_sin = Signal(signed(32), name="rope_q_sin")
-        m.d.comb += q_sin.eq(q * s2_s)
-        t_cos = round_shift_expr(m, p * s2_c, -shift_c, 32, _GUARD, "p_cos")
-        t_sin = round_shift_expr(m, Mux(second, q_sin, -q_sin), -shift_s, 32, _GUARD, "q_sin")
+        p_cos = Signal(signed(32), name="rope_p_cos")
+        t_sin = Signal(signed(33), name="rope_t_sin")
+        m.d.comb += [q_sin.eq(q * s2_s), p_cos.eq(p * s2_c), t_sin.eq(Mux(second, q_sin, -q_sin))]
+        big = Signal(signed(33), name="rope_big")
+        small = Signal(signed(33), name="rope_small")
+        m.d.comb += [big.eq(Mux(cos_big, p_cos, t_sin)), small.eq(Mux(cos_big, t_sin, p_cos))]
+        aligned = round_shift_expr(m, small, shift_small, 32, _GUARD, "rope_aligned")
         y = Signal(signed(WIDE_BITS), name="rope_y")
-        m.d.comb += y.eq(t_cos + t_sin)
+        m.d.comb += y.eq((big << _GUARD) + aligned)
         out = self.wide.payload
         m.d.comb += self.wide.valid.eq(s2_valid | second)
         # (constant members are set under a condition: Verilator never runs an always block that reads nothing)
