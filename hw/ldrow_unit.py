@@ -70,6 +70,8 @@ class LdrowUnit(wiring.Component):
         m.d.comb += row.eq(self.reg_r.data.as_signed() + ins.row_imm)
         row_latched = Signal(len(row) - 1, name="ldrow_row_index")
         req_addr = Signal(len(row_latched) + len(stride_words), name="ldrow_word_addr")
+        # the row geometry is latched with the row, so that ADDRESS's product starts from registers
+        stride_latched = Signal.like(stride_words, name="ldrow_row_words_latched")
         byte_addr = Signal(len(ins.addr) + log2_exact(isa.DRAM_UNIT), name="ldrow_byte_addr")
         m.d.comb += byte_addr.eq(ins.addr * isa.DRAM_UNIT)
 
@@ -113,7 +115,7 @@ class LdrowUnit(wiring.Component):
 
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
-                m.d.sync += [row_latched.eq(row), beat.eq(0)]
+                m.d.sync += [row_latched.eq(row), stride_latched.eq(stride_words), beat.eq(0)]
                 # uint4 has no zero-point datapath here: tables are never uint4 (the golden model refuses it too)
                 with seq.check((~row_geo.built | (ins.fmt == isa.ENUMS["fmt"].index("uint4")), Fault.FORMAT),
                                ((n == 0) | (n & ((1 << gl) - 1)).any(), Fault.GROUP),
@@ -122,7 +124,7 @@ class LdrowUnit(wiring.Component):
                                (ins.dst + n > cfg.act_buffer_words, Fault.OUT_OF_RANGE)):
                     m.next = "ADDRESS"
             with m.State("ADDRESS"):
-                m.d.sync += req_addr.eq((byte_addr >> lpb) + row_latched * stride_words)
+                m.d.sync += req_addr.eq((byte_addr >> lpb) + row_latched * stride_latched)
                 m.next = "RANGE"
             with m.State("RANGE"), seq.check(((req_addr + stride_words) << lpb > cfg.dram_bytes, Fault.OUT_OF_RANGE)):
                 m.next = "REQUEST"

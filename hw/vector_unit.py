@@ -156,6 +156,11 @@ def wide_layout(config) -> data.StructLayout:
                               "addr": range(config.act_buffer_words), "single": 1})
 
 
+def _chunk_select(config):
+    """Shape of a chunk's index within an activation-buffer word (one bit when a word holds a single chunk)."""
+    return unsigned(max(1, log2_exact(abuf_lanes(config) // config.vector_lanes)))
+
+
 def _pipe(layout) -> stream.Signature:
     """The output of a pipeline stage: valid and payload, never stalled."""
     return stream.Signature(layout, always_ready=True)
@@ -242,8 +247,13 @@ class ChunkIssue(wiring.Component):
     src_a, src_b, length : In(16)
         Element addresses of the sources (buffer-word aligned) and the element count (at least 1).
     rd_a, rd_b : Out(abuf_read(config))
-    early_a : Out(ArrayLayout(signed(16), vector_lanes))
-        Port A's lanes at S1, a cycle ahead of ``chunk``, for the gate table's synchronous ROM.
+    early_a, early_b : Out(ArrayLayout(signed(16), vector_lanes))
+        The ports' lanes at S1, a cycle ahead of ``chunk``: port A's for the gate table's synchronous ROM, both for
+        :class:`Rope`, which picks its elements from them.
+    ext_select : In(1)
+        S1 selects chunks ``ext_chunk_a`` and ``ext_chunk_b`` of the returned words instead of its own (ROPE's
+        reads), so that the unit has one word-to-chunk select per port.
+    ext_chunk_a, ext_chunk_b : In(range(chunks per buffer word))
     chunk : Out(stream.Signature(chunk_layout(config)))
         The chunks, at S2.
     last : Out(1)
@@ -253,10 +263,12 @@ class ChunkIssue(wiring.Component):
     def __init__(self, config):
         self.config = config
         V = config.vector_lanes
+        sel = _chunk_select(config)
         super().__init__({"start": In(1), "kind": In(Pass), "src_a": In(16), "src_b": In(16), "length": In(16),
                           "rd_a": Out(abuf_read(config)), "rd_b": Out(abuf_read(config)),
-                          "early_a": Out(data.ArrayLayout(LANE, V)), "chunk": Out(_pipe(chunk_layout(config))),
-                          "last": Out(1)})
+                          "early_a": Out(data.ArrayLayout(LANE, V)), "early_b": Out(data.ArrayLayout(LANE, V)),
+                          "ext_select": In(1), "ext_chunk_a": In(sel), "ext_chunk_b": In(sel),
+                          "chunk": Out(_pipe(chunk_layout(config))), "last": Out(1)})
 
     def elaborate(self, platform):
         m = Module()
@@ -288,8 +300,9 @@ class ChunkIssue(wiring.Component):
         s1_valid = Signal(name="s1_valid")
         sel = s1.idx[:lg_g] if lg_g else Const(0, 1)
         m.d.sync += [s1_valid.eq(issue), s1.kind.eq(kind), s1.idx.eq(idx)]
-        m.d.comb += [s1.a.eq(self.rd_a.data.word_select(sel, 16 * V)), s1.b.eq(self.rd_b.data.word_select(sel, 16 * V)),
-                     self.early_a.eq(s1.a)]
+        m.d.comb += [self.early_a.eq(self.rd_a.data.word_select(Mux(self.ext_select, self.ext_chunk_a, sel), 16 * V)),
+                     self.early_b.eq(self.rd_b.data.word_select(Mux(self.ext_select, self.ext_chunk_b, sel), 16 * V)),
+                     s1.a.eq(self.early_a), s1.b.eq(self.early_b)]
         for j in range(V):
             m.d.comb += s1.mask[j].eq((s1.idx * V + j) < self.length)
 
@@ -345,12 +358,25 @@ class Elementwise(wiring.Component):
 
         # VADD: each operand moves left by its exponent above top = max(ea, eb) - GUARD (numerics.align_sum), so the
         # operand with the larger exponent always moves left by GUARD bits, a plain wiring, and only the other one
-        # needs a shifter: by GUARD - |ea - eb|, to the right when that is negative
+        # moves: by t = GUARD - |ea - eb|, to the right (rounding) when that is negative. It moves on the lane
+        # multiplier, which VADD leaves idle: times 2**(t mod GUARD), then t in [0, GUARD) is that product, t == GUARD
+        # the product of 2**(GUARD - 1) moved left by one, t in [-GUARD, 0) the product rounded by GUARD bits (round
+        # half up reads bit GUARD - 1), and t < -GUARD rounds any int16 to 0
         top = Signal(EXP_WIDE, name="add_top")
         b_big = Signal(name="add_b_big")
         shift_small = Signal(EXP_WIDE, name="add_shift_small")
         m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), b_big.eq(eb > ea),
                      shift_small.eq(Mux(b_big, ea, eb) - top)]
+        add_factor = Signal(_GUARD, name="add_factor")
+        add_equal = Signal(name="add_equal_exps")  # t == GUARD
+        add_right = Signal(name="add_right")  # t in [-GUARD, 0)
+        add_zero = Signal(name="add_zero")  # t < -GUARD
+        m.d.comb += [add_equal.eq(shift_small == _GUARD), add_right.eq((shift_small < 0) & (shift_small >= -_GUARD)),
+                     add_zero.eq(shift_small < -_GUARD),
+                     add_factor.eq(Mux(add_equal, 1 << (_GUARD - 1),
+                                       Const(1, _GUARD) << shift_small[:log2_exact(_GUARD)]))]
+        is_vadd = Signal(name="is_vadd")
+        m.d.comb += is_vadd.eq(opcode == _code("VADD"))
         with m.Switch(opcode):
             for name, exp in (("VADD", top), ("VMUL", ea + eb), ("VSCALE", ea + f.VSCALE.imm_e),
                               ("ACT", ea - _GATE_BITS), ("NORM", ea + self.recip_exp + nx.NORM_Z_SHIFT + eb)):
@@ -370,11 +396,12 @@ class Elementwise(wiring.Component):
             big = Signal(LANE, name=f"add_big{j}")
             small = Signal(LANE, name=f"add_small{j}")
             m.d.comb += [big.eq(Mux(b_big, b, a)), small.eq(Mux(b_big, a, b))]
-            aligned = round_shift_expr(m, small, -shift_small, 17, _GUARD, f"add_aligned{j}")
-            # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate: one lane multiplier (16 x 17 bits,
-            # one MULT18X18D) serves all three
+            # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate, VADD its smaller operand by a power of
+            # two: one lane multiplier (16 x 17 bits, one MULT18X18D) serves all four
             factor = Signal(signed(GATE_SHAPE.width + 1), name=f"factor{j}")
             with m.Switch(opcode):
+                with m.Case(_code("VADD")):
+                    m.d.comb += factor.eq(add_factor)
                 with m.Case(_code("VSCALE")):
                     m.d.comb += factor.eq(f.VSCALE.imm_m)
                 with m.Case(_code("ACT")):
@@ -384,7 +411,14 @@ class Elementwise(wiring.Component):
                 with m.Default():
                     m.d.comb += factor.eq(b)
             product = Signal(signed(16 + GATE_SHAPE.width + 1), name=f"product{j}")
-            m.d.comb += [product.eq(a * factor), self.square[j].eq(product)]
+            m.d.comb += [product.eq(Mux(is_vadd, small, a) * factor), self.square[j].eq(product)]
+            aligned = Signal(signed(16 + _GUARD), name=f"add_aligned{j}")
+            with m.If(add_equal):
+                m.d.comb += aligned.eq(product << 1)
+            with m.Elif(add_right):
+                m.d.comb += aligned.eq((product >> _GUARD) + product[_GUARD - 1])
+            with m.Elif(~add_zero):
+                m.d.comb += aligned.eq(product)
             # NORM: x * r in two parts (the lane multiplier takes r's low bits), then z * g with z's top bits in
             # logic: one more MULT18X18D each
             xr_hi = Signal(signed(16 + _RECIP_BITS - _RECIP_SPLIT + 1), name=f"norm_xr_hi{j}")
@@ -648,6 +682,11 @@ class Rope(wiring.Component):
     exp_x, exp_cos, exp_sin : In(EREG_SHAPE)
     start : In(1)
     rd_a, rd_b : Out(abuf_read(config))
+        The word addresses (their data is not read here: :class:`ChunkIssue` selects the chunks).
+    chunk_a, chunk_b : Out(range(chunks per buffer word))
+        The chunks of the returned words that hold the elements read (at S1).
+    lanes_a, lanes_b : In(ArrayLayout(signed(16), vector_lanes))
+        Those chunks (:class:`ChunkIssue`'s ``early_a`` and ``early_b``).
     wide : Out(stream.Signature(wide_layout(config)))
         Rotated elements (``single``), each at its destination address.
     exp : Out(EXP_WIDE)
@@ -658,10 +697,13 @@ class Rope(wiring.Component):
 
     def __init__(self, config):
         self.config = config
+        V = config.vector_lanes
+        sel = _chunk_select(config)
         super().__init__({"insn": In(LAYOUTS["ROPE"]), "exp_x": In(EREG_SHAPE), "exp_cos": In(EREG_SHAPE),
                           "exp_sin": In(EREG_SHAPE), "start": In(1), "rd_a": Out(abuf_read(config)),
-                          "rd_b": Out(abuf_read(config)), "wide": Out(_pipe(wide_layout(config))),
-                          "exp": Out(EXP_WIDE), "last": Out(1)})
+                          "rd_b": Out(abuf_read(config)), "chunk_a": Out(sel), "chunk_b": Out(sel),
+                          "lanes_a": In(data.ArrayLayout(LANE, V)), "lanes_b": In(data.ArrayLayout(LANE, V)),
+                          "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE), "last": Out(1)})
 
     def elaborate(self, platform):
         m = Module()
@@ -725,8 +767,10 @@ class Rope(wiring.Component):
         ]
         s1_va = Signal(LANE, name="s1_va")
         s1_vb = Signal(LANE, name="s1_vb")
-        m.d.comb += [s1_va.eq(self.rd_a.data.word_select(s1_lane_a, 16)),
-                     s1_vb.eq(self.rd_b.data.word_select(s1_lane_b, 16))]
+        lg_v = log2_exact(self.config.vector_lanes)
+        m.d.comb += [self.chunk_a.eq(s1_lane_a[lg_v:]), self.chunk_b.eq(s1_lane_b[lg_v:]),
+                     s1_va.eq(self.lanes_a.as_value().word_select(s1_lane_a[:lg_v], 16) if lg_v else self.lanes_a[0]),
+                     s1_vb.eq(self.lanes_b.as_value().word_select(s1_lane_b[:lg_v], 16) if lg_v else self.lanes_b[0])]
         x_a = Signal(LANE, name="x_a")
         x_b = Signal(LANE, name="x_b")
         with m.If(s1_valid & ~s1_phase):
@@ -884,6 +928,8 @@ class VectorUnit(wiring.Component):
             issue.src_a.eq(dec.src_a), issue.src_b.eq(dec.src_b), issue.length.eq(dec.length),
             elem.insn.eq(insn), elem.exp_a.eq(exps[0]), elem.exp_b.eq(exps[1]), elem.dst.eq(dec.dst),
             elem.early_a.eq(issue.early_a),
+            issue.ext_select.eq(is_rope), issue.ext_chunk_a.eq(rope.chunk_a), issue.ext_chunk_b.eq(rope.chunk_b),
+            rope.lanes_a.eq(issue.early_a), rope.lanes_b.eq(issue.early_b),
             elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
             scalar.insn.eq(insn.NORM), scalar.exp_x.eq(exps[0]), scalar.square.eq(elem.square),
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
@@ -892,10 +938,9 @@ class VectorUnit(wiring.Component):
         for sink in (elem, scalar, argmax):
             wiring.connect(m, issue.chunk, sink.chunk)
         wiring.connect(m, wb.abuf_w, wiring.flipped(self.abuf_w))
-        # ROPE reads single elements of its own; the chunk ops read whole chunks
+        # ROPE reads single elements of its own (through the issue stage's chunk select); the chunk ops read chunks
         for port, chunks, pairs in ((self.abuf_r_a, issue.rd_a, rope.rd_a), (self.abuf_r_b, issue.rd_b, rope.rd_b)):
-            m.d.comb += [port.addr.eq(Mux(is_rope, pairs.addr, chunks.addr)), port.en.eq(1),
-                         chunks.data.eq(port.data), pairs.data.eq(port.data)]
+            m.d.comb += [port.addr.eq(Mux(is_rope, pairs.addr, chunks.addr)), port.en.eq(1), chunks.data.eq(port.data)]
         with m.If(is_rope):
             m.d.comb += [wb.wide.valid.eq(rope.wide.valid), wb.wide.payload.eq(rope.wide.payload)]
         with m.Else():

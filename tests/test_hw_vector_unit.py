@@ -434,6 +434,29 @@ def test_other_lane_geometries_in_amaranth_sim(changes):
         _check(case, res, cfg)
 
 
+def test_vadd_alignment_in_amaranth_sim():
+    """VADD's smaller operand aligned on the lane multiplier, at every exponent distance that selects a different
+    path (equal exponents, left by up to GUARD - 1, right by 1 to GUARD with round-half-up ties, beyond), either
+    operand the smaller."""
+    rng = np.random.default_rng(12)
+    cases = []
+    for i, d in enumerate([0, 1, 2, 15, 16, 17, 18, 31, 32, 33, 34, 40, 100]):
+        for a_small in (False, True):
+            ea = int(rng.integers(-30, 0))
+            eb = ea - d if not a_small else ea + d
+            n = [5, 8][i % 2]
+            va, vb = _vec(rng, n), _vec(rng, n)
+            if i % 3 == 0:  # halves: ties of the right shift
+                vb[: n // 2] = -(1 << 14) + np.arange(n // 2) * (1 << 13)
+                va[: n // 2] = -(1 << 14) + np.arange(n // 2) * (1 << 13)
+            if i % 2 == 0:  # the larger operand 0: the sum is the aligned operand alone, normalized from its last bit
+                (vb if a_small else va)[:] = 0
+            fields = {"a": 0, "a_e": 1, "b": 4 * L, "b_e": 2, "dst": 8 * L, "dst_e": 3, "len": n}
+            cases.append(Case(rng, "VADD", fields, [(0, va), (4 * L, vb)], {1: ea, 2: eb}, f"VADD-d{d}-{a_small}"))
+    for case, res in zip(cases, _amaranth_sim(CFG, cases)):
+        _check(case, res)
+
+
 def test_norm_eps_shifts_in_amaranth_sim():
     """NORM's eps aligned by -40 to 180 bits against the mean square (numerics computes it exactly): the staged
     scalar rounding around its window (total bit lengths near SCALAR_BITS + k * NORM_SCALAR_STEP) and eps shifts
