@@ -448,8 +448,8 @@ class NormScalar(wiring.Component):
     :func:`~kvoverlay.numerics.norm` and :func:`~kvoverlay.numerics.rsqrt` on a restoring
     :class:`~hw.divider.Divider` and an :class:`~hw.isqrt.Isqrt`: LayerNorm's
     ``ss = (n * Q - S * S) // n``, the mean square ``(ss << NORM_MS_FRAC) // n``, eps added, rounded
-    to ``SCALAR_BITS`` (exponent made even), the root, ``r = 2**RSQRT_NUM // root``, and for
-    LayerNorm ``d = floor(-S * r / n)``.
+    to ``SCALAR_BITS`` (in :data:`~kvoverlay.timing.NORM_SCALAR_STEPS` coarse steps and one narrow round-shift;
+    exponent made even), the root, ``r = 2**RSQRT_NUM // root``, and for LayerNorm ``d = floor(-S * r / n)``.
 
     Attributes
     ----------
