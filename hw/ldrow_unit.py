@@ -26,8 +26,11 @@ class LdrowUnit(wiring.Component):
     The row index is ``R[row_reg] + row_imm``; the record (numerics.pack_rows) is read into a local buffer of
     port words. Each element's weight and its group scale are read from the buffer (two read ports) and
     multiplied, and the products go through a :class:`~hw.requantizer.Requantizer` at exponent ``sexp`` (the
-    REQ unit's, so both round exactly like numerics.normalize). Faults: format not built, ``cols`` not a positive multiple of
-    the group, negative row, unaligned destination or address, ranges past the buffers or memory.
+    REQ unit's, so both round exactly like numerics.normalize). The selected weight and scale, and the product,
+    are registered (:data:`~kvoverlay.timing.LDROW_READ_LATENCY`), and the requantizer registers its round-shift,
+    so that no cycle chains the block RAM's output, the multiplier and the rounding. Faults: format not built,
+    ``cols`` not a positive multiple of the group, negative row, unaligned destination or address, ranges past the
+    buffers or memory.
 
     Parameters
     ----------
