@@ -7,7 +7,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
 from .dram import dram_port, request_burst
@@ -26,8 +26,11 @@ class LdrowUnit(wiring.Component):
     The row index is ``R[row_reg] + row_imm``; the record (numerics.pack_rows) is read into a local buffer of
     port words. Each element's weight and its group scale are read from the buffer (two read ports) and
     multiplied, and the products go through a :class:`~hw.requantizer.Requantizer` at exponent ``sexp`` (the
-    REQ unit's, so both round exactly like numerics.normalize). Faults: format not built, ``cols`` not a positive multiple of
-    the group, negative row, unaligned destination or address, ranges past the buffers or memory.
+    REQ unit's, so both round exactly like numerics.normalize). The selected weight and scale, and the product,
+    are registered (:data:`~kvoverlay.timing.LDROW_READ_LATENCY`), and the requantizer registers its round-shift,
+    so that no cycle chains the block RAM's output, the multiplier and the rounding. Faults: format not built,
+    ``cols`` not a positive multiple of the group, negative row, unaligned destination or address, ranges past the
+    buffers or memory.
 
     Parameters
     ----------
@@ -70,6 +73,8 @@ class LdrowUnit(wiring.Component):
         m.d.comb += row.eq(self.reg_r.data.as_signed() + ins.row_imm)
         row_latched = Signal(len(row) - 1, name="ldrow_row_index")
         req_addr = Signal(len(row_latched) + len(stride_words), name="ldrow_word_addr")
+        # the row geometry is latched with the row, so that ADDRESS's product starts from registers
+        stride_latched = Signal.like(stride_words, name="ldrow_row_words_latched")
         byte_addr = Signal(len(ins.addr) + log2_exact(isa.DRAM_UNIT), name="ldrow_byte_addr")
         m.d.comb += byte_addr.eq(ins.addr * isa.DRAM_UNIT)
 
@@ -93,6 +98,8 @@ class LdrowUnit(wiring.Component):
         m.d.sync += [wsel.eq(wbit[:lpb + 3]), ssel.eq(sbit[:lpb + 3])]
         # weights start on nibble boundaries and scales on halfword ones: a 64-way (and a 16-way) select of the
         # word instead of 256-way bit shifters
+        # (timing.LDROW_READ_LATENCY: the selected weight and scale are registered, then the product, so that the
+        # block RAM's output, the multiplier and the requantizer each have a cycle of their own)
         nib = Cat(rw.data, Const(0, 12))
         raw = Signal(16, name="ldrow_weight_raw")
         m.d.comb += raw.eq(Array(nib[4 * i: 4 * i + 16] for i in range(cfg.port_bits // 4))[wsel[2:]])
@@ -100,17 +107,18 @@ class LdrowUnit(wiring.Component):
         with m.Switch(ins.fmt):
             for code, fmt in enumerate(isa.ENUMS["fmt"]):
                 with m.Case(code):
-                    m.d.comb += q.eq(raw[:nx.WEIGHT_FORMATS[fmt]].as_signed())
+                    m.d.sync += q.eq(raw[:nx.WEIGHT_FORMATS[fmt]].as_signed())
         scale = Signal(16, name="ldrow_scale")
-        m.d.comb += scale.eq(rs.data.word_select(ssel[4:], 16))
-        value = Signal(signed(len(q) + len(scale) + 2), name="ldrow_value")
-        m.d.comb += value.eq(q * scale)
-        rq = add_requantizer(m, self, len(value), length=n, exp=ins.sexp, dst=ins.dst >> llanes)
+        m.d.sync += scale.eq(rs.data.word_select(ssel[4:], 16))
+        value = Signal(signed(len(q) + len(scale) + 1), name="ldrow_value")
+        m.d.sync += value.eq(q * scale)
+        rq = add_requantizer(m, self, len(value), length=n, exp=ins.sexp, dst=ins.dst >> llanes,
+                             latency=timing.LDROW_READ_LATENCY, registered=True)
         m.d.comb += [k.eq(rq.index), rq.value.eq(value)]
 
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
-                m.d.sync += [row_latched.eq(row), beat.eq(0)]
+                m.d.sync += [row_latched.eq(row), stride_latched.eq(stride_words), beat.eq(0)]
                 # uint4 has no zero-point datapath here: tables are never uint4 (the golden model refuses it too)
                 with seq.check((~row_geo.built | (ins.fmt == isa.ENUMS["fmt"].index("uint4")), Fault.FORMAT),
                                ((n == 0) | (n & ((1 << gl) - 1)).any(), Fault.GROUP),
@@ -119,7 +127,7 @@ class LdrowUnit(wiring.Component):
                                (ins.dst + n > cfg.act_buffer_words, Fault.OUT_OF_RANGE)):
                     m.next = "ADDRESS"
             with m.State("ADDRESS"):
-                m.d.sync += req_addr.eq((byte_addr >> lpb) + row_latched * stride_words)
+                m.d.sync += req_addr.eq((byte_addr >> lpb) + row_latched * stride_latched)
                 m.next = "RANGE"
             with m.State("RANGE"), seq.check(((req_addr + stride_words) << lpb > cfg.dram_bytes, Fault.OUT_OF_RANGE)):
                 m.next = "REQUEST"

@@ -90,17 +90,33 @@ class GateLut(wiring.Component):
         m.d.comb += shift.eq(-(self.exp + nx.ACT_FRAC))
         func_bits = max(1, math.ceil(math.log2(len(self.tables))))
         assert segs == 1 << _IDX_BITS
+        # A right shift leaves |xf| <= 2**15 < _LIMIT, inside the table. A left shift by ls leaves the table when
+        # x >= ceil(_LIMIT / 2**ls) (above) or x < -_LIMIT / 2**ls (below): two thresholds that depend on the
+        # exponent alone, shared by the lanes, so each lane shifts only the bits of a position inside the table
+        ls = Signal(range(_SHIFT_CAP + 1), name="left_shift")
+        above = Signal(range(_LIMIT + 1), name="above_from")
+        below = Signal(range(_LIMIT + 1), name="below_under")
+        m.d.comb += ls.eq(Mux(shift < -_SHIFT_CAP, _SHIFT_CAP, Mux(shift < 0, -shift, 0)))
+        with m.Switch(ls):
+            for k in range(_SHIFT_CAP + 1):
+                with m.Case(k):
+                    m.d.comb += [above.eq(max(1, _LIMIT >> k)), below.eq(_LIMIT >> k)]
+        pos_bits = (2 * _LIMIT - 1).bit_length()
         for i in range(self.lanes):
-            xf = round_shift_expr(m, self.x[i], shift, _SHIFT_CAP, _SHIFT_CAP, f"x_fixed{i}")
+            x = self.x[i]
+            xf = round_shift_expr(m, x, shift, _SHIFT_CAP, _SHIFT_CAP, f"x_fixed{i}", out_bits=pos_bits)
+            top = Signal(name=f"table_above{i}")
+            bottom = Signal(name=f"table_below{i}")
+            m.d.comb += [top.eq((ls != 0) & (x >= above)), bottom.eq((ls != 0) & (x < -below))]
             pos = Signal(range(2 * _LIMIT), name=f"table_pos{i}")
-            m.d.comb += pos.eq(Mux(xf < -_LIMIT, 0, Mux(xf >= _LIMIT, 2 * _LIMIT - 1, xf + _LIMIT)))
+            m.d.comb += pos.eq(Mux(bottom, 0, Mux(top, 2 * _LIMIT - 1, xf + _LIMIT)))
             port = rom.read_port()
             m.d.comb += port.addr.eq(Cat(pos[_SEG_BITS:], self.func[:func_bits]))
             frac = Signal(_SEG_BITS, name=f"seg_frac{i}")
-            top = Signal(name=f"gate_saturated{i}")
-            m.d.sync += [frac.eq(pos[:_SEG_BITS]), top.eq(xf >= _LIMIT)]
+            saturated = Signal(name=f"gate_saturated{i}")
+            m.d.sync += [frac.eq(pos[:_SEG_BITS]), saturated.eq(top)]
             step = Signal(signed(self.rom_layout["slope"].shape.width + _SEG_BITS + 1), name=f"gate_step{i}")
             # slope * frac in logic: a 7-bit factor is no use of a MULT18X18D
             m.d.comb += step.eq((narrow_times(frac, port.data.slope) + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
-            m.d.comb += self.gate[i].eq(Mux(top, nx.GATE_ONE, port.data.base + step))
+            m.d.comb += self.gate[i].eq(Mux(saturated, nx.GATE_ONE, port.data.base + step))
         return m

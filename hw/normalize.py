@@ -119,7 +119,7 @@ def peak_exponent(m: Module, peak, exp_in, name: str, *, peak_len=None) -> PeakE
 
 
 def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None = None,
-             bounded: bool = False) -> Signal:
+             bounded: bool = False, registered: bool = False) -> Signal:
     """One lane of the round phase of ``numerics.normalize``: *value* round-shifted by *shift*, clipped to
     +-``MANT_MAX``, then round-shifted by *underflow* where that is positive.
 
@@ -127,22 +127,33 @@ def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None 
     rounding wraps at that many bits (see :func:`round_shift_expr`). *bounded* promises ``|value| <= peak`` (the
     value was one of those the peak was taken over): then ``|value| < 2**(shift + MANT_BITS)``, the rounded value
     is at most ``2**MANT_BITS`` in magnitude, and the round-shift only builds :data:`_BOUNDED_BITS` result bits.
-    Returns a :data:`MANT_SHAPE` signal.
+    *registered* puts a register between the round-shift and the clip (the result then comes one cycle after
+    *value*; *underflow* must hold for that cycle too). Returns a :data:`MANT_SHAPE` signal.
     """
     rcap = len(Value.cast(value)) if wrap is None else wrap - 1
     scaled = round_shift_expr(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", wrap=wrap,
                               out_bits=_BOUNDED_BITS if bounded else None)
+    if registered:
+        held = Signal.like(scaled, name=f"{name}_scaled_reg")
+        m.d.sync += held.eq(scaled)
+        scaled = held
     clipped = Signal(MANT_SHAPE, name=f"{name}_clipped")
     m.d.comb += clipped.eq(Mux(scaled > nx.MANT_MAX, nx.MANT_MAX, Mux(scaled < -nx.MANT_MAX, -nx.MANT_MAX, scaled)))
     return round_shift_expr(m, clipped, underflow, _UNDERFLOW_CAP, 0, name)
 
 
-def scalar_mantissa(m: Module, value, shift, under, prefix: str, *, bounded: bool = False) -> Signal:
+def scalar_mantissa(m: Module, value, shift, under, prefix: str, *, bounded: bool = False,
+                    registered: bool = False) -> Signal:
     """:func:`mantissa` of one int64 value, wrapping as numpy's int64 does: the lane of the units that normalize
     one element per cycle (REQ, LDROW). *under* may be negative (no underflow); signal names start with *prefix*.
-    *bounded* as for :func:`mantissa`; it holds under the wrap too (a rounding add wraps only for a 63-bit peak,
-    whose shift of 48 leaves at most 2**15)."""
-    return mantissa(m, value, shift, under, f"{prefix}_mantissa", wrap=64, bounded=bounded)
+    *bounded* and *registered* as for :func:`mantissa`; *bounded* holds under the wrap too (a rounding add wraps
+    only for a 63-bit peak, whose shift of 48 leaves at most 2**15).
+
+    A value of at most 63 bits never wraps (its shift is at most ``63 - MANT_BITS``, so the rounding add stays below
+    2**63, and a left shift only applies to values of at most ``MANT_BITS`` bits): it gets the exact, narrower
+    round-shift."""
+    wrap = 64 if len(Value.cast(value)) >= 64 else None
+    return mantissa(m, value, shift, under, f"{prefix}_mantissa", wrap=wrap, bounded=bounded, registered=registered)
 
 
 class Normalizer(wiring.Component):

@@ -88,7 +88,7 @@ CMD_LAYOUT = data.UnionLayout({name: LAYOUTS[name] for name in OPS})
 PIPE_DEPTH = timing.VECTOR_PIPE_DEPTH
 #: Left shifts of eps beyond this are folded into the exponent: the mean square (< 2**63)
 #: then only touches bits that numerics.scalar rounds away.
-_EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
+_EPS_SHIFT_CAP = timing.NORM_EPS_SHIFT_CAP
 #: Bits of the alignment guard (numerics.align_sum).
 _GUARD = nx.ALIGN_GUARD
 _GATE_BITS = nx.GATE_ONE.bit_length() - 1
@@ -154,6 +154,11 @@ def wide_layout(config) -> data.StructLayout:
     V = config.vector_lanes
     return data.StructLayout({"kind": Pass, "wide": data.ArrayLayout(signed(WIDE_BITS), V), "mask": V,
                               "addr": range(config.act_buffer_words), "single": 1})
+
+
+def _chunk_select(config):
+    """Shape of a chunk's index within an activation-buffer word (one bit when a word holds a single chunk)."""
+    return unsigned(max(1, log2_exact(abuf_lanes(config) // config.vector_lanes)))
 
 
 def _pipe(layout) -> stream.Signature:
@@ -242,8 +247,13 @@ class ChunkIssue(wiring.Component):
     src_a, src_b, length : In(16)
         Element addresses of the sources (buffer-word aligned) and the element count (at least 1).
     rd_a, rd_b : Out(abuf_read(config))
-    early_a : Out(ArrayLayout(signed(16), vector_lanes))
-        Port A's lanes at S1, a cycle ahead of ``chunk``, for the gate table's synchronous ROM.
+    early_a, early_b : Out(ArrayLayout(signed(16), vector_lanes))
+        The ports' lanes at S1, a cycle ahead of ``chunk``: port A's for the gate table's synchronous ROM, both for
+        :class:`Rope`, which picks its elements from them.
+    ext_select : In(1)
+        S1 selects chunks ``ext_chunk_a`` and ``ext_chunk_b`` of the returned words instead of its own (ROPE's
+        reads), so that the unit has one word-to-chunk select per port.
+    ext_chunk_a, ext_chunk_b : In(range(chunks per buffer word))
     chunk : Out(stream.Signature(chunk_layout(config)))
         The chunks, at S2.
     last : Out(1)
@@ -253,10 +263,12 @@ class ChunkIssue(wiring.Component):
     def __init__(self, config):
         self.config = config
         V = config.vector_lanes
+        sel = _chunk_select(config)
         super().__init__({"start": In(1), "kind": In(Pass), "src_a": In(16), "src_b": In(16), "length": In(16),
                           "rd_a": Out(abuf_read(config)), "rd_b": Out(abuf_read(config)),
-                          "early_a": Out(data.ArrayLayout(LANE, V)), "chunk": Out(_pipe(chunk_layout(config))),
-                          "last": Out(1)})
+                          "early_a": Out(data.ArrayLayout(LANE, V)), "early_b": Out(data.ArrayLayout(LANE, V)),
+                          "ext_select": In(1), "ext_chunk_a": In(sel), "ext_chunk_b": In(sel),
+                          "chunk": Out(_pipe(chunk_layout(config))), "last": Out(1)})
 
     def elaborate(self, platform):
         m = Module()
@@ -288,8 +300,9 @@ class ChunkIssue(wiring.Component):
         s1_valid = Signal(name="s1_valid")
         sel = s1.idx[:lg_g] if lg_g else Const(0, 1)
         m.d.sync += [s1_valid.eq(issue), s1.kind.eq(kind), s1.idx.eq(idx)]
-        m.d.comb += [s1.a.eq(self.rd_a.data.word_select(sel, 16 * V)), s1.b.eq(self.rd_b.data.word_select(sel, 16 * V)),
-                     self.early_a.eq(s1.a)]
+        m.d.comb += [self.early_a.eq(self.rd_a.data.word_select(Mux(self.ext_select, self.ext_chunk_a, sel), 16 * V)),
+                     self.early_b.eq(self.rd_b.data.word_select(Mux(self.ext_select, self.ext_chunk_b, sel), 16 * V)),
+                     s1.a.eq(self.early_a), s1.b.eq(self.early_b)]
         for j in range(V):
             m.d.comb += s1.mask[j].eq((s1.idx * V + j) < self.length)
 
@@ -345,12 +358,25 @@ class Elementwise(wiring.Component):
 
         # VADD: each operand moves left by its exponent above top = max(ea, eb) - GUARD (numerics.align_sum), so the
         # operand with the larger exponent always moves left by GUARD bits, a plain wiring, and only the other one
-        # needs a shifter: by GUARD - |ea - eb|, to the right when that is negative
+        # moves: by t = GUARD - |ea - eb|, to the right (rounding) when that is negative. It moves on the lane
+        # multiplier, which VADD leaves idle: times 2**(t mod GUARD), then t in [0, GUARD) is that product, t == GUARD
+        # the product of 2**(GUARD - 1) moved left by one, t in [-GUARD, 0) the product rounded by GUARD bits (round
+        # half up reads bit GUARD - 1), and t < -GUARD rounds any int16 to 0
         top = Signal(EXP_WIDE, name="add_top")
         b_big = Signal(name="add_b_big")
         shift_small = Signal(EXP_WIDE, name="add_shift_small")
         m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), b_big.eq(eb > ea),
                      shift_small.eq(Mux(b_big, ea, eb) - top)]
+        add_factor = Signal(_GUARD, name="add_factor")
+        add_equal = Signal(name="add_equal_exps")  # t == GUARD
+        add_right = Signal(name="add_right")  # t in [-GUARD, 0)
+        add_zero = Signal(name="add_zero")  # t < -GUARD
+        m.d.comb += [add_equal.eq(shift_small == _GUARD), add_right.eq((shift_small < 0) & (shift_small >= -_GUARD)),
+                     add_zero.eq(shift_small < -_GUARD),
+                     add_factor.eq(Mux(add_equal, 1 << (_GUARD - 1),
+                                       Const(1, _GUARD) << shift_small[:log2_exact(_GUARD)]))]
+        is_vadd = Signal(name="is_vadd")
+        m.d.comb += is_vadd.eq(opcode == _code("VADD"))
         with m.Switch(opcode):
             for name, exp in (("VADD", top), ("VMUL", ea + eb), ("VSCALE", ea + f.VSCALE.imm_e),
                               ("ACT", ea - _GATE_BITS), ("NORM", ea + self.recip_exp + nx.NORM_Z_SHIFT + eb)):
@@ -370,11 +396,12 @@ class Elementwise(wiring.Component):
             big = Signal(LANE, name=f"add_big{j}")
             small = Signal(LANE, name=f"add_small{j}")
             m.d.comb += [big.eq(Mux(b_big, b, a)), small.eq(Mux(b_big, a, b))]
-            aligned = round_shift_expr(m, small, -shift_small, 17, _GUARD, f"add_aligned{j}")
-            # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate: one lane multiplier (16 x 17 bits,
-            # one MULT18X18D) serves all three
+            # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate, VADD its smaller operand by a power of
+            # two: one lane multiplier (16 x 17 bits, one MULT18X18D) serves all four
             factor = Signal(signed(GATE_SHAPE.width + 1), name=f"factor{j}")
             with m.Switch(opcode):
+                with m.Case(_code("VADD")):
+                    m.d.comb += factor.eq(add_factor)
                 with m.Case(_code("VSCALE")):
                     m.d.comb += factor.eq(f.VSCALE.imm_m)
                 with m.Case(_code("ACT")):
@@ -384,7 +411,14 @@ class Elementwise(wiring.Component):
                 with m.Default():
                     m.d.comb += factor.eq(b)
             product = Signal(signed(16 + GATE_SHAPE.width + 1), name=f"product{j}")
-            m.d.comb += [product.eq(a * factor), self.square[j].eq(product)]
+            m.d.comb += [product.eq(Mux(is_vadd, small, a) * factor), self.square[j].eq(product)]
+            aligned = Signal(signed(16 + _GUARD), name=f"add_aligned{j}")
+            with m.If(add_equal):
+                m.d.comb += aligned.eq(product << 1)
+            with m.Elif(add_right):
+                m.d.comb += aligned.eq((product >> _GUARD) + product[_GUARD - 1])
+            with m.Elif(~add_zero):
+                m.d.comb += aligned.eq(product)
             # NORM: x * r in two parts (the lane multiplier takes r's low bits), then z * g with z's top bits in
             # logic: one more MULT18X18D each
             xr_hi = Signal(signed(16 + _RECIP_BITS - _RECIP_SPLIT + 1), name=f"norm_xr_hi{j}")
@@ -414,8 +448,8 @@ class NormScalar(wiring.Component):
     :func:`~kvoverlay.numerics.norm` and :func:`~kvoverlay.numerics.rsqrt` on a restoring
     :class:`~hw.divider.Divider` and an :class:`~hw.isqrt.Isqrt`: LayerNorm's
     ``ss = (n * Q - S * S) // n``, the mean square ``(ss << NORM_MS_FRAC) // n``, eps added, rounded
-    to ``SCALAR_BITS`` (exponent made even), the root, ``r = 2**RSQRT_NUM // root``, and for
-    LayerNorm ``d = floor(-S * r / n)``.
+    to ``SCALAR_BITS`` (in :data:`~kvoverlay.timing.NORM_SCALAR_STEPS` coarse steps and one narrow round-shift;
+    exponent made even), the root, ``r = 2**RSQRT_NUM // root``, and for LayerNorm ``d = floor(-S * r / n)``.
 
     Attributes
     ----------
@@ -471,7 +505,7 @@ class NormScalar(wiring.Component):
         layer = f.kind == isa.ENUMS["norm"].index("layer")
         ss = Signal(nw["sq"], name="norm_ss")
         ms = Signal(nw["ms_div"], name="norm_mean_sq")
-        total = Signal(16 + _EPS_SHIFT_CAP + 1, name="norm_total")
+        total = Signal(timing.NORM_TOTAL_BITS, name="norm_total")
         total_exp = Signal(EXP_WIDE, name="norm_total_exp")
         sc_m = Signal(nx.SCALAR_BITS + 2, name="norm_scalar_m")
         sc_e = Signal(EXP_WIDE, name="norm_scalar_e")
@@ -488,11 +522,19 @@ class NormScalar(wiring.Component):
                          total_exp_next.eq(base + eps_shift - _EPS_SHIFT_CAP)]
         with m.Else():
             m.d.comb += [total_next.eq(ms + Mux(f.eps_m != 0, eps_al, 0)), total_exp_next.eq(base)]
-        tot_len = bit_length(m, total, "norm_total_bits")
+        # numerics.scalar, staged (timing.NORM_SCALAR_STEPS): while the total is wider than the window, it moves
+        # right by a step. The steps never pass bit s - 1 of the round-shift by s = bitlen - SCALAR_BITS (each is
+        # taken at a bit length of window + 1 or more, and leaves SCALAR_BITS + 1 or more), and a round half up only
+        # reads the bits from s - 1 up: round_shift(t >> a, s - a) == round_shift(t, s). The last round-shift then
+        # moves a window-wide value by at most one step
+        step = timing.NORM_SCALAR_STEP
+        window = nx.SCALAR_BITS + step
+        steps = Signal(range(timing.NORM_SCALAR_STEPS + 1), name="norm_scalar_steps")
+        tot_len = bit_length(m, total[:window], "norm_total_bits")
         sc_shift = Signal(signed(len(tot_len) + 2), name="norm_scalar_shift")
         m.d.comb += sc_shift.eq(tot_len - nx.SCALAR_BITS)
-        sc_round = round_shift_expr(m, Cat(total, Const(0, 1)).as_signed(), sc_shift,
-                                    len(total), nx.SCALAR_BITS, "norm_scalar_round")
+        sc_round = round_shift_expr(m, Cat(total[:window], Const(0, 1)).as_signed(), sc_shift,
+                                    step, nx.SCALAR_BITS, "norm_scalar_round", out_bits=len(sc_m))
         sc_exp = Signal(EXP_WIDE, name="norm_scalar_exp")
         m.d.comb += sc_exp.eq(total_exp + sc_shift)
         sum_mag = Signal(nw["sum"], name="norm_sum_mag")
@@ -553,9 +595,16 @@ class NormScalar(wiring.Component):
             divide("MS", Mux(layer, ss, stat_sq) << nx.NORM_MS_FRAC, n, nw["ms_div"],
                    then("EPS", ms.eq(div.quotient)))
             with m.State("EPS"):
-                m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next)]
-                m.next = "SCALAR"
-            with m.State("SCALAR"):  # numerics.scalar, then make the exponent even
+                m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next),
+                             steps.eq(0)]
+                m.next = "SCALAR_STEPS"
+            with m.State("SCALAR_STEPS"):
+                with m.If(total[window:].any()):
+                    m.d.sync += [total.eq(total >> step), total_exp.eq(total_exp + step)]
+                m.d.sync += steps.eq(steps + 1)
+                with m.If(steps == timing.NORM_SCALAR_STEPS - 1):
+                    m.next = "SCALAR"
+            with m.State("SCALAR"):  # the last round-shift of numerics.scalar, then make the exponent even
                 with m.If(sc_exp[0]):
                     m.d.sync += [sc_m.eq(sc_round << 1), sc_e.eq(sc_exp - 1)]
                 with m.Else():
@@ -633,6 +682,11 @@ class Rope(wiring.Component):
     exp_x, exp_cos, exp_sin : In(EREG_SHAPE)
     start : In(1)
     rd_a, rd_b : Out(abuf_read(config))
+        The word addresses (their data is not read here: :class:`ChunkIssue` selects the chunks).
+    chunk_a, chunk_b : Out(range(chunks per buffer word))
+        The chunks of the returned words that hold the elements read (at S1).
+    lanes_a, lanes_b : In(ArrayLayout(signed(16), vector_lanes))
+        Those chunks (:class:`ChunkIssue`'s ``early_a`` and ``early_b``).
     wide : Out(stream.Signature(wide_layout(config)))
         Rotated elements (``single``), each at its destination address.
     exp : Out(EXP_WIDE)
@@ -643,10 +697,13 @@ class Rope(wiring.Component):
 
     def __init__(self, config):
         self.config = config
+        V = config.vector_lanes
+        sel = _chunk_select(config)
         super().__init__({"insn": In(LAYOUTS["ROPE"]), "exp_x": In(EREG_SHAPE), "exp_cos": In(EREG_SHAPE),
                           "exp_sin": In(EREG_SHAPE), "start": In(1), "rd_a": Out(abuf_read(config)),
-                          "rd_b": Out(abuf_read(config)), "wide": Out(_pipe(wide_layout(config))),
-                          "exp": Out(EXP_WIDE), "last": Out(1)})
+                          "rd_b": Out(abuf_read(config)), "chunk_a": Out(sel), "chunk_b": Out(sel),
+                          "lanes_a": In(data.ArrayLayout(LANE, V)), "lanes_b": In(data.ArrayLayout(LANE, V)),
+                          "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE), "last": Out(1)})
 
     def elaborate(self, platform):
         m = Module()
@@ -710,8 +767,10 @@ class Rope(wiring.Component):
         ]
         s1_va = Signal(LANE, name="s1_va")
         s1_vb = Signal(LANE, name="s1_vb")
-        m.d.comb += [s1_va.eq(self.rd_a.data.word_select(s1_lane_a, 16)),
-                     s1_vb.eq(self.rd_b.data.word_select(s1_lane_b, 16))]
+        lg_v = log2_exact(self.config.vector_lanes)
+        m.d.comb += [self.chunk_a.eq(s1_lane_a[lg_v:]), self.chunk_b.eq(s1_lane_b[lg_v:]),
+                     s1_va.eq(self.lanes_a.as_value().word_select(s1_lane_a[:lg_v], 16) if lg_v else self.lanes_a[0]),
+                     s1_vb.eq(self.lanes_b.as_value().word_select(s1_lane_b[:lg_v], 16) if lg_v else self.lanes_b[0])]
         x_a = Signal(LANE, name="x_a")
         x_b = Signal(LANE, name="x_b")
         with m.If(s1_valid & ~s1_phase):
@@ -728,10 +787,12 @@ class Rope(wiring.Component):
             m.d.sync += [s2_kind.eq(s1_kind), s2_xa.eq(x_a), s2_xb.eq(x_b), s2_c.eq(s1_va), s2_s.eq(s1_vb),
                          s2_out_a.eq(s1_out_a), s2_out_b.eq(s1_out_b)]
         ex, ec, es = self.exp_x, self.exp_cos, self.exp_sin
-        shift_c = Signal(EXP_WIDE, name="shift_cos")
-        shift_s = Signal(EXP_WIDE, name="shift_sin")
-        m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD),
-                     shift_c.eq(ex + ec - self.exp), shift_s.eq(ex + es - self.exp)]
+        # as VADD's alignment: the product with the larger exponent moves left by GUARD bits (wiring), the other one
+        # by GUARD - |ec - es| (right when that is negative), so one shifter serves both terms
+        cos_big = Signal(name="cos_big")
+        shift_small = Signal(EXP_WIDE, name="shift_small")
+        m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD), cos_big.eq(ec >= es),
+                     shift_small.eq(Mux(cos_big, ec - es, es - ec) - _GUARD)]
         # a pair arrives every other cycle, so one pair of multipliers and shifters serves both results: y_a =
         # xa * cos - xb * sin in the pair's first cycle, y_b = xb * cos + xa * sin in the next (the S2 registers
         # still hold the pair then)
@@ -741,11 +802,15 @@ class Rope(wiring.Component):
         q = Signal(LANE, name="rope_q")
         m.d.comb += [p.eq(Mux(second, s2_xb, s2_xa)), q.eq(Mux(second, s2_xa, s2_xb))]
         q_sin = Signal(signed(32), name="rope_q_sin")
-        m.d.comb += q_sin.eq(q * s2_s)
-        t_cos = round_shift_expr(m, p * s2_c, -shift_c, 32, _GUARD, "p_cos")
-        t_sin = round_shift_expr(m, Mux(second, q_sin, -q_sin), -shift_s, 32, _GUARD, "q_sin")
+        p_cos = Signal(signed(32), name="rope_p_cos")
+        t_sin = Signal(signed(33), name="rope_t_sin")
+        m.d.comb += [q_sin.eq(q * s2_s), p_cos.eq(p * s2_c), t_sin.eq(Mux(second, q_sin, -q_sin))]
+        big = Signal(signed(33), name="rope_big")
+        small = Signal(signed(33), name="rope_small")
+        m.d.comb += [big.eq(Mux(cos_big, p_cos, t_sin)), small.eq(Mux(cos_big, t_sin, p_cos))]
+        aligned = round_shift_expr(m, small, shift_small, 32, _GUARD, "rope_aligned")
         y = Signal(signed(WIDE_BITS), name="rope_y")
-        m.d.comb += y.eq(t_cos + t_sin)
+        m.d.comb += y.eq((big << _GUARD) + aligned)
         out = self.wide.payload
         m.d.comb += self.wide.valid.eq(s2_valid | second)
         # (constant members are set under a condition: Verilator never runs an always block that reads nothing)
@@ -863,6 +928,8 @@ class VectorUnit(wiring.Component):
             issue.src_a.eq(dec.src_a), issue.src_b.eq(dec.src_b), issue.length.eq(dec.length),
             elem.insn.eq(insn), elem.exp_a.eq(exps[0]), elem.exp_b.eq(exps[1]), elem.dst.eq(dec.dst),
             elem.early_a.eq(issue.early_a),
+            issue.ext_select.eq(is_rope), issue.ext_chunk_a.eq(rope.chunk_a), issue.ext_chunk_b.eq(rope.chunk_b),
+            rope.lanes_a.eq(issue.early_a), rope.lanes_b.eq(issue.early_b),
             elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
             scalar.insn.eq(insn.NORM), scalar.exp_x.eq(exps[0]), scalar.square.eq(elem.square),
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
@@ -871,10 +938,9 @@ class VectorUnit(wiring.Component):
         for sink in (elem, scalar, argmax):
             wiring.connect(m, issue.chunk, sink.chunk)
         wiring.connect(m, wb.abuf_w, wiring.flipped(self.abuf_w))
-        # ROPE reads single elements of its own; the chunk ops read whole chunks
+        # ROPE reads single elements of its own (through the issue stage's chunk select); the chunk ops read chunks
         for port, chunks, pairs in ((self.abuf_r_a, issue.rd_a, rope.rd_a), (self.abuf_r_b, issue.rd_b, rope.rd_b)):
-            m.d.comb += [port.addr.eq(Mux(is_rope, pairs.addr, chunks.addr)), port.en.eq(1),
-                         chunks.data.eq(port.data), pairs.data.eq(port.data)]
+            m.d.comb += [port.addr.eq(Mux(is_rope, pairs.addr, chunks.addr)), port.en.eq(1), chunks.data.eq(port.data)]
         with m.If(is_rope):
             m.d.comb += [wb.wide.valid.eq(rope.wide.valid), wb.wide.payload.eq(rope.wide.payload)]
         with m.Else():

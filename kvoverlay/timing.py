@@ -20,8 +20,13 @@ DISPATCH_CYCLES = 1
 # ---------------------------------------------------------------- memory units
 #: LOAD: busy cycles besides one per beat: check, request, memory latency (hw/dram_model.v), final write.
 LOAD_OVERHEAD = 6
-#: LDROW: besides the row's beats and two per element: check, address, request, latency, passes, exponent.
-LDROW_OVERHEAD = 11
+#: LDROW: cycles from the requantizer's read of an element to its product: the row buffer's read, the selected
+#: weight and scale registered, the product registered (hw/ldrow_unit.py).
+LDROW_READ_LATENCY = 3
+#: LDROW: besides the row's beats and two per element: check, address, request, latency, passes, exponent; each
+#: pass waits ``LDROW_READ_LATENCY - 1`` cycles more for the last product, and the round pass one more for the
+#: register between its round-shift and its clip (11 with neither).
+LDROW_OVERHEAD = 11 + 2 * (LDROW_READ_LATENCY - 1) + 1
 #: STORE: besides the beats: check, request, one buffer read per four beats, done.
 STORE_OVERHEAD = 3
 #: STACC: besides two per accumulator word: check, request, one per beat sent, done.
@@ -44,6 +49,15 @@ VECTOR_PIPE_DEPTH = 4
 ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
 SCALAR_BITS_PER_CYCLE = 2
+#: NORM: left shifts of eps beyond this are folded into the exponent (the mean square, below 2**63, then only touches
+#: bits that numerics.scalar rounds away), so the mean square plus eps has at most NORM_TOTAL_BITS bits.
+NORM_EPS_SHIFT_CAP = 63 + nx.SCALAR_BITS
+NORM_TOTAL_BITS = 16 + NORM_EPS_SHIFT_CAP + 1
+#: NORM's rounding of that total to SCALAR_BITS bits is staged: NORM_SCALAR_STEPS cycles, each moving the total
+#: right by NORM_SCALAR_STEP bits while it is wider than SCALAR_BITS + NORM_SCALAR_STEP (bits that only the round
+#: half up's carry could reach stay), then one round-shift of at most NORM_SCALAR_STEP bits.
+NORM_SCALAR_STEP = 16
+NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // NORM_SCALAR_STEP)
 
 # ---------------------------------------------------------------- attention engine
 #: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle): the sum l is at least
@@ -164,7 +178,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
 
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
-    (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier).
+    (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier; the
+    rounding of the mean square plus eps in :data:`NORM_SCALAR_STEPS` steps).
     ROPE issues one pair per two cycles per pass
     and drains :data:`ROPE_PIPE_DEPTH` + 1. ARGMAX is one pass.
     """
@@ -186,7 +201,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
                                                  ["ms_div", "recip_div"] + (["ss_div", "mean_div"] if layer else [])]
         if layer:  # n * Q, S * S and S * r
             steps += [multiplier_cycles(w["mul_b"], k)] * 3
-        scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
+        # + eps alignment, the staged scalar rounding, pass set-up
+        scalar = sum(c + 2 for c in steps) + 1 + NORM_SCALAR_STEPS + 1 + 1
         return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 

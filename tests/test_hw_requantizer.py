@@ -1,5 +1,7 @@
 """The requantizer that the REQ and LDROW units share, in Amaranth's simulator: bit-exact with
-numerics.normalize, packed into activation-buffer words with lane masks, busy for exactly 2 * len + 4 cycles (2 when empty)."""
+numerics.normalize, packed into activation-buffer words with lane masks, busy for exactly 2 * len + 4 cycles (2 when empty),
+and 2 * (latency - 1) + 1 more as LDROW builds it (values arriving 3 cycles after their read, a register in the round
+pass)."""
 
 import numpy as np
 import pytest
@@ -17,10 +19,10 @@ CFG = PRESETS["tiny"]
 LANES = CFG.abuf_lanes
 
 
-def run(values, exp, width, dst_word=3):
-    """Requantize *values* (one read per cycle, latency 1); returns (buffer words written, exponent, fault,
-    cycles from the command to done)."""
-    dut = Requantizer(CFG, width)
+def run(values, exp, width, dst_word=3, latency=1, registered=False):
+    """Requantize *values* (one read per cycle, each value *latency* cycles after its read); returns (buffer words
+    written, exponent, fault, cycles from the command to done)."""
+    dut = Requantizer(CFG, width, latency=latency, registered=registered)
     words, result = {}, {}
 
     async def tb(ctx):
@@ -30,12 +32,14 @@ def run(values, exp, width, dst_word=3):
         ctx.set(dut.cmd.valid, 1)
         await ctx.tick()
         ctx.set(dut.cmd.valid, 0)
-        cycles, pending = 0, None
+        cycles, pending = 0, [None] * latency
         while True:
-            if pending is not None:  # the value read last cycle
-                ctx.set(dut.value, int(values[pending]))
+            if pending[0] is not None:  # the value read latency cycles ago
+                ctx.set(dut.value, int(values[pending[0]]))
+            else:  # nothing may be taken from a cycle without a value in flight
+                ctx.set(dut.value, 0x5A5A5A5A - (1 << (width - 1)) if width > 32 else -1)
             cycles += 1
-            pending = ctx.get(dut.index) if ctx.get(dut.read) else None
+            pending = pending[1:] + [ctx.get(dut.index) if ctx.get(dut.read) else None]
             en = ctx.get(dut.abuf_w.en)
             if en:
                 data, addr = ctx.get(dut.abuf_w.data), ctx.get(dut.abuf_w.addr)
@@ -67,6 +71,26 @@ def test_bit_exact_with_normalize(n, width, lo, exp):
     assert all(v is None for v in words[3 + (n - 1) // LANES][(n - 1) % LANES + 1:])  # the lane mask
     assert sorted(words) == list(range(3, 3 + -(-n // LANES)))
     assert cycles == 2 * n + 4
+
+
+@pytest.mark.parametrize("n, width, lo, exp", [(37, 33, 1 << 32, -20), (5, 33, 1 << 10, -500), (1, 33, 40, 0),
+                                                (20, 33, 0, 7)], ids=["ldrow", "underflow", "one", "zeros"])
+def test_ldrow_pipeline(n, width, lo, exp):
+    """LDROW's build: values three cycles after their read, the round-shift registered before the clip."""
+    rng = np.random.default_rng(n + width)
+    values = rng.integers(-lo, lo + 1, n) if lo else np.zeros(n, np.int64)
+    want_m, want_e = nx.normalize(values, exp)
+    words, got_e, fault, cycles = run(values, exp, width, latency=3, registered=True)
+    assert fault == Fault.NONE and got_e == want_e
+    got = [words[3 + i // LANES][i % LANES] for i in range(n)]
+    assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
+    assert sorted(words) == list(range(3, 3 + -(-n // LANES)))
+    assert cycles == 2 * n + 4 + 2 * (3 - 1) + 1
+
+
+def test_latency_checked():
+    with pytest.raises(ValueError, match="latency=0"):
+        Requantizer(CFG, 33, latency=0)
 
 
 def test_overflow_writes_nothing():

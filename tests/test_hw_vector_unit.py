@@ -434,6 +434,55 @@ def test_other_lane_geometries_in_amaranth_sim(changes):
         _check(case, res, cfg)
 
 
+def test_vadd_alignment_in_amaranth_sim():
+    """VADD's smaller operand aligned on the lane multiplier, at every exponent distance that selects a different
+    path (equal exponents, left by up to GUARD - 1, right by 1 to GUARD with round-half-up ties, beyond), either
+    operand the smaller."""
+    rng = np.random.default_rng(12)
+    cases = []
+    for i, d in enumerate([0, 1, 2, 15, 16, 17, 18, 31, 32, 33, 34, 40, 100]):
+        for a_small in (False, True):
+            ea = int(rng.integers(-30, 0))
+            eb = ea - d if not a_small else ea + d
+            n = [5, 8][i % 2]
+            va, vb = _vec(rng, n), _vec(rng, n)
+            if i % 3 == 0:  # halves: ties of the right shift
+                vb[: n // 2] = -(1 << 14) + np.arange(n // 2) * (1 << 13)
+                va[: n // 2] = -(1 << 14) + np.arange(n // 2) * (1 << 13)
+            if i % 2 == 0:  # the larger operand 0: the sum is the aligned operand alone, normalized from its last bit
+                (vb if a_small else va)[:] = 0
+            fields = {"a": 0, "a_e": 1, "b": 4 * L, "b_e": 2, "dst": 8 * L, "dst_e": 3, "len": n}
+            cases.append(Case(rng, "VADD", fields, [(0, va), (4 * L, vb)], {1: ea, 2: eb}, f"VADD-d{d}-{a_small}"))
+    for case, res in zip(cases, _amaranth_sim(CFG, cases)):
+        _check(case, res)
+
+
+def test_norm_eps_shifts_in_amaranth_sim():
+    """NORM's eps aligned by -40 to 180 bits against the mean square (numerics computes it exactly): the staged
+    scalar rounding around its window (total bit lengths near SCALAR_BITS + k * NORM_SCALAR_STEP) and eps shifts
+    around the cap that folds them into the exponent."""
+    rng = np.random.default_rng(11)
+    cases = []
+    shifts = [-40, -17, -1, 0, 1, 15, 16, 17, 33, 40, 47, 48, 63, 64, 79, 80, 86, 87, 88, 95, 120, 180]
+    for i, shift in enumerate(shifts):
+        kind = i % len(isa.ENUMS["norm"])
+        n = [3, 8, 5, 9][i % 4]
+        eps_e = int(rng.integers(-60, 60))
+        eps_e += (eps_e - shift) % 2  # the data's exponent from eps_e - shift = 2 * ex - NORM_MS_FRAC
+        ex = (eps_e - shift + nx.NORM_MS_FRAC) // 2
+        vx = _vec(rng, n, KINDS[i % len(KINDS)])
+        if i % 5 == 4:
+            vx[:] = 0  # eps alone
+        eps_m = int(rng.integers(1, 1 << 16)) if i % 3 else (1 << 16) - 1
+        fields = {"x": 0, "x_e": 10, "g": 4 * L, "g_e": 11, "dst": 0, "dst_e": 12, "len": n, "eps_m": eps_m,
+                  "eps_e": eps_e, "kind": kind}
+        cases.append(Case(rng, "NORM", fields, [(0, vx), (4 * L, _vec(rng, n))], {10: ex, 11: -14},
+                          f"NORM-eps{shift}"))
+    assert not any(c.golden_error for c in cases)
+    for case, res in zip(cases, _amaranth_sim(CFG, cases)):
+        _check(case, res)
+
+
 @pytest.mark.parametrize("op,fields", [("VADD", {"a": 0, "b": 4 * L, "dst": 8 * L, "len": 9}),
                                        ("ARGMAX", {"x": 0, "len": 9, "rd": 1}),
                                        ("VMUL", {"a": 3, "b": 0, "dst": 0, "len": 4})],
