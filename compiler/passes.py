@@ -227,7 +227,7 @@ def _bundle(c: Compilation) -> None:
         "source": _source(c),
     }
     if og.logits:
-        meta["logits"] = {"addr": io["outputs"]["logits"]["addr"], "len": io["outputs"]["logits"]["len"]}
+        meta["logits"] = {k: v for k, v in io["outputs"]["logits"].items() if k in ("addr", "len", "tiles")}
     c.bundle = kvbundle.Bundle(config=c.cfg, instructions=c.code, image=image.data, manifest=meta)
 
 

@@ -115,9 +115,8 @@ class GoldenBackend:
         for i, v in values.items():
             args[i] = v
         counters = self.model.run(self.program.instructions, args=args)
-        out = self.program.manifest["logits"]
-        m, e = self.model.read_vector_record(out["addr"], out["len"])
-        return Step(self.model.regs[self.program.manifest["registers"]["next_token"]], nx.to_float(m, e), counters)
+        logits = kvbundle.read_logits(self.program.manifest["logits"], self.model.read_vector_record)
+        return Step(self.model.regs[self.program.manifest["registers"]["next_token"]], logits, counters)
 
     def read_vector(self, addr: int, length: int) -> tuple:
         return self.model.read_vector_record(addr, length)

@@ -14,7 +14,7 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 
 from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
@@ -55,7 +55,7 @@ COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes
 #: port to the register file, a burst port to the memory arbiter and a ``port_wait`` to the stall counter.
 UNITS = {
     "load": {"load": ("LOAD",), "ldrow": ("LDROW",)},
-    "compute": {"gemv": ("GEMV",), "req": ("REQ",),
+    "compute": {"gemv": ("GEMV",), "req": timing.REQ_UNIT_OPS,
                 "vector": ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX"),
                 "attention": ("KVAPPEND", "ATTN")},
     "store": {"store": ("STORE", "STACC")},
