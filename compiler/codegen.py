@@ -236,9 +236,10 @@ def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: di
     fits (the one GEMV, REQ and ARGMAX of any other product) or a graph without one.
 
     A head is the GEMV that gives the logits, read by nothing else. Its tiles are GEMVs of the same input and
-    matrix (one ``sexp``), so their accumulators share one exponent and ARGMAXACC chains over them exactly. The
-    tiles are as even as the buffer's ``acc_rows`` allow, each starting on a row whose record address GEMV encodes
-    (a multiple of ``isa.DRAM_UNIT``).
+    matrix (one ``sexp``), so their accumulators share one exponent and ARGMAXACC chains over them exactly. Tiles
+    alternate between the two halves of the buffer's ``acc_rows``, so that the store queue's ARGMAXACC of one tile
+    runs beside the GEMV of the next; they are as even as that allows, each starting on a row whose record address
+    GEMV encodes (a multiple of ``isa.DRAM_UNIT``).
     """
     head = next((op for op in og.ops if op.out == og.logits), None) if og.logits else None
     if head is None or head.kind != "linear" or any(og.logits in op.ins for op in og.ops):
@@ -248,7 +249,7 @@ def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: di
         return []
     m = records[head.attrs["matrix"]]
     align = isa.DRAM_UNIT // math.gcd(nx.row_stride(m.cols, m.fmt, m.group, cfg.port_bytes), isa.DRAM_UNIT)
-    most = acc_rows // align * align
+    most = acc_rows // 2 // align * align
     n = -(-rows // most)
     size = -(-(-(-rows // n)) // align) * align  # ceil(rows / n), up to a multiple of align: at most `most`
     return [(r0, min(size, rows - r0)) for r0 in range(0, rows, size)]

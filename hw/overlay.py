@@ -14,8 +14,9 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa, timing
+from kvoverlay import isa
 
+from .argmax_unit import ArgmaxUnit
 from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
 from .frontend import Frontend
@@ -55,10 +56,10 @@ COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes
 #: port to the register file, a burst port to the memory arbiter and a ``port_wait`` to the stall counter.
 UNITS = {
     "load": {"load": ("LOAD",), "ldrow": ("LDROW",)},
-    "compute": {"gemv": ("GEMV",), "req": timing.REQ_UNIT_OPS,
+    "compute": {"gemv": ("GEMV",), "req": ("REQ",),
                 "vector": ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX"),
                 "attention": ("KVAPPEND", "ATTN")},
-    "store": {"store": ("STORE", "STACC")},
+    "store": {"store": ("STORE", "STACC"), "argmax": ("ARGMAXACC",)},
 }
 #: Queues whose units the memory arbiter serves first, highest priority first.
 DRAM_PRIORITY = ("store", "load", "compute")
@@ -128,7 +129,7 @@ class Overlay(wiring.Component):
         # ------------------------------------------------------------ units
         m.submodules.frontend = fe = Frontend(cfg)
         units = {"load": LoadUnit(cfg), "ldrow": LdrowUnit(cfg), "gemv": GemvUnit(cfg), "req": ReqUnit(cfg),
-                 "store": StoreUnit(cfg), "vector": VectorUnit(cfg), "attention": AttentionEngine(cfg)}
+                 "store": StoreUnit(cfg), "argmax": ArgmaxUnit(cfg), "vector": VectorUnit(cfg), "attention": AttentionEngine(cfg)}
         for name, unit in units.items():
             m.submodules[f"{name}_unit"] = unit
         # the KV buffer persists across runs: a decode session appends one token per run

@@ -326,7 +326,7 @@ def rope(x, ex, c, ec, s, es, heads, head_dim, mode):
     return normalize(out.reshape(-1), ey)
 
 
-#: The least accumulator word (int64): where ARGMAXACC's running best starts (the REQ unit's reset value).
+#: The least accumulator word (int64): where ARGMAXACC's running best starts (the ARGMAXACC unit's reset value).
 ACC_MIN = -(1 << 63)
 
 

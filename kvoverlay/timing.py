@@ -30,8 +30,6 @@ STACC_OVERHEAD = 3
 REQ_OVERHEAD = 5
 #: ARGMAXACC: besides one per accumulator word: check, the last word's compare, the register write with done.
 ARGMAXACC_OVERHEAD = 3
-#: Opcodes of the REQ unit (it reads the accumulator buffer).
-REQ_UNIT_OPS = ("REQ", "ARGMAXACC")
 #: GEMV engine: products summed per adder-tree stage (one register stage per level of the tree).
 GEMV_TREE_FANIN = 4
 #: GEMV engine: pipeline stages besides the adder tree's (port word, window and operands, products, products

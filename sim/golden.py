@@ -83,7 +83,7 @@ class GoldenModel:
         self.kv_v = np.zeros((words, config.vector_lanes), np.int64)
         self.kv_ek = np.full(words, nx.EXP_MIN, np.int64)
         self.kv_ev = np.full(words, nx.EXP_MIN, np.int64)
-        #: ARGMAXACC's best (accumulator word, index) so far, held in the REQ unit from one ARGMAXACC to the next (its
+        #: ARGMAXACC's best (accumulator word, index) so far, held in the ARGMAXACC unit from one ARGMAXACC to the next (its
         #: reset value: the least int64 at index 0, what ``cont=1`` meets before any ARGMAXACC ran)
         self.acc_best = (nx.ACC_MIN, 0)
         self.counters = Counters()
