@@ -126,3 +126,26 @@ def test_gpt2_of_five_heads_of_16_compiles_for_tiny():
     tokens, _ = ort_decode(str(path), list(CHECK_PROMPT), 8)
     with Session(b, offload_device="none") as s:
         assert s.generate(list(CHECK_PROMPT), 8).tokens == tokens
+
+
+@pytest.mark.parametrize("preset", ["tiny", "ulx3s"])
+def test_lm_head_of_49152_rows_is_tiled_and_token_exact(big_vocab_model, preset):
+    """A head taller than the accumulator buffer compiles as tiles of at most half of it (GEMV, REQ, ARGMAXACC
+    chained from the first tile, STORE of the tile's logits record), and the golden model follows onnxruntime."""
+    cfg, prompt, new = PRESETS[preset], [5, 17, 42], 6
+    b, _ = compile_model(str(big_vocab_model), preset, weights="int8", max_seq=len(prompt) + new)
+    tiles = b.manifest["logits"]["tiles"]
+    rows = [n for _, n in tiles]
+    assert sum(rows) == b.manifest["logits"]["len"] == 49152 and max(rows) <= cfg.acc_buffer_words // 2
+    chain = [i for i in b.instructions if i.op == "ARGMAXACC"]
+    assert [(i.base, i.len, i.cont, i.rd) for i in chain] == [
+        (sum(rows[:k]), n, int(k > 0), b.manifest["registers"]["next_token"]) for k, n in enumerate(rows)]
+    assert not any(i.op == "ARGMAX" for i in b.instructions)
+    stores = {i.addr: i.len for i in b.instructions if i.op == "STORE"}
+    assert all(stores.get(a) == n for a, n in tiles)
+
+    res = Session(b).generate(prompt, new)
+    ref_tokens, ref_logits = ort_decode(str(big_vocab_model), prompt, new, forced=res.tokens)
+    assert res.tokens == ref_tokens
+    cos = [float(a @ r / np.linalg.norm(a) / np.linalg.norm(r)) for a, r in zip(res.logits, ref_logits, strict=True)]
+    assert min(cos) > 0.999
