@@ -251,7 +251,8 @@ def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: di
     align = isa.DRAM_UNIT // math.gcd(nx.row_stride(m.cols, m.fmt, m.group, cfg.port_bytes), isa.DRAM_UNIT)
     most = acc_rows // 2 // align * align
     n = -(-rows // most)
-    size = -(-(-(-rows // n)) // align) * align  # ceil(rows / n), up to a multiple of align: at most `most`
+    even = -(-rows // n)
+    size = -(-even // align) * align  # at most `most`: n tiles of `most` rows hold them all
     return [(r0, min(size, rows - r0)) for r0 in range(0, rows, size)]
 
 

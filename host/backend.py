@@ -19,7 +19,6 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from kvoverlay import bundle as kvbundle
-from kvoverlay import numerics as nx
 
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "GoldenBackend", "RtlBackend", "SessionError", "SimulatorDied",
            "Step", "create_backend", "kv_layers", "outside_kv_buffer", "register_args"]

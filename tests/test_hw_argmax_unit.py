@@ -10,7 +10,7 @@ pytest.importorskip("amaranth")
 from amaranth.sim import Simulator
 from kvoverlay.hw.argmax_unit import ArgmaxUnit
 from kvoverlay.hw.ports import Fault
-from kvoverlay.hw.sim_unit import UnitSimTop
+from kvoverlay.hw.sim_unit import UnitSimTop, execute, write_acc
 from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import isa, timing
@@ -31,20 +31,9 @@ def run_argmaxacc(tiles, rd=6):
     async def tb(ctx):
         base = 0
         for t, words in enumerate(tiles):
-            for i, w in enumerate(words):
-                ctx.set(host.acc_w.addr, 9 + i)
-                ctx.set(host.acc_w.data, int(w) & ((1 << 64) - 1))
-                ctx.set(host.acc_w.en, 1)
-                await ctx.tick()
-            ctx.set(host.acc_w.en, 0)
+            await write_acc(ctx, top, 9, words)
             ins = isa.Instr("ARGMAXACC", {"acc": 9, "len": len(words), "base": base, "rd": rd, "cont": int(t > 0)})
-            ctx.set(top.cmd.payload.as_value(), isa.encode(ins))
-            ctx.set(top.cmd.valid, 1)
-            await ctx.tick()
-            ctx.set(top.cmd.valid, 0)
-            while not ctx.get(top.done):
-                await ctx.tick()
-            fault, cycles = Fault(ctx.get(top.fault)), ctx.get(top.cycles)
+            fault, cycles = await execute(ctx, top, isa.encode(ins))
             await ctx.tick()
             ctx.set(host.reg_r.addr, rd)
             out.append((ctx.get(host.reg_r.data), fault, cycles))
