@@ -197,20 +197,28 @@ def kv_layout(og: OverlayGraph, cfg: OverlayConfig) -> dict:
     return bases
 
 
-def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int | None = None) -> Codegen:
+def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int | None = None, *,
+                logits: bool = True) -> Codegen:
     """Place the I/O vector records in *image* (region io; a tiled LM head's logits a record per tile), check it
-    fits DRAM, and plan liveness and the accumulator budget for :func:`emit`."""
+    fits DRAM, and plan liveness and the accumulator budget for :func:`emit`.
+
+    Without *logits* the program leaves none: its LM head is tiled whatever its height and keeps only the GEMVs
+    and the ARGMAXACC chain (the next token), so the tiles stream at the port rate with no REQ or STORE.
+    """
     io_start = len(image.data)
     io = {"inputs": {}, "outputs": {}}
     acc_rows = cfg.acc_buffer_words - _stats_words(og)
-    head_tiles = _head_tiles(og, cfg, acc_rows, image.records)
+    head_tiles = _head_tiles(og, cfg, acc_rows, image.records, every=not logits)
     for kind, table in (("inputs", og.inputs), ("outputs", og.outputs)):
         for name, (vec, shape) in table.items():
             n = og.lengths[vec]
-            if head_tiles and vec == og.logits:  # the logits leave as one vector record per tile
-                head_tiles = [(r0, rows, image.place(bytes(nx.vector_record_size(rows)))) for r0, rows in head_tiles]
-                io[kind][name] = {"addr": head_tiles[0][2], "len": n, "shape": shape,
-                                  "tiles": [[addr, rows] for _, rows, addr in head_tiles]}
+            if head_tiles and vec == og.logits:  # the logits leave as one vector record per tile, or not at all
+                head_tiles = [(r0, rows, image.place(bytes(nx.vector_record_size(rows))) if logits else None)
+                              for r0, rows in head_tiles]
+                io[kind][name] = {"len": n, "shape": shape, "tiles": [[addr, rows] for _, rows, addr in head_tiles
+                                                                      if addr is not None]}
+                if logits:
+                    io[kind][name] = {"addr": head_tiles[0][2], **io[kind][name]}
                 continue
             io[kind][name] = {"addr": image.place(bytes(nx.vector_record_size(n))), "len": n, "shape": shape}
     image.region("io", io_start)
@@ -231,9 +239,9 @@ def _stats_words(og: OverlayGraph) -> int:
     return max([2, *(op.stats_words for op in og.ops)])  # one head's worth even without attention
 
 
-def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: dict) -> list:
-    """``(first row, rows)`` of each tile of an LM head too tall for the accumulator buffer, or [] for a head that
-    fits (the one GEMV, REQ and ARGMAX of any other product) or a graph without one.
+def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: dict, every: bool = False) -> list:
+    """``(first row, rows)`` of each tile of an LM head too tall for the accumulator buffer (with *every*, of any
+    head), or [] for a head that fits (the one GEMV, REQ and ARGMAX of any other product) or a graph without one.
 
     A head is the GEMV that gives the logits, read by nothing else. Its tiles are GEMVs of the same input and
     matrix (one ``sexp``), so their accumulators share one exponent and ARGMAXACC chains over them exactly. Tiles
@@ -243,9 +251,12 @@ def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: di
     """
     head = next((op for op in og.ops if op.out == og.logits), None) if og.logits else None
     if head is None or head.kind != "linear" or any(og.logits in op.ins for op in og.ops):
+        if every and og.logits:
+            raise CompileError(f"--no-logits: the logits come from {head.kind if head else 'no'} op {og.logits} "
+                               "(a GEMV of the last hidden state alone, read by nothing else, can skip them)")
         return []
     rows = og.lengths[og.logits]
-    if rows <= acc_rows:
+    if rows <= acc_rows and not every:
         return []
     m = records[head.attrs["matrix"]]
     align = isa.DRAM_UNIT // math.gcd(nx.row_stride(m.cols, m.fmt, m.group, cfg.port_bytes), isa.DRAM_UNIT)

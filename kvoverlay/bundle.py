@@ -205,11 +205,14 @@ def load(path: str | os.PathLike) -> Bundle:
 def logits_records(spec: dict) -> list:
     """``(address, length)`` of each vector record a program leaves its logits in (the manifest's ``logits``): one,
     or one per tile, in row order, of an LM head tiled over the accumulator buffer (``tiles``), each tile with the
-    exponent of its own REQ."""
-    return [(int(a), int(n)) for a, n in spec.get("tiles", ())] or [(int(spec["addr"]), int(spec["len"]))]
+    exponent of its own REQ; none for a program compiled without logits (``tiles`` empty, no ``addr``)."""
+    if "tiles" in spec:
+        return [(int(a), int(n)) for a, n in spec["tiles"]]
+    return [(int(spec["addr"]), int(spec["len"]))]
 
 
-def read_logits(spec: dict, read_record) -> np.ndarray:
-    """The logits (float64) from their records, joined: *read_record(addr, length)* gives one record's
-    ``(mantissas, exponent)``."""
-    return np.concatenate([nx.to_float(*read_record(a, n)) for a, n in logits_records(spec)])
+def read_logits(spec: dict, read_record) -> np.ndarray | None:
+    """The logits (float64) from their records, joined, or None for a program compiled without logits:
+    *read_record(addr, length)* gives one record's ``(mantissas, exponent)``."""
+    records = logits_records(spec)
+    return np.concatenate([nx.to_float(*read_record(a, n)) for a, n in records]) if records else None

@@ -183,7 +183,7 @@ class RtlStep:
     position: int
     next_token: int
     logits_m: np.ndarray
-    logits_e: int  # a tiled LM head's logits: a tuple, the exponent of each tile's record
+    logits_e: int  # a tiled LM head's logits: a tuple, the exponent of each tile's record; None: no logits
     counters: object  # golden-style Counters of this step
     hw_counters: dict
     wall_s: float = 0.0
@@ -191,7 +191,9 @@ class RtlStep:
     logits_tiles: tuple = ()  # a tiled LM head's logits: the length of each tile's record
 
     @property
-    def logits(self) -> np.ndarray:
+    def logits(self) -> np.ndarray | None:
+        if self.logits_e is None:  # a program without logits
+            return None
         if not self.logits_tiles:
             return nx.to_float(self.logits_m, self.logits_e)
         ends = np.cumsum(self.logits_tiles)[:-1]
@@ -569,7 +571,7 @@ class RtlProcess:
         hw = dict(zip(COUNTERS, status["counters"]))
         records = logits_records(logits)
         parts = [self.read_vector(a, n) for a, n in records]
-        m, e = (parts[0] if len(parts) == 1 else
+        m, e = (parts[0] if len(parts) == 1 else (np.zeros(0, np.int64), None) if not parts else
                 (np.concatenate([m for m, _ in parts]), tuple(int(e) for _, e in parts)))
         return RtlStep(token=token, position=position, next_token=self.read_registers()[int(registers["next_token"])],
                        logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw, wall_s=status["wall_s"],

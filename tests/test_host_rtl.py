@@ -374,3 +374,7 @@ def test_lm_head_tiled_over_the_accumulator_buffer(rtl_model, big_vocab_model):
     program, _ = compile_model(str(big_vocab_model), "tiny", weights="int8", max_seq=3)
     assert len(program.manifest["logits"]["tiles"]) == 49
     assert_same_generation(program, [5], 2)  # the second step feeds the chained ARGMAXACC's token back
+    bare, _ = compile_model(str(big_vocab_model), "tiny", weights="int8", max_seq=3, logits=False)
+    gold = Session(bare, "isa").generate([5], 2).tokens
+    with Session(bare, "rtl") as sess:  # the head as GEMVs and ARGMAXACCs alone
+        assert sess.generate([5], 2).tokens == gold

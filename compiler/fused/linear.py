@@ -50,18 +50,22 @@ def _emit_head_tiles(cg, m, x) -> None:
     """The LM head in tiles of the accumulator buffer (``cg.head_tiles``): per tile a GEMV of its rows into one half
     of the buffer and a REQ into one of two vectors, in turn, then in the store queue ARGMAXACC, chained from the
     first tile on into the next-token register, and the STORE of the tile's logits record; so a tile's ARGMAXACC
-    and STORE run beside the next tile's GEMV."""
+    and STORE run beside the next tile's GEMV. A program without logits keeps the GEMVs and the ARGMAXACC chain."""
     stride = nx.row_stride(m.cols, m.fmt, m.group, cg.cfg.port_bytes)
     acc_e = cg.eregs.alloc(cg.who)
     size = max(n for _, n, _ in cg.head_tiles)
-    bufs = [cg.scratch(f"{cg.og.logits}:tile{k}", size) for k in range(min(2, len(cg.head_tiles)))]
+    stored = cg.head_tiles[0][2] is not None  # --no-logits: no REQ, no STORE
+    bufs = [cg.scratch(f"{cg.og.logits}:tile{k}", size) for k in range(min(2, len(cg.head_tiles)) if stored else 0)]
     for k, (r0, n, rec) in enumerate(cg.head_tiles):
-        dst, acc = bufs[k % len(bufs)], k % 2 * size
+        acc = k % 2 * size
         cg.instr("GEMV", addr=m.addr + r0 * stride, rows=n, cols=m.cols, **m.format_fields(), x=x[0], x_e=x[1],
                  acc=acc, acc_e=acc_e, accumulate=0)
-        cg.instr("REQ", acc=acc, acc_e=acc_e, len=n, dst=dst[0], dst_e=dst[1])
+        if rec is not None:
+            dst = bufs[k % len(bufs)]
+            cg.instr("REQ", acc=acc, acc_e=acc_e, len=n, dst=dst[0], dst_e=dst[1])
         cg.instr("ARGMAXACC", acc=acc, len=n, base=r0, rd=REG_NEXT, cont=int(k > 0))
-        cg.instr("STORE", src=dst[0], src_e=dst[1], len=n, addr=rec)
+        if rec is not None:
+            cg.instr("STORE", src=dst[0], src_e=dst[1], len=n, addr=rec)
     cg.eregs.release(acc_e)
 
 
