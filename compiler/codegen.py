@@ -11,13 +11,16 @@ and ``insert_tokens`` passes.
   golden model's own access table, so the decoupled queues overlap wherever nothing orders them.
 
 Registers: R0 holds the token, R1 its position (the KV length before it);
-ARGMAX leaves the greedy next token in R2. Logits are stored as a vector record.
+ARGMAX leaves the greedy next token in R2. Logits are stored as a vector record; an LM head taller than the
+accumulator buffer is tiled (a GEMV, a REQ, an ARGMAXACC chained over the tiles, and a STORE of the tile's record
+each), so its argmax spans the tiles on chip and its logits leave as one record per tile.
 A program compiled for more positions than the KV buffer holds takes the KV slot
 from R3 and the attended KV length from R4, which the host sets (hybrid attention).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -122,6 +125,8 @@ class Codegen:
         self.who = ""  # the op being emitted, for error messages
         self.scratch_vectors: list = []  # the current op's temporaries, freed once it is emitted
         self.kv_bases = kv_layout(og, cfg)  # layer -> first KV-pool column
+        #: a tiled LM head's (first row, rows, logits record address) per tile (:func:`_head_tiles`)
+        self.head_tiles: list = []
 
     def instr(self, op: str, **fields) -> None:
         self.code.append(isa.Instr(op, fields, frozenset()))
@@ -192,14 +197,29 @@ def kv_layout(og: OverlayGraph, cfg: OverlayConfig) -> dict:
     return bases
 
 
-def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int | None = None) -> Codegen:
-    """Place the I/O vector records in *image* (region io), check it fits DRAM, and plan liveness and the
-    accumulator budget for :func:`emit`."""
+def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int | None = None, *,
+                logits: bool = True) -> Codegen:
+    """Place the I/O vector records in *image* (region io; a tiled LM head's logits a record per tile), check it
+    fits DRAM, and plan liveness and the accumulator budget for :func:`emit`.
+
+    Without *logits* the program leaves none: its LM head is tiled whatever its height and keeps only the GEMVs
+    and the ARGMAXACC chain (the next token), so the tiles stream at the port rate with no REQ or STORE.
+    """
     io_start = len(image.data)
     io = {"inputs": {}, "outputs": {}}
+    acc_rows = cfg.acc_buffer_words - _stats_words(og)
+    head_tiles = _head_tiles(og, cfg, acc_rows, image.records, every=not logits)
     for kind, table in (("inputs", og.inputs), ("outputs", og.outputs)):
         for name, (vec, shape) in table.items():
             n = og.lengths[vec]
+            if head_tiles and vec == og.logits:  # the logits leave as one vector record per tile, or not at all
+                head_tiles = [(r0, rows, image.place(bytes(nx.vector_record_size(rows))) if logits else None)
+                              for r0, rows in head_tiles]
+                io[kind][name] = {"len": n, "shape": shape, "tiles": [[addr, rows] for _, rows, addr in head_tiles
+                                                                      if addr is not None]}
+                if logits:
+                    io[kind][name] = {"addr": head_tiles[0][2], **io[kind][name]}
+                continue
             io[kind][name] = {"addr": image.place(bytes(nx.vector_record_size(n))), "len": n, "shape": shape}
     image.region("io", io_start)
     if len(image.data) > cfg.dram_bytes:
@@ -210,8 +230,41 @@ def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int
             last_use[v] = i
     for vec, _ in og.outputs.values():
         last_use[vec] = len(og.ops)
-    stats_words = max([2, *(op.stats_words for op in og.ops)])  # one head's worth even without attention
-    return Codegen(og, cfg, image.records, io, last_use, cfg.acc_buffer_words - stats_words, max_seq)
+    cg = Codegen(og, cfg, image.records, io, last_use, acc_rows, max_seq)
+    cg.head_tiles = head_tiles
+    return cg
+
+
+def _stats_words(og: OverlayGraph) -> int:
+    return max([2, *(op.stats_words for op in og.ops)])  # one head's worth even without attention
+
+
+def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: dict, every: bool = False) -> list:
+    """``(first row, rows)`` of each tile of an LM head too tall for the accumulator buffer (with *every*, of any
+    head), or [] for a head that fits (the one GEMV, REQ and ARGMAX of any other product) or a graph without one.
+
+    A head is the GEMV that gives the logits, read by nothing else. Its tiles are GEMVs of the same input and
+    matrix (one ``sexp``), so their accumulators share one exponent and ARGMAXACC chains over them exactly. Tiles
+    alternate between the two halves of the buffer's ``acc_rows``, so that the store queue's ARGMAXACC of one tile
+    runs beside the GEMV of the next; they are as even as that allows, each starting on a row whose record address
+    GEMV encodes (a multiple of ``isa.DRAM_UNIT``).
+    """
+    head = next((op for op in og.ops if op.out == og.logits), None) if og.logits else None
+    if head is None or head.kind != "linear" or any(og.logits in op.ins for op in og.ops):
+        if every and og.logits:
+            raise CompileError(f"--no-logits: the logits come from {head.kind if head else 'no'} op {og.logits} "
+                               "(a GEMV of the last hidden state alone, read by nothing else, can skip them)")
+        return []
+    rows = og.lengths[og.logits]
+    if rows <= acc_rows and not every:
+        return []
+    m = records[head.attrs["matrix"]]
+    align = isa.DRAM_UNIT // math.gcd(nx.row_stride(m.cols, m.fmt, m.group, cfg.port_bytes), isa.DRAM_UNIT)
+    most = acc_rows // 2 // align * align
+    n = -(-rows // most)
+    even = -(-rows // n)
+    size = -(-even // align) * align  # at most `most`: n tiles of `most` rows hold them all
+    return [(r0, min(size, rows - r0)) for r0 in range(0, rows, size)]
 
 
 def emit(cg: Codegen) -> list:
@@ -226,9 +279,11 @@ def emit(cg: Codegen) -> list:
         for v in dict.fromkeys(op.ins):
             if cg.last_use.get(v) == i:
                 cg.drop(v)
-    if og.logits:
+    if og.logits and not cg.head_tiles:  # a tiled head ends in its own ARGMAXACC and stores its own tiles
         cg.instr("ARGMAX", x=cg.where[og.logits][0], len=og.lengths[og.logits], rd=REG_NEXT)
     for name, (vec, _) in og.outputs.items():
+        if cg.head_tiles and vec == og.logits:
+            continue
         cg.instr("STORE", src=cg.where[vec][0], src_e=cg.where[vec][1], len=og.lengths[vec],
                  addr=cg.io["outputs"][name]["addr"])
     cg.instr("END")

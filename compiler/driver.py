@@ -24,13 +24,15 @@ TRACE_KV_LEN = 5
 
 def compile_model(model, config: str | OverlayConfig | None = None, *, weights: str = "w16",
                   group_size: int | None = None, max_seq: int | None = None, kv_capacity: int | None = None,
-                  method: str | None = None, dump_dir: str | os.PathLike | None = None, host_ops: bool = True):
+                  method: str | None = None, dump_dir: str | os.PathLike | None = None, host_ops: bool = True,
+                  logits: bool = True):
     """Compile *model* (a path or ModelProto) for *config*; return ``(Bundle, report dict)``.
 
     *method* picks how 4-bit scales are chosen (``rtn`` or ``mse``); None takes the format's default
     (:data:`~kvoverlay.compiler.quantize.SEARCHED`). With *host_ops* (the default), nodes the overlay cannot run
     are placed on the host (``placement.host`` in the manifest); without, the first of them is the
-    :class:`CompileError`.
+    :class:`CompileError`. Without *logits* the program leaves only the next token (the on-chip argmax), its LM
+    head reduced to GEMVs and the ARGMAXACC chain.
     """
     t0 = time.perf_counter()
     cfg = load_config(config)
@@ -43,7 +45,7 @@ def compile_model(model, config: str | OverlayConfig | None = None, *, weights: 
     while True:
         c = Compilation(model, cfg=cfg, kv_len=TRACE_KV_LEN, max_seq=max_seq, weights=weights,
                         group_size=group_size or cfg.group_size, method=method or SEARCHED.get(weights, "mse"), host_ops=host_ops,
-                        host_nodes=frozenset(forced))
+                        host_nodes=frozenset(forced), logits=logits)
         try:
             b = run_pipeline(c, dump_dir).bundle
             break

@@ -62,6 +62,7 @@ class Compilation:
     method: str = "mse"
     host_ops: bool = True  # place what the overlay refuses on the host (False: the refusal is the error)
     host_nodes: frozenset = frozenset()  # nodes placed on the host from the start (a later pass refused them)
+    logits: bool = True  # False: the program leaves no logits, only the next token (codegen.plan_memory)
     loaded: Loaded | None = None  # frontend (consumed by lower)
     graph: Graph | None = None  # lower, then rewritten by specialize_mask, fold_constants, dead_code
     og: OverlayGraph | None = None  # partition (the whole graph fused) or fuse
@@ -147,7 +148,7 @@ def _quantize(c: Compilation) -> None:
 
 
 def _plan_memory(c: Compilation) -> None:
-    c.codegen = plan_memory(c.og, c.cfg, c.image, c.max_seq)
+    c.codegen = plan_memory(c.og, c.cfg, c.image, c.max_seq, logits=c.logits)
 
 
 def _emit(c: Compilation) -> None:
@@ -227,7 +228,7 @@ def _bundle(c: Compilation) -> None:
         "source": _source(c),
     }
     if og.logits:
-        meta["logits"] = {"addr": io["outputs"]["logits"]["addr"], "len": io["outputs"]["logits"]["len"]}
+        meta["logits"] = {k: v for k, v in io["outputs"]["logits"].items() if k in ("addr", "len", "tiles")}
     c.bundle = kvbundle.Bundle(config=c.cfg, instructions=c.code, image=image.data, manifest=meta)
 
 

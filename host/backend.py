@@ -19,7 +19,6 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from kvoverlay import bundle as kvbundle
-from kvoverlay import numerics as nx
 
 __all__ = ["BACKENDS", "Backend", "BackendSpec", "GoldenBackend", "RtlBackend", "SessionError", "SimulatorDied",
            "Step", "create_backend", "kv_layers", "outside_kv_buffer", "register_args"]
@@ -115,9 +114,8 @@ class GoldenBackend:
         for i, v in values.items():
             args[i] = v
         counters = self.model.run(self.program.instructions, args=args)
-        out = self.program.manifest["logits"]
-        m, e = self.model.read_vector_record(out["addr"], out["len"])
-        return Step(self.model.regs[self.program.manifest["registers"]["next_token"]], nx.to_float(m, e), counters)
+        logits = kvbundle.read_logits(self.program.manifest["logits"], self.model.read_vector_record)
+        return Step(self.model.regs[self.program.manifest["registers"]["next_token"]], logits, counters)
 
     def read_vector(self, addr: int, length: int) -> tuple:
         return self.model.read_vector_record(addr, length)

@@ -18,6 +18,7 @@ import numpy as np
 from kvoverlay import bundle as kvbundle
 from kvoverlay import isa, link
 from kvoverlay import numerics as nx
+from kvoverlay.bundle import read_logits
 
 from .backend import SessionError, Step, outside_kv_buffer, register_args
 from .link import BridgeClient, LinkError, open_transport
@@ -128,9 +129,8 @@ class BoardBackend:
     def step(self, token: int, position: int, registers: dict | None = None) -> Step:
         counters = self._run(register_args(self.program, token, position, registers))
         regs = self.program.manifest["registers"]
-        out = self.program.manifest["logits"]
-        m, e = self.read_vector(out["addr"], out["len"])
-        return Step(self.read_register(int(regs["next_token"])), nx.to_float(m, e), counters)
+        logits = read_logits(self.program.manifest["logits"], self.read_vector)
+        return Step(self.read_register(int(regs["next_token"])), logits, counters)
 
     def reset(self) -> None:
         self.client.reset()

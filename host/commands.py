@@ -43,7 +43,8 @@ def compile_main(args) -> int:
         Tokenizer.from_file(tok_path, None)
     b, report = compile_model(str(args.model), args.config, weights=WEIGHT_CHOICES[args.weights], group_size=args.group_size,
                               max_seq=args.max_seq, kv_capacity=args.kv_capacity, method=args.quant,
-                              dump_dir=args.dump_dir, host_ops=getattr(args, "offload_device", "auto") != "none")
+                              dump_dir=args.dump_dir, host_ops=getattr(args, "offload_device", "auto") != "none",
+                              logits=not getattr(args, "no_logits", False))
     if tok_path is not None:
         b.tokenizer = tok_path.read_bytes()
         Tokenizer(b.tokenizer, b.manifest["logits"]["len"], where=f"tokenizer {tok_path}")
@@ -93,6 +94,7 @@ def run_program(program, prompt, new_tokens, backend="isa", check=None, waves=No
         if check is not None:
             from .reference import open_reference
 
+            session._check_logits("--check")
             reference = open_reference(check, session.vocab)
         if on_text is not None:
             for piece in gen.text_stream():
@@ -144,6 +146,8 @@ def run_main(args) -> int:
         raise SessionError(f"{', '.join(given)}: for raw instruction streams only; {args.program} is a program "
                            "bundle, which carries its own configuration, memory image and registers")
     program = kvbundle.from_bytes(blob)
+    if args.dump and "logits" in program.manifest and not kvbundle.logits_records(program.manifest["logits"]):
+        raise SessionError(f"--dump writes logits, and {args.program} was compiled with --no-logits")
     text = getattr(args, "text", None)
     if text is not None and args.prompt is not None:
         raise SessionError("--text and --prompt: give one (text through the program's tokenizer, or token ids)")

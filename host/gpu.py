@@ -379,6 +379,9 @@ class GpuBackend:
         m = program.manifest
         self.regs_map = m["registers"]
         self.max_seq = int(m["max_seq"])
+        if "tiles" in m["logits"]:  # the lowering below reads one logits record and has no ARGMAXACC
+            raise ValueError("--backend gpu does not run an LM head tiled over the accumulator buffer (ARGMAXACC); "
+                             "compile for a config whose accumulator buffer holds the vocabulary")
         self.logits_addr, self.vocab = m["logits"]["addr"], m["logits"]["len"]
         t0 = time.perf_counter()
         ops = lower(program, torch, self.device, self.dtype)

@@ -26,6 +26,7 @@ import numpy as np
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
+from kvoverlay.bundle import read_logits
 
 from .backend import GoldenBackend, RtlBackend, Step, kv_layers, outside_kv_buffer, register_args
 
@@ -479,9 +480,8 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
         self.placement = placement(self.program.manifest, position, self.residency, self.device,
                                    device_layers=kv_layers(self.program, self.device_layers))
         counters.placement = self.placement
-        out = self.program.manifest["logits"]
-        m, e = self.model.read_vector_record(out["addr"], out["len"])
-        return Step(self.model.regs[self.program.manifest["registers"]["next_token"]], nx.to_float(m, e), counters)
+        logits = read_logits(self.program.manifest["logits"], self.model.read_vector_record)
+        return Step(self.model.regs[self.program.manifest["registers"]["next_token"]], logits, counters)
 
     def _hook(self, position, off):
         model = self.model

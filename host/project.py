@@ -10,7 +10,8 @@ cards, two all-reduces of the int64 accumulators per layer) and the inter-card l
 What is a projection here and not the built overlay: a model whose KV the config's buffer cannot hold reads its KV
 from external memory, modelled as streaming at the port's rate under the attention engine (the overlay as built
 sends such KV to the offload device instead); a vocabulary beyond the accumulator buffer is tiled, one GEMV, REQ
-and ARGMAX per tile (the compiler refuses such an LM head today). Both are said in the result.
+and ARGMAX per tile (the compiler tiles such a head into halves of the accumulator buffer, with a store-queue
+ARGMAXACC beside each next GEMV, which this projection does not model). Both are said in the result.
 """
 
 from __future__ import annotations
@@ -279,7 +280,8 @@ def project(model: str, config, weights: str = "int4", devices: int = 1, context
                            "goes to the offload device)")
     if any(ins.fields["rows"] > config.acc_buffer_words for ins in gemvs) or \
             math.ceil(shape.vocab / devices) > min(config.acc_buffer_words, MAX_TILE_ROWS):
-        assumptions.append("the LM head tiled into GEMVs of at most 32768 rows (the compiler refuses it today)")
+        assumptions.append("the LM head tiled into GEMVs of at most 32768 rows, each with its REQ (the compiler's "
+                           "tiles are halves of the accumulator buffer, its ARGMAXACC beside the next GEMV)")
     if devices > 1:
         assumptions.append("two ring all-reduces of the int64 accumulators per layer, not overlapped with compute")
     return {

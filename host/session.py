@@ -276,6 +276,17 @@ class Session:
         m = self.program.manifest
         return int(m["logits"]["len"] if "logits" in m else m["io"]["outputs"]["logits"]["shape"][-1])
 
+    @property
+    def has_logits(self) -> bool:
+        """Whether the program leaves logits (one compiled with ``--no-logits`` leaves only the next token)."""
+        m = self.program.manifest
+        return "logits" not in m or bool(kvbundle.logits_records(m["logits"]))
+
+    def _check_logits(self, what: str):
+        if not self.has_logits:
+            raise SessionError(f"{what} needs logits, and this program was compiled with --no-logits (greedy "
+                               "decoding only)")
+
     # ------------------------------------------------------------ checks, run before any step
     def _check_tokens(self, tokens, what="token"):
         for token in tokens:
@@ -354,6 +365,9 @@ class Session:
             sampler = Sampler(temperature, top_k, top_p, seed)
         except ValueError as exc:
             raise SessionError(str(exc)) from None
+        if not sampler.greedy:
+            self._check_logits("sampling")
+        output_logits = output_logits and self.has_logits
         feed = ([self._pending] if self._pending is not None else []) + prompt
         if not feed and self._last is None:
             raise SessionError("nothing to continue: give a prompt (or call prefill() first)")
@@ -379,6 +393,7 @@ class Session:
         step for step even where their greedy choices differ.
         """
         self._check_live()
+        self._check_logits("teacher-forced logits (perplexity, --check)")
         feed = [int(t) for t in prompt] + [int(t) for t in tokens[:-1]]
         self._check_tokens(feed)
         self._pending = None

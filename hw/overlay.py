@@ -16,6 +16,7 @@ from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 
+from .argmax_unit import ArgmaxUnit
 from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
 from .frontend import Frontend
@@ -58,7 +59,7 @@ UNITS = {
     "compute": {"gemv": ("GEMV",), "req": ("REQ",),
                 "vector": ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX"),
                 "attention": ("KVAPPEND", "ATTN")},
-    "store": {"store": ("STORE", "STACC")},
+    "store": {"store": ("STORE", "STACC"), "argmax": ("ARGMAXACC",)},
 }
 #: Queues whose units the memory arbiter serves first, highest priority first.
 DRAM_PRIORITY = ("store", "load", "compute")
@@ -129,7 +130,7 @@ class Overlay(wiring.Component):
         # ------------------------------------------------------------ units
         m.submodules.frontend = fe = Frontend(cfg)
         units = {"load": LoadUnit(cfg), "ldrow": LdrowUnit(cfg), "gemv": GemvUnit(cfg), "req": ReqUnit(cfg),
-                 "store": StoreUnit(cfg), "vector": VectorUnit(cfg), "attention": AttentionEngine(cfg)}
+                 "store": StoreUnit(cfg), "argmax": ArgmaxUnit(cfg), "vector": VectorUnit(cfg), "attention": AttentionEngine(cfg)}
         for name, unit in units.items():
             m.submodules[f"{name}_unit"] = unit
         # the KV buffer persists across runs: a decode session appends one token per run

@@ -14,7 +14,7 @@ from amaranth.lib.wiring import In, Out
 from .ports import Fault
 from .state import OnChipState, host_signature
 
-__all__ = ["UnitSimTop"]
+__all__ = ["UnitSimTop", "execute", "write_acc"]
 
 
 class UnitSimTop(wiring.Component):
@@ -62,3 +62,25 @@ class UnitSimTop(wiring.Component):
             m.d.sync += before.eq(before + 1)
         m.d.comb += self.cycles.eq(before + unit.busy)
         return m
+
+
+async def write_acc(ctx, top: UnitSimTop, base: int, words) -> None:
+    """Testbench step: write int64 *words* into the accumulator buffer from word *base*, one per cycle."""
+    host = top.host
+    for i, w in enumerate(words):
+        ctx.set(host.acc_w.addr, base + i)
+        ctx.set(host.acc_w.data, int(w) & ((1 << 64) - 1))
+        ctx.set(host.acc_w.en, 1)
+        await ctx.tick()
+    ctx.set(host.acc_w.en, 0)
+
+
+async def execute(ctx, top: UnitSimTop, word: int) -> tuple:
+    """Testbench step: issue instruction *word* and wait for ``done``; returns ``(fault, busy cycles)``."""
+    ctx.set(top.cmd.payload.as_value(), word)
+    ctx.set(top.cmd.valid, 1)
+    await ctx.tick()
+    ctx.set(top.cmd.valid, 0)
+    while not ctx.get(top.done):
+        await ctx.tick()
+    return Fault(ctx.get(top.fault)), ctx.get(top.cycles)

@@ -79,6 +79,9 @@ def accesses(ins: isa.Instr) -> list[Access]:
     elif op == "ARGMAX":
         vec("x", f["len"])
         reg("rd", True)
+    elif op == "ARGMAXACC":
+        acc("acc", f["len"])
+        reg("rd", True)
     elif op == "KVAPPEND":
         n = f["heads"] * f["head_dim"]
         vec("k", n), vec("v", n)

@@ -27,11 +27,15 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import isa
+from . import numerics as nx
 from .config import ConfigError, OverlayConfig
 from .fileio import write_atomic
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "BundleError", "encoded_size", "from_bytes", "load", "save", "to_bytes"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "BundleError", "encoded_size", "from_bytes", "load", "logits_records",
+           "read_logits", "save", "to_bytes"]
 
 MAGIC = b"KVOPROG\0"
 #: 2: KVAPPEND and ATTN address the KV pool by ``kv_base`` (a program of version 1 named a layer slot there, and
@@ -196,3 +200,19 @@ def load(path: str | os.PathLike) -> Bundle:
     """Read a bundle from *path*."""
     with open(path, "rb") as fh:
         return from_bytes(fh.read())
+
+
+def logits_records(spec: dict) -> list:
+    """``(address, length)`` of each vector record a program leaves its logits in (the manifest's ``logits``): one,
+    or one per tile, in row order, of an LM head tiled over the accumulator buffer (``tiles``), each tile with the
+    exponent of its own REQ; none for a program compiled without logits (``tiles`` empty, no ``addr``)."""
+    if "tiles" in spec:
+        return [(int(a), int(n)) for a, n in spec["tiles"]]
+    return [(int(spec["addr"]), int(spec["len"]))]
+
+
+def read_logits(spec: dict, read_record) -> np.ndarray | None:
+    """The logits (float64) from their records, joined, or None for a program compiled without logits:
+    *read_record(addr, length)* gives one record's ``(mantissas, exponent)``."""
+    records = logits_records(spec)
+    return np.concatenate([nx.to_float(*read_record(a, n)) for a, n in records]) if records else None

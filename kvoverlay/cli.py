@@ -176,6 +176,8 @@ def _configure_compile(p):
     p.add_argument("--tokenizer", type=Path, default=None, metavar="PATH", help="tokenizer.json to store in the "
                    "program, for --text and perplexity (default: the tokenizer.json beside the model, if any)")
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR", help="write each pass's output into DIR")
+    p.add_argument("--no-logits", action="store_true", help="leave no logits, only the next token of the on-chip "
+                   "argmax: the LM head keeps its GEMVs and ARGMAXACC, no REQ or STORE (greedy decoding only)")
     p.add_argument("--offload-device", default="auto", choices=["auto", "none"],
                    help="auto (default): ops the overlay cannot run are placed on the host's offload device; "
                         "none: they are an error")

@@ -199,6 +199,16 @@ OPCODES = (
     OpFormat("ARGMAX", 16, "compute", (Field("x", 16, "abuf", doc="input vector address"), _LEN,
                                         Field("rd", 4, "reg", doc="destination register")),
              "Index of the first largest element into a register."),
+    OpFormat("ARGMAXACC", 24, "store", (
+        Field("acc", 16, "acc", doc="accumulator word address"), _LEN,
+        Field("base", 24, doc="index of the first word in the whole vector (its tile's first row)"),
+        Field("rd", 4, "reg", doc="destination register"),
+        Field("cont", 1, doc="1: continue the argmax of the previous ARGMAXACC (its best so far competes); "
+                             "0: start a new one")),
+             "Index (base + i) of the first largest accumulator word into a register, in the store queue (beside the "
+             "next tile's GEMV): tiles of one vector (rows of one matrix at one exponent, in increasing base) chain "
+             "with cont=1, only a strictly larger word replacing the best so far, so the argmax spans the tiles and "
+             "ties go to the lowest index."),
     OpFormat("KVAPPEND", 17, "compute", (
         *_v("k", "keys of all KV heads"), *_v("v", "values of all KV heads"), _KV_BASE,
         Field("heads", 8, doc="KV heads"), _HDIM, Field("pos_reg", 4, "reg", doc="register holding the position"),

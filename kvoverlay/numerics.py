@@ -35,6 +35,7 @@ import numpy as np
 from .config import WEIGHT_FORMATS
 
 __all__ = [
+    "ACC_MIN",
     "EXP_MAX",
     "EXP_MIN",
     "GATE_TABLES",
@@ -325,7 +326,13 @@ def rope(x, ex, c, ec, s, es, heads, head_dim, mode):
     return normalize(out.reshape(-1), ey)
 
 
+#: The least accumulator word (int64): where ARGMAXACC's running best starts (the ARGMAXACC unit's reset value).
+ACC_MIN = -(1 << 63)
+
+
 def argmax(x) -> int:
+    """Index of the first largest element (ties go to the lowest index): ARGMAX over mantissas, ARGMAXACC over
+    accumulator words."""
     return int(np.argmax(_i64(x)))
 
 

@@ -33,6 +33,8 @@ STORE_OVERHEAD = 3
 STACC_OVERHEAD = 3
 #: REQ: besides two per element: check, shift computation, pipeline drain, done.
 REQ_OVERHEAD = 5
+#: ARGMAXACC: besides one per accumulator word: check, the last word's compare, the register write with done.
+ARGMAXACC_OVERHEAD = 3
 #: GEMV engine: products summed per adder-tree stage (one register stage per level of the tree).
 GEMV_TREE_FANIN = 4
 #: GEMV engine: pipeline stages besides the adder tree's (port word, window and operands, products, products
@@ -108,6 +110,11 @@ def stacc_cycles(config, length: int) -> int:
 def req_cycles(config, length: int) -> int:
     """One REQ of *length* accumulator words: a pass for the peak, a pass to round."""
     return 2 * length + REQ_OVERHEAD if length else 3
+
+
+def argmaxacc_cycles(config, length: int) -> int:
+    """One ARGMAXACC of *length* (at least 1) accumulator words: one word per cycle."""
+    return length + ARGMAXACC_OVERHEAD
 
 
 def gemv_tree_stages(config) -> int:
@@ -250,6 +257,7 @@ _UNIT_CYCLES = {
     "STACC": lambda c, ins, kv: stacc_cycles(c, ins.fields["len"]),
     "GEMV": lambda c, ins, kv: gemv_cycles(c, ins),
     "REQ": lambda c, ins, kv: req_cycles(c, ins.fields["len"]),
+    "ARGMAXACC": lambda c, ins, kv: argmaxacc_cycles(c, ins.fields["len"]),
     "KVAPPEND": lambda c, ins, kv: kvappend_cycles(c, ins.fields["heads"], ins.fields["head_dim"]),
     "ATTN": lambda c, ins, kv: attn_cycles(c, ins.fields["q_heads"], ins.fields["head_dim"], kv),
     **{op: (lambda c, ins, kv: vector_cycles(ins.op, ins.fields, c)) for op in VECTOR_OPS},

@@ -83,6 +83,9 @@ class GoldenModel:
         self.kv_v = np.zeros((words, config.vector_lanes), np.int64)
         self.kv_ek = np.full(words, nx.EXP_MIN, np.int64)
         self.kv_ev = np.full(words, nx.EXP_MIN, np.int64)
+        #: ARGMAXACC's best (accumulator word, index) so far, held in the ARGMAXACC unit from one ARGMAXACC to the next (its
+        #: reset value: the least int64 at index 0, what ``cont=1`` meets before any ARGMAXACC ran)
+        self.acc_best = (nx.ACC_MIN, 0)
         self.counters = Counters()
 
     # ------------------------------------------------------------ helpers
@@ -223,6 +226,14 @@ class GoldenModel:
                 raise ValueError("argmax of an empty vector")
             x, _ = self.vec(f["x"], 0, f["len"])
             self.regs[f["rd"]] = nx.argmax(x)
+        elif op == "ARGMAXACC":
+            if f["len"] == 0:
+                raise ValueError("argmax of an empty vector")
+            words = self.acc[self._span(self.acc, f["acc"], f["len"], "accumulator buffer")]
+            i = nx.argmax(words)
+            if not f["cont"] or int(words[i]) > self.acc_best[0]:
+                self.acc_best = (int(words[i]), f["base"] + i)
+            self.regs[f["rd"]] = self.acc_best[1]
         elif op == "KVAPPEND":
             h, d, base = f["heads"], f["head_dim"], f["kv_base"]
             pos = self.regs[f["pos_reg"]] + f["pos_imm"]

@@ -59,3 +59,12 @@ def trained_full():
     from kvoverlay.models.trained import trained_model
 
     return trained_model()
+
+
+@pytest.fixture(scope="session")
+def big_vocab_model():
+    """A random-init Llama export with a real vocabulary (49,152 rows, as SmolLM2's) and one small layer: an LM head
+    taller than every small preset's accumulator buffer (``.cache/models``)."""
+    from kvoverlay.models import exported
+
+    return exported.export_model("llama", vocab_size=49152, num_hidden_layers=1)

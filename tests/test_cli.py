@@ -106,3 +106,19 @@ def test_disasm_reads_program_bundles(tmp_path):
     blob[-1] ^= 0xFF
     path.write_bytes(bytes(blob))
     assert_one_line_error(kvo("disasm", path), "prog.kvo", "checksum")
+
+
+def test_compile_no_logits_then_run(tmp_path):
+    """``compile --no-logits`` makes a greedy-only program: ``run`` prints its tokens, while ``run --dump`` (which
+    writes logits) and sampling are one-line errors before any step."""
+    from kvoverlay.models.demo import build_llama_onnx
+
+    build_llama_onnx(tmp_path / "demo.onnx")
+    out = tmp_path / "bare.kvo"
+    res = kvo("compile", tmp_path / "demo.onnx", "-o", out, "--weights", "int8", "--max-seq", "8", "--no-logits")
+    assert res.returncode == 0, res.stderr
+    res = kvo("run", out, "--prompt", "5,17,42", "--max-new-tokens", "3")
+    assert res.returncode == 0 and res.stdout.startswith("tokens: "), res.stderr
+    assert_one_line_error(kvo("run", out, "--max-new-tokens", "3", "--dump", tmp_path / "x.npz"), "--no-logits")
+    assert not (tmp_path / "x.npz").exists()
+    assert_one_line_error(kvo("run", out, "--max-new-tokens", "3", "--temperature", "0.8"), "sampling", "--no-logits")

@@ -6,13 +6,14 @@ from kvoverlay.compiler.codegen import insert_tokens
 from kvoverlay.compiler.driver import compile_model
 from kvoverlay.compiler.frontend import CompileError
 from kvoverlay.host.reference import ort_decode
-from kvoverlay.host.session import Session
+from kvoverlay.host.session import Session, SessionError
 from kvoverlay.models.demo import build_llama_onnx
 from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
+from kvoverlay.timing import unit_cycles
 
 CFG = PRESETS["tiny"]
 
@@ -126,3 +127,53 @@ def test_gpt2_of_five_heads_of_16_compiles_for_tiny():
     tokens, _ = ort_decode(str(path), list(CHECK_PROMPT), 8)
     with Session(b, offload_device="none") as s:
         assert s.generate(list(CHECK_PROMPT), 8).tokens == tokens
+
+
+@pytest.mark.parametrize("preset", ["tiny", "ulx3s"])
+def test_lm_head_of_49152_rows_is_tiled_and_token_exact(big_vocab_model, preset):
+    """A head taller than the accumulator buffer compiles as tiles of at most half of it (GEMV, REQ, ARGMAXACC
+    chained from the first tile, STORE of the tile's logits record), and the golden model follows onnxruntime."""
+    cfg, prompt, new = PRESETS[preset], [5, 17, 42], 6
+    b, _ = compile_model(str(big_vocab_model), preset, weights="int8", max_seq=len(prompt) + new)
+    tiles = b.manifest["logits"]["tiles"]
+    rows = [n for _, n in tiles]
+    assert sum(rows) == b.manifest["logits"]["len"] == 49152 and max(rows) <= cfg.acc_buffer_words // 2
+    chain = [i for i in b.instructions if i.op == "ARGMAXACC"]
+    assert [(i.base, i.len, i.cont, i.rd) for i in chain] == [
+        (sum(rows[:k]), n, int(k > 0), b.manifest["registers"]["next_token"]) for k, n in enumerate(rows)]
+    assert not any(i.op == "ARGMAX" for i in b.instructions)
+    stores = {i.addr: i.len for i in b.instructions if i.op == "STORE"}
+    assert all(stores.get(a) == n for a, n in tiles)
+
+    res = Session(b).generate(prompt, new)
+    ref_tokens, ref_logits = ort_decode(str(big_vocab_model), prompt, new, forced=res.tokens)
+    assert res.tokens == ref_tokens
+    cos = [float(a @ r / np.linalg.norm(a) / np.linalg.norm(r)) for a, r in zip(res.logits, ref_logits, strict=True)]
+    assert min(cos) > 0.999
+
+    # without logits the head keeps its GEMVs and the ARGMAXACC chain: the same tokens, the tiles at the port rate
+    bare, _ = compile_model(str(big_vocab_model), preset, weights="int8", max_seq=len(prompt) + new, logits=False)
+    assert bare.manifest["logits"] == {"len": 49152, "tiles": []}
+    head = bare.instructions[next(i for i, ins in enumerate(bare.instructions) if ins.op == "ARGMAXACC") - 1:]
+    assert {i.op for i in head} == {"GEMV", "ARGMAXACC", "END"}
+    s = Session(bare)
+    fast = s.generate(prompt, new).result()
+    assert fast.tokens == res.tokens and fast.logits == []
+    gemv = sum(unit_cycles(cfg, i) for i in head if i.op == "GEMV")
+    # the ARGMAXACCs (one cycle a row) hide under the GEMVs: the whole step is within 5% of the head's GEMVs alone
+    assert gemv < fast.step_cycles[-1] < 1.05 * gemv < res.step_cycles[-1]
+    with pytest.raises(SessionError, match="no-logits"):
+        s.generate(prompt, 1, temperature=1.0)
+    with pytest.raises(SessionError, match="no-logits"):
+        s.teacher_forced(prompt, [1])
+
+
+def test_no_logits_on_a_head_that_fits(tmp_path):
+    """--no-logits tiles even a head the buffer holds, so no program needs the logits vector for its argmax."""
+    onnx_path = tmp_path / "demo.onnx"
+    build_llama_onnx(onnx_path)
+    full, _ = compile_model(str(onnx_path), "tiny", weights="int8", max_seq=12)
+    bare, _ = compile_model(str(onnx_path), "tiny", weights="int8", max_seq=12, logits=False)
+    assert "tiles" not in full.manifest["logits"] and any(i.op == "ARGMAX" for i in full.instructions)
+    assert not any(i.op in ("ARGMAX", "STORE") for i in bare.instructions)
+    assert Session(bare).generate([5, 17, 42], 8).tokens == Session(full).generate([5, 17, 42], 8).tokens

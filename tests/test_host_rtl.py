@@ -363,3 +363,16 @@ def test_gpt2_of_five_heads_fits_the_kv_pool(rtl_model):
     program, _ = compile_model(str(path), "tiny", weights="int8", max_seq=8)
     assert [v["kv_base"] for v in program.manifest["kv"]["layers"].values()] == [0, 20]
     assert_same_generation(program, [3, 11], 3)
+
+
+def test_lm_head_tiled_over_the_accumulator_buffer(rtl_model, big_vocab_model):
+    """A 49,152-row LM head on tiny: 49 tiles alternating between the accumulator buffer's halves, the store queue's
+    ARGMAXACC chained over them beside the next tile's GEMV, and a logits record per tile. The RTL's next tokens and
+    joined logits are the golden model's, bit for bit."""
+    program, _ = compile_model(str(big_vocab_model), "tiny", weights="int8", max_seq=3)
+    assert len(program.manifest["logits"]["tiles"]) == 49
+    assert_same_generation(program, [5], 2)  # the second step feeds the chained ARGMAXACC's token back
+    bare, _ = compile_model(str(big_vocab_model), "tiny", weights="int8", max_seq=3, logits=False)
+    gold = Session(bare, "isa").generate([5], 2).tokens
+    with Session(bare, "rtl") as sess:  # the head as GEMVs and ARGMAXACCs alone
+        assert sess.generate([5], 2).tokens == gold

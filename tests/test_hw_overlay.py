@@ -401,7 +401,8 @@ def random_full_program(rng, cfg):
     LOADs (and an LDROW) fill the activation buffer; the compute queue appends tokens to the KV buffer (KVAPPEND
     through a position register), attends over them (ATTN, GQA), runs GEMV/REQ, every vector op (VADD, VMUL,
     VSCALE, ACT in each function, NORM in each kind, ROPE in each mode, ARGMAX), partly on each other's results;
-    STORE/STACC write results out. One token orders load -> compute and one compute -> store, so program order
+    STORE/STACC write results out, and ARGMAXACC chains an argmax over the GEMV's accumulators and the attention
+    statistics. One token orders load -> compute and one compute -> store, so program order
     (the golden model) and the decoupled hardware must agree.
     """
     lanes = 2 * cfg.port_bytes
@@ -508,6 +509,9 @@ def random_full_program(rng, cfg):
         lines.append(f"STORE src={src} src_e=E{e} len={length} addr={out_addr:#x}" + (" pop_prev" if i == 0 else ""))
         out_addr += 0x200
     lines.append(f"STACC acc=100 len={2 * qh} addr={out_addr:#x}")
+    # an argmax chained over two "tiles": the GEMV's accumulators, then the attention statistics
+    lines.append(f"ARGMAXACC acc=10 len={rows} base=0 rd=R7 cont=0")
+    lines.append(f"ARGMAXACC acc=100 len={2 * qh} base={rows} rd=R7 cont=1")
     lines.append("END")
     args = [0, pos_base, 2 * pos_base, 1]
     return isa.assemble("\n".join(lines)), bytes(img.data), args

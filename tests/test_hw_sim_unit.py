@@ -10,7 +10,7 @@ pytest.importorskip("amaranth")
 from amaranth.sim import Simulator
 from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.req_unit import ReqUnit
-from kvoverlay.hw.sim_unit import UnitSimTop
+from kvoverlay.hw.sim_unit import UnitSimTop, execute, write_acc
 
 from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
@@ -29,25 +29,14 @@ def run_req(acc_words, exp, dst):
     out = {}
 
     async def tb(ctx):
-        for i, w in enumerate(acc_words):
-            ctx.set(host.acc_w.addr, 5 + i)
-            ctx.set(host.acc_w.data, int(w) & ((1 << 64) - 1))
-            ctx.set(host.acc_w.en, 1)
-            await ctx.tick()
-        ctx.set(host.acc_w.en, 0)
+        await write_acc(ctx, top, 5, acc_words)
         ctx.set(host.ereg_w.addr, 3)
         ctx.set(host.ereg_w.data, exp)
         ctx.set(host.ereg_w.en, 1)
         await ctx.tick()
         ctx.set(host.ereg_w.en, 0)
         ins = isa.Instr("REQ", {"acc": 5, "acc_e": 3, "len": n, "dst": dst, "dst_e": 4})
-        ctx.set(top.cmd.payload.as_value(), isa.encode(ins))
-        ctx.set(top.cmd.valid, 1)
-        await ctx.tick()
-        ctx.set(top.cmd.valid, 0)
-        while not ctx.get(top.done):
-            await ctx.tick()
-        out["fault"], out["cycles"] = Fault(ctx.get(top.fault)), ctx.get(top.cycles)
+        out["fault"], out["cycles"] = await execute(ctx, top, isa.encode(ins))
         await ctx.tick()
         ctx.set(host.ereg_r.addr, 4)
         out["exp"] = ctx.get(host.ereg_r.data)
