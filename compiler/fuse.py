@@ -53,8 +53,9 @@ class Fuser:
     """The walk, and what the fusion rules share: the graph index, the overlay graph being built, and the
     tensor tables (identical tensors stored once)."""
 
-    def __init__(self, graph: Graph, *, max_seq: int, logits: str = "logits"):
+    def __init__(self, graph: Graph, *, max_seq: int, logits: str = "logits", lanes: int | None = None):
         self.g = graph
+        self.lanes = lanes  # the overlay's vector_lanes, where a rule's choice depends on it (None: any)
         self.ix = GraphIndex(graph)
         self.max_seq = max_seq
         self.out = OverlayGraph()
@@ -180,6 +181,7 @@ class Fuser:
         self.fail(v, f"is not supported on the overlay; supported: {SUPPORTED}")
 
 
-def fuse(graph: Graph, *, max_seq: int) -> OverlayGraph:
-    """Fuse a folded decode-step graph into overlay operations (see the module docstring)."""
-    return Fuser(graph, max_seq=max_seq).run()
+def fuse(graph: Graph, *, max_seq: int, lanes: int | None = None) -> OverlayGraph:
+    """Fuse a folded decode-step graph into overlay operations (see the module docstring) for an overlay of *lanes*
+    vector lanes (None: the ops for any)."""
+    return Fuser(graph, max_seq=max_seq, lanes=lanes).run()

@@ -206,7 +206,11 @@ class GoldenModel:
             g, eg = self.vec(f["g"], f["g_e"], f["len"])
             if f["len"] == 0:
                 raise ValueError("normalization of an empty vector")
-            self.put(f["dst"], f["dst_e"], *nx.norm(x, ex, g, eg, f["eps_m"], f["eps_e"], isa.ENUMS["norm"][f["kind"]]))
+            kind, hd = isa.ENUMS["norm"][f["kind"]], f["head_dim"]
+            if hd and (kind != "rms" or hd % self.config.vector_lanes):
+                raise ValueError(f"a NORM over each head is an RMSNorm over heads of a multiple of vector_lanes="
+                                 f"{self.config.vector_lanes}, got {kind} over heads of {hd}")
+            self.put(f["dst"], f["dst_e"], *nx.norm(x, ex, g, eg, f["eps_m"], f["eps_e"], kind, hd))
         elif op == "ACT":
             x, ex = self.vec(f["x"], f["x_e"], f["len"])
             self.put(f["dst"], f["dst_e"], *nx.act(x, ex, isa.ENUMS["func"][f["func"]]))
