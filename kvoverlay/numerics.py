@@ -264,7 +264,7 @@ def norm_heads(x, ex, g, eg, eps_m, eps_e, kind, head_dim):
     """An RMSNorm over each head of *head_dim* elements of x (the last head takes what is left), one output exponent.
 
     The vector's shared exponent leaves a head far below its peak only a few mantissa bits, so each head is first
-    shifted left (exactly) by ``t`` bits until its peak takes MANT_BITS bits; its ``r = rsqrt(...)`` of exponent
+    shifted left (exactly) by ``t >= 0`` bits until its peak takes at least MANT_BITS bits; its ``r = rsqrt(...)`` of exponent
     ``er`` then scales the shifted mantissas, whose exponent is ``ex - t``. The heads' products share the exponent
     ``ex + F``, F the largest ``er - t`` of a nonzero head: every other head's ``r`` is rounded right by
     ``F - (er - t)`` bits, a scalar shift per head (the products stay below 2**40 as over a whole vector).
@@ -281,7 +281,7 @@ def norm_heads(x, ex, g, eg, eps_m, eps_e, kind, head_dim):
         if peak == 0:
             heads.append((h, None, 0))
             continue
-        t = MANT_BITS - bitlen(peak)
+        t = max(0, MANT_BITS - bitlen(peak))  # -2**15 already takes 16 bits
         h = h << t
         r, er = _norm_recip(int(np.sum(h * h)), h.size, ex - t, eps_m, eps_e)
         heads.append((h, r, er - t))

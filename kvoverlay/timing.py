@@ -187,6 +187,12 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         if layer:  # n * Q, S * S and S * r
             steps += [multiplier_cycles(w["mul_b"], k)] * 3
         scalar = sum(c + 2 for c in steps) + 2 + 1  # + eps alignment, scalar rounding, pass set-up
+        if fields.get("head_dim"):
+            # over each head, three rounds: per head a statistics pass, the scalar sequence and its ALIGN state;
+            # then per head its scalars loaded and a peak pass, drained; then the same with a write pass
+            hd, n = fields["head_dim"], fields["len"]
+            chunks = [_ceil(min(hd, n - lo), V) for lo in range(0, n, hd)]
+            return sum(c + scalar + 2 + 2 * (c + VECTOR_PIPE_DEPTH + 4) for c in chunks) + 1 + done
         return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 

@@ -64,7 +64,7 @@ def _norm_heads(fz, v, node, x, gain, eps, kind, head_dim):
     n = fz.ix.numel(v)
     if head_dim is None or head_dim == n:
         return fz.add(Norm, v, [fz.vector(x)], node.name, gain=fz.store(fz.out.consts, "c", gain), eps=eps, kind=kind)
-    if fz.lanes is None or head_dim % fz.lanes == 0:
+    if (fz.lanes is None or head_dim % fz.lanes == 0) and n <= isa.NORM_MAX_HEADS * head_dim:
         return fz.add(Norm, v, [fz.vector(x)], node.name, gain=fz.store(fz.out.consts, "c", gain), eps=eps,
                       kind=kind, head_dim=head_dim)
     xv = fz.vector(x)
