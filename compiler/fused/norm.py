@@ -62,11 +62,11 @@ def _norm_heads(fz, v, node, x, gain, eps, kind, head_dim):
     """The norm of *x* with the gain vector *gain* of *v*'s length, over the whole vector (*head_dim* None) or over
     each head: one NORM with ``head_dim`` where the vector unit walks the heads chunk by chunk, else a row each."""
     n = fz.ix.numel(v)
-    if head_dim is None or head_dim == n:
-        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=fz.store(fz.out.consts, "c", gain), eps=eps, kind=kind)
-    if (fz.lanes is None or head_dim % fz.lanes == 0) and n <= isa.NORM_MAX_HEADS * head_dim:
-        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=fz.store(fz.out.consts, "c", gain), eps=eps,
-                      kind=kind, head_dim=head_dim)
+    whole = head_dim is None or head_dim == n
+    if whole or ((fz.lanes is None or head_dim % fz.lanes == 0) and n <= isa.NORM_MAX_HEADS * head_dim):
+        g = fz.store(fz.out.consts, "c", gain)  # stored before x's ops, as it always was
+        heads = {} if whole else {"head_dim": head_dim}
+        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind, **heads)
     xv = fz.vector(x)
     gains = [fz.store(fz.out.consts, "c", gain[lo:lo + head_dim].copy()) for lo in range(0, n, head_dim)]
     return _rows(fz, v, node, xv, gains, head_dim, eps, kind)
@@ -90,7 +90,8 @@ def _gained(fz, v, node):
     x, eps, kind, head_dim = core
     c = fz.ix.const(gain).astype(np.float64).reshape(-1)
     if head_dim is None:
-        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=fz.const_vector(gain, n), eps=eps, kind=kind)
+        g = fz.const_vector(gain, n)
+        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
     if c.size not in (head_dim, n):  # size 1 left this rule above
         fz.fail(v, f"has a gain of {c.size} elements for heads of {head_dim}")
     return _norm_heads(fz, v, node, x, np.resize(c, n), eps, kind, head_dim)
