@@ -445,7 +445,8 @@ def _quantize_uint4(wg, sexp, method, h):
         sm = np.clip(np.rint(peak * ratio / 8 * unit), 1, _UINT4_SCALE_MAX)
         s = sm / unit
         q = np.clip(np.rint(wg / s[..., None]) + z[..., None], 0, 15)
-        err = np.sum(h * ((q - z[..., None]) * s[..., None] - wg) ** 2, axis=-1)
+        # the error only ranks the mse search's candidates: rtn skips a pass over every weight
+        err = np.sum(h * ((q - z[..., None]) * s[..., None] - wg) ** 2, axis=-1) if method == "mse" else None
         return q, sm.astype(np.int64) | (z.astype(np.int64) << UINT4_SCALE_BITS), err
 
     q, hdr, err = quant(1.0)
