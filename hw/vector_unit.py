@@ -521,6 +521,9 @@ class NormScalar(wiring.Component):
             m.d.comb += t.eq(nx.MANT_BITS - peak_bits)
         sum_sq = Signal(nw["sq"], name="norm_sum_sq")  # of the shifted mantissas: at most count * 2**30
         m.d.comb += sum_sq.eq(stat_sq << (t << 1))
+        n_pow2 = Signal(name="norm_n_pow2")
+        lg_n = Signal(range(nw["n"]), name="norm_lg_n")
+        m.d.comb += [n_pow2.eq((n != 0) & ((n & (n - 1)) == 0)), lg_n.eq(bit_length(m, n, "norm_n_bits") - 1)]
         layer = f.kind == isa.ENUMS["norm"].index("layer")
         ss = Signal(nw["sq"], name="norm_ss")
         ms = Signal(nw["ms_div"], name="norm_mean_sq")
@@ -618,8 +621,13 @@ class NormScalar(wiring.Component):
             with m.State("IDLE"), m.If(self.start):
                 with m.If(layer):
                     m.next = "NQ"
+                with m.Elif(self.heads & n_pow2):
+                    m.next = "MS_SHIFT"
                 with m.Else():
                     m.next = "MS"
+            with m.State("MS_SHIFT"):  # a head of 2**k elements (q/k norms): the mean square is a shift
+                m.d.sync += ms.eq((sum_sq << nx.NORM_MS_FRAC) >> lg_n)
+                m.next = "EPS"
             # LayerNorm: ss = (n * Q - S * S) // n
             multiply("NQ", stat_sq, n, then("SQUARE", nq.eq(mul.product)))
             multiply("SQUARE", sum_mag, sum_mag, then("SS"))

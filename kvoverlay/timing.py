@@ -190,9 +190,12 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         if fields.get("head_dim"):
             # over each head, three rounds: per head a statistics pass, the scalar sequence and its ALIGN state;
             # then per head its scalars loaded and a peak pass, drained; then the same with a write pass
+            # a head of 2**k elements takes its mean square by a shift (one state) instead of the division
             hd, n = fields["head_dim"], fields["len"]
-            chunks = [_ceil(min(hd, n - lo), V) for lo in range(0, n, hd)]
-            return sum(c + scalar + 2 + 2 * (c + VECTOR_PIPE_DEPTH + 4) for c in chunks) + 1 + done
+            shift = divider_cycles(w["ms_div"], k) + 2 - 1
+            heads = [min(hd, n - lo) for lo in range(0, n, hd)]
+            return sum(_ceil(h, V) + scalar - (shift if h & (h - 1) == 0 else 0) + 2
+                       + 2 * (_ceil(h, V) + VECTOR_PIPE_DEPTH + 4) for h in heads) + 1 + done
         return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 

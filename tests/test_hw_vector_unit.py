@@ -243,10 +243,12 @@ def _norm_cases(rng):
 
 def _norm_head_cases(rng):
     """RMSNorm over each head: heads of one and several chunks, a shorter last head, heads 2**12 apart in scale, a
-    zero head, -2**15, one head, in place and not, eps far below and near the data."""
+    zero head, -2**15, one head, in place and not, eps far below and near the data; heads of 2**k elements (the mean
+    square by a shift) and of 12 (by the divider)."""
     out = []
     for i, (heads, hd, kind) in enumerate([(2, 4, "random"), (3, 8, "random"), (4, 16, "small"), (1, 8, "random"),
-                                           (3, 4, "max"), (2, 8, "zerohead"), (5, 8, "scaled"), (4, 16, "equal")]):
+                                           (3, 4, "max"), (2, 8, "zerohead"), (5, 8, "scaled"), (4, 16, "equal"),
+                                           (3, 12, "random")]):
         n = heads * hd - (2 if i == 4 else 0)
         vx = _vec(rng, n, "random" if kind in ("zerohead", "scaled") else kind)
         if kind == "zerohead":
