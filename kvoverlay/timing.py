@@ -164,7 +164,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
 
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
-    (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier).
+    (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier); over
+    each head (``head_dim``), three rounds over the heads (statistics and scalars, peak passes, write passes).
     ROPE issues one pair per two cycles per pass
     and drains :data:`ROPE_PIPE_DEPTH` + 1. ARGMAX is one pass.
     """
