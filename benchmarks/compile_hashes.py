@@ -24,7 +24,7 @@ from kvoverlay.models.exported import build_onnx_ops_decoder, export_model
 
 from kvoverlay import bundle as kvbundle
 
-EXPORTED = ("llama", "mistral", "qwen2", "gpt2", "gemma", "phi3", "opt", "stablelm", "gpt_neox")
+EXPORTED = ("llama", "mistral", "qwen2", "gpt2", "gemma", "phi3", "opt", "stablelm", "gpt_neox", "qwen3")
 #: (label, weights, method)
 VARIANTS = (("w16", "w16", "mse"), ("int8", "int8", "mse"), ("int4-mse", "int4", "mse"), ("int4-rtn", "int4", "rtn"))
 

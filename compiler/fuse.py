@@ -37,24 +37,31 @@ SUPPORTED = ("embedding/position Gather and any function of position_ids (tables
              "(Concat, Slice, Gather, Transpose, Expand, reductions, ... as 0/1 GEMVs)")
 
 
-def _digest(arr: np.ndarray) -> str:
-    """Content hash of an array, by rows so that a transposed view is never copied whole."""
-    h = hashlib.sha1(str(arr.dtype).encode())
-    if arr.ndim < 2:
-        h.update(np.ascontiguousarray(arr).tobytes())
-    else:
-        step = max(1, (1 << 22) // max(1, arr[0].nbytes))
-        for i in range(0, arr.shape[0], step):
-            h.update(np.ascontiguousarray(arr[i:i + step]).tobytes())
-    return h.hexdigest()
+def _fingerprint(arr: np.ndarray) -> str:
+    """A cheap content key of an array: its dtype and a strided sample of at most a few thousand elements (hashing
+    every weight of a large model cost a fifth of its compile); equal keys are then compared whole (:func:`_same`)."""
+    k = max(1, int(4096 ** (1 / max(1, arr.ndim))))
+    sample = arr[tuple(slice(None, None, max(1, d // k)) for d in arr.shape)]
+    return hashlib.sha1(str(arr.dtype).encode() + np.ascontiguousarray(sample).tobytes()).hexdigest()
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit equal (as a hash of their bytes would find: -0.0 is not 0.0, a NaN equals itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.itemsize in (1, 2, 4, 8) and a.dtype.kind != "O":
+        bits = f"u{a.dtype.itemsize}"
+        return bool(np.array_equal(a.view(bits), b.view(bits)))
+    return a.tobytes() == b.tobytes()
 
 
 class Fuser:
     """The walk, and what the fusion rules share: the graph index, the overlay graph being built, and the
     tensor tables (identical tensors stored once)."""
 
-    def __init__(self, graph: Graph, *, max_seq: int, logits: str = "logits"):
+    def __init__(self, graph: Graph, *, max_seq: int, logits: str = "logits", lanes: int | None = None):
         self.g = graph
+        self.lanes = lanes  # the overlay's vector_lanes, where a rule's choice depends on it (None: any)
         self.ix = GraphIndex(graph)
         self.max_seq = max_seq
         self.out = OverlayGraph()
@@ -85,20 +92,24 @@ class Fuser:
         compiler's memory for nothing, since quantization works a block of rows at a time.
         """
         arr = np.asarray(array)
-        key = (prefix, arr.shape, _digest(arr))
-        if key not in self._dedupe:
-            self._dedupe[key] = f"{prefix}{len(table)}"
-            table[self._dedupe[key]] = arr
-        return self._dedupe[key]
+        name = self._shared((prefix, arr.shape, _fingerprint(arr)), arr, f"{prefix}{len(table)}")
+        table.setdefault(name, arr)
+        return name
 
     def store_table(self, kind: str, table) -> str:
         """Add a table indexed by *kind* ("token" or "position"), sharing identical ones."""
         arr = np.asarray(table)
-        key = ("t", kind, arr.shape, _digest(arr))
-        if key not in self._dedupe:
-            self._dedupe[key] = f"t{len(self.out.tables)}"
-            self.out.tables[self._dedupe[key]] = (kind, arr)
-        return self._dedupe[key]
+        name = self._shared(("t", kind, arr.shape, _fingerprint(arr)), arr, f"t{len(self.out.tables)}")
+        self.out.tables.setdefault(name, (kind, arr))
+        return name
+
+    def _shared(self, key, arr: np.ndarray, new: str) -> str:
+        """The name of a stored array equal to *arr* under *key*, else *new*, now recorded for it."""
+        for other, name in self._dedupe.setdefault(key, []):
+            if _same(other, arr):
+                return name
+        self._dedupe[key].append((arr, new))
+        return new
 
     def const_vector(self, name: str, length: int) -> str:
         """Constant *name* broadcast onto a vector of *length*, stored."""
@@ -180,6 +191,7 @@ class Fuser:
         self.fail(v, f"is not supported on the overlay; supported: {SUPPORTED}")
 
 
-def fuse(graph: Graph, *, max_seq: int) -> OverlayGraph:
-    """Fuse a folded decode-step graph into overlay operations (see the module docstring)."""
-    return Fuser(graph, max_seq=max_seq).run()
+def fuse(graph: Graph, *, max_seq: int, lanes: int | None = None) -> OverlayGraph:
+    """Fuse a folded decode-step graph into overlay operations (see the module docstring) for an overlay of *lanes*
+    vector lanes (None: the ops for any)."""
+    return Fuser(graph, max_seq=max_seq, lanes=lanes).run()

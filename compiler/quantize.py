@@ -105,7 +105,9 @@ def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_
     rows, cols = w.shape
     group = group_for(cols, group_size)
     step = max(1, _BLOCK_WEIGHTS // cols)
-    peak = max(float(np.max(np.abs(w[r:r + step]))) for r in range(0, rows, step))
+    # max |w| without a temporary of |w|: two reductions, each in the array's memory order (w is often a transposed
+    # view of the model's initializer)
+    peak = max(float(np.max(w)), -float(np.min(w))) if w.size else 0.0
     sexp = nx.scale_exponent(peak, fmt)
     addr = len(image.data)
     for r in range(0, rows, step):

@@ -92,6 +92,6 @@ def dead_code(graph: Graph) -> Graph:
             kept.append(node)
             live.update(i for i in node.inputs if i)
     graph.nodes = kept[::-1]
-    graph.values = {n: v for n, v in graph.values.items() if n in live or n in graph.inputs
-                    or any(n in nd.outputs for nd in graph.nodes)}
+    produced = {o for nd in graph.nodes for o in nd.outputs}  # one set: a walk over the nodes per value was quadratic
+    graph.values = {n: v for n, v in graph.values.items() if n in live or n in graph.inputs or n in produced}
     return graph

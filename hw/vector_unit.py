@@ -63,6 +63,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa, timing
@@ -126,6 +127,16 @@ _OPERANDS = {
 
 def _code(name):
     return isa.BY_NAME[name].code
+
+
+def norm_heads_unsupported(f, config):
+    """A NORM over each head the unit does not run: a LayerNorm, heads that are not whole chunks (it walks each head's
+    chunks, and a chunk's lanes share the head's scalars), or more than NORM_MAX_HEADS heads (it keeps their
+    scalars)."""
+    lg_v = log2_exact(config.vector_lanes)
+    partial = f.head_dim[:lg_v].any() if lg_v else 0
+    too_many = f.len > (f.head_dim << log2_exact(isa.NORM_MAX_HEADS))
+    return (f.head_dim != 0) & ((f.kind == isa.ENUMS["norm"].index("layer")) | partial | too_many)
 
 
 def _opcode(insn):
@@ -227,6 +238,8 @@ class VectorDecoder(wiring.Component):
             m.d.comb += self.fault.eq(Fault.OUT_OF_RANGE)
         with m.Elif((is_op["NORM"] | is_op["ARGMAX"]) & (self.length == 0)):
             m.d.comb += self.fault.eq(Fault.SHAPE)
+        with m.Elif(is_op["NORM"] & norm_heads_unsupported(self.insn.NORM, self.config)):
+            m.d.comb += self.fault.eq(Fault.SHAPE)
         with m.Elif(unaligned(self.src_a) | unaligned(self.src_b) | (writes & unaligned(self.dst))):
             m.d.comb += self.fault.eq(Fault.UNALIGNED)
         return m
@@ -242,10 +255,15 @@ class ChunkIssue(wiring.Component):
     Attributes
     ----------
     start : In(1)
-        Starts a pass of ``kind`` (a ``PEAK`` pass is followed by a ``WRITE`` pass).
+        Starts a pass of ``kind`` (a ``PEAK`` pass is followed by a ``WRITE`` pass unless ``single``).
     kind : In(Pass)
+    single : In(1)
+        A ``PEAK`` pass alone (NORM over each head: the peak of every head before any write).
     src_a, src_b, length : In(16)
         Element addresses of the sources (buffer-word aligned) and the element count (at least 1).
+    first : In(16)
+        The chunk a pass starts from (NORM's heads): the pass covers chunks ``first`` to the one holding element
+        ``length - 1``.
     rd_a, rd_b : Out(abuf_read(config))
     early_a, early_b : Out(ArrayLayout(signed(16), vector_lanes))
         The ports' lanes at S1, a cycle ahead of ``chunk``: port A's for the gate table's synchronous ROM, both for
@@ -264,7 +282,8 @@ class ChunkIssue(wiring.Component):
         self.config = config
         V = config.vector_lanes
         sel = _chunk_select(config)
-        super().__init__({"start": In(1), "kind": In(Pass), "src_a": In(16), "src_b": In(16), "length": In(16),
+        super().__init__({"start": In(1), "kind": In(Pass), "single": In(1), "src_a": In(16), "src_b": In(16),
+                          "length": In(16), "first": In(16),
                           "rd_a": Out(abuf_read(config)), "rd_b": Out(abuf_read(config)),
                           "early_a": Out(data.ArrayLayout(LANE, V)), "early_b": Out(data.ArrayLayout(LANE, V)),
                           "ext_select": In(1), "ext_chunk_a": In(sel), "ext_chunk_b": In(sel),
@@ -284,14 +303,14 @@ class ChunkIssue(wiring.Component):
         end = Signal(name="pass_end")
         m.d.comb += [
             end.eq(idx == ((self.length + V - 1) >> lg_v) - 1),
-            self.last.eq(issue & end & (kind != Pass.PEAK)),
+            self.last.eq(issue & end & ((kind != Pass.PEAK) | self.single)),
             self.rd_a.addr.eq((self.src_a >> lg_l) + (idx >> lg_g)), self.rd_a.en.eq(1),
             self.rd_b.addr.eq((self.src_b >> lg_l) + (idx >> lg_g)), self.rd_b.en.eq(1),
         ]
         with m.If(self.start):
-            m.d.sync += [issue.eq(1), idx.eq(0), kind.eq(self.kind)]
+            m.d.sync += [issue.eq(1), idx.eq(self.first), kind.eq(self.kind)]
         with m.Elif(issue & end):
-            m.d.sync += [idx.eq(0), kind.eq(Pass.WRITE), issue.eq(kind == Pass.PEAK)]
+            m.d.sync += [idx.eq(self.first), kind.eq(Pass.WRITE), issue.eq((kind == Pass.PEAK) & ~self.single)]
         with m.Elif(issue):
             m.d.sync += idx.eq(idx + 1)
 
@@ -327,6 +346,8 @@ class Elementwise(wiring.Component):
         Element address of the destination.
     recip, mean, recip_exp : In
         NORM's ``r``, ``d`` and the exponent of ``r``.
+    xshift : In(range(16))
+        NORM over each head: the head's left shift to full scale (0 otherwise).
     early_a : In(ArrayLayout(signed(16), vector_lanes))
     chunk : In(stream.Signature(chunk_layout(config)))
     wide : Out(stream.Signature(wide_layout(config)))
@@ -344,7 +365,7 @@ class Elementwise(wiring.Component):
         mean_bits = timing.norm_widths(config)["mean_div"] + 2
         super().__init__({"insn": In(CMD_LAYOUT), "exp_a": In(EREG_SHAPE), "exp_b": In(EREG_SHAPE), "dst": In(16),
                           "recip": In(_RECIP_BITS), "mean": In(signed(mean_bits)), "recip_exp": In(EXP_WIDE),
-                          "early_a": In(data.ArrayLayout(LANE, V)), "chunk": In(_pipe(chunk_layout(config))),
+                          "xshift": In(range(nx.MANT_BITS + 1)), "early_a": In(data.ArrayLayout(LANE, V)), "chunk": In(_pipe(chunk_layout(config))),
                           "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE),
                           "square": Out(data.ArrayLayout(SQUARE, V))})
 
@@ -393,6 +414,10 @@ class Elementwise(wiring.Component):
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
         for j in range(V):
             a, b = c.a[j], c.b[j]
+            # the multipliers' a: for a NORM over each head, the head's mantissas at full scale (exact: they stay in
+            # 16 bits); the shift is 0 for every other op and pass
+            am = Signal(LANE, name=f"mul_a{j}")
+            m.d.comb += am.eq((a << self.xshift)[:16])
             big = Signal(LANE, name=f"add_big{j}")
             small = Signal(LANE, name=f"add_small{j}")
             m.d.comb += [big.eq(Mux(b_big, b, a)), small.eq(Mux(b_big, a, b))]
@@ -411,7 +436,7 @@ class Elementwise(wiring.Component):
                 with m.Default():
                     m.d.comb += factor.eq(b)
             product = Signal(signed(16 + GATE_SHAPE.width + 1), name=f"product{j}")
-            m.d.comb += [product.eq(Mux(is_vadd, small, a) * factor), self.square[j].eq(product)]
+            m.d.comb += [product.eq(Mux(is_vadd, small, am) * factor), self.square[j].eq(product)]
             aligned = Signal(signed(16 + _GUARD), name=f"add_aligned{j}")
             with m.If(add_equal):
                 m.d.comb += aligned.eq(product << 1)
@@ -422,7 +447,7 @@ class Elementwise(wiring.Component):
             # NORM: x * r in two parts (the lane multiplier takes r's low bits), then z * g with z's top bits in
             # logic: one more MULT18X18D each
             xr_hi = Signal(signed(16 + _RECIP_BITS - _RECIP_SPLIT + 1), name=f"norm_xr_hi{j}")
-            m.d.comb += xr_hi.eq(a * self.recip[_RECIP_SPLIT:])
+            m.d.comb += xr_hi.eq(am * self.recip[_RECIP_SPLIT:])
             zr = Signal(signed(_NORM_XR_BITS), name=f"norm_xr{j}")
             m.d.comb += zr.eq(product + (xr_hi << _RECIP_SPLIT) + self.mean)
             z = Signal(signed(_NORM_Z_BITS), name=f"norm_z{j}")
@@ -451,10 +476,21 @@ class NormScalar(wiring.Component):
     to ``SCALAR_BITS`` (in :data:`~kvoverlay.timing.NORM_SCALAR_STEPS` coarse steps and one narrow round-shift;
     exponent made even), the root, ``r = 2**RSQRT_NUM // root``, and for LayerNorm ``d = floor(-S * r / n)``.
 
+    Over each head (:func:`~kvoverlay.numerics.norm_heads`) the sequence runs once per head: the statistics pass also
+    takes the head's peak, whose shift ``t`` to full scale scales the sum of squares by ``4**t`` and the exponent by
+    ``2**-t``; a last state (``ALIGN``) keeps the largest ``f = er - t`` of a nonzero head and stores the head's
+    ``(r, f, t)``. Before each of the head's passes, ``load`` rounds its ``r`` right to the largest ``f`` and hands
+    ``t`` to the lanes.
+
     Attributes
     ----------
     insn : In(LAYOUTS["NORM"])
     exp_x : In(EREG_SHAPE)
+    count : In(16)
+        The elements normalized together: the vector's, or the head's.
+    heads, reset_max, load : In(1)
+        A NORM over each head; resets the largest exponent; loads head ``head``'s aligned scalars.
+    head : In(range(NORM_MAX_HEADS))
     clear : In(1)
         Zeroes the sums (before the statistics pass).
     chunk : In(stream.Signature(chunk_layout(config)))
@@ -466,13 +502,17 @@ class NormScalar(wiring.Component):
     done : Out(1)
         The sequence's last cycle; ``recip``, ``mean`` and ``recip_exp`` hold from the next.
     recip, mean, recip_exp : Out
+    xshift : Out(range(16))
+        The head's shift to full scale, from its ``ALIGN`` state until the next ``clear`` (0 otherwise).
     """
 
     def __init__(self, config):
         self.config = config
         V = config.vector_lanes
         self.widths = timing.norm_widths(config)
-        super().__init__({"insn": In(LAYOUTS["NORM"]), "exp_x": In(EREG_SHAPE), "clear": In(1),
+        super().__init__({"insn": In(LAYOUTS["NORM"]), "exp_x": In(EREG_SHAPE), "count": In(16), "heads": In(1),
+                          "reset_max": In(1), "load": In(1), "head": In(range(isa.NORM_MAX_HEADS)),
+                          "xshift": Out(range(nx.MANT_BITS + 1)), "clear": In(1),
                           "chunk": In(_pipe(chunk_layout(config))), "square": In(data.ArrayLayout(SQUARE, V)),
                           "start": In(1), "done": Out(1),
                           "recip": Out(_RECIP_BITS), "mean": Out(signed(self.widths["mean_div"] + 2)),
@@ -494,14 +534,31 @@ class NormScalar(wiring.Component):
         c = self.chunk.payload
         chunk_sum = sum(Mux(c.mask[j], c.a[j], 0) for j in range(V))
         chunk_sq = sum(Mux(c.mask[j], self.square[j], 0) for j in range(V))
+        # over each head: the OR of the magnitudes has the peak's bit length
+        stat_peak = Signal(16, name="stat_peak")
+        chunk_peak = 0
+        for j in range(V):
+            chunk_peak = chunk_peak | Mux(c.mask[j], Mux(c.a[j] < 0, -c.a[j], c.a[j])[:16], 0)
         with m.If(self.clear):
-            m.d.sync += [stat_sum.eq(0), stat_sq.eq(0), self.recip.eq(0), self.mean.eq(0)]
+            m.d.sync += [stat_sum.eq(0), stat_sq.eq(0), stat_peak.eq(0), self.recip.eq(0), self.mean.eq(0),
+                         self.xshift.eq(0)]
         with m.Elif(self.chunk.valid & (c.kind == Pass.STATS)):
-            m.d.sync += [stat_sum.eq(stat_sum + chunk_sum), stat_sq.eq(stat_sq + chunk_sq)]
+            m.d.sync += [stat_sum.eq(stat_sum + chunk_sum), stat_sq.eq(stat_sq + chunk_sq),
+                         stat_peak.eq(stat_peak | chunk_peak)]
 
         f = self.insn
         n = Signal(nw["n"], name="norm_n")
-        m.d.comb += n.eq(f.len)
+        m.d.comb += n.eq(self.count)
+        # the head's shift to full scale t = max(0, MANT_BITS - bitlen(peak)) (0 for a zero head, or whole vectors)
+        peak_bits = bit_length(m, stat_peak, "norm_peak_bits")
+        t = Signal(range(nx.MANT_BITS + 1), name="norm_head_shift")
+        with m.If(self.heads & (peak_bits != 0) & (peak_bits < nx.MANT_BITS)):
+            m.d.comb += t.eq(nx.MANT_BITS - peak_bits)
+        sum_sq = Signal(nw["sq"], name="norm_sum_sq")  # of the shifted mantissas: at most count * 2**30
+        m.d.comb += sum_sq.eq(stat_sq << (t << 1))
+        n_pow2 = Signal(name="norm_n_pow2")
+        lg_n = Signal(range(nw["n"]), name="norm_lg_n")
+        m.d.comb += [n_pow2.eq((n != 0) & ((n & (n - 1)) == 0)), lg_n.eq(bit_length(m, n, "norm_n_bits") - 1)]
         layer = f.kind == isa.ENUMS["norm"].index("layer")
         ss = Signal(nw["sq"], name="norm_ss")
         ms = Signal(nw["ms_div"], name="norm_mean_sq")
@@ -512,7 +569,7 @@ class NormScalar(wiring.Component):
         # eps aligned to the mean square's exponent base = 2 * ex - NORM_MS_FRAC
         base = Signal(EXP_WIDE, name="norm_base")
         eps_shift = Signal(EXP_WIDE, name="norm_eps_shift")  # left shift of eps_m
-        m.d.comb += [base.eq((self.exp_x << 1) - nx.NORM_MS_FRAC), eps_shift.eq(f.eps_e - base)]
+        m.d.comb += [base.eq(((self.exp_x - t) << 1) - nx.NORM_MS_FRAC), eps_shift.eq(f.eps_e - base)]
         eps_al = round_shift_expr(m, Cat(f.eps_m, Const(0, 1)).as_signed(), -eps_shift, 17, _EPS_SHIFT_CAP,
                                   "norm_eps")
         total_next = Signal.like(total, name="norm_total_next")
@@ -540,6 +597,26 @@ class NormScalar(wiring.Component):
         sum_mag = Signal(nw["sum"], name="norm_sum_mag")
         m.d.comb += sum_mag.eq(Mux(stat_sum < 0, -stat_sum, stat_sum))
         nq = Signal(nw["n"] + nw["sq"], name="norm_nq")
+
+        # over each head: the largest f = er - t of a nonzero head (0 if none); each head's (r, f, t) kept for its
+        # passes, r then rounded right to the largest f (a zero head's f may exceed it: its r then stays, and its
+        # products are 0)
+        exp_max = Signal(EXP_WIDE, name="norm_exp_max")
+        found = Signal(name="norm_exp_found")
+        head_exp = Signal(EXP_WIDE, name="norm_head_exp")
+        m.d.comb += head_exp.eq(self.recip_exp - t)
+        with m.If(self.reset_max):
+            m.d.sync += [exp_max.eq(0), found.eq(0)]
+        kept = data.StructLayout({"r": _RECIP_BITS, "f": EXP_WIDE, "t": range(nx.MANT_BITS + 1)})
+        m.submodules.head_scalars = store = Memory(shape=kept, depth=isa.NORM_MAX_HEADS, init=[])
+        wr = store.write_port()
+        rd = store.read_port(domain="comb")
+        m.d.comb += [wr.addr.eq(self.head), rd.addr.eq(self.head), wr.data.r.eq(self.recip), wr.data.f.eq(head_exp),
+                     wr.data.t.eq(t)]
+        recip_al = round_shift_expr(m, Cat(rd.data.r, Const(0, 1)).as_signed(), exp_max - rd.data.f, _RECIP_BITS + 1, 0,
+                                    "norm_recip_aligned")
+        with m.If(self.load):
+            m.d.sync += [self.recip.eq(recip_al), self.recip_exp.eq(exp_max), self.xshift.eq(rd.data.t)]
 
         def divide(state, numerator, denominator, bits, after):
             """A state that starts a division and one that waits for it, then runs *after* in its last cycle."""
@@ -569,6 +646,8 @@ class NormScalar(wiring.Component):
                          self.recip_exp.eq(-(sc_e >> 1) + nx.RSQRT_FRAC // 2 - nx.RSQRT_NUM)]
             with m.If(layer):
                 m.next = "SUM_R"
+            with m.Elif(self.heads):
+                m.next = "ALIGN"
             with m.Else():
                 m.d.comb += self.done.eq(1)
                 m.next = "IDLE"
@@ -585,14 +664,19 @@ class NormScalar(wiring.Component):
             with m.State("IDLE"), m.If(self.start):
                 with m.If(layer):
                     m.next = "NQ"
+                with m.Elif(self.heads & n_pow2):
+                    m.next = "MS_SHIFT"
                 with m.Else():
                     m.next = "MS"
+            with m.State("MS_SHIFT"):  # a head of 2**k elements (q/k norms): the mean square is a shift
+                m.d.sync += ms.eq((sum_sq << nx.NORM_MS_FRAC) >> lg_n)
+                m.next = "EPS"
             # LayerNorm: ss = (n * Q - S * S) // n
             multiply("NQ", stat_sq, n, then("SQUARE", nq.eq(mul.product)))
             multiply("SQUARE", sum_mag, sum_mag, then("SS"))
             divide("SS", nq - mul.product, n, nw["ss_div"], then("MS", ss.eq(div.quotient)))
             # ms = (ss << NORM_MS_FRAC) // n; RMSNorm's ss is the sum of squares itself
-            divide("MS", Mux(layer, ss, stat_sq) << nx.NORM_MS_FRAC, n, nw["ms_div"],
+            divide("MS", Mux(layer, ss, sum_sq) << nx.NORM_MS_FRAC, n, nw["ms_div"],
                    then("EPS", ms.eq(div.quotient)))
             with m.State("EPS"):
                 m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next),
@@ -616,6 +700,12 @@ class NormScalar(wiring.Component):
             with m.State("SQRT_WAIT"), m.If(sq.done):
                 m.next = "RECIP"
             divide("RECIP", 1 << nx.RSQRT_NUM, sq.root, nw["recip_div"], finish_recip)
+            with m.State("ALIGN"):  # over each head: the head's scalars kept, the largest f of a nonzero head
+                m.d.comb += wr.en.eq(1)
+                with m.If((stat_peak != 0) & (~found | (head_exp > exp_max))):
+                    m.d.sync += [exp_max.eq(head_exp), found.eq(1)]
+                m.d.comb += self.done.eq(1)
+                m.next = "IDLE"
             multiply("SUM_R", sum_mag, self.recip, then("MEAN"))
             divide("MEAN", mul.product, n, nw["mean_div"], finish_mean)
         return m
@@ -922,16 +1012,31 @@ class VectorUnit(wiring.Component):
         m.submodules.argmax = argmax = Argmax(cfg)
         m.submodules.rope = rope = Rope(cfg)
         m.submodules.write_back = wb = WriteBack(cfg)
+        # NORM over each head: three rounds over the heads: each head's statistics pass and scalar sequence (the largest
+        # exponent), then each head's peak pass, then its write pass
+        heads = Signal(name="norm_heads")
+        head_lo = Signal(16, name="head_lo")  # the head's first element
+        head_end = Signal(17, name="head_end")
+        head_stop = Signal(16, name="head_stop")  # one past its last: the last head takes what is left
+        head_round = Signal(2, name="head_round")  # 0: statistics and scalars, 1: peak, 2: write
+        head_idx = Signal(range(isa.NORM_MAX_HEADS), name="head_idx")
+        hd = insn.NORM.head_dim
+        m.d.comb += [heads.eq((opcode == _code("NORM")) & (hd != 0)), head_end.eq(head_lo + hd),
+                     head_stop.eq(Mux(head_end > dec.length, dec.length, head_end))]
         m.d.comb += [
             dec.insn.eq(insn),
             self.ereg_ra.addr.eq(dec.ereg_a), self.ereg_rb.addr.eq(dec.ereg_b), self.ereg_rc.addr.eq(dec.ereg_c),
-            issue.src_a.eq(dec.src_a), issue.src_b.eq(dec.src_b), issue.length.eq(dec.length),
+            issue.src_a.eq(dec.src_a), issue.src_b.eq(dec.src_b), issue.single.eq(heads),
+            issue.length.eq(Mux(heads, head_stop, dec.length)),
+            issue.first.eq(Mux(heads, head_lo >> log2_exact(cfg.vector_lanes), 0)),
             elem.insn.eq(insn), elem.exp_a.eq(exps[0]), elem.exp_b.eq(exps[1]), elem.dst.eq(dec.dst),
-            elem.early_a.eq(issue.early_a),
+            elem.early_a.eq(issue.early_a), elem.xshift.eq(scalar.xshift),
             issue.ext_select.eq(is_rope), issue.ext_chunk_a.eq(rope.chunk_a), issue.ext_chunk_b.eq(rope.chunk_b),
             rope.lanes_a.eq(issue.early_a), rope.lanes_b.eq(issue.early_b),
             elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
             scalar.insn.eq(insn.NORM), scalar.exp_x.eq(exps[0]), scalar.square.eq(elem.square),
+            scalar.count.eq(Mux(heads, head_stop - head_lo, dec.length)), scalar.heads.eq(heads),
+            scalar.head.eq(head_idx),
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
             wb.exp_in.eq(Mux(is_rope, rope.exp, elem.exp)),
         ]
@@ -962,10 +1067,10 @@ class VectorUnit(wiring.Component):
         drain = Signal(range(max(PIPE_DEPTH, timing.ROPE_PIPE_DEPTH + 1) + 1), name="drain")
         with m.FSM(name="vec_state"):
             with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
-                m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1)]
+                m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1), head_lo.eq(0), head_idx.eq(0), head_round.eq(0)]
                 m.next = "SETUP"
             with m.State("SETUP"):
-                m.d.comb += [wb.clear.eq(1), scalar.clear.eq(1), argmax.clear.eq(1)]
+                m.d.comb += [wb.clear.eq(1), scalar.clear.eq(1), argmax.clear.eq(1), scalar.reset_max.eq(1)]
                 m.d.sync += [e.eq(port.data) for e, port in zip(exps, (self.ereg_ra, self.ereg_rb, self.ereg_rc))]
                 with m.If(dec.fault != Fault.NONE):
                     finish(dec.fault)
@@ -985,6 +1090,7 @@ class VectorUnit(wiring.Component):
             # ROPE_PIPE_DEPTH and one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
             # (the scalar sequence starts in the second, SCALAR, and reads the sums in the cycle after)
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
+                                             ("HEAD_PASS", issue.last, PIPE_DEPTH, "HEAD_NEXT"),
                                              ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),
                                              ("STATS", issue.last, 1, "SCALAR"),
                                              ("ARGMAX", issue.last, 2, "ARGMAX_WRITE")):
@@ -997,10 +1103,31 @@ class VectorUnit(wiring.Component):
                         m.next = then
             with m.State("SCALAR"):
                 m.d.comb += scalar.start.eq(1)
-                with m.If(scalar.done):
+                with m.If(scalar.done & heads):
+                    m.next = "HEAD_NEXT"
+                with m.Elif(scalar.done):
                     m.next = "NORM_PASSES"
             with m.State("NORM_PASSES"):
                 start_chunks(Pass.PEAK, "PASSES")
+            with m.State("HEAD_PASSES"):  # the head's scalars, then its peak or write pass
+                m.d.comb += scalar.load.eq(1)
+                m.next = "HEAD_PASS_START"
+            with m.State("HEAD_PASS_START"):
+                start_chunks(Mux(head_round == 1, Pass.PEAK, Pass.WRITE), "HEAD_PASS")
+            with m.State("HEAD_NEXT"):
+                with m.If(head_end < dec.length):
+                    m.d.sync += [head_lo.eq(head_end), head_idx.eq(head_idx + 1)]
+                with m.Elif(head_round == 2):
+                    m.next = "FINISH"
+                with m.Else():
+                    m.d.sync += [head_lo.eq(0), head_idx.eq(0), head_round.eq(head_round + 1)]
+                with m.If((head_end < dec.length) & (head_round == 0)):
+                    m.next = "HEAD_STATS"
+                with m.Elif((head_end < dec.length) | (head_round != 2)):
+                    m.next = "HEAD_PASSES"
+            with m.State("HEAD_STATS"):
+                m.d.comb += scalar.clear.eq(1)
+                start_chunks(Pass.STATS, "STATS")
             with m.State("FINISH"):
                 m.d.sync += [self.ereg_w.en.eq(~wb.overflow), self.ereg_w.addr.eq(dec.dst_e),
                              self.ereg_w.data.eq(wb.exp_out)]

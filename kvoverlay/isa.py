@@ -31,6 +31,7 @@ __all__ = [
     "ENUMS",
     "INSN_BITS",
     "INSN_BYTES",
+    "NORM_MAX_HEADS",
     "NUM_EREGS",
     "NUM_REGS",
     "OPCODES",
@@ -60,6 +61,8 @@ NUM_EREGS = 32
 DRAM_UNIT = 16
 #: A weight group holds GROUP_BASE << lg_group weights.
 GROUP_BASE = 8
+#: Heads of a NORM over each head: the vector unit keeps each head's scalars between its passes.
+NORM_MAX_HEADS = 64
 QUEUES = ("load", "compute", "store")
 DEP_FLAGS = ("pop_prev", "pop_next", "push_prev", "push_next")
 
@@ -187,8 +190,11 @@ OPCODES = (
     OpFormat("NORM", 13, "compute", (
         *_v("x", "input"), *_v("g", "gain (gamma)"), *_v("dst", "destination"), _LEN,
         Field("eps_m", 16, doc="epsilon mantissa"), Field("eps_e", 7, signed=True, doc="epsilon exponent"),
-        Field("kind", 1, "enum:norm", doc="rms: RMSNorm; layer: LayerNorm without bias")),
-             "RMSNorm or LayerNorm (bias is a following VADD) with gain g and epsilon eps_m * 2^eps_e."),
+        Field("kind", 1, "enum:norm", doc="rms: RMSNorm; layer: LayerNorm without bias"),
+        Field("head_dim", 11, doc="0: one norm over len; else an RMSNorm over each head of head_dim elements (q/k "
+              "norms; the last head takes what is left; at most NORM_MAX_HEADS heads), one output exponent")),
+             "RMSNorm or LayerNorm (bias is a following VADD) with gain g and epsilon eps_m * 2^eps_e, over the whole "
+             "vector or over each head."),
     OpFormat("ACT", 14, "compute", (*_v("x", "input"), *_v("dst", "destination"), _LEN,
                                      Field("func", 2, "enum:func", doc="activation")),
              "Elementwise x * gate(x): SiLU, GELU (erf), GELU (tanh) or ReLU's step."),

@@ -228,8 +228,11 @@ def rsqrt(v: int, e: int):
     return r, -e // 2 + RSQRT_FRAC // 2 - RSQRT_NUM
 
 
-def norm(x, ex, g, eg, eps_m, eps_e, kind="rms"):
-    """RMSNorm or LayerNorm (no bias) with gain g: x * rsqrt(mean(x^2) + eps) * g."""
+def norm(x, ex, g, eg, eps_m, eps_e, kind="rms", head_dim=0):
+    """RMSNorm or LayerNorm (no bias) with gain g: x * rsqrt(mean(x^2) + eps) * g, over the whole vector (*head_dim*
+    0), or an RMSNorm over each head of *head_dim* elements (:func:`norm_heads`)."""
+    if head_dim:
+        return norm_heads(x, ex, g, eg, eps_m, eps_e, kind, head_dim)
     x = _i64(x)
     n = x.size
     if kind == "rms":
@@ -241,18 +244,52 @@ def norm(x, ex, g, eg, eps_m, eps_e, kind="rms"):
         ss = int(np.sum(c * c)) // (n * n)  # sum of squared deviations, truncated
     else:
         raise ValueError(f"unknown norm kind {kind!r}")
+    r, er = _norm_recip(ss, n, ex, eps_m, eps_e)  # 1/sqrt(var + eps)
+    # c * r; for LayerNorm c carries a factor n, removed by a floor division
+    z = round_shift((c * r) // scale_n, NORM_Z_SHIFT)
+    ez = ec + er + NORM_Z_SHIFT
+    return normalize(z * _i64(g), ez + eg)
+
+
+def _norm_recip(ss: int, n: int, ex: int, eps_m: int, eps_e: int):
+    """``rsqrt(mean square + eps)`` of *n* values with sum of squares *ss* (mantissas of exponent *ex*)."""
     # mean square as an integer with exponent 2*ex - 32, eps aligned to the same exponent
     base = 2 * ex - NORM_MS_FRAC
     ms = (ss << NORM_MS_FRAC) // n
     eps = _round_shift_int(int(eps_m), base - eps_e) if eps_m else 0  # exact: the hardware adds eps exactly
     total = ms + eps
-    if total <= 0:
-        total = 1
-    r, er = rsqrt(total, base)  # 1/sqrt(var + eps)
-    # c * r; for LayerNorm c carries a factor n, removed by a floor division
-    z = round_shift((c * r) // scale_n, NORM_Z_SHIFT)
-    ez = ec + er + NORM_Z_SHIFT
-    return normalize(z * _i64(g), ez + eg)
+    return rsqrt(total if total > 0 else 1, base)
+
+
+def norm_heads(x, ex, g, eg, eps_m, eps_e, kind, head_dim):
+    """An RMSNorm over each head of *head_dim* elements of x (the last head takes what is left), one output exponent.
+
+    The vector's shared exponent leaves a head far below its peak only a few mantissa bits, so each head is first
+    shifted left (exactly) by ``t >= 0`` bits until its peak takes at least MANT_BITS bits; its ``r = rsqrt(...)`` of exponent
+    ``er`` then scales the shifted mantissas, whose exponent is ``ex - t``. The heads' products share the exponent
+    ``ex + F``, F the largest ``er - t`` of a nonzero head: every other head's ``r`` is rounded right by
+    ``F - (er - t)`` bits, a scalar shift per head (the products stay below 2**40 as over a whole vector).
+    """
+    if kind != "rms":
+        raise ValueError(f"a norm over each head is an RMSNorm, got kind {kind!r}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim={head_dim} must be positive")
+    x = _i64(x)
+    heads = []  # (shifted mantissas, r, er - t), r None for a zero head
+    for lo in range(0, x.size, head_dim):
+        h = x[lo:lo + head_dim]
+        peak = int(np.max(np.abs(h)))
+        if peak == 0:
+            heads.append((h, None, 0))
+            continue
+        t = max(0, MANT_BITS - bitlen(peak))  # -2**15 already takes 16 bits
+        h = h << t
+        r, er = _norm_recip(int(np.sum(h * h)), h.size, ex - t, eps_m, eps_e)
+        heads.append((h, r, er - t))
+    f_max = max((f for _, r, f in heads if r is not None), default=0)
+    z = np.concatenate([np.zeros(h.size, np.int64) if r is None else
+                        round_shift(h * _round_shift_int(r, f_max - f), NORM_Z_SHIFT) for h, r, f in heads])
+    return normalize(z * _i64(g), ex + f_max + NORM_Z_SHIFT + eg)
 
 
 def _table(fn, lo, hi, segments, scale):
@@ -415,7 +452,8 @@ def _quantize_uint4(wg, sexp, method, h):
         sm = np.clip(np.rint(peak * ratio / 8 * unit), 1, _UINT4_SCALE_MAX)
         s = sm / unit
         q = np.clip(np.rint(wg / s[..., None]) + z[..., None], 0, 15)
-        err = np.sum(h * ((q - z[..., None]) * s[..., None] - wg) ** 2, axis=-1)
+        # the error only ranks the mse search's candidates: rtn skips a pass over every weight
+        err = np.sum(h * ((q - z[..., None]) * s[..., None] - wg) ** 2, axis=-1) if method == "mse" else None
         return q, sm.astype(np.int64) | (z.astype(np.int64) << UINT4_SCALE_BITS), err
 
     q, hdr, err = quant(1.0)

@@ -186,7 +186,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
     (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier; the
-    rounding of the mean square plus eps in :data:`NORM_SCALAR_STEPS` steps).
+    rounding of the mean square plus eps in :data:`NORM_SCALAR_STEPS` steps); over each head (``head_dim``), three
+    rounds over the heads (statistics and scalars, peak passes, write passes).
     ROPE issues one pair per two cycles per pass
     and drains :data:`ROPE_PIPE_DEPTH` + 1. ARGMAX is one pass.
     """
@@ -210,6 +211,15 @@ def vector_cycles(op: str, fields: dict, config) -> int:
             steps += [multiplier_cycles(w["mul_b"], k)] * 3
         # + eps alignment, the staged scalar rounding, pass set-up
         scalar = sum(c + 2 for c in steps) + 1 + NORM_SCALAR_STEPS + 1 + 1
+        if fields.get("head_dim"):
+            # over each head, three rounds: per head a statistics pass, the scalar sequence and its ALIGN state;
+            # then per head its scalars loaded and a peak pass, drained; then the same with a write pass
+            # a head of 2**k elements takes its mean square by a shift (one state) instead of the division
+            hd, n = fields["head_dim"], fields["len"]
+            shift = divider_cycles(w["ms_div"], k) + 2 - 1
+            heads = [min(hd, n - lo) for lo in range(0, n, hd)]
+            return sum(_ceil(h, V) + scalar - (shift if h & (h - 1) == 0 else 0) + 2
+                       + 2 * (_ceil(h, V) + VECTOR_PIPE_DEPTH + 4) for h in heads) + 1 + done
         return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 

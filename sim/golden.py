@@ -209,7 +209,12 @@ class GoldenModel:
             g, eg = self.vec(f["g"], f["g_e"], f["len"])
             if f["len"] == 0:
                 raise ValueError("normalization of an empty vector")
-            self.put(f["dst"], f["dst_e"], *nx.norm(x, ex, g, eg, f["eps_m"], f["eps_e"], isa.ENUMS["norm"][f["kind"]]))
+            kind, hd = isa.ENUMS["norm"][f["kind"]], f["head_dim"]
+            if hd and (kind != "rms" or hd % self.config.vector_lanes or f["len"] > isa.NORM_MAX_HEADS * hd):
+                raise ValueError(f"a NORM over each head is an RMSNorm over at most {isa.NORM_MAX_HEADS} heads of a "
+                                 f"multiple of vector_lanes={self.config.vector_lanes}, got {kind} over {f['len']} "
+                                 f"elements in heads of {hd}")
+            self.put(f["dst"], f["dst_e"], *nx.norm(x, ex, g, eg, f["eps_m"], f["eps_e"], kind, hd))
         elif op == "ACT":
             x, ex = self.vec(f["x"], f["x_e"], f["len"])
             self.put(f["dst"], f["dst_e"], *nx.act(x, ex, isa.ENUMS["func"][f["func"]]))

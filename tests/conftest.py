@@ -6,11 +6,10 @@ import pytest
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "onnx_ops")
 #: optimum exports whose graphs need the general rules of issue 12: gains with an offset and scaled embeddings
 #: (gemma), Slice of GEMV outputs and rotary on part of each head (phi3, stablelm, gpt_neox: its QKV is
-#: interleaved per head), ReLU (opt)
-MORE_FAMILIES = ("gemma", "phi3", "opt", "stablelm", "gpt_neox")
-#: optimum exports the overlay refuses for now: qwen3's RMSNorm over each head of q and k (NORM normalizes
-#: its whole vector)
-REFUSED_FAMILIES = ("qwen3",)
+#: interleaved per head), ReLU (opt), RMSNorm over each head of q and k (qwen3)
+MORE_FAMILIES = ("gemma", "phi3", "opt", "stablelm", "gpt_neox", "qwen3")
+#: optimum exports the overlay refuses for now (none)
+REFUSED_FAMILIES = ()
 
 
 @pytest.fixture(scope="session")

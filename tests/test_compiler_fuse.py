@@ -90,14 +90,20 @@ def test_phi3_slices_gemvs_and_rotates_part_of_each_head(exported_models):
     assert any(np.array_equal(t[:, 4:], np.zeros((32, 4))) for t in rows)
 
 
-def test_qwen3_norm_over_each_head_is_refused(exported_models):
-    """Qwen3's q/k RMSNorms normalize each head alone; NORM normalizes its whole vector, so the compile stops at
-    the first of them with one line naming it."""
-    with pytest.raises(CompileError) as e:
-        fuse(run_passes(str(exported_models["qwen3"]), kv_len=5), max_seq=32)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("node ") and "q_norm" in msg.split(":")[0]
-    assert "RMSNorm over each head of 16" in msg and "norms over each head are not supported on the overlay yet" in msg
+def test_qwen3_norms_each_head_of_q_and_k(exported_models):
+    """Qwen3's q/k RMSNorms normalize each head alone: one NORM over each head, the gain repeated per head; an
+    overlay whose vector lanes do not divide the heads gets a NORM per head instead (rows)."""
+    og = fuse(run_passes(str(exported_models["qwen3"]), kv_len=5), max_seq=32)
+    per_head = [op for op in og.ops if op.kind == "norm" and op.attrs.get("head_dim")]
+    assert len(per_head) == 2 * len(og.kv) and all(op.attrs["head_dim"] == 16 for op in per_head)
+    # the q norm's gain (one per head element) is repeated over the 4 query heads
+    gain = og.consts[per_head[0].attrs["gain"]]
+    assert gain.size == 64 and np.array_equal(gain, np.tile(gain[:16], 4))
+    rows = fuse(run_passes(str(exported_models["qwen3"]), kv_len=5), max_seq=32, lanes=64)
+    norms = [op for op in rows.ops if op.kind == "norm"]
+    assert not any(op.attrs.get("head_dim") for op in norms)
+    # per layer: two whole-vector norms, 4 q heads and 2 k heads; the final norm
+    assert len(norms) == (2 + 4 + 2) * len(rows.kv) + 1
 
 
 def test_opt_relu_is_exact_act(exported_models):

@@ -131,6 +131,26 @@ def test_kv_full_is_an_error_naming_the_pc():
         run(model, "NOP queue=load\nKVAPPEND k=0 v=0 kv_base=0 heads=1 head_dim=8 pos_reg=R0", args=[CFG.kv_capacity])
 
 
+def test_norm_over_each_head_and_its_limits():
+    """NORM with head_dim is numerics.norm_heads; LayerNorm over heads, heads that are not whole chunks of
+    vector_lanes and more than NORM_MAX_HEADS heads are errors, as they are faults of the vector unit."""
+    model = GoldenModel(CFG)
+    rng = np.random.default_rng(12)  # its own stream: the module's RNG feeds later tests as it did
+    x, ex = nx.from_float(rng.normal(size=64) * np.repeat([0.1, 1, 10, 3], 16))
+    g, eg = nx.from_float(1 + 0.1 * rng.normal(size=64))
+    model.abuf[0:64], model.abuf[64:128] = x, g
+    model.eregs[1], model.eregs[2] = ex, eg
+    model.step(isa.Instr("NORM", {"x": 0, "x_e": 1, "g": 64, "g_e": 2, "dst": 128, "dst_e": 3, "len": 64,
+                                  "eps_m": 41943, "eps_e": -32, "kind": 0, "head_dim": 16}))
+    want, we = nx.norm_heads(x, ex, g, eg, 41943, -32, "rms", 16)
+    assert np.array_equal(model.abuf[128:192], want) and model.eregs[3] == we
+    V = CFG.vector_lanes
+    for kind, hd, n in ((1, 16, 64), (0, V + 1, 2 * V + 2), (0, V, V * (isa.NORM_MAX_HEADS + 1))):
+        with pytest.raises(ValueError, match="NORM over each head"):
+            model.step(isa.Instr("NORM", {"x": 0, "x_e": 1, "g": 0, "g_e": 2, "dst": 0, "dst_e": 3, "len": n,
+                                          "eps_m": 1, "eps_e": 0, "kind": kind, "head_dim": hd}))
+
+
 def test_deadlock_and_missing_end():
     model = GoldenModel(CFG)
     with pytest.raises(ExecError, match="pc 0: VADD: pop_prev .*deadlock"):

@@ -353,6 +353,14 @@ def test_phase_split_prefill_on_rtl(rtl_model):
     assert [s.position for s in backend.steps] == list(range(len(HYBRID_PROMPT), len(HYBRID_PROMPT) + 3))
 
 
+def test_qwen3_norms_over_each_head_on_rtl(rtl_model, exported_models):
+    """Qwen3's q/k RMSNorms over each head run as NORMs with head_dim on the vector unit: the RTL decodes exactly what
+    the golden model does (which follows onnxruntime: tests/test_host_session.py)."""
+    program, _ = compile_model(str(exported_models["qwen3"]), "tiny", weights="w16", max_seq=8)
+    assert sum(i.op == "NORM" and i.fields["head_dim"] == 16 for i in program.instructions) == 2 * 2
+    assert_same_generation(program, [3, 11], 3)
+
+
 def test_gpt2_of_five_heads_fits_the_kv_pool(rtl_model):
     """GPT-2 with 5 heads of 16 on tiny, whose KV pool is sized as 4 layers of 4 heads of 64: 5 x 4 columns per
     layer fit, and the RTL decodes it exactly as the golden model does (the golden model follows onnxruntime:

@@ -238,6 +238,32 @@ def _norm_cases(rng):
                       "eps_m": 0, "eps_e": 0, "kind": kind}
             out.append(Case(rng, "NORM", fields, [(x, _vec(rng, n, KINDS[j])), (g, _vec(rng, n))], {10: ex, 11: eg},
                             f"NORM-{isa.ENUMS['norm'][kind]}-extreme{j}-n{n}"))
+    return out + _norm_head_cases(rng)
+
+
+def _norm_head_cases(rng):
+    """RMSNorm over each head: heads of one and several chunks, a shorter last head, heads 2**12 apart in scale, a
+    zero head, -2**15, one head, in place and not, eps far below and near the data; heads of 2**k elements (the mean
+    square by a shift) and of 12 (by the divider)."""
+    out = []
+    for i, (heads, hd, kind) in enumerate([(2, 4, "random"), (3, 8, "random"), (4, 16, "small"), (1, 8, "random"),
+                                           (3, 4, "max"), (2, 8, "zerohead"), (5, 8, "scaled"), (4, 16, "equal"),
+                                           (3, 12, "random")]):
+        n = heads * hd - (2 if i == 4 else 0)
+        vx = _vec(rng, n, "random" if kind in ("zerohead", "scaled") else kind)
+        if kind == "zerohead":
+            vx[:hd] = 0
+        if kind == "scaled":
+            vx = vx // np.repeat([1, 4096, 16, 1, 256], hd)[:n]
+        x = _addr(rng, 300)
+        g = x + (-(-n // L) + 1) * L
+        dst = x if i % 2 else g + (-(-n // L) + 1) * L
+        ex, eg = int(rng.integers(-20, 6)), int(rng.integers(-20, 1))
+        eps_e = int(np.clip(2 * ex - 32 + int(rng.integers(-30, 20)), -64, 63))
+        fields = {"x": x, "x_e": 10, "g": g, "g_e": 11, "dst": dst, "dst_e": 12, "len": n,
+                  "eps_m": int(rng.integers(1, 1 << 16)), "eps_e": eps_e, "kind": 0, "head_dim": hd}
+        out.append(Case(rng, "NORM", fields, [(x, vx), (g, _vec(rng, n))], {10: ex, 11: eg},
+                        f"NORM-rms-heads{i}-{heads}x{hd}"))
     return out
 
 
@@ -250,6 +276,14 @@ def _error_cases(rng):
              [(top - L, _vec(rng, L))], {}, "err-bounds", expect_code=Fault.OUT_OF_RANGE),
         Case(rng, "NORM", {"x": 0, "x_e": 1, "g": L, "g_e": 2, "dst": 2 * L, "dst_e": 3, "len": 0},
              [(0, _vec(rng, 4))], {}, "err-norm-empty", expect_code=Fault.SHAPE),
+        Case(rng, "NORM", {"x": 0, "x_e": 1, "g": 4 * L, "g_e": 2, "dst": 8 * L, "dst_e": 3, "len": 8, "kind": 1,
+                           "head_dim": 4}, [(0, _vec(rng, 8))], {}, "err-norm-layer-heads", expect_code=Fault.SHAPE),
+        Case(rng, "NORM", {"x": 0, "x_e": 1, "g": 4 * L, "g_e": 2, "dst": 8 * L, "dst_e": 3, "len": 12,
+                           "head_dim": 6}, [(0, _vec(rng, 12))], {}, "err-norm-partial-chunk-heads",
+             expect_code=Fault.SHAPE),
+        Case(rng, "NORM", {"x": 0, "x_e": 1, "g": 80 * L, "g_e": 2, "dst": 160 * L, "dst_e": 3,
+                           "len": 4 * (isa.NORM_MAX_HEADS + 1), "head_dim": 4},
+             [(0, _vec(rng, 4 * (isa.NORM_MAX_HEADS + 1)))], {}, "err-norm-too-many-heads", expect_code=Fault.SHAPE),
         Case(rng, "ARGMAX", {"x": 0, "len": 0, "rd": 2}, [(0, _vec(rng, 4))], {}, "err-argmax-empty",
              expect_code=Fault.SHAPE),
         Case(rng, "ROPE", {"x": 0, "x_e": 1, "cos": 2 * L, "sin": 3 * L, "dst": 0, "heads": 2, "head_dim": 5},
@@ -405,7 +439,8 @@ def _amaranth_sim(cfg, cases):
 
 def _small_config_cases(rng, cfg):
     lanes = abuf_lanes(cfg)
-    w = 2 * lanes  # vector slots, two buffer words apart
+    V = cfg.vector_lanes
+    w = max(2 * lanes, 8 * V)  # vector slots, at least two buffer words apart
     return [
         Case(rng, "VADD", {"a": 0, "a_e": 1, "b": 4 * w, "b_e": 2, "dst": 8 * w, "dst_e": 3, "len": 7},
              [(0, _vec(rng, 7)), (4 * w, _vec(rng, 7))], {1: -5, 2: -9}, "cfg-VADD", cfg=cfg),
@@ -420,6 +455,11 @@ def _small_config_cases(rng, cfg):
         Case(rng, "NORM", {"x": 0, "x_e": 1, "g": 4 * w, "g_e": 2, "dst": 0, "dst_e": 3, "len": 5, "eps_m": 5000,
                            "eps_e": -40, "kind": 1},
              [(0, _vec(rng, 5)), (4 * w, _vec(rng, 5))], {1: -8, 2: -14}, "cfg-NORM", cfg=cfg),
+        # three heads of two chunks, the first far below the others: chunks walked from each head's first
+        Case(rng, "NORM", {"x": 0, "x_e": 1, "g": 4 * w, "g_e": 2, "dst": 8 * w, "dst_e": 3, "len": 6 * V,
+                           "eps_m": 5000, "eps_e": -40, "kind": 0, "head_dim": 2 * V},
+             [(0, _vec(rng, 6 * V) // np.repeat([64, 1, 1], 2 * V)), (4 * w, _vec(rng, 6 * V))], {1: -8, 2: -14},
+             "cfg-NORM-heads", cfg=cfg),
     ]
 
 

@@ -87,6 +87,44 @@ def test_activation_bound(func):
     assert float(np.max(np.abs(got - ref))) / 20 <= 2.0 ** -14
 
 
+def test_norm_over_each_head():
+    """head_dim splits an RMSNorm: each head normalized alone, one output exponent for all. Heads 3000x apart in
+    scale each keep the precision of their own mantissas (they are shifted to full scale first), a zero head stays
+    zero and does not set the shared exponent, and the last head may be shorter."""
+    rng = np.random.default_rng(12)  # its own stream: the module's RNG feeds later tests as it did
+    heads, hd = 4, 16
+    scales = np.repeat([0.01, 1, 30, 0.5], hd)
+    x, ex = nx.from_float(rng.normal(size=heads * hd) * scales)
+    g, eg = nx.from_float(1 + 0.1 * rng.normal(size=heads * hd))
+    eps = 41943 * 2.0 ** -32
+
+    def ref(x, ex, hd):
+        fx = nx.to_float(x, ex)
+        out = [h / np.sqrt(np.mean(h * h) + eps) for h in np.split(fx, range(hd, fx.size, hd))]
+        return np.concatenate(out) * nx.to_float(g, eg)[:fx.size]
+
+    got = nx.to_float(*nx.norm(x, ex, g, eg, 41943, -32, "rms", hd))
+    want = ref(x, ex, hd)
+    assert np.max(np.abs(got - want)) <= 2.0 ** -13 * np.max(np.abs(want))
+    # the smallest head (mantissas of a few bits) is normalized as well as the others, relative to its own values
+    small = slice(0, hd)
+    assert np.max(np.abs(got[small] - want[small])) <= 2.0 ** -13 * np.max(np.abs(want))
+    # a zero head
+    x0 = x.copy()
+    x0[hd:2 * hd] = 0
+    m0, e0 = nx.norm(x0, ex, g, eg, 41943, -32, "rms", hd)
+    assert not np.any(m0[hd:2 * hd])
+    assert np.max(np.abs(nx.to_float(m0, e0) - ref(x0, ex, hd))) <= 2.0 ** -13 * np.max(np.abs(want))
+    # a last head of 8
+    got = nx.to_float(*nx.norm(x[:56], ex, g[:56], eg, 41943, -32, "rms", hd))
+    assert np.max(np.abs(got - ref(x[:56], ex, hd))) <= 2.0 ** -13 * np.max(np.abs(got))
+    # all zero
+    m, e = nx.norm(np.zeros(32, np.int64), ex, g[:32], eg, 41943, -32, "rms", hd)
+    assert not np.any(m) and e == nx.EXP_MIN
+    with pytest.raises(ValueError, match="RMSNorm"):
+        nx.norm(x, ex, g, eg, 41943, -32, "layer", hd)
+
+
 def test_relu_gate_is_exact_from_one_segment_on():
     """ReLU's step table is exact for inputs of at least one table segment (2**-5) in magnitude, and zero;
     the compiler scales ACT's input up (fused/act.py) so that every nonzero input is that large."""

@@ -1,7 +1,8 @@
 """``norm``: RMSNorm (spelled out, or ``RMSNormalization``) and ``LayerNormalization``, with their gain
 (a spelled-out RMSNorm's gain is the constant vector it is multiplied by); a LayerNormalization bias
-becomes an ``addc``. A spelled-out RMSNorm over each head (Qwen3's and Gemma 3's q/k norms) is recognised
-and refused: NORM normalizes its whole vector (the ``kvpool-isa`` branch has a NORM over each head)."""
+becomes an ``addc``. A spelled-out RMSNorm over each head (Qwen3's and Gemma 3's q/k norms) is one NORM with
+``head_dim`` set and its gain repeated for every head; where the vector unit cannot walk those heads (a head_dim
+not a multiple of ``vector_lanes``), each head is normalized as a row of its own (:func:`norm_rows`)."""
 
 from __future__ import annotations
 
@@ -36,16 +37,16 @@ class Norm(VOp):
         core = norm_core(fz, v)
         if core is None:
             return _gained(fz, v, node)
-        x, eps, kind = _whole(fz, v, core)
-        n = fz.ix.numel(v)
-        g = fz.store(fz.out.consts, "c", np.ones(n))
-        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
+        x, eps, kind, head_dim = core
+        return _norm_heads(fz, v, node, x, np.ones(fz.ix.numel(v)), eps, kind, head_dim)
 
     def reference(self, ins, step):
-        x = ins[0]
+        hd = self.attrs.get("head_dim", 0) or ins[0].size
+        x = np.split(ins[0], range(hd, ins[0].size, hd))
         if self.attrs["kind"] == "layer":
-            x = x - x.mean()
-        return x / np.sqrt(np.mean(x * x) + self.attrs["eps"]) * step.og.consts[self.attrs["gain"]]
+            x = [h - h.mean() for h in x]
+        y = np.concatenate([h / np.sqrt(np.mean(h * h) + self.attrs["eps"]) for h in x])
+        return y * step.og.consts[self.attrs["gain"]]
 
     def emit(self, cg, src):
         n = cg.lengths[self.out]
@@ -53,16 +54,22 @@ class Norm(VOp):
         eps_m, eps_e = _eps_imm(self.attrs["eps"])
         dst = cg.vector(self.out)
         cg.instr("NORM", x=src[0][0], x_e=src[0][1], g=g[0], g_e=g[1], dst=dst[0], dst_e=dst[1], len=n,
-                 eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(self.attrs["kind"]))
+                 eps_m=eps_m, eps_e=eps_e, kind=isa.ENUMS["norm"].index(self.attrs["kind"]),
+                 head_dim=self.attrs.get("head_dim", 0))
 
 
-def _whole(fz, v, core):
-    """*core*'s (x, eps, kind) if it normalizes the whole vector; a CompileError naming the node if over each head."""
-    x, eps, kind, head_dim = core
-    if head_dim is not None:
-        fz.fail(v, f"is an RMSNorm over each head of {head_dim} (a q/k norm): norms over each head are not "
-                   "supported on the overlay yet")
-    return x, eps, kind
+def _norm_heads(fz, v, node, x, gain, eps, kind, head_dim):
+    """The norm of *x* with the gain vector *gain* of *v*'s length, over the whole vector (*head_dim* None) or over
+    each head: one NORM with ``head_dim`` where the vector unit walks the heads chunk by chunk, else a row each."""
+    n = fz.ix.numel(v)
+    whole = head_dim is None or head_dim == n
+    if whole or ((fz.lanes is None or head_dim % fz.lanes == 0) and n <= isa.NORM_MAX_HEADS * head_dim):
+        g = fz.store(fz.out.consts, "c", gain)  # stored before x's ops, as it always was
+        heads = {} if whole else {"head_dim": head_dim}
+        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind, **heads)
+    xv = fz.vector(x)
+    gains = [fz.store(fz.out.consts, "c", gain[lo:lo + head_dim].copy()) for lo in range(0, n, head_dim)]
+    return _rows(fz, v, node, xv, gains, head_dim, eps, kind)
 
 
 def _gained(fz, v, node):
@@ -80,9 +87,14 @@ def _gained(fz, v, node):
     core = norm_core(fz, var) if fz.ix.numel(var) == n else None
     if core is None or len(fz.ix.consumers.get(fz.ix.resolve(var), [])) > 1:
         return None
-    x, eps, kind = _whole(fz, v, core)
-    g = fz.const_vector(gain, n)
-    return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
+    x, eps, kind, head_dim = core
+    c = fz.ix.const(gain).astype(np.float64).reshape(-1)
+    if head_dim is None:
+        g = fz.const_vector(gain, n)
+        return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind)
+    if c.size not in (head_dim, n):  # size 1 left this rule above
+        fz.fail(v, f"has a gain of {c.size} elements for heads of {head_dim}")
+    return _norm_heads(fz, v, node, x, np.resize(c, n), eps, kind, head_dim)
 
 
 def _eps_imm(eps: float) -> tuple[int, int]:
@@ -114,21 +126,27 @@ def norm_rows(fz, v, node, x, scale, bias, kind, eps, axis):
     rows = fz.ix.numel(x) // m
     gain = np.broadcast_to(fz.ix.const(scale).astype(np.float64), shp[axis:]).reshape(-1)
     g = fz.store(fz.out.consts, "c", gain.copy())
-    xv = fz.vector(x)
-    if rows == 1:  # the whole tensor is one vector
-        y = fz.add(Norm, v, [xv], node.name, gain=g, eps=eps, kind=kind)
-    else:
-        y = None
-        for r in range(rows):
-            at = np.arange(r * m, (r + 1) * m)
-            yr = fz.add(Norm, v, [select(fz, v, node, xv, at)], node.name, gain=g, eps=eps, kind=kind)
-            fz.out.lengths[yr] = m
-            place = np.zeros((rows * m, m))
-            place[at, np.arange(m)] = 1.0
-            y = place_add(fz, v, node, y, place, yr)
+    y = _rows(fz, v, node, fz.vector(x), [g] * rows, m, eps, kind)
     if bias is not None:
         b = np.broadcast_to(fz.ix.const(bias).astype(np.float64), shp[axis:]).reshape(-1)
         y = fz.add(AddC, v, [y], node.name, const=fz.store(fz.out.consts, "c", np.tile(b, rows)))
+    return y
+
+
+def _rows(fz, v, node, xv, gains, m, eps, kind):
+    """Each of the ``len(gains)`` rows of *m* elements of vector *xv* selected into a vector of its own, normalized
+    with its stored gain, and put back in place by 0/1 GEMVs (``affine``)."""
+    rows = len(gains)
+    if rows == 1:  # the whole tensor is one vector
+        return fz.add(Norm, v, [xv], node.name, gain=gains[0], eps=eps, kind=kind)
+    y = None
+    for r, g in enumerate(gains):
+        at = np.arange(r * m, (r + 1) * m)
+        yr = fz.add(Norm, v, [select(fz, v, node, xv, at)], node.name, gain=g, eps=eps, kind=kind)
+        fz.out.lengths[yr] = m
+        place = np.zeros((rows * m, m))
+        place[at, np.arange(m)] = 1.0
+        y = place_add(fz, v, node, y, place, yr)
     return y
 
 
