@@ -56,6 +56,14 @@ class GemvEngine(wiring.Component):
     group scale in 17-bit limbs and M2 adds the limbs; the last stage adds into the row accumulator and writes it
     out at the row end.
 
+    Groups narrower than a window (``W`` weights: a window holds ``W / G`` groups of ``G``): each group's sum is a
+    node of the adder tree (``G = 4**l`` lanes) or the sum of two (``2 * 4**l``), taken at the tree's last stage;
+    M1/M2 scale each by its own header (the first group's through the window's multiplier, one more multiplier per
+    further group up to :func:`~kvoverlay.timing.gemv_narrow_scales`), and a fan-in-4 tree sums the scaled groups
+    (:func:`~kvoverlay.timing.gemv_narrow_stages` more stages). uint4 lanes subtract their own group's zero point.
+    Every product, group sum and scaled sum is exact, so the row accumulates ``numerics.gemv_acc``'s terms
+    modulo 2**64 in another order, with the same result.
+
     Parameters
     ----------
     config : OverlayConfig
@@ -66,8 +74,8 @@ class GemvEngine(wiring.Component):
     ----------
     cmd : In(stream.Signature(gemv_tile(config)))
         The tile, taken while idle: ``rows``, ``cols`` (a multiple of the group size),
-        ``group_log2`` (the group must hold at least one window of weights: int4
-        ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2``), ``fmt``
+        ``group_log2`` (log2 of the weights per group, at least ``log2(isa.GROUP_BASE)``; a window is int4
+        ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2`` weights), ``fmt``
         (:data:`FMT_CODES`; uint4 as int4, less its group's zero point) and ``w_base`` (word address of the first row record).
     busy, done : Out(1)
         ``busy`` from the cycle after the command until the last write; ``done`` pulses once.
@@ -339,8 +347,9 @@ class GemvEngine(wiring.Component):
         m2 = _stage(m, m1, "m2")
         fin, fprod = m2, wprod
         if nscales > 1:
-            nprods = [wprod] + [_limb_sum(m, _scale_limbs(m, v, ns, f"m1_g{g + 1}_pp"), f"m2_g{g + 1}_prod")
-                                for g, (v, ns) in enumerate(zip(nsums[1:], nscale_d))]
+            # |sum| * scale < 2**(len(sum) - 1 + 16): the scaled sums need no 64 bits
+            nprods = [wprod] + [_limb_sum(m, _scale_limbs(m, v, ns, f"m1_g{g + 1}_pp"), f"m2_g{g + 1}_prod",
+                                          min(64, len(v) + 16)) for g, (v, ns) in enumerate(zip(nsums[1:], nscale_d))]
             ntags, nlevel = m2, 0
             while len(nprods) > 1:
                 nlevel += 1
@@ -438,9 +447,9 @@ def _scale_limbs(m, value, scale, prefix: str) -> list:
     return limbs
 
 
-def _limb_sum(m, limbs: list, name: str):
-    """The registered 64-bit sum of :func:`_scale_limbs`' products."""
-    prod = Signal(signed(64), name=name)
+def _limb_sum(m, limbs: list, name: str, width: int = 64):
+    """The registered sum of :func:`_scale_limbs`' products, *width* bits."""
+    prod = Signal(signed(width), name=name)
     total = 0
     for lo, pp in limbs:
         total = total + (pp << lo)
