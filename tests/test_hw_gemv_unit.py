@@ -22,7 +22,7 @@ PROMPT = [5, 17, 42]
 NEW_TOKENS = 3
 
 
-@pytest.mark.parametrize("weights,group", [("int4-sym", 32), ("int4-asym", 16)])
+@pytest.mark.parametrize("weights,group", [("int4", 32), ("uint4", 16)])
 def test_narrow_group_program_on_ulx3s(tmp_path, weights, group):
     cfg = PRESETS["ulx3s"]
     build_model(cfg)
