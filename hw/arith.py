@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Mux, Value
 
-__all__ = ["narrow_times"]
+__all__ = ["balanced_sum", "narrow_times"]
 
 
 def narrow_times(a, b):
@@ -17,3 +17,12 @@ def narrow_times(a, b):
         term = Mux(a[k], Value.cast(b) << k, 0)
         total = total - term if k == len(a) - 1 and a.shape().signed else total + term
     return total
+
+
+def balanced_sum(terms):
+    """The sum of *terms* as a balanced tree of adders: Python's ``sum`` nests one expression per term, which
+    past about a thousand terms (a u280 port's byte strobes) overflows the recursion of Amaranth's checks."""
+    terms = list(terms)
+    while len(terms) > 1:
+        terms = [terms[k] + terms[k + 1] if k + 1 < len(terms) else terms[k] for k in range(0, len(terms), 2)]
+    return terms[0] if terms else 0

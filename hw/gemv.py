@@ -15,7 +15,7 @@ from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
-from kvoverlay.timing import GEMV_TREE_FANIN, gemv_tree_stages
+from kvoverlay.timing import GEMV_TREE_FANIN, gemv_narrow_scales, gemv_narrow_stages, gemv_tree_stages
 
 from .arith import narrow_times
 from .widths import log2_exact
@@ -56,6 +56,14 @@ class GemvEngine(wiring.Component):
     group scale in 17-bit limbs and M2 adds the limbs; the last stage adds into the row accumulator and writes it
     out at the row end.
 
+    Groups narrower than a window (``W`` weights: a window holds ``W / G`` groups of ``G``): each group's sum is a
+    node of the adder tree (``G = 4**l`` lanes) or the sum of two (``2 * 4**l``), taken at the tree's last stage;
+    M1/M2 scale each by its own header (the first group's through the window's multiplier, one more multiplier per
+    further group up to :func:`~kvoverlay.timing.gemv_narrow_scales`), and a fan-in-4 tree sums the scaled groups
+    (:func:`~kvoverlay.timing.gemv_narrow_stages` more stages). uint4 lanes subtract their own group's zero point.
+    Every product, group sum and scaled sum is exact, so the row accumulates ``numerics.gemv_acc``'s terms
+    modulo 2**64 in another order, with the same result.
+
     Parameters
     ----------
     config : OverlayConfig
@@ -66,8 +74,8 @@ class GemvEngine(wiring.Component):
     ----------
     cmd : In(stream.Signature(gemv_tile(config)))
         The tile, taken while idle: ``rows``, ``cols`` (a multiple of the group size),
-        ``group_log2`` (the group must hold at least one window of weights: int4
-        ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2``), ``fmt``
+        ``group_log2`` (log2 of the weights per group, at least ``log2(isa.GROUP_BASE)``; a window is int4
+        ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2`` weights), ``fmt``
         (:data:`FMT_CODES`; uint4 as int4, less its group's zero point) and ``w_base`` (word address of the first row record).
     busy, done : Out(1)
         ``busy`` from the cycle after the command until the last write; ``done`` pulses once.
@@ -149,6 +157,11 @@ class GemvEngine(wiring.Component):
         gwl = Signal(4)  # log2 of windows per group (weights per window: 2pb, pb, pb/2)
         m.d.comb += gwl.eq(gl + fmt - (lpb + 1))
         shift = Signal(range(pb + 1))  # byte shift into Cat(prev, cur)
+        # groups narrower than a window: 2**nkl groups per window, each summed in its subtree and scaled apart
+        nscales = gemv_narrow_scales(self.config)
+        narrow = Signal(name="narrow")
+        nkl = Signal(range(lpb + 2), name="narrow_groups_log2")
+        m.d.comb += [narrow.eq((nscales > 1) & (gl + fmt < lpb + 1)), nkl.eq(lpb + 1 - fmt - gl)]
         m.d.comb += shift.eq(Mux(off == 0, pb, off))
 
         running = Signal()
@@ -205,7 +218,7 @@ class GemvEngine(wiring.Component):
         # ---- S1: take the port word and the x word into registers (the FIFO and the activation BRAM drive nothing
         # else), store scale words, read the window's group scale
         tags = {"valid": s0_valid, "last": s0_valid & s0_last, "win": s0_valid & s0_win, "rend": j == nwin - 1,
-                "xsel": j[:2], "g": (j >> gwl)[:cols_w], "w": w_cnt, "row": r_cnt}
+                "xsel": j[:2], "g": Mux(narrow, j << nkl, j >> gwl)[:cols_w], "w": w_cnt, "row": r_cnt}
         s1 = _stage(m, tags, "s1")
         m.d.comb += self.w_take.eq(s1["valid"])
         wq, pq = Signal(self.pbits, name="w_word"), Signal(self.pbits, name="w_prev")
@@ -223,12 +236,20 @@ class GemvEngine(wiring.Component):
 
         # ---- S2: realign the weight bytes into one window, pick each lane's operands
         s2 = _stage(m, {k: s1[k] for k in ("valid", "last", "win", "rend", "xsel", "g", "row")}, "s2")
-        zp = self._zero_points(m, s1["valid"] & (s1["w"] < nsw), s1["w"], s2["g"])
+        zp = self._zero_points(m, s1["valid"] & (s1["w"] < nsw), s1["w"], s2["g"], gl, nscales)
         window = Signal(self.pbits)
         m.d.comb += window.eq(Cat(pq, wq).bit_select(shift * 8, self.pbits))
         scale = Signal(16, name="s3_scale")
         header = sr.data.word_select(s2["g"][:lpb - 1], 16)
         m.d.sync += scale.eq(Mux(asym, header[:nx.UINT4_SCALE_BITS], header))
+        # narrow groups: the window's groups are consecutive headers from the first one's (in one scale word, as
+        # their count divides the headers per word); the first one's is `scale`
+        nheaders = sr.data >> (s2["g"][:lpb - 1] << 4)
+        nscale = []
+        for g in range(1, nscales):
+            h, ns = nheaders.word_select(g, 16), Signal(16, name=f"s3_scale{g}")
+            m.d.sync += ns.eq(Mux(asym, h[:nx.UINT4_SCALE_BITS], h))
+            nscale.append(ns)
         nl = 2 * pb  # int4 lanes; int8 uses the first pb, w16 the first pb / 2
         ops = []  # (weight, x) registered per lane
         for i in range(nl):
@@ -238,7 +259,7 @@ class GemvEngine(wiring.Component):
             xv = Signal(signed(16), name=f"xv{i}")
             nib = window.word_select(i, 4)
             w4 = nib.as_signed() if zp is None else Mux(
-                asym, Cat(nib, Const(0, 1)).as_signed() - Cat(zp, Const(0, 1)).as_signed(), nib.as_signed())
+                asym, Cat(nib, Const(0, 1)).as_signed() - Cat(zp(i), Const(0, 1)).as_signed(), nib.as_signed())
             with m.Switch(fmt):
                 with m.Case(FMT_CODES["int4"]):
                     m.d.sync += [wv.eq(w4), xv.eq(xq.word_select(i, 16).as_signed())]
@@ -269,13 +290,36 @@ class GemvEngine(wiring.Component):
             prods.append(p)
         tree_tags = _stage(m, s3, "s4")
         scale_d = _delay(m, scale, "s4_scale")  # the scale rides along with the products
+        nscale_d = [_delay(m, ns, f"s4_scale{g + 1}") for g, ns in enumerate(nscale)]
 
         # ---- T1..: the adder tree, GEMV_TREE_FANIN terms per stage. |psum| <= (pb / 2) * 2**30 (w16; int8 and
         # int4 stay below), so 31 + lpb bits hold it; narrower partial sums are exact modulo 2**psum_w.
         psum_w = 31 + lpb
         level = 0
+        # narrow groups of 2**gbits weights (lanes) are the level-l nodes (gbits = 2l) or pairs of them: their sums,
+        # delayed to the tree's last stage, feed the group scales; group_sums[gbits][g] for the window's group g
+        group_sums = {}
+        widest = nscales * isa.GROUP_BASE
         while len(prods) > 1:
             level += 1
+            fresh = set()
+            for gbits in (2 * level - 2, 2 * level - 1):
+                if not isa.GROUP_BASE <= 1 << gbits < widest:
+                    continue
+                if gbits % 2 == 0:  # this level's nodes
+                    group_sums[gbits] = prods[:widest >> gbits]
+                    continue
+                sums = []
+                for g in range(widest >> gbits):
+                    pair = prods[2 * g] + prods[2 * g + 1]
+                    r = Signal(signed(min(len(pair), psum_w)), name=f"t{level}_g{gbits}_{g}")
+                    m.d.sync += r.eq(pair)
+                    sums.append(r)
+                group_sums[gbits] = sums
+                fresh.add(gbits)
+            for gbits, sums in group_sums.items():
+                if gbits not in fresh:
+                    group_sums[gbits] = [_delay(m, v, f"t{level}_g{gbits}_{g}") for g, v in enumerate(sums)]
             nxt = []
             for k in range(0, len(prods), GEMV_TREE_FANIN):
                 terms = prods[k:k + GEMV_TREE_FANIN]
@@ -288,44 +332,74 @@ class GemvEngine(wiring.Component):
             prods = nxt
             tree_tags = _stage(m, tree_tags, f"t{level}")
             scale_d = _delay(m, scale_d, f"t{level}_scale")
+            nscale_d = [_delay(m, ns, f"t{level}_scale{g + 1}") for g, ns in enumerate(nscale_d)]
         assert level == gemv_tree_stages(self.config), (level, gemv_tree_stages(self.config))
         psum = prods[0]
 
         # ---- M1, M2: scale the window's partial sum (split into 17-bit limbs, one MULT18X18D each), then sum
         # the limbs. Scaling each window rather than each group sum is exact: the row accumulator is taken
-        # modulo 2**64, and (sum psum) * s == sum(psum * s) there.
+        # modulo 2**64, and (sum psum) * s == sum(psum * s) there. Narrow groups: the same for each group's sum
+        # and scale (the first group's through the window's multiplier), then a tree over the scaled sums.
+        nsums = self._narrow_inputs(m, group_sums, gl, nscales)
         m1 = _stage(m, tree_tags, "m1")
-        limbs = []
-        for lo in range(0, len(psum), 17):
-            top = lo + 17 >= len(psum)
-            chunk = psum[lo:lo + 17]
-            chunk = chunk.as_signed() if top else chunk
-            pp = Signal(signed(len(chunk) + 17), name=f"m1_pp{lo}")
-            m.d.sync += pp.eq(narrow_times(chunk, scale_d) if len(chunk) <= 4 else chunk * scale_d)
-            limbs.append((lo, pp))
+        first = psum if nscales == 1 else Mux(narrow, nsums[0], psum)
+        wprod = _limb_sum(m, _scale_limbs(m, first, scale_d, "m1_pp"), "m2_prod")
         m2 = _stage(m, m1, "m2")
-        wprod = Signal(signed(64), name="m2_prod")
-        total = 0
-        for lo, pp in limbs:
-            total = total + (pp << lo)
-        m.d.sync += wprod.eq(total)
+        fin, fprod = m2, wprod
+        if nscales > 1:
+            # |sum| * scale < 2**(len(sum) - 1 + 16): the scaled sums need no 64 bits
+            nprods = [wprod] + [_limb_sum(m, _scale_limbs(m, v, ns, f"m1_g{g + 1}_pp"), f"m2_g{g + 1}_prod",
+                                          min(64, len(v) + 16)) for g, (v, ns) in enumerate(zip(nsums[1:], nscale_d))]
+            ntags, nlevel = m2, 0
+            while len(nprods) > 1:
+                nlevel += 1
+                nxt = []
+                for k in range(0, len(nprods), GEMV_TREE_FANIN):
+                    total = sum(nprods[k:k + GEMV_TREE_FANIN])
+                    r = Signal(signed(min(len(total), 64)), name=f"n{nlevel}_{k // GEMV_TREE_FANIN}")
+                    m.d.sync += r.eq(total)
+                    nxt.append(r)
+                nprods = nxt
+                ntags = _stage(m, ntags, f"n{nlevel}")
+            widest_fmt = max(self.config.weight_formats, key=self.config.weights_per_cycle)
+            assert nlevel == gemv_narrow_stages(self.config, widest_fmt, isa.GROUP_BASE), nlevel
+            fin = {k: Mux(narrow, ntags[k], m2[k]) for k in m2}
+            fprod = Signal(signed(64), name="window_prod")
+            m.d.comb += fprod.eq(Mux(narrow, nprods[0], wprod))
 
         # ---- A: row accumulate (64-bit, wrapping as numerics.gemv_acc's int64), write out at the row end
         acc = Signal(signed(64))
         accn = Signal(signed(64))
-        m.d.comb += [accn.eq(acc + wprod), self.acc_addr.eq(m2["row"]), self.acc_data.eq(accn)]
-        with m.If(m2["win"]):
-            with m.If(m2["rend"]):
+        m.d.comb += [accn.eq(acc + fprod), self.acc_addr.eq(fin["row"]), self.acc_data.eq(accn)]
+        with m.If(fin["win"]):
+            with m.If(fin["rend"]):
                 m.d.comb += self.acc_en.eq(1)
                 m.d.sync += acc.eq(0)
             with m.Else():
                 m.d.sync += acc.eq(accn)
-        with m.If(m2["last"]):
+        with m.If(fin["last"]):
             m.d.sync += [busy.eq(0), self.done.eq(1)]
         return m
 
-    def _zero_points(self, m, we, w_word, group):
-        """uint4: the zero point of *group*, the top nibble of its header, for the lanes in S1 (None without uint4).
+    @staticmethod
+    def _narrow_inputs(m, group_sums, gl, nscales):
+        """The sum of the window's group *g* for each of the *nscales* group scales, picked by the tile's group
+        (``gl``, log2 of its weights) among the narrow group sizes; zero past the window's groups."""
+        out = []
+        for g in range(nscales):
+            cands = {gbits: sums[g] for gbits, sums in group_sums.items() if g < len(sums)}
+            v = Signal(signed(max(len(c) for c in cands.values())), name=f"narrow_sum{g}")
+            with m.Switch(gl):
+                for gbits, c in cands.items():
+                    with m.Case(gbits):
+                        m.d.comb += v.eq(c)
+            out.append(v)
+        return out
+
+    def _zero_points(self, m, we, w_word, group, gl, nscales):
+        """uint4: a function of the lane giving the zero point of its group, the top nibble of the group's header,
+        for the lanes in S1 (None without uint4). *group* is the window's (first) group; a lane of a narrow group
+        (``gl``: log2 of the group's weights, below that of ``nscales`` base groups) is ``lane >> gl`` groups on.
 
         The header words of a row are written as they stream past (*we*, word *w_word*) into a memory read
         without latency: every window of a row starts at or after the first word past its headers.
@@ -333,15 +407,55 @@ class GemvEngine(wiring.Component):
         if "uint4" not in self.config.weight_formats:
             return None
         per_word = self.pb // 2  # 16-bit headers per port word
+        lpw = log2_exact(per_word)
         m.submodules.zero_points = zps = Memory(shape=unsigned(4 * per_word), depth=self.scale_words, init=[])
         zw = zps.write_port()
         zr = zps.read_port(domain="comb")
         m.d.comb += [zw.addr.eq(w_word), zw.en.eq(we),
                      zw.data.eq(Cat(self.w_data.word_select(h, 16)[nx.UINT4_SCALE_BITS:] for h in range(per_word))),
-                     zr.addr.eq(group >> log2_exact(per_word))]
+                     zr.addr.eq(group >> lpw)]
         zp = Signal(4, name="zero_point")
-        m.d.comb += zp.eq(zr.data.word_select(group[:log2_exact(per_word)], 4))
-        return zp
+        m.d.comb += zp.eq(zr.data.word_select(group[:lpw], 4))
+        following = zr.data >> (group[:lpw] << 2)  # the window's narrow groups, from its first
+        narrow_bits = range(log2_exact(isa.GROUP_BASE), log2_exact(nscales * isa.GROUP_BASE))
+
+        def lane(i):
+            cands = {gbits: i >> gbits for gbits in narrow_bits if i >> gbits}
+            if not cands:
+                return zp
+            zpi = Signal(4, name=f"zero_point{i}")
+            m.d.comb += zpi.eq(zp)
+            with m.Switch(gl):
+                for gbits, g in cands.items():
+                    with m.Case(gbits):
+                        m.d.comb += zpi.eq(following.word_select(g, 4))
+            return zpi
+        return lane
+
+
+def _scale_limbs(m, value, scale, prefix: str) -> list:
+    """Registered products of *value*'s 17-bit limbs (the top one signed) with the 16-bit *scale*: one MULT18X18D
+    each, a limb of at most 4 bits in logic. Returns ``(shift, product)`` pairs."""
+    limbs = []
+    for lo in range(0, len(value), 17):
+        top = lo + 17 >= len(value)
+        chunk = value[lo:lo + 17]
+        chunk = chunk.as_signed() if top else chunk
+        pp = Signal(signed(len(chunk) + 17), name=f"{prefix}{lo}")
+        m.d.sync += pp.eq(narrow_times(chunk, scale) if len(chunk) <= 4 else chunk * scale)
+        limbs.append((lo, pp))
+    return limbs
+
+
+def _limb_sum(m, limbs: list, name: str, width: int = 64):
+    """The registered sum of :func:`_scale_limbs`' products, *width* bits."""
+    prod = Signal(signed(width), name=name)
+    total = 0
+    for lo, pp in limbs:
+        total = total + (pp << lo)
+    m.d.sync += prod.eq(total)
+    return prod
+
 
 def _stage(m, tags: dict, prefix: str) -> dict:
     """Registered copies of the pipeline tags *tags* for the next stage."""

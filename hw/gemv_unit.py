@@ -29,8 +29,7 @@ class GemvUnit(wiring.Component):
     so weights stream at the port rate when the port delivers one beat per cycle. Each finished row goes through
     one more stage that adds the old accumulator (``accumulate=1``, split-K) or overwrites it. At the end the
     accumulator exponent register gets ``x_e + sexp``. Faults: weight format not built (``FORMAT``); group too
-    small for one window of the engine, ``cols`` not a positive multiple of the group or ``rows == 0``
-    (``GROUP``); unaligned ``x`` or weight address (``UNALIGNED``); ranges past the buffers or the memory
+    ``cols`` not a positive multiple of the group or ``rows == 0`` (``GROUP``); unaligned ``x`` or weight address (``UNALIGNED``); ranges past the buffers or the memory
     (``OUT_OF_RANGE``); accumulating onto a different exponent (``EXPONENT``).
 
     Parameters
@@ -111,10 +110,9 @@ class GemvUnit(wiring.Component):
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
                 m.d.sync += requested.eq(0)
-                # the group must hold a whole number of the engine's windows (one port word of weights)
+                # a group narrower than the engine's window (one port word of weights) is scaled in its subtree
                 with seq.check((~row_geo.built, Fault.FORMAT),
-                               ((gl + row_geo.bits_log2 < lpb + 3) | (cols == 0) | (rows == 0)
-                                | (cols & ((1 << gl) - 1)).any(), Fault.GROUP),
+                               ((cols == 0) | (rows == 0) | (cols & ((1 << gl) - 1)).any(), Fault.GROUP),
                                ((ins.x & (lanes - 1)).any() | (byte_addr & (pb - 1)).any(),
                                 Fault.UNALIGNED),
                                ((ins.x + cols > cfg.act_buffer_words) | (ins.acc + rows > cfg.acc_buffer_words),

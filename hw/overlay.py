@@ -17,6 +17,7 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa
 
 from .argmax_unit import ArgmaxUnit
+from .arith import balanced_sum
 from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
 from .frontend import Frontend
@@ -327,7 +328,7 @@ class Overlay(wiring.Component):
             for c in ctr.values():
                 m.d.sync += c.eq(0)
         with m.Elif(self.running):
-            strb_bytes = sum(self.dram.wr.payload.strb[i] for i in range(pb))
+            strb_bytes = balanced_sum(self.dram.wr.payload.strb[i] for i in range(pb))
             retired = sum(retire_q[q] for q in isa.QUEUES)
             m.d.sync += [
                 ctr["cycles"].eq(ctr["cycles"] + 1),

@@ -117,26 +117,48 @@ def argmaxacc_cycles(config, length: int) -> int:
     return length + ARGMAXACC_OVERHEAD
 
 
-def gemv_tree_stages(config) -> int:
-    """Register stages of the GEMV engine's adder tree over its ``2 * port_bytes`` products."""
-    terms, stages = 2 * config.port_bytes, 0
+def _tree_stages(terms: int) -> int:
+    stages = 0
     while terms > 1:
         terms, stages = _ceil(terms, GEMV_TREE_FANIN), stages + 1
     return stages
 
 
-def gemv_engine_cycles(config, rows: int, words_per_row: int) -> int:
+def gemv_tree_stages(config) -> int:
+    """Register stages of the GEMV engine's adder tree over its ``2 * port_bytes`` products."""
+    return _tree_stages(2 * config.port_bytes)
+
+
+def gemv_narrow_scales(config) -> int:
+    """Group scales the GEMV engine applies inside one window: as many groups of ``isa.GROUP_BASE`` weights as the
+    widest window of the built formats holds (one port word of weights), or 1 if no group can be narrower than it."""
+    widest = max(config.weights_per_cycle(fmt) for fmt in config.weight_formats)
+    return max(1, widest // isa.GROUP_BASE)
+
+
+def gemv_narrow_stages(config, fmt: str, group: int) -> int:
+    """Extra pipeline stages of a GEMV tile whose groups are narrower than one window of *fmt* weights: the
+    adder tree over the :func:`gemv_narrow_scales` scaled group sums; 0 for window-sized groups."""
+    if group >= config.weights_per_cycle(fmt):
+        return 0
+    return _tree_stages(gemv_narrow_scales(config))
+
+
+def gemv_engine_cycles(config, rows: int, words_per_row: int, fmt: str = "int8", group: int | None = None) -> int:
     """Cycles the GEMV engine's ``busy`` stays high: one per port word plus the pipeline.
 
     Exact for every weight format: *words_per_row* is ``numerics.row_stride(cols, fmt, group, port_bytes) //
-    port_bytes``, so the format only enters through the row-record length.
+    port_bytes``, so the format enters through the row-record length, and through :func:`gemv_narrow_stages` when
+    its *group* is narrower than one window (``None``: window-sized).
     """
-    return rows * words_per_row + GEMV_PIPELINE_STAGES + gemv_tree_stages(config)
+    narrow = 0 if group is None else gemv_narrow_stages(config, fmt, group)
+    return rows * words_per_row + GEMV_PIPELINE_STAGES + gemv_tree_stages(config) + narrow
 
 
 def gemv_cycles(config, ins: isa.Instr) -> int:
     """One uncontended GEMV instruction on the GEMV unit."""
-    return gemv_engine_cycles(config, ins.fields["rows"], _row_words(config, ins)) + GEMV_OVERHEAD
+    fmt, group = isa.weight_layout(ins)
+    return gemv_engine_cycles(config, ins.fields["rows"], _row_words(config, ins), fmt, group) + GEMV_OVERHEAD
 
 
 def divider_cycles(bits: int, bits_per_cycle: int) -> int:

@@ -1,7 +1,8 @@
 """GemvEngine under Verilator via cocotb: bit-exact with numerics.gemv_acc, exact cycle count.
 
-One Verilator build per shape serves every weight format: the weight memory holds one
-matrix per format back to back, and ``fmt`` and ``w_base`` are run-time inputs.
+One Verilator build per configuration serves every shape and weight format: the weight memory holds one
+matrix per shape and format back to back, and ``rows``, ``cols``, ``group_log2``, ``fmt`` and ``w_base`` are
+run-time inputs. Groups narrower than the engine's window (one port word of weights) run on every configuration.
 """
 
 import json
@@ -24,13 +25,20 @@ from kvoverlay.isa import ENUMS
 from kvoverlay.timing import gemv_engine_cycles
 
 TESTS = Path(__file__).parent
-#: (rows, cols, group): the brief's 64x64 g32 tile (weights start mid-word), 256 cols g8
-#: (8 scale words, weights word-aligned) and 96 cols g32 (3 scales, 6-byte offset).
-SHAPES = [(64, 64, 32), (16, 256, 8), (8, 96, 32)]
-#: Weight formats run on each shape; int4 needs a group of at least 2 * port_bytes (16).
-FORMATS = {(64, 64, 32): ("int4", "int8", "w16", "uint4"), (16, 256, 8): ("int8", "w16"),
-           (8, 96, 32): ("int4", "int8", "w16", "uint4")}
-CASES = [(shape, fmt) for shape in SHAPES for fmt in FORMATS[shape]]
+#: The configurations built, once each: tiny, ulx3s (a 256-bit port: int4 groups of 32 hold half a port word) and
+#: tiny with a 512-bit port, whose window (one port word of weights) is wider than a group of 16 in every format.
+CONFIGS = {"tiny": PRESETS["tiny"], "ulx3s": PRESETS["ulx3s"], "wide": PRESETS["tiny"].replace(port_bits=512)}
+#: config -> {(rows, cols, group): formats}. tiny: the brief's 64x64 g32 tile (weights start mid-word), 256 cols g8
+#: (8 scale words, weights word-aligned; int4 groups of 8 are half a window) and 96 cols g32 (3 scales, 6-byte
+#: offset). ulx3s: groups of 32 (int4: 2 per window) and 8 (int4 8, int8 4, w16 2 per window), 12 and 48 header
+#: bytes before the weights. wide: groups of 16 and 8, narrower than a window in every format.
+SHAPES = {
+    "tiny": {(64, 64, 32): ("int4", "int8", "w16", "uint4"), (16, 256, 8): ("int4", "int8", "w16", "uint4"),
+             (8, 96, 32): ("int4", "int8", "w16", "uint4")},
+    "ulx3s": {(6, 192, 32): ("int4", "uint4"), (4, 192, 8): ("int4", "int8", "w16", "uint4")},
+    "wide": {(4, 256, 16): ("int4", "int8", "w16", "uint4"), (3, 512, 8): ("int4", "w16")},
+}
+CASES = [(name, shape, fmt) for name, shapes in SHAPES.items() for shape, fmts in shapes.items() for fmt in fmts]
 QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768), "uint4": (0, 16)}
 
 
@@ -38,65 +46,82 @@ def test_fmt_codes_match_isa():
     assert tuple(sorted(FMT_CODES, key=FMT_CODES.get)) == tuple(ENUMS["fmt"])
 
 
+def test_cases_cover_narrow_groups():
+    """Every config runs a group narrower than the engine's window, in every format on the wide port."""
+    for name, shapes in SHAPES.items():
+        cfg = CONFIGS[name]
+        narrow = {fmt for (_, _, group), fmts in shapes.items() for fmt in fmts if group < cfg.weights_per_cycle(fmt)}
+        assert narrow, name
+    assert narrow == set(CONFIGS["wide"].weight_formats)
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    """Build (once per shape) a sim top holding one matrix per format; returns a getter."""
+    """Build (once per config) a sim top holding one matrix per shape and format; returns a getter."""
     cache = {}
 
-    def get(shape):
-        if shape in cache:
-            return cache[shape]
-        ROWS, COLS, GROUP = shape
+    def get(name):
+        if name in cache:
+            return cache[name]
         toolchain.ensure_verilator()
-        cfg = PRESETS["tiny"]
+        cfg = CONFIGS[name]
         rng = np.random.default_rng(1234)
-        x = rng.integers(-32768, 32768, size=COLS, dtype=np.int64)
+        shapes = SHAPES[name]
+        x = rng.integers(-32768, 32768, size=max(cols for _, cols, _ in shapes), dtype=np.int64)
+        x[:8] = -32768  # the extreme products, in the first groups
         blob = b""
         mats = {}
-        for fmt in FORMATS[shape]:
-            lo, hi = QRANGE[fmt]
-            q = rng.integers(lo, hi, size=(ROWS, COLS), dtype=np.int64)
-            sm = rng.integers(1, 65536, size=(ROWS, COLS // GROUP), dtype=np.int64)  # uint4: 12-bit scale, zero point
-            stride = numerics.row_stride(COLS, fmt, GROUP, cfg.port_bytes)
-            mats[fmt] = {"q": q, "sm": sm, "stride": stride, "w_base": len(blob) // cfg.port_bytes}
-            blob += numerics.pack_rows(q, sm, fmt, GROUP, align=cfg.port_bytes)
-        top = GemvSimTop(cfg, blob, x, acc_depth=ROWS)
-        work = tmp_path_factory.mktemp("gemv")
+        for (rows, cols, group), fmts in shapes.items():
+            for fmt in fmts:
+                lo, hi = QRANGE[fmt]
+                q = rng.integers(lo, hi, size=(rows, cols), dtype=np.int64)
+                q[0] = lo if fmt != "uint4" else 0  # uint4: the largest |q - z| where the zero point is 15
+                sm = rng.integers(1, 65536, size=(rows, cols // group), dtype=np.int64)  # uint4: 12-bit scale, zp
+                sm[0] = 65535
+                stride = numerics.row_stride(cols, fmt, group, cfg.port_bytes)
+                mats[(rows, cols, group), fmt] = {"q": q, "sm": sm, "stride": stride,
+                                                  "w_base": len(blob) // cfg.port_bytes}
+                blob += numerics.pack_rows(q, sm, fmt, group, align=cfg.port_bytes)
+        top = GemvSimTop(cfg, blob, x, acc_depth=max(rows for rows, _, _ in shapes))
+        work = tmp_path_factory.mktemp(f"gemv_{name}")
         src = work / f"{TOP_NAME}.v"
         src.write_text(verilog.convert(top, name=TOP_NAME))
         runner = get_runner("verilator")
         runner.build(sources=[src], hdl_toplevel=TOP_NAME, build_dir=work / "build",
                      build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
-        cache[shape] = {"cfg": cfg, "x": x, "mats": mats, "runner": runner, "work": work}
-        return cache[shape]
+        cache[name] = {"cfg": cfg, "x": x, "mats": mats, "runner": runner, "work": work}
+        return cache[name]
 
     return get
 
 
-@pytest.mark.parametrize("shape,fmt", CASES, ids=["x".join(map(str, s)) + f"-{f}" for s, f in CASES])
-def test_gemv_bit_exact(builds, shape, fmt):
-    c = builds(shape)
+@pytest.mark.parametrize("name,shape,fmt", CASES, ids=[f"{n}-" + "x".join(map(str, s)) + f"-{f}" for n, s, f in CASES])
+def test_gemv_bit_exact(builds, name, shape, fmt):
+    c = builds(name)
     ROWS, COLS, GROUP = shape
     cfg = c["cfg"]
-    mat = c["mats"][fmt]
+    mat = c["mats"][shape, fmt]
     words_per_row = mat["stride"] // cfg.port_bytes
-    expected = numerics.gemv_acc(*numerics.effective_weights(mat["q"], mat["sm"], fmt, GROUP), c["x"], GROUP)
+    x = c["x"][:COLS]
+    expected = numerics.gemv_acc(*numerics.effective_weights(mat["q"], mat["sm"], fmt, GROUP), x, GROUP)
     work = c["work"]
+    tag = f"{COLS}g{GROUP}_{fmt}"
     case = {
         "rows": ROWS, "cols": COLS, "group_log2": GROUP.bit_length() - 1,
         "fmt": FMT_CODES[fmt], "w_base": mat["w_base"],
-        "expected": [int(v) for v in expected], "cycles": gemv_engine_cycles(cfg, ROWS, words_per_row),
-        "result": str(work / f"result_{fmt}.json"),
+        "expected": [int(v) for v in expected],
+        "cycles": gemv_engine_cycles(cfg, ROWS, words_per_row, fmt, GROUP),
+        "result": str(work / f"result_{tag}.json"),
     }
-    case_file = work / f"case_{fmt}.json"
+    case_file = work / f"case_{tag}.json"
     case_file.write_text(json.dumps(case))
     xml = c["runner"].test(hdl_toplevel=TOP_NAME, test_module="cocotb_gemv", test_dir=TESTS,
                            build_dir=work / "build", extra_env={"GEMV_CASE": str(case_file)},
-                           results_xml=str(work / f"results_{fmt}.xml"))
+                           results_xml=str(work / f"results_{tag}.xml"))
     _, failed = get_results(xml)
     result = json.loads(Path(case["result"]).read_text())
     roofline = ROWS * mat["stride"] / cfg.port_bytes
-    print(f"gemv {ROWS}x{COLS} {fmt} g{GROUP}: {result['cycles']} cycles, roofline {roofline:.0f}, "
+    print(f"gemv {name} {ROWS}x{COLS} {fmt} g{GROUP}: {result['cycles']} cycles, roofline {roofline:.0f}, "
           f"efficiency {roofline / result['cycles']:.3f}")
     assert failed == 0
     assert result["acc"] == case["expected"]
