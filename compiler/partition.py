@@ -114,7 +114,8 @@ FINITE_OUT = frozenset({"Softmax", "Exp", "Sigmoid", "Tanh", "Erf", "IsInf", "Is
 
 def _probe(graph: Graph, flag: bool) -> dict | None:
     """Every value of *graph* evaluated with its inputs at finite stand-ins (seeded normal floats, zero integers,
-    booleans at *flag*), None for a value the op library cannot evaluate; None when an input's shape is unknown."""
+    booleans at *flag*), None for a value that neither the op library nor ONNX's reference evaluator gives; None when
+    an input's shape is unknown."""
     rng = np.random.default_rng(0)
     env = {n: v.const for n, v in graph.consts().items()}
     for name in graph.inputs:
@@ -130,11 +131,28 @@ def _probe(graph: Graph, flag: bool) -> dict | None:
             outs = [None] * len(node.outputs)
             if all(a is not None for i, a in zip(node.inputs, args, strict=True) if i):
                 try:
-                    outs = evaluate(node, graph.opset, args)
-                except Exception:  # noqa: BLE001 - a node the op library cannot evaluate here is judged unknown
+                    outs = (evaluate(node, graph.opset, args) if lookup(node.op, graph.opset) is not None
+                            else _reference(node, graph.opset, args))
+                except Exception:  # noqa: BLE001 - a node neither can evaluate here is judged unknown
                     outs = [None] * len(node.outputs)
             env.update(zip(node.outputs, outs, strict=False))
     return env
+
+
+def _reference(node: Node, opset: int, args: list) -> list:
+    """*node* evaluated by ONNX's own reference evaluator (an op the op library has no numpy semantics for, which
+    the host will run: ``Pad`` of a mask with -inf)."""
+    from onnx.reference import ReferenceEvaluator
+
+    ins = [f"in{k}" if i else "" for k, i in enumerate(node.inputs)]
+    proto = helper.make_node(node.op, ins, [f"out{k}" for k in range(len(node.outputs))])
+    proto.attribute.extend(_attribute(k, v) for k, v in node.attrs.items())
+    g = helper.make_graph([proto], "probe", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(
+        a.dtype), a.shape) for i, a in zip(ins, args, strict=True) if i], [helper.make_value_info(o, onnx.TypeProto())
+                                                                           for o in proto.output])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=onnx.IR_VERSION)
+    feeds = {i: a for i, a in zip(ins, args, strict=True) if i}
+    return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
 
 
 def _non_finite(x) -> bool:
@@ -160,14 +178,16 @@ def _non_finite_readers(graph: Graph) -> set:
         if not any(i in tainted for i in n.inputs):
             continue
         tainted.update(o for o in n.outputs if o)
-        if any(i in bad for i in n.inputs):
+        reads_bad = any(i in bad for i in n.inputs)
+        if reads_bad:
             readers.add(n.name)
         for o in n.outputs:
-            if not o:
-                continue
-            seen = [p.get(o) for p in probes]
-            if (any(x is None for x in seen) or not probes) and n.op not in FINITE_OUT or any(
-                    x is not None and _non_finite(x) for x in seen):
+            seen = [p.get(o) for p in probes] if o else []
+            if not probes:  # a graph with symbolic input shapes: judged by op, up to an op that makes -inf finite
+                non_finite = reads_bad and n.op not in FINITE_OUT
+            else:  # a value computed from inf or nan that the probe could not evaluate is taken to hold them
+                non_finite = any(x is None or _non_finite(x) for x in seen)
+            if o and non_finite:
                 bad.add(o)
                 readers.add(n.name)
     return readers
