@@ -197,6 +197,17 @@ def kv_layout(og: OverlayGraph, cfg: OverlayConfig) -> dict:
     return bases
 
 
+def _largest_layout(og: OverlayGraph) -> str | None:
+    """The node whose layout GEMVs (``place``: matrices the compiler measured, not the model's weights) take the most
+    of the image, or None: the one the partition pass places on the host when the image does not fit (a softmax over
+    72 rows of a small tensor is 72 row selections and placements)."""
+    size: dict[str, int] = {}
+    for op in og.ops:
+        if op.kind == "place":
+            size[op.source] = size.get(op.source, 0) + og.matrices[op.attrs["matrix"]].size
+    return max(size, key=size.get, default=None)
+
+
 def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int | None = None, *,
                 logits: bool = True) -> Codegen:
     """Place the I/O vector records in *image* (region io; a tiled LM head's logits a record per tile), check it
@@ -223,7 +234,8 @@ def plan_memory(og: OverlayGraph, cfg: OverlayConfig, image: Image, max_seq: int
             io[kind][name] = {"addr": image.place(bytes(nx.vector_record_size(n))), "len": n, "shape": shape}
     image.region("io", io_start)
     if len(image.data) > cfg.dram_bytes:
-        raise CompileError(f"the program image needs {len(image.data)} bytes; {cfg.name} has dram_bytes={cfg.dram_bytes}")
+        raise CompileError(f"the program image needs {len(image.data)} bytes; {cfg.name} has dram_bytes={cfg.dram_bytes}",
+                           node=_largest_layout(og))
     last_use = {}
     for i, op in enumerate(og.ops):
         for v in op.ins:

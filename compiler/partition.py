@@ -3,7 +3,8 @@
 The fuser is the judge of what the overlay runs: the pass fuses the graph, and a node it refuses (a
 :class:`~.frontend.CompileError` that names the node) is placed on the host; the graph is cut around the
 host nodes and fused again, until every overlay segment fuses. Ops the op library has no numpy semantics for
-(``onnx_ops``) are host nodes from the start.
+(``onnx_ops``) are host nodes from the start, and so are the nodes that read or write inf or nan (a mask of -inf
+and what a probe finds computed from it), which the overlay's block floating point cannot hold.
 
 Segments alternate in phases, so that tensors cross once per boundary, not once per op: a node's phase is the
 first phase of its kind (overlay phases even, host phases odd) at or after the phases of its inputs'
@@ -24,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from .frontend import CompileError
 from .ir import Graph, Node, Value
-from .onnx_ops import lookup
+from .onnx_ops import evaluate, lookup
 
 __all__ = ["Segment", "host_model", "partition", "segment_graph"]
 
@@ -106,20 +107,89 @@ def host_model(graph: Graph, seg: Segment) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)], ir_version=onnx.IR_VERSION)
 
 
-#: Ops whose output is finite where their input holds -inf (a masked score): the end of a non-finite region.
+#: Ops whose output is finite where their input holds -inf (a masked score): where a graph cannot be probed, the
+#: end of a non-finite region.
 FINITE_OUT = frozenset({"Softmax", "Exp", "Sigmoid", "Tanh", "Erf", "IsInf", "IsNaN"})
 
 
+def _probe(graph: Graph, flag: bool) -> dict | None:
+    """Every value of *graph* evaluated with its inputs at finite stand-ins (seeded normal floats, zero integers,
+    booleans at *flag*), None for a value that neither the op library nor ONNX's reference evaluator gives; None when
+    an input's shape is unknown."""
+    rng = np.random.default_rng(0)
+    env = {n: v.const for n, v in graph.consts().items()}
+    for name in graph.inputs:
+        v = graph.values[name]
+        if v.shape is None or not all(isinstance(d, int) for d in v.shape):
+            return None
+        dt = np.dtype(v.dtype)
+        env[name] = (rng.standard_normal(v.shape).astype(dt) if dt.kind == "f"
+                     else np.full(v.shape, flag, dt) if dt.kind == "b" else np.zeros(v.shape, dt))
+    with np.errstate(all="ignore"):
+        for node in graph.nodes:
+            args = [env.get(i) if i else None for i in node.inputs]
+            outs = [None] * len(node.outputs)
+            if all(a is not None for i, a in zip(node.inputs, args, strict=True) if i):
+                try:
+                    outs = (evaluate(node, graph.opset, args) if lookup(node.op, graph.opset) is not None
+                            else _reference(node, graph.opset, args))
+                except Exception:  # noqa: BLE001 - a node neither can evaluate here is judged unknown
+                    outs = [None] * len(node.outputs)
+            env.update(zip(node.outputs, outs, strict=False))
+    return env
+
+
+def _reference(node: Node, opset: int, args: list) -> list:
+    """*node* evaluated by ONNX's own reference evaluator (an op the op library has no numpy semantics for, which
+    the host will run: ``Pad`` of a mask with -inf)."""
+    from onnx.reference import ReferenceEvaluator
+
+    ins = [f"in{k}" if i else "" for k, i in enumerate(node.inputs)]
+    proto = helper.make_node(node.op, ins, [f"out{k}" for k in range(len(node.outputs))])
+    proto.attribute.extend(_attribute(k, v) for k, v in node.attrs.items())
+    g = helper.make_graph([proto], "probe", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(
+        a.dtype), a.shape) for i, a in zip(ins, args, strict=True) if i], [helper.make_value_info(o, onnx.TypeProto())
+                                                                           for o in proto.output])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=onnx.IR_VERSION)
+    feeds = {i: a for i, a in zip(ins, args, strict=True) if i}
+    return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
+
+
+def _non_finite(x) -> bool:
+    return x.dtype.kind == "f" and not np.isfinite(x).all()
+
+
 def _non_finite_readers(graph: Graph) -> set:
-    """Nodes that read a value that can hold inf or nan (a constant that does, e.g. an additive mask of -inf, and
-    what is computed from it up to a :data:`FINITE_OUT` op): the overlay's block floating point holds neither."""
-    bad = {n for n, v in graph.consts().items() if v.const.dtype.kind == "f" and not np.isfinite(v.const).all()}
-    readers = set()
+    """Nodes that read or write a value that can hold inf or nan: the overlay's block floating point holds neither.
+
+    The sources are constants that hold inf or nan (an additive mask of -inf). What is computed from them is judged
+    by a probe (:func:`_probe`; twice where a boolean input can select the mask or not), since finiteness depends on the
+    values: a softmax over a row that is partly -inf is finite, over one that is all -inf it is nan, and a ``Where``
+    that replaces those rows (ONNX's Attention body) makes it finite again. Only values computed from the sources
+    are judged, so that the probe's stand-ins (a square root of a negative) decide nothing elsewhere.
+    """
+    bad = {n for n, v in graph.consts().items() if _non_finite(v.const)}
+    if not bad:
+        return set()
+    flags = (False, True) if any(graph.values[i].dtype == "bool" for i in graph.inputs) else (False,)
+    probes = [p for p in (_probe(graph, f) for f in flags) if p is not None]
+    tainted, readers = set(bad), set()
     for n in graph.nodes:
-        if any(i in bad for i in n.inputs):
+        if not any(i in tainted for i in n.inputs):
+            continue
+        tainted.update(o for o in n.outputs if o)
+        reads_bad = any(i in bad for i in n.inputs)
+        if reads_bad:
             readers.add(n.name)
-            if n.op not in FINITE_OUT:
-                bad.update(o for o in n.outputs if o)
+        for o in n.outputs:
+            seen = [p.get(o) for p in probes] if o else []
+            if not probes:  # a graph with symbolic input shapes: judged by op, up to an op that makes -inf finite
+                non_finite = reads_bad and n.op not in FINITE_OUT
+            else:  # a value computed from inf or nan that the probe could not evaluate is taken to hold them
+                non_finite = any(x is None or _non_finite(x) for x in seen)
+            if o and non_finite:
+                bad.add(o)
+                readers.add(n.name)
     return readers
 
 

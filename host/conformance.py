@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 __all__ = ["ATTENTION_OUTSIDE", "OPS", "CaseResult", "attention_outside", "block_bound", "collect", "conformance_main",
-           "markdown", "row", "run", "scope_line", "summarize", "table", "total_line"]
+           "errors", "markdown", "row", "run", "scope_line", "summarize", "table", "total_line"]
 
 #: The transformer op set: the ops whose node cases are run (issue 13), in the table's order.
 OPS = ("Attention", "RMSNormalization", "RotaryEmbedding", "LayerNormalization", "Gelu", "Softmax", "Sigmoid", "Tanh",
@@ -67,10 +67,29 @@ RELATIVE = 1e-3
 
 
 def block_bound(ref: np.ndarray) -> np.ndarray:
-    """The per-element bound of a block-floating-point result: ``2**-10 * max|ref| + 1e-3 * |ref|``."""
+    """The per-element bound of a block-floating-point result: ``2**-10 * max|ref| + 1e-3 * |ref|``, over the finite
+    elements of *ref* (an inf or nan in the reference is matched exactly or not at all: :func:`errors`)."""
+    ref = _finite(ref)
+    return PEAK_FRACTION * float(ref.max(initial=0.0)) + RELATIVE * ref
+
+
+def _finite(ref) -> np.ndarray:
+    """``|ref|`` with its non-finite elements as 0."""
     ref = np.abs(np.asarray(ref, np.float64))
-    peak = float(ref.max()) if ref.size else 0.0
-    return PEAK_FRACTION * peak + RELATIVE * ref
+    return np.where(np.isfinite(ref), ref, 0.0)
+
+
+def errors(out: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``|out - ref|`` per element, and where the two are the same value: as ONNX's own runner (``assert_allclose``),
+    equal infinities and nan against nan are equal (error 0). A nan or inf on one side only is an infinite error, which
+    no bound admits: nan counts as right only where the reference has nan too."""
+    out, ref = np.atleast_1d(np.asarray(out, np.float64)), np.atleast_1d(np.asarray(ref, np.float64))
+    same = (out == ref) | (np.isnan(out) & np.isnan(ref))
+    with np.errstate(invalid="ignore"):
+        err = np.abs(out - ref)
+    err[same] = 0.0
+    err[~same & ~np.isfinite(err)] = np.inf
+    return err, same
 
 
 @dataclass
@@ -141,13 +160,10 @@ def run_case(op: str, case, device: str = "CPU") -> CaseResult:
                 out = np.asarray(out, np.float64)
                 if out.shape != ref.shape:
                     raise ValueError(f"output shape {out.shape}, expected {ref.shape}")
-                with np.errstate(invalid="ignore"):
-                    err = np.atleast_1d(np.abs(out - ref))
-                # as ONNX's own runner (assert_allclose): equal infinities and nan against nan are no error
-                err[np.atleast_1d((out == ref) | (np.isnan(out) & np.isnan(ref)))] = 0.0
-                onnx_ok &= bool(np.all(err <= case.atol + case.rtol * np.abs(ref)))
-                block_ok &= bool(np.all(err <= block_bound(ref)))
-                peak = float(np.abs(ref).max(initial=0.0))
+                err, same = errors(out, ref)
+                onnx_ok &= bool(np.all(same | (err <= case.atol + case.rtol * np.atleast_1d(_finite(ref)))))
+                block_ok &= bool(np.all(same | (err <= np.atleast_1d(block_bound(ref)))))
+                peak = float(_finite(ref).max(initial=0.0))
                 worst = max(worst, float(err.max(initial=0.0)) / (peak or 1.0))
         res.onnx_tolerance, res.max_error, res.bound_inputs = onnx_ok, worst, list(rep.bound)
         res.host_nodes = [op for _, op in rep.host]
@@ -207,7 +223,9 @@ def markdown(summary: dict, device: str = "CPU") -> str:
         "- **overlay**: passed with the work on the overlay; **host**: passed with the op placed on the host;",
         "- **ONNX tol.**: of those, passed at the case's own `rtol`/`atol`; **block bound only**: passed only at",
         "  `|out - ref| <= 2**-10 * max|ref| + 1e-3 * |ref|` (16-bit block floating point: error scales with the",
-        "  vector's peak; see `kvoverlay/host/conformance.py` and `docs/numerics.md`);",
+        "  vector's peak; see `kvoverlay/host/conformance.py` and `docs/numerics.md`); a nan or an infinity counts as",
+        "  equal only where the reference holds the same at the same place (nan for nan, as ONNX's own runner); anywhere",
+        "  else it is an error that no bound admits (a fully masked attention row is 0 or nan as the op's spec says);",
         "- **failed**: missed both bounds or was refused by the compiler (first reason shown);",
         "- **n/a**: an output outside the overlay's formats (integer or boolean results).",
         "",

@@ -83,7 +83,9 @@ class OverlayRep(BackendRep):
         all but the first float input bound (the rest are weights, gains, masks); with nothing placed on the host,
         else with the fewest nodes placed there."""
         inputs = self._inputs()
-        floats = [vi.name for vi in inputs if np.asarray(values[vi.name]).dtype == np.float32]
+        # a float input holding inf or nan (a mask of -inf) is no vector the overlay can hold: it is bound, always
+        floats = [vi.name for vi in inputs if np.asarray(values[vi.name]).dtype == np.float32
+                  and np.isfinite(values[vi.name]).all()]
         others = {vi.name: values[vi.name] for vi in inputs if vi.name not in floats}
         masks = {n.input[3] for n in self.model.graph.node if n.op_type == "Attention" and len(n.input) > 3} & set(floats)
         tries = [others, {**others, **{n: values[n] for n in floats[1:]}}] if floats else [others]

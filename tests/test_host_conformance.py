@@ -15,6 +15,16 @@ def test_block_bound_scales_with_the_peak():
     np.testing.assert_allclose(bound, 2.0 ** -10 * 1000.0 + 1e-3 * np.abs(ref))
 
 
+def test_nan_is_right_only_where_the_reference_has_nan_too():
+    ref = np.array([np.nan, 1.0, np.inf, 2.0, np.nan])
+    out = np.array([np.nan, np.nan, np.inf, 2.5, 0.0])
+    err, same = conformance.errors(out, ref)
+    assert same.tolist() == [True, False, True, False, False]
+    assert err.tolist() == [0.0, np.inf, 0.0, 0.5, np.inf]
+    # the bound is over the finite reference: an inf or nan there neither widens nor poisons it
+    np.testing.assert_allclose(conformance.block_bound(ref), 2.0 ** -10 * 2.0 + 1e-3 * np.array([0, 1, 0, 2, 0]))
+
+
 @pytest.mark.parametrize("op", conformance.OPS)
 def test_every_case_of_the_op_runs_and_its_row_is_fresh(op):
     """One op's cases (one test per op, so that pytest-xdist spreads them): its row of docs/conformance.md."""

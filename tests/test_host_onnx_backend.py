@@ -114,3 +114,18 @@ def test_rtl_device_is_bit_exact_with_the_golden_model_on_one_case_per_op():
         rtl = rtl_rep.run(inputs)
         for g, r in zip(golden, rtl, strict=True):
             np.testing.assert_array_equal(r, g, err_msg=f"{op}: {case.name}")
+
+
+def test_a_float_input_holding_minus_infinity_is_bound_not_written_as_a_vector():
+    nodes = [helper.make_node("Add", ["x", "mask"], ["s"]), helper.make_node("Softmax", ["s"], ["z"])]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8]) for n in ("x", "mask")]
+    vo = [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 8])]
+    model = helper.make_model(helper.make_graph(nodes, "g", vi, vo), opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    mask = np.where(np.arange(8) < 5, 0.0, -np.inf).astype(np.float32)[None].repeat(2, 0)
+    rep = onnx_backend.prepare(model)
+    (z,) = rep.run([x, mask])
+    assert rep.bound == ["mask"]
+    want = np.exp(x + mask - (x + mask).max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(z, want, atol=2.0 ** -10)
