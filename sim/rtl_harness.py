@@ -74,7 +74,9 @@ def build_harness(config: OverlayConfig, *, trace: bool = False) -> Path:
         # make variables as arguments (one word each, spaces included), not in MAKEFLAGS, which splits on spaces
         env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
         with ThreadPoolExecutor(max_workers=1) as pool:
-            job = pool.submit(subprocess.run, ["make", "-C", str(work), "-f", f"{PREFIX}.mk", *HARNESS_MAKEFLAGS, PREFIX],
+            # the model's C++ files compile in parallel (Verilator splits them): one job per core
+            job = pool.submit(subprocess.run, ["make", "-C", str(work), f"-j{os.cpu_count() or 1}", "-f", f"{PREFIX}.mk",
+                                               *HARNESS_MAKEFLAGS, PREFIX],
                               check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
             with stages.stage("C++ compile", count=lambda: _compile_progress(work, PREFIX, PREFIX)):
                 job.result()
@@ -101,4 +103,12 @@ def _write_mem_header(work: Path, trace: bool) -> None:
     prev = "__Vtrigprevexpr___TOP__clk__0"
     if f"{prev};" in root.read_text() and not trace:
         text += f"#define KVO_CLK_PREV(top) ((top)->rootp->{prev})\n"
+        # the clock edge without the input region: the active and NBA phases of the model's _eval (see edge() in
+        # the harness), if the generated code has them by the names and signatures Verilator 5.48 gives them
+        phases = [f"bool {PREFIX}___024root___eval_phase__{p}({PREFIX}___024root* vlSelf)" for p in ("act", "nba")]
+        code = "".join(f.read_text() for f in sorted(work.glob(f"{PREFIX}___024root__*.cpp")) if "Slow" not in f.name)
+        if all(f"\n{sig} {{" in code for sig in phases):
+            text += "".join(f"{sig};\n" for sig in phases)
+            text += (f"#define KVO_EDGE(top) do {{ while ({PREFIX}___024root___eval_phase__act((top)->rootp)) {{}} }} "
+                     f"while ({PREFIX}___024root___eval_phase__nba((top)->rootp))\n")
     (work / "kvo_mem.h").write_text(text)
