@@ -6,7 +6,8 @@ whole design, and Python sees one line per command, never a cycle. The cocotb re
 :meth:`RtlModel.run`, the unit testbenches) stays cocotb.
 
 The harness is built once per configuration beside the cocotb model (same cache key: configuration and hardware
-sources), in ``<cache>/<key>/harness-<hash of the harness source and flags>/``, sharing its Verilog export.
+sources), in ``<cache>/<key>/harness-<hash of the harness source, this module and the flags>/``, sharing its
+Verilog export.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ VLT = '`verilator_config\npublic_flat_rd -module "kvo_dram_model" -var "mem"\n'
 def _harness_dir(config: OverlayConfig, trace: bool) -> Path:
     from .rtl import _sources_hash, cache_root
 
-    h = hashlib.sha256(HARNESS_SOURCE.read_bytes() + repr((HARNESS_ARGS, HARNESS_MAKEFLAGS, VLT)).encode())
+    # this module too: what it finds in Verilator's output (kvo_mem.h) decides how the harness clocks the model
+    h = hashlib.sha256(HARNESS_SOURCE.read_bytes() + Path(__file__).read_bytes()
+                       + repr((HARNESS_ARGS, HARNESS_MAKEFLAGS, VLT)).encode())
     return cache_root() / _sources_hash(config) / f"harness-{h.hexdigest()[:12]}{'-trace' if trace else ''}"
 
 
