@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,7 @@ def record(out: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             image = next(a for a in argv if a.startswith("+DRAM_IMAGE=")).split("=", 1)[1]
             os.replace(image, folder / "image.hex")
+            shutil.rmtree(Path(image).parent, ignore_errors=True)  # the rest of the kept folder: its log
             (folder / "commands.txt").write_bytes(b"".join(sent))  # closing the session sent its quit
             print(json.dumps({name: {"cycles": cycles, "cycles_per_cpu_s": round(cycles / cpu)}}), flush=True)
 
