@@ -107,7 +107,8 @@ def _write_mem_header(work: Path, trace: bool) -> None:
     if f"{prev};" in root.read_text() and not trace:
         text += f"#define KVO_CLK_PREV(top) ((top)->rootp->{prev})\n"
         # the clock edge without the input region: the active and NBA phases of the model's _eval (see edge() in
-        # the harness), if the generated code has them by the names and signatures Verilator 5.48 gives them
+        # the harness), if the generated code has them by the names and signatures Verilator 5.48 gives them; the
+        # loop is _eval's without its convergence limit (each run's first cycle is a whole eval(), which has it)
         phases = [f"bool {PREFIX}___024root___eval_phase__{p}({PREFIX}___024root* vlSelf)" for p in ("act", "nba")]
         code = "".join(f.read_text() for f in sorted(work.glob(f"{PREFIX}___024root__*.cpp")) if "Slow" not in f.name)
         if all(f"\n{sig} {{" in code for sig in phases):
