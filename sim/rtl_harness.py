@@ -6,7 +6,8 @@ whole design, and Python sees one line per command, never a cycle. The cocotb re
 :meth:`RtlModel.run`, the unit testbenches) stays cocotb.
 
 The harness is built once per configuration beside the cocotb model (same cache key: configuration and hardware
-sources), in ``<cache>/<key>/harness-<hash of the harness source and flags>/``, sharing its Verilog export.
+sources), in ``<cache>/<key>/harness-<hash of the harness source, this module and the flags>/``, sharing its
+Verilog export.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ VLT = '`verilator_config\npublic_flat_rd -module "kvo_dram_model" -var "mem"\n'
 def _harness_dir(config: OverlayConfig, trace: bool) -> Path:
     from .rtl import _sources_hash, cache_root
 
-    h = hashlib.sha256(HARNESS_SOURCE.read_bytes() + repr((HARNESS_ARGS, HARNESS_MAKEFLAGS, VLT)).encode())
+    # this module too: what it finds in Verilator's output (kvo_mem.h) decides how the harness clocks the model
+    h = hashlib.sha256(HARNESS_SOURCE.read_bytes() + Path(__file__).read_bytes()
+                       + repr((HARNESS_ARGS, HARNESS_MAKEFLAGS, VLT)).encode())
     return cache_root() / _sources_hash(config) / f"harness-{h.hexdigest()[:12]}{'-trace' if trace else ''}"
 
 
@@ -74,7 +77,9 @@ def build_harness(config: OverlayConfig, *, trace: bool = False) -> Path:
         # make variables as arguments (one word each, spaces included), not in MAKEFLAGS, which splits on spaces
         env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
         with ThreadPoolExecutor(max_workers=1) as pool:
-            job = pool.submit(subprocess.run, ["make", "-C", str(work), "-f", f"{PREFIX}.mk", *HARNESS_MAKEFLAGS, PREFIX],
+            # the model's C++ files compile in parallel (Verilator splits them): one job per core
+            job = pool.submit(subprocess.run, ["make", "-C", str(work), f"-j{os.cpu_count() or 1}", "-f", f"{PREFIX}.mk",
+                                               *HARNESS_MAKEFLAGS, PREFIX],
                               check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
             with stages.stage("C++ compile", count=lambda: _compile_progress(work, PREFIX, PREFIX)):
                 job.result()
@@ -101,4 +106,13 @@ def _write_mem_header(work: Path, trace: bool) -> None:
     prev = "__Vtrigprevexpr___TOP__clk__0"
     if f"{prev};" in root.read_text() and not trace:
         text += f"#define KVO_CLK_PREV(top) ((top)->rootp->{prev})\n"
+        # the clock edge without the input region: the active and NBA phases of the model's _eval (see edge() in
+        # the harness), if the generated code has them by the names and signatures Verilator 5.48 gives them; the
+        # loop is _eval's without its convergence limit (each run's first cycle is a whole eval(), which has it)
+        phases = [f"bool {PREFIX}___024root___eval_phase__{p}({PREFIX}___024root* vlSelf)" for p in ("act", "nba")]
+        code = "".join(f.read_text() for f in sorted(work.glob(f"{PREFIX}___024root__*.cpp")) if "Slow" not in f.name)
+        if all(f"\n{sig} {{" in code for sig in phases):
+            text += "".join(f"{sig};\n" for sig in phases)
+            text += (f"#define KVO_EDGE(top) do {{ while ({PREFIX}___024root___eval_phase__act((top)->rootp)) {{}} }} "
+                     f"while ({PREFIX}___024root___eval_phase__nba((top)->rootp))\n")
     (work / "kvo_mem.h").write_text(text)
