@@ -69,8 +69,9 @@ def _golden_logits(path, ids, config, **options):
         return s.teacher_forced(ids[:1], ids[1:])
 
 
-def _dequantized_model(path, config, out, **options):
-    """*path* with each MatMul weight the compiler placed replaced by its dequantized value from the image."""
+def _dequantized_model(path, config, out, *, tables: bool = False, **options):
+    """*path* with each MatMul weight the compiler placed replaced by its dequantized value from the image; with
+    *tables*, the token-embedding table (a Gather's initializer equal to it) as well."""
     from kvoverlay.compiler.driver import TRACE_KV_LEN
     from kvoverlay.compiler.passes import Compilation, run_pipeline
     from onnx import numpy_helper
@@ -84,13 +85,23 @@ def _dequantized_model(path, config, out, **options):
     model = onnx.load(str(path))
     producer = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
+
+    def placed(r):
+        stride = nx.row_stride(r.cols, r.fmt, r.group, cfg.port_bytes)
+        q, sm = nx.unpack_rows(bytes(c.image.data[r.addr: r.addr + r.rows * stride]), r.rows, r.cols, r.fmt, r.group)
+        return nx.dequantize_matrix(q, sm, r.sexp, r.group).astype(np.float32)  # unpack_rows gives effective weights
+
+    for name, (kind, t) in c.og.tables.items() if tables else ():
+        if kind != "token":
+            continue
+        same = [i for i in inits.values() if tuple(i.dims) == t.shape and np.array_equal(numpy_helper.to_array(i), t)]
+        if len(same) != 1:
+            raise SystemExit(f"token table {name} {list(t.shape)}: {len(same)} initializers equal to it")
+        same[0].CopyFrom(numpy_helper.from_array(placed(c.image.records[name]), same[0].name))
     for op in c.og.ops:
         if op.kind != "linear":
             continue
-        r = c.image.records[op.attrs["matrix"]]
-        stride = nx.row_stride(r.cols, r.fmt, r.group, cfg.port_bytes)
-        q, sm = nx.unpack_rows(bytes(c.image.data[r.addr: r.addr + r.rows * stride]), r.rows, r.cols, r.fmt, r.group)
-        w = nx.dequantize_matrix(q, sm, r.sexp, r.group).T.astype(np.float32)
+        w = placed(c.image.records[op.attrs["matrix"]]).T
         name = producer[op.source].input[1]
         if tuple(inits[name].dims) != w.shape:
             raise SystemExit(f"{op.source}: a {list(w.shape)} GEMV for weight {name} {list(inits[name].dims)}")
