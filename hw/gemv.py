@@ -244,7 +244,7 @@ class GemvEngine(wiring.Component):
         m.d.sync += scale.eq(Mux(asym, header[:nx.UINT4_SCALE_BITS], header))
         # narrow groups: the window's groups are consecutive headers from the first one's (in one scale word, as
         # their count divides the headers per word); the first one's is `scale`
-        nheaders = _shift_words(sr.data, s2["g"][:lpb - 1], 16)
+        nheaders = sr.data >> (s2["g"][:lpb - 1] << 4)
         nscale = []
         for g in range(1, nscales):
             h, ns = nheaders.word_select(g, 16), Signal(16, name=f"s3_scale{g}")
@@ -416,7 +416,7 @@ class GemvEngine(wiring.Component):
                      zr.addr.eq(group >> lpw)]
         zp = Signal(4, name="zero_point")
         m.d.comb += zp.eq(zr.data.word_select(group[:lpw], 4))
-        following = _shift_words(zr.data, group[:lpw], 4)  # the window's narrow groups, from its first
+        following = zr.data >> (group[:lpw] << 2)  # the window's narrow groups, from its first
         narrow_bits = range(log2_exact(isa.GROUP_BASE), log2_exact(nscales * isa.GROUP_BASE))
 
         def lane(i):
@@ -431,15 +431,6 @@ class GemvEngine(wiring.Component):
                         m.d.comb += zpi.eq(following.word_select(g, 4))
             return zpi
         return lane
-
-
-def _shift_words(value, amount, width: int):
-    """``value >> (amount * width)`` as one mux of constant shifts per bit of *amount* (a barrel shifter): a shift
-    by a signal is one cell whose every output depends on every input, and Amaranth's check for combinational
-    loops walks those edges, quadratic in the width (minutes on u280's 8192-bit port word)."""
-    for k, bit in enumerate(amount):
-        value = Mux(bit, value >> (width << k), value)
-    return value
 
 
 def _scale_limbs(m, value, scale, prefix: str) -> list:
