@@ -274,7 +274,8 @@ def project(model: str, config, weights: str = "int4", devices: int = 1, context
     group_bits = min(_group(ins.fields["cols"], config.group_size) for ins in gemvs) * WEIGHT_FORMATS[weights]
     if group_bits < config.port_bits:
         assumptions.append(f"groups of {group_bits} bits, under one {config.port_bits}-bit port word: the GEMV engine "
-                           "as built refuses them (Fault.GROUP); the cycles assume it takes them at the port rate")
+                           f"scales up to {timing.gemv_narrow_scales(config)} groups per window in its adder tree at the "
+                           "port rate; for this config that Verilog has not been converted yet (docs/boards.md)")
     if kv_bytes:
         assumptions.append("KV beyond the KV buffer streamed from memory under the attention engine (as built, it "
                            "goes to the offload device)")
