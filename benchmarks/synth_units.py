@@ -36,6 +36,7 @@ UNITS = {
     "store": ("kvoverlay.hw.store_unit", "StoreUnit"),
     "frontend": ("kvoverlay.hw.frontend", "Frontend"),
     "state": ("kvoverlay.hw.state", "OnChipState"),
+    "argmax": ("kvoverlay.hw.argmax_unit", "ArgmaxUnit"),
 }
 
 #: synth_ecp5 (Yosys 0.70: a wrapper of synth_lattice) with its ``coarse`` step spelled out less the SAT-based

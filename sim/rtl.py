@@ -464,7 +464,9 @@ class RtlProcess:
         """Why the process no longer serves, in parentheses ("" while it does)."""
         if self._fault:
             return f" ({self._fault})"
-        return " (interrupted mid-request)" if self._inflight else " (exited)" if self._proc.poll() is not None else ""
+        # a process killed between requests is seen here before a request fails on it: the same words either way
+        return (" (interrupted mid-request)" if self._inflight
+                else " (exited mid-session)" if self._proc.poll() is not None else "")
 
     def _request(self, *words) -> list:
         """Send one command line; returns the reply's words (after a leading ``ok``)."""
