@@ -13,6 +13,7 @@ cocotb) alive and sends it commands on a pipe, so each call continues from the s
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -74,11 +75,23 @@ def _sources_hash(config: OverlayConfig) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def build_lock(work: Path):
+    """Hold the build of the cache entry *work* against other processes (pytest-xdist workers, a second session):
+    the cocotb model and the run-path harness of one config share its Verilog export, and two builds of the same
+    entry at once overwrite each other's files (make failed with return code 2 when two workers built ulx3s)."""
+    work.parent.mkdir(parents=True, exist_ok=True)
+    with open(work.with_name(work.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     """Build (or reuse) the Verilated simulation top for *config*; returns its directory."""
-    from cocotb_tools.runner import get_runner
-    from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
-    from kvoverlay.hw.sim_overlay import TB_NAME, OverlaySimTop, clocked_wrapper
+    from kvoverlay.hw.sim_overlay import TB_NAME
 
     from kvoverlay import toolchain
 
@@ -87,6 +100,17 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     binary = work / "build" / TB_NAME
     if binary.is_file():
         return work
+    with build_lock(work):
+        if not binary.is_file():  # another process may have built it while this one waited
+            _build_model(config, work, waves)
+    return work
+
+
+def _build_model(config: OverlayConfig, work: Path, waves: bool) -> None:
+    from cocotb_tools.runner import get_runner
+    from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
+    from kvoverlay.hw.sim_overlay import TB_NAME, OverlaySimTop, clocked_wrapper
+
     stages = Stages(f"building the Verilated overlay for config {config.name} (first run only; cached in {work})")
     src = export_verilog(config, work, stages)
     wrapper = work / f"{TB_NAME}.v"
@@ -100,7 +124,6 @@ def build_model(config: OverlayConfig, *, waves: bool = False) -> Path:
     finally:
         os.environ["MAKEFLAGS"] = saved
     (work / "config.toml").write_text(config.to_toml())
-    return work
 
 
 def export_verilog(config: OverlayConfig, work: Path, stages: Stages) -> Path:

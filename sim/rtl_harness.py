@@ -47,6 +47,20 @@ def _harness_dir(config: OverlayConfig, trace: bool) -> Path:
 
 def build_harness(config: OverlayConfig, *, trace: bool = False) -> Path:
     """Build (or reuse) the harness binary for *config* (with *trace*, one that writes waveforms); returns its path."""
+    from .rtl import build_lock
+
+    work = _harness_dir(config, trace)
+    binary = work / PREFIX
+    if binary.is_file():
+        return binary
+    # one lock per config's Verilog export, which the cocotb model shares
+    with build_lock(work.parent):
+        if not binary.is_file():  # another process may have built it while this one waited
+            _build_harness(config, work, trace)
+    return binary
+
+
+def _build_harness(config: OverlayConfig, work: Path, trace: bool) -> None:
     from kvoverlay.hw.dram import DRAM_MODEL_SOURCE
     from kvoverlay.hw.sim_overlay import TOP_NAME
 
@@ -54,10 +68,7 @@ def build_harness(config: OverlayConfig, *, trace: bool = False) -> Path:
 
     from .rtl import _compile_progress, export_verilog
 
-    work = _harness_dir(config, trace)
     binary = work / PREFIX
-    if binary.is_file():
-        return binary
     verilator = toolchain.ensure_verilator()
     for tool in ("make", "c++"):
         if shutil.which(tool) is None:
@@ -90,7 +101,6 @@ def build_harness(config: OverlayConfig, *, trace: bool = False) -> Path:
         tail = " ".join((work / "build.log").read_text(errors="replace")[-1500:].split())
         raise RuntimeError(f"building the RTL harness failed (log {work / 'build.log'}): {tail}") from None
     log.close()
-    return binary
 
 
 def _write_mem_header(work: Path, trace: bool) -> None:
