@@ -39,15 +39,15 @@ def compile_main(args) -> int:
 
     check_writable(args.output)
     tok_path = find_tokenizer(args.model, getattr(args, "tokenizer", None))
-    if tok_path is not None:  # an unreadable tokenizer is refused before the compile, a mismatched one after it
-        Tokenizer.from_file(tok_path, None)
+    # an unreadable tokenizer is refused before the compile, a mismatched one after it (parsed once)
+    tok = None if tok_path is None else Tokenizer.from_file(tok_path, None)
     b, report = compile_model(str(args.model), args.config, weights=WEIGHT_CHOICES[args.weights], group_size=args.group_size,
                               max_seq=args.max_seq, kv_capacity=args.kv_capacity, method=args.quant,
                               dump_dir=args.dump_dir, host_ops=getattr(args, "offload_device", "auto") != "none",
                               logits=not getattr(args, "no_logits", False))
-    if tok_path is not None:
-        b.tokenizer = tok_path.read_bytes()
-        Tokenizer(b.tokenizer, b.manifest["logits"]["len"], where=f"tokenizer {tok_path}")
+    if tok is not None:
+        tok.check_vocab(b.manifest["logits"]["len"])
+        b.tokenizer = tok.blob
         report["program_bytes"] = kvbundle.encoded_size(b)
     report["tokenizer"] = None if tok_path is None else str(tok_path)
     kvbundle.save(b, args.output)

@@ -61,11 +61,19 @@ class Tokenizer:
         except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception type for bad JSON
             raise TokenizerError(f"{where}: not a tokenizer.json the tokenizers package reads"
                                  f" ({' '.join(str(exc).split())[:160]})") from None
+        self.blob = bytes(blob)  # what a bundle stores
         self.size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.vocab = self.size if vocab is None else int(vocab)
-        if not self.vocab * (1 - _PAD_FRACTION) <= self.size <= self.vocab:
-            raise TokenizerError(f"{where} has {self.size} tokens, which does not match the model's vocabulary of"
-                                 f" {self.vocab}")
+        self.vocab = self.size
+        if vocab is not None:
+            self.check_vocab(vocab)
+
+    def check_vocab(self, vocab: int) -> None:
+        """Hold the tokenizer to a program's vocabulary of *vocab* logits; raises :class:`TokenizerError` if its
+        size does not match."""
+        if not int(vocab) * (1 - _PAD_FRACTION) <= self.size <= int(vocab):
+            raise TokenizerError(f"{self.where} has {self.size} tokens, which does not match the model's vocabulary of"
+                                 f" {int(vocab)}")
+        self.vocab = int(vocab)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, vocab: int | None) -> Tokenizer:
