@@ -205,7 +205,8 @@ def bench_decode(shape: DecodeShape, config, weights: str = "int8", context: int
         out.update({
             "fill_cycles": fill_step.hw_counters["cycles"],
             "sim_cycles_per_s": round(sum(cycles) / wall) if wall > 0 else None,
-            "bit_exact": all(np.array_equal(h.logits_m, m) and h.logits_e == e
+            "bit_exact": all(len(h.logits_records) == 1 and np.array_equal(h.logits_records[0][0], m)
+                             and h.logits_records[0][1] == e
                              for h, (_, m, e, _) in zip(hw_steps, model_steps, strict=True)),
         })
     cycles_per_token = float(np.mean(cycles))

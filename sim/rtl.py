@@ -200,28 +200,22 @@ class RtlRun:
 
 @dataclass
 class RtlStep:
-    """One step of :meth:`RtlModel.run_session`: the token fed, the logits record and the next-token register."""
+    """One step of :meth:`RtlModel.run_session`: the token fed, the logits records and the next-token register."""
 
     token: int
     position: int
     next_token: int
-    logits_m: np.ndarray
-    logits_e: int  # a tiled LM head's logits: a tuple, the exponent of each tile's record; None: no logits
+    logits_records: tuple  # (mantissas, exponent) of each logits record (one per tile of a tiled head); () if none
     counters: object  # golden-style Counters of this step
     hw_counters: dict
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    logits_tiles: tuple = ()  # a tiled LM head's logits: the length of each tile's record
 
     @property
     def logits(self) -> np.ndarray | None:
-        if self.logits_e is None:  # a program without logits
+        if not self.logits_records:  # a program without logits
             return None
-        if not self.logits_tiles:
-            return nx.to_float(self.logits_m, self.logits_e)
-        ends = np.cumsum(self.logits_tiles)[:-1]
-        return np.concatenate([nx.to_float(m, e) for m, e in zip(np.split(self.logits_m, ends), self.logits_e,
-                                                                      strict=True)])
+        return np.concatenate([nx.to_float(m, e) for m, e in self.logits_records])
 
 
 def _try_decode(word: bytes):
@@ -581,13 +575,10 @@ class RtlProcess:
         from kvoverlay.hw.overlay import COUNTERS
 
         hw = dict(zip(COUNTERS, status["counters"]))
-        records = logits_records(logits)
-        parts = [self.read_vector(a, n) for a, n in records]
-        m, e = (parts[0] if len(parts) == 1 else (np.zeros(0, np.int64), None) if not parts else
-                (np.concatenate([m for m, _ in parts]), tuple(int(e) for _, e in parts)))
+        records = tuple(self.read_vector(a, n) for a, n in logits_records(logits))
         return RtlStep(token=token, position=position, next_token=self.read_registers()[int(registers["next_token"])],
-                       logits_m=m, logits_e=e, counters=_counters(hw), hw_counters=hw, wall_s=status["wall_s"],
-                       cpu_s=status["cpu_s"], logits_tiles=tuple(n for _, n in records) if len(records) > 1 else ())
+                       logits_records=records, counters=_counters(hw), hw_counters=hw, wall_s=status["wall_s"],
+                       cpu_s=status["cpu_s"])
 
     def _cover(self, instrs: list, outcome: str, position: int, n: int) -> None:
         if coverage.active() is not None:
