@@ -129,7 +129,12 @@ class Codegen:
         self.head_tiles: list = []
 
     def instr(self, op: str, **fields) -> None:
-        self.code.append(isa.Instr(op, fields, frozenset()))
+        ins = isa.Instr(op, fields, frozenset())
+        if op == "GEMV" and not self.cfg.builds_group(group := isa.weight_layout(ins)[1]):
+            # a matrix whose columns split only into narrower groups (or imported with such blocks)
+            raise CompileError(f"{self.who}: groups of {group} weights, below min_group={self.cfg.min_group} of "
+                               f"{self.cfg.name}'s GEMV engine")
+        self.code.append(ins)
 
     def vector(self, name: str, n: int | None = None) -> tuple[int, int]:
         """Allocate vector *name* (of *n* elements, or its length in the graph): its (abuf address, ereg)."""
@@ -173,6 +178,9 @@ def check_fits(og: OverlayGraph, cfg: OverlayConfig, group_size: int) -> None:
     """
     if group_size < isa.GROUP_BASE or group_size & (group_size - 1) or group_size > isa.GROUP_BASE << 7:
         raise CompileError(f"--group-size {group_size}: must be a power of two in [{isa.GROUP_BASE}, {isa.GROUP_BASE << 7}]")
+    if not cfg.builds_group(group_size):
+        raise CompileError(f"--group-size {group_size}: {cfg.name}'s GEMV engine is built for groups of at least "
+                           f"min_group={cfg.min_group}")
 
 
 def kv_layout(og: OverlayGraph, cfg: OverlayConfig) -> dict:

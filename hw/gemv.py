@@ -59,7 +59,8 @@ class GemvEngine(wiring.Component):
     Groups narrower than a window (``W`` weights: a window holds ``W / G`` groups of ``G``): each group's sum is a
     node of the adder tree (``G = 4**l`` lanes) or the sum of two (``2 * 4**l``), taken at the tree's last stage;
     M1/M2 scale each by its own header (the first group's through the window's multiplier, one more multiplier per
-    further group up to :func:`~kvoverlay.timing.gemv_narrow_scales`), and a fan-in-4 tree sums the scaled groups
+    further group up to :func:`~kvoverlay.timing.gemv_narrow_scales`, for groups down to ``config.min_group``), and a
+    fan-in-4 tree sums the scaled groups
     (:func:`~kvoverlay.timing.gemv_narrow_stages` more stages). uint4 lanes subtract their own group's zero point.
     Every product, group sum and scaled sum is exact, so the row accumulates ``numerics.gemv_acc``'s terms
     modulo 2**64 in another order, with the same result.
@@ -68,13 +69,13 @@ class GemvEngine(wiring.Component):
     ----------
     config : OverlayConfig
         Overlay parameters; uses ``port_bits``, ``act_buffer_words``,
-        ``acc_buffer_words`` and ``dram_bytes``.
+        ``acc_buffer_words``, ``dram_bytes`` and ``min_group``.
 
     Attributes
     ----------
     cmd : In(stream.Signature(gemv_tile(config)))
         The tile, taken while idle: ``rows``, ``cols`` (a multiple of the group size),
-        ``group_log2`` (log2 of the weights per group, at least ``log2(isa.GROUP_BASE)``; a window is int4
+        ``group_log2`` (log2 of the weights per group, at least ``log2(config.min_group)``; a window is int4
         ``2 * port_bytes``, int8 ``port_bytes``, w16 ``port_bytes / 2`` weights), ``fmt``
         (:data:`FMT_CODES`; uint4 as int4, less its group's zero point) and ``w_base`` (word address of the first row record).
     busy, done : Out(1)
@@ -299,12 +300,12 @@ class GemvEngine(wiring.Component):
         # narrow groups of 2**gbits weights (lanes) are the level-l nodes (gbits = 2l) or pairs of them: their sums,
         # delayed to the tree's last stage, feed the group scales; group_sums[gbits][g] for the window's group g
         group_sums = {}
-        widest = nscales * isa.GROUP_BASE
+        widest = nscales * self.config.min_group
         while len(prods) > 1:
             level += 1
             fresh = set()
             for gbits in (2 * level - 2, 2 * level - 1):
-                if not isa.GROUP_BASE <= 1 << gbits < widest:
+                if not self.config.min_group <= 1 << gbits < widest:
                     continue
                 if gbits % 2 == 0:  # this level's nodes
                     group_sums[gbits] = prods[:widest >> gbits]
@@ -362,7 +363,7 @@ class GemvEngine(wiring.Component):
                 nprods = nxt
                 ntags = _stage(m, ntags, f"n{nlevel}")
             widest_fmt = max(self.config.weight_formats, key=self.config.weights_per_cycle)
-            assert nlevel == gemv_narrow_stages(self.config, widest_fmt, isa.GROUP_BASE), nlevel
+            assert nlevel == gemv_narrow_stages(self.config, widest_fmt, self.config.min_group), nlevel
             fin = {k: Mux(narrow, ntags[k], m2[k]) for k in m2}
             fprod = Signal(signed(64), name="window_prod")
             m.d.comb += fprod.eq(Mux(narrow, nprods[0], wprod))
@@ -417,7 +418,7 @@ class GemvEngine(wiring.Component):
         zp = Signal(4, name="zero_point")
         m.d.comb += zp.eq(zr.data.word_select(group[:lpw], 4))
         following = zr.data >> (group[:lpw] << 2)  # the window's narrow groups, from its first
-        narrow_bits = range(log2_exact(isa.GROUP_BASE), log2_exact(nscales * isa.GROUP_BASE))
+        narrow_bits = range(log2_exact(self.config.min_group), log2_exact(nscales * self.config.min_group))
 
         def lane(i):
             cands = {gbits: i >> gbits for gbits in narrow_bits if i >> gbits}

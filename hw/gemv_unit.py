@@ -28,8 +28,9 @@ class GemvUnit(wiring.Component):
     The engine runs under an enable that stalls it whenever it would consume a weight word that has not arrived,
     so weights stream at the port rate when the port delivers one beat per cycle. Each finished row goes through
     one more stage that adds the old accumulator (``accumulate=1``, split-K) or overwrites it. At the end the
-    accumulator exponent register gets ``x_e + sexp``. Faults: weight format not built (``FORMAT``); group too
-    ``cols`` not a positive multiple of the group or ``rows == 0`` (``GROUP``); unaligned ``x`` or weight address (``UNALIGNED``); ranges past the buffers or the memory
+    accumulator exponent register gets ``x_e + sexp``. Faults: weight format not built (``FORMAT``); a group
+    narrower than ``config.min_group``, ``cols`` not a positive multiple of the group or ``rows == 0``
+    (``GROUP``); unaligned ``x`` or weight address (``UNALIGNED``); ranges past the buffers or the memory
     (``OUT_OF_RANGE``); accumulating onto a different exponent (``EXPONENT``).
 
     Parameters
@@ -110,9 +111,11 @@ class GemvUnit(wiring.Component):
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
                 m.d.sync += requested.eq(0)
-                # a group narrower than the engine's window (one port word of weights) is scaled in its subtree
+                # a group narrower than the engine's window (one port word of weights) is scaled in its subtree,
+                # down to the narrowest it is built for (config.builds_group)
                 with seq.check((~row_geo.built, Fault.FORMAT),
-                               ((cols == 0) | (rows == 0) | (cols & ((1 << gl) - 1)).any(), Fault.GROUP),
+                               ((cols == 0) | (rows == 0) | (cols & ((1 << gl) - 1)).any()
+                                | (gl < log2_exact(cfg.min_group)), Fault.GROUP),
                                ((ins.x & (lanes - 1)).any() | (byte_addr & (pb - 1)).any(),
                                 Fault.UNALIGNED),
                                ((ins.x + cols > cfg.act_buffer_words) | (ins.acc + rows > cfg.acc_buffer_words),

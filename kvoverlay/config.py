@@ -28,8 +28,11 @@ class ConfigError(ValueError):
     """An unknown, missing or out-of-range configuration value."""
 
 
-def _param(lo, hi, doc, *, pow2=False, multiple=None):
-    return field(metadata={"range": (lo, hi), "doc": doc, "pow2": pow2, "multiple": multiple})
+def _param(lo, hi, doc, *, pow2=False, multiple=None, default=None):
+    # a default: a key added after bundles were first written, which a missing key takes; to_dict leaves it out at
+    # that value, so that the bundles of configs that do not set it stay byte-identical
+    meta = {"range": (lo, hi), "doc": doc, "pow2": pow2, "multiple": multiple, "omit_default": default is not None}
+    return field(metadata=meta) if default is None else field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +54,12 @@ class OverlayConfig:
         ``int8``, ``w16``, ``uint4``: int4 with a zero point per group).
     group_size : int
         Default number of weights that share one scale.
+    min_group : int
+        The smallest group the GEMV engine is built for (at most ``group_size``): it scales each group of a
+        window (one port word of weights) apart only down to this size, one group multiplier per further group,
+        so a config that never quantizes finer than its ``group_size`` builds the few it uses. GEMV faults
+        (GROUP) on a narrower group and the compiler refuses one (:meth:`builds_group`). Default
+        ``isa.GROUP_BASE`` (8, every group the ISA expresses), what bundles written before this key mean.
     act_buffer_words : int
         On-chip activation buffer, in 16-bit mantissas.
     acc_buffer_words : int
@@ -78,6 +87,8 @@ class OverlayConfig:
     weight_formats: tuple = ("int4", "int8", "w16", "uint4")
     act_format: str = "bfp16"
     group_size: int = _param(8, 1024, "default weights per group scale", pow2=True)
+    min_group: int = _param(8, 1024, "smallest weights per group scale the GEMV engine is built for", pow2=True,
+                            default=8)
     act_buffer_words: int = _param(256, 65536, "activation buffer size in 16-bit words", pow2=True)
     acc_buffer_words: int = _param(64, 65536, "accumulator buffer size in 64-bit words", pow2=True)
     kv_capacity: int = _param(1, 65536, "KV capacity in tokens per layer and KV head")
@@ -111,6 +122,9 @@ class OverlayConfig:
         if not fmts or any(f not in WEIGHT_FORMATS for f in fmts) or len(set(fmts)) != len(fmts):
             raise ConfigError(f"weight_formats={list(fmts)!r}: allowed a non-empty subset of {sorted(WEIGHT_FORMATS)}")
         object.__setattr__(self, "weight_formats", fmts)
+        if self.min_group > self.group_size:
+            raise ConfigError(f"min_group={self.min_group} exceeds group_size={self.group_size}: the GEMV engine "
+                              "would not be built for the default group")
         if self.act_format != "bfp16":
             raise ConfigError(f"act_format={self.act_format!r}: allowed ['bfp16']")
         kv_words = self.kv_buffer_words
@@ -165,6 +179,11 @@ class OverlayConfig:
         return (heads >= 1 and 1 <= head_dim <= self.max_head_dim
                 and kv_base + heads * self.kv_head_columns(head_dim) <= self.kv_columns)
 
+    def builds_group(self, group: int) -> bool:
+        """Whether the GEMV engine takes groups of *group* weights: the one predicate behind the compiler's refusal,
+        the golden model's fault and the RTL's GROUP fault."""
+        return group >= self.min_group
+
     def weights_per_cycle(self, fmt: str) -> int:
         """Weights of format *fmt* the GEMV engine consumes per cycle (one port word)."""
         return max(1, self.port_bits // WEIGHT_FORMATS[fmt])
@@ -173,6 +192,9 @@ class OverlayConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["weight_formats"] = list(self.weight_formats)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("omit_default") and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     def to_toml(self) -> str:
@@ -238,9 +260,10 @@ PRESETS = {
         act_buffer_words=8192, acc_buffer_words=2048, kv_capacity=64, max_layers=4,
         max_kv_heads=4, max_head_dim=64, attn_tile=8, clock_mhz=100.0, dram_bytes=1 << 24,
     ),
-    # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port.
+    # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port; groups of 32 or more (int4: one group scale
+    # more per window, not seven), so that the units fit 80% of the 85F (docs/boards.md).
     "ulx3s": OverlayConfig(
-        name="ulx3s", port_bits=256, vector_lanes=8, group_size=32,
+        name="ulx3s", port_bits=256, vector_lanes=8, group_size=32, min_group=32,
         act_buffer_words=16384, acc_buffer_words=4096, kv_capacity=128, max_layers=4,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
     ),

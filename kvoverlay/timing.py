@@ -130,10 +130,11 @@ def gemv_tree_stages(config) -> int:
 
 
 def gemv_narrow_scales(config) -> int:
-    """Group scales the GEMV engine applies inside one window: as many groups of ``isa.GROUP_BASE`` weights as the
-    widest window of the built formats holds (one port word of weights), or 1 if no group can be narrower than it."""
+    """Group scales the GEMV engine applies inside one window: as many groups of ``config.min_group`` weights (the
+    narrowest it is built for) as the widest window of the built formats holds (one port word of weights), or 1 if
+    no group can be narrower than it."""
     widest = max(config.weights_per_cycle(fmt) for fmt in config.weight_formats)
-    return max(1, widest // isa.GROUP_BASE)
+    return max(1, widest // config.min_group)
 
 
 def gemv_narrow_stages(config, fmt: str, group: int) -> int:

@@ -179,6 +179,9 @@ class GoldenModel:
         elif op == "GEMV":
             if f["cols"] % group or f["cols"] == 0 or f["rows"] == 0:
                 raise ValueError(f"a {f['rows']}x{f['cols']} tile does not split into groups of {group}")
+            if not self.config.builds_group(group):
+                raise ValueError(f"groups of {group} weights: the GEMV engine is built for groups of at least "
+                                 f"min_group={self.config.min_group}")
             stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)
             blob = self._dram(f["addr"], f["rows"] * stride).tobytes()
             q, sm = nx.unpack_rows(blob, f["rows"], f["cols"], fmt, group)

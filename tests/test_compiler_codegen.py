@@ -75,6 +75,16 @@ def test_abuf_too_small_is_a_clear_error():
 def test_group_size_is_validated():
     with pytest.raises(CompileError, match="group-size"):
         compile_model(build_llama_onnx(), "tiny", weights="int8", group_size=12, max_seq=8)
+    # groups narrower than the GEMV engine is built for: refused by name, before quantization
+    with pytest.raises(CompileError, match="--group-size 16: ulx3s's GEMV engine is built for groups of at least "
+                                           "min_group=32"):
+        compile_model(build_llama_onnx(), "ulx3s", weights="int4", group_size=16, max_seq=8)
+    # a matrix whose columns (48) split only into narrower groups: refused at its GEMV, so placed on the host
+    cfg = PRESETS["tiny"].replace(min_group=32)
+    with pytest.raises(CompileError, match="groups of 16 weights, below min_group=32"):
+        compile_model(build_llama_onnx(hidden=48), cfg, weights="int8", max_seq=8, host_ops=False)
+    _, report = compile_model(build_llama_onnx(hidden=48), cfg, weights="int8", max_seq=8)
+    assert any(op == "MatMul" and name.endswith("q_proj") for name, op in report["placement"]["host"])
 
 
 def test_kv_pool_is_carved_by_columns():

@@ -32,6 +32,23 @@ def test_mac_lanes_follow_the_port():
         OverlayConfig.from_toml('preset = "ulx3s"\nmac_lanes = 16\n')
 
 
+def test_min_group_is_checked_and_defaults_for_older_bundles():
+    """min_group: a power of two in [8, 1024], at most group_size; a config without the key (every bundle written
+    before it) takes 8, every group the ISA expresses, and writes no key at that value, so its bytes are unchanged."""
+    tiny, ulx3s = PRESETS["tiny"], PRESETS["ulx3s"]
+    assert tiny.min_group == 8 and "min_group" not in tiny.to_dict()
+    assert ulx3s.min_group == 32 and ulx3s.to_dict()["min_group"] == 32
+    older = {k: v for k, v in ulx3s.to_dict().items() if k != "min_group"}
+    assert OverlayConfig.from_dict(older) == ulx3s.replace(min_group=8)
+    assert [g for g in (8, 16, 32, 64) if ulx3s.builds_group(g)] == [32, 64]
+    with pytest.raises(ConfigError, match=r"min_group=64 exceeds group_size=32"):
+        tiny.replace(min_group=64)
+    with pytest.raises(ConfigError, match=r"min_group=24 must be a power of two"):
+        tiny.replace(min_group=24)
+    with pytest.raises(ConfigError, match=r"min_group=4 is out of range: allowed \[8, 1024\]"):
+        tiny.replace(min_group=4)
+
+
 def test_unknown_key_names_key():
     with pytest.raises(ConfigError, match="unknown config key 'mac_lane'"):
         OverlayConfig.from_toml('preset = "tiny"\nmac_lane = 8\n')

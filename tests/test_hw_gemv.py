@@ -30,12 +30,13 @@ TESTS = Path(__file__).parent
 CONFIGS = {"tiny": PRESETS["tiny"], "ulx3s": PRESETS["ulx3s"], "wide": PRESETS["tiny"].replace(port_bits=512)}
 #: config -> {(rows, cols, group): formats}. tiny: the brief's 64x64 g32 tile (weights start mid-word), 256 cols g8
 #: (8 scale words, weights word-aligned; int4 groups of 8 are half a window) and 96 cols g32 (3 scales, 6-byte
-#: offset). ulx3s: groups of 32 (int4: 2 per window) and 8 (int4 8, int8 4, w16 2 per window), 12 and 48 header
-#: bytes before the weights. wide: groups of 16 and 8, narrower than a window in every format.
+#: offset). ulx3s (built for groups of min_group=32 or more): groups of 32 (int4: 2 per window) and 64 (int4 one
+#: window, int8 2, w16 4), 12 and 6 header bytes before the weights. wide: groups of 16 and 8, narrower than a
+#: window in every format.
 SHAPES = {
     "tiny": {(64, 64, 32): ("int4", "int8", "w16", "uint4"), (16, 256, 8): ("int4", "int8", "w16", "uint4"),
              (8, 96, 32): ("int4", "int8", "w16", "uint4")},
-    "ulx3s": {(6, 192, 32): ("int4", "uint4"), (4, 192, 8): ("int4", "int8", "w16", "uint4")},
+    "ulx3s": {(6, 192, 32): ("int4", "uint4"), (4, 192, 64): ("int4", "int8", "w16", "uint4")},
     "wide": {(4, 256, 16): ("int4", "int8", "w16", "uint4"), (3, 512, 8): ("int4", "w16")},
 }
 CASES = [(name, shape, fmt) for name, shapes in SHAPES.items() for shape, fmts in shapes.items() for fmt in fmts]
@@ -52,6 +53,7 @@ def test_cases_cover_narrow_groups():
         cfg = CONFIGS[name]
         narrow = {fmt for (_, _, group), fmts in shapes.items() for fmt in fmts if group < cfg.weights_per_cycle(fmt)}
         assert narrow, name
+        assert all(cfg.builds_group(group) for _, _, group in shapes), name
     assert narrow == set(CONFIGS["wide"].weight_formats)
 
 

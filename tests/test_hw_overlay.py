@@ -278,8 +278,8 @@ def random_program(rng, cfg):
     base, acc_e, out_addr = 0x1000, 2, 0x18000
     for t in range(int(rng.integers(2, 4))):
         fmt = str(rng.choice(["int4", "int8", "w16"]))
-        min_group = max(isa.GROUP_BASE, pb * 8 // nx.WEIGHT_FORMATS[fmt])
-        group = int(rng.choice([g for g in (8, 16, 32, 64) if g >= min_group and cols % g == 0]))
+        narrowest = max(cfg.min_group, pb * 8 // nx.WEIGHT_FORMATS[fmt])
+        group = int(rng.choice([g for g in (8, 16, 32, 64) if g >= narrowest and cols % g == 0]))
         rows = int(rng.integers(1, 40))
         lo, hi = QRANGE[fmt]
         sexp = int(rng.integers(-30, 5))
@@ -379,6 +379,23 @@ def test_wide_port_preset_ulx3s():
     assert np.array_equal(rtl.acc, gold.acc)
     assert rtl.eregs == gold.eregs
     assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
+
+
+def test_group_below_min_group_faults_on_ulx3s():
+    """ulx3s's GEMV engine is built for groups of min_group=32 or more: a GEMV of groups of 16 faults GROUP on the
+    RTL at its pc, and the golden model refuses it from the same predicate (config.builds_group)."""
+    cfg = PRESETS["ulx3s"]
+    assert not cfg.builds_group(16) and cfg.builds_group(32)
+    build_model(cfg)
+    program = isa.assemble("NOP queue=compute\nGEMV addr=0x1000 rows=2 cols=64 fmt=int4 lg_group=1 sexp=0 x=0 x_e=E1 "
+                           "acc=0 acc_e=E2 accumulate=0\nEND")
+    with pytest.raises(ExecError, match="min_group=32"):
+        GoldenModel(cfg, bytes(1 << 14)).run(program)
+    with pytest.raises(RtlError) as info:
+        RtlModel(cfg, bytes(1 << 14)).run(program)
+    assert info.value.pc == 1
+    assert info.value.code == "exec"
+    assert "GEMV: execution fault: group" in str(info.value)
 
 
 class _Image:

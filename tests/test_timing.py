@@ -16,21 +16,31 @@ def test_an_opcode_without_a_unit_is_refused_by_name():
         timing.unit_cycles(load_config("tiny"), ins)
 
 
+def test_narrow_scales_follow_min_group():
+    """The GEMV engine scales a window's groups of min_group apart: ulx3s (int4 windows of 64, min_group 32) two
+    groups, one tree stage; at min_group 8 eight groups, two stages."""
+    cfg = load_config("ulx3s")
+    assert timing.gemv_narrow_scales(cfg) == 2 and timing.gemv_narrow_stages(cfg, "int4", 32) == 1
+    every = cfg.replace(min_group=8)
+    assert timing.gemv_narrow_scales(every) == 8 and timing.gemv_narrow_stages(every, "int4", 32) == 2
+
+
 @pytest.mark.parametrize("name", ["tiny", "ulx3s", "u280"])
 def test_only_groups_narrower_than_a_window_take_the_narrow_stages(name):
     """A GEMV's groups narrower than one port word of its weights add the tree over the scaled group sums (as many
     stages on every format, as one tree serves them); window-sized and wider groups keep the window path's cycles."""
     cfg = load_config(name)
-    stages = {timing.gemv_narrow_stages(cfg, fmt, isa.GROUP_BASE << lg)
+    stages = {timing.gemv_narrow_stages(cfg, fmt, cfg.min_group << lg)
               for fmt in cfg.weight_formats for lg in range(8)
-              if isa.GROUP_BASE << lg < cfg.weights_per_cycle(fmt)}
+              if cfg.min_group << lg < cfg.weights_per_cycle(fmt)}
     assert len(stages) == 1 and min(stages) > 0, stages
     assert all(timing.gemv_narrow_stages(cfg, fmt, cfg.weights_per_cycle(fmt) << k) == 0
                for fmt in cfg.weight_formats for k in range(3))
-    # the widest window that the largest group still covers: its groups of 8 are narrow, of 1024 not
+    # the widest window that the largest group still covers: its groups of min_group are narrow, of 1024 not
     fmt = max((f for f in cfg.weight_formats if cfg.weights_per_cycle(f) <= isa.GROUP_BASE << 7),
               key=cfg.weights_per_cycle)
-    ins = isa.Instr("GEMV", {"fmt": isa.ENUMS["fmt"].index(fmt), "lg_group": 0, "rows": 4, "cols": 1024})
+    ins = isa.Instr("GEMV", {"fmt": isa.ENUMS["fmt"].index(fmt), "rows": 4, "cols": 1024,
+                             "lg_group": (cfg.min_group // isa.GROUP_BASE).bit_length() - 1})
     wide = isa.Instr("GEMV", {**ins.fields, "lg_group": 7})
     assert timing.gemv_cycles(cfg, ins) - timing.gemv_cycles(cfg, wide) == (
         timing._row_words(cfg, ins) - timing._row_words(cfg, wide)) * 4 + stages.pop()
