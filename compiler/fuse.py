@@ -59,9 +59,11 @@ class Fuser:
     """The walk, and what the fusion rules share: the graph index, the overlay graph being built, and the
     tensor tables (identical tensors stored once)."""
 
-    def __init__(self, graph: Graph, *, max_seq: int, logits: str = "logits", lanes: int | None = None):
+    def __init__(self, graph: Graph, *, max_seq: int, logits: str = "logits", lanes: int | None = None,
+                 norm_heads: bool = True):
         self.g = graph
         self.lanes = lanes  # the overlay's vector_lanes, where a rule's choice depends on it (None: any)
+        self.norm_heads = norm_heads  # the vector unit runs a NORM over each head (config.norm_heads)
         self.ix = GraphIndex(graph)
         self.max_seq = max_seq
         self.out = OverlayGraph()
@@ -191,7 +193,7 @@ class Fuser:
         self.fail(v, f"is not supported on the overlay; supported: {SUPPORTED}")
 
 
-def fuse(graph: Graph, *, max_seq: int, lanes: int | None = None) -> OverlayGraph:
+def fuse(graph: Graph, *, max_seq: int, lanes: int | None = None, norm_heads: bool = True) -> OverlayGraph:
     """Fuse a folded decode-step graph into overlay operations (see the module docstring) for an overlay of *lanes*
-    vector lanes (None: the ops for any)."""
-    return Fuser(graph, max_seq=max_seq, lanes=lanes).run()
+    vector lanes (None: the ops for any), built with or without NORM over each head (*norm_heads*)."""
+    return Fuser(graph, max_seq=max_seq, lanes=lanes, norm_heads=norm_heads).run()

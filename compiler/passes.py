@@ -111,7 +111,7 @@ def _partition(c: Compilation) -> None:
     """
     def trial(g: Graph, whole: bool = False):
         if whole:
-            return fuse(g, max_seq=c.max_seq, lanes=c.cfg.vector_lanes)
+            return fuse(g, max_seq=c.max_seq, lanes=c.cfg.vector_lanes, norm_heads=c.cfg.norm_heads)
         sub = Compilation(None, cfg=c.cfg, kv_len=c.kv_len, max_seq=c.max_seq, weights=c.weights,
                           group_size=c.group_size, method=c.method, host_ops=False, graph=g)
         return run_pipeline(sub, start="fuse").bundle
@@ -133,7 +133,7 @@ def _whole(run: Callable[[Compilation], None]) -> Callable[[Compilation], None]:
 
 def _fuse(c: Compilation) -> None:
     if c.og is None:
-        c.og = fuse(c.graph, max_seq=c.max_seq, lanes=c.cfg.vector_lanes)
+        c.og = fuse(c.graph, max_seq=c.max_seq, lanes=c.cfg.vector_lanes, norm_heads=c.cfg.norm_heads)
 
 
 def _calibrate(c: Compilation) -> None:

@@ -341,7 +341,7 @@ class GemvEngine(wiring.Component):
         # the limbs. Scaling each window rather than each group sum is exact: the row accumulator is taken
         # modulo 2**64, and (sum psum) * s == sum(psum * s) there. Narrow groups: the same for each group's sum
         # and scale (the first group's through the window's multiplier), then a tree over the scaled sums.
-        nsums = self._narrow_inputs(m, group_sums, gl, nscales)
+        nsums = self._narrow_inputs(m, group_sums, gl, nscales) if nscales > 1 else None
         m1 = _stage(m, tree_tags, "m1")
         first = psum if nscales == 1 else Mux(narrow, nsums[0], psum)
         wprod = _limb_sum(m, _scale_limbs(m, first, scale_d, "m1_pp"), "m2_prod")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from amaranth.hdl import Const, Module, Mux, Shape, Signal, Value, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, Value, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -79,6 +79,22 @@ def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str, *
     return out
 
 
+def _halving_round_shift(m: Module, value, shift, rcap: int, lcap: int, name: str, *, out_bits: int | None = None):
+    """:func:`round_shift_expr` without *wrap* (exact), as ``floor((floor(x * 2**(1 - s)) + 1) / 2)``: one arithmetic
+    right shift of *value* moved left by ``lcap + 1`` bits (by ``lcap - s``, in ``[0, rcap + lcap]``), then an add
+    of one and a halving at the result's width. Bit-exact with ``numerics.round_shift`` (round half up), clamps as
+    :func:`round_shift_expr`; it decodes no rounding bias from the shift, adds nothing as wide as the value and has
+    no left shifter of its own: a write-back lane's round-shift in one shifter and a narrow add."""
+    value = Value.cast(value)
+    out = Signal(signed(out_bits or len(value) + lcap), name=name)
+    amount = Signal(range(rcap + lcap + 1), name=f"{name}_amount")
+    m.d.comb += amount.eq(Mux(shift > rcap, rcap + lcap, Mux(shift < -lcap, 0, shift + lcap)))
+    # the low len(out) + 1 bits of the shifted value decide the low len(out) bits of the result
+    half = Signal(signed(len(out) + 1), name=f"{name}_twice")
+    m.d.comb += [half.eq(Cat(Const(0, lcap + 1), value).as_signed() >> amount), out.eq((half + 1) >> 1)]
+    return out
+
+
 class PeakExponent(NamedTuple):
     """What :func:`peak_exponent` derives from a peak (all combinational signals)."""
 
@@ -131,15 +147,18 @@ def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None 
     *value*; *underflow* must hold for that cycle too). Returns a :data:`MANT_SHAPE` signal.
     """
     rcap = len(Value.cast(value)) if wrap is None else wrap - 1
-    scaled = round_shift_expr(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", wrap=wrap,
-                              out_bits=_BOUNDED_BITS if bounded else None)
+    out_bits = _BOUNDED_BITS if bounded else None
+    if wrap is None:
+        scaled = _halving_round_shift(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", out_bits=out_bits)
+    else:
+        scaled = round_shift_expr(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", wrap=wrap, out_bits=out_bits)
     if registered:
         held = Signal.like(scaled, name=f"{name}_scaled_reg")
         m.d.sync += held.eq(scaled)
         scaled = held
     clipped = Signal(MANT_SHAPE, name=f"{name}_clipped")
     m.d.comb += clipped.eq(Mux(scaled > nx.MANT_MAX, nx.MANT_MAX, Mux(scaled < -nx.MANT_MAX, -nx.MANT_MAX, scaled)))
-    return round_shift_expr(m, clipped, underflow, _UNDERFLOW_CAP, 0, name)
+    return _halving_round_shift(m, clipped, underflow, _UNDERFLOW_CAP, 0, name)
 
 
 def scalar_mantissa(m: Module, value, shift, under, prefix: str, *, bounded: bool = False,

@@ -130,9 +130,11 @@ def _code(name):
 
 
 def norm_heads_unsupported(f, config):
-    """A NORM over each head the unit does not run: a LayerNorm, heads that are not whole chunks (it walks each head's
-    chunks, and a chunk's lanes share the head's scalars), or more than NORM_MAX_HEADS heads (it keeps their
-    scalars)."""
+    """A NORM over each head the unit does not run: any without ``config.norm_heads``; a LayerNorm, heads that are
+    not whole chunks (it walks each head's chunks, and a chunk's lanes share the head's scalars), or more than
+    NORM_MAX_HEADS heads (it keeps their scalars)."""
+    if not config.norm_heads:  # not built (config.norm_heads): every NORM over heads
+        return f.head_dim != 0
     lg_v = log2_exact(config.vector_lanes)
     partial = f.head_dim[:lg_v].any() if lg_v else 0
     too_many = f.len > (f.head_dim << log2_exact(isa.NORM_MAX_HEADS))
@@ -417,7 +419,7 @@ class Elementwise(wiring.Component):
             # the multipliers' a: for a NORM over each head, the head's mantissas at full scale (exact: they stay in
             # 16 bits); the shift is 0 for every other op and pass
             am = Signal(LANE, name=f"mul_a{j}")
-            m.d.comb += am.eq((a << self.xshift)[:16])
+            m.d.comb += am.eq((a << self.xshift)[:16] if self.config.norm_heads else a)
             big = Signal(LANE, name=f"add_big{j}")
             small = Signal(LANE, name=f"add_small{j}")
             m.d.comb += [big.eq(Mux(b_big, b, a)), small.eq(Mux(b_big, a, b))]
@@ -537,7 +539,8 @@ class NormScalar(wiring.Component):
         # over each head: the OR of the magnitudes has the peak's bit length
         stat_peak = Signal(16, name="stat_peak")
         chunk_peak = 0
-        for j in range(V):
+        built = self.config.norm_heads  # NORM over each head: its peak, shift t, scalar store and ALIGN state
+        for j in range(V if built else 0):
             chunk_peak = chunk_peak | Mux(c.mask[j], Mux(c.a[j] < 0, -c.a[j], c.a[j])[:16], 0)
         with m.If(self.clear):
             m.d.sync += [stat_sum.eq(0), stat_sq.eq(0), stat_peak.eq(0), self.recip.eq(0), self.mean.eq(0),
@@ -552,8 +555,9 @@ class NormScalar(wiring.Component):
         # the head's shift to full scale t = max(0, MANT_BITS - bitlen(peak)) (0 for a zero head, or whole vectors)
         peak_bits = bit_length(m, stat_peak, "norm_peak_bits")
         t = Signal(range(nx.MANT_BITS + 1), name="norm_head_shift")
-        with m.If(self.heads & (peak_bits != 0) & (peak_bits < nx.MANT_BITS)):
-            m.d.comb += t.eq(nx.MANT_BITS - peak_bits)
+        if built:
+            with m.If(self.heads & (peak_bits != 0) & (peak_bits < nx.MANT_BITS)):
+                m.d.comb += t.eq(nx.MANT_BITS - peak_bits)
         sum_sq = Signal(nw["sq"], name="norm_sum_sq")  # of the shifted mantissas: at most count * 2**30
         m.d.comb += sum_sq.eq(stat_sq << (t << 1))
         n_pow2 = Signal(name="norm_n_pow2")
@@ -605,18 +609,19 @@ class NormScalar(wiring.Component):
         found = Signal(name="norm_exp_found")
         head_exp = Signal(EXP_WIDE, name="norm_head_exp")
         m.d.comb += head_exp.eq(self.recip_exp - t)
-        with m.If(self.reset_max):
-            m.d.sync += [exp_max.eq(0), found.eq(0)]
-        kept = data.StructLayout({"r": _RECIP_BITS, "f": EXP_WIDE, "t": range(nx.MANT_BITS + 1)})
-        m.submodules.head_scalars = store = Memory(shape=kept, depth=isa.NORM_MAX_HEADS, init=[])
-        wr = store.write_port()
-        rd = store.read_port(domain="comb")
-        m.d.comb += [wr.addr.eq(self.head), rd.addr.eq(self.head), wr.data.r.eq(self.recip), wr.data.f.eq(head_exp),
-                     wr.data.t.eq(t)]
-        recip_al = round_shift_expr(m, Cat(rd.data.r, Const(0, 1)).as_signed(), exp_max - rd.data.f, _RECIP_BITS + 1, 0,
-                                    "norm_recip_aligned")
-        with m.If(self.load):
-            m.d.sync += [self.recip.eq(recip_al), self.recip_exp.eq(exp_max), self.xshift.eq(rd.data.t)]
+        if built:
+            with m.If(self.reset_max):
+                m.d.sync += [exp_max.eq(0), found.eq(0)]
+            kept = data.StructLayout({"r": _RECIP_BITS, "f": EXP_WIDE, "t": range(nx.MANT_BITS + 1)})
+            m.submodules.head_scalars = store = Memory(shape=kept, depth=isa.NORM_MAX_HEADS, init=[])
+            wr = store.write_port()
+            rd = store.read_port(domain="comb")
+            m.d.comb += [wr.addr.eq(self.head), rd.addr.eq(self.head), wr.data.r.eq(self.recip),
+                         wr.data.f.eq(head_exp), wr.data.t.eq(t)]
+            recip_al = round_shift_expr(m, Cat(rd.data.r, Const(0, 1)).as_signed(), exp_max - rd.data.f,
+                                        _RECIP_BITS + 1, 0, "norm_recip_aligned")
+            with m.If(self.load):
+                m.d.sync += [self.recip.eq(recip_al), self.recip_exp.eq(exp_max), self.xshift.eq(rd.data.t)]
 
         def divide(state, numerator, denominator, bits, after):
             """A state that starts a division and one that waits for it, then runs *after* in its last cycle."""
@@ -646,8 +651,9 @@ class NormScalar(wiring.Component):
                          self.recip_exp.eq(-(sc_e >> 1) + nx.RSQRT_FRAC // 2 - nx.RSQRT_NUM)]
             with m.If(layer):
                 m.next = "SUM_R"
-            with m.Elif(self.heads):
-                m.next = "ALIGN"
+            if built:
+                with m.Elif(self.heads):
+                    m.next = "ALIGN"
             with m.Else():
                 m.d.comb += self.done.eq(1)
                 m.next = "IDLE"
@@ -664,13 +670,15 @@ class NormScalar(wiring.Component):
             with m.State("IDLE"), m.If(self.start):
                 with m.If(layer):
                     m.next = "NQ"
-                with m.Elif(self.heads & n_pow2):
-                    m.next = "MS_SHIFT"
+                if built:
+                    with m.Elif(self.heads & n_pow2):
+                        m.next = "MS_SHIFT"
                 with m.Else():
                     m.next = "MS"
-            with m.State("MS_SHIFT"):  # a head of 2**k elements (q/k norms): the mean square is a shift
-                m.d.sync += ms.eq((sum_sq << nx.NORM_MS_FRAC) >> lg_n)
-                m.next = "EPS"
+            if built:
+                with m.State("MS_SHIFT"):  # a head of 2**k elements (q/k norms): the mean square is a shift
+                    m.d.sync += ms.eq((sum_sq << nx.NORM_MS_FRAC) >> lg_n)
+                    m.next = "EPS"
             # LayerNorm: ss = (n * Q - S * S) // n
             multiply("NQ", stat_sq, n, then("SQUARE", nq.eq(mul.product)))
             multiply("SQUARE", sum_mag, sum_mag, then("SS"))
@@ -700,12 +708,13 @@ class NormScalar(wiring.Component):
             with m.State("SQRT_WAIT"), m.If(sq.done):
                 m.next = "RECIP"
             divide("RECIP", 1 << nx.RSQRT_NUM, sq.root, nw["recip_div"], finish_recip)
-            with m.State("ALIGN"):  # over each head: the head's scalars kept, the largest f of a nonzero head
-                m.d.comb += wr.en.eq(1)
-                with m.If((stat_peak != 0) & (~found | (head_exp > exp_max))):
-                    m.d.sync += [exp_max.eq(head_exp), found.eq(1)]
-                m.d.comb += self.done.eq(1)
-                m.next = "IDLE"
+            if built:
+                with m.State("ALIGN"):  # over each head: the head's scalars kept, the largest f of a nonzero head
+                    m.d.comb += wr.en.eq(1)
+                    with m.If((stat_peak != 0) & (~found | (head_exp > exp_max))):
+                        m.d.sync += [exp_max.eq(head_exp), found.eq(1)]
+                    m.d.comb += self.done.eq(1)
+                    m.next = "IDLE"
             multiply("SUM_R", sum_mag, self.recip, then("MEAN"))
             divide("MEAN", mul.product, n, nw["mean_div"], finish_mean)
         return m
@@ -1021,7 +1030,7 @@ class VectorUnit(wiring.Component):
         head_round = Signal(2, name="head_round")  # 0: statistics and scalars, 1: peak, 2: write
         head_idx = Signal(range(isa.NORM_MAX_HEADS), name="head_idx")
         hd = insn.NORM.head_dim
-        m.d.comb += [heads.eq((opcode == _code("NORM")) & (hd != 0)), head_end.eq(head_lo + hd),
+        m.d.comb += [heads.eq((opcode == _code("NORM")) & (hd != 0) & cfg.norm_heads), head_end.eq(head_lo + hd),
                      head_stop.eq(Mux(head_end > dec.length, dec.length, head_end))]
         m.d.comb += [
             dec.insn.eq(insn),

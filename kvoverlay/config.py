@@ -60,6 +60,11 @@ class OverlayConfig:
         so a config that never quantizes finer than its ``group_size`` builds the few it uses. GEMV faults
         (GROUP) on a narrower group and the compiler refuses one (:meth:`builds_group`). Default
         ``isa.GROUP_BASE`` (8, every group the ISA expresses), what bundles written before this key mean.
+    norm_heads : bool
+        Whether the vector unit is built with NORM over each head (``head_dim``: Qwen3's and Gemma 3's q/k norms;
+        a 64-entry store of the heads' scalars, the peak and the shift to full scale). Without it such a NORM
+        faults (SHAPE) and the compiler normalizes each head as a row of its own. Default on, what bundles
+        written before this key mean.
     act_buffer_words : int
         On-chip activation buffer, in 16-bit mantissas.
     acc_buffer_words : int
@@ -89,6 +94,7 @@ class OverlayConfig:
     group_size: int = _param(8, 1024, "default weights per group scale", pow2=True)
     min_group: int = _param(8, 1024, "smallest weights per group scale the GEMV engine is built for", pow2=True,
                             default=8)
+    norm_heads: bool = field(default=True, metadata={"omit_default": True})
     act_buffer_words: int = _param(256, 65536, "activation buffer size in 16-bit words", pow2=True)
     acc_buffer_words: int = _param(64, 65536, "accumulator buffer size in 64-bit words", pow2=True)
     kv_capacity: int = _param(1, 65536, "KV capacity in tokens per layer and KV head")
@@ -122,6 +128,8 @@ class OverlayConfig:
         if not fmts or any(f not in WEIGHT_FORMATS for f in fmts) or len(set(fmts)) != len(fmts):
             raise ConfigError(f"weight_formats={list(fmts)!r}: allowed a non-empty subset of {sorted(WEIGHT_FORMATS)}")
         object.__setattr__(self, "weight_formats", fmts)
+        if not isinstance(self.norm_heads, bool):
+            raise ConfigError(f"norm_heads must be true or false, got {self.norm_heads!r}")
         if self.min_group > self.group_size:
             raise ConfigError(f"min_group={self.min_group} exceeds group_size={self.group_size}: the GEMV engine "
                               "would not be built for the default group")
@@ -202,6 +210,8 @@ class OverlayConfig:
         for key, value in self.to_dict().items():
             if isinstance(value, str):
                 lines.append(f'{key} = "{value}"')
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
             elif isinstance(value, list):
                 lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
             else:
@@ -260,10 +270,12 @@ PRESETS = {
         act_buffer_words=8192, acc_buffer_words=2048, kv_capacity=64, max_layers=4,
         max_kv_heads=4, max_head_dim=64, attn_tile=8, clock_mhz=100.0, dram_bytes=1 << 24,
     ),
-    # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port; groups of 32 or more (int4: one group scale
-    # more per window, not seven), so that the units fit 80% of the 85F (docs/boards.md).
+    # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port. So that the units fit 80% of the 85F
+    # (docs/boards.md): groups of 32 or more (int4: one group scale more per window, not seven), and no NORM over
+    # each head (the q/k norms of Qwen3-class models, none of which fits the board's 32 MB, run a head at a time).
     "ulx3s": OverlayConfig(
         name="ulx3s", port_bits=256, vector_lanes=8, group_size=32, min_group=32,
+        norm_heads=False,
         act_buffer_words=16384, acc_buffer_words=4096, kv_capacity=128, max_layers=4,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
     ),

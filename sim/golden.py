@@ -213,6 +213,8 @@ class GoldenModel:
             if f["len"] == 0:
                 raise ValueError("normalization of an empty vector")
             kind, hd = isa.ENUMS["norm"][f["kind"]], f["head_dim"]
+            if hd and not self.config.norm_heads:
+                raise ValueError("a NORM over each head: this overlay's vector unit is built without it (norm_heads)")
             if hd and (kind != "rms" or hd % self.config.vector_lanes or f["len"] > isa.NORM_MAX_HEADS * hd):
                 raise ValueError(f"a NORM over each head is an RMSNorm over at most {isa.NORM_MAX_HEADS} heads of a "
                                  f"multiple of vector_lanes={self.config.vector_lanes}, got {kind} over {f['len']} "

@@ -104,6 +104,10 @@ def test_qwen3_norms_each_head_of_q_and_k(exported_models):
     assert not any(op.attrs.get("head_dim") for op in norms)
     # per layer: two whole-vector norms, 4 q heads and 2 k heads; the final norm
     assert len(norms) == (2 + 4 + 2) * len(rows.kv) + 1
+    # a vector unit built without NORM over each head (config.norm_heads, ulx3s): the same rows
+    unbuilt = fuse(run_passes(str(exported_models["qwen3"]), kv_len=5), max_seq=32, norm_heads=False)
+    assert [(op.kind, op.attrs.get("head_dim")) for op in unbuilt.ops] == [(op.kind, op.attrs.get("head_dim"))
+                                                                          for op in rows.ops]
 
 
 def test_opt_relu_is_exact_act(exported_models):

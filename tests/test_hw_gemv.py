@@ -15,14 +15,15 @@ pytest.importorskip("amaranth")
 pytest.importorskip("cocotb_tools")
 
 from amaranth.back import verilog
+from amaranth.hdl import Fragment
 from cocotb_tools.runner import get_results, get_runner
-from kvoverlay.hw.gemv import FMT_CODES
+from kvoverlay.hw.gemv import FMT_CODES, GemvEngine
 from kvoverlay.hw.sim_top import TOP_NAME, GemvSimTop
 
 from kvoverlay import numerics, toolchain
 from kvoverlay.config import PRESETS
 from kvoverlay.isa import ENUMS
-from kvoverlay.timing import gemv_engine_cycles
+from kvoverlay.timing import gemv_engine_cycles, gemv_narrow_scales
 
 TESTS = Path(__file__).parent
 #: The configurations built, once each: tiny, ulx3s (a 256-bit port: int4 groups of 32 hold half a port word) and
@@ -128,3 +129,11 @@ def test_gemv_bit_exact(builds, name, shape, fmt):
     assert failed == 0
     assert result["acc"] == case["expected"]
     assert result["cycles"] == case["cycles"]
+
+
+@pytest.mark.parametrize("cfg", [PRESETS["ulx3s"].replace(group_size=64, min_group=64),
+                                 PRESETS["tiny"].replace(port_bits=32)], ids=["ulx3s-min-group-64", "tiny-32-bit-port"])
+def test_engine_without_narrow_groups_elaborates(cfg):
+    """A config whose narrowest built group fills a window (one group scale per window) builds no narrow path."""
+    assert gemv_narrow_scales(cfg) == 1
+    Fragment.get(GemvEngine(cfg), None)

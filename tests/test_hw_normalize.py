@@ -8,7 +8,7 @@ from amaranth.hdl import Module, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
-from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, round_shift_expr, scalar_mantissa
+from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, _halving_round_shift, round_shift_expr, scalar_mantissa
 
 from kvoverlay import numerics as nx
 
@@ -196,3 +196,30 @@ def test_round_shift_expr_wraps_as_int64():
     for (value, shift), out in zip(cases, got):
         want = int(nx.round_shift(np.array([value], np.int64), np.array([shift]))[0])
         assert out == want, (value, shift)
+
+
+class _HalvingRoundShift(wiring.Component):
+    """The write-back lanes' round-shift (value moved left, one arithmetic shift, +1 and a halving) on 7-bit values,
+    clamped at 5 bits right and 3 left, in full width and cut to 5 result bits."""
+
+    value: In(signed(7))
+    shift: In(signed(6))
+    out: Out(signed(10))
+    cut: Out(signed(5))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += [self.out.eq(_halving_round_shift(m, self.value, self.shift, 5, 3, "x")),
+                     self.cut.eq(_halving_round_shift(m, self.value, self.shift, 5, 3, "y", out_bits=5))]
+        return m
+
+
+def test_halving_round_shift_is_round_shift_exhaustively():
+    """Every 7-bit value at every shift from -6 to 8: numerics.round_shift with the shift clamped to [-3, 5]
+    (round_shift_expr's clamps), and its low 5 bits where the result is cut."""
+    cases = [{"value": v, "shift": s} for v in range(-64, 64) for s in range(-6, 9)]
+    got = _evaluate(_HalvingRoundShift(), cases, "out")
+    cut = _evaluate(_HalvingRoundShift(), cases, "cut")
+    for case, out, low in zip(cases, got, cut):
+        want = int(nx.round_shift(np.array([case["value"]], np.int64), min(max(case["shift"], -3), 5))[0])
+        assert out == want and low == (want + 16) % 32 - 16, (case, out, low, want)

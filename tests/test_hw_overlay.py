@@ -381,21 +381,27 @@ def test_wide_port_preset_ulx3s():
     assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
 
 
-def test_group_below_min_group_faults_on_ulx3s():
-    """ulx3s's GEMV engine is built for groups of min_group=32 or more: a GEMV of groups of 16 faults GROUP on the
-    RTL at its pc, and the golden model refuses it from the same predicate (config.builds_group)."""
+@pytest.mark.parametrize("text, fault, message", [
+    ("GEMV addr=0x1000 rows=2 cols=64 fmt=int4 lg_group=1 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2 accumulate=0",
+     "GEMV: execution fault: group", "min_group=32"),
+    ("NORM x=0 x_e=E1 g=64 g_e=E2 dst=128 dst_e=E3 len=32 eps_m=5000 eps_e=-40 kind=rms head_dim=16",
+     "NORM: execution fault: shape", "built without it"),
+], ids=["gemv-group-16", "norm-heads"])
+def test_unbuilt_options_fault_on_ulx3s(text, fault, message):
+    """ulx3s is built for groups of min_group=32 or more and without NORM over each head (norm_heads): a GEMV of
+    groups of 16 faults GROUP on the RTL at its pc, a NORM over heads SHAPE, and the golden model refuses each from
+    the same config."""
     cfg = PRESETS["ulx3s"]
-    assert not cfg.builds_group(16) and cfg.builds_group(32)
+    assert not cfg.builds_group(16) and cfg.builds_group(32) and not cfg.norm_heads
     build_model(cfg)
-    program = isa.assemble("NOP queue=compute\nGEMV addr=0x1000 rows=2 cols=64 fmt=int4 lg_group=1 sexp=0 x=0 x_e=E1 "
-                           "acc=0 acc_e=E2 accumulate=0\nEND")
-    with pytest.raises(ExecError, match="min_group=32"):
+    program = isa.assemble(f"NOP queue=compute\n{text}\nEND")
+    with pytest.raises(ExecError, match=message):
         GoldenModel(cfg, bytes(1 << 14)).run(program)
     with pytest.raises(RtlError) as info:
         RtlModel(cfg, bytes(1 << 14)).run(program)
     assert info.value.pc == 1
     assert info.value.code == "exec"
-    assert "GEMV: execution fault: group" in str(info.value)
+    assert fault in str(info.value)
 
 
 class _Image:

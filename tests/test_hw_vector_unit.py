@@ -463,13 +463,16 @@ def _small_config_cases(rng, cfg):
     ]
 
 
-@pytest.mark.parametrize("changes", [{"port_bits": 32}, {"vector_lanes": 1}, {"vector_lanes": 16}],
-                         ids=["8-lane-words", "1-lane", "lanes-eq-word"])
+@pytest.mark.parametrize("changes", [{"port_bits": 32}, {"vector_lanes": 1}, {"vector_lanes": 16},
+                                     {"norm_heads": False}],
+                         ids=["8-lane-words", "1-lane", "lanes-eq-word", "no-norm-heads"])
 def test_other_lane_geometries_in_amaranth_sim(changes):
-    """Word and lane ratios other than tiny's (one chunk per word, one lane per chunk), without a Verilator build."""
+    """Word and lane ratios other than tiny's (one chunk per word, one lane per chunk), without a Verilator build;
+    and a unit built without NORM over each head (ulx3s's): the whole-vector NORMs as before, the heads' a fault."""
     cfg = CFG.replace(**changes)
     rng = np.random.default_rng(7)
     cases = _small_config_cases(rng, cfg)
+    assert [c.label for c in cases if c.expect_code == Fault.SHAPE] == ([] if cfg.norm_heads else ["cfg-NORM-heads"])
     for case, res in zip(cases, _amaranth_sim(cfg, cases)):
         _check(case, res, cfg)
 

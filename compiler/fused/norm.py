@@ -2,7 +2,8 @@
 (a spelled-out RMSNorm's gain is the constant vector it is multiplied by); a LayerNormalization bias
 becomes an ``addc``. A spelled-out RMSNorm over each head (Qwen3's and Gemma 3's q/k norms) is one NORM with
 ``head_dim`` set and its gain repeated for every head; where the vector unit cannot walk those heads (a head_dim
-not a multiple of ``vector_lanes``), each head is normalized as a row of its own (:func:`norm_rows`)."""
+not a multiple of ``vector_lanes``, or a unit built without it: ``config.norm_heads``), each head is normalized as a
+row of its own (:func:`norm_rows`)."""
 
 from __future__ import annotations
 
@@ -60,10 +61,12 @@ class Norm(VOp):
 
 def _norm_heads(fz, v, node, x, gain, eps, kind, head_dim):
     """The norm of *x* with the gain vector *gain* of *v*'s length, over the whole vector (*head_dim* None) or over
-    each head: one NORM with ``head_dim`` where the vector unit walks the heads chunk by chunk, else a row each."""
+    each head: one NORM with ``head_dim`` where the vector unit walks the heads chunk by chunk (and is built to), else
+    a row each."""
     n = fz.ix.numel(v)
     whole = head_dim is None or head_dim == n
-    if whole or ((fz.lanes is None or head_dim % fz.lanes == 0) and n <= isa.NORM_MAX_HEADS * head_dim):
+    if whole or (fz.norm_heads and (fz.lanes is None or head_dim % fz.lanes == 0)
+                 and n <= isa.NORM_MAX_HEADS * head_dim):
         g = fz.store(fz.out.consts, "c", gain)  # stored before x's ops, as it always was
         heads = {} if whole else {"head_dim": head_dim}
         return fz.add(Norm, v, [fz.vector(x)], node.name, gain=g, eps=eps, kind=kind, **heads)
