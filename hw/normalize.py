@@ -7,7 +7,8 @@ value by ``bitlen(peak) - MANT_BITS``, clips it, and rounds it again when the ex
 ``EXP_MIN``. The pieces, from small to whole:
 
 * :func:`bit_length`, :func:`round_shift_expr`: a priority encoder and ``numerics.round_shift``
-  for run-time shifts, exact or wrapping at a width as numpy's int64 does;
+  for run-time shifts, exact or wrapping at a width as numpy's int64 does; :func:`round_shift_halving`, the exact
+  one in one shifter and a narrow add;
 * :func:`peak_exponent`: the peak's shift, underflow shift, result exponent and overflow;
 * :func:`mantissa`: one lane of the round phase (:func:`scalar_mantissa` is its int64 form,
   for the one-element-per-cycle units REQ and LDROW);
@@ -25,7 +26,7 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import numerics as nx
 
 __all__ = ["EXP_SHAPE", "EXP_WIDE", "MANT_SHAPE", "Normalizer", "PeakExponent", "bit_length", "mantissa",
-           "peak_exponent", "round_shift_expr", "scalar_mantissa"]
+           "peak_exponent", "round_shift_expr", "round_shift_halving", "scalar_mantissa"]
 
 #: Shape of an exponent register value, [EXP_MIN, EXP_MAX].
 EXP_SHAPE = Shape.cast(range(nx.EXP_MIN, nx.EXP_MAX + 1))
@@ -79,20 +80,44 @@ def round_shift_expr(m: Module, value, shift, rcap: int, lcap: int, name: str, *
     return out
 
 
-def _halving_round_shift(m: Module, value, shift, rcap: int, lcap: int, name: str, *, out_bits: int | None = None):
+def round_shift_halving(m: Module, value, shift, rcap: int, lcap: int, name: str, *, out_bits: int | None = None):
     """:func:`round_shift_expr` without *wrap* (exact), as ``floor((floor(x * 2**(1 - s)) + 1) / 2)``: one arithmetic
     right shift of *value* moved left by ``lcap + 1`` bits (by ``lcap - s``, in ``[0, rcap + lcap]``), then an add
     of one and a halving at the result's width. Bit-exact with ``numerics.round_shift`` (round half up), clamps as
     :func:`round_shift_expr`; it decodes no rounding bias from the shift, adds nothing as wide as the value and has
-    no left shifter of its own: a write-back lane's round-shift in one shifter and a narrow add."""
+    no left shifter of its own (the normalizer's lanes, NORM's scalar roundings)."""
     value = Value.cast(value)
     out = Signal(signed(out_bits or len(value) + lcap), name=name)
     amount = Signal(range(rcap + lcap + 1), name=f"{name}_amount")
     m.d.comb += amount.eq(Mux(shift > rcap, rcap + lcap, Mux(shift < -lcap, 0, shift + lcap)))
     # the low len(out) + 1 bits of the shifted value decide the low len(out) bits of the result
     half = Signal(signed(len(out) + 1), name=f"{name}_twice")
-    m.d.comb += [half.eq(Cat(Const(0, lcap + 1), value).as_signed() >> amount), out.eq((half + 1) >> 1)]
+    moved = Cat(Const(0, lcap + 1), value)
+    # stages from the largest shift down keep sum(width + 2**k - 1) bits, Yosys's from the smallest up about all of
+    # them in each: the first wins where few result bits come out of a wide value (a lane of the normalizer)
+    staged = sum(len(half) + (1 << k) - 1 for k in range(len(amount)))
+    if staged < len(moved) * len(amount):
+        m.d.comb += half.eq(_shift_right(m, moved, value[-1], amount, len(half), name))
+    else:
+        m.d.comb += half.eq(moved.as_signed() >> amount)
+    m.d.comb += out.eq((half + 1) >> 1)
     return out
+
+
+def _shift_right(m: Module, bits, sign, amount, width: int, name: str):
+    """The low *width* bits of the arithmetic right shift by *amount* of the value whose bits are *bits* (and *sign*
+    above them), in stages from the largest power of two down: after the stage of ``2**k`` only the
+    ``width + 2**k - 1`` bits that the smaller shifts can still move down are kept, so the wide stages are the
+    first few (a shifter that starts with the shift by one keeps all the bits through most of its stages)."""
+    v = bits
+    for k in reversed(range(len(amount))):
+        step, keep = 1 << k, width + (1 << k) - 1
+        if len(v) < keep + step:
+            v = Cat(v, sign.replicate(keep + step - len(v)))
+        stage = Signal(keep, name=f"{name}_sr{step}")
+        m.d.comb += stage.eq(Mux(amount[k], v[step:keep + step], v[:keep]))
+        v = stage
+    return v
 
 
 class PeakExponent(NamedTuple):
@@ -149,7 +174,7 @@ def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None 
     rcap = len(Value.cast(value)) if wrap is None else wrap - 1
     out_bits = _BOUNDED_BITS if bounded else None
     if wrap is None:
-        scaled = _halving_round_shift(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", out_bits=out_bits)
+        scaled = round_shift_halving(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", out_bits=out_bits)
     else:
         scaled = round_shift_expr(m, value, shift, rcap, nx.MANT_BITS, f"{name}_scaled", wrap=wrap, out_bits=out_bits)
     if registered:
@@ -158,7 +183,7 @@ def mantissa(m: Module, value, shift, underflow, name: str, *, wrap: int | None 
         scaled = held
     clipped = Signal(MANT_SHAPE, name=f"{name}_clipped")
     m.d.comb += clipped.eq(Mux(scaled > nx.MANT_MAX, nx.MANT_MAX, Mux(scaled < -nx.MANT_MAX, -nx.MANT_MAX, scaled)))
-    return _halving_round_shift(m, clipped, underflow, _UNDERFLOW_CAP, 0, name)
+    return round_shift_expr(m, clipped, underflow, _UNDERFLOW_CAP, 0, name)
 
 
 def scalar_mantissa(m: Module, value, shift, under, prefix: str, *, bounded: bool = False,

@@ -74,7 +74,7 @@ from .divider import Divider, Multiplier
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .isqrt import Isqrt
 from .lut import GATE_SHAPE, GateLut
-from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr
+from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr, round_shift_halving
 from .ports import EREG_SHAPE, Fault, abuf_lanes, abuf_read, abuf_write, ereg_read, ereg_write, reg_write, unit_signature
 from .widths import log2_exact
 
@@ -574,8 +574,8 @@ class NormScalar(wiring.Component):
         base = Signal(EXP_WIDE, name="norm_base")
         eps_shift = Signal(EXP_WIDE, name="norm_eps_shift")  # left shift of eps_m
         m.d.comb += [base.eq(((self.exp_x - t) << 1) - nx.NORM_MS_FRAC), eps_shift.eq(f.eps_e - base)]
-        eps_al = round_shift_expr(m, Cat(f.eps_m, Const(0, 1)).as_signed(), -eps_shift, 17, _EPS_SHIFT_CAP,
-                                  "norm_eps")
+        eps_al = round_shift_halving(m, Cat(f.eps_m, Const(0, 1)).as_signed(), -eps_shift, 17, _EPS_SHIFT_CAP,
+                                     "norm_eps")
         total_next = Signal.like(total, name="norm_total_next")
         total_exp_next = Signal(EXP_WIDE, name="norm_total_exp_next")
         with m.If((f.eps_m != 0) & (eps_shift > _EPS_SHIFT_CAP)):
@@ -594,8 +594,8 @@ class NormScalar(wiring.Component):
         tot_len = bit_length(m, total[:window], "norm_total_bits")
         sc_shift = Signal(signed(len(tot_len) + 2), name="norm_scalar_shift")
         m.d.comb += sc_shift.eq(tot_len - nx.SCALAR_BITS)
-        sc_round = round_shift_expr(m, Cat(total[:window], Const(0, 1)).as_signed(), sc_shift,
-                                    step, nx.SCALAR_BITS, "norm_scalar_round", out_bits=len(sc_m))
+        sc_round = round_shift_halving(m, Cat(total[:window], Const(0, 1)).as_signed(), sc_shift,
+                                       step, nx.SCALAR_BITS, "norm_scalar_round", out_bits=len(sc_m))
         sc_exp = Signal(EXP_WIDE, name="norm_scalar_exp")
         m.d.comb += sc_exp.eq(total_exp + sc_shift)
         sum_mag = Signal(nw["sum"], name="norm_sum_mag")
@@ -618,8 +618,8 @@ class NormScalar(wiring.Component):
             rd = store.read_port(domain="comb")
             m.d.comb += [wr.addr.eq(self.head), rd.addr.eq(self.head), wr.data.r.eq(self.recip),
                          wr.data.f.eq(head_exp), wr.data.t.eq(t)]
-            recip_al = round_shift_expr(m, Cat(rd.data.r, Const(0, 1)).as_signed(), exp_max - rd.data.f,
-                                        _RECIP_BITS + 1, 0, "norm_recip_aligned")
+            recip_al = round_shift_halving(m, Cat(rd.data.r, Const(0, 1)).as_signed(), exp_max - rd.data.f,
+                                           _RECIP_BITS + 1, 0, "norm_recip_aligned")
             with m.If(self.load):
                 m.d.sync += [self.recip.eq(recip_al), self.recip_exp.eq(exp_max), self.xshift.eq(rd.data.t)]
 

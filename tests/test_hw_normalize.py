@@ -8,7 +8,7 @@ from amaranth.hdl import Module, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
-from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, _halving_round_shift, round_shift_expr, scalar_mantissa
+from kvoverlay.hw.normalize import MANT_SHAPE, Normalizer, round_shift_expr, round_shift_halving, scalar_mantissa
 
 from kvoverlay import numerics as nx
 
@@ -209,12 +209,12 @@ class _HalvingRoundShift(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += [self.out.eq(_halving_round_shift(m, self.value, self.shift, 5, 3, "x")),
-                     self.cut.eq(_halving_round_shift(m, self.value, self.shift, 5, 3, "y", out_bits=5))]
+        m.d.comb += [self.out.eq(round_shift_halving(m, self.value, self.shift, 5, 3, "x")),
+                     self.cut.eq(round_shift_halving(m, self.value, self.shift, 5, 3, "y", out_bits=5))]
         return m
 
 
-def test_halving_round_shift_is_round_shift_exhaustively():
+def testround_shift_halving_is_round_shift_exhaustively():
     """Every 7-bit value at every shift from -6 to 8: numerics.round_shift with the shift clamped to [-3, 5]
     (round_shift_expr's clamps), and its low 5 bits where the result is cut."""
     cases = [{"value": v, "shift": s} for v in range(-64, 64) for s in range(-6, 9)]
