@@ -32,14 +32,19 @@ def test_mac_lanes_follow_the_port():
         OverlayConfig.from_toml('preset = "ulx3s"\nmac_lanes = 16\n')
 
 
-def test_min_group_is_checked_and_defaults_for_older_bundles():
-    """min_group: a power of two in [8, 1024], at most group_size; a config without the key (every bundle written
-    before it) takes 8, every group the ISA expresses, and writes no key at that value, so its bytes are unchanged."""
+def test_built_options_are_checked_and_default_for_older_bundles():
+    """min_group: a power of two in [8, 1024], at most group_size; norm_heads: a bool. A config without the keys
+    (every bundle written before them) takes 8, every group the ISA expresses, and NORM over heads built, and writes
+    no key at those values, so its bytes are unchanged."""
     tiny, ulx3s = PRESETS["tiny"], PRESETS["ulx3s"]
     assert tiny.min_group == 8 and "min_group" not in tiny.to_dict()
+    assert tiny.norm_heads and "norm_heads" not in tiny.to_dict()  # the keys every bundle had before, no more
+    assert ulx3s.to_dict()["norm_heads"] is False and "norm_heads = false" in ulx3s.to_toml()
     assert ulx3s.min_group == 32 and ulx3s.to_dict()["min_group"] == 32
-    older = {k: v for k, v in ulx3s.to_dict().items() if k != "min_group"}
-    assert OverlayConfig.from_dict(older) == ulx3s.replace(min_group=8)
+    older = {k: v for k, v in ulx3s.to_dict().items() if k not in ("min_group", "norm_heads")}
+    assert OverlayConfig.from_dict(older) == ulx3s.replace(min_group=8, norm_heads=True)
+    with pytest.raises(ConfigError, match="norm_heads must be true or false, got 1"):
+        tiny.replace(norm_heads=1)
     assert [g for g in (8, 16, 32, 64) if ulx3s.builds_group(g)] == [32, 64]
     with pytest.raises(ConfigError, match=r"min_group=64 exceeds group_size=32"):
         tiny.replace(min_group=64)
