@@ -18,7 +18,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.access import accesses
 from kvoverlay.config import OverlayConfig
-from kvoverlay.timing import instr_cycles
+from kvoverlay.timing import PORT_PRIORITY, instr_cycles, port_burst
 
 __all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles", "replay_cycles"]
 
@@ -319,6 +319,7 @@ class _Timing:
         self.busy = {q: 0 for q in isa.QUEUES}
         self.tokens = {}  # (from, to) -> list of ready times
         self.history = []  # on-chip accesses still in flight: (space, lo, hi, write, end, queue, pc, op)
+        self.issued = []  # (queue, cycles, pops, pushes, burst) in program order, for the port's replay
 
     def issue(self, pc, ins, kv_len):
         if ins.op == "END":
@@ -341,6 +342,9 @@ class _Timing:
         for d in ("prev", "next"):
             if f"push_{d}" in ins.deps:
                 self.tokens.setdefault((q, self._LINKS[(q, d)]), []).append(end)
+        self.issued.append((q, cycles, tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"pop_{d}" in ins.deps),
+                            tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"push_{d}" in ins.deps),
+                            port_burst(self.cfg, ins)))
 
     def _check_hazards(self, pc, ins, q, start, end):
         horizon = min(self.free.values())
@@ -355,7 +359,71 @@ class _Timing:
         self.history += [(space, lo, hi, write, end, q, pc, ins.op) for space, lo, hi, write in mine]
 
     def finish(self):
-        return max(self.free.values())
+        """The run's cycles with the memory port shared: sets :attr:`busy` to the queues' busy cycles, port stalls
+        included, as the overlay's ``busy_<queue>`` counters count them."""
+        cycles, self.busy = _port_replay(self.issued)
+        return cycles
+
+
+def _port_replay(issued):
+    """Replays the queues in time order with one memory port between them: ``(cycles, busy per queue)``.
+
+    *issued* lists ``(queue, cycles, pop sources, push targets, burst)`` in program order; the tokens are
+    :class:`_Timing`'s (the n-th pop of a link waits for its n-th push). The port serves one burst at a time
+    (:func:`kvoverlay.timing.port_burst`); when it frees, it takes the request of the highest-priority queue among
+    those offered by then (:data:`kvoverlay.timing.PORT_PRIORITY`), and a request that waits stalls its unit as
+    long. Requests are settled in the order the port meets them, earliest first: a queue that waits for a token
+    waits for an instruction that has not ended, so its own request can only come later than every request still
+    open.
+    """
+    lists = {q: [r for r in issued if r[0] == q] for q in isa.QUEUES}
+    head = dict.fromkeys(isa.QUEUES, 0)
+    free = dict.fromkeys(isa.QUEUES, 0)
+    busy = dict.fromkeys(isa.QUEUES, 0)
+    pushed, popped = {}, {}  # (from, to) -> end times of its pushes so far / pops taken so far
+    port_free = 0
+
+    def ready(q):
+        """Start cycle of *q*'s next instruction, or None while it waits for a token not pushed yet."""
+        _, _, pops, _, _ = lists[q][head[q]]
+        start = free[q]
+        for src in pops:
+            times, n = pushed.get((src, q), []), popped.get((src, q), 0)
+            if len(times) <= n:
+                return None
+            start = max(start, times[n])
+        return start
+
+    def retire(q, start, cycles):
+        _, _, pops, pushes, _ = lists[q][head[q]]
+        for src in pops:
+            popped[(src, q)] = popped.get((src, q), 0) + 1
+        for dst in pushes:
+            pushed.setdefault((q, dst), []).append(start + cycles)
+        free[q], head[q] = start + cycles, head[q] + 1
+        busy[q] += cycles
+
+    while True:
+        requests = []  # (request cycle, priority, queue, start)
+        moved = True
+        while moved:
+            moved, requests = False, []
+            for q in isa.QUEUES:
+                if head[q] == len(lists[q]) or (start := ready(q)) is None:
+                    continue
+                burst = lists[q][head[q]][4]
+                if burst is None:
+                    retire(q, start, lists[q][head[q]][1])
+                    moved = True
+                else:
+                    requests.append((start + burst[0], PORT_PRIORITY.index(q), q, start))
+        if not requests:
+            break
+        grant = max(port_free, min(r[0] for r in requests))
+        at, _, q, start = min((r for r in requests if r[0] <= grant), key=lambda r: r[1])
+        port_free = grant + lists[q][head[q]][4][1]
+        retire(q, start, lists[q][head[q]][1] + grant - at)
+    return max(free.values()), busy
 
 
 
