@@ -14,7 +14,7 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 
 from .argmax_unit import ArgmaxUnit
 from .arith import balanced_sum
@@ -63,9 +63,9 @@ UNITS = {
     "store": {"store": ("STORE", "STACC"), "argmax": ("ARGMAXACC",)},
 }
 #: Queues whose units the memory arbiter serves first, highest priority first.
-DRAM_PRIORITY = ("store", "load", "compute")
+DRAM_PRIORITY = timing.PORT_PRIORITY
 #: Entries of each command queue.
-QUEUE_DEPTH = 4
+QUEUE_DEPTH = timing.QUEUE_DEPTH
 TOKEN_BITS = 8
 
 

@@ -11,11 +11,23 @@ from __future__ import annotations
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["DISPATCH_CYCLES", "PORT_PRIORITY", "instr_cycles", "port_burst", "unit_cycles"]
+__all__ = ["DISPATCH_CYCLES", "FRONTEND_INTERVAL", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD", "instr_cycles", "port_burst", "unit_cycles"]
 
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
 DISPATCH_CYCLES = 1
+
+# ---------------------------------------------------------------- front end
+#: Cycles between the front end's dispatches of consecutive instructions (a fetch cycle, then the dispatch cycle:
+#: hw/frontend.py); instruction i can start no earlier than ``FRONTEND_INTERVAL * i`` cycles after the first.
+FRONTEND_INTERVAL = 2
+#: Entries of each command queue (hw/overlay.py): the front end waits at an instruction whose queue is full, so it
+#: dispatches the k-th instruction of a queue only once the (k - QUEUE_DEPTH)-th has started, and
+#: FRONTEND_INTERVAL cycles after that start at the earliest (the FIFO's level falls a cycle after the read).
+QUEUE_DEPTH = 4
+#: Cycles a run counts besides its queues' work: the first instruction's fetch and dispatch (it reaches its queue's
+#: executor in the third cycle) and the cycle in which the drained queues end the run.
+RUN_OVERHEAD = 3
 
 # ---------------------------------------------------------------- memory units
 #: LOAD: busy cycles besides one per beat: check, request, memory latency (hw/dram_model.v), final write.
