@@ -35,7 +35,7 @@ HARNESS_MAKEFLAGS = ["OPT_FAST=-O3 -march=native", "OPT_SLOW=-O1", "OPT_GLOBAL=-
 #: Units the harness clocks only while busy, commanded or draining (hw.overlay.Overlay's gated_units): Verilator
 #: evaluates a clock domain's sequential logic only on its edges, and these units' datapaths are most of a cycle's
 #: evaluation while they idle. The cocotb model keeps the ungated design.
-GATED_UNITS = ("vector", "attention")
+GATED_UNITS = ("load", "ldrow", "gemv", "req", "vector", "attention", "store", "argmax")
 #: Verilator configuration: only the memory model's array is public (the harness reads and writes it between runs).
 VLT = '`verilator_config\npublic_flat_rd -module "kvo_dram_model" -var "mem"\n'
 
