@@ -15,13 +15,15 @@ from amaranth.hdl import ClockSignal, Instance, Module, ResetSignal, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from kvoverlay import timing
+
 __all__ = ["DRAM_MODEL_SOURCE", "DRAM_READ_LATENCY", "DramArbiter", "DramModel", "dram_addr_bits", "dram_port",
            "dram_request", "request_burst"]
 
 #: The hand-written, simulation-only memory model (Verilog), instantiated by :class:`DramModel`.
 DRAM_MODEL_SOURCE = Path(__file__).with_name("dram_model.v")
 #: Cycles between a read request's acceptance and the model's first data beat register (see dram_model.v).
-DRAM_READ_LATENCY = 2
+DRAM_READ_LATENCY = timing.PORT_READ_LATENCY
 
 
 def dram_addr_bits(config) -> int:

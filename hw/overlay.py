@@ -9,12 +9,12 @@ until every queue has drained, then pulses ``done``.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal
+from amaranth.hdl import Cat, DomainRenamer, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 
 from .argmax_unit import ArgmaxUnit
 from .arith import balanced_sum
@@ -63,10 +63,12 @@ UNITS = {
     "store": {"store": ("STORE", "STACC"), "argmax": ("ARGMAXACC",)},
 }
 #: Queues whose units the memory arbiter serves first, highest priority first.
-DRAM_PRIORITY = ("store", "load", "compute")
+DRAM_PRIORITY = timing.PORT_PRIORITY
 #: Entries of each command queue.
-QUEUE_DEPTH = 4
+QUEUE_DEPTH = timing.QUEUE_DEPTH
 TOKEN_BITS = 8
+#: Cycles a gated unit's clock keeps running after it was last busy or commanded (``gated_units``).
+GATE_DRAIN = 8
 
 
 class Overlay(wiring.Component):
@@ -76,6 +78,10 @@ class Overlay(wiring.Component):
     ----------
     config : OverlayConfig
         Every unit and buffer is sized from it; ``port_bits`` must be at least 64.
+    gated_units : tuple of str
+        Units (keys of :data:`UNITS`' entries) that run in a clock domain of their own, ``<name>_gated``, for a
+        simulation that clocks it only while ``gate_<name>`` is high (the run-path harness: Verilator then skips
+        an idle unit's evaluation). Empty (the default) for every build that is not that simulation.
 
     Attributes
     ----------
@@ -100,12 +106,18 @@ class Overlay(wiring.Component):
         Host read-back of the buffers (latency 1).
     dbg_ereg_addr / dbg_ereg_data, dbg_reg_addr / dbg_reg_data, ctr_addr / ctr_data :
         Host read-back of the registers and counters (combinational).
+    gate_<name> : Out(1)
+        For each of *gated_units*: its domain must see the next clock edge.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, *, gated_units=()):
         if config.port_bits < 64:
             raise ValueError(f"port_bits={config.port_bits}: the overlay needs a port of at least 64 bits")
+        known = [n for q in isa.QUEUES for n in UNITS[q]]
+        if not set(gated_units) <= set(known):
+            raise ValueError(f"gated_units={gated_units!r}: the units are {', '.join(known)}")
         self.config = config
+        self.gated_units = tuple(gated_units)
         self.lanes = abuf_lanes(config)
         self.abuf_depth = config.act_buffer_words // self.lanes
         iaw = (config.dram_bytes // isa.INSN_BYTES - 1).bit_length()
@@ -121,6 +133,7 @@ class Overlay(wiring.Component):
             "dbg_ereg_addr": In(range(isa.NUM_EREGS)), "dbg_ereg_data": Out(EREG_SHAPE),
             "dbg_reg_addr": In(range(isa.NUM_REGS)), "dbg_reg_data": Out(32),
             "ctr_addr": In(range(len(COUNTERS))), "ctr_data": Out(64),
+            **{f"gate_{n}": Out(1) for n in self.gated_units},
         })
 
     def elaborate(self, platform):
@@ -133,7 +146,11 @@ class Overlay(wiring.Component):
         units = {"load": LoadUnit(cfg), "ldrow": LdrowUnit(cfg), "gemv": GemvUnit(cfg), "req": ReqUnit(cfg),
                  "store": StoreUnit(cfg), "argmax": ArgmaxUnit(cfg), "vector": VectorUnit(cfg), "attention": AttentionEngine(cfg)}
         for name, unit in units.items():
-            m.submodules[f"{name}_unit"] = unit
+            if name in self.gated_units:
+                m.submodules[f"{name}_unit"] = DomainRenamer({"sync": f"{name}_gated"})(unit)
+                self._gate(m, name, unit)
+            else:
+                m.submodules[f"{name}_unit"] = unit
         # the KV buffer persists across runs: a decode session appends one token per run
         m.submodules.kv_buffer = kvbuf = KvBuffer(cfg)
         wiring.connect(m, units["attention"].kv, kvbuf.port)
@@ -346,4 +363,12 @@ class Overlay(wiring.Component):
                 with m.Case(i):
                     m.d.comb += self.ctr_data.eq(ctr[name])
         return m
+
+    def _gate(self, m, name, unit):
+        """``gate_<name>``: whether the unit's own clock domain (``<name>_gated``) must see the next edge: while it is
+        commanded or busy and for :data:`GATE_DRAIN` cycles after (its ``done`` register and pipeline tails)."""
+        drain = Signal(range(GATE_DRAIN + 1), name=f"{name}_gate_drain")
+        active = Signal(name=f"{name}_gate_active")
+        m.d.comb += [active.eq(unit.busy | unit.cmd.valid), getattr(self, f"gate_{name}").eq(active | (drain != 0))]
+        m.d.sync += drain.eq(Mux(active, GATE_DRAIN, Mux(drain != 0, drain - 1, 0)))
 

@@ -28,11 +28,14 @@ class OverlaySimTop(wiring.Component):
     Parameters
     ----------
     config : OverlayConfig
+    gated_units : tuple of str
+        :class:`~hw.overlay.Overlay`'s: those units' clock domains (``<name>_gated``) become ports of their own,
+        ``<name>_gated_clk`` and ``<name>_gated_rst``, beside ``gate_<name>`` (the run-path harness's build).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, *, gated_units=()):
         self.config = config
-        self.overlay = Overlay(config)
+        self.overlay = Overlay(config, gated_units=gated_units)
         host = {name: member for name, member in self.overlay.signature.members.items()
                 if name not in ("dram", "insn_addr", "insn_data")}
         super().__init__({**host, "dram_dump": In(1), "dram_dump_words": In(dram_addr_bits(config) + 1),

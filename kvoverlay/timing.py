@@ -11,11 +11,23 @@ from __future__ import annotations
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["DISPATCH_CYCLES", "instr_cycles", "unit_cycles"]
+__all__ = ["DISPATCH_CYCLES", "FRONTEND_INTERVAL", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD", "instr_cycles", "port_burst", "unit_cycles"]
 
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
 DISPATCH_CYCLES = 1
+
+# ---------------------------------------------------------------- front end
+#: Cycles between the front end's dispatches of consecutive instructions (a fetch cycle, then the dispatch cycle:
+#: hw/frontend.py); instruction i can start no earlier than ``FRONTEND_INTERVAL * i`` cycles after the first.
+FRONTEND_INTERVAL = 2
+#: Entries of each command queue (hw/overlay.py): the front end waits at an instruction whose queue is full, so it
+#: dispatches the k-th instruction of a queue only once the (k - QUEUE_DEPTH)-th has started, and
+#: FRONTEND_INTERVAL cycles after that start at the earliest (the FIFO's level falls a cycle after the read).
+QUEUE_DEPTH = 4
+#: Cycles a run counts besides its queues' work: the first instruction's fetch and dispatch (it reaches its queue's
+#: executor in the third cycle) and the cycle in which the drained queues end the run.
+RUN_OVERHEAD = 3
 
 # ---------------------------------------------------------------- memory units
 #: LOAD: busy cycles besides one per beat: check, request, memory latency (hw/dram_model.v), final write.
@@ -42,6 +54,46 @@ GEMV_TREE_FANIN = 4
 GEMV_PIPELINE_STAGES = 6
 #: GEMV unit: besides one per weight word and the engine pipeline: check, start, memory latency, accumulate, done.
 GEMV_OVERHEAD = 9
+
+# ---------------------------------------------------------------- the memory port
+#: Queues whose units the memory port's arbiter serves first when several request it in the same cycle, highest
+#: priority first (hw/overlay.py builds its arbiter in this order).
+PORT_PRIORITY = ("store", "load", "compute")
+#: Cycles between the memory's acceptance of a read burst and its first data beat's register (hw/dram_model.v).
+PORT_READ_LATENCY = 2
+#: Cycles from an instruction's dispatch to the first cycle its unit offers its burst request: the dispatch, then
+#: the unit's states before REQUEST (LOAD, STORE and STACC: CHECK; LDROW: CHECK, ADDRESS, RANGE; GEMV: CHECK,
+#: RANGE, then the request beside the engine's start).
+PORT_REQUEST_OFFSET = {"LOAD": 2, "STORE": 2, "STACC": 2, "LDROW": 4, "GEMV": 3}
+
+
+def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
+    """The one burst *ins* makes on the memory port, as ``(offset, hold)``, or ``None`` for an instruction without.
+
+    *offset* counts cycles from the instruction's dispatch to its request (:data:`PORT_REQUEST_OFFSET`); *hold*
+    from the cycle the memory accepts it to the first cycle the memory accepts the next: a read's beats, its
+    latency and the cycle its last beat frees the memory in; a write's beats at the unit's pace (STORE: a buffer read
+    per four beats; STACC: two cycles per accumulator word and one per beat) and that cycle. The memory serves one
+    burst at a time, so a request offered while another holds the port waits, and the whole unit with it: its
+    instruction ends that many cycles later than :func:`unit_cycles` says.
+    """
+    op = ins.op
+    if op not in PORT_REQUEST_OFFSET:
+        return None
+    if op == "LOAD":
+        words = _ceil(nx.vector_record_size(ins.fields["len"]), config.port_bytes)
+    elif op == "LDROW":
+        words = _row_words(config, ins)
+    elif op == "GEMV":
+        words = ins.fields["rows"] * _row_words(config, ins)
+    elif op == "STORE":
+        beats = _ceil(nx.vector_record_size(ins.fields["len"]), config.port_bytes)
+        return PORT_REQUEST_OFFSET[op], beats + _ceil(beats, 4) + 1
+    else:
+        n = ins.fields["len"]
+        return PORT_REQUEST_OFFSET[op], 2 * n + _ceil(8 * n, config.port_bytes) + 1
+    return PORT_REQUEST_OFFSET[op], words + PORT_READ_LATENCY + 1
+
 
 # ---------------------------------------------------------------- vector unit
 #: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select,

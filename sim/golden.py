@@ -18,7 +18,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.access import accesses
 from kvoverlay.config import OverlayConfig
-from kvoverlay.timing import instr_cycles
+from kvoverlay.timing import FRONTEND_INTERVAL, PORT_PRIORITY, QUEUE_DEPTH, RUN_OVERHEAD, instr_cycles, port_burst
 
 __all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles", "replay_cycles"]
 
@@ -324,6 +324,7 @@ class _Timing:
         self.busy = {q: 0 for q in isa.QUEUES}
         self.tokens = {}  # (from, to) -> list of ready times
         self.history = []  # on-chip accesses still in flight: (space, lo, hi, write, end, queue, pc, op)
+        self.issued = []  # (queue, cycles, pops, pushes, burst, pc) in program order, for _port_replay
 
     def issue(self, pc, ins, kv_len):
         if ins.op == "END":
@@ -346,6 +347,9 @@ class _Timing:
         for d in ("prev", "next"):
             if f"push_{d}" in ins.deps:
                 self.tokens.setdefault((q, self._LINKS[(q, d)]), []).append(end)
+        self.issued.append((q, cycles, tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"pop_{d}" in ins.deps),
+                            tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"push_{d}" in ins.deps),
+                            port_burst(self.cfg, ins), pc))
 
     def _check_hazards(self, pc, ins, q, start, end):
         horizon = min(self.free.values())
@@ -360,9 +364,107 @@ class _Timing:
         self.history += [(space, lo, hi, write, end, q, pc, ins.op) for space, lo, hi, write in mine]
 
     def finish(self):
-        return max(self.free.values())
+        """The run's cycles, as the overlay's ``cycles`` counter counts them (the front end's dispatch and the
+        memory port shared); sets :attr:`busy` to the queues' busy cycles, port stalls included, as the overlay's
+        ``busy_<queue>`` counters count them."""
+        cycles, self.busy = _port_replay(self.issued)
+        return cycles
 
 
+def _port_replay(issued):
+    """Replays the front end and the queues in time order, with one memory port between them: ``(cycles, busy per
+    queue)``.
+
+    *issued* lists ``(queue, cycles, pop sources, push targets, burst, pc)`` in program order (END left out); the
+    tokens are :class:`_Timing`'s (the n-th pop of a link waits for its n-th push). The front end hands the
+    instructions out in program order, one per :data:`~kvoverlay.timing.FRONTEND_INTERVAL` cycles, and waits at
+    one whose queue holds :data:`~kvoverlay.timing.QUEUE_DEPTH` instructions not started. The port serves one
+    burst at a time (:func:`kvoverlay.timing.port_burst`); when it frees, it takes the request of the
+    highest-priority queue among those offered by then (:data:`kvoverlay.timing.PORT_PRIORITY`), and a request
+    that waits stalls its unit as long. Requests are settled in the order the port meets them, earliest first:
+    an instruction not ready yet waits for one that has not started or ended, so its own request can only come
+    later than every request still open.
+    """
+    order = {q: [i for i, r in enumerate(issued) if r[0] == q] for q in isa.QUEUES}
+    rank = [0] * len(issued)  # place of each instruction in its queue
+    for idx in order.values():
+        for k, i in enumerate(idx):
+            rank[i] = k
+    starts = [None] * len(issued)
+    avail = []  # the first cycle each instruction dispatched so far can start in
+    head = dict.fromkeys(isa.QUEUES, 0)
+    free = dict.fromkeys(isa.QUEUES, 0)
+    busy = dict.fromkeys(isa.QUEUES, 0)
+    pushed, popped = {}, {}  # (from, to) -> end times of its pushes so far / pops taken so far
+    port_free = 0
+
+    def dispatched(i):
+        """Whether the front end has handed instruction *i* out (it has, once the instructions its queue waited
+        for have started)."""
+        while len(avail) <= i:
+            j = len(avail)
+            at = avail[-1] + FRONTEND_INTERVAL if j else 0
+            if rank[j] >= QUEUE_DEPTH:
+                before = starts[order[issued[j][0]][rank[j] - QUEUE_DEPTH]]
+                if before is None:
+                    return False
+                at = max(at, before + FRONTEND_INTERVAL)
+            avail.append(at)
+        return True
+
+    def ready(q):
+        """Start cycle of *q*'s next instruction, or None while it waits for the front end or a token."""
+        i = order[q][head[q]]
+        if not dispatched(i):
+            return None
+        start = max(free[q], avail[i])
+        for src in issued[i][2]:
+            times, n = pushed.get((src, q), []), popped.get((src, q), 0)
+            if len(times) <= n:
+                return None
+            start = max(start, times[n])
+        starts[i] = start
+        return start
+
+    def retire(q, cycles):
+        i = order[q][head[q]]
+        _, _, pops, pushes, _, _ = issued[i]
+        for src in pops:
+            popped[(src, q)] = popped.get((src, q), 0) + 1
+        for dst in pushes:
+            pushed.setdefault((q, dst), []).append(starts[i] + cycles)
+        free[q], head[q] = starts[i] + cycles, head[q] + 1
+        busy[q] += cycles
+
+    while True:
+        requests = []  # (request cycle, priority, queue)
+        moved = True
+        while moved:
+            moved, requests = False, []
+            for q in isa.QUEUES:
+                if head[q] == len(order[q]) or (start := ready(q)) is None:
+                    continue
+                _, cycles, _, _, burst, _ = issued[order[q][head[q]]]
+                if burst is None:
+                    retire(q, cycles)
+                    moved = True
+                else:
+                    requests.append((start + burst[0], PORT_PRIORITY.index(q), q))
+        if not requests:
+            break
+        grant = max(port_free, min(r[0] for r in requests))
+        at, _, q = min((r for r in requests if r[0] <= grant), key=lambda r: r[1])
+        _, cycles, _, _, (_, hold), _ = issued[order[q][head[q]]]
+        port_free = grant + hold
+        retire(q, cycles + grant - at)
+    for q in isa.QUEUES:
+        if head[q] < len(order[q]):
+            waiting = order[q][head[q]]
+            raise ExecError(issued[waiting][5], None, f"the {q} queue's instruction waits for a token or the front "
+                                                        "end for ever (deadlock: the front end waits at a full queue "
+                                                        "whose head waits for an instruction behind it)")
+    end = avail[-1] + FRONTEND_INTERVAL if avail else 0  # the front end reaches END
+    return max(end, *free.values()) + RUN_OVERHEAD, busy
 
 
 def replay_cycles(config, program, kv_len: int = 0) -> tuple[int, dict]:

@@ -126,8 +126,9 @@ def _build_model(config: OverlayConfig, work: Path, waves: bool) -> None:
     (work / "config.toml").write_text(config.to_toml())
 
 
-def export_verilog(config: OverlayConfig, work: Path, stages: Stages) -> Path:
-    """The simulation top's Verilog in *work* (exported once; the cocotb model and the run-path harness share it)."""
+def export_verilog(config: OverlayConfig, work: Path, stages: Stages, gated_units=()) -> Path:
+    """The simulation top's Verilog in *work* (exported once), with *gated_units* in clock domains of their own
+    (:class:`~kvoverlay.hw.sim_overlay.OverlaySimTop`'s)."""
     from amaranth.back import verilog
     from kvoverlay.hw.sim_overlay import TOP_NAME, OverlaySimTop
 
@@ -135,7 +136,7 @@ def export_verilog(config: OverlayConfig, work: Path, stages: Stages) -> Path:
     if not src.is_file():
         work.mkdir(parents=True, exist_ok=True)
         with stages.stage("Verilog export (Amaranth)"):
-            text = verilog.convert(OverlaySimTop(config), name=TOP_NAME)
+            text = verilog.convert(OverlaySimTop(config, gated_units=gated_units), name=TOP_NAME)
             tmp = src.with_suffix(".v.part")
             tmp.write_text(text)
             tmp.replace(src)

@@ -29,6 +29,17 @@
 #include "verilated_vcd_c.h"
 #endif  // generated: KVO_MEM(top), the memory model's word array
 
+// Units in clock domains of their own (hw.overlay.Overlay's gated_units; kvo_mem.h defines these for them):
+// KVO_GATE_CLK sets every unit clock, KVO_GATE_EDGE sets each to its gate_<unit> output (an idle unit sees no edge,
+// and Verilator skips its sequential logic), KVO_GATE_RST follows the reset, KVO_GATE_PREV0 marks the unit clocks
+// seen low as KVO_CLK_PREV does the main one.
+#ifndef KVO_GATE_CLK
+#define KVO_GATE_CLK(top, v) do { } while (0)
+#define KVO_GATE_EDGE(top) do { } while (0)
+#define KVO_GATE_RST(top, v) do { } while (0)
+#define KVO_GATE_PREV0(top) do { } while (0)
+#endif
+
 namespace {
 
 std::string hexword(uint64_t v) {
@@ -93,21 +104,25 @@ int main(int argc, char** argv) {
 #endif
     auto tick = [&] {
         top->clk = 1;
+        KVO_GATE_CLK(top, 1);
         top->eval();
 #if VM_TRACE
         if (vcd) {
             vcd->dump(vcd_time += 5000);  // ps: the 10 ns clock of the cocotb wrapper (hw/sim_overlay.py)
             top->clk = 0;
+            KVO_GATE_CLK(top, 0);
             top->eval();
             vcd->dump(vcd_time += 5000);
             return;
         }
 #endif
         top->clk = 0;
+        KVO_GATE_CLK(top, 0);
 #ifdef KVO_CLK_PREV
         // The design has no negative-edge logic: rather than a second eval() (which settles every input-driven
         // path again, ~30% of the run time), tell the model it has seen the clock low.
         KVO_CLK_PREV(top) = 0;
+        KVO_GATE_PREV0(top);
 #else
         top->eval();
 #endif
@@ -119,21 +134,26 @@ int main(int argc, char** argv) {
     auto edge = [&] {
 #if defined(KVO_EDGE) && defined(KVO_CLK_PREV)
         top->clk = 1;
+        KVO_GATE_EDGE(top);
         KVO_EDGE(top);
         top->clk = 0;
+        KVO_GATE_CLK(top, 0);
         KVO_CLK_PREV(top) = 0;
+        KVO_GATE_PREV0(top);
 #else
         tick();
 #endif
     };
     top->clk = 0;
     top->rst = 1;
+    KVO_GATE_RST(top, 1);
     top->start = 0;
     top->host_reg_we = 0;
     top->eval();
     tick();
     tick();
     top->rst = 0;
+    KVO_GATE_RST(top, 0);
     tick();
     unsigned n_counters = 0;
     long runs = 0;
@@ -235,9 +255,11 @@ int main(int argc, char** argv) {
             }
         } else if (op == "reset") {
             top->rst = 1;
+            KVO_GATE_RST(top, 1);
             tick();
             tick();
             top->rst = 0;
+            KVO_GATE_RST(top, 0);
             tick();
             out << "ok";
         } else if (op == "quit") {

@@ -22,7 +22,7 @@ from pathlib import Path
 from kvoverlay.config import OverlayConfig
 from kvoverlay.progress import Stages
 
-__all__ = ["HARNESS_ARGS", "HARNESS_MAKEFLAGS", "HARNESS_SOURCE", "build_harness"]
+__all__ = ["GATED_UNITS", "HARNESS_ARGS", "HARNESS_MAKEFLAGS", "HARNESS_SOURCE", "build_harness"]
 
 HARNESS_SOURCE = Path(__file__).with_name("rtl_harness.cpp")
 PREFIX = "Vkvo"
@@ -32,6 +32,10 @@ HARNESS_ARGS = ["--cc", "--exe", "-O3", "--x-assign", "fast", "--x-initial", "fa
                 "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-lint", "-Wno-style", "--prefix", PREFIX]
 #: -O3 -march=native for the model (a cache is built on the machine that runs it), PCH fix (TOOLCHAIN.md)
 HARNESS_MAKEFLAGS = ["OPT_FAST=-O3 -march=native", "OPT_SLOW=-O1", "OPT_GLOBAL=-O2", "CFG_CXXFLAGS_PCH_I=-include"]
+#: Units the harness clocks only while busy, commanded or draining (hw.overlay.Overlay's gated_units): Verilator
+#: evaluates a clock domain's sequential logic only on its edges, and these units' datapaths are most of a cycle's
+#: evaluation while they idle. The cocotb model keeps the ungated design.
+GATED_UNITS = ("load", "ldrow", "gemv", "req", "vector", "attention", "store", "argmax")
 #: Verilator configuration: only the memory model's array is public (the harness reads and writes it between runs).
 VLT = '`verilator_config\npublic_flat_rd -module "kvo_dram_model" -var "mem"\n'
 
@@ -75,7 +79,8 @@ def _build_harness(config: OverlayConfig, work: Path, trace: bool) -> None:
             raise toolchain.ToolchainError(f"the RTL harness needs {tool!r} on PATH to compile the Verilated overlay "
                                            "(a C++ toolchain: e.g. apt-get install build-essential)")
     stages = Stages(f"building the run-path harness for config {config.name} (first run only; cached in {work})")
-    src = export_verilog(config, work.parent, stages)
+    # its own export (the gated units' clock domains are ports of their own), in the harness's folder
+    src = export_verilog(config, work, stages, gated_units=GATED_UNITS)
     work.mkdir(parents=True, exist_ok=True)
     (work / "public.vlt").write_text(VLT)
     log = open(work / "build.log", "w")  # noqa: SIM115 (closed below, after both tools)
@@ -112,10 +117,24 @@ def _write_mem_header(work: Path, trace: bool) -> None:
         raise RuntimeError(f"the memory model's array is not (uniquely) in {root}: {names}")
     text = (f'#include "{PREFIX}.h"\n#include "{PREFIX}___024root.h"\n'
             f"#define KVO_TOP {PREFIX}\n#define KVO_MEM(top) ((top)->rootp->{names[0]})\n")
-    # the model's record of the clock's last value (its edge detector), if Verilator named it as expected
+    header = root.read_text()
+    top_h = (work / f"{PREFIX}.h").read_text()
+    clocks = [f"{n}_gated_clk" for n in GATED_UNITS]
+    if not all(f"(&{c}," in top_h for c in clocks) or not all(f"(&gate_{n}," in top_h for n in GATED_UNITS):
+        raise RuntimeError(f"the gated units' clocks or gates are not ports of {work / (PREFIX + '.h')}: {clocks}")
+
+    def each(fmt):
+        return "do { " + " ".join(fmt.format(n=n) for n in GATED_UNITS) + " } while (0)"
+
+    text += (f"#define KVO_GATE_CLK(top, v) {each('(top)->{n}_gated_clk = (v);')}\n"
+             f"#define KVO_GATE_EDGE(top) {each('(top)->{n}_gated_clk = (top)->gate_{n};')}\n"
+             f"#define KVO_GATE_RST(top, v) {each('(top)->{n}_gated_rst = (v);')}\n")
+    # the model's record of each clock's last value (its edge detector), if Verilator named them as expected
     prev = "__Vtrigprevexpr___TOP__clk__0"
-    if f"{prev};" in root.read_text() and not trace:
+    gate_prevs = [f"__Vtrigprevexpr___TOP__{c}__0" for c in clocks]
+    if all(f"{p};" in header for p in [prev, *gate_prevs]) and not trace:
         text += f"#define KVO_CLK_PREV(top) ((top)->rootp->{prev})\n"
+        text += "#define KVO_GATE_PREV0(top) do { " + " ".join(f"(top)->rootp->{p} = 0;" for p in gate_prevs) + " } while (0)\n"
         # the clock edge without the input region: the active and NBA phases of the model's _eval (see edge() in
         # the harness), if the generated code has them by the names and signatures Verilator 5.48 gives them; the
         # loop is _eval's without its convergence limit (each run's first cycle is a whole eval(), which has it)

@@ -180,13 +180,42 @@ def test_demo_block_tracks_float64_token_for_token():
 
 def test_timing_overlaps_queues_and_honours_tokens():
     from kvoverlay.sim.golden import instr_cycles
+
+    from kvoverlay.timing import FRONTEND_INTERVAL, RUN_OVERHEAD, port_burst
+
     q, sm, _ = nx.quantize_matrix(RNG.normal(size=(64, 64)), "int8", 32)
     model = GoldenModel(CFG, nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes))
     gemv = "GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2"
     load = "LOAD addr=0 len=64 dst=256 dst_e=E3"
     g, ld = (instr_cycles(i, CFG) for i in isa.assemble(gemv + "\n" + load))
-    assert run(model, gemv + "\n" + load).cycles == max(g, ld)  # independent: the queues overlap
-    assert run(model, gemv + " push_prev\n" + load + " pop_next").cycles == g + ld  # a token orders them
+    (g_at, g_hold), (ld_at, _) = (port_burst(CFG, i) for i in isa.assemble(gemv + "\n" + load))
+    # independent: the queues overlap but for the one memory port, which the GEMV asks for first (the front end hands
+    # the LOAD out FRONTEND_INTERVAL cycles later): the LOAD's burst waits for the GEMV's
+    assert g_at < FRONTEND_INTERVAL + ld_at
+    overlapped = run(model, gemv + "\n" + load).cycles
+    assert overlapped == max(g, g_at + g_hold + ld - ld_at) + RUN_OVERHEAD < g + ld + RUN_OVERHEAD
+    assert run(model, gemv + " push_prev\n" + load + " pop_next").cycles == g + ld + RUN_OVERHEAD  # a token orders them
+
+
+def test_port_serves_the_store_queue_first():
+    """A LOAD and a STORE both waiting for a GEMV's burst: the STORE, asked for later, takes the port first."""
+    from kvoverlay.sim.golden import instr_cycles
+
+    from kvoverlay.timing import FRONTEND_INTERVAL, port_burst
+
+    q, sm, _ = nx.quantize_matrix(RNG.normal(size=(64, 64)), "int8", 32)
+    model = GoldenModel(CFG, nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes).ljust(1 << 16, b"\0"))
+    text = ("GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2\n"
+            "LOAD addr=0x8000 len=64 dst=256 dst_e=E3\n"
+            "STORE src=512 src_e=E4 len=64 addr=0x9000")
+    program = isa.assemble(text)
+    (g_at, g_hold), (ld_at, _), (st_at, st_hold) = (port_burst(CFG, i) for i in program)
+    assert g_at < FRONTEND_INTERVAL + ld_at < 2 * FRONTEND_INTERVAL + st_at < g_at + g_hold  # both ask while it streams
+    counters = run(model, text)
+    ld, st = (instr_cycles(i, CFG) for i in program[1:])
+    stall_load, stall_store = counters.busy["load"] - ld, counters.busy["store"] - st
+    assert stall_store == g_at + g_hold - (2 * FRONTEND_INTERVAL + st_at)
+    assert stall_load == g_at + g_hold + st_hold - (FRONTEND_INTERVAL + ld_at)
 
 
 def test_replay_cycles_is_the_run_without_executing():

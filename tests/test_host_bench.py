@@ -1,6 +1,7 @@
 """``kvoverlay bench decode``: the KV fill, the figures' definitions, the breakdown, the plot, and the cycle model
-held to the RTL within 1% across a bench set (GEMV shapes, attention lengths, decode steps at several sizes and
-formats) on the cached ``tiny`` Verilator model."""
+held to the RTL exactly (issue 11 asks within 1%) across a bench set (GEMV shapes, attention lengths, decode steps
+at several sizes and formats) on the cached ``tiny`` Verilator model; the tiled LM head's steps are held to it in
+tests/test_host_rtl.py."""
 
 import json
 
@@ -83,22 +84,23 @@ def test_bench_decode_bad_input_is_one_line(args, needle):
 @pytest.mark.parametrize(("shape", "weights", "context"), [
     (SMALL, "int8", 40),
     (SMALL, "int4", 9),
+    (SMALL, "w16", 2),  # attention over one and two positions
     (DecodeShape(hidden=256, layers=1, heads=4, kv_heads=1, vocab=256), "w16", 64),
 ])
-def test_golden_model_predicts_rtl_decode_steps_within_one_percent(shape, weights, context):
+def test_golden_model_predicts_rtl_decode_steps_exactly(shape, weights, context):
     r = bench_decode(shape, TINY, weights, context=context, steps=2, backend="rtl")
     assert r["bit_exact"]
-    assert abs(r["model_error"]) <= 0.01, r
+    assert r["model_error"] == 0 and r["model_cycles_per_token"] == r["cycles_per_token"], r
     assert r["fill_cycles"] > 0 and r["cycles_per_token"] > r["roofline_cycles_per_token"]
 
 
 @pytest.mark.parametrize(("rows", "cols", "weights"), [(256, 256, "int4"), (96, 512, "w16")])
-def test_golden_model_predicts_rtl_gemv_within_one_percent(rows, cols, weights):
+def test_golden_model_predicts_rtl_gemv_exactly(rows, cols, weights):
     from kvoverlay.sim.bench import bench_gemv
 
     r = bench_gemv(TINY, rows, cols, weights, "rtl")
     assert r["bit_exact"]
-    assert abs(r["golden_cycles"] - r["cycles"]) <= 0.01 * r["cycles"], r
+    assert r["golden_cycles"] == r["cycles"], r
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path):
