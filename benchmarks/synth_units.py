@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvoverlay.boards.build import SYNTH_ECP5
+
 #: The units, by the name of their Verilog top and the class that builds them from a config.
 UNITS = {
     "gemv": ("kvoverlay.hw.gemv_unit", "GemvUnit"),
@@ -39,21 +41,9 @@ UNITS = {
     "argmax": ("kvoverlay.hw.argmax_unit", "ArgmaxUnit"),
 }
 
-#: synth_ecp5 (Yosys 0.70: a wrapper of synth_lattice) with its ``coarse`` step spelled out less the SAT-based
-#: ``share`` pass, which spends most of coarse synthesis on wide shifters and saves little, and with flattening off
-#: (each unit's sub-components keep their own counts). The DSP mapping is synth_lattice's own for the ECP5.
-#: ``splitnets`` before the LUT mapping works around ABC9 reintegration failing with "Assert `count_id(wire->name)
-#: == 0'" on Amaranth's net names (https://github.com/YosysHQ/yosys/issues/4349; it hit the vector unit).
-SYNTH_SCRIPT = (
-    "synth_ecp5 -top {top} -noflatten -run begin:coarse; "
-    "proc; check; tribuf -logic; deminout; opt_expr; check; opt_clean; opt -nodffe -nosdff; fsm; opt; wreduce; "
-    "peepopt; opt_clean; techmap -map +/cmp2lut.v -D LUT_WIDTH=4; opt_expr; opt_clean; "
-    "techmap -map +/mul2dsp.v -D DSP_A_MAXWIDTH=18 -D DSP_B_MAXWIDTH=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 "
-    "-D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 -D DSP_NAME=$__MUL18X18; techmap -map +/lattice/dsp_map_18x18.v; "
-    "alumacc; opt; memory -nomap; opt_clean; "
-    "synth_ecp5 -top {top} -noflatten -run map_ram:map_luts; splitnets; "
-    "synth_ecp5 -top {top} -noflatten -run map_luts:; "
-    "tee -o {stat} stat -top {top}; write_json {json}")
+#: The synthesis recipe of ``kvoverlay build`` (:data:`kvoverlay.boards.build.SYNTH_ECP5`), then the unit's stat
+#: and netlist.
+SYNTH_SCRIPT = SYNTH_ECP5 + "; tee -o {stat} stat -top {top}; write_json {json}"
 
 CELLS = ("LUT4", "CCU2C", "MULT18X18D", "DP16KD", "TRELLIS_FF", "TRELLIS_DPR16X4", "PFUMX", "L6MUX21")
 

