@@ -36,6 +36,7 @@ constants, and the datapath is exactly that wide. Nothing wraps, so rounding shi
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from typing import NamedTuple
 
@@ -184,11 +185,13 @@ def scratch_write(config) -> wiring.Signature:
 
 
 class Exp2Neg(wiring.Component):
-    """``numerics.exp2_neg_q15``: ``exp(d)`` in Q1.15 of a score difference ``d <= 0`` (combinational).
+    """``numerics.exp2_neg_q15``: ``exp(d)`` in Q1.15 of a score difference ``d <= 0``, pipelined.
 
     ``-d * log2(e)`` splits into an integer part n and a fraction; the fraction interpolates
     ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on. Differences
     at or beyond ``-C`` (:func:`_exp2_cut`) all give 0, so only ``-d`` capped at C is multiplied.
+    Three register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
+    log2(e); the table look-up and interpolation; the shift by n. A new ``d`` every cycle.
 
     Parameters
     ----------
@@ -199,6 +202,7 @@ class Exp2Neg(wiring.Component):
     ----------
     d : In(signed(width))
     p : Out(P_SHAPE)
+        ``exp(d)`` of the ``d`` of ``timing.ATTN_EXP2_LATENCY`` cycles earlier.
     """
 
     def __init__(self, width: int):
@@ -213,24 +217,24 @@ class Exp2Neg(wiring.Component):
         cut = _exp2_cut()
         neg_d = Signal(range(cut + 1))
         m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
+        # stage 1: the product by log2(e)
         t_fix = Signal(((cut * numerics.LOG2E_Q16) >> LOG2E_FRAC).bit_length())
-        m.d.comb += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
+        m.d.sync += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
         t_int = Signal(len(t_fix) - numerics.SCORE_FRAC)
         t_frac = t_fix[:numerics.SCORE_FRAC]
         seg_shift = numerics._EXP2_SHIFT
-        m.d.comb += [
-            t_int.eq(t_fix >> numerics.SCORE_FRAC),
-            rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1),
-        ]
+        m.d.comb += [rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1)]
         t_lo = Signal(signed(18))  # table entries are unsigned Q1.15 (up to 1 << 15)
         t_hi = Signal(signed(18))
         interp = Signal(signed(32))
         m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
                      interp.eq(((t_hi - t_lo) * t_frac[:seg_shift] + (1 << (seg_shift - 1))) >> seg_shift)]
+        # stage 2: the table and its interpolation
         p_tab = Signal(P_SHAPE)  # the table decreases: interpolation stays within [0, GATE_ONE]
-        m.d.comb += p_tab.eq(t_lo + interp)
+        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_fix >> numerics.SCORE_FRAC)]
+        # stage 3: the shift by the integer part
         shifted = _round_shift(m, p_tab, t_int, "shifted", rcap=EXP2_ZERO_SHIFT)
-        m.d.comb += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
+        m.d.sync += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
         return m
 
 
@@ -338,10 +342,11 @@ class SoftmaxStage(wiring.Component):
     """The online softmax: running max ``m`` and sum ``l``, and p = 2^-x of every score.
 
     In the ``step`` between a tile's scores and its values, the new max gives alpha =
-    ``exp(m_old - m_new)``, the sum is rescaled by it and the accumulator exponent moves to
-    the largest value exponent so far. In the value pass ``p = exp(score - m)`` of the position
-    whose values stream, registered (it meets the values a cycle later); ``add_p`` adds it to the
-    sum once per position.
+    ``exp(m_old - m_new)`` and the accumulator exponent moves to the largest value exponent so far;
+    alpha comes out of the 2^-x pipeline ``P_LATENCY`` = ``timing.ATTN_P_LATENCY`` cycles later, and
+    the sum is rescaled by it then. In the value pass ``p = exp(score - m)`` of the position whose
+    value chunk is issued comes out ``P_LATENCY`` cycles after the issue (the difference is registered,
+    then :class:`Exp2Neg`'s three stages); ``add_p`` adds it to the sum once per position.
 
     Parameters
     ----------
@@ -360,15 +365,17 @@ class SoftmaxStage(wiring.Component):
     add_p : In(1)
         ``p`` joins the running sum.
     p : Out(P_SHAPE)
-        ``exp(score - m)`` in Q1.15 of the score of the previous cycle.
+        ``exp(score - m)`` in Q1.15 of the score of ``P_LATENCY`` cycles earlier.
     alpha : Out(P_SHAPE)
-        ``exp(m_old - m_new)`` of the last step.
+        ``exp(m_old - m_new)`` of the last step, from ``P_LATENCY + 1`` cycles after it.
     m : Out(signed(score bits))
     l : Out(unsigned(sum bits))
         Running max (Q.SCORE_FRAC) and sum (Q1.15).
     e_acc, rescale_shift : Out(EXP_WIDE)
         Exponent of the accumulator, and by how much it grew in the last step.
     """
+
+    P_LATENCY = timing.ATTN_P_LATENCY
 
     def __init__(self, config):
         self.config = config
@@ -389,13 +396,21 @@ class SoftmaxStage(wiring.Component):
         m.d.comb += [m_new.eq(_first_or_max(self.first_tile, self.tile_max, m_run)),
                      self.rescale_shift.eq(e_acc - e_acc_old)]
         m.submodules.exp2 = exp2 = Exp2Neg(wd.diff)
-        m.d.comb += exp2.d.eq(Mux(self.step, m_run - m_new, self.score - m_run))
-        m.d.sync += self.p.eq(exp2.p)
+        # the score memory's read and the subtraction get a cycle of their own, before the 2^-x pipeline
+        diff = Signal(signed(wd.diff))
+        m.d.sync += diff.eq(Mux(self.step, m_run - m_new, self.score - m_run))
+        m.d.comb += [exp2.d.eq(diff), self.p.eq(exp2.p)]
+        # the step's (is it, head's first tile) travel beside its difference to meet alpha
+        step_at = [Signal(2, name=f"step_{i}") for i in range(self.P_LATENCY)]
+        m.d.sync += [step_at[0].eq(Cat(self.step, self.first_tile)),
+                     *(b.eq(a) for a, b in itertools.pairwise(step_at))]
+        alpha_step, alpha_first = step_at[-1][0], step_at[-1][1]
         l_rescaled = _round_fixed(l_run * exp2.p, ALPHA_FRAC)  # alpha <= 1: never above l
         with m.If(self.step):
-            m.d.sync += [self.alpha.eq(exp2.p), m_run.eq(m_new), e_acc_old.eq(e_acc),
-                         e_acc.eq(_first_or_max(self.first_tile, self.tile_ev_max, e_acc)),
-                         l_run.eq(Mux(self.first_tile, 0, l_rescaled))]
+            m.d.sync += [m_run.eq(m_new), e_acc_old.eq(e_acc),
+                         e_acc.eq(_first_or_max(self.first_tile, self.tile_ev_max, e_acc))]
+        with m.If(alpha_step):
+            m.d.sync += [self.alpha.eq(exp2.p), l_run.eq(Mux(alpha_first, 0, l_rescaled))]
         with m.Elif(self.add_p):
             m.d.sync += l_run.eq(l_run + self.p)
         return m
@@ -404,9 +419,22 @@ class SoftmaxStage(wiring.Component):
 class ValueStage(wiring.Component):
     """The head accumulator: ``row_chunks`` words of ``vector_lanes`` lanes in registers.
 
-    In the cycle after a chunk is issued (when its V lanes arrive) ``round_shift(p * v, e_acc - e_v)``
-    is added to the chunk's word; on the tile's first position the word is first rescaled by
-    alpha and by the growth of the accumulator exponent (or zeroed on the head's first tile).
+    ``round_shift(p * v, e_acc - e_v)`` of each chunk is added to the chunk's word; on the tile's first
+    position the word is first rescaled by alpha and by the growth of the accumulator exponent (or zeroed
+    on the head's first tile). A pipeline, one chunk per cycle, relative to the chunk's issue at cycle t:
+
+    * t+1: V lanes and value exponent arrive; with the tile's ``e_acc``, ``rescale_shift`` and ``first_tile``
+      they wait for p (a delay line of ``P_LATENCY - 1`` registers);
+    * t+P (``P_LATENCY``): ``p * v`` per lane; ``add_p``;
+    * t+P+1: the term's round-shift; the word's old value is read for the rescale;
+    * t+P+2: ``old * alpha``;
+    * t+P+3: its rounding and exponent round-shift;
+    * t+P+4: the word updated (read, add, write in one cycle: consecutive chunks of one word need no bypass);
+    * t+P+5: ``peak``.
+
+    The old value read at t+P+1 is the word's value at the tile's start because the sequencer leaves at
+    least ``P_LATENCY`` cycles between a tile's last issue and the next one's first (two drain cycles and the
+    step), and alpha, set ``P_LATENCY + 1`` cycles after the step, is read at t+P+2.
 
     Parameters
     ----------
@@ -419,9 +447,9 @@ class ValueStage(wiring.Component):
         One chunk of one position: the tile's ``first_pos``, the position's ``first`` chunk, the
         chunk ``index``, the position's ``pos`` and ``bank`` (which score p comes from), ``mask``.
     score_pos, score_bank : Out
-        The score the issued chunk needs p of (its p arrives with its values, a cycle later).
+        The score the issued chunk needs p of (its p arrives ``P_LATENCY`` cycles later).
     add_p : Out(1)
-        The p of the chunk in flight is new to the running sum (the position's first chunk).
+        The p that arrives is new to the running sum (the position's first chunk).
     p : In(P_SHAPE)
         Its p.
     v : In(ArrayLayout(signed(16), vector_lanes))
@@ -433,12 +461,18 @@ class ValueStage(wiring.Component):
         From the softmax stage.
     clear : In(1)
         Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
+    issued : Out(1)
+        A chunk was issued in the last cycle.
+    busy : Out(1)
+        A chunk has not yet been added to its word (``peak`` follows a cycle after the last add).
     acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
         The accumulator.
     peak : Out(acc bits)
         The OR of the magnitudes the last position wrote: every position writes every word once, so after a
         head's last position it is the OR of all its accumulator lanes (V magnitudes a cycle, not all lanes at once).
     """
+
+    P_LATENCY = timing.ATTN_P_LATENCY
 
     @staticmethod
     def chunk_layout(config):
@@ -454,39 +488,74 @@ class ValueStage(wiring.Component):
             "score_pos": Out(range(config.attn_tile)), "score_bank": Out(1), "add_p": Out(1),
             "p": In(P_SHAPE), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
             "alpha": In(P_SHAPE), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
-            "clear": In(1),
+            "clear": In(1), "issued": Out(1), "busy": Out(1),
             "acc": Out(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": Out(wd.acc),
         })
 
     def elaborate(self, platform):
         m = Module()
-        V = self.config.vector_lanes
-        W = attention_widths(self.config).acc
-        chunks = kv_geometry(self.config)["row_chunks"]
+        cfg = self.config
+        V = cfg.vector_lanes
+        W = attention_widths(cfg).acc
+        chunks = kv_geometry(cfg)["row_chunks"]
         valid1, c1 = _issued(m, self.chunk)
         m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank),
-                     self.add_p.eq(valid1 & c1.first)]
+                     self.issued.eq(valid1)]
+        # the chunk and what it needs of the tile, captured while they are the tile's, carried to the end
+        flow = data.StructLayout({"chunk": self.chunk_layout(cfg), "v": _lanes(cfg), "v_shift": EXP_WIDE,
+                                  "rescale_shift": EXP_WIDE, "first_tile": 1})
+        at1 = Signal(flow)
+        # e_acc is the largest value exponent so far
+        m.d.comb += [at1.chunk.eq(c1), at1.v.eq(self.v), at1.v_shift.eq(self.e_acc - self.ev),
+                     at1.rescale_shift.eq(self.rescale_shift), at1.first_tile.eq(self.first_tile)]
+        valids, flows = [valid1], [at1]
+        for i in range(self.P_LATENCY + 3):  # to the add (the word's update) at t+P+4
+            vld, f = Signal(name=f"v_valid{i + 2}"), Signal(flow, name=f"v_flow{i + 2}")
+            m.d.sync += [vld.eq(valids[-1]), f.eq(flows[-1])]
+            valids.append(vld)
+            flows.append(f)
+        m.d.comb += self.busy.eq(functools.reduce(operator.or_, valids))
+        at_p, at_term, at_round, at_add = (flows[self.P_LATENCY - 1 + k] for k in (0, 1, 3, 4))
+        valid_p, valid_add = valids[self.P_LATENCY - 1], valids[self.P_LATENCY + 3]
+        m.d.comb += self.add_p.eq(valid_p & at_p.chunk.first)
+
         words = Array(Signal(W * V, name=f"acc_word{i}") for i in range(chunks))
         m.d.comb += self.acc.eq(Cat(words))
-        old_word = words[c1.index]
-        v_shift = Signal(EXP_WIDE)
-        m.d.comb += v_shift.eq(self.e_acc - self.ev)  # e_acc is the largest value exponent so far
+        cur_word = words[at_add.chunk.index]
+        old_word = Signal(W * V)  # the word at the tile's start, for its first position's rescale
+        m.d.sync += old_word.eq(words[at_term.chunk.index])
         new_lanes = []
         for i in range(V):
-            term = _round_shift(m, self.p * self.v[i], v_shift, f"pv_term{i}")
-            old = old_word.word_select(i, W).as_signed()
+            prod = Signal(signed(32), name=f"pv_prod{i}")
+            m.d.sync += prod.eq(self.p * at_p.v[i])
+            term = Signal(signed(W), name=f"pv_term{i}")  # |p * v| <= 2**30, shifted right
+            m.d.sync += term.eq(_round_shift(m, prod, at_term.v_shift, f"pv_round{i}"))
+            term_r = Signal(signed(W), name=f"pv_term_r{i}")
+            term_a = Signal(signed(W), name=f"pv_term_a{i}")
+            m.d.sync += [term_r.eq(term), term_a.eq(term_r)]
+            alpha_prod = Signal(signed(W + P_SHAPE.width + 1), name=f"acc_alpha_prod{i}")
+            m.d.sync += alpha_prod.eq(old_word.word_select(i, W).as_signed() * self.alpha)
             alpha_scaled = Signal(signed(W), name=f"acc_alpha{i}")  # alpha <= 1: never above |old|
-            m.d.comb += alpha_scaled.eq(_round_fixed(old * self.alpha, ALPHA_FRAC))
-            rescaled = _round_shift(m, alpha_scaled, self.rescale_shift, f"acc_rescaled{i}")
-            base = Mux(c1.first_pos, Mux(self.first_tile, 0, rescaled), old)
+            m.d.comb += alpha_scaled.eq(_round_fixed(alpha_prod, ALPHA_FRAC))
+            rescaled = Signal(signed(W), name=f"acc_rescaled{i}")
+            m.d.sync += rescaled.eq(Mux(at_round.first_tile, 0,
+                                        _round_shift(m, alpha_scaled, at_round.rescale_shift, f"acc_shift{i}")))
+            old = cur_word.word_select(i, W).as_signed()
             new = Signal(signed(W), name=f"acc_new{i}")
-            m.d.comb += new.eq(base + Mux(c1.mask[i], term, 0))
+            m.d.comb += new.eq(Mux(at_add.chunk.first_pos, rescaled, old) + Mux(at_add.chunk.mask[i], term_a, 0))
             new_lanes.append(new)
-        new_or = functools.reduce(operator.or_, (Mux(x < 0, -x, x)[:W] for x in new_lanes))
+        # the peak a cycle after the add, from the lanes as written
+        written = Signal(W * V)
+        peak_first, peak_valid = Signal(), Signal()
+        m.d.sync += [written.eq(Cat(new_lanes)), peak_first.eq(at_add.chunk.first), peak_valid.eq(valid_add)]
+        new_or = functools.reduce(operator.or_, (Mux(x < 0, -x, x)[:W] for x in
+                                                 (written.word_select(i, W).as_signed() for i in range(V))))
+        with m.If(peak_valid):
+            m.d.sync += self.peak.eq(Mux(peak_first, 0, self.peak) | new_or)
         with m.If(self.clear):
             m.d.sync += [w.eq(0) for w in words]
-        with m.Elif(valid1):
-            m.d.sync += [words[c1.index].eq(Cat(new_lanes)), self.peak.eq(Mux(c1.first, 0, self.peak) | new_or)]
+        with m.Elif(valid_add):
+            m.d.sync += cur_word.eq(Cat(new_lanes))
         return m
 
 
@@ -1056,9 +1125,13 @@ class AttentionEngine(wiring.Component):
                         m.next = "A_RDRAIN"
                 with m.Else():
                     m.d.sync += pv.chunk.eq(pv.chunk + 1)
-            with m.State("A_RDRAIN"):  # noqa: SIM117 - Amaranth control blocks
-                with m.If(~score.pending):
-                    with m.If(pv.tile_end == kv_len):  # hand the head to the finish, start the next one
+            with m.State("A_RDRAIN"):
+                # the head's last tile: its accumulator and peak complete before the finish takes them; another
+                # tile: a cycle more than the last issue, so that its first position's rescale (ValueStage) reads
+                # each word after this tile's last write to it
+                head_done = pv.tile_end == kv_len
+                with m.If(~score.pending & Mux(head_done, ~value.busy, ~value.issued)):
+                    with m.If(head_done):  # hand the head to the finish, start the next one
                         m.d.comb += fin.start.eq(1)
                         m.d.sync += [head.eq(head + 1), elem_head.eq(elem_head + head_dim),
                                      out_head.eq(out_head + head_dim)]
