@@ -241,10 +241,12 @@ class Exp2Neg(wiring.Component):
 class ScoreStage(wiring.Component):
     """q.K scores of a tile, rounded to ``Q.SCORE_FRAC``, with the tile's largest score and value exponent.
 
-    In the cycle after a chunk is issued (when its q lanes and K lanes arrive) its ``vector_lanes``
-    products are added to the position's dot product; the cycle after a position's last chunk
-    rounds the dot product and stores the score in the register file bank of its tile (two banks:
-    the value pass reads one tile while the next one is scored).
+    A pipeline, one chunk per cycle, relative to the chunk's issue at cycle t: at t+1 its q lanes and K lanes
+    arrive and are multiplied; at t+2 the ``vector_lanes`` products are added to the position's dot product
+    (and the score's shift is formed from the exponents); at t+3 the dot product of a position's last chunk is
+    round-shifted; at t+4 it is saturated and stored in the register file bank of its tile (two banks: the
+    value pass reads one tile while the next one is scored) and the tile's maxima take it.
+    ``timing.ATTN_SCORE_LATENCY`` is that last stage.
 
     Parameters
     ----------
@@ -263,7 +265,8 @@ class ScoreStage(wiring.Component):
     e_q : In(EXP_SHAPE)
         The q exponent.
     pending : Out(1)
-        A chunk is in the dot-product stage.
+        A chunk's score is not yet stored (the register file and the tile's maxima are current the cycle
+        ``pending`` falls).
     tile_max : Out(signed(attention_widths(config).score))
     tile_ev_max : Out(EXP_SHAPE)
     read_bank, read_pos : In
@@ -271,6 +274,8 @@ class ScoreStage(wiring.Component):
     score : Out(signed(attention_widths(config).score))
         ... its score.
     """
+
+    LATENCY = timing.ATTN_SCORE_LATENCY
 
     @staticmethod
     def chunk_layout(config):
@@ -293,48 +298,49 @@ class ScoreStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         V, T = self.config.vector_lanes, self.config.attn_tile
-        # stage 1: products and the running dot product
+        wd = attention_widths(self.config)
+        flow = data.StructLayout({"chunk": self.chunk_layout(self.config), "shift": signed(16),
+                                  "ev": EXP_SHAPE})
+        # t+1: the products
         valid1, c1 = _issued(m, self.chunk)
-        m.d.comb += self.pending.eq(valid1)
+        valid2, at2 = Signal(), Signal(flow)
+        m.d.sync += [valid2.eq(valid1), at2.chunk.eq(c1), at2.ev.eq(self.ev),
+                     at2.shift.eq(-(self.e_q + self.ek + numerics.SCORE_FRAC))]
         products = []
         for i in range(V):
             prod = Signal(signed(32), name=f"qk_prod{i}")
-            m.d.comb += prod.eq(Mux(c1.mask[i], self.q[i] * self.k[i], 0))
+            m.d.sync += prod.eq(Mux(c1.mask[i], self.q[i] * self.k[i], 0))
             products.append(prod)
+        # t+2: the dot product
         dot_sum = Signal(signed(32 + log2_exact(V) + 1))
         m.d.comb += dot_sum.eq(sum(products))
-        wd = attention_widths(self.config)
         dot = Signal(signed(wd.dot))
         dot_next = Signal(signed(wd.dot))
-        m.d.comb += dot_next.eq(Mux(c1.first, 0, dot) + dot_sum)
-        # stage 2: rounding into the register file
-        valid2 = Signal()
-        dot2 = Signal(signed(wd.dot))
-        ek2 = Signal(EXP_SHAPE)
-        ev2 = Signal(EXP_SHAPE)
-        pos2 = Signal(range(T))
-        bank2 = Signal()
-        m.d.sync += valid2.eq(valid1 & c1.last)
-        with m.If(valid1):
-            m.d.sync += [dot.eq(dot_next), dot2.eq(dot_next), ek2.eq(self.ek), ev2.eq(self.ev), pos2.eq(c1.pos),
-                         bank2.eq(c1.bank)]
-        score_shift = Signal(signed(16))
-        m.d.comb += score_shift.eq(-(self.e_q + ek2 + numerics.SCORE_FRAC))
-        # numerics.attention_scores: exact, then saturated; a left shift past ATTN_SCORE_BITS saturates any
-        # nonzero dot product, so the shift is clamped one beyond it
-        exact = _round_shift(m, dot2, score_shift, "score_exact", lcap=numerics.ATTN_SCORE_BITS + 1)
+        m.d.comb += dot_next.eq(Mux(at2.chunk.first, 0, dot) + dot_sum)
+        valid3, at3, dot3 = Signal(), Signal(flow), Signal(signed(wd.dot))
+        m.d.sync += [valid3.eq(valid2 & at2.chunk.last), at3.eq(at2)]
+        with m.If(valid2):
+            m.d.sync += [dot.eq(dot_next), dot3.eq(dot_next)]
+        # t+3: the rounding. numerics.attention_scores: exact, then saturated; a left shift past
+        # ATTN_SCORE_BITS saturates any nonzero dot product, so the shift is clamped one beyond it
+        exact = _round_shift(m, dot3, at3.shift, "score_exact", lcap=numerics.ATTN_SCORE_BITS + 1)
+        valid4, at4, exact4 = Signal(), Signal(flow), Signal.like(exact, name="score_exact4")
+        m.d.sync += [valid4.eq(valid3), at4.eq(at3), exact4.eq(exact)]
+        m.d.comb += self.pending.eq(valid1 | valid2 | valid3)
+        # t+4: saturation into the register file and the tile's maxima
         score = Signal(signed(wd.score))
         top = numerics.ATTN_SCORE_MAX
-        m.d.comb += score.eq(Mux(exact > top, top, Mux(exact < -top, -top, exact)))
+        m.d.comb += score.eq(Mux(exact4 > top, top, Mux(exact4 < -top, -top, exact4)))
         # the two banks of scores in LUT RAM: written once per position, read combinationally by the value pass
-        m.submodules.scores = scores = Memory(shape=signed(wd.score), depth=2 << len(pos2), init=[])
+        m.submodules.scores = scores = Memory(shape=signed(wd.score), depth=2 * T, init=[])
         wr = scores.write_port()
         rd = scores.read_port(domain="comb")
-        m.d.comb += [wr.addr.eq(Cat(pos2, bank2)), wr.data.eq(score), wr.en.eq(valid2),
+        pos4 = at4.chunk.pos
+        m.d.comb += [wr.addr.eq(Cat(pos4, at4.chunk.bank)), wr.data.eq(score), wr.en.eq(valid4),
                      rd.addr.eq(Cat(self.read_pos, self.read_bank)), self.score.eq(rd.data)]
-        with m.If(valid2):
-            m.d.sync += [self.tile_max.eq(_first_or_max(pos2 == 0, score, self.tile_max)),
-                         self.tile_ev_max.eq(_first_or_max(pos2 == 0, ev2, self.tile_ev_max))]
+        with m.If(valid4):
+            m.d.sync += [self.tile_max.eq(_first_or_max(pos4 == 0, score, self.tile_max)),
+                         self.tile_ev_max.eq(_first_or_max(pos4 == 0, at4.ev, self.tile_ev_max))]
         return m
 
 

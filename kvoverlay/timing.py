@@ -66,6 +66,9 @@ NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // 
 #: GATE_ONE (the running max's own p), so ``(1 << ATTN_RECIP_BITS) // l`` has only this many bits and the
 #: divider skips the leading zeros (hw/attention.py, attention_widths).
 ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS - (nx.GATE_ONE.bit_length() - 1) + 1
+#: The stage of ATTN's score pipeline that stores a score, counted from its chunk's issue (hw/attention.py
+#: ScoreStage: operands and products, the dot product, the rounding shift, the saturation and store).
+ATTN_SCORE_LATENCY = 4
 #: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table, the shift).
 ATTN_EXP2_LATENCY = 3
 #: Cycles from a value chunk's issue to its p (the score difference's register, then 2^-x).
@@ -263,12 +266,13 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     """Busy cycles of a legal ATTN.
 
     Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks: the first tile's
-    score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale step (1) and a run of ``n_i * c`` cycles in which
-    the values of tile i and the scores of tile i+1 stream side by side, + 2 drain (the next tile's first position
-    rescales words this tile's last chunks write), or ATTN_VALUE_DRAIN after the head's last tile (its values
-    through the 2^-x and value pipelines before the finish takes the accumulator). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
+    score pass ``n_0 * c`` + ATTN_SCORE_LATENCY drain; then per tile i a max/rescale step (1) and a run of ``n_i * c``
+    cycles in which the values of tile i and the scores of tile i+1 stream side by side, + a drain of 2 (the next
+    tile's first position rescales words this tile's last chunks write) or, when tile i+1's last score is still in
+    the score pipeline, ``ATTN_SCORE_LATENCY - (n_i - n_(i+1)) * c``; after the head's last tile ATTN_VALUE_DRAIN
+    (its values through the 2^-x and value pipelines before the finish takes the accumulator). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
     elements, one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for it: that phase takes
-    ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
+    ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
     ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (one drain each) and a normalization step; plus the decode
     and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
     write pass is skipped.
@@ -278,10 +282,13 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
     per_tile = 0
     for i, n in enumerate(sizes):
-        per_tile += 1 + n * nch + (2 if i + 1 < len(sizes) else ATTN_VALUE_DRAIN)
+        if i + 1 < len(sizes):
+            per_tile += 1 + n * nch + max(2, ATTN_SCORE_LATENCY - (n - sizes[i + 1]) * nch)
+        else:
+            per_tile += 1 + n * nch + ATTN_VALUE_DRAIN
     total, finish = 1, 0
     for h in range(q_heads):
-        first_scores = sizes[0] * nch + 2
+        first_scores = sizes[0] * nch + ATTN_SCORE_LATENCY
         total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
         finish = 1 + ATTN_DIVIDER_CYCLES + head_dim + ATTN_FINISH_PIPELINE
     nw = _ceil(q_heads * head_dim, attn_output_lanes(config))
