@@ -705,6 +705,9 @@ class OutputStage(wiring.Component):
     the :class:`~hw.normalize.Normalizer`'s peak pass and write pass over the scratch, R =
     ``timing.attn_output_lanes(config)`` elements (a slot, a part of a scratch word) per cycle.
 
+    A pipeline, relative to a slot's read at cycle t: the scratch word at t+1, the slot's lanes at t+2 (where
+    they are aligned), the normalizer's sample or rounding at t+3, the write to the activation buffer at t+4.
+
     Parameters
     ----------
     config : OverlayConfig
@@ -727,6 +730,12 @@ class OutputStage(wiring.Component):
     exp : Out(EXP_SHAPE)
     overflow : Out(1)
         The vector's exponent after the peak pass (valid until the next ``clear``).
+    pending : Out(1)
+        A slot has not reached the normalizer: the peak is final the cycle ``pending`` falls
+        (``timing.ATTN_OUTPUT_PEAK_DRAIN`` cycles after the pass's last slot) ...
+    writing : Out(1)
+        ... and the write pass's last write is done the cycle after ``pending`` and ``writing`` are both low
+        (``timing.ATTN_OUTPUT_WRITE_DRAIN``).
     """
 
     READ_LAYOUT = data.StructLayout({"slot": ELEM_BITS, "write": 1})
@@ -738,6 +747,7 @@ class OutputStage(wiring.Component):
             "read": In(stream.Signature(self.READ_LAYOUT, always_ready=True)),
             "clear": In(1), "top_exp": In(EXP_WIDE), "n_out": In(ELEM_BITS), "dst": In(ELEM_BITS),
             "abuf_w": Out(abuf_write(config)), "exp": Out(EXP_SHAPE), "overflow": Out(1),
+            "pending": Out(1), "writing": Out(1),
         })
 
     def elaborate(self, platform):
@@ -755,25 +765,38 @@ class OutputStage(wiring.Component):
         scr_r = scratch.read_port()
         m.d.comb += [scr_w.addr.eq(self.scratch.addr), scr_w.data.eq(self.scratch.data), scr_w.en.eq(self.scratch.en),
                      scr_r.addr.eq(self.read.payload.slot >> lgS)]
+        # t+1: the slot's lanes out of the scratch word
         valid1, r1 = _issued(m, self.read)
-        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R)
         slot_lanes = scr_r.data.word_select(r1.slot[:lgS], lane_bits * R) if lgS else scr_r.data
-        lanes = data.ArrayLayout(lane_layout, R)(slot_lanes)
+        valid2, r2 = Signal(), Signal(self.READ_LAYOUT)
+        lanes2 = Signal(data.ArrayLayout(lane_layout, R))
+        m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(slot_lanes)]
+        # t+2: each lane aligned to the largest head exponent
+        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R)
+        valid3, r3 = Signal(), Signal(self.READ_LAYOUT)
+        wide3 = Signal(data.ArrayLayout(signed(attention_widths(cfg).out), R), name="wide3")
+        in_vector = Signal(R)
+        m.d.sync += [valid3.eq(valid2), r3.eq(r2)]
         for i in range(R):
-            lane = lanes[i]
-            m.d.comb += [norm.wide[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
-                         norm.valid[i].eq(((r1.slot << lgR) + i) < self.n_out)]
-        m.d.comb += [norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid1 & ~r1.write),
+            lane = lanes2[i]
+            m.d.sync += [wide3[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
+                         in_vector[i].eq(((r2.slot << lgR) + i) < self.n_out)]
+        m.d.comb += self.pending.eq(valid1 | valid2)
+        # t+3: the normalizer samples (peak pass) or rounds (write pass)
+        m.d.comb += [norm.wide.eq(wide3), norm.valid.eq(in_vector),
+                     norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid3 & ~r3.write),
                      self.exp.eq(norm.exp_out), self.overflow.eq(norm.overflow)]
         out_elem = Signal(ELEM_BITS)
-        m.d.comb += out_elem.eq(self.dst + (r1.slot << lgR))
+        m.d.comb += out_elem.eq(self.dst + (r3.slot << lgR))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
-        m.d.comb += [
+        # t+4: the write, from registers
+        m.d.sync += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
             # every slot of the word carries the mantissas and the lane enables pick the slot: no shifter
             self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // R)),
-            self.abuf_w.en.eq(Mux(valid1 & r1.write, norm.valid << out_lane, 0)),
+            self.abuf_w.en.eq(Mux(valid3 & r3.write, in_vector << out_lane, 0)),
         ]
+        m.d.comb += self.writing.eq(valid3)
         return m
 
 
@@ -1163,8 +1186,9 @@ class AttentionEngine(wiring.Component):
                     m.next = "A_NPEAK"
             with m.State("A_NPEAK"):
                 output_pass(0, "A_NPDRAIN")
-            with m.State("A_NPDRAIN"):
-                m.next = "A_NSTEP"
+            with m.State("A_NPDRAIN"):  # noqa: SIM117 - Amaranth control blocks
+                with m.If(~out.pending):
+                    m.next = "A_NSTEP"
             with m.State("A_NSTEP"):
                 m.d.sync += slot.eq(0)
                 with m.If(out.overflow):
@@ -1174,8 +1198,9 @@ class AttentionEngine(wiring.Component):
                     m.next = "A_NWRITE"
             with m.State("A_NWRITE"):
                 output_pass(1, "A_NWDRAIN")
-            with m.State("A_NWDRAIN"):
-                finish()
+            with m.State("A_NWDRAIN"):  # noqa: SIM117 - Amaranth control blocks
+                with m.If(~out.pending & ~out.writing):
+                    finish()
 
             with m.State("DONE"):
                 m.d.comb += [self.done.valid.eq(1), self.done.payload.eq(fault)]

@@ -76,6 +76,10 @@ ATTN_P_LATENCY = 1 + ATTN_EXP2_LATENCY
 #: Drain cycles after a head's last value chunk: its p, then the value stage's product, term round-shift, two
 #: rescale stages (used by a tile's first position only, but in every chunk's path) and the add.
 ATTN_VALUE_DRAIN = ATTN_P_LATENCY + 5
+#: Drain cycles of ATTN's output passes after their last slot (hw/attention.py OutputStage: the scratch read, the
+#: slot's lanes, the alignment into the normalizer; the write pass's write is registered, one more).
+ATTN_OUTPUT_PEAK_DRAIN = 3
+ATTN_OUTPUT_WRITE_DRAIN = ATTN_OUTPUT_PEAK_DRAIN + 1
 #: Cycles a head's finish spends after issuing its last output element (one element per cycle through a select and
 #: round stage and a multiply stage, then the scratch write).
 ATTN_FINISH_PIPELINE = 2
@@ -273,7 +277,8 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     (its values through the 2^-x and value pipelines before the finish takes the accumulator). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
     elements, one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for it: that phase takes
     ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
-    ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (one drain each) and a normalization step; plus the decode
+    ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (ATTN_OUTPUT_PEAK_DRAIN and
+    ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
     and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
     write pass is skipped.
     """
@@ -292,7 +297,8 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
         total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
         finish = 1 + ATTN_DIVIDER_CYCLES + head_dim + ATTN_FINISH_PIPELINE
     nw = _ceil(q_heads * head_dim, attn_output_lanes(config))
-    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1) + 1
+    return (total + finish + 1 + (nw + ATTN_OUTPUT_PEAK_DRAIN) + 1
+            + (0 if overflow else nw + ATTN_OUTPUT_WRITE_DRAIN) + 1)
 
 
 #: Each opcode's busy-cycle formula, as ``(config, instruction, kv_len) -> cycles``.
