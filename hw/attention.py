@@ -772,7 +772,8 @@ class OutputStage(wiring.Component):
         lanes2 = Signal(data.ArrayLayout(lane_layout, R))
         m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(slot_lanes)]
         # t+2: each lane aligned to the largest head exponent
-        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R)
+        # bounded: the write pass rounds the values the peak pass sampled (lanes past the vector are not written)
+        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R, bounded=True)
         valid3, r3 = Signal(), Signal(self.READ_LAYOUT)
         wide3 = Signal(data.ArrayLayout(signed(attention_widths(cfg).out), R), name="wide3")
         in_vector = Signal(R)
