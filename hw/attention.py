@@ -36,6 +36,7 @@ constants, and the datapath is exactly that wide. Nothing wraps, so rounding shi
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from typing import NamedTuple
 
@@ -184,11 +185,13 @@ def scratch_write(config) -> wiring.Signature:
 
 
 class Exp2Neg(wiring.Component):
-    """``numerics.exp2_neg_q15``: ``exp(d)`` in Q1.15 of a score difference ``d <= 0`` (combinational).
+    """``numerics.exp2_neg_q15``: ``exp(d)`` in Q1.15 of a score difference ``d <= 0``, pipelined.
 
     ``-d * log2(e)`` splits into an integer part n and a fraction; the fraction interpolates
     ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on. Differences
     at or beyond ``-C`` (:func:`_exp2_cut`) all give 0, so only ``-d`` capped at C is multiplied.
+    Three register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
+    log2(e); the table look-up and interpolation; the shift by n. A new ``d`` every cycle.
 
     Parameters
     ----------
@@ -199,6 +202,7 @@ class Exp2Neg(wiring.Component):
     ----------
     d : In(signed(width))
     p : Out(P_SHAPE)
+        ``exp(d)`` of the ``d`` of ``timing.ATTN_EXP2_LATENCY`` cycles earlier.
     """
 
     def __init__(self, width: int):
@@ -213,34 +217,36 @@ class Exp2Neg(wiring.Component):
         cut = _exp2_cut()
         neg_d = Signal(range(cut + 1))
         m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
+        # stage 1: the product by log2(e)
         t_fix = Signal(((cut * numerics.LOG2E_Q16) >> LOG2E_FRAC).bit_length())
-        m.d.comb += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
+        m.d.sync += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
         t_int = Signal(len(t_fix) - numerics.SCORE_FRAC)
         t_frac = t_fix[:numerics.SCORE_FRAC]
         seg_shift = numerics._EXP2_SHIFT
-        m.d.comb += [
-            t_int.eq(t_fix >> numerics.SCORE_FRAC),
-            rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1),
-        ]
+        m.d.comb += [rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1)]
         t_lo = Signal(signed(18))  # table entries are unsigned Q1.15 (up to 1 << 15)
         t_hi = Signal(signed(18))
         interp = Signal(signed(32))
         m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
                      interp.eq(((t_hi - t_lo) * t_frac[:seg_shift] + (1 << (seg_shift - 1))) >> seg_shift)]
+        # stage 2: the table and its interpolation
         p_tab = Signal(P_SHAPE)  # the table decreases: interpolation stays within [0, GATE_ONE]
-        m.d.comb += p_tab.eq(t_lo + interp)
+        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_fix >> numerics.SCORE_FRAC)]
+        # stage 3: the shift by the integer part
         shifted = _round_shift(m, p_tab, t_int, "shifted", rcap=EXP2_ZERO_SHIFT)
-        m.d.comb += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
+        m.d.sync += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
         return m
 
 
 class ScoreStage(wiring.Component):
     """q.K scores of a tile, rounded to ``Q.SCORE_FRAC``, with the tile's largest score and value exponent.
 
-    In the cycle after a chunk is issued (when its q lanes and K lanes arrive) its ``vector_lanes``
-    products are added to the position's dot product; the cycle after a position's last chunk
-    rounds the dot product and stores the score in the register file bank of its tile (two banks:
-    the value pass reads one tile while the next one is scored).
+    A pipeline, one chunk per cycle, relative to the chunk's issue at cycle t: at t+1 its q lanes and K lanes
+    arrive and are multiplied; at t+2 the ``vector_lanes`` products are added to the position's dot product
+    (and the score's shift is formed from the exponents); at t+3 the dot product of a position's last chunk is
+    round-shifted; at t+4 it is saturated and stored in the register file bank of its tile (two banks: the
+    value pass reads one tile while the next one is scored) and the tile's maxima take it.
+    ``timing.ATTN_SCORE_LATENCY`` is that last stage.
 
     Parameters
     ----------
@@ -259,7 +265,8 @@ class ScoreStage(wiring.Component):
     e_q : In(EXP_SHAPE)
         The q exponent.
     pending : Out(1)
-        A chunk is in the dot-product stage.
+        A chunk's score is not yet stored (the register file and the tile's maxima are current the cycle
+        ``pending`` falls).
     tile_max : Out(signed(attention_widths(config).score))
     tile_ev_max : Out(EXP_SHAPE)
     read_bank, read_pos : In
@@ -267,6 +274,8 @@ class ScoreStage(wiring.Component):
     score : Out(signed(attention_widths(config).score))
         ... its score.
     """
+
+    LATENCY = timing.ATTN_SCORE_LATENCY
 
     @staticmethod
     def chunk_layout(config):
@@ -289,48 +298,49 @@ class ScoreStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         V, T = self.config.vector_lanes, self.config.attn_tile
-        # stage 1: products and the running dot product
+        wd = attention_widths(self.config)
+        flow = data.StructLayout({"chunk": self.chunk_layout(self.config), "shift": signed(16),
+                                  "ev": EXP_SHAPE})
+        # t+1: the products
         valid1, c1 = _issued(m, self.chunk)
-        m.d.comb += self.pending.eq(valid1)
+        valid2, at2 = Signal(), Signal(flow)
+        m.d.sync += [valid2.eq(valid1), at2.chunk.eq(c1), at2.ev.eq(self.ev),
+                     at2.shift.eq(-(self.e_q + self.ek + numerics.SCORE_FRAC))]
         products = []
         for i in range(V):
             prod = Signal(signed(32), name=f"qk_prod{i}")
-            m.d.comb += prod.eq(Mux(c1.mask[i], self.q[i] * self.k[i], 0))
+            m.d.sync += prod.eq(Mux(c1.mask[i], self.q[i] * self.k[i], 0))
             products.append(prod)
+        # t+2: the dot product
         dot_sum = Signal(signed(32 + log2_exact(V) + 1))
         m.d.comb += dot_sum.eq(sum(products))
-        wd = attention_widths(self.config)
         dot = Signal(signed(wd.dot))
         dot_next = Signal(signed(wd.dot))
-        m.d.comb += dot_next.eq(Mux(c1.first, 0, dot) + dot_sum)
-        # stage 2: rounding into the register file
-        valid2 = Signal()
-        dot2 = Signal(signed(wd.dot))
-        ek2 = Signal(EXP_SHAPE)
-        ev2 = Signal(EXP_SHAPE)
-        pos2 = Signal(range(T))
-        bank2 = Signal()
-        m.d.sync += valid2.eq(valid1 & c1.last)
-        with m.If(valid1):
-            m.d.sync += [dot.eq(dot_next), dot2.eq(dot_next), ek2.eq(self.ek), ev2.eq(self.ev), pos2.eq(c1.pos),
-                         bank2.eq(c1.bank)]
-        score_shift = Signal(signed(16))
-        m.d.comb += score_shift.eq(-(self.e_q + ek2 + numerics.SCORE_FRAC))
-        # numerics.attention_scores: exact, then saturated; a left shift past ATTN_SCORE_BITS saturates any
-        # nonzero dot product, so the shift is clamped one beyond it
-        exact = _round_shift(m, dot2, score_shift, "score_exact", lcap=numerics.ATTN_SCORE_BITS + 1)
+        m.d.comb += dot_next.eq(Mux(at2.chunk.first, 0, dot) + dot_sum)
+        valid3, at3, dot3 = Signal(), Signal(flow), Signal(signed(wd.dot))
+        m.d.sync += [valid3.eq(valid2 & at2.chunk.last), at3.eq(at2)]
+        with m.If(valid2):
+            m.d.sync += [dot.eq(dot_next), dot3.eq(dot_next)]
+        # t+3: the rounding. numerics.attention_scores: exact, then saturated; a left shift past
+        # ATTN_SCORE_BITS saturates any nonzero dot product, so the shift is clamped one beyond it
+        exact = _round_shift(m, dot3, at3.shift, "score_exact", lcap=numerics.ATTN_SCORE_BITS + 1)
+        valid4, at4, exact4 = Signal(), Signal(flow), Signal.like(exact, name="score_exact4")
+        m.d.sync += [valid4.eq(valid3), at4.eq(at3), exact4.eq(exact)]
+        m.d.comb += self.pending.eq(valid1 | valid2 | valid3)
+        # t+4: saturation into the register file and the tile's maxima
         score = Signal(signed(wd.score))
         top = numerics.ATTN_SCORE_MAX
-        m.d.comb += score.eq(Mux(exact > top, top, Mux(exact < -top, -top, exact)))
+        m.d.comb += score.eq(Mux(exact4 > top, top, Mux(exact4 < -top, -top, exact4)))
         # the two banks of scores in LUT RAM: written once per position, read combinationally by the value pass
-        m.submodules.scores = scores = Memory(shape=signed(wd.score), depth=2 << len(pos2), init=[])
+        m.submodules.scores = scores = Memory(shape=signed(wd.score), depth=2 * T, init=[])
         wr = scores.write_port()
         rd = scores.read_port(domain="comb")
-        m.d.comb += [wr.addr.eq(Cat(pos2, bank2)), wr.data.eq(score), wr.en.eq(valid2),
+        pos4 = at4.chunk.pos
+        m.d.comb += [wr.addr.eq(Cat(pos4, at4.chunk.bank)), wr.data.eq(score), wr.en.eq(valid4),
                      rd.addr.eq(Cat(self.read_pos, self.read_bank)), self.score.eq(rd.data)]
-        with m.If(valid2):
-            m.d.sync += [self.tile_max.eq(_first_or_max(pos2 == 0, score, self.tile_max)),
-                         self.tile_ev_max.eq(_first_or_max(pos2 == 0, ev2, self.tile_ev_max))]
+        with m.If(valid4):
+            m.d.sync += [self.tile_max.eq(_first_or_max(pos4 == 0, score, self.tile_max)),
+                         self.tile_ev_max.eq(_first_or_max(pos4 == 0, at4.ev, self.tile_ev_max))]
         return m
 
 
@@ -338,10 +348,11 @@ class SoftmaxStage(wiring.Component):
     """The online softmax: running max ``m`` and sum ``l``, and p = 2^-x of every score.
 
     In the ``step`` between a tile's scores and its values, the new max gives alpha =
-    ``exp(m_old - m_new)``, the sum is rescaled by it and the accumulator exponent moves to
-    the largest value exponent so far. In the value pass ``p = exp(score - m)`` of the position
-    whose values stream, registered (it meets the values a cycle later); ``add_p`` adds it to the
-    sum once per position.
+    ``exp(m_old - m_new)`` and the accumulator exponent moves to the largest value exponent so far;
+    alpha comes out of the 2^-x pipeline ``P_LATENCY`` = ``timing.ATTN_P_LATENCY`` cycles later, and
+    the sum is rescaled by it then. In the value pass ``p = exp(score - m)`` of the position whose
+    value chunk is issued comes out ``P_LATENCY`` cycles after the issue (the difference is registered,
+    then :class:`Exp2Neg`'s three stages); ``add_p`` adds it to the sum once per position.
 
     Parameters
     ----------
@@ -360,15 +371,17 @@ class SoftmaxStage(wiring.Component):
     add_p : In(1)
         ``p`` joins the running sum.
     p : Out(P_SHAPE)
-        ``exp(score - m)`` in Q1.15 of the score of the previous cycle.
+        ``exp(score - m)`` in Q1.15 of the score of ``P_LATENCY`` cycles earlier.
     alpha : Out(P_SHAPE)
-        ``exp(m_old - m_new)`` of the last step.
+        ``exp(m_old - m_new)`` of the last step, from ``P_LATENCY + 1`` cycles after it.
     m : Out(signed(score bits))
     l : Out(unsigned(sum bits))
         Running max (Q.SCORE_FRAC) and sum (Q1.15).
     e_acc, rescale_shift : Out(EXP_WIDE)
         Exponent of the accumulator, and by how much it grew in the last step.
     """
+
+    P_LATENCY = timing.ATTN_P_LATENCY
 
     def __init__(self, config):
         self.config = config
@@ -389,13 +402,21 @@ class SoftmaxStage(wiring.Component):
         m.d.comb += [m_new.eq(_first_or_max(self.first_tile, self.tile_max, m_run)),
                      self.rescale_shift.eq(e_acc - e_acc_old)]
         m.submodules.exp2 = exp2 = Exp2Neg(wd.diff)
-        m.d.comb += exp2.d.eq(Mux(self.step, m_run - m_new, self.score - m_run))
-        m.d.sync += self.p.eq(exp2.p)
+        # the score memory's read and the subtraction get a cycle of their own, before the 2^-x pipeline
+        diff = Signal(signed(wd.diff))
+        m.d.sync += diff.eq(Mux(self.step, m_run - m_new, self.score - m_run))
+        m.d.comb += [exp2.d.eq(diff), self.p.eq(exp2.p)]
+        # the step's (is it, head's first tile) travel beside its difference to meet alpha
+        step_at = [Signal(2, name=f"step_{i}") for i in range(self.P_LATENCY)]
+        m.d.sync += [step_at[0].eq(Cat(self.step, self.first_tile)),
+                     *(b.eq(a) for a, b in itertools.pairwise(step_at))]
+        alpha_step, alpha_first = step_at[-1][0], step_at[-1][1]
         l_rescaled = _round_fixed(l_run * exp2.p, ALPHA_FRAC)  # alpha <= 1: never above l
         with m.If(self.step):
-            m.d.sync += [self.alpha.eq(exp2.p), m_run.eq(m_new), e_acc_old.eq(e_acc),
-                         e_acc.eq(_first_or_max(self.first_tile, self.tile_ev_max, e_acc)),
-                         l_run.eq(Mux(self.first_tile, 0, l_rescaled))]
+            m.d.sync += [m_run.eq(m_new), e_acc_old.eq(e_acc),
+                         e_acc.eq(_first_or_max(self.first_tile, self.tile_ev_max, e_acc))]
+        with m.If(alpha_step):
+            m.d.sync += [self.alpha.eq(exp2.p), l_run.eq(Mux(alpha_first, 0, l_rescaled))]
         with m.Elif(self.add_p):
             m.d.sync += l_run.eq(l_run + self.p)
         return m
@@ -404,9 +425,22 @@ class SoftmaxStage(wiring.Component):
 class ValueStage(wiring.Component):
     """The head accumulator: ``row_chunks`` words of ``vector_lanes`` lanes in registers.
 
-    In the cycle after a chunk is issued (when its V lanes arrive) ``round_shift(p * v, e_acc - e_v)``
-    is added to the chunk's word; on the tile's first position the word is first rescaled by
-    alpha and by the growth of the accumulator exponent (or zeroed on the head's first tile).
+    ``round_shift(p * v, e_acc - e_v)`` of each chunk is added to the chunk's word; on the tile's first
+    position the word is first rescaled by alpha and by the growth of the accumulator exponent (or zeroed
+    on the head's first tile). A pipeline, one chunk per cycle, relative to the chunk's issue at cycle t:
+
+    * t+1: V lanes and value exponent arrive; with the tile's ``e_acc``, ``rescale_shift`` and ``first_tile``
+      they wait for p (a delay line of ``P_LATENCY - 1`` registers);
+    * t+P (``P_LATENCY``): ``p * v`` per lane; ``add_p``;
+    * t+P+1: the term's round-shift; the word's old value is read for the rescale;
+    * t+P+2: ``old * alpha``;
+    * t+P+3: its rounding and exponent round-shift;
+    * t+P+4: the word updated (read, add, write in one cycle: consecutive chunks of one word need no bypass);
+    * t+P+5: ``peak``.
+
+    The old value read at t+P+1 is the word's value at the tile's start because the sequencer leaves at
+    least ``P_LATENCY`` cycles between a tile's last issue and the next one's first (two drain cycles and the
+    step), and alpha, set ``P_LATENCY + 1`` cycles after the step, is read at t+P+2.
 
     Parameters
     ----------
@@ -419,9 +453,9 @@ class ValueStage(wiring.Component):
         One chunk of one position: the tile's ``first_pos``, the position's ``first`` chunk, the
         chunk ``index``, the position's ``pos`` and ``bank`` (which score p comes from), ``mask``.
     score_pos, score_bank : Out
-        The score the issued chunk needs p of (its p arrives with its values, a cycle later).
+        The score the issued chunk needs p of (its p arrives ``P_LATENCY`` cycles later).
     add_p : Out(1)
-        The p of the chunk in flight is new to the running sum (the position's first chunk).
+        The p that arrives is new to the running sum (the position's first chunk).
     p : In(P_SHAPE)
         Its p.
     v : In(ArrayLayout(signed(16), vector_lanes))
@@ -433,12 +467,18 @@ class ValueStage(wiring.Component):
         From the softmax stage.
     clear : In(1)
         Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
+    issued : Out(1)
+        A chunk was issued in the last cycle.
+    busy : Out(1)
+        A chunk has not yet been added to its word (``peak`` follows a cycle after the last add).
     acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
         The accumulator.
     peak : Out(acc bits)
         The OR of the magnitudes the last position wrote: every position writes every word once, so after a
         head's last position it is the OR of all its accumulator lanes (V magnitudes a cycle, not all lanes at once).
     """
+
+    P_LATENCY = timing.ATTN_P_LATENCY
 
     @staticmethod
     def chunk_layout(config):
@@ -454,39 +494,74 @@ class ValueStage(wiring.Component):
             "score_pos": Out(range(config.attn_tile)), "score_bank": Out(1), "add_p": Out(1),
             "p": In(P_SHAPE), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
             "alpha": In(P_SHAPE), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
-            "clear": In(1),
+            "clear": In(1), "issued": Out(1), "busy": Out(1),
             "acc": Out(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": Out(wd.acc),
         })
 
     def elaborate(self, platform):
         m = Module()
-        V = self.config.vector_lanes
-        W = attention_widths(self.config).acc
-        chunks = kv_geometry(self.config)["row_chunks"]
+        cfg = self.config
+        V = cfg.vector_lanes
+        W = attention_widths(cfg).acc
+        chunks = kv_geometry(cfg)["row_chunks"]
         valid1, c1 = _issued(m, self.chunk)
         m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank),
-                     self.add_p.eq(valid1 & c1.first)]
+                     self.issued.eq(valid1)]
+        # the chunk and what it needs of the tile, captured while they are the tile's, carried to the end
+        flow = data.StructLayout({"chunk": self.chunk_layout(cfg), "v": _lanes(cfg), "v_shift": EXP_WIDE,
+                                  "rescale_shift": EXP_WIDE, "first_tile": 1})
+        at1 = Signal(flow)
+        # e_acc is the largest value exponent so far
+        m.d.comb += [at1.chunk.eq(c1), at1.v.eq(self.v), at1.v_shift.eq(self.e_acc - self.ev),
+                     at1.rescale_shift.eq(self.rescale_shift), at1.first_tile.eq(self.first_tile)]
+        valids, flows = [valid1], [at1]
+        for i in range(self.P_LATENCY + 3):  # to the add (the word's update) at t+P+4
+            vld, f = Signal(name=f"v_valid{i + 2}"), Signal(flow, name=f"v_flow{i + 2}")
+            m.d.sync += [vld.eq(valids[-1]), f.eq(flows[-1])]
+            valids.append(vld)
+            flows.append(f)
+        m.d.comb += self.busy.eq(functools.reduce(operator.or_, valids))
+        at_p, at_term, at_round, at_add = (flows[self.P_LATENCY - 1 + k] for k in (0, 1, 3, 4))
+        valid_p, valid_add = valids[self.P_LATENCY - 1], valids[self.P_LATENCY + 3]
+        m.d.comb += self.add_p.eq(valid_p & at_p.chunk.first)
+
         words = Array(Signal(W * V, name=f"acc_word{i}") for i in range(chunks))
         m.d.comb += self.acc.eq(Cat(words))
-        old_word = words[c1.index]
-        v_shift = Signal(EXP_WIDE)
-        m.d.comb += v_shift.eq(self.e_acc - self.ev)  # e_acc is the largest value exponent so far
+        cur_word = words[at_add.chunk.index]
+        old_word = Signal(W * V)  # the word at the tile's start, for its first position's rescale
+        m.d.sync += old_word.eq(words[at_term.chunk.index])
         new_lanes = []
         for i in range(V):
-            term = _round_shift(m, self.p * self.v[i], v_shift, f"pv_term{i}")
-            old = old_word.word_select(i, W).as_signed()
+            prod = Signal(signed(32), name=f"pv_prod{i}")
+            m.d.sync += prod.eq(self.p * at_p.v[i])
+            term = Signal(signed(W), name=f"pv_term{i}")  # |p * v| <= 2**30, shifted right
+            m.d.sync += term.eq(_round_shift(m, prod, at_term.v_shift, f"pv_round{i}"))
+            term_r = Signal(signed(W), name=f"pv_term_r{i}")
+            term_a = Signal(signed(W), name=f"pv_term_a{i}")
+            m.d.sync += [term_r.eq(term), term_a.eq(term_r)]
+            alpha_prod = Signal(signed(W + P_SHAPE.width + 1), name=f"acc_alpha_prod{i}")
+            m.d.sync += alpha_prod.eq(old_word.word_select(i, W).as_signed() * self.alpha)
             alpha_scaled = Signal(signed(W), name=f"acc_alpha{i}")  # alpha <= 1: never above |old|
-            m.d.comb += alpha_scaled.eq(_round_fixed(old * self.alpha, ALPHA_FRAC))
-            rescaled = _round_shift(m, alpha_scaled, self.rescale_shift, f"acc_rescaled{i}")
-            base = Mux(c1.first_pos, Mux(self.first_tile, 0, rescaled), old)
+            m.d.comb += alpha_scaled.eq(_round_fixed(alpha_prod, ALPHA_FRAC))
+            rescaled = Signal(signed(W), name=f"acc_rescaled{i}")
+            m.d.sync += rescaled.eq(Mux(at_round.first_tile, 0,
+                                        _round_shift(m, alpha_scaled, at_round.rescale_shift, f"acc_shift{i}")))
+            old = cur_word.word_select(i, W).as_signed()
             new = Signal(signed(W), name=f"acc_new{i}")
-            m.d.comb += new.eq(base + Mux(c1.mask[i], term, 0))
+            m.d.comb += new.eq(Mux(at_add.chunk.first_pos, rescaled, old) + Mux(at_add.chunk.mask[i], term_a, 0))
             new_lanes.append(new)
-        new_or = functools.reduce(operator.or_, (Mux(x < 0, -x, x)[:W] for x in new_lanes))
+        # the peak a cycle after the add, from the lanes as written
+        written = Signal(W * V)
+        peak_first, peak_valid = Signal(), Signal()
+        m.d.sync += [written.eq(Cat(new_lanes)), peak_first.eq(at_add.chunk.first), peak_valid.eq(valid_add)]
+        new_or = functools.reduce(operator.or_, (Mux(x < 0, -x, x)[:W] for x in
+                                                 (written.word_select(i, W).as_signed() for i in range(V))))
+        with m.If(peak_valid):
+            m.d.sync += self.peak.eq(Mux(peak_first, 0, self.peak) | new_or)
         with m.If(self.clear):
             m.d.sync += [w.eq(0) for w in words]
-        with m.Elif(valid1):
-            m.d.sync += [words[c1.index].eq(Cat(new_lanes)), self.peak.eq(Mux(c1.first, 0, self.peak) | new_or)]
+        with m.Elif(valid_add):
+            m.d.sync += cur_word.eq(Cat(new_lanes))
         return m
 
 
@@ -630,6 +705,9 @@ class OutputStage(wiring.Component):
     the :class:`~hw.normalize.Normalizer`'s peak pass and write pass over the scratch, R =
     ``timing.attn_output_lanes(config)`` elements (a slot, a part of a scratch word) per cycle.
 
+    A pipeline, relative to a slot's read at cycle t: the scratch word at t+1, the slot's lanes at t+2 (where
+    they are aligned), the normalizer's sample or rounding at t+3, the write to the activation buffer at t+4.
+
     Parameters
     ----------
     config : OverlayConfig
@@ -652,6 +730,12 @@ class OutputStage(wiring.Component):
     exp : Out(EXP_SHAPE)
     overflow : Out(1)
         The vector's exponent after the peak pass (valid until the next ``clear``).
+    pending : Out(1)
+        A slot has not reached the normalizer: the peak is final the cycle ``pending`` falls
+        (``timing.ATTN_OUTPUT_PEAK_DRAIN`` cycles after the pass's last slot) ...
+    writing : Out(1)
+        ... and the write pass's last write is done the cycle after ``pending`` and ``writing`` are both low
+        (``timing.ATTN_OUTPUT_WRITE_DRAIN``).
     """
 
     READ_LAYOUT = data.StructLayout({"slot": ELEM_BITS, "write": 1})
@@ -663,6 +747,7 @@ class OutputStage(wiring.Component):
             "read": In(stream.Signature(self.READ_LAYOUT, always_ready=True)),
             "clear": In(1), "top_exp": In(EXP_WIDE), "n_out": In(ELEM_BITS), "dst": In(ELEM_BITS),
             "abuf_w": Out(abuf_write(config)), "exp": Out(EXP_SHAPE), "overflow": Out(1),
+            "pending": Out(1), "writing": Out(1),
         })
 
     def elaborate(self, platform):
@@ -680,25 +765,39 @@ class OutputStage(wiring.Component):
         scr_r = scratch.read_port()
         m.d.comb += [scr_w.addr.eq(self.scratch.addr), scr_w.data.eq(self.scratch.data), scr_w.en.eq(self.scratch.en),
                      scr_r.addr.eq(self.read.payload.slot >> lgS)]
+        # t+1: the slot's lanes out of the scratch word
         valid1, r1 = _issued(m, self.read)
-        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R)
         slot_lanes = scr_r.data.word_select(r1.slot[:lgS], lane_bits * R) if lgS else scr_r.data
-        lanes = data.ArrayLayout(lane_layout, R)(slot_lanes)
+        valid2, r2 = Signal(), Signal(self.READ_LAYOUT)
+        lanes2 = Signal(data.ArrayLayout(lane_layout, R))
+        m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(slot_lanes)]
+        # t+2: each lane aligned to the largest head exponent
+        # bounded: the write pass rounds the values the peak pass sampled (lanes past the vector are not written)
+        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R, bounded=True)
+        valid3, r3 = Signal(), Signal(self.READ_LAYOUT)
+        wide3 = Signal(data.ArrayLayout(signed(attention_widths(cfg).out), R), name="wide3")
+        in_vector = Signal(R)
+        m.d.sync += [valid3.eq(valid2), r3.eq(r2)]
         for i in range(R):
-            lane = lanes[i]
-            m.d.comb += [norm.wide[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
-                         norm.valid[i].eq(((r1.slot << lgR) + i) < self.n_out)]
-        m.d.comb += [norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid1 & ~r1.write),
+            lane = lanes2[i]
+            m.d.sync += [wide3[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
+                         in_vector[i].eq(((r2.slot << lgR) + i) < self.n_out)]
+        m.d.comb += self.pending.eq(valid1 | valid2)
+        # t+3: the normalizer samples (peak pass) or rounds (write pass)
+        m.d.comb += [norm.wide.eq(wide3), norm.valid.eq(in_vector),
+                     norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid3 & ~r3.write),
                      self.exp.eq(norm.exp_out), self.overflow.eq(norm.overflow)]
         out_elem = Signal(ELEM_BITS)
-        m.d.comb += out_elem.eq(self.dst + (r1.slot << lgR))
+        m.d.comb += out_elem.eq(self.dst + (r3.slot << lgR))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
-        m.d.comb += [
+        # t+4: the write, from registers
+        m.d.sync += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
             # every slot of the word carries the mantissas and the lane enables pick the slot: no shifter
             self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // R)),
-            self.abuf_w.en.eq(Mux(valid1 & r1.write, norm.valid << out_lane, 0)),
+            self.abuf_w.en.eq(Mux(valid3 & r3.write, in_vector << out_lane, 0)),
         ]
+        m.d.comb += self.writing.eq(valid3)
         return m
 
 
@@ -1056,9 +1155,13 @@ class AttentionEngine(wiring.Component):
                         m.next = "A_RDRAIN"
                 with m.Else():
                     m.d.sync += pv.chunk.eq(pv.chunk + 1)
-            with m.State("A_RDRAIN"):  # noqa: SIM117 - Amaranth control blocks
-                with m.If(~score.pending):
-                    with m.If(pv.tile_end == kv_len):  # hand the head to the finish, start the next one
+            with m.State("A_RDRAIN"):
+                # the head's last tile: its accumulator and peak complete before the finish takes them; another
+                # tile: a cycle more than the last issue, so that its first position's rescale (ValueStage) reads
+                # each word after this tile's last write to it
+                head_done = pv.tile_end == kv_len
+                with m.If(~score.pending & Mux(head_done, ~value.busy, ~value.issued)):
+                    with m.If(head_done):  # hand the head to the finish, start the next one
                         m.d.comb += fin.start.eq(1)
                         m.d.sync += [head.eq(head + 1), elem_head.eq(elem_head + head_dim),
                                      out_head.eq(out_head + head_dim)]
@@ -1084,8 +1187,9 @@ class AttentionEngine(wiring.Component):
                     m.next = "A_NPEAK"
             with m.State("A_NPEAK"):
                 output_pass(0, "A_NPDRAIN")
-            with m.State("A_NPDRAIN"):
-                m.next = "A_NSTEP"
+            with m.State("A_NPDRAIN"):  # noqa: SIM117 - Amaranth control blocks
+                with m.If(~out.pending):
+                    m.next = "A_NSTEP"
             with m.State("A_NSTEP"):
                 m.d.sync += slot.eq(0)
                 with m.If(out.overflow):
@@ -1095,8 +1199,9 @@ class AttentionEngine(wiring.Component):
                     m.next = "A_NWRITE"
             with m.State("A_NWRITE"):
                 output_pass(1, "A_NWDRAIN")
-            with m.State("A_NWDRAIN"):
-                finish()
+            with m.State("A_NWDRAIN"):  # noqa: SIM117 - Amaranth control blocks
+                with m.If(~out.pending & ~out.writing):
+                    finish()
 
             with m.State("DONE"):
                 m.d.comb += [self.done.valid.eq(1), self.done.payload.eq(fault)]

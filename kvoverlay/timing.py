@@ -118,6 +118,20 @@ NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // 
 #: GATE_ONE (the running max's own p), so ``(1 << ATTN_RECIP_BITS) // l`` has only this many bits and the
 #: divider skips the leading zeros (hw/attention.py, attention_widths).
 ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS - (nx.GATE_ONE.bit_length() - 1) + 1
+#: The stage of ATTN's score pipeline that stores a score, counted from its chunk's issue (hw/attention.py
+#: ScoreStage: operands and products, the dot product, the rounding shift, the saturation and store).
+ATTN_SCORE_LATENCY = 4
+#: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table, the shift).
+ATTN_EXP2_LATENCY = 3
+#: Cycles from a value chunk's issue to its p (the score difference's register, then 2^-x).
+ATTN_P_LATENCY = 1 + ATTN_EXP2_LATENCY
+#: Drain cycles after a head's last value chunk: its p, then the value stage's product, term round-shift, two
+#: rescale stages (used by a tile's first position only, but in every chunk's path) and the add.
+ATTN_VALUE_DRAIN = ATTN_P_LATENCY + 5
+#: Drain cycles of ATTN's output passes after their last slot (hw/attention.py OutputStage: the scratch read, the
+#: slot's lanes, the alignment into the normalizer; the write pass's write is registered, one more).
+ATTN_OUTPUT_PEAK_DRAIN = 3
+ATTN_OUTPUT_WRITE_DRAIN = ATTN_OUTPUT_PEAK_DRAIN + 1
 #: Cycles a head's finish spends after issuing its last output element (one element per cycle through a select and
 #: round stage and a multiply stage, then the scratch write).
 ATTN_FINISH_PIPELINE = 2
@@ -309,12 +323,15 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     """Busy cycles of a legal ATTN.
 
     Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks: the first tile's
-    score pass ``n_0 * c`` + 2 drain; then per tile i a max/rescale step (1) and a run of ``n_i * c`` cycles in which
-    the values of tile i and the scores of tile i+1 stream side by side, + 1 drain (2 when tile i+1 is as long as
-    tile i, its last score then still in flight). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
+    score pass ``n_0 * c`` + ATTN_SCORE_LATENCY drain; then per tile i a max/rescale step (1) and a run of ``n_i * c``
+    cycles in which the values of tile i and the scores of tile i+1 stream side by side, + a drain of 2 (the next
+    tile's first position rescales words this tile's last chunks write) or, when tile i+1's last score is still in
+    the score pipeline, ``ATTN_SCORE_LATENCY - (n_i - n_(i+1)) * c``; after the head's last tile ATTN_VALUE_DRAIN
+    (its values through the 2^-x and value pipelines before the finish takes the accumulator). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
     elements, one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for it: that phase takes
-    ``max(n_0 * c + 2, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
-    ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (one drain each) and a normalization step; plus the decode
+    ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
+    ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (ATTN_OUTPUT_PEAK_DRAIN and
+    ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
     and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
     write pass is skipped.
     """
@@ -323,15 +340,18 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
     per_tile = 0
     for i, n in enumerate(sizes):
-        following = sizes[i + 1] if i + 1 < len(sizes) else 0
-        per_tile += 1 + n * nch + (2 if following == n else 1)
+        if i + 1 < len(sizes):
+            per_tile += 1 + n * nch + max(2, ATTN_SCORE_LATENCY - (n - sizes[i + 1]) * nch)
+        else:
+            per_tile += 1 + n * nch + ATTN_VALUE_DRAIN
     total, finish = 1, 0
     for h in range(q_heads):
-        first_scores = sizes[0] * nch + 2
+        first_scores = sizes[0] * nch + ATTN_SCORE_LATENCY
         total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
         finish = 1 + ATTN_DIVIDER_CYCLES + head_dim + ATTN_FINISH_PIPELINE
     nw = _ceil(q_heads * head_dim, attn_output_lanes(config))
-    return total + finish + 1 + (nw + 1) + 1 + (0 if overflow else nw + 1) + 1
+    return (total + finish + 1 + (nw + ATTN_OUTPUT_PEAK_DRAIN) + 1
+            + (0 if overflow else nw + ATTN_OUTPUT_WRITE_DRAIN) + 1)
 
 
 #: Each opcode's busy-cycle formula, as ``(config, instruction, kv_len) -> cycles``.

@@ -26,7 +26,7 @@ from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import isa, numerics, toolchain
 from kvoverlay.config import PRESETS
-from kvoverlay.timing import attn_cycles, kvappend_cycles
+from kvoverlay.timing import ATTN_EXP2_LATENCY, attn_cycles, kvappend_cycles
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]
@@ -376,11 +376,16 @@ def test_exp2_neg_matches_numerics():
     got = []
 
     async def tb(ctx):
-        for d in ds:
-            ctx.set(dut.d, int(d))
-            got.append(ctx.get(dut.p))
+        # a new difference every cycle; each p comes out ATTN_EXP2_LATENCY cycles after its difference
+        for i in range(len(ds) + ATTN_EXP2_LATENCY):
+            ctx.set(dut.d, int(ds[i]) if i < len(ds) else 0)
+            await ctx.tick()
+            if i + 1 >= ATTN_EXP2_LATENCY:
+                got.append(ctx.get(dut.p))
+        del got[len(ds):]
 
     sim = Simulator(dut)
+    sim.add_clock(1e-6)
     sim.add_testbench(tb)
     sim.run()
     expected = [int(p) for p in numerics.exp2_neg_q15(ds)]
