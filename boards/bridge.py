@@ -378,10 +378,11 @@ class HostBridge(wiring.Component):
                     m.next = "WR_WORD"
             with m.State("WR_WORD"):
                 m.d.comb += [self.mem.we.eq(1), self.mem.wdata.eq(word[:cfg.port_bits])]
-                m.d.sync += [index.eq(index + 1), count.eq(count - 1), nbytes.eq(0)]
-                m.next = "WR_FETCH"
-                with m.If(count == 1):
-                    reply(link.Status.OK, False)
+                with m.If(~self.mem.stall):  # an SDRAM memory may still be writing the previous word
+                    m.d.sync += [index.eq(index + 1), count.eq(count - 1), nbytes.eq(0)]
+                    m.next = "WR_FETCH"
+                    with m.If(count == 1):
+                        reply(link.Status.OK, False)
 
             # the reply: sequence number, status, then the payload of the command
             with m.State("SEND_SEQ"):
@@ -408,9 +409,11 @@ class HostBridge(wiring.Component):
                         m.d.comb += code.eq(ov.error_code)
                         load_word(Cat(flags, Const(0, 5), code, ov.error_info, ov.error_pc, runs), 11)
                         m.next = "SEND"
-            with m.State("FETCH"):  # the address (index) is on the ports: data next cycle
-                m.next = "CAPTURE"
-            with m.State("CAPTURE"):
+            with m.State("FETCH"):  # the address (index) is on the ports: data next cycle (block RAM, registers)
+                m.d.comb += self.mem.re.eq(space == 7)
+                with m.If(~self.mem.stall):
+                    m.next = "CAPTURE"
+            with m.State("CAPTURE"), m.If(~self.mem.stall):  # an SDRAM read: until its word is on rdata
                 with m.Switch(space):
                     for code, (_, value, _) in spaces.items():
                         with m.Case(code):
