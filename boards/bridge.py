@@ -154,6 +154,8 @@ class HostBridge(wiring.Component):
         Counters the overlay exposes (``len(hw.overlay.COUNTERS)``).
     fingerprint : int
         :func:`kvoverlay.link.config_fingerprint` of the configuration, reported by INFO (0 for a link-only build).
+    sdram : bool
+        The memory is the board's SDRAM (INFO's flag bit 1): the program must lie in its instruction window.
 
     Attributes
     ----------
@@ -169,8 +171,9 @@ class HostBridge(wiring.Component):
         Held for two cycles by RESET: the overlay's (and its memory controller's) reset.
     """
 
-    def __init__(self, config, mem_depth: int, n_counters: int, fingerprint: int):
+    def __init__(self, config, mem_depth: int, n_counters: int, fingerprint: int, *, sdram: bool = False):
         self.config = config
+        self.sdram = sdram
         self.mem_depth = mem_depth
         self.n_counters = n_counters
         self.fingerprint = fingerprint
@@ -399,7 +402,7 @@ class HostBridge(wiring.Component):
                     with m.If(has_payload):
                         m.next = "FETCH"
                     with m.If(cmd == link.Cmd.INFO):
-                        flags = Cat(Const(int(self.fingerprint != 0), 1), Const(0, 7))
+                        flags = Cat(Const(int(self.fingerprint != 0), 1), Const(int(self.sdram), 1), Const(0, 6))
                         load_word(Cat(Const(link.LINK_VERSION, 8), flags, Const(cfg.port_bits, 16),
                                       Const(self.mem_depth, 32), Const(self.fingerprint, 32), dropped), 14)
                         m.next = "SEND"

@@ -35,7 +35,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from kvoverlay.hw.dram import dram_port
 
-from kvoverlay import isa
+from kvoverlay import isa, link
 
 from .memory import BramMemory, host_memory_port
 
@@ -43,7 +43,7 @@ __all__ = ["INSN_WINDOW_BYTES", "PART", "SdramCmd", "SdramController", "SdramErr
            "SdramTiming", "sdram_pins", "sdram_timing"]
 
 #: Bytes at the top of an SDRAM board memory that an instruction block RAM mirrors (the program goes there).
-INSN_WINDOW_BYTES = 16 * 1024
+INSN_WINDOW_BYTES = link.SDRAM_INSN_WINDOW_BYTES
 
 #: The ULX3S SDRAM's datasheet figures, ns (IS42S16160 -7 / AS4C16M16SA -7 class, the slower of each): row to
 #: column delay, precharge, row cycle, row active (min), write recovery, refresh cycle, ACT to ACT of another bank,

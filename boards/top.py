@@ -100,7 +100,8 @@ class BoardTop(wiring.Component):
         m.submodules.uart_rx = urx = UartRx(self.divisor)
         m.submodules.uart_tx = utx = UartTx(self.divisor)
         fingerprint = link.config_fingerprint(cfg) if self.with_overlay else 0
-        m.submodules.bridge = br = HostBridge(cfg, self.mem_words, len(COUNTERS), fingerprint)
+        m.submodules.bridge = br = HostBridge(cfg, self.mem_words, len(COUNTERS), fingerprint,
+                                                  sdram=self.memory == "sdram")
         m.d.comb += [urx.rx.eq(self.rx), self.tx.eq(utx.tx)]
         wiring.connect(m, urx.data, br.rx)
         wiring.connect(m, br.tx, utx.data)
