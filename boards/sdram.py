@@ -210,11 +210,11 @@ class SdramController(wiring.Component):
             "pins": Out(sdram_pins(timing)), "ready": Out(1), "refreshes": Out(32),
         })
 
-    #: Cycles from a READ on the controller's command register to its word on ``rdata`` (pins out, CAS latency,
-    #: dq in register).
     @property
     def read_delay(self) -> int:
-        return self.timing.cl + 2
+        """Cycles from a READ decided to its word on ``rdata``: the pins' register, the CAS latency (counted
+        from our edge: the part runs on the inverted clock, :class:`SdramModel`), the dq input register."""
+        return self.timing.cl + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -471,11 +471,13 @@ class SdramModel(wiring.Component):
         with m.If(refreshed & (last_ref > t.refi)):
             m.d.comb += late.eq(SdramError.REFRESH)
 
-        # read data: the word read at the command's edge, on dq cl cycles after the command was on the pins
-        drive = Signal(t.cl)
-        stage = [Signal(16, name=f"dq_stage{k}") for k in range(t.cl)]
+        # read data. The board clocks the part with the inverse of our clock, so it takes a command half a cycle
+        # after our edge and its word is valid from tAC after its edge CL - 1 periods later to tOH after the next:
+        # at our edge CL cycles after the command's. Here: on dq during the cycle before that edge.
+        drive = Signal(t.cl - 1)
+        stage = [Signal(16, name=f"dq_stage{k}") for k in range(t.cl - 1)]
         m.d.sync += [drive.eq(Cat(cmd == SdramCmd.READ, drive))]
-        for k in range(1, t.cl):
+        for k in range(1, t.cl - 1):
             m.d.sync += stage[k].eq(stage[k - 1])
         m.d.comb += [stage[0].eq(rd.data), p.dq_i.eq(Mux(drive[-1], stage[-1], 0))]
         with m.If(drive[-1] & p.dq_oe):

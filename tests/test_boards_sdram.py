@@ -143,7 +143,7 @@ VIOLATIONS = {
     SdramError.MODE: lambda t: [(SdramCmd.MRS, 3 << 4, 0)],
     SdramError.T_MRD: lambda t: [(SdramCmd.PRE, 1 << 10, 0), (t.t_rp,), (SdramCmd.MRS, t.cl << 4, 0),
                                  (SdramCmd.ACT, 0, 0)],
-    SdramError.BUS: lambda t: [(SdramCmd.ACT, 1, 0), (t.t_rcd,), (SdramCmd.READ, 0, 0), (t.cl - 1,), ("oe",)],
+    SdramError.BUS: lambda t: [(SdramCmd.ACT, 1, 0), (t.t_rcd,), (SdramCmd.READ, 0, 0), (t.cl - 2,), ("oe",)],
 }
 
 
