@@ -210,6 +210,8 @@ def _configure_run(p):
                    help="--backend rtl: write the simulation's waveforms (a separate, traced Verilator build)")
     p.add_argument("--port", default=None, metavar="DEVICE|sim", help="--backend board: the board's serial port "
                    "(e.g. /dev/ttyUSB0), or sim for the board top simulated in Verilator")
+    p.add_argument("--mem", choices=("bram", "sdram"), default=None, help="--backend board --port sim: the simulated "
+                   "board's memory (default: block RAM where the program fits 128 KiB, else SDRAM)")
     p.add_argument("--baud", type=int, default=None, metavar="RATE", help="--backend board: the bitstream's UART rate "
                    "(default: kvoverlay build's, 1000000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

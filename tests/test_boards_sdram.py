@@ -30,29 +30,35 @@ def _pair(timing, len_bits=12):
     return m, ctl, model
 
 
+async def _stream_burst(ctx, req, wr, rd, addr, length, writes=None):
+    """One burst on a request/write/read stream triple (the controller's or the overlay's port): *writes* (payload
+    fields per word) or a read of *length*; returns the words read and the cycles from the request's acceptance."""
+    ctx.set(req.payload.addr, addr)
+    ctx.set(req.payload.len, length)
+    ctx.set(req.payload.write, writes is not None)
+    ctx.set(req.valid, 1)
+    await ctx.tick().until(req.ready)
+    ctx.set(req.valid, 0)
+    got, cycles = [], 0
+    for fields in writes or ():
+        for name, value in fields.items():
+            ctx.set(getattr(wr.payload, name), value)
+        ctx.set(wr.valid, 1)
+        await ctx.tick().until(wr.ready)
+    ctx.set(wr.valid, 0)
+    while writes is None and len(got) < length:
+        await ctx.tick()
+        cycles += 1
+        if ctx.get(rd.valid):
+            got.append(ctx.get(rd.payload))
+    return got, cycles
+
+
 async def _burst(ctx, ctl, addr, words=None, length=None):
-    """One write (*words*) or read (*length* words) burst through the controller; returns the words read."""
-    write = words is not None
-    n = len(words) if write else length
-    ctx.set(ctl.cmd.payload.addr, addr)
-    ctx.set(ctl.cmd.payload.len, n)
-    ctx.set(ctl.cmd.payload.write, write)
-    ctx.set(ctl.cmd.valid, 1)
-    await ctx.tick().until(ctl.cmd.ready)
-    ctx.set(ctl.cmd.valid, 0)
-    got = []
-    if write:
-        for w, mask in words:
-            ctx.set(ctl.wdata.payload.data, w)
-            ctx.set(ctl.wdata.payload.mask, mask)
-            ctx.set(ctl.wdata.valid, 1)
-            await ctx.tick().until(ctl.wdata.ready)
-        ctx.set(ctl.wdata.valid, 0)
-    else:
-        while len(got) < n:
-            await ctx.tick()
-            if ctx.get(ctl.rdata.valid):
-                got.append(ctx.get(ctl.rdata.payload))
+    """One write (*words*: (data, mask)) or read (*length* words) burst through the controller; the words read."""
+    writes = None if words is None else [{"data": w, "mask": mask} for w, mask in words]
+    got, _ = await _stream_burst(ctx, ctl.cmd, ctl.wdata, ctl.rdata, addr, length if words is None else len(words),
+                                 writes)
     return got
 
 
@@ -195,26 +201,9 @@ def _memory(port_bits=64, mem_bytes=1 << 12, timing=None):
 
 
 async def _port_burst(ctx, port, addr, beats=None, length=None, strb=None):
-    write = beats is not None
-    ctx.set(port.req.payload.addr, addr)
-    ctx.set(port.req.payload.len, len(beats) if write else length)
-    ctx.set(port.req.payload.write, write)
-    ctx.set(port.req.valid, 1)
-    await ctx.tick().until(port.req.ready)
-    ctx.set(port.req.valid, 0)
-    got = []
-    if write:
-        for i, b in enumerate(beats):
-            ctx.set(port.wr.payload.data, b)
-            ctx.set(port.wr.payload.strb, strb[i] if strb else -1)
-            ctx.set(port.wr.valid, 1)
-            await ctx.tick().until(port.wr.ready)
-        ctx.set(port.wr.valid, 0)
-    else:
-        while len(got) < length:
-            await ctx.tick()
-            if ctx.get(port.rd.valid):
-                got.append(ctx.get(port.rd.payload))
+    writes = None if beats is None else [{"data": b, "strb": strb[i] if strb else -1} for i, b in enumerate(beats)]
+    got, _ = await _stream_burst(ctx, port.req, port.wr, port.rd, addr, length if beats is None else len(beats),
+                                 writes)
     return got
 
 
@@ -300,19 +289,8 @@ def test_stream_rate_is_the_rooflines_figure():
 
     async def tb(ctx):
         await ctx.tick().until(mem.ready)
-        p = mem.port
-        ctx.set(p.req.payload.addr, 0)
-        ctx.set(p.req.payload.len, words)
-        ctx.set(p.req.payload.write, 0)
-        ctx.set(p.req.valid, 1)
-        await ctx.tick().until(p.req.ready)
-        ctx.set(p.req.valid, 0)
-        cycles = beats = 0
-        while beats < words:
-            await ctx.tick()
-            cycles += 1
-            beats += ctx.get(p.rd.valid)
-        seen.update(cycles=cycles, error=ctx.get(model.error))
+        _, seen["cycles"] = await _stream_burst(ctx, mem.port.req, mem.port.wr, mem.port.rd, 0, words)
+        seen["error"] = ctx.get(model.error)
 
     _run(dut, tb)
     rate = words * cfg.port_bytes / seen["cycles"]
