@@ -3,9 +3,9 @@
 ``kvoverlay run PROGRAM.kvo --backend board --port /dev/ttyUSB0`` drives a board flashed with ``kvoverlay build
 --program``; ``--port sim`` drives the same board top in Verilator (:class:`~kvoverlay.host.link.SimTransport`).
 The backend checks that the bitstream was built for the program's configuration (INFO's fingerprint), loads the
-memory image and the program into the board's block RAM once, then runs each decode step as the RTL backend does:
-registers in, start, wait for done, then the hardware counters, the next-token register and the logits record
-read back. The KV buffer stays on the board between steps.
+memory image and the program into the board's memory (block RAM, or SDRAM for a program larger than it) once, then
+runs each decode step as the RTL backend does: registers in, start, wait for done, then the hardware counters, the
+next-token register and the logits record read back. The KV buffer stays on the board between steps.
 """
 
 from __future__ import annotations
