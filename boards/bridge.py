@@ -154,6 +154,8 @@ class HostBridge(wiring.Component):
         Counters the overlay exposes (``len(hw.overlay.COUNTERS)``).
     fingerprint : int
         :func:`kvoverlay.link.config_fingerprint` of the configuration, reported by INFO (0 for a link-only build).
+    sdram : bool
+        The memory is the board's SDRAM (INFO's flag bit 1): the program must lie in its instruction window.
 
     Attributes
     ----------
@@ -169,8 +171,9 @@ class HostBridge(wiring.Component):
         Held for two cycles by RESET: the overlay's (and its memory controller's) reset.
     """
 
-    def __init__(self, config, mem_depth: int, n_counters: int, fingerprint: int):
+    def __init__(self, config, mem_depth: int, n_counters: int, fingerprint: int, *, sdram: bool = False):
         self.config = config
+        self.sdram = sdram
         self.mem_depth = mem_depth
         self.n_counters = n_counters
         self.fingerprint = fingerprint
@@ -378,10 +381,11 @@ class HostBridge(wiring.Component):
                     m.next = "WR_WORD"
             with m.State("WR_WORD"):
                 m.d.comb += [self.mem.we.eq(1), self.mem.wdata.eq(word[:cfg.port_bits])]
-                m.d.sync += [index.eq(index + 1), count.eq(count - 1), nbytes.eq(0)]
-                m.next = "WR_FETCH"
-                with m.If(count == 1):
-                    reply(link.Status.OK, False)
+                with m.If(~self.mem.stall):  # an SDRAM memory may still be writing the previous word
+                    m.d.sync += [index.eq(index + 1), count.eq(count - 1), nbytes.eq(0)]
+                    m.next = "WR_FETCH"
+                    with m.If(count == 1):
+                        reply(link.Status.OK, False)
 
             # the reply: sequence number, status, then the payload of the command
             with m.State("SEND_SEQ"):
@@ -398,7 +402,7 @@ class HostBridge(wiring.Component):
                     with m.If(has_payload):
                         m.next = "FETCH"
                     with m.If(cmd == link.Cmd.INFO):
-                        flags = Cat(Const(int(self.fingerprint != 0), 1), Const(0, 7))
+                        flags = Cat(Const(int(self.fingerprint != 0), 1), Const(int(self.sdram), 1), Const(0, 6))
                         load_word(Cat(Const(link.LINK_VERSION, 8), flags, Const(cfg.port_bits, 16),
                                       Const(self.mem_depth, 32), Const(self.fingerprint, 32), dropped), 14)
                         m.next = "SEND"
@@ -408,9 +412,11 @@ class HostBridge(wiring.Component):
                         m.d.comb += code.eq(ov.error_code)
                         load_word(Cat(flags, Const(0, 5), code, ov.error_info, ov.error_pc, runs), 11)
                         m.next = "SEND"
-            with m.State("FETCH"):  # the address (index) is on the ports: data next cycle
-                m.next = "CAPTURE"
-            with m.State("CAPTURE"):
+            with m.State("FETCH"):  # the address (index) is on the ports: data next cycle (block RAM, registers)
+                m.d.comb += self.mem.re.eq(space == 7)
+                with m.If(~self.mem.stall):
+                    m.next = "CAPTURE"
+            with m.State("CAPTURE"), m.If(~self.mem.stall):  # an SDRAM read: until its word is on rdata
                 with m.Switch(space):
                     for code, (_, value, _) in spaces.items():
                         with m.Case(code):

@@ -153,9 +153,10 @@ def pll_params(f_in_mhz: float, f_out_mhz: float) -> dict:
 class PlatformTop(Elaboratable):
     """The board top on a platform: oscillator -> PLL -> ``sync`` (reset until lock), UART, LEDs."""
 
-    def __init__(self, board, config, *, mem_bytes: int, baud: int, overlay: bool):
+    def __init__(self, board, config, *, mem_bytes: int, baud: int, overlay: bool, memory: str = "bram"):
         self.board = board
         self.config = config
+        self.memory = memory
         self.mem_bytes = mem_bytes
         self.baud = baud
         self.overlay = overlay
@@ -187,8 +188,18 @@ class PlatformTop(Elaboratable):
         m.submodules.reset_sync = ResetSynchronizer(~locked, domain="sync")
         uart = platform.request("uart", 0)
         divisor = divisor_for(pll["f_out_mhz"] * 1e6, self.baud)
-        m.submodules.top = top = BoardTop(self.config, mem_bytes=self.mem_bytes, divisor=divisor, overlay=self.overlay)
+        m.submodules.top = top = BoardTop(self.config, mem_bytes=self.mem_bytes, divisor=divisor, overlay=self.overlay,
+                                          memory=self.memory)
         m.d.comb += [top.rx.eq(uart.rx.i), uart.tx.o.eq(top.tx)]
+        if self.memory == "sdram":
+            # the part's clock is the inverse of ours through an output DDR flop (commands and write data change on
+            # our rising edge and are sampled half a period later); its other pins come from the controller's flops
+            pins = platform.request("sdram", 0, xdr={"clk": 2})
+            s = top.sdram
+            m.d.comb += [pins.clk.o_clk.eq(ClockSignal("sync")), pins.clk.o0.eq(0), pins.clk.o1.eq(1),
+                         pins.clk_en.o.eq(s.cke), pins.cs.o.eq(~s.cs_n), pins.we.o.eq(~s.we_n), pins.cas.o.eq(~s.cas_n),
+                         pins.ras.o.eq(~s.ras_n), pins.dqm.o.eq(s.dqm), pins.ba.o.eq(s.ba), pins.a.o.eq(s.a),
+                         pins.dq.o.eq(s.dq_o), pins.dq.oe.eq(s.dq_oe), s.dq_i.eq(pins.dq.i)]
         for i in range(4):
             try:
                 led = platform.request("led", i)
@@ -242,7 +253,7 @@ def _stream(cmd, cwd, env, log, marks, on_mark):
 
 
 def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: int, overlay: bool = True,
-              program: bool = False, stages=None) -> dict:
+              program: bool = False, stages=None, memory: str = "bram") -> dict:
     """Build the bitstream; returns the report (the ``--json`` object)."""
     from kvoverlay.progress import Stages
 
@@ -254,7 +265,9 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
     stages = stages or Stages(f"kvoverlay build {board_name} (config {config.name})")
     t0 = time.perf_counter()
     env = {**os.environ, **_tool_env(program)}
-    top = PlatformTop(brd, config, mem_bytes=mem_bytes, baud=baud, overlay=overlay)
+    if memory == "sdram" and not any(r.name == "sdram" for r in platform.resources.values()):
+        raise ValueError(f"--mem sdram: board {board_name} has no SDRAM resource; use --mem bram")
+    top = PlatformTop(brd, config, mem_bytes=mem_bytes, baud=baud, overlay=overlay, memory=memory)
     with stages.stage("elaborate (Amaranth)"):
         saved = {k: os.environ.get(k) for k in TOOLS.keys() | {"OPENFPGALOADER"}}
         os.environ.update({k: env[k] for k in saved})
@@ -328,7 +341,7 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
         "brams": used("DP16KD"), "brams_total": dev["brams"], "dsps": used("MULT18X18D"), "dsps_total": dev["dsps"],
         "build_s": round(time.perf_counter() - t0, 1),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-        "config": config.name, "overlay": overlay, "mem_bytes": mem_bytes, "baud": baud,
+        "config": config.name, "overlay": overlay, "memory": memory, "mem_bytes": mem_bytes, "baud": baud,
         "critical_path": _critical_path(report),
     }
     if program:
@@ -402,14 +415,17 @@ def build_main(args) -> int:
     from kvoverlay.config import load_config
 
     config = load_config(args.config or ("ulx3s" if args.board.startswith("ulx3s") else "tiny"))
-    mem_bytes = args.mem_bytes or min(config.dram_bytes, 1 << 17)
+    memory = getattr(args, "mem", None) or "bram"
+    # SDRAM: the ULX3S's 32 MB (as much as the config addresses); block RAM: 128 KiB unless told
+    mem_bytes = args.mem_bytes or min(config.dram_bytes, 1 << 25 if memory == "sdram" else 1 << 17)
     out = run_build(args.board, config, Path(args.output), mem_bytes=mem_bytes, baud=args.baud,
-                    overlay=not args.link_only, program=args.program)
+                    overlay=not args.link_only, program=args.program, memory=memory)
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{out['bitstream']} (and .svf): {out['board']} {out['device']}, config {out['config']}"
-              f"{'' if out['overlay'] else ' (link only)'}, {out['mem_bytes'] // 1024} KiB block RAM, UART {out['baud']} baud")
+              f"{'' if out['overlay'] else ' (link only)'}, {out['mem_bytes'] // 1024} KiB "
+              f"{'SDRAM' if memory == 'sdram' else 'block RAM'}, UART {out['baud']} baud")
         print(f"Fmax {out['fmax_mhz']} MHz (target {out['target_mhz']}); LUT4 {out['luts']}/{out['luts_total']}, "
               f"DP16KD {out['brams']}/{out['brams_total']}, MULT18X18D {out['dsps']}/{out['dsps_total']}; "
               f"{out['macs_per_cycle']} int8 MACs/cycle; built in {out['build_s']} s, peak memory {out['peak_memory_mb']} MB")

@@ -25,9 +25,15 @@ __all__ = ["BramMemory", "host_memory_port"]
 
 
 def host_memory_port(config, depth: int) -> wiring.Signature:
-    """The host's port on the memory, seen from the host: word address, write enable and data, read data (latency 1)."""
+    """The host's port on the memory, seen from the host: word address, write enable and data, read enable, read
+    data, stall.
+
+    Block RAM never stalls: a write is done in its cycle and a word's data is on ``rdata`` the cycle after its
+    address. A memory with wait states (:class:`~kvoverlay.boards.sdram.SdramMemory`) holds ``stall`` high while
+    ``we`` or ``re`` waits to be taken, and from a taken ``re`` until the word is on ``rdata``.
+    """
     return wiring.Signature({"addr": Out(range(depth)), "we": Out(1), "wdata": Out(config.port_bits),
-                             "rdata": In(config.port_bits)})
+                             "re": Out(1), "rdata": In(config.port_bits), "stall": In(1)})
 
 
 class BramMemory(wiring.Component):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from kvoverlay.config import OverlayConfig
 
-__all__ = ["CHUNK_BYTES", "CLOCK_NS", "DEFAULT_DIVISOR", "IDLE_BITS", "TB_NAME", "build_board_model", "testbench", "uart_model"]
+__all__ = ["CHUNK_BYTES", "CLOCK_NS", "DEFAULT_DIVISOR", "IDLE_BITS", "SIM_SDRAM_INIT", "TB_NAME", "build_board_model",
+           "sim_sdram_timing", "testbench", "uart_model"]
 
 TB_NAME = "kvo_board_tb"
 #: Simulated clock period (the testbench's ``always #5 clk = ~clk``).
@@ -99,8 +100,23 @@ endmodule
 """
 
 
-def testbench() -> str:
-    """Verilog of the testbench: the clock, the board top and the UART model on its pins."""
+#: The simulated SDRAM's power-up wait in cycles (the part's 200 us would be 10,000-20,000 cycles of each run's
+#: start); every other figure is the part's (:func:`kvoverlay.boards.sdram.sdram_timing` at the config's clock).
+SIM_SDRAM_INIT = 64
+
+
+def sim_sdram_timing(config: OverlayConfig):
+    """The simulated board's SDRAM timing: the part's at the config's clock, with a short power-up wait."""
+    from .sdram import sdram_timing
+
+    return sdram_timing(config.clock_mhz, init=SIM_SDRAM_INIT)
+
+
+def testbench(memory: str = "bram") -> str:
+    """Verilog of the testbench: the clock, the board top and the UART model on its pins (and, with
+    ``memory="sdram"``, the SDRAM model's first violation on ``sdram_error``; 0 otherwise)."""
+    error = ".sdram_error(sdram_error)" if memory == "sdram" else ""
+    tie = "" if memory == "sdram" else "    assign sdram_error = 4'd0;\n"
     bits = 8 * CHUNK_BYTES
     return f"""`timescale 1ns/1ps
 module {TB_NAME} (
@@ -114,11 +130,12 @@ module {TB_NAME} (
     output wire [31:0] host_rx_count,
     output wire [31:0] host_rx_framing,
     output wire host_rx_idle,
-    output wire [3:0] leds
+    output wire [3:0] leds,
+    output wire [3:0] sdram_error
 );
     always #{CLOCK_NS // 2} clk = ~clk;
     wire to_board, from_board;
-    kvo_board board (.clk(clk), .rst(rst), .rx(to_board), .tx(from_board), .leds(leds));
+{tie}    kvo_board board (.clk(clk), .rst(rst), .rx(to_board), .tx(from_board), .leds(leds){", " + error if error else ""});
     kvo_uart_host host (.clk(clk), .to_board(to_board), .from_board(from_board), .host_tx_data(host_tx_data),
         .host_tx_len(host_tx_len), .host_tx_go(host_tx_go), .host_tx_busy(host_tx_busy), .host_rx_data(host_rx_data),
         .host_rx_count(host_rx_count), .host_rx_framing(host_rx_framing), .host_rx_idle(host_rx_idle));
@@ -126,21 +143,24 @@ endmodule
 """
 
 
-def _key(config: OverlayConfig, mem_bytes: int, divisor: int, overlay: bool) -> str:
+def _key(config: OverlayConfig, mem_bytes: int, divisor: int, overlay: bool, memory: str = "bram") -> str:
     from kvoverlay.sim import rtl
 
-    h = hashlib.sha256(f"{mem_bytes} {divisor} {overlay}".encode())
+    h = hashlib.sha256(f"{mem_bytes} {divisor} {overlay}{'' if memory == 'bram' else ' ' + memory}".encode())
     h.update(rtl._sources_hash(config).encode())
     # the files the simulated board's Verilog comes from (not the host side nor the build flow)
-    for path in [*(BOARDS_DIR / f"{n}.py" for n in ("uart", "memory", "bridge", "top", "sim")), rtl.CORE_DIR / "link.py"]:
+    for path in [*(BOARDS_DIR / f"{n}.py" for n in ("uart", "memory", "bridge", "top", "sim", "sdram")), rtl.CORE_DIR / "link.py"]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def build_board_model(config: OverlayConfig, *, mem_bytes: int, divisor: int = DEFAULT_DIVISOR,
-                      overlay: bool = True) -> Path:
-    """Build (or reuse) the Verilated board twin; returns its folder (the binary is ``build/<TB_NAME>``)."""
+                      overlay: bool = True, memory: str = "bram") -> Path:
+    """Build (or reuse) the Verilated board twin; returns its folder (the binary is ``build/<TB_NAME>``).
+
+    ``memory="sdram"``: *mem_bytes* of SDRAM behind the controller, :class:`~kvoverlay.boards.sdram.SdramModel` on
+    its pins (timing :func:`sim_sdram_timing`)."""
     from amaranth.back import verilog
     from cocotb_tools.runner import get_runner
     from kvoverlay.sim import rtl
@@ -151,19 +171,20 @@ def build_board_model(config: OverlayConfig, *, mem_bytes: int, divisor: int = D
     from .top import TOP_NAME, BoardTop
 
     toolchain.ensure_verilator()
-    work = rtl.cache_root() / f"board-{_key(config, mem_bytes, divisor, overlay)}"
+    work = rtl.cache_root() / f"board-{_key(config, mem_bytes, divisor, overlay, memory)}"
     if (work / "build" / TB_NAME).is_file():
         return work
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(f"building the simulated {config.name} board (first run only; cached in {work})")
     with stages.stage("Verilog export (Amaranth)"):
-        top = BoardTop(config, mem_bytes=mem_bytes, divisor=divisor, overlay=overlay)
+        sdram = {"sdram_timing": sim_sdram_timing(config), "sdram_model": True} if memory == "sdram" else {}
+        top = BoardTop(config, mem_bytes=mem_bytes, divisor=divisor, overlay=overlay, memory=memory, **sdram)
         src = work / f"{TOP_NAME}.v"
         src.write_text(verilog.convert(top, name=TOP_NAME))
         model = work / "kvo_uart_host.v"
         model.write_text(uart_model(divisor))
         tb = work / f"{TB_NAME}.v"
-        tb.write_text(testbench())
+        tb.write_text(testbench(memory))
     saved = os.environ.get("MAKEFLAGS", "")
     os.environ["MAKEFLAGS"] = f"{saved} {' '.join(rtl.TIMING_MAKEFLAGS)}".strip()
     try:

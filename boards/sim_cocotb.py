@@ -51,7 +51,7 @@ async def _xfer(dut, cmd) -> dict:
     got = bytes(ring[k % CHUNK] for k in range(end - n, end)) if n else b""
     # bytes that did not fit the testbench's ring are lost, as on a serial port whose buffer overflows
     return {"recv": got.hex(), "lost": end - start - n, "framing": int(dut.host_rx_framing.value),
-            "time_ns": get_sim_time(unit="ns")}
+            "time_ns": get_sim_time(unit="ns"), "sdram_error": int(dut.sdram_error.value)}
 
 
 def _load(path: str) -> dict:

@@ -18,10 +18,12 @@ from .bridge import HostBridge
 from .memory import BramMemory
 from .uart import UartRx, UartTx, check_divisor
 
-__all__ = ["TOP_NAME", "BoardTop", "memory_words"]
+__all__ = ["MEMORIES", "TOP_NAME", "BoardTop", "memory_words"]
 
 #: Verilog module name of the board top (differs from every port name).
 TOP_NAME = "kvo_board"
+#: The board memories: block RAM in the bitstream, or the board's SDRAM behind a controller.
+MEMORIES = ("bram", "sdram")
 
 
 def memory_words(config, mem_bytes: int) -> int:
@@ -45,6 +47,14 @@ class BoardTop(wiring.Component):
         UART clock cycles per bit.
     overlay : bool
         Build the overlay in (False: the link alone).
+    memory : str
+        ``bram`` (block RAM of *mem_bytes*) or ``sdram`` (*mem_bytes* of the board's SDRAM behind
+        :class:`~kvoverlay.boards.sdram.SdramMemory`).
+    sdram_timing : SdramTiming, optional
+        The SDRAM's timing (default: :func:`~kvoverlay.boards.sdram.sdram_timing` at the config's clock).
+    sdram_model : bool
+        Put :class:`~kvoverlay.boards.sdram.SdramModel` on the SDRAM's pins (the simulated board); its first
+        violation is ``sdram_error``.
 
     Attributes
     ----------
@@ -54,15 +64,33 @@ class BoardTop(wiring.Component):
         UART line to the host.
     leds : Out(4)
         Running, done since the last start, error, a byte received (toggles).
+    sdram : Out(sdram_pins(...))
+        ``memory="sdram"`` without the model: the SDRAM's pins.
+    sdram_error : Out(SdramError)
+        ``sdram_model=True``: the model's first violation.
     """
 
-    def __init__(self, config, *, mem_bytes: int, divisor: int, overlay: bool = True):
+    def __init__(self, config, *, mem_bytes: int, divisor: int, overlay: bool = True, memory: str = "bram",
+                 sdram_timing=None, sdram_model: bool = False):
+        from .sdram import SdramError, sdram_pins
+        from .sdram import sdram_timing as default_timing
+
+        if memory not in MEMORIES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORIES)}, got {memory!r}")
         self.config = config
         self.mem_words = memory_words(config, mem_bytes)
         check_divisor(divisor)
         self.divisor = divisor
         self.with_overlay = overlay
-        super().__init__({"rx": In(1, init=1), "tx": Out(1, init=1), "leds": Out(4)})
+        self.memory = memory
+        self.sdram_timing = (sdram_timing or default_timing(config.clock_mhz)) if memory == "sdram" else None
+        self.sdram_model = sdram_model and memory == "sdram"
+        members = {"rx": In(1, init=1), "tx": Out(1, init=1), "leds": Out(4)}
+        if self.sdram_model:
+            members["sdram_error"] = Out(SdramError)
+        elif memory == "sdram":
+            members["sdram"] = Out(sdram_pins(self.sdram_timing))
+        super().__init__(members)
 
     def elaborate(self, platform):
         from kvoverlay.hw.overlay import COUNTERS, Overlay
@@ -72,19 +100,34 @@ class BoardTop(wiring.Component):
         m.submodules.uart_rx = urx = UartRx(self.divisor)
         m.submodules.uart_tx = utx = UartTx(self.divisor)
         fingerprint = link.config_fingerprint(cfg) if self.with_overlay else 0
-        m.submodules.bridge = br = HostBridge(cfg, self.mem_words, len(COUNTERS), fingerprint)
+        m.submodules.bridge = br = HostBridge(cfg, self.mem_words, len(COUNTERS), fingerprint,
+                                                  sdram=self.memory == "sdram")
         m.d.comb += [urx.rx.eq(self.rx), self.tx.eq(utx.tx)]
         wiring.connect(m, urx.data, br.rx)
         wiring.connect(m, br.tx, utx.data)
 
-        mem = BramMemory(cfg, self.mem_words)
-        m.d.comb += [mem.host.addr.eq(br.mem.addr), mem.host.we.eq(br.mem.we), mem.host.wdata.eq(br.mem.wdata),
-                     br.mem.rdata.eq(mem.host.rdata), mem.host_sel.eq(br.mem_sel)]
+        if self.memory == "sdram":
+            from .sdram import SdramMemory, SdramModel
+
+            mem = SdramMemory(cfg, self.mem_words, self.sdram_timing)
+            m.d.comb += mem.abort.eq(br.ov_reset)
+            if self.sdram_model:
+                per = cfg.port_bits // 16
+                m.submodules.sdram_model = model = SdramModel(self.sdram_timing, self.mem_words * per)
+                wiring.connect(m, mem.pins, model.pins)
+                m.d.comb += self.sdram_error.eq(model.error)
+            else:
+                wiring.connect(m, mem.pins, wiring.flipped(self.sdram))
+        else:
+            mem = BramMemory(cfg, self.mem_words)
+        wiring.connect(m, br.mem, mem.host)
+        m.d.comb += mem.host_sel.eq(br.mem_sel)
         if self.with_overlay:
             ov = Overlay(cfg)
             # RESET empties the overlay's state (KV buffer, registers) and the memory's burst state, not the bridge
+            # (an SDRAM memory finishes its burst without the overlay: the part keeps its init and refresh)
             m.submodules.overlay = ResetInserter(br.ov_reset)(ov)
-            m.submodules.memory = ResetInserter(br.ov_reset)(mem)
+            m.submodules.memory = mem if self.memory == "sdram" else ResetInserter(br.ov_reset)(mem)
             wiring.connect(m, ov.dram, mem.port)
             m.d.comb += [mem.insn_addr.eq(ov.insn_addr), ov.insn_data.eq(mem.insn_data)]
             for name, member in br.ov.signature.members.items():

@@ -3,9 +3,9 @@
 ``kvoverlay run PROGRAM.kvo --backend board --port /dev/ttyUSB0`` drives a board flashed with ``kvoverlay build
 --program``; ``--port sim`` drives the same board top in Verilator (:class:`~kvoverlay.host.link.SimTransport`).
 The backend checks that the bitstream was built for the program's configuration (INFO's fingerprint), loads the
-memory image and the program into the board's block RAM once, then runs each decode step as the RTL backend does:
-registers in, start, wait for done, then the hardware counters, the next-token register and the logits record
-read back. The KV buffer stays on the board between steps.
+memory image and the program into the board's memory (block RAM, or SDRAM for a program larger than it) once, then
+runs each decode step as the RTL backend does: registers in, start, wait for done, then the hardware counters, the
+next-token register and the logits record read back. The KV buffer stays on the board between steps.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from kvoverlay.bundle import read_logits
 from .backend import SessionError, Step, outside_kv_buffer, register_args
 from .link import BridgeClient, LinkError, open_transport
 
-__all__ = ["DEFAULT_BAUD", "BoardBackend", "board_mem_bytes"]
+__all__ = ["DEFAULT_BAUD", "DEFAULT_BRAM_BYTES", "BoardBackend", "board_mem_bytes", "board_memory"]
 
 #: The UART rate ``kvoverlay build`` gives a bitstream unless told otherwise (the ULX3S's FT231X goes to 3 Mbaud).
 DEFAULT_BAUD = 1_000_000
+#: Block RAM ``kvoverlay build`` gives a bitstream unless told otherwise (``--mem-bytes``).
+DEFAULT_BRAM_BYTES = 1 << 17
 #: Cycles without progress before the overlay's watchdog stops a run (as the RTL backend's).
 WATCHDOG_CYCLES = 4096
 
@@ -42,6 +44,11 @@ def board_mem_bytes(program: kvbundle.Bundle) -> int:
     return max(1 << (need - 1).bit_length(), 2 * align)
 
 
+def board_memory(program: kvbundle.Bundle, bram_bytes: int = DEFAULT_BRAM_BYTES) -> str:
+    """``bram`` where *program* fits *bram_bytes* of block RAM (the full port rate), else ``sdram``."""
+    return "bram" if board_mem_bytes(program) <= bram_bytes else "sdram"
+
+
 class BoardBackend:
     """A board's overlay (``--backend board``), over a serial port or the simulated board (``port="sim"``).
 
@@ -52,11 +59,17 @@ class BoardBackend:
         ``sim`` or a serial device.
     baud : int
         The bitstream's UART rate (serial ports only).
+    memory : str, optional
+        ``port="sim"``: the simulated board's memory, ``bram`` or ``sdram`` (default: :func:`board_memory`, block
+        RAM where the program fits *bram_bytes*). A real board's is the bitstream's (INFO says which).
+    bram_bytes : int
+        The block RAM a ``bram`` board has (``kvoverlay build --mem-bytes``).
     """
 
     name = "board"
 
-    def __init__(self, program: kvbundle.Bundle, *, port: str | None = None, baud: int = DEFAULT_BAUD, **options):
+    def __init__(self, program: kvbundle.Bundle, *, port: str | None = None, baud: int = DEFAULT_BAUD,
+                 memory: str | None = None, bram_bytes: int = DEFAULT_BRAM_BYTES, **options):
         from kvoverlay.hw.overlay import COUNTERS
 
         if not port:
@@ -70,8 +83,11 @@ class BoardBackend:
         cfg = program.config
         self.blob = isa.encode_program(program.instructions)
         mem_bytes = board_mem_bytes(program)
+        if memory not in (None, "bram", "sdram"):
+            raise SessionError(f"--backend board: memory must be bram or sdram, got {memory!r}")
+        self.memory = memory or board_memory(program, bram_bytes)
         try:
-            self.transport = open_transport(port, cfg, baud=baud, mem_bytes=mem_bytes)
+            self.transport = open_transport(port, cfg, baud=baud, mem_bytes=mem_bytes, memory=self.memory)
         except LinkError as exc:
             raise SessionError(str(exc)) from None
         self.client = BridgeClient(self.transport)
@@ -87,6 +103,10 @@ class BoardBackend:
             raise SessionError(f"--port {port}: the program needs {mem_bytes} bytes of board memory, the bitstream "
                                f"has {info['mem_bytes']}")
         align = max(cfg.port_bytes, isa.INSN_BYTES)
+        self.memory = "sdram" if info["sdram"] else "bram"
+        if info["sdram"] and len(self.blob) + align > link.SDRAM_INSN_WINDOW_BYTES:
+            raise SessionError(f"--port {port}: the program's {len(self.blob)} instruction bytes exceed the SDRAM "
+                               f"board's {link.SDRAM_INSN_WINDOW_BYTES}-byte instruction window")
         self.prog_at = (info["mem_bytes"] - len(self.blob)) // align * align
         self.load_s = self._load()
         self.steps = 0

@@ -155,9 +155,10 @@ def run_main(args) -> int:
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     options = {"offload_device": args.offload_device, "kv_sinks": args.kv_sinks, "prefill": args.prefill}
     if args.backend == "board":
-        options.update(port=args.port, **({"baud": args.baud} if args.baud else {}))
-    elif args.port or args.baud:
-        raise SessionError(f"--port and --baud are for --backend board, not {args.backend}")
+        options.update(port=args.port, **({"baud": args.baud} if args.baud else {}),
+                       **({"memory": args.mem} if getattr(args, "mem", None) else {}))
+    elif args.port or args.baud or getattr(args, "mem", None):
+        raise SessionError(f"--port, --baud and --mem are for --backend board, not {args.backend}")
     # the continuation streams to stdout as it decodes; with --json it comes once, in the JSON object
     on_text = None if text is None or args.json else lambda piece: print(piece, end="", flush=True)
     out, res = run_program(program, prompt, args.max_new_tokens, args.backend,

@@ -125,21 +125,25 @@ class SimTransport(Transport):
     ----------
     config : OverlayConfig
     mem_bytes : int
-        The board memory (block RAM) of the simulated bitstream.
+        The board memory of the simulated bitstream.
     divisor : int, optional
         UART clock cycles per bit.
     overlay : bool
         Build the overlay in (False: the link alone, as ``kvoverlay build --link-only``).
+    memory : str
+        ``bram``, or ``sdram`` (the SDRAM controller and the checking SDRAM model: a timing violation it sees is a
+        :class:`LinkError`).
     """
 
     CONNECT_TIMEOUT_S = 600
 
-    def __init__(self, config, *, mem_bytes: int, divisor: int | None = None, overlay: bool = True):
+    def __init__(self, config, *, mem_bytes: int, divisor: int | None = None, overlay: bool = True,
+                 memory: str = "bram"):
         from cocotb_tools.runner import get_runner
         from kvoverlay.boards import sim
 
         divisor = divisor or sim.DEFAULT_DIVISOR
-        work = sim.build_board_model(config, mem_bytes=mem_bytes, divisor=divisor, overlay=overlay)
+        work = sim.build_board_model(config, mem_bytes=mem_bytes, divisor=divisor, overlay=overlay, memory=memory)
         self.byte_s = 10 * divisor * sim.CLOCK_NS * 1e-9
         self.latency_s = 4000 * sim.CLOCK_NS * 1e-9
         self.sim_time_ns = 0
@@ -201,6 +205,11 @@ class SimTransport(Transport):
             raise LinkError(f"the simulated board exited: {self._log_tail()}")
         reply = json.loads(line)
         self.sim_time_ns = reply["time_ns"]
+        if reply.get("sdram_error"):
+            from kvoverlay.boards.sdram import SdramError
+
+            raise LinkError(f"the simulated board's SDRAM model saw a timing violation: "
+                            f"{SdramError(reply['sdram_error']).name}")
         self.lost += reply["lost"]
         return bytes.fromhex(reply["recv"])
 
@@ -218,10 +227,10 @@ class SimTransport(Transport):
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-def open_transport(port: str, config, *, baud: int, mem_bytes: int) -> Transport:
-    """``sim`` (the simulated board, memory of *mem_bytes*) or a serial port at *baud*."""
+def open_transport(port: str, config, *, baud: int, mem_bytes: int, memory: str = "bram") -> Transport:
+    """``sim`` (the simulated board, *mem_bytes* of *memory*) or a serial port at *baud*."""
     if port == "sim":
-        return SimTransport(config, mem_bytes=mem_bytes)
+        return SimTransport(config, mem_bytes=mem_bytes, memory=memory)
     return SerialTransport(port, baud)
 
 
@@ -306,7 +315,7 @@ class BridgeClient:
             raise LinkError(f"INFO: a reply of {len(p)} bytes, expected 14 (another bridge version?)")
         version, flags, port_bits, words, fingerprint, dropped = struct.unpack("<BBHIIH", p)
         self.port_bytes = port_bits // 8
-        return {"version": version, "overlay": bool(flags & 1), "port_bits": port_bits, "mem_words": words,
+        return {"version": version, "overlay": bool(flags & 1), "sdram": bool(flags & 2), "port_bits": port_bits, "mem_words": words,
                 "mem_bytes": words * port_bits // 8, "fingerprint": fingerprint, "dropped_frames": dropped}
 
     def write_mem(self, first_word: int, data: bytes, progress=None) -> None:

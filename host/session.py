@@ -476,7 +476,8 @@ def decode_stats(session: Session, res: GenerateResult) -> dict:
     parts = [b.program for b in session.backend.overlays] if program.manifest.get("segments") else [program]
     required = sum(Roofline(p.config, p.instructions).required_bytes(
         register_args(p, session._fed[last] if session._fed else 0, last)) for p in parts)
-    roofline = roofline_cycles(program.config, required)
+    # a board running from SDRAM: its roofline is the SDRAM's rate, not the port's
+    roofline = roofline_cycles(program.config, required, getattr(session.backend, "memory", "port"))
     return {
         "cycles": int(sum(res.step_cycles)),
         "cycles_per_token": round(cycles_per_token, 1),

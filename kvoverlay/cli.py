@@ -210,6 +210,8 @@ def _configure_run(p):
                    help="--backend rtl: write the simulation's waveforms (a separate, traced Verilator build)")
     p.add_argument("--port", default=None, metavar="DEVICE|sim", help="--backend board: the board's serial port "
                    "(e.g. /dev/ttyUSB0), or sim for the board top simulated in Verilator")
+    p.add_argument("--mem", choices=("bram", "sdram"), default=None, help="--backend board --port sim: the simulated "
+                   "board's memory (default: block RAM where the program fits 128 KiB, else SDRAM)")
     p.add_argument("--baud", type=int, default=None, metavar="RATE", help="--backend board: the bitstream's UART rate "
                    "(default: kvoverlay build's, 1000000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -292,8 +294,11 @@ def _configure_build(p):
     p.add_argument("--config", default=None, metavar="PRESET|FILE", help="overlay configuration (default: ulx3s on "
                    "the ULX3S, tiny elsewhere)")
     p.add_argument("-o", "--output", default="build", metavar="DIR", help="build folder (default: build)")
-    p.add_argument("--mem-bytes", type=int, default=None, metavar="N", help="block RAM for the program image "
-                   "(a power of two; default: 128 KiB or the config's dram_bytes)")
+    p.add_argument("--mem", choices=("bram", "sdram"), default="bram", help="the program's memory: block RAM in the "
+                   "bitstream (default; the full port rate) or the board's SDRAM behind a controller (programs "
+                   "larger than block RAM, at the SDRAM's rate; docs/boards.md)")
+    p.add_argument("--mem-bytes", type=int, default=None, metavar="N", help="the memory's size (a power of two; "
+                   "default: block RAM 128 KiB, SDRAM 32 MB, at most the config's dram_bytes)")
     p.add_argument("--baud", type=int, default=1_000_000, metavar="RATE", help="UART rate (default: 1000000)")
     p.add_argument("--link-only", action="store_true", help="the UART bridge and block RAM without the overlay "
                    "(brings the link up on a board the overlay does not fit yet)")

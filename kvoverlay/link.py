@@ -29,6 +29,10 @@ __all__ = ["END", "ESC", "ESC_END", "ESC_ESC", "LINK_VERSION", "MAX_REQUEST", "C
 #: Version of this protocol; INFO reports it and the host refuses a bridge of another version.
 LINK_VERSION = 1
 END, ESC, ESC_END, ESC_ESC = 0xC0, 0xDB, 0xDC, 0xDD
+#: Bytes at the top of an SDRAM board memory that block RAM mirrors for the instruction fetch (INFO's flag bit 1):
+#: the host places the program there.
+SDRAM_INSN_WINDOW_BYTES = 16 * 1024
+
 #: Largest request the bridge buffers, in bytes between the delimiters (unescaped): a WRITE_MEM of 1 KiB of data.
 MAX_REQUEST = 1024 + 16
 
@@ -36,8 +40,8 @@ MAX_REQUEST = 1024 + 16
 class Cmd(enum.IntEnum):
     """Request commands (arguments, then the reply's payload)."""
 
-    #: (none) -> version u8, flags u8 (bit 0: an overlay is built in), port_bits u16, memory words u32,
-    #: config fingerprint u32, dropped frames u16
+    #: (none) -> version u8, flags u8 (bit 0: an overlay is built in; bit 1: the memory is SDRAM), port_bits u16,
+    #: memory words u32, config fingerprint u32, dropped frames u16
     INFO = 0x01
     #: first word u32, whole memory words -> (none); refused while the overlay runs
     WRITE_MEM = 0x02

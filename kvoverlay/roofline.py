@@ -107,9 +107,27 @@ class Roofline:
         return roofline_cycles(self.config, self.required_bytes(regs, kv_offchip_bytes))
 
 
-def roofline_cycles(config, required_bytes: float) -> float:
-    """Cycles the port needs for *required_bytes* at one beat of ``port_bytes`` per cycle."""
-    return required_bytes / config.port_bytes
+#: Bytes per cycle the ULX3S's 16-bit SDRAM sustains behind :mod:`kvoverlay.boards.sdram`'s controller on a long
+#: sequential read (a GEMV's weight stream): the bus's 2 B/cycle less refreshes and row changes, measured in
+#: simulation at the ulx3s preset's 50 MHz, the slower of the presets' clocks (docs/boards.md;
+#: tests/test_boards_sdram.py holds the controller to it).
+SDRAM_STREAM_BYTES_PER_CYCLE = 1.95
+#: The memories a program can run from: the overlay's port (block RAM on a board: one port word per cycle) and a
+#: board's SDRAM.
+MEMORIES = ("port", "bram", "sdram")
+
+
+def memory_bytes_per_cycle(config, memory: str = "port") -> float:
+    """Bytes per cycle *memory* delivers: ``port``/``bram`` the port's ``port_bytes``, ``sdram`` the SDRAM's
+    :data:`SDRAM_STREAM_BYTES_PER_CYCLE` (never more than the port)."""
+    if memory not in MEMORIES:
+        raise ValueError(f"memory must be one of {', '.join(MEMORIES)}, got {memory!r}")
+    return min(config.port_bytes, SDRAM_STREAM_BYTES_PER_CYCLE) if memory == "sdram" else config.port_bytes
+
+
+def roofline_cycles(config, required_bytes: float, memory: str = "port") -> float:
+    """Cycles *memory* needs for *required_bytes* (the port: one beat of ``port_bytes`` per cycle)."""
+    return required_bytes / memory_bytes_per_cycle(config, memory)
 
 
 def bandwidth_efficiency(roofline: float, cycles: float) -> float:

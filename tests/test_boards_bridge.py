@@ -6,6 +6,7 @@ import random
 import pytest
 from amaranth.sim import Simulator
 from kvoverlay.boards.bridge import SlipFramer
+from kvoverlay.boards.sdram import SdramError, sdram_timing
 from kvoverlay.boards.top import BoardTop
 
 from kvoverlay import link
@@ -35,12 +36,17 @@ def uart_decode(wave: list) -> bytes:
     return bytes(out)
 
 
-def run_bridge(requests, *, overlay=False, mem_bytes=4096, quiet_bits=60):
-    """Drive each request's bytes on ``rx`` and sample ``tx`` every cycle, until ``tx`` has been quiet a while."""
-    top = BoardTop(CFG, mem_bytes=mem_bytes, divisor=DIV, overlay=overlay)
+#: The link-only top on SDRAM: the controller and the checking model, with the part's timing but a short power-up.
+SDRAM = {"memory": "sdram", "sdram_model": True, "sdram_timing": sdram_timing(CFG.clock_mhz, init=64)}
+
+
+def run_bridge(requests, *, overlay=False, mem_bytes=4096, quiet_bits=60, **memory):
+    """Drive each request's bytes on ``rx`` and sample ``tx`` every cycle, until ``tx`` has been quiet a while
+    (*memory*: :class:`BoardTop`'s memory options; an SDRAM model's violation fails the run)."""
+    top = BoardTop(CFG, mem_bytes=mem_bytes, divisor=DIV, overlay=overlay, **memory)
     sim = Simulator(top)
     sim.add_clock(1e-8)
-    sampled = []
+    sampled, errors = [], []
 
     async def host(ctx):
         # half duplex, as the host client: each request after the last reply has ended
@@ -54,9 +60,12 @@ def run_bridge(requests, *, overlay=False, mem_bytes=4096, quiet_bits=60):
                 quiet = quiet + 1 if tx and t >= len(wave) else 0
                 if t >= len(wave) and quiet > DIV * quiet_bits:
                     break
+        if top.sdram_model and ctx.get(top.sdram_error) != SdramError.NONE:
+            errors.append(ctx.get(top.sdram_error))
 
     sim.add_testbench(host)
     sim.run()
+    assert not errors, errors
     return uart_decode(sampled)
 
 
@@ -83,18 +92,22 @@ def test_crc_matches_hardware_reply_and_info():
                                                                          4096 // CFG.port_bytes, 0, 0)
 
 
-def test_write_then_read_memory_with_escapes():
+@pytest.mark.parametrize("memory", [{}, SDRAM], ids=["bram", "sdram"])
+def test_write_then_read_memory_with_escapes(memory):
+    """WRITE_MEM then READ_MEM through the bridge, on block RAM and on SDRAM (whose port stalls the bridge)."""
     rng = random.Random(1)
     pb = CFG.port_bytes
     # words full of the two framing bytes, so both directions escape
     data = bytes(rng.choice([link.END, link.ESC, 0, 0xFF, rng.randrange(256)]) for _ in range(6 * pb))
     raw = run_bridge([request(1, link.Cmd.WRITE_MEM, link.pack("I", 3) + data),
                       request(2, link.Cmd.READ_MEM, link.pack("IH", 3, 6)),
-                      request(3, link.Cmd.READ_MEM, link.pack("IH", 2, 1))])
-    r1, r2, r3 = replies(raw)
+                      request(3, link.Cmd.READ_MEM, link.pack("IH", 2, 1)),
+                      request(4, link.Cmd.INFO)], **memory)
+    r1, r2, r3, info = replies(raw)
     assert r1 == bytes([1, link.Status.OK])
     assert r2 == bytes([2, link.Status.OK]) + data
     assert r3 == bytes([3, link.Status.OK]) + bytes(pb)
+    assert info[3] == (2 if memory else 0)  # INFO's flags: bit 1, the memory is SDRAM
 
 
 def test_corrupt_frame_dropped_and_counted_bad_requests_refused():

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("cocotb_tools")
 
 from kvoverlay.compiler.driver import compile_model
-from kvoverlay.host.board import board_mem_bytes
+from kvoverlay.host.board import board_mem_bytes, board_memory
 from kvoverlay.host.session import Session, SessionError
 from kvoverlay.models.demo import build_llama_onnx
 from test_cli import kvo
@@ -62,3 +62,23 @@ def test_board_needs_port(demo_program):
     res = kvo("run", path, "--backend", "board", "--port", "/dev/kvo-no-such-port")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("kvoverlay: error: cannot open /dev/kvo-no-such-port") and res.stderr.count("\n") == 1
+
+
+def test_demo_from_sdram_on_simulated_board(demo_program):
+    """A program larger than the board's block RAM (here: a 64 KiB block RAM for the 128 KiB demo) runs from the
+    SDRAM behind the controller, the checking SDRAM model on its pins, bit-identical to ``--backend isa``; the
+    SDRAM's rate costs cycles."""
+    program, _ = demo_program
+    small = board_mem_bytes(program) // 2
+    assert board_memory(program) == "bram" and board_memory(program, small) == "sdram"
+    gold = Session(program, "isa").generate(PROMPT, NEW_TOKENS)
+    with Session(program, "board", port="sim", bram_bytes=small) as sess:
+        assert sess.backend.memory == "sdram"
+        res = sess.generate(PROMPT, NEW_TOKENS).result()
+    assert res.tokens == gold.tokens
+    for a, b in zip(res.logits, gold.logits):
+        assert np.array_equal(a, b)
+    with Session(program, "board", port="sim") as sess:
+        bram = sess.generate(PROMPT, NEW_TOKENS).result()
+    assert bram.step_bytes_read == res.step_bytes_read
+    assert all(s > b for s, b in zip(res.step_cycles, bram.step_cycles))
