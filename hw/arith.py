@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Mux, Signal, Value
 
-__all__ = ["balanced_sum", "low_mask", "narrow_times", "select_word", "shift_left"]
+__all__ = ["balanced_sum", "low_mask", "narrow_times", "select_bits", "select_word", "shift_left"]
 
 
 def narrow_times(a, b):
@@ -59,6 +59,26 @@ def shift_left(m, value, amount, width, *, unit=1, name="shift"):
         out = _named(m, Mux(bit, Cat(Const(0, step), out[:width - step]) if step < width else Const(0, width), out),
                      f"{name}_{k}")
     return out
+
+
+def select_bits(m, value, offset, width, *, unit=1, name="select"):
+    """``value.bit_select(offset * unit, width)`` (beyond *value*'s end: its sign, or zero) as a logarithmic
+    shifter: one stage of 2:1 multiplexers per bit of *offset*, highest first, each as wide as the bits the later
+    stages can still bring into the result."""
+    value, offset = Value.cast(value), Value.cast(offset)
+    if width <= 0 or unit <= 0:
+        raise ValueError(f"select_bits: width {width!r} and unit {unit!r} must be positive")
+    fill = value[-1] if value.shape().signed else Const(0, 1)
+
+    def extend(v, n):
+        return v if len(v) >= n else Cat(v, fill.replicate(n - len(v)))
+
+    out = value.as_unsigned()
+    bits = _named(m, offset, name + "_offset")
+    for k in reversed(range(len(bits))):
+        step, keep = unit << k, width + (unit << k) - unit
+        out = _named(m, Mux(bits[k], extend(out[step:step + keep], keep), extend(out[:keep], keep)), f"{name}_{k}")
+    return extend(out, width)[:width]
 
 
 def select_word(m, value, index, width, *, name="select"):

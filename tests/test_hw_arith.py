@@ -11,7 +11,7 @@ pytest.importorskip("amaranth")
 from amaranth.hdl import Const, Fragment, Module, Signal, signed
 from amaranth.hdl._ir import build_netlist
 from amaranth.sim import Simulator
-from kvoverlay.hw.arith import low_mask, select_word, shift_left
+from kvoverlay.hw.arith import low_mask, select_bits, select_word, shift_left
 
 
 def _equal_on_all_inputs(inputs, pairs_of):
@@ -51,6 +51,14 @@ def test_shift_left_is_shift(shape):
     v, s = Signal(shape), Signal(4)
     _equal_on_all_inputs([v, s], lambda m: [(shift_left(m, v, s, 20), v << s), (shift_left(m, v, s, 3), v << s),
                                             (shift_left(m, v, s, 24, unit=4), v << (s * 4))])
+
+
+@pytest.mark.parametrize("shape", [12, signed(12)])
+def test_select_bits_is_bit_select(shape):
+    v, o = Signal(shape), Signal(3)
+    _equal_on_all_inputs([v, o], lambda m: [(select_bits(m, v, o, 5), v.bit_select(o, 5)),
+                                            (select_bits(m, v, o, 4, unit=2), v.bit_select(o * 2, 4)),
+                                            (select_bits(m, v[:6], o, 4), v[:6].bit_select(o, 4))])
 
 
 def test_select_word_is_word_select():
