@@ -65,7 +65,7 @@ def test_select_word_is_word_select():
     v, i = Signal(12), Signal(2)
     _equal_on_all_inputs([v, i], lambda m: [(select_word(m, v, i, 3), v.word_select(i, 3))])
     with pytest.raises(ValueError, match="fewer than"):
-        select_word(Module(), v, Signal(3), 3)
+        select_word(None, v, Signal(3), 3)  # refused before anything is added to a module
 
 
 def _edges(value_of, inputs):
