@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Mux, Value
+from amaranth.hdl import Cat, Const, Mux, Signal, Value
 
-__all__ = ["balanced_sum", "narrow_times"]
+__all__ = ["balanced_sum", "low_mask", "narrow_times", "select_bits", "select_word", "shift_left"]
 
 
 def narrow_times(a, b):
@@ -26,3 +26,80 @@ def balanced_sum(terms):
     while len(terms) > 1:
         terms = [terms[k] + terms[k + 1] if k + 1 < len(terms) else terms[k] for k in range(0, len(terms), 2)]
     return terms[0] if terms else 0
+
+
+# Wide variable shifts, masks and selects, in forms whose size grows with width * log(width). Amaranth's
+# combinational-cycle check (amaranth.hdl._nir.Netlist.check_comb_cycles) walks, for every output bit of a shift,
+# a subtraction or a variable ``bit_select``/``word_select``, an edge to every input bit: width**2 steps, which at
+# a u280 port (8192 bits) are hours of conversion for one ``(1 << n) - 1``. The forms below build the same function
+# from 2:1 multiplexers and comparators against constants (three edges per bit), which is also what Yosys makes of
+# a barrel shifter. Each stage goes through a signal of *m*: an expression used twice is emitted twice, so that an
+# unnamed stage that feeds both inputs of the next would double the netlist at every stage.
+
+def low_mask(m, count, width, *, unit=1, name="low_mask"):
+    """``((1 << count * unit) - 1)[:width]``: the bits below ``count * unit`` set, one comparator per *unit* bits."""
+    if width <= 0 or unit <= 0 or width % unit:
+        raise ValueError(f"low_mask: width {width!r} must be a positive multiple of unit {unit!r}")
+    count = _named(m, count, name + "_count")
+    return Cat((count > i).replicate(unit) for i in range(width // unit))
+
+
+def shift_left(m, value, amount, width, *, unit=1, name="shift"):
+    """``(value << amount * unit)[:width]`` (*value* sign- or zero-extended by its shape first) as a logarithmic
+    shifter: one stage of 2:1 multiplexers per bit of *amount*."""
+    value, amount = Value.cast(value), Value.cast(amount)
+    if width <= 0 or unit <= 0:
+        raise ValueError(f"shift_left: width {width!r} and unit {unit!r} must be positive")
+    if len(value) < width:
+        fill = value[-1] if value.shape().signed else Const(0, 1)
+        value = Cat(value, fill.replicate(width - len(value)))
+    out = value[:width]
+    for k, bit in enumerate(_named(m, amount, name + "_amount")):
+        step = unit << k
+        out = _named(m, Mux(bit, Cat(Const(0, step), out[:width - step]) if step < width else Const(0, width), out),
+                     f"{name}_{k}")
+    return out
+
+
+def select_bits(m, value, offset, width, *, unit=1, name="select"):
+    """``value.bit_select(offset * unit, width)`` (beyond *value*'s end: its sign, or zero) as a logarithmic
+    shifter: one stage of 2:1 multiplexers per bit of *offset*, highest first, each as wide as the bits the later
+    stages can still bring into the result."""
+    value, offset = Value.cast(value), Value.cast(offset)
+    if width <= 0 or unit <= 0:
+        raise ValueError(f"select_bits: width {width!r} and unit {unit!r} must be positive")
+    fill = value[-1] if value.shape().signed else Const(0, 1)
+
+    def extend(v, n):
+        return v if len(v) >= n else Cat(v, fill.replicate(n - len(v)))
+
+    out = value.as_unsigned()
+    bits = _named(m, offset, name + "_offset")
+    for k in reversed(range(len(bits))):
+        step, keep = unit << k, width + (unit << k) - unit
+        out = _named(m, Mux(bits[k], extend(out[step:step + keep], keep), extend(out[:keep], keep)), f"{name}_{k}")
+    return extend(out, width)[:width]
+
+
+def select_word(m, value, index, width, *, name="select"):
+    """``value.word_select(index, width)`` as a tree of 2:1 multiplexers (for an *index* that reaches no word
+    beyond *value*)."""
+    value, index = Value.cast(value), Value.cast(index)
+    words = [value[k * width:(k + 1) * width] for k in range(len(value) // width)]
+    if width <= 0 or len(words) < 1 << len(index):
+        raise ValueError(f"select_word: {len(value)} bits hold {len(words)} words of {width}, fewer than "
+                         f"index's {1 << len(index)} values")
+    words = words[:1 << len(index)]
+    for bit in _named(m, index, name + "_index"):
+        words = [Mux(bit, words[k + 1], words[k]) for k in range(0, len(words), 2)]
+    return _named(m, words[0], name)
+
+
+def _named(m, value, name):
+    """*value* through a signal of *m*, unless it is one already."""
+    if isinstance(value, Signal):
+        return value
+    value = Value.cast(value)
+    sig = Signal(value.shape(), name=name)
+    m.d.comb += sig.eq(value)
+    return sig

@@ -48,6 +48,7 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa, numerics, timing
 from kvoverlay.config import KV_BASE_BITS
 
+from .arith import select_bits, select_word, shift_left
 from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
 from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr
@@ -767,7 +768,7 @@ class OutputStage(wiring.Component):
                      scr_r.addr.eq(self.read.payload.slot >> lgS)]
         # t+1: the slot's lanes out of the scratch word
         valid1, r1 = _issued(m, self.read)
-        slot_lanes = scr_r.data.word_select(r1.slot[:lgS], lane_bits * R) if lgS else scr_r.data
+        slot_lanes = select_word(m, scr_r.data, r1.slot[:lgS], lane_bits * R, name="slot_lanes") if lgS else scr_r.data
         valid2, r2 = Signal(), Signal(self.READ_LAYOUT)
         lanes2 = Signal(data.ArrayLayout(lane_layout, R))
         m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(slot_lanes)]
@@ -795,7 +796,7 @@ class OutputStage(wiring.Component):
             self.abuf_w.addr.eq(out_elem >> lgAL),
             # every slot of the word carries the mantissas and the lane enables pick the slot: no shifter
             self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // R)),
-            self.abuf_w.en.eq(Mux(valid3 & r3.write, in_vector << out_lane, 0)),
+            self.abuf_w.en.eq(Mux(valid3 & r3.write, shift_left(m, in_vector, out_lane, abuf_lanes(cfg), name="out_enables"), 0)),
         ]
         m.d.comb += self.writing.eq(valid3)
         return m
@@ -1014,7 +1015,7 @@ class AttentionEngine(wiring.Component):
         operand_off = Signal(lgAL or 1)
         m.d.comb += [self.abuf_r0.addr.eq(elem >> lgAL), self.abuf_r1.addr.eq((elem >> lgAL) + 1),
                      self.abuf_r0.en.eq(1), self.abuf_r1.en.eq(1)]
-        operand = Cat(self.abuf_r0.data, self.abuf_r1.data).bit_select(operand_off * 16, 16 * V)
+        operand = select_bits(m, Cat(self.abuf_r0.data, self.abuf_r1.data), operand_off, 16 * V, unit=16, name="operand")
 
         def fetch_operand():
             m.d.sync += operand_off.eq(elem[:lgAL] if lgAL else 0)

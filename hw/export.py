@@ -34,16 +34,33 @@ def top_ports(component) -> dict:
     return ports
 
 
-def export_verilog(config, out_dir: Path) -> Path:
-    """Write ``<out_dir>/kvo_overlay.v`` for *config*; returns its path."""
+def export_verilog(config, out_dir: Path, stages=None) -> Path:
+    """Write ``<out_dir>/kvo_overlay.v`` for *config* (atomically); returns its path.
+
+    Reported as two :class:`~kvoverlay.progress.Stages` stages when *stages* is given: Amaranth's elaboration, then
+    the netlist (with its combinational-cycle check), RTLIL and Yosys' ``write_verilog``, which take minutes at the
+    u280 preset.
+    """
+    from contextlib import nullcontext
+
     from amaranth.back import verilog
+    from amaranth.hdl import Fragment
+
+    from kvoverlay.fileio import write_atomic
 
     from .overlay import Overlay
 
+    def stage(name):
+        return stages.stage(name) if stages is not None else nullcontext()
+
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{EXPORT_TOP}.v"
-    overlay = Overlay(config)
-    path.write_text(verilog.convert(overlay, name=EXPORT_TOP, ports=top_ports(overlay)))
+    with stage("elaborate (Amaranth)"):
+        overlay = Overlay(config)
+        fragment = Fragment.get(overlay, None)
+    with stage("netlist, RTLIL and Verilog (Amaranth, Yosys)"):
+        text, _ = verilog.convert_fragment(fragment, top_ports(overlay), EXPORT_TOP)
+    write_atomic(path, text)
     return path
 
 
@@ -65,8 +82,7 @@ def export_verilog_main(args) -> int:
 
     config = load_config(args.config)
     stages = Stages(f"export-verilog (config {config.name})")
-    with stages.stage("Verilog export (Amaranth)"):
-        path = export_verilog(config, Path(args.output))
+    path = export_verilog(config, Path(args.output), stages)
     with stages.stage("lint (Verilator)"):
         counts = lint(path)
     other = {k: v for k, v in counts.items() if k not in AMARANTH_IDIOMS}

@@ -17,7 +17,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.timing import GEMV_TREE_FANIN, gemv_narrow_scales, gemv_narrow_stages, gemv_tree_stages
 
-from .arith import narrow_times
+from .arith import narrow_times, select_bits
 from .widths import log2_exact
 
 __all__ = ["FMT_CODES", "GemvEngine", "gemv_tile"]
@@ -239,13 +239,13 @@ class GemvEngine(wiring.Component):
         s2 = _stage(m, {k: s1[k] for k in ("valid", "last", "win", "rend", "xsel", "g", "row")}, "s2")
         zp = self._zero_points(m, s1["valid"] & (s1["w"] < nsw), s1["w"], s2["g"], gl, nscales)
         window = Signal(self.pbits)
-        m.d.comb += window.eq(Cat(pq, wq).bit_select(shift * 8, self.pbits))
+        m.d.comb += window.eq(select_bits(m, Cat(pq, wq), shift, self.pbits, unit=8, name="window_select"))
         scale = Signal(16, name="s3_scale")
         header = sr.data.word_select(s2["g"][:lpb - 1], 16)
         m.d.sync += scale.eq(Mux(asym, header[:nx.UINT4_SCALE_BITS], header))
         # narrow groups: the window's groups are consecutive headers from the first one's (in one scale word, as
         # their count divides the headers per word); the first one's is `scale`
-        nheaders = sr.data >> (s2["g"][:lpb - 1] << 4)
+        nheaders = select_bits(m, sr.data, s2["g"][:lpb - 1], 16 * nscales, unit=16, name="s2_headers")
         nscale = []
         for g in range(1, nscales):
             h, ns = nheaders.word_select(g, 16), Signal(16, name=f"s3_scale{g}")
@@ -417,7 +417,8 @@ class GemvEngine(wiring.Component):
                      zr.addr.eq(group >> lpw)]
         zp = Signal(4, name="zero_point")
         m.d.comb += zp.eq(zr.data.word_select(group[:lpw], 4))
-        following = zr.data >> (group[:lpw] << 2)  # the window's narrow groups, from its first
+        # the window's narrow groups, from its first
+        following = select_bits(m, zr.data, group[:lpw], len(zr.data), unit=4, name="zero_points_following")
         narrow_bits = range(log2_exact(self.config.min_group), log2_exact(nscales * self.config.min_group))
 
         def lane(i):

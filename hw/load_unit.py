@@ -8,6 +8,7 @@ from amaranth.lib.wiring import Out
 
 from kvoverlay import isa
 
+from .arith import low_mask
 from .dram import dram_port, request_burst
 from .isa_layout import LAYOUTS
 from .ports import EREG_SHAPE, Fault, abuf_write, ereg_write, unit_signature
@@ -73,10 +74,11 @@ class LoadUnit(wiring.Component):
         remaining = Signal(signed(len(n) + 2), name="load_lanes_left")
         m.d.comb += remaining.eq(n - (wr_word << llanes))
         mask = Signal(lanes, name="load_lane_mask")
+        partial = low_mask(m, remaining[:llanes + 1], lanes, name="load_partial_mask")
         with m.If(remaining >= lanes):
             m.d.comb += mask.eq((1 << lanes) - 1)
         with m.Else():
-            m.d.comb += mask.eq((1 << remaining[:llanes + 1]) - 1)
+            m.d.comb += mask.eq(partial)
         m.d.comb += [self.abuf_w.addr.eq((ins.dst >> llanes) + wr_word), self.abuf_w.data.eq(wbuf),
                      self.abuf_w.en.eq(Mux(wr_pending, mask, 0))]
         m.d.sync += wr_pending.eq(0)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed
+from amaranth.hdl import Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import Out
 
 from kvoverlay import isa
 
+from .arith import low_mask, select_word, shift_left
 from .dram import dram_port, request_burst
 from .isa_layout import LAYOUTS
 from .ports import Fault, abuf_read, acc_read, ereg_read, unit_signature
@@ -97,15 +98,16 @@ class StoreUnit(wiring.Component):
 
         mant_bytes = clamp_bytes(n << 1, "store_mantissa_bytes_left")
         strb_bytes = clamp_bytes(size, "store_bytes_left")
-        quarter = self.abuf_r.data.word_select(beat[:2], 8 * pb)
+        quarter = select_word(m, self.abuf_r.data, beat[:2], 8 * pb, name="store_quarter")
         mant = Signal(8 * pb, name="store_mantissas")
-        m.d.comb += mant.eq(quarter & ((Const(1, 8 * pb + 1) << (mant_bytes * 8)) - 1))
+        m.d.comb += mant.eq(quarter & low_mask(m, mant_bytes, 8 * pb, unit=8, name="store_mantissa_mask"))
         exp_here = Signal(8 * pb, name="store_exponent_bits")
+        exp_placed = shift_left(m, exponent, rec.exp_offset[:lpb], 8 * pb, unit=8, name="store_exponent_shift")
         with m.If(beat == (rec.exp_offset >> lpb)):
-            m.d.comb += exp_here.eq(exponent << (rec.exp_offset[:lpb] * 8))
+            m.d.comb += exp_here.eq(exp_placed)
         m.d.comb += [
             self.dram.wr.payload.data.eq(Mux(is_acc, beat_buf, mant | exp_here)),
-            self.dram.wr.payload.strb.eq((Const(1, pb + 1) << strb_bytes) - 1),
+            self.dram.wr.payload.strb.eq(low_mask(m, strb_bytes, pb, name="store_strobes")),
             self.abuf_r.addr.eq((st.src >> llanes) + (beat >> 2)),
             self.acc_r.addr.eq(sa.acc + word),
         ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from amaranth.hdl import Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -181,7 +181,7 @@ class WordPacker(wiring.Component):
             m.d.sync += [lane.eq(0), word.eq(0), mask.eq(0)]
         with m.Elif(self.lane.valid):
             m.d.sync += [buf.word_select(lane, 16).eq(self.lane.payload.value),
-                         mask.eq(Mux(lane == 0, 1, mask | (Const(1, lanes) << lane))), lane.eq(lane + 1)]
+                         mask.eq(Mux(lane == 0, 1, mask | Cat(lane == i for i in range(lanes)))), lane.eq(lane + 1)]
             with m.If((lane == lanes - 1) | self.lane.payload.last):
                 m.d.sync += pending.eq(1)
         return m

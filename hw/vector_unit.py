@@ -69,7 +69,7 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
-from .arith import narrow_times
+from .arith import narrow_times, select_word
 from .divider import Divider, Multiplier
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .isqrt import Isqrt
@@ -321,8 +321,12 @@ class ChunkIssue(wiring.Component):
         s1_valid = Signal(name="s1_valid")
         sel = s1.idx[:lg_g] if lg_g else Const(0, 1)
         m.d.sync += [s1_valid.eq(issue), s1.kind.eq(kind), s1.idx.eq(idx)]
-        m.d.comb += [self.early_a.eq(self.rd_a.data.word_select(Mux(self.ext_select, self.ext_chunk_a, sel), 16 * V)),
-                     self.early_b.eq(self.rd_b.data.word_select(Mux(self.ext_select, self.ext_chunk_b, sel), 16 * V)),
+
+        def chunk_of(word, ext, name):
+            index = Mux(self.ext_select, ext, sel)
+            return select_word(m, word, index, 16 * V, name=name) if lg_g else word.word_select(index, 16 * V)
+        m.d.comb += [self.early_a.eq(chunk_of(self.rd_a.data, self.ext_chunk_a, "s1_chunk_a")),
+                     self.early_b.eq(chunk_of(self.rd_b.data, self.ext_chunk_b, "s1_chunk_b")),
                      s1.a.eq(self.early_a), s1.b.eq(self.early_b)]
         for j in range(V):
             m.d.comb += s1.mask[j].eq((s1.idx * V + j) < self.length)
