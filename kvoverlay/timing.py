@@ -69,6 +69,10 @@ NORM_TOTAL_BITS = 16 + NORM_EPS_SHIFT_CAP + 1
 #: half up's carry could reach stay), then one round-shift of at most NORM_SCALAR_STEP bits.
 NORM_SCALAR_STEP = 16
 NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // NORM_SCALAR_STEP)
+#: NORM's scalar sequence: states that only register (hw/vector_unit.py, NormScalar): the head shift, the scaled sum of
+#: squares and log2(n) before the first step (PREP); eps aligned before its add (EPS_ALIGN); the total's bit length
+#: before its round-shift (SCALAR_BITS).
+NORM_SCALAR_REGISTERS = 3
 
 # ---------------------------------------------------------------- attention engine
 #: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle): the sum l is at least
@@ -241,7 +245,7 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         if layer:  # n * Q, S * S and S * r
             steps += [multiplier_cycles(w["mul_b"], k)] * 3
         # + eps alignment, the staged scalar rounding, pass set-up
-        scalar = sum(c + 2 for c in steps) + 1 + NORM_SCALAR_STEPS + 1 + 1
+        scalar = sum(c + 2 for c in steps) + 1 + NORM_SCALAR_STEPS + 1 + 1 + NORM_SCALAR_REGISTERS
         if fields.get("head_dim"):
             # over each head, three rounds: per head a statistics pass, the scalar sequence and its ALIGN state;
             # then per head its scalars loaded and a peak pass, drained; then the same with a write pass
