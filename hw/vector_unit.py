@@ -572,9 +572,12 @@ class NormScalar(wiring.Component):
         sc_m = Signal(nx.SCALAR_BITS + 2, name="norm_scalar_m")
         sc_e = Signal(EXP_WIDE, name="norm_scalar_e")
         # eps aligned to the mean square's exponent base = 2 * ex - NORM_MS_FRAC
+        # registered from t_reg in every cycle: EPS_ALIGN comes two cycles after PREP or later
         base = Signal(EXP_WIDE, name="norm_base")
         eps_shift = Signal(EXP_WIDE, name="norm_eps_shift")  # left shift of eps_m
-        m.d.comb += [base.eq(((self.exp_x - t_reg) << 1) - nx.NORM_MS_FRAC), eps_shift.eq(f.eps_e - base)]
+        base_next = Signal(EXP_WIDE, name="norm_base_next")
+        m.d.comb += base_next.eq(((self.exp_x - t_reg) << 1) - nx.NORM_MS_FRAC)
+        m.d.sync += [base.eq(base_next), eps_shift.eq(f.eps_e - base_next)]
         eps_al = round_shift_expr(m, Cat(f.eps_m, Const(0, 1)).as_signed(), -eps_shift, 17, _EPS_SHIFT_CAP,
                                   "norm_eps")
         # eps aligned in a state of its own (EPS_ALIGN), then added to the mean square (EPS)
