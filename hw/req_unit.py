@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module
+from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
+
+from kvoverlay import timing
 
 from .isa_layout import LAYOUTS
 from .ports import Fault, abuf_write, acc_read, ereg_read, ereg_write, unit_signature
@@ -44,11 +46,17 @@ class ReqUnit(wiring.Component):
         seq = Sequencer(m, self, "req")
         ins, cfg = seq.insn, self.config
         _, _, lanes, llanes = word_sizes(cfg)
-        # the accumulator words stream from acc_r (latency 1) into the requantizer, at the exponent of acc_e
+        # the accumulator words stream from acc_r into the requantizer, at the exponent of acc_e; each word is
+        # registered after the buffer's read port (timing.REQ_READ_LATENCY), and the round pass registers its
+        # round-shift and its mantissa (timing.REQ_ROUND_REGISTERS), so that the block RAM's output, the 64-bit
+        # round, the clip with the underflow round, and the packer each have a cycle of their own
         rq = add_requantizer(m, self, len(self.acc_r.data), length=ins.len, exp=self.ereg_r.data,
-                             dst=ins.dst >> llanes)
+                             dst=ins.dst >> llanes, latency=timing.REQ_READ_LATENCY,
+                             registered=timing.REQ_ROUND_REGISTERS)
+        word = Signal.like(self.acc_r.data, name="req_word")
+        m.d.sync += word.eq(self.acc_r.data)
         m.d.comb += self.ereg_r.addr.eq(ins.acc_e)
-        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(self.acc_r.data)]
+        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(word)]
 
         with seq.fsm("CHECK"):
             with m.State("CHECK"), seq.check((ins.dst & (lanes - 1), Fault.UNALIGNED),

@@ -5,13 +5,13 @@ The REQ unit feeds it accumulator words, the LDROW unit dequantized weights (``q
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import numerics as nx
 
-from .normalize import bit_length, scalar_mantissa
+from .normalize import _BOUNDED_BITS, _UNDERFLOW_CAP, MANT_SHAPE, bit_length
 from .ports import EREG_SHAPE, Fault, abuf_write
 from .unit import WordPacker
 
@@ -24,6 +24,60 @@ def requant_command(config) -> data.StructLayout:
                               "dst": abuf_write(config).members["addr"].shape})
 
 
+class _RoundShifts:
+    """The round pass's shifts of a *width*-bit value: :func:`~hw.normalize.scalar_mantissa` (bounded) with its
+    clamps and rounding biases taken out of the per-value path. They are fixed for a vector once its peak is known,
+    so :meth:`latch` registers them with the peak's shift and each value's round starts from registers: the wide
+    value plus its bias (a carry chain, wrapping at 64 bits as numpy's int64 does), then a shift that keeps
+    :data:`~hw.normalize._BOUNDED_BITS` bits."""
+
+    def __init__(self, width: int):
+        # a bounded value's peak has at most width bits: the right shift is at most width - MANT_BITS
+        rmax = width - nx.MANT_BITS
+        self.wrap = 64 if width >= 64 else None
+        self.right = Signal(name="round_right")
+        self.rs = Signal(range(rmax + 1), name="round_rs")
+        self.bias = Signal(rmax, name="round_bias")  # 2**(rs - 1), 0 for rs == 0
+        self.ls = Signal(range(nx.MANT_BITS + 1), name="round_ls")
+        self.urs = Signal(range(_UNDERFLOW_CAP + 1), name="underflow_rs")
+        self.ubias = Signal(_UNDERFLOW_CAP, name="underflow_bias")
+
+    def latch(self, m: Module, shift, under):
+        """Registers the shifts for the peak's *shift* (at least ``-MANT_BITS``) and the underflow *under* (no
+        underflow when it is not positive)."""
+        rs = Signal.like(self.rs, name="round_rs_next")
+        urs = Signal.like(self.urs, name="underflow_rs_next")
+        m.d.comb += [rs.eq(Mux(shift > 0, shift, 0)),
+                     urs.eq(Mux(under > _UNDERFLOW_CAP, _UNDERFLOW_CAP, Mux(under > 0, under, 0)))]
+        m.d.sync += [self.right.eq(shift > 0), self.rs.eq(rs), self.bias.eq((Const(1, len(self.bias) + 1) << rs) >> 1),
+                     self.ls.eq(Mux(shift < 0, -shift, 0)), self.urs.eq(urs),
+                     self.ubias.eq((Const(1, _UNDERFLOW_CAP + 1) << urs) >> 1)]
+
+    def mantissa(self, m: Module, value, *, registered: int) -> Signal:
+        """The mantissa of *value* (at most the peak in magnitude) under the latched shifts, ``registered`` cycles
+        later: a register between the round-shift and the clip (as :func:`~hw.normalize.mantissa` has), then one
+        after the underflow round."""
+        vw = len(value)
+        # exact: |value| + bias < 2**vw; with the wrap, as int64
+        biased = Signal(signed(self.wrap or vw + 1), name="round_biased")
+        scaled = Signal(signed(_BOUNDED_BITS), name="round_scaled")
+        m.d.comb += [biased.eq(value + self.bias),
+                     scaled.eq(Mux(self.right, biased >> self.rs, value[:_BOUNDED_BITS].as_signed() << self.ls))]
+        if registered >= 1:
+            held = Signal.like(scaled, name="round_scaled_reg")
+            m.d.sync += held.eq(scaled)
+            scaled = held
+        clipped = Signal(MANT_SHAPE, name="round_clipped")
+        out = Signal(MANT_SHAPE, name="round_mantissa")
+        m.d.comb += [clipped.eq(Mux(scaled > nx.MANT_MAX, nx.MANT_MAX, Mux(scaled < -nx.MANT_MAX, -nx.MANT_MAX, scaled))),
+                     out.eq((clipped + self.ubias) >> self.urs)]
+        if registered >= 2:
+            held = Signal.like(out, name="round_mantissa_reg")
+            m.d.sync += held.eq(out)
+            out = held
+        return out
+
+
 class Requantizer(wiring.Component):
     """Two passes over ``len`` values read one per cycle from the unit that runs it.
 
@@ -32,7 +86,7 @@ class Requantizer(wiring.Component):
     to ``MANT_MAX``, and, when ``exp + s`` falls below ``EXP_MIN``, rounds again by the underflow; the mantissas
     are packed into activation-buffer words. ``exp + s > EXP_MAX`` completes with ``OVERFLOW`` and writes
     nothing. Each pass asks for value ``index`` with ``read``; the value must arrive on ``value`` ``latency``
-    cycles later. Busy for ``2 * len + 4 + 2 * (latency - 1) + registered`` cycles (``2`` for ``len == 0``: all
+    cycles later. Busy for ``2 * len + 5 + 2 * (latency - 1) + registered`` cycles (``2`` for ``len == 0``: all
     zero).
 
     Parameters
@@ -43,9 +97,10 @@ class Requantizer(wiring.Component):
     latency : int
         Cycles from ``read`` to its value (1: a read port; more: the reading unit's pipeline registers). Each pass
         takes ``latency - 1`` cycles more.
-    registered : bool
-        A register between the round-shift and the clip of the second pass (:func:`~hw.normalize.mantissa`),
-        so that neither half follows the reading unit's last register in the same cycle; one cycle more.
+    registered : int
+        Registers in the second pass's round (0 to 2), one cycle more each: between the round-shift and the clip
+        (as in :func:`~hw.normalize.mantissa`), so that neither half follows the reading unit's last register in
+        the same cycle; then between the underflow round and the packer.
 
     Attributes
     ----------
@@ -60,10 +115,13 @@ class Requantizer(wiring.Component):
         Pulses in the last busy cycle.
     """
 
-    def __init__(self, config, width: int, *, latency: int = 1, registered: bool = False):
+    def __init__(self, config, width: int, *, latency: int = 1, registered: int = 0):
         if latency < 1:
             self._MustUse__silence = True  # a rejected component is not an unused one
             raise ValueError(f"a value arrives at least one cycle after its read; got latency={latency!r}")
+        if registered not in range(3):
+            self._MustUse__silence = True
+            raise ValueError(f"the round pass has 0 to 2 registers; got registered={registered!r}")
         self.config, self.width, self.latency, self.registered = config, width, latency, registered
         layout = requant_command(config)
         super().__init__({"cmd": In(stream.Signature(layout)), "index": Out(layout.members["len"]), "read": Out(1),
@@ -84,17 +142,19 @@ class Requantizer(wiring.Component):
         mag = Signal(self.width, name="magnitude")
         m.d.comb += mag.eq(Mux(self.value < 0, -self.value, self.value))
         peak_or = Signal.like(mag, name="peak_or")
-        bitlen = bit_length(m, peak_or, "peak_bits")
-        shift = Signal(signed(8), name="shift")
+        # the peak's bit length (a 64-bit priority encoder) has a state of its own, ahead of the exponent arithmetic
+        bitlen = Signal(range(self.width + 1), name="peak_bits")
         e_out = Signal(signed(EREG_SHAPE.width + 2), name="exp_out")
         under = Signal(signed(EREG_SHAPE.width + 2), name="underflow")
         zero = Signal(name="all_zero")
-        # pass 2 rereads pass 1's values (bounded)
-        mant = scalar_mantissa(m, self.value, shift, under, "requant", bounded=True, registered=self.registered)
+        # pass 2 rereads pass 1's values (bounded); its shifts and rounding biases are registered in SHIFT
+        shifts = _RoundShifts(self.width)
+        mant = shifts.mantissa(m, self.value, registered=self.registered)
         mant_valid, mant_last = arrives, arrives_last
-        if self.registered:
-            mant_valid, mant_last = Signal(name="mantissa_valid"), Signal(name="mantissa_last")
-            m.d.sync += [mant_valid.eq(arrives), mant_last.eq(arrives_last)]
+        for i in range(self.registered):
+            held_valid, held_last = Signal(name=f"mantissa_valid{i}"), Signal(name=f"mantissa_last{i}")
+            m.d.sync += [held_valid.eq(mant_valid), held_last.eq(mant_last)]
+            mant_valid, mant_last = held_valid, held_last
         m.submodules.packer = packer = WordPacker(self.config)
         wiring.connect(m, packer.abuf_w, wiring.flipped(self.abuf_w))
         m.d.comb += [packer.base.eq(job.dst), packer.lane.payload.value.eq(Mux(zero, 0, mant)),
@@ -104,7 +164,7 @@ class Requantizer(wiring.Component):
         with m.FSM(name="requantizer_fsm"):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
-                m.d.sync += [idx.eq(0), peak_or.eq(0), job.eq(self.cmd.payload)]
+                m.d.sync += [idx.eq(0), peak_or.eq(0), bitlen.eq(0), job.eq(self.cmd.payload)]
                 with m.If(self.cmd.valid & (self.cmd.payload.len == 0)):
                     m.next = "SHIFT"
                 with m.Elif(self.cmd.valid):
@@ -116,13 +176,16 @@ class Requantizer(wiring.Component):
                 with m.If(arrives):
                     m.d.sync += peak_or.eq(peak_or | mag)
                 with m.If(arrives_last):
-                    m.next = "SHIFT"
+                    m.next = "PEAK_BITS"
+            with m.State("PEAK_BITS"):
+                m.d.sync += bitlen.eq(bit_length(m, peak_or, "peak_or_bits"))
+                m.next = "SHIFT"
             with m.State("SHIFT"):
                 s = bitlen - nx.MANT_BITS
                 e = job.exp + s
                 m.d.comb += packer.clear.eq(1)
-                m.d.sync += [shift.eq(s), zero.eq((bitlen == 0) | (n == 0)), e_out.eq(e), under.eq(nx.EXP_MIN - e),
-                             idx.eq(0)]
+                m.d.sync += [zero.eq((bitlen == 0) | (n == 0)), e_out.eq(e), under.eq(nx.EXP_MIN - e), idx.eq(0)]
+                shifts.latch(m, s, nx.EXP_MIN - e)
                 with m.If(n == 0):
                     m.next = "FINISH"
                 with m.Elif((bitlen != 0) & (e > nx.EXP_MAX)):

@@ -74,6 +74,12 @@ class StoreUnit(wiring.Component):
         m.d.comb += size.eq(Mux(is_acc, n << 3, rec.size))
         beats = Signal.like(size, name="store_beats")
         m.d.comb += beats.eq((size + pb - 1) >> lpb)
+        # the record's geometry is latched in CHECK, so that the per-beat logic (the last-beat compare, the byte
+        # strobes) starts from registers rather than from the length's adders
+        size_latched = Signal.like(size, name="store_bytes_latched")
+        beats_latched = Signal.like(beats, name="store_beats_latched")
+        last_beat = Signal.like(beats, name="store_last_beat")
+        exp_offset = Signal.like(rec.exp_offset, name="store_exponent_offset")
 
         exponent = Signal(32, name="store_exponent")
         m.d.comb += self.ereg_r.addr.eq(st.src_e)
@@ -97,13 +103,13 @@ class StoreUnit(wiring.Component):
             return out
 
         mant_bytes = clamp_bytes(n << 1, "store_mantissa_bytes_left")
-        strb_bytes = clamp_bytes(size, "store_bytes_left")
+        strb_bytes = clamp_bytes(size_latched, "store_bytes_left")
         quarter = select_word(m, self.abuf_r.data, beat[:2], 8 * pb, name="store_quarter")
         mant = Signal(8 * pb, name="store_mantissas")
         m.d.comb += mant.eq(quarter & low_mask(m, mant_bytes, 8 * pb, unit=8, name="store_mantissa_mask"))
         exp_here = Signal(8 * pb, name="store_exponent_bits")
-        exp_placed = shift_left(m, exponent, rec.exp_offset[:lpb], 8 * pb, unit=8, name="store_exponent_shift")
-        with m.If(beat == (rec.exp_offset >> lpb)):
+        exp_placed = shift_left(m, exponent, exp_offset[:lpb], 8 * pb, unit=8, name="store_exponent_shift")
+        with m.If(beat == (exp_offset >> lpb)):
             m.d.comb += exp_here.eq(exp_placed)
         m.d.comb += [
             self.dram.wr.payload.data.eq(Mux(is_acc, beat_buf, mant | exp_here)),
@@ -117,21 +123,23 @@ class StoreUnit(wiring.Component):
             m.d.comb += [self.dram.wr.valid.eq(1), self.port_wait.eq(~self.dram.wr.ready)]
             with m.If(self.dram.wr.ready):
                 m.d.sync += beat.eq(beat + 1)
-                with m.If(beat == beats - 1):
+                with m.If(beat == last_beat):
                     m.next = "DONE"
                 with m.Else():
                     then()
 
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
-                m.d.sync += [beat.eq(0), word.eq(0), slot.eq(0), beat_buf.eq(0), exponent.eq(self.ereg_r.data)]
+                m.d.sync += [beat.eq(0), word.eq(0), slot.eq(0), beat_buf.eq(0), exponent.eq(self.ereg_r.data),
+                             size_latched.eq(size), beats_latched.eq(beats), last_beat.eq(beats - 1),
+                             exp_offset.eq(rec.exp_offset)]
                 unaligned = (byte_addr & (pb - 1)).any() | (~is_acc & (st.src & (lanes - 1)).any())
                 beyond = Mux(is_acc, sa.acc + n > cfg.acc_buffer_words, st.src + n > cfg.act_buffer_words)
                 with seq.check((unaligned, Fault.UNALIGNED),
                                (beyond | (byte_addr + size > cfg.dram_bytes) | (is_acc & (n == 0)),
                                 Fault.OUT_OF_RANGE)):
                     m.next = "REQUEST"
-            with m.State("REQUEST"), m.If(request_burst(m, self.dram, byte_addr >> lpb, beats, write=True,
+            with m.State("REQUEST"), m.If(request_burst(m, self.dram, byte_addr >> lpb, beats_latched, write=True,
                                                              wait=self.port_wait)):
                 with m.If(is_acc):
                     m.next = "ACC_READ"

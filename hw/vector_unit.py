@@ -567,6 +567,11 @@ class NormScalar(wiring.Component):
         n_pow2 = Signal(name="norm_n_pow2")
         lg_n = Signal(range(nw["n"]), name="norm_lg_n")
         m.d.comb += [n_pow2.eq((n != 0) & ((n & (n - 1)) == 0)), lg_n.eq(bit_length(m, n, "norm_n_bits") - 1)]
+        # the sequence's first state (PREP) registers the head shift, the scaled sum of squares and log2(n), so that
+        # neither the peak's priority encoder nor the shifts chain into the mean square or the eps alignment
+        t_reg = Signal.like(t, name="norm_head_shift_reg")
+        sum_sq_reg = Signal.like(sum_sq, name="norm_sum_sq_reg")
+        lg_n_reg = Signal.like(lg_n, name="norm_lg_n_reg")
         layer = f.kind == isa.ENUMS["norm"].index("layer")
         ss = Signal(nw["sq"], name="norm_ss")
         ms = Signal(nw["ms_div"], name="norm_mean_sq")
@@ -575,18 +580,25 @@ class NormScalar(wiring.Component):
         sc_m = Signal(nx.SCALAR_BITS + 2, name="norm_scalar_m")
         sc_e = Signal(EXP_WIDE, name="norm_scalar_e")
         # eps aligned to the mean square's exponent base = 2 * ex - NORM_MS_FRAC
+        # registered from t_reg in every cycle: EPS_ALIGN comes two cycles after PREP or later
         base = Signal(EXP_WIDE, name="norm_base")
         eps_shift = Signal(EXP_WIDE, name="norm_eps_shift")  # left shift of eps_m
-        m.d.comb += [base.eq(((self.exp_x - t) << 1) - nx.NORM_MS_FRAC), eps_shift.eq(f.eps_e - base)]
+        base_next = Signal(EXP_WIDE, name="norm_base_next")
+        m.d.comb += base_next.eq(((self.exp_x - t_reg) << 1) - nx.NORM_MS_FRAC)
+        m.d.sync += [base.eq(base_next), eps_shift.eq(f.eps_e - base_next)]
         eps_al = round_shift_halving(m, Cat(f.eps_m, Const(0, 1)).as_signed(), -eps_shift, 17, _EPS_SHIFT_CAP,
                                      "norm_eps")
+        # eps aligned in a state of its own (EPS_ALIGN), then added to the mean square (EPS)
+        eps_al_reg = Signal.like(eps_al, name="norm_eps_aligned_reg")
+        eps_big = Signal(name="norm_eps_big")
+        eps_big_exp = Signal(EXP_WIDE, name="norm_eps_big_exp")
+        base_reg = Signal(EXP_WIDE, name="norm_base_reg")
         total_next = Signal.like(total, name="norm_total_next")
         total_exp_next = Signal(EXP_WIDE, name="norm_total_exp_next")
-        with m.If((f.eps_m != 0) & (eps_shift > _EPS_SHIFT_CAP)):
-            m.d.comb += [total_next.eq(f.eps_m << _EPS_SHIFT_CAP),
-                         total_exp_next.eq(base + eps_shift - _EPS_SHIFT_CAP)]
+        with m.If(eps_big):
+            m.d.comb += [total_next.eq(f.eps_m << _EPS_SHIFT_CAP), total_exp_next.eq(eps_big_exp)]
         with m.Else():
-            m.d.comb += [total_next.eq(ms + Mux(f.eps_m != 0, eps_al, 0)), total_exp_next.eq(base)]
+            m.d.comb += [total_next.eq(ms + eps_al_reg), total_exp_next.eq(base_reg)]
         # numerics.scalar, staged (timing.NORM_SCALAR_STEPS): while the total is wider than the window, it moves
         # right by a step. The steps never pass bit s - 1 of the round-shift by s = bitlen - SCALAR_BITS (each is
         # taken at a bit length of window + 1 or more, and leaves SCALAR_BITS + 1 or more), and a round half up only
@@ -595,7 +607,7 @@ class NormScalar(wiring.Component):
         step = timing.NORM_SCALAR_STEP
         window = nx.SCALAR_BITS + step
         steps = Signal(range(timing.NORM_SCALAR_STEPS + 1), name="norm_scalar_steps")
-        tot_len = bit_length(m, total[:window], "norm_total_bits")
+        tot_len = Signal(range(window + 1), name="norm_total_bits_reg")  # registered in SCALAR_BITS
         sc_shift = Signal(signed(len(tot_len) + 2), name="norm_scalar_shift")
         m.d.comb += sc_shift.eq(tot_len - nx.SCALAR_BITS)
         sc_round = round_shift_halving(m, Cat(total[:window], Const(0, 1)).as_signed(), sc_shift,
@@ -672,6 +684,9 @@ class NormScalar(wiring.Component):
 
         with m.FSM(name="norm_state"):
             with m.State("IDLE"), m.If(self.start):
+                m.next = "PREP"
+            with m.State("PREP"):
+                m.d.sync += [t_reg.eq(t), sum_sq_reg.eq(sum_sq), lg_n_reg.eq(lg_n)]
                 with m.If(layer):
                     m.next = "NQ"
                 if built:
@@ -681,15 +696,20 @@ class NormScalar(wiring.Component):
                     m.next = "MS"
             if built:
                 with m.State("MS_SHIFT"):  # a head of 2**k elements (q/k norms): the mean square is a shift
-                    m.d.sync += ms.eq((sum_sq << nx.NORM_MS_FRAC) >> lg_n)
-                    m.next = "EPS"
+                    m.d.sync += ms.eq((sum_sq_reg << nx.NORM_MS_FRAC) >> lg_n_reg)
+                    m.next = "EPS_ALIGN"
             # LayerNorm: ss = (n * Q - S * S) // n
             multiply("NQ", stat_sq, n, then("SQUARE", nq.eq(mul.product)))
             multiply("SQUARE", sum_mag, sum_mag, then("SS"))
             divide("SS", nq - mul.product, n, nw["ss_div"], then("MS", ss.eq(div.quotient)))
             # ms = (ss << NORM_MS_FRAC) // n; RMSNorm's ss is the sum of squares itself
-            divide("MS", Mux(layer, ss, sum_sq) << nx.NORM_MS_FRAC, n, nw["ms_div"],
-                   then("EPS", ms.eq(div.quotient)))
+            divide("MS", Mux(layer, ss, sum_sq_reg) << nx.NORM_MS_FRAC, n, nw["ms_div"],
+                   then("EPS_ALIGN", ms.eq(div.quotient)))
+            with m.State("EPS_ALIGN"):
+                m.d.sync += [eps_al_reg.eq(Mux(f.eps_m != 0, eps_al, 0)),
+                             eps_big.eq((f.eps_m != 0) & (eps_shift > _EPS_SHIFT_CAP)),
+                             eps_big_exp.eq(base + eps_shift - _EPS_SHIFT_CAP), base_reg.eq(base)]
+                m.next = "EPS"
             with m.State("EPS"):
                 m.d.sync += [total.eq(Mux(total_next == 0, 1, total_next)), total_exp.eq(total_exp_next),
                              steps.eq(0)]
@@ -699,7 +719,10 @@ class NormScalar(wiring.Component):
                     m.d.sync += [total.eq(total >> step), total_exp.eq(total_exp + step)]
                 m.d.sync += steps.eq(steps + 1)
                 with m.If(steps == timing.NORM_SCALAR_STEPS - 1):
-                    m.next = "SCALAR"
+                    m.next = "SCALAR_BITS"
+            with m.State("SCALAR_BITS"):  # the total's bit length (a priority encoder) ahead of its round-shift
+                m.d.sync += tot_len.eq(bit_length(m, total[:window], "norm_total_bits"))
+                m.next = "SCALAR"
             with m.State("SCALAR"):  # the last round-shift of numerics.scalar, then make the exponent even
                 with m.If(sc_exp[0]):
                     m.d.sync += [sc_m.eq(sc_round << 1), sc_e.eq(sc_exp - 1)]

@@ -35,16 +35,25 @@ LOAD_OVERHEAD = 6
 #: LDROW: cycles from the requantizer's read of an element to its product: the row buffer's read, the selected
 #: weight and scale registered, the product registered (hw/ldrow_unit.py).
 LDROW_READ_LATENCY = 3
+#: The requantizer that REQ and LDROW share (hw/requantizer.py): cycles besides two per element and its read
+#: latency: the command, the peak's bit length, the shift computation, the done cycle and the last value's.
+REQUANT_OVERHEAD = 5
 #: LDROW: besides the row's beats and two per element: check, address, request, latency, passes, exponent; each
 #: pass waits ``LDROW_READ_LATENCY - 1`` cycles more for the last product, and the round pass one more for the
-#: register between its round-shift and its clip (11 with neither).
-LDROW_OVERHEAD = 11 + 2 * (LDROW_READ_LATENCY - 1) + 1
+#: register between its round-shift and its clip (12 with neither).
+LDROW_OVERHEAD = 7 + REQUANT_OVERHEAD + 2 * (LDROW_READ_LATENCY - 1) + 1
 #: STORE: besides the beats: check, request, one buffer read per four beats, done.
 STORE_OVERHEAD = 3
 #: STACC: besides two per accumulator word: check, request, one per beat sent, done.
 STACC_OVERHEAD = 3
-#: REQ: besides two per element: check, shift computation, pipeline drain, done.
-REQ_OVERHEAD = 5
+#: REQ: cycles from the requantizer's read of an accumulator word to the word: the buffer's read, the word
+#: registered (hw/req_unit.py).
+REQ_READ_LATENCY = 2
+#: REQ: registers in the requantizer's round pass: between its round-shift and its clip, and before the packer.
+REQ_ROUND_REGISTERS = 2
+#: REQ: besides two per element: check and the requantizer's; each pass waits ``REQ_READ_LATENCY - 1`` cycles more
+#: for the last word, and the round pass one more per register (6 with neither).
+REQ_OVERHEAD = 1 + REQUANT_OVERHEAD + 2 * (REQ_READ_LATENCY - 1) + REQ_ROUND_REGISTERS
 #: ARGMAXACC: besides one per accumulator word: check, the last word's compare, the register write with done.
 ARGMAXACC_OVERHEAD = 3
 #: GEMV engine: products summed per adder-tree stage (one register stage per level of the tree).
@@ -112,6 +121,10 @@ NORM_TOTAL_BITS = 16 + NORM_EPS_SHIFT_CAP + 1
 #: half up's carry could reach stay), then one round-shift of at most NORM_SCALAR_STEP bits.
 NORM_SCALAR_STEP = 16
 NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // NORM_SCALAR_STEP)
+#: NORM's scalar sequence: states that only register (hw/vector_unit.py, NormScalar): the head shift, the scaled sum of
+#: squares and log2(n) before the first step (PREP); eps aligned before its add (EPS_ALIGN); the total's bit length
+#: before its round-shift (SCALAR_BITS).
+NORM_SCALAR_REGISTERS = 3
 
 # ---------------------------------------------------------------- attention engine
 #: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle): the sum l is at least
@@ -299,7 +312,7 @@ def vector_cycles(op: str, fields: dict, config) -> int:
         if layer:  # n * Q, S * S and S * r
             steps += [multiplier_cycles(w["mul_b"], k)] * 3
         # + eps alignment, the staged scalar rounding, pass set-up
-        scalar = sum(c + 2 for c in steps) + 1 + NORM_SCALAR_STEPS + 1 + 1
+        scalar = sum(c + 2 for c in steps) + 1 + NORM_SCALAR_STEPS + 1 + 1 + NORM_SCALAR_REGISTERS
         if fields.get("head_dim"):
             # over each head, three rounds: per head a statistics pass, the scalar sequence and its ALIGN state;
             # then per head its scalars loaded and a peak pass, drained; then the same with a write pass

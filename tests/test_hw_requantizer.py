@@ -1,7 +1,7 @@
 """The requantizer that the REQ and LDROW units share, in Amaranth's simulator: bit-exact with
-numerics.normalize, packed into activation-buffer words with lane masks, busy for exactly 2 * len + 4 cycles (2 when empty),
-and 2 * (latency - 1) + 1 more as LDROW builds it (values arriving 3 cycles after their read, a register in the round
-pass)."""
+numerics.normalize, packed into activation-buffer words with lane masks, busy for exactly 2 * len +
+timing.REQUANT_OVERHEAD cycles (2 when empty), and 2 * (latency - 1) + registered more as LDROW and REQ build it (values
+arriving 3 or 2 cycles after their read, one or two registers in the round pass)."""
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.requantizer import Requantizer
 
 from kvoverlay import numerics as nx
+from kvoverlay import timing
 from kvoverlay.config import PRESETS
 
 CFG = PRESETS["tiny"]
@@ -70,7 +71,7 @@ def test_bit_exact_with_normalize(n, width, lo, exp):
     assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
     assert all(v is None for v in words[3 + (n - 1) // LANES][(n - 1) % LANES + 1:])  # the lane mask
     assert sorted(words) == list(range(3, 3 + -(-n // LANES)))
-    assert cycles == 2 * n + 4
+    assert cycles == 2 * n + timing.REQUANT_OVERHEAD
 
 
 @pytest.mark.parametrize("n, width, lo, exp", [(37, 33, 1 << 32, -20), (5, 33, 1 << 10, -500), (1, 33, 40, 0),
@@ -85,12 +86,31 @@ def test_ldrow_pipeline(n, width, lo, exp):
     got = [words[3 + i // LANES][i % LANES] for i in range(n)]
     assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
     assert sorted(words) == list(range(3, 3 + -(-n // LANES)))
-    assert cycles == 2 * n + 4 + 2 * (3 - 1) + 1
+    assert cycles == 2 * n + timing.REQUANT_OVERHEAD + 2 * (3 - 1) + 1
 
 
-def test_latency_checked():
+@pytest.mark.parametrize("values, exp", [([2**63 - 1, -(2**63 - 1), 2**62 + 12345, -5, 2**63 - 2**47], -60),
+                                         ([2**40 + 7, -(2**40), 3, 2**39 - 1] * 5, -80), ([1, -2, 0], 0)],
+                         ids=["int64-wrap", "underflow", "small"])
+def test_req_pipeline(values, exp):
+    """REQ's build: accumulator words two cycles after their read, the round-shift registered before the clip and
+    the mantissa before the packer; the round half up of a 63-bit peak wraps as numpy's int64 does."""
+    values = np.array(values, np.int64)
+    want_m, want_e = nx.normalize(values, exp)
+    words, got_e, fault, cycles = run(values, exp, 64, latency=timing.REQ_READ_LATENCY,
+                                      registered=timing.REQ_ROUND_REGISTERS)
+    assert fault == Fault.NONE and got_e == want_e
+    n = len(values)
+    got = [words[3 + i // LANES][i % LANES] for i in range(n)]
+    assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
+    assert cycles == timing.req_cycles(CFG, n) - 1  # less the check cycle, which is the REQ unit's
+
+
+def test_latency_and_registers_checked():
     with pytest.raises(ValueError, match="latency=0"):
         Requantizer(CFG, 33, latency=0)
+    with pytest.raises(ValueError, match="registered=3"):
+        Requantizer(CFG, 64, registered=3)
 
 
 def test_overflow_writes_nothing():
@@ -98,7 +118,7 @@ def test_overflow_writes_nothing():
     with pytest.raises(nx.NumericsError):
         nx.normalize(values, nx.EXP_MAX)
     words, _, fault, cycles = run(values, nx.EXP_MAX, 64)
-    assert fault == Fault.OVERFLOW and not words and cycles == 4 + 3
+    assert fault == Fault.OVERFLOW and not words and cycles == 4 + timing.REQUANT_OVERHEAD - 1
 
 
 def test_empty_vector():
