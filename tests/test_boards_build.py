@@ -110,26 +110,17 @@ def _toy_board_il():
             m.d.sync += self.y.eq(mul.y ^ count.q)
             return m
 
-    class Top(Elaboratable):
-        def __init__(self):
-            self.overlay = Overlay()
+    class Level(Elaboratable):  # one level of the board top's hierarchy, holding the next
+        def __init__(self, name, child):
+            self.name, self.child = name, child
 
         def elaborate(self, platform):
             m = Module()
-            m.submodules.overlay = self.overlay
+            m.submodules[self.name] = self.child
             return m
 
-    class Board(Elaboratable):
-        def __init__(self):
-            self.top = Top()
-
-        def elaborate(self, platform):
-            m = Module()
-            m.submodules.top = self.top
-            return m
-
-    board = Board()
-    ov = board.top.overlay
+    ov = Overlay()
+    board = Level("top", Level("overlay", ov))
     return rtlil.convert(board, name="kvo_board", ports=[ov.a, ov.b, ov.y])
 
 

@@ -68,7 +68,7 @@ def test_clean_link_round_trip(board):
     info = client.info()
     assert info == {"version": link.LINK_VERSION, "overlay": False, "port_bits": CFG.port_bits,
                     "mem_words": MEM_BYTES // CFG.port_bytes, "mem_bytes": MEM_BYTES, "fingerprint": 0,
-                    "dropped_frames": info["dropped_frames"]}
+                    "sdram": False, "dropped_frames": info["dropped_frames"]}
     data = random.Random(3).randbytes(40 * CFG.port_bytes)
     client.write_mem(10, data)
     assert client.read_mem(10, 40) == data
