@@ -155,3 +155,13 @@ def test_partitioned_synthesis_stitches(tmp_path, monkeypatch):
     for kind, cell in (("luts", "LUT4"), ("dsps", "MULT18X18D"), ("brams", "DP16KD")):
         assert count("kvo_board", cell) == sum(p[kind] for p in parts.values())
     assert count("kvo_board", "LUT4") > 0 and count("kvo_board", "MULT18X18D") == 1
+    # nextpnr places and routes the stitched netlist (out of context: the toy has no board pins)
+    (tmp_path / "stitched.json").write_text(json.dumps(netlist))
+    import subprocess
+
+    res = subprocess.run([env["NEXTPNR_ECP5"], "--85k", "--out-of-context", "--json", "stitched.json",
+                          "--timing-allow-fail", "--quiet", "--report", "report.json"], cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    used = json.loads((tmp_path / "report.json").read_text())["utilization"]
+    assert used["MULT18X18D"]["used"] == 1 and used["TRELLIS_COMB"]["used"] >= count("kvo_board", "LUT4")
