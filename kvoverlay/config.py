@@ -22,6 +22,8 @@ WEIGHT_FORMATS = {"int4": 4, "int8": 8, "w16": 16, "uint4": 4}
 WEIGHT_CHOICES = {"w16": "w16", "int8": "int8", "int4": "uint4", "int4-sym": "int4", "int4-asym": "uint4"}
 #: Bits of KVAPPEND's and ATTN's ``kv_base`` (a column of the KV pool): the pool has at most 2**KV_BASE_BITS columns.
 KV_BASE_BITS = 13
+#: A weight group holds GROUP_BASE << lg_group weights (the ISA's group field): the smallest group there is.
+GROUP_BASE = 8
 
 
 class ConfigError(ValueError):
@@ -59,7 +61,7 @@ class OverlayConfig:
         window (one port word of weights) apart only down to this size, one group multiplier per further group,
         so a config that never quantizes finer than its ``group_size`` builds the few it uses. GEMV faults
         (GROUP) on a narrower group and the compiler refuses one (:meth:`builds_group`). Default
-        ``isa.GROUP_BASE`` (8, every group the ISA expresses), what bundles written before this key mean.
+        :data:`GROUP_BASE` (8, every group the ISA expresses), what bundles written before this key mean.
     norm_heads : bool
         Whether the vector unit is built with NORM over each head (``head_dim``: Qwen3's and Gemma 3's q/k norms;
         a 64-entry store of the heads' scalars, the peak and the shift to full scale). Without it such a NORM
@@ -91,9 +93,9 @@ class OverlayConfig:
     vector_lanes: int = _param(1, 1024, "elements per cycle of the vector and attention units", pow2=True)
     weight_formats: tuple = ("int4", "int8", "w16", "uint4")
     act_format: str = "bfp16"
-    group_size: int = _param(8, 1024, "default weights per group scale", pow2=True)
-    min_group: int = _param(8, 1024, "smallest weights per group scale the GEMV engine is built for", pow2=True,
-                            default=8)
+    group_size: int = _param(GROUP_BASE, 1024, "default weights per group scale", pow2=True)
+    min_group: int = _param(GROUP_BASE, 1024, "smallest weights per group scale the GEMV engine is built for",
+                            pow2=True, default=GROUP_BASE)
     norm_heads: bool = field(default=True, metadata={"omit_default": True})
     act_buffer_words: int = _param(256, 65536, "activation buffer size in 16-bit words", pow2=True)
     acc_buffer_words: int = _param(64, 65536, "accumulator buffer size in 64-bit words", pow2=True)

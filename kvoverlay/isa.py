@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .config import KV_BASE_BITS
+from .config import GROUP_BASE, KV_BASE_BITS
 
 __all__ = [
     "BY_CODE",
@@ -59,8 +59,6 @@ NUM_REGS = 16
 NUM_EREGS = 32
 #: External-memory addresses are encoded in units of this many bytes.
 DRAM_UNIT = 16
-#: A weight group holds GROUP_BASE << lg_group weights.
-GROUP_BASE = 8
 #: Heads of a NORM over each head: the vector unit keeps each head's scalars between its passes.
 NORM_MAX_HEADS = 64
 QUEUES = ("load", "compute", "store")
