@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvoverlay.boards.build import SYNTH_ECP5
+from kvoverlay.boards.build import SYNTH_ECP5, stat_cells
 
 #: The units, by the name of their Verilog top and the class that builds them from a config.
 UNITS = {
@@ -74,11 +74,7 @@ def synth(path: Path, yosys: str) -> dict:
         return {"unit": top, "error": (res.stderr or log).strip().splitlines()[-3:], "synth_s": round(wall, 1)}
     # the design hierarchy's totals come last in stat's report
     tail = log[log.rfind("=== design hierarchy ==="):] if "=== design hierarchy ===" in log else log
-    counts = {}
-    for cell in CELLS:
-        hits = re.findall(rf"^\s+(\d+)\s+{cell}\s*$", tail, re.MULTILINE) or \
-            re.findall(rf"^\s+{cell}\s+(\d+)\s*$", tail, re.MULTILINE)
-        counts[cell] = int(hits[-1]) if hits else 0
+    counts = stat_cells(tail, CELLS)
     return {"unit": top, **counts, "synth_s": round(wall, 1)}
 
 

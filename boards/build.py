@@ -119,9 +119,14 @@ def stitch(parts: list, top: str) -> dict:
     return merged
 
 
+def has_attribute(module: dict, name: str) -> bool:
+    """Whether a module of a Yosys JSON netlist carries the integer attribute *name*, non-zero (write_json spells
+    integer attributes as binary strings)."""
+    return str(module.get("attributes", {}).get(name, "0")).strip("0") != ""
+
+
 def _blackbox(module: dict) -> bool:
-    # write_json spells integer attributes as binary strings
-    return str(module.get("attributes", {}).get("blackbox", "0")).strip("0") != ""
+    return has_attribute(module, "blackbox")
 
 
 class FitError(ValueError):
@@ -231,12 +236,19 @@ def _tool_env(program: bool) -> dict:
     return env
 
 
-def _cells(stat: str) -> dict:
-    """LUT4, MULT18X18D and DP16KD counts of the top in a Yosys ``stat`` report."""
+def stat_cells(stat: str, cells) -> dict:
+    """Counts of each cell type in *cells* in a Yosys ``stat`` report: the last count printed, which in a hierarchical
+    report is the design's total (0 where the type does not appear)."""
     def count(cell):
         found = re.findall(rf"^\s+(\d+)\s+{cell}\s*$|^\s+{cell}\s+(\d+)\s*$", stat, re.MULTILINE)
         return int(next((a or b for a, b in reversed(found)), 0))
-    return {"luts": count("LUT4"), "dsps": count("MULT18X18D"), "brams": count("DP16KD")}
+    return {cell: count(cell) for cell in cells}
+
+
+def _cells(stat: str) -> dict:
+    """LUT4, MULT18X18D and DP16KD counts of the top in a Yosys ``stat`` report."""
+    counts = stat_cells(stat, ("LUT4", "MULT18X18D", "DP16KD"))
+    return {"luts": counts["LUT4"], "dsps": counts["MULT18X18D"], "brams": counts["DP16KD"]}
 
 
 def _stream(cmd, cwd, env, log, marks, on_mark):

@@ -144,7 +144,7 @@ def test_partitioned_synthesis_stitches(tmp_path, monkeypatch):
     mul = next(p for p, script in scripts.items() if "-top kvo_board.top.overlay.mul\n" in script)
     assert parts[mul]["dsps"] == 1 and parts["glue"]["dsps"] == 0  # the glue holds the units as black boxes
     netlist = build.stitch([tmp_path / f"{p}.json" for p in ("glue", *sorted(set(scripts) - {"glue"}))], "kvo_board")
-    tops = [n for n, mod in netlist["modules"].items() if mod.get("attributes", {}).get("top", "0").strip("0")]
+    tops = [n for n, mod in netlist["modules"].items() if build.has_attribute(mod, "top")]
     assert tops == ["kvo_board"]
     assert not any(build._blackbox(netlist["modules"][u]) for u in units)
     mods = netlist["modules"]
