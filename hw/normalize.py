@@ -25,6 +25,8 @@ from amaranth.lib.wiring import In, Out
 
 from kvoverlay import numerics as nx
 
+from .arith import select_bits
+
 __all__ = ["EXP_SHAPE", "EXP_WIDE", "MANT_SHAPE", "Normalizer", "PeakExponent", "bit_length", "mantissa",
            "peak_exponent", "round_shift_expr", "round_shift_halving", "scalar_mantissa"]
 
@@ -97,27 +99,11 @@ def round_shift_halving(m: Module, value, shift, rcap: int, lcap: int, name: str
     # them in each: the first wins where few result bits come out of a wide value (a lane of the normalizer)
     staged = sum(len(half) + (1 << k) - 1 for k in range(len(amount)))
     if staged < len(moved) * len(amount):
-        m.d.comb += half.eq(_shift_right(m, moved, value[-1], amount, len(half), name))
+        m.d.comb += half.eq(select_bits(m, moved.as_signed(), amount, len(half), name=f"{name}_sr"))
     else:
         m.d.comb += half.eq(moved.as_signed() >> amount)
     m.d.comb += out.eq((half + 1) >> 1)
     return out
-
-
-def _shift_right(m: Module, bits, sign, amount, width: int, name: str):
-    """The low *width* bits of the arithmetic right shift by *amount* of the value whose bits are *bits* (and *sign*
-    above them), in stages from the largest power of two down: after the stage of ``2**k`` only the
-    ``width + 2**k - 1`` bits that the smaller shifts can still move down are kept, so the wide stages are the
-    first few (a shifter that starts with the shift by one keeps all the bits through most of its stages)."""
-    v = bits
-    for k in reversed(range(len(amount))):
-        step, keep = 1 << k, width + (1 << k) - 1
-        if len(v) < keep + step:
-            v = Cat(v, sign.replicate(keep + step - len(v)))
-        stage = Signal(keep, name=f"{name}_sr{step}")
-        m.d.comb += stage.eq(Mux(amount[k], v[step:keep + step], v[:keep]))
-        v = stage
-    return v
 
 
 class PeakExponent(NamedTuple):
