@@ -43,12 +43,13 @@ def _rom_layout():
 
 
 class GateLut(wiring.Component):
-    """``gate(x)`` for ``lanes`` int16 mantissas with exponent ``exp``; result one cycle later.
+    """``gate(x)`` for ``lanes`` int16 mantissas with exponent ``exp``; result two cycles later.
 
     Per lane: ``xf = round_shift(x, -(exp + ACT_FRAC))``, the table position
     ``clip(xf + ACT_RANGE << ACT_FRAC, 0, 2 * ACT_RANGE << ACT_FRAC - 1)``, a ROM read of
     the segment, and the interpolation ``base + round_shift(slope * frac, seg_bits)``;
-    ``GATE_ONE`` at and above the table's top. Left shifts are exact up to the point
+    ``GATE_ONE`` at and above the table's top, registered (the ROM's clock-to-out and the interpolation then end in
+    a register of their own, not in the multiplier that takes the gate). Left shifts are exact up to the point
     where every nonzero input saturates; see the vector unit's notes on exponents above 35.
 
     Parameters
@@ -65,7 +66,7 @@ class GateLut(wiring.Component):
     func : In(2)
         ``isa.ENUMS["func"]`` code.
     gate : Out(ArrayLayout(GATE_SHAPE, lanes))
-        Gates of the inputs presented in the previous cycle.
+        Gates of the inputs presented two cycles earlier.
     """
 
     def __init__(self, lanes: int):
@@ -118,5 +119,5 @@ class GateLut(wiring.Component):
             step = Signal(signed(self.rom_layout["slope"].shape.width + _SEG_BITS + 1), name=f"gate_step{i}")
             # slope * frac in logic: a 7-bit factor is no use of a MULT18X18D
             m.d.comb += step.eq((narrow_times(frac, port.data.slope) + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
-            m.d.comb += self.gate[i].eq(Mux(saturated, nx.GATE_ONE, port.data.base + step))
+            m.d.sync += self.gate[i].eq(Mux(saturated, nx.GATE_ONE, port.data.base + step))
         return m

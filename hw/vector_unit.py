@@ -3,10 +3,12 @@
 Dataflow
 --------
 Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) stream
-``vector_lanes`` elements per cycle through a five-stage pipeline:
+``vector_lanes`` elements per cycle through a six-stage pipeline:
 
 * S0 issues the activation-buffer word addresses of chunk ``i`` on read ports A and B;
 * S1 selects the chunk's lanes from the returned words (and looks up ACT gates);
+* S2 holds the chunk while the gates are interpolated (the gate table's read and interpolation end in a register
+  there, not in the lane multiplier);
 * S2a and S2b compute the wide, exact per-element results (sums aligned as
   :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs; NORM's
   ``z * g`` in S2b, so that no stage chains two multipliers);
@@ -337,10 +339,10 @@ class ChunkIssue(wiring.Component):
 
 
 class Elementwise(wiring.Component):
-    """Stage S2 of VADD, VMUL, VSCALE, ACT and NORM's passes: exact wide results of a chunk.
+    """Stages S2 to S2b of VADD, VMUL, VSCALE, ACT and NORM's passes: exact wide results of a chunk.
 
     VADD aligns as :func:`~kvoverlay.numerics.align_sum`; ACT multiplies by the gate of
-    :class:`~hw.lut.GateLut`, read from the S1 lanes; NORM computes ``z * g`` with
+    :class:`~hw.lut.GateLut`, read from the S1 lanes and registered beside the chunk at S2a; NORM computes ``z * g`` with
     ``z = round_shift(x * r + d, NORM_Z_SHIFT)`` from :class:`NormScalar`'s ``r`` and ``d``.
 
     Attributes
@@ -356,13 +358,15 @@ class Elementwise(wiring.Component):
         NORM over each head: the head's left shift to full scale (0 otherwise).
     early_a : In(ArrayLayout(signed(16), vector_lanes))
     chunk : In(stream.Signature(chunk_layout(config)))
+    staged : Out(stream.Signature(chunk_layout(config)))
+        The chunk at S2a, a cycle after ``chunk`` (when its gates and lane products are ready).
     wide : Out(stream.Signature(wide_layout(config)))
-        The chunk's wide values, for peak and write passes, a cycle after the chunk (stages S2a and S2b).
+        The chunk's wide values, for peak and write passes, two cycles after ``chunk`` (stages S2a and S2b).
     exp : Out(EXP_WIDE)
         Exponent of the wide values.
     square : Out(ArrayLayout(SQUARE, vector_lanes))
-        NORM: the squares of the chunk's ``a`` lanes, from the lane multipliers, for :class:`NormScalar`'s
-        statistics pass (combinational).
+        NORM: the squares of the ``staged`` chunk's ``a`` lanes, from the lane multipliers, for
+        :class:`NormScalar`'s statistics pass (combinational).
     """
 
     def __init__(self, config):
@@ -371,7 +375,8 @@ class Elementwise(wiring.Component):
         mean_bits = timing.norm_widths(config)["mean_div"] + 2
         super().__init__({"insn": In(CMD_LAYOUT), "exp_a": In(EREG_SHAPE), "exp_b": In(EREG_SHAPE), "dst": In(16),
                           "recip": In(_RECIP_BITS), "mean": In(signed(mean_bits)), "recip_exp": In(EXP_WIDE),
-                          "xshift": In(range(nx.MANT_BITS + 1)), "early_a": In(data.ArrayLayout(LANE, V)), "chunk": In(_pipe(chunk_layout(config))),
+                          "xshift": In(range(nx.MANT_BITS + 1)), "early_a": In(data.ArrayLayout(LANE, V)),
+                          "chunk": In(_pipe(chunk_layout(config))), "staged": Out(_pipe(chunk_layout(config))),
                           "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE),
                           "square": Out(data.ArrayLayout(SQUARE, V))})
 
@@ -410,13 +415,15 @@ class Elementwise(wiring.Component):
                 with m.Case(_code(name)):
                     m.d.comb += self.exp.eq(exp)
 
-        # S2a computes each lane's value (NORM: z) and registers it; S2b multiplies NORM's z by g, so that neither
-        # half chains two multipliers
-        c = self.chunk.payload
+        # S2 registers the chunk beside its gates (the gate table's ROM and interpolation, GateLut); S2a computes
+        # each lane's value (NORM: z) and registers it; S2b multiplies NORM's z by g, so that neither half chains two
+        # multipliers
+        c = self.staged.payload
+        m.d.sync += [self.staged.valid.eq(self.chunk.valid), c.eq(self.chunk.payload)]
         out = self.wide.payload
         is_norm = Signal(name="is_norm")
         m.d.comb += is_norm.eq(opcode == _code("NORM"))
-        m.d.sync += [self.wide.valid.eq(self.chunk.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
+        m.d.sync += [self.wide.valid.eq(self.staged.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
         for j in range(V):
             a, b = c.a[j], c.b[j]
@@ -502,7 +509,8 @@ class NormScalar(wiring.Component):
     chunk : In(stream.Signature(chunk_layout(config)))
         ``STATS`` chunks are summed.
     square : In(ArrayLayout(SQUARE, vector_lanes))
-        The squares of the chunk's ``a`` lanes (:class:`Elementwise`'s lane multipliers).
+        The squares of the chunk's ``a`` lanes (:class:`Elementwise`'s lane multipliers): the chunk is
+        :class:`Elementwise`'s ``staged`` one.
     start : In(1)
         Starts the sequence (ignored while it runs).
     done : Out(1)
@@ -1076,8 +1084,9 @@ class VectorUnit(wiring.Component):
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
             wb.exp_in.eq(Mux(is_rope, rope.exp, elem.exp)),
         ]
-        for sink in (elem, scalar, argmax):
+        for sink in (elem, argmax):
             wiring.connect(m, issue.chunk, sink.chunk)
+        wiring.connect(m, elem.staged, scalar.chunk)  # the chunk beside its squares
         wiring.connect(m, wb.abuf_w, wiring.flipped(self.abuf_w))
         # ROPE reads single elements of its own (through the issue stage's chunk select); the chunk ops read chunks
         for port, chunks, pairs in ((self.abuf_r_a, issue.rd_a, rope.rd_a), (self.abuf_r_b, issue.rd_b, rope.rd_b)):
@@ -1123,12 +1132,13 @@ class VectorUnit(wiring.Component):
                 with m.Else():
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
-            # ROPE_PIPE_DEPTH and one more, for its held element); the sums and the argmax take the last chunk two cycles after its issue
-            # (the scalar sequence starts in the second, SCALAR, and reads the sums in the cycle after)
+            # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk two cycles after its
+            # issue, the sums three (at S2a, beside the squares: NORM_STATS_DRAIN), and the scalar sequence starts in
+            # the last of them (SCALAR) and reads the sums in the cycle after
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
                                              ("HEAD_PASS", issue.last, PIPE_DEPTH, "HEAD_NEXT"),
                                              ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),
-                                             ("STATS", issue.last, 1, "SCALAR"),
+                                             ("STATS", issue.last, timing.NORM_STATS_DRAIN, "SCALAR"),
                                              ("ARGMAX", issue.last, 2, "ARGMAX_WRITE")):
                 with m.State(state), m.If(last):
                     m.d.sync += drain.eq(depth)

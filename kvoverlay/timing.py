@@ -105,9 +105,12 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------- vector unit
-#: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select,
-#: two elementwise stages, write-back).
-VECTOR_PIPE_DEPTH = 4
+#: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select, the
+#: chunk held while its gates are interpolated, two elementwise stages, write-back).
+VECTOR_PIPE_DEPTH = 5
+#: NORM's statistics pass: cycles from its last issue until the sums take the last chunk (beside its squares, at the
+#: elementwise stage S2a), the scalar sequence starting in the last of them.
+NORM_STATS_DRAIN = 2
 #: The same for ROPE's own issue and product stages.
 ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
@@ -287,7 +290,7 @@ def vector_cycles(op: str, fields: dict, config) -> int:
 
     Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
-    (``ceil(len / V) + 2``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier; the
+    (``ceil(len / V) + NORM_STATS_DRAIN + 1``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier; the
     rounding of the mean square plus eps in :data:`NORM_SCALAR_STEPS` steps); over each head (``head_dim``), three
     rounds over the heads (statistics and scalars, peak passes, write passes).
     ROPE issues one pair per two cycles per pass
@@ -320,9 +323,9 @@ def vector_cycles(op: str, fields: dict, config) -> int:
             hd, n = fields["head_dim"], fields["len"]
             shift = divider_cycles(w["ms_div"], k) + 2 - 1
             heads = [min(hd, n - lo) for lo in range(0, n, hd)]
-            return sum(_ceil(h, V) + scalar - (shift if h & (h - 1) == 0 else 0) + 2
+            return sum(_ceil(h, V) + scalar - (shift if h & (h - 1) == 0 else 0) + NORM_STATS_DRAIN + 1
                        + 2 * (_ceil(h, V) + VECTOR_PIPE_DEPTH + 4) for h in heads) + 1 + done
-        return 1 + nch + 2 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
+        return 1 + nch + NORM_STATS_DRAIN + 1 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 
 

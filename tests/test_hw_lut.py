@@ -48,16 +48,23 @@ def test_gate_table_matches_numerics():
     got = []
 
     async def tb(ctx):
-        for ex, func, xs in cases:
-            ctx.set(dut.exp, ex)
-            ctx.set(dut.func, func)
-            out = []
-            for k in range(0, len(xs), LANES):
+        # a new group of inputs (and a new exponent and table) every cycle; each group's gates two cycles later
+        groups = [(ex, func, xs[k:k + LANES]) for ex, func, xs in cases for k in range(0, len(xs), LANES)]
+        out = []
+        for i in range(len(groups) + 1):
+            if i < len(groups):
+                ex, func, xs = groups[i]
+                ctx.set(dut.exp, ex)
+                ctx.set(dut.func, func)
                 for j in range(LANES):
-                    ctx.set(dut.x[j], xs[k + j])
-                await ctx.tick()  # the gates of these inputs, a cycle later
+                    ctx.set(dut.x[j], xs[j])
+            await ctx.tick()
+            if i >= 1:
                 out += [ctx.get(dut.gate[j]) for j in range(LANES)]
-            got.append(out)
+        pos = 0
+        for ex, func, xs in cases:
+            got.append(out[pos:pos + len(xs)])
+            pos += len(xs)
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)
@@ -80,7 +87,7 @@ def test_saturates_beyond_int64_shifts():
             ctx.set(dut.func, isa.ENUMS["func"].index("silu"))
             for j in range(LANES):
                 ctx.set(dut.x[j], xs[j])
-            await ctx.tick()
+            await ctx.tick().repeat(2)
             got[ex] = [ctx.get(dut.gate[j]) for j in range(LANES)]
 
     sim = Simulator(dut)
