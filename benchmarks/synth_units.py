@@ -39,6 +39,13 @@ UNITS = {
     "frontend": ("kvoverlay.hw.frontend", "Frontend"),
     "state": ("kvoverlay.hw.state", "OnChipState"),
     "argmax": ("kvoverlay.hw.argmax_unit", "ArgmaxUnit"),
+    # the vector unit's stages, each alone (paths that cross stages show only in the whole unit's run)
+    "vector_issue": ("kvoverlay.hw.vector_unit", "ChunkIssue"),
+    "vector_elementwise": ("kvoverlay.hw.vector_unit", "Elementwise"),
+    "vector_norm_scalar": ("kvoverlay.hw.vector_unit", "NormScalar"),
+    "vector_argmax": ("kvoverlay.hw.vector_unit", "Argmax"),
+    "vector_rope": ("kvoverlay.hw.vector_unit", "Rope"),
+    "vector_write_back": ("kvoverlay.hw.vector_unit", "WriteBack"),
 }
 
 #: The synthesis recipe of ``kvoverlay build`` (:data:`kvoverlay.boards.build.SYNTH_ECP5`), then the unit's stat

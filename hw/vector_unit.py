@@ -425,31 +425,37 @@ class Elementwise(wiring.Component):
         m.d.comb += is_norm.eq(opcode == _code("NORM"))
         m.d.sync += [self.wide.valid.eq(self.staged.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
+        is_act = Signal(name="is_act")
+        m.d.comb += is_act.eq(opcode == _code("ACT"))
+        s2 = self.chunk.payload
         for j in range(V):
-            a, b = c.a[j], c.b[j]
+            a, b = s2.a[j], s2.b[j]
+            # the lane multiplier's operands are chosen at S2 and registered (but for ACT's gate, GateLut's own
+            # register), so that S2a starts from registers: the operand selects and the multiplier never share a cycle
             # the multipliers' a: for a NORM over each head, the head's mantissas at full scale (exact: they stay in
-            # 16 bits); the shift is 0 for every other op and pass
-            am = Signal(LANE, name=f"mul_a{j}")
+            # 16 bits); the shift is 0 for every other op and pass. VADD's is its smaller operand
+            am = Signal(LANE, name=f"s2_mul_a{j}")
             m.d.comb += am.eq((a << self.xshift)[:16] if self.config.norm_heads else a)
+            mul_a = Signal(LANE, name=f"mul_a{j}")
             big = Signal(LANE, name=f"add_big{j}")
-            small = Signal(LANE, name=f"add_small{j}")
-            m.d.comb += [big.eq(Mux(b_big, b, a)), small.eq(Mux(b_big, a, b))]
+            m.d.sync += [mul_a.eq(Mux(is_vadd, Mux(b_big, a, b), am)), big.eq(Mux(b_big, b, a))]
             # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate, VADD its smaller operand by a power of
             # two: one lane multiplier (16 x 17 bits, one MULT18X18D) serves all four
-            factor = Signal(signed(GATE_SHAPE.width + 1), name=f"factor{j}")
+            factor_reg = Signal(signed(GATE_SHAPE.width + 1), name=f"s2a_factor{j}")
             with m.Switch(opcode):
                 with m.Case(_code("VADD")):
-                    m.d.comb += factor.eq(add_factor)
+                    m.d.sync += factor_reg.eq(add_factor)
                 with m.Case(_code("VSCALE")):
-                    m.d.comb += factor.eq(f.VSCALE.imm_m)
-                with m.Case(_code("ACT")):
-                    m.d.comb += factor.eq(lut.gate[j])
+                    m.d.sync += factor_reg.eq(f.VSCALE.imm_m)
                 with m.Case(_code("NORM")):  # the statistics pass's squares, then the low bits of x * r
-                    m.d.comb += factor.eq(Mux(c.kind == Pass.STATS, a, self.recip[:_RECIP_SPLIT]))
+                    m.d.sync += factor_reg.eq(Mux(s2.kind == Pass.STATS, a, self.recip[:_RECIP_SPLIT]))
                 with m.Default():
-                    m.d.comb += factor.eq(b)
+                    m.d.sync += factor_reg.eq(b)
+            factor = Signal(signed(GATE_SHAPE.width + 1), name=f"factor{j}")
+            m.d.comb += factor.eq(Mux(is_act, lut.gate[j], factor_reg))
+            b = c.b[j]
             product = Signal(signed(16 + GATE_SHAPE.width + 1), name=f"product{j}")
-            m.d.comb += [product.eq(Mux(is_vadd, small, am) * factor), self.square[j].eq(product)]
+            m.d.comb += [product.eq(mul_a * factor), self.square[j].eq(product)]
             aligned = Signal(signed(16 + _GUARD), name=f"add_aligned{j}")
             with m.If(add_equal):
                 m.d.comb += aligned.eq(product << 1)
@@ -460,7 +466,7 @@ class Elementwise(wiring.Component):
             # NORM: x * r in two parts (the lane multiplier takes r's low bits), then z * g with z's top bits in
             # logic: one more MULT18X18D each
             xr_hi = Signal(signed(16 + _RECIP_BITS - _RECIP_SPLIT + 1), name=f"norm_xr_hi{j}")
-            m.d.comb += xr_hi.eq(am * self.recip[_RECIP_SPLIT:])
+            m.d.comb += xr_hi.eq(mul_a * self.recip[_RECIP_SPLIT:])  # NORM's mul_a is its am
             zr = Signal(signed(_NORM_XR_BITS), name=f"norm_xr{j}")
             m.d.comb += zr.eq(product + (xr_hi << _RECIP_SPLIT) + self.mean)
             z = Signal(signed(_NORM_Z_BITS), name=f"norm_z{j}")
