@@ -39,6 +39,7 @@ UNITS = {
     "frontend": ("kvoverlay.hw.frontend", "Frontend"),
     "state": ("kvoverlay.hw.state", "OnChipState"),
     "argmax": ("kvoverlay.hw.argmax_unit", "ArgmaxUnit"),
+    "kv": ("kvoverlay.hw.kv_buffer", "KvBuffer"),
 }
 
 #: The synthesis recipe of ``kvoverlay build`` (:data:`kvoverlay.boards.build.SYNTH_ECP5`), then the unit's stat

@@ -275,16 +275,20 @@ PRESETS = {
     # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port. So that the units fit 80% of the 85F
     # (docs/boards.md): groups of 32 or more (int4: one group scale more per window, not seven), and no NORM over
     # each head (the q/k norms of Qwen3-class models, none of which fits the board's 32 MB, run a head at a time).
+    # The KV pool is sized to the 85F's block RAM (docs/boards.md, "Block RAM budget"): 32 columns (2 layers of 2
+    # KV heads of 64, or any mix) of 64 tokens, 512 Kbit of K and V; layers and tokens beyond go to the host.
     "ulx3s": OverlayConfig(
         name="ulx3s", port_bits=256, vector_lanes=8, group_size=32, min_group=32,
         norm_heads=False,
-        act_buffer_words=16384, acc_buffer_words=4096, kv_capacity=128, max_layers=4,
+        act_buffer_words=16384, acc_buffer_words=4096, kv_capacity=64, max_layers=2,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
     ),
-    # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s.
+    # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s. The on-chip KV pool is sized to
+    # the card: 8 layers of 8 KV heads of 128 for 256 tokens, 8 MiB of K and V (a quarter of its 34.6 MB of
+    # UltraRAM); a larger model's other layers run on the offload device (docs/benchmarks.md).
     "u280": OverlayConfig(
         name="u280", port_bits=8192, vector_lanes=64, group_size=32,
-        act_buffer_words=65536, acc_buffer_words=65536, kv_capacity=256, max_layers=32,
+        act_buffer_words=65536, acc_buffer_words=65536, kv_capacity=256, max_layers=8,
         max_kv_heads=8, max_head_dim=128, attn_tile=64, clock_mhz=450.0, dram_bytes=1 << 32,
     ),
 }
