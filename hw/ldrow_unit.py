@@ -15,7 +15,7 @@ from .isa_layout import LAYOUTS
 from .ports import Fault, abuf_write, ereg_write, reg_read, unit_signature
 from .requantizer import add_requantizer, complete_requantization
 from .unit import Sequencer, row_geometry, word_sizes
-from .widths import ceil_div, log2_exact
+from .widths import log2_exact
 
 __all__ = ["LdrowUnit"]
 
@@ -35,7 +35,8 @@ class LdrowUnit(wiring.Component):
     Parameters
     ----------
     config : OverlayConfig
-        The row buffer holds the longest row the activation buffer can take; ``weight_formats`` are built.
+        The row buffer holds ``ldrow_buffer_bytes`` (a longer row record faults OUT_OF_RANGE); ``weight_formats``
+        are built.
 
     Attributes
     ----------
@@ -53,9 +54,7 @@ class LdrowUnit(wiring.Component):
 
     def __init__(self, config):
         self.config = config
-        # the longest row the activation buffer can take: w16 weights plus one scale per smallest group
-        max_bytes = 2 * config.act_buffer_words + 2 * (config.act_buffer_words // isa.GROUP_BASE)
-        self.row_words = ceil_div(max_bytes, config.port_bytes)
+        self.row_words = config.ldrow_buffer_bytes // config.port_bytes
         super().__init__(unit_signature(LAYOUTS["LDROW"], dram=Out(dram_port(config)), abuf_w=Out(abuf_write(config)),
                                         ereg_w=Out(ereg_write()), reg_r=Out(reg_read()), port_wait=Out(1)))
 
@@ -129,7 +128,8 @@ class LdrowUnit(wiring.Component):
             with m.State("ADDRESS"):
                 m.d.sync += req_addr.eq((byte_addr >> lpb) + row_latched * stride_latched)
                 m.next = "RANGE"
-            with m.State("RANGE"), seq.check(((req_addr + stride_words) << lpb > cfg.dram_bytes, Fault.OUT_OF_RANGE)):
+            with m.State("RANGE"), seq.check(((req_addr + stride_latched) << lpb > cfg.dram_bytes, Fault.OUT_OF_RANGE),
+                                             (stride_latched > self.row_words, Fault.OUT_OF_RANGE)):
                 m.next = "REQUEST"
             with m.State("REQUEST"), m.If(request_burst(m, self.dram, req_addr, stride_words, wait=self.port_wait)):
                 m.next = "RECEIVE"
