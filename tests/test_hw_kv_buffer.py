@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """KvBuffer in Amaranth's simulator: a pool carved into two layers of different head counts and widths, every
 (base, head, position, chunk) its own word at the golden model's index, lanes masked, exponents starting at
 EXP_MIN, and the engine and host read ports agreeing."""
