@@ -46,6 +46,7 @@ UNITS = {
     "vector_argmax": ("kvoverlay.hw.vector_unit", "Argmax"),
     "vector_rope": ("kvoverlay.hw.vector_unit", "Rope"),
     "vector_write_back": ("kvoverlay.hw.vector_unit", "WriteBack"),
+    "kv": ("kvoverlay.hw.kv_buffer", "KvBuffer"),
 }
 
 #: The synthesis recipe of ``kvoverlay build`` (:data:`kvoverlay.boards.build.SYNTH_ECP5`), then the unit's stat

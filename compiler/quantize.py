@@ -157,6 +157,10 @@ def quantize(og: OverlayGraph, cfg: OverlayConfig, *, weights: str, group_size: 
     start = len(image.data)
     for name, (kind, t) in og.tables.items():
         fmt = "w16" if kind == "position" else image.table_fmt
+        stride = nx.row_stride(t.shape[1], fmt, group_for(t.shape[1], group_size), cfg.port_bytes)
+        if stride > cfg.ldrow_buffer_bytes:
+            raise CompileError(f"table {name}: a {fmt} row of {t.shape[1]} elements takes {stride} bytes, more than "
+                               f"{cfg.name}'s LDROW row buffer of {cfg.ldrow_buffer_bytes} (ldrow_row_bytes)")
         image.records[name] = _place_matrix(image, t, fmt, group_size, "rtn", cfg.port_bytes)
     image.region("tables", start)
     start = len(image.data)

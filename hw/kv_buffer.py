@@ -11,7 +11,7 @@ the layout is owned here.
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Shape, Signal, unsigned
+from amaranth.hdl import Module, Shape, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -100,27 +100,37 @@ class KvBuffer(wiring.Component):
 
     Token p of head h of the layer at column ``base`` (``cols`` columns per head) starts at word
     ``(base + h * cols) * kv_capacity + p * cols``: ``cols`` words of ``vector_lanes`` mantissas (lane 0 in the
-    low bits) in each of the K and V memories, and the word ``{ev, ek}`` at the same index in the exponent
-    memory. Lanes beyond the head dimension of a write are masked, so they keep their old contents (as the golden
+    low bits) in each of the K and V memories, and its exponents ``ek`` and ``ev`` at the same index in the two
+    exponent memories. Lanes beyond the head dimension of a write are masked, so they keep their old contents (as the golden
     model's KVAPPEND leaves them).
 
     Parameters
     ----------
     config : OverlayConfig
         Uses ``vector_lanes``, ``kv_capacity``, ``max_head_dim`` and ``kv_columns``.
+    host_read : bool
+        Whether to build the host's read port. Each read port of a block RAM memory is a copy of it (an ECP5
+        DP16KD has one write and one read port), so a port that nothing reads doubles the K and V memories: the
+        overlay reads the pool only through the engine, the attention engine's testbench also through the host.
 
     Attributes
     ----------
     port : In(kv_port_signature(config))
         The attention engine's write and read port.
     host : In(kv_host_read_signature(config))
-        Read port for the host.
+        Read port for the host; with ``host_read`` only.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, *, host_read: bool = False):
+        if not isinstance(host_read, bool):
+            raise TypeError(f"host_read must be a bool, got {host_read!r}")
         self.config = config
+        self.host_read = host_read
         self.geometry = kv_geometry(config)
-        super().__init__({"port": In(kv_port_signature(config)), "host": In(kv_host_read_signature(config))})
+        members = {"port": In(kv_port_signature(config))}
+        if host_read:
+            members["host"] = In(kv_host_read_signature(config))
+        super().__init__(members)
 
     def word_index(self, base, head, cols, pos):
         """First word of token *pos* of head *head* (columns from *base*, *cols* per head); ints or Amaranth values."""
@@ -130,38 +140,39 @@ class KvBuffer(wiring.Component):
         m = Module()
         g = self.geometry
         lanes, words = g["lanes"], g["words"]
-        ew = EXP_SHAPE.width
         m.submodules.k_mem = k_mem = Memory(shape=unsigned(16 * lanes), depth=words, init=[])
         m.submodules.v_mem = v_mem = Memory(shape=unsigned(16 * lanes), depth=words, init=[])
-        m.submodules.exp_mem = exp_mem = Memory(shape=unsigned(2 * ew), depth=words,
-                                                init=[(numerics.EXP_MIN & ((1 << ew) - 1)) * ((1 << ew) + 1)] * words)
-        p, h = self.port, self.host
+        # the exponents in two memories: the key's is read at the K position only, the value's at both (the score
+        # pass tracks the tile's largest value exponent), so only the value's is copied for the second read port
+        m.submodules.ek_mem = ek_mem = Memory(shape=EXP_SHAPE, depth=words, init=[numerics.EXP_MIN] * words)
+        m.submodules.ev_mem = ev_mem = Memory(shape=EXP_SHAPE, depth=words, init=[numerics.EXP_MIN] * words)
+        p = self.port
 
         wr_word = self.word_index(p.wr_base, p.wr_head, p.cols, p.wr_pos)
         for mem, en in ((k_mem, p.wr_k_en), (v_mem, p.wr_v_en)):
             w = mem.write_port(granularity=16)
             m.d.comb += [w.addr.eq(wr_word + p.wr_chunk), w.data.eq(p.wr_data),
                          w.en.eq(p.wr_mask & en.replicate(lanes))]
-        ew_port = exp_mem.write_port()
-        m.d.comb += [ew_port.addr.eq(wr_word), ew_port.data.eq(p.wr_ev.as_unsigned() << ew | p.wr_ek.as_unsigned()),
-                     ew_port.en.eq(p.wr_e_en)]
+        for mem, data in ((ek_mem, p.wr_ek), (ev_mem, p.wr_ev)):
+            w = mem.write_port()
+            m.d.comb += [w.addr.eq(wr_word), w.data.eq(data), w.en.eq(p.wr_e_en)]
 
-        def read(mem, word, chunk, data):
+        def read(mem, addr, data):
             port = mem.read_port()
-            m.d.comb += [port.addr.eq(word + chunk), data.eq(port.data)]
-
-        def read_exp(word, ek, ev):
-            port = exp_mem.read_port()
-            m.d.comb += [port.addr.eq(word), ek.eq(port.data[:ew].as_signed()), ev.eq(port.data[ew:].as_signed())]
+            m.d.comb += [port.addr.eq(addr), data.eq(port.data)]
 
         k_word = self.word_index(p.rd_base, p.rd_head, p.cols, p.rd_k_pos)
         v_word = self.word_index(p.rd_base, p.rd_head, p.cols, p.rd_v_pos)
-        read(k_mem, k_word, p.rd_k_chunk, p.rd_k_data)
-        read(v_mem, v_word, p.rd_v_chunk, p.rd_v_data)
-        read_exp(k_word, p.rd_ek, p.rd_k_ev)
-        read_exp(v_word, Signal(EXP_SHAPE), p.rd_ev)
-        host_word = self.word_index(h.base, h.head, h.cols, h.pos)
-        read(k_mem, host_word, h.chunk, h.k_data)
-        read(v_mem, host_word, h.chunk, h.v_data)
-        read_exp(host_word, h.ek, h.ev)
+        read(k_mem, k_word + p.rd_k_chunk, p.rd_k_data)
+        read(v_mem, v_word + p.rd_v_chunk, p.rd_v_data)
+        read(ek_mem, k_word, p.rd_ek)
+        read(ev_mem, k_word, p.rd_k_ev)
+        read(ev_mem, v_word, p.rd_ev)
+        if self.host_read:
+            h = self.host
+            host_word = self.word_index(h.base, h.head, h.cols, h.pos)
+            read(k_mem, host_word + h.chunk, h.k_data)
+            read(v_mem, host_word + h.chunk, h.v_data)
+            read(ek_mem, host_word, h.ek)
+            read(ev_mem, host_word, h.ev)
         return m

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Module, Signal, signed, unsigned
+from amaranth.hdl import Module, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
@@ -10,12 +10,13 @@ from amaranth.lib.wiring import Out
 from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
+from .arith import select_word
 from .dram import dram_port, request_burst
 from .isa_layout import LAYOUTS
 from .ports import Fault, abuf_write, ereg_write, reg_read, unit_signature
 from .requantizer import add_requantizer, complete_requantization
 from .unit import Sequencer, row_geometry, word_sizes
-from .widths import ceil_div, log2_exact
+from .widths import log2_exact
 
 __all__ = ["LdrowUnit"]
 
@@ -35,7 +36,8 @@ class LdrowUnit(wiring.Component):
     Parameters
     ----------
     config : OverlayConfig
-        The row buffer holds the longest row the activation buffer can take; ``weight_formats`` are built.
+        The row buffer holds ``ldrow_buffer_bytes`` (a longer row record faults OUT_OF_RANGE); ``weight_formats``
+        are built.
 
     Attributes
     ----------
@@ -53,9 +55,7 @@ class LdrowUnit(wiring.Component):
 
     def __init__(self, config):
         self.config = config
-        # the longest row the activation buffer can take: w16 weights plus one scale per smallest group
-        max_bytes = 2 * config.act_buffer_words + 2 * (config.act_buffer_words // isa.GROUP_BASE)
-        self.row_words = ceil_div(max_bytes, config.port_bytes)
+        self.row_words = config.ldrow_buffer_bytes // config.port_bytes
         super().__init__(unit_signature(LAYOUTS["LDROW"], dram=Out(dram_port(config)), abuf_w=Out(abuf_write(config)),
                                         ereg_w=Out(ereg_write()), reg_r=Out(reg_read()), port_wait=Out(1)))
 
@@ -96,18 +96,19 @@ class LdrowUnit(wiring.Component):
         wsel = Signal(lpb + 3, name="ldrow_weight_sel")
         ssel = Signal(lpb + 3, name="ldrow_scale_sel")
         m.d.sync += [wsel.eq(wbit[:lpb + 3]), ssel.eq(sbit[:lpb + 3])]
-        # weights start on nibble boundaries and scales on halfword ones: a 64-way (and a 16-way) select of the
-        # word instead of 256-way bit shifters
+        # a weight of b bits starts at a multiple of b bits (the scales before it are whole halfwords), so it lies in
+        # one halfword of the word: a 16-way select of halfwords, then the byte or nibble in it, instead of a 64-way
+        # select of 16 bits at any nibble (which Yosys cannot know the weights never straddle)
         # (timing.LDROW_READ_LATENCY: the selected weight and scale are registered, then the product, so that the
         # block RAM's output, the multiplier and the requantizer each have a cycle of their own)
-        nib = Cat(rw.data, Const(0, 12))
-        raw = Signal(16, name="ldrow_weight_raw")
-        m.d.comb += raw.eq(Array(nib[4 * i: 4 * i + 16] for i in range(cfg.port_bits // 4))[wsel[2:]])
+        half = select_word(m, rw.data, wsel[4:], 16, name="ldrow_weight_halfword")
         q = Signal(signed(16), name="ldrow_weight")
         with m.Switch(ins.fmt):
             for code, fmt in enumerate(isa.ENUMS["fmt"]):
+                bits = nx.WEIGHT_FORMATS[fmt]
                 with m.Case(code):
-                    m.d.sync += q.eq(raw[:nx.WEIGHT_FORMATS[fmt]].as_signed())
+                    m.d.sync += q.eq(half.word_select(wsel[log2_exact(bits):4], bits).as_signed() if bits < 16
+                                     else half.as_signed())
         scale = Signal(16, name="ldrow_scale")
         m.d.sync += scale.eq(rs.data.word_select(ssel[4:], 16))
         value = Signal(signed(len(q) + len(scale) + 1), name="ldrow_value")
@@ -129,7 +130,8 @@ class LdrowUnit(wiring.Component):
             with m.State("ADDRESS"):
                 m.d.sync += req_addr.eq((byte_addr >> lpb) + row_latched * stride_latched)
                 m.next = "RANGE"
-            with m.State("RANGE"), seq.check(((req_addr + stride_words) << lpb > cfg.dram_bytes, Fault.OUT_OF_RANGE)):
+            with m.State("RANGE"), seq.check(((req_addr + stride_latched) << lpb > cfg.dram_bytes, Fault.OUT_OF_RANGE),
+                                             (stride_latched > self.row_words, Fault.OUT_OF_RANGE)):
                 m.next = "REQUEST"
             with m.State("REQUEST"), m.If(request_burst(m, self.dram, req_addr, stride_words, wait=self.port_wait)):
                 m.next = "RECEIVE"

@@ -34,7 +34,7 @@ class AttentionSimTop(UnitSimTop):
     """
 
     def __init__(self, config):
-        self.kv_buffer = KvBuffer(config)
+        self.kv_buffer = KvBuffer(config, host_read=True)
         super().__init__(config, AttentionEngine(config), host_kv=In(kv_host_read_signature(config)))
 
     def elaborate(self, platform):

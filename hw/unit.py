@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -167,7 +167,9 @@ class WordPacker(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         lanes = self.lanes
-        lane = Signal(range(lanes), name="lane")
+        # the lane to fill, one-hot: a lane's enable and its mask bit then depend on three signals each (from a
+        # binary index, each of the 64 enables was an 8-input decode that ABC spread over ~3 slices)
+        lane = Signal(lanes, name="lane_onehot", init=1)
         word = Signal.like(self.abuf_w.addr, name="word")
         buf = Signal.like(self.abuf_w.data, name="word_buffer")
         mask = Signal(lanes, name="lane_mask")
@@ -178,10 +180,12 @@ class WordPacker(wiring.Component):
         with m.If(pending):
             m.d.sync += word.eq(word + 1)
         with m.If(self.clear):
-            m.d.sync += [lane.eq(0), word.eq(0), mask.eq(0)]
+            m.d.sync += [lane.eq(1), word.eq(0), mask.eq(0)]
         with m.Elif(self.lane.valid):
-            m.d.sync += [buf.word_select(lane, 16).eq(self.lane.payload.value),
-                         mask.eq(Mux(lane == 0, 1, mask | Cat(lane == i for i in range(lanes)))), lane.eq(lane + 1)]
-            with m.If((lane == lanes - 1) | self.lane.payload.last):
+            for i in range(lanes):
+                with m.If(lane[i]):
+                    m.d.sync += buf.word_select(i, 16).eq(self.lane.payload.value)
+            m.d.sync += [mask.eq(Mux(lane[0], 1, mask | lane)), lane.eq(lane.rotate_left(1))]
+            with m.If(lane[-1] | self.lane.payload.last):
                 m.d.sync += pending.eq(1)
         return m

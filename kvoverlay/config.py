@@ -69,6 +69,11 @@ class OverlayConfig:
         written before this key mean.
     act_buffer_words : int
         On-chip activation buffer, in 16-bit mantissas.
+    ldrow_row_bytes : int
+        The longest row record LDROW takes (its row buffer, :attr:`ldrow_buffer_bytes`), a multiple of the port's
+        bytes; a longer one faults OUT_OF_RANGE, and the compiler refuses a table of such rows. Default 0: as long
+        as the activation buffer holds (w16 weights and a scale per smallest group), what bundles written before
+        this key mean.
     acc_buffer_words : int
         On-chip accumulator buffer, in 64-bit words.
     kv_capacity : int
@@ -98,6 +103,8 @@ class OverlayConfig:
                             pow2=True, default=GROUP_BASE)
     norm_heads: bool = field(default=True, metadata={"omit_default": True})
     act_buffer_words: int = _param(256, 65536, "activation buffer size in 16-bit words", pow2=True)
+    ldrow_row_bytes: int = _param(0, 1 << 20, "longest LDROW row record in bytes (0: as the activation buffer holds)",
+                                  default=0)
     acc_buffer_words: int = _param(64, 65536, "accumulator buffer size in 64-bit words", pow2=True)
     kv_capacity: int = _param(1, 65536, "KV capacity in tokens per layer and KV head")
     max_layers: int = _param(1, 64, "layers held in the KV buffer")
@@ -135,6 +142,9 @@ class OverlayConfig:
         if self.min_group > self.group_size:
             raise ConfigError(f"min_group={self.min_group} exceeds group_size={self.group_size}: the GEMV engine "
                               "would not be built for the default group")
+        if self.ldrow_row_bytes % self.port_bytes:
+            raise ConfigError(f"ldrow_row_bytes={self.ldrow_row_bytes} must be a multiple of the port's "
+                              f"{self.port_bytes} bytes")
         if self.act_format != "bfp16":
             raise ConfigError(f"act_format={self.act_format!r}: allowed ['bfp16']")
         kv_words = self.kv_buffer_words
@@ -155,6 +165,15 @@ class OverlayConfig:
         """int16 lanes of one activation-buffer word: what the GEMV engine reads per cycle at int4.
         Vectors start on a word boundary."""
         return 2 * self.port_bytes
+
+    @property
+    def ldrow_buffer_bytes(self) -> int:
+        """Bytes of LDROW's row buffer: the longest row record LDROW takes (``ldrow_row_bytes``, or by default the
+        longest row the activation buffer can take: w16 weights plus one scale per smallest group, in port words)."""
+        if self.ldrow_row_bytes:
+            return self.ldrow_row_bytes
+        most = 2 * self.act_buffer_words + 2 * (self.act_buffer_words // GROUP_BASE)
+        return -(-most // self.port_bytes) * self.port_bytes
 
     @property
     def kv_buffer_words(self) -> int:
@@ -275,16 +294,21 @@ PRESETS = {
     # ULX3S (ECP5-85F): 32 int8 MACs per cycle fed by a 256-bit port. So that the units fit 80% of the 85F
     # (docs/boards.md): groups of 32 or more (int4: one group scale more per window, not seven), and no NORM over
     # each head (the q/k norms of Qwen3-class models, none of which fits the board's 32 MB, run a head at a time).
+    # The KV pool is sized to the 85F's block RAM (docs/boards.md, "Block RAM budget"): 32 columns (2 layers of 2
+    # KV heads of 64, or any mix) of 64 tokens, 512 Kbit of K and V; layers and tokens beyond go to the host. LDROW
+    # takes rows of up to 16 KiB (8 block RAMs, one deep: a table row of 7,936 w16 weights or 15,872 int8 ones).
     "ulx3s": OverlayConfig(
         name="ulx3s", port_bits=256, vector_lanes=8, group_size=32, min_group=32,
         norm_heads=False,
-        act_buffer_words=16384, acc_buffer_words=4096, kv_capacity=128, max_layers=4,
+        act_buffer_words=16384, ldrow_row_bytes=16384, acc_buffer_words=4096, kv_capacity=64, max_layers=2,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
     ),
-    # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s.
+    # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s. The on-chip KV pool is sized to
+    # the card: 8 layers of 8 KV heads of 128 for 256 tokens, 8 MiB of K and V (a quarter of its 34.6 MB of
+    # UltraRAM); a larger model's other layers run on the offload device (docs/benchmarks.md).
     "u280": OverlayConfig(
         name="u280", port_bits=8192, vector_lanes=64, group_size=32,
-        act_buffer_words=65536, acc_buffer_words=65536, kv_capacity=256, max_layers=32,
+        act_buffer_words=65536, acc_buffer_words=65536, kv_capacity=256, max_layers=8,
         max_kv_heads=8, max_head_dim=128, attn_tile=64, clock_mhz=450.0, dram_bytes=1 << 32,
     ),
 }

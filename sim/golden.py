@@ -170,6 +170,9 @@ class GoldenModel:
             if f["cols"] % group or f["cols"] == 0:
                 raise ValueError(f"cols={f['cols']} is not a positive multiple of the group size {group}")
             stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)
+            if stride > self.config.ldrow_buffer_bytes:
+                raise IndexError(f"a row record of {stride} bytes exceeds LDROW's row buffer of "
+                                 f"{self.config.ldrow_buffer_bytes} (ldrow_row_bytes)")
             row = self.regs[f["row_reg"]] + f["row_imm"]
             if row < 0:
                 raise IndexError(f"row index {row} is negative")

@@ -72,6 +72,15 @@ def test_abuf_too_small_is_a_clear_error():
         compile_model(build_llama_onnx(), PRESETS["tiny"].replace(act_buffer_words=256), weights="int8", max_seq=8)
 
 
+def test_table_rows_past_the_ldrow_buffer_are_a_clear_error():
+    # the demo's embedding rows (64 int8 weights and 2 scales: 68 bytes, one 256-bit port word of 32 bytes more
+    # than a 64-byte row buffer holds)
+    with pytest.raises(CompileError, match=r"a int8 row of 64 elements takes 96 bytes, more than custom's LDROW row "
+                                           r"buffer of 64 \(ldrow_row_bytes\)"):
+        compile_model(build_llama_onnx(), PRESETS["ulx3s"].replace(name="custom", ldrow_row_bytes=64),
+                      weights="int8", max_seq=8)
+
+
 def test_group_size_is_validated():
     with pytest.raises(CompileError, match="group-size"):
         compile_model(build_llama_onnx(), "tiny", weights="int8", group_size=12, max_seq=8)

@@ -84,3 +84,15 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="invalid TOML"):
         OverlayConfig.from_toml("this is = = not toml")
+
+
+def test_ldrow_row_bytes():
+    """LDROW's row buffer: by default the longest row the activation buffer takes (w16 and a scale per group of 8,
+    in port words), left out of a config's dict there; ulx3s bounds it to 16 KiB; not a port multiple is refused."""
+    tiny, ulx3s = PRESETS["tiny"], PRESETS["ulx3s"]
+    assert tiny.ldrow_buffer_bytes == 2 * 8192 + 2 * 8192 // 8 and "ldrow_row_bytes" not in tiny.to_dict()
+    assert ulx3s.ldrow_buffer_bytes == 16384 and "ldrow_row_bytes = 16384" in ulx3s.to_toml()
+    assert OverlayConfig.from_toml(ulx3s.to_toml()) == ulx3s
+    assert ulx3s.replace(ldrow_row_bytes=0).ldrow_buffer_bytes == 2 * 16384 + 2 * 16384 // 8
+    with pytest.raises(ConfigError, match="ldrow_row_bytes=100 must be a multiple of the port's 32 bytes"):
+        ulx3s.replace(ldrow_row_bytes=100)

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """KvBuffer in Amaranth's simulator: a pool carved into two layers of different head counts and widths, every
 (base, head, position, chunk) its own word at the golden model's index, lanes masked, exponents starting at
 EXP_MIN, and the engine and host read ports agreeing."""
@@ -52,8 +53,17 @@ def test_word_index_is_the_golden_models():
     assert sorted(words) == list(range(kv_geometry(CFG)["words"]))  # the two layers fill the pool exactly
 
 
+def test_host_read_port_is_built_on_request():
+    """The overlay reads the pool through the engine only, so the host's port (a copy of every memory in block
+    RAM) is built only on request."""
+    assert not hasattr(KvBuffer(CFG), "host") and "host" not in KvBuffer(CFG).signature.members
+    assert "host" in KvBuffer(CFG, host_read=True).signature.members
+    with pytest.raises(TypeError, match="host_read must be a bool, got 1"):
+        KvBuffer(CFG, host_read=1)
+
+
 def test_kv_buffer_words_and_masks():
-    dut = KvBuffer(CFG)
+    dut = KvBuffer(CFG, host_read=True)
     lanes = dut.geometry["lanes"]
     coords = _coords()
     rng = np.random.default_rng(5)
@@ -109,7 +119,7 @@ def test_kv_buffer_words_and_masks():
                     ctx.set(getattr(port, name), v)
             await ctx.tick()
             seen[c] = (ctx.get(p.rd_k_data), ctx.get(p.rd_v_data), ctx.get(p.rd_ek), ctx.get(p.rd_ev),
-                       ctx.get(host.k_data), ctx.get(host.v_data), ctx.get(host.ek), ctx.get(host.ev))
+                       ctx.get(p.rd_k_ev), ctx.get(host.k_data), ctx.get(host.v_data), ctx.get(host.ek), ctx.get(host.ev))
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)
@@ -120,8 +130,8 @@ def test_kv_buffer_words_and_masks():
         if c == masked:
             k[1], k[3] = patch[1], patch[3]
         other = (*c[:3], *other_of(c))
-        rk, rv, ek, ev, hk, hv, hek, hev = seen[c]
+        rk, rv, ek, ev, kev, hk, hv, hek, hev = seen[c]
         assert _lanes(hk, lanes) == k and _lanes(hv, lanes) == v_words[c], c
         assert (hek, hev) == exps[c[:4]], c
-        assert rk == hk and ek == hek, c
+        assert rk == hk and ek == hek and kev == hev, c
         assert _lanes(rv, lanes) == v_words[other] and ev == exps[other[:4]][1], (c, other)

@@ -386,13 +386,17 @@ def test_wide_port_preset_ulx3s():
      "GEMV: execution fault: group", "min_group=32"),
     ("NORM x=0 x_e=E1 g=64 g_e=E2 dst=128 dst_e=E3 len=32 eps_m=5000 eps_e=-40 kind=rms head_dim=16",
      "NORM: execution fault: shape", "built without it"),
-], ids=["gemv-group-16", "norm-heads"])
+    # a w16 row of 8,192 weights in groups of 32: 16,896 bytes, one port word more than the row buffer's 16 KiB
+    ("LDROW addr=0 row_reg=R0 row_imm=0 cols=8192 fmt=w16 lg_group=2 sexp=0 dst=0 dst_e=E1",
+     "LDROW: execution fault: out of range", "exceeds LDROW's row buffer of 16384"),
+], ids=["gemv-group-16", "norm-heads", "ldrow-row-16k"])
 def test_unbuilt_options_fault_on_ulx3s(text, fault, message):
-    """ulx3s is built for groups of min_group=32 or more and without NORM over each head (norm_heads): a GEMV of
-    groups of 16 faults GROUP on the RTL at its pc, a NORM over heads SHAPE, and the golden model refuses each from
-    the same config."""
+    """ulx3s is built for groups of min_group=32 or more, without NORM over each head (norm_heads) and with a
+    16 KiB LDROW row buffer (ldrow_row_bytes): a GEMV of groups of 16 faults GROUP on the RTL at its pc, a NORM over
+    heads SHAPE, a longer LDROW row OUT_OF_RANGE, and the golden model refuses each from the same config."""
     cfg = PRESETS["ulx3s"]
     assert not cfg.builds_group(16) and cfg.builds_group(32) and not cfg.norm_heads
+    assert cfg.ldrow_buffer_bytes == 16384
     build_model(cfg)
     program = isa.assemble(f"NOP queue=compute\n{text}\nEND")
     with pytest.raises(ExecError, match=message):
