@@ -173,7 +173,15 @@ class Overlay(wiring.Component):
         owner = {k: Signal(range(len(isa.QUEUES) + 1), name=f"{k}_owner_now") for k in timing.BUFFER_PORTS}
         for k in timing.BUFFER_PORTS:
             held = owner_reg[k] if k in shared_ports else isa.QUEUES.index(next(q for q in isa.QUEUES if lock_ops[q][k]))
-            m.d.comb += owner[k].eq(Mux(self.running | ~k.endswith("_r"), held, len(isa.QUEUES)))
+            m.d.comb += owner[k].eq(held if k.endswith("_w") else Mux(self.running, held, len(isa.QUEUES)))
+        kinds = host_signature(cfg, *timing.BUFFER_PORTS).members
+        for q in isa.QUEUES:
+            for n, ops in UNITS[q].items():
+                declared = {k for k in timing.BUFFER_PORTS if ports_of(units[n], kinds[k].signature)}
+                for op in ops:
+                    if not set(timing.PORT_LOCKS[op]) <= declared:  # the owner of a port must be able to drive it
+                        raise ValueError(f"timing.PORT_LOCKS[{op!r}] = {timing.PORT_LOCKS[op]!r}: unit {n} has "
+                                         f"ports {sorted(declared)!r} only")
         state.attach_groups([*(([units[n] for n in UNITS[q]], unit_sel[q]) for q in isa.QUEUES), ([host], 0)], owner)
         m.d.comb += [
             host.abuf_r.addr.eq(self.dbg_abuf_addr), host.abuf_r.en.eq(1), self.dbg_abuf_data.eq(host.abuf_r.data),

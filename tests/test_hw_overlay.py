@@ -631,21 +631,3 @@ def test_port_locks_hold_back_unordered_instructions_as_the_golden_model_does(mo
     assert {q: hw[f"stall_lock_{q}"] for q in isa.QUEUES} == gold_counters.stall_lock
     assert all(gold_counters.stall_lock[q] > 0 for q in isa.QUEUES), gold_counters.stall_lock
 
-
-def test_port_locks_name_the_ports_each_opcodes_unit_declares():
-    """timing.PORT_LOCKS (what the golden replay and the executors use) against the units: an opcode locks only
-    ports of kinds its unit declares, so the owner of a shared port is always a unit that can drive it."""
-    from kvoverlay.hw.overlay import UNITS, Overlay
-    from kvoverlay.hw.state import _kinds, ports_of
-
-    from kvoverlay.timing import PORT_LOCKS
-
-    overlay = Overlay(CFG)
-    kinds = _kinds(CFG)
-    m = overlay.elaborate(None)
-    for units in UNITS.values():
-        for name, ops in units.items():
-            unit = m.submodules[f"{name}_unit"]
-            declared = {k for k in ("abuf_r", "abuf_w", "acc_r", "acc_w") if ports_of(unit, kinds[k])}
-            for op in ops:
-                assert set(PORT_LOCKS[op]) <= declared, (op, declared)
