@@ -411,7 +411,7 @@ def _port_replay(issued):
     free = dict.fromkeys(isa.QUEUES, 0)  # None while the running instruction waits for the memory port
     busy = dict.fromkeys(isa.QUEUES, 0)
     stall_lock = dict.fromkeys(isa.QUEUES, 0)
-    holding = dict.fromkeys(isa.QUEUES, ())  # the opcode each queue runs or ran last
+    holding = dict.fromkeys(isa.QUEUES)  # the opcode each queue runs or ran last
     pushed, popped = {}, {}  # (from, to) -> end times of its pushes so far / pops taken so far
     requests = {}  # queue -> (request cycle, instruction) of a started burst not yet granted
     port_free = 0
@@ -446,7 +446,7 @@ def _port_replay(issued):
             start = max(start, times[n])
         unlocked = start
         for o in isa.QUEUES:
-            if o != q and holding[o] and lock_conflicts(holding[o][0], issued[i][6]):
+            if o != q and holding[o] and lock_conflicts(holding[o], issued[i][6]):
                 if free[o] is None:
                     return None
                 unlocked = max(unlocked, free[o])
@@ -476,7 +476,7 @@ def _port_replay(issued):
         starts[i], stall_lock[q] = first, stall_lock[q] + first - candidates[q][0]
         for src in issued[i][2]:
             popped[(src, q)] = popped.get((src, q), 0) + 1
-        head[q], holding[q] = head[q] + 1, (issued[i][6],)
+        head[q], holding[q] = head[q] + 1, issued[i][6]
         if issued[i][4] is None:
             retire(q, i, first + issued[i][1])
         else:
