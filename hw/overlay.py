@@ -48,7 +48,7 @@ STALL_UNITS = (*isa.QUEUES, "frontend")
 #: Host-readable counters, by ``ctr_addr``.
 COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes_read",
             *(f"busy_{q}" for q in isa.QUEUES), *(f"stall_token_{q}" for q in isa.QUEUES),
-            *(f"stall_port_{q}" for q in isa.QUEUES))
+            *(f"stall_port_{q}" for q in isa.QUEUES), *(f"stall_lock_{q}" for q in isa.QUEUES))
 #: Execution units per queue and the opcodes they take. An opcode of a queue that no unit takes stops the run
 #: with the ``unimplemented`` error naming the opcode (none is left in this build; the path stays for
 #: reduced builds). Plugging a unit in: instantiate it in ``Overlay.elaborate`` and list its opcodes here; the
@@ -157,14 +157,32 @@ class Overlay(wiring.Component):
         m.d.comb += [self.insn_addr.eq(fe.insn_addr), fe.insn_data.eq(self.insn_data), fe.prog_base.eq(self.prog_base)]
 
         # ------------------------------------------------------------ on-chip state
-        # each queue's units share its memory ports, driven by the unit that runs; the host reads the buffers and
-        # registers, and writes the scalar registers (program arguments) while not running
+        # one read and one write port per buffer, shared: within a queue by the unit that runs, between the queues
+        # by the one whose instruction holds the port (timing.PORT_LOCKS: its owner, set when it starts), and with
+        # the host, which reads the buffers while not running; the host also writes the scalar registers (program
+        # arguments) while not running
         state = OnChipState(m, cfg)
         unit_sel = {q: Signal(range(max(2, len(UNITS[q]))), name=f"{q}_unit") for q in isa.QUEUES}
-        for q in isa.QUEUES:
-            state.attach([units[n] for n in UNITS[q]], unit_sel[q])
         host = host_signature(cfg, "abuf_r", "acc_r", "ereg_r", "reg_r", "reg_w").create(path=("host",))
-        state.attach([host])
+        # the buffer ports that instructions of several queues use, and each queue's opcodes that use them
+        lock_ops = {q: {k: [isa.BY_NAME[op].code for op, ks in timing.PORT_LOCKS.items()
+                            if k in ks and isa.BY_NAME[op].queue == q] for k in timing.BUFFER_PORTS}
+                    for q in isa.QUEUES}
+        shared_ports = [k for k in timing.BUFFER_PORTS if sum(bool(lock_ops[q][k]) for q in isa.QUEUES) > 1]
+        owner_reg = {k: Signal(range(len(isa.QUEUES)), name=f"{k}_owner") for k in shared_ports}
+        owner = {k: Signal(range(len(isa.QUEUES) + 1), name=f"{k}_owner_now") for k in timing.BUFFER_PORTS}
+        for k in timing.BUFFER_PORTS:
+            held = owner_reg[k] if k in shared_ports else isa.QUEUES.index(next(q for q in isa.QUEUES if lock_ops[q][k]))
+            m.d.comb += owner[k].eq(held if k.endswith("_w") else Mux(self.running, held, len(isa.QUEUES)))
+        kinds = host_signature(cfg, *timing.BUFFER_PORTS).members
+        for q in isa.QUEUES:
+            for n, ops in UNITS[q].items():
+                declared = {k for k in timing.BUFFER_PORTS if ports_of(units[n], kinds[k].signature)}
+                for op in ops:
+                    if not set(timing.PORT_LOCKS[op]) <= declared:  # the owner of a port must be able to drive it
+                        raise ValueError(f"timing.PORT_LOCKS[{op!r}] = {timing.PORT_LOCKS[op]!r}: unit {n} has "
+                                         f"ports {sorted(declared)!r} only")
+        state.attach_groups([*(([units[n] for n in UNITS[q]], unit_sel[q]) for q in isa.QUEUES), ([host], 0)], owner)
         m.d.comb += [
             host.abuf_r.addr.eq(self.dbg_abuf_addr), host.abuf_r.en.eq(1), self.dbg_abuf_data.eq(host.abuf_r.data),
             host.acc_r.addr.eq(self.dbg_acc_addr), host.acc_r.en.eq(1), self.dbg_acc_data.eq(host.acc_r.data),
@@ -198,6 +216,11 @@ class Overlay(wiring.Component):
         exec_start = Signal(name="exec_start")
         exec_idle = []
         busy_q, stall_token_q, stall_port_q, retire_q, computing_q = {}, {}, {}, {}, {}
+        stall_lock_q, lock_ok_q, head_of, cur_of = {}, {}, {}, {}
+        taking = {q: Signal(name=f"{q}_taking") for q in isa.QUEUES}
+
+        def uses(q, opcode, k):
+            return opcode.matches(*lock_ops[q][k]) if lock_ops[q][k] else 0
         head_pc, cur_pc, waiting_token = {}, {}, {}
         fault = []  # (condition, code, info, pc)
         for qi, q in enumerate(isa.QUEUES):
@@ -217,6 +240,8 @@ class Overlay(wiring.Component):
             tok_ok = Signal(name=f"{q}_tokens_ready")
             m.d.comb += tok_ok.eq(ok)
             cur = Signal(HEADER_LAYOUT, name=f"{q}_current_header")
+            lock_ok = lock_ok_q[q] = Signal(name=f"{q}_ports_free")  # driven below, once every queue's are declared
+            head_of[q], cur_of[q] = hdr, cur
             pc = Signal.like(entry.pc, name=f"{q}_current_pc")
             head_pc[q], cur_pc[q] = entry.pc, pc
             names = list(UNITS[q])
@@ -240,9 +265,10 @@ class Overlay(wiring.Component):
             m.d.comb += stall_port_q[q].eq(Cat(*port_wait).any())
             stall_token_q[q] = Signal(name=f"{q}_waiting_token")
             waiting_token[q] = stall_token_q[q]
+            stall_lock_q[q] = Signal(name=f"{q}_waiting_lock")
 
             def take(to, q=q, queue=queue, entry=entry, hdr=hdr, cur=cur, pc=pc, prev=prev, nxt=nxt):
-                m.d.comb += [queue.ready.eq(1), exec_start.eq(1)]
+                m.d.comb += [queue.ready.eq(1), exec_start.eq(1), taking[q].eq(1)]
                 m.d.sync += [cur.eq(hdr), pc.eq(entry.pc)]
                 if prev:
                     m.d.comb += token_dec[(prev, q)].eq(hdr.pop_prev)
@@ -254,6 +280,8 @@ class Overlay(wiring.Component):
                 with m.State("IDLE"), m.If(queue.valid & ~halt):
                     with m.If(~tok_ok):
                         m.d.comb += stall_token_q[q].eq(1)
+                    with m.Elif(~lock_ok):
+                        m.d.comb += stall_lock_q[q].eq(1)
                     with m.Else(), m.Switch(hdr.opcode):
                         with m.Case(isa.BY_NAME["NOP"].code):
                             take("NOP")
@@ -262,6 +290,9 @@ class Overlay(wiring.Component):
                                 m.d.comb += units[n].cmd.valid.eq(1)
                                 with m.If(units[n].cmd.ready):
                                     m.d.sync += sel.eq(i)
+                                    for k in shared_ports:
+                                        with m.If(uses(q, hdr.opcode, k)):
+                                            m.d.sync += owner_reg[k].eq(qi)
                                     take("BUSY")
                         with m.Default():
                             m.d.comb += unimpl.eq(1)
@@ -291,6 +322,19 @@ class Overlay(wiring.Component):
                 m.d.comb += computing_q[q].eq(busy & Cat(*(sel == i for i in on_chip)).any())
             fault.append((unimpl, ERRORS.index("unimplemented"), hdr.opcode, entry.pc))
             fault.append((exec_fault, ERRORS.index("exec"), unit_fault, pc))
+
+        # port locks: a queue's head waits while another queue's instruction holds a buffer port it uses, or while a
+        # queue before it in PORT_PRIORITY starts one that does in this cycle (the golden replay's order)
+        for q in isa.QUEUES:
+            free = 1
+            for k in shared_ports:
+                for o in isa.QUEUES:
+                    if o != q and lock_ops[o][k]:
+                        held = busy_q[o] & uses(o, cur_of[o].opcode, k)
+                        if timing.PORT_PRIORITY.index(o) < timing.PORT_PRIORITY.index(q):
+                            held = held | (taking[o] & uses(o, head_of[o].opcode, k))
+                        free = free & ~(uses(q, head_of[q].opcode, k) & held)
+            m.d.comb += lock_ok_q[q].eq(free)
 
         # ------------------------------------------------------------ run control, errors, watchdog
         watchdog = Signal(32, name="watchdog_count")
@@ -357,7 +401,8 @@ class Overlay(wiring.Component):
             for q in isa.QUEUES:
                 m.d.sync += [ctr[f"busy_{q}"].eq(ctr[f"busy_{q}"] + busy_q[q]),
                              ctr[f"stall_token_{q}"].eq(ctr[f"stall_token_{q}"] + stall_token_q[q]),
-                             ctr[f"stall_port_{q}"].eq(ctr[f"stall_port_{q}"] + stall_port_q[q])]
+                             ctr[f"stall_port_{q}"].eq(ctr[f"stall_port_{q}"] + stall_port_q[q]),
+                             ctr[f"stall_lock_{q}"].eq(ctr[f"stall_lock_{q}"] + stall_lock_q[q])]
         with m.Switch(self.ctr_addr):
             for i, name in enumerate(COUNTERS):
                 with m.Case(i):

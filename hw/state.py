@@ -8,7 +8,7 @@ unit's ports. A host (a testbench, the board's bridge) reaches the state through
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Signal, unsigned
+from amaranth.hdl import Array, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
@@ -92,21 +92,38 @@ class OnChipState:
         self.regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
 
     def attach(self, units, sel=0):
-        """Wire *units* (a list) to the state. Their memory ports are shared, driven by ``units[sel]``: the
-        group gets as many ports of a kind as its unit with the most of them declares, and a unit's i-th port of a
-        kind drives the i-th. Register reads are combinational; register writes land at the clock edge (two
-        groups never write one register at once: the golden model reports that as a race)."""
-        m, kinds = self.m, _kinds(self.config)
+        """Wire *units* (a list) to ports of their own on the state: :meth:`attach_groups` of one group."""
+        self.attach_groups([(units, sel)])
+
+    def attach_groups(self, groups, owner=None):
+        """Wire *groups* [(units, sel)] to the state, one port of each buffer kind shared by all of them.
+
+        Within a group the unit that ``sel`` picks drives its ports; between groups, the group that ``owner[kind]``
+        picks (an index into *groups*; needed only for a kind that several groups use). A port's read data fans out
+        to every unit. A kind gets as many ports as the unit with the most of them declares, and a unit's i-th port
+        of a kind drives the i-th, so that one read and one write port of each buffer serve groups whose units
+        declare one each (a buffer then maps to one copy of block RAM). Register reads are combinational; register
+        writes land at the clock edge (two groups never write one register at once: the golden model reports that
+        as a race)."""
+        m, kinds, owner = self.m, _kinds(self.config), owner or {}
         new_port = {"abuf_r": self.abuf.read_port, "abuf_w": lambda: self.abuf.write_port(granularity=16),
                     "acc_r": self.accbuf.read_port, "acc_w": self.accbuf.write_port}
         for kind, make in new_port.items():
-            ports = [ports_of(unit, kinds[kind]) for unit in units]
-            for j in range(max(map(len, ports))):
-                _share(m, sel, make(), [(i, p[j]) for i, p in enumerate(ports) if len(p) > j])
+            ports = [[ports_of(unit, kinds[kind]) for unit in units] for units, _ in groups]
+            for j in range(max((len(p) for group in ports for p in group), default=0)):
+                sources = [(g, i, p[j]) for g, group in enumerate(ports) for i, p in enumerate(group) if len(p) > j]
+                shared = len({g for g, _, _ in sources}) > 1
+                choice = Signal(range(max(2, len(sources))), name=f"{kind}{j}_source")
+                for k, (g, i, _) in enumerate(sources):
+                    picked = Value.cast(groups[g][1]) == i
+                    with m.If(picked & (owner[kind] == g) if shared else picked):
+                        m.d.comb += choice.eq(k)
+                _share(m, choice, make(), [(k, port) for k, (_, _, port) in enumerate(sources)])
         for file, read, write in ((self.eregs, "ereg_r", "ereg_w"), (self.regs, "reg_r", "reg_w")):
-            for unit in units:
-                for port in ports_of(unit, kinds[read]):
-                    m.d.comb += port.data.eq(file[port.addr])
-                for port in ports_of(unit, kinds[write]):
-                    with m.If(port.en):
-                        m.d.sync += file[port.addr].eq(port.data)
+            for units, _ in groups:
+                for unit in units:
+                    for port in ports_of(unit, kinds[read]):
+                        m.d.comb += port.data.eq(file[port.addr])
+                    for port in ports_of(unit, kinds[write]):
+                        with m.If(port.en):
+                            m.d.sync += file[port.addr].eq(port.data)

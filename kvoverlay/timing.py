@@ -11,7 +11,8 @@ from __future__ import annotations
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["DISPATCH_CYCLES", "FRONTEND_INTERVAL", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD", "instr_cycles", "port_burst", "unit_cycles"]
+__all__ = ["BUFFER_PORTS", "DISPATCH_CYCLES", "FRONTEND_INTERVAL", "PORT_LOCKS", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD", "instr_cycles",
+           "lock_conflicts", "port_burst", "unit_cycles"]
 
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
@@ -68,6 +69,30 @@ GEMV_OVERHEAD = 9
 #: Queues whose units the memory port's arbiter serves first when several request it in the same cycle, highest
 #: priority first (hw/overlay.py builds its arbiter in this order).
 PORT_PRIORITY = ("store", "load", "compute")
+
+# ---------------------------------------------------------------- the buffer ports (port locks)
+#: The on-chip buffers' ports: one write and one read port on the activation buffer, one of each on the accumulator
+#: buffer (hw/state.py), shared by the three queues so that each buffer maps to one copy of block RAM.
+BUFFER_PORTS = ("abuf_r", "abuf_w", "acc_r", "acc_w")
+#: The buffer ports each opcode's unit uses while the instruction runs (kvoverlay.access lists its ranges). An
+#: instruction holds these ports from its dispatch to its completion: it does not start while an instruction of
+#: another queue holds one of them, and of queues that could start conflicting instructions in the same cycle the
+#: first of :data:`PORT_PRIORITY` does. Within a queue one instruction runs at a time, so only the ports that two
+#: queues share ever wait (abuf_w: load and compute; abuf_r and acc_r: compute and store).
+PORT_LOCKS = {
+    "LOAD": ("abuf_w",), "LDROW": ("abuf_w",),
+    "STORE": ("abuf_r",), "STACC": ("acc_r",), "ARGMAXACC": ("acc_r",),
+    "GEMV": ("abuf_r", "acc_r", "acc_w"), "REQ": ("acc_r", "abuf_w"),
+    **dict.fromkeys(("VADD", "VMUL", "VSCALE", "NORM", "ACT", "ROPE"), ("abuf_r", "abuf_w")),
+    "ARGMAX": ("abuf_r",), "KVAPPEND": ("abuf_r",), "ATTN": ("abuf_r", "abuf_w", "acc_w"),
+    "NOP": (), "END": (),
+}
+
+
+def lock_conflicts(a: str, b: str) -> bool:
+    """Whether opcodes *a* and *b*, in different queues, cannot run at once (they share a buffer port)."""
+    return not set(PORT_LOCKS[a]).isdisjoint(PORT_LOCKS[b])
+
 #: Cycles between the memory's acceptance of a read burst and its first data beat's register (hw/dram_model.v).
 PORT_READ_LATENCY = 2
 #: Cycles from an instruction's dispatch to the first cycle its unit offers its burst request: the dispatch, then

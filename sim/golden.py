@@ -18,7 +18,15 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.access import accesses
 from kvoverlay.config import OverlayConfig
-from kvoverlay.timing import FRONTEND_INTERVAL, PORT_PRIORITY, QUEUE_DEPTH, RUN_OVERHEAD, instr_cycles, port_burst
+from kvoverlay.timing import (
+    FRONTEND_INTERVAL,
+    PORT_PRIORITY,
+    QUEUE_DEPTH,
+    RUN_OVERHEAD,
+    instr_cycles,
+    lock_conflicts,
+    port_burst,
+)
 
 __all__ = ["Counters", "ExecError", "GoldenModel", "instr_cycles", "replay_cycles"]
 
@@ -38,6 +46,8 @@ class Counters:
     bytes_read: dict = field(default_factory=dict)
     bytes_written: dict = field(default_factory=dict)
     busy: dict = field(default_factory=lambda: {q: 0 for q in isa.QUEUES})
+    #: cycles each queue's next instruction was ready but waited for a buffer port another queue held
+    stall_lock: dict = field(default_factory=lambda: {q: 0 for q in isa.QUEUES})
 
     @property
     def total_read(self) -> int:
@@ -312,6 +322,7 @@ class GoldenModel:
             raise ExecError(len(program), None, "program ended without END")
         self.counters.cycles = timing.finish()
         self.counters.busy = timing.busy
+        self.counters.stall_lock = timing.stall_lock
         return self.counters
 
 
@@ -327,7 +338,8 @@ class _Timing:
         self.busy = {q: 0 for q in isa.QUEUES}
         self.tokens = {}  # (from, to) -> list of ready times
         self.history = []  # on-chip accesses still in flight: (space, lo, hi, write, end, queue, pc, op)
-        self.issued = []  # (queue, cycles, pops, pushes, burst, pc) in program order, for _port_replay
+        self.stall_lock = {q: 0 for q in isa.QUEUES}
+        self.issued = []  # (queue, cycles, pops, pushes, burst, pc, opcode) in program order, for _port_replay
 
     def issue(self, pc, ins, kv_len):
         if ins.op == "END":
@@ -352,7 +364,7 @@ class _Timing:
                 self.tokens.setdefault((q, self._LINKS[(q, d)]), []).append(end)
         self.issued.append((q, cycles, tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"pop_{d}" in ins.deps),
                             tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"push_{d}" in ins.deps),
-                            port_burst(self.cfg, ins), pc))
+                            port_burst(self.cfg, ins), pc, ins.op))
 
     def _check_hazards(self, pc, ins, q, start, end):
         horizon = min(self.free.values())
@@ -369,24 +381,27 @@ class _Timing:
     def finish(self):
         """The run's cycles, as the overlay's ``cycles`` counter counts them (the front end's dispatch and the
         memory port shared); sets :attr:`busy` to the queues' busy cycles, port stalls included, as the overlay's
-        ``busy_<queue>`` counters count them."""
-        cycles, self.busy = _port_replay(self.issued)
+        ``busy_<queue>`` counters count them, and :attr:`stall_lock` to the cycles each queue's ready instruction
+        waited for a buffer port, as its ``stall_lock_<queue>`` counter counts them."""
+        cycles, self.busy, self.stall_lock = _port_replay(self.issued)
         return cycles
 
 
 def _port_replay(issued):
-    """Replays the front end and the queues in time order, with one memory port between them: ``(cycles, busy per
-    queue)``.
+    """Replays the front end and the queues in time order, with one memory port and the buffer ports between them:
+    ``(cycles, busy per queue, lock stalls per queue)``.
 
-    *issued* lists ``(queue, cycles, pop sources, push targets, burst, pc)`` in program order (END left out); the
-    tokens are :class:`_Timing`'s (the n-th pop of a link waits for its n-th push). The front end hands the
+    *issued* lists ``(queue, cycles, pop sources, push targets, burst, pc, opcode)`` in program order (END left out);
+    the tokens are :class:`_Timing`'s (the n-th pop of a link waits for its n-th push). The front end hands the
     instructions out in program order, one per :data:`~kvoverlay.timing.FRONTEND_INTERVAL` cycles, and waits at
-    one whose queue holds :data:`~kvoverlay.timing.QUEUE_DEPTH` instructions not started. The port serves one
-    burst at a time (:func:`kvoverlay.timing.port_burst`); when it frees, it takes the request of the
-    highest-priority queue among those offered by then (:data:`kvoverlay.timing.PORT_PRIORITY`), and a request
-    that waits stalls its unit as long. Requests are settled in the order the port meets them, earliest first:
-    an instruction not ready yet waits for one that has not started or ended, so its own request can only come
-    later than every request still open.
+    one whose queue holds :data:`~kvoverlay.timing.QUEUE_DEPTH` instructions not started. An instruction starts
+    once its queue is free, it is dispatched and its tokens are pushed, and no instruction of another queue holds a
+    buffer port it needs (:data:`~kvoverlay.timing.PORT_LOCKS`; of conflicting instructions able to start in the
+    same cycle, the queue first in :data:`~kvoverlay.timing.PORT_PRIORITY` starts; the wait is its lock stall).
+    The memory port serves one burst at a time (:func:`kvoverlay.timing.port_burst`); when it frees, it takes the
+    request of the highest-priority queue among those offered by then, and a request that waits stalls its unit as
+    long. Events are settled earliest first (a grant before the starts of its cycle, which request later), so
+    every start and grant sees all that happened before it.
     """
     order = {q: [i for i, r in enumerate(issued) if r[0] == q] for q in isa.QUEUES}
     rank = [0] * len(issued)  # place of each instruction in its queue
@@ -396,9 +411,12 @@ def _port_replay(issued):
     starts = [None] * len(issued)
     avail = []  # the first cycle each instruction dispatched so far can start in
     head = dict.fromkeys(isa.QUEUES, 0)
-    free = dict.fromkeys(isa.QUEUES, 0)
+    free = dict.fromkeys(isa.QUEUES, 0)  # None while the running instruction waits for the memory port
     busy = dict.fromkeys(isa.QUEUES, 0)
+    stall_lock = dict.fromkeys(isa.QUEUES, 0)
+    holding = dict.fromkeys(isa.QUEUES)  # the opcode each queue runs or ran last
     pushed, popped = {}, {}  # (from, to) -> end times of its pushes so far / pops taken so far
+    requests = {}  # queue -> (request cycle, instruction) of a started burst not yet granted
     port_free = 0
 
     def dispatched(i):
@@ -416,7 +434,10 @@ def _port_replay(issued):
         return True
 
     def ready(q):
-        """Start cycle of *q*'s next instruction, or None while it waits for the front end or a token."""
+        """``(first cycle, first cycle with the buffer ports free)`` of *q*'s next instruction, or None while it
+        waits for the front end, a token, or an end not known yet."""
+        if head[q] == len(order[q]) or free[q] is None:
+            return None
         i = order[q][head[q]]
         if not dispatched(i):
             return None
@@ -426,40 +447,44 @@ def _port_replay(issued):
             if len(times) <= n:
                 return None
             start = max(start, times[n])
-        starts[i] = start
-        return start
+        unlocked = start
+        for o in isa.QUEUES:
+            if o != q and holding[o] and lock_conflicts(holding[o], issued[i][6]):
+                if free[o] is None:
+                    return None
+                unlocked = max(unlocked, free[o])
+        return start, unlocked
 
-    def retire(q, cycles):
-        i = order[q][head[q]]
-        _, _, pops, pushes, _, _ = issued[i]
-        for src in pops:
-            popped[(src, q)] = popped.get((src, q), 0) + 1
-        for dst in pushes:
-            pushed.setdefault((q, dst), []).append(starts[i] + cycles)
-        free[q], head[q] = starts[i] + cycles, head[q] + 1
-        busy[q] += cycles
+    def retire(q, i, end):
+        for dst in issued[i][3]:
+            pushed.setdefault((q, dst), []).append(end)
+        free[q] = end
+        busy[q] += end - starts[i]
 
     while True:
-        requests = []  # (request cycle, priority, queue)
-        moved = True
-        while moved:
-            moved, requests = False, []
-            for q in isa.QUEUES:
-                if head[q] == len(order[q]) or (start := ready(q)) is None:
-                    continue
-                _, cycles, _, _, burst, _ = issued[order[q][head[q]]]
-                if burst is None:
-                    retire(q, cycles)
-                    moved = True
-                else:
-                    requests.append((start + burst[0], PORT_PRIORITY.index(q), q))
-        if not requests:
+        candidates = {q: r for q in isa.QUEUES if (r := ready(q)) is not None}
+        grant = max(port_free, min(r[0] for r in requests.values())) if requests else None
+        first = min((r[1] for r in candidates.values()), default=None)
+        if grant is not None and (first is None or grant <= first):
+            q = min((q for q, r in requests.items() if r[0] <= grant), key=PORT_PRIORITY.index)
+            at = requests[q][0]
+            i = requests.pop(q)[1]
+            port_free = grant + issued[i][4][1]
+            retire(q, i, starts[i] + issued[i][1] + grant - at)
+            continue
+        if first is None:
             break
-        grant = max(port_free, min(r[0] for r in requests))
-        at, _, q = min((r for r in requests if r[0] <= grant), key=lambda r: r[1])
-        _, cycles, _, _, (_, hold), _ = issued[order[q][head[q]]]
-        port_free = grant + hold
-        retire(q, cycles + grant - at)
+        q = min((q for q, r in candidates.items() if r[1] == first), key=PORT_PRIORITY.index)
+        i = order[q][head[q]]
+        starts[i], stall_lock[q] = first, stall_lock[q] + first - candidates[q][0]
+        for src in issued[i][2]:
+            popped[(src, q)] = popped.get((src, q), 0) + 1
+        head[q], holding[q] = head[q] + 1, issued[i][6]
+        if issued[i][4] is None:
+            retire(q, i, first + issued[i][1])
+        else:
+            free[q] = None
+            requests[q] = (first + issued[i][4][0], i)
     for q in isa.QUEUES:
         if head[q] < len(order[q]):
             waiting = order[q][head[q]]
@@ -467,7 +492,7 @@ def _port_replay(issued):
                                                         "end for ever (deadlock: the front end waits at a full queue "
                                                         "whose head waits for an instruction behind it)")
     end = avail[-1] + FRONTEND_INTERVAL if avail else 0  # the front end reaches END
-    return max(end, *free.values()) + RUN_OVERHEAD, busy
+    return max(end, *free.values()) + RUN_OVERHEAD, busy, stall_lock
 
 
 def replay_cycles(config, program, kv_len: int = 0) -> tuple[int, dict]:

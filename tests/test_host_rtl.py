@@ -51,11 +51,12 @@ def programs(demo_onnx):
             for w in ("w16", "int8", "int4")}
 
 
-def assert_same_generation(program, prompt, new_tokens):
+def assert_same_generation(program, prompt, new_tokens, **options):
     gold = Session(program, "isa").generate(prompt, new_tokens)
-    with Session(program, "rtl") as sess:
+    with Session(program, "rtl", **options) as sess:
         rtl = sess.generate(prompt, new_tokens).result()
         runs = sess.backend.process.runs
+        as_compiled = not getattr(sess.backend, "offloads", False)
     assert rtl.tokens == gold.tokens
     assert len(rtl.logits) == len(gold.logits) == new_tokens
     for a, b in zip(rtl.logits, gold.logits):
@@ -66,8 +67,11 @@ def assert_same_generation(program, prompt, new_tokens):
     assert [s.token for s in steps] == prompt + rtl.tokens[:-1]
     assert rtl.step_cycles == [s.hw_counters["cycles"] for s in steps]
     assert all(c > 0 for c in rtl.step_cycles)
-    # the golden model's timing replay predicts every step's cycle count exactly (issue 11 item 4)
-    assert gold.step_cycles == rtl.step_cycles
+    # the golden model's timing replay predicts every step's cycle count exactly (issue 11 item 4) where the RTL runs
+    # the program as compiled; a variant that also stores each KVAPPEND's keys and values for an offload device runs
+    # more STOREs, which share the activation buffer's read port with the compute queue (timing.PORT_LOCKS)
+    if as_compiled:
+        assert gold.step_cycles == rtl.step_cycles
     assert rtl.step_bytes_read == [s.hw_counters["bytes_read"] for s in steps]
     return gold, rtl
 
@@ -284,7 +288,8 @@ def test_kv_registers_within_the_buffer_and_without_an_offload_device(rtl_model,
     cannot hold is refused before any step, saying by how much it is over."""
     program = compile_model(str(demo_onnx), "tiny", weights="int8", max_seq=80)[0]
     assert {"kv_slot", "kv_len"} <= set(program.manifest["registers"])
-    assert_same_generation(program, PROMPT, NEW_TOKENS)
+    assert_same_generation(program, PROMPT, NEW_TOKENS)  # with the KV captured for an offload device
+    assert_same_generation(program, PROMPT, NEW_TOKENS, offload_device="none")  # as compiled: cycles exact
     with Session(program, "rtl", offload_device="none") as sess:
         with pytest.raises(OffloadError, match=r"70 tokens per layer does not fit the overlay's 64-token buffer \(6 over"):
             sess.prefill([5] * 70)

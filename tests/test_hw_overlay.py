@@ -594,3 +594,44 @@ def test_attention_over_unwritten_positions(model_dir, qh, kvh, d, length, holes
     assert np.array_equal(rtl.abuf, gold.abuf)
     assert np.array_equal(rtl.acc, gold.acc)
     assert rtl.eregs == gold.eregs
+
+
+def test_port_locks_hold_back_unordered_instructions_as_the_golden_model_does(model_dir):
+    """Instructions of different queues that share a buffer port, left unordered by tokens: a LOAD against the
+    compute queue's buffer writers (VADD, REQ), a STACC and an ARGMAXACC against a GEMV (the accumulator's read
+    port). The RTL waits on the locks cycle for cycle as the golden model replays them (simultaneous starts in
+    PORT_PRIORITY order), and every queue's lock stall is the model's."""
+    rng = np.random.default_rng(5)
+    image = bytearray(1 << 16)
+    for addr in (0x100, 0x400):
+        rec = nx.pack_vector_record(rng.integers(-nx.MANT_MAX, nx.MANT_MAX + 1, 64), -15)
+        image[addr:addr + len(rec)] = rec
+    q = rng.integers(-128, 128, (24, 64))
+    sm = rng.integers(1, 1 << 16, (24, 2))
+    image[0x1000:0x1000 + 24 * nx.row_stride(64, "int8", 32, CFG.port_bytes)] = nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes)
+    # the GEMV holds the accumulator's read port when the STACC arrives; the LOAD that follows six compute
+    # instructions is dispatched once the first VADD (a buffer writer) runs; the REQ then waits for that LOAD
+    program = isa.assemble("""
+        GEMV addr=0x1000 rows=24 cols=64 fmt=int8 lg_group=2 sexp=-5 x=1536 x_e=E12 acc=16 acc_e=E2
+        STACC acc=200 len=8 addr=0xA000
+        ARGMAXACC acc=200 len=8 base=0 rd=R7 cont=0
+        LOAD addr=0x100 len=64 dst=0 dst_e=E1 push_next
+        VADD a=0 a_e=E1 b=0 b_e=E1 dst=512 dst_e=E4 len=64 pop_prev
+        REQ acc=16 acc_e=E2 len=24 dst=1280 dst_e=E8
+        VADD a=0 a_e=E1 b=0 b_e=E1 dst=640 dst_e=E5 len=64
+        VADD a=0 a_e=E1 b=0 b_e=E1 dst=768 dst_e=E6 len=64
+        VADD a=0 a_e=E1 b=0 b_e=E1 dst=896 dst_e=E7 len=64
+        LOAD addr=0x400 len=64 dst=256 dst_e=E3
+        STORE src=2048 src_e=E9 len=32 addr=0x9000
+        END
+    """)
+    gold, gold_counters, rtl, counters = run_both(program, bytes(image))
+    assert np.array_equal(rtl.abuf, gold.abuf)
+    assert np.array_equal(rtl.acc, gold.acc)
+    assert rtl.eregs == gold.eregs and rtl.regs == gold.regs
+    assert rtl.dram.tobytes() == gold.dram[:len(rtl.dram)].tobytes()
+    hw = rtl.last_run.hw_counters
+    assert counters.cycles == gold_counters.cycles
+    assert {q: hw[f"stall_lock_{q}"] for q in isa.QUEUES} == gold_counters.stall_lock
+    assert all(gold_counters.stall_lock[q] > 0 for q in isa.QUEUES), gold_counters.stall_lock
+

@@ -44,3 +44,22 @@ def test_only_groups_narrower_than_a_window_take_the_narrow_stages(name):
     wide = isa.Instr("GEMV", {**ins.fields, "lg_group": 7})
     assert timing.gemv_cycles(cfg, ins) - timing.gemv_cycles(cfg, wide) == (
         timing._row_words(cfg, ins) - timing._row_words(cfg, wide)) * 4 + stages.pop()
+
+
+def test_port_locks_cover_every_buffer_access():
+    """Each opcode's port locks name exactly the buffer ports its accesses (kvoverlay.access) can use: an instruction
+    that reads or writes a buffer range holds that port, and holds no other."""
+    from kvoverlay.access import accesses
+
+    assert set(timing.PORT_LOCKS) == {op.name for op in isa.OPCODES}
+    assert all(set(ports) <= set(timing.BUFFER_PORTS) for ports in timing.PORT_LOCKS.values())
+    seen = {}
+    for op in isa.OPCODES:
+        if op.name in ("NOP", "END"):
+            continue
+        for accumulate in (0, 1):
+            fields = {f.name: 1 for f in op.fields} | ({"accumulate": accumulate} if op.name == "GEMV" else {})
+            for a in accesses(isa.Instr(op.name, fields)):
+                if a.space in ("abuf", "acc"):
+                    seen.setdefault(op.name, set()).add(f"{a.space}_{'w' if a.write else 'r'}")
+    assert seen == {op: set(ports) for op, ports in timing.PORT_LOCKS.items() if ports}
