@@ -48,7 +48,7 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa, numerics, timing
 from kvoverlay.config import KV_BASE_BITS
 
-from .arith import select_bits, select_word, shift_left
+from .arith import select_bits, shift_left
 from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
 from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr
@@ -179,10 +179,11 @@ def scratch_lane(config) -> data.StructLayout:
 
 
 def scratch_write(config) -> wiring.Signature:
-    """Write port of the output scratch memory: one word of ``vector_lanes`` :func:`scratch_lane` lanes."""
-    V = config.vector_lanes
-    return wiring.Signature({"addr": Out(range(ceil_div(config.act_buffer_words, V))),
-                             "data": Out(data.ArrayLayout(scratch_lane(config), V)), "en": Out(V)})
+    """Write port of the output scratch memory: one word of R = ``timing.attn_output_lanes(config)``
+    :func:`scratch_lane` lanes (what an output pass reads per cycle), ``config.attn_out_words / R`` words."""
+    R = timing.attn_output_lanes(config)
+    return wiring.Signature({"addr": Out(range(ceil_div(config.attn_out_words, R))),
+                             "data": Out(data.ArrayLayout(scratch_lane(config), R)), "en": Out(R)})
 
 
 class Exp2Neg(wiring.Component):
@@ -623,7 +624,7 @@ class HeadFinish(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        V, lgV = self.config.vector_lanes, log2_exact(self.config.vector_lanes)
+        V = self.config.vector_lanes
         wd = attention_widths(self.config)
         lanes = kv_geometry(self.config)["row_chunks"] * V
         acc_bits = bit_length(m, self.peak, "acc_bits")
@@ -652,10 +653,11 @@ class HeadFinish(wiring.Component):
         m.d.sync += [valid1.eq(issue), valid2.eq(valid1), product.eq(rounded * quotient), at2.eq(at1)]
         with m.If(issue):
             m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc")), at1.eq(out_first + elem)]
-        for i in range(V):
+        lgR = log2_exact(timing.attn_output_lanes(self.config))
+        for i in range(1 << lgR):
             m.d.comb += [self.scratch.data[i].value.eq(product), self.scratch.data[i].exp.eq(head_exp)]
-        m.d.comb += [self.scratch.addr.eq(at2 >> lgV),
-                     self.scratch.en.eq(Mux(valid2, 1 << (at2[:lgV] if lgV else 0), 0))]
+        m.d.comb += [self.scratch.addr.eq(at2 >> lgR),
+                     self.scratch.en.eq(Mux(valid2, 1 << (at2[:lgR] if lgR else 0), 0))]
 
         def write_stat(offset, value):
             m.d.comb += [self.acc_w.addr.eq(self.stats + 2 * head + offset), self.acc_w.data.eq(value),
@@ -754,24 +756,23 @@ class OutputStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        V = cfg.vector_lanes
         R = timing.attn_output_lanes(cfg)
-        lgR, lgS = log2_exact(R), log2_exact(V // R)  # slots per scratch word
+        lgR = log2_exact(R)
         lgAL = log2_exact(abuf_lanes(cfg))
         lane_layout = scratch_lane(cfg)
         lane_bits = lane_layout.size
-        m.submodules.scratch = scratch = Memory(shape=unsigned(lane_bits * V), depth=ceil_div(cfg.act_buffer_words, V),
+        # a word is a slot: sized by what one ATTN writes (config.attn_out_words), not by the activation buffer
+        m.submodules.scratch = scratch = Memory(shape=unsigned(lane_bits * R), depth=ceil_div(cfg.attn_out_words, R),
                                                 init=[])
         scr_w = scratch.write_port(granularity=lane_bits)
         scr_r = scratch.read_port()
         m.d.comb += [scr_w.addr.eq(self.scratch.addr), scr_w.data.eq(self.scratch.data), scr_w.en.eq(self.scratch.en),
-                     scr_r.addr.eq(self.read.payload.slot >> lgS)]
-        # t+1: the slot's lanes out of the scratch word
+                     scr_r.addr.eq(self.read.payload.slot)]
+        # t+1: the slot's word out of the scratch
         valid1, r1 = _issued(m, self.read)
-        slot_lanes = select_word(m, scr_r.data, r1.slot[:lgS], lane_bits * R, name="slot_lanes") if lgS else scr_r.data
         valid2, r2 = Signal(), Signal(self.READ_LAYOUT)
         lanes2 = Signal(data.ArrayLayout(lane_layout, R))
-        m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(slot_lanes)]
+        m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(scr_r.data)]
         # t+2: each lane aligned to the largest head exponent
         # bounded: the write pass rounds the values the peak pass sampled (lanes past the vector are not written)
         m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R, bounded=True)
@@ -876,7 +877,8 @@ class AttnDecoder(wiring.Component):
                                       Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
                                           Fault.OUT_OF_RANGE, Fault.NONE))))
         with m.Elif(is_attn):
-            bad = geometry_bad | (q_heads == 0) | (head_dim == 0) | ((q_heads % kv_heads) != 0)
+            bad = (geometry_bad | (q_heads == 0) | (q_heads > cfg.max_q_heads) | (head_dim == 0)
+                   | ((q_heads % kv_heads) != 0))
             m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE,
                                       Mux((pos_or_len < 1) | (pos_or_len > cfg.kv_capacity), Fault.KV_RANGE,
                                       Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
