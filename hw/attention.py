@@ -433,16 +433,17 @@ class ValueStage(wiring.Component):
 
     * t+1: V lanes and value exponent arrive; with the tile's ``e_acc``, ``rescale_shift`` and ``first_tile``
       they wait for p (a delay line of ``P_LATENCY - 1`` registers);
-    * t+P (``P_LATENCY``): ``p * v`` per lane; ``add_p``;
-    * t+P+1: the term's round-shift; the word's old value is read for the rescale;
-    * t+P+2: ``old * alpha``;
-    * t+P+3: its rounding and exponent round-shift;
+    * t+P (``P_LATENCY``): ``p * v`` per lane; ``add_p``; the word's old value is read for the rescale;
+    * t+P+1: the term's round-shift; ``old * alpha``;
+    * t+P+2: its rounding;
+    * t+P+3: its exponent round-shift;
     * t+P+4: the word updated (read, add, write in one cycle: consecutive chunks of one word need no bypass);
     * t+P+5: ``peak``.
 
-    The old value read at t+P+1 is the word's value at the tile's start because the sequencer leaves at
-    least ``P_LATENCY`` cycles between a tile's last issue and the next one's first (two drain cycles and the
-    step), and alpha, set ``P_LATENCY + 1`` cycles after the step, is read at t+P+2.
+    The old value read at t+P is the word's value at the tile's start because the sequencer leaves at
+    least ``timing.ATTN_TILE_DRAIN`` + 1 cycles between a tile's last issue and the next one's first (the drain
+    and the step): a word's last write at t+P+4 is read by a position at least that much later, which for
+    one-chunk positions is the next one. Alpha, set ``P_LATENCY + 1`` cycles after the step, is read at t+P+1.
 
     Parameters
     ----------
@@ -470,7 +471,7 @@ class ValueStage(wiring.Component):
     clear : In(1)
         Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
     issued : Out(1)
-        A chunk was issued in the last cycle.
+        A chunk was issued in the last ``timing.ATTN_TILE_DRAIN - 1`` cycles.
     busy : Out(1)
         A chunk has not yet been added to its word (``peak`` follows a cycle after the last add).
     acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
@@ -507,8 +508,7 @@ class ValueStage(wiring.Component):
         W = attention_widths(cfg).acc
         chunks = kv_geometry(cfg)["row_chunks"]
         valid1, c1 = _issued(m, self.chunk)
-        m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank),
-                     self.issued.eq(valid1)]
+        m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank)]
         # the chunk and what it needs of the tile, captured while they are the tile's, carried to the end
         flow = data.StructLayout({"chunk": self.chunk_layout(cfg), "v": _lanes(cfg), "v_shift": EXP_WIDE,
                                   "rescale_shift": EXP_WIDE, "first_tile": 1})
@@ -522,7 +522,8 @@ class ValueStage(wiring.Component):
             m.d.sync += [vld.eq(valids[-1]), f.eq(flows[-1])]
             valids.append(vld)
             flows.append(f)
-        m.d.comb += self.busy.eq(functools.reduce(operator.or_, valids))
+        m.d.comb += [self.busy.eq(functools.reduce(operator.or_, valids)),
+                     self.issued.eq(functools.reduce(operator.or_, valids[:timing.ATTN_TILE_DRAIN - 1]))]
         at_p, at_term, at_round, at_add = (flows[self.P_LATENCY - 1 + k] for k in (0, 1, 3, 4))
         valid_p, valid_add = valids[self.P_LATENCY - 1], valids[self.P_LATENCY + 3]
         m.d.comb += self.add_p.eq(valid_p & at_p.chunk.first)
@@ -531,7 +532,7 @@ class ValueStage(wiring.Component):
         m.d.comb += self.acc.eq(Cat(words))
         cur_word = words[at_add.chunk.index]
         old_word = Signal(W * V)  # the word at the tile's start, for its first position's rescale
-        m.d.sync += old_word.eq(words[at_term.chunk.index])
+        m.d.sync += old_word.eq(words[at_p.chunk.index])
         new_lanes = []
         for i in range(V):
             prod = Signal(signed(32), name=f"pv_prod{i}")
@@ -544,7 +545,7 @@ class ValueStage(wiring.Component):
             alpha_prod = Signal(signed(W + P_SHAPE.width + 1), name=f"acc_alpha_prod{i}")
             m.d.sync += alpha_prod.eq(old_word.word_select(i, W).as_signed() * self.alpha)
             alpha_scaled = Signal(signed(W), name=f"acc_alpha{i}")  # alpha <= 1: never above |old|
-            m.d.comb += alpha_scaled.eq(_round_fixed(alpha_prod, ALPHA_FRAC))
+            m.d.sync += alpha_scaled.eq(_round_fixed(alpha_prod, ALPHA_FRAC))
             rescaled = Signal(signed(W), name=f"acc_rescaled{i}")
             m.d.sync += rescaled.eq(Mux(at_round.first_tile, 0,
                                         _round_shift(m, alpha_scaled, at_round.rescale_shift, f"acc_shift{i}")))
@@ -709,7 +710,9 @@ class OutputStage(wiring.Component):
     ``timing.attn_output_lanes(config)`` elements (a slot, a part of a scratch word) per cycle.
 
     A pipeline, relative to a slot's read at cycle t: the scratch word at t+1, the slot's lanes at t+2 (where
-    they are aligned), the normalizer's sample or rounding at t+3, the write to the activation buffer at t+4.
+    they are aligned), the normalizer's sample or round-shift at t+3, its clip at t+4, the write to the
+    activation buffer at t+5. The normalizer is ``registered``: its exponent is current two cycles after the
+    last sample.
 
     Parameters
     ----------
@@ -775,7 +778,7 @@ class OutputStage(wiring.Component):
         m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(scr_r.data)]
         # t+2: each lane aligned to the largest head exponent
         # bounded: the write pass rounds the values the peak pass sampled (lanes past the vector are not written)
-        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R, bounded=True)
+        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R, bounded=True, registered=True)
         valid3, r3 = Signal(), Signal(self.READ_LAYOUT)
         wide3 = Signal(data.ArrayLayout(signed(attention_widths(cfg).out), R), name="wide3")
         in_vector = Signal(R)
@@ -784,22 +787,25 @@ class OutputStage(wiring.Component):
             lane = lanes2[i]
             m.d.sync += [wide3[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
                          in_vector[i].eq(((r2.slot << lgR) + i) < self.n_out)]
-        m.d.comb += self.pending.eq(valid1 | valid2)
-        # t+3: the normalizer samples (peak pass) or rounds (write pass)
+        m.d.comb += self.pending.eq(valid1 | valid2 | valid3)  # the last sample's exponent is registered after it
+        # t+3: the normalizer samples (peak pass) or round-shifts (write pass)
         m.d.comb += [norm.wide.eq(wide3), norm.valid.eq(in_vector),
                      norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid3 & ~r3.write),
                      self.exp.eq(norm.exp_out), self.overflow.eq(norm.overflow)]
+        # t+4: the mantissas clipped (the normalizer's register between round-shift and clip)
+        valid4, r4, in_vector4 = Signal(), Signal(self.READ_LAYOUT), Signal(R)
+        m.d.sync += [valid4.eq(valid3 & r3.write), r4.eq(r3), in_vector4.eq(in_vector)]
         out_elem = Signal(ELEM_BITS)
-        m.d.comb += out_elem.eq(self.dst + (r3.slot << lgR))
+        m.d.comb += out_elem.eq(self.dst + (r4.slot << lgR))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
-        # t+4: the write, from registers
+        # t+5: the write, from registers
         m.d.sync += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
             # every slot of the word carries the mantissas and the lane enables pick the slot: no shifter
             self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // R)),
-            self.abuf_w.en.eq(Mux(valid3 & r3.write, shift_left(m, in_vector, out_lane, abuf_lanes(cfg), name="out_enables"), 0)),
+            self.abuf_w.en.eq(Mux(valid4, shift_left(m, in_vector4, out_lane, abuf_lanes(cfg), name="out_enables"), 0)),
         ]
-        m.d.comb += self.writing.eq(valid3)
+        m.d.comb += self.writing.eq(valid4)
         return m
 
 
@@ -1160,8 +1166,8 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += pv.chunk.eq(pv.chunk + 1)
             with m.State("A_RDRAIN"):
                 # the head's last tile: its accumulator and peak complete before the finish takes them; another
-                # tile: a cycle more than the last issue, so that its first position's rescale (ValueStage) reads
-                # each word after this tile's last write to it
+                # tile: timing.ATTN_TILE_DRAIN cycles after the last issue, so that its first position's rescale
+                # (ValueStage) reads each word after this tile's last write to it
                 head_done = pv.tile_end == kv_len
                 with m.If(~score.pending & Mux(head_done, ~value.busy, ~value.issued)):
                     with m.If(head_done):  # hand the head to the finish, start the next one

@@ -141,9 +141,14 @@ ATTN_P_LATENCY = 1 + ATTN_EXP2_LATENCY
 #: Drain cycles after a head's last value chunk: its p, then the value stage's product, term round-shift, two
 #: rescale stages (used by a tile's first position only, but in every chunk's path) and the add.
 ATTN_VALUE_DRAIN = ATTN_P_LATENCY + 5
+#: Least drain cycles between an ATTN tile's last value chunk and the next tile's step: the next tile's first
+#: position reads, for its rescale, the accumulator words this tile's last chunks write (hw/attention.py ValueStage:
+#: the old word read at p, added four stages later).
+ATTN_TILE_DRAIN = 3
 #: Drain cycles of ATTN's output passes after their last slot (hw/attention.py OutputStage: the scratch read, the
-#: slot's lanes, the alignment into the normalizer; the write pass's write is registered, one more).
-ATTN_OUTPUT_PEAK_DRAIN = 3
+#: slot's lanes, the alignment into the normalizer, its registered exponent; the write pass's clip after the
+#: normalizer's mantissa register and the registered write, one more).
+ATTN_OUTPUT_PEAK_DRAIN = 4
 ATTN_OUTPUT_WRITE_DRAIN = ATTN_OUTPUT_PEAK_DRAIN + 1
 #: Cycles a head's finish spends after issuing its last output element (one element per cycle through a select and
 #: round stage and a multiply stage, then the scratch write).
@@ -337,8 +342,8 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
 
     Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks: the first tile's
     score pass ``n_0 * c`` + ATTN_SCORE_LATENCY drain; then per tile i a max/rescale step (1) and a run of ``n_i * c``
-    cycles in which the values of tile i and the scores of tile i+1 stream side by side, + a drain of 2 (the next
-    tile's first position rescales words this tile's last chunks write) or, when tile i+1's last score is still in
+    cycles in which the values of tile i and the scores of tile i+1 stream side by side, + a drain of ATTN_TILE_DRAIN (the
+    next tile's first position rescales words this tile's last chunks write) or, when tile i+1's last score is still in
     the score pipeline, ``ATTN_SCORE_LATENCY - (n_i - n_(i+1)) * c``; after the head's last tile ATTN_VALUE_DRAIN
     (its values through the 2^-x and value pipelines before the finish takes the accumulator). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
     elements, one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for it: that phase takes
@@ -354,7 +359,7 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     per_tile = 0
     for i, n in enumerate(sizes):
         if i + 1 < len(sizes):
-            per_tile += 1 + n * nch + max(2, ATTN_SCORE_LATENCY - (n - sizes[i + 1]) * nch)
+            per_tile += 1 + n * nch + max(ATTN_TILE_DRAIN, ATTN_SCORE_LATENCY - (n - sizes[i + 1]) * nch)
         else:
             per_tile += 1 + n * nch + ATTN_VALUE_DRAIN
     total, finish = 1, 0

@@ -246,6 +246,7 @@ ATTN_CASES = {
     "gqa_4on2": (4, 2, 16, 19),
     "gqa_4on1": (4, 1, 10, 13),
     "odd_head_dim": (2, 1, 7, 2 * CFG.attn_tile),
+    "one_chunk": (2, 1, LANES, 2 * CFG.attn_tile + 3),  # a position is one chunk: the tightest rescale hazard
     "max_kv_heads": (CFG.max_kv_heads, CFG.max_kv_heads, 8, 10),
     "max_head_dim": (1, 1, CFG.max_head_dim, CFG.attn_tile + 1),
 }
