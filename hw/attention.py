@@ -151,6 +151,12 @@ def _round_fixed(x, s):
     return (x + (1 << (s - 1))) >> s
 
 
+def _halving_round_shift(x, rs):
+    """numerics.round_shift of *x* by an unsigned *rs* (at most ``len(x) + 1``, where every value gives 0) as
+    ``((2x >> rs) + 1) >> 1``: no rounding bias decoded from the shift, only a shifter and an increment."""
+    return (Cat(Const(0, 1), x).as_signed() >> rs) + 1 >> 1
+
+
 def _first_or_max(first, new, old):
     """The running maximum: *new* on the first sample or when larger, else *old*."""
     return Mux(first | (new > old), new, old)
@@ -259,7 +265,8 @@ class ScoreStage(wiring.Component):
     ----------
     chunk : In(stream.Signature(ScoreStage.chunk_layout(config), always_ready=True))
         One chunk of one position: ``first`` and ``last`` chunk of the position, its ``pos`` in the
-        tile, the tile's ``bank`` and the lanes within the head (``mask``).
+        tile, whether it is the tile's last position (``tile_last``), the tile's ``bank`` and the lanes within
+        the head (``mask``).
     q, k : In(ArrayLayout(signed(16), vector_lanes))
         The chunk's q and K lanes, the cycle after it is issued.
     ek, ev : In(EXP_SHAPE)
@@ -269,6 +276,8 @@ class ScoreStage(wiring.Component):
     pending : Out(1)
         A chunk's score is not yet stored (the register file and the tile's maxima are current the cycle
         ``pending`` falls).
+    tile_stored : Out(1)
+        A tile's last score is stored in this cycle (its maxima are current from the next).
     tile_max : Out(signed(attention_widths(config).score))
     tile_ev_max : Out(EXP_SHAPE)
     read_bank, read_pos : In
@@ -281,7 +290,7 @@ class ScoreStage(wiring.Component):
 
     @staticmethod
     def chunk_layout(config):
-        return data.StructLayout({"first": 1, "last": 1, "pos": range(config.attn_tile), "bank": 1,
+        return data.StructLayout({"first": 1, "last": 1, "pos": range(config.attn_tile), "tile_last": 1, "bank": 1,
                                   "mask": config.vector_lanes})
 
     def __init__(self, config):
@@ -292,7 +301,7 @@ class ScoreStage(wiring.Component):
             "chunk": In(stream.Signature(self.chunk_layout(config), always_ready=True)),
             "q": In(_lanes(config)), "k": In(_lanes(config)),
             "ek": In(EXP_SHAPE), "ev": In(EXP_SHAPE), "e_q": In(EXP_SHAPE),
-            "pending": Out(1),
+            "pending": Out(1), "tile_stored": Out(1),
             "tile_max": Out(signed(wd.score)), "tile_ev_max": Out(EXP_SHAPE),
             "read_bank": In(1), "read_pos": In(range(T)), "score": Out(signed(wd.score)),
         })
@@ -328,7 +337,7 @@ class ScoreStage(wiring.Component):
         exact = _round_shift(m, dot3, at3.shift, "score_exact", lcap=numerics.ATTN_SCORE_BITS + 1)
         valid4, at4, exact4 = Signal(), Signal(flow), Signal.like(exact, name="score_exact4")
         m.d.sync += [valid4.eq(valid3), at4.eq(at3), exact4.eq(exact)]
-        m.d.comb += self.pending.eq(valid1 | valid2 | valid3)
+        m.d.comb += [self.pending.eq(valid1 | valid2 | valid3), self.tile_stored.eq(valid4 & at4.chunk.tile_last)]
         # t+4: saturation into the register file and the tile's maxima
         score = Signal(signed(wd.score))
         top = numerics.ATTN_SCORE_MAX
@@ -511,11 +520,13 @@ class ValueStage(wiring.Component):
         m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank)]
         # the chunk and what it needs of the tile, captured while they are the tile's, carried to the end
         flow = data.StructLayout({"chunk": self.chunk_layout(cfg), "v": _lanes(cfg), "v_shift": EXP_WIDE,
-                                  "rescale_shift": EXP_WIDE, "first_tile": 1})
+                                  "rescale_rs": range(W + 2), "first_tile": 1})
         at1 = Signal(flow)
         # e_acc is the largest value exponent so far
         m.d.comb += [at1.chunk.eq(c1), at1.v.eq(self.v), at1.v_shift.eq(self.e_acc - self.ev),
-                     at1.rescale_shift.eq(self.rescale_shift), at1.first_tile.eq(self.first_tile)]
+                     # the exponent's growth (never negative), clamped where the round-shift gives 0 already
+                     at1.rescale_rs.eq(Mux(self.rescale_shift > W + 1, W + 1, self.rescale_shift)),
+                     at1.first_tile.eq(self.first_tile)]
         valids, flows = [valid1], [at1]
         for i in range(self.P_LATENCY + 3):  # to the add (the word's update) at t+P+4
             vld, f = Signal(name=f"v_valid{i + 2}"), Signal(flow, name=f"v_flow{i + 2}")
@@ -548,7 +559,7 @@ class ValueStage(wiring.Component):
             m.d.sync += alpha_scaled.eq(_round_fixed(alpha_prod, ALPHA_FRAC))
             rescaled = Signal(signed(W), name=f"acc_rescaled{i}")
             m.d.sync += rescaled.eq(Mux(at_round.first_tile, 0,
-                                        _round_shift(m, alpha_scaled, at_round.rescale_shift, f"acc_shift{i}")))
+                                        _halving_round_shift(alpha_scaled, at_round.rescale_rs)))
             old = cur_word.word_select(i, W).as_signed()
             new = Signal(signed(W), name=f"acc_new{i}")
             m.d.comb += new.eq(Mux(at_add.chunk.first_pos, rescaled, old) + Mux(at_add.chunk.mask[i], term_a, 0))
@@ -1013,7 +1024,16 @@ class AttentionEngine(wiring.Component):
         out_head = Signal(ELEM_BITS)  # first output element of the current head (head * head_dim)
         v_pass = Signal()
         first_tile = Signal()
-        score_active = Signal()
+        score_active = Signal()  # the score pass is inside a tile
+        scored = Signal()  # the next step's tile has all its scores stored
+        # tiles the score pass has started beyond the value pass's (1: the next one not yet)
+        lead = Signal(range(4))
+        # positions of at least 4 chunks (in tiles of at least 2 positions): the next tile's step can follow a tile's
+        # last value chunk at once (ValueStage's rescale reads a word 5 cycles after a chunk's issue, and a
+        # position's chunks are 4 or more cycles apart), and the score pass starts the tile after the next during
+        # this tile's last 3 value chunks, so that its scores are stored by the step that needs them
+        fast = Signal()
+        m.d.comb += fast.eq((n_chunks >= 4) if cfg.attn_tile >= 2 else 0)
         kv_len = pos_or_len
         sc = _Cursor(m, "score", cfg, kv_len, n_chunks, head_dim)  # KVAPPEND uses its chunk counter and mask
         pv = _Cursor(m, "value", cfg, kv_len, n_chunks, head_dim)  # one tile behind
@@ -1064,21 +1084,37 @@ class AttentionEngine(wiring.Component):
 
         # ---------------------------------------------------------------- control
         fault = Signal(Fault)
+        with m.If(score.tile_stored):  # a tile completes only after the step before it (see score_pass)
+            m.d.sync += scored.eq(1)
+        with m.Elif(softmax.step):
+            m.d.sync += scored.eq(0)
 
         def finish(code=Fault.NONE):
             m.d.sync += fault.eq(code)
             m.next = "DONE"
 
         def next_head_setup():
-            m.d.sync += [elem.eq(elem_head), first_tile.eq(1), *sc.reset(), *pv.reset()]
+            m.d.sync += [elem.eq(elem_head), first_tile.eq(1), lead.eq(1), *sc.reset(), *pv.reset()]
+
+        def score_pass(start_ok, advance=0):
+            """The score pass beside the value pass: on inside a tile, or when *start_ok* lets it start the next
+            one; *advance*: the value pass moves to its next tile in this cycle."""
+            starting = ~score_active & start_ok & (sc.tile_start < kv_len)
+            with m.If(score_active | starting):
+                m.d.sync += score_active.eq(~issue_score())
+            m.d.sync += lead.eq(lead + starting - advance)
+
+        def tile_scores_stored():
+            return scored | score.tile_stored
 
         def issue_score():
             """One chunk of the score pass; at the tile's end, move the score counters to the next tile."""
+            tile_done = sc.last_chunk & (sc.pos == sc.tile_end - 1)
             m.d.comb += [score.chunk.valid.eq(1), score.chunk.payload.first.eq(sc.chunk == 0),
                          score.chunk.payload.last.eq(sc.last_chunk), score.chunk.payload.pos.eq(sc.pos_in_tile),
+                         score.chunk.payload.tile_last.eq(sc.pos == sc.tile_end - 1),
                          score.chunk.payload.bank.eq(sc.bank), score.chunk.payload.mask.eq(sc.mask)]
             fetch_operand()
-            tile_done = sc.last_chunk & (sc.pos == sc.tile_end - 1)
             with m.If(sc.last_chunk):
                 m.d.sync += [sc.chunk.eq(0), elem.eq(elem_head), sc.pos_in_tile.eq(sc.pos_in_tile + 1)]
                 with m.If(tile_done):
@@ -1104,7 +1140,8 @@ class AttentionEngine(wiring.Component):
             with m.State("DECODE"):
                 m.d.sync += [pos_or_len.eq(dec.pos_or_len), n_out.eq(dec.span), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
                              head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
-                             sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0)]
+                             sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0), lead.eq(1),
+                             scored.eq(0), score_active.eq(0)]
                 with m.If(dec.is_kvappend):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
@@ -1143,16 +1180,18 @@ class AttentionEngine(wiring.Component):
             with m.State("A_SDRAIN"):  # the step after it needs the previous head's finish to be over
                 with m.If(fin_fault):
                     finish(Fault.DIVIDE)
-                with m.Elif(~score.pending & ~fin.busy):
+                with m.Elif(tile_scores_stored() & ~fin.busy):
                     m.next = "A_MSTEP"
-            with m.State("A_MSTEP"):
-                m.d.comb += softmax.step.eq(1)
-                m.d.sync += score_active.eq(sc.tile_start < kv_len)
-                m.next = "A_RUN"
-            with m.State("A_RUN"):  # values of this tile and scores of the next one, side by side
-                with m.If(score_active):  # noqa: SIM117 - Amaranth control blocks
-                    with m.If(issue_score()):
-                        m.d.sync += score_active.eq(0)
+            with m.State("A_MSTEP"):  # the step, once the tile's scores are stored; the next tile's scores may start
+                with m.If(scored):
+                    m.d.comb += softmax.step.eq(1)
+                    m.next = "A_RUN"
+                score_pass(scored & (lead == 1))
+            with m.State("A_RUN"):  # values of this tile and scores of the next one(s), side by side
+                last_issue = pv.last_chunk & (pv.pos == pv.tile_end - 1)
+                more_tiles = pv.tile_end != kv_len
+                window = fast & (pv.pos == pv.tile_end - 1) & (pv.chunk + 3 >= n_chunks)  # the last 3 chunks
+                score_pass((lead == 1) | ((lead == 2) & window), advance=last_issue & fast & more_tiles)
                 m.d.comb += [value.chunk.valid.eq(1), value.chunk.payload.first_pos.eq(pv.pos_in_tile == 0),
                              value.chunk.payload.first.eq(pv.chunk == 0), value.chunk.payload.index.eq(pv.chunk),
                              value.chunk.payload.pos.eq(pv.pos_in_tile), value.chunk.payload.bank.eq(pv.bank),
@@ -1161,7 +1200,11 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += [pv.chunk.eq(0), pv.pos_in_tile.eq(pv.pos_in_tile + 1)]
                     with m.If(pv.pos == pv.tile_end - 1):
                         m.d.sync += pv.pos_in_tile.eq(0)
-                        m.next = "A_RDRAIN"
+                        with m.If(fast & more_tiles):  # the next tile's step follows at once
+                            m.d.sync += [pv.tile_start.eq(pv.tile_end), pv.bank.eq(~pv.bank), first_tile.eq(0)]
+                            m.next = "A_MSTEP"
+                        with m.Else():
+                            m.next = "A_RDRAIN"
                 with m.Else():
                     m.d.sync += pv.chunk.eq(pv.chunk + 1)
             with m.State("A_RDRAIN"):
@@ -1169,7 +1212,8 @@ class AttentionEngine(wiring.Component):
                 # tile: timing.ATTN_TILE_DRAIN cycles after the last issue, so that its first position's rescale
                 # (ValueStage) reads each word after this tile's last write to it
                 head_done = pv.tile_end == kv_len
-                with m.If(~score.pending & Mux(head_done, ~value.busy, ~value.issued)):
+                score_pass(0, advance=~head_done & tile_scores_stored() & ~value.issued)
+                with m.If(Mux(head_done, ~score.pending & ~value.busy, tile_scores_stored() & ~value.issued)):
                     with m.If(head_done):  # hand the head to the finish, start the next one
                         m.d.comb += fin.start.eq(1)
                         m.d.sync += [head.eq(head + 1), elem_head.eq(elem_head + head_dim),

@@ -337,35 +337,52 @@ def kvappend_cycles(config, heads: int, head_dim: int) -> int:
     return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
 
 
+def _attn_head(nch: int, sizes: list) -> int:
+    """Cycles of one ATTN head from its first tile's step to the end of its drain (hw/attention.py's sequencer).
+
+    Tile i's step s_i is followed by its ``N_i = n_i * nch`` value chunks (the last at t_i = s_i + N_i). Tile i's
+    scores, started at S_i, are stored by R_i = S_i + N_i + ATTN_SCORE_LATENCY, and its step needs them. Tile
+    i+1's scores start at the step of tile i, unless already started: with positions of at least 4 chunks (and
+    tiles of at least 2 positions) the score pass starts tile i+2 in tile i's last 3 value chunks when it is free,
+    and tile i+1's step follows t_i at once (``s_(i+1) = max(t_i + 1, R_(i+1))``); otherwise it follows
+    ATTN_TILE_DRAIN cycles later. The head's last tile drains ATTN_VALUE_DRAIN."""
+    fast = nch >= 4 and sizes[0] >= 2
+    n = [k * nch for k in sizes]
+    start = [None] * len(sizes)  # S_i relative to the first step
+    s = t = 0
+    for i in range(len(sizes)):
+        if i:
+            ready = start[i] + n[i] + ATTN_SCORE_LATENCY
+            s = max(t + 1 if fast else t + 1 + ATTN_TILE_DRAIN, ready)
+        if i + 1 < len(sizes) and start[i + 1] is None:
+            start[i + 1] = s
+        t = s + n[i]
+        if fast and i + 2 < len(sizes) and max(t - 2, start[i + 1] + n[i + 1]) <= t:
+            start[i + 2] = max(t - 2, start[i + 1] + n[i + 1])
+    return t + 1 + ATTN_VALUE_DRAIN
+
+
 def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
     """Busy cycles of a legal ATTN.
 
     Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks: the first tile's
-    score pass ``n_0 * c`` + ATTN_SCORE_LATENCY drain; then per tile i a max/rescale step (1) and a run of ``n_i * c``
-    cycles in which the values of tile i and the scores of tile i+1 stream side by side, + a drain of ATTN_TILE_DRAIN (the
-    next tile's first position rescales words this tile's last chunks write) or, when tile i+1's last score is still in
-    the score pipeline, ``ATTN_SCORE_LATENCY - (n_i - n_(i+1)) * c``; after the head's last tile ATTN_VALUE_DRAIN
-    (its values through the 2^-x and value pipelines before the finish takes the accumulator). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
-    elements, one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for it: that phase takes
-    ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
-    ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (ATTN_OUTPUT_PEAK_DRAIN and
-    ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
-    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
-    write pass is skipped.
+    score pass ``n_0 * c`` + ATTN_SCORE_LATENCY drain; then the tiles' steps and value passes with the later tiles'
+    scores beside them (:func:`_attn_head`). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output elements,
+    one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for
+    it: that phase takes ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a
+    peak pass and a write pass over the ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots
+    (ATTN_OUTPUT_PEAK_DRAIN and ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
+    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization
+    step) the write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
     nch = _ceil(head_dim, V)
     sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
-    per_tile = 0
-    for i, n in enumerate(sizes):
-        if i + 1 < len(sizes):
-            per_tile += 1 + n * nch + max(ATTN_TILE_DRAIN, ATTN_SCORE_LATENCY - (n - sizes[i + 1]) * nch)
-        else:
-            per_tile += 1 + n * nch + ATTN_VALUE_DRAIN
+    head = _attn_head(nch, sizes)
     total, finish = 1, 0
     for h in range(q_heads):
         first_scores = sizes[0] * nch + ATTN_SCORE_LATENCY
-        total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
+        total += (max(first_scores, finish + 1) if h else first_scores) + head
         finish = 1 + ATTN_DIVIDER_CYCLES + head_dim + ATTN_FINISH_PIPELINE
     nw = _ceil(q_heads * head_dim, attn_output_lanes(config))
     return (total + finish + 1 + (nw + ATTN_OUTPUT_PEAK_DRAIN) + 1
