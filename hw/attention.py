@@ -30,7 +30,7 @@ Widths from the numerics' ranges
 ``ATTN_SCORE_MAX`` no later quantity comes near int64: :func:`attention_widths` derives the
 bound of each one from the config (``max_head_dim``, ``kv_capacity``) and the numerics'
 constants, and the datapath is exactly that wide. Nothing wraps, so rounding shifts are exact
-(:func:`hw.normalize.round_shift_expr` without ``wrap``).
+(:func:`hw.normalize.round_shift_halving`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from kvoverlay.config import KV_BASE_BITS
 from .arith import select_bits, shift_left
 from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
-from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr
+from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_halving
 from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_read, ereg_write, reg_read, unit_signature
 from .widths import address_bits, ceil_div, log2_exact
 
@@ -143,7 +143,8 @@ def _round_shift(m, x, s, name, *, rcap=None, lcap=0):
     """numerics.round_shift of a value that never wraps int64, exact: right shifts of at least the value's width
     give what numerics gives (0), so they are clamped there; *lcap* bounds a left shift."""
     x = Value.cast(x)
-    return round_shift_expr(m, x, s, len(x) if rcap is None else rcap, lcap, name)
+    # the halving form decodes no rounding bias from the shift and adds nothing as wide as the value
+    return round_shift_halving(m, x, s, len(x) if rcap is None else rcap, lcap, name)
 
 
 def _round_fixed(x, s):
