@@ -51,7 +51,7 @@ from kvoverlay.config import KV_BASE_BITS
 from .arith import select_bits, shift_left
 from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
-from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_halving
+from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr, round_shift_halving
 from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_read, ereg_write, reg_read, unit_signature
 from .widths import address_bits, ceil_div, log2_exact
 
@@ -139,12 +139,14 @@ def attention_widths(config) -> AttnWidths:
                       out=_signed_bits(head * recip))
 
 
-def _round_shift(m, x, s, name, *, rcap=None, lcap=0):
+def _round_shift(m, x, s, name, *, rcap=None, lcap=0, halving=True):
     """numerics.round_shift of a value that never wraps int64, exact: right shifts of at least the value's width
-    give what numerics gives (0), so they are clamped there; *lcap* bounds a left shift."""
+    give what numerics gives (0), so they are clamped there; *lcap* bounds a left shift. *halving*: the form that
+    decodes no rounding bias from the shift and adds nothing as wide as the value (smaller where the shift spans
+    the value's width; HeadFinish's few shift bits map smaller to :func:`hw.normalize.round_shift_expr`)."""
     x = Value.cast(x)
-    # the halving form decodes no rounding bias from the shift and adds nothing as wide as the value
-    return round_shift_halving(m, x, s, len(x) if rcap is None else rcap, lcap, name)
+    rcap = len(x) if rcap is None else rcap
+    return (round_shift_halving if halving else round_shift_expr)(m, x, s, rcap, lcap, name)
 
 
 def _round_fixed(x, s):
@@ -665,7 +667,7 @@ class HeadFinish(wiring.Component):
         lane = Array(self.acc[i] for i in range(lanes))[elem[:address_bits(lanes)]]
         m.d.sync += [valid1.eq(issue), valid2.eq(valid1), product.eq(rounded * quotient), at2.eq(at1)]
         with m.If(issue):
-            m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc")), at1.eq(out_first + elem)]
+            m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc", halving=False)), at1.eq(out_first + elem)]
         lgR = log2_exact(timing.attn_output_lanes(self.config))
         for i in range(1 << lgR):
             m.d.comb += [self.scratch.data[i].value.eq(product), self.scratch.data[i].exp.eq(head_exp)]
