@@ -201,8 +201,8 @@ class Exp2Neg(wiring.Component):
     ``-d * log2(e)`` splits into an integer part n and a fraction; the fraction interpolates
     ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on. Differences
     at or beyond ``-C`` (:func:`_exp2_cut`) all give 0, so only ``-d`` capped at C is multiplied.
-    Three register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
-    log2(e); the table look-up and interpolation; the shift by n. A new ``d`` every cycle.
+    Four register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
+    log2(e); the table look-up (a registered read); the interpolation; the shift by n. A new ``d`` every cycle.
 
     Parameters
     ----------
@@ -224,7 +224,7 @@ class Exp2Neg(wiring.Component):
         m = Module()
         table = [int(v) for v in numerics.EXP2_TABLE]
         m.submodules.rom = rom = Memory(shape=unsigned(16), depth=len(table), init=table)
-        rom_lo, rom_hi = rom.read_port(domain="comb"), rom.read_port(domain="comb")
+        rom_lo, rom_hi = rom.read_port(), rom.read_port()
         cut = _exp2_cut()
         neg_d = Signal(range(cut + 1))
         m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
@@ -235,15 +235,19 @@ class Exp2Neg(wiring.Component):
         t_frac = t_fix[:numerics.SCORE_FRAC]
         seg_shift = numerics._EXP2_SHIFT
         m.d.comb += [rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1)]
+        # stage 2: the table's two entries (registered reads), with the fraction and the integer part beside them
+        frac = Signal(seg_shift)
+        t_int_at = Signal(len(t_int))
+        m.d.sync += [frac.eq(t_frac[:seg_shift]), t_int_at.eq(t_fix >> numerics.SCORE_FRAC)]
         t_lo = Signal(signed(18))  # table entries are unsigned Q1.15 (up to 1 << 15)
         t_hi = Signal(signed(18))
         interp = Signal(signed(32))
         m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
-                     interp.eq(((t_hi - t_lo) * t_frac[:seg_shift] + (1 << (seg_shift - 1))) >> seg_shift)]
-        # stage 2: the table and its interpolation
+                     interp.eq(((t_hi - t_lo) * frac + (1 << (seg_shift - 1))) >> seg_shift)]
+        # stage 3: the interpolation
         p_tab = Signal(P_SHAPE)  # the table decreases: interpolation stays within [0, GATE_ONE]
-        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_fix >> numerics.SCORE_FRAC)]
-        # stage 3: the shift by the integer part
+        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_int_at)]
+        # stage 4: the shift by the integer part
         shifted = _round_shift(m, p_tab, t_int, "shifted", rcap=EXP2_ZERO_SHIFT)
         m.d.sync += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
         return m
@@ -366,7 +370,7 @@ class SoftmaxStage(wiring.Component):
     alpha comes out of the 2^-x pipeline ``P_LATENCY`` = ``timing.ATTN_P_LATENCY`` cycles later, and
     the sum is rescaled by it then. In the value pass ``p = exp(score - m)`` of the position whose
     value chunk is issued comes out ``P_LATENCY`` cycles after the issue (the difference is registered,
-    then :class:`Exp2Neg`'s three stages); ``add_p`` adds it to the sum once per position.
+    then :class:`Exp2Neg`'s four stages); ``add_p`` adds it to the sum once per position.
 
     Parameters
     ----------

@@ -134,8 +134,9 @@ ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS - (nx.GATE_ONE.bit_length() - 1) + 1
 #: The stage of ATTN's score pipeline that stores a score, counted from its chunk's issue (hw/attention.py
 #: ScoreStage: operands and products, the dot product, the rounding shift, the saturation and store).
 ATTN_SCORE_LATENCY = 4
-#: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table, the shift).
-ATTN_EXP2_LATENCY = 3
+#: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table's registered read,
+#: the interpolation, the shift).
+ATTN_EXP2_LATENCY = 4
 #: Cycles from a value chunk's issue to its p (the score difference's register, then 2^-x).
 ATTN_P_LATENCY = 1 + ATTN_EXP2_LATENCY
 #: Drain cycles after a head's last value chunk: its p, then the value stage's product, term round-shift, two
