@@ -1035,12 +1035,14 @@ class AttentionEngine(wiring.Component):
         scored = Signal()  # the next step's tile has all its scores stored
         # tiles the score pass has started beyond the value pass's (1: the next one not yet)
         lead = Signal(range(4))
-        # positions of at least 4 chunks (in tiles of at least 2 positions): the next tile's step can follow a tile's
-        # last value chunk at once (ValueStage's rescale reads a word 5 cycles after a chunk's issue, and a
-        # position's chunks are 4 or more cycles apart), and the score pass starts the tile after the next during
-        # this tile's last 3 value chunks, so that its scores are stored by the step that needs them
+        # positions of at least timing.ATTN_AHEAD_CHUNKS chunks (in tiles of at least 2 positions): the next tile's
+        # step can follow a tile's last value chunk at once (ValueStage writes a word 4 stages after reading it for the
+        # rescale, and the next tile's first position, 2 cycles after this tile's last chunk, reads the words its
+        # last position wrote at least that many chunks earlier), and the score pass starts the tile
+        # after next during this tile's last ATTN_AHEAD_WINDOW value chunks, so that its scores are stored by the
+        # step that needs them and its first store follows the step before
         fast = Signal()
-        m.d.comb += fast.eq((n_chunks >= 4) if cfg.attn_tile >= 2 else 0)
+        m.d.comb += fast.eq((n_chunks >= timing.ATTN_AHEAD_CHUNKS) if cfg.attn_tile >= 2 else 0)
         kv_len = pos_or_len
         sc = _Cursor(m, "score", cfg, kv_len, n_chunks, head_dim)  # KVAPPEND uses its chunk counter and mask
         pv = _Cursor(m, "value", cfg, kv_len, n_chunks, head_dim)  # one tile behind
@@ -1197,7 +1199,7 @@ class AttentionEngine(wiring.Component):
             with m.State("A_RUN"):  # values of this tile and scores of the next one(s), side by side
                 last_issue = pv.last_chunk & (pv.pos == pv.tile_end - 1)
                 more_tiles = pv.tile_end != kv_len
-                window = fast & (pv.pos == pv.tile_end - 1) & (pv.chunk + 3 >= n_chunks)  # the last 3 chunks
+                window = fast & (pv.pos == pv.tile_end - 1) & (pv.chunk + timing.ATTN_AHEAD_WINDOW >= n_chunks)
                 score_pass((lead == 1) | ((lead == 2) & window), advance=last_issue & fast & more_tiles)
                 m.d.comb += [value.chunk.valid.eq(1), value.chunk.payload.first_pos.eq(pv.pos_in_tile == 0),
                              value.chunk.payload.first.eq(pv.chunk == 0), value.chunk.payload.index.eq(pv.chunk),

@@ -146,6 +146,11 @@ ATTN_VALUE_DRAIN = ATTN_P_LATENCY + 5
 #: position reads, for its rescale, the accumulator words this tile's last chunks write (hw/attention.py ValueStage:
 #: the old word read at p, added four stages later).
 ATTN_TILE_DRAIN = 3
+#: Chunks per position from which a tile's step follows its last value chunk at once (the rescale reads a word
+#: ATTN_TILE_DRAIN + 2 cycles after the issue of the chunk that last wrote it), and the score pass starts the tile
+#: after next in a tile's last ATTN_AHEAD_WINDOW value chunks (so that its first store follows the next step).
+ATTN_AHEAD_CHUNKS = 4
+ATTN_AHEAD_WINDOW = ATTN_SCORE_LATENCY - 1
 #: Drain cycles of ATTN's output passes after their last slot (hw/attention.py OutputStage: the scratch read, the
 #: slot's lanes, the alignment into the normalizer, its registered exponent; the write pass's clip after the
 #: normalizer's mantissa register and the registered write, one more).
@@ -343,11 +348,11 @@ def _attn_head(nch: int, sizes: list) -> int:
 
     Tile i's step s_i is followed by its ``N_i = n_i * nch`` value chunks (the last at t_i = s_i + N_i). Tile i's
     scores, started at S_i, are stored by R_i = S_i + N_i + ATTN_SCORE_LATENCY, and its step needs them. Tile
-    i+1's scores start at the step of tile i, unless already started: with positions of at least 4 chunks (and
-    tiles of at least 2 positions) the score pass starts tile i+2 in tile i's last 3 value chunks when it is free,
+    i+1's scores start at the step of tile i, unless already started: with positions of at least ATTN_AHEAD_CHUNKS chunks (and
+    tiles of at least 2 positions) the score pass starts tile i+2 in tile i's last ATTN_AHEAD_WINDOW value chunks when it is free,
     and tile i+1's step follows t_i at once (``s_(i+1) = max(t_i + 1, R_(i+1))``); otherwise it follows
     ATTN_TILE_DRAIN cycles later. The head's last tile drains ATTN_VALUE_DRAIN."""
-    fast = nch >= 4 and sizes[0] >= 2
+    fast = nch >= ATTN_AHEAD_CHUNKS and sizes[0] >= 2
     n = [k * nch for k in sizes]
     start = [None] * len(sizes)  # S_i relative to the first step
     s = t = 0
@@ -358,8 +363,9 @@ def _attn_head(nch: int, sizes: list) -> int:
         if i + 1 < len(sizes) and start[i + 1] is None:
             start[i + 1] = s
         t = s + n[i]
-        if fast and i + 2 < len(sizes) and max(t - 2, start[i + 1] + n[i + 1]) <= t:
-            start[i + 2] = max(t - 2, start[i + 1] + n[i + 1])
+        early = max(t - (ATTN_AHEAD_WINDOW - 1), start[i + 1] + n[i + 1]) if i + 2 < len(sizes) else t + 1
+        if fast and early <= t:
+            start[i + 2] = early
     return t + 1 + ATTN_VALUE_DRAIN
 
 
