@@ -134,6 +134,9 @@ class Codegen:
             # a matrix whose columns split only into narrower groups (or imported with such blocks)
             raise CompileError(f"{self.who}: groups of {group} weights, below min_group={self.cfg.min_group} of "
                                f"{self.cfg.name}'s GEMV engine")
+        if op == "ATTN" and not self.cfg.runs_attn(fields["q_heads"]):
+            raise CompileError(f"{self.who}: {fields['q_heads']} query heads in one ATTN, above max_q_heads="
+                               f"{self.cfg.max_q_heads} of {self.cfg.name}'s attention engine")
         self.code.append(ins)
 
     def vector(self, name: str, n: int | None = None) -> tuple[int, int]:

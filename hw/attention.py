@@ -30,7 +30,7 @@ Widths from the numerics' ranges
 ``ATTN_SCORE_MAX`` no later quantity comes near int64: :func:`attention_widths` derives the
 bound of each one from the config (``max_head_dim``, ``kv_capacity``) and the numerics'
 constants, and the datapath is exactly that wide. Nothing wraps, so rounding shifts are exact
-(:func:`hw.normalize.round_shift_expr` without ``wrap``).
+(:func:`hw.normalize.round_shift_halving`).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa, numerics, timing
 from kvoverlay.config import KV_BASE_BITS
 
-from .arith import select_bits, select_word, shift_left
+from .arith import select_bits, shift_left
 from .isa_layout import LAYOUTS
 from .kv_buffer import EXP_SHAPE, kv_geometry, kv_port_signature
-from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr
+from .normalize import EXP_WIDE, Normalizer, bit_length, round_shift_expr, round_shift_halving
 from .ports import Fault, abuf_lanes, abuf_read, abuf_write, acc_write, ereg_read, ereg_write, reg_read, unit_signature
 from .widths import address_bits, ceil_div, log2_exact
 
@@ -139,16 +139,25 @@ def attention_widths(config) -> AttnWidths:
                       out=_signed_bits(head * recip))
 
 
-def _round_shift(m, x, s, name, *, rcap=None, lcap=0):
+def _round_shift(m, x, s, name, *, rcap=None, lcap=0, halving=True):
     """numerics.round_shift of a value that never wraps int64, exact: right shifts of at least the value's width
-    give what numerics gives (0), so they are clamped there; *lcap* bounds a left shift."""
+    give what numerics gives (0), so they are clamped there; *lcap* bounds a left shift. *halving*: the form that
+    decodes no rounding bias from the shift and adds nothing as wide as the value (smaller where the shift spans
+    the value's width; HeadFinish's few shift bits map smaller to :func:`hw.normalize.round_shift_expr`)."""
     x = Value.cast(x)
-    return round_shift_expr(m, x, s, len(x) if rcap is None else rcap, lcap, name)
+    rcap = len(x) if rcap is None else rcap
+    return (round_shift_halving if halving else round_shift_expr)(m, x, s, rcap, lcap, name)
 
 
 def _round_fixed(x, s):
     """numerics.round_shift by a constant ``s > 0``: add half, shift right."""
     return (x + (1 << (s - 1))) >> s
+
+
+def _halving_round_shift(x, rs):
+    """numerics.round_shift of *x* by an unsigned *rs* (at most ``len(x) + 1``, where every value gives 0) as
+    ``((2x >> rs) + 1) >> 1``: no rounding bias decoded from the shift, only a shifter and an increment."""
+    return (Cat(Const(0, 1), x).as_signed() >> rs) + 1 >> 1
 
 
 def _first_or_max(first, new, old):
@@ -179,10 +188,11 @@ def scratch_lane(config) -> data.StructLayout:
 
 
 def scratch_write(config) -> wiring.Signature:
-    """Write port of the output scratch memory: one word of ``vector_lanes`` :func:`scratch_lane` lanes."""
-    V = config.vector_lanes
-    return wiring.Signature({"addr": Out(range(ceil_div(config.act_buffer_words, V))),
-                             "data": Out(data.ArrayLayout(scratch_lane(config), V)), "en": Out(V)})
+    """Write port of the output scratch memory: one word of R = ``timing.attn_output_lanes(config)``
+    :func:`scratch_lane` lanes (what an output pass reads per cycle), ``config.attn_out_words / R`` words."""
+    R = timing.attn_output_lanes(config)
+    return wiring.Signature({"addr": Out(range(ceil_div(config.attn_out_words, R))),
+                             "data": Out(data.ArrayLayout(scratch_lane(config), R)), "en": Out(R)})
 
 
 class Exp2Neg(wiring.Component):
@@ -191,8 +201,8 @@ class Exp2Neg(wiring.Component):
     ``-d * log2(e)`` splits into an integer part n and a fraction; the fraction interpolates
     ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on. Differences
     at or beyond ``-C`` (:func:`_exp2_cut`) all give 0, so only ``-d`` capped at C is multiplied.
-    Three register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
-    log2(e); the table look-up and interpolation; the shift by n. A new ``d`` every cycle.
+    Four register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
+    log2(e); the table look-up (a registered read); the interpolation; the shift by n. A new ``d`` every cycle.
 
     Parameters
     ----------
@@ -214,7 +224,7 @@ class Exp2Neg(wiring.Component):
         m = Module()
         table = [int(v) for v in numerics.EXP2_TABLE]
         m.submodules.rom = rom = Memory(shape=unsigned(16), depth=len(table), init=table)
-        rom_lo, rom_hi = rom.read_port(domain="comb"), rom.read_port(domain="comb")
+        rom_lo, rom_hi = rom.read_port(), rom.read_port()
         cut = _exp2_cut()
         neg_d = Signal(range(cut + 1))
         m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
@@ -225,15 +235,19 @@ class Exp2Neg(wiring.Component):
         t_frac = t_fix[:numerics.SCORE_FRAC]
         seg_shift = numerics._EXP2_SHIFT
         m.d.comb += [rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1)]
+        # stage 2: the table's two entries (registered reads), with the fraction and the integer part beside them
+        frac = Signal(seg_shift)
+        t_int_at = Signal(len(t_int))
+        m.d.sync += [frac.eq(t_frac[:seg_shift]), t_int_at.eq(t_fix >> numerics.SCORE_FRAC)]
         t_lo = Signal(signed(18))  # table entries are unsigned Q1.15 (up to 1 << 15)
         t_hi = Signal(signed(18))
         interp = Signal(signed(32))
         m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
-                     interp.eq(((t_hi - t_lo) * t_frac[:seg_shift] + (1 << (seg_shift - 1))) >> seg_shift)]
-        # stage 2: the table and its interpolation
+                     interp.eq(((t_hi - t_lo) * frac + (1 << (seg_shift - 1))) >> seg_shift)]
+        # stage 3: the interpolation
         p_tab = Signal(P_SHAPE)  # the table decreases: interpolation stays within [0, GATE_ONE]
-        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_fix >> numerics.SCORE_FRAC)]
-        # stage 3: the shift by the integer part
+        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_int_at)]
+        # stage 4: the shift by the integer part
         shifted = _round_shift(m, p_tab, t_int, "shifted", rcap=EXP2_ZERO_SHIFT)
         m.d.sync += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
         return m
@@ -258,7 +272,8 @@ class ScoreStage(wiring.Component):
     ----------
     chunk : In(stream.Signature(ScoreStage.chunk_layout(config), always_ready=True))
         One chunk of one position: ``first`` and ``last`` chunk of the position, its ``pos`` in the
-        tile, the tile's ``bank`` and the lanes within the head (``mask``).
+        tile, whether it is the tile's last position (``tile_last``), the tile's ``bank`` and the lanes within
+        the head (``mask``).
     q, k : In(ArrayLayout(signed(16), vector_lanes))
         The chunk's q and K lanes, the cycle after it is issued.
     ek, ev : In(EXP_SHAPE)
@@ -268,6 +283,8 @@ class ScoreStage(wiring.Component):
     pending : Out(1)
         A chunk's score is not yet stored (the register file and the tile's maxima are current the cycle
         ``pending`` falls).
+    tile_stored : Out(1)
+        A tile's last score is stored in this cycle (its maxima are current from the next).
     tile_max : Out(signed(attention_widths(config).score))
     tile_ev_max : Out(EXP_SHAPE)
     read_bank, read_pos : In
@@ -280,7 +297,7 @@ class ScoreStage(wiring.Component):
 
     @staticmethod
     def chunk_layout(config):
-        return data.StructLayout({"first": 1, "last": 1, "pos": range(config.attn_tile), "bank": 1,
+        return data.StructLayout({"first": 1, "last": 1, "pos": range(config.attn_tile), "tile_last": 1, "bank": 1,
                                   "mask": config.vector_lanes})
 
     def __init__(self, config):
@@ -291,7 +308,7 @@ class ScoreStage(wiring.Component):
             "chunk": In(stream.Signature(self.chunk_layout(config), always_ready=True)),
             "q": In(_lanes(config)), "k": In(_lanes(config)),
             "ek": In(EXP_SHAPE), "ev": In(EXP_SHAPE), "e_q": In(EXP_SHAPE),
-            "pending": Out(1),
+            "pending": Out(1), "tile_stored": Out(1),
             "tile_max": Out(signed(wd.score)), "tile_ev_max": Out(EXP_SHAPE),
             "read_bank": In(1), "read_pos": In(range(T)), "score": Out(signed(wd.score)),
         })
@@ -327,7 +344,7 @@ class ScoreStage(wiring.Component):
         exact = _round_shift(m, dot3, at3.shift, "score_exact", lcap=numerics.ATTN_SCORE_BITS + 1)
         valid4, at4, exact4 = Signal(), Signal(flow), Signal.like(exact, name="score_exact4")
         m.d.sync += [valid4.eq(valid3), at4.eq(at3), exact4.eq(exact)]
-        m.d.comb += self.pending.eq(valid1 | valid2 | valid3)
+        m.d.comb += [self.pending.eq(valid1 | valid2 | valid3), self.tile_stored.eq(valid4 & at4.chunk.tile_last)]
         # t+4: saturation into the register file and the tile's maxima
         score = Signal(signed(wd.score))
         top = numerics.ATTN_SCORE_MAX
@@ -353,7 +370,7 @@ class SoftmaxStage(wiring.Component):
     alpha comes out of the 2^-x pipeline ``P_LATENCY`` = ``timing.ATTN_P_LATENCY`` cycles later, and
     the sum is rescaled by it then. In the value pass ``p = exp(score - m)`` of the position whose
     value chunk is issued comes out ``P_LATENCY`` cycles after the issue (the difference is registered,
-    then :class:`Exp2Neg`'s three stages); ``add_p`` adds it to the sum once per position.
+    then :class:`Exp2Neg`'s four stages); ``add_p`` adds it to the sum once per position.
 
     Parameters
     ----------
@@ -432,16 +449,17 @@ class ValueStage(wiring.Component):
 
     * t+1: V lanes and value exponent arrive; with the tile's ``e_acc``, ``rescale_shift`` and ``first_tile``
       they wait for p (a delay line of ``P_LATENCY - 1`` registers);
-    * t+P (``P_LATENCY``): ``p * v`` per lane; ``add_p``;
-    * t+P+1: the term's round-shift; the word's old value is read for the rescale;
-    * t+P+2: ``old * alpha``;
-    * t+P+3: its rounding and exponent round-shift;
+    * t+P (``P_LATENCY``): ``p * v`` per lane; ``add_p``; the word's old value is read for the rescale;
+    * t+P+1: the term's round-shift; ``old * alpha``;
+    * t+P+2: its rounding;
+    * t+P+3: its exponent round-shift;
     * t+P+4: the word updated (read, add, write in one cycle: consecutive chunks of one word need no bypass);
     * t+P+5: ``peak``.
 
-    The old value read at t+P+1 is the word's value at the tile's start because the sequencer leaves at
-    least ``P_LATENCY`` cycles between a tile's last issue and the next one's first (two drain cycles and the
-    step), and alpha, set ``P_LATENCY + 1`` cycles after the step, is read at t+P+2.
+    The old value read at t+P is the word's value at the tile's start because the sequencer leaves at
+    least ``timing.ATTN_TILE_DRAIN`` + 1 cycles between a tile's last issue and the next one's first (the drain
+    and the step): a word's last write at t+P+4 is read by a position at least that much later, which for
+    one-chunk positions is the next one. Alpha, set ``P_LATENCY + 1`` cycles after the step, is read at t+P+1.
 
     Parameters
     ----------
@@ -469,7 +487,7 @@ class ValueStage(wiring.Component):
     clear : In(1)
         Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
     issued : Out(1)
-        A chunk was issued in the last cycle.
+        A chunk was issued in the last ``timing.ATTN_TILE_DRAIN - 1`` cycles.
     busy : Out(1)
         A chunk has not yet been added to its word (``peak`` follows a cycle after the last add).
     acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
@@ -506,22 +524,24 @@ class ValueStage(wiring.Component):
         W = attention_widths(cfg).acc
         chunks = kv_geometry(cfg)["row_chunks"]
         valid1, c1 = _issued(m, self.chunk)
-        m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank),
-                     self.issued.eq(valid1)]
+        m.d.comb += [self.score_pos.eq(self.chunk.payload.pos), self.score_bank.eq(self.chunk.payload.bank)]
         # the chunk and what it needs of the tile, captured while they are the tile's, carried to the end
         flow = data.StructLayout({"chunk": self.chunk_layout(cfg), "v": _lanes(cfg), "v_shift": EXP_WIDE,
-                                  "rescale_shift": EXP_WIDE, "first_tile": 1})
+                                  "rescale_rs": range(W + 2), "first_tile": 1})
         at1 = Signal(flow)
         # e_acc is the largest value exponent so far
         m.d.comb += [at1.chunk.eq(c1), at1.v.eq(self.v), at1.v_shift.eq(self.e_acc - self.ev),
-                     at1.rescale_shift.eq(self.rescale_shift), at1.first_tile.eq(self.first_tile)]
+                     # the exponent's growth (never negative), clamped where the round-shift gives 0 already
+                     at1.rescale_rs.eq(Mux(self.rescale_shift > W + 1, W + 1, self.rescale_shift)),
+                     at1.first_tile.eq(self.first_tile)]
         valids, flows = [valid1], [at1]
         for i in range(self.P_LATENCY + 3):  # to the add (the word's update) at t+P+4
             vld, f = Signal(name=f"v_valid{i + 2}"), Signal(flow, name=f"v_flow{i + 2}")
             m.d.sync += [vld.eq(valids[-1]), f.eq(flows[-1])]
             valids.append(vld)
             flows.append(f)
-        m.d.comb += self.busy.eq(functools.reduce(operator.or_, valids))
+        m.d.comb += [self.busy.eq(functools.reduce(operator.or_, valids)),
+                     self.issued.eq(functools.reduce(operator.or_, valids[:timing.ATTN_TILE_DRAIN - 1]))]
         at_p, at_term, at_round, at_add = (flows[self.P_LATENCY - 1 + k] for k in (0, 1, 3, 4))
         valid_p, valid_add = valids[self.P_LATENCY - 1], valids[self.P_LATENCY + 3]
         m.d.comb += self.add_p.eq(valid_p & at_p.chunk.first)
@@ -530,7 +550,7 @@ class ValueStage(wiring.Component):
         m.d.comb += self.acc.eq(Cat(words))
         cur_word = words[at_add.chunk.index]
         old_word = Signal(W * V)  # the word at the tile's start, for its first position's rescale
-        m.d.sync += old_word.eq(words[at_term.chunk.index])
+        m.d.sync += old_word.eq(words[at_p.chunk.index])
         new_lanes = []
         for i in range(V):
             prod = Signal(signed(32), name=f"pv_prod{i}")
@@ -543,10 +563,10 @@ class ValueStage(wiring.Component):
             alpha_prod = Signal(signed(W + P_SHAPE.width + 1), name=f"acc_alpha_prod{i}")
             m.d.sync += alpha_prod.eq(old_word.word_select(i, W).as_signed() * self.alpha)
             alpha_scaled = Signal(signed(W), name=f"acc_alpha{i}")  # alpha <= 1: never above |old|
-            m.d.comb += alpha_scaled.eq(_round_fixed(alpha_prod, ALPHA_FRAC))
+            m.d.sync += alpha_scaled.eq(_round_fixed(alpha_prod, ALPHA_FRAC))
             rescaled = Signal(signed(W), name=f"acc_rescaled{i}")
             m.d.sync += rescaled.eq(Mux(at_round.first_tile, 0,
-                                        _round_shift(m, alpha_scaled, at_round.rescale_shift, f"acc_shift{i}")))
+                                        _halving_round_shift(alpha_scaled, at_round.rescale_rs)))
             old = cur_word.word_select(i, W).as_signed()
             new = Signal(signed(W), name=f"acc_new{i}")
             m.d.comb += new.eq(Mux(at_add.chunk.first_pos, rescaled, old) + Mux(at_add.chunk.mask[i], term_a, 0))
@@ -623,7 +643,7 @@ class HeadFinish(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        V, lgV = self.config.vector_lanes, log2_exact(self.config.vector_lanes)
+        V = self.config.vector_lanes
         wd = attention_widths(self.config)
         lanes = kv_geometry(self.config)["row_chunks"] * V
         acc_bits = bit_length(m, self.peak, "acc_bits")
@@ -651,11 +671,12 @@ class HeadFinish(wiring.Component):
         lane = Array(self.acc[i] for i in range(lanes))[elem[:address_bits(lanes)]]
         m.d.sync += [valid1.eq(issue), valid2.eq(valid1), product.eq(rounded * quotient), at2.eq(at1)]
         with m.If(issue):
-            m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc")), at1.eq(out_first + elem)]
-        for i in range(V):
+            m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc", halving=False)), at1.eq(out_first + elem)]
+        lgR = log2_exact(timing.attn_output_lanes(self.config))
+        for i in range(1 << lgR):
             m.d.comb += [self.scratch.data[i].value.eq(product), self.scratch.data[i].exp.eq(head_exp)]
-        m.d.comb += [self.scratch.addr.eq(at2 >> lgV),
-                     self.scratch.en.eq(Mux(valid2, 1 << (at2[:lgV] if lgV else 0), 0))]
+        m.d.comb += [self.scratch.addr.eq(at2 >> lgR),
+                     self.scratch.en.eq(Mux(valid2, 1 << (at2[:lgR] if lgR else 0), 0))]
 
         def write_stat(offset, value):
             m.d.comb += [self.acc_w.addr.eq(self.stats + 2 * head + offset), self.acc_w.data.eq(value),
@@ -707,7 +728,9 @@ class OutputStage(wiring.Component):
     ``timing.attn_output_lanes(config)`` elements (a slot, a part of a scratch word) per cycle.
 
     A pipeline, relative to a slot's read at cycle t: the scratch word at t+1, the slot's lanes at t+2 (where
-    they are aligned), the normalizer's sample or rounding at t+3, the write to the activation buffer at t+4.
+    they are aligned), the normalizer's sample or round-shift at t+3, its clip at t+4, the write to the
+    activation buffer at t+5. The normalizer is ``registered``: its exponent is current two cycles after the
+    last sample.
 
     Parameters
     ----------
@@ -754,27 +777,26 @@ class OutputStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        V = cfg.vector_lanes
         R = timing.attn_output_lanes(cfg)
-        lgR, lgS = log2_exact(R), log2_exact(V // R)  # slots per scratch word
+        lgR = log2_exact(R)
         lgAL = log2_exact(abuf_lanes(cfg))
         lane_layout = scratch_lane(cfg)
         lane_bits = lane_layout.size
-        m.submodules.scratch = scratch = Memory(shape=unsigned(lane_bits * V), depth=ceil_div(cfg.act_buffer_words, V),
+        # a word is a slot: sized by what one ATTN writes (config.attn_out_words), not by the activation buffer
+        m.submodules.scratch = scratch = Memory(shape=unsigned(lane_bits * R), depth=ceil_div(cfg.attn_out_words, R),
                                                 init=[])
         scr_w = scratch.write_port(granularity=lane_bits)
         scr_r = scratch.read_port()
         m.d.comb += [scr_w.addr.eq(self.scratch.addr), scr_w.data.eq(self.scratch.data), scr_w.en.eq(self.scratch.en),
-                     scr_r.addr.eq(self.read.payload.slot >> lgS)]
-        # t+1: the slot's lanes out of the scratch word
+                     scr_r.addr.eq(self.read.payload.slot)]
+        # t+1: the slot's word out of the scratch
         valid1, r1 = _issued(m, self.read)
-        slot_lanes = select_word(m, scr_r.data, r1.slot[:lgS], lane_bits * R, name="slot_lanes") if lgS else scr_r.data
         valid2, r2 = Signal(), Signal(self.READ_LAYOUT)
         lanes2 = Signal(data.ArrayLayout(lane_layout, R))
-        m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(slot_lanes)]
+        m.d.sync += [valid2.eq(valid1), r2.eq(r1), lanes2.eq(scr_r.data)]
         # t+2: each lane aligned to the largest head exponent
         # bounded: the write pass rounds the values the peak pass sampled (lanes past the vector are not written)
-        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R, bounded=True)
+        m.submodules.normalizer = norm = Normalizer(attention_widths(cfg).out, R, bounded=True, registered=True)
         valid3, r3 = Signal(), Signal(self.READ_LAYOUT)
         wide3 = Signal(data.ArrayLayout(signed(attention_widths(cfg).out), R), name="wide3")
         in_vector = Signal(R)
@@ -783,22 +805,25 @@ class OutputStage(wiring.Component):
             lane = lanes2[i]
             m.d.sync += [wide3[i].eq(_round_shift(m, lane.value, self.top_exp - lane.exp, f"wide{i}")),
                          in_vector[i].eq(((r2.slot << lgR) + i) < self.n_out)]
-        m.d.comb += self.pending.eq(valid1 | valid2)
-        # t+3: the normalizer samples (peak pass) or rounds (write pass)
+        m.d.comb += self.pending.eq(valid1 | valid2 | valid3)  # the last sample's exponent is registered after it
+        # t+3: the normalizer samples (peak pass) or round-shifts (write pass)
         m.d.comb += [norm.wide.eq(wide3), norm.valid.eq(in_vector),
                      norm.exp_in.eq(self.top_exp), norm.clear.eq(self.clear), norm.sample.eq(valid3 & ~r3.write),
                      self.exp.eq(norm.exp_out), self.overflow.eq(norm.overflow)]
+        # t+4: the mantissas clipped (the normalizer's register between round-shift and clip)
+        valid4, r4, in_vector4 = Signal(), Signal(self.READ_LAYOUT), Signal(R)
+        m.d.sync += [valid4.eq(valid3 & r3.write), r4.eq(r3), in_vector4.eq(in_vector)]
         out_elem = Signal(ELEM_BITS)
-        m.d.comb += out_elem.eq(self.dst + (r3.slot << lgR))
+        m.d.comb += out_elem.eq(self.dst + (r4.slot << lgR))
         out_lane = out_elem[:lgAL] if lgAL else Const(0, 1)
-        # t+4: the write, from registers
+        # t+5: the write, from registers
         m.d.sync += [
             self.abuf_w.addr.eq(out_elem >> lgAL),
             # every slot of the word carries the mantissas and the lane enables pick the slot: no shifter
             self.abuf_w.data.eq(norm.mant.as_value().replicate(abuf_lanes(cfg) // R)),
-            self.abuf_w.en.eq(Mux(valid3 & r3.write, shift_left(m, in_vector, out_lane, abuf_lanes(cfg), name="out_enables"), 0)),
+            self.abuf_w.en.eq(Mux(valid4, shift_left(m, in_vector4, out_lane, abuf_lanes(cfg), name="out_enables"), 0)),
         ]
-        m.d.comb += self.writing.eq(valid3)
+        m.d.comb += self.writing.eq(valid4)
         return m
 
 
@@ -876,7 +901,8 @@ class AttnDecoder(wiring.Component):
                                       Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
                                           Fault.OUT_OF_RANGE, Fault.NONE))))
         with m.Elif(is_attn):
-            bad = geometry_bad | (q_heads == 0) | (head_dim == 0) | ((q_heads % kv_heads) != 0)
+            bad = (geometry_bad | (q_heads == 0) | (q_heads > cfg.max_q_heads) | (head_dim == 0)
+                   | ((q_heads % kv_heads) != 0))
             m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE,
                                       Mux((pos_or_len < 1) | (pos_or_len > cfg.kv_capacity), Fault.KV_RANGE,
                                       Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
@@ -1005,7 +1031,18 @@ class AttentionEngine(wiring.Component):
         out_head = Signal(ELEM_BITS)  # first output element of the current head (head * head_dim)
         v_pass = Signal()
         first_tile = Signal()
-        score_active = Signal()
+        score_active = Signal()  # the score pass is inside a tile
+        scored = Signal()  # the next step's tile has all its scores stored
+        # tiles the score pass has started beyond the value pass's (1: the next one not yet)
+        lead = Signal(range(4))
+        # positions of at least timing.ATTN_AHEAD_CHUNKS chunks (in tiles of at least 2 positions): the next tile's
+        # step can follow a tile's last value chunk at once (ValueStage writes a word 4 stages after reading it for the
+        # rescale, and the next tile's first position, 2 cycles after this tile's last chunk, reads the words its
+        # last position wrote at least that many chunks earlier), and the score pass starts the tile
+        # after next during this tile's last ATTN_AHEAD_WINDOW value chunks, so that its scores are stored by the
+        # step that needs them and its first store follows the step before
+        fast = Signal()
+        m.d.comb += fast.eq((n_chunks >= timing.ATTN_AHEAD_CHUNKS) if cfg.attn_tile >= 2 else 0)
         kv_len = pos_or_len
         sc = _Cursor(m, "score", cfg, kv_len, n_chunks, head_dim)  # KVAPPEND uses its chunk counter and mask
         pv = _Cursor(m, "value", cfg, kv_len, n_chunks, head_dim)  # one tile behind
@@ -1056,21 +1093,37 @@ class AttentionEngine(wiring.Component):
 
         # ---------------------------------------------------------------- control
         fault = Signal(Fault)
+        with m.If(score.tile_stored):  # a tile completes only after the step before it (see score_pass)
+            m.d.sync += scored.eq(1)
+        with m.Elif(softmax.step):
+            m.d.sync += scored.eq(0)
 
         def finish(code=Fault.NONE):
             m.d.sync += fault.eq(code)
             m.next = "DONE"
 
         def next_head_setup():
-            m.d.sync += [elem.eq(elem_head), first_tile.eq(1), *sc.reset(), *pv.reset()]
+            m.d.sync += [elem.eq(elem_head), first_tile.eq(1), lead.eq(1), *sc.reset(), *pv.reset()]
+
+        def score_pass(start_ok, advance=0):
+            """The score pass beside the value pass: on inside a tile, or when *start_ok* lets it start the next
+            one; *advance*: the value pass moves to its next tile in this cycle."""
+            starting = ~score_active & start_ok & (sc.tile_start < kv_len)
+            with m.If(score_active | starting):
+                m.d.sync += score_active.eq(~issue_score())
+            m.d.sync += lead.eq(lead + starting - advance)
+
+        def tile_scores_stored():
+            return scored | score.tile_stored
 
         def issue_score():
             """One chunk of the score pass; at the tile's end, move the score counters to the next tile."""
+            tile_done = sc.last_chunk & (sc.pos == sc.tile_end - 1)
             m.d.comb += [score.chunk.valid.eq(1), score.chunk.payload.first.eq(sc.chunk == 0),
                          score.chunk.payload.last.eq(sc.last_chunk), score.chunk.payload.pos.eq(sc.pos_in_tile),
+                         score.chunk.payload.tile_last.eq(sc.pos == sc.tile_end - 1),
                          score.chunk.payload.bank.eq(sc.bank), score.chunk.payload.mask.eq(sc.mask)]
             fetch_operand()
-            tile_done = sc.last_chunk & (sc.pos == sc.tile_end - 1)
             with m.If(sc.last_chunk):
                 m.d.sync += [sc.chunk.eq(0), elem.eq(elem_head), sc.pos_in_tile.eq(sc.pos_in_tile + 1)]
                 with m.If(tile_done):
@@ -1096,7 +1149,8 @@ class AttentionEngine(wiring.Component):
             with m.State("DECODE"):
                 m.d.sync += [pos_or_len.eq(dec.pos_or_len), n_out.eq(dec.span), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
                              head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
-                             sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0)]
+                             sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0), lead.eq(1),
+                             scored.eq(0), score_active.eq(0)]
                 with m.If(dec.is_kvappend):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
@@ -1135,16 +1189,18 @@ class AttentionEngine(wiring.Component):
             with m.State("A_SDRAIN"):  # the step after it needs the previous head's finish to be over
                 with m.If(fin_fault):
                     finish(Fault.DIVIDE)
-                with m.Elif(~score.pending & ~fin.busy):
+                with m.Elif(tile_scores_stored() & ~fin.busy):
                     m.next = "A_MSTEP"
-            with m.State("A_MSTEP"):
-                m.d.comb += softmax.step.eq(1)
-                m.d.sync += score_active.eq(sc.tile_start < kv_len)
-                m.next = "A_RUN"
-            with m.State("A_RUN"):  # values of this tile and scores of the next one, side by side
-                with m.If(score_active):  # noqa: SIM117 - Amaranth control blocks
-                    with m.If(issue_score()):
-                        m.d.sync += score_active.eq(0)
+            with m.State("A_MSTEP"):  # the step, once the tile's scores are stored; the next tile's scores may start
+                with m.If(scored):
+                    m.d.comb += softmax.step.eq(1)
+                    m.next = "A_RUN"
+                score_pass(scored & (lead == 1))
+            with m.State("A_RUN"):  # values of this tile and scores of the next one(s), side by side
+                last_issue = pv.last_chunk & (pv.pos == pv.tile_end - 1)
+                more_tiles = pv.tile_end != kv_len
+                window = fast & (pv.pos == pv.tile_end - 1) & (pv.chunk + timing.ATTN_AHEAD_WINDOW >= n_chunks)
+                score_pass((lead == 1) | ((lead == 2) & window), advance=last_issue & fast & more_tiles)
                 m.d.comb += [value.chunk.valid.eq(1), value.chunk.payload.first_pos.eq(pv.pos_in_tile == 0),
                              value.chunk.payload.first.eq(pv.chunk == 0), value.chunk.payload.index.eq(pv.chunk),
                              value.chunk.payload.pos.eq(pv.pos_in_tile), value.chunk.payload.bank.eq(pv.bank),
@@ -1153,15 +1209,20 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += [pv.chunk.eq(0), pv.pos_in_tile.eq(pv.pos_in_tile + 1)]
                     with m.If(pv.pos == pv.tile_end - 1):
                         m.d.sync += pv.pos_in_tile.eq(0)
-                        m.next = "A_RDRAIN"
+                        with m.If(fast & more_tiles):  # the next tile's step follows at once
+                            m.d.sync += [pv.tile_start.eq(pv.tile_end), pv.bank.eq(~pv.bank), first_tile.eq(0)]
+                            m.next = "A_MSTEP"
+                        with m.Else():
+                            m.next = "A_RDRAIN"
                 with m.Else():
                     m.d.sync += pv.chunk.eq(pv.chunk + 1)
             with m.State("A_RDRAIN"):
                 # the head's last tile: its accumulator and peak complete before the finish takes them; another
-                # tile: a cycle more than the last issue, so that its first position's rescale (ValueStage) reads
-                # each word after this tile's last write to it
+                # tile: timing.ATTN_TILE_DRAIN cycles after the last issue, so that its first position's rescale
+                # (ValueStage) reads each word after this tile's last write to it
                 head_done = pv.tile_end == kv_len
-                with m.If(~score.pending & Mux(head_done, ~value.busy, ~value.issued)):
+                score_pass(0, advance=~head_done & tile_scores_stored() & ~value.issued)
+                with m.If(Mux(head_done, ~score.pending & ~value.busy, tile_scores_stored() & ~value.issued)):
                     with m.If(head_done):  # hand the head to the finish, start the next one
                         m.d.comb += fin.start.eq(1)
                         m.d.sync += [head.eq(head + 1), elem_head.eq(elem_head + head_dim),

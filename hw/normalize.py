@@ -206,6 +206,11 @@ class Normalizer(wiring.Component):
     bounded : bool
         The caller rounds only values that were sampled (or masked lanes, whose mantissas it ignores): the
         round-shifters then build only the bits such a value can reach (:func:`mantissa`).
+    registered : bool
+        Two pipeline registers for a clock of its own: the exponent (``exp_out``, ``overflow`` and the shifts)
+        is registered after the peak, so it is current two cycles after the last ``sample`` rather than one,
+        and each mantissa is registered between its round-shift and its clip (:func:`mantissa`), so ``mant``
+        comes a cycle after its ``wide``.
 
     Attributes
     ----------
@@ -227,7 +232,7 @@ class Normalizer(wiring.Component):
         The result exponent exceeds ``EXP_MAX``; the vector must not be written.
     """
 
-    def __init__(self, width: int, lanes: int, *, lane_widths=None, bounded: bool = False):
+    def __init__(self, width: int, lanes: int, *, lane_widths=None, bounded: bool = False, registered: bool = False):
         lane_widths = [width] * lanes if lane_widths is None else list(lane_widths)
         if (width < nx.MANT_BITS + 1 or lanes < 1 or len(lane_widths) != lanes
                 or not all(nx.MANT_BITS + 1 <= w <= width for w in lane_widths)):
@@ -238,6 +243,7 @@ class Normalizer(wiring.Component):
         self.lanes = lanes
         self.lane_widths = lane_widths
         self.bounded = bounded
+        self.registered = registered
         super().__init__({
             "clear": In(1),
             "sample": In(1),
@@ -268,8 +274,12 @@ class Normalizer(wiring.Component):
         with m.Elif(self.sample):
             m.d.sync += [peak.eq(sampled), peak_len.eq(bit_length(m, sampled, "sampled_bits"))]
         result = peak_exponent(m, peak, self.exp_in, "result", peak_len=peak_len)
+        if self.registered:
+            held = PeakExponent(*(Signal.like(x, name=f"{x.name}_reg") for x in result))
+            m.d.sync += [h.eq(x) for h, x in zip(held, result, strict=True)]
+            result = held
         m.d.comb += [self.exp_out.eq(result.exp_out), self.overflow.eq(result.overflow)]
         for i, x in enumerate(lanes):
             m.d.comb += self.mant[i].eq(mantissa(m, x, result.shift, result.underflow, f"lane{i}",
-                                                      bounded=self.bounded))
+                                                      bounded=self.bounded, registered=self.registered))
         return m

@@ -85,6 +85,11 @@ class OverlayConfig:
         KV heads per layer of that sizing.
     max_head_dim : int
         Largest head dimension the attention engine accepts.
+    max_q_heads : int
+        Most query heads of one ATTN: the attention engine's output scratch holds
+        :attr:`attn_out_words` = ``max_q_heads * max_head_dim`` elements (at most ``act_buffer_words``); an ATTN
+        with more faults (SHAPE) and the compiler refuses it (:meth:`runs_attn`). Default 255 (every ``q_heads``
+        the ISA expresses), what bundles written before this key mean.
     attn_tile : int
         KV positions per online-softmax tile of the attention engine.
     clock_mhz : float
@@ -110,6 +115,7 @@ class OverlayConfig:
     max_layers: int = _param(1, 64, "layers held in the KV buffer")
     max_kv_heads: int = _param(1, 256, "KV heads per layer")
     max_head_dim: int = _param(2, 1024, "largest head dimension", multiple=2)
+    max_q_heads: int = _param(1, 255, "query heads per ATTN", default=255)
     attn_tile: int = _param(1, 1024, "KV positions per online-softmax tile", pow2=True)
     clock_mhz: float = _param(1.0, 2000.0, "target clock in MHz")
     dram_bytes: int = _param(1 << 16, 1 << 32, "external memory size in bytes", pow2=True)
@@ -208,6 +214,16 @@ class OverlayConfig:
         return (heads >= 1 and 1 <= head_dim <= self.max_head_dim
                 and kv_base + heads * self.kv_head_columns(head_dim) <= self.kv_columns)
 
+    @property
+    def attn_out_words(self) -> int:
+        """Elements of the attention engine's output scratch: the most one ATTN writes (``q_heads * head_dim``)."""
+        return min(self.act_buffer_words, self.max_q_heads * self.max_head_dim)
+
+    def runs_attn(self, q_heads: int) -> bool:
+        """Whether the attention engine's output scratch takes an ATTN of *q_heads* query heads: the one predicate
+        behind the compiler's refusal, the golden model's fault and the RTL's SHAPE fault."""
+        return 1 <= q_heads <= self.max_q_heads
+
     def builds_group(self, group: int) -> bool:
         """Whether the GEMV engine takes groups of *group* weights: the one predicate behind the compiler's refusal,
         the golden model's fault and the RTL's GROUP fault."""
@@ -302,6 +318,8 @@ PRESETS = {
         norm_heads=False,
         act_buffer_words=16384, ldrow_row_bytes=16384, acc_buffer_words=4096, kv_capacity=64, max_layers=2,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
+        # the attention engine's output scratch: 32 heads of 64 in 4-lane words fill DP16KD's 512 x 36 (8 blocks)
+        max_q_heads=32,
     ),
     # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s. The on-chip KV pool is sized to
     # the card: 8 layers of 8 KV heads of 128 for 256 tokens, 8 MiB of K and V (a quarter of its 34.6 MB of

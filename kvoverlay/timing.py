@@ -162,16 +162,27 @@ ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS - (nx.GATE_ONE.bit_length() - 1) + 1
 #: The stage of ATTN's score pipeline that stores a score, counted from its chunk's issue (hw/attention.py
 #: ScoreStage: operands and products, the dot product, the rounding shift, the saturation and store).
 ATTN_SCORE_LATENCY = 4
-#: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table, the shift).
-ATTN_EXP2_LATENCY = 3
+#: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table's registered read,
+#: the interpolation, the shift).
+ATTN_EXP2_LATENCY = 4
 #: Cycles from a value chunk's issue to its p (the score difference's register, then 2^-x).
 ATTN_P_LATENCY = 1 + ATTN_EXP2_LATENCY
 #: Drain cycles after a head's last value chunk: its p, then the value stage's product, term round-shift, two
 #: rescale stages (used by a tile's first position only, but in every chunk's path) and the add.
 ATTN_VALUE_DRAIN = ATTN_P_LATENCY + 5
+#: Least drain cycles between an ATTN tile's last value chunk and the next tile's step: the next tile's first
+#: position reads, for its rescale, the accumulator words this tile's last chunks write (hw/attention.py ValueStage:
+#: the old word read at p, added four stages later).
+ATTN_TILE_DRAIN = 3
+#: Chunks per position from which a tile's step follows its last value chunk at once (the rescale reads a word
+#: ATTN_TILE_DRAIN + 2 cycles after the issue of the chunk that last wrote it), and the score pass starts the tile
+#: after next in a tile's last ATTN_AHEAD_WINDOW value chunks (so that its first store follows the next step).
+ATTN_AHEAD_CHUNKS = 4
+ATTN_AHEAD_WINDOW = ATTN_SCORE_LATENCY - 1
 #: Drain cycles of ATTN's output passes after their last slot (hw/attention.py OutputStage: the scratch read, the
-#: slot's lanes, the alignment into the normalizer; the write pass's write is registered, one more).
-ATTN_OUTPUT_PEAK_DRAIN = 3
+#: slot's lanes, the alignment into the normalizer, its registered exponent; the write pass's clip after the
+#: normalizer's mantissa register and the registered write, one more).
+ATTN_OUTPUT_PEAK_DRAIN = 4
 ATTN_OUTPUT_WRITE_DRAIN = ATTN_OUTPUT_PEAK_DRAIN + 1
 #: Cycles a head's finish spends after issuing its last output element (one element per cycle through a select and
 #: round stage and a multiply stage, then the scratch write).
@@ -360,35 +371,53 @@ def kvappend_cycles(config, heads: int, head_dim: int) -> int:
     return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
 
 
+def _attn_head(nch: int, sizes: list) -> int:
+    """Cycles of one ATTN head from its first tile's step to the end of its drain (hw/attention.py's sequencer).
+
+    Tile i's step s_i is followed by its ``N_i = n_i * nch`` value chunks (the last at t_i = s_i + N_i). Tile i's
+    scores, started at S_i, are stored by R_i = S_i + N_i + ATTN_SCORE_LATENCY, and its step needs them. Tile
+    i+1's scores start at the step of tile i, unless already started: with positions of at least ATTN_AHEAD_CHUNKS chunks (and
+    tiles of at least 2 positions) the score pass starts tile i+2 in tile i's last ATTN_AHEAD_WINDOW value chunks when it is free,
+    and tile i+1's step follows t_i at once (``s_(i+1) = max(t_i + 1, R_(i+1))``); otherwise it follows
+    ATTN_TILE_DRAIN cycles later. The head's last tile drains ATTN_VALUE_DRAIN."""
+    fast = nch >= ATTN_AHEAD_CHUNKS and sizes[0] >= 2
+    n = [k * nch for k in sizes]
+    start = [None] * len(sizes)  # S_i relative to the first step
+    s = t = 0
+    for i in range(len(sizes)):
+        if i:
+            ready = start[i] + n[i] + ATTN_SCORE_LATENCY
+            s = max(t + 1 if fast else t + 1 + ATTN_TILE_DRAIN, ready)
+        if i + 1 < len(sizes) and start[i + 1] is None:
+            start[i + 1] = s
+        t = s + n[i]
+        early = max(t - (ATTN_AHEAD_WINDOW - 1), start[i + 1] + n[i + 1]) if i + 2 < len(sizes) else t + 1
+        if fast and early <= t:
+            start[i + 2] = early
+    return t + 1 + ATTN_VALUE_DRAIN
+
+
 def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: bool = False) -> int:
     """Busy cycles of a legal ATTN.
 
     Per head, with tiles of n_0, n_1, ... positions and ``c = ceil(head_dim / lanes)`` chunks: the first tile's
-    score pass ``n_0 * c`` + ATTN_SCORE_LATENCY drain; then per tile i a max/rescale step (1) and a run of ``n_i * c``
-    cycles in which the values of tile i and the scores of tile i+1 stream side by side, + a drain of 2 (the next
-    tile's first position rescales words this tile's last chunks write) or, when tile i+1's last score is still in
-    the score pipeline, ``ATTN_SCORE_LATENCY - (n_i - n_(i+1)) * c``; after the head's last tile ATTN_VALUE_DRAIN
-    (its values through the 2^-x and value pipelines before the finish takes the accumulator). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output
-    elements, one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for it: that phase takes
-    ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a peak pass and a write pass over the
-    ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots (ATTN_OUTPUT_PEAK_DRAIN and
-    ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
-    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization step) the
-    write pass is skipped.
+    score pass ``n_0 * c`` + ATTN_SCORE_LATENCY drain; then the tiles' steps and value passes with the later tiles'
+    scores beside them (:func:`_attn_head`). A head's finish (1 + ATTN_DIVIDER_CYCLES + head_dim output elements,
+    one per cycle, + ATTN_FINISH_PIPELINE) runs beside the next head's first score pass, whose max step waits for
+    it: that phase takes ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a
+    peak pass and a write pass over the ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots
+    (ATTN_OUTPUT_PEAK_DRAIN and ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
+    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization
+    step) the write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
     nch = _ceil(head_dim, V)
     sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
-    per_tile = 0
-    for i, n in enumerate(sizes):
-        if i + 1 < len(sizes):
-            per_tile += 1 + n * nch + max(2, ATTN_SCORE_LATENCY - (n - sizes[i + 1]) * nch)
-        else:
-            per_tile += 1 + n * nch + ATTN_VALUE_DRAIN
+    head = _attn_head(nch, sizes)
     total, finish = 1, 0
     for h in range(q_heads):
         first_scores = sizes[0] * nch + ATTN_SCORE_LATENCY
-        total += (max(first_scores, finish + 1) if h else first_scores) + per_tile
+        total += (max(first_scores, finish + 1) if h else first_scores) + head
         finish = 1 + ATTN_DIVIDER_CYCLES + head_dim + ATTN_FINISH_PIPELINE
     nw = _ceil(q_heads * head_dim, attn_output_lanes(config))
     return (total + finish + 1 + (nw + ATTN_OUTPUT_PEAK_DRAIN) + 1

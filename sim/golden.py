@@ -276,6 +276,8 @@ class GoldenModel:
             L = self.regs[f["len_reg"]] + f["len_imm"]
             if qh == 0 or kvh == 0 or qh % kvh:
                 raise ValueError(f"{qh} query heads do not map onto {kvh} KV heads")
+            if not self.config.runs_attn(qh):
+                raise ValueError(f"{qh} query heads exceed the attention engine's max_q_heads={self.config.max_q_heads}")
             self._kv_check(base, kvh, d, max(L - 1, 0))
             if L < 1:
                 raise ValueError(f"attention over KV length {L}")

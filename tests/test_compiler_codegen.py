@@ -196,3 +196,11 @@ def test_no_logits_on_a_head_that_fits(tmp_path):
     assert "tiles" not in full.manifest["logits"] and any(i.op == "ARGMAX" for i in full.instructions)
     assert not any(i.op in ("ARGMAX", "STORE") for i in bare.instructions)
     assert Session(bare).generate([5, 17, 42], 8).tokens == Session(full).generate([5, 17, 42], 8).tokens
+
+
+def test_attn_above_max_q_heads_is_refused():
+    """An ATTN of more query heads than the attention engine's output scratch holds (max_q_heads) is refused by name
+    (without host ops; with them its attention is placed on the host); max_q_heads itself compiles."""
+    compile_model(build_llama_onnx(), PRESETS["tiny"].replace(max_q_heads=4), weights="int8", max_seq=8)
+    with pytest.raises(CompileError, match="4 query heads in one ATTN, above max_q_heads=2"):
+        compile_model(build_llama_onnx(), PRESETS["tiny"].replace(max_q_heads=2), weights="int8", max_seq=8, host_ops=False)

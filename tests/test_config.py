@@ -96,3 +96,15 @@ def test_ldrow_row_bytes():
     assert ulx3s.replace(ldrow_row_bytes=0).ldrow_buffer_bytes == 2 * 16384 + 2 * 16384 // 8
     with pytest.raises(ConfigError, match="ldrow_row_bytes=100 must be a multiple of the port's 32 bytes"):
         ulx3s.replace(ldrow_row_bytes=100)
+
+
+def test_max_q_heads_bounds_the_attention_scratch():
+    """max_q_heads: a key added after bundles were first written (default 255, left out of to_dict there); it bounds
+    the attention engine's output scratch (attn_out_words) and the ATTNs it runs (runs_attn)."""
+    tiny, ulx3s = PRESETS["tiny"], PRESETS["ulx3s"]
+    assert tiny.max_q_heads == 255 and "max_q_heads" not in tiny.to_dict()
+    assert tiny.attn_out_words == tiny.act_buffer_words
+    assert ulx3s.to_dict()["max_q_heads"] == 32 and ulx3s.attn_out_words == 32 * ulx3s.max_head_dim
+    assert ulx3s.runs_attn(32) and not ulx3s.runs_attn(33) and not ulx3s.runs_attn(0)
+    with pytest.raises(ConfigError, match="max_q_heads=256"):
+        tiny.replace(max_q_heads=256)

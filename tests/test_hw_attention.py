@@ -19,14 +19,14 @@ pytest.importorskip("cocotb_tools")
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 from cocotb_tools.runner import get_results, get_runner
-from kvoverlay.hw.attention import AttentionEngine, Exp2Neg, attention_widths
+from kvoverlay.hw.attention import AttentionEngine, AttnDecoder, Exp2Neg, OutputStage, attention_widths
 from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
 from kvoverlay.sim.golden import GoldenModel
 
 from kvoverlay import isa, numerics, toolchain
 from kvoverlay.config import PRESETS
-from kvoverlay.timing import ATTN_EXP2_LATENCY, attn_cycles, kvappend_cycles
+from kvoverlay.timing import ATTN_EXP2_LATENCY, attn_cycles, attn_output_lanes, kvappend_cycles
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]
@@ -246,6 +246,7 @@ ATTN_CASES = {
     "gqa_4on2": (4, 2, 16, 19),
     "gqa_4on1": (4, 1, 10, 13),
     "odd_head_dim": (2, 1, 7, 2 * CFG.attn_tile),
+    "one_chunk": (2, 1, LANES, 2 * CFG.attn_tile + 3),  # a position is one chunk: the tightest rescale hazard
     "max_kv_heads": (CFG.max_kv_heads, CFG.max_kv_heads, 8, 10),
     "max_head_dim": (1, 1, CFG.max_head_dim, CFG.attn_tile + 1),
 }
@@ -391,3 +392,32 @@ def test_exp2_neg_matches_numerics():
     expected = [int(p) for p in numerics.exp2_neg_q15(ds)]
     assert got == expected
     assert expected[0] == numerics.GATE_ONE and expected[4] == 0  # exp(0) is one; 2^-16 and below are zero
+
+
+def test_q_heads_beyond_scratch_fault():
+    """An ATTN of more query heads than max_q_heads (the output scratch's bound) faults SHAPE in the decoder, and the
+    golden model refuses it; max_q_heads itself runs. The scratch holds exactly max_q_heads * max_head_dim elements."""
+    cfg = CFG.replace(max_q_heads=4)
+    assert cfg.attn_out_words == 4 * cfg.max_head_dim < CFG.attn_out_words == CFG.act_buffer_words
+    dec = AttnDecoder(cfg)
+    fields = {"q": 0, "q_e": 0, "dst": 0, "dst_e": 1, "kv_base": 0, "kv_heads": 1, "head_dim": 8, "len_reg": 0,
+              "len_imm": 1, "stats": 0}
+    faults = {}
+
+    async def tb(ctx):
+        for qh in (4, 5):
+            ctx.set(dec.insn.as_value(), isa.encode(isa.Instr("ATTN", {**fields, "q_heads": qh})))
+            faults[qh] = Fault(ctx.get(dec.fault))
+
+    sim = Simulator(dec)
+    sim.add_testbench(tb)
+    sim.run()
+    assert faults == {4: Fault.NONE, 5: Fault.SHAPE}
+    g = GoldenModel(cfg)
+    g.step(isa.Instr("KVAPPEND", {"k": 0, "k_e": 0, "v": 0, "v_e": 0, "kv_base": 0, "heads": 1, "head_dim": 8,
+                                  "pos_reg": 0, "pos_imm": 0}))
+    g.step(isa.Instr("ATTN", {**fields, "q_heads": 4}))
+    with pytest.raises(ValueError, match="max_q_heads=4"):
+        g.step(isa.Instr("ATTN", {**fields, "q_heads": 5}))
+    words = OutputStage(cfg).signature.members["scratch"].signature.members["addr"].shape
+    assert words == range(cfg.attn_out_words // attn_output_lanes(cfg))
