@@ -31,7 +31,7 @@ from .platforms import board as find_board
 from .top import TOP_NAME, BoardTop
 from .uart import divisor_for
 
-__all__ = ["FitError", "PlatformTop", "build_main", "pll_params", "run_build"]
+__all__ = ["FitError", "PlatformTop", "build_main", "check_fit", "pll_params", "run_build", "summary"]
 
 #: Whole-device fractions above which place and route is not attempted (the issue's budget is 80 %).
 FIT_LIMIT = 1.0
@@ -475,18 +475,21 @@ def build_main(args) -> int:
     mem_bytes = args.mem_bytes or min(config.dram_bytes, 1 << 25 if memory == "sdram" else 1 << 17)
     out = run_build(args.board, config, Path(args.output), mem_bytes=mem_bytes, baud=args.baud,
                     overlay=not args.link_only, program=args.program, memory=memory)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(f"{out['bitstream']} (and .svf): {out['board']} {out['device']}, config {out['config']}"
-              f"{'' if out['overlay'] else ' (link only)'}, {out['mem_bytes'] // 1024} KiB "
-              f"{'SDRAM' if memory == 'sdram' else 'block RAM'}, UART {out['baud']} baud")
-        print(f"Fmax {out['fmax_mhz']} MHz (target {out['target_mhz']}); LUT4 {out['luts']}/{out['luts_total']}, "
-              f"DP16KD {out['brams']}/{out['brams_total']}, MULT18X18D {out['dsps']}/{out['dsps_total']}; "
-              f"{out['macs_per_cycle']} int8 MACs/cycle; built in {out['build_s']} s, peak memory {out['peak_memory_mb']} MB")
-        if len(out["parts"]) > 1:
-            print("Yosys cells per part (LUT4/MULT18X18D/DP16KD): " + ", ".join(
-                f"{name} {c['luts']}/{c['dsps']}/{c['brams']}" for name, c in out["parts"].items()))
-        if out["fmax_mhz"] < out["target_mhz"]:
-            print(f"timing NOT met: critical path {out['critical_path']}")
+    print(json.dumps(out) if args.json else summary(out))
     return 0
+
+
+def summary(out: dict) -> str:
+    """The lines ``kvoverlay build`` prints without ``--json``, from its report."""
+    lines = [(f"{out['bitstream']} (and .svf): {out['board']} {out['device']}, config {out['config']}"
+             f"{'' if out['overlay'] else ' (link only)'}, {out['mem_bytes'] // 1024} KiB "
+             f"{'SDRAM' if out['memory'] == 'sdram' else 'block RAM'}, UART {out['baud']} baud"),
+             (f"Fmax {out['fmax_mhz']} MHz (target {out['target_mhz']}); LUT4 {out['luts']}/{out['luts_total']}, "
+             f"DP16KD {out['brams']}/{out['brams_total']}, MULT18X18D {out['dsps']}/{out['dsps_total']}; "
+             f"{out['macs_per_cycle']} int8 MACs/cycle; built in {out['build_s']} s, peak memory {out['peak_memory_mb']} MB")]
+    if len(out["parts"]) > 1:
+        lines.append("Yosys cells per part (LUT4/MULT18X18D/DP16KD): " + ", ".join(
+            f"{name} {c['luts']}/{c['dsps']}/{c['brams']}" for name, c in out["parts"].items()))
+    if out["fmax_mhz"] < out["target_mhz"]:
+        lines.append(f"timing NOT met: critical path {out['critical_path']}")
+    return "\n".join(lines)

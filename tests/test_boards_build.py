@@ -41,6 +41,22 @@ def test_yosys_stat_cells():
     assert _cells(stat) == {"luts": 900, "dsps": 3, "brams": 12}
 
 
+def test_summary_lines():
+    from kvoverlay.boards.build import summary
+
+    out = {"bitstream": "b/kvo_board.bit", "board": "ulx3s-85f", "device": "LFE5U-85F", "config": "micro",
+           "overlay": True, "mem_bytes": 65536, "memory": "bram", "baud": 115200, "fmax_mhz": 40.1, "target_mhz": 50.0,
+           "luts": 100, "luts_total": 83640, "brams": 3, "brams_total": 208, "dsps": 2, "dsps_total": 156,
+           "macs_per_cycle": 8, "build_s": 9.5, "peak_memory_mb": 10.0, "critical_path": "a -> b (24.9 ns)",
+           "parts": {"gemv_unit": {"luts": 60, "dsps": 2, "brams": 0}, "glue": {"luts": 40, "dsps": 0, "brams": 3}}}
+    lines = summary(out).splitlines()
+    assert lines[0] == "b/kvo_board.bit (and .svf): ulx3s-85f LFE5U-85F, config micro, 64 KiB block RAM, UART 115200 baud"
+    assert lines[2] == "Yosys cells per part (LUT4/MULT18X18D/DP16KD): gemv_unit 60/2/0, glue 40/0/3"
+    assert lines[3] == "timing NOT met: critical path a -> b (24.9 ns)"
+    link = summary({**out, "overlay": False, "parts": {"glue": out["parts"]["glue"]}, "fmax_mhz": 60.0})
+    assert len(link.splitlines()) == 2 and "(link only)" in link
+
+
 def test_unknown_board_one_line():
     res = kvo("build", "--board", "no-such-board")
     assert res.returncode == 2
