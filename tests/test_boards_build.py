@@ -80,7 +80,7 @@ def test_missing_toolchain_names_the_extra(tmp_path):
 
 @needs_fpga_tools
 @pytest.mark.skipif(os.environ.get("KVO_WHOLE_BITSTREAM") != "1", reason="the whole board top's bitstream takes "
-                    "over 30 minutes on 2 cores (docs/boards.md, The CI bitstream); KVO_WHOLE_BITSTREAM=1 runs it")
+                    "about 19 minutes of 2 cores' CPU (docs/boards.md, The CI bitstream); KVO_WHOLE_BITSTREAM=1 runs it")
 def test_micro_bitstream_ulx3s(tmp_path):
     """The whole board top of the micro preset (every overlay unit, 64 KiB of block RAM, the UART bridge, the PLL to
     50 MHz) through the real flow, the overlay's units synthesized in parts; the report's cells are nextpnr's, and
@@ -119,7 +119,7 @@ def test_micro_bitstream_ulx3s(tmp_path):
 @needs_fpga_tools
 def test_link_only_bitstream_ulx3s(tmp_path):
     """The link alone (PLL, reset, UART, bridge, 128 KiB of block RAM): CI's real bitstream while the whole board top
-    takes longer than CI has (test_micro_bitstream_ulx3s)."""
+    takes longer than CI has (test_micro_bitstream_ulx3s, opt-in)."""
     res = kvo("build", "--board", "ulx3s-85f", "--config", "tiny", "--link-only", "-o", tmp_path, "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
