@@ -901,8 +901,9 @@ class AttnDecoder(wiring.Component):
                                       Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
                                           Fault.OUT_OF_RANGE, Fault.NONE))))
         with m.Elif(is_attn):
-            bad = (geometry_bad | (q_heads == 0) | (q_heads > cfg.max_q_heads) | (head_dim == 0)
-                   | ((q_heads % kv_heads) != 0))
+            # the field's own range is the bound where max_q_heads is its largest value (no constant compare)
+            above = (q_heads > cfg.max_q_heads) if cfg.max_q_heads < (1 << len(q_heads)) - 1 else 0
+            bad = geometry_bad | (q_heads == 0) | above | (head_dim == 0) | ((q_heads % kv_heads) != 0)
             m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE,
                                       Mux((pos_or_len < 1) | (pos_or_len > cfg.kv_capacity), Fault.KV_RANGE,
                                       Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)

@@ -91,7 +91,9 @@ def round_shift_halving(m: Module, value, shift, rcap: int, lcap: int, name: str
     value = Value.cast(value)
     out = Signal(signed(out_bits or len(value) + lcap), name=name)
     amount = Signal(range(rcap + lcap + 1), name=f"{name}_amount")
-    m.d.comb += amount.eq(Mux(shift > rcap, rcap + lcap, Mux(shift < -lcap, 0, shift + lcap)))
+    shift = Value.cast(shift)
+    below = (shift < -lcap) if shift.shape().signed else 0  # an unsigned shift is never below -lcap (lcap >= 0)
+    m.d.comb += amount.eq(Mux(shift > rcap, rcap + lcap, Mux(below, 0, shift + lcap)))
     # the low len(out) + 1 bits of the shifted value decide the low len(out) bits of the result
     half = Signal(signed(len(out) + 1), name=f"{name}_twice")
     moved = Cat(Const(0, lcap + 1), value)
