@@ -8,7 +8,7 @@ unit's ports. A host (a testbench, the board's bridge) reaches the state through
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Signal, Value, unsigned
+from amaranth.hdl import Array, Cat, Const, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
@@ -16,6 +16,7 @@ from amaranth.lib.wiring import Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
+from .arith import select_word
 from .ports import (
     EREG_SHAPE,
     abuf_lanes,
@@ -53,14 +54,19 @@ def ports_of(unit, signature) -> list:
 
 
 def _share(m, sel, target, sources):
-    """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)]:
-    the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit."""
+    """Drive memory port *target* from the unit port that *sel* (a signal) picks among *sources* [(unit index,
+    port)]: the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit.
+
+    The multiplexer is a tree of 2:1 multiplexers on *sel*'s bits (:func:`hw.arith.select_word`, zero where *sel*
+    names no source); a ``Switch`` makes a Yosys ``$pmux``, one decoder per source and an AND-OR of all of them,
+    which on the ECP5 takes about one LUT4 per bit and source more (the activation buffer's 1,088 bits of write data
+    and lane enables, five writers)."""
     for name, member in sources[0][1].signature.members.items():
         if member.flow == Out:
-            with m.Switch(sel):
-                for index, port in sources:
-                    with m.Case(index):
-                        m.d.comb += getattr(target, name).eq(getattr(port, name))
+            width = len(getattr(target, name))
+            picked = {index: getattr(port, name) for index, port in sources}
+            words = Cat(*(picked.get(k, Const(0, width)) for k in range(1 << len(sel))))
+            m.d.comb += getattr(target, name).eq(select_word(m, words, sel, width, name=f"{sel.name}_{name}"))
         else:
             for _, port in sources:
                 m.d.comb += getattr(port, name).eq(getattr(target, name))
@@ -120,15 +126,15 @@ class OnChipState:
                         m.d.comb += choice.eq(k)
                 _share(m, choice, make(), [(k, port) for k, (_, _, port) in enumerate(sources)])
         for file, read, write in ((self.eregs, "ereg_r", "ereg_w"), (self.regs, "reg_r", "reg_w")):
-            # a read is a mux tree over the file (word_select); indexing the Array instead builds one equality
-            # decoder per register and port and an AND-OR of all registers (Yosys $pmux), ~30% more LUT4 per port
+            # a read is a tree of 2:1 multiplexers over the file; indexing the Array instead builds one equality
+            # decoder per register and port and an AND-OR of all registers (a Yosys $pmux, larger on the ECP5)
             flat = Cat(*file)
             width = len(file[0])
             writers = []
             for units, _ in groups:
                 for unit in units:
                     for port in ports_of(unit, kinds[read]):
-                        m.d.comb += port.data.eq(flat.word_select(port.addr, width))
+                        m.d.comb += port.data.eq(select_word(m, flat, port.addr, width, name=f"{read}_data"))
                 # the units of a group run one at a time, so their write ports merge into one before the file:
                 # a register then has one write-data mux input per group, not one per unit
                 ports = [port for unit in units for port in ports_of(unit, kinds[write])]
