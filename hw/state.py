@@ -53,6 +53,14 @@ def ports_of(unit, signature) -> list:
             if member.is_signature and member.flow == Out and member.signature == signature]
 
 
+def _pick(m, sel, values, width, name):
+    """``values[sel]`` (*values*: {index: value}; zero where *sel* names none of them) as a tree of 2:1
+    multiplexers on *sel*'s bits."""
+    sel = Value.cast(sel)
+    words = Cat(*(values.get(k, Const(0, width)) for k in range(1 << len(sel))))
+    return select_word(m, words, sel, width, name=name)
+
+
 def _share(m, sel, target, sources):
     """Drive memory port *target* from the unit port that *sel* (a signal) picks among *sources* [(unit index,
     port)]: the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit.
@@ -63,10 +71,8 @@ def _share(m, sel, target, sources):
     and lane enables, five writers)."""
     for name, member in sources[0][1].signature.members.items():
         if member.flow == Out:
-            width = len(getattr(target, name))
             picked = {index: getattr(port, name) for index, port in sources}
-            words = Cat(*(picked.get(k, Const(0, width)) for k in range(1 << len(sel))))
-            m.d.comb += getattr(target, name).eq(select_word(m, words, sel, width, name=f"{sel.name}_{name}"))
+            m.d.comb += getattr(target, name).eq(_pick(m, sel, picked, len(getattr(target, name)), f"{sel.name}_{name}"))
         else:
             for _, port in sources:
                 m.d.comb += getattr(port, name).eq(getattr(target, name))
@@ -108,9 +114,11 @@ class OnChipState:
         picks (an index into *groups*; needed only for a kind that several groups use). A port's read data fans out
         to every unit. A kind gets as many ports as the unit with the most of them declares, and a unit's i-th port
         of a kind drives the i-th, so that one read and one write port of each buffer serve groups whose units
-        declare one each (a buffer then maps to one copy of block RAM). Register reads are combinational; register
-        writes land at the clock edge (two groups never write one register at once: the golden model reports that
-        as a race)."""
+        declare one each (a buffer then maps to one copy of block RAM). Register reads are combinational, and the
+        units of a group share the register files' ports in the same way (a unit reads and writes registers only
+        from the cycle after its command is taken, while ``sel`` picks it, to its ``done``); register writes land
+        at the clock edge (two groups never write one register at once: the golden model reports that as a
+        race)."""
         m, kinds, owner = self.m, _kinds(self.config), owner or {}
         new_port = {"abuf_r": self.abuf.read_port, "abuf_w": lambda: self.abuf.write_port(granularity=16),
                     "acc_r": self.accbuf.read_port, "acc_w": self.accbuf.write_port}
@@ -131,10 +139,18 @@ class OnChipState:
             flat = Cat(*file)
             width = len(file[0])
             writers = []
-            for units, _ in groups:
-                for unit in units:
-                    for port in ports_of(unit, kinds[read]):
-                        m.d.comb += port.data.eq(select_word(m, flat, port.addr, width, name=f"{read}_data"))
+            for g, (units, sel) in enumerate(groups):
+                # the units of a group share its read ports, as they share the buffers' ports: the i-th port of the
+                # unit that sel picks drives the i-th address (a unit reads registers only while it runs)
+                ports = [ports_of(unit, kinds[read]) for unit in units]
+                for j in range(max((len(p) for p in ports), default=0)):
+                    sources = {i: p[j] for i, p in enumerate(ports) if len(p) > j}
+                    first = next(iter(sources.values())).addr
+                    addr = first if len(sources) == 1 else _pick(
+                        m, sel, {i: port.addr for i, port in sources.items()}, len(first), f"{read}{g}_{j}_addr")
+                    data = select_word(m, flat, addr, width, name=f"{read}{g}_{j}_data")
+                    for port in sources.values():
+                        m.d.comb += port.data.eq(data)
                 # the units of a group run one at a time, so their write ports merge into one before the file:
                 # a register then has one write-data mux input per group, not one per unit
                 ports = [port for unit in units for port in ports_of(unit, kinds[write])]
