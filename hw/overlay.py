@@ -9,7 +9,7 @@ until every queue has drained, then pulses ``done``.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, DomainRenamer, Module, Mux, Signal
+from amaranth.hdl import Cat, DomainRenamer, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
@@ -17,7 +17,7 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa, timing
 
 from .argmax_unit import ArgmaxUnit
-from .arith import balanced_sum, select_word
+from .arith import balanced_sum
 from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
 from .frontend import Frontend
@@ -403,9 +403,10 @@ class Overlay(wiring.Component):
                              ctr[f"stall_token_{q}"].eq(ctr[f"stall_token_{q}"] + stall_token_q[q]),
                              ctr[f"stall_port_{q}"].eq(ctr[f"stall_port_{q}"] + stall_port_q[q]),
                              ctr[f"stall_lock_{q}"].eq(ctr[f"stall_lock_{q}"] + stall_lock_q[q])]
-        # a tree of 2:1 multiplexers (zero past the last counter), smaller on the ECP5 than a Switch's $pmux
-        words = Cat(*ctr.values(), Const(0, 64 * ((1 << len(self.ctr_addr)) - len(COUNTERS))))
-        m.d.comb += self.ctr_data.eq(select_word(m, words, self.ctr_addr, 64, name="counter_read"))
+        with m.Switch(self.ctr_addr):
+            for i, name in enumerate(COUNTERS):
+                with m.Case(i):
+                    m.d.comb += self.ctr_data.eq(ctr[name])
         return m
 
     def _gate(self, m, name, unit):

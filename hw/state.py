@@ -62,17 +62,16 @@ def _pick(m, sel, values, width, name):
 
 
 def _share(m, sel, target, sources):
-    """Drive memory port *target* from the unit port that *sel* (a signal) picks among *sources* [(unit index,
-    port)]: the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit.
-
-    The multiplexer is a tree of 2:1 multiplexers on *sel*'s bits (:func:`hw.arith.select_word`, zero where *sel*
-    names no source); a ``Switch`` makes a Yosys ``$pmux``, one decoder per source and an AND-OR of all of them,
-    which on the ECP5 takes about one LUT4 per bit and source more (the activation buffer's 1,088 bits of write data
-    and lane enables, five writers)."""
+    """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)]:
+    the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit.
+    A ``Switch``: these multiplexers and the overlay's counter read as trees of 2:1 multiplexers (:func:`_pick`)
+    made the ulx3s overlay module 156 LUT4 larger (docs/boards.md, "The glue")."""
     for name, member in sources[0][1].signature.members.items():
         if member.flow == Out:
-            picked = {index: getattr(port, name) for index, port in sources}
-            m.d.comb += getattr(target, name).eq(_pick(m, sel, picked, len(getattr(target, name)), f"{sel.name}_{name}"))
+            with m.Switch(sel):
+                for index, port in sources:
+                    with m.Case(index):
+                        m.d.comb += getattr(target, name).eq(getattr(port, name))
         else:
             for _, port in sources:
                 m.d.comb += getattr(port, name).eq(getattr(target, name))
