@@ -22,7 +22,7 @@ from .attention import AttentionEngine
 from .dram import DramArbiter, dram_port
 from .frontend import Frontend
 from .gemv_unit import GemvUnit
-from .isa_layout import HEADER_LAYOUT
+from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .kv_buffer import KvBuffer
 from .ldrow_unit import LdrowUnit
 from .load_unit import LoadUnit
@@ -216,11 +216,22 @@ class Overlay(wiring.Component):
         exec_start = Signal(name="exec_start")
         exec_idle = []
         busy_q, stall_token_q, stall_port_q, retire_q, computing_q = {}, {}, {}, {}, {}
-        stall_lock_q, lock_ok_q, head_of, cur_of = {}, {}, {}, {}
+        stall_lock_q, lock_ok_q = {}, {}
         taking = {q: Signal(name=f"{q}_taking") for q in isa.QUEUES}
 
-        def uses(q, opcode, k):
-            return opcode.matches(*lock_ops[q][k]) if lock_ops[q][k] else 0
+        def holds(q, opcode, insn, k):
+            """Whether the instruction *insn* of queue *q* (its opcode *opcode*) holds buffer port *k*
+            (timing.held_ports)."""
+            terms = []
+            for op, ks in timing.PORT_LOCKS.items():
+                if k in ks and isa.BY_NAME[op].queue == q:
+                    term = opcode == isa.BY_NAME[op].code
+                    if (field := timing.LOCK_FIELDS.get((op, k))) is not None:
+                        term = term & LAYOUTS[op](insn)[field]
+                    terms.append(term)
+            return Cat(*terms).any() if terms else 0
+        head_holds = {q: {} for q in isa.QUEUES}  # the queue's head instruction's ports, and the running one's
+        cur_holds = {q: {k: Signal(name=f"{q}_holds_{k}") for k in shared_ports} for q in isa.QUEUES}
         head_pc, cur_pc, waiting_token = {}, {}, {}
         fault = []  # (condition, code, info, pc)
         for qi, q in enumerate(isa.QUEUES):
@@ -241,7 +252,9 @@ class Overlay(wiring.Component):
             m.d.comb += tok_ok.eq(ok)
             cur = Signal(HEADER_LAYOUT, name=f"{q}_current_header")
             lock_ok = lock_ok_q[q] = Signal(name=f"{q}_ports_free")  # driven below, once every queue's are declared
-            head_of[q], cur_of[q] = hdr, cur
+            for k in shared_ports:
+                head_holds[q][k] = Signal(name=f"{q}_head_holds_{k}")
+                m.d.comb += head_holds[q][k].eq(holds(q, hdr.opcode, entry.insn, k))
             pc = Signal.like(entry.pc, name=f"{q}_current_pc")
             head_pc[q], cur_pc[q] = entry.pc, pc
             names = list(UNITS[q])
@@ -269,7 +282,7 @@ class Overlay(wiring.Component):
 
             def take(to, q=q, queue=queue, entry=entry, hdr=hdr, cur=cur, pc=pc, prev=prev, nxt=nxt):
                 m.d.comb += [queue.ready.eq(1), exec_start.eq(1), taking[q].eq(1)]
-                m.d.sync += [cur.eq(hdr), pc.eq(entry.pc)]
+                m.d.sync += [cur.eq(hdr), pc.eq(entry.pc), *(cur_holds[q][k].eq(head_holds[q][k]) for k in shared_ports)]
                 if prev:
                     m.d.comb += token_dec[(prev, q)].eq(hdr.pop_prev)
                 if nxt:
@@ -291,7 +304,7 @@ class Overlay(wiring.Component):
                                 with m.If(units[n].cmd.ready):
                                     m.d.sync += sel.eq(i)
                                     for k in shared_ports:
-                                        with m.If(uses(q, hdr.opcode, k)):
+                                        with m.If(head_holds[q][k]):
                                             m.d.sync += owner_reg[k].eq(qi)
                                     take("BUSY")
                         with m.Default():
@@ -330,10 +343,10 @@ class Overlay(wiring.Component):
             for k in shared_ports:
                 for o in isa.QUEUES:
                     if o != q and lock_ops[o][k]:
-                        held = busy_q[o] & uses(o, cur_of[o].opcode, k)
+                        held = busy_q[o] & cur_holds[o][k]
                         if timing.PORT_PRIORITY.index(o) < timing.PORT_PRIORITY.index(q):
-                            held = held | (taking[o] & uses(o, head_of[o].opcode, k))
-                        free = free & ~(uses(q, head_of[q].opcode, k) & held)
+                            held = held | (taking[o] & head_holds[o][k])
+                        free = free & ~(head_holds[q][k] & held)
             m.d.comb += lock_ok_q[q].eq(free)
 
         # ------------------------------------------------------------ run control, errors, watchdog

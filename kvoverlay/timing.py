@@ -11,8 +11,8 @@ from __future__ import annotations
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["BUFFER_PORTS", "DISPATCH_CYCLES", "FRONTEND_INTERVAL", "PORT_LOCKS", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD", "instr_cycles",
-           "lock_conflicts", "port_burst", "unit_cycles"]
+__all__ = ["BUFFER_PORTS", "DISPATCH_CYCLES", "FRONTEND_INTERVAL", "LOCK_FIELDS", "PORT_LOCKS", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD",
+           "held_ports", "instr_cycles", "lock_conflicts", "port_burst", "unit_cycles"]
 
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
@@ -89,9 +89,22 @@ PORT_LOCKS = {
 }
 
 
-def lock_conflicts(a: str, b: str) -> bool:
-    """Whether opcodes *a* and *b*, in different queues, cannot run at once (they share a buffer port)."""
-    return not set(PORT_LOCKS[a]).isdisjoint(PORT_LOCKS[b])
+#: A port of :data:`PORT_LOCKS` that its opcode holds only when a one-bit field of the instruction is set: a GEMV that
+#: overwrites its accumulators (``accumulate=0``) never reads them, so the store queue's ARGMAXACC or STACC of the LM
+#: head's previous tile runs beside the next tile's GEMV.
+LOCK_FIELDS = {("GEMV", "acc_r"): "accumulate"}
+
+
+def held_ports(ins: isa.Instr) -> tuple[str, ...]:
+    """The buffer ports instruction *ins* holds while it runs (:data:`PORT_LOCKS`, less those of
+    :data:`LOCK_FIELDS` whose field is 0)."""
+    return tuple(k for k in PORT_LOCKS[ins.op] if (f := LOCK_FIELDS.get((ins.op, k))) is None or ins.fields[f])
+
+
+def lock_conflicts(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether instructions of different queues that hold buffer ports *a* and *b* (:func:`held_ports`) cannot run
+    at once."""
+    return not set(a).isdisjoint(b)
 
 #: Cycles between the memory's acceptance of a read burst and its first data beat's register (hw/dram_model.v).
 PORT_READ_LATENCY = 2

@@ -23,6 +23,7 @@ from kvoverlay.timing import (
     PORT_PRIORITY,
     QUEUE_DEPTH,
     RUN_OVERHEAD,
+    held_ports,
     instr_cycles,
     lock_conflicts,
     port_burst,
@@ -339,7 +340,7 @@ class _Timing:
         self.tokens = {}  # (from, to) -> list of ready times
         self.history = []  # on-chip accesses still in flight: (space, lo, hi, write, end, queue, pc, op)
         self.stall_lock = {q: 0 for q in isa.QUEUES}
-        self.issued = []  # (queue, cycles, pops, pushes, burst, pc, opcode) in program order, for _port_replay
+        self.issued = []  # (queue, cycles, pops, pushes, burst, pc, held ports) in program order, for _port_replay
 
     def issue(self, pc, ins, kv_len):
         if ins.op == "END":
@@ -364,7 +365,7 @@ class _Timing:
                 self.tokens.setdefault((q, self._LINKS[(q, d)]), []).append(end)
         self.issued.append((q, cycles, tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"pop_{d}" in ins.deps),
                             tuple(self._LINKS[(q, d)] for d in ("prev", "next") if f"push_{d}" in ins.deps),
-                            port_burst(self.cfg, ins), pc, ins.op))
+                            port_burst(self.cfg, ins), pc, held_ports(ins)))
 
     def _check_hazards(self, pc, ins, q, start, end):
         horizon = min(self.free.values())
@@ -391,12 +392,12 @@ def _port_replay(issued):
     """Replays the front end and the queues in time order, with one memory port and the buffer ports between them:
     ``(cycles, busy per queue, lock stalls per queue)``.
 
-    *issued* lists ``(queue, cycles, pop sources, push targets, burst, pc, opcode)`` in program order (END left out);
+    *issued* lists ``(queue, cycles, pop sources, push targets, burst, pc, buffer ports held)`` in program order (END left out);
     the tokens are :class:`_Timing`'s (the n-th pop of a link waits for its n-th push). The front end hands the
     instructions out in program order, one per :data:`~kvoverlay.timing.FRONTEND_INTERVAL` cycles, and waits at
     one whose queue holds :data:`~kvoverlay.timing.QUEUE_DEPTH` instructions not started. An instruction starts
     once its queue is free, it is dispatched and its tokens are pushed, and no instruction of another queue holds a
-    buffer port it needs (:data:`~kvoverlay.timing.PORT_LOCKS`; of conflicting instructions able to start in the
+    buffer port it needs (:func:`~kvoverlay.timing.held_ports`; of conflicting instructions able to start in the
     same cycle, the queue first in :data:`~kvoverlay.timing.PORT_PRIORITY` starts; the wait is its lock stall).
     The memory port serves one burst at a time (:func:`kvoverlay.timing.port_burst`); when it frees, it takes the
     request of the highest-priority queue among those offered by then, and a request that waits stalls its unit as
@@ -414,7 +415,7 @@ def _port_replay(issued):
     free = dict.fromkeys(isa.QUEUES, 0)  # None while the running instruction waits for the memory port
     busy = dict.fromkeys(isa.QUEUES, 0)
     stall_lock = dict.fromkeys(isa.QUEUES, 0)
-    holding = dict.fromkeys(isa.QUEUES)  # the opcode each queue runs or ran last
+    holding = dict.fromkeys(isa.QUEUES)  # the buffer ports of what each queue runs or ran last
     pushed, popped = {}, {}  # (from, to) -> end times of its pushes so far / pops taken so far
     requests = {}  # queue -> (request cycle, instruction) of a started burst not yet granted
     port_free = 0

@@ -279,9 +279,9 @@ def test_port_locks_hold_back_another_queues_instruction():
     the LOAD ends (its wait counted as a lock stall); a GEMV, which only reads the buffer, overlaps the LOAD."""
     from kvoverlay.sim.golden import instr_cycles
 
-    from kvoverlay.timing import FRONTEND_INTERVAL, RUN_OVERHEAD, lock_conflicts
+    from kvoverlay.timing import FRONTEND_INTERVAL, PORT_LOCKS, RUN_OVERHEAD, lock_conflicts
 
-    assert lock_conflicts("LOAD", "VADD") and not lock_conflicts("LOAD", "GEMV")
+    assert lock_conflicts(PORT_LOCKS["LOAD"], PORT_LOCKS["VADD"]) and not lock_conflicts(PORT_LOCKS["LOAD"], PORT_LOCKS["GEMV"])
     q, sm, _ = nx.quantize_matrix(RNG.normal(size=(64, 64)), "int8", 32)
     image = bytes(nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes)).ljust(1 << 16, b"\0")
     load = "LOAD addr=0x8000 len=64 dst=256 dst_e=E3"

@@ -22,6 +22,7 @@ from kvoverlay.sim.rtl import WATCHDOG_CYCLES, RtlError, RtlModel, build_model
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
+from kvoverlay.timing import held_ports, lock_conflicts
 from kvoverlay.timing import unit_cycles as hw_unit_cycles
 
 CFG = PRESETS["tiny"]
@@ -598,9 +599,10 @@ def test_attention_over_unwritten_positions(model_dir, qh, kvh, d, length, holes
 
 def test_port_locks_hold_back_unordered_instructions_as_the_golden_model_does(model_dir):
     """Instructions of different queues that share a buffer port, left unordered by tokens: a LOAD against the
-    compute queue's buffer writers (VADD, REQ), a STACC and an ARGMAXACC against a GEMV (the accumulator's read
-    port). The RTL waits on the locks cycle for cycle as the golden model replays them (simultaneous starts in
-    PORT_PRIORITY order), and every queue's lock stall is the model's."""
+    compute queue's buffer writers (VADD, REQ), a STACC against a REQ (the accumulator's read port), and an
+    ARGMAXACC beside a GEMV that overwrites its accumulators (it reads none: timing.LOCK_FIELDS). The RTL waits on
+    the locks cycle for cycle as the golden model replays them (simultaneous starts in PORT_PRIORITY order), and
+    every queue's lock stall is the model's."""
     rng = np.random.default_rng(5)
     image = bytearray(1 << 16)
     for addr in (0x100, 0x400):
@@ -609,9 +611,10 @@ def test_port_locks_hold_back_unordered_instructions_as_the_golden_model_does(mo
     q = rng.integers(-128, 128, (24, 64))
     sm = rng.integers(1, 1 << 16, (24, 2))
     image[0x1000:0x1000 + 24 * nx.row_stride(64, "int8", 32, CFG.port_bytes)] = nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes)
-    # the GEMV holds the accumulator's read port when the STACC arrives; the LOAD that follows six compute
-    # instructions is dispatched once the first VADD (a buffer writer) runs; the REQ then waits for that LOAD
+    # the first REQ holds the accumulator's read port when the STACC arrives; the LOAD that follows seven compute
+    # instructions is dispatched once the first VADD (a buffer writer) runs; the second REQ then waits for that LOAD
     program = isa.assemble("""
+        REQ acc=200 acc_e=E2 len=8 dst=1280 dst_e=E8
         GEMV addr=0x1000 rows=24 cols=64 fmt=int8 lg_group=2 sexp=-5 x=1536 x_e=E12 acc=16 acc_e=E2
         STACC acc=200 len=8 addr=0xA000
         ARGMAXACC acc=200 len=8 base=0 rd=R7 cont=0
@@ -634,4 +637,7 @@ def test_port_locks_hold_back_unordered_instructions_as_the_golden_model_does(mo
     assert counters.cycles == gold_counters.cycles
     assert {q: hw[f"stall_lock_{q}"] for q in isa.QUEUES} == gold_counters.stall_lock
     assert all(gold_counters.stall_lock[q] > 0 for q in isa.QUEUES), gold_counters.stall_lock
+    # the ARGMAXACC ran beside the GEMV (accumulate=0 holds no accumulator read port)
+    gemv_ports, argmax_ports = (held_ports(i) for i in program if i.op in ("GEMV", "ARGMAXACC"))
+    assert "acc_r" not in gemv_ports and not lock_conflicts(gemv_ports, argmax_ports)
 

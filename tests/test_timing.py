@@ -58,8 +58,9 @@ def test_port_locks_cover_every_buffer_access():
         if op.name in ("NOP", "END"):
             continue
         for accumulate in (0, 1):
-            fields = {f.name: 1 for f in op.fields} | ({"accumulate": accumulate} if op.name == "GEMV" else {})
-            for a in accesses(isa.Instr(op.name, fields)):
-                if a.space in ("abuf", "acc"):
-                    seen.setdefault(op.name, set()).add(f"{a.space}_{'w' if a.write else 'r'}")
+            ins = isa.Instr(op.name, {f.name: 1 for f in op.fields} | ({"accumulate": accumulate} if op.name == "GEMV" else {}))
+            used = {f"{a.space}_{'w' if a.write else 'r'}" for a in accesses(ins) if a.space in ("abuf", "acc")}
+            # each instruction holds exactly the ports it uses (a GEMV that overwrites its accumulators reads none)
+            assert set(timing.held_ports(ins)) == used, ins
+            seen.setdefault(op.name, set()).update(used)
     assert seen == {op: set(ports) for op, ports in timing.PORT_LOCKS.items() if ports}
