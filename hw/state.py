@@ -8,7 +8,7 @@ unit's ports. A host (a testbench, the board's bridge) reaches the state through
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Signal, Value, unsigned
+from amaranth.hdl import Array, Cat, Const, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
@@ -16,6 +16,7 @@ from amaranth.lib.wiring import Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
+from .arith import select_word
 from .ports import (
     EREG_SHAPE,
     abuf_lanes,
@@ -52,9 +53,19 @@ def ports_of(unit, signature) -> list:
             if member.is_signature and member.flow == Out and member.signature == signature]
 
 
+def _pick(m, sel, values, width, name):
+    """``values[sel]`` (*values*: {index: value}; zero where *sel* names none of them) as a tree of 2:1
+    multiplexers on *sel*'s bits."""
+    sel = Value.cast(sel)
+    words = Cat(*(values.get(k, Const(0, width)) for k in range(1 << len(sel))))
+    return select_word(m, words, sel, width, name=name)
+
+
 def _share(m, sel, target, sources):
     """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)]:
-    the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit."""
+    the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit.
+    A ``Switch``: these multiplexers and the overlay's counter read as trees of 2:1 multiplexers (:func:`_pick`)
+    made the ulx3s overlay module 156 LUT4 larger (docs/boards.md, "The glue")."""
     for name, member in sources[0][1].signature.members.items():
         if member.flow == Out:
             with m.Switch(sel):
@@ -102,9 +113,11 @@ class OnChipState:
         picks (an index into *groups*; needed only for a kind that several groups use). A port's read data fans out
         to every unit. A kind gets as many ports as the unit with the most of them declares, and a unit's i-th port
         of a kind drives the i-th, so that one read and one write port of each buffer serve groups whose units
-        declare one each (a buffer then maps to one copy of block RAM). Register reads are combinational; register
-        writes land at the clock edge (two groups never write one register at once: the golden model reports that
-        as a race)."""
+        declare one each (a buffer then maps to one copy of block RAM). Register reads are combinational, and the
+        units of a group share the register files' ports in the same way (a unit reads and writes registers only
+        from the cycle after its command is taken, while ``sel`` picks it, to its ``done``); register writes land
+        at the clock edge (two groups never write one register at once: the golden model reports that as a
+        race)."""
         m, kinds, owner = self.m, _kinds(self.config), owner or {}
         new_port = {"abuf_r": self.abuf.read_port, "abuf_w": lambda: self.abuf.write_port(granularity=16),
                     "acc_r": self.accbuf.read_port, "acc_w": self.accbuf.write_port}
@@ -120,10 +133,34 @@ class OnChipState:
                         m.d.comb += choice.eq(k)
                 _share(m, choice, make(), [(k, port) for k, (_, _, port) in enumerate(sources)])
         for file, read, write in ((self.eregs, "ereg_r", "ereg_w"), (self.regs, "reg_r", "reg_w")):
-            for units, _ in groups:
-                for unit in units:
-                    for port in ports_of(unit, kinds[read]):
-                        m.d.comb += port.data.eq(file[port.addr])
-                    for port in ports_of(unit, kinds[write]):
+            # a read is a tree of 2:1 multiplexers over the file; indexing the Array instead builds one equality
+            # decoder per register and port and an AND-OR of all registers (a Yosys $pmux, larger on the ECP5)
+            flat = Cat(*file)
+            width = len(file[0])
+            writers = []
+            for g, (units, sel) in enumerate(groups):
+                # the units of a group share its read ports, as they share the buffers' ports: the i-th port of the
+                # unit that sel picks drives the i-th address (a unit reads registers only while it runs)
+                ports = [ports_of(unit, kinds[read]) for unit in units]
+                for j in range(max((len(p) for p in ports), default=0)):
+                    sources = {i: p[j] for i, p in enumerate(ports) if len(p) > j}
+                    first = next(iter(sources.values())).addr
+                    addr = first if len(sources) == 1 else _pick(
+                        m, sel, {i: port.addr for i, port in sources.items()}, len(first), f"{read}{g}_{j}_addr")
+                    data = select_word(m, flat, addr, width, name=f"{read}{g}_{j}_data")
+                    for port in sources.values():
+                        m.d.comb += port.data.eq(data)
+                # the units of a group run one at a time, so their write ports merge into one before the file:
+                # a register then has one write-data mux input per group, not one per unit
+                ports = [port for unit in units for port in ports_of(unit, kinds[write])]
+                if len(ports) > 1:
+                    merged = kinds[write].create(path=(f"{write}_group{len(writers)}",))
+                    for port in ports:  # the last port wins, as separate writes to one register would
                         with m.If(port.en):
-                            m.d.sync += file[port.addr].eq(port.data)
+                            m.d.comb += [merged.en.eq(1), merged.addr.eq(port.addr), merged.data.eq(port.data)]
+                    ports = [merged]
+                writers += ports
+            for i, reg in enumerate(file):
+                for port in writers:
+                    with m.If(port.en & (port.addr == i)):
+                        m.d.sync += reg.eq(port.data)
