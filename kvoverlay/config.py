@@ -303,6 +303,14 @@ PRESETS = {
         act_buffer_words=16384, ldrow_row_bytes=16384, acc_buffer_words=4096, kv_capacity=64, max_layers=2,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
     ),
+    # The smallest config that builds every unit: the whole board top's bitstream in CI (docs/boards.md, "The CI
+    # bitstream"). The ulx3s preset's features (groups of 32 or more, no NORM over heads, 50 MHz) at the least sizes
+    # the hardware, the ISA and a two-layer demo decoder (hidden 32, two heads of 16, one KV head) accept.
+    "micro": OverlayConfig(
+        name="micro", port_bits=64, vector_lanes=2, group_size=32, min_group=32, norm_heads=False,
+        act_buffer_words=256, acc_buffer_words=128, kv_capacity=16, max_layers=2,
+        max_kv_heads=1, max_head_dim=16, attn_tile=4, clock_mhz=50.0, dram_bytes=1 << 16,
+    ),
     # Datacenter card with HBM (U280-class): 1024-byte port at 450 MHz ~ 460 GB/s. The on-chip KV pool is sized to
     # the card: 8 layers of 8 KV heads of 128 for 256 tokens, 8 MiB of K and V (a quarter of its 34.6 MB of
     # UltraRAM); a larger model's other layers run on the offload device (docs/benchmarks.md).

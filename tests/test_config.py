@@ -96,3 +96,60 @@ def test_ldrow_row_bytes():
     assert ulx3s.replace(ldrow_row_bytes=0).ldrow_buffer_bytes == 2 * 16384 + 2 * 16384 // 8
     with pytest.raises(ConfigError, match="ldrow_row_bytes=100 must be a multiple of the port's 32 bytes"):
         ulx3s.replace(ldrow_row_bytes=100)
+
+
+#: The demo decoder at the micro preset's shape: two layers, hidden 32, two query heads of 16 sharing one KV head.
+MICRO_DEMO = {"hidden": 32, "heads": 2, "kv_heads": 1, "head_dim": 16, "ffn": 64, "layers": 2, "vocab": 64}
+
+
+@pytest.fixture(scope="module")
+def micro_demo():
+    from kvoverlay.models.demo import build_llama_onnx
+
+    return build_llama_onnx(**MICRO_DEMO)
+
+
+@pytest.mark.parametrize("weights", ["w16", "int8", "int4"])
+def test_micro_runs_the_demo_on_every_unit(micro_demo, weights):
+    """The micro preset (the CI bitstream's) compiles the small demo decoder with nothing placed on the host, into a
+    program that uses every unit, and the golden model decodes it as onnxruntime does."""
+    from kvoverlay.compiler.driver import compile_model
+    from kvoverlay.host.backend import outside_kv_buffer
+    from kvoverlay.host.reference import ort_decode
+    from kvoverlay.host.session import Session
+
+    cfg = PRESETS["micro"]
+    program, _ = compile_model(micro_demo, "micro", weights=weights, max_seq=8, host_ops=False)
+    assert len(program.image) <= cfg.dram_bytes and not outside_kv_buffer(program)
+    ops = {i.op for i in program.instructions}
+    assert ops >= {"LOAD", "LDROW", "STORE", "GEMV", "REQ", "VADD", "VMUL", "VSCALE", "NORM", "ACT", "ROPE", "ARGMAX",
+                   "KVAPPEND", "ATTN"}
+    tokens, _ = ort_decode(micro_demo, [5, 17, 42], 5)
+    res = Session(program, "isa").generate([5, 17, 42], 5)
+    # int4's scales move the last of five tokens (the demo's random weights leave close logits)
+    assert res.tokens[:4] == tokens[:4] and (weights == "int4" or res.tokens == tokens)
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"act_buffer_words": 128}, "act_buffer_words=128 is out of range"),
+    ({"dram_bytes": 1 << 15}, "dram_bytes=32768 is out of range"),
+    ({"acc_buffer_words": 64}, "exceed the accumulator buffer"),
+    ({"max_layers": 1}, [1]),
+    ({"max_head_dim": 8}, [0, 1]),
+])
+def test_micro_is_the_least_for_its_demo(micro_demo, change, refused):
+    """Each of micro's sizes one step smaller is refused, by the config's range or by the compiler for its demo, or
+    leaves layers of the demo outside the KV pool (*refused*: those layers), for the host's offload device."""
+    from kvoverlay.compiler.driver import compile_model
+    from kvoverlay.compiler.frontend import CompileError
+    from kvoverlay.host.backend import kv_layers, outside_kv_buffer
+
+    def compile_smaller():
+        return compile_model(micro_demo, PRESETS["micro"].replace(**change), weights="int8", max_seq=8,
+                             host_ops=False)[0]
+    if isinstance(refused, str):
+        with pytest.raises((ConfigError, CompileError), match=refused):
+            compile_smaller()
+    else:
+        program = compile_smaller()
+        assert kv_layers(program, {i.fields["kv_base"] for i in outside_kv_buffer(program).values()}) == refused

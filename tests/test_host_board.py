@@ -82,3 +82,19 @@ def test_demo_from_sdram_on_simulated_board(demo_program):
         bram = sess.generate(PROMPT, NEW_TOKENS).result()
     assert bram.step_bytes_read == res.step_bytes_read
     assert all(s > b for s, b in zip(res.step_cycles, bram.step_cycles))
+
+
+def test_micro_on_simulated_board_bit_identical(tmp_path):
+    """The CI bitstream's design (the micro preset's board top) in its simulated twin runs micro's demo decoder
+    bit-identically to ``--backend isa``."""
+    from test_config import MICRO_DEMO
+
+    model = build_llama_onnx(tmp_path / "micro.onnx", **MICRO_DEMO)
+    program, _ = compile_model(model, "micro", weights="int8", max_seq=len(PROMPT) + NEW_TOKENS + 2, host_ops=False)
+    gold = Session(program, "isa").generate(PROMPT, NEW_TOKENS)
+    with Session(program, "board", port="sim") as sess:
+        assert sess.backend.memory == "bram"
+        res = sess.generate(PROMPT, NEW_TOKENS).result()
+    assert res.tokens == gold.tokens
+    for a, b in zip(res.logits, gold.logits, strict=True):
+        assert np.array_equal(a, b)
