@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Mux, Signal, Value
 
-__all__ = ["balanced_sum", "low_mask", "narrow_times", "select_bits", "select_word", "shift_left"]
+__all__ = ["balanced_sum", "low_mask", "narrow_times", "select_bits", "select_value", "select_word", "shift_left"]
 
 
 def narrow_times(a, b):
@@ -93,6 +93,16 @@ def select_word(m, value, index, width, *, name="select"):
     for bit in _named(m, index, name + "_index"):
         words = [Mux(bit, words[k + 1], words[k]) for k in range(0, len(words), 2)]
     return _named(m, words[0], name)
+
+
+def select_value(m, values, index, *, name="select"):
+    """``values[index]`` as a tree of 2:1 multiplexers on *index*'s bits (:func:`select_word`): *values* is a list of
+    values of one width, or ``{position: value}``; zero where *index* names none of them."""
+    values = values if isinstance(values, dict) else dict(enumerate(values))
+    index = Value.cast(index)
+    width = len(Value.cast(next(iter(values.values()))))
+    words = Cat(*(values.get(k, Const(0, width)) for k in range(1 << len(index))))
+    return select_word(m, words, index, width, name=name)
 
 
 def _named(m, value, name):

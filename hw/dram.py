@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, ResetSignal, Signal
+from amaranth.hdl import ClockSignal, Instance, Module, ResetSignal, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from kvoverlay import timing
 
-from .arith import select_word
+from .arith import select_value
 
 __all__ = ["DRAM_MODEL_SOURCE", "DRAM_READ_LATENCY", "DramArbiter", "DramModel", "dram_addr_bits", "dram_port",
            "dram_request", "request_burst"]
@@ -97,10 +97,7 @@ class DramArbiter(wiring.Component):
                 m.d.comb += granted.eq(i)
         # the request and the write beat through trees of 2:1 multiplexers, smaller on the ECP5 than a Switch's $pmux
         def pick(index, field, name):
-            words = [field(p) for p in masters]
-            width = len(words[0])
-            words += [Const(0, width)] * ((1 << len(index)) - len(words))
-            return select_word(m, Cat(*words), index, width, name=name)
+            return select_value(m, [field(p) for p in masters], index, name=name)
 
         m.d.comb += [mem.req.valid.eq(pick(granted, lambda p: p.req.valid, "req_valid")),
                      mem.req.payload.eq(pick(granted, lambda p: p.req.payload.as_value(), "req_payload"))]

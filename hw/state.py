@@ -8,7 +8,7 @@ unit's ports. A host (a testbench, the board's bridge) reaches the state through
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Cat, Const, Signal, Value, unsigned
+from amaranth.hdl import Array, Cat, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import Out
@@ -16,7 +16,7 @@ from amaranth.lib.wiring import Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-from .arith import select_word
+from .arith import select_value, select_word
 from .ports import (
     EREG_SHAPE,
     abuf_lanes,
@@ -53,18 +53,10 @@ def ports_of(unit, signature) -> list:
             if member.is_signature and member.flow == Out and member.signature == signature]
 
 
-def _pick(m, sel, values, width, name):
-    """``values[sel]`` (*values*: {index: value}; zero where *sel* names none of them) as a tree of 2:1
-    multiplexers on *sel*'s bits."""
-    sel = Value.cast(sel)
-    words = Cat(*(values.get(k, Const(0, width)) for k in range(1 << len(sel))))
-    return select_word(m, words, sel, width, name=name)
-
-
 def _share(m, sel, target, sources):
     """Drive memory port *target* from the unit port that *sel* picks among *sources* [(unit index, port)]:
     the unit's outputs (address, enables, write data) are multiplexed, the read data fans out to every unit.
-    A ``Switch``: these multiplexers and the overlay's counter read as trees of 2:1 multiplexers (:func:`_pick`)
+    A ``Switch``: these multiplexers and the overlay's counter read as trees of 2:1 multiplexers (:func:`~hw.arith.select_value`)
     made the ulx3s overlay module 156 LUT4 larger (docs/boards.md, "The glue")."""
     for name, member in sources[0][1].signature.members.items():
         if member.flow == Out:
@@ -145,8 +137,8 @@ class OnChipState:
                 for j in range(max((len(p) for p in ports), default=0)):
                     sources = {i: p[j] for i, p in enumerate(ports) if len(p) > j}
                     first = next(iter(sources.values())).addr
-                    addr = first if len(sources) == 1 else _pick(
-                        m, sel, {i: port.addr for i, port in sources.items()}, len(first), f"{read}{g}_{j}_addr")
+                    addr = first if len(sources) == 1 else select_value(
+                        m, {i: port.addr for i, port in sources.items()}, sel, name=f"{read}{g}_{j}_addr")
                     data = select_word(m, flat, addr, width, name=f"{read}{g}_{j}_data")
                     for port in sources.values():
                         m.d.comb += port.data.eq(data)
