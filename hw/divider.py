@@ -61,6 +61,10 @@ class Divider(wiring.Component):
         Widest denominator.
     bits_per_cycle : int
         Restoring steps per cycle (a power of two).
+    bit_counts : sequence of int, optional
+        The only values of ``bits`` the caller starts a division with (NORM's four divisions): the numerator is then
+        aligned by a multiplexer of those few shifts rather than by a barrel shifter over every ``bits``. A division
+        started with another ``bits`` gives a quotient of 0 (and takes the same cycles). Default: any ``bits``.
 
     Attributes
     ----------
@@ -77,13 +81,17 @@ class Divider(wiring.Component):
         Results.
     """
 
-    def __init__(self, num_width: int, den_width: int, bits_per_cycle: int = 1):
+    def __init__(self, num_width: int, den_width: int, bits_per_cycle: int = 1, *, bit_counts=None):
         if bits_per_cycle < 1 or bits_per_cycle & (bits_per_cycle - 1):
             self._MustUse__silence = True
             raise ValueError(f"bits_per_cycle={bits_per_cycle} must be a power of two")
+        if bit_counts is not None and not all(1 <= b <= num_width for b in bit_counts):
+            self._MustUse__silence = True
+            raise ValueError(f"bit_counts={bit_counts!r} must lie in [1, num_width={num_width}]")
         self.num_width = num_width
         self.den_width = den_width
         self.bits_per_cycle = bits_per_cycle
+        self.bit_counts = None if bit_counts is None else tuple(sorted(set(bit_counts)))
         super().__init__({
             "start": In(1),
             "numerator": In(num_width),
@@ -117,8 +125,16 @@ class Divider(wiring.Component):
             cand = Signal(self.den_width + 2, name=f"cand{i}")
             m.d.comb += cand.eq(r << 1 | dividend[width - 1 - i])
             r, q = restoring_step(m, cand, den, self.den_width + 1, q, str(i))
+        aligned = Signal(width, name="numerator_aligned")
+        if self.bit_counts is None:
+            m.d.comb += aligned.eq(self.numerator << align)
+        else:  # a few fixed alignments: a multiplexer instead of a shifter over width + 1 amounts
+            with m.Switch(self.bits):
+                for b in self.bit_counts:
+                    with m.Case(b):
+                        m.d.comb += aligned.eq(self.numerator[:b] << (width - -(-b // k) * k))
         run_steps(m, self, count,
-                  [dividend.eq(self.numerator << align), den.eq(self.denominator), rem.eq(0), quo.eq(0)], padded // k,
+                  [dividend.eq(aligned), den.eq(self.denominator), rem.eq(0), quo.eq(0)], padded // k,
                   [dividend.eq(dividend << k), rem.eq(r), quo.eq(q)], empty=self.bits == 0)
         return m
 

@@ -543,8 +543,8 @@ class NormScalar(wiring.Component):
         nw = self.widths
         k = timing.SCALAR_BITS_PER_CYCLE
         V = self.config.vector_lanes
-        m.submodules.divider = div = Divider(max(nw["ss_div"], nw["ms_div"], nw["recip_div"], nw["mean_div"]),
-                                             max(nw["n"], nw["root"] + 1), k)
+        divisions = (nw["ss_div"], nw["ms_div"], nw["recip_div"], nw["mean_div"])  # the bits of divide()'s calls
+        m.submodules.divider = div = Divider(max(divisions), max(nw["n"], nw["root"] + 1), k, bit_counts=divisions)
         m.submodules.isqrt = sq = Isqrt(nw["root"], k)
         m.submodules.multiplier = mul = Multiplier(nw["mul_a"], nw["mul_b"], k)
 

@@ -49,6 +49,26 @@ def test_divider_matches_floor_division(per_cycle):
         assert cycles == divider_cycles(bits, per_cycle)
 
 
+@pytest.mark.parametrize("per_cycle", [1, 2])
+def test_divider_with_fixed_bit_counts(per_cycle):
+    """Built for a few ``bits`` (NORM's divisions), the divider aligns by a multiplexer: the same quotients and
+    cycles for those, a quotient of 0 for any other."""
+    counts = (61, 78, 49, 57)
+    dut = Divider(78, 26, per_cycle, bit_counts=counts)
+    rng = np.random.default_rng(8)
+    cases = [((1 << b) - 1, (1 << 26) - 1, b) for b in counts] + [(1 << (b - 1), 1, b) for b in counts]
+    cases += [(int(rng.integers(0, 1 << 62)) >> (62 - b + 1) if b < 63 else int(rng.integers(0, 1 << 62)) << (b - 62),
+               int(rng.integers(1, 1 << 26)), b) for b in counts for _ in range(5)]
+    seen = _run(dut, [{"numerator": n, "denominator": d, "bits": b} for n, d, b in cases + [(1000, 7, 10)]],
+                ("quotient", "remainder"))
+    for (num, den, bits), (q, r, cycles) in zip(cases, seen):
+        assert (q, r) == divmod(num, den), (num, den, bits)
+        assert cycles == divider_cycles(bits, per_cycle)
+    assert seen[-1][0] == 0 and seen[-1][2] == divider_cycles(10, per_cycle)
+    with pytest.raises(ValueError, match="bit_counts=\\(79,\\)"):
+        Divider(78, 26, per_cycle, bit_counts=(79,))
+
+
 def test_divider_rejects_odd_radix():
     with pytest.raises(ValueError, match="bits_per_cycle=3"):
         Divider(8, 8, 3)
