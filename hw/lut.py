@@ -17,7 +17,6 @@ from amaranth.lib.wiring import In, Out
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-from .arith import narrow_times
 from .normalize import round_shift_expr
 from .ports import EREG_SHAPE
 
@@ -117,7 +116,8 @@ class GateLut(wiring.Component):
             saturated = Signal(name=f"gate_saturated{i}")
             m.d.sync += [frac.eq(pos[:_SEG_BITS]), saturated.eq(top)]
             step = Signal(signed(self.rom_layout["slope"].shape.width + _SEG_BITS + 1), name=f"gate_step{i}")
-            # slope * frac in logic: a 7-bit factor is no use of a MULT18X18D
-            m.d.comb += step.eq((narrow_times(frac, port.data.slope) + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
+            # slope * frac on a multiplier (a MULT18X18D per lane): in logic it was a 7-term adder tree of ~130 LUT4
+            # per lane, and the ulx3s preset has multipliers to spare at 4 lanes, not LUTs (docs/boards.md)
+            m.d.comb += step.eq((frac * port.data.slope + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
             m.d.sync += self.gate[i].eq(Mux(saturated, nx.GATE_ONE, port.data.base + step))
         return m
