@@ -313,12 +313,15 @@ PRESETS = {
     # The KV pool is sized to the 85F's block RAM (docs/boards.md, "Block RAM budget"): 32 columns (2 layers of 2
     # KV heads of 64, or any mix) of 64 tokens, 512 Kbit of K and V; layers and tokens beyond go to the host. LDROW
     # takes rows of up to 16 KiB (8 block RAMs, one deep: a table row of 7,936 w16 weights or 15,872 int8 ones).
+    # The vector unit and the attention engine run 4 lanes, not the port's 8 chunks' worth: about 12k LUT4 fewer,
+    # for +7-11% cycles per token from block RAM and +0.5% from the SDRAM a board-sized model streams from
+    # (docs/boards.md, "Four vector lanes on ulx3s").
     "ulx3s": OverlayConfig(
-        name="ulx3s", port_bits=256, vector_lanes=8, group_size=32, min_group=32,
+        name="ulx3s", port_bits=256, vector_lanes=4, group_size=32, min_group=32,
         norm_heads=False,
         act_buffer_words=16384, ldrow_row_bytes=16384, acc_buffer_words=4096, kv_capacity=64, max_layers=2,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
-        # the attention engine's output scratch: 32 heads of 64 in 4-lane words fill DP16KD's 512 x 36 (8 blocks)
+        # the attention engine's output scratch: 32 heads of 64 (its 8 block RAMs at 4 or 8 vector lanes)
         max_q_heads=32,
     ),
     # The smallest config that builds every unit: the whole board top's bitstream in CI (docs/boards.md, "The CI

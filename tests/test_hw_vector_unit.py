@@ -464,8 +464,10 @@ def _small_config_cases(rng, cfg):
 
 
 @pytest.mark.parametrize("changes", [{"port_bits": 32}, {"vector_lanes": 1}, {"vector_lanes": 16},
-                                     {"norm_heads": False}],
-                         ids=["8-lane-words", "1-lane", "lanes-eq-word", "no-norm-heads"])
+                                     {"norm_heads": False},
+                                     {k: getattr(PRESETS["ulx3s"], k) for k in ("port_bits", "vector_lanes",
+                                                                                 "norm_heads")}],
+                         ids=["8-lane-words", "1-lane", "lanes-eq-word", "no-norm-heads", "ulx3s-lanes"])
 def test_other_lane_geometries_in_amaranth_sim(changes):
     """Word and lane ratios other than tiny's (one chunk per word, one lane per chunk), without a Verilator build;
     and a unit built without NORM over each head (ulx3s's): the whole-vector NORMs as before, the heads' a fault."""
