@@ -313,8 +313,8 @@ PRESETS = {
     # The KV pool is sized to the 85F's block RAM (docs/boards.md, "Block RAM budget"): 32 columns (2 layers of 2
     # KV heads of 64, or any mix) of 64 tokens, 512 Kbit of K and V; layers and tokens beyond go to the host. LDROW
     # takes rows of up to 16 KiB (8 block RAMs, one deep: a table row of 7,936 w16 weights or 15,872 int8 ones).
-    # The vector unit and the attention engine run 4 lanes, not the port's 8 chunks' worth: about 12k LUT4 fewer,
-    # for +7-11% cycles per token from block RAM and +0.5% from the SDRAM a board-sized model streams from
+    # The vector unit and the attention engine run 4 lanes, not 8: 12.8k LUT4 fewer on the board top, for +7-11%
+    # cycles per token from block RAM and +0.5-0.9% from the SDRAM a board-sized model streams from
     # (docs/boards.md, "Four vector lanes on ulx3s").
     "ulx3s": OverlayConfig(
         name="ulx3s", port_bits=256, vector_lanes=4, group_size=32, min_group=32,
