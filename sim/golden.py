@@ -222,7 +222,7 @@ class GoldenModel:
             self.eregs[f["acc_e"]] = e
             self.peak_record = peak_record(self.peak_record, ins)
         elif op == "REQ":
-            if f["fold"] and self.peak_record != (f["acc"], f["len"]):
+            if f.get("fold") and self.peak_record != (f["acc"], f["len"]):
                 raise ValueError(f"REQ fold=1 over accumulators [{f['acc']}, {f['acc'] + f['len']}) but the GEMV unit's "
                                  f"peak record is {self._peak_range()} (a SHAPE fault)")
             words = self.acc[self._span(self.acc, f["acc"], f["len"], "accumulator buffer")]
