@@ -654,7 +654,9 @@ def test_req_fold_takes_the_gemv_peak(model_dir):
     image[0x100:0x100 + len(rec)] = rec
     for base, fmt, rows in ((0x1000, "int4", 24), (0x3000, "int4", 24), (0x5000, "int8", 7)):
         lo, hi = QRANGE[fmt]
-        blob = nx.pack_rows(rng.integers(lo, hi, (rows, 64)), rng.integers(1, 1 << 16, (rows, 2)), fmt, 32, pb)
+        scales = rng.integers(1, 1 << 8, (rows, 2))
+        scales[-1] = (1 << 16) - 1  # the peak is the last word written, which the record takes a cycle late
+        blob = nx.pack_rows(rng.integers(lo, hi, (rows, 64)), scales, fmt, 32, pb)
         image[base:base + len(blob)] = blob
     program = isa.assemble("""
         LOAD addr=0x100 len=128 dst=0 dst_e=E1 push_next
@@ -673,6 +675,9 @@ def test_req_fold_takes_the_gemv_peak(model_dir):
     assert rtl.eregs == gold.eregs
     assert np.array_equal(rtl.abuf[256:280], rtl.abuf[640:664]) and rtl.eregs[7] == rtl.eregs[10] != nx.EXP_MIN
     assert np.array_equal(rtl.abuf[384:391], rtl.abuf[512:519]) and rtl.eregs[8] == rtl.eregs[9] != nx.EXP_MIN
+    for acc, rows in ((16, 24), (100, 7)):
+        words = np.abs(rtl.acc[acc:acc + rows])
+        assert words.argmax() == rows - 1 and int(words[-1]).bit_length() > int(words[:-1].max()).bit_length()
     for q in isa.QUEUES:
         assert counters.busy[q] == sum(unit_cycles(i) for i in program if i.op != "END" and i.queue == q), q
     assert counters.cycles == gold_counters.cycles
