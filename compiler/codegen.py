@@ -29,6 +29,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.access import accesses
 from kvoverlay.config import KV_BASE_BITS, OverlayConfig
+from kvoverlay.timing import folds_peak, peak_record
 
 from .frontend import CompileError
 from .overlay_graph import OverlayGraph
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # quantize's calibration runs the fused kinds, whose code gen
     from .quantize import Image
 
 __all__ = ["INDEX_REGISTERS", "REG_KV_LEN", "REG_KV_SLOT", "REG_NEXT", "REG_POSITION", "REG_TOKEN", "Codegen",
-           "check_fits", "emit", "insert_tokens", "kv_layout", "kv_registers", "plan_memory", "scale_imm"]
+           "check_fits", "emit", "fold_peaks", "insert_tokens", "kv_layout", "kv_registers", "plan_memory", "scale_imm"]
 
 REG_TOKEN, REG_POSITION, REG_NEXT = 0, 1, 2
 #: With --max-seq above the KV capacity: the KV buffer slot KVAPPEND writes and the KV length ATTN reads.
@@ -311,6 +312,17 @@ def emit(cg: Codegen) -> list:
                  addr=cg.io["outputs"][name]["addr"])
     cg.instr("END")
     return cg.code
+
+
+def fold_peaks(code: list) -> None:
+    """Set ``fold`` on each REQ of *code* (in place) whose range the GEMV unit's peak record still holds: the
+    accumulators the last GEMV wrote, with no ATTN since (:func:`kvoverlay.timing.peak_record`), as a GEMV and the
+    REQ of its output always are. Such a REQ skips its peak pass (``len + timing.REQ_READ_LATENCY`` cycles)."""
+    record = None
+    for i, ins in enumerate(code):
+        if folds_peak(record, ins) and not ins.fields.get("fold"):
+            code[i] = isa.Instr(ins.op, {**ins.fields, "fold": 1}, ins.deps)
+        record = peak_record(record, ins)
 
 
 def insert_tokens(code: list) -> None:

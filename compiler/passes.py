@@ -31,6 +31,7 @@ from .codegen import (
     Codegen,
     check_fits,
     emit,
+    fold_peaks,
     insert_tokens,
     kv_registers,
     plan_memory,
@@ -159,6 +160,10 @@ def _emit(c: Compilation) -> None:
             exc.node = next((op.source for op in c.og.ops
                              if c.codegen.who == f"op {op.out} ({op.kind} from {op.source})"), None)
         raise
+
+
+def _fold_peaks(c: Compilation) -> None:
+    fold_peaks(c.code)
 
 
 def _insert_tokens(c: Compilation) -> None:
@@ -308,6 +313,7 @@ PIPELINE = [
     Pass("quantize", _whole(_quantize), _partitioned(_dump_image)),  # matrices, tables, constants -> memory image
     Pass("plan_memory", _whole(_plan_memory), _partitioned(_dump_plan)),
     Pass("emit", _whole(_emit), _partitioned(_dump_code), ".s"),  # overlay operations -> instructions
+    Pass("fold_peaks", _whole(_fold_peaks), _partitioned(_dump_code), ".s"),  # REQs that take their GEMV's peak
     Pass("insert_tokens", _whole(_insert_tokens), _partitioned(_dump_code), ".s"),
     Pass("bundle", _bundle, _dump_manifest),
 ]

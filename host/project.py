@@ -112,7 +112,7 @@ class _Stream:
         for r0 in range(0, rows, tile):
             n = min(tile, rows - r0)
             self.add("GEMV", deps, addr=addr + r0 * stride, rows=n, cols=cols, **layout, accumulate=0)
-            self.add("REQ", len=n)
+            self.add("REQ", len=n, fold=1)  # its GEMV's peak record (the compiler's fold_peaks)
 
     def ldrow(self, cols, fmt, row_reg, deps=()):
         addr, layout = self.matrix(1, cols, fmt)

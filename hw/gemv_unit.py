@@ -16,10 +16,17 @@ from .ports import EREG_SHAPE, Fault, abuf_read, acc_read, acc_write, ereg_read,
 from .unit import Sequencer, row_geometry, word_sizes
 from .widths import log2_exact
 
-__all__ = ["GemvUnit"]
+__all__ = ["GemvUnit", "peak_signature"]
 
 #: Depth of the weight FIFO between the port and the engine.
 WEIGHT_FIFO_DEPTH = 4
+
+
+def peak_signature(config) -> wiring.Signature:
+    """The GEMV unit's peak record, seen from the unit (kvoverlay.timing.peak_record): the accumulator range of the
+    last tile it streamed (``acc``, ``rows``) and the OR of the magnitudes of the words it wrote there (``peak``),
+    whose bit length is the peak's, as the requantizer's peak pass finds it."""
+    return wiring.Signature({"acc": Out(range(config.acc_buffer_words)), "rows": Out(16), "peak": Out(64)})
 
 
 class GemvUnit(wiring.Component):
@@ -52,6 +59,8 @@ class GemvUnit(wiring.Component):
         Exponents of x and of the accumulators; the accumulators' new exponent.
     port_wait : Out(1)
         High while the request waits for the memory, or the engine waits for a weight word.
+    peak : Out(peak_signature(config))
+        The last streamed tile's peak record, for a REQ with ``fold=1``; complete from the cycle after ``done``.
     """
 
     def __init__(self, config):
@@ -59,7 +68,7 @@ class GemvUnit(wiring.Component):
         super().__init__(unit_signature(LAYOUTS["GEMV"], dram=Out(dram_port(config)), abuf_r=Out(abuf_read(config)),
                                         acc_r=Out(acc_read(config)), acc_w=Out(acc_write(config)),
                                         ereg_rx=Out(ereg_read()), ereg_ra=Out(ereg_read()), ereg_w=Out(ereg_write()),
-                                        port_wait=Out(1)))
+                                        port_wait=Out(1), peak=Out(peak_signature(config))))
 
     def elaborate(self, platform):
         m = Module()
@@ -105,6 +114,15 @@ class GemvUnit(wiring.Component):
                      self.acc_w.addr.eq(row_addr), self.acc_w.en.eq(row_valid),
                      self.acc_w.data.eq(row_value + Mux(ins.accumulate, self.acc_r.data, 0))]
 
+        # ---- the peak record: each written word's magnitude ORed in a cycle after its write, so that the magnitude's
+        # carry chain does not follow the split-K adder's in one cycle; a 64-bit register pair, no block RAM
+        written = Signal.like(self.acc_w.data, name="gemv_written")
+        wrote = Signal(name="gemv_wrote")
+        m.d.sync += [written.eq(self.acc_w.data), wrote.eq(self.acc_w.en)]
+        value = written.as_signed()
+        with m.If(wrote):
+            m.d.sync += self.peak.peak.eq(self.peak.peak | Mux(value < 0, -value, value))
+
         requested = Signal(name="gemv_requested")
         weight_wait = Signal(name="gemv_weight_wait")
         m.d.comb += weight_wait.eq(engine.w_take & ~fifo.r_rdy)
@@ -124,6 +142,8 @@ class GemvUnit(wiring.Component):
                     m.next = "RANGE"
             with m.State("RANGE"), seq.check((byte_addr + (tile_words << lpb) > cfg.dram_bytes, Fault.OUT_OF_RANGE)):
                 m.d.comb += engine.cmd.valid.eq(1)
+                # a tile that streams replaces the record (one that faults leaves it)
+                m.d.sync += [self.peak.acc.eq(ins.acc), self.peak.rows.eq(rows), self.peak.peak.eq(0)]
                 m.next = "STREAM"
             with m.State("STREAM"):
                 # the request goes out while the engine fills its pipeline

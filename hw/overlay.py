@@ -151,6 +151,16 @@ class Overlay(wiring.Component):
                 self._gate(m, name, unit)
             else:
                 m.submodules[f"{name}_unit"] = unit
+        # REQ's folded peak (timing.peak_record): the GEMV unit's record, current from a GEMV's completion until an
+        # ATTN writes the accumulators; kept here, in the top's domain, because the GEMV unit's clock may be gated
+        # while ATTN runs
+        peak_valid = Signal(name="peak_record_valid")
+        with m.If(units["attention"].acc_w.en):
+            m.d.sync += peak_valid.eq(0)
+        with m.Elif(units["gemv"].done.valid & (units["gemv"].done.payload == Fault.NONE)):
+            m.d.sync += peak_valid.eq(1)
+        wiring.connect(m, units["gemv"].peak, units["req"].peak)
+        m.d.comb += units["req"].peak_valid.eq(peak_valid)
         # the KV buffer persists across runs: a decode session appends one token per run
         m.submodules.kv_buffer = kvbuf = KvBuffer(cfg)
         wiring.connect(m, units["attention"].kv, kvbuf.port)

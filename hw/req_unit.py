@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
-from amaranth.lib.wiring import Out
+from amaranth.lib.wiring import In, Out
 
 from kvoverlay import timing
 
+from .gemv_unit import peak_signature
 from .isa_layout import LAYOUTS
 from .ports import Fault, abuf_write, acc_read, ereg_read, ereg_write, unit_signature
 from .requantizer import add_requantizer, complete_requantization
@@ -18,8 +19,10 @@ __all__ = ["ReqUnit"]
 
 class ReqUnit(wiring.Component):
     """Executes REQ: the accumulator words, one per cycle, through a :class:`~hw.requantizer.Requantizer` at the
-    exponent of ``acc_e``; the result's exponent goes to ``dst_e``. Faults: an unaligned destination, ranges past
-    the buffers, an exponent above ``EXP_MAX`` (``OVERFLOW``).
+    exponent of ``acc_e``; the result's exponent goes to ``dst_e``. With ``fold`` the peak comes from the GEMV
+    unit's record and only the round pass reads the words (:func:`kvoverlay.timing.req_cycles`). Faults: an
+    unaligned destination, ranges past the buffers, ``fold`` while the record is stale or of another range
+    (``SHAPE``), an exponent above ``EXP_MAX`` (``OVERFLOW``).
 
     Parameters
     ----------
@@ -34,12 +37,15 @@ class ReqUnit(wiring.Component):
         The accumulator words and their exponent.
     abuf_w, ereg_w : Out(abuf_write(config)), Out(ereg_write())
         The bfp16 result.
+    peak, peak_valid : In(peak_signature(config)), In(1)
+        The GEMV unit's peak record, and whether it is current (:func:`kvoverlay.timing.peak_record`).
     """
 
     def __init__(self, config):
         self.config = config
         super().__init__(unit_signature(LAYOUTS["REQ"], acc_r=Out(acc_read(config)), abuf_w=Out(abuf_write(config)),
-                                        ereg_r=Out(ereg_read()), ereg_w=Out(ereg_write())))
+                                        ereg_r=Out(ereg_read()), ereg_w=Out(ereg_write()),
+                                        peak=In(peak_signature(config)), peak_valid=In(1)))
 
     def elaborate(self, platform):
         m = Module()
@@ -56,12 +62,15 @@ class ReqUnit(wiring.Component):
         word = Signal.like(self.acc_r.data, name="req_word")
         m.d.sync += word.eq(self.acc_r.data)
         m.d.comb += self.ereg_r.addr.eq(ins.acc_e)
-        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(word)]
+        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(word),
+                     rq.cmd.payload.fold.eq(ins.fold), rq.peak.eq(self.peak.peak)]
+        folded = Signal(name="req_peak_current")
+        m.d.comb += folded.eq(self.peak_valid & (self.peak.acc == ins.acc) & (self.peak.rows == ins.len))
 
         with seq.fsm("CHECK"):
             with m.State("CHECK"), seq.check((ins.dst & (lanes - 1), Fault.UNALIGNED),
                            ((ins.dst + ins.len > cfg.act_buffer_words) | (ins.acc + ins.len > cfg.acc_buffer_words),
-                            Fault.OUT_OF_RANGE)):
+                            Fault.OUT_OF_RANGE), (ins.fold & ~folded, Fault.SHAPE)):
                 m.d.comb += rq.cmd.valid.eq(1)
                 m.next = "REQUANTIZE"
             with m.State("REQUANTIZE"):

@@ -19,9 +19,10 @@ __all__ = ["Requantizer", "add_requantizer", "complete_requantization", "requant
 
 
 def requant_command(config) -> data.StructLayout:
-    """A requantization: ``len`` values, the exponent they are scaled by, the first activation-buffer word."""
+    """A requantization: ``len`` values, the exponent they are scaled by, the first activation-buffer word, and
+    whether the peak pass is folded (``fold``: the values' peak is already on the requantizer's ``peak`` input)."""
     return data.StructLayout({"len": 16, "exp": EREG_SHAPE,
-                              "dst": abuf_write(config).members["addr"].shape})
+                              "dst": abuf_write(config).members["addr"].shape, "fold": 1})
 
 
 class _RoundShifts:
@@ -82,7 +83,8 @@ class Requantizer(wiring.Component):
     """Two passes over ``len`` values read one per cycle from the unit that runs it.
 
     Pass 1 ORs the magnitudes together: the bit length of the OR is the bit length of the peak, which fixes the
-    shift ``s = bitlen(peak) - MANT_BITS``. Pass 2 rounds each value half up by ``s`` (or shifts it left), clips
+    shift ``s = bitlen(peak) - MANT_BITS``. A command with ``fold`` skips pass 1 and takes that OR from ``peak``
+    (a REQ after the GEMV that wrote its words and recorded it): ``len + latency`` cycles fewer. Pass 2 rounds each value half up by ``s`` (or shifts it left), clips
     to ``MANT_MAX``, and, when ``exp + s`` falls below ``EXP_MIN``, rounds again by the underflow; the mantissas
     are packed into activation-buffer words. ``exp + s > EXP_MAX`` completes with ``OVERFLOW`` and writes
     nothing. Each pass asks for value ``index`` with ``read``; the value must arrive on ``value`` ``latency``
@@ -108,6 +110,8 @@ class Requantizer(wiring.Component):
         Taken while idle.
     index, read : Out
     value : In(signed(width))
+    peak : In(width)
+        The OR of the values' magnitudes, taken with a ``fold`` command.
     abuf_w : Out(abuf_write(config))
     exp : Out(EREG_SHAPE)
         The vector's exponent, valid with a successful ``done``.
@@ -125,7 +129,8 @@ class Requantizer(wiring.Component):
         self.config, self.width, self.latency, self.registered = config, width, latency, registered
         layout = requant_command(config)
         super().__init__({"cmd": In(stream.Signature(layout)), "index": Out(layout.members["len"]), "read": Out(1),
-                          "value": In(signed(width)), "abuf_w": Out(abuf_write(config)), "exp": Out(EREG_SHAPE),
+                          "value": In(signed(width)), "peak": In(width), "abuf_w": Out(abuf_write(config)),
+                          "exp": Out(EREG_SHAPE),
                           "done": Out(stream.Signature(Fault, always_ready=True))})
 
     def elaborate(self, platform):
@@ -164,9 +169,12 @@ class Requantizer(wiring.Component):
         with m.FSM(name="requantizer_fsm"):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
-                m.d.sync += [idx.eq(0), peak_or.eq(0), bitlen.eq(0), job.eq(self.cmd.payload)]
+                m.d.sync += [idx.eq(0), peak_or.eq(Mux(self.cmd.payload.fold, self.peak, 0)), bitlen.eq(0),
+                             job.eq(self.cmd.payload)]
                 with m.If(self.cmd.valid & (self.cmd.payload.len == 0)):
                     m.next = "SHIFT"
+                with m.Elif(self.cmd.valid & self.cmd.payload.fold):
+                    m.next = "PEAK_BITS"
                 with m.Elif(self.cmd.valid):
                     m.next = "PEAK"
             with m.State("PEAK"):

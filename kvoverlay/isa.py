@@ -175,7 +175,10 @@ OPCODES = (
              "Stream a row-major tile of quantized weights from external memory and multiply it by an on-chip vector."),
     OpFormat("REQ", 9, "compute", (
         Field("acc", 16, "acc", doc="accumulator word address"), Field("acc_e", 5, "ereg", doc="accumulator exponent register"),
-        _LEN, *_v("dst", "destination")),
+        _LEN, *_v("dst", "destination"),
+        Field("fold", 1, doc="1: take the peak the last GEMV recorded as it wrote these accumulators (its acc and rows "
+                             "are this REQ's acc and len, and no ATTN ran since) and run the round pass alone; else "
+                             "a SHAPE fault. 0: a peak pass first")),
              "Requantize accumulators into a block-floating-point vector."),
     OpFormat("VADD", 10, "compute", (*_v("a", "first operand"), *_v("b", "second operand"), *_v("dst", "destination"), _LEN),
              "Elementwise a + b."),

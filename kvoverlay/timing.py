@@ -12,7 +12,8 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 
 __all__ = ["BUFFER_PORTS", "DISPATCH_CYCLES", "FRONTEND_INTERVAL", "LOCK_FIELDS", "PORT_LOCKS", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD",
-           "held_ports", "instr_cycles", "lock_conflicts", "port_burst", "unit_cycles"]
+           "folds_peak", "held_ports", "instr_cycles", "lock_conflicts", "peak_record", "port_burst",
+           "unit_cycles"]
 
 #: Cycles a queue spends per instruction besides the unit's busy cycles: the executor's dispatch cycle (it starts
 #: the unit in its idle state; the unit is busy from the next cycle).
@@ -238,9 +239,31 @@ def stacc_cycles(config, length: int) -> int:
     return 2 * length + _ceil(8 * length, config.port_bytes) + STACC_OVERHEAD
 
 
-def req_cycles(config, length: int) -> int:
-    """One REQ of *length* accumulator words: a pass for the peak, a pass to round."""
+def req_cycles(config, length: int, fold: int = 0) -> int:
+    """One REQ of *length* accumulator words: a pass for the peak, a pass to round; with *fold* the round pass alone
+    (the peak is the GEMV unit's record, :func:`peak_record`), its read latency waited for once."""
+    if fold:
+        return length + REQ_OVERHEAD - REQ_READ_LATENCY
     return 2 * length + REQ_OVERHEAD if length else 3
+
+
+def peak_record(record: tuple[int, int] | None, ins: isa.Instr) -> tuple[int, int] | None:
+    """The GEMV unit's peak record after *ins*, given the one before (*record*; ``None`` at reset).
+
+    A GEMV records ``(acc, rows)`` and, in hardware, the OR of the magnitudes of the words it writes there (what
+    REQ's peak pass would find; hw/gemv_unit.py); an ATTN, which writes its statistics to the accumulators, makes
+    the record stale (``None``); nothing else writes accumulators. A REQ with ``fold=1`` takes that peak instead
+    of its peak pass, and is legal only while the record is ``(acc, len)`` of the REQ (else a SHAPE fault). The
+    golden model and the compiler's ``fold_peaks`` pass both follow this rule; the overlay builds it.
+    """
+    if ins.op == "GEMV":
+        return ins.fields["acc"], ins.fields["rows"]
+    return None if ins.op == "ATTN" else record
+
+
+def folds_peak(record: tuple[int, int] | None, ins: isa.Instr) -> bool:
+    """Whether REQ *ins* may take the peak of *record* (:func:`peak_record`): the REQ's range is the record's."""
+    return ins.op == "REQ" and record == (ins.fields["acc"], ins.fields["len"])
 
 
 def argmaxacc_cycles(config, length: int) -> int:
@@ -444,7 +467,7 @@ _UNIT_CYCLES = {
     "STORE": lambda c, ins, kv: store_cycles(c, ins.fields["len"]),
     "STACC": lambda c, ins, kv: stacc_cycles(c, ins.fields["len"]),
     "GEMV": lambda c, ins, kv: gemv_cycles(c, ins),
-    "REQ": lambda c, ins, kv: req_cycles(c, ins.fields["len"]),
+    "REQ": lambda c, ins, kv: req_cycles(c, ins.fields["len"], ins.fields.get("fold", 0)),
     "ARGMAXACC": lambda c, ins, kv: argmaxacc_cycles(c, ins.fields["len"]),
     "KVAPPEND": lambda c, ins, kv: kvappend_cycles(c, ins.fields["heads"], ins.fields["head_dim"]),
     "ATTN": lambda c, ins, kv: attn_cycles(c, ins.fields["q_heads"], ins.fields["head_dim"], kv),

@@ -26,6 +26,7 @@ from kvoverlay.timing import (
     held_ports,
     instr_cycles,
     lock_conflicts,
+    peak_record,
     port_burst,
 )
 
@@ -97,6 +98,9 @@ class GoldenModel:
         #: ARGMAXACC's best (accumulator word, index) so far, held in the ARGMAXACC unit from one ARGMAXACC to the next (its
         #: reset value: the least int64 at index 0, what ``cont=1`` meets before any ARGMAXACC ran)
         self.acc_best = (nx.ACC_MIN, 0)
+        #: The GEMV unit's peak record, (acc, rows) of the last GEMV or None (timing.peak_record): a REQ with fold=1
+        #: takes the peak of those words, which equals its own peak pass's while the record is the REQ's range
+        self.peak_record = None
         self.counters = Counters()
 
     # ------------------------------------------------------------ helpers
@@ -160,6 +164,12 @@ class GoldenModel:
         if not 0 <= pos < c.kv_capacity:
             raise IndexError(f"KV position {pos} outside capacity {c.kv_capacity} (KV full)")
 
+    def _peak_range(self) -> str:
+        if self.peak_record is None:
+            return "stale (an ATTN wrote the accumulators since the last GEMV, or no GEMV ran)"
+        lo, n = self.peak_record
+        return f"[{lo}, {lo + n})"
+
     # ------------------------------------------------------------ execution
     def step(self, ins: isa.Instr):
         f, op = ins.fields, ins.op
@@ -210,7 +220,11 @@ class GoldenModel:
             else:
                 self.acc[span] = out
             self.eregs[f["acc_e"]] = e
+            self.peak_record = peak_record(self.peak_record, ins)
         elif op == "REQ":
+            if f.get("fold") and self.peak_record != (f["acc"], f["len"]):
+                raise ValueError(f"REQ fold=1 over accumulators [{f['acc']}, {f['acc'] + f['len']}) but the GEMV unit's "
+                                 f"peak record is {self._peak_range()} (a SHAPE fault)")
             words = self.acc[self._span(self.acc, f["acc"], f["len"], "accumulator buffer")]
             self.put(f["dst"], f["dst_e"], *nx.normalize(words, self.eregs[f["acc_e"]]))
         elif op in ("VADD", "VMUL"):
@@ -289,6 +303,7 @@ class GoldenModel:
                 np.stack([x for x, _ in vs]), np.stack([x for _, x in vs]), qh, kvh, d, self.config.attn_tile)
             self.put(f["dst"], f["dst_e"], m, e)
             self.acc[self._span(self.acc, f["stats"], 2 * qh, "accumulator buffer")] = stats
+            self.peak_record = peak_record(self.peak_record, ins)
             return L
         return None
 

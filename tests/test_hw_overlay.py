@@ -19,7 +19,7 @@ from kvoverlay.sim.coverage import Coverage
 from kvoverlay.sim.golden import ExecError, GoldenModel
 from kvoverlay.sim.rtl import WATCHDOG_CYCLES, RtlError, RtlModel, build_model
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
 from kvoverlay.timing import held_ports, lock_conflicts
@@ -641,3 +641,70 @@ def test_port_locks_hold_back_unordered_instructions_as_the_golden_model_does(mo
     gemv_ports, argmax_ports = (held_ports(i) for i in program if i.op in ("GEMV", "ARGMAXACC"))
     assert "acc_r" not in gemv_ports and not lock_conflicts(gemv_ports, argmax_ports)
 
+
+
+def test_req_fold_takes_the_gemv_peak(model_dir):
+    """REQ with fold=1 after the GEMV of its range (split-K: the record is the last GEMV's sums) runs its round pass
+    alone: the same vector and exponent as the two-pass REQ of the same words, bit-exact with the golden model, and
+    each queue's busy cycles and the run's cycles are the timing formulas' (req_cycles with fold)."""
+    rng = np.random.default_rng(21)
+    pb = CFG.port_bytes
+    image = bytearray(1 << 16)
+    rec = nx.pack_vector_record(rng.integers(-nx.MANT_MAX, nx.MANT_MAX + 1, 128), -15)
+    image[0x100:0x100 + len(rec)] = rec
+    for base, fmt, rows in ((0x1000, "int4", 24), (0x3000, "int4", 24), (0x5000, "int8", 7)):
+        lo, hi = QRANGE[fmt]
+        scales = rng.integers(1, 1 << 8, (rows, 2))
+        scales[-1] = (1 << 16) - 1  # the peak is the last word written, which the record takes a cycle late
+        blob = nx.pack_rows(rng.integers(lo, hi, (rows, 64)), scales, fmt, 32, pb)
+        image[base:base + len(blob)] = blob
+    program = isa.assemble("""
+        LOAD addr=0x100 len=128 dst=0 dst_e=E1 push_next
+        GEMV addr=0x1000 rows=24 cols=64 fmt=int4 lg_group=2 sexp=-5 x=0 x_e=E1 acc=16 acc_e=E2 pop_prev
+        GEMV addr=0x3000 rows=24 cols=64 fmt=int4 lg_group=2 sexp=-5 x=64 x_e=E1 acc=16 acc_e=E2 accumulate=1
+        REQ acc=16 acc_e=E2 len=24 dst=256 dst_e=E7 fold=1
+        GEMV addr=0x5000 rows=7 cols=64 fmt=int8 lg_group=2 sexp=-9 x=0 x_e=E1 acc=100 acc_e=E3
+        REQ acc=100 acc_e=E3 len=7 dst=384 dst_e=E8 fold=1
+        REQ acc=100 acc_e=E3 len=7 dst=512 dst_e=E9
+        REQ acc=16 acc_e=E2 len=24 dst=640 dst_e=E10
+        END
+    """)
+    gold, gold_counters, rtl, counters = run_both(program, bytes(image))
+    assert np.array_equal(rtl.abuf, gold.abuf)
+    assert np.array_equal(rtl.acc, gold.acc)
+    assert rtl.eregs == gold.eregs
+    assert np.array_equal(rtl.abuf[256:280], rtl.abuf[640:664]) and rtl.eregs[7] == rtl.eregs[10] != nx.EXP_MIN
+    assert np.array_equal(rtl.abuf[384:391], rtl.abuf[512:519]) and rtl.eregs[8] == rtl.eregs[9] != nx.EXP_MIN
+    for acc, rows in ((16, 24), (100, 7)):
+        words = np.abs(rtl.acc[acc:acc + rows])
+        assert words.argmax() == rows - 1 and int(words[-1]).bit_length() > int(words[:-1].max()).bit_length()
+    for q in isa.QUEUES:
+        assert counters.busy[q] == sum(unit_cycles(i) for i in program if i.op != "END" and i.queue == q), q
+    assert counters.cycles == gold_counters.cycles
+    folded, twin = (unit_cycles(i) for i in program[5:7])
+    assert twin - folded == 7 + timing.REQ_READ_LATENCY
+
+
+_GEMV8 = "GEMV addr=0x1000 rows=8 cols=32 fmt=int8 lg_group=2 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2"
+
+
+@pytest.mark.parametrize("lines, pc", [
+    (["REQ acc=0 acc_e=E2 len=4 dst=0 dst_e=E3 fold=1"], 0),
+    ([_GEMV8, "REQ acc=0 acc_e=E2 len=7 dst=0 dst_e=E3 fold=1"], 1),
+    ([_GEMV8, "REQ acc=1 acc_e=E2 len=8 dst=0 dst_e=E3 fold=1"], 1),
+    ([_GEMV8, "KVAPPEND k=0 v=32 kv_base=0 heads=1 head_dim=8 pos_reg=R0 pos_imm=0",
+      "ATTN q=0 dst=64 kv_base=0 q_heads=1 kv_heads=1 head_dim=8 len_reg=R0 len_imm=1 stats=100",
+      "REQ acc=0 acc_e=E2 len=8 dst=0 dst_e=E3 fold=1"], 3),
+], ids=["no-gemv", "shorter", "shifted", "after-attn"])
+def test_req_fold_without_the_record_faults(model_dir, lines, pc):
+    """fold=1 is legal only while the GEMV unit's record is the REQ's range (timing.peak_record): before any GEMV,
+    over another range, or once an ATTN wrote the accumulators, the REQ faults SHAPE as the golden model refuses it."""
+    program = isa.assemble("\n".join([*lines, "END"]))
+    with pytest.raises(ExecError, match="peak record"):
+        GoldenModel(CFG, bytes(1 << 14)).run(program)
+    unfolded = [isa.Instr(i.op, {**i.fields, "fold": 0}) if i.op == "REQ" else i for i in program]
+    GoldenModel(CFG, bytes(1 << 14)).run(unfolded)  # the same program is legal without fold
+    with pytest.raises(RtlError) as info:
+        RtlModel(CFG, bytes(1 << 14)).run(program)
+    assert (info.value.pc, info.value.code) == (pc, "exec")
+    assert "shape" in str(info.value)

@@ -20,9 +20,10 @@ CFG = PRESETS["tiny"]
 LANES = CFG.abuf_lanes
 
 
-def run(values, exp, width, dst_word=3, latency=1, registered=False):
-    """Requantize *values* (one read per cycle, each value *latency* cycles after its read); returns (buffer words
-    written, exponent, fault, cycles from the command to done)."""
+def run(values, exp, width, dst_word=3, latency=1, registered=False, peak=None):
+    """Requantize *values* (one read per cycle, each value *latency* cycles after its read; with *peak*, a fold
+    command that takes it as the OR of their magnitudes); returns (buffer words written, exponent, fault, cycles
+    from the command to done)."""
     dut = Requantizer(CFG, width, latency=latency, registered=registered)
     words, result = {}, {}
 
@@ -30,6 +31,8 @@ def run(values, exp, width, dst_word=3, latency=1, registered=False):
         ctx.set(dut.cmd.payload.len, len(values))
         ctx.set(dut.cmd.payload.exp, exp)
         ctx.set(dut.cmd.payload.dst, dst_word)
+        ctx.set(dut.cmd.payload.fold, peak is not None)
+        ctx.set(dut.peak, peak or 0)
         ctx.set(dut.cmd.valid, 1)
         await ctx.tick()
         ctx.set(dut.cmd.valid, 0)
@@ -104,6 +107,26 @@ def test_req_pipeline(values, exp):
     got = [words[3 + i // LANES][i % LANES] for i in range(n)]
     assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
     assert cycles == timing.req_cycles(CFG, n) - 1  # less the check cycle, which is the REQ unit's
+
+
+@pytest.mark.parametrize("values, exp", [([2**63 - 1, -(2**63 - 1), 2**62 + 12345, -5], -60),
+                                         ([2**40 + 7, -(2**40), 3, 2**39 - 1] * 5, -80), ([-(2**20)] * 3 + [2**19], 0),
+                                         ([0] * 6, 4)], ids=["int64-wrap", "underflow", "negative-power", "zeros"])
+def test_req_fold(values, exp):
+    """REQ's build with a folded peak (the GEMV unit's record: the OR of the magnitudes): the round pass alone,
+    bit-exact, len + REQ_READ_LATENCY cycles fewer (timing.req_cycles with fold)."""
+    values = np.array(values, np.int64)
+    want_m, want_e = nx.normalize(values, exp)
+    peak = 0
+    for v in values:
+        peak |= abs(int(v))
+    words, got_e, fault, cycles = run(values, exp, 64, latency=timing.REQ_READ_LATENCY,
+                                      registered=timing.REQ_ROUND_REGISTERS, peak=peak)
+    assert fault == Fault.NONE and got_e == want_e
+    n = len(values)
+    got = [words[3 + i // LANES][i % LANES] for i in range(n)]
+    assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
+    assert cycles == timing.req_cycles(CFG, n, fold=1) - 1 == timing.req_cycles(CFG, n) - 1 - n - timing.REQ_READ_LATENCY
 
 
 def test_latency_and_registers_checked():
