@@ -146,6 +146,10 @@ def _round_shift(m, x, s, name, *, rcap=None, lcap=0, halving=True):
     the value's width; HeadFinish's few shift bits map smaller to :func:`hw.normalize.round_shift_expr`)."""
     x = Value.cast(x)
     rcap = len(x) if rcap is None else rcap
+    if halving and not x.shape().signed:
+        # round_shift_halving reads its value's top bit as the sign (as hw.vector_unit's callers do, a zero bit
+        # above an unsigned value): Exp2Neg's table value reaches GATE_ONE, the top bit of its unsigned 16
+        x = Cat(x, Const(0, 1)).as_signed()
     return (round_shift_halving if halving else round_shift_expr)(m, x, s, rcap, lcap, name)
 
 
