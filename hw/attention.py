@@ -146,6 +146,10 @@ def _round_shift(m, x, s, name, *, rcap=None, lcap=0, halving=True):
     the value's width; HeadFinish's few shift bits map smaller to :func:`hw.normalize.round_shift_expr`)."""
     x = Value.cast(x)
     rcap = len(x) if rcap is None else rcap
+    if halving and not x.shape().signed:
+        # round_shift_halving reads its value's top bit as the sign (as hw.vector_unit's callers do, a zero bit
+        # above an unsigned value): Exp2Neg's table value reaches GATE_ONE, the top bit of its unsigned 16
+        x = Cat(x, Const(0, 1)).as_signed()
     return (round_shift_halving if halving else round_shift_expr)(m, x, s, rcap, lcap, name)
 
 
@@ -1021,12 +1025,13 @@ class AttentionEngine(wiring.Component):
         n_out = Signal(ELEM_BITS)  # ATTN's output elements: the decoder's span, latched (one multiplier for both)
         e_a = Signal(EXP_SHAPE)  # q exponent (ATTN) or k exponent (KVAPPEND)
         e_b = Signal(EXP_SHAPE)  # v exponent (KVAPPEND)
-        group = Signal(HEAD_BITS)  # query heads per KV head
 
         # loop state
         head = Signal(HEAD_BITS)  # query head (ATTN) or KV head (KVAPPEND)
         kv_head = Signal(HEAD_BITS)  # KV head of the current query head
-        group_cnt = Signal(HEAD_BITS)
+        # (head * kv_heads) mod q_heads: the head's KV head is the next one once it reaches q_heads (q_heads is a multiple
+        # of kv_heads), an adder and a compare where head // (q_heads // kv_heads) took a divider in DECODE
+        group_cnt = Signal(HEAD_BITS)  # at most q_heads - kv_heads
         elem = Signal(ELEM_BITS)  # activation-buffer element read this cycle
         elem_head = Signal(ELEM_BITS)  # first element of the current head's slice
         out_head = Signal(ELEM_BITS)  # first output element of the current head (head * head_dim)
@@ -1155,8 +1160,7 @@ class AttentionEngine(wiring.Component):
                 with m.If(dec.is_kvappend):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
-                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), group.eq(q_heads // kv_heads),
-                                 *pv.reset(), sc.bank.eq(0)]
+                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), *pv.reset(), sc.bank.eq(0)]
                     m.d.comb += value.clear.eq(1)
                 with m.If(dec.fault != Fault.NONE):
                     finish(dec.fault)
@@ -1228,10 +1232,10 @@ class AttentionEngine(wiring.Component):
                         m.d.comb += fin.start.eq(1)
                         m.d.sync += [head.eq(head + 1), elem_head.eq(elem_head + head_dim),
                                      out_head.eq(out_head + head_dim)]
-                        with m.If(group_cnt == group - 1):
+                        with m.If(group_cnt + kv_heads == q_heads):
                             m.d.sync += [group_cnt.eq(0), kv_head.eq(kv_head + 1)]
                         with m.Else():
-                            m.d.sync += group_cnt.eq(group_cnt + 1)
+                            m.d.sync += group_cnt.eq(group_cnt + kv_heads)
                         with m.If(head == q_heads - 1):
                             m.next = "A_WAITFIN"
                         with m.Else():

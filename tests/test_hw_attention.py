@@ -249,6 +249,7 @@ ATTN_CASES = {
     "one_chunk": (2, 1, LANES, 2 * CFG.attn_tile + 3),  # a position is one chunk: the tightest rescale hazard
     "max_kv_heads": (CFG.max_kv_heads, CFG.max_kv_heads, 8, 10),
     "max_head_dim": (1, 1, CFG.max_head_dim, CFG.attn_tile + 1),
+    "gqa_full_capacity": (4, 2, 16, CFG.kv_capacity),  # the demo decoder's layer at a full KV
 }
 
 
@@ -367,10 +368,16 @@ def test_exp2_neg_matches_numerics():
     one = 1 << numerics.SCORE_FRAC
     widths = attention_widths(CFG)
     lowest = -2 * numerics.ATTN_SCORE_MAX
+    # -d * log2(e) just past each integer n: the table's top (GATE_ONE, the top bit of its unsigned 16) shifted right
+    # by n >= 1, where a shifter that reads its value's top bit as a sign gives -(GATE_ONE >> n) (the demo decoder's
+    # logits at a 24-token KV)
+    first = [-(-(n << (2 * numerics.SCORE_FRAC)) // numerics.LOG2E_Q16) for n in range(1, 17)]
+    table_top = [-(f + k) for f in first for k in range(3)]
     ds = np.concatenate([
         [0, -1, -one, -11 * one, -12 * one, lowest, lowest + 1, -(1 << 20), -(1 << 20) + 1],
         -rng.integers(0, 12 * one, 300),
         -rng.integers(0, -lowest, 100),
+        table_top,
     ]).astype(np.int64)
     assert lowest >= -(1 << (widths.diff - 1))
     dut = Exp2Neg(widths.diff)
@@ -392,6 +399,7 @@ def test_exp2_neg_matches_numerics():
     expected = [int(p) for p in numerics.exp2_neg_q15(ds)]
     assert got == expected
     assert expected[0] == numerics.GATE_ONE and expected[4] == 0  # exp(0) is one; 2^-16 and below are zero
+    assert {numerics.GATE_ONE >> n for n in range(1, 16)} <= set(expected)  # the table's top, shifted
 
 
 def test_q_heads_beyond_scratch_fault():
@@ -421,3 +429,4 @@ def test_q_heads_beyond_scratch_fault():
         g.step(isa.Instr("ATTN", {**fields, "q_heads": 5}))
     words = OutputStage(cfg).signature.members["scratch"].signature.members["addr"].shape
     assert words == range(cfg.attn_out_words // attn_output_lanes(cfg))
+
