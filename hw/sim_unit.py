@@ -50,7 +50,7 @@ class UnitSimTop(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.unit = unit = self.unit
-        state = OnChipState(m, self.config)
+        state = OnChipState(m, self.config, poison=True)  # a simulation (hw.state._read_port)
         state.attach([unit])
         state.attach([wiring.flipped(self.host)])
         wiring.connect(m, wiring.flipped(self.cmd), unit.cmd)
