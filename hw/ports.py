@@ -20,6 +20,7 @@ __all__ = [
     "abuf_lanes",
     "abuf_read",
     "abuf_write",
+    "abuf_write_beat",
     "acc_read",
     "acc_write",
     "ereg_read",
@@ -48,9 +49,20 @@ def abuf_read(config) -> wiring.Signature:
 
 
 def abuf_write(config) -> wiring.Signature:
-    """Activation-buffer write port with one enable per int16 lane."""
+    """Activation-buffer write port with one enable per int16 lane.
+
+    A unit's write data repeats every :func:`abuf_write_beat` bits (its lanes replicated over the word; the enables
+    pick the lanes written): the overlay's shared write port takes only a unit's first beat of data and replicates
+    it (:meth:`hw.state.OnChipState.attach_groups`), so its multiplexer is a beat wide, not a word."""
     return wiring.Signature({"addr": Out(range(_abuf_depth(config))), "data": Out(16 * abuf_lanes(config)),
                              "en": Out(abuf_lanes(config))})
+
+
+def abuf_write_beat(config) -> int:
+    """Bits after which a unit's activation-buffer write data repeats: one memory-port beat (``port_bits``, a
+    quarter of the word). LOAD writes a beat, the word packer one lane, the vector unit ``vector_lanes`` and the
+    attention engine ``timing.attn_output_lanes`` lanes: each divides a beat in every preset."""
+    return config.port_bits
 
 
 def acc_read(config) -> wiring.Signature:

@@ -8,6 +8,8 @@ unit's ports. A host (a testbench, the board's bridge) reaches the state through
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Array, Cat, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
@@ -22,6 +24,7 @@ from .ports import (
     abuf_lanes,
     abuf_read,
     abuf_write,
+    abuf_write_beat,
     acc_read,
     acc_write,
     ereg_read,
@@ -140,12 +143,18 @@ class OnChipState:
         self.eregs = Array(Signal(EREG_SHAPE, init=nx.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
         self.regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
 
-    def attach(self, units, sel=0):
+    def attach(self, units, sel=0, *, beat_writes=True):
         """Wire *units* (a list) to ports of their own on the state: :meth:`attach_groups` of one group."""
-        self.attach_groups([(units, sel)])
+        self.attach_groups([(units, sel)], beat_writes=beat_writes)
 
-    def attach_groups(self, groups, owner=None):
+    def attach_groups(self, groups, owner=None, *, beat_writes=True):
         """Wire *groups* [(units, sel)] to the state, one port of each buffer kind shared by all of them.
+
+        With *beat_writes* (units; not a testbench's host port, which writes whole words), an activation-buffer
+        write port takes the first :func:`~hw.ports.abuf_write_beat` bits of its writer's data and replicates them
+        over the word, as every unit's data repeats there: the writers' multiplexer is a beat wide (the vector
+        unit, the attention engine and LDROW are synthesized apart from it, so Yosys could not find the
+        repetition itself).
 
         Within a group the unit that ``sel`` picks drives its ports; between groups, the group that ``owner[kind]``
         picks (an index into *groups*; needed only for a kind that several groups use). A port's read data fans out
@@ -162,12 +171,20 @@ class OnChipState:
             self._writes[memory].append(port := memory.write_port(**kwargs))
             return port
 
+        def abuf_write_port():
+            port = write_port(self.abuf, granularity=16)
+            if not beat_writes:
+                return port
+            beat = Signal(abuf_write_beat(self.config), name=f"abuf_w_beat{len(self._writes[self.abuf]) - 1}")
+            m.d.comb += port.data.eq(beat.replicate(len(port.data) // len(beat)))
+            return SimpleNamespace(addr=port.addr, en=port.en, data=beat)  # _share truncates the data to the beat
+
         def read_port(memory, kind):
             port, mask = _read_port(m, memory, kinds[kind], f"{kind}{len(self._reads)}", self.poison)
             self._reads.append((memory, port, mask))
             return port
 
-        new_port = {"abuf_w": lambda: write_port(self.abuf, granularity=16), "acc_w": lambda: write_port(self.accbuf),
+        new_port = {"abuf_w": abuf_write_port, "acc_w": lambda: write_port(self.accbuf),
                     "abuf_r": lambda: read_port(self.abuf, "abuf_r"), "acc_r": lambda: read_port(self.accbuf, "acc_r")}
         for kind, make in new_port.items():
             ports = [[ports_of(unit, kinds[kind]) for unit in units] for units, _ in groups]

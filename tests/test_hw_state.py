@@ -14,6 +14,7 @@ from amaranth.back import rtlil
 from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
+from kvoverlay.hw.ports import abuf_write_beat
 from kvoverlay.hw.state import BRAM_ROW_BITS, OnChipState, host_signature
 
 from kvoverlay.config import PRESETS
@@ -24,21 +25,35 @@ KINDS = ("abuf_r", "abuf_w", "acc_r", "acc_w")
 
 
 class StateTop(wiring.Component):
-    """The state with one host port of each buffer kind."""
+    """The state with one host port of each buffer kind, attached as a testbench's (whole words) or as a unit's
+    (*beat_writes*)."""
 
-    def __init__(self, poison):
-        self.poison = poison
+    def __init__(self, poison, beat_writes=False):
+        self.poison, self.beat_writes = poison, beat_writes
         super().__init__({"host": wiring.In(host_signature(CFG, *KINDS))})
 
     def elaborate(self, platform):
         m = Module()
         state = OnChipState(m, CFG, poison=self.poison)
-        state.attach([wiring.flipped(self.host)])
+        state.attach([wiring.flipped(self.host)], beat_writes=self.beat_writes)
         return m
 
 
 def lanes_of(word):
     return [(word >> (16 * i)) & 0xFFFF for i in range(LANES)]
+
+
+def simulate(top, tb):
+    sim = Simulator(top)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+
+
+def set_abuf_write(ctx, h, addr, data, en):
+    ctx.set(h.abuf_w.addr, addr)
+    ctx.set(h.abuf_w.data, data)
+    ctx.set(h.abuf_w.en, en)
 
 
 def collide(poison):
@@ -49,9 +64,7 @@ def collide(poison):
     out = {}
 
     async def tb(ctx):
-        ctx.set(h.abuf_w.addr, 3)
-        ctx.set(h.abuf_w.data, sum((0x1000 + i) << (16 * i) for i in range(LANES)))
-        ctx.set(h.abuf_w.en, (1 << LANES) - 1)
+        set_abuf_write(ctx, h, 3, sum((0x1000 + i) << (16 * i) for i in range(LANES)), (1 << LANES) - 1)
         ctx.set(h.acc_w.addr, 0)
         ctx.set(h.acc_w.data, 0x1234)
         ctx.set(h.acc_w.en, 1)
@@ -69,10 +82,7 @@ def collide(poison):
         await ctx.tick()
         out["after"] = lanes_of(ctx.get(h.abuf_r.data))
 
-    sim = Simulator(top)
-    sim.add_clock(1e-6)
-    sim.add_testbench(tb)
-    sim.run()
+    simulate(top, tb)
     return out
 
 
@@ -90,6 +100,30 @@ def test_a_poisoned_collision_spoils_the_written_rows_only():
     assert out["collided"] == [v ^ 0xFFFF for v in old[:row]] + old[row:]
     assert out["acc"] == 0x1234 ^ ((1 << 64) - 1)
     assert out["after"] == [0xBEEF] + old[1:]
+
+
+@pytest.mark.parametrize("beat_writes", [False, True])
+def test_a_units_write_data_is_its_first_beat_replicated(beat_writes):
+    """A unit's write port (beat_writes) takes the first beat of its data for every beat of the word; a testbench's
+    writes the whole word."""
+    top = StateTop(poison=False, beat_writes=beat_writes)
+    h = top.host
+    per_beat = abuf_write_beat(CFG) // 16
+    word = sum((0x100 + i) << (16 * i) for i in range(LANES))
+    out = {}
+
+    async def tb(ctx):
+        set_abuf_write(ctx, h, 1, word, (1 << LANES) - 1)
+        await ctx.tick()
+        ctx.set(h.abuf_w.en, 0)
+        ctx.set(h.abuf_r.addr, 1)
+        ctx.set(h.abuf_r.en, 1)
+        await ctx.tick()
+        out["lanes"] = lanes_of(ctx.get(h.abuf_r.data))
+
+    simulate(top, tb)
+    assert per_beat < LANES
+    assert out["lanes"] == [0x100 + (i % per_beat if beat_writes else i) for i in range(LANES)]
 
 
 def _yosys():
