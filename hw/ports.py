@@ -10,7 +10,7 @@ from amaranth.hdl import signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
 __all__ = [
@@ -59,10 +59,11 @@ def abuf_write(config) -> wiring.Signature:
 
 
 def abuf_write_beat(config) -> int:
-    """Bits after which a unit's activation-buffer write data repeats: one memory-port beat (``port_bits``, a
-    quarter of the word). LOAD writes a beat, the word packer one lane, the vector unit ``vector_lanes`` and the
-    attention engine ``timing.attn_output_lanes`` lanes: each divides a beat in every preset."""
-    return config.port_bits
+    """Bits after which every unit's activation-buffer write data repeats: LOAD's memory-port beat (``port_bits``),
+    the vector unit's ``vector_lanes`` and the attention engine's :func:`~kvoverlay.timing.attn_output_lanes` lanes
+    (the word packer's one lane divides them all): the largest, as each is a power of two, within the word."""
+    return min(16 * abuf_lanes(config),
+               max(config.port_bits, 16 * config.vector_lanes, 16 * timing.attn_output_lanes(config)))
 
 
 def acc_read(config) -> wiring.Signature:
