@@ -64,9 +64,13 @@ class LoadUnit(wiring.Component):
         m.d.comb += byte_addr.eq(ins.addr * isa.DRAM_UNIT)
 
         beat = Signal.like(rec.beats, name="load_beat")
-        wbuf = Signal.like(self.abuf_w.data, name="load_word_buffer")
+        # each beat is written in the cycle after it arrives, alone (its quarter of the word's lane enables, the beat
+        # on every quarter): the buffer's shared write port then has pb * 8 distinct data bits from LOAD, not a
+        # word buffer's 4 * pb * 8 (docs/boards.md, "The activation buffer's write port")
+        wbeat = Signal(8 * pb, name="load_write_beat")
         wr_pending = Signal(name="load_write_pending")
         wr_word = Signal.like(n, name="load_write_word")
+        wr_quarter = Signal(2, name="load_write_quarter")
         exp_value = Signal(32, name="load_exponent")
         exp_bad = Signal(name="load_exponent_bad")
 
@@ -79,8 +83,12 @@ class LoadUnit(wiring.Component):
             m.d.comb += mask.eq((1 << lanes) - 1)
         with m.Else():
             m.d.comb += mask.eq(partial)
-        m.d.comb += [self.abuf_w.addr.eq((ins.dst >> llanes) + wr_word), self.abuf_w.data.eq(wbuf),
-                     self.abuf_w.en.eq(Mux(wr_pending, mask, 0))]
+        quarter = Signal(lanes, name="load_quarter_mask")
+        for q in range(4):
+            with m.If(wr_quarter == q):
+                m.d.comb += quarter.eq(((1 << lanes // 4) - 1) << q * lanes // 4)
+        m.d.comb += [self.abuf_w.addr.eq((ins.dst >> llanes) + wr_word), self.abuf_w.data.eq(wbeat.replicate(4)),
+                     self.abuf_w.en.eq(Mux(wr_pending, mask & quarter, 0))]
         m.d.sync += wr_pending.eq(0)
 
         lo_ext = EREG_SHAPE.width - 1
@@ -97,9 +105,9 @@ class LoadUnit(wiring.Component):
                 m.next = "RECEIVE"
             with m.State("RECEIVE"), m.If(self.dram.rd.valid):
                 data = self.dram.rd.payload
-                m.d.sync += [beat.eq(beat + 1), wbuf.word_select(beat[:2], 8 * pb).eq(data)]
-                with m.If((beat < mant_beats) & ((beat[:2] == 3) | (beat == mant_beats - 1))):
-                    m.d.sync += [wr_pending.eq(1), wr_word.eq(beat >> 2)]
+                m.d.sync += [beat.eq(beat + 1), wbeat.eq(data)]
+                with m.If(beat < mant_beats):
+                    m.d.sync += [wr_pending.eq(1), wr_word.eq(beat >> 2), wr_quarter.eq(beat[:2])]
                 with m.If(beat == (rec.exp_offset >> lpb)):
                     value = data.bit_select(rec.exp_offset[:lpb] * 8, 32)
                     m.d.sync += exp_value.eq(value)

@@ -82,6 +82,9 @@ class Overlay(wiring.Component):
         Units (keys of :data:`UNITS`' entries) that run in a clock domain of their own, ``<name>_gated``, for a
         simulation that clocks it only while ``gate_<name>`` is high (the run-path harness: Verilator then skips
         an idle unit's evaluation). Empty (the default) for every build that is not that simulation.
+    poison_collisions : bool
+        Simulation builds only: a buffer read of lanes that are written in the same cycle reads them inverted, where
+        the block RAM leaves them undefined (:class:`~hw.state.OnChipState`'s ``poison``).
 
     Attributes
     ----------
@@ -110,7 +113,7 @@ class Overlay(wiring.Component):
         For each of *gated_units*: its domain must see the next clock edge.
     """
 
-    def __init__(self, config, *, gated_units=()):
+    def __init__(self, config, *, gated_units=(), poison_collisions=False):
         if config.port_bits < 64:
             raise ValueError(f"port_bits={config.port_bits}: the overlay needs a port of at least 64 bits")
         known = [n for q in isa.QUEUES for n in UNITS[q]]
@@ -118,6 +121,7 @@ class Overlay(wiring.Component):
             raise ValueError(f"gated_units={gated_units!r}: the units are {', '.join(known)}")
         self.config = config
         self.gated_units = tuple(gated_units)
+        self.poison_collisions = poison_collisions
         self.lanes = abuf_lanes(config)
         self.abuf_depth = config.act_buffer_words // self.lanes
         iaw = (config.dram_bytes // isa.INSN_BYTES - 1).bit_length()
@@ -171,7 +175,7 @@ class Overlay(wiring.Component):
         # by the one whose instruction holds the port (timing.PORT_LOCKS: its owner, set when it starts), and with
         # the host, which reads the buffers while not running; the host also writes the scalar registers (program
         # arguments) while not running
-        state = OnChipState(m, cfg)
+        state = OnChipState(m, cfg, poison=self.poison_collisions)
         unit_sel = {q: Signal(range(max(2, len(UNITS[q]))), name=f"{q}_unit") for q in isa.QUEUES}
         host = host_signature(cfg, "abuf_r", "acc_r", "ereg_r", "reg_r", "reg_w").create(path=("host",))
         # the buffer ports that instructions of several queues use, and each queue's opcodes that use them

@@ -10,7 +10,7 @@ from amaranth.hdl import signed
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from kvoverlay import isa
+from kvoverlay import isa, timing
 from kvoverlay import numerics as nx
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "abuf_lanes",
     "abuf_read",
     "abuf_write",
+    "abuf_write_beat",
     "acc_read",
     "acc_write",
     "ereg_read",
@@ -48,9 +49,21 @@ def abuf_read(config) -> wiring.Signature:
 
 
 def abuf_write(config) -> wiring.Signature:
-    """Activation-buffer write port with one enable per int16 lane."""
+    """Activation-buffer write port with one enable per int16 lane.
+
+    A unit's write data repeats every :func:`abuf_write_beat` bits (its lanes replicated over the word; the enables
+    pick the lanes written): the overlay's shared write port takes only a unit's first beat of data and replicates
+    it (:meth:`hw.state.OnChipState.attach_groups`), so its multiplexer is a beat wide, not a word."""
     return wiring.Signature({"addr": Out(range(_abuf_depth(config))), "data": Out(16 * abuf_lanes(config)),
                              "en": Out(abuf_lanes(config))})
+
+
+def abuf_write_beat(config) -> int:
+    """Bits after which every unit's activation-buffer write data repeats: LOAD's memory-port beat (``port_bits``),
+    the vector unit's ``vector_lanes`` and the attention engine's :func:`~kvoverlay.timing.attn_output_lanes` lanes
+    (the word packer's one lane divides them all): the largest, as each is a power of two, within the word."""
+    return min(16 * abuf_lanes(config),
+               max(config.port_bits, 16 * config.vector_lanes, 16 * timing.attn_output_lanes(config)))
 
 
 def acc_read(config) -> wiring.Signature:

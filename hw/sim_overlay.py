@@ -35,7 +35,8 @@ class OverlaySimTop(wiring.Component):
 
     def __init__(self, config, *, gated_units=()):
         self.config = config
-        self.overlay = Overlay(config, gated_units=gated_units)
+        # a simulation: a read of a lane written in the same cycle reads garbage, as it may on the block RAM
+        self.overlay = Overlay(config, gated_units=gated_units, poison_collisions=True)
         host = {name: member for name, member in self.overlay.signature.members.items()
                 if name not in ("dram", "insn_addr", "insn_data")}
         super().__init__({**host, "dram_dump": In(1), "dram_dump_words": In(dram_addr_bits(config) + 1),

@@ -50,9 +50,9 @@ class UnitSimTop(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.unit = unit = self.unit
-        state = OnChipState(m, self.config)
+        state = OnChipState(m, self.config, poison=True)  # a simulation (hw.state._read_port)
         state.attach([unit])
-        state.attach([wiring.flipped(self.host)])
+        state.attach([wiring.flipped(self.host)], beat_writes=False)  # a testbench writes whole words
         wiring.connect(m, wiring.flipped(self.cmd), unit.cmd)
         m.d.comb += [self.busy.eq(unit.busy), self.done.eq(unit.done.valid), self.fault.eq(unit.done.payload)]
         before = Signal(32, name="busy_cycles_before")

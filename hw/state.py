@@ -8,6 +8,8 @@ unit's ports. A host (a testbench, the board's bridge) reaches the state through
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Array, Cat, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
@@ -22,6 +24,7 @@ from .ports import (
     abuf_lanes,
     abuf_read,
     abuf_write,
+    abuf_write_beat,
     acc_read,
     acc_write,
     ereg_read,
@@ -69,6 +72,46 @@ def _share(m, sel, target, sources):
                 m.d.comb += getattr(port, name).eq(getattr(target, name))
 
 
+def _read_port(m, memory, signature, name, poison):
+    """A read port of *memory* with the members of *signature* (``addr``, ``en``, ``data`` one cycle later): a
+    combinational read and the data register after it, which Yosys's ``memory_dff`` merges into the block RAM's
+    synchronous read port.
+
+    Amaranth's synchronous read port is read-first: in the cycle a write port writes the address it reads, it returns
+    the old word. An ECP5 block RAM leaves a read of the word its other port writes undefined, so Yosys emulates the
+    read-first port (the write delayed a cycle and a bypass multiplexer on every read bit: 2.3k LUT4 and 3.4k FF in
+    the ulx3s glue). No unit uses such a read (docs/boards.md, "Read-first emulation"), so the buffers' memories
+    carry ``no_rw_check``, which Yosys honours only where it merges the read register itself.
+
+    Returns the port and, with *poison* (simulation builds), the mask of the read word's bits that are written in
+    the same cycle (for :meth:`OnChipState.attach_groups` to drive): those bits read inverted, as the block RAM may
+    return anything there, so a unit that used one fails the bit-exact regression."""
+    port = signature.create(path=(name,))
+    rd = memory.read_port(domain="comb")
+    m.d.comb += rd.addr.eq(port.addr)
+    mask = Signal.like(rd.data, name=f"{name}_collision") if poison else None
+    with m.If(port.en):
+        m.d.sync += port.data.eq(rd.data if mask is None else rd.data ^ mask)
+    return port, mask
+
+
+#: Bits of a block RAM row that a collision may spoil (an ECP5 DP16KD at its widest holds 36: two int16 lanes); a
+#: poisoned read (:func:`_read_port`) spoils every row that a written lane touches.
+BRAM_ROW_BITS = 32
+
+
+def _collisions(port, writes):
+    """The bits of read port *port*'s word that the write ports *writes* write in the cycle it reads it, widened to
+    whole rows of :data:`BRAM_ROW_BITS`."""
+    mask = 0
+    for wp in writes:
+        grain = len(port.data) // len(wp.en)
+        per_row = max(1, BRAM_ROW_BITS // grain)
+        rows = [Cat(wp.en[i:i + per_row]).any() for i in range(0, len(wp.en), per_row)]
+        mask = mask | Cat((port.en & (wp.addr == port.addr) & row).replicate(grain * per_row) for row in rows)
+    return mask
+
+
 class OnChipState:
     """The buffers and register files of one overlay (or of a unit's simulation top), built into module *m*.
 
@@ -76,6 +119,9 @@ class OnChipState:
     ----------
     m : Module
     config : OverlayConfig
+    poison : bool
+        Simulation builds only: a buffer read of lanes written in the same cycle reads them inverted
+        (:func:`_read_port`), where the block RAM leaves them undefined.
 
     Attributes
     ----------
@@ -85,21 +131,30 @@ class OnChipState:
         Exponent registers (at ``EXP_MIN`` after reset) and scalar registers.
     """
 
-    def __init__(self, m, config):
-        self.m, self.config = m, config
+    def __init__(self, m, config, *, poison=False):
+        self.m, self.config, self.poison = m, config, poison
         lanes = abuf_lanes(config)
+        # no_rw_check: no read uses a lane that is written in the same cycle (_read_port)
         m.submodules.abuf = self.abuf = Memory(shape=unsigned(16 * lanes), depth=config.act_buffer_words // lanes,
-                                               init=[])
-        m.submodules.accbuf = self.accbuf = Memory(shape=unsigned(64), depth=config.acc_buffer_words, init=[])
+                                               init=[], attrs={"no_rw_check": 1})
+        m.submodules.accbuf = self.accbuf = Memory(shape=unsigned(64), depth=config.acc_buffer_words, init=[],
+                                                   attrs={"no_rw_check": 1})
+        self._writes, self._reads = {self.abuf: [], self.accbuf: []}, []
         self.eregs = Array(Signal(EREG_SHAPE, init=nx.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
         self.regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
 
-    def attach(self, units, sel=0):
+    def attach(self, units, sel=0, *, beat_writes=True):
         """Wire *units* (a list) to ports of their own on the state: :meth:`attach_groups` of one group."""
-        self.attach_groups([(units, sel)])
+        self.attach_groups([(units, sel)], beat_writes=beat_writes)
 
-    def attach_groups(self, groups, owner=None):
+    def attach_groups(self, groups, owner=None, *, beat_writes=True):
         """Wire *groups* [(units, sel)] to the state, one port of each buffer kind shared by all of them.
+
+        With *beat_writes* (units; not a testbench's host port, which writes whole words), an activation-buffer
+        write port takes the first :func:`~hw.ports.abuf_write_beat` bits of its writer's data and replicates them
+        over the word, as every unit's data repeats there: the writers' multiplexer is a beat wide (the vector
+        unit, the attention engine and LDROW are synthesized apart from it, so Yosys could not find the
+        repetition itself).
 
         Within a group the unit that ``sel`` picks drives its ports; between groups, the group that ``owner[kind]``
         picks (an index into *groups*; needed only for a kind that several groups use). A port's read data fans out
@@ -111,8 +166,26 @@ class OnChipState:
         at the clock edge (two groups never write one register at once: the golden model reports that as a
         race)."""
         m, kinds, owner = self.m, _kinds(self.config), owner or {}
-        new_port = {"abuf_r": self.abuf.read_port, "abuf_w": lambda: self.abuf.write_port(granularity=16),
-                    "acc_r": self.accbuf.read_port, "acc_w": self.accbuf.write_port}
+
+        def write_port(memory, **kwargs):
+            self._writes[memory].append(port := memory.write_port(**kwargs))
+            return port
+
+        def abuf_write_port():
+            port = write_port(self.abuf, granularity=16)
+            if not beat_writes:
+                return port
+            beat = Signal(abuf_write_beat(self.config), name=f"abuf_w_beat{len(self._writes[self.abuf]) - 1}")
+            m.d.comb += port.data.eq(beat.replicate(len(port.data) // len(beat)))
+            return SimpleNamespace(addr=port.addr, en=port.en, data=beat)  # _share truncates the data to the beat
+
+        def read_port(memory, kind):
+            port, mask = _read_port(m, memory, kinds[kind], f"{kind}{len(self._reads)}", self.poison)
+            self._reads.append((memory, port, mask))
+            return port
+
+        new_port = {"abuf_w": abuf_write_port, "acc_w": lambda: write_port(self.accbuf),
+                    "abuf_r": lambda: read_port(self.abuf, "abuf_r"), "acc_r": lambda: read_port(self.accbuf, "acc_r")}
         for kind, make in new_port.items():
             ports = [[ports_of(unit, kinds[kind]) for unit in units] for units, _ in groups]
             for j in range(max((len(p) for group in ports for p in group), default=0)):
@@ -156,3 +229,8 @@ class OnChipState:
                 for port in writers:
                     with m.If(port.en & (port.addr == i)):
                         m.d.sync += reg.eq(port.data)
+        # every read port against every write port so far (a later attach adds ports: its assignment wins)
+        for memory, port, mask in self._reads:
+            if mask is not None:
+                m.d.comb += mask.eq(_collisions(port, self._writes[memory]))
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Module, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -138,10 +138,17 @@ def row_geometry(m: Module, insn, config, name: str) -> SimpleNamespace:
 
 
 class WordPacker(wiring.Component):
-    """Packs a stream of int16 mantissas into activation-buffer words, written with a lane mask.
+    """Writes a stream of int16 mantissas into activation-buffer words, one lane per mantissa.
 
-    Each mantissa fills the next lane; a word is written in the cycle after its last lane arrived or after the
-    element flagged ``last``. ``clear`` (at the start of a pass) restarts at word ``base``.
+    Each mantissa fills the next lane of the current word and is written in the cycle after it arrives, alone (its
+    lane's enable, the value on every lane); the word advances after its last lane or after the element flagged
+    ``last``. ``clear`` (at the start of a pass) restarts at word ``base``.
+
+    The value replicated over the word, not placed in a word buffer: the buffer's shared write port then has 16
+    distinct data bits from this writer, which the overlay multiplexes once per 256-bit period of the word instead
+    of per bit (docs/boards.md, "The activation buffer's write port"), and the 1,024-bit word buffer (ulx3s) goes.
+    A word's lanes land over its cycles rather than at once: no other unit reads a word a running instruction
+    writes (the compiler's tokens keep them apart), so only the word's final contents are seen.
 
     Parameters
     ----------
@@ -167,25 +174,20 @@ class WordPacker(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         lanes = self.lanes
-        # the lane to fill, one-hot: a lane's enable and its mask bit then depend on three signals each (from a
-        # binary index, each of the 64 enables was an 8-input decode that ABC spread over ~3 slices)
+        # the lane to fill, one-hot: it is the write's lane enable as it stands (a registered copy)
         lane = Signal(lanes, name="lane_onehot", init=1)
         word = Signal.like(self.abuf_w.addr, name="word")
-        buf = Signal.like(self.abuf_w.data, name="word_buffer")
-        mask = Signal(lanes, name="lane_mask")
-        pending = Signal(name="write_pending")
-        m.d.comb += [self.abuf_w.addr.eq(self.base + word), self.abuf_w.data.eq(buf),
-                     self.abuf_w.en.eq(Mux(pending, mask, 0))]
-        m.d.sync += pending.eq(0)
-        with m.If(pending):
-            m.d.sync += word.eq(word + 1)
+        wr_word = Signal.like(self.abuf_w.addr, name="write_word")
+        wr_lane = Signal(lanes, name="write_lane")
+        value = Signal(16, name="write_value")
+        m.d.comb += [self.abuf_w.addr.eq(self.base + wr_word), self.abuf_w.data.eq(value.replicate(lanes)),
+                     self.abuf_w.en.eq(wr_lane)]
+        m.d.sync += wr_lane.eq(0)
         with m.If(self.clear):
-            m.d.sync += [lane.eq(1), word.eq(0), mask.eq(0)]
+            m.d.sync += [lane.eq(1), word.eq(0)]
         with m.Elif(self.lane.valid):
-            for i in range(lanes):
-                with m.If(lane[i]):
-                    m.d.sync += buf.word_select(i, 16).eq(self.lane.payload.value)
-            m.d.sync += [mask.eq(Mux(lane[0], 1, mask | lane)), lane.eq(lane.rotate_left(1))]
+            m.d.sync += [value.eq(self.lane.payload.value), wr_lane.eq(lane), wr_word.eq(word),
+                         lane.eq(lane.rotate_left(1))]
             with m.If(lane[-1] | self.lane.payload.last):
-                m.d.sync += pending.eq(1)
+                m.d.sync += word.eq(word + 1)
         return m
