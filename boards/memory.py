@@ -30,7 +30,8 @@ def host_memory_port(config, depth: int) -> wiring.Signature:
 
     Block RAM never stalls: a write is done in its cycle and a word's data is on ``rdata`` the cycle after its
     address. A memory with wait states (:class:`~kvoverlay.boards.sdram.SdramMemory`) holds ``stall`` high while
-    ``we`` or ``re`` waits to be taken, and from a taken ``re`` until the word is on ``rdata``.
+    ``re`` waits to be taken, from a taken ``re`` until the word is on ``rdata`` (where it stays until the next
+    access), and while ``we`` is high until the write is done (``addr`` and ``wdata`` held until then).
     """
     return wiring.Signature({"addr": Out(range(depth)), "we": Out(1), "wdata": Out(config.port_bits),
                              "re": Out(1), "rdata": In(config.port_bits), "stall": In(1)})

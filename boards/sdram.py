@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -37,7 +37,7 @@ from kvoverlay.hw.dram import dram_port
 
 from kvoverlay import isa, link
 
-from .memory import BramMemory, host_memory_port
+from .memory import host_memory_port
 
 __all__ = ["INSN_WINDOW_BYTES", "PART", "SdramCmd", "SdramController", "SdramError", "SdramMemory", "SdramModel",
            "SdramTiming", "sdram_pins", "sdram_timing"]
@@ -526,9 +526,11 @@ class SdramMemory(wiring.Component):
     words is one controller burst of ``len * port_bits // 16`` words; a read beat goes out on ``rd`` the cycle after
     its last SDRAM word arrives, so beats come at the SDRAM's rate, with gaps at row changes and refreshes (the
     overlay takes a beat whenever ``rd.valid`` is high). A write beat is taken while the previous one's last word
-    is written. The host's reads and writes are one-word bursts (``host.stall`` high until the memory takes a
-    write, and from a read's request until its data is on ``host.rdata``); its writes into the instruction window
-    also go to the block RAM, which serves ``insn_addr`` modulo the window (the host places the program there).
+    is written. The host's reads and writes are one-word bursts (``host.stall`` high until a write's last 16 bits
+    are written, the host holding ``we`` and ``wdata`` until then, and from a read's request until its data is on
+    ``host.rdata``); its writes into the instruction window also go to the block RAM (128-bit instructions written
+    16 bits at a time beside the SDRAM), which serves ``insn_addr`` modulo the window (the host places the program
+    there).
 
     Parameters
     ----------
@@ -558,9 +560,9 @@ class SdramMemory(wiring.Component):
             raise ValueError(f"depth={depth} port words of {config.port_bits} bits exceed the SDRAM's "
                              f"{1 << timing.addr_bits} 16-bit words")
         self.window = min(depth, INSN_WINDOW_BYTES // config.port_bytes)
-        self.mirror = BramMemory(config, self.window)
+        iaw = (config.dram_bytes // isa.INSN_BYTES - 1).bit_length()
         port = dram_port(config)
-        super().__init__({"port": In(port), "insn_addr": In(self.mirror.insn_addr.shape()),
+        super().__init__({"port": In(port), "insn_addr": In(iaw),
                           "insn_data": Out(isa.INSN_BITS), "host": In(host_memory_port(config, depth)),
                           "host_sel": In(1), "abort": In(1), "pins": Out(sdram_pins(timing)), "ready": Out(1)})
 
@@ -570,9 +572,8 @@ class SdramMemory(wiring.Component):
         shift = per.bit_length() - 1
         len_bits = len(p.req.payload.len) + shift
         m.submodules.ctl = ctl = SdramController(self.timing, len_bits)
-        m.submodules.mirror = mirror = self.mirror
         wiring.connect(m, ctl.pins, wiring.flipped(self.pins))
-        m.d.comb += [self.ready.eq(ctl.ready), mirror.insn_addr.eq(self.insn_addr), self.insn_data.eq(mirror.insn_data)]
+        m.d.comb += self.ready.eq(ctl.ready)
 
         # one burst at a time, from the overlay or (while it is stopped) the host
         busy, write, from_host = Signal(), Signal(), Signal()
@@ -587,17 +588,12 @@ class SdramMemory(wiring.Component):
             m.d.comb += [ctl.cmd.valid.eq(~busy & p.req.valid), ctl.cmd.payload.addr.eq(p.req.payload.addr << shift),
                          ctl.cmd.payload.len.eq(p.req.payload.len << shift), ctl.cmd.payload.write.eq(p.req.payload.write),
                          p.req.ready.eq(~busy & ctl.cmd.ready)]
-        m.d.comb += h.stall.eq(((h.we | h.re) & ~host_take) | read_pending)
         with m.If(ctl.cmd.valid & ctl.cmd.ready):
             m.d.sync += [busy.eq(1), write.eq(ctl.cmd.payload.write), from_host.eq(self.host_sel),
                          left.eq(Mux(self.host_sel, 1, p.req.payload.len)), read_pending.eq(self.host_sel & h.re)]
 
-        # the window's block RAM takes the host's writes into it
-        base = self.depth - self.window
-        m.d.comb += [mirror.host_sel.eq(1), mirror.host.addr.eq(h.addr), mirror.host.wdata.eq(h.wdata),
-                     mirror.host.we.eq(host_take & h.we & (h.addr >= base))]
-
-        # reads: SDRAM words gathered into a port word, lowest first
+        # reads: SDRAM words gathered into a port word, lowest first (a host read's word stays there: nothing
+        # else reads while the host owns the memory)
         gather = Signal(cfg.port_bits)
         got = Signal(range(per))
         word = Cat(gather[16:], ctl.rdata.payload)
@@ -614,30 +610,56 @@ class SdramMemory(wiring.Component):
                 with m.If(left == 1):
                     m.d.sync += busy.eq(0)
                 with m.If(from_host):
-                    m.d.sync += [h.rdata.eq(word), read_pending.eq(0)]
+                    m.d.sync += read_pending.eq(0)
                 with m.Elif(~flush & ~self.abort):
                     m.d.sync += p.rd.valid.eq(1)
-        m.d.comb += p.rd.payload.eq(gather)
+        m.d.comb += [p.rd.payload.eq(gather), h.rdata.eq(gather)]
 
-        # writes: a port word and its strobes, shifted out 16 bits at a time
+        # writes: a port word and its strobes, sent 16 bits at a time, selected by the count sent rather than
+        # shifted (a loaded shift register costs a multiplexer per bit; the selection, one per 16-bit lane). The
+        # host's word is not copied: the host holds it (host.stall) until its last 16 bits are written.
         sdata = Signal(cfg.port_bits)
         sstrb = Signal(cfg.port_bytes)
+        blank = Signal()  # an aborted burst's word: every byte masked
         sent = Signal(range(per))
         full = Signal()
+
+        def lane(value, width):
+            return value.word_select(sent, width) if per > 1 else value
+
         last_out = full & ctl.wdata.ready & (sent == per - 1)
-        m.d.comb += [ctl.wdata.valid.eq(full), ctl.wdata.payload.data.eq(sdata[:16]),
-                     ctl.wdata.payload.mask.eq(~sstrb[:2])]
+        m.d.comb += [ctl.wdata.valid.eq(full),
+                     ctl.wdata.payload.data.eq(Mux(from_host, lane(h.wdata, 16), lane(sdata, 16))),
+                     ctl.wdata.payload.mask.eq(Mux(from_host, 0, Mux(blank, 3, ~lane(sstrb, 2)))),
+                     h.stall.eq((h.we & ~(from_host & last_out)) | (h.re & ~host_take) | read_pending)]
         with m.If(ctl.wdata.ready):
-            m.d.sync += [sdata.eq(sdata >> 16), sstrb.eq(sstrb >> 2), sent.eq(sent + 1)]
+            m.d.sync += sent.eq(sent + 1)
             with m.If(sent == per - 1):
                 m.d.sync += [sent.eq(0), full.eq(0), left.eq(left - 1)]
                 with m.If(left == 1):
                     m.d.sync += busy.eq(0)
         m.d.comb += p.wr.ready.eq(busy & write & ~from_host & (~full | last_out) & (left > full) & ~flush)
         with m.If(host_take & h.we):
-            m.d.sync += [sdata.eq(h.wdata), sstrb.eq(-1), full.eq(1)]
+            m.d.sync += full.eq(1)
         with m.Elif(p.wr.valid & p.wr.ready):
-            m.d.sync += [sdata.eq(p.wr.payload.data), sstrb.eq(p.wr.payload.strb), full.eq(1)]
+            m.d.sync += [sdata.eq(p.wr.payload.data), sstrb.eq(p.wr.payload.strb), blank.eq(0), full.eq(1)]
         with m.Elif((flush | self.abort) & busy & write & ~from_host & (~full | last_out) & (left > full)):
-            m.d.sync += [sstrb.eq(0), full.eq(1)]  # an aborted burst's remaining words, written with dqm high
+            m.d.sync += [blank.eq(1), full.eq(1)]  # an aborted burst's remaining words, written with dqm high
+
+        # the instruction window: block RAM of instructions, written 16 bits at a time beside the SDRAM by the
+        # host's writes into the top of the memory; it serves insn_addr modulo the window
+        lanes = isa.INSN_BITS // 16
+        win = Memory(shape=unsigned(isa.INSN_BITS), depth=max(1, self.window * cfg.port_bits // isa.INSN_BITS),
+                     init=[])
+        m.submodules.window = win
+        wp, fetch = win.write_port(granularity=16), win.read_port()
+        in_window = Signal()
+        with m.If(host_take):
+            m.d.sync += in_window.eq(h.addr >= self.depth - self.window)
+        half = Cat(sent, h.addr) if per > 1 else h.addr  # the 16-bit word's index
+        m.d.comb += [wp.addr.eq(half[(lanes - 1).bit_length():]), wp.data.eq(lane(h.wdata, 16).replicate(lanes)),
+                     fetch.addr.eq(self.insn_addr)]
+        with m.If(full & ctl.wdata.ready & from_host & in_window):
+            m.d.comb += wp.en.eq(Const(1, lanes) << half[:(lanes - 1).bit_length()])
+        m.d.comb += self.insn_data.eq(fetch.data)
         return m
