@@ -37,7 +37,7 @@ from kvoverlay.hw.dram import dram_port
 
 from kvoverlay import isa, link
 
-from .memory import host_memory_port
+from .memory import host_memory_port, one_hot_select
 
 __all__ = ["INSN_WINDOW_BYTES", "PART", "SdramCmd", "SdramController", "SdramError", "SdramMemory", "SdramModel",
            "SdramTiming", "sdram_pins", "sdram_timing"]
@@ -615,17 +615,19 @@ class SdramMemory(wiring.Component):
                     m.d.sync += p.rd.valid.eq(1)
         m.d.comb += [p.rd.payload.eq(gather), h.rdata.eq(gather)]
 
-        # writes: a port word and its strobes, sent 16 bits at a time, selected by the count sent rather than
-        # shifted (a loaded shift register costs a multiplexer per bit; the selection, one per 16-bit lane). The
-        # host's word is not copied: the host holds it (host.stall) until its last 16 bits are written.
+        # writes: a port word and its strobes, sent 16 bits at a time, selected by a one-hot ring of the lane being
+        # sent (an AND-OR of one-hot terms maps to about half the LUT4 of a binary word_select under ABC9, and a
+        # loaded shift register needs a multiplexer per bit). The host's word is not copied: the host holds it
+        # (host.stall) until its last 16 bits are written.
         sdata = Signal(cfg.port_bits)
         sstrb = Signal(cfg.port_bytes)
         blank = Signal()  # an aborted burst's word: every byte masked
         sent = Signal(range(per))
+        ring = Signal(per, init=1)  # one-hot: bit k while lane k is sent
         full = Signal()
 
         def lane(value, width):
-            return value.word_select(sent, width) if per > 1 else value
+            return one_hot_select(value, ring, width)
 
         last_out = full & ctl.wdata.ready & (sent == per - 1)
         m.d.comb += [ctl.wdata.valid.eq(full),
@@ -633,7 +635,7 @@ class SdramMemory(wiring.Component):
                      ctl.wdata.payload.mask.eq(Mux(from_host, 0, Mux(blank, 3, ~lane(sstrb, 2)))),
                      h.stall.eq((h.we & ~(from_host & last_out)) | (h.re & ~host_take) | read_pending)]
         with m.If(ctl.wdata.ready):
-            m.d.sync += sent.eq(sent + 1)
+            m.d.sync += [sent.eq(sent + 1), ring.eq(ring.rotate_left(1))]
             with m.If(sent == per - 1):
                 m.d.sync += [sent.eq(0), full.eq(0), left.eq(left - 1)]
                 with m.If(left == 1):
