@@ -255,6 +255,8 @@ class HostBridge(wiring.Component):
         hdr_bytes = 14  # INFO's payload (STATUS's is 11)
         ring_hdr = Signal(hdr_bytes, init=1)
         stat = Signal(3 + 8 + 8 + 32)  # STATUS's flags, error code, info and pc, as the reply began
+        error_code = Signal(8)
+        m.d.comb += error_code.eq(ov.error_code)
         info_v = Cat(Const(link.LINK_VERSION, 8), Const(int(self.fingerprint != 0), 1), Const(int(self.sdram), 1),
                      Const(0, 6), Const(cfg.port_bits, 16), Const(self.mem_depth, 32), Const(self.fingerprint, 32),
                      dropped)
@@ -425,7 +427,7 @@ class HostBridge(wiring.Component):
             with m.State("SEND_STATUS"):
                 has_payload = (status == link.Status.OK) & (src_hdr | ((src_mem | src_abuf | src_small) & (count != 0)))
                 m.d.comb += [payload.valid.eq(1), payload.payload.data.eq(status), payload.payload.last.eq(~has_payload)]
-                m.d.sync += [stat.eq(Cat(ov.running, done_seen, ov.error, ov.error_code, ov.error_info, ov.error_pc)),
+                m.d.sync += [stat.eq(Cat(ov.running, done_seen, ov.error, error_code, ov.error_info, ov.error_pc)),
                              ring_hdr.eq(1)]
                 with m.If(payload.ready):
                     m.next = "RECV"
