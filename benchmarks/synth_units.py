@@ -13,8 +13,8 @@ large units (:data:`GLUE_BLACK_BOXES`, those ``kvoverlay build`` synthesizes apa
 submodules (front end, queues, arbiter, LOAD, STORE, REQ, ARGMAXACC), and their sum.
 
 ``--board-parts`` synthesizes the board top's own parts alone (:data:`BOARD_PARTS`): the UART host bridge, the SDRAM
-memory (controller, width adapter, instruction window) and the UART, each as ``kvoverlay build --board ulx3s-85f
---mem sdram`` instantiates it, through the same recipe, with the cells of each submodule.
+memory (controller, width adapter, instruction window), the block-RAM memory and the UART, each as ``kvoverlay build
+--board ulx3s-85f`` instantiates it, through the same recipe, with the cells of each submodule.
 
 Each unit is converted alone (``amaranth.back.verilog.convert`` of the component, its signature as ports) and then
 synthesized with ``synth_ecp5 -top <unit> -noflatten -abc2 -noabc9 -run begin:...`` minus the SAT ``share`` pass
@@ -68,7 +68,7 @@ GLUE_BLACK_BOXES = ("ldrow_unit", "gemv_unit", "vector_unit", "attention_unit", 
 SYNTH_SCRIPT = SYNTH_ECP5 + "; tee -o {stat} stat -top {top}; write_json {json}"
 
 #: The board top's parts that ``--board-parts`` synthesizes, by the name of their top.
-BOARD_PARTS = ("bridge", "sdram", "uart")
+BOARD_PARTS = ("bridge", "sdram", "bram", "uart")
 
 CELLS = ("LUT4", "CCU2C", "MULT18X18D", "DP16KD", "TRELLIS_FF", "TRELLIS_DPR16X4", "PFUMX", "L6MUX21")
 
@@ -134,8 +134,10 @@ def synth_glue(config, out: Path, yosys: str) -> dict:
 
 def board_parts(config) -> dict:
     """The board top's parts of ``kvoverlay build --board ulx3s-85f --mem sdram`` (its default 32 MB of SDRAM, at most
-    the config's ``dram_bytes``, and 1 Mbaud at the config's clock), by :data:`BOARD_PARTS` name."""
+    the config's ``dram_bytes``, and 1 Mbaud at the config's clock), and the block-RAM memory of ``--mem bram`` (its
+    default 128 KiB), by :data:`BOARD_PARTS` name."""
     from kvoverlay.boards.bridge import HostBridge
+    from kvoverlay.boards.memory import BramMemory
     from kvoverlay.boards.sdram import SdramMemory, sdram_timing
     from kvoverlay.boards.top import memory_words
     from kvoverlay.boards.uart import UartRx, UartTx, divisor_for
@@ -147,6 +149,7 @@ def board_parts(config) -> dict:
     divisor = divisor_for(config.clock_mhz * 1e6, 1_000_000)
     return {"bridge": HostBridge(config, words, len(COUNTERS), link.config_fingerprint(config), sdram=True),
             "sdram": SdramMemory(config, words, sdram_timing(config.clock_mhz)),
+            "bram": BramMemory(config, memory_words(config, min(config.dram_bytes, 1 << 17))),
             "uart": (UartRx(divisor), UartTx(divisor))}
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -649,19 +649,29 @@ class SdramMemory(wiring.Component):
             m.d.sync += [blank.eq(1), full.eq(1)]  # an aborted burst's remaining words, written with dqm high
 
         # the instruction window: block RAM of instructions, written 16 bits at a time beside the SDRAM by the
-        # host's writes into the top of the memory; it serves insn_addr modulo the window
+        # host's writes into the top of the memory; it serves insn_addr modulo the window. One memory per 16-bit
+        # lane of an instruction, so that each is one DP16KD column 18 bits wide (a 128-bit memory with 16-bit
+        # write enables maps to 36-bit-wide blocks two deep, and a multiplexer per bit after them)
         lanes = isa.INSN_BITS // 16
-        win = Memory(shape=unsigned(isa.INSN_BITS), depth=max(1, self.window * cfg.port_bits // isa.INSN_BITS),
-                     init=[])
-        m.submodules.window = win
-        wp, fetch = win.write_port(granularity=16), win.read_port()
+        depth = max(1, self.window * cfg.port_bits // isa.INSN_BITS)
         in_window = Signal()
         with m.If(host_take):
             m.d.sync += in_window.eq(h.addr >= self.depth - self.window)
         half = Cat(sent, h.addr) if per > 1 else h.addr  # the 16-bit word's index
-        m.d.comb += [wp.addr.eq(half[(lanes - 1).bit_length():]), wp.data.eq(lane(h.wdata, 16).replicate(lanes)),
-                     fetch.addr.eq(self.insn_addr)]
-        with m.If(full & ctl.wdata.ready & from_host & in_window):
-            m.d.comb += wp.en.eq(Const(1, lanes) << half[:(lanes - 1).bit_length()])
-        m.d.comb += self.insn_data.eq(fetch.data)
+        lane_bits = (lanes - 1).bit_length()
+        write_half = full & ctl.wdata.ready & from_host & in_window
+        # one address for the write and the fetch (the overlay does not fetch while the host writes), so that each
+        # lane is one block RAM port that reads before it writes, as the part does, not two ports whose same-cycle
+        # collision Yosys would emulate with a register and a multiplexer per bit
+        addr = Signal(range(depth))
+        m.d.comb += addr.eq(Mux(write_half, half[lane_bits:], self.insn_addr))
+        fetched = []
+        for k in range(lanes):
+            win = Memory(shape=unsigned(16), depth=depth, init=[])
+            m.submodules[f"window{k}"] = win
+            wp, fetch = win.write_port(), win.read_port()
+            m.d.comb += [wp.addr.eq(addr), wp.data.eq(lane(h.wdata, 16)), fetch.addr.eq(addr),
+                         wp.en.eq(write_half & (half[:lane_bits] == k))]
+            fetched.append(fetch.data)
+        m.d.comb += self.insn_data.eq(Cat(*fetched))
         return m
