@@ -192,8 +192,6 @@ class SdramController(wiring.Component):
     pins : Out(sdram_pins(timing))
     ready : Out(1)
         Initialisation is over.
-    refreshes : Out(32)
-        AUTO REFRESH commands issued (for the bandwidth measurements).
     """
 
     def __init__(self, timing: SdramTiming, len_bits: int):
@@ -207,7 +205,7 @@ class SdramController(wiring.Component):
             "cmd": In(stream.Signature(_burst_request(timing, len_bits))),
             "wdata": In(stream.Signature(data.StructLayout({"data": 16, "mask": 2}))),
             "rdata": Out(stream.Signature(16, always_ready=True)),
-            "pins": Out(sdram_pins(timing)), "ready": Out(1), "refreshes": Out(32),
+            "pins": Out(sdram_pins(timing)), "ready": Out(1),
         })
 
     @property
@@ -263,7 +261,7 @@ class SdramController(wiring.Component):
             cmd_ok.arm(m, t.t_rfc)
             for b in range(nb):
                 act_ok[b].arm(m, t.t_rfc)
-            m.d.sync += [ref_timer.eq(t.refresh_period), ref_due.eq(0), self.refreshes.eq(self.refreshes + 1)]
+            m.d.sync += [ref_timer.eq(t.refresh_period), ref_due.eq(0)]
 
         def precharge_all():
             m.d.comb += [issue.eq(SdramCmd.PRE), a.eq(1 << 10)]
@@ -369,8 +367,9 @@ class SdramModel(wiring.Component):
         The first violation (sticky).
     error_cycle : Out(32)
         The cycle (since reset) of that violation.
-    reads, writes, acts : Out(32)
-        Commands seen, for the measurements.
+    reads, writes, acts, refs : Out(32)
+        Commands seen, for the measurements (the model counts them, so that the controller carries no counter
+        into a bitstream).
     """
 
     def __init__(self, timing: SdramTiming, words: int):
@@ -379,7 +378,7 @@ class SdramModel(wiring.Component):
         self.timing = timing
         self.words = words
         super().__init__({"pins": In(sdram_pins(timing)), "error": Out(SdramError), "error_cycle": Out(32),
-                          "reads": Out(32), "writes": Out(32), "acts": Out(32)})
+                          "reads": Out(32), "writes": Out(32), "acts": Out(32), "refs": Out(32)})
 
     def elaborate(self, platform):
         m = Module()
@@ -510,7 +509,7 @@ class SdramModel(wiring.Component):
                     with m.If(bank == b):
                         m.d.sync += last_wr[b].eq(1)
             with m.Case(SdramCmd.REF):
-                m.d.sync += [last_ref.eq(1), refreshed.eq(1)]
+                m.d.sync += [last_ref.eq(1), refreshed.eq(1), self.refs.eq(self.refs + 1)]
             with m.Case(SdramCmd.MRS):
                 m.d.sync += [last_mrs.eq(1), mode_set.eq(1)]
         with m.If((self.error == SdramError.NONE) & (err != SdramError.NONE)):

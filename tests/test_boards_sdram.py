@@ -95,7 +95,7 @@ def test_random_bursts_read_back_under_refresh(timing):
             for i, g in enumerate(got):
                 if shadow[first + i] is not None:
                     assert g == shadow[first + i], (first + i, hex(g), hex(shadow[first + i]))
-        cycles["refreshes"] = ctx.get(ctl.refreshes)
+        cycles["refreshes"] = ctx.get(model.refs)
         cycles["accesses"] = ctx.get(model.reads) + ctx.get(model.writes) - start
         assert ctx.get(model.error) == SdramError.NONE, (ctx.get(model.error), ctx.get(model.error_cycle))
 
