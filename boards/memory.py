@@ -21,7 +21,7 @@ from kvoverlay.hw.dram import DRAM_READ_LATENCY, dram_port
 
 from kvoverlay import isa
 
-__all__ = ["BramMemory", "host_memory_port"]
+__all__ = ["BramMemory", "host_memory_port", "one_hot_select", "or_all"]
 
 
 def host_memory_port(config, depth: int) -> wiring.Signature:
@@ -30,10 +30,25 @@ def host_memory_port(config, depth: int) -> wiring.Signature:
 
     Block RAM never stalls: a write is done in its cycle and a word's data is on ``rdata`` the cycle after its
     address. A memory with wait states (:class:`~kvoverlay.boards.sdram.SdramMemory`) holds ``stall`` high while
-    ``we`` or ``re`` waits to be taken, and from a taken ``re`` until the word is on ``rdata``.
+    ``re`` waits to be taken, from a taken ``re`` until the word is on ``rdata`` (where it stays until the next
+    access), and while ``we`` is high until the write is done (``addr`` and ``wdata`` held until then).
     """
     return wiring.Signature({"addr": Out(range(depth)), "we": Out(1), "wdata": Out(config.port_bits),
                              "re": Out(1), "rdata": In(config.port_bits), "stall": In(1)})
+
+
+def or_all(values):
+    """The OR of *values* (zero-extended to the widest), as a balanced tree."""
+    values = list(values)
+    while len(values) > 1:
+        values = [values[i] | values[i + 1] if i + 1 < len(values) else values[i] for i in range(0, len(values), 2)]
+    return values[0]
+
+
+def one_hot_select(value, one_hot, width: int):
+    """The *width*-bit field ``k`` of *value* where bit ``k`` of *one_hot* is the only one set, as an AND-OR tree:
+    under ABC9 about half the LUT4 of ``value.word_select(binary_index, width)``, which maps for depth."""
+    return or_all(value[width * k: width * (k + 1)] & one_hot[k].replicate(width) for k in range(len(one_hot)))
 
 
 class BramMemory(wiring.Component):

@@ -37,7 +37,7 @@ from kvoverlay.hw.dram import dram_port
 
 from kvoverlay import isa, link
 
-from .memory import BramMemory, host_memory_port
+from .memory import host_memory_port, one_hot_select
 
 __all__ = ["INSN_WINDOW_BYTES", "PART", "SdramCmd", "SdramController", "SdramError", "SdramMemory", "SdramModel",
            "SdramTiming", "sdram_pins", "sdram_timing"]
@@ -192,8 +192,6 @@ class SdramController(wiring.Component):
     pins : Out(sdram_pins(timing))
     ready : Out(1)
         Initialisation is over.
-    refreshes : Out(32)
-        AUTO REFRESH commands issued (for the bandwidth measurements).
     """
 
     def __init__(self, timing: SdramTiming, len_bits: int):
@@ -207,7 +205,7 @@ class SdramController(wiring.Component):
             "cmd": In(stream.Signature(_burst_request(timing, len_bits))),
             "wdata": In(stream.Signature(data.StructLayout({"data": 16, "mask": 2}))),
             "rdata": Out(stream.Signature(16, always_ready=True)),
-            "pins": Out(sdram_pins(timing)), "ready": Out(1), "refreshes": Out(32),
+            "pins": Out(sdram_pins(timing)), "ready": Out(1),
         })
 
     @property
@@ -263,7 +261,7 @@ class SdramController(wiring.Component):
             cmd_ok.arm(m, t.t_rfc)
             for b in range(nb):
                 act_ok[b].arm(m, t.t_rfc)
-            m.d.sync += [ref_timer.eq(t.refresh_period), ref_due.eq(0), self.refreshes.eq(self.refreshes + 1)]
+            m.d.sync += [ref_timer.eq(t.refresh_period), ref_due.eq(0)]
 
         def precharge_all():
             m.d.comb += [issue.eq(SdramCmd.PRE), a.eq(1 << 10)]
@@ -369,8 +367,9 @@ class SdramModel(wiring.Component):
         The first violation (sticky).
     error_cycle : Out(32)
         The cycle (since reset) of that violation.
-    reads, writes, acts : Out(32)
-        Commands seen, for the measurements.
+    reads, writes, acts, refs : Out(32)
+        Commands seen, for the measurements (the model counts them, so that the controller carries no counter
+        into a bitstream).
     """
 
     def __init__(self, timing: SdramTiming, words: int):
@@ -379,7 +378,7 @@ class SdramModel(wiring.Component):
         self.timing = timing
         self.words = words
         super().__init__({"pins": In(sdram_pins(timing)), "error": Out(SdramError), "error_cycle": Out(32),
-                          "reads": Out(32), "writes": Out(32), "acts": Out(32)})
+                          "reads": Out(32), "writes": Out(32), "acts": Out(32), "refs": Out(32)})
 
     def elaborate(self, platform):
         m = Module()
@@ -510,7 +509,7 @@ class SdramModel(wiring.Component):
                     with m.If(bank == b):
                         m.d.sync += last_wr[b].eq(1)
             with m.Case(SdramCmd.REF):
-                m.d.sync += [last_ref.eq(1), refreshed.eq(1)]
+                m.d.sync += [last_ref.eq(1), refreshed.eq(1), self.refs.eq(self.refs + 1)]
             with m.Case(SdramCmd.MRS):
                 m.d.sync += [last_mrs.eq(1), mode_set.eq(1)]
         with m.If((self.error == SdramError.NONE) & (err != SdramError.NONE)):
@@ -526,9 +525,11 @@ class SdramMemory(wiring.Component):
     words is one controller burst of ``len * port_bits // 16`` words; a read beat goes out on ``rd`` the cycle after
     its last SDRAM word arrives, so beats come at the SDRAM's rate, with gaps at row changes and refreshes (the
     overlay takes a beat whenever ``rd.valid`` is high). A write beat is taken while the previous one's last word
-    is written. The host's reads and writes are one-word bursts (``host.stall`` high until the memory takes a
-    write, and from a read's request until its data is on ``host.rdata``); its writes into the instruction window
-    also go to the block RAM, which serves ``insn_addr`` modulo the window (the host places the program there).
+    is written. The host's reads and writes are one-word bursts (``host.stall`` high until a write's last 16 bits
+    are written, the host holding ``we`` and ``wdata`` until then, and from a read's request until its data is on
+    ``host.rdata``); its writes into the instruction window also go to the block RAM (128-bit instructions written
+    16 bits at a time beside the SDRAM), which serves ``insn_addr`` modulo the window (the host places the program
+    there).
 
     Parameters
     ----------
@@ -558,9 +559,9 @@ class SdramMemory(wiring.Component):
             raise ValueError(f"depth={depth} port words of {config.port_bits} bits exceed the SDRAM's "
                              f"{1 << timing.addr_bits} 16-bit words")
         self.window = min(depth, INSN_WINDOW_BYTES // config.port_bytes)
-        self.mirror = BramMemory(config, self.window)
+        iaw = (config.dram_bytes // isa.INSN_BYTES - 1).bit_length()
         port = dram_port(config)
-        super().__init__({"port": In(port), "insn_addr": In(self.mirror.insn_addr.shape()),
+        super().__init__({"port": In(port), "insn_addr": In(iaw),
                           "insn_data": Out(isa.INSN_BITS), "host": In(host_memory_port(config, depth)),
                           "host_sel": In(1), "abort": In(1), "pins": Out(sdram_pins(timing)), "ready": Out(1)})
 
@@ -570,9 +571,8 @@ class SdramMemory(wiring.Component):
         shift = per.bit_length() - 1
         len_bits = len(p.req.payload.len) + shift
         m.submodules.ctl = ctl = SdramController(self.timing, len_bits)
-        m.submodules.mirror = mirror = self.mirror
         wiring.connect(m, ctl.pins, wiring.flipped(self.pins))
-        m.d.comb += [self.ready.eq(ctl.ready), mirror.insn_addr.eq(self.insn_addr), self.insn_data.eq(mirror.insn_data)]
+        m.d.comb += self.ready.eq(ctl.ready)
 
         # one burst at a time, from the overlay or (while it is stopped) the host
         busy, write, from_host = Signal(), Signal(), Signal()
@@ -587,17 +587,12 @@ class SdramMemory(wiring.Component):
             m.d.comb += [ctl.cmd.valid.eq(~busy & p.req.valid), ctl.cmd.payload.addr.eq(p.req.payload.addr << shift),
                          ctl.cmd.payload.len.eq(p.req.payload.len << shift), ctl.cmd.payload.write.eq(p.req.payload.write),
                          p.req.ready.eq(~busy & ctl.cmd.ready)]
-        m.d.comb += h.stall.eq(((h.we | h.re) & ~host_take) | read_pending)
         with m.If(ctl.cmd.valid & ctl.cmd.ready):
             m.d.sync += [busy.eq(1), write.eq(ctl.cmd.payload.write), from_host.eq(self.host_sel),
                          left.eq(Mux(self.host_sel, 1, p.req.payload.len)), read_pending.eq(self.host_sel & h.re)]
 
-        # the window's block RAM takes the host's writes into it
-        base = self.depth - self.window
-        m.d.comb += [mirror.host_sel.eq(1), mirror.host.addr.eq(h.addr), mirror.host.wdata.eq(h.wdata),
-                     mirror.host.we.eq(host_take & h.we & (h.addr >= base))]
-
-        # reads: SDRAM words gathered into a port word, lowest first
+        # reads: SDRAM words gathered into a port word, lowest first (a host read's word stays there: nothing
+        # else reads while the host owns the memory)
         gather = Signal(cfg.port_bits)
         got = Signal(range(per))
         word = Cat(gather[16:], ctl.rdata.payload)
@@ -614,30 +609,68 @@ class SdramMemory(wiring.Component):
                 with m.If(left == 1):
                     m.d.sync += busy.eq(0)
                 with m.If(from_host):
-                    m.d.sync += [h.rdata.eq(word), read_pending.eq(0)]
+                    m.d.sync += read_pending.eq(0)
                 with m.Elif(~flush & ~self.abort):
                     m.d.sync += p.rd.valid.eq(1)
-        m.d.comb += p.rd.payload.eq(gather)
+        m.d.comb += [p.rd.payload.eq(gather), h.rdata.eq(gather)]
 
-        # writes: a port word and its strobes, shifted out 16 bits at a time
+        # writes: a port word and its strobes, sent 16 bits at a time, selected by a one-hot ring of the lane being
+        # sent (an AND-OR of one-hot terms maps to about half the LUT4 of a binary word_select under ABC9, and a
+        # loaded shift register needs a multiplexer per bit). The host's word is not copied: the host holds it
+        # (host.stall) until its last 16 bits are written.
         sdata = Signal(cfg.port_bits)
         sstrb = Signal(cfg.port_bytes)
+        blank = Signal()  # an aborted burst's word: every byte masked
         sent = Signal(range(per))
+        ring = Signal(per, init=1)  # one-hot: bit k while lane k is sent
         full = Signal()
+
+        def lane(value, width):
+            return one_hot_select(value, ring, width)
+
         last_out = full & ctl.wdata.ready & (sent == per - 1)
-        m.d.comb += [ctl.wdata.valid.eq(full), ctl.wdata.payload.data.eq(sdata[:16]),
-                     ctl.wdata.payload.mask.eq(~sstrb[:2])]
+        m.d.comb += [ctl.wdata.valid.eq(full),
+                     ctl.wdata.payload.data.eq(Mux(from_host, lane(h.wdata, 16), lane(sdata, 16))),
+                     ctl.wdata.payload.mask.eq(Mux(from_host, 0, Mux(blank, 3, ~lane(sstrb, 2)))),
+                     h.stall.eq((h.we & ~(from_host & last_out)) | (h.re & ~host_take) | read_pending)]
         with m.If(ctl.wdata.ready):
-            m.d.sync += [sdata.eq(sdata >> 16), sstrb.eq(sstrb >> 2), sent.eq(sent + 1)]
+            m.d.sync += [sent.eq(sent + 1), ring.eq(ring.rotate_left(1))]
             with m.If(sent == per - 1):
                 m.d.sync += [sent.eq(0), full.eq(0), left.eq(left - 1)]
                 with m.If(left == 1):
                     m.d.sync += busy.eq(0)
         m.d.comb += p.wr.ready.eq(busy & write & ~from_host & (~full | last_out) & (left > full) & ~flush)
         with m.If(host_take & h.we):
-            m.d.sync += [sdata.eq(h.wdata), sstrb.eq(-1), full.eq(1)]
+            m.d.sync += full.eq(1)
         with m.Elif(p.wr.valid & p.wr.ready):
-            m.d.sync += [sdata.eq(p.wr.payload.data), sstrb.eq(p.wr.payload.strb), full.eq(1)]
+            m.d.sync += [sdata.eq(p.wr.payload.data), sstrb.eq(p.wr.payload.strb), blank.eq(0), full.eq(1)]
         with m.Elif((flush | self.abort) & busy & write & ~from_host & (~full | last_out) & (left > full)):
-            m.d.sync += [sstrb.eq(0), full.eq(1)]  # an aborted burst's remaining words, written with dqm high
+            m.d.sync += [blank.eq(1), full.eq(1)]  # an aborted burst's remaining words, written with dqm high
+
+        # the instruction window: block RAM of instructions, written 16 bits at a time beside the SDRAM by the
+        # host's writes into the top of the memory; it serves insn_addr modulo the window. One memory per 16-bit
+        # lane of an instruction, so that each is one DP16KD column 18 bits wide (a 128-bit memory with 16-bit
+        # write enables maps to 36-bit-wide blocks two deep, and a multiplexer per bit after them)
+        lanes = isa.INSN_BITS // 16
+        depth = max(1, self.window * cfg.port_bits // isa.INSN_BITS)
+        in_window = Signal()
+        with m.If(host_take):
+            m.d.sync += in_window.eq(h.addr >= self.depth - self.window)
+        half = Cat(sent, h.addr) if per > 1 else h.addr  # the 16-bit word's index
+        lane_bits = (lanes - 1).bit_length()
+        write_half = full & ctl.wdata.ready & from_host & in_window
+        # one address for the write and the fetch (the overlay does not fetch while the host writes), so that each
+        # lane is one block RAM port that reads before it writes, as the part does, not two ports whose same-cycle
+        # collision Yosys would emulate with a register and a multiplexer per bit
+        addr = Signal(range(depth))
+        m.d.comb += addr.eq(Mux(write_half, half[lane_bits:], self.insn_addr))
+        fetched = []
+        for k in range(lanes):
+            win = Memory(shape=unsigned(16), depth=depth, init=[])
+            m.submodules[f"window{k}"] = win
+            wp, fetch = win.write_port(), win.read_port()
+            m.d.comb += [wp.addr.eq(addr), wp.data.eq(lane(h.wdata, 16)), fetch.addr.eq(addr),
+                         wp.en.eq(write_half & (half[:lane_bits] == k))]
+            fetched.append(fetch.data)
+        m.d.comb += self.insn_data.eq(Cat(*fetched))
         return m

@@ -153,3 +153,88 @@ def test_framer_escapes_every_byte_value():
 def test_divisor_refused(divisor):
     with pytest.raises(ValueError, match="divisor"):
         BoardTop(CFG, mem_bytes=4096, divisor=divisor, overlay=False)
+
+
+def test_read_every_space_status_and_write_reg_against_overlay_ports():
+    """The bridge alone on the overlay's host ports, each driven as the overlay does (buffers: data the cycle after
+    the address; registers, exponent registers, counters: combinational), with a counter that moves every cycle:
+    READ of each space returns each value's bytes whole (a counter from one cycle, not torn across its bytes),
+    STATUS its fields, WRITE_REG reaches the register port."""
+    from amaranth.hdl import Cat, Module, Signal
+    from kvoverlay.boards.bridge import HostBridge
+    from kvoverlay.hw.overlay import COUNTERS
+
+    from kvoverlay import isa
+
+    n_ctr = len(COUNTERS)
+    br = HostBridge(CFG, 64, n_ctr, 0x1234ABCD)
+    m = Module()
+    m.submodules.br = br
+    ov = br.ov
+    cycle = Signal(8)
+    m.d.sync += cycle.eq(cycle + 1)
+    abuf_bits = len(ov.dbg_abuf_data)
+    ctr = Signal(8)
+    # each value a function of its address the tests can recompute; the buffers' one cycle later
+    m.d.sync += [ov.dbg_abuf_data.eq(Cat(*((ov.dbg_abuf_addr * 7 + k)[:8] for k in range(abuf_bits // 8)))),
+                 ov.dbg_acc_data.eq(Cat(ov.dbg_acc_addr, Signal(8, init=0x5A)) * 0x01000193)]
+    m.d.comb += [ov.dbg_reg_data.eq(ov.dbg_reg_addr * 0x01010101 + 0x80402010),
+                 ov.dbg_ereg_data.eq(-1 - ov.dbg_ereg_addr),
+                 ctr.eq(ov.ctr_addr), ov.ctr_data.eq(Cat(ctr, *(cycle for _ in range(7)))),
+                 ov.error.eq(1), ov.error_code.eq(3), ov.error_info.eq(0x42), ov.error_pc.eq(0xDEADBEEF)]
+    reg_writes = []
+    out = bytearray()
+
+    reqs = [request(1, link.Cmd.READ, link.pack("BHH", link.Space.ABUF, 2, 3)),
+            request(2, link.Cmd.READ, link.pack("BHH", link.Space.ACC, 5, 2)),
+            request(3, link.Cmd.READ, link.pack("BHH", link.Space.REGS, 1, 3)),
+            request(4, link.Cmd.READ, link.pack("BHH", link.Space.EREGS, 0, 2)),
+            request(5, link.Cmd.READ, link.pack("BHH", link.Space.COUNTERS, 0, n_ctr)),
+            request(6, link.Cmd.STATUS),
+            request(7, link.Cmd.WRITE_REG, link.pack("BI", 9, 0xCAFEF00D)),
+            request(8, link.Cmd.READ, link.pack("BHH", link.Space.REGS, isa.NUM_REGS - 1, 2)),
+            request(9, link.Cmd.INFO)]
+
+    async def host(ctx):
+        ctx.set(br.tx.ready, 1)
+        for data in reqs:
+            for byte in data:
+                ctx.set(br.rx.payload, byte)
+                ctx.set(br.rx.valid, 1)
+                await ctx.tick()
+                ctx.set(br.rx.valid, 0)
+                await ctx.tick().repeat(2)
+            quiet = 0
+            while quiet < 40:  # until the reply has ended
+                _, _, valid, byte = await ctx.tick().sample(br.tx.valid, br.tx.payload)
+                if valid:
+                    out.append(byte)
+                quiet = 0 if valid else quiet + 1
+
+    async def watch(ctx):
+        async for _, _, we, addr, value in ctx.tick().sample(ov.host_reg_we, ov.host_reg_addr, ov.host_reg_data):
+            if we:
+                reg_writes.append((addr, value))
+
+    sim = Simulator(m)
+    sim.add_clock(1e-8)
+    sim.add_testbench(host)
+    sim.add_testbench(watch, background=True)
+    sim.run()
+    got = replies(bytes(out))
+    assert [r[:2] for r in got] == [bytes([i + 1, link.Status.OK]) for i in range(7)] + \
+        [bytes([8, link.Status.BAD_REQUEST]), bytes([9, link.Status.OK])]
+    abuf_bytes = abuf_bits // 8
+    assert got[0][2:] == bytes((a * 7 + k) & 0xFF for a in (2, 3, 4) for k in range(abuf_bytes))
+    acc = [int.from_bytes(got[1][2 + 8 * i:10 + 8 * i], "little") for i in range(2)]
+    assert acc == [((a | 0x5A << len(ov.dbg_acc_addr)) * 0x01000193) % (1 << 64) for a in (5, 6)]
+    assert got[2][2:] == b"".join(((r * 0x01010101 + 0x80402010) % (1 << 32)).to_bytes(4, "little") for r in (1, 2, 3))
+    assert got[3][2:] == b"".join(((-1 - e) % (1 << 16)).to_bytes(2, "little") for e in (0, 1))
+    ctrs = [got[4][2 + 8 * i:10 + 8 * i] for i in range(n_ctr)]
+    assert [c[0] for c in ctrs] == list(range(n_ctr))
+    assert all(len(set(c[1:])) == 1 for c in ctrs), ctrs  # one cycle's value, not torn
+    assert len({c[1] for c in ctrs}) == n_ctr  # and read as the reply goes, one value after another
+    flags, code, info, pc, runs = __import__("struct").unpack("<BBBII", got[5][2:])
+    assert (flags, code, info, pc, runs) == (4, 3, 0x42, 0xDEADBEEF, 0)
+    assert reg_writes == [(9, 0xCAFEF00D)]
+    assert got[8][2:][8:12] == (0x1234ABCD).to_bytes(4, "little")
