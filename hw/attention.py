@@ -494,8 +494,9 @@ class ValueStage(wiring.Component):
         A chunk was issued in the last ``timing.ATTN_TILE_DRAIN - 1`` cycles.
     busy : Out(1)
         A chunk has not yet been added to its word (``peak`` follows a cycle after the last add).
-    acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
-        The accumulator.
+    read_index : In(range(row_chunks))
+    word : Out(ArrayLayout(signed(acc bits), vector_lanes))
+        An accumulator word, read the cycle after its index (:class:`HeadFinish`'s read, while no chunk is in flight).
     peak : Out(acc bits)
         The OR of the magnitudes the last position wrote: every position writes every word once, so after a
         head's last position it is the OR of all its accumulator lanes (V magnitudes a cycle, not all lanes at once).
@@ -518,7 +519,8 @@ class ValueStage(wiring.Component):
             "p": In(P_SHAPE), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
             "alpha": In(P_SHAPE), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
             "clear": In(1), "issued": Out(1), "busy": Out(1),
-            "acc": Out(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": Out(wd.acc),
+            "read_index": In(range(chunks)), "word": Out(data.ArrayLayout(signed(wd.acc), config.vector_lanes)),
+            "peak": Out(wd.acc),
         })
 
     def elaborate(self, platform):
@@ -551,10 +553,12 @@ class ValueStage(wiring.Component):
         m.d.comb += self.add_p.eq(valid_p & at_p.chunk.first)
 
         words = Array(Signal(W * V, name=f"acc_word{i}") for i in range(chunks))
-        m.d.comb += self.acc.eq(Cat(words))
         cur_word = words[at_add.chunk.index]
-        old_word = Signal(W * V)  # the word at the tile's start, for its first position's rescale
-        m.d.sync += old_word.eq(words[at_p.chunk.index])
+        # the word at the tile's start, for its first position's rescale; between heads (no chunk in flight) the
+        # word HeadFinish reads, through the same multiplexer
+        old_word = Signal(W * V)
+        m.d.sync += old_word.eq(words[Mux(valid_p, at_p.chunk.index, self.read_index)])
+        m.d.comb += self.word.eq(old_word)
         new_lanes = []
         for i in range(V):
             prod = Signal(signed(32), name=f"pv_prod{i}")
@@ -609,14 +613,17 @@ class HeadFinish(wiring.Component):
     Attributes
     ----------
     start : In(1)
-        The head's values are all in; ``acc``, ``m``, ``l`` and ``e_acc`` hold until ``busy`` falls.
+        The head's values are all in; the accumulator, ``m``, ``l`` and ``e_acc`` hold until ``busy`` falls.
     head : In(HEAD_BITS)
     out_first : In(ELEM_BITS)
         The head's index and first output element (``head * head_dim``), taken with ``start``.
     head_dim : In(11)
     stats : In(acc-buffer address)
         Geometry of the instruction: statistics of head h go to ``stats + 2h`` and ``stats + 2h + 1``.
-    acc : In(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
+    word_index : Out(range(row_chunks))
+    word : In(ArrayLayout(signed(acc bits), vector_lanes))
+        The accumulator word of the element issued in the next cycle, and that word (:class:`ValueStage`'s
+        registered read: one word multiplexer for the rescale and the finish).
     peak : In(acc bits)
         The OR of the accumulator lanes' magnitudes (:class:`ValueStage`'s).
     m : In(signed(score bits))
@@ -639,7 +646,8 @@ class HeadFinish(wiring.Component):
         super().__init__({
             "start": In(1), "head": In(HEAD_BITS), "out_first": In(ELEM_BITS), "head_dim": In(11),
             "stats": In(range(config.acc_buffer_words)),
-            "acc": In(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": In(wd.acc),
+            "word_index": Out(range(chunks)), "word": In(data.ArrayLayout(signed(wd.acc), config.vector_lanes)),
+            "peak": In(wd.acc),
             "m": In(signed(wd.score)), "l": In(unsigned(wd.sum)), "e_acc": In(EXP_WIDE),
             "busy": Out(1), "divide_fault": Out(1), "top_exp": Out(EXP_WIDE),
             "acc_w": Out(acc_write(config)), "scratch": Out(scratch_write(config)),
@@ -672,7 +680,10 @@ class HeadFinish(wiring.Component):
         product = Signal(signed(wd.out))
         at2 = Signal(ELEM_BITS)
         valid2 = Signal()
-        lane = Array(self.acc[i] for i in range(lanes))[elem[:address_bits(lanes)]]
+        # the word of the element issued in the next cycle is read now (ValueStage's registered read): the first in
+        # DIVIDE's last cycle, then one ahead of the issue
+        lgV = log2_exact(V)
+        lane = Array(self.word[i] for i in range(V))[elem[:lgV]] if lgV else self.word[0]
         m.d.sync += [valid1.eq(issue), valid2.eq(valid1), product.eq(rounded * quotient), at2.eq(at1)]
         with m.If(issue):
             m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc", halving=False)), at1.eq(out_first + elem)]
@@ -714,7 +725,7 @@ class HeadFinish(wiring.Component):
                     m.d.sync += [elem.eq(0), self.top_exp.eq(_first_or_max(head == 0, head_exp, self.top_exp))]
                     m.next = "OUTPUT"
             with m.State("OUTPUT"):
-                m.d.comb += issue.eq(1)
+                m.d.comb += [issue.eq(1), self.word_index.eq((elem + 1) >> lgV)]
                 m.d.sync += elem.eq(elem + 1)
                 with m.If(elem == self.head_dim - 1):
                     m.next = "MULTIPLY"
@@ -1086,7 +1097,7 @@ class AttentionEngine(wiring.Component):
             value.e_acc.eq(softmax.e_acc), value.rescale_shift.eq(softmax.rescale_shift),
             value.first_tile.eq(first_tile),
             fin.head.eq(head), fin.out_first.eq(out_head), fin.head_dim.eq(head_dim), fin.stats.eq(att.stats),
-            fin.acc.eq(value.acc), fin.peak.eq(value.peak), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
+            fin.word.eq(value.word), value.read_index.eq(fin.word_index), fin.peak.eq(value.peak), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
             out.top_exp.eq(fin.top_exp), out.n_out.eq(n_out), out.dst.eq(att.dst),
         ]
         fin_fault = Signal()  # a head's sum was not positive
