@@ -445,7 +445,7 @@ class SoftmaxStage(wiring.Component):
 
 
 class ValueStage(wiring.Component):
-    """The head accumulator: ``row_chunks`` words of ``vector_lanes`` lanes in registers.
+    """The head accumulator: ``row_chunks`` words of ``vector_lanes`` lanes in LUT RAM.
 
     ``round_shift(p * v, e_acc - e_v)`` of each chunk is added to the chunk's word; on the tile's first
     position the word is first rescaled by alpha and by the growth of the accumulator exponent (or zeroed
@@ -488,8 +488,6 @@ class ValueStage(wiring.Component):
     e_acc, rescale_shift : In(EXP_WIDE)
     first_tile : In(1)
         From the softmax stage.
-    clear : In(1)
-        Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
     issued : Out(1)
         A chunk was issued in the last ``timing.ATTN_TILE_DRAIN - 1`` cycles.
     busy : Out(1)
@@ -518,7 +516,7 @@ class ValueStage(wiring.Component):
             "score_pos": Out(range(config.attn_tile)), "score_bank": Out(1), "add_p": Out(1),
             "p": In(P_SHAPE), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
             "alpha": In(P_SHAPE), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
-            "clear": In(1), "issued": Out(1), "busy": Out(1),
+            "issued": Out(1), "busy": Out(1),
             "read_index": In(range(chunks)), "word": Out(data.ArrayLayout(signed(wd.acc), config.vector_lanes)),
             "peak": Out(wd.acc),
         })
@@ -552,13 +550,17 @@ class ValueStage(wiring.Component):
         valid_p, valid_add = valids[self.P_LATENCY - 1], valids[self.P_LATENCY + 3]
         m.d.comb += self.add_p.eq(valid_p & at_p.chunk.first)
 
-        words = Array(Signal(W * V, name=f"acc_word{i}") for i in range(chunks))
-        cur_word = words[at_add.chunk.index]
+        # the words in LUT RAM (no multiplexers or flip-flops of their own), two read ports. No clear: a head's first
+        # position writes every word the head reads (its rescale gives 0 on the first tile, masked lanes add 0)
+        m.submodules.words = words = Memory(shape=unsigned(W * V), depth=chunks, init=[])
+        cur_rd, old_rd, wr = words.read_port(domain="comb"), words.read_port(domain="comb"), words.write_port()
+        cur_word = cur_rd.data
         # the word at the tile's start, for its first position's rescale; between heads (no chunk in flight) the
-        # word HeadFinish reads, through the same multiplexer
+        # word HeadFinish reads, through the same port
         old_word = Signal(W * V)
-        m.d.sync += old_word.eq(words[Mux(valid_p, at_p.chunk.index, self.read_index)])
-        m.d.comb += self.word.eq(old_word)
+        m.d.comb += [cur_rd.addr.eq(at_add.chunk.index), old_rd.addr.eq(Mux(valid_p, at_p.chunk.index, self.read_index)),
+                     self.word.eq(old_word)]
+        m.d.sync += old_word.eq(old_rd.data)
         new_lanes = []
         for i in range(V):
             prod = Signal(signed(32), name=f"pv_prod{i}")
@@ -587,10 +589,7 @@ class ValueStage(wiring.Component):
                                                  (written.word_select(i, W).as_signed() for i in range(V))))
         with m.If(peak_valid):
             m.d.sync += self.peak.eq(Mux(peak_first, 0, self.peak) | new_or)
-        with m.If(self.clear):
-            m.d.sync += [w.eq(0) for w in words]
-        with m.Elif(valid_add):
-            m.d.sync += cur_word.eq(Cat(new_lanes))
+        m.d.comb += [wr.addr.eq(at_add.chunk.index), wr.data.eq(Cat(new_lanes)), wr.en.eq(valid_add)]
         return m
 
 
@@ -1172,7 +1171,6 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
                     m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), *pv.reset(), sc.bank.eq(0)]
-                    m.d.comb += value.clear.eq(1)
                 with m.If(dec.fault != Fault.NONE):
                     finish(dec.fault)
                 with m.Elif(dec.is_kvappend):
