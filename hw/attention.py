@@ -445,7 +445,7 @@ class SoftmaxStage(wiring.Component):
 
 
 class ValueStage(wiring.Component):
-    """The head accumulator: ``row_chunks`` words of ``vector_lanes`` lanes in registers.
+    """The head accumulator: ``row_chunks`` words of ``vector_lanes`` lanes in LUT RAM.
 
     ``round_shift(p * v, e_acc - e_v)`` of each chunk is added to the chunk's word; on the tile's first
     position the word is first rescaled by alpha and by the growth of the accumulator exponent (or zeroed
@@ -488,14 +488,13 @@ class ValueStage(wiring.Component):
     e_acc, rescale_shift : In(EXP_WIDE)
     first_tile : In(1)
         From the softmax stage.
-    clear : In(1)
-        Zeroes every word (lanes past head_dim then stay zero for the whole instruction).
     issued : Out(1)
         A chunk was issued in the last ``timing.ATTN_TILE_DRAIN - 1`` cycles.
     busy : Out(1)
         A chunk has not yet been added to its word (``peak`` follows a cycle after the last add).
-    acc : Out(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
-        The accumulator.
+    read_index : In(range(row_chunks))
+    word : Out(ArrayLayout(signed(acc bits), vector_lanes))
+        An accumulator word, read the cycle after its index (:class:`HeadFinish`'s read, while no chunk is in flight).
     peak : Out(acc bits)
         The OR of the magnitudes the last position wrote: every position writes every word once, so after a
         head's last position it is the OR of all its accumulator lanes (V magnitudes a cycle, not all lanes at once).
@@ -517,8 +516,9 @@ class ValueStage(wiring.Component):
             "score_pos": Out(range(config.attn_tile)), "score_bank": Out(1), "add_p": Out(1),
             "p": In(P_SHAPE), "v": In(_lanes(config)), "ev": In(EXP_SHAPE),
             "alpha": In(P_SHAPE), "e_acc": In(EXP_WIDE), "rescale_shift": In(EXP_WIDE), "first_tile": In(1),
-            "clear": In(1), "issued": Out(1), "busy": Out(1),
-            "acc": Out(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": Out(wd.acc),
+            "issued": Out(1), "busy": Out(1),
+            "read_index": In(range(chunks)), "word": Out(data.ArrayLayout(signed(wd.acc), config.vector_lanes)),
+            "peak": Out(wd.acc),
         })
 
     def elaborate(self, platform):
@@ -550,11 +550,17 @@ class ValueStage(wiring.Component):
         valid_p, valid_add = valids[self.P_LATENCY - 1], valids[self.P_LATENCY + 3]
         m.d.comb += self.add_p.eq(valid_p & at_p.chunk.first)
 
-        words = Array(Signal(W * V, name=f"acc_word{i}") for i in range(chunks))
-        m.d.comb += self.acc.eq(Cat(words))
-        cur_word = words[at_add.chunk.index]
-        old_word = Signal(W * V)  # the word at the tile's start, for its first position's rescale
-        m.d.sync += old_word.eq(words[at_p.chunk.index])
+        # the words in LUT RAM (no multiplexers or flip-flops of their own), two read ports. No clear: a head's first
+        # position writes every word the head reads (its rescale gives 0 on the first tile, masked lanes add 0)
+        m.submodules.words = words = Memory(shape=unsigned(W * V), depth=chunks, init=[])
+        cur_rd, old_rd, wr = words.read_port(domain="comb"), words.read_port(domain="comb"), words.write_port()
+        cur_word = cur_rd.data
+        # the word at the tile's start, for its first position's rescale; between heads (no chunk in flight) the
+        # word HeadFinish reads, through the same port
+        old_word = Signal(W * V)
+        m.d.comb += [cur_rd.addr.eq(at_add.chunk.index), old_rd.addr.eq(Mux(valid_p, at_p.chunk.index, self.read_index)),
+                     self.word.eq(old_word)]
+        m.d.sync += old_word.eq(old_rd.data)
         new_lanes = []
         for i in range(V):
             prod = Signal(signed(32), name=f"pv_prod{i}")
@@ -583,10 +589,7 @@ class ValueStage(wiring.Component):
                                                  (written.word_select(i, W).as_signed() for i in range(V))))
         with m.If(peak_valid):
             m.d.sync += self.peak.eq(Mux(peak_first, 0, self.peak) | new_or)
-        with m.If(self.clear):
-            m.d.sync += [w.eq(0) for w in words]
-        with m.Elif(valid_add):
-            m.d.sync += cur_word.eq(Cat(new_lanes))
+        m.d.comb += [wr.addr.eq(at_add.chunk.index), wr.data.eq(Cat(new_lanes)), wr.en.eq(valid_add)]
         return m
 
 
@@ -609,14 +612,17 @@ class HeadFinish(wiring.Component):
     Attributes
     ----------
     start : In(1)
-        The head's values are all in; ``acc``, ``m``, ``l`` and ``e_acc`` hold until ``busy`` falls.
+        The head's values are all in; the accumulator, ``m``, ``l`` and ``e_acc`` hold until ``busy`` falls.
     head : In(HEAD_BITS)
     out_first : In(ELEM_BITS)
         The head's index and first output element (``head * head_dim``), taken with ``start``.
     head_dim : In(11)
     stats : In(acc-buffer address)
         Geometry of the instruction: statistics of head h go to ``stats + 2h`` and ``stats + 2h + 1``.
-    acc : In(ArrayLayout(signed(acc bits), row_chunks * vector_lanes))
+    word_index : Out(range(row_chunks))
+    word : In(ArrayLayout(signed(acc bits), vector_lanes))
+        The accumulator word of the element issued in the next cycle, and that word (:class:`ValueStage`'s
+        registered read: one word multiplexer for the rescale and the finish).
     peak : In(acc bits)
         The OR of the accumulator lanes' magnitudes (:class:`ValueStage`'s).
     m : In(signed(score bits))
@@ -639,7 +645,8 @@ class HeadFinish(wiring.Component):
         super().__init__({
             "start": In(1), "head": In(HEAD_BITS), "out_first": In(ELEM_BITS), "head_dim": In(11),
             "stats": In(range(config.acc_buffer_words)),
-            "acc": In(data.ArrayLayout(signed(wd.acc), chunks * config.vector_lanes)), "peak": In(wd.acc),
+            "word_index": Out(range(chunks)), "word": In(data.ArrayLayout(signed(wd.acc), config.vector_lanes)),
+            "peak": In(wd.acc),
             "m": In(signed(wd.score)), "l": In(unsigned(wd.sum)), "e_acc": In(EXP_WIDE),
             "busy": Out(1), "divide_fault": Out(1), "top_exp": Out(EXP_WIDE),
             "acc_w": Out(acc_write(config)), "scratch": Out(scratch_write(config)),
@@ -672,7 +679,10 @@ class HeadFinish(wiring.Component):
         product = Signal(signed(wd.out))
         at2 = Signal(ELEM_BITS)
         valid2 = Signal()
-        lane = Array(self.acc[i] for i in range(lanes))[elem[:address_bits(lanes)]]
+        # the word of the element issued in the next cycle is read now (ValueStage's registered read): the first in
+        # DIVIDE's last cycle, then one ahead of the issue
+        lgV = log2_exact(V)
+        lane = Array(self.word[i] for i in range(V))[elem[:lgV]] if lgV else self.word[0]
         m.d.sync += [valid1.eq(issue), valid2.eq(valid1), product.eq(rounded * quotient), at2.eq(at1)]
         with m.If(issue):
             m.d.sync += [rounded.eq(_round_shift(m, lane, head_shift, "head_acc", halving=False)), at1.eq(out_first + elem)]
@@ -714,7 +724,7 @@ class HeadFinish(wiring.Component):
                     m.d.sync += [elem.eq(0), self.top_exp.eq(_first_or_max(head == 0, head_exp, self.top_exp))]
                     m.next = "OUTPUT"
             with m.State("OUTPUT"):
-                m.d.comb += issue.eq(1)
+                m.d.comb += [issue.eq(1), self.word_index.eq((elem + 1) >> lgV)]
                 m.d.sync += elem.eq(elem + 1)
                 with m.If(elem == self.head_dim - 1):
                     m.next = "MULTIPLY"
@@ -1086,7 +1096,7 @@ class AttentionEngine(wiring.Component):
             value.e_acc.eq(softmax.e_acc), value.rescale_shift.eq(softmax.rescale_shift),
             value.first_tile.eq(first_tile),
             fin.head.eq(head), fin.out_first.eq(out_head), fin.head_dim.eq(head_dim), fin.stats.eq(att.stats),
-            fin.acc.eq(value.acc), fin.peak.eq(value.peak), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
+            fin.word.eq(value.word), value.read_index.eq(fin.word_index), fin.peak.eq(value.peak), fin.m.eq(softmax.m), fin.l.eq(softmax.l), fin.e_acc.eq(softmax.e_acc),
             out.top_exp.eq(fin.top_exp), out.n_out.eq(n_out), out.dst.eq(att.dst),
         ]
         fin_fault = Signal()  # a head's sum was not positive
@@ -1161,7 +1171,6 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
                     m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), *pv.reset(), sc.bank.eq(0)]
-                    m.d.comb += value.clear.eq(1)
                 with m.If(dec.fault != Fault.NONE):
                     finish(dec.fault)
                 with m.Elif(dec.is_kvappend):
