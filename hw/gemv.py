@@ -20,7 +20,13 @@ from kvoverlay.timing import GEMV_TREE_FANIN, gemv_narrow_scales, gemv_narrow_st
 from .arith import narrow_times, select_bits
 from .widths import log2_exact
 
-__all__ = ["FMT_CODES", "GemvEngine", "gemv_tile"]
+__all__ = ["FMT_CODES", "INT4_DSP_LANES", "GemvEngine", "gemv_tile"]
+
+#: The fraction of the ``port_bytes`` int4-only lanes (the nibble lanes past the int8 ones) whose products take a
+#: MULT18X18D: one such lane as shift-and-add in logic (5 x 16 bits, with uint4's zero point) measured about 150
+#: LUT4 and 10 CCU2C on the ECP5 (docs/boards.md, "The GEMV unit's LUT4 without cycles"), so the ulx3s preset
+#: spends 20 of the 85F's spare multipliers here rather than about 3,400 LUT positions.
+INT4_DSP_LANES = (5, 8)
 
 #: ``fmt`` codes, as in ``kvoverlay.isa.ENUMS["fmt"]``; the engine relies on ``code = log2(bits) - 2`` for the
 #: formats it streams by width (uint4 streams as int4).
@@ -104,6 +110,8 @@ class GemvEngine(wiring.Component):
         self.x_depth = max(1, self.max_cols // (2 * self.pb))
         # scale words of one row: at most max_cols / 8 groups of 2 bytes
         self.scale_words = max(1, (self.max_cols // 8) * 2 // self.pb)
+        # int4-only lanes that multiply in a MULT18X18D (the first of them; the rest shift-and-add in logic)
+        self.int4_dsp_lanes = self.pb * INT4_DSP_LANES[0] // INT4_DSP_LANES[1]
         super().__init__({
             "cmd": In(stream.Signature(gemv_tile(config))),
             "busy": Out(1),
@@ -254,8 +262,8 @@ class GemvEngine(wiring.Component):
         nl = 2 * pb  # int4 lanes; int8 uses the first pb, w16 the first pb / 2
         ops = []  # (weight, x) registered per lane
         for i in range(nl):
-            dsp = i < pb  # lanes that multiply in a MULT18X18D; the others only ever see int4 weights
-            # uint4: nibble - zero point, in [-15, 15]: one more bit in the logic lanes
+            dsp = i < pb  # lanes that see int8 or w16 weights; the others only ever see int4 weights
+            # uint4: nibble - zero point, in [-15, 15]: one more bit in the int4-only lanes
             wv = Signal(signed(16 if dsp else 4 if zp is None else 5), name=f"wv{i}")
             xv = Signal(signed(16), name=f"xv{i}")
             nib = window.word_select(i, 4)
@@ -286,8 +294,9 @@ class GemvEngine(wiring.Component):
         s3 = _stage(m, {k: s2[k] for k in ("valid", "last", "win", "rend", "row")}, "s3")
         prods = []
         for i, (wv, xv) in enumerate(ops):
-            p = Signal(signed(32 if i < pb else 20), name=f"prod{i}")
-            m.d.sync += p.eq(wv * xv if i < pb else narrow_times(wv, xv))
+            # exact widths: w16 x int16 needs 32 bits (-2**15 * -2**15 = 2**30), int8 lanes 24, int4 lanes 20
+            p = Signal(signed(32 if i < pb // 2 else 24 if i < pb else 20), name=f"prod{i}")
+            m.d.sync += p.eq(wv * xv if i < pb + self.int4_dsp_lanes else narrow_times(wv, xv))
             prods.append(p)
         tree_tags = _stage(m, s3, "s4")
         scale_d = _delay(m, scale, "s4_scale")  # the scale rides along with the products
@@ -344,11 +353,11 @@ class GemvEngine(wiring.Component):
         nsums = self._narrow_inputs(m, group_sums, gl, nscales) if nscales > 1 else None
         m1 = _stage(m, tree_tags, "m1")
         first = psum if nscales == 1 else Mux(narrow, nsums[0], psum)
-        wprod = _limb_sum(m, _scale_limbs(m, first, scale_d, "m1_pp"), "m2_prod")
+        # |sum| * scale < 2**(len(sum) - 1 + 16): the scaled sums need no 64 bits
+        wprod = _limb_sum(m, _scale_limbs(m, first, scale_d, "m1_pp"), "m2_prod", min(64, len(first) + 16))
         m2 = _stage(m, m1, "m2")
         fin, fprod = m2, wprod
         if nscales > 1:
-            # |sum| * scale < 2**(len(sum) - 1 + 16): the scaled sums need no 64 bits
             nprods = [wprod] + [_limb_sum(m, _scale_limbs(m, v, ns, f"m1_g{g + 1}_pp"), f"m2_g{g + 1}_prod",
                                           min(64, len(v) + 16)) for g, (v, ns) in enumerate(zip(nsums[1:], nscale_d))]
             ntags, nlevel = m2, 0
