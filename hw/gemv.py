@@ -23,9 +23,10 @@ from .widths import log2_exact
 __all__ = ["FMT_CODES", "INT4_DSP_LANES", "GemvEngine", "gemv_tile"]
 
 #: The fraction of the ``port_bytes`` int4-only lanes (the nibble lanes past the int8 ones) whose products take a
-#: MULT18X18D: one such lane as shift-and-add in logic (5 x 16 bits, with uint4's zero point) measured about 150
+#: MULT18X18D: one such lane as shift-and-add in logic (5 x 16 bits, with uint4's zero point) measured about 134
 #: LUT4 and 10 CCU2C on the ECP5 (docs/boards.md, "The GEMV unit's LUT4 without cycles"), so the ulx3s preset
-#: spends 20 of the 85F's spare multipliers here rather than about 3,400 LUT positions.
+#: spends 20 of the 85F's spare multipliers here (115 of 156 in its board top) rather than about 3,000 LUT
+#: positions.
 INT4_DSP_LANES = (5, 8)
 
 #: ``fmt`` codes, as in ``kvoverlay.isa.ENUMS["fmt"]``; the engine relies on ``code = log2(bits) - 2`` for the
@@ -57,8 +58,9 @@ class GemvEngine(wiring.Component):
     ``2 * groups`` bytes into a row, which need not be a port boundary) into one window of ``port_bytes`` weight
     bytes and registers each lane's operands; S3 multiplies ``2 * port_bytes`` lanes (int4: all nibbles; int8:
     ``port_bytes`` bytes; w16: ``port_bytes / 2`` halfwords): the first ``port_bytes`` lanes are 16 x 16
-    products, one MULT18X18D each, the other int4-only lanes shift-and-add in logic; the adder tree sums
-    :data:`~kvoverlay.timing.GEMV_TREE_FANIN` products per registered stage; M1 multiplies the window's sum by its
+    products, one MULT18X18D each, of the other (int4-only) lanes :data:`INT4_DSP_LANES` take a MULT18X18D and
+    the rest shift-and-add in logic; the adder tree sums :data:`~kvoverlay.timing.GEMV_TREE_FANIN` products per
+    registered stage, as two-input carry chains; M1 multiplies the window's sum by its
     group scale in 17-bit limbs and M2 adds the limbs; the last stage adds into the row accumulator and writes it
     out at the row end.
 
@@ -289,8 +291,8 @@ class GemvEngine(wiring.Component):
                         m.d.sync += wv.eq(0)
             ops.append((wv, xv))
 
-        # ---- S3: products; int8 and w16 weights (and half the int4 ones) in the DSP lanes, the other int4 lanes as
-        # shift-and-add in logic, so that the multiplier count is one per int8 lane
+        # ---- S3: products; int8 and w16 weights (and half the int4 ones) in the DSP lanes, INT4_DSP_LANES of the
+        # other int4 lanes on multipliers too, the rest as shift-and-add in logic
         s3 = _stage(m, {k: s2[k] for k in ("valid", "last", "win", "rend", "row")}, "s3")
         prods = []
         for i, (wv, xv) in enumerate(ops):
