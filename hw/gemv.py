@@ -20,7 +20,14 @@ from kvoverlay.timing import GEMV_TREE_FANIN, gemv_narrow_scales, gemv_narrow_st
 from .arith import narrow_times, select_bits
 from .widths import log2_exact
 
-__all__ = ["FMT_CODES", "GemvEngine", "gemv_tile"]
+__all__ = ["FMT_CODES", "INT4_DSP_LANES", "GemvEngine", "gemv_tile"]
+
+#: The fraction of the ``port_bytes`` int4-only lanes (the nibble lanes past the int8 ones) whose products take a
+#: MULT18X18D: one such lane as shift-and-add in logic (5 x 16 bits, with uint4's zero point) measured about 134
+#: LUT4 and 10 CCU2C on the ECP5 (docs/boards.md, "The GEMV unit's LUT4 without cycles"), so the ulx3s preset
+#: spends 20 of the 85F's spare multipliers here (115 of 156 in its board top) rather than about 3,000 LUT
+#: positions.
+INT4_DSP_LANES = (5, 8)
 
 #: ``fmt`` codes, as in ``kvoverlay.isa.ENUMS["fmt"]``; the engine relies on ``code = log2(bits) - 2`` for the
 #: formats it streams by width (uint4 streams as int4).
@@ -51,8 +58,9 @@ class GemvEngine(wiring.Component):
     ``2 * groups`` bytes into a row, which need not be a port boundary) into one window of ``port_bytes`` weight
     bytes and registers each lane's operands; S3 multiplies ``2 * port_bytes`` lanes (int4: all nibbles; int8:
     ``port_bytes`` bytes; w16: ``port_bytes / 2`` halfwords): the first ``port_bytes`` lanes are 16 x 16
-    products, one MULT18X18D each, the other int4-only lanes shift-and-add in logic; the adder tree sums
-    :data:`~kvoverlay.timing.GEMV_TREE_FANIN` products per registered stage; M1 multiplies the window's sum by its
+    products, one MULT18X18D each, of the other (int4-only) lanes :data:`INT4_DSP_LANES` take a MULT18X18D and
+    the rest shift-and-add in logic; the adder tree sums :data:`~kvoverlay.timing.GEMV_TREE_FANIN` products per
+    registered stage, as two-input carry chains; M1 multiplies the window's sum by its
     group scale in 17-bit limbs and M2 adds the limbs; the last stage adds into the row accumulator and writes it
     out at the row end.
 
@@ -104,6 +112,8 @@ class GemvEngine(wiring.Component):
         self.x_depth = max(1, self.max_cols // (2 * self.pb))
         # scale words of one row: at most max_cols / 8 groups of 2 bytes
         self.scale_words = max(1, (self.max_cols // 8) * 2 // self.pb)
+        # int4-only lanes that multiply in a MULT18X18D (the first of them; the rest shift-and-add in logic)
+        self.int4_dsp_lanes = self.pb * INT4_DSP_LANES[0] // INT4_DSP_LANES[1]
         super().__init__({
             "cmd": In(stream.Signature(gemv_tile(config))),
             "busy": Out(1),
@@ -254,8 +264,8 @@ class GemvEngine(wiring.Component):
         nl = 2 * pb  # int4 lanes; int8 uses the first pb, w16 the first pb / 2
         ops = []  # (weight, x) registered per lane
         for i in range(nl):
-            dsp = i < pb  # lanes that multiply in a MULT18X18D; the others only ever see int4 weights
-            # uint4: nibble - zero point, in [-15, 15]: one more bit in the logic lanes
+            dsp = i < pb  # lanes that see int8 or w16 weights; the others only ever see int4 weights
+            # uint4: nibble - zero point, in [-15, 15]: one more bit in the int4-only lanes
             wv = Signal(signed(16 if dsp else 4 if zp is None else 5), name=f"wv{i}")
             xv = Signal(signed(16), name=f"xv{i}")
             nib = window.word_select(i, 4)
@@ -281,13 +291,14 @@ class GemvEngine(wiring.Component):
                         m.d.sync += wv.eq(0)
             ops.append((wv, xv))
 
-        # ---- S3: products; int8 and w16 weights (and half the int4 ones) in the DSP lanes, the other int4 lanes as
-        # shift-and-add in logic, so that the multiplier count is one per int8 lane
+        # ---- S3: products; int8 and w16 weights (and half the int4 ones) in the DSP lanes, INT4_DSP_LANES of the
+        # other int4 lanes on multipliers too, the rest as shift-and-add in logic
         s3 = _stage(m, {k: s2[k] for k in ("valid", "last", "win", "rend", "row")}, "s3")
         prods = []
         for i, (wv, xv) in enumerate(ops):
-            p = Signal(signed(32 if i < pb else 20), name=f"prod{i}")
-            m.d.sync += p.eq(wv * xv if i < pb else narrow_times(wv, xv))
+            # exact widths: w16 x int16 needs 32 bits (-2**15 * -2**15 = 2**30), int8 lanes 24, int4 lanes 20
+            p = Signal(signed(32 if i < pb // 2 else 24 if i < pb else 20), name=f"prod{i}")
+            m.d.sync += p.eq(wv * xv if i < pb + self.int4_dsp_lanes else narrow_times(wv, xv))
             prods.append(p)
         tree_tags = _stage(m, s3, "s4")
         scale_d = _delay(m, scale, "s4_scale")  # the scale rides along with the products
@@ -323,11 +334,9 @@ class GemvEngine(wiring.Component):
                     group_sums[gbits] = [_delay(m, v, f"t{level}_g{gbits}_{g}") for g, v in enumerate(sums)]
             nxt = []
             for k in range(0, len(prods), GEMV_TREE_FANIN):
-                terms = prods[k:k + GEMV_TREE_FANIN]
-                total = terms[0]
-                for t in terms[1:]:
-                    total = total + t
-                r = Signal(signed(min(len(total), psum_w)), name=f"t{level}_{k // GEMV_TREE_FANIN}")
+                name = f"t{level}_{k // GEMV_TREE_FANIN}"
+                total = _carry_sum(m, prods[k:k + GEMV_TREE_FANIN], name)
+                r = Signal(signed(min(len(total), psum_w)), name=name)
                 m.d.sync += r.eq(total)
                 nxt.append(r)
             prods = nxt
@@ -344,11 +353,11 @@ class GemvEngine(wiring.Component):
         nsums = self._narrow_inputs(m, group_sums, gl, nscales) if nscales > 1 else None
         m1 = _stage(m, tree_tags, "m1")
         first = psum if nscales == 1 else Mux(narrow, nsums[0], psum)
-        wprod = _limb_sum(m, _scale_limbs(m, first, scale_d, "m1_pp"), "m2_prod")
+        # |sum| * scale < 2**(len(sum) - 1 + 16): the scaled sums need no 64 bits
+        wprod = _limb_sum(m, _scale_limbs(m, first, scale_d, "m1_pp"), "m2_prod", min(64, len(first) + 16))
         m2 = _stage(m, m1, "m2")
         fin, fprod = m2, wprod
         if nscales > 1:
-            # |sum| * scale < 2**(len(sum) - 1 + 16): the scaled sums need no 64 bits
             nprods = [wprod] + [_limb_sum(m, _scale_limbs(m, v, ns, f"m1_g{g + 1}_pp"), f"m2_g{g + 1}_prod",
                                           min(64, len(v) + 16)) for g, (v, ns) in enumerate(zip(nsums[1:], nscale_d))]
             ntags, nlevel = m2, 0
@@ -452,11 +461,32 @@ def _scale_limbs(m, value, scale, prefix: str) -> list:
 def _limb_sum(m, limbs: list, name: str, width: int = 64):
     """The registered sum of :func:`_scale_limbs`' products, *width* bits."""
     prod = Signal(signed(width), name=name)
-    total = 0
-    for lo, pp in limbs:
-        total = total + (pp << lo)
-    m.d.sync += prod.eq(total)
+    m.d.sync += prod.eq(_carry_sum(m, [pp << lo for lo, pp in limbs], name))
     return prod
+
+
+def _carry_sum(m, terms: list, name: str):
+    """The sum of *terms* as a balanced tree of two-input adders, each a carry chain (CCU2C) of its own.
+
+    Yosys's ``alumacc`` merges a chain of adds whose partial sums have no other user into one ``$macc``, which
+    ``maccmap`` builds as carry-save full adders in LUTs before one carry chain; for the registered products of
+    the GEMV tree that took about 5.6 LUT positions per bit of a four-term sum, against 3 for three CCU2C adders
+    (a 16 x 4-term, 24-bit probe: 1,920 LUT4 and 208 CCU2C against 624 CCU2C). ``keep`` on the partial sums is
+    what ``alumacc`` respects. The last add is returned as an expression, for the caller's register."""
+    terms = list(terms)
+    level = 0
+    while len(terms) > 2:
+        nxt = []
+        for k in range(0, len(terms), 2):
+            if k + 1 == len(terms):
+                nxt.append(terms[k])
+                continue
+            pair = terms[k] + terms[k + 1]
+            part = Signal(pair.shape(), name=f"{name}_c{level}_{k // 2}", attrs={"keep": 1})
+            m.d.comb += part.eq(pair)
+            nxt.append(part)
+        terms, level = nxt, level + 1
+    return terms[0] + terms[1] if len(terms) == 2 else terms[0]
 
 
 def _stage(m, tags: dict, prefix: str) -> dict:
