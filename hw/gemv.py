@@ -17,7 +17,7 @@ from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.timing import GEMV_TREE_FANIN, gemv_narrow_scales, gemv_narrow_stages, gemv_tree_stages
 
-from .arith import narrow_times, select_bits
+from .arith import balanced_sum, narrow_times, select_bits
 from .widths import log2_exact
 
 __all__ = ["FMT_CODES", "INT4_DSP_LANES", "GemvEngine", "gemv_tile"]
@@ -335,7 +335,7 @@ class GemvEngine(wiring.Component):
             nxt = []
             for k in range(0, len(prods), GEMV_TREE_FANIN):
                 name = f"t{level}_{k // GEMV_TREE_FANIN}"
-                total = _carry_sum(m, prods[k:k + GEMV_TREE_FANIN], name)
+                total = balanced_sum(prods[k:k + GEMV_TREE_FANIN], m, name=name)
                 r = Signal(signed(min(len(total), psum_w)), name=name)
                 m.d.sync += r.eq(total)
                 nxt.append(r)
@@ -461,32 +461,8 @@ def _scale_limbs(m, value, scale, prefix: str) -> list:
 def _limb_sum(m, limbs: list, name: str, width: int = 64):
     """The registered sum of :func:`_scale_limbs`' products, *width* bits."""
     prod = Signal(signed(width), name=name)
-    m.d.sync += prod.eq(_carry_sum(m, [pp << lo for lo, pp in limbs], name))
+    m.d.sync += prod.eq(balanced_sum([pp << lo for lo, pp in limbs], m, name=name))
     return prod
-
-
-def _carry_sum(m, terms: list, name: str):
-    """The sum of *terms* as a balanced tree of two-input adders, each a carry chain (CCU2C) of its own.
-
-    Yosys's ``alumacc`` merges a chain of adds whose partial sums have no other user into one ``$macc``, which
-    ``maccmap`` builds as carry-save full adders in LUTs before one carry chain; for the registered products of
-    the GEMV tree that took about 5.6 LUT positions per bit of a four-term sum, against 3 for three CCU2C adders
-    (a 16 x 4-term, 24-bit probe: 1,920 LUT4 and 208 CCU2C against 624 CCU2C). ``keep`` on the partial sums is
-    what ``alumacc`` respects. The last add is returned as an expression, for the caller's register."""
-    terms = list(terms)
-    level = 0
-    while len(terms) > 2:
-        nxt = []
-        for k in range(0, len(terms), 2):
-            if k + 1 == len(terms):
-                nxt.append(terms[k])
-                continue
-            pair = terms[k] + terms[k + 1]
-            part = Signal(pair.shape(), name=f"{name}_c{level}_{k // 2}", attrs={"keep": 1})
-            m.d.comb += part.eq(pair)
-            nxt.append(part)
-        terms, level = nxt, level + 1
-    return terms[0] + terms[1] if len(terms) == 2 else terms[0]
 
 
 def _stage(m, tags: dict, prefix: str) -> dict:
