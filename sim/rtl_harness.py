@@ -70,7 +70,7 @@ def _build_harness(config: OverlayConfig, work: Path, trace: bool) -> None:
 
     from kvoverlay import toolchain
 
-    from .rtl import _compile_progress, export_verilog
+    from .rtl import _compile_progress, export_verilog, prune_build
 
     binary = work / PREFIX
     verilator = toolchain.ensure_verilator()
@@ -101,6 +101,7 @@ def _build_harness(config: OverlayConfig, work: Path, trace: bool) -> None:
                 job.result()
         if not binary.is_file():
             raise subprocess.CalledProcessError(0, "make")
+        prune_build(work)
     except subprocess.CalledProcessError:
         log.close()
         tail = " ".join((work / "build.log").read_text(errors="replace")[-1500:].split())

@@ -23,6 +23,7 @@ from kvoverlay.hw.attention import AttentionEngine, AttnDecoder, Exp2Neg, Output
 from kvoverlay.hw.ports import Fault
 from kvoverlay.hw.sim_attention import TOP_NAME, AttentionSimTop
 from kvoverlay.sim.golden import GoldenModel
+from kvoverlay.sim.rtl import prune_build
 
 from kvoverlay import isa, numerics, toolchain
 from kvoverlay.config import PRESETS
@@ -48,6 +49,7 @@ def build(tmp_path_factory):
     runner = get_runner("verilator")
     runner.build(sources=[src], hdl_toplevel=TOP_NAME, build_dir=work / "build",
                  build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
+    prune_build(work / "build")
     return {"runner": runner, "work": work, "n": 0}
 
 

@@ -19,6 +19,7 @@ from amaranth.hdl import Fragment
 from cocotb_tools.runner import get_results, get_runner
 from kvoverlay.hw.gemv import FMT_CODES, GemvEngine
 from kvoverlay.hw.sim_top import TOP_NAME, GemvSimTop
+from kvoverlay.sim.rtl import prune_build
 
 from kvoverlay import numerics, toolchain
 from kvoverlay.config import PRESETS
@@ -92,6 +93,7 @@ def builds(tmp_path_factory):
         runner = get_runner("verilator")
         runner.build(sources=[src], hdl_toplevel=TOP_NAME, build_dir=work / "build",
                      build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
+        prune_build(work / "build")
         cache[name] = {"cfg": cfg, "x": x, "mats": mats, "runner": runner, "work": work}
         return cache[name]
 

@@ -21,6 +21,7 @@ from kvoverlay.hw.ports import EREG_SHAPE, Fault
 from kvoverlay.hw.sim_vector_unit import TOP_NAME, VectorUnitSimTop
 from kvoverlay.hw.vector_unit import VectorUnit, abuf_lanes
 from kvoverlay.sim.golden import GoldenModel
+from kvoverlay.sim.rtl import prune_build
 
 from kvoverlay import isa, toolchain
 from kvoverlay import numerics as nx
@@ -316,6 +317,7 @@ def run(tmp_path_factory):
     try:
         runner.build(sources=[src], hdl_toplevel=TOP_NAME, build_dir=work / "build",
                      build_args=["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"])
+        prune_build(work / "build")
     finally:
         os.environ["MAKEFLAGS"] = makeflags
     spec = {"exp_bits": EREG_SHAPE.width, "result": str(work / "results.json"), "cases": [c.spec() for c in cases]}
