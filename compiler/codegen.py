@@ -20,7 +20,6 @@ from R3 and the attended KV length from R4, which the host sets (hybrid attentio
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -283,7 +282,7 @@ def _head_tiles(og: OverlayGraph, cfg: OverlayConfig, acc_rows: int, records: di
     if rows <= acc_rows and not every:
         return []
     m = records[head.attrs["matrix"]]
-    align = isa.DRAM_UNIT // math.gcd(nx.row_stride(m.cols, m.fmt, m.group, cfg.port_bytes), isa.DRAM_UNIT)
+    align = m.row_align(cfg.port_bytes)
     most = acc_rows // 2 // align * align
     n = -(-rows // most)
     even = -(-rows // n)

@@ -15,6 +15,7 @@ import numpy as np
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 from kvoverlay.config import WEIGHT_FORMATS, OverlayConfig
+from kvoverlay.timing import gemv_packs_rows
 
 from .frontend import CompileError
 from .fused.linear import Linear
@@ -61,11 +62,30 @@ class PlacedMatrix:
     fmt: str
     group: int
     sexp: int
+    #: GEMV only: rows packed in blocks (numerics.packed_block), not one padded record per row
+    packed: bool = False
 
     def format_fields(self) -> dict:
         """The fields GEMV and LDROW share: weight format, log2 of the group over GROUP_BASE, scale exponent."""
         return {"fmt": isa.ENUMS["fmt"].index(self.fmt), "lg_group": int(math.log2(self.group // isa.GROUP_BASE)),
                 "sexp": self.sexp}
+
+    def gemv_fields(self) -> dict:
+        """:meth:`format_fields` and, for packed rows, GEMV's ``packed``."""
+        return {**self.format_fields(), **({"packed": 1} if self.packed else {})}
+
+    def row_offset(self, row: int, port_bytes: int) -> int:
+        """Bytes from the first row to row *row* (of packed rows: the first of a block, :meth:`row_align`)."""
+        if row % self.row_align(port_bytes):
+            raise CompileError(f"row {row} starts no GEMV tile of this matrix (a multiple of {self.row_align(port_bytes)})")
+        return nx.matrix_bytes(row, self.cols, self.fmt, self.group, port_bytes, self.packed)
+
+    def row_align(self, port_bytes: int) -> int:
+        """The rows a GEMV tile of this matrix starts at a multiple of: a block of packed rows, or the rows after
+        which a record starts on a multiple of ``isa.DRAM_UNIT`` (GEMV's address unit)."""
+        if self.packed:
+            return nx.packed_block(self.cols, self.fmt, self.group, port_bytes)[0]
+        return isa.DRAM_UNIT // math.gcd(nx.row_stride(self.cols, self.fmt, self.group, port_bytes), isa.DRAM_UNIT)
 
 
 @dataclass
@@ -101,10 +121,17 @@ def group_for(cols: int, want: int) -> int:
     raise CompileError(f"a row of {cols} weights does not split into groups of {isa.GROUP_BASE} or more")
 
 
-def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_bytes: int, x=None) -> PlacedMatrix:
+def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_bytes: int, x=None,
+                  cfg: OverlayConfig | None = None) -> PlacedMatrix:
+    """Quantize and place matrix *w*; with *cfg* (a GEMV's matrix, not a table), as packed rows where
+    :func:`kvoverlay.timing.gemv_packs_rows`."""
     rows, cols = w.shape
     group = group_for(cols, group_size)
+    packed = cfg is not None and gemv_packs_rows(cfg, rows, cols, fmt, group)
     step = max(1, _BLOCK_WEIGHTS // cols)
+    if packed:  # whole blocks per step
+        block = nx.packed_block(cols, fmt, group, port_bytes)[0]
+        step = -(-step // block) * block
     # max |w| without a temporary of |w|: two reductions, each in the array's memory order (w is often a transposed
     # view of the model's initializer)
     peak = max(float(np.max(w)), -float(np.min(w))) if w.size else 0.0
@@ -113,9 +140,9 @@ def _place_matrix(image: Image, w, fmt: str, group_size: int, method: str, port_
     for r in range(0, rows, step):
         q, sm, _ = nx.quantize_matrix(np.ascontiguousarray(w[r:r + step], np.float64), fmt, group,
                                       method=method if fmt in SEARCHED else "rtn", samples=x, sexp=sexp)
-        image.data += nx.pack_rows(q, sm, fmt, group, port_bytes)
+        image.data += nx.pack_matrix(q, sm, fmt, group, port_bytes, packed)
     image.pad()
-    return PlacedMatrix(addr, rows, cols, fmt, group, sexp)
+    return PlacedMatrix(addr, rows, cols, fmt, group, sexp, packed)
 
 
 def _place_prequantized(image: Image, name: str, pre, cfg: OverlayConfig) -> PlacedMatrix:
@@ -152,7 +179,8 @@ def quantize(og: OverlayGraph, cfg: OverlayConfig, *, weights: str, group_size: 
         if name in og.prequantized:
             image.records[name] = _place_prequantized(image, name, og.prequantized[name], cfg)
         else:
-            image.records[name] = _place_matrix(image, w, weights, group_size, method, cfg.port_bytes, samples.get(name))
+            image.records[name] = _place_matrix(image, w, weights, group_size, method, cfg.port_bytes, samples.get(name),
+                                                cfg)
     image.region("weights", start)
     start = len(image.data)
     for name, (kind, t) in og.tables.items():

@@ -96,9 +96,9 @@ class _Words:
         return out[0] if len(out) == 1 else self.t.cat(out, dim=-1)
 
 
-def _dequantize(image, addr, rows, cols, fmt, group, sexp, align):
-    stride = nx.row_stride(cols, fmt, group, align)
-    q, sm = nx.unpack_rows(bytes(image[addr: addr + rows * stride]), rows, cols, fmt, group)
+def _dequantize(image, addr, rows, cols, fmt, group, sexp, align, packed=0):
+    size = nx.matrix_bytes(rows, cols, fmt, group, align, packed)
+    q, sm = nx.unpack_matrix(bytes(image[addr: addr + size]), rows, cols, fmt, group, align, packed)
     return nx.dequantize_matrix(q, sm, sexp, group)
 
 
@@ -218,7 +218,8 @@ def lower(program, torch, device, dtype):
             for t in tiles:
                 f = t.fields
                 fmt, group = isa.weight_layout(t)
-                blocks.append(_dequantize(image, f["addr"], f["rows"], f["cols"], fmt, group, f["sexp"], align))
+                blocks.append(_dequantize(image, f["addr"], f["rows"], f["cols"], fmt, group, f["sexp"], align,
+                                          f.get("packed", 0)))
             w = np.concatenate(blocks, axis=1)
             f0 = dict(tiles[0].fields)
             prev = ops[-1] if ops else None

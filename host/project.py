@@ -96,22 +96,26 @@ class _Stream:
     def add(self, op, deps=(), **fields):
         self.code.append(isa.Instr(op, fields, frozenset(deps)))
 
-    def matrix(self, rows, cols, fmt=None):
-        """Place a rows x cols matrix; returns (address, layout fields)."""
+    def matrix(self, rows, cols, fmt=None, packed=False):
+        """Place a rows x cols matrix (as packed rows with *packed*); returns (address, layout fields)."""
         fmt = fmt or self.fmt
         layout, group = self._layout(cols, fmt)
         addr = self.addr
-        self.addr += rows * nx.row_stride(cols, fmt, group, self.cfg.port_bytes)
+        self.addr += nx.matrix_bytes(rows, cols, fmt, group, self.cfg.port_bytes, packed)
         return addr, layout
 
     def gemv(self, rows, cols, deps=()):
-        """GEMV tiles of at most the accumulator buffer's rows, each followed by its REQ."""
-        addr, layout = self.matrix(rows, cols)
-        tile = min(self.cfg.acc_buffer_words, MAX_TILE_ROWS)
-        stride = nx.row_stride(cols, self.fmt, isa.GROUP_BASE << layout["lg_group"], self.cfg.port_bytes)
+        """GEMV tiles of at most the accumulator buffer's rows, each followed by its REQ; rows narrower than a beat
+        packed where the compiler packs them (timing.gemv_packs_rows)."""
+        group = _group(cols, self.cfg.group_size)
+        packed = timing.gemv_packs_rows(self.cfg, rows, cols, self.fmt, group)
+        addr, layout = self.matrix(rows, cols, packed=packed)
+        tile = min(self.cfg.acc_buffer_words, MAX_TILE_ROWS)  # a power of two: a multiple of a block of packed rows
+        extra = {"packed": 1} if packed else {}
         for r0 in range(0, rows, tile):
             n = min(tile, rows - r0)
-            self.add("GEMV", deps, addr=addr + r0 * stride, rows=n, cols=cols, **layout, accumulate=0)
+            offset = nx.matrix_bytes(r0, cols, self.fmt, group, self.cfg.port_bytes, packed)
+            self.add("GEMV", deps, addr=addr + offset, rows=n, cols=cols, **layout, **extra, accumulate=0)
             self.add("REQ", len=n, fold=1)  # its GEMV's peak record (the compiler's fold_peaks)
 
     def ldrow(self, cols, fmt, row_reg, deps=()):

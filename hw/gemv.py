@@ -15,7 +15,15 @@ from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
-from kvoverlay.timing import GEMV_TREE_FANIN, gemv_narrow_scales, gemv_narrow_stages, gemv_tree_stages
+from kvoverlay.timing import (
+    GEMV_PACKED_WRITES,
+    GEMV_TREE_FANIN,
+    gemv_narrow_scales,
+    gemv_narrow_stages,
+    gemv_packs,
+    gemv_scale_words,
+    gemv_tree_stages,
+)
 
 from .arith import balanced_sum, narrow_times, select_bits
 from .widths import log2_exact
@@ -36,10 +44,12 @@ assert all(nx.WEIGHT_FORMATS[f] == 4 << c for f, c in FMT_CODES.items() if f != 
 
 
 def gemv_tile(config) -> data.StructLayout:
-    """The engine's command: one tile's shape, format and first weight word."""
+    """The engine's command: one tile's shape, format, first weight word and (where the engine is built for them,
+    :func:`~kvoverlay.timing.gemv_packs`) whether its rows are packed."""
     return data.StructLayout({
         "rows": config.acc_buffer_words.bit_length(), "cols": config.act_buffer_words.bit_length(),
         "group_log2": 4, "fmt": 2, "w_base": range(config.dram_bytes // config.port_bytes),
+        **({"packed": 1} if gemv_packs(config) else {}),
     })
 
 
@@ -73,6 +83,15 @@ class GemvEngine(wiring.Component):
     Every product, group sum and scaled sum is exact, so the row accumulates ``numerics.gemv_acc``'s terms
     modulo 2**64 in another order, with the same result.
 
+    Packed rows (``packed``, built where :func:`~kvoverlay.timing.gemv_packs`): a block of ``b`` rows
+    (:func:`kvoverlay.numerics.packed_block`, ``b`` = the window's groups) streams as one record: its ``b``
+    headers per window first (read as a narrow window's), then one word per group, the group of each of its rows
+    side by side. So the window's group ``t`` is row ``t``'s: x is that group's slice replicated over the lanes
+    (registered in S1), and each group's scaled sum (M2) adds into an accumulator of its own instead of the fan-in
+    tree. At the block's last window the ``b`` sums move to a drain register bank that writes them
+    :data:`~kvoverlay.timing.GEMV_PACKED_WRITES` at a time (``acc_data``/``acc_en`` at ``acc_addr``,
+    ``acc_data1``/``acc_en1`` at ``acc_addr + 1``) while the next block streams.
+
     Parameters
     ----------
     config : OverlayConfig
@@ -100,6 +119,8 @@ class GemvEngine(wiring.Component):
         Activation memory read port, ``2 * port_bytes`` int16 lanes per word (latency 1).
     acc_addr, acc_data, acc_en : Out
         Accumulator memory write port (64-bit words).
+    acc_data1, acc_en1 : Out
+        Packed rows only: the second word written, at ``acc_addr + 1``.
     """
 
     def __init__(self, config):
@@ -111,7 +132,8 @@ class GemvEngine(wiring.Component):
         self.w_depth = config.dram_bytes // self.pb
         self.x_depth = max(1, self.max_cols // (2 * self.pb))
         # scale words of one row: at most max_cols / 8 groups of 2 bytes
-        self.scale_words = max(1, (self.max_cols // 8) * 2 // self.pb)
+        self.scale_words = gemv_scale_words(config)
+        self.packs = gemv_packs(config)
         # int4-only lanes that multiply in a MULT18X18D (the first of them; the rest shift-and-add in logic)
         self.int4_dsp_lanes = self.pb * INT4_DSP_LANES[0] // INT4_DSP_LANES[1]
         super().__init__({
@@ -127,6 +149,7 @@ class GemvEngine(wiring.Component):
             "acc_addr": Out(range(self.max_rows)),
             "acc_data": Out(64),
             "acc_en": Out(1),
+            **({"acc_data1": Out(64), "acc_en1": Out(1)} if self.packs else {}),
         })
 
     def elaborate(self, platform):
@@ -155,16 +178,17 @@ class GemvEngine(wiring.Component):
                 m.d.comb += wbytes.eq(cols)
         row_bytes = Signal(cols_w + 2)
         m.d.comb += row_bytes.eq(ngroups * 2 + wbytes)
-        wpr = Signal(cols_w + 2)  # words per row record
-        m.d.comb += wpr.eq((row_bytes + pb - 1) >> lpb)
+        packed = latched.packed if self.packs else None
+        wpr = Signal(cols_w + 2)  # words per row record (per block)
         off = Signal(lpb)  # byte offset of weight 0 inside its word
-        m.d.comb += off.eq((ngroups * 2)[:lpb])
         nsw = Signal(cols_w + 2)  # scale words
-        m.d.comb += nsw.eq((ngroups * 2 + pb - 1) >> lpb)
         fww = Signal(cols_w + 2)  # first word that completes a weight window
-        m.d.comb += fww.eq(((ngroups * 2) >> lpb) + (off != 0))
         nwin = Signal(cols_w + 1)  # windows (of pb weight bytes) per row
-        m.d.comb += nwin.eq(wbytes >> lpb)
+        normal = [wpr.eq((row_bytes + pb - 1) >> lpb), off.eq((ngroups * 2)[:lpb]),
+                  nsw.eq((ngroups * 2 + pb - 1) >> lpb), fww.eq(((ngroups * 2) >> lpb) + (off != 0)),
+                  nwin.eq(wbytes >> lpb)]
+        if not self.packs:
+            m.d.comb += normal
         gwl = Signal(4)  # log2 of windows per group (weights per window: 2pb, pb, pb/2)
         m.d.comb += gwl.eq(gl + fmt - (lpb + 1))
         shift = Signal(range(pb + 1))  # byte shift into Cat(prev, cur)
@@ -174,6 +198,17 @@ class GemvEngine(wiring.Component):
         nkl = Signal(range(lpb + 2), name="narrow_groups_log2")
         m.d.comb += [narrow.eq((nscales > 1) & (gl + fmt < lpb + 1)), nkl.eq(lpb + 1 - fmt - gl)]
         m.d.comb += shift.eq(Mux(off == 0, pb, off))
+        # packed rows: the engine's "rows" are blocks of 2**nkl rows, a block's record its headers then its groups
+        units = rows
+        if self.packs:
+            units = Signal(rows_w, name="row_units")
+            with m.If(packed):
+                block_sw = Signal(cols_w + 2, name="block_scale_words")
+                m.d.comb += [block_sw.eq(((ngroups << nkl << 1) + pb - 1) >> lpb),
+                             units.eq((rows + (1 << nkl) - 1) >> nkl), wpr.eq(block_sw + ngroups), off.eq(0),
+                             nsw.eq(block_sw), fww.eq(block_sw), nwin.eq(ngroups)]
+            with m.Else():
+                m.d.comb += [units.eq(rows), *normal]
 
         running = Signal()
         r_cnt = Signal(rows_w)
@@ -195,7 +230,7 @@ class GemvEngine(wiring.Component):
         m.d.comb += s0_win.eq((j >= 0) & (j < nwin))
         m.d.comb += [
             s0_valid.eq(running),
-            s0_last.eq((r_cnt == rows - 1) & (w_cnt == wpr - 1)),
+            s0_last.eq((r_cnt == units - 1) & (w_cnt == wpr - 1)),
             self.w_addr.eq(addr),
         ]
         # x word of window j: 2pb x values per word, so int4 uses one word per window,
@@ -207,6 +242,11 @@ class GemvEngine(wiring.Component):
                 m.d.comb += self.x_addr.eq(j[2:2 + len(self.x_addr)])
             with m.Default():
                 m.d.comb += self.x_addr.eq(j[1:1 + len(self.x_addr)])
+        if self.packs:  # packed rows: window j is group j of every row of the block, x values j << gl onwards
+            xfirst = Signal(cols_w + 1, name="packed_x_first")
+            m.d.comb += xfirst.eq(j[:cols_w + 1] << gl)
+            with m.If(packed):
+                m.d.comb += self.x_addr.eq(xfirst[lpb + 1:])
         m.d.sync += self.done.eq(0)
         tile = self.cmd.payload
         m.d.comb += self.cmd.ready.eq(~busy)
@@ -221,7 +261,7 @@ class GemvEngine(wiring.Component):
             m.d.sync += addr.eq(addr + 1)
             with m.If(w_cnt == wpr - 1):
                 m.d.sync += [w_cnt.eq(0), r_cnt.eq(r_cnt + 1)]
-                with m.If(r_cnt == rows - 1):
+                with m.If(r_cnt == units - 1):
                     m.d.sync += running.eq(0)
             with m.Else():
                 m.d.sync += w_cnt.eq(w_cnt + 1)
@@ -229,14 +269,18 @@ class GemvEngine(wiring.Component):
         # ---- S1: take the port word and the x word into registers (the FIFO and the activation BRAM drive nothing
         # else), store scale words, read the window's group scale
         tags = {"valid": s0_valid, "last": s0_valid & s0_last, "win": s0_valid & s0_win, "rend": j == nwin - 1,
-                "xsel": j[:2], "g": Mux(narrow, j << nkl, j >> gwl)[:cols_w], "w": w_cnt, "row": r_cnt}
+                "xsel": Mux(packed, 0, j[:2]) if self.packs else j[:2], "g": Mux(narrow, j << nkl, j >> gwl)[:cols_w],
+                "w": w_cnt, "row": r_cnt, **({"xoff": xfirst[:lpb + 1]} if self.packs else {})}
         s1 = _stage(m, tags, "s1")
         m.d.comb += self.w_take.eq(s1["valid"])
         wq, pq = Signal(self.pbits, name="w_word"), Signal(self.pbits, name="w_prev")
         xq = Signal(32 * self.pb, name="x_word")
         with m.If(s1["valid"]):
             m.d.sync += [wq.eq(self.w_data), pq.eq(wq)]
-        m.d.sync += xq.eq(self.x_data)
+        if self.packs:
+            m.d.sync += xq.eq(Mux(packed, self._replicated_x(m, s1["xoff"], gl), self.x_data))
+        else:
+            m.d.sync += xq.eq(self.x_data)
         m.submodules.scales = scales = Memory(shape=unsigned(self.pbits), depth=self.scale_words, init=[])
         sw = scales.write_port()
         sr = scales.read_port()
@@ -360,6 +404,7 @@ class GemvEngine(wiring.Component):
         if nscales > 1:
             nprods = [wprod] + [_limb_sum(m, _scale_limbs(m, v, ns, f"m1_g{g + 1}_pp"), f"m2_g{g + 1}_prod",
                                           min(64, len(v) + 16)) for g, (v, ns) in enumerate(zip(nsums[1:], nscale_d))]
+            group_prods = list(nprods)  # each group's scaled sum: a packed row's
             ntags, nlevel = m2, 0
             while len(nprods) > 1:
                 nlevel += 1
@@ -381,15 +426,63 @@ class GemvEngine(wiring.Component):
         acc = Signal(signed(64))
         accn = Signal(signed(64))
         m.d.comb += [accn.eq(acc + fprod), self.acc_addr.eq(fin["row"]), self.acc_data.eq(accn)]
-        with m.If(fin["win"]):
+        def unpacked(v):
+            return v & ~packed if self.packs else v
+        with m.If(unpacked(fin["win"])):
             with m.If(fin["rend"]):
                 m.d.comb += self.acc_en.eq(1)
                 m.d.sync += acc.eq(0)
             with m.Else():
                 m.d.sync += acc.eq(accn)
-        with m.If(fin["last"]):
+        with m.If(unpacked(fin["last"])):
             m.d.sync += [busy.eq(0), self.done.eq(1)]
+        if self.packs:
+            self._drain_packed(m, m2, group_prods, rows, nkl, packed, busy)
         return m
+
+    def _drain_packed(self, m, tags, prods, rows, nkl, packed, busy):
+        """Packed rows: each group's scaled sum (*prods*, at the stage of *tags*) into its row's accumulator; at a
+        block's last window the block's sums into the drain bank, written GEMV_PACKED_WRITES a cycle."""
+        assert GEMV_PACKED_WRITES == 2, GEMV_PACKED_WRITES  # acc_data / acc_data1
+        n = len(prods)
+        accs = [Signal(signed(64), name=f"packed_acc{t}") for t in range(n)]
+        bank = [Signal(signed(64), name=f"packed_drain{t}") for t in range(n)]
+        sums = [Signal(signed(64), name=f"packed_sum{t}") for t in range(n)]
+        m.d.comb += [s.eq(a + p) for s, a, p in zip(sums, accs, prods)]
+        left = Signal(range(n // 2 + 1), name="packed_drain_left")  # pairs left to write
+        addr = Signal.like(self.acc_addr, name="packed_drain_addr")
+        last = Signal(name="packed_drain_last")
+        with m.If(left != 0):
+            m.d.comb += [self.acc_addr.eq(addr), self.acc_data.eq(bank[0]), self.acc_data1.eq(bank[1]),
+                         self.acc_en.eq(addr < rows), self.acc_en1.eq(addr + 1 < rows)]
+            m.d.sync += [left.eq(left - 1), addr.eq(addr + 2)]
+            m.d.sync += [bank[t].eq(bank[t + 2]) for t in range(n - 2)]
+            with m.If((left == 1) & last):
+                m.d.sync += [busy.eq(0), self.done.eq(1)]
+        with m.If(tags["win"] & packed):
+            with m.If(tags["rend"]):
+                # a drain still running writes its last pair from the bank in this cycle (the block streamed
+                # at least as many words as it drains: timing.gemv_pack_refusal)
+                m.d.sync += [a.eq(0) for a in accs]
+                m.d.sync += [b.eq(s) for b, s in zip(bank, sums)]
+                m.d.sync += [left.eq((Const(1, 1) << nkl) >> 1), addr.eq(tags["row"] << nkl), last.eq(tags["last"])]
+            with m.Else():
+                m.d.sync += [a.eq(s) for a, s in zip(accs, sums)]
+
+    def _replicated_x(self, m, first, gl):
+        """Packed rows: the x values of a window's group (from lane *first* of the x word; groups of ``2**gl``)
+        repeated over the x word, so that each row's lanes see their group's x as a window's lanes see theirs."""
+        xbits = 32 * self.pb
+        widest = self.pb  # a group is at most half of int4's window of 2 * pb lanes
+        part = select_bits(m, self.x_data, first, 16 * widest, unit=16, name="packed_x_select")
+        out = Signal(xbits, name="packed_x")
+        with m.Switch(gl):
+            g = self.config.min_group
+            while g <= widest:
+                with m.Case(log2_exact(g)):
+                    m.d.comb += out.eq(part[:16 * g].replicate(xbits // (16 * g)))
+                g *= 2
+        return out
 
     @staticmethod
     def _narrow_inputs(m, group_sums, gl, nscales):

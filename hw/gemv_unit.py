@@ -8,6 +8,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import Out
 
 from kvoverlay import isa
+from kvoverlay.timing import gemv_packs, gemv_scale_words
 
 from .dram import dram_port, request_burst
 from .gemv import GemvEngine
@@ -55,6 +56,9 @@ class GemvUnit(wiring.Component):
         The input vector x.
     acc_r, acc_w : Out(acc_read(config)), Out(acc_write(config))
         The accumulators (read for split-K).
+    acc_r1, acc_w1 : Out(acc_read(config)), Out(acc_write(config))
+        Where the engine is built for packed rows (``timing.gemv_packs``): a second accumulator word per cycle, at
+        the next address.
     ereg_rx, ereg_ra, ereg_w : Out(ereg_read()), Out(ereg_read()), Out(ereg_write())
         Exponents of x and of the accumulators; the accumulators' new exponent.
     port_wait : Out(1)
@@ -65,8 +69,10 @@ class GemvUnit(wiring.Component):
 
     def __init__(self, config):
         self.config = config
+        self.packs = gemv_packs(config)
+        second = {"acc_r1": Out(acc_read(config)), "acc_w1": Out(acc_write(config))} if self.packs else {}
         super().__init__(unit_signature(LAYOUTS["GEMV"], dram=Out(dram_port(config)), abuf_r=Out(abuf_read(config)),
-                                        acc_r=Out(acc_read(config)), acc_w=Out(acc_write(config)),
+                                        acc_r=Out(acc_read(config)), acc_w=Out(acc_write(config)), **second,
                                         ereg_rx=Out(ereg_read()), ereg_ra=Out(ereg_read()), ereg_w=Out(ereg_write()),
                                         port_wait=Out(1), peak=Out(peak_signature(config))))
 
@@ -82,7 +88,11 @@ class GemvUnit(wiring.Component):
         row_geo = row_geometry(m, ins, cfg, "gemv")
         gl = row_geo.group_log2
         tile_words = Signal(len(rows) + len(row_geo.words), name="gemv_tile_words")
-        m.d.sync += tile_words.eq(rows * row_geo.words)
+        if self.packs:
+            pack_fault = self._packed_tile(m, ins, row_geo, tile_words)
+        else:
+            m.d.sync += tile_words.eq(rows * row_geo.words)
+            pack_fault = ins.packed
         byte_addr = Signal(len(ins.addr) + log2_exact(isa.DRAM_UNIT), name="gemv_byte_addr")
         m.d.comb += byte_addr.eq(ins.addr * isa.DRAM_UNIT)
         exp_out = Signal(EREG_SHAPE, name="gemv_exp_out")
@@ -100,6 +110,7 @@ class GemvUnit(wiring.Component):
             fifo.w_en.eq(self.dram.rd.valid), fifo.w_data.eq(self.dram.rd.payload),
             engine.cmd.payload.rows.eq(rows), engine.cmd.payload.cols.eq(cols),
             engine.cmd.payload.group_log2.eq(gl), engine.cmd.payload.fmt.eq(ins.fmt), engine.cmd.payload.w_base.eq(0),
+            *([engine.cmd.payload.packed.eq(ins.packed)] if self.packs else []),
             self.abuf_r.addr.eq((ins.x >> llanes) + engine.x_addr), self.abuf_r.en.eq(enable),
             engine.x_data.eq(self.abuf_r.data),
         ]
@@ -120,8 +131,17 @@ class GemvUnit(wiring.Component):
         wrote = Signal(name="gemv_wrote")
         m.d.sync += [written.eq(self.acc_w.data), wrote.eq(self.acc_w.en)]
         value = written.as_signed()
-        with m.If(wrote):
-            m.d.sync += self.peak.peak.eq(self.peak.peak | Mux(value < 0, -value, value))
+        if self.packs:
+            self._second_word(m, engine, enable, ins)
+            written1 = Signal.like(self.acc_w1.data, name="gemv_written1")
+            wrote1 = Signal(name="gemv_wrote1")
+            m.d.sync += [written1.eq(self.acc_w1.data), wrote1.eq(self.acc_w1.en)]
+            value1 = written1.as_signed()
+            m.d.sync += self.peak.peak.eq(self.peak.peak | Mux(wrote, Mux(value < 0, -value, value), 0)
+                                          | Mux(wrote1, Mux(value1 < 0, -value1, value1), 0))
+        else:
+            with m.If(wrote):
+                m.d.sync += self.peak.peak.eq(self.peak.peak | Mux(value < 0, -value, value))
 
         requested = Signal(name="gemv_requested")
         weight_wait = Signal(name="gemv_weight_wait")
@@ -133,7 +153,7 @@ class GemvUnit(wiring.Component):
                 # down to the narrowest it is built for (config.builds_group)
                 with seq.check((~row_geo.built, Fault.FORMAT),
                                ((cols == 0) | (rows == 0) | (cols & ((1 << gl) - 1)).any()
-                                | (gl < log2_exact(cfg.min_group)), Fault.GROUP),
+                                | (gl < log2_exact(cfg.min_group)) | pack_fault, Fault.GROUP),
                                ((ins.x & (lanes - 1)).any() | (byte_addr & (pb - 1)).any(),
                                 Fault.UNALIGNED),
                                ((ins.x + cols > cfg.act_buffer_words) | (ins.acc + rows > cfg.acc_buffer_words),
@@ -161,3 +181,37 @@ class GemvUnit(wiring.Component):
                 m.d.comb += [self.ereg_w.addr.eq(ins.acc_e), self.ereg_w.data.eq(exp_out), self.ereg_w.en.eq(1)]
                 seq.complete()
         return m
+
+    def _packed_tile(self, m, ins, row_geo, tile_words):
+        """The words of a tile of packed rows or row records (*tile_words*, registered), and the GROUP fault of a
+        packed tile the engine cannot stream (timing.gemv_pack_refusal)."""
+        cfg = self.config
+        pb, lpb = cfg.port_bytes, log2_exact(cfg.port_bytes)
+        rows, gl = ins.rows, row_geo.group_log2
+        win = Signal(range(lpb + 4), name="gemv_window_log2")  # log2 of a window's weights
+        m.d.comb += win.eq(lpb + 3 - row_geo.bits_log2)
+        block = Signal(range(lpb + 4), name="gemv_block_log2")  # log2 of a block's rows
+        m.d.comb += block.eq(win - gl)
+        scale_words = Signal(len(row_geo.words) + lpb, name="gemv_block_scale_words")
+        m.d.comb += scale_words.eq(((row_geo.groups << block << 1) + pb - 1) >> lpb)
+        block_words = Signal(len(row_geo.words) + lpb, name="gemv_block_words")
+        m.d.comb += block_words.eq(scale_words + row_geo.groups)
+        with m.If(ins.packed):
+            m.d.sync += tile_words.eq(((rows + (1 << block) - 1) >> block) * block_words)
+        with m.Else():
+            m.d.sync += tile_words.eq(rows * row_geo.words)
+        fault = Signal(name="gemv_pack_fault")
+        m.d.comb += fault.eq(ins.packed & ((gl >= win) | (scale_words > gemv_scale_words(cfg))
+                                           | (((1 << block) >> 1) > block_words)))
+        return fault
+
+    def _second_word(self, m, engine, enable, ins):
+        """Packed rows: the engine's second accumulator word per cycle, written back as the first."""
+        valid = Signal(name="gemv_row1_valid")
+        addr = Signal.like(self.acc_w1.addr, name="gemv_row1_addr")
+        value = Signal.like(self.acc_w1.data, name="gemv_row1_value")
+        m.d.sync += [valid.eq(engine.acc_en1 & enable), addr.eq(ins.acc + engine.acc_addr + 1),
+                     value.eq(engine.acc_data1)]
+        m.d.comb += [self.acc_r1.addr.eq(ins.acc + engine.acc_addr + 1), self.acc_r1.en.eq(engine.acc_en1 & enable),
+                     self.acc_w1.addr.eq(addr), self.acc_w1.en.eq(valid),
+                     self.acc_w1.data.eq(value + Mux(ins.accumulate, self.acc_r1.data, 0))]

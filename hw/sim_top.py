@@ -68,7 +68,8 @@ class GemvSimTop(wiring.Component):
         tile = gemv_tile(config)
         super().__init__({
             "start": In(1),
-            **{name: In(tile.members[name]) for name in ("rows", "cols", "group_log2", "fmt", "w_base")},
+            **{name: In(tile.members[name]) for name in ("rows", "cols", "group_log2", "fmt", "w_base", "packed")
+               if name in tile.members},
             "busy": Out(1),
             "done": Out(1),
             "cycles": Out(32),
@@ -100,4 +101,8 @@ class GemvSimTop(wiring.Component):
             aw.addr.eq(eng.acc_addr), aw.data.eq(eng.acc_data), aw.en.eq(eng.acc_en),
             ar.addr.eq(self.rd_addr), self.rd_data.eq(ar.data),
         ]
+        if eng.packs:  # packed rows: a second word per cycle, at the next address
+            aw1 = accmem.write_port()
+            m.d.comb += [eng.cmd.payload.packed.eq(self.packed), aw1.addr.eq(eng.acc_addr + 1),
+                         aw1.data.eq(eng.acc_data1), aw1.en.eq(eng.acc_en1)]
         return m

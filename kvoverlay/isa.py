@@ -171,7 +171,9 @@ OPCODES = (
         _FMT, _GROUP, _SEXP, *_v("x", "input"),
         Field("acc", 16, "acc", doc="accumulator word address of the output"),
         Field("acc_e", 5, "ereg", doc="exponent register of the accumulators"),
-        Field("accumulate", 1, doc="1: add to the accumulators (split-K); 0: overwrite")),
+        Field("accumulate", 1, doc="1: add to the accumulators (split-K); 0: overwrite"),
+        Field("packed", 1, doc="1: the rows are packed in blocks (numerics.packed_block), for rows narrower than a "
+                               "port beat; 0: one row record per row, padded to a beat")),
              "Stream a row-major tile of quantized weights from external memory and multiply it by an on-chip vector."),
     OpFormat("REQ", 9, "compute", (
         Field("acc", 16, "acc", doc="accumulator word address"), Field("acc_e", 5, "ereg", doc="accumulator exponent register"),

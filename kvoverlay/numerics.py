@@ -53,14 +53,18 @@ __all__ = [
     "from_float",
     "gemv_acc",
     "import_scales",
+    "matrix_bytes",
     "norm",
     "normalize",
+    "pack_matrix",
     "pack_rows",
+    "packed_block",
     "quantize_matrix",
     "rope",
     "round_shift",
     "row_stride",
     "to_float",
+    "unpack_matrix",
     "unpack_row",
     "vadd",
     "vmul",
@@ -563,15 +567,85 @@ def pack_rows(q, sm, fmt, group, align) -> bytes:
     scales = np.ascontiguousarray(sm, dtype="<u2").view(np.uint8).reshape(rows, -1)
     out[:, : scales.shape[1]] = scales
     off = scales.shape[1]
-    if WEIGHT_FORMATS[fmt] == 4:
-        nib = (q & 0xF).astype(np.uint8)
-        packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    elif fmt == "int8":
-        packed = q.astype(np.int8).view(np.uint8)
-    else:
-        packed = q.astype("<i2").view(np.uint8).reshape(rows, -1)
+    packed = _weight_bytes(q, fmt)
     out[:, off: off + packed.shape[1]] = packed
     return out.tobytes()
+
+
+def packed_block(cols, fmt, group, port_bytes) -> tuple[int, int, int]:
+    """``(rows, scale_beats, weight_beats)`` of one block of packed rows, or ``(0, 0, 0)`` where a group of
+    *group* weights fills a window (one port word of *fmt* weights) and rows cannot pack.
+
+    Packed rows (GEMV ``packed=1``) come in blocks of ``rows = window // group`` rows (one group per row in
+    each beat). A block's group scales come first, window-major: the header of row ``s`` of the block and group
+    ``j`` at byte ``2 * (j * rows + s)``, padded to ``scale_beats`` port words. Then ``weight_beats`` (one per
+    group) words: word ``j`` holds group ``j`` of each row of the block in turn, each packed as in a row
+    record. Rows past the matrix's last in its last block are zero. So a beat never holds padding but at the end
+    of the scales and in a last block that is not full, and the engine scales each group of a window by the
+    window's next header, as it does for groups narrower than a window (hw/gemv.py).
+    """
+    window = port_bytes * 8 // WEIGHT_FORMATS[fmt]
+    if group >= window:
+        return 0, 0, 0
+    rows, groups = window // group, cols // group
+    return rows, -(-groups * rows * 2 // port_bytes), groups
+
+
+def matrix_bytes(rows, cols, fmt, group, port_bytes, packed=False) -> int:
+    """Bytes that *rows* rows of a matrix take from its first row on: row records (:func:`row_stride`), or with
+    *packed* whole blocks (:func:`packed_block`)."""
+    if not packed:
+        return rows * row_stride(cols, fmt, group, port_bytes)
+    block, sb, wb = packed_block(cols, fmt, group, port_bytes)
+    return -(-rows // block) * (sb + wb) * port_bytes
+
+
+def _weight_bytes(q, fmt) -> np.ndarray:
+    """[rows, weight bytes] of *q* as a row record lays its weights out."""
+    if WEIGHT_FORMATS[fmt] == 4:
+        nib = (q & 0xF).astype(np.uint8)
+        return nib[:, 0::2] | (nib[:, 1::2] << 4)
+    if fmt == "int8":
+        return q.astype(np.int8).view(np.uint8)
+    return q.astype("<i2").view(np.uint8).reshape(q.shape[0], -1)
+
+
+def pack_matrix(q, sm, fmt, group, port_bytes, packed=False) -> bytes:
+    """Lay a quantized matrix out as row records (:func:`pack_rows` at ``align=port_bytes``) or, with *packed*, as
+    blocks of packed rows (:func:`packed_block`)."""
+    if not packed:
+        return pack_rows(q, sm, fmt, group, port_bytes)
+    q = _i64(q)
+    rows, cols = q.shape
+    block, sb, ng = packed_block(cols, fmt, group, port_bytes)
+    if not block:
+        raise NumericsError(f"rows of {fmt} groups of {group} do not pack on a {port_bytes}-byte port")
+    nb = -(-rows // block)
+    w = np.zeros((nb * block, ng * port_bytes // block), np.uint8)
+    w[:rows] = _weight_bytes(q, fmt)
+    s = np.zeros((nb * block, ng), "<u2")
+    s[:rows] = sm
+    out = np.zeros((nb, sb + ng, port_bytes), np.uint8)
+    heads = s.reshape(nb, block, ng).transpose(0, 2, 1).reshape(nb, -1).view(np.uint8)
+    out.reshape(nb, -1)[:, :heads.shape[1]] = heads
+    out[:, sb:] = w.reshape(nb, block, ng, -1).transpose(0, 2, 1, 3).reshape(nb, ng, port_bytes)
+    return out.tobytes()
+
+
+def unpack_matrix(blob, rows, cols, fmt, group, port_bytes, packed=False):
+    """Inverse of :func:`pack_matrix`: ``(q, sm)`` as the engine multiplies them (see :func:`unpack_rows`)."""
+    if not packed:
+        return unpack_rows(blob[:matrix_bytes(rows, cols, fmt, group, port_bytes)], rows, cols, fmt, group)
+    block, sb, ng = packed_block(cols, fmt, group, port_bytes)
+    if not block:
+        raise NumericsError(f"rows of {fmt} groups of {group} do not pack on a {port_bytes}-byte port")
+    nb = -(-rows // block)
+    raw = np.frombuffer(blob, np.uint8)[:nb * (sb + ng) * port_bytes].reshape(nb, sb + ng, port_bytes)
+    heads = raw.reshape(nb, -1)[:, :2 * ng * block].copy().view("<u2").reshape(nb, ng, block)
+    sm = heads.transpose(0, 2, 1).reshape(nb * block, ng)[:rows]
+    w = raw[:, sb:].reshape(nb, ng, block, -1).transpose(0, 2, 1, 3).reshape(nb * block, -1)[:rows]
+    records = np.concatenate([np.ascontiguousarray(sm, "<u2").view(np.uint8).reshape(rows, -1), w], axis=1)
+    return unpack_rows(np.ascontiguousarray(records).tobytes(), rows, cols, fmt, group)
 
 
 def unpack_rows(blob, rows, cols, fmt, group):

@@ -39,7 +39,7 @@ def gemv_words(config, ins: isa.Instr, *, packed: bool = False) -> int:
     rows, cols, pb = ins.fields["rows"], ins.fields["cols"], config.port_bytes
     if packed:
         return -(-rows * row_payload(cols, fmt, group) // pb)
-    return rows * (nx.row_stride(cols, fmt, group, pb) // pb)
+    return nx.matrix_bytes(rows, cols, fmt, group, pb, ins.fields.get("packed", 0)) // pb
 
 
 def read_spans(config, ins: isa.Instr, regs=None) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +59,16 @@ def read_spans(config, ins: isa.Instr, regs=None) -> tuple[np.ndarray, np.ndarra
     fmt, group = isa.weight_layout(ins)
     stride = nx.row_stride(f["cols"], fmt, group, config.port_bytes)
     payload = row_payload(f["cols"], fmt, group)
+    if ins.op == "GEMV" and f.get("packed", 0):
+        # blocks of packed rows (numerics.packed_block): per block and group, its rows' headers and their weights
+        pb = config.port_bytes
+        block, sb, ng = nx.packed_block(f["cols"], fmt, group, pb)
+        b, j = np.meshgrid(np.arange(-(-f["rows"] // block), dtype=np.int64), np.arange(ng, dtype=np.int64),
+                           indexing="ij")
+        n = np.minimum(f["rows"] - b * block, block)  # rows of block b
+        base = f["addr"] + b * (sb + ng) * pb
+        starts = np.concatenate([(base + 2 * j * block).ravel(), (base + (sb + j) * pb).ravel()])
+        return starts, starts + np.concatenate([2 * n.ravel(), (n * (pb // block)).ravel()])
     if ins.op == "GEMV":
         starts = f["addr"] + stride * np.arange(f["rows"], dtype=np.int64)
     else:

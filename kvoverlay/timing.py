@@ -133,7 +133,7 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
     elif op == "LDROW":
         words = _row_words(config, ins)
     elif op == "GEMV":
-        words = ins.fields["rows"] * _row_words(config, ins)
+        words = gemv_tile_words(config, ins)
     elif op == "STORE":
         beats = _ceil(nx.vector_record_size(ins.fields["len"]), config.port_bytes)
         return PORT_REQUEST_OFFSET[op], beats + _ceil(beats, 4) + 1
@@ -299,6 +299,77 @@ def gemv_narrow_stages(config, fmt: str, group: int) -> int:
     return _tree_stages(gemv_narrow_scales(config))
 
 
+#: Accumulator words the GEMV engine writes per cycle as it drains a block of packed rows (hw/gemv.py): a block of
+#: ``b`` rows finishes its ``b`` rows at once, then writes them two by two (two write ports of the accumulator
+#: buffer) in ``b / 2`` cycles while the next block streams. Rows narrower than a beat finish more than one row
+#: per beat, so one write per cycle would cap the GEMV at a row per cycle, where a padded row already is.
+GEMV_PACKED_WRITES = 2
+#: The GEMV engine builds packed rows (GEMV ``packed=1``) where one window (a port word of weights) holds at
+#: least this many groups of ``config.min_group``: the blocks' accumulators, the second accumulator write port and
+#: x's replication per group are not spent on the small ports (tiny, micro and ulx3s hold two at most, where a
+#: block of two rows saves at most a beat in three).
+GEMV_PACK_MIN_GROUPS = 4
+
+
+def gemv_scale_words(config) -> int:
+    """Port words of the GEMV engine's scale memory: a row's headers (at most ``act_buffer_words / GROUP_BASE``),
+    or a block of packed rows' (which must fit: :func:`gemv_pack_refusal`)."""
+    return max(1, (config.act_buffer_words // isa.GROUP_BASE) * 2 // config.port_bytes)
+
+
+def gemv_packs(config) -> bool:
+    """Whether the GEMV engine is built for packed rows (:data:`GEMV_PACK_MIN_GROUPS`)."""
+    return gemv_narrow_scales(config) >= GEMV_PACK_MIN_GROUPS
+
+
+def gemv_pack_refusal(config, cols: int, fmt: str, group: int) -> str | None:
+    """Why a GEMV tile of *cols* weights of *fmt* in groups of *group* cannot stream packed rows on *config*
+    (a GROUP fault), or ``None`` where it can."""
+    if not gemv_packs(config):
+        return f"{config.name}'s GEMV engine is not built for packed rows (fewer than {GEMV_PACK_MIN_GROUPS} groups " \
+               "of min_group per window)"
+    block, sb, wb = nx.packed_block(cols, fmt, group, config.port_bytes)
+    if not block:
+        return f"groups of {group} {fmt} weights fill a window: rows do not pack"
+    if sb > gemv_scale_words(config):
+        return f"a block's {sb} scale words exceed the engine's {gemv_scale_words(config)}"
+    if gemv_drain_cycles(block) > sb + wb:
+        return f"a block of {block} rows streams in {sb + wb} words, fewer than the {gemv_drain_cycles(block)} " \
+               "cycles its accumulators take to drain"
+    return None
+
+
+def gemv_packs_rows(config, rows: int, cols: int, fmt: str, group: int) -> bool:
+    """Whether a GEMV's *rows* x *cols* matrix goes as packed rows (the compiler's placement, the projection): its
+    rows are narrower than a port beat (wider ones stay row records), the engine streams them packed
+    (:func:`gemv_pack_refusal`), and in fewer words."""
+    pb = config.port_bytes
+    if nx.row_stride(cols, fmt, group, 1) >= pb or gemv_pack_refusal(config, cols, fmt, group):
+        return False
+    return nx.matrix_bytes(rows, cols, fmt, group, pb, True) < nx.matrix_bytes(rows, cols, fmt, group, pb)
+
+
+def gemv_drain_cycles(block: int) -> int:
+    """Cycles the GEMV engine writes one block of *block* packed rows' accumulators in."""
+    return _ceil(block, GEMV_PACKED_WRITES)
+
+
+def gemv_tile_words(config, ins: isa.Instr) -> int:
+    """Port words a GEMV streams: its rows' records, or its blocks of packed rows (``packed=1``)."""
+    fmt, group = isa.weight_layout(ins)
+    packed = ins.fields.get("packed", 0)
+    return nx.matrix_bytes(ins.fields["rows"], ins.fields["cols"], fmt, group, config.port_bytes, packed) \
+        // config.port_bytes
+
+
+def gemv_packed_cycles(config, rows: int, cols: int, fmt: str, group: int) -> int:
+    """Cycles the GEMV engine's ``busy`` stays high for packed rows: a word per cycle, the pipeline to the group
+    scales' products (the narrow groups' adder tree is not passed: each group's product is its row's), then the
+    last block's drain."""
+    block, sb, wb = nx.packed_block(cols, fmt, group, config.port_bytes)
+    return _ceil(rows, block) * (sb + wb) + GEMV_PIPELINE_STAGES + gemv_tree_stages(config) + gemv_drain_cycles(block)
+
+
 def gemv_engine_cycles(config, rows: int, words_per_row: int, fmt: str = "int8", group: int | None = None) -> int:
     """Cycles the GEMV engine's ``busy`` stays high: one per port word plus the pipeline.
 
@@ -313,6 +384,8 @@ def gemv_engine_cycles(config, rows: int, words_per_row: int, fmt: str = "int8",
 def gemv_cycles(config, ins: isa.Instr) -> int:
     """One uncontended GEMV instruction on the GEMV unit."""
     fmt, group = isa.weight_layout(ins)
+    if ins.fields.get("packed", 0):
+        return gemv_packed_cycles(config, ins.fields["rows"], ins.fields["cols"], fmt, group) + GEMV_OVERHEAD
     return gemv_engine_cycles(config, ins.fields["rows"], _row_words(config, ins), fmt, group) + GEMV_OVERHEAD
 
 

@@ -23,6 +23,7 @@ from kvoverlay.timing import (
     PORT_PRIORITY,
     QUEUE_DEPTH,
     RUN_OVERHEAD,
+    gemv_pack_refusal,
     held_ports,
     instr_cycles,
     lock_conflicts,
@@ -206,9 +207,11 @@ class GoldenModel:
             if not self.config.builds_group(group):
                 raise ValueError(f"groups of {group} weights: the GEMV engine is built for groups of at least "
                                  f"min_group={self.config.min_group}")
-            stride = nx.row_stride(f["cols"], fmt, group, self.config.port_bytes)
-            blob = self._dram(f["addr"], f["rows"] * stride).tobytes()
-            q, sm = nx.unpack_rows(blob, f["rows"], f["cols"], fmt, group)
+            packed, pb = f.get("packed", 0), self.config.port_bytes
+            if packed and (why := gemv_pack_refusal(self.config, f["cols"], fmt, group)):
+                raise ValueError(f"GEMV packed=1: {why} (a GROUP fault)")
+            blob = self._dram(f["addr"], nx.matrix_bytes(f["rows"], f["cols"], fmt, group, pb, packed)).tobytes()
+            q, sm = nx.unpack_matrix(blob, f["rows"], f["cols"], fmt, group, pb, packed)
             x, ex = self.vec(f["x"], f["x_e"], f["cols"])
             out = nx.gemv_acc(q, sm, x, group)
             span = self._span(self.acc, f["acc"], f["rows"], "accumulator buffer")

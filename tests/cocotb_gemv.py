@@ -32,6 +32,8 @@ async def gemv_tile(dut):
     dut.group_log2.value = case["group_log2"]
     dut.fmt.value = case["fmt"]
     dut.w_base.value = case["w_base"]
+    if "packed" in case:
+        dut.packed.value = case["packed"]
     dut.rd_addr.value = 0
     for _ in range(2):
         await RisingEdge(dut.clk)

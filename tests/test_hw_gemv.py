@@ -24,7 +24,7 @@ from kvoverlay.sim.rtl import prune_build
 from kvoverlay import numerics, toolchain
 from kvoverlay.config import PRESETS
 from kvoverlay.isa import ENUMS
-from kvoverlay.timing import gemv_engine_cycles, gemv_narrow_scales
+from kvoverlay.timing import gemv_engine_cycles, gemv_narrow_scales, gemv_pack_refusal, gemv_packed_cycles
 
 TESTS = Path(__file__).parent
 #: The configurations built, once each: tiny, ulx3s (a 256-bit port: int4 groups of 32 hold half a port word) and
@@ -42,6 +42,12 @@ SHAPES = {
     "wide": {(4, 256, 16): ("int4", "int8", "w16", "uint4"), (3, 512, 8): ("int4", "w16")},
 }
 CASES = [(name, shape, fmt) for name, shapes in SHAPES.items() for shape, fmts in shapes.items() for fmt in fmts]
+#: Packed rows (GEMV packed=1), on the one config built for them: blocks of 8 int8 rows (the last one of 5), 8 int4
+#: rows (one of 1), 4 w16 rows (one of 3), 16 uint4 rows (one of 1) and 2 int8 rows (one of 1), each block's drain
+#: as long as its stream or shorter.
+PACKED = {"wide": {(13, 32, 8): ("int8",), (9, 64, 16): ("int4",), (7, 48, 8): ("w16",), (17, 64, 8): ("uint4",),
+                   (5, 96, 32): ("int8",)}}
+PACKED_CASES = [(name, shape, fmt) for name, shapes in PACKED.items() for shape, fmts in shapes.items() for fmt in fmts]
 QRANGE = {"int4": (-8, 8), "int8": (-128, 128), "w16": (-32768, 32768), "uint4": (0, 16)}
 
 
@@ -71,7 +77,8 @@ def builds(tmp_path_factory):
         cfg = CONFIGS[name]
         rng = np.random.default_rng(1234)
         shapes = SHAPES[name]
-        x = rng.integers(-32768, 32768, size=max(cols for _, cols, _ in shapes), dtype=np.int64)
+        packed = PACKED.get(name, {})
+        x = rng.integers(-32768, 32768, size=max(cols for _, cols, _ in [*shapes, *packed]), dtype=np.int64)
         x[:8] = -32768  # the extreme products, in the first groups
         blob = b""
         mats = {}
@@ -86,7 +93,16 @@ def builds(tmp_path_factory):
                 mats[(rows, cols, group), fmt] = {"q": q, "sm": sm, "stride": stride,
                                                   "w_base": len(blob) // cfg.port_bytes}
                 blob += numerics.pack_rows(q, sm, fmt, group, align=cfg.port_bytes)
-        top = GemvSimTop(cfg, blob, x, acc_depth=max(rows for rows, _, _ in shapes))
+        for (rows, cols, group), fmts in packed.items():
+            for fmt in fmts:
+                lo, hi = QRANGE[fmt]
+                q = rng.integers(lo, hi, size=(rows, cols), dtype=np.int64)
+                q[-1] = lo if fmt != "uint4" else 0  # the extremes in the last, partial block
+                sm = rng.integers(1, 65536, size=(rows, cols // group), dtype=np.int64)
+                sm[-1] = 65535
+                mats[(rows, cols, group), fmt, "packed"] = {"q": q, "sm": sm, "w_base": len(blob) // cfg.port_bytes}
+                blob += numerics.pack_matrix(q, sm, fmt, group, cfg.port_bytes, packed=True)
+        top = GemvSimTop(cfg, blob, x, acc_depth=max(rows for rows, _, _ in [*shapes, *packed]))
         work = tmp_path_factory.mktemp(f"gemv_{name}")
         src = work / f"{TOP_NAME}.v"
         src.write_text(verilog.convert(top, name=TOP_NAME))
@@ -107,16 +123,26 @@ def test_gemv_bit_exact(builds, name, shape, fmt):
     cfg = c["cfg"]
     mat = c["mats"][shape, fmt]
     words_per_row = mat["stride"] // cfg.port_bytes
+    result = _run(c, shape, fmt, mat, gemv_engine_cycles(cfg, ROWS, words_per_row, fmt, GROUP))
+    roofline = ROWS * mat["stride"] / cfg.port_bytes
+    print(f"gemv {name} {ROWS}x{COLS} {fmt} g{GROUP}: {result['cycles']} cycles, roofline {roofline:.0f}, "
+          f"efficiency {roofline / result['cycles']:.3f}")
+
+
+def _run(c, shape, fmt, mat, cycles, packed=None):
+    """Run one tile on build *c*; assert its accumulators (numerics.gemv_acc) and its *cycles*."""
+    ROWS, COLS, GROUP = shape
     x = c["x"][:COLS]
     expected = numerics.gemv_acc(*numerics.effective_weights(mat["q"], mat["sm"], fmt, GROUP), x, GROUP)
     work = c["work"]
-    tag = f"{COLS}g{GROUP}_{fmt}"
+    tag = f"{ROWS}x{COLS}g{GROUP}_{fmt}" + ("_packed" if packed else "")
     case = {
         "rows": ROWS, "cols": COLS, "group_log2": GROUP.bit_length() - 1,
         "fmt": FMT_CODES[fmt], "w_base": mat["w_base"],
         "expected": [int(v) for v in expected],
-        "cycles": gemv_engine_cycles(cfg, ROWS, words_per_row, fmt, GROUP),
+        "cycles": cycles,
         "result": str(work / f"result_{tag}.json"),
+        **({} if packed is None else {"packed": packed}),
     }
     case_file = work / f"case_{tag}.json"
     case_file.write_text(json.dumps(case))
@@ -125,12 +151,28 @@ def test_gemv_bit_exact(builds, name, shape, fmt):
                            results_xml=str(work / f"results_{tag}.xml"))
     _, failed = get_results(xml)
     result = json.loads(Path(case["result"]).read_text())
-    roofline = ROWS * mat["stride"] / cfg.port_bytes
-    print(f"gemv {name} {ROWS}x{COLS} {fmt} g{GROUP}: {result['cycles']} cycles, roofline {roofline:.0f}, "
-          f"efficiency {roofline / result['cycles']:.3f}")
     assert failed == 0
     assert result["acc"] == case["expected"]
     assert result["cycles"] == case["cycles"]
+    return result
+
+
+@pytest.mark.parametrize("name,shape,fmt", PACKED_CASES,
+                         ids=[f"{n}-" + "x".join(map(str, s)) + f"-{f}-packed" for n, s, f in PACKED_CASES])
+def test_gemv_packed_bit_exact(builds, name, shape, fmt):
+    """Rows narrower than a beat, packed in blocks (full and partial last blocks, blocks of 2 to 16 rows): bit-exact
+    and at timing.gemv_packed_cycles; the words are reported beside the padded rows' (the compiler packs only where
+    fewer)."""
+    c = builds(name)
+    rows, cols, group = shape
+    cfg = c["cfg"]
+    assert gemv_pack_refusal(cfg, cols, fmt, group) is None
+    words = numerics.matrix_bytes(rows, cols, fmt, group, cfg.port_bytes, packed=True) // cfg.port_bytes
+    padded = numerics.matrix_bytes(rows, cols, fmt, group, cfg.port_bytes) // cfg.port_bytes
+    result = _run(c, shape, fmt, c["mats"][shape, fmt, "packed"], gemv_packed_cycles(cfg, rows, cols, fmt, group),
+                  packed=1)
+    print(f"gemv {name} {rows}x{cols} {fmt} g{group} packed: {result['cycles']} cycles, {words} words "
+          f"(padded rows: {padded})")
 
 
 @pytest.mark.parametrize("cfg", [PRESETS["ulx3s"].replace(group_size=64, min_group=64),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvoverlay import numerics as nx
-
 from ..codegen import REG_NEXT
 from ..frontend import CompileError
 from ..onnx_ops import evaluate
@@ -39,7 +37,7 @@ class Linear(VOp):
             raise CompileError(f"{cg.who}: {m.rows} output rows exceed the accumulator buffer "
                                f"({cg.acc_rows} words free on {cg.cfg.name})")
         acc_e = cg.eregs.alloc(cg.who)
-        cg.instr("GEMV", addr=m.addr, rows=m.rows, cols=m.cols, **m.format_fields(), x=src[0][0], x_e=src[0][1],
+        cg.instr("GEMV", addr=m.addr, rows=m.rows, cols=m.cols, **m.gemv_fields(), x=src[0][0], x_e=src[0][1],
                  acc=0, acc_e=acc_e, accumulate=0)
         dst = cg.vector(self.out)
         cg.instr("REQ", acc=0, acc_e=acc_e, len=m.rows, dst=dst[0], dst_e=dst[1])
@@ -51,14 +49,14 @@ def _emit_head_tiles(cg, m, x) -> None:
     of the buffer and a REQ into one of two vectors, in turn, then in the store queue ARGMAXACC, chained from the
     first tile on into the next-token register, and the STORE of the tile's logits record; so a tile's ARGMAXACC
     and STORE run beside the next tile's GEMV. A program without logits keeps the GEMVs and the ARGMAXACC chain."""
-    stride = nx.row_stride(m.cols, m.fmt, m.group, cg.cfg.port_bytes)
     acc_e = cg.eregs.alloc(cg.who)
     size = max(n for _, n, _ in cg.head_tiles)
     stored = cg.head_tiles[0][2] is not None  # --no-logits: no REQ, no STORE
     bufs = [cg.scratch(f"{cg.og.logits}:tile{k}", size) for k in range(min(2, len(cg.head_tiles)) if stored else 0)]
     for k, (r0, n, rec) in enumerate(cg.head_tiles):
         acc = k % 2 * size
-        cg.instr("GEMV", addr=m.addr + r0 * stride, rows=n, cols=m.cols, **m.format_fields(), x=x[0], x_e=x[1],
+        cg.instr("GEMV", addr=m.addr + m.row_offset(r0, cg.cfg.port_bytes), rows=n, cols=m.cols, **m.gemv_fields(),
+                 x=x[0], x_e=x[1],
                  acc=acc, acc_e=acc_e, accumulate=0)
         if rec is not None:
             dst = bufs[k % len(bufs)]
