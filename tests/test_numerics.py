@@ -248,3 +248,33 @@ def test_import_scales_round_given_scales():
     assert sexp16 == sexp - 4 and np.all(np.abs(sm * 2.0 ** sexp16 - scales) <= 2.0 ** (sexp16 - 1))
     with pytest.raises(nx.NumericsError, match="non-negative"):
         nx.import_scales(-scales, None, "int4")
+
+
+@pytest.mark.parametrize("fmt,lo,hi", [("int8", -128, 128), ("int4", -8, 8), ("w16", -32768, 32768),
+                                       ("uint4", 0, 16)])
+@pytest.mark.parametrize("rows,cols,group,pb", [(37, 576, 32, 1024), (5, 64, 8, 64), (16, 256, 16, 64)])
+def test_packed_rows_round_trip(fmt, lo, hi, rows, cols, group, pb):
+    """pack_matrix(packed=True) holds exactly the codes and scales of the row records, in blocks of
+    window // group rows: word j of a block holds group j of each of its rows, after its headers (window-major)."""
+    rng = np.random.default_rng(7)
+    q, sm = rng.integers(lo, hi, (rows, cols)), rng.integers(1, 1 << 16, (rows, cols // group))
+    block, sb, ng = nx.packed_block(cols, fmt, group, pb)
+    assert block == pb * 8 // nx.WEIGHT_FORMATS[fmt] // group and ng == cols // group
+    blob = nx.pack_matrix(q, sm, fmt, group, pb, packed=True)
+    assert len(blob) == nx.matrix_bytes(rows, cols, fmt, group, pb, packed=True) == -(-rows // block) * (sb + ng) * pb
+    got = nx.unpack_matrix(blob, rows, cols, fmt, group, pb, packed=True)
+    want = nx.unpack_rows(nx.pack_rows(q, sm, fmt, group, pb), rows, cols, fmt, group)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    raw = np.frombuffer(blob, np.uint8)
+    # row 1's header of group 1, and row 1's group 1 in the block's word 1 (its second segment)
+    assert int.from_bytes(raw[2 * (block + 1): 2 * (block + 2)].tobytes(), "little") == sm[1, 1]
+    gbytes = pb // block
+    seg = raw[(sb + 1) * pb + gbytes: (sb + 1) * pb + 2 * gbytes].tobytes()
+    record = nx.pack_rows(q[1:2], sm[1:2], fmt, group, 1)
+    assert seg == record[2 * ng + gbytes: 2 * ng + 2 * gbytes]
+
+
+def test_groups_that_fill_a_window_do_not_pack():
+    assert nx.packed_block(256, "int8", 64, 64) == (0, 0, 0)
+    with pytest.raises(nx.NumericsError):
+        nx.pack_matrix(np.zeros((2, 256)), np.ones((2, 4)), "int8", 64, 64, packed=True)

@@ -64,3 +64,26 @@ def test_port_locks_cover_every_buffer_access():
             assert set(timing.held_ports(ins)) == used, ins
             seen.setdefault(op.name, set()).update(used)
     assert seen == {op: set(ports) for op, ports in timing.PORT_LOCKS.items() if ports}
+
+
+def test_packed_rows_where_built_and_drained():
+    """Packed rows need the engine built for them (a window of >= GEMV_PACK_MIN_GROUPS min_groups), a group under
+    a window, and a block that streams at least as many words as its accumulators take to drain."""
+    from kvoverlay.config import PRESETS
+
+    assert [n for n, c in PRESETS.items() if timing.gemv_packs(c)] == ["u280"]
+    u280 = PRESETS["u280"]
+    assert timing.gemv_pack_refusal(u280, 576, "int8", 32) is None  # 32 rows in 2 + 18 words, drained in 16
+    assert "drain" in timing.gemv_pack_refusal(u280, 576, "int4", 32)  # 64 rows in 3 + 18 words: 32 to drain
+    assert "fill a window" in timing.gemv_pack_refusal(u280, 4096, "int8", 1024)
+    assert "not built" in timing.gemv_pack_refusal(PRESETS["tiny"], 64, "int8", 8)
+    assert timing.gemv_packs_rows(u280, 576, 576, "int8", 32)  # 612-byte rows: 360 words, not 576
+    assert not timing.gemv_packs_rows(u280, 576, 1536, "int8", 32)  # 1,632-byte rows stay row records
+    assert not timing.gemv_packs_rows(u280, 3, 576, "int8", 32)  # 3 rows: a block of 32 streams more
+    ins = isa.Instr("GEMV", {"rows": 576, "cols": 576, "fmt": 1, "lg_group": 2, "packed": 1})
+    words = timing.gemv_tile_words(u280, ins)
+    assert words == 18 * 20
+    assert timing.gemv_cycles(u280, ins) == timing.gemv_packed_cycles(u280, 576, 576, "int8", 32) + \
+        timing.GEMV_OVERHEAD == words + timing.GEMV_PIPELINE_STAGES + timing.gemv_tree_stages(u280) + 16 + \
+        timing.GEMV_OVERHEAD
+    assert timing.port_burst(u280, ins)[1] == words + timing.PORT_READ_LATENCY + 1
