@@ -89,3 +89,23 @@ def test_bias_folds_into_the_matmul_only_when_nothing_rereads_the_product(reread
     ops = [_Op(i.op, i.fields, w.get(i.op), 4 if i.op == "GEMV" else 0) for i in code]
     got = [op.op for op in _fold_biases(ops)]
     assert (got[0] == "LINEAR") == folds, got
+
+
+def test_packed_rows_dequantize_as_row_records(monkeypatch):
+    """GEMVs of packed rows (a 1,024-bit port) lower to the same float weights as row records: same tokens and
+    logits on the gpu backend."""
+    from kvoverlay.compiler import quantize
+    from kvoverlay.models.demo import build_llama_onnx
+
+    from kvoverlay.config import PRESETS
+
+    cfg = PRESETS["tiny"].replace(name="tiny1024", port_bits=1024)
+    model = build_llama_onnx()
+    packed, _ = compile_model(model, cfg, weights="int8", max_seq=16)
+    assert any(i.fields.get("packed") for i in packed.instructions if i.op == "GEMV")
+    monkeypatch.setattr(quantize, "gemv_packs_rows", lambda *a: False)
+    padded, _ = compile_model(model, cfg, weights="int8", max_seq=16)
+    a = Session(packed, backend="gpu").generate(PROMPT, 4)
+    b = Session(padded, backend="gpu").generate(PROMPT, 4)
+    assert a.tokens == b.tokens
+    assert all(np.array_equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
