@@ -37,8 +37,9 @@ class GemvUnit(wiring.Component):
     so weights stream at the port rate when the port delivers one beat per cycle. Each finished row goes through
     one more stage that adds the old accumulator (``accumulate=1``, split-K) or overwrites it. At the end the
     accumulator exponent register gets ``x_e + sexp``. Faults: weight format not built (``FORMAT``); a group
-    narrower than ``config.min_group``, ``cols`` not a positive multiple of the group or ``rows == 0``
-    (``GROUP``); unaligned ``x`` or weight address (``UNALIGNED``); ranges past the buffers or the memory
+    narrower than ``config.min_group``, ``cols`` not a positive multiple of the group or ``rows == 0``, or
+    ``packed=1`` where the engine cannot stream the tile packed (``timing.gemv_pack_refusal``; every ``packed=1``
+    on an engine built without packed rows) (``GROUP``); unaligned ``x`` or weight address (``UNALIGNED``); ranges past the buffers or the memory
     (``OUT_OF_RANGE``); accumulating onto a different exponent (``EXPONENT``).
 
     Parameters
