@@ -842,7 +842,17 @@ class OutputStage(wiring.Component):
 
 
 class AttnDecoder(wiring.Component):
-    """The operand fields of the latched KVAPPEND or ATTN, and its set-up fault (combinational).
+    """The operand fields of the latched KVAPPEND or ATTN, and its set-up fault, in a short pipeline.
+
+    The fields are registered the cycle after ``start`` and ``fault`` is valid, from registers, in the cycle
+    ``done`` is high, ``timing.ATTN_DECODE_CYCLES - 1`` cycles after ``start`` (``insn`` and ``reg`` hold still
+    from ``start`` on). One long operation per stage, where one combinational decode ran at 32 MHz on the 85F:
+
+    * c0 (``start``): the fields (each a multiplexer between the two layouts) and ``pos_or_len`` registered;
+    * c1: the products (``span`` and the heads' last column) and the compares on the fields;
+    * c2: the buffer-range compares on the products;
+    * c0-c3: ``q_heads % kv_heads`` by a restoring remainder, :data:`DIV_STEPS` quotient bits per cycle;
+    * c4 (``done``): the fault, by priority, from the registered predicates.
 
     Parameters
     ----------
@@ -854,75 +864,123 @@ class AttnDecoder(wiring.Component):
     insn : In(ATTN_COMMAND)
     reg : In(32)
         The value of the register ``reg_addr`` names.
+    start : In(1)
+        The decode's first cycle.
     is_attn, is_kvappend : Out(1)
+        Of ``insn``, combinational.
     kv_base, head_dim, kv_heads : Out
-        Fields both instructions have (``kv_heads``: KVAPPEND's ``heads``).
+        Fields both instructions have (``kv_heads``: KVAPPEND's ``heads``), registered.
     kv_cols : Out
-        KV-pool columns per head, ``ceil(head_dim / vector_lanes)``.
+        KV-pool columns per head, ``ceil(head_dim / vector_lanes)``, registered.
     reg_addr : Out(range(isa.NUM_REGS))
-        ATTN's length register or KVAPPEND's position register ...
+        ATTN's length register or KVAPPEND's position register (combinational) ...
     pos_or_len : Out(signed(34))
-        ... plus the immediate.
+        ... plus the immediate, registered.
     ereg_addr0, ereg_addr1 : Out(range(isa.NUM_EREGS))
-        q (ATTN) or k (KVAPPEND) exponent, and v (KVAPPEND) exponent.
+        q (ATTN) or k (KVAPPEND) exponent, and v (KVAPPEND) exponent (combinational).
     span : Out(ELEM_BITS)
-        Elements of all heads: ``q_heads * head_dim`` (ATTN) or ``heads * head_dim`` (KVAPPEND).
+        Elements of all heads: ``q_heads * head_dim`` (ATTN) or ``heads * head_dim`` (KVAPPEND), from c2 on.
+    done : Out(1)
     fault : Out(Fault)
-        Why the instruction cannot run (``NONE``: it runs); a fault here changes no state.
+        Why the instruction cannot run (``NONE``: it runs), valid with ``done``; a fault here changes no state.
     """
+
+    #: Quotient bits of ``q_heads % kv_heads`` per cycle (a compare and subtract of 9 bits each).
+    DIV_STEPS = ceil_div(HEAD_BITS, timing.ATTN_DECODE_CYCLES - 1)
 
     def __init__(self, config):
         self.config = config
         super().__init__({
-            "insn": In(ATTN_COMMAND), "reg": In(32),
+            "insn": In(ATTN_COMMAND), "reg": In(32), "start": In(1),
             "is_attn": Out(1), "is_kvappend": Out(1),
             "kv_base": Out(KV_BASE_BITS), "head_dim": Out(11), "kv_heads": Out(HEAD_BITS),
             "kv_cols": Out(CHUNK_BITS),
             "reg_addr": Out(range(isa.NUM_REGS)), "pos_or_len": Out(signed(34)),
             "ereg_addr0": Out(range(isa.NUM_EREGS)), "ereg_addr1": Out(range(isa.NUM_EREGS)),
-            "span": Out(ELEM_BITS), "fault": Out(Fault),
+            "span": Out(ELEM_BITS), "done": Out(1), "fault": Out(Fault),
         })
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
         lgAL = log2_exact(abuf_lanes(cfg))
+        lgV = log2_exact(cfg.vector_lanes)
         kva, att = self.insn.kvappend, self.insn.attn
         is_attn, kv_base, head_dim, kv_heads, pos_or_len = (self.is_attn, self.kv_base, self.head_dim, self.kv_heads,
                                                           self.pos_or_len)
         q_heads = att.q_heads
+        D = timing.ATTN_DECODE_CYCLES
+        stage = [self.start, *(Signal(name=f"dec_c{i}") for i in range(1, D))]
+        m.d.sync += [b.eq(a) for a, b in itertools.pairwise(stage)]
         m.d.comb += [
             is_attn.eq(att.opcode == isa.BY_NAME["ATTN"].code),
             self.is_kvappend.eq(att.opcode == isa.BY_NAME["KVAPPEND"].code),
-            kv_base.eq(Mux(is_attn, att.kv_base, kva.kv_base)),
-            head_dim.eq(Mux(is_attn, att.head_dim, kva.head_dim)),
-            kv_heads.eq(Mux(is_attn, att.kv_heads, kva.heads)),
             self.reg_addr.eq(Mux(is_attn, att.len_reg, kva.pos_reg)),
-            pos_or_len.eq(self.reg.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm)),
             self.ereg_addr0.eq(Mux(is_attn, att.q_e, kva.k_e)),
             self.ereg_addr1.eq(kva.v_e),
+            self.done.eq(stage[-1]),
         ]
-        span = self.span
-        m.d.comb += span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim)
-        # the KV pool's one fit predicate (OverlayConfig.holds_kv): the heads' columns end within the pool
-        lgKV = log2_exact(cfg.vector_lanes)
-        m.d.comb += self.kv_cols.eq((head_dim + cfg.vector_lanes - 1) >> lgKV)
-        geometry_bad = ((kv_heads == 0) | (head_dim == 0) | (head_dim > cfg.max_head_dim)
-                        | (kv_base + kv_heads * self.kv_cols > cfg.kv_columns))
-        with m.If(self.is_kvappend):
-            m.d.comb += self.fault.eq(Mux(geometry_bad, Fault.SHAPE,
-                                      Mux((pos_or_len < 0) | (pos_or_len >= cfg.kv_capacity), Fault.KV_RANGE,
-                                      Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
-                                          Fault.OUT_OF_RANGE, Fault.NONE))))
-        with m.Elif(is_attn):
+        # c0: the fields
+        head_dim_in = Mux(is_attn, att.head_dim, kva.head_dim)
+        kv_heads_in = Mux(is_attn, att.kv_heads, kva.heads)
+        with m.If(stage[0]):
+            m.d.sync += [
+                kv_base.eq(Mux(is_attn, att.kv_base, kva.kv_base)), head_dim.eq(head_dim_in), kv_heads.eq(kv_heads_in),
+                pos_or_len.eq(self.reg.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm)),
+                # the KV pool's one fit predicate (OverlayConfig.holds_kv) uses the heads' columns
+                self.kv_cols.eq((head_dim_in + cfg.vector_lanes - 1) >> lgV),
+            ]
+        # c0-c3: q_heads % kv_heads, DIV_STEPS bits of q_heads per cycle, highest first
+        rem = Signal(HEAD_BITS)  # below kv_heads
+        dividend = Signal(HEAD_BITS)  # q_heads, the bits still to bring down at the top
+        r, dvd = Mux(stage[0], 0, rem), Mux(stage[0], q_heads, dividend)
+        divisor = Mux(stage[0], kv_heads_in, kv_heads)
+        assert self.DIV_STEPS * (D - 1) == HEAD_BITS, "the remainder brings down every bit of q_heads, no more"
+        for _ in range(self.DIV_STEPS):
+            r2 = Cat(dvd[-1], r)
+            r, dvd = Mux(r2 >= divisor, r2 - divisor, r2)[:HEAD_BITS], (dvd << 1)[:HEAD_BITS]
+        with m.If(~stage[-1]):
+            m.d.sync += [rem.eq(r), dividend.eq(dvd)]
+        # c1: products and compares on the fields
+        kv_end = Signal(KV_BASE_BITS + HEAD_BITS + CHUNK_BITS + 1)  # the heads' columns end here
+        geometry_simple = Signal()
+        kv_range = Signal()  # of the instruction's kind
+        attn_shape = Signal()
+        unaligned = Signal()
+        with m.If(stage[1]):
             # the field's own range is the bound where max_q_heads is its largest value (no constant compare)
             above = (q_heads > cfg.max_q_heads) if cfg.max_q_heads < (1 << len(q_heads)) - 1 else 0
-            bad = geometry_bad | (q_heads == 0) | above | (head_dim == 0) | ((q_heads % kv_heads) != 0)
-            m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE,
-                                      Mux((pos_or_len < 1) | (pos_or_len > cfg.kv_capacity), Fault.KV_RANGE,
-                                      Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
-                                          | (att.stats + 2 * q_heads > cfg.acc_buffer_words), Fault.OUT_OF_RANGE,
-                                      Mux(att.dst[:lgAL] != 0 if lgAL else 0, Fault.UNALIGNED, Fault.NONE)))))
+            m.d.sync += [
+                self.span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim),
+                kv_end.eq(kv_base + kv_heads * self.kv_cols),
+                geometry_simple.eq((kv_heads == 0) | (head_dim == 0) | (head_dim > cfg.max_head_dim)),
+                kv_range.eq(Mux(is_attn, (pos_or_len < 1) | (pos_or_len > cfg.kv_capacity),
+                                (pos_or_len < 0) | (pos_or_len >= cfg.kv_capacity))),
+                attn_shape.eq((q_heads == 0) | above),
+                unaligned.eq(att.dst[:lgAL] != 0 if lgAL else 0),
+            ]
+        # c2: the buffer ranges
+        out_of_range = Signal()
+        kv_past = Signal()
+        with m.If(stage[2]):
+            span = self.span
+            m.d.sync += [
+                kv_past.eq(kv_end > cfg.kv_columns),
+                out_of_range.eq(Mux(is_attn,
+                                    (att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
+                                    | (att.stats + 2 * q_heads > cfg.acc_buffer_words),
+                                    (kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words))),
+            ]
+        # c4: the fault, by priority
+        geometry_bad = geometry_simple | kv_past
+        with m.If(self.is_kvappend):
+            m.d.comb += self.fault.eq(Mux(geometry_bad, Fault.SHAPE, Mux(kv_range, Fault.KV_RANGE,
+                                      Mux(out_of_range, Fault.OUT_OF_RANGE, Fault.NONE))))
+        with m.Elif(is_attn):
+            bad = geometry_bad | attn_shape | (rem != 0)
+            m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE, Mux(kv_range, Fault.KV_RANGE,
+                                      Mux(out_of_range, Fault.OUT_OF_RANGE,
+                                      Mux(unaligned, Fault.UNALIGNED, Fault.NONE)))))
         with m.Else():
             m.d.comb += self.fault.eq(Fault.OPCODE)
         return m
@@ -1010,7 +1068,7 @@ class AttentionEngine(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        V, lgV = self.lanes, log2_exact(self.lanes)
+        V = self.lanes
         lgAL = log2_exact(self.abuf_lanes)
         kv = self.kv
         m.submodules.score = score = ScoreStage(cfg)
@@ -1028,11 +1086,11 @@ class AttentionEngine(wiring.Component):
         m.submodules.decoder = dec = AttnDecoder(cfg)
         m.d.comb += [dec.insn.eq(insn), dec.reg.eq(self.reg_r.data), self.reg_r.addr.eq(dec.reg_addr),
                      self.ereg_r0.addr.eq(dec.ereg_addr0), self.ereg_r1.addr.eq(dec.ereg_addr1)]
+        # the decoder's registered fields, steady from the decode's end to the instruction's
         kv_base, head_dim, kv_heads, q_heads = dec.kv_base, dec.head_dim, dec.kv_heads, att.q_heads
-        n_chunks = Signal(CHUNK_BITS)  # chunks of V lanes per head
-        m.d.comb += n_chunks.eq((head_dim + V - 1) >> lgV)
-        pos_or_len = Signal(signed(34))  # KVAPPEND position / ATTN length
-        n_out = Signal(ELEM_BITS)  # ATTN's output elements: the decoder's span, latched (one multiplier for both)
+        n_chunks = dec.kv_cols  # chunks of V lanes per head
+        pos_or_len = dec.pos_or_len  # KVAPPEND position / ATTN length
+        n_out = dec.span  # ATTN's output elements (one multiplier for both instructions)
         e_a = Signal(EXP_SHAPE)  # q exponent (ATTN) or k exponent (KVAPPEND)
         e_b = Signal(EXP_SHAPE)  # v exponent (KVAPPEND)
 
@@ -1162,8 +1220,9 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += [insn.eq(self.cmd.payload), fin_fault.eq(0)]
                     m.next = "DECODE"
 
-            with m.State("DECODE"):
-                m.d.sync += [pos_or_len.eq(dec.pos_or_len), n_out.eq(dec.span), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
+            with m.State("DECODE"):  # the decoder's first cycle: what the instruction's operands and registers give
+                m.d.comb += dec.start.eq(1)
+                m.d.sync += [e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
                              head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
                              sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0), lead.eq(1),
                              scored.eq(0), score_active.eq(0)]
@@ -1171,12 +1230,15 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
                     m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), *pv.reset(), sc.bank.eq(0)]
-                with m.If(dec.fault != Fault.NONE):
-                    finish(dec.fault)
-                with m.Elif(dec.is_kvappend):
-                    m.next = "KVA_RUN"
-                with m.Else():
-                    m.next = "A_SCORE"
+                m.next = "CHECK"
+            with m.State("CHECK"):  # noqa: SIM117 - the decoder's later stages, to its fault
+                with m.If(dec.done):
+                    with m.If(dec.fault != Fault.NONE):
+                        finish(dec.fault)
+                    with m.Elif(dec.is_kvappend):
+                        m.next = "KVA_RUN"
+                    with m.Else():
+                        m.next = "A_SCORE"
 
             # ---- KVAPPEND: K pass then V pass, one chunk of V lanes per cycle
             with m.State("KVA_RUN"):

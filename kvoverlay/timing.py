@@ -169,6 +169,9 @@ NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // 
 NORM_SCALAR_REGISTERS = 3
 
 # ---------------------------------------------------------------- attention engine
+#: Cycles of a KVAPPEND's or ATTN's decode, a rejected one's included (hw/attention.py AttnDecoder: the fields; the
+#: products and compares; the buffer ranges; ``q_heads % kv_heads`` two quotient bits a cycle beside them; the fault).
+ATTN_DECODE_CYCLES = 5
 #: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle): the sum l is at least
 #: GATE_ONE (the running max's own p), so ``(1 << ATTN_RECIP_BITS) // l`` has only this many bits and the
 #: divider skips the leading zeros (hw/attention.py, attention_widths).
@@ -402,9 +405,9 @@ def vector_cycles(op: str, fields: dict, config) -> int:
 
 
 def kvappend_cycles(config, heads: int, head_dim: int) -> int:
-    """Busy cycles of a legal KVAPPEND: decode, a K pass and a V pass of ``ceil(head_dim / lanes)`` chunks per head
-    (at least one, which writes the exponents), one drain cycle, the done cycle."""
-    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
+    """Busy cycles of a legal KVAPPEND: decode (ATTN_DECODE_CYCLES), a K pass and a V pass of ``ceil(head_dim /
+    lanes)`` chunks per head (at least one, which writes the exponents), one drain cycle, the done cycle."""
+    return ATTN_DECODE_CYCLES + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
 
 
 def _attn_head(nch: int, sizes: list) -> int:
@@ -443,14 +446,14 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     it: that phase takes ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a
     peak pass and a write pass over the ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots
     (ATTN_OUTPUT_PEAK_DRAIN and ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
-    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization
+    (ATTN_DECODE_CYCLES) and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization
     step) the write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
     nch = _ceil(head_dim, V)
     sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
     head = _attn_head(nch, sizes)
-    total, finish = 1, 0
+    total, finish = ATTN_DECODE_CYCLES, 0
     for h in range(q_heads):
         first_scores = sizes[0] * nch + ATTN_SCORE_LATENCY
         total += (max(first_scores, finish + 1) if h else first_scores) + head
