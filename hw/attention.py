@@ -871,7 +871,9 @@ class AttnDecoder(wiring.Component):
     kv_base, head_dim, kv_heads : Out
         Fields both instructions have (``kv_heads``: KVAPPEND's ``heads``), registered.
     kv_cols : Out
-        KV-pool columns per head, ``ceil(head_dim / vector_lanes)``, registered.
+        KV-pool columns per head, ``ceil(head_dim / vector_lanes)``: the chunks of a head, registered ...
+    chunk_last, tail_mask : Out
+        ... the last chunk's index and its lanes within the head, from c2 on.
     reg_addr : Out(range(isa.NUM_REGS))
         ATTN's length register or KVAPPEND's position register (combinational) ...
     pos_or_len : Out(signed(34))
@@ -894,7 +896,7 @@ class AttnDecoder(wiring.Component):
             "insn": In(ATTN_COMMAND), "reg": In(32), "start": In(1),
             "is_attn": Out(1), "is_kvappend": Out(1),
             "kv_base": Out(KV_BASE_BITS), "head_dim": Out(11), "kv_heads": Out(HEAD_BITS),
-            "kv_cols": Out(CHUNK_BITS),
+            "kv_cols": Out(CHUNK_BITS), "chunk_last": Out(CHUNK_BITS), "tail_mask": Out(config.vector_lanes),
             "reg_addr": Out(range(isa.NUM_REGS)), "pos_or_len": Out(signed(34)),
             "ereg_addr0": Out(range(isa.NUM_EREGS)), "ereg_addr1": Out(range(isa.NUM_EREGS)),
             "span": Out(ELEM_BITS), "done": Out(1), "fault": Out(Fault),
@@ -950,7 +952,10 @@ class AttnDecoder(wiring.Component):
         with m.If(stage[1]):
             # the field's own range is the bound where max_q_heads is its largest value (no constant compare)
             above = (q_heads > cfg.max_q_heads) if cfg.max_q_heads < (1 << len(q_heads)) - 1 else 0
+            tail = head_dim[:lgV] if lgV else Const(0, 1)  # lanes of the last chunk, 0 for all
             m.d.sync += [
+                self.chunk_last.eq(Mux(self.kv_cols == 0, 0, self.kv_cols - 1)),
+                self.tail_mask.eq(Cat((tail == 0) | (i < tail) for i in range(cfg.vector_lanes))),
                 self.span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim),
                 kv_end.eq(kv_base + kv_heads * self.kv_cols),
                 geometry_simple.eq((kv_heads == 0) | (head_dim == 0) | (head_dim > cfg.max_head_dim)),
@@ -987,28 +992,45 @@ class AttnDecoder(wiring.Component):
 
 
 class _Cursor:
-    """Tile, position and chunk counters of one pass (scores, or values one tile behind)."""
+    """Tile, position and chunk counters of one pass (scores, or values one tile behind).
 
-    def __init__(self, m, name, config, kv_len, n_chunks, head_dim):
-        V, T = config.vector_lanes, config.attn_tile
+    The tile's end and its last position are registers, set when the pass starts or moves to a tile, so that the
+    sequencer's per-chunk decisions are a compare of registers each (no adder in front of them)."""
+
+    def __init__(self, m, name, config, kv_len, dec):
+        T = config.attn_tile
+        self.m, self.T, self.kv_len = m, T, kv_len
         self.tile_start = Signal(POS_BITS, name=f"{name}_tile_start")
         self.pos_in_tile = Signal(range(T), name=f"{name}_pos_in_tile")
         self.chunk = Signal(CHUNK_BITS, name=f"{name}_chunk")
         self.bank = Signal(name=f"{name}_bank")  # tile parity: scores are double-buffered
         self.tile_end = Signal(POS_BITS, name=f"{name}_tile_end")
-        self.pos = Signal(POS_BITS, name=f"{name}_pos")
+        self.tile_last = Signal(POS_BITS, name=f"{name}_tile_last")  # tile_end - 1
+        self.pos = Signal(POS_BITS, name=f"{name}_pos")  # tile_start + pos_in_tile
         self.last_chunk = Signal(name=f"{name}_last_chunk")
-        self.mask = Signal(V, name=f"{name}_lane_mask")
-        lgV = log2_exact(V)
+        self.last_pos = Signal(name=f"{name}_last_pos")  # the tile's last position
+        self.mask = Signal(config.vector_lanes, name=f"{name}_lane_mask")
         m.d.comb += [
-            self.tile_end.eq(Mux(self.tile_start + T < kv_len, self.tile_start + T, kv_len)),
-            self.pos.eq(self.tile_start + self.pos_in_tile),
-            self.last_chunk.eq(self.chunk == Mux(n_chunks == 0, 0, n_chunks - 1)),
-            self.mask.eq(Cat(((self.chunk << lgV) + i < head_dim) for i in range(V))),
+            self.last_chunk.eq(self.chunk == dec.chunk_last),
+            self.last_pos.eq(self.pos == self.tile_last),
+            self.mask.eq(Mux(self.last_chunk, dec.tail_mask, -1)),
         ]
 
+    def _tile(self, start):
+        """The tile from *start* on: its end, ``min(start + T, kv_len)``, and last position."""
+        end = start + self.T
+        fits = end < self.kv_len
+        return [self.tile_start.eq(start), self.pos.eq(start), self.pos_in_tile.eq(0),
+                self.tile_end.eq(Mux(fits, end, self.kv_len)), self.tile_last.eq(Mux(fits, end - 1, self.kv_len - 1))]
+
     def reset(self):
-        return [self.tile_start.eq(0), self.pos_in_tile.eq(0), self.chunk.eq(0), self.bank.eq(0)]
+        return [*self._tile(0), self.chunk.eq(0), self.bank.eq(0)]
+
+    def next_tile(self):
+        return [*self._tile(self.tile_end), self.bank.eq(~self.bank)]
+
+    def next_pos(self):
+        return [self.pos_in_tile.eq(self.pos_in_tile + 1), self.pos.eq(self.pos + 1)]
 
 
 class AttentionEngine(wiring.Component):
@@ -1118,8 +1140,8 @@ class AttentionEngine(wiring.Component):
         fast = Signal()
         m.d.comb += fast.eq((n_chunks >= timing.ATTN_AHEAD_CHUNKS) if cfg.attn_tile >= 2 else 0)
         kv_len = pos_or_len
-        sc = _Cursor(m, "score", cfg, kv_len, n_chunks, head_dim)  # KVAPPEND uses its chunk counter and mask
-        pv = _Cursor(m, "value", cfg, kv_len, n_chunks, head_dim)  # one tile behind
+        sc = _Cursor(m, "score", cfg, kv_len, dec)  # KVAPPEND uses its chunk counter and mask
+        pv = _Cursor(m, "value", cfg, kv_len, dec)  # one tile behind
 
         # activation-buffer reads: the word holding `elem` and the next one; the operand rotated out of them
         # in the next cycle
@@ -1192,16 +1214,16 @@ class AttentionEngine(wiring.Component):
 
         def issue_score():
             """One chunk of the score pass; at the tile's end, move the score counters to the next tile."""
-            tile_done = sc.last_chunk & (sc.pos == sc.tile_end - 1)
+            tile_done = sc.last_chunk & sc.last_pos
             m.d.comb += [score.chunk.valid.eq(1), score.chunk.payload.first.eq(sc.chunk == 0),
                          score.chunk.payload.last.eq(sc.last_chunk), score.chunk.payload.pos.eq(sc.pos_in_tile),
-                         score.chunk.payload.tile_last.eq(sc.pos == sc.tile_end - 1),
+                         score.chunk.payload.tile_last.eq(sc.last_pos),
                          score.chunk.payload.bank.eq(sc.bank), score.chunk.payload.mask.eq(sc.mask)]
             fetch_operand()
             with m.If(sc.last_chunk):
-                m.d.sync += [sc.chunk.eq(0), elem.eq(elem_head), sc.pos_in_tile.eq(sc.pos_in_tile + 1)]
+                m.d.sync += [sc.chunk.eq(0), elem.eq(elem_head), *sc.next_pos()]
                 with m.If(tile_done):
-                    m.d.sync += [sc.pos_in_tile.eq(0), sc.tile_start.eq(sc.tile_end), sc.bank.eq(~sc.bank)]
+                    m.d.sync += sc.next_tile()
             with m.Else():
                 m.d.sync += [sc.chunk.eq(sc.chunk + 1), elem.eq(elem + V)]
             return tile_done
@@ -1223,15 +1245,15 @@ class AttentionEngine(wiring.Component):
             with m.State("DECODE"):  # the decoder's first cycle: what the instruction's operands and registers give
                 m.d.comb += dec.start.eq(1)
                 m.d.sync += [e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
-                             head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
-                             sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0), lead.eq(1),
-                             scored.eq(0), score_active.eq(0)]
+                             head.eq(0), kv_head.eq(0), group_cnt.eq(0), v_pass.eq(0),
+                             first_tile.eq(1), out_head.eq(0), lead.eq(1), scored.eq(0), score_active.eq(0)]
                 with m.If(dec.is_kvappend):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
-                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), *pv.reset(), sc.bank.eq(0)]
+                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q)]
                 m.next = "CHECK"
-            with m.State("CHECK"):  # noqa: SIM117 - the decoder's later stages, to its fault
+            with m.State("CHECK"):  # the decoder's later stages, to its fault
+                m.d.sync += [*sc.reset(), *pv.reset()]  # the length is the decoder's from its second cycle
                 with m.If(dec.done):
                     with m.If(dec.fault != Fault.NONE):
                         finish(dec.fault)
@@ -1273,20 +1295,20 @@ class AttentionEngine(wiring.Component):
                     m.next = "A_RUN"
                 score_pass(scored & (lead == 1))
             with m.State("A_RUN"):  # values of this tile and scores of the next one(s), side by side
-                last_issue = pv.last_chunk & (pv.pos == pv.tile_end - 1)
+                last_issue = pv.last_chunk & pv.last_pos
                 more_tiles = pv.tile_end != kv_len
-                window = fast & (pv.pos == pv.tile_end - 1) & (pv.chunk + timing.ATTN_AHEAD_WINDOW >= n_chunks)
+                window = fast & pv.last_pos & (pv.chunk + timing.ATTN_AHEAD_WINDOW >= n_chunks)
                 score_pass((lead == 1) | ((lead == 2) & window), advance=last_issue & fast & more_tiles)
                 m.d.comb += [value.chunk.valid.eq(1), value.chunk.payload.first_pos.eq(pv.pos_in_tile == 0),
                              value.chunk.payload.first.eq(pv.chunk == 0), value.chunk.payload.index.eq(pv.chunk),
                              value.chunk.payload.pos.eq(pv.pos_in_tile), value.chunk.payload.bank.eq(pv.bank),
                              value.chunk.payload.mask.eq(pv.mask)]
                 with m.If(pv.last_chunk):
-                    m.d.sync += [pv.chunk.eq(0), pv.pos_in_tile.eq(pv.pos_in_tile + 1)]
-                    with m.If(pv.pos == pv.tile_end - 1):
-                        m.d.sync += pv.pos_in_tile.eq(0)
+                    m.d.sync += [pv.chunk.eq(0), *pv.next_pos()]
+                    with m.If(pv.last_pos):
+                        m.d.sync += [pv.pos_in_tile.eq(0), pv.pos.eq(pv.tile_start)]
                         with m.If(fast & more_tiles):  # the next tile's step follows at once
-                            m.d.sync += [pv.tile_start.eq(pv.tile_end), pv.bank.eq(~pv.bank), first_tile.eq(0)]
+                            m.d.sync += [*pv.next_tile(), first_tile.eq(0)]
                             m.next = "A_MSTEP"
                         with m.Else():
                             m.next = "A_RDRAIN"
@@ -1314,7 +1336,7 @@ class AttentionEngine(wiring.Component):
                             m.d.sync += elem.eq(elem_head + head_dim)
                             m.next = "A_SCORE"
                     with m.Else():
-                        m.d.sync += [pv.tile_start.eq(pv.tile_end), pv.bank.eq(~pv.bank), first_tile.eq(0)]
+                        m.d.sync += [*pv.next_tile(), first_tile.eq(0)]
                         m.next = "A_MSTEP"
             with m.State("A_WAITFIN"):
                 with m.If(fin_fault):
