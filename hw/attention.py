@@ -205,8 +205,9 @@ class Exp2Neg(wiring.Component):
     ``-d * log2(e)`` splits into an integer part n and a fraction; the fraction interpolates
     ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on. Differences
     at or beyond ``-C`` (:func:`_exp2_cut`) all give 0, so only ``-d`` capped at C is multiplied.
-    Four register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
-    log2(e); the table look-up (a registered read); the interpolation; the shift by n. A new ``d`` every cycle.
+    Five register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
+    log2(e); the table look-up (a registered read of the segment's first entry and step); the block RAM's word
+    registered; the interpolation; the shift by n. A new ``d`` every cycle.
 
     Parameters
     ----------
@@ -227,31 +228,38 @@ class Exp2Neg(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         table = [int(v) for v in numerics.EXP2_TABLE]
-        m.submodules.rom = rom = Memory(shape=unsigned(16), depth=len(table), init=table)
-        rom_lo, rom_hi = rom.read_port(), rom.read_port()
+        # one ROM word per segment: its first entry and the step to the next (one read port, one block RAM)
+        steps = [hi - lo for lo, hi in itertools.pairwise(table)]
+        step_shape = signed(max(abs(v) for v in steps).bit_length() + 1)
+        seg_layout = data.StructLayout({"lo": unsigned(16), "step": step_shape})
+        m.submodules.rom = rom = Memory(shape=seg_layout, depth=len(steps),
+                                        init=[{"lo": lo, "step": st} for lo, st in zip(table, steps)])
+        rom_rd = rom.read_port()
         cut = _exp2_cut()
         neg_d = Signal(range(cut + 1))
         m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
         # stage 1: the product by log2(e)
         t_fix = Signal(((cut * numerics.LOG2E_Q16) >> LOG2E_FRAC).bit_length())
         m.d.sync += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
-        t_int = Signal(len(t_fix) - numerics.SCORE_FRAC)
         t_frac = t_fix[:numerics.SCORE_FRAC]
         seg_shift = numerics._EXP2_SHIFT
-        m.d.comb += [rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1)]
-        # stage 2: the table's two entries (registered reads), with the fraction and the integer part beside them
+        m.d.comb += rom_rd.addr.eq(t_frac[seg_shift:])
+        # stage 2: the segment's word (a registered read), with the fraction and the integer part beside it
         frac = Signal(seg_shift)
-        t_int_at = Signal(len(t_int))
+        t_int_at = Signal(len(t_fix) - numerics.SCORE_FRAC)
         m.d.sync += [frac.eq(t_frac[:seg_shift]), t_int_at.eq(t_fix >> numerics.SCORE_FRAC)]
-        t_lo = Signal(signed(18))  # table entries are unsigned Q1.15 (up to 1 << 15)
-        t_hi = Signal(signed(18))
+        # stage 3: the word registered out of the block RAM (its clock-to-out is a third of a 50 MHz cycle)
+        seg = Signal(seg_layout)
+        frac3 = Signal(seg_shift)
+        t_int3 = Signal(len(t_int_at))
+        m.d.sync += [seg.eq(rom_rd.data), frac3.eq(frac), t_int3.eq(t_int_at)]
         interp = Signal(signed(32))
-        m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
-                     interp.eq(((t_hi - t_lo) * frac + (1 << (seg_shift - 1))) >> seg_shift)]
-        # stage 3: the interpolation
+        m.d.comb += interp.eq((seg.step * frac3 + (1 << (seg_shift - 1))) >> seg_shift)
+        # stage 4: the interpolation
         p_tab = Signal(P_SHAPE)  # the table decreases: interpolation stays within [0, GATE_ONE]
-        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_int_at)]
-        # stage 4: the shift by the integer part
+        t_int = Signal(len(t_int_at))
+        m.d.sync += [p_tab.eq(seg.lo + interp), t_int.eq(t_int3)]
+        # stage 5: the shift by the integer part
         shifted = _round_shift(m, p_tab, t_int, "shifted", rcap=EXP2_ZERO_SHIFT)
         m.d.sync += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
         return m

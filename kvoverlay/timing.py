@@ -180,8 +180,8 @@ ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS - (nx.GATE_ONE.bit_length() - 1) + 1
 #: ScoreStage: operands and products, the dot product, the rounding shift, the saturation and store).
 ATTN_SCORE_LATENCY = 4
 #: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table's registered read,
-#: the interpolation, the shift).
-ATTN_EXP2_LATENCY = 4
+#: the block RAM's word registered, the interpolation, the shift).
+ATTN_EXP2_LATENCY = 5
 #: Cycles from a value chunk's issue to its p (the score difference's register, then 2^-x).
 ATTN_P_LATENCY = 1 + ATTN_EXP2_LATENCY
 #: Drain cycles after a head's last value chunk: its p, then the value stage's product, term round-shift, two
