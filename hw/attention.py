@@ -1002,43 +1002,47 @@ class AttnDecoder(wiring.Component):
 class _Cursor:
     """Tile, position and chunk counters of one pass (scores, or values one tile behind).
 
-    The tile's end and its last position are registers, set when the pass starts or moves to a tile, so that the
-    sequencer's per-chunk decisions are a compare of registers each (no adder in front of them)."""
+    Tiles start at multiples of ``attn_tile`` (a power of two), so a position is its tile's start with the position
+    in the tile as its low bits; the tile's last position in it and whether it is the head's last tile are registers,
+    set when the pass starts or moves to a tile, so that the per-chunk decisions compare registers (no adder in
+    front of them)."""
 
     def __init__(self, m, name, config, kv_len, dec):
         T = config.attn_tile
-        self.m, self.T, self.kv_len = m, T, kv_len
+        lgT = log2_exact(T)
+        self.T, self.kv_len = T, kv_len
         self.tile_start = Signal(POS_BITS, name=f"{name}_tile_start")
         self.pos_in_tile = Signal(range(T), name=f"{name}_pos_in_tile")
         self.chunk = Signal(CHUNK_BITS, name=f"{name}_chunk")
         self.bank = Signal(name=f"{name}_bank")  # tile parity: scores are double-buffered
-        self.tile_end = Signal(POS_BITS, name=f"{name}_tile_end")
-        self.tile_last = Signal(POS_BITS, name=f"{name}_tile_last")  # tile_end - 1
-        self.pos = Signal(POS_BITS, name=f"{name}_pos")  # tile_start + pos_in_tile
+        self.tile_len_m1 = Signal(range(T), name=f"{name}_tile_len_m1")  # positions of the tile, minus one
+        self.last_tile = Signal(name=f"{name}_last_tile")  # the tile ends at kv_len
+        self.pos = Signal(POS_BITS, name=f"{name}_pos")
         self.last_chunk = Signal(name=f"{name}_last_chunk")
         self.last_pos = Signal(name=f"{name}_last_pos")  # the tile's last position
         self.mask = Signal(config.vector_lanes, name=f"{name}_lane_mask")
         m.d.comb += [
+            self.pos.eq(Cat(self.pos_in_tile, self.tile_start[lgT:]) if lgT else self.tile_start),
             self.last_chunk.eq(self.chunk == dec.chunk_last),
-            self.last_pos.eq(self.pos == self.tile_last),
+            self.last_pos.eq(self.pos_in_tile == self.tile_len_m1),
             self.mask.eq(Mux(self.last_chunk, dec.tail_mask, -1)),
         ]
 
     def _tile(self, start):
-        """The tile from *start* on: its end, ``min(start + T, kv_len)``, and last position."""
-        end = start + self.T
-        fits = end < self.kv_len
-        return [self.tile_start.eq(start), self.pos.eq(start), self.pos_in_tile.eq(0),
-                self.tile_end.eq(Mux(fits, end, self.kv_len)), self.tile_last.eq(Mux(fits, end - 1, self.kv_len - 1))]
+        """The tile from *start* on: ``min(T, kv_len - start)`` positions."""
+        rest = self.kv_len - start
+        last = rest <= self.T
+        return [self.tile_start.eq(start), self.pos_in_tile.eq(0), self.last_tile.eq(last),
+                self.tile_len_m1.eq(Mux(last, rest - 1, self.T - 1))]
 
     def reset(self):
         return [*self._tile(0), self.chunk.eq(0), self.bank.eq(0)]
 
     def next_tile(self):
-        return [*self._tile(self.tile_end), self.bank.eq(~self.bank)]
+        return [*self._tile(self.tile_start + self.T), self.bank.eq(~self.bank)]
 
     def next_pos(self):
-        return [self.pos_in_tile.eq(self.pos_in_tile + 1), self.pos.eq(self.pos + 1)]
+        return [self.pos_in_tile.eq(self.pos_in_tile + 1)]
 
 
 class AttentionEngine(wiring.Component):
@@ -1304,7 +1308,7 @@ class AttentionEngine(wiring.Component):
                 score_pass(scored & (lead == 1))
             with m.State("A_RUN"):  # values of this tile and scores of the next one(s), side by side
                 last_issue = pv.last_chunk & pv.last_pos
-                more_tiles = pv.tile_end != kv_len
+                more_tiles = ~pv.last_tile
                 window = fast & pv.last_pos & (pv.chunk + timing.ATTN_AHEAD_WINDOW >= n_chunks)
                 score_pass((lead == 1) | ((lead == 2) & window), advance=last_issue & fast & more_tiles)
                 m.d.comb += [value.chunk.valid.eq(1), value.chunk.payload.first_pos.eq(pv.pos_in_tile == 0),
@@ -1314,7 +1318,7 @@ class AttentionEngine(wiring.Component):
                 with m.If(pv.last_chunk):
                     m.d.sync += [pv.chunk.eq(0), *pv.next_pos()]
                     with m.If(pv.last_pos):
-                        m.d.sync += [pv.pos_in_tile.eq(0), pv.pos.eq(pv.tile_start)]
+                        m.d.sync += pv.pos_in_tile.eq(0)
                         with m.If(fast & more_tiles):  # the next tile's step follows at once
                             m.d.sync += [*pv.next_tile(), first_tile.eq(0)]
                             m.next = "A_MSTEP"
@@ -1326,7 +1330,7 @@ class AttentionEngine(wiring.Component):
                 # the head's last tile: its accumulator and peak complete before the finish takes them; another
                 # tile: timing.ATTN_TILE_DRAIN cycles after the last issue, so that its first position's rescale
                 # (ValueStage) reads each word after this tile's last write to it
-                head_done = pv.tile_end == kv_len
+                head_done = pv.last_tile
                 score_pass(0, advance=~head_done & tile_scores_stored() & ~value.issued)
                 with m.If(Mux(head_done, ~score.pending & ~value.busy, tile_scores_stored() & ~value.issued)):
                     with m.If(head_done):  # hand the head to the finish, start the next one
