@@ -3,12 +3,12 @@
 Dataflow
 --------
 Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) stream
-``vector_lanes`` elements per cycle through a six-stage pipeline:
+``vector_lanes`` elements per cycle through a six-stage pipeline (S2 two cycles long):
 
 * S0 issues the activation-buffer word addresses of chunk ``i`` on read ports A and B;
 * S1 selects the chunk's lanes from the returned words (and looks up ACT gates);
-* S2 holds the chunk while the gates are interpolated (the gate table's read and interpolation end in a register
-  there, not in the lane multiplier);
+* S2 holds the chunk two cycles while the gates are interpolated (the gate table's read and the interpolation's
+  product end in a register, its rounding and add in another, not in the lane multiplier);
 * S2a and S2b compute the wide, exact per-element results (sums aligned as
   :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs; NORM's
   ``z * g`` in S2b, so that no stage chains two multipliers);
@@ -45,7 +45,7 @@ overwrite inputs it has yet to read).
 
 Results: the destination exponent register (or ARGMAX's scalar register) is written in
 the cycle ``done`` pulses. A fault (:class:`~hw.ports.Fault`) changes no state; set-up faults
-end after one busy cycle and the ``done`` cycle, an exponent overflow after the full run (it is
+end after two busy cycles (decode, set-up) and the ``done`` cycle, an exponent overflow after the full run (it is
 known only once the peak pass is over, before the first write).
 
 Where numerics computes in int64 and the hardware keeps the exact value
@@ -76,6 +76,7 @@ from .divider import Divider, Multiplier
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .isqrt import Isqrt
 from .lut import GATE_SHAPE, GateLut
+from .lut import LATENCY as GATE_LATENCY
 from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr, round_shift_halving
 from .ports import EREG_SHAPE, Fault, abuf_lanes, abuf_read, abuf_write, ereg_read, ereg_write, reg_write, unit_signature
 from .widths import log2_exact
@@ -182,13 +183,16 @@ def _pipe(layout) -> stream.Signature:
 
 
 class VectorDecoder(wiring.Component):
-    """Operand fields and set-up checks of a vector instruction (combinational).
+    """Operand fields and set-up checks of a vector instruction.
+
+    ``length`` and ``fault`` are current a cycle after ``insn`` (which holds): ROPE's element count is a product
+    in logic, registered before the checks and the passes take it; the other fields are combinational.
 
     Attributes
     ----------
     insn : In(CMD_LAYOUT)
     src_a, src_b, dst, length : Out(16)
-        Element addresses of the operands and the destination, and the element count.
+        Element addresses of the operands and the destination, and the element count (registered).
     dst_e, ereg_a, ereg_b, ereg_c : Out(range(NUM_EREGS))
         The destination exponent register and the exponent registers to read (:data:`_OPERANDS`).
     fault : Out(Fault)
@@ -206,6 +210,7 @@ class VectorDecoder(wiring.Component):
         m = Module()
         opcode = _opcode(self.insn)
         is_op = {name: opcode == _code(name) for name in OPS}
+        length = Signal(16, name="length_next")
         with m.Switch(opcode):
             for name, (a, b, eregs) in _OPERANDS.items():
                 with m.Case(_code(name)):
@@ -215,7 +220,10 @@ class VectorDecoder(wiring.Component):
                                                                           eregs)]
                     if name != "ARGMAX":
                         m.d.comb += [self.dst.eq(v.dst), self.dst_e.eq(v.dst_e)]
-                    m.d.comb += self.length.eq(narrow_times(v.heads, v.head_dim) if name == "ROPE" else v.len)
+                    m.d.comb += length.eq(narrow_times(v.heads, v.head_dim) if name == "ROPE" else v.len)
+        # ROPE's heads * head_dim (an adder per bit of heads) and the count's uses (the checks' sums and compares, the
+        # issue stage's chunk count) in one cycle were the unit's critical path (docs/boards.md, vecfmax)
+        m.d.sync += self.length.eq(length)
 
         n_words = self.config.act_buffer_words
         lg_l = log2_exact(abuf_lanes(self.config))
@@ -264,7 +272,8 @@ class ChunkIssue(wiring.Component):
     single : In(1)
         A ``PEAK`` pass alone (NORM over each head: the peak of every head before any write).
     src_a, src_b, length : In(16)
-        Element addresses of the sources (buffer-word aligned) and the element count (at least 1).
+        Element addresses of the sources (buffer-word aligned) and the element count (at least 1; ``length`` is
+        taken with ``start``).
     first : In(16)
         The chunk a pass starts from (NORM's heads): the pass covers chunks ``first`` to the one holding element
         ``length - 1``.
@@ -300,13 +309,18 @@ class ChunkIssue(wiring.Component):
         lg_l = log2_exact(abuf_lanes(self.config))
         lg_g = lg_l - lg_v  # chunks per buffer word: 2**lg_g
 
-        # S0
+        # S0; the count and the pass's last chunk are latched at the start, so that the end compare and the lane masks
+        # start from registers
         issue = Signal(name="issue")
         idx = Signal(16, name="issue_idx")
         kind = Signal(Pass, name="issue_kind")
         end = Signal(name="pass_end")
+        length = Signal(16, name="pass_length")
+        last_chunk = Signal(range(-1, 1 << 16), name="pass_last_chunk")
+        with m.If(self.start):
+            m.d.sync += [length.eq(self.length), last_chunk.eq(((self.length + V - 1) >> lg_v) - 1)]
         m.d.comb += [
-            end.eq(idx == ((self.length + V - 1) >> lg_v) - 1),
+            end.eq(idx == last_chunk),
             self.last.eq(issue & end & ((kind != Pass.PEAK) | self.single)),
             self.rd_a.addr.eq((self.src_a >> lg_l) + (idx >> lg_g)), self.rd_a.en.eq(1),
             self.rd_b.addr.eq((self.src_b >> lg_l) + (idx >> lg_g)), self.rd_b.en.eq(1),
@@ -331,7 +345,7 @@ class ChunkIssue(wiring.Component):
                      self.early_b.eq(chunk_of(self.rd_b.data, self.ext_chunk_b, "s1_chunk_b")),
                      s1.a.eq(self.early_a), s1.b.eq(self.early_b)]
         for j in range(V):
-            m.d.comb += s1.mask[j].eq((s1.idx * V + j) < self.length)
+            m.d.comb += s1.mask[j].eq((s1.idx * V + j) < length)
 
         # S2
         m.d.sync += [self.chunk.valid.eq(s1_valid), self.chunk.payload.eq(s1)]
@@ -359,9 +373,9 @@ class Elementwise(wiring.Component):
     early_a : In(ArrayLayout(signed(16), vector_lanes))
     chunk : In(stream.Signature(chunk_layout(config)))
     staged : Out(stream.Signature(chunk_layout(config)))
-        The chunk at S2a, a cycle after ``chunk`` (when its gates and lane products are ready).
+        The chunk at S2a, ``GATE_LATENCY - 1`` cycles after ``chunk`` (when its gates and lane products are ready).
     wide : Out(stream.Signature(wide_layout(config)))
-        The chunk's wide values, for peak and write passes, two cycles after ``chunk`` (stages S2a and S2b).
+        The chunk's wide values, for peak and write passes, two cycles after ``staged`` (stages S2a and S2b).
     exp : Out(EXP_WIDE)
         Exponent of the wide values.
     square : Out(ArrayLayout(SQUARE, vector_lanes))
@@ -415,11 +429,17 @@ class Elementwise(wiring.Component):
                 with m.Case(_code(name)):
                     m.d.comb += self.exp.eq(exp)
 
-        # S2 registers the chunk beside its gates (the gate table's ROM and interpolation, GateLut); S2a computes
-        # each lane's value (NORM: z) and registers it; S2b multiplies NORM's z by g, so that neither half chains two
-        # multipliers
+        # S2 holds the chunk beside its gates (the gate table's ROM, its interpolation's product, then its rounding
+        # and add: GateLut, LATENCY cycles from S1), GATE_LATENCY - 1 cycles; S2a computes each lane's value (NORM: z)
+        # and registers it; S2b multiplies NORM's z by g, so that neither half chains two multipliers
+        s2_valid, s2 = self.chunk.valid, self.chunk.payload
+        for k in range(GATE_LATENCY - 2):
+            held_valid = Signal(name=f"s2_held_valid{k}")
+            held = Signal(chunk_layout(self.config), name=f"s2_held{k}")
+            m.d.sync += [held_valid.eq(s2_valid), held.eq(s2)]
+            s2_valid, s2 = held_valid, held
         c = self.staged.payload
-        m.d.sync += [self.staged.valid.eq(self.chunk.valid), c.eq(self.chunk.payload)]
+        m.d.sync += [self.staged.valid.eq(s2_valid), c.eq(s2)]
         out = self.wide.payload
         is_norm = Signal(name="is_norm")
         m.d.comb += is_norm.eq(opcode == _code("NORM"))
@@ -427,7 +447,6 @@ class Elementwise(wiring.Component):
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
         is_act = Signal(name="is_act")
         m.d.comb += is_act.eq(opcode == _code("ACT"))
-        s2 = self.chunk.payload
         for j in range(V):
             a, b = s2.a[j], s2.b[j]
             # the lane multiplier's operands are chosen at S2 and registered (but for ACT's gate, GateLut's own
@@ -1119,6 +1138,8 @@ class VectorUnit(wiring.Component):
         with m.FSM(name="vec_state"):
             with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
                 m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1), head_lo.eq(0), head_idx.eq(0), head_round.eq(0)]
+                m.next = "DECODE"
+            with m.State("DECODE"):  # the decoder registers the element count
                 m.next = "SETUP"
             with m.State("SETUP"):
                 m.d.comb += [wb.clear.eq(1), scalar.clear.eq(1), argmax.clear.eq(1), scalar.reset_max.eq(1)]
@@ -1139,7 +1160,7 @@ class VectorUnit(wiring.Component):
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
             # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk two cycles after its
-            # issue, the sums three (at S2a, beside the squares: NORM_STATS_DRAIN), and the scalar sequence starts in
+            # issue, the sums four (at S2a, beside the squares: NORM_STATS_DRAIN), and the scalar sequence starts in
             # the last of them (SCALAR) and reads the sums in the cycle after
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
                                              ("HEAD_PASS", issue.last, PIPE_DEPTH, "HEAD_NEXT"),

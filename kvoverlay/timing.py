@@ -145,11 +145,15 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------- vector unit
 #: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select, the
-#: chunk held while its gates are interpolated, two elementwise stages, write-back).
-VECTOR_PIPE_DEPTH = 5
+#: chunk held two cycles while its gates are interpolated (hw/lut.py: the table's read and the product, then the
+#: rounding and add), two elementwise stages, write-back).
+VECTOR_PIPE_DEPTH = 6
+#: Cycles from taking an instruction to its first issue: the decoder's registered element count (DECODE; ROPE's is
+#: a product in logic) and the set-up (SETUP, where a set-up fault ends the instruction).
+VECTOR_SETUP_CYCLES = 2
 #: NORM's statistics pass: cycles from its last issue until the sums take the last chunk (beside its squares, at the
 #: elementwise stage S2a), the scalar sequence starting in the last of them.
-NORM_STATS_DRAIN = 2
+NORM_STATS_DRAIN = 3
 #: The same for ROPE's own issue and product stages.
 ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
@@ -360,7 +364,7 @@ VECTOR_OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX")
 def vector_cycles(op: str, fields: dict, config) -> int:
     """Cycles the vector unit's ``busy`` stays high for one instruction (error-free run), its ``done`` cycle included.
 
-    Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
+    Chunk ops: :data:`VECTOR_SETUP_CYCLES`, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
     (``ceil(len / V) + NORM_STATS_DRAIN + 1``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier; the
     rounding of the mean square plus eps in :data:`NORM_SCALAR_STEPS` steps); over each head (``head_dim``), three
@@ -371,11 +375,11 @@ def vector_cycles(op: str, fields: dict, config) -> int:
     V = config.vector_lanes
     done = 1
     if op in ("VADD", "VMUL", "VSCALE", "ACT"):
-        return 1 + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1 + done
+        return VECTOR_SETUP_CYCLES + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1 + done
     if op == "ARGMAX":
-        return 1 + _ceil(fields["len"], V) + 2 + 1 + done
+        return VECTOR_SETUP_CYCLES + _ceil(fields["len"], V) + 2 + 1 + done
     if op == "ROPE":
-        return 1 + 2 * fields["heads"] * fields["head_dim"] + ROPE_PIPE_DEPTH + 1 + 1 + done
+        return VECTOR_SETUP_CYCLES + 2 * fields["heads"] * fields["head_dim"] + ROPE_PIPE_DEPTH + 1 + 1 + done
     if op == "NORM":
         w = norm_widths(config)
         layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
@@ -396,8 +400,8 @@ def vector_cycles(op: str, fields: dict, config) -> int:
             shift = divider_cycles(w["ms_div"], k) + 2 - 1
             heads = [min(hd, n - lo) for lo in range(0, n, hd)]
             return sum(_ceil(h, V) + scalar - (shift if h & (h - 1) == 0 else 0) + NORM_STATS_DRAIN + 1
-                       + 2 * (_ceil(h, V) + VECTOR_PIPE_DEPTH + 4) for h in heads) + 1 + done
-        return 1 + nch + NORM_STATS_DRAIN + 1 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
+                       + 2 * (_ceil(h, V) + VECTOR_PIPE_DEPTH + 4) for h in heads) + VECTOR_SETUP_CYCLES + done
+        return VECTOR_SETUP_CYCLES + nch + NORM_STATS_DRAIN + 1 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 
 
