@@ -63,7 +63,7 @@ Outside that range numerics wraps and the hardware does not:
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -579,12 +579,21 @@ class NormScalar(wiring.Component):
         built = self.config.norm_heads  # NORM over each head: its peak, shift t, scalar store and ALIGN state
         for j in range(V if built else 0):
             chunk_peak = chunk_peak | Mux(c.mask[j], Mux(c.a[j] < 0, -c.a[j], c.a[j])[:16], 0)
+        # the chunk's sums are registered before they accumulate: the squares come straight from the lane
+        # multipliers (Elementwise), and the multiplier, the sum over the lanes and the accumulation in one cycle
+        # were the unit's critical path once the decoder's was gone (docs/boards.md, vecfmax)
+        held_valid = Signal(name="stat_chunk_valid")
+        held_sum = Signal(Value.cast(chunk_sum).shape(), name="stat_chunk_sum")
+        held_sq = Signal(Value.cast(chunk_sq).shape(), name="stat_chunk_sumsq")
+        held_peak = Signal(16, name="stat_chunk_peak")
+        m.d.sync += [held_valid.eq(self.chunk.valid & (c.kind == Pass.STATS)), held_sum.eq(chunk_sum),
+                     held_sq.eq(chunk_sq), held_peak.eq(chunk_peak)]
         with m.If(self.clear):
             m.d.sync += [stat_sum.eq(0), stat_sq.eq(0), stat_peak.eq(0), self.recip.eq(0), self.mean.eq(0),
                          self.xshift.eq(0)]
-        with m.Elif(self.chunk.valid & (c.kind == Pass.STATS)):
-            m.d.sync += [stat_sum.eq(stat_sum + chunk_sum), stat_sq.eq(stat_sq + chunk_sq),
-                         stat_peak.eq(stat_peak | chunk_peak)]
+        with m.Elif(held_valid):
+            m.d.sync += [stat_sum.eq(stat_sum + held_sum), stat_sq.eq(stat_sq + held_sq),
+                         stat_peak.eq(stat_peak | held_peak)]
 
         f = self.insn
         n = Signal(nw["n"], name="norm_n")
@@ -1160,8 +1169,9 @@ class VectorUnit(wiring.Component):
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
             # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk two cycles after its
-            # issue, the sums four (at S2a, beside the squares: NORM_STATS_DRAIN), and the scalar sequence starts in
-            # the last of them (SCALAR) and reads the sums in the cycle after
+            # issue, the sums five (the chunk's sums registered a cycle after S2a, beside the squares:
+            # NORM_STATS_DRAIN), and the scalar sequence starts in the last of them (SCALAR) and reads the sums in the
+            # cycle after
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
                                              ("HEAD_PASS", issue.last, PIPE_DEPTH, "HEAD_NEXT"),
                                              ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),

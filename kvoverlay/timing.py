@@ -151,9 +151,10 @@ VECTOR_PIPE_DEPTH = 6
 #: Cycles from taking an instruction to its first issue: the decoder's registered element count (DECODE; ROPE's is
 #: a product in logic) and the set-up (SETUP, where a set-up fault ends the instruction).
 VECTOR_SETUP_CYCLES = 2
-#: NORM's statistics pass: cycles from its last issue until the sums take the last chunk (beside its squares, at the
-#: elementwise stage S2a), the scalar sequence starting in the last of them.
-NORM_STATS_DRAIN = 3
+#: NORM's statistics pass: cycles from its last issue until the sums take the last chunk (its sums over the lanes
+#: registered a cycle after the elementwise stage S2a, where its squares come from the lane multipliers), the scalar
+#: sequence starting in the last of them.
+NORM_STATS_DRAIN = 4
 #: The same for ROPE's own issue and product stages.
 ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
