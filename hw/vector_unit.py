@@ -3,12 +3,13 @@
 Dataflow
 --------
 Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) stream
-``vector_lanes`` elements per cycle through a six-stage pipeline (S2 two cycles long):
+``vector_lanes`` elements per cycle through a six-stage pipeline (S2 three cycles long):
 
 * S0 issues the activation-buffer word addresses of chunk ``i`` on read ports A and B;
-* S1 selects the chunk's lanes from the returned words (and looks up ACT gates);
-* S2 holds the chunk two cycles while the gates are interpolated (the gate table's read and the interpolation's
-  product end in a register, its rounding and add in another, not in the lane multiplier);
+* S1 selects the chunk's lanes from the returned words;
+* S2 holds the chunk three cycles while the gates are looked up and interpolated (the gate table's address, its
+  read and the interpolation's product, then its rounding and add, each ending in a register; none in the lane
+  multiplier);
 * S2a and S2b compute the wide, exact per-element results (sums aligned as
   :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs; NORM's
   ``z * g`` in S2b, so that no stage chains two multipliers);
@@ -279,8 +280,7 @@ class ChunkIssue(wiring.Component):
         ``length - 1``.
     rd_a, rd_b : Out(abuf_read(config))
     early_a, early_b : Out(ArrayLayout(signed(16), vector_lanes))
-        The ports' lanes at S1, a cycle ahead of ``chunk``: port A's for the gate table's synchronous ROM, both for
-        :class:`Rope`, which picks its elements from them.
+        The ports' lanes at S1, a cycle ahead of ``chunk``, for :class:`Rope`, which picks its elements from them.
     ext_select : In(1)
         S1 selects chunks ``ext_chunk_a`` and ``ext_chunk_b`` of the returned words instead of its own (ROPE's
         reads), so that the unit has one word-to-chunk select per port.
@@ -309,18 +309,16 @@ class ChunkIssue(wiring.Component):
         lg_l = log2_exact(abuf_lanes(self.config))
         lg_g = lg_l - lg_v  # chunks per buffer word: 2**lg_g
 
-        # S0; the count and the pass's last chunk are latched at the start, so that the end compare and the lane masks
-        # start from registers
+        # S0; the count is latched at the start, so that the end compare and the lane masks start from a register
         issue = Signal(name="issue")
         idx = Signal(16, name="issue_idx")
         kind = Signal(Pass, name="issue_kind")
         end = Signal(name="pass_end")
         length = Signal(16, name="pass_length")
-        last_chunk = Signal(range(-1, 1 << 16), name="pass_last_chunk")
         with m.If(self.start):
-            m.d.sync += [length.eq(self.length), last_chunk.eq(((self.length + V - 1) >> lg_v) - 1)]
+            m.d.sync += length.eq(self.length)
         m.d.comb += [
-            end.eq(idx == last_chunk),
+            end.eq(idx == ((length + V - 1) >> lg_v) - 1),
             self.last.eq(issue & end & ((kind != Pass.PEAK) | self.single)),
             self.rd_a.addr.eq((self.src_a >> lg_l) + (idx >> lg_g)), self.rd_a.en.eq(1),
             self.rd_b.addr.eq((self.src_b >> lg_l) + (idx >> lg_g)), self.rd_b.en.eq(1),
@@ -356,7 +354,7 @@ class Elementwise(wiring.Component):
     """Stages S2 to S2b of VADD, VMUL, VSCALE, ACT and NORM's passes: exact wide results of a chunk.
 
     VADD aligns as :func:`~kvoverlay.numerics.align_sum`; ACT multiplies by the gate of
-    :class:`~hw.lut.GateLut`, read from the S1 lanes and registered beside the chunk at S2a; NORM computes ``z * g`` with
+    :class:`~hw.lut.GateLut`, read from the chunk's registered lanes and ready beside it at S2a; NORM computes ``z * g`` with
     ``z = round_shift(x * r + d, NORM_Z_SHIFT)`` from :class:`NormScalar`'s ``r`` and ``d``.
 
     Attributes
@@ -370,10 +368,9 @@ class Elementwise(wiring.Component):
         NORM's ``r``, ``d`` and the exponent of ``r``.
     xshift : In(range(16))
         NORM over each head: the head's left shift to full scale (0 otherwise).
-    early_a : In(ArrayLayout(signed(16), vector_lanes))
     chunk : In(stream.Signature(chunk_layout(config)))
     staged : Out(stream.Signature(chunk_layout(config)))
-        The chunk at S2a, ``GATE_LATENCY - 1`` cycles after ``chunk`` (when its gates and lane products are ready).
+        The chunk at S2a, ``GATE_LATENCY`` cycles after ``chunk`` (when its gates and lane products are ready).
     wide : Out(stream.Signature(wide_layout(config)))
         The chunk's wide values, for peak and write passes, two cycles after ``staged`` (stages S2a and S2b).
     exp : Out(EXP_WIDE)
@@ -389,7 +386,7 @@ class Elementwise(wiring.Component):
         mean_bits = timing.norm_widths(config)["mean_div"] + 2
         super().__init__({"insn": In(CMD_LAYOUT), "exp_a": In(EREG_SHAPE), "exp_b": In(EREG_SHAPE), "dst": In(16),
                           "recip": In(_RECIP_BITS), "mean": In(signed(mean_bits)), "recip_exp": In(EXP_WIDE),
-                          "xshift": In(range(nx.MANT_BITS + 1)), "early_a": In(data.ArrayLayout(LANE, V)),
+                          "xshift": In(range(nx.MANT_BITS + 1)),
                           "chunk": In(_pipe(chunk_layout(config))), "staged": Out(_pipe(chunk_layout(config))),
                           "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE),
                           "square": Out(data.ArrayLayout(SQUARE, V))})
@@ -400,7 +397,10 @@ class Elementwise(wiring.Component):
         f, ea, eb = self.insn, self.exp_a, self.exp_b
         opcode = _opcode(f)
         m.submodules.gate_lut = lut = GateLut(V)
-        m.d.comb += [lut.x.eq(self.early_a), lut.exp.eq(ea), lut.func.eq(f.ACT.func)]
+        # the table reads the chunk's registered lanes, not the S1 lanes: those come from the activation buffer's block
+        # RAM through the word's chunk select, which with the gate's round-shift and the table position ahead of the
+        # ROM's address would be one path (docs/boards.md, vecfmax)
+        m.d.comb += [lut.x.eq(self.chunk.payload.a), lut.exp.eq(ea), lut.func.eq(f.ACT.func)]
 
         # VADD: each operand moves left by its exponent above top = max(ea, eb) - GUARD (numerics.align_sum), so the
         # operand with the larger exponent always moves left by GUARD bits, a plain wiring, and only the other one
@@ -430,10 +430,10 @@ class Elementwise(wiring.Component):
                     m.d.comb += self.exp.eq(exp)
 
         # S2 holds the chunk beside its gates (the gate table's ROM, its interpolation's product, then its rounding
-        # and add: GateLut, LATENCY cycles from S1), GATE_LATENCY - 1 cycles; S2a computes each lane's value (NORM: z)
+        # and add: GateLut, LATENCY cycles from S2), GATE_LATENCY cycles; S2a computes each lane's value (NORM: z)
         # and registers it; S2b multiplies NORM's z by g, so that neither half chains two multipliers
         s2_valid, s2 = self.chunk.valid, self.chunk.payload
-        for k in range(GATE_LATENCY - 2):
+        for k in range(GATE_LATENCY - 1):
             held_valid = Signal(name=f"s2_held_valid{k}")
             held = Signal(chunk_layout(self.config), name=f"s2_held{k}")
             m.d.sync += [held_valid.eq(s2_valid), held.eq(s2)]
@@ -1108,7 +1108,7 @@ class VectorUnit(wiring.Component):
             issue.length.eq(Mux(heads, head_stop, dec.length)),
             issue.first.eq(Mux(heads, head_lo >> log2_exact(cfg.vector_lanes), 0)),
             elem.insn.eq(insn), elem.exp_a.eq(exps[0]), elem.exp_b.eq(exps[1]), elem.dst.eq(dec.dst),
-            elem.early_a.eq(issue.early_a), elem.xshift.eq(scalar.xshift),
+            elem.xshift.eq(scalar.xshift),
             issue.ext_select.eq(is_rope), issue.ext_chunk_a.eq(rope.chunk_a), issue.ext_chunk_b.eq(rope.chunk_b),
             rope.lanes_a.eq(issue.early_a), rope.lanes_b.eq(issue.early_b),
             elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
@@ -1169,7 +1169,7 @@ class VectorUnit(wiring.Component):
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
             # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk two cycles after its
-            # issue, the sums five (the chunk's sums registered a cycle after S2a, beside the squares:
+            # issue, the sums six (the chunk's sums registered a cycle after S2a, beside the squares:
             # NORM_STATS_DRAIN), and the scalar sequence starts in the last of them (SCALAR) and reads the sums in the
             # cycle after
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),

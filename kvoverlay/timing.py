@@ -145,16 +145,16 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------- vector unit
 #: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select, the
-#: chunk held two cycles while its gates are interpolated (hw/lut.py: the table's read and the product, then the
-#: rounding and add), two elementwise stages, write-back).
-VECTOR_PIPE_DEPTH = 6
+#: chunk held three cycles while its gates are looked up from its registered lanes (hw/lut.py: the table's address,
+#: its read and the product, then the rounding and add), two elementwise stages, write-back).
+VECTOR_PIPE_DEPTH = 7
 #: Cycles from taking an instruction to its first issue: the decoder's registered element count (DECODE; ROPE's is
 #: a product in logic) and the set-up (SETUP, where a set-up fault ends the instruction).
 VECTOR_SETUP_CYCLES = 2
 #: NORM's statistics pass: cycles from its last issue until the sums take the last chunk (its sums over the lanes
 #: registered a cycle after the elementwise stage S2a, where its squares come from the lane multipliers), the scalar
 #: sequence starting in the last of them.
-NORM_STATS_DRAIN = 4
+NORM_STATS_DRAIN = 5
 #: The same for ROPE's own issue and product stages.
 ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
