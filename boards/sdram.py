@@ -33,11 +33,12 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+from kvoverlay.hw.arith import one_hot_select
 from kvoverlay.hw.dram import dram_port
 
 from kvoverlay import isa, link
 
-from .memory import host_memory_port, one_hot_select
+from .memory import host_memory_port
 
 __all__ = ["INSN_WINDOW_BYTES", "PART", "SdramCmd", "SdramController", "SdramError", "SdramMemory", "SdramModel",
            "SdramTiming", "sdram_pins", "sdram_timing"]
