@@ -640,7 +640,11 @@ class SdramMemory(wiring.Component):
                 m.d.sync += [sent.eq(0), full.eq(0), left.eq(left - 1)]
                 with m.If(left == 1):
                     m.d.sync += busy.eq(0)
-        m.d.comb += p.wr.ready.eq(busy & write & ~from_host & (~full | last_out) & (left > full) & ~flush)
+        # the overlay's write beat is taken only into an empty word register: its ready is a function of registers,
+        # not of the controller's wdata.ready (the open row's compare) through the overlay's arbiter into the
+        # writer's state, a path across the board top. A beat the cycle its word's last 16 bits go is the
+        # cost: one idle SDRAM cycle per port word of a write burst
+        m.d.comb += p.wr.ready.eq(busy & write & ~from_host & ~full & (left != 0) & ~flush)
         with m.If(host_take & h.we):
             m.d.sync += full.eq(1)
         with m.Elif(p.wr.valid & p.wr.ready):

@@ -109,6 +109,9 @@ def lock_conflicts(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 
 #: Cycles between the memory's acceptance of a read burst and its first data beat's register (hw/dram_model.v).
 PORT_READ_LATENCY = 2
+#: Registers between a writer's beat and the memory (hw/dram.py's arbiter): a write burst's last beat reaches the
+#: memory, and frees it for the next burst, this many cycles after the writer hands it over.
+PORT_WRITE_REGISTERS = 1
 #: Cycles from an instruction's dispatch to the first cycle its unit offers its burst request: the dispatch, then
 #: the unit's states before REQUEST (LOAD, STORE and STACC: CHECK; LDROW: CHECK, ADDRESS, RANGE; GEMV: CHECK,
 #: RANGE, then the request beside the engine's start).
@@ -121,7 +124,8 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
     *offset* counts cycles from the instruction's dispatch to its request (:data:`PORT_REQUEST_OFFSET`); *hold*
     from the cycle the memory accepts it to the first cycle the memory accepts the next: a read's beats, its
     latency and the cycle its last beat frees the memory in; a write's beats at the unit's pace (STORE: a buffer read
-    per four beats; STACC: two cycles per accumulator word and one per beat) and that cycle. The memory serves one
+    per four beats; STACC: two cycles per accumulator word and one per beat), :data:`PORT_WRITE_REGISTERS` and that
+    cycle. The memory serves one
     burst at a time, so a request offered while another holds the port waits, and the whole unit with it: its
     instruction ends that many cycles later than :func:`unit_cycles` says.
     """
@@ -136,10 +140,10 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
         words = ins.fields["rows"] * _row_words(config, ins)
     elif op == "STORE":
         beats = _ceil(nx.vector_record_size(ins.fields["len"]), config.port_bytes)
-        return PORT_REQUEST_OFFSET[op], beats + _ceil(beats, 4) + 1
+        return PORT_REQUEST_OFFSET[op], beats + _ceil(beats, 4) + 1 + PORT_WRITE_REGISTERS
     else:
         n = ins.fields["len"]
-        return PORT_REQUEST_OFFSET[op], 2 * n + _ceil(8 * n, config.port_bytes) + 1
+        return PORT_REQUEST_OFFSET[op], 2 * n + _ceil(8 * n, config.port_bytes) + 1 + PORT_WRITE_REGISTERS
     return PORT_REQUEST_OFFSET[op], words + PORT_READ_LATENCY + 1
 
 
