@@ -120,7 +120,9 @@ def registered_stub(unit_cls):
 
     class Stub(wiring.Component):
         def __init__(self, config, *args, **kwargs):
-            super().__init__(unit_cls(config, *args, **kwargs).signature)
+            unit = unit_cls(config, *args, **kwargs)
+            unit._MustUse__silence = True  # built for its signature only
+            super().__init__(unit.signature)
 
         def elaborate(self, platform):
             m = Module()
