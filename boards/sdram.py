@@ -642,8 +642,8 @@ class SdramMemory(wiring.Component):
                     m.d.sync += busy.eq(0)
         # the overlay's write beat is taken only into an empty word register: its ready is a function of registers,
         # not of the controller's wdata.ready (the open row's compare) through the overlay's arbiter into the
-        # writer's state, a path across the board top. A beat the cycle its word's last 16 bits go is the
-        # cost: one idle SDRAM cycle per port word of a write burst
+        # writer's state, a path across the board top. The cost: the next word is not taken in the cycle the last
+        # 16 bits of a word go, so a write burst idles the SDRAM one cycle per port word
         m.d.comb += p.wr.ready.eq(busy & write & ~from_host & ~full & (left != 0) & ~flush)
         with m.If(host_take & h.we):
             m.d.sync += full.eq(1)
