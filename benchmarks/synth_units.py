@@ -5,12 +5,14 @@ Usage::
     python benchmarks/synth_units.py --config ulx3s --units gemv vector --out build/synth [--jobs N] [--verilog-only]
         [--pnr MHZ]
     python benchmarks/synth_units.py --synth-only --out build/synth --jobs 8   # Verilog written earlier
-    python benchmarks/synth_units.py --config ulx3s --glue --out build/synth/glue
+    python benchmarks/synth_units.py --config ulx3s --glue --out build/synth/glue [--pnr MHZ]
     python benchmarks/synth_units.py --config ulx3s --board-parts --out build/synth/board
 
 ``--glue`` synthesizes the overlay module itself, the glue between the units: ``Overlay(config)`` as RTLIL with its
 large units (:data:`GLUE_BLACK_BOXES`, those ``kvoverlay build`` synthesizes apart on ulx3s) black-boxed, and prints its cells, the overlay module's own and with its small
-submodules (front end, queues, arbiter, LOAD, STORE, REQ, ARGMAXACC), and their sum.
+submodules (front end, queues, arbiter, LOAD, STORE, REQ, ARGMAXACC), and their sum. With ``--pnr MHZ`` the large
+units are :func:`registered_stub` s instead (every input into a flip-flop, every output from one) and the glue is
+placed and routed out of context: its Fmax between registered neighbours.
 
 ``--board-parts`` synthesizes the board top's own parts alone (:data:`BOARD_PARTS`): the UART host bridge, the SDRAM
 memory (controller, width adapter, instruction window), the block-RAM memory and the UART, each as ``kvoverlay build
@@ -103,21 +105,68 @@ def synth(path: Path, yosys: str) -> dict:
     return {"unit": top, **counts, "synth_s": round(wall, 1)}
 
 
-def synth_glue(config, out: Path, yosys: str) -> dict:
-    """The overlay module with its large units black-boxed, through ``kvoverlay build``'s recipe."""
+#: The classes :func:`synth_glue` replaces by :func:`registered_stub` for ``--glue --pnr``, by their name in
+#: ``kvoverlay.hw.overlay`` (the units of :data:`GLUE_BLACK_BOXES`).
+GLUE_STUBBED = ("LdrowUnit", "GemvUnit", "VectorUnit", "AttentionEngine", "KvBuffer")
+
+
+def registered_stub(unit_cls):
+    """A stand-in for *unit_cls* with its signature whose every input ends in a flip-flop and every output starts at
+    one (an output bit toggles with an input bit's register, so that no input is dead): placed and routed, the glue
+    then shows its own paths between registered neighbours, which a black box (no cell nextpnr can place) cannot."""
+    from amaranth.hdl import Cat, Const, Module, Signal, Value, ValueCastable
+    from amaranth.lib import wiring
+    from amaranth.lib.wiring import In
+
+    class Stub(wiring.Component):
+        def __init__(self, config, *args, **kwargs):
+            unit = unit_cls(config, *args, **kwargs)
+            unit._MustUse__silence = True  # built for its signature only
+            super().__init__(unit.signature)
+
+        def elaborate(self, platform):
+            m = Module()
+            ins, outs = [], []
+            for _, member, value in self.signature.flatten(self):
+                value = value.as_value() if isinstance(value, ValueCastable) else Value.cast(value)
+                if not isinstance(value, Const):
+                    (ins if member.flow == In else outs).append(value)
+            captured = Signal(max(1, len(Cat(*ins))), name="inputs", attrs={"keep": 1})
+            state = Signal(len(Cat(*outs)), name="outputs")
+            m.d.sync += [captured.eq(Cat(*ins)),
+                         state.eq(state ^ Cat(captured[k % len(captured)] for k in range(len(state))))]
+            m.d.comb += Cat(*outs).eq(state)
+            return m
+
+    Stub.__name__ = Stub.__qualname__ = f"{unit_cls.__name__}Stub"
+    return Stub
+
+
+def synth_glue(config, out: Path, yosys: str, pnr_mhz=None, nextpnr=None) -> dict:
+    """The overlay module with its large units black-boxed, through ``kvoverlay build``'s recipe; with *pnr_mhz*, the
+    units are :func:`registered_stub` s instead and the glue is placed and routed out of context at that target."""
+    from contextlib import ExitStack
+    from unittest import mock
+
     from amaranth.back import rtlil
     from kvoverlay.boards.build import _modules
+    from kvoverlay.hw import overlay
     from kvoverlay.hw.export import top_ports
-    from kvoverlay.hw.overlay import Overlay
 
-    ov = Overlay(config)
-    il = rtlil.convert(ov, name="kvo_overlay", ports=top_ports(ov))
+    with ExitStack() as stack:
+        if pnr_mhz:
+            for cls in GLUE_STUBBED:
+                stack.enter_context(mock.patch.object(overlay, cls, registered_stub(getattr(overlay, cls))))
+        ov = overlay.Overlay(config)
+        il = rtlil.convert(ov, name="kvo_overlay", ports=top_ports(ov))
     (out / "glue.il").write_text(il)
     boxed = [f"kvo_overlay.{name}" for name in GLUE_BLACK_BOXES if f"kvo_overlay.{name}" in _modules(il)]
-    print(f"# glue: black boxes {', '.join(boxed)}", file=sys.stderr, flush=True)
+    print(f"# glue: {'registered stubs' if pnr_mhz else 'black boxes'} {', '.join(boxed)}", file=sys.stderr,
+          flush=True)
     stat = out / "glue.stat"
-    cmds = ["read_rtlil glue.il", *(f"blackbox {u}" for u in boxed), "hierarchy -top kvo_overlay",
-            *SYNTH_ECP5.format(top="kvo_overlay").split("; "), "tee -q -o glue.stat stat -top kvo_overlay"]
+    cmds = ["read_rtlil glue.il", *([] if pnr_mhz else (f"blackbox {u}" for u in boxed)), "hierarchy -top kvo_overlay",
+            *SYNTH_ECP5.format(top="kvo_overlay").split("; "), "tee -q -o glue.stat stat -top kvo_overlay",
+            *(["write_json glue.json"] if pnr_mhz else [])]
     (out / "glue.ys").write_text("\n".join(cmds) + "\n")
     start = time.monotonic()
     res = subprocess.run([*yosys.split(), "-q", "-l", "glue.log", "glue.ys"], cwd=out, capture_output=True,
@@ -126,10 +175,16 @@ def synth_glue(config, out: Path, yosys: str) -> dict:
     if res.returncode != 0 or not stat.exists():
         return {"unit": "glue", "error": res.stderr.strip().splitlines()[-3:], "synth_s": round(wall, 1)}
     log = stat.read_text()
-    own = log[log.find("=== kvo_overlay ==="):log.find("=== design hierarchy ===")]
-    tail = log[log.rfind("=== design hierarchy ==="):]
-    return {"unit": "glue", "black_boxes": boxed, "overlay_module": stat_cells(own, CELLS),
-            **stat_cells(tail, CELLS), "synth_s": round(wall, 1)}
+    modules = {name: stat_cells(body, CELLS)
+               for name, body in re.findall(r"^=== (\S+) ===\n(.*?)(?=^=== )", log, re.MULTILINE | re.DOTALL)}
+    total = stat_cells(log[log.rfind("=== design hierarchy ==="):], CELLS)
+    # a stub's flip-flops are not the glue's
+    glue = {c: total[c] - sum(modules.get(u, {}).get(c, 0) for u in boxed) for c in CELLS}
+    row = {"unit": "glue", "black_boxes": boxed, "overlay_module": modules.get("kvo_overlay", {}), **glue,
+           "synth_s": round(wall, 1)}
+    if pnr_mhz:
+        row |= {k: v for k, v in place_and_route(out / "glue.json", nextpnr, pnr_mhz).items() if k != "unit"}
+    return row
 
 
 def board_parts(config) -> dict:
@@ -153,8 +208,9 @@ def board_parts(config) -> dict:
             "uart": (UartRx(divisor), UartTx(divisor))}
 
 
-def synth_board_parts(config, out: Path, yosys: str, jobs: int) -> list:
-    """Each of :func:`board_parts` alone through ``kvoverlay build``'s recipe: its cells in all and per submodule."""
+def synth_board_parts(config, out: Path, yosys: str, jobs: int, pnr_mhz=None, nextpnr=None) -> list:
+    """Each of :func:`board_parts` alone through ``kvoverlay build``'s recipe: its cells in all and per submodule;
+    with *pnr_mhz*, then placed and routed out of context at that target."""
     from amaranth.back import rtlil
     from amaranth.hdl import Module
     from kvoverlay.hw.export import top_ports
@@ -179,6 +235,8 @@ def synth_board_parts(config, out: Path, yosys: str, jobs: int) -> list:
         top = f"kvo_{path.stem}"
         stat = path.with_suffix(".stat")
         script = f"read_rtlil {path.name}; " + SYNTH_ECP5.format(top=top) + f"; tee -q -o {stat.name} stat -top {top}"
+        if pnr_mhz:
+            script += f"; write_json {path.stem}.json"
         start = time.monotonic()
         res = subprocess.run([*yosys.split(), "-q", "-l", f"{path.stem}.log", "-p", script], cwd=out,
                              capture_output=True, text=True, check=False)
@@ -190,7 +248,10 @@ def synth_board_parts(config, out: Path, yosys: str, jobs: int) -> list:
         modules = {name: stat_cells(body, CELLS)
                    for name, body in re.findall(r"^=== (\S+) ===\n(.*?)(?=^=== )", log, re.MULTILINE | re.DOTALL)
                    if name != "design"}
-        return {"part": path.stem, **stat_cells(tail, CELLS), "modules": modules, "synth_s": round(wall, 1)}
+        row = {"part": path.stem, **stat_cells(tail, CELLS), "modules": modules, "synth_s": round(wall, 1)}
+        if pnr_mhz:
+            row |= {k: v for k, v in place_and_route(path.with_suffix(".json"), nextpnr, pnr_mhz).items() if k != "unit"}
+        return row
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(run, paths))
@@ -233,12 +294,12 @@ def main(argv=None) -> int:
     if args.glue:
         from kvoverlay.config import load_config
 
-        print(json.dumps(synth_glue(load_config(args.config), out, args.yosys)), flush=True)
+        print(json.dumps(synth_glue(load_config(args.config), out, args.yosys, args.pnr, args.nextpnr)), flush=True)
         return 0
     if args.board_parts:
         from kvoverlay.config import load_config
 
-        for row in synth_board_parts(load_config(args.config), out, args.yosys, args.jobs):
+        for row in synth_board_parts(load_config(args.config), out, args.yosys, args.jobs, args.pnr, args.nextpnr):
             print(json.dumps(row), flush=True)
         return 0
     if args.synth_only:

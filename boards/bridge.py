@@ -12,10 +12,11 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigne
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+from kvoverlay.hw.arith import one_hot_select, or_all
 
 from kvoverlay import isa, link
 
-from .memory import host_memory_port, one_hot_select, or_all
+from .memory import host_memory_port
 
 __all__ = ["ARG_BYTES", "HostBridge", "SlipFramer", "crc16_update", "overlay_host_signature"]
 

@@ -21,7 +21,7 @@ from kvoverlay.hw.dram import DRAM_READ_LATENCY, dram_port
 
 from kvoverlay import isa
 
-__all__ = ["BramMemory", "host_memory_port", "one_hot_select", "or_all"]
+__all__ = ["BramMemory", "host_memory_port"]
 
 
 def host_memory_port(config, depth: int) -> wiring.Signature:
@@ -35,20 +35,6 @@ def host_memory_port(config, depth: int) -> wiring.Signature:
     """
     return wiring.Signature({"addr": Out(range(depth)), "we": Out(1), "wdata": Out(config.port_bits),
                              "re": Out(1), "rdata": In(config.port_bits), "stall": In(1)})
-
-
-def or_all(values):
-    """The OR of *values* (zero-extended to the widest), as a balanced tree."""
-    values = list(values)
-    while len(values) > 1:
-        values = [values[i] | values[i + 1] if i + 1 < len(values) else values[i] for i in range(0, len(values), 2)]
-    return values[0]
-
-
-def one_hot_select(value, one_hot, width: int):
-    """The *width*-bit field ``k`` of *value* where bit ``k`` of *one_hot* is the only one set, as an AND-OR tree:
-    under ABC9 about half the LUT4 of ``value.word_select(binary_index, width)``, which maps for depth."""
-    return or_all(value[width * k: width * (k + 1)] & one_hot[k].replicate(width) for k in range(len(one_hot)))
 
 
 class BramMemory(wiring.Component):

@@ -33,11 +33,12 @@ from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+from kvoverlay.hw.arith import one_hot_select
 from kvoverlay.hw.dram import dram_port
 
 from kvoverlay import isa, link
 
-from .memory import host_memory_port, one_hot_select
+from .memory import host_memory_port
 
 __all__ = ["INSN_WINDOW_BYTES", "PART", "SdramCmd", "SdramController", "SdramError", "SdramMemory", "SdramModel",
            "SdramTiming", "sdram_pins", "sdram_timing"]
@@ -639,7 +640,11 @@ class SdramMemory(wiring.Component):
                 m.d.sync += [sent.eq(0), full.eq(0), left.eq(left - 1)]
                 with m.If(left == 1):
                     m.d.sync += busy.eq(0)
-        m.d.comb += p.wr.ready.eq(busy & write & ~from_host & (~full | last_out) & (left > full) & ~flush)
+        # the overlay's write beat is taken only into an empty word register: its ready is a function of registers,
+        # not of the controller's wdata.ready (the open row's compare) through the overlay's arbiter into the
+        # writer's state, a path across the board top. The cost: the next word is not taken in the cycle the last
+        # 16 bits of a word go, so a write burst idles the SDRAM one cycle per port word
+        m.d.comb += p.wr.ready.eq(busy & write & ~from_host & ~full & (left != 0) & ~flush)
         with m.If(host_take & h.we):
             m.d.sync += full.eq(1)
         with m.Elif(p.wr.valid & p.wr.ready):

@@ -205,8 +205,9 @@ class Exp2Neg(wiring.Component):
     ``-d * log2(e)`` splits into an integer part n and a fraction; the fraction interpolates
     ``numerics.EXP2_TABLE`` (a ROM) and the result is shifted right by n, 0 from n = 16 on. Differences
     at or beyond ``-C`` (:func:`_exp2_cut`) all give 0, so only ``-d`` capped at C is multiplied.
-    Four register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
-    log2(e); the table look-up (a registered read); the interpolation; the shift by n. A new ``d`` every cycle.
+    Five register stages (``timing.ATTN_EXP2_LATENCY``), one long operation each: the capped product by
+    log2(e); the table look-up (a registered read of the segment's first entry and step); the block RAM's word
+    registered; the interpolation; the shift by n. A new ``d`` every cycle.
 
     Parameters
     ----------
@@ -227,31 +228,38 @@ class Exp2Neg(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         table = [int(v) for v in numerics.EXP2_TABLE]
-        m.submodules.rom = rom = Memory(shape=unsigned(16), depth=len(table), init=table)
-        rom_lo, rom_hi = rom.read_port(), rom.read_port()
+        # one ROM word per segment: its first entry and the step to the next (one read port, one block RAM)
+        steps = [hi - lo for lo, hi in itertools.pairwise(table)]
+        step_shape = signed(max(abs(v) for v in steps).bit_length() + 1)
+        seg_layout = data.StructLayout({"lo": unsigned(16), "step": step_shape})
+        m.submodules.rom = rom = Memory(shape=seg_layout, depth=len(steps),
+                                        init=[{"lo": lo, "step": st} for lo, st in zip(table, steps)])
+        rom_rd = rom.read_port()
         cut = _exp2_cut()
         neg_d = Signal(range(cut + 1))
         m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
         # stage 1: the product by log2(e)
         t_fix = Signal(((cut * numerics.LOG2E_Q16) >> LOG2E_FRAC).bit_length())
         m.d.sync += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
-        t_int = Signal(len(t_fix) - numerics.SCORE_FRAC)
         t_frac = t_fix[:numerics.SCORE_FRAC]
         seg_shift = numerics._EXP2_SHIFT
-        m.d.comb += [rom_lo.addr.eq(t_frac[seg_shift:]), rom_hi.addr.eq(t_frac[seg_shift:] + 1)]
-        # stage 2: the table's two entries (registered reads), with the fraction and the integer part beside them
+        m.d.comb += rom_rd.addr.eq(t_frac[seg_shift:])
+        # stage 2: the segment's word (a registered read), with the fraction and the integer part beside it
         frac = Signal(seg_shift)
-        t_int_at = Signal(len(t_int))
+        t_int_at = Signal(len(t_fix) - numerics.SCORE_FRAC)
         m.d.sync += [frac.eq(t_frac[:seg_shift]), t_int_at.eq(t_fix >> numerics.SCORE_FRAC)]
-        t_lo = Signal(signed(18))  # table entries are unsigned Q1.15 (up to 1 << 15)
-        t_hi = Signal(signed(18))
+        # stage 3: the word registered out of the block RAM (its clock-to-out is a third of a 50 MHz cycle)
+        seg = Signal(seg_layout)
+        frac3 = Signal(seg_shift)
+        t_int3 = Signal(len(t_int_at))
+        m.d.sync += [seg.eq(rom_rd.data), frac3.eq(frac), t_int3.eq(t_int_at)]
         interp = Signal(signed(32))
-        m.d.comb += [t_lo.eq(rom_lo.data), t_hi.eq(rom_hi.data),
-                     interp.eq(((t_hi - t_lo) * frac + (1 << (seg_shift - 1))) >> seg_shift)]
-        # stage 3: the interpolation
+        m.d.comb += interp.eq((seg.step * frac3 + (1 << (seg_shift - 1))) >> seg_shift)
+        # stage 4: the interpolation
         p_tab = Signal(P_SHAPE)  # the table decreases: interpolation stays within [0, GATE_ONE]
-        m.d.sync += [p_tab.eq(t_lo + interp), t_int.eq(t_int_at)]
-        # stage 4: the shift by the integer part
+        t_int = Signal(len(t_int_at))
+        m.d.sync += [p_tab.eq(seg.lo + interp), t_int.eq(t_int3)]
+        # stage 5: the shift by the integer part
         shifted = _round_shift(m, p_tab, t_int, "shifted", rcap=EXP2_ZERO_SHIFT)
         m.d.sync += self.p.eq(Mux(t_int >= EXP2_ZERO_SHIFT, 0, shifted))
         return m
@@ -842,7 +850,17 @@ class OutputStage(wiring.Component):
 
 
 class AttnDecoder(wiring.Component):
-    """The operand fields of the latched KVAPPEND or ATTN, and its set-up fault (combinational).
+    """The operand fields of the latched KVAPPEND or ATTN, and its set-up fault, in a short pipeline.
+
+    The fields are registered the cycle after ``start`` and ``fault`` is valid, from registers, in the cycle
+    ``done`` is high, ``timing.ATTN_DECODE_CYCLES - 1`` cycles after ``start`` (``insn`` and ``reg`` hold still
+    from ``start`` on). One long operation per stage, where one combinational decode ran at 32 MHz on the 85F:
+
+    * c0 (``start``): the fields (each a multiplexer between the two layouts) and ``pos_or_len`` registered;
+    * c1: the products (``span`` and the heads' last column) and the compares on the fields;
+    * c2: the buffer-range compares on the products;
+    * c0-c3: ``q_heads % kv_heads`` by a restoring remainder, :data:`DIV_STEPS` quotient bits per cycle;
+    * c4 (``done``): the fault, by priority, from the registered predicates.
 
     Parameters
     ----------
@@ -854,103 +872,177 @@ class AttnDecoder(wiring.Component):
     insn : In(ATTN_COMMAND)
     reg : In(32)
         The value of the register ``reg_addr`` names.
+    start : In(1)
+        The decode's first cycle.
     is_attn, is_kvappend : Out(1)
+        Of ``insn``, combinational.
     kv_base, head_dim, kv_heads : Out
-        Fields both instructions have (``kv_heads``: KVAPPEND's ``heads``).
+        Fields both instructions have (``kv_heads``: KVAPPEND's ``heads``), registered.
     kv_cols : Out
-        KV-pool columns per head, ``ceil(head_dim / vector_lanes)``.
+        KV-pool columns per head, ``ceil(head_dim / vector_lanes)``: the chunks of a head, registered ...
+    chunk_last, tail_mask : Out
+        ... the last chunk's index and its lanes within the head, from c2 on.
     reg_addr : Out(range(isa.NUM_REGS))
-        ATTN's length register or KVAPPEND's position register ...
+        ATTN's length register or KVAPPEND's position register (combinational) ...
     pos_or_len : Out(signed(34))
-        ... plus the immediate.
+        ... plus the immediate, registered.
     ereg_addr0, ereg_addr1 : Out(range(isa.NUM_EREGS))
-        q (ATTN) or k (KVAPPEND) exponent, and v (KVAPPEND) exponent.
+        q (ATTN) or k (KVAPPEND) exponent, and v (KVAPPEND) exponent (combinational).
     span : Out(ELEM_BITS)
-        Elements of all heads: ``q_heads * head_dim`` (ATTN) or ``heads * head_dim`` (KVAPPEND).
+        Elements of all heads: ``q_heads * head_dim`` (ATTN) or ``heads * head_dim`` (KVAPPEND), from c2 on.
+    done : Out(1)
     fault : Out(Fault)
-        Why the instruction cannot run (``NONE``: it runs); a fault here changes no state.
+        Why the instruction cannot run (``NONE``: it runs), valid with ``done``; a fault here changes no state.
     """
+
+    #: Quotient bits of ``q_heads % kv_heads`` per cycle (a compare and subtract of 9 bits each).
+    DIV_STEPS = ceil_div(HEAD_BITS, timing.ATTN_DECODE_CYCLES - 1)
 
     def __init__(self, config):
         self.config = config
         super().__init__({
-            "insn": In(ATTN_COMMAND), "reg": In(32),
+            "insn": In(ATTN_COMMAND), "reg": In(32), "start": In(1),
             "is_attn": Out(1), "is_kvappend": Out(1),
             "kv_base": Out(KV_BASE_BITS), "head_dim": Out(11), "kv_heads": Out(HEAD_BITS),
-            "kv_cols": Out(CHUNK_BITS),
+            "kv_cols": Out(CHUNK_BITS), "chunk_last": Out(CHUNK_BITS), "tail_mask": Out(config.vector_lanes),
             "reg_addr": Out(range(isa.NUM_REGS)), "pos_or_len": Out(signed(34)),
             "ereg_addr0": Out(range(isa.NUM_EREGS)), "ereg_addr1": Out(range(isa.NUM_EREGS)),
-            "span": Out(ELEM_BITS), "fault": Out(Fault),
+            "span": Out(ELEM_BITS), "done": Out(1), "fault": Out(Fault),
         })
 
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
         lgAL = log2_exact(abuf_lanes(cfg))
+        lgV = log2_exact(cfg.vector_lanes)
         kva, att = self.insn.kvappend, self.insn.attn
         is_attn, kv_base, head_dim, kv_heads, pos_or_len = (self.is_attn, self.kv_base, self.head_dim, self.kv_heads,
                                                           self.pos_or_len)
         q_heads = att.q_heads
+        D = timing.ATTN_DECODE_CYCLES
+        stage = [self.start, *(Signal(name=f"dec_c{i}") for i in range(1, D))]
+        m.d.sync += [b.eq(a) for a, b in itertools.pairwise(stage)]
         m.d.comb += [
             is_attn.eq(att.opcode == isa.BY_NAME["ATTN"].code),
             self.is_kvappend.eq(att.opcode == isa.BY_NAME["KVAPPEND"].code),
-            kv_base.eq(Mux(is_attn, att.kv_base, kva.kv_base)),
-            head_dim.eq(Mux(is_attn, att.head_dim, kva.head_dim)),
-            kv_heads.eq(Mux(is_attn, att.kv_heads, kva.heads)),
             self.reg_addr.eq(Mux(is_attn, att.len_reg, kva.pos_reg)),
-            pos_or_len.eq(self.reg.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm)),
             self.ereg_addr0.eq(Mux(is_attn, att.q_e, kva.k_e)),
             self.ereg_addr1.eq(kva.v_e),
+            self.done.eq(stage[-1]),
         ]
-        span = self.span
-        m.d.comb += span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim)
-        # the KV pool's one fit predicate (OverlayConfig.holds_kv): the heads' columns end within the pool
-        lgKV = log2_exact(cfg.vector_lanes)
-        m.d.comb += self.kv_cols.eq((head_dim + cfg.vector_lanes - 1) >> lgKV)
-        geometry_bad = ((kv_heads == 0) | (head_dim == 0) | (head_dim > cfg.max_head_dim)
-                        | (kv_base + kv_heads * self.kv_cols > cfg.kv_columns))
-        with m.If(self.is_kvappend):
-            m.d.comb += self.fault.eq(Mux(geometry_bad, Fault.SHAPE,
-                                      Mux((pos_or_len < 0) | (pos_or_len >= cfg.kv_capacity), Fault.KV_RANGE,
-                                      Mux((kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words),
-                                          Fault.OUT_OF_RANGE, Fault.NONE))))
-        with m.Elif(is_attn):
+        # c0: the fields
+        head_dim_in = Mux(is_attn, att.head_dim, kva.head_dim)
+        kv_heads_in = Mux(is_attn, att.kv_heads, kva.heads)
+        with m.If(stage[0]):
+            m.d.sync += [
+                kv_base.eq(Mux(is_attn, att.kv_base, kva.kv_base)), head_dim.eq(head_dim_in), kv_heads.eq(kv_heads_in),
+                pos_or_len.eq(self.reg.as_signed() + Mux(is_attn, att.len_imm, kva.pos_imm)),
+                # the KV pool's one fit predicate (OverlayConfig.holds_kv) uses the heads' columns
+                self.kv_cols.eq((head_dim_in + cfg.vector_lanes - 1) >> lgV),
+            ]
+        # c0-c3: q_heads % kv_heads, DIV_STEPS bits of q_heads per cycle, highest first
+        rem = Signal(HEAD_BITS)  # below kv_heads
+        dividend = Signal(HEAD_BITS)  # q_heads, the bits still to bring down at the top
+        r, dvd = Mux(stage[0], 0, rem), Mux(stage[0], q_heads, dividend)
+        divisor = Mux(stage[0], kv_heads_in, kv_heads)
+        assert self.DIV_STEPS * (D - 1) == HEAD_BITS, "the remainder brings down every bit of q_heads, no more"
+        for _ in range(self.DIV_STEPS):
+            r2 = Cat(dvd[-1], r)
+            r, dvd = Mux(r2 >= divisor, r2 - divisor, r2)[:HEAD_BITS], (dvd << 1)[:HEAD_BITS]
+        with m.If(~stage[-1]):
+            m.d.sync += [rem.eq(r), dividend.eq(dvd)]
+        # c1: products and compares on the fields
+        kv_end = Signal(KV_BASE_BITS + HEAD_BITS + CHUNK_BITS + 1)  # the heads' columns end here
+        geometry_simple = Signal()
+        kv_range = Signal()  # of the instruction's kind
+        attn_shape = Signal()
+        unaligned = Signal()
+        with m.If(stage[1]):
             # the field's own range is the bound where max_q_heads is its largest value (no constant compare)
             above = (q_heads > cfg.max_q_heads) if cfg.max_q_heads < (1 << len(q_heads)) - 1 else 0
-            bad = geometry_bad | (q_heads == 0) | above | (head_dim == 0) | ((q_heads % kv_heads) != 0)
-            m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE,
-                                      Mux((pos_or_len < 1) | (pos_or_len > cfg.kv_capacity), Fault.KV_RANGE,
-                                      Mux((att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
-                                          | (att.stats + 2 * q_heads > cfg.acc_buffer_words), Fault.OUT_OF_RANGE,
-                                      Mux(att.dst[:lgAL] != 0 if lgAL else 0, Fault.UNALIGNED, Fault.NONE)))))
+            tail = head_dim[:lgV] if lgV else Const(0, 1)  # lanes of the last chunk, 0 for all
+            m.d.sync += [
+                self.chunk_last.eq(Mux(self.kv_cols == 0, 0, self.kv_cols - 1)),
+                self.tail_mask.eq(Cat((tail == 0) | (i < tail) for i in range(cfg.vector_lanes))),
+                self.span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim),
+                kv_end.eq(kv_base + kv_heads * self.kv_cols),
+                geometry_simple.eq((kv_heads == 0) | (head_dim == 0) | (head_dim > cfg.max_head_dim)),
+                kv_range.eq(Mux(is_attn, (pos_or_len < 1) | (pos_or_len > cfg.kv_capacity),
+                                (pos_or_len < 0) | (pos_or_len >= cfg.kv_capacity))),
+                attn_shape.eq((q_heads == 0) | above),
+                unaligned.eq(att.dst[:lgAL] != 0 if lgAL else 0),
+            ]
+        # c2: the buffer ranges
+        out_of_range = Signal()
+        kv_past = Signal()
+        with m.If(stage[2]):
+            span = self.span
+            m.d.sync += [
+                kv_past.eq(kv_end > cfg.kv_columns),
+                out_of_range.eq(Mux(is_attn,
+                                    (att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
+                                    | (att.stats + 2 * q_heads > cfg.acc_buffer_words),
+                                    (kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words))),
+            ]
+        # c4: the fault, by priority
+        geometry_bad = geometry_simple | kv_past
+        with m.If(self.is_kvappend):
+            m.d.comb += self.fault.eq(Mux(geometry_bad, Fault.SHAPE, Mux(kv_range, Fault.KV_RANGE,
+                                      Mux(out_of_range, Fault.OUT_OF_RANGE, Fault.NONE))))
+        with m.Elif(is_attn):
+            bad = geometry_bad | attn_shape | (rem != 0)
+            m.d.comb += self.fault.eq(Mux(bad, Fault.SHAPE, Mux(kv_range, Fault.KV_RANGE,
+                                      Mux(out_of_range, Fault.OUT_OF_RANGE,
+                                      Mux(unaligned, Fault.UNALIGNED, Fault.NONE)))))
         with m.Else():
             m.d.comb += self.fault.eq(Fault.OPCODE)
         return m
 
 
 class _Cursor:
-    """Tile, position and chunk counters of one pass (scores, or values one tile behind)."""
+    """Tile, position and chunk counters of one pass (scores, or values one tile behind).
 
-    def __init__(self, m, name, config, kv_len, n_chunks, head_dim):
-        V, T = config.vector_lanes, config.attn_tile
+    Tiles start at multiples of ``attn_tile`` (a power of two), so a position is its tile's start with the position
+    in the tile as its low bits; the tile's last position in it and whether it is the head's last tile are registers,
+    set when the pass starts or moves to a tile, so that the per-chunk decisions compare registers (no adder in
+    front of them)."""
+
+    def __init__(self, m, name, config, kv_len, dec):
+        T = config.attn_tile
+        lgT = log2_exact(T)
+        self.T, self.kv_len = T, kv_len
         self.tile_start = Signal(POS_BITS, name=f"{name}_tile_start")
         self.pos_in_tile = Signal(range(T), name=f"{name}_pos_in_tile")
         self.chunk = Signal(CHUNK_BITS, name=f"{name}_chunk")
         self.bank = Signal(name=f"{name}_bank")  # tile parity: scores are double-buffered
-        self.tile_end = Signal(POS_BITS, name=f"{name}_tile_end")
+        self.tile_len_m1 = Signal(range(T), name=f"{name}_tile_len_m1")  # positions of the tile, minus one
+        self.last_tile = Signal(name=f"{name}_last_tile")  # the tile ends at kv_len
         self.pos = Signal(POS_BITS, name=f"{name}_pos")
         self.last_chunk = Signal(name=f"{name}_last_chunk")
-        self.mask = Signal(V, name=f"{name}_lane_mask")
-        lgV = log2_exact(V)
+        self.last_pos = Signal(name=f"{name}_last_pos")  # the tile's last position
+        self.mask = Signal(config.vector_lanes, name=f"{name}_lane_mask")
         m.d.comb += [
-            self.tile_end.eq(Mux(self.tile_start + T < kv_len, self.tile_start + T, kv_len)),
-            self.pos.eq(self.tile_start + self.pos_in_tile),
-            self.last_chunk.eq(self.chunk == Mux(n_chunks == 0, 0, n_chunks - 1)),
-            self.mask.eq(Cat(((self.chunk << lgV) + i < head_dim) for i in range(V))),
+            self.pos.eq(Cat(self.pos_in_tile, self.tile_start[lgT:]) if lgT else self.tile_start),
+            self.last_chunk.eq(self.chunk == dec.chunk_last),
+            self.last_pos.eq(self.pos_in_tile == self.tile_len_m1),
+            self.mask.eq(Mux(self.last_chunk, dec.tail_mask, -1)),
         ]
 
+    def _tile(self, start):
+        """The tile from *start* on: ``min(T, kv_len - start)`` positions."""
+        rest = self.kv_len - start
+        last = rest <= self.T
+        return [self.tile_start.eq(start), self.pos_in_tile.eq(0), self.last_tile.eq(last),
+                self.tile_len_m1.eq(Mux(last, rest - 1, self.T - 1))]
+
     def reset(self):
-        return [self.tile_start.eq(0), self.pos_in_tile.eq(0), self.chunk.eq(0), self.bank.eq(0)]
+        return [*self._tile(0), self.chunk.eq(0), self.bank.eq(0)]
+
+    def next_tile(self):
+        return [*self._tile(self.tile_start + self.T), self.bank.eq(~self.bank)]
+
+    def next_pos(self):
+        return [self.pos_in_tile.eq(self.pos_in_tile + 1)]
 
 
 class AttentionEngine(wiring.Component):
@@ -1010,7 +1102,7 @@ class AttentionEngine(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.config
-        V, lgV = self.lanes, log2_exact(self.lanes)
+        V = self.lanes
         lgAL = log2_exact(self.abuf_lanes)
         kv = self.kv
         m.submodules.score = score = ScoreStage(cfg)
@@ -1028,11 +1120,11 @@ class AttentionEngine(wiring.Component):
         m.submodules.decoder = dec = AttnDecoder(cfg)
         m.d.comb += [dec.insn.eq(insn), dec.reg.eq(self.reg_r.data), self.reg_r.addr.eq(dec.reg_addr),
                      self.ereg_r0.addr.eq(dec.ereg_addr0), self.ereg_r1.addr.eq(dec.ereg_addr1)]
+        # the decoder's registered fields, steady from the decode's end to the instruction's
         kv_base, head_dim, kv_heads, q_heads = dec.kv_base, dec.head_dim, dec.kv_heads, att.q_heads
-        n_chunks = Signal(CHUNK_BITS)  # chunks of V lanes per head
-        m.d.comb += n_chunks.eq((head_dim + V - 1) >> lgV)
-        pos_or_len = Signal(signed(34))  # KVAPPEND position / ATTN length
-        n_out = Signal(ELEM_BITS)  # ATTN's output elements: the decoder's span, latched (one multiplier for both)
+        n_chunks = dec.kv_cols  # chunks of V lanes per head
+        pos_or_len = dec.pos_or_len  # KVAPPEND position / ATTN length
+        n_out = dec.span  # ATTN's output elements (one multiplier for both instructions)
         e_a = Signal(EXP_SHAPE)  # q exponent (ATTN) or k exponent (KVAPPEND)
         e_b = Signal(EXP_SHAPE)  # v exponent (KVAPPEND)
 
@@ -1060,8 +1152,8 @@ class AttentionEngine(wiring.Component):
         fast = Signal()
         m.d.comb += fast.eq((n_chunks >= timing.ATTN_AHEAD_CHUNKS) if cfg.attn_tile >= 2 else 0)
         kv_len = pos_or_len
-        sc = _Cursor(m, "score", cfg, kv_len, n_chunks, head_dim)  # KVAPPEND uses its chunk counter and mask
-        pv = _Cursor(m, "value", cfg, kv_len, n_chunks, head_dim)  # one tile behind
+        sc = _Cursor(m, "score", cfg, kv_len, dec)  # KVAPPEND uses its chunk counter and mask
+        pv = _Cursor(m, "value", cfg, kv_len, dec)  # one tile behind
 
         # activation-buffer reads: the word holding `elem` and the next one; the operand rotated out of them
         # in the next cycle
@@ -1134,16 +1226,16 @@ class AttentionEngine(wiring.Component):
 
         def issue_score():
             """One chunk of the score pass; at the tile's end, move the score counters to the next tile."""
-            tile_done = sc.last_chunk & (sc.pos == sc.tile_end - 1)
+            tile_done = sc.last_chunk & sc.last_pos
             m.d.comb += [score.chunk.valid.eq(1), score.chunk.payload.first.eq(sc.chunk == 0),
                          score.chunk.payload.last.eq(sc.last_chunk), score.chunk.payload.pos.eq(sc.pos_in_tile),
-                         score.chunk.payload.tile_last.eq(sc.pos == sc.tile_end - 1),
+                         score.chunk.payload.tile_last.eq(sc.last_pos),
                          score.chunk.payload.bank.eq(sc.bank), score.chunk.payload.mask.eq(sc.mask)]
             fetch_operand()
             with m.If(sc.last_chunk):
-                m.d.sync += [sc.chunk.eq(0), elem.eq(elem_head), sc.pos_in_tile.eq(sc.pos_in_tile + 1)]
+                m.d.sync += [sc.chunk.eq(0), elem.eq(elem_head), *sc.next_pos()]
                 with m.If(tile_done):
-                    m.d.sync += [sc.pos_in_tile.eq(0), sc.tile_start.eq(sc.tile_end), sc.bank.eq(~sc.bank)]
+                    m.d.sync += sc.next_tile()
             with m.Else():
                 m.d.sync += [sc.chunk.eq(sc.chunk + 1), elem.eq(elem + V)]
             return tile_done
@@ -1162,21 +1254,25 @@ class AttentionEngine(wiring.Component):
                     m.d.sync += [insn.eq(self.cmd.payload), fin_fault.eq(0)]
                     m.next = "DECODE"
 
-            with m.State("DECODE"):
-                m.d.sync += [pos_or_len.eq(dec.pos_or_len), n_out.eq(dec.span), e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
-                             head.eq(0), kv_head.eq(0), group_cnt.eq(0), sc.chunk.eq(0), v_pass.eq(0),
-                             sc.pos_in_tile.eq(0), sc.tile_start.eq(0), first_tile.eq(1), out_head.eq(0), lead.eq(1),
-                             scored.eq(0), score_active.eq(0)]
+            with m.State("DECODE"):  # the decoder's first cycle: what the instruction's operands and registers give
+                m.d.comb += dec.start.eq(1)
+                m.d.sync += [e_a.eq(self.ereg_r0.data), e_b.eq(self.ereg_r1.data),
+                             head.eq(0), kv_head.eq(0), group_cnt.eq(0), v_pass.eq(0),
+                             first_tile.eq(1), out_head.eq(0), lead.eq(1), scored.eq(0), score_active.eq(0)]
                 with m.If(dec.is_kvappend):
                     m.d.sync += [elem.eq(kva.k), elem_head.eq(kva.k)]
                 with m.Elif(dec.is_attn):
-                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q), *pv.reset(), sc.bank.eq(0)]
-                with m.If(dec.fault != Fault.NONE):
-                    finish(dec.fault)
-                with m.Elif(dec.is_kvappend):
-                    m.next = "KVA_RUN"
-                with m.Else():
-                    m.next = "A_SCORE"
+                    m.d.sync += [elem.eq(att.q), elem_head.eq(att.q)]
+                m.next = "CHECK"
+            with m.State("CHECK"):  # the decoder's later stages, to its fault
+                m.d.sync += [*sc.reset(), *pv.reset()]  # the length is the decoder's from its second cycle
+                with m.If(dec.done):
+                    with m.If(dec.fault != Fault.NONE):
+                        finish(dec.fault)
+                    with m.Elif(dec.is_kvappend):
+                        m.next = "KVA_RUN"
+                    with m.Else():
+                        m.next = "A_SCORE"
 
             # ---- KVAPPEND: K pass then V pass, one chunk of V lanes per cycle
             with m.State("KVA_RUN"):
@@ -1211,20 +1307,20 @@ class AttentionEngine(wiring.Component):
                     m.next = "A_RUN"
                 score_pass(scored & (lead == 1))
             with m.State("A_RUN"):  # values of this tile and scores of the next one(s), side by side
-                last_issue = pv.last_chunk & (pv.pos == pv.tile_end - 1)
-                more_tiles = pv.tile_end != kv_len
-                window = fast & (pv.pos == pv.tile_end - 1) & (pv.chunk + timing.ATTN_AHEAD_WINDOW >= n_chunks)
+                last_issue = pv.last_chunk & pv.last_pos
+                more_tiles = ~pv.last_tile
+                window = fast & pv.last_pos & (pv.chunk + timing.ATTN_AHEAD_WINDOW >= n_chunks)
                 score_pass((lead == 1) | ((lead == 2) & window), advance=last_issue & fast & more_tiles)
                 m.d.comb += [value.chunk.valid.eq(1), value.chunk.payload.first_pos.eq(pv.pos_in_tile == 0),
                              value.chunk.payload.first.eq(pv.chunk == 0), value.chunk.payload.index.eq(pv.chunk),
                              value.chunk.payload.pos.eq(pv.pos_in_tile), value.chunk.payload.bank.eq(pv.bank),
                              value.chunk.payload.mask.eq(pv.mask)]
                 with m.If(pv.last_chunk):
-                    m.d.sync += [pv.chunk.eq(0), pv.pos_in_tile.eq(pv.pos_in_tile + 1)]
-                    with m.If(pv.pos == pv.tile_end - 1):
+                    m.d.sync += [pv.chunk.eq(0), *pv.next_pos()]
+                    with m.If(pv.last_pos):
                         m.d.sync += pv.pos_in_tile.eq(0)
                         with m.If(fast & more_tiles):  # the next tile's step follows at once
-                            m.d.sync += [pv.tile_start.eq(pv.tile_end), pv.bank.eq(~pv.bank), first_tile.eq(0)]
+                            m.d.sync += [*pv.next_tile(), first_tile.eq(0)]
                             m.next = "A_MSTEP"
                         with m.Else():
                             m.next = "A_RDRAIN"
@@ -1234,7 +1330,7 @@ class AttentionEngine(wiring.Component):
                 # the head's last tile: its accumulator and peak complete before the finish takes them; another
                 # tile: timing.ATTN_TILE_DRAIN cycles after the last issue, so that its first position's rescale
                 # (ValueStage) reads each word after this tile's last write to it
-                head_done = pv.tile_end == kv_len
+                head_done = pv.last_tile
                 score_pass(0, advance=~head_done & tile_scores_stored() & ~value.issued)
                 with m.If(Mux(head_done, ~score.pending & ~value.busy, tile_scores_stored() & ~value.issued)):
                     with m.If(head_done):  # hand the head to the finish, start the next one
@@ -1252,7 +1348,7 @@ class AttentionEngine(wiring.Component):
                             m.d.sync += elem.eq(elem_head + head_dim)
                             m.next = "A_SCORE"
                     with m.Else():
-                        m.d.sync += [pv.tile_start.eq(pv.tile_end), pv.bank.eq(~pv.bank), first_tile.eq(0)]
+                        m.d.sync += [*pv.next_tile(), first_tile.eq(0)]
                         m.next = "A_MSTEP"
             with m.State("A_WAITFIN"):
                 with m.If(fin_fault):

@@ -105,10 +105,20 @@ class DramArbiter(wiring.Component):
             m.d.comb += p.req.ready.eq(mem.req.ready & (granted == i))
         with m.If(mem.req.valid & mem.req.ready):
             m.d.sync += self.owner.eq(granted)
-        m.d.comb += [mem.wr.valid.eq(pick(self.owner, lambda p: p.wr.valid, "wr_valid")),
-                     mem.wr.payload.eq(pick(self.owner, lambda p: p.wr.payload.as_value(), "wr_payload"))]
+        # the write beat goes to the memory through a register (timing.PORT_WRITE_REGISTERS): a writer's beat comes
+        # from its buffer read and byte masks (STORE), and the memory's write register sits elsewhere on the board
+        # (the SDRAM side at the pins), so the path across ends here. The register takes a beat whenever it is empty
+        # or the memory takes the one it holds; a memory takes every beat of a write burst as it comes, so the
+        # writer's handshake is the same, and the burst ends at the memory a cycle later
+        wr_full = Signal(name="wr_full")
+        wr_beat = Signal(len(mem.wr.payload.as_value()), name="wr_beat")
+        wr_take = Signal(name="wr_take")
+        m.d.comb += [wr_take.eq(~wr_full | mem.wr.ready), mem.wr.valid.eq(wr_full), mem.wr.payload.eq(wr_beat)]
+        with m.If(wr_take):
+            m.d.sync += [wr_full.eq(pick(self.owner, lambda p: p.wr.valid, "wr_valid")),
+                         wr_beat.eq(pick(self.owner, lambda p: p.wr.payload.as_value(), "wr_payload"))]
         for i, p in enumerate(masters):
-            m.d.comb += [p.wr.ready.eq(mem.wr.ready & (self.owner == i)), p.rd.valid.eq(mem.rd.valid & (self.owner == i))]
+            m.d.comb += [p.wr.ready.eq(wr_take & (self.owner == i)), p.rd.valid.eq(mem.rd.valid & (self.owner == i))]
         for p in masters:
             m.d.comb += p.rd.payload.eq(mem.rd.payload)
         return m

@@ -73,7 +73,8 @@ class LdrowUnit(wiring.Component):
         m.d.comb += row.eq(self.reg_r.data.as_signed() + ins.row_imm)
         row_latched = Signal(len(row) - 1, name="ldrow_row_index")
         req_addr = Signal(len(row_latched) + len(stride_words), name="ldrow_word_addr")
-        # the row geometry is latched with the row, so that ADDRESS's product starts from registers
+        # the row geometry is latched with the row, so that ADDRESS's product, the request's length (through the
+        # memory arbiter into the memory) and the last-beat compare start from registers
         stride_latched = Signal.like(stride_words, name="ldrow_row_words_latched")
         byte_addr = Signal(len(ins.addr) + log2_exact(isa.DRAM_UNIT), name="ldrow_byte_addr")
         m.d.comb += byte_addr.eq(ins.addr * isa.DRAM_UNIT)
@@ -133,13 +134,13 @@ class LdrowUnit(wiring.Component):
             with m.State("RANGE"), seq.check(((req_addr + stride_latched) << lpb > cfg.dram_bytes, Fault.OUT_OF_RANGE),
                                              (stride_latched > self.row_words, Fault.OUT_OF_RANGE)):
                 m.next = "REQUEST"
-            with m.State("REQUEST"), m.If(request_burst(m, self.dram, req_addr, stride_words, wait=self.port_wait)):
+            with m.State("REQUEST"), m.If(request_burst(m, self.dram, req_addr, stride_latched, wait=self.port_wait)):
                 m.next = "RECEIVE"
             with m.State("RECEIVE"):
                 m.d.comb += wp.en.eq(self.dram.rd.valid)
                 with m.If(self.dram.rd.valid):
                     m.d.sync += beat.eq(beat + 1)
-                    with m.If(beat == stride_words - 1):
+                    with m.If(beat == stride_latched - 1):
                         m.d.comb += rq.cmd.valid.eq(1)
                         m.next = "REQUANTIZE"
             with m.State("REQUANTIZE"):

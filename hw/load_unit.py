@@ -64,6 +64,9 @@ class LoadUnit(wiring.Component):
         m.d.comb += byte_addr.eq(ins.addr * isa.DRAM_UNIT)
 
         beat = Signal.like(rec.beats, name="load_beat")
+        # the request's length is latched in CHECK: it goes through the memory arbiter into the memory's burst
+        # registers, a path across parts that should not start at the record's adders
+        beats_latched = Signal.like(rec.beats, name="load_beats_latched")
         # each beat is written in the cycle after it arrives, alone (its quarter of the word's lane enables, the beat
         # on every quarter): the buffer's shared write port then has pb * 8 distinct data bits from LOAD, not a
         # word buffer's 4 * pb * 8 (docs/boards.md, "The activation buffer's write port")
@@ -94,13 +97,13 @@ class LoadUnit(wiring.Component):
         lo_ext = EREG_SHAPE.width - 1
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
-                m.d.sync += [beat.eq(0), exp_bad.eq(0)]
+                m.d.sync += [beat.eq(0), exp_bad.eq(0), beats_latched.eq(rec.beats)]
                 with seq.check((ins.dst & (lanes - 1), Fault.UNALIGNED),
                                (byte_addr & (pb - 1), Fault.UNALIGNED),
                                ((ins.dst + n > cfg.act_buffer_words) | (byte_addr + rec.size > cfg.dram_bytes),
                                 Fault.OUT_OF_RANGE)):
                     m.next = "REQUEST"
-            with m.State("REQUEST"), m.If(request_burst(m, self.dram, byte_addr >> lpb, rec.beats,
+            with m.State("REQUEST"), m.If(request_burst(m, self.dram, byte_addr >> lpb, beats_latched,
                                                              wait=self.port_wait)):
                 m.next = "RECEIVE"
             with m.State("RECEIVE"), m.If(self.dram.rd.valid):

@@ -20,10 +20,12 @@ from kvoverlay import numerics as nx
 from .normalize import round_shift_expr
 from .ports import EREG_SHAPE
 
-__all__ = ["GATE_SHAPE", "GateLut"]
+__all__ = ["GATE_SHAPE", "LATENCY", "GateLut"]
 
 #: Q1.15 gate values, including GATE_ONE.
 GATE_SHAPE = Shape.cast(range(nx.GATE_ONE + 1))
+#: Cycles from a lane's input to its gate: the table's read, the interpolation's product, its rounding and add.
+LATENCY = 3
 _LIMIT = nx.ACT_RANGE << nx.ACT_FRAC  # |x| in Q.ACT_FRAC at which the tables end
 _SEG_BITS = nx._ACT_SHIFT  # fraction bits below a table segment (numerics private, read not restated)
 _IDX_BITS = (2 * _LIMIT - 1).bit_length() - _SEG_BITS
@@ -42,13 +44,13 @@ def _rom_layout():
 
 
 class GateLut(wiring.Component):
-    """``gate(x)`` for ``lanes`` int16 mantissas with exponent ``exp``; result two cycles later.
+    """``gate(x)`` for ``lanes`` int16 mantissas with exponent ``exp``; result :data:`LATENCY` cycles later.
 
     Per lane: ``xf = round_shift(x, -(exp + ACT_FRAC))``, the table position
     ``clip(xf + ACT_RANGE << ACT_FRAC, 0, 2 * ACT_RANGE << ACT_FRAC - 1)``, a ROM read of
     the segment, and the interpolation ``base + round_shift(slope * frac, seg_bits)``;
-    ``GATE_ONE`` at and above the table's top, registered (the ROM's clock-to-out and the interpolation then end in
-    a register of their own, not in the multiplier that takes the gate). Left shifts are exact up to the point
+    ``GATE_ONE`` at and above the table's top, registered (the ROM's clock-to-out and the interpolation's product
+    end in a register of their own, its rounding and add in another, neither in the multiplier that takes the gate). Left shifts are exact up to the point
     where every nonzero input saturates; see the vector unit's notes on exponents above 35.
 
     Parameters
@@ -65,7 +67,7 @@ class GateLut(wiring.Component):
     func : In(2)
         ``isa.ENUMS["func"]`` code.
     gate : Out(ArrayLayout(GATE_SHAPE, lanes))
-        Gates of the inputs presented two cycles earlier.
+        Gates of the inputs presented :data:`LATENCY` cycles earlier.
     """
 
     def __init__(self, lanes: int):
@@ -115,9 +117,15 @@ class GateLut(wiring.Component):
             frac = Signal(_SEG_BITS, name=f"seg_frac{i}")
             saturated = Signal(name=f"gate_saturated{i}")
             m.d.sync += [frac.eq(pos[:_SEG_BITS]), saturated.eq(top)]
-            step = Signal(signed(self.rom_layout["slope"].shape.width + _SEG_BITS + 1), name=f"gate_step{i}")
             # slope * frac on a multiplier (a MULT18X18D per lane): in logic it was a 7-term adder tree of ~130 LUT4
-            # per lane, and the ulx3s preset has multipliers to spare at 4 lanes, not LUTs (docs/boards.md)
-            m.d.comb += step.eq((frac * port.data.slope + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
-            m.d.sync += self.gate[i].eq(Mux(saturated, nx.GATE_ONE, port.data.base + step))
+            # per lane, and the ulx3s preset has multipliers to spare at 4 lanes, not LUTs (docs/boards.md). The
+            # product is registered with the segment's base: the block RAM's clock-to-out and the multiplier end in
+            # a register, the rounding and the add to the base take the next cycle (50 MHz: docs/boards.md, vecfmax)
+            prod = Signal(signed(self.rom_layout["slope"].shape.width + _SEG_BITS + 1), name=f"gate_prod{i}")
+            base = Signal(self.rom_layout["base"].shape, name=f"gate_base{i}")
+            held = Signal(name=f"gate_saturated_reg{i}")
+            m.d.sync += [prod.eq(frac * port.data.slope), base.eq(port.data.base), held.eq(saturated)]
+            step = Signal(signed(len(prod) - _SEG_BITS + 1), name=f"gate_step{i}")
+            m.d.comb += step.eq((prod + (1 << (_SEG_BITS - 1))) >> _SEG_BITS)
+            m.d.sync += self.gate[i].eq(Mux(held, nx.GATE_ONE, base + step))
         return m

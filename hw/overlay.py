@@ -382,6 +382,11 @@ class Overlay(wiring.Component):
         dispatched = Cat(*(getattr(fe, q).valid & getattr(fe, q).ready for q in isa.QUEUES)).any()
         m.d.comb += progress.eq(exec_start | beat | dispatched | Cat(*retire_q.values()).any()
                                 | Cat(*computing_q.values()).any())
+        # the watchdog sees progress a cycle late: progress ORs the executors' starts (the queues' heads, the port
+        # locks and the units' cmd.ready) and the front end's dispatch, paths that should end in a register of
+        # their own rather than run on into the 32-bit count's carry chain
+        progress_seen = Signal(name="progress_seen")
+        m.d.sync += progress_seen.eq(progress)
 
         m.d.sync += self.done.eq(0)
         m.d.comb += fe.start.eq(self.start & ~self.running)
@@ -395,7 +400,7 @@ class Overlay(wiring.Component):
             for cnt in tokens.values():
                 m.d.sync += cnt.eq(0)
         with m.Elif(self.running):
-            m.d.sync += watchdog.eq(Mux(progress, 0, watchdog + 1))
+            m.d.sync += watchdog.eq(Mux(progress_seen, 0, watchdog + 1))
             with m.If(ended):
                 m.d.sync += [self.running.eq(0), self.done.eq(1)]
             with m.Elif(error):
@@ -412,17 +417,22 @@ class Overlay(wiring.Component):
 
         # ------------------------------------------------------------ counters
         ctr = {name: Signal(64, name=f"counter_{name}") for name in COUNTERS}
+        # a write beat's strobes are registered before their count: they come through the arbiter from the writer's
+        # byte-mask logic (STORE's beat geometry). The count lands a cycle later, always before the run ends (the
+        # writer's completion and the queues' drain come after its last beat)
+        wrote_strb = Signal(pb, name="write_beat_strobes")
+        m.d.sync += wrote_strb.eq(Mux(wrote, self.dram.wr.payload.strb, 0))
         with m.If(self.start & ~self.running):
             for c in ctr.values():
                 m.d.sync += c.eq(0)
         with m.Elif(self.running):
-            strb_bytes = balanced_sum(self.dram.wr.payload.strb[i] for i in range(pb))
+            strb_bytes = balanced_sum(wrote_strb[i] for i in range(pb))
             retired = sum(retire_q[q] for q in isa.QUEUES)
             m.d.sync += [
                 ctr["cycles"].eq(ctr["cycles"] + 1),
                 ctr["instructions"].eq(ctr["instructions"] + retired + ended),
                 ctr["bytes_read"].eq(ctr["bytes_read"] + Mux(self.dram.rd.valid, pb, 0)),
-                ctr["bytes_written"].eq(ctr["bytes_written"] + Mux(wrote, strb_bytes, 0)),
+                ctr["bytes_written"].eq(ctr["bytes_written"] + strb_bytes),
                 ctr["insn_bytes_read"].eq(ctr["insn_bytes_read"] + Mux(fe.fetch, isa.INSN_BYTES, 0)),
             ]
             for q in isa.QUEUES:

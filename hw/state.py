@@ -167,17 +167,25 @@ class OnChipState:
         race)."""
         m, kinds, owner = self.m, _kinds(self.config), owner or {}
 
-        def write_port(memory, **kwargs):
+        def write_port(memory, beat=None, **kwargs):
+            """A write port of *memory* behind a register: the writers' multiplexer ends in it, so that a path from
+            a unit's write logic ends there rather than at the block RAMs' inputs across the chip. The word is
+            written a cycle after the unit's ``en``: a read of it issued in that next cycle returns the old word
+            (a poisoned build: inverted), which no unit does. With *beat* (a width), the data register holds one
+            beat that the port replicates over the word."""
             self._writes[memory].append(port := memory.write_port(**kwargs))
-            return port
+            k = len(self._writes[memory]) - 1
+            name = f"{'abuf' if memory is self.abuf else 'acc'}_w{k}"
+            staged = SimpleNamespace(addr=Signal.like(port.addr, name=f"{name}_addr"),
+                                     en=Signal.like(port.en, name=f"{name}_en"),
+                                     data=Signal(beat or len(port.data), name=f"{name}_data"))
+            held = Signal.like(staged.data, name=f"{name}_data_reg")
+            m.d.sync += [port.addr.eq(staged.addr), port.en.eq(staged.en), held.eq(staged.data)]
+            m.d.comb += port.data.eq(held.replicate(len(port.data) // len(held)))
+            return staged  # _share truncates a unit's data to the beat
 
         def abuf_write_port():
-            port = write_port(self.abuf, granularity=16)
-            if not beat_writes:
-                return port
-            beat = Signal(abuf_write_beat(self.config), name=f"abuf_w_beat{len(self._writes[self.abuf]) - 1}")
-            m.d.comb += port.data.eq(beat.replicate(len(port.data) // len(beat)))
-            return SimpleNamespace(addr=port.addr, en=port.en, data=beat)  # _share truncates the data to the beat
+            return write_port(self.abuf, abuf_write_beat(self.config) if beat_writes else None, granularity=16)
 
         def read_port(memory, kind):
             port, mask = _read_port(m, memory, kinds[kind], f"{kind}{len(self._reads)}", self.poison)

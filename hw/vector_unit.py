@@ -3,12 +3,13 @@
 Dataflow
 --------
 Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) stream
-``vector_lanes`` elements per cycle through a six-stage pipeline:
+``vector_lanes`` elements per cycle through a six-stage pipeline (S2 three cycles long):
 
 * S0 issues the activation-buffer word addresses of chunk ``i`` on read ports A and B;
-* S1 selects the chunk's lanes from the returned words (and looks up ACT gates);
-* S2 holds the chunk while the gates are interpolated (the gate table's read and interpolation end in a register
-  there, not in the lane multiplier);
+* S1 selects the chunk's lanes from the returned words;
+* S2 holds the chunk three cycles while the gates are looked up and interpolated (the gate table's address, its
+  read and the interpolation's product, then its rounding and add, each ending in a register; none in the lane
+  multiplier);
 * S2a and S2b compute the wide, exact per-element results (sums aligned as
   :func:`~kvoverlay.numerics.align_sum` does, products, gated inputs, normalized inputs; NORM's
   ``z * g`` in S2b, so that no stage chains two multipliers);
@@ -45,7 +46,7 @@ overwrite inputs it has yet to read).
 
 Results: the destination exponent register (or ARGMAX's scalar register) is written in
 the cycle ``done`` pulses. A fault (:class:`~hw.ports.Fault`) changes no state; set-up faults
-end after one busy cycle and the ``done`` cycle, an exponent overflow after the full run (it is
+end after two busy cycles (decode, set-up) and the ``done`` cycle, an exponent overflow after the full run (it is
 known only once the peak pass is over, before the first write).
 
 Where numerics computes in int64 and the hardware keeps the exact value
@@ -63,7 +64,7 @@ Outside that range numerics wraps and the hardware does not:
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -76,6 +77,7 @@ from .divider import Divider, Multiplier
 from .isa_layout import HEADER_LAYOUT, LAYOUTS
 from .isqrt import Isqrt
 from .lut import GATE_SHAPE, GateLut
+from .lut import LATENCY as GATE_LATENCY
 from .normalize import EXP_SHAPE, EXP_WIDE, Normalizer, bit_length, round_shift_expr, round_shift_halving
 from .ports import EREG_SHAPE, Fault, abuf_lanes, abuf_read, abuf_write, ereg_read, ereg_write, reg_write, unit_signature
 from .widths import log2_exact
@@ -182,13 +184,16 @@ def _pipe(layout) -> stream.Signature:
 
 
 class VectorDecoder(wiring.Component):
-    """Operand fields and set-up checks of a vector instruction (combinational).
+    """Operand fields and set-up checks of a vector instruction.
+
+    ``length`` and ``fault`` are current a cycle after ``insn`` (which holds): ROPE's element count is a product
+    in logic, registered before the checks and the passes take it; the other fields are combinational.
 
     Attributes
     ----------
     insn : In(CMD_LAYOUT)
     src_a, src_b, dst, length : Out(16)
-        Element addresses of the operands and the destination, and the element count.
+        Element addresses of the operands and the destination, and the element count (registered).
     dst_e, ereg_a, ereg_b, ereg_c : Out(range(NUM_EREGS))
         The destination exponent register and the exponent registers to read (:data:`_OPERANDS`).
     fault : Out(Fault)
@@ -206,6 +211,7 @@ class VectorDecoder(wiring.Component):
         m = Module()
         opcode = _opcode(self.insn)
         is_op = {name: opcode == _code(name) for name in OPS}
+        length = Signal(16, name="length_next")
         with m.Switch(opcode):
             for name, (a, b, eregs) in _OPERANDS.items():
                 with m.Case(_code(name)):
@@ -215,7 +221,10 @@ class VectorDecoder(wiring.Component):
                                                                           eregs)]
                     if name != "ARGMAX":
                         m.d.comb += [self.dst.eq(v.dst), self.dst_e.eq(v.dst_e)]
-                    m.d.comb += self.length.eq(narrow_times(v.heads, v.head_dim) if name == "ROPE" else v.len)
+                    m.d.comb += length.eq(narrow_times(v.heads, v.head_dim) if name == "ROPE" else v.len)
+        # ROPE's heads * head_dim (an adder per bit of heads) and the count's uses (the checks' sums and compares, the
+        # issue stage's chunk count) in one cycle were the unit's critical path (docs/boards.md, vecfmax)
+        m.d.sync += self.length.eq(length)
 
         n_words = self.config.act_buffer_words
         lg_l = log2_exact(abuf_lanes(self.config))
@@ -264,14 +273,14 @@ class ChunkIssue(wiring.Component):
     single : In(1)
         A ``PEAK`` pass alone (NORM over each head: the peak of every head before any write).
     src_a, src_b, length : In(16)
-        Element addresses of the sources (buffer-word aligned) and the element count (at least 1).
+        Element addresses of the sources (buffer-word aligned) and the element count (at least 1; ``length`` is
+        taken with ``start``).
     first : In(16)
         The chunk a pass starts from (NORM's heads): the pass covers chunks ``first`` to the one holding element
         ``length - 1``.
     rd_a, rd_b : Out(abuf_read(config))
     early_a, early_b : Out(ArrayLayout(signed(16), vector_lanes))
-        The ports' lanes at S1, a cycle ahead of ``chunk``: port A's for the gate table's synchronous ROM, both for
-        :class:`Rope`, which picks its elements from them.
+        The ports' lanes at S1, a cycle ahead of ``chunk``, for :class:`Rope`, which picks its elements from them.
     ext_select : In(1)
         S1 selects chunks ``ext_chunk_a`` and ``ext_chunk_b`` of the returned words instead of its own (ROPE's
         reads), so that the unit has one word-to-chunk select per port.
@@ -300,13 +309,16 @@ class ChunkIssue(wiring.Component):
         lg_l = log2_exact(abuf_lanes(self.config))
         lg_g = lg_l - lg_v  # chunks per buffer word: 2**lg_g
 
-        # S0
+        # S0; the count is latched at the start, so that the end compare and the lane masks start from a register
         issue = Signal(name="issue")
         idx = Signal(16, name="issue_idx")
         kind = Signal(Pass, name="issue_kind")
         end = Signal(name="pass_end")
+        length = Signal(16, name="pass_length")
+        with m.If(self.start):
+            m.d.sync += length.eq(self.length)
         m.d.comb += [
-            end.eq(idx == ((self.length + V - 1) >> lg_v) - 1),
+            end.eq(idx == ((length + V - 1) >> lg_v) - 1),
             self.last.eq(issue & end & ((kind != Pass.PEAK) | self.single)),
             self.rd_a.addr.eq((self.src_a >> lg_l) + (idx >> lg_g)), self.rd_a.en.eq(1),
             self.rd_b.addr.eq((self.src_b >> lg_l) + (idx >> lg_g)), self.rd_b.en.eq(1),
@@ -331,7 +343,7 @@ class ChunkIssue(wiring.Component):
                      self.early_b.eq(chunk_of(self.rd_b.data, self.ext_chunk_b, "s1_chunk_b")),
                      s1.a.eq(self.early_a), s1.b.eq(self.early_b)]
         for j in range(V):
-            m.d.comb += s1.mask[j].eq((s1.idx * V + j) < self.length)
+            m.d.comb += s1.mask[j].eq((s1.idx * V + j) < length)
 
         # S2
         m.d.sync += [self.chunk.valid.eq(s1_valid), self.chunk.payload.eq(s1)]
@@ -342,7 +354,7 @@ class Elementwise(wiring.Component):
     """Stages S2 to S2b of VADD, VMUL, VSCALE, ACT and NORM's passes: exact wide results of a chunk.
 
     VADD aligns as :func:`~kvoverlay.numerics.align_sum`; ACT multiplies by the gate of
-    :class:`~hw.lut.GateLut`, read from the S1 lanes and registered beside the chunk at S2a; NORM computes ``z * g`` with
+    :class:`~hw.lut.GateLut`, read from the chunk's registered lanes and ready beside it at S2a; NORM computes ``z * g`` with
     ``z = round_shift(x * r + d, NORM_Z_SHIFT)`` from :class:`NormScalar`'s ``r`` and ``d``.
 
     Attributes
@@ -356,12 +368,11 @@ class Elementwise(wiring.Component):
         NORM's ``r``, ``d`` and the exponent of ``r``.
     xshift : In(range(16))
         NORM over each head: the head's left shift to full scale (0 otherwise).
-    early_a : In(ArrayLayout(signed(16), vector_lanes))
     chunk : In(stream.Signature(chunk_layout(config)))
     staged : Out(stream.Signature(chunk_layout(config)))
-        The chunk at S2a, a cycle after ``chunk`` (when its gates and lane products are ready).
+        The chunk at S2a, ``GATE_LATENCY`` cycles after ``chunk`` (when its gates and lane products are ready).
     wide : Out(stream.Signature(wide_layout(config)))
-        The chunk's wide values, for peak and write passes, two cycles after ``chunk`` (stages S2a and S2b).
+        The chunk's wide values, for peak and write passes, two cycles after ``staged`` (stages S2a and S2b).
     exp : Out(EXP_WIDE)
         Exponent of the wide values.
     square : Out(ArrayLayout(SQUARE, vector_lanes))
@@ -375,7 +386,7 @@ class Elementwise(wiring.Component):
         mean_bits = timing.norm_widths(config)["mean_div"] + 2
         super().__init__({"insn": In(CMD_LAYOUT), "exp_a": In(EREG_SHAPE), "exp_b": In(EREG_SHAPE), "dst": In(16),
                           "recip": In(_RECIP_BITS), "mean": In(signed(mean_bits)), "recip_exp": In(EXP_WIDE),
-                          "xshift": In(range(nx.MANT_BITS + 1)), "early_a": In(data.ArrayLayout(LANE, V)),
+                          "xshift": In(range(nx.MANT_BITS + 1)),
                           "chunk": In(_pipe(chunk_layout(config))), "staged": Out(_pipe(chunk_layout(config))),
                           "wide": Out(_pipe(wide_layout(config))), "exp": Out(EXP_WIDE),
                           "square": Out(data.ArrayLayout(SQUARE, V))})
@@ -386,7 +397,10 @@ class Elementwise(wiring.Component):
         f, ea, eb = self.insn, self.exp_a, self.exp_b
         opcode = _opcode(f)
         m.submodules.gate_lut = lut = GateLut(V)
-        m.d.comb += [lut.x.eq(self.early_a), lut.exp.eq(ea), lut.func.eq(f.ACT.func)]
+        # the table reads the chunk's registered lanes, not the S1 lanes: those come from the activation buffer's block
+        # RAM through the word's chunk select, which with the gate's round-shift and the table position ahead of the
+        # ROM's address would be one path (docs/boards.md, vecfmax)
+        m.d.comb += [lut.x.eq(self.chunk.payload.a), lut.exp.eq(ea), lut.func.eq(f.ACT.func)]
 
         # VADD: each operand moves left by its exponent above top = max(ea, eb) - GUARD (numerics.align_sum), so the
         # operand with the larger exponent always moves left by GUARD bits, a plain wiring, and only the other one
@@ -415,11 +429,17 @@ class Elementwise(wiring.Component):
                 with m.Case(_code(name)):
                     m.d.comb += self.exp.eq(exp)
 
-        # S2 registers the chunk beside its gates (the gate table's ROM and interpolation, GateLut); S2a computes
-        # each lane's value (NORM: z) and registers it; S2b multiplies NORM's z by g, so that neither half chains two
-        # multipliers
+        # S2 holds the chunk beside its gates (the gate table's ROM, its interpolation's product, then its rounding
+        # and add: GateLut, LATENCY cycles from S2), GATE_LATENCY cycles; S2a computes each lane's value (NORM: z)
+        # and registers it; S2b multiplies NORM's z by g, so that neither half chains two multipliers
+        s2_valid, s2 = self.chunk.valid, self.chunk.payload
+        for k in range(GATE_LATENCY - 1):
+            held_valid = Signal(name=f"s2_held_valid{k}")
+            held = Signal(chunk_layout(self.config), name=f"s2_held{k}")
+            m.d.sync += [held_valid.eq(s2_valid), held.eq(s2)]
+            s2_valid, s2 = held_valid, held
         c = self.staged.payload
-        m.d.sync += [self.staged.valid.eq(self.chunk.valid), c.eq(self.chunk.payload)]
+        m.d.sync += [self.staged.valid.eq(s2_valid), c.eq(s2)]
         out = self.wide.payload
         is_norm = Signal(name="is_norm")
         m.d.comb += is_norm.eq(opcode == _code("NORM"))
@@ -427,7 +447,6 @@ class Elementwise(wiring.Component):
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
         is_act = Signal(name="is_act")
         m.d.comb += is_act.eq(opcode == _code("ACT"))
-        s2 = self.chunk.payload
         for j in range(V):
             a, b = s2.a[j], s2.b[j]
             # the lane multiplier's operands are chosen at S2 and registered (but for ACT's gate, GateLut's own
@@ -560,12 +579,21 @@ class NormScalar(wiring.Component):
         built = self.config.norm_heads  # NORM over each head: its peak, shift t, scalar store and ALIGN state
         for j in range(V if built else 0):
             chunk_peak = chunk_peak | Mux(c.mask[j], Mux(c.a[j] < 0, -c.a[j], c.a[j])[:16], 0)
+        # the chunk's sums are registered before they accumulate: the squares come straight from the lane
+        # multipliers (Elementwise), and the multiplier, the sum over the lanes and the accumulation in one cycle
+        # were the unit's critical path once the decoder's was gone (docs/boards.md, vecfmax)
+        held_valid = Signal(name="stat_chunk_valid")
+        held_sum = Signal(Value.cast(chunk_sum).shape(), name="stat_chunk_sum")
+        held_sq = Signal(Value.cast(chunk_sq).shape(), name="stat_chunk_sumsq")
+        held_peak = Signal(16, name="stat_chunk_peak")
+        m.d.sync += [held_valid.eq(self.chunk.valid & (c.kind == Pass.STATS)), held_sum.eq(chunk_sum),
+                     held_sq.eq(chunk_sq), held_peak.eq(chunk_peak)]
         with m.If(self.clear):
             m.d.sync += [stat_sum.eq(0), stat_sq.eq(0), stat_peak.eq(0), self.recip.eq(0), self.mean.eq(0),
                          self.xshift.eq(0)]
-        with m.Elif(self.chunk.valid & (c.kind == Pass.STATS)):
-            m.d.sync += [stat_sum.eq(stat_sum + chunk_sum), stat_sq.eq(stat_sq + chunk_sq),
-                         stat_peak.eq(stat_peak | chunk_peak)]
+        with m.Elif(held_valid):
+            m.d.sync += [stat_sum.eq(stat_sum + held_sum), stat_sq.eq(stat_sq + held_sq),
+                         stat_peak.eq(stat_peak | held_peak)]
 
         f = self.insn
         n = Signal(nw["n"], name="norm_n")
@@ -1080,7 +1108,7 @@ class VectorUnit(wiring.Component):
             issue.length.eq(Mux(heads, head_stop, dec.length)),
             issue.first.eq(Mux(heads, head_lo >> log2_exact(cfg.vector_lanes), 0)),
             elem.insn.eq(insn), elem.exp_a.eq(exps[0]), elem.exp_b.eq(exps[1]), elem.dst.eq(dec.dst),
-            elem.early_a.eq(issue.early_a), elem.xshift.eq(scalar.xshift),
+            elem.xshift.eq(scalar.xshift),
             issue.ext_select.eq(is_rope), issue.ext_chunk_a.eq(rope.chunk_a), issue.ext_chunk_b.eq(rope.chunk_b),
             rope.lanes_a.eq(issue.early_a), rope.lanes_b.eq(issue.early_b),
             elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
@@ -1119,6 +1147,8 @@ class VectorUnit(wiring.Component):
         with m.FSM(name="vec_state"):
             with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
                 m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1), head_lo.eq(0), head_idx.eq(0), head_round.eq(0)]
+                m.next = "DECODE"
+            with m.State("DECODE"):  # the decoder registers the element count
                 m.next = "SETUP"
             with m.State("SETUP"):
                 m.d.comb += [wb.clear.eq(1), scalar.clear.eq(1), argmax.clear.eq(1), scalar.reset_max.eq(1)]
@@ -1139,8 +1169,9 @@ class VectorUnit(wiring.Component):
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
             # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk two cycles after its
-            # issue, the sums three (at S2a, beside the squares: NORM_STATS_DRAIN), and the scalar sequence starts in
-            # the last of them (SCALAR) and reads the sums in the cycle after
+            # issue, the sums six (the chunk's sums registered a cycle after S2a, beside the squares:
+            # NORM_STATS_DRAIN), and the scalar sequence starts in the last of them (SCALAR) and reads the sums in the
+            # cycle after
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
                                              ("HEAD_PASS", issue.last, PIPE_DEPTH, "HEAD_NEXT"),
                                              ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),

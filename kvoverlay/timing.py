@@ -109,6 +109,9 @@ def lock_conflicts(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 
 #: Cycles between the memory's acceptance of a read burst and its first data beat's register (hw/dram_model.v).
 PORT_READ_LATENCY = 2
+#: Registers between a writer's beat and the memory (hw/dram.py's arbiter): a write burst's last beat reaches the
+#: memory, and frees it for the next burst, this many cycles after the writer hands it over.
+PORT_WRITE_REGISTERS = 1
 #: Cycles from an instruction's dispatch to the first cycle its unit offers its burst request: the dispatch, then
 #: the unit's states before REQUEST (LOAD, STORE and STACC: CHECK; LDROW: CHECK, ADDRESS, RANGE; GEMV: CHECK,
 #: RANGE, then the request beside the engine's start).
@@ -121,7 +124,8 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
     *offset* counts cycles from the instruction's dispatch to its request (:data:`PORT_REQUEST_OFFSET`); *hold*
     from the cycle the memory accepts it to the first cycle the memory accepts the next: a read's beats, its
     latency and the cycle its last beat frees the memory in; a write's beats at the unit's pace (STORE: a buffer read
-    per four beats; STACC: two cycles per accumulator word and one per beat) and that cycle. The memory serves one
+    per four beats; STACC: two cycles per accumulator word and one per beat), :data:`PORT_WRITE_REGISTERS` and that
+    cycle. The memory serves one
     burst at a time, so a request offered while another holds the port waits, and the whole unit with it: its
     instruction ends that many cycles later than :func:`unit_cycles` says.
     """
@@ -136,20 +140,25 @@ def port_burst(config, ins: isa.Instr) -> tuple[int, int] | None:
         words = gemv_tile_words(config, ins)
     elif op == "STORE":
         beats = _ceil(nx.vector_record_size(ins.fields["len"]), config.port_bytes)
-        return PORT_REQUEST_OFFSET[op], beats + _ceil(beats, 4) + 1
+        return PORT_REQUEST_OFFSET[op], beats + _ceil(beats, 4) + 1 + PORT_WRITE_REGISTERS
     else:
         n = ins.fields["len"]
-        return PORT_REQUEST_OFFSET[op], 2 * n + _ceil(8 * n, config.port_bytes) + 1
+        return PORT_REQUEST_OFFSET[op], 2 * n + _ceil(8 * n, config.port_bytes) + 1 + PORT_WRITE_REGISTERS
     return PORT_REQUEST_OFFSET[op], words + PORT_READ_LATENCY + 1
 
 
 # ---------------------------------------------------------------- vector unit
 #: Pipeline stages between issuing a chunk's reads and its result leaving the last stage (issue, lane select, the
-#: chunk held while its gates are interpolated, two elementwise stages, write-back).
-VECTOR_PIPE_DEPTH = 5
-#: NORM's statistics pass: cycles from its last issue until the sums take the last chunk (beside its squares, at the
-#: elementwise stage S2a), the scalar sequence starting in the last of them.
-NORM_STATS_DRAIN = 2
+#: chunk held three cycles while its gates are looked up from its registered lanes (hw/lut.py: the table's address,
+#: its read and the product, then the rounding and add), two elementwise stages, write-back).
+VECTOR_PIPE_DEPTH = 7
+#: Cycles from taking an instruction to its first issue: the decoder's registered element count (DECODE; ROPE's is
+#: a product in logic) and the set-up (SETUP, where a set-up fault ends the instruction).
+VECTOR_SETUP_CYCLES = 2
+#: NORM's statistics pass: cycles from its last issue until the sums take the last chunk (its sums over the lanes
+#: registered a cycle after the elementwise stage S2a, where its squares come from the lane multipliers), the scalar
+#: sequence starting in the last of them.
+NORM_STATS_DRAIN = 5
 #: The same for ROPE's own issue and product stages.
 ROPE_PIPE_DEPTH = 3
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
@@ -169,6 +178,9 @@ NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // 
 NORM_SCALAR_REGISTERS = 3
 
 # ---------------------------------------------------------------- attention engine
+#: Cycles of a KVAPPEND's or ATTN's decode, a rejected one's included (hw/attention.py AttnDecoder: the fields; the
+#: products and compares; the buffer ranges; ``q_heads % kv_heads`` two quotient bits a cycle beside them; the fault).
+ATTN_DECODE_CYCLES = 5
 #: Cycles of the softmax reciprocal's restoring divider (one quotient bit per cycle): the sum l is at least
 #: GATE_ONE (the running max's own p), so ``(1 << ATTN_RECIP_BITS) // l`` has only this many bits and the
 #: divider skips the leading zeros (hw/attention.py, attention_widths).
@@ -177,8 +189,8 @@ ATTN_DIVIDER_CYCLES = nx.ATTN_RECIP_BITS - (nx.GATE_ONE.bit_length() - 1) + 1
 #: ScoreStage: operands and products, the dot product, the rounding shift, the saturation and store).
 ATTN_SCORE_LATENCY = 4
 #: Register stages of ATTN's 2^-x (hw/attention.py Exp2Neg: the product by log2(e), the table's registered read,
-#: the interpolation, the shift).
-ATTN_EXP2_LATENCY = 4
+#: the block RAM's word registered, the interpolation, the shift).
+ATTN_EXP2_LATENCY = 5
 #: Cycles from a value chunk's issue to its p (the score difference's register, then 2^-x).
 ATTN_P_LATENCY = 1 + ATTN_EXP2_LATENCY
 #: Drain cycles after a head's last value chunk: its p, then the value stage's product, term round-shift, two
@@ -433,7 +445,7 @@ VECTOR_OPS = ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX")
 def vector_cycles(op: str, fields: dict, config) -> int:
     """Cycles the vector unit's ``busy`` stays high for one instruction (error-free run), its ``done`` cycle included.
 
-    Chunk ops: one set-up cycle, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
+    Chunk ops: :data:`VECTOR_SETUP_CYCLES`, ``2 * ceil(len / V)`` issue cycles (peak and write passes back to back),
     :data:`VECTOR_PIPE_DEPTH` drain cycles, one finishing cycle and the ``done`` cycle. NORM adds a statistics pass
     (``ceil(len / V) + NORM_STATS_DRAIN + 1``) and the scalar sequence (LayerNorm's three products on a shift-and-add multiplier; the
     rounding of the mean square plus eps in :data:`NORM_SCALAR_STEPS` steps); over each head (``head_dim``), three
@@ -444,11 +456,11 @@ def vector_cycles(op: str, fields: dict, config) -> int:
     V = config.vector_lanes
     done = 1
     if op in ("VADD", "VMUL", "VSCALE", "ACT"):
-        return 1 + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1 + done
+        return VECTOR_SETUP_CYCLES + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1 + done
     if op == "ARGMAX":
-        return 1 + _ceil(fields["len"], V) + 2 + 1 + done
+        return VECTOR_SETUP_CYCLES + _ceil(fields["len"], V) + 2 + 1 + done
     if op == "ROPE":
-        return 1 + 2 * fields["heads"] * fields["head_dim"] + ROPE_PIPE_DEPTH + 1 + 1 + done
+        return VECTOR_SETUP_CYCLES + 2 * fields["heads"] * fields["head_dim"] + ROPE_PIPE_DEPTH + 1 + 1 + done
     if op == "NORM":
         w = norm_widths(config)
         layer = isa.ENUMS["norm"][fields["kind"]] == "layer"
@@ -469,15 +481,15 @@ def vector_cycles(op: str, fields: dict, config) -> int:
             shift = divider_cycles(w["ms_div"], k) + 2 - 1
             heads = [min(hd, n - lo) for lo in range(0, n, hd)]
             return sum(_ceil(h, V) + scalar - (shift if h & (h - 1) == 0 else 0) + NORM_STATS_DRAIN + 1
-                       + 2 * (_ceil(h, V) + VECTOR_PIPE_DEPTH + 4) for h in heads) + 1 + done
-        return 1 + nch + NORM_STATS_DRAIN + 1 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
+                       + 2 * (_ceil(h, V) + VECTOR_PIPE_DEPTH + 4) for h in heads) + VECTOR_SETUP_CYCLES + done
+        return VECTOR_SETUP_CYCLES + nch + NORM_STATS_DRAIN + 1 + scalar + 2 * nch + VECTOR_PIPE_DEPTH + 1 + done
     raise ValueError(f"{op!r} is not a vector-unit opcode; expected one of {', '.join(VECTOR_OPS)}")
 
 
 def kvappend_cycles(config, heads: int, head_dim: int) -> int:
-    """Busy cycles of a legal KVAPPEND: decode, a K pass and a V pass of ``ceil(head_dim / lanes)`` chunks per head
-    (at least one, which writes the exponents), one drain cycle, the done cycle."""
-    return 1 + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
+    """Busy cycles of a legal KVAPPEND: decode (ATTN_DECODE_CYCLES), a K pass and a V pass of ``ceil(head_dim /
+    lanes)`` chunks per head (at least one, which writes the exponents), one drain cycle, the done cycle."""
+    return ATTN_DECODE_CYCLES + 2 * heads * max(1, _ceil(head_dim, config.vector_lanes)) + 1 + 1
 
 
 def _attn_head(nch: int, sizes: list) -> int:
@@ -516,14 +528,14 @@ def attn_cycles(config, q_heads: int, head_dim: int, kv_len: int, *, overflow: b
     it: that phase takes ``max(n_0 * c + ATTN_SCORE_LATENCY, finish + 1)``. After the last head: its finish + 1, a
     peak pass and a write pass over the ``ceil(q_heads * head_dim / attn_output_lanes)`` output slots
     (ATTN_OUTPUT_PEAK_DRAIN and ATTN_OUTPUT_WRITE_DRAIN after them) and a normalization step; plus the decode
-    and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization
+    (ATTN_DECODE_CYCLES) and done cycles. With *overflow* (output exponent above EXP_MAX, an OVERFLOW fault found at the normalization
     step) the write pass is skipped.
     """
     V, T = config.vector_lanes, config.attn_tile
     nch = _ceil(head_dim, V)
     sizes = [min(T, kv_len - lo) for lo in range(0, kv_len, T)]
     head = _attn_head(nch, sizes)
-    total, finish = 1, 0
+    total, finish = ATTN_DECODE_CYCLES, 0
     for h in range(q_heads):
         first_scores = sizes[0] * nch + ATTN_SCORE_LATENCY
         total += (max(first_scores, finish + 1) if h else first_scores) + head

@@ -11,7 +11,7 @@ pytest.importorskip("amaranth")
 from amaranth.hdl import Const, Fragment, Module, Signal, signed
 from amaranth.hdl._ir import build_netlist
 from amaranth.sim import Simulator
-from kvoverlay.hw.arith import low_mask, select_bits, select_word, shift_left
+from kvoverlay.hw.arith import low_mask, one_hot_select, or_all, select_bits, select_word, shift_left
 
 
 def _equal_on_all_inputs(inputs, pairs_of):
@@ -66,6 +66,13 @@ def test_select_word_is_word_select():
     _equal_on_all_inputs([v, i], lambda m: [(select_word(m, v, i, 3), v.word_select(i, 3))])
     with pytest.raises(ValueError, match="fewer than"):
         select_word(None, v, Signal(3), 3)  # refused before anything is added to a module
+
+
+def test_one_hot_select_is_word_select_and_or_all_is_or():
+    v, i = Signal(12), Signal(2)
+    a, b, c = Signal(2), Signal(3), Signal(1)
+    _equal_on_all_inputs([v, i], lambda m: [(one_hot_select(v, Const(1, 4) << i, 3), v.word_select(i, 3))])
+    _equal_on_all_inputs([a, b, c], lambda m: [(or_all([a, b, c]), a | b | c), (or_all([b]), b)])
 
 
 def _edges(value_of, inputs):

@@ -27,7 +27,7 @@ from kvoverlay.sim.rtl import prune_build
 
 from kvoverlay import isa, numerics, toolchain
 from kvoverlay.config import PRESETS
-from kvoverlay.timing import ATTN_EXP2_LATENCY, attn_cycles, attn_output_lanes, kvappend_cycles
+from kvoverlay.timing import ATTN_DECODE_CYCLES, ATTN_EXP2_LATENCY, attn_cycles, attn_output_lanes, kvappend_cycles
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]
@@ -184,7 +184,7 @@ class Scenario:
                 length = self.regs[f["len_reg"]] + f["len_imm"]
                 assert r["cycles"] == attn_cycles(CFG, f["q_heads"], f["head_dim"], length, overflow=True)
             elif err:
-                assert r["cycles"] == 2, "a rejected instruction costs its decode and done cycles only"
+                assert r["cycles"] == ATTN_DECODE_CYCLES + 1, "a rejected instruction costs its decode and done cycles only"
             elif ins.op == "KVAPPEND":
                 assert r["cycles"] == kvappend_cycles(CFG, f["heads"], f["head_dim"])
             else:
@@ -417,9 +417,16 @@ def test_q_heads_beyond_scratch_fault():
     async def tb(ctx):
         for qh in (4, 5):
             ctx.set(dec.insn.as_value(), isa.encode(isa.Instr("ATTN", {**fields, "q_heads": qh})))
+            ctx.set(dec.start, 1)
+            await ctx.tick()
+            ctx.set(dec.start, 0)
+            await ctx.tick().repeat(ATTN_DECODE_CYCLES - 2)
+            assert ctx.get(dec.done)
             faults[qh] = Fault(ctx.get(dec.fault))
+            await ctx.tick()
 
     sim = Simulator(dec)
+    sim.add_clock(1e-6)
     sim.add_testbench(tb)
     sim.run()
     assert faults == {4: Fault.NONE, 5: Fault.SHAPE}

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("amaranth")
 
 from amaranth.sim import Simulator
-from kvoverlay.hw.lut import GateLut
+from kvoverlay.hw.lut import LATENCY, GateLut
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
@@ -48,10 +48,10 @@ def test_gate_table_matches_numerics():
     got = []
 
     async def tb(ctx):
-        # a new group of inputs (and a new exponent and table) every cycle; each group's gates two cycles later
+        # a new group of inputs (and a new exponent and table) every cycle; each group's gates LATENCY cycles later
         groups = [(ex, func, xs[k:k + LANES]) for ex, func, xs in cases for k in range(0, len(xs), LANES)]
         out = []
-        for i in range(len(groups) + 1):
+        for i in range(len(groups) + LATENCY - 1):
             if i < len(groups):
                 ex, func, xs = groups[i]
                 ctx.set(dut.exp, ex)
@@ -59,7 +59,7 @@ def test_gate_table_matches_numerics():
                 for j in range(LANES):
                     ctx.set(dut.x[j], xs[j])
             await ctx.tick()
-            if i >= 1:
+            if i >= LATENCY - 1:
                 out += [ctx.get(dut.gate[j]) for j in range(LANES)]
         pos = 0
         for ex, func, xs in cases:
@@ -87,7 +87,7 @@ def test_saturates_beyond_int64_shifts():
             ctx.set(dut.func, isa.ENUMS["func"].index("silu"))
             for j in range(LANES):
                 ctx.set(dut.x[j], xs[j])
-            await ctx.tick().repeat(2)
+            await ctx.tick().repeat(LATENCY)
             got[ex] = [ctx.get(dut.gate[j]) for j in range(LANES)]
 
     sim = Simulator(dut)

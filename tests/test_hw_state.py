@@ -1,6 +1,6 @@
-"""The on-chip state's buffers (hw/state.py): a read of the word written in the same cycle keeps Amaranth's read-first
-result unless the build poisons it (simulation tops), where the lanes of every block RAM row a write touches read
-inverted; and Yosys maps the buffers' read ports without the read-first emulation (``no_rw_check``)."""
+"""The on-chip state's buffers (hw/state.py): a write reaches the block RAM a cycle after its port's ``en`` (the write
+port's register); a read of the word in that cycle keeps Amaranth's read-first result unless the build poisons it
+(simulation tops), where the lanes of every block RAM row a write touches read inverted; and Yosys maps the buffers' read ports without the read-first emulation (``no_rw_check``)."""
 
 import os
 import shutil
@@ -57,8 +57,9 @@ def set_abuf_write(ctx, h, addr, data, en):
 
 
 def collide(poison):
-    """Word 3 holds lanes 0x1000 + i; then lane 0 is written with 0xBEEF while word 3 is read (and word 0 of the
-    accumulators likewise). Returns the two reads' lanes, the accumulator read and a later read's lanes."""
+    """Word 3 holds lanes 0x1000 + i; then lane 0 is written with 0xBEEF (and word 0 of the accumulators likewise)
+    and word 3 is read in the next cycle, while the write port's register writes the block RAM. Returns the two
+    reads' lanes, the accumulator read and a later read's lanes."""
     top = StateTop(poison)
     h = top.host
     out = {}
@@ -69,16 +70,21 @@ def collide(poison):
         ctx.set(h.acc_w.data, 0x1234)
         ctx.set(h.acc_w.en, 1)
         await ctx.tick()
+        ctx.set(h.abuf_w.en, 0)
+        ctx.set(h.acc_w.en, 0)
+        await ctx.tick()  # the first writes reach the block RAM
         ctx.set(h.abuf_w.data, 0xBEEF)
         ctx.set(h.abuf_w.en, 1)
         ctx.set(h.acc_w.data, 0x5678)
+        ctx.set(h.acc_w.en, 1)
+        await ctx.tick()
+        ctx.set(h.abuf_w.en, 0)
+        ctx.set(h.acc_w.en, 0)
         for port, addr in ((h.abuf_r, 3), (h.acc_r, 0)):
             ctx.set(port.addr, addr)
             ctx.set(port.en, 1)
         await ctx.tick()
         out["collided"], out["acc"] = lanes_of(ctx.get(h.abuf_r.data)), ctx.get(h.acc_r.data)
-        ctx.set(h.abuf_w.en, 0)
-        ctx.set(h.acc_w.en, 0)
         await ctx.tick()
         out["after"] = lanes_of(ctx.get(h.abuf_r.data))
 
@@ -116,6 +122,7 @@ def test_a_units_write_data_is_its_first_beat_replicated(beat_writes):
         set_abuf_write(ctx, h, 1, word, (1 << LANES) - 1)
         await ctx.tick()
         ctx.set(h.abuf_w.en, 0)
+        await ctx.tick()  # the write port's register writes the block RAM
         ctx.set(h.abuf_r.addr, 1)
         ctx.set(h.abuf_r.en, 1)
         await ctx.tick()
@@ -124,6 +131,22 @@ def test_a_units_write_data_is_its_first_beat_replicated(beat_writes):
     simulate(top, tb)
     assert per_beat < LANES
     assert out["lanes"] == [0x100 + (i % per_beat if beat_writes else i) for i in range(LANES)]
+
+
+@pytest.mark.parametrize("beat_writes", [False, True])
+def test_every_buffer_write_port_starts_at_flip_flops(beat_writes):
+    """The block RAMs' write ports (address, data, enables) are driven by flip-flops alone: a unit's write logic and
+    the writers' multiplexer end in the write port's register, not at block RAMs across the chip."""
+    from amaranth.hdl import Fragment, _nir
+    from amaranth.hdl._ir import build_netlist
+
+    top = StateTop(poison=False, beat_writes=beat_writes)
+    netlist = build_netlist(Fragment.get(top, None), ports=[v for _, _, v in top.signature.flatten(top)])
+    ports = [cell for cell in netlist.cells if isinstance(cell, _nir.SyncWritePort)]
+    assert len(ports) == 2  # the activation and the accumulator buffer
+    for cell in ports:
+        for net in (*cell.addr, *cell.data, *cell.en):
+            assert net.is_const or isinstance(netlist.cells[net.cell], _nir.FlipFlop), (cell, net)
 
 
 def _yosys():

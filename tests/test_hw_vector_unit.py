@@ -26,7 +26,7 @@ from kvoverlay.sim.rtl import prune_build
 from kvoverlay import isa, toolchain
 from kvoverlay import numerics as nx
 from kvoverlay.config import PRESETS
-from kvoverlay.timing import VECTOR_OPS, vector_cycles
+from kvoverlay.timing import VECTOR_OPS, VECTOR_SETUP_CYCLES, vector_cycles
 
 TESTS = Path(__file__).parent
 CFG = PRESETS["tiny"]
@@ -338,7 +338,8 @@ def _check(case, res, cfg=CFG):
     assert res["eregs"] == case.exp_eregs, f"{case.label}: exponent registers differ"
     assert res["regs"] == case.exp_regs, f"{case.label}: scalar registers differ"
     if case.expect_code in (Fault.UNALIGNED, Fault.OUT_OF_RANGE, Fault.SHAPE, Fault.OPCODE):
-        assert res["cycles"] == 2, case.label  # the set-up cycle that finds the fault, then the done cycle
+        # the decode cycle, the set-up cycle that finds the fault, then the done cycle
+        assert res["cycles"] == VECTOR_SETUP_CYCLES + 1, case.label
     else:
         assert res["cycles"] == vector_cycles(case.op, case.fields, cfg), (case.label, res["cycles"])
 
@@ -536,7 +537,7 @@ def test_norm_eps_shifts_in_amaranth_sim():
                          ids=["VADD", "ARGMAX", "set-up-fault"])
 def test_unit_protocol(op, fields):
     """The one unit protocol: ``cmd.ready`` exactly while not busy; ``busy`` from the cycle after the transfer up to
-    and including the one ``done`` cycle; the busy window is the instruction's cycle count (2 for a set-up fault)."""
+    and including the one ``done`` cycle; the busy window is the instruction's cycle count (VECTOR_SETUP_CYCLES + 1 for a set-up fault)."""
     from amaranth.sim import Simulator
 
     dut = VectorUnitSimTop(CFG)
@@ -563,4 +564,4 @@ def test_unit_protocol(op, fields):
     window = busy.index(0)
     assert busy[0] == 1 and not any(busy[window:]), busy
     assert [d for _, _, d in trace] == [0] * (window - 1) + [1] + [0] * (len(trace) - window)
-    assert window == (2 if op == "VMUL" else vector_cycles(op, fields, CFG))
+    assert window == (VECTOR_SETUP_CYCLES + 1 if op == "VMUL" else vector_cycles(op, fields, CFG))
