@@ -18,8 +18,9 @@ accumulate in one GEMV). The KV layout does not change (part p's heads are the l
 ``p * kv_heads / parts`` on, at their columns), so the host's KV fill and offload see the same layer.
 
 A layer stays whole where the pattern is not this plain one (a q/k norm, a GEMV read by another op, a
-pre-quantized matrix, a vector the host reads), in a hybrid program (its host merges ATTNs by layer), for a
-layer off the KV pool, and with one KV head.
+pre-quantized matrix, a vector the host reads), for a layer off the KV pool (the host runs its attention), and
+with one KV head. A hybrid program's host merges each part's ATTN with the offloaded KV of the part's heads, which
+its KVAPPEND (at the part's ``kv_base``) handed over.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections import defaultdict
 
 from kvoverlay.config import OverlayConfig
 
-from .codegen import kv_layout, kv_registers
+from .codegen import kv_layout
 from .fused.attention import Attention
 from .fused.elementwise import Add, AddC
 from .fused.linear import Linear, Requant
@@ -43,10 +44,10 @@ __all__ = ["MAX_PARTS", "split_attention"]
 MAX_PARTS = 2
 
 
-def split_attention(og: OverlayGraph, cfg: OverlayConfig, max_seq: int | None, parts: int = MAX_PARTS) -> int:
+def split_attention(og: OverlayGraph, cfg: OverlayConfig, parts: int = MAX_PARTS) -> int:
     """Split each splittable layer's attention of *og* (in place) into up to *parts* parts by KV heads; returns
     the number of layers split."""
-    if kv_registers(cfg, max_seq) or parts < 2:
+    if parts < 2:
         return 0
     bases = kv_layout(og, cfg)
     split = 0
