@@ -1,6 +1,7 @@
 """The pass list: every pass dumps under its own name, the dumps are what the compile made, and a compile
 is deterministic (the same model twice gives the same bundle bytes)."""
 
+import itertools
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def test_compile_dumps_every_pass(model, tmp_path):
     unfolded = [isa.Instr(i.op, {**i.fields, "fold": 0} if i.op == "REQ" else i.fields) for i in untokened]
     follows = [bool(i.fields.get("fold")) for i in untokened if i.op == "REQ"]
     assert follows == [prev.op == "GEMV" and prev.fields["acc"] == i.fields["acc"]
-                       for prev, i in zip(untokened, untokened[1:], strict=False) if i.op == "REQ"]
+                       for prev, i in itertools.pairwise(untokened) if i.op == "REQ"]
     assert sum(follows) > len(follows) // 2
     assert (tmp_path / "11_emit.s").read_text() == isa.disassemble(unfolded)
     assert "matrix w0:" in (tmp_path / "08_calibrate.txt").read_text()

@@ -253,8 +253,8 @@ def test_attention_runs_beside_the_weight_stream(model_dir, stats):
                                  CFG.port_bytes))
     lines += ["NOP queue=compute pop_prev push_next",
               f"KVAPPEND k=256 k_e=E2 v=384 v_e=E3 kv_base=0 heads={kvh} head_dim={d} pos_reg=R0 pos_imm=0 pop_prev",
-              f"ATTN q=0 q_e=E1 dst=512 dst_e=E4 kv_base=0 q_heads={qh} kv_heads={kvh} head_dim={d} len_reg=R0 "
-              f"len_imm=1 stats={stats}",
+              (f"ATTN q=0 q_e=E1 dst=512 dst_e=E4 kv_base=0 q_heads={qh} kv_heads={kvh} head_dim={d} len_reg=R0 "
+               f"len_imm=1 stats={stats}"),
               f"GEMV addr={waddr:#x} rows={rows} cols=128 fmt=int4 lg_group=2 sexp=-9 x=1024 x_e=E5 acc=0 acc_e=E6",
               "END"]
     program = isa.assemble("\n".join(lines))
@@ -630,8 +630,8 @@ def test_attention_over_unwritten_positions(model_dir, qh, kvh, d, length, holes
         load(kvh * d, 192, 3, int(rng.integers(-16, -8)), " push_next")
         # KVAPPEND runs in the store queue: the compute queue relays the tokens both ways
         lines += ["NOP queue=compute pop_prev push_next",
-                  f"KVAPPEND k=320 k_e=E2 v=192 v_e=E3 kv_base=7 heads={kvh} head_dim={d} pos_reg=R1 pos_imm={t} "
-                  "pop_prev push_prev", "NOP queue=compute pop_next push_prev"]
+                  (f"KVAPPEND k=320 k_e=E2 v=192 v_e=E3 kv_base=7 heads={kvh} head_dim={d} pos_reg=R1 pos_imm={t} "
+                   "pop_prev push_prev"), "NOP queue=compute pop_next push_prev"]
         first = False
     lines += [(f"ATTN q=0 q_e=E1 dst=64 dst_e=E4 kv_base=7 q_heads={qh} kv_heads={kvh} head_dim={d} len_reg=R1 "
               f"len_imm={length} stats=100"), "NOP queue=load pop_next", "END"]
