@@ -44,9 +44,10 @@ __all__ = ["MAX_PARTS", "split_attention"]
 MAX_PARTS = 2
 
 
-def split_attention(og: OverlayGraph, cfg: OverlayConfig, parts: int = MAX_PARTS) -> int:
-    """Split each splittable layer's attention of *og* (in place) into up to *parts* parts by KV heads; returns
-    the number of layers split."""
+def split_attention(og: OverlayGraph, cfg: OverlayConfig, parts: int | None = None) -> int:
+    """Split each splittable layer's attention of *og* (in place) into up to *parts* (default :data:`MAX_PARTS`)
+    parts by KV heads; returns the number of layers split."""
+    parts = MAX_PARTS if parts is None else parts
     if parts < 2:
         return 0
     bases = kv_layout(og, cfg)
