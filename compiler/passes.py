@@ -139,7 +139,7 @@ def _fuse(c: Compilation) -> None:
 
 
 def _split_attention(c: Compilation) -> None:
-    split_attention(c.og, c.cfg)
+    split_attention(c.og, c.cfg, c.weights)
 
 
 def _calibrate(c: Compilation) -> None:

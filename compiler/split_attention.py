@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from kvoverlay import numerics as nx
+from kvoverlay import timing
 from kvoverlay.config import OverlayConfig
 
 from .codegen import kv_layout
@@ -35,8 +37,9 @@ from .fused.elementwise import Add, AddC
 from .fused.linear import Linear, Requant
 from .fused.rope import Rope
 from .overlay_graph import OverlayGraph, VOp
+from .quantize import group_for
 
-__all__ = ["MAX_PARTS", "split_attention"]
+__all__ = ["MAX_PARTS", "parts_for", "split_attention"]
 
 #: The most parts a layer's attention is split into: each part costs a REQ and a VADD of the hidden vector more
 #: (its O product) and an ATTN's output passes; two already put the attention of the bench's default shape under
@@ -44,21 +47,49 @@ __all__ = ["MAX_PARTS", "split_attention"]
 MAX_PARTS = 2
 
 
-def split_attention(og: OverlayGraph, cfg: OverlayConfig, parts: int | None = None) -> int:
-    """Split each splittable layer's attention of *og* (in place) into up to *parts* (default :data:`MAX_PARTS`)
-    parts by KV heads; returns the number of layers split."""
-    parts = MAX_PARTS if parts is None else parts
-    if parts < 2:
-        return 0
+def parts_for(cfg: OverlayConfig, fmt: str, hidden: int, q_heads: int, kv_heads: int, head_dim: int,
+              parts: int | None = None) -> int:
+    """Parts a layer's attention is split into: the most of at most *parts* (default :data:`MAX_PARTS`) that divide
+    *kv_heads*, if the split hides more cycles than it adds by the timing formulas, else 1.
+
+    Hidden: each part's attention over ``cfg.kv_capacity`` positions, up to the weight words streamed beside it (the
+    next part's q/k/v GEMVs, the previous part's O product, in *fmt* with ``cfg.group_size`` groups). Added: per
+    part but the first a REQ and a VADD of the hidden vector (its O product), and per part the peak passes of the
+    REQs that no longer follow their GEMV (q and k). So a wide port, where the weights stream fast and a REQ of the
+    hidden vector at one element per cycle weighs more, keeps its layers whole.
+    """
+    limit = MAX_PARTS if parts is None else parts
+    n = max(p for p in range(1, min(limit, kv_heads) + 1) if kv_heads % p == 0)
+    if n < 2:
+        return 1
+    hq, hk = q_heads // n, kv_heads // n
+
+    def stream(rows, cols):
+        stride = nx.row_stride(cols, fmt, group_for(cols, cfg.group_size), cfg.port_bytes)
+        return rows * stride // cfg.port_bytes
+
+    attn = timing.attn_cycles(cfg, hq, head_dim, cfg.kv_capacity) + timing.kvappend_cycles(cfg, hk, head_dim)
+    qkv, o_proj = stream((hq + 2 * hk) * head_dim, hidden), stream(hidden, hq * head_dim)
+    hidden_cycles = min(attn, qkv) + (n - 2) * min(attn, qkv + o_proj) + min(attn, o_proj)
+    added = ((n - 1) * (timing.req_cycles(cfg, hidden, fold=1) + timing.vector_cycles("VADD", {"len": hidden}, cfg))
+             + n * (hq + hk) * head_dim)
+    return n if hidden_cycles > added else 1
+
+
+def split_attention(og: OverlayGraph, cfg: OverlayConfig, fmt: str = "int8", parts: int | None = None) -> int:
+    """Split each splittable layer's attention of *og* (in place) into :func:`parts_for` parts by KV heads (its
+    weights in *fmt*); returns the number of layers split."""
     bases = kv_layout(og, cfg)
     split = 0
     for attn in [op for op in og.ops if op.kind == "attn"]:
         a = attn.attrs
-        n = max(p for p in range(1, min(parts, a["kv_heads"]) + 1) if a["kv_heads"] % p == 0)
-        if n < 2 or "kv_group" in a or bases.get(a["layer"], cfg.kv_columns) >= cfg.kv_columns:
+        if "kv_group" in a or bases.get(a["layer"], cfg.kv_columns) >= cfg.kv_columns:
             continue
         plan = _plan(og, attn)
-        if plan is not None:
+        if plan is None:
+            continue
+        n = parts_for(cfg, fmt, og.lengths[plan[1].out], a["q_heads"], a["kv_heads"], a["head_dim"], parts)
+        if n > 1:
             _rewrite(og, attn, n, *plan)
             split += 1
     return split

@@ -148,11 +148,11 @@ def decode_instructions(shape: ModelShape, config, fmt: str, devices: int = 1) -
 _PUSH, _POP, _BOTH = ("push_next",), ("pop_prev",), ("pop_next", "push_next")
 
 
-def _parts(qh, kvh):
-    """Parts of a layer's attention (compiler.split_attention): the most of at most MAX_PARTS dividing kvh."""
-    from kvoverlay.compiler import split_attention
+def _parts(s, H, hd, qh, kvh):
+    """Parts of a layer's attention, as compiler.split_attention splits it."""
+    from kvoverlay.compiler.split_attention import parts_for
 
-    return max(p for p in range(1, min(split_attention.MAX_PARTS, kvh) + 1) if kvh % p == 0)
+    return parts_for(s.cfg, s.fmt, H, qh, kvh, hd)
 
 
 def _split_attention(s, H, hd, qh, kvh, first):
@@ -162,7 +162,7 @@ def _split_attention(s, H, hd, qh, kvh, first):
     k from its RoPE), and the compute queue's REQs that overwrite what part p - 1's KVAPPEND and ATTN read, and the
     O products, wait for them (in the first layer the buffers' allocation makes part 1's KVAPPEND and the last O
     product exchange one token more). The parts' O products are summed by VADDs."""
-    n = _parts(qh, kvh)
+    n = _parts(s, H, hd, qh, kvh)
     hq, hk = qh // n, kvh // n
 
     def o_gemv(p, deps=()):
@@ -201,7 +201,7 @@ def _llama_layers(s, shape, H, hd, qh, kvh, F):
         first = layer == 0
         s.load(H, _PUSH if first else _BOTH)  # the norm's gain
         s.add("NORM", _POP, len=H, kind=rms)
-        split = _parts(qh, kvh) > 1
+        split = _parts(s, H, hd, qh, kvh) > 1
         if split:
             if first:  # the rotary tables' rows of this position, shared by every layer
                 s.code[-1] = isa.Instr("NORM", s.code[-1].fields, frozenset(("pop_prev", "push_prev")))
@@ -256,7 +256,7 @@ def _gpt2_layers(s, shape, H, hd, qh, kvh, F):
         """compiler.split_attention's order and the compiler's tokens for GPT-2's biased q/k/v and O (the bias
         records come in through the load queue after each part's REQs; the parts' O products summed before the O
         bias)."""
-        n = _parts(qh, kvh)
+        n = _parts(s, H, hd, qh, kvh)
         hq, hk = qh // n, kvh // n
         for p in range(n):
             shapes = [(hq * hd, H), (hk * hd, H), (hk * hd, H)]
@@ -286,7 +286,7 @@ def _gpt2_layers(s, shape, H, hd, qh, kvh, F):
     s.add("VADD", both_ways, len=H)
     for layer in range(shape.layers):
         norm()
-        if _parts(qh, kvh) > 1:
+        if _parts(s, H, hd, qh, kvh) > 1:
             split_attention()
             norm(last_pushes=False)
             biased(F, H, ("push_prev",), _POP)
