@@ -115,10 +115,17 @@ class Codegen:
         #: (KVAPPEND's slot register, ATTN's length register, ATTN's length immediate): see :func:`kv_registers`
         self.kv_slot_reg, self.kv_len_reg, self.kv_len_imm = ((REG_KV_SLOT, REG_KV_LEN, 0) if kv_registers(cfg, max_seq)
                                                                else (REG_POSITION, REG_POSITION, 1))
+        #: Whether ATTN writes its softmax statistics: only a hybrid program's (:func:`kv_registers`) host merges
+        #: them; elsewhere ATTN skips them (``isa.ATTN_NO_STATS``), holds no accumulator port and runs beside the GEMVs.
+        self.attn_stats = kv_registers(cfg, max_seq)
         #: GEMV output rows the accumulator buffer holds; attention's softmax statistics live above them.
         self.acc_rows = self.stats_addr = acc_rows
         self.lengths = dict(og.lengths)  # plus this step's scratch vectors
         self.abuf = Allocator(cfg.act_buffer_words, cfg.abuf_lanes, "activation buffer")
+        #: accumulator rows of the GEMVs whose REQ is still to come, and the placeholder vectors naming them
+        #: (``(acc, acc_e)`` in :attr:`where`, their rows here): a Linear with ``defer`` and its Requant
+        self.acc = Allocator(acc_rows, 1, "accumulator buffer")
+        self.pending: dict = {}
         self.eregs = Registers(isa.NUM_EREGS)
         self.where: dict = {}  # live vector -> (abuf address, ereg)
         self.code: list = []
@@ -157,9 +164,17 @@ class Codegen:
         self.instr("LOAD", addr=self.records[cname], len=n, dst=dst[0], dst_e=dst[1])
         return dst
 
+    def pend(self, name: str, acc: int, acc_e: int, rows: int) -> None:
+        """Name the accumulators [acc, acc + rows) of exponent register *acc_e*, written by a GEMV whose REQ comes
+        later, as *name* until its last use."""
+        self.where[name], self.pending[name] = (acc, acc_e), rows
+
     def drop(self, name: str) -> None:
         addr, e = self.where.pop(name)
-        self.abuf.release(addr, self.lengths[name])
+        if name in self.pending:
+            self.acc.release(addr, self.pending.pop(name))
+        else:
+            self.abuf.release(addr, self.lengths[name])
         self.eregs.release(e)
 
 

@@ -44,6 +44,7 @@ from .overlay_graph import OverlayGraph
 from .partition import host_model, partition
 from .quantize import SEARCHED, Image, calibrate, quantize
 from .simplify import dead_code, fold_constants, specialize_mask
+from .split_attention import split_attention
 
 __all__ = ["PIPELINE", "Compilation", "Pass", "run_passes", "run_pipeline"]
 
@@ -135,6 +136,10 @@ def _whole(run: Callable[[Compilation], None]) -> Callable[[Compilation], None]:
 def _fuse(c: Compilation) -> None:
     if c.og is None:
         c.og = fuse(c.graph, max_seq=c.max_seq, lanes=c.cfg.vector_lanes, norm_heads=c.cfg.norm_heads)
+
+
+def _split_attention(c: Compilation) -> None:
+    split_attention(c.og, c.cfg, c.weights)
 
 
 def _calibrate(c: Compilation) -> None:
@@ -309,6 +314,8 @@ PIPELINE = [
     Pass("dead_code", _on_graph(dead_code), _dump_graph),
     Pass("partition", _partition, _dump_partition),  # what the overlay refuses -> host segments
     Pass("fuse", _whole(_fuse), _partitioned(_dump_overlay)),  # IR -> overlay operations
+    # each layer's attention by KV group, between GEMVs it does not need, for the store queue to run beside them
+    Pass("split_attention", _whole(_split_attention), _partitioned(_dump_overlay)),
     Pass("calibrate", _whole(_calibrate), _partitioned(_dump_samples)),
     Pass("quantize", _whole(_quantize), _partitioned(_dump_image)),  # matrices, tables, constants -> memory image
     Pass("plan_memory", _whole(_plan_memory), _partitioned(_dump_plan)),

@@ -77,11 +77,17 @@ def outside_kv_buffer(program: kvbundle.Bundle) -> dict:
 
 
 def kv_layers(program: kvbundle.Bundle, bases) -> list:
-    """The model's layer numbers of the KV-pool *bases* (from the manifest's KV layout; a base it lacks stands
-    for itself)."""
+    """The model's layer numbers of the KV-pool *bases* (from the manifest's KV layout: a layer's base, or a base
+    inside its columns, where a part of its attention starts (compiler.split_attention); a base below every layer's
+    stands for itself), each once."""
     by_base = {int(v["kv_base"]): int(k) for k, v in program.manifest.get("kv", {}).get("layers", {}).items()
                if "kv_base" in v}
-    return sorted(by_base.get(int(b), int(b)) for b in bases)
+
+    def layer(base):
+        below = [a for a in by_base if a <= base]
+        return by_base[max(below)] if below else base
+
+    return sorted({layer(int(b)) for b in bases})
 
 
 def register_args(program: kvbundle.Bundle, token: int, position: int, extra: dict | None = None) -> dict:

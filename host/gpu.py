@@ -517,8 +517,8 @@ class GpuBackend:
         """Run the whole prompt as one batched pass (T = len(tokens)) from position 0.
 
         Returns ``(next_token, logits, kv)``: the last position's greedy token and logits (float64) and the KV cache
-        per layer (keyed by its KV-pool base, as the hybrid backend keys it) as float64 arrays ``(k, v)`` of shape
-        [kv_heads, len(tokens), head_dim].
+        per KVAPPEND's KV-pool base (a layer's, or a part's of a split attention: compiler.split_attention; as the
+        hybrid backend keys it) as float64 arrays ``(k, v)`` of shape [heads, len(tokens), head_dim].
         """
         t = self.t
         n = len(tokens)

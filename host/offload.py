@@ -459,9 +459,8 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
         self._init_offload(program, offload_device, kv_sinks)
         # KVAPPEND and ATTN of layers the buffer cannot hold become NOPs (keeping their dependency tokens) on the
         # overlay; the hook runs them on the offload device instead.
-        nop = isa.Instr("NOP", {"queue": isa.QUEUES.index("compute")})
-        self.instructions = [isa.Instr(nop.op, nop.fields, ins.deps) if pc in self.host_pcs else ins
-                             for pc, ins in enumerate(program.instructions)]
+        self.instructions = [isa.Instr("NOP", {"queue": isa.QUEUES.index(ins.queue)}, ins.deps)
+                             if pc in self.host_pcs else ins for pc, ins in enumerate(program.instructions)]
         super().__init__(program, **options)
 
     def reset(self) -> None:
@@ -498,7 +497,8 @@ class HybridGoldenBackend(_Offload, GoldenBackend):
                     out, stats = _device_attention(self._store(), f, vec(f["q"], f["q_e"], f["q_heads"] * f["head_dim"]),
                                                    position)
                     model.put(f["dst"], f["dst_e"], *nx.from_float(out))
-                    model.acc[f["stats"]: f["stats"] + len(stats)] = stats
+                    if f["stats"] != isa.ATTN_NO_STATS:  # as the overlay's ATTN would have left them
+                        model.acc[f["stats"]: f["stats"] + len(stats)] = stats
                     return
             f = ins.fields
             if ins.op == "KVAPPEND" and self.device != "none":  # every token's KV, for when it is evicted

@@ -152,25 +152,79 @@ def decode_instructions(shape: ModelShape, config, fmt: str, devices: int = 1) -
 _PUSH, _POP, _BOTH = ("push_next",), ("pop_prev",), ("pop_next", "push_next")
 
 
+def _parts(s, H, hd, qh, kvh):
+    """Parts of a layer's attention, as compiler.split_attention splits it."""
+    from kvoverlay.compiler.split_attention import parts_for
+
+    return parts_for(s.cfg, s.fmt, H, qh, kvh, hd)
+
+
+def _split_attention(s, H, hd, qh, kvh, first):
+    """A layer's attention in parts, in the store queue beside the GEMVs, as compiler.split_attention orders it
+    (part p's q/k/v GEMVs under part p - 1's attention, part p - 1's O product under part p's) with the tokens the
+    compiler's insert_tokens places for it: q, k and v reach each KVAPPEND and ATTN from the compute queue (part p's
+    k from its RoPE), and the compute queue's REQs that overwrite what part p - 1's KVAPPEND and ATTN read, and the
+    O products, wait for them (in the first layer the buffers' allocation makes part 1's KVAPPEND and the last O
+    product exchange one token more). The parts' O products are summed by VADDs."""
+    n = _parts(s, H, hd, qh, kvh)
+    hq, hk = qh // n, kvh // n
+
+    def o_gemv(p, deps=()):
+        addr, layout = s.matrix(H, hq * hd)
+        s.add("GEMV", deps, addr=addr, rows=H, cols=hq * hd, **layout, accumulate=0)
+
+    for p in range(n):
+        shapes = [(hq * hd, H), (hk * hd, H), (hk * hd, H)]
+        for rows, cols in shapes:
+            addr, layout = s.matrix(rows, cols)
+            s.add("GEMV", addr=addr, rows=rows, cols=cols, **layout, accumulate=0)
+        for k, (rows, _) in enumerate(reversed(shapes)):  # the last GEMV's REQ first: it takes that GEMV's peak
+            s.add("REQ", ("pop_next",) if p and k != 1 else (), len=rows, fold=int(k == 0))
+        s.add("ROPE", _POP if first and p == 0 else (), heads=hq, head_dim=hd)
+        s.add("ROPE", _PUSH if p else (), heads=hk, head_dim=hd)
+        s.add("VSCALE", _PUSH, len=hq * hd)
+        s.add("KVAPPEND", ("pop_prev", "push_prev") if first or not p else _POP, heads=hk, head_dim=hd)
+        s.add("ATTN", ("pop_prev", "push_prev") if p else ("push_prev",), q_heads=hq, kv_heads=hk, head_dim=hd,
+              stats=isa.ATTN_NO_STATS)
+        if p >= 2:
+            s.add("REQ", len=H, fold=0)  # part p - 2's O product, after part p's GEMVs
+        if p >= 1:
+            o_gemv(p - 1)
+    s.add("REQ", ("pop_next",), len=H, fold=1)
+    o_gemv(n - 1, ("pop_next",) if first else ())
+    s.add("REQ", len=H, fold=1)
+    for _ in range(n - 1):
+        s.add("VADD", len=H)
+
+
 def _llama_layers(s, shape, H, hd, qh, kvh, F):
-    """RMSNorm, q/k/v with RoPE (tables loaded once), GQA attention, SwiGLU; ends with the final norm."""
+    """RMSNorm, q/k/v with RoPE (tables loaded once), GQA attention split by KV group, SwiGLU; ends with the final
+    norm."""
     rms, silu = isa.ENUMS["norm"].index("rms"), isa.ENUMS["func"].index("silu")
     for layer in range(shape.layers):
         first = layer == 0
         s.load(H, _PUSH if first else _BOTH)  # the norm's gain
         s.add("NORM", _POP, len=H, kind=rms)
-        s.gemv(qh * hd, H)
-        if first:  # the rotary tables' rows of this position, shared by every layer
-            s.ldrow(hd // 2, "w16", 1)
-            s.ldrow(hd // 2, "w16", 1, _PUSH)
-        s.add("ROPE", _POP if first else (), heads=qh, head_dim=hd)
-        s.gemv(kvh * hd, H)
-        s.add("ROPE", heads=kvh, head_dim=hd)
-        s.gemv(kvh * hd, H)
-        s.add("VSCALE", len=qh * hd)
-        s.add("KVAPPEND", heads=kvh, head_dim=hd)
-        s.add("ATTN", q_heads=qh, kv_heads=kvh, head_dim=hd)
-        s.gemv(H, qh * hd)
+        split = _parts(s, H, hd, qh, kvh) > 1
+        if split:
+            if first:  # the rotary tables' rows of this position, shared by every layer
+                s.code[-1] = isa.Instr("NORM", s.code[-1].fields, frozenset(("pop_prev", "push_prev")))
+                s.ldrow(hd // 2, "w16", 1, ("pop_next",))
+                s.ldrow(hd // 2, "w16", 1, _PUSH)
+            _split_attention(s, H, hd, qh, kvh, first)
+        else:
+            s.gemv(qh * hd, H)
+            if first:
+                s.ldrow(hd // 2, "w16", 1)
+                s.ldrow(hd // 2, "w16", 1, _PUSH)
+            s.add("ROPE", _POP if first else (), heads=qh, head_dim=hd)
+            s.gemv(kvh * hd, H)
+            s.add("ROPE", heads=kvh, head_dim=hd)
+            s.gemv(kvh * hd, H)
+            s.add("VSCALE", _PUSH, len=qh * hd)
+            s.add("KVAPPEND", _POP, heads=kvh, head_dim=hd)
+            s.add("ATTN", ("push_prev",), q_heads=qh, kv_heads=kvh, head_dim=hd, stats=isa.ATTN_NO_STATS)
+            s.gemv(H, qh * hd, ("pop_next",))
         s.add("VADD", ("push_prev",), len=H)  # the residual (the next gain's LOAD may reuse the old gain's words)
         s.load(H, _BOTH)
         s.add("NORM", _POP, len=H, kind=rms)
@@ -178,8 +232,9 @@ def _llama_layers(s, shape, H, hd, qh, kvh, F):
         s.add("ACT", len=F, func=silu)
         s.gemv(F, H)
         s.add("VMUL", len=F)
-        s.gemv(H, F, ("push_prev",))
-        s.add("VADD", len=H)
+        # the residual (a split layer's allocation lets the down projection's words stay until it)
+        s.gemv(H, F, () if split else ("push_prev",))
+        s.add("VADD", ("push_prev",) if split else (), len=H)
     s.load(H, _BOTH)
     s.add("NORM", _POP, len=H, kind=rms)
 
@@ -201,16 +256,54 @@ def _gpt2_layers(s, shape, H, hd, qh, kvh, F):
         s.load(rows, _BOTH)
         s.add("VADD", add_deps, len=rows)
 
+    def split_attention():
+        """compiler.split_attention's order and the compiler's tokens for GPT-2's biased q/k/v and O (the bias
+        records come in through the load queue after each part's REQs; the parts' O products summed before the O
+        bias)."""
+        n = _parts(s, H, hd, qh, kvh)
+        hq, hk = qh // n, kvh // n
+        for p in range(n):
+            shapes = [(hq * hd, H), (hk * hd, H), (hk * hd, H)]
+            for k, (rows, cols) in enumerate(shapes):
+                addr, layout = s.matrix(rows, cols)
+                s.add("GEMV", ("push_prev",) if p and k == 2 else (), addr=addr, rows=rows, cols=cols, **layout,
+                      accumulate=0)
+            for k, (rows, _) in enumerate(reversed(shapes)):
+                s.add("REQ", ("pop_next",) if p and k == 0 else (), len=rows, fold=int(k == 0))
+            for k, (rows, _) in enumerate(shapes):
+                s.load(rows, _BOTH)
+                s.add("VADD", _POP if k == 2 else both_ways, len=rows)
+            s.add("VSCALE", _PUSH, len=hq * hd)
+            s.add("KVAPPEND", _POP, heads=hk, head_dim=hd)
+            s.add("ATTN", ("push_prev",), q_heads=hq, kv_heads=hk, head_dim=hd, stats=isa.ATTN_NO_STATS)
+        for p in range(n):
+            addr, layout = s.matrix(H, hq * hd)
+            s.add("GEMV", addr=addr, rows=H, cols=hq * hd, **layout, accumulate=0)
+            s.add("REQ", ("pop_next",) if p == 0 else (), len=H, fold=1)
+        for k in range(n - 1):
+            s.add("VADD", ("push_prev",) if k == n - 2 else (), len=H)
+        s.load(H, _BOTH)  # the O projection's bias
+        s.add("VADD", _POP, len=H)
+        s.add("VADD", ("push_prev",), len=H)  # the residual
+
     s.ldrow(H, "w16", 1, _PUSH)  # the position's learned embedding
     s.add("VADD", both_ways, len=H)
     for layer in range(shape.layers):
         norm()
+        if _parts(s, H, hd, qh, kvh) > 1:
+            split_attention()
+            norm(last_pushes=False)
+            biased(F, H, ("push_prev",), _POP)
+            s.add("ACT", len=F, func=gelu)
+            biased(H, F, ("push_prev",), _POP)
+            s.add("VADD", ("push_prev",), len=H)
+            continue
         biased(qh * hd, H)
         biased(kvh * hd, H)
         biased(kvh * hd, H, add_deps=_POP)
         s.add("VSCALE", len=qh * hd)
         s.add("KVAPPEND", heads=kvh, head_dim=hd)
-        s.add("ATTN", q_heads=qh, kv_heads=kvh, head_dim=hd)
+        s.add("ATTN", q_heads=qh, kv_heads=kvh, head_dim=hd, stats=isa.ATTN_NO_STATS)
         # the first layer's output bias frees the records' words already (the embedding sum is dead by then)
         biased(H, qh * hd, ("push_prev",), both_ways if layer == 0 else _POP)
         s.add("VADD", () if layer == 0 else ("push_prev",), len=H)  # the residual

@@ -981,7 +981,8 @@ class AttnDecoder(wiring.Component):
                 kv_past.eq(kv_end > cfg.kv_columns),
                 out_of_range.eq(Mux(is_attn,
                                     (att.q + span > cfg.act_buffer_words) | (att.dst + span > cfg.act_buffer_words)
-                                    | (att.stats + 2 * q_heads > cfg.acc_buffer_words),
+                                    | ((att.stats + 2 * q_heads > cfg.acc_buffer_words)
+                                          & (att.stats != isa.ATTN_NO_STATS)),
                                     (kva.k + span > cfg.act_buffer_words) | (kva.v + span > cfg.act_buffer_words))),
             ]
         # c4: the fault, by priority
@@ -1111,12 +1112,14 @@ class AttentionEngine(wiring.Component):
         m.submodules.head_finish = fin = HeadFinish(cfg)
         m.submodules.output = out = OutputStage(cfg)
         wiring.connect(m, fin.scratch, out.scratch)
-        wiring.connect(m, fin.acc_w, wiring.flipped(self.acc_w))
         wiring.connect(m, out.abuf_w, wiring.flipped(self.abuf_w))
 
         # ---------------------------------------------------------------- instruction
         insn = Signal(ATTN_COMMAND)
         kva, att = insn.kvappend, insn.attn
+        # an ATTN without statistics leaves the accumulators alone (it then runs beside a GEMV: timing.LOCK_FIELDS)
+        m.d.comb += [self.acc_w.addr.eq(fin.acc_w.addr), self.acc_w.data.eq(fin.acc_w.data),
+                     self.acc_w.en.eq(fin.acc_w.en & (att.stats != isa.ATTN_NO_STATS))]
         m.submodules.decoder = dec = AttnDecoder(cfg)
         m.d.comb += [dec.insn.eq(insn), dec.reg.eq(self.reg_r.data), self.reg_r.addr.eq(dec.reg_addr),
                      self.ereg_r0.addr.eq(dec.ereg_addr0), self.ereg_r1.addr.eq(dec.ereg_addr1)]

@@ -58,10 +58,10 @@ COUNTERS = ("cycles", "instructions", "bytes_read", "bytes_written", "insn_bytes
 UNITS = {
     "load": {"load": ("LOAD",), "ldrow": ("LDROW",)},
     "compute": {"gemv": ("GEMV",), "req": ("REQ",),
-                "vector": ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX"),
-                "attention": ("KVAPPEND", "ATTN")},
-    "store": {"store": ("STORE", "STACC"), "argmax": ("ARGMAXACC",)},
+                "vector": ("VADD", "VMUL", "VSCALE", "ACT", "NORM", "ROPE", "ARGMAX")},
+    "store": {"store": ("STORE", "STACC"), "argmax": ("ARGMAXACC",), "attention": ("KVAPPEND", "ATTN")},
 }
+
 #: Queues whose units the memory arbiter serves first, highest priority first.
 DRAM_PRIORITY = timing.PORT_PRIORITY
 #: Entries of each command queue.
@@ -156,10 +156,11 @@ class Overlay(wiring.Component):
             else:
                 m.submodules[f"{name}_unit"] = unit
         # REQ's folded peak (timing.peak_record): the GEMV unit's record, current from a GEMV's completion until an
-        # ATTN writes the accumulators; kept here, in the top's domain, because the GEMV unit's clock may be gated
-        # while ATTN runs
+        # ATTN writes statistics into its range; kept here, in the top's domain, because the GEMV unit's clock may be
+        # gated while ATTN runs
         peak_valid = Signal(name="peak_record_valid")
-        with m.If(units["attention"].acc_w.en):
+        stats_w, record = units["attention"].acc_w, units["gemv"].peak
+        with m.If(stats_w.en & (stats_w.addr >= record.acc) & (stats_w.addr < record.acc + record.rows)):
             m.d.sync += peak_valid.eq(0)
         with m.Elif(units["gemv"].done.valid & (units["gemv"].done.payload == Fault.NONE)):
             m.d.sync += peak_valid.eq(1)
@@ -196,7 +197,9 @@ class Overlay(wiring.Component):
                     if not set(timing.PORT_LOCKS[op]) <= declared:  # the owner of a port must be able to drive it
                         raise ValueError(f"timing.PORT_LOCKS[{op!r}] = {timing.PORT_LOCKS[op]!r}: unit {n} has "
                                          f"ports {sorted(declared)!r} only")
-        state.attach_groups([*(([units[n] for n in UNITS[q]], unit_sel[q]) for q in isa.QUEUES), ([host], 0)], owner)
+        state.attach_groups([*(([units[n] for n in UNITS[q]], unit_sel[q]) for q in isa.QUEUES), ([host], 0)], owner,
+                            own=[p for q in isa.QUEUES for n, ops in UNITS[q].items() for op in ops
+                                 for k in timing.OWN_PORTS.get(op, ()) for p in ports_of(units[n], kinds[k].signature)])
         m.d.comb += [
             host.abuf_r.addr.eq(self.dbg_abuf_addr), host.abuf_r.en.eq(1), self.dbg_abuf_data.eq(host.abuf_r.data),
             host.acc_r.addr.eq(self.dbg_acc_addr), host.acc_r.en.eq(1), self.dbg_acc_data.eq(host.acc_r.data),
@@ -241,7 +244,7 @@ class Overlay(wiring.Component):
                 if k in ks and isa.BY_NAME[op].queue == q:
                     term = opcode == isa.BY_NAME[op].code
                     if (field := timing.LOCK_FIELDS.get((op, k))) is not None:
-                        term = term & LAYOUTS[op](insn)[field]
+                        term = term & (LAYOUTS[op](insn)[field[0]] != field[1])
                     terms.append(term)
             return Cat(*terms).any() if terms else 0
         head_holds = {q: {} for q in isa.QUEUES}  # the queue's head instruction's ports, and the running one's

@@ -147,7 +147,7 @@ class OnChipState:
         """Wire *units* (a list) to ports of their own on the state: :meth:`attach_groups` of one group."""
         self.attach_groups([(units, sel)], beat_writes=beat_writes)
 
-    def attach_groups(self, groups, owner=None, *, beat_writes=True):
+    def attach_groups(self, groups, owner=None, *, beat_writes=True, own=()):
         """Wire *groups* [(units, sel)] to the state, one port of each buffer kind shared by all of them.
 
         With *beat_writes* (units; not a testbench's host port, which writes whole words), an activation-buffer
@@ -164,8 +164,12 @@ class OnChipState:
         units of a group share the register files' ports in the same way (a unit reads and writes registers only
         from the cycle after its command is taken, while ``sel`` picks it, to its ``done``); register writes land
         at the clock edge (two groups never write one register at once: the golden model reports that as a
-        race)."""
+        race).
+
+        Each read port of *own* (ports of the groups' units) gets a port of its own on its buffer instead, which
+        no other unit shares: a further copy of that buffer's block RAM."""
         m, kinds, owner = self.m, _kinds(self.config), owner or {}
+        own_ids = {id(p) for p in own}
 
         def write_port(memory, beat=None, **kwargs):
             """A write port of *memory* behind a register: the writers' multiplexer ends in it, so that a path from
@@ -195,7 +199,14 @@ class OnChipState:
         new_port = {"abuf_w": abuf_write_port, "acc_w": lambda: write_port(self.accbuf),
                     "abuf_r": lambda: read_port(self.abuf, "abuf_r"), "acc_r": lambda: read_port(self.accbuf, "acc_r")}
         for kind, make in new_port.items():
-            ports = [[ports_of(unit, kinds[kind]) for unit in units] for units, _ in groups]
+            ports = [[[p for p in ports_of(unit, kinds[kind]) if id(p) not in own_ids] for unit in units]
+                     for units, _ in groups]
+            for units, _ in groups:
+                for p in (p for unit in units for p in ports_of(unit, kinds[kind]) if id(p) in own_ids):
+                    if kind not in ("abuf_r", "acc_r"):
+                        raise ValueError(f"own={own!r}: only read ports get a port of their own, not {kind}")
+                    mine = make()
+                    m.d.comb += [mine.addr.eq(p.addr), mine.en.eq(p.en), p.data.eq(mine.data)]
             for j in range(max((len(p) for group in ports for p in group), default=0)):
                 sources = [(g, i, p[j]) for g, group in enumerate(ports) for i, p in enumerate(group) if len(p) > j]
                 shared = len({g for g, _, _ in sources}) > 1

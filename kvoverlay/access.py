@@ -89,6 +89,7 @@ def accesses(ins: isa.Instr) -> list[Access]:
     elif op == "ATTN":
         n = f["q_heads"] * f["head_dim"]
         vec("q", n), vec("dst", n, True)
-        acc("stats", 2 * f["q_heads"], True)
+        if f["stats"] != isa.ATTN_NO_STATS:
+            acc("stats", 2 * f["q_heads"], True)
         reg("len_reg")
     return out

@@ -10,8 +10,9 @@ decoder's layouts and ``docs/isa.md`` all derive from this table; nothing else
 restates a field. This module imports nothing but the standard library.
 
 Queues follow decoupled access/execute (VTA): the front end dispatches each
-instruction to the *load*, *compute* or *store* queue. ``pop_prev`` /
-``push_prev`` talk to the previous queue in the chain load → compute → store,
+instruction to the *load*, *compute* or *store* queue (the store queue also
+runs the attention engine's KVAPPEND and ATTN, so that attention works beside
+the compute queue's weight stream). ``pop_prev`` / ``push_prev`` talk to the previous queue in the chain load → compute → store,
 ``pop_next`` / ``push_next`` to the next one. A flag that names a queue that
 does not exist (``*_prev`` on a load, ``*_next`` on a store) is reserved.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from .config import GROUP_BASE, KV_BASE_BITS
 
 __all__ = [
+    "ATTN_NO_STATS",
     "BY_CODE",
     "BY_NAME",
     "DEP_FLAGS",
@@ -59,6 +61,8 @@ NUM_REGS = 16
 NUM_EREGS = 32
 #: External-memory addresses are encoded in units of this many bytes.
 DRAM_UNIT = 16
+#: ATTN's ``stats`` value that asks for no statistics (an address whose range never fits the accumulators).
+ATTN_NO_STATS = 0xFFFF
 #: Heads of a NORM over each head: the vector unit keeps each head's scalars between its passes.
 NORM_MAX_HEADS = 64
 QUEUES = ("load", "compute", "store")
@@ -218,19 +222,22 @@ OPCODES = (
              "next tile's GEMV): tiles of one vector (rows of one matrix at one exponent, in increasing base) chain "
              "with cont=1, only a strictly larger word replacing the best so far, so the argmax spans the tiles and "
              "ties go to the lowest index."),
-    OpFormat("KVAPPEND", 17, "compute", (
+    OpFormat("KVAPPEND", 17, "store", (
         *_v("k", "keys of all KV heads"), *_v("v", "values of all KV heads"), _KV_BASE,
         Field("heads", 8, doc="KV heads"), _HDIM, Field("pos_reg", 4, "reg", doc="register holding the position"),
         Field("pos_imm", 16, signed=True, doc="added to the position register")),
              "Append one token's keys and values to the on-chip KV buffer of a layer."),
-    OpFormat("ATTN", 18, "compute", (
+    OpFormat("ATTN", 18, "store", (
         *_v("q", "queries of all heads (pre-scaled)"), *_v("dst", "output of all heads"), _KV_BASE,
         Field("q_heads", 8, doc="query heads"), Field("kv_heads", 8, doc="KV heads (divides q_heads)"), _HDIM,
         Field("len_reg", 4, "reg", doc="register holding the KV length"),
         Field("len_imm", 16, signed=True, doc="added to the length register"),
-        Field("stats", 16, "acc", doc="accumulator address receiving (max, sum) per head")),
+        Field("stats", 16, "acc", doc=f"accumulator address receiving (max, sum) per head; {0xFFFF}: none "
+              "(ATTN_NO_STATS, a range that never fits): the accumulators are left alone, so the ATTN holds no "
+              "accumulator port and runs beside any GEMV")),
              "Attention of each query head over KV positions [0, len) of its KV head, online softmax tile by tile; "
-             "writes the normalized output and per-head (max, sum) partials."),
+             "writes the normalized output and per-head (max, sum) partials. In the store queue, beside the compute "
+             "queue's weight stream."),
     OpFormat("NOP", 30, "any", (Field("queue", 2, "enum:queue", doc="queue that carries the tokens"),),
              "Does nothing in the named queue except pass dependency tokens."),
     OpFormat("END", 31, "front", (), "End of program: waits until every queue has drained."),

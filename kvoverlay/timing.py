@@ -11,7 +11,7 @@ from __future__ import annotations
 from kvoverlay import isa
 from kvoverlay import numerics as nx
 
-__all__ = ["BUFFER_PORTS", "DISPATCH_CYCLES", "FRONTEND_INTERVAL", "LOCK_FIELDS", "PORT_LOCKS", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD",
+__all__ = ["BUFFER_PORTS", "DISPATCH_CYCLES", "FRONTEND_INTERVAL", "LOCK_FIELDS", "OWN_PORTS", "PORT_LOCKS", "PORT_PRIORITY", "QUEUE_DEPTH", "RUN_OVERHEAD",
            "folds_peak", "held_ports", "instr_cycles", "lock_conflicts", "peak_record", "port_burst",
            "unit_cycles"]
 
@@ -79,27 +79,34 @@ BUFFER_PORTS = ("abuf_r", "abuf_w", "acc_r", "acc_w")
 #: instruction holds these ports from its dispatch to its completion: it does not start while an instruction of
 #: another queue holds one of them, and of queues that could start conflicting instructions in the same cycle the
 #: first of :data:`PORT_PRIORITY` does. Within a queue one instruction runs at a time, so only the ports that two
-#: queues share ever wait (abuf_w: load and compute; abuf_r and acc_r: compute and store).
+#: queues share ever wait (abuf_w: load, compute and store's ATTN; abuf_r, acc_r and acc_w: compute and store).
+#: A port of :data:`OWN_PORTS` is its unit's alone and never locks.
 PORT_LOCKS = {
     "LOAD": ("abuf_w",), "LDROW": ("abuf_w",),
     "STORE": ("abuf_r",), "STACC": ("acc_r",), "ARGMAXACC": ("acc_r",),
-    "GEMV": ("abuf_r", "acc_r", "acc_w"), "REQ": ("acc_r", "abuf_w"),
+    "GEMV": ("acc_r", "acc_w"), "REQ": ("acc_r", "abuf_w"),
     **dict.fromkeys(("VADD", "VMUL", "VSCALE", "NORM", "ACT", "ROPE"), ("abuf_r", "abuf_w")),
     "ARGMAX": ("abuf_r",), "KVAPPEND": ("abuf_r",), "ATTN": ("abuf_r", "abuf_w", "acc_w"),
     "NOP": (), "END": (),
 }
 
 
-#: A port of :data:`PORT_LOCKS` that its opcode holds only when a one-bit field of the instruction is set: a GEMV that
-#: overwrites its accumulators (``accumulate=0``) never reads them, so the store queue's ARGMAXACC or STACC of the LM
-#: head's previous tile runs beside the next tile's GEMV.
-LOCK_FIELDS = {("GEMV", "acc_r"): "accumulate"}
+#: Buffer ports an opcode's unit has of its own, shared with no other unit: GEMV reads its input vector through an
+#: activation-buffer read port of its own (a further copy of the buffer's block RAM, hw/overlay.py), so that the
+#: store queue's attention engine reads the buffer while the weights stream.
+OWN_PORTS = {"GEMV": ("abuf_r",)}
+#: A port of :data:`PORT_LOCKS` that its opcode does not hold while a field of the instruction has a value,
+#: ``(field, value)``: a GEMV that overwrites its accumulators (``accumulate=0``) never reads them, so the store
+#: queue's ARGMAXACC or STACC of the LM head's previous tile runs beside the next tile's GEMV; an ATTN without
+#: statistics (``stats=ATTN_NO_STATS``) never writes them, so it runs beside any GEMV.
+LOCK_FIELDS = {("GEMV", "acc_r"): ("accumulate", 0), ("ATTN", "acc_w"): ("stats", isa.ATTN_NO_STATS)}
 
 
 def held_ports(ins: isa.Instr) -> tuple[str, ...]:
     """The buffer ports instruction *ins* holds while it runs (:data:`PORT_LOCKS`, less those of
-    :data:`LOCK_FIELDS` whose field is 0)."""
-    return tuple(k for k in PORT_LOCKS[ins.op] if (f := LOCK_FIELDS.get((ins.op, k))) is None or ins.fields[f])
+    :data:`LOCK_FIELDS` whose field has its value)."""
+    return tuple(k for k in PORT_LOCKS[ins.op]
+                 if (f := LOCK_FIELDS.get((ins.op, k))) is None or ins.fields.get(f[0], 0) != f[1])
 
 
 def lock_conflicts(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -263,14 +270,20 @@ def peak_record(record: tuple[int, int] | None, ins: isa.Instr) -> tuple[int, in
     """The GEMV unit's peak record after *ins*, given the one before (*record*; ``None`` at reset).
 
     A GEMV records ``(acc, rows)`` and, in hardware, the OR of the magnitudes of the words it writes there (what
-    REQ's peak pass would find; hw/gemv_unit.py); an ATTN, which writes its statistics to the accumulators, makes
+    REQ's peak pass would find; hw/gemv_unit.py); an ATTN that writes its statistics into the recorded range makes
     the record stale (``None``); nothing else writes accumulators. A REQ with ``fold=1`` takes that peak instead
     of its peak pass, and is legal only while the record is ``(acc, len)`` of the REQ (else a SHAPE fault). The
-    golden model and the compiler's ``fold_peaks`` pass both follow this rule; the overlay builds it.
+    golden model and the compiler's ``fold_peaks`` pass both follow this rule; the overlay builds it. Only a write
+    into the range counts because the ATTN runs in the store queue, beside the GEMVs: there program order and time
+    order agree where the ranges meet (a token orders the two writers), and nowhere else matters.
     """
     if ins.op == "GEMV":
         return ins.fields["acc"], ins.fields["rows"]
-    return None if ins.op == "ATTN" else record
+    if ins.op == "ATTN" and record is not None and ins.fields["stats"] != isa.ATTN_NO_STATS:
+        lo, n = ins.fields["stats"], 2 * ins.fields["q_heads"]
+        if lo < record[0] + record[1] and record[0] < lo + n:
+            return None
+    return record
 
 
 def folds_peak(record: tuple[int, int] | None, ins: isa.Instr) -> bool:

@@ -22,6 +22,7 @@ GROUP = 8
 
 PROGRAM = """\
 # registers: R0 = token id, R1 = position; ARGMAX leaves the next token in R2
+# KVAPPEND and ATTN run in the store queue: tokens hand q, k, v over and the attention output back
 LDROW addr={emb:#x} row_reg=R0 cols={D} fmt=int8 lg_group=0 sexp={emb_sexp} dst=0 dst_e=E0
 LDROW addr={cos:#x} row_reg=R1 cols={half} fmt=w16 lg_group=0 sexp={cos_sexp} dst=1024 dst_e=E10
 LDROW addr={sin:#x} row_reg=R1 cols={half} fmt=w16 lg_group=0 sexp={sin_sexp} dst=1088 dst_e=E11
@@ -36,10 +37,10 @@ GEMV addr={wv:#x} rows={kvd} cols={D} fmt=int8 lg_group=0 sexp={wv_sexp} x=64 x_
 REQ acc=128 acc_e=E22 len={kvd} dst=256 dst_e=E4
 ROPE x=128 x_e=E2 cos=1024 cos_e=E10 sin=1088 sin_e=E11 dst=128 dst_e=E2 heads={HEADS} head_dim={HD} mode=half
 ROPE x=192 x_e=E3 cos=1024 cos_e=E10 sin=1088 sin_e=E11 dst=192 dst_e=E3 heads={KV_HEADS} head_dim={HD} mode=half
-VSCALE a=128 a_e=E2 dst=128 dst_e=E2 len={D} imm_m={qs_m} imm_e={qs_e}
-KVAPPEND k=192 k_e=E3 v=256 v_e=E4 kv_base=0 heads={KV_HEADS} head_dim={HD} pos_reg=R1
-ATTN q=128 q_e=E2 dst=320 dst_e=E5 kv_base=0 q_heads={HEADS} kv_heads={KV_HEADS} head_dim={HD} len_reg=R1 len_imm=1 stats=512
-GEMV addr={wo:#x} rows={D} cols={D} fmt=int8 lg_group=0 sexp={wo_sexp} x=320 x_e=E5 acc=0 acc_e=E20
+VSCALE a=128 a_e=E2 dst=128 dst_e=E2 len={D} imm_m={qs_m} imm_e={qs_e} push_next
+KVAPPEND k=192 k_e=E3 v=256 v_e=E4 kv_base=0 heads={KV_HEADS} head_dim={HD} pos_reg=R1 pop_prev
+ATTN q=128 q_e=E2 dst=320 dst_e=E5 kv_base=0 q_heads={HEADS} kv_heads={KV_HEADS} head_dim={HD} len_reg=R1 len_imm=1 stats=512 push_prev
+GEMV addr={wo:#x} rows={D} cols={D} fmt=int8 lg_group=0 sexp={wo_sexp} x=320 x_e=E5 acc=0 acc_e=E20 pop_next
 REQ acc=0 acc_e=E20 len={D} dst=384 dst_e=E6
 VADD a=0 a_e=E0 b=384 b_e=E6 dst=0 dst_e=E0 len={D}
 NORM x=0 x_e=E0 g=1216 g_e=E13 dst=64 dst_e=E1 len={D} eps_m=41943 eps_e=-32 kind=rms

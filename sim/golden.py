@@ -305,7 +305,8 @@ class GoldenModel:
                 q, eq, np.stack([x for x, _ in ks]), np.stack([x for _, x in ks]),
                 np.stack([x for x, _ in vs]), np.stack([x for _, x in vs]), qh, kvh, d, self.config.attn_tile)
             self.put(f["dst"], f["dst_e"], m, e)
-            self.acc[self._span(self.acc, f["stats"], 2 * qh, "accumulator buffer")] = stats
+            if f["stats"] != isa.ATTN_NO_STATS:
+                self.acc[self._span(self.acc, f["stats"], 2 * qh, "accumulator buffer")] = stats
             self.peak_record = peak_record(self.peak_record, ins)
             return L
         return None

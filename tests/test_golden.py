@@ -197,18 +197,19 @@ def test_timing_overlaps_queues_and_honours_tokens():
     assert run(model, gemv + " push_prev\n" + load + " pop_next").cycles == g + ld + RUN_OVERHEAD  # a token orders them
 
 
-def test_a_store_waits_for_a_gemvs_buffer_port_and_a_load_for_its_memory_port():
-    """A GEMV streaming its weights holds the activation buffer's read port, which an unordered STORE needs: the STORE
-    waits for the GEMV's end (a lock stall), and a LOAD, which needs only the memory port, for the GEMV's burst."""
+def test_a_stacc_waits_for_a_gemvs_buffer_port_and_a_load_for_its_memory_port():
+    """A split-K GEMV streaming its weights holds the accumulator buffer's read port, which an unordered STACC needs:
+    the STACC waits for the GEMV's end (a lock stall), and a LOAD, which needs only the memory port, for the GEMV's
+    burst."""
     from kvoverlay.sim.golden import instr_cycles
 
     from kvoverlay.timing import FRONTEND_INTERVAL, port_burst
 
     q, sm, _ = nx.quantize_matrix(RNG.normal(size=(64, 64)), "int8", 32)
     model = GoldenModel(CFG, nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes).ljust(1 << 16, b"\0"))
-    text = ("GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2\n"
+    text = ("GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2 accumulate=1\n"
             "LOAD addr=0x8000 len=64 dst=256 dst_e=E3\n"
-            "STORE src=512 src_e=E4 len=64 addr=0x9000")
+            "STACC acc=512 len=8 addr=0x9000")
     program = isa.assemble(text)
     (g_at, g_hold), (ld_at, _) = (port_burst(CFG, i) for i in program[:2])
     assert FRONTEND_INTERVAL + ld_at < g_at + g_hold  # the LOAD asks while the GEMV streams
@@ -224,8 +225,8 @@ def test_replay_cycles_is_the_run_without_executing():
     image = bytearray(nx.pack_rows(q, sm, "int8", 32, CFG.port_bytes)).ljust(8192, b"\0")
     model = GoldenModel(CFG, bytes(image) + nx.pack_vector_record(*nx.from_float(RNG.normal(size=64))))
     text = ("LOAD addr=8192 len=64 dst=256 dst_e=E1 push_next\n"
-            "GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=256 x_e=E1 acc=0 acc_e=E2 pop_prev\n"
-            "KVAPPEND k=256 k_e=E1 v=256 v_e=E1 kv_base=0 heads=1 head_dim=16 pos_reg=R0 pos_imm=0\n"
+            "GEMV addr=0 rows=64 cols=64 fmt=int8 lg_group=2 sexp=0 x=256 x_e=E1 acc=0 acc_e=E2 pop_prev push_next\n"
+            "KVAPPEND k=256 k_e=E1 v=256 v_e=E1 kv_base=0 heads=1 head_dim=16 pos_reg=R0 pos_imm=0 pop_prev\n"
             "ATTN q=256 q_e=E1 dst=512 dst_e=E3 kv_base=0 q_heads=1 kv_heads=1 head_dim=16 len_reg=R0 len_imm=1 stats=100\n"
             "END")
     program = isa.assemble(text)

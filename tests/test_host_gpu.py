@@ -46,10 +46,20 @@ def test_batched_prefill_equals_step_by_step(program):
     nxt, logits, kv = GpuBackend(b, device="cpu").prefill(prompt)
     assert nxt == steps[-1][0]
     np.testing.assert_allclose(logits, steps[-1][1], rtol=1e-4, atol=1e-4)
-    layers = {v["kv_base"]: v for v in b.manifest["kv"]["layers"].values()}  # the KV is keyed by its pool base
-    assert sorted(kv) == sorted(layers)
-    for base, (k, v) in kv.items():
-        assert k.shape == v.shape == (layers[base]["kv_heads"], len(prompt), layers[base]["head_dim"])
+    # the KV is keyed by its pool base: a layer's, and where its attention is split (compiler.split_attention) each
+    # part's, whose heads follow at their columns
+    layers = {v["kv_base"]: v for v in b.manifest["kv"]["layers"].values()}
+    owner = {base: max(a for a in layers if a <= base) for base in kv}
+    assert set(owner.values()) == set(layers)
+    for first, layer in layers.items():
+        parts = sorted(base for base in kv if owner[base] == first)
+        assert parts[0] == first
+        assert sum(kv[base][0].shape[0] for base in parts) == layer["kv_heads"]
+        for base in parts:
+            k, v = kv[base]
+            heads = k.shape[0]
+            assert k.shape == v.shape == (heads, len(prompt), layer["head_dim"])
+            assert base == first + sum(kv[a][0].shape[0] for a in parts if a < base) * b.config.kv_head_columns(layer["head_dim"])
 
 
 def test_step_by_step_equals_one_run(program):

@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from kvoverlay import isa
+
 from ..codegen import scale_imm
 from ..graph_tools import PAST_KV
 from ..overlay_graph import VOp
@@ -59,7 +61,8 @@ class Attention(VOp):
     def reference(self, ins, step):
         a = self.attrs
         qh, kvh, d = a["q_heads"], a["kv_heads"], a["head_dim"]
-        ks, vs = step.kv[a["layer"]]
+        # a part of a layer's attention (compiler.split_attention: its KV heads from kv_group on) keeps its own
+        ks, vs = step.kv[a["layer"]] if "kv_group" not in a else step.kv.setdefault((a["layer"], a["kv_group"]), ([], []))
         ks.append(ins[1].reshape(kvh, d))
         vs.append(ins[2].reshape(kvh, d))
         return gqa(ins[0].reshape(qh, d) * a["scale"], np.stack(ks, 1), np.stack(vs, 1))
@@ -70,12 +73,13 @@ class Attention(VOp):
         q = cg.scratch(f"qscaled:{self.out}", n)
         imm_m, imm_e = scale_imm(a["scale"], cg.who)
         cg.instr("VSCALE", a=src[0][0], a_e=src[0][1], dst=q[0], dst_e=q[1], len=n, imm_m=imm_m, imm_e=imm_e)
-        cg.instr("KVAPPEND", k=src[1][0], k_e=src[1][1], v=src[2][0], v_e=src[2][1], kv_base=cg.kv_bases[a["layer"]],
+        kv_base = cg.kv_bases[a["layer"]] + a.get("kv_group", 0) * cg.cfg.kv_head_columns(a["head_dim"])
+        cg.instr("KVAPPEND", k=src[1][0], k_e=src[1][1], v=src[2][0], v_e=src[2][1], kv_base=kv_base,
                  heads=a["kv_heads"], head_dim=a["head_dim"], pos_reg=cg.kv_slot_reg, pos_imm=0)
         dst = cg.vector(self.out)
-        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], kv_base=cg.kv_bases[a["layer"]], q_heads=a["q_heads"],
+        cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], kv_base=kv_base, q_heads=a["q_heads"],
                  kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=cg.kv_len_reg, len_imm=cg.kv_len_imm,
-                 stats=cg.stats_addr)
+                 stats=cg.stats_addr if cg.attn_stats else isa.ATTN_NO_STATS)
 
 
 def gqa(q, K, V) -> np.ndarray:

@@ -1,7 +1,7 @@
 """``attn_rows``: ONNX ``Attention`` without past KV (Q, K, V are tensors of a small graph), on the KV buffer.
 
 Each query row is one ``ATTN`` over the keys it attends, which it first appends to the op's KV-buffer layer
-(``KVAPPEND`` per key; the compute queue runs in order, so the next row may overwrite them). The keys come from
+(``KVAPPEND`` per key; the store queue runs in order, so the next row may overwrite them). The keys come from
 the past KV (graph inputs, not a decoder's ``past_key_values.N``) and the new K/V; the rows are cut out of them and
 the outputs put back in the output's layout by 0/1 GEMVs (``affine.select``/``assemble``). What a row attends is
 the op's own bias (``onnx_ops.attention_bias``: a constant boolean or float mask, ``is_causal`` bottom-right
@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from kvoverlay import isa
 
 from ..codegen import REG_POSITION, scale_imm
 from ..graph_tools import PAST_KV
@@ -73,7 +75,7 @@ class AttentionRows(VOp):
         dst = cg.vector(self.out)
         cg.instr("ATTN", q=q[0], q_e=q[1], dst=dst[0], dst_e=dst[1], kv_base=cg.kv_bases[a["layer"]], q_heads=a["q_heads"],
                  kv_heads=a["kv_heads"], head_dim=a["head_dim"], len_reg=REG_POSITION, len_imm=a["length"],
-                 stats=cg.stats_addr)
+                 stats=cg.stats_addr if cg.attn_stats else isa.ATTN_NO_STATS)
 
 
 #: Keys a row makes and appends per op (two vectors each, live until the op).

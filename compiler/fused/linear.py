@@ -11,7 +11,7 @@ from ..onnx_ops import evaluate
 from ..overlay_graph import VOp
 from .elementwise import AddC
 
-__all__ = ["Linear", "gemv_rows", "selected_rows"]
+__all__ = ["Linear", "Requant", "gemv_rows", "selected_rows"]
 
 
 class Linear(VOp):
@@ -37,11 +37,31 @@ class Linear(VOp):
             raise CompileError(f"{cg.who}: {m.rows} output rows exceed the accumulator buffer "
                                f"({cg.acc_rows} words free on {cg.cfg.name})")
         acc_e = cg.eregs.alloc(cg.who)
+        acc = cg.acc.alloc(m.rows, cg.who)
         cg.instr("GEMV", addr=m.addr, rows=m.rows, cols=m.cols, **m.gemv_fields(), x=src[0][0], x_e=src[0][1],
-                 acc=0, acc_e=acc_e, accumulate=0)
+                 acc=acc, acc_e=acc_e, accumulate=0)
+        if self.attrs.get("defer"):  # a Requant of this op's output emits the REQ (compiler.split_attention)
+            cg.pend(self.out, acc, acc_e, m.rows)
+            return
         dst = cg.vector(self.out)
-        cg.instr("REQ", acc=0, acc_e=acc_e, len=m.rows, dst=dst[0], dst_e=dst[1])
+        cg.instr("REQ", acc=acc, acc_e=acc_e, len=m.rows, dst=dst[0], dst_e=dst[1])
+        cg.acc.release(acc, m.rows)
         cg.eregs.release(acc_e)
+
+
+class Requant(VOp):
+    """``req``: the REQ of a GEMV emitted earlier (a :class:`Linear` with ``defer``, whose output names the
+    pending accumulators), so that other GEMVs can stream in between (compiler.split_attention)."""
+
+    kind = "req"
+
+    def reference(self, ins, step):
+        return ins[0]
+
+    def emit(self, cg, src):
+        acc, acc_e = src[0]
+        dst = cg.vector(self.out)
+        cg.instr("REQ", acc=acc, acc_e=acc_e, len=cg.lengths[self.out], dst=dst[0], dst_e=dst[1])
 
 
 def _emit_head_tiles(cg, m, x) -> None:
