@@ -236,8 +236,16 @@ class Exp2Neg(wiring.Component):
                                         init=[{"lo": lo, "step": st} for lo, st in zip(table, steps)])
         rom_rd = rom.read_port()
         cut = _exp2_cut()
+        k = log2_exact(cut)
         neg_d = Signal(range(cut + 1))
-        m.d.comb += neg_d.eq(Mux(-self.d >= cut, cut, -self.d))
+        if len(self.d) > k + 1:
+            # -d capped at C = 2**k without a negate or a compare as wide as d: -C < d <= 0 is d = 0 or d's bits
+            # from k up all ones and its low bits not all zero, and then -d < 2**k is the negated low bits
+            d = self.d
+            below_cut = (d == 0) | (d[k:].all() & d[:k].any())
+            m.d.comb += neg_d.eq(Mux(below_cut, (-d[:k])[:k], cut))
+        else:  # -d <= 2**(width - 1) <= C: never capped
+            m.d.comb += neg_d.eq(-self.d)
         # stage 1: the product by log2(e)
         t_fix = Signal(((cut * numerics.LOG2E_Q16) >> LOG2E_FRAC).bit_length())
         m.d.sync += t_fix.eq((neg_d * numerics.LOG2E_Q16) >> LOG2E_FRAC)
