@@ -18,7 +18,7 @@ Elementwise ops (VADD, VMUL, VSCALE, ACT, and the last two passes of NORM) strea
 Each stage is a component with its own signature, and stages hand each other registered,
 never-stalled streams (the places where the bitstream build can add pipeline registers):
 :class:`ChunkIssue` (S0, S1), :class:`Elementwise`, :class:`NormScalar` and :class:`Argmax` (S2),
-:class:`Rope` (its own S0 to S2) and :class:`WriteBack` (S3). :class:`VectorDecoder` reads the
+:class:`Rope` (its own S0 to S2b) and :class:`WriteBack` (S3). :class:`VectorDecoder` reads the
 operand fields and checks them; :class:`VectorUnit` only sequences the passes.
 
 Every result needs the peak of the whole vector before any element can be rounded, so
@@ -841,7 +841,7 @@ class Argmax(wiring.Component):
 
 
 class Rope(wiring.Component):
-    """ROPE's stages S0 to S2: one pair per two cycles (the x pair on ports A and B, then cos and sin), a peak
+    """ROPE's stages S0 to S2b: one pair per two cycles (the x pair on ports A and B, then cos and sin), a peak
     pass then a write pass, one wide element per cycle out.
 
     Attributes
@@ -969,10 +969,19 @@ class Rope(wiring.Component):
         p = Signal(LANE, name="rope_p")
         q = Signal(LANE, name="rope_q")
         m.d.comb += [p.eq(Mux(second, s2_xb, s2_xa)), q.eq(Mux(second, s2_xa, s2_xb))]
+        # S2b: the products are registered (with what goes along with them) before their alignment and sum: the
+        # multipliers, the round-shift and the sum into the write-back's register were the whole unit's critical path
+        # (docs/boards.md, vecfmax; timing.ROPE_PIPE_DEPTH)
         q_sin = Signal(signed(32), name="rope_q_sin")
         p_cos = Signal(signed(32), name="rope_p_cos")
+        prod_valid = Signal(name="rope_prod_valid")
+        prod_second = Signal(name="rope_prod_second")
+        prod_kind = Signal(Pass, name="rope_prod_kind")
+        prod_addr = Signal(addr, name="rope_prod_addr")
+        m.d.sync += [q_sin.eq(q * s2_s), p_cos.eq(p * s2_c), prod_valid.eq(s2_valid | second),
+                     prod_second.eq(second), prod_kind.eq(s2_kind), prod_addr.eq(Mux(second, s2_out_b, s2_out_a))]
         t_sin = Signal(signed(33), name="rope_t_sin")
-        m.d.comb += [q_sin.eq(q * s2_s), p_cos.eq(p * s2_c), t_sin.eq(Mux(second, q_sin, -q_sin))]
+        m.d.comb += t_sin.eq(Mux(prod_second, q_sin, -q_sin))
         big = Signal(signed(33), name="rope_big")
         small = Signal(signed(33), name="rope_small")
         m.d.comb += [big.eq(Mux(cos_big, p_cos, t_sin)), small.eq(Mux(cos_big, t_sin, p_cos))]
@@ -980,10 +989,10 @@ class Rope(wiring.Component):
         y = Signal(signed(WIDE_BITS), name="rope_y")
         m.d.comb += y.eq((big << _GUARD) + aligned)
         out = self.wide.payload
-        m.d.comb += self.wide.valid.eq(s2_valid | second)
+        m.d.comb += self.wide.valid.eq(prod_valid)
         # (constant members are set under a condition: Verilator never runs an always block that reads nothing)
-        with m.If(s2_valid | second):
-            m.d.comb += [out.kind.eq(s2_kind), out.wide[0].eq(y), out.addr.eq(Mux(second, s2_out_b, s2_out_a)),
+        with m.If(prod_valid):
+            m.d.comb += [out.kind.eq(prod_kind), out.wide[0].eq(y), out.addr.eq(prod_addr),
                          out.mask.eq(1), out.single.eq(1)]
         return m
 
@@ -1099,8 +1108,12 @@ class VectorUnit(wiring.Component):
         head_round = Signal(2, name="head_round")  # 0: statistics and scalars, 1: peak, 2: write
         head_idx = Signal(range(isa.NORM_MAX_HEADS), name="head_idx")
         hd = insn.NORM.head_dim
+        # NORM's element count, registered: the scalar sequence reads it (its power-of-two test, log2, the divisor)
+        # long after head_lo last moved, and the head's clamp and difference then never chain into those
+        count = Signal(16, name="norm_count")
         m.d.comb += [heads.eq((opcode == _code("NORM")) & (hd != 0) & cfg.norm_heads), head_end.eq(head_lo + hd),
                      head_stop.eq(Mux(head_end > dec.length, dec.length, head_end))]
+        m.d.sync += count.eq(Mux(heads, head_stop - head_lo, dec.length))
         m.d.comb += [
             dec.insn.eq(insn),
             self.ereg_ra.addr.eq(dec.ereg_a), self.ereg_rb.addr.eq(dec.ereg_b), self.ereg_rc.addr.eq(dec.ereg_c),
@@ -1113,7 +1126,7 @@ class VectorUnit(wiring.Component):
             rope.lanes_a.eq(issue.early_a), rope.lanes_b.eq(issue.early_b),
             elem.recip.eq(scalar.recip), elem.mean.eq(scalar.mean), elem.recip_exp.eq(scalar.recip_exp),
             scalar.insn.eq(insn.NORM), scalar.exp_x.eq(exps[0]), scalar.square.eq(elem.square),
-            scalar.count.eq(Mux(heads, head_stop - head_lo, dec.length)), scalar.heads.eq(heads),
+            scalar.count.eq(count), scalar.heads.eq(heads),
             scalar.head.eq(head_idx),
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
             wb.exp_in.eq(Mux(is_rope, rope.exp, elem.exp)),

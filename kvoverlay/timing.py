@@ -166,8 +166,8 @@ VECTOR_SETUP_CYCLES = 2
 #: registered a cycle after the elementwise stage S2a, where its squares come from the lane multipliers), the scalar
 #: sequence starting in the last of them.
 NORM_STATS_DRAIN = 5
-#: The same for ROPE's own issue and product stages.
-ROPE_PIPE_DEPTH = 3
+#: The same for ROPE's own issue and product stages (its products registered before their alignment and sum).
+ROPE_PIPE_DEPTH = 4
 #: Quotient (and root) bits per cycle of NORM's divider and square root.
 SCALAR_BITS_PER_CYCLE = 2
 #: NORM: left shifts of eps beyond this are folded into the exponent (the mean square, below 2**63, then only touches
