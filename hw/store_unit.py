@@ -102,7 +102,10 @@ class StoreUnit(wiring.Component):
                 m.d.comb += out.eq(left)
             return out
 
-        mant_bytes = clamp_bytes(n << 1, "store_mantissa_bytes_left")
+        # the mantissas' byte count is latched in CHECK too: from the instruction's length multiplexer it was the
+        # glue's critical path (the beat's mask into the arbiter's write register, 17.2 ns routed)
+        mant_size = Signal(len(n) + 1, name="store_mantissa_bytes")
+        mant_bytes = clamp_bytes(mant_size, "store_mantissa_bytes_left")
         strb_bytes = clamp_bytes(size_latched, "store_bytes_left")
         quarter = select_word(m, self.abuf_r.data, beat[:2], 8 * pb, name="store_quarter")
         mant = Signal(8 * pb, name="store_mantissas")
@@ -131,7 +134,7 @@ class StoreUnit(wiring.Component):
         with seq.fsm("CHECK"):
             with m.State("CHECK"):
                 m.d.sync += [beat.eq(0), word.eq(0), slot.eq(0), beat_buf.eq(0), exponent.eq(self.ereg_r.data),
-                             size_latched.eq(size), beats_latched.eq(beats), last_beat.eq(beats - 1),
+                             size_latched.eq(size), beats_latched.eq(beats), last_beat.eq(beats - 1), mant_size.eq(n << 1),
                              exp_offset.eq(rec.exp_offset)]
                 unaligned = (byte_addr & (pb - 1)).any() | (~is_acc & (st.src & (lanes - 1)).any())
                 beyond = Mux(is_acc, sa.acc + n > cfg.acc_buffer_words, st.src + n > cfg.act_buffer_words)
