@@ -959,8 +959,11 @@ class Rope(wiring.Component):
         # by GUARD - |ec - es| (right when that is negative), so one shifter serves both terms
         cos_big = Signal(name="cos_big")
         shift_small = Signal(EXP_WIDE, name="shift_small")
-        m.d.comb += [self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD), cos_big.eq(ec >= es),
-                     shift_small.eq(Mux(cos_big, ec - es, es - ec) - _GUARD)]
+        m.d.comb += self.exp.eq(ex + Mux(ec > es, ec, es) - _GUARD)
+        # registered (the exponents hold from the set-up on; the first products come four cycles after the start): the
+        # exponents' difference and compare chained into the round-shift, the sum and the write-back's S3 register were
+        # the unit's critical path at 43.38 MHz (docs/boards.md, vecfmax)
+        m.d.sync += [cos_big.eq(ec >= es), shift_small.eq(Mux(ec >= es, ec - es, es - ec) - _GUARD)]
         # a pair arrives every other cycle, so one pair of multipliers and shifters serves both results: y_a =
         # xa * cos - xb * sin in the pair's first cycle, y_b = xb * cos + xa * sin in the next (the S2 registers
         # still hold the pair then)
