@@ -971,7 +971,9 @@ class AttnDecoder(wiring.Component):
             tail = head_dim[:lgV] if lgV else Const(0, 1)  # lanes of the last chunk, 0 for all
             m.d.sync += [
                 self.chunk_last.eq(Mux(self.kv_cols == 0, 0, self.kv_cols - 1)),
-                self.tail_mask.eq(Cat((tail == 0) | (i < tail) for i in range(cfg.vector_lanes))),
+                # the last lane is in only when every lane is (its compare with the tail would be constant)
+                self.tail_mask.eq(Cat((tail == 0) | (tail > i) if i < cfg.vector_lanes - 1 else tail == 0
+                                      for i in range(cfg.vector_lanes))),
                 self.span.eq(Mux(is_attn, q_heads, kv_heads) * head_dim),
                 kv_end.eq(kv_base + kv_heads * self.kv_cols),
                 geometry_simple.eq((kv_heads == 0) | (head_dim == 0) | (head_dim > cfg.max_head_dim)),
