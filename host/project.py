@@ -169,7 +169,7 @@ def _split_attention(s, H, hd, qh, kvh, first):
     n = _parts(s, H, hd, qh, kvh)
     hq, hk = qh // n, kvh // n
 
-    def o_gemv(p, deps=()):
+    def o_gemv(deps=()):
         addr, layout = s.matrix(H, hq * hd)
         s.add("GEMV", deps, addr=addr, rows=H, cols=hq * hd, **layout, accumulate=0)
 
@@ -189,9 +189,9 @@ def _split_attention(s, H, hd, qh, kvh, first):
         if p >= 2:
             s.add("REQ", len=H, fold=0)  # part p - 2's O product, after part p's GEMVs
         if p >= 1:
-            o_gemv(p - 1)
+            o_gemv()
     s.add("REQ", ("pop_next",), len=H, fold=1)
-    o_gemv(n - 1, ("pop_next",) if first else ())
+    o_gemv(("pop_next",) if first else ())
     s.add("REQ", len=H, fold=1)
     for _ in range(n - 1):
         s.add("VADD", len=H)
