@@ -64,12 +64,13 @@ def parts_for(cfg: OverlayConfig, fmt: str, hidden: int, q_heads: int, kv_heads:
         return 1
     hq, hk = q_heads // n, kv_heads // n
 
-    def stream(rows, cols):
-        stride = nx.row_stride(cols, fmt, group_for(cols, cfg.group_size), cfg.port_bytes)
-        return rows * stride // cfg.port_bytes
+    def stream(rows, cols):  # port words of the matrix as the compiler places it: row records, or rows packed
+        group = group_for(cols, cfg.group_size)
+        packed = timing.gemv_packs_rows(cfg, rows, cols, fmt, group)
+        return nx.matrix_bytes(rows, cols, fmt, group, cfg.port_bytes, packed) // cfg.port_bytes
 
     attn = timing.attn_cycles(cfg, hq, head_dim, cfg.kv_capacity) + timing.kvappend_cycles(cfg, hk, head_dim)
-    qkv, o_proj = stream((hq + 2 * hk) * head_dim, hidden), stream(hidden, hq * head_dim)
+    qkv, o_proj = stream(hq * head_dim, hidden) + 2 * stream(hk * head_dim, hidden), stream(hidden, hq * head_dim)
     hidden_cycles = min(attn, qkv) + (n - 2) * min(attn, qkv + o_proj) + min(attn, o_proj)
     added = ((n - 1) * (timing.req_cycles(cfg, hidden, fold=1) + timing.vector_cycles("VADD", {"len": hidden}, cfg))
              + n * (hq + hk) * head_dim)
