@@ -76,6 +76,9 @@ class OverlayConfig:
         this key mean.
     acc_buffer_words : int
         On-chip accumulator buffer, in 64-bit words.
+    req_lanes : int
+        Accumulator words the REQ unit renormalizes per cycle (:attr:`acc_lanes`; the accumulator buffer's rows are
+        that many words wide), a power of two. Default 0: ``vector_lanes``.
     kv_capacity : int
         KV buffer capacity in tokens, per layer and KV head.
     max_layers : int
@@ -111,6 +114,7 @@ class OverlayConfig:
     ldrow_row_bytes: int = _param(0, 1 << 20, "longest LDROW row record in bytes (0: as the activation buffer holds)",
                                   default=0)
     acc_buffer_words: int = _param(64, 65536, "accumulator buffer size in 64-bit words", pow2=True)
+    req_lanes: int = _param(0, 1024, "accumulator words per cycle of the REQ unit (0: vector_lanes)", default=0)
     kv_capacity: int = _param(1, 65536, "KV capacity in tokens per layer and KV head")
     max_layers: int = _param(1, 64, "layers held in the KV buffer")
     max_kv_heads: int = _param(1, 256, "KV heads per layer")
@@ -151,6 +155,10 @@ class OverlayConfig:
         if self.ldrow_row_bytes % self.port_bytes:
             raise ConfigError(f"ldrow_row_bytes={self.ldrow_row_bytes} must be a multiple of the port's "
                               f"{self.port_bytes} bytes")
+        if self.req_lanes & (self.req_lanes - 1) or self.acc_lanes > min(self.abuf_lanes, self.acc_buffer_words):
+            raise ConfigError(f"req_lanes={self.req_lanes!r} must be 0 or a power of two of at most "
+                              f"{min(self.abuf_lanes, self.acc_buffer_words)} (an activation-buffer word's lanes and "
+                              "the accumulator buffer's words)")
         if self.act_format != "bfp16":
             raise ConfigError(f"act_format={self.act_format!r}: allowed ['bfp16']")
         kv_words = self.kv_buffer_words
@@ -165,6 +173,12 @@ class OverlayConfig:
     def port_bytes(self) -> int:
         """Bytes per beat of the memory port."""
         return self.port_bits // 8
+
+    @property
+    def acc_lanes(self) -> int:
+        """64-bit words of one accumulator-buffer row: what the REQ unit renormalizes per cycle (``req_lanes``; where
+        it is 0, ``vector_lanes`` within an activation-buffer word and the accumulator buffer)."""
+        return self.req_lanes or min(self.vector_lanes, self.abuf_lanes, self.acc_buffer_words)
 
     @property
     def abuf_lanes(self) -> int:
