@@ -329,11 +329,12 @@ PRESETS = {
     # takes rows of up to 16 KiB (8 block RAMs, one deep: a table row of 7,936 w16 weights or 15,872 int8 ones).
     # The vector unit and the attention engine run 4 lanes, not 8: 12.8k LUT4 fewer on the board top, for +7-11%
     # cycles per token from block RAM and +0.5-0.9% from the SDRAM a board-sized model streams from
-    # (docs/boards.md, "Four vector lanes on ulx3s"). REQ renormalizes 2 accumulator words per cycle, not 4: each
-    # lane is about 700 LUT4 of round and peak logic, and the board top had about 1,200 left under 80%
-    # (docs/benchmarks.md, "REQ at acc_lanes words per cycle").
+    # (docs/boards.md, "Four vector lanes on ulx3s"). REQ renormalizes one accumulator word per cycle: a lane is about
+    # 700 LUT4 (the board top had about 1,200 left under 80%), and with 2 the compiler splits the demo's attention,
+    # whose program the ulx3s RTL does not yet run as the golden model does (docs/benchmarks.md, "REQ at
+    # acc_lanes words per cycle").
     "ulx3s": OverlayConfig(
-        name="ulx3s", port_bits=256, vector_lanes=4, group_size=32, min_group=32, req_lanes=2,
+        name="ulx3s", port_bits=256, vector_lanes=4, group_size=32, min_group=32, req_lanes=1,
         norm_heads=False,
         act_buffer_words=16384, ldrow_row_bytes=16384, acc_buffer_words=4096, kv_capacity=64, max_layers=2,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
