@@ -342,10 +342,11 @@ PRESETS = {
         max_q_heads=32,
     ),
     # The smallest config that builds every unit: the whole board top's bitstream in CI (docs/boards.md, "The CI
-    # bitstream"). The ulx3s preset's features (groups of 32 or more, no NORM over heads, 50 MHz) at the least sizes
-    # the hardware, the ISA and a two-layer demo decoder (hidden 32, two heads of 16, one KV head) accept.
+    # bitstream"). The ulx3s preset's features (groups of 32 or more, no NORM over heads, REQ at a word per cycle,
+    # 50 MHz) at the least sizes the hardware, the ISA and a two-layer demo decoder (hidden 32, two heads of 16, one KV
+    # head) accept.
     "micro": OverlayConfig(
-        name="micro", port_bits=64, vector_lanes=2, group_size=32, min_group=32, norm_heads=False,
+        name="micro", port_bits=64, vector_lanes=2, group_size=32, min_group=32, norm_heads=False, req_lanes=1,
         act_buffer_words=256, acc_buffer_words=128, kv_capacity=16, max_layers=2,
         max_kv_heads=1, max_head_dim=16, attn_tile=4, clock_mhz=50.0, dram_bytes=1 << 16,
     ),
