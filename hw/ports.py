@@ -60,14 +60,19 @@ def abuf_write(config) -> wiring.Signature:
 
 def abuf_write_beat(config) -> int:
     """Bits after which every unit's activation-buffer write data repeats: LOAD's memory-port beat (``port_bits``),
-    the vector unit's ``vector_lanes`` and the attention engine's :func:`~kvoverlay.timing.attn_output_lanes` lanes
-    (the word packer's one lane divides them all): the largest, as each is a power of two, within the word."""
-    return min(16 * abuf_lanes(config),
-               max(config.port_bits, 16 * config.vector_lanes, 16 * timing.attn_output_lanes(config)))
+    the vector unit's ``vector_lanes``, the attention engine's :func:`~kvoverlay.timing.attn_output_lanes` lanes and
+    REQ's ``acc_lanes`` (LDROW's word packer's one lane divides them all): the largest, as each is a power of two,
+    within the word."""
+    return min(16 * abuf_lanes(config), max(config.port_bits, 16 * config.vector_lanes,
+                                            16 * timing.attn_output_lanes(config), 16 * config.acc_lanes))
 
 
 def acc_read(config) -> wiring.Signature:
-    return wiring.Signature({"addr": Out(range(config.acc_buffer_words)), "en": Out(1), "data": In(64)})
+    """Accumulator-buffer read port: word address, enable, the word one cycle later; where a row holds several words
+    (``config.acc_lanes``), ``row`` carries the whole row the word lies in (word ``addr & ~(acc_lanes - 1)`` in the
+    low bits), which is what the REQ unit reads."""
+    row = {"row": In(64 * config.acc_lanes)} if config.acc_lanes > 1 else {}
+    return wiring.Signature({"addr": Out(range(config.acc_buffer_words)), "en": Out(1), "data": In(64), **row})
 
 
 def acc_write(config) -> wiring.Signature:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -18,8 +18,9 @@ __all__ = ["ReqUnit"]
 
 
 class ReqUnit(wiring.Component):
-    """Executes REQ: the accumulator words, one per cycle, through a :class:`~hw.requantizer.Requantizer` at the
-    exponent of ``acc_e``; the result's exponent goes to ``dst_e``. With ``fold`` the peak comes from the GEMV
+    """Executes REQ: the accumulator words, a row of ``config.acc_lanes`` per cycle when ``acc`` starts a row of
+    the accumulator buffer (else one per cycle), through a :class:`~hw.requantizer.Requantizer` of as many lanes at
+    the exponent of ``acc_e``; the result's exponent goes to ``dst_e``. With ``fold`` the peak comes from the GEMV
     unit's record and only the round pass reads the words (:func:`kvoverlay.timing.req_cycles`). Faults: an
     unaligned destination, ranges past the buffers, ``fold`` while the record is stale or of another range
     (``SHAPE``), an exponent above ``EXP_MAX`` (``OVERFLOW``).
@@ -56,14 +57,20 @@ class ReqUnit(wiring.Component):
         # registered after the buffer's read port (timing.REQ_READ_LATENCY), and the round pass registers its
         # round-shift and its mantissa (timing.REQ_ROUND_REGISTERS), so that the block RAM's output, the 64-bit
         # round, the clip with the underflow round, and the packer each have a cycle of their own
+        rows = cfg.acc_lanes
         rq = add_requantizer(m, self, len(self.acc_r.data), length=ins.len, exp=self.ereg_r.data,
                              dst=ins.dst >> llanes, latency=timing.REQ_READ_LATENCY,
-                             registered=timing.REQ_ROUND_REGISTERS)
-        word = Signal.like(self.acc_r.data, name="req_word")
-        m.d.sync += word.eq(self.acc_r.data)
+                             registered=timing.REQ_ROUND_REGISTERS, lanes=rows)
+        # a REQ from the start of an accumulator-buffer row reads a row per cycle (wide), any other one word per
+        # cycle, on lane 0: the port's word is the row's first word when the address starts a row, so lane 0 always
+        # takes the word and only the other lanes take the row
+        words = Signal.like(rq.value, name="req_words")
+        m.d.sync += words.eq(Cat(self.acc_r.data, self.acc_r.row[64:]) if rows > 1 else self.acc_r.data)
         m.d.comb += self.ereg_r.addr.eq(ins.acc_e)
-        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(word),
+        m.d.comb += [self.acc_r.addr.eq(ins.acc + rq.index), self.acc_r.en.eq(rq.read), rq.value.eq(words),
                      rq.cmd.payload.fold.eq(ins.fold), rq.peak.eq(self.peak.peak)]
+        if rows > 1:
+            m.d.comb += rq.cmd.payload.wide.eq((ins.acc & (rows - 1)) == 0)
         folded = Signal(name="req_peak_current")
         m.d.comb += folded.eq(self.peak_valid & (self.peak.acc == ins.acc) & (self.peak.rows == ins.len))
 

@@ -5,7 +5,10 @@ The REQ unit feeds it accumulator words, the LDROW unit dequantized weights (``q
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
+import functools
+import operator
+
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -18,11 +21,13 @@ from .unit import WordPacker
 __all__ = ["Requantizer", "add_requantizer", "complete_requantization", "requant_command"]
 
 
-def requant_command(config) -> data.StructLayout:
-    """A requantization: ``len`` values, the exponent they are scaled by, the first activation-buffer word, and
-    whether the peak pass is folded (``fold``: the values' peak is already on the requantizer's ``peak`` input)."""
+def requant_command(config, lanes: int = 1) -> data.StructLayout:
+    """A requantization: ``len`` values, the exponent they are scaled by, the first activation-buffer word, whether
+    the peak pass is folded (``fold``: the values' peak is already on the requantizer's ``peak`` input), and, for a
+    requantizer of several *lanes*, whether the values come ``lanes`` at a time (``wide``) or one at a time."""
     return data.StructLayout({"len": 16, "exp": EREG_SHAPE,
-                              "dst": abuf_write(config).members["addr"].shape, "fold": 1})
+                              "dst": abuf_write(config).members["addr"].shape, "fold": 1,
+                              **({"wide": 1} if lanes > 1 else {})})
 
 
 class _RoundShifts:
@@ -80,7 +85,7 @@ class _RoundShifts:
 
 
 class Requantizer(wiring.Component):
-    """Two passes over ``len`` values read one per cycle from the unit that runs it.
+    """Two passes over ``len`` values read one per cycle (or ``lanes`` per cycle) from the unit that runs it.
 
     Pass 1 ORs the magnitudes together: the bit length of the OR is the bit length of the peak, which fixes the
     shift ``s = bitlen(peak) - MANT_BITS``. A command with ``fold`` skips pass 1 and takes that OR from ``peak``
@@ -103,13 +108,17 @@ class Requantizer(wiring.Component):
         Registers in the second pass's round (0 to 2), one cycle more each: between the round-shift and the clip
         (as in :func:`~hw.normalize.mantissa`), so that neither half follows the reading unit's last register in
         the same cycle; then between the underflow round and the packer.
+    lanes : int
+        Values per read of a ``wide`` command: a read of ``index`` takes values ``index`` to ``index + lanes - 1``
+        (those below ``len``) on ``value``'s lanes, and each pass takes ``ceil(len / lanes)`` reads; a command that
+        is not wide reads one value per cycle on lane 0. The round has a datapath per lane.
 
     Attributes
     ----------
     cmd : In(stream.Signature(requant_command(config)))
         Taken while idle.
     index, read : Out
-    value : In(signed(width))
+    value : In(signed(width)), or In(ArrayLayout(signed(width), lanes)) with several lanes
     peak : In(width)
         The OR of the values' magnitudes, taken with a ``fold`` command.
     abuf_w : Out(abuf_write(config))
@@ -119,17 +128,20 @@ class Requantizer(wiring.Component):
         Pulses in the last busy cycle.
     """
 
-    def __init__(self, config, width: int, *, latency: int = 1, registered: int = 0):
+    def __init__(self, config, width: int, *, latency: int = 1, registered: int = 0, lanes: int = 1):
         if latency < 1:
             self._MustUse__silence = True  # a rejected component is not an unused one
             raise ValueError(f"a value arrives at least one cycle after its read; got latency={latency!r}")
         if registered not in range(3):
             self._MustUse__silence = True
             raise ValueError(f"the round pass has 0 to 2 registers; got registered={registered!r}")
-        self.config, self.width, self.latency, self.registered = config, width, latency, registered
-        layout = requant_command(config)
-        super().__init__({"cmd": In(stream.Signature(layout)), "index": Out(layout.members["len"]), "read": Out(1),
-                          "value": In(signed(width)), "peak": In(width), "abuf_w": Out(abuf_write(config)),
+        self.config, self.width, self.latency, self.registered, self.lanes = config, width, latency, registered, lanes
+        layout = requant_command(config, lanes)
+        value = signed(width) if lanes == 1 else data.ArrayLayout(signed(width), lanes)
+        # with lanes, the index runs up to len rounded up to them: a bit more, so that it does not wrap below len
+        index = unsigned(Shape.cast(layout.members["len"]).width + (lanes > 1))
+        super().__init__({"cmd": In(stream.Signature(layout)), "index": Out(index), "read": Out(1),
+                          "value": In(value), "peak": In(width), "abuf_w": Out(abuf_write(config)),
                           "exp": Out(EREG_SHAPE),
                           "done": Out(stream.Signature(Fault, always_ready=True))})
 
@@ -137,16 +149,33 @@ class Requantizer(wiring.Component):
         m = Module()
         job = Signal.like(self.cmd.payload, name="job")
         n, idx = job.len, self.index
-        lat = self.latency
+        lat, lanes = self.latency, self.lanes
+        values = [self.value] if lanes == 1 else [self.value[i] for i in range(lanes)]
         # bit i: the value read i + 1 cycles ago (the last one, for rd_last); ``value`` holds it at bit lat - 1
         rd_valid = Signal(lat, name="read_valid")
         rd_last = Signal(lat, name="read_last")
         arrives, arrives_last = rd_valid[lat - 1], rd_last[lat - 1]
         issuing = Signal(name="issuing")
         m.d.comb += issuing.eq(idx < n)
-        mag = Signal(self.width, name="magnitude")
-        m.d.comb += mag.eq(Mux(self.value < 0, -self.value, self.value))
-        peak_or = Signal.like(mag, name="peak_or")
+        # the values a read takes and the lanes of them below len, as they arrive (lat cycles later)
+        if lanes > 1:
+            left = Signal.like(n, name="values_left")
+            wide_mask = Signal(lanes, name="read_lanes")
+            m.d.comb += [left.eq(n - idx), wide_mask.eq(Cat(left > i for i in range(lanes)))]
+            step, read_mask = Mux(job.wide, lanes, 1), Mux(job.wide, wide_mask, 1)
+            last_read = Mux(job.wide, left <= lanes, left == 1)
+            rd_mask = [Signal(lanes, name=f"read_mask{i}") for i in range(lat)]
+            m.d.sync += [rd_mask[0].eq(read_mask)] + [rd_mask[i].eq(rd_mask[i - 1]) for i in range(1, lat)]
+            arrives_mask = rd_mask[-1]
+        else:
+            step, last_read, arrives_mask = 1, idx == n - 1, Const(1, 1)
+        mags = []
+        for i, v in enumerate(values):
+            mags.append(mag := Signal(self.width, name=f"magnitude{i}"))
+            m.d.comb += mag.eq(Mux(arrives_mask[i], Mux(v < 0, -v, v), 0))
+        read_or = Signal(self.width, name="read_magnitudes")  # the OR of a read's magnitudes
+        m.d.comb += read_or.eq(functools.reduce(operator.or_, mags))
+        peak_or = Signal(self.width, name="peak_or")
         # the peak's bit length (a 64-bit priority encoder) has a state of its own, ahead of the exponent arithmetic
         bitlen = Signal(range(self.width + 1), name="peak_bits")
         e_out = Signal(signed(EREG_SHAPE.width + 2), name="exp_out")
@@ -154,17 +183,20 @@ class Requantizer(wiring.Component):
         zero = Signal(name="all_zero")
         # pass 2 rereads pass 1's values (bounded); its shifts and rounding biases are registered in SHIFT
         shifts = _RoundShifts(self.width)
-        mant = shifts.mantissa(m, self.value, registered=self.registered)
-        mant_valid, mant_last = arrives, arrives_last
+        mants = [shifts.mantissa(m, v, registered=self.registered) for v in values]
+        mant_valid, mant_last, mant_mask = arrives, arrives_last, arrives_mask
         for i in range(self.registered):
             held_valid, held_last = Signal(name=f"mantissa_valid{i}"), Signal(name=f"mantissa_last{i}")
-            m.d.sync += [held_valid.eq(mant_valid), held_last.eq(mant_last)]
-            mant_valid, mant_last = held_valid, held_last
-        m.submodules.packer = packer = WordPacker(self.config)
+            held_mask = Signal(lanes, name=f"mantissa_lanes{i}")
+            m.d.sync += [held_valid.eq(mant_valid), held_last.eq(mant_last), held_mask.eq(mant_mask)]
+            mant_valid, mant_last, mant_mask = held_valid, held_last, held_mask
+        m.submodules.packer = packer = WordPacker(self.config, lanes)
         wiring.connect(m, packer.abuf_w, wiring.flipped(self.abuf_w))
-        m.d.comb += [packer.base.eq(job.dst), packer.lane.payload.value.eq(Mux(zero, 0, mant)),
+        m.d.comb += [packer.base.eq(job.dst), packer.lane.payload.value.eq(Cat(Mux(zero, 0, mant) for mant in mants)),
                      packer.lane.payload.last.eq(mant_last), self.exp.eq(Mux(zero | (under > 0), nx.EXP_MIN, e_out))]
-        m.d.sync += [rd_valid.eq(Cat(self.read, rd_valid)), rd_last.eq(Cat(self.read & (idx == n - 1), rd_last))]
+        if lanes > 1:
+            m.d.comb += [packer.wide.eq(job.wide), packer.lane.payload.mask.eq(mant_mask)]
+        m.d.sync += [rd_valid.eq(Cat(self.read, rd_valid)), rd_last.eq(Cat(self.read & last_read, rd_last))]
 
         with m.FSM(name="requantizer_fsm"):
             with m.State("IDLE"):
@@ -180,9 +212,9 @@ class Requantizer(wiring.Component):
             with m.State("PEAK"):
                 m.d.comb += self.read.eq(issuing)
                 with m.If(issuing):
-                    m.d.sync += idx.eq(idx + 1)
+                    m.d.sync += idx.eq(idx + step)
                 with m.If(arrives):
-                    m.d.sync += peak_or.eq(peak_or | mag)
+                    m.d.sync += peak_or.eq(peak_or | read_or)
                 with m.If(arrives_last):
                     m.next = "PEAK_BITS"
             with m.State("PEAK_BITS"):
@@ -203,7 +235,7 @@ class Requantizer(wiring.Component):
             with m.State("ROUND"):
                 m.d.comb += [self.read.eq(issuing), packer.lane.valid.eq(mant_valid)]
                 with m.If(issuing):
-                    m.d.sync += idx.eq(idx + 1)
+                    m.d.sync += idx.eq(idx + step)
                 with m.If(mant_valid & mant_last):
                     m.next = "FINISH"
             with m.State("FINISH"):

@@ -32,6 +32,7 @@ from .ports import (
     reg_read,
     reg_write,
 )
+from .widths import log2_exact
 
 __all__ = ["OnChipState", "host_signature", "ports_of"]
 
@@ -83,16 +84,27 @@ def _read_port(m, memory, signature, name, poison):
     the ulx3s glue). No unit uses such a read (docs/boards.md, "Read-first emulation"), so the buffers' memories
     carry ``no_rw_check``, which Yosys honours only where it merges the read register itself.
 
-    Returns the port and, with *poison* (simulation builds), the mask of the read word's bits that are written in
-    the same cycle (for :meth:`OnChipState.attach_groups` to drive): those bits read inverted, as the block RAM may
-    return anything there, so a unit that used one fails the bit-exact regression."""
+    Returns the port, with *poison* (simulation builds) the mask of the read word's bits that are written in the
+    same cycle (for :meth:`OnChipState.attach_groups` to drive: those bits read inverted, as the block RAM may
+    return anything there, so a unit that used one fails the bit-exact regression), and the read as the memory sees
+    it (its row address, enable and row), which :func:`_collisions` compares with the write ports."""
     port = signature.create(path=(name,))
     rd = memory.read_port(domain="comb")
-    m.d.comb += rd.addr.eq(port.addr)
     mask = Signal.like(rd.data, name=f"{name}_collision") if poison else None
-    with m.If(port.en):
-        m.d.sync += port.data.eq(rd.data if mask is None else rd.data ^ mask)
-    return port, mask
+    word = rd.data if mask is None else rd.data ^ mask
+    rows = len(port.addr) - len(rd.addr)
+    if rows:
+        # a row of 2**rows words (the accumulator buffer's, hw/ports.acc_read): the row is the block RAM's
+        # registered output, and the addressed word is picked from it by the address's low bits, registered too
+        lo = Signal(rows, name=f"{name}_word")
+        m.d.comb += [rd.addr.eq(port.addr >> rows), port.data.eq(port.row.word_select(lo, len(port.data)))]
+        with m.If(port.en):
+            m.d.sync += [port.row.eq(word), lo.eq(port.addr[:rows])]
+    else:
+        m.d.comb += rd.addr.eq(port.addr)
+        with m.If(port.en):
+            m.d.sync += port.data.eq(word)
+    return port, mask, SimpleNamespace(addr=rd.addr, en=port.en, data=rd.data)
 
 
 #: Bits of a block RAM row that a collision may spoil (an ECP5 DP16KD at its widest holds 36: two int16 lanes); a
@@ -137,7 +149,9 @@ class OnChipState:
         # no_rw_check: no read uses a lane that is written in the same cycle (_read_port)
         m.submodules.abuf = self.abuf = Memory(shape=unsigned(16 * lanes), depth=config.act_buffer_words // lanes,
                                                init=[], attrs={"no_rw_check": 1})
-        m.submodules.accbuf = self.accbuf = Memory(shape=unsigned(64), depth=config.acc_buffer_words, init=[],
+        # rows of acc_lanes words, a write enable each: REQ reads a row per cycle, the other units a word
+        m.submodules.accbuf = self.accbuf = Memory(shape=unsigned(64 * config.acc_lanes),
+                                                   depth=config.acc_buffer_words // config.acc_lanes, init=[],
                                                    attrs={"no_rw_check": 1})
         self._writes, self._reads = {self.abuf: [], self.accbuf: []}, []
         self.eregs = Array(Signal(EREG_SHAPE, init=nx.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
@@ -171,20 +185,22 @@ class OnChipState:
         m, kinds, owner = self.m, _kinds(self.config), owner or {}
         own_ids = {id(p) for p in own}
 
-        def write_port(memory, beat=None, **kwargs):
+        def write_port(memory, beat=None, rows=0, **kwargs):
             """A write port of *memory* behind a register: the writers' multiplexer ends in it, so that a path from
             a unit's write logic ends there rather than at the block RAMs' inputs across the chip. The word is
             written a cycle after the unit's ``en``: a read of it issued in that next cycle returns the old word
             (a poisoned build: inverted), which no unit does. With *beat* (a width), the data register holds one
-            beat that the port replicates over the word."""
+            beat that the port replicates over the word. With *rows* (log2 of the words in a row: the accumulator
+            buffer's), the unit writes one word: the address of its row and its one-hot enable are registered."""
             self._writes[memory].append(port := memory.write_port(**kwargs))
             k = len(self._writes[memory]) - 1
             name = f"{'abuf' if memory is self.abuf else 'acc'}_w{k}"
-            staged = SimpleNamespace(addr=Signal.like(port.addr, name=f"{name}_addr"),
-                                     en=Signal.like(port.en, name=f"{name}_en"),
+            staged = SimpleNamespace(addr=Signal(len(port.addr) + rows, name=f"{name}_addr"),
+                                     en=Signal(1 if rows else len(port.en), name=f"{name}_en"),
                                      data=Signal(beat or len(port.data), name=f"{name}_data"))
             held = Signal.like(staged.data, name=f"{name}_data_reg")
-            m.d.sync += [port.addr.eq(staged.addr), port.en.eq(staged.en), held.eq(staged.data)]
+            en = (staged.en << staged.addr[:rows]) if rows else staged.en
+            m.d.sync += [port.addr.eq(staged.addr >> rows), port.en.eq(en), held.eq(staged.data)]
             m.d.comb += port.data.eq(held.replicate(len(port.data) // len(held)))
             return staged  # _share truncates a unit's data to the beat
 
@@ -192,11 +208,14 @@ class OnChipState:
             return write_port(self.abuf, abuf_write_beat(self.config) if beat_writes else None, granularity=16)
 
         def read_port(memory, kind):
-            port, mask = _read_port(m, memory, kinds[kind], f"{kind}{len(self._reads)}", self.poison)
-            self._reads.append((memory, port, mask))
+            port, mask, seen = _read_port(m, memory, kinds[kind], f"{kind}{len(self._reads)}", self.poison)
+            self._reads.append((memory, seen, mask))
             return port
 
-        new_port = {"abuf_w": abuf_write_port, "acc_w": lambda: write_port(self.accbuf),
+        acc_rows = log2_exact(self.config.acc_lanes)
+        new_port = {"abuf_w": abuf_write_port,
+                    "acc_w": lambda: write_port(self.accbuf, *((64, acc_rows) if acc_rows else ()),
+                                                **({"granularity": 64} if acc_rows else {})),
                     "abuf_r": lambda: read_port(self.abuf, "abuf_r"), "acc_r": lambda: read_port(self.accbuf, "acc_r")}
         for kind, make in new_port.items():
             ports = [[[p for p in ports_of(unit, kinds[kind]) if id(p) not in own_ids] for unit in units]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from amaranth.hdl import Module, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -142,52 +142,79 @@ class WordPacker(wiring.Component):
 
     Each mantissa fills the next lane of the current word and is written in the cycle after it arrives, alone (its
     lane's enable, the value on every lane); the word advances after its last lane or after the element flagged
-    ``last``. ``clear`` (at the start of a pass) restarts at word ``base``.
+    ``last``. ``clear`` (at the start of a pass) restarts at word ``base``. Built with *lanes* (``wide``), an
+    element carries ``lanes`` mantissas, those of ``mask``, for the next ``lanes`` lanes of the word.
 
     The value replicated over the word, not placed in a word buffer: the buffer's shared write port then has 16
-    distinct data bits from this writer, which the overlay multiplexes once per 256-bit period of the word instead
-    of per bit (docs/boards.md, "The activation buffer's write port"), and the 1,024-bit word buffer (ulx3s) goes.
-    A word's lanes land over its cycles rather than at once: no other unit reads a word a running instruction
-    writes (the compiler's tokens keep them apart), so only the word's final contents are seen.
+    distinct data bits from this writer (``16 * lanes``), which the overlay multiplexes once per
+    :func:`~hw.ports.abuf_write_beat` of the word instead of per bit (docs/boards.md, "The activation buffer's write
+    port"), and the 1,024-bit word buffer (ulx3s) goes. A word's lanes land over its cycles rather than at once: no
+    other unit reads a word a running instruction writes (the compiler's tokens keep them apart), so only the
+    word's final contents are seen.
 
     Parameters
     ----------
     config : OverlayConfig
+    lanes : int
+        Mantissas an element may carry (a power of two dividing the word's lanes); with more than one, ``wide``
+        picks per pass between elements of ``lanes`` mantissas and of one (in ``value``'s low lane).
 
     Attributes
     ----------
     base : In
         Buffer word of the first element.
     clear : In(1)
-    lane : In(stream.Signature({value, last}, always_ready=True))
+    wide : In(1)
+        Only with *lanes* above one.
+    lane : In(stream.Signature({value, mask, last}, always_ready=True))
+        ``mask`` (the lanes of a wide element that are written) only with *lanes* above one.
     abuf_w : Out(abuf_write(config))
     """
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, lanes: int = 1):
+        self.config, self.element_lanes = config, lanes
         self.lanes = abuf_lanes(config)
+        if lanes < 1 or lanes & (lanes - 1) or self.lanes % lanes:
+            self._MustUse__silence = True  # a rejected component is not an unused one
+            raise ValueError(f"an element fills a power of two of a word's {self.lanes} lanes; got lanes={lanes!r}")
         port = abuf_write(config)
+        element = {"value": 16 * lanes, **({"mask": lanes} if lanes > 1 else {}), "last": 1}
         super().__init__({"base": In(port.members["addr"].shape), "clear": In(1),
-                          "lane": In(stream.Signature(data.StructLayout({"value": 16, "last": 1}), always_ready=True)),
+                          **({"wide": In(1)} if lanes > 1 else {}),
+                          "lane": In(stream.Signature(data.StructLayout(element), always_ready=True)),
                           "abuf_w": Out(port)})
 
     def elaborate(self, platform):
         m = Module()
-        lanes = self.lanes
-        # the lane to fill, one-hot: it is the write's lane enable as it stands (a registered copy)
-        lane = Signal(lanes, name="lane_onehot", init=1)
+        lanes, per = self.lanes, self.element_lanes
+        payload = self.lane.payload
+        # the group of per lanes to fill, one-hot (a registered copy of the write's lane enables, by group); in a
+        # pass of one mantissa per element (not wide), the lane within the group too
+        group = Signal(lanes // per, name="lane_onehot", init=1)
         word = Signal.like(self.abuf_w.addr, name="word")
         wr_word = Signal.like(self.abuf_w.addr, name="write_word")
         wr_lane = Signal(lanes, name="write_lane")
-        value = Signal(16, name="write_value")
-        m.d.comb += [self.abuf_w.addr.eq(self.base + wr_word), self.abuf_w.data.eq(value.replicate(lanes)),
+        value = Signal(16 * per, name="write_value")
+        m.d.comb += [self.abuf_w.addr.eq(self.base + wr_word), self.abuf_w.data.eq(value.replicate(lanes // per)),
                      self.abuf_w.en.eq(wr_lane)]
+        if per > 1:
+            sub = Signal(per, name="sublane_onehot", init=1)
+            mask, step = Mux(self.wide, payload.mask, sub), self.wide | sub[-1]
+            written = Mux(self.wide, payload.value, payload.value[:16].replicate(per))
+        else:
+            mask, step, written = Const(1, 1), Const(1, 1), payload.value
         m.d.sync += wr_lane.eq(0)
         with m.If(self.clear):
-            m.d.sync += [lane.eq(1), word.eq(0)]
+            m.d.sync += [group.eq(1), word.eq(0)]
+            if per > 1:
+                m.d.sync += sub.eq(1)
         with m.Elif(self.lane.valid):
-            m.d.sync += [value.eq(self.lane.payload.value), wr_lane.eq(lane), wr_word.eq(word),
-                         lane.eq(lane.rotate_left(1))]
-            with m.If(lane[-1] | self.lane.payload.last):
+            m.d.sync += [value.eq(written), wr_word.eq(word),
+                         wr_lane.eq(Cat(mask & group[g].replicate(per) for g in range(lanes // per)))]
+            if per > 1:
+                m.d.sync += sub.eq(sub.rotate_left(1))
+            with m.If(step):
+                m.d.sync += group.eq(group.rotate_left(1))
+            with m.If((group[-1] & step) | payload.last):
                 m.d.sync += word.eq(word + 1)
         return m

@@ -76,6 +76,9 @@ class OverlayConfig:
         this key mean.
     acc_buffer_words : int
         On-chip accumulator buffer, in 64-bit words.
+    req_lanes : int
+        Accumulator words the REQ unit renormalizes per cycle (:attr:`acc_lanes`; the accumulator buffer's rows are
+        that many words wide), a power of two. Default 0: ``vector_lanes``.
     kv_capacity : int
         KV buffer capacity in tokens, per layer and KV head.
     max_layers : int
@@ -111,6 +114,7 @@ class OverlayConfig:
     ldrow_row_bytes: int = _param(0, 1 << 20, "longest LDROW row record in bytes (0: as the activation buffer holds)",
                                   default=0)
     acc_buffer_words: int = _param(64, 65536, "accumulator buffer size in 64-bit words", pow2=True)
+    req_lanes: int = _param(0, 1024, "accumulator words per cycle of the REQ unit (0: vector_lanes)", default=0)
     kv_capacity: int = _param(1, 65536, "KV capacity in tokens per layer and KV head")
     max_layers: int = _param(1, 64, "layers held in the KV buffer")
     max_kv_heads: int = _param(1, 256, "KV heads per layer")
@@ -151,6 +155,10 @@ class OverlayConfig:
         if self.ldrow_row_bytes % self.port_bytes:
             raise ConfigError(f"ldrow_row_bytes={self.ldrow_row_bytes} must be a multiple of the port's "
                               f"{self.port_bytes} bytes")
+        if self.req_lanes & (self.req_lanes - 1) or self.acc_lanes > min(self.abuf_lanes, self.acc_buffer_words):
+            raise ConfigError(f"req_lanes={self.req_lanes!r} must be 0 or a power of two of at most "
+                              f"{min(self.abuf_lanes, self.acc_buffer_words)} (an activation-buffer word's lanes and "
+                              "the accumulator buffer's words)")
         if self.act_format != "bfp16":
             raise ConfigError(f"act_format={self.act_format!r}: allowed ['bfp16']")
         kv_words = self.kv_buffer_words
@@ -165,6 +173,12 @@ class OverlayConfig:
     def port_bytes(self) -> int:
         """Bytes per beat of the memory port."""
         return self.port_bits // 8
+
+    @property
+    def acc_lanes(self) -> int:
+        """64-bit words of one accumulator-buffer row: what the REQ unit renormalizes per cycle (``req_lanes``; where
+        it is 0, ``vector_lanes`` within an activation-buffer word and the accumulator buffer)."""
+        return self.req_lanes or min(self.vector_lanes, self.abuf_lanes, self.acc_buffer_words)
 
     @property
     def abuf_lanes(self) -> int:
@@ -315,9 +329,12 @@ PRESETS = {
     # takes rows of up to 16 KiB (8 block RAMs, one deep: a table row of 7,936 w16 weights or 15,872 int8 ones).
     # The vector unit and the attention engine run 4 lanes, not 8: 12.8k LUT4 fewer on the board top, for +7-11%
     # cycles per token from block RAM and +0.5-0.9% from the SDRAM a board-sized model streams from
-    # (docs/boards.md, "Four vector lanes on ulx3s").
+    # (docs/boards.md, "Four vector lanes on ulx3s"). REQ renormalizes one accumulator word per cycle: a lane is about
+    # 700 LUT4 (the board top had about 1,200 left under 80%), and with 2 the compiler splits the demo's attention,
+    # whose program the ulx3s RTL does not yet run as the golden model does (docs/benchmarks.md, "REQ at
+    # acc_lanes words per cycle").
     "ulx3s": OverlayConfig(
-        name="ulx3s", port_bits=256, vector_lanes=4, group_size=32, min_group=32,
+        name="ulx3s", port_bits=256, vector_lanes=4, group_size=32, min_group=32, req_lanes=1,
         norm_heads=False,
         act_buffer_words=16384, ldrow_row_bytes=16384, acc_buffer_words=4096, kv_capacity=64, max_layers=2,
         max_kv_heads=2, max_head_dim=64, attn_tile=16, clock_mhz=50.0, dram_bytes=1 << 25,
@@ -325,10 +342,11 @@ PRESETS = {
         max_q_heads=32,
     ),
     # The smallest config that builds every unit: the whole board top's bitstream in CI (docs/boards.md, "The CI
-    # bitstream"). The ulx3s preset's features (groups of 32 or more, no NORM over heads, 50 MHz) at the least sizes
-    # the hardware, the ISA and a two-layer demo decoder (hidden 32, two heads of 16, one KV head) accept.
+    # bitstream"). The ulx3s preset's features (groups of 32 or more, no NORM over heads, REQ at a word per cycle,
+    # 50 MHz) at the least sizes the hardware, the ISA and a two-layer demo decoder (hidden 32, two heads of 16, one KV
+    # head) accept.
     "micro": OverlayConfig(
-        name="micro", port_bits=64, vector_lanes=2, group_size=32, min_group=32, norm_heads=False,
+        name="micro", port_bits=64, vector_lanes=2, group_size=32, min_group=32, norm_heads=False, req_lanes=1,
         act_buffer_words=256, acc_buffer_words=128, kv_capacity=16, max_layers=2,
         max_kv_heads=1, max_head_dim=16, attn_tile=4, clock_mhz=50.0, dram_bytes=1 << 16,
     ),

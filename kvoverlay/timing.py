@@ -258,12 +258,17 @@ def stacc_cycles(config, length: int) -> int:
     return 2 * length + _ceil(8 * length, config.port_bytes) + STACC_OVERHEAD
 
 
-def req_cycles(config, length: int, fold: int = 0) -> int:
-    """One REQ of *length* accumulator words: a pass for the peak, a pass to round; with *fold* the round pass alone
-    (the peak is the GEMV unit's record, :func:`peak_record`), its read latency waited for once."""
+def req_cycles(config, length: int, fold: int = 0, acc: int = 0) -> int:
+    """One REQ of *length* accumulator words from word *acc*: a pass for the peak, a pass to round; with *fold* the
+    round pass alone (the peak is the GEMV unit's record, :func:`peak_record`), its read latency waited for once.
+
+    A pass reads an accumulator-buffer row of ``config.acc_lanes`` words per cycle when *acc* starts a row, and one
+    word per cycle otherwise (hw/req_unit.py)."""
+    lanes = config.acc_lanes
+    steps = -(-length // lanes) if acc % lanes == 0 else length
     if fold:
-        return length + REQ_OVERHEAD - REQ_READ_LATENCY
-    return 2 * length + REQ_OVERHEAD if length else 3
+        return steps + REQ_OVERHEAD - REQ_READ_LATENCY
+    return 2 * steps + REQ_OVERHEAD if length else 3
 
 
 def peak_record(record: tuple[int, int] | None, ins: isa.Instr) -> tuple[int, int] | None:
@@ -565,7 +570,8 @@ _UNIT_CYCLES = {
     "STORE": lambda c, ins, kv: store_cycles(c, ins.fields["len"]),
     "STACC": lambda c, ins, kv: stacc_cycles(c, ins.fields["len"]),
     "GEMV": lambda c, ins, kv: gemv_cycles(c, ins),
-    "REQ": lambda c, ins, kv: req_cycles(c, ins.fields["len"], ins.fields.get("fold", 0)),
+    "REQ": lambda c, ins, kv: req_cycles(c, ins.fields["len"], ins.fields.get("fold", 0),
+                                        ins.fields.get("acc", 0)),
     "ARGMAXACC": lambda c, ins, kv: argmaxacc_cycles(c, ins.fields["len"]),
     "KVAPPEND": lambda c, ins, kv: kvappend_cycles(c, ins.fields["heads"], ins.fields["head_dim"]),
     "ATTN": lambda c, ins, kv: attn_cycles(c, ins.fields["q_heads"], ins.fields["head_dim"], kv),

@@ -228,4 +228,6 @@ def test_fold_peaks_marks_the_reqs_of_the_last_gemvs_range():
     fold_peaks(code)
     assert [i.fields["fold"] for i in code if i.op == "REQ"] == [0, 1, 1, 0, 0, 0, 1]
     n = 8
-    assert req_cycles(CFG, n, fold=1) == req_cycles(CFG, n) - n - REQ_READ_LATENCY  # the peak pass and its wait
+    # the peak pass and its wait: a row of acc_lanes words per cycle from the start of a row, else a word per cycle
+    assert req_cycles(CFG, n, fold=1) == req_cycles(CFG, n) - n // CFG.acc_lanes - REQ_READ_LATENCY
+    assert req_cycles(CFG, n, fold=1, acc=1) == req_cycles(CFG, n, acc=1) - n - REQ_READ_LATENCY

@@ -692,7 +692,8 @@ def test_port_locks_hold_back_unordered_instructions_as_the_golden_model_does(mo
 def test_req_fold_takes_the_gemv_peak(model_dir):
     """REQ with fold=1 after the GEMV of its range (split-K: the record is the last GEMV's sums) runs its round pass
     alone: the same vector and exponent as the two-pass REQ of the same words, bit-exact with the golden model, and
-    each queue's busy cycles and the run's cycles are the timing formulas' (req_cycles with fold)."""
+    each queue's busy cycles and the run's cycles are the timing formulas' (req_cycles with fold). Both ranges
+    start an accumulator row (acc_lanes words per cycle), the second with a partial last row."""
     rng = np.random.default_rng(21)
     pb = CFG.port_bytes
     image = bytearray(1 << 16)
@@ -728,7 +729,8 @@ def test_req_fold_takes_the_gemv_peak(model_dir):
         assert counters.busy[q] == sum(unit_cycles(i) for i in program if i.op != "END" and i.queue == q), q
     assert counters.cycles == gold_counters.cycles
     folded, twin = (unit_cycles(i) for i in program[5:7])
-    assert twin - folded == 7 + timing.REQ_READ_LATENCY
+    # the peak pass and its wait: acc=100 starts an accumulator row, read a row of acc_lanes words per cycle
+    assert twin - folded == -(-7 // CFG.acc_lanes) + timing.REQ_READ_LATENCY
 
 
 _GEMV8 = "GEMV addr=0x1000 rows=8 cols=32 fmt=int8 lg_group=2 sexp=0 x=0 x_e=E1 acc=0 acc_e=E2"

@@ -20,18 +20,30 @@ CFG = PRESETS["tiny"]
 LANES = CFG.abuf_lanes
 
 
-def run(values, exp, width, dst_word=3, latency=1, registered=False, peak=None):
+def run(values, exp, width, dst_word=3, latency=1, registered=False, peak=None, lanes=1, wide=False):
     """Requantize *values* (one read per cycle, each value *latency* cycles after its read; with *peak*, a fold
-    command that takes it as the OR of their magnitudes); returns (buffer words written, exponent, fault, cycles
-    from the command to done)."""
-    dut = Requantizer(CFG, width, latency=latency, registered=registered)
+    command that takes it as the OR of their magnitudes; built with *lanes*, a read takes *lanes* values when the
+    command is *wide*, else one on lane 0); returns (buffer words written, exponent, fault, cycles from the command
+    to done)."""
+    dut = Requantizer(CFG, width, latency=latency, registered=registered, lanes=lanes)
     words, result = {}, {}
+    junk = 0x5A5A5A5A - (1 << (width - 1)) if width > 32 else -1
+    mask = (1 << width) - 1
+
+    def lane_values(index):
+        """What the reading unit puts on the lanes for a read of *index*: the values there, junk past them (a wide
+        read's row runs past len) and on the lanes a read that is not wide leaves."""
+        got = [int(values[index + i]) if (i == 0 or wide) and index + i < len(values) else junk
+               for i in range(lanes)]
+        return sum((v & mask) << (width * i) for i, v in enumerate(got))
 
     async def tb(ctx):
         ctx.set(dut.cmd.payload.len, len(values))
         ctx.set(dut.cmd.payload.exp, exp)
         ctx.set(dut.cmd.payload.dst, dst_word)
         ctx.set(dut.cmd.payload.fold, peak is not None)
+        if lanes > 1:
+            ctx.set(dut.cmd.payload.wide, wide)
         ctx.set(dut.peak, peak or 0)
         ctx.set(dut.cmd.valid, 1)
         await ctx.tick()
@@ -39,9 +51,11 @@ def run(values, exp, width, dst_word=3, latency=1, registered=False, peak=None):
         cycles, pending = 0, [None] * latency
         while True:
             if pending[0] is not None:  # the value read latency cycles ago
-                ctx.set(dut.value, int(values[pending[0]]))
+                ctx.set(dut.value.as_value() if lanes > 1 else dut.value,
+                        lane_values(pending[0]) if lanes > 1 else int(values[pending[0]]))
             else:  # nothing may be taken from a cycle without a value in flight
-                ctx.set(dut.value, 0x5A5A5A5A - (1 << (width - 1)) if width > 32 else -1)
+                ctx.set(dut.value.as_value() if lanes > 1 else dut.value,
+                        sum((junk & mask) << (width * i) for i in range(lanes)) if lanes > 1 else junk)
             cycles += 1
             pending = pending[1:] + [ctx.get(dut.index) if ctx.get(dut.read) else None]
             en = ctx.get(dut.abuf_w.en)
@@ -93,40 +107,50 @@ def test_ldrow_pipeline(n, width, lo, exp):
 
 
 @pytest.mark.parametrize("values, exp", [([2**63 - 1, -(2**63 - 1), 2**62 + 12345, -5, 2**63 - 2**47], -60),
-                                         ([2**40 + 7, -(2**40), 3, 2**39 - 1] * 5, -80), ([1, -2, 0], 0)],
-                         ids=["int64-wrap", "underflow", "small"])
-def test_req_pipeline(values, exp):
-    """REQ's build: accumulator words two cycles after their read, the round-shift registered before the clip and
-    the mantissa before the packer; the round half up of a 63-bit peak wraps as numpy's int64 does."""
+                                         ([2**40 + 7, -(2**40), 3, 2**39 - 1] * 5, -80), ([1, -2, 0], 0),
+                                         ([5, -(2**50), 2**49 + 3, -7, 2**50 - 1, 9, 11, -13, 2**48, 1, 2], -70)],
+                         ids=["int64-wrap", "underflow", "small", "eleven"])
+@pytest.mark.parametrize("wide", [True, False], ids=["row-per-cycle", "word-per-cycle"])
+def test_req_pipeline(values, exp, wide):
+    """REQ's build: accumulator words two cycles after their read, ``acc_lanes`` at a time (a REQ from the start of
+    an accumulator row: lengths that are not a multiple of them leave lanes of the last row out) or one at a time
+    (from any other word), the round-shift registered before the clip and the mantissa before the packer; the
+    round half up of a 63-bit peak wraps as numpy's int64 does."""
     values = np.array(values, np.int64)
     want_m, want_e = nx.normalize(values, exp)
     words, got_e, fault, cycles = run(values, exp, 64, latency=timing.REQ_READ_LATENCY,
-                                      registered=timing.REQ_ROUND_REGISTERS)
+                                      registered=timing.REQ_ROUND_REGISTERS, lanes=CFG.acc_lanes, wide=wide)
     assert fault == Fault.NONE and got_e == want_e
     n = len(values)
     got = [words[3 + i // LANES][i % LANES] for i in range(n)]
     assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
-    assert cycles == timing.req_cycles(CFG, n) - 1  # less the check cycle, which is the REQ unit's
+    assert all(v is None for v in words[3 + (n - 1) // LANES][(n - 1) % LANES + 1:])  # the lane mask
+    # less the check cycle, which is the REQ unit's; an accumulator that starts a row, or one that does not
+    assert cycles == timing.req_cycles(CFG, n, acc=0 if wide else 1) - 1
 
 
 @pytest.mark.parametrize("values, exp", [([2**63 - 1, -(2**63 - 1), 2**62 + 12345, -5], -60),
                                          ([2**40 + 7, -(2**40), 3, 2**39 - 1] * 5, -80), ([-(2**20)] * 3 + [2**19], 0),
-                                         ([0] * 6, 4)], ids=["int64-wrap", "underflow", "negative-power", "zeros"])
-def test_req_fold(values, exp):
+                                         ([0] * 6, 4), ([3, -2**30, 7, 2**29 + 1, -1, 5, 2**30 - 1], -9)],
+                         ids=["int64-wrap", "underflow", "negative-power", "zeros", "seven"])
+@pytest.mark.parametrize("wide", [True, False], ids=["row-per-cycle", "word-per-cycle"])
+def test_req_fold(values, exp, wide):
     """REQ's build with a folded peak (the GEMV unit's record: the OR of the magnitudes): the round pass alone,
-    bit-exact, len + REQ_READ_LATENCY cycles fewer (timing.req_cycles with fold)."""
+    bit-exact, a pass and REQ_READ_LATENCY cycles fewer (timing.req_cycles with fold)."""
     values = np.array(values, np.int64)
     want_m, want_e = nx.normalize(values, exp)
     peak = 0
     for v in values:
         peak |= abs(int(v))
     words, got_e, fault, cycles = run(values, exp, 64, latency=timing.REQ_READ_LATENCY,
-                                      registered=timing.REQ_ROUND_REGISTERS, peak=peak)
+                                      registered=timing.REQ_ROUND_REGISTERS, peak=peak, lanes=CFG.acc_lanes, wide=wide)
     assert fault == Fault.NONE and got_e == want_e
     n = len(values)
     got = [words[3 + i // LANES][i % LANES] for i in range(n)]
     assert [np.int16(np.uint16(v)) for v in got] == [int(v) for v in want_m]
-    assert cycles == timing.req_cycles(CFG, n, fold=1) - 1 == timing.req_cycles(CFG, n) - 1 - n - timing.REQ_READ_LATENCY
+    acc, reads = (0, -(-n // CFG.acc_lanes)) if wide else (1, n)
+    assert cycles == timing.req_cycles(CFG, n, fold=1, acc=acc) - 1 == \
+        timing.req_cycles(CFG, n, acc=acc) - 1 - reads - timing.REQ_READ_LATENCY
 
 
 def test_latency_and_registers_checked():

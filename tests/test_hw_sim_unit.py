@@ -20,8 +20,8 @@ CFG = PRESETS["tiny"]
 LANES = CFG.abuf_lanes
 
 
-def run_req(acc_words, exp, dst):
-    """One REQ of *acc_words* (at accumulator 5, exponent register 3) to *dst*; returns the mantissas read back,
+def run_req(acc_words, exp, dst, acc=5):
+    """One REQ of *acc_words* (at accumulator *acc*, exponent register 3) to *dst*; returns the mantissas read back,
     the result exponent (E4), the fault and the busy cycles."""
     top = UnitSimTop(CFG, ReqUnit(CFG))
     host = top.host
@@ -29,14 +29,18 @@ def run_req(acc_words, exp, dst):
     out = {}
 
     async def tb(ctx):
-        await write_acc(ctx, top, 5, acc_words)
+        # the words around the vector too, which a REQ that reads whole rows must leave out
+        await write_acc(ctx, top, acc - 4, [-(1 << 62)] * 4 + list(acc_words) + [(1 << 62) - 1] * 4)
         ctx.set(host.ereg_w.addr, 3)
         ctx.set(host.ereg_w.data, exp)
         ctx.set(host.ereg_w.en, 1)
         await ctx.tick()
         ctx.set(host.ereg_w.en, 0)
-        ins = isa.Instr("REQ", {"acc": 5, "acc_e": 3, "len": n, "dst": dst, "dst_e": 4})
+        ins = isa.Instr("REQ", {"acc": acc, "acc_e": 3, "len": n, "dst": dst, "dst_e": 4})
         out["fault"], out["cycles"] = await execute(ctx, top, isa.encode(ins))
+        # the unit's last write leaves it in its done cycle and lands through the state's write register: a read
+        # of that word in the next cycle would collide with it (hw/state.py), so the host reads a cycle later
+        await ctx.tick()
         await ctx.tick()
         ctx.set(host.ereg_r.addr, 4)
         out["exp"] = ctx.get(host.ereg_r.data)
@@ -56,14 +60,20 @@ def run_req(acc_words, exp, dst):
     return out
 
 
-def test_req_on_the_sim_top():
-    rng = np.random.default_rng(3)
-    words = rng.integers(-(1 << 45), 1 << 45, 21)
+@pytest.mark.parametrize("acc, n", [(5, 21), (8, 21), (8, 16), (12, 3), (6, 4)],
+                         ids=["word-per-cycle", "rows-partial", "rows", "one-row-partial", "unaligned-row-length"])
+def test_req_on_the_sim_top(acc, n):
+    """From the start of an accumulator row (acc_lanes words) a row per cycle, from any other word one per cycle;
+    lengths that are not a multiple of a row leave the rest of the last row out."""
+    rng = np.random.default_rng(acc + n)
+    words = rng.integers(-(1 << 45), 1 << 45, n)
     want_m, want_e = nx.normalize(words, -40)
-    got = run_req(words, -40, dst=2 * LANES)
+    got = run_req(words, -40, dst=2 * LANES, acc=acc)
     assert got["fault"] == Fault.NONE and got["exp"] == want_e
     assert got["mants"] == [int(v) for v in want_m]
-    assert got["cycles"] == timing.req_cycles(CFG, len(words))
+    assert got["cycles"] == timing.req_cycles(CFG, n, acc=acc)
+    per_row = acc % CFG.acc_lanes == 0 and CFG.acc_lanes > 1
+    assert got["cycles"] == 2 * (-(-n // CFG.acc_lanes) if per_row else n) + timing.REQ_OVERHEAD
 
 
 def test_misaligned_req_faults():
