@@ -285,7 +285,9 @@ class OnChipState:
     def _narrow_read(self, unit_port, lanes):
         """Drive *unit_port* (an activation-buffer read port of which its unit uses the first *lanes* lanes) from a
         read port of its own on a copy of those lanes alone, which every activation-buffer write port writes too."""
-        if lanes <= 0:
+        if not 0 <= lanes <= abuf_lanes(self.config):
+            raise ValueError(f"narrow_reads: {lanes!r} lanes of a {abuf_lanes(self.config)}-lane word")
+        if lanes == 0:
             self.m.d.comb += unit_port.data.eq(0)
             return
         name = f"abuf_lanes{len(self._mirrors)}"
