@@ -1083,6 +1083,10 @@ class AttentionEngine(wiring.Component):
         The unit protocol of :func:`hw.ports.unit_signature`; ``cmd`` carries :data:`ATTN_COMMAND`.
     abuf_r0, abuf_r1 : Out(abuf_read(config))
         The activation-buffer word holding the operand's element and the word after it.
+    narrow_reads : dict
+        ``{"abuf_r1": vector_lanes - 1}``: of the word after it, the operand takes at most its first
+        ``vector_lanes - 1`` lanes (the operand starts inside ``abuf_r0``'s word), so the state reads only those
+        (:meth:`hw.state.OnChipState.attach_groups`): a copy of a few lanes, not a second word-wide one.
     abuf_w : Out(abuf_write(config))
         The output vector, ``timing.attn_output_lanes(config)`` elements per cycle with per-lane enables.
     acc_w : Out(acc_write(config))
@@ -1104,6 +1108,7 @@ class AttentionEngine(wiring.Component):
         if config.act_buffer_words < self.abuf_lanes:
             raise ValueError(f"act_buffer_words={config.act_buffer_words} is smaller than one word of {self.abuf_lanes} lanes")
         self.abuf_depth = config.act_buffer_words // self.abuf_lanes
+        self.narrow_reads = {"abuf_r1": self.lanes - 1}
         super().__init__(unit_signature(
             ATTN_COMMAND,
             abuf_r0=Out(abuf_read(config)), abuf_r1=Out(abuf_read(config)), abuf_w=Out(abuf_write(config)),

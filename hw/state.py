@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from amaranth.hdl import Array, Cat, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
-from amaranth.lib.wiring import Out
+from amaranth.lib.wiring import In, Out
 
 from kvoverlay import isa
 from kvoverlay import numerics as nx
@@ -154,6 +154,7 @@ class OnChipState:
                                                    depth=config.acc_buffer_words // config.acc_lanes, init=[],
                                                    attrs={"no_rw_check": 1})
         self._writes, self._reads = {self.abuf: [], self.accbuf: []}, []
+        self._mirrors = []  # (memory, lanes): copies of the activation buffer's first lanes (_narrow_read)
         self.eregs = Array(Signal(EREG_SHAPE, init=nx.EXP_MIN, name=f"ereg{i}") for i in range(isa.NUM_EREGS))
         self.regs = Array(Signal(32, name=f"reg{i}") for i in range(isa.NUM_REGS))
 
@@ -180,10 +181,17 @@ class OnChipState:
         at the clock edge (two groups never write one register at once: the golden model reports that as a
         race).
 
-        Each read port of *own* (ports of the groups' units) gets a port of its own on its buffer instead, which
-        no other unit shares: a further copy of that buffer's block RAM."""
+        Each read port of *own* (ports of the groups' units) gets a port that no other group's unit shares: the
+        port of an index that only its own group's other units use, where there is one (the group's units run one at
+        a time), else a port of its own, a further copy of that buffer's block RAM.
+
+        A unit's ``narrow_reads`` (a dict, port name to lanes) names activation-buffer read ports of which it uses
+        only the first lanes of the word: each gets a port of its own on a copy of only those lanes (the other lanes
+        read zero), a few block RAMs where a word-wide copy takes ``abuf_lanes / 2``."""
         m, kinds, owner = self.m, _kinds(self.config), owner or {}
         own_ids = {id(p) for p in own}
+        narrow = {id(getattr(unit, name)): lanes for units, _ in groups for unit in units
+                  for name, lanes in getattr(unit, "narrow_reads", {}).items()}
 
         def write_port(memory, beat=None, rows=0, **kwargs):
             """A write port of *memory* behind a register: the writers' multiplexer ends in it, so that a path from
@@ -202,6 +210,9 @@ class OnChipState:
             en = (staged.en << staged.addr[:rows]) if rows else staged.en
             m.d.sync += [port.addr.eq(staged.addr >> rows), port.en.eq(en), held.eq(staged.data)]
             m.d.comb += port.data.eq(held.replicate(len(port.data) // len(held)))
+            if memory is self.abuf:
+                for mirror, lanes in self._mirrors:
+                    self._mirror_write(mirror, lanes, port)
             return staged  # _share truncates a unit's data to the beat
 
         def abuf_write_port():
@@ -218,16 +229,34 @@ class OnChipState:
                                                 **({"granularity": 64} if acc_rows else {})),
                     "abuf_r": lambda: read_port(self.abuf, "abuf_r"), "acc_r": lambda: read_port(self.accbuf, "acc_r")}
         for kind, make in new_port.items():
-            ports = [[[p for p in ports_of(unit, kinds[kind]) if id(p) not in own_ids] for unit in units]
-                     for units, _ in groups]
-            for units, _ in groups:
-                for p in (p for unit in units for p in ports_of(unit, kinds[kind]) if id(p) in own_ids):
-                    if kind not in ("abuf_r", "acc_r"):
-                        raise ValueError(f"own={own!r}: only read ports get a port of their own, not {kind}")
-                    mine = make()
-                    m.d.comb += [mine.addr.eq(p.addr), mine.en.eq(p.en), p.data.eq(mine.data)]
-            for j in range(max((len(p) for group in ports for p in group), default=0)):
-                sources = [(g, i, p[j]) for g, group in enumerate(ports) for i, p in enumerate(group) if len(p) > j]
+            # slots[j]: the sources (group, unit, port) of the kind's j-th port: each unit's j-th port not of *own*
+            slots, mine = [], []
+            for g, (units, _) in enumerate(groups):
+                for i, unit in enumerate(units):
+                    j = 0
+                    for p in ports_of(unit, kinds[kind]):
+                        if id(p) in narrow:
+                            if kind != "abuf_r":
+                                raise ValueError(f"narrow_reads of {unit!r}: only activation-buffer read ports "
+                                                 f"read a word's first lanes, not {kind}")
+                            self._narrow_read(p, narrow[id(p)])
+                        elif id(p) in own_ids:
+                            if kind not in ("abuf_r", "acc_r"):
+                                raise ValueError(f"own={own!r}: only read ports get a port of their own, not {kind}")
+                            mine.append((g, i, p))
+                        else:
+                            if j == len(slots):
+                                slots.append([])
+                            slots[j].append((g, i, p))
+                            j += 1
+            for g, i, p in mine:
+                free = [s for s in slots if all(sg == g and si != i for sg, si, _ in s)]
+                if free:
+                    free[0].append((g, i, p))
+                else:
+                    port = make()
+                    m.d.comb += [port.addr.eq(p.addr), port.en.eq(p.en), p.data.eq(port.data)]
+            for j, sources in enumerate(slots):
                 shared = len({g for g, _, _ in sources}) > 1
                 choice = Signal(range(max(2, len(sources))), name=f"{kind}{j}_source")
                 for k, (g, i, _) in enumerate(sources):
@@ -271,4 +300,30 @@ class OnChipState:
         for memory, port, mask in self._reads:
             if mask is not None:
                 m.d.comb += mask.eq(_collisions(port, self._writes[memory]))
+
+    def _narrow_read(self, unit_port, lanes):
+        """Drive *unit_port* (an activation-buffer read port of which its unit uses the first *lanes* lanes) from a
+        read port of its own on a copy of those lanes alone, which every activation-buffer write port writes too."""
+        if not 0 <= lanes <= abuf_lanes(self.config):
+            raise ValueError(f"narrow_reads: {lanes!r} lanes of a {abuf_lanes(self.config)}-lane word")
+        if lanes == 0:
+            self.m.d.comb += unit_port.data.eq(0)
+            return
+        name = f"abuf_lanes{len(self._mirrors)}"
+        mirror = Memory(shape=unsigned(16 * lanes), depth=self.abuf.depth, init=[], attrs={"no_rw_check": 1})
+        self.m.submodules[name] = mirror
+        self._mirrors.append((mirror, lanes))
+        self._writes[mirror] = []
+        for port in self._writes[self.abuf]:
+            self._mirror_write(mirror, lanes, port)
+        signature = wiring.Signature({"addr": Out(range(self.abuf.depth)), "en": Out(1), "data": In(16 * lanes)})
+        port, mask, seen = _read_port(self.m, mirror, signature, f"{name}_r", self.poison)
+        self._reads.append((mirror, seen, mask))
+        self.m.d.comb += [port.addr.eq(unit_port.addr), port.en.eq(unit_port.en), unit_port.data.eq(port.data)]
+
+    def _mirror_write(self, mirror, lanes, port):
+        """A write port of *mirror* that writes *lanes* first lanes as the activation buffer's write port *port*
+        does, from the same registers."""
+        self._writes[mirror].append(wp := mirror.write_port(granularity=16))
+        self.m.d.comb += [wp.addr.eq(port.addr), wp.en.eq(port.en[:lanes]), wp.data.eq(port.data[:16 * lanes])]
 

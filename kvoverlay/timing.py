@@ -91,9 +91,10 @@ PORT_LOCKS = {
 }
 
 
-#: Buffer ports an opcode's unit has of its own, shared with no other unit: GEMV reads its input vector through an
-#: activation-buffer read port of its own (a further copy of the buffer's block RAM, hw/overlay.py), so that the
-#: store queue's attention engine reads the buffer while the weights stream.
+#: Buffer ports an opcode's unit has of its own, shared with no other queue's unit: GEMV reads its input vector through
+#: the compute queue's second activation-buffer read port, which only the compute queue's units use (hw/state.py;
+#: the attention engine reads its next word from a copy of a few lanes), so that the store queue's attention engine
+#: reads the buffer while the weights stream.
 OWN_PORTS = {"GEMV": ("abuf_r",)}
 #: A port of :data:`PORT_LOCKS` that its opcode does not hold while a field of the instruction has a value,
 #: ``(field, value)``: a GEMV that overwrites its accumulators (``accumulate=0``) never reads them, so the store
