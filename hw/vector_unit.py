@@ -792,8 +792,11 @@ class NormScalar(wiring.Component):
 class Argmax(wiring.Component):
     """ARGMAX over the chunks of one pass: the first largest element.
 
-    Within a chunk a balanced tree keeps the lower lane on ties; across chunks only a strictly
-    larger value replaces the best.
+    Within a chunk a balanced tree keeps the lower lane on ties, each of its levels ending in a register
+    (:func:`kvoverlay.timing.argmax_tree_levels` cycles); across chunks only a strictly larger value replaces the best.
+    In the whole unit the tree's input is the S2 chunk register that the elementwise stage, NORM's sums and the gate
+    table also read, placed far from here: with the tree and the running compare in one cycle that route was the
+    unit's critical path.
 
     Attributes
     ----------
@@ -815,28 +818,34 @@ class Argmax(wiring.Component):
         best = Signal(LANE, name="best_value")
         found = Signal(name="best_found")
         level = [(c.a[j], Const(j, range(V)), c.mask[j]) for j in range(V)]
+        # the chunk's index and whether it takes part travel beside the tree's levels
+        take_part, chunk_idx = self.chunk.valid & (c.kind == Pass.ARGMAX), c.idx
         depth = 0
         while len(level) > 1:
             nxt = []
             for k in range(0, len(level), 2):
-                if k + 1 == len(level):
-                    nxt.append(level[k])
-                    continue
-                (lv, li, lo), (rv, ri, ro) = level[k], level[k + 1]
                 node = f"tree{depth}_{k // 2}"
-                take = Signal(name=f"{node}_right")
                 val = Signal(LANE, name=f"{node}_value")
                 idx = Signal(range(V), name=f"{node}_lane")
                 ok = Signal(name=f"{node}_ok")
-                m.d.comb += [take.eq(ro & (~lo | (rv > lv))), val.eq(Mux(take, rv, lv)), idx.eq(Mux(take, ri, li)),
-                             ok.eq(lo | ro)]
+                if k + 1 == len(level):
+                    lv, li, lo = level[k]
+                    m.d.sync += [val.eq(lv), idx.eq(li), ok.eq(lo)]
+                else:
+                    (lv, li, lo), (rv, ri, ro) = level[k], level[k + 1]
+                    take = Signal(name=f"{node}_right")
+                    m.d.comb += take.eq(ro & (~lo | (rv > lv)))
+                    m.d.sync += [val.eq(Mux(take, rv, lv)), idx.eq(Mux(take, ri, li)), ok.eq(lo | ro)]
                 nxt.append((val, idx, ok))
-            level, depth = nxt, depth + 1
+            part, cidx = Signal(name=f"tree{depth}_valid"), Signal(16, name=f"tree{depth}_chunk")
+            m.d.sync += [part.eq(take_part), cidx.eq(chunk_idx)]
+            level, take_part, chunk_idx, depth = nxt, part, cidx, depth + 1
+        assert depth == timing.argmax_tree_levels(self.config)
         value, lane, ok = level[0]
         with m.If(self.clear):
             m.d.sync += found.eq(0)
-        with m.Elif(self.chunk.valid & (c.kind == Pass.ARGMAX) & ok & (~found | (value > best))):
-            m.d.sync += [best.eq(value), self.index.eq(c.idx * V + lane), found.eq(1)]
+        with m.Elif(take_part & ok & (~found | (value > best))):
+            m.d.sync += [best.eq(value), self.index.eq(chunk_idx * V + lane), found.eq(1)]
         return m
 
 
@@ -1132,8 +1141,13 @@ class VectorUnit(wiring.Component):
             scalar.count.eq(count), scalar.heads.eq(heads),
             scalar.head.eq(head_idx),
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
-            wb.exp_in.eq(Mux(is_rope, rope.exp, elem.exp)),
         ]
+        # the wide values' exponent (up to three register exponents and NORM's recip_exp added) is registered before
+        # the normalizer adds its shift and compares: it holds from the set-up (NORM's from its scalar sequence, a
+        # head's from its load) on, and the write-back reads it only once a peak pass is over (no cycle)
+        wb_exp = Signal(EXP_WIDE, name="wb_exp_in")
+        m.d.sync += wb_exp.eq(Mux(is_rope, rope.exp, elem.exp))
+        m.d.comb += wb.exp_in.eq(wb_exp)
         for sink in (elem, argmax):
             wiring.connect(m, issue.chunk, sink.chunk)
         wiring.connect(m, elem.staged, scalar.chunk)  # the chunk beside its squares
@@ -1159,7 +1173,7 @@ class VectorUnit(wiring.Component):
             m.d.comb += [issue.start.eq(1), issue.kind.eq(kind)]
             m.next = state
 
-        drain = Signal(range(max(PIPE_DEPTH, timing.ROPE_PIPE_DEPTH + 1) + 1), name="drain")
+        drain = Signal(range(max(PIPE_DEPTH, timing.ROPE_PIPE_DEPTH + 1, timing.argmax_drain(cfg)) + 1), name="drain")
         with m.FSM(name="vec_state"):
             with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
                 m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1), head_lo.eq(0), head_idx.eq(0), head_round.eq(0)]
@@ -1184,15 +1198,15 @@ class VectorUnit(wiring.Component):
                 with m.Else():
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
-            # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk two cycles after its
-            # issue, the sums six (the chunk's sums registered a cycle after S2a, beside the squares:
-            # NORM_STATS_DRAIN), and the scalar sequence starts in the last of them (SCALAR) and reads the sums in the
-            # cycle after
+            # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk argmax_drain cycles
+            # after its issue (two, and one per level of its tree), the sums six (the chunk's sums registered a cycle
+            # after S2a, beside the squares: NORM_STATS_DRAIN), and the scalar sequence starts in the last of them
+            # (SCALAR) and reads the sums in the cycle after
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
                                              ("HEAD_PASS", issue.last, PIPE_DEPTH, "HEAD_NEXT"),
                                              ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),
                                              ("STATS", issue.last, timing.NORM_STATS_DRAIN, "SCALAR"),
-                                             ("ARGMAX", issue.last, 2, "ARGMAX_WRITE")):
+                                             ("ARGMAX", issue.last, timing.argmax_drain(cfg), "ARGMAX_WRITE")):
                 with m.State(state), m.If(last):
                     m.d.sync += drain.eq(depth)
                     m.next = f"{state}_DRAIN"
