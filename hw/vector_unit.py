@@ -408,21 +408,26 @@ class Elementwise(wiring.Component):
         # multiplier, which VADD leaves idle: times 2**(t mod GUARD), then t in [0, GUARD) is that product, t == GUARD
         # the product of 2**(GUARD - 1) moved left by one, t in [-GUARD, 0) the product rounded by GUARD bits (round
         # half up reads bit GUARD - 1), and t < -GUARD rounds any int16 to 0
+        # the exponents and the instruction hold from the set-up on, and the first chunk reaches S2 three cycles later:
+        # what they decode to is registered (no cycle), so that no path runs from the instruction or exponent registers
+        # through the decodes into the lane multipliers and the sums after them (in the whole unit, 45.6 MHz:
+        # docs/boards.md, vecfmax2)
         top = Signal(EXP_WIDE, name="add_top")
         b_big = Signal(name="add_b_big")
         shift_small = Signal(EXP_WIDE, name="add_shift_small")
-        m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), b_big.eq(eb > ea),
-                     shift_small.eq(Mux(b_big, ea, eb) - top)]
+        m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), shift_small.eq(Mux(eb > ea, ea, eb) - top)]
+        m.d.sync += b_big.eq(eb > ea)
         add_factor = Signal(_GUARD, name="add_factor")
         add_equal = Signal(name="add_equal_exps")  # t == GUARD
         add_right = Signal(name="add_right")  # t in [-GUARD, 0)
         add_zero = Signal(name="add_zero")  # t < -GUARD
-        m.d.comb += [add_equal.eq(shift_small == _GUARD), add_right.eq((shift_small < 0) & (shift_small >= -_GUARD)),
+        m.d.sync += [add_equal.eq(shift_small == _GUARD), add_right.eq((shift_small < 0) & (shift_small >= -_GUARD)),
                      add_zero.eq(shift_small < -_GUARD),
-                     add_factor.eq(Mux(add_equal, 1 << (_GUARD - 1),
+                     add_factor.eq(Mux(shift_small == _GUARD, 1 << (_GUARD - 1),
                                        Const(1, _GUARD) << shift_small[:log2_exact(_GUARD)]))]
-        is_vadd = Signal(name="is_vadd")
-        m.d.comb += is_vadd.eq(opcode == _code("VADD"))
+        is_op = {name: Signal(name=f"is_{name.lower()}") for name in ("VADD", "VMUL", "VSCALE", "ACT", "NORM")}
+        m.d.sync += [flag.eq(opcode == _code(name)) for name, flag in is_op.items()]
+        is_vadd = is_op["VADD"]
         with m.Switch(opcode):
             for name, exp in (("VADD", top), ("VMUL", ea + eb), ("VSCALE", ea + f.VSCALE.imm_e),
                               ("ACT", ea - _GATE_BITS), ("NORM", ea + self.recip_exp + nx.NORM_Z_SHIFT + eb)):
@@ -441,12 +446,10 @@ class Elementwise(wiring.Component):
         c = self.staged.payload
         m.d.sync += [self.staged.valid.eq(s2_valid), c.eq(s2)]
         out = self.wide.payload
-        is_norm = Signal(name="is_norm")
-        m.d.comb += is_norm.eq(opcode == _code("NORM"))
+        is_norm = is_op["NORM"]
         m.d.sync += [self.wide.valid.eq(self.staged.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
-        is_act = Signal(name="is_act")
-        m.d.comb += is_act.eq(opcode == _code("ACT"))
+        is_act = is_op["ACT"]
         for j in range(V):
             a, b = s2.a[j], s2.b[j]
             # the lane multiplier's operands are chosen at S2 and registered (but for ACT's gate, GateLut's own
@@ -461,15 +464,14 @@ class Elementwise(wiring.Component):
             # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate, VADD its smaller operand by a power of
             # two: one lane multiplier (16 x 17 bits, one MULT18X18D) serves all four
             factor_reg = Signal(signed(GATE_SHAPE.width + 1), name=f"s2a_factor{j}")
-            with m.Switch(opcode):
-                with m.Case(_code("VADD")):
-                    m.d.sync += factor_reg.eq(add_factor)
-                with m.Case(_code("VSCALE")):
-                    m.d.sync += factor_reg.eq(f.VSCALE.imm_m)
-                with m.Case(_code("NORM")):  # the statistics pass's squares, then the low bits of x * r
-                    m.d.sync += factor_reg.eq(Mux(s2.kind == Pass.STATS, a, self.recip[:_RECIP_SPLIT]))
-                with m.Default():
-                    m.d.sync += factor_reg.eq(b)
+            with m.If(is_op["VADD"]):
+                m.d.sync += factor_reg.eq(add_factor)
+            with m.Elif(is_op["VSCALE"]):
+                m.d.sync += factor_reg.eq(f.VSCALE.imm_m)
+            with m.Elif(is_op["NORM"]):  # the statistics pass's squares, then the low bits of x * r
+                m.d.sync += factor_reg.eq(Mux(s2.kind == Pass.STATS, a, self.recip[:_RECIP_SPLIT]))
+            with m.Else():
+                m.d.sync += factor_reg.eq(b)
             factor = Signal(signed(GATE_SHAPE.width + 1), name=f"factor{j}")
             m.d.comb += factor.eq(Mux(is_act, lut.gate[j], factor_reg))
             b = c.b[j]
@@ -493,11 +495,10 @@ class Elementwise(wiring.Component):
             pre = Signal(signed(CHUNK_WIDE_BITS), name=f"s2b_value{j}")  # S2b: NORM's z, the others' result
             g = Signal(LANE, name=f"s2b_g{j}")
             m.d.sync += g.eq(b)
-            with m.Switch(opcode):
-                for name, value in (("VADD", (big << _GUARD) + aligned), ("VMUL", product), ("VSCALE", product),
-                                    ("ACT", product), ("NORM", z)):
-                    with m.Case(_code(name)):
-                        m.d.sync += pre.eq(value)
+            for name, value in (("VADD", (big << _GUARD) + aligned), ("VMUL", product), ("VSCALE", product),
+                                ("ACT", product), ("NORM", z)):
+                with m.If(is_op[name]):
+                    m.d.sync += pre.eq(value)
             zg = Signal(signed(_NORM_Z_BITS + 16), name=f"norm_zg{j}")
             m.d.comb += [zg.eq(pre[:17] * g + (narrow_times(pre[17:_NORM_Z_BITS].as_signed(), g) << 17)),
                          out.wide[j].eq(Mux(is_norm, zg, pre))]
