@@ -408,21 +408,26 @@ class Elementwise(wiring.Component):
         # multiplier, which VADD leaves idle: times 2**(t mod GUARD), then t in [0, GUARD) is that product, t == GUARD
         # the product of 2**(GUARD - 1) moved left by one, t in [-GUARD, 0) the product rounded by GUARD bits (round
         # half up reads bit GUARD - 1), and t < -GUARD rounds any int16 to 0
+        # the exponents and the instruction hold from the set-up on, and the first chunk reaches S2 three cycles later:
+        # what they decode to is registered (no cycle), so that no path runs from the instruction or exponent registers
+        # through the decodes into the lane multipliers and the sums after them (in the whole unit, 45.6 MHz:
+        # docs/boards.md, vecfmax2)
         top = Signal(EXP_WIDE, name="add_top")
         b_big = Signal(name="add_b_big")
         shift_small = Signal(EXP_WIDE, name="add_shift_small")
-        m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), b_big.eq(eb > ea),
-                     shift_small.eq(Mux(b_big, ea, eb) - top)]
+        m.d.comb += [top.eq(Mux(ea > eb, ea, eb) - _GUARD), shift_small.eq(Mux(eb > ea, ea, eb) - top)]
+        m.d.sync += b_big.eq(eb > ea)
         add_factor = Signal(_GUARD, name="add_factor")
         add_equal = Signal(name="add_equal_exps")  # t == GUARD
         add_right = Signal(name="add_right")  # t in [-GUARD, 0)
         add_zero = Signal(name="add_zero")  # t < -GUARD
-        m.d.comb += [add_equal.eq(shift_small == _GUARD), add_right.eq((shift_small < 0) & (shift_small >= -_GUARD)),
+        m.d.sync += [add_equal.eq(shift_small == _GUARD), add_right.eq((shift_small < 0) & (shift_small >= -_GUARD)),
                      add_zero.eq(shift_small < -_GUARD),
-                     add_factor.eq(Mux(add_equal, 1 << (_GUARD - 1),
+                     add_factor.eq(Mux(shift_small == _GUARD, 1 << (_GUARD - 1),
                                        Const(1, _GUARD) << shift_small[:log2_exact(_GUARD)]))]
-        is_vadd = Signal(name="is_vadd")
-        m.d.comb += is_vadd.eq(opcode == _code("VADD"))
+        is_op = {name: Signal(name=f"is_{name.lower()}") for name in ("VADD", "VMUL", "VSCALE", "ACT", "NORM")}
+        m.d.sync += [flag.eq(opcode == _code(name)) for name, flag in is_op.items()]
+        is_vadd = is_op["VADD"]
         with m.Switch(opcode):
             for name, exp in (("VADD", top), ("VMUL", ea + eb), ("VSCALE", ea + f.VSCALE.imm_e),
                               ("ACT", ea - _GATE_BITS), ("NORM", ea + self.recip_exp + nx.NORM_Z_SHIFT + eb)):
@@ -441,12 +446,10 @@ class Elementwise(wiring.Component):
         c = self.staged.payload
         m.d.sync += [self.staged.valid.eq(s2_valid), c.eq(s2)]
         out = self.wide.payload
-        is_norm = Signal(name="is_norm")
-        m.d.comb += is_norm.eq(opcode == _code("NORM"))
+        is_norm = is_op["NORM"]
         m.d.sync += [self.wide.valid.eq(self.staged.valid & ((c.kind == Pass.PEAK) | (c.kind == Pass.WRITE))),
                      out.kind.eq(c.kind), out.mask.eq(c.mask), out.addr.eq(self.dst + c.idx * V)]
-        is_act = Signal(name="is_act")
-        m.d.comb += is_act.eq(opcode == _code("ACT"))
+        is_act = is_op["ACT"]
         for j in range(V):
             a, b = s2.a[j], s2.b[j]
             # the lane multiplier's operands are chosen at S2 and registered (but for ACT's gate, GateLut's own
@@ -461,15 +464,14 @@ class Elementwise(wiring.Component):
             # VMUL, VSCALE and ACT multiply a by b, the immediate or the gate, VADD its smaller operand by a power of
             # two: one lane multiplier (16 x 17 bits, one MULT18X18D) serves all four
             factor_reg = Signal(signed(GATE_SHAPE.width + 1), name=f"s2a_factor{j}")
-            with m.Switch(opcode):
-                with m.Case(_code("VADD")):
-                    m.d.sync += factor_reg.eq(add_factor)
-                with m.Case(_code("VSCALE")):
-                    m.d.sync += factor_reg.eq(f.VSCALE.imm_m)
-                with m.Case(_code("NORM")):  # the statistics pass's squares, then the low bits of x * r
-                    m.d.sync += factor_reg.eq(Mux(s2.kind == Pass.STATS, a, self.recip[:_RECIP_SPLIT]))
-                with m.Default():
-                    m.d.sync += factor_reg.eq(b)
+            with m.If(is_op["VADD"]):
+                m.d.sync += factor_reg.eq(add_factor)
+            with m.Elif(is_op["VSCALE"]):
+                m.d.sync += factor_reg.eq(f.VSCALE.imm_m)
+            with m.Elif(is_op["NORM"]):  # the statistics pass's squares, then the low bits of x * r
+                m.d.sync += factor_reg.eq(Mux(s2.kind == Pass.STATS, a, self.recip[:_RECIP_SPLIT]))
+            with m.Else():
+                m.d.sync += factor_reg.eq(b)
             factor = Signal(signed(GATE_SHAPE.width + 1), name=f"factor{j}")
             m.d.comb += factor.eq(Mux(is_act, lut.gate[j], factor_reg))
             b = c.b[j]
@@ -493,11 +495,10 @@ class Elementwise(wiring.Component):
             pre = Signal(signed(CHUNK_WIDE_BITS), name=f"s2b_value{j}")  # S2b: NORM's z, the others' result
             g = Signal(LANE, name=f"s2b_g{j}")
             m.d.sync += g.eq(b)
-            with m.Switch(opcode):
-                for name, value in (("VADD", (big << _GUARD) + aligned), ("VMUL", product), ("VSCALE", product),
-                                    ("ACT", product), ("NORM", z)):
-                    with m.Case(_code(name)):
-                        m.d.sync += pre.eq(value)
+            for name, value in (("VADD", (big << _GUARD) + aligned), ("VMUL", product), ("VSCALE", product),
+                                ("ACT", product), ("NORM", z)):
+                with m.If(is_op[name]):
+                    m.d.sync += pre.eq(value)
             zg = Signal(signed(_NORM_Z_BITS + 16), name=f"norm_zg{j}")
             m.d.comb += [zg.eq(pre[:17] * g + (narrow_times(pre[17:_NORM_Z_BITS].as_signed(), g) << 17)),
                          out.wide[j].eq(Mux(is_norm, zg, pre))]
@@ -792,8 +793,11 @@ class NormScalar(wiring.Component):
 class Argmax(wiring.Component):
     """ARGMAX over the chunks of one pass: the first largest element.
 
-    Within a chunk a balanced tree keeps the lower lane on ties; across chunks only a strictly
-    larger value replaces the best.
+    Within a chunk a balanced tree keeps the lower lane on ties, each of its levels ending in a register
+    (:func:`kvoverlay.timing.argmax_tree_levels` cycles); across chunks only a strictly larger value replaces the best.
+    In the whole unit the tree's input is the S2 chunk register that the elementwise stage, NORM's sums and the gate
+    table also read, placed far from here: with the tree and the running compare in one cycle that route was the
+    unit's critical path.
 
     Attributes
     ----------
@@ -815,28 +819,34 @@ class Argmax(wiring.Component):
         best = Signal(LANE, name="best_value")
         found = Signal(name="best_found")
         level = [(c.a[j], Const(j, range(V)), c.mask[j]) for j in range(V)]
+        # the chunk's index and whether it takes part travel beside the tree's levels
+        take_part, chunk_idx = self.chunk.valid & (c.kind == Pass.ARGMAX), c.idx
         depth = 0
         while len(level) > 1:
             nxt = []
             for k in range(0, len(level), 2):
-                if k + 1 == len(level):
-                    nxt.append(level[k])
-                    continue
-                (lv, li, lo), (rv, ri, ro) = level[k], level[k + 1]
                 node = f"tree{depth}_{k // 2}"
-                take = Signal(name=f"{node}_right")
                 val = Signal(LANE, name=f"{node}_value")
                 idx = Signal(range(V), name=f"{node}_lane")
                 ok = Signal(name=f"{node}_ok")
-                m.d.comb += [take.eq(ro & (~lo | (rv > lv))), val.eq(Mux(take, rv, lv)), idx.eq(Mux(take, ri, li)),
-                             ok.eq(lo | ro)]
+                if k + 1 == len(level):
+                    lv, li, lo = level[k]
+                    m.d.sync += [val.eq(lv), idx.eq(li), ok.eq(lo)]
+                else:
+                    (lv, li, lo), (rv, ri, ro) = level[k], level[k + 1]
+                    take = Signal(name=f"{node}_right")
+                    m.d.comb += take.eq(ro & (~lo | (rv > lv)))
+                    m.d.sync += [val.eq(Mux(take, rv, lv)), idx.eq(Mux(take, ri, li)), ok.eq(lo | ro)]
                 nxt.append((val, idx, ok))
-            level, depth = nxt, depth + 1
+            part, cidx = Signal(name=f"tree{depth}_valid"), Signal(16, name=f"tree{depth}_chunk")
+            m.d.sync += [part.eq(take_part), cidx.eq(chunk_idx)]
+            level, take_part, chunk_idx, depth = nxt, part, cidx, depth + 1
+        assert depth == timing.argmax_tree_levels(self.config)
         value, lane, ok = level[0]
         with m.If(self.clear):
             m.d.sync += found.eq(0)
-        with m.Elif(self.chunk.valid & (c.kind == Pass.ARGMAX) & ok & (~found | (value > best))):
-            m.d.sync += [best.eq(value), self.index.eq(c.idx * V + lane), found.eq(1)]
+        with m.Elif(take_part & ok & (~found | (value > best))):
+            m.d.sync += [best.eq(value), self.index.eq(chunk_idx * V + lane), found.eq(1)]
         return m
 
 
@@ -1132,8 +1142,13 @@ class VectorUnit(wiring.Component):
             scalar.count.eq(count), scalar.heads.eq(heads),
             scalar.head.eq(head_idx),
             rope.insn.eq(insn.ROPE), rope.exp_x.eq(exps[0]), rope.exp_cos.eq(exps[1]), rope.exp_sin.eq(exps[2]),
-            wb.exp_in.eq(Mux(is_rope, rope.exp, elem.exp)),
         ]
+        # the wide values' exponent (up to three register exponents and NORM's recip_exp added) is registered before
+        # the normalizer adds its shift and compares: it holds from the set-up (NORM's from its scalar sequence, a
+        # head's from its load) on, and the write-back reads it only once a peak pass is over (no cycle)
+        wb_exp = Signal(EXP_WIDE, name="wb_exp_in")
+        m.d.sync += wb_exp.eq(Mux(is_rope, rope.exp, elem.exp))
+        m.d.comb += wb.exp_in.eq(wb_exp)
         for sink in (elem, argmax):
             wiring.connect(m, issue.chunk, sink.chunk)
         wiring.connect(m, elem.staged, scalar.chunk)  # the chunk beside its squares
@@ -1159,7 +1174,7 @@ class VectorUnit(wiring.Component):
             m.d.comb += [issue.start.eq(1), issue.kind.eq(kind)]
             m.next = state
 
-        drain = Signal(range(max(PIPE_DEPTH, timing.ROPE_PIPE_DEPTH + 1) + 1), name="drain")
+        drain = Signal(range(max(PIPE_DEPTH, timing.ROPE_PIPE_DEPTH + 1, timing.argmax_drain(cfg)) + 1), name="drain")
         with m.FSM(name="vec_state"):
             with m.State("IDLE"), m.If(self.cmd.valid & self.cmd.ready):
                 m.d.sync += [insn.eq(self.cmd.payload), busy.eq(1), head_lo.eq(0), head_idx.eq(0), head_round.eq(0)]
@@ -1184,15 +1199,15 @@ class VectorUnit(wiring.Component):
                 with m.Else():
                     start_chunks(Pass.PEAK, "PASSES")
             # each issuing state waits for its last issue, then drains: the write-back takes PIPE_DEPTH cycles (ROPE
-            # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk two cycles after its
-            # issue, the sums six (the chunk's sums registered a cycle after S2a, beside the squares:
-            # NORM_STATS_DRAIN), and the scalar sequence starts in the last of them (SCALAR) and reads the sums in the
-            # cycle after
+            # ROPE_PIPE_DEPTH and one more, for its held element); the argmax takes the last chunk argmax_drain cycles
+            # after its issue (two, and one per level of its tree), the sums six (the chunk's sums registered a cycle
+            # after S2a, beside the squares: NORM_STATS_DRAIN), and the scalar sequence starts in the last of them
+            # (SCALAR) and reads the sums in the cycle after
             for state, last, depth, then in (("PASSES", issue.last, PIPE_DEPTH, "FINISH"),
                                              ("HEAD_PASS", issue.last, PIPE_DEPTH, "HEAD_NEXT"),
                                              ("ROPE", rope.last, timing.ROPE_PIPE_DEPTH + 1, "FINISH"),
                                              ("STATS", issue.last, timing.NORM_STATS_DRAIN, "SCALAR"),
-                                             ("ARGMAX", issue.last, 2, "ARGMAX_WRITE")):
+                                             ("ARGMAX", issue.last, timing.argmax_drain(cfg), "ARGMAX_WRITE")):
                 with m.State(state), m.If(last):
                     m.d.sync += drain.eq(depth)
                     m.next = f"{state}_DRAIN"

@@ -185,6 +185,18 @@ NORM_SCALAR_STEPS = -(-(NORM_TOTAL_BITS - nx.SCALAR_BITS - NORM_SCALAR_STEP) // 
 #: before its round-shift (SCALAR_BITS).
 NORM_SCALAR_REGISTERS = 3
 
+
+def argmax_tree_levels(config) -> int:
+    """Levels of ARGMAX's first-largest tree over a chunk's ``vector_lanes`` lanes, each ending in a register."""
+    return (config.vector_lanes - 1).bit_length()
+
+
+def argmax_drain(config) -> int:
+    """ARGMAX: cycles from its last issue until the running best takes the last chunk (the lane select, S2, and
+    :func:`argmax_tree_levels`)."""
+    return 2 + argmax_tree_levels(config)
+
+
 # ---------------------------------------------------------------- attention engine
 #: Cycles of a KVAPPEND's or ATTN's decode, a rejected one's included (hw/attention.py AttnDecoder: the fields; the
 #: products and compares; the buffer ranges; ``q_heads % kv_heads`` two quotient bits a cycle beside them; the fault).
@@ -470,14 +482,14 @@ def vector_cycles(op: str, fields: dict, config) -> int:
     rounding of the mean square plus eps in :data:`NORM_SCALAR_STEPS` steps); over each head (``head_dim``), three
     rounds over the heads (statistics and scalars, peak passes, write passes).
     ROPE issues one pair per two cycles per pass
-    and drains :data:`ROPE_PIPE_DEPTH` + 1. ARGMAX is one pass.
+    and drains :data:`ROPE_PIPE_DEPTH` + 1. ARGMAX is one pass, drained in :func:`argmax_drain`.
     """
     V = config.vector_lanes
     done = 1
     if op in ("VADD", "VMUL", "VSCALE", "ACT"):
         return VECTOR_SETUP_CYCLES + 2 * _ceil(fields["len"], V) + VECTOR_PIPE_DEPTH + 1 + done
     if op == "ARGMAX":
-        return VECTOR_SETUP_CYCLES + _ceil(fields["len"], V) + 2 + 1 + done
+        return VECTOR_SETUP_CYCLES + _ceil(fields["len"], V) + argmax_drain(config) + 1 + done
     if op == "ROPE":
         return VECTOR_SETUP_CYCLES + 2 * fields["heads"] * fields["head_dim"] + ROPE_PIPE_DEPTH + 1 + 1 + done
     if op == "NORM":
