@@ -758,8 +758,8 @@ def test_req_fold_without_the_record_faults(model_dir, lines, pc):
 
 
 def _comb_endpoints_from(netlist, sources):
-    """The cells (FlipFlop, memory ports, the top's outputs) whose inputs depend combinationally on any net of
-    *sources*, as ``(cell index, kind)``."""
+    """The indices of the cells that end combinational paths (flip-flops, memory ports, the top's outputs) and
+    depend combinationally on any net of *sources*."""
     from amaranth.hdl import _nir
 
     memo = {}
@@ -786,28 +786,15 @@ def _comb_endpoints_from(netlist, sources):
             stack.pop()
         return memo[net]
 
-    found = set()
-    for idx, cell in enumerate(netlist.cells):
-        if isinstance(cell, _nir.FlipFlop):
-            ins, kind = cell.data, "ff"
-        elif isinstance(cell, _nir.SyncWritePort):
-            ins, kind = [*cell.addr, *cell.data, *cell.en], "ram-w"
-        elif isinstance(cell, _nir.SyncReadPort):
-            ins, kind = [*cell.addr, cell.en], "ram-r"
-        elif idx == 0:
-            ins, kind = [n for v in cell.ports_o.values() for n in v], "out"
-        else:
-            continue
-        if any(depends(n) for n in ins):
-            found.add((idx, kind))
-    return found
+    registers = (_nir.Top, _nir.FlipFlop, _nir.SyncWritePort, _nir.SyncReadPort)
+    return {idx for idx, cell in enumerate(netlist.cells)
+            if isinstance(cell, registers) and any(depends(n) for n in cell.input_nets())}
 
 
 @pytest.fixture(scope="module")
 def tiny_netlist():
     from amaranth.hdl import Fragment
     from amaranth.hdl._ir import build_netlist
-
     from kvoverlay.hw.export import top_ports
     from kvoverlay.hw.overlay import Overlay
 
@@ -818,13 +805,16 @@ def tiny_netlist():
 def test_instruction_word_ends_in_the_front_ends_decode_registers(tiny_netlist):
     """The memory's instruction word is decoded into registers of the front end: no queue's write enable, executor
     or unit depends on it combinationally (the memory's read data ran through the decode into the queues)."""
+    from amaranth.hdl import _nir
+
     ov, nl = tiny_netlist
     sources = {n for sig, v in nl.signals.items() if sig is ov.insn_data for n in v}
     assert len(sources) == isa.INSN_BITS
     ends = _comb_endpoints_from(nl, sources)
     assert ends
-    for idx, kind in ends:
-        assert kind == "ff" and nl.modules[nl.cells[idx].module_idx].name[-1] == "frontend", (idx, kind)
+    for idx in ends:
+        cell = nl.cells[idx]
+        assert isinstance(cell, _nir.FlipFlop) and nl.modules[cell.module_idx].name[-1] == "frontend", cell
 
 
 def test_queue_heads_are_registered(tiny_netlist):
@@ -832,7 +822,7 @@ def test_queue_heads_are_registered(tiny_netlist):
     between the queues and the units' commands begin at flip-flops, not at the FIFOs' LUT-RAM reads."""
     from amaranth.hdl import _nir
 
-    ov, nl = tiny_netlist
+    _, nl = tiny_netlist
     for q in isa.QUEUES:
         reads = [cell for cell in nl.cells if isinstance(cell, _nir.AsyncReadPort)
                  and nl.modules[cell.module_idx].name[-1] == f"{q}_queue"]
@@ -840,8 +830,9 @@ def test_queue_heads_are_registered(tiny_netlist):
         sources = {n for cell in reads for n in _nir.Value(cell.output_nets(nl.cells.index(cell)))}
         ends = _comb_endpoints_from(nl, sources)
         assert ends, q
-        for idx, kind in ends:
-            assert kind == "ff" and len(nl.modules[nl.cells[idx].module_idx].name) == 1, (q, idx, kind)
+        for idx in ends:
+            cell = nl.cells[idx]
+            assert isinstance(cell, _nir.FlipFlop) and len(nl.modules[cell.module_idx].name) == 1, (q, cell)
 
 
 def test_flat_port_locks_need_transitive_conflicts(monkeypatch):
