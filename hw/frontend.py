@@ -21,7 +21,11 @@ class Frontend(wiring.Component):
     """Fetch, decode and dispatch, one instruction every two cycles.
 
     The program starts at instruction index ``prog_base`` (byte address / 16) of external memory and is read
-    through the instruction port (latency 1). Each word is checked exactly as :func:`kvoverlay.isa.decode` does:
+    through the instruction port (latency 1). The word and its decode are registered before the dispatch (the
+    memory's read data ran through the decode into a queue's write enable), and the next word is fetched during
+    the dispatch, so a run's first dispatch is in its third cycle and the rest follow every two cycles
+    (:data:`kvoverlay.timing.FRONTEND_INTERVAL`, :data:`kvoverlay.timing.RUN_OVERHEAD`). Each word is checked
+    exactly as :func:`kvoverlay.isa.decode` does:
     reserved opcode, reserved bits above the opcode's last field, reserved enum codes, and token flags naming a
     queue that does not exist (any flag on END). A legal instruction goes to its queue (NOP: the queue its
     field names) as soon as that queue has room; END stops fetching and raises ``end_seen``. An illegal one
@@ -47,7 +51,7 @@ class Frontend(wiring.Component):
         The instruction being fetched or dispatched.
     busy, end_seen, error : Out(1)
     fetch : Out(1)
-        High in the cycle that reads an instruction (for the byte counters).
+        High once per instruction read, in the cycle its word arrives (for the byte counters).
     error_reason : Out
     """
 
@@ -66,7 +70,10 @@ class Frontend(wiring.Component):
         m = Module()
         word = self.insn_data
         hdr = HEADER_LAYOUT(word[:HEADER_LAYOUT.size])
-        m.d.comb += self.insn_addr.eq(self.prog_base + self.pc)
+        # while dispatching, the port already reads the next word: it is there in the cycle after the dispatch
+        # (DECODE), and while the queue is full the address holds, so it stays there
+        prefetch = Signal(name="prefetch")
+        m.d.comb += self.insn_addr.eq(self.prog_base + self.pc + prefetch)
 
         reason = Signal(range(len(ILLEGAL_REASONS)), name="decode_reason")
         target = Signal(range(len(isa.QUEUES) + 1), name="decode_queue")  # len(QUEUES) = the front end (END)
@@ -100,32 +107,41 @@ class Frontend(wiring.Component):
                 m.d.comb += reason.eq(ILLEGAL_REASONS.index("reserved_opcode"))
 
         queues = [getattr(self, q) for q in isa.QUEUES]
+        held = Signal(isa.INSN_BITS, name="decoded_word")
+        held_reason = Signal.like(reason, name="decoded_reason")
+        held_target = Signal.like(target, name="decoded_queue")
         for q in queues:
-            m.d.comb += [q.payload.insn.eq(word), q.payload.pc.eq(self.pc)]
+            m.d.comb += [q.payload.insn.eq(held), q.payload.pc.eq(self.pc)]
         with m.FSM(name="frontend_fsm"):
             with m.State("IDLE"), m.If(self.start):
                 m.d.sync += [self.pc.eq(0), self.end_seen.eq(0), self.error.eq(0), self.error_reason.eq(0)]
                 m.next = "FETCH"
             with m.State("FETCH"):
+                m.d.comb += self.busy.eq(1)
+                m.next = "DECODE"
+                with m.If(self.halt):
+                    m.next = "IDLE"
+            with m.State("DECODE"):
                 m.d.comb += [self.busy.eq(1), self.fetch.eq(~self.halt)]
+                m.d.sync += [held.eq(word), held_reason.eq(reason), held_target.eq(target)]
                 m.next = "DISPATCH"
                 with m.If(self.halt):
                     m.next = "IDLE"
             with m.State("DISPATCH"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += [self.busy.eq(1), prefetch.eq(1)]
                 with m.If(self.halt):
                     m.next = "IDLE"
-                with m.Elif(reason != 0):
-                    m.d.sync += [self.error.eq(1), self.error_reason.eq(reason)]
+                with m.Elif(held_reason != 0):
+                    m.d.sync += [self.error.eq(1), self.error_reason.eq(held_reason)]
                     m.next = "IDLE"
-                with m.Elif(target == front):
+                with m.Elif(held_target == front):
                     m.d.sync += self.end_seen.eq(1)
                     m.next = "IDLE"
-                with m.Else(), m.Switch(target):
+                with m.Else(), m.Switch(held_target):
                     for i, q in enumerate(queues):
                         with m.Case(i):
                             m.d.comb += q.valid.eq(1)
                             with m.If(q.ready):
                                 m.d.sync += self.pc.eq(self.pc + 1)
-                                m.next = "FETCH"
+                                m.next = "DECODE"
         return m

@@ -9,6 +9,8 @@ until every queue has drained, then pulses ``done``.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Cat, DomainRenamer, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
@@ -69,6 +71,31 @@ QUEUE_DEPTH = timing.QUEUE_DEPTH
 TOKEN_BITS = 8
 #: Cycles a gated unit's clock keeps running after it was last busy or commanded (``gated_units``).
 GATE_DRAIN = 8
+
+
+def _check_flat_priority():
+    """Raise ``ValueError`` unless the overlay's same-cycle port locks (each queue yields to an earlier queue of
+    :data:`~kvoverlay.timing.PORT_PRIORITY` that could start a conflicting instruction) start what the golden replay
+    starts (it yields only to one that does start): they differ only where a queue *o* yields to an earlier *p*,
+    conflicts with a later *q*, and *p* does not conflict with *q*."""
+    def variants(op):
+        full = timing.PORT_LOCKS[op]
+        return {full, tuple(k for k in full if (op, k) not in timing.LOCK_FIELDS)}
+    held = {q: {h for op in timing.PORT_LOCKS if isa.BY_NAME[op].queue == q for h in variants(op)}
+            for q in isa.QUEUES}
+    order = timing.PORT_PRIORITY
+    for a, p in enumerate(order):
+        for b in range(a + 1, len(order)):
+            for q in order[b + 1:]:
+                o = order[b]
+                for hp in held[p]:
+                    for ho in held[o]:
+                        for hq in held[q]:
+                            if (timing.lock_conflicts(hp, ho) and timing.lock_conflicts(ho, hq)
+                                    and not timing.lock_conflicts(hp, hq)):
+                                raise ValueError(f"timing.PORT_LOCKS: {p} holding {hp!r} blocks {o} holding {ho!r}, "
+                                                 f"which blocks {q} holding {hq!r}, which {p} does not: the overlay's "
+                                                 "same-cycle port locks need that conflict")
 
 
 class Overlay(wiring.Component):
@@ -248,14 +275,15 @@ class Overlay(wiring.Component):
                     terms.append(term)
             return Cat(*terms).any() if terms else 0
         head_holds = {q: {} for q in isa.QUEUES}  # the queue's head instruction's ports, and the running one's
+        # the ports each queue's running instruction holds: set when it starts, cleared in its completion cycle (as
+        # ``busy`` falls), so that a lock reads one flip-flop rather than the executor's state
         cur_holds = {q: {k: Signal(name=f"{q}_holds_{k}") for k in shared_ports} for q in isa.QUEUES}
+        could_take, free_run = {}, {}
         head_pc, cur_pc, waiting_token = {}, {}, {}
         fault = []  # (condition, code, info, pc)
         for qi, q in enumerate(isa.QUEUES):
-            fifo = SyncFIFO(width=QUEUE_ENTRY.size, depth=QUEUE_DEPTH)
-            m.submodules[f"{q}_queue"] = fifo
-            wiring.connect(m, getattr(fe, q), fifo.w_stream)
-            queue = fifo.r_stream
+            names = list(UNITS[q])
+            queue = self._queue_head(m, q, getattr(fe, q), taking[q], names, shared_ports, holds)
             entry = QUEUE_ENTRY(queue.payload)
             hdr = HEADER_LAYOUT(entry.insn[:HEADER_LAYOUT.size])
             prev = isa.QUEUES[qi - 1] if qi > 0 else None
@@ -269,12 +297,9 @@ class Overlay(wiring.Component):
             m.d.comb += tok_ok.eq(ok)
             cur = Signal(HEADER_LAYOUT, name=f"{q}_current_header")
             lock_ok = lock_ok_q[q] = Signal(name=f"{q}_ports_free")  # driven below, once every queue's are declared
-            for k in shared_ports:
-                head_holds[q][k] = Signal(name=f"{q}_head_holds_{k}")
-                m.d.comb += head_holds[q][k].eq(holds(q, hdr.opcode, entry.insn, k))
+            head_holds[q] = queue.holds
             pc = Signal.like(entry.pc, name=f"{q}_current_pc")
             head_pc[q], cur_pc[q] = entry.pc, pc
-            names = list(UNITS[q])
             sel = unit_sel[q]
             for n in names:
                 m.d.comb += units[n].cmd.payload.eq(entry.insn)
@@ -298,35 +323,35 @@ class Overlay(wiring.Component):
             stall_lock_q[q] = Signal(name=f"{q}_waiting_lock")
 
             def take(to, q=q, queue=queue, entry=entry, hdr=hdr, cur=cur, pc=pc, prev=prev, nxt=nxt):
-                m.d.comb += [queue.ready.eq(1), exec_start.eq(1), taking[q].eq(1)]
-                m.d.sync += [cur.eq(hdr), pc.eq(entry.pc), *(cur_holds[q][k].eq(head_holds[q][k]) for k in shared_ports)]
+                m.d.comb += [exec_start.eq(1), taking[q].eq(1)]
+                m.d.sync += [cur.eq(hdr), pc.eq(entry.pc),
+                             *(cur_holds[q][k].eq(head_holds[q][k] if to == "BUSY" else 0) for k in shared_ports)]
                 if prev:
                     m.d.comb += token_dec[(prev, q)].eq(hdr.pop_prev)
                 if nxt:
                     m.d.comb += token_dec[(nxt, q)].eq(hdr.pop_next)
                 m.next = to
 
-            with m.FSM(name=f"{q}_executor"):
+            with m.FSM(name=f"{q}_executor") as fsm:
                 with m.State("IDLE"), m.If(queue.valid & ~halt):
                     with m.If(~tok_ok):
                         m.d.comb += stall_token_q[q].eq(1)
                     with m.Elif(~lock_ok):
                         m.d.comb += stall_lock_q[q].eq(1)
-                    with m.Else(), m.Switch(hdr.opcode):
-                        with m.Case(isa.BY_NAME["NOP"].code):
-                            take("NOP")
-                        for i, n in enumerate(names):
-                            with m.Case(*(isa.BY_NAME[o].code for o in UNITS[q][n])):
-                                m.d.comb += units[n].cmd.valid.eq(1)
-                                with m.If(units[n].cmd.ready):
-                                    m.d.sync += sel.eq(i)
-                                    for k in shared_ports:
-                                        with m.If(head_holds[q][k]):
-                                            m.d.sync += owner_reg[k].eq(qi)
-                                    take("BUSY")
-                        with m.Default():
-                            m.d.comb += unimpl.eq(1)
-                            take("IDLE")
+                    with m.Elif(queue.unit[0]):
+                        take("NOP")
+                    for i, n in enumerate(names):
+                        with m.Elif(queue.unit[1 + i]):
+                            m.d.comb += units[n].cmd.valid.eq(1)
+                            with m.If(units[n].cmd.ready):
+                                m.d.sync += sel.eq(i)
+                                for k in shared_ports:
+                                    with m.If(head_holds[q][k]):
+                                        m.d.sync += owner_reg[k].eq(qi)
+                                take("BUSY")
+                    with m.Else():
+                        m.d.comb += unimpl.eq(1)
+                        take("IDLE")
                 with m.State("NOP"):
                     m.d.comb += [busy.eq(1), completing.eq(1)]
                     m.next = "IDLE"
@@ -335,7 +360,16 @@ class Overlay(wiring.Component):
                     with m.If(done):
                         failed = unit_fault != Fault.NONE
                         m.d.comb += [completing.eq(~failed), exec_fault.eq(failed)]
+                        m.d.sync += [cur_holds[q][k].eq(0) for k in shared_ports]
                         m.next = "IDLE"
+            # whether the head starts in this cycle unless a queue before it in PORT_PRIORITY starts a conflicting one
+            # (the executor's IDLE conditions above, the same-cycle locks left out)
+            free_run[q] = Signal(name=f"{q}_ports_not_held")
+            could_take[q] = Signal(name=f"{q}_could_take")
+            unit_ready = queue.unit[0] | ~queue.unit.any()
+            for i, n in enumerate(names):
+                unit_ready = unit_ready | (queue.unit[1 + i] & units[n].cmd.ready)
+            m.d.comb += could_take[q].eq(fsm.ongoing("IDLE") & queue.valid & ~halt & tok_ok & free_run[q] & unit_ready)
             with m.If(completing):
                 if prev:
                     m.d.comb += token_inc[(q, prev)].eq(cur.push_prev)
@@ -354,17 +388,23 @@ class Overlay(wiring.Component):
             fault.append((exec_fault, ERRORS.index("exec"), unit_fault, pc))
 
         # port locks: a queue's head waits while another queue's instruction holds a buffer port it uses, or while a
-        # queue before it in PORT_PRIORITY starts one that does in this cycle (the golden replay's order)
+        # queue before it in PORT_PRIORITY starts one that does in this cycle (the golden replay's order). That queue
+        # is taken as starting when it could start but for its own same-cycle locks, so that no queue's lock waits
+        # for another's: the same starts as the replay's wherever the conflicts between the queues are transitive
+        # down PORT_PRIORITY (checked)
+        _check_flat_priority()
         for q in isa.QUEUES:
             free = 1
             for k in shared_ports:
                 for o in isa.QUEUES:
                     if o != q and lock_ops[o][k]:
-                        held = busy_q[o] & cur_holds[o][k]
-                        if timing.PORT_PRIORITY.index(o) < timing.PORT_PRIORITY.index(q):
-                            held = held | (taking[o] & head_holds[o][k])
-                        free = free & ~(head_holds[q][k] & held)
-            m.d.comb += lock_ok_q[q].eq(free)
+                        free = free & ~(head_holds[q][k] & cur_holds[o][k])
+            m.d.comb += free_run[q].eq(free)
+            clash = 0
+            for o in timing.PORT_PRIORITY[:timing.PORT_PRIORITY.index(q)]:
+                clash = clash | (could_take[o] & Cat(*(head_holds[q][k] & head_holds[o][k] for k in shared_ports
+                                                       if lock_ops[o][k])).any())
+            m.d.comb += lock_ok_q[q].eq(free_run[q] & ~clash)
 
         # ------------------------------------------------------------ run control, errors, watchdog
         watchdog = Signal(32, name="watchdog_count")
@@ -425,15 +465,21 @@ class Overlay(wiring.Component):
         # writer's completion and the queues' drain come after its last beat)
         wrote_strb = Signal(pb, name="write_beat_strobes")
         m.d.sync += wrote_strb.eq(Mux(wrote, self.dram.wr.payload.strb, 0))
+        # so are the completions before the instruction count: a unit's done pulse (LDROW's requantizer state) ran
+        # on through the executor's completion into the count's 64-bit carry chain. A completion lands a cycle
+        # later, counted also in the cycle after the run stops (the last one before END's comes at least a cycle
+        # before it, so the count is whole when ``done`` rises)
+        retired_seen = Signal(2, name="retired_seen")
+        m.d.sync += retired_seen.eq(Mux(self.running, sum(retire_q[q] for q in isa.QUEUES), 0))
         with m.If(self.start & ~self.running):
             for c in ctr.values():
                 m.d.sync += c.eq(0)
-        with m.Elif(self.running):
+        with m.Else():
+            m.d.sync += ctr["instructions"].eq(ctr["instructions"] + retired_seen + ended)
+        with m.If(self.running):
             strb_bytes = balanced_sum(wrote_strb[i] for i in range(pb))
-            retired = sum(retire_q[q] for q in isa.QUEUES)
             m.d.sync += [
                 ctr["cycles"].eq(ctr["cycles"] + 1),
-                ctr["instructions"].eq(ctr["instructions"] + retired + ended),
                 ctr["bytes_read"].eq(ctr["bytes_read"] + Mux(self.dram.rd.valid, pb, 0)),
                 ctr["bytes_written"].eq(ctr["bytes_written"] + strb_bytes),
                 ctr["insn_bytes_read"].eq(ctr["insn_bytes_read"] + Mux(fe.fetch, isa.INSN_BYTES, 0)),
@@ -448,6 +494,45 @@ class Overlay(wiring.Component):
                 with m.Case(i):
                     m.d.comb += self.ctr_data.eq(ctr[name])
         return m
+
+    def _queue_head(self, m, q, dispatch, taking, names, shared_ports, holds):
+        """Queue *q*: a FIFO behind a registered head, whose decode (the buffer ports it holds, the unit that takes
+        it) is registered with it, so that the executors' starts and the port locks between the queues begin at
+        flip-flops rather than at the FIFO's LUT-RAM read and an opcode compare.
+
+        The head and the FIFO's ``QUEUE_DEPTH - 1`` entries hold ``QUEUE_DEPTH`` instructions, as one FIFO did. The
+        head loads while it is empty or *taking*: the FIFO's oldest entry, or, with the FIFO empty, the front end's
+        dispatch of the same cycle, so an instruction can start the cycle after its dispatch, as from the FIFO's
+        own read port (no cycle changes).
+
+        Returns
+        -------
+        SimpleNamespace
+            ``valid``, ``payload`` (:data:`QUEUE_ENTRY`), ``holds`` (the shared port -> whether the head holds it)
+            and ``unit`` (bit 0: a NOP, bit 1 + i: an opcode of unit ``names[i]``; none: unimplemented).
+        """
+        fifo = SyncFIFO(width=QUEUE_ENTRY.size, depth=QUEUE_DEPTH - 1)
+        m.submodules[f"{q}_queue"] = fifo
+        head = SimpleNamespace(valid=Signal(name=f"{q}_head_valid"), payload=Signal(QUEUE_ENTRY, name=f"{q}_head"),
+                               holds={k: Signal(name=f"{q}_head_holds_{k}") for k in shared_ports},
+                               unit=Signal(1 + len(names), name=f"{q}_head_unit"))
+        load = Signal(name=f"{q}_head_load")
+        bypass = Signal(name=f"{q}_head_bypass")  # the FIFO is empty while the head is
+        incoming = Signal(QUEUE_ENTRY, name=f"{q}_head_next")
+        m.d.comb += [
+            load.eq(~head.valid | taking), bypass.eq(load & ~fifo.r_rdy),
+            fifo.w_data.eq(dispatch.payload), fifo.w_en.eq(dispatch.valid & ~bypass), dispatch.ready.eq(fifo.w_rdy),
+            fifo.r_en.eq(load),
+            incoming.eq(Mux(fifo.r_rdy, fifo.r_data, dispatch.payload.as_value())),
+        ]
+        hdr = HEADER_LAYOUT(incoming.insn[:HEADER_LAYOUT.size])
+        is_op = [hdr.opcode == isa.BY_NAME["NOP"].code,
+                 *(Cat(*(hdr.opcode == isa.BY_NAME[o].code for o in UNITS[q][n])).any() for n in names)]
+        with m.If(load):
+            m.d.sync += [head.valid.eq(fifo.r_rdy | dispatch.valid), head.payload.eq(incoming),
+                         *(head.holds[k].eq(holds(q, hdr.opcode, incoming.insn, k)) for k in shared_ports),
+                         head.unit.eq(Cat(*is_op))]
+        return head
 
     def _gate(self, m, name, unit):
         """``gate_<name>``: whether the unit's own clock domain (``<name>_gated``) must see the next edge: while it is

@@ -20,16 +20,17 @@ __all__ = ["BUFFER_PORTS", "DISPATCH_CYCLES", "FRONTEND_INTERVAL", "LOCK_FIELDS"
 DISPATCH_CYCLES = 1
 
 # ---------------------------------------------------------------- front end
-#: Cycles between the front end's dispatches of consecutive instructions (a fetch cycle, then the dispatch cycle:
-#: hw/frontend.py); instruction i can start no earlier than ``FRONTEND_INTERVAL * i`` cycles after the first.
+#: Cycles between the front end's dispatches of consecutive instructions (the word's decode registered, then the
+#: dispatch cycle, in which the next word is fetched: hw/frontend.py); instruction i can start no earlier than ``FRONTEND_INTERVAL * i`` cycles after the first.
 FRONTEND_INTERVAL = 2
 #: Entries of each command queue (hw/overlay.py): the front end waits at an instruction whose queue is full, so it
 #: dispatches the k-th instruction of a queue only once the (k - QUEUE_DEPTH)-th has started, and
 #: FRONTEND_INTERVAL cycles after that start at the earliest (the FIFO's level falls a cycle after the read).
 QUEUE_DEPTH = 4
-#: Cycles a run counts besides its queues' work: the first instruction's fetch and dispatch (it reaches its queue's
-#: executor in the third cycle) and the cycle in which the drained queues end the run.
-RUN_OVERHEAD = 3
+#: Cycles a run counts besides its queues' work: the first instruction's fetch, decode and dispatch (hw/frontend.py
+#: registers the word and its decode before the dispatch, so it reaches its queue's executor in the fourth cycle) and
+#: the cycle in which the drained queues end the run.
+RUN_OVERHEAD = 4
 
 # ---------------------------------------------------------------- memory units
 #: LOAD: busy cycles besides one per beat: check, request, memory latency (hw/dram_model.v), final write.

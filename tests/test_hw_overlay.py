@@ -757,3 +757,95 @@ def test_req_fold_without_the_record_faults(model_dir, lines, pc):
         RtlModel(CFG, bytes(1 << 14)).run(program)
     assert (info.value.pc, info.value.code) == (pc, "exec")
     assert "shape" in str(info.value)
+
+
+def _comb_endpoints_from(netlist, sources):
+    """The indices of the cells that end combinational paths (flip-flops, memory ports, the top's outputs) and
+    depend combinationally on any net of *sources*."""
+    from amaranth.hdl import _nir
+
+    memo = {}
+
+    def depends(net):
+        stack = [net]
+        while stack:
+            n = stack[-1]
+            if n in memo:
+                stack.pop()
+                continue
+            if n in sources:
+                memo[n] = True
+            elif n.is_const or n.cell == 0 or isinstance(netlist.cells[n.cell], (_nir.FlipFlop, _nir.SyncReadPort,
+                                                                                    _nir.Instance)):
+                memo[n] = False
+            else:
+                preds = [p for p, _ in netlist.cells[n.cell].comb_edges_to(n.bit)]
+                todo = [p for p in preds if p not in memo]
+                if todo:
+                    stack.extend(todo)
+                    continue
+                memo[n] = any(memo[p] for p in preds)
+            stack.pop()
+        return memo[net]
+
+    registers = (_nir.Top, _nir.FlipFlop, _nir.SyncWritePort, _nir.SyncReadPort)
+    return {idx for idx, cell in enumerate(netlist.cells)
+            if isinstance(cell, registers) and any(depends(n) for n in cell.input_nets())}
+
+
+@pytest.fixture(scope="module")
+def tiny_netlist():
+    from amaranth.hdl import Fragment
+    from amaranth.hdl._ir import build_netlist
+    from kvoverlay.hw.export import top_ports
+    from kvoverlay.hw.overlay import Overlay
+
+    ov = Overlay(CFG)
+    return ov, build_netlist(Fragment.get(ov, None), ports=top_ports(ov))
+
+
+def test_instruction_word_ends_in_the_front_ends_decode_registers(tiny_netlist):
+    """The memory's instruction word is decoded into registers of the front end: no queue's write enable, executor
+    or unit depends on it combinationally (the memory's read data ran through the decode into the queues)."""
+    from amaranth.hdl import _nir
+
+    ov, nl = tiny_netlist
+    sources = {n for sig, v in nl.signals.items() if sig is ov.insn_data for n in v}
+    assert len(sources) == isa.INSN_BITS
+    ends = _comb_endpoints_from(nl, sources)
+    assert ends
+    for idx in ends:
+        cell = nl.cells[idx]
+        assert isinstance(cell, _nir.FlipFlop) and nl.modules[cell.module_idx].name[-1] == "frontend", cell
+
+
+def test_queue_heads_are_registered(tiny_netlist):
+    """Each queue FIFO's read data ends in the overlay's head registers: the executors' starts, the port locks
+    between the queues and the units' commands begin at flip-flops, not at the FIFOs' LUT-RAM reads."""
+    from amaranth.hdl import _nir
+
+    _, nl = tiny_netlist
+    for q in isa.QUEUES:
+        reads = [cell for cell in nl.cells if isinstance(cell, _nir.AsyncReadPort)
+                 and nl.modules[cell.module_idx].name[-1] == f"{q}_queue"]
+        assert reads, q
+        sources = {n for cell in reads for n in _nir.Value(cell.output_nets(nl.cells.index(cell)))}
+        ends = _comb_endpoints_from(nl, sources)
+        assert ends, q
+        for idx in ends:
+            cell = nl.cells[idx]
+            assert isinstance(cell, _nir.FlipFlop) and len(nl.modules[cell.module_idx].name) == 1, (q, cell)
+
+
+def test_flat_port_locks_need_transitive_conflicts(monkeypatch):
+    """The overlay's same-cycle locks (each queue yields to an earlier one that could start a conflicting
+    instruction) equal the golden replay's only while the conflicts are transitive down PORT_PRIORITY: true of the
+    table, and a table where the store queue blocks the load queue, which blocks the compute queue, which the store
+    queue does not block, is refused at elaboration."""
+    from kvoverlay.hw.overlay import _check_flat_priority
+
+    _check_flat_priority()
+    monkeypatch.setitem(timing.PORT_LOCKS, "LOAD", ("abuf_w", "acc_r"))
+    monkeypatch.setitem(timing.PORT_LOCKS, "STACC", ("abuf_w",))
+    with pytest.raises(ValueError, match="blocks compute"):
+        _check_flat_priority()
