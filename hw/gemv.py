@@ -83,6 +83,11 @@ class GemvEngine(wiring.Component):
     Every product, group sum and scaled sum is exact, so the row accumulates ``numerics.gemv_acc``'s terms
     modulo 2**64 in another order, with the same result.
 
+    A row whose weights end inside a window (``cols`` not a multiple of a window's weights) ends in a partial window,
+    its lanes past the row's weights zeroed. Where it lies in the row record's last word past a header offset it is
+    taken in the next row's first slot, the last row's in one slot more that takes no word
+    (:func:`~kvoverlay.timing.gemv_late_window`).
+
     Packed rows (``packed``, built where :func:`~kvoverlay.timing.gemv_packs`): a block of ``b`` rows
     (:func:`kvoverlay.numerics.packed_block`, ``b`` = the window's groups) streams as one record: its ``b``
     headers per window first (read as a narrow window's), then one word per group, the group of each of its rows
