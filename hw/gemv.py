@@ -311,8 +311,7 @@ class GemvEngine(wiring.Component):
 
         # ---- S2: realign the weight bytes into one window, pick each lane's operands
         s2 = _stage(m, {k: s1[k] for k in ("valid", "last", "win", "rend", "xsel", "g", "row", "partial")}, "s2")
-        zp = self._zero_points(m, s1["valid"] & ~s1["extra"] & (s1["w"] < nsw), s1["w"], s1["g"], s2["g"], gl,
-                               nscales)
+        zp = self._zero_points(m, s1["valid"] & ~s1["extra"] & (s1["w"] < nsw), s1["w"], s2["g"], gl, nscales)
         # a partial window's weights: (tail bytes * 8) >> log2(bits) lanes; the lanes past them hold padding or the
         # next row's bytes, zeroed (uint4 padding would decode as -z)
         tail_lanes = Signal(lpb + 2, name="tail_lanes")
@@ -526,16 +525,15 @@ class GemvEngine(wiring.Component):
             out.append(v)
         return out
 
-    def _zero_points(self, m, we, w_word, read_group, group, gl, nscales):
+    def _zero_points(self, m, we, w_word, group, gl, nscales):
         """uint4: a function of the lane giving the zero point of its group, the top nibble of the group's header,
-        for the lanes in S1 (None without uint4). *group* is the window's (first) group in S2, *read_group* in S1;
-        a lane of a narrow group (``gl``: log2 of the group's weights, below that of ``nscales`` base groups) is
-        ``lane >> gl`` groups on.
+        for the lanes in S1 (None without uint4). *group* is the window's (first) group; a lane of a narrow group
+        (``gl``: log2 of the group's weights, below that of ``nscales`` base groups) is ``lane >> gl`` groups on.
 
-        The header words of a row are written as they stream past (*we*, word *w_word*) into a memory read
-        without latency in S1 and registered: every window of a row starts at or after the first word past its
-        headers, and a late window (taken in the next row's first slot) reads its row's before the next row's
-        first header word lands.
+        The header words of a row are written as they stream past (*we*, word *w_word*, in S1) a cycle later into
+        a memory read without latency: every window of a row starts at or after the first word past its headers,
+        and a late window (taken in the next row's first slot) reads its row's as the next row's first header word
+        is written. (Registering the read data instead maps the memory to block RAM: +2 DP16KD on ulx3s.)
         """
         if "uint4" not in self.config.weight_formats:
             return None
@@ -544,11 +542,10 @@ class GemvEngine(wiring.Component):
         m.submodules.zero_points = zps = Memory(shape=unsigned(4 * per_word), depth=self.scale_words, init=[])
         zw = zps.write_port()
         zr = zps.read_port(domain="comb")
-        m.d.comb += [zw.addr.eq(w_word), zw.en.eq(we),
-                     zw.data.eq(Cat(self.w_data.word_select(h, 16)[nx.UINT4_SCALE_BITS:] for h in range(per_word))),
-                     zr.addr.eq(read_group >> lpw)]
-        zdata = Signal.like(zr.data, name="zero_points_word")
-        m.d.sync += zdata.eq(zr.data)
+        m.d.sync += [zw.addr.eq(w_word), zw.en.eq(we),
+                     zw.data.eq(Cat(self.w_data.word_select(h, 16)[nx.UINT4_SCALE_BITS:] for h in range(per_word)))]
+        m.d.comb += zr.addr.eq(group >> lpw)
+        zdata = zr.data
         zp = Signal(4, name="zero_point")
         m.d.comb += zp.eq(zdata.word_select(group[:lpw], 4))
         # the window's narrow groups, from its first
