@@ -83,6 +83,11 @@ class GemvEngine(wiring.Component):
     Every product, group sum and scaled sum is exact, so the row accumulates ``numerics.gemv_acc``'s terms
     modulo 2**64 in another order, with the same result.
 
+    A row whose weights end inside a window (``cols`` not a multiple of a window's weights) ends in a partial window,
+    its lanes past the row's weights zeroed. Where it lies in the row record's last word past a header offset it is
+    taken in the next row's first slot, the last row's in one slot more that takes no word
+    (:func:`~kvoverlay.timing.gemv_late_window`).
+
     Packed rows (``packed``, built where :func:`~kvoverlay.timing.gemv_packs`): a block of ``b`` rows
     (:func:`kvoverlay.numerics.packed_block`, ``b`` = the window's groups) streams as one record: its ``b``
     headers per window first (read as a narrow window's), then one word per group, the group of each of its rows
@@ -183,10 +188,19 @@ class GemvEngine(wiring.Component):
         off = Signal(lpb)  # byte offset of weight 0 inside its word
         nsw = Signal(cols_w + 2)  # scale words
         fww = Signal(cols_w + 2)  # first word that completes a weight window
-        nwin = Signal(cols_w + 1)  # windows (of pb weight bytes) per row
+        nwin = Signal(cols_w + 1)  # windows (of pb weight bytes) per row, the last one partial where `tail`
+        # A row whose weights end inside a window (cols not a multiple of one, e.g. 32 int4 columns on a 256-bit
+        # port) ends in a partial window of `tail` bytes, its lanes past them zeroed in S2. Where that window lies
+        # in the row's last word past a header offset (`late`), it would complete with the next word, the next
+        # row's: it is taken in the next row's first slot (which completes no window of its own, as the headers
+        # end past a word boundary) and the last row's in one slot more at the tile's end, which takes no word
+        # (timing.gemv_late_window).
+        tail = Signal(lpb, name="tail_bytes")
+        late = Signal(name="late_window")
+        m.d.comb += tail.eq(wbytes[:lpb])
         normal = [wpr.eq((row_bytes + pb - 1) >> lpb), off.eq((ngroups * 2)[:lpb]),
                   nsw.eq((ngroups * 2 + pb - 1) >> lpb), fww.eq(((ngroups * 2) >> lpb) + (off != 0)),
-                  nwin.eq(wbytes >> lpb)]
+                  nwin.eq((wbytes + pb - 1) >> lpb), late.eq((off != 0) & (tail != 0) & (off + tail <= pb))]
         if not self.packs:
             m.d.comb += normal
         gwl = Signal(4)  # log2 of windows per group (weights per window: 2pb, pb, pb/2)
@@ -206,7 +220,7 @@ class GemvEngine(wiring.Component):
                 block_sw = Signal(cols_w + 2, name="block_scale_words")
                 m.d.comb += [block_sw.eq(((ngroups << nkl << 1) + pb - 1) >> lpb),
                              units.eq((rows + (1 << nkl) - 1) >> nkl), wpr.eq(block_sw + ngroups), off.eq(0),
-                             nsw.eq(block_sw), fww.eq(block_sw), nwin.eq(ngroups)]
+                             nsw.eq(block_sw), fww.eq(block_sw), nwin.eq(ngroups), late.eq(0), tail.eq(0)]
             with m.Else():
                 m.d.comb += [units.eq(rows), *normal]
 
@@ -225,12 +239,15 @@ class GemvEngine(wiring.Component):
         s0_valid = Signal()
         s0_last = Signal()
         j = Signal(signed(cols_w + 4))
-        m.d.comb += j.eq(w_cnt - fww)
+        tail_slot = Signal(name="s0_tail_slot")  # the previous row's late window
+        extra = Signal(name="s0_extra_slot")  # the last row's late window: no word
+        m.d.comb += [tail_slot.eq(late & (w_cnt == 0) & (r_cnt != 0)), extra.eq(late & (r_cnt == units)),
+                     j.eq(Mux(tail_slot, nwin - 1, w_cnt - fww))]
         s0_win = Signal()
         m.d.comb += s0_win.eq((j >= 0) & (j < nwin))
         m.d.comb += [
             s0_valid.eq(running),
-            s0_last.eq((r_cnt == units - 1) & (w_cnt == wpr - 1)),
+            s0_last.eq(Mux(late, extra, (r_cnt == units - 1) & (w_cnt == wpr - 1))),
             self.w_addr.eq(addr),
         ]
         # x word of window j: 2pb x values per word, so int4 uses one word per window,
@@ -259,9 +276,11 @@ class GemvEngine(wiring.Component):
                 m.d.sync += [busy.eq(0), self.done.eq(1)]
         with m.If(running):
             m.d.sync += addr.eq(addr + 1)
-            with m.If(w_cnt == wpr - 1):
+            with m.If(extra):
+                m.d.sync += running.eq(0)
+            with m.Elif(w_cnt == wpr - 1):
                 m.d.sync += [w_cnt.eq(0), r_cnt.eq(r_cnt + 1)]
-                with m.If(r_cnt == units - 1):
+                with m.If((r_cnt == units - 1) & ~late):
                     m.d.sync += running.eq(0)
             with m.Else():
                 m.d.sync += w_cnt.eq(w_cnt + 1)
@@ -270,9 +289,10 @@ class GemvEngine(wiring.Component):
         # else), store scale words, read the window's group scale
         tags = {"valid": s0_valid, "last": s0_valid & s0_last, "win": s0_valid & s0_win, "rend": j == nwin - 1,
                 "xsel": Mux(packed, 0, j[:2]) if self.packs else j[:2], "g": Mux(narrow, j << nkl, j >> gwl)[:cols_w],
-                "w": w_cnt, "row": r_cnt, **({"xoff": xfirst[:lpb + 1]} if self.packs else {})}
+                "w": w_cnt, "row": Mux(tail_slot, r_cnt - 1, r_cnt), "extra": extra,
+                "partial": (tail != 0) & (j == nwin - 1), **({"xoff": xfirst[:lpb + 1]} if self.packs else {})}
         s1 = _stage(m, tags, "s1")
-        m.d.comb += self.w_take.eq(s1["valid"])
+        m.d.comb += self.w_take.eq(s1["valid"] & ~s1["extra"])
         wq, pq = Signal(self.pbits, name="w_word"), Signal(self.pbits, name="w_prev")
         xq = Signal(32 * self.pb, name="x_word")
         with m.If(s1["valid"]):
@@ -285,13 +305,17 @@ class GemvEngine(wiring.Component):
         sw = scales.write_port()
         sr = scales.read_port()
         m.d.comb += [
-            sw.addr.eq(s1["w"]), sw.data.eq(self.w_data), sw.en.eq(s1["valid"] & (s1["w"] < nsw)),
+            sw.addr.eq(s1["w"]), sw.data.eq(self.w_data), sw.en.eq(s1["valid"] & ~s1["extra"] & (s1["w"] < nsw)),
             sr.addr.eq(s1["g"] >> (lpb - 1)),
         ]
 
         # ---- S2: realign the weight bytes into one window, pick each lane's operands
-        s2 = _stage(m, {k: s1[k] for k in ("valid", "last", "win", "rend", "xsel", "g", "row")}, "s2")
-        zp = self._zero_points(m, s1["valid"] & (s1["w"] < nsw), s1["w"], s2["g"], gl, nscales)
+        s2 = _stage(m, {k: s1[k] for k in ("valid", "last", "win", "rend", "xsel", "g", "row", "partial")}, "s2")
+        zp = self._zero_points(m, s1["valid"] & ~s1["extra"] & (s1["w"] < nsw), s1["w"], s2["g"], gl, nscales)
+        # a partial window's weights: (tail bytes * 8) >> log2(bits) lanes; the lanes past them hold padding or the
+        # next row's bytes, zeroed (uint4 padding would decode as -z)
+        tail_lanes = Signal(lpb + 2, name="tail_lanes")
+        m.d.comb += tail_lanes.eq((tail << 1) >> fmt)
         window = Signal(self.pbits)
         m.d.comb += window.eq(select_bits(m, Cat(pq, wq), shift, self.pbits, unit=8, name="window_select"))
         scale = Signal(16, name="s3_scale")
@@ -333,6 +357,8 @@ class GemvEngine(wiring.Component):
                 else:
                     with m.Default():
                         m.d.sync += wv.eq(0)
+            with m.If(s2["partial"] & (tail_lanes <= i)):
+                m.d.sync += wv.eq(0)
             ops.append((wv, xv))
 
         # ---- S3: products; int8 and w16 weights (and half the int4 ones) in the DSP lanes, INT4_DSP_LANES of the
@@ -504,8 +530,10 @@ class GemvEngine(wiring.Component):
         for the lanes in S1 (None without uint4). *group* is the window's (first) group; a lane of a narrow group
         (``gl``: log2 of the group's weights, below that of ``nscales`` base groups) is ``lane >> gl`` groups on.
 
-        The header words of a row are written as they stream past (*we*, word *w_word*) into a memory read
-        without latency: every window of a row starts at or after the first word past its headers.
+        The header words of a row are written as they stream past (*we*, word *w_word*, in S1) a cycle later into
+        a memory read without latency: every window of a row starts at or after the first word past its headers,
+        and a late window (taken in the next row's first slot) reads its row's as the next row's first header word
+        is written. (Registering the read data instead maps the memory to block RAM: +2 DP16KD on ulx3s.)
         """
         if "uint4" not in self.config.weight_formats:
             return None
@@ -514,13 +542,14 @@ class GemvEngine(wiring.Component):
         m.submodules.zero_points = zps = Memory(shape=unsigned(4 * per_word), depth=self.scale_words, init=[])
         zw = zps.write_port()
         zr = zps.read_port(domain="comb")
-        m.d.comb += [zw.addr.eq(w_word), zw.en.eq(we),
-                     zw.data.eq(Cat(self.w_data.word_select(h, 16)[nx.UINT4_SCALE_BITS:] for h in range(per_word))),
-                     zr.addr.eq(group >> lpw)]
+        m.d.sync += [zw.addr.eq(w_word), zw.en.eq(we),
+                     zw.data.eq(Cat(self.w_data.word_select(h, 16)[nx.UINT4_SCALE_BITS:] for h in range(per_word)))]
+        m.d.comb += zr.addr.eq(group >> lpw)
+        zdata = zr.data
         zp = Signal(4, name="zero_point")
-        m.d.comb += zp.eq(zr.data.word_select(group[:lpw], 4))
+        m.d.comb += zp.eq(zdata.word_select(group[:lpw], 4))
         # the window's narrow groups, from its first
-        following = select_bits(m, zr.data, group[:lpw], len(zr.data), unit=4, name="zero_points_following")
+        following = select_bits(m, zdata, group[:lpw], len(zdata), unit=4, name="zero_points_following")
         narrow_bits = range(log2_exact(self.config.min_group), log2_exact(nscales * self.config.min_group))
 
         def lane(i):

@@ -330,9 +330,9 @@ PRESETS = {
     # The vector unit and the attention engine run 4 lanes, not 8: 12.8k LUT4 fewer on the board top, for +7-11%
     # cycles per token from block RAM and +0.5-0.9% from the SDRAM a board-sized model streams from
     # (docs/boards.md, "Four vector lanes on ulx3s"). REQ renormalizes one accumulator word per cycle: a lane is about
-    # 700 LUT4 (the board top had about 1,200 left under 80%), and with 2 the compiler splits the demo's attention,
-    # whose program the ulx3s RTL does not yet run as the golden model does (docs/benchmarks.md, "REQ at
-    # acc_lanes words per cycle").
+    # 700 LUT4 (the board top had about 1,200 left under 80%); with 2 the compiler splits the demo's attention, whose
+    # program the ulx3s RTL runs as the golden model does since the GEMV engine takes rows that end in half a
+    # window (docs/benchmarks.md, "REQ at acc_lanes words per cycle", "The split's divergence on ulx3s").
     "ulx3s": OverlayConfig(
         name="ulx3s", port_bits=256, vector_lanes=4, group_size=32, min_group=32, req_lanes=1,
         norm_heads=False,

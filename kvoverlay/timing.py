@@ -425,12 +425,22 @@ def gemv_engine_cycles(config, rows: int, words_per_row: int, fmt: str = "int8",
     return rows * words_per_row + GEMV_PIPELINE_STAGES + gemv_tree_stages(config) + narrow
 
 
+def gemv_late_window(config, cols: int, fmt: str, group: int) -> bool:
+    """Whether a row record's weights end in a partial window (*cols* not a multiple of a window) that lies in the
+    record's last word past a header offset: the GEMV engine takes it in the next row's first slot, the last
+    row's in one slot more at the tile's end (hw/gemv.py's ``late_window``)."""
+    pb = config.port_bytes
+    off, tail = (cols // group) * 2 % pb, cols * nx.WEIGHT_FORMATS[fmt] // 8 % pb
+    return off != 0 and tail != 0 and off + tail <= pb
+
+
 def gemv_cycles(config, ins: isa.Instr) -> int:
     """One uncontended GEMV instruction on the GEMV unit."""
     fmt, group = isa.weight_layout(ins)
     if ins.fields.get("packed", 0):
         return gemv_packed_cycles(config, ins.fields["rows"], ins.fields["cols"], fmt, group) + GEMV_OVERHEAD
-    return gemv_engine_cycles(config, ins.fields["rows"], _row_words(config, ins), fmt, group) + GEMV_OVERHEAD
+    late = gemv_late_window(config, ins.fields["cols"], fmt, group)
+    return gemv_engine_cycles(config, ins.fields["rows"], _row_words(config, ins), fmt, group) + late + GEMV_OVERHEAD
 
 
 def divider_cycles(bits: int, bits_per_cycle: int) -> int:

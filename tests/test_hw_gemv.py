@@ -24,7 +24,13 @@ from kvoverlay.sim.rtl import prune_build
 from kvoverlay import numerics, toolchain
 from kvoverlay.config import PRESETS
 from kvoverlay.isa import ENUMS
-from kvoverlay.timing import gemv_engine_cycles, gemv_narrow_scales, gemv_pack_refusal, gemv_packed_cycles
+from kvoverlay.timing import (
+    gemv_engine_cycles,
+    gemv_late_window,
+    gemv_narrow_scales,
+    gemv_pack_refusal,
+    gemv_packed_cycles,
+)
 
 TESTS = Path(__file__).parent
 #: The configurations built, once each: tiny, ulx3s (a 256-bit port: int4 groups of 32 hold half a port word) and
@@ -33,13 +39,18 @@ CONFIGS = {"tiny": PRESETS["tiny"], "ulx3s": PRESETS["ulx3s"], "wide": PRESETS["
 #: config -> {(rows, cols, group): formats}. tiny: the brief's 64x64 g32 tile (weights start mid-word), 256 cols g8
 #: (8 scale words, weights word-aligned; int4 groups of 8 are half a window) and 96 cols g32 (3 scales, 6-byte
 #: offset). ulx3s (built for groups of min_group=32 or more): groups of 32 (int4: 2 per window) and 64 (int4 one
-#: window, int8 2, w16 4), 12 and 6 header bytes before the weights. wide: groups of 16 and 8, narrower than a
-#: window in every format.
+#: window, int8 2, w16 4), 12 and 6 header bytes before the weights; rows that end in half a window (int4 cols
+#: of an odd number of groups of 32): 32 and 96 cols, whose last half window lies in the row's last word past the
+#: headers (taken late, timing.gemv_late_window), and 288 cols, whose last one spans two words. wide:
+#: groups of 16 and 8, narrower than a window in every format, and rows of half a window (64 int4 columns) and one
+#: and a half (48 w16 ones), both late.
 SHAPES = {
     "tiny": {(64, 64, 32): ("int4", "int8", "w16", "uint4"), (16, 256, 8): ("int4", "int8", "w16", "uint4"),
              (8, 96, 32): ("int4", "int8", "w16", "uint4")},
-    "ulx3s": {(6, 192, 32): ("int4", "uint4"), (4, 192, 64): ("int4", "int8", "w16", "uint4")},
-    "wide": {(4, 256, 16): ("int4", "int8", "w16", "uint4"), (3, 512, 8): ("int4", "w16")},
+    "ulx3s": {(6, 192, 32): ("int4", "uint4"), (4, 192, 64): ("int4", "int8", "w16", "uint4"),
+              (4, 32, 32): ("int4", "uint4"), (3, 96, 32): ("int4", "uint4"), (2, 288, 32): ("int4", "uint4")},
+    "wide": {(4, 256, 16): ("int4", "int8", "w16", "uint4"), (3, 512, 8): ("int4", "w16"),
+             (3, 64, 16): ("int4", "uint4"), (2, 48, 16): ("w16",)},
 }
 CASES = [(name, shape, fmt) for name, shapes in SHAPES.items() for shape, fmts in shapes.items() for fmt in fmts]
 #: Packed rows (GEMV packed=1), on the one config built for them: blocks of 8 int8 rows (the last one of 5), 8 int4
@@ -123,7 +134,9 @@ def test_gemv_bit_exact(builds, name, shape, fmt):
     cfg = c["cfg"]
     mat = c["mats"][shape, fmt]
     words_per_row = mat["stride"] // cfg.port_bytes
-    result = _run(c, shape, fmt, mat, gemv_engine_cycles(cfg, ROWS, words_per_row, fmt, GROUP))
+    late = gemv_late_window(cfg, COLS, fmt, GROUP)
+    assert late == (shape in ((4, 32, 32), (3, 96, 32), (3, 64, 16), (2, 48, 16)))
+    result = _run(c, shape, fmt, mat, gemv_engine_cycles(cfg, ROWS, words_per_row, fmt, GROUP) + late)
     roofline = ROWS * mat["stride"] / cfg.port_bytes
     print(f"gemv {name} {ROWS}x{COLS} {fmt} g{GROUP}: {result['cycles']} cycles, roofline {roofline:.0f}, "
           f"efficiency {roofline / result['cycles']:.3f}")
