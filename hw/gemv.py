@@ -357,7 +357,9 @@ class GemvEngine(wiring.Component):
                 else:
                     with m.Default():
                         m.d.sync += wv.eq(0)
-            with m.If(s2["partial"] & (tail_lanes <= i)):
+            # a partial window holds at most nl - 2 lanes (tail < pb bytes), so the last lane is always past it
+            # (and a compare with it would be constant: Verilator's CMPCONST)
+            with m.If(s2["partial"] & ((tail_lanes <= i) if i < nl - 1 else 1)):
                 m.d.sync += wv.eq(0)
             ops.append((wv, xv))
 
