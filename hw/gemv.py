@@ -547,11 +547,10 @@ class GemvEngine(wiring.Component):
         m.d.sync += [zw.addr.eq(w_word), zw.en.eq(we),
                      zw.data.eq(Cat(self.w_data.word_select(h, 16)[nx.UINT4_SCALE_BITS:] for h in range(per_word)))]
         m.d.comb += zr.addr.eq(group >> lpw)
-        zdata = zr.data
         zp = Signal(4, name="zero_point")
-        m.d.comb += zp.eq(zdata.word_select(group[:lpw], 4))
+        m.d.comb += zp.eq(zr.data.word_select(group[:lpw], 4))
         # the window's narrow groups, from its first
-        following = select_bits(m, zdata, group[:lpw], len(zdata), unit=4, name="zero_points_following")
+        following = select_bits(m, zr.data, group[:lpw], len(zr.data), unit=4, name="zero_points_following")
         narrow_bits = range(log2_exact(self.config.min_group), log2_exact(nscales * self.config.min_group))
 
         def lane(i):
